@@ -1,0 +1,3 @@
+"""Stockade: label-based microsegmentation that programs each host's native firewall."""
+
+__version__ = "0.1.0"

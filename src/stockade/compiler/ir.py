@@ -1,0 +1,169 @@
+"""HostPolicy: the compiled, per-workload intermediate representation.
+
+Frozen, totally ordered and sorted, so the same inputs give byte-identical JSON.
+Rules reference address sets by name; a peer joining or leaving changes set members,
+never rule text. Rules are sorted by ``Action`` first, so walking them in order is
+first-match evaluation with Illumio's precedence: override-deny > allow > deny.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from stockade.model.addresses import Family, IPAddress, IPNetwork
+from stockade.model.policy import Failsafe
+from stockade.model.rules import Action
+from stockade.model.services import Proto, ServiceEntry
+from stockade.model.workloads import EnforcementMode
+
+
+class Direction(Enum):
+    INBOUND = "in"  # peer is the source, this host the destination
+    OUTBOUND = "out"  # this host is the source, peer the destination
+
+    def __lt__(self, other: Direction) -> bool:
+        return self.value < other.value
+
+
+@dataclass(frozen=True, order=True)
+class AddressSet:
+    """Members of one peer selector in one family, as minimal sorted CIDRs."""
+
+    name: str  # stable: hash of the canonical selector (same name in both families)
+    family: Family
+    members: tuple[IPNetwork, ...]
+    selector: str = ""  # canonical selector text, for humans
+
+
+@dataclass(frozen=True, order=True)
+class HostRule:
+    action: Action
+    direction: Direction
+    rule_id: str  # "ruleset/<name>/<index>" or "deny/<name>"
+    peer: str  # AddressSet name
+    services: tuple[ServiceEntry, ...]
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    workload: str
+    mode: EnforcementMode
+    local_addresses: tuple[IPAddress, ...]
+    rules: tuple[HostRule, ...]
+    sets: tuple[AddressSet, ...]
+    failsafe: Failsafe
+
+    def set(self, name: str, family: Family) -> AddressSet:
+        for s in self.sets:
+            if s.name == name and s.family is family:
+                return s
+        raise KeyError((name, family))
+
+    def rules_key(self) -> tuple[object, ...]:
+        """Everything except set members: equal keys mean a delta needs no reload."""
+        return (self.mode, self.rules, self.failsafe, tuple((s.name, s.family) for s in self.sets))
+
+
+@dataclass(frozen=True, order=True)
+class SetDelta:
+    name: str
+    family: Family
+    added: tuple[IPNetwork, ...]
+    removed: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True)
+class HostDelta:
+    """What changed for one host. ``rules_changed`` means a full reload is needed."""
+
+    workload: str
+    policy: HostPolicy | None  # None: the workload is gone
+    rules_changed: bool
+    set_deltas: tuple[SetDelta, ...]
+
+
+# ---- JSON ------------------------------------------------------------------
+
+def _entry_dict(e: ServiceEntry) -> dict[str, Any]:
+    return {"proto": e.proto.value, "first": e.first, "last": e.last}
+
+
+def host_policy_to_dict(hp: HostPolicy) -> dict[str, Any]:
+    return {
+        "workload": hp.workload,
+        "mode": hp.mode.value,
+        "local_addresses": [str(a) for a in hp.local_addresses],
+        "failsafe": {
+            "controller": [str(n) for n in hp.failsafe.controller],
+            "controller_port": hp.failsafe.controller_port,
+            "management": [_entry_dict(e) for e in hp.failsafe.management],
+        },
+        "rules": [
+            {
+                "action": r.action.value,
+                "direction": r.direction.value,
+                "rule_id": r.rule_id,
+                "peer": r.peer,
+                "services": [_entry_dict(e) for e in r.services],
+            }
+            for r in hp.rules
+        ],
+        "sets": [
+            {
+                "name": s.name,
+                "family": s.family.value,
+                "selector": s.selector,
+                "members": [str(m) for m in s.members],
+            }
+            for s in hp.sets
+        ],
+    }
+
+
+def host_policy_to_json(hp: HostPolicy) -> str:
+    return json.dumps(host_policy_to_dict(hp), indent=2, sort_keys=True) + "\n"
+
+
+def _entry(d: dict[str, Any]) -> ServiceEntry:
+    return ServiceEntry(Proto(d["proto"]), d["first"], d["last"])
+
+
+def host_policy_from_dict(d: dict[str, Any]) -> HostPolicy:
+    fs = d["failsafe"]
+    return HostPolicy(
+        workload=d["workload"],
+        mode=EnforcementMode(d["mode"]),
+        local_addresses=tuple(ipaddress.ip_address(a) for a in d["local_addresses"]),
+        failsafe=Failsafe(
+            controller=tuple(ipaddress.ip_network(n) for n in fs["controller"]),
+            controller_port=int(fs["controller_port"]),
+            management=tuple(_entry(e) for e in fs["management"]),
+        ),
+        rules=tuple(
+            HostRule(
+                Action(r["action"]),
+                Direction(r["direction"]),
+                r["rule_id"],
+                r["peer"],
+                tuple(_entry(e) for e in r["services"]),
+            )
+            for r in d["rules"]
+        ),
+        sets=tuple(
+            AddressSet(
+                s["name"],
+                Family(s["family"]),
+                tuple(ipaddress.ip_network(m) for m in s["members"]),
+                s.get("selector", ""),
+            )
+            for s in d["sets"]
+        ),
+    )
+
+
+def host_policy_from_json(text: str) -> HostPolicy:
+    return host_policy_from_dict(json.loads(text))

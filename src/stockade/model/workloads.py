@@ -1,0 +1,54 @@
+"""Workloads: hosts, VMs, containers, pods and network-device virtual servers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from stockade.model.addresses import IPAddress
+from stockade.model.labels import Label
+
+
+class EnforcementMode(Enum):
+    """What the agent does with the policy (Illumio's enforcement states)."""
+
+    IDLE = "idle"  # touch nothing, only report
+    VISIBILITY = "visibility"  # block nothing, report would-be blocks
+    SELECTIVE = "selective"  # default allow; deny rules enforced unless an allow crosses them
+    FULL = "full"  # default deny; only allowed traffic passes
+
+    def __lt__(self, other: EnforcementMode) -> bool:
+        return _MODE_ORDER[self] < _MODE_ORDER[other]
+
+
+_MODE_ORDER = {m: i for i, m in enumerate(EnforcementMode)}
+
+
+@dataclass(frozen=True, order=True)
+class Interface:
+    name: str
+    addresses: tuple[IPAddress, ...]
+
+
+@dataclass(frozen=True, order=True)
+class Workload:
+    name: str
+    labels: frozenset[Label] = field(default_factory=frozenset)
+    interfaces: tuple[Interface, ...] = ()
+    mode: EnforcementMode = EnforcementMode.VISIBILITY
+    backend: str = "nftables"
+    description: str = ""
+
+    @property
+    def addresses(self) -> tuple[IPAddress, ...]:
+        return tuple(sorted({a for i in self.interfaces for a in i.addresses}, key=_addr_key))
+
+    def label(self, key: str) -> str | None:
+        for lab in self.labels:
+            if lab.key == key:
+                return lab.value
+        return None
+
+
+def _addr_key(a: IPAddress) -> tuple[int, int]:
+    return a.version, int(a)
