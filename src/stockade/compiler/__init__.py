@@ -1,0 +1,33 @@
+"""The compiler: policy + inventory -> per-host HostPolicy IR, incrementally."""
+
+from stockade.compiler.compile import Compiler, compile_host, compile_policy, diff_sets, set_name
+from stockade.compiler.ir import (
+    AddressSet,
+    Direction,
+    HostDelta,
+    HostPolicy,
+    HostRule,
+    SetDelta,
+    host_policy_from_dict,
+    host_policy_from_json,
+    host_policy_to_dict,
+    host_policy_to_json,
+)
+
+__all__ = [
+    "AddressSet",
+    "Compiler",
+    "Direction",
+    "HostDelta",
+    "HostPolicy",
+    "HostRule",
+    "SetDelta",
+    "compile_host",
+    "compile_policy",
+    "diff_sets",
+    "host_policy_from_dict",
+    "host_policy_from_json",
+    "host_policy_to_dict",
+    "host_policy_to_json",
+    "set_name",
+]

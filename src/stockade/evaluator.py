@@ -1,0 +1,231 @@
+"""The reference evaluator: the oracle every backend is tested against.
+
+Given a policy and one connection attempt (source, destination, protocol, port),
+it answers the verdict and the deciding rule on each side: outbound at the source
+workload, inbound at the destination workload. An address that belongs to no
+workload is unmanaged and has no side.
+
+It reads the model directly (rulesets with their scopes, deny rules) and shares no
+code with the compiler, so a compiler bug cannot hide in both.
+
+Semantics:
+
+* A side exists only for a workload whose mode is not idle.
+* Failsafe first: inbound management services, outbound to the controller,
+  ICMPv6 neighbour discovery, a workload talking to itself.
+* Then precedence: override-deny > allow > deny > the mode's default
+  (full: block; selective: allow; visibility: evaluated as full, but "would-block").
+* IP lists match by address; label selectors and ``all`` match workloads. A provider
+  IP list never puts a rule on a workload's inbound side (and a consumer IP list
+  never on its outbound side): IP lists are peers, not hosts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from stockade.model.addresses import AddressRanges, IPAddress
+from stockade.model.labels import LabelGroup
+from stockade.model.policy import Policy
+from stockade.model.rules import Action, ConsumerScope
+from stockade.model.selectors import AllWorkloads, IPListSelector, LabelSelector, Selector
+from stockade.model.services import Proto, Service, ServiceEntry
+from stockade.model.workloads import EnforcementMode, Workload
+
+ND_TYPES = frozenset({133, 134, 135, 136, 137})
+
+
+class Verdict(Enum):
+    ALLOWED = "allowed"
+    POTENTIALLY_BLOCKED = "potentially-blocked"
+    BLOCKED = "blocked"
+
+
+@dataclass(frozen=True)
+class SideDecision:
+    workload: str
+    mode: EnforcementMode
+    action: str  # "allow" | "block" | "would-block"
+    rule_id: str  # deciding rule, "default", or "failsafe:<what>"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    verdict: Verdict
+    outbound: SideDecision | None
+    inbound: SideDecision | None
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    action: Action
+    rule_id: str
+    scope: LabelSelector | None  # None: no scope (deny rules, unscoped rulesets)
+    consumers: tuple[Selector, ...]
+    providers: tuple[Selector, ...]
+    intra: bool
+    services: tuple[ServiceEntry, ...]
+
+
+class Evaluator:
+    """Evaluates many connections against one policy (lookups built once)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._groups: dict[str, LabelGroup] = policy.group_map()
+        self._iplists: dict[str, AddressRanges] = {n: i.ranges() for n, i in policy.ip_list_map().items()}
+        services: dict[str, Service] = policy.service_map()
+        self._owner: dict[IPAddress, Workload] = {}
+        for w in policy.workloads:
+            for a in w.addresses:
+                self._owner[a] = w
+        self._candidates: list[_Candidate] = []
+
+        def entries(names: tuple[str, ...]) -> tuple[ServiceEntry, ...]:
+            found: list[ServiceEntry] = []
+            for n in names:
+                if n in services:
+                    found.extend(services[n].entries)
+                elif n == "any":
+                    found.append(ServiceEntry(Proto.ANY))
+            return tuple(found)
+
+        for rs in policy.rulesets:
+            scopes: tuple[LabelSelector | None, ...] = rs.scopes or (None,)
+            for j, rule in enumerate(rs.rules):
+                for scope in scopes:
+                    self._candidates.append(
+                        _Candidate(
+                            Action.ALLOW,
+                            f"ruleset/{rs.name}/{j}",
+                            scope,
+                            rule.consumers,
+                            rule.providers,
+                            rule.consumers_scope is ConsumerScope.INTRA,
+                            entries(rule.services),
+                        )
+                    )
+        for d in policy.deny_rules:
+            self._candidates.append(
+                _Candidate(d.action, f"deny/{d.name}", None, d.consumers, d.providers, False, entries(d.services))
+            )
+
+    def owner(self, addr: IPAddress) -> Workload | None:
+        return self._owner.get(addr)
+
+    # ---- matching --------------------------------------------------------------
+    def _in_scope(self, w: Workload, scope: LabelSelector | None) -> bool:
+        return scope is None or scope.matches(w.labels, self._groups)
+
+    def _workload_matches(self, sel: Selector, w: Workload) -> bool:
+        if isinstance(sel, AllWorkloads):
+            return True
+        if isinstance(sel, LabelSelector):
+            return sel.matches(w.labels, self._groups)
+        return False
+
+    def _address_matches(self, sel: Selector, addr: IPAddress, owner: Workload | None) -> bool:
+        if isinstance(sel, IPListSelector):
+            ranges = self._iplists.get(sel.ip_list)
+            return ranges is not None and ranges.contains(addr)
+        return owner is not None and self._workload_matches(sel, owner)
+
+    def _side(
+        self,
+        host: Workload,
+        inbound: bool,
+        peer_addr: IPAddress,
+        peer: Workload | None,
+        proto: Proto,
+        port: int | None,
+    ) -> SideDecision:
+        mode = host.mode
+        fs = self.policy.failsafe
+        if proto is Proto.ICMPV6 and port in ND_TYPES:
+            return SideDecision(host.name, mode, "allow", "failsafe:nd")
+        if peer is not None and peer.name == host.name:
+            return SideDecision(host.name, mode, "allow", "failsafe:loopback")
+        if inbound and any(e.matches(proto, port) for e in fs.management):
+            return SideDecision(host.name, mode, "allow", "failsafe:management")
+        if (
+            not inbound
+            and proto is Proto.TCP
+            and port == fs.controller_port
+            and any(peer_addr in net for net in fs.controller if net.version == peer_addr.version)
+        ):
+            return SideDecision(host.name, mode, "allow", "failsafe:controller")
+
+        found: dict[Action, str] = {}
+        for c in self._candidates:
+            if not any(e.matches(proto, port) for e in c.services):
+                continue
+            if inbound:
+                # host is the provider, peer the consumer
+                if not self._in_scope(host, c.scope):
+                    continue
+                if not any(self._workload_matches(p, host) for p in c.providers):
+                    continue
+                if not any(self._consumer_peer(s, c, peer_addr, peer) for s in c.consumers):
+                    continue
+            else:
+                # host is the consumer, peer the provider
+                if not any(self._workload_matches(s, host) for s in c.consumers):
+                    continue
+                if c.intra and not self._in_scope(host, c.scope):
+                    continue
+                if not any(self._provider_peer(p, c, peer_addr, peer) for p in c.providers):
+                    continue
+            if c.action not in found or c.rule_id < found[c.action]:
+                found[c.action] = c.rule_id
+
+        if Action.OVERRIDE_DENY in found:
+            decided = ("block", found[Action.OVERRIDE_DENY])
+        elif Action.ALLOW in found:
+            decided = ("allow", found[Action.ALLOW])
+        elif Action.DENY in found:
+            decided = ("block", found[Action.DENY])
+        elif mode is EnforcementMode.SELECTIVE:
+            decided = ("allow", "default")
+        else:
+            decided = ("block", "default")
+        action, rule_id = decided
+        if action == "block" and mode is EnforcementMode.VISIBILITY:
+            action = "would-block"
+        return SideDecision(host.name, mode, action, rule_id)
+
+    def _consumer_peer(self, sel: Selector, c: _Candidate, addr: IPAddress, peer: Workload | None) -> bool:
+        if isinstance(sel, IPListSelector):
+            return self._address_matches(sel, addr, peer)
+        if peer is None or not self._workload_matches(sel, peer):
+            return False
+        return not c.intra or self._in_scope(peer, c.scope)
+
+    def _provider_peer(self, sel: Selector, c: _Candidate, addr: IPAddress, peer: Workload | None) -> bool:
+        if isinstance(sel, IPListSelector):
+            return self._address_matches(sel, addr, peer)
+        return peer is not None and self._workload_matches(sel, peer) and self._in_scope(peer, c.scope)
+
+    # ---- public ------------------------------------------------------------------
+    def evaluate(self, src: IPAddress, dst: IPAddress, proto: Proto, port: int | None) -> Evaluation:
+        src_w = self._owner.get(src)
+        dst_w = self._owner.get(dst)
+        outbound = None
+        inbound = None
+        if src_w is not None and src_w.mode is not EnforcementMode.IDLE:
+            outbound = self._side(src_w, False, dst, dst_w, proto, port)
+        if dst_w is not None and dst_w.mode is not EnforcementMode.IDLE:
+            inbound = self._side(dst_w, True, src, src_w, proto, port)
+        actions = {d.action for d in (outbound, inbound) if d is not None}
+        if "block" in actions:
+            verdict = Verdict.BLOCKED
+        elif "would-block" in actions:
+            verdict = Verdict.POTENTIALLY_BLOCKED
+        else:
+            verdict = Verdict.ALLOWED
+        return Evaluation(verdict, outbound, inbound)
+
+
+def evaluate(policy: Policy, src: IPAddress, dst: IPAddress, proto: Proto, port: int | None) -> Evaluation:
+    """One-off evaluation; build an ``Evaluator`` to evaluate many connections."""
+    return Evaluator(policy).evaluate(src, dst, proto, port)
