@@ -108,7 +108,9 @@ class Evaluator:
                     )
         for d in policy.deny_rules:
             self._candidates.append(
-                _Candidate(d.action, f"deny/{d.name}", None, d.consumers, d.providers, False, entries(d.services))
+                _Candidate(
+                    d.action, f"deny/{d.name}", None, d.consumers, d.providers, False, entries(d.services)
+                )
             )
 
     def owner(self, addr: IPAddress) -> Workload | None:

@@ -1,0 +1,154 @@
+"""The reference evaluator on hand-written scenarios: precedence, modes, scopes, IP lists."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from stockade.evaluator import Evaluator, Verdict, evaluate
+from stockade.model import (
+    AllowRule,
+    ConsumerScope,
+    DenyRule,
+    EnforcementMode,
+    Interface,
+    IPList,
+    IPListSelector,
+    Label,
+    LabelSelector,
+    Policy,
+    Proto,
+    Ruleset,
+    Service,
+    ServiceEntry,
+    Workload,
+)
+
+ip = ipaddress.ip_address
+
+
+def sel(**labels: str) -> LabelSelector:
+    return LabelSelector(tuple(sorted(Label(k, v) for k, v in labels.items())))
+
+
+def wl(name: str, addr: str, mode: EnforcementMode = EnforcementMode.FULL, **labels: str) -> Workload:
+    return Workload(
+        name, frozenset(Label(k, v) for k, v in labels.items()), (Interface("eth0", (ip(addr),)),), mode
+    )
+
+
+SERVICES = (
+    Service("pg", (ServiceEntry(Proto.TCP, 5432, 5432),)),
+    Service("https", (ServiceEntry(Proto.TCP, 443, 443),)),
+    Service("smb", (ServiceEntry(Proto.TCP, 445, 445),)),
+    Service("everything", (ServiceEntry(Proto.ANY),)),
+)
+
+
+def estate(
+    dev_mode: EnforcementMode = EnforcementMode.FULL, db_mode: EnforcementMode = EnforcementMode.FULL
+) -> Policy:
+    return Policy(
+        workloads=(
+            wl("app-dev", "10.0.0.2", dev_mode, role="app", env="dev", app="shop"),
+            wl("app-prod", "10.0.0.1", EnforcementMode.FULL, role="app", env="prod", app="shop"),
+            wl("db-prod", "10.0.0.3", db_mode, role="db", env="prod", app="shop"),
+            wl("mon", "10.0.0.9", EnforcementMode.FULL, role="monitoring"),
+        ),
+        services=SERVICES,
+        ip_lists=(IPList("office", (ipaddress.ip_network("192.168.0.0/24"),)),),
+        rulesets=(
+            Ruleset(
+                "shop",
+                (sel(app="shop", env="prod"), sel(app="shop", env="dev")),
+                (
+                    AllowRule((sel(role="app"),), (sel(role="db"),), ("pg",)),
+                    AllowRule((IPListSelector("office"),), (sel(role="app"),), ("https",)),
+                ),
+            ),
+            Ruleset(
+                "monitoring",
+                (),
+                (
+                    AllowRule(
+                        (sel(role="monitoring"),), (sel(app="shop"),), ("everything",), ConsumerScope.GLOBAL
+                    ),
+                ),
+            ),
+        ),
+        deny_rules=(
+            DenyRule("dev-to-prod", (sel(env="dev"),), (sel(env="prod"),), ("everything",)),
+            DenyRule("no-smb", (sel(role="monitoring"),), (sel(app="shop"),), ("smb",), override=True),
+        ),
+    )
+
+
+def test_intra_scope_allow_decides_on_both_sides() -> None:
+    ev = evaluate(estate(), ip("10.0.0.1"), ip("10.0.0.3"), Proto.TCP, 5432)
+    assert ev.verdict is Verdict.ALLOWED
+    assert ev.outbound is not None and ev.outbound.rule_id == "ruleset/shop/0"
+    assert ev.inbound is not None and ev.inbound.rule_id == "ruleset/shop/0"
+
+
+def test_intra_scope_does_not_cross_scopes_and_deny_decides() -> None:
+    # app-dev -> db-prod: the pg rule is intra-scope, dev and prod are different scopes
+    ev = evaluate(estate(), ip("10.0.0.2"), ip("10.0.0.3"), Proto.TCP, 5432)
+    assert ev.verdict is Verdict.BLOCKED
+    assert ev.inbound is not None and ev.inbound.rule_id == "deny/dev-to-prod"
+
+
+def test_wrong_port_falls_to_default_deny() -> None:
+    ev = evaluate(estate(), ip("10.0.0.1"), ip("10.0.0.3"), Proto.TCP, 5433)
+    assert ev.verdict is Verdict.BLOCKED
+    assert ev.outbound is not None and ev.outbound.rule_id == "default"
+
+
+def test_extra_scope_allow_crosses_deny_but_not_override_deny() -> None:
+    pol = estate()
+    ok = evaluate(pol, ip("10.0.0.9"), ip("10.0.0.3"), Proto.TCP, 9100)
+    assert ok.verdict is Verdict.ALLOWED
+    smb = evaluate(pol, ip("10.0.0.9"), ip("10.0.0.3"), Proto.TCP, 445)
+    assert smb.verdict is Verdict.BLOCKED
+    assert smb.inbound is not None and smb.inbound.rule_id == "deny/no-smb"
+
+
+def test_selective_mode_enforces_only_denies() -> None:
+    pol = estate(dev_mode=EnforcementMode.SELECTIVE, db_mode=EnforcementMode.SELECTIVE)
+    # no rule at all between app-prod and db-prod on 22000: selective default is allow on db side,
+    # but app-prod is in full mode and blocks outbound
+    ev = evaluate(pol, ip("10.0.0.1"), ip("10.0.0.3"), Proto.TCP, 22000)
+    assert ev.inbound is not None and ev.inbound.action == "allow" and ev.inbound.rule_id == "default"
+    assert ev.verdict is Verdict.BLOCKED
+    # dev -> prod is denied, and the selective db enforces that deny inbound
+    ev2 = evaluate(pol, ip("10.0.0.2"), ip("10.0.0.3"), Proto.TCP, 22000)
+    assert ev2.inbound is not None and ev2.inbound.action == "block"
+
+
+def test_visibility_reports_potentially_blocked() -> None:
+    pol = estate(dev_mode=EnforcementMode.VISIBILITY, db_mode=EnforcementMode.VISIBILITY)
+    ev = evaluate(pol, ip("10.0.0.2"), ip("10.0.0.3"), Proto.TCP, 5432)
+    assert ev.verdict is Verdict.POTENTIALLY_BLOCKED
+    assert ev.inbound is not None and ev.inbound.action == "would-block"
+
+
+def test_idle_has_no_side_and_unmanaged_has_none() -> None:
+    pol = estate(db_mode=EnforcementMode.IDLE)
+    ev = evaluate(pol, ip("192.168.0.7"), ip("10.0.0.3"), Proto.TCP, 1)
+    assert ev.inbound is None and ev.outbound is None
+    assert ev.verdict is Verdict.ALLOWED
+
+
+def test_ip_list_consumer_reaches_provider() -> None:
+    pol = estate()
+    assert evaluate(pol, ip("192.168.0.7"), ip("10.0.0.1"), Proto.TCP, 443).verdict is Verdict.ALLOWED
+    assert evaluate(pol, ip("192.168.1.7"), ip("10.0.0.1"), Proto.TCP, 443).verdict is Verdict.BLOCKED
+
+
+@pytest.mark.parametrize(
+    ("proto", "port", "rule"), [(Proto.TCP, 22, "failsafe:management"), (Proto.ICMPV6, 135, "failsafe:nd")]
+)
+def test_failsafe_always_allows(proto: Proto, port: int, rule: str) -> None:
+    ev = Evaluator(estate()).evaluate(ip("192.168.9.9"), ip("10.0.0.3"), proto, port)
+    assert ev.verdict is Verdict.ALLOWED
+    assert ev.inbound is not None and ev.inbound.rule_id == rule
