@@ -1,0 +1,253 @@
+"""The in-namespace half of the kernel lab: small servers plus a parallel prober.
+
+Started by ``Lab`` as ``ip netns exec NS python -I nsagent.py --name HOST --tcp .. --udp ..``,
+one process per lab host. It must stay standard-library only (it is run by path,
+without importing the ``stockade`` package, so it starts fast).
+
+* Servers: every TCP port answers each connection with ``HOST\\n`` and closes; every
+  UDP port echoes each datagram back. Both on IPv4 and IPv6.
+* Control protocol on stdin/stdout, one JSON object per line:
+  ``{"op": "probe", "probes": [...]}`` -> ``{"results": [...]}``,
+  ``{"op": "flush_conntrack"}`` -> ``{"ok": true}`` (or ``{"error": ...}``),
+  ``{"op": "ping"}`` -> ``{"ok": true}``.
+  The first line written is ``{"ready": true, ...}`` once every socket is bound.
+  End of stdin ends the agent, so it never outlives the lab that started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import selectors
+import socket
+import struct
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+# ---- servers ------------------------------------------------------------------
+
+
+def _listen(proto: int, family: int, port: int) -> socket.socket:
+    kind = socket.SOCK_STREAM if proto == socket.IPPROTO_TCP else socket.SOCK_DGRAM
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(("::", port))
+    else:
+        sock.bind(("0.0.0.0", port))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+def _serve(sel: selectors.DefaultSelector, banner: bytes) -> None:
+    while True:
+        for key, _ in sel.select():
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            if key.data == "tcp":
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    continue
+                with contextlib.suppress(OSError):
+                    conn.settimeout(1.0)
+                    conn.sendall(banner)
+                conn.close()
+            else:
+                try:
+                    data, peer = sock.recvfrom(2048)
+                    sock.sendto(data, peer)
+                except OSError:
+                    continue
+
+
+def start_servers(name: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
+    sel = selectors.DefaultSelector()
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for port in tcp_ports:
+            sel.register(_listen(socket.IPPROTO_TCP, family, port), selectors.EVENT_READ, "tcp")
+        for port in udp_ports:
+            sel.register(_listen(socket.IPPROTO_UDP, family, port), selectors.EVENT_READ, "udp")
+    banner = (name + "\n").encode()
+    threading.Thread(target=_serve, args=(sel, banner), daemon=True).start()
+
+
+# ---- probes -------------------------------------------------------------------
+
+
+def _family(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def _classify(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timeout", "no answer"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused", str(exc)
+    if isinstance(exc, OSError) and exc.errno in (
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EHOSTDOWN,
+    ):
+        return "unreachable", str(exc)
+    return "error", f"{type(exc).__name__}: {exc}"
+
+
+def probe_tcp(p: dict[str, Any]) -> tuple[str, str]:
+    with socket.socket(_family(p["dst"]), socket.SOCK_STREAM) as s:
+        s.settimeout(p["timeout"])
+        s.bind((p["src"], 0))
+        s.connect((p["dst"], p["port"]))
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(256)
+            if not chunk:
+                break
+            data += chunk
+    answer = data.decode(errors="replace").strip()
+    if answer != p["expect"]:
+        return "error", f"connected, but banner {answer!r} (expected {p['expect']!r})"
+    return "ok", "banner " + answer
+
+
+def probe_udp(p: dict[str, Any]) -> tuple[str, str]:
+    token = os.urandom(12)
+    with socket.socket(_family(p["dst"]), socket.SOCK_DGRAM) as s:
+        s.settimeout(p["timeout"])
+        s.bind((p["src"], 0))
+        s.connect((p["dst"], p["port"]))
+        s.send(token)
+        deadline = time.monotonic() + p["timeout"]
+        while True:
+            s.settimeout(max(deadline - time.monotonic(), 0.001))
+            if s.recv(2048) == token:
+                return "ok", "echoed"
+
+
+def probe_icmp(p: dict[str, Any]) -> tuple[str, str]:
+    family = _family(p["dst"])
+    v6 = family == socket.AF_INET6
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    request, reply = (128, 129) if v6 else (8, 0)
+    payload = os.urandom(16)
+    seq = int.from_bytes(os.urandom(2), "big")
+    # A ping socket: the kernel fills in the identifier and the checksum.
+    with socket.socket(family, socket.SOCK_DGRAM, proto) as s:
+        s.bind((p["src"], 0))
+        s.sendto(struct.pack("!BBHHH", request, 0, 0, 0, seq) + payload, (p["dst"], 0))
+        deadline = time.monotonic() + p["timeout"]
+        while True:
+            s.settimeout(max(deadline - time.monotonic(), 0.001))
+            data = s.recv(2048)
+            matches = len(data) >= 8 and data[0] == reply and data[6:8] == seq.to_bytes(2, "big")
+            if matches and data[8:] == payload:
+                return "ok", "echo reply"
+
+
+PROBERS = {"tcp": probe_tcp, "udp": probe_udp, "icmp-echo": probe_icmp}
+
+
+def run_probe(p: dict[str, Any]) -> dict[str, Any]:
+    start = time.monotonic()
+    try:
+        outcome, detail = PROBERS[p["kind"]](p)
+    except Exception as exc:  # every failure is a result, never a crash
+        outcome, detail = _classify(exc)
+    return {"id": p["id"], "outcome": outcome, "detail": detail, "ms": (time.monotonic() - start) * 1000}
+
+
+def run_batch(probes: list[dict[str, Any]], pool: ThreadPoolExecutor) -> list[dict[str, Any]]:
+    return list(pool.map(run_probe, probes))
+
+
+# ---- conntrack --------------------------------------------------------------------
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_DELETE = 2
+NLM_F_REQUEST = 1
+NLM_F_ACK = 4
+NLMSG_ERROR = 2
+
+
+def flush_conntrack() -> None:
+    """Delete every conntrack entry of this namespace (both families), over ctnetlink."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
+        s.settimeout(2.0)
+        s.bind((0, 0))
+        body = struct.pack("!BBH", socket.AF_UNSPEC, 0, 0)  # nfgenmsg: family, version, res_id
+        msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+        header = struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, 1, 0)
+        s.send(header + body)
+        answer = s.recv(65536)
+    _, kind, _, _, _ = struct.unpack_from("=IHHII", answer)
+    if kind == NLMSG_ERROR:
+        (code,) = struct.unpack_from("=i", answer, 16)
+        if code not in (0, -errno.ENOENT):
+            raise OSError(-code, os.strerror(-code))
+
+
+# ---- main loop --------------------------------------------------------------------
+
+
+def _write(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _enable_ping_sockets() -> None:
+    with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+        f.write("0 2147483647\n")
+
+
+def _ports(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--tcp", default="")
+    parser.add_argument("--udp", default="")
+    parser.add_argument("--workers", type=int, default=128)
+    args = parser.parse_args(argv)
+    try:
+        _enable_ping_sockets()
+        start_servers(args.name, _ports(args.tcp), _ports(args.udp))
+    except OSError as exc:
+        _write({"error": f"agent {args.name}: {exc}"})
+        return 1
+    _write({"ready": True, "pid": os.getpid(), "name": args.name})
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            request = json.loads(line)
+            op = request.get("op")
+            try:
+                if op == "probe":
+                    _write({"results": run_batch(request["probes"], pool)})
+                elif op == "flush_conntrack":
+                    flush_conntrack()
+                    _write({"ok": True})
+                elif op == "ping":
+                    _write({"ok": True})
+                else:
+                    _write({"error": f"unknown op {op!r}"})
+            except Exception as exc:
+                _write({"error": f"{type(exc).__name__}: {exc}"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Kernel-layer setup: skip cleanly unless root with ``ip`` and ``nft`` available.
+
+Every test here is marked ``kernel``; when the machine cannot run them they are
+skipped with the reason, never failed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def kernel_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "kernel tests need root"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"kernel tests need {tool!r} on PATH"
+    if not os.path.isdir("/proc/sys/net/ipv6"):
+        return "kernel tests need IPv6"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = kernel_skip_reason()
+    if reason is None:
+        return
+    for item in items:
+        if item.get_closest_marker("kernel") is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
