@@ -1,7 +1,188 @@
-"""Policy commands: check, compile, explain, demo."""
+"""Policy commands: ``check``, ``compile``, ``explain`` and ``demo``.
+
+Every command reads a policy directory (or file) of YAML documents; input errors are
+printed one per line as ``file:line: field: message`` and the command exits 1.
+"""
 
 from __future__ import annotations
 
-from stockade.cli import main
+import ipaddress
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["main"]
+import click
+
+from stockade.cli import main
+from stockade.compiler import Compiler, HostPolicy, host_policy_to_json
+from stockade.errors import StockadeError, ValidationError
+from stockade.evaluator import Evaluation, Evaluator, SideDecision
+from stockade.model import IPAddress, Policy, Proto
+from stockade.paths import example_estate
+
+T = TypeVar("T")
+
+
+def run_or_exit(action: Callable[[], T]) -> T:
+    """Run ``action``; print Stockade errors plainly (never a traceback) and exit 1."""
+    try:
+        return action()
+    except ValidationError as exc:
+        for issue in exc.issues:
+            click.echo(str(issue), err=True)
+        click.echo(f"{len(exc.issues)} error(s)", err=True)
+        sys.exit(1)
+    except StockadeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+def load(path: str | Path) -> Policy:
+    from stockade.policyfile import load_policy
+
+    return run_or_exit(lambda: load_policy(path))
+
+
+def parse_port(spec: str) -> tuple[Proto, int | None]:
+    """``443/tcp``, ``53/udp``, ``icmp`` (echo), ``icmp:8``, ``icmpv6:128``."""
+    text = spec.strip().lower()
+    if text in ("icmp", "icmpv6"):
+        return Proto(text), 8 if text == "icmp" else 128
+    if ":" in text:
+        proto, _, num = text.partition(":")
+        if proto in ("icmp", "icmpv6") and num.isdigit() and int(num) < 256:
+            return Proto(proto), int(num)
+    if "/" in text:
+        num, _, proto = text.partition("/")
+        if proto in ("tcp", "udp") and num.isdigit() and 0 < int(num) < 65536:
+            return Proto(proto), int(num)
+    raise click.BadParameter(f"{spec!r}: expected PORT/tcp, PORT/udp, icmp[:TYPE] or icmpv6[:TYPE]")
+
+
+def resolve_endpoint(policy: Policy, text: str, version: int) -> IPAddress:
+    """A workload name (its first address of the family) or a literal IP address."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    for w in policy.workloads:
+        if w.name == text:
+            for a in w.addresses:
+                if a.version == version:
+                    return a
+            raise click.BadParameter(f"workload {text!r} has no IPv{version} address")
+    raise click.BadParameter(f"{text!r} is neither a workload name nor an IP address")
+
+
+def render_text(hp: HostPolicy) -> str:
+    lines = [f"workload {hp.workload}  mode={hp.mode.value}  addresses={', '.join(map(str, hp.local_addresses))}"]
+    lines.append(f"{len(hp.rules)} rules (first match wins):")
+    for r in hp.rules:
+        svc = ",".join(str(e) for e in r.services)
+        peer = next((s.selector for s in hp.sets if s.name == r.peer), r.peer)
+        arrow = "<-" if r.direction.value == "in" else "->"
+        lines.append(f"  {r.action.value:<13} {arrow} {peer:<40} {svc:<20} [{r.rule_id}]")
+    lines.append("address sets:")
+    for s in hp.sets:
+        members = ", ".join(str(m) for m in s.members) or "(empty)"
+        lines.append(f"  {s.name}/v{s.family.value} {s.selector}: {members}")
+    return "\n".join(lines)
+
+
+def describe_side(side: SideDecision | None, where: str) -> str:
+    if side is None:
+        return f"  {where}: unmanaged or idle, no decision"
+    return f"  {where} ({side.workload}, {side.mode.value}): {side.action} by {side.rule_id}"
+
+
+def describe(ev: Evaluation) -> str:
+    return "\n".join(
+        [f"verdict: {ev.verdict.value}", describe_side(ev.outbound, "outbound"), describe_side(ev.inbound, "inbound")]
+    )
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+def check(path: str) -> None:
+    """Validate a policy directory or file; report every error."""
+    policy = load(path)
+    click.echo(
+        f"ok: {len(policy.workloads)} workloads, {len(policy.rulesets)} rulesets, "
+        f"{sum(len(r.rules) for r in policy.rulesets)} rules, {len(policy.deny_rules)} deny rules, "
+        f"{len(policy.ip_lists)} IP lists, {len(policy.services)} services"
+    )
+
+
+@main.command("compile")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--workload", "-w", required=True, help="Workload name.")
+@click.option("--format", "fmt", type=click.Choice(["json", "text"]), default="json", show_default=True)
+def compile_cmd(path: str, workload: str, fmt: str) -> None:
+    """Print the compiled HostPolicy of one workload."""
+    policy = load(path)
+    hp = run_or_exit(lambda: Compiler(policy).host_policy(workload))
+    click.echo(host_policy_to_json(hp) if fmt == "json" else render_text(hp), nl=fmt == "text")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--from", "src", required=True, help="Source workload name or IP address.")
+@click.option("--to", "dst", required=True, help="Destination workload name or IP address.")
+@click.option("--port", required=True, help="443/tcp, 53/udp, icmp, icmpv6:128 ...")
+@click.option("--ipv6", is_flag=True, help="Use the workloads' IPv6 addresses.")
+def explain(path: str, src: str, dst: str, port: str, ipv6: bool) -> None:
+    """Say whether a connection is allowed, and which rule decides on each side."""
+    policy = load(path)
+    proto, num = parse_port(port)
+    version = 6 if ipv6 or proto is Proto.ICMPV6 else 4
+    s = resolve_endpoint(policy, src, version)
+    d = resolve_endpoint(policy, dst, version)
+    ev = Evaluator(policy).evaluate(s, d, proto, num)
+    click.echo(f"{src} ({s}) -> {dst} ({d}) {port}")
+    click.echo(describe(ev))
+
+
+DEMO_FLOWS = (
+    ("web-prod-1", "app-prod-1", "8080/tcp"),
+    ("app-prod-1", "db-prod-1", "5432/tcp"),
+    ("web-prod-1", "db-prod-1", "5432/tcp"),
+    ("app-dev-1", "db-prod-1", "5432/tcp"),
+    ("mon-1", "db-prod-1", "9100/tcp"),
+    ("mon-1", "db-prod-1", "445/tcp"),
+)
+
+
+def run_demo(path: Path) -> str:
+    """The offline part of the demo: validate, compile every host, explain a few flows."""
+    from stockade.policyfile import load_policy
+
+    policy = load_policy(path)
+    comp = Compiler(policy)
+    out = [f"example estate: {path}", ""]
+    out.append(f"{'workload':<14} {'mode':<11} {'labels':<44} {'rules':>5} {'sets':>5}")
+    for name in comp.workload_names:
+        hp = comp.host_policy(name)
+        w = policy.workload_map()[name]
+        labels = " ".join(str(lab) for lab in sorted(w.labels))
+        out.append(f"{name:<14} {hp.mode.value:<11} {labels:<44} {len(hp.rules):>5} {len(hp.sets) // 2:>5}")
+    out.append("")
+    ev = Evaluator(policy)
+    names = policy.workload_map()
+    for src, dst, port in DEMO_FLOWS:
+        if src not in names or dst not in names:
+            continue
+        proto, num = parse_port(port)
+        s = resolve_endpoint(policy, src, 4)
+        d = resolve_endpoint(policy, dst, 4)
+        out.append(f"{src} -> {dst} {port}")
+        out.append(describe(ev.evaluate(s, d, proto, num)))
+    return "\n".join(out)
+
+
+@main.command()
+@click.option("--policy", "path", type=click.Path(exists=True), default=None, help="Policy dir (default: example).")
+def demo(path: str | None) -> None:
+    """Run the demo on the bundled example estate."""
+    target = Path(path) if path else run_or_exit(example_estate)
+    click.echo(run_or_exit(lambda: run_demo(target)))
