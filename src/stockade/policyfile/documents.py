@@ -1,0 +1,544 @@
+"""Policy documents -> model objects, recording names and references with their positions.
+
+``parse_document`` reads one YAML document (already composed into nodes) and appends the
+model object it describes to a ``Collected`` accumulator, together with every name it
+declares, every name it references and every label it uses, each with its ``Where``.
+Problems local to the document are reported here; problems that need the whole policy
+(unknown references, duplicates across files, shared addresses) are found afterwards by
+``stockade.policyfile.crossref`` from what was recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TypeVar
+
+from yaml.nodes import MappingNode, Node, ScalarNode
+
+from stockade.errors import Issue
+from stockade.model.addresses import IPAddress, IPList, IPNetwork
+from stockade.model.labels import Label, LabelGroup, LabelKey, is_valid_name
+from stockade.model.policy import Failsafe
+from stockade.model.rules import AllowRule, ConsumerScope, DenyRule, Ruleset
+from stockade.model.selectors import ALL_WORKLOADS, IPListSelector, LabelSelector, Selector
+from stockade.model.services import Service, ServiceEntry
+from stockade.model.workloads import EnforcementMode, Interface, Workload
+from stockade.policyfile.nodes import Entry, Reader, Where, describe, index, is_null, is_text, quote, sub
+from stockade.policyfile.syntax import BadValue, parse_address, parse_network, parse_service_entry
+
+API_VERSION = "stockade.io/v1"
+
+
+class Kind(Enum):
+    """The kinds of policy document, in the order ``dump_policy`` writes them."""
+
+    SETTINGS = "Settings"
+    LABEL_KEY = "LabelKey"
+    LABEL_GROUP = "LabelGroup"
+    SERVICE = "Service"
+    IP_LIST = "IPList"
+    WORKLOAD = "Workload"
+    RULESET = "Ruleset"
+    DENY_RULE = "DenyRule"
+
+    @property
+    def noun(self) -> str:
+        return _NOUNS[self]
+
+
+_NOUNS = {
+    Kind.SETTINGS: "Settings document",
+    Kind.LABEL_KEY: "label key",
+    Kind.LABEL_GROUP: "label group",
+    Kind.SERVICE: "service",
+    Kind.IP_LIST: "IP list",
+    Kind.WORKLOAD: "workload",
+    Kind.RULESET: "ruleset",
+    Kind.DENY_RULE: "deny rule",
+}
+
+
+@dataclass(frozen=True)
+class Declaration:
+    kind: Kind
+    name: str
+    where: Where
+
+
+@dataclass(frozen=True)
+class Reference:
+    kind: Kind  # SERVICE, IP_LIST or LABEL_GROUP
+    name: str
+    where: Where
+
+
+@dataclass(frozen=True)
+class LabelUse:
+    key: str
+    value: str
+    key_where: Where
+    value_where: Where
+
+
+@dataclass(frozen=True)
+class AddressClaim:
+    address: IPAddress
+    workload: str
+    where: Where
+
+
+@dataclass
+class Collected:
+    """Everything read from all sources so far (a mutable accumulator, private to the loader)."""
+
+    issues: list[Issue] = field(default_factory=list)
+    declarations: list[Declaration] = field(default_factory=list)
+    references: list[Reference] = field(default_factory=list)
+    label_uses: list[LabelUse] = field(default_factory=list)
+    claims: list[AddressClaim] = field(default_factory=list)
+    open_label_keys: set[str] = field(default_factory=set)  # declared, values unreadable: accept any
+    unreadable_sources: int = 0  # sources whose YAML could not be read completely
+    settings: list[Failsafe] = field(default_factory=list)
+    label_keys: list[LabelKey] = field(default_factory=list)
+    label_groups: list[LabelGroup] = field(default_factory=list)
+    services: list[Service] = field(default_factory=list)
+    ip_lists: list[IPList] = field(default_factory=list)
+    workloads: list[Workload] = field(default_factory=list)
+    rulesets: list[Ruleset] = field(default_factory=list)
+    deny_rules: list[DenyRule] = field(default_factory=list)
+
+
+Entries = dict[str, Entry]
+
+
+def _value(e: Entries, key: str) -> Node | None:
+    entry = e.get(key)
+    return entry.value if entry is not None else None
+
+
+def _declare(r: Reader, e: Entries, acc: Collected, kind: Kind) -> str:
+    node = _value(e, "name")
+    if node is None:
+        return ""  # reported as a missing key
+    name = r.name(node, "name")
+    if name is None:
+        return ""
+    acc.declarations.append(Declaration(kind, name, r.where(node, "name")))
+    return name
+
+
+def _description(r: Reader, e: Entries, field_path: str = "") -> str:
+    node = _value(e, "description")
+    if node is None or is_null(node):
+        return ""
+    return r.string(node, sub(field_path, "description")) or ""
+
+
+# ---- labels and selectors ---------------------------------------------------
+
+def _label_key_name(r: Reader, entry: Entry, path: str) -> str | None:
+    key = str(entry.key.value)
+    if not is_valid_name(key):
+        r.error(entry.key, path, f"invalid label key {quote(key)}")
+        return None
+    return key
+
+
+def _label_map(r: Reader, node: Node, path: str, acc: Collected) -> tuple[Label, ...]:
+    """``{key: value}``: at most one value per key (a repeated key is an error)."""
+    entries = r.entries(node, path, what="a mapping of label key to value")
+    out: list[Label] = []
+    for key_text, entry in (entries or {}).items():
+        here = sub(path, key_text)
+        key = _label_key_name(r, entry, here)
+        value = r.name(entry.value, here, "label value")
+        if key is None or value is None:
+            continue
+        acc.label_uses.append(LabelUse(key, value, r.where(entry.key, here), r.where(entry.value, here)))
+        out.append(Label(key, value))
+    return tuple(sorted(out))
+
+
+def _exclude_map(r: Reader, node: Node, path: str, acc: Collected) -> tuple[Label, ...]:
+    """``{key: value}`` or ``{key: [value, ...]}``: labels a selector must not carry."""
+    entries = r.entries(node, path, what="a mapping of label key to value(s)")
+    out: set[Label] = set()
+    for key_text, entry in (entries or {}).items():
+        here = sub(path, key_text)
+        key = _label_key_name(r, entry, here)
+        value_nodes: list[tuple[Node, str]]
+        if isinstance(entry.value, ScalarNode):
+            value_nodes = [(entry.value, here)]
+        else:
+            items = r.sequence(entry.value, here, what="a label value or a list of them")
+            value_nodes = [(n, index(here, i)) for i, n in enumerate(items)]
+        for value_node, value_path in value_nodes:
+            value = r.name(value_node, value_path, "label value")
+            if key is None or value is None:
+                continue
+            where_value = r.where(value_node, value_path)
+            acc.label_uses.append(LabelUse(key, value, r.where(entry.key, here), where_value))
+            out.add(Label(key, value))
+    return tuple(sorted(out))
+
+
+def _names(r: Reader, node: Node, path: str, what: str, *, allow_empty: bool = False) -> list[tuple[str, Where]]:
+    """A list of names, each with its position."""
+    out: list[tuple[str, Where]] = []
+    for i, item in enumerate(r.sequence(node, path, what=f"a list of {what}s", allow_empty=allow_empty)):
+        here = index(path, i)
+        name = r.name(item, here, what)
+        if name is not None:
+            out.append((name, r.where(item, here)))
+    return out
+
+
+_SELECTOR_KEYS = ("exclude", "ip_list", "label_groups", "labels")
+_SELECTOR_HINT = 'a selector such as {labels: {app: shop}}, {ip_list: office} or "all"'
+
+
+def _selector(r: Reader, node: Node, path: str, acc: Collected, *, in_scope: bool) -> Selector | None:
+    if is_text(node, "all"):
+        if in_scope:
+            r.error(node, path, 'write "scope: all" instead of listing "all" in a scope')
+            return None
+        return ALL_WORKLOADS
+    if not isinstance(node, MappingNode):
+        r.error(node, path, f"expected {_SELECTOR_HINT}, got {describe(node)}")
+        return None
+    before = len(r.issues)
+    e = r.mapping(node, path, optional=_SELECTOR_KEYS) or {}
+    if "ip_list" in e:
+        ip_entry = e["ip_list"]
+        here = sub(path, "ip_list")
+        if in_scope:
+            r.error(ip_entry.key, here, "a scope selects workloads by label: ip_list is not allowed here")
+            return None
+        others = sorted(k for k in e if k != "ip_list" and k in _SELECTOR_KEYS)
+        if others:
+            r.error(ip_entry.key, here, f"ip_list cannot be combined with {', '.join(others)}")
+        name = r.name(ip_entry.value, here, "IP list name")
+        if name is None:
+            return None
+        acc.references.append(Reference(Kind.IP_LIST, name, r.where(ip_entry.value, here)))
+        return IPListSelector(name)
+    labels_node = _value(e, "labels")
+    require = _label_map(r, labels_node, sub(path, "labels"), acc) if labels_node is not None else ()
+    groups: set[str] = set()
+    groups_node = _value(e, "label_groups")
+    if groups_node is not None:
+        for name, where in _names(r, groups_node, sub(path, "label_groups"), "label group name"):
+            acc.references.append(Reference(Kind.LABEL_GROUP, name, where))
+            groups.add(name)
+    exclude_node = _value(e, "exclude")
+    exclude = _exclude_map(r, exclude_node, sub(path, "exclude"), acc) if exclude_node is not None else ()
+    selector = LabelSelector(require, tuple(sorted(groups)), exclude)
+    if len(r.issues) > before:
+        return None
+    if not (require or groups or exclude):
+        r.error(node, path, 'empty selector: it would match nothing (write "all" to mean every workload)')
+        return None
+    both = sorted(set(require) & set(exclude))
+    if both:
+        r.error(node, path, f"selector can never match: {both[0]} is both required and excluded")
+        return None
+    return selector
+
+
+def _selectors(r: Reader, node: Node, path: str, acc: Collected) -> tuple[Selector, ...]:
+    """A list of selectors (a rule side matches the union), or ``all``."""
+    if is_text(node, "all"):
+        return (ALL_WORKLOADS,)
+    out: list[Selector] = []
+    for i, item in enumerate(r.sequence(node, path, what='a list of selectors (or "all")')):
+        sel = _selector(r, item, index(path, i), acc, in_scope=False)
+        if sel is not None:
+            out.append(sel)
+    return tuple(out)
+
+
+def _scope(r: Reader, node: Node, path: str, acc: Collected) -> tuple[LabelSelector, ...]:
+    if is_text(node, "all"):
+        return ()
+    out: list[LabelSelector] = []
+    for i, item in enumerate(r.sequence(node, path, what='a list of label selectors or "all"')):
+        sel = _selector(r, item, index(path, i), acc, in_scope=True)
+        if isinstance(sel, LabelSelector):
+            out.append(sel)
+    return tuple(out)
+
+
+def _service_refs(r: Reader, node: Node, path: str, acc: Collected) -> tuple[str, ...]:
+    out: list[str] = []
+    for name, where in _names(r, node, path, "service name"):
+        acc.references.append(Reference(Kind.SERVICE, name, where))
+        out.append(name)
+    return tuple(out)
+
+
+_E = TypeVar("_E", bound=Enum)
+
+
+def _enum_value(r: Reader, node: Node, path: str, enum: type[_E]) -> _E | None:
+    text = r.string(node, path)
+    if text is None:
+        return None
+    for member in enum:
+        if member.value == text:
+            return member
+    expected = ", ".join(str(m.value) for m in enum)
+    r.error(node, path, f"unknown value {quote(text)} (expected one of: {expected})")
+    return None
+
+
+def _entries_list(r: Reader, node: Node, path: str, *, allow_empty: bool) -> tuple[ServiceEntry, ...]:
+    out: list[ServiceEntry] = []
+    what = 'a list of ports such as ["443/tcp"]'
+    for i, item in enumerate(r.sequence(node, path, what=what, allow_empty=allow_empty)):
+        here = index(path, i)
+        text = r.string(item, here)
+        if text is None:
+            continue
+        try:
+            out.append(parse_service_entry(text))
+        except BadValue as exc:
+            r.error(item, here, str(exc))
+    return tuple(out)
+
+
+def _networks(r: Reader, node: Node, path: str, *, allow_empty: bool) -> tuple[IPNetwork, ...]:
+    out: list[IPNetwork] = []
+    for i, item in enumerate(r.sequence(node, path, what="a list of CIDRs", allow_empty=allow_empty)):
+        here = index(path, i)
+        text = r.string(item, here)
+        if text is None:
+            continue
+        try:
+            out.append(parse_network(text))
+        except BadValue as exc:
+            r.error(item, here, str(exc))
+    return tuple(out)
+
+
+# ---- one parser per kind ------------------------------------------------------
+
+def _settings(r: Reader, e: Entries, acc: Collected) -> None:
+    acc.declarations.append(Declaration(Kind.SETTINGS, "settings", r.where(e["kind"].value, "kind")))
+    default = Failsafe()
+    controller_node = _value(e, "controller")
+    controller = default.controller
+    if controller_node is not None:
+        controller = _networks(r, controller_node, "controller", allow_empty=True)
+    port_node = _value(e, "controller_port")
+    port = default.controller_port
+    if port_node is not None:
+        port = r.integer(port_node, "controller_port", low=1, high=65535) or port
+    management_node = _value(e, "management")
+    management = default.management
+    if management_node is not None:
+        management = _entries_list(r, management_node, "management", allow_empty=True)
+    acc.settings.append(Failsafe(controller, port, management))
+
+
+def _label_key(r: Reader, e: Entries, acc: Collected) -> None:
+    name = _declare(r, e, acc, Kind.LABEL_KEY)
+    values_node = _value(e, "values")
+    if values_node is None:
+        acc.label_keys.append(LabelKey(name))
+        return
+    before = len(r.issues)
+    values = _names(r, values_node, "values", "label value")
+    if len(r.issues) > before:
+        acc.open_label_keys.add(name)
+    acc.label_keys.append(LabelKey(name, frozenset(v for v, _ in values)))
+
+
+def _label_group(r: Reader, e: Entries, acc: Collected) -> None:
+    name = _declare(r, e, acc, Kind.LABEL_GROUP)
+    key_entry = e.get("key")
+    key = r.name(key_entry.value, "key", "label key") if key_entry else None
+    values_node = _value(e, "values")
+    values = _names(r, values_node, "values", "label value") if values_node is not None else []
+    if key_entry is not None and key is not None:
+        for value, where in values:
+            acc.label_uses.append(LabelUse(key, value, r.where(key_entry.value, "key"), where))
+    acc.label_groups.append(LabelGroup(name, key or "", frozenset(v for v, _ in values)))
+
+
+def _service(r: Reader, e: Entries, acc: Collected) -> None:
+    name = _declare(r, e, acc, Kind.SERVICE)
+    ports_node = _value(e, "ports")
+    entries = _entries_list(r, ports_node, "ports", allow_empty=False) if ports_node is not None else ()
+    acc.services.append(Service(name, entries, _description(r, e)))
+
+
+def _ip_list(r: Reader, e: Entries, acc: Collected) -> None:
+    name = _declare(r, e, acc, Kind.IP_LIST)
+    include_node = _value(e, "include")
+    include = _networks(r, include_node, "include", allow_empty=False) if include_node is not None else ()
+    exclude_node = _value(e, "exclude")
+    exclude = _networks(r, exclude_node, "exclude", allow_empty=True) if exclude_node is not None else ()
+    acc.ip_lists.append(IPList(name, include, exclude, _description(r, e)))
+
+
+def _interface(r: Reader, node: Node, path: str, workload: str, acc: Collected) -> Interface | None:
+    e = r.mapping(node, path, required=("name", "addresses"))
+    if e is None:
+        return None
+    name_node = _value(e, "name")
+    name = r.name(name_node, sub(path, "name"), "interface name") if name_node is not None else None
+    addresses: list[IPAddress] = []
+    addresses_node = _value(e, "addresses")
+    if addresses_node is not None:
+        here = sub(path, "addresses")
+        for i, item in enumerate(r.sequence(addresses_node, here, what="a list of IP addresses")):
+            text = r.string(item, index(here, i))
+            if text is None:
+                continue
+            try:
+                address = parse_address(text)
+            except BadValue as exc:
+                r.error(item, index(here, i), str(exc))
+                continue
+            addresses.append(address)
+            acc.claims.append(AddressClaim(address, workload, r.where(item, index(here, i))))
+    return Interface(name or "", tuple(addresses))
+
+
+def _workload(r: Reader, e: Entries, acc: Collected) -> None:
+    name = _declare(r, e, acc, Kind.WORKLOAD)
+    labels_node = _value(e, "labels")
+    labels = _label_map(r, labels_node, "labels", acc) if labels_node is not None else ()
+    interfaces: list[Interface] = []
+    interfaces_node = _value(e, "interfaces")
+    if interfaces_node is not None:
+        seen: dict[str, int] = {}
+        for i, item in enumerate(r.sequence(interfaces_node, "interfaces", allow_empty=True)):
+            iface = _interface(r, item, index("interfaces", i), name, acc)
+            if iface is None:
+                continue
+            if iface.name and iface.name in seen:
+                r.error(item, index("interfaces", i), f"interface {quote(iface.name)} listed twice")
+            seen[iface.name] = i
+            interfaces.append(iface)
+    mode_node = _value(e, "mode")
+    mode = _enum_value(r, mode_node, "mode", EnforcementMode) if mode_node is not None else None
+    backend_node = _value(e, "backend")
+    backend = r.name(backend_node, "backend", "backend name") if backend_node is not None else None
+    acc.workloads.append(
+        Workload(
+            name,
+            frozenset(labels),
+            tuple(interfaces),
+            mode or EnforcementMode.VISIBILITY,
+            backend or "nftables",
+            _description(r, e),
+        )
+    )
+
+
+def _rule(r: Reader, node: Node, path: str, acc: Collected) -> AllowRule | None:
+    e = r.mapping(
+        node,
+        path,
+        required=("consumers", "providers", "services"),
+        optional=("consumers_scope", "description"),
+        what="a rule (a mapping with consumers, providers and services)",
+    )
+    if e is None:
+        return None
+    consumers_node, providers_node = _value(e, "consumers"), _value(e, "providers")
+    services_node = _value(e, "services")
+    scope_node = _value(e, "consumers_scope")
+    consumers_scope = (
+        _enum_value(r, scope_node, sub(path, "consumers_scope"), ConsumerScope) if scope_node is not None else None
+    )
+    return AllowRule(
+        _selectors(r, consumers_node, sub(path, "consumers"), acc) if consumers_node is not None else (),
+        _selectors(r, providers_node, sub(path, "providers"), acc) if providers_node is not None else (),
+        _service_refs(r, services_node, sub(path, "services"), acc) if services_node is not None else (),
+        consumers_scope or ConsumerScope.INTRA,
+        _description(r, e, path),
+    )
+
+
+def _ruleset(r: Reader, e: Entries, acc: Collected) -> None:
+    name = _declare(r, e, acc, Kind.RULESET)
+    scope_node = _value(e, "scope")
+    scopes = _scope(r, scope_node, "scope", acc) if scope_node is not None else ()
+    rules: list[AllowRule] = []
+    rules_node = _value(e, "rules")
+    if rules_node is not None:
+        for i, item in enumerate(r.sequence(rules_node, "rules", what="a list of rules", allow_empty=True)):
+            rule = _rule(r, item, index("rules", i), acc)
+            if rule is not None:
+                rules.append(rule)
+    acc.rulesets.append(Ruleset(name, scopes, tuple(rules), _description(r, e)))
+
+
+def _deny_rule(r: Reader, e: Entries, acc: Collected) -> None:
+    name = _declare(r, e, acc, Kind.DENY_RULE)
+    consumers_node, providers_node = _value(e, "consumers"), _value(e, "providers")
+    services_node, override_node = _value(e, "services"), _value(e, "override")
+    acc.deny_rules.append(
+        DenyRule(
+            name,
+            _selectors(r, consumers_node, "consumers", acc) if consumers_node is not None else (),
+            _selectors(r, providers_node, "providers", acc) if providers_node is not None else (),
+            _service_refs(r, services_node, "services", acc) if services_node is not None else (),
+            bool(r.boolean(override_node, "override")) if override_node is not None else False,
+            _description(r, e),
+        )
+    )
+
+
+@dataclass(frozen=True)
+class _Spec:
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    parse: Callable[[Reader, Entries, Collected], None]
+
+
+_SPECS: dict[Kind, _Spec] = {
+    Kind.SETTINGS: _Spec((), ("controller", "controller_port", "management"), _settings),
+    Kind.LABEL_KEY: _Spec(("name",), ("values",), _label_key),
+    Kind.LABEL_GROUP: _Spec(("name", "key", "values"), (), _label_group),
+    Kind.SERVICE: _Spec(("name", "ports"), ("description",), _service),
+    Kind.IP_LIST: _Spec(("name", "include"), ("exclude", "description"), _ip_list),
+    Kind.WORKLOAD: _Spec(("name",), ("labels", "interfaces", "mode", "backend", "description"), _workload),
+    Kind.RULESET: _Spec(("name", "scope", "rules"), ("description",), _ruleset),
+    Kind.DENY_RULE: _Spec(("name", "consumers", "providers", "services"), ("override", "description"), _deny_rule),
+}
+_KIND_LIST = ", ".join(k.value for k in Kind)
+
+
+def parse_document(r: Reader, node: Node, acc: Collected) -> None:
+    """Read one document; an empty document (a stray ``---``) is ignored."""
+    if is_null(node):
+        return
+    e = r.entries(node, "", what="a policy document (a mapping with apiVersion and kind)")
+    if e is None:
+        return
+    api = e.get("apiVersion")
+    if api is None:
+        r.error(node, "apiVersion", f"missing required key (expected apiVersion: {API_VERSION})")
+    else:
+        version = r.string(api.value, "apiVersion")
+        if version is not None and version != API_VERSION:
+            r.error(api.value, "apiVersion", f"unsupported apiVersion {quote(version)} (expected {API_VERSION})")
+    kind_entry = e.get("kind")
+    if kind_entry is None:
+        r.error(node, "kind", f"missing required key (one of: {_KIND_LIST})")
+        return
+    kind_text = r.string(kind_entry.value, "kind")
+    if kind_text is None:
+        return
+    kind = next((k for k in Kind if k.value == kind_text), None)
+    if kind is None:
+        r.error(kind_entry.value, "kind", f"unknown kind {quote(kind_text)} (expected one of: {_KIND_LIST})")
+        return
+    spec = _SPECS[kind]
+    r.check_keys(node, e, "", required=spec.required, optional=("apiVersion", "kind", *spec.optional))
+    spec.parse(r, e, acc)

@@ -1,0 +1,95 @@
+"""The small textual syntaxes inside policy files: service ports, CIDRs and addresses.
+
+Each ``parse_*`` raises ``BadValue`` with a message for the user; each ``format_*`` is its
+exact inverse, so that ``dump_policy`` writes what ``load_policy`` reads.
+
+Service entry syntax::
+
+    any                 every protocol and port
+    tcp | udp           every port of that protocol
+    443/tcp             one port
+    8000-8080/tcp       an inclusive range
+    icmp | icmpv6       every ICMP / ICMPv6 type
+    icmp:8 | icmpv6:128 one ICMP type
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from stockade.model.addresses import IPAddress, IPNetwork
+from stockade.model.services import Proto, ServiceEntry
+from stockade.policyfile.nodes import quote as _q
+
+PORT_FORMS = '"443/tcp", "8000-8080/tcp", "53/udp", "tcp", "icmp", "icmp:8", "icmpv6:128" or "any"'
+
+_PORTS_RE = re.compile(r"^([0-9]{1,10})(?:-([0-9]{1,10}))?/([a-z0-9]+)$")
+_ICMP_RE = re.compile(r"^(icmp|icmpv6):([0-9]{1,10})$")
+_WHOLE = {"any": Proto.ANY, "tcp": Proto.TCP, "udp": Proto.UDP, "icmp": Proto.ICMP, "icmpv6": Proto.ICMPV6}
+
+
+class BadValue(ValueError):
+    """A value does not follow its syntax; the message is meant for the user."""
+
+
+def parse_service_entry(text: str) -> ServiceEntry:
+    if text in _WHOLE:
+        return ServiceEntry(_WHOLE[text])
+    icmp = _ICMP_RE.match(text)
+    if icmp:
+        icmp_type = int(icmp.group(2))
+        if icmp_type > 255:
+            raise BadValue(f"ICMP type {icmp_type} is out of range (0-255)")
+        return ServiceEntry(Proto(icmp.group(1)), icmp_type, icmp_type)
+    ports = _PORTS_RE.match(text)
+    if not ports:
+        raise BadValue(f"cannot read {_q(text)} as a service port; expected {PORT_FORMS}")
+    proto_text = ports.group(3)
+    if proto_text not in ("tcp", "udp"):
+        raise BadValue(f"unknown protocol {_q(proto_text)} in {_q(text)} (ports need tcp or udp)")
+    first = int(ports.group(1))
+    last = int(ports.group(2)) if ports.group(2) is not None else first
+    for port in (first, last):
+        if not 1 <= port <= 65535:
+            raise BadValue(f"port {port} is out of range (1-65535)")
+    if first > last:
+        raise BadValue(f"port range {first}-{last} is reversed (did you mean {last}-{first}?)")
+    return ServiceEntry(Proto(proto_text), first, last)
+
+
+def format_service_entry(entry: ServiceEntry) -> str:
+    if entry.proto is Proto.ANY:
+        return "any"
+    if entry.first is None:
+        return str(entry.proto.value)
+    if entry.proto.is_icmp:
+        return f"{entry.proto.value}:{entry.first}"
+    last = entry.last if entry.last is not None else entry.first
+    if last == entry.first:
+        return f"{entry.first}/{entry.proto.value}"
+    return f"{entry.first}-{last}/{entry.proto.value}"
+
+
+def parse_network(text: str) -> IPNetwork:
+    """A CIDR (``10.0.0.0/8``, ``fd00::/8``) or a bare address (meaning /32 or /128)."""
+    if "%" in text:
+        raise BadValue(f"scoped addresses are not supported: {_q(text)}")
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            fixed = ipaddress.ip_network(text, strict=False)
+            raise BadValue(f"{_q(text)} has host bits set (did you mean {fixed}?)") from None
+        raise BadValue(f"not a valid CIDR: {_q(text)}") from None
+
+
+def parse_address(text: str) -> IPAddress:
+    """One IPv4 or IPv6 address, without a prefix length."""
+    if "%" in text:
+        raise BadValue(f"scoped addresses are not supported: {_q(text)}")
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        hint = " (write the address without a prefix length)" if "/" in text else ""
+        raise BadValue(f"not a valid IP address: {_q(text)}{hint}") from None
