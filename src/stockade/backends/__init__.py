@@ -1,0 +1,1 @@
+"""Enforcement backends: one module per target behind ``base.Backend``, found through ``registry``."""

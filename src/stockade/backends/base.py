@@ -1,0 +1,184 @@
+"""The backend contract: capabilities, the ``Backend`` protocol and the central capability check.
+
+Every enforcement backend (nftables, iptables+ipset, eBPF, Windows Firewall, ...) is one
+module implementing :class:`Backend`:
+
+* ``render(host_policy)`` is pure: HostPolicy IR in, a native artifact (a value) out;
+* ``apply(artifact)`` is atomic: either the whole artifact is in force, or the previous
+  ruleset still is (:class:`~stockade.errors.ApplyError`);
+* ``apply_delta(set_deltas)`` changes address-set members without reloading rules;
+* ``read_back()`` returns what the kernel/device holds now, normalised for comparison;
+* ``remove()`` deletes everything the backend owns and nothing else.
+
+A backend *declares* the policy features it supports (``capabilities``).
+:func:`check_capabilities` derives the features a host policy needs and raises
+:class:`~stockade.errors.UnsupportedFeatureError`, naming the feature and the rule, for the
+first one missing: a security-relevant field is never silently dropped (fail closed).
+Renderers call it before producing anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import Enum
+from typing import Protocol, TypeVar
+
+from stockade.compiler.ir import Direction, HostPolicy, SetDelta
+from stockade.errors import UnsupportedFeatureError
+from stockade.model.addresses import Family
+from stockade.model.rules import Action
+from stockade.model.services import Proto, ServiceEntry
+from stockade.model.workloads import EnforcementMode
+
+
+class Capability(Enum):
+    """A policy feature a backend can express. Values are human-readable feature names."""
+
+    IPV4 = "IPv4 peers"
+    IPV6 = "IPv6 peers"
+    INBOUND = "inbound rules"
+    OUTBOUND = "outbound rules"
+    ANY_PROTOCOL = "any-protocol services"
+    TCP = "TCP services"
+    UDP = "UDP services"
+    PORT_RANGES = "port ranges"
+    ICMP = "ICMP services"
+    ICMP_TYPES = "ICMP type matches"
+    ICMPV6 = "ICMPv6 services"
+    ICMPV6_TYPES = "ICMPv6 type matches"
+    DENY = "deny rules"
+    OVERRIDE_DENY = "override-deny rules"
+    MODE_FULL = "full enforcement mode"
+    MODE_SELECTIVE = "selective enforcement mode"
+    MODE_VISIBILITY = "visibility mode"
+    VISIBILITY_LOG = "logging of would-be drops"
+    CONTROLLER_FAILSAFE = "controller failsafe"
+    SET_DELTAS = "incremental address-set deltas"  # not needed by a policy; the agent asks
+
+
+class Artifact(Protocol):
+    """What a renderer produces: a value that can be printed and applied."""
+
+    def to_text(self) -> str:
+        """The artifact in the backend's native syntax (what ``stockade render`` prints)."""
+        ...
+
+
+ArtifactT = TypeVar("ArtifactT", bound=Artifact)
+
+
+class Backend(Protocol[ArtifactT]):
+    """One enforcement target. Implementations hold only connection options (table, netns...)."""
+
+    name: str
+    capabilities: frozenset[Capability]
+
+    def render(self, host_policy: HostPolicy) -> ArtifactT:
+        """Pure: the native artifact enforcing ``host_policy``. Raises UnsupportedFeatureError/RenderError."""
+        ...
+
+    def apply(self, artifact: ArtifactT) -> None:
+        """Atomically replace what this backend owns by ``artifact``. Raises ApplyError."""
+        ...
+
+    def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
+        """Change address-set members in one transaction, without touching rules."""
+        ...
+
+    def read_back(self) -> str:
+        """What is in force now, normalised (counters zeroed); "" when nothing is installed."""
+        ...
+
+    def remove(self) -> None:
+        """Delete everything this backend owns; never touch anything else. Idempotent."""
+        ...
+
+
+# ---- the central capability check --------------------------------------------------
+
+
+def _entry_needs(entry: ServiceEntry) -> Iterator[Capability]:
+    proto = entry.proto
+    if proto is Proto.ANY:
+        yield Capability.ANY_PROTOCOL
+    elif proto is Proto.TCP or proto is Proto.UDP:
+        yield Capability.TCP if proto is Proto.TCP else Capability.UDP
+        if entry.first is not None and entry.last is not None and entry.last != entry.first:
+            yield Capability.PORT_RANGES
+    elif proto is Proto.ICMP:
+        yield Capability.ICMP
+        if entry.first is not None:
+            yield Capability.ICMP_TYPES
+    else:
+        yield Capability.ICMPV6
+        if entry.first is not None:
+            yield Capability.ICMPV6_TYPES
+
+
+_MODE_NEEDS: dict[EnforcementMode, tuple[Capability, ...]] = {
+    EnforcementMode.IDLE: (),
+    EnforcementMode.VISIBILITY: (Capability.MODE_VISIBILITY, Capability.VISIBILITY_LOG),
+    EnforcementMode.SELECTIVE: (Capability.MODE_SELECTIVE,),
+    EnforcementMode.FULL: (Capability.MODE_FULL,),
+}
+
+
+def required_capabilities(host_policy: HostPolicy) -> Iterator[tuple[Capability, str]]:
+    """Every (feature, rule id) the host policy needs, in a deterministic order.
+
+    An idle host needs nothing: the backend will not install anything for it.
+    """
+    if host_policy.mode is EnforcementMode.IDLE:
+        return
+    for cap in _MODE_NEEDS[host_policy.mode]:
+        yield cap, f"mode:{host_policy.mode.value}"
+    fs = host_policy.failsafe
+    for entry in fs.management:
+        yield Capability.INBOUND, "failsafe:management"
+        for cap in _entry_needs(entry):
+            yield cap, "failsafe:management"
+    for net in fs.controller:
+        yield Capability.CONTROLLER_FAILSAFE, "failsafe:controller"
+        yield Capability.OUTBOUND, "failsafe:controller"
+        yield (Capability.IPV4 if net.version == 4 else Capability.IPV6), "failsafe:controller"
+    families = {(s.name, s.family): bool(s.members) for s in host_policy.sets}
+    for rule in host_policy.rules:
+        rid = rule.rule_id
+        yield (Capability.INBOUND if rule.direction is Direction.INBOUND else Capability.OUTBOUND), rid
+        if rule.action is Action.DENY:
+            yield Capability.DENY, rid
+        elif rule.action is Action.OVERRIDE_DENY:
+            yield Capability.OVERRIDE_DENY, rid
+        for entry in rule.services:
+            yield from ((cap, rid) for cap in _entry_needs(entry))
+        if families.get((rule.peer, Family.V4)):
+            yield Capability.IPV4, rid
+        if families.get((rule.peer, Family.V6)):
+            yield Capability.IPV6, rid
+
+
+def check_capabilities(backend_name: str, capabilities: frozenset[Capability], host_policy: HostPolicy) -> None:
+    """Fail closed: raise UnsupportedFeatureError for the first feature the backend lacks.
+
+    IPv4/IPv6 are required only by peers that have members of that family, so a backend
+    without IPv6 can still enforce a policy whose IPv6 sets are empty; a later delta that
+    adds an IPv6 member must then go through a full render again.
+    """
+    for cap, rule_id in required_capabilities(host_policy):
+        if cap not in capabilities:
+            raise UnsupportedFeatureError(backend_name, cap.value, rule_id)
+
+
+def check_delta_capabilities(
+    backend_name: str, capabilities: frozenset[Capability], deltas: tuple[SetDelta, ...]
+) -> None:
+    """Fail closed for deltas: set deltas at all, and the families of the added members."""
+    if not deltas:
+        return
+    if Capability.SET_DELTAS not in capabilities:
+        raise UnsupportedFeatureError(backend_name, Capability.SET_DELTAS.value, f"set:{deltas[0].name}")
+    for d in deltas:
+        if d.added:
+            cap = Capability.IPV4 if d.family is Family.V4 else Capability.IPV6
+            if cap not in capabilities:
+                raise UnsupportedFeatureError(backend_name, cap.value, f"set:{d.name}")

@@ -1,0 +1,178 @@
+"""Running the ``nft`` binary (optionally inside a network namespace) and reading its listings.
+
+Every command is an argv list (never a shell); with ``netns`` it becomes
+``ip netns exec <netns> nft ...``. Listings are parsed here into plain values the
+backend compares: chain headers and rule lines (counters normalised) from the text
+listing, set members (as merged address ranges) from the JSON listing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from stockade.errors import ApplyError, BackendError
+from stockade.model.addresses import AddressRanges, IPNetwork
+
+_NETNS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+_COUNTER_RE = re.compile(r"counter packets \d+ bytes \d+")
+NFT_TIMEOUT_S = 120.0
+
+
+def validate_netns(netns: str | None) -> str | None:
+    if netns is not None and not _NETNS_RE.match(netns):
+        raise BackendError(f"invalid network namespace name {netns!r}")
+    return netns
+
+
+def normalise_counters(text: str) -> str:
+    """Zero every ``counter packets N bytes M`` so listings taken at different times compare equal."""
+    return _COUNTER_RE.sub("counter packets 0 bytes 0", text)
+
+
+@dataclass(frozen=True)
+class ChainListing:
+    """One chain as listed: its base-chain header ("" for a regular chain) and rule lines."""
+
+    name: str
+    header: str
+    rules: tuple[str, ...]
+
+
+class NftRunner:
+    """Runs ``nft`` in one network namespace (None: the current one)."""
+
+    def __init__(self, netns: str | None = None, nft: str = "nft") -> None:
+        self.netns = validate_netns(netns)
+        self.nft = nft
+
+    def argv(self, *args: str) -> list[str]:
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return [*prefix, self.nft, *args]
+
+    def run(self, args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        try:
+            proc = subprocess.run(  # argv list, validated names
+                self.argv(*args), capture_output=True, text=True, timeout=NFT_TIMEOUT_S, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendError(f"cannot run nft: {exc}") from exc
+        if check and proc.returncode != 0:
+            raise BackendError(f"nft {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc
+
+    def load(self, text: str, check_only: bool = False) -> None:
+        """``nft -f`` a file holding ``text`` (one transaction); ApplyError with nft's message."""
+        fd, path = tempfile.mkstemp(prefix="stockade-", suffix=".nft")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            args = ["-c", "-f", path] if check_only else ["-f", path]
+            try:
+                proc = self.run(args, check=False)
+            except BackendError as exc:
+                raise ApplyError(str(exc)) from exc
+            if proc.returncode != 0:
+                raise ApplyError(f"nft refused the ruleset (nothing changed): {proc.stderr.strip()}")
+        finally:
+            os.unlink(path)
+
+    def list_table(self, table: str, terse: bool = False) -> str | None:
+        """``nft list table inet <table>`` text, or None when the table does not exist."""
+        args = ["-t", "list", "table", "inet", table] if terse else ["list", "table", "inet", table]
+        proc = self.run(args, check=False)
+        if proc.returncode != 0:
+            if "No such file or directory" in proc.stderr:
+                return None
+            raise BackendError(f"nft list table inet {table} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def list_table_json(self, table: str) -> list[dict[str, Any]] | None:
+        """The JSON objects of ``nft -j list table inet <table>``, or None when absent."""
+        proc = self.run(["-j", "list", "table", "inet", table], check=False)
+        if proc.returncode != 0:
+            if "No such file or directory" in proc.stderr:
+                return None
+            raise BackendError(f"nft -j list table inet {table} failed: {proc.stderr.strip()}")
+        items: list[dict[str, Any]] = json.loads(proc.stdout)["nftables"]
+        return items
+
+    def list_ruleset(self) -> str:
+        return self.run(["list", "ruleset"]).stdout
+
+    def table_exists(self, table: str) -> bool:
+        return self.list_table(table, terse=True) is not None
+
+
+def parse_chains(listing: str) -> tuple[ChainListing, ...]:
+    """Chains of an ``nft list table`` text listing, counters normalised."""
+    chains: list[ChainListing] = []
+    name: str | None = None
+    header = ""
+    rules: list[str] = []
+    for raw in listing.splitlines():
+        line = raw.strip()
+        if name is None:
+            m = re.match(r"^chain (\S+) \{$", line)
+            if m:
+                name, header, rules = m.group(1), "", []
+            continue
+        if line == "}":
+            chains.append(ChainListing(name, header, tuple(rules)))
+            name = None
+        elif line.startswith("type ") and not rules and not header:
+            header = line
+        elif line:
+            rules.append(normalise_counters(line))
+    return tuple(chains)
+
+
+def _element_ranges(elem: Any) -> list[IPNetwork | tuple[str, str]]:
+    if isinstance(elem, str):
+        return [ipaddress.ip_network(elem)]
+    if isinstance(elem, dict) and "prefix" in elem:
+        p = elem["prefix"]
+        return [ipaddress.ip_network(f"{p['addr']}/{p['len']}")]
+    if isinstance(elem, dict) and "range" in elem:
+        lo, hi = elem["range"]
+        return [(str(lo), str(hi))]
+    if isinstance(elem, dict) and "elem" in elem:  # element with options (timeout, comment...)
+        return _element_ranges(elem["elem"]["val"])
+    raise BackendError(f"unexpected set element in nft JSON: {elem!r}")
+
+
+def set_members(items: list[dict[str, Any]]) -> dict[str, AddressRanges]:
+    """Every set of a JSON table listing, by name, as merged address ranges."""
+    out: dict[str, AddressRanges] = {}
+    for item in items:
+        s = item.get("set")
+        if s is None:
+            continue
+        nets: list[IPNetwork] = []
+        extra: list[IPNetwork] = []
+        for elem in s.get("elem", []):
+            for part in _element_ranges(elem):
+                if isinstance(part, tuple):
+                    lo, hi = ipaddress.ip_address(part[0]), ipaddress.ip_address(part[1])
+                    extra.extend(ipaddress.summarize_address_range(lo, hi))
+                else:
+                    nets.append(part)
+        out[s["name"]] = AddressRanges.of([*nets, *extra])
+    return out
+
+
+def set_flags(items: list[dict[str, Any]]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """(type, flags) of every set of a JSON table listing, by name."""
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for item in items:
+        s = item.get("set")
+        if s is not None:
+            out[s["name"]] = (str(s.get("type")), tuple(sorted(s.get("flags", []))))
+    return out

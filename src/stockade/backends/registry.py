@@ -1,0 +1,26 @@
+"""The backend registry: a plain, greppable table from backend name to class.
+
+Add a row here when a backend module lands. ``get_backend`` builds one with its options;
+an unknown name fails with the list of known ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stockade.backends.base import Backend
+from stockade.backends.nftables import NftablesBackend
+from stockade.errors import NotFoundError
+
+BACKENDS: dict[str, type[Backend[Any]]] = {
+    "nftables": NftablesBackend,
+}
+
+
+def get_backend(name: str, **options: Any) -> Backend[Any]:
+    """An instance of the backend called ``name``; NotFoundError for an unknown name."""
+    cls = BACKENDS.get(name)
+    if cls is None:
+        known = ", ".join(sorted(BACKENDS))
+        raise NotFoundError(f"unknown backend {name!r} (known: {known})")
+    return cls(**options)
