@@ -100,11 +100,15 @@ def _yaml_issue(source: str, text: str, exc: yaml.YAMLError) -> Issue:
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         line = int(mark.line) + 1 if mark is not None else 1
-        parts = [p for p in (exc.context, exc.problem) if p]
-        return Issue(source, line, "", "YAML syntax error: " + ", ".join(parts))
+        context = exc.context or ""
+        if context and exc.context_mark is not None and exc.context_mark is not mark:
+            context += f" started at line {int(exc.context_mark.line) + 1}"
+        message = ": ".join(p for p in (context, exc.problem) if p)
+        return Issue(source, line, "", f"YAML syntax error: {message or exc}")
     if isinstance(exc, yaml.reader.ReaderError):
         line = text.count("\n", 0, exc.position) + 1
-        return Issue(source, line, "", f"YAML syntax error: character {exc.character!r}: {exc.reason}")
+        char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "\0")
+        return Issue(source, line, "", f"YAML syntax error: unacceptable character #x{char:04x}: {exc.reason}")
     return Issue(source, 1, "", f"YAML syntax error: {exc}")
 
 

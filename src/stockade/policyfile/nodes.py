@@ -9,6 +9,7 @@ raising, so a single pass finds every problem.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 
@@ -50,11 +51,13 @@ def line_of(node: Node) -> int:
 
 def describe(node: Node) -> str:
     """What a node is, for messages such as ``expected a list, got the string "https"``."""
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
+    if isinstance(node, MappingNode | SequenceNode):
+        kind = "a mapping" if isinstance(node, MappingNode) else "a list"
+        tag = str(node.tag)
+        return kind if tag.startswith(_TAG) else f"{kind} tagged {quote(tag)}"
     value = str(node.value)
+    if not str(node.tag).startswith(_TAG):
+        return f"a value tagged {quote(str(node.tag))}"
     if node.tag == NULL_TAG:
         return "nothing"
     if node.tag == BOOL_TAG:
@@ -133,8 +136,9 @@ class Reader:
         allowed = set(required) | set(optional)
         for key, entry in entries.items():
             if key not in allowed:
-                expected = ", ".join(sorted(allowed))
-                self.error(entry.key, sub(field, key), f"unknown key {quote(key)} (expected one of: {expected})")
+                close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.7)
+                hint = f"did you mean {quote(close[0])}?" if close else "expected one of: " + ", ".join(sorted(allowed))
+                self.error(entry.key, sub(field, key), f"unknown key {quote(key)} ({hint})")
         for key in required:
             if key not in entries:
                 self.error(node, sub(field, key), "missing required key")

@@ -24,8 +24,8 @@ from stockade.policyfile.nodes import quote as _q
 
 PORT_FORMS = '"443/tcp", "8000-8080/tcp", "53/udp", "tcp", "icmp", "icmp:8", "icmpv6:128" or "any"'
 
-_PORTS_RE = re.compile(r"^([0-9]{1,10})(?:-([0-9]{1,10}))?/([a-z0-9]+)$")
-_ICMP_RE = re.compile(r"^(icmp|icmpv6):([0-9]{1,10})$")
+_PORTS_RE = re.compile(r"^([0-9]+)(?:-([0-9]+))?/([a-z0-9]+)$")
+_ICMP_RE = re.compile(r"^(icmp|icmpv6):([0-9]+)$")
 _WHOLE = {"any": Proto.ANY, "tcp": Proto.TCP, "udp": Proto.UDP, "icmp": Proto.ICMP, "icmpv6": Proto.ICMPV6}
 
 
@@ -38,9 +38,7 @@ def parse_service_entry(text: str) -> ServiceEntry:
         return ServiceEntry(_WHOLE[text])
     icmp = _ICMP_RE.match(text)
     if icmp:
-        icmp_type = int(icmp.group(2))
-        if icmp_type > 255:
-            raise BadValue(f"ICMP type {icmp_type} is out of range (0-255)")
+        icmp_type = _number(icmp.group(2), f"ICMP type {_short(icmp.group(2))} is out of range (0-255)", 0, 255)
         return ServiceEntry(Proto(icmp.group(1)), icmp_type, icmp_type)
     ports = _PORTS_RE.match(text)
     if not ports:
@@ -48,14 +46,25 @@ def parse_service_entry(text: str) -> ServiceEntry:
     proto_text = ports.group(3)
     if proto_text not in ("tcp", "udp"):
         raise BadValue(f"unknown protocol {_q(proto_text)} in {_q(text)} (ports need tcp or udp)")
-    first = int(ports.group(1))
-    last = int(ports.group(2)) if ports.group(2) is not None else first
-    for port in (first, last):
-        if not 1 <= port <= 65535:
-            raise BadValue(f"port {port} is out of range (1-65535)")
+    first, last = (
+        _number(digits, f"port {_short(digits)} is out of range (1-65535)", 1, 65535)
+        for digits in (ports.group(1), ports.group(2) or ports.group(1))
+    )
     if first > last:
         raise BadValue(f"port range {first}-{last} is reversed (did you mean {last}-{first}?)")
     return ServiceEntry(Proto(proto_text), first, last)
+
+
+def _short(digits: str) -> str:
+    return digits if len(digits) <= 12 else digits[:9] + "..."
+
+
+def _number(digits: str, message: str, low: int, high: int) -> int:
+    """``digits`` as an int within [low, high] (never converts absurdly long digit strings)."""
+    value = int(digits) if len(digits) <= 6 else high + 1
+    if not low <= value <= high:
+        raise BadValue(message)
+    return value
 
 
 def format_service_entry(entry: ServiceEntry) -> str:
