@@ -30,3 +30,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("kernel") is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the lab's counts (``N probes, M disagreements``), also from xdist workers."""
+    lines: list[str] = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) != "call":
+                continue
+            for key, value in getattr(report, "user_properties", ()):
+                if key == "lab_summary":
+                    lines.append(str(value))
+    if lines:
+        terminalreporter.write_sep("-", "kernel lab")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -1,0 +1,160 @@
+"""Differential test: random policies enforced by nftables in real namespaces vs the evaluator.
+
+Hypothesis generates estates and policies (``tests.strategies``); each one is compiled,
+rendered and applied by the nftables backend inside the namespaces of ONE long-lived lab
+(re-applied per example, conntrack flushed), then every ordered pair of hosts is probed
+on a fixed port vocabulary (TCP 80, 443, 8080; UDP 53; ICMP echo) over IPv4 and IPv6.
+Every real outcome must equal the reference evaluator's verdict: ALLOWED and
+POTENTIALLY_BLOCKED connect, BLOCKED does not.
+
+A disagreement is shrunk by hypothesis to a minimal policy, written as YAML into
+``tests/kernel/regressions/`` (with the disagreeing probes in a comment), and
+``test_saved_regressions_agree`` replays every saved file from then on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from stockade.lab.estate import EstateLab, EstateRun, PortPlan, hosts_for_policy, plan_probes, service_ports
+from stockade.lab.lab import HostSpec
+from stockade.model import Policy
+from stockade.policyfile import dump_policy, load_documents, load_policy
+from tests import strategies
+
+REGRESSIONS = Path(__file__).parent / "regressions"
+EXAMPLES = int(os.environ.get("STOCKADE_DIFFERENTIAL_EXAMPLES", "200"))
+TIMEOUT = 0.3
+
+PLAN = PortPlan(strategies.PROBE_TCP_PORTS, strategies.PROBE_UDP_PORTS, icmp_echo=True)
+LAB_HOSTS: tuple[HostSpec, ...] = tuple(
+    [
+        HostSpec(name, strategies.slot_addresses(name), PLAN.tcp, PLAN.udp)
+        for name in strategies.SLOTS
+    ]
+    + [HostSpec(strategies.OFFICE[0], strategies.OFFICE[1], PLAN.tcp, PLAN.udp)]
+)
+
+
+@dataclass
+class Tally:
+    policies: int = 0
+    probes: int = 0
+    retried: int = 0
+    verdicts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, run: EstateRun) -> None:
+        self.policies += 1
+        self.probes += len(run.checks)
+        self.retried += run.retried
+        for c in run.checks:
+            key = f"{c.evaluation.verdict.value}/{'ok' if c.result.succeeded else 'fail'}"
+            self.verdicts[key] = self.verdicts.get(key, 0) + 1
+
+
+@pytest.fixture(scope="module")
+def estate_lab() -> Iterator[EstateLab]:
+    with EstateLab(LAB_HOSTS) as estate:
+        yield estate
+
+
+def _probes_for(policy: Policy) -> tuple[HostSpec, ...]:
+    present = {w.name for w in policy.workloads} | {strategies.OFFICE[0]}
+    return tuple(h for h in LAB_HOSTS if h.name in present)
+
+
+def _report(policy: Policy, run: EstateRun) -> str:
+    lines = [f"{len(run.disagreements)} of {len(run.checks)} probes disagree with the evaluator:"]
+    lines += [f"  {c.describe()}" for c in run.disagreements[:40]]
+    return "\n".join(lines)
+
+
+def save_regression(policy: Policy, report: str) -> Path:
+    """Write ``policy`` as policy YAML, the disagreement report as a leading comment."""
+    text = dump_policy(policy)
+    if load_documents(text, "regression.yaml") != policy:
+        raise AssertionError("dump_policy does not round-trip this policy; cannot save it")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = REGRESSIONS / f"differential-{digest}.yaml"
+    comment = "".join(f"# {line}\n" for line in report.splitlines())
+    REGRESSIONS.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Shrunk by tests/kernel/test_differential.py; replayed by test_saved_regressions_agree.\n"
+                    + comment + text)
+    return path
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_random_policies_agree_with_the_evaluator(
+    estate_lab: EstateLab, record_property: Callable[[str, object], None]
+) -> None:
+    tally = Tally()
+    last_failure: list[tuple[Policy, str]] = []
+
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+    @given(policy=strategies.policy())
+    def check(policy: Policy) -> None:
+        probes = plan_probes(_probes_for(policy), PLAN)
+        try:
+            run = estate_lab.run(policy, probes, timeout=TIMEOUT)
+        except Exception as exc:  # a crash in compile/render/apply is a finding too
+            last_failure[:] = [(policy, f"enforcing the policy raised {type(exc).__name__}: {exc}")]
+            raise
+        tally.add(run)
+        if run.disagreements:
+            report = _report(policy, run)
+            last_failure[:] = [(policy, report)]  # hypothesis replays the shrunk example last
+            raise AssertionError(report)
+
+    try:
+        check()
+    except Exception:
+        if last_failure:
+            path = save_regression(*last_failure[-1])
+            print(f"shrunk failing policy saved to {path}")
+        raise
+    summary = (
+        f"differential: {tally.policies} policies, {tally.probes} probes, 0 disagreements "
+        f"({tally.retried} slow probes confirmed by a retry; "
+        + ", ".join(f"{k} {v}" for k, v in sorted(tally.verdicts.items()))
+        + ")"
+    )
+    print(summary)
+    record_property("lab_summary", summary)
+    assert tally.policies >= EXAMPLES
+    assert tally.probes > 0
+
+
+def _regression_files() -> list[Path]:
+    return sorted(REGRESSIONS.glob("*.yaml"))
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("path", _regression_files(), ids=lambda p: p.name)
+def test_saved_regressions_agree(path: Path, record_property: Callable[[str, object], None]) -> None:
+    """Each saved policy, in a lab of its own, with its services' ports probed too."""
+    policy = load_policy(path)
+    extra = service_ports(policy)
+    plan = PortPlan(
+        tuple(sorted({*PLAN.tcp, *extra.tcp})), tuple(sorted({*PLAN.udp, *extra.udp})), icmp_echo=True
+    )
+    unmanaged = [strategies.OFFICE] if not any(w.name == strategies.OFFICE[0] for w in policy.workloads) else []
+    hosts = hosts_for_policy(policy, tcp_ports=plan.tcp, udp_ports=plan.udp, unmanaged=unmanaged)
+    with EstateLab(hosts) as estate:
+        run = estate.run(policy, plan_probes(hosts, plan), timeout=TIMEOUT)
+    record_property("lab_summary", f"regression {path.name}: {run.summary()}")
+    assert not run.disagreements, _report(policy, run)
