@@ -91,17 +91,7 @@ class Compiler:
                 if _selects_workloads(sel):
                     self._sel_index.add(sel)
                     self._consumer_rules[sel].append(i)
-        # peer sets by the labels their selectors mention, for incremental re-evaluation
-        self._peers_by_label: dict[Label, set[str]] = defaultdict(set)
-        self._unconditional_peers: set[str] = set()
-        for name, sel in self._peers.items():
-            if isinstance(sel, AllWorkloads):
-                self._unconditional_peers.add(name)
-            elif isinstance(sel, LabelSelector):
-                if not sel.require:
-                    self._unconditional_peers.add(name)
-                for lab in sel.mentioned_labels(self._groups):
-                    self._peers_by_label[lab].add(name)
+        self._selector_set: dict[Selector, str] = {sel: name for name, sel in self._peers.items()}
 
         self._workloads: dict[str, Workload] = {}
         self._ranges: dict[str, tuple[tuple[Range, ...], tuple[Range, ...]]] = {}
@@ -119,6 +109,7 @@ class Compiler:
             for m in members:
                 self._member_of[m].add(name)
         self._set_cache: dict[str, tuple[AddressSet, AddressSet]] = {}
+        self._ls_sets: dict[LabelSet, tuple[AddressSet, ...]] = {}
         self._ls_rules: dict[LabelSet, _LabelSetRules] = {}
         self._ls_hosts: dict[LabelSet, set[str]] = defaultdict(set)
         self._set_labelsets: dict[str, set[LabelSet]] = defaultdict(set)
@@ -193,17 +184,26 @@ class Compiler:
         if w is None:
             raise NotFoundError(f"no workload named {name!r}")
         compiled = self._ls_rules[w.labels]
-        sets: list[AddressSet] = []
-        for s in compiled.sets:
-            sets.extend(self.address_sets(s))
+        sets = self._ls_sets.get(w.labels)
+        if sets is None:
+            found: list[AddressSet] = []
+            for s in compiled.sets:
+                found.extend(self.address_sets(s))
+            sets = tuple(sorted(found, key=_set_key))
+            self._ls_sets[w.labels] = sets
         return HostPolicy(
             workload=w.name,
             mode=w.mode,
             local_addresses=w.addresses,
             rules=compiled.rules,
-            sets=tuple(sorted(sets)),
+            sets=sets,
             failsafe=self._policy.failsafe,
         )
+
+    def _invalidate_set(self, name: str) -> None:
+        self._set_cache.pop(name, None)
+        for ls in self._set_labelsets.get(name, ()):
+            self._ls_sets.pop(ls, None)
 
     def all_host_policies(self) -> dict[str, HostPolicy]:
         return {n: self.host_policy(n) for n in self.workload_names}
@@ -215,13 +215,13 @@ class Compiler:
     def upsert_workload(self, w: Workload) -> list[HostDelta]:
         """Add or replace one workload; returns the delta of every affected host."""
         old = self._workloads.get(w.name)
-        mentioned = set(w.labels) | (set(old.labels) if old else set())
-        candidates = set(self._unconditional_peers)
-        for lab in mentioned:
-            candidates |= self._peers_by_label.get(lab, set())
+        was_in = set(self._member_of.get(w.name, set())) if old is not None else set()
+        now_in = {self._selector_set[sel] for sel in self._sel_index.matching(w.labels)}
         if old is not None and old.addresses != w.addresses:
-            candidates |= self._member_of.get(w.name, set())
-        before = {s: self.address_sets(s) for s in candidates if self._touches(s, w, old)}
+            touched = was_in | now_in  # every set holding the workload changes members
+        else:
+            touched = was_in ^ now_in  # only sets it joins or leaves
+        before = {s: self.address_sets(s) for s in touched}
         old_policy = self.host_policy(w.name) if old is not None else None
 
         if old is not None:
@@ -231,16 +231,13 @@ class Compiler:
         self._ranges[w.name] = _workload_ranges(w)
         self._labels.add(w.name, w.labels)
         self._attach_host(w)
-        for s in candidates:
-            now = self._matches(self._peers[s], w)
-            if now:
-                self._members[s].add(w.name)
-                self._member_of[w.name].add(s)
-            else:
-                self._members[s].discard(w.name)
-                self._member_of[w.name].discard(s)
+        for s in was_in - now_in:
+            self._members[s].discard(w.name)
+        for s in now_in:
+            self._members[s].add(w.name)
+        self._member_of[w.name] = now_in
         for s in before:
-            self._set_cache.pop(s, None)
+            self._invalidate_set(s)
         self._policy_dirty = True
         return self._deltas(before, {w.name: old_policy}, changed_host=w.name)
 
@@ -256,7 +253,7 @@ class Compiler:
         del self._ranges[name]
         for s in sets:
             self._members[s].discard(name)
-            self._set_cache.pop(s, None)
+            self._invalidate_set(s)
         self._member_of.pop(name, None)
         self._policy_dirty = True
         deltas = self._deltas(before, {}, changed_host=None)
@@ -281,17 +278,6 @@ class Compiler:
         return deltas
 
     # ---- helpers -------------------------------------------------------------------
-    def _matches(self, sel: Selector, w: Workload) -> bool:
-        if isinstance(sel, AllWorkloads):
-            return True
-        if isinstance(sel, LabelSelector):
-            return sel.matches(w.labels, self._groups)
-        return False
-
-    def _touches(self, s: str, new: Workload, old: Workload | None) -> bool:
-        was = old is not None and new.name in self._members[s]
-        return was or self._matches(self._peers[s], new)
-
     def _deltas(
         self,
         before: dict[str, tuple[AddressSet, AddressSet]],
@@ -304,25 +290,32 @@ class Compiler:
             found = diff_sets(old_sets, new_sets)
             if found:
                 set_deltas[s] = list(found)
-        hosts: set[str] = set()
+        labelsets: set[LabelSet] = set()
         for s in set_deltas:
-            for ls in self._set_labelsets.get(s, ()):
-                hosts |= self._ls_hosts.get(ls, set())
+            labelsets |= self._set_labelsets.get(s, set())
+        hosts: list[tuple[str, LabelSet]] = [(h, ls) for ls in labelsets for h in self._ls_hosts.get(ls, ())]
+        if changed_host is not None and changed_host not in {h for h, _ in hosts}:
+            hosts.append((changed_host, self._workloads[changed_host].labels))
+        per_labelset: dict[LabelSet, tuple[SetDelta, ...]] = {}
         out: list[HostDelta] = []
-        if changed_host is not None:
-            hosts.add(changed_host)
-        for h in sorted(hosts):
+        for h, ls in sorted(hosts, key=lambda item: item[0]):
             hp = self.host_policy(h)
             if h in old_policies:
                 old_hp = old_policies[h]
                 if old_hp is None or old_hp.rules_key() != hp.rules_key():
                     out.append(HostDelta(h, hp, True, ()))
                     continue
-            mine = self._ls_rules[self._workloads[h].labels].sets
-            deltas = tuple(d for s in mine for d in set_deltas.get(s, ()))
+            deltas = per_labelset.get(ls)
+            if deltas is None:
+                deltas = tuple(d for s in self._ls_rules[ls].sets for d in set_deltas.get(s, ()))
+                per_labelset[ls] = deltas
             if deltas or (h in old_policies and old_policies[h] != hp):
                 out.append(HostDelta(h, hp, False, deltas))
         return out
+
+
+def _set_key(s: AddressSet) -> tuple[str, int]:
+    return s.name, s.family.value
 
 
 def diff_sets(old: tuple[AddressSet, ...], new: tuple[AddressSet, ...]) -> tuple[SetDelta, ...]:

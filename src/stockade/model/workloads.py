@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 from stockade.model.addresses import IPAddress
 from stockade.model.labels import Label
@@ -39,9 +40,14 @@ class Workload:
     backend: str = "nftables"
     description: str = ""
 
-    @property
+    @cached_property
     def addresses(self) -> tuple[IPAddress, ...]:
-        return tuple(sorted({a for i in self.interfaces for a in i.addresses}, key=_addr_key))
+        """Every address of every interface, sorted (v4 first), without duplicates."""
+        found: dict[tuple[int, int], IPAddress] = {}
+        for i in self.interfaces:
+            for a in i.addresses:
+                found[_addr_key(a)] = a
+        return tuple(found[k] for k in sorted(found))
 
     def label(self, key: str) -> str | None:
         for lab in self.labels:
