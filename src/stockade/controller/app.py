@@ -1,0 +1,168 @@
+"""The controller application: settings, wiring, the auth dependency and the error mapping.
+
+:func:`create_app` migrates the database, bootstraps the first owner, loads the compiled
+policy service and returns the FastAPI app (OpenAPI at ``/api/v1/openapi.json``). Errors of
+the one exception tree become HTTP statuses here and only here::
+
+    ValidationError -> 422 (with field-level issues)   NotFoundError -> 404
+    StaleRevisionError -> 412   ConflictError -> 409   RateLimitedError -> 429
+    NotAuthenticatedError -> 401   other AuthError -> 403   other StockadeError -> 400
+
+Every route depends on :func:`stockade.controller.context.require` with one permission.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from stockade import __version__
+from stockade.controller import admin_api, agents_api, auth, objects_api, policy_api
+from stockade.controller.auth import RateLimiter
+from stockade.controller.context import API, Controller, ControllerSettings
+from stockade.controller.db import make_engine, migrate, session_factory
+from stockade.controller.distribution import PolicyDistributor
+from stockade.controller.events import SyslogForwarder
+from stockade.controller.metrics import Metrics, MetricsMiddleware
+from stockade.controller.store import StaleRevisionError
+from stockade.errors import AuthError, ConflictError, NotFoundError, StockadeError, ValidationError
+
+log = logging.getLogger("stockade.controller")
+
+
+# ---- error mapping ---------------------------------------------------------------------
+
+
+def _status(exc: StockadeError) -> int:
+    if isinstance(exc, ValidationError):
+        return 422
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, StaleRevisionError):
+        return 412
+    if isinstance(exc, ConflictError):
+        return 409
+    if isinstance(exc, auth.RateLimitedError):
+        return 429
+    if isinstance(exc, auth.NotAuthenticatedError):
+        return 401
+    if isinstance(exc, AuthError):
+        return 403
+    return 400
+
+
+def error_body(kind: str, message: str, issues: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    return {"error": kind, "message": message, "issues": issues or []}
+
+
+async def _stockade_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StockadeError)
+    status = _status(exc)
+    issues = [{"field": i.field, "message": i.message} for i in exc.issues] if isinstance(exc, ValidationError) else []
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(type(exc).__name__, str(exc), issues), status_code=status, headers=headers)
+
+
+async def _request_validation(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    issues = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        issues.append({"field": ".".join(loc), "message": str(err.get("msg", "invalid"))})
+    return JSONResponse(error_body("ValidationError", "invalid request", issues), status_code=422)
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error", exc_info=exc)
+    return JSONResponse(error_body("InternalError", "internal error"), status_code=500)
+
+
+# ---- assembly ---------------------------------------------------------------------------
+
+
+async def _flush_loop(ctl: Controller) -> None:
+    while True:
+        await asyncio.sleep(ctl.settings.flush_interval)
+        try:
+            await run_in_threadpool(ctl.dist.flush)
+        except Exception:  # keep flushing; the next round retries
+            log.exception("flushing agent state failed")
+
+
+def build_controller(settings: ControllerSettings) -> Controller:
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    sessions = session_factory(engine)
+    with sessions.begin() as db:
+        credential = auth.bootstrap_owner(db)
+    dist = PolicyDistributor(sessions)
+    dist.load()
+    metrics = Metrics()
+    metrics.watch(dist, settings.offline_after)
+    dist.on_compile = metrics.observe_compile
+    forwarder = None
+    if settings.syslog is not None:
+        forwarder = SyslogForwarder(settings.syslog)
+        forwarder.attach(sessions)
+    return Controller(
+        settings=settings,
+        sessions=sessions,
+        dist=dist,
+        metrics=metrics,
+        login_limiter=RateLimiter(*settings.login_limit),
+        enroll_limiter=RateLimiter(*settings.enroll_limit),
+        first_run_credential=credential,
+        engine=engine,
+        forwarder=forwarder,
+    )
+
+
+def create_app(settings: ControllerSettings) -> FastAPI:
+    ctl = build_controller(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        ctl.dist.loop = asyncio.get_running_loop()
+        ctl.tasks.append(asyncio.create_task(_flush_loop(ctl)))
+        try:
+            yield
+        finally:
+            for t in ctl.tasks:
+                t.cancel()
+            ctl.dist.flush()
+            if ctl.forwarder is not None:
+                ctl.forwarder.close()
+            ctl.engine.dispose()
+
+    app = FastAPI(
+        title="Stockade controller",
+        version=__version__,
+        openapi_url=f"{API}/openapi.json",
+        docs_url=f"{API}/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.controller = ctl
+    app.add_exception_handler(StockadeError, _stockade_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(MetricsMiddleware, metrics=ctl.metrics)
+    for router in (
+        objects_api.router(),
+        policy_api.router,
+        admin_api.router,
+        agents_api.router,
+    ):
+        app.include_router(router, prefix=API)
+    app.include_router(admin_api.metrics_router)
+    return app

@@ -1,0 +1,98 @@
+"""What every route shares: the settings, the :class:`Controller` state and the auth dependency.
+
+Every route depends on :func:`require` with one :class:`~stockade.controller.auth.Permission`;
+agent tokens are checked in memory, API keys and sessions in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from stockade.controller import auth
+from stockade.controller.auth import Permission, Principal, PrincipalKind, RateLimiter
+from stockade.controller.distribution import PolicyDistributor
+from stockade.controller.events import SyslogForwarder, SyslogTarget
+from stockade.controller.metrics import Metrics
+
+API = "/api/v1"
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    database_url: str
+    offline_after: float = 90.0  # seconds without heartbeat before an agent counts as offline
+    flush_interval: float = 2.0  # seconds between batched writes of acks and heartbeats
+    long_poll_max: float = 60.0
+    secure_cookies: bool = True
+    syslog: SyslogTarget | None = None
+    login_limit: tuple[int, float] = (10, 60.0)  # attempts per window (seconds) per client
+    enroll_limit: tuple[int, float] = (60, 60.0)
+
+    @staticmethod
+    def for_data_dir(data_dir: Path, **kwargs: Any) -> ControllerSettings:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return ControllerSettings(database_url=f"sqlite:///{data_dir / 'stockade.db'}", **kwargs)
+
+
+@dataclass
+class Controller:
+    """Everything the routes share, reachable as ``request.app.state.controller``."""
+
+    settings: ControllerSettings
+    sessions: Any
+    dist: PolicyDistributor
+    metrics: Metrics
+    login_limiter: RateLimiter
+    enroll_limiter: RateLimiter
+    first_run_credential: tuple[str, str] | None = None
+    engine: Any = None
+    forwarder: SyslogForwarder | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def agent_principal(self, agent_id: str, secret: str) -> Principal | None:
+        live = self.dist.agents.get(agent_id)
+        if live is None or not live.token_hash or live.token_hash != auth.sha256(secret):
+            return None
+        return Principal(PrincipalKind.AGENT, f"agent:{agent_id}", None, agent_id=agent_id, workload=live.workload)
+
+    def session(self) -> Session:
+        s: Session = self.sessions()
+        return s
+
+
+def controller_of(request: Request) -> Controller:
+    ctl: Controller = request.app.state.controller
+    return ctl
+
+
+def require(permission: Permission) -> Callable[[Request], Awaitable[Principal]]:
+    """The dependency every route declares: authenticate, then check ``permission``."""
+
+    async def dependency(request: Request) -> Principal:
+        ctl = controller_of(request)
+        if permission is Permission.PUBLIC:
+            return auth.ANONYMOUS
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer agt_"):
+            principal = auth.authenticate(request, None, ctl.agent_principal)  # type: ignore[arg-type]
+        else:
+
+            def lookup() -> Principal:
+                with ctl.session() as db:
+                    return auth.authenticate(request, db, ctl.agent_principal)
+
+            principal = await run_in_threadpool(lookup)
+        auth.authorize(principal, permission)
+        request.state.principal = principal
+        return principal
+
+    dependency.permission = permission  # type: ignore[attr-defined]
+    return dependency

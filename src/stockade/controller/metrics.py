@@ -1,0 +1,96 @@
+"""Prometheus metrics of one controller process (its own registry, served at ``/metrics``).
+
+Request counts and latency per route template come from :class:`MetricsMiddleware` (a plain
+ASGI middleware, cheap enough for thousands of long-polls). Agent and convergence gauges are
+computed at scrape time from the :class:`~stockade.controller.distribution.PolicyDistributor`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from stockade.controller.distribution import PolicyDistributor
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "stockade_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "stockade_http_request_seconds",
+            "HTTP request latency (long-polls excluded)",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.compile_seconds = Histogram(
+            "stockade_compile_seconds", "incremental compile time per change", registry=self.registry
+        )
+        self.bumps = Counter("stockade_host_revision_bumps", "per-host revision bumps", registry=self.registry)
+        self.waiting = Gauge("stockade_agents_waiting", "agents holding a policy long-poll", registry=self.registry)
+
+    def observe_compile(self, seconds: float, bumped: int) -> None:
+        self.compile_seconds.observe(seconds)
+        self.bumps.inc(bumped)
+
+    def watch(self, dist: PolicyDistributor, offline_after: float) -> None:
+        self.registry.register(_ConvergenceCollector(dist, offline_after))
+
+
+class _ConvergenceCollector(Collector):
+    def __init__(self, dist: PolicyDistributor, offline_after: float) -> None:
+        self.dist = dist
+        self.offline_after = offline_after
+
+    def collect(self) -> Iterator[Any]:
+        now = time.time()
+        agents = list(self.dist.agents.values())
+        online = sum(
+            1 for a in agents if a.last_heartbeat is not None and now - a.last_heartbeat.timestamp() < self.offline_after
+        )
+        lagging = sum(1 for a in agents if a.applied < self.dist.revisions.get(a.workload, 0))
+        yield GaugeMetricFamily("stockade_agents_enrolled", "enrolled, unrevoked agents", value=len(agents))
+        yield GaugeMetricFamily("stockade_agents_online", "agents with a recent heartbeat", value=online)
+        yield GaugeMetricFamily(
+            "stockade_agents_lagging", "agents whose applied revision is behind the desired one", value=lagging
+        )
+        yield GaugeMetricFamily("stockade_hosts", "hosts with compiled policy", value=len(self.dist.revisions))
+
+
+class MetricsMiddleware:
+    """Counts requests by method, route template and status; times the non-long-poll ones."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            if not template.endswith("/wait"):
+                self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
