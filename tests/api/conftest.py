@@ -27,6 +27,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from stockade.controller.app import create_app
+from stockade.controller.auth import Argon2Params
 from stockade.controller.context import Controller, ControllerSettings
 
 
@@ -97,6 +98,7 @@ def make_settings(url: str, **kw: Any) -> ControllerSettings:
     kw.setdefault("secure_cookies", False)
     kw.setdefault("login_limit", (1000, 60.0))
     kw.setdefault("enroll_limit", (1000, 60.0))
+    kw.setdefault("argon2", Argon2Params(time_cost=1, memory_kib=8192, parallelism=1))
     return ControllerSettings(database_url=url, **kw)
 
 

@@ -107,7 +107,7 @@ def login(request: Request, response: Response, body: LoginIn,
     ctl = controller_of(request)
     ctl.login_limiter.hit(_client(request))
     with ctl.sessions.begin() as db:
-        user, secret = auth.login(db, body.username, body.password)
+        user, secret = auth.login(db, ctl.passwords, body.username, body.password)
         record_event(db, user.username, "auth.login", "user", user.username, None, None)
     response.set_cookie(auth.SESSION_COOKIE, secret, httponly=True, samesite="strict",
                         secure=ctl.settings.secure_cookies, max_age=auth.SESSION_HOURS * 3600, path="/")
@@ -157,10 +157,11 @@ def list_users(request: Request,
 @router.post("/users", tags=["Users"], responses=ERRORS, status_code=201, operation_id="create-user")
 def create_user(request: Request, body: UserIn,
                 principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))]) -> UserOut:
-    with controller_of(request).sessions.begin() as db:
+    ctl = controller_of(request)
+    with ctl.sessions.begin() as db:
         if db.get(UserRow, body.username) is not None:
             raise ConflictError(f"user {body.username!r} exists")
-        row = auth.create_user(db, body.username, body.password, body.role, list(body.scope))
+        row = auth.create_user(db, ctl.passwords, body.username, body.password, body.role, list(body.scope))
         db.flush()
         record_event(db, principal.actor, "user.create", "user", body.username, None,
                      {"role": body.role.value, "scope": list(body.scope)})
@@ -177,7 +178,8 @@ def get_user(request: Request, username: str,
 @router.put("/users/{username}", tags=["Users"], responses=ERRORS, operation_id="update-user")
 def update_user(request: Request, username: str, body: UserUpdate,
                 principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))]) -> UserOut:
-    with controller_of(request).sessions.begin() as db:
+    ctl = controller_of(request)
+    with ctl.sessions.begin() as db:
         row = _user(db, username)
         before = {"role": row.role, "scope": list(row.scope), "disabled": row.disabled}
         losing_owner = row.role == Role.OWNER.value and (
@@ -186,7 +188,7 @@ def update_user(request: Request, username: str, body: UserUpdate,
         if losing_owner and _owners_left(db, username) == 0:
             raise ConflictError("the last enabled owner cannot be demoted or disabled")
         if body.password is not None:
-            row.password_hash = auth.hash_password(body.password)
+            row.password_hash = ctl.passwords.hash(body.password)
         if body.role is not None:
             row.role = body.role.value
         if body.scope is not None:

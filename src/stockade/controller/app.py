@@ -103,8 +103,9 @@ def build_controller(settings: ControllerSettings) -> Controller:
     engine = make_engine(settings.database_url)
     migrate(engine)
     sessions = session_factory(engine)
+    passwords = auth.Passwords(settings.argon2)
     with sessions.begin() as db:
-        credential = auth.bootstrap_owner(db)
+        credential = auth.bootstrap_owner(db, passwords)
     dist = PolicyDistributor(sessions)
     dist.load()
     metrics = Metrics()
@@ -121,6 +122,7 @@ def build_controller(settings: ControllerSettings) -> Controller:
         metrics=metrics,
         login_limiter=RateLimiter(*settings.login_limit),
         enroll_limiter=RateLimiter(*settings.enroll_limit),
+        passwords=passwords,
         first_run_credential=credential,
         engine=engine,
         forwarder=forwarder,

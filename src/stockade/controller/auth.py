@@ -103,18 +103,38 @@ class Principal:
 
 ANONYMOUS = Principal(PrincipalKind.ANONYMOUS, "anonymous", None)
 
-_hasher = PasswordHasher()
+@dataclass(frozen=True)
+class Argon2Params:
+    """argon2id cost; the default is RFC 9106's second recommendation (64 MiB, 3 passes)."""
+
+    time_cost: int = 3
+    memory_kib: int = 65536
+    parallelism: int = 4
 
 
-def hash_password(password: str) -> str:
-    return _hasher.hash(password)
+class Passwords:
+    """Hashes and verifies passwords with argon2id (the parameters travel inside each hash)."""
 
+    def __init__(self, params: Argon2Params = Argon2Params()) -> None:
+        self._hasher = PasswordHasher(
+            time_cost=params.time_cost, memory_cost=params.memory_kib, parallelism=params.parallelism
+        )
+        self._dummy: str | None = None
 
-def verify_password(stored: str, password: str) -> bool:
-    try:
-        return _hasher.verify(stored, password)
-    except (VerificationError, InvalidHashError):
-        return False
+    def hash(self, password: str) -> str:
+        return self._hasher.hash(password)
+
+    def verify(self, stored: str, password: str) -> bool:
+        try:
+            return self._hasher.verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            return False
+
+    def burn(self, password: str) -> None:
+        """Spend the time of one verification (unknown user: no timing oracle)."""
+        if self._dummy is None:
+            self._dummy = self.hash("stockade-dummy-password")
+        self.verify(self._dummy, password)
 
 
 def sha256(text: str) -> str:
@@ -136,20 +156,22 @@ def scope_labels(texts: list[Any]) -> tuple[Label, ...]:
 # ---- users, keys, sessions ---------------------------------------------------------
 
 
-def create_user(db: Session, username: str, password: str, role: Role, scope: list[str]) -> UserRow:
+def create_user(
+    db: Session, passwords: Passwords, username: str, password: str, role: Role, scope: list[str]
+) -> UserRow:
     row = UserRow(
-        username=username, password_hash=hash_password(password), role=role.value, scope=scope, disabled=False
+        username=username, password_hash=passwords.hash(password), role=role.value, scope=scope, disabled=False
     )
     db.add(row)
     return row
 
 
-def bootstrap_owner(db: Session) -> tuple[str, str] | None:
+def bootstrap_owner(db: Session, passwords: Passwords) -> tuple[str, str] | None:
     """On first run (no users), create ``admin`` as owner; returns (username, password) once."""
     if db.scalars(select(UserRow).limit(1)).first() is not None:
         return None
     password = secrets.token_urlsafe(18)
-    create_user(db, "admin", password, Role.OWNER, [])
+    create_user(db, passwords, "admin", password, Role.OWNER, [])
     return "admin", password
 
 
@@ -161,21 +183,18 @@ def create_api_key(db: Session, name: str, owner: str, role: Role, scope: list[s
     return row, f"stk_{key_id}_{secret}"
 
 
-def login(db: Session, username: str, password: str) -> tuple[UserRow, str]:
+def login(db: Session, passwords: Passwords, username: str, password: str) -> tuple[UserRow, str]:
     user = db.get(UserRow, username)
     if user is None or user.disabled:
-        verify_password(_DUMMY_HASH, password)  # same work whether or not the user exists
+        passwords.burn(password)  # same work whether or not the user exists
         raise NotAuthenticatedError("wrong username or password")
-    if not verify_password(user.password_hash, password):
+    if not passwords.verify(user.password_hash, password):
         raise NotAuthenticatedError("wrong username or password")
     secret = new_secret()
     now = utcnow()
     db.add(SessionRow(id_hash=sha256(secret), username=username, created_at=now,
                       expires_at=now + dt.timedelta(hours=SESSION_HOURS)))
     return user, secret
-
-
-_DUMMY_HASH = _hasher.hash("stockade-dummy-password")
 
 
 # ---- request authentication ---------------------------------------------------------
