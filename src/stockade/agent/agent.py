@@ -1,0 +1,340 @@
+"""The agent's runtime: enforce the cache, enrol, report the host, follow the controller.
+
+Order of start-up (the cache comes first so a host is never left open while the
+controller is away)::
+
+    1. enforce the cached policy (state dir), if any          no network needed
+    2. start the tamper watcher (read back every ~0.5 s)      restore + event on change
+    3. enrol with the activation code (first run only)        retried with backoff
+    4. report the host; watch netlink for address changes
+    5. loop: long-poll "revision N ready" -> fetch full/delta -> render, apply, verify
+       -> cache -> ack; controller unreachable -> keep enforcing, back off with jitter
+
+Anything wrong with an answer (malformed policy, a feature the backend lacks, a revision
+going backwards, a policy for another workload) is refused with an event and the
+previous policy stays in force; the refused revision is not asked for again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from stockade.agent.backoff import Backoff, BackoffPolicy
+from stockade.agent.enforcer import Enforcer, apply_set_deltas
+from stockade.agent.hostinfo import AddressWatcher, HostReport, read_host
+from stockade.agent.outbox import Outbox
+from stockade.agent.state import CachedPolicy, Credential, StateDir
+from stockade.agent.transport import (
+    AgentEvent,
+    ControllerClient,
+    ControllerUnreachableError,
+    EventKind,
+    Heartbeat,
+    PolicyUpdate,
+    UpdateKind,
+)
+from stockade.compiler.ir import HostPolicy
+from stockade.errors import (
+    AuthError,
+    BackendError,
+    NotFoundError,
+    RenderError,
+    StockadeError,
+    UnsupportedFeatureError,
+    ValidationError,
+)
+
+log = logging.getLogger("stockade.agent")
+
+ClientFactory = Callable[[str, "str | None"], ControllerClient]  # (controller URL, CA PEM) -> client
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    controller: str | None = None  # needed for the first enrolment; then the credential's URL
+    activation_code: str | None = None
+    long_poll_seconds: float = 20.0
+    tamper_interval: float = 0.5
+    heartbeat_seconds: float = 15.0
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    watch_addresses: bool = True
+
+
+class Refused(Exception):
+    """Internal: an answer the agent will not enforce (reported as POLICY_REFUSED)."""
+
+
+class Agent:
+    def __init__(
+        self,
+        options: AgentOptions,
+        state: StateDir,
+        enforcer: Enforcer,
+        client_factory: ClientFactory,
+        *,
+        host_reader: Callable[[], HostReport] = read_host,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.options = options
+        self.state = state
+        self.enforcer = enforcer
+        self.client_factory = client_factory
+        self.host_reader = host_reader
+        self.clock = clock
+        self.applied_revision = 0
+        self.refused_revision = 0
+        self.tamper_count = 0
+        self.credential: Credential | None = None
+        self.client: ControllerClient | None = None
+        self.outbox = Outbox(self._heartbeat, heartbeat_seconds=options.heartbeat_seconds, backoff=options.backoff)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._watcher: AddressWatcher | None = None
+        self._pending_ack: int | None = None
+        self._last_failure: tuple[int, str] | None = None
+        self._last_refusal: int | None = None
+        self._backoff = Backoff(options.backoff)
+        self.enrolled = threading.Event()
+        self.converged = threading.Event()  # set after every successful apply (tests wait on it)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Enforce the cache now, then run everything else in daemon threads."""
+        self.enforce_cache()
+        self._spawn(self._tamper_loop, "stockade-tamper")
+        self._spawn(self._main, "stockade-enforce")
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the threads; the rules in force stay in force."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self.client is not None:
+            self.outbox.flush(min(timeout, 0.5))
+        self.outbox.stop(timeout)
+        if self.client is not None:
+            self.client.close()
+        for t in self._threads:
+            t.join(timeout)
+
+    def wait(self) -> None:
+        """Block until ``stop()`` (for the CLI's foreground run)."""
+        while not self._stop.wait(1.0):
+            pass
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep unless stopped; True when stopping."""
+        return self._stop.wait(seconds)
+
+    def _event(self, kind: EventKind, detail: str, revision: int | None = None) -> None:
+        log.info("event %s (revision %s): %s", kind.value, revision, detail)
+        self.outbox.event(AgentEvent(kind, detail, revision, self.clock()))
+
+    def _heartbeat(self) -> Heartbeat:
+        mode = self.enforcer.mode
+        return Heartbeat(self.applied_revision, mode.value if mode is not None else "", self.tamper_count)
+
+    # ---- 1. the cache --------------------------------------------------------------------------
+    def enforce_cache(self) -> None:
+        try:
+            cached = self.state.load_policy()
+        except ValidationError as exc:
+            self._event(EventKind.CACHE_UNUSABLE, str(exc))
+            return
+        if cached is None:
+            self._event(EventKind.STARTED, "no cached policy")
+            return
+        try:
+            self.enforcer.enforce(cached.policy)
+        except StockadeError as exc:
+            self._event(EventKind.APPLY_FAILED, f"cached policy: {exc}", cached.revision)
+            return
+        self.applied_revision = cached.revision
+        self._event(EventKind.STARTED, f"enforcing cached revision {cached.revision}", cached.revision)
+
+    # ---- 2. tamper watcher -----------------------------------------------------------------------
+    def _tamper_loop(self) -> None:
+        while not self._sleep(self.options.tamper_interval):
+            try:
+                report = self.enforcer.check()
+            except Exception as exc:  # never let the watcher die
+                log.exception("tamper check failed: %s", exc)
+                continue
+            if report is None:
+                continue
+            self.tamper_count += 1
+            state = "restored" if report.restored else f"NOT restored: {report.error}"
+            self._event(EventKind.TAMPER, f"{report.summary}; {state}", self.applied_revision)
+            self.outbox.heartbeat_now()
+
+    # ---- 3. enrolment ------------------------------------------------------------------------------
+    def _enrol(self) -> ControllerClient | None:
+        cred = self.state.load_credential()
+        if cred is not None:
+            client = self.client_factory(cred.controller, self.state.load_ca())
+            client.use_credential(cred, self.state.load_ca())
+            self.credential = cred
+            return client
+        url, code = self.options.controller, self.options.activation_code
+        if not url or not code:
+            raise AuthError("not enrolled: --controller and --activation-code are needed the first time")
+        client = self.client_factory(url, self.state.load_ca())
+        backoff = Backoff(self.options.backoff)
+        while not self._stop.is_set():
+            try:
+                enrollment = client.enroll(code, self.host_reader())
+            except ControllerUnreachableError as exc:
+                delay = backoff.next_delay()
+                log.info("enrolment: controller unreachable (%s); retrying in %.2fs", exc, delay)
+                self._sleep(delay)
+                continue
+            if enrollment.ca_pem:
+                self.state.save_ca(enrollment.ca_pem)
+            cred = Credential(url, enrollment.agent_id, enrollment.token, enrollment.workload)
+            self.state.save_credential(cred)
+            client.use_credential(cred, enrollment.ca_pem or self.state.load_ca())
+            self.credential = cred
+            log.info("enrolled as agent %s for workload %s", cred.agent_id, cred.workload)
+            return client
+        client.close()
+        return None
+
+    # ---- 4/5. the main thread ----------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            client = self._enrol()
+        except AuthError as exc:
+            log.error("%s", exc)
+            self._event(EventKind.POLICY_REFUSED, f"enrolment refused: {exc}")
+            return
+        if client is None:
+            return
+        self.client = client
+        self.enrolled.set()
+        self.outbox.start(client)
+        self._report_host()
+        if self.options.watch_addresses:
+            self._watcher = AddressWatcher(self._report_host, lambda e: log.warning("address watch: %s", e))
+            self._watcher.start()
+        while not self._stop.is_set():
+            try:
+                self._step(client)
+                self._backoff.reset()
+            except ControllerUnreachableError as exc:
+                delay = self._backoff.next_delay()
+                log.info("controller unreachable (%s); enforcing revision %d, retry in %.2fs",
+                         exc, self.applied_revision, delay)
+                self._sleep(delay)
+            except AuthError as exc:
+                delay = self.options.backoff.maximum
+                log.error("controller refused our credential (%s); retry in %.1fs", exc, delay)
+                self._sleep(delay)
+            except Exception as exc:  # a bug must not stop enforcement: log, back off, go on
+                log.exception("enforce loop: %s", exc)
+                self._sleep(self._backoff.next_delay())
+
+    def _report_host(self) -> None:
+        try:
+            self.outbox.host(self.host_reader())
+        except Exception as exc:
+            log.warning("cannot read host interfaces: %s", exc)
+
+    def _step(self, client: ControllerClient) -> None:
+        if self._pending_ack is not None:
+            client.ack(self._pending_ack)
+            self._pending_ack = None
+        after = max(self.applied_revision, self.refused_revision)
+        rev = client.wait_revision(after, self.options.long_poll_seconds)
+        if self._stop.is_set() or rev == self.applied_revision or rev == self.refused_revision:
+            return
+        if rev < self.applied_revision:
+            self._refuse(rev, f"revision went backwards: controller has {rev}, agent applied {self.applied_revision}")
+            return
+        self.update(client, rev)
+
+    def update(self, client: ControllerClient, announced: int) -> None:
+        """Fetch and apply the controller's current policy (full or delta), then ack.
+
+        ``announced`` is the revision the long-poll announced (named in events when the
+        answer is too malformed to carry its own).
+        """
+        since = self.applied_revision if self.enforcer.policy is not None and self.applied_revision else None
+        try:
+            upd = client.fetch_policy(since)
+        except ValidationError as exc:
+            self._refuse(announced, f"malformed policy: {exc}")
+            return
+        except NotFoundError:
+            return  # nothing compiled for us yet
+        try:
+            hp = self._resolve(client, upd)
+        except Refused as exc:
+            self._refuse(upd.revision, str(exc))
+            return
+        if hp is None:
+            return
+        self.state.save_policy(CachedPolicy(upd.revision, hp))
+        self.applied_revision = upd.revision
+        self.converged.set()
+        try:
+            client.ack(upd.revision)
+        except ControllerUnreachableError:
+            self._pending_ack = upd.revision
+            raise
+
+    def _resolve(self, client: ControllerClient, upd: PolicyUpdate) -> HostPolicy | None:
+        """Apply ``upd``; the HostPolicy now in force, or None when nothing changed."""
+        if upd.revision < self.applied_revision:
+            raise Refused(f"revision went backwards: {upd.revision} < applied {self.applied_revision}")
+        if upd.kind is UpdateKind.UNCHANGED:
+            return None
+        if upd.kind is UpdateKind.DELTA:
+            current = self.enforcer.policy
+            if current is None or upd.base != self.applied_revision:
+                return self._resolve(client, client.fetch_policy(None))
+            try:
+                new_hp = apply_set_deltas(current, upd.set_deltas)
+            except ValueError:
+                return self._resolve(client, client.fetch_policy(None))
+            try:
+                self.enforcer.apply_delta(new_hp, upd.set_deltas)
+            except StockadeError as exc:
+                log.info("delta not applied (%s); reloading in full", exc)
+                self._enforce_full(new_hp, upd.revision)
+            return new_hp
+        assert upd.policy is not None
+        hp = upd.policy
+        if self.credential is not None and hp.workload != self.credential.workload:
+            raise Refused(f"policy is for workload {hp.workload!r}, this agent is {self.credential.workload!r}")
+        self._enforce_full(hp, upd.revision)
+        return hp
+
+    def _enforce_full(self, hp: HostPolicy, revision: int) -> None:
+        try:
+            self.enforcer.enforce(hp)
+        except (UnsupportedFeatureError, RenderError) as exc:
+            raise Refused(f"{type(exc).__name__}: {exc}") from exc
+        except BackendError as exc:
+            # Possibly transient: report once per (revision, error), let the loop back off and retry.
+            if self._last_failure != (revision, str(exc)):
+                self._last_failure = (revision, str(exc))
+                self._event(EventKind.APPLY_FAILED, str(exc), revision)
+            raise
+
+    def _refuse(self, revision: int, detail: str) -> None:
+        """Report once per revision; long-poll past it so it is not fetched again."""
+        if revision != self._last_refusal:
+            self._last_refusal = revision
+            self._event(EventKind.POLICY_REFUSED, detail, revision)
+        if revision > self.applied_revision:
+            self.refused_revision = revision
+        log.warning("refused revision %d: %s (still enforcing %d)", revision, detail, self.applied_revision)

@@ -1,0 +1,164 @@
+"""Keeping one HostPolicy in force through a backend: apply, verify, delta, tamper restore.
+
+The :class:`Enforcer` is the only part of the agent that touches the firewall. It holds the
+policy it last put in force and the backend's normalised read-back right after it did so
+(the *baseline*). :meth:`Enforcer.check` compares a fresh read-back with the baseline;
+any difference (a flushed table, a deleted rule, an extra set element) is tamper: the full
+artifact is applied again, atomically, and a :class:`TamperReport` returned.
+
+Every public method takes one lock, so the enforce loop and the tamper watcher never
+interleave. Failures leave the previous policy in force (the backend's apply is atomic,
+and render fails before anything is touched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import threading
+from dataclasses import dataclass, replace
+from typing import Any
+
+from stockade.backends.base import check_delta_capabilities
+from stockade.compiler.ir import AddressSet, HostPolicy, SetDelta
+from stockade.errors import ApplyError, BackendError
+from stockade.model.addresses import IPNetwork
+from stockade.model.workloads import EnforcementMode
+
+
+@dataclass(frozen=True)
+class TamperReport:
+    """What the watcher found changed, and whether restoring it worked."""
+
+    summary: str  # "table missing" or the first differing lines
+    restored: bool
+    error: str = ""
+
+
+def apply_set_deltas(hp: HostPolicy, deltas: tuple[SetDelta, ...]) -> HostPolicy:
+    """``hp`` with the deltas' members added/removed (pure). Unknown sets are an error."""
+    by_key = {(d.name, d.family): d for d in deltas}
+    known = {(s.name, s.family) for s in hp.sets}
+    unknown = sorted(f"{n}/v{f.value}" for n, f in by_key if (n, f) not in known)
+    if unknown:
+        raise ValueError(f"delta for unknown sets: {', '.join(unknown)}")
+    sets: list[AddressSet] = []
+    for s in hp.sets:
+        d = by_key.get((s.name, s.family))
+        if d is None:
+            sets.append(s)
+            continue
+        members: set[IPNetwork] = set(s.members)
+        members.difference_update(d.removed)
+        members.update(d.added)
+        sets.append(replace(s, members=tuple(sorted(members, key=_net_key))))
+    return replace(hp, sets=tuple(sets))
+
+
+def _net_key(n: IPNetwork) -> tuple[int, int]:
+    return int(n.network_address), n.prefixlen
+
+
+def summarise_difference(expected: str, actual: str, limit: int = 6) -> str:
+    if not actual.strip():
+        return "table missing"
+    lines = [
+        ln
+        for ln in difflib.unified_diff(expected.splitlines(), actual.splitlines(), lineterm="", n=0)
+        if ln[:1] in "+-" and not ln.startswith(("+++", "---"))
+    ]
+    shown = "; ".join(ln.strip() for ln in lines[:limit])
+    more = f" (+{len(lines) - limit} more)" if len(lines) > limit else ""
+    return f"{len(lines)} line(s) differ: {shown}{more}"
+
+
+class Enforcer:
+    """One backend, one policy in force. Thread-safe."""
+
+    def __init__(self, backend: Any) -> None:
+        # ``Any``: backends are generic over their artifact type; the agent never looks inside.
+        self.backend = backend
+        self._lock = threading.Lock()
+        self._policy: HostPolicy | None = None
+        self._artifact: Any = None
+        self._baseline: str | None = None  # None: nothing to guard (idle, or nothing applied)
+
+    @property
+    def policy(self) -> HostPolicy | None:
+        return self._policy
+
+    @property
+    def mode(self) -> EnforcementMode | None:
+        return self._policy.mode if self._policy is not None else None
+
+    def _verify(self, artifact: Any) -> str:
+        """Read back after an apply; raise ApplyError if the kernel does not hold ``artifact``."""
+        verify = getattr(self.backend, "verify", None)
+        if callable(verify):
+            problems = verify(artifact)
+            if problems:
+                raise ApplyError(f"read-back differs from what was applied: {problems}")
+        text: str = self.backend.read_back()
+        if not text.strip():
+            raise ApplyError("read-back is empty right after apply")
+        return text
+
+    def enforce(self, hp: HostPolicy) -> None:
+        """Put ``hp`` in force (idle: remove everything). Raises StockadeError, old policy kept."""
+        with self._lock:
+            if hp.mode is EnforcementMode.IDLE:
+                self.backend.remove()
+                self._policy, self._artifact, self._baseline = hp, None, None
+                return
+            artifact = self.backend.render(hp)  # UnsupportedFeatureError/RenderError: nothing touched
+            self.backend.apply(artifact)
+            try:
+                baseline = self._verify(artifact)
+            except BackendError:
+                # Put back what we had, so a half-verified policy is not left guarded by nobody.
+                self._restore_previous()
+                raise
+            self._policy, self._artifact, self._baseline = hp, artifact, baseline
+
+    def _restore_previous(self) -> None:
+        if self._artifact is not None:
+            with contextlib.suppress(BackendError):
+                self.backend.apply(self._artifact)
+
+    def apply_delta(self, new_hp: HostPolicy, deltas: tuple[SetDelta, ...]) -> None:
+        """Change set members only (no reload). ``new_hp`` is the policy the deltas lead to."""
+        with self._lock:
+            if self._policy is None or self._policy.rules_key() != new_hp.rules_key():
+                raise ApplyError("set delta does not match the policy in force")
+            if new_hp.mode is EnforcementMode.IDLE:
+                self._policy = new_hp
+                return
+            check_delta_capabilities(self.backend.name, self.backend.capabilities, deltas)
+            artifact = self.backend.render(new_hp)
+            self.backend.apply_delta(deltas)
+            baseline = self._verify(artifact)
+            self._policy, self._artifact, self._baseline = new_hp, artifact, baseline
+
+    def check(self) -> TamperReport | None:
+        """Compare the firewall with the baseline; restore and report if it differs."""
+        with self._lock:
+            if self._baseline is None or self._artifact is None:
+                return None
+            try:
+                current: str = self.backend.read_back()
+            except BackendError as exc:
+                return TamperReport(f"read-back failed: {exc}", restored=False, error=str(exc))
+            if current == self._baseline:
+                return None
+            summary = summarise_difference(self._baseline, current)
+            try:
+                self.backend.apply(self._artifact)
+                self._baseline = self._verify(self._artifact)
+            except BackendError as exc:
+                return TamperReport(summary, restored=False, error=str(exc))
+            return TamperReport(summary, restored=True)
+
+    def remove(self) -> None:
+        with self._lock:
+            self.backend.remove()
+            self._policy, self._artifact, self._baseline = None, None, None

@@ -1,0 +1,264 @@
+"""An in-memory controller and a ``ControllerClient`` speaking to it, for tests.
+
+:class:`FakeController` keeps what the real controller keeps for agents (activation codes,
+agents and their tokens, per-workload policy revisions with a short history for deltas,
+acks, heartbeats, host reports, events) and lets a test misbehave on purpose: go
+unreachable, answer with a malformed or foreign policy, or move a revision backwards.
+Answers go through the same wire decoding as the HTTP client
+(:func:`~stockade.agent.transport.policy_update_from_dict`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stockade.agent.enforcer import apply_set_deltas
+from stockade.agent.hostinfo import HostReport
+from stockade.agent.state import Credential
+from stockade.agent.transport import (
+    AgentEvent,
+    ControllerUnreachableError,
+    Enrollment,
+    Heartbeat,
+    PolicyUpdate,
+    policy_update_from_dict,
+)
+from stockade.backends.base import Capability, check_capabilities
+from stockade.compiler import diff_sets, host_policy_to_dict, host_policy_to_json
+from stockade.compiler.ir import HostPolicy, SetDelta
+from stockade.errors import ApplyError, AuthError, NotFoundError
+
+
+@dataclass
+class FakeAgent:
+    agent_id: str
+    token: str
+    workload: str
+    acked: list[int] = field(default_factory=list)
+    heartbeats: list[Heartbeat] = field(default_factory=list)
+    hosts: list[HostReport] = field(default_factory=list)
+    events: list[AgentEvent] = field(default_factory=list)
+    unenrolled: bool = False
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate()`` every 10 ms until true; False if ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
+
+
+class FakeController:
+    def __init__(self, *, deltas: bool = True, history: int = 4) -> None:
+        self.cond = threading.Condition()
+        self.reachable = True
+        self.deltas = deltas
+        self.history = history
+        self.codes: dict[str, str] = {}
+        self.agents: dict[str, FakeAgent] = {}
+        self.revisions: dict[str, int] = {}
+        self.policies: dict[str, dict[int, HostPolicy]] = {}
+        self.override: dict[str, Any] | None = None  # next fetch answers this raw body, once
+        self.announce: int | None = None  # long-poll answers this revision instead
+        self.fetches: list[tuple[str, int | None]] = []
+
+    # ---- test controls ------------------------------------------------------------------
+    def add_code(self, code: str, workload: str) -> None:
+        self.codes[code] = workload
+
+    def publish(self, hp: HostPolicy) -> int:
+        """A new revision of ``hp.workload``'s policy; wakes its long-polls."""
+        with self.cond:
+            rev = self.revisions.get(hp.workload, 0) + 1
+            self.revisions[hp.workload] = rev
+            hist = self.policies.setdefault(hp.workload, {})
+            hist[rev] = hp
+            for old in sorted(hist)[: -self.history]:
+                del hist[old]
+            self.cond.notify_all()
+            return rev
+
+    def agent_for(self, workload: str) -> FakeAgent:
+        for a in self.agents.values():
+            if a.workload == workload and not a.unenrolled:
+                return a
+        raise KeyError(workload)
+
+    def set_reachable(self, up: bool) -> None:
+        with self.cond:
+            self.reachable = up
+            self.cond.notify_all()
+
+    # ---- what the client calls ----------------------------------------------------------
+    def _check_up(self) -> None:
+        if not self.reachable:
+            raise ControllerUnreachableError("fake controller is down")
+
+    def agent(self, token: str | None) -> FakeAgent:
+        self._check_up()
+        for a in self.agents.values():
+            if a.token == token and not a.unenrolled:
+                return a
+        raise AuthError("unknown or revoked agent token")
+
+    def enroll(self, code: str, host: HostReport) -> Enrollment:
+        self._check_up()
+        workload = self.codes.get(code)
+        if workload is None:
+            raise AuthError("invalid activation code")
+        a = FakeAgent(f"agent-{len(self.agents) + 1}", secrets.token_hex(16), workload, hosts=[host])
+        self.agents[a.agent_id] = a
+        return Enrollment(a.agent_id, a.token, workload)
+
+    def wait(self, workload: str, after: int, timeout: float, closed: threading.Event) -> int:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                self._check_up()
+                rev = self.announce if self.announce is not None else self.revisions.get(workload, 0)
+                remaining = deadline - time.monotonic()
+                if rev > after or remaining <= 0 or closed.is_set():
+                    return rev
+                self.cond.wait(min(remaining, 0.05))
+
+    def fetch(self, workload: str, since: int | None) -> PolicyUpdate:
+        with self.cond:
+            self._check_up()
+            self.fetches.append((workload, since))
+            if self.override is not None:
+                raw, self.override = self.override, None
+                return policy_update_from_dict(raw)
+            rev = self.revisions.get(workload)
+            if rev is None:
+                raise NotFoundError(f"no policy for {workload!r}")
+            hist = self.policies[workload]
+            hp = hist[rev]
+            body: dict[str, Any]
+            if since == rev:
+                body = {"revision": rev, "base": since, "set_deltas": []}
+            elif self.deltas and since in hist and hist[since].rules_key() == hp.rules_key():
+                deltas = diff_sets(hist[since].sets, hp.sets)
+                body = {
+                    "revision": rev,
+                    "base": since,
+                    "set_deltas": [
+                        {
+                            "name": d.name,
+                            "family": d.family.value,
+                            "added": [str(n) for n in d.added],
+                            "removed": [str(n) for n in d.removed],
+                        }
+                        for d in deltas
+                    ],
+                }
+            else:
+                body = {"revision": rev, "policy": host_policy_to_dict(hp)}
+            return policy_update_from_dict(body)
+
+
+class FakeControllerClient:
+    """``ControllerClient`` over a :class:`FakeController` (same exceptions as the HTTP one)."""
+
+    def __init__(self, controller: FakeController, url: str = "fake://controller", ca_pem: str | None = None) -> None:
+        self.controller = controller
+        self.url = url
+        self.ca_pem = ca_pem
+        self.token: str | None = None
+        self.closed = threading.Event()
+
+    def enroll(self, activation_code: str, host: HostReport) -> Enrollment:
+        return self.controller.enroll(activation_code, host)
+
+    def use_credential(self, credential: Credential, ca_pem: str | None) -> None:
+        self.token = credential.token
+        self.ca_pem = ca_pem
+
+    def report_host(self, host: HostReport) -> None:
+        self.controller.agent(self.token).hosts.append(host)
+
+    def heartbeat(self, beat: Heartbeat) -> None:
+        self.controller.agent(self.token).heartbeats.append(beat)
+
+    def wait_revision(self, after: int, timeout: float) -> int:
+        a = self.controller.agent(self.token)
+        return self.controller.wait(a.workload, after, timeout, self.closed)
+
+    def fetch_policy(self, since: int | None) -> PolicyUpdate:
+        a = self.controller.agent(self.token)
+        return self.controller.fetch(a.workload, since)
+
+    def ack(self, revision: int) -> None:
+        self.controller.agent(self.token).acked.append(revision)
+
+    def send_events(self, events: Sequence[AgentEvent]) -> None:
+        self.controller.agent(self.token).events.extend(events)
+
+    def unenroll(self) -> None:
+        self.controller.agent(self.token).unenrolled = True
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+# ---- an in-memory firewall ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryArtifact:
+    policy: HostPolicy
+
+    def to_text(self) -> str:
+        return host_policy_to_json(self.policy)
+
+
+class MemoryBackend:
+    """A firewall that lives in a variable: what the agent applies is what ``read_back`` shows.
+
+    ``installed`` can be edited by a test to simulate tampering; ``fail_apply`` makes the
+    next applies raise :class:`ApplyError` (nothing changes, like an atomic kernel load).
+    """
+
+    name = "memory"
+
+    def __init__(self, capabilities: frozenset[Capability] | None = None) -> None:
+        self.capabilities = capabilities if capabilities is not None else frozenset(Capability)
+        self.installed: HostPolicy | None = None
+        self.tampered_text: str | None = None
+        self.fail_apply = 0
+        self.applies = 0
+        self.deltas_applied = 0
+        self.removes = 0
+
+    def render(self, host_policy: HostPolicy) -> MemoryArtifact:
+        check_capabilities(self.name, self.capabilities, host_policy)
+        return MemoryArtifact(host_policy)
+
+    def apply(self, artifact: MemoryArtifact) -> None:
+        if self.fail_apply:
+            self.fail_apply -= 1
+            raise ApplyError("memory backend told to fail")
+        self.applies += 1
+        self.installed, self.tampered_text = artifact.policy, None
+
+    def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
+        if self.installed is None:
+            raise ApplyError("no table to apply a delta to")
+        self.deltas_applied += 1
+        self.installed = apply_set_deltas(self.installed, deltas)
+
+    def read_back(self) -> str:
+        if self.tampered_text is not None:
+            return self.tampered_text
+        return host_policy_to_json(self.installed) if self.installed is not None else ""
+
+    def remove(self) -> None:
+        self.removes += 1
+        self.installed, self.tampered_text = None, None

@@ -1,0 +1,220 @@
+"""The real ``ControllerClient``: JSON over HTTPS (httpx), the controller's CA pinned.
+
+Speaks the agent protocol of :mod:`stockade.controller.agents_api` under ``/api/v1``::
+
+    POST /agents/enroll                      {activation_code, hostname, interfaces, agent_version}
+    PUT  /agents/{id}/interfaces             {interfaces: [{name, addresses}]}
+    POST /agents/{id}/heartbeat              {applied_revision, mode, tamper_count}
+    GET  /agents/{id}/policy/wait?after=N&timeout=S   -> {revision, changed}
+    GET  /agents/{id}/policy[?since=N]       -> {revision, full | null, base, set_deltas}
+    POST /agents/{id}/ack                    {revision}
+    POST /agents/{id}/events                 {events: [{kind, detail, revision, time}]}
+    POST /agents/{id}/unenroll               {}
+
+Pinning: with a CA PEM, the TLS context trusts that CA and nothing else (not the system
+store), so a controller certificate from any other authority is refused. ``http://`` URLs
+(``stockade controller --insecure-http``, labs only) use no TLS at all.
+
+HTTP status codes map to the agent's exceptions here and nowhere else: 401/403 ->
+AuthError, 404 -> NotFoundError, 409 -> ConflictError, 400/422 -> ValidationError,
+429/5xx/network errors -> ControllerUnreachableError (retry with backoff).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from stockade import __version__
+from stockade.agent.hostinfo import HostReport
+from stockade.agent.state import Credential
+from stockade.agent.transport import (
+    AgentEvent,
+    ControllerUnreachableError,
+    Enrollment,
+    Heartbeat,
+    PolicyUpdate,
+    policy_update_from_dict,
+)
+from stockade.errors import AuthError, ConflictError, Issue, NotFoundError, StockadeError, ValidationError
+
+log = logging.getLogger("stockade.agent")
+API_PREFIX = "/api/v1"
+CONNECT_TIMEOUT = 3.0
+REQUEST_TIMEOUT = 10.0
+LONG_POLL_MARGIN = 5.0
+
+
+def pinned_context(ca_pem: str) -> ssl.SSLContext:
+    """A client TLS context trusting exactly ``ca_pem`` (hostname checked against the cert)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca_pem)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:300] or resp.reason_phrase
+    if isinstance(body, dict):
+        for key in ("message", "detail", "error"):
+            if key in body:
+                return str(body[key])[:300]
+    return str(body)[:300]
+
+
+def raise_for(resp: httpx.Response) -> None:
+    code = resp.status_code
+    if code < 400:
+        return
+    msg = f"{resp.request.method} {resp.request.url.path}: {code} {_message(resp)}"
+    if code in (401, 403):
+        raise AuthError(msg)
+    if code == 404:
+        raise NotFoundError(msg)
+    if code == 409:
+        raise ConflictError(msg)
+    if code in (400, 422):
+        raise ValidationError([Issue("controller", 0, "", msg)])
+    if code == 429 or code >= 500:
+        raise ControllerUnreachableError(msg)
+    raise StockadeError(msg)
+
+
+class HttpControllerClient:
+    """``ControllerClient`` over httpx. Thread-safe (one connection pool)."""
+
+    def __init__(self, base_url: str, ca_pem: str | None = None, *, transport: httpx.BaseTransport | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._transport = transport
+        self._ca_pem = ca_pem
+        self._credential: Credential | None = None
+        self._client = self._build(ca_pem)
+        self._missing: set[str] = set()  # endpoints the controller does not have (logged once)
+
+    def _build(self, ca_pem: str | None) -> httpx.Client:
+        verify: ssl.SSLContext | bool = pinned_context(ca_pem) if ca_pem else True
+        if self.base_url.startswith("https://") and not ca_pem:
+            log.warning("no controller CA given: trusting the system store for %s", self.base_url)
+        return httpx.Client(
+            base_url=self.base_url + API_PREFIX,
+            verify=verify,
+            timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
+            transport=self._transport,
+            headers={"User-Agent": f"stockade-agent/{__version__}"},
+        )
+
+    # ---- plumbing ------------------------------------------------------------------------
+    def _agent_path(self, suffix: str) -> str:
+        if self._credential is None:
+            raise AuthError("not enrolled")
+        return f"/agents/{self._credential.agent_id}/{suffix}"
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._credential.token}"} if self._credential else {}
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> httpx.Response:
+        kwargs: dict[str, Any] = {"headers": self._headers(), "params": params}
+        if json is not None:
+            kwargs["json"] = json
+        if timeout is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT)
+        try:
+            resp = self._client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ControllerUnreachableError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        except RuntimeError as exc:  # the client was closed under us (shutdown)
+            raise ControllerUnreachableError(f"{method} {path}: {exc}") from exc
+        raise_for(resp)
+        return resp
+
+    def _json(self, resp: httpx.Response) -> Any:
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise ValidationError([Issue("controller", 0, "", f"answer is not JSON: {exc}")]) from exc
+
+    def _optional(self, name: str, method: str, path: str, body: Any) -> None:
+        """Endpoints older controllers lack: a 404/405 is logged once, not retried forever."""
+        if name in self._missing:
+            return
+        try:
+            self._request(method, path, json=body)
+        except NotFoundError as exc:
+            self._missing.add(name)
+            log.warning("controller has no %s endpoint (%s); not sending %s", name, exc, name)
+        except StockadeError as exc:
+            if "405" in str(exc):
+                self._missing.add(name)
+                log.warning("controller has no %s endpoint (%s)", name, exc)
+                return
+            raise
+
+    # ---- ControllerClient ------------------------------------------------------------------
+    def enroll(self, activation_code: str, host: HostReport) -> Enrollment:
+        body = {
+            "activation_code": activation_code,
+            "hostname": host.hostname,
+            "interfaces": host.to_dict()["interfaces"],
+            "agent_version": __version__,
+        }
+        data = self._json(self._request("POST", "/agents/enroll", json=body))
+        try:
+            return Enrollment(str(data["agent_id"]), str(data["token"]), str(data["workload"]), data.get("ca_pem"))
+        except (KeyError, TypeError) as exc:
+            raise ValidationError([Issue("controller", 0, "enroll", f"unexpected answer: {exc!r}")]) from exc
+
+    def use_credential(self, credential: Credential, ca_pem: str | None) -> None:
+        self._credential = credential
+        if ca_pem != self._ca_pem:
+            old, self._client, self._ca_pem = self._client, self._build(ca_pem), ca_pem
+            old.close()
+
+    def report_host(self, host: HostReport) -> None:
+        self._request("PUT", self._agent_path("interfaces"), json={"interfaces": host.to_dict()["interfaces"]})
+
+    def heartbeat(self, beat: Heartbeat) -> None:
+        body = {"applied_revision": beat.applied_revision, "mode": beat.mode, "tamper_count": beat.tamper_count}
+        self._request("POST", self._agent_path("heartbeat"), json=body)
+
+    def wait_revision(self, after: int, timeout: float) -> int:
+        resp = self._request(
+            "GET",
+            self._agent_path("policy/wait"),
+            params={"after": after, "timeout": timeout},
+            timeout=timeout + LONG_POLL_MARGIN,
+        )
+        data = self._json(resp)
+        try:
+            return int(data["revision"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValidationError([Issue("controller", 0, "revision", f"unexpected answer: {exc!r}")]) from exc
+
+    def fetch_policy(self, since: int | None) -> PolicyUpdate:
+        params = {"since": since} if since is not None else None
+        return policy_update_from_dict(self._json(self._request("GET", self._agent_path("policy"), params=params)))
+
+    def ack(self, revision: int) -> None:
+        self._request("POST", self._agent_path("ack"), json={"revision": revision})
+
+    def send_events(self, events: Sequence[AgentEvent]) -> None:
+        self._optional("events", "POST", self._agent_path("events"), {"events": [e.to_dict() for e in events]})
+
+    def unenroll(self) -> None:
+        self._request("POST", self._agent_path("unenroll"), json={})
+
+    def close(self) -> None:
+        self._client.close()

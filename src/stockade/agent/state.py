@@ -1,0 +1,172 @@
+"""The agent's state directory: its identity, the controller's CA and the policy cache.
+
+Layout (directory mode 0700, every file mode 0600, every write atomic: a temporary file
+in the same directory, fsync, rename)::
+
+    /var/lib/stockade-agent/
+        credential.json   {"controller": URL, "agent_id": ..., "token": ..., "workload": ...}
+        ca.pem            the controller's CA certificate (absent with --insecure-http)
+        policy.json       {"revision": N, "policy": <HostPolicy JSON>} last applied policy
+
+The cache is what the agent enforces at start-up, before it talks to the controller, so
+a restart while the controller is down still enforces the last policy it applied.
+A cache that cannot be parsed is reported as :class:`~stockade.errors.ValidationError`
+and never half-applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stockade.compiler.ir import HostPolicy, host_policy_from_dict, host_policy_to_dict
+from stockade.errors import Issue, ValidationError
+
+DEFAULT_STATE_DIR = Path("/var/lib/stockade-agent")
+CREDENTIAL_FILE = "credential.json"
+CA_FILE = "ca.pem"
+POLICY_FILE = "policy.json"
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+@dataclass(frozen=True)
+class Credential:
+    """The identity the controller issued at enrolment."""
+
+    controller: str  # base URL, e.g. https://10.0.0.1:8443
+    agent_id: str
+    token: str  # bearer token; never logged
+    workload: str  # the workload name the controller bound this agent to
+
+    def __repr__(self) -> str:
+        return f"Credential(controller={self.controller!r}, agent_id={self.agent_id!r}, workload={self.workload!r})"
+
+
+@dataclass(frozen=True)
+class CachedPolicy:
+    """The last policy this agent applied, with the controller revision it came from."""
+
+    revision: int
+    policy: HostPolicy
+
+
+def _bad(path: Path, message: str) -> ValidationError:
+    return ValidationError([Issue(str(path), 0, "", message)])
+
+
+class StateDir:
+    """Reads and atomically writes the agent's files under ``path``."""
+
+    def __init__(self, path: Path | str = DEFAULT_STATE_DIR) -> None:
+        self.path = Path(path)
+
+    # ---- plumbing -------------------------------------------------------------------
+    def ensure(self) -> None:
+        """Create the directory (0700) if needed, and tighten its mode if it is looser."""
+        self.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        if self.path.stat().st_mode & 0o777 != DIR_MODE:
+            self.path.chmod(DIR_MODE)
+
+    def _write(self, name: str, data: bytes) -> None:
+        self.ensure()
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            return (self.path / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        raw = self._read(name)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise _bad(self.path / name, f"not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise _bad(self.path / name, "expected a JSON object")
+        return data
+
+    # ---- credential ---------------------------------------------------------------------
+    def load_credential(self) -> Credential | None:
+        data = self._read_json(CREDENTIAL_FILE)
+        if data is None:
+            return None
+        try:
+            return Credential(
+                controller=str(data["controller"]),
+                agent_id=str(data["agent_id"]),
+                token=str(data["token"]),
+                workload=str(data["workload"]),
+            )
+        except KeyError as exc:
+            raise _bad(self.path / CREDENTIAL_FILE, f"missing field {exc}") from exc
+
+    def save_credential(self, cred: Credential) -> None:
+        body = {
+            "controller": cred.controller,
+            "agent_id": cred.agent_id,
+            "token": cred.token,
+            "workload": cred.workload,
+        }
+        self._write(CREDENTIAL_FILE, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
+
+    # ---- CA ----------------------------------------------------------------------------
+    @property
+    def ca_path(self) -> Path:
+        return self.path / CA_FILE
+
+    def load_ca(self) -> str | None:
+        raw = self._read(CA_FILE)
+        return raw.decode() if raw is not None else None
+
+    def save_ca(self, pem: str) -> None:
+        if "-----BEGIN CERTIFICATE-----" not in pem:
+            raise _bad(self.ca_path, "not a PEM certificate")
+        self._write(CA_FILE, pem.encode())
+
+    # ---- policy cache ------------------------------------------------------------------
+    def load_policy(self) -> CachedPolicy | None:
+        data = self._read_json(POLICY_FILE)
+        if data is None:
+            return None
+        try:
+            return CachedPolicy(int(data["revision"]), host_policy_from_dict(data["policy"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _bad(self.path / POLICY_FILE, f"unusable cached policy: {exc!r}") from exc
+
+    def save_policy(self, cached: CachedPolicy) -> None:
+        body = {"revision": cached.revision, "policy": host_policy_to_dict(cached.policy)}
+        self._write(POLICY_FILE, (json.dumps(body, sort_keys=True) + "\n").encode())
+
+    # ---- unenrolment ---------------------------------------------------------------------
+    def wipe(self) -> None:
+        """Delete the credential, CA and cache (``stockade agent uninstall``)."""
+        for name in (CREDENTIAL_FILE, CA_FILE, POLICY_FILE):
+            (self.path / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
