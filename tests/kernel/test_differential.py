@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 
 from stockade.lab.estate import EstateLab, EstateRun, PortPlan, hosts_for_policy, plan_probes, service_ports
 from stockade.lab.lab import HostSpec
-from stockade.model import Policy
+from stockade.model import IPListSelector, LabelSelector, Policy
 from stockade.policyfile import dump_policy, load_documents, load_policy
 from tests import strategies
 
@@ -76,8 +76,25 @@ def _report(policy: Policy, run: EstateRun) -> str:
     return "\n".join(lines)
 
 
+def prune_unused(policy: Policy) -> Policy:
+    """``policy`` without the services, IP lists and label groups no rule mentions (same meaning)."""
+    services = {n for rs in policy.rulesets for r in rs.rules for n in r.services}
+    services |= {n for d in policy.deny_rules for n in d.services}
+    services.add(strategies.ANY_SERVICE.name)  # built in: the loader always adds it
+    selectors = list(policy.iter_selectors())
+    ip_lists = {s.ip_list for s in selectors if isinstance(s, IPListSelector)}
+    groups = {g for s in selectors if isinstance(s, LabelSelector) for g in s.groups}
+    return replace(
+        policy,
+        services=tuple(s for s in policy.services if s.name in services),
+        ip_lists=tuple(i for i in policy.ip_lists if i.name in ip_lists),
+        label_groups=tuple(g for g in policy.label_groups if g.name in groups),
+    )
+
+
 def save_regression(policy: Policy, report: str) -> Path:
-    """Write ``policy`` as policy YAML, the disagreement report as a leading comment."""
+    """Write ``policy`` (pruned) as policy YAML, the disagreement report as a leading comment."""
+    policy = prune_unused(policy)
     text = dump_policy(policy)
     if load_documents(text, "regression.yaml") != policy:
         raise AssertionError("dump_policy does not round-trip this policy; cannot save it")
