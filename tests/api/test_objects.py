@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from tests.api.conftest import Api
 
 # kind path -> (a valid body, a valid replacement body)
@@ -63,7 +62,8 @@ def test_crud_every_kind(api: Api, path: str) -> None:
     assert stale.status_code == 412
     assert api.req("DELETE", f"/{path}/{name}", headers={**api.owner, "If-Match": etag}).status_code == 412
 
-    assert api.req("DELETE", f"/{path}/{name}", headers={**api.owner, "If-Match": put.headers["ETag"]}).status_code == 204
+    fresh = {**api.owner, "If-Match": put.headers["ETag"]}
+    assert api.req("DELETE", f"/{path}/{name}", headers=fresh).status_code == 204
     assert api.req("GET", f"/{path}/{name}").status_code == 404
     events = api.ok("GET", "/events", params={"name": name})["items"]
     actions = [e["action"] for e in events]

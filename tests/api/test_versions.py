@@ -5,13 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from typing import Any
 
 import pytest
+from tests.api.conftest import Api, make_settings
 
 from stockade.controller import store, versions
 from stockade.controller.app import build_controller
-from tests.api.conftest import Api, make_settings
 
 WEB_DB = [
     ("POST", "/services", {"name": "pg", "ports": ["5432/tcp"]}),

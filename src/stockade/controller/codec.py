@@ -28,9 +28,9 @@ from stockade.model.policy import Failsafe, Policy
 from stockade.model.rules import AllowRule, DenyRule, Ruleset
 from stockade.model.selectors import ALL_WORKLOADS, AllWorkloads, IPListSelector, LabelSelector, Selector
 from stockade.model.services import Service, ServiceEntry
+from stockade.model.workloads import Interface, Workload
 from stockade.policyfile.loader import BUILTIN_ANY
 from stockade.policyfile.syntax import BadValue, format_service_entry, parse_service_entry
-from stockade.model.workloads import Interface, Workload
 
 SOURCE = "api"
 

@@ -35,7 +35,7 @@ class ControllerSettings:
     syslog: SyslogTarget | None = None
     login_limit: tuple[int, float] = (10, 60.0)  # attempts per window (seconds) per client
     enroll_limit: tuple[int, float] = (60, 60.0)
-    argon2: auth.Argon2Params = auth.Argon2Params()
+    argon2: auth.Argon2Params = field(default_factory=auth.Argon2Params)
 
     @staticmethod
     def for_data_dir(data_dir: Path, **kwargs: Any) -> ControllerSettings:

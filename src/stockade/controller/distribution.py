@@ -89,10 +89,7 @@ class CompilerTxn:
         self._merge(d.compiler.upsert_workload(w))
         self.compile_seconds += time.perf_counter() - t0
         d.workloads[w.name] = w
-        if old is None:
-            self.undo.append(lambda: (d.compiler.remove_workload(w.name), d.workloads.pop(w.name, None)))
-        else:
-            self.undo.append(lambda: (d.compiler.upsert_workload(old), d.workloads.__setitem__(w.name, old)))
+        self.undo.append(lambda: d.put_back(w.name, old))
 
     def remove_workload(self, name: str) -> None:
         d = self.dist
@@ -103,7 +100,7 @@ class CompilerTxn:
         self._merge(d.compiler.remove_workload(name))
         self.compile_seconds += time.perf_counter() - t0
         del d.workloads[name]
-        self.undo.append(lambda: (d.compiler.upsert_workload(old), d.workloads.__setitem__(name, old)))
+        self.undo.append(lambda: d.put_back(name, old))
 
     def replace_policy_objects(self, objects: Mapping[str, Mapping[str, Any]]) -> None:
         """Swap in new policy-kind bodies (a provisioned version's content), keeping inventory."""
@@ -157,6 +154,16 @@ class PolicyDistributor:
         self._events: dict[str, asyncio.Event] = {}
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
         self.on_compile: Callable[[float, int], None] | None = None  # (seconds, hosts bumped)
+
+    def put_back(self, name: str, old: Workload | None) -> None:
+        """Undo step: restore workload ``name`` to ``old`` (None: absent) in compiler and map."""
+        if old is None:
+            if name in self.workloads:
+                self.compiler.remove_workload(name)
+                del self.workloads[name]
+        else:
+            self.compiler.upsert_workload(old)
+            self.workloads[name] = old
 
     # ---- assembly ---------------------------------------------------------------
     def assemble(self, policy_objects: Mapping[str, Mapping[str, Any]]) -> Policy:

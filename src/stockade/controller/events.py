@@ -8,6 +8,7 @@ RFC 5424 lines whose message is either JSON or ArcSight CEF.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from dataclasses import dataclass
@@ -116,11 +117,10 @@ class SyslogForwarder:
 
     def send(self, row: EventRow) -> None:
         pri = 16 * 8 + 5  # local0.notice
-        line = f"<{pri}>1 {row.time.isoformat()} {self._hostname} stockade - audit - {format_event(row, self.target.fmt)}"
-        try:
+        message = format_event(row, self.target.fmt)
+        line = f"<{pri}>1 {row.time.isoformat()} {self._hostname} stockade - audit - {message}"
+        with contextlib.suppress(OSError):  # best effort: the event is already stored
             self._sock.sendto(line.encode(), (self.target.host, self.target.port))
-        except OSError:
-            pass  # forwarding is best effort; the event is already stored
 
     def attach(self, factory: sessionmaker[Any]) -> None:
         """Forward every event committed through sessions of ``factory``."""

@@ -53,9 +53,8 @@ class _ConvergenceCollector(Collector):
     def collect(self) -> Iterator[Any]:
         now = time.time()
         agents = list(self.dist.agents.values())
-        online = sum(
-            1 for a in agents if a.last_heartbeat is not None and now - a.last_heartbeat.timestamp() < self.offline_after
-        )
+        beats = [a.last_heartbeat.timestamp() for a in agents if a.last_heartbeat is not None]
+        online = sum(1 for b in beats if now - b < self.offline_after)
         lagging = sum(1 for a in agents if a.applied < self.dist.revisions.get(a.workload, 0))
         yield GaugeMetricFamily("stockade_agents_enrolled", "enrolled, unrevoked agents", value=len(agents))
         yield GaugeMetricFamily("stockade_agents_online", "agents with a recent heartbeat", value=online)

@@ -20,6 +20,7 @@ No ``from __future__ import annotations`` here: FastAPI reads the generated rout
 annotations at run time.
 """
 
+from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -27,9 +28,9 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from stockade.controller import store
-from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.auth import Permission, Principal, check_ruleset_scope
 from stockade.controller.codec import KIND_BY_NAME, KINDS, Kind, Scope
+from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.distribution import CompilerTxn
 from stockade.controller.schemas import ErrorOut, ObjectOut, ObjectPage
 from stockade.controller.store import StoredObject
@@ -81,7 +82,7 @@ def _sync_compiler(txn: CompilerTxn | None, db: Session, kind: str, name: str, a
 
 def _routes(r: APIRouter, kind: Kind) -> None:
     path = f"/{kind.path}"
-    tag = [kind.title]
+    tag: list[str | Enum] = [kind.title]
     write_perm = _write_permission(kind)
     singular = kind.name.replace("_", "-")
 

@@ -136,9 +136,9 @@ async def import_policy(
             store.put_objects(db, kind, policy_bodies[kind], principal.actor, prune=True)
         changed = store.put_objects(db, "workload", objects.get("workload", {}), principal.actor, prune=False)
         txn.refresh_label_keys(wanted_inv["label_key"])
-        kind = codec.KIND_BY_NAME["workload"]
+        workload_kind = codec.KIND_BY_NAME["workload"]
         for name in changed:
-            txn.upsert_workload(kind.to_domain(kind.parse(wanted_inv["workload"][name])))
+            txn.upsert_workload(workload_kind.to_domain(workload_kind.parse(wanted_inv["workload"][name])))
         return result
 
     return await run_in_threadpool(ctl.dist.transact, run)

@@ -1,7 +1,8 @@
 """API types: the JSON bodies of the REST API, as Pydantic models (they make the OpenAPI schema).
 
 They mirror the YAML policy documents of :mod:`stockade.policyfile` (same field names, same
-``"80/tcp"`` port syntax, selectors as label maps), minus ``apiVersion``/``kind``. They are wire shapes only. :mod:`stockade.controller.codec` turns them into the frozen domain
+``"80/tcp"`` port syntax, selectors as label maps), minus ``apiVersion``/``kind``.
+They are wire shapes only. :mod:`stockade.controller.codec` turns them into the frozen domain
 model (:mod:`stockade.model`) and back, adding the semantic checks Pydantic cannot express
 (CIDR syntax, port ranges, one selector form at a time). Unknown fields are rejected.
 

@@ -240,7 +240,7 @@ def _check_label_key_change(db: Session, name: str, body: Mapping[str, Any] | No
         bad = sorted(v for v in in_use if v not in allowed)
         if bad:
             raise ConflictError(f"label key {name!r}: values in use would become invalid: {', '.join(bad)}")
-    keys = dict(draft_objects(db, ("label_key",))["label_key"])
+    keys: dict[str, Mapping[str, Any]] = dict(draft_objects(db, ("label_key",))["label_key"])
     if body is None:
         keys.pop(name, None)
     else:
@@ -251,7 +251,7 @@ def _check_label_key_change(db: Session, name: str, body: Mapping[str, Any] | No
 
 
 def _check_draft(db: Session, kind: str, name: str, body: Mapping[str, Any] | None, deleting: bool) -> None:
-    bodies = dict(draft_objects(db, (kind,))[kind])
+    bodies: dict[str, Mapping[str, Any]] = dict(draft_objects(db, (kind,))[kind])
     if body is None:
         bodies.pop(name, None)
     else:
