@@ -55,7 +55,8 @@ def test_without_firewall_every_probe_succeeds_and_closed_ports_fail() -> None:
         )
         # 4*3 ordered pairs x (4 tcp + 2 udp + icmp) x 2 families
         assert len(probes) == 12 * 7 * 2
-        results = lab.probe(probes)
+        # generous: successes return in milliseconds, only a loaded machine gets near it
+        results = lab.probe(probes, timeout=2.0)
     assert [r.probe for r in results] == list(probes)
     kinds = Counter((r.probe.kind, r.probe.family) for r in results if r.succeeded)
     for kind in ProbeKind:
@@ -109,7 +110,7 @@ def test_dropping_and_rejecting_firewalls_make_probes_fail() -> None:
         )
         probes = probe_matrix(_pairs(hosts), tcp_ports=TCP_PORTS, udp_ports=UDP_PORTS)
         started = time.monotonic()
-        results = lab.probe(probes, timeout=0.4)
+        results = lab.probe(probes, timeout=1.0)
         elapsed = time.monotonic() - started
     by_outcome: Counter[Outcome] = Counter()
     for r in results:
@@ -133,7 +134,7 @@ def test_dropping_and_rejecting_firewalls_make_probes_fail() -> None:
     assert by_outcome[Outcome.OK] > 0 and by_outcome[Outcome.TIMEOUT] > 0
     assert by_outcome[Outcome.REFUSED] > 0
     # all probes ran in parallel: the whole batch takes about one timeout, not one per probe
-    assert elapsed < 3.0
+    assert elapsed < 6.0
 
 
 _UDP_FIXED_PORT = textwrap.dedent(
@@ -142,7 +143,7 @@ _UDP_FIXED_PORT = textwrap.dedent(
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((sys.argv[1], 40000))
-    s.settimeout(0.5)
+    s.settimeout(1.0)
     s.sendto(b"hello", (sys.argv[2], 53))
     try:
         print("ok" if s.recv(100) == b"hello" else "wrong")
@@ -193,7 +194,7 @@ def test_parallel_labs_do_not_collide() -> None:
     with Lab(hosts) as one, Lab(hosts) as two:
         assert not set(one.namespaces) & set(two.namespaces)
         for lab in (one, two):
-            results = lab.probe(probe_matrix(_pairs(hosts), tcp_ports=(80,), families=(Family.V4,)))
+            results = lab.probe(probe_matrix(_pairs(hosts), tcp_ports=(80,), families=(Family.V4,)), timeout=2.0)
             assert all(r.succeeded for r in results)
 
 
