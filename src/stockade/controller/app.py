@@ -19,7 +19,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -159,12 +159,14 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(MetricsMiddleware, metrics=ctl.metrics)
-    for router in (
-        objects_api.router(),
-        policy_api.router,
-        admin_api.router,
-        agents_api.router,
-    ):
-        app.include_router(router, prefix=API)
-    app.include_router(admin_api.metrics_router)
+    included: list[tuple[str, APIRouter]] = [
+        (API, objects_api.router()),
+        (API, policy_api.router),
+        (API, admin_api.router),
+        (API, agents_api.router),
+        ("", admin_api.metrics_router),
+    ]
+    for prefix, router in included:
+        app.include_router(router, prefix=prefix)
+    app.state.routers = included  # walked by the authorisation-matrix test
     return app
