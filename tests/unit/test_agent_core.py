@@ -188,6 +188,20 @@ def test_enforcer_apply_failure_keeps_previous_policy() -> None:
     assert be.installed == hp and enf.policy == hp
 
 
+def test_enforcer_verify_failure_is_an_apply_error_and_previous_is_put_back() -> None:
+    be = MemoryBackend()
+    enf = Enforcer(be)
+    hp = host_policy()
+    enf.enforce(hp)
+    be.lose_applies = True
+    with pytest.raises(ApplyError, match="differs"):
+        enf.enforce(host_policy(port=443))
+    be.lose_applies = False
+    assert enf.policy == hp
+    report = enf.check()  # the lost apply left nothing: the watcher restores the old policy
+    assert report is not None and report.restored and be.installed == hp
+
+
 def test_enforcer_idle_removes_and_stops_guarding() -> None:
     be = MemoryBackend()
     enf = Enforcer(be)

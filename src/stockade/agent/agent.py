@@ -28,6 +28,7 @@ from stockade.agent.enforcer import Enforcer, apply_set_deltas
 from stockade.agent.hostinfo import AddressWatcher, HostReport, read_host
 from stockade.agent.outbox import Outbox
 from stockade.agent.state import CachedPolicy, Credential, StateDir
+from stockade.agent.systemd import notify as notify_systemd
 from stockade.agent.transport import (
     AgentEvent,
     ControllerClient,
@@ -105,6 +106,7 @@ class Agent:
     def start(self) -> None:
         """Enforce the cache now, then run everything else in daemon threads."""
         self.enforce_cache()
+        notify_systemd("READY=1")
         self._spawn(self._tamper_loop, "stockade-tamper")
         self._spawn(self._main, "stockade-enforce")
 
@@ -120,6 +122,10 @@ class Agent:
             self.client.close()
         for t in self._threads:
             t.join(timeout)
+
+    def request_stop(self) -> None:
+        """Ask the agent to stop (safe from a signal handler); ``wait()`` then returns."""
+        self._stop.set()
 
     def wait(self) -> None:
         """Block until ``stop()`` (for the CLI's foreground run)."""
@@ -184,7 +190,8 @@ class Agent:
             client.use_credential(cred, self.state.load_ca())
             self.credential = cred
             return client
-        url, code = self.options.controller, self.options.activation_code
+        url = self.options.controller
+        code = self.options.activation_code or self.state.load_activation_code()
         if not url or not code:
             raise AuthError("not enrolled: --controller and --activation-code are needed the first time")
         client = self.client_factory(url, self.state.load_ca())
@@ -197,10 +204,19 @@ class Agent:
                 log.info("enrolment: controller unreachable (%s); retrying in %.2fs", exc, delay)
                 self._sleep(delay)
                 continue
+            except AuthError:
+                client.close()
+                raise
+            except StockadeError as exc:  # e.g. the workload already has an agent: may be revoked later
+                delay = self.options.backoff.maximum
+                log.error("enrolment refused (%s); retrying in %.1fs", exc, delay)
+                self._sleep(delay)
+                continue
             if enrollment.ca_pem:
                 self.state.save_ca(enrollment.ca_pem)
             cred = Credential(url, enrollment.agent_id, enrollment.token, enrollment.workload)
             self.state.save_credential(cred)
+            self.state.clear_activation_code()
             client.use_credential(cred, enrollment.ca_pem or self.state.load_ca())
             self.credential = cred
             log.info("enrolled as agent %s for workload %s", cred.agent_id, cred.workload)

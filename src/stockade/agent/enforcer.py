@@ -95,8 +95,10 @@ class Enforcer:
         """Read back after an apply; raise ApplyError if the kernel does not hold ``artifact``."""
         verify = getattr(self.backend, "verify", None)
         if callable(verify):
-            problems = verify(artifact)
-            if problems:
+            # Backends with a structural check (nftables: VerifyReport with .ok/.problems).
+            report = verify(artifact)
+            if not getattr(report, "ok", True):
+                problems = "; ".join(getattr(report, "problems", ()))
                 raise ApplyError(f"read-back differs from what was applied: {problems}")
         text: str = self.backend.read_back()
         if not text.strip():

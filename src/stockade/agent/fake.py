@@ -219,6 +219,15 @@ class MemoryArtifact:
         return host_policy_to_json(self.policy)
 
 
+@dataclass(frozen=True)
+class MemoryVerifyReport:
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
 class MemoryBackend:
     """A firewall that lives in a variable: what the agent applies is what ``read_back`` shows.
 
@@ -236,6 +245,7 @@ class MemoryBackend:
         self.applies = 0
         self.deltas_applied = 0
         self.removes = 0
+        self.lose_applies = False  # apply "succeeds" but the kernel keeps nothing: verify must notice
 
     def render(self, host_policy: HostPolicy) -> MemoryArtifact:
         check_capabilities(self.name, self.capabilities, host_policy)
@@ -246,6 +256,9 @@ class MemoryBackend:
             self.fail_apply -= 1
             raise ApplyError("memory backend told to fail")
         self.applies += 1
+        if self.lose_applies:
+            self.installed = None
+            return
         self.installed, self.tampered_text = artifact.policy, None
 
     def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
@@ -258,6 +271,11 @@ class MemoryBackend:
         if self.tampered_text is not None:
             return self.tampered_text
         return host_policy_to_json(self.installed) if self.installed is not None else ""
+
+    def verify(self, artifact: MemoryArtifact) -> MemoryVerifyReport:
+        if self.installed != artifact.policy or self.tampered_text is not None:
+            return MemoryVerifyReport(("installed policy differs from the artifact",))
+        return MemoryVerifyReport(())
 
     def remove(self) -> None:
         self.removes += 1

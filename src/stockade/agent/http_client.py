@@ -89,7 +89,9 @@ def raise_for(resp: httpx.Response) -> None:
 class HttpControllerClient:
     """``ControllerClient`` over httpx. Thread-safe (one connection pool)."""
 
-    def __init__(self, base_url: str, ca_pem: str | None = None, *, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self, base_url: str, ca_pem: str | None = None, *, transport: httpx.BaseTransport | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self._transport = transport
         self._ca_pem = ca_pem

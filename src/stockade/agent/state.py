@@ -7,6 +7,7 @@ in the same directory, fsync, rename)::
         credential.json   {"controller": URL, "agent_id": ..., "token": ..., "workload": ...}
         ca.pem            the controller's CA certificate (absent with --insecure-http)
         policy.json       {"revision": N, "policy": <HostPolicy JSON>} last applied policy
+        activation-code   only between `stockade agent install --activation-code` and enrolment
 
 The cache is what the agent enforces at start-up, before it talks to the controller, so
 a restart while the controller is down still enforces the last policy it applied.
@@ -31,6 +32,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/stockade-agent")
 CREDENTIAL_FILE = "credential.json"
 CA_FILE = "ca.pem"
 POLICY_FILE = "policy.json"
+CODE_FILE = "activation-code"  # written by `stockade agent install`, deleted once enrolled
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
@@ -163,10 +165,21 @@ class StateDir:
         body = {"revision": cached.revision, "policy": host_policy_to_dict(cached.policy)}
         self._write(POLICY_FILE, (json.dumps(body, sort_keys=True) + "\n").encode())
 
+    # ---- activation code (kept out of the world-readable unit file) ------------------------
+    def save_activation_code(self, code: str) -> None:
+        self._write(CODE_FILE, code.strip().encode())
+
+    def load_activation_code(self) -> str | None:
+        raw = self._read(CODE_FILE)
+        return raw.decode().strip() or None if raw is not None else None
+
+    def clear_activation_code(self) -> None:
+        (self.path / CODE_FILE).unlink(missing_ok=True)
+
     # ---- unenrolment ---------------------------------------------------------------------
     def wipe(self) -> None:
         """Delete the credential, CA and cache (``stockade agent uninstall``)."""
-        for name in (CREDENTIAL_FILE, CA_FILE, POLICY_FILE):
+        for name in (CREDENTIAL_FILE, CA_FILE, POLICY_FILE, CODE_FILE):
             (self.path / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.rmdir()

@@ -1,0 +1,87 @@
+"""``stockade agent install``, the shipped unit file, systemd notification, the stashed activation code."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from stockade.agent.agent import Agent, AgentOptions
+from stockade.agent.enforcer import Enforcer
+from stockade.agent.fake import FakeController, FakeControllerClient, MemoryBackend, wait_until
+from stockade.agent.hostinfo import HostReport
+from stockade.agent.state import StateDir
+from stockade.agent.systemd import UNIT_NAME, UnitOptions, exec_start, notify, render_unit
+from stockade.cli import main
+from tests.unit.test_agent_core import host_policy
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_unit_is_the_default_rendering() -> None:
+    shipped = (REPO / "packaging" / "systemd" / "stockade-agent.service").read_text()
+    assert shipped == render_unit(UnitOptions())
+    assert "ExecStart=/usr/local/bin/stockade agent --backend nftables --state-dir /var/lib/stockade-agent" in shipped
+    assert "Type=notify" in shipped and "Restart=always" in shipped
+
+
+def test_exec_start_quotes_arguments() -> None:
+    line = exec_start(UnitOptions(controller="https://10.0.0.1:8443", hostname="web 1", state_dir=Path("/srv/s a")))
+    assert "--controller https://10.0.0.1:8443" in line
+    assert "'web 1'" in line and "'/srv/s a'" in line
+
+
+def test_install_writes_unit_and_keeps_the_code_out_of_it(tmp_path: Path) -> None:
+    unit_dir, state_dir = tmp_path / "units", tmp_path / "state"
+    result = CliRunner().invoke(
+        main,
+        ["agent", "install", "--controller", "https://10.70.0.1:8443", "--activation-code", "act_SECRETCODE",
+         "--state-dir", str(state_dir), "--unit-dir", str(unit_dir), "--executable", "/opt/stockade/bin/stockade"],
+    )
+    assert result.exit_code == 0, result.output
+    unit = (unit_dir / UNIT_NAME).read_text()
+    assert "ExecStart=/opt/stockade/bin/stockade agent" in unit
+    assert "--controller https://10.70.0.1:8443" in unit
+    assert "act_SECRETCODE" not in unit
+    assert stat.S_IMODE((unit_dir / UNIT_NAME).stat().st_mode) == 0o644
+    code_file = state_dir / "activation-code"
+    assert code_file.read_text() == "act_SECRETCODE"
+    assert stat.S_IMODE(code_file.stat().st_mode) == 0o600
+
+
+def test_stashed_code_is_used_once_then_deleted(tmp_path: Path) -> None:
+    ctl = FakeController()
+    ctl.add_code("act_stashed", "web1")
+    ctl.publish(host_policy())
+    state = StateDir(tmp_path)
+    state.save_activation_code("act_stashed")
+    be = MemoryBackend()
+    a = Agent(
+        AgentOptions(controller="fake://c", long_poll_seconds=0.2, watch_addresses=False),
+        state,
+        Enforcer(be),
+        lambda url, ca: FakeControllerClient(ctl, url, ca),
+        host_reader=lambda: HostReport("web1", "Linux", ()),
+    )
+    a.start()
+    try:
+        assert wait_until(lambda: be.installed == host_policy(), 3.0)
+        assert state.load_activation_code() is None and state.load_credential() is not None
+    finally:
+        a.stop()
+
+
+def test_notify_speaks_to_notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify() is False
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert notify("READY=1") is True
+        assert server.recv(64) == b"READY=1"
+    os.unlink(path)
