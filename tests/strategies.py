@@ -16,9 +16,12 @@ different subset of the services.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from hypothesis import strategies as st
 
+from stockade.lab.estate import PortPlan
+from stockade.lab.lab import HostSpec
 from stockade.model import (
     ALL_WORKLOADS,
     AllowRule,
@@ -62,6 +65,13 @@ OFFICE: tuple[str, tuple[IPAddress, ...]] = (
 
 PROBE_TCP_PORTS: tuple[int, ...] = (80, 443, 8080)
 PROBE_UDP_PORTS: tuple[int, ...] = (53,)
+PROBE_PLAN = PortPlan(PROBE_TCP_PORTS, PROBE_UDP_PORTS, icmp_echo=True)
+
+# Every slot plus the office client, each serving the probed ports: one lab hosts every estate.
+LAB_HOSTS: tuple[HostSpec, ...] = (
+    *(HostSpec(name, slot_addresses(name), PROBE_TCP_PORTS, PROBE_UDP_PORTS) for name in SLOTS),
+    HostSpec(OFFICE[0], OFFICE[1], PROBE_TCP_PORTS, PROBE_UDP_PORTS),
+)
 
 VOCAB: dict[str, tuple[str, ...]] = {"role": ("web", "app", "db"), "env": ("prod", "dev"), "app": ("shop",)}
 GROUPS = (LabelGroup("tiers", "role", frozenset({"web", "app"})),)
@@ -219,3 +229,34 @@ def policy(draw: st.DrawFn) -> Policy:
         deny_rules=tuple(draw(deny_rule(i)) for i in range(n_denies)),
         failsafe=draw(failsafe(names)),
     )
+
+
+@st.composite
+def policy_steps(draw: st.DrawFn) -> tuple[Policy, ...]:
+    """A policy, then 1-3 successive one-workload changes: relabel, mode change, join, leave.
+
+    Consecutive policies differ in exactly one workload (added, replaced or removed), as
+    the controller's incremental compiler sees inventory churn; at least 2 workloads remain.
+    """
+    steps = [draw(policy())]
+    for _ in range(draw(st.integers(1, 3))):
+        current = steps[-1]
+        present = [w.name for w in current.workloads]
+        absent = [n for n in SLOTS if n not in present]
+        kinds = ["relabel", "relabel", "mode"]
+        kinds += ["join"] if absent else []
+        kinds += ["leave"] if len(present) > 2 else []
+        kind = draw(st.sampled_from(kinds))
+        if kind == "join":
+            steps.append(current.with_workload(draw(workload(draw(st.sampled_from(absent))))))
+        elif kind == "leave":
+            steps.append(current.without_workload(draw(st.sampled_from(present))))
+        else:
+            old = current.workload_map()[draw(st.sampled_from(present))]
+            if kind == "relabel":
+                new = replace(old, labels=draw(labels().filter(lambda ls, old=old: ls != old.labels)))
+            else:
+                modes = [m for m in EnforcementMode if m is not old.mode]
+                new = replace(old, mode=draw(st.sampled_from(modes)))
+            steps.append(current.with_workload(new))
+    return tuple(steps)

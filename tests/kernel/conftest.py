@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 
 import pytest
+
+from stockade.lab.estate import EstateLab
+from tests import strategies
 
 
 def kernel_skip_reason() -> str | None:
@@ -46,3 +50,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_sep("-", "kernel lab")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def slot_lab() -> Iterator[EstateLab]:
+    """One long-lived lab with every workload slot of ``tests.strategies`` and the office client."""
+    with EstateLab(strategies.LAB_HOSTS) as estate:
+        yield estate

@@ -2,8 +2,9 @@
 
 Hypothesis generates estates and policies (``tests.strategies``); each one is compiled,
 rendered and applied by the nftables backend inside the namespaces of ONE long-lived lab
-(re-applied per example, conntrack flushed), then every ordered pair of hosts is probed
-on a fixed port vocabulary (TCP 80, 443, 8080; UDP 53; ICMP echo) over IPv4 and IPv6.
+(re-applied per example, conntrack flushed), then every ordered pair of hosts (workloads,
+slots left empty as unmanaged hosts, an office client) is probed on a fixed port
+vocabulary (TCP 80, 443, 8080; UDP 53; ICMP echo) over IPv4 and IPv6.
 Every real outcome must equal the reference evaluator's verdict: ALLOWED and
 POTENTIALLY_BLOCKED connect, BLOCKED does not.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,7 +25,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from stockade.lab.estate import EstateLab, EstateRun, PortPlan, hosts_for_policy, plan_probes, service_ports
-from stockade.lab.lab import HostSpec
 from stockade.model import IPListSelector, LabelSelector, Policy
 from stockade.policyfile import dump_policy, load_documents, load_policy
 from tests import strategies
@@ -33,14 +33,8 @@ REGRESSIONS = Path(__file__).parent / "regressions"
 EXAMPLES = int(os.environ.get("STOCKADE_DIFFERENTIAL_EXAMPLES", "200"))
 TIMEOUT = 0.3
 
-PLAN = PortPlan(strategies.PROBE_TCP_PORTS, strategies.PROBE_UDP_PORTS, icmp_echo=True)
-LAB_HOSTS: tuple[HostSpec, ...] = tuple(
-    [
-        HostSpec(name, strategies.slot_addresses(name), PLAN.tcp, PLAN.udp)
-        for name in strategies.SLOTS
-    ]
-    + [HostSpec(strategies.OFFICE[0], strategies.OFFICE[1], PLAN.tcp, PLAN.udp)]
-)
+PLAN = strategies.PROBE_PLAN
+LAB_HOSTS = strategies.LAB_HOSTS
 
 
 @dataclass
@@ -59,18 +53,7 @@ class Tally:
             self.verdicts[key] = self.verdicts.get(key, 0) + 1
 
 
-@pytest.fixture(scope="module")
-def estate_lab() -> Iterator[EstateLab]:
-    with EstateLab(LAB_HOSTS) as estate:
-        yield estate
-
-
-def _probes_for(policy: Policy) -> tuple[HostSpec, ...]:
-    present = {w.name for w in policy.workloads} | {strategies.OFFICE[0]}
-    return tuple(h for h in LAB_HOSTS if h.name in present)
-
-
-def _report(policy: Policy, run: EstateRun) -> str:
+def disagreement_report(policy: Policy, run: EstateRun) -> str:
     lines = [f"{len(run.disagreements)} of {len(run.checks)} probes disagree with the evaluator:"]
     lines += [f"  {c.describe()}" for c in run.disagreements[:40]]
     return "\n".join(lines)
@@ -110,7 +93,7 @@ def save_regression(policy: Policy, report: str) -> Path:
 @pytest.mark.kernel
 @pytest.mark.slow
 def test_random_policies_agree_with_the_evaluator(
-    estate_lab: EstateLab, record_property: Callable[[str, object], None]
+    slot_lab: EstateLab, record_property: Callable[[str, object], None]
 ) -> None:
     tally = Tally()
     last_failure: list[tuple[Policy, str]] = []
@@ -125,15 +108,16 @@ def test_random_policies_agree_with_the_evaluator(
     )
     @given(policy=strategies.policy())
     def check(policy: Policy) -> None:
-        probes = plan_probes(_probes_for(policy), PLAN)
+        # every lab host: slots that are not workloads this time are unmanaged hosts
+        probes = plan_probes(LAB_HOSTS, PLAN)
         try:
-            run = estate_lab.run(policy, probes, timeout=TIMEOUT)
+            run = slot_lab.run(policy, probes, timeout=TIMEOUT)
         except Exception as exc:  # a crash in compile/render/apply is a finding too
             last_failure[:] = [(policy, f"enforcing the policy raised {type(exc).__name__}: {exc}")]
             raise
         tally.add(run)
         if run.disagreements:
-            report = _report(policy, run)
+            report = disagreement_report(policy, run)
             last_failure[:] = [(policy, report)]  # hypothesis replays the shrunk example last
             raise AssertionError(report)
 
@@ -174,4 +158,4 @@ def test_saved_regressions_agree(path: Path, record_property: Callable[[str, obj
     with EstateLab(hosts) as estate:
         run = estate.run(policy, plan_probes(hosts, plan), timeout=TIMEOUT)
     record_property("lab_summary", f"regression {path.name}: {run.summary()}")
-    assert not run.disagreements, _report(policy, run)
+    assert not run.disagreements, disagreement_report(policy, run)

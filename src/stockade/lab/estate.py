@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from stockade.backends.registry import get_backend
-from stockade.compiler import HostPolicy, compile_policy
+from stockade.compiler import HostDelta, HostPolicy, SetDelta, compile_policy
 from stockade.evaluator import Evaluation, Evaluator, SideDecision, Verdict
 from stockade.lab.lab import DEFAULT_TIMEOUT, HostSpec, Lab
 from stockade.lab.netns import LabError
@@ -29,6 +29,7 @@ from stockade.lab.probes import Probe, ProbeResult, probe_matrix
 from stockade.model.addresses import Family, IPAddress
 from stockade.model.policy import Policy
 from stockade.model.services import Proto
+from stockade.model.workloads import EnforcementMode
 
 CONFIRM_TIMEOUT = 1.5
 
@@ -119,6 +120,8 @@ class Enforcer(Protocol):
 
     def apply(self, artifact: Any) -> None: ...
 
+    def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None: ...
+
     def remove(self) -> None: ...
 
 
@@ -198,6 +201,51 @@ class EstateLab:
             backend.apply(backend.render(host_policy))
             self._enforced.add(name)
         self.lab.flush_conntrack()
+
+    def apply_deltas(self, deltas: Iterable[HostDelta]) -> tuple[str, ...]:
+        """Apply the compiler's incremental output as an agent would; returns how, per host.
+
+        A host whose rules changed is reloaded; one whose rules did not gets only its
+        set members changed (``apply_delta``); a vanished workload loses its ruleset;
+        an idle host has nothing installed, so its set deltas are moot.
+        """
+        done: list[str] = []
+        for d in deltas:
+            backend = self._backends.get(d.workload)
+            if backend is None:
+                raise LabError(f"workload {d.workload!r} has no lab host")
+            if d.policy is None:
+                backend.remove()
+                self._enforced.discard(d.workload)
+                done.append(f"{d.workload}:remove")
+            elif d.rules_changed:
+                backend.apply(backend.render(d.policy))
+                self._enforced.add(d.workload)
+                done.append(f"{d.workload}:reload")
+            elif d.policy.mode is EnforcementMode.IDLE or not d.set_deltas:
+                done.append(f"{d.workload}:nothing")
+            else:
+                backend.apply_delta(d.set_deltas)
+                done.append(f"{d.workload}:delta")
+        self.lab.flush_conntrack()
+        return tuple(done)
+
+    def verify(self, policy: Policy) -> dict[str, tuple[str, ...]]:
+        """Problems the backends find comparing the kernel with a fresh render, per host.
+
+        Only for backends with a ``verify(artifact)`` method; empty when all is as rendered.
+        """
+        compiled = compile_policy(policy)
+        problems: dict[str, tuple[str, ...]] = {}
+        for name, backend in self._backends.items():
+            verify = getattr(backend, "verify", None)
+            host_policy = compiled.get(name)
+            if host_policy is None or not callable(verify):
+                continue
+            found = tuple(verify(backend.render(host_policy)).problems)
+            if found:
+                problems[name] = found
+        return problems
 
     def clear(self) -> None:
         """Remove every ruleset the backends installed."""
