@@ -135,3 +135,13 @@ def policy(draw: st.DrawFn) -> Policy:
         rulesets=tuple(draw(ruleset(i)) for i in range(n_rs)),
         deny_rules=tuple(draw(deny_rule(i)) for i in range(n_deny)),
     )
+
+
+def wl_simple(name: str, i: int, role: str = "web") -> Workload:
+    """A full-mode workload with role=``role`` and one v4 + one v6 address."""
+    return Workload(
+        name,
+        frozenset({Label("role", role)}),
+        (Interface("eth0", (ipaddress.ip_address(f"10.0.0.{i + 1}"), ipaddress.ip_address(f"fd00::{i + 1:x}"))),),
+        EnforcementMode.FULL,
+    )

@@ -172,3 +172,26 @@ def test_peer_churn_changes_members_not_rules() -> None:
     v4 = db_after.set(delta.name, Family.V4)
     assert v4.members == (ipaddress.ip_network("10.0.0.1/32"), ipaddress.ip_network("10.0.0.2/32"))
     assert replace(db_before, sets=db_after.sets) == db_after
+
+
+def test_regression_portless_and_ported_entries_of_one_protocol() -> None:
+    """Found by the kernel differential test: sorting None against a port crashed the compiler."""
+    from stockade.model import DenyRule, Proto, Service, ServiceEntry
+
+    policy = Policy(
+        label_groups=ps.GROUPS,
+        services=(
+            Service("dns", (ServiceEntry(Proto.UDP, 53, 53),)),
+            Service("udp-all", (ServiceEntry(Proto.UDP),)),
+        ),
+        workloads=tuple(ps.wl_simple(n, i) for i, n in enumerate(("w0", "w1"))),
+        deny_rules=(
+            DenyRule(
+                "d0", (LabelSelector(groups=("tiers",)),), (LabelSelector(groups=("tiers",)),), ("dns", "udp-all")
+            ),
+        ),
+    )
+    compiled = compile_policy(policy)
+    rules = {r for hp in compiled.values() for r in hp.rules}
+    assert {r.direction.value for r in rules} == {"in", "out"}
+    assert {r.services for r in rules} == {(ServiceEntry(Proto.UDP),)}

@@ -38,7 +38,9 @@ def resolve_services(policy: Policy, names: tuple[str, ...], rule_id: str) -> tu
         entries.update(svc.entries)
     if ANY_SERVICE_ENTRY in entries:
         return (ANY_SERVICE_ENTRY,)
-    return tuple(sorted(entries))
+    # an entry for every port (or ICMP type) of a protocol subsumes the ported ones
+    whole = {e.proto for e in entries if e.first is None}
+    return tuple(sorted(e for e in entries if e.first is None or e.proto not in whole))
 
 
 def _dedupe(sels: list[Selector]) -> tuple[Selector, ...]:

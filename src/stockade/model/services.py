@@ -30,7 +30,7 @@ class Proto(Enum):
 _PROTO_ORDER = {p: i for i, p in enumerate(Proto)}
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class ServiceEntry:
     """One match. For TCP/UDP, ``first..last`` is a port range (None: every port).
 
@@ -53,6 +53,24 @@ class ServiceEntry:
             return False
         last = self.last if self.last is not None else self.first
         return self.first <= port <= last
+
+    def sort_key(self) -> tuple[int, int, int]:
+        """Total order; a port-less entry (every port/type) sorts before ported ones."""
+        first = -1 if self.first is None else self.first
+        last = first if self.last is None else self.last
+        return _PROTO_ORDER[self.proto], first, last
+
+    def __lt__(self, other: ServiceEntry) -> bool:
+        return self.sort_key() < other.sort_key()
+
+    def __le__(self, other: ServiceEntry) -> bool:
+        return self.sort_key() <= other.sort_key()
+
+    def __gt__(self, other: ServiceEntry) -> bool:
+        return self.sort_key() > other.sort_key()
+
+    def __ge__(self, other: ServiceEntry) -> bool:
+        return self.sort_key() >= other.sort_key()
 
     def __str__(self) -> str:
         if self.proto is Proto.ANY:
