@@ -1,7 +1,7 @@
 """Reading policy sources (files, directories, in-memory text) into a validated ``Policy``.
 
-Steps: bytes -> text (UTF-8, BOM allowed) -> YAML nodes (``yaml.compose_all``, never
-object construction) -> per-document parsing -> whole-policy cross-checks -> ``Policy``.
+Steps: bytes -> text (UTF-8, BOM allowed) -> YAML nodes (``compose.compose_documents``,
+never object construction) -> per-document parsing -> whole-policy cross-checks -> ``Policy``.
 Any problem at any step becomes an ``Issue``; all of them are raised together in one
 ``ValidationError``. Nothing else escapes, whatever the input.
 """
@@ -12,12 +12,11 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-import yaml
-
 from stockade.errors import Issue, ValidationError
 from stockade.model.labels import DEFAULT_LABEL_KEYS, LabelKey
 from stockade.model.policy import Failsafe, Policy
 from stockade.model.services import ANY_SERVICE_ENTRY, Service
+from stockade.policyfile.compose import ComposeError, compose_documents
 from stockade.policyfile.crossref import cross_check
 from stockade.policyfile.documents import Collected, parse_document
 from stockade.policyfile.nodes import Reader
@@ -96,22 +95,6 @@ def _decode(source: str, data: bytes | str, acc: Collected) -> str | None:
         return None
 
 
-def _yaml_issue(source: str, text: str, exc: yaml.YAMLError) -> Issue:
-    if isinstance(exc, yaml.MarkedYAMLError):
-        mark = exc.problem_mark or exc.context_mark
-        line = int(mark.line) + 1 if mark is not None else 1
-        context = exc.context or ""
-        if context and exc.context_mark is not None and exc.context_mark is not mark:
-            context += f" started at line {int(exc.context_mark.line) + 1}"
-        message = ": ".join(p for p in (context, exc.problem) if p)
-        return Issue(source, line, "", f"YAML syntax error: {message or exc}")
-    if isinstance(exc, yaml.reader.ReaderError):
-        line = text.count("\n", 0, exc.position) + 1
-        char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "\0")
-        return Issue(source, line, "", f"YAML syntax error: unacceptable character #x{char:04x}: {exc.reason}")
-    return Issue(source, 1, "", f"YAML syntax error: {exc}")
-
-
 def _read_source(source: str, data: bytes | str, acc: Collected) -> None:
     text = _decode(source, data, acc)
     if text is None:
@@ -119,14 +102,10 @@ def _read_source(source: str, data: bytes | str, acc: Collected) -> None:
         return
     reader = Reader(source, acc.issues)
     try:
-        # The pure-Python composer: libyaml's crashes the interpreter on deeply nested input.
-        for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
+        for node in compose_documents(text):
             parse_document(reader, node, acc)
-    except yaml.YAMLError as exc:
-        acc.issues.append(_yaml_issue(source, text, exc))
-        acc.unreadable_sources += 1
-    except RecursionError:
-        acc.issues.append(Issue(source, 1, "", "YAML nesting is too deep"))
+    except ComposeError as exc:
+        acc.issues.append(Issue(source, exc.line, "", exc.message))
         acc.unreadable_sources += 1
 
 

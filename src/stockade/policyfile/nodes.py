@@ -112,6 +112,9 @@ class Reader:
             return None
         out: dict[str, Entry] = {}
         for key_node, value_node in node.value:
+            if key_node.tag == _TAG + "merge":
+                self.error(key_node, field, "merge keys (<<) are not supported: write the keys out")
+                continue
             if not isinstance(key_node, ScalarNode) or key_node.tag not in _TEXT_TAGS:
                 self.error(key_node, field, f"keys must be strings, got {describe(key_node)}")
                 continue
