@@ -26,6 +26,9 @@ Agent side, the protocol the agent (issue 5) implements::
          revision whose rules equal the current ones, only set deltas are sent (full=null);
          since = current revision: nothing to do (full=null, no deltas)
     POST /api/v1/agents/{id}/ack  {revision}  -> 204   (the revision now applied)
+    POST /api/v1/agents/{id}/events  {events: [{kind, detail, revision, time}]}  -> 204
+         recorded as audit events ``agent.<kind>`` (kind ``agent``, name = the workload)
+    POST /api/v1/agents/{id}/unenroll  -> 204   (the agent revokes itself)
 
 Credential choice: a per-agent bearer token (256 random bits, SHA-256 at rest) rather than a
 client certificate. Revocation is a flag checked on every request (no CRL distribution), the
@@ -116,7 +119,7 @@ class WaitOut(BaseModel):
 
 
 class AckIn(Strict):
-    revision: Annotated[int, Field(ge=0)]
+    revision: Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class PolicyOut(BaseModel):
@@ -374,7 +377,7 @@ async def wait_for_policy(
     request: Request,
     agent_id: str,
     principal: Annotated[Principal, Depends(require(Permission.AGENT))],
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     timeout: Annotated[float, Query(ge=0, le=300)] = 30.0,
 ) -> WaitOut:
     name = _self(principal, agent_id)
@@ -394,7 +397,7 @@ async def fetch_policy(
     request: Request,
     agent_id: str,
     principal: Annotated[Principal, Depends(require(Permission.AGENT))],
-    since: Annotated[int | None, Query(ge=0)] = None,
+    since: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
 ) -> PolicyOut:
     name = _self(principal, agent_id)
     got = await run_in_threadpool(controller_of(request).dist.fetch, name, since)
@@ -407,6 +410,47 @@ async def ack_policy(request: Request, agent_id: str, body: AckIn,
                      principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> Response:
     _self(principal, agent_id)
     controller_of(request).dist.agent_ack(agent_id, body.revision)
+    return Response(status_code=204)
+
+
+class AgentEventIn(Strict):
+    kind: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
+    detail: Annotated[str, Field(max_length=2048)] = ""
+    revision: int | None = None
+    time: float | None = None
+
+
+class AgentEventsIn(Strict):
+    events: Annotated[list[AgentEventIn], Field(max_length=500)]
+
+
+@router.post("/agents/{agent_id}/events", tags=["Agent protocol"], responses=ERRORS, status_code=204,
+             operation_id="report-agent-events")
+def report_agent_events(request: Request, agent_id: str, body: AgentEventsIn,
+                        principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> Response:
+    """Agent events (tamper restored, policy refused, apply failed...) become audit events
+    ``agent.<kind>`` on kind ``agent``, named after the agent's workload."""
+    name = _self(principal, agent_id)
+    with controller_of(request).sessions.begin() as db:
+        for ev in body.events:
+            record_event(db, principal.actor, f"agent.{ev.kind}", "agent", name, None,
+                         {**ev.model_dump(mode="json"), "agent_id": agent_id})
+    return Response(status_code=204)
+
+
+@router.post("/agents/{agent_id}/unenroll", tags=["Agent protocol"], responses=ERRORS, status_code=204,
+             operation_id="unenroll")
+def unenroll(request: Request, agent_id: str,
+             principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> Response:
+    """The agent leaves (``stockade agent uninstall``): its credential stops working."""
+    _self(principal, agent_id)
+    ctl = controller_of(request)
+    with ctl.sessions.begin() as db:
+        row = db.get(AgentRow, agent_id)
+        if row is not None and row.revoked_at is None:
+            row.revoked_at = utcnow()
+            record_event(db, principal.actor, "agent.unenroll", "agent", agent_id, None, {"workload": row.workload})
+    ctl.dist.agents.pop(agent_id, None)
     return Response(status_code=204)
 
 
