@@ -1,0 +1,528 @@
+"""Compile benchmark (issue 2): full compile, memory, rule counts, incremental relabel, vs Aerleon.
+
+Usage::
+
+    python bench/compile.py [--sizes small,medium,large] [--quick] [--no-aerleon] [--json FILE]
+
+Each size runs in its own subprocess (so ``ru_maxrss`` is that size's peak RSS), on an estate
+from ``bench/estate_gen.py``. Measured per size:
+
+* full compile: ``Compiler(policy)`` + ``all_host_policies()``, wall and CPU (process) time;
+* peak memory: ``ru_maxrss`` of the child (estate generation included; the RSS right after
+  generating the estate is shown beside it);
+* rules per host (mean, max) from ``Compiler.rule_count``; distinct address sets (names
+  across every host policy) and distinct label sets;
+* one incremental relabel: ``upsert_workload`` of a workload whose role changed (to another
+  role of its app), median over N relabels of different workloads, and the number of
+  ``HostDelta``s it returns (hosts affected);
+* Aerleon: the same host's effective policy (its ``HostPolicy``: ordered rules, peer sets
+  resolved to addresses, services resolved to ports) written as an Aerleon policy with an
+  ``nftables`` ``mixed input`` / ``mixed output`` filter, generated through ``aerleon.api``;
+  compared with our per-host share of the full compile and with ``compile_host`` from scratch
+  (plus our nftables render of that host, when the renderer is importable).
+
+PASS/FAIL uses CPU time (wall time is printed too: on a shared machine it includes waiting
+for a core). Targets: full compile <= 10 s at the largest size, one relabel <= 20 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import gc
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from estate_gen import _ROLE_ORDER, SIZES, Estate, generate
+
+from stockade.compiler import Compiler, Direction, HostPolicy, compile_host
+from stockade.model import Action, Label, Proto, ServiceEntry, Workload
+
+FULL_COMPILE_TARGET_S = 10.0
+RELABEL_TARGET_MS = 20.0
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Timing:
+    wall: float  # seconds
+    cpu: float  # seconds of process CPU time
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, Timing]:
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, Timing(time.perf_counter() - w0, time.process_time() - c0)
+
+
+@dataclass(frozen=True)
+class AerleonResult:
+    host: str
+    host_rules: int
+    terms: int
+    skipped_empty: int  # rules whose peer set is empty in both families (match nothing)
+    addresses: int  # addresses/CIDRs written into the network definitions
+    time: Timing  # best of the repetitions
+    output_bytes: int
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class SizeResult:
+    size: str
+    workloads: int
+    rulesets: int
+    rules: int
+    label_sets: int
+    generate_s: float
+    build: Timing  # Compiler(policy)
+    full: Timing  # Compiler(policy) + all_host_policies()
+    rss_estate_mb: float
+    rss_peak_mb: float
+    rules_mean: float
+    rules_max: int
+    address_sets: int
+    relabels: int
+    relabel_median: Timing
+    relabel_max: Timing
+    relabel_hosts_median: float
+    relabel_hosts_max: int
+    full_gc: tuple[int, float]  # full GCs during the full compile: count, wall seconds
+    relabel_gc: tuple[int, float]  # full GCs during all relabels together: count, wall seconds
+    compile_host: Timing  # compile_host(policy, typical) from scratch
+    render: Timing | None  # our nftables render of the typical host (None: renderer missing)
+    render_bytes: int
+    aerleon: AerleonResult | None
+
+
+class GcMeter:
+    """Counts full (generation 2) garbage collections and the time they take."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self._start = 0.0
+        self.active = False
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if not self.active or info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._start
+
+    def reset(self) -> None:
+        self.count, self.seconds = 0, 0.0
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+# ---- relabel -----------------------------------------------------------------
+
+
+def _relabelled(w: Workload, rng: random.Random, roles: tuple[str, ...]) -> Workload:
+    current = w.label("role")
+    choices = sorted({r for r in roles if r != current})
+    new_role = rng.choice(choices)
+    labels = frozenset({lab for lab in w.labels if lab.key != "role"} | {Label("role", new_role)})
+    return dataclasses.replace(w, labels=labels)
+
+
+def _relabel_candidates(estate: Estate) -> list[tuple[Workload, tuple[str, ...]]]:
+    archetype = {a.name: a.archetype for a in estate.apps}
+    out: list[tuple[Workload, tuple[str, ...]]] = []
+    for w in estate.policy.workloads:
+        app = w.label("app")
+        if app in archetype:
+            out.append((w, _ROLE_ORDER[archetype[app]]))
+    return out
+
+
+# ---- Aerleon -----------------------------------------------------------------
+
+
+def _aerleon_port(e: ServiceEntry) -> str:
+    return str(e.first) if e.first == e.last else f"{e.first}-{e.last}"
+
+
+def _aerleon_icmp_names() -> dict[Proto, dict[int, str]]:
+    from aerleon.lib.policy import Term
+
+    return {
+        Proto.ICMP: {v: k for k, v in Term.ICMP_TYPE[4].items()},
+        Proto.ICMPV6: {v: k for k, v in Term.ICMP_TYPE[6].items()},
+    }
+
+
+def aerleon_policy(hp: HostPolicy) -> tuple[dict[str, Any], dict[str, Any], int, int, int]:
+    """The host's effective policy as an Aerleon policy + definitions (resolved addresses).
+
+    Returns (policy, definitions, terms, rules skipped because their peer is empty, addresses).
+    One term per (rule, protocol), in the HostPolicy's precedence order; inbound rules go to a
+    ``mixed input`` filter (peer = source), outbound ones to ``mixed output`` (peer = destination).
+    Failsafe management ports are the first input term, as in our own rendering.
+    """
+    icmp_names = _aerleon_icmp_names()
+    members: dict[str, list[str]] = {}
+    for s in hp.sets:
+        members.setdefault(s.name, []).extend(str(m) for m in s.members)
+    networks = {name: {"values": [{"address": a} for a in addrs]} for name, addrs in members.items() if addrs}
+    services: dict[str, list[dict[str, str]]] = {}
+
+    def service_name(proto: Proto, entries: list[ServiceEntry]) -> str:
+        name = proto.value + "_" + "_".join(_aerleon_port(e) for e in entries)
+        services[name] = [{"port": _aerleon_port(e), "protocol": proto.value} for e in entries]
+        return name
+
+    terms: dict[Direction, list[dict[str, Any]]] = {Direction.INBOUND: [], Direction.OUTBOUND: []}
+    for e in hp.failsafe.management:
+        if e.proto.has_ports and e.first is not None:
+            terms[Direction.INBOUND].append(
+                {
+                    "name": "failsafe-mgmt",
+                    "protocol": e.proto.value,
+                    "destination-port": service_name(e.proto, [e]),
+                    "action": "accept",
+                }
+            )
+    skipped = 0
+    for i, rule in enumerate(hp.rules):
+        if rule.peer not in networks:
+            skipped += 1
+            continue
+        by_proto: dict[Proto, list[ServiceEntry]] = {}
+        for e in rule.services:
+            by_proto.setdefault(e.proto, []).append(e)
+        for proto, entries in sorted(by_proto.items()):
+            term: dict[str, Any] = {
+                "name": f"r{i}-{proto.value}",
+                "action": "accept" if rule.action is Action.ALLOW else "deny",
+                "comment": rule.rule_id,
+            }
+            peer_key = "source-address" if rule.direction is Direction.INBOUND else "destination-address"
+            term[peer_key] = rule.peer
+            if proto is not Proto.ANY:
+                term["protocol"] = proto.value
+            ported = [e for e in entries if e.first is not None]
+            if proto.has_ports and len(ported) == len(entries):
+                term["destination-port"] = service_name(proto, entries)
+            if proto.is_icmp and len(ported) == len(entries):
+                types = [icmp_names[proto][e.first] for e in entries if e.first is not None]
+                # aerleon 1.x renders a single icmp type as a Python list (TypeError);
+                # naming it twice takes its set path and yields the same match.
+                term["icmp-type"] = types * 2 if len(types) == 1 else types
+            terms[rule.direction].append(term)
+    policy = {
+        "filename": hp.workload,
+        "filters": [
+            {"header": {"targets": {"nftables": "mixed input"}}, "terms": terms[Direction.INBOUND]},
+            {"header": {"targets": {"nftables": "mixed output"}}, "terms": terms[Direction.OUTBOUND]},
+        ],
+    }
+    definitions = {"networks": networks, "services": services}
+    n_terms = len(terms[Direction.INBOUND]) + len(terms[Direction.OUTBOUND])
+    return policy, definitions, n_terms, skipped, sum(len(v) for v in members.values())
+
+
+def run_aerleon(hp: HostPolicy, reps: int) -> AerleonResult:
+    try:
+        from absl import logging as absl_logging
+        from aerleon import api
+        from aerleon.lib import naming
+    except ImportError as exc:
+        return AerleonResult(hp.workload, len(hp.rules), 0, 0, 0, Timing(0, 0), 0, f"aerleon missing: {exc}")
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    policy, definitions, n_terms, skipped, n_addr = aerleon_policy(hp)
+
+    def generate_once() -> str:
+        defs = naming.Naming()
+        defs.ParseDefinitionsObject(definitions, "bench")
+        out = api.Generate([policy], defs)  # type: ignore[list-item]
+        if not out:
+            raise RuntimeError("aerleon produced no output")
+        return next(iter(out.values()))
+
+    best: Timing | None = None
+    text = ""
+    try:
+        for _ in range(reps):
+            text, t = timed(generate_once)
+            if best is None or t.cpu < best.cpu:
+                best = t
+    except Exception as exc:  # report Aerleon's failure in the table instead of dying
+        return AerleonResult(hp.workload, len(hp.rules), n_terms, skipped, n_addr, Timing(0, 0), 0, repr(exc)[:80])
+    assert best is not None
+    return AerleonResult(hp.workload, len(hp.rules), n_terms, skipped, n_addr, best, len(text.encode()))
+
+
+def _render(hp: HostPolicy) -> tuple[Timing | None, int]:
+    """Our own nftables text for the host, if the renderer is there (another helper owns it)."""
+    try:
+        from stockade.backends.nft_render import render_nftables
+    except ImportError:
+        return None, 0
+    try:
+        text, t = timed(lambda: render_nftables(hp).to_text())
+    except Exception:
+        return None, 0
+    return t, len(text.encode())
+
+
+# ---- one size (child process) ---------------------------------------------------
+
+
+def measure(size: str, relabels: int, aerleon_reps: int) -> SizeResult:
+    (estate, gen_t) = timed(lambda: generate(SIZES[size]))
+    policy = estate.policy
+    rss_estate = _rss_mb()
+
+    meter = GcMeter()
+    gc.callbacks.append(meter)
+    meter.active = True
+    compiler, build_t = timed(lambda: Compiler(policy))
+    policies, all_t = timed(compiler.all_host_policies)
+    full = Timing(build_t.wall + all_t.wall, build_t.cpu + all_t.cpu)
+    full_gc = (meter.count, meter.seconds)
+    meter.active = False
+    counts = [compiler.rule_count(n) for n in policies]
+    set_names = {s.name for hp in policies.values() for s in hp.sets}
+    typical = policies[estate.typical_host]
+    del policies
+
+    rng = random.Random(2)
+    picks = rng.sample(_relabel_candidates(estate), relabels)
+    times: list[Timing] = []
+    affected: list[int] = []
+    meter.reset()
+    meter.active = True
+    for w, roles in picks:
+        new = _relabelled(w, rng, roles)
+        deltas, t = timed(functools.partial(compiler.upsert_workload, new))
+        times.append(t)
+        affected.append(len(deltas))
+    meter.active = False
+    relabel_gc = (meter.count, meter.seconds)
+    gc.callbacks.remove(meter)
+    rss_peak = _rss_mb()
+    del compiler
+
+    _, host_t = timed(lambda: compile_host(policy, estate.typical_host))
+    render_t, render_bytes = _render(typical)
+    aerleon = run_aerleon(typical, aerleon_reps) if aerleon_reps > 0 else None
+
+    def median(ts: list[Timing]) -> Timing:
+        return Timing(statistics.median(t.wall for t in ts), statistics.median(t.cpu for t in ts))
+
+    return SizeResult(
+        size=size,
+        workloads=len(policy.workloads),
+        rulesets=len(policy.rulesets),
+        rules=estate.rule_total,
+        label_sets=len({w.labels for w in policy.workloads}),
+        generate_s=gen_t.wall,
+        build=build_t,
+        full=full,
+        rss_estate_mb=rss_estate,
+        rss_peak_mb=rss_peak,
+        rules_mean=statistics.mean(counts),
+        rules_max=max(counts),
+        address_sets=len(set_names),
+        relabels=relabels,
+        relabel_median=median(times),
+        relabel_max=Timing(max(t.wall for t in times), max(t.cpu for t in times)),
+        relabel_hosts_median=statistics.median(affected),
+        relabel_hosts_max=max(affected),
+        full_gc=full_gc,
+        relabel_gc=relabel_gc,
+        compile_host=host_t,
+        render=render_t,
+        render_bytes=render_bytes,
+        aerleon=aerleon,
+    )
+
+
+def _from_json(d: dict[str, Any]) -> SizeResult:
+    def timing(x: Any) -> Timing | None:
+        return None if x is None else Timing(**x)
+
+    fields = dict(d)
+    for key in ("full_gc", "relabel_gc"):
+        fields[key] = tuple(fields[key])
+    for key in ("build", "full", "relabel_median", "relabel_max", "compile_host", "render"):
+        fields[key] = timing(fields[key])
+    if fields["aerleon"] is not None:
+        a = dict(fields["aerleon"])
+        a["time"] = Timing(**a["time"])
+        fields["aerleon"] = AerleonResult(**a)
+    return SizeResult(**fields)
+
+
+def run_child(size: str, relabels: int, aerleon_reps: int) -> SizeResult:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        size,
+        "--relabels",
+        str(relabels),
+        "--aerleon-reps",
+        str(aerleon_reps),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"benchmark of size {size} failed (exit {proc.returncode})")
+    return _from_json(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+# ---- report ----------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}" if seconds < 0.1 else f"{seconds * 1000:.0f}"
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def _ratio(r: SizeResult, ours: float, digits: int) -> str:
+    """Our CPU time divided by Aerleon's for the same host (below 1: we are faster)."""
+    if r.aerleon is None or r.aerleon.error or r.aerleon.time.cpu <= 0:
+        return "-"
+    ratio = ours / r.aerleon.time.cpu
+    if ratio <= 0:
+        return f"{ratio:.{digits}f}"
+    return f"{ratio:.{digits}f} ({1 / ratio:.0f}x faster)" if ratio < 1 else f"{ratio:.{digits}f} ({ratio:.1f}x slower)"
+
+
+def report(results: list[SizeResult]) -> str:
+    rows: list[tuple[str, ...]] = []
+
+    def row(label: str, fmt: Callable[[SizeResult], str]) -> None:
+        rows.append((label, *(fmt(r) for r in results)))
+
+    largest = max(SIZES.values(), key=lambda spec: spec.workloads).name
+    row("workloads", lambda r: f"{r.workloads:,}")
+    row("rulesets", lambda r: f"{r.rulesets:,}")
+    row("rules (allow + deny)", lambda r: f"{r.rules:,}")
+    row("distinct label sets", lambda r: f"{r.label_sets:,}")
+    row("full compile, CPU s", lambda r: f"{r.full.cpu:.2f}")
+    row("full compile, wall s", lambda r: f"{r.full.wall:.2f}")
+    row("  of which Compiler() CPU s", lambda r: f"{r.build.cpu:.2f}")
+    row("  full GCs in it: n / ms", lambda r: f"{r.full_gc[0]} / {r.full_gc[1] * 1000:.0f}")
+    row("per host (full / hosts), ms", lambda r: f"{r.full.cpu / r.workloads * 1000:.3f}")
+    row(
+        f"target full <= {FULL_COMPILE_TARGET_S:g} s (largest)",
+        lambda r: _verdict(r.full.cpu <= FULL_COMPILE_TARGET_S) if r.size == largest else "-",
+    )
+    row("peak RSS MB (ru_maxrss)", lambda r: f"{r.rss_peak_mb:.0f}")
+    row("  RSS MB after estate gen", lambda r: f"{r.rss_estate_mb:.0f}")
+    row("rules per host, mean", lambda r: f"{r.rules_mean:.1f}")
+    row("rules per host, max", lambda r: f"{r.rules_max}")
+    row("distinct address sets", lambda r: f"{r.address_sets:,}")
+    row("relabel median, CPU ms", lambda r: _ms(r.relabel_median.cpu))
+    row("relabel median, wall ms", lambda r: _ms(r.relabel_median.wall))
+    row("relabel max, CPU ms", lambda r: _ms(r.relabel_max.cpu))
+    row("  full GCs in all relabels: n / ms", lambda r: f"{r.relabel_gc[0]} / {r.relabel_gc[1] * 1000:.0f}")
+    row("relabel hosts in delta (med/max)", lambda r: f"{r.relabel_hosts_median:g} / {r.relabel_hosts_max}")
+    row(
+        f"target relabel <= {RELABEL_TARGET_MS:g} ms",
+        lambda r: _verdict(r.relabel_median.cpu * 1000 <= RELABEL_TARGET_MS),
+    )
+    row("compile_host from scratch, CPU ms", lambda r: _ms(r.compile_host.cpu))
+    row("our nft render of host, CPU ms", lambda r: _ms(r.render.cpu) if r.render else "n/a")
+
+    def aer(fmt: Callable[[AerleonResult], str]) -> Callable[[SizeResult], str]:
+        def cell(r: SizeResult) -> str:
+            if r.aerleon is None:
+                return "skipped"
+            if r.aerleon.error:
+                return "error"
+            return fmt(r.aerleon)
+
+        return cell
+
+    row("Aerleon host: rules / terms / addrs", aer(lambda a: f"{a.host_rules} / {a.terms} / {a.addresses:,}"))
+    row("Aerleon one host, CPU ms", aer(lambda a: _ms(a.time.cpu)))
+    row("Aerleon one host, wall ms", aer(lambda a: _ms(a.time.wall)))
+    row("Aerleon output KiB", aer(lambda a: f"{a.output_bytes / 1024:.0f}"))
+    row("ours/Aerleon: per-host share of full", lambda r: _ratio(r, r.full.cpu / r.workloads, 5))
+    row("ours/Aerleon: compile_host", lambda r: _ratio(r, r.compile_host.cpu, 2))
+    row(
+        "ours/Aerleon: compile_host + render",
+        lambda r: _ratio(r, r.compile_host.cpu + r.render.cpu, 2) if r.render else "n/a",
+    )
+
+    header = ("size", *(r.size for r in results))
+    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(header))]
+    lines.append("  ".join("-" * w for w in widths))
+    for x in rows:
+        lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(x)))
+    notes = [r.aerleon for r in results if r.aerleon is not None and r.aerleon.error]
+    for a in notes:
+        lines.append(f"Aerleon error: {a.error}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="small,medium,large", help="comma-separated: " + ",".join(SIZES))
+    ap.add_argument("--quick", action="store_true", help="5 relabels and one Aerleon run per size")
+    ap.add_argument("--no-aerleon", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--relabels", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--aerleon-reps", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    relabels = args.relabels if args.relabels is not None else (5 if args.quick else 20)
+    reps = args.aerleon_reps if args.aerleon_reps is not None else (1 if args.quick else 2)
+    if args.no_aerleon:
+        reps = 0
+    if args.child:
+        result = measure(args.child, relabels, reps)
+        print(json.dumps(dataclasses.asdict(result)))
+        return 0
+
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        ap.error(f"unknown size(s) {unknown}; known: {', '.join(SIZES)}")
+    load = os.getloadavg()[0]
+    print(
+        f"stockade compile benchmark: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"load average {load:.1f}; one subprocess per size",
+        flush=True,
+    )
+    results: list[SizeResult] = []
+    for s in sizes:
+        print(f"  running {s} ...", flush=True)
+        results.append(run_child(s, relabels, reps))
+    print()
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
