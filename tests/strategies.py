@@ -101,6 +101,8 @@ SERVICES: tuple[Service, ...] = tuple(
             Service("ntp", (_udp(123),)),
             Service("ping", (ServiceEntry(Proto.ICMP, 8, 8), ServiceEntry(Proto.ICMPV6, 128, 128))),
             Service("ping4", (ServiceEntry(Proto.ICMP, 8, 8),)),
+            Service("ping6", (ServiceEntry(Proto.ICMPV6, 128, 128),)),
+            Service("timestamp", (ServiceEntry(Proto.ICMP, 13, 13),)),
             Service("tcp-all", (ServiceEntry(Proto.TCP),)),
             Service("udp-all", (ServiceEntry(Proto.UDP),)),
             Service("web", (_tcp(80), _tcp(8000, 8100))),

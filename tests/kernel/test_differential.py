@@ -24,8 +24,24 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from stockade.backends.nft_render import NftablesArtifact
+from stockade.backends.nftables import NftablesBackend
+from stockade.compiler import HostPolicy, SetDelta
 from stockade.lab.estate import EstateLab, EstateRun, PortPlan, hosts_for_policy, plan_probes, service_ports
-from stockade.model import IPListSelector, LabelSelector, Policy
+from stockade.model import (
+    ALL_WORKLOADS,
+    Action,
+    AllowRule,
+    DenyRule,
+    EnforcementMode,
+    Interface,
+    IPListSelector,
+    Label,
+    LabelSelector,
+    Policy,
+    Ruleset,
+    Workload,
+)
 from stockade.policyfile import dump_policy, load_documents, load_policy
 from tests import strategies
 
@@ -159,3 +175,71 @@ def test_saved_regressions_agree(path: Path, record_property: Callable[[str, obj
         run = estate.run(policy, plan_probes(hosts, plan), timeout=TIMEOUT)
     record_property("lab_summary", f"regression {path.name}: {run.summary()}")
     assert not run.disagreements, disagreement_report(policy, run)
+
+
+# ---- the differential has teeth: a broken backend is caught ---------------------------
+
+
+class _MutantBackend:
+    """The real nftables backend, fed a deliberately corrupted host policy."""
+
+    def __init__(self, netns: str, mutate: Callable[[HostPolicy], HostPolicy]) -> None:
+        self.inner = NftablesBackend(table="stockade", netns=netns)
+        self.mutate = mutate
+
+    def render(self, host_policy: HostPolicy) -> NftablesArtifact:
+        return self.inner.render(self.mutate(host_policy))
+
+    def apply(self, artifact: NftablesArtifact) -> None:
+        self.inner.apply(artifact)
+
+    def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
+        self.inner.apply_delta(deltas)
+
+    def remove(self) -> None:
+        self.inner.remove()
+
+
+def _drop_override_denies(hp: HostPolicy) -> HostPolicy:
+    return replace(hp, rules=tuple(r for r in hp.rules if r.action is not Action.OVERRIDE_DENY))
+
+
+def _visibility_as_full(hp: HostPolicy) -> HostPolicy:
+    return replace(hp, mode=EnforcementMode.FULL) if hp.mode is EnforcementMode.VISIBILITY else hp
+
+
+def _teeth_policy() -> Policy:
+    base = strategies.SERVICES
+    w0, w1, w2 = (
+        Workload(name, frozenset({Label("role", role)}), (Interface("eth0", strategies.slot_addresses(name)),), mode)
+        for name, role, mode in (
+            ("w0", "web", EnforcementMode.FULL),
+            ("w1", "app", EnforcementMode.FULL),
+            ("w2", "db", EnforcementMode.VISIBILITY),
+        )
+    )
+    web, app = LabelSelector((Label("role", "web"),)), LabelSelector((Label("role", "app"),))
+    return Policy(
+        workloads=(w0, w1, w2),
+        services=base,
+        ip_lists=strategies.IP_LISTS,
+        rulesets=(Ruleset("rs0", (), (AllowRule((ALL_WORKLOADS,), (ALL_WORKLOADS,), ("tcp-all",)),)),),
+        deny_rules=(DenyRule("d0", (web,), (app,), ("http",), override=True),),
+    )
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize(
+    ("mutate", "culprit"),
+    [(_drop_override_denies, "deny/d0"), (_visibility_as_full, "default")],
+    ids=["override-deny-dropped", "visibility-enforced"],
+)
+def test_the_differential_catches_a_broken_backend(
+    mutate: Callable[[HostPolicy], HostPolicy], culprit: str
+) -> None:
+    policy = _teeth_policy()
+    with EstateLab(strategies.LAB_HOSTS, backend=lambda ns: _MutantBackend(ns, mutate)) as estate:
+        run = estate.run(policy, plan_probes(strategies.LAB_HOSTS, PLAN), timeout=TIMEOUT)
+    assert run.disagreements, "a corrupted ruleset went unnoticed"
+    assert any(culprit in c.deciding_rule or c.evaluation.verdict.value == "potentially-blocked"
+               for c in run.disagreements), disagreement_report(policy, run)
