@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from fastapi.routing import APIRoute
+from tests.api.conftest import Api
 
 from stockade.controller.auth import Permission
-from tests.api.conftest import Api
 
 ROLES = ("owner", "admin", "ruleset-manager", "read-only")
 AGENT_ROUTES = re.compile(

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import yaml
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -48,6 +48,7 @@ from stockade.errors import Issue, NotFoundError, ValidationError
 from stockade.policyfile import dump_policy, load_documents
 
 router = APIRouter()
+MAX_INT = 2**31 - 1
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 412, 422)}
 YAML_BODY: dict[str, Any] = {
     "requestBody": {
@@ -182,7 +183,7 @@ def list_versions(
     request: Request,
     principal: Annotated[Principal, Depends(require(Permission.READ))],
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[int | None, Query(ge=1)] = None,
+    cursor: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None,
 ) -> VersionPage:
     with controller_of(request).session() as db:
         rows = versions.list_versions(db, cursor, limit + 1)
@@ -200,7 +201,7 @@ def _version_row(db: Session, number: int) -> VersionRow:
 
 @router.get("/policy/versions/{number}", tags=["Policy"], responses=ERRORS, operation_id="get-version")
 def get_version(
-    request: Request, number: int, principal: Annotated[Principal, Depends(require(Permission.READ))]
+    request: Request, number: Annotated[int, Path(ge=1, le=MAX_INT)], principal: Annotated[Principal, Depends(require(Permission.READ))]
 ) -> VersionOut:
     with controller_of(request).session() as db:
         return version_out(_version_row(db, number))
@@ -209,7 +210,7 @@ def get_version(
 @router.get("/policy/versions/{number}/content", tags=["Policy"], responses=ERRORS,
             operation_id="get-version-content")
 def get_version_content(
-    request: Request, number: int, principal: Annotated[Principal, Depends(require(Permission.READ))]
+    request: Request, number: Annotated[int, Path(ge=1, le=MAX_INT)], principal: Annotated[Principal, Depends(require(Permission.READ))]
 ) -> dict[str, Any]:
     with controller_of(request).session() as db:
         return _version_row(db, number).content
@@ -223,7 +224,7 @@ def list_events(
     name: Annotated[str | None, Query(max_length=128)] = None,
     action: Annotated[str | None, Query(max_length=64)] = None,
     actor: Annotated[str | None, Query(max_length=128)] = None,
-    cursor: Annotated[int | None, Query(ge=1)] = None,
+    cursor: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> EventPage:
     with controller_of(request).session() as db:

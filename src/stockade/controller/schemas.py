@@ -152,7 +152,7 @@ class ProvisionIn(Body):
 
 
 class RollbackIn(Body):
-    version: Annotated[int, Field(ge=1)]
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)]
     message: Annotated[str, Field(max_length=1024)] = ""
 
 

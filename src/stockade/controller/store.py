@@ -130,13 +130,18 @@ def version_content(db: Session, version: str | int) -> dict[str, Any]:
     return row.content
 
 
+def is_version_number(text: str) -> bool:
+    """ASCII digits of a value that fits every backend's INTEGER."""
+    return 0 < len(text) <= 9 and text.isascii() and text.isdigit()
+
+
 def _resolve_version(version: str | None) -> str | int | None:
     if version in (None, "", "draft"):
         return None
     if version == "active":
         return "active"
     assert version is not None
-    if version.isdigit():
+    if is_version_number(version):
         return int(version)
     raise ValidationError([Issue("api", 0, "version", "expected draft, active or a version number")])
 

@@ -25,6 +25,7 @@ from stockade.controller.events import record_event
 from stockade.controller.store import (
     active_number,
     draft_revisions,
+    is_version_number,
     put_objects,
     validate_draft,
     version_content,
@@ -73,7 +74,7 @@ def content_of(db: Session, ref: str) -> dict[str, Any]:
     """Content named by ``ref``: ``draft``, ``active`` or a version number."""
     if ref == "draft":
         return draft_revisions(db)
-    if ref == "active" or ref.isdigit():
+    if ref == "active" or is_version_number(ref):
         return version_content(db, ref if ref == "active" else int(ref))
     raise NotFoundError(f"no policy version {ref!r} (use draft, active or a number)")
 
