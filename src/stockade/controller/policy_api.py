@@ -201,7 +201,9 @@ def _version_row(db: Session, number: int) -> VersionRow:
 
 @router.get("/policy/versions/{number}", tags=["Policy"], responses=ERRORS, operation_id="get-version")
 def get_version(
-    request: Request, number: Annotated[int, Path(ge=1, le=MAX_INT)], principal: Annotated[Principal, Depends(require(Permission.READ))]
+    request: Request,
+    number: Annotated[int, Path(ge=1, le=MAX_INT)],
+    principal: Annotated[Principal, Depends(require(Permission.READ))],
 ) -> VersionOut:
     with controller_of(request).session() as db:
         return version_out(_version_row(db, number))
@@ -210,7 +212,9 @@ def get_version(
 @router.get("/policy/versions/{number}/content", tags=["Policy"], responses=ERRORS,
             operation_id="get-version-content")
 def get_version_content(
-    request: Request, number: Annotated[int, Path(ge=1, le=MAX_INT)], principal: Annotated[Principal, Depends(require(Permission.READ))]
+    request: Request,
+    number: Annotated[int, Path(ge=1, le=MAX_INT)],
+    principal: Annotated[Principal, Depends(require(Permission.READ))],
 ) -> dict[str, Any]:
     with controller_of(request).session() as db:
         return _version_row(db, number).content
