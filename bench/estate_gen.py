@@ -450,3 +450,22 @@ def generate(spec: EstateSpec) -> Estate:
         deny_rules=deny_rules,
     )
     return Estate(spec, policy, tuple(apps), typical, f"dns-{LOCATIONS[0]}-0")
+
+
+def main() -> None:
+    """Print the counts of every size and check the estates validate cleanly."""
+    for spec in SIZES.values():
+        estate = generate(spec)
+        p = estate.policy
+        issues = p.validate()
+        print(
+            f"{spec.name}: {len(p.workloads):,} workloads, {len(p.rulesets):,} rulesets, "
+            f"{estate.rule_total:,} rules, {len({w.labels for w in p.workloads}):,} label sets, "
+            f"{len(issues)} validation issues"
+        )
+        for issue in issues[:5]:
+            print(f"  {issue}")
+
+
+if __name__ == "__main__":
+    main()
