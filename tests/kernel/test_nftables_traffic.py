@@ -3,13 +3,16 @@
 Full mode lets the allowed port through and drops the other (IPv4 and IPv6, so neighbour
 discovery must pass the failsafe); a failed apply leaves the probes unchanged; a set delta
 removing the client blocks it and adding it back lets it in; visibility blocks nothing but
-counts the would-be drop; outbound rules are enforced at the client.
+counts the would-be drop and logs it to NFLOG with the rule id; outbound rules are enforced
+at the client.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -19,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
+from stockade.backends.nft_netlink import open_socket
 from stockade.backends.nftables import NftablesBackend
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule, SetDelta
 from stockade.errors import ApplyError
@@ -205,3 +209,66 @@ def test_outbound_enforced_at_the_client(pair: Pair) -> None:
     assert probe(pair) == ONLY_80
     backend.apply(backend.render(replace(hp, mode=EnforcementMode.IDLE)))
     assert probe(pair) == ALL_OPEN
+
+
+# ---- NFLOG: visibility mode logs would-be drops to the configured group ---------------------
+
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET = 0
+NFULNL_MSG_CONFIG = 1
+NFULA_CFG_CMD = 1
+NFULNL_CFG_CMD_BIND = 1
+NFULA_PREFIX = 10
+
+
+def nflog_socket(netns: str, group: int) -> socket.socket:
+    sock = open_socket(netns)
+    sock.bind((0, 0))
+    body = struct.pack("!BBH", socket.AF_UNSPEC, 0, group) + struct.pack(
+        "=HHB3x", 5, NFULA_CFG_CMD, NFULNL_CFG_CMD_BIND
+    )
+    msg_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
+    sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, 0x1 | 0x4, 1, 0) + body)
+    sock.settimeout(2.0)
+    return sock
+
+
+def nflog_prefixes(sock: socket.socket, want: set[str]) -> set[str]:
+    """Prefixes of logged packets, read until every wanted one is seen or nothing more comes."""
+    seen: set[str] = set()
+    try:
+        while not want <= seen:
+            data = sock.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, msg_type = struct.unpack_from("=IH", data, off)
+                if msg_type == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
+                    attr = off + 20
+                    while attr + 4 <= off + length:
+                        alen, atype = struct.unpack_from("=HH", data, attr)
+                        if alen < 4:
+                            break
+                        if atype & 0x7FFF == NFULA_PREFIX:
+                            seen.add(data[attr + 4 : attr + alen].rstrip(b"\0").decode())
+                        attr += (alen + 3) & ~3
+                off += (length + 3) & ~3
+    except TimeoutError:
+        pass
+    return seen
+
+
+def test_visibility_logs_would_be_drops_to_nflog(pair: Pair) -> None:
+    backend = NftablesBackend(netns=pair.srv, log_group=7)
+    backend.apply(backend.render(server_policy(EnforcementMode.VISIBILITY, deny_81=True)))
+    sock = nflog_socket(pair.srv, 7)
+    try:
+        assert probe(pair) == ALL_OPEN  # nothing dropped
+        subprocess.run(
+            ["ip", "netns", "exec", pair.cli, sys.executable, "-c", PROBE, f"{SRV4}:82"],
+            capture_output=True,
+            check=True,
+        )
+        want = {"stk:pb:deny/no-81", "stk:pb:default"}
+        assert nflog_prefixes(sock, want) >= want
+    finally:
+        sock.close()
