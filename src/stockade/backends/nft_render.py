@@ -42,8 +42,8 @@ import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
 from enum import Enum
+from functools import cached_property
 
 from stockade.compiler.ir import Direction, HostPolicy, HostRule
 from stockade.errors import RenderError
