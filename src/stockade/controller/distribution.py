@@ -44,6 +44,7 @@ from stockade.compiler import Compiler, HostDelta, HostPolicy, diff_sets, host_p
 from stockade.controller import codec
 from stockade.controller.codec import POLICY_KINDS
 from stockade.controller.db import AgentRow, HostStateRow, utcnow
+from stockade.controller.events import record_event
 from stockade.controller.store import draft_objects, version_content
 from stockade.errors import NotFoundError
 from stockade.model.policy import Policy
@@ -67,6 +68,7 @@ class AgentLive:
     applied: int = 0
     last_heartbeat: dt.datetime | None = None
     dirty: bool = False
+    online: bool = False
 
 
 @dataclass
@@ -343,6 +345,24 @@ class PolicyDistributor:
         if live is not None:
             live.last_heartbeat = utcnow()
             live.dirty = True
+
+    def check_liveness(self, offline_after: float) -> list[tuple[str, bool]]:
+        """Record ``agent.online`` / ``agent.offline`` events for agents whose state flipped."""
+        now = utcnow()
+        flips: list[tuple[str, bool]] = []
+        for a in list(self.agents.values()):
+            online = a.last_heartbeat is not None and (now - a.last_heartbeat).total_seconds() < offline_after
+            if online != a.online:
+                a.online = online
+                flips.append((a.agent_id, online))
+        if flips:
+            with self.sessions.begin() as db:
+                for agent_id, online in flips:
+                    live = self.agents.get(agent_id)
+                    workload = live.workload if live else ""
+                    action = "agent.online" if online else "agent.offline"
+                    record_event(db, "controller", action, "agent", agent_id, None, {"workload": workload})
+        return flips
 
     def flush(self) -> int:
         """Write dirty agent state (acks, heartbeats) in one transaction; returns rows written."""
