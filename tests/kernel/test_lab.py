@@ -228,11 +228,10 @@ def test_sigterm_tears_the_lab_down() -> None:
 
 def test_a_killed_lab_is_swept_by_the_next_one() -> None:
     proc, names = _start_lab_process()
-    proc.kill()
+    proc.kill()  # SIGKILL: the lab cannot clean up after itself
     proc.wait(timeout=20)
-    assert set(names) <= set(list_namespaces()), "SIGKILL cannot clean up"
-    removed = lab_netns.sweep_stale()
-    assert set(names) <= set(removed)
+    # (a lab starting concurrently in another test process may sweep it first: fine too)
+    lab_netns.sweep_stale()
     assert not set(names) & set(list_namespaces())
 
 
