@@ -1,0 +1,451 @@
+"""Controller benchmark: simulated agents hold the policy long-poll; relabel -> time until all acked.
+
+One controller process (uvicorn + uvloop, plain HTTP on 127.0.0.1) and one client process with
+N simulated agents (asyncio, a minimal keep-alive HTTP/1.1 client per agent, no kernel). Each
+agent enrols with an activation code, then loops: long-poll ``/policy/wait`` -> ``GET /policy``
+(delta since its applied revision) -> ``POST /ack``, and heartbeats every ``--heartbeat`` s.
+
+Estate: apps of 10 workloads (5 ``role=web``, 5 ``role=db``), one ruleset per app (web -> db on
+5432/tcp, intra-scope), and one global ruleset (``role=monitor`` -> every workload on 22/tcp).
+Scenarios, each repeated ``--repeats`` times, timed from just before the API call until every
+affected agent has fetched and acknowledged the new revision:
+
+* ``relabel-app``: one workload flips web <-> db inside its app (fan-out: its app, ~10 hosts);
+* ``relabel-global``: one workload becomes / stops being ``role=monitor`` (fan-out: every host).
+
+Also measured under the full long-poll + heartbeat load: API latency of ``GET /workloads`` and
+``GET /convergence``. Runs on SQLite and on a throwaway PostgreSQL cluster (Debian binaries
+under /usr/lib/postgresql/*/bin; skipped with a note if absent) and prints rows side by side.
+
+    python bench/controller.py --agents 1000 5000 --backends sqlite postgresql
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import os
+import pwd
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+APP_SIZE = 10
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- server ------------------------------------------------------------------------------------
+
+
+def serve(database_url: str, port: int) -> None:
+    """Run the controller in this process (the ``--serve`` mode of this script)."""
+    _raise_nofile()
+    import uvicorn
+
+    from stockade.controller.app import create_app
+    from stockade.controller.auth import Argon2Params
+    from stockade.controller.context import ControllerSettings
+
+    settings = ControllerSettings(
+        database_url=database_url,
+        secure_cookies=False,
+        login_limit=(10_000, 60.0),
+        enroll_limit=(1_000_000, 60.0),
+        long_poll_max=300.0,
+        argon2=Argon2Params(time_cost=1, memory_kib=8192, parallelism=1),
+    )
+    app = create_app(settings)
+    user, password = app.state.controller.first_run_credential
+    print(json.dumps({"user": user, "password": password}), flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", backlog=8192, timeout_keep_alive=600,
+                loop="uvloop", http="httptools")
+
+
+class PgCluster:
+    def __init__(self) -> None:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not found:
+            raise RuntimeError("no PostgreSQL binaries under /usr/lib/postgresql/*/bin")
+        self.bindir = Path(found[-1]).parent
+        user = pwd.getpwnam("postgres")
+        self.root = Path(tempfile.mkdtemp(prefix="stockade-bench-pg-"))
+        os.chown(self.root, user.pw_uid, user.pw_gid)
+        self.run = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.port = _free_port()
+        data = self.root / "data"
+        subprocess.run([*self.run, str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                        "--auth=trust", "--no-sync"], check=True, capture_output=True)
+        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c max_connections=200 " \
+               "-c shared_buffers=256MB"
+        subprocess.run([*self.run, str(self.bindir / "pg_ctl"), "-D", str(data), "-o", opts,
+                        "-l", str(self.root / "log"), "-w", "start"], check=True, capture_output=True)
+        self.data = data
+
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self) -> None:
+        subprocess.run([*self.run, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"],
+                       capture_output=True, check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ---- a minimal HTTP/1.1 keep-alive client --------------------------------------------------------
+
+
+class Conn:
+    """One keep-alive connection; requests on it are sequential (as an agent's are)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, token: str = "", body: Any = None) -> tuple[int, Any]:
+        for attempt in range(3):
+            try:
+                return await self._request(method, path, token, body)
+            except (ConnectionError, asyncio.IncompleteReadError, OSError):
+                self.close()
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _request(self, method: str, path: str, token: str, body: Any) -> tuple[int, Any]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port, limit=2**24)
+        assert self.reader is not None
+        payload = b"" if body is None else json.dumps(body).encode()
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(payload)}\r\n"
+        if payload:
+            head += "Content-Type: application/json\r\n"
+        if token:
+            head += f"Authorization: Bearer {token}\r\n"
+        self.writer.write(head.encode() + b"\r\n" + payload)
+        status_line = await self.reader.readuntil(b"\r\n")
+        status = int(status_line.split()[1])
+        length = 0
+        while True:
+            line = await self.reader.readuntil(b"\r\n")
+            if line == b"\r\n":
+                break
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        data = await self.reader.readexactly(length) if length else b""
+        return status, (json.loads(data) if data else None)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+# ---- simulated agents ----------------------------------------------------------------------------
+
+
+@dataclass
+class Agent:
+    index: int
+    agent_id: str
+    token: str
+    workload: str
+    applied: int = 0
+    acks: list[tuple[float, int]] = field(default_factory=list)
+    errors: int = 0
+
+
+async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event) -> None:
+    poll = Conn(port)
+    base = f"/api/v1/agents/{a.agent_id}"
+    next_beat = time.monotonic() + heartbeat * (a.index % 100) / 100
+    while not stop.is_set():
+        try:
+            timeout = max(0.5, min(30.0, next_beat - time.monotonic()))
+            status, got = await poll.request("GET", f"{base}/policy/wait?after={a.applied}&timeout={timeout:.1f}",
+                                             a.token)
+            if status != 200:
+                a.errors += 1
+                await asyncio.sleep(1)
+                continue
+            if got["changed"]:
+                since = f"?since={a.applied}" if a.applied else ""
+                status, pol = await poll.request("GET", f"{base}/policy{since}", a.token)
+                if status == 200:
+                    status, _ = await poll.request("POST", f"{base}/ack", a.token, {"revision": pol["revision"]})
+                    a.applied = pol["revision"]
+                    a.acks.append((time.perf_counter(), a.applied))
+                else:
+                    a.errors += 1
+            if time.monotonic() >= next_beat:
+                await poll.request("POST", f"{base}/heartbeat", a.token, {})
+                next_beat = time.monotonic() + heartbeat
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            a.errors += 1
+            await asyncio.sleep(0.5)
+    poll.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+async def run_bench(port: int, password: str, n_agents: int, repeats: int, heartbeat: float) -> dict[str, Any]:
+    admin = Conn(port)
+    key = await _owner_key(port, password)
+    await _setup_policy(admin, key, n_agents)
+    t_enrol = time.perf_counter()
+    agents = await _enrol(port, key, n_agents)
+    enrol_s = time.perf_counter() - t_enrol
+
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(agent_loop(a, port, heartbeat, stop)) for a in agents]
+    await _converged(admin, key, n_agents, 600)
+
+    results: dict[str, Any] = {"agents": n_agents, "enrol_s": enrol_s}
+    for scenario in ("relabel-app", "relabel-global"):
+        latencies: list[float] = []
+        fanouts: list[int] = []
+        for r in range(repeats):
+            target = agents[(7 * r + 3) % n_agents]
+            status, wl = await admin.request("GET", f"/api/v1/workloads/{target.workload}", key)
+            labels = dict(wl["body"]["labels"])
+            if scenario == "relabel-app":
+                labels["role"] = "db" if labels["role"] == "web" else "web"
+            else:
+                labels["role"] = "monitor" if labels["role"] != "monitor" else "web"
+            before = {a.workload: a.applied for a in agents}
+            t0 = time.perf_counter()
+            status, _ = await admin.request("PUT", f"/api/v1/workloads/{target.workload}", key,
+                                            {**wl["body"], "labels": labels})
+            assert status == 200, status
+            await _converged(admin, key, n_agents, 120)
+            moved = [a for a in agents if a.applied != before[a.workload]]
+            fanouts.append(len(moved))
+            for a in moved:
+                first = next(t for t, rev in a.acks if t >= t0)
+                latencies.append(first - t0)
+            if scenario == "relabel-global":  # put it back so the next repeat flips again
+                status, _ = await admin.request("PUT", f"/api/v1/workloads/{target.workload}", key,
+                                                {**wl["body"]})
+                await _converged(admin, key, n_agents, 120)
+        results[scenario] = {
+            "p50_ms": 1000 * pct(latencies, 50),
+            "p99_ms": 1000 * pct(latencies, 99),
+            "max_ms": 1000 * max(latencies) if latencies else float("nan"),
+            "fanout": statistics.mean(fanouts) if fanouts else 0,
+        }
+    # API latency under load (agents keep polling and heartbeating)
+    api_lat: list[float] = []
+    for i in range(60):
+        t = time.perf_counter()
+        path = "/api/v1/workloads?limit=50" if i % 2 else "/api/v1/convergence"
+        status, _ = await admin.request("GET", path, key)
+        assert status == 200
+        api_lat.append(time.perf_counter() - t)
+    results["api_p50_ms"] = 1000 * pct(api_lat, 50)
+    results["api_p99_ms"] = 1000 * pct(api_lat, 99)
+    stop.set()
+    await asyncio.sleep(0)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    results["agent_errors"] = sum(a.errors for a in agents)
+    admin.close()
+    return results
+
+
+async def _owner_key(port: int, password: str) -> str:
+    # the tiny client keeps no cookies: log in and read Set-Cookie by hand
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = json.dumps({"username": "admin", "password": password}).encode()
+    writer.write(b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    cookie = ""
+    await reader.readuntil(b"\r\n")
+    length = 0
+    while True:
+        line = (await reader.readuntil(b"\r\n")).decode()
+        if line == "\r\n":
+            break
+        name, _, value = line.partition(":")
+        if name.lower() == "set-cookie":
+            cookie = value.strip().split(";")[0]
+        if name.lower() == "content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    body = json.dumps({"name": "bench", "role": "owner"}).encode()
+    writer.write(b"POST /api/v1/api-keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Cookie: {cookie}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    await reader.readuntil(b"\r\n")
+    while True:
+        line = (await reader.readuntil(b"\r\n")).decode()
+        if line == "\r\n":
+            break
+        name, _, value = line.partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    data = json.loads(await reader.readexactly(length))
+    writer.close()
+    return str(data["key"])
+
+
+async def _setup_policy(c: Conn, key: str, n: int) -> None:
+    async def ok(method: str, path: str, body: Any, expect: int = 201) -> None:
+        status, got = await c.request(method, "/api/v1" + path, key, body)
+        assert status == expect, (path, status, got)
+
+    await ok("POST", "/services", {"name": "pg", "ports": ["5432/tcp"]})
+    await ok("POST", "/services", {"name": "ssh", "ports": ["22/tcp"]})
+    await ok("POST", "/label-keys", {"name": "tier", "values": []})
+    apps = max(1, n // APP_SIZE)
+    for k in range(apps):
+        await ok("POST", "/rulesets", {"name": f"app-{k}", "scope": [{"labels": {"app": f"app-{k}"}}], "rules": [
+            {"consumers": [{"labels": {"role": "web"}}], "providers": [{"labels": {"role": "db"}}],
+             "services": ["pg"]}]})
+    await ok("POST", "/rulesets", {"name": "monitoring", "rules": [
+        {"consumers": [{"labels": {"role": "monitor"}}], "providers": [{"all": True}], "services": ["ssh"],
+         "consumers_scope": "global"}]})
+    await ok("POST", "/policy/provision", {"message": "bench"})
+    for k in range(apps):
+        for role in ("web", "db"):
+            await ok("POST", "/pairing-profiles", {"name": f"app-{k}-{role}", "mode": "full",
+                                                   "labels": {"app": f"app-{k}", "role": role}})
+
+
+async def _enrol(port: int, key: str, n: int) -> list[Agent]:
+    admin = Conn(port)
+    codes: dict[str, str] = {}
+    agents: list[Agent | None] = [None] * n
+    for i in range(n):
+        prof = f"app-{(i // APP_SIZE) % max(1, n // APP_SIZE)}-{'web' if i % 2 else 'db'}"
+        if prof not in codes:
+            status, got = await admin.request("POST", f"/api/v1/pairing-profiles/{prof}/codes", key, {})
+            assert status == 201, got
+            codes[prof] = got["code"]
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        c = Conn(port)
+        while not queue.empty():
+            i = queue.get_nowait()
+            prof = f"app-{(i // APP_SIZE) % max(1, n // APP_SIZE)}-{'web' if i % 2 else 'db'}"
+            addr = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+            status, got = await c.request("POST", "/api/v1/agents/enroll", body={
+                "activation_code": codes[prof], "hostname": f"h-{i:05d}",
+                "interfaces": [{"name": "eth0", "addresses": [addr]}]})
+            assert status == 201, got
+            agents[i] = Agent(i, got["agent_id"], got["token"], got["workload"])
+        c.close()
+
+    await asyncio.gather(*(worker() for _ in range(16)))
+    admin.close()
+    return [a for a in agents if a is not None]
+
+
+async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        status, got = await c.request("GET", "/api/v1/convergence", key)
+        if status == 200 and got["agents"] == n and not got["lagging"]:
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"agents did not converge in {limit} s")
+
+
+def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
+    pg: PgCluster | None = None
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp / 'stockade.db'}"
+    else:
+        pg = PgCluster()
+        url = pg.url()
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, __file__, "--serve", url, str(port)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert server.stdout is not None
+        cred = json.loads(server.stdout.readline())
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        import uvloop
+
+        result = uvloop.run(run_bench(port, cred["password"], n_agents, repeats, heartbeat))
+        result["backend"] = backend
+        return result
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        if pg is not None:
+            pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve":
+        serve(sys.argv[2], int(sys.argv[3]))
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--agents", type=int, nargs="+", default=[1000, 5000])
+    p.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--heartbeat", type=float, default=15.0)
+    args = p.parse_args()
+    _raise_nofile()
+    rows = []
+    for n in args.agents:
+        for backend in args.backends:
+            try:
+                r = run_one(backend, n, args.repeats, args.heartbeat)
+            except RuntimeError as exc:
+                print(f"{backend} {n}: skipped ({exc})", flush=True)
+                continue
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    print()
+    print(f"{'backend':<11}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
+          f"{'glob p50':>10}{'glob p99':>10}{'fan':>6}{'api p50':>9}{'api p99':>9}{'errs':>6}")
+    for r in rows:
+        a, g = r["relabel-app"], r["relabel-global"]
+        print(f"{r['backend']:<11}{r['agents']:>7}{r['enrol_s']:>9.1f}{a['p50_ms']:>9.0f}{a['p99_ms']:>9.0f}"
+              f"{a['fanout']:>6.0f}{g['p50_ms']:>10.0f}{g['p99_ms']:>10.0f}{g['fanout']:>6.0f}"
+              f"{r['api_p50_ms']:>9.1f}{r['api_p99_ms']:>9.1f}{r['agent_errors']:>6}")
+    print("(latencies in ms from the API call until each affected agent acknowledged; fan = hosts affected)")
+
+
+if __name__ == "__main__":
+    main()
