@@ -266,6 +266,7 @@ def test_set_delta_changes_members_not_rules(netns: str, path: DeltaPath) -> Non
     )
     assert backend.verify(backend.render(hp)).ok
     assert [line for line in nft(netns, "-t", "list", "table", "inet", "stockade").splitlines()] == chains_before
+    backend.close()
 
 
 def test_delta_to_missing_table_fails_cleanly(netns: str) -> None:

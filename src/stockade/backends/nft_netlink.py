@@ -27,6 +27,7 @@ import os
 import re
 import socket
 import struct
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -197,9 +198,10 @@ class NftNetlink:
             raise ApplyError(f"cannot open nf_tables netlink socket in {netns or 'this namespace'}: {exc}") from exc
         self._seq = 1
         self._sndbuf = 0
+        self._finalizer = weakref.finalize(self, self._sock.close)
 
     def close(self) -> None:
-        self._sock.close()
+        self._finalizer()
 
     def __enter__(self) -> NftNetlink:
         return self
