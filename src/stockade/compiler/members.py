@@ -1,0 +1,86 @@
+"""Mutable member sets of one address family, updated one address at a time.
+
+A peer set of workload addresses is kept as merged integer ranges plus its minimal CIDR
+cover. Adding or removing one address touches only the range it falls in or next to, so
+the CIDRs to delete and to add come out directly (the ``SetDelta``) without diffing the
+whole set: a relabel costs the same for a 10-member and a 25,000-member set.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
+
+from stockade.model.addresses import Family, IPNetwork, Range, merge_ranges, ranges_to_networks
+
+
+def _start(n: IPNetwork) -> int:
+    return int(n.network_address)
+
+
+class MemberSet:
+    """Single addresses of one family (with reference counts) as ranges and minimal CIDRs."""
+
+    def __init__(self, family: Family, addresses: Iterable[int] = ()) -> None:
+        self.family = family
+        self._count: dict[int, int] = {}
+        for a in addresses:
+            self._count[a] = self._count.get(a, 0) + 1
+        ranges = merge_ranges((a, a) for a in self._count)
+        self._los = [lo for lo, _ in ranges]
+        self._his = [hi for _, hi in ranges]
+        self._nets: list[IPNetwork] = list(ranges_to_networks(ranges, family))
+        self._starts = [_start(n) for n in self._nets]
+        self._frozen: tuple[IPNetwork, ...] | None = None
+
+    def networks(self) -> tuple[IPNetwork, ...]:
+        if self._frozen is None:
+            self._frozen = tuple(self._nets)
+        return self._frozen
+
+    def _splice(self, old: list[Range], new: list[Range]) -> tuple[set[IPNetwork], set[IPNetwork]]:
+        old_nets = ranges_to_networks(old, self.family)
+        new_nets = ranges_to_networks(new, self.family)
+        if old_nets:
+            pos = bisect_left(self._starts, _start(old_nets[0]))
+            end = pos + len(old_nets)
+        else:
+            pos = end = bisect_left(self._starts, new[0][0])
+        self._nets[pos:end] = new_nets
+        self._starts[pos:end] = [_start(n) for n in new_nets]
+        self._frozen = None
+        old_set, new_set = set(old_nets), set(new_nets)
+        return new_set - old_set, old_set - new_set
+
+    def add(self, a: int) -> tuple[set[IPNetwork], set[IPNetwork]]:
+        """Add one address; returns (CIDRs added, CIDRs removed)."""
+        c = self._count.get(a, 0)
+        self._count[a] = c + 1
+        if c:
+            return set(), set()
+        i = bisect_right(self._los, a) - 1
+        left = i if i >= 0 and self._his[i] == a - 1 else None
+        right = i + 1 if i + 1 < len(self._los) and self._los[i + 1] == a + 1 else None
+        lo = self._los[left] if left is not None else a
+        hi = self._his[right] if right is not None else a
+        old = [(self._los[k], self._his[k]) for k in (left, right) if k is not None]
+        pos = left if left is not None else i + 1
+        self._los[pos : pos + len(old)] = [lo]
+        self._his[pos : pos + len(old)] = [hi]
+        return self._splice(old, [(lo, hi)])
+
+    def remove(self, a: int) -> tuple[set[IPNetwork], set[IPNetwork]]:
+        """Remove one address; returns (CIDRs added, CIDRs removed)."""
+        c = self._count.get(a, 0)
+        if c == 0:
+            return set(), set()
+        if c > 1:
+            self._count[a] = c - 1
+            return set(), set()
+        del self._count[a]
+        k = bisect_right(self._los, a) - 1
+        lo, hi = self._los[k], self._his[k]
+        pieces = [r for r in ((lo, a - 1), (a + 1, hi)) if r[0] <= r[1]]
+        self._los[k : k + 1] = [p[0] for p in pieces]
+        self._his[k : k + 1] = [p[1] for p in pieces]
+        return self._splice([(lo, hi)], pieces)
