@@ -133,6 +133,16 @@ def test_same_labels_share_rules_and_json_is_deterministic(policy: Policy) -> No
         by_labels[w.labels] = hp
 
 
+@PROFILE
+@given(ps.policy())
+def test_compile_host_alone_equals_fleet_compile(policy: Policy) -> None:
+    from stockade.compiler import compile_host
+
+    fleet = compile_policy(policy)
+    for w in policy.workloads:
+        assert compile_host(policy, w.name) == fleet[w.name]
+
+
 def test_peer_churn_changes_members_not_rules() -> None:
     from stockade.model import AllowRule, Interface, Label, Ruleset
 

@@ -7,13 +7,14 @@ about rulesets, which keeps the index and the per-host compile simple.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from stockade.errors import CompileError
 from stockade.model.policy import Policy
 from stockade.model.rules import Action, ConsumerScope
 from stockade.model.selectors import LabelSelector, Selector, confine, selector_sort_key
-from stockade.model.services import ANY_SERVICE_ENTRY, ServiceEntry
+from stockade.model.services import ANY_SERVICE_ENTRY, Service, ServiceEntry
 
 
 @dataclass(frozen=True, order=True)
@@ -25,8 +26,9 @@ class EffectiveRule:
     services: tuple[ServiceEntry, ...]
 
 
-def resolve_services(policy: Policy, names: tuple[str, ...], rule_id: str) -> tuple[ServiceEntry, ...]:
-    services = policy.service_map()
+def resolve_services(
+    services: Mapping[str, Service], names: tuple[str, ...], rule_id: str
+) -> tuple[ServiceEntry, ...]:
     entries: set[ServiceEntry] = set()
     for name in names:
         svc = services.get(name)
@@ -49,11 +51,12 @@ def _dedupe(sels: list[Selector]) -> tuple[Selector, ...]:
 
 def expand_rules(policy: Policy) -> tuple[EffectiveRule, ...]:
     out: list[EffectiveRule] = []
+    service_map = policy.service_map()
     for rs in policy.rulesets:
         scopes: tuple[LabelSelector, ...] = rs.scopes or (LabelSelector(),)
         for j, rule in enumerate(rs.rules):
             rule_id = f"ruleset/{rs.name}/{j}"
-            services = resolve_services(policy, rule.services, rule_id)
+            services = resolve_services(service_map, rule.services, rule_id)
             for scope in scopes:
                 providers = [p for p in (confine(s, scope) for s in rule.providers) if p is not None]
                 if rule.consumers_scope is ConsumerScope.INTRA:
@@ -66,7 +69,7 @@ def expand_rules(policy: Policy) -> tuple[EffectiveRule, ...]:
                     )
     for d in policy.deny_rules:
         rule_id = f"deny/{d.name}"
-        services = resolve_services(policy, d.services, rule_id)
+        services = resolve_services(service_map, d.services, rule_id)
         out.append(
             EffectiveRule(d.action, rule_id, _dedupe(list(d.consumers)), _dedupe(list(d.providers)), services)
         )

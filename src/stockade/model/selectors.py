@@ -24,10 +24,14 @@ class LabelSelector:
     exclude: tuple[Label, ...] = ()
 
     def canonical(self) -> str:
-        parts = [str(lab) for lab in self.require]
-        parts += [f"group:{g}" for g in self.groups]
-        parts += [f"!{lab}" for lab in self.exclude]
-        return "labels(" + ",".join(parts) + ")"
+        cached: str | None = self.__dict__.get("_canonical")
+        if cached is None:
+            parts = [str(lab) for lab in self.require]
+            parts += [f"group:{g}" for g in self.groups]
+            parts += [f"!{lab}" for lab in self.exclude]
+            cached = "labels(" + ",".join(parts) + ")"
+            object.__setattr__(self, "_canonical", cached)  # memo; not a field, so eq/hash/order ignore it
+        return cached
 
     def matches(self, labels: frozenset[Label], groups: dict[str, LabelGroup]) -> bool:
         if any(lab not in labels for lab in self.require):
