@@ -33,6 +33,7 @@ from stockade.controller.distribution import PolicyDistributor
 from stockade.controller.events import SyslogForwarder
 from stockade.controller.metrics import Metrics, MetricsMiddleware
 from stockade.controller.store import StaleRevisionError
+from stockade.controller.web_mount import mount_console
 from stockade.errors import AuthError, ConflictError, NotFoundError, StockadeError, ValidationError
 
 log = logging.getLogger("stockade.controller")
@@ -170,4 +171,5 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     for prefix, router in included:
         app.include_router(router, prefix=prefix)
     app.state.routers = included  # walked by the authorisation-matrix test
+    mount_console(app)  # the web console at / (a fallback: routes always win)
     return app
