@@ -2,8 +2,9 @@
 
 One controller process (uvicorn + uvloop, plain HTTP on 127.0.0.1) and one client process with
 N simulated agents (asyncio, a minimal keep-alive HTTP/1.1 client per agent, no kernel). Each
-agent enrols with an activation code, then loops: long-poll ``/policy/wait`` -> ``GET /policy``
-(delta since its applied revision) -> ``POST /ack``, and heartbeats every ``--heartbeat`` s.
+agent enrols with an activation code, then loops: long-poll ``/policy/wait?include_policy=true``
+(which answers with the delta since its applied revision) -> ``POST /ack``, and heartbeats
+every ``--heartbeat`` s.
 
 Estate: apps of 10 workloads (5 ``role=web``, 5 ``role=db``), one ruleset per app (web -> db on
 5432/tcp, intra-scope), and one global ruleset (``role=monitor`` -> every workload on 22/tcp).
@@ -44,7 +45,7 @@ APP_SIZE = 10
 
 
 def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -183,21 +184,19 @@ async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event)
     while not stop.is_set():
         try:
             timeout = max(0.5, min(30.0, next_beat - time.monotonic()))
-            status, got = await poll.request("GET", f"{base}/policy/wait?after={a.applied}&timeout={timeout:.1f}",
-                                             a.token)
+            query = f"after={a.applied}&timeout={timeout:.1f}&include_policy=true"
+            status, got = await poll.request("GET", f"{base}/policy/wait?{query}", a.token)
             if status != 200:
                 a.errors += 1
                 await asyncio.sleep(1)
                 continue
             if got["changed"]:
-                since = f"?since={a.applied}" if a.applied else ""
-                status, pol = await poll.request("GET", f"{base}/policy{since}", a.token)
-                if status == 200:
-                    status, _ = await poll.request("POST", f"{base}/ack", a.token, {"revision": pol["revision"]})
-                    a.applied = pol["revision"]
-                    a.acks.append((time.perf_counter(), a.applied))
-                else:
-                    a.errors += 1
+                pol = got["policy"]
+                if pol["full"] is None and pol["base"] != a.applied:
+                    a.errors += 1  # a delta must start from what this agent applied
+                status, _ = await poll.request("POST", f"{base}/ack", a.token, {"revision": pol["revision"]})
+                a.applied = pol["revision"]
+                a.acks.append((time.perf_counter(), a.applied))
             if time.monotonic() >= next_beat:
                 await poll.request("POST", f"{base}/heartbeat", a.token, {})
                 next_beat = time.monotonic() + heartbeat

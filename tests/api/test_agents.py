@@ -88,7 +88,12 @@ def test_enrol_and_receive_policy(api: Api) -> None:
     assert api.ctl.dist.revisions["db-1"] == new_rev
     # a timed-out wait says unchanged
     idle = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token, params={"after": new_rev, "timeout": 0.2})
-    assert idle == {"revision": new_rev, "changed": False}
+    assert idle == {"revision": new_rev, "changed": False, "policy": None}
+    # include_policy answers a wait with the fetch result (here: full, since no base revision given)
+    inline = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token,
+                    params={"after": 0, "timeout": 0, "include_policy": "true"})
+    assert inline["changed"] and inline["policy"]["full"]["workload"] == "db-1"
+    assert inline["policy"]["revision"] == new_rev
 
     # report interfaces: peers (web-1) see the new address
     web_before = api.ok("GET", "/workloads/web-1/host-policy")["revision"]

@@ -17,9 +17,10 @@ Agent side, the protocol the agent (issue 5) implements::
     PUT  /api/v1/agents/{id}/interfaces  {interfaces: [{name, addresses}]}
          updates the workload's addresses, hence every peer's address sets -> {revision}
     POST /api/v1/agents/{id}/heartbeat   {}  -> {revision}  (the desired revision)
-    GET  /api/v1/agents/{id}/policy/wait?after=REV&timeout=S
+    GET  /api/v1/agents/{id}/policy/wait?after=REV&timeout=S[&include_policy=true]
          long-poll: answers as soon as the host's revision exceeds REV, or at the timeout,
-         with {revision, changed}
+         with {revision, changed, policy}; with include_policy=true and changed, ``policy`` is
+         the answer of GET .../policy?since=REV (one round trip fewer), else null
     GET  /api/v1/agents/{id}/policy[?since=REV]
          {revision, full: HostPolicy JSON (stockade.compiler.ir.host_policy_to_dict) | null,
           base, set_deltas: [{name, family, added, removed}]}; with ``since`` = an earlier
@@ -113,20 +114,21 @@ class RevisionOut(BaseModel):
     revision: int
 
 
-class WaitOut(BaseModel):
-    revision: int
-    changed: bool
-
-
-class AckIn(Strict):
-    revision: Annotated[int, Field(ge=0, le=2**31 - 1)]
-
-
 class PolicyOut(BaseModel):
     revision: int
     full: dict[str, Any] | None
     base: int | None = None
     set_deltas: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class WaitOut(BaseModel):
+    revision: int
+    changed: bool
+    policy: PolicyOut | None = Field(None, description="with include_policy=true and changed: the fetch answer")
+
+
+class AckIn(Strict):
+    revision: Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class AgentOut(BaseModel):
@@ -379,6 +381,7 @@ async def wait_for_policy(
     principal: Annotated[Principal, Depends(require(Permission.AGENT))],
     after: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     timeout: Annotated[float, Query(ge=0, le=300)] = 30.0,
+    include_policy: bool = False,
 ) -> WaitOut:
     name = _self(principal, agent_id)
     ctl = controller_of(request)
@@ -389,7 +392,18 @@ async def wait_for_policy(
         rev = await ctl.dist.wait(name, after, min(timeout, ctl.settings.long_poll_max))
     finally:
         ctl.metrics.waiting.dec()
+    if include_policy and rev > after:
+        # the answer to GET .../policy?since=after, saving the agent a round trip
+        policy = await _fetch(ctl, name, after or None)
+        return WaitOut(revision=policy.revision, changed=True, policy=policy)
     return WaitOut(revision=rev, changed=rev > after)
+
+
+async def _fetch(ctl: Controller, workload: str, since: int | None) -> PolicyOut:
+    got = ctl.dist.fetch_nowait(workload, since)
+    if got is None:
+        got = await run_in_threadpool(ctl.dist.fetch, workload, since)
+    return PolicyOut(revision=got.revision, full=got.full, base=got.base, set_deltas=list(got.set_deltas))
 
 
 @router.get("/agents/{agent_id}/policy", tags=["Agent protocol"], responses=ERRORS, operation_id="fetch-policy")
@@ -400,8 +414,7 @@ async def fetch_policy(
     since: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
 ) -> PolicyOut:
     name = _self(principal, agent_id)
-    got = await run_in_threadpool(controller_of(request).dist.fetch, name, since)
-    return PolicyOut(revision=got.revision, full=got.full, base=got.base, set_deltas=list(got.set_deltas))
+    return await _fetch(controller_of(request), name, since)
 
 
 @router.post("/agents/{agent_id}/ack", tags=["Agent protocol"], responses=ERRORS, status_code=204,

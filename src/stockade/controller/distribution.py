@@ -265,12 +265,12 @@ class PolicyDistributor:
                 self.hashes.pop(name, None)
                 self.history.pop(name, None)
                 continue
-            self.revisions[name] = rev
-            self.hashes[name] = h
             hist = self.history.setdefault(name, OrderedDict())
-            hist[rev] = hp
+            hist[rev] = hp  # before the revision, so lock-free readers find it
             while len(hist) > HISTORY:
                 hist.popitem(last=False)
+            self.hashes[name] = h
+            self.revisions[name] = rev
         if bumps and self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._wake, tuple(bumps))
 
@@ -310,8 +310,20 @@ class PolicyDistributor:
                 hp = hist[rev] = self.compiler.host_policy(workload)
             return rev, hp
 
+    def fetch_nowait(self, workload: str, since: int | None) -> Fetched | None:
+        """:meth:`fetch` without the lock, for the event loop: None when the compiled policy of the
+        current revision is not in the history yet (then call :meth:`fetch` in a thread)."""
+        rev = self.revisions.get(workload)
+        hp = self.history.get(workload, OrderedDict()).get(rev) if rev is not None else None
+        if rev is None or hp is None:
+            return None
+        return self._answer(workload, rev, hp, since)
+
     def fetch(self, workload: str, since: int | None) -> Fetched:
         rev, hp = self.current(workload)
+        return self._answer(workload, rev, hp, since)
+
+    def _answer(self, workload: str, rev: int, hp: HostPolicy, since: int | None) -> Fetched:
         if since is not None and since != rev:
             old = self.history.get(workload, OrderedDict()).get(since)
             if old is not None and old.rules_key() == hp.rules_key():
