@@ -396,7 +396,7 @@ async def wait_for_policy(
         # the answer to GET .../policy?since=after, saving the agent a round trip
         policy = await _fetch(ctl, name, after or None)
         return WaitOut(revision=policy.revision, changed=True, policy=policy)
-    return WaitOut(revision=rev, changed=rev > after)
+    return WaitOut(revision=rev, changed=rev > after, policy=None)
 
 
 async def _fetch(ctl: Controller, workload: str, since: int | None) -> PolicyOut:
