@@ -31,6 +31,13 @@ accepts by default, drops only deny rules not crossed by an allow; *visibility* 
 nothing: would-be drops are counted, logged to NFLOG ``group <log_group>`` with prefix
 ``stk:pb:<rule id>`` and accepted; *idle* renders an artifact whose text only deletes the table.
 
+Flow logging (visibility in every enforcing mode): every verdict of ``inbound`` / ``outbound``
+sees only packets the ``ct state established,related`` failsafe did not accept, i.e. the first
+packet of a new connection, and logs it to the same NFLOG group with a verdict prefix:
+``stk:a:<rule id>`` accepted, ``stk:d:<rule id>`` dropped, ``stk:pb:<rule id>`` would-be drop
+(accepted). Selective mode's default is a verdict-less log rule, so the packet still falls
+back to the base chain exactly as before.
+
 Rule statements are written in the exact form ``nft list`` prints them back (nft 1.0.6), so
 ``verify`` can compare rules line by line; every rule carries ``comment "<rule id>"``.
 Everything interpolated is an int, an IP object or a validated identifier.
@@ -53,6 +60,8 @@ from stockade.model.services import Proto, ServiceEntry
 from stockade.model.workloads import EnforcementMode
 
 LOG_PREFIX = "stk:pb:"  # NFLOG prefix of would-be drops in visibility mode: LOG_PREFIX + rule id
+ACCEPT_LOG_PREFIX = "stk:a:"  # NFLOG prefix of accepted new connections: + rule id
+DROP_LOG_PREFIX = "stk:d:"  # NFLOG prefix of dropped new connections: + rule id
 DEFAULT_RULE_ID = "default"
 LOCAL_SET = "local"  # forward chain only: the host's own addresses
 
@@ -235,6 +244,12 @@ def log_prefix(rule_id: str) -> str:
     return LOG_PREFIX + rule_id
 
 
+def flow_log(prefix: str, rule_id: str, group: int) -> str:
+    """The NFLOG statement of one verdict: ``log prefix "<prefix><rule id>" group N``."""
+    _comment(rule_id)
+    return f'log prefix "{prefix}{rule_id}" group {group}'
+
+
 def rule_id_of_log_prefix(prefix: str) -> str | None:
     """Inverse of :func:`log_prefix`; None for a prefix Stockade did not write."""
     return prefix[len(LOG_PREFIX) :] if prefix.startswith(LOG_PREFIX) else None
@@ -334,19 +349,17 @@ class _Options:
 
 def _verdict(action: Action, rule_id: str, opts: _Options) -> str:
     if action is Action.ALLOW:
-        return "accept"
+        return f"{flow_log(ACCEPT_LOG_PREFIX, rule_id, opts.log_group)} accept"
     if opts.mode is EnforcementMode.VISIBILITY:
-        return f'counter log prefix "{log_prefix(rule_id)}" group {opts.log_group} accept'
-    return "counter drop"
+        return f"counter {flow_log(LOG_PREFIX, rule_id, opts.log_group)} accept"
+    return f"counter {flow_log(DROP_LOG_PREFIX, rule_id, opts.log_group)} drop"
 
 
 def _default_rules(opts: _Options) -> tuple[str, ...]:
-    if opts.mode is EnforcementMode.FULL:
-        return (f"counter drop {_comment(DEFAULT_RULE_ID)}",)
-    if opts.mode is EnforcementMode.VISIBILITY:
-        verdict = _verdict(Action.DENY, DEFAULT_RULE_ID, opts)
-        return (f"{verdict} {_comment(DEFAULT_RULE_ID)}",)
-    return ()
+    if opts.mode is EnforcementMode.SELECTIVE:  # log only: the base chain's policy accepts
+        return (f"{flow_log(ACCEPT_LOG_PREFIX, DEFAULT_RULE_ID, opts.log_group)} {_comment(DEFAULT_RULE_ID)}",)
+    verdict = _verdict(Action.DENY, DEFAULT_RULE_ID, opts)
+    return (f"{verdict} {_comment(DEFAULT_RULE_ID)}",)
 
 
 def _host_rule_lines(rule: HostRule, opts: _Options) -> list[str]:
@@ -363,7 +376,7 @@ def _host_rule_lines(rule: HostRule, opts: _Options) -> list[str]:
     return lines
 
 
-def _controller_lines(hp: HostPolicy) -> list[str]:
+def _controller_lines(hp: HostPolicy, log_group: int) -> list[str]:
     fs = hp.failsafe
     if not fs.controller:
         return []
@@ -375,7 +388,8 @@ def _controller_lines(hp: HostPolicy) -> list[str]:
         if fam_ranges:
             elems = [_range_element(lo, hi, family) for lo, hi in fam_ranges]
             lines.append(
-                f"{proto} daddr {_braced(elems)} tcp dport {fs.controller_port} accept "
+                f"{proto} daddr {_braced(elems)} tcp dport {fs.controller_port} "
+                f"{flow_log(ACCEPT_LOG_PREFIX, 'failsafe:controller', log_group)} accept "
                 f"{_comment('failsafe:controller')}"
             )
     return lines
@@ -428,9 +442,10 @@ def render_nftables(
                 raise RenderError(f"rule {rule.rule_id} references missing set {rule.peer} ({family.name})")
 
     inbound: list[str] = []
+    mgmt_log = flow_log(ACCEPT_LOG_PREFIX, "failsafe:management", log_group)
     for match in service_matches(hp.failsafe.management, None):
-        inbound.append(_join(match, "accept", _comment("failsafe:management")))
-    outbound = _controller_lines(hp)
+        inbound.append(_join(match, mgmt_log, "accept", _comment("failsafe:management")))
+    outbound = _controller_lines(hp, log_group)
     for rule in hp.rules:
         (inbound if rule.direction is Direction.INBOUND else outbound).extend(_host_rule_lines(rule, opts))
     inbound.extend(_default_rules(opts))
