@@ -136,14 +136,15 @@ class IptablesBackend:
         save4, save6, loaded = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6), r.ipset_cmd(load.text)])
         saves = {Family.V4: save4, Family.V6: save6}
         states = {f: parse_filter_save(res.stdout, self.prefix, f) for f, res in saves.items() if res.ok}
+        before = frozenset(loaded.stdout.split())  # what ``list -n`` printed before any change
         if not loaded.ok:
             line = loaded.error_line() or 0
             done = load.swapped[: max(0, line - load.swap_line)]
-            self._undo_sets(done, artifact.sets, states)
+            self._undo_sets(done, artifact.sets, before)
             raise ApplyError(f"ipset refused the new sets (nothing changed): {loaded.message()}")
         failed_save = [res for res in saves.values() if not res.ok]
         if failed_save:
-            self._undo_sets(artifact.sets, artifact.sets, states)
+            self._undo_sets(artifact.sets, artifact.sets, before)
             raise ApplyError(f"cannot read the current rules (nothing changed): {failed_save[0].message()}")
 
         scripts = {f: rules_script(artifact.ruleset(f), states[f], self.prefix) for f in FAMILIES}
@@ -156,25 +157,19 @@ class IptablesBackend:
                     undo = r.run(r.restore_cmd(f, rollback_script(states[f], artifact.ruleset(f), self.prefix)))
                     if not undo.ok:
                         problems.append(f"ROLLBACK FAILED, IPv{f.value} chains hold the new rules: {undo.message()}")
-            self._undo_sets(artifact.sets, artifact.sets, states)
+            self._undo_sets(artifact.sets, artifact.sets, before)
             raise ApplyError("iptables refused the new rules (previous rules and sets kept): " + "; ".join(problems))
 
-        old_refs = states[Family.V4].referenced_sets() | states[Family.V6].referenced_sets()
-        new_names = {s.name for s in artifact.sets}
-        stale = sorted(n for n in old_refs - new_names if n.startswith(self.set_prefix))
+        keep = {s.name for s in artifact.sets}
+        stale = sorted(n for n in before if n.startswith(self.set_prefix) and n not in keep)
         self._destroy_sets([*(s.temp_name for s in artifact.sets), *stale])
 
-    def _undo_sets(
-        self, swapped: tuple[IpSet, ...], sets: tuple[IpSet, ...], states: dict[Family, FilterState]
-    ) -> None:
-        """Swap back ``swapped``, destroy the temporary sets and the live sets no old rule uses."""
+    def _undo_sets(self, swapped: tuple[IpSet, ...], sets: tuple[IpSet, ...], before: frozenset[str]) -> None:
+        """Swap back ``swapped``, destroy the temporary sets and the live sets this apply created."""
         if swapped:
             self.runner.run(self.runner.ipset_cmd(ipset_swap_script(swapped)))
-        names = [s.temp_name for s in sets]
-        if len(states) == len(FAMILIES):  # only when we know which live sets the old rules use
-            used = frozenset().union(*(st.referenced_sets() for st in states.values()))
-            names += [s.name for s in sets if s.name not in used]
-        self._destroy_sets(names)
+        created = [s.name for s in sets if s.name not in before]
+        self._destroy_sets([*(s.temp_name for s in sets), *created])
 
     def _destroy_sets(self, names: list[str]) -> None:
         """Destroy sets, skipping any the kernel refuses (still referenced by someone)."""

@@ -181,9 +181,13 @@ class IpsetLoad:
 
 
 def ipset_load_script(sets: Iterable[IpSet]) -> IpsetLoad:
-    """New members into ``<name>-t``, live sets created if missing, then one swap per set."""
+    """New members into ``<name>-t``, live sets created if missing, then one swap per set.
+
+    The first line, ``list -n``, prints the names of the sets that existed before: the
+    runner learns which sets are stale, or were created by this load, at no extra cost.
+    """
     sets = tuple(sets)
-    lines: list[str] = []
+    lines: list[str] = ["list -n"]
     for s in sets:
         tmp = s.temp_name
         lines += [s.create_line(tmp), f"flush {tmp}"]
@@ -191,7 +195,7 @@ def ipset_load_script(sets: Iterable[IpSet]) -> IpsetLoad:
     lines += [s.create_line(s.name) for s in sets]
     swap_line = len(lines) + 1
     lines += [f"swap {s.temp_name} {s.name}" for s in sets]
-    return IpsetLoad("\n".join(lines) + "\n" if lines else "", swap_line, sets)
+    return IpsetLoad("\n".join(lines) + "\n", swap_line, sets)
 
 
 def ipset_swap_script(sets: Iterable[IpSet]) -> str:
