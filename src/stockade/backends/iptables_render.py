@@ -416,8 +416,12 @@ def _default_rules(opts: _Options) -> list[str]:
 def _host_rule_lines(rule: HostRule, family: Family, opts: _Options) -> list[str]:
     direction = "src" if rule.direction is Direction.INBOUND else "dst"
     peer = f"-m set --match-set {ipset_name(opts.prefix, rule.peer, family)} {direction}"
+    try:
+        matches = service_matches(rule.services, family)
+    except RenderError as exc:
+        raise RenderError(f"rule {rule.rule_id!r}: {exc}") from exc
     lines: list[str] = []
-    for match in service_matches(rule.services, family):
+    for match in matches:
         lines += _verdict_rules(_rule_id(rule.rule_id), rule.action, opts, match=match, peer=peer)
     return lines
 
