@@ -66,7 +66,7 @@ IPTABLES_CASES: tuple[Case, ...] = (
                     IN,
                     "ruleset/many/0",
                     WEB[0].name,
-                    tuple(tcp(p) for p in range(1000, 1024, 2)) + (tcp(2000, 2010), tcp(3000, 3010), udp(53)),
+                    (*(tcp(p) for p in range(1000, 1024, 2)), tcp(2000, 2010), tcp(3000, 3010), udp(53)),
                 ),
             ],
             [WEB],
@@ -201,7 +201,7 @@ def test_hostile_rule_id_is_refused() -> None:
 def test_icmp_type_255_fails_closed_naming_the_rule() -> None:
     case = next(c for c in CASES if c.name == "icmp_types")
     rule = replace(case.policy.rules[0], services=(icmp(255),))
-    with pytest.raises(RenderError, match="ruleset/ping/0.*255"):
+    with pytest.raises(RenderError, match=r"ruleset/ping/0.*255"):
         backend_for(case, IptablesVariant.NFT).render(replace(case.policy, rules=(rule,)))
 
 
@@ -209,5 +209,5 @@ def test_capability_check_runs_before_rendering() -> None:
     case = next(c for c in CASES if c.name == "full_basic")
     backend = backend_for(case, IptablesVariant.NFT)
     backend.capabilities = frozenset(c for c in backend.capabilities if c.value != "outbound rules")
-    with pytest.raises(UnsupportedFeatureError, match="outbound rules.*ruleset/shop/1"):
+    with pytest.raises(UnsupportedFeatureError, match=r"outbound rules.*ruleset/shop/1"):
         backend.render(case.policy)
