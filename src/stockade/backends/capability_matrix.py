@@ -49,9 +49,9 @@ def capability_matrix(backends: Mapping[str, type[Any]] | None = None) -> Capabi
     table = BACKENDS if backends is None else backends
     columns = []
     for name, cls in table.items():
-        declared = getattr(cls, "capabilities", frozenset())
+        declared: frozenset[Capability] = frozenset(getattr(cls, "capabilities", frozenset()))
         doc = (cls.__doc__ or "").strip().splitlines()
-        columns.append(BackendColumn(name, doc[0] if doc else "", frozenset(declared)))
+        columns.append(BackendColumn(name, doc[0] if doc else "", declared))
     return CapabilityMatrix(tuple(columns))
 
 
