@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from stockade.backends.base import Backend
+from stockade.backends.ebpf import EbpfBackend
 from stockade.backends.iptables import IptablesBackend
 from stockade.backends.nftables import NftablesBackend
 from stockade.errors import NotFoundError
@@ -16,6 +17,7 @@ from stockade.errors import NotFoundError
 BACKENDS: dict[str, type[Backend[Any]]] = {
     "nftables": NftablesBackend,
     "iptables": IptablesBackend,
+    "ebpf": EbpfBackend,
 }
 
 
