@@ -12,12 +12,14 @@ from stockade.backends.base import Backend
 from stockade.backends.ebpf import EbpfBackend
 from stockade.backends.iptables import IptablesBackend
 from stockade.backends.nftables import NftablesBackend
+from stockade.backends.windows import WindowsFirewallBackend
 from stockade.errors import NotFoundError
 
 BACKENDS: dict[str, type[Backend[Any]]] = {
     "nftables": NftablesBackend,
     "iptables": IptablesBackend,
     "ebpf": EbpfBackend,
+    "windows": WindowsFirewallBackend,
 }
 
 

@@ -1,0 +1,64 @@
+# Stockade Windows Firewall policy: workload web-1, mode full
+# peers: dynamic-keywords; rules: 9; keywords: 3
+$ErrorActionPreference = 'Stop'
+$StockadeGroup = 'Stockade'
+$StockadeKeywordPrefix = 'stockade-'
+$StockadeRulePrefix = 'stk-'
+$StockadeHasKeywords = [bool](Get-Command -Name 'Get-NetFirewallDynamicKeywordAddress' -ErrorAction SilentlyContinue)
+
+function Remove-StockadeObjects([string]$Generation, [bool]$Keep) {
+    # Keep $true: remove every Stockade generation except $Generation; $false: remove only it.
+    $rulePrefix = $StockadeRulePrefix + $Generation + '-'
+    $rules = @(Get-NetFirewallRule -Group $StockadeGroup -ErrorAction SilentlyContinue)
+    foreach ($r in $rules) {
+        if ($r.Name.StartsWith($rulePrefix) -ne $Keep) { Remove-NetFirewallRule -Name $r.Name }
+    }
+    if ($StockadeHasKeywords) {
+        $keywordPrefix = $StockadeKeywordPrefix + $Generation + '-'
+        foreach ($k in @(Get-NetFirewallDynamicKeywordAddress -All -ErrorAction SilentlyContinue)) {
+            if (-not $k.Keyword.StartsWith($StockadeKeywordPrefix)) { continue }
+            if ($k.Keyword.StartsWith($keywordPrefix) -ne $Keep) {
+                Remove-NetFirewallDynamicKeywordAddress -Id $k.Id
+            }
+        }
+    }
+}
+
+$StockadeGeneration = [guid]::NewGuid().ToString('N').Substring(0, 12)
+
+function New-StockadeKeyword([string]$Name, [string]$Addresses) {
+    $id = '{' + [guid]::NewGuid().ToString() + '}'
+    $keyword = $StockadeKeywordPrefix + $StockadeGeneration + '-' + $Name
+    New-NetFirewallDynamicKeywordAddress -Id $id -Keyword $keyword -Addresses $Addresses | Out-Null
+    return $id
+}
+
+$StockadeKeywords = @{}
+try {
+    $StockadeKeywords['pcorp0000004'] = New-StockadeKeyword -Name 'pcorp0000004' -Addresses '10.0.0.0/8,172.16.0.0/12,fd00::/48'
+    $StockadeKeywords['pdb000000002'] = New-StockadeKeyword -Name 'pdb000000002' -Addresses '10.0.1.20,fd00:1::20'
+    $StockadeKeywords['pweb00000001'] = New-StockadeKeyword -Name 'pweb00000001' -Addresses '10.0.0.11-10.0.0.13,fd00::11'
+    # failsafe:nd
+    New-NetFirewallRule -Name "$StockadeRulePrefix$StockadeGeneration-0001" -Group $StockadeGroup -DisplayName 'Stockade failsafe:nd #0001' -Description 'failsafe:nd' -Direction Inbound -Action Allow -Profile Any -Enabled True -Protocol ICMPv6 -IcmpType @((133..137)) | Out-Null
+    # failsafe:nd
+    New-NetFirewallRule -Name "$StockadeRulePrefix$StockadeGeneration-0002" -Group $StockadeGroup -DisplayName 'Stockade failsafe:nd #0002' -Description 'failsafe:nd' -Direction Outbound -Action Allow -Profile Any -Enabled True -Protocol ICMPv6 -IcmpType @((133..137)) | Out-Null
+    # failsafe:management
+    New-NetFirewallRule -Name "$StockadeRulePrefix$StockadeGeneration-0003" -Group $StockadeGroup -DisplayName 'Stockade failsafe:management #0003' -Description 'failsafe:management' -Direction Inbound -Action Allow -Profile Any -Enabled True -Protocol TCP -LocalPort @('22') | Out-Null
+    # ruleset/ping/0
+    New-NetFirewallRule -Name "$StockadeRulePrefix$StockadeGeneration-0004" -Group $StockadeGroup -DisplayName 'Stockade ruleset/ping/0 #0004' -Description 'ruleset/ping/0' -Direction Inbound -Action Allow -Profile Any -Enabled True -Protocol ICMPv4 -IcmpType @(@(8) + @(13)) -RemoteDynamicKeywordAddresses $StockadeKeywords['pweb00000001'] | Out-Null
+    # ruleset/ping/0
+    New-NetFirewallRule -Name "$StockadeRulePrefix$StockadeGeneration-0005" -Group $StockadeGroup -DisplayName 'Stockade ruleset/ping/0 #0005' -Description 'ruleset/ping/0' -Direction Inbound -Action Allow -Profile Any -Enabled True -Protocol ICMPv6 -IcmpType @(@(128) + @(200)) -RemoteDynamicKeywordAddresses $StockadeKeywords['pweb00000001'] | Out-Null
+    # ruleset/ping/1
+    New-NetFirewallRule -Name "$StockadeRulePrefix$StockadeGeneration-0006" -Group $StockadeGroup -DisplayName 'Stockade ruleset/ping/1 #0006' -Description 'ruleset/ping/1' -Direction Outbound -Action Allow -Profile Any -Enabled True -Protocol ICMPv4 -RemoteDynamicKeywordAddresses $StockadeKeywords['pdb000000002'] | Out-Null
+    # ruleset/ping/1
+    New-NetFirewallRule -Name "$StockadeRulePrefix$StockadeGeneration-0007" -Group $StockadeGroup -DisplayName 'Stockade ruleset/ping/1 #0007' -Description 'ruleset/ping/1' -Direction Outbound -Action Allow -Profile Any -Enabled True -Protocol ICMPv6 -RemoteDynamicKeywordAddresses $StockadeKeywords['pdb000000002'] | Out-Null
+    # ruleset/ping/2
+    New-NetFirewallRule -Name "$StockadeRulePrefix$StockadeGeneration-0008" -Group $StockadeGroup -DisplayName 'Stockade ruleset/ping/2 #0008' -Description 'ruleset/ping/2' -Direction Inbound -Action Allow -Profile Any -Enabled True -Protocol TCP -LocalPort @('22') -RemoteDynamicKeywordAddresses $StockadeKeywords['pcorp0000004'] | Out-Null
+    # ruleset/ping/2
+    New-NetFirewallRule -Name "$StockadeRulePrefix$StockadeGeneration-0009" -Group $StockadeGroup -DisplayName 'Stockade ruleset/ping/2 #0009' -Description 'ruleset/ping/2' -Direction Inbound -Action Allow -Profile Any -Enabled True -Protocol ICMPv4 -IcmpType @(8) -RemoteDynamicKeywordAddresses $StockadeKeywords['pcorp0000004'] | Out-Null
+    Set-NetFirewallProfile -All -Enabled True -DefaultInboundAction Block -DefaultOutboundAction Block -LogAllowed False -LogBlocked True
+} catch {
+    Remove-StockadeObjects -Generation $StockadeGeneration -Keep $false
+    throw
+}
+Remove-StockadeObjects -Generation $StockadeGeneration -Keep $true
