@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.enforcer import Enforcer
 from stockade.agent.fake import FakeController, FakeControllerClient, MemoryBackend, wait_until
-from stockade.agent.hostinfo import HostReport
+from stockade.agent.host import HostReport
 from stockade.agent.state import StateDir
 from stockade.agent.systemd import UNIT_NAME, UnitOptions, exec_start, notify, render_unit
 from stockade.cli import main
@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_shipped_unit_is_the_default_rendering() -> None:
     shipped = (REPO / "packaging" / "systemd" / "stockade-agent.service").read_text()
     assert shipped == render_unit(UnitOptions())
-    assert "ExecStart=/usr/local/bin/stockade agent --backend nftables --state-dir /var/lib/stockade-agent" in shipped
+    exec_line = "ExecStart=/usr/bin/python3 -m stockade.agent --backend nftables --state-dir /var/lib/stockade-agent"
+    assert exec_line in shipped
     assert "Type=notify" in shipped and "Restart=always" in shipped
 
 
@@ -40,11 +41,11 @@ def test_install_writes_unit_and_keeps_the_code_out_of_it(tmp_path: Path) -> Non
     result = CliRunner().invoke(
         main,
         ["agent", "install", "--controller", "https://10.70.0.1:8443", "--activation-code", "act_SECRETCODE",
-         "--state-dir", str(state_dir), "--unit-dir", str(unit_dir), "--executable", "/opt/stockade/bin/stockade"],
+         "--state-dir", str(state_dir), "--unit-dir", str(unit_dir), "--python", "/opt/stockade/bin/python"],
     )
     assert result.exit_code == 0, result.output
     unit = (unit_dir / UNIT_NAME).read_text()
-    assert "ExecStart=/opt/stockade/bin/stockade agent" in unit
+    assert "ExecStart=/opt/stockade/bin/python -m stockade.agent" in unit
     assert "--controller https://10.70.0.1:8443" in unit
     assert "act_SECRETCODE" not in unit
     assert stat.S_IMODE((unit_dir / UNIT_NAME).stat().st_mode) == 0o644

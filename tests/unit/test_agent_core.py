@@ -15,7 +15,7 @@ import pytest
 from stockade.agent.backoff import Backoff, BackoffPolicy
 from stockade.agent.enforcer import Enforcer, apply_set_deltas
 from stockade.agent.fake import MemoryBackend
-from stockade.agent.hostinfo import host_report_from_netlink
+from stockade.agent.host import host_report_from_netlink
 from stockade.agent.state import CachedPolicy, Credential, StateDir
 from stockade.agent.transport import UpdateKind, policy_update_from_dict
 from stockade.backends.base import Capability

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from stockade.agent.hostinfo import HostReport, InterfaceReport
+from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
 from stockade.agent.state import Credential
 from stockade.agent.transport import AgentEvent, ControllerUnreachableError, EventKind, Heartbeat, UpdateKind

@@ -16,7 +16,7 @@ from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.backoff import BackoffPolicy
 from stockade.agent.enforcer import Enforcer
 from stockade.agent.fake import FakeController, FakeControllerClient, MemoryBackend, wait_until
-from stockade.agent.hostinfo import HostReport, InterfaceReport
+from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.state import CachedPolicy, StateDir
 from stockade.agent.transport import EventKind
 from stockade.backends.base import Capability
@@ -267,3 +267,16 @@ def test_no_credential_and_no_code_is_an_error_but_cache_enforced(tmp_path: Path
     assert h.backend.installed is not None
     assert not a.enrolled.wait(0.2)
     h.stop()
+
+
+def test_address_change_reconnects_and_reports_the_new_addresses(h: Harness) -> None:
+    h.controller.publish(host_policy())
+    reports = [HOST, HostReport("web1", "Linux", (InterfaceReport("eth0", (ipaddress.ip_address("10.0.0.9"),)),))]
+    a = h.agent()
+    a.host_reader = lambda: reports[0]
+    a.start()
+    assert wait(lambda: h.acked() == [1] and h.controller.agent_for("web1").hosts[-1] == HOST)
+    reports.pop(0)
+    a.on_address_change()  # what the netlink watcher calls
+    assert wait(lambda: h.controller.agent_for("web1").hosts[-1] == reports[0])
+    assert h.clients[-1].reconnects == 1

@@ -21,11 +21,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from stockade.agent.backoff import Backoff, BackoffPolicy
-from stockade.agent.enforcer import Enforcer, apply_set_deltas
-from stockade.agent.hostinfo import AddressWatcher, HostReport, read_host
+from stockade.agent.enforcer import CacheStart, Enforcer, apply_set_deltas, enforce_cache
+from stockade.agent.host import HostReport
+from stockade.agent.hostinfo import AddressWatcher, read_host
 from stockade.agent.outbox import Outbox
 from stockade.agent.state import CachedPolicy, Credential, StateDir
 from stockade.agent.systemd import notify as notify_systemd
@@ -79,6 +81,7 @@ class Agent:
         *,
         host_reader: Callable[[], HostReport] = read_host,
         clock: Callable[[], float] = time.time,
+        cache: CacheStart | None = None,
     ) -> None:
         self.options = options
         self.state = state
@@ -98,14 +101,20 @@ class Agent:
         self._pending_ack: int | None = None
         self._last_failure: tuple[int, str] | None = None
         self._last_refusal: int | None = None
+        self._poke = threading.Event()  # wakes the enforce loop: long-poll answered, stop, address change
+        self._interrupted = threading.Event()
         self._backoff = Backoff(options.backoff)
         self.enrolled = threading.Event()
         self.converged = threading.Event()  # set after every successful apply (tests wait on it)
+        self._cache = cache  # the caller may have enforced the cache already (fast start-up)
+        if cache is not None:
+            self._adopt_cache(cache)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        """Enforce the cache now, then run everything else in daemon threads."""
-        self.enforce_cache()
+        """Enforce the cache now (unless done already), then run everything else in daemon threads."""
+        if self._cache is None:
+            self.enforce_cache()
         notify_systemd("READY=1")
         self._spawn(self._tamper_loop, "stockade-tamper")
         self._spawn(self._main, "stockade-enforce")
@@ -113,6 +122,7 @@ class Agent:
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the threads; the rules in force stay in force."""
         self._stop.set()
+        self._poke.set()
         if self._watcher is not None:
             self._watcher.stop()
         if self.client is not None:
@@ -126,6 +136,7 @@ class Agent:
     def request_stop(self) -> None:
         """Ask the agent to stop (safe from a signal handler); ``wait()`` then returns."""
         self._stop.set()
+        self._poke.set()
 
     def wait(self) -> None:
         """Block until ``stop()`` (for the CLI's foreground run)."""
@@ -151,21 +162,15 @@ class Agent:
 
     # ---- 1. the cache --------------------------------------------------------------------------
     def enforce_cache(self) -> None:
-        try:
-            cached = self.state.load_policy()
-        except ValidationError as exc:
-            self._event(EventKind.CACHE_UNUSABLE, str(exc))
-            return
-        if cached is None:
-            self._event(EventKind.STARTED, "no cached policy")
-            return
-        try:
-            self.enforcer.enforce(cached.policy)
-        except StockadeError as exc:
-            self._event(EventKind.APPLY_FAILED, f"cached policy: {exc}", cached.revision)
-            return
-        self.applied_revision = cached.revision
-        self._event(EventKind.STARTED, f"enforcing cached revision {cached.revision}", cached.revision)
+        """Enforce the on-disk cache now (``start()`` does it unless it was done already)."""
+        self._cache = enforce_cache(self.state, self.enforcer, self.clock)
+        self._adopt_cache(self._cache)
+
+    def _adopt_cache(self, cache: CacheStart) -> None:
+        if cache.revision:
+            self.applied_revision = cache.revision
+        log.info("event %s (revision %s): %s", cache.event.kind.value, cache.event.revision, cache.event.detail)
+        self.outbox.event(cache.event)
 
     # ---- 2. tamper watcher -----------------------------------------------------------------------
     def _tamper_loop(self) -> None:
@@ -236,16 +241,21 @@ class Agent:
             return
         self.client = client
         self.enrolled.set()
+        if self.applied_revision:
+            self._pending_ack = self.applied_revision  # what the cache put in force
         self.outbox.start(client)
         self._report_host()
         if self.options.watch_addresses:
-            self._watcher = AddressWatcher(self._report_host, lambda e: log.warning("address watch: %s", e))
+            self._watcher = AddressWatcher(self.on_address_change, lambda e: log.warning("address watch: %s", e))
             self._watcher.start()
         while not self._stop.is_set():
             try:
                 self._step(client)
                 self._backoff.reset()
             except ControllerUnreachableError as exc:
+                # Re-acknowledge once it is back: a restarted controller may have lost the ack.
+                if self.applied_revision and self._pending_ack is None:
+                    self._pending_ack = self.applied_revision
                 delay = self._backoff.next_delay()
                 log.info("controller unreachable (%s); enforcing revision %d, retry in %.2fs",
                          exc, self.applied_revision, delay)
@@ -258,6 +268,15 @@ class Agent:
                 log.exception("enforce loop: %s", exc)
                 self._sleep(self._backoff.next_delay())
 
+    def on_address_change(self) -> None:
+        """Netlink said addresses or links changed: fresh connections, then report the host."""
+        log.info("host addresses changed; reporting")
+        if self.client is not None:
+            self.client.reconnect()
+        self._interrupted.set()  # abandon a long-poll that may hang on a vanished address
+        self._poke.set()
+        self._report_host()
+
     def _report_host(self) -> None:
         try:
             self.outbox.host(self.host_reader())
@@ -269,13 +288,39 @@ class Agent:
             client.ack(self._pending_ack)
             self._pending_ack = None
         after = max(self.applied_revision, self.refused_revision)
-        rev = client.wait_revision(after, self.options.long_poll_seconds)
-        if self._stop.is_set() or rev == self.applied_revision or rev == self.refused_revision:
+        rev = self._long_poll(client, after)
+        if rev is None or rev == self.applied_revision or rev == self.refused_revision:
             return
         if rev < self.applied_revision:
             self._refuse(rev, f"revision went backwards: controller has {rev}, agent applied {self.applied_revision}")
             return
         self.update(client, rev)
+
+    def _long_poll(self, client: ControllerClient, after: int) -> int | None:
+        """``client.wait_revision`` in its own thread, abandoned (None) on stop or address change.
+
+        A long-poll whose connection left from an address the host just lost would wait for
+        its read timeout; the enforce loop does not: it starts a new one on fresh connections.
+        """
+        result: Future[int] = Future()
+        self._poke.clear()
+
+        def run() -> None:
+            try:
+                result.set_result(client.wait_revision(after, self.options.long_poll_seconds))
+            except BaseException as exc:
+                result.set_exception(exc)
+            finally:
+                self._poke.set()
+
+        threading.Thread(target=run, name="stockade-long-poll", daemon=True).start()
+        while not result.done():
+            self._poke.wait()
+            self._poke.clear()
+            if self._stop.is_set() or self._interrupted.is_set():
+                self._interrupted.clear()
+                return None
+        return result.result()
 
     def update(self, client: ControllerClient, announced: int) -> None:
         """Fetch and apply the controller's current policy (full or delta), then ack.

@@ -16,12 +16,16 @@ from __future__ import annotations
 import contextlib
 import difflib
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from stockade.agent.state import StateDir
+from stockade.agent.transport import AgentEvent, EventKind
 from stockade.backends.base import check_delta_capabilities
 from stockade.compiler.ir import AddressSet, HostPolicy, SetDelta
-from stockade.errors import ApplyError, BackendError
+from stockade.errors import ApplyError, BackendError, StockadeError, ValidationError
 from stockade.model.addresses import IPNetwork
 from stockade.model.workloads import EnforcementMode
 
@@ -164,3 +168,28 @@ class Enforcer:
         with self._lock:
             self.backend.remove()
             self._policy, self._artifact, self._baseline = None, None, None
+
+
+@dataclass(frozen=True)
+class CacheStart:
+    """What enforcing the on-disk cache at start-up did: the revision in force (0: none) and
+    the event that says so (sent once the agent can talk to the controller)."""
+
+    revision: int
+    event: AgentEvent
+
+
+def enforce_cache(state: StateDir, enforcer: Enforcer, clock: Callable[[], float] = time.time) -> CacheStart:
+    """Put the cached policy in force, before anything talks to the network."""
+    try:
+        cached = state.load_policy()
+    except ValidationError as exc:
+        return CacheStart(0, AgentEvent(EventKind.CACHE_UNUSABLE, str(exc), None, clock()))
+    if cached is None:
+        return CacheStart(0, AgentEvent(EventKind.STARTED, "no cached policy", None, clock()))
+    try:
+        enforcer.enforce(cached.policy)
+    except StockadeError as exc:
+        return CacheStart(0, AgentEvent(EventKind.APPLY_FAILED, f"cached policy: {exc}", cached.revision, clock()))
+    detail = f"enforcing cached revision {cached.revision}"
+    return CacheStart(cached.revision, AgentEvent(EventKind.STARTED, detail, cached.revision, clock()))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stockade.agent.enforcer import apply_set_deltas
-from stockade.agent.hostinfo import HostReport
+from stockade.agent.host import HostReport
 from stockade.agent.state import Credential
 from stockade.agent.transport import (
     AgentEvent,
@@ -173,6 +173,7 @@ class FakeControllerClient:
         self.ca_pem = ca_pem
         self.token: str | None = None
         self.closed = threading.Event()
+        self.reconnects = 0
 
     def enroll(self, activation_code: str, host: HostReport) -> Enrollment:
         return self.controller.enroll(activation_code, host)
@@ -203,6 +204,9 @@ class FakeControllerClient:
 
     def unenroll(self) -> None:
         self.controller.agent(self.token).unenrolled = True
+
+    def reconnect(self) -> None:
+        self.reconnects += 1
 
     def close(self) -> None:
         self.closed.set()

@@ -1,23 +1,18 @@
-"""What the agent tells the controller about its host, read through rtnetlink (pyroute2).
+"""Reading the host through rtnetlink (pyroute2), and watching it for address changes.
 
-:func:`read_host` returns a frozen :class:`HostReport`: hostname, OS, and every interface
-with its IPv4/IPv6 addresses (loopback and link-local addresses are left out: policy never
-names them). :class:`AddressWatcher` subscribes to the kernel's ``RTM_NEWADDR`` /
-``RTM_DELADDR`` (and link) multicast groups and calls back once per burst of changes,
-so a re-addressed host is reported at once, without polling.
+:func:`read_host` returns a frozen :class:`~stockade.agent.host.HostReport`: hostname, OS,
+and every interface with its IPv4/IPv6 addresses (loopback and link-local addresses are
+left out: policy never names them). :class:`AddressWatcher` subscribes to the kernel's
+``RTM_NEWADDR`` / ``RTM_DELADDR`` (and link) multicast groups and calls back once per burst
+of changes, so a re-addressed host is reported at once, without polling.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
-import platform
 import select
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from pyroute2.netlink.rtnl import (  # type: ignore[import-untyped]
@@ -26,81 +21,11 @@ from pyroute2.netlink.rtnl import (  # type: ignore[import-untyped]
     RTMGRP_LINK,
 )
 
-from stockade.model.addresses import IPAddress
+from stockade.agent.host import HostReport, host_report_from_netlink, os_description
 
-IFF_LOOPBACK = 0x8
+__all__ = ["AddressWatcher", "HostReport", "read_host"]
+
 DEBOUNCE_SECONDS = 0.05  # changes arriving together (ip addr replace) become one report
-
-
-@dataclass(frozen=True, order=True)
-class InterfaceReport:
-    name: str
-    addresses: tuple[IPAddress, ...]  # sorted: IPv4 first, then IPv6
-
-
-@dataclass(frozen=True)
-class HostReport:
-    hostname: str
-    os: str
-    interfaces: tuple[InterfaceReport, ...]  # sorted by name
-
-    @property
-    def addresses(self) -> tuple[IPAddress, ...]:
-        return tuple(sorted({a for i in self.interfaces for a in i.addresses}, key=_addr_key))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "hostname": self.hostname,
-            "os": self.os,
-            "interfaces": [
-                {"name": i.name, "addresses": [str(a) for a in i.addresses]} for i in self.interfaces
-            ],
-        }
-
-
-def _addr_key(a: IPAddress) -> tuple[int, int]:
-    return a.version, int(a)
-
-
-def os_description() -> str:
-    """``Linux 6.1.0 (Debian GNU/Linux 12 (bookworm))``-style text."""
-    pretty = ""
-    with contextlib.suppress(OSError):
-        pretty = platform.freedesktop_os_release().get("PRETTY_NAME", "")
-    base = f"{platform.system()} {platform.release()}"
-    return f"{base} ({pretty})" if pretty else base
-
-
-def _reportable(addr: IPAddress) -> bool:
-    return not (addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified)
-
-
-def host_report_from_netlink(
-    links: list[Any], addrs: list[Any], hostname: str, os_text: str
-) -> HostReport:
-    """Build the report from pyroute2 link and address messages (pure; tested with fakes)."""
-    names: dict[int, str] = {}
-    loopback: set[int] = set()
-    for link in links:
-        index = int(link.get("index"))
-        names[index] = str(link.get_attr("IFLA_IFNAME"))
-        if int(link.get("flags") or 0) & IFF_LOOPBACK:
-            loopback.add(index)
-    per_if: dict[str, set[IPAddress]] = {name: set() for i, name in names.items() if i not in loopback}
-    for msg in addrs:
-        index = int(msg.get("index"))
-        if index in loopback or index not in names:
-            continue
-        text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-        if text is None:
-            continue
-        addr = ipaddress.ip_address(str(text).split("%")[0])
-        if _reportable(addr):
-            per_if[names[index]].add(addr)
-    interfaces = tuple(
-        InterfaceReport(name, tuple(sorted(addrs_, key=_addr_key))) for name, addrs_ in sorted(per_if.items())
-    )
-    return HostReport(hostname=hostname, os=os_text, interfaces=interfaces)
 
 
 def read_host() -> HostReport:

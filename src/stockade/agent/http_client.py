@@ -23,6 +23,7 @@ AuthError, 404 -> NotFoundError, 409 -> ConflictError, 400/422 -> ValidationErro
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import httpx
 
 from stockade import __version__
-from stockade.agent.hostinfo import HostReport
+from stockade.agent.host import HostReport
 from stockade.agent.state import Credential
 from stockade.agent.transport import (
     AgentEvent,
@@ -47,6 +48,18 @@ API_PREFIX = "/api/v1"
 CONNECT_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 10.0
 LONG_POLL_MARGIN = 5.0
+
+# TCP keepalive every second on idle connections (a waiting long-poll). Besides noticing a
+# dead controller, the probe re-creates the connection's conntrack entry *from the agent's
+# side* after the entry was lost (the firewall table was just installed, so conntrack only
+# now starts in this namespace, or someone flushed conntrack): the controller's answer is
+# then a reply (ct state established) instead of a "new" inbound packet the policy drops.
+KEEPALIVE: list[tuple[int, int, int]] = [
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),  # a dead path is noticed in ~4 s, not at the read timeout
+]
 
 
 def pinned_context(ca_pem: str) -> ssl.SSLContext:
@@ -103,11 +116,12 @@ class HttpControllerClient:
         verify: ssl.SSLContext | bool = pinned_context(ca_pem) if ca_pem else True
         if self.base_url.startswith("https://") and not ca_pem:
             log.warning("no controller CA given: trusting the system store for %s", self.base_url)
+        transport = self._transport or httpx.HTTPTransport(verify=verify, socket_options=KEEPALIVE)
         return httpx.Client(
             base_url=self.base_url + API_PREFIX,
             verify=verify,
             timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
-            transport=self._transport,
+            transport=transport,
             headers={"User-Agent": f"stockade-agent/{__version__}"},
         )
 
@@ -217,6 +231,12 @@ class HttpControllerClient:
 
     def unenroll(self) -> None:
         self._request("POST", self._agent_path("unenroll"), json={})
+
+    def reconnect(self) -> None:
+        """Drop every pooled connection: the host's addresses changed, and a connection bound
+        to a removed address would hang. Later calls open new connections."""
+        old, self._client = self._client, self._build(self._ca_pem)
+        old.close()
 
     def close(self) -> None:
         self._client.close()

@@ -1,8 +1,14 @@
-"""Agent commands: ``stockade agent`` (run), ``stockade agent install`` and ``stockade agent uninstall``.
+"""Agent commands: run (``stockade agent``), ``install`` and ``uninstall``.
 
 ``stockade agent --controller URL --activation-code CODE`` enrols on first run and then runs
 on the stored credential; ``--netns NS`` runs the whole agent inside a named network
 namespace (labs and end-to-end tests run several agents on one machine that way).
+
+Start-up latency matters (after a reboot the host is open until the cache is back), so the
+run path imports only the state dir, the backend and the enforcer, enforces the cached
+policy, and only then imports the runtime (httpx, pyroute2: ~0.2 s more). Those imports
+are inside :func:`_run` on purpose, not to dodge a cycle. ``python -m stockade.agent``
+skips the rest of the CLI's imports as well; the systemd unit uses it.
 """
 
 from __future__ import annotations
@@ -12,49 +18,46 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import click
 
-from stockade.agent.agent import Agent, AgentOptions
-from stockade.agent.enforcer import Enforcer
-from stockade.agent.hostinfo import HostReport, read_host
-from stockade.agent.http_client import HttpControllerClient
+from stockade.agent.enforcer import Enforcer, enforce_cache
 from stockade.agent.netns import enter_netns
 from stockade.agent.state import DEFAULT_STATE_DIR, StateDir
 from stockade.agent.systemd import UNIT_DIR, UNIT_NAME, UnitOptions, install_unit, remove_unit
 from stockade.backends.registry import BACKENDS, get_backend
-from stockade.cli import main
-from stockade.cli.policy_cmds import run_or_exit
-from stockade.errors import StockadeError
+from stockade.errors import StockadeError, ValidationError
 
 log = logging.getLogger("stockade.agent")
 _backend_choice = click.Choice(sorted(BACKENDS))
+T = TypeVar("T")
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _or_exit(action: Callable[[], T]) -> T:
+    """Run ``action``; a Stockade error becomes a one-line message and exit status 1."""
+    try:
+        return action()
+    except ValidationError as exc:
+        _fail("; ".join(str(i) for i in exc.issues))
+    except StockadeError as exc:
+        _fail(str(exc))
 
 
 def _backend_options(table: str | None) -> dict[str, Any]:
     return {"table": table} if table else {}
 
 
-def _host_reader(hostname: str | None) -> Any:
-    if hostname is None:
-        return read_host
-
-    def reader() -> HostReport:
-        return replace(read_host(), hostname=hostname)
-
-    return reader
-
-
-def _enter(netns: str | None) -> None:
-    if netns:
-        run_or_exit(lambda: enter_netns(netns))
-
-
-@main.group(invoke_without_command=True)
+@click.group(invoke_without_command=True)
 @click.option("--controller", default=None, help="Controller URL, e.g. https://10.0.0.1:8443 (first run).")
 @click.option("--activation-code", default=None, help="Activation code from a pairing profile (first run).")
 @click.option("--backend", "backend_name", default="nftables", show_default=True, type=_backend_choice)
@@ -86,21 +89,45 @@ def agent(
     """Run the agent: enforce the cached policy, enrol, follow the controller, stay enforced."""
     if ctx.invoked_subcommand is not None:
         return
-    _enter(netns)  # first: setns only moves the calling thread
+    if netns:
+        _or_exit(lambda: enter_netns(netns))  # first: setns only moves the calling thread
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     state = StateDir(state_dir)
     if ca_cert is not None:
         pem = ca_cert.read_text()
-        run_or_exit(lambda: state.save_ca(pem))
-    backend = run_or_exit(lambda: get_backend(backend_name, **_backend_options(table)))
+        _or_exit(lambda: state.save_ca(pem))
+    backend = _or_exit(lambda: get_backend(backend_name, **_backend_options(table)))
+    enforcer = Enforcer(backend)
+    _run(state, enforcer, controller, activation_code, hostname, long_poll, tamper_interval)
+
+
+def _run(
+    state: StateDir,
+    enforcer: Enforcer,
+    controller: str | None,
+    activation_code: str | None,
+    hostname: str | None,
+    long_poll: float,
+    tamper_interval: float,
+) -> None:
+    cached = enforce_cache(state, enforcer)  # before the slow imports below
+    from stockade.agent.agent import Agent, AgentOptions
+    from stockade.agent.hostinfo import HostReport, read_host
+    from stockade.agent.http_client import HttpControllerClient
+
+    def host_reader() -> HostReport:
+        report = read_host()
+        return replace(report, hostname=hostname) if hostname else report
+
     options = AgentOptions(
         controller=controller,
         activation_code=activation_code,
         long_poll_seconds=long_poll,
         tamper_interval=tamper_interval,
     )
-    runtime = Agent(options, state, Enforcer(backend), HttpControllerClient, host_reader=_host_reader(hostname))
+    runtime = Agent(options, state, enforcer, HttpControllerClient, host_reader=host_reader, cache=cached)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping (rules stay in force)", signum)
@@ -121,7 +148,8 @@ def agent(
 @click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True)
 @click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
 @click.option("--hostname", default=None)
-@click.option("--executable", default=None, help="Path of the stockade command (default: found on PATH).")
+@click.option("--python", "python", default=sys.executable, show_default=True,
+              help="Interpreter the unit runs `-m stockade.agent` with.")
 @click.option("--unit-dir", type=click.Path(file_okay=False, path_type=Path), default=UNIT_DIR, show_default=True)
 @click.option("--start/--no-start", default=False, help="Also systemctl daemon-reload + enable --now.")
 def install(
@@ -131,7 +159,7 @@ def install(
     state_dir: Path,
     ca_cert: Path | None,
     hostname: str | None,
-    executable: str | None,
+    python: str,
     unit_dir: Path,
     start: bool,
 ) -> None:
@@ -141,10 +169,8 @@ def install(
         state.save_activation_code(activation_code)
     if ca_cert is not None:
         pem = ca_cert.read_text()
-        run_or_exit(lambda: state.save_ca(pem))
-    exe = executable or shutil.which("stockade") or "/usr/local/bin/stockade"
-    # The CA is pinned from the state dir from now on; the unit needs no --ca-cert.
-    opts = UnitOptions(executable=exe, controller=controller, backend=backend_name, state_dir=state_dir,
+        _or_exit(lambda: state.save_ca(pem))  # pinned from the state dir: the unit needs no --ca-cert
+    opts = UnitOptions(python=python, controller=controller, backend=backend_name, state_dir=state_dir,
                        hostname=hostname)
     path = install_unit(opts, unit_dir)
     click.echo(f"wrote {path}")
@@ -161,12 +187,15 @@ def install(
 @click.option("--unit-dir", type=click.Path(file_okay=False, path_type=Path), default=UNIT_DIR, show_default=True)
 def uninstall(backend_name: str, table: str | None, state_dir: Path, netns: str | None, unit_dir: Path) -> None:
     """Stop the service, remove the rules, tell the controller, delete the credential and the unit."""
+    from stockade.agent.http_client import HttpControllerClient
+
     if (unit_dir / UNIT_NAME).exists():
-        _systemctl("disable", "--now", UNIT_NAME)
-    _enter(netns)
+        _systemctl("disable", "--now", UNIT_NAME)  # a running agent would put the rules back
+    if netns:
+        _or_exit(lambda: enter_netns(netns))
     state = StateDir(state_dir)
-    backend = run_or_exit(lambda: get_backend(backend_name, **_backend_options(table)))
-    run_or_exit(backend.remove)
+    backend = _or_exit(lambda: get_backend(backend_name, **_backend_options(table)))
+    _or_exit(backend.remove)
     click.echo("removed the firewall rules")
     try:
         cred = state.load_credential()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from stockade.agent.backoff import Backoff, BackoffPolicy
-from stockade.agent.hostinfo import HostReport
+from stockade.agent.host import HostReport
 from stockade.agent.transport import AgentEvent, ControllerClient, ControllerUnreachableError, Heartbeat
 from stockade.errors import StockadeError
 

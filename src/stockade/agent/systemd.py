@@ -19,12 +19,12 @@ from stockade.agent.state import DEFAULT_STATE_DIR
 
 UNIT_NAME = "stockade-agent.service"
 UNIT_DIR = Path("/etc/systemd/system")
-DEFAULT_EXECUTABLE = "/usr/local/bin/stockade"
+DEFAULT_PYTHON = "/usr/bin/python3"
 
 
 @dataclass(frozen=True)
 class UnitOptions:
-    executable: str = DEFAULT_EXECUTABLE
+    python: str = DEFAULT_PYTHON  # the interpreter stockade is installed for
     controller: str | None = None
     backend: str = "nftables"
     state_dir: Path = DEFAULT_STATE_DIR
@@ -36,7 +36,8 @@ def exec_start(opts: UnitOptions) -> str:
     """The ``ExecStart=`` command line. The activation code is never in it: the first run
     enrols by hand (or through ``stockade agent install --activation-code``, which enrols
     before writing the unit) and later runs use the stored credential."""
-    argv = [opts.executable, "agent", "--backend", opts.backend, "--state-dir", str(opts.state_dir)]
+    # ``-m stockade.agent`` is ``stockade agent`` without the rest of the CLI's imports.
+    argv = [opts.python, "-m", "stockade.agent", "--backend", opts.backend, "--state-dir", str(opts.state_dir)]
     if opts.controller:
         argv += ["--controller", opts.controller]
     if opts.ca_cert is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
-from stockade.agent.hostinfo import HostReport
+from stockade.agent.host import HostReport
 from stockade.agent.state import Credential
 from stockade.compiler.ir import HostPolicy, SetDelta, host_policy_from_dict
 from stockade.errors import Issue, StockadeError, ValidationError
@@ -116,6 +116,10 @@ class ControllerClient(Protocol):
 
     def unenroll(self) -> None:
         """Tell the controller this agent is gone; its credential stops working."""
+        ...
+
+    def reconnect(self) -> None:
+        """Drop pooled connections (the host's addresses changed); later calls reconnect."""
         ...
 
     def close(self) -> None: ...

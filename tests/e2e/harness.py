@@ -1,0 +1,240 @@
+"""End-to-end plumbing: a controller process, its API, the link from the root namespace to the
+lab bridge, and ``stockade agent`` processes running inside lab namespaces.
+
+Namespaces cannot reach the root namespace's loopback, so the controller listens on an
+address of the lab segment: a veth pair joins the root namespace to the lab bridge and
+carries the estate's controller address (``10.70.0.1``, ``fd70::1``, from
+``examples/estate/settings.yaml``, which is also what every host's failsafe allows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from stockade.lab import Lab
+from stockade.lab.netns import run_ip
+
+E2E_DIR = Path(__file__).resolve().parent
+REPO = E2E_DIR.parents[1]
+ESTATE = REPO / "examples" / "estate"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> float | None:
+    """Seconds until ``predicate()`` held, or None after ``timeout``."""
+    start = time.monotonic()
+    while True:
+        if predicate():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            return None
+        time.sleep(interval)
+
+
+# ---- the link from the root namespace to the lab bridge ----------------------------------------
+
+
+class ControllerLink:
+    """A veth pair: root-namespace end with the controller addresses, lab end on the bridge."""
+
+    def __init__(self, lab: Lab, v4: str = "10.70.0.1/24", v6: str = "fd70::1/64") -> None:
+        self.name = f"stkc{lab.run_id}"[:15]
+        run_ip(["link", "add", self.name, "type", "veth", "peer", "name", "ctl0", "netns", lab.bridge_netns])
+        try:
+            run_ip(["-n", lab.bridge_netns, "link", "set", "ctl0", "master", "br0", "up"])
+            run_ip(["addr", "add", v4, "dev", self.name])
+            run_ip(["-6", "addr", "add", v6, "dev", self.name, "nodad"])
+            run_ip(["link", "set", self.name, "up"])
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        run_ip(["link", "del", self.name], check=False)
+
+
+# ---- the controller --------------------------------------------------------------------------------
+
+
+class ControllerProcess:
+    def __init__(self, data_dir: Path, host: str, port: int, log_path: Path) -> None:
+        self.data_dir, self.host, self.port, self.log_path = data_dir, host, port, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.first_run: dict[str, str] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        log = self.log_path.open("a")
+        info = self.data_dir.parent / "controller-credential.json"
+        info.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(E2E_DIR / "run_controller.py"), "--data", str(self.data_dir),
+             "--host", self.host, "--port", str(self.port), "--credential-file", str(info)],
+            stdout=log, stderr=log,
+        )
+        if wait_for(lambda: info.exists() and info.stat().st_size > 0, 60.0, 0.05) is None:
+            raise RuntimeError(f"controller did not start: {self.log_tail()}")
+        data = json.loads(info.read_text())
+        if data:
+            self.first_run = data
+        if wait_for(self._accepting, 30.0, 0.05) is None:
+            raise RuntimeError(f"controller does not listen on {self.url}: {self.log_tail()}")
+
+    def _accepting(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
+            return True
+        return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def log_tail(self, n: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text()[-n:]
+        return ""
+
+    def dump_stacks(self) -> str:
+        """SIGUSR1 makes run_controller.py write every thread's stack to its log (faulthandler)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.log_tail()
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        text = self.log_tail(200_000)
+        lines = [ln for ln in text.splitlines() if '" 200 OK' not in ln and '" 204 No Content' not in ln]
+        return "\n".join(lines)[-12000:]
+
+
+class Api:
+    """The controller's REST API as the owner (API key)."""
+
+    def __init__(self, base_url: str, user: str, password: str) -> None:
+        self.http = httpx.Client(base_url=base_url + "/api/v1", timeout=30.0)
+        r = self.http.post("/auth/login", json={"username": user, "password": password})
+        r.raise_for_status()
+        key = self.http.post("/api-keys", json={"name": "e2e-owner", "role": "owner"})
+        key.raise_for_status()
+        self.http.cookies.clear()
+        self.http.headers["Authorization"] = f"Bearer {key.json()['key']}"
+
+    def ok(self, method: str, path: str, status: int = 200, **kw: Any) -> Any:
+        r = self.http.request(method, path, **kw)
+        if r.status_code != status:
+            raise AssertionError(f"{method} {path}: {r.status_code} {r.text}")
+        return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else r.text
+
+    def import_estate(self, root: Path = ESTATE) -> None:
+        text = "\n---\n".join(p.read_text() for p in sorted(root.glob("*.yaml")))
+        self.ok("PUT", "/policy/draft", content=text, headers={"Content-Type": "application/yaml"})
+        self.ok("POST", "/policy/provision", 201, json={"message": "e2e: the example estate"})
+
+    def activation_code(self, profile: str, labels: dict[str, str] | None = None, mode: str = "full") -> str:
+        self.ok("POST", "/pairing-profiles", 201, json={"name": profile, "labels": labels or {}, "mode": mode})
+        return str(self.ok("POST", f"/pairing-profiles/{profile}/codes", 201)["code"])
+
+    def agents(self) -> dict[str, dict[str, Any]]:
+        return {a["workload"]: a for a in self.ok("GET", "/agents") if not a["revoked"]}
+
+    def converged(self, workloads: list[str]) -> bool:
+        agents = self.agents()
+        return all(w in agents and agents[w]["converged"] and agents[w]["applied_revision"] > 0 for w in workloads)
+
+    def workload(self, name: str) -> dict[str, Any]:
+        body: dict[str, Any] = self.ok("GET", f"/workloads/{name}")["body"]
+        return body
+
+    def put_workload(self, name: str, body: dict[str, Any]) -> None:
+        self.ok("PUT", f"/workloads/{name}", json=body)
+
+    def events(self, **params: str) -> list[dict[str, Any]]:
+        page = self.ok("GET", "/events", params={**params, "limit": "200"})
+        items: list[dict[str, Any]] = page["items"] if isinstance(page, dict) else page
+        return items
+
+    def active_policy_yaml(self) -> str:
+        return str(self.ok("GET", "/policy/draft", params={"version": "active"}))
+
+
+# ---- agents ------------------------------------------------------------------------------------------
+
+
+class AgentProcess:
+    """``python -m stockade.agent --netns NS ...`` (= ``stockade agent``) as a child process, logging to a file."""
+
+    def __init__(self, name: str, netns: str, state_dir: Path, controller: str, code: str, log_path: Path,
+                 *, extra: tuple[str, ...] = ()) -> None:
+        self.name, self.netns, self.state_dir = name, netns, state_dir
+        self.controller, self.code, self.log_path, self.extra = controller, code, log_path, extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "stockade.agent", "--netns", self.netns,
+                "--controller", self.controller, "--activation-code", self.code,
+                "--state-dir", str(self.state_dir), "--hostname", self.name, *self.extra]
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, like a crash or a power cut."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+    def log_tail(self, n: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-n:]
+        return ""
+
+
+def nft_table(lab: Lab, host: str, table: str = "stockade") -> str:
+    """``nft list table inet <table>`` in ``host``'s namespace; "" when absent."""
+    proc = lab.run_in(host, ["nft", "list", "table", "inet", table], check=False)
+    return proc.stdout if proc.returncode == 0 else ""

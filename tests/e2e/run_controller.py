@@ -1,0 +1,47 @@
+"""Start a controller for the end-to-end tests: SQLite in ``--data``, plain HTTP on ``--host:--port``.
+
+Run as a script (``python tests/e2e/run_controller.py ...``) so a test can SIGKILL it and start
+it again on the same database. The first-run owner credential is written as JSON to
+``--credential-file`` (``{}`` on later starts); then uvicorn serves until killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import signal
+from pathlib import Path
+
+import uvicorn
+
+from stockade.controller.app import create_app
+from stockade.controller.auth import Argon2Params
+from stockade.controller.context import ControllerSettings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--host", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--credential-file", required=True, type=Path)
+    args = ap.parse_args()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every thread's stack
+    settings = ControllerSettings.for_data_dir(
+        args.data,
+        secure_cookies=False,
+        login_limit=(1000, 60.0),
+        enroll_limit=(1000, 60.0),
+        argon2=Argon2Params(time_cost=1, memory_kib=8192, parallelism=1),
+        flush_interval=0.5,
+        offline_after=10.0,
+    )
+    app = create_app(settings)
+    cred = app.state.controller.first_run_credential
+    args.credential_file.write_text(json.dumps({"user": cred[0], "password": cred[1]} if cred else {}))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=1)
+
+
+if __name__ == "__main__":
+    main()
