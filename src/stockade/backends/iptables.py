@@ -48,7 +48,6 @@ from stockade.backends.iptables_scripts import (
     FilterState,
     ipset_delta_script,
     ipset_destroy_script,
-    ipset_load_script,
     ipset_swap_script,
     parse_filter_save,
     removal_script,
@@ -132,7 +131,7 @@ class IptablesBackend:
             self.remove()
             return
         r = self.runner
-        load = ipset_load_script(artifact.sets)
+        load = artifact.ipset_load
         save4, save6, loaded = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6), r.ipset_cmd(load.text)])
         saves = {Family.V4: save4, Family.V6: save6}
         states = {f: parse_filter_save(res.stdout, self.prefix, f) for f, res in saves.items() if res.ok}

@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from stockade.compiler.ir import Direction, HostPolicy, HostRule
 from stockade.errors import RenderError
@@ -48,6 +49,9 @@ from stockade.model.addresses import AddressRanges, Family, IPNetwork, merge_ran
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
 from stockade.model.workloads import EnforcementMode
+
+if TYPE_CHECKING:
+    from stockade.backends.iptables_scripts import IpsetLoad
 
 LOG_PREFIX = "stk:pb:"  # same NFLOG prefix scheme as the nftables backend
 NFLOG_PREFIX_MAX = 63  # xt_NFLOG keeps 64 bytes including the terminating NUL
@@ -181,6 +185,13 @@ class IptablesArtifact:
     def to_text(self) -> str:
         """The scripts an apply runs on a host holding none of our chains (what ``render`` prints)."""
         return self._text
+
+    @cached_property
+    def ipset_load(self) -> IpsetLoad:
+        """The ``ipset restore`` load-and-swap script, built once per artifact (a frozen value)."""
+        from stockade.backends.iptables_scripts import ipset_load_script
+
+        return ipset_load_script(self.sets)
 
     @cached_property
     def _text(self) -> str:

@@ -234,7 +234,7 @@ def artifact_text(artifact: IptablesArtifact) -> str:
     if not artifact.present:
         out.append("# idle: nothing is installed; an apply removes our chains, jumps and sets")
         return "\n".join(out) + "\n"
-    load = ipset_load_script(artifact.sets)
+    load = artifact.ipset_load
     out.append("# ipset -exist restore: new members under temporary names, then swapped onto the live sets")
     out.append(load.text.rstrip("\n"))
     for ruleset in artifact.rulesets:

@@ -1,0 +1,225 @@
+"""Benchmark of the iptables+ipset backend (legacy and nft variants) next to the nftables backend.
+
+Run as root: ``python bench/iptables_apply.py`` (``--quick`` for smaller sizes). Uses the
+same host policies, namespaces (a server and a client on a veth pair) and client as
+``bench/nft_apply.py``, whose nftables measurements it calls, and prints one table:
+
+1. per backend and host policy (peer addresses x rules): rule lines installed vs a naive
+   per-IP ruleset, render time, our ``apply`` vs the raw binaries loading the same files
+   (ratio, target <= 1.2; best of N interleaved runs), and a one-peer delta (target <= 10 ms).
+   For iptables "raw" is, run one after the other, exactly what an apply loads: ``ipset
+   -exist restore`` of the set file (new members under temporary names, then swapped in),
+   ``iptables-restore --noflush`` and ``ip6tables-restore --noflush`` of the rule files, and
+   ``ipset restore`` of the destroy file. Our apply adds reading the current rules
+   (``iptables-save``, the rollback point) and runs independent steps concurrently. For
+   nftables "raw" is ``nft -f`` of the same file;
+2. TCP connection setup rate from the client through a full-mode ruleset whose allowing
+   sets hold 10 vs 100,000 peers (target >= 90 %), per backend, plus no ruleset at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from stockade.backends.iptables import IptablesBackend
+from stockade.backends.iptables_render import IptablesVariant
+from stockade.backends.iptables_scripts import ipset_destroy_script, ipset_load_script, rules_script
+from stockade.backends.nftables import NftablesBackend
+from stockade.compiler.ir import SetDelta
+from stockade.model.addresses import Family
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: reuse the nftables bench
+import nft_apply
+from nft_apply import Namespaces, connection_rate, host_policy, naive_rule_count, timed
+
+
+@dataclass(frozen=True)
+class Row:
+    backend: str
+    peers: int
+    rules: int
+    rule_lines: int
+    naive_lines: int
+    render_ms: float
+    apply_ms: float
+    raw_ms: float
+    delta_ms: float
+    delta_max_ms: float
+
+
+def measure_iptables(ns: Namespaces, variant: IptablesVariant, peers: int, rules: int, repeats: int) -> Row:
+    hp = host_policy(peers, rules)
+    backend = IptablesBackend(variant, netns=ns.srv)
+    render_s = timed(lambda: backend.render(hp).to_text())
+    artifact = backend.render(hp)
+    backend.apply(artifact)  # warm up: the first load creates the chains and sets
+    state = backend.snapshot().states
+    r = backend.runner
+    raw_cmds = [
+        r.ipset_cmd(ipset_load_script(artifact.sets).text),
+        *(r.restore_cmd(f, rules_script(artifact.ruleset(f), state[f], backend.prefix)) for f in Family),
+        r.ipset_cmd(ipset_destroy_script(s.temp_name for s in artifact.sets)),
+    ]
+
+    def raw() -> None:
+        for cmd in raw_cmds:
+            res = r.run(cmd)
+            assert res.ok, res.message()
+
+    ours: list[float] = []
+    raws: list[float] = []
+    for i in range(repeats):  # interleaved, alternating who goes first
+        if i % 2 == 0:
+            ours.append(timed(lambda: backend.apply(artifact)))
+        raws.append(timed(raw))
+        if i % 2 == 1:
+            ours.append(timed(lambda: backend.apply(artifact)))
+    backend.apply(artifact)
+    deltas: list[float] = []
+    target = hp.sets[0].name
+    for i in range(20):
+        one = (ipaddress.IPv4Network((int(ipaddress.IPv4Address("203.0.113.0")) + i, 32)),)
+        deltas.append(timed(lambda one=one: backend.apply_delta((SetDelta(target, Family.V4, one, ()),))))
+        deltas.append(timed(lambda one=one: backend.apply_delta((SetDelta(target, Family.V4, (), one),))))
+    report = backend.verify(artifact)
+    assert report.ok, report.problems
+    backend.remove()
+    lines = sum(len(c.rules) for rs in artifact.rulesets for c in rs.chains)
+    return Row(
+        f"iptables-{variant.value}",
+        peers,
+        rules,
+        lines,
+        naive_rule_count(hp),
+        render_s * 1e3,
+        min(ours) * 1e3,  # best of N: the machine is shared, noise only ever adds time
+        min(raws) * 1e3,
+        statistics.median(deltas) * 1e3,
+        max(deltas) * 1e3,
+    )
+
+
+def measure_nftables(ns: Namespaces, peers: int, rules: int, repeats: int) -> Row:
+    a = nft_apply.measure_apply(ns, peers, rules, repeats)
+    NftablesBackend(netns=ns.srv).remove()
+    return Row(
+        "nftables", a.peers, a.rules, a.rule_lines, a.naive_lines, a.render_ms, a.apply_ms, a.raw_ms,
+        a.delta_ms, a.delta_max_ms,
+    )  # fmt: skip
+
+
+Setup = Callable[[], None]
+
+
+def measure_rates(
+    ns: Namespaces, variants: tuple[IptablesVariant, ...], big: int, seconds: float, rounds: int
+) -> list[tuple[str, str, float]]:
+    """(backend, configuration, median conn/s): no ruleset, then 10 and ``big`` peers per backend.
+
+    Configurations alternate within each round, so background load hits all of them alike;
+    every setup removes whatever the previous one installed.
+    """
+    nft = NftablesBackend(netns=ns.srv)
+    ipts = [IptablesBackend(v, netns=ns.srv) for v in variants]
+    everyone: list[NftablesBackend | IptablesBackend] = [nft, *ipts]
+    small_hp, large_hp = host_policy(10, 10), host_policy(big, 10)
+
+    def only(backend: NftablesBackend | IptablesBackend | None, hp_size: str) -> Setup:
+        def setup() -> None:
+            for b in everyone:
+                if b is not backend:
+                    b.remove()
+            if backend is not None:
+                backend.apply(backend.render(small_hp if hp_size == "small" else large_hp))  # type: ignore[arg-type]
+
+        return setup
+
+    configs: list[tuple[str, str, Setup]] = [("-", "no ruleset", only(None, ""))]
+    for label, b in [("nftables", nft), *((f"iptables-{v.value}", i) for v, i in zip(variants, ipts, strict=True))]:
+        configs.append((label, "10 peers, 10 rules", only(b, "small")))
+        configs.append((label, f"{big:,} peers, 10 rules", only(b, "large")))
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns.srv, sys.executable, "-c", nft_apply.SERVER], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        samples: dict[tuple[str, str], list[float]] = {(b, c): [] for b, c, _ in configs}
+        connection_rate(ns, 0.5)  # warm up
+        for _ in range(rounds):
+            for b, c, setup in configs:
+                setup()
+                samples[(b, c)].append(connection_rate(ns, seconds))
+        only(None, "")()
+        return [(b, c, statistics.median(samples[(b, c)])) for b, c, _ in configs]
+    finally:
+        server.kill()
+        server.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter runs")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces, iptables, ipset)", file=sys.stderr)
+        return 1
+    peer_sizes = (100, 1_000, 10_000) if args.quick else (100, 10_000, 100_000)
+    rule_sizes = (10, 100) if args.quick else (10, 1_000)
+    repeats = 3 if args.quick else 5
+    seconds, rounds = (0.5, 3) if args.quick else (1.5, 5)
+    variants = tuple(IptablesVariant)
+    versions = [
+        subprocess.run(argv, capture_output=True, text=True).stdout.strip()
+        for argv in (["nft", "--version"], ["iptables-legacy", "--version"], ["iptables-nft", "--version"],
+                     ["ipset", "--version"])
+    ]  # fmt: skip
+    print(f"# iptables+ipset vs nftables backend benchmark ({'; '.join(versions)}; kernel {os.uname().release}, "
+          f"{os.cpu_count()} CPUs)")  # fmt: skip
+    ns = Namespaces.create()
+    started = time.perf_counter()
+    try:
+        header = (
+            f"{'backend':<16} {'peers':>8} {'rules':>6} {'rule lines':>10} {'naive per-IP':>12} {'render ms':>9} "
+            f"{'apply ms':>9} {'raw ms':>9} {'ratio':>6} {'delta ms':>9} {'delta max':>9}"
+        )
+        print(header)
+        print("-" * len(header))
+        for peers in peer_sizes:
+            for rules in rule_sizes:
+                n = repeats if peers * rules >= 1_000_000 else 3 * repeats
+                rows = [measure_nftables(ns, peers, rules, n)]
+                rows += [measure_iptables(ns, v, peers, rules, n) for v in variants]
+                for r in rows:
+                    print(
+                        f"{r.backend:<16} {r.peers:>8,} {r.rules:>6,} {r.rule_lines:>10,} {r.naive_lines:>12,} "
+                        f"{r.render_ms:>9.1f} {r.apply_ms:>9.1f} {r.raw_ms:>9.1f} {r.apply_ms / r.raw_ms:>6.2f} "
+                        f"{r.delta_ms:>9.2f} {r.delta_max_ms:>9.2f}",
+                        flush=True,
+                    )
+        print()
+        rates = measure_rates(ns, variants, peer_sizes[-1], seconds, rounds)
+        print(f"{'backend':<16} {'TCP connects/s (median of ' + str(rounds) + ' runs)':<34} {'conn/s':>9} "
+              f"{'vs 10 peers':>12}")  # fmt: skip
+        ref: dict[str, float] = {}
+        for backend, config, rate in rates:
+            if config.startswith("10 peers"):
+                ref[backend] = rate
+            share = f"{100 * rate / ref[backend]:>11.1f}%" if backend in ref and not config.startswith("10 ") else ""
+            print(f"{backend:<16} {config:<34} {rate:>9,.0f} {share:>12}")
+    finally:
+        ns.delete()
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
