@@ -184,6 +184,11 @@ def test_failed_apply_leaves_previous_ruleset(variant: IptablesVariant, netns: s
     backend = backend_for(good, variant, netns)
     backend.apply(backend.render(good.policy))
     run(netns, "ipset", "create", "foreign", "hash:ip")
+    for family in Family:  # our jump is no longer first, and a second one exists: both must come back
+        cli = f"{'iptables' if family is Family.V4 else 'ip6tables'}-{variant.value}"
+        run(netns, cli, "-I", "INPUT", "1", "-p", "tcp", "--dport", "7", "-j", "ACCEPT")
+        run(netns, cli, "-A", "INPUT", "-p", "udp", "--dport", "9", "-j", "DROP")
+        run(netns, cli, "-A", "INPUT", "-j", "STOCKADE-INPUT")
     before = save_all(netns, variant)
 
     newer = backend.render(CASE["full_basic"].policy)  # other rules, other sets, other members
@@ -196,7 +201,10 @@ def test_failed_apply_leaves_previous_ruleset(variant: IptablesVariant, netns: s
     with pytest.raises(ApplyError):
         backend.apply(bad)
     assert save_all(netns, variant) == before
-    assert backend.verify(backend.render(good.policy)).ok
+    assert backend.verify(backend.render(good.policy)).problems == (  # only the duplicate we added
+        "IPv4 INPUT has 2 jumps to STOCKADE-INPUT, expected 1",
+        "IPv6 INPUT has 2 jumps to STOCKADE-INPUT, expected 1",
+    )
 
 
 def test_failed_apply_on_empty_host_installs_nothing(variant: IptablesVariant, netns: str) -> None:
