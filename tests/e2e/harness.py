@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -68,14 +69,21 @@ class ControllerLink:
 
 
 class ControllerProcess:
-    def __init__(self, data_dir: Path, host: str, port: int, log_path: Path) -> None:
-        self.data_dir, self.host, self.port, self.log_path = data_dir, host, port, log_path
+    """``run_controller.py`` as a child: HTTPS with its own CA unless ``tls=False``."""
+
+    def __init__(self, data_dir: Path, host: str, port: int, log_path: Path, *, tls: bool = True) -> None:
+        self.data_dir, self.host, self.port, self.log_path, self.tls = data_dir, host, port, log_path, tls
         self.proc: subprocess.Popen[bytes] | None = None
         self.first_run: dict[str, str] = {}
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def ca_cert(self) -> Path | None:
+        """The controller's CA (agents pin it); None over plain HTTP."""
+        return self.data_dir / "tls" / "ca.pem" if self.tls else None
 
     def start(self) -> None:
         log = self.log_path.open("a")
@@ -83,7 +91,8 @@ class ControllerProcess:
         info.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, str(E2E_DIR / "run_controller.py"), "--data", str(self.data_dir),
-             "--host", self.host, "--port", str(self.port), "--credential-file", str(info)],
+             "--host", self.host, "--port", str(self.port), "--credential-file", str(info),
+             *([] if self.tls else ["--insecure-http"])],
             stdout=log, stderr=log,
         )
         if wait_for(lambda: info.exists() and info.stat().st_size > 0, 60.0, 0.05) is None:
@@ -124,8 +133,9 @@ class ControllerProcess:
 class Api:
     """The controller's REST API as the owner (API key)."""
 
-    def __init__(self, base_url: str, user: str, password: str) -> None:
-        self.http = httpx.Client(base_url=base_url + "/api/v1", timeout=30.0)
+    def __init__(self, base_url: str, user: str, password: str, ca_cert: Path | None = None) -> None:
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
+        self.http = httpx.Client(base_url=base_url + "/api/v1", timeout=30.0, verify=verify)
         r = self.http.post("/auth/login", json={"username": user, "password": password})
         r.raise_for_status()
         key = self.http.post("/api-keys", json={"name": "e2e-owner", "role": "owner"})
@@ -178,15 +188,17 @@ class AgentProcess:
     """``python -m stockade.agent --netns NS ...`` (= ``stockade agent``) as a child process, logging to a file."""
 
     def __init__(self, name: str, netns: str, state_dir: Path, controller: str, code: str, log_path: Path,
-                 *, extra: tuple[str, ...] = ()) -> None:
+                 *, ca_cert: Path | None = None, extra: tuple[str, ...] = ()) -> None:
         self.name, self.netns, self.state_dir = name, netns, state_dir
         self.controller, self.code, self.log_path, self.extra = controller, code, log_path, extra
+        self.ca_cert = ca_cert
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "stockade.agent", "--netns", self.netns,
                 "--controller", self.controller, "--activation-code", self.code,
-                "--state-dir", str(self.state_dir), "--hostname", self.name, *self.extra]
+                "--state-dir", str(self.state_dir), "--hostname", self.name,
+                *(["--ca-cert", str(self.ca_cert)] if self.ca_cert else []), *self.extra]
 
     def start(self) -> None:
         log = self.log_path.open("ab")

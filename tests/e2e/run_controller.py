@@ -1,4 +1,7 @@
-"""Start a controller for the end-to-end tests: SQLite in ``--data``, plain HTTP on ``--host:--port``.
+"""Start a controller for the end-to-end tests: SQLite in ``--data``, HTTPS on ``--host:--port``.
+
+TLS uses the controller's own CA (:func:`stockade.controller.tls.ensure_tls`, files under
+``<data>/tls``; agents pin ``ca.pem``); ``--insecure-http`` serves plain HTTP instead.
 
 Run as a script (``python tests/e2e/run_controller.py ...``) so a test can SIGKILL it and start
 it again on the same database. The first-run owner credential is written as JSON to
@@ -18,6 +21,7 @@ import uvicorn
 from stockade.controller.app import create_app
 from stockade.controller.auth import Argon2Params
 from stockade.controller.context import ControllerSettings
+from stockade.controller.tls import ensure_tls
 
 
 def main() -> None:
@@ -26,6 +30,7 @@ def main() -> None:
     ap.add_argument("--host", required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--credential-file", required=True, type=Path)
+    ap.add_argument("--insecure-http", action="store_true")
     args = ap.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every thread's stack
     settings = ControllerSettings.for_data_dir(
@@ -40,7 +45,12 @@ def main() -> None:
     app = create_app(settings)
     cred = app.state.controller.first_run_credential
     args.credential_file.write_text(json.dumps({"user": cred[0], "password": cred[1]} if cred else {}))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=1)
+    certfile = keyfile = None
+    if not args.insecure_http:
+        files = ensure_tls(args.data / "tls", (args.host,))
+        certfile, keyfile = str(files.server_cert), str(files.server_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=1,
+                ssl_certfile=certfile, ssl_keyfile=keyfile)
 
 
 if __name__ == "__main__":

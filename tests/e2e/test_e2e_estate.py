@@ -39,7 +39,7 @@ AGENT_HOSTS = ("web-prod-1", "app-prod-1", "db-prod-1", "web-dev-1", "mon-1")
 OFFICE = ("office", (ipaddress.ip_address("10.70.0.200"), ipaddress.ip_address("fd70::c8")))
 SPARE = ("dev-new", (ipaddress.ip_address("10.70.0.140"), ipaddress.ip_address("fd70::140")))
 TCP_PORTS = (22, 443, 445, 5432, 8080, 9100)
-CONTROLLER = "http://10.70.0.1:8443"
+CONTROLLER = "https://10.70.0.1:8443"  # the controller's own CA, pinned by every agent
 A = ipaddress.ip_address
 
 
@@ -54,7 +54,7 @@ class World:
 
     def agent(self, name: str, code: str | None = None) -> AgentProcess:
         a = AgentProcess(name, self.lab.netns(name), self.tmp / "state" / name, CONTROLLER,
-                         code or self.lab_code, self.tmp / f"agent-{name}.log")
+                         code or self.lab_code, self.tmp / f"agent-{name}.log", ca_cert=self.controller.ca_cert)
         self.agents[name] = a
         return a
 
@@ -79,7 +79,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         w: World | None = None
         try:
             controller.start()
-            api = Api(controller.url, controller.first_run["user"], controller.first_run["password"])
+            assert controller.url == CONTROLLER
+            api = Api(controller.url, controller.first_run["user"], controller.first_run["password"],
+                      controller.ca_cert)
             api.import_estate()
             role = api.ok("GET", "/label-keys/role")["body"]
             api.ok("PUT", "/label-keys/role", json={**role, "values": [*role["values"], "batch"]})

@@ -7,6 +7,7 @@ unsupported, backwards, foreign), controller outages with backoff, tamper restor
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -280,3 +281,18 @@ def test_address_change_reconnects_and_reports_the_new_addresses(h: Harness) -> 
     a.on_address_change()  # what the netlink watcher calls
     assert wait(lambda: h.controller.agent_for("web1").hosts[-1] == reports[0])
     assert h.clients[-1].reconnects == 1
+
+
+def test_a_restore_that_keeps_failing_is_reported_once(h: Harness) -> None:
+    h.controller.publish(host_policy())
+    a = h.agent()
+    a.start()
+    assert wait(lambda: h.acked() == [1])
+    h.backend.fail_apply = 10**6
+    h.backend.tampered_text = ""
+    assert wait(lambda: any("NOT restored" in d for d in h.events(EventKind.TAMPER)))
+    time.sleep(0.5)  # ~10 more failing checks
+    assert len(h.events(EventKind.TAMPER)) == 1
+    h.backend.fail_apply = 0
+    assert wait(lambda: h.backend.installed == host_policy() and h.backend.tampered_text is None)
+    assert wait(lambda: any(d.endswith("; restored") for d in h.events(EventKind.TAMPER)))

@@ -174,6 +174,7 @@ class Agent:
 
     # ---- 2. tamper watcher -----------------------------------------------------------------------
     def _tamper_loop(self) -> None:
+        failing: str | None = None  # the error of a restore that keeps failing
         while not self._sleep(self.options.tamper_interval):
             try:
                 report = self.enforcer.check()
@@ -181,7 +182,11 @@ class Agent:
                 log.exception("tamper check failed: %s", exc)
                 continue
             if report is None:
+                failing = None
                 continue
+            if not report.restored and report.error == failing:
+                continue  # the same failure every interval: reported once
+            failing = None if report.restored else report.error
             self.tamper_count += 1
             state = "restored" if report.restored else f"NOT restored: {report.error}"
             self._event(EventKind.TAMPER, f"{report.summary}; {state}", self.applied_revision)

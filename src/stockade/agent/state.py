@@ -149,7 +149,8 @@ class StateDir:
     def save_ca(self, pem: str) -> None:
         if "-----BEGIN CERTIFICATE-----" not in pem:
             raise _bad(self.ca_path, "not a PEM certificate")
-        self._write(CA_FILE, pem.encode())
+        if self.load_ca() != pem:  # given again at every start (--ca-cert): no needless fsync
+            self._write(CA_FILE, pem.encode())
 
     # ---- policy cache ------------------------------------------------------------------
     def load_policy(self) -> CachedPolicy | None:
