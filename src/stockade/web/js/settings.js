@@ -1,0 +1,30 @@
+// Display settings, kept in this browser: theme (light, high contrast, or follow the system's
+// "more contrast" preference) and the colour-vision-deficiency palette.
+
+const KEY = "stockade.display";
+export const THEMES = [["system", "Follow the system (high contrast when it asks for more contrast)"], ["light", "Light"], ["high-contrast", "High contrast (dark)"]];
+export const CVD = [["standard", "Standard Okabe–Ito palette"], ["enhanced", "Enhanced for colour-vision deficiency (protanopia, deuteranopia, tritanopia)"]];
+
+export function loadSettings() {
+  try {
+    const s = JSON.parse(window.localStorage.getItem(KEY) || "{}");
+    return { theme: s.theme || "system", cvd: s.cvd || "standard" };
+  } catch (_e) {
+    return { theme: "system", cvd: "standard" };
+  }
+}
+
+export function saveSettings(s) {
+  window.localStorage.setItem(KEY, JSON.stringify(s));
+  applySettings(s);
+}
+
+export function applySettings(s) {
+  const root = document.documentElement;
+  let theme = s.theme;
+  if (theme === "system") {
+    theme = window.matchMedia && window.matchMedia("(prefers-contrast: more)").matches ? "high-contrast" : "light";
+  }
+  root.dataset.theme = theme;
+  root.dataset.cvd = s.cvd;
+}
