@@ -141,8 +141,8 @@ class EbpfBackend:
             raise ApplyError("the ebpf backend filters every packet on the host's interfaces; 'forward' has no meaning")
         if log_group is not None:
             raise ApplyError("the ebpf backend reports flows on its ring buffer, not to an NFLOG group")
-        for what, value in (("table", table), ("netns", netns or HOST_DIR)):
-            if not _NAME_RE.match(value):
+        for what, value in (("table", table), ("netns", netns)):
+            if value is not None and not _NAME_RE.match(value):
                 raise ApplyError(f"invalid {what} name {value!r}")
         if not 1 <= pref <= 0xFFFF:
             raise ApplyError(f"tc preference {pref} out of range")
