@@ -72,9 +72,11 @@ def test_enroll_then_bearer_on_every_call() -> None:
     }
     assert "authorization" not in rec.requests[0].headers
     c.use_credential(CRED, None)
-    assert c.wait_revision(3, 7.5) == 4
+    answer = c.wait_revision(3, 7.5, applied=3)
+    assert answer.revision == 4 and answer.update is None and not answer.inline  # an older controller
     wait_req = rec.requests[-1]
     assert wait_req.url.params["after"] == "3" and float(wait_req.url.params["timeout"]) == 7.5
+    assert wait_req.url.params["applied"] == "3" and wait_req.url.params["include_policy"] == "true"
     upd = c.fetch_policy(None)
     assert upd.kind is UpdateKind.FULL and upd.policy == host_policy() and upd.revision == 4
     assert "since" not in rec.requests[-1].url.params
@@ -84,6 +86,23 @@ def test_enroll_then_bearer_on_every_call() -> None:
     c.heartbeat(Heartbeat(4, "full", 0))
     for r in rec.requests[1:]:
         assert r.headers["authorization"] == "Bearer agt_a1b2_secret"
+
+
+def test_long_poll_with_the_policy_inline() -> None:
+    hp = host_policy()
+    inline = {"revision": 5, "changed": True,
+              "policy": {"revision": 5, "full": host_policy_to_dict(hp), "base": None, "set_deltas": []}}
+    c, rec = client_with({("GET", "/api/v1/agents/a1b2/policy/wait"): httpx.Response(200, json=inline)})
+    c.use_credential(CRED, None)
+    answer = c.wait_revision(4, 1.0)
+    assert answer.inline and answer.revision == 5
+    assert answer.update is not None and answer.update.kind is UpdateKind.FULL and answer.update.policy == hp
+    assert "applied" not in rec.requests[-1].url.params
+    bad = {"revision": 6, "changed": True, "policy": {"revision": 6, "full": {"workload": "x"}}}
+    c2, _ = client_with({("GET", "/api/v1/agents/a1b2/policy/wait"): httpx.Response(200, json=bad)})
+    c2.use_credential(CRED, None)
+    answer = c2.wait_revision(5, 1.0)
+    assert answer.inline and answer.update is None  # left to the explicit fetch, which refuses it
 
 
 def test_delta_answer_with_since() -> None:
@@ -212,7 +231,7 @@ def test_pinned_ca_accepts_its_controller(tls_server: tuple[str, str]) -> None:
     url, ca_pem = tls_server
     c = HttpControllerClient(url, ca_pem)
     c.use_credential(CRED, ca_pem)
-    assert c.wait_revision(0, 1.0) == 9
+    assert c.wait_revision(0, 1.0).revision == 9
     c.close()
 
 

@@ -73,9 +73,10 @@ class Harness:
             a.stop()
 
 
-@pytest.fixture
-def h(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
+@pytest.fixture(params=[False, True], ids=["fetch", "inline"])
+def h(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """Both controller styles: policy fetched after the long-poll, or sent with its answer."""
+    harness = Harness(tmp_path, FakeController(inline=request.param))
     yield harness
     harness.stop()
 

@@ -37,6 +37,7 @@ from stockade.agent.transport import (
     ControllerUnreachableError,
     EventKind,
     Heartbeat,
+    LongPollAnswer,
     PolicyUpdate,
     UpdateKind,
 )
@@ -101,6 +102,7 @@ class Agent:
         self._pending_ack: int | None = None
         self._last_failure: tuple[int, str] | None = None
         self._last_refusal: int | None = None
+        self._inline_acks = False  # the controller takes acks on the long-poll (learnt from its answers)
         self._poke = threading.Event()  # wakes the enforce loop: long-poll answered, stop, address change
         self._interrupted = threading.Event()
         self._backoff = Backoff(options.backoff)
@@ -293,26 +295,31 @@ class Agent:
             client.ack(self._pending_ack)
             self._pending_ack = None
         after = max(self.applied_revision, self.refused_revision)
-        rev = self._long_poll(client, after)
-        if rev is None or rev == self.applied_revision or rev == self.refused_revision:
+        answer = self._long_poll(client, after)
+        if answer is None:
+            return
+        self._inline_acks = answer.inline
+        rev = answer.revision
+        if rev == self.applied_revision or rev == self.refused_revision:
             return
         if rev < self.applied_revision:
             self._refuse(rev, f"revision went backwards: controller has {rev}, agent applied {self.applied_revision}")
             return
-        self.update(client, rev)
+        self.update(client, rev, answer.update)
 
-    def _long_poll(self, client: ControllerClient, after: int) -> int | None:
+    def _long_poll(self, client: ControllerClient, after: int) -> LongPollAnswer | None:
         """``client.wait_revision`` in its own thread, abandoned (None) on stop or address change.
 
         A long-poll whose connection left from an address the host just lost would wait for
         its read timeout; the enforce loop does not: it starts a new one on fresh connections.
         """
-        result: Future[int] = Future()
+        result: Future[LongPollAnswer] = Future()
         self._poke.clear()
+        applied = self.applied_revision or None  # acknowledged on the way (inline controllers)
 
         def run() -> None:
             try:
-                result.set_result(client.wait_revision(after, self.options.long_poll_seconds))
+                result.set_result(client.wait_revision(after, self.options.long_poll_seconds, applied))
             except BaseException as exc:
                 result.set_exception(exc)
             finally:
@@ -327,30 +334,39 @@ class Agent:
                 return None
         return result.result()
 
-    def update(self, client: ControllerClient, announced: int) -> None:
-        """Fetch and apply the controller's current policy (full or delta), then ack.
+    def update(self, client: ControllerClient, announced: int, prefetched: PolicyUpdate | None = None) -> None:
+        """Fetch (unless the long-poll brought it) and apply the controller's policy, then ack.
 
         ``announced`` is the revision the long-poll announced (named in events when the
         answer is too malformed to carry its own).
         """
         since = self.applied_revision if self.enforcer.policy is not None and self.applied_revision else None
-        try:
-            upd = client.fetch_policy(since)
-        except ValidationError as exc:
-            self._refuse(announced, f"malformed policy: {exc}")
-            return
-        except NotFoundError:
-            return  # nothing compiled for us yet
+        upd = prefetched
+        if upd is None:
+            try:
+                upd = client.fetch_policy(since)
+            except ValidationError as exc:
+                self._refuse(announced, f"malformed policy: {exc}")
+                return
+            except NotFoundError:
+                return  # nothing compiled for us yet
         try:
             hp = self._resolve(client, upd)
         except Refused as exc:
             self._refuse(upd.revision, str(exc))
+            return
+        except ValidationError as exc:  # the full policy fetched after an unusable delta
+            self._refuse(announced, f"malformed policy: {exc}")
+            return
+        except NotFoundError:
             return
         if hp is None:
             return
         self.state.save_policy(CachedPolicy(upd.revision, hp))
         self.applied_revision = upd.revision
         self.converged.set()
+        if self._inline_acks:
+            return  # the next long-poll, sent at once, carries the ack
         try:
             client.ack(upd.revision)
         except ControllerUnreachableError:

@@ -25,6 +25,7 @@ from stockade.agent.transport import (
     ControllerUnreachableError,
     Enrollment,
     Heartbeat,
+    LongPollAnswer,
     PolicyUpdate,
     policy_update_from_dict,
 )
@@ -57,8 +58,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 
 class FakeController:
-    def __init__(self, *, deltas: bool = True, history: int = 4) -> None:
+    def __init__(self, *, deltas: bool = True, history: int = 4, inline: bool = False) -> None:
         self.cond = threading.Condition()
+        self.inline = inline  # answer long-polls with the policy and take acks on them
         self.reachable = True
         self.deltas = deltas
         self.history = history
@@ -188,9 +190,17 @@ class FakeControllerClient:
     def heartbeat(self, beat: Heartbeat) -> None:
         self.controller.agent(self.token).heartbeats.append(beat)
 
-    def wait_revision(self, after: int, timeout: float) -> int:
+    def wait_revision(self, after: int, timeout: float, applied: int | None = None) -> LongPollAnswer:
         a = self.controller.agent(self.token)
-        return self.controller.wait(a.workload, after, timeout, self.closed)
+        ctl = self.controller
+        if ctl.inline and applied is not None and (not a.acked or a.acked[-1] != applied):
+            a.acked.append(applied)
+        rev = ctl.wait(a.workload, after, timeout, self.closed)
+        if not ctl.inline:
+            return LongPollAnswer(rev)
+        # A malformed answer (override) is left to the explicit fetch, as the HTTP client does.
+        update = ctl.fetch(a.workload, after or None) if rev > after and ctl.override is None else None
+        return LongPollAnswer(rev, update, inline=True)
 
     def fetch_policy(self, since: int | None) -> PolicyUpdate:
         a = self.controller.agent(self.token)

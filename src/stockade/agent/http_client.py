@@ -5,7 +5,8 @@ Speaks the agent protocol of :mod:`stockade.controller.agents_api` under ``/api/
     POST /agents/enroll                      {activation_code, hostname, interfaces, agent_version}
     PUT  /agents/{id}/interfaces             {interfaces: [{name, addresses}]}
     POST /agents/{id}/heartbeat              {applied_revision, mode, tamper_count}
-    GET  /agents/{id}/policy/wait?after=N&timeout=S   -> {revision, changed}
+    GET  /agents/{id}/policy/wait?after=N&timeout=S&include_policy=true[&applied=A]
+                                             -> {revision, changed[, policy]}
     GET  /agents/{id}/policy[?since=N]       -> {revision, full | null, base, set_deltas}
     POST /agents/{id}/ack                    {revision}
     POST /agents/{id}/events                 {events: [{kind, detail, revision, time}]}
@@ -38,6 +39,7 @@ from stockade.agent.transport import (
     ControllerUnreachableError,
     Enrollment,
     Heartbeat,
+    LongPollAnswer,
     PolicyUpdate,
     policy_update_from_dict,
 )
@@ -206,18 +208,24 @@ class HttpControllerClient:
         body = {"applied_revision": beat.applied_revision, "mode": beat.mode, "tamper_count": beat.tamper_count}
         self._request("POST", self._agent_path("heartbeat"), json=body)
 
-    def wait_revision(self, after: int, timeout: float) -> int:
-        resp = self._request(
-            "GET",
-            self._agent_path("policy/wait"),
-            params={"after": after, "timeout": timeout},
-            timeout=timeout + LONG_POLL_MARGIN,
-        )
+    def wait_revision(self, after: int, timeout: float, applied: int | None = None) -> LongPollAnswer:
+        params: dict[str, Any] = {"after": after, "timeout": timeout, "include_policy": "true"}
+        if applied is not None:
+            params["applied"] = applied
+        resp = self._request("GET", self._agent_path("policy/wait"), params=params, timeout=timeout + LONG_POLL_MARGIN)
         data = self._json(resp)
         try:
-            return int(data["revision"])
+            revision = int(data["revision"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValidationError([Issue("controller", 0, "revision", f"unexpected answer: {exc!r}")]) from exc
+        inline = isinstance(data, dict) and "policy" in data
+        update = None
+        if inline and data["policy"] is not None:
+            try:
+                update = policy_update_from_dict(data["policy"])
+            except ValidationError:
+                update = None  # fetched again explicitly, where a malformed answer is refused with an event
+        return LongPollAnswer(revision, update, inline)
 
     def fetch_policy(self, since: int | None) -> PolicyUpdate:
         params = {"since": since} if since is not None else None

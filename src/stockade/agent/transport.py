@@ -59,6 +59,13 @@ class PolicyUpdate:
     set_deltas: tuple[SetDelta, ...] = ()  # DELTA only
 
 
+@dataclass(frozen=True)
+class LongPollAnswer:
+    revision: int
+    update: PolicyUpdate | None = None  # the policy, sent along when it changed (inline controllers)
+    inline: bool = False  # the controller sends policies with the answer and takes acks on the long-poll
+
+
 class EventKind(Enum):
     """Agent events the controller records (audit log, UI)."""
 
@@ -102,8 +109,13 @@ class ControllerClient(Protocol):
 
     def heartbeat(self, beat: Heartbeat) -> None: ...
 
-    def wait_revision(self, after: int, timeout: float) -> int:
-        """Long-poll: the host's revision as soon as it exceeds ``after``, else the current one."""
+    def wait_revision(self, after: int, timeout: float, applied: int | None = None) -> LongPollAnswer:
+        """Long-poll: the host's revision as soon as it exceeds ``after``, else the current one.
+
+        ``applied`` acknowledges that revision on the way (controllers that take acks there
+        say so with ``LongPollAnswer.inline``); such controllers also send the policy update
+        relative to ``after`` with the answer, saving the fetch.
+        """
         ...
 
     def fetch_policy(self, since: int | None) -> PolicyUpdate:
