@@ -41,7 +41,10 @@ from tests.unit import policy_strategies as ps
 PROBES: tuple[tuple[Proto, int | None], ...] = (
     (Proto.TCP, 22),
     (Proto.TCP, 80),
-    (Proto.TCP, 8050),
+    (Proto.TCP, 7999),  # range edges of the "web" service (8000-8100)
+    (Proto.TCP, 8000),
+    (Proto.TCP, 8100),
+    (Proto.TCP, 8101),
     (Proto.TCP, 8443),
     (Proto.UDP, 53),
     (Proto.UDP, 161),

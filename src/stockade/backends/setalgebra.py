@@ -11,6 +11,7 @@ computes that difference:
   four, which only ``Proto.ANY`` covers);
 * :func:`split_cells` cuts a space into elementary :class:`ServiceCell` s such that each of a
   set of other spaces either contains a cell whole or misses it;
+* :func:`apply_set_deltas` folds set deltas into a host policy (backends that recompute);
 * :func:`carve` subtracts a list of :class:`Subtrahend` s (peer set x service space) from
   ``peer x space``. Addresses stay *symbolic*: each resulting :class:`BlockPiece` names its
   peer as a :class:`PeerExpr` (``base`` minus other peer sets, and maybe minus the controller
@@ -25,11 +26,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from stockade.compiler.ir import HostPolicy
-from stockade.errors import RenderError
+from stockade.compiler.ir import AddressSet, HostPolicy, SetDelta
+from stockade.errors import ApplyError, RenderError
 from stockade.model.addresses import AddressRanges, Family, IPNetwork, Range, merge_ranges, subtract_ranges
 from stockade.model.services import Proto, ServiceEntry
 
@@ -253,3 +254,24 @@ def carve(base_peer: str, space: ServiceSpace, subtrahends: Sequence[Subtrahend]
         ctrl = any(s.kind is SubtrahendKind.CONTROLLER for s in covering)
         groups.setdefault(PeerExpr(base_peer, tuple(names), ctrl), []).append(cell)
     return tuple(BlockPiece(expr, space_of_cells(cs)) for expr, cs in sorted(groups.items()))
+
+
+# ---- set deltas ------------------------------------------------------------------------
+
+
+def apply_set_deltas(hp: HostPolicy, deltas: Sequence[SetDelta]) -> HostPolicy:
+    """``hp`` with set members changed by ``deltas`` (a removed member must be present)."""
+    sets = {(s.name, s.family): s for s in hp.sets}
+    for d in deltas:
+        current = sets.get((d.name, d.family))
+        if current is None:
+            raise ApplyError(f"set delta for unknown set {d.name} ({d.family.name})")
+        members = set(current.members)
+        missing = [m for m in d.removed if m not in members]
+        if missing:
+            raise ApplyError(f"set {d.name}: cannot remove absent members {', '.join(map(str, missing))}")
+        members.difference_update(d.removed)
+        members.update(d.added)
+        merged = AddressRanges.of(members).networks(d.family)
+        sets[(d.name, d.family)] = AddressSet(current.name, current.family, merged, current.selector)
+    return replace(hp, sets=tuple(sorted(sets.values())))

@@ -20,9 +20,10 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
+from stockade.backends.setalgebra import apply_set_deltas
 from stockade.backends.windows_model import (
     BACKEND_NAME,
     OtherProtocols,
@@ -31,9 +32,8 @@ from stockade.backends.windows_model import (
 )
 from stockade.backends.windows_render import rekeyword, render_windows
 from stockade.backends.windows_script import apply_script, delta_script, read_back_script, remove_script
-from stockade.compiler.ir import AddressSet, HostPolicy, SetDelta
+from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
-from stockade.model.addresses import AddressRanges
 
 WINDOWS_CAPABILITIES = frozenset(Capability)
 POWERSHELL_TIMEOUT_S = 600.0
@@ -82,24 +82,6 @@ class PowerShellRunner:
             detail = (result.stderr or result.stdout).strip()
             raise ApplyError(f"PowerShell failed (exit {result.returncode}): {detail[:2000]}")
         return result
-
-
-def apply_set_deltas(hp: HostPolicy, deltas: Sequence[SetDelta]) -> HostPolicy:
-    """``hp`` with set members changed by ``deltas`` (a removed member must be present)."""
-    sets = {(s.name, s.family): s for s in hp.sets}
-    for d in deltas:
-        current = sets.get((d.name, d.family))
-        if current is None:
-            raise ApplyError(f"set delta for unknown set {d.name} ({d.family.name})")
-        members = set(current.members)
-        missing = [m for m in d.removed if m not in members]
-        if missing:
-            raise ApplyError(f"set {d.name}: cannot remove absent members {', '.join(map(str, missing))}")
-        members.difference_update(d.removed)
-        members.update(d.added)
-        merged = AddressRanges.of(members).networks(d.family)
-        sets[(d.name, d.family)] = AddressSet(current.name, current.family, merged, current.selector)
-    return replace(hp, sets=tuple(sorted(sets.values())))
 
 
 class WindowsFirewallBackend:
