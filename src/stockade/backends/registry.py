@@ -10,6 +10,7 @@ from typing import Any
 
 from stockade.backends.base import Backend
 from stockade.backends.ebpf import EbpfBackend
+from stockade.backends.ipfilter import IpfilterBackend
 from stockade.backends.iptables import IptablesBackend
 from stockade.backends.nftables import NftablesBackend
 from stockade.backends.windows import WindowsFirewallBackend
@@ -20,6 +21,7 @@ BACKENDS: dict[str, type[Backend[Any]]] = {
     "iptables": IptablesBackend,
     "ebpf": EbpfBackend,
     "windows": WindowsFirewallBackend,
+    "ipfilter": IpfilterBackend,
 }
 
 

@@ -1,0 +1,50 @@
+# ---- ippool.conf (ippool -f) ----
+# Stockade ippool.conf: workload web-1 (slot a)
+table role = ipf type = tree number = 10000
+	{ 10.0.0.0/8; 10.0.0.1/32; 172.16.0.0/12; };
+table role = ipf type = tree number = 10001
+	{ 10.0.0.11/32; 10.0.0.12/31; };
+table role = ipf type = tree number = 10002
+	{ 10.0.1.20/32; };
+table role = ipf type = tree number = 10003
+	{ fd00::/48; };
+table role = ipf type = tree number = 10004
+	{ fd00::11/128; };
+table role = ipf type = tree number = 10005
+	{ fd00:1::20/128; };
+
+# ---- ipf.conf (ipf -I -f) ----
+# Stockade ipf.conf: workload web-1, mode full
+pass in quick on lo0 all # failsafe:loopback
+pass out quick on lo0 all # failsafe:loopback
+pass in quick proto tcp from any to any port = 22 flags S/SA keep state # failsafe:management
+pass in quick from pool/10000 to any keep state # ruleset/trust/0
+pass out quick from any to pool/10000 keep state # ruleset/trust/1
+pass in quick proto tcp from pool/10001 to any flags S/SA keep state # ruleset/trust/2
+pass in quick proto tcp from pool/10002 to any port = 5432 flags S/SA keep state # ruleset/trust/3
+pass in quick proto udp from pool/10002 to any keep state # ruleset/trust/3
+block in quick all # default
+block out quick all # default
+
+# ---- ipf6.conf (ipf -6 -I -f) ----
+# Stockade ipf6.conf: workload web-1, mode full
+pass in quick on lo0 all # failsafe:loopback
+pass out quick on lo0 all # failsafe:loopback
+pass in quick proto ipv6-icmp from any to any icmp-type 133 # failsafe:nd
+pass in quick proto ipv6-icmp from any to any icmp-type 134 # failsafe:nd
+pass in quick proto ipv6-icmp from any to any icmp-type 135 # failsafe:nd
+pass in quick proto ipv6-icmp from any to any icmp-type 136 # failsafe:nd
+pass in quick proto ipv6-icmp from any to any icmp-type 137 # failsafe:nd
+pass out quick proto ipv6-icmp from any to any icmp-type 133 # failsafe:nd
+pass out quick proto ipv6-icmp from any to any icmp-type 134 # failsafe:nd
+pass out quick proto ipv6-icmp from any to any icmp-type 135 # failsafe:nd
+pass out quick proto ipv6-icmp from any to any icmp-type 136 # failsafe:nd
+pass out quick proto ipv6-icmp from any to any icmp-type 137 # failsafe:nd
+pass in quick proto tcp from any to any port = 22 flags S/SA keep state # failsafe:management
+pass in quick from pool/10003 to any keep state # ruleset/trust/0
+pass out quick from any to pool/10003 keep state # ruleset/trust/1
+pass in quick proto tcp from pool/10004 to any flags S/SA keep state # ruleset/trust/2
+pass in quick proto tcp from pool/10005 to any port = 5432 flags S/SA keep state # ruleset/trust/3
+pass in quick proto udp from pool/10005 to any keep state # ruleset/trust/3
+block in quick all # default
+block out quick all # default

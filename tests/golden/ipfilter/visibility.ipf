@@ -1,0 +1,48 @@
+# ---- ippool.conf (ippool -f) ----
+# Stockade ippool.conf: workload web-1 (slot a)
+table role = ipf type = tree number = 10000
+	{ 192.0.2.0/24; };
+table role = ipf type = tree number = 10001
+	{ 10.0.0.11/32; 10.0.0.12/31; };
+table role = ipf type = tree number = 10002
+	{ 10.0.1.20/32; };
+table role = ipf type = tree number = 10003
+	{ 2001:db8::/32; };
+table role = ipf type = tree number = 10004
+	{ fd00::11/128; };
+table role = ipf type = tree number = 10005
+	{ fd00:1::20/128; };
+
+# ---- ipf.conf (ipf -I -f) ----
+# Stockade ipf.conf: workload web-1, mode visibility
+pass in quick on lo0 all # failsafe:loopback
+pass out quick on lo0 all # failsafe:loopback
+pass in quick proto tcp from any to any port = 22 flags S/SA keep state # failsafe:management
+pass in log quick from pool/10000 to any keep state # deny/quarantine
+pass in quick proto tcp from pool/10001 to any port = 80 flags S/SA keep state # ruleset/shop/0
+pass in quick proto tcp from pool/10001 to any port = 443 flags S/SA keep state # ruleset/shop/0
+pass out log quick proto tcp from any to pool/10002 port = 5432 flags S/SA keep state # deny/no-db-from-web
+pass in log quick all keep state # default
+pass out log quick all keep state # default
+
+# ---- ipf6.conf (ipf -6 -I -f) ----
+# Stockade ipf6.conf: workload web-1, mode visibility
+pass in quick on lo0 all # failsafe:loopback
+pass out quick on lo0 all # failsafe:loopback
+pass in quick proto ipv6-icmp from any to any icmp-type 133 # failsafe:nd
+pass in quick proto ipv6-icmp from any to any icmp-type 134 # failsafe:nd
+pass in quick proto ipv6-icmp from any to any icmp-type 135 # failsafe:nd
+pass in quick proto ipv6-icmp from any to any icmp-type 136 # failsafe:nd
+pass in quick proto ipv6-icmp from any to any icmp-type 137 # failsafe:nd
+pass out quick proto ipv6-icmp from any to any icmp-type 133 # failsafe:nd
+pass out quick proto ipv6-icmp from any to any icmp-type 134 # failsafe:nd
+pass out quick proto ipv6-icmp from any to any icmp-type 135 # failsafe:nd
+pass out quick proto ipv6-icmp from any to any icmp-type 136 # failsafe:nd
+pass out quick proto ipv6-icmp from any to any icmp-type 137 # failsafe:nd
+pass in quick proto tcp from any to any port = 22 flags S/SA keep state # failsafe:management
+pass in log quick from pool/10003 to any keep state # deny/quarantine
+pass in quick proto tcp from pool/10004 to any port = 80 flags S/SA keep state # ruleset/shop/0
+pass in quick proto tcp from pool/10004 to any port = 443 flags S/SA keep state # ruleset/shop/0
+pass out log quick proto tcp from any to pool/10005 port = 5432 flags S/SA keep state # deny/no-db-from-web
+pass in log quick all keep state # default
+pass out log quick all keep state # default
