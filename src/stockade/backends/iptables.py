@@ -12,9 +12,10 @@ Apply, and what a failure leaves:
    rollback point) and one ``ipset -exist restore`` that loads every set's new members under
    ``<name>-t`` and swaps them onto the live names. Failure: the swaps done are swapped
    back, the temporary sets destroyed; nothing else was touched.
-2. concurrently: ``iptables-restore --noflush`` and ``ip6tables-restore --noflush`` of our
-   chains (each one kernel transaction). Failure of one: the other family's chains are put
-   back from its save, the sets swapped back; the previous ruleset is in force again.
+2. ``iptables-restore --noflush`` and ``ip6tables-restore --noflush`` of our chains (each
+   one kernel transaction; concurrent for iptables-nft, one after the other for legacy,
+   whose restores share the xtables lock). Failure of one: the other family's chains are
+   put back from its save, the sets swapped back; the previous ruleset is in force again.
 3. the temporary sets (now holding the previous members) and sets no rule uses any more
    are destroyed.
 
@@ -43,7 +44,7 @@ from stockade.backends.iptables_render import (
     render_iptables,
     validate_prefix,
 )
-from stockade.backends.iptables_runner import Command, IpsetHeader, IptablesRunner, parse_ipset_save
+from stockade.backends.iptables_runner import Command, IpsetHeader, IptablesRunner, Result, parse_ipset_save
 from stockade.backends.iptables_scripts import (
     FilterState,
     ipset_delta_script,
@@ -147,12 +148,12 @@ class IptablesBackend:
             raise ApplyError(f"cannot read the current rules (nothing changed): {failed_save[0].message()}")
 
         scripts = {f: rules_script(artifact.ruleset(f), states[f], self.prefix) for f in FAMILIES}
-        results = dict(zip(FAMILIES, r.run_all([r.restore_cmd(f, scripts[f]) for f in FAMILIES]), strict=True))
-        failed = [f for f in FAMILIES if not results[f].ok]
+        results = self._restore(scripts)
+        failed = [f for f, res in results.items() if not res.ok]
         if failed:
             problems = [results[f].message() for f in failed]
             for f in FAMILIES:
-                if results[f].ok:
+                if f in results and results[f].ok:
                     undo = r.run(r.restore_cmd(f, rollback_script(states[f], artifact.ruleset(f), self.prefix)))
                     if not undo.ok:
                         problems.append(f"ROLLBACK FAILED, IPv{f.value} chains hold the new rules: {undo.message()}")
@@ -162,6 +163,23 @@ class IptablesBackend:
         keep = {s.name for s in artifact.sets}
         stale = sorted(n for n in before if n.startswith(self.set_prefix) and n not in keep)
         self._destroy_sets([*(s.temp_name for s in artifact.sets), *stale])
+
+    def _restore(self, scripts: dict[Family, str]) -> dict[Family, Result]:
+        """Load each family's rules script; the results of those that ran.
+
+        iptables-nft restores run concurrently (independent nf_tables transactions); legacy
+        ones hold the shared xtables lock, so they run one after the other and IPv6 is not
+        tried once IPv4 failed.
+        """
+        r = self.runner
+        if self.variant is IptablesVariant.NFT:
+            return dict(zip(FAMILIES, r.run_all([r.restore_cmd(f, scripts[f]) for f in FAMILIES]), strict=True))
+        results: dict[Family, Result] = {}
+        for f in FAMILIES:
+            results[f] = r.run(r.restore_cmd(f, scripts[f]))
+            if not results[f].ok:
+                break
+        return results
 
     def _undo_sets(self, swapped: tuple[IpSet, ...], sets: tuple[IpSet, ...], before: frozenset[str]) -> None:
         """Swap back ``swapped``, destroy the temporary sets and the live sets this apply created."""

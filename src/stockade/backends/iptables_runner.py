@@ -3,8 +3,9 @@
 Every command is an argv list (never a shell); scripts go to the binary's standard input.
 With ``netns`` the argv is prefixed by ``nsenter --net=/run/netns/<netns>`` (half the cost
 of ``ip netns exec``, which also remounts /sys). Independent commands (the two families'
-saves, the two families' restores) run concurrently: a legacy restore waits for the
-xtables lock (``-w``) rather than failing when the other family holds it.
+saves and the set load; the two iptables-nft restores) run concurrently. A legacy restore
+waits for the xtables lock (``-w``, polled every 10 ms) rather than failing when another
+program holds it.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ class IptablesRunner:
         return Command((self.variant.tool(family, "save"), "-t", "filter"))
 
     def restore_cmd(self, family: Family, script: str) -> Command:
-        return Command((self.variant.tool(family, "restore"), "-w", str(LOCK_WAIT_S), "--noflush"), script)
+        # legacy: wait for the xtables lock, polling every 10 ms (the default interval is 1 s)
+        wait = ("-w", str(LOCK_WAIT_S), "-W", "10000") if self.variant is IptablesVariant.LEGACY else ()
+        return Command((self.variant.tool(family, "restore"), *wait, "--noflush"), script)
 
     @staticmethod
     def ipset_cmd(script: str) -> Command:
