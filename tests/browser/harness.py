@@ -1,7 +1,8 @@
-"""A live controller for the browser tests and benchmarks, started as a user would start it.
+"""A live controller for the browser tests and benchmarks, in a subprocess.
 
-``stockade controller --insecure-http`` runs in a subprocess on 127.0.0.1 with a random port
-and a throwaway data dir; the first-run owner password is read from its output. The
+The controller app (``serve_console.py``, or the ``stockade controller --insecure-http`` command
+itself) runs on 127.0.0.1 with a random port and a throwaway data dir; the first-run owner
+password is read from its output. The
 :class:`Console` handle carries the URL, that credential, and an API client (an owner API key)
 to seed the estate through the same public REST API the console uses.
 """
@@ -85,14 +86,18 @@ class Console:
 
 
 @contextmanager
-def running_controller(extra_args: tuple[str, ...] = ()) -> Iterator[Console]:
-    """Start ``stockade controller --insecure-http`` and yield a :class:`Console` for it."""
+def running_controller(cli: bool = False) -> Iterator[Console]:
+    """Start a controller (``stockade controller --insecure-http`` with ``cli``) and yield a :class:`Console`."""
     data_dir = Path(tempfile.mkdtemp(prefix="stockade-console-"))
     port = free_port()
     log_path = data_dir / "controller.log"
     log = log_path.open("w")
-    argv = [sys.executable, "-m", "stockade.cli", "controller", "--data-dir", str(data_dir / "data"),
-            "--host", "127.0.0.1", "--port", str(port), "--insecure-http", *extra_args]
+    if cli:  # exactly what a user runs
+        argv = [sys.executable, "-m", "stockade.cli", "controller", "--data-dir", str(data_dir / "data"),
+                "--host", "127.0.0.1", "--port", str(port), "--insecure-http"]
+    else:  # the same app, importing only the controller (faster, cheap argon2)
+        argv = [sys.executable, str(Path(__file__).with_name("serve_console.py")), "--data", str(data_dir / "data"),
+                "--port", str(port)]
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     client: httpx.Client | None = None

@@ -35,7 +35,7 @@ export class ChipPicker {
     this.list = h("ul", { class: "listbox", role: "listbox", id: this.listId, hidden: true, "aria-labelledby": o.labelId });
     this.el.append(this.chips, this.input, this.list);
     this.input.addEventListener("input", () => this.refresh());
-    this.input.addEventListener("focus", () => this.refresh());
+    this.input.addEventListener("focus", () => { if (!this.picking) this.refresh(); });
     this.input.addEventListener("keydown", (e) => this.onKey(e));
     this.input.addEventListener("blur", () => window.setTimeout(() => this.close(), 150));
     this.el.addEventListener("click", (e) => { if (e.target === this.el || e.target === this.chips) this.input.focus(); });
@@ -70,7 +70,7 @@ export class ChipPicker {
     this.renderChips();
     this.changed();
     announce(`Added ${item.text}`);
-    this.refresh();
+    this.close(); // typing or ArrowDown opens it again
   }
 
   changed() {

@@ -28,12 +28,13 @@ export function labelSuggestions(data, text, { groups = true, exclusions = true 
       cands.push({ text: `${k.name}=${value}`, t: "label", key: k.name, value, hint });
     }
   }
-  // a new value for a key that takes any value: "key=value" typed in full
+  const ranked = rank(cands, q.replace(/\s*[:]\s*/, "="));
+  // a new value for a key that takes any value, "key=value" typed in full: offered last
   const m = /^([A-Za-z0-9][A-Za-z0-9_.-]*)\s*[=:]\s*([A-Za-z0-9][A-Za-z0-9_.-]*)$/.exec(q);
   if (m && accepts(data, m[1], m[2]) && !cands.some((c) => c.key === m[1] && c.value === m[2]) && NAME_RE.test(m[2])) {
-    cands.push({ text: `${m[1]}=${m[2]}`, t: "label", key: m[1], value: m[2], hint: "new value" });
+    ranked.push({ text: `${m[1]}=${m[2]}`, t: "label", key: m[1], value: m[2], hint: "new value" });
   }
-  let items = rank(cands, q.replace(/\s*[:]\s*/, "=")).map((c) => {
+  let items = ranked.map((c) => {
     const t = negate ? "exclude" : "label";
     return {
       key: `${t}:${c.key}=${c.value}`, text: `${negate ? "not " : ""}${c.text}`, hint: c.hint,
@@ -117,7 +118,7 @@ export class SelectorListEditor {
         icon("plus"), this.rows.length ? "or…" : "Add a selector"),
       allowEmpty ? h("div", { class: "hint" }, emptyText) : null);
     this.addButton = this.el.querySelector("button.link");
-    const initial = selectors.length ? selectors : (allowEmpty ? [] : [{}]);
+    const initial = selectors.length ? selectors : [{}]; // an empty row is skipped on save
     initial.forEach((s) => this.addRow(s));
     this.updateAddLabel();
   }
