@@ -141,7 +141,7 @@ def test_parse_ipset_save_keeps_ours_only() -> None:
     )
     sets = parse_ipset_save(text, "STOCKADE-")
     assert list(sets) == ["STOCKADE-a-v4"]
-    assert sets["STOCKADE-a-v4"].members == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("10.0.0.1/32"))
+    assert sets["STOCKADE-a-v4"].members == ("10.0.0.0/8", "10.0.0.1")
 
 
 def test_service_matches_per_family() -> None:

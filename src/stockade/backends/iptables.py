@@ -57,7 +57,7 @@ from stockade.backends.iptables_scripts import (
 )
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, BackendError, RenderError
-from stockade.model.addresses import Family, IPNetwork
+from stockade.model.addresses import Family
 
 IPTABLES_CAPABILITIES = frozenset(Capability)
 FAMILIES = (Family.V4, Family.V6)
@@ -233,7 +233,7 @@ class IptablesBackend:
         for name in sorted(snap.sets):
             s = snap.sets[name]
             lines.append(f"create {name} {s.type_name} family {s.family}")
-            lines += [f"add {name} {address_text(m)}" for m in s.members]
+            lines += [f"add {name} {m}" for m in s.members]
         for family in FAMILIES:
             state = snap.states[family]
             if state.empty:
@@ -317,9 +317,9 @@ def _rule_diff(chain: str, want: tuple[str, ...], have: tuple[str, ...]) -> str:
     return f"chain {chain}: missing rule {want[len(have)]!r}"
 
 
-def _members_text(nets: list[IPNetwork], limit: int = 5) -> str:
-    shown = ", ".join(address_text(n) for n in nets[:limit])
-    return shown + (f" (+{len(nets) - limit} more)" if len(nets) > limit else "")
+def _members_text(members: list[str], limit: int = 5) -> str:
+    shown = ", ".join(members[:limit])
+    return shown + (f" (+{len(members) - limit} more)" if len(members) > limit else "")
 
 
 def _set_problems(expected: tuple[IpSet, ...], actual: dict[str, IpsetHeader]) -> list[str]:
@@ -334,20 +334,16 @@ def _set_problems(expected: tuple[IpSet, ...], actual: dict[str, IpsetHeader]) -
             problems.append(
                 f"set {s.name}: type {got.type_name} family {got.family}, expected hash:net {s.ipset_family}"
             )
-        want = set(ipset_members(s.members))
+        want = {address_text(m) for m in ipset_members(s.members)}  # the spelling ipset prints
         present = set(got.members)
-        missing = sorted(want - present, key=_key)
-        extra = sorted(present - want, key=_key)
+        missing = sorted(want - present)
+        extra = sorted(present - want)
         if missing:
             problems.append(f"set {s.name}: missing {_members_text(missing)}")
         if extra:
             problems.append(f"set {s.name}: unexpected {_members_text(extra)}")
     problems += [f"unexpected set {name}" for name in sorted(have)]
     return problems
-
-
-def _key(net: IPNetwork) -> tuple[int, int, int]:
-    return (net.version, int(net.network_address), net.prefixlen)
 
 
 __all__ = ["IPTABLES_CAPABILITIES", "IptablesBackend", "IptablesVariant", "IptablesVerifyReport"]

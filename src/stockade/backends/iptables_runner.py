@@ -10,7 +10,6 @@ program holds it.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import subprocess
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from stockade.backends.iptables_render import IptablesVariant
 from stockade.backends.nft_runner import validate_netns
 from stockade.errors import BackendError
-from stockade.model.addresses import Family, IPNetwork
+from stockade.model.addresses import Family
 
 TIMEOUT_S = 120.0
 LOCK_WAIT_S = 30
@@ -59,12 +58,17 @@ class Command:
 
 @dataclass(frozen=True)
 class IpsetHeader:
-    """One set as ``ipset save`` declares it, with its members."""
+    """One set as ``ipset save`` declares it, with its members as printed (sorted text).
+
+    Members stay text: ``ipset`` prints them with ``inet_ntop``, as
+    :func:`~stockade.backends.iptables_render.address_text` formats ours, and parsing 100k
+    addresses into objects would cost seconds on every tamper check.
+    """
 
     name: str
     type_name: str
     family: str
-    members: tuple[IPNetwork, ...]
+    members: tuple[str, ...]
 
 
 class IptablesRunner:
@@ -125,22 +129,19 @@ class IptablesRunner:
 def parse_ipset_save(text: str, keep: str) -> dict[str, IpsetHeader]:
     """Sets whose name starts with ``keep``, from ``ipset save`` output, by name."""
     headers: dict[str, tuple[str, str]] = {}
-    members: dict[str, list[IPNetwork]] = {}
+    members: dict[str, list[str]] = {}
     for line in text.splitlines():
-        parts = line.split()
+        parts = line.split(" ", 3)
         if len(parts) < 3 or not parts[1].startswith(keep):
             continue
         if parts[0] == "create":
-            family = parts[parts.index("family") + 1] if "family" in parts else "inet"
+            words = line.split()
+            family = words[words.index("family") + 1] if "family" in words else "inet"
             headers[parts[1]] = (parts[2], family)
             members.setdefault(parts[1], [])
         elif parts[0] == "add":
-            members.setdefault(parts[1], []).append(ipaddress.ip_network(parts[2], strict=False))
+            members.setdefault(parts[1], []).append(parts[2])
     return {
-        name: IpsetHeader(name, type_name, family, tuple(sorted(members[name], key=_net_key)))
+        name: IpsetHeader(name, type_name, family, tuple(sorted(members[name])))
         for name, (type_name, family) in headers.items()
     }
-
-
-def _net_key(net: IPNetwork) -> tuple[int, int, int]:
-    return (net.version, int(net.network_address), net.prefixlen)
