@@ -2,9 +2,11 @@
 
 One controller process (uvicorn + uvloop, plain HTTP on 127.0.0.1) and one client process with
 N simulated agents (asyncio, a minimal keep-alive HTTP/1.1 client per agent, no kernel). Each
-agent enrols with an activation code, then loops: long-poll ``/policy/wait?include_policy=true``
-(which answers with the delta since its applied revision) -> ``POST /ack``, and heartbeats
-every ``--heartbeat`` s.
+agent enrols with an activation code, then loops on one request per policy change: the
+long-poll ``/policy/wait?include_policy=true&applied=REV`` answers with the delta since the
+agent's applied revision, and the next long-poll acknowledges it (``applied=``); heartbeats
+every ``--heartbeat`` s. Convergence is read from the controller (``/convergence``), so a
+scenario ends only when the controller has recorded every acknowledgement.
 
 Estate: apps of 10 workloads (5 ``role=web``, 5 ``role=db``), one ruleset per app (web -> db on
 5432/tcp, intra-scope), and one global ruleset (``role=monitor`` -> every workload on 22/tcp).
@@ -96,8 +98,9 @@ class PgCluster:
         data = self.root / "data"
         subprocess.run([*self.run, str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres",
                         "--auth=trust", "--no-sync"], check=True, capture_output=True)
+        # synchronous_commit=off matches SQLite's WAL + synchronous=NORMAL: crash-safe, no fsync per commit
         opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c max_connections=200 " \
-               "-c shared_buffers=256MB"
+               "-c shared_buffers=256MB -c synchronous_commit=off"
         subprocess.run([*self.run, str(self.bindir / "pg_ctl"), "-D", str(data), "-o", opts,
                         "-l", str(self.root / "log"), "-w", "start"], check=True, capture_output=True)
         self.data = data
@@ -184,7 +187,8 @@ async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event)
     while not stop.is_set():
         try:
             timeout = max(0.5, min(30.0, next_beat - time.monotonic()))
-            query = f"after={a.applied}&timeout={timeout:.1f}&include_policy=true"
+            # the wait carries the acknowledgement of the applied revision (applied=...)
+            query = f"after={a.applied}&applied={a.applied}&timeout={timeout:.1f}&include_policy=true"
             status, got = await poll.request("GET", f"{base}/policy/wait?{query}", a.token)
             if status != 200:
                 a.errors += 1
@@ -194,9 +198,8 @@ async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event)
                 pol = got["policy"]
                 if pol["full"] is None and pol["base"] != a.applied:
                     a.errors += 1  # a delta must start from what this agent applied
-                status, _ = await poll.request("POST", f"{base}/ack", a.token, {"revision": pol["revision"]})
                 a.applied = pol["revision"]
-                a.acks.append((time.perf_counter(), a.applied))
+                a.acks.append((time.perf_counter(), a.applied))  # acknowledged by the next wait, sent now
             if time.monotonic() >= next_beat:
                 await poll.request("POST", f"{base}/heartbeat", a.token, {})
                 next_beat = time.monotonic() + heartbeat
@@ -371,8 +374,8 @@ async def _enrol(port: int, key: str, n: int) -> list[Agent]:
 async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        status, got = await c.request("GET", "/api/v1/convergence", key)
-        if status == 200 and got["agents"] == n and not got["lagging"]:
+        status, got = await c.request("GET", "/api/v1/convergence?limit=0", key)
+        if status == 200 and got["agents"] == n and got["lagging_count"] == 0:
             return
         await asyncio.sleep(0.02)
     raise TimeoutError(f"agents did not converge in {limit} s")

@@ -153,3 +153,18 @@ def test_profile_validation(api: Api) -> None:
     r = api.req("POST", "/pairing-profiles", json={"name": "p", "max_uses": 0})
     assert r.status_code == 422
     assert api.req("POST", "/pairing-profiles/none/codes").status_code == 404
+
+
+def test_wait_can_acknowledge(sqlite_api: Api) -> None:
+    api = sqlite_api
+    api.ok("POST", "/pairing-profiles", 201, json={"name": "p"})
+    code = api.ok("POST", "/pairing-profiles/p/codes", 201)["code"]
+    agent = enroll(api, code, "h", "10.9.0.1").json()
+    token = api.headers(agent["token"])
+    first = api.ok("GET", f"/agents/{agent['agent_id']}/policy/wait", headers=token,
+                   params={"after": 0, "timeout": 0, "include_policy": "true"})
+    rev = first["policy"]["revision"]
+    assert api.ok("GET", "/convergence")["lagging"] == ["h"]
+    api.ok("GET", f"/agents/{agent['agent_id']}/policy/wait", headers=token,
+           params={"after": rev, "applied": rev, "timeout": 0})
+    assert api.ok("GET", "/convergence")["lagging"] == []

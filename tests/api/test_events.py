@@ -77,3 +77,39 @@ def test_syslog_forwarding(tmp_path: Path, udp: socket.socket, fmt: SyslogFormat
     else:
         assert message.startswith("CEF:0|Stockade|Stockade|")
         assert "act=service.create" in message and "cs2=web" in message
+
+
+def test_offline_grace_takes_addresses_out_of_peer_sets(sqlite_api: Api) -> None:
+    api = sqlite_api
+    api.ok("POST", "/services", 201, json={"name": "pg", "ports": ["5432/tcp"]})
+    api.ok("POST", "/rulesets", 201, json={"name": "r", "rules": [
+        {"consumers": [{"labels": {"role": "web"}}], "providers": [{"labels": {"role": "db"}}], "services": ["pg"]}]})
+    api.ok("POST", "/policy/provision", 201, json={"message": "v1"})
+    api.ok("POST", "/workloads", 201, json={"name": "db", "labels": {"role": "db"}})
+    api.ok("POST", "/pairing-profiles", 201, json={"name": "web", "labels": {"role": "web"}})
+    code = api.ok("POST", "/pairing-profiles/web/codes", 201)["code"]
+    agent = api.client.post("/api/v1/agents/enroll", json={
+        "activation_code": code, "hostname": "web-1", "interfaces": [{"name": "eth0", "addresses": ["10.3.0.1"]}]},
+    ).json()
+    token = api.headers(agent["token"])
+    api.ok("POST", f"/agents/{agent['agent_id']}/heartbeat", headers=token)
+
+    def db_members() -> set[str]:
+        sets = api.ok("GET", "/workloads/db/host-policy")["policy"]["sets"]
+        return {m for s in sets for m in s["members"]}
+
+    dist = api.ctl.dist
+    dist.check_liveness(60, grace=30)
+    assert "10.3.0.1/32" in db_members()
+    dist.agents[agent["agent_id"]].last_heartbeat = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=75)
+    dist.check_liveness(60, grace=30)  # offline, still inside the grace
+    assert "10.3.0.1/32" in db_members()
+    dist.agents[agent["agent_id"]].last_heartbeat = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=95)
+    dist.check_liveness(60, grace=30)
+    assert "10.3.0.1/32" not in db_members()
+    assert api.ok("GET", "/workloads/web-1")["body"]["interfaces"][0]["addresses"] == ["10.3.0.1"]  # kept
+    api.ok("POST", f"/agents/{agent['agent_id']}/heartbeat", headers=token)
+    dist.check_liveness(60, grace=30)
+    assert "10.3.0.1/32" in db_members()
+    actions = [e["action"] for e in api.ok("GET", "/events", params={"name": "web-1"})["items"]]
+    assert "workload.departed" in actions and "workload.returned" in actions

@@ -48,6 +48,8 @@ def _syslog_target(value: str | None, fmt: str) -> Any:
 @click.option("--insecure-http", is_flag=True, help="serve plain HTTP instead of TLS")
 @click.option("--tls-name", multiple=True, help="extra host name or address for the server certificate")
 @click.option("--offline-after", type=float, default=90.0, show_default=True, help="seconds without heartbeat")
+@click.option("--offline-grace", type=float, default=None,
+              help="seconds after going offline before a workload leaves peers' sets (default: never)")
 @click.option("--syslog", default=None, help="forward audit events to HOST:PORT over UDP")
 @click.option("--syslog-format", type=click.Choice(["json", "cef"]), default="json", show_default=True)
 def controller(
@@ -58,6 +60,7 @@ def controller(
     insecure_http: bool,
     tls_name: tuple[str, ...],
     offline_after: float,
+    offline_grace: float | None,
     syslog: str | None,
     syslog_format: str,
 ) -> None:
@@ -73,6 +76,7 @@ def controller(
     settings = ControllerSettings(
         database_url=url,
         offline_after=offline_after,
+        offline_grace=offline_grace,
         secure_cookies=not insecure_http,
         syslog=_syslog_target(syslog, syslog_format),
     )

@@ -17,10 +17,12 @@ Agent side, the protocol the agent (issue 5) implements::
     PUT  /api/v1/agents/{id}/interfaces  {interfaces: [{name, addresses}]}
          updates the workload's addresses, hence every peer's address sets -> {revision}
     POST /api/v1/agents/{id}/heartbeat   {}  -> {revision}  (the desired revision)
-    GET  /api/v1/agents/{id}/policy/wait?after=REV&timeout=S[&include_policy=true]
+    GET  /api/v1/agents/{id}/policy/wait?after=REV&timeout=S[&include_policy=true][&applied=A]
          long-poll: answers as soon as the host's revision exceeds REV, or at the timeout,
          with {revision, changed, policy}; with include_policy=true and changed, ``policy`` is
-         the answer of GET .../policy?since=REV (one round trip fewer), else null
+         the answer of GET .../policy?since=REV (one round trip fewer), else null.
+         ``applied=A`` acknowledges revision A like POST .../ack, so an agent that loops
+         wait(include_policy, applied) -> apply needs one request per policy change
     GET  /api/v1/agents/{id}/policy[?since=REV]
          {revision, full: HostPolicy JSON (stockade.compiler.ir.host_policy_to_dict) | null,
           base, set_deltas: [{name, family, added, removed}]}; with ``since`` = an earlier
@@ -46,6 +48,7 @@ import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -150,7 +153,8 @@ class ConvergenceOut(BaseModel):
     online: int
     offline: int
     converged: int
-    lagging: list[str]
+    lagging_count: int
+    lagging: list[str] = Field(description="workloads behind their desired revision (first `limit`)")
 
 
 # ---- pairing profiles --------------------------------------------------------------------
@@ -374,7 +378,7 @@ async def heartbeat(request: Request, agent_id: str,
 
 
 @router.get("/agents/{agent_id}/policy/wait", tags=["Agent protocol"], responses=ERRORS,
-            operation_id="wait-for-policy")
+            operation_id="wait-for-policy", response_model=WaitOut)
 async def wait_for_policy(
     request: Request,
     agent_id: str,
@@ -382,9 +386,12 @@ async def wait_for_policy(
     after: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     timeout: Annotated[float, Query(ge=0, le=300)] = 30.0,
     include_policy: bool = False,
-) -> WaitOut:
+    applied: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="acknowledge this revision")] = None,
+) -> Response:
     name = _self(principal, agent_id)
     ctl = controller_of(request)
+    if applied is not None:
+        ctl.dist.agent_ack(agent_id, applied)
     if ctl.dist.loop is None:  # served without lifespan (tests on an ASGI transport)
         ctl.dist.loop = asyncio.get_running_loop()
     ctl.metrics.waiting.inc()
@@ -392,29 +399,31 @@ async def wait_for_policy(
         rev = await ctl.dist.wait(name, after, min(timeout, ctl.settings.long_poll_max))
     finally:
         ctl.metrics.waiting.dec()
+    # hot path of every agent: plain JSON, no response-model round trip (the schema is WaitOut)
     if include_policy and rev > after:
         # the answer to GET .../policy?since=after, saving the agent a round trip
         policy = await _fetch(ctl, name, after or None)
-        return WaitOut(revision=policy.revision, changed=True, policy=policy)
-    return WaitOut(revision=rev, changed=rev > after, policy=None)
+        return JSONResponse({"revision": policy["revision"], "changed": True, "policy": policy})
+    return JSONResponse({"revision": rev, "changed": rev > after, "policy": None})
 
 
-async def _fetch(ctl: Controller, workload: str, since: int | None) -> PolicyOut:
+async def _fetch(ctl: Controller, workload: str, since: int | None) -> dict[str, Any]:
     got = ctl.dist.fetch_nowait(workload, since)
     if got is None:
         got = await run_in_threadpool(ctl.dist.fetch, workload, since)
-    return PolicyOut(revision=got.revision, full=got.full, base=got.base, set_deltas=list(got.set_deltas))
+    return {"revision": got.revision, "full": got.full, "base": got.base, "set_deltas": list(got.set_deltas)}
 
 
-@router.get("/agents/{agent_id}/policy", tags=["Agent protocol"], responses=ERRORS, operation_id="fetch-policy")
+@router.get("/agents/{agent_id}/policy", tags=["Agent protocol"], responses=ERRORS, operation_id="fetch-policy",
+            response_model=PolicyOut)
 async def fetch_policy(
     request: Request,
     agent_id: str,
     principal: Annotated[Principal, Depends(require(Permission.AGENT))],
     since: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
-) -> PolicyOut:
+) -> Response:
     name = _self(principal, agent_id)
-    return await _fetch(controller_of(request), name, since)
+    return JSONResponse(await _fetch(controller_of(request), name, since))
 
 
 @router.post("/agents/{agent_id}/ack", tags=["Agent protocol"], responses=ERRORS, status_code=204,
@@ -527,7 +536,8 @@ def revoke_agent(request: Request, agent_id: str,
 
 @router.get("/convergence", tags=["Agents"], responses=ERRORS, operation_id="convergence")
 def convergence(request: Request,
-                principal: Annotated[Principal, Depends(require(Permission.READ))]) -> ConvergenceOut:
+                principal: Annotated[Principal, Depends(require(Permission.READ))],
+                limit: Annotated[int, Query(ge=0, le=100_000)] = 100) -> ConvergenceOut:
     ctl = controller_of(request)
     now = utcnow()
     agents = list(ctl.dist.agents.values())
@@ -535,4 +545,5 @@ def convergence(request: Request,
               and (now - a.last_heartbeat).total_seconds() < ctl.settings.offline_after]
     lagging = sorted(a.workload for a in agents if a.applied != ctl.dist.revisions.get(a.workload, 0))
     return ConvergenceOut(agents=len(agents), online=len(online), offline=len(agents) - len(online),
-                          converged=len(agents) - len(lagging), lagging=lagging)
+                          converged=len(agents) - len(lagging), lagging_count=len(lagging),
+                          lagging=lagging[:limit])

@@ -96,7 +96,7 @@ async def _flush_loop(ctl: Controller) -> None:
         await asyncio.sleep(ctl.settings.flush_interval)
         try:
             await run_in_threadpool(ctl.dist.flush)
-            await run_in_threadpool(ctl.dist.check_liveness, ctl.settings.offline_after)
+            await run_in_threadpool(ctl.dist.check_liveness, ctl.settings.offline_after, ctl.settings.offline_grace)
         except Exception:  # keep flushing; the next round retries
             log.exception("flushing agent state failed")
 

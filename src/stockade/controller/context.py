@@ -29,6 +29,7 @@ API = "/api/v1"
 class ControllerSettings:
     database_url: str
     offline_after: float = 90.0  # seconds without heartbeat before an agent counts as offline
+    offline_grace: float | None = None  # then seconds before its addresses leave peers' sets (None: never)
     flush_interval: float = 2.0  # seconds between batched writes of acks and heartbeats
     long_poll_max: float = 60.0
     secure_cookies: bool = True

@@ -34,14 +34,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from stockade.compiler import Compiler, HostDelta, HostPolicy, diff_sets, host_policy_to_dict
-from stockade.controller import codec
+from stockade.controller import codec, store
 from stockade.controller.codec import POLICY_KINDS
 from stockade.controller.db import AgentRow, HostStateRow, utcnow
 from stockade.controller.events import record_event
@@ -87,6 +87,8 @@ class CompilerTxn:
     def upsert_workload(self, w: Workload) -> None:
         d = self.dist
         old = d.workloads.get(w.name)
+        if w.name in d.departed:
+            w = replace(w, interfaces=())  # offline past the grace period: out of peers' sets
         t0 = time.perf_counter()
         self._merge(d.compiler.upsert_workload(w))
         self.compile_seconds += time.perf_counter() - t0
@@ -152,6 +154,7 @@ class PolicyDistributor:
         self.hashes: dict[str, str] = {}
         self.history: dict[str, OrderedDict[int, HostPolicy]] = {}
         self.agents: dict[str, AgentLive] = {}
+        self.departed: set[str] = set()  # workloads offline past the grace: compiled without addresses
         self.loop: asyncio.AbstractEventLoop | None = None
         self._events: dict[str, asyncio.Event] = {}
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
@@ -358,15 +361,32 @@ class PolicyDistributor:
             live.last_heartbeat = utcnow()
             live.dirty = True
 
-    def check_liveness(self, offline_after: float) -> list[tuple[str, bool]]:
-        """Record ``agent.online`` / ``agent.offline`` events for agents whose state flipped."""
+    def check_liveness(self, offline_after: float, grace: float | None = None) -> list[tuple[str, bool]]:
+        """Record ``agent.online`` / ``agent.offline`` events for agents whose state flipped.
+
+        With ``grace`` (seconds), a workload whose agent has been offline for ``offline_after +
+        grace`` leaves every peer's address sets (``workload.departed``) until it heartbeats
+        again (``workload.returned``); its stored addresses are kept. Off by default.
+        """
         now = utcnow()
         flips: list[tuple[str, bool]] = []
+        leaving: list[str] = []
+        returning: list[str] = []
         for a in list(self.agents.values()):
-            online = a.last_heartbeat is not None and (now - a.last_heartbeat).total_seconds() < offline_after
+            age = (now - a.last_heartbeat).total_seconds() if a.last_heartbeat is not None else None
+            online = age is not None and age < offline_after
             if online != a.online:
                 a.online = online
                 flips.append((a.agent_id, online))
+            if grace is not None and age is not None and a.workload in self.workloads:
+                if age >= offline_after + grace and a.workload not in self.departed:
+                    leaving.append(a.workload)
+                elif online and a.workload in self.departed:
+                    returning.append(a.workload)
+        for name in leaving:
+            self._depart(name, True)
+        for name in returning:
+            self._depart(name, False)
         if flips:
             with self.sessions.begin() as db:
                 for agent_id, online in flips:
@@ -376,6 +396,23 @@ class PolicyDistributor:
                     record_event(db, "controller", action, "agent", agent_id, None, {"workload": workload})
         return flips
 
+    def _depart(self, name: str, leaving: bool) -> None:
+        def run(db: Session, txn: CompilerTxn) -> None:
+            if leaving:
+                self.departed.add(name)
+                txn.undo.append(lambda: self.departed.discard(name))
+                txn.upsert_workload(self.workloads[name])
+            else:
+                self.departed.discard(name)
+                txn.undo.append(lambda: self.departed.add(name))
+                body = store.get_object(db, "workload", name).body
+                kind = codec.KIND_BY_NAME["workload"]
+                txn.upsert_workload(kind.to_domain(kind.parse(body)))
+            action = "workload.departed" if leaving else "workload.returned"
+            record_event(db, "controller", action, "workload", name, None, None)
+
+        self.transact(run)
+
     def flush(self) -> int:
         """Write dirty agent state (acks, heartbeats) in one transaction; returns rows written."""
         dirty = [a for a in list(self.agents.values()) if a.dirty]
@@ -383,11 +420,8 @@ class PolicyDistributor:
             return 0
         for a in dirty:
             a.dirty = False
+        params = [{"id": a.agent_id, "applied_revision": a.applied, "last_heartbeat": a.last_heartbeat}
+                  for a in dirty]
         with self.sessions.begin() as db:
-            rows = {r.id: r for r in db.scalars(select(AgentRow).where(AgentRow.id.in_([a.agent_id for a in dirty])))}
-            for a in dirty:
-                row = rows.get(a.agent_id)
-                if row is not None:
-                    row.applied_revision = a.applied
-                    row.last_heartbeat = a.last_heartbeat
+            db.execute(update(AgentRow), params)  # executemany by primary key
         return len(dirty)
