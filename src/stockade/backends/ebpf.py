@@ -51,20 +51,23 @@ memory); another process must apply the full policy first (the agent always does
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
 from stockade.backends.ebpf_events import FlowEventReader
-from stockade.backends.ebpf_identity import Interval, PeerTable
+from stockade.backends.ebpf_identity import Interval, PeerTable, prefix_of
 from stockade.backends.ebpf_loader import (
     BPFFS,
     EVENTS_BYTES,
     LAYOUT,
+    SERIAL_KEY,
     Attachment,
     Current,
     EbpfLoader,
@@ -176,12 +179,15 @@ class EbpfBackend:
         loader.open_maps(create=True)
         cur = loader.current()
         pinned = loader.pinned_program_ids()
-        if cur is None or cur.object != digest or cur.layout != LAYOUT or len(pinned) != len(TcHook):
-            loader.load_programs(obj)
-        generation = 0 if cur is None else 1 - cur.generation
-        loader.write_generation(generation, artifact)
+        reload = cur is None or cur.object != digest or cur.layout != LAYOUT or len(pinned) != len(TcHook)
+        serial = 0 if cur is None else cur.serial + 1
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the verifier runs while the trie fills
+            loading = pool.submit(loader.load_programs, obj) if reload else None
+            loader.write_generation(serial & 1, serial, artifact)
+            if loading is not None:
+                loading.result()
         new = Current(
-            serial=0 if cur is None else cur.serial + 1,
+            serial=serial,
             epoch=1 if cur is None else cur.epoch + 1,
             mode=artifact.mode,
             layout=LAYOUT,
@@ -206,41 +212,42 @@ class EbpfBackend:
         if artifact is None or cur is None or cur.serial != self._serial:
             raise ApplyError("no policy applied by this backend instance is in force: apply the full policy first")
         if self._peers is None:
-            self._peers = PeerTable(artifact.context, artifact.memberships)
+            self._peers = PeerTable(artifact.context, artifact.memberships, artifact.effective, artifact.identity_sets)
         table = self._peers
         known = {s.name for s in artifact.host_policy.sets}
         for d in deltas:
             if d.name not in known:
                 raise ApplyError(f"set {d.name} is not in the policy in force")
-            missing = [m for m in d.removed if d.name not in table.direct[d.family].get(m, frozenset())]
+            direct = table.direct[d.family]
+            missing = [m for m in d.removed if d.name not in direct.get(prefix_of(m), frozenset())]
             if missing:
                 raise ApplyError(f"set {d.name}: {missing[0]} is not a member; reload the policy")
-        maps = self._generation_maps(cur)
+        trie, idents = self._generation_maps(cur)
         for d in deltas:
             plan = table.plan(d.family, d.name, d.added, d.removed)
-            if plan.new_identities:
-                for key, value in policy_items(plan.new_intervals):
-                    maps["stk_policy"].update(key, value)
-                for ident, sets in plan.new_identities:
-                    label = text_value(identity_text(sets), IDENT_TEXT_SIZE)
-                    maps["stk_idents"].update(struct.pack("=I", ident), label)
-            peers = maps["stk_peers4" if d.family is Family.V4 else "stk_peers6"]
-            for net, ident in plan.updates:
-                peers.update(peer_key(d.family, int(net.network_address), net.prefixlen), peer_value(ident))
-            for net in plan.deletes:
-                peers.delete(peer_key(d.family, int(net.network_address), net.prefixlen))
+            for key, value in policy_items(plan.new_intervals):  # a new combination's rows first
+                trie.update(key, value)
+            for (start, plen), ident in plan.updates:
+                trie.update(peer_key(d.family, start, plen), peer_value(ident))
+            for start, plen in plan.deletes:
+                trie.delete(peer_key(d.family, start, plen))
             table.commit()
+            for ident, sets in plan.new_identities:  # names are for people: best effort
+                with contextlib.suppress(ApplyError):
+                    idents.update(struct.pack("=I", ident), text_value(identity_text(sets), IDENT_TEXT_SIZE))
         self.loader.set_current(replace(cur, epoch=cur.epoch + 1))
 
-    def _generation_maps(self, cur: Current) -> dict[str, BpfMap]:
+    def _generation_maps(self, cur: Current) -> tuple[BpfMap, BpfMap]:
         if not self._gen_maps:
-            for outer in ("stk_policy", "stk_idents", "stk_peers4", "stk_peers6"):
-                m = self.loader.inner(outer, cur.generation)
-                if m is None:
-                    self._drop_gen_maps()
-                    raise ApplyError(f"{outer}: generation {cur.generation} is empty; reload the policy")
-                self._gen_maps[outer] = m
-        return self._gen_maps
+            trie = self.loader.trie(cur.generation)
+            idents = self.loader.names("idents", cur.generation)
+            if trie is None or idents is None:
+                for m in (trie, idents):
+                    if m is not None:
+                        m.close()
+                raise ApplyError(f"generation {cur.generation} is incomplete; reload the policy")
+            self._gen_maps = {"trie": trie, "idents": idents}
+        return self._gen_maps["trie"], self._gen_maps["idents"]
 
     def _drop_gen_maps(self) -> None:
         for m in self._gen_maps.values():
@@ -282,7 +289,13 @@ class EbpfBackend:
                     problems.append(f"{iface.name} {hook.value}: no Stockade program attached")
                 elif a.prog_id != pinned.get(hook):
                     problems.append(f"{iface.name} {hook.value}: program {a.prog_id} is not the pinned one")
-        problems += compare_tables(self.loader.tables(cur), expected)
+        contents = self.loader.trie_contents(cur.generation)
+        rules = self.loader.name_texts("rules", cur.generation)
+        keys, values = expected.trie_items()
+        same_rules = rules == dict(enumerate(expected.rules))
+        if not (same_rules and len(contents) == len(keys) and contents == dict(zip(keys, values, strict=True))):
+            # identities may be numbered differently (set deltas): compare what each peer gets
+            problems += compare_tables(self.loader.tables(cur, contents), expected)
         return VerifyReport(tuple(problems))
 
     def remove(self) -> None:
@@ -310,14 +323,13 @@ class EbpfBackend:
 
     def rule_name(self, serial: int, index: int) -> str:
         """The rule id of ``index`` in the policy of ``serial`` (current or previous apply)."""
-        cur = self.loader.current()
-        if cur is not None and serial in (cur.serial, cur.serial - 1):
-            m = self.loader.inner("stk_rules", serial & 1)
-            if m is not None:
-                with m:
-                    raw = m.lookup(struct.pack("=I", index))
-                if raw is not None:
-                    return raw.split(b"\0", 1)[0].decode(errors="replace")
+        m = self.loader.names("rules", serial & 1)
+        if m is not None:
+            with m:
+                marker = m.lookup(struct.pack("=I", SERIAL_KEY))
+                raw = m.lookup(struct.pack("=I", index))
+            if marker is not None and raw is not None and _text(marker) == str(serial):
+                return _text(raw)
         return f"rule#{index}@{serial}"
 
     def attachments(self) -> list[Attachment]:
@@ -340,6 +352,10 @@ class EbpfBackend:
 
 _Row = tuple[str, int, int, int, int, str]
 _Rows = tuple[_Row, ...]
+
+
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
 def _semantic(tables: EbpfTables) -> tuple[dict[tuple[Family, int, int], _Rows], _Rows]:

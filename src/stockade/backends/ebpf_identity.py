@@ -199,52 +199,72 @@ class RuleContext:
 
 # ---- prefixes and identities ---------------------------------------------------------------
 
+Prefix = tuple[int, int]  # (network address as an integer, prefix length): cheap to hash and sort
+BITS = {Family.V4: 32, Family.V6: 128}
 
-def direct_memberships(hp: HostPolicy) -> dict[Family, dict[IPNetwork, frozenset[str]]]:
+
+def prefix_of(net: IPNetwork) -> Prefix:
+    return int(net.network_address), net.prefixlen
+
+
+def direct_memberships(hp: HostPolicy) -> dict[Family, dict[Prefix, frozenset[str]]]:
     """Prefix -> the sets listing it (not yet those of enclosing prefixes), per family."""
-    out: dict[Family, dict[IPNetwork, set[str]]] = {Family.V4: {}, Family.V6: {}}
+    out: dict[Family, dict[Prefix, set[str]]] = {Family.V4: {}, Family.V6: {}}
     for s in hp.sets:
         table = out[s.family]
         for m in s.members:
-            table.setdefault(m, set()).add(s.name)
+            key = (int(m.network_address), m.prefixlen)
+            names = table.get(key)
+            if names is None:
+                table[key] = {s.name}
+            else:
+                names.add(s.name)
     for net in hp.failsafe.controller:
-        out[Family.V4 if net.version == 4 else Family.V6].setdefault(net, set()).add(CONTROLLER_SET)
-    return {fam: {p: frozenset(n) for p, n in t.items()} for fam, t in out.items()}
+        out[Family.V4 if net.version == 4 else Family.V6].setdefault(prefix_of(net), set()).add(CONTROLLER_SET)
+    interned: dict[frozenset[str], frozenset[str]] = {}
+    result: dict[Family, dict[Prefix, frozenset[str]]] = {}
+    for fam, table in out.items():
+        frozen: dict[Prefix, frozenset[str]] = {}
+        for key, names in table.items():
+            f = frozenset(names)
+            frozen[key] = interned.setdefault(f, f)
+        result[fam] = frozen
+    return result
 
 
-def _span(p: IPNetwork) -> tuple[int, int]:
-    start = int(p.network_address)
-    return start, start + (1 << (p.max_prefixlen - p.prefixlen)) - 1
-
-
-def effective_sets(direct: dict[IPNetwork, frozenset[str]]) -> dict[IPNetwork, frozenset[str]]:
+def effective_sets(direct: dict[Prefix, frozenset[str]], bits: int) -> dict[Prefix, frozenset[str]]:
     """Each prefix's own sets plus those of every prefix containing it (one sorted sweep)."""
     stack: list[tuple[int, frozenset[str]]] = []  # (end, effective sets) of open ancestors
-    out: dict[IPNetwork, frozenset[str]] = {}
-    for p in sorted(direct, key=lambda n: (int(n.network_address), n.prefixlen)):
-        start, end = _span(p)
+    out: dict[Prefix, frozenset[str]] = {}
+    for p in sorted(direct):
+        start, plen = p
         while stack and stack[-1][0] < start:
             stack.pop()
-        inherited = stack[-1][1] if stack else frozenset()
-        eff = inherited | direct[p] if inherited else direct[p]
+        own = direct[p]
+        eff = stack[-1][1] | own if stack else own
         out[p] = eff
-        stack.append((end, eff))
+        if plen < bits:
+            stack.append((start + (1 << (bits - plen)) - 1, eff))
     return out
 
 
 def identity_order(combos: Iterable[frozenset[str]]) -> list[frozenset[str]]:
     """Identities 1..n in a deterministic order (0 is the empty combination: no set)."""
-    return sorted({c for c in combos if c}, key=lambda c: (len(c), sorted(c)))
+    return sorted(set(combos) - {frozenset()}, key=lambda c: (len(c), sorted(c)))
+
+
+def _end(p: Prefix, bits: int) -> int:
+    return p[0] + (1 << (bits - p[1])) - 1
 
 
 @dataclass(frozen=True)
 class DeltaPlan:
-    """What one batch of set deltas does to the maps, in the order it must be applied."""
+    """What one set delta does to the trie, in the order it must be applied."""
 
     new_identities: tuple[tuple[int, frozenset[str]], ...]
     new_intervals: tuple[Interval, ...]  # policy rows of the new identities (written first)
-    updates: tuple[tuple[IPNetwork, int], ...]  # prefix -> identity (then these)
-    deletes: tuple[IPNetwork, ...]  # prefixes with no set left (then these)
+    updates: tuple[tuple[Prefix, int], ...]  # prefix -> identity (then these)
+    deletes: tuple[Prefix, ...]  # prefixes with no set left (then these)
 
     @property
     def empty(self) -> bool:
@@ -259,62 +279,61 @@ class PeerTable:
     address joining a set costs a few dictionary operations (no scan of the table).
     """
 
-    def __init__(self, ctx: RuleContext, direct: dict[Family, dict[IPNetwork, frozenset[str]]]) -> None:
+    def __init__(
+        self,
+        ctx: RuleContext,
+        direct: dict[Family, dict[Prefix, frozenset[str]]],
+        effective: dict[Family, dict[Prefix, frozenset[str]]],
+        identities: Sequence[frozenset[str]],
+    ) -> None:
         self.ctx = ctx
         self.direct = {f: dict(t) for f, t in direct.items()}
-        self.effective = {f: effective_sets(t) for f, t in self.direct.items()}
-        combos = identity_order(c for t in self.effective.values() for c in t.values())
-        self.identities: dict[frozenset[str], int] = {frozenset(): 0}
-        for i, c in enumerate(combos, start=1):
-            self.identities[c] = i
-        self._next_id = len(combos) + 1
+        self.effective = {f: dict(t) for f, t in effective.items()}
+        self.identities: dict[frozenset[str], int] = {c: i for i, c in enumerate(identities)}
+        self._next_id = len(identities)
         # (start, end, prefixlen) of every prefix wider than a host route, for descendant scans
-        self._wide = {
-            f: sorted((*_span(p), p.prefixlen) for p in t if p.prefixlen < p.max_prefixlen)
-            for f, t in self.direct.items()
-        }
-        self._plens = {f: Counter(p.prefixlen for p in t) for f, t in self.direct.items()}
-        self._pending: tuple[Family, dict[IPNetwork, frozenset[str]], dict[IPNetwork, frozenset[str]],
-                             dict[frozenset[str], int], list[IPNetwork]] | None = None
-
-    def identity_of(self, prefix: IPNetwork, family: Family) -> int:
-        return self.identities[self.effective[family][prefix]]
+        self._wide = {f: sorted((s, _end((s, n), BITS[f]), n) for s, n in t if n < BITS[f]) for f, t in direct.items()}
+        self._plens = {f: Counter(n for _, n in t) for f, t in direct.items()}
+        self._pending: tuple[Family, dict[Prefix, frozenset[str]], dict[Prefix, frozenset[str]],
+                             dict[frozenset[str], int], list[Prefix]] | None = None
 
     def names(self) -> dict[int, frozenset[str]]:
         return {i: c for c, i in self.identities.items()}
 
-    def _descendants(self, family: Family, p: IPNetwork) -> list[IPNetwork]:
-        """Prefixes strictly inside ``p`` (host routes found through the direct table)."""
-        if p.prefixlen == p.max_prefixlen:
+    def _descendants(self, family: Family, p: Prefix) -> list[Prefix]:
+        """Prefixes strictly inside ``p``."""
+        bits = BITS[family]
+        start, plen = p
+        if plen == bits:
             return []
-        start, end = _span(p)
-        cls = type(p)
-        out: list[IPNetwork] = []
+        end = _end(p, bits)
+        out: list[Prefix] = []
         wide = self._wide[family]
         i = bisect.bisect_left(wide, (start, -1, -1))
         while i < len(wide) and wide[i][0] <= end:
-            if wide[i][2] > p.prefixlen:
-                out.append(cls((wide[i][0], wide[i][2])))
+            if wide[i][2] > plen:
+                out.append((wide[i][0], wide[i][2]))
             i += 1
-        # host routes: scan only when the block is small compared with the table
         direct = self.direct[family]
-        if end - start + 1 <= len(direct):
-            out.extend(cls((a, p.max_prefixlen)) for a in range(start, end + 1) if cls((a, p.max_prefixlen)) in direct)
+        if end - start + 1 <= len(direct):  # host routes: probe the block or scan the table, the cheaper
+            out.extend((a, bits) for a in range(start, end + 1) if (a, bits) in direct)
         else:
-            out.extend(q for q in direct if q.prefixlen == q.max_prefixlen and start <= int(q.network_address) <= end)
+            out.extend(q for q in direct if q[1] == bits and start <= q[0] <= end)
         return out
 
     def _ancestor_sets(
         self,
         family: Family,
-        p: IPNetwork,
+        p: Prefix,
         staged: _Overlay,
-        effective: dict[IPNetwork, frozenset[str]],
-        extra_plens: set[int],
+        effective: dict[Prefix, frozenset[str]],
+        plens: list[int],
     ) -> frozenset[str]:
-        plens = sorted((n for n in set(self._plens[family]) | extra_plens if n < p.prefixlen), reverse=True)
+        bits = BITS[family]
         for plen in plens:
-            sup = p.supernet(new_prefix=plen)
+            if plen >= p[1]:
+                continue
+            sup = (p[0] & ~((1 << (bits - plen)) - 1), plen)
             if sup in staged:
                 return effective.get(sup) or self.effective[family].get(sup, frozenset())
         return frozenset()
@@ -322,28 +341,30 @@ class PeerTable:
     def plan(self, family: Family, name: str, added: Sequence[IPNetwork], removed: Sequence[IPNetwork]) -> DeltaPlan:
         """The changes one set delta needs; nothing is recorded until :meth:`commit`."""
         direct = self.direct[family]
-        changed: dict[IPNetwork, frozenset[str]] = {}
+        changed: dict[Prefix, frozenset[str]] = {}
         for m in removed:
-            changed[m] = changed.get(m, direct.get(m, frozenset())) - {name}
+            key = prefix_of(m)
+            changed[key] = changed.get(key, direct.get(key, frozenset())) - {name}
         for m in added:
-            changed[m] = changed.get(m, direct.get(m, frozenset())) | {name}
+            key = prefix_of(m)
+            changed[key] = changed.get(key, direct.get(key, frozenset())) | {name}
         touched = set(changed)
-        for m in changed:
-            touched.update(self._descendants(family, m))
+        for key in changed:
+            touched.update(self._descendants(family, key))
         staged = _Overlay(direct, changed)
-        effective: dict[IPNetwork, frozenset[str]] = {}
-        updates: list[tuple[IPNetwork, int]] = []
-        deletes: list[IPNetwork] = []
+        plens = sorted(set(self._plens[family]) | {n for _, n in changed}, reverse=True)
+        effective: dict[Prefix, frozenset[str]] = {}
+        updates: list[tuple[Prefix, int]] = []
+        deletes: list[Prefix] = []
         fresh: dict[frozenset[str], int] = {}
         next_id = self._next_id
-        extra_plens = {m.prefixlen for m in changed}
-        for p in sorted(touched, key=lambda n: n.prefixlen):
+        for p in sorted(touched, key=lambda q: q[1]):
             own = staged.get(p)
             if not own:
                 if p in self.effective[family]:
                     deletes.append(p)
                 continue
-            eff = own | self._ancestor_sets(family, p, staged, effective, extra_plens)
+            eff = own | self._ancestor_sets(family, p, staged, effective, plens)
             effective[p] = eff
             if self.effective[family].get(p) == eff:
                 continue
@@ -363,6 +384,7 @@ class PeerTable:
             return
         family, changed, effective, fresh, deletes = self._pending
         self._pending = None
+        bits = BITS[family]
         direct, wide, plens = self.direct[family], self._wide[family], self._plens[family]
         for p, sets in changed.items():
             had = p in direct
@@ -372,11 +394,11 @@ class PeerTable:
                 direct.pop(p, None)
             if had == bool(sets):
                 continue
-            plens[p.prefixlen] += 1 if sets else -1
-            if not plens[p.prefixlen]:
-                del plens[p.prefixlen]
-            if p.prefixlen < p.max_prefixlen:
-                item = (*_span(p), p.prefixlen)
+            plens[p[1]] += 1 if sets else -1
+            if not plens[p[1]]:
+                del plens[p[1]]
+            if p[1] < bits:
+                item = (p[0], _end(p, bits), p[1])
                 if sets:
                     bisect.insort(wide, item)
                 else:
@@ -393,16 +415,16 @@ class PeerTable:
 class _Overlay:
     """``base`` with some keys replaced (an empty value: removed), without copying ``base``."""
 
-    def __init__(self, base: dict[IPNetwork, frozenset[str]], changed: dict[IPNetwork, frozenset[str]]) -> None:
+    def __init__(self, base: dict[Prefix, frozenset[str]], changed: dict[Prefix, frozenset[str]]) -> None:
         self.base = base
         self.changed = changed
 
-    def get(self, key: IPNetwork) -> frozenset[str] | None:
+    def get(self, key: Prefix) -> frozenset[str] | None:
         if key in self.changed:
             return self.changed[key] or None
         return self.base.get(key)
 
     def __contains__(self, key: object) -> bool:
         if key in self.changed:
-            return bool(self.changed[key])  # type: ignore[index]
+            return bool(self.changed[key])
         return key in self.base

@@ -2,24 +2,26 @@
 
 Everything lives under one bpffs directory (``/sys/fs/bpf/<table>/<netns or _host>``):
 
-* persistent maps, created once and kept across policy applies and agent restarts:
-  ``stk_current`` (the switch), ``stk_flows``, ``stk_frags``, ``stk_events``, ``stk_stats``
-  and the generation arrays ``stk_peers4``/``stk_peers6``/``stk_policy`` (read by the
-  programs) plus ``stk_rules``/``stk_idents`` (rule and identity names, for read-back and
-  flow events);
+* maps the programs use, created once and kept across applies and agent restarts:
+  ``stk_current`` (the switch), ``stk_gen`` (an array of two generation tries),
+  ``stk_flows``, ``stk_frags``, ``stk_events``, ``stk_stats``;
+* per generation slot, the rule and identity names (``stk_rules_0``/``_1``,
+  ``stk_idents_0``/``_1``), read by user space only (read-back, flow events);
 * the two programs ``prog_in`` / ``prog_out``, loaded from the object file built by
   :mod:`stockade.bpf.build`, reloaded only when the object changes.
 
-A policy apply creates *fresh* inner maps, fills them (batched), puts them in the idle
-slot of each generation array, then updates ``stk_current`` once: the programs read the
-generation from it at the start of each packet, so a packet sees the old maps or the new
-ones, never a mix. (A hash map update swaps in a whole new element under RCU, unlike an
-array update which copies over the value in place, so the switch itself is atomic.) Old
-inner maps are freed by the kernel once no program run can still hold them.
+A policy apply creates a *fresh* generation trie, fills it (one batched update), puts it
+in the idle slot of ``stk_gen`` and then updates ``stk_current`` once: the programs read
+the generation from it at the start of each packet, so a packet sees the old trie or the
+new one, never a mix. (A hash map update swaps in a whole new element under RCU, unlike
+an array update which copies over the value in place, so the switch itself is atomic.)
+Peers and policy share one trie because every map-in-map update from user space waits
+for an RCU grace period (~10-15 ms measured): one slot update per apply, not three.
 
 Attachment is tc ``clsact`` with a ``bpf direct-action`` filter at preference ``pref``,
-handle 1, on ingress and egress of every Ethernet interface (``tc`` run through
-``nsenter --net=/run/netns/NAME``, which keeps /sys/fs/bpf visible, unlike
+handle 1, on ingress and egress of every Ethernet interface. Links and filters are read
+over rtnetlink from inside the namespace (:mod:`ebpf_netlink`); only changes run ``tc``,
+through ``nsenter --net=/run/netns/NAME`` (which keeps /sys/fs/bpf visible, unlike
 ``ip netns exec``). Only our own filters are ever replaced or deleted; the ``clsact``
 qdisc is left in place for others' filters.
 """
@@ -29,51 +31,52 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import shutil
 import struct
 import subprocess
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from stockade.backends import ebpf_netlink as rtnl
 from stockade.backends import ebpf_syscall as bpf
 from stockade.backends.ebpf_elf import BpfObject, read_object
-from stockade.backends.ebpf_identity import Interval, Verdict
+from stockade.backends.ebpf_identity import Interval
 from stockade.backends.ebpf_render import (
     IDENT_TEXT_SIZE,
     KERNEL_MODE,
+    KEY_SIZE,
     MODE_OF_KERNEL,
     RULE_TEXT_SIZE,
+    VALUE_SIZE,
     EbpfArtifact,
     EbpfTables,
     PeerEntry,
-    decode_peer_key,
-    decode_policy_key,
+    decode_entry,
     merge_intervals,
-    peer_key,
-    peer_value,
-    policy_items,
+    peer_order,
     text_value,
 )
 from stockade.errors import ApplyError
-from stockade.model.addresses import Family
 from stockade.model.workloads import EnforcementMode
 
-LAYOUT = 1  # bump when a map's key/value layout changes: pinned maps are then recreated
+LAYOUT = 2  # bump when a map's key/value layout changes: pinned maps are then recreated
 BPFFS = "/sys/fs/bpf"
 TRIE_CAPACITY = 1 << 24  # LPM tries allocate per entry; this is only a bound
-NAME_CAPACITY = 1 << 20
 FRAG_CAPACITY = 4096
 EVENTS_BYTES = 1 << 18
+SERIAL_KEY = 0xFFFFFFFF  # in the name maps: which policy serial they belong to
 STAT_NAMES = (
     "pass_flow", "allow_new", "block", "would_block", "pass_nd", "pass_related", "revalidated",
     "revoked", "frag_pass", "frag_drop", "not_ip", "malformed", "events_lost", "otherhost",
 )  # fmt: skip  (enum stat in stockade.bpf.c)
 _CURRENT = struct.Struct("=IIIIQ")
+_M, _T = bpf.MapSpec, bpf.MapType
+GEN_TRIE = _M("stk_gen_trie", _T.LPM_TRIE, KEY_SIZE, VALUE_SIZE, TRIE_CAPACITY, bpf.F_NO_PREALLOC)
 
 
 class TcHook(Enum):
@@ -83,33 +86,31 @@ class TcHook(Enum):
     def __lt__(self, other: TcHook) -> bool:
         return self.value > other.value  # ingress first
 
+    @property
+    def parent(self) -> int:
+        return rtnl.PARENT_INGRESS if self is TcHook.INGRESS else rtnl.PARENT_EGRESS
+
 
 PROGRAMS: tuple[tuple[TcHook, str, str], ...] = (
     (TcHook.INGRESS, "stockade/ingress", "prog_in"),
     (TcHook.EGRESS, "stockade/egress", "prog_out"),
 )
 
-_M, _T = bpf.MapSpec, bpf.MapType
-INNER: dict[str, bpf.MapSpec] = {
-    "stk_peers4": _M("stk_peers4_g", _T.LPM_TRIE, 8, 4, TRIE_CAPACITY, bpf.F_NO_PREALLOC),
-    "stk_peers6": _M("stk_peers6_g", _T.LPM_TRIE, 20, 4, TRIE_CAPACITY, bpf.F_NO_PREALLOC),
-    "stk_policy": _M("stk_policy_g", _T.LPM_TRIE, 12, 8, TRIE_CAPACITY, bpf.F_NO_PREALLOC),
-    "stk_rules": _M("stk_rules_g", _T.HASH, 4, RULE_TEXT_SIZE, NAME_CAPACITY, bpf.F_NO_PREALLOC),
-    "stk_idents": _M("stk_idents_g", _T.HASH, 4, IDENT_TEXT_SIZE, NAME_CAPACITY, bpf.F_NO_PREALLOC),
-}
-
 
 def persistent_specs(flow_capacity: int) -> dict[str, bpf.MapSpec]:
-    specs = {
+    return {
         "stk_current": _M("stk_current", _T.HASH, 4, _CURRENT.size, 1),
+        "stk_gen": _M("stk_gen", _T.ARRAY_OF_MAPS, 4, 4, 2),
         "stk_flows": _M("stk_flows", _T.LRU_HASH, 40, 24, flow_capacity),
         "stk_frags": _M("stk_frags", _T.LRU_HASH, 40, 16, FRAG_CAPACITY),
         "stk_events": _M("stk_events", _T.RINGBUF, 0, 0, EVENTS_BYTES),
         "stk_stats": _M("stk_stats", _T.PERCPU_ARRAY, 4, 8, len(STAT_NAMES)),
     }
-    for name in INNER:
-        specs[name] = _M(name, _T.ARRAY_OF_MAPS, 4, 4, 2)
-    return specs
+
+
+def name_spec(kind: str, entries: int) -> bpf.MapSpec:
+    size = RULE_TEXT_SIZE if kind == "rules" else IDENT_TEXT_SIZE
+    return _M(f"stk_{kind}", _T.HASH, 4, size, max(entries, 1), bpf.F_NO_PREALLOC)
 
 
 @dataclass(frozen=True)
@@ -146,12 +147,6 @@ class Attachment:
     tag: str
 
 
-@dataclass(frozen=True)
-class Interface:
-    name: str
-    link_type: str
-
-
 def ensure_bpffs() -> None:
     """Mount bpffs on /sys/fs/bpf if it is not mounted yet."""
     with open("/proc/mounts") as f:
@@ -165,8 +160,16 @@ def ensure_bpffs() -> None:
         raise ApplyError(f"mounting bpffs on {BPFFS} failed: {proc.stderr.strip()}")
 
 
-def object_digest(data: bytes) -> int:
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+_OBJECTS: dict[tuple[str, int], tuple[BpfObject, int]] = {}
+
+
+def load_object(path: Path) -> tuple[BpfObject, int]:
+    """The parsed object and its digest (parsed once per file version and process)."""
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _OBJECTS:
+        data = path.read_bytes()
+        _OBJECTS[key] = (read_object(data), int.from_bytes(hashlib.sha256(data).digest()[:8], "little"))
+    return _OBJECTS[key]
 
 
 class EbpfLoader:
@@ -190,37 +193,38 @@ class EbpfLoader:
         self.last_load: dict[TcHook, tuple[bpf.ProgInfo, float]] = {}
 
     # ---- commands ---------------------------------------------------------------------
-    def _argv(self, argv: Sequence[str]) -> list[str]:
-        if self.netns is None:
-            return list(argv)
-        path = f"/run/netns/{self.netns}"
-        if not os.path.exists(path):
-            raise ApplyError(f"network namespace {self.netns!r} does not exist")
-        return ["nsenter", f"--net={path}", *argv]
+    def namespace_exists(self) -> bool:
+        return self.netns is None or os.path.exists(f"/run/netns/{self.netns}")
 
-    def _run(self, argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(self._argv(argv), capture_output=True, text=True, check=False, timeout=60)
+    def _tc(
+        self, args: Sequence[str], *, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``tc`` in the namespace. Interface names and pin paths come from the kernel and
+        our validated directory, and argv is a list: no shell ever parses them."""
+        argv = ["tc", *args]
+        if self.netns is not None:
+            if not self.namespace_exists():
+                raise ApplyError(f"network namespace {self.netns!r} does not exist")
+            argv = ["nsenter", f"--net=/run/netns/{self.netns}", *argv]
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60, input=stdin)
         if check and proc.returncode != 0:
-            raise ApplyError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.returncode}")
+            raise ApplyError(f"tc {' '.join(args)}: {proc.stderr.strip() or proc.returncode}")
         return proc
 
-    def list_interfaces(self) -> list[Interface]:
-        links = json.loads(self._run(["ip", "-j", "link", "show"]).stdout or "[]")
-        found = [Interface(str(link["ifname"]), str(link.get("link_type", ""))) for link in links]
+    def list_interfaces(self) -> list[rtnl.Link]:
+        """The interfaces to protect: every Ethernet one, or those named in ``interfaces``."""
+        found = rtnl.links(self.netns)
         if self.interfaces is not None:
-            by_name = {i.name: i for i in found}
+            by_name = {link.name: link for link in found}
             missing = [n for n in self.interfaces if n not in by_name]
             if missing:
                 raise ApplyError(f"interfaces not found: {', '.join(missing)}")
             return [by_name[n] for n in self.interfaces]
-        return [i for i in found if i.link_type == "ether"]
+        return [link for link in found if link.hw_type == rtnl.ARPHRD_ETHER]
 
     # ---- maps -------------------------------------------------------------------------
     def _pin(self, name: str) -> str:
         return str(self.pin_dir / name)
-
-    def installed(self) -> bool:
-        return os.path.exists(self._pin("stk_current"))
 
     def open_maps(self, *, create: bool) -> dict[str, bpf.BpfMap] | None:
         """Open the pinned maps (creating them when ``create``); None when absent."""
@@ -228,7 +232,7 @@ class EbpfLoader:
             return self.maps
         specs = persistent_specs(self.flow_capacity)
         opened: dict[str, bpf.BpfMap] = {}
-        stale = False
+        complete = True
         try:
             for name, spec in specs.items():
                 try:
@@ -236,31 +240,29 @@ class EbpfLoader:
                 except bpf.BpfError as exc:
                     if exc.errno != errno.ENOENT:
                         raise
-                    stale = stale or bool(opened)
-                    break
-                if (m.key_size, m.value_size, m.type) != (spec.key_size, spec.value_size, spec.type):
-                    m.close()
-                    stale = True
+                    complete = False
                     break
                 opened[name] = m
-            else:
-                self.maps = opened
-                return opened
+                if (m.key_size, m.value_size, m.type) != (spec.key_size, spec.value_size, spec.type):
+                    complete = False
+                    break
         except BaseException:
             for m in opened.values():
                 m.close()
             raise
+        if complete:
+            self.maps = opened
+            return opened
         for m in opened.values():
             m.close()
         if not create:
             return None
-        if stale or os.path.isdir(self.pin_dir):
-            self.remove_pins()  # an older layout, or a half-made install: start over
+        self.remove_pins()  # an older layout, or a half-made install: start over
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         created: dict[str, bpf.BpfMap] = {}
         try:
             for name, spec in specs.items():
-                inner = bpf.create_map(INNER[name]) if name in INNER else None
+                inner = bpf.create_map(GEN_TRIE) if name == "stk_gen" else None
                 try:
                     created[name] = bpf.create_map(spec, inner)
                 finally:
@@ -285,43 +287,71 @@ class EbpfLoader:
     def set_current(self, cur: Current) -> None:
         self.maps["stk_current"].update(struct.pack("=I", 0), cur.pack())
 
-    def inner(self, outer: str, generation: int) -> bpf.BpfMap | None:
-        map_id = self.maps[outer].inner_id(generation)
+    def trie_contents(self, generation: int) -> dict[bytes, bytes]:
+        """The raw entries of slot ``generation``'s trie."""
+        trie = self.trie(generation)
+        if trie is None:
+            return {}
+        with trie:
+            return dict(trie.items())
+
+    def name_texts(self, kind: str, generation: int) -> dict[int, str]:
+        """Index -> text of a slot's rule or identity names (the serial marker left out)."""
+        out: dict[int, str] = {}
+        m = self.names(kind, generation)
+        if m is None:
+            return out
+        with m:
+            for key, value in m.items():
+                (index,) = struct.unpack("=I", key)
+                if index != SERIAL_KEY:
+                    out[index] = value.split(b"\0", 1)[0].decode(errors="replace")
+        return out
+
+    def trie(self, generation: int) -> bpf.BpfMap | None:
+        """The generation trie in slot ``generation`` (close it when done)."""
+        map_id = self.maps["stk_gen"].inner_id(generation)
         return None if map_id is None else bpf.open_map(bpf.map_fd_by_id(map_id))
 
-    def write_generation(self, generation: int, artifact: EbpfArtifact) -> None:
-        """Fresh inner maps with the artifact's contents, placed in slot ``generation``."""
-        peers = {Family.V4: ([], []), Family.V6: ([], [])}  # type: dict[Family, tuple[list[bytes], list[bytes]]]
-        for p in artifact.peers:
-            keys, values = peers[p.family]
-            keys.append(peer_key(p.family, p.start, p.prefixlen))
-            values.append(peer_value(p.identity))
-        pol = list(policy_items(artifact.policy))
-        names = artifact.identity_sets
-        contents: dict[str, tuple[list[bytes], list[bytes]]] = {
-            "stk_peers4": peers[Family.V4],
-            "stk_peers6": peers[Family.V6],
-            "stk_policy": ([k for k, _ in pol], [v for _, v in pol]),
-            "stk_rules": (
-                [struct.pack("=I", i) for i in range(len(artifact.rules))],
-                [text_value(r, RULE_TEXT_SIZE) for r in artifact.rules],
+    def names(self, kind: str, generation: int) -> bpf.BpfMap | None:
+        """The rule ("rules") or identity ("idents") names of a slot (close it when done)."""
+        try:
+            return bpf.open_map(bpf.open_pinned(self._pin(f"stk_{kind}_{generation}")))
+        except bpf.BpfError:
+            return None
+
+    def write_generation(self, generation: int, serial: int, artifact: EbpfArtifact) -> None:
+        """A fresh trie with the artifact's peers and policy, placed in slot ``generation``.
+
+        The names go first (their own pinned maps, swapped by re-pinning), then the trie;
+        nothing here is visible to the datapath until ``stk_current`` names the slot.
+        """
+        idents = artifact.identity_sets
+        contents = {
+            "rules": (
+                [*range(len(artifact.rules)), SERIAL_KEY],
+                [*(text_value(r, RULE_TEXT_SIZE) for r in artifact.rules), text_value(str(serial), RULE_TEXT_SIZE)],
+                len(artifact.rules) + 1,
             ),
-            "stk_idents": (
-                [struct.pack("=I", i) for i in range(len(names))],
-                [text_value(" ".join(sorted(c)) or "-", IDENT_TEXT_SIZE) for c in names],
+            "idents": (
+                [*range(len(idents)), SERIAL_KEY],
+                [*(text_value(" ".join(sorted(c)) or "-", IDENT_TEXT_SIZE) for c in idents),
+                 text_value(str(serial), IDENT_TEXT_SIZE)],
+                max(1024, 4 * len(idents)),  # room for identities new set deltas need
             ),
         }
-        fresh: dict[str, bpf.BpfMap] = {}
-        try:
-            for name, (keys, values) in contents.items():
-                fresh[name] = bpf.create_map(INNER[name])
-                if keys:
-                    fresh[name].update_batch(keys, values)
-            for name, m in fresh.items():
-                self.maps[name].set_inner(generation, m.fd)
-        finally:
-            for m in fresh.values():
-                m.close()
+        for kind, (keys, values, capacity) in contents.items():
+            with bpf.create_map(name_spec(kind, capacity)) as m:
+                m.update_batch([struct.pack("=I", k) for k in keys], values)
+                path = self._pin(f"stk_{kind}_{generation}")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                bpf.pin(m.fd, path)
+        keys, values = artifact.trie_items()
+        with bpf.create_map(GEN_TRIE) as trie:
+            if keys:
+                trie.update_batch(keys, values)
+            self.maps["stk_gen"].set_inner(generation, trie.fd)
 
     # ---- programs -----------------------------------------------------------------------
     def pinned_program_ids(self) -> dict[TcHook, int]:
@@ -338,12 +368,25 @@ class EbpfLoader:
         return out
 
     def load_programs(self, obj: BpfObject) -> None:
+        """Load (verify) both programs, in parallel, and pin them in place of the old ones."""
         fds = {name: m.fd for name, m in self.maps.items()}
-        for hook, section, pin_name in PROGRAMS:
+
+        def load(section: str) -> tuple[int, float]:
             prog = obj.program(section)
             started = time.perf_counter()
             fd, _ = bpf.load_program(bpf.ProgType.SCHED_CLS, prog.with_maps(fds), obj.license, prog.name)
-            elapsed = time.perf_counter() - started
+            return fd, time.perf_counter() - started
+
+        with ThreadPoolExecutor(max_workers=len(PROGRAMS)) as pool:  # the syscall releases the GIL
+            futures = [pool.submit(load, section) for _, section, _ in PROGRAMS]
+        failed = [f.exception() for f in futures if f.exception() is not None]
+        if failed:
+            for f in futures:
+                if f.exception() is None:
+                    bpf.close_fd(f.result()[0])
+            raise failed[0]  # type: ignore[misc]
+        loaded = [f.result() for f in futures]
+        for (hook, _, pin_name), (fd, elapsed) in zip(PROGRAMS, loaded, strict=True):
             try:
                 self.last_load[hook] = (bpf.prog_info(fd), elapsed)
                 path = self._pin(pin_name)
@@ -354,53 +397,48 @@ class EbpfLoader:
                 bpf.close_fd(fd)
 
     # ---- tc ----------------------------------------------------------------------------------
-    def attachments(self) -> list[Attachment]:
-        if self.netns is not None and not os.path.exists(f"/run/netns/{self.netns}"):
+    def attachments(self, links: list[rtnl.Link] | None = None) -> list[Attachment]:
+        if not self.namespace_exists():
             return []
+        links = self.list_interfaces() if links is None else links
+        names = {link.index: link.name for link in links}
+        hooks = tuple((link.index, hook.parent) for link in links for hook in TcHook)
         found: list[Attachment] = []
-        for iface in self.list_interfaces():
-            for hook in TcHook:
-                proc = self._run(["tc", "-j", "filter", "show", "dev", iface.name, hook.value], check=False)
-                if proc.returncode != 0 or not proc.stdout.strip():
-                    continue
-                for f in json.loads(proc.stdout):
-                    opts = f.get("options") or {}
-                    if f.get("pref") != self.pref or f.get("kind") != "bpf" or opts.get("handle") != "0x1":
-                        continue
-                    prog = opts.get("prog") or {}
-                    found.append(
-                        Attachment(iface.name, hook, int(prog.get("id", 0)), str(prog.get("name", "")),
-                                   str(prog.get("tag", "")))
-                    )
+        for f in rtnl.filters(self.netns, hooks):
+            if f.pref != self.pref or f.kind != "bpf" or f.handle != 1:
+                continue
+            hook = TcHook.INGRESS if f.parent == rtnl.PARENT_INGRESS else TcHook.EGRESS
+            name = names.get(f.ifindex, str(f.ifindex))
+            found.append(Attachment(name, hook, f.prog_id, _prog_name(f.prog_id), f.tag))
         return sorted(found)
 
     def attach(self) -> list[str]:
         """Our filter on every interface (replacing only ours); returns the interfaces."""
         want = self.pinned_program_ids()
-        have = {(a.interface, a.hook): a.prog_id for a in self.attachments()}
-        done: list[str] = []
-        for iface in self.list_interfaces():
-            if iface.link_type != "ether":
-                raise ApplyError(f"interface {iface.name}: link type {iface.link_type!r} is not Ethernet")
-            qdisc = self._run(["tc", "qdisc", "add", "dev", iface.name, "clsact"], check=False)
-            if qdisc.returncode != 0 and "File exists" not in qdisc.stderr and "Exclusivity" not in qdisc.stderr:
-                raise ApplyError(f"tc qdisc add dev {iface.name} clsact: {qdisc.stderr.strip()}")
-            for hook, _, pin_name in PROGRAMS:
-                if have.get((iface.name, hook)) == want.get(hook):
-                    continue
-                self._run([
-                    "tc", "filter", "replace", "dev", iface.name, hook.value, "pref", str(self.pref),
-                    "handle", "1", "bpf", "direct-action", "object-pinned", self._pin(pin_name),
-                ])  # fmt: skip
-            done.append(iface.name)
-        return done
+        links = self.list_interfaces()
+        for link in links:
+            if link.hw_type != rtnl.ARPHRD_ETHER:
+                raise ApplyError(f"interface {link.name}: link type {link.link_type!r} is not Ethernet")
+        have = {(a.interface, a.hook): a.prog_id for a in self.attachments(links)}
+        with_clsact = rtnl.clsact_interfaces(self.netns)
+        commands: list[str] = []  # one ``tc -batch`` for every change
+        for link in links:
+            missing = [(h, p) for h, _, p in PROGRAMS if have.get((link.name, h)) != want.get(h)]
+            if missing and link.index not in with_clsact:
+                commands.append(f"qdisc add dev {link.name} clsact")
+            for hook, pin_name in missing:
+                commands.append(
+                    f"filter replace dev {link.name} {hook.value} pref {self.pref} handle 1 "
+                    f"bpf direct-action object-pinned {self._pin(pin_name)}"
+                )
+        if commands:
+            self._tc(["-batch", "-"], stdin="\n".join(commands) + "\n")
+        return [link.name for link in links]
 
     def detach(self) -> None:
         for a in self.attachments():
-            self._run(
-                ["tc", "filter", "del", "dev", a.interface, a.hook.value, "pref", str(self.pref), "handle", "1", "bpf"],
-                check=False,
-            )
+            self._tc(["filter", "del", "dev", a.interface, a.hook.value, "pref", str(self.pref), "handle", "1",
+                      "bpf"], check=False)
 
     # ---- teardown -----------------------------------------------------------------------
     def close(self) -> None:
@@ -414,35 +452,22 @@ class EbpfLoader:
             shutil.rmtree(self.pin_dir, ignore_errors=True)
 
     # ---- reading back --------------------------------------------------------------------
-    def tables(self, cur: Current) -> EbpfTables:
+    def tables(self, cur: Current, contents: dict[bytes, bytes] | None = None) -> EbpfTables:
         """The generation in force as readable tables."""
         gen = cur.generation
-        rules: dict[int, str] = {}
-        idents: dict[int, str] = {}
         peers: list[PeerEntry] = []
         policy: list[Interval] = []
-        for outer in ("stk_rules", "stk_idents", "stk_peers4", "stk_peers6", "stk_policy"):
-            m = self.inner(outer, gen)
-            if m is None:
-                continue
-            with m:
-                for key, value in m.items():
-                    if outer in ("stk_rules", "stk_idents"):
-                        (index,) = struct.unpack("=I", key)
-                        text = value.split(b"\0", 1)[0].decode(errors="replace")
-                        (rules if outer == "stk_rules" else idents)[index] = text
-                    elif outer == "stk_policy":
-                        direction, ident, proto, first, last = decode_policy_key(key)
-                        verdict, rule = struct.unpack("=B3xI", value)
-                        policy.append(Interval(direction, ident, proto, first, last, Verdict(verdict), rule))
-                    else:
-                        family = Family.V4 if outer == "stk_peers4" else Family.V6
-                        start, plen = decode_peer_key(family, key)
-                        peers.append(PeerEntry(family, start, plen, struct.unpack("=I", value)[0]))
+        raw = self.trie_contents(gen) if contents is None else contents
+        for key, value in raw.items():
+            entry = decode_entry(key, value)
+            if isinstance(entry, PeerEntry):
+                peers.append(entry)
+            else:
+                policy.append(entry)
+        rules = self.name_texts("rules", gen)
         rule_list = tuple(rules.get(i, "?") for i in range(max(rules, default=-1) + 1))
-        return EbpfTables(
-            cur.mode, rule_list, tuple(sorted(idents.items())), tuple(sorted(peers)), merge_intervals(policy)
-        )
+        idents = tuple(sorted(self.name_texts("idents", gen).items()))
+        return EbpfTables(cur.mode, rule_list, idents, tuple(sorted(peers, key=peer_order)), merge_intervals(policy))
 
     def stats(self) -> dict[str, int]:
         maps = self.open_maps(create=False)
@@ -456,6 +481,12 @@ class EbpfLoader:
         return out
 
 
-def load_object(path: Path) -> tuple[BpfObject, int]:
-    data = path.read_bytes()
-    return read_object(data), object_digest(data)
+def _prog_name(prog_id: int) -> str:
+    try:
+        fd = bpf.prog_fd_by_id(prog_id)
+    except bpf.BpfError:
+        return "?"
+    try:
+        return bpf.prog_info(fd).name
+    finally:
+        bpf.close_fd(fd)

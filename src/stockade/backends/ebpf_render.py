@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from stockade.backends.ebpf_identity import (
+    BITS,
     DEFAULT_RULE,
     L4,
     Interval,
+    Prefix,
     RuleContext,
     Verdict,
     direct_memberships,
@@ -35,7 +37,7 @@ from stockade.backends.ebpf_identity import (
 )
 from stockade.compiler.ir import Direction, HostPolicy
 from stockade.errors import RenderError
-from stockade.model.addresses import Family, IPNetwork
+from stockade.model.addresses import Family
 from stockade.model.workloads import EnforcementMode
 
 KERNEL_MODE: dict[EnforcementMode, int] = {
@@ -63,6 +65,11 @@ class PeerEntry:
         if self.family is Family.V4:
             return f"{socket.inet_ntoa(self.start.to_bytes(4, 'big'))}/{self.prefixlen}"
         return f"{socket.inet_ntop(socket.AF_INET6, self.start.to_bytes(16, 'big'))}/{self.prefixlen}"
+
+
+def peer_order(p: PeerEntry) -> tuple[int, int, int, int]:
+    """Sort key of peer rows (much faster than the dataclass's generated comparison)."""
+    return p.family.value, p.start, p.prefixlen, p.identity
 
 
 @dataclass(frozen=True, order=True)
@@ -128,12 +135,12 @@ class EbpfArtifact:
         return RuleContext.of(self.host_policy)
 
     @cached_property
-    def memberships(self) -> dict[Family, dict[IPNetwork, frozenset[str]]]:
+    def memberships(self) -> dict[Family, dict[Prefix, frozenset[str]]]:
         return direct_memberships(self.host_policy)
 
     @cached_property
-    def effective(self) -> dict[Family, dict[IPNetwork, frozenset[str]]]:
-        return {f: effective_sets(t) for f, t in self.memberships.items()}
+    def effective(self) -> dict[Family, dict[Prefix, frozenset[str]]]:
+        return {f: effective_sets(t, BITS[f]) for f, t in self.memberships.items()}
 
     @cached_property
     def identity_sets(self) -> tuple[frozenset[str], ...]:
@@ -153,12 +160,29 @@ class EbpfArtifact:
     def peers(self) -> tuple[PeerEntry, ...]:
         index = self.identity_index
         out = [
-            PeerEntry(family, int(p.network_address), p.prefixlen, index[sets])
+            PeerEntry(family, start, plen, index[sets])
             for family, table in self.effective.items()
-            for p, sets in table.items()
+            for (start, plen), sets in table.items()
         ]
-        out.sort()
+        out.sort(key=peer_order)
         return tuple(out)
+
+    def trie_items(self) -> tuple[list[bytes], list[bytes]]:
+        """Keys and values of the generation trie: every peer prefix, then the policy."""
+        index = self.identity_index
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        pack_key, pack_value = _KEY.pack, _VALUE.pack
+        for family, table in self.effective.items():
+            kind, size = KIND_PEER[family], 4 if family is Family.V4 else 16
+            values_of = {sets: pack_value(index[sets], 0) for sets in set(table.values())}
+            for (start, plen), sets in table.items():
+                keys.append(pack_key(8 + plen, kind, start.to_bytes(size, "big")))
+                values.append(values_of[sets])
+        for key, value in policy_items(self.policy):
+            keys.append(key)
+            values.append(value)
+        return keys, values
 
     @cached_property
     def policy(self) -> tuple[Interval, ...]:
@@ -215,26 +239,33 @@ def render_ebpf(hp: HostPolicy) -> EbpfArtifact:
 
 # ---- byte layout shared with stockade.bpf.c ------------------------------------------------
 
+KIND_POLICY = 1
+KIND_PEER = {Family.V4: 4, Family.V6: 6}
+FAMILY_OF_KIND = {v: k for k, v in KIND_PEER.items()}
+_KEY = struct.Struct("=IB16s3x")  # struct gen_key
+_VALUE = struct.Struct("=II")  # struct gen_val
+KEY_SIZE = _KEY.size
+VALUE_SIZE = _VALUE.size
+
 
 def peer_key(family: Family, start: int, prefixlen: int) -> bytes:
-    """``struct lpm4_key`` / ``struct lpm6_key``."""
+    """``struct gen_key`` of kind PEER4/PEER6: the kind byte, then the address prefix."""
     size = 4 if family is Family.V4 else 16
-    return struct.pack("=I", prefixlen) + start.to_bytes(size, "big")
+    return _KEY.pack(8 + prefixlen, KIND_PEER[family], start.to_bytes(size, "big"))
 
 
 def peer_value(identity: int) -> bytes:
-    return struct.pack("=I", identity)
+    return _VALUE.pack(identity, 0)
 
 
 def policy_key(direction: Direction, identity: int, proto: L4, port: int, port_bits: int) -> bytes:
-    """``struct policy_key``: fixed identity/direction/protocol, then ``port_bits`` of the port."""
-    return struct.pack("=I", POLICY_FIXED_BITS + port_bits) + struct.pack(
-        ">IBBH", identity, KERNEL_DIRECTION[direction], proto.value, port
-    )
+    """Kind POLICY: identity, direction and protocol in full, then ``port_bits`` of the port."""
+    data = struct.pack(">IBBH", identity, KERNEL_DIRECTION[direction], proto.value, port)
+    return _KEY.pack(8 + POLICY_FIXED_BITS + port_bits, KIND_POLICY, data)
 
 
 def policy_value(verdict: Verdict, rule: int) -> bytes:
-    return struct.pack("=B3xI", verdict.value, rule)
+    return _VALUE.pack(verdict.value, rule)
 
 
 def policy_items(rows: Iterable[Interval]) -> Iterator[tuple[bytes, bytes]]:
@@ -245,17 +276,23 @@ def policy_items(rows: Iterable[Interval]) -> Iterator[tuple[bytes, bytes]]:
             yield policy_key(r.direction, r.identity, r.proto, port, bits), value
 
 
-def decode_policy_key(key: bytes) -> tuple[Direction, int, L4, int, int]:
-    """(direction, identity, protocol, first port, last port) of a policy trie key."""
-    (prefixlen,) = struct.unpack_from("=I", key, 0)
-    identity, direction, proto, port = struct.unpack_from(">IBBH", key, 4)
-    bits = prefixlen - POLICY_FIXED_BITS
-    return DIRECTION_OF_KERNEL[direction], identity, L4(proto), port, port + (1 << (16 - bits)) - 1
+def peer_items(peers: Iterable[PeerEntry]) -> Iterator[tuple[bytes, bytes]]:
+    for p in peers:
+        yield peer_key(p.family, p.start, p.prefixlen), peer_value(p.identity)
 
 
-def decode_peer_key(family: Family, key: bytes) -> tuple[int, int]:
-    (prefixlen,) = struct.unpack_from("=I", key, 0)
-    return int.from_bytes(key[4:], "big"), prefixlen
+def decode_entry(key: bytes, value: bytes) -> PeerEntry | Interval:
+    """A generation-trie entry back as a peer row or a (single-prefix) policy interval."""
+    prefixlen, kind, data = _KEY.unpack(key)
+    a, b = _VALUE.unpack(value)
+    family = FAMILY_OF_KIND.get(kind)
+    if family is not None:
+        size = 4 if family is Family.V4 else 16
+        return PeerEntry(family, int.from_bytes(data[:size], "big"), prefixlen - 8, a)
+    identity, direction, proto, port = struct.unpack_from(">IBBH", data, 0)
+    bits = prefixlen - 8 - POLICY_FIXED_BITS
+    last = port + (1 << (16 - bits)) - 1
+    return Interval(DIRECTION_OF_KERNEL[direction], identity, L4(proto), port, last, Verdict(a), b)
 
 
 def text_value(text: str, size: int) -> bytes:

@@ -51,6 +51,7 @@ class Cmd(IntEnum):
     PROG_GET_FD_BY_ID = 13
     MAP_GET_FD_BY_ID = 14
     OBJ_GET_INFO_BY_FD = 15
+    MAP_LOOKUP_BATCH = 24
     MAP_UPDATE_BATCH = 26
 
 
@@ -241,10 +242,48 @@ class BpfMap:
             attr = _attr((0, "I", self.fd), (8, "Q", _addr(cur)), (16, "Q", _addr(nxt)))
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value), in batches where the map type has them (per-CPU maps: one by one)."""
+        if self.type in (MapType.HASH, MapType.LRU_HASH, MapType.LPM_TRIE):
+            try:
+                yield from self._items_batched()
+                return
+            except _NoBatch:
+                pass
         for key in self.keys():
             value = self.lookup(key)
             if value is not None:
                 yield key, value
+
+    def _items_batched(self, chunk: int = 4096) -> Iterator[tuple[bytes, bytes]]:
+        ks, vs = self.key_size, self.value_size
+        kbuf = ctypes.create_string_buffer(ks * chunk)
+        vbuf = ctypes.create_string_buffer(vs * chunk)
+        out_batch = ctypes.create_string_buffer(max(ks, 8))
+        in_batch = ctypes.create_string_buffer(max(ks, 8))
+        first = True
+        while True:
+            attr = _attr(
+                (0, "Q", 0 if first else _addr(in_batch)), (8, "Q", _addr(out_batch)), (16, "Q", _addr(kbuf)),
+                (24, "Q", _addr(vbuf)), (32, "I", chunk), (36, "I", self.fd),
+            )  # fmt: skip
+            done = False
+            try:
+                sys_bpf(Cmd.MAP_LOOKUP_BATCH, attr, f"batch lookup in map {self.name}")
+            except BpfError as exc:
+                if exc.errno == errno.ENOENT:
+                    done = True
+                elif first and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
+                    raise _NoBatch from None
+                else:
+                    raise
+            count = int(struct.unpack_from("I", attr, 32)[0])
+            kraw, vraw = kbuf.raw, vbuf.raw
+            for i in range(count):
+                yield kraw[i * ks : (i + 1) * ks], vraw[i * vs : (i + 1) * vs]
+            if done:
+                return
+            first = False
+            ctypes.memmove(in_batch, out_batch, len(out_batch))
 
     def update_batch(self, keys: Sequence[bytes], values: Sequence[bytes], chunk: int = 65536) -> None:
         """Insert many entries with few syscalls (element by element if the map type lacks batches)."""
@@ -253,10 +292,11 @@ class BpfMap:
         for start in range(0, len(keys), chunk):
             ks = keys[start : start + chunk]
             vs = values[start : start + chunk]
-            kbuf = ctypes.create_string_buffer(b"".join(ks), len(ks) * self.key_size)
-            vbuf = ctypes.create_string_buffer(b"".join(vs), len(vs) * self.value_size)
-            if any(len(k) != self.key_size for k in ks) or any(len(v) != self.value_size for v in vs):
+            kraw, vraw = b"".join(ks), b"".join(vs)
+            if len(kraw) != len(ks) * self.key_size or len(vraw) != len(vs) * self.value_size:
                 raise ApplyError(f"map {self.name}: batch with a wrongly sized key or value")
+            kbuf = ctypes.create_string_buffer(kraw, len(kraw))
+            vbuf = ctypes.create_string_buffer(vraw, len(vraw))
             attr = _attr((16, "Q", _addr(kbuf)), (24, "Q", _addr(vbuf)), (32, "I", len(ks)), (36, "I", self.fd))
             try:
                 sys_bpf(Cmd.MAP_UPDATE_BATCH, attr, f"batch update of map {self.name}")
@@ -266,6 +306,10 @@ class BpfMap:
                 done = int(struct.unpack_from("I", attr, 32)[0])
                 for k, v in zip(ks[done:], vs[done:], strict=True):
                     self.update(k, v)
+
+
+class _NoBatch(Exception):
+    """The map type has no batch lookup: iterate key by key."""
 
 
 def _round8(n: int) -> int:

@@ -15,18 +15,20 @@
  *      an ICMP error about a known flow passes as "related";
  *   5. otherwise the packet opens a connection: the peer address is looked up in the
  *      generation's LPM trie (address -> identity: the exact combination of peer sets it is
- *      in), then (identity, direction, protocol, port or ICMP type) in the generation's
- *      policy LPM trie, whose entries are disjoint port intervals already resolved by
+ *      in), then (identity, direction, protocol, port or ICMP type) in the same trie,
+ *      whose policy entries are disjoint port intervals already resolved by
  *      precedence (failsafe > override-deny > allow > deny) in user space. A miss is the
  *      mode's default. Two lookups, whatever the number of peers or rules.
  *
  * Allowed connections (and would-be drops in visibility mode) create a flow; every
  * new-connection verdict is reported on the stk_events ring buffer.
  *
- * Generations: stk_peers4/stk_peers6/stk_policy are arrays of two inner maps. The single
- * entry of stk_current (a hash map, so an update replaces the whole value atomically)
- * names the generation in force (serial & 1), the mode and the flow epoch; user space
- * fills the idle generation and then switches with one update.
+ * Generations: stk_gen is an array of two LPM tries, each holding one generation's peers
+ * (kind PEER4/PEER6: address -> identity) and policy (kind POLICY: identity, direction,
+ * protocol, port -> verdict, rule). The single entry of stk_current (a hash map, so an
+ * update replaces the whole value atomically) names the generation in force (serial & 1),
+ * the mode and the flow epoch; user space fills the idle generation and switches with one
+ * update.
  *
  * Maps are plain symbols in section "stockade_maps": the Python loader creates the maps
  * and patches their descriptors into the instructions (no libbpf at run time).
@@ -104,28 +106,21 @@ struct stk_current {
 	__u64 object;  /* digest of the loaded object file (user space only) */
 };
 
-struct lpm4_key {
-	__u32 prefixlen;
-	__u8 addr[4];
-};
+/* The generation trie holds three kinds of entries, told apart by the first key byte. */
+#define KIND_POLICY 1
+#define KIND_PEER4 4
+#define KIND_PEER6 6
 
-struct lpm6_key {
-	__u32 prefixlen;
-	__u8 addr[16];
-};
-
-struct policy_key {
-	__u32 prefixlen; /* 48 fixed bits + port prefix */
-	__u32 ident;     /* network order */
-	__u8 dir;
-	__u8 proto;
-	__u16 port; /* network order; ICMP: the type */
-};
-
-struct policy_val {
-	__u8 verdict;
+struct gen_key {
+	__u32 prefixlen; /* 8 (kind) + the bits that matter below */
+	__u8 kind;
+	__u8 data[16]; /* peer: the address; policy: identity (BE 4), dir, proto, port (BE 2) */
 	__u8 pad[3];
-	__u32 rule;
+};
+
+struct gen_val {
+	__u32 a; /* peer: identity; policy: verdict */
+	__u32 b; /* policy: rule index */
 };
 
 struct flow_key {
@@ -187,9 +182,7 @@ struct stk_map_ref {
 };
 #define STK_MAP(name) struct stk_map_ref name __attribute__((section("stockade_maps"), used))
 STK_MAP(stk_current); /* hash u32 -> struct stk_current, 1 entry */
-STK_MAP(stk_peers4);  /* array of 2 LPM tries lpm4_key -> u32 identity */
-STK_MAP(stk_peers6);  /* array of 2 LPM tries lpm6_key -> u32 identity */
-STK_MAP(stk_policy);  /* array of 2 LPM tries policy_key -> policy_val */
+STK_MAP(stk_gen);     /* array of 2 LPM tries gen_key -> gen_val, one per generation */
 STK_MAP(stk_flows);   /* LRU hash flow_key -> flow_val */
 STK_MAP(stk_frags);   /* LRU hash frag_key -> frag_val */
 STK_MAP(stk_events);  /* ring buffer of struct stk_event */
@@ -383,41 +376,43 @@ static __always_inline __u64 flow_timeout(__u8 family, __u8 proto)
 static __always_inline __u64 evaluate(const struct stk_current *cur, const struct query *q)
 {
 	__u32 gen = cur->serial & 1;
+	__u64 miss = (__u64)(cur->mode == MODE_SELECTIVE ? VERDICT_ALLOW : VERDICT_BLOCK) << 32;
+	void *trie = bpf_map_lookup_elem(&stk_gen, &gen);
+	if (!trie)
+		return miss;
+	struct gen_key k = {};
 	__u32 ident = 0;
 	if (q->family == 4) {
-		void *peers = bpf_map_lookup_elem(&stk_peers4, &gen);
-		if (peers) {
-			struct lpm4_key k = {.prefixlen = 32};
-			__builtin_memcpy(k.addr, q->peer, 4);
-			__u32 *id = bpf_map_lookup_elem(peers, &k);
-			if (id)
-				ident = *id;
-		}
+		k.prefixlen = 8 + 32;
+		k.kind = KIND_PEER4;
+		__builtin_memcpy(k.data, q->peer, 4);
 	} else {
-		void *peers = bpf_map_lookup_elem(&stk_peers6, &gen);
-		if (peers) {
-			struct lpm6_key k = {.prefixlen = 128};
-			__builtin_memcpy(k.addr, q->peer, 16);
-			__u32 *id = bpf_map_lookup_elem(peers, &k);
-			if (id)
-				ident = *id;
-		}
+		k.prefixlen = 8 + 128;
+		k.kind = KIND_PEER6;
+		__builtin_memcpy(k.data, q->peer, 16);
 	}
-	struct policy_key pk = {.prefixlen = 64, .ident = bpf_htonl(ident), .dir = q->dir};
+	struct gen_val *v = bpf_map_lookup_elem(trie, &k);
+	if (v)
+		ident = v->a;
+
+	__builtin_memset(&k, 0, sizeof(k));
+	k.prefixlen = 8 + 64;
+	k.kind = KIND_POLICY;
+	__u32 ident_be = bpf_htonl(ident);
+	__builtin_memcpy(k.data, &ident_be, 4);
+	k.data[4] = q->dir;
+	__u16 port = q->port;
 	if (q->proto == PROTO_TCP || q->proto == PROTO_UDP || is_icmp(q->family, q->proto)) {
-		pk.proto = q->proto;
-		pk.port = q->port;
+		k.data[5] = q->proto;
 	} else {
-		pk.proto = PROTO_OTHER;
-		pk.port = 0;
+		k.data[5] = PROTO_OTHER;
+		port = 0;
 	}
-	void *policy = bpf_map_lookup_elem(&stk_policy, &gen);
-	if (policy) {
-		struct policy_val *v = bpf_map_lookup_elem(policy, &pk);
-		if (v)
-			return ((__u64)v->verdict << 32) | v->rule;
-	}
-	return (__u64)(cur->mode == MODE_SELECTIVE ? VERDICT_ALLOW : VERDICT_BLOCK) << 32;
+	__builtin_memcpy(&k.data[6], &port, 2);
+	v = bpf_map_lookup_elem(trie, &k);
+	if (v)
+		return ((__u64)v->a << 32) | v->b;
+	return miss;
 }
 
 static __always_inline void report(struct __sk_buff *skb, const struct stk_current *cur, const struct flow_key *k,

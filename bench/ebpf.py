@@ -1,0 +1,306 @@
+"""Benchmark: nftables sets vs iptables+ipset vs eBPF, same host policies, same namespaces.
+
+Run as root: ``python bench/ebpf.py`` (``--quick`` for smaller sizes and shorter runs).
+A server and a client namespace on a veth pair (``bench/nft_apply.py``'s); the server
+enforces ``nft_apply.host_policy(peers, 1000)``: 1,000 inbound allow rules over 50 peer sets
+holding ``peers`` addresses, the client in the last set and allowed by the last rule (the
+worst case for a rule list), plus udp/9000 on that rule for the packet test. Tables:
+
+1. **load and delta**, per backend and peer count: render (HostPolicy -> artifact), *cold*
+   apply (nothing installed before: nft table / ipsets and chains / eBPF maps, programs
+   and tc filters), *warm* re-apply of the same policy (best of N), one-peer set delta
+   (median and max of 40 add/remove; target <= 1 ms for eBPF);
+2. **traffic**, per backend and peer count: TCP connection setup rate of one Python
+   client (every connect is a new flow: rule evaluation), and UDP packets/s received by
+   the server from a C sender (``sendmmsg`` of 64-byte datagrams on one flow: the
+   established path). Medians of interleaved rounds; "none" is the bare veth;
+3. **eBPF programs**: instruction count (translated), JIT size, instructions the verifier
+   processed and the load (verification) time, from ``bpf_prog_info`` and ``bpftool``.
+
+The goal is eBPF >= nftables on every row. Numbers on a shared 2-CPU machine are noisy:
+rounds are interleaved so background load hits every configuration alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: reuse the nftables bench
+import nft_apply
+from nft_apply import CLI4, SRV4, Namespaces, connection_rate, timed
+
+from stockade.backends.ebpf import EbpfBackend
+from stockade.backends.iptables import IptablesBackend
+from stockade.backends.nftables import NftablesBackend
+from stockade.bpf.build import find_clang
+from stockade.compiler.ir import HostPolicy, SetDelta
+from stockade.model.addresses import Family
+from stockade.model.services import Proto, ServiceEntry
+
+UDP_PORT = 9000
+RULES = 1000
+
+SENDER_C = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+/* sender DST PORT SECONDS: 64-byte UDP datagrams, 64 per sendmmsg, on one connected socket */
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(int argc, char **argv) {
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
+    inet_pton(AF_INET, argv[1], &dst.sin_addr);
+    if (connect(fd, (struct sockaddr *)&dst, sizeof dst) < 0) { perror("connect"); return 1; }
+    char payload[64] = {0};
+    struct iovec iov = {payload, sizeof payload};
+    struct mmsghdr msgs[64];
+    memset(msgs, 0, sizeof msgs);
+    for (int i = 0; i < 64; i++) { msgs[i].msg_hdr.msg_iov = &iov; msgs[i].msg_hdr.msg_iovlen = 1; }
+    double end = now() + atof(argv[3]);
+    long sent = 0;
+    while (now() < end) { int n = sendmmsg(fd, msgs, 64, 0); if (n > 0) sent += n; }
+    printf("%ld\n", sent);
+    return 0;
+}
+"""
+RECEIVER_C = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <time.h>
+/* receiver PORT: counts datagrams; prints packets/s between the first and the last one */
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(int argc, char **argv) {
+    int fd = socket(AF_INET, SOCK_DGRAM, 0), big = 1 << 24;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1]))};
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) { perror("bind"); return 1; }
+    struct timeval tv = {0, 500000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    printf("ready\n"); fflush(stdout);
+    char buf[64][128];
+    struct iovec iov[64];
+    struct mmsghdr msgs[64] = {0};
+    for (int i = 0; i < 64; i++) { iov[i].iov_base = buf[i]; iov[i].iov_len = 128;
+        msgs[i].msg_hdr.msg_iov = &iov[i]; msgs[i].msg_hdr.msg_iovlen = 1; }
+    long got = 0; double first = 0, last = 0;
+    for (;;) {
+        int n = recvmmsg(fd, msgs, 64, 0, NULL);
+        if (n <= 0) { if (got) break; continue; }
+        if (!got) first = now();
+        got += n; last = now();
+    }
+    printf("%.0f\n", got / (last - first > 0 ? last - first : 1));
+    return 0;
+}
+"""
+
+
+def build_tools(workdir: Path) -> tuple[Path, Path]:
+    out = []
+    for name, source in (("sender", SENDER_C), ("receiver", RECEIVER_C)):
+        src = workdir / f"{name}.c"
+        src.write_text(source)
+        subprocess.run([find_clang(), "-O2", "-o", str(workdir / name), str(src)], check=True, capture_output=True)
+        out.append(workdir / name)
+    return out[0], out[1]
+
+
+def bench_policy(peers: int, rules: int = RULES) -> HostPolicy:
+    """nft_apply's policy with udp/9000 added to the client's (last) rule."""
+    hp = nft_apply.host_policy(peers, rules)
+    last = hp.rules[-1]
+    extra = (*last.services, ServiceEntry(Proto.UDP, UDP_PORT, UDP_PORT))
+    return replace(hp, rules=(*hp.rules[:-1], replace(last, services=extra)))
+
+
+Backend = NftablesBackend | IptablesBackend | EbpfBackend
+
+
+def make_backends(ns: Namespaces, iptables: bool) -> dict[str, Backend]:
+    out: dict[str, Backend] = {"nftables": NftablesBackend(netns=ns.srv)}
+    if iptables:
+        out["iptables-legacy"] = IptablesBackend("legacy", netns=ns.srv)
+    out["ebpf"] = EbpfBackend(netns=ns.srv)
+    return out
+
+
+# ---- load and delta -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadRow:
+    backend: str
+    peers: int
+    render_ms: float
+    cold_ms: float
+    warm_ms: float
+    delta_ms: float
+    delta_max_ms: float
+
+
+def measure_load(name: str, backend: Backend, hp: HostPolicy, repeats: int) -> LoadRow:
+    render_s = timed(lambda: backend.render(hp))
+    artifact: Any = backend.render(hp)
+    backend.remove()
+    cold = timed(lambda: backend.apply(artifact))
+    warm = min(timed(lambda: backend.apply(artifact)) for _ in range(repeats))
+    target = hp.sets[0].name
+    deltas: list[float] = []
+    for i in range(21):
+        one = (ipaddress.IPv4Network((int(ipaddress.IPv4Address("203.0.113.0")) + i, 32)),)
+        deltas.append(timed(lambda one=one: backend.apply_delta((SetDelta(target, Family.V4, one, ()),))))
+        deltas.append(timed(lambda one=one: backend.apply_delta((SetDelta(target, Family.V4, (), one),))))
+    deltas = deltas[2:]  # the first pair opens sockets / map descriptors
+    report = backend.verify(artifact)
+    assert report.ok, f"{name}: the kernel does not hold what was applied: {report.problems[:3]}"
+    backend.remove()
+    return LoadRow(name, sum(len(s.members) for s in hp.sets), render_s * 1e3, cold * 1e3, warm * 1e3,
+                   statistics.median(deltas) * 1e3, max(deltas) * 1e3)
+
+
+# ---- traffic --------------------------------------------------------------------------------
+
+
+def packet_rate(ns: Namespaces, sender: Path, receiver: Path, seconds: float) -> float:
+    recv = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns.srv}", str(receiver), str(UDP_PORT)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert recv.stdout is not None and recv.stdout.readline().strip() == "ready"
+        subprocess.run(["nsenter", f"--net=/run/netns/{ns.cli}", str(sender), SRV4, str(UDP_PORT), str(seconds)],
+                       check=True, capture_output=True, text=True)
+        out, _ = recv.communicate(timeout=30)
+        return float(out.strip() or 0)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.wait()
+
+
+def measure_traffic(
+    ns: Namespaces, backends: dict[str, Backend], sizes: tuple[int, ...], tools: tuple[Path, Path],
+    seconds: float, rounds: int,
+) -> dict[tuple[str, int], tuple[float, float]]:
+    """(backend, peers) -> (median conn/s, median packets/s); ("none", 0) is the bare veth."""
+    artifacts = {(n, p): b.render(bench_policy(p)) for n, b in backends.items() for p in sizes}
+    server = subprocess.Popen(["ip", "netns", "exec", ns.srv, sys.executable, "-c", nft_apply.SERVER],
+                              stdout=subprocess.PIPE, text=True)
+    configs: list[tuple[str, int]] = [("none", 0)] + [(n, p) for n in backends for p in sizes]
+    samples: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        connection_rate(ns, 0.3)  # warm up
+        for _ in range(rounds):
+            for name, peers in configs:
+                for other in backends.values():
+                    other.remove()
+                if name != "none":
+                    backends[name].apply(artifacts[(name, peers)])
+                conns = connection_rate(ns, seconds)
+                pps = packet_rate(ns, tools[0], tools[1], seconds)
+                samples[(name, peers)].append((conns, pps))
+                print(f"  {name:<16} {peers:>8,} peers: {conns:>7,.0f} conn/s {pps:>10,.0f} pkt/s", file=sys.stderr)
+    finally:
+        server.kill()
+        server.wait()
+        for b in backends.values():
+            b.remove()
+    return {c: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for c, v in samples.items()}
+
+
+# ---- eBPF program cost -------------------------------------------------------------------------
+
+
+def program_rows(ns: Namespaces) -> list[str]:
+    backend = EbpfBackend(netns=ns.srv)
+    backend.remove()
+    backend.apply(backend.render(bench_policy(10)))  # cold: loads (verifies) both programs
+    rows = []
+    for r in backend.last_load():
+        pinned = backend.loader.pin_dir / ("prog_in" if r.hook.value == "ingress" else "prog_out")
+        tool = ""
+        if shutil.which("bpftool"):
+            proc = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", str(pinned)],
+                                  capture_output=True, text=True, check=False)
+            if proc.returncode == 0:
+                info = json.loads(proc.stdout)
+                tool = (f"bpftool: xlated {info.get('bytes_xlated')} B, jited {info.get('bytes_jited')} B, "
+                        f"verified_insns {info.get('verified_insns', '-')}")
+        rows.append(f"{r.hook.value:<8} {r.insns:>6,} insns {r.jited_bytes:>7,} B jited "
+                    f"{r.verified_insns:>8,} verified insns  load {r.load_seconds * 1e3:>6.1f} ms   {tool}")
+    backend.remove()
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter runs")
+    parser.add_argument("--no-iptables", action="store_true", help="leave iptables+ipset out")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces, nftables, tc, bpf)", file=sys.stderr)
+        return 1
+    sizes = (10, 1_000, 10_000) if args.quick else (10, 10_000, 100_000)
+    rules = 100 if args.quick else RULES
+    repeats = 2 if args.quick else 3
+    seconds, rounds = (0.5, 1) if args.quick else (1.5, 3)
+    iptables = not args.no_iptables and shutil.which("iptables-legacy-restore") is not None
+    print(f"# nftables vs iptables+ipset vs eBPF (kernel {os.uname().release}, {os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.1f}); {rules:,} rules, client in the last set")
+    ns = Namespaces.create()
+    started = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="stk-bench-ebpf-"))
+    try:
+        tools = build_tools(workdir)
+        backends = make_backends(ns, iptables)
+        print("\n## program")
+        for row in program_rows(ns):
+            print(row)
+        print(f"\n## load and delta ({rules:,} rules)")
+        header = (f"{'backend':<16} {'peers':>8} {'render ms':>9} {'cold apply ms':>13} {'warm apply ms':>13} "
+                  f"{'delta ms':>9} {'delta max':>9}")
+        print(header)
+        print("-" * len(header))
+        for peers in sizes:
+            hp = bench_policy(peers, rules)
+            for name, backend in backends.items():
+                r = measure_load(name, backend, hp, repeats)
+                print(f"{r.backend:<16} {r.peers:>8,} {r.render_ms:>9.1f} {r.cold_ms:>13.1f} {r.warm_ms:>13.1f} "
+                      f"{r.delta_ms:>9.3f} {r.delta_max_ms:>9.3f}", flush=True)
+        print(f"\n## traffic ({rules:,} rules; medians of {rounds} interleaved rounds of {seconds} s)")
+        rates = measure_traffic(ns, backends, sizes, tools, seconds, rounds)
+        header = (f"{'backend':<16} {'peers':>8} {'TCP conn/s':>11} {'UDP pkt/s':>11} "
+                  f"{'conn vs nft':>11} {'pkt vs nft':>10}")
+        print(header)
+        print("-" * len(header))
+        for (name, peers), (conns, pps) in rates.items():
+            ref = rates.get(("nftables", peers), (conns, pps))
+            vs = f"{100 * conns / ref[0]:>10.0f}% {100 * pps / ref[1]:>9.0f}%" if name != "none" else ""
+            print(f"{name:<16} {peers:>8,} {conns:>11,.0f} {pps:>11,.0f} {vs}")
+    finally:
+        ns.delete()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\n(total {time.perf_counter() - started:.0f} s; client {CLI4} -> server {SRV4})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
