@@ -10,6 +10,7 @@ from typing import Any
 
 from stockade.backends.base import Backend
 from stockade.backends.ebpf import EbpfBackend
+from stockade.backends.f5 import F5Backend
 from stockade.backends.ipfilter import IpfilterBackend
 from stockade.backends.iptables import IptablesBackend
 from stockade.backends.nftables import NftablesBackend
@@ -22,6 +23,7 @@ BACKENDS: dict[str, type[Backend[Any]]] = {
     "ebpf": EbpfBackend,
     "windows": WindowsFirewallBackend,
     "ipfilter": IpfilterBackend,
+    "f5": F5Backend,
 }
 
 
