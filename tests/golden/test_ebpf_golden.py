@@ -13,6 +13,7 @@ nothing and the kernel's maps, read back, must print the same tables.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -22,11 +23,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stockade.backends.ebpf import EbpfBackend
+from stockade.backends.ebpf_identity import PeerTable
 from stockade.backends.ebpf_render import render_ebpf
 from stockade.bpf.build import BuildError, find_clang
-from stockade.compiler.ir import HostRule
+from stockade.compiler.ir import AddressSet, HostPolicy, HostRule
+from stockade.model.addresses import Family
 from stockade.model.policy import Failsafe
 from tests.golden.nft_cases import (
     ALLOW,
@@ -176,3 +181,51 @@ def test_kernel_holds_the_rendered_maps(case: Case, netns: str) -> None:
             assert backend.read_back() == ""
     finally:
         backend.close()
+
+
+# ---- set deltas: the planned trie updates equal a fresh render (pure, hypothesis) -------------
+
+_PREFIXES = st.builds(
+    lambda plen, host: ipaddress.IPv4Network((0x0A000000 + (host & ~((1 << (32 - plen)) - 1)), plen)),
+    st.sampled_from((8, 16, 24, 28, 30, 32)),
+    st.integers(0, (1 << 24) - 1).map(lambda x: x & 0x0000FF0F),  # few distinct, often nested
+)
+_SETS = ("pa", "pb", "pc")
+
+
+def _policy(members: dict[str, set[ipaddress.IPv4Network]]) -> HostPolicy:
+    sets = []
+    for name in _SETS:
+        sets.append(AddressSet(name, Family.V4, tuple(sorted(members[name]))))
+        sets.append(AddressSet(name, Family.V6, ()))
+    rules = tuple(sorted(HostRule(ALLOW, IN, f"ruleset/r/{i}", n, (tcp(80 + i),)) for i, n in enumerate(_SETS)))
+    return replace(host(FULL, [], []), rules=rules, sets=tuple(sorted(sets)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    start=st.fixed_dictionaries({n: st.sets(_PREFIXES, max_size=6) for n in _SETS}),
+    steps=st.lists(st.tuples(st.sampled_from(_SETS), st.booleans(), _PREFIXES), min_size=1, max_size=12),
+)
+def test_set_delta_plans_match_a_fresh_render(
+    start: dict[str, set[ipaddress.IPv4Network]], steps: list[tuple[str, bool, ipaddress.IPv4Network]]
+) -> None:
+    first = render_ebpf(_policy(start))
+    table = PeerTable(first.context, first.memberships, first.effective, first.identity_sets)
+    names = dict(enumerate(first.identity_sets))
+    trie = {(p.start, p.prefixlen): p.identity for p in first.peers if p.family is Family.V4}
+    members = {n: set(m) for n, m in start.items()}
+    for name, add, net in steps:
+        if not add and net not in members[name]:
+            continue
+        plan = table.plan(Family.V4, name, (net,) if add else (), () if add else (net,))
+        assert {i for i, _ in plan.new_identities}.isdisjoint(names)
+        assert {r.identity for r in plan.new_intervals} <= {i for i, _ in plan.new_identities}
+        names.update(plan.new_identities)
+        trie.update(plan.updates)
+        for p in plan.deletes:
+            del trie[p]
+        table.commit()
+        (members[name].add if add else members[name].discard)(net)
+    fresh = render_ebpf(_policy(members))
+    assert {p: names[i] for p, i in trie.items()} == fresh.effective[Family.V4]

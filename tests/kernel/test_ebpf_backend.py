@@ -23,6 +23,7 @@ import pytest
 
 from stockade.backends.ebpf import EbpfBackend
 from stockade.backends.ebpf_events import FlowAction
+from stockade.backends.ebpf_netlink import in_netns
 from stockade.bpf.build import BuildError, find_clang
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule, SetDelta
 from stockade.lab import HostSpec, Lab, Probe, ProbeKind
@@ -407,3 +408,24 @@ def test_remove_and_idle_leave_nothing_behind(lab: Lab, backends: dict[str, Ebpf
     assert backend.attachments() == []
     assert all(outcomes(lab, [("a", "b")]).values())
     backend.remove()  # idempotent
+
+
+def test_backend_without_netns_follows_the_namespace_it_runs_in(lab: Lab) -> None:
+    """The agent's way (``--netns``): join the namespace first, then build the backend without one."""
+    hp = host_policy("b", [rule(Action.ALLOW, Direction.INBOUND, "ruleset/web/0", "c", tcp(80))], {"c": [*ADDR["a"]]})
+
+    def inside() -> EbpfBackend:
+        backend = EbpfBackend()
+        assert backend.loader.pin_dir.name.startswith("_ns")  # never the host's directory
+        enforce(backend, hp)
+        return backend
+
+    backend = in_netns(lab.netns("b"), inside)
+    try:
+        got = outcomes(lab, [("a", "b"), ("c", "b")])
+        assert reachable(got, "a", "b", "tcp", 80) == (True, True)
+        assert reachable(got, "a", "b", "tcp", 443) == (False, False)
+        assert reachable(got, "c", "b", "tcp", 80) == (False, False)
+    finally:
+        in_netns(lab.netns("b"), backend.remove)
+    assert all(outcomes(lab, [("c", "b")]).values())

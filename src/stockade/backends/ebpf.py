@@ -153,7 +153,8 @@ class EbpfBackend:
         self.table = table
         self.root = Path(pin_root) / table
         self.loader = EbpfLoader(
-            self.root / (netns or HOST_DIR), netns, pref=pref, flow_capacity=flow_capacity, interfaces=interfaces
+            self.root / (netns or current_netns_dir()), netns, pref=pref, flow_capacity=flow_capacity,
+            interfaces=interfaces,
         )
         self._applied: EbpfArtifact | None = None
         self._serial: int | None = None
@@ -345,13 +346,41 @@ class EbpfBackend:
         """Remove pins left for network namespaces that no longer exist."""
         if not self.root.is_dir():
             return
+        live: set[int] | None = None
         for entry in self.root.iterdir():
-            if entry.name != HOST_DIR and _NAME_RE.match(entry.name) and not os.path.exists(f"/run/netns/{entry.name}"):
+            if entry == self.loader.pin_dir or entry.name == HOST_DIR:
+                continue
+            if entry.name.startswith(_ANON_PREFIX):
+                live = _live_netns_inodes() if live is None else live
+                if entry.name[len(_ANON_PREFIX) :].isdigit() and int(entry.name[len(_ANON_PREFIX) :]) not in live:
+                    shutil.rmtree(entry, ignore_errors=True)
+            elif _NAME_RE.match(entry.name) and not os.path.exists(f"/run/netns/{entry.name}"):
                 shutil.rmtree(entry, ignore_errors=True)
 
 
 _Row = tuple[str, int, int, int, int, str]
 _Rows = tuple[_Row, ...]
+
+
+_ANON_PREFIX = "_ns"
+_INIT_NET_INODE = 0xEFFFFFF9  # PROC_NET_INIT_INO (include/linux/proc_ns.h): fixed for the initial namespace
+
+
+def current_netns_dir() -> str:
+    """The pin directory of the calling thread's network namespace when none is named:
+    ``_host`` in the initial namespace, ``_ns<inode>`` in any other (an agent started with
+    ``--netns``), so agents in different namespaces never share maps."""
+    mine = os.stat("/proc/thread-self/ns/net").st_ino
+    return HOST_DIR if mine == _INIT_NET_INODE else f"{_ANON_PREFIX}{mine}"
+
+
+def _live_netns_inodes() -> set[int]:
+    """Inodes of every network namespace still alive (named, or held by a process)."""
+    found: set[int] = set()
+    for path in [*Path("/run/netns").glob("*"), *Path("/proc").glob("[0-9]*/ns/net")]:
+        with contextlib.suppress(OSError):
+            found.add(os.stat(path).st_ino)
+    return found
 
 
 def _text(raw: bytes) -> str:
