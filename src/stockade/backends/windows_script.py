@@ -145,7 +145,7 @@ def _profile_line(plan: WindowsPlan) -> str:
         else " -LogAllowed NotConfigured -LogBlocked NotConfigured"
     )
     return (
-        f"Set-NetFirewallProfile -Profile Domain, Private, Public{enabled}"
+        f"Set-NetFirewallProfile -All{enabled}"
         f" -DefaultInboundAction {plan.default_inbound.value}"
         f" -DefaultOutboundAction {plan.default_outbound.value}{log}"
     )
@@ -193,7 +193,7 @@ def remove_script() -> str:
         "# Stockade: remove everything Stockade installed\n"
         + _HEADER
         + "Remove-StockadeObjects -Generation '' -Keep $true\n"
-        + "Set-NetFirewallProfile -Profile Domain, Private, Public -DefaultInboundAction NotConfigured"
+        + "Set-NetFirewallProfile -All -DefaultInboundAction NotConfigured"
         + " -DefaultOutboundAction NotConfigured -LogAllowed NotConfigured -LogBlocked NotConfigured\n"
     )
 
