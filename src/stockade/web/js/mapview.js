@@ -188,14 +188,17 @@ export class MapView {
     for (const n of map.nodes) {
       const [x, y] = this.positions.get(n.id);
       const count = (n.workloads || []).length;
+      const shown = truncate(n.name, 17);
+      const sub = n.kind === "app-group" ? `${count} workload${count === 1 ? "" : "s"}` : n.kind === "ip-list" ? "IP list" : "unmanaged";
+      const kind = n.kind === "app-group" ? "app group" : n.kind === "ip-list" ? "IP list" : "internet";
+      // the accessible name starts with the visible text (WCAG 2.5.3), then says what it is
+      const name = `${shown} ${sub}${shown !== n.name ? `, ${n.name}` : ""}, ${kind}`;
       const g = svg("g", { class: ["node", n.kind !== "app-group" ? "external" : ""], transform: `translate(${(x - NODE_W / 2).toFixed(1)} ${(y - NODE_H / 2).toFixed(1)})`,
-        tabindex: "0", role: "button", "data-node": n.id,
-        "aria-label": `${n.kind === "app-group" ? "App group" : n.kind === "ip-list" ? "IP list" : "Internet"} ${n.name}${n.kind === "app-group" ? `, ${count} workload${count === 1 ? "" : "s"}` : ""}` },
+        tabindex: "0", role: "button", "data-node": n.id, "aria-label": name },
         svg("rect", { width: NODE_W, height: NODE_H, rx: 8 }),
-        svg("use", { href: n.kind === "app-group" ? "#i-app" : n.kind === "ip-list" ? "#i-iplist" : "#i-iplist", x: 8, y: 8, width: 16, height: 16, class: "node-icon" }),
-        svg("text", { x: 30, y: 20 }, truncate(n.name, 17)),
-        svg("text", { x: 30, y: 36, class: "node-count" }, n.kind === "app-group" ? `${count} workload${count === 1 ? "" : "s"}` : n.kind === "ip-list" ? "IP list" : "unmanaged"),
-        svg("title", {}, n.name));
+        svg("use", { href: n.kind === "app-group" ? "#i-app" : "#i-iplist", x: 8, y: 8, width: 16, height: 16, class: "node-icon" }),
+        svg("text", { x: 30, y: 20 }, `${shown} `), // the space keeps the two lines apart in the text content
+        svg("text", { x: 30, y: 36, class: "node-count" }, sub));
       g.addEventListener("click", (ev) => { ev.stopPropagation(); this.selectNode(n.id); });
       g.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); this.selectNode(n.id); } });
       nodeFrag.append(g);

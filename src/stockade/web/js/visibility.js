@@ -1,23 +1,24 @@
-// The console's side of the visibility API (flows, application map, impact preview). The
-// routes are discovered from the controller's OpenAPI document, so the pages work before that
-// API exists (the map then shows the app groups from the inventory, without traffic) and pick it
-// up as soon as the controller serves it. Everything is normalised here into one shape:
-//   map:  {nodes: [{id, kind, name, labels, workloads, clusterKey}], edges: [{src, dst, connections, count, mix, services}], source}
-//   flow: {src, dst, srcName, dstName, service, verdict, count, firstSeen, lastSeen, rule, inboundRule, outboundRule}
+// The console's side of the visibility API: the application map, edge drill-down with the
+// deciding rules, the Explorer's flow search and CSV export, the impact preview and rule
+// suggestions. Routes are found in the controller's OpenAPI document, so the pages also work
+// against a controller without that API (the map then shows the inventory's app groups, without
+// traffic). Everything is normalised here:
+//   map:  {nodes: [{id, kind, name, labels, workloads, clusterKey}], edges: [{src, dst, connections, count, mix, services}]}
+//   flow: {id, src, dst, srcName, dstName, service, verdict, active, draft, count, rules, firstSeen, lastSeen}
 
-import { h, add, replace, table } from "./dom.js";
+import { h, table, formatTime } from "./dom.js";
 import * as api from "./api.js";
-import { labelChips } from "./labels.js";
-import { verdictBadge, normVerdict } from "./verdicts.js";
+import { normVerdict, verdictBadge } from "./verdicts.js";
 
 export const GROUP_KEYS = ["app", "env"];
 
 const ROUTES = {
-  map: ["/map", "/visibility/map", "/flows/map", "/app-map"],
-  flows: ["/flows", "/visibility/flows"],
-  flowsCsv: ["/flows.csv", "/flows/export", "/flows/csv", "/visibility/flows.csv"],
-  impact: ["/policy/impact", "/impact", "/visibility/impact"],
-  edge: ["/map/edge", "/map/edges", "/visibility/map/edge", "/flows/map/edge"],
+  map: ["/flows/map", "/map"],
+  edge: ["/flows/map/edge", "/map/edge"],
+  flows: ["/flows"],
+  export: ["/flows/export"],
+  impact: ["/policy/impact"],
+  suggestions: ["/flows/suggestions"],
 };
 
 const found = {};
@@ -26,65 +27,70 @@ export async function route(name) {
   return found[name];
 }
 
-export async function available() {
-  return Boolean(await route("map")) || Boolean(await route("flows"));
-}
-
-// ---- labels in any of the shapes an API may use -------------------------------------
-export function labelsObject(labels) {
-  if (!labels) return {};
-  if (Array.isArray(labels)) {
-    const out = {};
-    for (const l of labels) {
-      if (typeof l === "string") { const [k, v] = l.split("="); out[k] = v; }
-      else if (l && l.key) out[l.key] = l.value;
-    }
-    return out;
-  }
-  return { ...labels };
-}
-
 function clusterKeyOf(labels) { return labels.env || ""; }
 
 function normNode(n) {
-  const labels = labelsObject(n.labels);
-  const kind = String(n.kind || "app-group").replace(/_/g, "-").toLowerCase();
-  return { id: n.id, kind, name: n.name || n.id, labels, workloads: n.workloads || [], clusterKey: clusterKeyOf(labels) };
+  const labels = { ...(n.labels || {}) };
+  return { id: n.id, kind: String(n.kind || "app-group"), name: n.name || n.id, labels, workloads: n.workloads || [], clusterKey: clusterKeyOf(labels) };
 }
 
 function normEdge(e) {
-  return {
-    src: e.src ?? e.source, dst: e.dst ?? e.target, connections: e.connections ?? 0, count: e.count ?? 0,
-    mix: e.mix || e.verdicts || {}, services: e.services || [],
-  };
+  const mix = e.mix || { allowed: e.allowed || 0, "potentially-blocked": e.potentially_blocked || 0, blocked: e.blocked || 0 };
+  return { src: e.src, dst: e.dst, connections: e.connections ?? 0, count: e.count ?? 0, mix: { ...mix }, services: e.services || [] };
 }
 
-// ---- the map -------------------------------------------------------------------------
-/** Params of the map route that select the draft view, from its OpenAPI parameters. */
-async function draftParam(path) {
-  const op = await api.operation("GET", path);
-  const names = (op && op.parameters ? op.parameters : []).map((p) => p.name);
-  for (const n of ["policy", "view", "version", "decide_with", "against"]) if (names.includes(n)) return n;
-  return null;
-}
-
-export async function canShowDraft() {
-  const path = await route("map");
-  return Boolean(path && (await draftParam(path)));
-}
-
-/** The map for view "reported" or "draft"; falls back to app groups from the inventory. */
-export async function loadMap(view = "reported") {
-  const path = await route("map");
-  if (path) {
-    const params = {};
-    if (view === "draft") {
-      const p = await draftParam(path);
-      if (p) params[p] = "draft";
-    }
-    const data = await api.get(path, params);
-    return { nodes: (data.nodes || []).map(normNode), edges: (data.edges || []).map(normEdge), source: "api", view };
+// ---- time windows -------------------------------------------------------------------------
+/** {since} for a window name: "24h", "1h", "15m" or "version" (since the active version). */
+export async function windowParams(name) {
+  if (name === "version") {
+    const v = (await api.get("/policy/versions", { limit: 1 })).items[0];
+    return v ? { since: v.created_at } : {};
   }
+  const minutes = { "15m": 15, "1h": 60, "24h": 1440 }[name];
+  return minutes ? { since: new Date(Date.now() - minutes * 60000).toISOString() } : {};
+}
+
+// ---- addresses -> workloads -------------------------------------------------------------------
+export async function addressBook() {
+  const workloads = await api.listAll("/workloads");
+  const byIp = new Map();
+  for (const w of workloads) for (const i of w.body.interfaces || []) for (const a of i.addresses) byIp.set(a, w.name);
+  return byIp;
+}
+
+// ---- the map ------------------------------------------------------------------------------------
+/**
+ * The map for ``view`` "reported" (what the hosts reported) or "draft" (the same connections,
+ * those the draft decides differently from the active policy moved to the draft's verdict).
+ */
+export async function loadMap(view = "reported", windowName = "24h") {
+  const path = await route("map");
+  if (!path) return inventoryMap(view);
+  const params = { keys: GROUP_KEYS.join(","), ...(await windowParams(windowName)) };
+  const data = await api.get(path, params);
+  const map = { nodes: (data.nodes || []).map(normNode), edges: (data.edges || []).map(normEdge), source: "api", view, changed: 0 };
+  if (view === "draft") await applyDraft(map, params);
+  return map;
+}
+
+async function applyDraft(map, params) {
+  const impactPath = await route("impact");
+  if (!impactPath) return;
+  const [impact, byIp] = await Promise.all([api.get(impactPath, { since: params.since, limit: 10000 }), addressBook()]);
+  const nodeOfWorkload = new Map();
+  for (const n of map.nodes) for (const w of n.workloads) nodeOfWorkload.set(w, n.id);
+  const edges = new Map(map.edges.map((e) => [`${e.src}\u0000${e.dst}`, e]));
+  for (const item of impact.items || []) {
+    const s = nodeOfWorkload.get(byIp.get(item.src));
+    const d = nodeOfWorkload.get(byIp.get(item.dst));
+    const e = s && d ? edges.get(`${s}\u0000${d}`) : null;
+    if (!e) continue;
+    const from = normVerdict(item.reported); const to = normVerdict(item.after);
+    if (e.mix[from] > 0) { e.mix[from] -= 1; e.mix[to] = (e.mix[to] || 0) + 1; map.changed += 1; }
+  }
+}
+
+async function inventoryMap(view) {
   const workloads = await api.listAll("/workloads");
   const groups = new Map();
   for (const w of workloads) {
@@ -97,32 +103,35 @@ export async function loadMap(view = "reported") {
     }
     groups.get(id).workloads.push(w.name);
   }
-  return { nodes: [...groups.values()].sort((a, b) => a.id.localeCompare(b.id)), edges: [], source: "inventory", view };
+  return { nodes: [...groups.values()].sort((a, b) => a.id.localeCompare(b.id)), edges: [], source: "inventory", view, changed: 0 };
 }
 
-// ---- flows -----------------------------------------------------------------------------
-function normFlow(f) {
-  const key = f.key || f;
-  const src = f.src || {};
-  const dst = f.dst || {};
-  const proto = key.proto || f.proto;
-  const port = key.port ?? f.port;
-  const service = f.service || (proto ? (port == null ? proto : /icmp/.test(proto) ? `${proto}:${port}` : `${port}/${proto}`) : "");
-  const side = (x) => (x ? (x.rule_id || x.rule || "") : "");
+// ---- flows ----------------------------------------------------------------------------------------
+function rulesOf(x) {
+  const out = [];
+  if (x.outbound) out.push({ side: "out", workload: x.outbound.workload, action: x.outbound.action, rule: x.outbound.rule_id });
+  if (x.inbound) out.push({ side: "in", workload: x.inbound.workload, action: x.inbound.action, rule: x.inbound.rule_id });
+  return out;
+}
+
+/** An explained connection (edge drill-down) -> flow. */
+function explainedFlow(x) {
   return {
-    src: typeof src === "string" ? src : (src.address || src.ip || key.src || f.src_ip || ""),
-    dst: typeof dst === "string" ? dst : (dst.address || dst.ip || key.dst || f.dst_ip || ""),
-    srcName: f.src_workload || (src && src.name) || "",
-    dstName: f.dst_workload || (dst && dst.name) || "",
-    srcLabels: labelsObject(f.src_labels || (src && src.labels)),
-    dstLabels: labelsObject(f.dst_labels || (dst && dst.labels)),
-    service,
-    verdict: normVerdict(f.verdict),
-    draftVerdict: f.draft_verdict ? normVerdict(f.draft_verdict) : null,
-    count: f.count ?? 0,
-    firstSeen: f.first_seen || "", lastSeen: f.last_seen || "",
-    rule: f.rule_id || f.rule || "",
-    outboundRule: side(f.outbound), inboundRule: side(f.inbound),
+    id: "", src: x.flow.src.ip, dst: x.flow.dst.ip, srcName: x.flow.src.workload || x.flow.src.ip_list || "",
+    dstName: x.flow.dst.workload || x.flow.dst.ip_list || "", service: x.flow.service,
+    verdict: normVerdict(x.reported || x.verdict), active: normVerdict(x.verdict), draft: null,
+    count: x.count, rules: rulesOf(x),
+  };
+}
+
+/** A recorded flow summary (Explorer) -> flow. */
+function recordedFlow(f) {
+  return {
+    id: f.id, src: f.src.ip, dst: f.dst.ip, srcName: f.src.workload || f.src.ip_list || "", dstName: f.dst.workload || f.dst.ip_list || "",
+    srcLabels: f.src.labels || {}, dstLabels: f.dst.labels || {}, service: f.service, verdict: normVerdict(f.verdict),
+    active: null, draft: null, count: f.count, side: f.side, reporter: f.reporter,
+    rules: [{ side: f.side === "in" || f.side === "inbound" ? "in" : "out", workload: f.reporter, action: "", rule: f.rule_id }],
+    firstSeen: f.first_seen, lastSeen: f.last_seen,
   };
 }
 
@@ -130,61 +139,118 @@ export async function queryFlows(params) {
   const path = await route("flows");
   if (!path) return null;
   const data = await api.get(path, params);
-  const items = Array.isArray(data) ? data : (data.items || data.flows || []);
-  return { items: items.map(normFlow), next: data.next_cursor || null, raw: data };
+  return { items: (data.items || []).map(recordedFlow), next: data.next_cursor || null };
 }
 
-export async function edgeFlows(edge, view) {
+export async function exportHref(params) {
+  const path = await route("export");
+  if (!path) return null;
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== "") (Array.isArray(v) ? v : [v]).forEach((x) => q.append(k, x));
+  return `${api.BASE}${path}${q.toString() ? `?${q}` : ""}`;
+}
+
+export async function explainFlow(id) {
+  return explainedFlow(await api.get(`/flows/${api.enc(id)}/explain`));
+}
+
+/** The connections behind an edge, each with the active policy's deciding rules (and the draft's verdict). */
+export async function edgeFlows(edge, view, windowName) {
   const path = await route("edge");
-  if (path) {
-    const data = await api.get(path, { src: edge.src, dst: edge.dst, view: view === "draft" ? "draft" : undefined });
-    const items = Array.isArray(data) ? data : (data.items || data.connections || []);
-    return items.map(normFlow);
+  if (!path) return null;
+  const params = { src: edge.src, dst: edge.dst, keys: GROUP_KEYS.join(","), ...(await windowParams(windowName)) };
+  const flows = (await api.get(path, params)).map(explainedFlow);
+  if (view === "draft") {
+    const impactPath = await route("impact");
+    if (impactPath) {
+      const impact = await api.get(impactPath, { since: params.since, limit: 10000 });
+      const after = new Map((impact.items || []).map((i) => [`${i.src} ${i.dst} ${i.service}`, i]));
+      for (const f of flows) {
+        const i = after.get(`${f.src} ${f.dst} ${f.service}`);
+        f.draft = i ? normVerdict(i.after) : f.active; // no impact item: the draft decides as the active policy
+        f.draftRules = i ? i.after_rules : null;
+      }
+    }
   }
-  const res = await queryFlows({ src_node: edge.src, dst_node: edge.dst, limit: 200 });
-  return res ? res.items : null;
+  return flows;
 }
 
-export function flowsTable(flows, { showDraft = false } = {}) {
+export function ruleLink(ruleId) {
+  const m = /^ruleset\/([^/]+)\/(\d+)$/.exec(ruleId || "");
+  if (m) return h("a", { href: `#/rulesets/${encodeURIComponent(m[1])}`, class: "mono" }, `ruleset ${m[1]}, rule ${Number(m[2]) + 1}`);
+  const d = /^deny\/(.+)$/.exec(ruleId || "");
+  if (d) return h("a", { href: `#/deny-rules/${encodeURIComponent(d[1])}`, class: "mono" }, `deny rule ${d[1]}`);
+  return h("span", { class: "mono" }, ruleId || "—");
+}
+
+function rulesCell(f) {
+  if (!f.rules || !f.rules.length) return h("span", { class: "muted" }, "—");
+  return h("ul", { class: "plain" }, f.rules.map((r) => h("li", {}, h("span", { class: "muted" }, r.side === "out" ? "at source: " : "at destination: "),
+    ruleLink(r.rule), r.action ? h("span", { class: "muted" }, ` (${r.action})`) : null)));
+}
+
+function endpointCell(name, ip) {
+  return h("span", {}, name ? h("a", { href: `#/workloads/${encodeURIComponent(name)}` }, name) : null, name ? " " : null, h("span", { class: "mono muted" }, ip));
+}
+
+/** Flows as a table: reported verdict, the active policy's (and the draft's) with the deciding rules. */
+export function flowsTable(flows, { draft = false, explorer = false, onExplain } = {}) {
   return table([
-    { title: "From", cell: (f) => h("span", {}, f.srcName ? h("a", { href: `#/workloads/${encodeURIComponent(f.srcName)}` }, f.srcName) : "", " ", h("span", { class: "mono muted" }, f.src)) },
-    { title: "To", cell: (f) => h("span", {}, f.dstName ? h("a", { href: `#/workloads/${encodeURIComponent(f.dstName)}` }, f.dstName) : "", " ", h("span", { class: "mono muted" }, f.dst)) },
+    { title: "From", cell: (f) => endpointCell(f.srcName, f.src) },
+    { title: "To", cell: (f) => endpointCell(f.dstName, f.dst) },
     { title: "Service", cell: (f) => h("span", { class: "mono" }, f.service) },
-    { title: "Verdict", cell: (f) => verdictBadge(f.verdict) },
-    showDraft ? { title: "Draft", cell: (f) => (f.draftVerdict ? verdictBadge(f.draftVerdict) : "—") } : null,
-    { title: "Deciding rule", cell: (f) => h("span", { class: "mono" }, [f.outboundRule && `out: ${f.outboundRule}`, f.inboundRule && `in: ${f.inboundRule}`, !f.outboundRule && !f.inboundRule && f.rule].filter(Boolean).join(" · ") || "—") },
+    { title: "Reported", cell: (f) => verdictBadge(f.verdict) },
+    explorer ? null : { title: "Active policy", cell: (f) => (f.active ? verdictBadge(f.active) : "—") },
+    draft ? { title: "Draft", cell: (f) => (f.draft ? verdictBadge(f.draft) : "—") } : null,
+    { title: explorer ? "Rule (as reported)" : "Deciding rules (active policy)", cell: rulesCell },
     { title: "Seen", class: "num", cell: (f) => String(f.count) },
+    explorer ? { title: "Last seen", cell: (f) => formatTime(f.lastSeen) } : null,
+    onExplain ? { title: "", cell: (f) => h("button", { type: "button", "aria-label": `Explain the flow from ${f.srcName || f.src} to ${f.dstName || f.dst} on ${f.service}`, onclick: () => onExplain(f) }, "Why?") } : null,
   ].filter(Boolean), flows, { caption: "Flows", empty: "No recorded flow." });
 }
 
-// ---- impact preview --------------------------------------------------------------------
-export async function impactPanel(box, { changes }) {
+// ---- impact preview ---------------------------------------------------------------------------------
+export async function loadImpact() {
   const path = await route("impact");
-  if (!path) {
-    add(box, h("p", { class: "notice" }, "The impact preview replays recorded flows through the draft. This controller does not serve the visibility API yet, so no flows can be replayed; review the changes above."));
-    return;
-  }
-  const status = h("p", { class: "muted", role: "status" }, "Replaying recorded flows through the draft…");
-  add(box, status);
-  const data = await api.get(path);
-  const items = (data.items || data.changes || []).map((i) => ({ ...normFlow(i.connection || i.flow || i), change: i.change || i.kind, before: normVerdict(i.before?.verdict || i.before), after: normVerdict(i.after?.verdict || i.after), afterRule: i.after?.inbound?.rule_id || i.after?.outbound?.rule_id || "" }));
-  const evaluated = data.evaluated ?? data.replayed ?? "?";
-  const counts = {};
-  for (const i of items) counts[i.change] = (counts[i.change] || 0) + 1;
-  replace(status, `${evaluated} recorded connection${evaluated === 1 ? "" : "s"} replayed; ${items.length} would change.`);
-  add(box, 
+  if (!path) return null;
+  const [impact, byIp] = await Promise.all([api.get(path, { limit: 500 }), addressBook()]);
+  impact.items = (impact.items || []).map((i) => ({ ...i, srcName: byIp.get(i.src) || "", dstName: byIp.get(i.dst) || "" }));
+  return impact;
+}
+
+export function impactView(impact) {
+  const changeText = { "newly-blocked": "newly blocked", "newly-potentially-blocked": "newly potentially blocked", "newly-allowed": "newly allowed", "no-longer-blocked": "no longer blocked" };
+  return h("div", { "data-role": "impact" },
+    h("p", {}, `${impact.evaluated} recorded connection${impact.evaluated === 1 ? "" : "s"} replayed through the draft (since ${formatTime(impact.since)}).`),
     h("p", { class: "verdict-mix", "data-role": "impact-summary" },
-      verdictBadge("blocked", `newly blocked: ${counts["newly-blocked"] || 0}`),
-      verdictBadge("potentially-blocked", `newly potentially blocked: ${counts["newly-potentially-blocked"] || 0}`),
-      verdictBadge("allowed", `newly allowed: ${counts["newly-allowed"] || 0}`)),
+      verdictBadge("blocked", `newly blocked: ${impact.newly_blocked}`),
+      verdictBadge("potentially-blocked", `newly potentially blocked: ${impact.newly_potentially_blocked}`),
+      verdictBadge("allowed", `newly allowed: ${impact.newly_allowed}`),
+      impact.no_longer_blocked ? verdictBadge("potentially-blocked", `no longer blocked: ${impact.no_longer_blocked}`) : null),
     table([
-      { title: "Change", cell: (i) => h("strong", {}, String(i.change || "").replace(/-/g, " ")) },
-      { title: "From", cell: (i) => h("span", {}, i.srcName || i.src) },
-      { title: "To", cell: (i) => h("span", {}, i.dstName || i.dst) },
+      { title: "Change", cell: (i) => h("strong", {}, changeText[i.change] || i.change) },
+      { title: "From", cell: (i) => endpointCell(i.srcName, i.src) },
+      { title: "To", cell: (i) => endpointCell(i.dstName, i.dst) },
       { title: "Service", cell: (i) => h("span", { class: "mono" }, i.service) },
       { title: "Now", cell: (i) => verdictBadge(i.before) },
       { title: "With the draft", cell: (i) => verdictBadge(i.after) },
+      { title: "Deciding rules with the draft", cell: (i) => h("ul", { class: "plain" }, (i.after_rules || []).map((r) => {
+        const [workload, action, ...rest] = r.split(":");
+        return h("li", {}, h("span", { class: "muted" }, `${workload} ${action}: `), ruleLink(rest.join(":")));
+      })) },
       { title: "Seen", class: "num", cell: (i) => String(i.count) },
-    ], items.slice(0, 500), { caption: "Impact preview", empty: "No recorded flow changes verdict with this draft." }));
-  void changes; void labelChips;
+    ], impact.items, { caption: "Impact preview", empty: "No recorded connection changes verdict with this draft." }));
+}
+
+// ---- suggestions -------------------------------------------------------------------------------------
+export async function loadSuggestions(node) {
+  const path = await route("suggestions");
+  if (!path || node.kind !== "app-group") return null;
+  const group = Object.entries(node.labels).map(([k, v]) => `${k}=${v}`).join(",");
+  if (!group) return null;
+  return { group, data: await api.get(path, { group, keys: GROUP_KEYS.join(",") }) };
+}
+
+export async function acceptSuggestions(group, ruleIds) {
+  return api.post("/flows/suggestions/accept", { group, keys: GROUP_KEYS.join(","), rules: ruleIds });
 }

@@ -1,12 +1,13 @@
 // Provision: the draft's changes against the active version, the impact preview (recorded
-// flows replayed through the draft, when the controller has the visibility API), and
-// provisioning with a message.
+// flows replayed through the draft, newly blocked first), and provisioning with a message.
+// When the controller refuses because recorded flows would be newly blocked, the operator
+// sees why and may provision anyway, deliberately.
 
 import { h, add, toast, replace, formatTime } from "../dom.js";
 import * as api from "../api.js";
 import { changeList } from "../diff.js";
-import { textField, submitWith } from "../forms.js";
-import { impactPanel } from "../visibility.js";
+import { textField, submitWith, showErrors } from "../forms.js";
+import { loadImpact, impactView } from "../visibility.js";
 
 export async function render(view, ctx) {
   const [diff, versions] = await Promise.all([
@@ -15,8 +16,9 @@ export async function render(view, ctx) {
   ]);
   const active = versions.items[0];
   const changes = diff.changes;
-  const impactBox = h("section", { class: "panel", "aria-labelledby": "impact-h" }, h("h2", { id: "impact-h" }, "Impact preview"));
-  add(view, 
+  const impactBox = h("section", { class: "panel", "aria-labelledby": "impact-h", "data-role": "impact-panel" },
+    h("h2", { id: "impact-h" }, "Impact preview"), h("p", { class: "muted", role: "status" }, "Replaying recorded flows through the draft…"));
+  add(view,
     h("div", { class: "page-head" }, h("h1", {}, "Review and provision")),
     h("p", {}, active
       ? h("span", {}, `Active version: ${active.number}, provisioned ${formatTime(active.created_at)} by ${active.author}: “${active.message}”. `, h("a", { href: "#/versions" }, "All versions"))
@@ -26,29 +28,53 @@ export async function render(view, ctx) {
       changeList(changes, "The draft is the same as the active version: nothing to provision.")),
     impactBox,
     provisionForm(ctx, changes));
-  impactPanel(impactBox, { changes }).catch((err) => impactBox.append(h("p", { class: "notice error" }, err.message)));
+  try {
+    const impact = await loadImpact();
+    replace(impactBox, h("h2", { id: "impact-h" }, "Impact preview"), impact
+      ? impactView(impact)
+      : h("p", { class: "notice" }, "The impact preview replays recorded flows through the draft; this controller does not serve the visibility API, so review the changes above."));
+  } catch (err) {
+    replace(impactBox, h("h2", { id: "impact-h" }, "Impact preview"), h("p", { class: "notice error" }, err.message));
+  }
 }
 
 function provisionForm(ctx, changes) {
   const msg = textField({ label: "Message", name: "message", field: "message", hint: "What and why, e.g. “dev team may reach the new dev environment (TICKET-42)”." });
-  const button = h("button", { type: "submit", class: "primary", disabled: !changes.length }, "Provision");
+  const button = h("button", { type: "submit", class: "primary", disabled: !changes.length || !ctx.can("write") }, "Provision");
   const result = h("div", { role: "status" });
   const form = h("form", { class: "panel", novalidate: true, "aria-labelledby": "prov-h" },
     h("h2", { id: "prov-h" }, "Provision"),
     h("p", { class: "muted" }, "Freezes the draft as a new version and pushes it to every affected host."),
     msg.el, h("div", { class: "form-actions" }, button), result);
-  if (!ctx.can("write")) button.disabled = true;
-  form.addEventListener("submit", async (e) => {
-    e.preventDefault();
-    const v = await submitWith(form, button, () => api.post("/policy/provision", { message: msg.input.value }));
-    if (!v) return;
+  const done = (v) => {
     toast(`Version ${v.number} provisioned`);
     button.disabled = true;
-    replace(result, h("div", { class: "notice" },
+    const hosts = v.affected_workloads;
+    replace(result, h("div", { class: "notice", "data-role": "provisioned" },
       h("strong", {}, `Version ${v.number} provisioned. `),
-      `${v.affected_workloads.length} workload${v.affected_workloads.length === 1 ? "" : "s"} get new policy`,
-      v.affected_workloads.length ? `: ${v.affected_workloads.slice(0, 12).join(", ")}${v.affected_workloads.length > 12 ? "…" : ""}` : "",
-      ". ", h("a", { href: `#/versions/${v.number}` }, "See the version"), " · ", h("a", { href: "#/agents" }, "Watch the agents converge")));
+      `${hosts.length} workload${hosts.length === 1 ? "" : "s"} get new policy`,
+      hosts.length ? `: ${hosts.slice(0, 12).join(", ")}${hosts.length > 12 ? "…" : ""}` : "",
+      ". ", h("a", { href: `#/versions/${v.number}` }, "See the version"), " · ", h("a", { href: "#/map?window=version" }, "Watch the map"),
+      " · ", h("a", { href: "#/agents" }, "Watch the agents converge")));
+  };
+  const provision = (proceed) => api.request("POST", "/policy/provision", { body: { message: msg.input.value }, params: proceed ? { proceed: "true" } : undefined });
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    replace(result);
+    button.disabled = true;
+    try {
+      done((await provision(false)).data);
+    } catch (err) {
+      button.disabled = false;
+      const refused = err.status === 409 && err.kind === "ImpactRefusedError";
+      showErrors(form, err);
+      if (!refused) return;
+      const anyway = h("button", { type: "button", class: "danger", onclick: async () => {
+        const v = await submitWith(form, anyway, async () => (await provision(true)).data);
+        if (v) done(v);
+      } }, "Provision anyway");
+      replace(result, h("div", { class: "notice warn" }, "Recorded connections would be newly blocked (see the impact preview above). ", anyway));
+    }
   });
   return form;
 }
