@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from stockade import __version__
-from stockade.controller import admin_api, agents_api, auth, objects_api, policy_api
+from stockade.controller import admin_api, agents_api, auth, flows_api, flows_policy_api, objects_api, policy_api
 from stockade.controller.auth import RateLimiter
 from stockade.controller.context import API, Controller, ControllerSettings
 from stockade.controller.db import make_engine, migrate, session_factory
@@ -166,6 +166,8 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         (API, policy_api.router),
         (API, admin_api.router),
         (API, agents_api.router),
+        (API, flows_api.router),
+        (API, flows_policy_api.router),
         ("", admin_api.metrics_router),
     ]
     for prefix, router in included:

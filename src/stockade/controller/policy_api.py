@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from stockade.compiler import host_policy_to_dict
-from stockade.controller import codec, store, versions
+from stockade.controller import codec, flows_policy_api, store, versions
 from stockade.controller.auth import Permission, Principal
 from stockade.controller.codec import INVENTORY_KINDS, POLICY_KINDS
 from stockade.controller.context import controller_of, require
@@ -163,9 +163,11 @@ def provision(
     request: Request,
     body: ProvisionIn,
     principal: Annotated[Principal, Depends(require(Permission.WRITE))],
+    proceed: Annotated[bool, Query(description="provision even if recorded flows would be newly blocked")] = False,
 ) -> VersionOut:
+    impact = flows_policy_api.provision_guard(request, proceed)  # 409 when flows would be newly blocked
     row = versions.provision(controller_of(request).dist, principal.actor, body.message)
-    return version_out(row)
+    return version_out(row).model_copy(update={"impact": impact})
 
 
 @router.post("/policy/rollback", tags=["Policy"], responses=ERRORS, status_code=201, operation_id="rollback")

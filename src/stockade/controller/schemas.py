@@ -173,6 +173,7 @@ class VersionOut(BaseModel):
     rollback_of: int | None = None
     diff: list[ChangeOut]
     affected_workloads: list[str]
+    impact: dict[str, Any] | None = None  # provision only: recorded flows whose verdict changes
 
 
 class VersionPage(BaseModel):

@@ -8,6 +8,7 @@ from stockade.visibility.appmap import (
     DEFAULT_GROUP_KEYS,
     AppMap,
     ExplainedConnection,
+    Link,
     MapEdge,
     MapNode,
     NodeKind,
@@ -16,6 +17,8 @@ from stockade.visibility.appmap import (
     edge_connections,
     explain,
     group_id,
+    links_of,
+    map_of_links,
     node_id_of,
 )
 from stockade.visibility.flows import (
@@ -45,6 +48,7 @@ __all__ = [
     "FlowRecord",
     "Impact",
     "ImpactItem",
+    "Link",
     "MapEdge",
     "MapNode",
     "NodeKind",
@@ -57,6 +61,8 @@ __all__ = [
     "edge_connections",
     "explain",
     "group_id",
+    "links_of",
+    "map_of_links",
     "merge_sides",
     "node_id_of",
     "preview",

@@ -71,6 +71,17 @@ class MapEdge:
 
 
 @dataclass(frozen=True)
+class Link:
+    """A connection as the map sees it: resolved ends, service, verdict, how often seen."""
+
+    src: Endpoint
+    dst: Endpoint
+    service: str
+    verdict: Verdict
+    count: int
+
+
+@dataclass(frozen=True)
 class AppMap:
     group_keys: tuple[str, ...]
     nodes: tuple[MapNode, ...]
@@ -116,6 +127,11 @@ def _group_name(values: Sequence[str]) -> str:
     return "/".join(v or "-" for v in values)
 
 
+def links_of(connections: Iterable[Connection], resolver: Resolver) -> list[Link]:
+    return [Link(resolver.endpoint(c.key.src), resolver.endpoint(c.key.dst), c.key.service_text(), c.verdict, c.count)
+            for c in connections]
+
+
 def build_app_map(
     policy: Policy,
     connections: Iterable[Connection],
@@ -128,8 +144,12 @@ def build_app_map(
     Every app group of the policy is a node, with or without traffic; unmanaged nodes appear
     only when an address of theirs was seen.
     """
+    return map_of_links(policy, links_of(connections, resolver or Resolver(policy)), keys)
+
+
+def map_of_links(policy: Policy, links: Iterable[Link], keys: Sequence[str] = DEFAULT_GROUP_KEYS) -> AppMap:
+    """The map of already resolved connections (the controller resolves managed ends at ingest)."""
     keys = tuple(keys)
-    res = resolver or Resolver(policy)
     members: dict[tuple[str, ...], list[str]] = {}
     for w in policy.workloads:
         members.setdefault(group_values(w.labels, keys), []).append(w.name)
@@ -140,24 +160,24 @@ def build_app_map(
                              tuple(sorted(members[values])))
 
     acc: dict[tuple[str, str], _EdgeAcc] = {}
-    for c in connections:
+    for link in links:
         ends = []
-        for addr in (c.key.src, c.key.dst):
-            ep = res.endpoint(addr)
+        for ep in (link.src, link.dst):
             nid = node_id_of(ep, keys)
             if nid not in nodes:
                 if ep.kind is EndpointKind.IP_LIST:
                     nodes[nid] = MapNode(nid, NodeKind.IP_LIST, ep.name)
                 elif ep.kind is EndpointKind.INTERNET:
                     nodes[nid] = MapNode(nid, NodeKind.INTERNET, INTERNET)
-                else:  # a workload outside the policy's list cannot happen (resolved from it)
-                    raise AssertionError(nid)
+                else:  # a group whose workloads have been relabelled or removed since
+                    values = group_values(ep.labels, keys)
+                    nodes[nid] = MapNode(nid, NodeKind.APP_GROUP, _group_name(values), group_labels(values, keys))
             ends.append(nid)
         e = acc.setdefault((ends[0], ends[1]), _EdgeAcc())
         e.connections += 1
-        e.count += c.count
-        e.mix = e.mix.plus(c.verdict)
-        e.services.add(c.key.service_text())
+        e.count += link.count
+        e.mix = e.mix.plus(link.verdict)
+        e.services.add(link.service)
     edges = tuple(
         MapEdge(s, d, e.connections, e.count, e.mix, tuple(sorted(e.services))) for (s, d), e in sorted(acc.items())
     )

@@ -168,7 +168,7 @@ INTERNET = "internet"
 class Endpoint:
     """An address resolved against a policy: a workload, else an IP list, else the internet."""
 
-    address: IPAddress
+    address: IPAddress | None  # None: a workload known by name only (stored flows of a past address)
     kind: EndpointKind
     name: str  # workload name, IP list name, or "internet"
     labels: frozenset[Label] = frozenset()

@@ -1,0 +1,530 @@
+"""Flow storage of the controller: ingest, compaction into hourly summaries, queries, retention.
+
+Layout (migration ``0002_flows``):
+
+* ``flow_ingest`` - an append-only log with no secondary index: an agent's upload is one
+  bulk insert (``executemany`` on SQLite, ``COPY`` on PostgreSQL), so ingestion costs what an
+  append costs;
+* ``flows`` - the summaries queries read: one row per (hour bucket, ``h``) where ``h`` is a
+  stable 63-bit hash of (reporter, side, src, dst, proto, port, verdict, rule, endpoints), so
+  the same kind of connection reported every few seconds stays one row per hour with its count
+  and first/last seen. Primary key ``(bucket, h)`` (clustered: SQLite ``WITHOUT ROWID``) and
+  indexes ``(bucket, src_ip|dst_ip|src_ep|dst_ep)``: every query names its hour buckets, so
+  a filtered query is a few index seeks per hour and inserts touch only the current hour's pages;
+* **compaction** moves the log into ``flows`` with one ``INSERT .. SELECT .. GROUP BY ..
+  ON CONFLICT DO UPDATE`` (PostgreSQL: a ``DELETE .. RETURNING`` CTE feeding it, atomic under
+  concurrent ingestion; SQLite: after taking the write lock). It runs after an ingest when
+  the last one is older than ``compact_interval`` and before every read, so reads see
+  everything acknowledged;
+* ``flow_endpoints`` - each (workload, its labels at ingest time) gets a small id; flows carry
+  ``src_ep`` / ``dst_ep`` (0: unmanaged), so label and workload filters become indexed
+  ``IN`` lists, and a flow keeps the labels it had when it happened;
+* ``flow_agents`` - per agent: records and batches received, summaries it dropped (as last
+  reported), last upload.
+
+Retention: buckets older than ``max_age_hours`` are deleted, and when more than ``max_rows``
+summaries are stored the oldest hours go first (checked every ``prune_interval`` seconds).
+Verdicts are stored as their severity (0 allowed, 1 potentially blocked, 2 blocked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    and_,
+    func,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection as DbConnection
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
+
+from stockade.compiler.ir import Direction
+from stockade.errors import Issue, ValidationError
+from stockade.evaluator import Verdict
+from stockade.model.policy import Policy
+from stockade.model.services import Proto
+from stockade.visibility.flows import VERDICT_SEVERITY, FlowKey, labels_text, parse_labels_text
+from stockade.visibility.wire import MAX_RECORDS, MAX_RULE_ID, SIDE_OF_TEXT
+
+log = logging.getLogger("stockade.controller.flows")
+HOUR_MS = 3_600_000
+VERDICT_OF_CODE = {code: v for v, code in VERDICT_SEVERITY.items()}
+SIDE_CODE = {Direction.OUTBOUND: 0, Direction.INBOUND: 1}
+SIDE_OF_CODE = {v: k for k, v in SIDE_CODE.items()}
+_VERDICT_TEXT_CODE = {v.value: code for v, code in VERDICT_SEVERITY.items()}
+_SIDE_TEXT_CODE = {t: SIDE_CODE[d] for t, d in SIDE_OF_TEXT.items()}
+_PROTOS = frozenset(p.value for p in Proto)
+_MASK63 = (1 << 63) - 1
+
+meta = MetaData()
+
+
+def _flow_columns() -> list[Column[Any]]:
+    return [
+        Column("first_seen", BigInteger), Column("last_seen", BigInteger),
+        Column("src_ip", String(45)), Column("dst_ip", String(45)),
+        Column("proto", String(8)), Column("port", Integer, nullable=True),
+        Column("side", SmallInteger), Column("verdict", SmallInteger), Column("rule_id", String(128)),
+        Column("count", BigInteger), Column("reporter", String(64)),
+        Column("src_ep", Integer), Column("dst_ep", Integer),
+    ]
+
+
+flows = Table("flows", meta, Column("bucket", Integer, primary_key=True), Column("h", BigInteger, primary_key=True),
+              *_flow_columns())
+flow_ingest = Table("flow_ingest", meta, Column("id", BigInteger, primary_key=True), Column("bucket", Integer),
+                    Column("h", BigInteger), *_flow_columns())
+flow_endpoints = Table("flow_endpoints", meta, Column("id", Integer, primary_key=True), Column("workload", String(64)),
+                       Column("labels", Text))
+flow_agents = Table("flow_agents", meta, Column("agent_id", String(32), primary_key=True),
+                    Column("workload", String(64)), Column("records", BigInteger), Column("batches", BigInteger),
+                    Column("dropped", BigInteger), Column("last_upload", BigInteger))
+
+COLUMNS = ("bucket", "h", "first_seen", "last_seen", "src_ip", "dst_ip", "proto", "port", "side", "verdict",
+           "rule_id", "count", "reporter", "src_ep", "dst_ep")
+_KEYS = ", ".join(COLUMNS[2:])
+_PICK = ", ".join(f"{agg}({c})" for agg, c in (
+    ("min", "first_seen"), ("max", "last_seen"), ("min", "src_ip"), ("min", "dst_ip"), ("min", "proto"),
+    ("min", "port"), ("min", "side"), ("min", "verdict"), ("min", "rule_id"), ("sum", "count"),
+    ("min", "reporter"), ("min", "src_ep"), ("min", "dst_ep")))
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    max_age_hours: int = 30 * 24
+    max_rows: int = 20_000_000
+    prune_interval: float = 300.0
+    compact_interval: float = 0.5  # seconds between compactions triggered by ingestion
+    compact_batch: int = 200_000  # log rows moved per compaction step
+    impact_window_hours: int = 7 * 24  # what the provision guard replays
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    accepted: int
+    dropped_reported: int
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    id: int
+    workload: str
+    labels: frozenset[Any]  # frozenset[Label]
+
+
+@dataclass(frozen=True)
+class StoredFlow:
+    """One summary row, with its endpoints as resolved at ingest time (ep 0: unmanaged)."""
+
+    bucket: int
+    h: int
+    key: FlowKey
+    side: Direction
+    verdict: Verdict
+    rule_id: str
+    count: int
+    first_seen: float
+    last_seen: float
+    reporter: str
+    src_ep: int
+    dst_ep: int
+
+    @property
+    def cursor(self) -> str:
+        return f"{self.bucket}.{self.h}"
+
+
+@dataclass(frozen=True)
+class FlowFilter:
+    """A query. Endpoint sets: None = no filter, empty = matches nothing. Times in unix ms."""
+
+    since_ms: int | None = None
+    until_ms: int | None = None
+    src_ip: str | None = None
+    dst_ip: str | None = None
+    any_ip: str | None = None
+    src_eps: frozenset[int] | None = None
+    dst_eps: frozenset[int] | None = None
+    any_eps: frozenset[int] | None = None
+    port: int | None = None
+    proto: str | None = None
+    verdicts: frozenset[int] | None = None
+    sides: frozenset[int] | None = None
+
+    def empty(self) -> bool:
+        return any(s is not None and not s for s in (self.src_eps, self.dst_eps, self.any_eps))
+
+
+@dataclass
+class _IngestState:
+    policy: Policy | None = None
+    owner: dict[str, tuple[str, str]] = field(default_factory=dict)  # address -> (workload, labels text)
+
+
+def _bad(field_name: str, message: str) -> ValidationError:
+    return ValidationError([Issue("api", 0, field_name, message)])
+
+
+class FlowStore:
+    def __init__(self, engine: Engine, settings: FlowSettings | None = None) -> None:
+        self.engine = engine
+        self.settings = settings or FlowSettings()
+        self.postgres = engine.dialect.name == "postgresql"
+        self._compact_lock = threading.Lock()
+        self._ep_lock = threading.Lock()
+        self._last_compact = 0.0
+        self._last_prune = time.monotonic()
+        self._ips: dict[str, str | None] = {}  # address text -> canonical text (None: invalid)
+        self._state = _IngestState()
+        self._eps: dict[tuple[str, str], int] = {}
+        self.endpoints: dict[int, EndpointInfo] = {}
+        self._load_endpoints()
+
+    # ---- endpoints -------------------------------------------------------------------------
+    def _load_endpoints(self) -> None:
+        with self.engine.connect() as conn:
+            for row in conn.execute(select(flow_endpoints.c.id, flow_endpoints.c.workload, flow_endpoints.c.labels)):
+                self._remember(int(row.id), row.workload, row.labels)
+
+    def _remember(self, ep_id: int, workload: str, labels: str) -> None:
+        self._eps[(workload, labels)] = ep_id
+        self.endpoints[ep_id] = EndpointInfo(ep_id, workload, parse_labels_text(labels) if labels else frozenset())
+
+    def endpoint_id(self, workload: str, labels: str) -> int:
+        found = self._eps.get((workload, labels))
+        if found is not None:
+            return found
+        with self._ep_lock:
+            found = self._eps.get((workload, labels))
+            if found is not None:
+                return found
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(flow_endpoints.insert().values(workload=workload, labels=labels))
+            except IntegrityError:  # another controller process made it first
+                pass
+            with self.engine.connect() as conn:
+                ep_id = conn.execute(select(flow_endpoints.c.id).where(
+                    flow_endpoints.c.workload == workload, flow_endpoints.c.labels == labels)).scalar_one()
+            self._remember(int(ep_id), workload, labels)
+            return int(ep_id)
+
+    def endpoints_matching(self, labels: frozenset[Any] = frozenset(), workload: str | None = None) -> frozenset[int]:
+        """Endpoint ids whose labels include ``labels`` and whose workload is ``workload`` (if given)."""
+        return frozenset(
+            e.id for e in list(self.endpoints.values())
+            if labels <= e.labels and (workload is None or e.workload == workload)
+        )
+
+    # ---- ingestion ---------------------------------------------------------------------------
+    def _canonical(self, text_ip: Any) -> str:
+        if not isinstance(text_ip, str):
+            raise ValueError("address must be a string")
+        found = self._ips.get(text_ip, "")
+        if found == "":
+            try:
+                found = str(ipaddress.ip_address(text_ip))
+            except ValueError:
+                found = None
+            if len(self._ips) > 200_000:
+                self._ips.clear()
+            self._ips[text_ip] = found
+        if found is None:
+            raise ValueError(f"not an IP address: {text_ip[:60]!r}")
+        return found
+
+    def _owners(self, policy: Policy) -> dict[str, tuple[str, str]]:
+        st = self._state
+        if st.policy is not policy:
+            owner = {}
+            for w in policy.workloads:
+                lt = labels_text(w.labels)
+                for a in w.addresses:
+                    owner[str(a)] = (w.name, lt)
+            self._state = st = _IngestState(policy, owner)
+        return st.owner
+
+    def ingest(self, agent_id: str, reporter: str, body: Any, policy: Policy, now: float) -> IngestResult:
+        """Validate and append one upload (the wire format of :mod:`stockade.visibility.wire`)."""
+        if not isinstance(body, dict):
+            raise _bad("", "expected a JSON object")
+        records = body.get("records")
+        if not isinstance(records, list):
+            raise _bad("records", "expected a list")
+        if len(records) > MAX_RECORDS:
+            raise _bad("records", f"at most {MAX_RECORDS} records per upload")
+        try:
+            sent_at = float(body.get("sent_at", now))
+            dropped = int(body.get("dropped", 0))
+        except (TypeError, ValueError):
+            raise _bad("sent_at", "sent_at must be a number and dropped an integer") from None
+        if dropped < 0:
+            raise _bad("dropped", "must not be negative")
+        skew = now - sent_at
+        now_ms = int(now * 1000)
+        owners = self._owners(policy)
+        eps: dict[str, int] = {}
+
+        def ep_of(addr: str) -> int:
+            found = eps.get(addr)
+            if found is None:
+                own = owners.get(addr)
+                found = eps[addr] = 0 if own is None else self.endpoint_id(*own)
+            return found
+
+        rows = []
+        blake = hashlib.blake2b
+        for i, rec in enumerate(records):
+            try:
+                src, dst, proto, port, side, verdict, rule, count, first, last = rec
+                src, dst = self._canonical(src), self._canonical(dst)
+                if (":" in src) != (":" in dst):
+                    raise ValueError("source and destination of different families")
+                if proto not in _PROTOS:
+                    raise ValueError(f"unknown protocol {proto!r}")
+                if port is not None and (type(port) is not int or not 0 <= port <= 65535):
+                    raise ValueError("bad port")
+                side_c, verdict_c = _SIDE_TEXT_CODE[side], _VERDICT_TEXT_CODE[verdict]
+                if type(rule) is not str or len(rule) > MAX_RULE_ID:
+                    raise ValueError("bad rule id")
+                if type(count) is not int or not 0 < count < 2**40:
+                    raise ValueError("bad count")
+                first_ms = min(int((float(first) + skew) * 1000), now_ms)
+                last_ms = min(int((float(last) + skew) * 1000), now_ms)
+                if not 0 < first_ms <= last_ms:
+                    raise ValueError("bad times")
+            except (ValueError, TypeError, KeyError) as exc:
+                raise _bad(f"records[{i}]", str(exc) or type(exc).__name__) from None
+            src_ep, dst_ep = ep_of(src), ep_of(dst)
+            bucket = last_ms // HOUR_MS
+            digest = blake(f"{reporter}|{side_c}|{src}|{dst}|{proto}|{port}|{verdict_c}|{rule}|{src_ep}|{dst_ep}"
+                           .encode(), digest_size=8).digest()
+            h = int.from_bytes(digest, "big") & _MASK63
+            rows.append((bucket, h, first_ms, last_ms, src, dst, proto, port, side_c, verdict_c, rule, count,
+                         reporter, src_ep, dst_ep))
+        with self.engine.begin() as conn:
+            if rows:
+                self._append(conn, rows)
+            self._count_upload(conn, agent_id, reporter, len(rows), dropped, now_ms)
+        if time.monotonic() - self._last_compact >= self.settings.compact_interval:
+            self.compact()
+        return IngestResult(len(rows), dropped)
+
+    def _append(self, conn: DbConnection, rows: list[tuple[Any, ...]]) -> None:
+        if self.postgres:
+            raw: Any = conn.connection.dbapi_connection  # a psycopg connection
+            with raw.cursor() as cur, cur.copy(f"COPY flow_ingest ({', '.join(COLUMNS)}) FROM STDIN") as cp:
+                for r in rows:
+                    cp.write_row(r)
+        else:
+            marks = ", ".join("?" for _ in COLUMNS)
+            conn.exec_driver_sql(f"INSERT INTO flow_ingest ({', '.join(COLUMNS)}) VALUES ({marks})", rows)
+
+    def _count_upload(
+        self, conn: DbConnection, agent_id: str, reporter: str, n: int, dropped: int, now_ms: int
+    ) -> None:
+        values = {"agent_id": agent_id, "workload": reporter, "records": n, "batches": 1, "dropped": dropped,
+                  "last_upload": now_ms}
+        ins = (postgresql.insert(flow_agents) if self.postgres else sqlite.insert(flow_agents)).values(**values)
+        conn.execute(ins.on_conflict_do_update(index_elements=["agent_id"], set_={
+            "workload": reporter, "records": flow_agents.c.records + n, "batches": flow_agents.c.batches + 1,
+            "dropped": func.max(flow_agents.c.dropped, dropped) if not self.postgres
+            else func.greatest(flow_agents.c.dropped, dropped),
+            "last_upload": now_ms,
+        }))
+
+    # ---- compaction and retention ----------------------------------------------------------------
+    def compact(self, *, wait: bool = False) -> int:
+        """Move the ingest log into the summaries; returns log rows moved (0 if another thread is at it)."""
+        if not self._compact_lock.acquire(blocking=wait):
+            return 0
+        try:
+            moved = 0
+            while True:
+                step = self._compact_step()
+                moved += step
+                if step < self.settings.compact_batch:
+                    break
+            self._last_compact = time.monotonic()
+        finally:
+            self._compact_lock.release()
+        if time.monotonic() - self._last_prune >= self.settings.prune_interval:
+            self.prune(time.time())
+        return moved
+
+    def _compact_step(self) -> int:
+        batch = self.settings.compact_batch
+        upsert = (f"ON CONFLICT (bucket, h) DO UPDATE SET count = flows.count + excluded.count, "
+                  f"first_seen = {'LEAST' if self.postgres else 'min'}(flows.first_seen, excluded.first_seen), "
+                  f"last_seen = {'GREATEST' if self.postgres else 'max'}(flows.last_seen, excluded.last_seen)")
+        with self.engine.begin() as conn:
+            if self.postgres:
+                res = conn.execute(text(
+                    f"WITH moved AS (DELETE FROM flow_ingest WHERE id IN "
+                    f"(SELECT id FROM flow_ingest ORDER BY id LIMIT :batch) RETURNING *), "
+                    f"n AS (SELECT count(*) AS n FROM moved), "
+                    f"up AS (INSERT INTO flows (bucket, h, {_KEYS}) SELECT bucket, h, {_PICK} FROM moved "
+                    f"GROUP BY bucket, h {upsert}) SELECT n FROM n"), {"batch": batch})
+                return int(res.scalar_one())
+            conn.exec_driver_sql("UPDATE flow_meta SET compactions = compactions + 1 WHERE id = 1")  # write lock
+            first = conn.exec_driver_sql("SELECT min(id) FROM flow_ingest").scalar()
+            if first is None:
+                return 0
+            last = int(first) + batch - 1
+            conn.exec_driver_sql(
+                f"INSERT INTO flows (bucket, h, {_KEYS}) SELECT bucket, h, {_PICK} FROM flow_ingest "
+                f"WHERE id <= ? GROUP BY bucket, h {upsert}", (last,))
+            res = conn.exec_driver_sql("DELETE FROM flow_ingest WHERE id <= ?", (last,))
+            return int(res.rowcount)
+
+    def backlog(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(flow_ingest)).scalar_one())
+
+    def prune(self, now: float) -> int:
+        """Apply retention (age, then size); returns summaries deleted."""
+        self._last_prune = time.monotonic()
+        cutoff = int(now * 1000) // HOUR_MS - self.settings.max_age_hours
+        deleted = 0
+        with self.engine.begin() as conn:
+            deleted += conn.execute(flows.delete().where(flows.c.bucket < cutoff)).rowcount
+            total = int(conn.execute(select(func.count()).select_from(flows)).scalar_one())
+            if total > self.settings.max_rows:
+                per = conn.execute(select(flows.c.bucket, func.count()).group_by(flows.c.bucket)
+                                   .order_by(flows.c.bucket.desc())).all()
+                kept, oldest_kept = 0, None
+                for bucket, n in per:
+                    if kept + n > self.settings.max_rows:
+                        break
+                    kept, oldest_kept = kept + n, bucket
+                limit = oldest_kept if oldest_kept is not None else per[0][0] + 1
+                deleted += conn.execute(flows.delete().where(flows.c.bucket < limit)).rowcount
+        if deleted:
+            log.info("flow retention: %d summaries deleted", deleted)
+        return deleted
+
+    # ---- queries --------------------------------------------------------------------------------
+    def _buckets(self, f: FlowFilter, now: float) -> tuple[int, int]:
+        newest = int(now * 1000) // HOUR_MS + 1
+        lo = (f.since_ms // HOUR_MS) if f.since_ms is not None else newest - self.settings.max_age_hours - 1
+        hi = (f.until_ms // HOUR_MS + 1) if f.until_ms is not None else newest
+        return lo, min(hi, newest)
+
+    def _where(self, f: FlowFilter, now: float) -> list[ColumnElement[bool]]:
+        lo, hi = self._buckets(f, now)
+        c = flows.c
+        conds: list[ColumnElement[bool]] = []
+        indexed = any(x is not None for x in (f.src_ip, f.dst_ip, f.any_ip, f.src_eps, f.dst_eps, f.any_eps))
+        if indexed and hi - lo <= 2000:  # equality per hour: index seeks instead of a range scan
+            conds.append(c.bucket.in_(list(range(lo, hi + 1))))
+        else:
+            conds.append(c.bucket.between(lo, hi))
+        if f.since_ms is not None:
+            conds.append(c.last_seen >= f.since_ms)
+        if f.until_ms is not None:
+            conds.append(c.first_seen <= f.until_ms)
+        for col, value in ((c.src_ip, f.src_ip), (c.dst_ip, f.dst_ip)):
+            if value is not None:
+                conds.append(col == value)
+        if f.any_ip is not None:
+            conds.append(or_(c.src_ip == f.any_ip, c.dst_ip == f.any_ip))
+        for col, eps in ((c.src_ep, f.src_eps), (c.dst_ep, f.dst_eps)):
+            if eps is not None:
+                conds.append(col.in_(sorted(eps)))
+        if f.any_eps is not None:
+            ids = sorted(f.any_eps)
+            conds.append(or_(c.src_ep.in_(ids), c.dst_ep.in_(ids)))
+        if f.port is not None:
+            conds.append(c.port == f.port)
+        if f.proto is not None:
+            conds.append(c.proto == f.proto)
+        if f.verdicts is not None:
+            conds.append(c.verdict.in_(sorted(f.verdicts)))
+        if f.sides is not None:
+            conds.append(c.side.in_(sorted(f.sides)))
+        return conds
+
+    def query(
+        self, f: FlowFilter, *, cursor: str | None, limit: int, now: float
+    ) -> tuple[list[StoredFlow], str | None]:
+        """One page, newest hour first (then by hash); the cursor continues after the last row."""
+        self.compact(wait=True)
+        if f.empty():
+            return [], None
+        conds = self._where(f, now)
+        if cursor:
+            try:
+                b_text, _, h_text = cursor.partition(".")
+                cb, ch = int(b_text), int(h_text)
+            except ValueError:
+                raise _bad("cursor", "malformed cursor") from None
+            conds.append(or_(flows.c.bucket < cb, and_(flows.c.bucket == cb, flows.c.h < ch)))
+        q = select(flows).where(*conds).order_by(flows.c.bucket.desc(), flows.c.h.desc()).limit(limit + 1)
+        with self.engine.connect() as conn:
+            rows = [_stored(r) for r in conn.execute(q)]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1].cursor if more and rows else None)
+
+    def iterate(self, f: FlowFilter, now: float, chunk: int = 5000) -> Iterator[StoredFlow]:
+        """Every matching row (for exports), page by page."""
+        cursor: str | None = None
+        while True:
+            page, cursor = self.query(f, cursor=cursor, limit=chunk, now=now)
+            yield from page
+            if cursor is None:
+                return
+
+    def aggregate(self, f: FlowFilter, now: float) -> list[tuple[Any, ...]]:
+        """Matching summaries summed per connection and side:
+        (src_ip, dst_ip, src_ep, dst_ep, proto, port, side, worst verdict code, count, first ms, last ms)."""
+        self.compact(wait=True)
+        if f.empty():
+            return []
+        c = flows.c
+        keys = (c.src_ip, c.dst_ip, c.src_ep, c.dst_ep, c.proto, c.port, c.side)
+        q = (select(*keys, func.max(c.verdict), func.sum(c.count), func.min(c.first_seen), func.max(c.last_seen))
+             .where(*self._where(f, now)).group_by(*keys))
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(q)]
+
+    def get(self, bucket: int, h: int) -> StoredFlow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(flows).where(flows.c.bucket == bucket, flows.c.h == h)).first()
+        return _stored(row) if row is not None else None
+
+    def agent_stats(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(flow_agents).order_by(flow_agents.c.workload))]
+
+
+def _stored(r: Any) -> StoredFlow:
+    key = FlowKey(ipaddress.ip_address(r.src_ip), ipaddress.ip_address(r.dst_ip), Proto(r.proto), r.port)
+    return StoredFlow(int(r.bucket), int(r.h), key, SIDE_OF_CODE[int(r.side)], VERDICT_OF_CODE[int(r.verdict)],
+                      r.rule_id, int(r.count), r.first_seen / 1000, r.last_seen / 1000, r.reporter, int(r.src_ep),
+                      int(r.dst_ep))
+
+
+def verdict_codes(verdicts: Sequence[Verdict]) -> frozenset[int]:
+    return frozenset(VERDICT_SEVERITY[v] for v in verdicts)
