@@ -160,7 +160,7 @@ def workload(name: str, labels: dict[str, str], addr4: str, mode: str = "visibil
 
 
 def seed_estate(c: Console) -> None:
-    """A small estate: a shop in prod, the dev team's laptops, and a new dev environment."""
+    """A small estate (a shop in prod, the dev team's laptops, a new dev environment) and its traffic."""
     for s in SERVICES:
         c.post("/services", s)
     c.post("/ip-lists", {"name": "office", "include": ["203.0.113.0/24"]})
@@ -182,3 +182,53 @@ def seed_estate(c: Console) -> None:
                    "services": ["postgres"]}],
     })
     c.post("/policy/provision", {"message": "initial policy"})
+    # traffic reported by the hosts' agents (visibility mode)
+    db = enroll(c, "shop-db-1")
+    db.report([flow("10.1.0.11", "10.1.0.21", 5432, "allowed", "ruleset/shop-prod/0", count=40, ago=600),
+               flow("10.1.0.12", "10.1.0.21", 5432, "allowed", "ruleset/shop-prod/0", count=35, ago=600)])
+    web = enroll(c, "newdev-web-1")
+    web.report([flow("10.9.0.11", "10.2.0.11", 443, "potentially-blocked", "default", count=6, ago=900),
+                flow("10.9.0.12", "10.2.0.11", 22, "potentially-blocked", "default", count=2, ago=900)])
+    shop = enroll(c, "shop-web-1")
+    shop.report([flow("10.1.0.11", "198.51.100.7", 443, "potentially-blocked", "default", side="out", ago=700),
+                 flow("203.0.113.9", "10.1.0.11", 443, "potentially-blocked", "default", count=12, ago=650)])
+
+
+# ---- an agent's reports, through the agent protocol ---------------------------------------------
+
+
+@dataclass
+class SimulatedAgent:
+    """An enrolled agent (no kernel): reports flows as the real agent does, with its own token."""
+
+    console: Console
+    agent_id: str
+    token: str
+    workload: str
+
+    def report(self, records: list[list[Any]]) -> None:
+        body = {"sent_at": time.time(), "dropped": 0, "records": records}
+        r = httpx.post(f"{self.console.url}/api/v1/agents/{self.agent_id}/flows", json=body,
+                       headers={"Authorization": f"Bearer {self.token}"}, timeout=60)
+        assert r.status_code == 202, r.text
+
+
+def enroll(c: Console, hostname: str, profile: str = "simulated") -> SimulatedAgent:
+    """Enrol an agent for ``hostname`` (an existing workload of that name is adopted)."""
+    if not any(p["name"] == profile for p in c.get("/pairing-profiles")):
+        c.post("/pairing-profiles", {"name": profile, "mode": "visibility"})
+    code = c.post(f"/pairing-profiles/{profile}/codes", {})["code"]
+    existing = c.api.get(f"/workloads/{hostname}")
+    interfaces = existing.json()["body"]["interfaces"] if existing.status_code == 200 else []
+    r = httpx.post(f"{c.url}/api/v1/agents/enroll", timeout=60,  # the agent reports its addresses on enrolment
+                   json={"activation_code": code, "hostname": hostname, "interfaces": interfaces})
+    assert r.status_code == 201, r.text
+    out = r.json()
+    return SimulatedAgent(c, out["agent_id"], out["token"], out["workload"])
+
+
+def flow(src: str, dst: str, port: int, verdict: str, rule: str, count: int = 1, side: str = "in",
+         ago: float = 0.0, proto: str = "tcp") -> list[Any]:
+    """One record of the upload format (stockade.visibility.wire)."""
+    now = time.time() - ago
+    return [src, dst, proto, port, side, verdict, rule, count, round(now - 1, 3), round(now, 3)]

@@ -205,7 +205,7 @@ export function flowsTable(flows, { draft = false, explorer = false, onExplain }
     { title: explorer ? "Rule (as reported)" : "Deciding rules (active policy)", cell: rulesCell },
     { title: "Seen", class: "num", cell: (f) => String(f.count) },
     explorer ? { title: "Last seen", cell: (f) => formatTime(f.lastSeen) } : null,
-    onExplain ? { title: "", cell: (f) => h("button", { type: "button", "aria-label": `Explain the flow from ${f.srcName || f.src} to ${f.dstName || f.dst} on ${f.service}`, onclick: () => onExplain(f) }, "Why?") } : null,
+    onExplain ? { title: "", cell: (f) => h("button", { type: "button", "aria-label": `Why? Explain the flow from ${f.srcName || f.src} to ${f.dstName || f.dst} on ${f.service}`, onclick: () => onExplain(f) }, "Why?") } : null,
   ].filter(Boolean), flows, { caption: "Flows", empty: "No recorded flow." });
 }
 
