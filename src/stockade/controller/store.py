@@ -82,9 +82,12 @@ def encode_cursor(name: str) -> str:
 def decode_cursor(cursor: str) -> str:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        return base64.urlsafe_b64decode(padded.encode()).decode()
+        name = base64.b64decode(padded.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError):
         raise ValidationError([Issue("api", 0, "cursor", "malformed cursor")]) from None
+    if not name or encode_cursor(name) != cursor:
+        raise ValidationError([Issue("api", 0, "cursor", "malformed cursor")])
+    return name
 
 
 def parse_label_filter(text: str | None) -> tuple[Label, ...]:
