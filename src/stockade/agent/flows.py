@@ -1,0 +1,271 @@
+"""Flow reporting: NFLOG packets -> bounded, merged flow summaries -> batched uploads.
+
+Three parts, each testable alone:
+
+* :class:`FlowBuffer` - pending summaries keyed by (flow key, side, verdict, rule): a packet of
+  a known key only bumps its count and last-seen time; a new key takes a slot. At most
+  ``max_entries`` slots: when full, packets of new keys are counted in :attr:`FlowBuffer.dropped`
+  and discarded (memory stays bounded however long the controller is away). Batches taken for
+  an upload that fails are merged back.
+* :class:`HttpFlowSender` - ``POST /api/v1/agents/{id}/flows`` (:mod:`stockade.visibility.wire`)
+  on its own connection (uploads never queue behind the long-poll), the controller's CA pinned.
+* :class:`FlowCollector` - a reader thread (:class:`~stockade.agent.nflog.NflogReader`, opened
+  in that thread so it binds the agent's network namespace) and an uploader thread that sends a
+  batch every ``interval`` seconds (sooner when a batch is full), backs off while the controller
+  is unreachable, and always reports the cumulative ``dropped`` count: buffer drops, kernel
+  overruns and batches the controller refused. Nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import httpx
+
+from stockade import __version__
+from stockade.agent.backoff import Backoff, BackoffPolicy
+from stockade.agent.http_client import API_PREFIX, CONNECT_TIMEOUT, REQUEST_TIMEOUT, pinned_context, raise_for
+from stockade.agent.nflog import LoggedPacket, NflogError, NflogReader
+from stockade.agent.state import Credential
+from stockade.agent.transport import ControllerUnreachableError
+from stockade.compiler.ir import Direction
+from stockade.errors import StockadeError
+from stockade.evaluator import Verdict
+from stockade.model.addresses import IPAddress
+from stockade.visibility.flows import FlowKey, FlowRecord
+from stockade.visibility.wire import MAX_RECORDS, FlowBatch, batch_to_wire
+
+log = logging.getLogger("stockade.agent.flows")
+_Slot = tuple[FlowKey, Direction, Verdict, str]
+
+
+class FlowBuffer:
+    """Bounded pending flow summaries (thread-safe)."""
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self.max_entries = max_entries
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._slots: dict[_Slot, list[float]] = {}  # -> [count, first, last]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._slots)
+
+    def add(self, p: LoggedPacket) -> bool:
+        """Record one logged packet; False (and counted as dropped) when the buffer is full."""
+        return self._merge((p.key, p.side, p.verdict, p.rule_id), 1, p.time, p.time)
+
+    def _merge(self, slot: _Slot, count: int, first: float, last: float) -> bool:
+        with self._lock:
+            found = self._slots.get(slot)
+            if found is not None:
+                found[0] += count
+                found[1] = min(found[1], first)
+                found[2] = max(found[2], last)
+                return True
+            if len(self._slots) >= self.max_entries:
+                self.dropped += count
+                return False
+            self._slots[slot] = [count, first, last]
+            return True
+
+    def take(self, n: int) -> list[FlowRecord]:
+        """Remove and return up to ``n`` summaries, oldest first."""
+        out = []
+        with self._lock:
+            for slot in list(self._slots)[:n]:
+                count, first, last = self._slots.pop(slot)
+                key, side, verdict, rule = slot
+                out.append(FlowRecord(key, side, verdict, rule, int(count), first, last))
+        return out
+
+    def put_back(self, records: Iterable[FlowRecord]) -> None:
+        """Merge summaries of a failed upload back (dropped if no room is left)."""
+        for r in records:
+            self._merge((r.key, r.side, r.verdict, r.rule_id), r.count, r.first_seen, r.last_seen)
+
+
+class FlowSender(Protocol):
+    def send(self, batch: FlowBatch) -> None:
+        """Upload one batch; ControllerUnreachableError: try later; other StockadeError: refused."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class HttpFlowSender:
+    """Uploads batches to the controller over HTTPS (CA pinned) with the agent's token."""
+
+    def __init__(self, credential: Credential, ca_pem: str | None = None, *,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._path = f"/agents/{credential.agent_id}/flows"
+        self._client = httpx.Client(
+            base_url=credential.controller.rstrip("/") + API_PREFIX,
+            verify=pinned_context(ca_pem) if ca_pem else True,
+            timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
+            transport=transport,
+            headers={"User-Agent": f"stockade-agent/{__version__}", "Authorization": f"Bearer {credential.token}"},
+        )
+
+    def send(self, batch: FlowBatch) -> None:
+        try:
+            resp = self._client.post(self._path, json=batch_to_wire(batch))
+        except httpx.HTTPError as exc:
+            raise ControllerUnreachableError(f"POST {self._path}: {type(exc).__name__}: {exc}") from exc
+        except RuntimeError as exc:  # closed during shutdown
+            raise ControllerUnreachableError(str(exc)) from exc
+        raise_for(resp)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+ReaderFactory = Callable[[int, Callable[[IPAddress], bool] | None], Any]  # (group, is_local) -> NflogReader-like
+
+
+def _open_reader(group: int, is_local: Callable[[IPAddress], bool] | None) -> NflogReader:
+    return NflogReader(group, is_local=is_local)
+
+
+class FlowCollector:
+    """Reads NFLOG, buffers, uploads. ``start()`` spawns two daemon threads; ``stop()`` ends them."""
+
+    def __init__(
+        self,
+        sender: FlowSender,
+        *,
+        group: int,
+        interval: float = 2.0,
+        batch_size: int = 5000,
+        max_entries: int = 50_000,
+        is_local: Callable[[IPAddress], bool] | None = None,
+        backoff: BackoffPolicy | None = None,
+        reader_factory: ReaderFactory = _open_reader,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sender = sender
+        self.group = group
+        self.interval = interval
+        self.batch_size = min(batch_size, MAX_RECORDS)
+        self.buffer = FlowBuffer(max_entries)
+        self.is_local = is_local
+        self.reader_factory = reader_factory
+        self.clock = clock
+        self.uploaded = 0  # summaries the controller accepted
+        self.batches = 0
+        self.refused = 0  # summaries in batches the controller refused
+        self.overruns = 0  # kernel-side NFLOG losses, as reported by the reader
+        self._backoff = Backoff(backoff or BackoffPolicy(initial=0.5, maximum=30.0))
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._reported_dropped = -1
+
+    @property
+    def dropped(self) -> int:
+        """Everything lost so far: buffer full, kernel overruns, refused batches (cumulative)."""
+        return self.buffer.dropped + self.overruns + self.refused
+
+    def start(self, *, read: bool = True) -> None:
+        if read:
+            self._spawn(self._read_loop, "stockade-flows-read")
+        self._spawn(self._upload_loop, "stockade-flows-upload")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+        self.sender.close()
+
+    def record(self, packets: Sequence[LoggedPacket]) -> None:
+        for p in packets:
+            self.buffer.add(p)
+        if len(self.buffer) >= self.batch_size:
+            self._wake.set()
+
+    def flush_now(self) -> None:
+        """Upload without waiting for the interval (tests, shutdown)."""
+        self._wake.set()
+
+    # ---- threads ----------------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        reader = None
+        while not self._stop.is_set():
+            if reader is None:
+                try:
+                    reader = self.reader_factory(self.group, self.is_local)
+                    log.info("reading flows from NFLOG group %d", self.group)
+                except (OSError, NflogError) as exc:
+                    log.warning("cannot read NFLOG group %d (%s); flows are not reported, retrying in 30 s",
+                                self.group, exc)
+                    self._stop.wait(30.0)
+                    continue
+            try:
+                self.record(reader.read(0.5))
+                self.overruns = reader.overruns
+            except OSError as exc:
+                log.warning("NFLOG read failed (%s); reopening", exc)
+                reader.close()
+                reader = None
+        if reader is not None:
+            reader.close()
+
+    def _upload_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            delay = self.upload_pending()
+            if delay:
+                self._stop.wait(delay)
+
+    def upload_pending(self) -> float:
+        """Send everything buffered (and the dropped count if it changed); the delay to back off, or 0."""
+        while True:
+            batch = self.buffer.take(self.batch_size)
+            dropped = self.dropped
+            if not batch and dropped == self._reported_dropped:
+                return 0.0
+            try:
+                self.sender.send(FlowBatch(self.clock(), dropped, tuple(batch)))
+            except ControllerUnreachableError as exc:
+                self.buffer.put_back(batch)
+                delay = self._backoff.next_delay()
+                log.info("flow upload: controller unreachable (%s); %d summaries kept, retry in %.1fs",
+                         exc, len(self.buffer), delay)
+                return delay
+            except StockadeError as exc:
+                self.refused += len(batch)
+                log.warning("flow upload refused (%s): %d summaries dropped", exc, len(batch))
+                return self._backoff.next_delay()
+            self._backoff.reset()
+            self._reported_dropped = dropped
+            self.uploaded += len(batch)
+            self.batches += 1
+            if len(batch) < self.batch_size:
+                return 0.0
+
+
+def collector_for(credential: Credential, ca_pem: str | None, backend: Any,
+                  local_addresses: Callable[[], Iterable[IPAddress]]) -> FlowCollector | None:
+    """A started collector for an agent whose backend logs to NFLOG (None for any other backend)."""
+    group = getattr(backend, "log_group", None)
+    if not isinstance(group, int) or not credential.controller.startswith(("http://", "https://")):
+        return None
+
+    def is_local(addr: IPAddress) -> bool:
+        return addr in set(local_addresses())
+
+    collector = FlowCollector(HttpFlowSender(credential, ca_pem), group=group, is_local=is_local)
+    collector.start()
+    return collector

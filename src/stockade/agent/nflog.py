@@ -1,0 +1,277 @@
+"""A small NFLOG reader: raw ``AF_NETLINK`` / ``NETLINK_NETFILTER`` socket, no library.
+
+The nftables ruleset (:mod:`stockade.backends.nft_render`) logs the first packet of every new
+connection to one NFLOG group with a verdict prefix (``stk:a:`` accepted, ``stk:d:`` dropped,
+``stk:pb:`` would-be dropped, then the deciding rule id). :class:`NflogReader` binds that group
+in the calling thread's network namespace, asks for the first ``copy_range`` bytes of each
+packet (enough for the IP header and the ports) and turns every message into a
+:class:`LoggedPacket`: the flow key, which side logged it (``input`` hook: inbound; ``output``:
+outbound; ``forward``: by the host's own addresses), the verdict and the rule.
+
+Kernel-side batching (``qthresh`` messages or ``timeout`` centiseconds per netlink message)
+keeps the syscall count low. When the socket buffer overflows the kernel drops messages and
+``recv`` reports ``ENOBUFS``: those are counted in :attr:`NflogReader.overruns`, never hidden.
+Packets with a prefix Stockade did not write are ignored.
+
+Wire layout (linux/netfilter/nfnetlink_log.h): every message is ``nlmsghdr`` + ``nfgenmsg``
+(family, version, res_id = group, big endian) + attributes; ``NFULA_PACKET_HDR`` carries the
+hook, ``NFULA_PREFIX`` the prefix, ``NFULA_PAYLOAD`` the packet from its network header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from stockade.backends.nft_render import ACCEPT_LOG_PREFIX, DROP_LOG_PREFIX, LOG_PREFIX
+from stockade.compiler.ir import Direction
+from stockade.errors import StockadeError
+from stockade.evaluator import Verdict
+from stockade.model.addresses import IPAddress
+from stockade.model.services import Proto
+from stockade.visibility.flows import FlowKey
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET = 0
+NFULNL_MSG_CONFIG = 1
+NFULA_PACKET_HDR = 1
+NFULA_PAYLOAD = 9
+NFULA_PREFIX = 10
+NFULA_CFG_CMD = 1
+NFULA_CFG_MODE = 2
+NFULA_CFG_NLBUFSIZ = 3
+NFULA_CFG_TIMEOUT = 4
+NFULA_CFG_QTHRESH = 5
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_CFG_CMD_UNBIND = 2
+NFULNL_COPY_PACKET = 2
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLMSG_ERROR = 2
+NF_INET_LOCAL_IN, NF_INET_FORWARD, NF_INET_LOCAL_OUT = 1, 2, 3
+
+_NLMSG = struct.Struct("=IHHII")
+_NFGEN = struct.Struct("!BBH")
+_ATTR = struct.Struct("=HH")
+_VERDICT_PREFIXES = ((LOG_PREFIX, Verdict.POTENTIALLY_BLOCKED), (ACCEPT_LOG_PREFIX, Verdict.ALLOWED),
+                     (DROP_LOG_PREFIX, Verdict.BLOCKED))
+_PROTO_NUMBERS = {6: Proto.TCP, 17: Proto.UDP, 1: Proto.ICMP, 58: Proto.ICMPV6}
+_V6_EXTENSIONS = frozenset({0, 43, 60, 51})  # hop-by-hop, routing, destination options, AH
+
+
+class NflogError(StockadeError):
+    """The NFLOG group could not be bound (not root, group taken, no nfnetlink_log)."""
+
+
+@dataclass(frozen=True)
+class LoggedPacket:
+    """One logged first packet: what it was, which side logged it, the verdict and the rule."""
+
+    key: FlowKey
+    side: Direction
+    verdict: Verdict
+    rule_id: str
+    time: float
+
+
+def parse_prefix(prefix: str) -> tuple[Verdict, str] | None:
+    """``stk:a:ruleset/x/0`` -> (ALLOWED, "ruleset/x/0"); None for a prefix Stockade did not write."""
+    for head, verdict in _VERDICT_PREFIXES:
+        if prefix.startswith(head):
+            return verdict, prefix[len(head):]
+    return None
+
+
+def parse_packet(payload: bytes) -> FlowKey | None:
+    """The flow key of an IPv4/IPv6 packet (from its network header); None if unreadable."""
+    if len(payload) < 20:
+        return None
+    version = payload[0] >> 4
+    port: int | None = None
+    if version == 4:
+        ihl = (payload[0] & 0x0F) * 4
+        proto_no = payload[9]
+        src: IPAddress = ipaddress.IPv4Address(payload[12:16])
+        dst: IPAddress = ipaddress.IPv4Address(payload[16:20])
+        fragment_offset = struct.unpack_from("!H", payload, 6)[0] & 0x1FFF
+        l4 = ihl if fragment_offset == 0 else -1
+    elif version == 6:
+        if len(payload) < 40:
+            return None
+        src, dst = ipaddress.IPv6Address(payload[8:24]), ipaddress.IPv6Address(payload[24:40])
+        proto_no, l4 = payload[6], 40
+        while proto_no in _V6_EXTENSIONS or proto_no == 44:
+            if l4 + 8 > len(payload):
+                return FlowKey(src, dst, Proto.ANY, None)
+            nxt = payload[l4]
+            if proto_no == 44:  # fragment header: ports only in the first fragment
+                offset = struct.unpack_from("!H", payload, l4 + 2)[0] >> 3
+                l4 = l4 + 8 if offset == 0 else -1
+            elif proto_no == 51:
+                l4 += (payload[l4 + 1] + 2) * 4
+            else:
+                l4 += (payload[l4 + 1] + 1) * 8
+            proto_no = nxt
+            if l4 < 0:
+                break
+    else:
+        return None
+    proto = _PROTO_NUMBERS.get(proto_no, Proto.ANY)
+    if l4 >= 0 and proto is not Proto.ANY:
+        if proto.has_ports and l4 + 4 <= len(payload):
+            port = struct.unpack_from("!H", payload, l4 + 2)[0]
+        elif proto.is_icmp and l4 + 1 <= len(payload):
+            port = payload[l4]
+    return FlowKey(src, dst, proto, port)
+
+
+def _attr(kind: int, data: bytes) -> bytes:
+    body = _ATTR.pack(4 + len(data), kind) + data
+    return body + b"\0" * (-len(body) % 4)
+
+
+def _attributes(data: bytes, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    off = start
+    while off + 4 <= end:
+        alen, atype = _ATTR.unpack_from(data, off)
+        if alen < 4:
+            return
+        yield atype & 0x7FFF, data[off + 4 : off + alen]
+        off += (alen + 3) & ~3
+
+
+class NflogReader:
+    """Reads one NFLOG group in the current network namespace (create it in the right thread)."""
+
+    def __init__(
+        self,
+        group: int,
+        *,
+        copy_range: int = 128,
+        qthresh: int = 64,
+        timeout_cs: int = 10,
+        rcvbuf: int = 4 << 20,
+        is_local: Callable[[IPAddress], bool] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 0 <= group <= 65535:
+            raise NflogError(f"NFLOG group {group} out of range")
+        self.group = group
+        self.is_local = is_local
+        self.clock = clock
+        self.overruns = 0  # kernel-side losses (ENOBUFS)
+        self.received = 0  # logged packets with a Stockade prefix
+        self.ignored = 0  # foreign prefixes and unreadable packets
+        self._seq = 0
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE (root)
+            except OSError:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self._sock.bind((0, 0))
+            self._config(_attr(NFULA_CFG_CMD, struct.pack("B3x", NFULNL_CFG_CMD_BIND)))
+            self._config(_attr(NFULA_CFG_MODE, struct.pack("!IBx", copy_range, NFULNL_COPY_PACKET))
+                         + _attr(NFULA_CFG_QTHRESH, struct.pack("!I", qthresh))
+                         + _attr(NFULA_CFG_TIMEOUT, struct.pack("!I", timeout_cs)))
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _config(self, attrs: bytes) -> None:
+        self._seq += 1
+        body = _NFGEN.pack(socket.AF_UNSPEC, 0, self.group) + attrs
+        msg_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
+        self._sock.send(_NLMSG.pack(_NLMSG.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, self._seq, 0) + body)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self._sock], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            data = self._sock.recv(65536)
+            off = 0
+            while off + _NLMSG.size <= len(data):
+                length, mtype, _flags, seq, _pid = _NLMSG.unpack_from(data, off)
+                if mtype == NLMSG_ERROR and seq == self._seq:
+                    code = struct.unpack_from("=i", data, off + _NLMSG.size)[0]
+                    if code:
+                        raise NflogError(f"binding NFLOG group {self.group}: {errno.errorcode.get(-code, code)}")
+                    return
+                off += (length + 3) & ~3 if length else len(data)
+        raise NflogError(f"binding NFLOG group {self.group}: no answer from the kernel")
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read(self, timeout: float) -> list[LoggedPacket]:
+        """Packets logged since the last call, waiting up to ``timeout`` seconds for the first."""
+        ready, _, _ = select.select([self._sock], [], [], timeout)
+        if not ready:
+            return []
+        out: list[LoggedPacket] = []
+        while True:
+            try:
+                data = self._sock.recv(1 << 18, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return out
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.overruns += 1
+                    continue
+                raise
+            self._parse(data, out)
+
+    def _parse(self, data: bytes, out: list[LoggedPacket]) -> None:
+        now = self.clock()
+        off = 0
+        packet_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
+        while off + _NLMSG.size <= len(data):
+            length = _NLMSG.unpack_from(data, off)[0]
+            if length < _NLMSG.size:
+                return
+            mtype = _NLMSG.unpack_from(data, off)[1]
+            if mtype == packet_type:
+                self._one(data, off + _NLMSG.size + _NFGEN.size, off + length, now, out)
+            off += (length + 3) & ~3
+
+    def _one(self, data: bytes, start: int, end: int, now: float, out: list[LoggedPacket]) -> None:
+        hook, prefix, payload = -1, "", b""
+        for atype, value in _attributes(data, start, end):
+            if atype == NFULA_PACKET_HDR and len(value) >= 3:
+                hook = value[2]
+            elif atype == NFULA_PREFIX:
+                prefix = value.rstrip(b"\0").decode("utf-8", "replace")
+            elif atype == NFULA_PAYLOAD:
+                payload = value
+        parsed = parse_prefix(prefix)
+        key = parse_packet(payload) if parsed is not None else None
+        if parsed is None or key is None:
+            self.ignored += 1
+            return
+        if hook == NF_INET_LOCAL_IN:
+            side = Direction.INBOUND
+        elif hook == NF_INET_LOCAL_OUT:
+            side = Direction.OUTBOUND
+        else:  # forward: the host's own addresses say which end is "us"
+            side = Direction.INBOUND if self.is_local is not None and self.is_local(key.dst) else Direction.OUTBOUND
+        self.received += 1
+        out.append(LoggedPacket(key, side, parsed[0], parsed[1], now))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, NflogError):
+            self._config(_attr(NFULA_CFG_CMD, struct.pack("B3x", NFULNL_CFG_CMD_UNBIND)))
+        self._sock.close()
+
+    def __enter__(self) -> NflogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
