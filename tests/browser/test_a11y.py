@@ -9,6 +9,7 @@ pages are checked as rendered (after their data loaded), and no violation of imp
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -114,7 +115,8 @@ def test_no_serious_axe_violation_on_any_main_page(a11y_context: Any, axe_source
     page = a11y_context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.add_init_script(f"localStorage.setItem('stockade.display', JSON.stringify({{theme: '{theme}', cvd: '{cvd}'}}))")
+    settings = json.dumps({"theme": theme, "cvd": cvd})
+    page.add_init_script(f"localStorage.setItem('stockade.display', {json.dumps(settings)})")
     failures = []
     for name, route, heading in MAIN_PAGES:
         if name == "login":

@@ -211,6 +211,7 @@ export class MapView {
     this.svg.dataset.nodes = String(map.nodes.length);
     this.svg.dataset.edges = String(this.edgeEls.length);
     this.svg.dataset.renderMs = (performance.now() - t0).toFixed(1);
+    this.svg.dataset.drawnAt = performance.now().toFixed(1); // ms since navigation start (bench/console.py)
     this.svg.dataset.rendered = String((Number(this.svg.dataset.rendered) || 0) + 1);
   }
 
