@@ -59,6 +59,8 @@ def netns() -> Iterator[str]:
 
 
 def run(ns: str, *argv: str, stdin: str | None = None) -> str:
+    if "tables" in argv[0] and not argv[0].endswith("-save"):
+        argv = (argv[0], "-w", *argv[1:])  # legacy: wait for the xtables lock other tests may hold
     proc = subprocess.run(
         ["ip", "netns", "exec", ns, *argv], input=stdin, capture_output=True, text=True, check=False
     )
