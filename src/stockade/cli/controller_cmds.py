@@ -94,6 +94,7 @@ def controller(
         user, password = ctl.first_run_credential
         click.echo(f"First run: owner account {user!r} with password {password}  (shown once; change it)")
     click.echo(f"Database: {url.split('@')[-1]}")
+    click.echo(f"Console:  {base}/")
     click.echo(f"API:      {base}/api/v1")
     click.echo(f"OpenAPI:  {base}/api/v1/openapi.json   docs: {base}/api/v1/docs")
     click.echo(f"Metrics:  {base}/metrics")

@@ -177,7 +177,7 @@ export class MapView {
       const words = Object.entries(mix).filter(([, n]) => n).map(([v, n]) => `${n} ${VERDICT_TEXT[v].toLowerCase()}`).join(", ") || "no flows";
       const title = `${this.nodeName(e.src)} → ${this.nodeName(e.dst)}: ${VERDICT_TEXT[verdict]} (${words}); ${(e.services || []).join(", ")}`;
       const key = `${e.src}->${e.dst}`;
-      const hit = svg("path", { d, class: "edge-hit", "data-edge-hit": key });
+      const hit = svg("path", { d, class: ["edge-hit", `v-${verdict}`], "data-edge-hit": key });
       const line = svg("path", { d, class: ["edge", `v-${verdict}`], "marker-end": `url(#arrow-${verdict})`, "data-edge": key, "data-verdict": verdict },
         svg("title", {}, title));
       hit.append(svg("title", {}, title));

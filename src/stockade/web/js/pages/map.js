@@ -51,7 +51,16 @@ export async function render(view, ctx) {
       h("div", { class: "actions" },
         h("span", { class: "window-select" }, h("label", { for: windowId }, "Traffic:"), windowSel),
         h("span", { class: "muted" }, "Decisions:"), seg)),
-    h("div", { class: "map-legend", "aria-label": "Legend" }, VERDICTS.map((v) => h("span", {}, h("span", { class: ["legend-line", `v-${v}`], "aria-hidden": "true" }), " ", verdictBadge(v))), status),
+    h("div", { class: "map-legend", role: "group", "aria-label": "Legend: show or hide the connections of each verdict" },
+      VERDICTS.map((v) => h("button", { type: "button", class: "legend-toggle", "aria-pressed": "true", "data-toggle": v,
+        title: "Show or hide these connections",
+        onclick: (e) => {
+          const b = e.currentTarget;
+          const shown = b.getAttribute("aria-pressed") !== "true";
+          b.setAttribute("aria-pressed", String(shown));
+          mv.svg.classList.toggle(`hide-${v}`, !shown);
+          announce(`${v.replace("-", " ")} connections ${shown ? "shown" : "hidden"}`);
+        } }, h("span", { class: ["legend-line", `v-${v}`], "aria-hidden": "true" }), " ", verdictBadge(v))), status),
     notice,
     h("div", { class: "map-layout" }, wrap, side),
     edgeTable);

@@ -39,7 +39,7 @@ export async function render(view, ctx) {
 }
 
 function provisionForm(ctx, changes) {
-  const msg = textField({ label: "Message", name: "message", field: "message", hint: "What and why, e.g. “dev team may reach the new dev environment (TICKET-42)”." });
+  const msg = textField({ label: "Message", name: "message", field: "message", hint: "What and why, e.g. “dev team may reach the new dev environment (TICKET-42)”.", attrs: { class: "wide" } });
   const button = h("button", { type: "submit", class: "primary", disabled: !changes.length || !ctx.can("write") }, "Provision");
   const result = h("div", { role: "status" });
   const form = h("form", { class: "panel", novalidate: true, "aria-labelledby": "prov-h" },
@@ -52,7 +52,7 @@ function provisionForm(ctx, changes) {
     const hosts = v.affected_workloads;
     replace(result, h("div", { class: "notice", "data-role": "provisioned" },
       h("strong", {}, `Version ${v.number} provisioned. `),
-      `${hosts.length} workload${hosts.length === 1 ? "" : "s"} get new policy`,
+      `${hosts.length} workload${hosts.length === 1 ? " gets" : "s get"} new policy`,
       hosts.length ? `: ${hosts.slice(0, 12).join(", ")}${hosts.length > 12 ? "…" : ""}` : "",
       ". ", h("a", { href: `#/versions/${v.number}` }, "See the version"), " · ", h("a", { href: "#/map?window=version" }, "Watch the map"),
       " · ", h("a", { href: "#/agents" }, "Watch the agents converge")));

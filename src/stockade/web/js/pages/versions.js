@@ -30,7 +30,7 @@ export async function render(view, ctx) {
 async function renderVersion(view, ctx, number) {
   const [v, latest] = await Promise.all([api.get(`/policy/versions/${number}`), api.get("/policy/versions", { limit: 1 })]);
   const isActive = latest.items.length && latest.items[0].number === number;
-  const msg = textField({ label: "Message", name: "message", field: "message", value: `Roll back to version ${number}` });
+  const msg = textField({ label: "Message", name: "message", field: "message", value: `Roll back to version ${number}`, attrs: { class: "wide" } });
   const button = h("button", { type: "submit", class: "danger" }, `Roll back to version ${number}`);
   const form = h("form", { class: "panel", novalidate: true, "aria-labelledby": "rb-h" },
     h("h2", { id: "rb-h" }, "Roll back"),
