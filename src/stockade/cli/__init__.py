@@ -17,7 +17,8 @@ def _register() -> None:
     # Imported for their side effect of adding commands to ``main``.
     from stockade.cli import policy_cmds  # noqa: F401
 
-    for optional in ("backend_cmds", "lab_cmds", "controller_cmds", "agent_cmds", "backends_matrix_cmds"):
+    for optional in ("backend_cmds", "lab_cmds", "controller_cmds", "agent_cmds", "backends_matrix_cmds",
+                     "flows_cmds"):
         try:
             __import__(f"stockade.cli.{optional}")
         except ModuleNotFoundError as exc:
