@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from stockade.agent.backoff import Backoff, BackoffPolicy
 from stockade.agent.enforcer import CacheStart, Enforcer, apply_set_deltas, enforce_cache
+from stockade.agent.flows import FlowCollector, collector_for
 from stockade.agent.host import HostReport
 from stockade.agent.hostinfo import AddressWatcher, read_host
 from stockade.agent.outbox import Outbox
@@ -99,6 +100,7 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._watcher: AddressWatcher | None = None
+        self._flows: FlowCollector | None = None  # flow reporting (NFLOG backends only)
         self._pending_ack: int | None = None
         self._last_failure: tuple[int, str] | None = None
         self._last_refusal: int | None = None
@@ -130,6 +132,8 @@ class Agent:
         if self.client is not None:
             self.outbox.flush(min(timeout, 0.5))
         self.outbox.stop(timeout)
+        if self._flows is not None:
+            self._flows.stop(timeout)
         if self.client is not None:
             self.client.close()
         for t in self._threads:
@@ -251,6 +255,9 @@ class Agent:
         if self.applied_revision:
             self._pending_ack = self.applied_revision  # what the cache put in force
         self.outbox.start(client)
+        if self.credential is not None:
+            self._flows = collector_for(self.credential, self.state.load_ca(), self.enforcer.backend,
+                                        lambda: self.enforcer.policy.local_addresses if self.enforcer.policy else ())
         self._report_host()
         if self.options.watch_addresses:
             self._watcher = AddressWatcher(self.on_address_change, lambda e: log.warning("address watch: %s", e))
