@@ -281,3 +281,12 @@ def test_netlink_ack_parsing() -> None:
         return struct.pack("=IHHII", 16 + len(payload), nl.NLMSG_ERROR, 0, 0, 0) + payload
 
     assert list(nl._parse_acks(ack(5, 0) + ack(6, -2))) == [(5, 0), (6, -2)]
+
+
+def test_registry_refuses_an_option_the_backend_does_not_take() -> None:
+    """Regression: ``--table`` with ``--backend iptables`` raised an uncaught TypeError."""
+    from stockade.backends.registry import get_backend
+    from stockade.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="does not take option 'table'"):
+        get_backend("iptables", table="x")

@@ -6,6 +6,7 @@ an unknown name fails with the list of known ones.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from stockade.backends.base import Backend
@@ -15,7 +16,7 @@ from stockade.backends.ipfilter import IpfilterBackend
 from stockade.backends.iptables import IptablesBackend
 from stockade.backends.nftables import NftablesBackend
 from stockade.backends.windows import WindowsFirewallBackend
-from stockade.errors import NotFoundError
+from stockade.errors import Issue, NotFoundError, ValidationError
 
 BACKENDS: dict[str, type[Backend[Any]]] = {
     "nftables": NftablesBackend,
@@ -33,4 +34,15 @@ def get_backend(name: str, **options: Any) -> Backend[Any]:
     if cls is None:
         known = ", ".join(sorted(BACKENDS))
         raise NotFoundError(f"unknown backend {name!r} (known: {known})")
+    accepted = {
+        p.name
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        takes = ", ".join(sorted(accepted))
+        raise ValidationError(
+            [Issue("", 0, f"backend {name}", f"does not take option {opt!r} (options: {takes})") for opt in unknown]
+        )
     return cls(**options)
