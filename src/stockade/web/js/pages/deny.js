@@ -9,8 +9,8 @@ import { textField, submitWith } from "../forms.js";
 
 function kindOf(r) {
   return r.override
-    ? h("span", { class: "verdict v-blocked" }, icon("blocked"), "Override deny")
-    : h("span", { class: "verdict v-potentially-blocked" }, icon("potentially-blocked"), "Deny");
+    ? h("span", { class: "verdict v-blocked", "data-verdict": "blocked" }, icon("blocked"), "Override deny")
+    : h("span", { class: "verdict v-potentially-blocked", "data-verdict": "potentially-blocked" }, icon("potentially-blocked"), "Deny");
 }
 
 export async function render(view, ctx) {
