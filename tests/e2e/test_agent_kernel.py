@@ -25,7 +25,7 @@ from stockade.lab import HostSpec, Lab, probe_matrix
 from stockade.lab.estate import evaluate_probe
 from stockade.model.policy import Policy
 from stockade.policyfile import load_policy
-from tests.e2e.harness import ESTATE, AgentProcess, nft_table, wait_for
+from tests.e2e.harness import ESTATE, AgentProcess, bound, load_note, nft_table, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -99,11 +99,13 @@ def test_flushed_table_is_restored_within_2s(world: World) -> None:
     assert "chain inbound" in before
     world.lab.run_in(host, ["nft", "flush", "table", "inet", "stockade"])
     flushed_at = time.monotonic()
-    took = wait_for(lambda: _counters_zeroed(nft_table(world.lab, host)) == before, 3.0)
-    assert took is not None, world.agents[host].log_tail()
-    print(f"\nflushed table restored after {time.monotonic() - flushed_at:.2f}s")
-    assert took <= 2.0
+    took = wait_for(lambda: _counters_zeroed(nft_table(world.lab, host)) == before, 10.0)
+    assert took is not None, world.agents[host].dump_stacks()
+    print(f"\nflushed table restored after {time.monotonic() - flushed_at:.2f}s ({load_note()})")
+    assert took <= bound(2.0)
     assert wait_for(lambda: "event tamper" in world.agents[host].log_tail(), 2.0) is not None
+    print("agent:", [ln.split(": ", 1)[1][:40] + " ... " + ln.rsplit(";", 1)[-1]
+                     for ln in world.agents[host].log_tail().splitlines() if "event tamper" in ln][-1])
     assert _disagreements(world) == []
 
 
@@ -115,11 +117,11 @@ def test_deleted_rule_and_deleted_table_are_restored_within_2s(world: World) -> 
     assert handles, listing
     world.lab.run_in(host, ["nft", "delete", "rule", "inet", "stockade", "inbound", "handle", handles[0]])
     assert _counters_zeroed(nft_table(world.lab, host)) != before
-    took = wait_for(lambda: _counters_zeroed(nft_table(world.lab, host)) == before, 3.0)
-    assert took is not None and took <= 2.0, world.agents[host].log_tail()
+    took = wait_for(lambda: _counters_zeroed(nft_table(world.lab, host)) == before, 10.0)
+    assert took is not None and took <= bound(2.0), world.agents[host].dump_stacks()
     world.lab.run_in(host, ["nft", "delete", "table", "inet", "stockade"])
-    took = wait_for(lambda: _counters_zeroed(nft_table(world.lab, host)) == before, 3.0)
-    assert took is not None and took <= 2.0, world.agents[host].log_tail()
+    took = wait_for(lambda: _counters_zeroed(nft_table(world.lab, host)) == before, 10.0)
+    assert took is not None and took <= bound(2.0), world.agents[host].dump_stacks()
 
 
 def test_restart_enforces_the_cache_within_1s_without_a_controller(world: World) -> None:
@@ -133,8 +135,8 @@ def test_restart_enforces_the_cache_within_1s_without_a_controller(world: World)
     agent.start()
     took = wait_for(lambda: _counters_zeroed(nft_table(world.lab, host)) == before, 5.0, 0.01)
     assert took is not None, agent.log_tail()
-    print(f"\nrestarted agent enforced its cache {time.monotonic() - started:.2f}s after exec")
-    assert took <= 1.0
+    print(f"\nrestarted agent enforced its cache {time.monotonic() - started:.2f}s after exec ({load_note()})")
+    assert took <= bound(1.0)
     assert _disagreements(world) == []
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,25 @@ def test_notify_speaks_to_notify_socket(tmp_path: Path, monkeypatch: pytest.Monk
         assert notify("READY=1") is True
         assert server.recv(64) == b"READY=1"
     os.unlink(path)
+
+
+def test_default_backend_is_the_registrys_and_others_come_from_it() -> None:
+    from stockade.agent.main import DEFAULT_BACKEND, make_backend
+    from stockade.backends.registry import BACKENDS
+
+    assert type(make_backend(DEFAULT_BACKEND, "t1")) is BACKENDS[DEFAULT_BACKEND]
+    assert make_backend(DEFAULT_BACKEND, "t1").table == "t1"
+    other = next(n for n in sorted(BACKENDS) if n != DEFAULT_BACKEND)
+    assert type(make_backend(other, None)) is BACKENDS[other]
+
+
+def test_unknown_backend_is_a_one_line_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["agent", "--backend", "nosuch", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "unknown backend 'nosuch'" in result.stderr and "nftables" in result.stderr
+
+
+def test_agent_start_path_does_not_import_every_backend() -> None:
+    code = "import sys, stockade.agent.main; print('stockade.backends.registry' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

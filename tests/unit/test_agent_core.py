@@ -6,6 +6,9 @@ import ipaddress
 import json
 import random
 import stat
+import sys
+import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -14,10 +17,11 @@ import pytest
 
 from stockade.agent.backoff import Backoff, BackoffPolicy
 from stockade.agent.enforcer import Enforcer, apply_set_deltas
-from stockade.agent.fake import MemoryBackend
+from stockade.agent.fake import MemoryBackend, wait_until
 from stockade.agent.host import host_report_from_netlink
 from stockade.agent.state import CachedPolicy, Credential, StateDir
 from stockade.agent.transport import UpdateKind, policy_update_from_dict
+from stockade.agent.watch import CommandFeed, feed_for
 from stockade.backends.base import Capability
 from stockade.compiler import diff_sets, host_policy_to_dict
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule, SetDelta
@@ -284,3 +288,41 @@ def test_host_report_skips_loopback_and_link_local_and_sorts() -> None:
     assert report.interfaces[0].addresses == (A("10.0.0.2"), A("fd00::2"))
     assert report.addresses == (A("10.0.0.2"), A("192.0.2.7"), A("fd00::2"))
     assert json.loads(json.dumps(report.to_dict()))["interfaces"][1] == {"name": "eth1", "addresses": ["192.0.2.7"]}
+
+
+# ---- change feeds -------------------------------------------------------------------------------------
+
+
+def test_command_feed_pokes_per_change_line_and_at_its_end() -> None:
+    pokes: list[float] = []
+    done = threading.Event()
+
+    def poke() -> None:
+        pokes.append(time.monotonic())
+        if len(pokes) == 3:
+            done.set()
+
+    # Like nft monitor: lines written apart in time, the program keeps running between them.
+    script = (
+        "import time; print('delete rule inet stockade inbound handle 4'); time.sleep(0.3);"
+        "print('# new generation 7'); time.sleep(0.3); print('add element x'); time.sleep(0.3)"
+    )
+    feed = CommandFeed([sys.executable, "-c", script])
+    feed.start(poke)
+    assert done.wait(10.0)
+    assert len(pokes) == 3  # two changes (the comment is not one), then the end of the feed
+    assert pokes[1] - pokes[0] > 0.4, "each change arrives when printed, not when the buffer fills"
+    assert wait_until(lambda: not feed.alive, 5.0)
+    feed.stop()
+
+
+def test_feeds_come_from_the_table_by_backend_name() -> None:
+    assert feed_for(MemoryBackend()) is None
+
+    class Nft:
+        name = "nftables"
+        netns = "ns1"
+
+    feed = feed_for(Nft())
+    assert isinstance(feed, CommandFeed)
+    assert feed.argv == ["ip", "netns", "exec", "ns1", "nft", "monitor"]

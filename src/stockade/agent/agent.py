@@ -42,6 +42,7 @@ from stockade.agent.transport import (
     PolicyUpdate,
     UpdateKind,
 )
+from stockade.agent.watch import ChangeFeed, feed_for
 from stockade.compiler.ir import HostPolicy
 from stockade.errors import (
     AuthError,
@@ -63,7 +64,9 @@ class AgentOptions:
     controller: str | None = None  # needed for the first enrolment; then the credential's URL
     activation_code: str | None = None
     long_poll_seconds: float = 20.0
-    tamper_interval: float = 0.5
+    tamper_interval: float = 0.5  # read-back period without a live change feed
+    tamper_safety_interval: float = 1.0  # read-back period with one (it pokes on every change)
+    change_feed: bool = True  # use the backend's change feed (nft monitor) when there is one
     heartbeat_seconds: float = 15.0
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     watch_addresses: bool = True
@@ -110,6 +113,8 @@ class Agent:
         self._backoff = Backoff(options.backoff)
         self.enrolled = threading.Event()
         self.converged = threading.Event()  # set after every successful apply (tests wait on it)
+        self._feed: ChangeFeed | None = feed_for(enforcer.backend) if options.change_feed else None
+        self._tamper_poke = threading.Event()
         self._cache = cache  # the caller may have enforced the cache already (fast start-up)
         if cache is not None:
             self._adopt_cache(cache)
@@ -127,6 +132,9 @@ class Agent:
         """Stop the threads; the rules in force stay in force."""
         self._stop.set()
         self._poke.set()
+        self._tamper_poke.set()
+        if self._feed is not None:
+            self._feed.stop()
         if self._watcher is not None:
             self._watcher.stop()
         if self.client is not None:
@@ -179,9 +187,31 @@ class Agent:
         self.outbox.event(cache.event)
 
     # ---- 2. tamper watcher -----------------------------------------------------------------------
+    def _start_feed(self) -> None:
+        if self._feed is None:
+            return
+        try:
+            self._feed.start(self._tamper_poke.set)
+        except OSError as exc:
+            log.warning("change feed unavailable (%s); polling every %.1fs", exc, self.options.tamper_interval)
+
     def _tamper_loop(self) -> None:
         failing: str | None = None  # the error of a restore that keeps failing
-        while not self._sleep(self.options.tamper_interval):
+        self._start_feed()
+        feed_started = time.monotonic()
+        while not self._stop.is_set():
+            live = self._feed is not None and self._feed.alive
+            interval = self.options.tamper_safety_interval if live else self.options.tamper_interval
+            poked = self._tamper_poke.wait(interval)
+            self._tamper_poke.clear()
+            if self._stop.is_set():
+                return
+            if poked:
+                self._stop.wait(0.01)  # let a burst of changes land before reading back
+            if self._feed is not None and not self._feed.alive and time.monotonic() - feed_started > 5.0:
+                self._feed.stop()
+                self._start_feed()
+                feed_started = time.monotonic()
             try:
                 report = self.enforcer.check()
             except Exception as exc:  # never let the watcher die
@@ -194,8 +224,10 @@ class Agent:
                 continue  # the same failure every interval: reported once
             failing = None if report.restored else report.error
             self.tamper_count += 1
-            state = "restored" if report.restored else f"NOT restored: {report.error}"
-            self._event(EventKind.TAMPER, f"{report.summary}; {state}", self.applied_revision)
+            state = f"restored in {report.seconds * 1000:.0f} ms" if report.restored else \
+                f"NOT restored: {report.error}"
+            via = "change feed" if poked else "periodic read-back"
+            self._event(EventKind.TAMPER, f"{report.summary}; found by {via}; {state}", self.applied_revision)
             self.outbox.heartbeat_now()
 
     # ---- 3. enrolment ------------------------------------------------------------------------------

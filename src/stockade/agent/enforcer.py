@@ -37,6 +37,7 @@ class TamperReport:
     summary: str  # "table missing" or the first differing lines
     restored: bool
     error: str = ""
+    seconds: float = 0.0  # from the start of the check to the verified restore
 
 
 def apply_set_deltas(hp: HostPolicy, deltas: tuple[SetDelta, ...]) -> HostPolicy:
@@ -142,7 +143,11 @@ class Enforcer:
             check_delta_capabilities(self.backend.name, self.backend.capabilities, deltas)
             artifact = self.backend.render(new_hp)
             self.backend.apply_delta(deltas)
-            baseline = self._verify(artifact)
+            # The backend confirmed each element change (netlink acks); one read-back gives the
+            # new tamper baseline. The structural verify is for full applies (it costs 2 listings).
+            baseline: str = self.backend.read_back()
+            if not baseline.strip():
+                raise ApplyError("read-back is empty right after a set delta")
             self._policy, self._artifact, self._baseline = new_hp, artifact, baseline
 
     def check(self) -> TamperReport | None:
@@ -150,6 +155,7 @@ class Enforcer:
         with self._lock:
             if self._baseline is None or self._artifact is None:
                 return None
+            started = time.monotonic()
             try:
                 current: str = self.backend.read_back()
             except BackendError as exc:
@@ -161,8 +167,8 @@ class Enforcer:
                 self.backend.apply(self._artifact)
                 self._baseline = self._verify(self._artifact)
             except BackendError as exc:
-                return TamperReport(summary, restored=False, error=str(exc))
-            return TamperReport(summary, restored=True)
+                return TamperReport(summary, restored=False, error=str(exc), seconds=time.monotonic() - started)
+            return TamperReport(summary, restored=True, seconds=time.monotonic() - started)
 
     def remove(self) -> None:
         with self._lock:
