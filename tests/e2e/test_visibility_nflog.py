@@ -13,6 +13,7 @@ import ctypes
 import ipaddress
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -103,6 +104,7 @@ class Collector:
                 self.packets += reader.read(0.1)
 
     def finish(self) -> list[LoggedPacket]:
+        time.sleep(0.3)  # the kernel batches log messages for up to 0.1 s (NflogReader's timeout_cs)
         self.stop.set()
         self.thread.join(10)
         return self.packets
