@@ -91,6 +91,12 @@ def test_bad_address_shows_the_api_reason_beside_the_field(page: Any, console: C
     console.api.delete("/workloads/typo-host")
 
 
+def _scale(transform: str) -> float:
+    m = re.search(r"scale\(([\d.]+)\)", transform)
+    assert m is not None, transform
+    return float(m.group(1))
+
+
 def test_map_from_the_keyboard(page: Any) -> None:
     page.goto("/#/map")
     svg = page.locator("svg.map")
@@ -100,8 +106,7 @@ def test_map_from_the_keyboard(page: Any) -> None:
     page.keyboard.press("+")
     zoomed = page.locator("svg.map g.viewport").get_attribute("transform")
     assert zoomed != before
-    scale = lambda t: float(re.search(r"scale\(([\d.]+)\)", t).group(1))  # noqa: E731
-    assert scale(zoomed) > scale(before)
+    assert _scale(zoomed) > _scale(before)
     page.keyboard.press("ArrowLeft")
     page.keyboard.press("0")  # fit again
     page.keyboard.press("Tab")  # onto the first group

@@ -111,8 +111,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 agents.append(agent)
                 agent.start()
             w = World(lab, api, controller, agents)
-            logs = lambda: "\n".join(a.log_tail(1500) for a in agents) + controller.log_tail()  # noqa: E731
-            assert wait_for(w.converged, 60.0, 0.1) is not None, f"agents did not converge\n{logs()}"
+            took = wait_for(w.converged, 60.0, 0.1)
+            assert took is not None, "agents did not converge\n" + "\n".join(
+                a.log_tail(1500) for a in agents) + controller.log_tail()
             yield w
         finally:
             for a in agents:
