@@ -28,16 +28,18 @@ Choices, and why:
   flow, whose next reply is then judged as a new connection; ICMP errors pass as
   "related" only when they quote a known flow; later IP fragments follow their first
   fragment's verdict (a later fragment seen first gets the mode's default).
-* **Maps**: peer address -> identity (the exact combination of peer sets) in one LPM trie
-  per family; (identity, direction, protocol, port) -> verdict + rule in an LPM trie whose
-  entries are disjoint port intervals, resolved by precedence (failsafe > override-deny >
-  allow > deny) at render time (:mod:`ebpf_identity`). Per packet: two lookups, whatever
-  the number of peers and rules; port ranges cost ≤ 30 trie entries each, not one per port.
-* **Atomic updates**: generation A/B inner maps in map-in-map arrays, switched by one
-  update of ``stk_current`` (:mod:`ebpf_loader`). Set deltas change only the generation in
-  force: usually one peer-trie update per address (a new combination of sets first gets its
-  policy rows, then the address points at it). A batch of deltas is not one transaction:
-  each address sees its old or its new sets.
+* **Maps**: one LPM trie per policy generation holds both lookups, told apart by a kind
+  byte: peer address -> identity (the exact combination of peer sets the address is in),
+  and (identity, direction, protocol, port) -> verdict + rule, whose entries are disjoint
+  port intervals resolved by precedence (failsafe > override-deny > allow > deny) at render
+  time (:mod:`ebpf_identity`). Per packet: two trie lookups, whatever the number of peers
+  and rules; a port range costs at most 30 trie entries, not one per port.
+* **Atomic updates**: generations A and B are the two slots of a map-in-map array; a new
+  policy fills a fresh trie in the idle slot and is switched in by one update of
+  ``stk_current`` (:mod:`ebpf_loader`). Set deltas change only the generation in force:
+  usually one trie update per address (a new combination of sets first gets its policy
+  rows, then the address points at it). A batch of deltas is not one transaction: each
+  address sees its old or its new sets.
 * **Loader**: our own ``bpf()`` calls through ctypes (:mod:`ebpf_syscall`) and ELF reader
   (:mod:`ebpf_elf`), ``tc`` argv for attachment; pins under ``/sys/fs/bpf/<table>/<netns>``
   (bpffs mounted if absent). The object file is compiled on first use

@@ -169,6 +169,10 @@ class EbpfArtifact:
 
     def trie_items(self) -> tuple[list[bytes], list[bytes]]:
         """Keys and values of the generation trie: every peer prefix, then the policy."""
+        return self._trie_items
+
+    @cached_property
+    def _trie_items(self) -> tuple[list[bytes], list[bytes]]:
         index = self.identity_index
         keys: list[bytes] = []
         values: list[bytes] = []
