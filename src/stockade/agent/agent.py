@@ -124,7 +124,7 @@ class Agent:
         """Enforce the cache now (unless done already), then run everything else in daemon threads."""
         if self._cache is None:
             self.enforce_cache()
-        notify_systemd("READY=1")
+            notify_systemd("READY=1")  # the cache is in force (the CLI says so itself, earlier)
         self._spawn(self._tamper_loop, "stockade-tamper")
         self._spawn(self._main, "stockade-enforce")
 

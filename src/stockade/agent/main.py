@@ -32,6 +32,7 @@ from stockade.agent.enforcer import Enforcer, enforce_cache
 from stockade.agent.netns import enter_netns
 from stockade.agent.state import DEFAULT_STATE_DIR, StateDir
 from stockade.agent.systemd import UNIT_DIR, UNIT_NAME, UnitOptions, install_unit, remove_unit
+from stockade.agent.systemd import notify as notify_systemd
 from stockade.backends.nftables import NftablesBackend
 from stockade.errors import StockadeError, ValidationError
 
@@ -130,6 +131,7 @@ def _run(
     tamper_interval: float,
 ) -> None:
     cached = enforce_cache(state, enforcer)  # before the slow imports below
+    notify_systemd("READY=1")  # Type=notify: network-pre.target may proceed, the cache is in force
     from stockade.agent.agent import Agent, AgentOptions
     from stockade.agent.hostinfo import HostReport, read_host
     from stockade.agent.http_client import HttpControllerClient
