@@ -106,11 +106,13 @@ async function route() {
   renderNav(page);
   const view = document.getElementById("view");
   view.classList.toggle("wide", page === "map");
+  view.setAttribute("aria-busy", "true"); // until the page has its data (tests wait on this too)
   replace(view, h("p", { class: "muted" }, "Loading…"));
   let mod;
   try {
     mod = await PAGES[page]();
   } catch (err) {
+    view.removeAttribute("aria-busy");
     replace(view, h("div", { class: "notice error" }, `Could not load this page: ${err.message}`));
     return;
   }
@@ -129,6 +131,7 @@ async function route() {
     add(view, h("div", { class: "notice error", role: "alert" }, `Something went wrong: ${err.message}`));
   }
   if (token !== state.renderToken) return;
+  view.removeAttribute("aria-busy");
   const heading = view.querySelector("h1");
   document.title = heading ? `${heading.textContent} · Stockade` : "Stockade";
   const focusTarget = view.querySelector("[autofocus]") || heading;

@@ -9,6 +9,7 @@
 import { h, table, formatTime } from "./dom.js";
 import * as api from "./api.js";
 import { normVerdict, verdictBadge } from "./verdicts.js";
+import { ipListChip } from "./labels.js";
 
 export const GROUP_KEYS = ["app", "env"];
 
@@ -117,8 +118,8 @@ function rulesOf(x) {
 /** An explained connection (edge drill-down) -> flow. */
 function explainedFlow(x) {
   return {
-    id: "", src: x.flow.src.ip, dst: x.flow.dst.ip, srcName: x.flow.src.workload || x.flow.src.ip_list || "",
-    dstName: x.flow.dst.workload || x.flow.dst.ip_list || "", service: x.flow.service,
+    id: "", src: x.flow.src.ip, dst: x.flow.dst.ip, srcName: x.flow.src.workload || "", dstName: x.flow.dst.workload || "",
+    srcList: x.flow.src.ip_list || "", dstList: x.flow.dst.ip_list || "", service: x.flow.service,
     verdict: normVerdict(x.reported || x.verdict), active: normVerdict(x.verdict), draft: null,
     count: x.count, rules: rulesOf(x),
   };
@@ -127,7 +128,8 @@ function explainedFlow(x) {
 /** A recorded flow summary (Explorer) -> flow. */
 function recordedFlow(f) {
   return {
-    id: f.id, src: f.src.ip, dst: f.dst.ip, srcName: f.src.workload || f.src.ip_list || "", dstName: f.dst.workload || f.dst.ip_list || "",
+    id: f.id, src: f.src.ip, dst: f.dst.ip, srcName: f.src.workload || "", dstName: f.dst.workload || "",
+    srcList: f.src.ip_list || "", dstList: f.dst.ip_list || "",
     srcLabels: f.src.labels || {}, dstLabels: f.dst.labels || {}, service: f.service, verdict: normVerdict(f.verdict),
     active: null, draft: null, count: f.count, side: f.side, reporter: f.reporter,
     rules: [{ side: f.side === "in" || f.side === "inbound" ? "in" : "out", workload: f.reporter, action: "", rule: f.rule_id }],
@@ -189,15 +191,18 @@ function rulesCell(f) {
     ruleLink(r.rule), r.action ? h("span", { class: "muted" }, ` (${r.action})`) : null)));
 }
 
-function endpointCell(name, ip) {
-  return h("span", {}, name ? h("a", { href: `#/workloads/${encodeURIComponent(name)}` }, name) : null, name ? " " : null, h("span", { class: "mono muted" }, ip));
+/** A workload (linked), or the IP list an unmanaged address falls in, then the address. */
+function endpointCell(name, ip, list = "") {
+  return h("span", {},
+    name ? h("a", { href: `#/workloads/${encodeURIComponent(name)}` }, name) : list ? ipListChip(list) : null,
+    name || list ? " " : null, h("span", { class: "mono muted" }, ip));
 }
 
 /** Flows as a table: reported verdict, the active policy's (and the draft's) with the deciding rules. */
 export function flowsTable(flows, { draft = false, explorer = false, onExplain } = {}) {
   return table([
-    { title: "From", cell: (f) => endpointCell(f.srcName, f.src) },
-    { title: "To", cell: (f) => endpointCell(f.dstName, f.dst) },
+    { title: "From", cell: (f) => endpointCell(f.srcName, f.src, f.srcList) },
+    { title: "To", cell: (f) => endpointCell(f.dstName, f.dst, f.dstList) },
     { title: "Service", cell: (f) => h("span", { class: "mono" }, f.service) },
     { title: "Reported", cell: (f) => verdictBadge(f.verdict) },
     explorer ? null : { title: "Active policy", cell: (f) => (f.active ? verdictBadge(f.active) : "—") },
