@@ -75,6 +75,11 @@ class Console:
             raise AssertionError(f"{r.request.method} {r.request.url}: {r.status_code} {r.text}")
         return r.json() if r.content else None
 
+    def has_visibility(self) -> bool:
+        """Whether this controller serves the visibility API (flows, map, impact)."""
+        paths = self.check(self.api.get("/openapi.json"))["paths"]
+        return "/api/v1/flows/map" in paths and "/api/v1/agents/{agent_id}/flows" in paths
+
     def get(self, path: str, **params: Any) -> Any:
         return self.check(self.api.get(path, params=params))
 
@@ -182,6 +187,8 @@ def seed_estate(c: Console) -> None:
                    "services": ["postgres"]}],
     })
     c.post("/policy/provision", {"message": "initial policy"})
+    if not c.has_visibility():
+        return
     # traffic reported by the hosts' agents (visibility mode)
     db = enroll(c, "shop-db-1")
     db.report([flow("10.1.0.11", "10.1.0.21", 5432, "allowed", "ruleset/shop-prod/0", count=40, ago=600),

@@ -28,6 +28,8 @@ EDGE = f"{OPS}->{BILLING}"
 
 @pytest.fixture(scope="module")
 def qa_estate(console: Console) -> Any:
+    if not console.has_visibility():
+        pytest.skip("this controller does not serve the visibility API (flows, map, impact)")
     if not any(s["name"] == "billing-api" for s in console.get("/services")["items"]):
         console.post("/services", {"name": "billing-api", "ports": ["8443/tcp"]})
     for w in (workload("ops-box-1", {"role": "admin", "app": "ops", "env": "qa"}, "10.7.0.11"),
