@@ -180,6 +180,8 @@ def main() -> None:
 
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     with running_controller() as c:
+        if not c.has_visibility():
+            sys.exit("this controller does not serve the visibility API (flows, map): no traffic to draw")
         estate = build_estate(c)
         print(f"estate: {estate['workloads']} workloads, {estate['groups']} groups, {estate['edges']} edges "
               f"(created in {estate['create_s']:.1f} s, flows reported in {estate['report_s']:.1f} s)")
