@@ -125,3 +125,23 @@ def test_explorer_search_explain_and_csv(page: Any, console: Console, qa_estate:
     table = list(csv.DictReader(io.StringIO(body.text())))
     assert table and all(row["src_workload"] == "ops-box-1" for row in table)
     assert {row["verdict"] for row in table} == {"potentially-blocked", "allowed"}
+
+
+def test_rule_suggestions_from_a_group_traffic(page: Any, console: Console, qa_estate: Any) -> None:
+    for w in (workload("crm-app-1", {"role": "app", "app": "crm", "env": "qa"}, "10.7.2.11"),
+              workload("crm-db-1", {"role": "db", "app": "crm", "env": "qa"}, "10.7.2.21")):
+        console.post("/workloads", w)
+    enroll(console, "crm-db-1").report([flow("10.7.2.11", "10.7.2.21", 5432, "potentially-blocked", "default",
+                                             count=9)])
+    page.goto("/#/map")
+    page.locator('[data-node="group:app=crm,env=qa"]').click()
+    page.get_by_role("button", name="Suggest rules from this traffic").click()
+    box = page.locator("[data-role=suggestions]")
+    expect(box.locator('[data-label="role=app"]').first).to_be_visible()
+    expect(box.locator('[data-label="role=db"]').first).to_be_visible()
+    box.get_by_role("button", name="Add the chosen rules to the draft").click()
+    expect(box.locator(".notice")).to_contain_text("added to the draft")
+    name = box.locator(".notice a").first.inner_text()
+    rules = console.get(f"/rulesets/{name}")["body"]["rules"]
+    assert any(r["consumers"] == [{"labels": {"role": "app"}}] and r["providers"] == [{"labels": {"role": "db"}}]
+               for r in rules), rules
