@@ -24,7 +24,7 @@ function renderKeys(box, data, ctx) {
       { title: "Key", cell: (r) => h("span", { class: "inline" }, h("span", { class: `chip k-${["role", "app", "env", "loc"].includes(r.k.name) ? r.k.name : "other"}` }, icon(keyIcon(r.k.name)), h("span", { class: "chip-val" }, r.k.name)), h("span", { class: "muted" }, keyTitle(r.k.name) !== r.k.name ? keyTitle(r.k.name) : "")) },
       { title: "Values (workloads)", cell: (r) => r.values.length
         ? h("span", { class: "chips" }, r.values.map((v) => h("a", { href: `#/workloads?labels=${encodeURIComponent(`${r.k.name}=${v.value}`)}`, class: "chip-link", title: `Workloads with ${r.k.name}=${v.value}` },
-          labelChip(r.k.name, v.value), h("span", { class: "muted" }, ` ${v.count}`))))
+          labelChip(r.k.name, v.value), h("span", { class: "muted count" }, String(v.count), h("span", { class: "visually-hidden" }, v.count === 1 ? " workload" : " workloads")))))
         : h("span", { class: "muted" }, "none yet") },
       { title: "Allowed", cell: (r) => (r.k.values.length ? `${r.k.values.length} listed` : "any value") },
     ], rows, { caption: "Label keys" }),
