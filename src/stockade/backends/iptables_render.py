@@ -462,6 +462,20 @@ def _failsafe(family: Family, iface: str) -> list[str]:
     return lines
 
 
+def _controller_reply_lines(hp: HostPolicy, family: Family) -> list[str]:
+    """Replies from the controller without conntrack state (see the nftables renderer); a bare SYN
+    from the controller's port is not a reply and is not let in."""
+    fs = hp.failsafe
+    if not fs.controller:
+        return []
+    comment = save_string("failsafe:controller-reply")
+    return [
+        f"-s {cidr_text(n)} -p tcp -m tcp --sport {fs.controller_port} ! --tcp-flags SYN,ACK SYN "
+        f"-m comment --comment {comment} -j RETURN"
+        for n in AddressRanges.of(fs.controller).networks(family)
+    ]
+
+
 def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: bool) -> FamilyRuleset:
     names = ChainNames(opts.prefix)
     inbound = [
@@ -469,6 +483,7 @@ def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: boo
         for match in service_matches(hp.failsafe.management, family)
         for line in _verdict_rules("failsafe:management", Action.ALLOW, opts, match=match)
     ]
+    inbound += _controller_reply_lines(hp, family)
     outbound = _controller_lines(hp, family)
     for rule in hp.rules:
         (inbound if rule.direction is Direction.INBOUND else outbound).extend(_host_rule_lines(rule, family, opts))

@@ -395,6 +395,25 @@ def _controller_lines(hp: HostPolicy, log_group: int) -> list[str]:
     return lines
 
 
+def _controller_reply_lines(hp: HostPolicy) -> list[str]:
+    """Replies from the controller even without conntrack state (connections opened before the
+    table existed, or after a conntrack flush). A bare SYN from the controller's port is not a
+    reply, so it is not let in: the controller cannot open connections through this rule."""
+    fs = hp.failsafe
+    if not fs.controller:
+        return []
+    ranges = AddressRanges.of(fs.controller)
+    lines = []
+    for family, proto, fam_ranges in ((Family.V4, "ip", ranges.v4), (Family.V6, "ip6", ranges.v6)):
+        if fam_ranges:
+            elems = [_range_element(lo, hi, family) for lo, hi in fam_ranges]
+            lines.append(
+                f"{proto} saddr {_braced(elems)} tcp sport {fs.controller_port} tcp flags != syn / syn,ack accept "
+                f"{_comment('failsafe:controller-reply')}"
+            )
+    return lines
+
+
 def _failsafe_base(loop: str) -> list[str]:
     nd = ", ".join(ICMPV6_TYPE_NAMES[t] for t in ND_TYPES)
     return [
@@ -445,6 +464,7 @@ def render_nftables(
     mgmt_log = flow_log(ACCEPT_LOG_PREFIX, "failsafe:management", log_group)
     for match in service_matches(hp.failsafe.management, None):
         inbound.append(_join(match, mgmt_log, "accept", _comment("failsafe:management")))
+    inbound.extend(_controller_reply_lines(hp))
     outbound = _controller_lines(hp, log_group)
     for rule in hp.rules:
         (inbound if rule.direction is Direction.INBOUND else outbound).extend(_host_rule_lines(rule, opts))
