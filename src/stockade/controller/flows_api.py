@@ -27,6 +27,7 @@ import csv
 import datetime as dt
 import io
 import ipaddress
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -64,12 +65,13 @@ from stockade.visibility import (
     map_of_links,
     node_id_of,
 )
-from stockade.visibility.flows import VERDICT_SEVERITY
+from stockade.visibility.flows import INTERNET, VERDICT_SEVERITY
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422)}
 MAX_INT = 2**31 - 1
 DEFAULT_WINDOW = dt.timedelta(hours=24)
+_ANY4 = ipaddress.IPv4Address(0)
 _LOCK = threading.Lock()
 UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["records"], "properties": {
@@ -207,15 +209,18 @@ async def upload_flows(request: Request, agent_id: str,
     """Flow summaries from an agent; each is resolved to workloads and labels as it is stored."""
     if principal.agent_id != agent_id:
         raise ForbiddenError("an agent may only act for itself")
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ValidationError([Issue("api", 0, "body", "not JSON")]) from None
-    ctl = controller_of(request)
+    raw = await request.body()
     fs = flowstore(request)
-    policy = active_policy(ctl)
-    result = await run_in_threadpool(fs.ingest, agent_id, principal.workload, body, policy, time.time())
-    return UploadOut(accepted=result.accepted)
+    policy = active_policy(controller_of(request))
+
+    def ingest() -> int:  # parsing too runs off the event loop
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise ValidationError([Issue("api", 0, "body", "not JSON")]) from None
+        return fs.ingest(agent_id, principal.workload, body, policy, time.time()).accepted
+
+    return UploadOut(accepted=await run_in_threadpool(ingest))
 
 
 # ---- the Explorer --------------------------------------------------------------------------------
@@ -250,10 +255,13 @@ class FlowPage(BaseModel):
 
 
 def _endpoint_out(fs: FlowStore, res: Resolver, addr: Any, ep: int) -> EndpointOut:
-    info = fs.endpoints.get(ep) if ep else None
-    if info is not None:
+    """An end as resolved at ingest: the workload and its labels then, or the IP list then."""
+    info = fs.endpoints.get(ep)
+    if info is not None and info.managed:
         return EndpointOut(ip=str(addr), workload=info.workload, labels={x.key: x.value for x in info.labels},
                            ip_list=None)
+    if info is not None:
+        return EndpointOut(ip=str(addr), ip_list=info.ip_list)
     e = res.endpoint(addr)
     return EndpointOut(ip=str(addr), ip_list=e.name if e.kind is EndpointKind.IP_LIST else None)
 
@@ -399,9 +407,9 @@ def flow_stats(request: Request,
 # ---- connections out of stored flows -------------------------------------------------------------
 
 
-def observed(fs: FlowStore, since_ms: int, until_ms: int | None) -> list[tuple[Connection, int, int]]:
-    """Recorded connections of a window (both sides merged), each with its ingest-time endpoint ids."""
-    rows = fs.aggregate(FlowFilter(since_ms=since_ms, until_ms=until_ms), time.time())
+def observed(fs: FlowStore, f: FlowFilter) -> list[tuple[Connection, int, int]]:
+    """Recorded connections (both sides merged), each with its ingest-time endpoint ids."""
+    rows = fs.aggregate(f, time.time())
     acc: dict[tuple[Any, ...], list[Any]] = {}
     for src, dst, sep, dep, proto, port, side, verdict, count, first, last in rows:
         key = (src, dst, int(sep), int(dep), proto, port)
@@ -434,11 +442,21 @@ def merged_connections(items: list[tuple[Connection, int, int]]) -> list[Connect
     return list(acc.values())
 
 
-def _endpoint(fs: FlowStore, res: Resolver, addr: Any, ep: int) -> Endpoint:
-    info = fs.endpoints.get(ep) if ep else None
-    if info is not None:
+def _endpoint(fs: FlowStore, res: Resolver | None, addr: Any, ep: int) -> Endpoint:
+    info = fs.endpoints.get(ep)
+    if info is not None and info.managed:
         return Endpoint(addr, EndpointKind.WORKLOAD, info.workload, info.labels)
+    if info is not None and info.ip_list:
+        return Endpoint(addr, EndpointKind.IP_LIST, info.ip_list)
+    if info is not None or res is None or addr is None:
+        return Endpoint(addr, EndpointKind.INTERNET, INTERNET)
     return res.endpoint(addr)
+
+
+def node_endpoints(fs: FlowStore, node: str, keys: tuple[str, ...]) -> frozenset[int]:
+    """The endpoint ids that make up a map node (an app group, an IP list, the internet)."""
+    return frozenset(e.id for e in list(fs.endpoints.values())
+                     if node_id_of(_endpoint(fs, None, None, e.id), keys) == node)
 
 
 # ---- the application map ----------------------------------------------------------------------------
@@ -486,10 +504,10 @@ def application_map(request: Request, principal: Annotated[Principal, Depends(re
     gk = group_keys(keys)
     fs = flowstore(request)
     policy = active_policy(controller_of(request))
-    res = Resolver(policy)
     lo, hi = window(since, until, DEFAULT_WINDOW)
-    links = [Link(_endpoint(fs, res, c.key.src, s), _endpoint(fs, res, c.key.dst, d), c.key.service_text(),
-                  c.verdict, c.count) for c, s, d in observed(fs, lo, hi)]
+    links = [Link(_endpoint(fs, None, None, s), _endpoint(fs, None, None, d),
+                  FlowKey(_ANY4, _ANY4, Proto(proto), port).service_text(), VERDICT_OF_CODE[v], seen)
+             for s, d, proto, port, v, seen in fs.map_rows(lo, hi, time.time())]
     m = map_of_links(policy, links, gk)
     return MapOut(
         group_keys=list(gk), since=as_time(lo / 1000), until=as_time(hi / 1000) if hi else None,
@@ -515,7 +533,9 @@ def map_edge(request: Request, principal: Annotated[Principal, Depends(require(P
     ev = Evaluator(policy)
     lo, hi = window(since, until, DEFAULT_WINDOW)
     out: list[ExplainOut] = []
-    for c, s, d in observed(fs, lo, hi):
+    ends = FlowFilter(since_ms=lo, until_ms=hi, src_eps=node_endpoints(fs, src, gk),
+                      dst_eps=node_endpoints(fs, dst, gk))
+    for c, s, d in observed(fs, ends):
         se, de = _endpoint(fs, res, c.key.src, s), _endpoint(fs, res, c.key.dst, d)
         if node_id_of(se, gk) != src or node_id_of(de, gk) != dst:
             continue

@@ -39,7 +39,7 @@ from stockade.controller.flows_api import (
     parse_labels,
     window,
 )
-from stockade.controller.flowstore import HOUR_MS, FlowStore
+from stockade.controller.flowstore import HOUR_MS, FlowFilter, FlowStore
 from stockade.errors import ConflictError
 from stockade.evaluator import Evaluation, Verdict
 from stockade.model.labels import Label
@@ -102,7 +102,7 @@ def _suggest(ctl: Controller, fs: FlowStore, group: str, keys: str, role_key: st
     gk = group_keys(keys)
     draft = draft_policy(ctl)
     lo, hi = window(since, until, DEFAULT_WINDOW)
-    conns = merged_connections(observed(fs, lo, hi))
+    conns = merged_connections(observed(fs, FlowFilter(since_ms=lo, until_ms=hi)))
     return suggest(draft, conns, _group(group), keys=gk, role_key=role_key, include_allowed=include_allowed)
 
 
@@ -186,7 +186,7 @@ def _rules(ev: Evaluation) -> list[str]:
 
 
 def impact_of(ctl: Controller, fs: FlowStore, since_ms: int, until_ms: int | None, limit: int) -> ImpactOut:
-    conns = merged_connections(observed(fs, since_ms, until_ms))
+    conns = merged_connections(observed(fs, FlowFilter(since_ms=since_ms, until_ms=until_ms)))
     # no recorded flows: nothing to replay (and no policy to assemble on a provision's hot path)
     imp: Impact = preview(active_policy(ctl), draft_policy(ctl), conns) if conns else Impact((), 0)
     items = [ImpactItemOut(change=i.change.value, src=str(i.connection.key.src), dst=str(i.connection.key.dst),

@@ -13,12 +13,16 @@ Layout (migration ``0002_flows``):
   a filtered query is a few index seeks per hour and inserts touch only the current hour's pages;
 * **compaction** moves the log into ``flows`` with one ``INSERT .. SELECT .. GROUP BY ..
   ON CONFLICT DO UPDATE`` (PostgreSQL: a ``DELETE .. RETURNING`` CTE feeding it, atomic under
-  concurrent ingestion; SQLite: after taking the write lock). It runs after an ingest when
+  concurrent ingestion; SQLite: after taking the write lock), and rolls it up into
+  ``flow_links`` (per hour, endpoint pair and service: worst verdict, each side's count), which
+  the application map reads. It runs after an ingest when
   the last one is older than ``compact_interval`` and before every read, so reads see
   everything acknowledged;
-* ``flow_endpoints`` - each (workload, its labels at ingest time) gets a small id; flows carry
-  ``src_ep`` / ``dst_ep`` (0: unmanaged), so label and workload filters become indexed
-  ``IN`` lists, and a flow keeps the labels it had when it happened;
+* ``flow_endpoints`` - each (workload, its labels at ingest time) gets a small id, and so does
+  each unmanaged peer group (workload ``""``, labels ``iplist:<name>`` for the most specific IP
+  list holding the address, or ``internet``); flows carry ``src_ep`` / ``dst_ep``, so label and
+  workload filters become indexed ``IN`` lists, the application map groups by small integers,
+  and a flow keeps the labels and IP list it had when it happened;
 * ``flow_agents`` - per agent: records and batches received, summaries it dropped (as last
   reported), last upload.
 
@@ -64,7 +68,7 @@ from stockade.errors import Issue, ValidationError
 from stockade.evaluator import Verdict
 from stockade.model.policy import Policy
 from stockade.model.services import Proto
-from stockade.visibility.flows import VERDICT_SEVERITY, FlowKey, labels_text, parse_labels_text
+from stockade.visibility.flows import VERDICT_SEVERITY, FlowKey, Resolver, labels_text, parse_labels_text
 from stockade.visibility.wire import MAX_RECORDS, MAX_RULE_ID, SIDE_OF_TEXT
 
 log = logging.getLogger("stockade.controller.flows")
@@ -97,6 +101,10 @@ flow_ingest = Table("flow_ingest", meta, Column("id", BigInteger, primary_key=Tr
                     Column("h", BigInteger), *_flow_columns())
 flow_endpoints = Table("flow_endpoints", meta, Column("id", Integer, primary_key=True), Column("workload", String(64)),
                        Column("labels", Text))
+flow_links = Table("flow_links", meta, Column("bucket", Integer, primary_key=True),
+                   Column("src_ep", Integer, primary_key=True), Column("dst_ep", Integer, primary_key=True),
+                   Column("proto", String(8), primary_key=True), Column("port", Integer, primary_key=True),
+                   Column("verdict", SmallInteger), Column("count_out", BigInteger), Column("count_in", BigInteger))
 flow_agents = Table("flow_agents", meta, Column("agent_id", String(32), primary_key=True),
                     Column("workload", String(64)), Column("records", BigInteger), Column("batches", BigInteger),
                     Column("dropped", BigInteger), Column("last_upload", BigInteger))
@@ -128,9 +136,24 @@ class IngestResult:
 
 @dataclass(frozen=True)
 class EndpointInfo:
+    """A workload with the labels it had, or (``workload == ""``) an unmanaged peer group."""
+
     id: int
     workload: str
     labels: frozenset[Any]  # frozenset[Label]
+    ip_list: str | None = None  # unmanaged: the IP list; None with no workload: the internet
+
+    @property
+    def managed(self) -> bool:
+        return bool(self.workload)
+
+
+INTERNET_EP = "internet"
+
+
+def unmanaged_labels(ip_list: str | None) -> str:
+    """The ``labels`` text of an unmanaged peer group's endpoint row."""
+    return f"iplist:{ip_list}" if ip_list else INTERNET_EP
 
 
 @dataclass(frozen=True)
@@ -180,6 +203,7 @@ class FlowFilter:
 class _IngestState:
     policy: Policy | None = None
     owner: dict[str, tuple[str, str]] = field(default_factory=dict)  # address -> (workload, labels text)
+    resolver: Resolver | None = None
 
 
 def _bad(field_name: str, message: str) -> ValidationError:
@@ -195,7 +219,9 @@ class FlowStore:
         self._ep_lock = threading.Lock()
         self._last_compact = 0.0
         self._last_prune = time.monotonic()
-        self._ips: dict[str, str | None] = {}  # address text -> canonical text (None: invalid)
+        self._ips: dict[str, str] = {}  # address text -> canonical text
+        self._keys: dict[tuple[Any, ...], tuple[int, str, str, int, int, int, int]] = {}  # record key -> validated
+        self._keys_policy: Policy | None = None
         self._state = _IngestState()
         self._eps: dict[tuple[str, str], int] = {}
         self.endpoints: dict[int, EndpointInfo] = {}
@@ -209,7 +235,11 @@ class FlowStore:
 
     def _remember(self, ep_id: int, workload: str, labels: str) -> None:
         self._eps[(workload, labels)] = ep_id
-        self.endpoints[ep_id] = EndpointInfo(ep_id, workload, parse_labels_text(labels) if labels else frozenset())
+        if workload:
+            info = EndpointInfo(ep_id, workload, parse_labels_text(labels) if labels else frozenset())
+        else:
+            info = EndpointInfo(ep_id, "", frozenset(), labels[7:] if labels.startswith("iplist:") else None)
+        self.endpoints[ep_id] = info
 
     def endpoint_id(self, workload: str, labels: str) -> int:
         found = self._eps.get((workload, labels))
@@ -234,27 +264,25 @@ class FlowStore:
         """Endpoint ids whose labels include ``labels`` and whose workload is ``workload`` (if given)."""
         return frozenset(
             e.id for e in list(self.endpoints.values())
-            if labels <= e.labels and (workload is None or e.workload == workload)
+            if e.managed and labels <= e.labels and (workload is None or e.workload == workload)
         )
 
     # ---- ingestion ---------------------------------------------------------------------------
     def _canonical(self, text_ip: Any) -> str:
+        """The canonical text of an address (cached; the hot path reads ``self._ips`` directly)."""
         if not isinstance(text_ip, str):
             raise ValueError("address must be a string")
-        found = self._ips.get(text_ip, "")
-        if found == "":
-            try:
-                found = str(ipaddress.ip_address(text_ip))
-            except ValueError:
-                found = None
-            if len(self._ips) > 200_000:
-                self._ips.clear()
-            self._ips[text_ip] = found
-        if found is None:
-            raise ValueError(f"not an IP address: {text_ip[:60]!r}")
+        try:
+            found = str(ipaddress.ip_address(text_ip))
+        except ValueError:
+            raise ValueError(f"not an IP address: {text_ip[:60]!r}") from None
+        if len(self._ips) > 200_000:
+            self._ips.clear()
+        self._ips[text_ip] = found
         return found
 
     def _owners(self, policy: Policy) -> dict[str, tuple[str, str]]:
+        """Address -> (workload, labels) for the policy's workloads; unmanaged ones added as met."""
         st = self._state
         if st.policy is not policy:
             owner = {}
@@ -262,8 +290,19 @@ class FlowStore:
                 lt = labels_text(w.labels)
                 for a in w.addresses:
                     owner[str(a)] = (w.name, lt)
-            self._state = st = _IngestState(policy, owner)
+            self._state = st = _IngestState(policy, owner, Resolver(policy))
         return st.owner
+
+    def _unmanaged(self, addr: str) -> tuple[str, str]:
+        resolver = self._state.resolver
+        ip_list = resolver.ip_list_of(ipaddress.ip_address(addr)) if resolver is not None else None
+        found = ("", unmanaged_labels(ip_list))
+        policy = self._state.policy
+        if len(self._state.owner) > 500_000 and policy is not None:  # forget the unmanaged addresses met
+            self._state = _IngestState()
+            self._owners(policy)
+        self._state.owner[addr] = found
+        return found
 
     def ingest(self, agent_id: str, reporter: str, body: Any, policy: Policy, now: float) -> IngestResult:
         """Validate and append one upload (the wire format of :mod:`stockade.visibility.wire`)."""
@@ -289,40 +328,33 @@ class FlowStore:
         def ep_of(addr: str) -> int:
             found = eps.get(addr)
             if found is None:
-                own = owners.get(addr)
-                found = eps[addr] = 0 if own is None else self.endpoint_id(*own)
+                own = owners.get(addr) or self._unmanaged(addr)
+                found = eps[addr] = self.endpoint_id(*own)
             return found
 
         rows = []
-        blake = hashlib.blake2b
+        cache = self._keys
+        if len(cache) > 300_000 or self._keys_policy is not policy:
+            cache.clear()
+            self._keys_policy = policy
         for i, rec in enumerate(records):
             try:
                 src, dst, proto, port, side, verdict, rule, count, first, last = rec
-                src, dst = self._canonical(src), self._canonical(dst)
-                if (":" in src) != (":" in dst):
-                    raise ValueError("source and destination of different families")
-                if proto not in _PROTOS:
-                    raise ValueError(f"unknown protocol {proto!r}")
-                if port is not None and (type(port) is not int or not 0 <= port <= 65535):
-                    raise ValueError("bad port")
-                side_c, verdict_c = _SIDE_TEXT_CODE[side], _VERDICT_TEXT_CODE[verdict]
-                if type(rule) is not str or len(rule) > MAX_RULE_ID:
-                    raise ValueError("bad rule id")
                 if type(count) is not int or not 0 < count < 2**40:
                     raise ValueError("bad count")
                 first_ms = min(int((float(first) + skew) * 1000), now_ms)
                 last_ms = min(int((float(last) + skew) * 1000), now_ms)
                 if not 0 < first_ms <= last_ms:
                     raise ValueError("bad times")
+                if port is not None and type(port) is not int:  # 80.0 or true would hit 80's cache entry
+                    raise ValueError("bad port")
+                known = cache.get((reporter, src, dst, proto, port, side, verdict, rule))
+                if known is None:
+                    known = self._key(reporter, src, dst, proto, port, side, verdict, rule, ep_of)
             except (ValueError, TypeError, KeyError) as exc:
                 raise _bad(f"records[{i}]", str(exc) or type(exc).__name__) from None
-            src_ep, dst_ep = ep_of(src), ep_of(dst)
-            bucket = last_ms // HOUR_MS
-            digest = blake(f"{reporter}|{side_c}|{src}|{dst}|{proto}|{port}|{verdict_c}|{rule}|{src_ep}|{dst_ep}"
-                           .encode(), digest_size=8).digest()
-            h = int.from_bytes(digest, "big") & _MASK63
-            rows.append((bucket, h, first_ms, last_ms, src, dst, proto, port, side_c, verdict_c, rule, count,
-                         reporter, src_ep, dst_ep))
+            rows.append((last_ms // HOUR_MS, known[0], first_ms, last_ms, known[1], known[2], proto, port, known[3],
+                         known[4], rule, count, reporter, known[5], known[6]))
         with self.engine.begin() as conn:
             if rows:
                 self._append(conn, rows)
@@ -330,6 +362,29 @@ class FlowStore:
         if time.monotonic() - self._last_compact >= self.settings.compact_interval:
             self.compact()
         return IngestResult(len(rows), dropped)
+
+    def _key(self, reporter: str, src: Any, dst: Any, proto: Any, port: Any, side: Any, verdict: Any, rule: Any,
+             ep_of: Any) -> tuple[int, str, str, int, int, int, int]:
+        """Validate one kind of record and work out its hash and endpoints (cached per policy)."""
+        raw = (reporter, src, dst, proto, port, side, verdict, rule)
+        src = self._ips.get(src) or self._canonical(src)
+        dst = self._ips.get(dst) or self._canonical(dst)
+        if (":" in src) != (":" in dst):
+            raise ValueError("source and destination of different families")
+        if proto not in _PROTOS:
+            raise ValueError(f"unknown protocol {proto!r}")
+        if port is not None and (type(port) is not int or not 0 <= port <= 65535):
+            raise ValueError("bad port")
+        side_c, verdict_c = _SIDE_TEXT_CODE[side], _VERDICT_TEXT_CODE[verdict]
+        if type(rule) is not str or len(rule) > MAX_RULE_ID:
+            raise ValueError("bad rule id")
+        src_ep, dst_ep = ep_of(src), ep_of(dst)
+        digest = hashlib.blake2b(
+            f"{reporter}|{side_c}|{src}|{dst}|{proto}|{port}|{verdict_c}|{rule}|{src_ep}|{dst_ep}".encode(),
+            digest_size=8).digest()
+        known = (int.from_bytes(digest, "big") & _MASK63, src, dst, side_c, verdict_c, src_ep, dst_ep)
+        self._keys[raw] = known
+        return known
 
     def _append(self, conn: DbConnection, rows: list[tuple[Any, ...]]) -> None:
         if self.postgres:
@@ -375,9 +430,18 @@ class FlowStore:
 
     def _compact_step(self) -> int:
         batch = self.settings.compact_batch
+        least, greatest = ("LEAST", "GREATEST") if self.postgres else ("min", "max")
         upsert = (f"ON CONFLICT (bucket, h) DO UPDATE SET count = flows.count + excluded.count, "
-                  f"first_seen = {'LEAST' if self.postgres else 'min'}(flows.first_seen, excluded.first_seen), "
-                  f"last_seen = {'GREATEST' if self.postgres else 'max'}(flows.last_seen, excluded.last_seen)")
+                  f"first_seen = {least}(flows.first_seen, excluded.first_seen), "
+                  f"last_seen = {greatest}(flows.last_seen, excluded.last_seen)")
+        links = ("INSERT INTO flow_links (bucket, src_ep, dst_ep, proto, port, verdict, count_out, count_in) "
+                 "SELECT bucket, src_ep, dst_ep, proto, coalesce(port, -1), max(verdict), "
+                 "sum(CASE WHEN side = 0 THEN count ELSE 0 END), sum(CASE WHEN side = 1 THEN count ELSE 0 END) "
+                 "FROM {source} GROUP BY bucket, src_ep, dst_ep, proto, coalesce(port, -1) "
+                 "ON CONFLICT (bucket, src_ep, dst_ep, proto, port) DO UPDATE SET "
+                 f"verdict = {greatest}(flow_links.verdict, excluded.verdict), "
+                 "count_out = flow_links.count_out + excluded.count_out, "
+                 "count_in = flow_links.count_in + excluded.count_in")
         with self.engine.begin() as conn:
             if self.postgres:
                 res = conn.execute(text(
@@ -385,7 +449,8 @@ class FlowStore:
                     f"(SELECT id FROM flow_ingest ORDER BY id LIMIT :batch) RETURNING *), "
                     f"n AS (SELECT count(*) AS n FROM moved), "
                     f"up AS (INSERT INTO flows (bucket, h, {_KEYS}) SELECT bucket, h, {_PICK} FROM moved "
-                    f"GROUP BY bucket, h {upsert}) SELECT n FROM n"), {"batch": batch})
+                    f"GROUP BY bucket, h {upsert}), "
+                    f"links AS ({links.format(source='moved')}) SELECT n FROM n"), {"batch": batch})
                 return int(res.scalar_one())
             conn.exec_driver_sql("UPDATE flow_meta SET compactions = compactions + 1 WHERE id = 1")  # write lock
             first = conn.exec_driver_sql("SELECT min(id) FROM flow_ingest").scalar()
@@ -395,6 +460,7 @@ class FlowStore:
             conn.exec_driver_sql(
                 f"INSERT INTO flows (bucket, h, {_KEYS}) SELECT bucket, h, {_PICK} FROM flow_ingest "
                 f"WHERE id <= ? GROUP BY bucket, h {upsert}", (last,))
+            conn.exec_driver_sql(links.format(source="flow_ingest WHERE id <= ?"), (last,))
             res = conn.exec_driver_sql("DELETE FROM flow_ingest WHERE id <= ?", (last,))
             return int(res.rowcount)
 
@@ -409,6 +475,7 @@ class FlowStore:
         deleted = 0
         with self.engine.begin() as conn:
             deleted += conn.execute(flows.delete().where(flows.c.bucket < cutoff)).rowcount
+            conn.execute(flow_links.delete().where(flow_links.c.bucket < cutoff))
             total = int(conn.execute(select(func.count()).select_from(flows)).scalar_one())
             if total > self.settings.max_rows:
                 per = conn.execute(select(flows.c.bucket, func.count()).group_by(flows.c.bucket)
@@ -420,6 +487,7 @@ class FlowStore:
                     kept, oldest_kept = kept + n, bucket
                 limit = oldest_kept if oldest_kept is not None else per[0][0] + 1
                 deleted += conn.execute(flows.delete().where(flows.c.bucket < limit)).rowcount
+                conn.execute(flow_links.delete().where(flow_links.c.bucket < limit))
         if deleted:
             log.info("flow retention: %d summaries deleted", deleted)
         return deleted
@@ -508,6 +576,21 @@ class FlowStore:
              .where(*self._where(f, now)).group_by(*keys))
         with self.engine.connect() as conn:
             return [tuple(r) for r in conn.execute(q)]
+
+    def map_rows(self, since_ms: int, until_ms: int | None, now: float) -> list[tuple[int, int, str, int | None,
+                                                                                   int, int]]:
+        """Links of the hours in the window from the rollup: (src_ep, dst_ep, proto, port, worst
+        verdict code, times seen = the larger side's count). Hour granularity."""
+        self.compact(wait=True)
+        lo, hi = self._buckets(FlowFilter(since_ms=since_ms, until_ms=until_ms), now)
+        c = flow_links.c
+        larger = func.greatest if self.postgres else func.max
+        q = (select(c.src_ep, c.dst_ep, c.proto, c.port, func.max(c.verdict),
+                    larger(func.sum(c.count_out), func.sum(c.count_in)))
+             .where(c.bucket.between(lo, hi)).group_by(c.src_ep, c.dst_ep, c.proto, c.port))
+        with self.engine.connect() as db:
+            return [(int(r[0]), int(r[1]), r[2], None if r[3] < 0 else int(r[3]), int(r[4]), int(r[5]))
+                    for r in db.execute(q)]
 
     def get(self, bucket: int, h: int) -> StoredFlow | None:
         with self.engine.connect() as conn:

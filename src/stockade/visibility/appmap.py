@@ -52,11 +52,11 @@ class VerdictMix:
     potentially_blocked: int = 0
     blocked: int = 0
 
-    def plus(self, verdict: Verdict) -> VerdictMix:
+    def plus(self, verdict: Verdict, n: int = 1) -> VerdictMix:
         return VerdictMix(
-            self.allowed + (verdict is Verdict.ALLOWED),
-            self.potentially_blocked + (verdict is Verdict.POTENTIALLY_BLOCKED),
-            self.blocked + (verdict is Verdict.BLOCKED),
+            self.allowed + n * (verdict is Verdict.ALLOWED),
+            self.potentially_blocked + n * (verdict is Verdict.POTENTIALLY_BLOCKED),
+            self.blocked + n * (verdict is Verdict.BLOCKED),
         )
 
 
@@ -72,13 +72,18 @@ class MapEdge:
 
 @dataclass(frozen=True)
 class Link:
-    """A connection as the map sees it: resolved ends, service, verdict, how often seen."""
+    """Connections as the map sees them: resolved ends, service, verdict, how often seen.
+
+    ``connections`` > 1 when the caller already counted several connections with the same
+    ends, service and verdict (the controller aggregates in its database).
+    """
 
     src: Endpoint
     dst: Endpoint
     service: str
     verdict: Verdict
     count: int
+    connections: int = 1
 
 
 @dataclass(frozen=True)
@@ -174,9 +179,9 @@ def map_of_links(policy: Policy, links: Iterable[Link], keys: Sequence[str] = DE
                     nodes[nid] = MapNode(nid, NodeKind.APP_GROUP, _group_name(values), group_labels(values, keys))
             ends.append(nid)
         e = acc.setdefault((ends[0], ends[1]), _EdgeAcc())
-        e.connections += 1
+        e.connections += link.connections
         e.count += link.count
-        e.mix = e.mix.plus(link.verdict)
+        e.mix = e.mix.plus(link.verdict, link.connections)
         e.services.add(link.service)
     edges = tuple(
         MapEdge(s, d, e.connections, e.count, e.mix, tuple(sorted(e.services))) for (s, d), e in sorted(acc.items())
