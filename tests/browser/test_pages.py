@@ -102,10 +102,11 @@ def test_map_from_the_keyboard(page: Any) -> None:
     svg = page.locator("svg.map")
     expect(svg.locator(".node").first).to_be_visible()
     svg.focus()
-    before = page.locator("svg.map g.viewport").get_attribute("transform")
+    viewport = page.locator("svg.map g.viewport")
+    before = viewport.get_attribute("transform")
     page.keyboard.press("+")
-    zoomed = page.locator("svg.map g.viewport").get_attribute("transform")
-    assert zoomed != before
+    expect(viewport).not_to_have_attribute("transform", before or "")  # waits for the redraw
+    zoomed = viewport.get_attribute("transform")
     assert _scale(zoomed) > _scale(before)
     page.keyboard.press("ArrowLeft")
     page.keyboard.press("0")  # fit again

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode
 
-from stockade.policyfile.compose import EVENT_PARSER, MAX_DEPTH, ComposeError, compose_documents
+from stockade.policyfile.compose import EVENT_PARSER, ComposeError, compose_documents
 
 ESTATE = Path(__file__).resolve().parents[2] / "examples" / "estate"
 
@@ -70,7 +70,8 @@ def test_aliases_share_nodes() -> None:
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [
-        ("[" * 200_000 + "]" * 200_000, 1, f"nesting deeper than {MAX_DEPTH} levels"),
+        # our limit, or libyaml's own when the installed PyYAML wheel bundles a libyaml that has one
+        ("[" * 200_000 + "]" * 200_000, 1, "nesting"),
         ("a:\n" + "- " * 100_000 + "x\n", 2, "nesting deeper"),
         ("a: 1\nb: *nope\n", 2, "alias *nope refers to no anchor"),
         ("a: 1\nb: [1, 2\n", 2, "YAML syntax error: while parsing a flow sequence started at line 2"),
