@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from stockade.compiler import Compiler, HostDelta, HostPolicy, diff_sets, host_policy_to_dict
@@ -234,31 +234,42 @@ class PolicyDistributor:
         return result
 
     def _stage_bumps(self, db: Session, txn: CompilerTxn) -> dict[str, tuple[int, str, HostPolicy | None]]:
+        """Bump ``host_state`` for every host whose compiled policy changed (Core statements, batched)."""
         if not txn.deltas:
             return {}
         names = sorted(txn.deltas)
-        rows = {r.workload: r for r in db.scalars(select(HostStateRow).where(HostStateRow.workload.in_(names)))}
+        stored: dict[str, tuple[int, str]] = {}
+        for chunk in range(0, len(names), 900):  # stay under SQLite's bound-parameter limit
+            q = select(HostStateRow.workload, HostStateRow.revision, HostStateRow.policy_hash).where(
+                HostStateRow.workload.in_(names[chunk : chunk + 900])
+            )
+            stored.update({w: (r, h) for w, r, h in db.execute(q)})
         out: dict[str, tuple[int, str, HostPolicy | None]] = {}
         now = utcnow()
+        gone: list[str] = []
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
         for name in names:
             if name not in self.workloads:
-                if name in rows:
-                    db.delete(rows[name])
+                if name in stored:
+                    gone.append(name)
                 out[name] = (0, "", None)
                 continue
             hp = self.compiler.host_policy(name)
             h = policy_hash(hp)
-            row = rows.get(name)
-            if row is None:
-                row = HostStateRow(workload=name, revision=0, policy_hash="", updated_at=now)
-                db.add(row)
-            if row.policy_hash == h:
+            old = stored.get(name)
+            if old is not None and old[1] == h:
                 continue
-            row.revision += 1
-            row.policy_hash = h
-            row.updated_at = now
-            out[name] = (row.revision, h, hp)
-        db.flush()
+            rev = (old[0] if old is not None else 0) + 1
+            row = {"workload": name, "revision": rev, "policy_hash": h, "updated_at": now}
+            (updates if old is not None else inserts).append(row)
+            out[name] = (rev, h, hp)
+        if gone:
+            db.execute(delete(HostStateRow).where(HostStateRow.workload.in_(gone)))
+        if inserts:
+            db.execute(insert(HostStateRow), inserts)
+        if updates:
+            db.execute(update(HostStateRow), updates)  # executemany by primary key
         return out
 
     def _publish(self, bumps: dict[str, tuple[int, str, HostPolicy | None]]) -> None:
