@@ -162,3 +162,15 @@ def test_enforcement_mode_switch(api: Api) -> None:
     hp = api.ok("GET", "/workloads/w/host-policy")
     assert hp["policy"]["mode"] == "full"
     assert api.req("PUT", "/workloads/w/mode", json={"mode": "nope"}).status_code == 422
+
+
+def test_concurrent_creates_of_one_name_never_500(api: Api) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def create(i: int) -> int:
+        body = {"name": "raced", "interfaces": [{"name": "eth0", "addresses": [f"10.77.0.{i}"]}]}
+        return int(api.req("POST", "/workloads", json=body).status_code)
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(create, range(1, 17)))
+    assert codes.count(201) == 1 and set(codes) <= {201, 409}, codes

@@ -7,6 +7,7 @@ the one exception tree become HTTP statuses here and only here::
     ValidationError -> 422 (with field-level issues)   NotFoundError -> 404
     StaleRevisionError -> 412   ConflictError -> 409   RateLimitedError -> 429
     NotAuthenticatedError -> 401   other AuthError -> 403   other StockadeError -> 400
+    (database) IntegrityError from a lost race -> 409   OperationalError -> 503 + Retry-After
 
 Every route depends on :func:`stockade.controller.context.require` with one permission.
 """
@@ -22,6 +23,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from stockade import __version__
@@ -81,6 +83,17 @@ async def _request_validation(_request: Request, exc: Exception) -> JSONResponse
             loc = loc[1:]
         issues.append({"field": ".".join(loc), "message": str(err.get("msg", "invalid"))})
     return JSONResponse(error_body("ValidationError", "invalid request", issues), status_code=422)
+
+
+async def _integrity(_request: Request, exc: Exception) -> JSONResponse:
+    """Two requests raced to create the same name or address: the loser gets a 409."""
+    return JSONResponse(error_body("ConflictError", "conflicting concurrent change; retry"), status_code=409)
+
+
+async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unavailable: %s", exc)
+    return JSONResponse(error_body("Unavailable", "database busy or unreachable; retry"), status_code=503,
+                        headers={"Retry-After": "1"})
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
@@ -159,6 +172,8 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     app.state.controller = ctl
     app.add_exception_handler(StockadeError, _stockade_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(IntegrityError, _integrity)
+    app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(MetricsMiddleware, metrics=ctl.metrics)
     included: list[tuple[str, APIRouter]] = [
