@@ -38,7 +38,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,7 +123,7 @@ class FlowSettings:
     max_age_hours: int = 30 * 24
     max_rows: int = 20_000_000
     prune_interval: float = 300.0
-    compact_interval: float = 0.5  # seconds between compactions triggered by ingestion
+    compact_interval: float = 2.0  # seconds between compactions triggered by ingestion (reads compact first)
     compact_batch: int = 200_000  # log rows moved per compaction step
     impact_window_hours: int = 7 * 24  # what the provision guard replays
 
@@ -464,10 +464,6 @@ class FlowStore:
             res = conn.exec_driver_sql("DELETE FROM flow_ingest WHERE id <= ?", (last,))
             return int(res.rowcount)
 
-    def backlog(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(flow_ingest)).scalar_one())
-
     def prune(self, now: float) -> int:
         """Apply retention (age, then size); returns summaries deleted."""
         self._last_prune = time.monotonic()
@@ -488,6 +484,8 @@ class FlowStore:
                 limit = oldest_kept if oldest_kept is not None else per[0][0] + 1
                 deleted += conn.execute(flows.delete().where(flows.c.bucket < limit)).rowcount
                 conn.execute(flow_links.delete().where(flow_links.c.bucket < limit))
+            if not self.postgres:
+                conn.exec_driver_sql("PRAGMA optimize")  # planner statistics (PostgreSQL: autovacuum)
         if deleted:
             log.info("flow retention: %d summaries deleted", deleted)
         return deleted
@@ -607,7 +605,3 @@ def _stored(r: Any) -> StoredFlow:
     return StoredFlow(int(r.bucket), int(r.h), key, SIDE_OF_CODE[int(r.side)], VERDICT_OF_CODE[int(r.verdict)],
                       r.rule_id, int(r.count), r.first_seen / 1000, r.last_seen / 1000, r.reporter, int(r.src_ep),
                       int(r.dst_ep))
-
-
-def verdict_codes(verdicts: Sequence[Verdict]) -> frozenset[int]:
-    return frozenset(VERDICT_SEVERITY[v] for v in verdicts)
