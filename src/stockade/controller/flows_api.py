@@ -17,8 +17,10 @@ Operator side (every role may read)::
 Suggestions and impact preview, which read the draft, are in :mod:`stockade.controller.flows_policy_api`.
 
 Labels in ``*_labels`` are ``key=value,...`` and match the labels a workload had when the flow
-was recorded. ``since``/``until`` take ISO 8601 or unix seconds; the map looks at the last 24
-hours by default.
+was recorded; unmanaged ends carry the IP list they were in then. ``since``/``until`` take ISO
+8601 or unix seconds. The map reads the hourly ``flow_links`` rollup (whole hours, the last 24
+by default); its edges count distinct (endpoint pair, service) links, each with the worst
+verdict reported, and the drill-down lists the address-level connections behind an edge.
 """
 
 from __future__ import annotations
