@@ -21,6 +21,15 @@ Also measured under the full long-poll + heartbeat load: API latency of ``GET /w
 under /usr/lib/postgresql/*/bin; skipped with a note if absent) and prints rows side by side.
 
     python bench/controller.py --agents 1000 5000 --backends sqlite postgresql
+
+Measured on the 2-core machine (shared with other work; ms from the API call until each
+affected agent acknowledged; app = relabel inside one app, glob = relabel of the global role)::
+
+    backend     agents  enrol s  app p50  app p99   fan  glob p50  glob p99   fan  api p50  api p99  errs
+    sqlite        1000      9.7        6       16    10       257       577  1000      2.3      8.4     0
+    postgresql    1000     12.9       16       18    10       221       559  1000      3.4     11.1     0
+    sqlite        5000     35.4        9       18    10       735      1571  5000      5.7     10.7     0
+    postgresql    5000     49.5       11       19    10      1537      2022  5000      5.9     19.0     0
 """
 
 from __future__ import annotations
