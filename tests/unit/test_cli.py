@@ -85,6 +85,9 @@ def test_compile_text_and_unknown_workload() -> None:
 
 
 def test_demo_runs_on_the_bundled_estate() -> None:
-    res = _run("demo")
+    """The README's first command, minus serving forever and the (root-only) lab."""
+    res = _run("demo", "--no-serve", "--no-lab", "--port", "0")
     assert res.returncode == 0, res.stderr
     assert "db-prod-1" in res.stdout and "verdict: blocked" in res.stdout and "verdict: allowed" in res.stdout
+    assert "provisioned version 1; 8 workloads" in res.stdout
+    assert "Console:  https://127.0.0.1:" in res.stdout

@@ -15,7 +15,7 @@ def main() -> None:
 
 def _register() -> None:
     # Imported for their side effect of adding commands to ``main``.
-    from stockade.cli import policy_cmds  # noqa: F401
+    from stockade.cli import demo_cmds, policy_cmds  # noqa: F401
 
     for optional in ("backend_cmds", "lab_cmds", "controller_cmds", "agent_cmds", "backends_matrix_cmds",
                      "flows_cmds"):

@@ -1,4 +1,4 @@
-"""Policy commands: ``check``, ``compile``, ``explain`` and ``demo``.
+"""Policy commands: ``check``, ``compile``, ``explain`` (and the offline part of ``demo``).
 
 Every command reads a policy directory (or file) of YAML documents; input errors are
 printed one per line as ``file:line: field: message`` and the command exits 1.
@@ -19,7 +19,6 @@ from stockade.compiler import Compiler, HostPolicy, host_policy_to_json
 from stockade.errors import StockadeError, ValidationError
 from stockade.evaluator import Evaluation, Evaluator, SideDecision
 from stockade.model import IPAddress, Policy, Proto
-from stockade.paths import example_estate
 
 T = TypeVar("T")
 
@@ -178,11 +177,3 @@ def run_demo(path: Path) -> str:
         out.append(f"{src} -> {dst} {port}")
         out.append(describe(ev.evaluate(s, d, proto, num)))
     return "\n".join(out)
-
-
-@main.command()
-@click.option("--policy", "path", type=click.Path(exists=True), default=None, help="Policy dir (default: example).")
-def demo(path: str | None) -> None:
-    """Run the demo on the bundled example estate."""
-    target = Path(path) if path else run_or_exit(example_estate)
-    click.echo(run_or_exit(lambda: run_demo(target)))
