@@ -288,3 +288,24 @@ def test_retention_by_age_and_size(api: Api) -> None:
     assert fs.prune(now) == 4  # two too old, then the oldest remaining hour for size
     ports = sorted(r[5] for r in fs.aggregate(FlowFilter(since_ms=0), now))
     assert ports == [5, 6]
+
+
+def test_pages_across_days_newest_first(api: Api) -> None:
+    fs = FlowStore(api.ctl.engine)
+    load_estate(api)
+    policy = active_policy(api.ctl)
+    now = time.time()
+    records = [rec("10.70.0.11", "10.70.0.21", 100 * day + k, "out", "allowed", t=now - day * 86400 - 60)
+               for day in range(5) for k in range(3)]
+    fs.ingest("a1", "web-prod-1", {"sent_at": now, "records": records}, policy, now)
+    seen: list[int] = []
+    cursor = None
+    while True:
+        page, cursor = fs.query(FlowFilter(src_ip="10.70.0.11"), cursor=cursor, limit=4, now=now)
+        seen += [r.key.port or 0 for r in page]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(100 * day + k for day in range(5) for k in range(3))
+    assert [p // 100 for p in seen] == sorted(p // 100 for p in seen)  # newest day first
+    few, _ = fs.query(FlowFilter(port=402), cursor=None, limit=10, now=now)  # four days back
+    assert [r.key.port for r in few] == [402]

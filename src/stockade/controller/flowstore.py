@@ -73,6 +73,7 @@ from stockade.visibility.wire import MAX_RECORDS, MAX_RULE_ID, SIDE_OF_TEXT
 
 log = logging.getLogger("stockade.controller.flows")
 HOUR_MS = 3_600_000
+QUERY_HOURS = 24  # an Explorer page is read a day of buckets at a time, newest first
 VERDICT_OF_CODE = {code: v for v, code in VERDICT_SEVERITY.items()}
 SIDE_CODE = {Direction.OUTBOUND: 0, Direction.INBOUND: 1}
 SIDE_OF_CODE = {v: k for k, v in SIDE_CODE.items()}
@@ -497,8 +498,8 @@ class FlowStore:
         hi = (f.until_ms // HOUR_MS + 1) if f.until_ms is not None else newest
         return lo, min(hi, newest)
 
-    def _where(self, f: FlowFilter, now: float) -> list[ColumnElement[bool]]:
-        lo, hi = self._buckets(f, now)
+    def _where(self, f: FlowFilter, now: float, hours: tuple[int, int] | None = None) -> list[ColumnElement[bool]]:
+        lo, hi = hours or self._buckets(f, now)
         c = flows.c
         conds: list[ColumnElement[bool]] = []
         indexed = any(x is not None for x in (f.src_ip, f.dst_ip, f.any_ip, f.src_eps, f.dst_eps, f.any_eps))
@@ -534,21 +535,33 @@ class FlowStore:
     def query(
         self, f: FlowFilter, *, cursor: str | None, limit: int, now: float
     ) -> tuple[list[StoredFlow], str | None]:
-        """One page, newest hour first (then by hash); the cursor continues after the last row."""
+        """One page, newest hour first (then by hash); the cursor continues after the last row.
+
+        The window is read a day at a time from the newest end until the page is full, so a
+        page costs what the days it comes from cost, not what the whole retention holds.
+        """
         self.compact(wait=True)
         if f.empty():
             return [], None
-        conds = self._where(f, now)
+        lo, hi = self._buckets(f, now)
+        after: list[ColumnElement[bool]] = []
         if cursor:
             try:
                 b_text, _, h_text = cursor.partition(".")
                 cb, ch = int(b_text), int(h_text)
             except ValueError:
                 raise _bad("cursor", "malformed cursor") from None
-            conds.append(or_(flows.c.bucket < cb, and_(flows.c.bucket == cb, flows.c.h < ch)))
-        q = select(flows).where(*conds).order_by(flows.c.bucket.desc(), flows.c.h.desc()).limit(limit + 1)
+            after.append(or_(flows.c.bucket < cb, and_(flows.c.bucket == cb, flows.c.h < ch)))
+            hi = min(hi, cb)
+        rows: list[StoredFlow] = []
+        top = hi
         with self.engine.connect() as conn:
-            rows = [_stored(r) for r in conn.execute(q)]
+            while top >= lo and len(rows) <= limit:
+                bottom = max(lo, top - QUERY_HOURS + 1)
+                q = (select(flows).where(*self._where(f, now, (bottom, top)), *after)
+                     .order_by(flows.c.bucket.desc(), flows.c.h.desc()).limit(limit + 1 - len(rows)))
+                rows += [_stored(r) for r in conn.execute(q)]
+                top = bottom - 1
         more = len(rows) > limit
         rows = rows[:limit]
         return rows, (rows[-1].cursor if more and rows else None)
