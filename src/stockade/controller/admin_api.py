@@ -5,6 +5,9 @@
 * ``/users`` and ``/api-keys`` are for owners. An API key's secret is in the creation answer
   only (``stk_<id>_<secret>``); afterwards only its id and metadata are shown. ``DELETE``
   revokes a key. The last enabled owner cannot be removed, demoted or disabled.
+  Users are versioned like every object: a revision (bumped by each effective edit, a
+  password change included) and an ``ETag`` on GET/POST/PUT answers; ``PUT`` and ``DELETE``
+  with a stale ``If-Match`` answer 412 and change nothing.
 * ``GET /metrics`` (outside ``/api/v1``, any authenticated role): Prometheus text format.
 """
 
@@ -13,13 +16,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from stockade.controller import auth
+from stockade.controller import auth, store
 from stockade.controller.auth import Permission, Principal, Role
 from stockade.controller.context import controller_of, require
 from stockade.controller.db import ApiKeyRow, SessionRow, UserRow, utcnow
@@ -30,6 +33,8 @@ from stockade.errors import ConflictError, NotFoundError
 router = APIRouter()
 metrics_router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 429)}
+EDIT_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 412: {"model": ErrorOut}}
+IfMatch = Annotated[str | None, Header(max_length=200, description="ETag of the user as last read")]
 ScopeLabel = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}=[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")]
 
 
@@ -69,6 +74,8 @@ class UserOut(BaseModel):
     scope: list[str]
     disabled: bool
     created_at: dt.datetime
+    revision: int
+    etag: str
 
 
 class ApiKeyIn(Strict):
@@ -88,8 +95,22 @@ class ApiKeyOut(BaseModel):
     key: str | None = Field(None, description="the secret, present only in the creation answer")
 
 
-def _user_out(u: UserRow) -> UserOut:
-    return UserOut(username=u.username, role=u.role, scope=list(u.scope), disabled=u.disabled, created_at=u.created_at)
+def _user_state(u: UserRow) -> dict[str, Any]:
+    """What a user's ETag covers (with the revision): everything shown but the revision itself."""
+    return {"username": u.username, "role": u.role, "scope": list(u.scope), "disabled": u.disabled,
+            "created_at": u.created_at.isoformat()}
+
+
+def _user_etag(u: UserRow) -> str:
+    return store.etag_of(u.revision, _user_state(u))
+
+
+def _user_out(u: UserRow, response: Response | None = None) -> UserOut:
+    etag = _user_etag(u)
+    if response is not None:
+        response.headers["ETag"] = etag
+    return UserOut(username=u.username, role=u.role, scope=list(u.scope), disabled=u.disabled,
+                   created_at=u.created_at, revision=u.revision, etag=etag)
 
 
 def _key_out(k: ApiKeyRow, secret: str | None = None) -> ApiKeyOut:
@@ -155,7 +176,7 @@ def list_users(request: Request,
 
 
 @router.post("/users", tags=["Users"], responses=ERRORS, status_code=201, operation_id="create-user")
-def create_user(request: Request, body: UserIn,
+def create_user(request: Request, response: Response, body: UserIn,
                 principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))]) -> UserOut:
     ctl = controller_of(request)
     with ctl.sessions.begin() as db:
@@ -165,22 +186,24 @@ def create_user(request: Request, body: UserIn,
         db.flush()
         record_event(db, principal.actor, "user.create", "user", body.username, None,
                      {"role": body.role.value, "scope": list(body.scope)})
-        return _user_out(row)
+        return _user_out(row, response)
 
 
 @router.get("/users/{username}", tags=["Users"], responses=ERRORS, operation_id="get-user")
-def get_user(request: Request, username: str,
+def get_user(request: Request, response: Response, username: str,
              principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))]) -> UserOut:
     with controller_of(request).session() as db:
-        return _user_out(_user(db, username))
+        return _user_out(_user(db, username), response)
 
 
-@router.put("/users/{username}", tags=["Users"], responses=ERRORS, operation_id="update-user")
-def update_user(request: Request, username: str, body: UserUpdate,
-                principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))]) -> UserOut:
+@router.put("/users/{username}", tags=["Users"], responses=EDIT_ERRORS, operation_id="update-user")
+def update_user(request: Request, response: Response, username: str, body: UserUpdate,
+                principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))],
+                if_match: IfMatch = None) -> UserOut:
     ctl = controller_of(request)
     with ctl.sessions.begin() as db:
         row = _user(db, username)
+        store.check_if_match(if_match, _user_etag(row))
         before = {"role": row.role, "scope": list(row.scope), "disabled": row.disabled}
         losing_owner = row.role == Role.OWNER.value and (
             (body.role is not None and body.role is not Role.OWNER) or body.disabled
@@ -195,16 +218,23 @@ def update_user(request: Request, username: str, body: UserUpdate,
             row.scope = list(body.scope)
         if body.disabled is not None:
             row.disabled = body.disabled
-        after = {"role": row.role, "scope": list(row.scope), "disabled": row.disabled}
-        record_event(db, principal.actor, "user.update", "user", username, before, after)
-        return _user_out(row)
+        after: dict[str, Any] = {"role": row.role, "scope": list(row.scope), "disabled": row.disabled}
+        if after != before or body.password is not None:
+            if body.password is not None:
+                after["password"] = "changed"
+            row.revision += 1
+            record_event(db, principal.actor, "user.update", "user", username, before, after)
+        return _user_out(row, response)
 
 
-@router.delete("/users/{username}", tags=["Users"], responses=ERRORS, status_code=204, operation_id="delete-user")
+@router.delete("/users/{username}", tags=["Users"], responses=EDIT_ERRORS, status_code=204,
+               operation_id="delete-user")
 def delete_user(request: Request, username: str,
-                principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))]) -> Response:
+                principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))],
+                if_match: IfMatch = None) -> Response:
     with controller_of(request).sessions.begin() as db:
         row = _user(db, username)
+        store.check_if_match(if_match, _user_etag(row))
         if row.role == Role.OWNER.value and _owners_left(db, username) == 0:
             raise ConflictError("the last enabled owner cannot be deleted")
         db.delete(row)

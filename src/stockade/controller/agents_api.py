@@ -1,8 +1,12 @@
 """Pairing profiles, activation codes, agent enrolment and the agent protocol.
 
 Operator side (admin): ``/pairing-profiles`` CRUD (preset labels, enforcement mode, expiry,
-maximum uses, enabled); ``POST /pairing-profiles/{name}/codes`` returns an activation code
-once (only its SHA-256 is kept); ``DELETE /pairing-profiles/{name}/codes/{id}`` revokes it;
+maximum uses, enabled), versioned like every object: a revision bumped by each effective edit
+and an ``ETag`` on GET/POST/PUT answers; ``PUT``/``DELETE`` with a stale ``If-Match`` answer
+412 and change nothing. The ETag covers the operator's settings, not the use counter, so an
+enrolment does not make an operator's pending edit stale.
+``POST /pairing-profiles/{name}/codes`` returns an activation code once (only its SHA-256
+is kept); ``DELETE /pairing-profiles/{name}/codes/{id}`` revokes it;
 ``GET /agents`` lists agents with convergence (desired vs applied revision, last heartbeat,
 online/offline after ``offline_after`` seconds); ``POST /agents/{id}/revoke``.
 
@@ -47,7 +51,7 @@ import datetime as dt
 import secrets
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
@@ -67,6 +71,8 @@ from stockade.model.workloads import EnforcementMode
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 429)}
+EDIT_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 412: {"model": ErrorOut}}
+IfMatch = Annotated[str | None, Header(max_length=200, description="ETag of the profile as last read")]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
@@ -87,6 +93,7 @@ class PairingProfileIn(Strict):
 class PairingProfileOut(PairingProfileIn):
     uses: int
     revision: int
+    etag: str
 
 
 class CodeOut(BaseModel):
@@ -160,10 +167,30 @@ class ConvergenceOut(BaseModel):
 # ---- pairing profiles --------------------------------------------------------------------
 
 
-def _profile_out(p: PairingProfileRow) -> PairingProfileOut:
-    return PairingProfileOut(name=p.name, labels=dict(p.labels), mode=EnforcementMode(p.mode),
-                             expires_at=p.expires_at, max_uses=p.max_uses, enabled=p.enabled,
-                             description=p.description, uses=p.uses, revision=p.revision)
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    """As stored (and read back) on every backend, so an ETag is the same before and after a reload."""
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _profile_settings(p: PairingProfileRow) -> PairingProfileIn:
+    return PairingProfileIn(name=p.name, labels=dict(p.labels), mode=EnforcementMode(p.mode),
+                            expires_at=_utc(p.expires_at), max_uses=p.max_uses, enabled=p.enabled,
+                            description=p.description)
+
+
+def _profile_etag(p: PairingProfileRow) -> str:
+    """Revision + digest of the settings and creation time (not ``uses``, which enrolment counts)."""
+    state = {**_profile_settings(p).model_dump(mode="json"), "created_at": p.created_at.astimezone(dt.UTC).isoformat()}
+    return store.etag_of(p.revision, state)
+
+
+def _profile_out(p: PairingProfileRow, response: Response | None = None) -> PairingProfileOut:
+    etag = _profile_etag(p)
+    if response is not None:
+        response.headers["ETag"] = etag
+    return PairingProfileOut(**_profile_settings(p).model_dump(), uses=p.uses, revision=p.revision, etag=etag)
 
 
 def _check_profile_labels(db: Session, labels: dict[str, str]) -> None:
@@ -194,54 +221,62 @@ def list_profiles(request: Request,
 
 @router.post("/pairing-profiles", tags=["Pairing profiles"], responses=ERRORS, status_code=201,
              operation_id="create-pairing-profile")
-def create_profile(request: Request, body: PairingProfileIn,
+def create_profile(request: Request, response: Response, body: PairingProfileIn,
                    principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> PairingProfileOut:
     with controller_of(request).sessions.begin() as db:
         if db.get(PairingProfileRow, body.name) is not None:
             raise ConflictError(f"pairing profile {body.name!r} exists")
         _check_profile_labels(db, body.labels)
-        row = PairingProfileRow(name=body.name, labels=body.labels, mode=body.mode.value, expires_at=body.expires_at,
+        row = PairingProfileRow(name=body.name, labels=body.labels, mode=body.mode.value,
+                                expires_at=_utc(body.expires_at),
                                 max_uses=body.max_uses, uses=0, enabled=body.enabled, description=body.description,
                                 revision=1, created_at=utcnow())
         db.add(row)
         db.flush()
         record_event(db, principal.actor, "pairing_profile.create", "pairing_profile", body.name, None,
                      body.model_dump(mode="json"))
-        return _profile_out(row)
+        return _profile_out(row, response)
 
 
 @router.get("/pairing-profiles/{name}", tags=["Pairing profiles"], responses=ERRORS,
             operation_id="get-pairing-profile")
-def get_profile(request: Request, name: str,
+def get_profile(request: Request, response: Response, name: str,
                 principal: Annotated[Principal, Depends(require(Permission.READ))]) -> PairingProfileOut:
     with controller_of(request).session() as db:
-        return _profile_out(_profile(db, name))
+        return _profile_out(_profile(db, name), response)
 
 
-@router.put("/pairing-profiles/{name}", tags=["Pairing profiles"], responses=ERRORS,
+@router.put("/pairing-profiles/{name}", tags=["Pairing profiles"], responses=EDIT_ERRORS,
             operation_id="replace-pairing-profile")
-def replace_profile(request: Request, name: str, body: PairingProfileIn,
-                    principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> PairingProfileOut:
+def replace_profile(request: Request, response: Response, name: str, body: PairingProfileIn,
+                    principal: Annotated[Principal, Depends(require(Permission.WRITE))],
+                    if_match: IfMatch = None) -> PairingProfileOut:
     if body.name != name:
         raise ValidationError([Issue("api", 0, "name", "body name differs from the URL")])
     with controller_of(request).sessions.begin() as db:
         row = _profile(db, name)
+        store.check_if_match(if_match, _profile_etag(row))
+        before = _profile_settings(row).model_dump(mode="json")
+        wanted = body.model_copy(update={"expires_at": _utc(body.expires_at)})
+        after = wanted.model_dump(mode="json")
+        if after == before:
+            return _profile_out(row, response)
         _check_profile_labels(db, body.labels)
-        before = _profile_out(row).model_dump(mode="json")
-        row.labels, row.mode, row.expires_at = body.labels, body.mode.value, body.expires_at
+        row.labels, row.mode, row.expires_at = body.labels, body.mode.value, wanted.expires_at
         row.max_uses, row.enabled, row.description = body.max_uses, body.enabled, body.description
         row.revision += 1
-        record_event(db, principal.actor, "pairing_profile.update", "pairing_profile", name, before,
-                     body.model_dump(mode="json"))
-        return _profile_out(row)
+        record_event(db, principal.actor, "pairing_profile.update", "pairing_profile", name, before, after)
+        return _profile_out(row, response)
 
 
-@router.delete("/pairing-profiles/{name}", tags=["Pairing profiles"], responses=ERRORS, status_code=204,
+@router.delete("/pairing-profiles/{name}", tags=["Pairing profiles"], responses=EDIT_ERRORS, status_code=204,
                operation_id="delete-pairing-profile")
 def delete_profile(request: Request, name: str,
-                   principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> Response:
+                   principal: Annotated[Principal, Depends(require(Permission.WRITE))],
+                   if_match: IfMatch = None) -> Response:
     with controller_of(request).sessions.begin() as db:
         row = _profile(db, name)
+        store.check_if_match(if_match, _profile_etag(row))
         for code in db.scalars(select(ActivationCodeRow).where(ActivationCodeRow.profile == name)):
             db.delete(code)
         db.delete(row)

@@ -145,6 +145,7 @@ class UserRow(Base):
     role: Mapped[str] = mapped_column(String(32))
     scope: Mapped[list[Any]] = mapped_column(JSON, default=list)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
 
 
