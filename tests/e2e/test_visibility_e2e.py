@@ -161,7 +161,7 @@ def test_visibility_traffic_appears_with_workloads_labels_and_verdicts(world: Wo
     m = api.ok("GET", "/flows/map")
     edges = {(e["src"], e["dst"]): e for e in m["edges"]}
     prod = edges[("group:app=shop,env=prod", "group:app=shop,env=prod")]
-    assert prod["allowed"] >= 2 and prod["potentially_blocked"] >= 2
+    assert prod["allowed"] >= 1 and prod["potentially_blocked"] >= 2  # links: endpoint pair + service
 
 
 def test_switching_to_full_turns_potentially_blocked_into_blocked(world: World) -> None:
