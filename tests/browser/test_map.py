@@ -37,7 +37,8 @@ def qa_estate(console: Console) -> Any:
               workload("qa-api-2", {"role": "api", "app": "billing", "env": "qa"}, "10.7.1.12")):
         console.post("/workloads", w)
     agent = enroll(console, "qa-api-1")
-    agent.report([flow("10.7.0.11", "10.7.1.11", 8443, "potentially-blocked", "default", count=4, ago=300)])
+    # two hours ago: the map reads hourly rollups, so "since the active version" must not share their hour
+    agent.report([flow("10.7.0.11", "10.7.1.11", 8443, "potentially-blocked", "default", count=4, ago=7200)])
     return agent
 
 
