@@ -220,7 +220,7 @@ async def upload_flows(request: Request, agent_id: str,
             body = json.loads(raw)
         except ValueError:
             raise ValidationError([Issue("api", 0, "body", "not JSON")]) from None
-        return fs.ingest(agent_id, principal.workload, body, policy, time.time()).accepted
+        return fs.ingest(agent_id, principal.workload, body, policy, time.time())
 
     return UploadOut(accepted=await run_in_threadpool(ingest))
 

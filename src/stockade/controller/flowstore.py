@@ -130,12 +130,6 @@ class FlowSettings:
 
 
 @dataclass(frozen=True)
-class IngestResult:
-    accepted: int
-    dropped_reported: int
-
-
-@dataclass(frozen=True)
 class EndpointInfo:
     """A workload with the labels it had, or (``workload == ""``) an unmanaged peer group."""
 
@@ -149,17 +143,9 @@ class EndpointInfo:
         return bool(self.workload)
 
 
-INTERNET_EP = "internet"
-
-
-def unmanaged_labels(ip_list: str | None) -> str:
-    """The ``labels`` text of an unmanaged peer group's endpoint row."""
-    return f"iplist:{ip_list}" if ip_list else INTERNET_EP
-
-
 @dataclass(frozen=True)
 class StoredFlow:
-    """One summary row, with its endpoints as resolved at ingest time (ep 0: unmanaged)."""
+    """One summary row, with its endpoints as resolved at ingest time."""
 
     bucket: int
     h: int
@@ -219,6 +205,8 @@ class FlowStore:
         self._compact_lock = threading.Lock()
         self._ep_lock = threading.Lock()
         self._last_compact = 0.0
+        self._appends = 1  # uploads appended by this process (1: whatever an earlier run left behind)
+        self._compacted = 0  # ... of which compaction has moved everything
         self._last_prune = time.monotonic()
         self._ips: dict[str, str] = {}  # address text -> canonical text
         self._keys: dict[tuple[Any, ...], tuple[int, str, str, int, int, int, int]] = {}  # record key -> validated
@@ -297,7 +285,7 @@ class FlowStore:
     def _unmanaged(self, addr: str) -> tuple[str, str]:
         resolver = self._state.resolver
         ip_list = resolver.ip_list_of(ipaddress.ip_address(addr)) if resolver is not None else None
-        found = ("", unmanaged_labels(ip_list))
+        found = ("", f"iplist:{ip_list}" if ip_list else "internet")  # an unmanaged peer group's row
         policy = self._state.policy
         if len(self._state.owner) > 500_000 and policy is not None:  # forget the unmanaged addresses met
             self._state = _IngestState()
@@ -305,8 +293,8 @@ class FlowStore:
         self._state.owner[addr] = found
         return found
 
-    def ingest(self, agent_id: str, reporter: str, body: Any, policy: Policy, now: float) -> IngestResult:
-        """Validate and append one upload (the wire format of :mod:`stockade.visibility.wire`)."""
+    def ingest(self, agent_id: str, reporter: str, body: Any, policy: Policy, now: float) -> int:
+        """Validate and append one upload (:mod:`stockade.visibility.wire`); returns records accepted."""
         if not isinstance(body, dict):
             raise _bad("", "expected a JSON object")
         records = body.get("records")
@@ -360,9 +348,11 @@ class FlowStore:
             if rows:
                 self._append(conn, rows)
             self._count_upload(conn, agent_id, reporter, len(rows), dropped, now_ms)
+        if rows:
+            self._appends += 1
         if time.monotonic() - self._last_compact >= self.settings.compact_interval:
             self.compact()
-        return IngestResult(len(rows), dropped)
+        return len(rows)
 
     def _key(self, reporter: str, src: Any, dst: Any, proto: Any, port: Any, side: Any, verdict: Any, rule: Any,
              ep_of: Any) -> tuple[int, str, str, int, int, int, int]:
@@ -411,11 +401,19 @@ class FlowStore:
         }))
 
     # ---- compaction and retention ----------------------------------------------------------------
-    def compact(self, *, wait: bool = False) -> int:
-        """Move the ingest log into the summaries; returns log rows moved (0 if another thread is at it)."""
+    def compact(self, *, wait: bool = False, force: bool = False) -> int:
+        """Move the ingest log into the summaries; returns log rows moved (0 if another thread is at it).
+
+        Skipped (without touching the database) when this process appended nothing since the last
+        complete compaction, unless ``force``: on PostgreSQL even an empty log costs a scan of its
+        not yet vacuumed rows. Each controller process compacts what it appended.
+        """
+        if not force and self._appends == self._compacted:
+            return 0
         if not self._compact_lock.acquire(blocking=wait):
             return 0
         try:
+            pending = self._appends
             moved = 0
             while True:
                 step = self._compact_step()
@@ -423,6 +421,7 @@ class FlowStore:
                 if step < self.settings.compact_batch:
                     break
             self._last_compact = time.monotonic()
+            self._compacted = pending
         finally:
             self._compact_lock.release()
         if time.monotonic() - self._last_prune >= self.settings.prune_interval:
@@ -468,6 +467,7 @@ class FlowStore:
     def prune(self, now: float) -> int:
         """Apply retention (age, then size); returns summaries deleted."""
         self._last_prune = time.monotonic()
+        self.compact(wait=True, force=True)  # also what other processes may have left in the log
         cutoff = int(now * 1000) // HOUR_MS - self.settings.max_age_hours
         deleted = 0
         with self.engine.begin() as conn:
