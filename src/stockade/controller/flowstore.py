@@ -9,7 +9,7 @@ Layout (migration ``0002_flows``):
   stable 63-bit hash of (reporter, side, src, dst, proto, port, verdict, rule, endpoints), so
   the same kind of connection reported every few seconds stays one row per hour with its count
   and first/last seen. Primary key ``(bucket, h)`` (clustered: SQLite ``WITHOUT ROWID``) and
-  indexes ``(bucket, src_ip|dst_ip|src_ep|dst_ep|port)``: every query names its hour buckets, so
+  indexes ``(bucket, src_ip|dst_ip|src_ep|dst_ep|port+verdict)``: every query names its hours, so
   a filtered query is a few index seeks per hour and inserts touch only the current hour's pages;
 * **compaction** moves the log into ``flows`` with one ``INSERT .. SELECT .. GROUP BY ..
   ON CONFLICT DO UPDATE`` (PostgreSQL: a ``DELETE .. RETURNING`` CTE feeding it, atomic under
