@@ -275,7 +275,7 @@ def run_aerleon(hp: HostPolicy, reps: int) -> AerleonResult:
 def _render(hp: HostPolicy) -> tuple[Timing | None, int]:
     """Our own nftables text for the host, if the renderer is there (another helper owns it)."""
     try:
-        from stockade.backends.nft_render import render_nftables
+        from stockade.backends.nftables.render import render_nftables
     except ImportError:
         return None, 0
     try:

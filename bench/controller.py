@@ -75,8 +75,8 @@ def serve(database_url: str, port: int) -> None:
     import uvicorn
 
     from stockade.controller.app import create_app
-    from stockade.controller.auth import Argon2Params
     from stockade.controller.context import ControllerSettings
+    from stockade.controller.services.auth import Argon2Params
 
     settings = ControllerSettings(
         database_url=database_url,

@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a pack
 import nft_apply
 from nft_apply import CLI4, SRV4, Namespaces, connection_rate, timed
 
-from stockade.backends.ebpf import EbpfBackend
-from stockade.backends.iptables import IptablesBackend
-from stockade.backends.nftables import NftablesBackend
+from stockade.backends.ebpf.backend import EbpfBackend
+from stockade.backends.iptables.backend import IptablesBackend
+from stockade.backends.nftables.backend import NftablesBackend
 from stockade.bpf.build import find_clang
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.model.addresses import Family

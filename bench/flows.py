@@ -171,8 +171,8 @@ def serve(database_url: str, port: int) -> None:
     import uvicorn
 
     from stockade.controller.app import create_app
-    from stockade.controller.auth import Argon2Params
     from stockade.controller.context import ControllerSettings
+    from stockade.controller.services.auth import Argon2Params
 
     settings = ControllerSettings(database_url=database_url, secure_cookies=False, login_limit=(10_000, 60.0),
                                   enroll_limit=(1_000_000, 60.0),
@@ -284,8 +284,8 @@ def timed(ctl: Controller, path: str, params: dict[str, Any], repeats: int) -> l
 def stored(url: str) -> int:
     from sqlalchemy import func, select
 
-    from stockade.controller.db import make_engine
-    from stockade.controller.flowstore import flows
+    from stockade.controller.storage.db import make_engine
+    from stockade.controller.storage.flowstore import flows
 
     engine = make_engine(url)
     with engine.connect() as conn:
@@ -296,8 +296,8 @@ def stored(url: str) -> int:
 
 def fill_store(url: str, hosts: list[Host], rows: int) -> float:
     """Write ``rows`` summaries straight into the store, spread over the last 29 days."""
-    from stockade.controller.db import make_engine
-    from stockade.controller.flowstore import COLUMNS, HOUR_MS, FlowStore, flows
+    from stockade.controller.storage.db import make_engine
+    from stockade.controller.storage.flowstore import COLUMNS, HOUR_MS, FlowStore, flows
 
     engine = make_engine(url)
     fs = FlowStore(engine)

@@ -30,10 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from stockade.backends.iptables import IptablesBackend
-from stockade.backends.iptables_render import IptablesVariant
-from stockade.backends.iptables_scripts import ipset_destroy_script, ipset_load_script, rules_script
-from stockade.backends.nftables import NftablesBackend
+from stockade.backends.iptables.backend import IptablesBackend
+from stockade.backends.iptables.render import IptablesVariant
+from stockade.backends.iptables.scripts import ipset_destroy_script, ipset_load_script, rules_script
+from stockade.backends.nftables.backend import NftablesBackend
 from stockade.compiler.ir import SetDelta
 from stockade.model.addresses import Family
 

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stockade.backends.nftables import DeltaPath, NftablesBackend
+from stockade.backends.nftables.backend import DeltaPath, NftablesBackend
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule, SetDelta
 from stockade.model.addresses import Family, IPNetwork
 from stockade.model.policy import Failsafe

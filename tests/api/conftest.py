@@ -26,8 +26,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from stockade.controller.app import create_app
-from stockade.controller.auth import Argon2Params
 from stockade.controller.context import Controller, ControllerSettings
+from stockade.controller.services.auth import Argon2Params
 
 
 def _pg_bindir() -> Path | None:

@@ -16,7 +16,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from tests.api.conftest import Api
 
-from stockade.controller.db import MIGRATIONS_DIR, make_engine, migrate
+from stockade.controller.storage.db import MIGRATIONS_DIR, make_engine, migrate
 
 PASSWORD = "correct horse battery"
 

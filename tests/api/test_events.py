@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from tests.api.conftest import Api, make_settings
 
 from stockade.controller.app import create_app
-from stockade.controller.events import SyslogFormat, SyslogTarget
+from stockade.controller.services.events import SyslogFormat, SyslogTarget
 
 
 def test_event_query_filters_and_cursor(api: Api) -> None:

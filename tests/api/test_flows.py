@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from tests.api.conftest import Api
 
-from stockade.controller.flows_api import active_policy
-from stockade.controller.flowstore import FlowFilter, FlowSettings, FlowStore
+from stockade.controller.api.flows import active_policy
+from stockade.controller.storage.flowstore import FlowFilter, FlowSettings, FlowStore
 from stockade.paths import example_estate
 
 NOW = time.time()

@@ -14,7 +14,7 @@ import pytest
 from fastapi.routing import APIRoute
 from tests.api.conftest import Api
 
-from stockade.controller.auth import Permission
+from stockade.controller.services.auth import Permission
 
 ROLES = ("owner", "admin", "ruleset-manager", "read-only")
 AGENT_ROUTES = re.compile(

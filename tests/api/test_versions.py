@@ -9,8 +9,9 @@ import textwrap
 import pytest
 from tests.api.conftest import Api, make_settings
 
-from stockade.controller import store, versions
 from stockade.controller.app import build_controller
+from stockade.controller.services import versions
+from stockade.controller.storage import store
 
 WEB_DB = [
     ("POST", "/services", {"name": "pg", "ports": ["5432/tcp"]}),
@@ -98,7 +99,8 @@ def test_crash_before_commit_leaves_previous_version(api: Api) -> None:
 CRASHER = textwrap.dedent(
     """
     import os, sys
-    from stockade.controller import store, versions
+    from stockade.controller.storage import store
+    from stockade.controller.services import versions
     from stockade.controller.app import build_controller
     from tests.api.conftest import make_settings
     ctl = build_controller(make_settings(sys.argv[1]))

@@ -17,8 +17,8 @@ from pathlib import Path
 import uvicorn
 
 from stockade.controller.app import create_app
-from stockade.controller.auth import Argon2Params
 from stockade.controller.context import ControllerSettings
+from stockade.controller.services.auth import Argon2Params
 
 
 def main() -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from stockade.controller.api.web_mount import WEB_DIR
 from stockade.controller.app import create_app
-from stockade.controller.auth import Argon2Params
 from stockade.controller.context import ControllerSettings
-from stockade.controller.web_mount import WEB_DIR
+from stockade.controller.services.auth import Argon2Params
 
 
 @pytest.fixture(scope="module")

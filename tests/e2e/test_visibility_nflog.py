@@ -20,7 +20,7 @@ from typing import TypeVar
 import pytest
 
 from stockade.agent.nflog import LoggedPacket, NflogReader
-from stockade.backends.nftables import NftablesBackend
+from stockade.backends.nftables.backend import NftablesBackend
 from stockade.compiler import compile_host
 from stockade.compiler.ir import Direction
 from stockade.evaluator import Verdict

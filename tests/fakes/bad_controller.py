@@ -1,6 +1,6 @@
 """A FAKE Stockade controller, for tests only. It is not the controller and shares no code with it.
 
-It speaks only the agent side of :mod:`stockade.controller.agents_api`, with the same paths
+It speaks only the agent side of :mod:`stockade.controller.api.agents`, with the same paths
 and JSON shapes, over plain HTTP (what ``stockade controller --insecure-http`` offers labs),
 for one agent::
 

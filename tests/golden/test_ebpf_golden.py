@@ -26,9 +26,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stockade.backends.ebpf import EbpfBackend
-from stockade.backends.ebpf_identity import PeerTable
-from stockade.backends.ebpf_render import render_ebpf
+from stockade.backends.ebpf.backend import EbpfBackend
+from stockade.backends.ebpf.identity import PeerTable
+from stockade.backends.ebpf.render import render_ebpf
 from stockade.bpf.build import BuildError, find_clang
 from stockade.compiler.ir import AddressSet, HostPolicy, HostRule
 from stockade.model.addresses import Family

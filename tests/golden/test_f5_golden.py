@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stockade.backends.f5_render import render_f5, without_controller_failsafe
+from stockade.backends.f5.render import render_f5, without_controller_failsafe
 from stockade.compiler.ir import Direction
 from tests.fakes.f5_icontrol import Config, execute
 from tests.golden.nft_cases import CASES, Case

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stockade.backends.ipfilter import IpfilterBackend
-from stockade.backends.ipfilter_render import Slot
+from stockade.backends.ipfilter.backend import IpfilterBackend
+from stockade.backends.ipfilter.render import Slot
 from tests.golden.nft_cases import CASES, Case
 
 GOLDEN_DIR = Path(__file__).parent / "ipfilter"

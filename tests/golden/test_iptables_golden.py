@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from stockade.backends.iptables import IptablesBackend
-from stockade.backends.iptables_render import (
+from stockade.backends.iptables.backend import IptablesBackend
+from stockade.backends.iptables.render import (
     IPSET_NAME_MAX,
     NFLOG_PREFIX_MAX,
     IptablesVariant,

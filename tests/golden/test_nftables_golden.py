@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from stockade.backends.nftables import NftablesBackend
+from stockade.backends.nftables.backend import NftablesBackend
 from tests.golden.nft_cases import CASES, Case
 
 GOLDEN_DIR = Path(__file__).parent / "nftables"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stockade.backends.windows import WindowsFirewallBackend
-from stockade.backends.windows_model import PeerMode
+from stockade.backends.windows.backend import WindowsFirewallBackend
+from stockade.backends.windows.model import PeerMode
 from tests.golden.nft_cases import CASES, Case
 
 GOLDEN_DIR = Path(__file__).parent / "windows"

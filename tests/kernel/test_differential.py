@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from stockade.backends.nft_render import NftablesArtifact
-from stockade.backends.nftables import NftablesBackend
+from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.nftables.render import NftablesArtifact
 from stockade.compiler import HostPolicy, SetDelta
 from stockade.lab.estate import EstateLab, EstateRun, PortPlan, hosts_for_policy, plan_probes, service_ports
 from stockade.model import (

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from stockade.backends.ebpf import EbpfBackend
+from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.compiler.ir import Direction, HostPolicy
 from stockade.lab import Lab, Probe, ProbeKind
 from stockade.model.rules import Action

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from stockade.backends.ebpf import EbpfBackend
-from stockade.backends.ebpf_events import FlowAction
-from stockade.backends.ebpf_netlink import in_netns
+from stockade.backends.ebpf.backend import EbpfBackend
+from stockade.backends.ebpf.events import FlowAction
+from stockade.backends.ebpf.netlink import in_netns
 from stockade.bpf.build import BuildError, find_clang
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule, SetDelta
 from stockade.lab import HostSpec, Lab, Probe, ProbeKind

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from stockade.backends.iptables import IptablesBackend
-from stockade.backends.iptables_render import IpSet, IptablesArtifact, IptablesVariant, IptChain
+from stockade.backends.iptables.backend import IptablesBackend
+from stockade.backends.iptables.render import IpSet, IptablesArtifact, IptablesVariant, IptChain
 from stockade.compiler.ir import AddressSet, HostPolicy, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family, IPNetwork

@@ -19,8 +19,8 @@ from dataclasses import replace
 
 import pytest
 
-from stockade.backends.iptables import IptablesBackend
-from stockade.backends.iptables_render import IptablesVariant
+from stockade.backends.iptables.backend import IptablesBackend
+from stockade.backends.iptables.render import IptablesVariant
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family

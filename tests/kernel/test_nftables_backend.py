@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from stockade.backends.nft_render import NftablesArtifact
-from stockade.backends.nftables import DeltaPath, NftablesBackend
+from stockade.backends.nftables.backend import DeltaPath, NftablesBackend
+from stockade.backends.nftables.render import NftablesArtifact
 from stockade.compiler.ir import AddressSet, HostPolicy, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family, IPNetwork

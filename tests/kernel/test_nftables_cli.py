@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from click.testing import CliRunner
 
-from stockade.backends.nftables import NftablesBackend
+from stockade.backends.nftables.backend import NftablesBackend
 from stockade.cli import main
 from stockade.compiler import compile_host
 from stockade.paths import example_estate

@@ -9,20 +9,20 @@ import struct
 
 import pytest
 
-from stockade.backends import nft_netlink as nl
 from stockade.backends.base import (
     Capability,
     check_capabilities,
     check_delta_capabilities,
     required_capabilities,
 )
-from stockade.backends.nft_render import (
+from stockade.backends.nftables.backend import NftablesBackend, delta_changes, delta_script, listing_form
+from stockade.backends.nftables import netlink as nl
+from stockade.backends.nftables.render import (
     log_prefix,
     render_nftables,
     rule_id_of_log_prefix,
     service_matches,
 )
-from stockade.backends.nftables import NftablesBackend, delta_changes, delta_script, listing_form
 from stockade.backends.registry import BACKENDS, get_backend
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule, SetDelta
 from stockade.errors import ApplyError, BackendError, NotFoundError, RenderError, UnsupportedFeatureError

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from stockade.backends.f5 import F5Backend
-from stockade.backends.f5_credentials import DeviceCredential, EncryptedCredentialStore, create_key_file
+from stockade.backends.f5.backend import F5Backend
+from stockade.backends.f5.credentials import DeviceCredential, EncryptedCredentialStore, create_key_file
 from stockade.compiler.ir import Direction, HostPolicy, HostRule, SetDelta
 from stockade.errors import ApplyError, AuthError, NotFoundError, UnsupportedFeatureError
 from stockade.model import Failsafe, Family

@@ -17,7 +17,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 
-from stockade.backends.f5_render import NONE, F5Artifact, render_f5
+from stockade.backends.f5.render import NONE, F5Artifact, render_f5
 from stockade.compiler import Direction, compile_policy
 from stockade.evaluator import Evaluator
 from stockade.model import IPAddress, Policy, Proto

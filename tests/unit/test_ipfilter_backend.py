@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from stockade.backends.ipfilter import CommandResult, IpfilterBackend
-from stockade.backends.ipfilter_render import Slot, port_text, render_ipfilter
+from stockade.backends.ipfilter.backend import CommandResult, IpfilterBackend
+from stockade.backends.ipfilter.render import Slot, port_text, render_ipfilter
 from stockade.compiler.ir import HostRule, SetDelta
 from stockade.errors import ApplyError, RenderError
 from stockade.model import Family

@@ -16,8 +16,8 @@ from itertools import permutations
 
 from hypothesis import HealthCheck, given, settings
 
-from stockade.backends.ipfilter import IpfilterBackend
-from stockade.backends.ipfilter_render import IpfilterArtifact, Slot
+from stockade.backends.ipfilter.backend import IpfilterBackend
+from stockade.backends.ipfilter.render import IpfilterArtifact, Slot
 from stockade.compiler import compile_policy
 from stockade.evaluator import Evaluator
 from stockade.model import Family, IPAddress, IPNetwork, Policy, Proto

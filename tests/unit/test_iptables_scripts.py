@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from stockade.backends.iptables_render import FamilyRuleset, Hook, IpSet, IptChain, service_matches
-from stockade.backends.iptables_runner import parse_ipset_save
-from stockade.backends.iptables_scripts import (
+from stockade.backends.iptables.render import FamilyRuleset, Hook, IpSet, IptChain, service_matches
+from stockade.backends.iptables.runner import parse_ipset_save
+from stockade.backends.iptables.scripts import (
     FilterState,
     Jump,
     ipset_delta_script,

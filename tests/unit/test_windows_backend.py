@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from stockade.backends.setalgebra import PeerExpr
-from stockade.backends.windows import CommandResult, PowerShellRunner, WindowsFirewallBackend
-from stockade.backends.windows_model import PeerMode, WinKeyword
-from stockade.backends.windows_script import delta_script, ps_quote, read_back_script, remove_script
+from stockade.backends.windows.backend import CommandResult, PowerShellRunner, WindowsFirewallBackend
+from stockade.backends.windows.model import PeerMode, WinKeyword
+from stockade.backends.windows.script import delta_script, ps_quote, read_back_script, remove_script
 from stockade.compiler.ir import HostRule, SetDelta
 from stockade.errors import ApplyError, RenderError
 from stockade.model import Family

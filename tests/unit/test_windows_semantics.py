@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stockade.backends.setalgebra import ServiceSpace, Subtrahend, SubtrahendKind, carve
-from stockade.backends.windows import WindowsFirewallBackend
-from stockade.backends.windows_model import (
+from stockade.backends.windows.backend import WindowsFirewallBackend
+from stockade.backends.windows.model import (
     NOTHING_ADDRESS,
     OTHER_PROTOCOL_RANGES,
     OtherProtocols,

@@ -1,6 +1,6 @@
 """The real ``ControllerClient``: JSON over HTTPS (httpx), the controller's CA pinned.
 
-Speaks the agent protocol of :mod:`stockade.controller.agents_api` under ``/api/v1``::
+Speaks the agent protocol of :mod:`stockade.controller.api.agents` under ``/api/v1``::
 
     POST /agents/enroll                      {activation_code, hostname, interfaces, agent_version}
     PUT  /agents/{id}/interfaces             {interfaces: [{name, addresses}]}

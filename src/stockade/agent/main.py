@@ -33,7 +33,7 @@ from stockade.agent.netns import enter_netns
 from stockade.agent.state import DEFAULT_STATE_DIR, StateDir
 from stockade.agent.systemd import UNIT_DIR, UNIT_NAME, UnitOptions, install_unit, remove_unit
 from stockade.agent.systemd import notify as notify_systemd
-from stockade.backends.nftables import NftablesBackend
+from stockade.backends.nftables.backend import NftablesBackend
 from stockade.errors import StockadeError, ValidationError
 
 log = logging.getLogger("stockade.agent")

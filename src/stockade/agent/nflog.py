@@ -1,6 +1,6 @@
 """A small NFLOG reader: raw ``AF_NETLINK`` / ``NETLINK_NETFILTER`` socket, no library.
 
-The nftables ruleset (:mod:`stockade.backends.nft_render`) logs the first packet of every new
+The nftables ruleset (:mod:`stockade.backends.nftables.render`) logs the first packet of every new
 connection to one NFLOG group with a verdict prefix (``stk:a:`` accepted, ``stk:d:`` dropped,
 ``stk:pb:`` would-be dropped, then the deciding rule id). :class:`NflogReader` binds that group
 in the calling thread's network namespace, asks for the first ``copy_range`` bytes of each
@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from stockade.backends.nft_render import ACCEPT_LOG_PREFIX, DROP_LOG_PREFIX, LOG_PREFIX
+from stockade.backends.nftables.render import ACCEPT_LOG_PREFIX, DROP_LOG_PREFIX, LOG_PREFIX
 from stockade.compiler.ir import Direction
 from stockade.errors import StockadeError
 from stockade.evaluator import Verdict

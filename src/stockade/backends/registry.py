@@ -10,12 +10,12 @@ import inspect
 from typing import Any
 
 from stockade.backends.base import Backend
-from stockade.backends.ebpf import EbpfBackend
-from stockade.backends.f5 import F5Backend
-from stockade.backends.ipfilter import IpfilterBackend
-from stockade.backends.iptables import IptablesBackend
-from stockade.backends.nftables import NftablesBackend
-from stockade.backends.windows import WindowsFirewallBackend
+from stockade.backends.ebpf.backend import EbpfBackend
+from stockade.backends.f5.backend import F5Backend
+from stockade.backends.ipfilter.backend import IpfilterBackend
+from stockade.backends.iptables.backend import IptablesBackend
+from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.windows.backend import WindowsFirewallBackend
 from stockade.errors import Issue, NotFoundError, ValidationError
 
 BACKENDS: dict[str, type[Backend[Any]]] = {

@@ -32,7 +32,7 @@ DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", str(Path.home() / ".loca
 def _syslog_target(value: str | None, fmt: str) -> Any:
     if not value:
         return None
-    from stockade.controller.events import SyslogFormat, SyslogTarget
+    from stockade.controller.services.events import SyslogFormat, SyslogTarget
 
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit():

@@ -27,15 +27,21 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from stockade import __version__
-from stockade.controller import admin_api, agents_api, auth, flows_api, flows_policy_api, objects_api, policy_api
-from stockade.controller.auth import RateLimiter
+from stockade.controller.api import admin as admin_api
+from stockade.controller.api import agents as agents_api
+from stockade.controller.api import flows as flows_api
+from stockade.controller.api import flows_policy as flows_policy_api
+from stockade.controller.api import objects as objects_api
+from stockade.controller.api import policy as policy_api
+from stockade.controller.api.web_mount import mount_console
 from stockade.controller.context import API, Controller, ControllerSettings
-from stockade.controller.db import make_engine, migrate, session_factory
-from stockade.controller.distribution import PolicyDistributor
-from stockade.controller.events import SyslogForwarder
 from stockade.controller.metrics import Metrics, MetricsMiddleware
-from stockade.controller.store import StaleRevisionError
-from stockade.controller.web_mount import mount_console
+from stockade.controller.services import auth
+from stockade.controller.services.auth import RateLimiter
+from stockade.controller.services.distribution import PolicyDistributor
+from stockade.controller.services.events import SyslogForwarder
+from stockade.controller.storage.db import make_engine, migrate, session_factory
+from stockade.controller.storage.store import StaleRevisionError
 from stockade.errors import AuthError, ConflictError, NotFoundError, StockadeError, ValidationError
 
 log = logging.getLogger("stockade.controller")

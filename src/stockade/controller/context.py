@@ -1,6 +1,6 @@
 """What every route shares: the settings, the :class:`Controller` state and the auth dependency.
 
-Every route depends on :func:`require` with one :class:`~stockade.controller.auth.Permission`;
+Every route depends on :func:`require` with one :class:`~stockade.controller.services.auth.Permission`;
 agent tokens are checked in memory, API keys and sessions in a worker thread.
 """
 
@@ -16,11 +16,11 @@ from fastapi import Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from stockade.controller import auth
-from stockade.controller.auth import Permission, Principal, PrincipalKind, RateLimiter
-from stockade.controller.distribution import PolicyDistributor
-from stockade.controller.events import SyslogForwarder, SyslogTarget
 from stockade.controller.metrics import Metrics
+from stockade.controller.services import auth
+from stockade.controller.services.auth import Permission, Principal, PrincipalKind, RateLimiter
+from stockade.controller.services.distribution import PolicyDistributor
+from stockade.controller.services.events import SyslogForwarder, SyslogTarget
 
 API = "/api/v1"
 

@@ -2,7 +2,7 @@
 
 Request counts and latency per route template come from :class:`MetricsMiddleware` (a plain
 ASGI middleware, cheap enough for thousands of long-polls). Agent and convergence gauges are
-computed at scrape time from the :class:`~stockade.controller.distribution.PolicyDistributor`.
+computed at scrape time from the :class:`~stockade.controller.services.distribution.PolicyDistributor`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stockade.controller.distribution import PolicyDistributor
+from stockade.controller.services.distribution import PolicyDistributor
 
 
 class Metrics:

@@ -1,0 +1,1 @@
+"""ipfilter backend family (AIX, Solaris, illumos): ipf.conf/ippool renderer and swap runner."""

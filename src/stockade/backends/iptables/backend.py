@@ -1,0 +1,349 @@
+"""The iptables+ipset backend: peers in ipsets, rules in Stockade's own chains, applied atomically.
+
+For hosts where nftables is not an option. Both kernel APIs are supported through their
+binaries: ``iptables-legacy*`` (x_tables) and ``iptables-nft*`` (nf_tables), v4 and v6.
+Rendering is pure (:mod:`stockade.backends.iptables.render`); the scripts an apply loads
+are built by :mod:`stockade.backends.iptables.scripts`; this module runs them in order
+and undoes what already happened when a step fails.
+
+Apply, and what a failure leaves:
+
+1. concurrently: ``iptables-save``/``ip6tables-save -t filter`` (what we hold now: the
+   rollback point) and one ``ipset -exist restore`` that loads every set's new members under
+   ``<name>-t`` and swaps them onto the live names. Failure: the swaps done are swapped
+   back, the temporary sets destroyed; nothing else was touched.
+2. ``iptables-restore --noflush`` and ``ip6tables-restore --noflush`` of our chains (each
+   one kernel transaction; concurrent for iptables-nft, one after the other for legacy,
+   whose restores share the xtables lock). Failure of one: the other family's chains are
+   put back from its save, the sets swapped back; the previous ruleset is in force again.
+3. the temporary sets (now holding the previous members) and sets no rule uses any more
+   are destroyed.
+
+Between steps 1 and 2 the previous rules already see the new members: the state a set-only
+delta would produce, as each set is named after its selector. Set deltas are one
+``ipset -exist restore`` of ``del``/``add`` lines (a missing set fails before any change;
+adding a present member or deleting an absent one is not an error). Idle and ``remove``
+delete our chains, the jumps to them and our sets, and nothing else: built-in chains are
+never flushed and their policies never set, other chains and sets never named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
+from stockade.backends.iptables.render import (
+    ChainNames,
+    Hook,
+    IpSet,
+    IptablesArtifact,
+    IptablesVariant,
+    address_text,
+    ipset_members,
+    ipset_name,
+    render_iptables,
+    validate_prefix,
+)
+from stockade.backends.iptables.runner import Command, IpsetHeader, IptablesRunner, Result, parse_ipset_save
+from stockade.backends.iptables.scripts import (
+    FilterState,
+    ipset_delta_script,
+    ipset_destroy_script,
+    ipset_swap_script,
+    parse_filter_save,
+    removal_script,
+    rollback_script,
+    rules_script,
+)
+from stockade.compiler.ir import HostPolicy, SetDelta
+from stockade.errors import ApplyError, BackendError, RenderError
+from stockade.model.addresses import Family
+
+IPTABLES_CAPABILITIES = frozenset(Capability)
+FAMILIES = (Family.V4, Family.V6)
+
+
+@dataclass(frozen=True)
+class IptablesVerifyReport:
+    """Differences between the kernel and the expected artifact; empty means in sync."""
+
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything of ours the kernel holds, read in one go."""
+
+    states: dict[Family, FilterState]
+    sets: dict[str, IpsetHeader]
+
+
+class IptablesBackend:
+    """iptables+ipset enforcement for one host (or one network namespace)."""
+
+    name = "iptables"
+    capabilities: frozenset[Capability] = IPTABLES_CAPABILITIES
+
+    def __init__(
+        self,
+        variant: IptablesVariant | str = IptablesVariant.NFT,
+        chain_prefix: str = "STOCKADE",
+        netns: str | None = None,
+        log_group: int = 100,
+        *,
+        forward: bool = False,
+    ) -> None:
+        try:
+            self.variant = IptablesVariant(variant)
+            self.prefix = validate_prefix(chain_prefix)
+        except (ValueError, RenderError) as exc:
+            raise ApplyError(str(exc)) from exc
+        self.netns = netns
+        self.log_group = log_group
+        self.forward = forward
+        self.runner = IptablesRunner(self.variant, netns)
+        self._names = ChainNames(self.prefix)
+
+    @property
+    def set_prefix(self) -> str:
+        """Every ipset of ours is named ``<prefix>-...``."""
+        return self.prefix + "-"
+
+    # ---- pure ------------------------------------------------------------------------
+    def render(self, host_policy: HostPolicy) -> IptablesArtifact:
+        check_capabilities(self.name, self.capabilities, host_policy)
+        return render_iptables(
+            host_policy, self.prefix, self.variant, forward=self.forward, log_group=self.log_group
+        )
+
+    # ---- kernel ----------------------------------------------------------------------
+    def apply(self, artifact: IptablesArtifact) -> None:
+        """Put ``artifact`` in force (idle: remove everything of ours); ApplyError keeps the old one."""
+        if artifact.prefix != self.prefix or artifact.variant is not self.variant:
+            raise ApplyError(
+                f"artifact is for iptables-{artifact.variant.value} prefix {artifact.prefix!r}, "
+                f"backend is iptables-{self.variant.value} prefix {self.prefix!r}"
+            )
+        if not artifact.present:
+            self.remove()
+            return
+        r = self.runner
+        load = artifact.ipset_load
+        save4, save6, loaded = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6), r.ipset_cmd(load.text)])
+        saves = {Family.V4: save4, Family.V6: save6}
+        states = {f: parse_filter_save(res.stdout, self.prefix, f) for f, res in saves.items() if res.ok}
+        before = frozenset(loaded.stdout.split())  # what ``list -n`` printed before any change
+        if not loaded.ok:
+            line = loaded.error_line() or 0
+            done = load.swapped[: max(0, line - load.swap_line)]
+            self._undo_sets(done, artifact.sets, before)
+            raise ApplyError(f"ipset refused the new sets (nothing changed): {loaded.message()}")
+        failed_save = [res for res in saves.values() if not res.ok]
+        if failed_save:
+            self._undo_sets(artifact.sets, artifact.sets, before)
+            raise ApplyError(f"cannot read the current rules (nothing changed): {failed_save[0].message()}")
+
+        scripts = {f: rules_script(artifact.ruleset(f), states[f], self.prefix) for f in FAMILIES}
+        results = self._restore(scripts)
+        failed = [f for f, res in results.items() if not res.ok]
+        if failed:
+            problems = [results[f].message() for f in failed]
+            for f in FAMILIES:
+                if f in results and results[f].ok:
+                    undo = r.run(r.restore_cmd(f, rollback_script(states[f], artifact.ruleset(f), self.prefix)))
+                    if not undo.ok:
+                        problems.append(f"ROLLBACK FAILED, IPv{f.value} chains hold the new rules: {undo.message()}")
+            self._undo_sets(artifact.sets, artifact.sets, before)
+            raise ApplyError("iptables refused the new rules (previous rules and sets kept): " + "; ".join(problems))
+
+        keep = {s.name for s in artifact.sets}
+        stale = sorted(n for n in before if n.startswith(self.set_prefix) and n not in keep)
+        self._destroy_sets([*(s.temp_name for s in artifact.sets), *stale])
+
+    def _restore(self, scripts: dict[Family, str]) -> dict[Family, Result]:
+        """Load each family's rules script; the results of those that ran.
+
+        iptables-nft restores run concurrently (independent nf_tables transactions); legacy
+        ones hold the shared xtables lock, so they run one after the other and IPv6 is not
+        tried once IPv4 failed.
+        """
+        r = self.runner
+        if self.variant is IptablesVariant.NFT:
+            return dict(zip(FAMILIES, r.run_all([r.restore_cmd(f, scripts[f]) for f in FAMILIES]), strict=True))
+        results: dict[Family, Result] = {}
+        for f in FAMILIES:
+            results[f] = r.run(r.restore_cmd(f, scripts[f]))
+            if not results[f].ok:
+                break
+        return results
+
+    def _undo_sets(self, swapped: tuple[IpSet, ...], sets: tuple[IpSet, ...], before: frozenset[str]) -> None:
+        """Swap back ``swapped``, destroy the temporary sets and the live sets this apply created."""
+        if swapped:
+            self.runner.run(self.runner.ipset_cmd(ipset_swap_script(swapped)))
+        created = [s.name for s in sets if s.name not in before]
+        self._destroy_sets([*(s.temp_name for s in sets), *created])
+
+    def _destroy_sets(self, names: list[str]) -> None:
+        """Destroy sets, skipping any the kernel refuses (still referenced by someone)."""
+        remaining = names
+        while remaining:
+            res = self.runner.run(self.runner.ipset_cmd(ipset_destroy_script(remaining)))
+            line = res.error_line()
+            if res.ok or line is None:
+                return
+            remaining = remaining[line:]
+
+    def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
+        """Add and delete set members (``ipset -exist restore``); rules are not touched.
+
+        Raises ApplyError, with nothing changed, when a set does not exist.
+        """
+        check_delta_capabilities(self.name, self.capabilities, deltas)
+        changes = [
+            (ipset_name(self.prefix, d.name, d.family), d.added, d.removed) for d in deltas if d.added or d.removed
+        ]
+        if not changes:
+            return
+        res = self.runner.run(self.runner.ipset_cmd(ipset_delta_script(changes)))
+        if not res.ok:
+            raise ApplyError(f"ipset refused the set delta: {res.message()}")
+
+    def snapshot(self) -> Snapshot:
+        """Our chains and jumps in both families, and our sets with their members."""
+        r = self.runner
+        save4, save6, sets = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6), Command(("ipset", "save"))])
+        for res in (save4, save6, sets):
+            if not res.ok:
+                raise BackendError(res.message())
+        states = {
+            Family.V4: parse_filter_save(save4.stdout, self.prefix, Family.V4),
+            Family.V6: parse_filter_save(save6.stdout, self.prefix, Family.V6),
+        }
+        return Snapshot(states, parse_ipset_save(sets.stdout, self.set_prefix))
+
+    def read_back(self) -> str:
+        """Our sets, chains and jumps as text (counter-free, sorted sets); "" when none exist."""
+        snap = self.snapshot()
+        lines: list[str] = []
+        for name in sorted(snap.sets):
+            s = snap.sets[name]
+            lines.append(f"create {name} {s.type_name} family {s.family}")
+            lines += [f"add {name} {m}" for m in s.members]
+        for family in FAMILIES:
+            state = snap.states[family]
+            if state.empty:
+                continue
+            lines.append(f"*filter IPv{family.value}")
+            lines += [f"-A {j.hook.value} {j.spec}" for j in state.jumps]
+            for chain in state.chains:
+                lines.append(f":{chain.name}")
+                lines += [f"-A {chain.name} {rule}" for rule in chain.rules]
+        return "\n".join(lines) + "\n" if lines else ""
+
+    def remove(self) -> None:
+        """Delete our chains, every jump to them and our sets; touch nothing else. Idempotent."""
+        r = self.runner
+        save4, save6 = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6)])
+        for res in (save4, save6):
+            if not res.ok:
+                raise ApplyError(f"cannot read the current rules: {res.message()}")
+        cmds = []
+        for family, res in ((Family.V4, save4), (Family.V6, save6)):
+            script = removal_script(parse_filter_save(res.stdout, self.prefix, family), self.prefix)
+            if script is not None:
+                cmds.append(r.restore_cmd(family, script))
+        failed = [res for res in (r.run_all(cmds) if cmds else []) if not res.ok]
+        if failed:
+            raise ApplyError("cannot remove Stockade's chains: " + "; ".join(res.message() for res in failed))
+        try:
+            names = [n for n in r.ipset_names() if n.startswith(self.set_prefix)]
+        except BackendError as exc:
+            raise ApplyError(str(exc)) from exc
+        self._destroy_sets(sorted(names))
+
+    def close(self) -> None:
+        """Nothing is kept open between calls."""
+
+    def verify(self, expected: IptablesArtifact) -> IptablesVerifyReport:
+        """Compare what the kernel holds with ``expected`` (tamper and drift detection)."""
+        snap = self.snapshot()
+        problems: list[str] = []
+        if not expected.present:
+            problems += [f"set {n} exists but should not" for n in sorted(snap.sets)]
+            for family in FAMILIES:
+                state = snap.states[family]
+                problems += [f"IPv{family.value} chain {c.name} exists but should not" for c in state.chains]
+                problems += [f"IPv{family.value} {j.hook.value} jumps to {j.spec} but should not" for j in state.jumps]
+            return IptablesVerifyReport(tuple(problems))
+        problems += _set_problems(expected.sets, snap.sets)
+        for family in FAMILIES:
+            problems += self._chain_problems(expected, snap.states[family])
+        return IptablesVerifyReport(tuple(problems))
+
+    def _chain_problems(self, expected: IptablesArtifact, state: FilterState) -> list[str]:
+        tag = f"IPv{state.family.value}"
+        ruleset = expected.ruleset(state.family)
+        have = {c.name: c for c in state.chains}
+        problems: list[str] = []
+        for chain in ruleset.chains:
+            got = have.pop(chain.name, None)
+            if got is None:
+                problems.append(f"{tag} chain {chain.name} is missing")
+            elif got.rules != chain.rules:
+                problems.append(f"{tag} {_rule_diff(chain.name, chain.rules, got.rules)}")
+        problems += [f"{tag} unexpected chain {name}" for name in sorted(have)]
+        for hook in Hook:
+            exact = f"-j {self._names.entry(hook)}"
+            jumps = [j for j in state.jumps if j.hook is hook]
+            count = sum(1 for j in jumps if j.spec == exact)
+            want = 1 if hook in ruleset.hooks else 0
+            if count != want:
+                problems.append(f"{tag} {hook.value} has {count} jumps to {self._names.entry(hook)}, expected {want}")
+            problems += [f"{tag} {hook.value} has an unexpected rule {j.spec!r}" for j in jumps if j.spec != exact]
+        return problems
+
+
+def _rule_diff(chain: str, want: tuple[str, ...], have: tuple[str, ...]) -> str:
+    for i, (w, h) in enumerate(zip(want, have, strict=False)):
+        if w != h:
+            return f"chain {chain}: rule {i} is {h!r}, expected {w!r}"
+    if len(have) > len(want):
+        return f"chain {chain}: unexpected rule {have[len(want)]!r}"
+    return f"chain {chain}: missing rule {want[len(have)]!r}"
+
+
+def _members_text(members: list[str], limit: int = 5) -> str:
+    shown = ", ".join(members[:limit])
+    return shown + (f" (+{len(members) - limit} more)" if len(members) > limit else "")
+
+
+def _set_problems(expected: tuple[IpSet, ...], actual: dict[str, IpsetHeader]) -> list[str]:
+    problems: list[str] = []
+    have = dict(actual)
+    for s in expected:
+        got = have.pop(s.name, None)
+        if got is None:
+            problems.append(f"set {s.name} is missing")
+            continue
+        if (got.type_name, got.family) != ("hash:net", s.ipset_family):
+            problems.append(
+                f"set {s.name}: type {got.type_name} family {got.family}, expected hash:net {s.ipset_family}"
+            )
+        want = {address_text(m) for m in ipset_members(s.members)}  # the spelling ipset prints
+        present = set(got.members)
+        missing = sorted(want - present)
+        extra = sorted(present - want)
+        if missing:
+            problems.append(f"set {s.name}: missing {_members_text(missing)}")
+        if extra:
+            problems.append(f"set {s.name}: unexpected {_members_text(extra)}")
+    problems += [f"unexpected set {name}" for name in sorted(have)]
+    return problems
+
+
+__all__ = ["IPTABLES_CAPABILITIES", "IptablesBackend", "IptablesVariant", "IptablesVerifyReport"]

@@ -1,0 +1,548 @@
+"""Pure rendering of a HostPolicy into an iptables+ipset artifact (no I/O).
+
+The artifact (:class:`IptablesArtifact`) is structured data: ipsets (``hash:net``, one per
+peer address set and family) and, per family, Stockade's own chains in the ``filter``
+table with their rules written exactly as ``iptables-save`` prints them back, so
+``verify`` compares rule lines one to one. :mod:`stockade.backends.iptables.scripts` turns
+it into the ``ipset restore`` and ``iptables-restore --noflush`` scripts the runner loads.
+
+Chains (``<prefix>`` is the backend's chain prefix, ``STOCKADE`` by default), the same in
+``iptables`` and ``ip6tables``:
+
+* ``<prefix>-INPUT`` / ``<prefix>-OUTPUT``, each jumped to by exactly one rule in the
+  built-in ``INPUT`` / ``OUTPUT`` chain: the failsafe (established/related through the
+  conntrack match, loopback, ICMPv6 neighbour discovery) then ``-j <prefix>-IN`` / ``-OUT``;
+* ``<prefix>-FORWARD`` (only when asked, for router/bridge hosts): established, ND, then
+  traffic to / from the host's own addresses (set ``<prefix>-local-v4``/``-v6``) goes through
+  ``<prefix>-IN`` / ``<prefix>-OUT``;
+* ``<prefix>-IN`` / ``<prefix>-OUT``: management ports resp. controller path, the host rules
+  in precedence order (override-deny, allow, deny; first match wins), the mode default.
+
+Verdicts: an allow is ``-j RETURN``, back to the built-in chain, so whatever others keep
+after our jump (and the chain policy) still has its say: the same meaning as ``accept`` in
+nftables' own table. A drop is ``-j DROP``, final everywhere. Built-in chains and their
+policies are never changed; *full* mode ends both ``-IN`` and ``-OUT`` with a counted
+``-j DROP``; *selective* falls off the end (allowed); *visibility* drops nothing: every
+would-be drop is a ``-j NFLOG`` rule (prefix ``stk:pb:<rule id>``, group ``log_group``)
+followed by a ``-j RETURN`` with the same matches; *idle* installs nothing.
+
+Each rule matches the service first (``-p``/port, a header compare) and the peer ipset
+second, so a packet does set lookups only in rules whose port it matches. Everything
+interpolated is an int, an IP object or a validated identifier; strings are quoted the way
+``iptables-save`` quotes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from stockade.compiler.ir import Direction, HostPolicy, HostRule
+from stockade.errors import RenderError
+from stockade.model.addresses import AddressRanges, Family, IPNetwork, merge_ranges
+from stockade.model.rules import Action
+from stockade.model.services import Proto, ServiceEntry
+from stockade.model.workloads import EnforcementMode
+
+if TYPE_CHECKING:
+    from stockade.backends.iptables.scripts import IpsetLoad
+
+LOG_PREFIX = "stk:pb:"  # same NFLOG prefix scheme as the nftables backend
+NFLOG_PREFIX_MAX = 63  # xt_NFLOG keeps 64 bytes including the terminating NUL
+IPSET_NAME_MAX = 31  # IPSET_MAXNAMELEN is 32 including the NUL
+TEMP_SUFFIX = "-t"  # a set's new members are loaded under <name>-t, then swapped in
+SET_MAXELEM = 1 << 22  # one constant for every set: ``create -exist`` then never conflicts
+MULTIPORT_SLOTS = 15  # xt_multiport: at most 15 ports, a range taking two
+DEFAULT_RULE_ID = "default"
+LOCAL_SET = "local"
+ND_TYPES = (133, 134, 135, 136, 137)
+
+_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,11}$")
+_PEER_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+_RULE_ID_RE = re.compile(r"^[A-Za-z0-9_.:/@=+\-]{1,120}$")
+_UNQUOTED = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class IptablesVariant(Enum):
+    """Which iptables: the legacy x_tables kernel API or the nf_tables one (``iptables-nft``)."""
+
+    LEGACY = "legacy"
+    NFT = "nft"
+
+    def tool(self, family: Family, action: str) -> str:
+        """Binary name, e.g. ``ip6tables-nft-restore`` for (V6, "restore")."""
+        base = "iptables" if family is Family.V4 else "ip6tables"
+        return f"{base}-{self.value}-{action}"
+
+
+class Hook(Enum):
+    """The built-in filter chains Stockade jumps from."""
+
+    INPUT = "INPUT"
+    OUTPUT = "OUTPUT"
+    FORWARD = "FORWARD"
+
+
+@dataclass(frozen=True)
+class ChainNames:
+    """Every chain name of one prefix: the three entry chains and the two rule chains."""
+
+    prefix: str
+
+    def entry(self, hook: Hook) -> str:
+        return f"{self.prefix}-{hook.value}"
+
+    @property
+    def inbound(self) -> str:
+        return f"{self.prefix}-IN"
+
+    @property
+    def outbound(self) -> str:
+        return f"{self.prefix}-OUT"
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (*(self.entry(h) for h in Hook), self.inbound, self.outbound)
+
+
+@dataclass(frozen=True)
+class IpSet:
+    """One ``hash:net`` ipset (one family). ``members`` are what ``ipset add`` receives."""
+
+    name: str
+    family: Family
+    members: tuple[IPNetwork, ...]
+
+    @property
+    def temp_name(self) -> str:
+        return self.name + TEMP_SUFFIX
+
+    @property
+    def ipset_family(self) -> str:
+        return "inet" if self.family is Family.V4 else "inet6"
+
+    @property
+    def hashsize(self) -> int:
+        """Initial hash size: room for every member at once (fewer resizes while loading)."""
+        size = 64
+        while size < len(self.members) and size < (1 << 20):
+            size <<= 1
+        return size
+
+    def create_line(self, name: str) -> str:
+        return (
+            f"create {name} hash:net family {self.ipset_family} hashsize {self.hashsize} maxelem {SET_MAXELEM}"
+        )
+
+
+@dataclass(frozen=True)
+class IptChain:
+    """A Stockade chain: rule specs as ``iptables-save`` prints them after ``-A <name> ``."""
+
+    name: str
+    rules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FamilyRuleset:
+    """Stockade's chains in one family's filter table and the built-in chains jumping to them."""
+
+    family: Family
+    chains: tuple[IptChain, ...]
+    hooks: tuple[Hook, ...]
+
+    def chain(self, name: str) -> IptChain:
+        for c in self.chains:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class IptablesArtifact:
+    """The rendered policy. ``present`` False (idle): none of our chains, jumps or sets may exist."""
+
+    prefix: str
+    variant: IptablesVariant
+    workload: str
+    mode: EnforcementMode
+    present: bool
+    sets: tuple[IpSet, ...]
+    rulesets: tuple[FamilyRuleset, ...]  # (V4, V6) when present, else ()
+
+    def ruleset(self, family: Family) -> FamilyRuleset:
+        for r in self.rulesets:
+            if r.family is family:
+                return r
+        raise KeyError(family)
+
+    def to_text(self) -> str:
+        """The scripts an apply runs on a host holding none of our chains (what ``render`` prints)."""
+        return self._text
+
+    @cached_property
+    def ipset_load(self) -> IpsetLoad:
+        """The ``ipset restore`` load-and-swap script, built once per artifact (a frozen value)."""
+        from stockade.backends.iptables.scripts import ipset_load_script
+
+        return ipset_load_script(self.sets)
+
+    @cached_property
+    def _text(self) -> str:
+        # deferred import: the scripts module builds on this one's types
+        from stockade.backends.iptables.scripts import artifact_text
+
+        return artifact_text(self)
+
+
+# ---- names and strings ------------------------------------------------------------------
+
+
+def validate_prefix(prefix: str) -> str:
+    if not _PREFIX_RE.match(prefix):
+        raise RenderError(f"invalid iptables chain prefix {prefix!r} (want [A-Za-z][A-Za-z0-9_]{{0,11}})")
+    return prefix
+
+
+def ipset_name(prefix: str, peer: str, family: Family) -> str:
+    """``<prefix>-<peer>-v4``; a peer too long for ipset's 31 characters becomes ``h<sha256[:12]>``.
+
+    Room is kept for the temporary suffix, so ``<name>-t`` fits too.
+    """
+    if not _PEER_RE.match(peer) or peer == LOCAL_SET:
+        raise RenderError(f"address set name {peer!r} is not a valid ipset name part")
+    name = f"{prefix}-{peer}-v{family.value}"
+    if len(name) + len(TEMP_SUFFIX) > IPSET_NAME_MAX:
+        short = "h" + hashlib.sha256(peer.encode()).hexdigest()[:12]
+        name = f"{prefix}-{short}-v{family.value}"
+    if len(name) + len(TEMP_SUFFIX) > IPSET_NAME_MAX:
+        raise RenderError(f"ipset name {name!r} is longer than {IPSET_NAME_MAX - len(TEMP_SUFFIX)} characters")
+    return name
+
+
+def local_set_name(prefix: str, family: Family) -> str:
+    return f"{prefix}-{LOCAL_SET}-v{family.value}"
+
+
+def save_string(value: str) -> str:
+    """A string argument as ``iptables-save`` prints it: bare when [A-Za-z0-9_-]+, else quoted."""
+    if value and all(c in _UNQUOTED for c in value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'")
+    return f'"{escaped}"'
+
+
+def _rule_id(rule_id: str) -> str:
+    if not _RULE_ID_RE.match(rule_id):
+        raise RenderError(f"rule id {rule_id!r} cannot be embedded in an iptables comment")
+    return rule_id
+
+
+def log_prefix(rule_id: str) -> str:
+    """NFLOG prefix of a would-be drop: ``stk:pb:<rule id>``.
+
+    xt_NFLOG keeps at most 63 characters; a longer rule id keeps its first characters and
+    ends with ``~`` and 8 hex digits of its SHA-256, so distinct rules keep distinct prefixes.
+    """
+    text = LOG_PREFIX + _rule_id(rule_id)
+    if len(text) <= NFLOG_PREFIX_MAX:
+        return text
+    digest = hashlib.sha256(rule_id.encode()).hexdigest()[:8]
+    return text[: NFLOG_PREFIX_MAX - 9] + "~" + digest
+
+
+def _ntop(net: IPNetwork) -> str:
+    value = int(net.network_address)
+    if net.version == 4:
+        return socket.inet_ntoa(value.to_bytes(4, "big"))
+    return socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
+
+
+def address_text(net: IPNetwork) -> str:
+    """A set member as ``ipset save`` prints it (``inet_ntop``): bare for a single host."""
+    text = _ntop(net)
+    return text if net.prefixlen == net.max_prefixlen else f"{text}/{net.prefixlen}"
+
+
+def cidr_text(net: IPNetwork) -> str:
+    """An address match as ``iptables-save`` prints it: always with the prefix length."""
+    return f"{_ntop(net)}/{net.prefixlen}"
+
+
+def ipset_members(members: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """Members as a ``hash:net`` set can hold them: ``/0`` (refused by the kernel) as two ``/1``."""
+    out: list[IPNetwork] = []
+    for m in members:
+        out.extend(m.subnets(prefixlen_diff=1) if m.prefixlen == 0 else (m,))
+    return tuple(out)
+
+
+# ---- rule specs -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Match:
+    """A service match: the ``-p`` part and the protocol match after it ("" for any protocol)."""
+
+    proto: str
+    extra: str = ""
+
+
+def spec(
+    *,
+    dst: str = "",
+    iface: str = "",
+    match: Match | None = None,
+    peer: str = "",
+    ctstate: bool = False,
+    comment: str = "",
+    target: str,
+) -> str:
+    """One rule spec in ``iptables-save`` order: addresses, interface, protocol, matches, target."""
+    parts: list[str] = []
+    if dst:
+        parts.append(f"-d {dst}")
+    if iface:
+        parts.append(iface)
+    if match is not None and match.proto:
+        parts.append(f"-p {match.proto}")
+        if match.extra:
+            parts.append(match.extra)
+    if peer:
+        parts.append(peer)
+    if ctstate:
+        parts.append("-m conntrack --ctstate RELATED,ESTABLISHED")
+    if comment:
+        parts.append(f"-m comment --comment {save_string(comment)}")
+    parts.append(target)
+    return " ".join(parts)
+
+
+def _bounds(e: ServiceEntry, limit: int) -> tuple[int, int]:
+    first = e.first if e.first is not None else 0
+    last = e.last if e.last is not None else first
+    if not 0 <= first <= last <= limit:
+        raise RenderError(f"service entry {e} out of range 0-{limit}")
+    return first, last
+
+
+def _port_matches(proto: str, ranges: tuple[tuple[int, int], ...]) -> list[Match]:
+    if ranges == ((0, 65535),):
+        return [Match(proto)]
+    if len(ranges) == 1:
+        lo, hi = ranges[0]
+        return [Match(proto, f"-m {proto} --dport {lo if lo == hi else f'{lo}:{hi}'}")]
+    out: list[Match] = []
+    chunk: list[str] = []
+    slots = 0
+    for lo, hi in ranges:
+        need = 1 if lo == hi else 2
+        if slots + need > MULTIPORT_SLOTS:
+            out.append(Match(proto, f"-m multiport --dports {','.join(chunk)}"))
+            chunk, slots = [], 0
+        chunk.append(str(lo) if lo == hi else f"{lo}:{hi}")
+        slots += need
+    out.append(Match(proto, f"-m multiport --dports {','.join(chunk)}"))
+    return out
+
+
+def _icmp_matches(entries: list[ServiceEntry], family: Family) -> list[Match]:
+    if family is Family.V4:
+        proto, module, option = "icmp", "icmp", "--icmp-type"
+    else:
+        proto, module, option = "ipv6-icmp", "icmp6", "--icmpv6-type"
+    if any(e.first is None for e in entries):
+        return [Match(proto)]
+    types: set[int] = set()
+    for e in entries:
+        lo, hi = _bounds(e, 255)
+        types.update(range(lo, hi + 1))
+    if family is Family.V4 and 255 in types:
+        # xt_icmp treats type 255 as "any type": matching it would widen the rule
+        raise RenderError("ICMP type 255 cannot be matched by iptables (it means every type)")
+    return [Match(proto, f"-m {module} {option} {t}") for t in sorted(types)]
+
+
+def service_matches(entries: Iterable[ServiceEntry], family: Family) -> list[Match]:
+    """Matches for ``entries`` in one family; ``[Match("")]`` for any protocol, [] for none."""
+    entries = list(entries)
+    if any(e.proto is Proto.ANY for e in entries):
+        return [Match("")]
+    out: list[Match] = []
+    for proto in (Proto.TCP, Proto.UDP):
+        es = [e for e in entries if e.proto is proto]
+        if not es:
+            continue
+        if any(e.first is None for e in es):
+            out.append(Match(proto.value))
+            continue
+        out.extend(_port_matches(proto.value, merge_ranges(_bounds(e, 65535) for e in es)))
+    icmp_proto = Proto.ICMP if family is Family.V4 else Proto.ICMPV6
+    icmp = [e for e in entries if e.proto is icmp_proto]
+    if icmp:
+        out.extend(_icmp_matches(icmp, family))
+    return out
+
+
+# ---- chains -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Options:
+    prefix: str
+    mode: EnforcementMode
+    log_group: int
+
+
+def _nflog(rule_id: str, opts: _Options) -> str:
+    group = f" --nflog-group {opts.log_group}" if opts.log_group else ""  # iptables-save omits group 0
+    return f"-j NFLOG --nflog-prefix {save_string(log_prefix(rule_id))}{group}"
+
+
+def _verdict_rules(rule_id: str, action: Action, opts: _Options, match: Match, peer: str = "") -> list[str]:
+    """The rule(s) giving ``action``: RETURN, DROP, or in visibility NFLOG then RETURN."""
+    if action is Action.ALLOW:
+        targets = ["-j RETURN"]
+    elif opts.mode is EnforcementMode.VISIBILITY:
+        targets = [_nflog(rule_id, opts), "-j RETURN"]
+    else:
+        targets = ["-j DROP"]
+    return [spec(match=match, peer=peer, comment=rule_id, target=t) for t in targets]
+
+
+def _default_rules(opts: _Options) -> list[str]:
+    if opts.mode is EnforcementMode.FULL:
+        return [spec(comment=DEFAULT_RULE_ID, target="-j DROP")]
+    if opts.mode is EnforcementMode.VISIBILITY:
+        return [spec(comment=DEFAULT_RULE_ID, target=_nflog(DEFAULT_RULE_ID, opts))]  # then falls off: allowed
+    return []
+
+
+def _host_rule_lines(rule: HostRule, family: Family, opts: _Options) -> list[str]:
+    direction = "src" if rule.direction is Direction.INBOUND else "dst"
+    peer = f"-m set --match-set {ipset_name(opts.prefix, rule.peer, family)} {direction}"
+    try:
+        matches = service_matches(rule.services, family)
+    except RenderError as exc:
+        raise RenderError(f"rule {rule.rule_id!r}: {exc}") from exc
+    lines: list[str] = []
+    for match in matches:
+        lines += _verdict_rules(_rule_id(rule.rule_id), rule.action, opts, match=match, peer=peer)
+    return lines
+
+
+def _controller_lines(hp: HostPolicy, family: Family) -> list[str]:
+    fs = hp.failsafe
+    if not fs.controller:
+        return []
+    if not 0 < fs.controller_port <= 65535:
+        raise RenderError(f"controller port {fs.controller_port} out of range")
+    match = Match("tcp", f"-m tcp --dport {fs.controller_port}")
+    nets = AddressRanges.of(fs.controller).networks(family)
+    return [spec(dst=cidr_text(n), match=match, comment="failsafe:controller", target="-j RETURN") for n in nets]
+
+
+def _failsafe(family: Family, iface: str) -> list[str]:
+    lines = [
+        spec(ctstate=True, comment="failsafe:established", target="-j RETURN"),
+    ]
+    if iface:
+        lines.append(spec(iface=iface, comment="failsafe:loopback", target="-j RETURN"))
+    if family is Family.V6:
+        lines += [
+            spec(match=Match("ipv6-icmp", f"-m icmp6 --icmpv6-type {t}"), comment="failsafe:nd", target="-j RETURN")
+            for t in ND_TYPES
+        ]
+    return lines
+
+
+def _controller_reply_lines(hp: HostPolicy, family: Family) -> list[str]:
+    """Replies from the controller without conntrack state (see the nftables renderer); a bare SYN
+    from the controller's port is not a reply and is not let in."""
+    fs = hp.failsafe
+    if not fs.controller:
+        return []
+    comment = save_string("failsafe:controller-reply")
+    return [
+        f"-s {cidr_text(n)} -p tcp -m tcp --sport {fs.controller_port} ! --tcp-flags SYN,ACK SYN "
+        f"-m comment --comment {comment} -j RETURN"
+        for n in AddressRanges.of(fs.controller).networks(family)
+    ]
+
+
+def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: bool) -> FamilyRuleset:
+    names = ChainNames(opts.prefix)
+    inbound = [
+        line
+        for match in service_matches(hp.failsafe.management, family)
+        for line in _verdict_rules("failsafe:management", Action.ALLOW, opts, match=match)
+    ]
+    inbound += _controller_reply_lines(hp, family)
+    outbound = _controller_lines(hp, family)
+    for rule in hp.rules:
+        (inbound if rule.direction is Direction.INBOUND else outbound).extend(_host_rule_lines(rule, family, opts))
+    inbound += _default_rules(opts)
+    outbound += _default_rules(opts)
+    chains = [
+        IptChain(names.entry(Hook.INPUT), (*_failsafe(family, "-i lo"), f"-j {names.inbound}")),
+        IptChain(names.entry(Hook.OUTPUT), (*_failsafe(family, "-o lo"), f"-j {names.outbound}")),
+    ]
+    hooks = [Hook.INPUT, Hook.OUTPUT]
+    if forward:
+        local = local_set_name(opts.prefix, family)
+        chains.append(
+            IptChain(
+                names.entry(Hook.FORWARD),
+                (
+                    *_failsafe(family, ""),
+                    spec(peer=f"-m set --match-set {local} dst", target=f"-j {names.inbound}"),
+                    spec(peer=f"-m set --match-set {local} src", target=f"-j {names.outbound}"),
+                ),
+            )
+        )
+        hooks.append(Hook.FORWARD)
+    chains += [IptChain(names.inbound, tuple(inbound)), IptChain(names.outbound, tuple(outbound))]
+    return FamilyRuleset(family, tuple(chains), tuple(hooks))
+
+
+def render_iptables(
+    hp: HostPolicy,
+    prefix: str = "STOCKADE",
+    variant: IptablesVariant = IptablesVariant.NFT,
+    *,
+    forward: bool = False,
+    log_group: int = 100,
+) -> IptablesArtifact:
+    """Render ``hp`` (pure). Capabilities are checked by the backend before this runs."""
+    validate_prefix(prefix)
+    if not 0 <= log_group <= 65535:
+        raise RenderError(f"log group {log_group} out of range 0-65535")
+    if hp.mode is EnforcementMode.IDLE:
+        return IptablesArtifact(prefix, variant, hp.workload, hp.mode, False, (), ())
+    opts = _Options(prefix, hp.mode, log_group)
+
+    present = {(s.name, s.family) for s in hp.sets}
+    for rule in hp.rules:
+        for family in (Family.V4, Family.V6):
+            if (rule.peer, family) not in present:
+                raise RenderError(f"rule {rule.rule_id} references missing set {rule.peer} ({family.name})")
+    sets: list[IpSet] = []
+    for aset in sorted(hp.sets):
+        members = ipset_members(aset.members)
+        if len(members) > SET_MAXELEM:
+            raise RenderError(f"address set {aset.name} has {len(members)} members (ipset limit {SET_MAXELEM})")
+        sets.append(IpSet(ipset_name(prefix, aset.name, aset.family), aset.family, members))
+    if forward:
+        local = AddressRanges.of(hp.local_addresses)
+        for family in (Family.V4, Family.V6):
+            sets.append(IpSet(local_set_name(prefix, family), family, ipset_members(local.networks(family))))
+    if len({s.name for s in sets}) != len(sets):
+        raise RenderError("duplicate ipset names")
+    rulesets = tuple(_family_ruleset(hp, family, opts, forward) for family in (Family.V4, Family.V6))
+    return IptablesArtifact(prefix, variant, hp.workload, hp.mode, True, tuple(sets), rulesets)

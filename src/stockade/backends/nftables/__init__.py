@@ -1,0 +1,1 @@
+"""nftables backend family: pure renderer, nft runner, direct netlink set deltas, the Backend."""

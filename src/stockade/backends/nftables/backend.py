@@ -1,0 +1,238 @@
+"""The nftables backend: Stockade's own ``inet`` table, applied atomically, verified by reading back.
+
+Apply uses the text format with ``nft -f`` rather than JSON with ``nft -j -f``:
+
+* the artifact people review (``stockade render``, golden files) is then exactly what is
+  loaded, in the syntax every nftables user reads;
+* one file is one kernel transaction either way, and ``table``/``delete table``/definition in
+  one file replaces the table atomically (``ApplyError`` and the old ruleset stays if any line
+  is refused), with no dependence on the JSON schema's version differences;
+* text parses faster than JSON for large sets on nft 1.0.6 and matches the benchmark's
+  baseline (``nft -f`` of the same file) byte for byte.
+
+Set deltas bypass the ``nft`` binary: :mod:`stockade.backends.nftables.netlink` sends one netlink
+batch (nft 1.0.6 re-reads the whole set for every ``add element``). ``DeltaPath.NFT_CLI``
+keeps the portable ``nft -f`` path (``delete element`` + ``add element`` in one file).
+The netlink socket is kept between deltas: closing a NETLINK_NETFILTER socket right after
+a transaction that deleted elements waits for nf_tables' deferred destroy work (an RCU grace
+period, 8-25 ms measured), while a delta on an open socket takes ~0.03 ms. A kept socket pins
+its network namespace, so call ``close()`` (or use the backend as a context manager) before
+deleting the namespace; garbage collection closes it too.
+
+Only ``table inet <table>`` is ever named in a command, so other tables (Docker's, kube-proxy's,
+libvirt's) are never touched. ``verify`` compares the kernel's listing with an artifact:
+chain headers and rule lines exactly (counters zeroed), set members as address ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
+from stockade.backends.nftables.netlink import ElementChange, NftNetlink
+from stockade.backends.nftables.render import (
+    NftablesArtifact,
+    SetKind,
+    net_element,
+    nft_set_name,
+    render_nftables,
+    split_members,
+    validate_table,
+)
+from stockade.backends.nftables.runner import (
+    NftRunner,
+    normalise_counters,
+    parse_chains,
+    set_flags,
+    set_members,
+)
+from stockade.compiler.ir import HostPolicy, SetDelta
+from stockade.errors import ApplyError, RenderError
+from stockade.model.addresses import AddressRanges, Family
+
+NFTABLES_CAPABILITIES = frozenset(Capability)
+
+
+class DeltaPath(Enum):
+    """How ``apply_delta`` reaches the kernel."""
+
+    NETLINK = "netlink"  # one nf_tables batch on a raw netlink socket (fast at any set size)
+    NFT_CLI = "nft-cli"  # ``nft -f`` with delete/add element (re-reads the set on nft 1.0.6)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Differences between the kernel and the expected artifact; empty means in sync."""
+
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def listing_form(rule: str) -> str:
+    """A rendered rule as ``nft list`` prints it back (counters with zero values)."""
+    return normalise_counters(rule.replace("counter ", "counter packets 0 bytes 0 "))
+
+
+def _ranges_text(r: AddressRanges, limit: int = 5) -> str:
+    nets = [*r.networks(Family.V4), *r.networks(Family.V6)]
+    shown = ", ".join(net_element(n) for n in nets[:limit])
+    return shown + (f" (+{len(nets) - limit} more)" if len(nets) > limit else "")
+
+
+class NftablesBackend:
+    """nftables enforcement for one host (or one network namespace)."""
+
+    name = "nftables"
+    capabilities: frozenset[Capability] = NFTABLES_CAPABILITIES
+
+    def __init__(
+        self,
+        table: str = "stockade",
+        netns: str | None = None,
+        log_group: int = 100,
+        *,
+        forward: bool = False,
+        delta_path: DeltaPath = DeltaPath.NETLINK,
+    ) -> None:
+        try:
+            self.table = validate_table(table)
+        except RenderError as exc:
+            raise ApplyError(str(exc)) from exc
+        self.netns = netns
+        self.log_group = log_group
+        self.forward = forward
+        self.delta_path = delta_path
+        self.runner = NftRunner(netns)
+        self._netlink: NftNetlink | None = None  # opened by the first netlink delta
+
+    # ---- pure ------------------------------------------------------------------------
+    def render(self, host_policy: HostPolicy) -> NftablesArtifact:
+        check_capabilities(self.name, self.capabilities, host_policy)
+        return render_nftables(host_policy, self.table, forward=self.forward, log_group=self.log_group)
+
+    # ---- kernel ----------------------------------------------------------------------
+    def apply(self, artifact: NftablesArtifact) -> None:
+        """Replace the table by ``artifact`` in one transaction (idle: delete it)."""
+        if artifact.table != self.table:
+            raise ApplyError(f"artifact is for table {artifact.table!r}, backend owns {self.table!r}")
+        self.runner.load(artifact.to_text())
+
+    def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
+        """Delete and add set members in one transaction; rules are not touched.
+
+        Raises ApplyError (and changes nothing) when a set is missing or a removed member
+        is not in the kernel: the caller should then reload the full policy.
+        """
+        check_delta_capabilities(self.name, self.capabilities, deltas)
+        changes = delta_changes(deltas)
+        if not changes:
+            return
+        if self.delta_path is DeltaPath.NETLINK:
+            if self._netlink is None:
+                self._netlink = NftNetlink(self.netns)
+            self._netlink.change_elements(self.table, changes)
+        else:
+            self.runner.load(delta_script(self.table, changes))
+
+    def read_back(self) -> str:
+        listing = self.runner.list_table(self.table)
+        return "" if listing is None else normalise_counters(listing)
+
+    def remove(self) -> None:
+        self.runner.load(f"table inet {self.table}\ndelete table inet {self.table}\n")
+
+    def close(self) -> None:
+        """Release the netlink socket kept for deltas (it pins its network namespace)."""
+        if self._netlink is not None:
+            self._netlink.close()
+            self._netlink = None
+
+    def __enter__(self) -> NftablesBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def verify(self, expected: NftablesArtifact) -> VerifyReport:
+        """Compare what the kernel holds with ``expected`` (tamper and drift detection)."""
+        items = self.runner.list_table_json(self.table)
+        if not expected.present:
+            return VerifyReport(() if items is None else (f"table inet {self.table} exists but should not",))
+        if items is None:
+            return VerifyReport((f"table inet {self.table} is missing",))
+        problems: list[str] = []
+        actual_sets = set_members(items)
+        flags = set_flags(items)
+        for s in expected.sets:
+            if s.name not in actual_sets:
+                problems.append(f"set {s.name} is missing")
+                continue
+            want_flags = ("interval",) if s.kind is SetKind.NET else ()
+            if flags[s.name] != (s.type_name, want_flags):
+                problems.append(f"set {s.name}: type/flags {flags[s.name]} != {(s.type_name, want_flags)}")
+            want = AddressRanges.of(s.members)
+            have = actual_sets[s.name]
+            if have != want:
+                missing, extra = want.minus(have), have.minus(want)
+                if not missing.is_empty():
+                    problems.append(f"set {s.name}: missing {_ranges_text(missing)}")
+                if not extra.is_empty():
+                    problems.append(f"set {s.name}: unexpected {_ranges_text(extra)}")
+        for name in sorted(set(actual_sets) - {s.name for s in expected.sets}):
+            problems.append(f"unexpected set {name}")
+
+        listing = self.runner.list_table(self.table, terse=True) or ""
+        actual_chains = {c.name: c for c in parse_chains(listing)}
+        for chain in expected.chains:
+            have_chain = actual_chains.pop(chain.name, None)
+            if have_chain is None:
+                problems.append(f"chain {chain.name} is missing")
+                continue
+            if have_chain.header != (chain.header() or ""):
+                problems.append(f"chain {chain.name}: header {have_chain.header!r} != {chain.header()!r}")
+            want_rules = tuple(listing_form(r) for r in chain.rules)
+            if have_chain.rules != want_rules:
+                problems.append(_rule_diff(chain.name, want_rules, have_chain.rules))
+        for name in sorted(actual_chains):
+            problems.append(f"unexpected chain {name}")
+        return VerifyReport(tuple(problems))
+
+
+def _rule_diff(chain: str, want: tuple[str, ...], have: tuple[str, ...]) -> str:
+    for i, (w, h) in enumerate(zip(want, have, strict=False)):
+        if w != h:
+            return f"chain {chain}: rule {i} is {h!r}, expected {w!r}"
+    if len(have) > len(want):
+        return f"chain {chain}: unexpected rule {have[len(want)]!r}"
+    return f"chain {chain}: missing rule {want[len(have)]!r}"
+
+
+def delta_changes(deltas: tuple[SetDelta, ...]) -> tuple[ElementChange, ...]:
+    """Each SetDelta split into its host-set and net-set element changes."""
+    out: list[ElementChange] = []
+    for d in deltas:
+        add_hosts, add_nets = split_members(d.added)
+        del_hosts, del_nets = split_members(d.removed)
+        if add_hosts or del_hosts:
+            out.append(ElementChange(nft_set_name(d.name, d.family, SetKind.HOST), False, add_hosts, del_hosts))
+        if add_nets or del_nets:
+            out.append(ElementChange(nft_set_name(d.name, d.family, SetKind.NET), True, add_nets, del_nets))
+    return tuple(out)
+
+
+def delta_script(table: str, changes: tuple[ElementChange, ...]) -> str:
+    """The same changes as an ``nft -f`` transaction (deletes first)."""
+    lines: list[str] = []
+    for c in changes:
+        if c.delete:
+            elems = ", ".join(net_element(n) for n in c.delete)
+            lines.append(f"delete element inet {table} {c.set_name} {{ {elems} }}")
+    for c in changes:
+        if c.add:
+            elems = ", ".join(net_element(n) for n in c.add)
+            lines.append(f"add element inet {table} {c.set_name} {{ {elems} }}")
+    return "\n".join(lines) + "\n"

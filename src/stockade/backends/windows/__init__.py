@@ -1,0 +1,1 @@
+"""Windows Firewall backend family: rule model, NetSecurity PowerShell renderer and scripts, the Backend."""

@@ -1,0 +1,232 @@
+"""Visibility routes that read the draft: policy suggestions (and accepting them) and impact preview.
+
+::
+
+    GET  /flows/suggestions?group=app=shop,env=prod&keys=app,env&role_key=role&since=&until=&include_allowed=
+    POST /flows/suggestions/accept {group, keys, role_key, since, until, include_allowed, rules}   (admin)
+    GET  /policy/impact?since=&until=&limit=          recorded connections whose verdict the draft changes
+
+Suggestions are computed against the draft (reusing its services and IP lists, skipping what it
+already allows) over the last 24 hours by default; accepting recomputes them and creates the
+chosen rules as a new ruleset with the services and IP lists they need. Impact replays the
+recorded connections of ``FlowSettings.impact_window_hours`` through the reference evaluator;
+:func:`provision_guard` is what ``POST /policy/provision`` calls first: it refuses (409) when
+connections would be newly blocked, unless told to proceed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
+
+from stockade.controller.api.flows import (
+    DEFAULT_WINDOW,
+    ERRORS,
+    active_policy,
+    as_time,
+    draft_policy,
+    flowstore,
+    group_keys,
+    merged_connections,
+    observed,
+    parse_labels,
+    window,
+)
+from stockade.controller.context import Controller, controller_of, require
+from stockade.controller.services import codec
+from stockade.controller.services.auth import Permission, Principal
+from stockade.controller.storage import store
+from stockade.controller.storage.flowstore import HOUR_MS, FlowFilter, FlowStore
+from stockade.errors import ConflictError
+from stockade.evaluator import Evaluation, Verdict
+from stockade.model.labels import Label
+from stockade.model.rules import Ruleset
+from stockade.model.services import Proto
+from stockade.visibility import ChangeKind, Impact, Suggestions, accept, preview, suggest
+
+router = APIRouter()
+
+
+# ---- suggestions ------------------------------------------------------------------------------------
+
+
+class SuggestedRuleOut(BaseModel):
+    id: str
+    consumers: list[dict[str, Any]]
+    providers: list[dict[str, Any]]
+    consumers_scope: str
+    service: str
+    ports: list[str]
+    connections: int
+    count: int
+
+
+class SuggestionsOut(BaseModel):
+    group: str
+    ruleset: str
+    scope: dict[str, Any]
+    rules: list[SuggestedRuleOut]
+    new_services: list[dict[str, Any]]
+    new_ip_lists: list[dict[str, Any]]
+    considered: int
+    already_allowed: int
+    elsewhere: dict[str, int] = Field(description="connections to other groups: their suggestions cover them")
+
+
+class AcceptIn(BaseModel):
+    group: Annotated[str, Field(max_length=512)]
+    keys: Annotated[str, Field(max_length=200)] = "app,env"
+    role_key: Annotated[str, Field(max_length=63)] = "role"
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    include_allowed: bool = False
+    rules: list[Annotated[str, Field(max_length=32)]] | None = Field(None, description="rule ids; null: all")
+
+
+class AcceptOut(BaseModel):
+    ruleset: str
+    services: list[str]
+    ip_lists: list[str]
+    rules: int
+
+
+def _group(text: str) -> tuple[Label, ...]:
+    return tuple(sorted(parse_labels(text, "group") or frozenset()))
+
+
+def _suggest(ctl: Controller, fs: FlowStore, group: str, keys: str, role_key: str, since: dt.datetime | None,
+             until: dt.datetime | None, include_allowed: bool) -> Suggestions:
+    gk = group_keys(keys)
+    draft = draft_policy(ctl)
+    lo, hi = window(since, until, DEFAULT_WINDOW)
+    conns = merged_connections(observed(fs, FlowFilter(since_ms=lo, until_ms=hi)))
+    return suggest(draft, conns, _group(group), keys=gk, role_key=role_key, include_allowed=include_allowed)
+
+
+@router.get("/flows/suggestions", tags=["Flows"], responses=ERRORS, operation_id="suggest-rules")
+def suggestions(request: Request, principal: Annotated[Principal, Depends(require(Permission.READ))],
+                group: Annotated[str, Query(max_length=512, description="e.g. app=shop,env=prod")],
+                keys: Annotated[str, Query(max_length=200)] = "app,env",
+                role_key: Annotated[str, Query(max_length=63)] = "role",
+                since: dt.datetime | None = None, until: dt.datetime | None = None,
+                include_allowed: bool = False) -> SuggestionsOut:
+    """Label-level rules that would allow the app group's observed traffic (against the draft)."""
+    s = _suggest(controller_of(request), flowstore(request), group, keys, role_key, since, until, include_allowed)
+    rules = []
+    for r in s.rules:
+        body = codec.ruleset_to(Ruleset(s.ruleset, (s.scope,), (r.to_rule(),)))
+        rb = body["rules"][0]
+        rules.append(SuggestedRuleOut(id=r.id, consumers=rb["consumers"], providers=rb["providers"],
+                                      consumers_scope=r.consumers_scope.value, service=r.service,
+                                      ports=[str(e) for e in r.entries], connections=r.connections, count=r.count))
+    scope = codec.ruleset_to(Ruleset(s.ruleset, (s.scope,), ()))["scope"][0]
+    return SuggestionsOut(
+        group=s.group, ruleset=s.ruleset, scope=scope, rules=rules,
+        new_services=[codec.service_to(x) for x in s.services], new_ip_lists=[codec.ip_list_to(x) for x in s.ip_lists],
+        considered=s.considered, already_allowed=s.already_allowed,
+        elsewhere={e.group: e.connections for e in s.elsewhere},
+    )
+
+
+@router.post("/flows/suggestions/accept", tags=["Flows"], responses=ERRORS, status_code=201,
+             operation_id="accept-suggestions")
+def accept_suggestions(request: Request, body: AcceptIn,
+                       principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> AcceptOut:
+    """Create the chosen suggested rules in the draft (a new ruleset, plus services and IP lists)."""
+    ctl = controller_of(request)
+    s = _suggest(ctl, flowstore(request), body.group, body.keys, body.role_key, body.since, body.until,
+                 body.include_allowed)
+    acc = accept(s, body.rules)
+    if not acc.ruleset.rules:
+        raise ConflictError("nothing to accept: no suggested rules")
+    with ctl.sessions.begin() as db:
+        for svc in acc.services:
+            store.create_object(db, "service", codec.service_to(svc), principal.actor)
+        for ipl in acc.ip_lists:
+            store.create_object(db, "ip_list", codec.ip_list_to(ipl), principal.actor)
+        store.create_object(db, "ruleset", codec.ruleset_to(acc.ruleset), principal.actor)
+    return AcceptOut(ruleset=acc.ruleset.name, services=[x.name for x in acc.services],
+                     ip_lists=[x.name for x in acc.ip_lists], rules=len(acc.ruleset.rules))
+
+
+# ---- impact ------------------------------------------------------------------------------------------
+
+
+class ImpactItemOut(BaseModel):
+    change: str
+    src: str
+    dst: str
+    proto: Proto
+    port: int | None
+    service: str
+    count: int
+    reported: Verdict
+    before: Verdict
+    after: Verdict
+    before_rules: list[str]
+    after_rules: list[str]
+
+
+class ImpactOut(BaseModel):
+    since: dt.datetime
+    until: dt.datetime | None
+    evaluated: int
+    newly_blocked: int
+    newly_potentially_blocked: int
+    newly_allowed: int
+    no_longer_blocked: int
+    items: list[ImpactItemOut]
+
+
+def _rules(ev: Evaluation) -> list[str]:
+    return [f"{d.workload}:{d.action}:{d.rule_id}" for d in (ev.outbound, ev.inbound) if d is not None]
+
+
+def impact_of(ctl: Controller, fs: FlowStore, since_ms: int, until_ms: int | None, limit: int) -> ImpactOut:
+    conns = merged_connections(observed(fs, FlowFilter(since_ms=since_ms, until_ms=until_ms)))
+    # no recorded flows: nothing to replay (and no policy to assemble on a provision's hot path)
+    imp: Impact = preview(active_policy(ctl), draft_policy(ctl), conns) if conns else Impact((), 0)
+    items = [ImpactItemOut(change=i.change.value, src=str(i.connection.key.src), dst=str(i.connection.key.dst),
+                           proto=i.connection.key.proto, port=i.connection.key.port,
+                           service=i.connection.key.service_text(), count=i.connection.count,
+                           reported=i.connection.verdict, before=i.before.verdict, after=i.after.verdict,
+                           before_rules=_rules(i.before), after_rules=_rules(i.after)) for i in imp.items[:limit]]
+    return ImpactOut(since=as_time(since_ms / 1000), until=as_time(until_ms / 1000) if until_ms else None,
+                     evaluated=imp.evaluated, newly_blocked=imp.count(ChangeKind.NEWLY_BLOCKED),
+                     newly_potentially_blocked=imp.count(ChangeKind.NEWLY_POTENTIALLY_BLOCKED),
+                     newly_allowed=imp.count(ChangeKind.NEWLY_ALLOWED),
+                     no_longer_blocked=imp.count(ChangeKind.NO_LONGER_BLOCKED), items=items)
+
+
+@router.get("/policy/impact", tags=["Policy"], responses=ERRORS, operation_id="policy-impact")
+def policy_impact(request: Request, principal: Annotated[Principal, Depends(require(Permission.READ))],
+                  since: dt.datetime | None = None, until: dt.datetime | None = None,
+                  limit: Annotated[int, Query(ge=0, le=10000)] = 500) -> ImpactOut:
+    """Recorded connections whose verdict the draft would change, newly blocked first."""
+    fs = flowstore(request)
+    lo, hi = window(since, until, dt.timedelta(hours=fs.settings.impact_window_hours))
+    return impact_of(controller_of(request), fs, lo, hi, limit)
+
+
+class ImpactRefusedError(ConflictError):
+    """Provisioning would newly block recorded flows and was not told to proceed (HTTP 409)."""
+
+
+def provision_guard(request: Request, proceed: bool) -> dict[str, Any]:
+    """The impact summary of provisioning the draft now; refuses when flows would be newly blocked.
+
+    Called by ``POST /policy/provision`` before it provisions (``?proceed=true`` overrides).
+    """
+    fs = flowstore(request)
+    since = int(time.time() * 1000) - fs.settings.impact_window_hours * HOUR_MS
+    out = impact_of(controller_of(request), fs, since, None, 20)
+    summary = out.model_dump(mode="json")
+    if out.newly_blocked and not proceed:
+        raise ImpactRefusedError(
+            f"provisioning would newly block {out.newly_blocked} recorded connection(s) "
+            f"(see GET /api/v1/policy/impact); repeat with ?proceed=true to provision anyway")
+    return summary

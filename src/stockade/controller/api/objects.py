@@ -1,0 +1,235 @@
+"""CRUD routes for every stored kind, generated from one skeleton (NetBox style).
+
+For each :class:`~stockade.controller.services.codec.Kind` (label keys, workloads, label groups, IP
+lists, services, rulesets, deny rules, failsafe) under ``/api/v1/<path>``:
+
+* ``GET /<path>?limit=&cursor=&name=&labels=app=shop,env=prod&version=draft|active|N`` - a page
+  ordered by name; ``next_cursor`` continues it; ``labels`` filters workloads;
+  ``version`` reads a provisioned version (policy kinds);
+* ``POST /<path>`` - create (409 if the name exists), answers 201 with an ``ETag``;
+* ``GET /<path>/{name}`` - one object with its ``ETag``;
+* ``PUT /<path>/{name}`` - replace; ``If-Match`` with a stale ETag answers 412;
+* ``DELETE /<path>/{name}`` - delete (409 while still referenced), ``If-Match`` honoured.
+
+Policy kinds edit the draft. Inventory kinds (label keys, workloads) take effect at once:
+workload writes run through the compiled policy service, which bumps the revisions of the
+affected hosts. ``PUT /workloads/{name}/mode`` switches one workload's enforcement mode.
+Rulesets are writable by ruleset-managers inside their label scope; the rest needs admin.
+
+No ``from __future__ import annotations`` here: FastAPI reads the generated routes' body
+annotations at run time.
+"""
+
+from enum import Enum
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+
+from stockade.controller.api.schemas import ErrorOut, ObjectOut, ObjectPage
+from stockade.controller.context import Controller, controller_of, require
+from stockade.controller.services.auth import Permission, Principal, check_ruleset_scope
+from stockade.controller.services.codec import KIND_BY_NAME, KINDS, Kind, Scope
+from stockade.controller.services.distribution import CompilerTxn
+from stockade.controller.storage import store
+from stockade.controller.storage.store import StoredObject
+from stockade.model.workloads import EnforcementMode
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (401, 403, 404, 409, 412, 422, 429)
+}
+
+
+def object_out(obj: StoredObject) -> ObjectOut:
+    return ObjectOut(
+        kind=obj.kind, name=obj.name, revision=obj.revision, etag=obj.etag, updated_at=obj.updated_at, body=obj.body
+    )
+
+
+def _write_permission(kind: Kind) -> Permission:
+    return Permission.WRITE_RULESETS if kind.name == "ruleset" else Permission.WRITE
+
+
+def _workload_domain(body: dict[str, Any]) -> Any:
+    k = KIND_BY_NAME["workload"]
+    return k.to_domain(k.parse(body))
+
+
+def write(
+    ctl: Controller,
+    kind: str,
+    fn: Any,
+) -> Any:
+    """Run a store write in the right kind of transaction (through the compiler for inventory)."""
+    if KIND_BY_NAME[kind].scope is Scope.POLICY:
+        with ctl.sessions.begin() as db:
+            return fn(db, None)
+    return ctl.dist.transact(fn)
+
+
+def _sync_compiler(txn: CompilerTxn | None, db: Session, kind: str, name: str, after: StoredObject | None) -> None:
+    if txn is None:
+        return
+    if kind == "workload":
+        if after is None:
+            txn.remove_workload(name)
+        else:
+            txn.upsert_workload(_workload_domain(after.body))
+    elif kind == "label_key":
+        txn.refresh_label_keys(store.draft_objects(db, ("label_key",))["label_key"])
+
+
+def _routes(r: APIRouter, kind: Kind) -> None:
+    path = f"/{kind.path}"
+    tag: list[str | Enum] = [kind.title]
+    write_perm = _write_permission(kind)
+    singular = kind.name.replace("_", "-")
+
+    def list_objects(
+        request: Request,
+        principal: Annotated[Principal, Depends(require(Permission.READ))],
+        limit: Annotated[int, Query(ge=1, le=store.MAX_PAGE)] = 100,
+        cursor: Annotated[str | None, Query(max_length=200)] = None,
+        name: Annotated[str | None, Query(max_length=63, description="substring of the name")] = None,
+        labels: Annotated[str | None, Query(max_length=1000, description="key=value,... (workloads)")] = None,
+        version: Annotated[str | None, Query(max_length=20, description="draft (default), active or N")] = None,
+    ) -> ObjectPage:
+        ctl = controller_of(request)
+        with ctl.session() as db:
+            page = store.list_objects(
+                db,
+                kind.name,
+                version=version,
+                name=name,
+                labels=store.parse_label_filter(labels),
+                cursor=cursor,
+                limit=limit,
+            )
+        return ObjectPage(items=[object_out(o) for o in page.items], next_cursor=page.next_cursor)
+
+    def get_object(
+        request: Request,
+        response: Response,
+        name: str,
+        principal: Annotated[Principal, Depends(require(Permission.READ))],
+        version: Annotated[str | None, Query(max_length=20)] = None,
+    ) -> ObjectOut:
+        ctl = controller_of(request)
+        with ctl.session() as db:
+            obj = store.get_object(db, kind.name, name, version)
+        response.headers["ETag"] = obj.etag
+        return object_out(obj)
+
+    def create_object(
+        request: Request,
+        response: Response,
+        body: Any,
+        principal: Annotated[Principal, Depends(require(write_perm))],
+    ) -> ObjectOut:
+        ctl = controller_of(request)
+        data = body.model_dump(mode="json")
+        if kind.name == "ruleset":
+            check_ruleset_scope(principal, [kind.canonical(data)])
+
+        def run(db: Session, txn: CompilerTxn | None) -> StoredObject:
+            obj = store.create_object(db, kind.name, data, principal.actor)
+            _sync_compiler(txn, db, kind.name, obj.name, obj)
+            return obj
+
+        obj = write(ctl, kind.name, run)
+        response.status_code = 201
+        response.headers["ETag"] = obj.etag
+        return object_out(obj)
+
+    def replace_object(
+        request: Request,
+        response: Response,
+        name: str,
+        body: Any,
+        principal: Annotated[Principal, Depends(require(write_perm))],
+        if_match: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> ObjectOut:
+        ctl = controller_of(request)
+        data = body.model_dump(mode="json")
+
+        def run(db: Session, txn: CompilerTxn | None) -> StoredObject:
+            if kind.name == "ruleset":
+                current = store.get_object(db, kind.name, name)
+                check_ruleset_scope(principal, [current.body, kind.canonical({**data, "name": name})])
+            _before, after = store.replace_object(db, kind.name, name, data, principal.actor, if_match)
+            _sync_compiler(txn, db, kind.name, name, after)
+            return after
+
+        obj = write(ctl, kind.name, run)
+        response.headers["ETag"] = obj.etag
+        return object_out(obj)
+
+    def delete_object(
+        request: Request,
+        name: str,
+        principal: Annotated[Principal, Depends(require(write_perm))],
+        if_match: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> Response:
+        ctl = controller_of(request)
+
+        def run(db: Session, txn: CompilerTxn | None) -> None:
+            if kind.name == "ruleset":
+                check_ruleset_scope(principal, [store.get_object(db, kind.name, name).body])
+            store.delete_object(db, kind.name, name, principal.actor, if_match)
+            _sync_compiler(txn, db, kind.name, name, None)
+
+        write(ctl, kind.name, run)
+        return Response(status_code=204)
+
+    create_object.__annotations__["body"] = kind.body
+    replace_object.__annotations__["body"] = kind.body
+    r.add_api_route(path, list_objects, methods=["GET"], tags=tag, responses=ERRORS,
+                    operation_id=f"list-{kind.path}", summary=f"List {kind.title.lower()}")
+    r.add_api_route(path, create_object, methods=["POST"], tags=tag, responses=ERRORS, status_code=201,
+                    operation_id=f"create-{singular}", summary=f"Create a {singular}")
+    r.add_api_route(f"{path}/{{name}}", get_object, methods=["GET"], tags=tag, responses=ERRORS,
+                    operation_id=f"get-{singular}", summary=f"Get a {singular}")
+    r.add_api_route(f"{path}/{{name}}", replace_object, methods=["PUT"], tags=tag, responses=ERRORS,
+                    operation_id=f"replace-{singular}", summary=f"Replace a {singular}")
+    r.add_api_route(f"{path}/{{name}}", delete_object, methods=["DELETE"], tags=tag, responses=ERRORS,
+                    status_code=204, operation_id=f"delete-{singular}", summary=f"Delete a {singular}")
+
+
+class ModeIn(BaseModel):
+    mode: EnforcementMode
+
+
+def _mode_route(r: APIRouter) -> None:
+    def set_mode(
+        request: Request,
+        response: Response,
+        name: str,
+        body: ModeIn,
+        principal: Annotated[Principal, Depends(require(Permission.WRITE))],
+        if_match: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> ObjectOut:
+        """Switch one workload's enforcement mode (idle, visibility, selective, full)."""
+        ctl = controller_of(request)
+
+        def run(db: Session, txn: CompilerTxn | None) -> StoredObject:
+            current = store.get_object(db, "workload", name)
+            data = {**current.body, "mode": body.mode.value}
+            _b, after = store.replace_object(db, "workload", name, data, principal.actor, if_match)
+            _sync_compiler(txn, db, "workload", name, after)
+            return after
+
+        obj = write(ctl, "workload", run)
+        response.headers["ETag"] = obj.etag
+        return object_out(obj)
+
+    r.add_api_route("/workloads/{name}/mode", set_mode, methods=["PUT"], tags=["Workloads"],
+                    responses=ERRORS, operation_id="set-workload-mode", summary="Set a workload's mode")
+
+
+def router() -> APIRouter:
+    r = APIRouter()
+    for kind in KINDS:
+        _routes(r, kind)
+    _mode_route(r)
+    return r

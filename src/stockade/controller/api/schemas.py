@@ -1,0 +1,208 @@
+"""API types: the JSON bodies of the REST API, as Pydantic models (they make the OpenAPI schema).
+
+They mirror the YAML policy documents of :mod:`stockade.policyfile` (same field names, same
+``"80/tcp"`` port syntax, selectors as label maps), minus ``apiVersion``/``kind``.
+They are wire shapes only. :mod:`stockade.controller.services.codec` turns them into the frozen domain
+model (:mod:`stockade.model`) and back, adding the semantic checks Pydantic cannot express
+(CIDR syntax, port ranges, one selector form at a time). Unknown fields are rejected.
+
+Selectors are written as one of::
+
+    {"labels": {"app": "shop", "env": "prod"}, "label_groups": ["web-tiers"], "exclude": {"role": "bastion"}}
+    {"ip_list": "corp-nets"}
+    {"all": true}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stockade.model.rules import ConsumerScope
+from stockade.model.workloads import EnforcementMode
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$"
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=63)]
+Text = Annotated[str, Field(max_length=1024)]
+Address = Annotated[str, Field(min_length=2, max_length=64, description="IPv4/IPv6 address or CIDR")]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LabelKeyBody(Body):
+    name: Name
+    values: list[Name] = Field(default_factory=list, description="allowed values; empty: any value")
+
+
+class LabelGroupBody(Body):
+    name: Name
+    key: Name
+    values: list[Name] = Field(min_length=1)
+
+
+class InterfaceBody(Body):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]*$")]
+    addresses: list[Address] = Field(default_factory=list)
+
+
+class WorkloadBody(Body):
+    name: Name
+    labels: dict[Name, Name] = Field(default_factory=dict, description="one value per declared key")
+    interfaces: list[InterfaceBody] = Field(default_factory=list)
+    mode: EnforcementMode = EnforcementMode.VISIBILITY
+    backend: Name = "nftables"
+    description: Text = ""
+
+
+class IPListBody(Body):
+    name: Name
+    include: list[Address] = Field(min_length=1)
+    exclude: list[Address] = Field(default_factory=list)
+    description: Text = ""
+
+
+PortText = Annotated[
+    str,
+    Field(min_length=1, max_length=32, description='"80/tcp", "8000-8080/tcp", "udp", "icmp:8", "icmpv6", "any"'),
+]
+
+
+class ServiceBody(Body):
+    name: Name
+    ports: list[PortText] = Field(min_length=1)
+    description: Text = ""
+
+
+class SelectorBody(Body):
+    labels: dict[Name, Name] = Field(default_factory=dict, description="all required")
+    label_groups: list[Name] = Field(default_factory=list, description="each must match")
+    exclude: dict[Name, Name | list[Name]] = Field(default_factory=dict, description="none may match")
+    ip_list: Name | None = None
+    all: bool = False
+
+
+class AllowRuleBody(Body):
+    consumers: list[SelectorBody] = Field(min_length=1)
+    providers: list[SelectorBody] = Field(min_length=1)
+    services: list[Name] = Field(min_length=1)
+    consumers_scope: ConsumerScope = ConsumerScope.INTRA
+    description: Text = ""
+
+
+class RulesetBody(Body):
+    name: Name
+    scope: list[SelectorBody] = Field(default_factory=list, description="label selectors; empty: all workloads")
+    rules: list[AllowRuleBody] = Field(default_factory=list)
+    description: Text = ""
+
+
+class DenyRuleBody(Body):
+    name: Name
+    consumers: list[SelectorBody] = Field(min_length=1)
+    providers: list[SelectorBody] = Field(min_length=1)
+    services: list[Name] = Field(min_length=1)
+    override: bool = False
+    description: Text = ""
+
+
+class FailsafeBody(Body):
+    name: Name = "default"
+    controller: list[Address] = Field(default_factory=list)
+    controller_port: Annotated[int, Field(ge=1, le=65535)] = 8443
+    management: list[PortText] = Field(default_factory=lambda: ["22/tcp"])
+
+
+# ---- responses and other requests -------------------------------------------
+
+
+class ObjectOut(BaseModel):
+    """One stored object: its kind, name, revision, ETag and body."""
+
+    kind: str
+    name: str
+    revision: int
+    etag: str
+    updated_at: dt.datetime | None = None
+    body: dict[str, Any]
+
+
+class ObjectPage(BaseModel):
+    items: list[ObjectOut]
+    next_cursor: str | None = None
+
+
+class FieldIssue(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: str
+    message: str
+    issues: list[FieldIssue] = Field(default_factory=list)
+
+
+class ProvisionIn(Body):
+    message: Annotated[str, Field(min_length=1, max_length=1024)]
+
+
+class RollbackIn(Body):
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)]
+    message: Annotated[str, Field(max_length=1024)] = ""
+
+
+class ChangeOut(BaseModel):
+    kind: str
+    name: str
+    change: str  # added / removed / modified
+    fields: list[str] = Field(default_factory=list)
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+
+
+class VersionOut(BaseModel):
+    number: int
+    created_at: dt.datetime
+    author: str
+    message: str
+    rollback_of: int | None = None
+    diff: list[ChangeOut]
+    affected_workloads: list[str]
+    impact: dict[str, Any] | None = None  # provision only: recorded flows whose verdict changes
+
+
+class VersionPage(BaseModel):
+    items: list[VersionOut]
+    next_cursor: str | None = None
+
+
+class DiffOut(BaseModel):
+    base: str
+    target: str
+    changes: list[ChangeOut]
+
+
+class EventOut(BaseModel):
+    id: int
+    time: dt.datetime
+    actor: str
+    action: str
+    kind: str
+    name: str
+    before: Any = None
+    after: Any = None
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    next_cursor: str | None = None
+
+
+class ImportResult(BaseModel):
+    draft_changes: list[ChangeOut]
+    inventory_changes: list[ChangeOut]

@@ -1,1 +1,0 @@
-"""Alembic migrations of the controller schema (run by ``stockade.controller.db.migrate``)."""

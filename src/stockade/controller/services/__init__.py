@@ -1,0 +1,1 @@
+"""Controller services: authentication/RBAC, codec, distribution, versions, events; no routes."""

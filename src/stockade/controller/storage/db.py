@@ -1,0 +1,265 @@
+"""Relational storage of the controller: SQLAlchemy 2 tables, engine set-up and migrations.
+
+Storage layout (why a generic object table):
+every policy and inventory kind (label keys, label groups, workloads, IP lists, services,
+rulesets, deny rules, the failsafe settings) shares one lifecycle: a name, a JSON body
+validated by the domain codec (:mod:`stockade.controller.services.codec`), a revision + ETag for
+optimistic concurrency, an audit event per change, and (for policy kinds) a copy frozen in
+each provisioned version. One ``objects`` table with ``(kind, name)`` unique keeps that
+lifecycle in one code path (NetBox's "every resource has the same skeleton") and makes a
+version snapshot a plain ``{kind: {name: body}}`` document. The one query that needs to look
+inside bodies, filtering workloads by label, is served by the indexed side table
+``object_labels``. Kinds with their own life (agents, pairing profiles, users, keys,
+sessions, events, versions, per-host revisions) have their own tables.
+
+SQLite (the embedded default) runs in WAL mode with foreign keys on; PostgreSQL is selected
+by URL. The schema is created and upgraded by Alembic (:func:`migrate`) at start-up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC timestamps on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _ts() -> UTCDateTime:
+    return UTCDateTime()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ObjectRow(Base):
+    """One policy or inventory object: ``kind`` + ``name``, a JSON body and its revision."""
+
+    __tablename__ = "objects"
+    __table_args__ = (UniqueConstraint("kind", "name", name="uq_objects_kind_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(64))
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    revision: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+
+
+class ObjectLabelRow(Base):
+    """Labels of workload objects, for indexed label filters."""
+
+    __tablename__ = "object_labels"
+    __table_args__ = (Index("ix_object_labels_kv", "key", "value"),)
+
+    object_id: Mapped[int] = mapped_column(ForeignKey("objects.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(64))
+
+
+class ObjectAddressRow(Base):
+    """Addresses of workload objects: the primary key makes an address belong to one workload."""
+
+    __tablename__ = "object_addresses"
+
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    object_id: Mapped[int] = mapped_column(ForeignKey("objects.id", ondelete="CASCADE"), index=True)
+
+
+class VersionRow(Base):
+    """A provisioned, immutable policy version."""
+
+    __tablename__ = "policy_versions"
+
+    number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+    author: Mapped[str] = mapped_column(String(128))
+    message: Mapped[str] = mapped_column(Text)
+    content: Mapped[dict[str, Any]] = mapped_column(JSON)
+    diff: Mapped[list[Any]] = mapped_column(JSON)
+    affected: Mapped[list[Any]] = mapped_column(JSON)
+    rollback_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class EventRow(Base):
+    """Audit event: who did what to which object, with before/after bodies."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_kind_name", "kind", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(128))
+    before: Mapped[Any] = mapped_column(JSON, nullable=True)
+    after: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+class UserRow(Base):
+    __tablename__ = "users"
+
+    username: Mapped[str] = mapped_column(String(64), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(32))
+    scope: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+
+
+class ApiKeyRow(Base):
+    """API key: ``stk_<id>_<secret>``; only the SHA-256 of the secret is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+    owner: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(32))
+    scope: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
+
+
+class SessionRow(Base):
+    """Web console session; the cookie holds the secret, the table its SHA-256."""
+
+    __tablename__ = "sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(ForeignKey("users.username", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(_ts())
+
+
+class PairingProfileRow(Base):
+    __tablename__ = "pairing_profiles"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    mode: Mapped[str] = mapped_column(String(16))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
+    max_uses: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+
+
+class ActivationCodeRow(Base):
+    __tablename__ = "activation_codes"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    profile: Mapped[str] = mapped_column(ForeignKey("pairing_profiles.name", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class AgentRow(Base):
+    __tablename__ = "agents"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    workload: Mapped[str] = mapped_column(String(64), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    profile: Mapped[str] = mapped_column(String(64))
+    hostname: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
+    last_heartbeat: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
+    applied_revision: Mapped[int] = mapped_column(Integer, default=0)
+    agent_version: Mapped[str] = mapped_column(String(64), default="")
+
+
+class HostStateRow(Base):
+    """Desired per-host revision and the hash of the HostPolicy it names."""
+
+    __tablename__ = "host_state"
+
+    workload: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    policy_hash: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def session_factory(engine: Engine) -> sessionmaker[Any]:
+    return sessionmaker(engine, expire_on_commit=False)

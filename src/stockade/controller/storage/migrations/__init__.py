@@ -1,0 +1,1 @@
+"""Alembic migrations of the controller schema (run by ``stockade.controller.storage.db.migrate``)."""
