@@ -206,12 +206,16 @@ def policy_apply(path: Path, controller_url: str, api_key: str, ca_cert: Path | 
 
 @policy_group.command("provision")
 @click.option("-m", "--message", required=True)
-@click.option("--proceed", is_flag=True, help="provision even if recorded flows would be newly blocked")
+@click.option("--proceed", is_flag=True,
+              help="confirm: provision even if the draft newly blocks or newly allows recorded flows, or widens a rule")
 @client_options
 def policy_provision(message: str, proceed: bool, controller_url: str, api_key: str, ca_cert: Path | None) -> None:
     """Freeze the controller's draft as a new policy version."""
     with _client(controller_url, api_key, ca_cert) as client:
         r = client.post("/policy/provision", json={"message": message}, params={"proceed": str(proceed).lower()})
+    if r.status_code == 409 and r.json().get("error") == "ImpactRefusedError":
+        raise click.ClickException(f"{r.json()['message']}\nReview it with `stockade policy diff` and the impact "
+                                   "preview, then run again with --proceed to provision anyway.")
     if r.status_code != 201:
         _fail(r)
     v = r.json()
