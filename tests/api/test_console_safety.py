@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 from tests.api.conftest import Api
+from tests.api.test_flows import agent_for, load_estate, rec, upload
 
 from stockade.controller.storage import store
 from stockade.controller.storage.db import ObjectRow
@@ -67,3 +68,47 @@ def test_adding_an_allowed_value_is_authorised_by_role(api: Api) -> None:
     assert api.ok("GET", "/label-keys/app")["body"]["values"] == ["billing", "shop"]
     # and a workload may now carry it
     api.ok("POST", "/workloads", 201, json={"name": "billing-web-1", "labels": {"app": "billing", "role": "web"}})
+
+
+def test_the_impact_guard_looks_both_ways(api: Api) -> None:
+    """The issue's scenario: a new ruleset with every workload as its scope opens web -> db 5432."""
+    load_estate(api)
+    web = agent_for(api, "web-prod-1")
+    upload(api, web, [rec("10.70.0.11", "10.70.0.31", 5432, "out", "blocked", rule="default", count=3)])
+    api.ok("POST", "/rulesets", 201, json={"name": "billing-prod", "scope": "all", "rules": [
+        {"consumers": [{"labels": {"role": "web"}}], "providers": [{"labels": {"role": "db"}}],
+         "services": ["postgres"]}]})
+    imp = api.ok("GET", "/policy/impact")
+    assert imp["newly_allowed"] == 1 and imp["newly_blocked"] == 0
+    assert [i["sentence"] for i in imp["items"]] == [
+        "web-prod-1 -> db-prod-1 5432/tcp becomes allowed by ruleset billing-prod rule 1"]
+    [w] = imp["widened"]
+    assert (w["ruleset"], w["rule"], w["rule_id"], w["every_workload"], w["needs_confirmation"]) == \
+        ("billing-prod", 1, "ruleset/billing-prod/0", True, True)
+    assert "db-prod-1" in w["added"] and "web-prod-1" in w["added"]
+    refused = api.req("POST", "/policy/provision", json={"message": "billing"})
+    assert refused.status_code == 409, refused.text
+    message = refused.json()["message"]
+    assert "newly allow 1 recorded connection" in message
+    assert "ruleset billing-prod rule 1 is new and reaches" in message and "every app and environment" in message
+    assert "proceed" not in message and "/api/" not in message  # human terms: each client says how to confirm
+
+    # confined to its own (empty) app: nothing widens, nothing to confirm
+    api.ok("PUT", "/rulesets/billing-prod", json={"name": "billing-prod", "scope": [{"labels": {"app": "shop",
+           "env": "test"}}], "rules": [{"consumers": [{"labels": {"role": "web"}}],
+                                      "providers": [{"labels": {"role": "db"}}], "services": ["postgres"]}]})
+    assert api.ok("GET", "/policy/impact")["confirm"] == []
+    api.ok("POST", "/policy/provision", 201, json={"message": "billing, confined"})
+
+    # an existing rule reaching more workloads (the scope loses env=prod) needs confirmation even
+    # without a recorded flow; removing a rule above another is not mistaken for a widening
+    rs = api.ok("GET", "/rulesets/shop-prod")["body"]
+    api.ok("PUT", "/rulesets/shop-prod", json={**rs, "rules": rs["rules"][1:]})
+    assert api.ok("GET", "/policy/impact")["widened"] == []
+    api.ok("PUT", "/rulesets/shop-prod", json={**rs, "scope": [{"labels": {"app": "shop"}}]})
+    imp = api.ok("GET", "/policy/impact")
+    texts = [w["sentence"] for w in imp["widened"] if w["needs_confirmation"]]
+    assert any(t.startswith("ruleset shop-prod rule 3 now reaches") and "db-dev-1" in t for t in texts), texts
+    refused = api.req("POST", "/policy/provision", json={"message": "wider"})
+    assert refused.status_code == 409 and "ruleset shop-prod rule 3 now reaches" in refused.json()["message"]
+    api.ok("POST", "/policy/provision", 201, json={"message": "wider"}, params={"proceed": "true"})

@@ -216,3 +216,42 @@ def test_login_failures_say_what_went_wrong(browser: Any) -> None:
             expect(summary).not_to_contain_text("Could not save")
         finally:
             ctx.close()
+
+
+def test_provisioning_a_widening_asks_first_and_says_it_in_words(owner_page: Any, estate: Console) -> None:
+    page = owner_page
+    page.goto("/#/rulesets/new")
+    page.get_by_label("Name", exact=True).fill("billing-all")
+    scope_field = page.locator('.field:has(> .label strong:text-is("Scope"))')
+    scope_field.get_by_label("Selector 1 kind").select_option("all")
+    pick(page, page.get_by_role("combobox", name="Consumers", exact=True), "role=workstation", "label:role=workstation")
+    pick(page, page.get_by_role("combobox", name="Providers", exact=True), "role=web", "label:role=web")
+    pick(page, page.get_by_role("combobox", name="Services", exact=True), "https", "https")
+    page.get_by_role("button", name="Create in draft").click()
+    page.get_by_role("link", name="Review the draft and provision →").click()
+
+    # the preview says, in words, what the draft newly allows and which rule reaches more workloads
+    allowed = page.locator('[data-role="impact-panel"] [data-role="impact-allowed"]')
+    expect(allowed).to_contain_text(
+        "dev-laptop-1 -> newdev-web-1 443/tcp becomes allowed by ruleset billing-all rule 1")
+    widened = page.locator('[data-role="impact-panel"] [data-role="impact-widened"]')
+    expect(widened).to_contain_text("ruleset billing-all rule 1 is new and reaches")
+    expect(widened).to_contain_text("every app and environment")
+
+    before = estate.get("/policy/versions", limit=1)["items"][0]["number"]
+    page.get_by_label("Message").fill("billing for everyone")
+    page.get_by_role("button", name="Provision").click()
+    dialog = page.get_by_role("dialog", name="Provision this version?")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text("newly allow 1 recorded connection")
+    expect(dialog.locator('[data-role="impact-allowed"]')).to_contain_text("dev-laptop-1 -> newdev-web-1 443/tcp")
+    expect(dialog).not_to_contain_text("proceed")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(page.locator('[data-role="not-provisioned"]')).to_be_visible()
+    assert estate.get("/policy/versions", limit=1)["items"][0]["number"] == before
+
+    page.get_by_role("button", name="Provision").click()
+    dialog.get_by_role("button", name="Provision anyway").click()
+    expect(page.get_by_text(f"Version {before + 1} provisioned.")).to_be_visible()
+    expect(page.locator("body")).not_to_contain_text("proceed=true")
+    expect(page.locator("body")).not_to_contain_text("Could not save")

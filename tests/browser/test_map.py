@@ -78,6 +78,9 @@ def test_edge_from_potentially_blocked_to_allowed(page: Any, console: Console, q
     expect(page.locator("[data-role=impact] table")).to_contain_text("ops-box-1")
     page.get_by_label("Message").fill("ops may reach the billing API in qa")
     page.get_by_role("button", name="Provision", exact=True).click()
+    dialog = page.get_by_role("dialog", name="Provision this version?")  # it widens: the console asks first
+    expect(dialog.locator('[data-role="impact-allowed"]')).to_contain_text("ops-box-1")
+    dialog.get_by_role("button", name="Provision anyway").click()
     expect(page.locator("[data-role=provisioned]")).to_be_visible()
 
     # the host now reports those connections allowed, by the new rule

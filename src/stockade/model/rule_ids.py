@@ -24,7 +24,7 @@ def rule_title(rule_id: str) -> str:
     if rule_id.startswith("deny/"):
         return f"deny rule {rule_id[len('deny/'):]}"
     if rule_id == "default":
-        return "the mode's default"
+        return "default (no rule matched: the mode's default)"
     if rule_id.startswith("failsafe:"):
         return f"the failsafe ({rule_id[len('failsafe:'):]})"
     return rule_id

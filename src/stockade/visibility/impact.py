@@ -91,11 +91,10 @@ def _by(ev: Evaluation) -> str:
         deciding = [d for d in sides if d.action != "allow"]
     if not deciding:
         return "(no managed side)"
-    parts = []
-    for d in deciding:
-        what = rule_title(d.rule_id)
-        parts.append(f"{what} at {d.workload}" if len(deciding) > 1 or d.rule_id == "default" else what)
-    return "by " + " and ".join(dict.fromkeys(parts))
+    titles = {rule_title(d.rule_id) for d in deciding}
+    if len(titles) == 1 and deciding[0].rule_id.startswith(("ruleset/", "deny/")):
+        return f"by {titles.pop()}"  # the same rule on both sides
+    return "by " + " and ".join(f"{rule_title(d.rule_id)} at {d.workload}" for d in deciding)
 
 
 @dataclass(frozen=True)

@@ -186,7 +186,7 @@ export function ruleTitle(ruleId) {
   if (m) return `ruleset ${m[1]} rule ${Number(m[2]) + 1}`;
   const d = /^deny\/(.+)$/.exec(ruleId || "");
   if (d) return `deny rule ${d[1]}`;
-  if (ruleId === "default") return "the mode's default";
+  if (ruleId === "default") return "default (no rule matched: the mode's default)";
   const f = /^failsafe:(.+)$/.exec(ruleId || "");
   if (f) return `the failsafe (${f[1]})`;
   return ruleId || "—";
