@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,7 +90,8 @@ def _fill_rule(page: Any) -> None:
     pick(page, page.get_by_role("combobox", name="Services", exact=True), "postgres", "postgres")
 
 
-def test_unfinished_picker_text_is_an_error_and_an_empty_scope_is_never_all(owner_page: Any, estate: Console) -> None:
+def test_unfinished_picker_text_is_an_error_and_an_empty_scope_is_never_all(owner_page: Any, estate: Console,
+                                                                             screenshots: Path) -> None:
     page = owner_page
     page.goto("/#/rulesets/new")
     page.get_by_label("Name", exact=True).fill("billing-prod")
@@ -104,6 +106,7 @@ def test_unfinished_picker_text_is_an_error_and_an_empty_scope_is_never_all(owne
     expect(error).to_contain_text("billing is not an allowed value of app")
     expect(scope).to_have_attribute("aria-invalid", "true")
     expect(scope).to_have_value("app=billing")  # nothing typed is lost
+    page.screenshot(path=str(screenshots / "ruleset-unfinished-label.png"), full_page=True)
     assert estate.api.get("/rulesets/billing-prod").status_code == 404
 
     # clearing the text leaves an empty scope: still an error, never "every workload"
@@ -127,6 +130,7 @@ def test_unfinished_picker_text_is_an_error_and_an_empty_scope_is_never_all(owne
     warning = scope_field.locator('[data-role="all-warning"]')
     expect(warning).to_be_visible()
     expect(warning).to_contain_text("governs every workload")
+    page.screenshot(path=str(screenshots / "ruleset-all-workloads.png"), full_page=True)
     page.get_by_role("button", name="Create in draft").click()
     expect(page.get_by_text(re.compile(r"Saved \(revision \d+\)"))).to_be_visible()
     assert estate.get("/rulesets/billing-prod")["body"]["scope"] == "all"
@@ -147,7 +151,7 @@ def test_unfinished_label_on_a_new_workload_is_an_error(owner_page: Any, estate:
     assert estate.api.get("/workloads/billing-web-1").status_code == 404
 
 
-def test_picker_says_why_and_an_owner_adds_the_value(owner_page: Any, estate: Console) -> None:
+def test_picker_says_why_and_an_owner_adds_the_value(owner_page: Any, estate: Console, screenshots: Path) -> None:
     page = owner_page
     page.goto("/#/rulesets/new")
     scope = _scope(page)
@@ -157,6 +161,7 @@ def test_picker_says_why_and_an_owner_adds_the_value(owner_page: Any, estate: Co
     expect(listbox).to_contain_text("app=billing: billing is not an allowed value of app.")
     add = listbox.locator('[role=option][data-key="add-value:app=billing"]')
     expect(add).to_contain_text("Add “billing” to the allowed values of app")
+    page.screenshot(path=str(screenshots / "picker-not-allowed-value.png"))
     add.click()
     expect(page.locator('.picker [data-label="app=billing"]').first).to_be_visible()
     assert "billing" in estate.get("/label-keys/app")["body"]["values"]
@@ -218,7 +223,8 @@ def test_login_failures_say_what_went_wrong(browser: Any) -> None:
             ctx.close()
 
 
-def test_provisioning_a_widening_asks_first_and_says_it_in_words(owner_page: Any, estate: Console) -> None:
+def test_provisioning_a_widening_asks_first_and_says_it_in_words(owner_page: Any, estate: Console,
+                                                                   screenshots: Path) -> None:
     page = owner_page
     page.goto("/#/rulesets/new")
     page.get_by_label("Name", exact=True).fill("billing-all")
@@ -246,6 +252,7 @@ def test_provisioning_a_widening_asks_first_and_says_it_in_words(owner_page: Any
     expect(dialog).to_contain_text("newly allow 1 recorded connection")
     expect(dialog.locator('[data-role="impact-allowed"]')).to_contain_text("dev-laptop-1 -> newdev-web-1 443/tcp")
     expect(dialog).not_to_contain_text("proceed")
+    page.screenshot(path=str(screenshots / "provision-confirm-widening.png"))
     dialog.get_by_role("button", name="Cancel").click()
     expect(page.locator('[data-role="not-provisioned"]')).to_be_visible()
     assert estate.get("/policy/versions", limit=1)["items"][0]["number"] == before
