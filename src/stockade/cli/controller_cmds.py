@@ -28,7 +28,7 @@ import httpx
 
 from stockade.cli import main
 from stockade.cli.config import read_login
-from stockade.cli.errors import EXIT_FINDING, EXIT_USAGE, CliError, fail_response
+from stockade.cli.errors import EXIT_FINDING, EXIT_REFUSED, EXIT_USAGE, CliError, fail_response
 from stockade.errors import ValidationError
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", str(Path.home() / ".local" / "share"))) / "stockade"
@@ -300,9 +300,9 @@ def policy_provision(message: str, proceed: bool, controller_url: str | None, ap
     """Freeze the controller's draft as a new policy version."""
     with _client(controller_url, api_key, ca_cert) as client:
         r = client.post("/policy/provision", json={"message": message}, params={"proceed": str(proceed).lower()})
-    if r.status_code == 409 and r.json().get("error") == "ImpactRefusedError":
-        raise click.ClickException(f"{r.json()['message']}\nReview it with `stockade policy diff` and the impact "
-                                   "preview, then run again with --proceed to provision anyway.")
+    if r.status_code == 409 and r.json().get("error") == "ImpactRefusedError":  # issue 14: say which flag
+        raise CliError(r.json()["message"], EXIT_REFUSED,
+                       "review it with `stockade policy impact`, then run again with --proceed to provision anyway")
     if r.status_code != 201:
         _fail(r)
     v = r.json()
