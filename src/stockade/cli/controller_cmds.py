@@ -28,7 +28,7 @@ import httpx
 
 from stockade.cli import main
 from stockade.cli.config import read_login
-from stockade.cli.errors import EXIT_FINDING, EXIT_USAGE, CliError, fail_response
+from stockade.cli.errors import EXIT_FINDING, EXIT_REFUSED, EXIT_USAGE, CliError, fail_response
 from stockade.errors import ValidationError
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", str(Path.home() / ".local" / "share"))) / "stockade"
@@ -368,13 +368,17 @@ def policy_export(out_dir: Path, version: str, force: bool, controller_url: str 
 
 @policy_group.command("provision")
 @click.option("-m", "--message", required=True)
-@click.option("--proceed", is_flag=True, help="provision even if recorded flows would be newly blocked")
+@click.option("--proceed", is_flag=True,
+              help="confirm: provision even if the draft newly blocks or newly allows recorded flows, or widens a rule")
 @client_options
 def policy_provision(message: str, proceed: bool, controller_url: str | None, api_key: str | None,
                      ca_cert: Path | None) -> None:
     """Freeze the controller's draft as a new policy version."""
     with _client(controller_url, api_key, ca_cert) as client:
         r = client.post("/policy/provision", json={"message": message}, params={"proceed": str(proceed).lower()})
+    if r.status_code == 409 and r.json().get("error") == "ImpactRefusedError":  # issue 14: say which flag
+        raise CliError(r.json()["message"], EXIT_REFUSED,
+                       "review it with `stockade policy impact`, then run again with --proceed to provision anyway")
     if r.status_code != 201:
         _fail(r)
     v = r.json()
