@@ -166,6 +166,12 @@ function servicesText(services) {
   return list.length > 2 ? `${list.slice(0, 2).join(", ")} +${list.length - 2}` : list.join(", ");
 }
 
+/** The label's visible text ("3 1 22/tcp, 5432/tcp"): its accessible name starts with it (WCAG 2.5.3). */
+function labelText(e) {
+  const mix = normMix(e.mix);
+  return [...VERDICTS.filter((v) => mix[v]).map((v) => String(mix[v])), servicesText(e.services)].filter(Boolean).join(" ");
+}
+
 /** An edge's label: an icon, colour and count per verdict present, then its services. */
 function edgeLabel(e, key, name, [x, y]) {
   const mix = normMix(e.mix);
@@ -176,7 +182,7 @@ function edgeLabel(e, key, name, [x, y]) {
     const digits = String(mix[v]).length;
     parts.push(svg("g", { class: ["mix", `v-${v}`], "data-mix": v, transform: `translate(${w} 3)` },
       svg("use", { href: `#i-${v}`, width: 14, height: 14, class: "mix-icon" }),
-      svg("text", { x: 17, y: 11.5 }, String(mix[v]))));
+      svg("text", { x: 17, y: 11.5 }, `${mix[v]} `))); // the space keeps the counts apart in the text content
     w += 17 + digits * 7 + 7;
   }
   const services = servicesText(e.services);
@@ -264,7 +270,7 @@ export class MapView {
         svg("title", {}, title));
       hit.append(svg("title", {}, title));
       hit.addEventListener("click", (ev) => { ev.stopPropagation(); this.selectEdge(e); });
-      const label = edgeLabel(e, key, `Connection ${title}`, mid);
+      const label = edgeLabel(e, key, `${labelText(e)}: connection ${title}`, mid);
       label.addEventListener("click", (ev) => { ev.stopPropagation(); this.selectEdge(e); });
       label.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); this.selectEdge(e); } });
       edgeFrag.append(hit, line);
