@@ -13,6 +13,7 @@ import { mixWorst, normMix, VERDICTS, VERDICT_TEXT } from "./verdicts.js";
 
 const NODE_W = 150;
 const NODE_H = 46;
+const DENSE_EDGES = 120;
 
 function hashString(s) {
   let x = 2166136261;
@@ -172,8 +173,20 @@ function labelText(e) {
   return [...VERDICTS.filter((v) => mix[v]).map((v) => String(mix[v])), servicesText(e.services)].filter(Boolean).join(" ");
 }
 
-/** An edge's label: an icon, colour and count per verdict present, then its services. */
-function edgeLabel(e, key, name, [x, y]) {
+/**
+ * An edge's label: an icon, colour and count per verdict present, then its services. A dense map
+ * gets the focusable shell only (its name says it all) and draws the inside when it is needed.
+ */
+function edgeLabel(e, key, name, mid, dense) {
+  const g = svg("g", { class: ["edge-label", `v-${mixWorst(e.mix)}`], tabindex: "0", role: "button", "data-edge-label": key, "aria-label": name });
+  g.labelData = { e, mid };
+  if (!dense) drawLabel(g);
+  return g;
+}
+
+function drawLabel(g) {
+  if (g.firstChild || !g.labelData) return;
+  const { e, mid: [x, y] } = g.labelData;
   const mix = normMix(e.mix);
   const parts = [];
   let w = 6;
@@ -191,9 +204,8 @@ function edgeLabel(e, key, name, [x, y]) {
     w += services.length * 6.1 + 6;
   }
   const width = Math.max(w, 20);
-  return svg("g", { class: ["edge-label", `v-${mixWorst(e.mix)}`], transform: `translate(${(x - width / 2).toFixed(1)} ${(y - 10).toFixed(1)})`,
-    tabindex: "0", role: "button", "data-edge-label": key, "aria-label": name },
-  svg("rect", { width: width.toFixed(1), height: 20, rx: 4, class: "edge-label-bg" }), ...parts);
+  g.setAttribute("transform", `translate(${(x - width / 2).toFixed(1)} ${(y - 10).toFixed(1)})`);
+  g.append(svg("rect", { width: width.toFixed(1), height: 20, rx: 4, class: "edge-label-bg" }), ...parts);
 }
 
 export class MapView {
@@ -241,6 +253,7 @@ export class MapView {
     this.nodeEls = new Map();
     this.edgeEls = [];
     const pairCount = new Set(map.edges.map((e) => `${e.src}\u0000${e.dst}`));
+    const dense = map.edges.length > DENSE_EDGES;
     for (const e of map.edges) {
       const a = this.positions.get(e.src); const b = this.positions.get(e.dst);
       if (!a || !b) continue;
@@ -270,7 +283,8 @@ export class MapView {
         svg("title", {}, title));
       hit.append(svg("title", {}, title));
       hit.addEventListener("click", (ev) => { ev.stopPropagation(); this.selectEdge(e); });
-      const label = edgeLabel(e, key, `${labelText(e)}: connection ${title}`, mid);
+      const label = edgeLabel(e, key, `${labelText(e)}: connection ${title}`, mid, dense);
+      if (dense) label.addEventListener("focus", () => drawLabel(label));
       label.addEventListener("click", (ev) => { ev.stopPropagation(); this.selectEdge(e); });
       label.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); this.selectEdge(e); } });
       edgeFrag.append(hit, line);
@@ -299,6 +313,8 @@ export class MapView {
     this.edgeLayer.replaceChildren(edgeFrag);
     this.nodeLayer.replaceChildren(nodeFrag);
     this.labelLayer.replaceChildren(labelFrag);
+    // a dense map shows a label when its connection is focused, selected or meets the selected group
+    this.svg.classList.toggle("dense", dense);
     if (!this.fitted) { this.fit(); this.fitted = true; }
     this.restoreSelection();
     if (focusedKey) this.refocus(focusedKey);
@@ -344,7 +360,7 @@ export class MapView {
     if (this.selected.type === "node" && this.nodeEls.has(this.selected.id)) this.highlightNode(this.selected.id);
     else if (this.selected.type === "edge") {
       const found = this.edgeEls.find((x) => x.key === this.selected.key);
-      if (found) { found.line.classList.add("selected"); found.label.classList.add("selected"); }
+      if (found) { found.line.classList.add("selected"); found.label.classList.add("selected"); drawLabel(found.label); }
     }
   }
 
@@ -361,7 +377,7 @@ export class MapView {
     if (el) el.classList.add("selected");
     this.svg.classList.add("has-selection");
     for (const { edge, line, label } of this.edgeEls) {
-      if (edge.src === id || edge.dst === id) { line.classList.add("related"); label.classList.add("related"); }
+      if (edge.src === id || edge.dst === id) { line.classList.add("related"); label.classList.add("related"); drawLabel(label); }
     }
   }
 
@@ -376,7 +392,7 @@ export class MapView {
     this.selected = { type: "edge", key };
     this.clearHighlight();
     const found = this.edgeEls.find((x) => x.key === key);
-    if (found) { found.line.classList.add("selected"); found.label.classList.add("selected"); }
+    if (found) { found.line.classList.add("selected"); found.label.classList.add("selected"); drawLabel(found.label); }
     if (this.onSelectEdge) this.onSelectEdge(edge);
   }
 
