@@ -52,6 +52,11 @@ def _syslog_target(value: str | None, fmt: str) -> Any:
               help="seconds after going offline before a workload leaves peers' sets (default: never)")
 @click.option("--syslog", default=None, help="forward audit events to HOST:PORT over UDP")
 @click.option("--syslog-format", type=click.Choice(["json", "cef"]), default="json", show_default=True)
+@click.option("--trusted-proxy", multiple=True, metavar="IP|CIDR",
+              help="reverse proxy whose X-Forwarded-For/-Proto/-Host headers are believed (repeatable; "
+                   "default: none, the headers are ignored)")
+@click.option("--allowed-origin", multiple=True, metavar="URL",
+              help="extra origin (https://host:port) allowed to make cookie-authenticated changes (repeatable)")
 def controller(
     data_dir: Path,
     database_url: str | None,
@@ -63,6 +68,8 @@ def controller(
     offline_grace: float | None,
     syslog: str | None,
     syslog_format: str,
+    trusted_proxy: tuple[str, ...],
+    allowed_origin: tuple[str, ...],
 ) -> None:
     """Run the Stockade controller (REST API, policy distribution)."""
     import uvicorn
@@ -73,13 +80,18 @@ def controller(
 
     data_dir.mkdir(parents=True, exist_ok=True)
     url = database_url or f"sqlite:///{data_dir / 'stockade.db'}"
-    settings = ControllerSettings(
-        database_url=url,
-        offline_after=offline_after,
-        offline_grace=offline_grace,
-        secure_cookies=not insecure_http,
-        syslog=_syslog_target(syslog, syslog_format),
-    )
+    try:
+        settings = ControllerSettings(
+            database_url=url,
+            offline_after=offline_after,
+            offline_grace=offline_grace,
+            secure_cookies=not insecure_http,
+            syslog=_syslog_target(syslog, syslog_format),
+            trusted_proxies=trusted_proxy,
+            allowed_origins=allowed_origin,
+        )
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--trusted-proxy/--allowed-origin") from None
     app = create_app(settings)
     ctl = app.state.controller
     scheme = "http" if insecure_http else "https"
@@ -99,8 +111,10 @@ def controller(
     click.echo(f"OpenAPI:  {base}/api/v1/openapi.json   docs: {base}/api/v1/docs")
     click.echo(f"Metrics:  {base}/metrics")
     sys.stdout.flush()
+    # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 (anyone on
+    # this host); the app itself decides, from --trusted-proxy (stockade.controller.forwarded).
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=75,
-                backlog=4096, **ssl)
+                backlog=4096, proxy_headers=False, **ssl)
 
 
 # ---- policy as code against a running controller ---------------------------------------------
