@@ -11,7 +11,7 @@ issue's attack from a page on another port against ``stockade controller`` and t
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -197,21 +197,44 @@ def test_chromium_page_on_another_port_cannot_use_the_console_session(attacker_s
         page_html["html"] = ATTACK % {"target": con.url, "agent": agent_id}
         codes_before = len(con.get("/events", action="activation_code.create", limit=500)["items"])
         cookie = con.session_cookie()
-        with sync_playwright() as pw:
-            browser = launch_chromium(pw)
-            try:
-                ctx = browser.new_context()
-                ctx.add_cookies([{"name": "stockade_session", "value": cookie, "url": con.url}])
-                page = ctx.new_page()
-                page.goto(attacker + "/")
-                page.wait_for_function("document.title === 'done'", timeout=15000)
-                assert con.get(f"/agents/{agent_id}")["revoked"] is False
-                assert len(con.get("/events", action="activation_code.create", limit=500)["items"]) == codes_before
-                # the console itself (same origin) still writes with the same cookie: chromium sends Origin
-                page.goto(con.url + "/")
-                status = page.evaluate("""async () => (await fetch('/api/v1/pairing-profiles/p/codes',
-                                          {method: 'POST', credentials: 'same-origin'})).status""")
-                assert status == 201
-                assert len(con.get("/events", action="activation_code.create", limit=500)["items"]) == codes_before + 1
-            finally:
-                browser.close()
+        def drive() -> None:
+            with sync_playwright() as pw:
+                browser = launch_chromium(pw)
+                try:
+                    ctx = browser.new_context()
+                    ctx.add_cookies([{"name": "stockade_session", "value": cookie, "url": con.url}])
+                    page = ctx.new_page()
+                    page.goto(attacker + "/")
+                    page.wait_for_function("document.title === 'done'", timeout=15000)
+                    assert con.get(f"/agents/{agent_id}")["revoked"] is False
+                    assert len(con.get("/events", action="activation_code.create", limit=500)["items"]) == codes_before
+                    # the console itself (same origin) still writes with the same cookie: chromium sends Origin
+                    page.goto(con.url + "/")
+                    status = page.evaluate("""async () => (await fetch('/api/v1/pairing-profiles/p/codes',
+                                              {method: 'POST', credentials: 'same-origin'})).status""")
+                    assert status == 201
+                    after = len(con.get("/events", action="activation_code.create", limit=500)["items"])
+                    assert after == codes_before + 1
+                finally:
+                    browser.close()
+
+        in_thread(drive)
+
+
+def in_thread(fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a thread of its own: playwright's sync API refuses a thread where another sync
+    playwright (the browser layer's session fixture, same xdist worker) is already running."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # handed to the test's thread
+            errors.append(exc)
+
+    t = threading.Thread(target=run, name="chromium")
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "the browser session did not finish in 120 s"
+    if errors:
+        raise errors[0]
