@@ -129,6 +129,11 @@ def test_dark_colour_scheme_is_honoured(browser: Any, console: Console, session_
             assert relative_luminance(parse_hex(colours[where])) < 0.05, colours
         assert contrast_ratio(parse_hex(colours["text"]), parse_hex(colours["body"])) >= 7, colours
         page.screenshot(path=str(screenshots / "map-dark.png"))
+        # the system switches to light and back: the console follows without a reload
+        page.emulate_media(color_scheme="light")
+        expect(page.locator("html")).to_have_attribute("data-theme", "light")
+        page.emulate_media(color_scheme="dark")
+        expect(page.locator("html")).to_have_attribute("data-theme", "dark")
         # an explicit choice in the display settings still wins over the system
         page.goto("/#/settings")
         page.get_by_label("Light", exact=True).check()
@@ -137,3 +142,17 @@ def test_dark_colour_scheme_is_honoured(browser: Any, console: Console, session_
         expect(page.locator("html")).to_have_attribute("data-theme", "dark")
     finally:
         ctx.close()
+
+
+def test_remembered_places_that_collide_are_laid_out_again(page: Any, mixed_estate: None) -> None:
+    """Two groups remembered at one spot (from visits that never saw both) do not overlap."""
+    page.add_init_script(f"""window.localStorage.setItem("stockade.map.positions",
+        JSON.stringify({{"{LEDGER}": [0, 0], "{VAULT}": [0, 0]}}));""")
+    open_map(page)
+    a = page.locator(f'[data-node="{LEDGER}"] rect').bounding_box()
+    b = page.locator(f'[data-node="{VAULT}"] rect').bounding_box()
+    assert a and b
+    apart = (a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"]
+             or a["y"] + a["height"] <= b["y"] or b["y"] + b["height"] <= a["y"])
+    assert apart, (a, b)
+    assert node_positions(page)[LEDGER] == "translate(-75.0 -23.0)"  # the first keeps its remembered place

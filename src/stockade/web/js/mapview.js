@@ -239,7 +239,11 @@ export class MapView {
     this.map = map;
     const focusedKey = this.focusedKey();
     const previous = new Map(this.positions);
-    for (const n of map.nodes) if (!previous.has(n.id) && this.remembered.has(n.id)) previous.set(n.id, this.remembered.get(n.id));
+    for (const n of map.nodes) {
+      // a remembered place (from another visit) taken by a group already placed: lay it out afresh
+      const r = !previous.has(n.id) && this.remembered.get(n.id);
+      if (r && ![...previous.values()].some(([x, y]) => Math.abs(x - r[0]) < NODE_W + 16 && Math.abs(y - r[1]) < NODE_H + 14)) previous.set(n.id, r);
+    }
     this.positions = layout(map.nodes, map.edges, previous);
     let changed = false;
     for (const [id, p] of this.positions) {

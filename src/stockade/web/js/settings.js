@@ -20,7 +20,15 @@ export function saveSettings(s) {
   applySettings(s);
 }
 
+let following = false;
+
 export function applySettings(s) {
+  if (!following && window.matchMedia) { // the system switches scheme or contrast: follow at once
+    following = true;
+    for (const q of ["(prefers-color-scheme: dark)", "(prefers-contrast: more)"]) {
+      window.matchMedia(q).addEventListener("change", () => applySettings(loadSettings()));
+    }
+  }
   const root = document.documentElement;
   let theme = s.theme;
   if (theme === "system") {
