@@ -31,19 +31,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
-from stockade.backends.iptables.render import (
+from stockade.backends.base import (
+    Capability,
+    NflogFlows,
+    VerifyReport,
+    check_capabilities,
+    check_delta_capabilities,
+)
+from stockade.backends.iptables.model import (
     ChainNames,
     Hook,
     IpSet,
-    IptablesArtifact,
     IptablesVariant,
     address_text,
     ipset_members,
-    ipset_name,
-    render_iptables,
-    validate_prefix,
 )
+from stockade.backends.iptables.render import IptablesArtifact, ipset_name, render_iptables, validate_prefix
 from stockade.backends.iptables.runner import Command, IpsetHeader, IptablesRunner, Result, parse_ipset_save
 from stockade.backends.iptables.scripts import (
     FilterState,
@@ -61,17 +64,6 @@ from stockade.model.addresses import Family
 
 IPTABLES_CAPABILITIES = frozenset(Capability)
 FAMILIES = (Family.V4, Family.V6)
-
-
-@dataclass(frozen=True)
-class IptablesVerifyReport:
-    """Differences between the kernel and the expected artifact; empty means in sync."""
-
-    problems: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 @dataclass(frozen=True)
@@ -269,7 +261,11 @@ class IptablesBackend:
     def close(self) -> None:
         """Nothing is kept open between calls."""
 
-    def verify(self, expected: IptablesArtifact) -> IptablesVerifyReport:
+    def flow_source(self) -> NflogFlows:
+        """Would-be drops are logged to NFLOG ``log_group`` (in ``netns``)."""
+        return NflogFlows(self.log_group)
+
+    def verify(self, expected: IptablesArtifact) -> VerifyReport:
         """Compare what the kernel holds with ``expected`` (tamper and drift detection)."""
         snap = self.snapshot()
         problems: list[str] = []
@@ -279,11 +275,11 @@ class IptablesBackend:
                 state = snap.states[family]
                 problems += [f"IPv{family.value} chain {c.name} exists but should not" for c in state.chains]
                 problems += [f"IPv{family.value} {j.hook.value} jumps to {j.spec} but should not" for j in state.jumps]
-            return IptablesVerifyReport(tuple(problems))
+            return VerifyReport(tuple(problems))
         problems += _set_problems(expected.sets, snap.sets)
         for family in FAMILIES:
             problems += self._chain_problems(expected, snap.states[family])
-        return IptablesVerifyReport(tuple(problems))
+        return VerifyReport(tuple(problems))
 
     def _chain_problems(self, expected: IptablesArtifact, state: FilterState) -> list[str]:
         tag = f"IPv{state.family.value}"
@@ -346,4 +342,4 @@ def _set_problems(expected: tuple[IpSet, ...], actual: dict[str, IpsetHeader]) -
     return problems
 
 
-__all__ = ["IPTABLES_CAPABILITIES", "IptablesBackend", "IptablesVariant", "IptablesVerifyReport"]
+__all__ = ["IPTABLES_CAPABILITIES", "IptablesBackend", "IptablesVariant"]

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from stockade.backends.iptables.render import IptablesVariant
-from stockade.backends.nftables.runner import validate_netns
+from stockade.backends.common import validate_netns
+from stockade.backends.iptables.model import IptablesVariant
 from stockade.errors import BackendError
 from stockade.model.addresses import Family
 
@@ -61,7 +61,7 @@ class IpsetHeader:
     """One set as ``ipset save`` declares it, with its members as printed (sorted text).
 
     Members stay text: ``ipset`` prints them with ``inet_ntop``, as
-    :func:`~stockade.backends.iptables.render.address_text` formats ours, and parsing 100k
+    :func:`~stockade.backends.iptables.model.address_text` formats ours, and parsing 100k
     addresses into objects would cost seconds on every tamper check.
     """
 

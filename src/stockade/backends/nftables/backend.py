@@ -26,10 +26,15 @@ chain headers and rule lines exactly (counters zeroed), set members as address r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 
-from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
+from stockade.backends.base import (
+    Capability,
+    NflogFlows,
+    VerifyReport,
+    check_capabilities,
+    check_delta_capabilities,
+)
 from stockade.backends.nftables.netlink import ElementChange, NftNetlink
 from stockade.backends.nftables.render import (
     NftablesArtifact,
@@ -59,17 +64,6 @@ class DeltaPath(Enum):
 
     NETLINK = "netlink"  # one nf_tables batch on a raw netlink socket (fast at any set size)
     NFT_CLI = "nft-cli"  # ``nft -f`` with delete/add element (re-reads the set on nft 1.0.6)
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """Differences between the kernel and the expected artifact; empty means in sync."""
-
-    problems: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def listing_form(rule: str) -> str:
@@ -144,6 +138,14 @@ class NftablesBackend:
 
     def remove(self) -> None:
         self.runner.load(f"table inet {self.table}\ndelete table inet {self.table}\n")
+
+    def flow_source(self) -> NflogFlows:
+        """New connections are logged to NFLOG ``log_group`` (in ``netns``)."""
+        return NflogFlows(self.log_group)
+
+    def change_monitor(self) -> tuple[str, ...]:
+        """``nft monitor``: one line per change to any table (rule, set element, chain, flush)."""
+        return tuple(self.runner.argv("monitor"))
 
     def close(self) -> None:
         """Release the netlink socket kept for deltas (it pins its network namespace)."""

@@ -18,18 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from stockade.backends.common import validate_netns
 from stockade.errors import ApplyError, BackendError
 from stockade.model.addresses import AddressRanges, IPNetwork
 
-_NETNS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 _COUNTER_RE = re.compile(r"counter packets \d+ bytes \d+")
 NFT_TIMEOUT_S = 120.0
-
-
-def validate_netns(netns: str | None) -> str | None:
-    if netns is not None and not _NETNS_RE.match(netns):
-        raise BackendError(f"invalid network namespace name {netns!r}")
-    return netns
 
 
 def normalise_counters(text: str) -> str:
