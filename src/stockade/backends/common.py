@@ -8,6 +8,9 @@ namespace validation three times). Backend families import this, ``base``, ``flo
 * **Services**: :func:`entry_bounds` turns a :class:`ServiceEntry` into a checked
   (first, last) range; :func:`service_groups` groups entries per protocol with merged ranges
   (what every renderer's ``service_matches`` starts from), ``None`` meaning any protocol.
+* **Text in artifacts**: :func:`checked_rule_id` lets a rule id into a comment only when it is
+  made of safe characters; :func:`safe_text` makes any name safe for a header comment;
+  :func:`rule_difference` says how two chains' rule lines differ (verification).
 * **Commands**: :func:`run_command` runs an argv list (never a shell) with a timeout;
   :class:`CommandResult` and :data:`Executor` let a backend take a fake runner in tests.
 * **Namespaces**: :func:`validate_netns` checks a name before it reaches a path or an argv;
@@ -32,6 +35,7 @@ from stockade.model.services import Proto, ServiceEntry
 
 PORT_MAX = 65535
 TYPE_MAX = 255
+ND_TYPES = (133, 134, 135, 136, 137)  # ICMPv6 neighbour discovery: RS, RA, NS, NA, redirect
 T = TypeVar("T")
 
 # ---- services ----------------------------------------------------------------------------
@@ -101,6 +105,34 @@ def service_groups(entries: Iterable[ServiceEntry], family: Family | None = None
         else:
             out.append(ProtoGroup(proto, merge_ranges(entry_bounds(e) for e in found)))
     return tuple(out)
+
+
+# ---- text in artifacts -------------------------------------------------------------------
+
+_RULE_ID_RE = re.compile(r"^[A-Za-z0-9_.:/@=+\-]{1,120}$")
+_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_.:/@=+\-]")
+
+
+def checked_rule_id(rule_id: str, where: str) -> str:
+    """``rule_id`` when it may be embedded in ``where`` (a comment) as it is; RenderError otherwise."""
+    if not _RULE_ID_RE.match(rule_id):
+        raise RenderError(f"rule id {rule_id!r} cannot be {where}")
+    return rule_id
+
+
+def safe_text(text: str) -> str:
+    """``text`` with every character a comment could misread replaced by ``?`` (120 at most)."""
+    return _UNSAFE_RE.sub("?", text)[:120]
+
+
+def rule_difference(chain: str, want: tuple[str, ...], have: tuple[str, ...]) -> str:
+    """The first difference between the rule lines a chain should hold and those it holds."""
+    for i, (w, h) in enumerate(zip(want, have, strict=False)):
+        if w != h:
+            return f"chain {chain}: rule {i} is {h!r}, expected {w!r}"
+    if len(have) > len(want):
+        return f"chain {chain}: unexpected rule {have[len(want)]!r}"
+    return f"chain {chain}: missing rule {want[len(have)]!r}"
 
 
 # ---- commands ----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stockade.backends.common import PORT_MAX, service_groups
+from stockade.backends.common import ND_TYPES, PORT_MAX, service_groups
 from stockade.compiler.ir import HostPolicy, HostRule
 from stockade.errors import RenderError
 from stockade.model.addresses import AddressRanges, Family, IPNetwork
@@ -50,7 +50,6 @@ from stockade.model.workloads import EnforcementMode
 
 BACKEND_NAME = "f5"
 NONE = "none"
-ND_TYPES = (133, 134, 135, 136, 137)
 _PARTITION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
 _OBJECT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 _VIRTUAL_RE = re.compile(r"^/([A-Za-z][A-Za-z0-9_.\-]{0,63})/([A-Za-z0-9_][A-Za-z0-9_.\-]{0,127})$")

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from stockade.backends.common import PORT_MAX, controller_port, service_groups
+from stockade.backends.common import ND_TYPES, PORT_MAX, checked_rule_id, controller_port, safe_text, service_groups
 from stockade.compiler.ir import Direction, HostPolicy, HostRule
 from stockade.errors import RenderError
 from stockade.model.addresses import AddressRanges, Family, IPNetwork
@@ -46,11 +46,8 @@ from stockade.model.services import Proto, ServiceEntry
 from stockade.model.workloads import EnforcementMode
 
 BACKEND_NAME = "ipfilter"
-ND_TYPES = (133, 134, 135, 136, 137)
 MAX_POOLS = 10000
 _IFACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:]{0,31}$")
-_RULE_ID_RE = re.compile(r"^[A-Za-z0-9_.:/@=+\-]{1,120}$")
-_SAFE_RE = re.compile(r"[^A-Za-z0-9_.:/@=+\-]")
 
 
 class Slot(Enum):
@@ -133,7 +130,7 @@ class IpfilterArtifact:
         return tuple(slot.value + p.index for p in self.pools)
 
     def ippool_conf(self, slot: Slot = Slot.A) -> str:
-        out = [f"# Stockade ippool.conf: workload {_safe(self.workload)} (slot {slot.name.lower()})"]
+        out = [f"# Stockade ippool.conf: workload {safe_text(self.workload)} (slot {slot.name.lower()})"]
         for p in self.pools:
             number = slot.value + p.index
             if p.members:
@@ -145,7 +142,7 @@ class IpfilterArtifact:
 
     def ipf_conf(self, family: Family, slot: Slot = Slot.A) -> str:
         name = "ipf.conf" if family is Family.V4 else "ipf6.conf"
-        out = [f"# Stockade {name}: workload {_safe(self.workload)}, mode {self.mode.value}"]
+        out = [f"# Stockade {name}: workload {safe_text(self.workload)}, mode {self.mode.value}"]
         out.extend(rule_line(r, slot) for r in self.rules(family))
         return "\n".join(out) + "\n"
 
@@ -169,8 +166,6 @@ class IpfilterArtifact:
 # ---- text -----------------------------------------------------------------------------
 
 
-def _safe(text: str) -> str:
-    return _SAFE_RE.sub("?", text)[:120]
 
 
 def _net(net: IPNetwork) -> str:
@@ -247,9 +242,7 @@ def service_matches(entries: Iterable[ServiceEntry], family: Family) -> list[_Ma
 
 
 def _rule_id(rule_id: str) -> str:
-    if not _RULE_ID_RE.match(rule_id):
-        raise RenderError(f"rule id {rule_id!r} cannot be written in an ipf comment")
-    return rule_id
+    return checked_rule_id(rule_id, "written in an ipf comment")
 
 
 class _Builder:

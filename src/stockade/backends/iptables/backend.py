@@ -38,6 +38,7 @@ from stockade.backends.base import (
     check_capabilities,
     check_delta_capabilities,
 )
+from stockade.backends.common import rule_difference
 from stockade.backends.iptables.model import (
     ChainNames,
     Hook,
@@ -291,7 +292,7 @@ class IptablesBackend:
             if got is None:
                 problems.append(f"{tag} chain {chain.name} is missing")
             elif got.rules != chain.rules:
-                problems.append(f"{tag} {_rule_diff(chain.name, chain.rules, got.rules)}")
+                problems.append(f"{tag} {rule_difference(chain.name, chain.rules, got.rules)}")
         problems += [f"{tag} unexpected chain {name}" for name in sorted(have)]
         for hook in Hook:
             exact = f"-j {self._names.entry(hook)}"
@@ -302,15 +303,6 @@ class IptablesBackend:
                 problems.append(f"{tag} {hook.value} has {count} jumps to {self._names.entry(hook)}, expected {want}")
             problems += [f"{tag} {hook.value} has an unexpected rule {j.spec!r}" for j in jumps if j.spec != exact]
         return problems
-
-
-def _rule_diff(chain: str, want: tuple[str, ...], have: tuple[str, ...]) -> str:
-    for i, (w, h) in enumerate(zip(want, have, strict=False)):
-        if w != h:
-            return f"chain {chain}: rule {i} is {h!r}, expected {w!r}"
-    if len(have) > len(want):
-        return f"chain {chain}: unexpected rule {have[len(want)]!r}"
-    return f"chain {chain}: missing rule {want[len(have)]!r}"
 
 
 def _members_text(members: list[str], limit: int = 5) -> str:

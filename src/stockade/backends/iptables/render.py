@@ -42,7 +42,15 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from stockade.backends import flowlog
-from stockade.backends.common import PORT_MAX, ProtoGroup, controller_port, service_groups
+from stockade.backends.common import (
+    ND_TYPES,
+    PORT_MAX,
+    ProtoGroup,
+    checked_rule_id,
+    controller_port,
+    safe_text,
+    service_groups,
+)
 from stockade.backends.flowlog import FlowAction, validate_log_group
 from stockade.backends.iptables.model import (
     IPSET_NAME_MAX,
@@ -75,11 +83,9 @@ NFLOG_PREFIX_MAX = 63  # xt_NFLOG keeps 64 bytes including the terminating NUL
 MULTIPORT_SLOTS = 15  # xt_multiport: at most 15 ports, a range taking two
 DEFAULT_RULE_ID = "default"
 LOCAL_SET = "local"
-ND_TYPES = (133, 134, 135, 136, 137)
 
 _PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,11}$")
 _PEER_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-_RULE_ID_RE = re.compile(r"^[A-Za-z0-9_.:/@=+\-]{1,120}$")
 _UNQUOTED = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -119,7 +125,7 @@ def artifact_text(artifact: IptablesArtifact) -> str:
     """Every script of an apply on a host with none of our chains, with a comment before each."""
     v = artifact.variant
     out = [
-        f"# Stockade iptables+ipset ruleset: workload {_safe(artifact.workload)}, mode {artifact.mode.value}, "
+        f"# Stockade iptables+ipset ruleset: workload {safe_text(artifact.workload)}, mode {artifact.mode.value}, "
         f"iptables-{v.value}, chain prefix {artifact.prefix}"
     ]
     if not artifact.present:
@@ -137,8 +143,6 @@ def artifact_text(artifact: IptablesArtifact) -> str:
     return "\n".join(out) + "\n"
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.:/@=+\-]", "?", text)[:120]
 
 
 # ---- names and strings ------------------------------------------------------------------
@@ -179,9 +183,7 @@ def save_string(value: str) -> str:
 
 
 def _rule_id(rule_id: str) -> str:
-    if not _RULE_ID_RE.match(rule_id):
-        raise RenderError(f"rule id {rule_id!r} cannot be embedded in an iptables comment")
-    return rule_id
+    return checked_rule_id(rule_id, "embedded in an iptables comment")
 
 
 def log_prefix(rule_id: str) -> str:

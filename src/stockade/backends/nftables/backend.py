@@ -35,6 +35,7 @@ from stockade.backends.base import (
     check_capabilities,
     check_delta_capabilities,
 )
+from stockade.backends.common import rule_difference
 from stockade.backends.nftables.netlink import ElementChange, NftNetlink
 from stockade.backends.nftables.render import (
     NftablesArtifact,
@@ -198,19 +199,10 @@ class NftablesBackend:
                 problems.append(f"chain {chain.name}: header {have_chain.header!r} != {chain.header()!r}")
             want_rules = tuple(listing_form(r) for r in chain.rules)
             if have_chain.rules != want_rules:
-                problems.append(_rule_diff(chain.name, want_rules, have_chain.rules))
+                problems.append(rule_difference(chain.name, want_rules, have_chain.rules))
         for name in sorted(actual_chains):
             problems.append(f"unexpected chain {name}")
         return VerifyReport(tuple(problems))
-
-
-def _rule_diff(chain: str, want: tuple[str, ...], have: tuple[str, ...]) -> str:
-    for i, (w, h) in enumerate(zip(want, have, strict=False)):
-        if w != h:
-            return f"chain {chain}: rule {i} is {h!r}, expected {w!r}"
-    if len(have) > len(want):
-        return f"chain {chain}: unexpected rule {have[len(want)]!r}"
-    return f"chain {chain}: missing rule {want[len(have)]!r}"
 
 
 def delta_changes(deltas: tuple[SetDelta, ...]) -> tuple[ElementChange, ...]:

@@ -53,7 +53,14 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
 
-from stockade.backends.common import ProtoGroup, controller_port, service_groups
+from stockade.backends.common import (
+    ND_TYPES,
+    ProtoGroup,
+    checked_rule_id,
+    controller_port,
+    safe_text,
+    service_groups,
+)
 from stockade.backends.flowlog import FlowAction, log_prefix, validate_log_group
 from stockade.compiler.ir import Direction, HostPolicy, HostRule
 from stockade.errors import RenderError
@@ -67,7 +74,6 @@ LOCAL_SET = "local"  # forward chain only: the host's own addresses
 
 _TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 _SET_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,60}$")
-_COMMENT_RE = re.compile(r"^[A-Za-z0-9_.:/@=+\-]{1,120}$")
 
 # nft 1.0.6 prints these types by name, every other one as a number.
 ICMP_TYPE_NAMES: dict[int, str] = {
@@ -84,7 +90,6 @@ ICMPV6_TYPE_NAMES: dict[int, str] = {
     138: "router-renumbering", 141: "ind-neighbor-solicit", 142: "ind-neighbor-advert",
     143: "mld2-listener-report",
 }  # fmt: skip
-ND_TYPES = (133, 134, 135, 136, 137)
 
 
 class Hook(Enum):
@@ -157,7 +162,7 @@ class NftablesArtifact:
     @cached_property
     def _text(self) -> str:
         # computed once per artifact (a frozen value), so a retried apply does not re-format
-        name = _safe_comment(self.workload)
+        name = safe_text(self.workload)
         out = [
             f"# Stockade nftables ruleset: workload {name}, mode {self.mode.value}",
             f"table inet {self.table}",
@@ -228,14 +233,8 @@ def split_members(members: Iterable[IPNetwork]) -> tuple[tuple[IPNetwork, ...], 
     return tuple(hosts), tuple(nets)
 
 
-def _safe_comment(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.:/@=+\-]", "?", text)[:120]
-
-
 def _comment(rule_id: str) -> str:
-    if not _COMMENT_RE.match(rule_id):
-        raise RenderError(f"rule id {rule_id!r} cannot be embedded in an nft comment")
-    return f'comment "{rule_id}"'
+    return f'comment "{checked_rule_id(rule_id, "embedded in an nft comment")}"'
 
 
 def flow_log(action: FlowAction, rule_id: str, group: int) -> str:
@@ -346,22 +345,26 @@ def _host_rule_lines(rule: HostRule, opts: _Options) -> list[str]:
     return lines
 
 
+def _controller_addresses(hp: HostPolicy) -> list[tuple[str, str]]:
+    """(``ip``/``ip6``, address element or set) for each family the controller has addresses in."""
+    ranges = AddressRanges.of(hp.failsafe.controller)
+    out = []
+    for family, proto, fam_ranges in ((Family.V4, "ip", ranges.v4), (Family.V6, "ip6", ranges.v6)):
+        if fam_ranges:
+            out.append((proto, _braced([_range_element(lo, hi, family) for lo, hi in fam_ranges])))
+    return out
+
+
 def _controller_lines(hp: HostPolicy, log_group: int) -> list[str]:
     fs = hp.failsafe
     if not fs.controller:
         return []
     controller_port(fs.controller_port)
-    ranges = AddressRanges.of(fs.controller)
-    lines = []
-    for family, proto, fam_ranges in ((Family.V4, "ip", ranges.v4), (Family.V6, "ip6", ranges.v6)):
-        if fam_ranges:
-            elems = [_range_element(lo, hi, family) for lo, hi in fam_ranges]
-            lines.append(
-                f"{proto} daddr {_braced(elems)} tcp dport {fs.controller_port} "
-                f"{flow_log(FlowAction.ALLOW, 'failsafe:controller', log_group)} accept "
-                f"{_comment('failsafe:controller')}"
-            )
-    return lines
+    return [
+        f"{proto} daddr {elems} tcp dport {fs.controller_port} "
+        f"{flow_log(FlowAction.ALLOW, 'failsafe:controller', log_group)} accept {_comment('failsafe:controller')}"
+        for proto, elems in _controller_addresses(hp)
+    ]
 
 
 def _controller_reply_lines(hp: HostPolicy) -> list[str]:
@@ -371,16 +374,11 @@ def _controller_reply_lines(hp: HostPolicy) -> list[str]:
     fs = hp.failsafe
     if not fs.controller:
         return []
-    ranges = AddressRanges.of(fs.controller)
-    lines = []
-    for family, proto, fam_ranges in ((Family.V4, "ip", ranges.v4), (Family.V6, "ip6", ranges.v6)):
-        if fam_ranges:
-            elems = [_range_element(lo, hi, family) for lo, hi in fam_ranges]
-            lines.append(
-                f"{proto} saddr {_braced(elems)} tcp sport {fs.controller_port} tcp flags != syn / syn,ack accept "
-                f"{_comment('failsafe:controller-reply')}"
-            )
-    return lines
+    return [
+        f"{proto} saddr {elems} tcp sport {fs.controller_port} tcp flags != syn / syn,ack accept "
+        f"{_comment('failsafe:controller-reply')}"
+        for proto, elems in _controller_addresses(hp)
+    ]
 
 
 def _failsafe_base(loop: str) -> list[str]:
