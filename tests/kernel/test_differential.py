@@ -234,6 +234,14 @@ def save_steps(steps: Sequence[Policy], report: str) -> Path:
     return folder
 
 
+def _agree(run: EstateRun, policy: Policy, label: str, example: Any, last_failure: list[tuple[Any, str]]) -> None:
+    """Fail (remembering ``example`` for saving) when a probe disagrees with the evaluator."""
+    if run.disagreements:
+        report = label + disagreement_report(policy, run)
+        last_failure[:] = [(example, report)]
+        raise AssertionError(report)
+
+
 def _shrunk(check: Callable[[], None], last_failure: list[tuple[Any, str]], save: Callable[..., Path]) -> None:
     """Run a hypothesis ``check``; on failure save the shrunk example (hypothesis replays it last)."""
     try:
@@ -266,10 +274,7 @@ def test_random_policies_agree_with_the_evaluator(
             last_failure[:] = [(policy, f"{target.id}: enforcing raised {type(exc).__name__}: {exc}")]
             raise
         tally.add(run)
-        if run.disagreements:
-            report = f"{target.id}: " + disagreement_report(policy, run)
-            last_failure[:] = [(policy, report)]
-            raise AssertionError(report)
+        _agree(run, policy, f"{target.id}: ", policy, last_failure)
 
     _shrunk(check, last_failure, save_regression)
     summary = (
@@ -345,10 +350,7 @@ def test_workload_churn_applied_as_deltas_agrees_with_the_evaluator(
         for h in how:
             kind = h.rsplit(":", 1)[1]
             how_counts[kind] = how_counts.get(kind, 0) + 1
-        if run.disagreements:
-            report = f"{target.id} after " + ", ".join(how) + ":\n" + disagreement_report(steps[-1], run)
-            last_failure[:] = [(steps, report)]
-            raise AssertionError(report)
+        _agree(run, steps[-1], f"{target.id} after " + ", ".join(how) + ":\n", steps, last_failure)
 
     _shrunk(check, last_failure, save_steps)
     summary = (
