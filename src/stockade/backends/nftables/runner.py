@@ -12,13 +12,12 @@ import ipaddress
 import json
 import os
 import re
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stockade.backends.common import validate_netns
+from stockade.backends.common import CommandResult, run_command, validate_netns
 from stockade.errors import ApplyError, BackendError
 from stockade.model.addresses import AddressRanges, IPNetwork
 
@@ -51,13 +50,8 @@ class NftRunner:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         return [*prefix, self.nft, *args]
 
-    def run(self, args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        try:
-            proc = subprocess.run(  # argv list, validated names
-                self.argv(*args), capture_output=True, text=True, timeout=NFT_TIMEOUT_S, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise BackendError(f"cannot run nft: {exc}") from exc
+    def run(self, args: Sequence[str], check: bool = True) -> CommandResult:
+        proc = run_command(self.argv(*args), NFT_TIMEOUT_S, what="nft")  # argv list, validated names
         if check and proc.returncode != 0:
             raise BackendError(f"nft {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc
