@@ -13,11 +13,10 @@ datapath's flow events (:class:`EventFlowReader` turns each new-connection event
 * :class:`HttpFlowSender` - ``POST /api/v1/agents/{id}/flows`` (:mod:`stockade.visibility.wire`)
   on its own connection (uploads never queue behind the long-poll), the controller's CA pinned.
 * :class:`FlowCollector` - a reader thread (a :class:`FlowReader`, opened in that thread) and
-  an uploader thread that sends a
-  batch every ``interval`` seconds (sooner when a batch is full), backs off while the controller
-  is unreachable, and always reports the cumulative ``dropped`` count: buffer drops, kernel
-  overruns (NFLOG ``ENOBUFS``, eBPF ring buffer full) and batches the controller refused.
-  Nothing is lost silently.
+  an uploader thread that sends a batch every ``interval`` seconds (sooner when a batch is
+  full), backs off while the controller is unreachable, and always reports the cumulative
+  ``dropped`` count: buffer drops, kernel overruns (NFLOG ``ENOBUFS``, eBPF ring buffer full)
+  and batches the controller refused. Nothing is lost silently.
 """
 
 from __future__ import annotations
@@ -182,7 +181,7 @@ class EventFlowReader:
 
 
 class FlowCollector:
-    """Reads NFLOG, buffers, uploads. ``start()`` spawns two daemon threads; ``stop()`` ends them."""
+    """Reads the flow source, buffers, uploads. ``start()`` spawns two daemon threads; ``stop()`` ends them."""
 
     def __init__(
         self,
