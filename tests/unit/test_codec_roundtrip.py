@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests import strategies as ps
 
 from stockade.codec import bodies
 from stockade.codec.documents import API_VERSION
@@ -28,6 +27,7 @@ from stockade.errors import ValidationError
 from stockade.model import Failsafe, Policy
 from stockade.policyfile import dump_policy, load_documents
 from stockade.policyfile.loader import load_sources
+from tests import strategies as ps
 
 DOC_KIND = {k: v.value for k, v in bodies.DOCUMENT_KIND.items()}
 # kind -> the Policy field holding its objects

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 
@@ -150,7 +151,10 @@ def test_ip_list_consumer_reaches_provider() -> None:
     ("proto", "port", "rule"), [(Proto.TCP, 22, "failsafe:management"), (Proto.ICMPV6, 135, "failsafe:nd")]
 )
 def test_failsafe_always_allows(proto: Proto, port: int, rule: str) -> None:
-    ev = Evaluator(estate()).evaluate(ip("192.168.9.9"), ip("10.0.0.3"), proto, port)
+    pol = estate()
+    db6 = replace(pol.workload_map()["db-prod"], interfaces=(Interface("eth0", (ip("10.0.0.3"), ip("fd00::3"))),))
+    src, dst = (ip("fe80::9"), ip("fd00::3")) if proto is Proto.ICMPV6 else (ip("192.168.9.9"), ip("10.0.0.3"))
+    ev = Evaluator(pol.with_workload(db6)).evaluate(src, dst, proto, port)
     assert ev.verdict is Verdict.ALLOWED
     assert ev.inbound is not None and ev.inbound.rule_id == rule
 

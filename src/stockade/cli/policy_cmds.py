@@ -15,10 +15,10 @@ from typing import TypeVar
 import click
 
 from stockade.cli import main
+from stockade.codec.syntax import ICMP_TYPE_NAMES, BadValue, parse_service_entry
 from stockade.compiler import Compiler, HostPolicy, host_policy_to_json
 from stockade.errors import StockadeError, ValidationError
 from stockade.evaluator import Evaluation, Evaluator, SideDecision
-from stockade.codec.syntax import ICMP_TYPE_NAMES, BadValue, parse_service_entry
 from stockade.model import IPAddress, Policy, Proto
 
 T = TypeVar("T")
