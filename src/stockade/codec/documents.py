@@ -243,6 +243,7 @@ def _selector(r: Reader, node: Node, path: str, acc: Collected, *, in_scope: boo
                 r.error(e["all"].key, here, _SCOPE_ALL)
                 return None
             return ALL_WORKLOADS
+        e = {k: v for k, v in e.items() if k != "all"}  # all: false says nothing
     if "ip_list" in e:
         ip_entry = e["ip_list"]
         here = sub(path, "ip_list")

@@ -94,6 +94,8 @@ def node_of(data: Any) -> Node:
 
 def _shell(value: Any) -> Node:
     """A scalar node, or an empty container node that ``node_of`` fills."""
+    if isinstance(value, str):  # the commonest value first
+        return ScalarNode(STR_TAG, value)
     if isinstance(value, dict):
         return MappingNode(MAP_TAG, [])
     if isinstance(value, list):
@@ -106,8 +108,6 @@ def _shell(value: Any) -> Node:
         return ScalarNode(INT_TAG, str(value))
     if isinstance(value, float):
         return ScalarNode(FLOAT_TAG, repr(value) if math.isfinite(value) else str(value))
-    if isinstance(value, str):
-        return ScalarNode(STR_TAG, value)
     raise NotADocument(f"{type(value).__name__} is not a JSON value")
 
 
