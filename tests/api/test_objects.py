@@ -83,11 +83,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("services", {"name": "s", "ports": ["99999/tcp"]}, "ports[0]"),
     ("services", {"name": "s", "ports": []}, "ports"),
     ("ip-lists", {"name": "i", "include": ["not-a-cidr"]}, "include[0]"),
-    ("rulesets", {"name": "r", "scope": [],
+    ("rulesets", {"name": "r", "scope": "all",
                   "rules": [{"consumers": [{}], "providers": [{"all": True}], "services": ["any"]}]},
      "rules[0].consumers[0]"),
-    ("rulesets", {"name": "r", "scope": "all", "rules": [{"consumers": [{"all": True}], "providers": "all",
-                                                          "services": ["nosuch"]}]}, "services"),
+    ("rulesets", {"name": "r", "scope": "all", "rules": [{"consumers": [{"all": True}], "providers": [{"all": True}],
+                                         "services": ["nosuch"]}]}, "services"),
     ("rulesets", {"name": "r", "scope": [{"ip_list": "x"}]}, "scope[0]"),
     ("label-groups", {"name": "g", "key": "nokey", "values": ["a"]}, "LabelGroup g"),
 ]
@@ -218,4 +218,4 @@ def test_a_ruleset_must_state_its_scope(api: Api) -> None:
     assert r.status_code == 422
     assert [i["field"] for i in r.json()["issues"]] == ["scope"]
     api.ok("POST", "/rulesets", 201, json={"name": "r", "scope": "all", "rules": []})
-    assert api.ok("GET", "/rulesets/r")["body"]["scope"] == []
+    assert api.ok("GET", "/rulesets/r")["body"]["scope"] == "all"

@@ -197,6 +197,7 @@ def _both(kind: str, doc: dict[str, Any]) -> tuple[tuple[bool, set[str]], tuple[
         ("ruleset", {**RULESET, "scope": None}, "scope"),
         ("ruleset", {k: v for k, v in RULESET.items() if k != "scope"}, "scope"),
         ("ruleset", {**RULESET, "scope": [{}]}, "scope[0]"),
+        ("ruleset", {**RULESET, "scope": []}, "scope"),  # issue 14: only "all" means every workload
         ("ruleset", {**RULESET, "scope": [{"all": True}]}, "scope[0].all"),
         ("service", {"name": "s", "ports": ["icmp:echo-requets"]}, "ports[0]"),
         ("service", {"name": "s", "ports": [443]}, "ports[0]"),
@@ -216,7 +217,6 @@ def test_both_paths_refuse_with_the_same_field(kind: str, doc: dict[str, Any], f
         ("ruleset", {**RULESET, "scope": [{"exclude": {"role": "web"}}]}),
         ("deny_rule", {"name": "d", "consumers": [{"exclude": {"role": ["web", "db"]}}], "providers": "all",
                        "services": ["any"]}),
-        ("ruleset", {**RULESET, "scope": []}),  # the API's stored form of "all"
         ("service", {"name": "s", "ports": ["icmp:echo-request", "icmpv6:echo-request"]}),
         ("workload", {"name": "w", "interfaces": [{"name": "eth0.100", "addresses": ["10.0.0.1", "fd00::1"]}]}),
     ],

@@ -23,10 +23,11 @@ ALLOWED: dict[str, set[str]] = {
     "backends": {"errors", "model", "compiler", "bpf"},  # bpf: the eBPF C sources and their build
     "visibility": {"errors", "model", "compiler", "evaluator"},
     "lab": {"errors", "model", "compiler", "evaluator", "backends", "codec", "policyfile", "paths"},
-    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility"},
+    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs"},
     "controller": {
-        "errors", "model", "compiler", "evaluator", "codec", "policyfile", "visibility", "backends", "web",
+        "errors", "model", "compiler", "evaluator", "codec", "policyfile", "visibility", "backends", "web", "logs",
     },
+    "logs": set(),
 }
 
 

@@ -131,7 +131,7 @@ def service_body(x: Service) -> dict[str, Any]:
 def ruleset_body(x: Ruleset) -> dict[str, Any]:
     return {
         "name": x.name,
-        "scope": [selector_body(sc) for sc in x.scopes],
+        "scope": [selector_body(sc) for sc in x.scopes] if x.scopes else "all",
         "rules": [
             {
                 "consumers": [selector_body(c) for c in r.consumers],

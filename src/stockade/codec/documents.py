@@ -16,9 +16,10 @@ Rules decided here (see ``stockade.policyfile`` for the document syntax):
   least one of ``labels``, ``label_groups``, ``exclude``. An empty selector is an error,
   never "everything". An exclude-only selector (``{exclude: {role: bastion}}``: every
   workload except bastions) is accepted: it is explicit and never wider than ``all``.
-* A ruleset must state its scope: ``all``, ``[]`` (the REST API's stored form of ``all``)
-  or a list of label selectors; a missing scope is an error, so forgetting it never
-  widens a ruleset to every workload.
+* A ruleset must state its scope: ``all`` or a non-empty list of label selectors. A missing
+  or empty scope is an error (issue 14), so forgetting it never widens a ruleset to every
+  workload. (Rulesets stored by the API before this rule kept ``all`` as ``[]``; the
+  controller reads those as ``all``.)
 * Interface names are names (``is_valid_name``): ``eth0@if12`` is ``ip link``'s display of
   a veth peer, not a name, and is refused. Workload addresses are host addresses
   (``stockade.codec.syntax.parse_workload_address``).
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
 
-from yaml.nodes import MappingNode, Node, ScalarNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from stockade.codec.syntax import PORT_FORMS, BadValue, parse_network, parse_service_entry, parse_workload_address
 from stockade.codec.tree import INT_TAG, Entry, Reader, Where, describe, index, is_null, is_text, quote, sub
@@ -216,6 +217,7 @@ def _names(r: Reader, node: Node, path: str, what: str, *, allow_empty: bool = F
 _SELECTOR_KEYS = ("all", "exclude", "ip_list", "label_groups", "labels")
 _SELECTOR_HINT = 'a selector such as {labels: {app: shop}}, {ip_list: office} or "all"'
 _SCOPE_ALL = 'write "scope: all" instead of listing "all" in a scope'
+ALL_SCOPE_HINT = 'write "all" to govern every workload, or add a label selector'
 
 
 def _selector(r: Reader, node: Node, path: str, acc: Collected, *, in_scope: bool) -> Selector | None:
@@ -298,7 +300,10 @@ def _scope(r: Reader, node: Node, path: str, acc: Collected) -> tuple[LabelSelec
         return ()
     out: list[LabelSelector] = []
     what = 'a list of label selectors or "all"'
-    for i, item in enumerate(r.sequence(node, path, what=what, allow_empty=True)):
+    items = r.sequence(node, path, what=what, allow_empty=True)
+    if isinstance(node, SequenceNode) and not items:
+        r.error(node, path, f"an empty scope would govern every workload: {ALL_SCOPE_HINT}")
+    for i, item in enumerate(items):
         sel = _selector(r, item, index(path, i), acc, in_scope=True)
         if isinstance(sel, LabelSelector):
             out.append(sel)
@@ -540,6 +545,7 @@ class _Spec:
     required: tuple[str, ...]
     optional: tuple[str, ...]
     parse: Callable[[Reader, Entries, Collected], None]
+    hints: tuple[tuple[str, str], ...] = ()  # (required key, what to write when it is missing)
 
 
 _SPECS: dict[Kind, _Spec] = {
@@ -549,7 +555,7 @@ _SPECS: dict[Kind, _Spec] = {
     Kind.SERVICE: _Spec(("name", "ports"), ("description",), _service),
     Kind.IP_LIST: _Spec(("name", "include"), ("exclude", "description"), _ip_list),
     Kind.WORKLOAD: _Spec(("name",), ("labels", "interfaces", "mode", "backend", "description"), _workload),
-    Kind.RULESET: _Spec(("name", "scope"), ("rules", "description"), _ruleset),
+    Kind.RULESET: _Spec(("name", "scope"), ("rules", "description"), _ruleset, (("scope", ALL_SCOPE_HINT),)),
     Kind.DENY_RULE: _Spec(("name", "consumers", "providers", "services"), ("override", "description"), _deny_rule),
 }
 _KIND_LIST = ", ".join(k.value for k in Kind)
@@ -581,7 +587,8 @@ def parse_document(r: Reader, node: Node, acc: Collected) -> None:
         r.error(kind_entry.value, "kind", f"unknown kind {quote(kind_text)} (expected one of: {_KIND_LIST})")
         return
     spec = _SPECS[kind]
-    r.check_keys(node, e, "", required=spec.required, optional=("apiVersion", "kind", *spec.optional))
+    r.check_keys(node, e, "", required=spec.required, optional=("apiVersion", "kind", *spec.optional),
+                 hints=dict(spec.hints))
     spec.parse(r, e, acc)
 
 
@@ -591,5 +598,5 @@ def parse_body(r: Reader, node: Node, kind: Kind, acc: Collected) -> None:
     if e is None:
         return
     spec = _SPECS[kind]
-    r.check_keys(node, e, "", required=spec.required, optional=spec.optional)
+    r.check_keys(node, e, "", required=spec.required, optional=spec.optional, hints=dict(spec.hints))
     spec.parse(r, e, acc)

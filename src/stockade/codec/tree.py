@@ -197,8 +197,9 @@ class Reader:
         *,
         required: tuple[str, ...] = (),
         optional: tuple[str, ...] = (),
+        hints: dict[str, str] | None = None,
     ) -> None:
-        """Report unknown keys (at their line) and missing required keys (at the mapping)."""
+        """Report unknown keys (at their line) and missing required keys (at the mapping, with a hint)."""
         allowed = set(required) | set(optional)
         for key, entry in entries.items():
             if key not in allowed:
@@ -207,7 +208,8 @@ class Reader:
                 self.error(entry.key, sub(field, key), f"unknown key {quote(key)} ({hint})")
         for key in required:
             if key not in entries:
-                self.error(node, sub(field, key), "missing required key")
+                what = (hints or {}).get(key)
+                self.error(node, sub(field, key), f"missing required key: {what}" if what else "missing required key")
 
     def mapping(
         self,

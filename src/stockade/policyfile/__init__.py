@@ -50,7 +50,7 @@ numbers and cross-references. Every document has ``apiVersion: stockade.io/v1``,
 
     kind: Ruleset
     name: shop-prod
-    scope: [{labels: {app: shop, env: prod}}]  # required: label selectors, or "all" ([] also means all)
+    scope: [{labels: {app: shop, env: prod}}]  # required: label selectors, or "all" (never empty)
     rules:
       - consumers: [{labels: {role: web}}]     # a list of selectors, or "all"
         providers: [{labels: {role: app}}]

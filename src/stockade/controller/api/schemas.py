@@ -102,7 +102,8 @@ class AllowRuleBody(Body):
 
 class RulesetBody(Body):
     name: Name
-    scope: list[SelectorBody] | AllText = Field(description='label selectors, or "all" ([] also means all)')
+    scope: list[SelectorBody] | Literal["all"] | None = Field(
+        None, description='label selectors, or "all" to govern every workload (required; an empty list is refused)')
     rules: list[AllowRuleBody] = Field(default_factory=list)
     description: Text = ""
 

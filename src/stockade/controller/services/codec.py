@@ -84,7 +84,15 @@ Objects = dict[str, dict[str, dict[str, Any]]]  # kind -> name -> canonical body
 
 def domain_objects(kind: str, stored: Mapping[str, Mapping[str, Any]]) -> list[Any]:
     k = KIND_BY_NAME[kind]
-    return [k.decode(stored[n]) for n in sorted(stored)]
+    return [k.decode(_stored(kind, stored[n])) for n in sorted(stored)]
+
+
+def _stored(kind: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A stored body as the codec reads it today: rulesets stored before the explicit "all"
+    form kept an unscoped ruleset as ``scope: []``, which meant every workload."""
+    if kind == "ruleset" and body.get("scope") == []:
+        return {**body, "scope": "all"}
+    return body
 
 
 def build_policy(objects: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Policy:
