@@ -64,6 +64,8 @@ SIZES: dict[str, EstateSpec] = {
     "small": EstateSpec("small", 1_000, 100, 2_000),
     "medium": EstateSpec("medium", 5_000, 500, 10_000),
     "large": EstateSpec("large", 25_000, 2_500, 50_000),
+    "xlarge": EstateSpec("xlarge", 125_000, 12_500, 250_000),
+    "xxlarge": EstateSpec("xxlarge", 250_000, 25_000, 500_000),
 }
 
 LOCATIONS = ("par", "fra", "nyc", "sgp")

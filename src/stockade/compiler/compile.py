@@ -15,30 +15,26 @@ Design (see docs/architecture.md):
 from __future__ import annotations
 
 import gc
-import hashlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 
-from stockade.compiler.expand import EffectiveRule, expand_rules
-from stockade.compiler.index import LabelIndex, SelectorIndex
+from stockade.compiler.expand import build_rule_table, expand_rules, set_name
+from stockade.compiler.index import LabelIndex, SelectorIndex, label_keys
 from stockade.compiler.ir import AddressSet, Direction, HostDelta, HostPolicy, HostRule, SetDelta
-from stockade.compiler.members import MemberSet
+from stockade.compiler.members import MemberSet, NetworkCache
 from stockade.errors import NotFoundError
-from stockade.model.addresses import Family, IPNetwork
+from stockade.model.addresses import Family, IPAddress, IPNetwork
 from stockade.model.labels import Label
 from stockade.model.policy import Policy
 from stockade.model.selectors import AllWorkloads, IPListSelector, LabelSelector, Selector
-from stockade.model.workloads import Workload
+from stockade.model.workloads import EnforcementMode, Workload
+
+__all__ = ["Compiler", "compile_host", "compile_policy", "diff_sets", "set_name"]
 
 LabelSet = frozenset[Label]
-
-
-def set_name(sel: Selector) -> str:
-    """Stable address-set name: a hash of the canonical selector (valid nft/ipset identifier)."""
-    return "p" + hashlib.sha256(sel.canonical().encode()).hexdigest()[:12]
 
 
 def _selects_workloads(sel: Selector) -> bool:
@@ -47,20 +43,23 @@ def _selects_workloads(sel: Selector) -> bool:
 
 @contextmanager
 def _bulk_allocation() -> Iterator[None]:
-    """Pause the cyclic GC while building large acyclic structures (it was ~45% of a full compile)."""
+    """Pause the cyclic GC while building large acyclic structures, then freeze them.
+
+    The compiler's state (a few million small objects at 125,000 workloads) is long-lived and
+    acyclic. Without the freeze, the first full collection after a build walks all of it
+    (4-9 s at 25,000 workloads, and it landed inside a measured relabel); ``gc.freeze()``
+    moves everything alive into the permanent generation, which collections skip. Objects
+    freed later are still freed by reference counting; only cyclic garbage that exists at
+    the moment of the freeze would stay (the compiler makes none).
+    """
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        gc.freeze()
         if enabled:
             gc.enable()
-
-
-@dataclass(frozen=True)
-class _LabelSetRules:
-    rules: tuple[HostRule, ...]
-    sets: tuple[str, ...]  # sorted names of the sets the rules reference
 
 
 def _ints(w: Workload, version: int) -> list[int]:
@@ -97,6 +96,16 @@ class _DeltaBuilder:
         return {k: tuple(v) for k, v in out.items()}
 
 
+@dataclass(frozen=True)
+class _LabelSetRules:
+    rules: tuple[HostRule, ...]
+    sets: tuple[str, ...]  # sorted names of the sets the rules reference
+    member_of: frozenset[str]  # names of the workload sets a host with these labels is in
+
+
+_Header = tuple[EnforcementMode, tuple[IPAddress, ...], _LabelSetRules]  # a HostPolicy minus set members
+
+
 class Compiler:
     """Incremental compiler. Construct with a Policy; read ``host_policy(name)``."""
 
@@ -120,104 +129,112 @@ class Compiler:
         self._policy = policy
         self._policy_dirty = False
         self._groups = policy.group_map()
-        self._rules: tuple[EffectiveRule, ...] = expand_rules(policy)
+        self._table = build_rule_table(expand_rules(policy))
+        table = self._table
         self._sel_index = SelectorIndex(self._groups)
-        self._provider_rules: dict[Selector, list[int]] = defaultdict(list)
-        self._consumer_rules: dict[Selector, list[int]] = defaultdict(list)
-        self._name_of: dict[Selector, str] = {}
-        for i, rule in enumerate(self._rules):
-            for side, sels in ((self._provider_rules, rule.providers), (self._consumer_rules, rule.consumers)):
-                for sel in sels:
-                    if sel not in self._name_of:
-                        self._name_of[sel] = set_name(sel)
-                    if _selects_workloads(sel):
-                        self._sel_index.add(sel)
-                        side[sel].append(i)
-        self._peers: dict[str, Selector] = {name: sel for sel, name in self._name_of.items()}
         relevant: set[Label] = set()
-        for sel in self._name_of:
+        for sid, sel in enumerate(table.selectors):
+            if _selects_workloads(sel):
+                self._sel_index.add(sid, sel)
             if isinstance(sel, LabelSelector):
                 relevant.update(sel.mentioned_labels(self._groups))
+        self._peers: dict[str, Selector] = dict(zip(table.names, table.selectors, strict=True))
         self._relevant: frozenset[Label] = frozenset(relevant)
+        self._nets = NetworkCache()
+        self._addr_ints: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
+        # label sets: interned to small ints, compiled once each
         self._workloads: dict[str, Workload] = {}
-        self._key_of: dict[str, LabelSet] = {}
-        self._labels = LabelIndex()
+        self._key_of: dict[str, int] = {}
+        self._ls_ids: dict[LabelSet, int] = {}
+        self._ls_rules: list[_LabelSetRules] = []
+        self._ls_hosts: list[set[str]] = []
+        self._ls_sets: dict[int, tuple[AddressSet, ...]] = {}
+        self._set_labelsets: dict[str, set[int]] = defaultdict(set)
         for w in policy.workloads:
             self._workloads[w.name] = w
-            self._labels.add(w.name, w.labels)
+            self._attach_host(w)
 
-        # address sets: IP lists are static, workload sets are MemberSets
+        # address sets: IP lists are static, workload sets are MemberSets filled per label set
         iplists = policy.ip_list_map()
         self._static: dict[str, tuple[AddressSet, AddressSet]] = {}
-        self._member_sets: dict[str, tuple[MemberSet, MemberSet]] = {}
-        self._member_of: dict[str, set[str]] = defaultdict(set)
+        members: dict[str, list[str]] = {}
         for name, sel in self._peers.items():
-            canonical = sel.canonical()
             if isinstance(sel, IPListSelector):
                 iplist = iplists.get(sel.ip_list)
                 if iplist is None:
                     raise NotFoundError(f"unknown IP list {sel.ip_list!r}")
                 ranges = iplist.ranges()
+                canonical = sel.canonical()
                 self._static[name] = (
                     AddressSet(name, Family.V4, ranges.networks(Family.V4), canonical),
                     AddressSet(name, Family.V6, ranges.networks(Family.V6), canonical),
                 )
-                continue
-            members = self._labels.members(sel, self._groups)
-            v4: list[int] = []
-            v6: list[int] = []
-            for m in members:
-                self._member_of[m].add(name)
-                v4.extend(_ints(self._workloads[m], 4))
-                v6.extend(_ints(self._workloads[m], 6))
-            self._member_sets[name] = (MemberSet(Family.V4, v4), MemberSet(Family.V6, v6))
-
+            else:
+                members[name] = []
+        for lsid, compiled in enumerate(self._ls_rules):
+            for s in compiled.member_of:
+                members[s].extend(self._ls_hosts[lsid])
+        self._member_sets: dict[str, tuple[MemberSet, MemberSet]] = {}
+        for name, hosts in members.items():
+            ints = [self._ints(h) for h in hosts]
+            self._member_sets[name] = (
+                MemberSet(Family.V4, (a for v4, _ in ints for a in v4), self._nets),
+                MemberSet(Family.V6, (a for _, v6 in ints for a in v6), self._nets),
+            )
         self._set_cache: dict[str, tuple[AddressSet, AddressSet]] = {}
-        self._ls_sets: dict[LabelSet, tuple[AddressSet, ...]] = {}
-        self._ls_rules: dict[LabelSet, _LabelSetRules] = {}
-        self._ls_hosts: dict[LabelSet, set[str]] = defaultdict(set)
-        self._set_labelsets: dict[str, set[LabelSet]] = defaultdict(set)
-        for w in policy.workloads:
-            self._attach_host(w)
 
-    def _key(self, w: Workload) -> LabelSet:
-        return w.labels & self._relevant
+    def _ints(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The integer v4 and v6 addresses of a workload (one int object each, shared by its sets)."""
+        found = self._addr_ints.get(name)
+        if found is None:
+            addrs = self._workloads[name].addresses
+            found = (
+                tuple(int(a) for a in addrs if a.version == 4),
+                tuple(int(a) for a in addrs if a.version == 6),
+            )
+            self._addr_ints[name] = found
+        return found
+
+    def _labelset(self, w: Workload) -> int:
+        ls = w.labels & self._relevant
+        lsid = self._ls_ids.get(ls)
+        if lsid is None:
+            lsid = self._ls_ids[ls] = len(self._ls_rules)
+            compiled = self._compile_labelset(ls)
+            self._ls_rules.append(compiled)
+            self._ls_hosts.append(set())
+            for s in compiled.sets:
+                self._set_labelsets[s].add(lsid)
+        return lsid
 
     def _attach_host(self, w: Workload) -> None:
-        ls = self._key(w)
-        self._key_of[w.name] = ls
-        if ls not in self._ls_rules:
-            compiled = self._compile_labelset(ls)
-            self._ls_rules[ls] = compiled
-            for s in compiled.sets:
-                self._set_labelsets[s].add(ls)
-        self._ls_hosts[ls].add(w.name)
+        lsid = self._labelset(w)
+        self._key_of[w.name] = lsid
+        self._ls_hosts[lsid].add(w.name)
 
     def _detach_host(self, name: str) -> None:
-        ls = self._key_of.pop(name)
-        self._ls_hosts[ls].discard(name)
+        lsid = self._key_of.pop(name)
+        self._ls_hosts[lsid].discard(name)
+        self._addr_ints.pop(name, None)
 
     # ---- per label set -------------------------------------------------------
     def _compile_labelset(self, labels: LabelSet) -> _LabelSetRules:
-        matched = self._sel_index.matching(labels)
-        inbound: set[int] = set()
-        outbound: set[int] = set()
-        for sel in matched:
-            inbound.update(self._provider_rules.get(sel, ()))
-            outbound.update(self._consumer_rules.get(sel, ()))
-        rules: set[HostRule] = set()
-        names = self._name_of
-        for i in inbound:
-            r = self._rules[i]
-            for c in r.consumers:
-                rules.add(HostRule(r.action, Direction.INBOUND, r.rule_id, names[c], r.services))
-        for i in outbound:
-            r = self._rules[i]
-            for p in r.providers:
-                rules.add(HostRule(r.action, Direction.OUTBOUND, r.rule_id, names[p], r.services))
-        ordered = tuple(sorted(rules))
-        return _LabelSetRules(ordered, tuple(sorted({r.peer for r in ordered})))
+        table = self._table
+        matched = self._sel_index.matching(label_keys(labels))
+        ranks: set[int] = set()
+        for sid in matched:
+            for group in table.inbound.get(sid, ()):
+                ranks.update(group)
+            for group in table.outbound.get(sid, ()):
+                ranks.update(group)
+        ordered = sorted(ranks)
+        host_rules, peers = table.host_rules, table.peers
+        return _LabelSetRules(
+            tuple(host_rules[k] for k in ordered),
+            tuple(sorted({peers[k] for k in ordered})),
+            frozenset(table.names[sid] for sid in matched),
+        )
 
     # ---- address sets ----------------------------------------------------------
     def address_sets(self, name: str) -> tuple[AddressSet, AddressSet]:
@@ -244,15 +261,14 @@ class Compiler:
         w = self._workloads.get(name)
         if w is None:
             raise NotFoundError(f"no workload named {name!r}")
-        ls = self._key_of[name]
-        compiled = self._ls_rules[ls]
-        sets = self._ls_sets.get(ls)
+        lsid = self._key_of[name]
+        compiled = self._ls_rules[lsid]
+        sets = self._ls_sets.get(lsid)
         if sets is None:
             found: list[AddressSet] = []
-            for s in compiled.sets:
+            for s in compiled.sets:  # sorted names, each (v4, v6): already in (name, family) order
                 found.extend(self.address_sets(s))
-            sets = tuple(sorted(found, key=_set_key))
-            self._ls_sets[ls] = sets
+            sets = self._ls_sets[lsid] = tuple(found)
         return HostPolicy(
             workload=w.name,
             mode=w.mode,
@@ -270,69 +286,100 @@ class Compiler:
         return len(self._ls_rules[self._key_of[name]].rules)
 
     # ---- incremental changes ---------------------------------------------------
-    def _change_members(self, builder: _DeltaBuilder, s: str, w: Workload, add: bool, only: set[int] | None) -> None:
-        for ms, version in zip(self._member_sets[s], (4, 6), strict=True):
-            for a in _ints(w, version):
-                if only is not None and a not in only:
-                    continue
+    def _change_members(
+        self, builder: _DeltaBuilder, s: str, ints: tuple[tuple[int, ...], tuple[int, ...]], add: bool
+    ) -> None:
+        for ms, addrs in zip(self._member_sets[s], ints, strict=True):
+            for a in addrs:
                 added, removed = ms.add(a) if add else ms.remove(a)
                 if added or removed:
                     builder.record((s, ms.family), added, removed)
 
     def _invalidate_set(self, name: str) -> None:
         self._set_cache.pop(name, None)
-        for ls in self._set_labelsets.get(name, ()):
-            self._ls_sets.pop(ls, None)
+        for lsid in self._set_labelsets.get(name, ()):
+            self._ls_sets.pop(lsid, None)
+
+    def _header(self, name: str) -> _Header:
+        w = self._workloads[name]
+        return w.mode, w.addresses, self._ls_rules[self._key_of[name]]
+
+    def _upsert(self, builder: _DeltaBuilder, w: Workload) -> None:
+        old = self._workloads.get(w.name)
+        if old is not None:
+            old_ints = self._ints(w.name)
+            was_in = self._ls_rules[self._key_of[w.name]].member_of
+            self._detach_host(w.name)
+        else:
+            old_ints, was_in = ((), ()), frozenset()
+        self._workloads[w.name] = w
+        self._attach_host(w)
+        new_ints = self._ints(w.name)
+        now_in = self._ls_rules[self._key_of[w.name]].member_of
+        for s in was_in - now_in:
+            self._change_members(builder, s, old_ints, add=False)
+        for s in now_in - was_in:
+            self._change_members(builder, s, new_ints, add=True)
+        if old_ints != new_ints:
+            gone = tuple(tuple(a for a in o if a not in set(n)) for o, n in zip(old_ints, new_ints, strict=True))
+            came = tuple(tuple(a for a in n if a not in set(o)) for o, n in zip(old_ints, new_ints, strict=True))
+            for s in was_in & now_in:
+                self._change_members(builder, s, (gone[0], gone[1]), add=False)
+                self._change_members(builder, s, (came[0], came[1]), add=True)
+
+    def _remove(self, builder: _DeltaBuilder, name: str) -> None:
+        ints = self._ints(name)
+        for s in self._ls_rules[self._key_of[name]].member_of:
+            self._change_members(builder, s, ints, add=False)
+        self._detach_host(name)
+        del self._workloads[name]
+
+    def apply_changes(self, changes: Iterable[Workload | str]) -> list[HostDelta]:
+        """Apply upserts (a ``Workload``) and removals (a name), in order, as one batch.
+
+        Returns at most one ``HostDelta`` per affected host, sorted by name: the change from
+        the state before the batch to the state after it, exactly what applying the changes
+        one by one and merging their deltas gives (a property test checks it). A pod churn
+        of 1,000 creates touching one host's peer set is one set delta for that host.
+        An unknown name to remove raises ``NotFoundError`` before anything changes.
+        """
+        batch = list(changes)
+        present: dict[str, bool] = {}
+        for c in batch:
+            if isinstance(c, str):
+                if not present.get(c, c in self._workloads):
+                    raise NotFoundError(f"no workload named {c!r}")
+                present[c] = False
+            else:
+                present[c.name] = True
+        before: dict[str, _Header | None] = {}
+        builder = _DeltaBuilder()
+        for c in batch:
+            name = c if isinstance(c, str) else c.name
+            if name not in before:
+                before[name] = self._header(name) if name in self._workloads else None
+            if isinstance(c, str):
+                self._remove(builder, c)
+            else:
+                self._upsert(builder, c)
+        if batch:
+            self._policy_dirty = True
+        return self._deltas(builder.by_set(), before)
 
     def upsert_workload(self, w: Workload) -> list[HostDelta]:
         """Add or replace one workload; returns the delta of every affected host."""
-        old = self._workloads.get(w.name)
-        old_policy = self.host_policy(w.name) if old is not None else None
-        was_in = set(self._member_of.get(w.name, set())) if old is not None else set()
-        now_in = {self._name_of[sel] for sel in self._sel_index.matching(w.labels)}
-        builder = _DeltaBuilder()
-        for s in was_in - now_in:
-            assert old is not None
-            self._change_members(builder, s, old, add=False, only=None)
-        for s in now_in - was_in:
-            self._change_members(builder, s, w, add=True, only=None)
-        if old is not None and old.addresses != w.addresses:
-            old_ints = {int(a) for a in old.addresses}
-            new_ints = {int(a) for a in w.addresses}
-            for s in was_in & now_in:
-                self._change_members(builder, s, old, add=False, only=old_ints - new_ints)
-                self._change_members(builder, s, w, add=True, only=new_ints - old_ints)
-        set_deltas = builder.by_set()
-        for s in set_deltas:
-            self._invalidate_set(s)
+        return self.apply_changes((w,))
 
-        if old is not None:
-            self._detach_host(w.name)
-            self._labels.remove(w.name)
-        self._workloads[w.name] = w
-        self._labels.add(w.name, w.labels)
-        self._member_of[w.name] = now_in
-        self._attach_host(w)
-        self._policy_dirty = True
-        return self._deltas(set_deltas, {w.name: old_policy}, changed_host=w.name)
+    def upsert_workloads(self, workloads: Iterable[Workload]) -> list[HostDelta]:
+        """Add or replace many workloads as one batch (see ``apply_changes``)."""
+        return self.apply_changes(workloads)
 
     def remove_workload(self, name: str) -> list[HostDelta]:
-        old = self._workloads.get(name)
-        if old is None:
-            raise NotFoundError(f"no workload named {name!r}")
-        builder = _DeltaBuilder()
-        for s in self._member_of.pop(name, set()):
-            self._change_members(builder, s, old, add=False, only=None)
-        set_deltas = builder.by_set()
-        for s in set_deltas:
-            self._invalidate_set(s)
-        self._detach_host(name)
-        self._labels.remove(name)
-        del self._workloads[name]
-        self._policy_dirty = True
-        deltas = self._deltas(set_deltas, {}, changed_host=None)
-        deltas.append(HostDelta(name, None, True, ()))
-        return sorted(deltas, key=lambda d: d.workload)
+        return self.apply_changes((name,))
+
+    def remove_workloads(self, names: Iterable[str]) -> list[HostDelta]:
+        """Remove many workloads as one batch (see ``apply_changes``)."""
+        return self.apply_changes(names)
 
     def replace_policy(self, policy: Policy) -> list[HostDelta]:
         """Swap in a new policy (rules, IP lists, services, inventory); diff every host."""
@@ -354,32 +401,44 @@ class Compiler:
 
     # ---- helpers -------------------------------------------------------------------
     def _deltas(
-        self,
-        set_deltas: dict[str, tuple[SetDelta, ...]],
-        old_policies: dict[str, HostPolicy | None],
-        changed_host: str | None,
+        self, set_deltas: dict[str, tuple[SetDelta, ...]], before: dict[str, _Header | None]
     ) -> list[HostDelta]:
-        labelsets: set[LabelSet] = set()
+        """One delta per host whose policy differs from before the batch."""
         for s in set_deltas:
-            labelsets |= self._set_labelsets.get(s, set())
-        hosts: list[tuple[str, LabelSet]] = [(h, ls) for ls in labelsets for h in self._ls_hosts.get(ls, ())]
-        if changed_host is not None and changed_host not in {h for h, _ in hosts}:
-            hosts.append((changed_host, self._key_of[changed_host]))
-        per_labelset: dict[LabelSet, tuple[SetDelta, ...]] = {}
+            self._invalidate_set(s)
+        labelsets: set[int] = set()
+        for s in set_deltas:
+            labelsets.update(self._set_labelsets.get(s, ()))
+        hosts: dict[str, int] = {h: lsid for lsid in labelsets for h in self._ls_hosts[lsid]}
+        for name in before:
+            if name in self._workloads:
+                hosts[name] = self._key_of[name]
+        per_labelset: dict[int, tuple[SetDelta, ...]] = {}
         out: list[HostDelta] = []
-        for h, ls in sorted(hosts, key=lambda item: item[0]):
+        for name in before:
+            if name not in self._workloads and before[name] is not None:
+                out.append(HostDelta(name, None, True, ()))
+        for h, lsid in hosts.items():
             hp = self.host_policy(h)
-            if h in old_policies:
-                old_hp = old_policies[h]
-                if old_hp is None or old_hp.rules_key() != hp.rules_key():
+            header = before.get(h, ...)
+            if header is not ...:
+                if header is None:
                     out.append(HostDelta(h, hp, True, ()))
                     continue
-            deltas = per_labelset.get(ls)
+                mode, _, was = header
+                now = self._ls_rules[lsid]
+                same_rules = was is now or (was.rules == now.rules and was.sets == now.sets)
+                if mode != hp.mode or not same_rules:
+                    out.append(HostDelta(h, hp, True, ()))
+                    continue
+            deltas = per_labelset.get(lsid)
             if deltas is None:
-                deltas = tuple(d for s in self._ls_rules[ls].sets for d in set_deltas.get(s, ()))
-                per_labelset[ls] = deltas
-            if deltas or (h in old_policies and old_policies[h] != hp):
+                deltas = per_labelset[lsid] = tuple(
+                    d for s in self._ls_rules[lsid].sets for d in set_deltas.get(s, ())
+                )
+            if deltas or (header is not ... and header[1] != hp.local_addresses):
                 out.append(HostDelta(h, hp, False, deltas))
+        out.sort(key=lambda d: d.workload)
         return out
 
 

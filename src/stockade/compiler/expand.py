@@ -1,19 +1,28 @@
-"""Expand rulesets and deny rules into flat ``EffectiveRule``s.
+"""Expand rulesets and deny rules into flat ``EffectiveRule``s, and intern them in a ``RuleTable``.
 
 A ruleset rule is confined to each of its scopes: providers always, consumers only
 when intra-scope. Service names are resolved to entries. The result no longer knows
 about rulesets, which keeps the index and the per-host compile simple.
+
+``RuleTable`` is what the compiler works from: every distinct selector gets an integer id
+(interned by its canonical text, whose hash Python caches), every distinct ``HostRule`` is
+built once and numbered in its sort order, and each selector lists the numbered host rules
+it brings in as provider (inbound) or consumer (outbound). Compiling a label set is then
+a union of small integer tuples and one integer sort, with no dataclass hashing or ordering.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from stockade.compiler.ir import Direction, HostRule
 from stockade.errors import CompileError
+from stockade.model.labels import Label
 from stockade.model.policy import Policy
 from stockade.model.rules import Action, ConsumerScope
-from stockade.model.selectors import LabelSelector, Selector, confine, selector_sort_key
+from stockade.model.selectors import ALL_WORKLOADS, AllWorkloads, IPListSelector, LabelSelector, Selector
 from stockade.model.services import ANY_SERVICE_ENTRY, Service, ServiceEntry
 
 
@@ -24,6 +33,11 @@ class EffectiveRule:
     consumers: tuple[Selector, ...]
     providers: tuple[Selector, ...]
     services: tuple[ServiceEntry, ...]
+
+
+def set_name(sel: Selector) -> str:
+    """Stable address-set name: a hash of the canonical selector (valid nft/ipset identifier)."""
+    return "p" + hashlib.sha256(sel.canonical().encode()).hexdigest()[:12]
 
 
 def resolve_services(
@@ -46,17 +60,76 @@ def resolve_services(
 
 
 def _dedupe(sels: list[Selector]) -> tuple[Selector, ...]:
-    return tuple(sorted(set(sels), key=selector_sort_key))
+    # equal selectors have equal canonical text and vice versa; strings hash in C
+    by_text = {s.canonical(): s for s in sels}
+    return tuple(by_text[k] for k in sorted(by_text))
+
+
+def _label_order(lab: Label) -> tuple[str, str]:
+    return lab.key, lab.value  # the dataclass order of Label, without its Python-level __lt__
+
+
+def _union(a: tuple[Label, ...], b: tuple[Label, ...]) -> tuple[Label, ...]:
+    if not b:
+        return a
+    if not a:
+        return b
+    by_key = {(lab.key, lab.value): lab for lab in a}
+    for lab in b:
+        by_key.setdefault((lab.key, lab.value), lab)
+    return tuple(by_key[k] for k in sorted(by_key))
+
+
+class _Confiner:
+    """``selectors.confine`` with the same results, memoised per (selector, scope) text."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[str, str], Selector | None] = {}
+
+    def __call__(self, sel: Selector, scope: LabelSelector) -> Selector | None:
+        if isinstance(sel, IPListSelector):
+            return sel
+        key = (sel.canonical(), scope.canonical())
+        if key in self._memo:
+            return self._memo[key]
+        if isinstance(sel, AllWorkloads):
+            merged = scope
+        else:
+            merged = LabelSelector(
+                _union(sel.require, scope.require),
+                tuple(sorted(set(sel.groups) | set(scope.groups))),
+                _union(sel.exclude, scope.exclude),
+            )
+        out: Selector | None
+        if not merged.require and not merged.groups and not merged.exclude:
+            out = ALL_WORKLOADS
+        else:
+            keys = [lab.key for lab in merged.require]
+            required = {(lab.key, lab.value) for lab in merged.require}
+            excluded = {(lab.key, lab.value) for lab in merged.exclude}
+            ok = len(keys) == len(set(keys)) and not required & excluded
+            out = merged if ok else None
+        self._memo[key] = out
+        return out
 
 
 def expand_rules(policy: Policy) -> tuple[EffectiveRule, ...]:
     out: list[EffectiveRule] = []
     service_map = policy.service_map()
+    resolved: dict[tuple[str, ...], tuple[ServiceEntry, ...]] = {}
+    confine = _Confiner()
+
+    def services_of(names: tuple[str, ...], rule_id: str) -> tuple[ServiceEntry, ...]:
+        found = resolved.get(names)
+        if found is None:
+            found = resolved[names] = resolve_services(service_map, names, rule_id)
+        return found
+
     for rs in policy.rulesets:
         scopes: tuple[LabelSelector, ...] = rs.scopes or (LabelSelector(),)
         for j, rule in enumerate(rs.rules):
             rule_id = f"ruleset/{rs.name}/{j}"
-            services = resolve_services(service_map, rule.services, rule_id)
+            services = services_of(rule.services, rule_id)
             for scope in scopes:
                 providers = [p for p in (confine(s, scope) for s in rule.providers) if p is not None]
                 if rule.consumers_scope is ConsumerScope.INTRA:
@@ -69,8 +142,88 @@ def expand_rules(policy: Policy) -> tuple[EffectiveRule, ...]:
                     )
     for d in policy.deny_rules:
         rule_id = f"deny/{d.name}"
-        services = resolve_services(service_map, d.services, rule_id)
+        services = services_of(d.services, rule_id)
         out.append(
             EffectiveRule(d.action, rule_id, _dedupe(list(d.consumers)), _dedupe(list(d.providers)), services)
         )
     return tuple(out)
+
+
+@dataclass
+class RuleTable:
+    """Effective rules interned for the per-label-set compile (see the module docstring)."""
+
+    selectors: list[Selector] = field(default_factory=list)  # by selector id
+    names: list[str] = field(default_factory=list)  # address-set name by selector id
+    ids: dict[str, int] = field(default_factory=dict)  # canonical text -> selector id
+    host_rules: list[HostRule] = field(default_factory=list)  # by rank: sorted HostRule order
+    peers: list[str] = field(default_factory=list)  # peer set name of host_rules[rank]
+    inbound: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # provider id -> ranks
+    outbound: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # consumer id -> ranks
+
+    def intern(self, sel: Selector) -> int:
+        text = sel.canonical()
+        sid = self.ids.get(text)
+        if sid is None:
+            sid = self.ids[text] = len(self.selectors)
+            self.selectors.append(sel)
+            self.names.append(set_name(sel))
+        return sid
+
+
+def _ranks(values: list[tuple[ServiceEntry, ...]]) -> dict[int, int]:
+    """id(services tuple) -> its rank in sorted order (equal tuples share a rank)."""
+    ordered = sorted({id(v): v for v in values}.items(), key=lambda item: item[1])
+    out: dict[int, int] = {}
+    rank = -1
+    prev: tuple[ServiceEntry, ...] | None = None
+    for ident, v in ordered:
+        if prev is None or v != prev:
+            rank += 1
+            prev = v
+        out[ident] = rank
+    return out
+
+
+def build_rule_table(rules: tuple[EffectiveRule, ...]) -> RuleTable:
+    table = RuleTable()
+    action_rank = {a: i for i, a in enumerate(sorted(Action))}
+    svc_rank = _ranks([r.services for r in rules])
+    # a HostRule as a tuple of primitives ordered exactly like the dataclass's fields
+    keys: dict[tuple[int, str, str, str, int], int] = {}
+    specs: list[tuple[Action, Direction, str, str, tuple[ServiceEntry, ...]]] = []
+    per_rule: list[tuple[list[int], list[int], tuple[int, ...], tuple[int, ...]]] = []
+    for r in rules:
+        cons = [table.intern(s) for s in r.consumers]
+        prov = [table.intern(s) for s in r.providers]
+        ar, sr = action_rank[r.action], svc_rank[id(r.services)]
+        sides: list[tuple[int, ...]] = []
+        for direction, peers in ((Direction.INBOUND, cons), (Direction.OUTBOUND, prov)):
+            ids: list[int] = []
+            for p in peers:
+                peer = table.names[p]
+                key = (ar, direction.value, r.rule_id, peer, sr)
+                k = keys.get(key)
+                if k is None:
+                    k = keys[key] = len(specs)
+                    specs.append((r.action, direction, r.rule_id, peer, r.services))
+                ids.append(k)
+            sides.append(tuple(ids))
+        per_rule.append((cons, prov, sides[0], sides[1]))
+    order = sorted(keys, key=keys.__getitem__)  # keys in first-seen order
+    order.sort()
+    rank_of = [0] * len(specs)
+    for rank, key in enumerate(order):
+        k = keys[key]
+        rank_of[k] = rank
+        action, direction, rule_id, peer, services = specs[k]
+        table.host_rules.append(HostRule(action, direction, rule_id, peer, services))
+        table.peers.append(peer)
+    for cons, prov, inbound, outbound in per_rule:
+        in_ranks = tuple(rank_of[k] for k in inbound)
+        out_ranks = tuple(rank_of[k] for k in outbound)
+        for p in prov:
+            table.inbound.setdefault(p, []).append(in_ranks)
+        for c in cons:
+            table.outbound.setdefault(c, []).append(out_ranks)
+    return table
