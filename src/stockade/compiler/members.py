@@ -13,10 +13,11 @@ once instead of once per set was a third of a full compile (and of its memory).
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
 
-from stockade.model.addresses import Family, IPNetwork, Range, merge_ranges
+from stockade.model.addresses import Family, IPNetwork, Range
 
 
 def _start(n: IPNetwork) -> int:
@@ -27,21 +28,28 @@ class NetworkCache:
     """One shared network object per (first address, prefix length) and family."""
 
     def __init__(self) -> None:
-        self._nets: dict[tuple[Family, int, int], IPNetwork] = {}
+        self._nets: dict[Family, dict[int, IPNetwork]] = {Family.V4: {}, Family.V6: {}}
 
     def networks(self, ranges: Iterable[Range], family: Family) -> tuple[IPNetwork, ...]:
         """Minimal CIDR cover of merged ranges, in address order (as ``ranges_to_networks``)."""
         bits = family.bits
         cls: type[IPv4Network] | type[IPv6Network] = IPv4Network if family is Family.V4 else IPv6Network
-        nets = self._nets
+        nets = self._nets[family]
         out: list[IPNetwork] = []
         for lo, hi in ranges:
+            if lo == hi:  # the common case: one workload address
+                key = lo << 8 | bits
+                net = nets.get(key)
+                if net is None:
+                    net = nets[key] = cls((lo, bits))
+                out.append(net)
+                continue
             cur = lo
             while cur <= hi:
                 size = (cur & -cur).bit_length() - 1 if cur else bits
                 span = (hi - cur + 1).bit_length() - 1
                 size = min(size, span)
-                key = (family, cur, bits - size)
+                key = cur << 8 | (bits - size)
                 net = nets.get(key)
                 if net is None:
                     net = nets[key] = cls((cur, bits - size))
@@ -56,13 +64,17 @@ class MemberSet:
     def __init__(self, family: Family, addresses: Iterable[int] = (), cache: NetworkCache | None = None) -> None:
         self.family = family
         self._cache = cache if cache is not None else NetworkCache()
-        self._count: dict[int, int] = {}
-        for a in addresses:
-            self._count[a] = self._count.get(a, 0) + 1
-        ranges = merge_ranges((a, a) for a in self._count)
-        self._los = [lo for lo, _ in ranges]
-        self._his = [hi for _, hi in ranges]
-        self._nets: list[IPNetwork] = list(self._cache.networks(ranges, family))
+        self._count: dict[int, int] = Counter(addresses)
+        los: list[int] = []
+        his: list[int] = []
+        for a in sorted(self._count):
+            if his and a == his[-1] + 1:
+                his[-1] = a
+            else:
+                los.append(a)
+                his.append(a)
+        self._los, self._his = los, his
+        self._nets: list[IPNetwork] = list(self._cache.networks(zip(los, his, strict=True), family))
         self._starts = [_start(n) for n in self._nets]
         self._frozen: tuple[IPNetwork, ...] | None = None
 
