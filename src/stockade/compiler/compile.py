@@ -27,14 +27,13 @@ from stockade.compiler.ir import AddressSet, Direction, HostDelta, HostPolicy, H
 from stockade.compiler.members import MemberSet, NetworkCache
 from stockade.errors import NotFoundError
 from stockade.model.addresses import Family, IPAddress, IPNetwork
-from stockade.model.labels import Label
 from stockade.model.policy import Policy
 from stockade.model.selectors import AllWorkloads, IPListSelector, LabelSelector, Selector
 from stockade.model.workloads import EnforcementMode, Workload
 
 __all__ = ["Compiler", "compile_host", "compile_policy", "diff_sets", "set_name"]
 
-LabelSet = frozenset[Label]
+LabelSet = frozenset[str]  # the relevant labels of a workload, as ``index.label_keys``
 
 
 def _selects_workloads(sel: Selector) -> bool:
@@ -132,14 +131,12 @@ class Compiler:
         self._table = build_rule_table(expand_rules(policy))
         table = self._table
         self._sel_index = SelectorIndex(self._groups)
-        relevant: set[Label] = set()
         for sid, sel in enumerate(table.selectors):
             if _selects_workloads(sel):
                 self._sel_index.add(sid, sel)
-            if isinstance(sel, LabelSelector):
-                relevant.update(sel.mentioned_labels(self._groups))
         self._peers: dict[str, Selector] = dict(zip(table.names, table.selectors, strict=True))
-        self._relevant: frozenset[Label] = frozenset(relevant)
+        # only labels some selector mentions can change which rules apply
+        self._relevant: frozenset[str] = frozenset(self._sel_index.mentioned)
         self._nets = NetworkCache()
         self._addr_ints: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
@@ -197,7 +194,7 @@ class Compiler:
         return found
 
     def _labelset(self, w: Workload) -> int:
-        ls = w.labels & self._relevant
+        ls = label_keys(w.labels) & self._relevant
         lsid = self._ls_ids.get(ls)
         if lsid is None:
             lsid = self._ls_ids[ls] = len(self._ls_rules)
@@ -221,7 +218,7 @@ class Compiler:
     # ---- per label set -------------------------------------------------------
     def _compile_labelset(self, labels: LabelSet) -> _LabelSetRules:
         table = self._table
-        matched = self._sel_index.matching(label_keys(labels))
+        matched = self._sel_index.matching(labels)
         ranks: set[int] = set()
         for sid in matched:
             for group in table.inbound.get(sid, ()):

@@ -60,6 +60,8 @@ def resolve_services(
 
 
 def _dedupe(sels: list[Selector]) -> tuple[Selector, ...]:
+    if len(sels) == 1:
+        return (sels[0],)
     # equal selectors have equal canonical text and vice versa; strings hash in C
     by_text = {s.canonical(): s for s in sels}
     return tuple(by_text[k] for k in sorted(by_text))
@@ -210,8 +212,7 @@ def build_rule_table(rules: tuple[EffectiveRule, ...]) -> RuleTable:
                 ids.append(k)
             sides.append(tuple(ids))
         per_rule.append((cons, prov, sides[0], sides[1]))
-    order = sorted(keys, key=keys.__getitem__)  # keys in first-seen order
-    order.sort()
+    order = sorted(keys)  # tuples of primitives: compared in C, in HostRule order
     rank_of = [0] * len(specs)
     for rank, key in enumerate(order):
         k = keys[key]

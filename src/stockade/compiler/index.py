@@ -92,6 +92,7 @@ class SelectorIndex:
         self.by_label: dict[str, list[_Matcher]] = defaultdict(list)
         self.unconditional: list[_Matcher] = []
         self.everything: list[int] = []  # AllWorkloads
+        self.mentioned: set[str] = set()  # label keys some selector looks at
         self._seen: set[int] = set()
 
     def add(self, sid: int, sel: Selector) -> None:
@@ -100,6 +101,9 @@ class SelectorIndex:
         if isinstance(sel, LabelSelector):
             self._seen.add(sid)
             m = _Matcher(sid, sel, self.groups)
+            self.mentioned |= m.require | m.exclude
+            for g in m.groups:
+                self.mentioned |= g
             if sel.require:
                 self.by_label[label_key(sel.require[0])].append(m)
             else:

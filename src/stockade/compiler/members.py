@@ -20,18 +20,19 @@ from ipaddress import IPv4Network, IPv6Network
 from stockade.model.addresses import Family, IPNetwork, Range
 
 
-def _start(n: IPNetwork) -> int:
-    return int(n.network_address)
-
-
 class NetworkCache:
     """One shared network object per (first address, prefix length) and family."""
 
     def __init__(self) -> None:
         self._nets: dict[Family, dict[int, IPNetwork]] = {Family.V4: {}, Family.V6: {}}
 
-    def networks(self, ranges: Iterable[Range], family: Family) -> tuple[IPNetwork, ...]:
-        """Minimal CIDR cover of merged ranges, in address order (as ``ranges_to_networks``)."""
+    def networks(
+        self, ranges: Iterable[Range], family: Family, starts: list[int] | None = None
+    ) -> tuple[IPNetwork, ...]:
+        """Minimal CIDR cover of merged ranges, in address order (as ``ranges_to_networks``).
+
+        ``starts``, when given, receives the first address of each network as an int.
+        """
         bits = family.bits
         cls: type[IPv4Network] | type[IPv6Network] = IPv4Network if family is Family.V4 else IPv6Network
         nets = self._nets[family]
@@ -43,6 +44,8 @@ class NetworkCache:
                 if net is None:
                     net = nets[key] = cls((lo, bits))
                 out.append(net)
+                if starts is not None:
+                    starts.append(lo)
                 continue
             cur = lo
             while cur <= hi:
@@ -54,6 +57,8 @@ class NetworkCache:
                 if net is None:
                     net = nets[key] = cls((cur, bits - size))
                 out.append(net)
+                if starts is not None:
+                    starts.append(cur)
                 cur += 1 << size
         return tuple(out)
 
@@ -74,8 +79,8 @@ class MemberSet:
                 los.append(a)
                 his.append(a)
         self._los, self._his = los, his
-        self._nets: list[IPNetwork] = list(self._cache.networks(zip(los, his, strict=True), family))
-        self._starts = [_start(n) for n in self._nets]
+        self._starts: list[int] = []
+        self._nets: list[IPNetwork] = list(self._cache.networks(zip(los, his, strict=True), family, self._starts))
         self._frozen: tuple[IPNetwork, ...] | None = None
 
     def networks(self) -> tuple[IPNetwork, ...]:
@@ -84,15 +89,17 @@ class MemberSet:
         return self._frozen
 
     def _splice(self, old: list[Range], new: list[Range]) -> tuple[set[IPNetwork], set[IPNetwork]]:
-        old_nets = self._cache.networks(old, self.family)
-        new_nets = self._cache.networks(new, self.family)
+        old_starts: list[int] = []
+        new_starts: list[int] = []
+        old_nets = self._cache.networks(old, self.family, old_starts)
+        new_nets = self._cache.networks(new, self.family, new_starts)
         if old_nets:
-            pos = bisect_left(self._starts, _start(old_nets[0]))
+            pos = bisect_left(self._starts, old_starts[0])
             end = pos + len(old_nets)
         else:
             pos = end = bisect_left(self._starts, new[0][0])
         self._nets[pos:end] = new_nets
-        self._starts[pos:end] = [_start(n) for n in new_nets]
+        self._starts[pos:end] = new_starts
         self._frozen = None
         old_set, new_set = set(old_nets), set(new_nets)
         return new_set - old_set, old_set - new_set
