@@ -155,7 +155,7 @@ class Compiler:
         # address sets: IP lists are static, workload sets are MemberSets filled per label set
         iplists = policy.ip_list_map()
         self._static: dict[str, tuple[AddressSet, AddressSet]] = {}
-        members: dict[str, list[str]] = {}
+        members: dict[str, tuple[list[int], list[int]]] = {}
         for name, sel in self._peers.items():
             if isinstance(sel, IPListSelector):
                 iplist = iplists.get(sel.ip_list)
@@ -168,18 +168,23 @@ class Compiler:
                     AddressSet(name, Family.V6, ranges.networks(Family.V6), canonical),
                 )
             else:
-                members[name] = []
+                members[name] = ([], [])
         for lsid, compiled in enumerate(self._ls_rules):
+            v4: list[int] = []
+            v6: list[int] = []
+            for h in self._ls_hosts[lsid]:
+                a4, a6 = self._ints(h)
+                v4 += a4
+                v6 += a6
             for s in compiled.member_of:
-                members[s].extend(self._ls_hosts[lsid])
-        self._member_sets: dict[str, tuple[MemberSet, MemberSet]] = {}
-        for name, hosts in members.items():
-            ints = [self._ints(h) for h in hosts]
-            self._member_sets[name] = (
-                MemberSet(Family.V4, (a for v4, _ in ints for a in v4), self._nets),
-                MemberSet(Family.V6, (a for _, v6 in ints for a in v6), self._nets),
-            )
-        self._set_cache: dict[str, tuple[AddressSet, AddressSet]] = {}
+                m4, m6 = members[s]
+                m4 += v4
+                m6 += v6
+        self._member_sets: dict[str, tuple[MemberSet, MemberSet]] = {
+            name: (MemberSet(Family.V4, m4, self._nets), MemberSet(Family.V6, m6, self._nets))
+            for name, (m4, m6) in members.items()
+        }
+        self._set_cache: dict[str, tuple[AddressSet, AddressSet]] = dict(self._static)  # IP lists never change
 
     def _ints(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The integer v4 and v6 addresses of a workload (one int object each, shared by its sets)."""
@@ -219,13 +224,13 @@ class Compiler:
     def _compile_labelset(self, labels: LabelSet) -> _LabelSetRules:
         table = self._table
         matched = self._sel_index.matching(labels)
-        ranks: set[int] = set()
+        ids: set[int] = set()
         for sid in matched:
             for group in table.inbound.get(sid, ()):
-                ranks.update(group)
+                ids.update(group)
             for group in table.outbound.get(sid, ()):
-                ranks.update(group)
-        ordered = sorted(ranks)
+                ids.update(group)
+        ordered = sorted(ids, key=table.rank.__getitem__)
         host_rules, peers = table.host_rules, table.peers
         return _LabelSetRules(
             tuple(host_rules[k] for k in ordered),
@@ -235,11 +240,11 @@ class Compiler:
 
     # ---- address sets ----------------------------------------------------------
     def address_sets(self, name: str) -> tuple[AddressSet, AddressSet]:
-        static = self._static.get(name)
-        if static is not None:
-            return static
         cached = self._set_cache.get(name)
         if cached is None:
+            static = self._static.get(name)
+            if static is not None:
+                return static
             v4, v6 = self._member_sets[name]
             canonical = self._peers[name].canonical()
             cached = (
@@ -263,8 +268,9 @@ class Compiler:
         sets = self._ls_sets.get(lsid)
         if sets is None:
             found: list[AddressSet] = []
+            cache = self._set_cache
             for s in compiled.sets:  # sorted names, each (v4, v6): already in (name, family) order
-                found.extend(self.address_sets(s))
+                found += cache.get(s) or self.address_sets(s)
             sets = self._ls_sets[lsid] = tuple(found)
         return HostPolicy(
             workload=w.name,

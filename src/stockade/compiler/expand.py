@@ -6,9 +6,10 @@ about rulesets, which keeps the index and the per-host compile simple.
 
 ``RuleTable`` is what the compiler works from: every distinct selector gets an integer id
 (interned by its canonical text, whose hash Python caches), every distinct ``HostRule`` is
-built once and numbered in its sort order, and each selector lists the numbered host rules
-it brings in as provider (inbound) or consumer (outbound). Compiling a label set is then
-a union of small integer tuples and one integer sort, with no dataclass hashing or ordering.
+built once and numbered, with its rank in sort order, and each selector lists the numbered
+host rules it brings in as provider (inbound) or consumer (outbound). Compiling a label set
+is then a union of small integer tuples and one sort by rank, with no dataclass hashing or
+ordering.
 """
 
 from __future__ import annotations
@@ -158,10 +159,11 @@ class RuleTable:
     selectors: list[Selector] = field(default_factory=list)  # by selector id
     names: list[str] = field(default_factory=list)  # address-set name by selector id
     ids: dict[str, int] = field(default_factory=dict)  # canonical text -> selector id
-    host_rules: list[HostRule] = field(default_factory=list)  # by rank: sorted HostRule order
-    peers: list[str] = field(default_factory=list)  # peer set name of host_rules[rank]
-    inbound: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # provider id -> ranks
-    outbound: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # consumer id -> ranks
+    host_rules: list[HostRule] = field(default_factory=list)  # by host-rule id
+    peers: list[str] = field(default_factory=list)  # peer set name of host_rules[id]
+    rank: list[int] = field(default_factory=list)  # position of host_rules[id] in HostRule order
+    inbound: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # provider id -> host-rule ids
+    outbound: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # consumer id -> host-rule ids
 
     def intern(self, sel: Selector) -> int:
         text = sel.canonical()
@@ -191,40 +193,37 @@ def build_rule_table(rules: tuple[EffectiveRule, ...]) -> RuleTable:
     table = RuleTable()
     action_rank = {a: i for i, a in enumerate(sorted(Action))}
     svc_rank = _ranks([r.services for r in rules])
-    # a HostRule as a tuple of primitives ordered exactly like the dataclass's fields
+    names, intern = table.names, table.intern
+    in_text, out_text = Direction.INBOUND.value, Direction.OUTBOUND.value  # Direction orders by value
+    # a HostRule as a tuple of primitives ordered exactly like the dataclass's fields -> its id
     keys: dict[tuple[int, str, str, str, int], int] = {}
-    specs: list[tuple[Action, Direction, str, str, tuple[ServiceEntry, ...]]] = []
-    per_rule: list[tuple[list[int], list[int], tuple[int, ...], tuple[int, ...]]] = []
+    specs: list[tuple[Action, str, str, str, tuple[ServiceEntry, ...]]] = []
+    table_in, table_out = table.inbound, table.outbound
+
+    def host_rule(ar: int, text: str, rule_id: str, peer: str, sr: int, spec_action: Action,
+                  services: tuple[ServiceEntry, ...]) -> int:
+        key = (ar, text, rule_id, peer, sr)
+        k = keys.get(key)
+        if k is None:
+            k = keys[key] = len(specs)
+            specs.append((spec_action, text, rule_id, peer, services))
+        return k
+
     for r in rules:
-        cons = [table.intern(s) for s in r.consumers]
-        prov = [table.intern(s) for s in r.providers]
-        ar, sr = action_rank[r.action], svc_rank[id(r.services)]
-        sides: list[tuple[int, ...]] = []
-        for direction, peers in ((Direction.INBOUND, cons), (Direction.OUTBOUND, prov)):
-            ids: list[int] = []
-            for p in peers:
-                peer = table.names[p]
-                key = (ar, direction.value, r.rule_id, peer, sr)
-                k = keys.get(key)
-                if k is None:
-                    k = keys[key] = len(specs)
-                    specs.append((r.action, direction, r.rule_id, peer, r.services))
-                ids.append(k)
-            sides.append(tuple(ids))
-        per_rule.append((cons, prov, sides[0], sides[1]))
-    order = sorted(keys)  # tuples of primitives: compared in C, in HostRule order
-    rank_of = [0] * len(specs)
-    for rank, key in enumerate(order):
-        k = keys[key]
-        rank_of[k] = rank
-        action, direction, rule_id, peer, services = specs[k]
-        table.host_rules.append(HostRule(action, direction, rule_id, peer, services))
-        table.peers.append(peer)
-    for cons, prov, inbound, outbound in per_rule:
-        in_ranks = tuple(rank_of[k] for k in inbound)
-        out_ranks = tuple(rank_of[k] for k in outbound)
+        cons = [intern(s) for s in r.consumers]
+        prov = [intern(s) for s in r.providers]
+        action, rule_id, services = r.action, r.rule_id, r.services
+        ar, sr = action_rank[action], svc_rank[id(services)]
+        in_ids = tuple([host_rule(ar, in_text, rule_id, names[c], sr, action, services) for c in cons])
+        out_ids = tuple([host_rule(ar, out_text, rule_id, names[p], sr, action, services) for p in prov])
         for p in prov:
-            table.inbound.setdefault(p, []).append(in_ranks)
+            table_in.setdefault(p, []).append(in_ids)
         for c in cons:
-            table.outbound.setdefault(c, []).append(out_ranks)
+            table_out.setdefault(c, []).append(out_ids)
+    table.rank = [0] * len(specs)
+    for rank, key in enumerate(sorted(keys)):  # tuples of primitives: compared in C, in HostRule order
+        table.rank[keys[key]] = rank
+    directions = {d.value: d for d in Direction}
+    table.host_rules = [HostRule(a, directions[t], rid, peer, svc) for a, t, rid, peer, svc in specs]
+    table.peers = [spec[3] for spec in specs]
     return table
