@@ -64,8 +64,16 @@ class HostPolicy:
         raise KeyError((name, family))
 
     def rules_key(self) -> tuple[object, ...]:
-        """Everything except set members: equal keys mean a delta needs no reload."""
-        return (self.mode, self.rules, self.failsafe, tuple((s.name, s.family) for s in self.sets))
+        """Everything except set members: equal keys mean set deltas alone lead from one to the
+        other (renderers use the local addresses too, so a re-addressed host needs a reload)."""
+        return (
+            self.workload,
+            self.mode,
+            self.local_addresses,
+            self.rules,
+            self.failsafe,
+            tuple((s.name, s.family) for s in self.sets),
+        )
 
 
 @dataclass(frozen=True, order=True)
@@ -78,7 +86,8 @@ class SetDelta:
 
 @dataclass(frozen=True)
 class HostDelta:
-    """What changed for one host. ``rules_changed`` means a full reload is needed."""
+    """What changed for one host. ``rules_changed`` means a full reload is needed; otherwise
+    ``set_deltas`` lead from the previous policy to ``policy`` exactly (see ``compiler.delta``)."""
 
     workload: str
     policy: HostPolicy | None  # None: the workload is gone
