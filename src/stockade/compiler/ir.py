@@ -101,6 +101,23 @@ def _entry_dict(e: ServiceEntry) -> dict[str, Any]:
     return {"proto": e.proto.value, "first": e.first, "last": e.last}
 
 
+def rules_to_list(rules: tuple[HostRule, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "action": r.action.value,
+            "direction": r.direction.value,
+            "rule_id": r.rule_id,
+            "peer": r.peer,
+            "services": [_entry_dict(e) for e in r.services],
+        }
+        for r in rules
+    ]
+
+
+def address_set_to_dict(s: AddressSet) -> dict[str, Any]:
+    return {"name": s.name, "family": s.family.value, "selector": s.selector, "members": [str(m) for m in s.members]}
+
+
 def host_policy_to_dict(hp: HostPolicy) -> dict[str, Any]:
     return {
         "workload": hp.workload,
@@ -111,25 +128,8 @@ def host_policy_to_dict(hp: HostPolicy) -> dict[str, Any]:
             "controller_port": hp.failsafe.controller_port,
             "management": [_entry_dict(e) for e in hp.failsafe.management],
         },
-        "rules": [
-            {
-                "action": r.action.value,
-                "direction": r.direction.value,
-                "rule_id": r.rule_id,
-                "peer": r.peer,
-                "services": [_entry_dict(e) for e in r.services],
-            }
-            for r in hp.rules
-        ],
-        "sets": [
-            {
-                "name": s.name,
-                "family": s.family.value,
-                "selector": s.selector,
-                "members": [str(m) for m in s.members],
-            }
-            for s in hp.sets
-        ],
+        "rules": rules_to_list(hp.rules),
+        "sets": [address_set_to_dict(s) for s in hp.sets],
     }
 
 

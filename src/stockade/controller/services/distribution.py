@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Table, bindparam, delete, insert, select, update
@@ -47,6 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from stockade.compiler import Compiler, HostDelta, HostPolicy, host_policy_to_dict
 from stockade.compiler.delta import HostHistory, PolicyUpdate, merge_host_deltas
+from stockade.compiler.ir import address_set_to_dict, rules_to_list
 from stockade.controller.services import codec
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.events import record_event
@@ -61,8 +63,30 @@ T = TypeVar("T")
 HISTORY = 8  # steps (revision -> next) of set deltas kept per host
 
 
-def policy_hash(hp: HostPolicy) -> str:
-    return hashlib.sha256(json.dumps(host_policy_to_dict(hp), sort_keys=True).encode()).hexdigest()
+Digests = dict[int, tuple[object, bytes]]  # id(part) -> (part, its SHA-256), parts kept alive
+
+
+def _digest(part: object, encoded: Callable[[], object], memo: Digests) -> bytes:
+    hit = memo.get(id(part))
+    if hit is None or hit[0] is not part:
+        hit = memo[id(part)] = (part, hashlib.sha256(json.dumps(encoded(), sort_keys=True).encode()).digest())
+    return hit[1]
+
+
+def policy_hash(hp: HostPolicy, memo: Digests | None = None) -> str:
+    """SHA-256 of a host policy, for noticing at start-up that it changed while we were down.
+
+    Built from digests of its parts: the compiler shares one rule tuple per label set and one
+    AddressSet object between every host that references it, so with a ``memo`` kept across
+    many hosts each shared part is encoded once (a 1,000-member set is not re-encoded per host).
+    """
+    memo = {} if memo is None else memo
+    head = host_policy_to_dict(replace(hp, rules=(), sets=()))
+    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    h.update(_digest(hp.rules, partial(rules_to_list, hp.rules), memo))
+    for s in hp.sets:
+        h.update(_digest(s, partial(address_set_to_dict, s), memo))
+    return h.hexdigest()
 
 
 @dataclass
@@ -193,9 +217,10 @@ class PolicyDistributor:
             self.workloads = {w.name: w for w in codec.domain_objects("workload", inv["workload"])}
             self.compiler = Compiler(self.assemble(self.policy_objects))
             stored = {r.workload: r for r in db.scalars(select(HostStateRow))}
+            memo: Digests = {}
             for name in self.compiler.workload_names:
                 hp = self.compiler.host_policy(name)
-                h = policy_hash(hp)
+                h = policy_hash(hp, memo)
                 row = stored.pop(name, None)
                 if row is None:
                     row = HostStateRow(workload=name, revision=1, policy_hash=h, updated_at=utcnow())
@@ -422,10 +447,11 @@ class PolicyDistributor:
         with self.lock:
             pending, self.unhashed = self.unhashed, {}
         params: list[dict[str, Any]] = []
+        memo: Digests = {}
         for name, rev in sorted(pending.items()):
             hist = self.history.get(name)
             if hist is not None and hist.revision == rev:
-                params.append({"w": name, "r": rev, "h": policy_hash(hist.policy)})
+                params.append({"w": name, "r": rev, "h": policy_hash(hist.policy, memo)})
         if not params:
             return
         table = cast(Table, HostStateRow.__table__)
@@ -434,5 +460,11 @@ class PolicyDistributor:
             .where(table.c.workload == bindparam("w"), table.c.revision == bindparam("r"))
             .values(policy_hash=bindparam("h"))
         )
-        with self.sessions.begin() as db:
-            db.execute(stmt, params)
+        try:
+            with self.sessions.begin() as db:
+                db.execute(stmt, params)
+        except BaseException:
+            with self.lock:  # the next flush tries again (unless the host was bumped meanwhile)
+                for p in params:
+                    self.unhashed.setdefault(p["w"], p["r"])
+            raise
