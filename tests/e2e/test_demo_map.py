@@ -93,6 +93,22 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+    # Ctrl-C took the lab down: no agent of this demo is left running
+    assert proc.returncode == 0, "".join(lines)[-3000:]
+    assert not agents_of(data), agents_of(data)
+
+
+def agents_of(data: Path) -> list[str]:
+    """Command lines of running processes that use ``data`` (the demo's agents keep their state there)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "stockade.agent" in text and str(data) in text:
+            found.append(text)
+    return found
 
 
 def test_the_demo_fills_the_map_with_allowed_and_blocked_connections(demo: Demo) -> None:
