@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -56,9 +57,25 @@ class Demo:
         return r.json()
 
 
+def lab_address_free(addr: str = "10.70.0.1", port: int = 8443) -> bool:
+    """Whether the estate's controller address is free (other e2e runs on this machine use it too)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND, as the demo binds it
+        try:
+            s.bind((addr, port))
+        except OSError:
+            return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     data = tmp_path_factory.mktemp("demo") / "data"
+    # a concurrent e2e run holding the estate's addresses would make the demo refuse to start: wait for it
+    deadline = time.monotonic() + 600
+    while not lab_address_free():
+        assert time.monotonic() < deadline, "10.70.0.1:8443 stayed busy (another lab on this machine)"
+        time.sleep(2)
     proc = subprocess.Popen([sys.executable, "-m", "stockade.cli", "demo", "--port", "0", "--data-dir", str(data)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     lines: list[str] = []
@@ -175,10 +192,14 @@ def test_a_browser_opens_the_map_and_clicks_a_blocked_edge(demo: Demo) -> None:
             page.goto("/#/map")
             playwright.expect(page.locator('[data-node="group:app=shop,env=prod"]')).to_be_visible()
             playwright.expect(page.locator(f'[data-edge="{edge}"]')).to_have_count(1)
+            shots = Path(os.environ.get("STOCKADE_SCREENSHOTS", REPO / "out" / "screenshots"))
+            shots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shots / "demo-map.png"))  # the newcomer's first map, as an artifact
             page.locator(f'[data-edge-hit="{edge}"]').dispatch_event("click")
             flows = page.locator("[data-role=edge-flows] table")
             playwright.expect(flows.locator('[data-verdict="blocked"]').first).to_be_visible()
             playwright.expect(flows).to_contain_text("deny")
+            page.screenshot(path=str(shots / "demo-map-edge.png"), full_page=True)
             page.goto("/#/explorer")
             playwright.expect(page.locator("main table")).to_contain_text("db-prod-1")
             assert not errors, errors

@@ -41,7 +41,7 @@ CONVERGE_TIMEOUT = 180.0
 FLOWS_TIMEOUT = 120.0
 
 
-def _listen(host: str, port: int, *, freebind: bool = False) -> socket.socket:
+def _listen(host: str, port: int, *, freebind: bool = False, hint: str = "") -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -52,7 +52,7 @@ def _listen(host: str, port: int, *, freebind: bool = False) -> socket.socket:
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
     return sock
 
 
@@ -239,15 +239,29 @@ def _lab_with_agents(policy_dir: Path, api: Any, controller_url: str, ca: Path |
         m = _check(api.get("/flows/map"), "read the map")
         a, pb, b = _map_mix(m)
         groups = [n for n in m["nodes"] if n["kind"] == "app-group"]
-        flows = _check(api.get("/flows", params={"limit": 1}), "list flows")
-        total = flows.get("total", last) if isinstance(flows, dict) else last
-        click.echo(f"map: {len(groups)} groups, {len(m['nodes']) - len(groups)} other peers, {len(m['edges'])} edges "
-                   f"({a} allowed, {pb} potentially blocked, {b} blocked links) from {last} flow reports "
-                   f"({total} in the Explorer)")
+        click.echo(f"map: {len(groups)} app groups, {len(m['nodes']) - len(groups)} other peers, {len(m['edges'])} "
+                   f"edges ({a} allowed, {pb} potentially blocked, {b} blocked links)")
+        counts = _explorer_counts(api)
+        click.echo(f"Explorer: {sum(counts.values())} flows reported by the agents (" +
+                   ", ".join(f"{n} {v}" for v, n in sorted(counts.items())) + "), each with its deciding rule")
         click.echo(f"moonshot: fresh controller -> label policy enforced on {len(names)} hosts -> seen on the map "
                    f"in {moonshot:.1f} s")
         sys.stdout.flush()
         yield
+
+
+def _explorer_counts(api: Any, pages: int = 50) -> dict[str, int]:
+    """Flows in the Explorer per verdict (as the Explorer lists them, page by page)."""
+    counts: dict[str, int] = {}
+    cursor: str | None = None
+    for _ in range(pages):
+        page = _check(api.get("/flows", params={"limit": 1000, **({"cursor": cursor} if cursor else {})}), "list flows")
+        for f in page["items"]:
+            counts[f["verdict"]] = counts.get(f["verdict"], 0) + 1
+        cursor = page.get("next_cursor")
+        if not cursor:
+            break
+    return counts
 
 
 def _ipv(host: str) -> bool:
@@ -293,7 +307,9 @@ def demo(path: Path | None, data_dir: Path | None, host: str, port: int, insecur
     sockets = [_listen(host, port)]
     port = int(sockets[0].getsockname()[1])
     if lab_addr is not None and not (lab_addr == host and lab_port == port):
-        sockets.append(_listen(lab_addr, lab_port, freebind=True))
+        sockets.append(_listen(lab_addr, lab_port, freebind=True,
+                               hint=" (the estate's controller address for the lab: is another lab or demo running? "
+                                    "Stop it, or use --no-lab)"))
     scheme = "http" if insecure_http else "https"
     ca: Path | None = None
     ssl_files = None
