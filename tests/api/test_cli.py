@@ -93,20 +93,20 @@ def test_tls_controller_first_run(live_tls: Live, tmp_path: Path) -> None:
 def test_policy_apply_diff_provision(tmp_path: Path) -> None:
     live = Live(False, tmp_path / "data")
     try:
-        with httpx.Client(base_url=live.base) as c:
+        with httpx.Client(base_url=live.base, headers={"Origin": live.base}) as c:
             c.post("/api/v1/auth/login", json={"username": "admin", "password": live.password()})
             token = c.post("/api/v1/api-keys", json={"name": "cli", "role": "admin"}).json()["key"]
         env = {**os.environ, "STOCKADE_CONTROLLER": live.base, "STOCKADE_API_KEY": token}
         cli = [sys.executable, "-m", "stockade.cli", "policy"]
         diff = subprocess.run([*cli, "diff", "-f", str(ESTATE)], env=env, capture_output=True, text=True, check=False)
-        assert diff.returncode == 0, diff.stderr
+        assert diff.returncode == 1, diff.stderr  # a difference, as diff(1) says it
         assert "+ draft ruleset" in diff.stdout and "would change" in diff.stdout
         applied = subprocess.run([*cli, "apply", "-f", str(ESTATE)], env=env, capture_output=True, text=True,
                                  check=False)
         assert applied.returncode == 0, applied.stderr
         again = subprocess.run([*cli, "diff", "-f", str(ESTATE)], env=env, capture_output=True, text=True,
                                check=False)
-        assert "0 object(s) would change" in again.stdout
+        assert "0 object(s) would change" in again.stdout and again.returncode == 0, again.stderr
         prov = subprocess.run([*cli, "provision", "-m", "from git"], env=env, capture_output=True, text=True,
                               check=False)
         assert prov.returncode == 0 and prov.stdout.startswith("version 1:"), prov.stdout + prov.stderr

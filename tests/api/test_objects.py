@@ -83,9 +83,10 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("services", {"name": "s", "ports": ["99999/tcp"]}, "ports[0]"),
     ("services", {"name": "s", "ports": []}, "ports"),
     ("ip-lists", {"name": "i", "include": ["not-a-cidr"]}, "include[0]"),
-    ("rulesets", {"name": "r", "rules": [{"consumers": [{}], "providers": [{"all": True}], "services": ["any"]}]},
+    ("rulesets", {"name": "r", "scope": "all",
+                  "rules": [{"consumers": [{}], "providers": [{"all": True}], "services": ["any"]}]},
      "rules[0].consumers[0]"),
-    ("rulesets", {"name": "r", "rules": [{"consumers": [{"all": True}], "providers": [{"all": True}],
+    ("rulesets", {"name": "r", "scope": "all", "rules": [{"consumers": [{"all": True}], "providers": [{"all": True}],
                                          "services": ["nosuch"]}]}, "services"),
     ("rulesets", {"name": "r", "scope": [{"ip_list": "x"}]}, "scope[0]"),
     ("label-groups", {"name": "g", "key": "nokey", "values": ["a"]}, "LabelGroup g"),
@@ -114,7 +115,7 @@ def test_malformed_json_and_wrong_types_are_4xx(sqlite_api: Api) -> None:
 
 def test_referenced_objects_cannot_be_deleted(api: Api) -> None:
     api.ok("POST", "/services", 201, json={"name": "web", "ports": ["80/tcp"]})
-    api.ok("POST", "/rulesets", 201, json={"name": "r", "rules": [
+    api.ok("POST", "/rulesets", 201, json={"name": "r", "scope": "all", "rules": [
         {"consumers": [{"all": True}], "providers": [{"all": True}], "services": ["web"]}]})
     r = api.req("DELETE", "/services/web")
     assert r.status_code == 409 and "web" in r.json()["message"]
@@ -174,3 +175,47 @@ def test_concurrent_creates_of_one_name_never_500(api: Api) -> None:
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(create, range(1, 17)))
     assert codes.count(201) == 1 and set(codes) <= {201, 409}, codes
+
+
+# ---- one codec with the policy files (issue 13.1; issue 12 items 10 and 12) ----------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "w", "interfaces": [{"name": "eth0@if12", "addresses": ["10.0.0.1"]}]}, "interfaces[0].name"),
+        ({"name": "w", "interfaces": [{"name": "eth0", "addresses": ["0.0.0.0"]}]}, "interfaces[0].addresses[0]"),
+        ({"name": "w", "interfaces": [{"name": "eth0", "addresses": ["::"]}]}, "interfaces[0].addresses[0]"),
+        ({"name": "w", "interfaces": [{"name": "eth0", "addresses": ["255.255.255.255"]}]},
+         "interfaces[0].addresses[0]"),
+        ({"name": "w", "interfaces": [{"name": "eth0", "addresses": ["ff02::1"]}]}, "interfaces[0].addresses[0]"),
+    ],
+)
+def test_workload_bodies_the_export_could_not_reimport_are_refused(api: Api, body: dict[str, Any],
+                                                                   field: str) -> None:
+    r = api.req("POST", "/workloads", json=body)
+    assert r.status_code == 422, r.text
+    assert [i["field"] for i in r.json()["issues"]] == [field]
+
+
+def test_exclude_only_selector_and_named_icmp_types_round_trip_through_yaml(api: Api) -> None:
+    """`stockade check` accepted an exclude-only selector that `PUT /policy/draft` refused: now both accept it."""
+    api.ok("POST", "/services", 201, json={"name": "ping", "ports": ["icmp:echo-request", "icmpv6:echo-request"]})
+    api.ok("POST", "/rulesets", 201, json={
+        "name": "not-web", "scope": [{"exclude": {"role": "web"}}],
+        "rules": [{"consumers": "all", "providers": [{"exclude": {"role": ["web", "db"]}}], "services": ["ping"]}]})
+    assert api.ok("GET", "/services/ping")["body"]["ports"] == ["icmp:8", "icmpv6:128"]
+    exported = api.req("GET", "/policy/draft")
+    assert exported.status_code == 200
+    headers = {**api.owner, "Content-Type": "application/yaml"}
+    again = api.req("PUT", "/policy/draft", content=exported.content, headers=headers)
+    assert again.status_code == 200, again.text
+    assert again.json()["draft_changes"] == []
+
+
+def test_a_ruleset_must_state_its_scope(api: Api) -> None:
+    r = api.req("POST", "/rulesets", json={"name": "r", "rules": []})
+    assert r.status_code == 422
+    assert [i["field"] for i in r.json()["issues"]] == ["scope"]
+    api.ok("POST", "/rulesets", 201, json={"name": "r", "scope": "all", "rules": []})
+    assert api.ok("GET", "/rulesets/r")["body"]["scope"] == "all"

@@ -16,7 +16,7 @@ Selectors are written as one of::
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -86,9 +86,15 @@ class SelectorBody(Body):
     all: bool = False
 
 
+# The policy files' spellings of "every workload", accepted in bodies too (one codec for both).
+AllText = Literal["all"]
+SelectorItem = SelectorBody | AllText
+RuleSide = list[SelectorItem] | AllText
+
+
 class AllowRuleBody(Body):
-    consumers: list[SelectorBody] = Field(min_length=1)
-    providers: list[SelectorBody] = Field(min_length=1)
+    consumers: RuleSide = Field(min_length=1)
+    providers: RuleSide = Field(min_length=1)
     services: list[Name] = Field(min_length=1)
     consumers_scope: ConsumerScope = ConsumerScope.INTRA
     description: Text = ""
@@ -96,15 +102,16 @@ class AllowRuleBody(Body):
 
 class RulesetBody(Body):
     name: Name
-    scope: list[SelectorBody] = Field(default_factory=list, description="label selectors; empty: all workloads")
+    scope: list[SelectorBody] | Literal["all"] | None = Field(
+        None, description='label selectors, or "all" to govern every workload (required; an empty list is refused)')
     rules: list[AllowRuleBody] = Field(default_factory=list)
     description: Text = ""
 
 
 class DenyRuleBody(Body):
     name: Name
-    consumers: list[SelectorBody] = Field(min_length=1)
-    providers: list[SelectorBody] = Field(min_length=1)
+    consumers: RuleSide = Field(min_length=1)
+    providers: RuleSide = Field(min_length=1)
     services: list[Name] = Field(min_length=1)
     override: bool = False
     description: Text = ""
