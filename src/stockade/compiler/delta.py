@@ -33,7 +33,14 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
-from stockade.compiler.ir import HostDelta, HostPolicy, SetDelta, host_policy_from_dict, host_policy_to_dict
+from stockade.compiler.ir import (
+    AddressSet,
+    HostDelta,
+    HostPolicy,
+    SetDelta,
+    host_policy_from_dict,
+    host_policy_to_dict,
+)
 from stockade.errors import ConflictError, Issue, ValidationError
 from stockade.model.addresses import Family, IPNetwork
 
@@ -92,24 +99,28 @@ def merge_host_deltas(earlier: HostDelta, later: HostDelta) -> HostDelta:
     return HostDelta(later.workload, later.policy, rules_changed, deltas)
 
 
-def delta_between(old: HostPolicy, new: HostPolicy) -> tuple[SetDelta, ...] | None:
-    """The set delta turning ``old`` into ``new``, or None when more than set members differ.
-
-    For producers without a compiler at hand (test doubles); the controller uses the deltas
-    the compiler computed.
-    """
-    if old.rules_key() != new.rules_key():
-        return None
-    before = {(s.name, s.family): set(s.members) for s in old.sets}
+def diff_sets(old: tuple[AddressSet, ...], new: tuple[AddressSet, ...]) -> tuple[SetDelta, ...]:
+    """Element changes turning ``old`` sets into ``new`` ones (same names and families)."""
+    old_by = {(s.name, s.family): set(s.members) for s in old}
     out: list[SetDelta] = []
-    for s in new.sets:
-        prev, cur = before[(s.name, s.family)], set(s.members)
+    for s in new:
+        prev = old_by.get((s.name, s.family), set())
+        cur = set(s.members)
         if prev != cur:
             out.append(
                 SetDelta(s.name, s.family, tuple(sorted(cur - prev, key=_net_key)),
                          tuple(sorted(prev - cur, key=_net_key)))
             )
-    return tuple(sorted(out, key=lambda d: (d.name, d.family.value)))
+    return tuple(sorted(out))
+
+
+def delta_between(old: HostPolicy, new: HostPolicy) -> tuple[SetDelta, ...] | None:
+    """The set delta turning ``old`` into ``new``, or None when more than set members differ.
+
+    For producers without an incremental compiler at hand (test doubles); the controller uses
+    the deltas the compiler computed.
+    """
+    return diff_sets(old.sets, new.sets) if old.rules_key() == new.rules_key() else None
 
 
 # ---- applying -----------------------------------------------------------------------------------
