@@ -70,8 +70,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             api.import_estate()
             for name in AGENTS:
                 api.ok("PUT", f"/workloads/{name}/mode", json={"mode": "visibility"})
-            code = api.activation_code("vis", mode="visibility")
-            for name in AGENTS:
+            for name in AGENTS:  # the estate declares these workloads: adopted, keeping their labels
+                code = api.adoption_code("vis", name)
                 agents[name] = AgentProcess(name, lab.netns(name), tmp / "state" / name, CONTROLLER, code,
                                             tmp / f"agent-{name}.log", ca_cert=controller.ca_cert)
                 agents[name].start()

@@ -22,8 +22,10 @@ ALLOWED: dict[str, set[str]] = {
     "backends": {"errors", "model", "compiler", "bpf"},  # bpf: the eBPF C sources and their build
     "visibility": {"errors", "model", "compiler", "evaluator"},
     "lab": {"errors", "model", "compiler", "evaluator", "backends", "policyfile", "paths"},
-    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility"},
-    "controller": {"errors", "model", "compiler", "evaluator", "policyfile", "visibility", "backends", "web"},
+    "agent_signature": {"errors"},  # the agent request signature, shared by agent and controller
+    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "agent_signature"},
+    "controller": {"errors", "model", "compiler", "evaluator", "policyfile", "visibility", "backends", "web",
+                   "agent_signature"},
 }
 
 

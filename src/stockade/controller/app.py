@@ -36,7 +36,8 @@ from stockade.controller.api import policy as policy_api
 from stockade.controller.api.web_mount import mount_console
 from stockade.controller.context import API, Controller, ControllerSettings
 from stockade.controller.metrics import Metrics, MetricsMiddleware
-from stockade.controller.services import auth
+from stockade.controller.services import auth, enrolment
+from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import RateLimiter
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.events import SyslogForwarder
@@ -129,6 +130,8 @@ def build_controller(settings: ControllerSettings) -> Controller:
         credential = auth.bootstrap_owner(db, passwords)
     dist = PolicyDistributor(sessions)
     dist.load()
+    agent_keys = AgentKeyRing(sessions)
+    agent_keys.on_clone = lambda agent_id, old, new: enrolment.quarantine_clone(dist, agent_id, old, new)
     metrics = Metrics()
     metrics.watch(dist, settings.offline_after)
     dist.on_compile = metrics.observe_compile
@@ -144,6 +147,7 @@ def build_controller(settings: ControllerSettings) -> Controller:
         login_limiter=RateLimiter(*settings.login_limit),
         enroll_limiter=RateLimiter(*settings.enroll_limit),
         passwords=passwords,
+        agent_keys=agent_keys,
         first_run_credential=credential,
         engine=engine,
         forwarder=forwarder,

@@ -1,7 +1,7 @@
 """What every route shares: the settings, the :class:`Controller` state and the auth dependency.
 
 Every route depends on :func:`require` with one :class:`~stockade.controller.services.auth.Permission`;
-agent tokens are checked in memory, API keys and sessions in a worker thread.
+agent tokens and request signatures are checked in memory, API keys and sessions in a worker thread.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from stockade.controller.metrics import Metrics
 from stockade.controller.services import auth
+from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import Permission, Principal, PrincipalKind, RateLimiter
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.events import SyslogForwarder, SyslogTarget
@@ -55,6 +56,7 @@ class Controller:
     login_limiter: RateLimiter
     enroll_limiter: RateLimiter
     passwords: auth.Passwords
+    agent_keys: AgentKeyRing
     first_run_credential: tuple[str, str] | None = None
     engine: Any = None
     forwarder: SyslogForwarder | None = None
@@ -86,6 +88,7 @@ def require(permission: Permission) -> Callable[[Request], Awaitable[Principal]]
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer agt_"):
             principal = auth.authenticate(request, None, ctl.agent_principal)  # type: ignore[arg-type]
+            await ctl.agent_keys.check(request, principal)  # signed on the agent's host, fresh, not replayed
         else:
 
             def lookup() -> Principal:
