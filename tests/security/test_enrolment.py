@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures imported from tests.api.conftest are parameters here)
 """Enrolment abuse (issue 12 item 2): every way to enrol gives its documented result, on SQLite and PostgreSQL.
 
 The class: an activation code must never let its holder take over an identity an admin did not

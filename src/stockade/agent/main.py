@@ -282,6 +282,7 @@ def rotate_key(state_dir: Path) -> None:
     old one; the running agent picks the new key file up. Run it if the key file may have been read."""
     from stockade.agent.http_client import HttpControllerClient
     from stockade.agent.signing import adopt_instance
+    from stockade.agent.transport import ControllerUnreachableError
     from stockade.agent_signature import new_private_key
 
     state = StateDir(state_dir)
@@ -289,15 +290,19 @@ def rotate_key(state_dir: Path) -> None:
     if cred is None:
         _fail(f"not enrolled: no credential in {state_dir}")
     adopt_instance(state.load_instance())  # sign as the agent process running here, if any
-    key = new_private_key()
+    # a rotation whose outcome was unknown is retried with the same key (the controller takes the
+    # same key again as a no-op), so a lost answer never leaves the agent with a key nobody knows
+    key = _or_exit(state.load_next_key) or new_private_key()
     _or_exit(lambda: state.save_next_key(key))
     client = HttpControllerClient(cred.controller, state.load_ca())
     client.use_credential(cred, state.load_ca())
     try:
-        _or_exit(lambda: client.rotate_key(key))
-    except SystemExit:
-        state.drop_next_key()
-        raise
+        client.rotate_key(key)
+    except ControllerUnreachableError as exc:
+        _fail(f"{exc}; the outcome is unknown: run `stockade agent rotate-key` again")
+    except StockadeError as exc:
+        state.drop_next_key()  # refused: the old key stays
+        _fail(str(exc))
     finally:
         client.close()
     state.promote_next_key()

@@ -73,9 +73,10 @@ def target_of(request: httpx.Request) -> str:
     return request.url.raw_path.decode("ascii")
 
 
-def signed_headers(agent_id: str, key: Ed25519PrivateKey, request: httpx.Request) -> dict[str, str]:
-    fields = sig.SignedFields(agent_id, request.method, target_of(request), int(time.time()), sig.new_nonce(),
-                              process_instance())
+def signed_headers(agent_id: str, key: Ed25519PrivateKey, request: httpx.Request,
+                   instance: str | None = None, now: float | None = None) -> dict[str, str]:
+    fields = sig.SignedFields(agent_id, request.method, target_of(request), int(time.time() if now is None else now),
+                              sig.new_nonce(), instance or process_instance())
     return sig.sign_request(key, fields, request.content)
 
 
@@ -84,15 +85,16 @@ class AgentAuth(httpx.Auth):
 
     requires_request_body = True
 
-    def __init__(self, credential: Credential) -> None:
+    def __init__(self, credential: Credential, *, instance: str | None = None) -> None:
         self.agent_id = credential.agent_id
         self.token = credential.token
         self.key_file = KeyFile(credential.key_file) if credential.key_file is not None else None
+        self.instance = instance  # None: this process's
 
     def _sign(self, request: httpx.Request) -> None:
         request.headers["Authorization"] = f"Bearer {self.token}"
         if self.key_file is not None:
-            request.headers.update(signed_headers(self.agent_id, self.key_file.key(), request))
+            request.headers.update(signed_headers(self.agent_id, self.key_file.key(), request, self.instance))
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         self._sign(request)

@@ -186,6 +186,16 @@ class StateDir:
 
         self._write(NEXT_KEY_FILE, sig.private_key_pem(key))
 
+    def load_next_key(self) -> Ed25519PrivateKey | None:
+        """A rotation's new key, if one is under way (its outcome was not known)."""
+        from stockade import agent_signature as sig
+
+        raw = self._read(NEXT_KEY_FILE)
+        try:
+            return sig.load_private_key_pem(raw) if raw is not None else None
+        except sig.SignatureError as exc:
+            raise _bad(self.next_key_path, str(exc)) from exc
+
     def promote_next_key(self) -> bool:
         """Make the rotation's new key the key (atomic rename); False if there is none."""
         try:

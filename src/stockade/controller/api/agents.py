@@ -282,7 +282,7 @@ def create_code(request: Request, name: str,
 @router.get("/pairing-profiles/{name}/codes", tags=["Pairing profiles"], responses=ERRORS,
             operation_id="list-activation-codes")
 def list_codes(request: Request, name: str,
-               principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> list[CodeInfoOut]:
+               principal: Annotated[Principal, Depends(require(Permission.READ))]) -> list[CodeInfoOut]:
     with controller_of(request).session() as db:
         return [CodeInfoOut(id=c.id, profile=c.profile, created_at=c.created_at, max_uses=c.max_uses, uses=c.uses,
                             expires_at=c.expires_at, workload=c.workload, revoked=c.revoked)

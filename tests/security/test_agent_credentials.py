@@ -1,0 +1,302 @@
+"""Copied agent credentials (issue 12 item 9): a token is worth nothing without the host's key.
+
+A real controller (uvicorn on 127.0.0.1, SQLite and PostgreSQL) and the real agent HTTP client
+(:class:`stockade.agent.http_client.HttpControllerClient`, its key in a real state dir). The class:
+every agent request must be signed by the key made on the agent's host, fresh and used once, so a
+copied token, a copied request, a forged body and a second host speaking with the same credential
+are all refused or quarantined; the key can be rotated.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from click.testing import CliRunner
+
+from stockade.agent.agent import Agent, AgentOptions
+from stockade.agent.enforcer import Enforcer
+from stockade.agent.fake import MemoryBackend, wait_until
+from stockade.agent.flows import FlowCollector, HttpFlowSender
+from stockade.agent.host import HostReport, InterfaceReport
+from stockade.agent.http_client import HttpControllerClient
+from stockade.agent.nflog import LoggedPacket
+from stockade.agent.signing import AgentAuth, signed_headers
+from stockade.agent.state import Credential, StateDir
+from stockade.agent.transport import Heartbeat
+from stockade.agent_signature import new_private_key, private_key_pem
+from stockade.cli import main
+from stockade.compiler.ir import Direction
+from stockade.controller.app import create_app
+from stockade.controller.context import Controller
+from stockade.errors import AuthError, ValidationError
+from stockade.evaluator import Verdict
+from stockade.model import Proto
+from stockade.visibility import FlowKey
+from tests.api.conftest import database_url, make_settings, pg_cluster  # noqa: F401  (fixtures)
+
+
+@dataclass
+class Live:
+    url: str
+    ctl: Controller
+    admin: httpx.Client
+
+    def ok(self, method: str, path: str, status: int = 200, **kw: Any) -> Any:
+        r = self.admin.request(method, path, **kw)
+        assert r.status_code == status, f"{method} {path}: {r.status_code} {r.text}"
+        return r.json() if r.content else None
+
+    def code(self, uses: int = 1) -> str:
+        if self.admin.get("/pairing-profiles/web").status_code == 404:
+            self.ok("POST", "/pairing-profiles", 201, json={"name": "web", "labels": {"role": "web"}, "mode": "full",
+                                                            "code_max_uses": 10})
+        return str(self.ok("POST", "/pairing-profiles/web/codes", 201, json={"max_uses": uses})["code"])
+
+    def events(self, action: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.ok("GET", "/events", params={"action": action})["items"]
+        return items
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def live(database_url: str) -> Iterator[Live]:  # noqa: F811
+    app = create_app(make_settings(database_url))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert wait_until(lambda: server.started, 20.0)
+    url = f"http://127.0.0.1:{port}"
+    ctl: Controller = app.state.controller
+    assert ctl.first_run_credential is not None
+    user, password = ctl.first_run_credential
+    with httpx.Client(base_url=url + "/api/v1", timeout=30) as admin:
+        r = admin.post("/auth/login", json={"username": user, "password": password})
+        assert r.status_code == 200, r.text
+        key = admin.post("/api-keys", json={"name": "t", "role": "owner"}).json()["key"]
+        admin.cookies.clear()
+        admin.headers["Authorization"] = f"Bearer {key}"
+        yield Live(url, ctl, admin)
+    server.should_exit = True
+    thread.join(20)
+
+
+def host(name: str, *addresses: str) -> HostReport:
+    return HostReport(name, "Linux", (InterfaceReport("eth0", tuple(ipaddress.ip_address(a) for a in addresses)),))
+
+
+def enrol(live: Live, state: StateDir, name: str, *addresses: str) -> tuple[HttpControllerClient, Credential]:
+    """What the agent runtime does: make the key in the state dir, enrol with its public half."""
+    from stockade.agent_signature import public_key_text
+
+    client = HttpControllerClient(live.url)
+    e = client.enroll(live.code(), host(name, *addresses), public_key_text(state.load_or_create_key()))
+    cred = Credential(live.url, e.agent_id, e.token, e.workload, state.key_path)
+    state.save_credential(cred)
+    client.use_credential(cred, None)
+    return client, cred
+
+
+def raw(live: Live, cred: Credential, method: str, suffix: str, **kw: Any) -> httpx.Response:
+    """A request with the token only, as from a host the token was copied to."""
+    return httpx.request(method, f"{live.url}/api/v1/agents/{cred.agent_id}/{suffix}",
+                         headers={"Authorization": f"Bearer {cred.token}"}, timeout=30, **kw)
+
+
+def test_the_real_client_signs_and_the_key_stays_on_the_host(live: Live, tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    client, cred = enrol(live, state, "web-1", "10.50.0.1")
+    assert stat.S_IMODE(state.key_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.path.stat().st_mode) == 0o700
+    assert state.load_credential() == cred and b"PRIVATE KEY" in state.key_path.read_bytes()
+    client.report_host(host("web-1", "10.50.0.2"))
+    client.heartbeat(Heartbeat(0, "", 0))
+    answer = client.wait_revision(0, 0.1)
+    upd = client.fetch_policy(None)
+    client.ack(upd.revision)
+    assert answer.revision == upd.revision >= 1
+    agent = live.ok("GET", f"/agents/{cred.agent_id}")
+    assert agent["key_bound"] and not agent["quarantined"] and agent["applied_revision"] == upd.revision
+    client.close()
+    # the flow sender (its own HTTP client) signs the same way
+    src = ipaddress.ip_address("10.50.0.2")
+    collector = FlowCollector(HttpFlowSender(cred), group=0, batch_size=20, max_entries=50)
+    collector.record([LoggedPacket(FlowKey(src, ipaddress.ip_address("198.51.100.7"), Proto.TCP, 443),
+                                   Direction.OUTBOUND, Verdict.POTENTIALLY_BLOCKED, "default", time.time() - 5)])
+    assert collector.upload_pending() == 0 and collector.uploaded == 1
+
+
+@pytest.mark.parametrize(("method", "suffix", "body"), [
+    ("POST", "heartbeat", {}),
+    ("GET", "policy", None),
+    ("GET", "policy/wait?after=0&timeout=0", None),
+    ("PUT", "interfaces", {"interfaces": [{"name": "eth0", "addresses": ["10.50.0.9"]}]}),
+    ("POST", "ack", {"revision": 1}),
+    ("POST", "events", {"events": [{"kind": "tamper", "detail": "x"}]}),
+    ("POST", "flows", {"sent_at": 0, "dropped": 0, "records": []}),
+    ("POST", "unenroll", {}),
+])
+def test_a_copied_token_without_the_key_gets_401_on_every_agent_route(
+        live: Live, tmp_path: Path, method: str, suffix: str, body: Any) -> None:
+    _client, cred = enrol(live, StateDir(tmp_path / "s"), "web-1", "10.50.0.1")
+    r = raw(live, cred, method, suffix, json=body) if body is not None else raw(live, cred, method, suffix)
+    assert r.status_code == 401 and "signs its requests" in r.json()["message"], r.text
+    # the attacker's own key does not help either
+    stolen = replace(cred, key_file=tmp_path / "attacker.pem")
+    (tmp_path / "attacker.pem").write_bytes(private_key_pem(new_private_key()))
+    with httpx.Client(base_url=live.url + "/api/v1", auth=AgentAuth(stolen), timeout=30) as c:
+        r = c.request(method, f"/agents/{cred.agent_id}/{suffix}", json=body)
+    assert r.status_code == 401 and "bad request signature" in r.json()["message"], r.text
+    assert not live.ok("GET", f"/agents/{cred.agent_id}")["revoked"]
+
+
+def test_a_captured_request_cannot_be_replayed_reused_or_altered(live: Live, tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "s")
+    _client, cred = enrol(live, state, "web-1", "10.50.0.1")
+    key = state.load_key()
+    assert key is not None
+    url = f"{live.url}/api/v1/agents/{cred.agent_id}/interfaces"
+    body = json.dumps({"interfaces": [{"name": "eth0", "addresses": ["10.50.0.3"]}]}).encode()
+    req = httpx.Request("PUT", url, content=body, headers={"Authorization": f"Bearer {cred.token}",
+                                                           "Content-Type": "application/json"})
+    req.headers.update(signed_headers(cred.agent_id, key, req))
+    with httpx.Client(timeout=30) as c:
+        assert c.send(req).status_code == 200
+        replayed = c.send(req)
+        assert replayed.status_code == 401 and "replayed" in replayed.text
+        # the same signature on another body (10.50.0.3 -> 10.50.0.66) or another agent path
+        forged = httpx.Request("PUT", url, content=body.replace(b"10.50.0.3", b"10.50.0.6"), headers=req.headers)
+        assert c.send(forged).status_code == 401
+        other = httpx.Request("POST", url.replace("interfaces", "heartbeat"), content=body, headers=req.headers)
+        assert c.send(other).status_code == 401
+        # a request signed three minutes ago (or in the future) is stale
+        for skew in (-180, 180):
+            old = httpx.Request("POST", url.replace("interfaces", "heartbeat"), json={},
+                                headers={"Authorization": f"Bearer {cred.token}"})
+            old.headers.update(signed_headers(cred.agent_id, key, old, now=time.time() + skew))
+            r = c.send(old)
+            assert r.status_code == 401 and "clock" in r.text
+    assert live.ok("GET", "/workloads/web-1")["body"]["interfaces"][0]["addresses"] == ["10.50.0.3"]
+
+
+def test_key_rotation_old_key_stops_working(live: Live, tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "s")
+    client, cred = enrol(live, state, "web-1", "10.50.0.1")
+    old_pem = state.key_path.read_bytes()
+    old_copy = tmp_path / "old.pem"
+    old_copy.write_bytes(old_pem)
+    result = CliRunner().invoke(main, ["agent", "rotate-key", "--state-dir", str(state.path)])
+    assert result.exit_code == 0, result.output
+    assert state.key_path.read_bytes() != old_pem and not state.next_key_path.exists()
+    client.heartbeat(Heartbeat(0, "", 0))  # the running client re-reads the rotated key file
+    with httpx.Client(base_url=live.url + "/api/v1", auth=AgentAuth(replace(cred, key_file=old_copy)),
+                      timeout=30) as c:
+        assert c.post(f"/agents/{cred.agent_id}/heartbeat", json={}).status_code == 401
+    assert [e["name"] for e in live.events("agent.key_rotate")] == [cred.agent_id]
+    # a proof not signed by the new key is refused, the key unchanged
+    with pytest.raises(ValidationError, match="422"):
+        client._request("POST", f"/agents/{cred.agent_id}/key",
+                        json={"public_key": "A" * 43, "proof": "A" * 86})
+    client.heartbeat(Heartbeat(0, "", 0))
+    client.close()
+
+
+def test_an_agent_enrolled_before_keys_binds_one_at_start(live: Live, tmp_path: Path) -> None:
+    """Upgrade path: a token-only credential works until the agent binds a key; then it no longer does."""
+    r = httpx.post(f"{live.url}/api/v1/agents/enroll", timeout=30,
+                   json={"activation_code": live.code(), "hostname": "old-1"})
+    assert r.status_code == 201 and r.json()["key_bound"] is False
+    out = r.json()
+    state = StateDir(tmp_path / "s")
+    cred = Credential(live.url, out["agent_id"], out["token"], out["workload"])
+    state.save_credential(cred)
+    assert raw(live, cred, "POST", "heartbeat", json={}).status_code == 200
+    be = MemoryBackend()
+    agent = Agent(AgentOptions(long_poll_seconds=0.5, watch_addresses=False), state, Enforcer(be),
+                  HttpControllerClient, host_reader=lambda: host("old-1", "10.50.0.40"))
+    agent.start()
+    try:
+        assert wait_until(lambda: be.installed is not None, 20.0)
+        assert state.key_path.exists() and live.ok("GET", f"/agents/{cred.agent_id}")["key_bound"]
+    finally:
+        agent.stop()
+    assert raw(live, cred, "POST", "heartbeat", json={}).status_code == 401
+    assert [e["name"] for e in live.events("agent.key_bind")] == [cred.agent_id]
+
+
+def test_the_agent_runtime_enrols_signs_and_converges(live: Live, tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "s")
+    be = MemoryBackend()
+    code = live.code()
+    agent = Agent(AgentOptions(controller=live.url, activation_code=code, long_poll_seconds=0.5,
+                               watch_addresses=False), state, Enforcer(be), HttpControllerClient,
+                  host_reader=lambda: host("web-9", "10.50.0.90"))
+    agent.start()
+    try:
+        assert wait_until(lambda: be.installed is not None and agent.credential is not None, 20.0)
+        assert agent.credential is not None
+        aid = agent.credential.agent_id
+        assert wait_until(lambda: live.ok("GET", f"/agents/{aid}")["converged"], 20.0)
+        assert live.ok("GET", f"/agents/{aid}")["key_bound"]
+    finally:
+        agent.stop()
+    assert state.load_activation_code() is None
+
+
+def test_two_hosts_speaking_for_one_agent_are_quarantined(live: Live, tmp_path: Path) -> None:
+    """The key file copied too (root on the host): both copies work, but their turns give them away."""
+    state = StateDir(tmp_path / "s")
+    _client, cred = enrol(live, state, "web-1", "10.50.0.1")
+    original = httpx.Client(base_url=live.url + "/api/v1", auth=AgentAuth(cred, instance="a" * 32), timeout=30)
+    clone = httpx.Client(base_url=live.url + "/api/v1", auth=AgentAuth(cred, instance="b" * 32), timeout=30)
+    beat = f"/agents/{cred.agent_id}/heartbeat"
+    assert original.post(beat, json={}).status_code == 200
+    assert clone.post(beat, json={}).status_code == 200  # a restart looks like this: not yet suspicious
+    assert not live.ok("GET", f"/agents/{cred.agent_id}")["quarantined"]
+    assert original.post(beat, json={}).status_code == 200  # the old process is back: two of them
+    agent = live.ok("GET", f"/agents/{cred.agent_id}")
+    assert agent["quarantined"] and "two agent processes" in agent["quarantine_reason"]
+    [event] = live.events("agent.quarantine")
+    assert event["name"] == cred.agent_id and event["after"]["instances"] == ["a" * 32, "b" * 32]
+    # the clone's report of a new address does not move the workload
+    r = clone.put(f"/agents/{cred.agent_id}/interfaces",
+                  json={"interfaces": [{"name": "eth0", "addresses": ["10.50.0.200"]}]})
+    assert r.status_code == 200 and r.json()["quarantined"]
+    assert live.ok("GET", "/workloads/web-1")["body"]["interfaces"][0]["addresses"] == ["10.50.0.1"]
+    original.close()
+    clone.close()
+
+
+def test_another_agents_addresses_quarantine_the_reporter_and_keep_the_owner(live: Live, tmp_path: Path) -> None:
+    c1, _cred1 = enrol(live, StateDir(tmp_path / "a"), "web-1", "10.50.0.1")
+    c2, cred2 = enrol(live, StateDir(tmp_path / "b"), "web-2", "10.50.0.2")
+    c2.report_host(host("web-2", "10.50.0.1"))
+    assert live.ok("GET", "/workloads/web-1")["body"]["interfaces"][0]["addresses"] == ["10.50.0.1"]
+    assert live.ok("GET", "/workloads/web-2")["body"]["interfaces"][0]["addresses"] == ["10.50.0.2"]
+    assert live.ok("GET", f"/agents/{cred2.agent_id}")["quarantined"]
+    [event] = live.events("agent.quarantine")
+    assert event["after"]["owners"] == ["web-1"]
+    c1.report_host(host("web-1", "10.50.0.1", "10.50.0.11"))  # the owner is unaffected
+    assert live.ok("GET", "/workloads/web-1")["body"]["interfaces"][0]["addresses"] == ["10.50.0.1", "10.50.0.11"]
+    live.ok("POST", f"/agents/{cred2.agent_id}/revoke", 204)
+    with pytest.raises(AuthError):
+        c2.heartbeat(Heartbeat(0, "", 0))
+    c1.close()
+    c2.close()
