@@ -72,11 +72,51 @@ def public_key_text(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     return b64encode(pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
 
+_P = 2**255 - 19
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+
+
+def _point(raw: bytes) -> tuple[int, int] | None:
+    """Decode an Edwards25519 point (RFC 8032, 5.1.3); None if not a canonical point on the curve."""
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    sign = raw[31] >> 7
+    if y >= _P:
+        return None
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P
+    if v * x * x % _P == (-u) % _P:
+        x = x * pow(2, (_P - 1) // 4, _P) % _P
+    if v * x * x % _P != u:
+        return None
+    if x == 0 and sign:
+        return None
+    return (_P - x if x % 2 != sign else x), y
+
+
+def _double(pt: tuple[int, int]) -> tuple[int, int]:
+    x, y = pt
+    t = _D * x * x * y * y % _P
+    return ((2 * x * y) * pow(1 + t, _P - 2, _P) % _P, (y * y + x * x) * pow(1 - t, _P - 2, _P) % _P)
+
+
+def is_weak_public_key(raw: bytes) -> bool:
+    """Not a point, or a point of small order (8P = identity): with such a key a signature can be
+    forged without the private key, so it is never accepted."""
+    pt = _point(raw)
+    if pt is None:
+        return True
+    for _ in range(3):
+        pt = _double(pt)
+    return pt == (0, 1)
+
+
 def parse_public_key(text: str) -> Ed25519PublicKey:
     """A public key from :func:`public_key_text`'s form; :class:`SignatureError` if it is not one."""
     raw = b64decode(text)
     if len(raw) != 32:
         raise SignatureError("an Ed25519 public key is 32 bytes")
+    if is_weak_public_key(raw):
+        raise SignatureError("not a usable Ed25519 public key (off the curve or of small order)")
     return Ed25519PublicKey.from_public_bytes(raw)
 
 

@@ -35,7 +35,7 @@ from stockade.agent.nflog import LoggedPacket
 from stockade.agent.signing import AgentAuth, signed_headers
 from stockade.agent.state import Credential, StateDir
 from stockade.agent.transport import Heartbeat
-from stockade.agent_signature import new_private_key, private_key_pem
+from stockade.agent_signature import b64encode, new_private_key, private_key_pem, public_key_text
 from stockade.cli import main
 from stockade.compiler.ir import Direction
 from stockade.controller.app import create_app
@@ -104,8 +104,6 @@ def host(name: str, *addresses: str) -> HostReport:
 
 def enrol(live: Live, state: StateDir, name: str, *addresses: str) -> tuple[HttpControllerClient, Credential]:
     """What the agent runtime does: make the key in the state dir, enrol with its public half."""
-    from stockade.agent_signature import public_key_text
-
     client = HttpControllerClient(live.url)
     e = client.enroll(live.code(), host(name, *addresses), public_key_text(state.load_or_create_key()))
     cred = Credential(live.url, e.agent_id, e.token, e.workload, state.key_path)
@@ -211,9 +209,27 @@ def test_key_rotation_old_key_stops_working(live: Live, tmp_path: Path) -> None:
         assert c.post(f"/agents/{cred.agent_id}/heartbeat", json={}).status_code == 401
     assert [e["name"] for e in live.events("agent.key_rotate")] == [cred.agent_id]
     # a proof not signed by the new key is refused, the key unchanged
-    with pytest.raises(ValidationError, match="422"):
-        client._request("POST", f"/agents/{cred.agent_id}/key",
-                        json={"public_key": "A" * 43, "proof": "A" * 86})
+    other = public_key_text(new_private_key())
+    with pytest.raises(ValidationError, match="proof"):
+        client._request("POST", f"/agents/{cred.agent_id}/key", json={"public_key": other, "proof": "A" * 86})
+    client.heartbeat(Heartbeat(0, "", 0))
+    client.close()
+
+
+# small-order points: with such a "key" a signature verifies for about one message in eight, no key needed
+WEAK_KEYS = ["A" * 43, b64encode(b"\x01" + bytes(31)),
+             b64encode(bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05")),
+             b64encode(b"\xec" + b"\xff" * 30 + b"\x7f")]
+
+
+@pytest.mark.parametrize("weak", WEAK_KEYS)
+def test_weak_keys_are_refused_at_enrolment_and_rotation(live: Live, tmp_path: Path, weak: str) -> None:
+    r = httpx.post(f"{live.url}/api/v1/agents/enroll", timeout=30,
+                   json={"activation_code": live.code(), "hostname": "weak-1", "public_key": weak})
+    assert r.status_code == 422 and r.json()["issues"][0]["field"] == "public_key", r.text
+    client, cred = enrol(live, StateDir(tmp_path / "s"), "web-1", "10.50.0.1")
+    with pytest.raises(ValidationError, match="small order"):
+        client._request("POST", f"/agents/{cred.agent_id}/key", json={"public_key": weak, "proof": "A" * 86})
     client.heartbeat(Heartbeat(0, "", 0))
     client.close()
 
