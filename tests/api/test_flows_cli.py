@@ -67,7 +67,7 @@ def test_flows_suggest_and_impact_commands(tmp_path: Path) -> None:
         assert impact.returncode == 3, impact.stdout + impact.stderr  # newly blocked flows: non-zero
         assert "2 newly blocked" in impact.stdout and "10.70.0.11 -> 10.70.0.21 8080/tcp" in impact.stdout
         refused = run("policy", "provision", "-m", "cut")
-        assert refused.returncode == 1 and "newly block 2" in refused.stderr
+        assert refused.returncode == 7 and "newly block 2" in refused.stderr  # 7: the controller refused it
 
         sugg = run("suggest", "--app", "shop", "--env", "prod")
         assert sugg.returncode == 0, sugg.stderr

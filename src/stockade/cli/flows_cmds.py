@@ -84,7 +84,7 @@ _FILTERS = ("src_labels", "dst_labels", "labels", "src_workload", "dst_workload"
 @click.option("--csv", "as_csv", is_flag=True, help="every matching flow as CSV on stdout")
 @client_options
 def flows(as_csv: bool, limit: int, since: str | None, until: str | None, verdict: tuple[str, ...],
-          controller_url: str, api_key: str, ca_cert: Path | None, **filters: Any) -> None:
+          controller_url: str | None, api_key: str | None, ca_cert: Path | None, **filters: Any) -> None:
     """Recorded flows (the Explorer), newest first."""
     params: dict[str, Any] = {k: v for k, v in filters.items() if k in _FILTERS and v is not None}
     params.update({k: v for k, v in (("since", when(since)), ("until", when(until))) if v})
@@ -137,7 +137,7 @@ def _selector(sel: dict[str, Any]) -> str:
 @client_options
 def suggest_cmd(app: str | None, env: str | None, labels: tuple[str, ...], keys: str, role_key: str, since: str,
                 until: str | None, include_allowed: bool, accept: bool, rules: tuple[str, ...],
-                controller_url: str, api_key: str, ca_cert: Path | None) -> None:
+                controller_url: str | None, api_key: str | None, ca_cert: Path | None) -> None:
     """Rules that would allow an app group's observed traffic (and, with --accept, create them)."""
     group = [f"{k}={v}" for k, v in (("app", app), ("env", env)) if v] + list(labels)
     if not group:
@@ -186,7 +186,7 @@ def suggest_cmd(app: str | None, env: str | None, labels: tuple[str, ...], keys:
 @click.option("--until")
 @click.option("--limit", type=click.IntRange(0, 10000), default=50, show_default=True)
 @client_options
-def policy_impact(since: str | None, until: str | None, limit: int, controller_url: str, api_key: str,
+def policy_impact(since: str | None, until: str | None, limit: int, controller_url: str | None, api_key: str | None,
                   ca_cert: Path | None) -> None:
     """Recorded connections whose verdict provisioning the draft would change (newly blocked first)."""
     params: dict[str, Any] = {"limit": limit}
