@@ -61,7 +61,7 @@ def b64encode(raw: bytes) -> str:
 
 def b64decode(text: str) -> bytes:
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError) as exc:
         raise SignatureError(f"not base64url: {exc}") from exc
 
