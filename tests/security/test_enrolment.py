@@ -13,9 +13,12 @@ import datetime as dt
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import update
 
-from stockade.controller.storage.db import ActivationCodeRow
+from stockade.controller.storage.db import MIGRATIONS_DIR, ActivationCodeRow, make_engine, migrate, session_factory
 from tests.api.conftest import Api, api, database_url, pg_cluster  # noqa: F401  (fixtures)
 
 DB_ADDR = "10.9.0.5"
@@ -233,3 +236,45 @@ def test_quarantine_holds_reports_until_an_admin_clears_it(api: Api) -> None:
     r = api.req("POST", f"/agents/{aid}/quarantine/clear")
     assert r.status_code == 409 and "db-prod-1" in r.text
     assert api.ok("GET", f"/agents/{aid}")["quarantined"]
+
+
+def test_migration_0008_on_an_existing_database(database_url: str) -> None:
+    """Codes issued before 0008 were unlimited: they keep working but expire a week after the upgrade;
+    agents enrolled before keep their token (no key yet); the downgrade drops the new columns."""
+    engine = make_engine(database_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0007_flows_port_verdict_index")
+        now = dt.datetime.now(dt.UTC)
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO pairing_profiles (name, labels, mode, uses, enabled, description, "
+                                 "revision, created_at) VALUES ('old', '{}', 'visibility', 3, true, '', 1, :t)"),
+                         {"t": now})
+            conn.execute(sa.text("INSERT INTO activation_codes (id, code_hash, profile, created_at, revoked) "
+                                 "VALUES ('c1', 'h', 'old', :t, false)"), {"t": now})
+            conn.execute(sa.text("INSERT INTO agents (id, workload, token_hash, profile, hostname, created_at, "
+                                 "applied_revision, agent_version) VALUES ('a1', 'w', 't', 'old', 'w', :t, 0, '')"),
+                         {"t": now})
+        migrate(engine)
+        with engine.connect() as conn:
+            code_row = conn.execute(sa.text("SELECT max_uses, uses, expires_at, workload FROM activation_codes")).one()
+            assert code_row[0] is None and code_row[1] == 0 and code_row[3] is None
+        with session_factory(engine)() as db:  # read as the app reads it (UTC on both databases)
+            expires = db.get(ActivationCodeRow, "c1").expires_at
+            assert expires is not None and dt.timedelta(days=6) < expires - now <= dt.timedelta(days=7, minutes=5)
+        with engine.connect() as conn:
+            prof = conn.execute(sa.text("SELECT code_max_uses, code_ttl_seconds FROM pairing_profiles")).one()
+            assert tuple(prof) == (1, 86400)
+            agent = conn.execute(sa.text("SELECT public_key, quarantined_at FROM agents")).one()
+            assert tuple(agent) == (None, None)
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0007_flows_port_verdict_index")
+        columns = {c["name"] for c in sa.inspect(engine).get_columns("agents")}
+        assert "public_key" not in columns and "quarantine_reason" not in columns
+        migrate(engine)
+    finally:
+        engine.dispose()
