@@ -77,7 +77,10 @@ def test_flows_suggest_and_impact_commands(tmp_path: Path) -> None:
         assert accepted.returncode == 0 and "accepted 1 rule(s)" in accepted.stdout, accepted.stdout + accepted.stderr
         after = run("policy", "impact")
         assert after.returncode == 0 and "0 newly blocked" in after.stdout and "1 newly allowed" in after.stdout
-        assert run("policy", "provision", "-m", "with suggestions").returncode == 0
+        widening = run("policy", "provision", "-m", "with suggestions")  # newly allows: confirm it (issue 14)
+        assert widening.returncode == 7 and "newly allow 1" in widening.stderr and "--proceed" in widening.stderr
+        assert "?proceed" not in widening.stderr
+        assert run("policy", "provision", "-m", "with suggestions", "--proceed").returncode == 0
         assert run("suggest").returncode == 2  # no group named
     finally:
         live.stop()

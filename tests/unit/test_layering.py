@@ -23,9 +23,10 @@ ALLOWED: dict[str, set[str]] = {
     "visibility": {"errors", "model", "compiler", "evaluator"},
     "lab": {"errors", "model", "compiler", "evaluator", "backends", "policyfile", "paths"},
     "agent_signature": {"errors"},  # the agent request signature, shared by agent and controller
-    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "agent_signature"},
-    "controller": {"errors", "model", "compiler", "evaluator", "policyfile", "visibility", "backends", "web",
+    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs", "agent_signature"},
+    "controller": {"errors", "model", "compiler", "evaluator", "policyfile", "visibility", "backends", "web", "logs",
                    "agent_signature"},
+    "logs": set(),
 }
 
 

@@ -28,21 +28,33 @@ import httpx
 
 from stockade.cli import main
 from stockade.cli.config import read_login
-from stockade.cli.errors import EXIT_FINDING, EXIT_USAGE, CliError, fail_response
+from stockade.cli.errors import EXIT_FINDING, EXIT_REFUSED, EXIT_USAGE, CliError, fail_response
 from stockade.errors import ValidationError
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", str(Path.home() / ".local" / "share"))) / "stockade"
 
 
-def _syslog_target(value: str | None, fmt: str) -> Any:
+def _syslog_target(value: str | None, fmt: str, ca_file: Path | None) -> Any:
+    """``HOST:PORT`` (UDP) or ``udp://``, ``tcp://``, ``tls://HOST:PORT``."""
     if not value:
         return None
-    from stockade.controller.services.events import SyslogFormat, SyslogTarget
+    from stockade.controller.services.events import SyslogFormat, SyslogTarget, SyslogTransport
 
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise click.BadParameter("expected HOST:PORT", param_hint="--syslog")
-    return SyslogTarget(host.strip("[]"), int(port), SyslogFormat(fmt))
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        scheme, rest = "udp", value
+    try:
+        transport = SyslogTransport(scheme.lower())
+    except ValueError:
+        raise click.BadParameter(f"unknown transport {scheme!r}: use udp://, tcp:// or tls://",
+                                 param_hint="--syslog") from None
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter("expected [udp|tcp|tls://]HOST:PORT", param_hint="--syslog")
+    if ca_file is not None and transport is not SyslogTransport.TLS:
+        raise click.BadParameter("--syslog-ca only applies to tls://", param_hint="--syslog-ca")
+    return SyslogTarget(host.strip("[]"), int(port), SyslogFormat(fmt), transport,
+                        str(ca_file) if ca_file else None)
 
 
 @main.command("controller")
@@ -55,8 +67,15 @@ def _syslog_target(value: str | None, fmt: str) -> Any:
 @click.option("--offline-after", type=float, default=90.0, show_default=True, help="seconds without heartbeat")
 @click.option("--offline-grace", type=float, default=None,
               help="seconds after going offline before a workload leaves peers' sets (default: never)")
-@click.option("--syslog", default=None, help="forward audit events to HOST:PORT over UDP")
+@click.option("--syslog", default=None,
+              help="forward audit events (RFC 5424) to HOST:PORT over UDP, or udp://, tcp://, tls://HOST:PORT")
 @click.option("--syslog-format", type=click.Choice(["json", "cef"]), default="json", show_default=True)
+@click.option("--syslog-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CA of a tls:// syslog receiver (default: the system's)")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+@click.option("--log-format", type=click.Choice(["text", "json", "logfmt"]), default="text", show_default=True,
+              help="controller log lines (stderr), access log included, each with its request id")
 def controller(
     data_dir: Path,
     database_url: str | None,
@@ -68,9 +87,16 @@ def controller(
     offline_grace: float | None,
     syslog: str | None,
     syslog_format: str,
+    syslog_ca: Path | None,
+    log_level: str,
+    log_format: str,
 ) -> None:
     """Run the Stockade controller (REST API, policy distribution)."""
     import uvicorn
+
+    from stockade.logs import configure_logging
+
+    configure_logging(log_level, log_format)
 
     from stockade.controller.app import create_app
     from stockade.controller.context import ControllerSettings
@@ -83,7 +109,7 @@ def controller(
         offline_after=offline_after,
         offline_grace=offline_grace,
         secure_cookies=not insecure_http,
-        syslog=_syslog_target(syslog, syslog_format),
+        syslog=_syslog_target(syslog, syslog_format, syslog_ca),
     )
     app = create_app(settings)
     ctl = app.state.controller
@@ -104,8 +130,58 @@ def controller(
     click.echo(f"OpenAPI:  {base}/api/v1/openapi.json   docs: {base}/api/v1/docs")
     click.echo(f"Metrics:  {base}/metrics")
     sys.stdout.flush()
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=75,
+    uvicorn.run(app, host=host, port=port, log_config=None, log_level=log_level, timeout_keep_alive=75,
                 backlog=4096, **ssl)
+
+
+CONTROLLER_UNIT = """[Unit]
+Description=Stockade controller (REST API, console, policy distribution)
+Wants=network-online.target
+After=network-online.target{after}
+
+[Service]
+Type=exec
+ExecStart={python} -m stockade.cli controller --data-dir /var/lib/stockade --host {host} --port {port} \\
+    --log-format json{extra}
+Restart=on-failure
+RestartSec=2
+User=stockade
+Group=stockade
+StateDirectory=stockade
+StateDirectoryMode=0700
+UMask=0077
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+CapabilityBoundingSet={caps}
+AmbientCapabilities={caps}
+LimitNOFILE=65536
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@main.command("controller-unit")
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", type=int, default=8443, show_default=True)
+@click.option("--database-url", default=None, help="PostgreSQL URL (default: SQLite in /var/lib/stockade)")
+def controller_unit(host: str, port: int, database_url: str | None) -> None:
+    """Print a hardened systemd unit for the controller (runs as user `stockade`; create it first:
+    `useradd --system stockade`), e.g. `stockade controller-unit > /etc/systemd/system/stockade-controller.service`."""
+    if database_url is not None and ("\n" in database_url or "'" in database_url):
+        raise click.BadParameter("no newlines or quotes", param_hint="--database-url")
+    caps = "CAP_NET_BIND_SERVICE" if port < 1024 else ""
+    extra = f" \\\n    --database-url '{database_url}'" if database_url else ""
+    after = " postgresql.service" if database_url and database_url.startswith("postgresql") else ""
+    click.echo(CONTROLLER_UNIT.format(python=sys.executable, host=host, port=port, extra=extra, caps=caps,
+                                      after=after), nl=False)
 
 
 # ---- policy as code against a running controller ---------------------------------------------
@@ -292,13 +368,17 @@ def policy_export(out_dir: Path, version: str, force: bool, controller_url: str 
 
 @policy_group.command("provision")
 @click.option("-m", "--message", required=True)
-@click.option("--proceed", is_flag=True, help="provision even if recorded flows would be newly blocked")
+@click.option("--proceed", is_flag=True,
+              help="confirm: provision even if the draft newly blocks or newly allows recorded flows, or widens a rule")
 @client_options
 def policy_provision(message: str, proceed: bool, controller_url: str | None, api_key: str | None,
                      ca_cert: Path | None) -> None:
     """Freeze the controller's draft as a new policy version."""
     with _client(controller_url, api_key, ca_cert) as client:
         r = client.post("/policy/provision", json={"message": message}, params={"proceed": str(proceed).lower()})
+    if r.status_code == 409 and r.json().get("error") == "ImpactRefusedError":  # issue 14: say which flag
+        raise CliError(r.json()["message"], EXIT_REFUSED,
+                       "review it with `stockade policy impact`, then run again with --proceed to provision anyway")
     if r.status_code != 201:
         _fail(r)
     v = r.json()

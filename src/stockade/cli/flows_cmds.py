@@ -24,6 +24,7 @@ import click
 
 from stockade.cli import main
 from stockade.cli.controller_cmds import _client, _fail, client_options, policy_group
+from stockade.model.rule_ids import rule_title
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -106,7 +107,7 @@ def flows(as_csv: bool, limit: int, since: str | None, until: str | None, verdic
     rows = [["LAST SEEN", "SOURCE", "DESTINATION", "SERVICE", "SIDE", "VERDICT", "RULE", "COUNT"]]
     for f in page["items"]:
         rows.append([f["last_seen"][:19].replace("T", " "), _end(f["src"]), _end(f["dst"]), f["service"],
-                     f["side"], f["verdict"], f["rule_id"], str(f["count"])])
+                     f["side"], f["verdict"], rule_title(f["rule_id"]), str(f["count"])])
     click.echo(_table(rows) if len(rows) > 1 else "no flows")
     if page.get("next_cursor"):
         click.echo("(more: raise --limit or use --csv for all)")
@@ -153,12 +154,13 @@ def suggest_cmd(app: str | None, env: str | None, labels: tuple[str, ...], keys:
         s = r.json()
         click.echo(f"{s['group']}: {s['considered']} connection(s) observed, {s['already_allowed']} already "
                    f"allowed by the draft; {len(s['rules'])} rule(s) for ruleset {s['ruleset']}")
-        for rule in s["rules"]:
+        for n, rule in enumerate(s["rules"], start=1):  # numbered from 1, as the accepted ruleset's rules
             cons = " | ".join(_selector(x) for x in rule["consumers"])
             provs = " | ".join(_selector(x) for x in rule["providers"])
             scope = " (extra-scope)" if rule["consumers_scope"] == "global" else ""
-            click.echo(f"  [{rule['id']}] {cons} -> {provs} on {rule['service']} ({', '.join(rule['ports'])})"
-                       f"{scope}: {rule['connections']} connection(s), seen {rule['count']}x")
+            click.echo(f"  rule {n} [id {rule['id']}] {cons} -> {provs} on {rule['service']} "
+                       f"({', '.join(rule['ports'])}){scope}: {rule['connections']} connection(s), "
+                       f"seen {rule['count']}x")
         for svc in s["new_services"]:
             click.echo(f"  new service {svc['name']}: {', '.join(svc['ports'])}")
         for ipl in s["new_ip_lists"]:
@@ -200,8 +202,11 @@ def policy_impact(since: str | None, until: str | None, limit: int, controller_u
                f"{imp['newly_potentially_blocked']} newly potentially blocked, {imp['newly_allowed']} newly allowed, "
                f"{imp['no_longer_blocked']} no longer blocked")
     for i in imp["items"]:
-        rules = "; ".join(i["after_rules"]) or "-"
-        click.echo(f"  {i['change']}: {i['src']} -> {i['dst']} {i['service']} (seen {i['count']}x): "
-                   f"{i['before']} -> {i['after']} [{rules}]")
+        click.echo(f"  {i['change']}: {i['src']} -> {i['dst']} {i['service']} (seen {i['count']}x, was {i['before']}): "
+                   f"{i['sentence']}")
+    for w in imp.get("widened", []):
+        click.echo(f"  widened: {w['sentence']}")
+    if imp.get("confirm"):
+        click.echo("provisioning this draft needs --proceed: " + "; ".join(imp["confirm"]))
     if imp["newly_blocked"]:
         sys.exit(3)
