@@ -300,6 +300,29 @@ def test_two_hosts_speaking_for_one_agent_are_quarantined(live: Live, tmp_path: 
     clone.close()
 
 
+def test_a_restarted_agent_changing_addresses_waits_out_its_probation(live: Live, tmp_path: Path) -> None:
+    live.ctl.agent_keys.probation = 2.0
+    _client, cred = enrol(live, StateDir(tmp_path / "s"), "web-1", "10.50.0.1")
+    first = httpx.Client(base_url=live.url + "/api/v1", auth=AgentAuth(cred, instance="a" * 32), timeout=30)
+    assert first.post(f"/agents/{cred.agent_id}/heartbeat", json={}).status_code == 200
+    first.close()  # the agent restarts: a new process instance, with a new address
+    restarted = httpx.Client(base_url=live.url + "/api/v1", auth=AgentAuth(cred, instance="b" * 32), timeout=30)
+    moved = {"interfaces": [{"name": "eth0", "addresses": ["10.50.0.5"]}]}
+    r = restarted.put(f"/agents/{cred.agent_id}/interfaces", json=moved)
+    assert r.status_code == 200 and r.json()["held"] and not r.json()["quarantined"]
+    assert live.ok("GET", "/workloads/web-1")["body"]["interfaces"][0]["addresses"] == ["10.50.0.1"]
+    time.sleep(2.2)
+    assert restarted.post(f"/agents/{cred.agent_id}/heartbeat", json={}).status_code == 200  # alone long enough
+    assert live.ok("GET", "/workloads/web-1")["body"]["interfaces"][0]["addresses"] == ["10.50.0.5"]
+    assert live.events("agent.report_released") and not live.ok("GET", f"/agents/{cred.agent_id}")["quarantined"]
+    # an unchanged report from a new process is applied at once (the usual restart)
+    again = httpx.Client(base_url=live.url + "/api/v1", auth=AgentAuth(cred, instance="c" * 32), timeout=30)
+    r = again.put(f"/agents/{cred.agent_id}/interfaces", json=moved)
+    assert r.status_code == 200 and not r.json()["held"]
+    restarted.close()
+    again.close()
+
+
 def test_another_agents_addresses_quarantine_the_reporter_and_keep_the_owner(live: Live, tmp_path: Path) -> None:
     c1, _cred1 = enrol(live, StateDir(tmp_path / "a"), "web-1", "10.50.0.1")
     c2, cred2 = enrol(live, StateDir(tmp_path / "b"), "web-2", "10.50.0.2")
@@ -316,3 +339,67 @@ def test_another_agents_addresses_quarantine_the_reporter_and_keep_the_owner(liv
         c2.heartbeat(Heartbeat(0, "", 0))
     c1.close()
     c2.close()
+
+
+@pytest.mark.kernel
+def test_a_copied_state_dir_on_another_host_is_caught(tmp_path: Path) -> None:
+    """Real agents in lab namespaces: the whole state dir (token and key) of web-prod-1 copied to a
+    second host. Both agents work, but their turns give them away within a long-poll: the agent is
+    quarantined. The copy's report of its own addresses never moves the workload (held while the
+    new process was on probation), nor does any later report of either copy."""
+    import os
+    import shutil
+
+    from stockade.lab import HostSpec, Lab
+    from stockade.policyfile import load_policy
+    from tests.e2e.harness import ESTATE, AgentProcess, Api, ControllerLink, ControllerProcess
+    from tests.e2e.harness import wait_for as wait_e2e
+
+    if os.geteuid() != 0 or shutil.which("nft") is None:
+        pytest.skip("needs root and nftables (kernel layer)")
+    estate = load_policy(ESTATE).workload_map()
+    thief = ("thief", (ipaddress.ip_address("10.70.0.150"), ipaddress.ip_address("fd70::150")))
+    hosts = [HostSpec("web-prod-1", estate["web-prod-1"].addresses, (8080,)), HostSpec(*thief, (8080,))]
+    with Lab(hosts) as lab:
+        link = ControllerLink(lab)
+        controller = ControllerProcess(tmp_path / "controller", "10.70.0.1", 8443, tmp_path / "controller.log")
+        agents: list[AgentProcess] = []
+        try:
+            controller.start()
+            api = Api(controller.url, controller.first_run["user"], controller.first_run["password"],
+                      controller.ca_cert)
+            api.import_estate()
+            real = AgentProcess("web-prod-1", lab.netns("web-prod-1"), tmp_path / "state" / "real", controller.url,
+                                api.adoption_code("lab", "web-prod-1"), tmp_path / "real.log",
+                                ca_cert=controller.ca_cert, extra=("--long-poll", "3"))
+            agents.append(real)
+            real.start()
+            assert wait_e2e(lambda: api.converged(["web-prod-1"]), 60.0, 0.1) is not None, real.log_tail()
+            [agent] = api.ok("GET", "/agents")
+            assert agent["key_bound"] and not agent["quarantined"]
+            shutil.copytree(tmp_path / "state" / "real", tmp_path / "state" / "copy")
+            copy = AgentProcess("web-prod-1", lab.netns("thief"), tmp_path / "state" / "copy", controller.url,
+                                "unused", tmp_path / "copy.log", ca_cert=controller.ca_cert,
+                                extra=("--long-poll", "3"))
+            agents.append(copy)
+            copy.start()
+            took = wait_e2e(lambda: api.ok("GET", f"/agents/{agent['id']}")["quarantined"], 60.0, 0.2)
+            assert took is not None, copy.log_tail() + real.log_tail()
+            print(f"\ncopied credential caught {took:.1f}s after the copy started")
+            got = api.ok("GET", f"/agents/{agent['id']}")
+            assert "two agent processes" in got["quarantine_reason"]
+            [event] = api.events(action="agent.quarantine")
+            assert len(event["after"]["instances"]) == 2
+            frozen = api.workload("web-prod-1")["interfaces"]
+            # the copy's report (the thief's addresses) waited out its probation and was never applied
+            assert frozen == [{"name": "eth0", "addresses": [str(a) for a in estate["web-prod-1"].addresses]}]
+            assert api.events(action="agent.report_held") and not api.events(action="agent.report_released")
+            lab.run_in("thief", ["ip", "addr", "add", "10.70.0.151/32", "dev", "eth0"])
+            lab.run_in("web-prod-1", ["ip", "addr", "add", "10.70.0.19/32", "dev", "eth0"])
+            time.sleep(5)  # both agents report the new address (netlink watch): neither is applied
+            assert api.workload("web-prod-1")["interfaces"] == frozen
+        finally:
+            for a in agents:
+                a.stop()
+            controller.kill()
+            link.remove()

@@ -93,3 +93,21 @@ def test_a_restart_is_not_a_clone_but_taking_turns_is() -> None:
     assert ring._remember("x", f"{10:032x}", "c" * 32, t) is None  # reported once
     ring.clear_clone("x")
     assert ring._remember("x", f"{11:032x}", "d" * 32, t) is None
+
+
+def test_probation_of_a_new_process() -> None:
+    now = [1000.0]
+    ring = AgentKeyRing(None, probation=45, clock=lambda: now[0])  # type: ignore[arg-type]
+    ring._remember("x", "1" * 32, "a" * 32, now[0])
+    assert not ring.on_probation("x", "a" * 32)  # the first process of an agent: no one to compare with
+    now[0] += 10
+    ring._remember("x", "2" * 32, "b" * 32, now[0])  # took over 10 s after a was heard
+    assert ring.on_probation("x", "b" * 32) and not ring.on_probation("x", "a" * 32)
+    ring.hold("x", "b" * 32)
+    assert not ring._release_due("x", "b" * 32, now[0] + 44)
+    assert ring._release_due("x", "b" * 32, now[0] + 46) and not ring._release_due("x", "b" * 32, now[0] + 47)
+    now[0] += 100
+    assert not ring.on_probation("x", "b" * 32)
+    now[0] += 100
+    ring._remember("x", "3" * 32, "c" * 32, now[0])  # after a long silence (agent down): no probation
+    assert not ring.on_probation("x", "c" * 32)

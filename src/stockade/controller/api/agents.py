@@ -27,7 +27,8 @@ Agent side, the protocol :mod:`stockade.agent.http_client` implements::
          and, for an agent enrolled with a public key, the signature headers of
          :mod:`stockade.agent_signature` (401 without them, when stale, replayed or wrong)
     PUT  /api/v1/agents/{id}/interfaces  {interfaces: [{name, addresses}]}
-         updates the workload's addresses (held back while quarantined) -> {revision, quarantined}
+         updates the workload's addresses -> {revision, held, quarantined}; held back while
+         quarantined, and for a new agent process's first address change until its probation ends
     POST /api/v1/agents/{id}/heartbeat   {}  -> {revision}  (the desired revision)
     GET  /api/v1/agents/{id}/policy/wait?after=REV&timeout=S[&include_policy=true][&applied=A]
          long-poll: answers as soon as the host's revision exceeds REV, or at the timeout,
@@ -60,6 +61,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from stockade.agent_signature import INSTANCE_HEADER
 from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut, InterfaceBody, Text
 from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services import enrolment
@@ -153,6 +155,7 @@ class InterfacesIn(Strict):
 
 class ReportOut(BaseModel):
     revision: int
+    held: bool = Field(False, description="a new agent process's address change, applied after its probation")
     quarantined: bool = False
 
 
@@ -327,9 +330,15 @@ def report_interfaces(request: Request, agent_id: str, body: InterfacesIn,
                       principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> ReportOut:
     name = _self(principal, agent_id)
     ctl = controller_of(request)
-    applied = enrolment.report_interfaces(ctl.dist, agent_id, name,
-                                          [i.model_dump(mode="json") for i in body.interfaces], principal.actor)
-    return ReportOut(revision=ctl.dist.revisions.get(name, 0), quarantined=not applied)
+    instance = request.headers.get(INSTANCE_HEADER, "")
+    on_probation = ctl.agent_keys.on_probation(agent_id, instance)
+    outcome = enrolment.report_interfaces(ctl.dist, agent_id, name,
+                                          [i.model_dump(mode="json") for i in body.interfaces], principal.actor,
+                                          hold_changes=on_probation)
+    if outcome is enrolment.ReportOutcome.HELD:
+        ctl.agent_keys.hold(agent_id, instance)
+    return ReportOut(revision=ctl.dist.revisions.get(name, 0), held=outcome is enrolment.ReportOutcome.HELD,
+                     quarantined=outcome is enrolment.ReportOutcome.QUARANTINED)
 
 
 @router.post("/agents/{agent_id}/heartbeat", tags=["Agent protocol"], responses=ERRORS, operation_id="heartbeat")

@@ -11,6 +11,12 @@ the hot path (a long-poll per agent) costs one Ed25519 verification and no datab
 * the process instance each agent last spoke from. An instance that comes back after a newer one
   took over means two processes are using one credential (a cloned host): the ring reports it
   once through ``on_clone`` and the enrolment service quarantines the agent.
+* probation: a new instance that took over from one heard less than ``probation`` seconds
+  before (a restart, or a copy starting while the original runs: they look alike at first) has
+  its address changes held (:meth:`on_probation`) until it has spoken alone for ``probation``
+  seconds; then ``on_release`` applies them. A copy is caught before that (the original speaks
+  again within its long-poll) and its report never moves the workload's addresses. The default
+  (45 s) exceeds the agent's longest quiet time (20 s long-poll, 15 s heartbeat).
 
 Agents enrolled before keys existed (``public_key`` NULL) still authenticate with their token
 alone until they bind a key (the agent does so at its first start after the upgrade).
@@ -39,12 +45,18 @@ MAX_NONCES_PER_AGENT = 20_000  # far above any real agent's request rate over th
 RETIRED_INSTANCES = 32
 
 
+PROBATION_SECONDS = 45.0
+
+
 @dataclass
 class _AgentSeen:
     nonces: OrderedDict[str, float] = field(default_factory=OrderedDict)  # nonce -> forget after
     instance: str = ""
     retired: deque[str] = field(default_factory=lambda: deque(maxlen=RETIRED_INSTANCES))
     clone_reported: bool = False
+    last_at: float = 0.0  # last verified request
+    took_over_at: float = 0.0  # when ``instance`` replaced the previous one
+    gap: float | None = None  # seconds between the previous instance's last request and the take-over
 
 
 def request_target(request: Request) -> str:
@@ -59,11 +71,14 @@ class AgentKeyRing:
     """Public keys, replay cache and instance tracking of the enrolled agents."""
 
     def __init__(self, sessions: sessionmaker[Session], *, freshness: float = sig.FRESHNESS_SECONDS,
-                 clock: Callable[[], float] = time.time) -> None:
+                 probation: float = PROBATION_SECONDS, clock: Callable[[], float] = time.time) -> None:
         self.sessions = sessions
         self.freshness = freshness
+        self.probation = probation
         self.clock = clock
         self.on_clone: Callable[[str, str, str], None] | None = None  # (agent id, old, new instance)
+        self.on_release: Callable[[str], None] | None = None  # (agent id): apply its held report
+        self._held: dict[str, str] = {}  # agent id -> instance whose report waits for its probation
         self._keys: dict[str, Ed25519PublicKey | None] = {}
         self._seen: dict[str, _AgentSeen] = {}
         self._lock = threading.Lock()
@@ -78,6 +93,7 @@ class AgentKeyRing:
         with self._lock:
             self._keys.pop(agent_id, None)
             self._seen.pop(agent_id, None)
+            self._held.pop(agent_id, None)
 
     def _load(self, agent_id: str) -> Ed25519PublicKey | None:
         with self.sessions() as db:
@@ -117,6 +133,32 @@ class AgentKeyRing:
         clone = self._remember(agent_id, fields.nonce, fields.instance, now)
         if clone is not None and self.on_clone is not None:
             await run_in_threadpool(self.on_clone, agent_id, clone, fields.instance)
+        elif self._release_due(agent_id, fields.instance, now) and self.on_release is not None:
+            await run_in_threadpool(self.on_release, agent_id)
+
+    # ---- probation ---------------------------------------------------------------------
+    def on_probation(self, agent_id: str, instance: str) -> bool:
+        """True while ``instance`` has not yet spoken alone for ``probation`` seconds after taking
+        over from an instance heard shortly before (its address changes are then held)."""
+        now = self.clock()
+        with self._lock:
+            seen = self._seen.get(agent_id)
+            return (seen is not None and instance == seen.instance and seen.gap is not None
+                    and seen.gap < self.probation and now < seen.took_over_at + self.probation)
+
+    def hold(self, agent_id: str, instance: str) -> None:
+        with self._lock:
+            self._held[agent_id] = instance
+
+    def _release_due(self, agent_id: str, instance: str, now: float) -> bool:
+        with self._lock:
+            if self._held.get(agent_id) != instance:
+                return False
+            seen = self._seen.get(agent_id)
+            if seen is None or seen.instance != instance or now < seen.took_over_at + self.probation:
+                return False
+            del self._held[agent_id]
+            return True
 
     def _remember(self, agent_id: str, nonce: str, instance: str, now: float) -> str | None:
         """Record a verified request; :class:`NotAuthenticatedError` for a replay. Returns the
@@ -133,9 +175,12 @@ class AgentKeyRing:
             if len(seen.nonces) >= MAX_NONCES_PER_AGENT:
                 raise NotAuthenticatedError("too many requests in the freshness window")
             seen.nonces[nonce] = now + 2 * self.freshness
+            last, seen.last_at = seen.last_at, now
             if instance == seen.instance:
                 return None
             previous, seen.instance = seen.instance, instance
+            seen.took_over_at, seen.gap = now, (now - last if previous else None)
+            self._held.pop(agent_id, None)  # a held report belongs to the instance that sent it
             comeback = instance in seen.retired
             if previous:
                 seen.retired.append(previous)

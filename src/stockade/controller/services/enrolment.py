@@ -18,7 +18,8 @@ The rules (issue 12, items 2 and 9), all enforced here and nowhere else:
 * **Quarantine** (also raised when two processes use one agent credential, see
   :mod:`agent_keys`): the agent keeps its credential and policy, but its interface reports no
   longer change the inventory; an admin clears it (``agent.quarantine_clear``), which applies the
-  last held-back report.
+  last held-back report. A new agent process's address changes wait out a probation
+  (``agent.report_held`` / ``agent.report_released``) so a copy is caught before it moves them.
 * **Keys.** An agent sends an Ed25519 public key at enrolment; from then on every request must
   be signed with it. ``rotate_key`` replaces it (the request is signed with the old key, the new
   key signs a proof). An agent enrolled before keys existed binds its first key with its token.
@@ -33,6 +34,7 @@ import datetime as dt
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from sqlalchemy import select, update
@@ -357,32 +359,62 @@ def enrol(dist: PolicyDistributor, keys: AgentKeyRing, req: EnrolRequest) -> Enr
 # ---- the agent's own reports ---------------------------------------------------------------
 
 
-def report_interfaces(dist: PolicyDistributor, agent_id: str, workload: str,
-                      interfaces: Sequence[Mapping[str, Any]], actor: str) -> bool:
-    """Apply an agent's interface report; returns False when it was held back (quarantine)."""
-    kind = KIND_BY_NAME["workload"]
+class ReportOutcome(Enum):
+    APPLIED = "applied"
+    HELD = "held"  # a new agent process on probation changed addresses: applied when it ends
+    QUARANTINED = "quarantined"
 
-    def run(db: Session, txn: CompilerTxn) -> bool:
+
+def report_interfaces(dist: PolicyDistributor, agent_id: str, workload: str,
+                      interfaces: Sequence[Mapping[str, Any]], actor: str, *,
+                      hold_changes: bool = False) -> ReportOutcome:
+    """Apply an agent's interface report, or hold it back (quarantine, or ``hold_changes``: the
+    sending process is on probation and the report would change the workload's addresses)."""
+    kind = KIND_BY_NAME["workload"]
+    reported = [dict(i) for i in interfaces]
+
+    def run(db: Session, txn: CompilerTxn) -> ReportOutcome:
         row = db.get(AgentRow, agent_id)
         if row is None:
             raise NotFoundError(f"no agent {agent_id!r}")
         if row.quarantined_at is not None:
-            row.held_interfaces = [dict(i) for i in interfaces]
-            return False
+            row.held_interfaces = reported
+            return ReportOutcome.QUARANTINED
         taken = _owned_elsewhere(db, workload, interfaces)
         if taken:
-            row.held_interfaces = [dict(i) for i in interfaces]
+            row.held_interfaces = reported
             _quarantine(db, row, "reported addresses that belong to another workload",
                         {"addresses": sorted(taken), "owners": sorted(set(taken.values()))}, actor)
-            return False
+            return ReportOutcome.QUARANTINED
         current = store.get_object(db, "workload", workload)
-        data = {**current.body, "interfaces": [dict(i) for i in interfaces]}
+        if hold_changes and _addresses(current.body.get("interfaces", [])) != _addresses(reported):
+            row.held_interfaces = reported
+            record_event(db, actor, "agent.report_held", "agent", agent_id, None,
+                         {"workload": workload, "addresses": _addresses(reported),
+                          "reason": "a new agent process changed the addresses; applied once it has "
+                                    "spoken alone for the probation period"})
+            return ReportOutcome.HELD
+        row.held_interfaces = None
+        data = {**current.body, "interfaces": reported}
         _b, after = store.replace_object(db, "workload", workload, data, actor)
         if after.revision != current.revision:
             txn.upsert_workload(kind.to_domain(kind.parse(after.body)))
-        return True
+        return ReportOutcome.APPLIED
 
     return dist.transact(run)
+
+
+def release_held(dist: PolicyDistributor, agent_id: str) -> None:
+    """A new agent process's probation ended with no other process heard: apply its held report."""
+    with dist.sessions() as db:
+        row = db.get(AgentRow, agent_id)
+        if row is None or row.revoked_at is not None or row.quarantined_at is not None or row.held_interfaces is None:
+            return
+        workload, held = row.workload, list(row.held_interfaces)
+    if report_interfaces(dist, agent_id, workload, held, "controller") is ReportOutcome.APPLIED:
+        with dist.sessions.begin() as db:
+            record_event(db, "controller", "agent.report_released", "agent", agent_id, None,
+                         {"workload": workload, "addresses": _addresses(held)})
 
 
 def record_agent_events(db: Session, agent_id: str, workload: str, actor: str,
