@@ -163,6 +163,10 @@ def test_a_copied_token_without_the_key_gets_401_on_every_agent_route(
         r = c.request(method, f"/agents/{cred.agent_id}/{suffix}", json=body)
     assert r.status_code == 401 and "bad request signature" in r.json()["message"], r.text
     assert not live.ok("GET", f"/agents/{cred.agent_id}")["revoked"]
+    # the admin hears of it: the token is out (once a minute per agent, not per request)
+    [event] = live.events("agent.signature_refused")
+    assert event["name"] == cred.agent_id and event["after"]["client"] == "127.0.0.1"
+    assert event["after"]["workload"] == "web-1" and "signs its requests" in event["after"]["reason"]
 
 
 def test_a_captured_request_cannot_be_replayed_reused_or_altered(live: Live, tmp_path: Path) -> None:

@@ -132,8 +132,7 @@ def build_controller(settings: ControllerSettings) -> Controller:
     dist = PolicyDistributor(sessions)
     dist.load()
     agent_keys = AgentKeyRing(sessions)
-    agent_keys.on_clone = lambda agent_id, old, new: enrolment.quarantine_clone(dist, agent_id, old, new)
-    agent_keys.on_release = lambda agent_id: enrolment.release_held(dist, agent_id)
+    enrolment.attach(agent_keys, dist)  # clones quarantined, held reports released, refusals audited
     metrics = Metrics()
     metrics.watch(dist, settings.offline_after)
     metrics.watch_database(engine)

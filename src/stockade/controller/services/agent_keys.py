@@ -8,6 +8,8 @@ the hot path (a long-poll per agent) costs one Ed25519 verification and no datab
   rotation and revocation);
 * the nonces seen in the last ``2 x FRESHNESS_SECONDS`` per agent: a captured request replayed
   inside the freshness window is refused, one replayed later is refused as stale;
+* a refused signature with a valid token is reported through ``on_refused`` (an audit event, at
+  most once a minute per agent): the token was copied, or the host's clock is off;
 * the process instance each agent last spoke from. An instance that comes back after a newer one
   took over means two processes are using one credential (a cloned host): the ring reports it
   once through ``on_clone`` and the enrolment service quarantines the agent.
@@ -78,6 +80,8 @@ class AgentKeyRing:
         self.clock = clock
         self.on_clone: Callable[[str, str, str], None] | None = None  # (agent id, old, new instance)
         self.on_release: Callable[[str], None] | None = None  # (agent id): apply its held report
+        self.on_refused: Callable[[str, str, str], None] | None = None  # (agent id, reason, client address)
+        self._refusal_reported: dict[str, float] = {}  # agent id -> when last reported (once a minute)
         self._held: dict[str, str] = {}  # agent id -> instance whose report waits for its probation
         self._keys: dict[str, Ed25519PublicKey | None] = {}
         self._seen: dict[str, _AgentSeen] = {}
@@ -129,12 +133,24 @@ class AgentKeyRing:
             body = await request.body()
             sig.verify(key, fields, body, signature)
         except sig.SignatureError as exc:
+            # the right token without a valid signature: a copied token (or a broken clock) - tell the admin
+            if self._refusal_due(agent_id) and self.on_refused is not None:
+                client = request.client.host if request.client else "unknown"
+                await run_in_threadpool(self.on_refused, agent_id, str(exc), client)
             raise NotAuthenticatedError(str(exc)) from None
         clone = self._remember(agent_id, fields.nonce, fields.instance, now)
         if clone is not None and self.on_clone is not None:
             await run_in_threadpool(self.on_clone, agent_id, clone, fields.instance)
         elif self._release_due(agent_id, fields.instance, now) and self.on_release is not None:
             await run_in_threadpool(self.on_release, agent_id)
+
+    def _refusal_due(self, agent_id: str) -> bool:
+        now = self.clock()
+        with self._lock:
+            if now - self._refusal_reported.get(agent_id, -1e18) < 60:
+                return False
+            self._refusal_reported[agent_id] = now
+            return True
 
     # ---- probation ---------------------------------------------------------------------
     def on_probation(self, agent_id: str, instance: str) -> bool:

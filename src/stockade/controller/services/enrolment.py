@@ -423,6 +423,14 @@ def record_agent_events(db: Session, agent_id: str, workload: str, actor: str,
         record_event(db, actor, f"agent.{ev['kind']}", "agent", workload, None, {**ev, "agent_id": agent_id})
 
 
+def record_refused_signature(dist: PolicyDistributor, agent_id: str, reason: str, client: str) -> None:
+    """The agent's token came without a valid signature (``AgentKeyRing.on_refused``)."""
+    with dist.sessions.begin() as db:
+        row = db.get(AgentRow, agent_id)
+        record_event(db, "controller", "agent.signature_refused", "agent", agent_id, None,
+                     {"workload": row.workload if row else None, "reason": reason, "client": client})
+
+
 def quarantine_clone(dist: PolicyDistributor, agent_id: str, old_instance: str, new_instance: str) -> None:
     """Two processes speak with one credential (``AgentKeyRing.on_clone``): quarantine the agent."""
     with dist.sessions.begin() as db:
@@ -489,6 +497,13 @@ def end_agent(dist: PolicyDistributor, keys: AgentKeyRing, agent_id: str, actor:
             record_event(db, actor, action, "agent", agent_id, None, {"workload": row.workload})
     dist.agents.pop(agent_id, None)
     keys.forget(agent_id)
+
+
+def attach(keys: AgentKeyRing, dist: PolicyDistributor) -> None:
+    """Let the key ring's findings act: quarantine clones, release held reports, audit refusals."""
+    keys.on_clone = lambda agent_id, old, new: quarantine_clone(dist, agent_id, old, new)
+    keys.on_release = lambda agent_id: release_held(dist, agent_id)
+    keys.on_refused = lambda agent_id, reason, client: record_refused_signature(dist, agent_id, reason, client)
 
 
 # ---- operator views -----------------------------------------------------------------------
