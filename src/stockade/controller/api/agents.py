@@ -308,7 +308,7 @@ def revoke_code(request: Request, name: str, code_id: str,
 def enroll(request: Request, body: EnrollIn,
            principal: Annotated[Principal, Depends(require(Permission.PUBLIC))]) -> EnrollOut:
     ctl = controller_of(request)
-    ctl.enroll_limiter.hit(request.client.host if request.client else "unknown")
+    ctl.enroll_limiter.hit(ctl.client_host(request))
     req = enrolment.EnrolRequest(body.activation_code, body.hostname,
                                  tuple(i.model_dump(mode="json") for i in body.interfaces),
                                  body.agent_version, body.public_key)

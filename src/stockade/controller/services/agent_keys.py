@@ -117,7 +117,8 @@ class AgentKeyRing:
             return self._keys.get(agent_id) is not None
 
     # ---- the check ----------------------------------------------------------------------
-    async def check(self, request: Request, principal: Principal) -> None:
+    async def check(self, request: Request, principal: Principal,
+                    client_host: Callable[[Request], str] | None = None) -> None:
         """Refuse (401) an agent request that is not signed by the agent's key, stale or replayed."""
         agent_id = principal.agent_id
         key = await self.key_of(agent_id)
@@ -135,7 +136,7 @@ class AgentKeyRing:
         except sig.SignatureError as exc:
             # the right token without a valid signature: a copied token (or a broken clock) - tell the admin
             if self._refusal_due(agent_id) and self.on_refused is not None:
-                client = request.client.host if request.client else "unknown"
+                client = client_host(request) if client_host else request.client.host if request.client else "?"
                 await run_in_threadpool(self.on_refused, agent_id, str(exc), client)
             raise NotAuthenticatedError(str(exc)) from None
         clone = self._remember(agent_id, fields.nonce, fields.instance, now)
