@@ -44,7 +44,7 @@ from stockade.errors import AuthError, ValidationError
 from stockade.evaluator import Verdict
 from stockade.model import Proto
 from stockade.visibility import FlowKey
-from tests.api.conftest import database_url, make_settings, pg_cluster  # noqa: F401  (fixtures)
+from tests.api.conftest import make_settings
 
 
 @dataclass
@@ -76,7 +76,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def live(database_url: str) -> Iterator[Live]:  # noqa: F811
+def live(database_url: str) -> Iterator[Live]:
     app = create_app(make_settings(database_url))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -87,7 +87,7 @@ def live(database_url: str) -> Iterator[Live]:  # noqa: F811
     ctl: Controller = app.state.controller
     assert ctl.first_run_credential is not None
     user, password = ctl.first_run_credential
-    with httpx.Client(base_url=url + "/api/v1", timeout=30) as admin:
+    with httpx.Client(base_url=url + "/api/v1", timeout=30, headers={"Origin": url}) as admin:  # as a browser
         r = admin.post("/auth/login", json={"username": user, "password": password})
         assert r.status_code == 200, r.text
         key = admin.post("/api-keys", json={"name": "t", "role": "owner"}).json()["key"]

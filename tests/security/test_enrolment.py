@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the fixtures imported from tests.api.conftest are parameters here)
 """Enrolment abuse (issue 12 item 2): every way to enrol gives its documented result, on SQLite and PostgreSQL.
 
 The class: an activation code must never let its holder take over an identity an admin did not
@@ -19,7 +18,7 @@ from alembic.config import Config
 from sqlalchemy import update
 
 from stockade.controller.storage.db import MIGRATIONS_DIR, ActivationCodeRow, make_engine, migrate, session_factory
-from tests.api.conftest import Api, api, database_url, pg_cluster  # noqa: F401  (fixtures)
+from tests.api.conftest import Api
 
 DB_ADDR = "10.9.0.5"
 PROD = {"app": "shop", "env": "prod", "role": "db"}
