@@ -15,6 +15,7 @@ from typing import TypeVar
 import click
 
 from stockade.cli import main
+from stockade.codec.syntax import ICMP_TYPE_NAMES, BadValue, parse_service_entry
 from stockade.compiler import Compiler, HostPolicy, host_policy_to_json
 from stockade.errors import StockadeError, ValidationError
 from stockade.evaluator import Evaluation, Evaluator, SideDecision
@@ -44,20 +45,27 @@ def load(path: str | Path) -> Policy:
     return run_or_exit(lambda: load_policy(path))
 
 
-def parse_port(spec: str) -> tuple[Proto, int | None]:
-    """``443/tcp``, ``53/udp``, ``icmp`` (echo), ``icmp:8``, ``icmpv6:128``."""
+PORT_HELP = "expected PORT/tcp, PORT/udp, icmp[:TYPE] or icmpv6[:TYPE] (TYPE a number or a name: echo-request)"
+
+
+def parse_port(spec: str, version: int = 4) -> tuple[Proto, int | None]:
+    """One connection's protocol and port (or ICMP type) in the policy files' port syntax.
+
+    ``icmp`` alone means echo-request, and between IPv6 endpoints (``version`` 6) it is
+    ICMPv6 echo-request: the ping of that family. ``icmp:TYPE`` names the type (``icmp:8``,
+    ``icmpv6:echo-request``); ranges and bare protocols are not one connection.
+    """
     text = spec.strip().lower()
     if text in ("icmp", "icmpv6"):
-        return Proto(text), 8 if text == "icmp" else 128
-    if ":" in text:
-        proto, _, num = text.partition(":")
-        if proto in ("icmp", "icmpv6") and num.isdigit() and int(num) < 256:
-            return Proto(proto), int(num)
-    if "/" in text:
-        num, _, proto = text.partition("/")
-        if proto in ("tcp", "udp") and num.isdigit() and 0 < int(num) < 65536:
-            return Proto(proto), int(num)
-    raise click.BadParameter(f"{spec!r}: expected PORT/tcp, PORT/udp, icmp[:TYPE] or icmpv6[:TYPE]")
+        proto = Proto.ICMPV6 if text == "icmpv6" or version == 6 else Proto.ICMP
+        return proto, ICMP_TYPE_NAMES[proto]["echo-request"]
+    try:
+        entry = parse_service_entry(text)
+    except BadValue as exc:
+        raise click.BadParameter(f"{spec!r}: {exc}; {PORT_HELP}") from None
+    if entry.first is None or entry.first != entry.last:
+        raise click.BadParameter(f"{spec!r}: {PORT_HELP}")
+    return entry.proto, entry.first
 
 
 def resolve_endpoint(policy: Policy, text: str, version: int) -> IPAddress:
@@ -129,17 +137,19 @@ def compile_cmd(path: str, workload: str, fmt: str) -> None:
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--from", "src", required=True, help="Source workload name or IP address.")
 @click.option("--to", "dst", required=True, help="Destination workload name or IP address.")
-@click.option("--port", required=True, help="443/tcp, 53/udp, icmp, icmpv6:128 ...")
+@click.option("--port", required=True, help="443/tcp, 53/udp, icmp (echo: ICMPv6 with --ipv6), icmpv6:echo-request ...")
 @click.option("--ipv6", is_flag=True, help="Use the workloads' IPv6 addresses.")
 def explain(path: str, src: str, dst: str, port: str, ipv6: bool) -> None:
     """Say whether a connection is allowed, and which rule decides on each side."""
     policy = load(path)
-    proto, num = parse_port(port)
+    proto, _ = parse_port(port)  # syntax first
     version = 6 if ipv6 or proto is Proto.ICMPV6 else 4
     s = resolve_endpoint(policy, src, version)
-    d = resolve_endpoint(policy, dst, version)
-    ev = Evaluator(policy).evaluate(s, d, proto, num)
-    click.echo(f"{src} ({s}) -> {dst} ({d}) {port}")
+    d = resolve_endpoint(policy, dst, s.version)
+    proto, num = parse_port(port, s.version)
+    ev = run_or_exit(lambda: Evaluator(policy).evaluate(s, d, proto, num))
+    what = f" ({proto.value} type {num})" if proto.is_icmp else ""
+    click.echo(f"{src} ({s}) -> {dst} ({d}) {port}{what}")
     click.echo(describe(ev))
 
 

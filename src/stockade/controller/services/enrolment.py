@@ -44,7 +44,6 @@ from stockade import agent_signature as sig
 from stockade.controller.services import auth
 from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import ForbiddenError
-from stockade.controller.services.codec import KIND_BY_NAME
 from stockade.controller.services.distribution import AgentLive, CompilerTxn, PolicyDistributor
 from stockade.controller.services.events import record_event
 from stockade.controller.storage import store
@@ -305,7 +304,6 @@ def _quarantine(db: Session, row: AgentRow, reason: str, detail: Mapping[str, An
 
 def enrol(dist: PolicyDistributor, keys: AgentKeyRing, req: EnrolRequest) -> Enrolled:
     """Trade an activation code for an agent identity, by the rules in the module docstring."""
-    kind = KIND_BY_NAME["workload"]
     if req.public_key is not None:
         try:
             sig.parse_public_key(req.public_key)
@@ -332,7 +330,7 @@ def enrol(dist: PolicyDistributor, keys: AgentKeyRing, req: EnrolRequest) -> Enr
             obj = store.create_object(db, "workload", data, actor)
         else:
             _b, obj = store.replace_object(db, "workload", name, {**current.body, "interfaces": interfaces}, actor)
-        txn.upsert_workload(kind.to_domain(kind.parse(obj.body)))
+        txn.upsert_workload(obj.domain)
         agent_id = secrets.token_hex(8)
         secret = auth.new_secret()
         token_hash = auth.sha256(secret)
@@ -370,7 +368,6 @@ def report_interfaces(dist: PolicyDistributor, agent_id: str, workload: str,
                       hold_changes: bool = False) -> ReportOutcome:
     """Apply an agent's interface report, or hold it back (quarantine, or ``hold_changes``: the
     sending process is on probation and the report would change the workload's addresses)."""
-    kind = KIND_BY_NAME["workload"]
     reported = [dict(i) for i in interfaces]
 
     def run(db: Session, txn: CompilerTxn) -> ReportOutcome:
@@ -398,7 +395,7 @@ def report_interfaces(dist: PolicyDistributor, agent_id: str, workload: str,
         data = {**current.body, "interfaces": reported}
         _b, after = store.replace_object(db, "workload", workload, data, actor)
         if after.revision != current.revision:
-            txn.upsert_workload(kind.to_domain(kind.parse(after.body)))
+            txn.upsert_workload(after.domain)
         return ReportOutcome.APPLIED
 
     return dist.transact(run)
@@ -443,7 +440,6 @@ def quarantine_clone(dist: PolicyDistributor, agent_id: str, old_instance: str, 
 def clear_quarantine(dist: PolicyDistributor, keys: AgentKeyRing, agent_id: str, actor: str) -> None:
     """Admin: lift the quarantine and apply the last held-back interface report (409 if it still
     claims another workload's addresses; the quarantine then stays)."""
-    kind = KIND_BY_NAME["workload"]
 
     def run(db: Session, txn: CompilerTxn) -> None:
         row = get_agent(db, agent_id)
@@ -459,7 +455,7 @@ def clear_quarantine(dist: PolicyDistributor, keys: AgentKeyRing, agent_id: str,
             _b, after = store.replace_object(db, "workload", row.workload, {**current.body, "interfaces": held},
                                              actor)
             if after.revision != current.revision:
-                txn.upsert_workload(kind.to_domain(kind.parse(after.body)))
+                txn.upsert_workload(after.domain)
         record_event(db, actor, "agent.quarantine_clear", "agent", agent_id, None,
                      {"workload": row.workload, "reason": row.quarantine_reason,
                       "applied_held_report": held is not None})
