@@ -15,10 +15,12 @@ from typing import TypeVar
 import click
 
 from stockade.cli import main
+from stockade.cli.controller_cmds import _client, _fail, client_options
+from stockade.cli.errors import EXIT_FINDING
 from stockade.codec.syntax import ICMP_TYPE_NAMES, BadValue, parse_service_entry
 from stockade.compiler import Compiler, HostPolicy, host_policy_to_json
 from stockade.errors import StockadeError, ValidationError
-from stockade.evaluator import Evaluation, Evaluator, SideDecision
+from stockade.evaluator import Evaluation, Evaluator, SideDecision, Verdict
 from stockade.model import IPAddress, Policy, Proto
 from stockade.model.rule_ids import rule_title
 
@@ -133,15 +135,38 @@ def compile_cmd(path: str, workload: str, fmt: str) -> None:
     click.echo(host_policy_to_json(hp) if fmt == "json" else render_text(hp), nl=fmt == "text")
 
 
+def _remote_policy(version: str, controller_url: str | None, api_key: str | None, ca_cert: Path | None) -> Policy:
+    """The controller's policy (``draft``, ``active`` or a version number) with its inventory."""
+    from stockade.policyfile import load_documents
+
+    with _client(controller_url, api_key, ca_cert) as client:
+        r = client.get("/policy/draft", params={"version": version})
+    if r.status_code != 200:
+        _fail(r)
+    return run_or_exit(lambda: load_documents(r.text, f"controller:{version}"))
+
+
 @main.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path(exists=True), required=False)
 @click.option("--from", "src", required=True, help="Source workload name or IP address.")
 @click.option("--to", "dst", required=True, help="Destination workload name or IP address.")
 @click.option("--port", required=True, help="443/tcp, 53/udp, icmp (echo: ICMPv6 with --ipv6), icmpv6:echo-request ...")
 @click.option("--ipv6", is_flag=True, help="Use the workloads' IPv6 addresses.")
-def explain(path: str, src: str, dst: str, port: str, ipv6: bool) -> None:
-    """Say whether a connection is allowed, and which rule decides on each side."""
-    policy = load(path)
+@click.option("--remote", "remote", default=None, metavar="draft|active|N",
+              help="ask the controller's policy instead of PATH (the default without PATH: active)")
+@click.option("--exit-code", "exit_code", is_flag=True,
+              help="exit 0 when allowed, 1 when blocked or potentially blocked")
+@client_options
+def explain(path: str | None, src: str, dst: str, port: str, ipv6: bool, remote: str | None, exit_code: bool,
+            controller_url: str | None, api_key: str | None, ca_cert: Path | None) -> None:
+    """Say whether a connection is allowed, and which rule decides on each side: from the policy in PATH,
+    or from a controller's draft, active or numbered version (--remote)."""
+    if path is not None and remote is not None:
+        raise click.UsageError("give PATH or --remote, not both")
+    if path is not None:
+        policy = load(path)
+    else:
+        policy = _remote_policy(remote or "active", controller_url, api_key, ca_cert)
     proto, _ = parse_port(port)  # syntax first
     version = 6 if ipv6 or proto is Proto.ICMPV6 else 4
     s = resolve_endpoint(policy, src, version)
@@ -151,6 +176,8 @@ def explain(path: str, src: str, dst: str, port: str, ipv6: bool) -> None:
     what = f" ({proto.value} type {num})" if proto.is_icmp else ""
     click.echo(f"{src} ({s}) -> {dst} ({d}) {port}{what}")
     click.echo(describe(ev))
+    if exit_code and ev.verdict is not Verdict.ALLOWED:
+        sys.exit(EXIT_FINDING)
 
 
 DEMO_FLOWS = (
