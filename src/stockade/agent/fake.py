@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from stockade.agent.host import HostReport
 from stockade.agent.state import Credential
 from stockade.agent.transport import (
@@ -27,6 +29,7 @@ from stockade.agent.transport import (
     LongPollAnswer,
     PolicyUpdate,
 )
+from stockade.agent_signature import public_key_text
 from stockade.backends.base import Capability, VerifyReport, check_capabilities
 from stockade.backends.setalgebra import apply_set_deltas
 from stockade.compiler import host_policy_to_json
@@ -51,6 +54,7 @@ class FakeAgent:
     hosts: list[HostReport] = field(default_factory=list)
     events: list[AgentEvent] = field(default_factory=list)
     unenrolled: bool = False
+    public_key: str | None = None
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -128,12 +132,13 @@ class FakeController:
                 return a
         raise AuthError("unknown or revoked agent token")
 
-    def enroll(self, code: str, host: HostReport) -> Enrollment:
+    def enroll(self, code: str, host: HostReport, public_key: str | None = None) -> Enrollment:
         self._check_up()
         workload = self.codes.get(code)
         if workload is None:
             raise AuthError("invalid activation code")
-        a = FakeAgent(f"agent-{len(self.agents) + 1}", secrets.token_hex(16), workload, hosts=[host])
+        a = FakeAgent(f"agent-{len(self.agents) + 1}", secrets.token_hex(16), workload, hosts=[host],
+                      public_key=public_key)
         self.agents[a.agent_id] = a
         return Enrollment(a.agent_id, a.token, workload)
 
@@ -173,8 +178,8 @@ class FakeControllerClient:
         self.closed = threading.Event()
         self.reconnects = 0
 
-    def enroll(self, activation_code: str, host: HostReport) -> Enrollment:
-        return self.controller.enroll(activation_code, host)
+    def enroll(self, activation_code: str, host: HostReport, public_key: str | None = None) -> Enrollment:
+        return self.controller.enroll(activation_code, host, public_key)
 
     def use_credential(self, credential: Credential, ca_pem: str | None) -> None:
         self.token = credential.token
@@ -210,6 +215,9 @@ class FakeControllerClient:
 
     def unenroll(self) -> None:
         self.controller.agent(self.token).unenrolled = True
+
+    def rotate_key(self, new_key: Ed25519PrivateKey) -> None:
+        self.controller.agent(self.token).public_key = public_key_text(new_key)
 
     def reconnect(self) -> None:
         self.reconnects += 1

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from stockade.agent.host import HostReport
 from stockade.agent.state import Credential
 from stockade.compiler.delta import PolicyUpdate as PolicyUpdate  # the wire records, re-exported
@@ -84,8 +86,9 @@ class Heartbeat:
 class ControllerClient(Protocol):
     """The agent's whole conversation with the controller."""
 
-    def enroll(self, activation_code: str, host: HostReport) -> Enrollment:
-        """Trade an activation code for an identity. Raises AuthError for a bad code."""
+    def enroll(self, activation_code: str, host: HostReport, public_key: str | None = None) -> Enrollment:
+        """Trade an activation code (and the public half of the host key) for an identity.
+        Raises AuthError for a bad code."""
         ...
 
     def use_credential(self, credential: Credential, ca_pem: str | None) -> None:
@@ -115,6 +118,11 @@ class ControllerClient(Protocol):
 
     def unenroll(self) -> None:
         """Tell the controller this agent is gone; its credential stops working."""
+        ...
+
+    def rotate_key(self, new_key: Ed25519PrivateKey) -> None:
+        """Have the controller accept ``new_key`` for this agent (this call is signed with the
+        current key; the new key signs a proof). Enrolled before keys: binds the first key."""
         ...
 
     def reconnect(self) -> None:
