@@ -35,6 +35,8 @@ from stockade.controller.api import objects as objects_api
 from stockade.controller.api import policy as policy_api
 from stockade.controller.api.web_mount import mount_console
 from stockade.controller.context import API, Controller, ControllerSettings
+from stockade.controller.headers import ResponseHeaders
+from stockade.controller.limits import InputGuard
 from stockade.controller.metrics import Metrics, MetricsMiddleware
 from stockade.controller.services import auth
 from stockade.controller.services.auth import RateLimiter
@@ -171,7 +173,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         title="Stockade controller",
         version=__version__,
         openapi_url=f"{API}/openapi.json",
-        docs_url=f"{API}/docs",
+        docs_url=None,  # no Swagger UI: it loaded scripts from a CDN into this origin
         redoc_url=None,
         lifespan=lifespan,
     )
@@ -182,6 +184,8 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(MetricsMiddleware, metrics=ctl.metrics)
+    app.add_middleware(InputGuard)  # body limits, NUL, UTF-8: before any route parses
+    app.add_middleware(ResponseHeaders)  # outermost: CSP, HSTS, complete Allow on every answer
     included: list[tuple[str, APIRouter]] = [
         (API, objects_api.router()),
         (API, policy_api.router),

@@ -58,7 +58,15 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut, InterfaceBody, Text
+from stockade.controller.api.schemas import (
+    MAX_INTERFACES,
+    MAX_LABELS,
+    NAME_PATTERN,
+    ErrorOut,
+    InterfaceBody,
+    StrictInt,
+    Text,
+)
 from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services import auth
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
@@ -83,10 +91,10 @@ class Strict(BaseModel):
 
 class PairingProfileIn(Strict):
     name: Name
-    labels: dict[Name, Name] = Field(default_factory=dict)
+    labels: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_LABELS)
     mode: EnforcementMode = EnforcementMode.VISIBILITY
     expires_at: dt.datetime | None = None
-    max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    max_uses: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
     enabled: bool = True
     description: Text = ""
 
@@ -106,7 +114,7 @@ class CodeOut(BaseModel):
 class EnrollIn(Strict):
     activation_code: Annotated[str, Field(min_length=8, max_length=128)]
     hostname: Name
-    interfaces: list[InterfaceBody] = Field(default_factory=list)
+    interfaces: list[InterfaceBody] = Field(default_factory=list, max_length=MAX_INTERFACES)
     agent_version: Annotated[str, Field(max_length=64)] = ""
 
 
@@ -118,7 +126,7 @@ class EnrollOut(BaseModel):
 
 
 class InterfacesIn(Strict):
-    interfaces: list[InterfaceBody]
+    interfaces: Annotated[list[InterfaceBody], Field(max_length=MAX_INTERFACES)]
 
 
 class RevisionOut(BaseModel):
@@ -139,7 +147,7 @@ class WaitOut(BaseModel):
 
 
 class AckIn(Strict):
-    revision: Annotated[int, Field(ge=0, le=2**31 - 1)]
+    revision: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 
 
 class AgentOut(BaseModel):
@@ -474,7 +482,7 @@ async def ack_policy(request: Request, agent_id: str, body: AckIn,
 class AgentEventIn(Strict):
     kind: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
     detail: Annotated[str, Field(max_length=2048)] = ""
-    revision: int | None = None
+    revision: StrictInt | None = None
     time: float | None = None
 
 

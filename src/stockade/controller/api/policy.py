@@ -38,6 +38,7 @@ from stockade.controller.api.schemas import (
     VersionPage,
 )
 from stockade.controller.context import controller_of, require
+from stockade.controller.limits import nul_fields
 from stockade.controller.services import codec, versions
 from stockade.controller.services.auth import Permission, Principal
 from stockade.controller.services.codec import INVENTORY_KINDS, POLICY_KINDS
@@ -96,6 +97,12 @@ def export_policy(
     return Response(text, media_type="application/yaml")
 
 
+EMPTY_IMPORT = (
+    "the YAML holds no policy objects: importing it would delete every policy object of the draft; "
+    "send ?allow_empty=true to confirm"
+)
+
+
 def _load_yaml(raw: bytes) -> dict[str, dict[str, Any]]:
     try:
         text = raw.decode("utf-8")
@@ -105,7 +112,11 @@ def _load_yaml(raw: bytes) -> dict[str, dict[str, Any]]:
         policy = load_documents(text, "api")
     except yaml.YAMLError as exc:  # the loader reports its own; this is a safety net
         raise ValidationError([Issue("api", 0, "body", f"not YAML: {exc}")]) from None
-    return codec.objects_of_policy(policy)
+    objects = codec.objects_of_policy(policy)
+    nul = [Issue("api", 0, f, "contains a NUL character") for f in nul_fields(objects, "")]
+    if nul:  # "\0" in a double-quoted YAML string; PostgreSQL cannot store it
+        raise ValidationError(nul)
+    return objects
 
 
 @router.put("/policy/draft", tags=["Policy"], responses=ERRORS, operation_id="import-policy",
@@ -114,13 +125,21 @@ async def import_policy(
     request: Request,
     principal: Annotated[Principal, Depends(require(Permission.WRITE))],
     dry_run: bool = False,
+    allow_empty: Annotated[bool, Query(description="confirm an import with no policy objects: it empties the "
+                                                   "draft policy (refused otherwise)")] = False,
 ) -> ImportResult:
     ctl = controller_of(request)
-    objects = _load_yaml(await request.body())
+    raw = await request.body()
+    objects = _load_yaml(raw)
     policy_bodies = {k: objects.get(k, {}) for k in POLICY_KINDS}
+    empty = not any(policy_bodies.values())
+    if empty and not allow_empty and not raw.strip():
+        raise ValidationError([Issue("api", 0, "body", EMPTY_IMPORT)])
 
     def run(db: Session, txn: CompilerTxn) -> ImportResult:
         draft = store.draft_revisions(db)
+        if empty and not allow_empty and any(draft.get(k) for k in POLICY_KINDS):
+            raise ValidationError([Issue("api", 0, "body", EMPTY_IMPORT)])
         inv = store.draft_revisions(db, INVENTORY_KINDS)
         draft_changes = diff_content(draft, _wrap(policy_bodies, POLICY_KINDS))
         wanted_inv = {k: {**{n: e["body"] for n, e in inv[k].items()}, **objects.get(k, {})} for k in INVENTORY_KINDS}

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -302,11 +303,11 @@ class FlowStore:
             raise _bad("records", "expected a list")
         if len(records) > MAX_RECORDS:
             raise _bad("records", f"at most {MAX_RECORDS} records per upload")
-        try:
-            sent_at = float(body.get("sent_at", now))
-            dropped = int(body.get("dropped", 0))
-        except (TypeError, ValueError):
-            raise _bad("sent_at", "sent_at must be a number and dropped an integer") from None
+        sent_at, dropped = body.get("sent_at", now), body.get("dropped", 0)
+        if isinstance(sent_at, bool) or not isinstance(sent_at, int | float) or not math.isfinite(sent_at):
+            raise _bad("sent_at", "must be a number")
+        if isinstance(dropped, bool) or not isinstance(dropped, int):  # JSON true is not an integer
+            raise _bad("dropped", "must be an integer")
         if dropped < 0:
             raise _bad("dropped", "must not be negative")
         skew = now - sent_at
