@@ -26,10 +26,10 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.api.conftest import Api
-from tests.security.openapi_walk import body_fields, fill_path, operations, resolve
 
 from stockade.controller.limits import BODY_LIMITS, DEFAULT_LIMIT, PUBLIC_LIMIT, body_limit
+from tests.api.conftest import Api
+from tests.security.openapi_walk import body_fields, fill_path, operations, resolve
 
 MB = 1024 * 1024
 
