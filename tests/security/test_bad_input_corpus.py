@@ -95,7 +95,7 @@ def test_body_fields(api: Api) -> None:
     caller = Caller(api)
     spec = _spec(api)
     strings = integers = 0
-    failures = []
+    failures: list[tuple[Any, ...]] = []
     for op in _json_ops(spec):
         assert op.body_schema is not None
         url = caller.url(op)

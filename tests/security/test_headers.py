@@ -52,7 +52,7 @@ def test_no_swagger_ui_but_the_openapi_document(sqlite_api: Api) -> None:
 def test_every_response_carries_the_security_headers(sqlite_api: Api) -> None:
     api = sqlite_api
     spec = api.client.app.openapi()  # type: ignore[attr-defined]
-    failures = []
+    failures: list[tuple[Any, ...]] = []
     for op in operations(spec):
         if op.path.endswith(("/unenroll", "/revoke", "/logout")):
             continue
@@ -64,10 +64,11 @@ def test_every_response_carries_the_security_headers(sqlite_api: Api) -> None:
             if r.headers.get("cache-control") != "no-store":
                 failures.append((op.method, op.path, r.status_code, "cache-control"))
     # the console, refusals made before routing, unknown paths
-    for method, path, kw in (("GET", "/", {}), ("GET", "/api/v1/nope", {}),
-                             ("POST", "/api/v1/auth/login", {"content": b"x" * 100_000}),
-                             ("GET", "/api/v1/services?name=%00", {})):
-        r = api.client.request(method, path, **kw)
+    extra: list[tuple[str, str, bytes | None]] = [("GET", "/", None), ("GET", "/api/v1/nope", None),
+                                                  ("POST", "/api/v1/auth/login", b"x" * 100_000),
+                                                  ("GET", "/api/v1/services?name=%00", None)]
+    for method, path, content in extra:
+        r = api.client.request(method, path, content=content)
         if _missing(r.headers):
             failures.append((method, path, r.status_code, _missing(r.headers)))
     assert failures == []
@@ -77,7 +78,7 @@ def test_hsts_only_over_tls(sqlite_api: Api) -> None:
     app = sqlite_api.client.app
     plain = sqlite_api.client.get("/api/v1/openapi.json")
     assert "strict-transport-security" not in plain.headers
-    with TestClient(app, base_url="https://controller.test") as tls:  # type: ignore[arg-type]
+    with TestClient(app, base_url="https://controller.test") as tls:
         for path in ("/", "/api/v1/openapi.json", "/api/v1/auth/whoami"):
             hsts = tls.get(path).headers.get("strict-transport-security", "")
             assert hsts.startswith("max-age=") and int(hsts.split("=")[1].split(";")[0]) >= 31536000, path
