@@ -96,7 +96,7 @@ def controller(
     click.echo(f"Database: {url.split('@')[-1]}")
     click.echo(f"Console:  {base}/")
     click.echo(f"API:      {base}/api/v1")
-    click.echo(f"OpenAPI:  {base}/api/v1/openapi.json   docs: {base}/api/v1/docs")
+    click.echo(f"OpenAPI:  {base}/api/v1/openapi.json")
     click.echo(f"Metrics:  {base}/metrics")
     sys.stdout.flush()
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=75,
