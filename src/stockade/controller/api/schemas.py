@@ -16,7 +16,7 @@ Selectors are written as one of::
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
@@ -115,8 +115,8 @@ class AllowRuleBody(Body):
 
 class RulesetBody(Body):
     name: Name
-    scope: list[SelectorBody] = Field(default_factory=list, max_length=MAX_SELECTORS,
-                                      description="label selectors; empty: all workloads")
+    scope: Annotated[list[SelectorBody], Field(max_length=MAX_SELECTORS)] | Literal["all"] | None = Field(
+        None, description='label selectors, or "all" to govern every workload (required; an empty list is refused)')
     rules: list[AllowRuleBody] = Field(default_factory=list, max_length=MAX_RULES)
     description: Text = ""
 

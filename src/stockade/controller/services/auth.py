@@ -262,7 +262,8 @@ def check_ruleset_scope(principal: Principal, bodies: list[dict[str, Any]]) -> N
         raise ForbiddenError("ruleset-manager has an empty label scope")
     for body in bodies:
         scopes = body.get("scope", [])
-        if not scopes or any(not need <= set(sc.get("labels", {}).items()) for sc in scopes):
+        unscoped = not isinstance(scopes, list) or not scopes  # "all" governs every workload
+        if unscoped or any(not need <= set(sc.get("labels", {}).items()) for sc in scopes):
             wanted = ", ".join(str(lab) for lab in principal.scope)
             raise ForbiddenError(f"ruleset {body.get('name')!r} is outside your scope ({wanted})")
 
