@@ -2,7 +2,7 @@
 
 The run the issue-12 report made (every operation, positive and negative cases, then the
 stateful phase chaining operations through the links schemathesis infers from the schema),
-bounded for CI: ``STOCKADE_FUZZ_EXAMPLES`` cases per operation and mode (default 5) and
+bounded for CI: ``STOCKADE_FUZZ_EXAMPLES`` cases per operation and mode (default 4) and
 ``STOCKADE_FUZZ_SCENARIOS`` stateful scenarios (default 30), derandomised so a failure
 reproduces. Checks: no server error, status code, content type, headers and body conform to
 the OpenAPI document. ``positive_data_acceptance`` stays off: a schema-valid body may still
@@ -35,7 +35,7 @@ from schemathesis.specs.openapi.checks import (
 from stockade.controller.app import create_app
 from tests.api.conftest import Api, make_settings
 
-EXAMPLES = int(os.environ.get("STOCKADE_FUZZ_EXAMPLES", "5"))
+EXAMPLES = int(os.environ.get("STOCKADE_FUZZ_EXAMPLES", "4"))
 SCENARIOS = int(os.environ.get("STOCKADE_FUZZ_SCENARIOS", "30"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
