@@ -86,6 +86,11 @@ def _assert_one_line(proc: subprocess.CompletedProcess[str], code: int, words: s
     assert proc.returncode == code, (proc.returncode, err)
 
 
+def _ca_of(live: Live) -> Path:
+    line = next(ln for ln in live.lines if ln.startswith("CA certificate: "))
+    return Path(line.removeprefix("CA certificate: ").split(" (SHA")[0])
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     live = Live(True, tmp_path_factory.mktemp("ctl") / "data")
@@ -113,13 +118,13 @@ def test_dead_controller_wrong_ca_and_bad_key(path: list[str], cmd: click.Comman
     wrong_ca = _run([*argv, "--controller", live.base, "--api-key", "stk_x_y", "--ca-cert", str(other_ca)], env)
     _assert_one_line(wrong_ca, EXIT_TLS, "TLS")
 
-    ca = str(Path(live.lines[0].split("CA certificate: ", 1)[1].split(" (SHA")[0]))
+    ca = str(_ca_of(live))
     bad_key = _run([*argv, "--controller", live.base, "--api-key", "stk_nokey_nosecret", "--ca-cert", ca], env)
     _assert_one_line(bad_key, EXIT_AUTH, "(401)")
 
 
 def test_login_diff_export_roundtrip_completion_logout(live: Live, env: dict[str, str], tmp_path: Path) -> None:
-    ca = Path(live.lines[0].split("CA certificate: ", 1)[1].split(" (SHA")[0])
+    ca = _ca_of(live)
     login = _run(["login", "--controller", live.base, "--ca-cert", str(ca)],
                  {**env, "STOCKADE_PASSWORD": live.password()})
     assert login.returncode == 0, login.stderr

@@ -1,5 +1,3 @@
-"""The security tests run against the same real app as tests/api: SQLite, and PostgreSQL started by the setup."""
+"""The security layer reuses the API layer's fixtures: the real app on SQLite and PostgreSQL."""
 
-from tests.api.conftest import api, database_url, pg_cluster, sqlite_api
-
-__all__ = ["api", "database_url", "pg_cluster", "sqlite_api"]
+from tests.api.conftest import api, database_url, pg_cluster, sqlite_api  # noqa: F401 (fixtures)

@@ -49,7 +49,8 @@ class _ServerThread(threading.Thread):
         kwargs: dict[str, Any] = {}
         if ssl_files is not None:
             kwargs = {"ssl_certfile": ssl_files[0], "ssl_keyfile": ssl_files[1]}
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", **kwargs))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    proxy_headers=False, **kwargs))
 
     def run(self) -> None:
         self.server.run()
@@ -70,7 +71,8 @@ def _api(base: str, ca: Path | None) -> Any:
     import httpx
 
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca is not None else True
-    return httpx.Client(base_url=base + "/api/v1", verify=verify, timeout=60)
+    # a session cookie authenticates this client: its changes must name the controller's origin (CSRF rule)
+    return httpx.Client(base_url=base + "/api/v1", verify=verify, timeout=60, headers={"Origin": base})
 
 
 def _check(response: Any, what: str) -> Any:

@@ -1,10 +1,14 @@
 """Routes for people and keys: login/logout, users, API keys; and Prometheus ``/metrics``.
 
-* ``POST /auth/login {username, password}`` sets the session cookie (rate limited per client);
-  ``POST /auth/logout``; ``GET /auth/whoami``.
+* ``POST /auth/login {username, password}`` sets the session cookie (rate limited per client
+  address, ``X-Forwarded-For`` believed only from trusted proxies; and backed off per account
+  after repeated failures). Every failed attempt is an ``auth.login_failed`` audit event.
+  ``POST /auth/logout``; ``GET /auth/whoami`` (for an API key: its effective role and scope).
 * ``/users`` and ``/api-keys`` are for owners. An API key's secret is in the creation answer
   only (``stk_<id>_<secret>``); afterwards only its id and metadata are shown. ``DELETE``
-  revokes a key. The last enabled owner cannot be removed, demoted or disabled.
+  revokes a key. The last enabled owner cannot be removed, demoted or disabled. A password
+  change ends the user's other sessions (the session making the change, if it is the user's
+  own, stays); deleting a user ends its sessions and revokes its keys.
   Users are versioned like every object: a revision (bumped by each effective edit, a
   password change included) and an ``ETag`` on GET/POST/PUT answers; ``PUT`` and ``DELETE``
   with a stale ``If-Match`` answer 412 and change nothing.
@@ -25,7 +29,7 @@ from sqlalchemy.orm import Session
 from stockade.controller.api.schemas import MAX_LABELS, NAME_PATTERN, ErrorOut
 from stockade.controller.context import controller_of, require
 from stockade.controller.services import auth
-from stockade.controller.services.auth import Permission, Principal, Role
+from stockade.controller.services.auth import Permission, Principal, PrincipalKind, Role
 from stockade.controller.services.events import record_event
 from stockade.controller.storage import store
 from stockade.controller.storage.db import ApiKeyRow, SessionRow, UserRow, utcnow
@@ -119,18 +123,34 @@ def _key_out(k: ApiKeyRow, secret: str | None = None) -> ApiKeyOut:
                      created_at=k.created_at, revoked_at=k.revoked_at, key=secret)
 
 
-def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+def _record_failed_login(request: Request, username: str, reason: str, failures: int, locked: float) -> None:
+    ctl = controller_of(request)
+    with ctl.sessions.begin() as db:
+        record_event(db, "anonymous", "auth.login_failed", "user", username, None,
+                     {"client": ctl.client_host(request), "reason": reason, "failures_in_a_row": failures,
+                      "locked_seconds": round(locked, 1)})
 
 
 @router.post("/auth/login", tags=["Auth"], responses=ERRORS, operation_id="login")
 def login(request: Request, response: Response, body: LoginIn,
           principal: Annotated[Principal, Depends(require(Permission.PUBLIC))]) -> WhoAmI:
     ctl = controller_of(request)
-    ctl.login_limiter.hit(_client(request))
-    with ctl.sessions.begin() as db:
-        user, secret = auth.login(db, ctl.passwords, body.username, body.password)
-        record_event(db, user.username, "auth.login", "user", user.username, None, None)
+    ctl.login_limiter.hit(ctl.client_host(request))
+    try:
+        ctl.login_throttle.check(body.username)
+    except auth.RateLimitedError:
+        _record_failed_login(request, body.username, "account locked", 0, 0.0)
+        raise
+    try:
+        with ctl.sessions.begin() as db:
+            user, secret = auth.login(db, ctl.passwords, body.username, body.password)
+            record_event(db, user.username, "auth.login", "user", user.username, None,
+                         {"client": ctl.client_host(request)})
+    except auth.NotAuthenticatedError:
+        failures, locked = ctl.login_throttle.failed(body.username)
+        _record_failed_login(request, body.username, "wrong username or password", failures, locked)
+        raise
+    ctl.login_throttle.succeeded(body.username)
     response.set_cookie(auth.SESSION_COOKIE, secret, httponly=True, samesite="strict",
                         secure=ctl.settings.secure_cookies, max_age=auth.SESSION_HOURS * 3600, path="/")
     return WhoAmI(name=user.username, kind="user", role=user.role, scope=list(user.scope))
@@ -211,8 +231,11 @@ def update_user(request: Request, response: Response, username: str, body: UserU
         )
         if losing_owner and _owners_left(db, username) == 0:
             raise ConflictError("the last enabled owner cannot be demoted or disabled")
+        ended = 0
         if body.password is not None:
             row.password_hash = ctl.passwords.hash(body.password)
+            own = principal.kind is PrincipalKind.USER and principal.name == username
+            ended = auth.end_sessions(db, username, keep=request.cookies.get(auth.SESSION_COOKIE) if own else None)
         if body.role is not None:
             row.role = body.role.value
         if body.scope is not None:
@@ -223,6 +246,7 @@ def update_user(request: Request, response: Response, username: str, body: UserU
         if after != before or body.password is not None:
             if body.password is not None:
                 after["password"] = "changed"
+                after["sessions_ended"] = ended
             row.revision += 1
             record_event(db, principal.actor, "user.update", "user", username, before, after)
         return _user_out(row, response)
@@ -238,8 +262,11 @@ def delete_user(request: Request, username: str,
         store.check_if_match(if_match, _user_etag(row))
         if row.role == Role.OWNER.value and _owners_left(db, username) == 0:
             raise ConflictError("the last enabled owner cannot be deleted")
+        auth.end_sessions(db, username)
+        revoked = auth.revoke_keys_of(db, username)  # a later user of the same name must not inherit them
         db.delete(row)
-        record_event(db, principal.actor, "user.delete", "user", username, {"role": row.role}, None)
+        record_event(db, principal.actor, "user.delete", "user", username, {"role": row.role},
+                     {"api_keys_revoked": revoked} if revoked else None)
     return Response(status_code=204)
 
 
