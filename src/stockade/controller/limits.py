@@ -58,7 +58,7 @@ BODY_LIMITS: tuple[BodyLimit, ...] = (
     BodyLimit("PUT", "/policy/draft", 8 * MiB, "the whole policy and inventory as YAML"),
     BodyLimit("POST", "/agents/{agent_id}/flows", 4 * MiB, "10,000 flow records per upload"),
     BodyLimit("PUT", "/agents/{agent_id}/interfaces", 1 * MiB, "up to 64 interfaces of up to 256 addresses"),
-    BodyLimit("POST", "/agents/{agent_id}/events", 256 * KiB, "a batch of agent events"),
+    BodyLimit("POST", "/agents/{agent_id}/events", 2 * MiB, "up to 500 events of up to 2 KiB each"),
     BodyLimit("POST", "/ip-lists", 1 * MiB, "up to 10,000 CIDRs"),
     BodyLimit("PUT", "/ip-lists/{name}", 1 * MiB, "up to 10,000 CIDRs"),
     BodyLimit("POST", "/rulesets", 1 * MiB, "up to 1,000 rules"),
