@@ -48,6 +48,7 @@ from stockade.controller.services.versions import Change, diff_content
 from stockade.controller.storage import store
 from stockade.controller.storage.db import VersionRow
 from stockade.errors import Issue, NotFoundError, ValidationError
+from stockade.model.policy import Policy
 from stockade.policyfile import dump_policy, load_documents
 
 router = APIRouter()
@@ -103,7 +104,7 @@ EMPTY_IMPORT = (
 )
 
 
-def _load_yaml(raw: bytes) -> dict[str, dict[str, Any]]:
+def _load_yaml(raw: bytes) -> Policy:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -112,11 +113,14 @@ def _load_yaml(raw: bytes) -> dict[str, dict[str, Any]]:
         policy = load_documents(text, "api")
     except yaml.YAMLError as exc:  # the loader reports its own; this is a safety net
         raise ValidationError([Issue("api", 0, "body", f"not YAML: {exc}")]) from None
-    objects = codec.objects_of_policy(policy)
+    return policy
+
+
+def _refuse_nul(objects: dict[str, dict[str, Any]]) -> None:
+    """``"\\0"`` in a double-quoted YAML string makes a NUL, which PostgreSQL cannot store: a 422."""
     nul = [Issue("api", 0, f, "contains a NUL character") for f in nul_fields(objects, "")]
-    if nul:  # "\0" in a double-quoted YAML string; PostgreSQL cannot store it
+    if nul:
         raise ValidationError(nul)
-    return objects
 
 
 @router.put("/policy/draft", tags=["Policy"], responses=ERRORS, operation_id="import-policy",
@@ -130,7 +134,10 @@ async def import_policy(
 ) -> ImportResult:
     ctl = controller_of(request)
     raw = await request.body()
-    objects = _load_yaml(raw)
+    policy = _load_yaml(raw)
+    objects = codec.objects_of_policy(policy)
+    _refuse_nul(objects)
+    workloads = policy.workload_map()
     policy_bodies = {k: objects.get(k, {}) for k in POLICY_KINDS}
     empty = not any(policy_bodies.values())
     if empty and not allow_empty and not raw.strip():
@@ -158,9 +165,8 @@ async def import_policy(
             store.put_objects(db, kind, policy_bodies[kind], principal.actor, prune=True)
         changed = store.put_objects(db, "workload", objects.get("workload", {}), principal.actor, prune=False)
         txn.refresh_label_keys(wanted_inv["label_key"])
-        workload_kind = codec.KIND_BY_NAME["workload"]
         for name in changed:
-            txn.upsert_workload(workload_kind.to_domain(workload_kind.parse(wanted_inv["workload"][name])))
+            txn.upsert_workload(workloads[name])
         return result
 
     return await run_in_threadpool(ctl.dist.transact, run)

@@ -105,9 +105,15 @@ class SelectorBody(Body):
     all: bool = False
 
 
+# The policy files' spellings of "every workload", accepted in bodies too (one codec for both).
+AllText = Literal["all"]
+SelectorItem = SelectorBody | AllText
+RuleSide = Annotated[list[SelectorItem], Field(max_length=MAX_SELECTORS)] | AllText
+
+
 class AllowRuleBody(Body):
-    consumers: list[SelectorBody] = Field(min_length=1, max_length=MAX_SELECTORS)
-    providers: list[SelectorBody] = Field(min_length=1, max_length=MAX_SELECTORS)
+    consumers: RuleSide = Field(min_length=1)
+    providers: RuleSide = Field(min_length=1)
     services: list[Name] = Field(min_length=1, max_length=MAX_RULE_SERVICES)
     consumers_scope: ConsumerScope = ConsumerScope.INTRA
     description: Text = ""
@@ -123,8 +129,8 @@ class RulesetBody(Body):
 
 class DenyRuleBody(Body):
     name: Name
-    consumers: list[SelectorBody] = Field(min_length=1, max_length=MAX_SELECTORS)
-    providers: list[SelectorBody] = Field(min_length=1, max_length=MAX_SELECTORS)
+    consumers: RuleSide = Field(min_length=1)
+    providers: RuleSide = Field(min_length=1)
     services: list[Name] = Field(min_length=1, max_length=MAX_RULE_SERVICES)
     override: bool = False
     description: Text = ""
