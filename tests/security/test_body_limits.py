@@ -144,9 +144,9 @@ def test_one_item_over_the_cap_is_a_422_naming_the_field(sqlite_api: Api) -> Non
 
 
 def _plain(field: str) -> str:
-    """``records[0]`` -> ``records.0``; pydantic's union branch tags (``list[SelectorBody]``) left out."""
+    """``records[0]`` -> ``records.0``; pydantic's union branch tags (``list[...]``, ``SelectorBody``) left out."""
     field = re.sub(r"\[(\d+)\]", r".\1", field)
-    return ".".join(p for p in field.split(".") if not re.match(r"^[a-z][a-z-]*\[", p))
+    return ".".join(p for p in field.split(".") if not re.match(r"^([a-z][a-z-]*\[|[A-Z][A-Za-z]*$)", p))
 
 
 def _agent(api: Api) -> tuple[dict[str, str], str]:
