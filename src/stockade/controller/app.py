@@ -37,6 +37,8 @@ from stockade.controller.api import policy as policy_api
 from stockade.controller.api.web_mount import mount_console
 from stockade.controller.context import API, Controller, ControllerSettings
 from stockade.controller.csrf import OriginCheckMiddleware, parse_allowed_origins
+from stockade.controller.headers import ResponseHeaders
+from stockade.controller.limits import InputGuard
 from stockade.controller.metrics import Metrics, MetricsMiddleware
 from stockade.controller.services import auth, enrolment
 from stockade.controller.services.agent_keys import AgentKeyRing
@@ -178,7 +180,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         title="Stockade controller",
         version=__version__,
         openapi_url=f"{API}/openapi.json",
-        docs_url=f"{API}/docs",
+        docs_url=None,  # no Swagger UI: it loaded scripts from a CDN into this origin
         redoc_url=None,
         lifespan=lifespan,
     )
@@ -191,6 +193,8 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     app.add_middleware(OriginCheckMiddleware, proxies=ctl.proxies,  # inside metrics: its 403s are counted
                        allowed_origins=parse_allowed_origins(settings.allowed_origins))
     app.add_middleware(MetricsMiddleware, metrics=ctl.metrics)
+    app.add_middleware(InputGuard)  # body limits, NUL, UTF-8: before any route parses
+    app.add_middleware(ResponseHeaders)  # CSP, HSTS, complete Allow on every answer, refusals included
     app.add_middleware(AccessLogMiddleware)  # outermost: request ids for every line below
     included: list[tuple[str, APIRouter]] = [
         (API, objects_api.router()),

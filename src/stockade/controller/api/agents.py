@@ -63,7 +63,15 @@ from starlette.concurrency import run_in_threadpool
 
 from stockade.agent_signature import INSTANCE_HEADER
 from stockade.compiler.delta import policy_update_to_dict
-from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut, InterfaceBody, Text
+from stockade.controller.api.schemas import (
+    MAX_INTERFACES,
+    MAX_LABELS,
+    NAME_PATTERN,
+    ErrorOut,
+    InterfaceBody,
+    StrictInt,
+    Text,
+)
 from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services import enrolment
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
@@ -84,10 +92,10 @@ class Strict(BaseModel):
 
 class PairingProfileIn(Strict):
     name: Name
-    labels: dict[Name, Name] = Field(default_factory=dict)
+    labels: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_LABELS)
     mode: EnforcementMode = EnforcementMode.VISIBILITY
     expires_at: dt.datetime | None = None
-    max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    max_uses: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
     enabled: bool = True
     description: Text = ""
     code_max_uses: Annotated[int, Field(ge=1, le=1_000_000, description="enrolments one code allows")] = 1
@@ -135,7 +143,7 @@ class CodeInfoOut(BaseModel):
 class EnrollIn(Strict):
     activation_code: Annotated[str, Field(min_length=8, max_length=128)]
     hostname: Name
-    interfaces: list[InterfaceBody] = Field(default_factory=list)
+    interfaces: list[InterfaceBody] = Field(default_factory=list, max_length=MAX_INTERFACES)
     agent_version: Annotated[str, Field(max_length=64)] = ""
     public_key: PublicKey | None = Field(None, description="the agent's Ed25519 key: every later request is "
                                                            "signed with it (stockade.agent_signature)")
@@ -151,7 +159,7 @@ class EnrollOut(BaseModel):
 
 
 class InterfacesIn(Strict):
-    interfaces: list[InterfaceBody]
+    interfaces: Annotated[list[InterfaceBody], Field(max_length=MAX_INTERFACES)]
 
 
 class ReportOut(BaseModel):
@@ -184,7 +192,7 @@ class WaitOut(BaseModel):
 
 
 class AckIn(Strict):
-    revision: Annotated[int, Field(ge=0, le=2**31 - 1)]
+    revision: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 
 
 class AgentOut(BaseModel):
@@ -412,7 +420,7 @@ async def ack_policy(request: Request, agent_id: str, body: AckIn,
 class AgentEventIn(Strict):
     kind: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
     detail: Annotated[str, Field(max_length=2048)] = ""
-    revision: int | None = None
+    revision: StrictInt | None = None
     time: float | None = None
 
 
