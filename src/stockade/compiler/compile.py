@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 
+from stockade.compiler.delta import diff_sets
 from stockade.compiler.expand import build_rule_table, expand_rules, set_name
 from stockade.compiler.index import LabelIndex, SelectorIndex, label_keys
 from stockade.compiler.ir import AddressSet, Direction, HostDelta, HostPolicy, HostRule, SetDelta
@@ -428,10 +429,11 @@ class Compiler:
                 if header is None:
                     out.append(HostDelta(h, hp, True, ()))
                     continue
-                mode, _, was = header
+                mode, addresses, was = header
                 now = self._ls_rules[lsid]
                 same_rules = was is now or (was.rules == now.rules and was.sets == now.sets)
-                if mode != hp.mode or not same_rules:
+                # HostPolicy.rules_key: a re-addressed host reloads (renderers use its addresses)
+                if mode != hp.mode or addresses != hp.local_addresses or not same_rules:
                     out.append(HostDelta(h, hp, True, ()))
                     continue
             deltas = per_labelset.get(lsid)
@@ -439,7 +441,7 @@ class Compiler:
                 deltas = per_labelset[lsid] = tuple(
                     d for s in self._ls_rules[lsid].sets for d in set_deltas.get(s, ())
                 )
-            if deltas or (header is not ... and header[1] != hp.local_addresses):
+            if deltas:
                 out.append(HostDelta(h, hp, False, deltas))
         out.sort(key=lambda d: d.workload)
         return out
@@ -451,25 +453,6 @@ def _set_key(s: AddressSet) -> tuple[str, int]:
 
 def _net_key(n: IPv4Network | IPv6Network) -> tuple[int, int]:
     return int(n.network_address), n.prefixlen
-
-
-def diff_sets(old: tuple[AddressSet, ...], new: tuple[AddressSet, ...]) -> tuple[SetDelta, ...]:
-    """Element changes turning ``old`` sets into ``new`` ones (same names and families)."""
-    old_by = {(s.name, s.family): set(s.members) for s in old}
-    out: list[SetDelta] = []
-    for s in new:
-        prev = old_by.get((s.name, s.family), set())
-        cur = set(s.members)
-        if prev != cur:
-            out.append(
-                SetDelta(
-                    s.name,
-                    s.family,
-                    tuple(sorted(cur - prev, key=_net_key)),
-                    tuple(sorted(prev - cur, key=_net_key)),
-                )
-            )
-    return tuple(sorted(out))
 
 
 def compile_policy(policy: Policy) -> dict[str, HostPolicy]:

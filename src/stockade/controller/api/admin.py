@@ -24,7 +24,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut
+from stockade.controller.api.schemas import MAX_LABELS, NAME_PATTERN, ErrorOut
 from stockade.controller.context import controller_of, require
 from stockade.controller.services import accounts, auth
 from stockade.controller.services.auth import Permission, Principal, PrincipalKind, Role
@@ -59,13 +59,13 @@ class UserIn(Strict):
     username: Annotated[str, Field(pattern=NAME_PATTERN)]
     password: Annotated[str, Field(min_length=12, max_length=1024)]
     role: Role
-    scope: list[ScopeLabel] = Field(default_factory=list, description="labels (ruleset-manager)")
+    scope: list[ScopeLabel] = Field(default_factory=list, max_length=MAX_LABELS, description="labels (ruleset-manager)")
 
 
 class UserUpdate(Strict):
     password: Annotated[str, Field(min_length=12, max_length=1024)] | None = None
     role: Role | None = None
-    scope: list[ScopeLabel] | None = None
+    scope: Annotated[list[ScopeLabel], Field(max_length=MAX_LABELS)] | None = None
     disabled: bool | None = None
 
 
@@ -82,7 +82,7 @@ class UserOut(BaseModel):
 class ApiKeyIn(Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     role: Role
-    scope: list[ScopeLabel] = Field(default_factory=list)
+    scope: list[ScopeLabel] = Field(default_factory=list, max_length=MAX_LABELS)
 
 
 class ApiKeyOut(BaseModel):

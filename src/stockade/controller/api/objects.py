@@ -20,6 +20,7 @@ No ``from __future__ import annotations`` here: FastAPI reads the generated rout
 annotations at run time.
 """
 
+import re
 from enum import Enum
 from typing import Annotated, Any
 
@@ -27,7 +28,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from stockade.controller.api.schemas import ErrorOut, ObjectOut, ObjectPage
+from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut, ObjectOut, ObjectPage
 from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services.auth import Permission, Principal, check_ruleset_scope
 from stockade.controller.services.codec import KIND_BY_NAME, KINDS, Kind, Scope
@@ -37,6 +38,12 @@ from stockade.controller.storage.store import StoredObject
 from stockade.errors import Issue, ValidationError
 from stockade.model.workloads import EnforcementMode
 
+# Filters are strict: a value that no stored object could match is refused (422), never dropped
+_NAME_CHARS = r"[A-Za-z0-9_.\-]"
+NAME_FILTER = rf"^{_NAME_CHARS}*$"
+LABELS_FILTER = rf"^{_NAME_CHARS}+={_NAME_CHARS}+(,{_NAME_CHARS}+={_NAME_CHARS}+)*$"
+VERSION_FILTER = r"^(draft|active|[1-9][0-9]{0,9})$"
+CURSOR_PATTERN = r"^[A-Za-z0-9_\-]+={0,2}$"
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (401, 403, 404, 409, 412, 422, 429)
 }
@@ -104,12 +111,17 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         request: Request,
         principal: Annotated[Principal, Depends(require(Permission.READ))],
         limit: Annotated[int, Query(ge=1, le=store.MAX_PAGE)] = 100,
-        cursor: Annotated[str | None, Query(max_length=200)] = None,
-        name: Annotated[str | None, Query(max_length=63, description="substring of the name")] = None,
-        labels: Annotated[str | None, Query(max_length=1000, description="key=value,... (workloads)")] = None,
-        version: Annotated[str | None, Query(max_length=20, description="draft (default), active or N")] = None,
+        cursor: Annotated[str | None, Query(max_length=200, pattern=CURSOR_PATTERN)] = None,
+        name: Annotated[str | None, Query(max_length=63, pattern=NAME_FILTER, description="substring of the name")]
+        = None,
+        labels: Annotated[str | None, Query(max_length=1000, pattern=LABELS_FILTER,
+                                            description="key=value,... (workloads)")] = None,
+        version: Annotated[str | None, Query(max_length=20, pattern=VERSION_FILTER,
+                                             description="draft (default), active or N")] = None,
     ) -> ObjectPage:
         ctl = controller_of(request)
+        if cursor is not None and not re.fullmatch(NAME_PATTERN, store.decode_cursor(cursor)):
+            raise ValidationError([Issue("api", 0, "cursor", "malformed cursor")])
         with ctl.session() as db:
             page = store.list_objects(
                 db,
@@ -127,7 +139,7 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         response: Response,
         name: str,
         principal: Annotated[Principal, Depends(require(Permission.READ))],
-        version: Annotated[str | None, Query(max_length=20)] = None,
+        version: Annotated[str | None, Query(max_length=20, pattern=VERSION_FILTER)] = None,
     ) -> ObjectOut:
         ctl = controller_of(request)
         with ctl.session() as db:
