@@ -42,7 +42,7 @@ def _selects_workloads(sel: Selector) -> bool:
 
 
 @contextmanager
-def _bulk_allocation() -> Iterator[None]:
+def _bulk_allocation(freeze: bool = True) -> Iterator[None]:
     """Pause the cyclic GC while building large acyclic structures, then freeze them.
 
     The compiler's state (a few million small objects at 125,000 workloads) is long-lived and
@@ -51,13 +51,18 @@ def _bulk_allocation() -> Iterator[None]:
     moves everything alive into the permanent generation, which collections skip. Objects
     freed later are still freed by reference counting; only cyclic garbage that exists at
     the moment of the freeze would stay (the compiler makes none).
+
+    ``freeze=False`` (a batch of workload changes): only pause the collector; the deltas it
+    returns are short-lived, and freezing on every change would also freeze whatever cyclic
+    garbage the rest of the process holds at that moment.
     """
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.freeze()
+        if freeze:
+            gc.freeze()
         if enabled:
             gc.enable()
 
@@ -358,17 +363,18 @@ class Compiler:
                 present[c.name] = True
         before: dict[str, _Header | None] = {}
         builder = _DeltaBuilder()
-        for c in batch:
-            name = c if isinstance(c, str) else c.name
-            if name not in before:
-                before[name] = self._header(name) if name in self._workloads else None
-            if isinstance(c, str):
-                self._remove(builder, c)
-            else:
-                self._upsert(builder, c)
-        if batch:
-            self._policy_dirty = True
-        return self._deltas(builder.by_set(), before)
+        with _bulk_allocation(freeze=False):  # a create can touch every host: no GC pass midway
+            for c in batch:
+                name = c if isinstance(c, str) else c.name
+                if name not in before:
+                    before[name] = self._header(name) if name in self._workloads else None
+                if isinstance(c, str):
+                    self._remove(builder, c)
+                else:
+                    self._upsert(builder, c)
+            if batch:
+                self._policy_dirty = True
+            return self._deltas(builder.by_set(), before)
 
     def upsert_workload(self, w: Workload) -> list[HostDelta]:
         """Add or replace one workload; returns the delta of every affected host."""
