@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from stockade.controller.metrics import Metrics
-from stockade.controller.services import auth
+from stockade.controller.services import auth, scope
 from stockade.controller.services.auth import Permission, Principal, PrincipalKind, RateLimiter
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.events import SyslogForwarder, SyslogTarget
@@ -94,6 +94,8 @@ def require(permission: Permission) -> Callable[[Request], Awaitable[Principal]]
 
             principal = await run_in_threadpool(lookup)
         auth.authorize(principal, permission)
+        route = request.scope.get("route")
+        scope.check_route(principal, permission, request.method, getattr(route, "path", request.url.path))
         request.state.principal = principal
         return principal
 
