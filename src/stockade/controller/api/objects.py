@@ -14,7 +14,9 @@ lists, services, rulesets, deny rules, failsafe) under ``/api/v1/<path>``:
 Policy kinds edit the draft. Inventory kinds (label keys, workloads) take effect at once:
 workload writes run through the compiled policy service, which bumps the revisions of the
 affected hosts. ``PUT /workloads/{name}/mode`` switches one workload's enforcement mode.
-Rulesets are writable by ruleset-managers inside their label scope; the rest needs admin.
+Rulesets are writable by ruleset-managers inside their label scope; the rest needs admin. A
+label-scoped principal's write is refused when it would change the compiled policy of a workload
+outside its scope (:mod:`stockade.controller.services.scope`).
 
 No ``from __future__ import annotations`` here: FastAPI reads the generated routes' body
 annotations at run time.

@@ -214,14 +214,26 @@ def first_rule_change(
     new_rules, new_groups = _effective(after, changed)
     if old_rules == new_rules and old_groups == new_groups:
         return None
+    # only labels the rules' selectors mention decide what they match (the compiler's own idea)
+    relevant = _mentioned(old_rules, old_groups) | _mentioned(new_rules, new_groups)
     seen: set[LabelSet] = set()
     for w in outside:
-        if w.labels in seen:
+        key = w.labels & relevant
+        if key in seen:
             continue
-        seen.add(w.labels)
-        if contribution(old_rules, w.labels, old_groups) != contribution(new_rules, w.labels, new_groups):
+        seen.add(key)
+        if contribution(old_rules, key, old_groups) != contribution(new_rules, key, new_groups):
             return w.name
     return None
+
+
+def _mentioned(rules: Iterable[EffectiveRule], groups: dict[str, LabelGroup]) -> frozenset[Label]:
+    found: set[Label] = set()
+    for r in rules:
+        for sel in (*r.consumers, *r.providers):
+            if isinstance(sel, LabelSelector):
+                found.update(sel.mentioned_labels(groups))
+    return frozenset(found)
 
 
 def first_compiled_change(
