@@ -213,6 +213,8 @@ def test_services_ip_lists_label_groups_failsafe(estate: Estate) -> None:
                                                      ["ops-metrics"], glob=True)))
     estate.accepted("PUT", "/services/ops-metrics", a, json={"name": "ops-metrics", "ports": ["9091/tcp"]})
     estate.accepted("PUT", "/ip-lists/ops-net", a, json={"name": "ops-net", "include": ["192.0.2.0/25"]})
+    # a stored service named "any" replaces the built-in one every `any` rule means
+    assert estate.refused("POST", "/services", a, json={"name": "any", "ports": ["1/tcp"]}) in SHOP
     # objects the shop's rules use
     assert estate.refused("PUT", "/services/postgres", a, json={"name": "postgres", "ports": ["5433/tcp"]}) in SHOP
     estate.refused("PUT", "/ip-lists/office", a, json={"name": "office", "include": ["10.70.0.0/24"]})

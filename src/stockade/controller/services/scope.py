@@ -49,13 +49,15 @@ from stockade.controller.storage import store
 from stockade.model.labels import Label, LabelGroup
 from stockade.model.selectors import AllWorkloads, LabelSelector, Selector
 from stockade.model.workloads import Workload
+from stockade.policyfile.loader import BUILTIN_ANY
 
 T = TypeVar("T")
 Objects = Mapping[str, Mapping[str, Mapping[str, Any]]]
 LabelSet = frozenset[Label]
 
 RULE_KINDS = frozenset({"ruleset", "deny_rule"})
-# kinds whose *added* objects change nothing until a rule references them (which is a rule change)
+# kinds whose *added* objects change nothing until a rule references them (which is a rule change),
+# except a service named like the built-in ``any``, which every rule using ``any`` then means
 REFERENCED_KINDS = frozenset({"service", "ip_list", "label_group"})
 
 
@@ -156,7 +158,8 @@ def fast_path_applies(changed: Mapping[str, set[str]], before: Objects) -> bool:
     for kind, names in changed.items():
         if kind in RULE_KINDS:
             continue
-        if kind in REFERENCED_KINDS and not any(n in before.get(kind, {}) for n in names):
+        builtin = kind == "service" and BUILTIN_ANY.name in names  # a stored "any" overrides the built-in
+        if kind in REFERENCED_KINDS and not builtin and not any(n in before.get(kind, {}) for n in names):
             continue  # only additions
         return False
     return True
