@@ -147,6 +147,10 @@ def median(reps: int, fn: Callable[[int], float]) -> float:
     return statistics.median(fn(i) for i in range(reps))
 
 
+def progress(text: str) -> None:
+    print(f"  {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
 def measure(bench: Bench, reps: int, full_reps: int) -> list[Row]:
     b = bench
     s0, s1 = b.services
@@ -158,9 +162,11 @@ def measure(bench: Bench, reps: int, full_reps: int) -> list[Row]:
     scoped = median(reps, lambda i: b.call("PUT", "/rulesets/scoped-rs", b.mgr, 200,
                                            json=b.ruleset("scoped-rs", (s1, s0)[i % 2])))
     rows.append(Row("ruleset replace, in scope", plain, scoped, "fast path"))
+    progress(f"{rows[-1]}")
     refused = median(reps, lambda i: b.call("PUT", "/rulesets/scoped-rs", b.mgr, 403,
                                             json=b.ruleset("scoped-rs", (s1, s0)[i % 2], {"all": True})))
     rows.append(Row("ruleset replace reaching outside", None, refused, "403, rolled back"))
+    progress(f"{rows[-1]}")
 
     b.call("POST", "/services", b.owner, 201, json={"name": "bench-svc", "ports": ["7000/tcp"]})
     plain = median(full_reps, lambda i: b.call("PUT", "/services/bench-svc", b.owner, 200,
@@ -168,6 +174,7 @@ def measure(bench: Bench, reps: int, full_reps: int) -> list[Row]:
     scoped = median(full_reps, lambda i: b.call("PUT", "/services/bench-svc", b.admin, 200,
                                                 json={"name": "bench-svc", "ports": [f"{7101 + i}/tcp"]}))
     rows.append(Row("service replace", plain, scoped, "full path: 2 compiles"))
+    progress(f"{rows[-1]}")
 
     modes = ("selective", "full")
     plain = median(reps, lambda i: b.call("PUT", f"/workloads/{b.workload}/mode", b.owner, 200,
@@ -175,6 +182,7 @@ def measure(bench: Bench, reps: int, full_reps: int) -> list[Row]:
     scoped = median(reps, lambda i: b.call("PUT", f"/workloads/{b.workload}/mode", b.admin, 200,
                                            json={"mode": modes[(i + 1) % 2]}))
     rows.append(Row("workload mode switch", plain, scoped, "host deltas"))
+    progress(f"{rows[-1]}")
 
     def provision(who: dict[str, str], i: int) -> float:
         b.call("PUT", "/rulesets/scoped-rs", b.mgr, 200, json=b.ruleset("scoped-rs", (s1, s0)[i % 2]))
@@ -210,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             settings = ControllerSettings(database_url=f"sqlite:///{tmp}/bench.db", secure_cookies=False,
                                           argon2=Argon2Params(time_cost=1, memory_kib=8192, parallelism=1))
             with TestClient(create_app(settings)) as client:
+                progress(f"{name}: loading {len(policy.workloads)} workloads")
                 bench = Bench(client, policy, app, workload)
+                progress(f"{name}: loaded in {bench.load_s:.1f} s")
                 rows = measure(bench, args.reps, args.full_reps)
         print(report(f"{name} (scope app={app})", len(policy.workloads), bench.load_s, rows), flush=True)
     return 0
