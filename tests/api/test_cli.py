@@ -99,14 +99,14 @@ def test_policy_apply_diff_provision(tmp_path: Path) -> None:
         env = {**os.environ, "STOCKADE_CONTROLLER": live.base, "STOCKADE_API_KEY": token}
         cli = [sys.executable, "-m", "stockade.cli", "policy"]
         diff = subprocess.run([*cli, "diff", "-f", str(ESTATE)], env=env, capture_output=True, text=True, check=False)
-        assert diff.returncode == 0, diff.stderr
+        assert diff.returncode == 1, diff.stderr  # a difference, as diff(1) says it
         assert "+ draft ruleset" in diff.stdout and "would change" in diff.stdout
         applied = subprocess.run([*cli, "apply", "-f", str(ESTATE)], env=env, capture_output=True, text=True,
                                  check=False)
         assert applied.returncode == 0, applied.stderr
         again = subprocess.run([*cli, "diff", "-f", str(ESTATE)], env=env, capture_output=True, text=True,
                                check=False)
-        assert "0 object(s) would change" in again.stdout
+        assert "0 object(s) would change" in again.stdout and again.returncode == 0, again.stderr
         prov = subprocess.run([*cli, "provision", "-m", "from git"], env=env, capture_output=True, text=True,
                               check=False)
         assert prov.returncode == 0 and prov.stdout.startswith("version 1:"), prov.stdout + prov.stderr

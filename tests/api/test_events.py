@@ -82,7 +82,7 @@ def test_syslog_forwarding(tmp_path: Path, udp: socket.socket, fmt: SyslogFormat
 def test_offline_grace_takes_addresses_out_of_peer_sets(sqlite_api: Api) -> None:
     api = sqlite_api
     api.ok("POST", "/services", 201, json={"name": "pg", "ports": ["5432/tcp"]})
-    api.ok("POST", "/rulesets", 201, json={"name": "r", "rules": [
+    api.ok("POST", "/rulesets", 201, json={"name": "r", "scope": "all", "rules": [
         {"consumers": [{"labels": {"role": "web"}}], "providers": [{"labels": {"role": "db"}}], "services": ["pg"]}]})
     api.ok("POST", "/policy/provision", 201, json={"message": "v1"})
     api.ok("POST", "/workloads", 201, json={"name": "db", "labels": {"role": "db"}})

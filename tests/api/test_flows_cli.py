@@ -67,7 +67,7 @@ def test_flows_suggest_and_impact_commands(tmp_path: Path) -> None:
         assert impact.returncode == 3, impact.stdout + impact.stderr  # newly blocked flows: non-zero
         assert "2 newly blocked" in impact.stdout and "10.70.0.11 -> 10.70.0.21 8080/tcp" in impact.stdout
         refused = run("policy", "provision", "-m", "cut")
-        assert refused.returncode == 1 and "newly block 2" in refused.stderr
+        assert refused.returncode == 7 and "newly block 2" in refused.stderr  # 7: the controller refused it
 
         sugg = run("suggest", "--app", "shop", "--env", "prod")
         assert sugg.returncode == 0, sugg.stderr
@@ -77,7 +77,10 @@ def test_flows_suggest_and_impact_commands(tmp_path: Path) -> None:
         assert accepted.returncode == 0 and "accepted 1 rule(s)" in accepted.stdout, accepted.stdout + accepted.stderr
         after = run("policy", "impact")
         assert after.returncode == 0 and "0 newly blocked" in after.stdout and "1 newly allowed" in after.stdout
-        assert run("policy", "provision", "-m", "with suggestions").returncode == 0
+        widening = run("policy", "provision", "-m", "with suggestions")  # newly allows: confirm it (issue 14)
+        assert widening.returncode == 7 and "newly allow 1" in widening.stderr and "--proceed" in widening.stderr
+        assert "?proceed" not in widening.stderr
+        assert run("policy", "provision", "-m", "with suggestions", "--proceed").returncode == 0
         assert run("suggest").returncode == 2  # no group named
     finally:
         live.stop()

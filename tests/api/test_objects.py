@@ -83,9 +83,10 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("services", {"name": "s", "ports": ["99999/tcp"]}, "ports[0]"),
     ("services", {"name": "s", "ports": []}, "ports"),
     ("ip-lists", {"name": "i", "include": ["not-a-cidr"]}, "include[0]"),
-    ("rulesets", {"name": "r", "rules": [{"consumers": [{}], "providers": [{"all": True}], "services": ["any"]}]},
+    ("rulesets", {"name": "r", "scope": "all",
+                  "rules": [{"consumers": [{}], "providers": [{"all": True}], "services": ["any"]}]},
      "rules[0].consumers[0]"),
-    ("rulesets", {"name": "r", "rules": [{"consumers": [{"all": True}], "providers": [{"all": True}],
+    ("rulesets", {"name": "r", "scope": "all", "rules": [{"consumers": [{"all": True}], "providers": [{"all": True}],
                                          "services": ["nosuch"]}]}, "services"),
     ("rulesets", {"name": "r", "scope": [{"ip_list": "x"}]}, "scope[0]"),
     ("label-groups", {"name": "g", "key": "nokey", "values": ["a"]}, "LabelGroup g"),
@@ -114,7 +115,7 @@ def test_malformed_json_and_wrong_types_are_4xx(sqlite_api: Api) -> None:
 
 def test_referenced_objects_cannot_be_deleted(api: Api) -> None:
     api.ok("POST", "/services", 201, json={"name": "web", "ports": ["80/tcp"]})
-    api.ok("POST", "/rulesets", 201, json={"name": "r", "rules": [
+    api.ok("POST", "/rulesets", 201, json={"name": "r", "scope": "all", "rules": [
         {"consumers": [{"all": True}], "providers": [{"all": True}], "services": ["web"]}]})
     r = api.req("DELETE", "/services/web")
     assert r.status_code == 409 and "web" in r.json()["message"]

@@ -115,7 +115,7 @@ def test_ruleset_manager_scope(api: Api) -> None:
     mgr = api.key("ruleset-manager", ["app=shop"])
     inside = {"name": "shop", "scope": [{"labels": {"app": "shop", "env": "prod"}}], "rules": []}
     outside = {"name": "crm", "scope": [{"labels": {"app": "crm"}}], "rules": []}
-    unscoped = {"name": "all", "rules": []}
+    unscoped = {"name": "all", "scope": "all", "rules": []}
     assert api.req("POST", "/rulesets", json=inside, headers=mgr).status_code == 201
     assert api.req("POST", "/rulesets", json=outside, headers=mgr).status_code == 403
     assert api.req("POST", "/rulesets", json=unscoped, headers=mgr).status_code == 403

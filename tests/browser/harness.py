@@ -91,7 +91,7 @@ class Console:
 
 
 @contextmanager
-def running_controller(cli: bool = False) -> Iterator[Console]:
+def running_controller(cli: bool = False, extra_args: tuple[str, ...] = ()) -> Iterator[Console]:
     """Start a controller (``stockade controller --insecure-http`` with ``cli``) and yield a :class:`Console`."""
     data_dir = Path(tempfile.mkdtemp(prefix="stockade-console-"))
     port = free_port()
@@ -102,7 +102,7 @@ def running_controller(cli: bool = False) -> Iterator[Console]:
                 "--host", "127.0.0.1", "--port", str(port), "--insecure-http"]
     else:  # the same app, importing only the controller (faster, cheap argon2)
         argv = [sys.executable, str(Path(__file__).with_name("serve_console.py")), "--data", str(data_dir / "data"),
-                "--port", str(port)]
+                "--port", str(port), *extra_args]
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     client: httpx.Client | None = None

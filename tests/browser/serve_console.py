@@ -26,11 +26,12 @@ def main() -> None:
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--port", required=True, type=int)
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--login-limit", type=int, default=1000, help="login attempts per client per minute")
     args = ap.parse_args()
     settings = ControllerSettings.for_data_dir(
         args.data,
         secure_cookies=False,
-        login_limit=(1000, 60.0),
+        login_limit=(args.login_limit, 60.0),
         argon2=Argon2Params(time_cost=1, memory_kib=8192, parallelism=1),
     )
     app = create_app(settings)

@@ -34,16 +34,27 @@ def pick(page: Any, combobox: Any, text: str, key: str) -> None:
     combobox.press("Enter")
 
 
+def provision_in_console(page: Any) -> None:
+    """Click Provision; confirm in the dialog the console shows when the draft blocks or widens (issue 14)."""
+    page.get_by_role("button", name="Provision", exact=True).click()
+    dialog = page.get_by_role("dialog", name="Provision this version?")
+    done = page.locator("[data-role=provisioned]")
+    expect(dialog.or_(done)).to_be_visible()
+    if dialog.is_visible():
+        dialog.get_by_role("button", name="Provision anyway").click()
+    expect(done).to_be_visible()
+
+
 def test_login_form(anonymous_page: Any, console: Console) -> None:
     page = anonymous_page
     page.goto("/")
     expect(page.get_by_role("heading", name="Log in to Stockade")).to_be_visible()
     page.get_by_label("Username").fill(console.username)
-    page.get_by_label("Password").fill("not-the-password")
+    page.get_by_label("Password", exact=True).fill("not-the-password")
     page.get_by_role("button", name="Log in").click()
-    expect(page.locator(".form-errors")).to_contain_text("wrong username or password")
+    expect(page.locator(".form-errors h2")).to_have_text("Wrong user name or password")
     expect(page.get_by_label("Username")).to_have_value(console.username)  # nothing lost
-    page.get_by_label("Password").fill(console.password)
+    page.get_by_label("Password", exact=True).fill(console.password)
     page.get_by_role("button", name="Log in").click()
     expect(page.get_by_role("heading", name="Workloads")).to_be_visible()
     expect(page.locator("#session")).to_contain_text(console.username)
@@ -116,6 +127,10 @@ def test_write_a_rule_with_pickers_preview_and_provision(page: Any, console: Con
     before = console.get("/policy/versions", limit=1)["items"][0]["number"]
     page.get_by_label("Message").fill("dev team may reach the new dev environment")
     page.get_by_role("button", name="Provision").click()
+    # the draft newly allows recorded connections (dev laptops -> newdev-web-1): the console asks first
+    dialog = page.get_by_role("dialog", name="Provision this version?")
+    expect(dialog).to_contain_text("newly allow")
+    dialog.get_by_role("button", name="Provision anyway").click()
     expect(page.get_by_text(f"Version {before + 1} provisioned.")).to_be_visible()
     latest = console.get("/policy/versions", limit=1)["items"][0]
     assert latest["number"] == before + 1
@@ -127,6 +142,7 @@ def test_api_field_errors_show_next_to_fields_and_nothing_is_lost(page: Any) -> 
     page.goto("/#/rulesets/new")
     name = page.get_by_label("Name", exact=True)
     name.fill("bad name!")
+    pick(page, page.get_by_role("combobox", name="Scope", exact=True), "env=prod", "label:env=prod")
     pick(page, page.get_by_role("combobox", name="Consumers", exact=True), "role=web", "label:role=web")
     pick(page, page.get_by_role("combobox", name="Providers", exact=True), "role=db", "label:role=db")
     page.get_by_role("button", name="Create in draft").click()

@@ -31,7 +31,7 @@ from stockade.lab import HostSpec, Lab, Probe, ProbeKind, probe_matrix
 from stockade.lab.estate import evaluate_probe
 from stockade.policyfile import load_documents
 from tests.browser.harness import free_port
-from tests.browser.test_console import pick
+from tests.browser.test_console import pick, provision_in_console
 from tests.e2e.harness import AgentProcess, Api, ControllerLink, ControllerProcess, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.kernel]
@@ -155,7 +155,7 @@ def test_dev_team_gets_the_new_dev_environment_in_a_handful_of_clicks(world: Wor
         page.get_by_role("link", name="Review the draft and provision →").click()
         expect(page.locator('[data-change="ruleset:dev-team-access"]')).to_be_visible()
         page.get_by_label("Message").fill("the dev team may reach the new dev environment (https)")
-        page.get_by_role("button", name="Provision", exact=True).click()
+        provision_in_console(page)
         expect(page.locator("[data-role=provisioned]")).to_contain_text(WEB[0])
         page.screenshot(path=str(screenshots / "scenario-provisioned.png"), full_page=True)
     finally:

@@ -15,8 +15,8 @@ from stockade.backends.base import (
     check_delta_capabilities,
     required_capabilities,
 )
-from stockade.backends.nftables.backend import NftablesBackend, delta_changes, delta_script, listing_form
 from stockade.backends.nftables import netlink as nl
+from stockade.backends.nftables.backend import NftablesBackend, delta_changes, delta_script, listing_form
 from stockade.backends.nftables.render import (
     log_prefix,
     render_nftables,

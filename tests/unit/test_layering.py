@@ -22,8 +22,9 @@ ALLOWED: dict[str, set[str]] = {
     "backends": {"errors", "model", "compiler", "bpf"},  # bpf: the eBPF C sources and their build
     "visibility": {"errors", "model", "compiler", "evaluator"},
     "lab": {"errors", "model", "compiler", "evaluator", "backends", "policyfile", "paths"},
-    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility"},
-    "controller": {"errors", "model", "compiler", "evaluator", "policyfile", "visibility", "backends", "web"},
+    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs"},
+    "controller": {"errors", "model", "compiler", "evaluator", "policyfile", "visibility", "backends", "web", "logs"},
+    "logs": set(),
 }
 
 

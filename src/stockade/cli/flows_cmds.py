@@ -24,6 +24,7 @@ import click
 
 from stockade.cli import main
 from stockade.cli.controller_cmds import _client, _fail, client_options, policy_group
+from stockade.model.rule_ids import rule_title
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -84,7 +85,7 @@ _FILTERS = ("src_labels", "dst_labels", "labels", "src_workload", "dst_workload"
 @click.option("--csv", "as_csv", is_flag=True, help="every matching flow as CSV on stdout")
 @client_options
 def flows(as_csv: bool, limit: int, since: str | None, until: str | None, verdict: tuple[str, ...],
-          controller_url: str, api_key: str, ca_cert: Path | None, **filters: Any) -> None:
+          controller_url: str | None, api_key: str | None, ca_cert: Path | None, **filters: Any) -> None:
     """Recorded flows (the Explorer), newest first."""
     params: dict[str, Any] = {k: v for k, v in filters.items() if k in _FILTERS and v is not None}
     params.update({k: v for k, v in (("since", when(since)), ("until", when(until))) if v})
@@ -106,7 +107,7 @@ def flows(as_csv: bool, limit: int, since: str | None, until: str | None, verdic
     rows = [["LAST SEEN", "SOURCE", "DESTINATION", "SERVICE", "SIDE", "VERDICT", "RULE", "COUNT"]]
     for f in page["items"]:
         rows.append([f["last_seen"][:19].replace("T", " "), _end(f["src"]), _end(f["dst"]), f["service"],
-                     f["side"], f["verdict"], f["rule_id"], str(f["count"])])
+                     f["side"], f["verdict"], rule_title(f["rule_id"]), str(f["count"])])
     click.echo(_table(rows) if len(rows) > 1 else "no flows")
     if page.get("next_cursor"):
         click.echo("(more: raise --limit or use --csv for all)")
@@ -137,7 +138,7 @@ def _selector(sel: dict[str, Any]) -> str:
 @client_options
 def suggest_cmd(app: str | None, env: str | None, labels: tuple[str, ...], keys: str, role_key: str, since: str,
                 until: str | None, include_allowed: bool, accept: bool, rules: tuple[str, ...],
-                controller_url: str, api_key: str, ca_cert: Path | None) -> None:
+                controller_url: str | None, api_key: str | None, ca_cert: Path | None) -> None:
     """Rules that would allow an app group's observed traffic (and, with --accept, create them)."""
     group = [f"{k}={v}" for k, v in (("app", app), ("env", env)) if v] + list(labels)
     if not group:
@@ -153,12 +154,13 @@ def suggest_cmd(app: str | None, env: str | None, labels: tuple[str, ...], keys:
         s = r.json()
         click.echo(f"{s['group']}: {s['considered']} connection(s) observed, {s['already_allowed']} already "
                    f"allowed by the draft; {len(s['rules'])} rule(s) for ruleset {s['ruleset']}")
-        for rule in s["rules"]:
+        for n, rule in enumerate(s["rules"], start=1):  # numbered from 1, as the accepted ruleset's rules
             cons = " | ".join(_selector(x) for x in rule["consumers"])
             provs = " | ".join(_selector(x) for x in rule["providers"])
             scope = " (extra-scope)" if rule["consumers_scope"] == "global" else ""
-            click.echo(f"  [{rule['id']}] {cons} -> {provs} on {rule['service']} ({', '.join(rule['ports'])})"
-                       f"{scope}: {rule['connections']} connection(s), seen {rule['count']}x")
+            click.echo(f"  rule {n} [id {rule['id']}] {cons} -> {provs} on {rule['service']} "
+                       f"({', '.join(rule['ports'])}){scope}: {rule['connections']} connection(s), "
+                       f"seen {rule['count']}x")
         for svc in s["new_services"]:
             click.echo(f"  new service {svc['name']}: {', '.join(svc['ports'])}")
         for ipl in s["new_ip_lists"]:
@@ -186,7 +188,7 @@ def suggest_cmd(app: str | None, env: str | None, labels: tuple[str, ...], keys:
 @click.option("--until")
 @click.option("--limit", type=click.IntRange(0, 10000), default=50, show_default=True)
 @client_options
-def policy_impact(since: str | None, until: str | None, limit: int, controller_url: str, api_key: str,
+def policy_impact(since: str | None, until: str | None, limit: int, controller_url: str | None, api_key: str | None,
                   ca_cert: Path | None) -> None:
     """Recorded connections whose verdict provisioning the draft would change (newly blocked first)."""
     params: dict[str, Any] = {"limit": limit}
@@ -200,8 +202,11 @@ def policy_impact(since: str | None, until: str | None, limit: int, controller_u
                f"{imp['newly_potentially_blocked']} newly potentially blocked, {imp['newly_allowed']} newly allowed, "
                f"{imp['no_longer_blocked']} no longer blocked")
     for i in imp["items"]:
-        rules = "; ".join(i["after_rules"]) or "-"
-        click.echo(f"  {i['change']}: {i['src']} -> {i['dst']} {i['service']} (seen {i['count']}x): "
-                   f"{i['before']} -> {i['after']} [{rules}]")
+        click.echo(f"  {i['change']}: {i['src']} -> {i['dst']} {i['service']} (seen {i['count']}x, was {i['before']}): "
+                   f"{i['sentence']}")
+    for w in imp.get("widened", []):
+        click.echo(f"  widened: {w['sentence']}")
+    if imp.get("confirm"):
+        click.echo("provisioning this draft needs --proceed: " + "; ".join(imp["confirm"]))
     if imp["newly_blocked"]:
         sys.exit(3)

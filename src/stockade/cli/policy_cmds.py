@@ -19,6 +19,7 @@ from stockade.compiler import Compiler, HostPolicy, host_policy_to_json
 from stockade.errors import StockadeError, ValidationError
 from stockade.evaluator import Evaluation, Evaluator, SideDecision
 from stockade.model import IPAddress, Policy, Proto
+from stockade.model.rule_ids import rule_title
 
 T = TypeVar("T")
 
@@ -81,7 +82,7 @@ def render_text(hp: HostPolicy) -> str:
         svc = ",".join(str(e) for e in r.services)
         peer = next((s.selector for s in hp.sets if s.name == r.peer), r.peer)
         arrow = "<-" if r.direction.value == "in" else "->"
-        lines.append(f"  {r.action.value:<13} {arrow} {peer:<40} {svc:<20} [{r.rule_id}]")
+        lines.append(f"  {r.action.value:<13} {arrow} {peer:<40} {svc:<20} [{rule_title(r.rule_id)}]")
     lines.append("address sets:")
     for s in hp.sets:
         members = ", ".join(str(m) for m in s.members) or "(empty)"
@@ -92,7 +93,7 @@ def render_text(hp: HostPolicy) -> str:
 def describe_side(side: SideDecision | None, where: str) -> str:
     if side is None:
         return f"  {where}: unmanaged or idle, no decision"
-    return f"  {where} ({side.workload}, {side.mode.value}): {side.action} by {side.rule_id}"
+    return f"  {where} ({side.workload}, {side.mode.value}): {side.action} by {rule_title(side.rule_id)}"
 
 
 def describe(ev: Evaluation) -> str:

@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from stockade import __version__
+from stockade.controller.access_log import AccessLogMiddleware
 from stockade.controller.api import admin as admin_api
 from stockade.controller.api import agents as agents_api
 from stockade.controller.api import flows as flows_api
@@ -131,6 +132,7 @@ def build_controller(settings: ControllerSettings) -> Controller:
     dist.load()
     metrics = Metrics()
     metrics.watch(dist, settings.offline_after)
+    metrics.watch_database(engine)
     dist.on_compile = metrics.observe_compile
     forwarder = None
     if settings.syslog is not None:
@@ -182,6 +184,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(MetricsMiddleware, metrics=ctl.metrics)
+    app.add_middleware(AccessLogMiddleware)  # outermost: request ids for every line below
     included: list[tuple[str, APIRouter]] = [
         (API, objects_api.router()),
         (API, policy_api.router),

@@ -2,7 +2,8 @@
 
 Request counts and latency per route template come from :class:`MetricsMiddleware` (a plain
 ASGI middleware, cheap enough for thousands of long-polls). Agent and convergence gauges are
-computed at scrape time from the :class:`~stockade.controller.services.distribution.PolicyDistributor`.
+computed at scrape time from the :class:`~stockade.controller.services.distribution.PolicyDistributor`;
+policy-version and database gauges from a query at scrape time; flow ingestion is counted per upload.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stockade.controller.services.distribution import PolicyDistributor
@@ -36,6 +39,8 @@ class Metrics:
         )
         self.bumps = Counter("stockade_host_revision_bumps", "per-host revision bumps", registry=self.registry)
         self.waiting = Gauge("stockade_agents_waiting", "agents holding a policy long-poll", registry=self.registry)
+        self.flow_records = Counter("stockade_flow_records_ingested", "flow summaries accepted from agents",
+                                    registry=self.registry)
 
     def observe_compile(self, seconds: float, bumped: int) -> None:
         self.compile_seconds.observe(seconds)
@@ -43,6 +48,38 @@ class Metrics:
 
     def watch(self, dist: PolicyDistributor, offline_after: float) -> None:
         self.registry.register(_ConvergenceCollector(dist, offline_after))
+
+    def watch_database(self, engine: Engine) -> None:
+        self.registry.register(_DatabaseCollector(engine))
+
+
+class _DatabaseCollector(Collector):
+    """At scrape time: the active policy version, the draft's pending changes, a round trip to the
+    database and its connection pool. A database that does not answer reports ``stockade_db_up 0``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Any]:
+        up, active, versions, ping = 0.0, 0.0, 0.0, float("nan")
+        try:
+            start = time.perf_counter()
+            with self.engine.connect() as conn:
+                row = conn.execute(text("SELECT count(*), coalesce(max(number), 0) FROM policy_versions")).one()
+            ping = time.perf_counter() - start
+            versions, active, up = float(row[0]), float(row[1]), 1.0
+        except SQLAlchemyError:
+            pass
+        yield GaugeMetricFamily("stockade_db_up", "1 when the database answered the scrape's query", value=up)
+        yield GaugeMetricFamily("stockade_db_query_seconds", "time of the scrape's database round trip", value=ping)
+        yield GaugeMetricFamily("stockade_policy_active_version", "number of the newest provisioned version",
+                                value=active)
+        yield GaugeMetricFamily("stockade_policy_versions", "provisioned policy versions", value=versions)
+        pool = self.engine.pool
+        checked_out = getattr(pool, "checkedout", None)
+        if callable(checked_out):
+            yield GaugeMetricFamily("stockade_db_pool_checked_out", "database connections in use",
+                                    value=float(checked_out()))
 
 
 class _ConvergenceCollector(Collector):

@@ -222,7 +222,9 @@ async def upload_flows(request: Request, agent_id: str,
             raise ValidationError([Issue("api", 0, "body", "not JSON")]) from None
         return fs.ingest(agent_id, principal.workload, body, policy, time.time())
 
-    return UploadOut(accepted=await run_in_threadpool(ingest))
+    accepted = await run_in_threadpool(ingest)
+    controller_of(request).metrics.flow_records.inc(accepted)
+    return UploadOut(accepted=accepted)
 
 
 # ---- the Explorer --------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ already allows) over the last 24 hours by default; accepting recomputes them and
 chosen rules as a new ruleset with the services and IP lists they need. Impact replays the
 recorded connections of ``FlowSettings.impact_window_hours`` through the reference evaluator;
 :func:`provision_guard` is what ``POST /policy/provision`` calls first: it refuses (409) when
-connections would be newly blocked, unless told to proceed.
+the draft would newly block recorded connections *or widen* (newly allow recorded connections,
+an existing rule reaching more workloads, a rule of an all-workloads ruleset reaching any), unless
+told to proceed. Impact texts are in words, rules numbered from 1 ("ruleset shop rule 1").
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from stockade.model.labels import Label
 from stockade.model.rules import Ruleset
 from stockade.model.services import Proto
 from stockade.visibility import ChangeKind, Impact, Suggestions, accept, preview, suggest
+from stockade.visibility.impact import RuleWidening, widenings
 
 router = APIRouter()
 
@@ -173,6 +176,19 @@ class ImpactItemOut(BaseModel):
     after: Verdict
     before_rules: list[str]
     after_rules: list[str]
+    sentence: str = Field(description='in words: "web-1 -> db-1 5432/tcp becomes allowed by ruleset shop rule 1"')
+
+
+class WideningOut(BaseModel):
+    ruleset: str
+    rule: int = Field(description="the rule's position, counted from 1")
+    rule_id: str
+    added: list[str] = Field(description="workloads the rule reaches that it did not")
+    reaches: int
+    new_rule: bool
+    every_workload: bool
+    needs_confirmation: bool
+    sentence: str
 
 
 class ImpactOut(BaseModel):
@@ -184,26 +200,53 @@ class ImpactOut(BaseModel):
     newly_allowed: int
     no_longer_blocked: int
     items: list[ImpactItemOut]
+    widened: list[WideningOut] = Field(default_factory=list, description="allow rules reaching more workloads")
+    confirm: list[str] = Field(default_factory=list,
+                               description="what provisioning needs a confirmation for, in words (empty: nothing)")
 
 
 def _rules(ev: Evaluation) -> list[str]:
     return [f"{d.workload}:{d.action}:{d.rule_id}" for d in (ev.outbound, ev.inbound) if d is not None]
 
 
+def _widening_out(w: RuleWidening) -> WideningOut:
+    return WideningOut(ruleset=w.ruleset, rule=w.index + 1, rule_id=w.rule_id, added=list(w.added), reaches=w.reaches,
+                       new_rule=w.new_rule, every_workload=w.every_workload, needs_confirmation=w.needs_confirmation,
+                       sentence=w.sentence)
+
+
+def _connections(n: int) -> str:
+    return f"{n} recorded connection{'s' if n != 1 else ''}"
+
+
+def confirmations(out: ImpactOut) -> list[str]:
+    """What provisioning must be confirmed for, in words: narrowing and widening alike."""
+    found = []
+    if out.newly_blocked:
+        found.append(f"it would newly block {_connections(out.newly_blocked)}")
+    if out.newly_allowed:
+        found.append(f"it would newly allow {_connections(out.newly_allowed)}")
+    found.extend(w.sentence for w in out.widened if w.needs_confirmation)
+    return found
+
+
 def impact_of(ctl: Controller, fs: FlowStore, since_ms: int, until_ms: int | None, limit: int) -> ImpactOut:
     conns = merged_connections(observed(fs, FlowFilter(since_ms=since_ms, until_ms=until_ms)))
-    # no recorded flows: nothing to replay (and no policy to assemble on a provision's hot path)
-    imp: Impact = preview(active_policy(ctl), draft_policy(ctl), conns) if conns else Impact((), 0)
+    active, draft = active_policy(ctl), draft_policy(ctl)
+    imp: Impact = preview(active, draft, conns) if conns else Impact((), 0)
     items = [ImpactItemOut(change=i.change.value, src=str(i.connection.key.src), dst=str(i.connection.key.dst),
                            proto=i.connection.key.proto, port=i.connection.key.port,
                            service=i.connection.key.service_text(), count=i.connection.count,
                            reported=i.connection.verdict, before=i.before.verdict, after=i.after.verdict,
-                           before_rules=_rules(i.before), after_rules=_rules(i.after)) for i in imp.items[:limit]]
-    return ImpactOut(since=as_time(since_ms / 1000), until=as_time(until_ms / 1000) if until_ms else None,
-                     evaluated=imp.evaluated, newly_blocked=imp.count(ChangeKind.NEWLY_BLOCKED),
-                     newly_potentially_blocked=imp.count(ChangeKind.NEWLY_POTENTIALLY_BLOCKED),
-                     newly_allowed=imp.count(ChangeKind.NEWLY_ALLOWED),
-                     no_longer_blocked=imp.count(ChangeKind.NO_LONGER_BLOCKED), items=items)
+                           before_rules=_rules(i.before), after_rules=_rules(i.after), sentence=i.sentence)
+             for i in imp.items[:limit]]
+    out = ImpactOut(since=as_time(since_ms / 1000), until=as_time(until_ms / 1000) if until_ms else None,
+                    evaluated=imp.evaluated, newly_blocked=imp.count(ChangeKind.NEWLY_BLOCKED),
+                    newly_potentially_blocked=imp.count(ChangeKind.NEWLY_POTENTIALLY_BLOCKED),
+                    newly_allowed=imp.count(ChangeKind.NEWLY_ALLOWED),
+                    no_longer_blocked=imp.count(ChangeKind.NO_LONGER_BLOCKED), items=items,
+                    widened=[_widening_out(w) for w in widenings(active, draft)])
+    return out.model_copy(update={"confirm": confirmations(out)})
 
 
 @router.get("/policy/impact", tags=["Policy"], responses=ERRORS, operation_id="policy-impact")
@@ -217,11 +260,15 @@ def policy_impact(request: Request, principal: Annotated[Principal, Depends(requ
 
 
 class ImpactRefusedError(ConflictError):
-    """Provisioning would newly block recorded flows and was not told to proceed (HTTP 409)."""
+    """Provisioning would newly block or widen and was not told to proceed (HTTP 409).
+
+    The message is in the user's terms (what would change); each client says how to confirm
+    (the console with a dialog, the CLI with ``--proceed``, the API with ``?proceed=true``).
+    """
 
 
 def provision_guard(request: Request, proceed: bool) -> dict[str, Any]:
-    """The impact summary of provisioning the draft now; refuses when flows would be newly blocked.
+    """The impact summary of provisioning the draft now; refuses when it blocks or widens.
 
     Called by ``POST /policy/provision`` before it provisions (``?proceed=true`` overrides).
     """
@@ -229,8 +276,6 @@ def provision_guard(request: Request, proceed: bool) -> dict[str, Any]:
     since = int(time.time() * 1000) - fs.settings.impact_window_hours * HOUR_MS
     out = impact_of(controller_of(request), fs, since, None, 20)
     summary = out.model_dump(mode="json")
-    if out.newly_blocked and not proceed:
-        raise ImpactRefusedError(
-            f"provisioning would newly block {out.newly_blocked} recorded connection(s) "
-            f"(see GET /api/v1/policy/impact); repeat with ?proceed=true to provision anyway")
+    if out.confirm and not proceed:
+        raise ImpactRefusedError("Provisioning needs confirmation: " + "; ".join(out.confirm) + ".")
     return summary

@@ -170,9 +170,10 @@ def provision(
     request: Request,
     body: ProvisionIn,
     principal: Annotated[Principal, Depends(require(Permission.WRITE))],
-    proceed: Annotated[bool, Query(description="provision even if recorded flows would be newly blocked")] = False,
+    proceed: Annotated[bool, Query(description="confirm: provision even if the draft newly blocks recorded flows, "
+                                               "newly allows them or widens a rule (otherwise 409)")] = False,
 ) -> VersionOut:
-    impact = flows_policy_api.provision_guard(request, proceed)  # 409 when flows would be newly blocked
+    impact = flows_policy_api.provision_guard(request, proceed)  # 409 when it blocks or widens, unconfirmed
     guard = scope.version_guard(principal, "provisioning the draft")
     row = versions.provision(controller_of(request).dist, principal.actor, body.message, guard)
     return version_out(row).model_copy(update={"impact": impact})

@@ -16,7 +16,7 @@ Selectors are written as one of::
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -96,7 +96,8 @@ class AllowRuleBody(Body):
 
 class RulesetBody(Body):
     name: Name
-    scope: list[SelectorBody] = Field(default_factory=list, description="label selectors; empty: all workloads")
+    scope: list[SelectorBody] | Literal["all"] | None = Field(
+        None, description='label selectors, or "all" to govern every workload (required; an empty list is refused)')
     rules: list[AllowRuleBody] = Field(default_factory=list)
     description: Text = ""
 

@@ -209,9 +209,17 @@ def service_to(x: Service) -> dict[str, Any]:
     return {"name": x.name, "ports": [format_service_entry(e) for e in x.entries], "description": x.description}
 
 
+ALL_SCOPE_HINT = 'write "all" to govern every workload, or add a label selector'
+
+
 def ruleset_from(b: s.RulesetBody, issues: _Issues) -> Ruleset:
+    # An empty field never means "every workload" (issue 14): only the explicit "all" does.
+    if b.scope is None:
+        issues.add("scope", f"a scope is required: {ALL_SCOPE_HINT}")
+    elif not b.scope:
+        issues.add("scope", f"an empty scope would govern every workload: {ALL_SCOPE_HINT}")
     scopes = []
-    for i, sb in enumerate(b.scope):
+    for i, sb in enumerate(b.scope if isinstance(b.scope, list) else ()):
         sel = _selector(sb, f"scope[{i}]", issues, labels_only=True)
         if isinstance(sel, LabelSelector):
             scopes.append(sel)
@@ -232,7 +240,7 @@ def ruleset_from(b: s.RulesetBody, issues: _Issues) -> Ruleset:
 def ruleset_to(x: Ruleset) -> dict[str, Any]:
     return {
         "name": x.name,
-        "scope": [_selector_body(sc) for sc in x.scopes],
+        "scope": [_selector_body(sc) for sc in x.scopes] if x.scopes else "all",
         "rules": [
             {
                 "consumers": [_selector_body(c) for c in r.consumers],
@@ -347,7 +355,15 @@ Objects = dict[str, dict[str, dict[str, Any]]]  # kind -> name -> canonical body
 
 def domain_objects(kind: str, bodies: Mapping[str, Mapping[str, Any]]) -> list[Any]:
     k = KIND_BY_NAME[kind]
-    return [k.to_domain(k.parse(bodies[n])) for n in sorted(bodies)]
+    return [k.to_domain(k.parse(_stored(kind, bodies[n]))) for n in sorted(bodies)]
+
+
+def _stored(kind: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A stored body as the codec reads it today: rulesets stored before the explicit "all"
+    form kept an unscoped ruleset as ``scope: []``, which meant every workload."""
+    if kind == "ruleset" and body.get("scope") == []:
+        return {**body, "scope": "all"}
+    return body
 
 
 def build_policy(objects: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Policy:

@@ -3,14 +3,18 @@
 Every API change and every agent state change calls :func:`record_event` (who, what, which
 object, before/after). Rows become visible atomically with the change. When a
 :class:`SyslogForwarder` is configured, events committed by a session are sent over UDP as
-RFC 5424 lines whose message is either JSON or ArcSight CEF.
+RFC 5424 lines whose message is either JSON or ArcSight CEF, over UDP, TCP or TLS.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import socket
+import ssl
+import threading
+import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -100,27 +104,109 @@ def format_event(row: EventRow, fmt: SyslogFormat) -> str:
     return "|".join(_cef_escape(h, header=True) if i else h for i, h in enumerate(head)) + "|" + extension
 
 
+class SyslogTransport(Enum):
+    UDP = "udp"
+    TCP = "tcp"  # RFC 6587 octet counting
+    TLS = "tls"  # RFC 5425
+
+
 @dataclass(frozen=True)
 class SyslogTarget:
     host: str
     port: int
     fmt: SyslogFormat = SyslogFormat.JSON
+    transport: SyslogTransport = SyslogTransport.UDP
+    ca_file: str | None = None  # TLS: the receiver's CA (default: the system's)
 
 
 class SyslogForwarder:
-    """Sends committed events to a syslog receiver over UDP (RFC 5424, facility local0)."""
+    """Sends committed events to a syslog receiver (RFC 5424, facility local0) over UDP, TCP or TLS.
+
+    UDP datagrams are sent inline (never blocks). TCP and TLS go through a bounded queue drained by
+    one background thread that connects lazily and reconnects with backoff, so a slow or absent
+    receiver never holds up a database commit; when the queue is full the oldest line is dropped
+    and counted (``dropped``). Events are stored in the database before they are forwarded.
+    """
+
+    QUEUE = 10_000
 
     def __init__(self, target: SyslogTarget) -> None:
         self.target = target
-        self._sock = socket.socket(socket.AF_INET6 if ":" in target.host else socket.AF_INET, socket.SOCK_DGRAM)
         self._hostname = socket.gethostname()
+        self.dropped = 0
+        self.sent = 0
+        self._sock: socket.socket | None = None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUE)
+        self._thread: threading.Thread | None = None
+        if target.transport is SyslogTransport.UDP:
+            family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
+            self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        else:
+            self._thread = threading.Thread(target=self._drain, name="syslog-forwarder", daemon=True)
+            self._thread.start()
 
-    def send(self, row: EventRow) -> None:
+    def line(self, row: EventRow) -> bytes:
         pri = 16 * 8 + 5  # local0.notice
         message = format_event(row, self.target.fmt)
-        line = f"<{pri}>1 {row.time.isoformat()} {self._hostname} stockade - audit - {message}"
-        with contextlib.suppress(OSError):  # best effort: the event is already stored
-            self._sock.sendto(line.encode(), (self.target.host, self.target.port))
+        return f"<{pri}>1 {row.time.isoformat()} {self._hostname} stockade - audit - {message}".encode()
+
+    def send(self, row: EventRow) -> None:
+        data = self.line(row)
+        if self._sock is not None:
+            with contextlib.suppress(OSError):  # best effort: the event is already stored
+                self._sock.sendto(data, (self.target.host, self.target.port))
+                self.sent += 1
+            return
+        framed = str(len(data)).encode() + b" " + data
+        while True:
+            try:
+                self._queue.put_nowait(framed)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get_nowait()
+                    self.dropped += 1
+
+    def _connect(self) -> socket.socket:
+        raw = socket.create_connection((self.target.host, self.target.port), timeout=10)
+        if self.target.transport is SyslogTransport.TLS:
+            ctx = ssl.create_default_context(cafile=self.target.ca_file)
+            return ctx.wrap_socket(raw, server_hostname=self.target.host)
+        return raw
+
+    def _drain(self) -> None:
+        conn: socket.socket | None = None
+        delay = 0.5
+        pending: bytes | None = None
+        while True:
+            if pending is None:
+                pending = self._queue.get()
+                if pending is None:
+                    break
+            try:
+                if conn is None:
+                    conn = self._connect()
+                    delay = 0.5
+                conn.sendall(pending)
+                self.sent += 1
+                pending = None
+            except OSError:
+                if conn is not None:
+                    with contextlib.suppress(OSError):
+                        conn.close()
+                conn = None
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued line went out (tests, shutdown); True when the queue is empty."""
+        deadline = time.monotonic() + timeout
+        while self._queue.qsize() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._queue.qsize()
 
     def attach(self, factory: sessionmaker[Any]) -> None:
         """Forward every event committed through sessions of ``factory``."""
@@ -136,4 +222,10 @@ class SyslogForwarder:
         sa_event.listen(factory, "after_soft_rollback", lambda db, _tx: after_rollback(db))
 
     def close(self) -> None:
-        self._sock.close()
+        if self._sock is not None:
+            self._sock.close()
+        if self._thread is not None:
+            self.flush(2.0)
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
+            self._thread.join(2.0)

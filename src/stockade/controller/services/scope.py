@@ -136,7 +136,8 @@ def check_ruleset_ownership(principal: Principal, bodies: Iterable[Mapping[str, 
     need = {(lab.key, lab.value) for lab in principal.scope}
     for body in bodies:
         scopes = body.get("scope", [])
-        if not scopes or any(not need <= set(sc.get("labels", {}).items()) for sc in scopes):
+        unscoped = not isinstance(scopes, list) or not scopes  # "all" governs every workload
+        if unscoped or any(not need <= set(sc.get("labels", {}).items()) for sc in scopes):
             raise ForbiddenError(f"ruleset {body.get('name')!r} is outside your scope ({scope_text(principal)})")
 
 

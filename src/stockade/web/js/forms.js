@@ -33,8 +33,21 @@ function anchorFor(form, field) {
   return best;
 }
 
+/**
+ * Issues the form's own fields report before anything is sent: every element marked
+ * ``data-validate`` exposes ``validate()`` -> [{field, message}] (a picker with unfinished text,
+ * a rule side left empty). Nothing is ever silently dropped or widened on the way to the API.
+ */
+export async function clientIssues(form) {
+  const out = [];
+  for (const el of form.querySelectorAll("[data-validate]")) {
+    if (typeof el.validate === "function") out.push(...(await el.validate()));
+  }
+  return out;
+}
+
 /** Show an ApiError on ``form``; returns the number of issues placed next to a field. */
-export function showErrors(form, err) {
+export function showErrors(form, err, { title } = {}) {
   clearErrors(form);
   const issues = err.issues && err.issues.length ? err.issues : [];
   const unplaced = [];
@@ -61,7 +74,7 @@ export function showErrors(form, err) {
   if (unplaced.length || !issues.length) {
     const titleId = uid("errs");
     const summary = h("div", { class: "form-errors", role: "alert", "aria-labelledby": titleId },
-      h("h2", { id: titleId }, err.status === 409 ? "Conflict" : err.status === 412 ? "Changed by someone else" : "Could not save"),
+      h("h2", { id: titleId }, title || (err.status === 409 ? "Conflict" : err.status === 412 ? "Changed by someone else" : "Could not save")),
       h("p", {}, err.status === 412
         ? "This object was changed since you opened it. Your edits are still here: reload it in another tab, compare, then save again."
         : err.message),
@@ -70,7 +83,7 @@ export function showErrors(form, err) {
     if (!firstInvalid) summary.setAttribute("tabindex", "-1");
     firstInvalid = firstInvalid || summary;
   }
-  announce(`Not saved: ${issues.length || 1} problem${issues.length > 1 ? "s" : ""}`);
+  announce(title || `Not saved: ${issues.length || 1} problem${issues.length > 1 ? "s" : ""}`);
   if (firstInvalid) firstInvalid.focus();
   return placed;
 }
@@ -94,15 +107,20 @@ export function selectField({ label, name, options, value, field }) {
 }
 
 /** Run ``save`` from a submit handler with a busy button and error placement. */
-export async function submitWith(form, button, save) {
+export async function submitWith(form, button, save, { busy = "Saving…", errorTitle } = {}) {
   clearErrors(form);
   button.disabled = true;
   const old = button.textContent;
-  button.textContent = "Saving…";
+  button.textContent = busy;
   try {
+    const issues = await clientIssues(form);
+    if (issues.length) {
+      showErrors(form, { status: 0, message: "Nothing was saved: fix the fields marked below.", issues });
+      return undefined;
+    }
     return await save();
   } catch (err) {
-    showErrors(form, err);
+    showErrors(form, err, { title: errorTitle ? errorTitle(err) : undefined });
     return undefined;
   } finally {
     button.disabled = false;

@@ -78,6 +78,7 @@ export function selectorChips(sel) {
 
 /** "a OR b" rendering of a selector list. */
 export function selectorList(sels, empty = "inside the ruleset scope") {
+  if (sels === "all") return h("span", { class: "chips" }, allChip());
   if (!sels || !sels.length) return h("span", { class: "muted" }, empty);
   const out = [];
   sels.forEach((s, i) => {

@@ -4,6 +4,7 @@
 import { h, add, replace, icon, announce, toast } from "./dom.js";
 import * as api from "./api.js";
 import { applySettings, loadSettings } from "./settings.js";
+import { setMayEditKeys } from "./refdata.js";
 
 const NAV = [
   ["workloads", "Workloads"],
@@ -118,6 +119,7 @@ async function route() {
   }
   if (token !== state.renderToken) return;
   replace(view);
+  setMayEditKeys(can("write"));
   const ctx = {
     parts, query, user: state.user, can, go, setUser,
     onLeave: (fn) => { state.cleanup = fn; },

@@ -2,6 +2,10 @@
 // Chosen items show as chips; typing filters suggestions; ArrowUp/ArrowDown move, Enter or Tab
 // picks, Escape closes, Backspace on an empty input removes the last chip. Free text is never
 // taken as a value: only suggestions can be picked (the caller decides what is suggested).
+// Text left unfinished in the input is never dropped either: the picker's element carries a
+// ``validate()`` (see forms.js submitWith) that turns it into an error beside the field, with the
+// reason the suggestions give ("billing is not an allowed value of app"). A suggestion may be an
+// action ({action: async () => item | null}), e.g. "add this value to the key", run when picked.
 
 import { h, clear, uid, announce } from "./dom.js";
 
@@ -39,7 +43,21 @@ export class ChipPicker {
     this.input.addEventListener("keydown", (e) => this.onKey(e));
     this.input.addEventListener("blur", () => window.setTimeout(() => this.close(), 150));
     this.el.addEventListener("click", (e) => { if (e.target === this.el || e.target === this.chips) this.input.focus(); });
+    this.el.dataset.validate = "";
+    this.el.validate = () => this.pendingIssues();
     this.renderChips();
+  }
+
+  /** Unfinished text in the input as form issues ([] when there is none). */
+  async pendingIssues() {
+    const text = this.input.value.trim();
+    if (!text) return [];
+    const res = await this.o.suggest(text, this.values);
+    const exact = (res.items || []).find((i) => !i.action && (i.text === text || i.key.endsWith(`:${text}`) || i.key === text));
+    const why = exact
+      ? "it is not added yet: pick it from the list (Enter), or clear the text"
+      : `${res.reason || "it is not one of the suggestions"}. Pick a suggestion, or clear the text`;
+    return [{ field: this.input.dataset.field || this.o.field || "", message: `“${text}” was not saved: ${why}.` }];
   }
 
   setValues(values) { this.values = [...values]; this.renderChips(); }
@@ -60,7 +78,14 @@ export class ChipPicker {
     this.input.focus();
   }
 
-  add(item) {
+  async add(item) {
+    if (item.action) {
+      this.close();
+      let made = null;
+      try { made = await item.action(); } catch (err) { announce(err.message); this.note = err.message; this.items = []; this.renderList(); return; }
+      if (!made) return;
+      item = made;
+    }
     if (this.o.max === 1) this.values = [];
     if (this.o.max && this.values.length >= this.o.max) return;
     if (this.values.some((x) => this.o.keyOf(x) === item.key)) return;
@@ -94,7 +119,8 @@ export class ChipPicker {
   renderList() {
     clear(this.list);
     this.items.forEach((item, i) => {
-      const li = h("li", { role: "option", id: `${this.listId}-${i}`, "aria-selected": i === this.active ? "true" : "false", "data-key": item.key },
+      const li = h("li", { role: "option", id: `${this.listId}-${i}`, "aria-selected": i === this.active ? "true" : "false", "data-key": item.key,
+        class: item.action ? "listbox-action" : null },
         item.render(), item.hint ? h("span", { class: "muted" }, item.hint) : null);
       li.addEventListener("mousedown", (e) => { e.preventDefault(); this.add(item); });
       this.list.append(li);

@@ -1,13 +1,39 @@
 // Reference data the pickers need (label keys and the values in use, label groups, services,
 // IP lists), fetched through the API and cached for a short while; writes invalidate it.
 
-import { listAll } from "./api.js";
+import { listAll, request, enc } from "./api.js";
 
 let cache = null;
 let loadedAt = 0;
 const TTL_MS = 15000;
+let mayEditKeys = false;
 
 export function invalidate() { cache = null; }
+
+/** Whether the signed-in role may change label keys (owner, admin): set by main.js. */
+export function setMayEditKeys(may) {
+  if (may !== mayEditKeys) invalidate();
+  mayEditKeys = Boolean(may);
+}
+
+/**
+ * Add ``value`` to the allowed values of label key ``key`` (PUT with If-Match; retried once if
+ * someone else changed the key meanwhile). The server authorises it (owner, admin).
+ */
+export async function addAllowedValue(key, value) {
+  for (let attempt = 0; ; attempt += 1) {
+    const cur = await request("GET", `/label-keys/${enc(key)}`);
+    const body = cur.data.body;
+    if (!body.values.length || body.values.includes(value)) return body;
+    try {
+      const res = await request("PUT", `/label-keys/${enc(key)}`, { body: { ...body, values: [...body.values, value].sort() }, etag: cur.etag });
+      invalidate();
+      return res.data.body;
+    } catch (err) {
+      if (err.status !== 412 || attempt > 0) throw err;
+    }
+  }
+}
 
 async function load() {
   const [keys, groups, services, ipLists, workloads] = await Promise.all([
@@ -21,14 +47,24 @@ async function load() {
       m.set(v, (m.get(v) || 0) + 1);
     }
   }
-  return {
+  const data = {
     keys: keys.map((o) => o.body),
     groups: groups.map((o) => o.body),
     services: services.map((o) => o.body),
     ipLists: ipLists.map((o) => o.body),
     inUse,
     workloadCount: workloads.length,
+    addValue: null,
   };
+  if (mayEditKeys) {
+    data.addValue = async (key, value) => {
+      const body = await addAllowedValue(key, value);
+      const k = data.keys.find((x) => x.name === key); // this page's copy sees it at once
+      if (k) k.values = body.values;
+      return body;
+    };
+  }
+  return data;
 }
 
 export async function refdata(force = false) {

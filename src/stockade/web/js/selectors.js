@@ -30,24 +30,44 @@ export function labelSuggestions(data, text, { groups = true, exclusions = true 
   }
   const ranked = rank(cands, q.replace(/\s*[:]\s*/, "="));
   // a new value for a key that takes any value, "key=value" typed in full: offered last
-  const m = /^([A-Za-z0-9][A-Za-z0-9_.-]*)\s*[=:]\s*([A-Za-z0-9][A-Za-z0-9_.-]*)$/.exec(q);
-  if (m && accepts(data, m[1], m[2]) && !cands.some((c) => c.key === m[1] && c.value === m[2]) && NAME_RE.test(m[2])) {
-    ranked.push({ text: `${m[1]}=${m[2]}`, t: "label", key: m[1], value: m[2], hint: "new value" });
-  }
-  let items = ranked.map((c) => {
-    const t = negate ? "exclude" : "label";
-    return {
-      key: `${t}:${c.key}=${c.value}`, text: `${negate ? "not " : ""}${c.text}`, hint: c.hint,
-      value: { t, key: c.key, value: c.value },
-      render: () => labelChip(c.key, c.value, { excluded: negate }),
-    };
+  const m = /^([A-Za-z0-9][A-Za-z0-9_.-]*)\s*[=:]\s*(\S+)$/.exec(q);
+  const t = negate ? "exclude" : "label";
+  const itemOf = (c) => ({
+    key: `${t}:${c.key}=${c.value}`, text: `${negate ? "not " : ""}${c.text}`, hint: c.hint,
+    value: { t, key: c.key, value: c.value },
+    render: () => labelChip(c.key, c.value, { excluded: negate }),
   });
+  let reason = "";
+  let addAction = null;
+  if (m && !cands.some((c) => c.key === m[1] && c.value === m[2])) {
+    const [, key, value] = m;
+    const declared = data.keys.find((k) => k.name === key);
+    if (!declared) reason = `${key} is not a declared label key (declared: ${data.keys.map((k) => k.name).join(", ")})`;
+    else if (!NAME_RE.test(value)) reason = `${value} is not a valid label value (letters, digits, . _ -)`;
+    else if (!accepts(data, key, value)) {
+      reason = `${value} is not an allowed value of ${key}`;
+      if (data.addValue) {
+        addAction = {
+          key: `add-value:${key}=${value}`, text: `Add ${value} to the allowed values of ${key}`,
+          hint: "changes the label key for every workload",
+          render: () => h("span", { class: "add-action" }, icon("plus"), `Add “${value}” to the allowed values of ${key}`),
+          action: async () => { await data.addValue(key, value); return itemOf({ key, value, text: `${key}=${value}` }); },
+        };
+      }
+    } else ranked.push({ text: `${key}=${value}`, t: "label", key, value, hint: "new value" });
+  }
+  let items = ranked.map(itemOf);
+  if (addAction) items.push(addAction);
   if (groups && !negate) {
     const gs = rank(data.groups.map((g) => ({ text: `group ${g.name}`, g })), q).map(({ g }) => ({
       key: `group:${g.name}`, text: `label group ${g.name}`, hint: `${g.key} ∈ {${g.values.join(", ")}}`,
       value: { t: "group", name: g.name }, render: () => groupChip(g.name),
     }));
     items = items.concat(gs);
+  }
+  if (reason) {
+    const who = addAction || !reason.includes("allowed value") ? "" : " An owner or admin can add it on the Labels page.";
+    return { items, reason, note: `${m[1]}=${m[2]}: ${reason}.${who}` };
   }
   const note = exclusions && !negate && !raw ? "Tip: type “not ” before a label to exclude it." : "";
   return { items, note: items.length ? note : (raw ? "No matching label. Declared keys: " + data.keys.map((k) => k.name).join(", ") : "") };
@@ -103,10 +123,21 @@ function sameKey(newV, oldV) {
  * ``field`` is the API path of the list (e.g. "rules.0.consumers"), for error placement.
  */
 export class SelectorListEditor {
-  constructor({ data, labelText, field, selectors = [], kinds = ["labels", "ip_list", "all"], allowEmpty = false, emptyText = "", onChange }) {
+  /**
+   * ``selectors`` may be the string "all" (a scope governing every workload). An empty editor is
+   * never "all": ``value()`` then gives [] and ``validate()`` an error beside the field, unless
+   * ``required`` is false. "All workloads" is a row kind the user picks, shown with a warning.
+   * ``scope``: the value is "all" (not [{all: true}]) when that kind is chosen.
+   */
+  constructor({ data, labelText, field, selectors = [], kinds = ["labels", "ip_list", "all"], allowEmpty = false, emptyText = "", onChange,
+    required = true, scope = false, allWarning = "" }) {
     this.data = data;
     this.kinds = kinds;
     this.field = field;
+    this.required = required;
+    this.scope = scope;
+    this.allWarning = allWarning || "All workloads: this matches every workload, including workloads added later. Pick labels instead to narrow it.";
+    if (selectors === "all") selectors = [{ all: true }];
     this.onChange = onChange || (() => {});
     this.labelId = uid("sel");
     this.rows = [];
@@ -118,6 +149,8 @@ export class SelectorListEditor {
         icon("plus"), this.rows.length ? "or…" : "Add a selector"),
       allowEmpty ? h("div", { class: "hint" }, emptyText) : null);
     this.addButton = this.el.querySelector("button.link");
+    this.el.dataset.validate = "";
+    this.el.validate = () => this.validate();
     const initial = selectors.length ? selectors : [{}]; // an empty row is skipped on save
     initial.forEach((s) => this.addRow(s));
     this.updateAddLabel();
@@ -165,7 +198,8 @@ export class SelectorListEditor {
         holder.append(row.picker.el);
       } else {
         holder.append(h("span", { class: "chips", "data-field": `${this.field}.${this.rows.indexOf(row)}` },
-          h("span", { class: "chip k-all" }, icon("all"), h("span", { class: "chip-val" }, "All workloads"))));
+          h("span", { class: "chip k-all" }, icon("all"), h("span", { class: "chip-val" }, "All workloads"))),
+        h("p", { class: "notice warn all-warning", role: "note", "data-role": "all-warning" }, icon("potentially-blocked"), " ", this.allWarning));
       }
     };
     modeSelect.addEventListener("change", () => { row.mode = modeSelect.value; sel = {}; build(); this.onChange(); row.focus(); });
@@ -190,16 +224,29 @@ export class SelectorListEditor {
   /** The selector bodies; rows left empty are skipped. Error anchors follow the output index. */
   value() {
     const out = [];
+    let unused = 0;
+    let all = false;
     for (const r of this.rows) {
       let sel = null;
-      if (r.mode === "all") sel = { all: true };
+      if (r.mode === "all") { sel = { all: true }; all = true; }
       else if (r.mode === "ip_list") { if (r.picker.values.length) sel = { ip_list: r.picker.values[0].name }; }
       else if (r.picker.values.length) sel = selectorOfValues(r.picker.values);
-      const anchor = r.el.querySelector("[data-field]");
-      if (anchor) anchor.dataset.field = sel ? `${this.field}.${out.length}` : `${this.field}.unused`;
+      const field = sel ? `${this.field}.${out.length}` : `${this.field}.unused${unused++}`;
+      r.el.querySelectorAll("[data-field]").forEach((el) => { el.dataset.field = field; });
       if (sel) out.push(sel);
     }
+    if (this.scope && all) return "all";
     return out;
+  }
+
+  /** An empty side is an error, never "everything" (unfinished picker text is reported by the picker). */
+  validate() {
+    if (!this.required) return [];
+    if (this.rows.some((r) => r.picker && r.picker.input.value.trim())) return [];
+    const v = this.value();
+    if (v === "all" || v.length) return [];
+    const choices = this.kinds.includes("all") ? "pick labels, or choose “All workloads” in the list if you mean every workload" : "pick labels";
+    return [{ field: this.field, message: `Nothing chosen: ${choices}.` }];
   }
 
   /** Move this editor to another API path (when rules are renumbered). */

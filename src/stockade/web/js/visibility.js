@@ -177,12 +177,27 @@ export async function edgeFlows(edge, view, windowName) {
   return flows;
 }
 
+/**
+ * A rule id in words, numbered from 1 as the editor shows rules ("ruleset shop-prod rule 1" for
+ * the stored id ruleset/shop-prod/0); the same words as the CLI and the API's impact texts.
+ */
+export function ruleTitle(ruleId) {
+  const m = /^ruleset\/(.+)\/(\d+)$/.exec(ruleId || "");
+  if (m) return `ruleset ${m[1]} rule ${Number(m[2]) + 1}`;
+  const d = /^deny\/(.+)$/.exec(ruleId || "");
+  if (d) return `deny rule ${d[1]}`;
+  if (ruleId === "default") return "default (no rule matched: the mode's default)";
+  const f = /^failsafe:(.+)$/.exec(ruleId || "");
+  if (f) return `the failsafe (${f[1]})`;
+  return ruleId || "—";
+}
+
 export function ruleLink(ruleId) {
   const m = /^ruleset\/([^/]+)\/(\d+)$/.exec(ruleId || "");
-  if (m) return h("a", { href: `#/rulesets/${encodeURIComponent(m[1])}`, class: "mono" }, `ruleset ${m[1]}, rule ${Number(m[2]) + 1}`);
+  if (m) return h("a", { href: `#/rulesets/${encodeURIComponent(m[1])}`, class: "mono" }, ruleTitle(ruleId));
   const d = /^deny\/(.+)$/.exec(ruleId || "");
   if (d) return h("a", { href: `#/deny-rules/${encodeURIComponent(d[1])}`, class: "mono" }, `deny rule ${d[1]}`);
-  return h("span", { class: "mono" }, ruleId || "—");
+  return h("span", { class: "mono" }, ruleTitle(ruleId));
 }
 
 function rulesCell(f) {
@@ -232,6 +247,7 @@ export function impactView(impact) {
       verdictBadge("potentially-blocked", `newly potentially blocked: ${impact.newly_potentially_blocked}`),
       verdictBadge("allowed", `newly allowed: ${impact.newly_allowed}`),
       impact.no_longer_blocked ? verdictBadge("potentially-blocked", `no longer blocked: ${impact.no_longer_blocked}`) : null),
+    impactWords(impact),
     table([
       { title: "Change", cell: (i) => h("strong", {}, changeText[i.change] || i.change) },
       { title: "From", cell: (i) => endpointCell(i.srcName, i.src) },
@@ -245,6 +261,24 @@ export function impactView(impact) {
       })) },
       { title: "Seen", class: "num", cell: (i) => String(i.count) },
     ], impact.items, { caption: "Impact preview", empty: "No recorded connection changes verdict with this draft." }));
+}
+
+/**
+ * What the draft changes, in words, both ways: recorded connections newly blocked or newly
+ * allowed, and allow rules that reach more workloads ("ruleset billing rule 1 now reaches ...").
+ */
+export function impactWords(impact) {
+  const blocked = (impact.items || []).filter((i) => i.change === "newly-blocked" || i.change === "newly-potentially-blocked");
+  const allowed = (impact.items || []).filter((i) => i.change === "newly-allowed" || i.change === "no-longer-blocked");
+  const widened = impact.widened || [];
+  const list = (role, title, lines) => (lines.length
+    ? h("section", { "data-role": role }, h("h3", {}, title), h("ul", {}, lines.map((t) => h("li", {}, t))))
+    : null);
+  return h("div", { class: "impact-words", "data-role": "impact-words" },
+    list("impact-blocked", "Newly blocked", blocked.map((i) => i.sentence)),
+    list("impact-allowed", "Newly allowed (widening)", allowed.map((i) => i.sentence)),
+    list("impact-widened", "Rules reaching more workloads (widening)", widened.map((w) => w.sentence + (w.needs_confirmation ? "" : " (confined by the ruleset's scope)"))),
+    !blocked.length && !allowed.length && !widened.length ? h("p", { class: "muted" }, "The draft neither blocks nor widens anything recorded.") : null);
 }
 
 // ---- suggestions -------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import { h, add, icon, table, toast, uid, replace } from "../dom.js";
 import * as api from "../api.js";
 import { labelChip, groupChip, keyIcon, keyTitle } from "../labels.js";
-import { refdata, invalidate, valuesOf } from "../refdata.js";
+import { refdata, invalidate, valuesOf, addAllowedValue, NAME_RE } from "../refdata.js";
 import { textField, submitWith, lines } from "../forms.js";
 
 export async function render(view, ctx) {
@@ -26,9 +26,35 @@ function renderKeys(box, data, ctx) {
         ? h("span", { class: "chips" }, r.values.map((v) => h("a", { href: `#/workloads?labels=${encodeURIComponent(`${r.k.name}=${v.value}`)}`, class: "chip-link", title: `Workloads with ${r.k.name}=${v.value}` },
           labelChip(r.k.name, v.value), h("span", { class: "muted count" }, String(v.count), h("span", { class: "visually-hidden" }, v.count === 1 ? " workload" : " workloads")))))
         : h("span", { class: "muted" }, "none yet") },
-      { title: "Allowed", cell: (r) => (r.k.values.length ? `${r.k.values.length} listed` : "any value") },
+      { title: "Allowed", cell: (r) => h("div", { "data-allowed": r.k.name },
+        r.k.values.length ? h("span", {}, `only: ${r.k.values.join(", ")}`) : "any value",
+        r.k.values.length && ctx.can("write") ? addValueForm(box, r.k, ctx) : null) },
     ], rows, { caption: "Label keys" }),
+    ctx.can("write") ? null : h("p", { class: "muted" }, "Only owners and admins can declare keys or add allowed values."),
     ctx.can("write") ? keyForm(box, data, ctx) : null);
+}
+
+/** Add one allowed value to a key that lists them (owner, admin; the API checks the role). */
+function addValueForm(box, key, ctx) {
+  const id = uid("f");
+  const input = h("input", { id, type: "text", name: "value", "data-field": "values", size: 12, autocomplete: "off" });
+  const save = h("button", { type: "submit" }, "Add value");
+  const form = h("form", { class: "inline add-value", novalidate: true, "aria-label": `Add an allowed value to ${key.name}` },
+    h("label", { for: id, class: "visually-hidden" }, `New allowed value of ${key.name}`), input, save);
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const value = input.value.trim();
+    const res = await submitWith(form, save, () => {
+      if (!NAME_RE.test(value)) {
+        throw Object.assign(new Error("not saved"), { status: 0, issues: [{ field: "values", message: `“${value}” is not a valid label value (letters, digits, . _ -)` }] });
+      }
+      return addAllowedValue(key.name, value);
+    });
+    if (!res) return;
+    toast(`${value} is now an allowed value of ${key.name}`);
+    renderKeys(box, await refdata(true), ctx);
+  });
+  return form;
 }
 
 function keyForm(box, data, ctx) {

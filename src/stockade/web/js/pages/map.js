@@ -96,7 +96,7 @@ export async function render(view, ctx) {
         replace(box, h("h3", {}, "Suggested rules"), h("p", { class: "muted" }, `Nothing to suggest: ${s.already_allowed} of ${s.considered} connections are already allowed by the draft.`));
         return;
       }
-      const checks = s.rules.map((r) => h("input", { type: "checkbox", checked: true, value: r.id, "aria-label": `Accept rule ${r.id}` }));
+      const checks = s.rules.map((r, i) => h("input", { type: "checkbox", checked: true, value: r.id, "aria-label": `Accept suggested rule ${i + 1}` }));
       const acceptBtn = h("button", { type: "button", class: "primary", onclick: async () => {
         const ids = checks.filter((c) => c.checked).map((c) => c.value);
         if (!ids.length) return;
@@ -110,7 +110,7 @@ export async function render(view, ctx) {
       replace(box, h("h3", {}, "Suggested rules"),
         h("p", { class: "muted" }, `From ${s.considered} observed connections (${s.already_allowed} already allowed). Scope: `, selectorList([s.scope])),
         h("ul", { class: "plain" }, s.rules.map((r, i) => h("li", { class: "rule-card" },
-          h("label", { class: "check" }, checks[i], h("span", { class: "rule-summary" }, selectorList(r.consumers), h("span", { class: "arrow" }, " → "), selectorList(r.providers), " on ", serviceChip(r.service, r.ports.join(", ")))),
+          h("label", { class: "check" }, checks[i], h("strong", {}, `Rule ${i + 1} `), h("span", { class: "rule-summary" }, selectorList(r.consumers), h("span", { class: "arrow" }, " → "), selectorList(r.providers), " on ", serviceChip(r.service, r.ports.join(", ")))),
           h("span", { class: "muted" }, `${r.connections} connection${r.connections === 1 ? "" : "s"}, seen ${r.count} times${r.consumers_scope === "global" ? "; consumers from anywhere" : ""}`)))),
         acceptBtn);
     } catch (err) { replace(box, h("p", { class: "notice error" }, err.message)); }

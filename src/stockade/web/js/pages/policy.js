@@ -7,7 +7,7 @@ import { h, add, toast, replace, formatTime } from "../dom.js";
 import * as api from "../api.js";
 import { changeList } from "../diff.js";
 import { textField, submitWith, showErrors } from "../forms.js";
-import { loadImpact, impactView } from "../visibility.js";
+import { loadImpact, impactView, impactWords } from "../visibility.js";
 
 export async function render(view, ctx) {
   const [diff, versions] = await Promise.all([
@@ -67,14 +67,42 @@ function provisionForm(ctx, changes) {
     } catch (err) {
       button.disabled = false;
       const refused = err.status === 409 && err.kind === "ImpactRefusedError";
-      showErrors(form, err);
-      if (!refused) return;
-      const anyway = h("button", { type: "button", class: "danger", onclick: async () => {
-        const v = await submitWith(form, anyway, async () => (await provision(true)).data);
-        if (v) done(v);
-      } }, "Provision anyway");
-      replace(result, h("div", { class: "notice warn" }, "Recorded connections would be newly blocked (see the impact preview above). ", anyway));
+      if (!refused) { showErrors(form, err); return; }
+      let impact = null;
+      try { impact = await loadImpact(); } catch (_e) { impact = null; }
+      const confirmed = await confirmProvision(err.message, impact);
+      if (!confirmed) {
+        replace(result, h("div", { class: "notice warn", "data-role": "not-provisioned" }, "Not provisioned: nothing changed on any host."));
+        return;
+      }
+      const v = await submitWith(form, button, async () => (await provision(true)).data, { busy: "Provisioning…" });
+      if (v) done(v);
     }
   });
   return form;
+}
+
+/**
+ * Ask before a version that blocks or widens: a modal dialog listing, in words, what would be
+ * newly blocked, newly allowed, and which rules reach more workloads. Resolves true to proceed.
+ */
+function confirmProvision(summary, impact) {
+  return new Promise((resolve) => {
+    const titleId = "confirm-prov-h";
+    const proceed = h("button", { type: "button", class: "danger", "data-role": "confirm-provision" }, "Provision anyway");
+    const cancel = h("button", { type: "button", class: "primary" }, "Cancel");
+    const dialog = h("dialog", { class: "confirm", "aria-labelledby": titleId, "data-role": "provision-confirm" },
+      h("h2", { id: titleId }, "Provision this version?"),
+      h("p", {}, summary),
+      impact ? impactWords(impact) : null,
+      h("p", { class: "muted" }, "Provisioning pushes this to every affected host at once. Cancel to review the draft first."),
+      h("div", { class: "form-actions" }, cancel, proceed));
+    const finish = (answer) => { dialog.close(); dialog.remove(); resolve(answer); };
+    proceed.addEventListener("click", () => finish(true));
+    cancel.addEventListener("click", () => finish(false));
+    dialog.addEventListener("cancel", (ev) => { ev.preventDefault(); finish(false); }); // Escape
+    document.body.append(dialog);
+    dialog.showModal();
+    cancel.focus();
+  });
 }

@@ -18,7 +18,7 @@ export async function render(view, ctx) {
     h("p", { class: "muted" }, "Allow rules, grouped by the workloads they govern (the scope). Edits go to the draft; provision to enforce them."),
     table([
       { title: "Ruleset", cell: (r) => h("a", { href: `#/rulesets/${encodeURIComponent(r.name)}` }, r.name) },
-      { title: "Scope", cell: (r) => selectorList(r.body.scope, "all workloads") },
+      { title: "Scope", cell: (r) => selectorList(r.body.scope, "(no scope)") },
       { title: "Rules", class: "num", cell: (r) => String(r.body.rules.length) },
       { title: "Description", cell: (r) => r.body.description || "" },
     ], items, { caption: "Rulesets", empty: "No ruleset in the draft yet." }));
@@ -37,8 +37,9 @@ async function renderEditor(view, ctx, name) {
     attrs: name ? { readonly: true } : { autofocus: true }, hint: name ? "Renaming is not supported: create a new ruleset instead." : "Letters, digits, . _ -" });
   const descF = textField({ label: "Description", name: "description", field: "description", value: body.description });
   const scopeLabel = uid("lbl");
-  const scope = new SelectorListEditor({ data, labelText: "Scope", field: "scope", selectors: body.scope, kinds: ["labels"],
-    allowEmpty: true, emptyText: "Leave empty to govern every workload; add a selector (e.g. app=shop, env=dev) to confine the ruleset." });
+  const scope = new SelectorListEditor({ data, labelText: "Scope", field: "scope", selectors: body.scope, kinds: ["labels", "all"], scope: true,
+    allowEmpty: true, emptyText: "Pick the labels of the workloads this ruleset governs (e.g. app=shop, env=dev). To govern every workload, choose “All workloads” in the list: an empty scope is not saved.",
+    allWarning: "All workloads: this ruleset governs every workload, including workloads enrolled later, in every app and environment." });
   scope.el.setAttribute("aria-labelledby", scopeLabel);
 
   const rulesBox = h("div", {});
