@@ -33,6 +33,7 @@ or a new write path cannot slip past it. Two kinds of write:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
@@ -247,8 +248,20 @@ def first_compiled_change(
     with dist.lock:
         p_before, p_after = dist.assemble(before), dist.assemble(after)
     c_before, c_after = Compiler(p_before), Compiler(p_after)
+    names = set(c_before.workload_names)
+    # hosts of one label set share their rules and sets tuples (per compiler): compare each pair once
+    same: dict[tuple[int, int, int, int], bool] = {}
     for w in outside:
-        if w.name in c_before.workload_names and c_before.host_policy(w.name) != c_after.host_policy(w.name):
+        if w.name not in names:
+            continue
+        a, b = c_before.host_policy(w.name), c_after.host_policy(w.name)
+        if replace(a, rules=(), sets=()) != replace(b, rules=(), sets=()):  # every other field
+            return w.name
+        key = (id(a.rules), id(a.sets), id(b.rules), id(b.sets))
+        equal = same.get(key)
+        if equal is None:
+            equal = same[key] = a.rules == b.rules and a.sets == b.sets
+        if not equal:
             return w.name
     return None
 
