@@ -107,6 +107,7 @@ class Api:
     def __init__(self, client: TestClient, ctl: Controller) -> None:
         self.client = client
         self.ctl = ctl
+        client.headers["Origin"] = "http://testserver"  # as the console's browser does (CSRF rule)
         assert ctl.first_run_credential is not None
         user, password = ctl.first_run_credential
         r = client.post("/api/v1/auth/login", json={"username": user, "password": password})

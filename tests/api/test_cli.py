@@ -93,7 +93,7 @@ def test_tls_controller_first_run(live_tls: Live, tmp_path: Path) -> None:
 def test_policy_apply_diff_provision(tmp_path: Path) -> None:
     live = Live(False, tmp_path / "data")
     try:
-        with httpx.Client(base_url=live.base) as c:
+        with httpx.Client(base_url=live.base, headers={"Origin": live.base}) as c:
             c.post("/api/v1/auth/login", json={"username": "admin", "password": live.password()})
             token = c.post("/api/v1/api-keys", json={"name": "cli", "role": "admin"}).json()["key"]
         env = {**os.environ, "STOCKADE_CONTROLLER": live.base, "STOCKADE_API_KEY": token}

@@ -68,7 +68,7 @@ COMMANDS = _client_commands()
 def test_the_walk_finds_the_client_commands() -> None:
     names = {" ".join(path) for path, _ in COMMANDS}
     assert {"policy diff", "policy apply", "policy provision", "policy export", "policy impact", "flows",
-            "suggest", "key create"} <= names, names
+            "suggest", "key create", "explain"} <= names, names
 
 
 def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -84,6 +84,11 @@ def _assert_one_line(proc: subprocess.CompletedProcess[str], code: int, words: s
     assert lines[0].startswith("stockade: error: ") and words in lines[0], err
     assert len(lines) == 1 or lines[1].startswith("hint: "), err
     assert proc.returncode == code, (proc.returncode, err)
+
+
+def _ca_of(live: Live) -> Path:
+    line = next(ln for ln in live.lines if ln.startswith("CA certificate: "))
+    return Path(line.removeprefix("CA certificate: ").split(" (SHA")[0])
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +118,13 @@ def test_dead_controller_wrong_ca_and_bad_key(path: list[str], cmd: click.Comman
     wrong_ca = _run([*argv, "--controller", live.base, "--api-key", "stk_x_y", "--ca-cert", str(other_ca)], env)
     _assert_one_line(wrong_ca, EXIT_TLS, "TLS")
 
-    ca = str(Path(live.lines[0].split("CA certificate: ", 1)[1].split(" (SHA")[0]))
+    ca = str(_ca_of(live))
     bad_key = _run([*argv, "--controller", live.base, "--api-key", "stk_nokey_nosecret", "--ca-cert", ca], env)
     _assert_one_line(bad_key, EXIT_AUTH, "(401)")
 
 
 def test_login_diff_export_roundtrip_completion_logout(live: Live, env: dict[str, str], tmp_path: Path) -> None:
-    ca = Path(live.lines[0].split("CA certificate: ", 1)[1].split(" (SHA")[0])
+    ca = _ca_of(live)
     login = _run(["login", "--controller", live.base, "--ca-cert", str(ca)],
                  {**env, "STOCKADE_PASSWORD": live.password()})
     assert login.returncode == 0, login.stderr
@@ -129,6 +134,15 @@ def test_login_diff_export_roundtrip_completion_logout(live: Live, env: dict[str
     # no --api-key, no --controller: the stored login is used
     applied = _run(["policy", "apply", "-f", str(ESTATE)], env)
     assert applied.returncode == 0, applied.stderr
+    allowed = _run(["explain", "--remote", "draft", "--from", "app-prod-1", "--to", "db-prod-1", "--port", "5432/tcp",
+                    "--exit-code"], env)
+    assert allowed.returncode == 0 and "verdict: allowed" in allowed.stdout, allowed.stdout + allowed.stderr
+    assert "rule 3" in allowed.stdout, "rules are numbered from 1 for people"
+    blocked = _run(["explain", "--remote", "draft", "--from", "web-prod-1", "--to", "db-prod-1", "--port", "5432/tcp",
+                    "--exit-code"], env)
+    assert blocked.returncode == EXIT_FINDING and "verdict: blocked" in blocked.stdout
+    both = _run(["explain", str(ESTATE), "--remote", "draft", "--from", "a", "--to", "b", "--port", "1/tcp"], env)
+    assert both.returncode == 2
     edited = tmp_path / "edited"
     edited.mkdir()
     for f in ESTATE.iterdir():

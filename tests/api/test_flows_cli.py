@@ -18,7 +18,7 @@ from tests.api.test_cli import ESTATE, Live
 def test_flows_suggest_and_impact_commands(tmp_path: Path) -> None:
     live = Live(False, tmp_path / "data")
     try:
-        with httpx.Client(base_url=live.base + "/api/v1", timeout=30) as c:
+        with httpx.Client(base_url=live.base + "/api/v1", timeout=30, headers={"Origin": live.base}) as c:
             c.post("/auth/login", json={"username": "admin", "password": live.password()})
             token = c.post("/api-keys", json={"name": "cli", "role": "admin"}).json()["key"]
             c.cookies.clear()

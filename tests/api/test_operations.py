@@ -168,10 +168,10 @@ def test_syslog_over_tcp_and_tls(tmp_path: Path, transport: SyslogTransport) -> 
         api.ok("POST", "/services", 201, json={"name": "web", "ports": ["80/tcp"]})
         forwarder = app.state.controller.forwarder
         assert forwarder is not None and forwarder.flush(10)
-        for _ in range(100):
-            if any("service.create" in f for f in rx.frames):
-                break
-            rx.got.wait(0.1)
+        deadline = time.monotonic() + 10
+        while not any("service.create" in f for f in rx.frames) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert any("service.create" in f for f in rx.frames), (rx.frames, forwarder.sent, forwarder.dropped)
     line = next(f for f in rx.frames if "service.create" in f)
     assert line.startswith("<133>1 ") and " stockade - audit - " in line
     event = json.loads(line.split(" audit - ", 1)[1])

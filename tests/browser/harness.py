@@ -125,7 +125,7 @@ def running_controller(cli: bool = False, extra_args: tuple[str, ...] = ()) -> I
             raise RuntimeError(f"controller did not come up:\n{log_path.read_text()}")
         assert credential is not None
         user, password = credential.group(1), credential.group(2)
-        with httpx.Client(base_url=f"{url}/api/v1", timeout=30) as login:
+        with httpx.Client(base_url=f"{url}/api/v1", timeout=30, headers={"Origin": url}) as login:
             login.post("/auth/login", json={"username": user, "password": password}).raise_for_status()
             key = login.post("/api-keys", json={"name": "browser-tests", "role": "owner"})
             key.raise_for_status()

@@ -150,7 +150,8 @@ class Api:
 
     def __init__(self, base_url: str, user: str, password: str, ca_cert: Path | None = None) -> None:
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
-        self.http = httpx.Client(base_url=base_url + "/api/v1", timeout=30.0, verify=verify)
+        self.http = httpx.Client(base_url=base_url + "/api/v1", timeout=30.0, verify=verify,
+                                 headers={"Origin": base_url})  # cookie writes must name our origin (CSRF)
         r = self.http.post("/auth/login", json={"username": user, "password": password})
         r.raise_for_status()
         key = self.http.post("/api-keys", json={"name": "e2e-owner", "role": "owner"})

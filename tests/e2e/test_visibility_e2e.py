@@ -12,11 +12,13 @@ shows it as blocked.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,9 +56,14 @@ class World:
             f"\n--- controller\n{self.controller.log_tail(3000)}"
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("visibility")
+@contextlib.contextmanager
+def running_world(tmp: Path, agent_args: tuple[str, ...] = (),
+                  after_stop: Callable[[Lab, str], None] | None = None) -> Iterator[World]:
+    """The controller and the agents (``stockade agent ... *agent_args``), converged in visibility mode.
+
+    ``after_stop(lab, host)`` runs for each agent host once the agents have stopped (rules they
+    leave in force that outlive a namespace, such as eBPF pins, are removed there).
+    """
     estate = load_policy(ESTATE).workload_map()
     hosts = [HostSpec(n, estate[n].addresses, PORTS) for n in AGENTS] + [HostSpec(*OFFICE, PORTS)]
     with Lab(hosts) as lab:
@@ -73,7 +80,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             code = api.activation_code("vis", mode="visibility")
             for name in AGENTS:
                 agents[name] = AgentProcess(name, lab.netns(name), tmp / "state" / name, CONTROLLER, code,
-                                            tmp / f"agent-{name}.log", ca_cert=controller.ca_cert)
+                                            tmp / f"agent-{name}.log", ca_cert=controller.ca_cert, extra=agent_args)
                 agents[name].start()
             w = World(lab, api, controller, agents)
             assert wait_for(lambda: api.converged(list(AGENTS)), 60.0, 0.1) is not None, w.logs()
@@ -81,8 +88,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         finally:
             for a in agents.values():
                 a.stop()
+            if after_stop is not None:
+                for name in agents:
+                    after_stop(lab, name)
             controller.kill()
             link.remove()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with running_world(tmp_path_factory.mktemp("visibility")) as w:
+        yield w
 
 
 def probes(src: str, dst: str, kind: ProbeKind, port: int | None, lab: Lab) -> list[Probe]:

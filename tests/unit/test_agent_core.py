@@ -316,13 +316,18 @@ def test_command_feed_pokes_per_change_line_and_at_its_end() -> None:
     feed.stop()
 
 
-def test_feeds_come_from_the_table_by_backend_name() -> None:
-    assert feed_for(MemoryBackend()) is None
+def test_feeds_come_from_the_backends_change_monitor_not_its_name() -> None:
+    assert feed_for(Enforcer(MemoryBackend()).change_monitor) is None
 
-    class Nft:
-        name = "nftables"
-        netns = "ns1"
+    class Renamed(MemoryBackend):
+        name = "nftables"  # a name alone gives no feed
 
-    feed = feed_for(Nft())
+    assert feed_for(Enforcer(Renamed()).change_monitor) is None
+
+    class Monitored(MemoryBackend):
+        def change_monitor(self) -> tuple[str, ...]:
+            return ("ip", "netns", "exec", "ns1", "nft", "monitor")
+
+    feed = feed_for(Enforcer(Monitored()).change_monitor)
     assert isinstance(feed, CommandFeed)
     assert feed.argv == ["ip", "netns", "exec", "ns1", "nft", "monitor"]

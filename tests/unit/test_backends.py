@@ -1,31 +1,45 @@
-"""Backend contract: the central capability check (fail closed), the registry, and the pure parts
-of the nftables backend (render errors, delta splitting, netlink batch encoding)."""
+"""Backend contract: the central capability check (fail closed), the lazy registry, the optional
+capabilities as typed protocols (and the enforcer finding them), the shared helpers, the one place
+the NFLOG prefixes are written, and the pure parts of the nftables backend (render errors, delta
+splitting, netlink batch encoding)."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import ipaddress
+import re
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from stockade.agent.enforcer import Enforcer
+from stockade.agent.flows import EventFlowReader, reader_factory_for
+from stockade.backends import flowlog
 from stockade.backends.base import (
     Capability,
+    ChangeFeedSource,
+    EventFlows,
+    FlowSource,
+    NetnsBound,
+    NflogFlows,
+    Verifying,
     check_capabilities,
     check_delta_capabilities,
     required_capabilities,
 )
+from stockade.backends.common import ProtoGroup, entry_bounds, service_groups, validate_netns
+from stockade.backends.flowlog import FlowAction, FlowEvent, FlowReason
 from stockade.backends.nftables import netlink as nl
 from stockade.backends.nftables.backend import NftablesBackend, delta_changes, delta_script, listing_form
-from stockade.backends.nftables.render import (
-    log_prefix,
-    render_nftables,
-    rule_id_of_log_prefix,
-    service_matches,
-)
-from stockade.backends.registry import BACKENDS, get_backend
+from stockade.backends.nftables.render import render_nftables, service_matches
+from stockade.backends.registry import BACKEND_CLASSES, BACKENDS, get_backend
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule, SetDelta
 from stockade.errors import ApplyError, BackendError, NotFoundError, RenderError, UnsupportedFeatureError
+from stockade.evaluator import Verdict
 from stockade.model.addresses import Family
 from stockade.model.policy import Failsafe
 from stockade.model.rules import Action
@@ -202,10 +216,10 @@ def test_service_matches() -> None:
 
 
 def test_log_prefix_round_trip() -> None:
-    assert log_prefix("deny/x") == "stk:pb:deny/x"
-    assert rule_id_of_log_prefix("stk:pb:deny/x") == "deny/x"
-    assert rule_id_of_log_prefix("docker: ") is None
-    assert len(log_prefix("r" * 120)) <= 127
+    assert flowlog.log_prefix(FlowAction.WOULD_BLOCK, "deny/x") == "stk:pb:deny/x"
+    for action in FlowAction:
+        assert flowlog.parse_prefix(flowlog.log_prefix(action, "ruleset/a/0")) == (action, "ruleset/a/0")
+    assert flowlog.parse_prefix("docker: ") is None
 
 
 def test_listing_form_normalises_counters() -> None:
@@ -290,3 +304,167 @@ def test_registry_refuses_an_option_the_backend_does_not_take() -> None:
 
     with pytest.raises(ValidationError, match="does not take option 'table'"):
         get_backend("iptables", table="x")
+
+
+# ---- the registry is a lazy table -----------------------------------------------------------
+
+FAMILIES = ("nftables", "iptables", "ebpf", "windows", "ipfilter", "f5")
+
+
+def test_registry_is_a_plain_table_imported_lazily() -> None:
+    assert set(BACKEND_CLASSES) == set(FAMILIES)
+    for name, target in BACKEND_CLASSES.items():
+        module, _, cls = target.partition(":")
+        assert module == f"stockade.backends.{name}.backend" and cls.endswith("Backend"), target
+    code = (
+        "import sys; import stockade.backends.registry as r; names = sorted(r.BACKENDS);"
+        f"print(sorted(m for m in sys.modules if m.split('.')[2:3] and m.split('.')[2] in {FAMILIES!r}"
+        " and m.startswith('stockade.backends.')));"
+        "r.BACKENDS['f5']; print('stockade.backends.f5.backend' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[]", "True"]  # listing names imports no backend; a lookup imports one
+
+
+# ---- optional capabilities: typed protocols, found once by the enforcer ----------------------
+
+
+def _instance(name: str) -> object:
+    if name == "f5":
+        return BACKENDS["f5"]("https://bigip.invalid", "/Common/vs_web", ("u", "p"))  # type: ignore[call-arg]
+    if name == "ebpf":
+        return get_backend("ebpf", netns="lab-1")
+    return get_backend(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("nftables", {"verify", "flows", "changes", "netns"}),
+        ("iptables", {"verify", "flows", "netns"}),
+        ("ebpf", {"verify", "flows", "netns"}),
+        ("windows", set()),
+        ("ipfilter", set()),
+        ("f5", set()),
+    ],
+)
+def test_optional_capabilities_are_typed_protocols(name: str, expected: set[str]) -> None:
+    backend = _instance(name)
+    found = {
+        tag
+        for tag, proto in (("verify", Verifying), ("flows", FlowSource), ("changes", ChangeFeedSource),
+                           ("netns", NetnsBound))
+        if isinstance(backend, proto)
+    }
+    assert found == expected
+
+
+def test_the_enforcer_reads_the_seams_once() -> None:
+    nft = Enforcer(NftablesBackend(netns="lab-1", log_group=7))
+    assert nft.verifying and nft.netns == "lab-1"
+    assert nft.flows == NflogFlows(7)
+    assert nft.change_monitor == ("ip", "netns", "exec", "lab-1", "nft", "monitor")
+    ebpf = Enforcer(get_backend("ebpf", netns="lab-1"))
+    assert isinstance(ebpf.flows, EventFlows) and ebpf.change_monitor is None and ebpf.verifying
+    windows = Enforcer(get_backend("windows"))
+    assert (windows.flows, windows.change_monitor, windows.netns, windows.verifying) == (None, None, None, False)
+
+
+def test_an_ebpf_flow_event_becomes_the_packet_nflog_would_have_logged() -> None:
+    def event(proto: Proto | None, reason: FlowReason = FlowReason.NEW, icmp: int | None = None) -> FlowEvent:
+        return FlowEvent(123.5, Direction.INBOUND, Family.V4, 6, proto, ipaddress.ip_address("10.0.0.1"),
+                         ipaddress.ip_address("10.0.0.2"), 40000, 443, icmp, FlowAction.WOULD_BLOCK, "default",
+                         reason, 2, 1)
+
+    class Stream:
+        def __init__(self) -> None:
+            self.events = [event(Proto.TCP), event(Proto.TCP, FlowReason.REVALIDATED), event(None)]
+            self.closed = False
+
+        def poll(self, timeout: float = 0.0) -> list[FlowEvent]:
+            out, self.events = self.events, []
+            return out
+
+        def lost(self) -> int:
+            return 4
+
+        def close(self) -> None:
+            self.closed = True
+
+    stream = Stream()
+    reader = EventFlowReader(stream)
+    got = reader.read(0.1)
+    assert [(p.key.proto, p.key.port, p.side, p.verdict, p.rule_id, p.time) for p in got] == [
+        (Proto.TCP, 443, Direction.INBOUND, Verdict.POTENTIALLY_BLOCKED, "default", 123.5),
+        (Proto.ANY, 443, Direction.INBOUND, Verdict.POTENTIALLY_BLOCKED, "default", 123.5),
+    ]  # the re-validation of a known flow is not a new connection
+    assert reader.overruns == 4
+    reader.close()
+    assert stream.closed
+    factory, name = reader_factory_for(EventFlows(lambda: stream), None)
+    assert isinstance(factory(0, None), EventFlowReader) and "eBPF" in name
+
+
+# ---- written once: VerifyReport, NFLOG prefixes, shared helpers -------------------------------
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "stockade"
+
+
+def test_one_verify_report() -> None:
+    defined = [
+        f"{path.relative_to(SRC)}:{node.name}"
+        for path in SRC.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and node.name.endswith("VerifyReport")
+    ]
+    assert defined == ["backends/base.py:VerifyReport"]
+
+
+def test_nflog_prefixes_are_written_in_one_place() -> None:
+    written = sorted(
+        str(path.relative_to(SRC))
+        for path in SRC.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("stk:")
+    )
+    assert set(written) == {"backends/flowlog.py"}
+
+
+def test_every_rendered_nflog_prefix_parses_back() -> None:
+    from stockade.backends.iptables.render import render_iptables
+
+    rules = (rule(ServiceEntry(Proto.TCP, 80, 80)), rule(ServiceEntry(Proto.UDP, 53, 53), action=Action.DENY))
+    seen: set[FlowAction] = set()
+    for mode in (EnforcementMode.FULL, EnforcementMode.VISIBILITY):
+        hp = policy(rules, mode=mode)
+        nft = re.findall(r'log prefix "([^"]*)"', render_nftables(hp).to_text())
+        ipt = re.findall(r"--nflog-prefix (\S+)", render_iptables(hp).to_text())
+        for prefix in [*nft, *(p.strip('"') for p in ipt)]:
+            parsed = flowlog.parse_prefix(prefix)
+            assert parsed is not None, prefix
+            seen.add(parsed[0])
+    assert seen == set(FlowAction)
+
+
+def test_service_groups_are_shared_by_every_renderer() -> None:
+    entries = [ServiceEntry(Proto.UDP, 53, 53), ServiceEntry(Proto.TCP, 80, 80), ServiceEntry(Proto.TCP, 81, 90),
+               ServiceEntry(Proto.ICMP, 8, 8), ServiceEntry(Proto.ICMPV6)]
+    assert service_groups(entries, Family.V4) == (
+        ProtoGroup(Proto.TCP, ((80, 90),)), ProtoGroup(Proto.UDP, ((53, 53),)), ProtoGroup(Proto.ICMP, ((8, 8),)))
+    assert service_groups(entries, None)[-1] == ProtoGroup(Proto.ICMPV6, None)  # type: ignore[index]
+    assert service_groups([*entries, ServiceEntry(Proto.ANY)]) is None
+    assert entry_bounds(ServiceEntry(Proto.TCP)) == (0, 65535) and entry_bounds(ServiceEntry(Proto.ICMP)) == (0, 255)
+    with pytest.raises(RenderError, match="out of range 0-255"):
+        entry_bounds(ServiceEntry(Proto.ICMP, 300, 300))
+    for module in ("nftables.render", "iptables.render", "ipfilter.render", "f5.render", "setalgebra"):
+        text = (SRC / "backends" / (module.replace(".", "/") + ".py")).read_text()
+        assert "def _bounds" not in text and "def _entry_bounds" not in text, module
+
+
+def test_netns_names_are_checked_in_one_place() -> None:
+    assert validate_netns("lab-1") == "lab-1" and validate_netns(None) is None
+    for bad in ("../x", "a b", "x;rm", ""):
+        with pytest.raises(ApplyError, match="network namespace"):
+            validate_netns(bad)
+    with pytest.raises(ApplyError, match="network namespace"):
+        get_backend("iptables", netns="../x")

@@ -16,14 +16,17 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "stockade"
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "model": {"errors"},
-    "policyfile": {"errors", "model"},
+    "codec": {"errors", "model"},  # documents (YAML nodes or REST JSON) <-> domain: below both entry points
+    "policyfile": {"errors", "model", "codec"},
     "compiler": {"errors", "model"},
     "evaluator": {"errors", "model"},
     "backends": {"errors", "model", "compiler", "bpf"},  # bpf: the eBPF C sources and their build
     "visibility": {"errors", "model", "compiler", "evaluator"},
-    "lab": {"errors", "model", "compiler", "evaluator", "backends", "policyfile", "paths"},
+    "lab": {"errors", "model", "compiler", "evaluator", "backends", "codec", "policyfile", "paths"},
     "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs"},
-    "controller": {"errors", "model", "compiler", "evaluator", "policyfile", "visibility", "backends", "web", "logs"},
+    "controller": {
+        "errors", "model", "compiler", "evaluator", "codec", "policyfile", "visibility", "backends", "web", "logs",
+    },
     "logs": set(),
 }
 
@@ -67,3 +70,64 @@ def test_only_the_cli_imports_the_controller() -> None:
         if _package_of(f) not in ("controller", "cli") and "controller" in _stockade_imports(f)
     ]
     assert not offenders
+
+
+# ---- inside backends/: families are islands over a few shared modules -------------------------
+
+BACKENDS_DIR = SRC / "backends"
+# What every family may use. Not the registry: through it a family could reach any other family.
+SHARED_BACKEND_MODULES = {"base", "common", "flowlog", "setalgebra"}
+
+
+def _families() -> list[str]:
+    return sorted(p.name for p in BACKENDS_DIR.iterdir() if p.is_dir() and (p / "__init__.py").exists())
+
+
+def _backend_modules_imported(path: Path) -> set[str]:
+    """The ``stockade.backends.<name>`` modules/packages a file imports (``<name>`` only)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            parts = node.module.split(".")
+            if parts[:2] == ["stockade", "backends"]:
+                if len(parts) > 2:
+                    found.add(parts[2])
+                else:  # from stockade.backends import flowlog
+                    found.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[:2] == ["stockade", "backends"] and len(parts) > 2:
+                    found.add(parts[2])
+    return found
+
+
+def test_backend_families_exist() -> None:
+    assert {"nftables", "iptables", "ebpf", "windows", "ipfilter", "f5"} <= set(_families())
+    shared = {p.stem for p in BACKENDS_DIR.glob("*.py")} - {"__init__"}
+    assert shared >= SHARED_BACKEND_MODULES
+
+
+@pytest.mark.parametrize("family", _families())
+def test_backend_families_do_not_import_each_other(family: str) -> None:
+    bad = [
+        f"{f.relative_to(SRC)} imports stockade.backends.{name}"
+        for f in sorted((BACKENDS_DIR / family).rglob("*.py"))
+        for name in sorted(_backend_modules_imported(f) - {family} - SHARED_BACKEND_MODULES)
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_shared_backend_modules_import_no_family() -> None:
+    families = set(_families())
+    bad = [
+        f"backends/{name}.py imports stockade.backends.{imported}"
+        for name in sorted(SHARED_BACKEND_MODULES)
+        for imported in sorted(_backend_modules_imported(BACKENDS_DIR / f"{name}.py") & families)
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_registry_imports_no_family() -> None:
+    """It names them as ``module:Class`` strings and imports one on lookup (tests/unit/test_backends.py)."""
+    assert not _backend_modules_imported(BACKENDS_DIR / "registry.py") & set(_families())

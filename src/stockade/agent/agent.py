@@ -103,7 +103,7 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._watcher: AddressWatcher | None = None
-        self._flows: FlowCollector | None = None  # flow reporting (NFLOG backends only)
+        self._flows: FlowCollector | None = None  # flow reporting (backends that are flow sources)
         self._pending_ack: int | None = None
         self._last_failure: tuple[int, str] | None = None
         self._last_refusal: int | None = None
@@ -113,7 +113,7 @@ class Agent:
         self._backoff = Backoff(options.backoff)
         self.enrolled = threading.Event()
         self.converged = threading.Event()  # set after every successful apply (tests wait on it)
-        self._feed: ChangeFeed | None = feed_for(enforcer.backend) if options.change_feed else None
+        self._feed: ChangeFeed | None = feed_for(enforcer.change_monitor) if options.change_feed else None
         self._tamper_poke = threading.Event()
         self._cache = cache  # the caller may have enforced the cache already (fast start-up)
         if cache is not None:
@@ -288,7 +288,7 @@ class Agent:
             self._pending_ack = self.applied_revision  # what the cache put in force
         self.outbox.start(client)
         if self.credential is not None:
-            self._flows = collector_for(self.credential, self.state.load_ca(), self.enforcer.backend,
+            self._flows = collector_for(self.credential, self.state.load_ca(), self.enforcer,
                                         lambda: self.enforcer.policy.local_addresses if self.enforcer.policy else ())
         self._report_host()
         if self.options.watch_addresses:

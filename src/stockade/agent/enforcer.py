@@ -19,11 +19,23 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Generic, Protocol
 
 from stockade.agent.state import StateDir
 from stockade.agent.transport import AgentEvent, EventKind
-from stockade.backends.base import check_delta_capabilities
+from stockade.backends.base import (
+    ArtifactT,
+    Backend,
+    BackendControl,
+    ChangeFeedSource,
+    EventFlows,
+    FlowSource,
+    NetnsBound,
+    NflogFlows,
+    Verifying,
+    VerifyReport,
+    check_delta_capabilities,
+)
 from stockade.compiler.ir import AddressSet, HostPolicy, SetDelta
 from stockade.errors import ApplyError, BackendError, StockadeError, ValidationError
 from stockade.model.addresses import IPNetwork
@@ -77,15 +89,58 @@ def summarise_difference(expected: str, actual: str, limit: int = 6) -> str:
     return f"{len(lines)} line(s) differ: {shown}{more}"
 
 
-class Enforcer:
-    """One backend, one policy in force. Thread-safe."""
+class Rendered(Protocol):
+    """A rendered artifact bound to the backend that rendered it (the enforcer never looks inside)."""
 
-    def __init__(self, backend: Any) -> None:
-        # ``Any``: backends are generic over their artifact type; the agent never looks inside.
-        self.backend = backend
+    def apply(self) -> None: ...
+
+    def verify(self) -> VerifyReport | None:
+        """The backend's structural check of the kernel against this artifact; None: it has none."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Bound(Generic[ArtifactT]):
+    backend: Backend[ArtifactT]
+    verifier: Verifying[ArtifactT] | None
+    artifact: ArtifactT
+
+    def apply(self) -> None:
+        self.backend.apply(self.artifact)
+
+    def verify(self) -> VerifyReport | None:
+        return None if self.verifier is None else self.verifier.verify(self.artifact)
+
+
+class Enforcer:
+    """One backend, one policy in force. Thread-safe.
+
+    The backend's optional capabilities (:mod:`stockade.backends.base`) are looked up here,
+    once: a :class:`~stockade.backends.base.Verifying` backend checks every full apply,
+    :attr:`flows` says where the agent reads flows, :attr:`change_monitor` is the command
+    the tamper watcher follows, :attr:`netns` the namespace the backend programs (None: the
+    agent's own). The artifact type stays with the backend (:class:`Rendered`).
+    """
+
+    def __init__(self, backend: Backend[ArtifactT]) -> None:
+        self.backend: BackendControl = backend
+        verifier: Verifying[ArtifactT] | None = backend if isinstance(backend, Verifying) else None
+
+        def render(hp: HostPolicy) -> Rendered:
+            return _Bound(backend, verifier, backend.render(hp))
+
+        self._render = render
+        self.verifying = verifier is not None
+        self.flows: NflogFlows | EventFlows | None = (
+            backend.flow_source() if isinstance(backend, FlowSource) else None
+        )
+        self.change_monitor: tuple[str, ...] | None = (
+            backend.change_monitor() if isinstance(backend, ChangeFeedSource) else None
+        )
+        self.netns: str | None = backend.netns if isinstance(backend, NetnsBound) else None
         self._lock = threading.Lock()
         self._policy: HostPolicy | None = None
-        self._artifact: Any = None
+        self._artifact: Rendered | None = None
         self._baseline: str | None = None  # None: nothing to guard (idle, or nothing applied)
 
     @property
@@ -96,16 +151,12 @@ class Enforcer:
     def mode(self) -> EnforcementMode | None:
         return self._policy.mode if self._policy is not None else None
 
-    def _verify(self, artifact: Any) -> str:
+    def _verify(self, artifact: Rendered) -> str:
         """Read back after an apply; raise ApplyError if the kernel does not hold ``artifact``."""
-        verify = getattr(self.backend, "verify", None)
-        if callable(verify):
-            # Backends with a structural check (nftables: VerifyReport with .ok/.problems).
-            report = verify(artifact)
-            if not getattr(report, "ok", True):
-                problems = "; ".join(getattr(report, "problems", ()))
-                raise ApplyError(f"read-back differs from what was applied: {problems}")
-        text: str = self.backend.read_back()
+        report = artifact.verify()
+        if report is not None and not report.ok:
+            raise ApplyError(f"read-back differs from what was applied: {'; '.join(report.problems)}")
+        text = self.backend.read_back()
         if not text.strip():
             raise ApplyError("read-back is empty right after apply")
         return text
@@ -117,8 +168,8 @@ class Enforcer:
                 self.backend.remove()
                 self._policy, self._artifact, self._baseline = hp, None, None
                 return
-            artifact = self.backend.render(hp)  # UnsupportedFeatureError/RenderError: nothing touched
-            self.backend.apply(artifact)
+            artifact = self._render(hp)  # UnsupportedFeatureError/RenderError: nothing touched
+            artifact.apply()
             try:
                 baseline = self._verify(artifact)
             except BackendError:
@@ -130,7 +181,7 @@ class Enforcer:
     def _restore_previous(self) -> None:
         if self._artifact is not None:
             with contextlib.suppress(BackendError):
-                self.backend.apply(self._artifact)
+                self._artifact.apply()
 
     def apply_delta(self, new_hp: HostPolicy, deltas: tuple[SetDelta, ...]) -> None:
         """Change set members only (no reload). ``new_hp`` is the policy the deltas lead to."""
@@ -141,11 +192,11 @@ class Enforcer:
                 self._policy = new_hp
                 return
             check_delta_capabilities(self.backend.name, self.backend.capabilities, deltas)
-            artifact = self.backend.render(new_hp)
+            artifact = self._render(new_hp)
             self.backend.apply_delta(deltas)
             # The backend confirmed each element change (netlink acks); one read-back gives the
             # new tamper baseline. The structural verify is for full applies (it costs 2 listings).
-            baseline: str = self.backend.read_back()
+            baseline = self.backend.read_back()
             if not baseline.strip():
                 raise ApplyError("read-back is empty right after a set delta")
             self._policy, self._artifact, self._baseline = new_hp, artifact, baseline
@@ -157,14 +208,14 @@ class Enforcer:
                 return None
             started = time.monotonic()
             try:
-                current: str = self.backend.read_back()
+                current = self.backend.read_back()
             except BackendError as exc:
                 return TamperReport(f"read-back failed: {exc}", restored=False, error=str(exc))
             if current == self._baseline:
                 return None
             summary = summarise_difference(self._baseline, current)
             try:
-                self.backend.apply(self._artifact)
+                self._artifact.apply()
                 self._baseline = self._verify(self._artifact)
             except BackendError as exc:
                 return TamperReport(summary, restored=False, error=str(exc), seconds=time.monotonic() - started)

@@ -29,7 +29,7 @@ from stockade.agent.transport import (
     PolicyUpdate,
     policy_update_from_dict,
 )
-from stockade.backends.base import Capability, check_capabilities
+from stockade.backends.base import Capability, VerifyReport, check_capabilities
 from stockade.compiler import diff_sets, host_policy_to_dict, host_policy_to_json
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, AuthError, NotFoundError
@@ -233,15 +233,6 @@ class MemoryArtifact:
         return host_policy_to_json(self.policy)
 
 
-@dataclass(frozen=True)
-class MemoryVerifyReport:
-    problems: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
 class MemoryBackend:
     """A firewall that lives in a variable: what the agent applies is what ``read_back`` shows.
 
@@ -286,10 +277,10 @@ class MemoryBackend:
             return self.tampered_text
         return host_policy_to_json(self.installed) if self.installed is not None else ""
 
-    def verify(self, artifact: MemoryArtifact) -> MemoryVerifyReport:
+    def verify(self, artifact: MemoryArtifact) -> VerifyReport:
         if self.installed != artifact.policy or self.tampered_text is not None:
-            return MemoryVerifyReport(("installed policy differs from the artifact",))
-        return MemoryVerifyReport(())
+            return VerifyReport(("installed policy differs from the artifact",))
+        return VerifyReport(())
 
     def remove(self) -> None:
         self.removes += 1

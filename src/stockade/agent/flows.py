@@ -1,6 +1,9 @@
-"""Flow reporting: NFLOG packets -> bounded, merged flow summaries -> batched uploads.
+"""Flow reporting: logged first packets -> bounded, merged flow summaries -> batched uploads.
 
-Three parts, each testable alone:
+Where the packets come from is the backend's :class:`~stockade.backends.base.FlowSource`: an
+NFLOG group (nftables, iptables; :class:`~stockade.agent.nflog.NflogReader`) or the eBPF
+datapath's flow events (:class:`EventFlowReader` turns each new-connection event into the same
+:class:`~stockade.agent.nflog.LoggedPacket`). Three parts, each testable alone:
 
 * :class:`FlowBuffer` - pending summaries keyed by (flow key, side, verdict, rule): a packet of
   a known key only bumps its count and last-seen time; a new key takes a slot. At most
@@ -9,11 +12,11 @@ Three parts, each testable alone:
   an upload that fails are merged back.
 * :class:`HttpFlowSender` - ``POST /api/v1/agents/{id}/flows`` (:mod:`stockade.visibility.wire`)
   on its own connection (uploads never queue behind the long-poll), the controller's CA pinned.
-* :class:`FlowCollector` - a reader thread (:class:`~stockade.agent.nflog.NflogReader`, opened
-  in that thread so it binds the agent's network namespace) and an uploader thread that sends a
-  batch every ``interval`` seconds (sooner when a batch is full), backs off while the controller
-  is unreachable, and always reports the cumulative ``dropped`` count: buffer drops, kernel
-  overruns and batches the controller refused. Nothing is lost silently.
+* :class:`FlowCollector` - a reader thread (a :class:`FlowReader`, opened in that thread) and
+  an uploader thread that sends a batch every ``interval`` seconds (sooner when a batch is
+  full), backs off while the controller is unreachable, and always reports the cumulative
+  ``dropped`` count: buffer drops, kernel overruns (NFLOG ``ENOBUFS``, eBPF ring buffer full)
+  and batches the controller refused. Nothing is lost silently.
 """
 
 from __future__ import annotations
@@ -22,20 +25,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import httpx
 
 from stockade import __version__
 from stockade.agent.backoff import Backoff, BackoffPolicy
+from stockade.agent.enforcer import Enforcer
 from stockade.agent.http_client import API_PREFIX, CONNECT_TIMEOUT, REQUEST_TIMEOUT, pinned_context, raise_for
-from stockade.agent.nflog import LoggedPacket, NflogError, NflogReader
+from stockade.agent.nflog import VERDICTS, LoggedPacket, NflogReader
 from stockade.agent.state import Credential
 from stockade.agent.transport import ControllerUnreachableError
+from stockade.backends.base import EventFlows, FlowEventStream, NflogFlows
+from stockade.backends.flowlog import FlowEvent, FlowReason
 from stockade.compiler.ir import Direction
 from stockade.errors import StockadeError
 from stockade.evaluator import Verdict
 from stockade.model.addresses import IPAddress
+from stockade.model.services import Proto
 from stockade.visibility.flows import FlowKey, FlowRecord
 from stockade.visibility.wire import MAX_RECORDS, FlowBatch, batch_to_wire
 
@@ -125,15 +132,56 @@ class HttpFlowSender:
         self._client.close()
 
 
-ReaderFactory = Callable[[int, Callable[[IPAddress], bool] | None], Any]  # (group, is_local) -> NflogReader-like
+class FlowReader(Protocol):
+    """Logged first packets, as they come (NflogReader, EventFlowReader, a list in tests)."""
+
+    @property
+    def overruns(self) -> int:
+        """Packets the kernel could not hand over, cumulative."""
+        ...
+
+    def read(self, timeout: float) -> list[LoggedPacket]: ...
+
+    def close(self) -> None: ...
 
 
-def _open_reader(group: int, is_local: Callable[[IPAddress], bool] | None) -> NflogReader:
+IsLocal = Callable[[IPAddress], bool]
+ReaderFactory = Callable[[int, IsLocal | None], FlowReader]  # (NFLOG group, is_local) -> reader
+
+
+def _open_reader(group: int, is_local: IsLocal | None) -> FlowReader:
     return NflogReader(group, is_local=is_local)
 
 
+def logged_packet(event: FlowEvent) -> LoggedPacket:
+    """An eBPF flow event as the packet NFLOG would have logged for the same connection."""
+    key = FlowKey(event.src, event.dst, event.proto or Proto.ANY, event.port)
+    return LoggedPacket(key, event.direction, VERDICTS[event.action], event.rule_id, event.timestamp)
+
+
+class EventFlowReader:
+    """Reads the datapath's flow events (the eBPF ring buffer) as logged packets.
+
+    Only first packets of new connections are reported, like NFLOG; a flow whose verdict a
+    later policy changed (``REVALIDATED``) is counted by the datapath, not reported again.
+    """
+
+    def __init__(self, stream: FlowEventStream) -> None:
+        self.stream = stream
+
+    @property
+    def overruns(self) -> int:
+        return self.stream.lost()
+
+    def read(self, timeout: float) -> list[LoggedPacket]:
+        return [logged_packet(e) for e in self.stream.poll(timeout) if e.reason is FlowReason.NEW]
+
+    def close(self) -> None:
+        self.stream.close()
+
+
 class FlowCollector:
-    """Reads NFLOG, buffers, uploads. ``start()`` spawns two daemon threads; ``stop()`` ends them."""
+    """Reads the flow source, buffers, uploads. ``start()`` spawns two daemon threads; ``stop()`` ends them."""
 
     def __init__(
         self,
@@ -146,6 +194,8 @@ class FlowCollector:
         is_local: Callable[[IPAddress], bool] | None = None,
         backoff: BackoffPolicy | None = None,
         reader_factory: ReaderFactory = _open_reader,
+        source_name: str | None = None,
+        retry_seconds: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.sender = sender
@@ -155,11 +205,13 @@ class FlowCollector:
         self.buffer = FlowBuffer(max_entries)
         self.is_local = is_local
         self.reader_factory = reader_factory
+        self.source_name = source_name or f"NFLOG group {group}"
+        self.retry_seconds = retry_seconds
         self.clock = clock
         self.uploaded = 0  # summaries the controller accepted
         self.batches = 0
         self.refused = 0  # summaries in batches the controller refused
-        self.overruns = 0  # kernel-side NFLOG losses, as reported by the reader
+        self.overruns = 0  # kernel-side losses, as reported by the reader
         self._backoff = Backoff(backoff or BackoffPolicy(initial=0.5, maximum=30.0))
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -200,22 +252,26 @@ class FlowCollector:
 
     # ---- threads ----------------------------------------------------------------------------
     def _read_loop(self) -> None:
-        reader = None
+        reader: FlowReader | None = None
+        failures = 0
         while not self._stop.is_set():
             if reader is None:
                 try:
                     reader = self.reader_factory(self.group, self.is_local)
-                    log.info("reading flows from NFLOG group %d", self.group)
-                except (OSError, NflogError) as exc:
-                    log.warning("cannot read NFLOG group %d (%s); flows are not reported, retrying in 30 s",
-                                self.group, exc)
-                    self._stop.wait(30.0)
+                    log.info("reading flows from %s", self.source_name)
+                except (OSError, StockadeError) as exc:
+                    failures += 1
+                    (log.warning if failures == 1 else log.debug)(
+                        "cannot read %s (%s); flows are not reported, retrying every %.0f s",
+                        self.source_name, exc, self.retry_seconds)
+                    self._stop.wait(self.retry_seconds)
                     continue
+                failures = 0
             try:
                 self.record(reader.read(0.5))
                 self.overruns = reader.overruns
-            except OSError as exc:
-                log.warning("NFLOG read failed (%s); reopening", exc)
+            except (OSError, StockadeError) as exc:
+                log.warning("reading %s failed (%s); reopening", self.source_name, exc)
                 reader.close()
                 reader = None
         if reader is not None:
@@ -256,16 +312,36 @@ class FlowCollector:
                 return 0.0
 
 
-def collector_for(credential: Credential, ca_pem: str | None, backend: Any,
+def reader_factory_for(flows: NflogFlows | EventFlows, netns: str | None) -> tuple[ReaderFactory, str]:
+    """How to open a reader of ``flows`` (in the reader thread), and its name for the log."""
+    if isinstance(flows, NflogFlows):
+
+        def nflog(group: int, is_local: IsLocal | None) -> FlowReader:
+            return NflogReader(group, is_local=is_local, netns=netns)
+
+        return nflog, f"NFLOG group {flows.group}"
+
+    def events(group: int, is_local: IsLocal | None) -> FlowReader:
+        return EventFlowReader(flows.open())
+
+    return events, "the eBPF flow-event ring buffer"
+
+
+def collector_for(credential: Credential, ca_pem: str | None, enforcer: Enforcer,
                   local_addresses: Callable[[], Iterable[IPAddress]]) -> FlowCollector | None:
-    """A started collector for an agent whose backend logs to NFLOG (None for any other backend)."""
-    group = getattr(backend, "log_group", None)
-    if not isinstance(group, int) or not credential.controller.startswith(("http://", "https://")):
+    """A started collector for an agent whose backend is a flow source (None for any other)."""
+    flows = enforcer.flows
+    if flows is None or not credential.controller.startswith(("http://", "https://")):
         return None
 
     def is_local(addr: IPAddress) -> bool:
         return addr in set(local_addresses())
 
-    collector = FlowCollector(HttpFlowSender(credential, ca_pem), group=group, is_local=is_local)
+    factory, name = reader_factory_for(flows, enforcer.netns)
+    group = flows.group if isinstance(flows, NflogFlows) else 0
+    # a ring buffer exists from the first apply on: look again soon rather than in 30 s
+    retry = 30.0 if isinstance(flows, NflogFlows) else 1.0
+    collector = FlowCollector(HttpFlowSender(credential, ca_pem), group=group, is_local=is_local,
+                              reader_factory=factory, source_name=name, retry_seconds=retry)
     collector.start()
     return collector

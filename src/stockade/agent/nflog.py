@@ -1,9 +1,10 @@
 """A small NFLOG reader: raw ``AF_NETLINK`` / ``NETLINK_NETFILTER`` socket, no library.
 
-The nftables ruleset (:mod:`stockade.backends.nftables.render`) logs the first packet of every new
-connection to one NFLOG group with a verdict prefix (``stk:a:`` accepted, ``stk:d:`` dropped,
-``stk:pb:`` would-be dropped, then the deciding rule id). :class:`NflogReader` binds that group
-in the calling thread's network namespace, asks for the first ``copy_range`` bytes of each
+The netfilter backends (nftables, iptables) log the first packet of every new connection to
+one NFLOG group with a verdict prefix (:mod:`stockade.backends.flowlog`: ``stk:a:`` accepted,
+``stk:d:`` dropped, ``stk:pb:`` would-be dropped, then the deciding rule id).
+:class:`NflogReader` binds that group in the backend's network namespace (``netns``, else the
+calling thread's), asks for the first ``copy_range`` bytes of each
 packet (enough for the IP header and the ports) and turns every message into a
 :class:`LoggedPacket`: the flow key, which side logged it (``input`` hook: inbound; ``output``:
 outbound; ``forward``: by the host's own addresses), the verdict and the rule.
@@ -30,7 +31,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from stockade.backends.nftables.render import ACCEPT_LOG_PREFIX, DROP_LOG_PREFIX, LOG_PREFIX
+from stockade.backends import flowlog
+from stockade.backends.common import in_netns
+from stockade.backends.flowlog import FlowAction
 from stockade.compiler.ir import Direction
 from stockade.errors import StockadeError
 from stockade.evaluator import Verdict
@@ -61,8 +64,11 @@ NF_INET_LOCAL_IN, NF_INET_FORWARD, NF_INET_LOCAL_OUT = 1, 2, 3
 _NLMSG = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("!BBH")
 _ATTR = struct.Struct("=HH")
-_VERDICT_PREFIXES = ((LOG_PREFIX, Verdict.POTENTIALLY_BLOCKED), (ACCEPT_LOG_PREFIX, Verdict.ALLOWED),
-                     (DROP_LOG_PREFIX, Verdict.BLOCKED))
+VERDICTS: dict[FlowAction, Verdict] = {
+    FlowAction.ALLOW: Verdict.ALLOWED,
+    FlowAction.BLOCK: Verdict.BLOCKED,
+    FlowAction.WOULD_BLOCK: Verdict.POTENTIALLY_BLOCKED,
+}
 _PROTO_NUMBERS = {6: Proto.TCP, 17: Proto.UDP, 1: Proto.ICMP, 58: Proto.ICMPV6}
 _V6_EXTENSIONS = frozenset({0, 43, 60, 51})  # hop-by-hop, routing, destination options, AH
 
@@ -84,10 +90,8 @@ class LoggedPacket:
 
 def parse_prefix(prefix: str) -> tuple[Verdict, str] | None:
     """``stk:a:ruleset/x/0`` -> (ALLOWED, "ruleset/x/0"); None for a prefix Stockade did not write."""
-    for head, verdict in _VERDICT_PREFIXES:
-        if prefix.startswith(head):
-            return verdict, prefix[len(head):]
-    return None
+    parsed = flowlog.parse_prefix(prefix)
+    return None if parsed is None else (VERDICTS[parsed[0]], parsed[1])
 
 
 def parse_packet(payload: bytes) -> FlowKey | None:
@@ -149,7 +153,7 @@ def _attributes(data: bytes, start: int, end: int) -> Iterator[tuple[int, bytes]
 
 
 class NflogReader:
-    """Reads one NFLOG group in the current network namespace (create it in the right thread)."""
+    """Reads one NFLOG group in network namespace ``netns`` (None: the calling thread's)."""
 
     def __init__(
         self,
@@ -161,6 +165,7 @@ class NflogReader:
         rcvbuf: int = 4 << 20,
         is_local: Callable[[IPAddress], bool] | None = None,
         clock: Callable[[], float] = time.time,
+        netns: str | None = None,
     ) -> None:
         if not 0 <= group <= 65535:
             raise NflogError(f"NFLOG group {group} out of range")
@@ -171,7 +176,7 @@ class NflogReader:
         self.received = 0  # logged packets with a Stockade prefix
         self.ignored = 0  # foreign prefixes and unreadable packets
         self._seq = 0
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._sock = in_netns(netns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
         try:
             try:
                 self._sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE (root)

@@ -1,14 +1,14 @@
 """Change feeds: tell the tamper watcher *when* the firewall changed, so it need not poll fast.
 
-A backend whose kernel reports changes gets a feed from :data:`FEEDS` (a plain table from
-backend name to factory, like the backend registry): for nftables, ``nft monitor`` prints
-one line per change to any table (rule, set element, chain, table), including ``nft flush``
-and netlink set-element batches. Every such line pokes the watcher, which then compares a
-read-back with the expected state (the feed says *that* something changed, the read-back
-says *whether* it is ours). With a live feed the watcher still reads back every second
-as a safety net (a feed that silently stops delivering cannot stretch a restore past ~1 s);
-without one (no feed for the backend, or the feed process died) it polls at the fast
-interval.
+A backend whose kernel reports changes is a :class:`~stockade.backends.base.ChangeFeedSource`:
+it names a command (the enforcer asks it once) that prints one line per change. For nftables,
+``nft monitor`` (inside the backend's namespace) prints one line per change to any table
+(rule, set element, chain, table), including ``nft flush`` and netlink set-element batches.
+Every such line pokes the watcher, which then compares a read-back with the expected state
+(the feed says *that* something changed, the read-back says *whether* it is ours). With a
+live feed the watcher still reads back every second as a safety net (a feed that silently
+stops delivering cannot stretch a restore past ~1 s); without one (no feed for the backend,
+or the feed process died) it polls at the fast interval.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pty
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 log = logging.getLogger("stockade.agent")
 
@@ -97,17 +97,6 @@ class CommandFeed:
                 self._proc.wait(2.0)
 
 
-def nft_monitor_feed(backend: Any) -> ChangeFeed:
-    netns = getattr(backend, "netns", None)
-    prefix = ["ip", "netns", "exec", netns] if netns else []
-    return CommandFeed([*prefix, "nft", "monitor"])
-
-
-FEEDS: dict[str, Callable[[Any], ChangeFeed]] = {
-    "nftables": nft_monitor_feed,
-}
-
-
-def feed_for(backend: Any) -> ChangeFeed | None:
-    factory = FEEDS.get(getattr(backend, "name", ""))
-    return factory(backend) if factory is not None else None
+def feed_for(change_monitor: Sequence[str] | None) -> ChangeFeed | None:
+    """A feed running the backend's change monitor (``Enforcer.change_monitor``); None without one."""
+    return CommandFeed(change_monitor) if change_monitor else None

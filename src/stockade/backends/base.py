@@ -10,6 +10,19 @@ module implementing :class:`Backend`:
 * ``read_back()`` returns what the kernel/device holds now, normalised for comparison;
 * ``remove()`` deletes everything the backend owns and nothing else.
 
+Optional capabilities are typed protocols too, checked once (``isinstance``) by whoever
+uses them, never discovered by ``getattr``:
+
+* :class:`Verifying` - ``verify(artifact)`` compares the kernel with an artifact by meaning
+  and returns the one :class:`VerifyReport` (an apply is checked with it);
+* :class:`FlowSource` - the datapath reports the verdict of every new connection, either to
+  an NFLOG group (:class:`NflogFlows`, prefixes of :mod:`stockade.backends.flowlog`) or as
+  :class:`~stockade.backends.flowlog.FlowEvent` records (:class:`EventFlows`, the eBPF ring
+  buffer); the agent turns either into flow reports;
+* :class:`ChangeFeedSource` - a command that prints a line whenever what the backend owns
+  changes (``nft monitor``), so tamper is noticed without fast polling;
+* :class:`NetnsBound` - the backend programs a named network namespace, not the caller's.
+
 A backend *declares* the policy features it supports (``capabilities``).
 :func:`check_capabilities` derives the features a host policy needs and raises
 :class:`~stockade.errors.UnsupportedFeatureError`, naming the feature and the rule, for the
@@ -19,10 +32,12 @@ Renderers call it before producing anything.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
+from stockade.backends.flowlog import FlowEvent
 from stockade.compiler.ir import Direction, HostPolicy, SetDelta
 from stockade.errors import UnsupportedFeatureError
 from stockade.model.addresses import Family
@@ -65,21 +80,14 @@ class Artifact(Protocol):
 
 
 ArtifactT = TypeVar("ArtifactT", bound=Artifact)
+ArtifactT_contra = TypeVar("ArtifactT_contra", bound=Artifact, contravariant=True)
 
 
-class Backend(Protocol[ArtifactT]):
-    """One enforcement target. Implementations hold only connection options (table, netns...)."""
+class BackendControl(Protocol):
+    """The part of a backend that does not depend on its artifact type (what the agent holds)."""
 
     name: str
     capabilities: frozenset[Capability]
-
-    def render(self, host_policy: HostPolicy) -> ArtifactT:
-        """Pure: the native artifact enforcing ``host_policy``. Raises UnsupportedFeatureError/RenderError."""
-        ...
-
-    def apply(self, artifact: ArtifactT) -> None:
-        """Atomically replace what this backend owns by ``artifact``. Raises ApplyError."""
-        ...
 
     def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
         """Change address-set members in one transaction, without touching rules."""
@@ -92,6 +100,96 @@ class Backend(Protocol[ArtifactT]):
     def remove(self) -> None:
         """Delete everything this backend owns; never touch anything else. Idempotent."""
         ...
+
+
+class Backend(BackendControl, Protocol[ArtifactT]):
+    """One enforcement target. Implementations hold only connection options (table, netns...)."""
+
+    def render(self, host_policy: HostPolicy) -> ArtifactT:
+        """Pure: the native artifact enforcing ``host_policy``. Raises UnsupportedFeatureError/RenderError."""
+        ...
+
+    def apply(self, artifact: ArtifactT) -> None:
+        """Atomically replace what this backend owns by ``artifact``. Raises ApplyError."""
+        ...
+
+
+# ---- optional capabilities ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Differences between the kernel and the expected artifact; empty means in sync."""
+
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@runtime_checkable
+class Verifying(Protocol[ArtifactT_contra]):
+    """A backend that can check, by meaning, that the kernel holds an artifact."""
+
+    def verify(self, expected: ArtifactT_contra) -> VerifyReport:
+        """What differs between the kernel and ``expected`` (tamper and drift detection)."""
+        ...
+
+
+@dataclass(frozen=True)
+class NflogFlows:
+    """The first packet of every new connection is logged to NFLOG ``group`` with a verdict
+    prefix (:mod:`stockade.backends.flowlog`); bind the group in the backend's namespace."""
+
+    group: int
+
+
+class FlowEventStream(Protocol):
+    """A reader of flow events written by the datapath itself (the eBPF ring buffer)."""
+
+    def poll(self, timeout: float = 0.0) -> list[FlowEvent]:
+        """Events written since the last call, waiting up to ``timeout`` seconds for the first."""
+        ...
+
+    def lost(self) -> int:
+        """Events the datapath could not write (buffer full), cumulative."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EventFlows:
+    """Flow events are read from a stream the backend opens (call ``open`` in the reading thread)."""
+
+    open: Callable[[], FlowEventStream]
+
+
+@runtime_checkable
+class FlowSource(Protocol):
+    """A backend whose datapath reports the verdict of every new connection."""
+
+    def flow_source(self) -> NflogFlows | EventFlows:
+        """Where the flows are reported."""
+        ...
+
+
+@runtime_checkable
+class ChangeFeedSource(Protocol):
+    """A backend whose kernel announces changes to what it owns."""
+
+    def change_monitor(self) -> tuple[str, ...]:
+        """Argv (no shell) of a command printing one line per change, running until stopped."""
+        ...
+
+
+@runtime_checkable
+class NetnsBound(Protocol):
+    """A backend that programs a named network namespace (None: the caller's own)."""
+
+    @property
+    def netns(self) -> str | None: ...
 
 
 # ---- the central capability check --------------------------------------------------

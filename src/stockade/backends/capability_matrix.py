@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from stockade.backends.base import Capability
+from stockade.backends.base import BackendControl, Capability
 from stockade.backends.registry import BACKENDS
 
 YES = "yes"
@@ -44,12 +43,12 @@ class CapabilityMatrix:
         return tuple((cap, tuple(cap in c.capabilities for c in self.columns)) for cap in Capability)
 
 
-def capability_matrix(backends: Mapping[str, type[Any]] | None = None) -> CapabilityMatrix:
+def capability_matrix(backends: Mapping[str, type[BackendControl]] | None = None) -> CapabilityMatrix:
     """The matrix of ``backends`` (default: the registry), columns in registry order."""
     table = BACKENDS if backends is None else backends
     columns = []
     for name, cls in table.items():
-        declared: frozenset[Capability] = frozenset(getattr(cls, "capabilities", frozenset()))
+        declared = frozenset(cls.capabilities)
         doc = (cls.__doc__ or "").strip().splitlines()
         columns.append(BackendColumn(name, doc[0] if doc else "", declared))
     return CapabilityMatrix(tuple(columns))

@@ -29,30 +29,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
+from stockade.backends.common import PORT_MAX, TYPE_MAX, entry_bounds, limit_of
 from stockade.compiler.ir import AddressSet, HostPolicy, SetDelta
 from stockade.errors import ApplyError, RenderError
 from stockade.model.addresses import AddressRanges, Family, IPNetwork, Range, merge_ranges, subtract_ranges
 from stockade.model.services import Proto, ServiceEntry
 
-PORT_MAX = 65535
-TYPE_MAX = 255
 LAYER4 = (Proto.TCP, Proto.UDP, Proto.ICMP, Proto.ICMPV6)
 OTHER = Proto.ANY  # the proto of the cell standing for every other IP protocol
 ND_TYPES: tuple[Range, ...] = ((133, 137),)  # ICMPv6 neighbour discovery (RS, RA, NS, NA, redirect)
-
-
-def _limit(proto: Proto) -> int:
-    return PORT_MAX if proto.has_ports else TYPE_MAX
-
-
-def _bounds(entry: ServiceEntry) -> Range:
-    limit = _limit(entry.proto)
-    if entry.first is None:
-        return 0, limit
-    last = entry.last if entry.last is not None else entry.first
-    if not 0 <= entry.first <= last <= limit:
-        raise RenderError(f"service entry {entry} out of range 0-{limit}")
-    return entry.first, last
 
 
 def _space(ranges: dict[Proto, tuple[Range, ...]], other: bool) -> ServiceSpace:
@@ -79,7 +64,7 @@ class ServiceSpace:
         for e in entries:
             if e.proto is Proto.ANY:
                 return ServiceSpace.everything()
-            found[e.proto].append(_bounds(e))
+            found[e.proto].append(entry_bounds(e))
         return _space({p: merge_ranges(found[p]) for p in LAYER4}, False)
 
     @staticmethod
@@ -118,7 +103,7 @@ class ServiceSpace:
         if proto is Proto.ANY:
             return self.other
         if value is None:
-            return self.ranges(proto) == ((0, _limit(proto)),)
+            return self.ranges(proto) == ((0, limit_of(proto)),)
         return any(lo <= value <= hi for lo, hi in self.ranges(proto))
 
 

@@ -76,6 +76,11 @@ def _syslog_target(value: str | None, fmt: str, ca_file: Path | None) -> Any:
               show_default=True)
 @click.option("--log-format", type=click.Choice(["text", "json", "logfmt"]), default="text", show_default=True,
               help="controller log lines (stderr), access log included, each with its request id")
+@click.option("--trusted-proxy", multiple=True, metavar="IP|CIDR",
+              help="reverse proxy whose X-Forwarded-For/-Proto/-Host headers are believed (repeatable; "
+                   "default: none, the headers are ignored)")
+@click.option("--allowed-origin", multiple=True, metavar="URL",
+              help="extra origin (https://host:port) allowed to make cookie-authenticated changes (repeatable)")
 def controller(
     data_dir: Path,
     database_url: str | None,
@@ -90,6 +95,8 @@ def controller(
     syslog_ca: Path | None,
     log_level: str,
     log_format: str,
+    trusted_proxy: tuple[str, ...],
+    allowed_origin: tuple[str, ...],
 ) -> None:
     """Run the Stockade controller (REST API, policy distribution)."""
     import uvicorn
@@ -104,13 +111,18 @@ def controller(
 
     data_dir.mkdir(parents=True, exist_ok=True)
     url = database_url or f"sqlite:///{data_dir / 'stockade.db'}"
-    settings = ControllerSettings(
-        database_url=url,
-        offline_after=offline_after,
-        offline_grace=offline_grace,
-        secure_cookies=not insecure_http,
-        syslog=_syslog_target(syslog, syslog_format, syslog_ca),
-    )
+    try:
+        settings = ControllerSettings(
+            database_url=url,
+            offline_after=offline_after,
+            offline_grace=offline_grace,
+            secure_cookies=not insecure_http,
+            syslog=_syslog_target(syslog, syslog_format, syslog_ca),
+            trusted_proxies=trusted_proxy,
+            allowed_origins=allowed_origin,
+        )
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--trusted-proxy/--allowed-origin") from None
     app = create_app(settings)
     ctl = app.state.controller
     scheme = "http" if insecure_http else "https"
@@ -130,8 +142,10 @@ def controller(
     click.echo(f"OpenAPI:  {base}/api/v1/openapi.json   docs: {base}/api/v1/docs")
     click.echo(f"Metrics:  {base}/metrics")
     sys.stdout.flush()
+    # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 (anyone on
+    # this host); the app itself decides, from --trusted-proxy (stockade.controller.forwarded).
     uvicorn.run(app, host=host, port=port, log_config=None, log_level=log_level, timeout_keep_alive=75,
-                backlog=4096, **ssl)
+                backlog=4096, proxy_headers=False, **ssl)
 
 
 CONTROLLER_UNIT = """[Unit]

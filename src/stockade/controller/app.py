@@ -36,6 +36,7 @@ from stockade.controller.api import objects as objects_api
 from stockade.controller.api import policy as policy_api
 from stockade.controller.api.web_mount import mount_console
 from stockade.controller.context import API, Controller, ControllerSettings
+from stockade.controller.csrf import OriginCheckMiddleware, parse_allowed_origins
 from stockade.controller.metrics import Metrics, MetricsMiddleware
 from stockade.controller.services import auth
 from stockade.controller.services.auth import RateLimiter
@@ -183,6 +184,8 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     app.add_exception_handler(IntegrityError, _integrity)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(OriginCheckMiddleware, proxies=ctl.proxies,  # inside metrics: its 403s are counted
+                       allowed_origins=parse_allowed_origins(settings.allowed_origins))
     app.add_middleware(MetricsMiddleware, metrics=ctl.metrics)
     app.add_middleware(AccessLogMiddleware)  # outermost: request ids for every line below
     included: list[tuple[str, APIRouter]] = [

@@ -1,7 +1,10 @@
 """What every route shares: the settings, the :class:`Controller` state and the auth dependency.
 
 Every route depends on :func:`require` with one :class:`~stockade.controller.services.auth.Permission`;
-agent tokens are checked in memory, API keys and sessions in a worker thread.
+agent tokens are checked in memory, API keys and sessions in a worker thread. The client's
+address (:meth:`Controller.client_host`) believes ``X-Forwarded-For`` only from
+``ControllerSettings.trusted_proxies``; ``allowed_origins`` adds origins, besides the controller's
+own, from which a browser session may change things (:mod:`stockade.controller.csrf`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,18 @@ from fastapi import Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from stockade.controller.csrf import parse_allowed_origins
+from stockade.controller.forwarded import TrustedProxies
 from stockade.controller.metrics import Metrics
 from stockade.controller.services import auth, scope
-from stockade.controller.services.auth import Permission, Principal, PrincipalKind, RateLimiter
+from stockade.controller.services.auth import (
+    LockoutPolicy,
+    LoginThrottle,
+    Permission,
+    Principal,
+    PrincipalKind,
+    RateLimiter,
+)
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.events import SyslogForwarder, SyslogTarget
 
@@ -37,6 +49,13 @@ class ControllerSettings:
     login_limit: tuple[int, float] = (10, 60.0)  # attempts per window (seconds) per client
     enroll_limit: tuple[int, float] = (60, 60.0)
     argon2: auth.Argon2Params = field(default_factory=auth.Argon2Params)
+    login_lockout: LockoutPolicy = field(default_factory=LockoutPolicy)  # per-account backoff
+    trusted_proxies: tuple[str, ...] = ()  # IPs/CIDRs whose X-Forwarded-* headers are believed
+    allowed_origins: tuple[str, ...] = ()  # extra origins (https://host:port) for cookie writes
+
+    def __post_init__(self) -> None:
+        TrustedProxies.parse(self.trusted_proxies)  # a bad entry fails here, naming the field
+        parse_allowed_origins(self.allowed_origins)
 
     @staticmethod
     def for_data_dir(data_dir: Path, **kwargs: Any) -> ControllerSettings:
@@ -59,6 +78,16 @@ class Controller:
     engine: Any = None
     forwarder: SyslogForwarder | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    proxies: TrustedProxies = field(init=False)
+    login_throttle: LoginThrottle = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.proxies = TrustedProxies.parse(self.settings.trusted_proxies)
+        self.login_throttle = LoginThrottle(self.settings.login_lockout)
+
+    def client_host(self, request: Request) -> str:
+        """The client's address (``X-Forwarded-For`` counts only from a trusted proxy)."""
+        return self.proxies.client_host(request.client.host if request.client else None, request.headers)
 
     def agent_principal(self, agent_id: str, secret: str) -> Principal | None:
         live = self.dist.agents.get(agent_id)

@@ -62,7 +62,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
+from stockade.backends.base import (
+    Capability,
+    EventFlows,
+    VerifyReport,
+    check_capabilities,
+    check_delta_capabilities,
+)
 from stockade.backends.ebpf.events import FlowEventReader
 from stockade.backends.ebpf.identity import Interval, PeerTable, prefix_of
 from stockade.backends.ebpf.loader import (
@@ -100,17 +106,6 @@ DEFAULT_PREF = 1000
 DEFAULT_FLOW_CAPACITY = 65536
 HOST_DIR = "_host"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """Differences between the kernel and the expected artifact; empty means in sync."""
-
-    problems: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 @dataclass(frozen=True)
@@ -320,9 +315,18 @@ class EbpfBackend:
         return self.loader.stats()
 
     def flow_events(self) -> FlowEventReader:
-        """A reader of the flow-event ring buffer (close it when done)."""
+        """A reader of the flow-event ring buffer (close it when done); ApplyError before the first apply."""
         ring = open_map(open_pinned(str(self.loader.pin_dir / "stk_events")))
-        return FlowEventReader(ring, EVENTS_BYTES, self.rule_name)
+        try:
+            counters = open_map(open_pinned(str(self.loader.pin_dir / "stk_stats")))
+        except BaseException:
+            ring.close()
+            raise
+        return FlowEventReader(ring, EVENTS_BYTES, self.rule_name, counters)
+
+    def flow_source(self) -> EventFlows:
+        """Flows come from the ring buffer (the agent reports them like NFLOG packets)."""
+        return EventFlows(self.flow_events)
 
     def rule_name(self, serial: int, index: int) -> str:
         """The rule id of ``index`` in the policy of ``serial`` (current or previous apply)."""
@@ -421,4 +425,4 @@ def compare_tables(kernel: EbpfTables, expected: EbpfArtifact, limit: int = 10) 
     return problems
 
 
-__all__ = ["EBPF_CAPABILITIES", "EbpfBackend", "Interval", "LoadReport", "VerifyReport", "compare_tables"]
+__all__ = ["EBPF_CAPABILITIES", "EbpfBackend", "Interval", "LoadReport", "compare_tables"]

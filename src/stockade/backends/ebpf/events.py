@@ -7,8 +7,8 @@ maps the ``stk_events`` ring buffer (``BPF_MAP_TYPE_RINGBUF``) and decodes recor
 :class:`FlowEvent`, the same facts the nftables backend's NFLOG prefixes carry
 (``stk:a:`` / ``stk:d:`` / ``stk:pb:`` + rule id) plus the addresses and ports.
 
-The agent has no flow type of its own yet, so :class:`FlowEvent` is defined here; its
-``action`` strings are the evaluator's (``allow``, ``block``, ``would-block``).
+:class:`~stockade.backends.flowlog.FlowEvent` is shared with the agent, which turns these
+events into flow reports exactly like NFLOG packets (``EbpfBackend.flow_source``).
 
 Ring buffer layout (kernel ``bpf_ringbuf``): page 0 holds the consumer position (we
 write it), page 1 the producer position, then the data area mapped twice so a record
@@ -24,13 +24,13 @@ import select
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
 
+from stockade.backends.ebpf.loader import STAT_NAMES
 from stockade.backends.ebpf.render import DIRECTION_OF_KERNEL
-from stockade.backends.ebpf.syscall import BpfMap
+from stockade.backends.ebpf.syscall import BpfMap, possible_cpus
+from stockade.backends.flowlog import FlowAction, FlowEvent, FlowReason
 from stockade.compiler.ir import Direction
-from stockade.model.addresses import Family, IPAddress
+from stockade.model.addresses import Family
 from stockade.model.services import Proto
 
 EVENT_SIZE = 64
@@ -40,49 +40,8 @@ _HEAD = struct.Struct("=QIIBBBBBB2x")
 _PROTO = {6: Proto.TCP, 17: Proto.UDP, 1: Proto.ICMP, 58: Proto.ICMPV6}
 
 
-class FlowAction(Enum):
-    ALLOW = "allow"
-    BLOCK = "block"
-    WOULD_BLOCK = "would-block"
-
-
-class FlowReason(Enum):
-    NEW = "new"  # first packet of a connection
-    REVALIDATED = "revalidated"  # a flow re-checked after a policy change; its verdict changed
-
-
 _ACTION = {1: FlowAction.ALLOW, 2: FlowAction.BLOCK, 3: FlowAction.WOULD_BLOCK}
 _REASON = {1: FlowReason.NEW, 2: FlowReason.REVALIDATED}
-
-
-@dataclass(frozen=True)
-class FlowEvent:
-    """One connection verdict at this host (direction: inbound = the peer is ``src``)."""
-
-    timestamp: float  # wall-clock seconds
-    direction: Direction
-    family: Family
-    ip_proto: int
-    proto: Proto | None  # None: a protocol the policy model has no name for (matched by "any")
-    src: IPAddress
-    dst: IPAddress
-    src_port: int | None  # ICMP echo: the identifier
-    dst_port: int | None
-    icmp_type: int | None
-    action: FlowAction
-    rule_id: str
-    reason: FlowReason
-    ifindex: int
-    policy_serial: int
-
-    @property
-    def peer(self) -> IPAddress:
-        return self.src if self.direction is Direction.INBOUND else self.dst
-
-    @property
-    def port(self) -> int | None:
-        """The port the evaluator is asked about (ICMP: the type)."""
-        return self.icmp_type if self.proto in (Proto.ICMP, Proto.ICMPV6) else self.dst_port
 
 
 def decode_event(raw: bytes, rule_name: Callable[[int, int], str], clock_offset: float) -> FlowEvent:
@@ -120,9 +79,16 @@ def decode_event(raw: bytes, rule_name: Callable[[int, int], str], clock_offset:
 class FlowEventReader:
     """Consumes the ring buffer; ``poll`` returns the events written since the last call."""
 
-    def __init__(self, ring: BpfMap, data_size: int, rule_name: Callable[[int, int], str]) -> None:
+    def __init__(
+        self,
+        ring: BpfMap,
+        data_size: int,
+        rule_name: Callable[[int, int], str],
+        counters: BpfMap | None = None,
+    ) -> None:
         self.ring = ring
         self.rule_name = rule_name
+        self.counters = counters  # stk_stats: the per-CPU "events lost" counter
         self.page = mmap.PAGESIZE
         self.size = data_size
         self.mask = data_size - 1
@@ -135,10 +101,20 @@ class FlowEventReader:
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC
         self.clock_offset = time.time() - time.monotonic()
 
+    def lost(self) -> int:
+        """Events the datapath could not write (ring buffer full), cumulative."""
+        if self.counters is None:
+            return 0
+        raw = self.counters.lookup(struct.pack("=I", STAT_NAMES.index("events_lost"))) or b""
+        cpus = min(possible_cpus(), len(raw) // 8)
+        return sum(struct.unpack_from("=Q", raw, 8 * c)[0] for c in range(cpus))
+
     def close(self) -> None:
         self._consumer.close()
         self._producer.close()
         self.ring.close()
+        if self.counters is not None:
+            self.counters.close()
 
     def __enter__(self) -> FlowEventReader:
         return self

@@ -34,7 +34,6 @@ import hashlib
 import os
 import shutil
 import struct
-import subprocess
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from stockade.backends.common import CommandResult, nsenter_argv, run_command
 from stockade.backends.ebpf import netlink as rtnl
 from stockade.backends.ebpf import syscall as bpf
 from stockade.backends.ebpf.elf import BpfObject, read_object
@@ -69,6 +69,7 @@ BPFFS = "/sys/fs/bpf"
 TRIE_CAPACITY = 1 << 24  # LPM tries allocate per entry; this is only a bound
 FRAG_CAPACITY = 4096
 EVENTS_BYTES = 1 << 18
+TC_TIMEOUT_S = 60.0
 SERIAL_KEY = 0xFFFFFFFF  # in the name maps: which policy serial they belong to
 STAT_NAMES = (
     "pass_flow", "allow_new", "block", "would_block", "pass_nd", "pass_related", "revalidated",
@@ -155,7 +156,7 @@ def ensure_bpffs() -> None:
             if len(parts) > 2 and parts[1] == BPFFS and parts[2] == "bpf":
                 return
     os.makedirs(BPFFS, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], capture_output=True, text=True, check=False)
+    proc = run_command(["mount", "-t", "bpf", "bpf", BPFFS], TC_TIMEOUT_S)
     if proc.returncode != 0:
         raise ApplyError(f"mounting bpffs on {BPFFS} failed: {proc.stderr.strip()}")
 
@@ -198,15 +199,12 @@ class EbpfLoader:
 
     def _tc(
         self, args: Sequence[str], *, check: bool = True, stdin: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
+    ) -> CommandResult:
         """``tc`` in the namespace. Interface names and pin paths come from the kernel and
         our validated directory, and argv is a list: no shell ever parses them."""
-        argv = ["tc", *args]
-        if self.netns is not None:
-            if not self.namespace_exists():
-                raise ApplyError(f"network namespace {self.netns!r} does not exist")
-            argv = ["nsenter", f"--net=/run/netns/{self.netns}", *argv]
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60, input=stdin)
+        if self.netns is not None and not self.namespace_exists():
+            raise ApplyError(f"network namespace {self.netns!r} does not exist")
+        proc = run_command(nsenter_argv(self.netns, ["tc", *args]), TC_TIMEOUT_S, stdin)
         if check and proc.returncode != 0:
             raise ApplyError(f"tc {' '.join(args)}: {proc.stderr.strip() or proc.returncode}")
         return proc

@@ -1,29 +1,25 @@
 """A network namespace's links and tc filters, read over rtnetlink without a subprocess.
 
 ``setns(2)`` with ``CLONE_NEWNET`` moves only the calling thread, so a short-lived worker
-thread joins the namespace, opens a ``NETLINK_ROUTE`` socket there (a socket belongs to
-the namespace it was created in), dumps ``RTM_GETLINK`` or ``RTM_GETTFILTER`` and parses
-the few attributes we need: link name and hardware type; filter kind, preference,
-handle and, for ``bpf`` filters, the program's id, name and tag (which pyroute2 does not
-decode). This keeps a policy apply free of ``ip``/``tc`` subprocesses when nothing needs
-attaching; changing filters still goes through ``tc``.
+thread (:func:`stockade.backends.common.in_netns`) joins the namespace, opens a
+``NETLINK_ROUTE`` socket there (a socket belongs to the namespace it was created in), dumps
+``RTM_GETLINK`` or ``RTM_GETTFILTER`` and parses the few attributes we need: link name and
+hardware type; filter kind, preference, handle and, for ``bpf`` filters, the program's id,
+name and tag (which pyroute2 does not decode). This keeps a policy apply free of
+``ip``/``tc`` subprocesses when nothing needs attaching; changing filters still goes
+through ``tc``.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import socket
 import struct
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
+from stockade.backends.common import in_netns
 from stockade.errors import ApplyError
 
-CLONE_NEWNET = 0x40000000
 NETLINK_ROUTE = 0
 RTM_GETLINK = 18
 RTM_GETQDISC = 38
@@ -45,8 +41,6 @@ ARPHRD_ETHER = 1
 ARPHRD_LOOPBACK = 772
 LINK_TYPES = {ARPHRD_ETHER: "ether", ARPHRD_LOOPBACK: "loopback", 65534: "none"}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,40 +64,6 @@ class TcFilter:
     prog_id: int
     prog_name: str
     tag: str
-
-
-def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """``fn()`` run inside network namespace ``netns`` (None: here, in this thread)."""
-    if netns is None:
-        return fn()
-    path = f"/run/netns/{netns}"
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            error.append(ApplyError(f"network namespace {netns!r}: {exc.strerror}"))
-            return
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                error.append(ApplyError(f"setns into {netns!r}: {os.strerror(err)}"))
-                return
-        finally:
-            os.close(fd)
-        try:
-            result.append(fn())
-        except BaseException as exc:  # handed to the caller's thread
-            error.append(exc)
-
-    thread = threading.Thread(target=worker, name=f"netns-{netns}", daemon=True)
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 def _attrs(data: bytes, offset: int) -> dict[int, bytes]:

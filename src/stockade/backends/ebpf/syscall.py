@@ -173,17 +173,25 @@ class BpfMap:
             size = _round8(size) * possible_cpus()
         return ctypes.create_string_buffer(size)
 
-    def lookup(self, key: bytes) -> bytes | None:
-        k = self._check_key(key)
-        v = self._value_buffer()
-        attr = _attr((0, "I", self.fd), (8, "Q", _addr(k)), (16, "Q", _addr(v)))
+    @staticmethod
+    def _unless_absent(cmd: Cmd, attr: ctypes.Array[ctypes.c_char], what: str) -> bool:
+        """Run ``cmd`` on an element; False when the key is absent (ENOENT)."""
         try:
-            sys_bpf(Cmd.MAP_LOOKUP_ELEM, attr, f"lookup in map {self.name}")
+            sys_bpf(cmd, attr, what)
         except BpfError as exc:
             if exc.errno == errno.ENOENT:
-                return None
+                return False
             raise
-        return v.raw
+        return True
+
+    def _lookup_into(self, k: ctypes.Array[ctypes.c_char], v: ctypes.Array[ctypes.c_char], what: str) -> bool:
+        """MAP_LOOKUP_ELEM of ``k`` into ``v``; False when the key is absent."""
+        attr = _attr((0, "I", self.fd), (8, "Q", _addr(k)), (16, "Q", _addr(v)))
+        return self._unless_absent(Cmd.MAP_LOOKUP_ELEM, attr, f"lookup in {what} {self.name}")
+
+    def lookup(self, key: bytes) -> bytes | None:
+        v = self._value_buffer()
+        return v.raw if self._lookup_into(self._check_key(key), v, "map") else None
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         k = self._check_key(key)
@@ -204,26 +212,13 @@ class BpfMap:
         """Array of maps: the id of the map at ``index`` (None when empty)."""
         k = ctypes.create_string_buffer(struct.pack("I", index), 4)
         v = ctypes.create_string_buffer(4)
-        attr = _attr((0, "I", self.fd), (8, "Q", _addr(k)), (16, "Q", _addr(v)))
-        try:
-            sys_bpf(Cmd.MAP_LOOKUP_ELEM, attr, f"lookup in map-in-map {self.name}")
-        except BpfError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
-        return int(struct.unpack("I", v.raw)[0])
+        return int(struct.unpack("I", v.raw)[0]) if self._lookup_into(k, v, "map-in-map") else None
 
     def delete(self, key: bytes) -> bool:
         """Delete ``key``; False when it was not there. Keys must have zeroed padding."""
         k = self._check_key(key)
         attr = _attr((0, "I", self.fd), (8, "Q", _addr(k)))
-        try:
-            sys_bpf(Cmd.MAP_DELETE_ELEM, attr, f"delete from map {self.name}")
-        except BpfError as exc:
-            if exc.errno == errno.ENOENT:
-                return False
-            raise
-        return True
+        return self._unless_absent(Cmd.MAP_DELETE_ELEM, attr, f"delete from map {self.name}")
 
     def keys(self) -> Iterator[bytes]:
         """Every key (a concurrent writer may make this skip or repeat keys)."""

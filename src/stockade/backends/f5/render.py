@@ -40,16 +40,16 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from stockade.backends.common import ND_TYPES, PORT_MAX, service_groups
 from stockade.compiler.ir import HostPolicy, HostRule
 from stockade.errors import RenderError
-from stockade.model.addresses import AddressRanges, Family, IPNetwork, merge_ranges
+from stockade.model.addresses import AddressRanges, Family, IPNetwork
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
 from stockade.model.workloads import EnforcementMode
 
 BACKEND_NAME = "f5"
 NONE = "none"
-ND_TYPES = (133, 134, 135, 136, 137)
 _PARTITION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
 _OBJECT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 _VIRTUAL_RE = re.compile(r"^/([A-Za-z][A-Za-z0-9_.\-]{0,63})/([A-Za-z0-9_][A-Za-z0-9_.\-]{0,127})$")
@@ -178,36 +178,19 @@ class _Match:
     icmp: tuple[str, ...] = ()
 
 
-def _bounds(e: ServiceEntry, limit: int) -> tuple[int, int]:
-    first = e.first if e.first is not None else 0
-    last = e.last if e.last is not None else first
-    if not 0 <= first <= last <= limit:
-        raise RenderError(f"service entry {e} out of range 0-{limit}")
-    return first, last
-
-
 def service_matches(entries: tuple[ServiceEntry, ...]) -> list[_Match]:
-    if any(e.proto is Proto.ANY for e in entries):
+    groups = service_groups(entries)
+    if groups is None:
         return [_Match("any")]
     out: list[_Match] = []
-    for proto in (Proto.TCP, Proto.UDP):
-        es = [e for e in entries if e.proto is proto]
-        if not es:
-            continue
-        ranges = merge_ranges(_bounds(e, 65535) for e in es)
-        if any(e.first is None for e in es) or ranges == ((0, 65535),):
-            out.append(_Match(proto.value))
-        else:
-            out.append(_Match(proto.value, tuple(str(a) if a == b else f"{a}-{b}" for a, b in ranges)))
-    for proto, name in ((Proto.ICMP, "icmp"), (Proto.ICMPV6, "ipv6-icmp")):
-        es = [e for e in entries if e.proto is proto]
-        if not es:
-            continue
-        if any(e.first is None for e in es):
+    for g in groups:
+        name = "ipv6-icmp" if g.proto is Proto.ICMPV6 else g.proto.value
+        if g.ranges is None or g.ranges == ((0, PORT_MAX),):
             out.append(_Match(name))
+        elif g.proto.is_icmp:
+            out.append(_Match(name, icmp=tuple(str(t) for t in g.values)))
         else:
-            types = sorted({t for e in es for t in range(_bounds(e, 255)[0], _bounds(e, 255)[1] + 1)})
-            out.append(_Match(name, icmp=tuple(str(t) for t in types)))
+            out.append(_Match(name, tuple(str(a) if a == b else f"{a}-{b}" for a, b in g.ranges)))
     return out
 
 

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
+from stockade.backends.common import CommandResult, Executor, executor_with_timeout
 from stockade.backends.ipfilter.render import BACKEND_NAME, MAX_POOLS, IpfilterArtifact, Slot, render_ipfilter
 from stockade.backends.setalgebra import apply_set_deltas
 from stockade.compiler.ir import HostPolicy, SetDelta
@@ -41,22 +40,7 @@ IPFILTER_CAPABILITIES = frozenset(Capability)
 IPF_TIMEOUT_S = 120.0
 _POOL_NUMBER_RE = re.compile(r"(?:number|name)\s*=\s*(\d+)")
 
-@dataclass(frozen=True)
-class CommandResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-Executor = Callable[[Sequence[str]], CommandResult]
-
-
-def subprocess_executor(argv: Sequence[str]) -> CommandResult:
-    try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=IPF_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ApplyError(f"cannot run {argv[0]}: {exc}") from exc
-    return CommandResult(proc.returncode, proc.stdout, proc.stderr)
+subprocess_executor = executor_with_timeout(IPF_TIMEOUT_S)
 
 
 class IpfRunner:

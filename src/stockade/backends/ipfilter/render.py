@@ -37,19 +37,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
+from stockade.backends.common import ND_TYPES, PORT_MAX, checked_rule_id, controller_port, safe_text, service_groups
 from stockade.compiler.ir import Direction, HostPolicy, HostRule
 from stockade.errors import RenderError
-from stockade.model.addresses import AddressRanges, Family, IPNetwork, merge_ranges
+from stockade.model.addresses import AddressRanges, Family, IPNetwork
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
 from stockade.model.workloads import EnforcementMode
 
 BACKEND_NAME = "ipfilter"
-ND_TYPES = (133, 134, 135, 136, 137)
 MAX_POOLS = 10000
 _IFACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:]{0,31}$")
-_RULE_ID_RE = re.compile(r"^[A-Za-z0-9_.:/@=+\-]{1,120}$")
-_SAFE_RE = re.compile(r"[^A-Za-z0-9_.:/@=+\-]")
 
 
 class Slot(Enum):
@@ -132,7 +130,7 @@ class IpfilterArtifact:
         return tuple(slot.value + p.index for p in self.pools)
 
     def ippool_conf(self, slot: Slot = Slot.A) -> str:
-        out = [f"# Stockade ippool.conf: workload {_safe(self.workload)} (slot {slot.name.lower()})"]
+        out = [f"# Stockade ippool.conf: workload {safe_text(self.workload)} (slot {slot.name.lower()})"]
         for p in self.pools:
             number = slot.value + p.index
             if p.members:
@@ -144,7 +142,7 @@ class IpfilterArtifact:
 
     def ipf_conf(self, family: Family, slot: Slot = Slot.A) -> str:
         name = "ipf.conf" if family is Family.V4 else "ipf6.conf"
-        out = [f"# Stockade {name}: workload {_safe(self.workload)}, mode {self.mode.value}"]
+        out = [f"# Stockade {name}: workload {safe_text(self.workload)}, mode {self.mode.value}"]
         out.extend(rule_line(r, slot) for r in self.rules(family))
         return "\n".join(out) + "\n"
 
@@ -168,8 +166,6 @@ class IpfilterArtifact:
 # ---- text -----------------------------------------------------------------------------
 
 
-def _safe(text: str) -> str:
-    return _SAFE_RE.sub("?", text)[:120]
 
 
 def _net(net: IPNetwork) -> str:
@@ -178,13 +174,13 @@ def _net(net: IPNetwork) -> str:
 
 def port_text(first: int, last: int) -> str:
     """An inclusive port range in IPFilter 4.1 syntax ("" for every port)."""
-    if first == 0 and last == 65535:
+    if first == 0 and last == PORT_MAX:
         return ""
     if first == last:
         return f"port = {first}"
     if first == 0:
         return f"port <= {last}"
-    if last == 65535:
+    if last == PORT_MAX:
         return f"port >= {first}"
     return f"port {first - 1} >< {last + 1}"
 
@@ -230,40 +226,23 @@ class _Match:
 
 def service_matches(entries: Iterable[ServiceEntry], family: Family) -> list[_Match]:
     """One match per ipf rule that together cover ``entries`` in ``family``."""
-    entries = list(entries)
-    if any(e.proto is Proto.ANY for e in entries):
+    groups = service_groups(entries, family)
+    if groups is None:
         return [_Match(None, None, None)]
     out: list[_Match] = []
-    for proto in (Proto.TCP, Proto.UDP):
-        es = [e for e in entries if e.proto is proto]
-        if any(e.first is None for e in es):
-            out.append(_Match(proto.value, None, None))
-            continue
-        ranges = merge_ranges(_bounds(e, 65535) for e in es)
-        out.extend(_Match(proto.value, r, None) for r in ranges)
-    icmp_proto = Proto.ICMP if family is Family.V4 else Proto.ICMPV6
-    name = "icmp" if family is Family.V4 else "ipv6-icmp"
-    es = [e for e in entries if e.proto is icmp_proto]
-    if any(e.first is None for e in es):
-        out.append(_Match(name, None, None))
-    elif es:
-        types = sorted({t for e in es for t in range(_bounds(e, 255)[0], _bounds(e, 255)[1] + 1)})
-        out.extend(_Match(name, None, t) for t in types)
+    for g in groups:
+        name = "ipv6-icmp" if g.proto is Proto.ICMPV6 else g.proto.value
+        if g.ranges is None:
+            out.append(_Match(name, None, None))
+        elif g.proto.is_icmp:
+            out.extend(_Match(name, None, t) for t in g.values)
+        else:
+            out.extend(_Match(name, r, None) for r in g.ranges)
     return out
 
 
-def _bounds(e: ServiceEntry, limit: int) -> tuple[int, int]:
-    first = e.first if e.first is not None else 0
-    last = e.last if e.last is not None else first
-    if not 0 <= first <= last <= limit:
-        raise RenderError(f"service entry {e} out of range 0-{limit}")
-    return first, last
-
-
 def _rule_id(rule_id: str) -> str:
-    if not _RULE_ID_RE.match(rule_id):
-        raise RenderError(f"rule id {rule_id!r} cannot be written in an ipf comment")
-    return rule_id
+    return checked_rule_id(rule_id, "written in an ipf comment")
 
 
 class _Builder:
@@ -303,9 +282,7 @@ class _Builder:
             out.append(IpfRule(IpfAction.PASS, Direction.INBOUND, "failsafe:management", m.proto,
                                port=m.port, icmp_type=m.icmp_type, keep_state=True))  # fmt: skip
         if fs.controller:
-            port = fs.controller_port
-            if not 0 < port <= 65535:
-                raise RenderError(f"controller port {port} out of range")
+            port = controller_port(fs.controller_port)
             for net in AddressRanges.of(fs.controller).networks(family):
                 out.append(IpfRule(IpfAction.PASS, Direction.OUTBOUND, "failsafe:controller", "tcp",
                                    IpfPeer(PeerKind.NET, net=net), (port, port), keep_state=True))  # fmt: skip

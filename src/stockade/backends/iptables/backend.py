@@ -31,19 +31,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
-from stockade.backends.iptables.render import (
+from stockade.backends.base import (
+    Capability,
+    NflogFlows,
+    VerifyReport,
+    check_capabilities,
+    check_delta_capabilities,
+)
+from stockade.backends.common import rule_difference
+from stockade.backends.iptables.model import (
     ChainNames,
     Hook,
     IpSet,
-    IptablesArtifact,
     IptablesVariant,
     address_text,
     ipset_members,
-    ipset_name,
-    render_iptables,
-    validate_prefix,
 )
+from stockade.backends.iptables.render import IptablesArtifact, ipset_name, render_iptables, validate_prefix
 from stockade.backends.iptables.runner import Command, IpsetHeader, IptablesRunner, Result, parse_ipset_save
 from stockade.backends.iptables.scripts import (
     FilterState,
@@ -61,17 +65,6 @@ from stockade.model.addresses import Family
 
 IPTABLES_CAPABILITIES = frozenset(Capability)
 FAMILIES = (Family.V4, Family.V6)
-
-
-@dataclass(frozen=True)
-class IptablesVerifyReport:
-    """Differences between the kernel and the expected artifact; empty means in sync."""
-
-    problems: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 @dataclass(frozen=True)
@@ -269,7 +262,11 @@ class IptablesBackend:
     def close(self) -> None:
         """Nothing is kept open between calls."""
 
-    def verify(self, expected: IptablesArtifact) -> IptablesVerifyReport:
+    def flow_source(self) -> NflogFlows:
+        """Would-be drops are logged to NFLOG ``log_group`` (in ``netns``)."""
+        return NflogFlows(self.log_group)
+
+    def verify(self, expected: IptablesArtifact) -> VerifyReport:
         """Compare what the kernel holds with ``expected`` (tamper and drift detection)."""
         snap = self.snapshot()
         problems: list[str] = []
@@ -279,11 +276,11 @@ class IptablesBackend:
                 state = snap.states[family]
                 problems += [f"IPv{family.value} chain {c.name} exists but should not" for c in state.chains]
                 problems += [f"IPv{family.value} {j.hook.value} jumps to {j.spec} but should not" for j in state.jumps]
-            return IptablesVerifyReport(tuple(problems))
+            return VerifyReport(tuple(problems))
         problems += _set_problems(expected.sets, snap.sets)
         for family in FAMILIES:
             problems += self._chain_problems(expected, snap.states[family])
-        return IptablesVerifyReport(tuple(problems))
+        return VerifyReport(tuple(problems))
 
     def _chain_problems(self, expected: IptablesArtifact, state: FilterState) -> list[str]:
         tag = f"IPv{state.family.value}"
@@ -295,7 +292,7 @@ class IptablesBackend:
             if got is None:
                 problems.append(f"{tag} chain {chain.name} is missing")
             elif got.rules != chain.rules:
-                problems.append(f"{tag} {_rule_diff(chain.name, chain.rules, got.rules)}")
+                problems.append(f"{tag} {rule_difference(chain.name, chain.rules, got.rules)}")
         problems += [f"{tag} unexpected chain {name}" for name in sorted(have)]
         for hook in Hook:
             exact = f"-j {self._names.entry(hook)}"
@@ -306,15 +303,6 @@ class IptablesBackend:
                 problems.append(f"{tag} {hook.value} has {count} jumps to {self._names.entry(hook)}, expected {want}")
             problems += [f"{tag} {hook.value} has an unexpected rule {j.spec!r}" for j in jumps if j.spec != exact]
         return problems
-
-
-def _rule_diff(chain: str, want: tuple[str, ...], have: tuple[str, ...]) -> str:
-    for i, (w, h) in enumerate(zip(want, have, strict=False)):
-        if w != h:
-            return f"chain {chain}: rule {i} is {h!r}, expected {w!r}"
-    if len(have) > len(want):
-        return f"chain {chain}: unexpected rule {have[len(want)]!r}"
-    return f"chain {chain}: missing rule {want[len(have)]!r}"
 
 
 def _members_text(members: list[str], limit: int = 5) -> str:
@@ -346,4 +334,4 @@ def _set_problems(expected: tuple[IpSet, ...], actual: dict[str, IpsetHeader]) -
     return problems
 
 
-__all__ = ["IPTABLES_CAPABILITIES", "IptablesBackend", "IptablesVariant", "IptablesVerifyReport"]
+__all__ = ["IPTABLES_CAPABILITIES", "IptablesBackend", "IptablesVariant"]

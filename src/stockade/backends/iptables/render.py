@@ -4,7 +4,8 @@ The artifact (:class:`IptablesArtifact`) is structured data: ipsets (``hash:net`
 peer address set and family) and, per family, Stockade's own chains in the ``filter``
 table with their rules written exactly as ``iptables-save`` prints them back, so
 ``verify`` compares rule lines one to one. :mod:`stockade.backends.iptables.scripts` turns
-it into the ``ipset restore`` and ``iptables-restore --noflush`` scripts the runner loads.
+it into the ``ipset restore`` and ``iptables-restore --noflush`` scripts the runner loads; the
+data types live in :mod:`stockade.backends.iptables.model` (re-exported here).
 
 Chains (``<prefix>`` is the backend's chain prefix, ``STOCKADE`` by default), the same in
 ``iptables`` and ``ip6tables``:
@@ -36,132 +37,56 @@ from __future__ import annotations
 
 import hashlib
 import re
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
 from functools import cached_property
-from typing import TYPE_CHECKING
 
+from stockade.backends import flowlog
+from stockade.backends.common import (
+    ND_TYPES,
+    PORT_MAX,
+    ProtoGroup,
+    checked_rule_id,
+    controller_port,
+    safe_text,
+    service_groups,
+)
+from stockade.backends.flowlog import FlowAction, validate_log_group
+from stockade.backends.iptables.model import (
+    IPSET_NAME_MAX,
+    SET_MAXELEM,
+    TEMP_SUFFIX,
+    ChainNames,
+    FamilyRuleset,
+    Hook,
+    IpSet,
+    IptablesVariant,
+    IptChain,
+    cidr_text,
+    ipset_members,
+)
+from stockade.backends.iptables.scripts import (
+    FilterState,
+    IpsetLoad,
+    ipset_destroy_script,
+    ipset_load_script,
+    rules_script,
+)
 from stockade.compiler.ir import Direction, HostPolicy, HostRule
 from stockade.errors import RenderError
-from stockade.model.addresses import AddressRanges, Family, IPNetwork, merge_ranges
+from stockade.model.addresses import AddressRanges, Family
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
 from stockade.model.workloads import EnforcementMode
 
-if TYPE_CHECKING:
-    from stockade.backends.iptables.scripts import IpsetLoad
-
-LOG_PREFIX = "stk:pb:"  # same NFLOG prefix scheme as the nftables backend
 NFLOG_PREFIX_MAX = 63  # xt_NFLOG keeps 64 bytes including the terminating NUL
-IPSET_NAME_MAX = 31  # IPSET_MAXNAMELEN is 32 including the NUL
-TEMP_SUFFIX = "-t"  # a set's new members are loaded under <name>-t, then swapped in
-SET_MAXELEM = 1 << 22  # one constant for every set: ``create -exist`` then never conflicts
 MULTIPORT_SLOTS = 15  # xt_multiport: at most 15 ports, a range taking two
 DEFAULT_RULE_ID = "default"
 LOCAL_SET = "local"
-ND_TYPES = (133, 134, 135, 136, 137)
 
 _PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,11}$")
 _PEER_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-_RULE_ID_RE = re.compile(r"^[A-Za-z0-9_.:/@=+\-]{1,120}$")
 _UNQUOTED = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
-class IptablesVariant(Enum):
-    """Which iptables: the legacy x_tables kernel API or the nf_tables one (``iptables-nft``)."""
-
-    LEGACY = "legacy"
-    NFT = "nft"
-
-    def tool(self, family: Family, action: str) -> str:
-        """Binary name, e.g. ``ip6tables-nft-restore`` for (V6, "restore")."""
-        base = "iptables" if family is Family.V4 else "ip6tables"
-        return f"{base}-{self.value}-{action}"
-
-
-class Hook(Enum):
-    """The built-in filter chains Stockade jumps from."""
-
-    INPUT = "INPUT"
-    OUTPUT = "OUTPUT"
-    FORWARD = "FORWARD"
-
-
-@dataclass(frozen=True)
-class ChainNames:
-    """Every chain name of one prefix: the three entry chains and the two rule chains."""
-
-    prefix: str
-
-    def entry(self, hook: Hook) -> str:
-        return f"{self.prefix}-{hook.value}"
-
-    @property
-    def inbound(self) -> str:
-        return f"{self.prefix}-IN"
-
-    @property
-    def outbound(self) -> str:
-        return f"{self.prefix}-OUT"
-
-    @property
-    def all(self) -> tuple[str, ...]:
-        return (*(self.entry(h) for h in Hook), self.inbound, self.outbound)
-
-
-@dataclass(frozen=True)
-class IpSet:
-    """One ``hash:net`` ipset (one family). ``members`` are what ``ipset add`` receives."""
-
-    name: str
-    family: Family
-    members: tuple[IPNetwork, ...]
-
-    @property
-    def temp_name(self) -> str:
-        return self.name + TEMP_SUFFIX
-
-    @property
-    def ipset_family(self) -> str:
-        return "inet" if self.family is Family.V4 else "inet6"
-
-    @property
-    def hashsize(self) -> int:
-        """Initial hash size: room for every member at once (fewer resizes while loading)."""
-        size = 64
-        while size < len(self.members) and size < (1 << 20):
-            size <<= 1
-        return size
-
-    def create_line(self, name: str) -> str:
-        return (
-            f"create {name} hash:net family {self.ipset_family} hashsize {self.hashsize} maxelem {SET_MAXELEM}"
-        )
-
-
-@dataclass(frozen=True)
-class IptChain:
-    """A Stockade chain: rule specs as ``iptables-save`` prints them after ``-A <name> ``."""
-
-    name: str
-    rules: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class FamilyRuleset:
-    """Stockade's chains in one family's filter table and the built-in chains jumping to them."""
-
-    family: Family
-    chains: tuple[IptChain, ...]
-    hooks: tuple[Hook, ...]
-
-    def chain(self, name: str) -> IptChain:
-        for c in self.chains:
-            if c.name == name:
-                return c
-        raise KeyError(name)
 
 
 @dataclass(frozen=True)
@@ -189,16 +114,35 @@ class IptablesArtifact:
     @cached_property
     def ipset_load(self) -> IpsetLoad:
         """The ``ipset restore`` load-and-swap script, built once per artifact (a frozen value)."""
-        from stockade.backends.iptables.scripts import ipset_load_script
-
         return ipset_load_script(self.sets)
 
     @cached_property
     def _text(self) -> str:
-        # deferred import: the scripts module builds on this one's types
-        from stockade.backends.iptables.scripts import artifact_text
-
         return artifact_text(self)
+
+
+def artifact_text(artifact: IptablesArtifact) -> str:
+    """Every script of an apply on a host with none of our chains, with a comment before each."""
+    v = artifact.variant
+    out = [
+        f"# Stockade iptables+ipset ruleset: workload {safe_text(artifact.workload)}, mode {artifact.mode.value}, "
+        f"iptables-{v.value}, chain prefix {artifact.prefix}"
+    ]
+    if not artifact.present:
+        out.append("# idle: nothing is installed; an apply removes our chains, jumps and sets")
+        return "\n".join(out) + "\n"
+    load = artifact.ipset_load
+    out.append("# ipset -exist restore: new members under temporary names, then swapped onto the live sets")
+    out.append(load.text.rstrip("\n"))
+    for ruleset in artifact.rulesets:
+        empty = FilterState(ruleset.family, (), ())
+        out.append(f"# {v.tool(ruleset.family, 'restore')} --noflush (shown for a host without our chains)")
+        out.append(rules_script(ruleset, empty, artifact.prefix).rstrip("\n"))
+    out.append("# ipset -exist restore: drop the previous members")
+    out.append(ipset_destroy_script(s.temp_name for s in artifact.sets).rstrip("\n"))
+    return "\n".join(out) + "\n"
+
+
 
 
 # ---- names and strings ------------------------------------------------------------------
@@ -239,9 +183,7 @@ def save_string(value: str) -> str:
 
 
 def _rule_id(rule_id: str) -> str:
-    if not _RULE_ID_RE.match(rule_id):
-        raise RenderError(f"rule id {rule_id!r} cannot be embedded in an iptables comment")
-    return rule_id
+    return checked_rule_id(rule_id, "embedded in an iptables comment")
 
 
 def log_prefix(rule_id: str) -> str:
@@ -250,37 +192,11 @@ def log_prefix(rule_id: str) -> str:
     xt_NFLOG keeps at most 63 characters; a longer rule id keeps its first characters and
     ends with ``~`` and 8 hex digits of its SHA-256, so distinct rules keep distinct prefixes.
     """
-    text = LOG_PREFIX + _rule_id(rule_id)
+    text = flowlog.log_prefix(FlowAction.WOULD_BLOCK, _rule_id(rule_id))
     if len(text) <= NFLOG_PREFIX_MAX:
         return text
     digest = hashlib.sha256(rule_id.encode()).hexdigest()[:8]
     return text[: NFLOG_PREFIX_MAX - 9] + "~" + digest
-
-
-def _ntop(net: IPNetwork) -> str:
-    value = int(net.network_address)
-    if net.version == 4:
-        return socket.inet_ntoa(value.to_bytes(4, "big"))
-    return socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
-
-
-def address_text(net: IPNetwork) -> str:
-    """A set member as ``ipset save`` prints it (``inet_ntop``): bare for a single host."""
-    text = _ntop(net)
-    return text if net.prefixlen == net.max_prefixlen else f"{text}/{net.prefixlen}"
-
-
-def cidr_text(net: IPNetwork) -> str:
-    """An address match as ``iptables-save`` prints it: always with the prefix length."""
-    return f"{_ntop(net)}/{net.prefixlen}"
-
-
-def ipset_members(members: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
-    """Members as a ``hash:net`` set can hold them: ``/0`` (refused by the kernel) as two ``/1``."""
-    out: list[IPNetwork] = []
-    for m in members:
-        out.extend(m.subnets(prefixlen_diff=1) if m.prefixlen == 0 else (m,))
-    return tuple(out)
 
 
 # ---- rule specs -------------------------------------------------------------------------
@@ -324,16 +240,8 @@ def spec(
     return " ".join(parts)
 
 
-def _bounds(e: ServiceEntry, limit: int) -> tuple[int, int]:
-    first = e.first if e.first is not None else 0
-    last = e.last if e.last is not None else first
-    if not 0 <= first <= last <= limit:
-        raise RenderError(f"service entry {e} out of range 0-{limit}")
-    return first, last
-
-
 def _port_matches(proto: str, ranges: tuple[tuple[int, int], ...]) -> list[Match]:
-    if ranges == ((0, 65535),):
+    if ranges == ((0, PORT_MAX),):
         return [Match(proto)]
     if len(ranges) == 1:
         lo, hi = ranges[0]
@@ -352,41 +260,33 @@ def _port_matches(proto: str, ranges: tuple[tuple[int, int], ...]) -> list[Match
     return out
 
 
-def _icmp_matches(entries: list[ServiceEntry], family: Family) -> list[Match]:
-    if family is Family.V4:
+def _icmp_matches(group: ProtoGroup) -> list[Match]:
+    if group.proto is Proto.ICMP:
         proto, module, option = "icmp", "icmp", "--icmp-type"
     else:
         proto, module, option = "ipv6-icmp", "icmp6", "--icmpv6-type"
-    if any(e.first is None for e in entries):
+    if group.ranges is None:
         return [Match(proto)]
-    types: set[int] = set()
-    for e in entries:
-        lo, hi = _bounds(e, 255)
-        types.update(range(lo, hi + 1))
-    if family is Family.V4 and 255 in types:
+    types = group.values
+    if group.proto is Proto.ICMP and 255 in types:
         # xt_icmp treats type 255 as "any type": matching it would widen the rule
         raise RenderError("ICMP type 255 cannot be matched by iptables (it means every type)")
-    return [Match(proto, f"-m {module} {option} {t}") for t in sorted(types)]
+    return [Match(proto, f"-m {module} {option} {t}") for t in types]
 
 
 def service_matches(entries: Iterable[ServiceEntry], family: Family) -> list[Match]:
     """Matches for ``entries`` in one family; ``[Match("")]`` for any protocol, [] for none."""
-    entries = list(entries)
-    if any(e.proto is Proto.ANY for e in entries):
+    groups = service_groups(entries, family)
+    if groups is None:
         return [Match("")]
     out: list[Match] = []
-    for proto in (Proto.TCP, Proto.UDP):
-        es = [e for e in entries if e.proto is proto]
-        if not es:
-            continue
-        if any(e.first is None for e in es):
-            out.append(Match(proto.value))
-            continue
-        out.extend(_port_matches(proto.value, merge_ranges(_bounds(e, 65535) for e in es)))
-    icmp_proto = Proto.ICMP if family is Family.V4 else Proto.ICMPV6
-    icmp = [e for e in entries if e.proto is icmp_proto]
-    if icmp:
-        out.extend(_icmp_matches(icmp, family))
+    for g in groups:
+        if g.proto.is_icmp:
+            out.extend(_icmp_matches(g))
+        elif g.ranges is None:
+            out.append(Match(g.proto.value))
+        else:
+            out.extend(_port_matches(g.proto.value, g.ranges))
     return out
 
 
@@ -441,8 +341,7 @@ def _controller_lines(hp: HostPolicy, family: Family) -> list[str]:
     fs = hp.failsafe
     if not fs.controller:
         return []
-    if not 0 < fs.controller_port <= 65535:
-        raise RenderError(f"controller port {fs.controller_port} out of range")
+    controller_port(fs.controller_port)
     match = Match("tcp", f"-m tcp --dport {fs.controller_port}")
     nets = AddressRanges.of(fs.controller).networks(family)
     return [spec(dst=cidr_text(n), match=match, comment="failsafe:controller", target="-j RETURN") for n in nets]
@@ -521,8 +420,7 @@ def render_iptables(
 ) -> IptablesArtifact:
     """Render ``hp`` (pure). Capabilities are checked by the backend before this runs."""
     validate_prefix(prefix)
-    if not 0 <= log_group <= 65535:
-        raise RenderError(f"log group {log_group} out of range 0-65535")
+    validate_log_group(log_group)
     if hp.mode is EnforcementMode.IDLE:
         return IptablesArtifact(prefix, variant, hp.workload, hp.mode, False, (), ())
     opts = _Options(prefix, hp.mode, log_group)

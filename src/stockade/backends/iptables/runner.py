@@ -11,14 +11,13 @@ program holds it.
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from stockade.backends.iptables.render import IptablesVariant
-from stockade.backends.nftables.runner import validate_netns
-from stockade.errors import BackendError
+from stockade.backends.common import nsenter_argv, run_command, validate_netns
+from stockade.backends.iptables.model import IptablesVariant
+from stockade.errors import ApplyError, BackendError
 from stockade.model.addresses import Family
 
 TIMEOUT_S = 120.0
@@ -61,7 +60,7 @@ class IpsetHeader:
     """One set as ``ipset save`` declares it, with its members as printed (sorted text).
 
     Members stay text: ``ipset`` prints them with ``inet_ntop``, as
-    :func:`~stockade.backends.iptables.render.address_text` formats ours, and parsing 100k
+    :func:`~stockade.backends.iptables.model.address_text` formats ours, and parsing 100k
     addresses into objects would cost seconds on every tamper check.
     """
 
@@ -93,16 +92,13 @@ class IptablesRunner:
 
     # ---- running --------------------------------------------------------------------
     def argv(self, cmd: Command) -> list[str]:
-        prefix = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
-        return [*prefix, *cmd.argv]
+        return nsenter_argv(self.netns, cmd.argv)
 
     def run(self, cmd: Command) -> Result:
-        try:
-            proc = subprocess.run(  # argv list; names validated
-                self.argv(cmd), input=cmd.stdin, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return Result(cmd.argv, -1, "", f"cannot run {cmd.argv[0]}: {exc}")
+        try:  # argv list; names validated
+            proc = run_command(self.argv(cmd), TIMEOUT_S, cmd.stdin, what=cmd.argv[0])
+        except ApplyError as exc:
+            return Result(cmd.argv, -1, "", str(exc))
         return Result(cmd.argv, proc.returncode, proc.stdout, proc.stderr)
 
     def run_all(self, cmds: Sequence[Command]) -> list[Result]:

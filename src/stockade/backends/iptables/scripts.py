@@ -2,6 +2,9 @@
 
 An apply is a short sequence of scripts, each loaded by one binary and each atomic:
 
+It builds on the data types of :mod:`stockade.backends.iptables.model` only; the renderer
+(:mod:`stockade.backends.iptables.render`) uses these builders for an artifact's text.
+
 1. ``ipset -exist restore`` (:func:`ipset_load_script`): every set's new members go into
    ``<name>-t`` (created or flushed), missing live sets are created empty, then
    ``swap <name>-t <name>`` puts each new member list in force at once. Afterwards
@@ -27,12 +30,11 @@ import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from stockade.backends.iptables.render import (
+from stockade.backends.iptables.model import (
     ChainNames,
     FamilyRuleset,
     Hook,
     IpSet,
-    IptablesArtifact,
     IptChain,
     address_text,
     ipset_members,
@@ -219,32 +221,3 @@ def ipset_delta_script(
     for name, added, _ in changes:
         lines += [f"add {name} {address_text(m)}" for m in ipset_members(added)]
     return "\n".join(lines) + "\n"
-
-
-# ---- the artifact as text ---------------------------------------------------------------
-
-
-def artifact_text(artifact: IptablesArtifact) -> str:
-    """Every script of an apply on a host with none of our chains, with a comment before each."""
-    v = artifact.variant
-    out = [
-        f"# Stockade iptables+ipset ruleset: workload {_safe(artifact.workload)}, mode {artifact.mode.value}, "
-        f"iptables-{v.value}, chain prefix {artifact.prefix}"
-    ]
-    if not artifact.present:
-        out.append("# idle: nothing is installed; an apply removes our chains, jumps and sets")
-        return "\n".join(out) + "\n"
-    load = artifact.ipset_load
-    out.append("# ipset -exist restore: new members under temporary names, then swapped onto the live sets")
-    out.append(load.text.rstrip("\n"))
-    for ruleset in artifact.rulesets:
-        empty = FilterState(ruleset.family, (), ())
-        out.append(f"# {v.tool(ruleset.family, 'restore')} --noflush (shown for a host without our chains)")
-        out.append(rules_script(ruleset, empty, artifact.prefix).rstrip("\n"))
-    out.append("# ipset -exist restore: drop the previous members")
-    out.append(ipset_destroy_script(s.temp_name for s in artifact.sets).rstrip("\n"))
-    return "\n".join(out) + "\n"
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.:/@=+\-]", "?", text)[:120]

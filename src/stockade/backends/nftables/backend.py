@@ -26,10 +26,16 @@ chain headers and rule lines exactly (counters zeroed), set members as address r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 
-from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
+from stockade.backends.base import (
+    Capability,
+    NflogFlows,
+    VerifyReport,
+    check_capabilities,
+    check_delta_capabilities,
+)
+from stockade.backends.common import rule_difference
 from stockade.backends.nftables.netlink import ElementChange, NftNetlink
 from stockade.backends.nftables.render import (
     NftablesArtifact,
@@ -59,17 +65,6 @@ class DeltaPath(Enum):
 
     NETLINK = "netlink"  # one nf_tables batch on a raw netlink socket (fast at any set size)
     NFT_CLI = "nft-cli"  # ``nft -f`` with delete/add element (re-reads the set on nft 1.0.6)
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """Differences between the kernel and the expected artifact; empty means in sync."""
-
-    problems: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def listing_form(rule: str) -> str:
@@ -145,6 +140,14 @@ class NftablesBackend:
     def remove(self) -> None:
         self.runner.load(f"table inet {self.table}\ndelete table inet {self.table}\n")
 
+    def flow_source(self) -> NflogFlows:
+        """New connections are logged to NFLOG ``log_group`` (in ``netns``)."""
+        return NflogFlows(self.log_group)
+
+    def change_monitor(self) -> tuple[str, ...]:
+        """``nft monitor``: one line per change to any table (rule, set element, chain, flush)."""
+        return tuple(self.runner.argv("monitor"))
+
     def close(self) -> None:
         """Release the netlink socket kept for deltas (it pins its network namespace)."""
         if self._netlink is not None:
@@ -196,19 +199,10 @@ class NftablesBackend:
                 problems.append(f"chain {chain.name}: header {have_chain.header!r} != {chain.header()!r}")
             want_rules = tuple(listing_form(r) for r in chain.rules)
             if have_chain.rules != want_rules:
-                problems.append(_rule_diff(chain.name, want_rules, have_chain.rules))
+                problems.append(rule_difference(chain.name, want_rules, have_chain.rules))
         for name in sorted(actual_chains):
             problems.append(f"unexpected chain {name}")
         return VerifyReport(tuple(problems))
-
-
-def _rule_diff(chain: str, want: tuple[str, ...], have: tuple[str, ...]) -> str:
-    for i, (w, h) in enumerate(zip(want, have, strict=False)):
-        if w != h:
-            return f"chain {chain}: rule {i} is {h!r}, expected {w!r}"
-    if len(have) > len(want):
-        return f"chain {chain}: unexpected rule {have[len(want)]!r}"
-    return f"chain {chain}: missing rule {want[len(have)]!r}"
 
 
 def delta_changes(deltas: tuple[SetDelta, ...]) -> tuple[ElementChange, ...]:

@@ -15,13 +15,12 @@ so a CIDR replaced by an overlapping one (a merge) is legal within one batch. De
 CIDR the kernel does not hold fails with ENOENT and nothing changes: the caller should then
 reload the full ruleset.
 
-A socket is bound to the network namespace it was created in; for ``netns`` the creating
-thread enters ``/run/netns/<netns>`` with ``setns(2)`` just for the ``socket()`` call.
+A socket is bound to the network namespace it was created in; for ``netns`` it is created by
+a worker thread that entered ``/run/netns/<netns>`` (:func:`stockade.backends.common.in_netns`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import re
@@ -31,6 +30,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from stockade.backends.common import in_netns
 from stockade.errors import ApplyError
 from stockade.model.addresses import IPNetwork
 
@@ -39,7 +39,6 @@ SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
-CLONE_NEWNET = 0x40000000
 
 NLMSG_ERROR = 2
 NLM_F_REQUEST = 0x1
@@ -66,7 +65,6 @@ NFT_SET_ELEM_INTERVAL_END = 0x1
 
 ELEMENTS_PER_MESSAGE = 1024
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
-_NETNS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -156,34 +154,9 @@ def build_batch(table: str, changes: tuple[ElementChange, ...], first_seq: int) 
 
 # ---- the socket ----------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
 def open_socket(netns: str | None) -> socket.socket:
     """A NETLINK_NETFILTER socket in ``netns`` (``/run/netns/<netns>``) or the current namespace."""
-    if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    if not _NETNS_RE.match(netns):
-        raise ApplyError(f"invalid network namespace name {netns!r}")
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-        try:
-            _setns(target)
-            try:
-                return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            finally:
-                _setns(own)
-        finally:
-            os.close(target)
-    finally:
-        os.close(own)
+    return in_netns(netns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
 
 
 class NftNetlink:

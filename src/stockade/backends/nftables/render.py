@@ -35,8 +35,9 @@ Flow logging (visibility in every enforcing mode): every verdict of ``inbound`` 
 sees only packets the ``ct state established,related`` failsafe did not accept, i.e. the first
 packet of a new connection, and logs it to the same NFLOG group with a verdict prefix:
 ``stk:a:<rule id>`` accepted, ``stk:d:<rule id>`` dropped, ``stk:pb:<rule id>`` would-be drop
-(accepted). Selective mode's default is a verdict-less log rule, so the packet still falls
-back to the base chain exactly as before.
+(accepted); the prefixes are defined in :mod:`stockade.backends.flowlog`. Selective mode's
+default is a verdict-less log rule, so the packet still falls back to the base chain exactly
+as before.
 
 Rule statements are written in the exact form ``nft list`` prints them back (nft 1.0.6), so
 ``verify`` can compare rules line by line; every rule carries ``comment "<rule id>"``.
@@ -52,22 +53,27 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
 
+from stockade.backends.common import (
+    ND_TYPES,
+    ProtoGroup,
+    checked_rule_id,
+    controller_port,
+    safe_text,
+    service_groups,
+)
+from stockade.backends.flowlog import FlowAction, log_prefix, validate_log_group
 from stockade.compiler.ir import Direction, HostPolicy, HostRule
 from stockade.errors import RenderError
-from stockade.model.addresses import AddressRanges, Family, IPNetwork, Range, merge_ranges, ranges_to_networks
+from stockade.model.addresses import AddressRanges, Family, IPNetwork, ranges_to_networks
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
 from stockade.model.workloads import EnforcementMode
 
-LOG_PREFIX = "stk:pb:"  # NFLOG prefix of would-be drops in visibility mode: LOG_PREFIX + rule id
-ACCEPT_LOG_PREFIX = "stk:a:"  # NFLOG prefix of accepted new connections: + rule id
-DROP_LOG_PREFIX = "stk:d:"  # NFLOG prefix of dropped new connections: + rule id
 DEFAULT_RULE_ID = "default"
 LOCAL_SET = "local"  # forward chain only: the host's own addresses
 
 _TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 _SET_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,60}$")
-_COMMENT_RE = re.compile(r"^[A-Za-z0-9_.:/@=+\-]{1,120}$")
 
 # nft 1.0.6 prints these types by name, every other one as a number.
 ICMP_TYPE_NAMES: dict[int, str] = {
@@ -84,7 +90,6 @@ ICMPV6_TYPE_NAMES: dict[int, str] = {
     138: "router-renumbering", 141: "ind-neighbor-solicit", 142: "ind-neighbor-advert",
     143: "mld2-listener-report",
 }  # fmt: skip
-ND_TYPES = (133, 134, 135, 136, 137)
 
 
 class Hook(Enum):
@@ -157,7 +162,7 @@ class NftablesArtifact:
     @cached_property
     def _text(self) -> str:
         # computed once per artifact (a frozen value), so a retried apply does not re-format
-        name = _safe_comment(self.workload)
+        name = safe_text(self.workload)
         out = [
             f"# Stockade nftables ruleset: workload {name}, mode {self.mode.value}",
             f"table inet {self.table}",
@@ -228,31 +233,14 @@ def split_members(members: Iterable[IPNetwork]) -> tuple[tuple[IPNetwork, ...], 
     return tuple(hosts), tuple(nets)
 
 
-def _safe_comment(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.:/@=+\-]", "?", text)[:120]
-
-
 def _comment(rule_id: str) -> str:
-    if not _COMMENT_RE.match(rule_id):
-        raise RenderError(f"rule id {rule_id!r} cannot be embedded in an nft comment")
-    return f'comment "{rule_id}"'
+    return f'comment "{checked_rule_id(rule_id, "embedded in an nft comment")}"'
 
 
-def log_prefix(rule_id: str) -> str:
-    """NFLOG prefix for a would-be drop decided by ``rule_id`` (at most 127 characters)."""
-    _comment(rule_id)
-    return LOG_PREFIX + rule_id
-
-
-def flow_log(prefix: str, rule_id: str, group: int) -> str:
+def flow_log(action: FlowAction, rule_id: str, group: int) -> str:
     """The NFLOG statement of one verdict: ``log prefix "<prefix><rule id>" group N``."""
     _comment(rule_id)
-    return f'log prefix "{prefix}{rule_id}" group {group}'
-
-
-def rule_id_of_log_prefix(prefix: str) -> str | None:
-    """Inverse of :func:`log_prefix`; None for a prefix Stockade did not write."""
-    return prefix[len(LOG_PREFIX) :] if prefix.startswith(LOG_PREFIX) else None
+    return f'log prefix "{log_prefix(action, rule_id)}" group {group}'
 
 
 def net_element(net: IPNetwork) -> str:
@@ -286,23 +274,12 @@ def _braced(elems: list[str]) -> str:
 # ---- services ------------------------------------------------------------------------
 
 
-def _entry_bounds(e: ServiceEntry, limit: int) -> Range:
-    first = e.first if e.first is not None else 0
-    last = e.last if e.last is not None else first
-    if not 0 <= first <= last <= limit:
-        raise RenderError(f"service entry {e} out of range 0-{limit}")
-    return first, last
-
-
-def _icmp_match(entries: list[ServiceEntry], v6: bool) -> str:
-    if any(e.first is None for e in entries):
+def _icmp_match(group: ProtoGroup) -> str:
+    v6 = group.proto is Proto.ICMPV6
+    if group.ranges is None:
         return "meta l4proto ipv6-icmp" if v6 else "meta l4proto icmp"
     names = ICMPV6_TYPE_NAMES if v6 else ICMP_TYPE_NAMES
-    types: set[int] = set()
-    for e in entries:
-        lo, hi = _entry_bounds(e, 255)
-        types.update(range(lo, hi + 1))
-    elems = [names.get(t, str(t)) for t in sorted(types)]
+    elems = [names.get(t, str(t)) for t in group.values]
     return f"{'icmpv6' if v6 else 'icmp'} type {_braced(elems)}"
 
 
@@ -311,26 +288,18 @@ def service_matches(entries: Iterable[ServiceEntry], family: Family | None) -> l
 
     ``family`` restricts ICMP (v4 only) and ICMPv6 (v6 only); None keeps both.
     """
-    entries = list(entries)
-    if any(e.proto is Proto.ANY for e in entries):
+    groups = service_groups(entries, family)
+    if groups is None:
         return [""]
     out: list[str] = []
-    for proto in (Proto.TCP, Proto.UDP):
-        es = [e for e in entries if e.proto is proto]
-        if not es:
-            continue
-        if any(e.first is None for e in es):
-            out.append(f"meta l4proto {proto.value}")
-            continue
-        ranges = merge_ranges(_entry_bounds(e, 65535) for e in es)
-        elems = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges]
-        out.append(f"{proto.value} dport {_braced(elems)}")
-    icmp = [e for e in entries if e.proto is Proto.ICMP]
-    if icmp and family is not Family.V6:
-        out.append(_icmp_match(icmp, v6=False))
-    icmp6 = [e for e in entries if e.proto is Proto.ICMPV6]
-    if icmp6 and family is not Family.V4:
-        out.append(_icmp_match(icmp6, v6=True))
+    for g in groups:
+        if g.proto.is_icmp:
+            out.append(_icmp_match(g))
+        elif g.ranges is None:
+            out.append(f"meta l4proto {g.proto.value}")
+        else:
+            elems = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in g.ranges]
+            out.append(f"{g.proto.value} dport {_braced(elems)}")
     return out
 
 
@@ -349,15 +318,15 @@ class _Options:
 
 def _verdict(action: Action, rule_id: str, opts: _Options) -> str:
     if action is Action.ALLOW:
-        return f"{flow_log(ACCEPT_LOG_PREFIX, rule_id, opts.log_group)} accept"
+        return f"{flow_log(FlowAction.ALLOW, rule_id, opts.log_group)} accept"
     if opts.mode is EnforcementMode.VISIBILITY:
-        return f"counter {flow_log(LOG_PREFIX, rule_id, opts.log_group)} accept"
-    return f"counter {flow_log(DROP_LOG_PREFIX, rule_id, opts.log_group)} drop"
+        return f"counter {flow_log(FlowAction.WOULD_BLOCK, rule_id, opts.log_group)} accept"
+    return f"counter {flow_log(FlowAction.BLOCK, rule_id, opts.log_group)} drop"
 
 
 def _default_rules(opts: _Options) -> tuple[str, ...]:
     if opts.mode is EnforcementMode.SELECTIVE:  # log only: the base chain's policy accepts
-        return (f"{flow_log(ACCEPT_LOG_PREFIX, DEFAULT_RULE_ID, opts.log_group)} {_comment(DEFAULT_RULE_ID)}",)
+        return (f"{flow_log(FlowAction.ALLOW, DEFAULT_RULE_ID, opts.log_group)} {_comment(DEFAULT_RULE_ID)}",)
     verdict = _verdict(Action.DENY, DEFAULT_RULE_ID, opts)
     return (f"{verdict} {_comment(DEFAULT_RULE_ID)}",)
 
@@ -376,23 +345,26 @@ def _host_rule_lines(rule: HostRule, opts: _Options) -> list[str]:
     return lines
 
 
+def _controller_addresses(hp: HostPolicy) -> list[tuple[str, str]]:
+    """(``ip``/``ip6``, address element or set) for each family the controller has addresses in."""
+    ranges = AddressRanges.of(hp.failsafe.controller)
+    out = []
+    for family, proto, fam_ranges in ((Family.V4, "ip", ranges.v4), (Family.V6, "ip6", ranges.v6)):
+        if fam_ranges:
+            out.append((proto, _braced([_range_element(lo, hi, family) for lo, hi in fam_ranges])))
+    return out
+
+
 def _controller_lines(hp: HostPolicy, log_group: int) -> list[str]:
     fs = hp.failsafe
     if not fs.controller:
         return []
-    if not 0 < fs.controller_port <= 65535:
-        raise RenderError(f"controller port {fs.controller_port} out of range")
-    ranges = AddressRanges.of(fs.controller)
-    lines = []
-    for family, proto, fam_ranges in ((Family.V4, "ip", ranges.v4), (Family.V6, "ip6", ranges.v6)):
-        if fam_ranges:
-            elems = [_range_element(lo, hi, family) for lo, hi in fam_ranges]
-            lines.append(
-                f"{proto} daddr {_braced(elems)} tcp dport {fs.controller_port} "
-                f"{flow_log(ACCEPT_LOG_PREFIX, 'failsafe:controller', log_group)} accept "
-                f"{_comment('failsafe:controller')}"
-            )
-    return lines
+    controller_port(fs.controller_port)
+    return [
+        f"{proto} daddr {elems} tcp dport {fs.controller_port} "
+        f"{flow_log(FlowAction.ALLOW, 'failsafe:controller', log_group)} accept {_comment('failsafe:controller')}"
+        for proto, elems in _controller_addresses(hp)
+    ]
 
 
 def _controller_reply_lines(hp: HostPolicy) -> list[str]:
@@ -402,16 +374,11 @@ def _controller_reply_lines(hp: HostPolicy) -> list[str]:
     fs = hp.failsafe
     if not fs.controller:
         return []
-    ranges = AddressRanges.of(fs.controller)
-    lines = []
-    for family, proto, fam_ranges in ((Family.V4, "ip", ranges.v4), (Family.V6, "ip6", ranges.v6)):
-        if fam_ranges:
-            elems = [_range_element(lo, hi, family) for lo, hi in fam_ranges]
-            lines.append(
-                f"{proto} saddr {_braced(elems)} tcp sport {fs.controller_port} tcp flags != syn / syn,ack accept "
-                f"{_comment('failsafe:controller-reply')}"
-            )
-    return lines
+    return [
+        f"{proto} saddr {elems} tcp sport {fs.controller_port} tcp flags != syn / syn,ack accept "
+        f"{_comment('failsafe:controller-reply')}"
+        for proto, elems in _controller_addresses(hp)
+    ]
 
 
 def _failsafe_base(loop: str) -> list[str]:
@@ -440,8 +407,7 @@ def render_nftables(
 ) -> NftablesArtifact:
     """Render ``hp`` (pure). Capabilities are checked by the backend before this runs."""
     validate_table(table)
-    if not 0 <= log_group <= 65535:
-        raise RenderError(f"log group {log_group} out of range 0-65535")
+    validate_log_group(log_group)
     if hp.mode is EnforcementMode.IDLE:
         return NftablesArtifact(table, hp.workload, hp.mode, False, (), ())
     opts = _Options(hp.mode, log_group)
@@ -461,7 +427,7 @@ def render_nftables(
                 raise RenderError(f"rule {rule.rule_id} references missing set {rule.peer} ({family.name})")
 
     inbound: list[str] = []
-    mgmt_log = flow_log(ACCEPT_LOG_PREFIX, "failsafe:management", log_group)
+    mgmt_log = flow_log(FlowAction.ALLOW, "failsafe:management", log_group)
     for match in service_matches(hp.failsafe.management, None):
         inbound.append(_join(match, mgmt_log, "accept", _comment("failsafe:management")))
     inbound.extend(_controller_reply_lines(hp))

@@ -12,24 +12,17 @@ import ipaddress
 import json
 import os
 import re
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from stockade.backends.common import CommandResult, run_command, validate_netns
 from stockade.errors import ApplyError, BackendError
 from stockade.model.addresses import AddressRanges, IPNetwork
 
-_NETNS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 _COUNTER_RE = re.compile(r"counter packets \d+ bytes \d+")
 NFT_TIMEOUT_S = 120.0
-
-
-def validate_netns(netns: str | None) -> str | None:
-    if netns is not None and not _NETNS_RE.match(netns):
-        raise BackendError(f"invalid network namespace name {netns!r}")
-    return netns
 
 
 def normalise_counters(text: str) -> str:
@@ -57,13 +50,8 @@ class NftRunner:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         return [*prefix, self.nft, *args]
 
-    def run(self, args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        try:
-            proc = subprocess.run(  # argv list, validated names
-                self.argv(*args), capture_output=True, text=True, timeout=NFT_TIMEOUT_S, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise BackendError(f"cannot run nft: {exc}") from exc
+    def run(self, args: Sequence[str], check: bool = True) -> CommandResult:
+        proc = run_command(self.argv(*args), NFT_TIMEOUT_S, what="nft")  # argv list, validated names
         if check and proc.returncode != 0:
             raise BackendError(f"nft {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
+from stockade.backends.common import CommandResult, Executor, executor_with_timeout
 from stockade.backends.setalgebra import apply_set_deltas
 from stockade.backends.windows.model import (
     BACKEND_NAME,
@@ -39,25 +37,7 @@ WINDOWS_CAPABILITIES = frozenset(Capability)
 POWERSHELL_TIMEOUT_S = 600.0
 
 
-@dataclass(frozen=True)
-class CommandResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-Executor = Callable[[Sequence[str]], CommandResult]
-
-
-def subprocess_executor(argv: Sequence[str]) -> CommandResult:
-    """Run ``argv`` (no shell) and capture its output."""
-    try:
-        proc = subprocess.run(
-            list(argv), capture_output=True, text=True, check=False, timeout=POWERSHELL_TIMEOUT_S
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ApplyError(f"cannot run {argv[0]}: {exc}") from exc
-    return CommandResult(proc.returncode, proc.stdout, proc.stderr)
+subprocess_executor = executor_with_timeout(POWERSHELL_TIMEOUT_S)
 
 
 class PowerShellRunner:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from stockade.backends.common import controller_port, limit_of
 from stockade.backends.setalgebra import (
     LAYER4,
     ND_TYPES,
@@ -99,7 +100,7 @@ _L4_PROTOCOL = {Proto.TCP: WinProtocol.TCP, Proto.UDP: WinProtocol.UDP, Proto.IC
 
 
 def _full(proto: Proto, ranges: tuple[Range, ...]) -> bool:
-    limit = 65535 if proto.has_ports else 255
+    limit = limit_of(proto)
     return ranges == ((0, limit),)
 
 
@@ -201,10 +202,8 @@ class _Builder:
             mgmt = ServiceSpace.of(fs.management)
             self.add_space("failsafe:management", Direction.INBOUND, WinAction.ALLOW, ANY_REMOTE, mgmt)
         if fs.controller:
-            if not 0 < fs.controller_port <= 65535:
-                raise RenderError(f"controller port {fs.controller_port} out of range")
+            port = controller_port(fs.controller_port)
             items = address_items(AddressRanges.of(fs.controller))
-            port = fs.controller_port
             self.add_space(
                 "failsafe:controller",
                 Direction.OUTBOUND,

@@ -62,7 +62,6 @@ from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut, InterfaceBod
 from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services import auth
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
-from stockade.controller.services.codec import KIND_BY_NAME
 from stockade.controller.services.distribution import AgentLive, CompilerTxn
 from stockade.controller.services.events import record_event
 from stockade.controller.storage import store
@@ -320,8 +319,6 @@ def _interfaces_json(interfaces: list[InterfaceBody]) -> list[dict[str, Any]]:
 
 
 def _enroll(ctl: Controller, body: EnrollIn) -> EnrollOut:
-    workload_kind = KIND_BY_NAME["workload"]
-
     def run(db: Session, txn: CompilerTxn) -> EnrollOut:
         code = db.scalars(
             select(ActivationCodeRow).where(ActivationCodeRow.code_hash == auth.sha256(body.activation_code))
@@ -354,7 +351,7 @@ def _enroll(ctl: Controller, body: EnrollIn) -> EnrollOut:
             obj = store.create_object(db, "workload", data, actor)
         else:
             _b, obj = store.replace_object(db, "workload", name, {**current.body, "interfaces": interfaces}, actor)
-        txn.upsert_workload(workload_kind.to_domain(workload_kind.parse(obj.body)))
+        txn.upsert_workload(obj.domain)
         agent_id = secrets.token_hex(8)
         secret = auth.new_secret()
         token_hash = auth.sha256(secret)
@@ -391,14 +388,13 @@ def report_interfaces(request: Request, agent_id: str, body: InterfacesIn,
                       principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> RevisionOut:
     name = _self(principal, agent_id)
     ctl = controller_of(request)
-    kind = KIND_BY_NAME["workload"]
 
     def run(db: Session, txn: CompilerTxn) -> None:
         current = store.get_object(db, "workload", name)
         data = {**current.body, "interfaces": _interfaces_json(body.interfaces)}
         _b, after = store.replace_object(db, "workload", name, data, principal.actor)
         if after.revision != current.revision:
-            txn.upsert_workload(kind.to_domain(kind.parse(after.body)))
+            txn.upsert_workload(after.domain)
 
     ctl.dist.transact(run)
     return RevisionOut(revision=ctl.dist.revisions.get(name, 0))

@@ -37,6 +37,7 @@ from stockade.controller.services.codec import KIND_BY_NAME, KINDS, Kind, Scope
 from stockade.controller.services.distribution import CompilerTxn
 from stockade.controller.storage import store
 from stockade.controller.storage.store import StoredObject
+from stockade.errors import Issue, ValidationError
 from stockade.model.workloads import EnforcementMode
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -50,13 +51,26 @@ def object_out(obj: StoredObject) -> ObjectOut:
     )
 
 
+async def raw_body(request: Request) -> Any:
+    """The request's JSON exactly as sent (FastAPI has parsed it once already; Starlette keeps it).
+
+    The Pydantic body model is the wire gate and the OpenAPI schema; the codec reads the raw
+    JSON, so that it sees what the client sent (not a coerced, default-filled copy) and the
+    API accepts exactly what a policy file accepts.
+    """
+    try:
+        return await request.json()
+    except ValueError:  # FastAPI answers malformed JSON itself; this is a safety net
+        raise ValidationError([Issue("api", 0, "body", "the body must be UTF-8 JSON")]) from None
+
+
 def _write_permission(kind: Kind) -> Permission:
     return Permission.WRITE_RULESETS if kind.name == "ruleset" else Permission.WRITE
 
 
-def _workload_domain(body: dict[str, Any]) -> Any:
-    k = KIND_BY_NAME["workload"]
-    return k.to_domain(k.parse(body))
+def _workload_domain(obj: StoredObject) -> Any:
+    """The workload the write decoded (decoded from the stored body only if the write did not)."""
+    return obj.domain if obj.domain is not None else KIND_BY_NAME["workload"].decode(obj.body)
 
 
 def write(
@@ -96,7 +110,7 @@ def _sync_compiler(txn: CompilerTxn | None, db: Session, kind: str, name: str, a
         if after is None:
             txn.remove_workload(name)
         else:
-            txn.upsert_workload(_workload_domain(after.body))
+            txn.upsert_workload(_workload_domain(after))
     elif kind == "label_key":
         txn.refresh_label_keys(store.draft_objects(db, ("label_key",))["label_key"])
 
@@ -146,10 +160,11 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         request: Request,
         response: Response,
         body: Any,
+        raw: Annotated[Any, Depends(raw_body)],
         principal: Annotated[Principal, Depends(require(write_perm))],
     ) -> ObjectOut:
         ctl = controller_of(request)
-        data = body.model_dump(mode="json")
+        data = raw
         if kind.name == "ruleset":
             scope.check_ruleset_ownership(principal, [kind.canonical(data)])
 
@@ -168,11 +183,12 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         response: Response,
         name: str,
         body: Any,
+        raw: Annotated[Any, Depends(raw_body)],
         principal: Annotated[Principal, Depends(require(write_perm))],
         if_match: Annotated[str | None, Header(max_length=200)] = None,
     ) -> ObjectOut:
         ctl = controller_of(request)
-        data = body.model_dump(mode="json")
+        data = raw
 
         def run(db: Session, txn: CompilerTxn | None) -> StoredObject:
             if kind.name == "ruleset":

@@ -47,6 +47,7 @@ from stockade.controller.services.versions import Change, diff_content
 from stockade.controller.storage import store
 from stockade.controller.storage.db import VersionRow
 from stockade.errors import Issue, NotFoundError, ValidationError
+from stockade.model.policy import Policy
 from stockade.policyfile import dump_policy, load_documents
 
 router = APIRouter()
@@ -96,7 +97,7 @@ def export_policy(
     return Response(text, media_type="application/yaml")
 
 
-def _load_yaml(raw: bytes) -> dict[str, dict[str, Any]]:
+def _load_yaml(raw: bytes) -> Policy:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -105,7 +106,7 @@ def _load_yaml(raw: bytes) -> dict[str, dict[str, Any]]:
         policy = load_documents(text, "api")
     except yaml.YAMLError as exc:  # the loader reports its own; this is a safety net
         raise ValidationError([Issue("api", 0, "body", f"not YAML: {exc}")]) from None
-    return codec.objects_of_policy(policy)
+    return policy
 
 
 @router.put("/policy/draft", tags=["Policy"], responses=ERRORS, operation_id="import-policy",
@@ -116,7 +117,9 @@ async def import_policy(
     dry_run: bool = False,
 ) -> ImportResult:
     ctl = controller_of(request)
-    objects = _load_yaml(await request.body())
+    policy = _load_yaml(await request.body())
+    objects = codec.objects_of_policy(policy)
+    workloads = policy.workload_map()
     policy_bodies = {k: objects.get(k, {}) for k in POLICY_KINDS}
 
     def run(db: Session, txn: CompilerTxn) -> ImportResult:
@@ -141,9 +144,8 @@ async def import_policy(
         changed = store.put_objects(db, "workload", objects.get("workload", {}), principal.actor, prune=False)
         earlier = {name: scope.labels_now(ctl.dist, name) for name in changed}
         txn.refresh_label_keys(wanted_inv["label_key"])
-        workload_kind = codec.KIND_BY_NAME["workload"]
         for name in changed:
-            txn.upsert_workload(workload_kind.to_domain(workload_kind.parse(wanted_inv["workload"][name])))
+            txn.upsert_workload(workloads[name])
         if scope.is_scoped(principal):  # refused inside the transaction: draft and inventory unchanged
             scope.check_deltas(principal, txn, earlier, "importing the policy")
             scope.check_policy_change(principal, ctl.dist, draft_before, scope.draft_snapshot(db))

@@ -86,9 +86,15 @@ class SelectorBody(Body):
     all: bool = False
 
 
+# The policy files' spellings of "every workload", accepted in bodies too (one codec for both).
+AllText = Literal["all"]
+SelectorItem = SelectorBody | AllText
+RuleSide = list[SelectorItem] | AllText
+
+
 class AllowRuleBody(Body):
-    consumers: list[SelectorBody] = Field(min_length=1)
-    providers: list[SelectorBody] = Field(min_length=1)
+    consumers: RuleSide = Field(min_length=1)
+    providers: RuleSide = Field(min_length=1)
     services: list[Name] = Field(min_length=1)
     consumers_scope: ConsumerScope = ConsumerScope.INTRA
     description: Text = ""
@@ -104,8 +110,8 @@ class RulesetBody(Body):
 
 class DenyRuleBody(Body):
     name: Name
-    consumers: list[SelectorBody] = Field(min_length=1)
-    providers: list[SelectorBody] = Field(min_length=1)
+    consumers: RuleSide = Field(min_length=1)
+    providers: RuleSide = Field(min_length=1)
     services: list[Name] = Field(min_length=1)
     override: bool = False
     description: Text = ""

@@ -14,6 +14,16 @@ writes rulesets whose every scope lies inside its label scope), read-only (reads
 a separate principal kind that may only use the agent endpoints for themselves. Every route
 declares one :class:`Permission` through :func:`require`; the allow table is
 :data:`ALLOWED`. Login and enrolment are rate limited per client address.
+
+An API key is worth at most what its user is worth *now*: on every request its role is the
+lesser of the key's role and the owner's current role (:func:`lesser_role`), and its label scope
+the narrower of the two (:func:`narrower_scope`: the union of required labels, so the key
+reaches only workloads both scopes reach). A disabled or deleted user's keys stop working.
+
+Failed logins back off per account (:class:`LoginThrottle`): after a few failures in a row the
+account refuses every attempt for a while, doubling up to a cap. The counters live in the
+controller process's memory (several controllers sharing one PostgreSQL each count their own;
+a restart forgets them); the per-client rate limit is in memory too.
 """
 
 from __future__ import annotations
@@ -78,6 +88,20 @@ ALLOWED: dict[Permission, frozenset[Role]] = {
     Permission.MANAGE_USERS: frozenset({Role.OWNER}),
     Permission.AGENT: frozenset(),
 }
+
+
+ROLE_ORDER: tuple[Role, ...] = (Role.OWNER, Role.ADMIN, Role.RULESET_MANAGER, Role.READ_ONLY)  # strongest first
+
+
+def lesser_role(a: Role, b: Role) -> Role:
+    """The less powerful of two roles."""
+    return a if ROLE_ORDER.index(a) >= ROLE_ORDER.index(b) else b
+
+
+def narrower_scope(a: tuple[Label, ...], b: tuple[Label, ...]) -> tuple[Label, ...]:
+    """Both label scopes at once: a scope is a set of required labels, so requiring both sets
+    reaches only what each reaches (an empty scope adds no requirement)."""
+    return tuple(sorted(set(a) | set(b)))
 
 
 class PrincipalKind(Enum):
@@ -197,6 +221,28 @@ def login(db: Session, passwords: Passwords, username: str, password: str) -> tu
     return user, secret
 
 
+def end_sessions(db: Session, username: str, keep: str | None = None) -> int:
+    """Log ``username`` out everywhere except the session whose cookie is ``keep``; returns how many ended."""
+    q = select(SessionRow).where(SessionRow.username == username)
+    ended = 0
+    for row in db.scalars(q):
+        if keep is not None and secrets.compare_digest(row.id_hash, sha256(keep)):
+            continue
+        db.delete(row)
+        ended += 1
+    return ended
+
+
+def revoke_keys_of(db: Session, username: str) -> list[str]:
+    """Revoke every live API key owned by ``username``; returns their ids."""
+    now = utcnow()
+    ids = []
+    for row in db.scalars(select(ApiKeyRow).where(ApiKeyRow.owner == username, ApiKeyRow.revoked_at.is_(None))):
+        row.revoked_at = now
+        ids.append(row.id)
+    return ids
+
+
 # ---- request authentication ---------------------------------------------------------
 
 AgentLookup = Callable[[str, str], Principal | None]  # (agent id, secret) -> principal
@@ -237,8 +283,10 @@ def _api_key_principal(db: Session, token: str) -> Principal:
         raise NotAuthenticatedError("unknown or revoked API key")
     owner = db.get(UserRow, row.owner)
     if owner is None or owner.disabled:
-        raise NotAuthenticatedError("the key's owner is disabled")
-    return Principal(PrincipalKind.API_KEY, f"key:{row.id}", Role(row.role), scope_labels(row.scope))
+        raise NotAuthenticatedError("the key's owner is disabled or deleted")
+    role = lesser_role(Role(row.role), Role(owner.role))  # the owner's role as of now, every request
+    scope = narrower_scope(scope_labels(row.scope), scope_labels(owner.scope))
+    return Principal(PrincipalKind.API_KEY, f"key:{row.id}", role, scope)
 
 
 def authorize(principal: Principal, permission: Permission) -> None:
@@ -274,3 +322,79 @@ class RateLimiter:
             if len(q) >= self.limit:
                 raise RateLimitedError(f"too many attempts; retry in {int(q[0] + self.window - now) + 1} s")
             q.append(now)
+
+
+@dataclass(frozen=True)
+class LockoutPolicy:
+    """Per-account backoff: ``free_failures`` failed logins in a row are free; each further one
+    locks the account for ``base_seconds`` doubled per extra failure, at most ``max_seconds``.
+    A success resets the count; so does ``forget_seconds`` without a failure."""
+
+    free_failures: int = 5
+    base_seconds: float = 30.0
+    max_seconds: float = 900.0
+    forget_seconds: float = 3600.0
+    max_tracked: int = 100_000  # accounts remembered at once (oldest dropped): bounded memory
+
+    def lock_for(self, failures: int) -> float:
+        extra = failures - self.free_failures
+        if extra < 0:
+            return 0.0
+        return float(min(self.max_seconds, self.base_seconds * (2 ** min(extra, 32))))
+
+
+@dataclass
+class _Account:
+    failures: int = 0
+    last_failure: float = 0.0
+    locked_until: float = 0.0
+
+
+class LoginThrottle:
+    """Counts consecutive failed logins per username (existing or not, so the answer reveals
+    nothing about which accounts exist) and refuses attempts while an account is locked.
+
+    In memory, per controller process: enough to turn an online password guess into hours per
+    handful of tries; not shared between controllers (documented limitation of this round).
+    """
+
+    def __init__(self, policy: LockoutPolicy = LockoutPolicy(), clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self.clock = clock
+        self._accounts: dict[str, _Account] = {}
+        self._lock = threading.Lock()
+
+    def _get(self, username: str, now: float) -> _Account | None:
+        acc = self._accounts.get(username)
+        if acc is not None and now > max(acc.last_failure + self.policy.forget_seconds, acc.locked_until):
+            del self._accounts[username]
+            return None
+        return acc
+
+    def check(self, username: str) -> None:
+        """Raise :class:`RateLimitedError` while ``username`` is locked."""
+        now = self.clock()
+        with self._lock:
+            acc = self._get(username, now)
+            if acc is not None and acc.locked_until > now:
+                raise RateLimitedError(f"too many failed logins for this account; retry in "
+                                       f"{int(acc.locked_until - now) + 1} s")
+
+    def failed(self, username: str) -> tuple[int, float]:
+        """Record a failure; returns (failures in a row, seconds the account is now locked)."""
+        now = self.clock()
+        with self._lock:
+            acc = self._get(username, now)
+            if acc is None:
+                if len(self._accounts) >= self.policy.max_tracked:
+                    self._accounts.pop(next(iter(self._accounts)))
+                acc = self._accounts[username] = _Account()
+            acc.failures += 1
+            acc.last_failure = now
+            lock = self.policy.lock_for(acc.failures)
+            acc.locked_until = now + lock
+            return acc.failures, lock
+
+    def succeeded(self, username: str) -> None:
+        with self._lock:
+            self._accounts.pop(username, None)

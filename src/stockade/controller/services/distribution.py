@@ -418,8 +418,7 @@ class PolicyDistributor:
                 self.departed.discard(name)
                 txn.undo.append(lambda: self.departed.add(name))
                 body = store.get_object(db, "workload", name).body
-                kind = codec.KIND_BY_NAME["workload"]
-                txn.upsert_workload(kind.to_domain(kind.parse(body)))
+                txn.upsert_workload(codec.KIND_BY_NAME["workload"].decode(body))
             action = "workload.departed" if leaving else "workload.returned"
             record_event(db, "controller", action, "workload", name, None, None)
 
