@@ -36,7 +36,7 @@ from stockade.model.selectors import ALL_WORKLOADS, IPListSelector, LabelSelecto
 from stockade.model.workloads import Workload
 from stockade.paths import example_estate
 from stockade.policyfile import load_documents
-from tests.api.conftest import Api, api, database_url, pg_cluster  # noqa: F401 (fixtures)
+from tests.api.conftest import Api
 
 YAML = {"Content-Type": "application/yaml"}
 SHOP = {"web-prod-1", "web-prod-2", "app-prod-1", "db-prod-1", "web-dev-1", "app-dev-1", "db-dev-1"}
@@ -98,7 +98,7 @@ class Estate:
 
 
 @pytest.fixture
-def estate(api: Api) -> Estate:  # noqa: F811
+def estate(api: Api) -> Estate:
     return Estate(api)
 
 
