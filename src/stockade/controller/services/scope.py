@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from stockade.compiler import Compiler, HostRule
 from stockade.compiler.compile import set_name
 from stockade.compiler.expand import EffectiveRule, expand_rules
-from stockade.compiler.ir import Direction
+from stockade.compiler.ir import AddressSet, Direction
 from stockade.controller.services import codec
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal, Role
 from stockade.controller.services.codec import KINDS, POLICY_KINDS
@@ -249,19 +249,34 @@ def first_compiled_change(
         p_before, p_after = dist.assemble(before), dist.assemble(after)
     c_before, c_after = Compiler(p_before), Compiler(p_after)
     names = set(c_before.workload_names)
-    # hosts of one label set share their rules and sets tuples (per compiler): compare each pair once
-    same: dict[tuple[int, int, int, int], bool] = {}
+    # Hosts of one label set share one rules tuple (per compiler), and a set's members depend only
+    # on its name (the hash of its selector): compare each rules pair and each named set once.
+    same_rules: dict[tuple[int, int], bool] = {}
+    same_set: dict[tuple[str, int], bool] = {}
+
+    def sets_equal(x: tuple[AddressSet, ...], y: tuple[AddressSet, ...]) -> bool:
+        if [(s.name, s.family) for s in x] != [(s.name, s.family) for s in y]:
+            return False
+        for sx, sy in zip(x, y, strict=True):
+            key = (sx.name, sx.family.value)
+            equal = same_set.get(key)
+            if equal is None:
+                equal = same_set[key] = sx == sy
+            if not equal:
+                return False
+        return True
+
     for w in outside:
         if w.name not in names:
             continue
         a, b = c_before.host_policy(w.name), c_after.host_policy(w.name)
         if replace(a, rules=(), sets=()) != replace(b, rules=(), sets=()):  # every other field
             return w.name
-        key = (id(a.rules), id(a.sets), id(b.rules), id(b.sets))
-        equal = same.get(key)
+        rkey = (id(a.rules), id(b.rules))
+        equal = same_rules.get(rkey)
         if equal is None:
-            equal = same[key] = a.rules == b.rules and a.sets == b.sets
-        if not equal:
+            equal = same_rules[rkey] = a.rules == b.rules
+        if not equal or not sets_equal(a.sets, b.sets):
             return w.name
     return None
 
