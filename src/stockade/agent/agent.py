@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from stockade.agent.backoff import Backoff, BackoffPolicy
-from stockade.agent.enforcer import CacheStart, Enforcer, apply_set_deltas, enforce_cache
+from stockade.agent.enforcer import CacheStart, Enforcer, enforce_cache
 from stockade.agent.flows import FlowCollector, collector_for
 from stockade.agent.host import HostReport
 from stockade.agent.hostinfo import AddressWatcher, read_host
@@ -43,10 +43,12 @@ from stockade.agent.transport import (
     UpdateKind,
 )
 from stockade.agent.watch import ChangeFeed, feed_for
+from stockade.compiler.delta import apply_update
 from stockade.compiler.ir import HostPolicy
 from stockade.errors import (
     AuthError,
     BackendError,
+    ConflictError,
     NotFoundError,
     RenderError,
     StockadeError,
@@ -419,13 +421,12 @@ class Agent:
         if upd.kind is UpdateKind.UNCHANGED:
             return None
         if upd.kind is UpdateKind.DELTA:
-            current = self.enforcer.policy
-            if current is None or upd.base != self.applied_revision:
-                return self._resolve(client, client.fetch_policy(None))
             try:
-                new_hp = apply_set_deltas(current, upd.set_deltas)
-            except ValueError:
+                new_hp = apply_update(self.enforcer.policy, self.applied_revision, upd)
+            except ConflictError as exc:  # not from what is in force, or does not fit it exactly
+                log.info("delta %s -> %d refused (%s); fetching the full policy", upd.base, upd.revision, exc)
                 return self._resolve(client, client.fetch_policy(None))
+            assert new_hp is not None
             try:
                 self.enforcer.apply_delta(new_hp, upd.set_deltas)
             except StockadeError as exc:

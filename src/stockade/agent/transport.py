@@ -9,12 +9,13 @@ these frozen records and the exceptions below, never HTTP:
 * :class:`~stockade.errors.AuthError` - the credential or activation code was refused;
 * :class:`~stockade.errors.ValidationError` - the controller's answer is malformed
   (e.g. a HostPolicy that does not parse): the agent refuses it with an event;
+  answers are decoded by the one wire codec,
+  :func:`stockade.compiler.delta.policy_update_from_dict` (re-exported here);
 * :class:`~stockade.errors.NotFoundError` - nothing compiled for this workload yet.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -22,9 +23,10 @@ from typing import Any, Protocol
 
 from stockade.agent.host import HostReport
 from stockade.agent.state import Credential
-from stockade.compiler.ir import HostPolicy, SetDelta, host_policy_from_dict
-from stockade.errors import Issue, StockadeError, ValidationError
-from stockade.model.addresses import Family
+from stockade.compiler.delta import PolicyUpdate as PolicyUpdate  # the wire records, re-exported
+from stockade.compiler.delta import UpdateKind as UpdateKind
+from stockade.compiler.delta import policy_update_from_dict as policy_update_from_dict
+from stockade.errors import StockadeError
 
 
 class ControllerUnreachableError(StockadeError):
@@ -42,21 +44,6 @@ class Enrollment:
 
     def __repr__(self) -> str:
         return f"Enrollment(agent_id={self.agent_id!r}, workload={self.workload!r})"
-
-
-class UpdateKind(Enum):
-    FULL = "full"  # a complete HostPolicy
-    DELTA = "delta"  # address-set member changes relative to ``base``
-    UNCHANGED = "unchanged"  # the agent already holds this revision
-
-
-@dataclass(frozen=True)
-class PolicyUpdate:
-    revision: int
-    kind: UpdateKind
-    policy: HostPolicy | None = None  # FULL only
-    base: int | None = None  # DELTA only: the revision the deltas start from
-    set_deltas: tuple[SetDelta, ...] = ()  # DELTA only
 
 
 @dataclass(frozen=True)
@@ -135,61 +122,3 @@ class ControllerClient(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-# ---- wire decoding shared by every implementation -----------------------------------------
-
-
-def _malformed(field: str, message: str) -> ValidationError:
-    return ValidationError([Issue("controller", 0, field, message)])
-
-
-def set_delta_from_dict(d: Any) -> SetDelta:
-    if not isinstance(d, dict):
-        raise _malformed("set_deltas", "expected an object")
-    try:
-        return SetDelta(
-            name=str(d["name"]),
-            family=Family(int(d["family"])),
-            added=tuple(ipaddress.ip_network(n) for n in d.get("added", ())),
-            removed=tuple(ipaddress.ip_network(n) for n in d.get("removed", ())),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _malformed("set_deltas", f"bad set delta: {exc!r}") from exc
-
-
-def policy_update_from_dict(d: Any) -> PolicyUpdate:
-    """Decode the controller's policy answer; :class:`ValidationError` if it is malformed.
-
-    Accepted shape: ``{"revision": N, "policy": {...}}`` (full),
-    ``{"revision": N, "base": M, "set_deltas": [...]}`` (delta) or
-    ``{"revision": N}`` with neither (unchanged).
-    """
-    if not isinstance(d, dict):
-        raise _malformed("", "expected a JSON object")
-    try:
-        revision = int(d["revision"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _malformed("revision", f"missing or not an integer: {exc!r}") from exc
-    full = d.get("policy", d.get("full"))
-    if full is not None:
-        if not isinstance(full, dict):
-            raise _malformed("policy", "expected an object")
-        try:
-            hp = host_policy_from_dict(full)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise _malformed("policy", f"not a HostPolicy: {exc!r}") from exc
-        return PolicyUpdate(revision, UpdateKind.FULL, policy=hp)
-    if d.get("base") is not None:
-        deltas = d.get("set_deltas") or []
-        if not isinstance(deltas, list):
-            raise _malformed("set_deltas", "expected a list")
-        try:
-            base = int(d["base"])
-        except (TypeError, ValueError) as exc:
-            raise _malformed("base", "not an integer") from exc
-        if base == revision and not deltas:
-            return PolicyUpdate(revision, UpdateKind.UNCHANGED)
-        parsed = tuple(set_delta_from_dict(x) for x in deltas)
-        return PolicyUpdate(revision, UpdateKind.DELTA, base=base, set_deltas=parsed)
-    return PolicyUpdate(revision, UpdateKind.UNCHANGED)

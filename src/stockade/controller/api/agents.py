@@ -58,6 +58,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from stockade.compiler.delta import policy_update_to_dict
 from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut, InterfaceBody, Text
 from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services import auth
@@ -443,7 +444,7 @@ async def _fetch(ctl: Controller, workload: str, since: int | None) -> dict[str,
     got = ctl.dist.fetch_nowait(workload, since)
     if got is None:
         got = await run_in_threadpool(ctl.dist.fetch, workload, since)
-    return {"revision": got.revision, "full": got.full, "base": got.base, "set_deltas": list(got.set_deltas)}
+    return policy_update_to_dict(got)
 
 
 @router.get("/agents/{agent_id}/policy", tags=["Agent protocol"], responses=ERRORS, operation_id="fetch-policy",
