@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs"},
     "controller": {"errors", "model", "compiler", "evaluator", "policyfile", "visibility", "backends", "web", "logs"},
     "logs": set(),
+    "k8s": {"errors", "model", "compiler"},  # beside the controller: reaches it only through the REST API
 }
 
 
