@@ -15,6 +15,7 @@ class FakeResponse:
     def __init__(self, body: bytes, chunks: list[bytes] | None = None) -> None:
         self._body, self._chunks = body, chunks or []
         self.content = self
+        self.status = 200
 
     async def read(self) -> bytes:
         return self._body

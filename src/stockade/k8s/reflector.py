@@ -77,6 +77,16 @@ def _rv(obj: object) -> str | None:
     return rv if isinstance(rv, str) and rv else None
 
 
+async def _check_status(resp: Any, kind: str) -> None:
+    """Unpreloaded answers are not checked by the client: 410 re-lists, any other error retries."""
+    status = getattr(resp, "status", 200)
+    if status == 410:
+        raise _Gone
+    if not 200 <= status <= 299:
+        text = (await resp.read())[:300]
+        raise RuntimeError(f"{kind}: HTTP {status} {text!r}")
+
+
 class Reflector:
     """Keeps one handler in step with one resource kind; :meth:`run` until cancelled."""
 
@@ -109,11 +119,12 @@ class Reflector:
         items: list[dict[str, Any]] = []
         cont: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"limit": PAGE, "_preload_content": False}
+            kwargs: dict[str, Any] = {"limit": PAGE, "_preload_content": False, "_request_timeout": 60}
             if cont:
                 kwargs["_continue"] = cont
             resp = await self._list(**kwargs)
             try:
+                await _check_status(resp, self.kind)
                 body = json.loads(await resp.read())
             finally:
                 resp.release()
@@ -146,6 +157,7 @@ class Reflector:
             _request_timeout=self._watch_seconds + 30,
         )
         try:
+            await _check_status(resp, self.kind)
             buf = b""
             async for chunk in resp.content.iter_any():
                 buf += chunk
