@@ -90,3 +90,31 @@ def test_resume_from_bookmark_and_relist_on_410() -> None:
     assert watch2["resource_version"] == "15"  # resumed from the bookmark
     assert not script.calls[3].get("watch")  # the re-list
     assert script.calls[4]["resource_version"] == "40"
+
+
+def test_an_http_410_on_opening_the_watch_relists_and_other_errors_retry_from_the_same_version() -> None:
+    calls: list[dict[str, Any]] = []
+
+    async def fn(**kw: Any) -> FakeResponse:
+        calls.append(kw)
+        if not kw.get("watch"):
+            return FakeResponse(json.dumps({"metadata": {"resourceVersion": "7"}, "items": []}).encode())
+        resp = FakeResponse(b"busy")
+        resp.status = 500 if len(calls) == 2 else 410 if len(calls) == 3 else 200
+        if resp.status == 200:
+            await asyncio.sleep(3600)
+        return resp
+
+    async def run() -> None:
+        r = Reflector("Pod", fn, Recorder())
+        r.backoff.first = 0.01
+        task = asyncio.create_task(r.run())
+        for _ in range(200):
+            if len(calls) >= 5:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(run())
+    assert [bool(c.get("watch")) for c in calls[:5]] == [False, True, True, False, True]
+    assert calls[2]["resource_version"] == "7"  # after a 500: same version
