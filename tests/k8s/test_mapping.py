@@ -64,6 +64,8 @@ def test_skips(obj: dict[str, Any], ns: dict[str, str] | None, event: bool) -> N
     got = want(obj, ns)
     assert isinstance(got, Skip), got
     assert got.event is event, got.reason
+    if obj.get("metadata") != "nope":
+        assert got.pod == PodKey("shop", "web-1")  # keyed even when malformed: its workload can be removed
 
 
 def test_an_undeclared_target_key_skips() -> None:

@@ -107,18 +107,26 @@ def _str_map(value: object) -> dict[str, str] | None:
     return dict(value)
 
 
-def _meta(obj: Mapping[str, Any]) -> tuple[str, str, dict[str, str]] | str:
-    """(namespace, name, labels) of an object, or what is wrong with it."""
+def _identity(obj: Mapping[str, Any]) -> tuple[str, str] | str:
+    """(namespace, name) of an object ("" namespace for cluster-scoped ones), or what is wrong."""
     meta = obj.get("metadata")
     if not isinstance(meta, dict):
         return "no metadata"
     name, ns = meta.get("name"), meta.get("namespace", "")
     if not isinstance(name, str) or not name or not isinstance(ns, str):
         return "metadata.name/namespace missing or not strings"
-    labels = _str_map(meta.get("labels"))
+    return ns, name
+
+
+def _meta(obj: Mapping[str, Any]) -> tuple[str, str, dict[str, str]] | str:
+    """(namespace, name, labels) of an object, or what is wrong with it."""
+    ident = _identity(obj)
+    if isinstance(ident, str):
+        return ident
+    labels = _str_map(obj["metadata"].get("labels"))
     if labels is None:
         return f"metadata.labels is not a map of at most {MAX_LABELS} strings"
-    return ns, name, labels
+    return ident[0], ident[1], labels
 
 
 def namespace_labels(obj: Mapping[str, Any]) -> tuple[str, dict[str, str]] | Skip:
@@ -129,10 +137,10 @@ def namespace_labels(obj: Mapping[str, Any]) -> tuple[str, dict[str, str]] | Ski
 
 
 def pod_key(obj: Mapping[str, Any]) -> PodKey | None:
-    m = _meta(obj)
-    if isinstance(m, str) or not m[0]:
+    ident = _identity(obj)
+    if isinstance(ident, str) or not ident[0]:
         return None
-    return PodKey(m[0], m[1])
+    return PodKey(ident[0], ident[1])
 
 
 def _pod_addresses(status: object) -> tuple[str, ...] | str:
