@@ -18,6 +18,10 @@ Semantics:
 * IP lists match by address; label selectors and ``all`` match workloads. A provider
   IP list never puts a rule on a workload's inbound side (and a consumer IP list
   never on its outbound side): IP lists are peers, not hosts.
+* A connection that cannot exist is refused with a ValidationError, never answered:
+  source and destination of different families, ICMP between IPv6 addresses or ICMPv6
+  between IPv4 addresses (an answer about ICMPv4 echo between IPv6 hosts would describe
+  a packet the kernel never sees).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from stockade.errors import Issue, ValidationError
 from stockade.model.addresses import AddressRanges, IPAddress
 from stockade.model.labels import LabelGroup
 from stockade.model.policy import Policy
@@ -40,6 +45,19 @@ class Verdict(Enum):
     ALLOWED = "allowed"
     POTENTIALLY_BLOCKED = "potentially-blocked"
     BLOCKED = "blocked"
+
+
+def check_connection(src: IPAddress, dst: IPAddress, proto: Proto) -> None:
+    """Raise ValidationError unless a packet from ``src`` to ``dst`` on ``proto`` can exist."""
+    issues: list[Issue] = []
+    if src.version != dst.version:
+        issues.append(Issue("", 0, "dst", f"{src} and {dst} are of different address families"))
+    elif proto is Proto.ICMP and src.version == 6:
+        issues.append(Issue("", 0, "proto", "icmp is IPv4 only: use icmpv6 between IPv6 addresses"))
+    elif proto is Proto.ICMPV6 and src.version == 4:
+        issues.append(Issue("", 0, "proto", "icmpv6 is IPv6 only: use icmp between IPv4 addresses"))
+    if issues:
+        raise ValidationError(issues)
 
 
 @dataclass(frozen=True)
@@ -210,6 +228,8 @@ class Evaluator:
 
     # ---- public ------------------------------------------------------------------
     def evaluate(self, src: IPAddress, dst: IPAddress, proto: Proto, port: int | None) -> Evaluation:
+        """The verdict of one connection; ValidationError when it cannot exist (``check_connection``)."""
+        check_connection(src, dst, proto)
         src_w = self._owner.get(src)
         dst_w = self._owner.get(dst)
         outbound = None

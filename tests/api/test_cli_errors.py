@@ -68,7 +68,7 @@ COMMANDS = _client_commands()
 def test_the_walk_finds_the_client_commands() -> None:
     names = {" ".join(path) for path, _ in COMMANDS}
     assert {"policy diff", "policy apply", "policy provision", "policy export", "policy impact", "flows",
-            "suggest", "key create"} <= names, names
+            "suggest", "key create", "explain"} <= names, names
 
 
 def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -134,6 +134,15 @@ def test_login_diff_export_roundtrip_completion_logout(live: Live, env: dict[str
     # no --api-key, no --controller: the stored login is used
     applied = _run(["policy", "apply", "-f", str(ESTATE)], env)
     assert applied.returncode == 0, applied.stderr
+    allowed = _run(["explain", "--remote", "draft", "--from", "app-prod-1", "--to", "db-prod-1", "--port", "5432/tcp",
+                    "--exit-code"], env)
+    assert allowed.returncode == 0 and "verdict: allowed" in allowed.stdout, allowed.stdout + allowed.stderr
+    assert "rule 3" in allowed.stdout, "rules are numbered from 1 for people"
+    blocked = _run(["explain", "--remote", "draft", "--from", "web-prod-1", "--to", "db-prod-1", "--port", "5432/tcp",
+                    "--exit-code"], env)
+    assert blocked.returncode == EXIT_FINDING and "verdict: blocked" in blocked.stdout
+    both = _run(["explain", str(ESTATE), "--remote", "draft", "--from", "a", "--to", "b", "--port", "1/tcp"], env)
+    assert both.returncode == 2
     edited = tmp_path / "edited"
     edited.mkdir()
     for f in ESTATE.iterdir():

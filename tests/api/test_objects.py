@@ -175,3 +175,47 @@ def test_concurrent_creates_of_one_name_never_500(api: Api) -> None:
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(create, range(1, 17)))
     assert codes.count(201) == 1 and set(codes) <= {201, 409}, codes
+
+
+# ---- one codec with the policy files (issue 13.1; issue 12 items 10 and 12) ----------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "w", "interfaces": [{"name": "eth0@if12", "addresses": ["10.0.0.1"]}]}, "interfaces[0].name"),
+        ({"name": "w", "interfaces": [{"name": "eth0", "addresses": ["0.0.0.0"]}]}, "interfaces[0].addresses[0]"),
+        ({"name": "w", "interfaces": [{"name": "eth0", "addresses": ["::"]}]}, "interfaces[0].addresses[0]"),
+        ({"name": "w", "interfaces": [{"name": "eth0", "addresses": ["255.255.255.255"]}]},
+         "interfaces[0].addresses[0]"),
+        ({"name": "w", "interfaces": [{"name": "eth0", "addresses": ["ff02::1"]}]}, "interfaces[0].addresses[0]"),
+    ],
+)
+def test_workload_bodies_the_export_could_not_reimport_are_refused(api: Api, body: dict[str, Any],
+                                                                   field: str) -> None:
+    r = api.req("POST", "/workloads", json=body)
+    assert r.status_code == 422, r.text
+    assert [i["field"] for i in r.json()["issues"]] == [field]
+
+
+def test_exclude_only_selector_and_named_icmp_types_round_trip_through_yaml(api: Api) -> None:
+    """`stockade check` accepted an exclude-only selector that `PUT /policy/draft` refused: now both accept it."""
+    api.ok("POST", "/services", 201, json={"name": "ping", "ports": ["icmp:echo-request", "icmpv6:echo-request"]})
+    api.ok("POST", "/rulesets", 201, json={
+        "name": "not-web", "scope": [{"exclude": {"role": "web"}}],
+        "rules": [{"consumers": "all", "providers": [{"exclude": {"role": ["web", "db"]}}], "services": ["ping"]}]})
+    assert api.ok("GET", "/services/ping")["body"]["ports"] == ["icmp:8", "icmpv6:128"]
+    exported = api.req("GET", "/policy/draft")
+    assert exported.status_code == 200
+    headers = {**api.owner, "Content-Type": "application/yaml"}
+    again = api.req("PUT", "/policy/draft", content=exported.content, headers=headers)
+    assert again.status_code == 200, again.text
+    assert again.json()["draft_changes"] == []
+
+
+def test_a_ruleset_must_state_its_scope(api: Api) -> None:
+    r = api.req("POST", "/rulesets", json={"name": "r", "rules": []})
+    assert r.status_code == 422
+    assert [i["field"] for i in r.json()["issues"]] == ["scope"]
+    api.ok("POST", "/rulesets", 201, json={"name": "r", "scope": "all", "rules": []})
+    assert api.ok("GET", "/rulesets/r")["body"]["scope"] == "all"

@@ -4,13 +4,21 @@
 * Dichromacy simulated with the severity-1.0 matrices of Machado, Oliveira and Fernandes
   (2009, "A Physiologically-based Model for Simulation of Color Vision Deficiency"), applied in
   linear RGB, the result clipped to the sRGB gamut.
+* Achromatopsia as Chromium emulates it (every channel the linear-light luminance, Rec. 709
+  weights) and greyscale as CSS ``filter: grayscale(1)`` computes it (the same weights on the
+  gamma-encoded values).
 * Colour difference CIEDE2000 (Sharma, Wu and Dalal, 2005), checked against their test data in
   ``test_palette.py``; CIE76 for comparison.
+* A minimal PNG reader (8-bit RGB/RGBA, not interlaced: what Chromium's screenshots are), so the
+  browser tests can read rendered pixels without an imaging library.
 """
 
 from __future__ import annotations
 
 import math
+import struct
+import zlib
+from collections import Counter
 from enum import Enum
 
 Matrix = tuple[tuple[float, float, float], tuple[float, float, float], tuple[float, float, float]]
@@ -22,6 +30,7 @@ class Deficiency(Enum):
     PROTANOPIA = "protanopia"
     DEUTERANOPIA = "deuteranopia"
     TRITANOPIA = "tritanopia"
+    ACHROMATOPSIA = "achromatopsia"
 
 
 MACHADO: dict[Deficiency, Matrix] = {
@@ -39,6 +48,11 @@ MACHADO: dict[Deficiency, Matrix] = {
         (1.255528, -0.076749, -0.178779),
         (-0.078411, 0.930809, 0.147602),
         (0.004733, 0.691367, 0.303900),
+    ),
+    Deficiency.ACHROMATOPSIA: (
+        (0.2126, 0.7152, 0.0722),
+        (0.2126, 0.7152, 0.0722),
+        (0.2126, 0.7152, 0.0722),
     ),
 }
 
@@ -82,6 +96,12 @@ def simulate(rgb: RGB, deficiency: Deficiency) -> RGB:
     lin = (to_linear(rgb[0]), to_linear(rgb[1]), to_linear(rgb[2]))
     out = _apply(MACHADO[deficiency], lin)
     return (from_linear(out[0]), from_linear(out[1]), from_linear(out[2]))
+
+
+def greyscale(rgb: RGB) -> RGB:
+    """CSS ``filter: grayscale(1)``: Rec. 709 weights applied to the gamma-encoded channels."""
+    g = min(1.0, max(0.0, 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]))
+    return (g, g, g)
 
 
 def relative_luminance(rgb: RGB) -> float:
@@ -172,3 +192,98 @@ def perceived_difference(a: RGB, b: RGB, deficiency: Deficiency | None) -> float
     if deficiency is not None:
         a, b = simulate(a, deficiency), simulate(b, deficiency)
     return delta_e2000(to_lab(a), to_lab(b))
+
+
+def perceived_difference_in_greyscale(a: RGB, b: RGB) -> float:
+    """CIEDE2000 between two colours printed (or shown) in greyscale."""
+    return delta_e2000(to_lab(greyscale(a)), to_lab(greyscale(b)))
+
+
+# ---- reading rendered pixels ---------------------------------------------------------------------
+
+Pixel = tuple[int, int, int]
+
+
+class Image:
+    """Decoded pixels, row-major, 8-bit RGB (alpha dropped)."""
+
+    def __init__(self, width: int, height: int, pixels: list[Pixel]) -> None:
+        self.width, self.height, self.pixels = width, height, pixels
+
+    def at(self, x: int, y: int) -> Pixel:
+        return self.pixels[y * self.width + x]
+
+    def region(self, x0: int, y0: int, x1: int, y1: int) -> list[Pixel]:
+        x0, y0 = max(0, x0), max(0, y0)
+        x1, y1 = min(self.width, x1), min(self.height, y1)
+        return [self.pixels[y * self.width + x] for y in range(y0, y1) for x in range(x0, x1)]
+
+
+def _paeth(a: int, b: int, c: int) -> int:
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    if pa <= pb and pa <= pc:
+        return a
+    return b if pb <= pc else c
+
+
+def decode_png(data: bytes) -> Image:
+    """Decode an 8-bit, non-interlaced RGB or RGBA PNG."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG")
+    pos, idat = 8, b""
+    width = height = channels = 0
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            width, height, depth, colour, _c, _f, interlace = struct.unpack(">IIBBBBB", body)
+            if depth != 8 or colour not in (2, 6) or interlace:
+                raise ValueError(f"unsupported PNG: depth {depth}, colour type {colour}, interlace {interlace}")
+            channels = 3 if colour == 2 else 4
+        elif kind == b"IDAT":
+            idat += body
+        elif kind == b"IEND":
+            break
+    raw = zlib.decompress(idat)
+    stride = width * channels
+    prev = bytearray(stride)
+    pixels: list[Pixel] = []
+    for y in range(height):
+        start = y * (stride + 1)
+        ftype, line = raw[start], bytearray(raw[start + 1:start + 1 + stride])
+        for i in range(stride):
+            left = line[i - channels] if i >= channels else 0
+            up = prev[i]
+            upleft = prev[i - channels] if i >= channels else 0
+            if ftype == 1:
+                line[i] = (line[i] + left) & 0xFF
+            elif ftype == 2:
+                line[i] = (line[i] + up) & 0xFF
+            elif ftype == 3:
+                line[i] = (line[i] + ((left + up) >> 1)) & 0xFF
+            elif ftype == 4:
+                line[i] = (line[i] + _paeth(left, up, upleft)) & 0xFF
+        pixels.extend((line[i], line[i + 1], line[i + 2]) for i in range(0, stride, channels))
+        prev = line
+    return Image(width, height, pixels)
+
+
+def as_rgb(p: Pixel) -> RGB:
+    return (p[0] / 255, p[1] / 255, p[2] / 255)
+
+
+def dominant_colour(inner: list[Pixel], ring: list[Pixel], min_distance: float = 6.0) -> Pixel:
+    """The most frequent colour of ``inner`` that is not the background.
+
+    The background is the most frequent colour of ``ring`` (the pixels around the element); colours
+    within ``min_distance`` (CIE76) of it are ignored, so a thin line or an icon on a page yields its
+    own colour, whatever the anti-aliasing at its edges.
+    """
+    background = Counter(ring).most_common(1)[0][0]
+    bg_lab = to_lab(as_rgb(background))
+    for colour, _n in Counter(inner).most_common():
+        if delta_e76(to_lab(as_rgb(colour)), bg_lab) >= min_distance:
+            return colour
+    raise ValueError(f"nothing but the background colour {background} in the element")

@@ -1,12 +1,14 @@
 """The verdict palette stays distinguishable for colour-vision-deficient viewers.
 
 The colours are read from the console's own stylesheet (``css/console.css``), for every
-combination of theme (light, high contrast) and colour-vision setting (standard, enhanced).
+combination of theme (light, dark, high contrast) and colour-vision setting (standard, enhanced).
 Each pair of verdict colours (allowed, potentially blocked, blocked) is simulated for
 protanopia, deuteranopia and tritanopia (Machado et al. 2009, severity 1) and must keep a
 CIEDE2000 difference of at least :data:`MIN_DELTA_E` (and :data:`MIN_DELTA_E_ENHANCED` with
-the enhanced setting). For scale: 1 is a just-noticeable difference, ~10 is a difference seen
-at a glance between two small patches. No browser needed.
+the enhanced setting); every palette also keeps :data:`MIN_DELTA_E` under achromatopsia and in
+greyscale. For scale: 1 is a just-noticeable difference, ~10 is a difference seen at a glance
+between two small patches. No browser needed (``test_map_colour.py`` measures the rendered
+pixels under Chromium's own emulation).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tests.browser.cvd import (
     delta_e2000,
     parse_hex,
     perceived_difference,
+    perceived_difference_in_greyscale,
     simulate,
     to_lab,
 )
@@ -32,9 +35,13 @@ CSS = Path(__file__).resolve().parents[2] / "src" / "stockade" / "web" / "css" /
 VERDICTS = ("allowed", "potentially-blocked", "blocked")
 MIN_DELTA_E = 12.0
 MIN_DELTA_E_ENHANCED = 20.0
+DICHROMACIES = (Deficiency.PROTANOPIA, Deficiency.DEUTERANOPIA, Deficiency.TRITANOPIA)
 SELECTORS = {
     ("light", "standard"): [':root, [data-theme="light"]'],
     ("light", "enhanced"): [':root, [data-theme="light"]', '[data-cvd="enhanced"]'],
+    ("dark", "standard"): [':root, [data-theme="light"]', '[data-theme="dark"]'],
+    ("dark", "enhanced"): [':root, [data-theme="light"]', '[data-cvd="enhanced"]', '[data-theme="dark"]',
+                           '[data-theme="dark"][data-cvd="enhanced"]'],
     ("high-contrast", "standard"): [':root, [data-theme="light"]', '[data-theme="high-contrast"]'],
     ("high-contrast", "enhanced"): [':root, [data-theme="light"]', '[data-theme="high-contrast"]',
                                     '[data-cvd="enhanced"]', '[data-theme="high-contrast"][data-cvd="enhanced"]'],
@@ -114,10 +121,10 @@ def test_simulation_collapses_the_confusion_axis() -> None:
 def test_every_pair_of_verdict_colours_stays_distinguishable(theme: str, cvd: str) -> None:
     props = palette(theme, cvd)
     colours = {v: parse_hex(props[f"--verdict-{v}"]) for v in VERDICTS}
-    threshold = MIN_DELTA_E_ENHANCED if cvd == "enhanced" else MIN_DELTA_E
+    threshold = MIN_DELTA_E_ENHANCED if cvd == "enhanced" and theme != "dark" else MIN_DELTA_E
     worst = []
     for (va, a), (vb, b) in itertools.combinations(colours.items(), 2):
-        for d in (None, *Deficiency):
+        for d in (None, *DICHROMACIES):
             de = perceived_difference(a, b, d)
             worst.append((de, va, vb, d.value if d else "typical"))
             seen_by = d.value if d else "typical vision"
@@ -125,7 +132,28 @@ def test_every_pair_of_verdict_colours_stays_distinguishable(theme: str, cvd: st
     assert len(worst) == 3 * 4
 
 
-@pytest.mark.parametrize("theme", ["light", "high-contrast"])
+@pytest.mark.parametrize(("theme", "cvd"), sorted(SELECTORS))
+def test_verdicts_stay_apart_without_any_colour(theme: str, cvd: str) -> None:
+    """Achromatopsia (Chromium's emulation) and greyscale: the verdicts differ in lightness."""
+    props = palette(theme, cvd)
+    colours = {v: parse_hex(props[f"--verdict-{v}"]) for v in VERDICTS}
+    for (va, a), (vb, b) in itertools.combinations(colours.items(), 2):
+        de = perceived_difference(a, b, Deficiency.ACHROMATOPSIA)
+        assert de >= MIN_DELTA_E, f"{theme}/{cvd}: {va} vs {vb} under achromatopsia: ΔE00 {de:.1f}"
+        de = perceived_difference_in_greyscale(a, b)
+        assert de >= MIN_DELTA_E, f"{theme}/{cvd}: {va} vs {vb} in greyscale: ΔE00 {de:.1f}"
+
+
+def test_default_palette_is_as_safe_as_the_enhanced_one() -> None:
+    """The default (light, standard) keeps every pair >= the enhanced threshold under every deficiency."""
+    colours = [parse_hex(palette("light", "standard")[f"--verdict-{v}"]) for v in VERDICTS]
+    for a, b in itertools.combinations(colours, 2):
+        for d in (None, *Deficiency):
+            assert perceived_difference(a, b, d) >= MIN_DELTA_E_ENHANCED - 1.0, d
+        assert perceived_difference_in_greyscale(a, b) >= MIN_DELTA_E_ENHANCED
+
+
+@pytest.mark.parametrize("theme", ["high-contrast"])
 def test_enhanced_setting_separates_verdicts_at_least_as_well(theme: str) -> None:
     def weakest(cvd: str, d: Deficiency) -> float:
         props = palette(theme, cvd)
@@ -134,8 +162,8 @@ def test_enhanced_setting_separates_verdicts_at_least_as_well(theme: str) -> Non
 
     # the weakest pair over all three deficiencies improves, and no single deficiency loses more
     # than a just-noticeable difference
-    assert min(weakest("enhanced", d) for d in Deficiency) > min(weakest("standard", d) for d in Deficiency)
-    for d in Deficiency:
+    assert min(weakest("enhanced", d) for d in DICHROMACIES) > min(weakest("standard", d) for d in DICHROMACIES)
+    for d in DICHROMACIES:
         assert weakest("enhanced", d) >= weakest("standard", d) - 1.0, d
 
 

@@ -91,3 +91,20 @@ def test_demo_runs_on_the_bundled_estate() -> None:
     assert "db-prod-1" in res.stdout and "verdict: blocked" in res.stdout and "verdict: allowed" in res.stdout
     assert "provisioned version 1; 8 workloads" in res.stdout
     assert "Console:  https://127.0.0.1:" in res.stdout
+
+
+def test_explain_icmp_picks_the_family_of_the_endpoints() -> None:
+    """Issue 13: ``--port icmp --ipv6`` asked about ICMPv4 echo between IPv6 addresses."""
+    runner = CliRunner()
+    base = ["explain", str(ESTATE), "--from", "mon-1", "--to", "db-prod-1"]
+    v6 = runner.invoke(main, [*base, "--port", "icmp", "--ipv6"])
+    assert v6.exit_code == 0, v6.output
+    assert "fd70::" in v6.output and "(icmpv6 type 128)" in v6.output
+    v4 = runner.invoke(main, [*base, "--port", "icmp"])
+    assert v4.exit_code == 0 and "(icmp type 8)" in v4.output
+    named = runner.invoke(main, [*base, "--port", "icmpv6:echo-request"])
+    assert named.exit_code == 0 and "(icmpv6 type 128)" in named.output
+    mismatch = runner.invoke(main, [*base, "--port", "icmp:echo-request", "--ipv6"])
+    assert mismatch.exit_code == 1 and "icmp is IPv4 only" in mismatch.output
+    unknown = runner.invoke(main, [*base, "--port", "icmp:echo-requets"])
+    assert unknown.exit_code == 2 and "unknown icmp type" in unknown.output

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 
+from stockade.errors import ValidationError
 from stockade.evaluator import Evaluator, Verdict, evaluate
 from stockade.model import (
     AllowRule,
@@ -149,6 +151,46 @@ def test_ip_list_consumer_reaches_provider() -> None:
     ("proto", "port", "rule"), [(Proto.TCP, 22, "failsafe:management"), (Proto.ICMPV6, 135, "failsafe:nd")]
 )
 def test_failsafe_always_allows(proto: Proto, port: int, rule: str) -> None:
-    ev = Evaluator(estate()).evaluate(ip("192.168.9.9"), ip("10.0.0.3"), proto, port)
+    pol = estate()
+    db6 = replace(pol.workload_map()["db-prod"], interfaces=(Interface("eth0", (ip("10.0.0.3"), ip("fd00::3"))),))
+    src, dst = (ip("fe80::9"), ip("fd00::3")) if proto is Proto.ICMPV6 else (ip("192.168.9.9"), ip("10.0.0.3"))
+    ev = Evaluator(pol.with_workload(db6)).evaluate(src, dst, proto, port)
     assert ev.verdict is Verdict.ALLOWED
     assert ev.inbound is not None and ev.inbound.rule_id == rule
+
+
+# ---- ICMP and address families (issue 13: explain --port icmp --ipv6 asked about ICMPv4) -----------
+
+
+def _ping_estate() -> Policy:
+    """Ping allowed over IPv4 only: a v4 echo passes, a v6 echo is dropped by the kernel."""
+    both = (Interface("eth0", (ip("10.0.0.1"), ip("fd00::1"))),)
+    other = (Interface("eth0", (ip("10.0.0.2"), ip("fd00::2"))),)
+    return Policy(
+        workloads=(
+            Workload("a", frozenset({Label("role", "a")}), both, EnforcementMode.FULL),
+            Workload("b", frozenset({Label("role", "b")}), other, EnforcementMode.FULL),
+        ),
+        services=(Service("ping4", (ServiceEntry(Proto.ICMP, 8, 8),)),),
+        rulesets=(Ruleset("r", (), (AllowRule((sel(role="a"),), (sel(role="b"),), ("ping4",)),)),),
+    )
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "proto", "field"),
+    [
+        ("fd00::1", "fd00::2", Proto.ICMP, "proto"),
+        ("10.0.0.1", "10.0.0.2", Proto.ICMPV6, "proto"),
+        ("10.0.0.1", "fd00::2", Proto.TCP, "dst"),
+    ],
+)
+def test_a_connection_that_cannot_exist_is_refused(src: str, dst: str, proto: Proto, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        Evaluator(_ping_estate()).evaluate(ip(src), ip(dst), proto, 8)
+    assert [i.field for i in info.value.issues] == [field]
+
+
+def test_icmpv6_echo_is_not_allowed_by_an_icmpv4_rule() -> None:
+    ev = Evaluator(_ping_estate())
+    assert ev.evaluate(ip("10.0.0.1"), ip("10.0.0.2"), Proto.ICMP, 8).verdict is Verdict.ALLOWED
+    assert ev.evaluate(ip("fd00::1"), ip("fd00::2"), Proto.ICMPV6, 128).verdict is Verdict.BLOCKED

@@ -16,14 +16,19 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "stockade"
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "model": {"errors"},
-    "policyfile": {"errors", "model"},
+    "codec": {"errors", "model"},  # documents (YAML nodes or REST JSON) <-> domain: below both entry points
+    "policyfile": {"errors", "model", "codec"},
     "compiler": {"errors", "model"},
     "evaluator": {"errors", "model"},
     "backends": {"errors", "model", "compiler", "bpf"},  # bpf: the eBPF C sources and their build
     "visibility": {"errors", "model", "compiler", "evaluator"},
-    "lab": {"errors", "model", "compiler", "evaluator", "backends", "policyfile", "paths"},
-    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs"},
-    "controller": {"errors", "model", "compiler", "evaluator", "policyfile", "visibility", "backends", "web", "logs"},
+    "lab": {"errors", "model", "compiler", "evaluator", "backends", "codec", "policyfile", "paths"},
+    "agent_signature": {"errors"},  # the agent request signature, shared by agent and controller
+    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs", "agent_signature"},
+    "controller": {
+        "errors", "model", "compiler", "evaluator", "codec", "policyfile", "visibility", "backends", "web", "logs",
+        "agent_signature",
+    },
     "logs": set(),
     "k8s": {"errors", "model", "compiler"},  # beside the controller: reaches it only through the REST API
 }

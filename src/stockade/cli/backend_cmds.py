@@ -1,20 +1,30 @@
 """Backend commands: ``stockade render`` prints a workload's native artifact, ``stockade apply``
 enforces it on this host (or in a network namespace) and verifies it by reading it back.
+
+Every backend of the registry renders here, including the ones the controller applies to a
+device (F5 BIG-IP: ``--virtual`` names the virtual server; rendering needs no connection).
+A backend whose constructor needs settings this command cannot give (a device's address and
+credentials) is refused with a clear error naming them, never a ``TypeError``.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from typing import Any
 
 import click
 
-from stockade.backends.base import Artifact, Backend
+from stockade.backends.base import Artifact, Backend, check_capabilities
+from stockade.backends.f5.backend import F5_CAPABILITIES
+from stockade.backends.f5.render import BACKEND_NAME as F5_NAME
+from stockade.backends.f5.render import render_f5, without_controller_failsafe
 from stockade.backends.registry import BACKENDS, get_backend
 from stockade.cli import main
 from stockade.cli.policy_cmds import load, run_or_exit
 from stockade.compiler import HostPolicy, compile_host
+from stockade.errors import Issue, ValidationError
 
 
 def _backend_options(table: str | None, netns: str | None, forward: bool, log_group: int | None) -> dict[str, Any]:
@@ -31,11 +41,32 @@ def _backend_options(table: str | None, netns: str | None, forward: bool, log_gr
     return options
 
 
+def _check_constructible(backend_name: str, options: dict[str, Any]) -> None:
+    """A ValidationError naming the settings ``backend_name`` needs that the command lacks."""
+    params = inspect.signature(BACKENDS[backend_name]).parameters.values()
+    missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in options
+               and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    if missing:
+        raise ValidationError([Issue("", 0, f"backend {backend_name}",
+                                     f"needs {', '.join(missing)}: it is applied by the controller to a device, "
+                                     "not on this host") ])
+
+
+def _render_for_device(backend_name: str, host_policy: HostPolicy, options: dict[str, Any]) -> Artifact | None:
+    """The artifact of a backend applied to a device (no connection needed); None for host backends."""
+    if backend_name != F5_NAME:
+        return None
+    hp = without_controller_failsafe(host_policy)
+    check_capabilities(F5_NAME, F5_CAPABILITIES, hp)
+    return render_f5(hp, str(options.get("virtual") or f"/Common/{host_policy.workload}"))
+
+
 def _prepare(
     path: str, workload: str, backend_name: str, options: dict[str, Any]
 ) -> tuple[Backend[Any], HostPolicy, Artifact]:
     policy = load(path)
     host_policy = run_or_exit(lambda: compile_host(policy, workload))
+    run_or_exit(lambda: _check_constructible(backend_name, options))
     backend = run_or_exit(lambda: get_backend(backend_name, **options))
     artifact = run_or_exit(lambda: backend.render(host_policy))
     return backend, host_policy, artifact
@@ -51,12 +82,35 @@ _backend_choice = click.Choice(sorted(BACKENDS))
 @click.option("--table", default=None, help="Name of the table the backend owns (default: stockade).")
 @click.option("--forward", is_flag=True, help="Also filter forwarded traffic (router/bridge hosts).")
 @click.option("--log-group", type=int, default=None, help="NFLOG group for would-be drops (visibility).")
+@click.option("--virtual", default=None, help="F5: full path of the virtual server (default: /Common/WORKLOAD).")
 def render(
-    path: str, workload: str, backend_name: str, table: str | None, forward: bool, log_group: int | None
+    path: str,
+    workload: str,
+    backend_name: str,
+    table: str | None,
+    forward: bool,
+    log_group: int | None,
+    virtual: str | None,
 ) -> None:
     """Print the native artifact enforcing WORKLOAD's policy from PATH (no changes made)."""
-    _, _, artifact = _prepare(path, workload, backend_name, _backend_options(table, None, forward, log_group))
+    options = _backend_options(table, None, forward, log_group)
+    if backend_name == F5_NAME:
+        if options:
+            run_or_exit(lambda: _unsupported_options(backend_name, options))
+        host_policy = run_or_exit(lambda: compile_host(load(path), workload))
+        device_artifact = run_or_exit(lambda: _render_for_device(backend_name, host_policy, {"virtual": virtual}))
+        assert device_artifact is not None
+        click.echo(device_artifact.to_text(), nl=False)
+        return
+    if virtual is not None:
+        run_or_exit(lambda: _unsupported_options(backend_name, {"virtual": virtual}))
+    _, _, artifact = _prepare(path, workload, backend_name, options)
     click.echo(artifact.to_text(), nl=False)
+
+
+def _unsupported_options(backend_name: str, options: dict[str, Any]) -> None:
+    raise ValidationError([Issue("", 0, f"backend {backend_name}", f"does not take option --{o.replace('_', '-')}")
+                           for o in sorted(options)])
 
 
 @main.command()

@@ -139,7 +139,7 @@ def controller(
     click.echo(f"Database: {url.split('@')[-1]}")
     click.echo(f"Console:  {base}/")
     click.echo(f"API:      {base}/api/v1")
-    click.echo(f"OpenAPI:  {base}/api/v1/openapi.json   docs: {base}/api/v1/docs")
+    click.echo(f"OpenAPI:  {base}/api/v1/openapi.json")
     click.echo(f"Metrics:  {base}/metrics")
     sys.stdout.flush()
     # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 (anyone on

@@ -15,9 +15,12 @@ from typing import TypeVar
 import click
 
 from stockade.cli import main
+from stockade.cli.controller_cmds import _client, _fail, client_options
+from stockade.cli.errors import EXIT_FINDING
+from stockade.codec.syntax import ICMP_TYPE_NAMES, BadValue, parse_service_entry
 from stockade.compiler import Compiler, HostPolicy, host_policy_to_json
 from stockade.errors import StockadeError, ValidationError
-from stockade.evaluator import Evaluation, Evaluator, SideDecision
+from stockade.evaluator import Evaluation, Evaluator, SideDecision, Verdict
 from stockade.model import IPAddress, Policy, Proto
 from stockade.model.rule_ids import rule_title
 
@@ -44,20 +47,27 @@ def load(path: str | Path) -> Policy:
     return run_or_exit(lambda: load_policy(path))
 
 
-def parse_port(spec: str) -> tuple[Proto, int | None]:
-    """``443/tcp``, ``53/udp``, ``icmp`` (echo), ``icmp:8``, ``icmpv6:128``."""
+PORT_HELP = "expected PORT/tcp, PORT/udp, icmp[:TYPE] or icmpv6[:TYPE] (TYPE a number or a name: echo-request)"
+
+
+def parse_port(spec: str, version: int = 4) -> tuple[Proto, int | None]:
+    """One connection's protocol and port (or ICMP type) in the policy files' port syntax.
+
+    ``icmp`` alone means echo-request, and between IPv6 endpoints (``version`` 6) it is
+    ICMPv6 echo-request: the ping of that family. ``icmp:TYPE`` names the type (``icmp:8``,
+    ``icmpv6:echo-request``); ranges and bare protocols are not one connection.
+    """
     text = spec.strip().lower()
     if text in ("icmp", "icmpv6"):
-        return Proto(text), 8 if text == "icmp" else 128
-    if ":" in text:
-        proto, _, num = text.partition(":")
-        if proto in ("icmp", "icmpv6") and num.isdigit() and int(num) < 256:
-            return Proto(proto), int(num)
-    if "/" in text:
-        num, _, proto = text.partition("/")
-        if proto in ("tcp", "udp") and num.isdigit() and 0 < int(num) < 65536:
-            return Proto(proto), int(num)
-    raise click.BadParameter(f"{spec!r}: expected PORT/tcp, PORT/udp, icmp[:TYPE] or icmpv6[:TYPE]")
+        proto = Proto.ICMPV6 if text == "icmpv6" or version == 6 else Proto.ICMP
+        return proto, ICMP_TYPE_NAMES[proto]["echo-request"]
+    try:
+        entry = parse_service_entry(text)
+    except BadValue as exc:
+        raise click.BadParameter(f"{spec!r}: {exc}; {PORT_HELP}") from None
+    if entry.first is None or entry.first != entry.last:
+        raise click.BadParameter(f"{spec!r}: {PORT_HELP}")
+    return entry.proto, entry.first
 
 
 def resolve_endpoint(policy: Policy, text: str, version: int) -> IPAddress:
@@ -125,22 +135,49 @@ def compile_cmd(path: str, workload: str, fmt: str) -> None:
     click.echo(host_policy_to_json(hp) if fmt == "json" else render_text(hp), nl=fmt == "text")
 
 
+def _remote_policy(version: str, controller_url: str | None, api_key: str | None, ca_cert: Path | None) -> Policy:
+    """The controller's policy (``draft``, ``active`` or a version number) with its inventory."""
+    from stockade.policyfile import load_documents
+
+    with _client(controller_url, api_key, ca_cert) as client:
+        r = client.get("/policy/draft", params={"version": version})
+    if r.status_code != 200:
+        _fail(r)
+    return run_or_exit(lambda: load_documents(r.text, f"controller:{version}"))
+
+
 @main.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path(exists=True), required=False)
 @click.option("--from", "src", required=True, help="Source workload name or IP address.")
 @click.option("--to", "dst", required=True, help="Destination workload name or IP address.")
-@click.option("--port", required=True, help="443/tcp, 53/udp, icmp, icmpv6:128 ...")
+@click.option("--port", required=True, help="443/tcp, 53/udp, icmp (echo: ICMPv6 with --ipv6), icmpv6:echo-request ...")
 @click.option("--ipv6", is_flag=True, help="Use the workloads' IPv6 addresses.")
-def explain(path: str, src: str, dst: str, port: str, ipv6: bool) -> None:
-    """Say whether a connection is allowed, and which rule decides on each side."""
-    policy = load(path)
-    proto, num = parse_port(port)
+@click.option("--remote", "remote", default=None, metavar="draft|active|N",
+              help="ask the controller's policy instead of PATH (the default without PATH: active)")
+@click.option("--exit-code", "exit_code", is_flag=True,
+              help="exit 0 when allowed, 1 when blocked or potentially blocked")
+@client_options
+def explain(path: str | None, src: str, dst: str, port: str, ipv6: bool, remote: str | None, exit_code: bool,
+            controller_url: str | None, api_key: str | None, ca_cert: Path | None) -> None:
+    """Say whether a connection is allowed, and which rule decides on each side: from the policy in PATH,
+    or from a controller's draft, active or numbered version (--remote)."""
+    if path is not None and remote is not None:
+        raise click.UsageError("give PATH or --remote, not both")
+    if path is not None:
+        policy = load(path)
+    else:
+        policy = _remote_policy(remote or "active", controller_url, api_key, ca_cert)
+    proto, _ = parse_port(port)  # syntax first
     version = 6 if ipv6 or proto is Proto.ICMPV6 else 4
     s = resolve_endpoint(policy, src, version)
-    d = resolve_endpoint(policy, dst, version)
-    ev = Evaluator(policy).evaluate(s, d, proto, num)
-    click.echo(f"{src} ({s}) -> {dst} ({d}) {port}")
+    d = resolve_endpoint(policy, dst, s.version)
+    proto, num = parse_port(port, s.version)
+    ev = run_or_exit(lambda: Evaluator(policy).evaluate(s, d, proto, num))
+    what = f" ({proto.value} type {num})" if proto.is_icmp else ""
+    click.echo(f"{src} ({s}) -> {dst} ({d}) {port}{what}")
     click.echo(describe(ev))
+    if exit_code and ev.verdict is not Verdict.ALLOWED:
+        sys.exit(EXIT_FINDING)
 
 
 DEMO_FLOWS = (

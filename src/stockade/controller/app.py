@@ -37,8 +37,11 @@ from stockade.controller.api import policy as policy_api
 from stockade.controller.api.web_mount import mount_console
 from stockade.controller.context import API, Controller, ControllerSettings
 from stockade.controller.csrf import OriginCheckMiddleware, parse_allowed_origins
+from stockade.controller.headers import ResponseHeaders
+from stockade.controller.limits import InputGuard
 from stockade.controller.metrics import Metrics, MetricsMiddleware
-from stockade.controller.services import auth
+from stockade.controller.services import auth, enrolment
+from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import RateLimiter
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.events import SyslogForwarder
@@ -131,6 +134,8 @@ def build_controller(settings: ControllerSettings) -> Controller:
         credential = auth.bootstrap_owner(db, passwords)
     dist = PolicyDistributor(sessions)
     dist.load()
+    agent_keys = AgentKeyRing(sessions)
+    enrolment.attach(agent_keys, dist)  # clones quarantined, held reports released, refusals audited
     metrics = Metrics()
     metrics.watch(dist, settings.offline_after)
     metrics.watch_database(engine)
@@ -147,6 +152,7 @@ def build_controller(settings: ControllerSettings) -> Controller:
         login_limiter=RateLimiter(*settings.login_limit),
         enroll_limiter=RateLimiter(*settings.enroll_limit),
         passwords=passwords,
+        agent_keys=agent_keys,
         first_run_credential=credential,
         engine=engine,
         forwarder=forwarder,
@@ -174,7 +180,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         title="Stockade controller",
         version=__version__,
         openapi_url=f"{API}/openapi.json",
-        docs_url=f"{API}/docs",
+        docs_url=None,  # no Swagger UI: it loaded scripts from a CDN into this origin
         redoc_url=None,
         lifespan=lifespan,
     )
@@ -187,6 +193,8 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     app.add_middleware(OriginCheckMiddleware, proxies=ctl.proxies,  # inside metrics: its 403s are counted
                        allowed_origins=parse_allowed_origins(settings.allowed_origins))
     app.add_middleware(MetricsMiddleware, metrics=ctl.metrics)
+    app.add_middleware(InputGuard)  # body limits, NUL, UTF-8: before any route parses
+    app.add_middleware(ResponseHeaders)  # CSP, HSTS, complete Allow on every answer, refusals included
     app.add_middleware(AccessLogMiddleware)  # outermost: request ids for every line below
     included: list[tuple[str, APIRouter]] = [
         (API, objects_api.router()),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
+from stockade.backends.base import Verifying
 from stockade.backends.registry import get_backend
 from stockade.compiler import HostDelta, HostPolicy, SetDelta, compile_policy
 from stockade.evaluator import Evaluation, Evaluator, SideDecision, Verdict
@@ -233,16 +234,15 @@ class EstateLab:
     def verify(self, policy: Policy) -> dict[str, tuple[str, ...]]:
         """Problems the backends find comparing the kernel with a fresh render, per host.
 
-        Only for backends with a ``verify(artifact)`` method; empty when all is as rendered.
+        Only for backends that are :class:`~stockade.backends.base.Verifying`; empty when all is as rendered.
         """
         compiled = compile_policy(policy)
         problems: dict[str, tuple[str, ...]] = {}
         for name, backend in self._backends.items():
-            verify = getattr(backend, "verify", None)
             host_policy = compiled.get(name)
-            if host_policy is None or not callable(verify):
+            if host_policy is None or not isinstance(backend, Verifying):
                 continue
-            found = tuple(verify(backend.render(host_policy)).problems)
+            found = tuple(backend.verify(backend.render(host_policy)).problems)
             if found:
                 problems[name] = found
         return problems

@@ -33,6 +33,16 @@ def family_of(net: IPNetwork | IPAddress) -> Family:
     return Family.V4 if net.version == 4 else Family.V6
 
 
+def address_key(a: IPAddress) -> tuple[int, int]:
+    """Total order of addresses: IPv4 first, then by value."""
+    return a.version, int(a)
+
+
+def network_key(n: IPNetwork) -> tuple[int, int, int]:
+    """Total order of networks: IPv4 first, then by first address, then by prefix length."""
+    return n.version, int(n.network_address), n.prefixlen
+
+
 Range = tuple[int, int]  # inclusive [first, last]
 
 

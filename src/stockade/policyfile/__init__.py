@@ -8,7 +8,9 @@ listing every issue found, each as ``file:line: field: message``, for example
 ``policy/shop.yaml:14: rules[2].services[0]: unknown service "htps"``. Field paths are
 inside the document, list indexes count from 0. Unknown keys are errors.
 
-Every document has ``apiVersion: stockade.io/v1``, a ``kind`` and (except Settings) a
+The rules about one document live in ``stockade.codec``, shared with the REST API (whose
+bodies are these documents without ``apiVersion``/``kind``); this package adds files, line
+numbers and cross-references. Every document has ``apiVersion: stockade.io/v1``, a ``kind`` and (except Settings) a
 ``name`` (1-63 characters of ``A-Za-z0-9_.-``, unique per kind across all files)::
 
     kind: Settings            # at most one
@@ -27,7 +29,7 @@ Every document has ``apiVersion: stockade.io/v1``, a ``kind`` and (except Settin
 
     kind: Service             # the service "any" (every protocol) is built in
     name: web
-    ports: [80/tcp, 8000-8080/tcp, 53/udp, udp, icmp, "icmp:8", "icmpv6:128", any]
+    ports: [80/tcp, 8000-8080/tcp, 53/udp, udp, icmp, "icmp:8", "icmpv6:echo-request", any]
     description: ...
 
     kind: IPList
@@ -37,17 +39,18 @@ Every document has ``apiVersion: stockade.io/v1``, a ``kind`` and (except Settin
 
     kind: Workload
     name: web-prod-1
-    labels: {role: web, app: shop, env: prod}  # at most one value per key
+    labels: {role: web, app: shop, env: prod}  # at most one value per key; a number must be quoted
     interfaces:
-      - name: eth0
-        addresses: [10.70.0.11, fd70::11]
+      - name: eth0                              # a name (eth0.100 yes, eth0@if12 no)
+        addresses: [10.70.0.11, fd70::11]       # host addresses: no 0.0.0.0, ::, broadcast, multicast,
+                                                # loopback or link-local
     mode: full                # idle | visibility (default) | selective | full
     backend: nftables         # default
     description: ...
 
     kind: Ruleset
     name: shop-prod
-    scope: [{labels: {app: shop, env: prod}}]  # label selectors, or the string "all"
+    scope: [{labels: {app: shop, env: prod}}]  # required: label selectors, or "all" (never empty)
     rules:
       - consumers: [{labels: {role: web}}]     # a list of selectors, or "all"
         providers: [{labels: {role: app}}]
@@ -64,8 +67,9 @@ Every document has ``apiVersion: stockade.io/v1``, a ``kind`` and (except Settin
 
 A selector is ``all``, ``{ip_list: NAME}``, or a label selector combining
 ``labels: {key: value, ...}`` (all required), ``label_groups: [NAME, ...]`` (each must
-match) and ``exclude: {key: value-or-list}`` (none may match). An empty selector is an
-error, never "everything". Label keys and values must be declared/allowed; every
+match) and ``exclude: {key: value-or-list}`` (none may match); the REST API's ``{all: true}`` is
+accepted for ``all``. An empty selector is an error, never "everything"; an exclude-only
+selector (every workload except those labels) is accepted. Label keys and values must be declared/allowed; every
 referenced service, IP list and label group must exist; an address belongs to at most
 one workload.
 """

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import difflib
 
+from stockade.codec.documents import Collected, Declaration, Kind
+from stockade.codec.tree import Where, quote
 from stockade.errors import Issue
 from stockade.model.addresses import IPAddress
 from stockade.model.labels import DEFAULT_LABEL_KEYS
-from stockade.policyfile.documents import Collected, Declaration, Kind
-from stockade.policyfile.nodes import Where, quote
 
 BUILTIN_SERVICES = frozenset({"any"})
 

@@ -13,13 +13,12 @@ from typing import Any
 
 import yaml
 
+from stockade.codec.documents import API_VERSION, BUILTIN_ANY, Kind
+from stockade.codec.syntax import format_service_entry
 from stockade.model.labels import DEFAULT_LABEL_KEYS, Label
 from stockade.model.policy import Failsafe, Policy
 from stockade.model.rules import AllowRule, ConsumerScope
 from stockade.model.selectors import AllWorkloads, IPListSelector, LabelSelector, Selector
-from stockade.policyfile.documents import API_VERSION, Kind
-from stockade.policyfile.loader import BUILTIN_ANY
-from stockade.policyfile.syntax import format_service_entry
 
 Doc = dict[str, Any]
 

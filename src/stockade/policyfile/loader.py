@@ -12,17 +12,16 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from stockade.codec.documents import BUILTIN_ANY, Collected, parse_document
+from stockade.codec.tree import Reader
 from stockade.errors import Issue, ValidationError
 from stockade.model.labels import DEFAULT_LABEL_KEYS, LabelKey
 from stockade.model.policy import Failsafe, Policy
-from stockade.model.services import ANY_SERVICE_ENTRY, Service
 from stockade.policyfile.compose import ComposeError, compose_documents
 from stockade.policyfile.crossref import cross_check
-from stockade.policyfile.documents import Collected, parse_document
-from stockade.policyfile.nodes import Reader
 
 POLICY_SUFFIXES = (".yaml", ".yml")
-BUILTIN_ANY = Service("any", (ANY_SERVICE_ENTRY,), "every protocol and port")
+__all__ = ["BUILTIN_ANY", "load_documents", "load_policy", "load_sources", "policy_files"]
 
 
 def policy_files(root: Path) -> list[Path]:

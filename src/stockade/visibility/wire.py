@@ -57,6 +57,8 @@ def record_from_wire(x: Sequence[Any]) -> FlowRecord:
     key = FlowKey(ipaddress.ip_address(src), ipaddress.ip_address(dst), Proto(proto), _port(port))
     if key.src.version != key.dst.version:
         raise ValueError("source and destination of different families")
+    if (key.proto is Proto.ICMP and key.src.version == 6) or (key.proto is Proto.ICMPV6 and key.src.version == 4):
+        raise ValueError("ICMP protocol and address family disagree")  # the evaluator refuses such a flow
     if not isinstance(rule, str) or len(rule) > MAX_RULE_ID:
         raise ValueError("bad rule id")
     if not isinstance(count, int) or isinstance(count, bool) or not 0 < count < 2**40:

@@ -23,17 +23,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
-from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut
+from stockade.controller.api.schemas import MAX_LABELS, NAME_PATTERN, ErrorOut
 from stockade.controller.context import controller_of, require
-from stockade.controller.services import auth
+from stockade.controller.services import accounts, auth
 from stockade.controller.services.auth import Permission, Principal, PrincipalKind, Role
 from stockade.controller.services.events import record_event
-from stockade.controller.storage import store
-from stockade.controller.storage.db import ApiKeyRow, SessionRow, UserRow, utcnow
-from stockade.errors import ConflictError, NotFoundError
+from stockade.controller.storage.db import ApiKeyRow, UserRow
 
 router = APIRouter()
 metrics_router = APIRouter()
@@ -63,13 +59,13 @@ class UserIn(Strict):
     username: Annotated[str, Field(pattern=NAME_PATTERN)]
     password: Annotated[str, Field(min_length=12, max_length=1024)]
     role: Role
-    scope: list[ScopeLabel] = Field(default_factory=list, description="labels (ruleset-manager)")
+    scope: list[ScopeLabel] = Field(default_factory=list, max_length=MAX_LABELS, description="labels (ruleset-manager)")
 
 
 class UserUpdate(Strict):
     password: Annotated[str, Field(min_length=12, max_length=1024)] | None = None
     role: Role | None = None
-    scope: list[ScopeLabel] | None = None
+    scope: Annotated[list[ScopeLabel], Field(max_length=MAX_LABELS)] | None = None
     disabled: bool | None = None
 
 
@@ -86,7 +82,7 @@ class UserOut(BaseModel):
 class ApiKeyIn(Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     role: Role
-    scope: list[ScopeLabel] = Field(default_factory=list)
+    scope: list[ScopeLabel] = Field(default_factory=list, max_length=MAX_LABELS)
 
 
 class ApiKeyOut(BaseModel):
@@ -100,18 +96,8 @@ class ApiKeyOut(BaseModel):
     key: str | None = Field(None, description="the secret, present only in the creation answer")
 
 
-def _user_state(u: UserRow) -> dict[str, Any]:
-    """What a user's ETag covers (with the revision): everything shown but the revision itself."""
-    return {"username": u.username, "role": u.role, "scope": list(u.scope), "disabled": u.disabled,
-            "created_at": u.created_at.isoformat()}
-
-
-def _user_etag(u: UserRow) -> str:
-    return store.etag_of(u.revision, _user_state(u))
-
-
 def _user_out(u: UserRow, response: Response | None = None) -> UserOut:
-    etag = _user_etag(u)
+    etag = accounts.user_etag(u)
     if response is not None:
         response.headers["ETag"] = etag
     return UserOut(username=u.username, role=u.role, scope=list(u.scope), disabled=u.disabled,
@@ -161,9 +147,7 @@ def logout(request: Request, principal: Annotated[Principal, Depends(require(Per
     cookie = request.cookies.get(auth.SESSION_COOKIE)
     if cookie:
         with controller_of(request).sessions.begin() as db:
-            row = db.get(SessionRow, auth.sha256(cookie))
-            if row is not None:
-                db.delete(row)
+            accounts.end_session(db, cookie)
     out = Response(status_code=204)
     out.delete_cookie(auth.SESSION_COOKIE, path="/")
     return out
@@ -175,25 +159,11 @@ def whoami(principal: Annotated[Principal, Depends(require(Permission.READ))]) -
                   role=principal.role.value if principal.role else None, scope=[str(x) for x in principal.scope])
 
 
-def _owners_left(db: Session, excluding: str) -> int:
-    q = select(func.count()).select_from(UserRow).where(
-        UserRow.role == Role.OWNER.value, UserRow.disabled.is_(False), UserRow.username != excluding
-    )
-    return int(db.scalar(q) or 0)
-
-
-def _user(db: Session, username: str) -> UserRow:
-    row = db.get(UserRow, username)
-    if row is None:
-        raise NotFoundError(f"no user {username!r}")
-    return row
-
-
 @router.get("/users", tags=["Users"], responses=ERRORS, operation_id="list-users")
 def list_users(request: Request,
                principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))]) -> list[UserOut]:
     with controller_of(request).session() as db:
-        return [_user_out(u) for u in db.scalars(select(UserRow).order_by(UserRow.username))]
+        return [_user_out(u) for u in accounts.list_users(db)]
 
 
 @router.post("/users", tags=["Users"], responses=ERRORS, status_code=201, operation_id="create-user")
@@ -201,12 +171,8 @@ def create_user(request: Request, response: Response, body: UserIn,
                 principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))]) -> UserOut:
     ctl = controller_of(request)
     with ctl.sessions.begin() as db:
-        if db.get(UserRow, body.username) is not None:
-            raise ConflictError(f"user {body.username!r} exists")
-        row = auth.create_user(db, ctl.passwords, body.username, body.password, body.role, list(body.scope))
-        db.flush()
-        record_event(db, principal.actor, "user.create", "user", body.username, None,
-                     {"role": body.role.value, "scope": list(body.scope)})
+        row = accounts.create_user(db, ctl.passwords, principal.actor, body.username, body.password, body.role,
+                                   list(body.scope))
         return _user_out(row, response)
 
 
@@ -214,7 +180,7 @@ def create_user(request: Request, response: Response, body: UserIn,
 def get_user(request: Request, response: Response, username: str,
              principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))]) -> UserOut:
     with controller_of(request).session() as db:
-        return _user_out(_user(db, username), response)
+        return _user_out(accounts.get_user(db, username), response)
 
 
 @router.put("/users/{username}", tags=["Users"], responses=EDIT_ERRORS, operation_id="update-user")
@@ -222,33 +188,12 @@ def update_user(request: Request, response: Response, username: str, body: UserU
                 principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))],
                 if_match: IfMatch = None) -> UserOut:
     ctl = controller_of(request)
+    own = principal.kind is PrincipalKind.USER and principal.name == username
     with ctl.sessions.begin() as db:
-        row = _user(db, username)
-        store.check_if_match(if_match, _user_etag(row))
-        before = {"role": row.role, "scope": list(row.scope), "disabled": row.disabled}
-        losing_owner = row.role == Role.OWNER.value and (
-            (body.role is not None and body.role is not Role.OWNER) or body.disabled
-        )
-        if losing_owner and _owners_left(db, username) == 0:
-            raise ConflictError("the last enabled owner cannot be demoted or disabled")
-        ended = 0
-        if body.password is not None:
-            row.password_hash = ctl.passwords.hash(body.password)
-            own = principal.kind is PrincipalKind.USER and principal.name == username
-            ended = auth.end_sessions(db, username, keep=request.cookies.get(auth.SESSION_COOKIE) if own else None)
-        if body.role is not None:
-            row.role = body.role.value
-        if body.scope is not None:
-            row.scope = list(body.scope)
-        if body.disabled is not None:
-            row.disabled = body.disabled
-        after: dict[str, Any] = {"role": row.role, "scope": list(row.scope), "disabled": row.disabled}
-        if after != before or body.password is not None:
-            if body.password is not None:
-                after["password"] = "changed"
-                after["sessions_ended"] = ended
-            row.revision += 1
-            record_event(db, principal.actor, "user.update", "user", username, before, after)
+        row = accounts.update_user(
+            db, ctl.passwords, principal.actor, username, if_match, password=body.password, role=body.role,
+            scope=list(body.scope) if body.scope is not None else None, disabled=body.disabled,
+            keep_session=request.cookies.get(auth.SESSION_COOKIE) if own else None)
         return _user_out(row, response)
 
 
@@ -258,15 +203,7 @@ def delete_user(request: Request, username: str,
                 principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))],
                 if_match: IfMatch = None) -> Response:
     with controller_of(request).sessions.begin() as db:
-        row = _user(db, username)
-        store.check_if_match(if_match, _user_etag(row))
-        if row.role == Role.OWNER.value and _owners_left(db, username) == 0:
-            raise ConflictError("the last enabled owner cannot be deleted")
-        auth.end_sessions(db, username)
-        revoked = auth.revoke_keys_of(db, username)  # a later user of the same name must not inherit them
-        db.delete(row)
-        record_event(db, principal.actor, "user.delete", "user", username, {"role": row.role},
-                     {"api_keys_revoked": revoked} if revoked else None)
+        accounts.delete_user(db, principal.actor, username, if_match)
     return Response(status_code=204)
 
 
@@ -274,21 +211,15 @@ def delete_user(request: Request, username: str,
 def list_api_keys(request: Request,
                   principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))]) -> list[ApiKeyOut]:
     with controller_of(request).session() as db:
-        return [_key_out(k) for k in db.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))]
+        return [_key_out(k) for k in accounts.list_keys(db)]
 
 
 @router.post("/api-keys", tags=["API keys"], responses=ERRORS, status_code=201, operation_id="create-api-key")
 def create_api_key(request: Request, body: ApiKeyIn,
                    principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))]) -> ApiKeyOut:
-    owner = principal.name
     with controller_of(request).sessions.begin() as db:
-        if db.get(UserRow, owner) is None:  # a key creating keys: owned by the key's owner
-            key = db.get(ApiKeyRow, owner.removeprefix("key:"))
-            owner = key.owner if key is not None else owner
-        row, secret = auth.create_api_key(db, body.name, owner, body.role, list(body.scope))
-        db.flush()
-        record_event(db, principal.actor, "api_key.create", "api_key", row.id, None,
-                     {"name": body.name, "role": body.role.value})
+        row, secret = accounts.create_key(db, principal.actor, principal.name, body.name, body.role,
+                                          list(body.scope))
         return _key_out(row, secret)
 
 
@@ -297,12 +228,7 @@ def create_api_key(request: Request, body: ApiKeyIn,
 def revoke_api_key(request: Request, key_id: str,
                    principal: Annotated[Principal, Depends(require(Permission.MANAGE_USERS))]) -> Response:
     with controller_of(request).sessions.begin() as db:
-        row = db.get(ApiKeyRow, key_id)
-        if row is None:
-            raise NotFoundError(f"no API key {key_id!r}")
-        if row.revoked_at is None:
-            row.revoked_at = utcnow()
-            record_event(db, principal.actor, "api_key.revoke", "api_key", key_id, None, None)
+        accounts.revoke_key(db, principal.actor, key_id)
     return Response(status_code=204)
 
 

@@ -87,7 +87,8 @@ class AcceptIn(BaseModel):
     since: dt.datetime | None = None
     until: dt.datetime | None = None
     include_allowed: bool = False
-    rules: list[Annotated[str, Field(max_length=32)]] | None = Field(None, description="rule ids; null: all")
+    rules: list[Annotated[str, Field(max_length=32)]] | None = Field(None, max_length=1000,
+                                                                     description="rule ids; null: all")
 
 
 class AcceptOut(BaseModel):

@@ -20,6 +20,7 @@ No ``from __future__ import annotations`` here: FastAPI reads the generated rout
 annotations at run time.
 """
 
+import re
 from enum import Enum
 from typing import Annotated, Any
 
@@ -27,15 +28,22 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from stockade.controller.api.schemas import ErrorOut, ObjectOut, ObjectPage
+from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut, ObjectOut, ObjectPage
 from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services.auth import Permission, Principal, check_ruleset_scope
 from stockade.controller.services.codec import KIND_BY_NAME, KINDS, Kind, Scope
 from stockade.controller.services.distribution import CompilerTxn
 from stockade.controller.storage import store
 from stockade.controller.storage.store import StoredObject
+from stockade.errors import Issue, ValidationError
 from stockade.model.workloads import EnforcementMode
 
+# Filters are strict: a value that no stored object could match is refused (422), never dropped
+_NAME_CHARS = r"[A-Za-z0-9_.\-]"
+NAME_FILTER = rf"^{_NAME_CHARS}*$"
+LABELS_FILTER = rf"^{_NAME_CHARS}+={_NAME_CHARS}+(,{_NAME_CHARS}+={_NAME_CHARS}+)*$"
+VERSION_FILTER = r"^(draft|active|[1-9][0-9]{0,9})$"
+CURSOR_PATTERN = r"^[A-Za-z0-9_\-]+={0,2}$"
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (401, 403, 404, 409, 412, 422, 429)
 }
@@ -47,13 +55,26 @@ def object_out(obj: StoredObject) -> ObjectOut:
     )
 
 
+async def raw_body(request: Request) -> Any:
+    """The request's JSON exactly as sent (FastAPI has parsed it once already; Starlette keeps it).
+
+    The Pydantic body model is the wire gate and the OpenAPI schema; the codec reads the raw
+    JSON, so that it sees what the client sent (not a coerced, default-filled copy) and the
+    API accepts exactly what a policy file accepts.
+    """
+    try:
+        return await request.json()
+    except ValueError:  # FastAPI answers malformed JSON itself; this is a safety net
+        raise ValidationError([Issue("api", 0, "body", "the body must be UTF-8 JSON")]) from None
+
+
 def _write_permission(kind: Kind) -> Permission:
     return Permission.WRITE_RULESETS if kind.name == "ruleset" else Permission.WRITE
 
 
-def _workload_domain(body: dict[str, Any]) -> Any:
-    k = KIND_BY_NAME["workload"]
-    return k.to_domain(k.parse(body))
+def _workload_domain(obj: StoredObject) -> Any:
+    """The workload the write decoded (decoded from the stored body only if the write did not)."""
+    return obj.domain if obj.domain is not None else KIND_BY_NAME["workload"].decode(obj.body)
 
 
 def write(
@@ -75,7 +96,7 @@ def _sync_compiler(txn: CompilerTxn | None, db: Session, kind: str, name: str, a
         if after is None:
             txn.remove_workload(name)
         else:
-            txn.upsert_workload(_workload_domain(after.body))
+            txn.upsert_workload(_workload_domain(after))
     elif kind == "label_key":
         txn.refresh_label_keys(store.draft_objects(db, ("label_key",))["label_key"])
 
@@ -90,12 +111,17 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         request: Request,
         principal: Annotated[Principal, Depends(require(Permission.READ))],
         limit: Annotated[int, Query(ge=1, le=store.MAX_PAGE)] = 100,
-        cursor: Annotated[str | None, Query(max_length=200)] = None,
-        name: Annotated[str | None, Query(max_length=63, description="substring of the name")] = None,
-        labels: Annotated[str | None, Query(max_length=1000, description="key=value,... (workloads)")] = None,
-        version: Annotated[str | None, Query(max_length=20, description="draft (default), active or N")] = None,
+        cursor: Annotated[str | None, Query(max_length=200, pattern=CURSOR_PATTERN)] = None,
+        name: Annotated[str | None, Query(max_length=63, pattern=NAME_FILTER, description="substring of the name")]
+        = None,
+        labels: Annotated[str | None, Query(max_length=1000, pattern=LABELS_FILTER,
+                                            description="key=value,... (workloads)")] = None,
+        version: Annotated[str | None, Query(max_length=20, pattern=VERSION_FILTER,
+                                             description="draft (default), active or N")] = None,
     ) -> ObjectPage:
         ctl = controller_of(request)
+        if cursor is not None and not re.fullmatch(NAME_PATTERN, store.decode_cursor(cursor)):
+            raise ValidationError([Issue("api", 0, "cursor", "malformed cursor")])
         with ctl.session() as db:
             page = store.list_objects(
                 db,
@@ -113,7 +139,7 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         response: Response,
         name: str,
         principal: Annotated[Principal, Depends(require(Permission.READ))],
-        version: Annotated[str | None, Query(max_length=20)] = None,
+        version: Annotated[str | None, Query(max_length=20, pattern=VERSION_FILTER)] = None,
     ) -> ObjectOut:
         ctl = controller_of(request)
         with ctl.session() as db:
@@ -125,10 +151,11 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         request: Request,
         response: Response,
         body: Any,
+        raw: Annotated[Any, Depends(raw_body)],
         principal: Annotated[Principal, Depends(require(write_perm))],
     ) -> ObjectOut:
         ctl = controller_of(request)
-        data = body.model_dump(mode="json")
+        data = raw
         if kind.name == "ruleset":
             check_ruleset_scope(principal, [kind.canonical(data)])
 
@@ -147,11 +174,12 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         response: Response,
         name: str,
         body: Any,
+        raw: Annotated[Any, Depends(raw_body)],
         principal: Annotated[Principal, Depends(require(write_perm))],
         if_match: Annotated[str | None, Header(max_length=200)] = None,
     ) -> ObjectOut:
         ctl = controller_of(request)
-        data = body.model_dump(mode="json")
+        data = raw
 
         def run(db: Session, txn: CompilerTxn | None) -> StoredObject:
             if kind.name == "ruleset":

@@ -38,6 +38,7 @@ from stockade.controller.api.schemas import (
     VersionPage,
 )
 from stockade.controller.context import controller_of, require
+from stockade.controller.limits import nul_fields
 from stockade.controller.services import codec, versions
 from stockade.controller.services.auth import Permission, Principal
 from stockade.controller.services.codec import INVENTORY_KINDS, POLICY_KINDS
@@ -47,6 +48,7 @@ from stockade.controller.services.versions import Change, diff_content
 from stockade.controller.storage import store
 from stockade.controller.storage.db import VersionRow
 from stockade.errors import Issue, NotFoundError, ValidationError
+from stockade.model.policy import Policy
 from stockade.policyfile import dump_policy, load_documents
 
 router = APIRouter()
@@ -96,7 +98,13 @@ def export_policy(
     return Response(text, media_type="application/yaml")
 
 
-def _load_yaml(raw: bytes) -> dict[str, dict[str, Any]]:
+EMPTY_IMPORT = (
+    "the YAML holds no policy objects: importing it would delete every policy object of the draft; "
+    "send ?allow_empty=true to confirm"
+)
+
+
+def _load_yaml(raw: bytes) -> Policy:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -105,7 +113,14 @@ def _load_yaml(raw: bytes) -> dict[str, dict[str, Any]]:
         policy = load_documents(text, "api")
     except yaml.YAMLError as exc:  # the loader reports its own; this is a safety net
         raise ValidationError([Issue("api", 0, "body", f"not YAML: {exc}")]) from None
-    return codec.objects_of_policy(policy)
+    return policy
+
+
+def _refuse_nul(objects: dict[str, dict[str, Any]]) -> None:
+    """``"\\0"`` in a double-quoted YAML string makes a NUL, which PostgreSQL cannot store: a 422."""
+    nul = [Issue("api", 0, f, "contains a NUL character") for f in nul_fields(objects, "")]
+    if nul:
+        raise ValidationError(nul)
 
 
 @router.put("/policy/draft", tags=["Policy"], responses=ERRORS, operation_id="import-policy",
@@ -114,13 +129,24 @@ async def import_policy(
     request: Request,
     principal: Annotated[Principal, Depends(require(Permission.WRITE))],
     dry_run: bool = False,
+    allow_empty: Annotated[bool, Query(description="confirm an import with no policy objects: it empties the "
+                                                   "draft policy (refused otherwise)")] = False,
 ) -> ImportResult:
     ctl = controller_of(request)
-    objects = _load_yaml(await request.body())
+    raw = await request.body()
+    policy = _load_yaml(raw)
+    objects = codec.objects_of_policy(policy)
+    _refuse_nul(objects)
+    workloads = policy.workload_map()
     policy_bodies = {k: objects.get(k, {}) for k in POLICY_KINDS}
+    empty = not any(policy_bodies.values())
+    if empty and not allow_empty and not raw.strip():
+        raise ValidationError([Issue("api", 0, "body", EMPTY_IMPORT)])
 
     def run(db: Session, txn: CompilerTxn) -> ImportResult:
         draft = store.draft_revisions(db)
+        if empty and not allow_empty and any(draft.get(k) for k in POLICY_KINDS):
+            raise ValidationError([Issue("api", 0, "body", EMPTY_IMPORT)])
         inv = store.draft_revisions(db, INVENTORY_KINDS)
         draft_changes = diff_content(draft, _wrap(policy_bodies, POLICY_KINDS))
         wanted_inv = {k: {**{n: e["body"] for n, e in inv[k].items()}, **objects.get(k, {})} for k in INVENTORY_KINDS}
@@ -139,9 +165,8 @@ async def import_policy(
             store.put_objects(db, kind, policy_bodies[kind], principal.actor, prune=True)
         changed = store.put_objects(db, "workload", objects.get("workload", {}), principal.actor, prune=False)
         txn.refresh_label_keys(wanted_inv["label_key"])
-        workload_kind = codec.KIND_BY_NAME["workload"]
         for name in changed:
-            txn.upsert_workload(workload_kind.to_domain(workload_kind.parse(wanted_inv["workload"][name])))
+            txn.upsert_workload(workloads[name])
         return result
 
     return await run_in_threadpool(ctl.dist.transact, run)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
 from stockade.model.rules import ConsumerScope
 from stockade.model.workloads import EnforcementMode
@@ -28,6 +28,21 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=63)]
 Text = Annotated[str, Field(max_length=1024)]
 Address = Annotated[str, Field(min_length=2, max_length=64, description="IPv4/IPv6 address or CIDR")]
+# an integer in a body is a JSON integer: ``true``/``false`` (and "3", 3.0) are refused, not coerced
+StrictInt = Annotated[int, Strict()]
+
+# List lengths every body is held to (a 422 names the field); the body limits of
+# stockade.controller.limits are sized so that a list at its cap still fits.
+MAX_VALUES = 1024  # allowed values of a label key, values of a label group
+MAX_LABELS = 64  # labels of a workload or a selector
+MAX_INTERFACES = 64  # interfaces of a workload
+MAX_INTERFACE_ADDRESSES = 256  # addresses of one interface
+MAX_IP_LIST_ENTRIES = 10_000  # include (and exclude) CIDRs of one IP list
+MAX_PORTS = 1024  # port entries of a service, management ports of the failsafe
+MAX_SELECTORS = 64  # selectors in a scope, consumers, providers; groups in a selector
+MAX_RULE_SERVICES = 256  # services of one rule
+MAX_RULES = 1000  # rules of one ruleset
+MAX_CONTROLLERS = 64  # controller addresses of the failsafe
 
 
 class Body(BaseModel):
@@ -36,24 +51,26 @@ class Body(BaseModel):
 
 class LabelKeyBody(Body):
     name: Name
-    values: list[Name] = Field(default_factory=list, description="allowed values; empty: any value")
+    values: list[Name] = Field(default_factory=list, max_length=MAX_VALUES,
+                               description="allowed values; empty: any value")
 
 
 class LabelGroupBody(Body):
     name: Name
     key: Name
-    values: list[Name] = Field(min_length=1)
+    values: list[Name] = Field(min_length=1, max_length=MAX_VALUES)
 
 
 class InterfaceBody(Body):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]*$")]
-    addresses: list[Address] = Field(default_factory=list)
+    addresses: list[Address] = Field(default_factory=list, max_length=MAX_INTERFACE_ADDRESSES)
 
 
 class WorkloadBody(Body):
     name: Name
-    labels: dict[Name, Name] = Field(default_factory=dict, description="one value per declared key")
-    interfaces: list[InterfaceBody] = Field(default_factory=list)
+    labels: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_LABELS,
+                                     description="one value per declared key")
+    interfaces: list[InterfaceBody] = Field(default_factory=list, max_length=MAX_INTERFACES)
     mode: EnforcementMode = EnforcementMode.VISIBILITY
     backend: Name = "nftables"
     description: Text = ""
@@ -61,8 +78,8 @@ class WorkloadBody(Body):
 
 class IPListBody(Body):
     name: Name
-    include: list[Address] = Field(min_length=1)
-    exclude: list[Address] = Field(default_factory=list)
+    include: list[Address] = Field(min_length=1, max_length=MAX_IP_LIST_ENTRIES)
+    exclude: list[Address] = Field(default_factory=list, max_length=MAX_IP_LIST_ENTRIES)
     description: Text = ""
 
 
@@ -74,48 +91,56 @@ PortText = Annotated[
 
 class ServiceBody(Body):
     name: Name
-    ports: list[PortText] = Field(min_length=1)
+    ports: list[PortText] = Field(min_length=1, max_length=MAX_PORTS)
     description: Text = ""
 
 
 class SelectorBody(Body):
-    labels: dict[Name, Name] = Field(default_factory=dict, description="all required")
-    label_groups: list[Name] = Field(default_factory=list, description="each must match")
-    exclude: dict[Name, Name | list[Name]] = Field(default_factory=dict, description="none may match")
+    labels: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_LABELS, description="all required")
+    label_groups: list[Name] = Field(default_factory=list, max_length=MAX_SELECTORS, description="each must match")
+    exclude: dict[Name, Name | Annotated[list[Name], Field(max_length=MAX_VALUES)]] = Field(
+        default_factory=dict, max_length=MAX_LABELS, description="none may match"
+    )
     ip_list: Name | None = None
     all: bool = False
 
 
+# The policy files' spellings of "every workload", accepted in bodies too (one codec for both).
+AllText = Literal["all"]
+SelectorItem = SelectorBody | AllText
+RuleSide = Annotated[list[SelectorItem], Field(max_length=MAX_SELECTORS)] | AllText
+
+
 class AllowRuleBody(Body):
-    consumers: list[SelectorBody] = Field(min_length=1)
-    providers: list[SelectorBody] = Field(min_length=1)
-    services: list[Name] = Field(min_length=1)
+    consumers: RuleSide = Field(min_length=1)
+    providers: RuleSide = Field(min_length=1)
+    services: list[Name] = Field(min_length=1, max_length=MAX_RULE_SERVICES)
     consumers_scope: ConsumerScope = ConsumerScope.INTRA
     description: Text = ""
 
 
 class RulesetBody(Body):
     name: Name
-    scope: list[SelectorBody] | Literal["all"] | None = Field(
+    scope: Annotated[list[SelectorBody], Field(max_length=MAX_SELECTORS)] | Literal["all"] | None = Field(
         None, description='label selectors, or "all" to govern every workload (required; an empty list is refused)')
-    rules: list[AllowRuleBody] = Field(default_factory=list)
+    rules: list[AllowRuleBody] = Field(default_factory=list, max_length=MAX_RULES)
     description: Text = ""
 
 
 class DenyRuleBody(Body):
     name: Name
-    consumers: list[SelectorBody] = Field(min_length=1)
-    providers: list[SelectorBody] = Field(min_length=1)
-    services: list[Name] = Field(min_length=1)
+    consumers: RuleSide = Field(min_length=1)
+    providers: RuleSide = Field(min_length=1)
+    services: list[Name] = Field(min_length=1, max_length=MAX_RULE_SERVICES)
     override: bool = False
     description: Text = ""
 
 
 class FailsafeBody(Body):
     name: Name = "default"
-    controller: list[Address] = Field(default_factory=list)
-    controller_port: Annotated[int, Field(ge=1, le=65535)] = 8443
-    management: list[PortText] = Field(default_factory=lambda: ["22/tcp"])
+    controller: list[Address] = Field(default_factory=list, max_length=MAX_CONTROLLERS)
+    controller_port: Annotated[StrictInt, Field(ge=1, le=65535)] = 8443
+    management: list[PortText] = Field(default_factory=lambda: ["22/tcp"], max_length=MAX_PORTS)
 
 
 # ---- responses and other requests -------------------------------------------
@@ -153,7 +178,7 @@ class ProvisionIn(Body):
 
 
 class RollbackIn(Body):
-    version: Annotated[int, Field(ge=1, le=2**31 - 1)]
+    version: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
     message: Annotated[str, Field(max_length=1024)] = ""
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -297,18 +298,18 @@ class FlowStore:
         """Validate and append one upload (:mod:`stockade.visibility.wire`); returns records accepted."""
         if not isinstance(body, dict):
             raise _bad("", "expected a JSON object")
+        sent_at, dropped = body.get("sent_at", now), body.get("dropped", 0)
+        if isinstance(sent_at, bool) or not isinstance(sent_at, int | float) or not math.isfinite(sent_at):
+            raise _bad("sent_at", "must be a number")
+        if isinstance(dropped, bool) or not isinstance(dropped, int):  # JSON true is not an integer
+            raise _bad("dropped", "must be an integer")
+        if not 0 <= dropped < 2**53:
+            raise _bad("dropped", "must be between 0 and 2**53")
         records = body.get("records")
         if not isinstance(records, list):
             raise _bad("records", "expected a list")
         if len(records) > MAX_RECORDS:
             raise _bad("records", f"at most {MAX_RECORDS} records per upload")
-        try:
-            sent_at = float(body.get("sent_at", now))
-            dropped = int(body.get("dropped", 0))
-        except (TypeError, ValueError):
-            raise _bad("sent_at", "sent_at must be a number and dropped an integer") from None
-        if dropped < 0:
-            raise _bad("dropped", "must not be negative")
         skew = now - sent_at
         now_ms = int(now * 1000)
         owners = self._owners(policy)
@@ -556,6 +557,8 @@ class FlowStore:
         rows: list[StoredFlow] = []
         top = hi
         with self.engine.connect() as conn:
+            oldest = conn.execute(select(func.min(flows.c.bucket))).scalar()
+            lo = max(lo, hi + 1 if oldest is None else oldest)  # since=1970 must not walk 56 years of days
             while top >= lo and len(rows) <= limit:
                 bottom = max(lo, top - QUERY_HOURS + 1)
                 q = (select(flows).where(*self._where(f, now, (bottom, top)), *after)

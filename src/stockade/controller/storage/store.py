@@ -15,7 +15,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -48,6 +48,7 @@ class StoredObject:
     revision: int
     body: dict[str, Any]
     updated_at: Any = None
+    domain: Any = field(default=None, compare=False, repr=False)  # the decoded object, after a write
 
     @property
     def etag(self) -> str:
@@ -308,7 +309,8 @@ def _validate_write(db: Session, kind: str, name: str, body: dict[str, Any]) -> 
 
 def create_object(db: Session, kind: str, data: Mapping[str, Any], actor: str) -> StoredObject:
     k = _kind(kind)
-    body = k.canonical(data)
+    obj = k.decode(data)  # the one conversion of this body
+    body = k.encode(obj)
     name = body["name"]
     if _row(db, kind, name) is not None:
         raise ConflictError(f"{kind} {name!r} already exists")
@@ -319,7 +321,7 @@ def create_object(db: Session, kind: str, data: Mapping[str, Any], actor: str) -
     db.flush()
     _sync_side_tables(db, row)
     record_event(db, actor, f"{kind}.create", kind, name, None, body)
-    return _stored(row)
+    return StoredObject(row.kind, row.name, row.revision, row.body, row.updated_at, obj)
 
 
 def replace_object(
@@ -329,7 +331,8 @@ def replace_object(
     k = _kind(kind)
     payload = dict(data)
     payload.setdefault("name", name)
-    body = k.canonical(payload)
+    obj = k.decode(payload)  # the one conversion of this body
+    body = k.encode(obj)
     if body["name"] != name:
         raise ValidationError([Issue("api", 0, "name", f"body name {body['name']!r} differs from the URL {name!r}")])
     row = _row(db, kind, name)
@@ -338,7 +341,7 @@ def replace_object(
     before = _stored(row)
     check_if_match(if_match, before.etag)
     if body == row.body:
-        return before, before
+        return before, StoredObject(before.kind, before.name, before.revision, before.body, before.updated_at, obj)
     _validate_write(db, kind, name, body)
     row.body = body
     row.revision += 1
@@ -346,7 +349,7 @@ def replace_object(
     db.flush()
     _sync_side_tables(db, row)
     record_event(db, actor, f"{kind}.update", kind, name, before.body, body)
-    return before, _stored(row)
+    return before, StoredObject(row.kind, row.name, row.revision, row.body, row.updated_at, obj)
 
 
 def delete_object(db: Session, kind: str, name: str, actor: str, if_match: str | None = None) -> StoredObject:

@@ -1,14 +1,19 @@
-// The application map renderer (SVG): deterministic layout, pan and zoom, selection.
-// Nodes are app groups (and unmanaged peers), edges aggregate connections; an edge's colour
-// AND dash pattern say its worst verdict (solid: allowed, dashed: potentially blocked, dotted:
-// blocked), and every edge carries a <title> with the verdict in words. Keyboard: Tab moves
-// between groups (Enter selects), arrows pan, + and - zoom, 0 fits.
+// The application map renderer (SVG): stable layout, pan and zoom, selection, keyboard.
+// Nodes are app groups (and unmanaged peers), edges aggregate connections. An edge's line says
+// its worst verdict by colour AND dash pattern (solid: allowed, dashed: potentially blocked,
+// dotted: blocked); its label says every verdict with a count, each by icon shape, colour and
+// number (3 allowed + 1 blocked shows both), and the services. Positions are remembered in this
+// browser, so a group that appears never moves the others (not even after a reload).
+// Keyboard: Tab reaches every group, then every connection label; on a group or a connection
+// the arrow keys move to the previous/next one and Enter opens it; on the map itself arrows pan,
+// + and - zoom, 0 fits. The map says when it is ready for keys (data-ready="true", aria-busy).
 
 import { svg } from "./dom.js";
-import { mixWorst, normMix, VERDICT_TEXT } from "./verdicts.js";
+import { mixWorst, normMix, VERDICTS, VERDICT_TEXT } from "./verdicts.js";
 
 const NODE_W = 150;
 const NODE_H = 46;
+const DENSE_EDGES = 120;
 
 function hashString(s) {
   let x = 2166136261;
@@ -124,46 +129,145 @@ function clipToBox(cx, cy, tx, ty, pad = 4) {
 
 function truncate(text, max) { return text.length > max ? `${text.slice(0, max - 1)}…` : text; }
 
+// ---- remembered positions: a group keeps its place across reloads ------------------------------
+const POSITIONS_KEY = "stockade.map.positions";
+const POSITIONS_MAX = 5000;
+
+function loadPositions() {
+  try {
+    const raw = JSON.parse(window.localStorage.getItem(POSITIONS_KEY) || "{}");
+    const out = new Map();
+    for (const [id, p] of Object.entries(raw)) {
+      if (Array.isArray(p) && p.length === 2 && p.every(Number.isFinite)) out.set(id, [p[0], p[1]]);
+    }
+    return out;
+  } catch (_e) {
+    return new Map();
+  }
+}
+
+function savePositions(remembered) {
+  const entries = [...remembered.entries()].slice(-POSITIONS_MAX); // insertion order: oldest dropped first
+  try {
+    window.localStorage.setItem(POSITIONS_KEY, JSON.stringify(Object.fromEntries(entries.map(([id, [x, y]]) => [id, [Math.round(x * 10) / 10, Math.round(y * 10) / 10]]))));
+  } catch (_e) { /* storage full or disabled: positions then last for this page only */ }
+}
+
+const SYMBOL = { allowed: "allowed", "potentially-blocked": "potentially blocked", blocked: "blocked" };
+
+/** "3 allowed, 1 blocked" for a mix. */
+export function mixWords(mix) {
+  const m = normMix(mix);
+  return VERDICTS.filter((v) => m[v]).map((v) => `${m[v]} ${SYMBOL[v]}`).join(", ") || "no flows";
+}
+
+/** The services shown on an edge's label: the first two, then "+N". */
+function servicesText(services) {
+  const list = services || [];
+  return list.length > 2 ? `${list.slice(0, 2).join(", ")} +${list.length - 2}` : list.join(", ");
+}
+
+/** The label's visible text ("3 1 22/tcp, 5432/tcp"): its accessible name starts with it (WCAG 2.5.3). */
+function labelText(e) {
+  const mix = normMix(e.mix);
+  return [...VERDICTS.filter((v) => mix[v]).map((v) => String(mix[v])), servicesText(e.services)].filter(Boolean).join(" ");
+}
+
+/**
+ * An edge's label: an icon, colour and count per verdict present, then its services. A dense map
+ * gets the focusable shell only (its name says it all) and draws the inside when it is needed.
+ */
+function edgeLabel(e, key, name, mid, dense) {
+  const g = svg("g", { class: ["edge-label", `v-${mixWorst(e.mix)}`], tabindex: "0", role: "button", "data-edge-label": key, "aria-label": name });
+  g.labelData = { e, mid };
+  if (!dense) drawLabel(g);
+  return g;
+}
+
+function drawLabel(g) {
+  if (g.firstChild || !g.labelData) return;
+  const { e, mid: [x, y] } = g.labelData;
+  const mix = normMix(e.mix);
+  const parts = [];
+  let w = 6;
+  for (const v of VERDICTS) {
+    if (!mix[v]) continue;
+    const digits = String(mix[v]).length;
+    parts.push(svg("g", { class: ["mix", `v-${v}`], "data-mix": v, transform: `translate(${w} 3)` },
+      svg("use", { href: `#i-${v}`, width: 14, height: 14, class: "mix-icon" }),
+      svg("text", { x: 17, y: 11.5 }, `${mix[v]} `))); // the space keeps the counts apart in the text content
+    w += 17 + digits * 7 + 7;
+  }
+  const services = servicesText(e.services);
+  if (services) {
+    parts.push(svg("text", { x: w, y: 14.5, class: "edge-services" }, services));
+    w += services.length * 6.1 + 6;
+  }
+  const width = Math.max(w, 20);
+  g.setAttribute("transform", `translate(${(x - width / 2).toFixed(1)} ${(y - 10).toFixed(1)})`);
+  g.append(svg("rect", { width: width.toFixed(1), height: 20, rx: 4, class: "edge-label-bg" }), ...parts);
+}
+
 export class MapView {
   constructor(container, { onSelectNode, onSelectEdge }) {
     this.container = container;
     this.onSelectNode = onSelectNode;
     this.onSelectEdge = onSelectEdge;
     this.positions = new Map();
+    this.remembered = loadPositions();
     this.view = { x: 0, y: 0, k: 1 };
     this.selected = null;
     this.svg = svg("svg", { class: "map", role: "group", tabindex: "0", "aria-roledescription": "application map",
-      "aria-label": "Application map. Tab to a group and press Enter to open it; arrows pan, plus and minus zoom, 0 fits." });
+      "aria-label": "Application map. Tab to a group or a connection and press Enter to open it; on a group or a connection the arrows move to the next one; on the map arrows pan, plus and minus zoom, 0 fits.",
+      "aria-busy": "true", "data-ready": "false" });
     const defs = svg("defs", {}, ["allowed", "potentially-blocked", "blocked", "unknown"].map((v) =>
       svg("marker", { id: `arrow-${v}`, viewBox: "0 0 10 10", refX: "9", refY: "5", markerWidth: "7", markerHeight: "7", orient: "auto-start-reverse", class: `marker v-${v}` },
         svg("path", { d: "M0 0 10 5 0 10z", class: `arrow-${v}` }))));
     this.root = svg("g", { class: "viewport" });
     this.edgeLayer = svg("g", { class: "edges" });
     this.nodeLayer = svg("g", { class: "nodes" });
-    this.root.append(this.edgeLayer, this.nodeLayer);
+    this.labelLayer = svg("g", { class: "edge-labels" }); // after the groups: Tab reaches groups first
+    this.root.append(this.edgeLayer, this.nodeLayer, this.labelLayer);
     this.svg.append(defs, this.root);
     container.append(this.svg);
     this.bindPanZoom();
   }
 
-  /** Draw ``map`` ({nodes, edges}); keeps the positions of nodes seen before. */
+  /** Draw ``map`` ({nodes, edges}); nodes seen before (in this page or remembered) keep their place. */
   render(map) {
     const t0 = performance.now();
     this.map = map;
-    this.positions = layout(map.nodes, map.edges, this.positions);
+    const focusedKey = this.focusedKey();
+    const previous = new Map(this.positions);
+    for (const n of map.nodes) {
+      // a remembered place (from another visit) taken by a group already placed: lay it out afresh
+      const r = !previous.has(n.id) && this.remembered.get(n.id);
+      if (r && ![...previous.values()].some(([x, y]) => Math.abs(x - r[0]) < NODE_W + 16 && Math.abs(y - r[1]) < NODE_H + 14)) previous.set(n.id, r);
+    }
+    this.positions = layout(map.nodes, map.edges, previous);
+    let changed = false;
+    for (const [id, p] of this.positions) {
+      const r = this.remembered.get(id);
+      if (!r || r[0] !== p[0] || r[1] !== p[1]) { this.remembered.delete(id); this.remembered.set(id, p.slice()); changed = true; }
+    }
+    if (changed) savePositions(this.remembered);
     const nodeFrag = document.createDocumentFragment();
     const edgeFrag = document.createDocumentFragment();
+    const labelFrag = document.createDocumentFragment();
     this.nodeEls = new Map();
     this.edgeEls = [];
     const pairCount = new Set(map.edges.map((e) => `${e.src}\u0000${e.dst}`));
+    const dense = map.edges.length > DENSE_EDGES;
     for (const e of map.edges) {
       const a = this.positions.get(e.src); const b = this.positions.get(e.dst);
       if (!a || !b) continue;
       const verdict = mixWorst(e.mix);
       let d;
+      let mid;
       if (e.src === e.dst) {
         const [x, y] = a;
         d = `M${x + NODE_W / 2 - 20} ${y - NODE_H / 2} c 30 -50, 70 -10, 20 ${NODE_H / 2 + 4}`;
+        mid = [x + NODE_W / 2 + 22, y - NODE_H / 2 - 26];
       } else {
         const mx = (a[0] + b[0]) / 2; const my = (a[1] + b[1]) / 2;
         const len = Math.hypot(b[0] - a[0], b[1] - a[1]) || 1;
@@ -172,18 +276,24 @@ export class MapView {
         const [sx, sy] = clipToBox(a[0], a[1], cx, cy);
         const [ex, ey] = clipToBox(b[0], b[1], cx, cy, 7);
         d = `M${sx.toFixed(1)} ${sy.toFixed(1)} Q${cx.toFixed(1)} ${cy.toFixed(1)} ${ex.toFixed(1)} ${ey.toFixed(1)}`;
+        mid = [0.25 * sx + 0.5 * cx + 0.25 * ex, 0.25 * sy + 0.5 * cy + 0.25 * ey]; // the curve at t = 1/2
       }
-      const mix = normMix(e.mix);
-      const words = Object.entries(mix).filter(([, n]) => n).map(([v, n]) => `${n} ${VERDICT_TEXT[v].toLowerCase()}`).join(", ") || "no flows";
-      const title = `${this.nodeName(e.src)} → ${this.nodeName(e.dst)}: ${VERDICT_TEXT[verdict]} (${words}); ${(e.services || []).join(", ")}`;
+      const words = mixWords(e.mix);
+      const services = (e.services || []).join(", ");
+      const title = `${this.nodeName(e.src)} → ${this.nodeName(e.dst)}: ${VERDICT_TEXT[verdict]} at worst (${words}); ${services || "no service"}`;
       const key = `${e.src}->${e.dst}`;
       const hit = svg("path", { d, class: ["edge-hit", `v-${verdict}`], "data-edge-hit": key });
       const line = svg("path", { d, class: ["edge", `v-${verdict}`], "marker-end": `url(#arrow-${verdict})`, "data-edge": key, "data-verdict": verdict },
         svg("title", {}, title));
       hit.append(svg("title", {}, title));
       hit.addEventListener("click", (ev) => { ev.stopPropagation(); this.selectEdge(e); });
+      const label = edgeLabel(e, key, `${labelText(e)}: connection ${title}`, mid, dense);
+      if (dense) label.addEventListener("focus", () => drawLabel(label));
+      label.addEventListener("click", (ev) => { ev.stopPropagation(); this.selectEdge(e); });
+      label.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); this.selectEdge(e); } });
       edgeFrag.append(hit, line);
-      this.edgeEls.push({ edge: e, line, key });
+      labelFrag.append(label);
+      this.edgeEls.push({ edge: e, line, label, key });
     }
     for (const n of map.nodes) {
       const [x, y] = this.positions.get(n.id);
@@ -206,13 +316,42 @@ export class MapView {
     }
     this.edgeLayer.replaceChildren(edgeFrag);
     this.nodeLayer.replaceChildren(nodeFrag);
+    this.labelLayer.replaceChildren(labelFrag);
+    // a dense map shows a label when its connection is focused, selected or meets the selected group
+    this.svg.classList.toggle("dense", dense);
     if (!this.fitted) { this.fit(); this.fitted = true; }
     this.restoreSelection();
+    if (focusedKey) this.refocus(focusedKey);
     this.svg.dataset.nodes = String(map.nodes.length);
     this.svg.dataset.edges = String(this.edgeEls.length);
     this.svg.dataset.renderMs = (performance.now() - t0).toFixed(1);
     this.svg.dataset.drawnAt = performance.now().toFixed(1); // ms since navigation start (bench/console.py)
     this.svg.dataset.rendered = String((Number(this.svg.dataset.rendered) || 0) + 1);
+  }
+
+  /** The group or connection that has the focus ({node} or {edge}), kept across a redraw. */
+  focusedKey() {
+    const el = document.activeElement;
+    if (!el || !this.svg.contains(el)) return null;
+    if (el.dataset && el.dataset.node) return { node: el.dataset.node };
+    if (el.dataset && el.dataset.edgeLabel) return { edge: el.dataset.edgeLabel };
+    return null;
+  }
+
+  refocus(key) {
+    const el = key.node ? this.nodeEls.get(key.node) : (this.edgeEls.find((x) => x.key === key.edge) || {}).label;
+    (el || this.svg).focus({ preventScroll: true });
+  }
+
+  /** Loading (aria-busy) and, once the first drawing and the key handlers are in place, ready. */
+  setBusy(busy) {
+    this.svg.setAttribute("aria-busy", String(busy));
+    if (!busy) this.svg.dataset.ready = "true";
+  }
+
+  /** Groups then connections, in Tab order. */
+  focusables() {
+    return [...this.nodeLayer.querySelectorAll("[data-node]"), ...this.labelLayer.querySelectorAll("[data-edge-label]")];
   }
 
   nodeName(id) {
@@ -225,7 +364,7 @@ export class MapView {
     if (this.selected.type === "node" && this.nodeEls.has(this.selected.id)) this.highlightNode(this.selected.id);
     else if (this.selected.type === "edge") {
       const found = this.edgeEls.find((x) => x.key === this.selected.key);
-      if (found) found.line.classList.add("selected");
+      if (found) { found.line.classList.add("selected"); found.label.classList.add("selected"); drawLabel(found.label); }
     }
   }
 
@@ -233,6 +372,7 @@ export class MapView {
     this.svg.classList.remove("has-selection");
     this.nodeLayer.querySelectorAll(".selected").forEach((el) => el.classList.remove("selected"));
     this.edgeLayer.querySelectorAll(".selected, .related").forEach((el) => el.classList.remove("selected", "related"));
+    this.labelLayer.querySelectorAll(".selected, .related").forEach((el) => el.classList.remove("selected", "related"));
   }
 
   highlightNode(id) {
@@ -240,7 +380,9 @@ export class MapView {
     const el = this.nodeEls.get(id);
     if (el) el.classList.add("selected");
     this.svg.classList.add("has-selection");
-    for (const { edge, line } of this.edgeEls) if (edge.src === id || edge.dst === id) line.classList.add("related");
+    for (const { edge, line, label } of this.edgeEls) {
+      if (edge.src === id || edge.dst === id) { line.classList.add("related"); label.classList.add("related"); drawLabel(label); }
+    }
   }
 
   selectNode(id) {
@@ -254,7 +396,7 @@ export class MapView {
     this.selected = { type: "edge", key };
     this.clearHighlight();
     const found = this.edgeEls.find((x) => x.key === key);
-    if (found) found.line.classList.add("selected");
+    if (found) { found.line.classList.add("selected"); found.label.classList.add("selected"); drawLabel(found.label); }
     if (this.onSelectEdge) this.onSelectEdge(edge);
   }
 
@@ -309,7 +451,7 @@ export class MapView {
       this.zoom(e.deltaY < 0 ? 1.15 : 1 / 1.15, e.clientX - r.left, e.clientY - r.top);
     }, { passive: false });
     this.svg.addEventListener("pointerdown", (e) => {
-      if (e.target.closest && (e.target.closest(".node") || e.target.closest(".edge-hit"))) return;
+      if (e.target.closest && (e.target.closest(".node") || e.target.closest(".edge-hit") || e.target.closest(".edge-label"))) return;
       drag = { x: e.clientX, y: e.clientY, moved: false };
       this.svg.setPointerCapture(e.pointerId);
       this.svg.classList.add("dragging");
@@ -325,6 +467,16 @@ export class MapView {
     this.svg.addEventListener("pointerup", end);
     this.svg.addEventListener("pointercancel", end);
     this.svg.addEventListener("keydown", (e) => {
+      if (e.altKey || e.ctrlKey || e.metaKey) return;
+      const item = e.target !== this.svg && e.target.closest && e.target.closest("[data-node], [data-edge-label]");
+      const moves = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 };
+      if (item && moves[e.key]) {
+        e.preventDefault();
+        const all = this.focusables();
+        const next = all[(all.indexOf(item) + moves[e.key] + all.length) % all.length];
+        if (next) next.focus();
+        return;
+      }
       const step = 60;
       const keys = { ArrowLeft: [step, 0], ArrowRight: [-step, 0], ArrowUp: [0, step], ArrowDown: [0, -step] };
       if (keys[e.key]) { e.preventDefault(); this.pan(...keys[e.key]); }

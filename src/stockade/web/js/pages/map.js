@@ -3,7 +3,10 @@
 // rule suggestions, an edge for its flows and the deciding rules. A time window narrows the
 // traffic (e.g. "since the active version", to see what changed after a provision). The map
 // reloads itself when the inventory or policy changes (it watches the audit event feed),
-// keeping every group where it was.
+// keeping every group where it was. A connection's flows and deciding rules open in a
+// full-width panel under the map (a wide table, never clipped by the side panel). The map
+// announces when it is ready for the keyboard: data-ready="true" and aria-busy="false" on
+// svg.map once the first drawing is done and every handler is attached.
 
 import { h, add, icon, replace, announce, table, uid, toast } from "../dom.js";
 import * as api from "../api.js";
@@ -22,7 +25,8 @@ export async function render(view, ctx) {
   const hasFlows = Boolean(await route("map"));
   const draftOk = Boolean(await route("impact"));
   const side = h("aside", { class: "panel map-side", "aria-labelledby": "side-h" },
-    h("h2", { id: "side-h" }, "Details"), h("p", { class: "muted" }, "Select a group or a connection (Tab to a group, Enter to open it)."));
+    h("h2", { id: "side-h" }, "Details"), h("p", { class: "muted" }, "Select a group or a connection (Tab to a group or a connection, Enter to open it)."));
+  const edgeDetail = h("section", { class: "panel edge-detail", "aria-labelledby": "edge-detail-h", hidden: true });
   const notice = h("div", {});
   const wrap = h("div", { class: "map-wrap" });
   const status = h("span", { class: "muted", role: "status", "data-role": "map-status" });
@@ -63,6 +67,7 @@ export async function render(view, ctx) {
         } }, h("span", { class: ["legend-line", `v-${v}`], "aria-hidden": "true" }), " ", verdictBadge(v))), status),
     notice,
     h("div", { class: "map-layout" }, wrap, side),
+    edgeDetail,
     edgeTable);
   wrap.append(controls);
 
@@ -118,12 +123,15 @@ export async function render(view, ctx) {
 
   const showEdge = async (e) => {
     const flowsBox = h("div", { "data-role": "edge-flows" }, h("p", { class: "muted" }, "Loading flows…"));
-    replace(side, h("h2", { id: "side-h" }, `${mv.nodeName(e.src)} → ${mv.nodeName(e.dst)}`),
-      h("p", { "data-role": "edge-verdict" }, verdictBadge(mixWorst(e.mix))),
-      h("p", {}, mixBadges(e.mix)),
-      h("p", {}, "Services: ", h("span", { class: "mono" }, (e.services || []).join(", ") || "—")),
+    const title = `${mv.nodeName(e.src)} → ${mv.nodeName(e.dst)}`;
+    replace(side, h("h2", { id: "side-h" }, title),
+      h("p", { "data-role": "edge-verdict" }, verdictBadge(mixWorst(e.mix)), h("span", { class: "muted" }, " at worst")),
+      h("p", { "data-role": "edge-mix" }, mixBadges(e.mix)),
+      h("p", { "data-role": "edge-services" }, "Services: ", h("span", { class: "mono" }, (e.services || []).join(", ") || "—")),
       h("p", { class: "muted" }, `${e.connections} distinct connection${e.connections === 1 ? "" : "s"}, seen ${e.count} times. ${current === "draft" ? "Verdicts as the draft would decide them." : "Verdicts as the hosts reported them."}`),
-      h("h3", {}, "Flows and deciding rules"), flowsBox);
+      h("p", {}, h("a", { href: "#edge-detail-h", onclick: (ev) => { ev.preventDefault(); edgeDetail.scrollIntoView(); } }, "Flows and deciding rules, below the map ↓")));
+    replace(edgeDetail, h("h2", { id: "edge-detail-h" }, `Flows and deciding rules: ${title}`), flowsBox);
+    edgeDetail.hidden = false;
     try {
       const flows = await edgeFlows(e, current, windowName);
       replace(flowsBox, flows ? flowsTable(flows, { draft: current === "draft" }) : h("p", { class: "muted" }, "Flow drill-down needs the visibility API."));
@@ -137,6 +145,7 @@ export async function render(view, ctx) {
   const refresh = async (announceIt = false) => {
     if (loading) { again = true; return; }
     loading = true;
+    mv.setBusy(true);
     try {
       const map = await loadMap(current, windowName);
       if (!ctx.isCurrent()) return;
@@ -165,9 +174,11 @@ export async function render(view, ctx) {
       }
     } finally {
       loading = false;
+      if (!firstLoad) mv.setBusy(false);
       if (again) { again = false; refresh(); }
     }
   };
+  let firstLoad = true;
   await refresh();
 
   // watch the audit feed: any change (relabel, provision, new workload) reloads the map;
@@ -187,4 +198,7 @@ export async function render(view, ctx) {
   };
   timer = window.setTimeout(poll, POLL_MS);
   ctx.onLeave(() => { stopped = true; window.clearTimeout(timer); });
+  // drawn, handlers attached, nothing left to wait for: the keyboard may drive the map now
+  firstLoad = false;
+  mv.setBusy(false);
 }

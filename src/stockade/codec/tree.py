@@ -1,17 +1,26 @@
-"""Typed reading of composed YAML nodes, remembering where every value came from.
+"""The document tree the codec reads, and typed reading of it with positions.
 
-The loader never constructs Python objects from YAML directly: it walks the node tree
-from ``yaml.compose`` so that each problem can be reported with the line of the
-offending node and the dotted field path inside its document (``rules[2].services[0]``).
-Every ``Reader`` method records an ``Issue`` and returns ``None`` on bad input instead of
-raising, so a single pass finds every problem.
+A policy document is a tree of mappings, lists and typed scalars: YAML's node graph
+(``yaml.nodes``). YAML text composes into it (``stockade.policyfile.compose``, with line
+numbers); a JSON body of the REST API maps into it losslessly with ``node_of`` (no line
+numbers: JSON strings, numbers, booleans and null become scalars tagged str, int/float,
+bool and null). The codec then reads both the same way, so YAML adds only line numbers.
+
+Nothing constructs Python objects from YAML directly: the codec walks the nodes so that
+each problem can be reported with the line of the offending node (0 when unknown) and the
+dotted field path inside its document (``rules[2].services[0]``). Every ``Reader`` method
+records an ``Issue`` and returns ``None`` on bad input instead of raising, so a single pass
+finds every problem. Scalars are typed as JSON types them: a string field takes a string
+(``env: 2024`` is a number; quote it), a number field takes a number.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -22,8 +31,12 @@ _TAG = "tag:yaml.org,2002:"
 NULL_TAG = _TAG + "null"
 BOOL_TAG = _TAG + "bool"
 INT_TAG = _TAG + "int"
-# Scalars whose source text we accept as a string (a label value ``80`` or a name ``2024``).
-_TEXT_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "timestamp"))
+STR_TAG = _TAG + "str"
+FLOAT_TAG = _TAG + "float"
+MAP_TAG = _TAG + "map"
+SEQ_TAG = _TAG + "seq"
+# Scalars whose source text we accept as a mapping key (YAML ``80: x`` and JSON ``"80"`` alike).
+_KEY_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "timestamp"))
 _TRUE = frozenset({"yes", "true", "on"})
 _FALSE = frozenset({"no", "false", "off"})
 
@@ -46,7 +59,56 @@ def index(field: str, i: int) -> str:
 
 
 def line_of(node: Node) -> int:
-    return int(node.start_mark.line) + 1
+    """1-based line of ``node``; 0 for a node built from JSON (no position)."""
+    mark = node.start_mark
+    return int(mark.line) + 1 if mark is not None else 0
+
+
+class NotADocument(ValueError):
+    """A value that no JSON document holds (only ``node_of`` raises it)."""
+
+
+def node_of(data: Any) -> Node:
+    """The node tree of a JSON value (as ``json.loads`` returns it), without positions.
+
+    Iterative, so a deeply nested body cannot exhaust the stack.
+    """
+    root = _shell(data)
+    stack: list[tuple[Node, Any]] = [(root, data)]
+    while stack:
+        node, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise NotADocument(f"mapping key {key!r} is not a string")
+                child = _shell(item)
+                node.value.append((ScalarNode(STR_TAG, key), child))
+                stack.append((child, item))
+        elif isinstance(value, list):
+            for item in value:
+                child = _shell(item)
+                node.value.append(child)
+                stack.append((child, item))
+    return root
+
+
+def _shell(value: Any) -> Node:
+    """A scalar node, or an empty container node that ``node_of`` fills."""
+    if isinstance(value, str):  # the commonest value first
+        return ScalarNode(STR_TAG, value)
+    if isinstance(value, dict):
+        return MappingNode(MAP_TAG, [])
+    if isinstance(value, list):
+        return SequenceNode(SEQ_TAG, [])
+    if value is None:
+        return ScalarNode(NULL_TAG, "null")
+    if isinstance(value, bool):
+        return ScalarNode(BOOL_TAG, "true" if value else "false")
+    if isinstance(value, int):
+        return ScalarNode(INT_TAG, str(value))
+    if isinstance(value, float):
+        return ScalarNode(FLOAT_TAG, repr(value) if math.isfinite(value) else str(value))
+    raise NotADocument(f"{type(value).__name__} is not a JSON value")
 
 
 def describe(node: Node) -> str:
@@ -65,6 +127,7 @@ def describe(node: Node) -> str:
     if node.tag in (INT_TAG, _TAG + "float"):
         return f"the number {value}"
     return f"the string {quote(value)}"
+
 
 
 @dataclass(frozen=True, order=True)
@@ -115,7 +178,7 @@ class Reader:
             if key_node.tag == _TAG + "merge":
                 self.error(key_node, field, "merge keys (<<) are not supported: write the keys out")
                 continue
-            if not isinstance(key_node, ScalarNode) or key_node.tag not in _TEXT_TAGS:
+            if not isinstance(key_node, ScalarNode) or key_node.tag not in _KEY_TAGS:
                 self.error(key_node, field, f"keys must be strings, got {describe(key_node)}")
                 continue
             key = str(key_node.value)
@@ -134,8 +197,9 @@ class Reader:
         *,
         required: tuple[str, ...] = (),
         optional: tuple[str, ...] = (),
+        hints: dict[str, str] | None = None,
     ) -> None:
-        """Report unknown keys (at their line) and missing required keys (at the mapping)."""
+        """Report unknown keys (at their line) and missing required keys (at the mapping, with a hint)."""
         allowed = set(required) | set(optional)
         for key, entry in entries.items():
             if key not in allowed:
@@ -144,7 +208,8 @@ class Reader:
                 self.error(entry.key, sub(field, key), f"unknown key {quote(key)} ({hint})")
         for key in required:
             if key not in entries:
-                self.error(node, sub(field, key), "missing required key")
+                what = (hints or {}).get(key)
+                self.error(node, sub(field, key), f"missing required key: {what}" if what else "missing required key")
 
     def mapping(
         self,
@@ -171,10 +236,16 @@ class Reader:
         return items
 
     # ---- scalars -------------------------------------------------------
-    def string(self, node: Node, field: str) -> str | None:
-        if isinstance(node, ScalarNode) and node.tag in _TEXT_TAGS:
-            return str(node.value)
-        hint = " (quote it to use it as text)" if node.tag == BOOL_TAG else ""
+    def string(self, node: Node, field: str, *, limit: int = 0) -> str | None:
+        """A string scalar (at most ``limit`` characters when given)."""
+        if isinstance(node, ScalarNode) and node.tag == STR_TAG:
+            text = str(node.value)
+            if limit and len(text) > limit:
+                self.error(node, field, f"too long: {len(text)} characters (at most {limit})")
+                return None
+            return text
+        plain = isinstance(node, ScalarNode) and str(node.tag).startswith(_TAG) and node.tag != NULL_TAG
+        hint = " (quote it to use it as text)" if plain else ""
         self.error(node, field, f"expected a string, got {describe(node)}{hint}")
         return None
 
@@ -194,7 +265,7 @@ class Reader:
         return text
 
     def integer(self, node: Node, field: str, *, low: int, high: int) -> int | None:
-        if isinstance(node, ScalarNode) and node.tag in _TEXT_TAGS:
+        if isinstance(node, ScalarNode) and node.tag == INT_TAG:
             text = str(node.value)
             if text.isascii() and text.isdigit() and len(text) <= 10:
                 value = int(text)
@@ -222,7 +293,20 @@ def is_null(node: Node) -> bool:
 
 def is_text(node: Node, text: str) -> bool:
     """True when ``node`` is the plain string ``text`` (such as ``all``)."""
-    return isinstance(node, ScalarNode) and node.tag in _TEXT_TAGS and node.value == text
+    return isinstance(node, ScalarNode) and node.tag == STR_TAG and node.value == text
 
 
-__all__ = ["Entry", "Reader", "Where", "describe", "index", "is_null", "is_text", "line_of", "quote", "sub"]
+__all__ = [
+    "Entry",
+    "NotADocument",
+    "Reader",
+    "Where",
+    "describe",
+    "index",
+    "is_null",
+    "is_text",
+    "line_of",
+    "node_of",
+    "quote",
+    "sub",
+]

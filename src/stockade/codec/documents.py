@@ -1,11 +1,28 @@
-"""Policy documents -> model objects, recording names and references with their positions.
+"""The one codec from policy documents to the domain model, for YAML files and REST bodies.
 
-``parse_document`` reads one YAML document (already composed into nodes) and appends the
-model object it describes to a ``Collected`` accumulator, together with every name it
-declares, every name it references and every label it uses, each with its ``Where``.
-Problems local to the document are reported here; problems that need the whole policy
-(unknown references, duplicates across files, shared addresses) are found afterwards by
-``stockade.policyfile.crossref`` from what was recorded.
+``parse_document`` reads one YAML document (``apiVersion``, ``kind`` and the body);
+``parse_body`` reads the body of a known kind (a REST request, mapped into the same node
+tree by ``stockade.codec.tree.node_of``). Both append the model object to a ``Collected``
+accumulator, together with every name it declares, every name it references and every
+label it uses, each with its ``Where`` (line 0 for JSON). Every rule about one document
+lives here, once: both entry points accept exactly the same bodies with the same field
+paths in their issues. Problems that need the whole policy (unknown references, duplicates,
+shared addresses) are found afterwards: by ``stockade.policyfile.crossref`` for files (with
+positions), by ``Policy.validate`` over the draft for the REST API.
+
+Rules decided here (see ``stockade.policyfile`` for the document syntax):
+
+* A selector is ``all``, ``{all: true}``, ``{ip_list: NAME}``, or a label selector with at
+  least one of ``labels``, ``label_groups``, ``exclude``. An empty selector is an error,
+  never "everything". An exclude-only selector (``{exclude: {role: bastion}}``: every
+  workload except bastions) is accepted: it is explicit and never wider than ``all``.
+* A ruleset must state its scope: ``all`` or a non-empty list of label selectors. A missing
+  or empty scope is an error (issue 14), so forgetting it never widens a ruleset to every
+  workload. (Rulesets stored by the API before this rule kept ``all`` as ``[]``; the
+  controller reads those as ``all``.)
+* Interface names are names (``is_valid_name``): ``eth0@if12`` is ``ip link``'s display of
+  a veth peer, not a name, and is refused. Workload addresses are host addresses
+  (``stockade.codec.syntax.parse_workload_address``).
 """
 
 from __future__ import annotations
@@ -15,20 +32,22 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
 
-from yaml.nodes import MappingNode, Node, ScalarNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from stockade.codec.syntax import PORT_FORMS, BadValue, parse_network, parse_service_entry, parse_workload_address
+from stockade.codec.tree import INT_TAG, Entry, Reader, Where, describe, index, is_null, is_text, quote, sub
 from stockade.errors import Issue
-from stockade.model.addresses import IPAddress, IPList, IPNetwork
+from stockade.model.addresses import IPAddress, IPList, IPNetwork, address_key, network_key
 from stockade.model.labels import Label, LabelGroup, LabelKey, is_valid_name
 from stockade.model.policy import Failsafe
 from stockade.model.rules import AllowRule, ConsumerScope, DenyRule, Ruleset
 from stockade.model.selectors import ALL_WORKLOADS, IPListSelector, LabelSelector, Selector
-from stockade.model.services import Service, ServiceEntry
+from stockade.model.services import ANY_SERVICE_ENTRY, Service, ServiceEntry
 from stockade.model.workloads import EnforcementMode, Interface, Workload
-from stockade.policyfile.nodes import Entry, Reader, Where, describe, index, is_null, is_text, quote, sub
-from stockade.policyfile.syntax import BadValue, parse_address, parse_network, parse_service_entry
 
 API_VERSION = "stockade.io/v1"
+BUILTIN_ANY = Service("any", (ANY_SERVICE_ENTRY,), "every protocol and port")  # always present
+MAX_TEXT = 1024  # characters of a description
 
 
 class Kind(Enum):
@@ -133,7 +152,7 @@ def _description(r: Reader, e: Entries, field_path: str = "") -> str:
     node = _value(e, "description")
     if node is None or is_null(node):
         return ""
-    return r.string(node, sub(field_path, "description")) or ""
+    return r.string(node, sub(field_path, "description"), limit=MAX_TEXT) or ""
 
 
 # ---- labels and selectors ---------------------------------------------------
@@ -195,14 +214,16 @@ def _names(r: Reader, node: Node, path: str, what: str, *, allow_empty: bool = F
     return out
 
 
-_SELECTOR_KEYS = ("exclude", "ip_list", "label_groups", "labels")
+_SELECTOR_KEYS = ("all", "exclude", "ip_list", "label_groups", "labels")
 _SELECTOR_HINT = 'a selector such as {labels: {app: shop}}, {ip_list: office} or "all"'
+_SCOPE_ALL = 'write "scope: all" instead of listing "all" in a scope'
+ALL_SCOPE_HINT = 'write "all" to govern every workload, or add a label selector'
 
 
 def _selector(r: Reader, node: Node, path: str, acc: Collected, *, in_scope: bool) -> Selector | None:
     if is_text(node, "all"):
         if in_scope:
-            r.error(node, path, 'write "scope: all" instead of listing "all" in a scope')
+            r.error(node, path, _SCOPE_ALL)
             return None
         return ALL_WORKLOADS
     if not isinstance(node, MappingNode):
@@ -210,6 +231,21 @@ def _selector(r: Reader, node: Node, path: str, acc: Collected, *, in_scope: boo
         return None
     before = len(r.issues)
     e = r.mapping(node, path, optional=_SELECTOR_KEYS) or {}
+    if "all" in e:
+        here = sub(path, "all")
+        every = r.boolean(e["all"].value, here)
+        if every is None:
+            return None
+        if every:
+            others = sorted(k for k in e if k != "all" and k in _SELECTOR_KEYS)
+            if others:
+                r.error(e["all"].key, here, f"all cannot be combined with {', '.join(others)}")
+                return None
+            if in_scope:
+                r.error(e["all"].key, here, _SCOPE_ALL)
+                return None
+            return ALL_WORKLOADS
+        e = {k: v for k, v in e.items() if k != "all"}  # all: false says nothing
     if "ip_list" in e:
         ip_entry = e["ip_list"]
         here = sub(path, "ip_list")
@@ -263,7 +299,11 @@ def _scope(r: Reader, node: Node, path: str, acc: Collected) -> tuple[LabelSelec
     if is_text(node, "all"):
         return ()
     out: list[LabelSelector] = []
-    for i, item in enumerate(r.sequence(node, path, what='a list of label selectors or "all"')):
+    what = 'a list of label selectors or "all"'
+    items = r.sequence(node, path, what=what, allow_empty=True)
+    if isinstance(node, SequenceNode) and not items:
+        r.error(node, path, f"an empty scope would govern every workload: {ALL_SCOPE_HINT}")
+    for i, item in enumerate(items):
         sel = _selector(r, item, index(path, i), acc, in_scope=True)
         if isinstance(sel, LabelSelector):
             out.append(sel)
@@ -298,6 +338,9 @@ def _entries_list(r: Reader, node: Node, path: str, *, allow_empty: bool) -> tup
     what = 'a list of ports such as ["443/tcp"]'
     for i, item in enumerate(r.sequence(node, path, what=what, allow_empty=allow_empty)):
         here = index(path, i)
+        if isinstance(item, ScalarNode) and item.tag == INT_TAG:  # 443: the protocol is missing
+            r.error(item, here, f"cannot read {quote(str(item.value))} as a service port; expected {PORT_FORMS}")
+            continue
         text = r.string(item, here)
         if text is None:
             continue
@@ -305,7 +348,7 @@ def _entries_list(r: Reader, node: Node, path: str, *, allow_empty: bool) -> tup
             out.append(parse_service_entry(text))
         except BadValue as exc:
             r.error(item, here, str(exc))
-    return tuple(out)
+    return tuple(sorted(set(out)))  # canonical: sorted, without duplicates
 
 
 def _networks(r: Reader, node: Node, path: str, *, allow_empty: bool) -> tuple[IPNetwork, ...]:
@@ -319,13 +362,15 @@ def _networks(r: Reader, node: Node, path: str, *, allow_empty: bool) -> tuple[I
             out.append(parse_network(text))
         except BadValue as exc:
             r.error(item, here, str(exc))
-    return tuple(out)
+    return tuple(sorted(set(out), key=network_key))  # canonical: sorted, without duplicates
 
 
 # ---- one parser per kind ------------------------------------------------------
 
 def _settings(r: Reader, e: Entries, acc: Collected) -> None:
-    acc.declarations.append(Declaration(Kind.SETTINGS, "settings", r.where(e["kind"].value, "kind")))
+    kind = e.get("kind")
+    where = r.where(kind.value, "kind") if kind is not None else Where(r.source, 0, "")
+    acc.declarations.append(Declaration(Kind.SETTINGS, "settings", where))
     default = Failsafe()
     controller_node = _value(e, "controller")
     controller = default.controller
@@ -349,7 +394,7 @@ def _label_key(r: Reader, e: Entries, acc: Collected) -> None:
         acc.label_keys.append(LabelKey(name))
         return
     before = len(r.issues)
-    values = _names(r, values_node, "values", "label value")
+    values = _names(r, values_node, "values", "label value", allow_empty=True)
     if len(r.issues) > before:
         acc.open_label_keys.add(name)
     acc.label_keys.append(LabelKey(name, frozenset(v for v, _ in values)))
@@ -384,7 +429,7 @@ def _ip_list(r: Reader, e: Entries, acc: Collected) -> None:
 
 
 def _interface(r: Reader, node: Node, path: str, workload: str, acc: Collected) -> Interface | None:
-    e = r.mapping(node, path, required=("name", "addresses"))
+    e = r.mapping(node, path, required=("name",), optional=("addresses",))
     if e is None:
         return None
     name_node = _value(e, "name")
@@ -393,18 +438,19 @@ def _interface(r: Reader, node: Node, path: str, workload: str, acc: Collected) 
     addresses_node = _value(e, "addresses")
     if addresses_node is not None:
         here = sub(path, "addresses")
-        for i, item in enumerate(r.sequence(addresses_node, here, what="a list of IP addresses")):
+        what = "a list of IP addresses"
+        for i, item in enumerate(r.sequence(addresses_node, here, what=what, allow_empty=True)):
             text = r.string(item, index(here, i))
             if text is None:
                 continue
             try:
-                address = parse_address(text)
+                address = parse_workload_address(text)
             except BadValue as exc:
                 r.error(item, index(here, i), str(exc))
                 continue
             addresses.append(address)
             acc.claims.append(AddressClaim(address, workload, r.where(item, index(here, i))))
-    return Interface(name or "", tuple(addresses))
+    return Interface(name or "", tuple(sorted(set(addresses), key=address_key)))
 
 
 def _workload(r: Reader, e: Entries, acc: Collected) -> None:
@@ -431,7 +477,7 @@ def _workload(r: Reader, e: Entries, acc: Collected) -> None:
         Workload(
             name,
             frozenset(labels),
-            tuple(interfaces),
+            tuple(sorted(interfaces, key=lambda i: i.name)),
             mode or EnforcementMode.VISIBILITY,
             backend or "nftables",
             _description(r, e),
@@ -499,6 +545,7 @@ class _Spec:
     required: tuple[str, ...]
     optional: tuple[str, ...]
     parse: Callable[[Reader, Entries, Collected], None]
+    hints: tuple[tuple[str, str], ...] = ()  # (required key, what to write when it is missing)
 
 
 _SPECS: dict[Kind, _Spec] = {
@@ -508,7 +555,7 @@ _SPECS: dict[Kind, _Spec] = {
     Kind.SERVICE: _Spec(("name", "ports"), ("description",), _service),
     Kind.IP_LIST: _Spec(("name", "include"), ("exclude", "description"), _ip_list),
     Kind.WORKLOAD: _Spec(("name",), ("labels", "interfaces", "mode", "backend", "description"), _workload),
-    Kind.RULESET: _Spec(("name", "scope", "rules"), ("description",), _ruleset),
+    Kind.RULESET: _Spec(("name", "scope"), ("rules", "description"), _ruleset, (("scope", ALL_SCOPE_HINT),)),
     Kind.DENY_RULE: _Spec(("name", "consumers", "providers", "services"), ("override", "description"), _deny_rule),
 }
 _KIND_LIST = ", ".join(k.value for k in Kind)
@@ -540,5 +587,16 @@ def parse_document(r: Reader, node: Node, acc: Collected) -> None:
         r.error(kind_entry.value, "kind", f"unknown kind {quote(kind_text)} (expected one of: {_KIND_LIST})")
         return
     spec = _SPECS[kind]
-    r.check_keys(node, e, "", required=spec.required, optional=("apiVersion", "kind", *spec.optional))
+    r.check_keys(node, e, "", required=spec.required, optional=("apiVersion", "kind", *spec.optional),
+                 hints=dict(spec.hints))
+    spec.parse(r, e, acc)
+
+
+def parse_body(r: Reader, node: Node, kind: Kind, acc: Collected) -> None:
+    """Read the body of one object of ``kind`` (a REST request: the document without envelope)."""
+    e = r.entries(node, "", what=f"a {kind.noun} (a mapping)")
+    if e is None:
+        return
+    spec = _SPECS[kind]
+    r.check_keys(node, e, "", required=spec.required, optional=spec.optional, hints=dict(spec.hints))
     spec.parse(r, e, acc)
