@@ -98,7 +98,7 @@ def world(k8s_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
             wl = f"k8s.{ns}.server"
             assert wait_for(lambda: api.http.get(f"/workloads/{wl}").status_code == 200, 30) is not None
 
-            code = api.activation_code("pods", mode="full")
+            code = api.adoption_code("pods", wl)  # enrols as the pod's existing workload (labels, mode kept)
             agent = AgentProcess(wl, lab.netns("server"), tmp / "agent", ctl.url, code, tmp / "agent.log",
                                  ca_cert=ctl.ca_cert)
             agent.start()
