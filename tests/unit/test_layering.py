@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
         "agent_signature",
     },
     "logs": set(),
+    "k8s": {"errors", "model", "compiler"},  # beside the controller: reaches it only through the REST API
 }
 
 
