@@ -47,7 +47,7 @@ from stockade.controller.services.events import query_events
 from stockade.controller.services.versions import Change, diff_content
 from stockade.controller.storage import store
 from stockade.controller.storage.db import VersionRow
-from stockade.errors import Issue, NotFoundError, ValidationError
+from stockade.errors import Issue, ValidationError
 from stockade.model.policy import Policy
 from stockade.policyfile import dump_policy, load_documents
 
@@ -230,10 +230,7 @@ def list_versions(
 
 
 def _version_row(db: Session, number: int) -> VersionRow:
-    row = db.get(VersionRow, number)
-    if row is None:
-        raise NotFoundError(f"no policy version {number}")
-    return row
+    return versions.get_version(db, number)
 
 
 @router.get("/policy/versions/{number}", tags=["Policy"], responses=ERRORS, operation_id="get-version")

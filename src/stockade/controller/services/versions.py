@@ -161,6 +161,13 @@ def rollback(
     return dist.transact(run)
 
 
+def get_version(db: Session, number: int) -> VersionRow:
+    row = db.get(VersionRow, number)
+    if row is None:
+        raise NotFoundError(f"no policy version {number}")
+    return row
+
+
 def list_versions(db: Session, before: int | None, limit: int) -> list[VersionRow]:
     q = select(VersionRow)
     if before is not None:
