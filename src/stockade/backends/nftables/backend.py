@@ -26,6 +26,7 @@ chain headers and rule lines exactly (counters zeroed), set members as address r
 
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import Enum
 
 from stockade.backends.base import (
@@ -36,8 +37,10 @@ from stockade.backends.base import (
     check_delta_capabilities,
 )
 from stockade.backends.common import rule_difference
-from stockade.backends.nftables.netlink import ElementChange, NftNetlink
+from stockade.backends.nftables.lookup import MapElement, TierMap, element_text, refreshed
+from stockade.backends.nftables.netlink import ElementChange, MapChange, NftNetlink
 from stockade.backends.nftables.render import (
+    Layout,
     NftablesArtifact,
     SetKind,
     net_element,
@@ -48,6 +51,7 @@ from stockade.backends.nftables.render import (
 )
 from stockade.backends.nftables.runner import (
     NftRunner,
+    map_elements,
     normalise_counters,
     parse_chains,
     set_flags,
@@ -92,6 +96,7 @@ class NftablesBackend:
         *,
         forward: bool = False,
         delta_path: DeltaPath = DeltaPath.NETLINK,
+        layout: Layout | str = Layout.LOOKUP,
     ) -> None:
         try:
             self.table = validate_table(table)
@@ -101,43 +106,62 @@ class NftablesBackend:
         self.log_group = log_group
         self.forward = forward
         self.delta_path = delta_path
+        self.layout = Layout(layout)
+        self._applied: NftablesArtifact | None = None  # what the kernel holds (maps follow deltas)
         self.runner = NftRunner(netns)
         self._netlink: NftNetlink | None = None  # opened by the first netlink delta
 
     # ---- pure ------------------------------------------------------------------------
     def render(self, host_policy: HostPolicy) -> NftablesArtifact:
         check_capabilities(self.name, self.capabilities, host_policy)
-        return render_nftables(host_policy, self.table, forward=self.forward, log_group=self.log_group)
+        return render_nftables(
+            host_policy, self.table, forward=self.forward, log_group=self.log_group, layout=self.layout
+        )
 
     # ---- kernel ----------------------------------------------------------------------
     def apply(self, artifact: NftablesArtifact) -> None:
         """Replace the table by ``artifact`` in one transaction (idle: delete it)."""
         if artifact.table != self.table:
             raise ApplyError(f"artifact is for table {artifact.table!r}, backend owns {self.table!r}")
-        self.runner.load(artifact.to_text())
+        self.runner.load(artifact.to_text())  # ApplyError: the old table (and _applied) stays
+        self._applied = artifact
 
     def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
         """Delete and add set members in one transaction; rules are not touched.
 
         Raises ApplyError (and changes nothing) when a set is missing or a removed member
         is not in the kernel: the caller should then reload the full policy.
+
+        In the lookup layout the verdict maps hold peer addresses too: the backend keeps the
+        artifact it applied, recomputes the map elements of the tier groups using a changed set
+        and sends their difference in the same transaction (ApplyError, asking for a reload,
+        when this backend has not applied a lookup artifact itself).
         """
         check_delta_capabilities(self.name, self.capabilities, deltas)
         changes = delta_changes(deltas)
-        if not changes:
+        applied = self._applied
+        map_changes: tuple[MapChange, ...] = ()
+        if applied is not None and applied.maps:
+            applied, map_changes = delta_maps(applied, deltas)
+        elif self.layout is Layout.LOOKUP and applied is None and changes:
+            raise ApplyError("no applied ruleset to apply a set delta to; reload the full policy")
+        if not changes and not map_changes:
             return
+        # one kernel transaction: on ApplyError nothing changed and ``_applied`` still holds
         if self.delta_path is DeltaPath.NETLINK:
             if self._netlink is None:
                 self._netlink = NftNetlink(self.netns)
-            self._netlink.change_elements(self.table, changes)
+            self._netlink.change_elements(self.table, changes, map_changes)
         else:
-            self.runner.load(delta_script(self.table, changes))
+            self.runner.load(delta_script(self.table, changes, map_changes))
+        self._applied = applied
 
     def read_back(self) -> str:
         listing = self.runner.list_table(self.table)
         return "" if listing is None else normalise_counters(listing)
 
     def remove(self) -> None:
+        self._applied = None
         self.runner.load(f"table inet {self.table}\ndelete table inet {self.table}\n")
 
     def flow_source(self) -> NflogFlows:
@@ -187,6 +211,7 @@ class NftablesBackend:
                     problems.append(f"set {s.name}: unexpected {_ranges_text(extra)}")
         for name in sorted(set(actual_sets) - {s.name for s in expected.sets}):
             problems.append(f"unexpected set {name}")
+        problems += _map_problems(expected.maps, map_elements(items))
 
         listing = self.runner.list_table(self.table, terse=True) or ""
         actual_chains = {c.name: c for c in parse_chains(listing)}
@@ -205,6 +230,62 @@ class NftablesBackend:
         return VerifyReport(tuple(problems))
 
 
+def _map_problems(want: tuple[TierMap, ...], have: dict[str, set[MapElement]]) -> list[str]:
+    problems: list[str] = []
+    for m in want:
+        got = have.pop(m.name, None)
+        if got is None:
+            problems.append(f"map {m.name} is missing")
+            continue
+        missing, extra = set(m.elements) - got, got - set(m.elements)
+        if missing:
+            problems.append(f"map {m.name}: missing {len(missing)} elements, e.g. {min(missing)}")
+        if extra:
+            problems.append(f"map {m.name}: {len(extra)} unexpected elements, e.g. {min(extra)}")
+    problems += [f"unexpected map {name}" for name in sorted(have)]
+    return problems
+
+
+def delta_maps(
+    applied: NftablesArtifact, deltas: tuple[SetDelta, ...]
+) -> tuple[NftablesArtifact, tuple[MapChange, ...]]:
+    """``applied`` after ``deltas`` and the verdict-map element changes that take the kernel there.
+
+    Only the tier groups whose rules use a changed set are recomputed; their elements are
+    diffed against the applied ones (a one-peer delta: a few elements per group using it).
+    """
+    sets = list(applied.sets)
+    index = {s.name: i for i, s in enumerate(sets)}
+    for c in delta_changes(deltas):
+        i = index.get(c.set_name)
+        if i is None:
+            raise ApplyError(f"set {c.set_name} is not in the applied ruleset; reload the full policy")
+        gone = set(c.delete)
+        if not gone <= set(sets[i].members):
+            raise ApplyError(f"set {c.set_name}: removed members are not in the applied ruleset; reload")
+        kept = [m for m in sets[i].members if m not in gone]
+        sets[i] = replace(sets[i], members=tuple(sorted({*kept, *c.add})))
+    after = replace(applied, sets=tuple(sets))
+    changed = {f: frozenset(d.name for d in deltas if d.family is f) for f in Family}
+    members = {f: after.members(f) for f in Family if changed[f]}
+    maps: list[TierMap] = []
+    out: list[MapChange] = []
+    for m in applied.maps:
+        new = refreshed(m, changed[m.family], members[m.family]) if changed[m.family] else m
+        maps.append(new)
+        if new is not m:
+            old_e, new_e = set(m.elements), set(new.elements)
+            add = tuple(_elem(e) for e in sorted(new_e - old_e))
+            delete = tuple(_elem(e) for e in sorted(old_e - new_e))
+            if add or delete:
+                out.append(MapChange(m.name, 4 if m.family is Family.V4 else 16, add, delete))
+    return replace(after, maps=tuple(maps)), tuple(out)
+
+
+def _elem(e: MapElement) -> tuple[int, int, int, int, int, str]:
+    return (e.addr_lo, e.addr_hi, e.proto, e.port_lo, e.port_hi, e.chain)
+
+
 def delta_changes(deltas: tuple[SetDelta, ...]) -> tuple[ElementChange, ...]:
     """Each SetDelta split into its host-set and net-set element changes."""
     out: list[ElementChange] = []
@@ -218,9 +299,16 @@ def delta_changes(deltas: tuple[SetDelta, ...]) -> tuple[ElementChange, ...]:
     return tuple(out)
 
 
-def delta_script(table: str, changes: tuple[ElementChange, ...]) -> str:
+def _map_lines(table: str, verb: str, m: MapChange, elems: tuple[tuple[int, int, int, int, int, str], ...]) -> str:
+    family = Family.V4 if m.addr_bytes == 4 else Family.V6
+    texts = [element_text(MapElement(*e), family) for e in elems]
+    text = ", ".join(t.split(" : ")[0] if verb == "delete" else t for t in texts)
+    return f"{verb} element inet {table} {m.map_name} {{ {text} }}"
+
+
+def delta_script(table: str, changes: tuple[ElementChange, ...], maps: tuple[MapChange, ...] = ()) -> str:
     """The same changes as an ``nft -f`` transaction (deletes first)."""
-    lines: list[str] = []
+    lines: list[str] = [_map_lines(table, "delete", m, m.delete) for m in maps if m.delete]
     for c in changes:
         if c.delete:
             elems = ", ".join(net_element(n) for n in c.delete)
@@ -229,4 +317,5 @@ def delta_script(table: str, changes: tuple[ElementChange, ...]) -> str:
         if c.add:
             elems = ", ".join(net_element(n) for n in c.add)
             lines.append(f"add element inet {table} {c.set_name} {{ {elems} }}")
+    lines += [_map_lines(table, "add", m, m.add) for m in maps if m.add]
     return "\n".join(lines) + "\n"

@@ -62,6 +62,17 @@ from stockade.backends.common import (
     service_groups,
 )
 from stockade.backends.flowlog import FlowAction, log_prefix, validate_log_group
+from stockade.backends.nftables.lookup import (
+    TIER_NAMES,
+    TierMap,
+    build_tier_map,
+    check_unique_chains,
+    lookup_rule,
+    map_text,
+    member_ranges,
+    port_parts,
+    rule_chain,
+)
 from stockade.compiler.ir import Direction, HostPolicy, HostRule
 from stockade.errors import RenderError
 from stockade.model.addresses import AddressRanges, Family, IPNetwork, ranges_to_networks
@@ -101,6 +112,14 @@ class Hook(Enum):
 class ChainPolicy(Enum):
     ACCEPT = "accept"
     DROP = "drop"
+
+
+class Layout(Enum):
+    """How the host rules are evaluated: verdict-map lookups per tier (default), or the
+    historic list of rule lines (kept selectable for the benchmark's side-by-side)."""
+
+    LOOKUP = "lookup"
+    LIST = "list"
 
 
 class SetKind(Enum):
@@ -154,6 +173,8 @@ class NftablesArtifact:
     present: bool
     sets: tuple[NftSet, ...]
     chains: tuple[NftChain, ...]
+    maps: tuple[TierMap, ...] = ()
+    layout: Layout = Layout.LOOKUP
 
     def to_text(self) -> str:
         """The complete ``nft -f`` transaction (replace the table, or only delete it)."""
@@ -170,10 +191,20 @@ class NftablesArtifact:
         ]
         if self.present:
             out.append(f"table inet {self.table} {{")
-            blocks = [_set_text(s) for s in self.sets] + [_chain_text(c) for c in self.chains]
+            blocks = [_set_text(s) for s in self.sets] + [map_text(m) for m in self.maps]
+            blocks += [_chain_text(c) for c in self.chains]
             out.append("\n\n".join(blocks))
             out.append("}")
         return "\n".join(out) + "\n"
+
+    def members(self, family: Family) -> dict[str, tuple[tuple[int, int], ...]]:
+        """Every peer set of ``family`` (host and net parts together) as merged ranges, by peer name."""
+        parts: dict[str, list[IPNetwork]] = {}
+        for s in self.sets:
+            peer, _, rest = s.name.rpartition(f"_v{family.value}_")
+            if peer and rest in ("host", "net") and s.family is family:
+                parts.setdefault(peer, []).extend(s.members)
+        return {peer: member_ranges(nets) for peer, nets in parts.items()}
 
     def set_named(self, name: str) -> NftSet:
         for s in self.sets:
@@ -331,14 +362,16 @@ def _default_rules(opts: _Options) -> tuple[str, ...]:
     return (f"{verdict} {_comment(DEFAULT_RULE_ID)}",)
 
 
-def _host_rule_lines(rule: HostRule, opts: _Options) -> list[str]:
+def _host_rule_lines(rule: HostRule, opts: _Options, services: tuple[ServiceEntry, ...] | None = None) -> list[str]:
     lines: list[str] = []
     verdict = _verdict(rule.action, rule.rule_id, opts)
     comment = _comment(rule.rule_id)
     for family in (Family.V4, Family.V6):
         proto = "ip" if family is Family.V4 else "ip6"
         field = "saddr" if rule.direction is Direction.INBOUND else "daddr"
-        matches = service_matches(rule.services, family)
+        matches = service_matches(rule.services if services is None else services, family)
+        if services is not None and not services:
+            matches = []
         for kind in (SetKind.HOST, SetKind.NET):
             peer = f"{proto} {field} @{nft_set_name(rule.peer, family, kind)}"
             lines.extend(_join(match, peer, verdict, comment) for match in matches)
@@ -402,8 +435,47 @@ def _forward_rules() -> tuple[str, ...]:
     return tuple(lines)
 
 
+def _list_part(rule: HostRule) -> tuple[ServiceEntry, ...] | None:
+    """What of ``rule`` stays a list line in the lookup layout: None all of it (``any``
+    protocol), else its ICMP entries (TCP/UDP are in the tier maps)."""
+    if any(e.proto is Proto.ANY for e in rule.services):
+        return None
+    return tuple(e for e in rule.services if not e.proto.has_ports)
+
+
+def _lookup_rules(
+    hp: HostPolicy, direction: Direction, opts: _Options, members: dict[Family, dict[str, tuple[tuple[int, int], ...]]]
+) -> tuple[list[str], list[TierMap], list[NftChain]]:
+    """Chain lines, verdict maps and per-rule verdict chains of one direction's rules."""
+    lines: list[str] = []
+    maps: list[TierMap] = []
+    chains: dict[str, NftChain] = {}
+    for action in TIER_NAMES:
+        tier = tuple(r for r in hp.rules if r.direction is direction and r.action is action)
+        check_unique_chains(tier)
+        for family in (Family.V4, Family.V6):
+            name = f"{'in' if direction is Direction.INBOUND else 'out'}_{TIER_NAMES[action]}_v{family.value}"
+            tmap = build_tier_map(name, family, tier, members[family])
+            if tmap.groups:
+                maps.append(tmap)
+                lines.append(lookup_rule(direction, tmap))
+        for rule in tier:
+            if any(port_parts(rule, f) for f in (Family.V4, Family.V6)):
+                verdict = f"{_verdict(rule.action, rule.rule_id, opts)} {_comment(rule.rule_id)}"
+                chains[rule_chain(rule)] = NftChain(rule_chain(rule), None, None, (verdict,))
+            part = _list_part(rule)
+            if part is None or part:
+                lines.extend(_host_rule_lines(rule, opts, part))
+    return lines, maps, list(chains.values())
+
+
 def render_nftables(
-    hp: HostPolicy, table: str = "stockade", *, forward: bool = False, log_group: int = 100
+    hp: HostPolicy,
+    table: str = "stockade",
+    *,
+    forward: bool = False,
+    log_group: int = 100,
+    layout: Layout = Layout.LOOKUP,
 ) -> NftablesArtifact:
     """Render ``hp`` (pure). Capabilities are checked by the backend before this runs."""
     validate_table(table)
@@ -432,8 +504,18 @@ def render_nftables(
         inbound.append(_join(match, mgmt_log, "accept", _comment("failsafe:management")))
     inbound.extend(_controller_reply_lines(hp))
     outbound = _controller_lines(hp, log_group)
-    for rule in hp.rules:
-        (inbound if rule.direction is Direction.INBOUND else outbound).extend(_host_rule_lines(rule, opts))
+    maps: list[TierMap] = []
+    verdict_chains: list[NftChain] = []
+    if layout is Layout.LIST:
+        for rule in hp.rules:
+            (inbound if rule.direction is Direction.INBOUND else outbound).extend(_host_rule_lines(rule, opts))
+    else:
+        members = {f: {s.name: member_ranges(s.members) for s in hp.sets if s.family is f} for f in Family}
+        for direction, lines in ((Direction.INBOUND, inbound), (Direction.OUTBOUND, outbound)):
+            more, dmaps, dchains = _lookup_rules(hp, direction, opts, members)
+            lines.extend(more)
+            maps += dmaps
+            verdict_chains += dchains
     inbound.extend(_default_rules(opts))
     outbound.extend(_default_rules(opts))
 
@@ -451,5 +533,6 @@ def render_nftables(
     chains += [
         NftChain("inbound", None, None, tuple(inbound)),
         NftChain("outbound", None, None, tuple(outbound)),
+        *verdict_chains,
     ]
-    return NftablesArtifact(table, hp.workload, hp.mode, True, tuple(sets), tuple(chains))
+    return NftablesArtifact(table, hp.workload, hp.mode, True, tuple(sets), tuple(chains), tuple(maps), layout)
