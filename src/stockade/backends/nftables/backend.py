@@ -40,6 +40,7 @@ from stockade.backends.common import rule_difference
 from stockade.backends.nftables.lookup import MapElement, TierMap, element_text, refreshed
 from stockade.backends.nftables.netlink import ElementChange, MapChange, NftNetlink
 from stockade.backends.nftables.render import (
+    FLOWLOG_SETS,
     Layout,
     NftablesArtifact,
     SetKind,
@@ -186,14 +187,19 @@ class NftablesBackend:
 
     def verify(self, expected: NftablesArtifact) -> VerifyReport:
         """Compare what the kernel holds with ``expected`` (tamper and drift detection)."""
+        problems: list[str] = []
         items = self.runner.list_table_json(self.table)
         if not expected.present:
             return VerifyReport(() if items is None else (f"table inet {self.table} exists but should not",))
         if items is None:
             return VerifyReport((f"table inet {self.table} is missing",))
-        problems: list[str] = []
-        actual_sets = set_members(items)
+        problems = []
+        actual_sets = set_members(items, skip=FLOWLOG_SETS)
         flags = set_flags(items)
+        if expected.layout is Layout.LOOKUP:
+            for name in FLOWLOG_SETS:
+                if "timeout" not in flags.get(name, ("", ()))[1]:
+                    problems.append(f"flow-log set {name} is missing or has no timeout")
         for s in expected.sets:
             if s.name not in actual_sets:
                 problems.append(f"set {s.name} is missing")

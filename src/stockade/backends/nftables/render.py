@@ -192,6 +192,8 @@ class NftablesArtifact:
         if self.present:
             out.append(f"table inet {self.table} {{")
             blocks = [_set_text(s) for s in self.sets] + [map_text(m) for m in self.maps]
+            if self.layout is Layout.LOOKUP:
+                blocks += [_flowlog_set_text(name) for name in FLOWLOG_SETS]
             blocks += [_chain_text(c) for c in self.chains]
             out.append("\n\n".join(blocks))
             out.append("}")
@@ -355,11 +357,50 @@ def _verdict(action: Action, rule_id: str, opts: _Options) -> str:
     return f"counter {flow_log(FlowAction.BLOCK, rule_id, opts.log_group)} drop"
 
 
-def _default_rules(opts: _Options) -> tuple[str, ...]:
+FLOWLOG_SETS = ("flowlog_v4", "flowlog_v6")
+FLOWLOG_TIMEOUT_S = 30  # nf_conntrack's timeout of an unreplied UDP flow
+
+
+def _flowlog_set_text(name: str) -> str:
+    addr = "ipv4_addr" if name.endswith("v4") else "ipv6_addr"
+    return "\n".join((
+        f"\tset {name} {{",
+        f"\t\ttype {addr} . {addr} . inet_service . inet_service",
+        "\t\tsize 65536",
+        "\t\tflags dynamic,timeout",
+        f"\t\ttimeout {FLOWLOG_TIMEOUT_S}s",
+        "\t}",
+    ))
+
+
+def udp_log_once(silent: str, comment: str) -> list[str]:
+    """Lines before a logging verdict that log a UDP flow once, not every packet of it.
+
+    A one-way UDP flow never leaves conntrack's NEW state, so each of its packets reaches the
+    verdict. The first one is logged and its 4-tuple added to ``flowlog_v4``/``_v6`` (dynamic
+    sets, 30 s timeout like an unreplied UDP flow); later ones match the set and get the same
+    verdict (``silent``) without a log. nft adds the family and protocol dependencies itself
+    (and lists the lines without them)."""
+    keys = [(f"{ip} saddr . {ip} daddr . udp sport . udp dport", f"flowlog_v{v}") for ip, v in (("ip", 4), ("ip6", 6))]
+    return [f"{key} @{name} {silent} {comment}" for key, name in keys] + [
+        f"add @{name} {{ {key} }} {comment}" for key, name in keys
+    ]
+
+
+def _silent(action: Action, opts: _Options) -> str:
+    if action is Action.ALLOW or opts.mode is EnforcementMode.VISIBILITY:
+        return "accept"
+    return "drop"
+
+
+def _default_rules(opts: _Options, once: bool = False) -> tuple[str, ...]:
+    comment = _comment(DEFAULT_RULE_ID)
     if opts.mode is EnforcementMode.SELECTIVE:  # log only: the base chain's policy accepts
-        return (f"{flow_log(FlowAction.ALLOW, DEFAULT_RULE_ID, opts.log_group)} {_comment(DEFAULT_RULE_ID)}",)
+        head = udp_log_once("return", comment) if once else []
+        return (*head, f"{flow_log(FlowAction.ALLOW, DEFAULT_RULE_ID, opts.log_group)} {comment}")
+    head = udp_log_once(_silent(Action.DENY, opts), comment) if once else []
     verdict = _verdict(Action.DENY, DEFAULT_RULE_ID, opts)
-    return (f"{verdict} {_comment(DEFAULT_RULE_ID)}",)
+    return (*head, f"{verdict} {comment}")
 
 
 def _host_rule_lines(rule: HostRule, opts: _Options, services: tuple[ServiceEntry, ...] | None = None) -> list[str]:
@@ -460,9 +501,13 @@ def _lookup_rules(
                 maps.append(tmap)
                 lines.append(lookup_rule(direction, tmap))
         for rule in tier:
-            if any(port_parts(rule, f) for f in (Family.V4, Family.V6)):
-                verdict = f"{_verdict(rule.action, rule.rule_id, opts)} {_comment(rule.rule_id)}"
-                chains[rule_chain(rule)] = NftChain(rule_chain(rule), None, None, (verdict,))
+            parts = [port_parts(rule, f) for f in (Family.V4, Family.V6)]
+            if any(parts):
+                comment = _comment(rule.rule_id)
+                verdict = f"{_verdict(rule.action, rule.rule_id, opts)} {comment}"
+                udp = any(17 in p for p in parts)
+                head = udp_log_once(_silent(rule.action, opts), comment) if udp else []
+                chains[rule_chain(rule)] = NftChain(rule_chain(rule), None, None, (*head, verdict))
             part = _list_part(rule)
             if part is None or part:
                 lines.extend(_host_rule_lines(rule, opts, part))
@@ -516,8 +561,9 @@ def render_nftables(
             lines.extend(more)
             maps += dmaps
             verdict_chains += dchains
-    inbound.extend(_default_rules(opts))
-    outbound.extend(_default_rules(opts))
+    once = layout is Layout.LOOKUP
+    inbound.extend(_default_rules(opts, once))
+    outbound.extend(_default_rules(opts, once))
 
     policy = ChainPolicy.DROP if hp.mode is EnforcementMode.FULL else ChainPolicy.ACCEPT
     chains = [

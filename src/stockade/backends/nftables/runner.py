@@ -137,12 +137,12 @@ def _element_ranges(elem: Any) -> list[IPNetwork | tuple[str, str]]:
     raise BackendError(f"unexpected set element in nft JSON: {elem!r}")
 
 
-def set_members(items: list[dict[str, Any]]) -> dict[str, AddressRanges]:
-    """Every set of a JSON table listing, by name, as merged address ranges."""
+def set_members(items: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> dict[str, AddressRanges]:
+    """Every set of a JSON table listing but ``skip``, by name, as merged address ranges."""
     out: dict[str, AddressRanges] = {}
     for item in items:
         s = item.get("set")
-        if s is None:
+        if s is None or s.get("name") in skip:
             continue
         nets: list[IPNetwork] = []
         extra: list[IPNetwork] = []
