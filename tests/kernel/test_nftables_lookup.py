@@ -7,7 +7,8 @@
   changes only (no reload: the chains' listing is untouched) and the kernel then holds
   exactly what a fresh render holds; the traffic follows;
 * a one-way UDP flow (every packet conntrack-NEW) is logged to NFLOG once, not per packet;
-  a second flow is logged again; dropped flows likewise.
+  a second flow is logged again; dropped flows likewise; the flows remembered for that are
+  not in ``read_back`` (traffic is not tampering).
 """
 
 from __future__ import annotations
@@ -216,6 +217,7 @@ def udp_policy() -> HostPolicy:
 def test_one_way_udp_flow_is_logged_once(pair: Pair) -> None:  # noqa: F811
     backend = NftablesBackend(netns=pair.srv, log_group=9)
     backend.apply(backend.render(udp_policy()))
+    baseline = backend.read_back()
     sock = nflog_socket(pair.srv, 9)
     try:
         _count_prefixes(sock, 0.2)
@@ -224,6 +226,8 @@ def test_one_way_udp_flow_is_logged_once(pair: Pair) -> None:  # noqa: F811
             subprocess.run(argv, check=True, capture_output=True)
         time.sleep(0.2)
         counts = _count_prefixes(sock)
+        assert "expires" in (backend.runner.list_table("stockade") or "")  # the flows are remembered ...
+        assert backend.read_back() == baseline  # ... and that is not tampering
     finally:
         sock.close()
         backend.close()

@@ -31,6 +31,27 @@ def normalise_counters(text: str) -> str:
     return _COUNTER_RE.sub("counter packets 0 bytes 0", text)
 
 
+def without_elements(listing: str, sets: tuple[str, ...]) -> str:
+    """``listing`` without the elements of ``sets`` (dynamic sets the datapath fills itself, whose
+    contents and timers change with traffic and are not tampering)."""
+    out: list[str] = []
+    inside = skipping = False
+    for line in listing.splitlines(keepends=True):
+        text = line.strip()
+        if not inside:
+            inside = text.startswith("set ") and text.endswith(" {") and text[4:-2] in sets
+        elif skipping:
+            skipping = not text.endswith("}")
+            continue
+        elif text.startswith("elements = {"):
+            skipping = not text.endswith("}")
+            continue
+        elif text == "}":
+            inside = False
+        out.append(line)
+    return "".join(out)
+
+
 @dataclass(frozen=True)
 class ChainListing:
     """One chain as listed: its base-chain header ("" for a regular chain) and rule lines."""
