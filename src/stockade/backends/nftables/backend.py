@@ -26,6 +26,7 @@ chain headers and rule lines exactly (counters zeroed), set members as address r
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from enum import Enum
 
@@ -37,12 +38,13 @@ from stockade.backends.base import (
     check_delta_capabilities,
 )
 from stockade.backends.common import rule_difference
-from stockade.backends.nftables.lookup import MapElement, TierMap, element_text, refreshed
+from stockade.backends.nftables.lookup import MapElement, TierMap, element_text, member_ranges, refreshed
 from stockade.backends.nftables.netlink import ElementChange, MapChange, NftNetlink
 from stockade.backends.nftables.render import (
     FLOWLOG_SETS,
     Layout,
     NftablesArtifact,
+    NftSet,
     SetKind,
     net_element,
     nft_set_name,
@@ -61,7 +63,7 @@ from stockade.backends.nftables.runner import (
 )
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, RenderError
-from stockade.model.addresses import AddressRanges, Family
+from stockade.model.addresses import AddressRanges, Family, IPNetwork, network_range
 
 NFTABLES_CAPABILITIES = frozenset(Capability)
 
@@ -264,30 +266,75 @@ def delta_maps(
     """
     sets = list(applied.sets)
     index = {s.name: i for i, s in enumerate(sets)}
+    nested = frozenset((d.name, d.family) for d in deltas if _nests(d, sets, index))
     for c in delta_changes(deltas):
         i = index.get(c.set_name)
         if i is None:
             raise ApplyError(f"set {c.set_name} is not in the applied ruleset; reload the full policy")
         gone = set(c.delete)
-        if not gone <= set(sets[i].members):
+        have = set(sets[i].members)
+        if not gone <= have:
             raise ApplyError(f"set {c.set_name}: removed members are not in the applied ruleset; reload")
-        kept = [m for m in sets[i].members if m not in gone]
-        sets[i] = replace(sets[i], members=tuple(sorted({*kept, *c.add})))
-    after = replace(applied, sets=tuple(sets))
-    changed = {f: frozenset(d.name for d in deltas if d.family is f) for f in Family}
-    members = {f: after.members(f) for f in Family if changed[f]}
+        sets[i] = replace(sets[i], members=tuple(sorted((have - gone) | set(c.add))))
+    cache: dict[tuple[str, Family], tuple[tuple[int, int], ...]] = {}
+
+    def ranges(peer: str, family: Family) -> tuple[tuple[int, int], ...]:
+        key = (peer, family)
+        if key not in cache:
+            parts = [sets[index[nft_set_name(peer, family, k)]].members for k in SetKind
+                     if nft_set_name(peer, family, k) in index]
+            cache[key] = member_ranges(m for p in parts for m in p)
+        return cache[key]
+
+    changed = {
+        f: {d.name: (member_ranges(d.added), member_ranges(d.removed)) for d in deltas if d.family is f}
+        for f in Family
+    }
     maps: list[TierMap] = []
     out: list[MapChange] = []
     for m in applied.maps:
-        new = refreshed(m, changed[m.family], members[m.family]) if changed[m.family] else m
+        fam_nested = frozenset(name for name, f in nested if f is m.family)
+        new, (add, delete) = refreshed(m, changed[m.family], _PeerRanges(ranges, m.family), fam_nested)
         maps.append(new)
-        if new is not m:
-            old_e, new_e = set(m.elements), set(new.elements)
-            add = tuple(_elem(e) for e in sorted(new_e - old_e))
-            delete = tuple(_elem(e) for e in sorted(old_e - new_e))
-            if add or delete:
-                out.append(MapChange(m.name, 4 if m.family is Family.V4 else 16, add, delete))
-    return replace(after, maps=tuple(maps)), tuple(out)
+        if add or delete:
+            addr_bytes = 4 if m.family is Family.V4 else 16
+            out.append(MapChange(m.name, addr_bytes, tuple(map(_elem, add)), tuple(map(_elem, delete))))
+    return replace(applied, sets=tuple(sets), maps=tuple(maps)), tuple(out)
+
+
+def _nests(d: SetDelta, sets: list[NftSet], index: dict[str, int]) -> bool:
+    """Whether a CIDR of ``d`` lies inside or around another member of its set (before or after):
+    then the set's outermost CIDRs change beyond ``d`` itself. Single addresses never nest with
+    each other, so a delta of single addresses into a set without CIDRs needs no scan."""
+    def members(kind: SetKind) -> tuple[IPNetwork, ...]:
+        i = index.get(nft_set_name(d.name, d.family, kind))
+        return () if i is None else sets[i].members
+
+    wide = [m for m in (*members(SetKind.NET), *d.added) if m.prefixlen != m.max_prefixlen]
+    if not wide:
+        return False
+    everything = [network_range(m) for m in (*members(SetKind.HOST), *members(SetKind.NET), *d.added)]
+    for c in (*d.added, *d.removed):
+        lo, hi = network_range(c)
+        if any((a, b) != (lo, hi) and (a <= lo <= hi <= b or lo <= a <= b <= hi) for a, b in everything):
+            return True
+    return False
+
+
+class _PeerRanges(Mapping[str, tuple[tuple[int, int], ...]]):
+    """Peer name -> merged address ranges of one family, computed on first use."""
+
+    def __init__(self, fn: Callable[[str, Family], tuple[tuple[int, int], ...]], family: Family) -> None:
+        self._fn, self._family = fn, family
+
+    def __getitem__(self, peer: str) -> tuple[tuple[int, int], ...]:
+        return self._fn(peer, self._family)
+
+    def __iter__(self) -> Iterator[str]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
 
 
 def _elem(e: MapElement) -> tuple[int, int, int, int, int, str]:

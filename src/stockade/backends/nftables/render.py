@@ -199,15 +199,6 @@ class NftablesArtifact:
             out.append("}")
         return "\n".join(out) + "\n"
 
-    def members(self, family: Family) -> dict[str, tuple[tuple[int, int], ...]]:
-        """Every peer set of ``family`` (host and net parts together) as merged ranges, by peer name."""
-        parts: dict[str, list[IPNetwork]] = {}
-        for s in self.sets:
-            peer, _, rest = s.name.rpartition(f"_v{family.value}_")
-            if peer and rest in ("host", "net") and s.family is family:
-                parts.setdefault(peer, []).extend(s.members)
-        return {peer: member_ranges(nets) for peer, nets in parts.items()}
-
     def set_named(self, name: str) -> NftSet:
         for s in self.sets:
             if s.name == name:

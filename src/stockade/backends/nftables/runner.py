@@ -40,10 +40,7 @@ def without_elements(listing: str, sets: tuple[str, ...]) -> str:
         text = line.strip()
         if not inside:
             inside = text.startswith("set ") and text.endswith(" {") and text[4:-2] in sets
-        elif skipping:
-            skipping = not text.endswith("}")
-            continue
-        elif text.startswith("elements = {"):
+        elif skipping or text.startswith("elements = {"):
             skipping = not text.endswith("}")
             continue
         elif text == "}":
