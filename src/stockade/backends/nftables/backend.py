@@ -26,8 +26,6 @@ chain headers and rule lines exactly (counters zeroed), set members as address r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import replace
 from enum import Enum
 
 from stockade.backends.base import (
@@ -38,13 +36,12 @@ from stockade.backends.base import (
     check_delta_capabilities,
 )
 from stockade.backends.common import rule_difference
-from stockade.backends.nftables.lookup import MapElement, TierMap, element_text, member_ranges, refreshed
-from stockade.backends.nftables.netlink import ElementChange, MapChange, NftNetlink
+from stockade.backends.nftables.lookup import MapElement, TierMap
+from stockade.backends.nftables.netlink import ElementChange, NftNetlink
 from stockade.backends.nftables.render import (
     FLOWLOG_SETS,
     Layout,
     NftablesArtifact,
-    NftSet,
     SetKind,
     net_element,
     nft_set_name,
@@ -63,7 +60,7 @@ from stockade.backends.nftables.runner import (
 )
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, RenderError
-from stockade.model.addresses import AddressRanges, Family, IPNetwork, network_range
+from stockade.model.addresses import AddressRanges, Family
 
 NFTABLES_CAPABILITIES = frozenset(Capability)
 
@@ -127,38 +124,26 @@ class NftablesBackend:
         """Replace the table by ``artifact`` in one transaction (idle: delete it)."""
         if artifact.table != self.table:
             raise ApplyError(f"artifact is for table {artifact.table!r}, backend owns {self.table!r}")
-        self.runner.load(artifact.to_text())  # ApplyError: the old table (and _applied) stays
-        self._applied = artifact
+        self.runner.load(artifact.to_text())
 
     def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
         """Delete and add set members in one transaction; rules are not touched.
 
         Raises ApplyError (and changes nothing) when a set is missing or a removed member
-        is not in the kernel: the caller should then reload the full policy.
-
-        In the lookup layout the verdict maps hold peer addresses too: the backend keeps the
-        artifact it applied, recomputes the map elements of the tier groups using a changed set
-        and sends their difference in the same transaction (ApplyError, asking for a reload,
-        when this backend has not applied a lookup artifact itself).
+        is not in the kernel: the caller should then reload the full policy. The lookup
+        layout's dispatch maps are keyed by port, never by peer address, so a delta is the
+        same set-element change in both layouts.
         """
         check_delta_capabilities(self.name, self.capabilities, deltas)
         changes = delta_changes(deltas)
-        applied = self._applied
-        map_changes: tuple[MapChange, ...] = ()
-        if applied is not None and applied.maps:
-            applied, map_changes = delta_maps(applied, deltas)
-        elif self.layout is Layout.LOOKUP and applied is None and changes:
-            raise ApplyError("no applied ruleset to apply a set delta to; reload the full policy")
-        if not changes and not map_changes:
+        if not changes:
             return
-        # one kernel transaction: on ApplyError nothing changed and ``_applied`` still holds
         if self.delta_path is DeltaPath.NETLINK:
             if self._netlink is None:
                 self._netlink = NftNetlink(self.netns)
-            self._netlink.change_elements(self.table, changes, map_changes)
+            self._netlink.change_elements(self.table, changes)
         else:
-            self.runner.load(delta_script(self.table, changes, map_changes))
-        self._applied = applied
+            self.runner.load(delta_script(self.table, changes))
 
     def read_back(self) -> str:
         listing = self.runner.list_table(self.table)
@@ -166,7 +151,6 @@ class NftablesBackend:
         return "" if listing is None else normalise_counters(without_elements(listing, FLOWLOG_SETS))
 
     def remove(self) -> None:
-        self._applied = None
         self.runner.load(f"table inet {self.table}\ndelete table inet {self.table}\n")
 
     def flow_source(self) -> NflogFlows:
@@ -241,6 +225,7 @@ class NftablesBackend:
 
 
 def _map_problems(want: tuple[TierMap, ...], have: dict[str, set[MapElement]]) -> list[str]:
+    """What differs between the dispatch maps expected and those listed."""
     problems: list[str] = []
     for m in want:
         got = have.pop(m.name, None)
@@ -256,91 +241,6 @@ def _map_problems(want: tuple[TierMap, ...], have: dict[str, set[MapElement]]) -
     return problems
 
 
-def delta_maps(
-    applied: NftablesArtifact, deltas: tuple[SetDelta, ...]
-) -> tuple[NftablesArtifact, tuple[MapChange, ...]]:
-    """``applied`` after ``deltas`` and the verdict-map element changes that take the kernel there.
-
-    Only the tier groups whose rules use a changed set are recomputed; their elements are
-    diffed against the applied ones (a one-peer delta: a few elements per group using it).
-    """
-    sets = list(applied.sets)
-    index = {s.name: i for i, s in enumerate(sets)}
-    nested = frozenset((d.name, d.family) for d in deltas if _nests(d, sets, index))
-    for c in delta_changes(deltas):
-        i = index.get(c.set_name)
-        if i is None:
-            raise ApplyError(f"set {c.set_name} is not in the applied ruleset; reload the full policy")
-        gone = set(c.delete)
-        have = set(sets[i].members)
-        if not gone <= have:
-            raise ApplyError(f"set {c.set_name}: removed members are not in the applied ruleset; reload")
-        sets[i] = replace(sets[i], members=tuple(sorted((have - gone) | set(c.add))))
-    cache: dict[tuple[str, Family], tuple[tuple[int, int], ...]] = {}
-
-    def ranges(peer: str, family: Family) -> tuple[tuple[int, int], ...]:
-        key = (peer, family)
-        if key not in cache:
-            parts = [sets[index[nft_set_name(peer, family, k)]].members for k in SetKind
-                     if nft_set_name(peer, family, k) in index]
-            cache[key] = member_ranges(m for p in parts for m in p)
-        return cache[key]
-
-    changed = {
-        f: {d.name: (member_ranges(d.added), member_ranges(d.removed)) for d in deltas if d.family is f}
-        for f in Family
-    }
-    maps: list[TierMap] = []
-    out: list[MapChange] = []
-    for m in applied.maps:
-        fam_nested = frozenset(name for name, f in nested if f is m.family)
-        new, (add, delete) = refreshed(m, changed[m.family], _PeerRanges(ranges, m.family), fam_nested)
-        maps.append(new)
-        if add or delete:
-            addr_bytes = 4 if m.family is Family.V4 else 16
-            out.append(MapChange(m.name, addr_bytes, tuple(map(_elem, add)), tuple(map(_elem, delete))))
-    return replace(applied, sets=tuple(sets), maps=tuple(maps)), tuple(out)
-
-
-def _nests(d: SetDelta, sets: list[NftSet], index: dict[str, int]) -> bool:
-    """Whether a CIDR of ``d`` lies inside or around another member of its set (before or after):
-    then the set's outermost CIDRs change beyond ``d`` itself. Single addresses never nest with
-    each other, so a delta of single addresses into a set without CIDRs needs no scan."""
-    def members(kind: SetKind) -> tuple[IPNetwork, ...]:
-        i = index.get(nft_set_name(d.name, d.family, kind))
-        return () if i is None else sets[i].members
-
-    wide = [m for m in (*members(SetKind.NET), *d.added) if m.prefixlen != m.max_prefixlen]
-    if not wide:
-        return False
-    everything = [network_range(m) for m in (*members(SetKind.HOST), *members(SetKind.NET), *d.added)]
-    for c in (*d.added, *d.removed):
-        lo, hi = network_range(c)
-        if any((a, b) != (lo, hi) and (a <= lo <= hi <= b or lo <= a <= b <= hi) for a, b in everything):
-            return True
-    return False
-
-
-class _PeerRanges(Mapping[str, tuple[tuple[int, int], ...]]):
-    """Peer name -> merged address ranges of one family, computed on first use."""
-
-    def __init__(self, fn: Callable[[str, Family], tuple[tuple[int, int], ...]], family: Family) -> None:
-        self._fn, self._family = fn, family
-
-    def __getitem__(self, peer: str) -> tuple[tuple[int, int], ...]:
-        return self._fn(peer, self._family)
-
-    def __iter__(self) -> Iterator[str]:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-
-def _elem(e: MapElement) -> tuple[int, int, int, int, int, str]:
-    return (e.addr_lo, e.addr_hi, e.proto, e.port_lo, e.port_hi, e.chain)
-
-
 def delta_changes(deltas: tuple[SetDelta, ...]) -> tuple[ElementChange, ...]:
     """Each SetDelta split into its host-set and net-set element changes."""
     out: list[ElementChange] = []
@@ -354,16 +254,9 @@ def delta_changes(deltas: tuple[SetDelta, ...]) -> tuple[ElementChange, ...]:
     return tuple(out)
 
 
-def _map_lines(table: str, verb: str, m: MapChange, elems: tuple[tuple[int, int, int, int, int, str], ...]) -> str:
-    family = Family.V4 if m.addr_bytes == 4 else Family.V6
-    texts = [element_text(MapElement(*e), family) for e in elems]
-    text = ", ".join(t.split(" : ")[0] if verb == "delete" else t for t in texts)
-    return f"{verb} element inet {table} {m.map_name} {{ {text} }}"
-
-
-def delta_script(table: str, changes: tuple[ElementChange, ...], maps: tuple[MapChange, ...] = ()) -> str:
+def delta_script(table: str, changes: tuple[ElementChange, ...]) -> str:
     """The same changes as an ``nft -f`` transaction (deletes first)."""
-    lines: list[str] = [_map_lines(table, "delete", m, m.delete) for m in maps if m.delete]
+    lines: list[str] = []
     for c in changes:
         if c.delete:
             elems = ", ".join(net_element(n) for n in c.delete)
@@ -372,5 +265,4 @@ def delta_script(table: str, changes: tuple[ElementChange, ...], maps: tuple[Map
         if c.add:
             elems = ", ".join(net_element(n) for n in c.add)
             lines.append(f"add element inet {table} {c.set_name} {{ {elems} }}")
-    lines += [_map_lines(table, "add", m, m.add) for m in maps if m.add]
     return "\n".join(lines) + "\n"

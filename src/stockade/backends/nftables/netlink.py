@@ -59,14 +59,8 @@ NFTA_SET_ELEM_LIST_SET = 2
 NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
-NFTA_SET_ELEM_DATA = 2
 NFTA_SET_ELEM_FLAGS = 3
-NFTA_SET_ELEM_KEY_END = 10
 NFTA_DATA_VALUE = 1
-NFTA_DATA_VERDICT = 2
-NFTA_VERDICT_CODE = 1
-NFTA_VERDICT_CHAIN = 2
-NFT_GOTO = -4
 NFT_SET_ELEM_INTERVAL_END = 0x1
 
 ELEMENTS_PER_MESSAGE = 1024
@@ -81,19 +75,6 @@ class ElementChange:
     interval: bool
     add: tuple[IPNetwork, ...]
     delete: tuple[IPNetwork, ...]
-
-
-@dataclass(frozen=True)
-class MapChange:
-    """Elements to delete from and add to one concatenated-interval verdict map (lookup layout).
-
-    Each element is (address lo, address hi, protocol, port lo, port hi, goto chain) with the
-    address width ``addr_bytes`` (4 or 16)."""
-
-    map_name: str
-    addr_bytes: int
-    add: tuple[tuple[int, int, int, int, int, str], ...]
-    delete: tuple[tuple[int, int, int, int, int, str], ...]
 
 
 # ---- encoding -------------------------------------------------------------------------
@@ -135,41 +116,6 @@ def interval_elements(net: IPNetwork) -> list[bytes]:
     return out
 
 
-def _concat_key(addr: int, proto: int, port: int, addr_bytes: int) -> bytes:
-    """``addr . proto . port``: every field padded to a 4-byte register, as nft sends it."""
-    return addr.to_bytes(addr_bytes, "big") + bytes((proto, 0, 0, 0)) + port.to_bytes(2, "big") + b"\0\0"
-
-
-def map_element(elem: tuple[int, int, int, int, int, str], addr_bytes: int, with_data: bool) -> bytes:
-    """One NFTA_LIST_ELEM of a pipapo verdict map: start key, end key and ``goto <chain>``."""
-    lo, hi, proto, plo, phi, chain = elem
-    parts = [
-        _nest(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, _concat_key(lo, proto, plo, addr_bytes))),
-        _nest(NFTA_SET_ELEM_KEY_END, _attr(NFTA_DATA_VALUE, _concat_key(hi, proto, phi, addr_bytes))),
-    ]
-    if with_data:
-        verdict = _attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_GOTO)) + _attr(
-            NFTA_VERDICT_CHAIN, chain.encode() + b"\0"
-        )
-        parts.append(_nest(NFTA_SET_ELEM_DATA, _nest(NFTA_DATA_VERDICT, verdict)))
-    return _nest(NFTA_LIST_ELEM, *parts)
-
-
-def _map_messages(table: str, change: MapChange, delete: bool) -> Iterator[tuple[int, int, bytes]]:
-    head = _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _attr(
-        NFTA_SET_ELEM_LIST_SET, change.map_name.encode() + b"\0"
-    )
-    elems = change.delete if delete else change.add
-    msg = NFT_MSG_DELSETELEM if delete else NFT_MSG_NEWSETELEM
-    flags = NLM_F_REQUEST | NLM_F_ACK | (0 if delete else NLM_F_CREATE)
-    for i in range(0, len(elems), ELEMENTS_PER_MESSAGE):
-        body = head + _nest(
-            NFTA_SET_ELEM_LIST_ELEMENTS,
-            *(map_element(e, change.addr_bytes, not delete) for e in elems[i : i + ELEMENTS_PER_MESSAGE]),
-        )
-        yield (NFNL_SUBSYS_NFTABLES << 8) | msg, flags, body
-
-
 def _element_messages(
     table: str, change: ElementChange, nets: tuple[IPNetwork, ...], msg: int, flags: int
 ) -> Iterator[tuple[int, int, bytes]]:
@@ -183,24 +129,17 @@ def _element_messages(
         yield (NFNL_SUBSYS_NFTABLES << 8) | msg, flags, body
 
 
-def build_batch(
-    table: str, changes: tuple[ElementChange, ...], first_seq: int, maps: tuple[MapChange, ...] = ()
-) -> tuple[bytes, list[int]]:
+def build_batch(table: str, changes: tuple[ElementChange, ...], first_seq: int) -> tuple[bytes, list[int]]:
     """The whole batch and the sequence numbers of its element messages (each asks for an ack)."""
-    chains = {e[5] for m in maps for e in (*m.add, *m.delete)}
-    for name in (table, *(c.set_name for c in changes), *(m.map_name for m in maps), *chains):
+    for name in (table, *(c.set_name for c in changes)):
         if not _NAME_RE.match(name):
             raise ApplyError(f"invalid nftables name {name!r}")
     parts: list[tuple[int, int, bytes]] = []
     for c in changes:
         parts += _element_messages(table, c, c.delete, NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
-    for m in maps:
-        parts += _map_messages(table, m, delete=True)
     for c in changes:
         create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
         parts += _element_messages(table, c, c.add, NFT_MSG_NEWSETELEM, create)
-    for m in maps:
-        parts += _map_messages(table, m, delete=False)
     seq = first_seq
     chunks = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES, b"")]
     seqs: list[int] = []
@@ -243,15 +182,12 @@ class NftNetlink:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def change_elements(
-        self, table: str, changes: tuple[ElementChange, ...], maps: tuple[MapChange, ...] = ()
-    ) -> None:
-        """Apply every delete and add of ``changes`` and ``maps`` to ``inet <table>`` as one transaction."""
+    def change_elements(self, table: str, changes: tuple[ElementChange, ...]) -> None:
+        """Apply every delete and add of ``changes`` to ``inet <table>`` as one transaction."""
         changes = tuple(c for c in changes if c.add or c.delete)
-        maps = tuple(m for m in maps if m.add or m.delete)
-        if not changes and not maps:
+        if not changes:
             return
-        batch, seqs = build_batch(table, changes, self._seq, maps)
+        batch, seqs = build_batch(table, changes, self._seq)
         self._seq = seqs[-1] + 2
         if len(batch) > self._sndbuf:
             self._sndbuf = max(len(batch) * 2, 1 << 20)

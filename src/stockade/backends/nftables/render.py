@@ -65,11 +65,11 @@ from stockade.backends.flowlog import FlowAction, log_prefix, validate_log_group
 from stockade.backends.nftables.lookup import (
     TIER_NAMES,
     TierMap,
-    build_tier_map,
     check_unique_chains,
     lookup_rule,
+    map_name,
     map_text,
-    member_ranges,
+    port_groups,
     port_parts,
     rule_chain,
 )
@@ -475,29 +475,40 @@ def _list_part(rule: HostRule) -> tuple[ServiceEntry, ...] | None:
     return tuple(e for e in rule.services if not e.proto.has_ports)
 
 
+def _group_lines(direction: Direction, rules: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    """A port group's chain: each rule's four peer sets (v4/v6 x host/net), ``goto`` its verdict."""
+    field = "saddr" if direction is Direction.INBOUND else "daddr"
+    lines: list[str] = []
+    for peer, chain in dict.fromkeys(rules):  # the same rule twice adds nothing
+        for family, proto in ((Family.V4, "ip"), (Family.V6, "ip6")):
+            for kind in (SetKind.HOST, SetKind.NET):
+                lines.append(f"{proto} {field} @{nft_set_name(peer, family, kind)} goto {chain}")
+    return tuple(lines)
+
+
 def _lookup_rules(
-    hp: HostPolicy, direction: Direction, opts: _Options, members: dict[Family, dict[str, tuple[tuple[int, int], ...]]]
+    hp: HostPolicy, direction: Direction, opts: _Options
 ) -> tuple[list[str], list[TierMap], list[NftChain]]:
-    """Chain lines, verdict maps and per-rule verdict chains of one direction's rules."""
+    """Chain lines, dispatch maps and the group and verdict chains of one direction's rules."""
     lines: list[str] = []
     maps: list[TierMap] = []
     chains: dict[str, NftChain] = {}
     for action in TIER_NAMES:
         tier = tuple(r for r in hp.rules if r.direction is direction and r.action is action)
         check_unique_chains(tier)
-        for family in (Family.V4, Family.V6):
-            name = f"{'in' if direction is Direction.INBOUND else 'out'}_{TIER_NAMES[action]}_v{family.value}"
-            tmap = build_tier_map(name, family, tier, members[family])
-            if tmap.groups:
-                maps.append(tmap)
-                lines.append(lookup_rule(direction, tmap))
+        tmap = TierMap(map_name(direction, action), direction, port_groups(tier, Family.V4))
+        if tmap.groups:
+            maps.append(tmap)
+            lines.append(lookup_rule(tmap))
+            for i, group in enumerate(tmap.groups):
+                name = tmap.group_chain(i)
+                chains[name] = NftChain(name, None, None, _group_lines(direction, group.rules))
         for rule in tier:
-            parts = [port_parts(rule, f) for f in (Family.V4, Family.V6)]
-            if any(parts):
+            parts = port_parts(rule, Family.V4)
+            if parts:
                 comment = _comment(rule.rule_id)
                 verdict = f"{_verdict(rule.action, rule.rule_id, opts)} {comment}"
-                udp = any(17 in p for p in parts)
-                head = udp_log_once(_silent(rule.action, opts), comment) if udp else []
+                head = udp_log_once(_silent(rule.action, opts), comment) if 17 in parts else []
                 chains[rule_chain(rule)] = NftChain(rule_chain(rule), None, None, (*head, verdict))
             part = _list_part(rule)
             if part is None or part:
@@ -546,9 +557,8 @@ def render_nftables(
         for rule in hp.rules:
             (inbound if rule.direction is Direction.INBOUND else outbound).extend(_host_rule_lines(rule, opts))
     else:
-        members = {f: {s.name: member_ranges(s.members) for s in hp.sets if s.family is f} for f in Family}
         for direction, lines in ((Direction.INBOUND, inbound), (Direction.OUTBOUND, outbound)):
-            more, dmaps, dchains = _lookup_rules(hp, direction, opts, members)
+            more, dmaps, dchains = _lookup_rules(hp, direction, opts)
             lines.extend(more)
             maps += dmaps
             verdict_chains += dchains

@@ -199,7 +199,7 @@ def _bounds(value: Any) -> tuple[int, int]:
 
 
 def map_elements(items: list[dict[str, Any]]) -> dict[str, set[MapElement]]:
-    """Every verdict map of a JSON table listing, by name, as :class:`MapElement` s."""
+    """Every dispatch map of a JSON table listing, by name, as :class:`MapElement` s."""
     out: dict[str, set[MapElement]] = {}
     for item in items:
         m = item.get("map")
@@ -210,12 +210,12 @@ def map_elements(items: list[dict[str, Any]]) -> dict[str, set[MapElement]]:
             if isinstance(key, dict) and "elem" in key:
                 key = key["elem"]["val"]
             fields = key.get("concat") if isinstance(key, dict) else None
-            if not fields or len(fields) != 3 or not isinstance(verdict, dict) or len(verdict) != 1:
+            if not fields or len(fields) != 2 or not isinstance(verdict, dict) or len(verdict) != 1:
                 raise BackendError(f"unexpected map element in nft JSON: {key!r}: {verdict!r}")
-            (kind, target), = verdict.items()
-            (alo, ahi), (proto, _), (plo, phi) = (_bounds(f) for f in fields)
-            chain = f"{target['target']}" if kind == "goto" else f"{kind}:{target}"
-            elems.add(MapElement(alo, ahi, proto, plo, phi, chain))
+            ((kind, target),) = verdict.items()
+            (proto, _), (plo, phi) = (_bounds(f) for f in fields)
+            chain = str(target["target"]) if kind == "jump" else f"{kind}:{target}"
+            elems.add(MapElement(proto, plo, phi, chain))
         out[m["name"]] = elems
     return out
 
