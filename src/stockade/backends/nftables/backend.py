@@ -36,10 +36,9 @@ from stockade.backends.base import (
     check_delta_capabilities,
 )
 from stockade.backends.common import rule_difference
-from stockade.backends.nftables.lookup import MapElement, TierMap
+from stockade.backends.nftables.lookup import FLOWLOG_SETS, MapElement, TierMap
 from stockade.backends.nftables.netlink import ElementChange, NftNetlink
 from stockade.backends.nftables.render import (
-    FLOWLOG_SETS,
     Layout,
     NftablesArtifact,
     SetKind,

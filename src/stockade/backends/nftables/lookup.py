@@ -22,7 +22,8 @@ delta. Keyed by port, the map changes only with the rules (a reload), the peer s
 same named sets as before and a peer delta stays one set-element change.
 
 Only TCP and UDP are dispatched (``any`` contributes its TCP/UDP part); ICMP and any-protocol
-rules keep list lines after their tier's lookup.
+rules keep list lines after their tier's lookup. The UDP log-once lines of the verdict chains
+(:func:`udp_log_once`) live here too.
 """
 
 from __future__ import annotations
@@ -146,6 +147,38 @@ def element_text(e: MapElement) -> str:
 def lookup_rule(tmap: TierMap) -> str:
     """The chain line that looks ``tmap`` up, exactly as ``nft list`` prints it."""
     return f"meta l4proto . th dport vmap @{tmap.name}"
+
+
+# ---- flow logging once per UDP flow -----------------------------------------------------
+
+FLOWLOG_SETS = ("flowlog_v4", "flowlog_v6")
+FLOWLOG_TIMEOUT_S = 30  # nf_conntrack's timeout of an unreplied UDP flow
+
+
+def flowlog_set_text(name: str) -> str:
+    addr = "ipv4_addr" if name.endswith("v4") else "ipv6_addr"
+    return "\n".join((
+        f"\tset {name} {{",
+        f"\t\ttype {addr} . {addr} . inet_service . inet_service",
+        "\t\tsize 65536",
+        "\t\tflags dynamic,timeout",
+        f"\t\ttimeout {FLOWLOG_TIMEOUT_S}s",
+        "\t}",
+    ))
+
+
+def udp_log_once(silent: str, comment: str) -> list[str]:
+    """Lines before a logging verdict that log a UDP flow once, not every packet of it.
+
+    A one-way UDP flow never leaves conntrack's NEW state, so each of its packets reaches the
+    verdict. The first one is logged and its 4-tuple added to ``flowlog_v4``/``_v6`` (dynamic
+    sets, 30 s timeout like an unreplied UDP flow); later ones match the set and get the same
+    verdict (``silent``) without a log. nft adds the family and protocol dependencies itself
+    (and lists the lines without them)."""
+    keys = [(f"{ip} saddr . {ip} daddr . udp sport . udp dport", f"flowlog_v{v}") for ip, v in (("ip", 4), ("ip6", 6))]
+    return [f"{key} @{name} {silent} {comment}" for key, name in keys] + [
+        f"add @{name} {{ {key} }} {comment}" for key, name in keys
+    ]
 
 
 def check_unique_chains(rules: Iterable[HostRule]) -> None:
