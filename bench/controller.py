@@ -348,7 +348,8 @@ async def _setup_policy(c: Conn, key: str, n: int) -> None:
     for k in range(apps):
         for role in ("web", "db"):
             await ok("POST", "/pairing-profiles", {"name": f"app-{k}-{role}", "mode": "full",
-                                                   "labels": {"app": f"app-{k}", "role": role}})
+                                                   "labels": {"app": f"app-{k}", "role": role},
+                                                   "code_max_uses": 1_000_000})  # one code per profile
 
 
 async def _enrol(port: int, key: str, n: int) -> list[Agent]:

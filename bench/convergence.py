@@ -117,9 +117,9 @@ def main() -> None:
                       controller.ca_cert)
             api.ok("PUT", "/policy/draft", content=estate_yaml(n), headers={"Content-Type": "application/yaml"})
             api.ok("POST", "/policy/provision", 201, json={"message": "convergence bench"})
-            code = api.activation_code("bench")
             t0 = time.monotonic()
-            for h in hosts:
+            for h in hosts:  # declared by the estate: each agent adopts its workload with its own code
+                code = api.adoption_code("bench", h.name)
                 a = AgentProcess(h.name, lab.netns(h.name), tmp / "state" / h.name, controller.url, code,
                                  tmp / f"agent-{h.name}.log", ca_cert=controller.ca_cert)
                 a.start()

@@ -224,7 +224,7 @@ def enroll(ctl: Controller, hosts: list[Host]) -> list[tuple[Host, str, str]]:
     ctl.ok("POST", "/pairing-profiles", json={"name": "bench", "mode": "visibility"})
     out = []
     for h in hosts:
-        code = ctl.ok("POST", "/pairing-profiles/bench/codes")["code"]
+        code = ctl.ok("POST", "/pairing-profiles/bench/codes", json={"workload": h.name})["code"]  # declared: adopt
         a = ctl.ok("POST", "/agents/enroll", json={"activation_code": code, "hostname": h.name,
                                                    "interfaces": [{"name": "eth0", "addresses": [h.ip]}]})
         out.append((h, a["agent_id"], a["token"]))

@@ -9,6 +9,11 @@ from typing import Any
 
 from tests.api.conftest import Api
 
+from stockade.compiler import HostPolicy
+from stockade.compiler.delta import UpdateKind, apply_update, policy_update_from_dict
+from stockade.controller.services.distribution import HISTORY, PolicyDistributor, policy_hash
+from stockade.controller.storage.db import HostStateRow
+
 POLICY = [
     ("/services", {"name": "pg", "ports": ["5432/tcp"]}),
     ("/rulesets", {"name": "shop", "scope": [{"labels": {"app": "shop"}}], "rules": [
@@ -168,3 +173,94 @@ def test_wait_can_acknowledge(sqlite_api: Api) -> None:
     api.ok("GET", f"/agents/{agent['agent_id']}/policy/wait", headers=token,
            params={"after": rev, "applied": rev, "timeout": 0})
     assert api.ok("GET", "/convergence")["lagging"] == []
+
+
+# ---- deltas: from the compiler, composed, bounded history (issue 13 item 3) ------------------------
+
+
+def _held(api: Api, aid: str, token: dict[str, str]) -> tuple[int, HostPolicy]:
+    """What an agent holds after a full fetch: the revision and the decoded policy."""
+    upd = policy_update_from_dict(api.ok("GET", f"/agents/{aid}/policy", headers=token))
+    assert upd.kind is UpdateKind.FULL and upd.policy is not None
+    return upd.revision, upd.policy
+
+
+def _enrolled_db(api: Api) -> tuple[str, dict[str, str]]:
+    for path, body in POLICY:
+        api.ok("POST", path, 201, json=body)
+    api.ok("POST", "/policy/provision", 201, json={"message": "v1"})
+    r = enroll(api, profile(api), "db-1", "10.0.0.2")
+    assert r.status_code == 201, r.text
+    return r.json()["agent_id"], api.headers(r.json()["token"])
+
+
+def _web(api: Api, i: int) -> None:
+    api.ok("POST", "/workloads", 201, json={"name": f"web-{i}", "labels": {"app": "shop", "role": "web"},
+                                            "interfaces": [{"name": "eth0", "addresses": [f"10.0.{i}.1"]}]})
+
+
+def test_agents_1_3_and_history_plus_1_behind_converge(api: Api) -> None:
+    aid, token = _enrolled_db(api)
+    held = dict([_held(api, aid, token)])
+    for i in range(1, HISTORY + 2):
+        _web(api, i)  # one new peer: db-1 moves one revision, a set delta from the compiler
+        rev, hp = _held(api, aid, token)
+        assert rev == max(held) + 1
+        held[rev] = hp
+    current = max(held)
+    for behind, kind in ((1, UpdateKind.DELTA), (3, UpdateKind.DELTA), (HISTORY + 1, UpdateKind.FULL)):
+        since = current - behind
+        upd = policy_update_from_dict(api.ok("GET", f"/agents/{aid}/policy", headers=token, params={"since": since}))
+        assert upd.kind is kind and upd.revision == current, behind
+        if kind is UpdateKind.DELTA:
+            assert upd.base == since
+            (d,) = upd.set_deltas  # the new web addresses, composed into one delta of one set
+            assert len(d.added) == behind and not d.removed
+        assert apply_update(held[since], since, upd) == held[current]
+    # the same through the long-poll's inline answer
+    inline = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token,
+                    params={"after": current - 3, "timeout": 0, "include_policy": "true"})
+    upd = policy_update_from_dict(inline["policy"])
+    assert upd.kind is UpdateKind.DELTA and apply_update(held[current - 3], current - 3, upd) == held[current]
+    # a rules change (db-1 relabelled) cannot be a delta: every older revision gets the full policy
+    body = api.ok("GET", "/workloads/db-1")["body"]
+    api.ok("PUT", "/workloads/db-1", json={**body, "labels": {"app": "shop", "role": "web"}})
+    upd = policy_update_from_dict(api.ok("GET", f"/agents/{aid}/policy", headers=token, params={"since": current}))
+    assert upd.kind is UpdateKind.FULL and upd.revision == current + 1
+
+
+def test_one_transaction_with_several_changes_is_one_composed_delta(api: Api) -> None:
+    aid, token = _enrolled_db(api)
+    rev, old = _held(api, aid, token)
+    docs = [
+        "apiVersion: stockade.io/v1\nkind: Workload\n"
+        f"name: web-{i}\nlabels: {{app: shop, role: web}}\ninterfaces: [{{name: eth0, addresses: [10.0.1.{i}]}}]\n"
+        for i in (2, 3, 5)
+    ]
+    api.ok("PUT", "/policy/draft", content="---\n".join(docs),
+           headers={**api.owner, "Content-Type": "application/yaml"})
+    upd = policy_update_from_dict(api.ok("GET", f"/agents/{aid}/policy", headers=token, params={"since": rev}))
+    assert upd.kind is UpdateKind.DELTA and upd.revision == rev + 1  # one import, one revision
+    (d,) = upd.set_deltas
+    # .2 came as a /32, then .3 merged it into a /31: the composition sends only the net CIDRs
+    assert [str(n) for n in d.added] == ["10.0.1.2/31", "10.0.1.5/32"] and d.removed == ()
+    assert apply_update(old, rev, upd) == _held(api, aid, token)[1]
+
+
+def test_policy_hashes_are_written_by_flush_and_survive_a_restart(api: Api) -> None:
+    _enrolled_db(api)
+    _web(api, 1)
+    dist = api.ctl.dist
+    rev = dist.revisions["db-1"]
+    with dist.sessions.begin() as db:
+        assert db.get(HostStateRow, "db-1").policy_hash == ""  # a bump hashes nothing
+    dist.flush()
+    with dist.sessions.begin() as db:
+        assert db.get(HostStateRow, "db-1").policy_hash == policy_hash(dist.history["db-1"].policy)
+    again = PolicyDistributor(dist.sessions)
+    again.load()
+    assert again.revisions["db-1"] == rev  # hashed: a restart keeps the revision
+    _web(api, 2)  # bumped, not flushed: a restart cannot tell, so it bumps (the agent reloads)
+    again = PolicyDistributor(dist.sessions)
+    again.load()
+    assert again.revisions["db-1"] == rev + 2

@@ -32,11 +32,11 @@ def load_estate(api: Api) -> None:
 
 
 def agent_for(api: Api, workload: str) -> tuple[str, dict[str, str]]:
-    """Enrol an agent that adopts ``workload`` (reporting the addresses it already has)."""
+    """Enrol an agent that adopts ``workload`` (an adoption code; reporting the addresses it already has)."""
     body = api.ok("GET", f"/workloads/{workload}")["body"]
     name = f"p-{workload}"
     api.ok("POST", "/pairing-profiles", 201, json={"name": name})
-    code = api.ok("POST", f"/pairing-profiles/{name}/codes", 201)["code"]
+    code = api.ok("POST", f"/pairing-profiles/{name}/codes", 201, json={"workload": workload})["code"]
     r = api.client.post("/api/v1/agents/enroll", json={"activation_code": code, "hostname": workload,
                                                        "interfaces": body["interfaces"]})
     assert r.status_code == 201, r.text

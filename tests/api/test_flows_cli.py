@@ -28,7 +28,7 @@ def test_flows_suggest_and_impact_commands(tmp_path: Path) -> None:
             assert c.post("/policy/provision", json={"message": "estate"}).status_code == 201
             body = c.get("/workloads/app-prod-1").json()["body"]
             assert c.post("/pairing-profiles", json={"name": "p"}).status_code == 201
-            code = c.post("/pairing-profiles/p/codes").json()["code"]
+            code = c.post("/pairing-profiles/p/codes", json={"workload": "app-prod-1"}).json()["code"]  # adoption
             agent = c.post("/agents/enroll", json={"activation_code": code, "hostname": "app-prod-1",
                                                    "interfaces": body["interfaces"]}).json()
             t = time.time() - 10

@@ -221,11 +221,13 @@ class SimulatedAgent:
 
 
 def enroll(c: Console, hostname: str, profile: str = "simulated") -> SimulatedAgent:
-    """Enrol an agent for ``hostname`` (an existing workload of that name is adopted)."""
+    """Enrol an agent for ``hostname`` (an existing workload of that name is adopted, with an adoption code)."""
     if not any(p["name"] == profile for p in c.get("/pairing-profiles")):
         c.post("/pairing-profiles", {"name": profile, "mode": "visibility"})
-    code = c.post(f"/pairing-profiles/{profile}/codes", {})["code"]
     existing = c.api.get(f"/workloads/{hostname}")
+    # an existing workload is taken over only with an adoption code issued for it
+    code = c.post(f"/pairing-profiles/{profile}/codes", {"workload": hostname} if existing.status_code == 200
+                  else {})["code"]
     interfaces = existing.json()["body"]["interfaces"] if existing.status_code == 200 else []
     r = httpx.post(f"{c.url}/api/v1/agents/enroll", timeout=60,  # the agent reports its addresses on enrolment
                    json={"activation_code": code, "hostname": hostname, "interfaces": interfaces})

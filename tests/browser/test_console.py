@@ -195,8 +195,8 @@ def test_pairing_profile_activation_code_and_install_command(page: Any, console:
     code = dialog.locator('[data-role="code"]').inner_text().strip()
     command = dialog.locator('[data-role="install-command"]').inner_text().strip()
     assert code.startswith("act_")
-    assert command == (f"sudo stockade agent install --controller {console.url} "
-                       f"--activation-code {code} --start")
+    assert command == (f"echo {code} | sudo stockade agent install --controller {console.url} "
+                       "--activation-code-file - --start")  # never an argument: visible in ps
     dialog.get_by_role("button", name="Copy").click()
     expect(dialog.get_by_role("button", name="Copied")).to_be_visible()
     assert page.evaluate("navigator.clipboard.readText()") == command

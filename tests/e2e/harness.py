@@ -170,9 +170,18 @@ class Api:
         self.ok("PUT", "/policy/draft", content=text, headers={"Content-Type": "application/yaml"})
         self.ok("POST", "/policy/provision", 201, json={"message": "e2e: the example estate"})
 
-    def activation_code(self, profile: str, labels: dict[str, str] | None = None, mode: str = "full") -> str:
-        self.ok("POST", "/pairing-profiles", 201, json={"name": profile, "labels": labels or {}, "mode": mode})
+    def activation_code(self, profile: str, labels: dict[str, str] | None = None, mode: str = "full",
+                        uses: int = 1) -> str:
+        """A new profile and a code enrolling ``uses`` new workloads (codes are single use by default)."""
+        self.ok("POST", "/pairing-profiles", 201, json={"name": profile, "labels": labels or {}, "mode": mode,
+                                                        "code_max_uses": uses})
         return str(self.ok("POST", f"/pairing-profiles/{profile}/codes", 201)["code"])
+
+    def adoption_code(self, profile: str, workload: str) -> str:
+        """A code that enrols as the existing workload ``workload`` (keeping its labels and mode)."""
+        if self.http.get(f"/pairing-profiles/{profile}").status_code == 404:
+            self.ok("POST", "/pairing-profiles", 201, json={"name": profile, "mode": "visibility"})
+        return str(self.ok("POST", f"/pairing-profiles/{profile}/codes", 201, json={"workload": workload})["code"])
 
     def agents(self) -> dict[str, dict[str, Any]]:
         return {a["workload"]: a for a in self.ok("GET", "/agents") if not a["revoked"]}
@@ -212,13 +221,14 @@ class AgentProcess:
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "stockade.agent", "--netns", self.netns,
-                "--controller", self.controller, "--activation-code", self.code,
+                "--controller", self.controller,
                 "--state-dir", str(self.state_dir), "--hostname", self.name,
                 *(["--ca-cert", str(self.ca_cert)] if self.ca_cert else []), *self.extra]
 
     def start(self) -> None:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log)
+        env = {**os.environ, "STOCKADE_ACTIVATION_CODE": self.code}  # never on the command line (ps)
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, env=env)
 
     @property
     def pid(self) -> int:

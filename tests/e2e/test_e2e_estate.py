@@ -59,12 +59,13 @@ class World:
     api: Api
     controller: ControllerProcess
     agents: dict[str, AgentProcess]
-    lab_code: str
     tmp: Path
 
     def agent(self, name: str, code: str | None = None) -> AgentProcess:
+        """An agent for ``name``; without ``code``, an adoption code for the declared workload ``name``."""
+        code = code or self.api.adoption_code("lab", name)
         a = AgentProcess(name, self.lab.netns(name), self.tmp / "state" / name, CONTROLLER,
-                         code or self.lab_code, self.tmp / f"agent-{name}.log", ca_cert=self.controller.ca_cert)
+                         code, self.tmp / f"agent-{name}.log", ca_cert=self.controller.ca_cert)
         self.agents[name] = a
         return a
 
@@ -95,8 +96,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             api.import_estate()
             role = api.ok("GET", "/label-keys/role")["body"]
             api.ok("PUT", "/label-keys/role", json={**role, "values": [*role["values"], "batch"]})
-            code = api.activation_code("lab")
-            w = World(lab, api, controller, {}, code, tmp)
+            w = World(lab, api, controller, {}, tmp)
             for name in AGENT_HOSTS:
                 w.agent(name).start()
             took = wait_for(lambda: api.converged(list(AGENT_HOSTS)), 60.0, 0.1)

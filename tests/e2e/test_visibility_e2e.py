@@ -77,8 +77,8 @@ def running_world(tmp: Path, agent_args: tuple[str, ...] = (),
             api.import_estate()
             for name in AGENTS:
                 api.ok("PUT", f"/workloads/{name}/mode", json={"mode": "visibility"})
-            code = api.activation_code("vis", mode="visibility")
-            for name in AGENTS:
+            for name in AGENTS:  # the estate declares these workloads: adopted, keeping their labels
+                code = api.adoption_code("vis", name)
                 agents[name] = AgentProcess(name, lab.netns(name), tmp / "state" / name, CONTROLLER, code,
                                             tmp / f"agent-{name}.log", ca_cert=controller.ca_cert, extra=agent_args)
                 agents[name].start()

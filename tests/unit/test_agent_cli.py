@@ -38,12 +38,21 @@ def test_exec_start_quotes_arguments() -> None:
     assert "'web 1'" in line and "'/srv/s a'" in line
 
 
-def test_install_writes_unit_and_keeps_the_code_out_of_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["file", "stdin", "env"])
+def test_install_writes_unit_and_keeps_the_code_out_of_it(tmp_path: Path, source: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     unit_dir, state_dir = tmp_path / "units", tmp_path / "state"
+    given = tmp_path / "code.txt"
+    given.write_text("act_SECRETCODE\n")
+    code_args = {"file": ["--activation-code-file", str(given)], "stdin": ["--activation-code-file", "-"],
+                 "env": []}[source]
+    if source == "env":
+        monkeypatch.setenv("STOCKADE_ACTIVATION_CODE", "act_SECRETCODE")
     result = CliRunner().invoke(
         main,
-        ["agent", "install", "--controller", "https://10.70.0.1:8443", "--activation-code", "act_SECRETCODE",
+        ["agent", "install", "--controller", "https://10.70.0.1:8443", *code_args,
          "--state-dir", str(state_dir), "--unit-dir", str(unit_dir), "--python", "/opt/stockade/bin/python"],
+        input="act_SECRETCODE\n" if source == "stdin" else None,
     )
     assert result.exit_code == 0, result.output
     unit = (unit_dir / UNIT_NAME).read_text()
@@ -54,6 +63,20 @@ def test_install_writes_unit_and_keeps_the_code_out_of_it(tmp_path: Path) -> Non
     code_file = state_dir / "activation-code"
     assert code_file.read_text() == "act_SECRETCODE"
     assert stat.S_IMODE(code_file.stat().st_mode) == 0o600
+    assert "STOCKADE_ACTIVATION_CODE" not in os.environ  # read once, not inherited by children
+
+
+def test_the_code_is_never_a_command_line_argument(tmp_path: Path) -> None:
+    """Command lines are world-readable (ps): neither the agent nor install takes the code there."""
+    for argv in (["agent", "--activation-code", "act_X"], ["agent", "install", "--controller", "https://c",
+                                                          "--activation-code", "act_X"]):
+        result = CliRunner().invoke(main, [*argv, "--state-dir", str(tmp_path)])
+        assert result.exit_code == 2 and "No such option" in result.output
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    result = CliRunner().invoke(main, ["agent", "install", "--controller", "https://c", "--activation-code-file",
+                                       str(empty), "--state-dir", str(tmp_path / "s"), "--unit-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "is empty" in result.output
 
 
 def test_stashed_code_is_used_once_then_deleted(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from stockade.agent.backoff import Backoff, BackoffPolicy
-from stockade.agent.enforcer import Enforcer, apply_set_deltas
+from stockade.agent.enforcer import Enforcer
 from stockade.agent.fake import MemoryBackend, wait_until
 from stockade.agent.host import host_report_from_netlink
 from stockade.agent.state import CachedPolicy, Credential, StateDir
@@ -24,8 +24,9 @@ from stockade.agent.transport import UpdateKind, policy_update_from_dict
 from stockade.agent.watch import CommandFeed, feed_for
 from stockade.backends.base import Capability
 from stockade.compiler import diff_sets, host_policy_to_dict
+from stockade.compiler.delta import apply_set_deltas
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule, SetDelta
-from stockade.errors import ApplyError, UnsupportedFeatureError, ValidationError
+from stockade.errors import ApplyError, ConflictError, UnsupportedFeatureError, ValidationError
 from stockade.model.addresses import Family
 from stockade.model.policy import Failsafe
 from stockade.model.rules import Action
@@ -108,7 +109,7 @@ def test_bad_ca_is_refused(tmp_path: Path) -> None:
 
 def test_policy_update_decodes_full_delta_and_unchanged() -> None:
     hp = host_policy()
-    full = policy_update_from_dict({"revision": 3, "policy": host_policy_to_dict(hp)})
+    full = policy_update_from_dict({"revision": 3, "full": host_policy_to_dict(hp)})
     assert full.kind is UpdateKind.FULL and full.policy == hp and full.revision == 3
     wire_delta = {"name": "peer1", "family": 4, "added": ["10.0.0.9/32"], "removed": []}
     delta = policy_update_from_dict({"revision": 4, "base": 3, "set_deltas": [wire_delta]})
@@ -121,10 +122,10 @@ def test_policy_update_decodes_full_delta_and_unchanged() -> None:
     "body",
     [
         [],
-        {"policy": {}},
+        {"full": {}},
         {"revision": "x"},
-        {"revision": 2, "policy": {"workload": "w"}},
-        {"revision": 2, "policy": "text"},
+        {"revision": 2, "full": {"workload": "w"}},
+        {"revision": 2, "full": "text"},
         {"revision": 2, "base": 1, "set_deltas": [{"name": "p", "family": 5}]},
         {"revision": 2, "base": 1, "set_deltas": [{"name": "p", "family": 4, "added": ["not-an-ip"]}]},
         {"revision": 2, "base": 1, "set_deltas": "no"},
@@ -147,7 +148,7 @@ def test_apply_set_deltas_equals_the_new_policy() -> None:
 
 
 def test_apply_set_deltas_rejects_unknown_sets() -> None:
-    with pytest.raises(ValueError, match="unknown sets"):
+    with pytest.raises(ConflictError, match="unknown set"):
         apply_set_deltas(host_policy(), (SetDelta("nope", Family.V4, (N("10.9.9.9/32"),), ()),))
 
 

@@ -158,7 +158,7 @@ def test_malformed_policy_is_refused_and_previous_stays(h: Harness) -> None:
     a = h.agent()
     a.start()
     assert wait(lambda: h.acked() == [1])
-    h.controller.override = {"revision": 2, "policy": {"workload": "web1", "mode": "full"}}
+    h.controller.override = {"revision": 2, "full": {"workload": "web1", "mode": "full"}}
     h.controller.publish(host_policy(port=8080))
     assert wait(lambda: bool(h.events(EventKind.POLICY_REFUSED)))
     assert "malformed" in h.events(EventKind.POLICY_REFUSED)[0]
@@ -200,7 +200,7 @@ def test_policy_for_another_workload_is_refused(h: Harness) -> None:
     a = h.agent()
     a.start()
     assert wait(lambda: h.acked() == [1])
-    h.controller.override = {"revision": 2, "policy": host_policy_to_dict(host_policy(workload="db1"))}
+    h.controller.override = {"revision": 2, "full": host_policy_to_dict(host_policy(workload="db1"))}
     h.controller.publish(host_policy(port=5432))
     assert wait(lambda: bool(h.events(EventKind.POLICY_REFUSED)))
     assert "db1" in h.events(EventKind.POLICY_REFUSED)[0]

@@ -23,9 +23,11 @@ ALLOWED: dict[str, set[str]] = {
     "backends": {"errors", "model", "compiler", "bpf"},  # bpf: the eBPF C sources and their build
     "visibility": {"errors", "model", "compiler", "evaluator"},
     "lab": {"errors", "model", "compiler", "evaluator", "backends", "codec", "policyfile", "paths"},
-    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs"},
+    "agent_signature": {"errors"},  # the agent request signature, shared by agent and controller
+    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs", "agent_signature"},
     "controller": {
         "errors", "model", "compiler", "evaluator", "codec", "policyfile", "visibility", "backends", "web", "logs",
+        "agent_signature",
     },
     "logs": set(),
 }

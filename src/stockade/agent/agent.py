@@ -22,10 +22,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from stockade.agent.backoff import Backoff, BackoffPolicy
-from stockade.agent.enforcer import CacheStart, Enforcer, apply_set_deltas, enforce_cache
+from stockade.agent.enforcer import CacheStart, Enforcer, enforce_cache
 from stockade.agent.flows import FlowCollector, collector_for
 from stockade.agent.host import HostReport
 from stockade.agent.hostinfo import AddressWatcher, read_host
@@ -43,10 +43,13 @@ from stockade.agent.transport import (
     UpdateKind,
 )
 from stockade.agent.watch import ChangeFeed, feed_for
+from stockade.agent_signature import new_private_key, public_key_text
+from stockade.compiler.delta import apply_update
 from stockade.compiler.ir import HostPolicy
 from stockade.errors import (
     AuthError,
     BackendError,
+    ConflictError,
     NotFoundError,
     RenderError,
     StockadeError,
@@ -236,17 +239,21 @@ class Agent:
         if cred is not None:
             client = self.client_factory(cred.controller, self.state.load_ca())
             client.use_credential(cred, self.state.load_ca())
+            if cred.key_file is None:
+                cred = self._bind_key(client, cred)
             self.credential = cred
             return client
         url = self.options.controller
         code = self.options.activation_code or self.state.load_activation_code()
         if not url or not code:
-            raise AuthError("not enrolled: --controller and --activation-code are needed the first time")
+            raise AuthError("not enrolled: --controller and an activation code (--activation-code-file or "
+                            "STOCKADE_ACTIVATION_CODE) are needed the first time")
+        public_key = public_key_text(self.state.load_or_create_key())  # made here; only its public half leaves
         client = self.client_factory(url, self.state.load_ca())
         backoff = Backoff(self.options.backoff)
         while not self._stop.is_set():
             try:
-                enrollment = client.enroll(code, self.host_reader())
+                enrollment = client.enroll(code, self.host_reader(), public_key)
             except ControllerUnreachableError as exc:
                 delay = backoff.next_delay()
                 log.info("enrolment: controller unreachable (%s); retrying in %.2fs", exc, delay)
@@ -262,7 +269,7 @@ class Agent:
                 continue
             if enrollment.ca_pem:
                 self.state.save_ca(enrollment.ca_pem)
-            cred = Credential(url, enrollment.agent_id, enrollment.token, enrollment.workload)
+            cred = Credential(url, enrollment.agent_id, enrollment.token, enrollment.workload, self.state.key_path)
             self.state.save_credential(cred)
             self.state.clear_activation_code()
             client.use_credential(cred, enrollment.ca_pem or self.state.load_ca())
@@ -271,6 +278,23 @@ class Agent:
             return client
         client.close()
         return None
+
+    def _bind_key(self, client: ControllerClient, cred: Credential) -> Credential:
+        """Enrolled before agent keys: bind one now, so a copied token stops being enough.
+        Best effort: an unreachable controller leaves the token working alone until next start."""
+        key = new_private_key()
+        self.state.save_next_key(key)
+        try:
+            client.rotate_key(key)
+        except StockadeError as exc:
+            self.state.drop_next_key()
+            log.warning("could not bind a key to this agent's credential (%s); will retry at next start", exc)
+            return cred
+        self.state.promote_next_key()
+        bound = replace(cred, key_file=self.state.key_path)
+        client.use_credential(bound, self.state.load_ca())
+        log.info("bound a host key to agent %s: its requests are signed from now on", cred.agent_id)
+        return bound
 
     # ---- 4/5. the main thread ----------------------------------------------------------------------
     def _main(self) -> None:
@@ -419,13 +443,12 @@ class Agent:
         if upd.kind is UpdateKind.UNCHANGED:
             return None
         if upd.kind is UpdateKind.DELTA:
-            current = self.enforcer.policy
-            if current is None or upd.base != self.applied_revision:
-                return self._resolve(client, client.fetch_policy(None))
             try:
-                new_hp = apply_set_deltas(current, upd.set_deltas)
-            except ValueError:
+                new_hp = apply_update(self.enforcer.policy, self.applied_revision, upd)
+            except ConflictError as exc:  # not from what is in force, or does not fit it exactly
+                log.info("delta %s -> %d refused (%s); fetching the full policy", upd.base, upd.revision, exc)
                 return self._resolve(client, client.fetch_policy(None))
+            assert new_hp is not None
             try:
                 self.enforcer.apply_delta(new_hp, upd.set_deltas)
             except StockadeError as exc:

@@ -18,7 +18,7 @@ import difflib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Generic, Protocol
 
 from stockade.agent.state import StateDir
@@ -36,9 +36,8 @@ from stockade.backends.base import (
     VerifyReport,
     check_delta_capabilities,
 )
-from stockade.compiler.ir import AddressSet, HostPolicy, SetDelta
+from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, BackendError, StockadeError, ValidationError
-from stockade.model.addresses import IPNetwork
 from stockade.model.workloads import EnforcementMode
 
 
@@ -50,30 +49,6 @@ class TamperReport:
     restored: bool
     error: str = ""
     seconds: float = 0.0  # from the start of the check to the verified restore
-
-
-def apply_set_deltas(hp: HostPolicy, deltas: tuple[SetDelta, ...]) -> HostPolicy:
-    """``hp`` with the deltas' members added/removed (pure). Unknown sets are an error."""
-    by_key = {(d.name, d.family): d for d in deltas}
-    known = {(s.name, s.family) for s in hp.sets}
-    unknown = sorted(f"{n}/v{f.value}" for n, f in by_key if (n, f) not in known)
-    if unknown:
-        raise ValueError(f"delta for unknown sets: {', '.join(unknown)}")
-    sets: list[AddressSet] = []
-    for s in hp.sets:
-        d = by_key.get((s.name, s.family))
-        if d is None:
-            sets.append(s)
-            continue
-        members: set[IPNetwork] = set(s.members)
-        members.difference_update(d.removed)
-        members.update(d.added)
-        sets.append(replace(s, members=tuple(sorted(members, key=_net_key))))
-    return replace(hp, sets=tuple(sets))
-
-
-def _net_key(n: IPNetwork) -> tuple[int, int]:
-    return int(n.network_address), n.prefixlen
 
 
 def summarise_difference(expected: str, actual: str, limit: int = 6) -> str:

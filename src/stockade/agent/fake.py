@@ -1,11 +1,11 @@
 """An in-memory controller and a ``ControllerClient`` speaking to it, for tests.
 
 :class:`FakeController` keeps what the real controller keeps for agents (activation codes,
-agents and their tokens, per-workload policy revisions with a short history for deltas,
-acks, heartbeats, host reports, events) and lets a test misbehave on purpose: go
-unreachable, answer with a malformed or foreign policy, or move a revision backwards.
-Answers go through the same wire decoding as the HTTP client
-(:func:`~stockade.agent.transport.policy_update_from_dict`).
+agents and their tokens, per-workload policy revisions with a bounded
+:class:`~stockade.compiler.delta.HostHistory` for deltas, acks, heartbeats, host reports,
+events) and lets a test misbehave on purpose: go unreachable, answer with a malformed or
+foreign policy, or move a revision backwards. Answers are encoded and decoded by the one wire
+codec (:mod:`stockade.compiler.delta`), as the real controller and the HTTP client do.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stockade.agent.enforcer import apply_set_deltas
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from stockade.agent.host import HostReport
 from stockade.agent.state import Credential
 from stockade.agent.transport import (
@@ -27,11 +28,19 @@ from stockade.agent.transport import (
     Heartbeat,
     LongPollAnswer,
     PolicyUpdate,
-    policy_update_from_dict,
 )
+from stockade.agent_signature import public_key_text
 from stockade.backends.base import Capability, VerifyReport, check_capabilities
-from stockade.compiler import diff_sets, host_policy_to_dict, host_policy_to_json
-from stockade.compiler.ir import HostPolicy, SetDelta
+from stockade.backends.setalgebra import apply_set_deltas
+from stockade.compiler import host_policy_to_json
+from stockade.compiler.delta import (
+    HostHistory,
+    Step,
+    delta_between,
+    policy_update_from_dict,
+    policy_update_to_dict,
+)
+from stockade.compiler.ir import HostDelta, HostPolicy, SetDelta
 from stockade.errors import ApplyError, AuthError, NotFoundError
 
 
@@ -45,6 +54,7 @@ class FakeAgent:
     hosts: list[HostReport] = field(default_factory=list)
     events: list[AgentEvent] = field(default_factory=list)
     unenrolled: bool = False
+    public_key: str | None = None
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -67,7 +77,7 @@ class FakeController:
         self.codes: dict[str, str] = {}
         self.agents: dict[str, FakeAgent] = {}
         self.revisions: dict[str, int] = {}
-        self.policies: dict[str, dict[int, HostPolicy]] = {}
+        self.histories: dict[str, HostHistory] = {}
         self.override: dict[str, Any] | None = None  # next fetch answers this raw body, once
         self.announce: int | None = None  # long-poll answers this revision instead
         self.fetches: list[tuple[str, int | None]] = []
@@ -76,15 +86,26 @@ class FakeController:
     def add_code(self, code: str, workload: str) -> None:
         self.codes[code] = workload
 
-    def publish(self, hp: HostPolicy) -> int:
-        """A new revision of ``hp.workload``'s policy; wakes its long-polls."""
+    def publish(self, hp: HostPolicy, set_deltas: tuple[SetDelta, ...] | None = None) -> int:
+        """A new revision of ``hp.workload``'s policy; wakes its long-polls.
+
+        ``set_deltas``: the step from the previous revision as a compiler would give it
+        (None: computed here, or a rules change); a wrong one reaches the agent as it is.
+        """
         with self.cond:
             rev = self.revisions.get(hp.workload, 0) + 1
             self.revisions[hp.workload] = rev
-            hist = self.policies.setdefault(hp.workload, {})
-            hist[rev] = hp
-            for old in sorted(hist)[: -self.history]:
-                del hist[old]
+            prev = self.histories.get(hp.workload)
+            if prev is None:
+                self.histories[hp.workload] = HostHistory.begin(rev, hp, self.history)
+            else:
+                step = set_deltas if set_deltas is not None else delta_between(prev.policy, hp)
+                delta = HostDelta(hp.workload, hp, step is None, step or ())
+                after = prev.after(delta, rev)
+                if after is None:  # the same policy again: an empty step
+                    after = HostHistory(rev, hp, (*prev.steps, Step(prev.revision, rev, ()))[-self.history :],
+                                        self.history)
+                self.histories[hp.workload] = after
             self.cond.notify_all()
             return rev
 
@@ -111,12 +132,13 @@ class FakeController:
                 return a
         raise AuthError("unknown or revoked agent token")
 
-    def enroll(self, code: str, host: HostReport) -> Enrollment:
+    def enroll(self, code: str, host: HostReport, public_key: str | None = None) -> Enrollment:
         self._check_up()
         workload = self.codes.get(code)
         if workload is None:
             raise AuthError("invalid activation code")
-        a = FakeAgent(f"agent-{len(self.agents) + 1}", secrets.token_hex(16), workload, hosts=[host])
+        a = FakeAgent(f"agent-{len(self.agents) + 1}", secrets.token_hex(16), workload, hosts=[host],
+                      public_key=public_key)
         self.agents[a.agent_id] = a
         return Enrollment(a.agent_id, a.token, workload)
 
@@ -138,32 +160,11 @@ class FakeController:
             if self.override is not None:
                 raw, self.override = self.override, None
                 return policy_update_from_dict(raw)
-            rev = self.revisions.get(workload)
-            if rev is None:
+            hist = self.histories.get(workload)
+            if hist is None:
                 raise NotFoundError(f"no policy for {workload!r}")
-            hist = self.policies[workload]
-            hp = hist[rev]
-            body: dict[str, Any]
-            if since == rev:
-                body = {"revision": rev, "base": since, "set_deltas": []}
-            elif self.deltas and since in hist and hist[since].rules_key() == hp.rules_key():
-                deltas = diff_sets(hist[since].sets, hp.sets)
-                body = {
-                    "revision": rev,
-                    "base": since,
-                    "set_deltas": [
-                        {
-                            "name": d.name,
-                            "family": d.family.value,
-                            "added": [str(n) for n in d.added],
-                            "removed": [str(n) for n in d.removed],
-                        }
-                        for d in deltas
-                    ],
-                }
-            else:
-                body = {"revision": rev, "policy": host_policy_to_dict(hp)}
-            return policy_update_from_dict(body)
+            update = hist.update_since(since if self.deltas or since == hist.revision else None)
+            return policy_update_from_dict(policy_update_to_dict(update))
 
 
 class FakeControllerClient:
@@ -177,8 +178,8 @@ class FakeControllerClient:
         self.closed = threading.Event()
         self.reconnects = 0
 
-    def enroll(self, activation_code: str, host: HostReport) -> Enrollment:
-        return self.controller.enroll(activation_code, host)
+    def enroll(self, activation_code: str, host: HostReport, public_key: str | None = None) -> Enrollment:
+        return self.controller.enroll(activation_code, host, public_key)
 
     def use_credential(self, credential: Credential, ca_pem: str | None) -> None:
         self.token = credential.token
@@ -214,6 +215,9 @@ class FakeControllerClient:
 
     def unenroll(self) -> None:
         self.controller.agent(self.token).unenrolled = True
+
+    def rotate_key(self, new_key: Ed25519PrivateKey) -> None:
+        self.controller.agent(self.token).public_key = public_key_text(new_key)
 
     def reconnect(self) -> None:
         self.reconnects += 1

@@ -34,6 +34,7 @@ from stockade.agent.backoff import Backoff, BackoffPolicy
 from stockade.agent.enforcer import Enforcer
 from stockade.agent.http_client import API_PREFIX, CONNECT_TIMEOUT, REQUEST_TIMEOUT, pinned_context, raise_for
 from stockade.agent.nflog import VERDICTS, LoggedPacket, NflogReader
+from stockade.agent.signing import AgentAuth
 from stockade.agent.state import Credential
 from stockade.agent.transport import ControllerUnreachableError
 from stockade.backends.base import EventFlows, FlowEventStream, NflogFlows
@@ -116,7 +117,8 @@ class HttpFlowSender:
             verify=pinned_context(ca_pem) if ca_pem else True,
             timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
             transport=transport,
-            headers={"User-Agent": f"stockade-agent/{__version__}", "Authorization": f"Bearer {credential.token}"},
+            headers={"User-Agent": f"stockade-agent/{__version__}"},
+            auth=AgentAuth(credential),  # bearer token + the host key's signature
         )
 
     def send(self, batch: FlowBatch) -> None:

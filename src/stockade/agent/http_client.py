@@ -2,7 +2,7 @@
 
 Speaks the agent protocol of :mod:`stockade.controller.api.agents` under ``/api/v1``::
 
-    POST /agents/enroll                      {activation_code, hostname, interfaces, agent_version}
+    POST /agents/enroll                      {activation_code, hostname, interfaces, agent_version, public_key}
     PUT  /agents/{id}/interfaces             {interfaces: [{name, addresses}]}
     POST /agents/{id}/heartbeat              {applied_revision, mode, tamper_count}
     GET  /agents/{id}/policy/wait?after=N&timeout=S&include_policy=true[&applied=A]
@@ -10,7 +10,11 @@ Speaks the agent protocol of :mod:`stockade.controller.api.agents` under ``/api/
     GET  /agents/{id}/policy[?since=N]       -> {revision, full | null, base, set_deltas}
     POST /agents/{id}/ack                    {revision}
     POST /agents/{id}/events                 {events: [{kind, detail, revision, time}]}
+    POST /agents/{id}/key                    {public_key, proof}   (key rotation)
     POST /agents/{id}/unenroll               {}
+
+Every call after enrolment carries the bearer token and the signature of the agent's host key
+(:class:`stockade.agent.signing.AgentAuth`).
 
 Pinning: with a CA PEM, the TLS context trusts that CA and nothing else (not the system
 store), so a controller certificate from any other authority is refused. ``http://`` URLs
@@ -30,9 +34,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from stockade import __version__
+from stockade import agent_signature as sig
 from stockade.agent.host import HostReport
+from stockade.agent.signing import AgentAuth
 from stockade.agent.state import Credential
 from stockade.agent.transport import (
     AgentEvent,
@@ -111,6 +118,7 @@ class HttpControllerClient:
         self._transport = transport
         self._ca_pem = ca_pem
         self._credential: Credential | None = None
+        self._auth: AgentAuth | None = None
         self._client = self._build(ca_pem)
         self._missing: set[str] = set()  # endpoints the controller does not have (logged once)
 
@@ -133,9 +141,6 @@ class HttpControllerClient:
             raise AuthError("not enrolled")
         return f"/agents/{self._credential.agent_id}/{suffix}"
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._credential.token}"} if self._credential else {}
-
     def _request(
         self,
         method: str,
@@ -145,7 +150,9 @@ class HttpControllerClient:
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> httpx.Response:
-        kwargs: dict[str, Any] = {"headers": self._headers(), "params": params}
+        kwargs: dict[str, Any] = {"params": params}
+        if self._auth is not None:
+            kwargs["auth"] = self._auth
         if json is not None:
             kwargs["json"] = json
         if timeout is not None:
@@ -182,13 +189,15 @@ class HttpControllerClient:
             raise
 
     # ---- ControllerClient ------------------------------------------------------------------
-    def enroll(self, activation_code: str, host: HostReport) -> Enrollment:
+    def enroll(self, activation_code: str, host: HostReport, public_key: str | None = None) -> Enrollment:
         body = {
             "activation_code": activation_code,
             "hostname": host.hostname,
             "interfaces": host.to_dict()["interfaces"],
             "agent_version": __version__,
         }
+        if public_key is not None:
+            body["public_key"] = public_key
         data = self._json(self._request("POST", "/agents/enroll", json=body))
         try:
             return Enrollment(str(data["agent_id"]), str(data["token"]), str(data["workload"]), data.get("ca_pem"))
@@ -197,6 +206,7 @@ class HttpControllerClient:
 
     def use_credential(self, credential: Credential, ca_pem: str | None) -> None:
         self._credential = credential
+        self._auth = AgentAuth(credential)
         if ca_pem != self._ca_pem:
             old, self._client, self._ca_pem = self._client, self._build(ca_pem), ca_pem
             old.close()
@@ -239,6 +249,13 @@ class HttpControllerClient:
 
     def unenroll(self) -> None:
         self._request("POST", self._agent_path("unenroll"), json={})
+
+    def rotate_key(self, new_key: Ed25519PrivateKey) -> None:
+        if self._credential is None:
+            raise AuthError("not enrolled")
+        public = sig.public_key_text(new_key)
+        proof = sig.b64encode(new_key.sign(sig.rotation_message(self._credential.agent_id, public)))
+        self._request("POST", self._agent_path("key"), json={"public_key": public, "proof": proof})
 
     def reconnect(self) -> None:
         """Drop every pooled connection: the host's addresses changed, and a connection bound

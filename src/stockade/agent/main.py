@@ -1,8 +1,11 @@
 """Agent commands: run (``stockade agent``), ``install`` and ``uninstall``.
 
-``stockade agent --controller URL --activation-code CODE`` enrols on first run and then runs
-on the stored credential; ``--netns NS`` runs the whole agent inside a named network
-namespace (labs and end-to-end tests run several agents on one machine that way).
+``stockade agent --controller URL --activation-code-file FILE`` (or the code in the environment
+variable ``STOCKADE_ACTIVATION_CODE``) enrols on first run and then runs on the stored credential.
+The code is never an argument: command lines are world-readable (``ps``, ``/proc/*/cmdline``).
+``--netns NS`` runs the whole agent inside a named network namespace (labs and end-to-end tests
+run several agents on one machine that way). ``stockade agent rotate-key`` replaces the agent's
+host key (the running agent picks it up).
 
 Start-up latency matters (after a reboot the host is open until the cache is back), so the
 run path imports only the state dir, the backend and the enforcer, enforces the cached
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -38,6 +42,7 @@ from stockade.errors import StockadeError, ValidationError
 
 log = logging.getLogger("stockade.agent")
 DEFAULT_BACKEND = "nftables"
+CODE_ENV = "STOCKADE_ACTIVATION_CODE"
 T = TypeVar("T")
 
 
@@ -72,9 +77,29 @@ def make_backend(name: str, table: str | None) -> Any:
     return get_backend(name, **options)
 
 
+def read_activation_code(path: str | None) -> str | None:
+    """The code from ``path`` ("-": standard input) or, without one, from $STOCKADE_ACTIVATION_CODE
+    (removed from the environment once read, so no child process inherits it)."""
+    env = os.environ.pop(CODE_ENV, None)
+    if path is None:
+        return env.strip() or None if env else None
+    try:
+        text = sys.stdin.read(4096) if path == "-" else Path(path).read_text()[:4096]
+    except OSError as exc:
+        _fail(f"--activation-code-file: {exc}")
+    code = text.strip()
+    if not code:
+        _fail(f"--activation-code-file: {path} is empty")
+    return code
+
+
+CODE_FILE_HELP = (f"File holding the activation code ('-': standard input); first run only. Or set ${CODE_ENV}. "
+                  "Never given as an argument: command lines are visible to every user (ps).")
+
+
 @click.group(invoke_without_command=True)
 @click.option("--controller", default=None, help="Controller URL, e.g. https://10.0.0.1:8443 (first run).")
-@click.option("--activation-code", default=None, help="Activation code from a pairing profile (first run).")
+@click.option("--activation-code-file", "code_file", default=None, help=CODE_FILE_HELP)
 @click.option("--backend", "backend_name", default=DEFAULT_BACKEND, show_default=True,
               help="Enforcement backend (see `stockade backends`).")
 @click.option("--table", default=None, help="Table the backend owns (default: the backend's own).")
@@ -91,7 +116,7 @@ def make_backend(name: str, table: str | None) -> Any:
 def agent(
     ctx: click.Context,
     controller: str | None,
-    activation_code: str | None,
+    code_file: str | None,
     backend_name: str,
     table: str | None,
     state_dir: Path,
@@ -105,6 +130,7 @@ def agent(
     """Run the agent: enforce the cached policy, enrol, follow the controller, stay enforced."""
     if ctx.invoked_subcommand is not None:
         return
+    activation_code = read_activation_code(code_file)
     if netns:
         _or_exit(lambda: enter_netns(netns))  # first: setns only moves the calling thread
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -135,6 +161,9 @@ def _run(
     from stockade.agent.agent import Agent, AgentOptions
     from stockade.agent.hostinfo import HostReport, read_host
     from stockade.agent.http_client import HttpControllerClient
+    from stockade.agent.signing import process_instance
+
+    state.save_instance(process_instance())  # CLI commands on this host sign as this process
 
     def host_reader() -> HostReport:
         report = read_host()
@@ -161,8 +190,9 @@ def _run(
 
 @agent.command()
 @click.option("--controller", required=True, help="Controller URL the agent enrols with.")
-@click.option("--activation-code", default=None,
-              help="Stored in the state dir (0600), not in the unit; used once at first start.")
+@click.option("--activation-code-file", "code_file", default=None,
+              help=f"File with the activation code ('-': standard input), or set ${CODE_ENV}. Stored in the "
+                   "state dir (0600), not in the unit; used once at first start.")
 @click.option("--backend", "backend_name", default=DEFAULT_BACKEND, show_default=True,
               help="Enforcement backend (see `stockade backends`).")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True)
@@ -174,7 +204,7 @@ def _run(
 @click.option("--start/--no-start", default=False, help="Also systemctl daemon-reload + enable --now.")
 def install(
     controller: str,
-    activation_code: str | None,
+    code_file: str | None,
     backend_name: str,
     state_dir: Path,
     ca_cert: Path | None,
@@ -185,6 +215,7 @@ def install(
 ) -> None:
     """Write the systemd unit for this agent (and stash the activation code for its first start)."""
     state = StateDir(state_dir)
+    activation_code = read_activation_code(code_file)
     if activation_code:
         state.save_activation_code(activation_code)
     if ca_cert is not None:
@@ -224,6 +255,9 @@ def uninstall(backend_name: str, table: str | None, state_dir: Path, netns: str 
         click.echo(f"warning: unreadable credential ({exc}); not telling the controller", err=True)
         cred = None
     if cred is not None:
+        from stockade.agent.signing import adopt_instance
+
+        adopt_instance(state.load_instance())
         client = HttpControllerClient(cred.controller, state.load_ca())
         client.use_credential(cred, state.load_ca())
         try:
@@ -239,6 +273,40 @@ def uninstall(backend_name: str, table: str | None, state_dir: Path, netns: str 
     if remove_unit(unit_dir):
         click.echo(f"removed {unit_dir / UNIT_NAME}")
         _systemctl("daemon-reload")
+
+
+@agent.command("rotate-key")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True)
+def rotate_key(state_dir: Path) -> None:
+    """Replace this agent's host key: the controller takes the new key on a request signed with the
+    old one; the running agent picks the new key file up. Run it if the key file may have been read."""
+    from stockade.agent.http_client import HttpControllerClient
+    from stockade.agent.signing import adopt_instance
+    from stockade.agent.transport import ControllerUnreachableError
+    from stockade.agent_signature import new_private_key
+
+    state = StateDir(state_dir)
+    cred = _or_exit(state.load_credential)
+    if cred is None:
+        _fail(f"not enrolled: no credential in {state_dir}")
+    adopt_instance(state.load_instance())  # sign as the agent process running here, if any
+    # a rotation whose outcome was unknown is retried with the same key (the controller takes the
+    # same key again as a no-op), so a lost answer never leaves the agent with a key nobody knows
+    key = _or_exit(state.load_next_key) or new_private_key()
+    _or_exit(lambda: state.save_next_key(key))
+    client = HttpControllerClient(cred.controller, state.load_ca())
+    client.use_credential(cred, state.load_ca())
+    try:
+        client.rotate_key(key)
+    except ControllerUnreachableError as exc:
+        _fail(f"{exc}; the outcome is unknown: run `stockade agent rotate-key` again")
+    except StockadeError as exc:
+        state.drop_next_key()  # refused: the old key stays
+        _fail(str(exc))
+    finally:
+        client.close()
+    state.promote_next_key()
+    click.echo(f"agent {cred.agent_id}: new host key in {state.key_path}; the old key no longer works")
 
 
 def _systemctl(*args: str) -> None:

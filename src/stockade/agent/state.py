@@ -5,9 +5,13 @@ in the same directory, fsync, rename)::
 
     /var/lib/stockade-agent/
         credential.json   {"controller": URL, "agent_id": ..., "token": ..., "workload": ...}
+        agent-key.pem     the agent's Ed25519 private key (PKCS#8): made here, never sent anywhere;
+                          every request is signed with it (stockade.agent_signature)
+        agent-key.next.pem  only during a key rotation (promoted once the controller took it)
+        instance          the running agent process's instance id (CLI commands reuse it)
         ca.pem            the controller's CA certificate (absent with --insecure-http)
         policy.json       {"revision": N, "policy": <HostPolicy JSON>} last applied policy
-        activation-code   only between `stockade agent install --activation-code` and enrolment
+        activation-code   only between `stockade agent install --activation-code-file` and enrolment
 
 The cache is what the agent enforces at start-up, before it talks to the controller, so
 a restart while the controller is down still enforces the last policy it applied.
@@ -23,16 +27,22 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stockade.compiler.ir import HostPolicy, host_policy_from_dict, host_policy_to_dict
 from stockade.errors import Issue, ValidationError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 DEFAULT_STATE_DIR = Path("/var/lib/stockade-agent")
 CREDENTIAL_FILE = "credential.json"
 CA_FILE = "ca.pem"
 POLICY_FILE = "policy.json"
 CODE_FILE = "activation-code"  # written by `stockade agent install`, deleted once enrolled
+KEY_FILE = "agent-key.pem"
+NEXT_KEY_FILE = "agent-key.next.pem"
+INSTANCE_FILE = "instance"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
@@ -45,6 +55,7 @@ class Credential:
     agent_id: str
     token: str  # bearer token; never logged
     workload: str  # the workload name the controller bound this agent to
+    key_file: Path | None = None  # the private key requests are signed with (None: enrolled before keys)
 
     def __repr__(self) -> str:
         return f"Credential(controller={self.controller!r}, agent_id={self.agent_id!r}, workload={self.workload!r})"
@@ -124,6 +135,7 @@ class StateDir:
                 agent_id=str(data["agent_id"]),
                 token=str(data["token"]),
                 workload=str(data["workload"]),
+                key_file=self.key_path if self.key_path.exists() else None,
             )
         except KeyError as exc:
             raise _bad(self.path / CREDENTIAL_FILE, f"missing field {exc}") from exc
@@ -136,6 +148,72 @@ class StateDir:
             "workload": cred.workload,
         }
         self._write(CREDENTIAL_FILE, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
+
+    # ---- the agent's key --------------------------------------------------------------------
+    @property
+    def key_path(self) -> Path:
+        return self.path / KEY_FILE
+
+    @property
+    def next_key_path(self) -> Path:
+        return self.path / NEXT_KEY_FILE
+
+    # The key functions import cryptography (~60 ms) when called, not at module import: this
+    # module is on the path that enforces the cached policy at boot, before any key is needed.
+    def load_key(self) -> Ed25519PrivateKey | None:
+        from stockade import agent_signature as sig
+
+        raw = self._read(KEY_FILE)
+        if raw is None:
+            return None
+        try:
+            return sig.load_private_key_pem(raw)
+        except sig.SignatureError as exc:
+            raise _bad(self.key_path, str(exc)) from exc
+
+    def load_or_create_key(self) -> Ed25519PrivateKey:
+        """The agent's key, made (0600) on first use."""
+        from stockade import agent_signature as sig
+
+        key = self.load_key()
+        if key is None:
+            key = sig.new_private_key()
+            self._write(KEY_FILE, sig.private_key_pem(key))
+        return key
+
+    def save_next_key(self, key: Ed25519PrivateKey) -> None:
+        from stockade import agent_signature as sig
+
+        self._write(NEXT_KEY_FILE, sig.private_key_pem(key))
+
+    def load_next_key(self) -> Ed25519PrivateKey | None:
+        """A rotation's new key, if one is under way (its outcome was not known)."""
+        from stockade import agent_signature as sig
+
+        raw = self._read(NEXT_KEY_FILE)
+        try:
+            return sig.load_private_key_pem(raw) if raw is not None else None
+        except sig.SignatureError as exc:
+            raise _bad(self.next_key_path, str(exc)) from exc
+
+    def promote_next_key(self) -> bool:
+        """Make the rotation's new key the key (atomic rename); False if there is none."""
+        try:
+            os.replace(self.next_key_path, self.key_path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def drop_next_key(self) -> None:
+        self.next_key_path.unlink(missing_ok=True)
+
+    # ---- process instance -------------------------------------------------------------------
+    def save_instance(self, instance: str) -> None:
+        self._write(INSTANCE_FILE, instance.encode())
+
+    def load_instance(self) -> str | None:
+        raw = self._read(INSTANCE_FILE)
+        return raw.decode().strip() or None if raw is not None else None
 
     # ---- CA ----------------------------------------------------------------------------
     @property
@@ -179,8 +257,8 @@ class StateDir:
 
     # ---- unenrolment ---------------------------------------------------------------------
     def wipe(self) -> None:
-        """Delete the credential, CA and cache (``stockade agent uninstall``)."""
-        for name in (CREDENTIAL_FILE, CA_FILE, POLICY_FILE, CODE_FILE):
+        """Delete the credential, key, CA and cache (``stockade agent uninstall``)."""
+        for name in (CREDENTIAL_FILE, CA_FILE, POLICY_FILE, CODE_FILE, KEY_FILE, NEXT_KEY_FILE, INSTANCE_FILE):
             (self.path / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.rmdir()

@@ -34,8 +34,8 @@ class UnitOptions:
 
 def exec_start(opts: UnitOptions) -> str:
     """The ``ExecStart=`` command line. The activation code is never in it: the first run
-    enrols by hand (or through ``stockade agent install --activation-code``, which enrols
-    before writing the unit) and later runs use the stored credential."""
+    enrols by hand (or with the code ``stockade agent install --activation-code-file`` stashed
+    in the state dir) and later runs use the stored credential."""
     # ``-m stockade.agent`` is ``stockade agent`` without the rest of the CLI's imports.
     argv = [opts.python, "-m", "stockade.agent", "--backend", opts.backend, "--state-dir", str(opts.state_dir)]
     if opts.controller:

@@ -9,22 +9,26 @@ these frozen records and the exceptions below, never HTTP:
 * :class:`~stockade.errors.AuthError` - the credential or activation code was refused;
 * :class:`~stockade.errors.ValidationError` - the controller's answer is malformed
   (e.g. a HostPolicy that does not parse): the agent refuses it with an event;
+  answers are decoded by the one wire codec,
+  :func:`stockade.compiler.delta.policy_update_from_dict` (re-exported here);
 * :class:`~stockade.errors.NotFoundError` - nothing compiled for this workload yet.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from stockade.agent.host import HostReport
 from stockade.agent.state import Credential
-from stockade.compiler.ir import HostPolicy, SetDelta, host_policy_from_dict
-from stockade.errors import Issue, StockadeError, ValidationError
-from stockade.model.addresses import Family
+from stockade.compiler.delta import PolicyUpdate as PolicyUpdate  # the wire records, re-exported
+from stockade.compiler.delta import UpdateKind as UpdateKind
+from stockade.compiler.delta import policy_update_from_dict as policy_update_from_dict
+from stockade.errors import StockadeError
 
 
 class ControllerUnreachableError(StockadeError):
@@ -42,21 +46,6 @@ class Enrollment:
 
     def __repr__(self) -> str:
         return f"Enrollment(agent_id={self.agent_id!r}, workload={self.workload!r})"
-
-
-class UpdateKind(Enum):
-    FULL = "full"  # a complete HostPolicy
-    DELTA = "delta"  # address-set member changes relative to ``base``
-    UNCHANGED = "unchanged"  # the agent already holds this revision
-
-
-@dataclass(frozen=True)
-class PolicyUpdate:
-    revision: int
-    kind: UpdateKind
-    policy: HostPolicy | None = None  # FULL only
-    base: int | None = None  # DELTA only: the revision the deltas start from
-    set_deltas: tuple[SetDelta, ...] = ()  # DELTA only
 
 
 @dataclass(frozen=True)
@@ -97,8 +86,9 @@ class Heartbeat:
 class ControllerClient(Protocol):
     """The agent's whole conversation with the controller."""
 
-    def enroll(self, activation_code: str, host: HostReport) -> Enrollment:
-        """Trade an activation code for an identity. Raises AuthError for a bad code."""
+    def enroll(self, activation_code: str, host: HostReport, public_key: str | None = None) -> Enrollment:
+        """Trade an activation code (and the public half of the host key) for an identity.
+        Raises AuthError for a bad code."""
         ...
 
     def use_credential(self, credential: Credential, ca_pem: str | None) -> None:
@@ -130,66 +120,13 @@ class ControllerClient(Protocol):
         """Tell the controller this agent is gone; its credential stops working."""
         ...
 
+    def rotate_key(self, new_key: Ed25519PrivateKey) -> None:
+        """Have the controller accept ``new_key`` for this agent (this call is signed with the
+        current key; the new key signs a proof). Enrolled before keys: binds the first key."""
+        ...
+
     def reconnect(self) -> None:
         """Drop pooled connections (the host's addresses changed); later calls reconnect."""
         ...
 
     def close(self) -> None: ...
-
-
-# ---- wire decoding shared by every implementation -----------------------------------------
-
-
-def _malformed(field: str, message: str) -> ValidationError:
-    return ValidationError([Issue("controller", 0, field, message)])
-
-
-def set_delta_from_dict(d: Any) -> SetDelta:
-    if not isinstance(d, dict):
-        raise _malformed("set_deltas", "expected an object")
-    try:
-        return SetDelta(
-            name=str(d["name"]),
-            family=Family(int(d["family"])),
-            added=tuple(ipaddress.ip_network(n) for n in d.get("added", ())),
-            removed=tuple(ipaddress.ip_network(n) for n in d.get("removed", ())),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _malformed("set_deltas", f"bad set delta: {exc!r}") from exc
-
-
-def policy_update_from_dict(d: Any) -> PolicyUpdate:
-    """Decode the controller's policy answer; :class:`ValidationError` if it is malformed.
-
-    Accepted shape: ``{"revision": N, "policy": {...}}`` (full),
-    ``{"revision": N, "base": M, "set_deltas": [...]}`` (delta) or
-    ``{"revision": N}`` with neither (unchanged).
-    """
-    if not isinstance(d, dict):
-        raise _malformed("", "expected a JSON object")
-    try:
-        revision = int(d["revision"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _malformed("revision", f"missing or not an integer: {exc!r}") from exc
-    full = d.get("policy", d.get("full"))
-    if full is not None:
-        if not isinstance(full, dict):
-            raise _malformed("policy", "expected an object")
-        try:
-            hp = host_policy_from_dict(full)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise _malformed("policy", f"not a HostPolicy: {exc!r}") from exc
-        return PolicyUpdate(revision, UpdateKind.FULL, policy=hp)
-    if d.get("base") is not None:
-        deltas = d.get("set_deltas") or []
-        if not isinstance(deltas, list):
-            raise _malformed("set_deltas", "expected a list")
-        try:
-            base = int(d["base"])
-        except (TypeError, ValueError) as exc:
-            raise _malformed("base", "not an integer") from exc
-        if base == revision and not deltas:
-            return PolicyUpdate(revision, UpdateKind.UNCHANGED)
-        parsed = tuple(set_delta_from_dict(x) for x in deltas)
-        return PolicyUpdate(revision, UpdateKind.DELTA, base=base, set_deltas=parsed)
-    return PolicyUpdate(revision, UpdateKind.UNCHANGED)

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 
 from stockade.backends.common import PORT_MAX, TYPE_MAX, entry_bounds, limit_of
-from stockade.compiler.ir import AddressSet, HostPolicy, SetDelta
-from stockade.errors import ApplyError, RenderError
+from stockade.compiler.delta import apply_set_deltas as strict_apply_set_deltas
+from stockade.compiler.ir import HostPolicy, SetDelta
+from stockade.errors import ApplyError, ConflictError, RenderError
 from stockade.model.addresses import AddressRanges, Family, IPNetwork, Range, merge_ranges, subtract_ranges
 from stockade.model.services import Proto, ServiceEntry
 
@@ -245,18 +246,10 @@ def carve(base_peer: str, space: ServiceSpace, subtrahends: Sequence[Subtrahend]
 
 
 def apply_set_deltas(hp: HostPolicy, deltas: Sequence[SetDelta]) -> HostPolicy:
-    """``hp`` with set members changed by ``deltas`` (a removed member must be present)."""
-    sets = {(s.name, s.family): s for s in hp.sets}
-    for d in deltas:
-        current = sets.get((d.name, d.family))
-        if current is None:
-            raise ApplyError(f"set delta for unknown set {d.name} ({d.family.name})")
-        members = set(current.members)
-        missing = [m for m in d.removed if m not in members]
-        if missing:
-            raise ApplyError(f"set {d.name}: cannot remove absent members {', '.join(map(str, missing))}")
-        members.difference_update(d.removed)
-        members.update(d.added)
-        merged = AddressRanges.of(members).networks(d.family)
-        sets[(d.name, d.family)] = AddressSet(current.name, current.family, merged, current.selector)
-    return replace(hp, sets=tuple(sorted(sets.values())))
+    """``hp`` with set members changed by ``deltas``: the one strict apply
+    (:func:`stockade.compiler.delta.apply_set_deltas`), its refusal raised as the
+    :class:`ApplyError` a backend's ``apply_delta`` raises (the previous policy stays in force)."""
+    try:
+        return strict_apply_set_deltas(hp, deltas)
+    except ConflictError as exc:
+        raise ApplyError(str(exc)) from exc

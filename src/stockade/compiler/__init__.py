@@ -1,6 +1,7 @@
 """The compiler: policy + inventory -> per-host HostPolicy IR, incrementally."""
 
-from stockade.compiler.compile import Compiler, compile_host, compile_policy, diff_sets, set_name
+from stockade.compiler.compile import Compiler, compile_host, compile_policy, set_name
+from stockade.compiler.delta import diff_sets
 from stockade.compiler.ir import (
     AddressSet,
     Direction,

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 
+from stockade.compiler.delta import diff_sets
 from stockade.compiler.expand import EffectiveRule, expand_rules
 from stockade.compiler.index import LabelIndex, SelectorIndex
 from stockade.compiler.ir import AddressSet, Direction, HostDelta, HostPolicy, HostRule, SetDelta
@@ -389,25 +390,6 @@ def _set_key(s: AddressSet) -> tuple[str, int]:
 
 def _net_key(n: IPv4Network | IPv6Network) -> tuple[int, int]:
     return int(n.network_address), n.prefixlen
-
-
-def diff_sets(old: tuple[AddressSet, ...], new: tuple[AddressSet, ...]) -> tuple[SetDelta, ...]:
-    """Element changes turning ``old`` sets into ``new`` ones (same names and families)."""
-    old_by = {(s.name, s.family): set(s.members) for s in old}
-    out: list[SetDelta] = []
-    for s in new:
-        prev = old_by.get((s.name, s.family), set())
-        cur = set(s.members)
-        if prev != cur:
-            out.append(
-                SetDelta(
-                    s.name,
-                    s.family,
-                    tuple(sorted(cur - prev, key=_net_key)),
-                    tuple(sorted(prev - cur, key=_net_key)),
-                )
-            )
-    return tuple(sorted(out))
 
 
 def compile_policy(policy: Policy) -> dict[str, HostPolicy]:

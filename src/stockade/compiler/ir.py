@@ -64,8 +64,16 @@ class HostPolicy:
         raise KeyError((name, family))
 
     def rules_key(self) -> tuple[object, ...]:
-        """Everything except set members: equal keys mean a delta needs no reload."""
-        return (self.mode, self.rules, self.failsafe, tuple((s.name, s.family) for s in self.sets))
+        """Everything except set members: equal keys mean set deltas alone lead from one to the
+        other (renderers use the local addresses too, so a re-addressed host needs a reload)."""
+        return (
+            self.workload,
+            self.mode,
+            self.local_addresses,
+            self.rules,
+            self.failsafe,
+            tuple((s.name, s.family) for s in self.sets),
+        )
 
 
 @dataclass(frozen=True, order=True)
@@ -78,7 +86,8 @@ class SetDelta:
 
 @dataclass(frozen=True)
 class HostDelta:
-    """What changed for one host. ``rules_changed`` means a full reload is needed."""
+    """What changed for one host. ``rules_changed`` means a full reload is needed; otherwise
+    ``set_deltas`` lead from the previous policy to ``policy`` exactly (see ``compiler.delta``)."""
 
     workload: str
     policy: HostPolicy | None  # None: the workload is gone
@@ -92,6 +101,23 @@ def _entry_dict(e: ServiceEntry) -> dict[str, Any]:
     return {"proto": e.proto.value, "first": e.first, "last": e.last}
 
 
+def rules_to_list(rules: tuple[HostRule, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "action": r.action.value,
+            "direction": r.direction.value,
+            "rule_id": r.rule_id,
+            "peer": r.peer,
+            "services": [_entry_dict(e) for e in r.services],
+        }
+        for r in rules
+    ]
+
+
+def address_set_to_dict(s: AddressSet) -> dict[str, Any]:
+    return {"name": s.name, "family": s.family.value, "selector": s.selector, "members": [str(m) for m in s.members]}
+
+
 def host_policy_to_dict(hp: HostPolicy) -> dict[str, Any]:
     return {
         "workload": hp.workload,
@@ -102,25 +128,8 @@ def host_policy_to_dict(hp: HostPolicy) -> dict[str, Any]:
             "controller_port": hp.failsafe.controller_port,
             "management": [_entry_dict(e) for e in hp.failsafe.management],
         },
-        "rules": [
-            {
-                "action": r.action.value,
-                "direction": r.direction.value,
-                "rule_id": r.rule_id,
-                "peer": r.peer,
-                "services": [_entry_dict(e) for e in r.services],
-            }
-            for r in hp.rules
-        ],
-        "sets": [
-            {
-                "name": s.name,
-                "family": s.family.value,
-                "selector": s.selector,
-                "members": [str(m) for m in s.members],
-            }
-            for s in hp.sets
-        ],
+        "rules": rules_to_list(hp.rules),
+        "sets": [address_set_to_dict(s) for s in hp.sets],
     }
 
 

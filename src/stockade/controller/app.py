@@ -38,7 +38,8 @@ from stockade.controller.api.web_mount import mount_console
 from stockade.controller.context import API, Controller, ControllerSettings
 from stockade.controller.csrf import OriginCheckMiddleware, parse_allowed_origins
 from stockade.controller.metrics import Metrics, MetricsMiddleware
-from stockade.controller.services import auth
+from stockade.controller.services import auth, enrolment
+from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import RateLimiter
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.events import SyslogForwarder
@@ -131,6 +132,8 @@ def build_controller(settings: ControllerSettings) -> Controller:
         credential = auth.bootstrap_owner(db, passwords)
     dist = PolicyDistributor(sessions)
     dist.load()
+    agent_keys = AgentKeyRing(sessions)
+    enrolment.attach(agent_keys, dist)  # clones quarantined, held reports released, refusals audited
     metrics = Metrics()
     metrics.watch(dist, settings.offline_after)
     metrics.watch_database(engine)
@@ -147,6 +150,7 @@ def build_controller(settings: ControllerSettings) -> Controller:
         login_limiter=RateLimiter(*settings.login_limit),
         enroll_limiter=RateLimiter(*settings.enroll_limit),
         passwords=passwords,
+        agent_keys=agent_keys,
         first_run_credential=credential,
         engine=engine,
         forwarder=forwarder,

@@ -1,8 +1,8 @@
 """What every route shares: the settings, the :class:`Controller` state and the auth dependency.
 
 Every route depends on :func:`require` with one :class:`~stockade.controller.services.auth.Permission`;
-agent tokens are checked in memory, API keys and sessions in a worker thread. The client's
-address (:meth:`Controller.client_host`) believes ``X-Forwarded-For`` only from
+agent tokens and request signatures are checked in memory, API keys and sessions in a worker
+thread. The client's address (:meth:`Controller.client_host`) believes ``X-Forwarded-For`` only from
 ``ControllerSettings.trusted_proxies``; ``allowed_origins`` adds origins, besides the controller's
 own, from which a browser session may change things (:mod:`stockade.controller.csrf`).
 """
@@ -23,6 +23,7 @@ from stockade.controller.csrf import parse_allowed_origins
 from stockade.controller.forwarded import TrustedProxies
 from stockade.controller.metrics import Metrics
 from stockade.controller.services import auth
+from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import (
     LockoutPolicy,
     LoginThrottle,
@@ -74,6 +75,7 @@ class Controller:
     login_limiter: RateLimiter
     enroll_limiter: RateLimiter
     passwords: auth.Passwords
+    agent_keys: AgentKeyRing
     first_run_credential: tuple[str, str] | None = None
     engine: Any = None
     forwarder: SyslogForwarder | None = None
@@ -115,6 +117,7 @@ def require(permission: Permission) -> Callable[[Request], Awaitable[Principal]]
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer agt_"):
             principal = auth.authenticate(request, None, ctl.agent_principal)  # type: ignore[arg-type]
+            await ctl.agent_keys.check(request, principal, ctl.client_host)  # signed on its host, fresh, once
         else:
 
             def lookup() -> Principal:

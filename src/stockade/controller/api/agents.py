@@ -1,72 +1,73 @@
-"""Pairing profiles, activation codes, agent enrolment and the agent protocol.
+"""Pairing profiles, activation codes, agent enrolment and the agent protocol (routes only).
+
+The rules and the SQL live in :mod:`stockade.controller.services.enrolment`; the request-signature
+check in :mod:`stockade.controller.services.agent_keys`. Here: parsing, authorisation, answers.
 
 Operator side (admin): ``/pairing-profiles`` CRUD (preset labels, enforcement mode, expiry,
-maximum uses, enabled), versioned like every object: a revision bumped by each effective edit
-and an ``ETag`` on GET/POST/PUT answers; ``PUT``/``DELETE`` with a stale ``If-Match`` answer
-412 and change nothing. The ETag covers the operator's settings, not the use counter, so an
-enrolment does not make an operator's pending edit stale.
-``POST /pairing-profiles/{name}/codes`` returns an activation code once (only its SHA-256
-is kept); ``DELETE /pairing-profiles/{name}/codes/{id}`` revokes it;
-``GET /agents`` lists agents with convergence (desired vs applied revision, last heartbeat,
-online/offline after ``offline_after`` seconds); ``POST /agents/{id}/revoke``.
+maximum uses, enabled, and what each code allows: ``code_max_uses`` default 1,
+``code_ttl_seconds`` default one day), versioned like every object: a revision bumped by each
+effective edit and an ``ETag`` on GET/POST/PUT answers; ``PUT``/``DELETE`` with a stale
+``If-Match`` answer 412 and change nothing. The ETag covers the operator's settings, not the use
+counter, so an enrolment does not make an operator's pending edit stale.
+``POST /pairing-profiles/{name}/codes`` ``{max_uses?, ttl_seconds?, workload?}`` returns a code
+once (only its SHA-256 is kept); with ``workload`` it is an *adoption code*, the only kind that
+may enrol as an existing workload; ``GET .../codes`` lists codes (never the code itself);
+``DELETE /pairing-profiles/{name}/codes/{id}`` revokes one. ``GET /agents`` lists agents with
+convergence, key binding and quarantine; ``POST /agents/{id}/revoke``;
+``POST /agents/{id}/quarantine/clear``.
 
-Agent side, the protocol the agent (issue 5) implements::
+Agent side, the protocol :mod:`stockade.agent.http_client` implements::
 
-    POST /api/v1/agents/enroll        {activation_code, hostname, interfaces, agent_version}
-         -> 201 {agent_id, token, workload, revision}
-         The workload named ``hostname`` is created with the profile's labels and mode (or an
-         existing workload without a live agent is adopted). Refused (403) when the code is
-         unknown or revoked, or the profile is disabled, expired or used up. Rate limited.
+    POST /api/v1/agents/enroll   {activation_code, hostname, interfaces, agent_version, public_key}
+         -> 201 {agent_id, token, workload, revision, key_bound, quarantined}
+         Refused (403) when the code is unknown, revoked, expired or used up, or the profile is
+         disabled, expired or used up; 409 when the name is an existing workload and the code is
+         not an adoption code for it, or the workload still has a live agent. Rate limited.
     then every call carries  Authorization: Bearer <token>   (agt_<agent-id>_<secret>)
+         and, for an agent enrolled with a public key, the signature headers of
+         :mod:`stockade.agent_signature` (401 without them, when stale, replayed or wrong)
     PUT  /api/v1/agents/{id}/interfaces  {interfaces: [{name, addresses}]}
-         updates the workload's addresses, hence every peer's address sets -> {revision}
+         updates the workload's addresses -> {revision, held, quarantined}; held back while
+         quarantined, and for a new agent process's first address change until its probation ends
     POST /api/v1/agents/{id}/heartbeat   {}  -> {revision}  (the desired revision)
     GET  /api/v1/agents/{id}/policy/wait?after=REV&timeout=S[&include_policy=true][&applied=A]
          long-poll: answers as soon as the host's revision exceeds REV, or at the timeout,
          with {revision, changed, policy}; with include_policy=true and changed, ``policy`` is
          the answer of GET .../policy?since=REV (one round trip fewer), else null.
-         ``applied=A`` acknowledges revision A like POST .../ack, so an agent that loops
-         wait(include_policy, applied) -> apply needs one request per policy change
+         ``applied=A`` acknowledges revision A like POST .../ack
     GET  /api/v1/agents/{id}/policy[?since=REV]
-         {revision, full: HostPolicy JSON (stockade.compiler.ir.host_policy_to_dict) | null,
-          base, set_deltas: [{name, family, added, removed}]}; with ``since`` = an earlier
-         revision whose rules equal the current ones, only set deltas are sent (full=null);
-         since = current revision: nothing to do (full=null, no deltas)
+         {revision, full: HostPolicy JSON | null, base, set_deltas: [{name, family, added, removed}]}
     POST /api/v1/agents/{id}/ack  {revision}  -> 204   (the revision now applied)
     POST /api/v1/agents/{id}/events  {events: [{kind, detail, revision, time}]}  -> 204
          recorded as audit events ``agent.<kind>`` (kind ``agent``, name = the workload)
+    POST /api/v1/agents/{id}/key  {public_key, proof}  -> 204   (rotate; the first key of an
+         agent enrolled before keys existed is bound this way with the token alone)
     POST /api/v1/agents/{id}/unenroll  -> 204   (the agent revokes itself)
 
-Credential choice: a per-agent bearer token (256 random bits, SHA-256 at rest) rather than a
-client certificate. Revocation is a flag checked on every request (no CRL distribution), the
-token works through any TLS-terminating proxy and from agents on every OS, and uvicorn does
-not hand the peer certificate to the application. The channel itself is TLS with the
-controller's CA, which the agent pins at enrolment.
+Credential choice: a per-agent bearer token (256 random bits, SHA-256 at rest) names the agent;
+an Ed25519 key generated on the host proves every request comes from there. Not a TLS client
+certificate: uvicorn does not hand the peer certificate to the application, a TLS-terminating
+proxy would drop it, and a signature also binds the request body and time (no replay).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from stockade.agent_signature import INSTANCE_HEADER
+from stockade.compiler.delta import policy_update_to_dict
 from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut, InterfaceBody, Text
 from stockade.controller.context import Controller, controller_of, require
-from stockade.controller.services import auth
+from stockade.controller.services import enrolment
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
-from stockade.controller.services.distribution import AgentLive, CompilerTxn
-from stockade.controller.services.events import record_event
-from stockade.controller.storage import store
-from stockade.controller.storage.db import ActivationCodeRow, AgentRow, PairingProfileRow, utcnow
-from stockade.errors import ConflictError, Issue, NotFoundError, ValidationError
+from stockade.controller.storage.db import AgentRow, PairingProfileRow, utcnow
 from stockade.model.workloads import EnforcementMode
 
 router = APIRouter()
@@ -74,6 +75,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in
 EDIT_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 412: {"model": ErrorOut}}
 IfMatch = Annotated[str | None, Header(max_length=200, description="ETag of the profile as last read")]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+PublicKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}$", description="Ed25519, base64url, no padding")]
 
 
 class Strict(BaseModel):
@@ -88,6 +90,13 @@ class PairingProfileIn(Strict):
     max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     enabled: bool = True
     description: Text = ""
+    code_max_uses: Annotated[int, Field(ge=1, le=1_000_000, description="enrolments one code allows")] = 1
+    code_ttl_seconds: Annotated[int, Field(ge=60, le=enrolment.MAX_CODE_TTL,
+                                           description="lifetime of a new code")] = enrolment.DEFAULT_CODE_TTL
+
+    def settings(self) -> enrolment.ProfileSettings:
+        return enrolment.ProfileSettings(self.name, self.labels, self.mode.value, self.expires_at, self.max_uses,
+                                         self.enabled, self.description, self.code_max_uses, self.code_ttl_seconds)
 
 
 class PairingProfileOut(PairingProfileIn):
@@ -96,10 +105,31 @@ class PairingProfileOut(PairingProfileIn):
     etag: str
 
 
+class CodeIn(Strict):
+    max_uses: Annotated[int | None, Field(ge=1, le=1_000_000, description="default: the profile's")] = None
+    ttl_seconds: Annotated[int | None, Field(ge=60, le=enrolment.MAX_CODE_TTL)] = None
+    workload: Annotated[str | None, Field(pattern=NAME_PATTERN,
+                                          description="adoption code: enrols as this workload only")] = None
+
+
 class CodeOut(BaseModel):
     id: str
     profile: str
     code: str = Field(description="shown once")
+    max_uses: int
+    expires_at: dt.datetime
+    workload: str | None
+
+
+class CodeInfoOut(BaseModel):
+    id: str
+    profile: str
+    created_at: dt.datetime
+    max_uses: int | None
+    uses: int
+    expires_at: dt.datetime | None
+    workload: str | None
+    revoked: bool
 
 
 class EnrollIn(Strict):
@@ -107,6 +137,8 @@ class EnrollIn(Strict):
     hostname: Name
     interfaces: list[InterfaceBody] = Field(default_factory=list)
     agent_version: Annotated[str, Field(max_length=64)] = ""
+    public_key: PublicKey | None = Field(None, description="the agent's Ed25519 key: every later request is "
+                                                           "signed with it (stockade.agent_signature)")
 
 
 class EnrollOut(BaseModel):
@@ -114,10 +146,24 @@ class EnrollOut(BaseModel):
     token: str
     workload: str
     revision: int
+    key_bound: bool
+    quarantined: bool
 
 
 class InterfacesIn(Strict):
     interfaces: list[InterfaceBody]
+
+
+class ReportOut(BaseModel):
+    revision: int
+    held: bool = Field(False, description="a new agent process's address change, applied after its probation")
+    quarantined: bool = False
+
+
+class KeyIn(Strict):
+    public_key: PublicKey
+    proof: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{86}$", description="the new key's signature over "
+                                "stockade.agent_signature.rotation_message")]
 
 
 class RevisionOut(BaseModel):
@@ -153,6 +199,9 @@ class AgentOut(BaseModel):
     converged: bool
     last_heartbeat: dt.datetime | None
     status: str  # online / offline / revoked
+    key_bound: bool = Field(description="requests must be signed with the agent's host key")
+    quarantined: bool
+    quarantine_reason: str | None
 
 
 class ConvergenceOut(BaseModel):
@@ -167,56 +216,22 @@ class ConvergenceOut(BaseModel):
 # ---- pairing profiles --------------------------------------------------------------------
 
 
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    """As stored (and read back) on every backend, so an ETag is the same before and after a reload."""
-    if value is None:
-        return None
-    return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
-def _profile_settings(p: PairingProfileRow) -> PairingProfileIn:
-    return PairingProfileIn(name=p.name, labels=dict(p.labels), mode=EnforcementMode(p.mode),
-                            expires_at=_utc(p.expires_at), max_uses=p.max_uses, enabled=p.enabled,
-                            description=p.description)
-
-
-def _profile_etag(p: PairingProfileRow) -> str:
-    """Revision + digest of the settings and creation time (not ``uses``, which enrolment counts)."""
-    state = {**_profile_settings(p).model_dump(mode="json"), "created_at": p.created_at.astimezone(dt.UTC).isoformat()}
-    return store.etag_of(p.revision, state)
-
-
 def _profile_out(p: PairingProfileRow, response: Response | None = None) -> PairingProfileOut:
-    etag = _profile_etag(p)
+    etag = enrolment.profile_etag(p)
     if response is not None:
         response.headers["ETag"] = etag
-    return PairingProfileOut(**_profile_settings(p).model_dump(), uses=p.uses, revision=p.revision, etag=etag)
-
-
-def _check_profile_labels(db: Session, labels: dict[str, str]) -> None:
-    keys = store.draft_objects(db, ("label_key",))["label_key"]
-    issues = []
-    for k, v in sorted(labels.items()):
-        if k not in keys:
-            issues.append(Issue("api", 0, f"labels.{k}", f"unknown label key {k!r}"))
-        elif keys[k]["values"] and v not in keys[k]["values"]:
-            issues.append(Issue("api", 0, f"labels.{k}", f"value {v!r} not allowed"))
-    if issues:
-        raise ValidationError(issues)
-
-
-def _profile(db: Session, name: str) -> PairingProfileRow:
-    row = db.get(PairingProfileRow, name)
-    if row is None:
-        raise NotFoundError(f"no pairing profile {name!r}")
-    return row
+    s = enrolment.profile_settings(p)
+    return PairingProfileOut(name=s.name, labels=dict(s.labels), mode=EnforcementMode(s.mode),
+                             expires_at=s.expires_at, max_uses=s.max_uses, enabled=s.enabled,
+                             description=s.description, code_max_uses=s.code_max_uses,
+                             code_ttl_seconds=s.code_ttl_seconds, uses=p.uses, revision=p.revision, etag=etag)
 
 
 @router.get("/pairing-profiles", tags=["Pairing profiles"], responses=ERRORS, operation_id="list-pairing-profiles")
 def list_profiles(request: Request,
                   principal: Annotated[Principal, Depends(require(Permission.READ))]) -> list[PairingProfileOut]:
     with controller_of(request).session() as db:
-        return [_profile_out(p) for p in db.scalars(select(PairingProfileRow).order_by(PairingProfileRow.name))]
+        return [_profile_out(p) for p in enrolment.list_profiles(db)]
 
 
 @router.post("/pairing-profiles", tags=["Pairing profiles"], responses=ERRORS, status_code=201,
@@ -224,18 +239,7 @@ def list_profiles(request: Request,
 def create_profile(request: Request, response: Response, body: PairingProfileIn,
                    principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> PairingProfileOut:
     with controller_of(request).sessions.begin() as db:
-        if db.get(PairingProfileRow, body.name) is not None:
-            raise ConflictError(f"pairing profile {body.name!r} exists")
-        _check_profile_labels(db, body.labels)
-        row = PairingProfileRow(name=body.name, labels=body.labels, mode=body.mode.value,
-                                expires_at=_utc(body.expires_at),
-                                max_uses=body.max_uses, uses=0, enabled=body.enabled, description=body.description,
-                                revision=1, created_at=utcnow())
-        db.add(row)
-        db.flush()
-        record_event(db, principal.actor, "pairing_profile.create", "pairing_profile", body.name, None,
-                     body.model_dump(mode="json"))
-        return _profile_out(row, response)
+        return _profile_out(enrolment.create_profile(db, body.settings(), principal.actor), response)
 
 
 @router.get("/pairing-profiles/{name}", tags=["Pairing profiles"], responses=ERRORS,
@@ -243,7 +247,7 @@ def create_profile(request: Request, response: Response, body: PairingProfileIn,
 def get_profile(request: Request, response: Response, name: str,
                 principal: Annotated[Principal, Depends(require(Permission.READ))]) -> PairingProfileOut:
     with controller_of(request).session() as db:
-        return _profile_out(_profile(db, name), response)
+        return _profile_out(enrolment.get_profile(db, name), response)
 
 
 @router.put("/pairing-profiles/{name}", tags=["Pairing profiles"], responses=EDIT_ERRORS,
@@ -251,21 +255,8 @@ def get_profile(request: Request, response: Response, name: str,
 def replace_profile(request: Request, response: Response, name: str, body: PairingProfileIn,
                     principal: Annotated[Principal, Depends(require(Permission.WRITE))],
                     if_match: IfMatch = None) -> PairingProfileOut:
-    if body.name != name:
-        raise ValidationError([Issue("api", 0, "name", "body name differs from the URL")])
     with controller_of(request).sessions.begin() as db:
-        row = _profile(db, name)
-        store.check_if_match(if_match, _profile_etag(row))
-        before = _profile_settings(row).model_dump(mode="json")
-        wanted = body.model_copy(update={"expires_at": _utc(body.expires_at)})
-        after = wanted.model_dump(mode="json")
-        if after == before:
-            return _profile_out(row, response)
-        _check_profile_labels(db, body.labels)
-        row.labels, row.mode, row.expires_at = body.labels, body.mode.value, wanted.expires_at
-        row.max_uses, row.enabled, row.description = body.max_uses, body.enabled, body.description
-        row.revision += 1
-        record_event(db, principal.actor, "pairing_profile.update", "pairing_profile", name, before, after)
+        row = enrolment.replace_profile(db, name, body.settings(), if_match, principal.actor)
         return _profile_out(row, response)
 
 
@@ -275,27 +266,31 @@ def delete_profile(request: Request, name: str,
                    principal: Annotated[Principal, Depends(require(Permission.WRITE))],
                    if_match: IfMatch = None) -> Response:
     with controller_of(request).sessions.begin() as db:
-        row = _profile(db, name)
-        store.check_if_match(if_match, _profile_etag(row))
-        for code in db.scalars(select(ActivationCodeRow).where(ActivationCodeRow.profile == name)):
-            db.delete(code)
-        db.delete(row)
-        record_event(db, principal.actor, "pairing_profile.delete", "pairing_profile", name, None, None)
+        enrolment.delete_profile(db, name, if_match, principal.actor)
     return Response(status_code=204)
 
 
 @router.post("/pairing-profiles/{name}/codes", tags=["Pairing profiles"], responses=ERRORS, status_code=201,
              operation_id="create-activation-code")
 def create_code(request: Request, name: str,
-                principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> CodeOut:
+                principal: Annotated[Principal, Depends(require(Permission.WRITE))],
+                body: CodeIn | None = None) -> CodeOut:
+    wanted = body or CodeIn()
     with controller_of(request).sessions.begin() as db:
-        _profile(db, name)
-        code_id = secrets.token_hex(6)
-        code = f"act_{secrets.token_urlsafe(24)}"
-        db.add(ActivationCodeRow(id=code_id, code_hash=auth.sha256(code), profile=name, created_at=utcnow(),
-                                 revoked=False))
-        record_event(db, principal.actor, "activation_code.create", "pairing_profile", name, None, {"id": code_id})
-    return CodeOut(id=code_id, profile=name, code=code)
+        issued = enrolment.issue_code(db, name, principal.actor, max_uses=wanted.max_uses,
+                                      ttl_seconds=wanted.ttl_seconds, workload=wanted.workload)
+    return CodeOut(id=issued.id, profile=issued.profile, code=issued.code, max_uses=issued.max_uses,
+                   expires_at=issued.expires_at, workload=issued.workload)
+
+
+@router.get("/pairing-profiles/{name}/codes", tags=["Pairing profiles"], responses=ERRORS,
+            operation_id="list-activation-codes")
+def list_codes(request: Request, name: str,
+               principal: Annotated[Principal, Depends(require(Permission.READ))]) -> list[CodeInfoOut]:
+    with controller_of(request).session() as db:
+        return [CodeInfoOut(id=c.id, profile=c.profile, created_at=c.created_at, max_uses=c.max_uses, uses=c.uses,
+                            expires_at=c.expires_at, workload=c.workload, revoked=c.revoked)
+                for c in enrolment.list_codes(db, name)]
 
 
 @router.delete("/pairing-profiles/{name}/codes/{code_id}", tags=["Pairing profiles"], responses=ERRORS,
@@ -303,77 +298,25 @@ def create_code(request: Request, name: str,
 def revoke_code(request: Request, name: str, code_id: str,
                 principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> Response:
     with controller_of(request).sessions.begin() as db:
-        row = db.get(ActivationCodeRow, code_id)
-        if row is None or row.profile != name:
-            raise NotFoundError(f"no activation code {code_id!r} in profile {name!r}")
-        row.revoked = True
-        record_event(db, principal.actor, "activation_code.revoke", "pairing_profile", name, None, {"id": code_id})
+        enrolment.revoke_code(db, name, code_id, principal.actor)
     return Response(status_code=204)
 
 
-# ---- enrolment -----------------------------------------------------------------------------
-
-
-def _interfaces_json(interfaces: list[InterfaceBody]) -> list[dict[str, Any]]:
-    return [i.model_dump(mode="json") for i in interfaces]
-
-
-def _enroll(ctl: Controller, body: EnrollIn) -> EnrollOut:
-    def run(db: Session, txn: CompilerTxn) -> EnrollOut:
-        code = db.scalars(
-            select(ActivationCodeRow).where(ActivationCodeRow.code_hash == auth.sha256(body.activation_code))
-        ).one_or_none()
-        if code is None or code.revoked:
-            raise ForbiddenError("unknown or revoked activation code")
-        profile = db.get(PairingProfileRow, code.profile)
-        if profile is None or not profile.enabled:
-            raise ForbiddenError("the pairing profile is disabled")
-        if profile.expires_at is not None and profile.expires_at <= utcnow():
-            raise ForbiddenError("the pairing profile has expired")
-        used = db.execute(
-            update(PairingProfileRow)
-            .where(PairingProfileRow.name == profile.name)
-            .where((PairingProfileRow.max_uses.is_(None)) | (PairingProfileRow.uses < PairingProfileRow.max_uses))
-            .values(uses=PairingProfileRow.uses + 1)
-        )
-        if getattr(used, "rowcount", 0) != 1:
-            raise ForbiddenError("the pairing profile is used up")
-        name = body.hostname
-        bound = [a for a in ctl.dist.agents.values() if a.workload == name]
-        if bound:
-            raise ConflictError(f"workload {name!r} already has an enrolled agent; revoke it first")
-        actor = f"enroll:{profile.name}"
-        interfaces = _interfaces_json(body.interfaces)
-        try:
-            current = store.get_object(db, "workload", name)
-        except NotFoundError:
-            data = {"name": name, "labels": profile.labels, "interfaces": interfaces, "mode": profile.mode}
-            obj = store.create_object(db, "workload", data, actor)
-        else:
-            _b, obj = store.replace_object(db, "workload", name, {**current.body, "interfaces": interfaces}, actor)
-        txn.upsert_workload(obj.domain)
-        agent_id = secrets.token_hex(8)
-        secret = auth.new_secret()
-        token_hash = auth.sha256(secret)
-        db.add(AgentRow(id=agent_id, workload=name, token_hash=token_hash, profile=profile.name,
-                        hostname=body.hostname, created_at=utcnow(), applied_revision=0,
-                        agent_version=body.agent_version))
-        record_event(db, actor, "agent.enroll", "agent", agent_id, None,
-                     {"workload": name, "profile": profile.name, "code": code.id})
-        ctl.dist.agents[agent_id] = AgentLive(agent_id, name, token_hash)
-        txn.undo.append(lambda: ctl.dist.agents.pop(agent_id, None))
-        return EnrollOut(agent_id=agent_id, token=f"agt_{agent_id}_{secret}", workload=name, revision=0)
-
-    out = ctl.dist.transact(run)
-    return out.model_copy(update={"revision": ctl.dist.revisions.get(out.workload, 0)})
+# ---- enrolment and the agent's reports ---------------------------------------------------------
 
 
 @router.post("/agents/enroll", tags=["Agent protocol"], responses=ERRORS, status_code=201, operation_id="enroll")
 def enroll(request: Request, body: EnrollIn,
            principal: Annotated[Principal, Depends(require(Permission.PUBLIC))]) -> EnrollOut:
     ctl = controller_of(request)
-    ctl.enroll_limiter.hit(request.client.host if request.client else "unknown")
-    return _enroll(ctl, body)
+    ctl.enroll_limiter.hit(ctl.client_host(request))
+    req = enrolment.EnrolRequest(body.activation_code, body.hostname,
+                                 tuple(i.model_dump(mode="json") for i in body.interfaces),
+                                 body.agent_version, body.public_key)
+    out = enrolment.enrol(ctl.dist, ctl.agent_keys, req)
+    return EnrollOut(agent_id=out.agent_id, token=out.token, workload=out.workload,
+                     revision=ctl.dist.revisions.get(out.workload, 0), key_bound=body.public_key is not None,
+                     quarantined=out.quarantined)
 
 
 def _self(principal: Principal, agent_id: str) -> str:
@@ -385,19 +328,18 @@ def _self(principal: Principal, agent_id: str) -> str:
 @router.put("/agents/{agent_id}/interfaces", tags=["Agent protocol"], responses=ERRORS,
             operation_id="report-interfaces")
 def report_interfaces(request: Request, agent_id: str, body: InterfacesIn,
-                      principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> RevisionOut:
+                      principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> ReportOut:
     name = _self(principal, agent_id)
     ctl = controller_of(request)
-
-    def run(db: Session, txn: CompilerTxn) -> None:
-        current = store.get_object(db, "workload", name)
-        data = {**current.body, "interfaces": _interfaces_json(body.interfaces)}
-        _b, after = store.replace_object(db, "workload", name, data, principal.actor)
-        if after.revision != current.revision:
-            txn.upsert_workload(after.domain)
-
-    ctl.dist.transact(run)
-    return RevisionOut(revision=ctl.dist.revisions.get(name, 0))
+    instance = request.headers.get(INSTANCE_HEADER, "")
+    on_probation = ctl.agent_keys.on_probation(agent_id, instance)
+    outcome = enrolment.report_interfaces(ctl.dist, agent_id, name,
+                                          [i.model_dump(mode="json") for i in body.interfaces], principal.actor,
+                                          hold_changes=on_probation)
+    if outcome is enrolment.ReportOutcome.HELD:
+        ctl.agent_keys.hold(agent_id, instance)
+    return ReportOut(revision=ctl.dist.revisions.get(name, 0), held=outcome is enrolment.ReportOutcome.HELD,
+                     quarantined=outcome is enrolment.ReportOutcome.QUARANTINED)
 
 
 @router.post("/agents/{agent_id}/heartbeat", tags=["Agent protocol"], responses=ERRORS, operation_id="heartbeat")
@@ -443,7 +385,7 @@ async def _fetch(ctl: Controller, workload: str, since: int | None) -> dict[str,
     got = ctl.dist.fetch_nowait(workload, since)
     if got is None:
         got = await run_in_threadpool(ctl.dist.fetch, workload, since)
-    return {"revision": got.revision, "full": got.full, "base": got.base, "set_deltas": list(got.set_deltas)}
+    return policy_update_to_dict(got)
 
 
 @router.get("/agents/{agent_id}/policy", tags=["Agent protocol"], responses=ERRORS, operation_id="fetch-policy",
@@ -486,9 +428,19 @@ def report_agent_events(request: Request, agent_id: str, body: AgentEventsIn,
     ``agent.<kind>`` on kind ``agent``, named after the agent's workload."""
     name = _self(principal, agent_id)
     with controller_of(request).sessions.begin() as db:
-        for ev in body.events:
-            record_event(db, principal.actor, f"agent.{ev.kind}", "agent", name, None,
-                         {**ev.model_dump(mode="json"), "agent_id": agent_id})
+        enrolment.record_agent_events(db, agent_id, name, principal.actor,
+                                      [ev.model_dump(mode="json") for ev in body.events])
+    return Response(status_code=204)
+
+
+@router.post("/agents/{agent_id}/key", tags=["Agent protocol"], responses=ERRORS, status_code=204,
+             operation_id="rotate-agent-key")
+def rotate_key(request: Request, agent_id: str, body: KeyIn,
+               principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> Response:
+    """Replace the agent's key: this request is signed with the old key, ``proof`` with the new one."""
+    _self(principal, agent_id)
+    ctl = controller_of(request)
+    enrolment.rotate_key(ctl.dist, ctl.agent_keys, agent_id, body.public_key, body.proof, principal.actor)
     return Response(status_code=204)
 
 
@@ -499,12 +451,7 @@ def unenroll(request: Request, agent_id: str,
     """The agent leaves (``stockade agent uninstall``): its credential stops working."""
     _self(principal, agent_id)
     ctl = controller_of(request)
-    with ctl.sessions.begin() as db:
-        row = db.get(AgentRow, agent_id)
-        if row is not None and row.revoked_at is None:
-            row.revoked_at = utcnow()
-            record_event(db, principal.actor, "agent.unenroll", "agent", agent_id, None, {"workload": row.workload})
-    ctl.dist.agents.pop(agent_id, None)
+    enrolment.end_agent(ctl.dist, ctl.agent_keys, agent_id, principal.actor, "agent.unenroll")
     return Response(status_code=204)
 
 
@@ -524,7 +471,9 @@ def _agent_out(ctl: Controller, row: AgentRow, now: dt.datetime) -> AgentOut:
         status = "offline"
     return AgentOut(id=row.id, workload=row.workload, hostname=row.hostname, profile=row.profile,
                     created_at=row.created_at, revoked=row.revoked_at is not None, desired_revision=desired,
-                    applied_revision=applied, converged=applied == desired, last_heartbeat=beat, status=status)
+                    applied_revision=applied, converged=applied == desired, last_heartbeat=beat, status=status,
+                    key_bound=row.public_key is not None, quarantined=row.quarantined_at is not None,
+                    quarantine_reason=row.quarantine_reason)
 
 
 @router.get("/agents", tags=["Agents"], responses=ERRORS, operation_id="list-agents")
@@ -533,10 +482,7 @@ def list_agents(request: Request, principal: Annotated[Principal, Depends(requir
     ctl = controller_of(request)
     now = utcnow()
     with ctl.session() as db:
-        q = select(AgentRow).order_by(AgentRow.workload, AgentRow.created_at)
-        if workload:
-            q = q.where(AgentRow.workload == workload)
-        return [_agent_out(ctl, r, now) for r in db.scalars(q)]
+        return [_agent_out(ctl, r, now) for r in enrolment.list_agents(db, workload)]
 
 
 @router.get("/agents/{agent_id}", tags=["Agents"], responses=ERRORS, operation_id="get-agent")
@@ -544,10 +490,7 @@ def get_agent(request: Request, agent_id: str,
               principal: Annotated[Principal, Depends(require(Permission.READ))]) -> AgentOut:
     ctl = controller_of(request)
     with ctl.session() as db:
-        row = db.get(AgentRow, agent_id)
-        if row is None:
-            raise NotFoundError(f"no agent {agent_id!r}")
-        return _agent_out(ctl, row, utcnow())
+        return _agent_out(ctl, enrolment.get_agent(db, agent_id), utcnow())
 
 
 @router.post("/agents/{agent_id}/revoke", tags=["Agents"], responses=ERRORS, status_code=204,
@@ -555,14 +498,17 @@ def get_agent(request: Request, agent_id: str,
 def revoke_agent(request: Request, agent_id: str,
                  principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> Response:
     ctl = controller_of(request)
-    with ctl.sessions.begin() as db:
-        row = db.get(AgentRow, agent_id)
-        if row is None:
-            raise NotFoundError(f"no agent {agent_id!r}")
-        if row.revoked_at is None:
-            row.revoked_at = utcnow()
-            record_event(db, principal.actor, "agent.revoke", "agent", agent_id, None, {"workload": row.workload})
-    ctl.dist.agents.pop(agent_id, None)
+    enrolment.end_agent(ctl.dist, ctl.agent_keys, agent_id, principal.actor, "agent.revoke")
+    return Response(status_code=204)
+
+
+@router.post("/agents/{agent_id}/quarantine/clear", tags=["Agents"], responses=ERRORS, status_code=204,
+             operation_id="clear-agent-quarantine")
+def clear_quarantine(request: Request, agent_id: str,
+                     principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> Response:
+    """Lift the quarantine and apply the agent's last held-back interface report."""
+    ctl = controller_of(request)
+    enrolment.clear_quarantine(ctl.dist, ctl.agent_keys, agent_id, principal.actor)
     return Response(status_code=204)
 
 

@@ -13,12 +13,18 @@ enforcement mode switched) runs through :meth:`PolicyDistributor.transact`:
    ahead of the database; on success the new revisions are published and the asyncio waiters
    of exactly those hosts are woken (``loop.call_soon_threadsafe``).
 
-Agents long-poll :meth:`wait`; they fetch :meth:`fetch` (full HostPolicy JSON, or a set delta
-relative to a revision still in the small per-host history) and acknowledge a revision.
+Each host's published revisions are a :class:`~stockade.compiler.delta.HostHistory`: its current
+HostPolicy plus the set deltas *the compiler computed* for the last ``HISTORY`` steps (composed
+within a transaction). Agents long-poll :meth:`wait`; :meth:`fetch` answers a
+:class:`~stockade.compiler.delta.PolicyUpdate` (encoded by ``policy_update_to_dict``): the
+composed deltas from the agent's revision, or the full policy when a step changed rules or the
+history no longer reaches back. Nothing is recompiled, hashed or diffed at fetch time, and a
+bump stores no hash: ``host_state.policy_hash`` is written empty and filled in by :meth:`flush`
+(a host whose hash is still empty at start-up is bumped, so a crash can only cost a reload).
 Acks and heartbeats are kept in memory and flushed to the ``agents`` table in batches
 (:meth:`flush`), so a fleet acknowledging at once does not queue behind single-row writes.
 At start-up, :meth:`load` recompiles every host and compares with the stored hash, so
-revisions survive restarts and only hosts whose policy differs are bumped.
+revisions survive restarts and only hosts whose policy differs (or was never hashed) are bumped.
 
 Single process: several controller processes sharing PostgreSQL would also need
 LISTEN/NOTIFY to learn of each other's bumps (not built yet).
@@ -32,15 +38,17 @@ import hashlib
 import json
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from stockade.compiler import Compiler, HostDelta, HostPolicy, diff_sets, host_policy_to_dict
+from stockade.compiler import Compiler, HostDelta, HostPolicy, host_policy_to_dict
+from stockade.compiler.delta import HostHistory, PolicyUpdate, merge_host_deltas
+from stockade.compiler.ir import address_set_to_dict, rules_to_list
 from stockade.controller.services import codec
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.events import record_event
@@ -52,11 +60,33 @@ from stockade.model.policy import Policy
 from stockade.model.workloads import Workload
 
 T = TypeVar("T")
-HISTORY = 4  # compiled revisions kept per host for deltas
+HISTORY = 8  # steps (revision -> next) of set deltas kept per host
 
 
-def policy_hash(hp: HostPolicy) -> str:
-    return hashlib.sha256(json.dumps(host_policy_to_dict(hp), sort_keys=True).encode()).hexdigest()
+Digests = dict[int, tuple[object, bytes]]  # id(part) -> (part, its SHA-256), parts kept alive
+
+
+def _digest(part: object, encoded: Callable[[], object], memo: Digests) -> bytes:
+    hit = memo.get(id(part))
+    if hit is None or hit[0] is not part:
+        hit = memo[id(part)] = (part, hashlib.sha256(json.dumps(encoded(), sort_keys=True).encode()).digest())
+    return hit[1]
+
+
+def policy_hash(hp: HostPolicy, memo: Digests | None = None) -> str:
+    """SHA-256 of a host policy, for noticing at start-up that it changed while we were down.
+
+    Built from digests of its parts: the compiler shares one rule tuple per label set and one
+    AddressSet object between every host that references it, so with a ``memo`` kept across
+    many hosts each shared part is encoded once (a 1,000-member set is not re-encoded per host).
+    """
+    memo = {} if memo is None else memo
+    head = host_policy_to_dict(replace(hp, rules=(), sets=()))
+    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    h.update(_digest(hp.rules, partial(rules_to_list, hp.rules), memo))
+    for s in hp.sets:
+        h.update(_digest(s, partial(address_set_to_dict, s), memo))
+    return h.hexdigest()
 
 
 @dataclass
@@ -83,7 +113,8 @@ class CompilerTxn:
 
     def _merge(self, deltas: list[HostDelta]) -> None:
         for d in deltas:
-            self.deltas[d.workload] = d
+            prev = self.deltas.get(d.workload)
+            self.deltas[d.workload] = d if prev is None else merge_host_deltas(prev, d)
 
     def upsert_workload(self, w: Workload) -> None:
         d = self.dist
@@ -133,16 +164,6 @@ class CompilerTxn:
         self.undo.clear()
 
 
-@dataclass(frozen=True)
-class Fetched:
-    """What an agent receives: the full policy, or set deltas from its acknowledged revision."""
-
-    revision: int
-    full: dict[str, Any] | None
-    base: int | None = None
-    set_deltas: tuple[dict[str, Any], ...] = ()
-
-
 class PolicyDistributor:
     def __init__(self, sessions: sessionmaker[Any]) -> None:
         self.sessions = sessions
@@ -152,8 +173,8 @@ class PolicyDistributor:
         self.workloads: dict[str, Workload] = {}
         self.compiler = Compiler(Policy())
         self.revisions: dict[str, int] = {}
-        self.hashes: dict[str, str] = {}
-        self.history: dict[str, OrderedDict[int, HostPolicy]] = {}
+        self.history: dict[str, HostHistory] = {}  # replaced whole on publish: lock-free reads
+        self.unhashed: dict[str, int] = {}  # host -> revision whose policy_hash flush() writes
         self.agents: dict[str, AgentLive] = {}
         self.departed: set[str] = set()  # workloads offline past the grace: compiled without addresses
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -196,9 +217,10 @@ class PolicyDistributor:
             self.workloads = {w.name: w for w in codec.domain_objects("workload", inv["workload"])}
             self.compiler = Compiler(self.assemble(self.policy_objects))
             stored = {r.workload: r for r in db.scalars(select(HostStateRow))}
+            memo: Digests = {}
             for name in self.compiler.workload_names:
                 hp = self.compiler.host_policy(name)
-                h = policy_hash(hp)
+                h = policy_hash(hp, memo)
                 row = stored.pop(name, None)
                 if row is None:
                     row = HostStateRow(workload=name, revision=1, policy_hash=h, updated_at=utcnow())
@@ -208,8 +230,7 @@ class PolicyDistributor:
                     row.policy_hash = h
                     row.updated_at = utcnow()
                 self.revisions[name] = row.revision
-                self.hashes[name] = h
-                self.history[name] = OrderedDict({row.revision: hp})
+                self.history[name] = HostHistory.begin(row.revision, hp, HISTORY)
             for row in stored.values():
                 db.delete(row)
             for a in db.scalars(select(AgentRow).where(AgentRow.revoked_at.is_(None))):
@@ -234,37 +255,42 @@ class PolicyDistributor:
             self.on_compile(txn.compile_seconds, len(bumps))
         return result
 
-    def _stage_bumps(self, db: Session, txn: CompilerTxn) -> dict[str, tuple[int, str, HostPolicy | None]]:
-        """Bump ``host_state`` for every host whose compiled policy changed (Core statements, batched)."""
+    def _stage_bumps(self, db: Session, txn: CompilerTxn) -> dict[str, HostHistory | None]:
+        """Bump ``host_state`` for every host the compiler's deltas changed (Core statements,
+        batched); the new histories (None: the host is gone), published after the commit."""
         if not txn.deltas:
             return {}
         names = sorted(txn.deltas)
-        stored: dict[str, tuple[int, str]] = {}
+        stored: dict[str, int] = {}
         for chunk in range(0, len(names), 900):  # stay under SQLite's bound-parameter limit
-            q = select(HostStateRow.workload, HostStateRow.revision, HostStateRow.policy_hash).where(
+            q = select(HostStateRow.workload, HostStateRow.revision).where(
                 HostStateRow.workload.in_(names[chunk : chunk + 900])
             )
-            stored.update({w: (r, h) for w, r, h in db.execute(q)})
-        out: dict[str, tuple[int, str, HostPolicy | None]] = {}
+            stored.update({w: r for w, r in db.execute(q)})
+        out: dict[str, HostHistory | None] = {}
         now = utcnow()
         gone: list[str] = []
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
         for name in names:
-            if name not in self.workloads:
+            delta = txn.deltas[name]
+            if delta.policy is None or name not in self.workloads:
                 if name in stored:
                     gone.append(name)
-                out[name] = (0, "", None)
+                out[name] = None
                 continue
-            hp = self.compiler.host_policy(name)
-            h = policy_hash(hp)
             old = stored.get(name)
-            if old is not None and old[1] == h:
-                continue
-            rev = (old[0] if old is not None else 0) + 1
-            row = {"workload": name, "revision": rev, "policy_hash": h, "updated_at": now}
+            rev = (old or 0) + 1
+            prev = self.history.get(name)
+            if prev is None or old is None:
+                hist: HostHistory | None = HostHistory.begin(rev, delta.policy, HISTORY)
+            else:
+                hist = prev.after(delta, rev)
+                if hist is None:
+                    continue  # the transaction's changes cancelled out for this host
+            row = {"workload": name, "revision": rev, "policy_hash": "", "updated_at": now}
             (updates if old is not None else inserts).append(row)
-            out[name] = (rev, h, hp)
+            out[name] = hist
         if gone:
             db.execute(delete(HostStateRow).where(HostStateRow.workload.in_(gone)))
         if inserts:
@@ -273,19 +299,16 @@ class PolicyDistributor:
             db.execute(update(HostStateRow), updates)  # executemany by primary key
         return out
 
-    def _publish(self, bumps: dict[str, tuple[int, str, HostPolicy | None]]) -> None:
-        for name, (rev, h, hp) in bumps.items():
-            if hp is None:
+    def _publish(self, bumps: dict[str, HostHistory | None]) -> None:
+        for name, hist in bumps.items():
+            if hist is None:
                 self.revisions.pop(name, None)
-                self.hashes.pop(name, None)
                 self.history.pop(name, None)
+                self.unhashed.pop(name, None)
                 continue
-            hist = self.history.setdefault(name, OrderedDict())
-            hist[rev] = hp  # before the revision, so lock-free readers find it
-            while len(hist) > HISTORY:
-                hist.popitem(last=False)
-            self.hashes[name] = h
-            self.revisions[name] = rev
+            self.history[name] = hist  # before the revision, so lock-free readers find it
+            self.revisions[name] = hist.revision
+            self.unhashed[name] = hist.revision
         if bumps and self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._wake, tuple(bumps))
 
@@ -319,47 +342,25 @@ class PolicyDistributor:
             rev = self.revisions.get(workload)
             if rev is None or workload not in self.workloads:
                 raise NotFoundError(f"no compiled policy for workload {workload!r}")
-            hist = self.history.setdefault(workload, OrderedDict())
-            hp = hist.get(rev)
-            if hp is None:
-                hp = hist[rev] = self.compiler.host_policy(workload)
-            return rev, hp
+            hist = self.history.get(workload)
+            if hist is None or hist.revision != rev:
+                hist = self.history[workload] = HostHistory.begin(rev, self.compiler.host_policy(workload), HISTORY)
+            return rev, hist.policy
 
-    def fetch_nowait(self, workload: str, since: int | None) -> Fetched | None:
-        """:meth:`fetch` without the lock, for the event loop: None when the compiled policy of the
-        current revision is not in the history yet (then call :meth:`fetch` in a thread)."""
+    def fetch_nowait(self, workload: str, since: int | None) -> PolicyUpdate | None:
+        """:meth:`fetch` without the lock, for the event loop: None when the history of the
+        current revision is not there (then call :meth:`fetch` in a thread)."""
         rev = self.revisions.get(workload)
-        hp = self.history.get(workload, OrderedDict()).get(rev) if rev is not None else None
-        if rev is None or hp is None:
+        hist = self.history.get(workload)
+        if rev is None or hist is None or hist.revision != rev:
             return None
-        return self._answer(workload, rev, hp, since)
+        return hist.update_since(since)
 
-    def fetch(self, workload: str, since: int | None) -> Fetched:
-        rev, hp = self.current(workload)
-        return self._answer(workload, rev, hp, since)
-
-    def _answer(self, workload: str, rev: int, hp: HostPolicy, since: int | None) -> Fetched:
-        if since is not None and since != rev:
-            old = self.history.get(workload, OrderedDict()).get(since)
-            if old is not None and old.rules_key() == hp.rules_key():
-                deltas = diff_sets(old.sets, hp.sets)
-                return Fetched(
-                    rev,
-                    None,
-                    since,
-                    tuple(
-                        {
-                            "name": d.name,
-                            "family": d.family.value,
-                            "added": [str(n) for n in d.added],
-                            "removed": [str(n) for n in d.removed],
-                        }
-                        for d in deltas
-                    ),
-                )
-        if since == rev:
-            return Fetched(rev, None, since)
-        return Fetched(rev, host_policy_to_dict(hp))
+    def fetch(self, workload: str, since: int | None) -> PolicyUpdate:
+        """The answer for an agent holding revision ``since``: composed deltas, full, or unchanged."""
+        with self.lock:
+            self.current(workload)
+            return self.history[workload].update_since(since)
 
     def agent_ack(self, agent_id: str, revision: int) -> None:
         live = self.agents.get(agent_id)
@@ -425,7 +426,9 @@ class PolicyDistributor:
         self.transact(run)
 
     def flush(self) -> int:
-        """Write dirty agent state (acks, heartbeats) in one transaction; returns rows written."""
+        """Write dirty agent state (acks, heartbeats) in one transaction, and the policy hashes of
+        hosts bumped since the last flush; returns the agent rows written."""
+        self._write_hashes()
         dirty = [a for a in list(self.agents.values()) if a.dirty]
         if not dirty:
             return 0
@@ -436,3 +439,31 @@ class PolicyDistributor:
         with self.sessions.begin() as db:
             db.execute(update(AgentRow), params)  # executemany by primary key
         return len(dirty)
+
+    def _write_hashes(self) -> None:
+        """Fill in ``host_state.policy_hash`` of the revisions published since the last call (a
+        row bumped again meanwhile keeps its empty hash until the next call)."""
+        with self.lock:
+            pending, self.unhashed = self.unhashed, {}
+        params: list[dict[str, Any]] = []
+        memo: Digests = {}
+        for name, rev in sorted(pending.items()):
+            hist = self.history.get(name)
+            if hist is not None and hist.revision == rev:
+                params.append({"w": name, "r": rev, "h": policy_hash(hist.policy, memo)})
+        if not params:
+            return
+        table = cast(Table, HostStateRow.__table__)
+        stmt = (
+            update(table)
+            .where(table.c.workload == bindparam("w"), table.c.revision == bindparam("r"))
+            .values(policy_hash=bindparam("h"))
+        )
+        try:
+            with self.sessions.begin() as db:
+                db.execute(stmt, params)
+        except BaseException:
+            with self.lock:  # the next flush tries again (unless the host was bumped meanwhile)
+                for p in params:
+                    self.unhashed.setdefault(p["w"], p["r"])
+            raise

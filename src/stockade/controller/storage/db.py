@@ -188,9 +188,14 @@ class PairingProfileRow(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     revision: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+    code_max_uses: Mapped[int] = mapped_column(Integer, default=1)  # enrolments per activation code
+    code_ttl_seconds: Mapped[int] = mapped_column(Integer, default=86400)  # lifetime of a new code
 
 
 class ActivationCodeRow(Base):
+    """An activation code: only its SHA-256 is kept. ``workload`` binds it to one workload name
+    (an adoption code: the only way an enrolment may take over an existing workload)."""
+
     __tablename__ = "activation_codes"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -198,6 +203,10 @@ class ActivationCodeRow(Base):
     profile: Mapped[str] = mapped_column(ForeignKey("pairing_profiles.name", ondelete="CASCADE"))
     created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_uses: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: codes made before 0008
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
+    workload: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class AgentRow(Base):
@@ -213,6 +222,10 @@ class AgentRow(Base):
     last_heartbeat: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
     applied_revision: Mapped[int] = mapped_column(Integer, default=0)
     agent_version: Mapped[str] = mapped_column(String(64), default="")
+    public_key: Mapped[str | None] = mapped_column(String(64), nullable=True)  # Ed25519, base64url raw
+    quarantined_at: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
+    quarantine_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    held_interfaces: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # reported while quarantined
 
 
 class HostStateRow(Base):

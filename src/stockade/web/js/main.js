@@ -18,6 +18,8 @@ const NAV = [
   ["versions", "Versions"],
   ["agents", "Agents"],
   ["events", "Events"],
+  ["users", "Users", "manage-users"],
+  ["keys", "API keys", "manage-users"],
   ["settings", "Settings"],
 ];
 
@@ -34,6 +36,8 @@ const PAGES = {
   versions: () => import("./pages/versions.js"),
   agents: () => import("./pages/agents.js"),
   events: () => import("./pages/events.js"),
+  users: () => import("./pages/users.js"),
+  keys: () => import("./pages/keys.js"),
   settings: () => import("./pages/settings.js"),
 };
 
@@ -65,7 +69,8 @@ function can(permission) {
 function renderNav(current) {
   const nav = document.getElementById("nav");
   if (!state.user) { replace(nav); return; }
-  replace(nav, h("ul", {}, NAV.map(([path, title]) => h("li", {},
+  const shown = NAV.filter(([, , permission]) => !permission || can(permission)); // owners only: users, keys
+  replace(nav, h("ul", {}, shown.map(([path, title]) => h("li", {},
     h("a", { href: `#/${path}`, "aria-current": path === current ? "page" : null }, title)))));
 }
 

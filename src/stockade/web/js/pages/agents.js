@@ -41,7 +41,8 @@ async function renderAgents(box, ctx) {
 function installCommand(code) {
   const origin = window.location.origin;
   const ca = window.location.protocol === "https:" ? " --ca-cert ca.pem" : "";
-  return `sudo stockade agent install --controller ${origin} --activation-code ${code}${ca} --start`;
+  // the code goes through standard input (echo is a shell builtin): never an argument, which ps shows
+  return `echo ${code} | sudo stockade agent install --controller ${origin} --activation-code-file -${ca} --start`;
 }
 
 function codeDialog(profile, code) {

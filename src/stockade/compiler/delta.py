@@ -1,0 +1,365 @@
+"""The delta protocol: how a host's policy moves from one revision to the next, in one place.
+
+The compiler yields a :class:`~stockade.compiler.ir.HostDelta` per affected host and change:
+either ``rules_changed`` (only a full HostPolicy will do) or set members removed and added
+(:class:`~stockade.compiler.ir.SetDelta`, exact CIDRs: the removed ones are present, the added
+ones absent). Everything that produces, carries or consumes those deltas uses this module:
+
+* :func:`compose_set_deltas` / :func:`merge_host_deltas` chain deltas (several changes in one
+  controller transaction; an agent several revisions behind);
+* :class:`HostHistory` is one host's published revisions: its current HostPolicy and the last
+  ``limit`` steps. :meth:`HostHistory.update_since` answers an agent holding revision N with
+  the composed delta from N, or the full policy when a step changed rules or the history no
+  longer reaches back to N;
+* :class:`PolicyUpdate` is that answer, and :func:`policy_update_to_dict` /
+  :func:`policy_update_from_dict` its one wire codec
+  (``{revision, full: HostPolicy | null, base: N | null, set_deltas: [{name, family, added,
+  removed}]}``); the decoder names the bad field in a :class:`~stockade.errors.ValidationError`;
+* :func:`apply_set_deltas` / :func:`apply_update` are the one *strict* apply: a delta for an
+  unknown set, removing an absent member, adding a present one, or a delta whose base is not
+  the revision in force raises :class:`~stockade.errors.ConflictError` (the agent then fetches
+  the full policy). No silent repair: a delta that does not fit means a producer bug or a
+  missed revision, and a full policy is the only safe answer.
+
+Pure: no I/O, frozen values (a :class:`HostHistory` is replaced, never edited, so readers
+without a lock always see a consistent one).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+from stockade.compiler.ir import (
+    AddressSet,
+    HostDelta,
+    HostPolicy,
+    SetDelta,
+    host_policy_from_dict,
+    host_policy_to_dict,
+)
+from stockade.errors import ConflictError, Issue, ValidationError
+from stockade.model.addresses import Family, IPNetwork
+
+SetKey = tuple[str, Family]
+
+
+def _net_key(n: IPNetwork) -> tuple[int, int]:
+    return int(n.network_address), n.prefixlen
+
+
+def _label(key: SetKey) -> str:
+    return f"{key[0]} ({key[1].name})"
+
+
+# ---- composing ----------------------------------------------------------------------------------
+
+
+def compose_set_deltas(first: Iterable[SetDelta], then: Iterable[SetDelta]) -> tuple[SetDelta, ...]:
+    """One delta with the effect of ``first`` followed by ``then`` (sorted, empty sets dropped).
+
+    Raises :class:`ConflictError` when ``then`` cannot follow ``first`` (it removes a member
+    ``first`` already removed, or adds one ``first`` already added).
+    """
+    added: dict[SetKey, set[IPNetwork]] = {}
+    removed: dict[SetKey, set[IPNetwork]] = {}
+    for d in (*first, *then):
+        key = (d.name, d.family)
+        add, rem = added.setdefault(key, set()), removed.setdefault(key, set())
+        for n in d.removed:
+            if n in add:
+                add.discard(n)
+            elif n in rem:
+                raise ConflictError(f"set {_label(key)}: {n} removed twice")
+            else:
+                rem.add(n)
+        for n in d.added:
+            if n in rem:
+                rem.discard(n)
+            elif n in add:
+                raise ConflictError(f"set {_label(key)}: {n} added twice")
+            else:
+                add.add(n)
+    return tuple(
+        SetDelta(key[0], key[1], tuple(sorted(added[key], key=_net_key)), tuple(sorted(removed[key], key=_net_key)))
+        for key in sorted(added, key=lambda k: (k[0], k[1].value))
+        if added[key] or removed[key]
+    )
+
+
+def merge_host_deltas(earlier: HostDelta, later: HostDelta) -> HostDelta:
+    """Two successive deltas of one host as one (the policy is the later one's)."""
+    if later.policy is None:
+        return later
+    rules_changed = earlier.rules_changed or later.rules_changed or earlier.policy is None
+    deltas = () if rules_changed else compose_set_deltas(earlier.set_deltas, later.set_deltas)
+    return HostDelta(later.workload, later.policy, rules_changed, deltas)
+
+
+def diff_sets(old: tuple[AddressSet, ...], new: tuple[AddressSet, ...]) -> tuple[SetDelta, ...]:
+    """Element changes turning ``old`` sets into ``new`` ones (same names and families)."""
+    old_by = {(s.name, s.family): set(s.members) for s in old}
+    out: list[SetDelta] = []
+    for s in new:
+        prev = old_by.get((s.name, s.family), set())
+        cur = set(s.members)
+        if prev != cur:
+            out.append(
+                SetDelta(s.name, s.family, tuple(sorted(cur - prev, key=_net_key)),
+                         tuple(sorted(prev - cur, key=_net_key)))
+            )
+    return tuple(sorted(out))
+
+
+def delta_between(old: HostPolicy, new: HostPolicy) -> tuple[SetDelta, ...] | None:
+    """The set delta turning ``old`` into ``new``, or None when more than set members differ.
+
+    For producers without an incremental compiler at hand (test doubles); the controller uses
+    the deltas the compiler computed.
+    """
+    return diff_sets(old.sets, new.sets) if old.rules_key() == new.rules_key() else None
+
+
+# ---- applying -----------------------------------------------------------------------------------
+
+
+def apply_set_deltas(hp: HostPolicy, deltas: Iterable[SetDelta]) -> HostPolicy:
+    """``hp`` with each delta's members removed, then added. Strict (:class:`ConflictError`):
+    a delta for a set ``hp`` lacks, two deltas for one set, removing an absent member or
+    adding a present one."""
+    index = {(s.name, s.family): i for i, s in enumerate(hp.sets)}
+    sets = list(hp.sets)
+    seen: set[SetKey] = set()
+    for d in deltas:
+        key = (d.name, d.family)
+        i = index.get(key)
+        if i is None:
+            raise ConflictError(f"set delta for unknown set {_label(key)}")
+        if key in seen:
+            raise ConflictError(f"two set deltas for set {_label(key)}")
+        seen.add(key)
+        if not d.added and not d.removed:
+            continue
+        members = set(sets[i].members)
+        absent = [str(n) for n in d.removed if n not in members]
+        if absent:
+            raise ConflictError(f"set {_label(key)}: cannot remove absent members {', '.join(absent)}")
+        members.difference_update(d.removed)
+        present = [str(n) for n in d.added if n in members]
+        if present or len(set(d.added)) != len(d.added):
+            raise ConflictError(f"set {_label(key)}: cannot add present members {', '.join(present) or 'twice'}")
+        members.update(d.added)
+        sets[i] = replace(sets[i], members=tuple(sorted(members, key=_net_key)))
+    return replace(hp, sets=tuple(sets))
+
+
+class UpdateKind(Enum):
+    FULL = "full"  # a complete HostPolicy
+    DELTA = "delta"  # address-set member changes relative to ``base``
+    UNCHANGED = "unchanged"  # the agent already holds this revision
+
+
+@dataclass(frozen=True)
+class PolicyUpdate:
+    """What a host receives for revision ``revision``: the full policy, a delta, or nothing."""
+
+    revision: int
+    kind: UpdateKind
+    policy: HostPolicy | None = None  # FULL only
+    base: int | None = None  # DELTA only: the revision the deltas start from
+    set_deltas: tuple[SetDelta, ...] = ()  # DELTA only
+
+    @staticmethod
+    def full(revision: int, policy: HostPolicy) -> PolicyUpdate:
+        return PolicyUpdate(revision, UpdateKind.FULL, policy=policy)
+
+    @staticmethod
+    def delta(base: int, revision: int, set_deltas: tuple[SetDelta, ...]) -> PolicyUpdate:
+        return PolicyUpdate(revision, UpdateKind.DELTA, base=base, set_deltas=set_deltas)
+
+    @staticmethod
+    def unchanged(revision: int) -> PolicyUpdate:
+        return PolicyUpdate(revision, UpdateKind.UNCHANGED)
+
+
+def apply_update(current: HostPolicy | None, applied: int, update: PolicyUpdate) -> HostPolicy | None:
+    """The policy after ``update``, for a host holding ``current`` at revision ``applied``.
+
+    None for UNCHANGED. A DELTA must start from ``applied`` and fit ``current`` exactly
+    (:func:`apply_set_deltas`), else :class:`ConflictError`: fetch the full policy.
+    """
+    if update.kind is UpdateKind.UNCHANGED:
+        return None
+    if update.kind is UpdateKind.FULL:
+        assert update.policy is not None
+        return update.policy
+    if current is None:
+        raise ConflictError(f"delta from revision {update.base}, but no policy is in force")
+    if update.base != applied:
+        raise ConflictError(f"delta from revision {update.base}, but revision {applied} is in force")
+    return apply_set_deltas(current, update.set_deltas)
+
+
+# ---- history ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """Revision ``base`` -> ``revision``: set deltas, or None when rules changed (full only)."""
+
+    base: int
+    revision: int
+    set_deltas: tuple[SetDelta, ...] | None
+
+
+@dataclass(frozen=True)
+class HostHistory:
+    """One host's current policy at ``revision`` and the last ``limit`` steps that led there."""
+
+    revision: int
+    policy: HostPolicy
+    steps: tuple[Step, ...] = ()
+    limit: int = 8
+
+    @staticmethod
+    def begin(revision: int, policy: HostPolicy, limit: int = 8) -> HostHistory:
+        return HostHistory(revision, policy, (), limit)
+
+    def after(self, delta: HostDelta, revision: int) -> HostHistory | None:
+        """This history once ``delta`` is published as ``revision``; None if it changes nothing.
+
+        A revision that does not follow this one (``revision != self.revision + 1``) starts a
+        new history: older agents get the full policy.
+        """
+        if delta.policy is None:
+            raise ValueError(f"workload {delta.workload!r} is gone: no history after it")
+        step_deltas: tuple[SetDelta, ...] | None = None if delta.rules_changed else delta.set_deltas
+        if step_deltas == ():
+            if delta.policy == self.policy:
+                return None  # the changes of one transaction cancelled out
+            step_deltas = None  # something beyond set members moved: only a full policy is safe
+        if revision != self.revision + 1:
+            return HostHistory(revision, delta.policy, (), self.limit)
+        steps = (*self.steps, Step(self.revision, revision, step_deltas))[-self.limit :]
+        return HostHistory(revision, delta.policy, steps, self.limit)
+
+    def update_since(self, since: int | None) -> PolicyUpdate:
+        """The answer for a host holding ``since`` (None: nothing, send everything)."""
+        if since == self.revision:
+            return PolicyUpdate.unchanged(self.revision)
+        if since is None or not self.steps or not self.steps[0].base <= since < self.revision:
+            return PolicyUpdate.full(self.revision, self.policy)
+        chain = [s for s in self.steps if s.base >= since]
+        composed: tuple[SetDelta, ...] = ()
+        for i, step in enumerate(chain):
+            if step.set_deltas is None:
+                return PolicyUpdate.full(self.revision, self.policy)
+            composed = step.set_deltas if i == 0 else compose_set_deltas(composed, step.set_deltas)
+        return PolicyUpdate.delta(since, self.revision, composed)
+
+
+# ---- wire codec ---------------------------------------------------------------------------------
+
+
+def set_delta_to_dict(d: SetDelta) -> dict[str, Any]:
+    return {
+        "name": d.name,
+        "family": d.family.value,
+        "added": [str(n) for n in d.added],
+        "removed": [str(n) for n in d.removed],
+    }
+
+
+def policy_update_to_dict(update: PolicyUpdate) -> dict[str, Any]:
+    """The wire form: ``{revision, full, base, set_deltas}`` (JSON-ready)."""
+    if update.kind is UpdateKind.FULL:
+        assert update.policy is not None
+        return {"revision": update.revision, "full": host_policy_to_dict(update.policy), "base": None,
+                "set_deltas": []}
+    if update.kind is UpdateKind.UNCHANGED:
+        return {"revision": update.revision, "full": None, "base": update.revision, "set_deltas": []}
+    return {"revision": update.revision, "full": None, "base": update.base,
+            "set_deltas": [set_delta_to_dict(d) for d in update.set_deltas]}
+
+
+WIRE_FIELDS = ("revision", "full", "base", "set_deltas")
+
+
+def _malformed(source: str, field: str, message: str) -> ValidationError:
+    return ValidationError([Issue(source, 0, field, message)])
+
+
+def _int(d: Mapping[str, Any], key: str, source: str) -> int:
+    value = d.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _malformed(source, key, f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _networks(value: Any, field: str, family: Family, source: str) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list):
+        raise _malformed(source, field, "expected a list of CIDRs")
+    out: list[IPNetwork] = []
+    for i, text in enumerate(value):
+        try:
+            n = ipaddress.ip_network(text)
+        except (TypeError, ValueError) as exc:
+            raise _malformed(source, f"{field}[{i}]", f"not a CIDR: {text!r}") from exc
+        if n.version != family.value:
+            raise _malformed(source, f"{field}[{i}]", f"{n} is not IPv{family.value}")
+        out.append(n)
+    return tuple(out)
+
+
+def set_delta_from_dict(d: Any, field: str = "set_deltas", source: str = "controller") -> SetDelta:
+    if not isinstance(d, dict):
+        raise _malformed(source, field, "expected an object")
+    name = d.get("name")
+    if not isinstance(name, str) or not name:
+        raise _malformed(source, f"{field}.name", "expected a set name")
+    try:
+        family = Family(d.get("family"))
+    except ValueError as exc:
+        raise _malformed(source, f"{field}.family", f"expected 4 or 6, got {d.get('family')!r}") from exc
+    added = _networks(d.get("added", []), f"{field}.added", family, source)
+    removed = _networks(d.get("removed", []), f"{field}.removed", family, source)
+    return SetDelta(name, family, added, removed)
+
+
+def policy_update_from_dict(d: Any, source: str = "controller") -> PolicyUpdate:
+    """Decode the wire form; :class:`ValidationError` naming the field if it is malformed.
+
+    ``full`` set: FULL. Else ``base`` set: DELTA from ``base`` (UNCHANGED when ``base`` is the
+    revision and there are no deltas). Neither: UNCHANGED.
+    """
+    if not isinstance(d, dict):
+        raise _malformed(source, "", "expected a JSON object")
+    unknown = sorted(str(k) for k in d if k not in WIRE_FIELDS)
+    if unknown:
+        raise _malformed(source, unknown[0], f"unknown field (expected {', '.join(WIRE_FIELDS)})")
+    revision = _int(d, "revision", source)
+    full = d.get("full")
+    if full is not None:
+        if not isinstance(full, dict):
+            raise _malformed(source, "full", "expected a HostPolicy object")
+        try:
+            return PolicyUpdate.full(revision, host_policy_from_dict(full))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _malformed(source, "full", f"not a HostPolicy: {exc!r}") from exc
+    if d.get("base") is None:
+        return PolicyUpdate.unchanged(revision)
+    base = _int(d, "base", source)
+    raw = d.get("set_deltas", [])
+    if not isinstance(raw, list):
+        raise _malformed(source, "set_deltas", "expected a list")
+    if base > revision:
+        raise _malformed(source, "base", f"base {base} is after revision {revision}")
+    if base == revision:
+        if raw:
+            raise _malformed(source, "set_deltas", "a delta from a revision to itself must be empty")
+        return PolicyUpdate.unchanged(revision)
+    deltas = tuple(set_delta_from_dict(x, f"set_deltas[{i}]", source) for i, x in enumerate(raw))
+    return PolicyUpdate.delta(base, revision, deltas)

@@ -1,0 +1,519 @@
+"""Enrolment and agent identity: pairing profiles, activation codes, enrolment, keys, quarantine.
+
+The rules (issue 12, items 2 and 9), all enforced here and nowhere else:
+
+* **Codes.** A code is single use and expires one day after it is issued unless its profile
+  says otherwise (``code_max_uses``, ``code_ttl_seconds``, set explicitly by an admin); a code
+  may ask for fewer uses or a shorter life than the profile allows, never more. The profile's
+  own ``max_uses``/``expires_at``/``enabled`` still bound all its codes together.
+* **No take-over.** A profile code only *creates* workloads: enrolling under the name of an
+  existing workload (with or without an agent, revoked or not) is refused (409). Taking over an
+  existing workload needs an *adoption code*: a code an admin issued for that one workload
+  name. It enrols as that workload (whatever hostname the host reports), keeps the labels and
+  mode the admin gave the workload, and is refused while the workload still has a live agent.
+* **Labels** of a created workload come from the pairing profile, never from a name match.
+* **Addresses** an enrolment or interface report claims that already belong to another workload
+  are not taken: the report is held back, the agent is quarantined and an ``agent.quarantine``
+  event names both sides. The answer to the agent does not say which workload owns them.
+* **Quarantine** (also raised when two processes use one agent credential, see
+  :mod:`agent_keys`): the agent keeps its credential and policy, but its interface reports no
+  longer change the inventory; an admin clears it (``agent.quarantine_clear``), which applies the
+  last held-back report. A new agent process's address changes wait out a probation
+  (``agent.report_held`` / ``agent.report_released``) so a copy is caught before it moves them.
+* **Keys.** An agent sends an Ed25519 public key at enrolment; from then on every request must
+  be signed with it. ``rotate_key`` replaces it (the request is signed with the old key, the new
+  key signs a proof). An agent enrolled before keys existed binds its first key with its token.
+
+Routes (:mod:`stockade.controller.api.agents`) parse, authorise and shape answers; the SQL and
+the decisions live here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from stockade import agent_signature as sig
+from stockade.controller.services import auth
+from stockade.controller.services.agent_keys import AgentKeyRing
+from stockade.controller.services.auth import ForbiddenError
+from stockade.controller.services.distribution import AgentLive, CompilerTxn, PolicyDistributor
+from stockade.controller.services.events import record_event
+from stockade.controller.storage import store
+from stockade.controller.storage.db import (
+    ActivationCodeRow,
+    AgentRow,
+    ObjectAddressRow,
+    ObjectRow,
+    PairingProfileRow,
+    utcnow,
+)
+from stockade.errors import ConflictError, Issue, NotFoundError, ValidationError
+
+DEFAULT_CODE_TTL = 86400
+MAX_CODE_TTL = 365 * 86400
+
+
+# ---- pairing profiles --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What an admin sets on a pairing profile (everything but the use counter)."""
+
+    name: str
+    labels: Mapping[str, str]
+    mode: str
+    expires_at: dt.datetime | None
+    max_uses: int | None
+    enabled: bool
+    description: str
+    code_max_uses: int = 1
+    code_ttl_seconds: int = DEFAULT_CODE_TTL
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "labels": dict(self.labels), "mode": self.mode,
+                "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+                "max_uses": self.max_uses, "enabled": self.enabled, "description": self.description,
+                "code_max_uses": self.code_max_uses, "code_ttl_seconds": self.code_ttl_seconds}
+
+
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """As stored (and read back) on every backend, so an ETag is the same before and after a reload."""
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def profile_settings(p: PairingProfileRow) -> ProfileSettings:
+    return ProfileSettings(p.name, dict(p.labels), p.mode, as_utc(p.expires_at), p.max_uses, p.enabled,
+                           p.description, p.code_max_uses, p.code_ttl_seconds)
+
+
+def profile_etag(p: PairingProfileRow) -> str:
+    """Revision + digest of the settings and creation time (not ``uses``, which enrolment counts)."""
+    state = {**profile_settings(p).to_json(), "created_at": p.created_at.astimezone(dt.UTC).isoformat()}
+    return store.etag_of(p.revision, state)
+
+
+def _check_profile_labels(db: Session, labels: Mapping[str, str]) -> None:
+    keys = store.draft_objects(db, ("label_key",))["label_key"]
+    issues = []
+    for k, v in sorted(labels.items()):
+        if k not in keys:
+            issues.append(Issue("api", 0, f"labels.{k}", f"unknown label key {k!r}"))
+        elif keys[k]["values"] and v not in keys[k]["values"]:
+            issues.append(Issue("api", 0, f"labels.{k}", f"value {v!r} not allowed"))
+    if issues:
+        raise ValidationError(issues)
+
+
+def list_profiles(db: Session) -> list[PairingProfileRow]:
+    return list(db.scalars(select(PairingProfileRow).order_by(PairingProfileRow.name)))
+
+
+def get_profile(db: Session, name: str) -> PairingProfileRow:
+    row = db.get(PairingProfileRow, name)
+    if row is None:
+        raise NotFoundError(f"no pairing profile {name!r}")
+    return row
+
+
+def create_profile(db: Session, s: ProfileSettings, actor: str) -> PairingProfileRow:
+    if db.get(PairingProfileRow, s.name) is not None:
+        raise ConflictError(f"pairing profile {s.name!r} exists")
+    _check_profile_labels(db, s.labels)
+    row = PairingProfileRow(name=s.name, labels=dict(s.labels), mode=s.mode, expires_at=as_utc(s.expires_at),
+                            max_uses=s.max_uses, uses=0, enabled=s.enabled, description=s.description,
+                            code_max_uses=s.code_max_uses, code_ttl_seconds=s.code_ttl_seconds,
+                            revision=1, created_at=utcnow())
+    db.add(row)
+    db.flush()
+    record_event(db, actor, "pairing_profile.create", "pairing_profile", s.name, None, s.to_json())
+    return row
+
+
+def replace_profile(db: Session, name: str, s: ProfileSettings, if_match: str | None, actor: str) -> PairingProfileRow:
+    if s.name != name:
+        raise ValidationError([Issue("api", 0, "name", "body name differs from the URL")])
+    row = get_profile(db, name)
+    store.check_if_match(if_match, profile_etag(row))
+    before = profile_settings(row).to_json()
+    wanted = ProfileSettings(**{**s.__dict__, "expires_at": as_utc(s.expires_at), "labels": dict(s.labels)})
+    after = wanted.to_json()
+    if after == before:
+        return row
+    _check_profile_labels(db, s.labels)
+    row.labels, row.mode, row.expires_at = dict(s.labels), s.mode, wanted.expires_at
+    row.max_uses, row.enabled, row.description = s.max_uses, s.enabled, s.description
+    row.code_max_uses, row.code_ttl_seconds = s.code_max_uses, s.code_ttl_seconds
+    row.revision += 1
+    record_event(db, actor, "pairing_profile.update", "pairing_profile", name, before, after)
+    return row
+
+
+def delete_profile(db: Session, name: str, if_match: str | None, actor: str) -> None:
+    row = get_profile(db, name)
+    store.check_if_match(if_match, profile_etag(row))
+    for code in db.scalars(select(ActivationCodeRow).where(ActivationCodeRow.profile == name)):
+        db.delete(code)
+    db.delete(row)
+    record_event(db, actor, "pairing_profile.delete", "pairing_profile", name, None, None)
+
+
+# ---- activation codes --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IssuedCode:
+    id: str
+    profile: str
+    code: str  # shown once
+    max_uses: int
+    expires_at: dt.datetime
+    workload: str | None
+
+
+def issue_code(db: Session, profile: str, actor: str, *, max_uses: int | None = None,
+               ttl_seconds: int | None = None, workload: str | None = None) -> IssuedCode:
+    """A new code of ``profile``; ``workload`` makes it an adoption code for that one workload."""
+    p = get_profile(db, profile)
+    uses = p.code_max_uses if max_uses is None else max_uses
+    ttl = p.code_ttl_seconds if ttl_seconds is None else ttl_seconds
+    issues = []
+    if uses > p.code_max_uses:
+        issues.append(Issue("api", 0, "max_uses", f"profile {profile!r} allows at most {p.code_max_uses} "
+                                                  "use(s) per code (raise its code_max_uses first)"))
+    if ttl > p.code_ttl_seconds:
+        issues.append(Issue("api", 0, "ttl_seconds", f"profile {profile!r} allows codes of at most "
+                                                     f"{p.code_ttl_seconds} s (raise its code_ttl_seconds first)"))
+    if workload is not None and uses != 1:
+        issues.append(Issue("api", 0, "max_uses", "an adoption code is single use"))
+    if issues:
+        raise ValidationError(issues)
+    code_id = secrets.token_hex(6)
+    code = f"act_{secrets.token_urlsafe(24)}"
+    expires = utcnow() + dt.timedelta(seconds=ttl)
+    db.add(ActivationCodeRow(id=code_id, code_hash=auth.sha256(code), profile=profile, created_at=utcnow(),
+                             revoked=False, max_uses=uses, uses=0, expires_at=expires, workload=workload))
+    record_event(db, actor, "activation_code.create", "pairing_profile", profile, None,
+                 {"id": code_id, "max_uses": uses, "expires_at": expires.isoformat(), "workload": workload})
+    return IssuedCode(code_id, profile, code, uses, expires, workload)
+
+
+def list_codes(db: Session, profile: str) -> list[ActivationCodeRow]:
+    get_profile(db, profile)
+    q = select(ActivationCodeRow).where(ActivationCodeRow.profile == profile).order_by(ActivationCodeRow.created_at)
+    return list(db.scalars(q))
+
+
+def revoke_code(db: Session, profile: str, code_id: str, actor: str) -> None:
+    row = db.get(ActivationCodeRow, code_id)
+    if row is None or row.profile != profile:
+        raise NotFoundError(f"no activation code {code_id!r} in profile {profile!r}")
+    row.revoked = True
+    record_event(db, actor, "activation_code.revoke", "pairing_profile", profile, None, {"id": code_id})
+
+
+def _use_code(db: Session, code_text: str) -> tuple[ActivationCodeRow, PairingProfileRow]:
+    """Count one use of a code and of its profile, or refuse (403) saying why."""
+    code = db.scalars(select(ActivationCodeRow).where(ActivationCodeRow.code_hash == auth.sha256(code_text))
+                      ).one_or_none()
+    if code is None or code.revoked:
+        raise ForbiddenError("unknown or revoked activation code")
+    now = utcnow()
+    if code.expires_at is not None and code.expires_at <= now:
+        raise ForbiddenError("the activation code has expired")
+    profile = db.get(PairingProfileRow, code.profile)
+    if profile is None or not profile.enabled:
+        raise ForbiddenError("the pairing profile is disabled")
+    if profile.expires_at is not None and profile.expires_at <= now:
+        raise ForbiddenError("the pairing profile has expired")
+    used = db.execute(
+        update(ActivationCodeRow).where(ActivationCodeRow.id == code.id)
+        .where(ActivationCodeRow.max_uses.is_(None) | (ActivationCodeRow.uses < ActivationCodeRow.max_uses))
+        .values(uses=ActivationCodeRow.uses + 1)
+    )
+    if getattr(used, "rowcount", 0) != 1:
+        raise ForbiddenError("the activation code is used up")
+    used = db.execute(
+        update(PairingProfileRow).where(PairingProfileRow.name == profile.name)
+        .where(PairingProfileRow.max_uses.is_(None) | (PairingProfileRow.uses < PairingProfileRow.max_uses))
+        .values(uses=PairingProfileRow.uses + 1)
+    )
+    if getattr(used, "rowcount", 0) != 1:
+        raise ForbiddenError("the pairing profile is used up")
+    return code, profile
+
+
+# ---- enrolment ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnrolRequest:
+    activation_code: str
+    hostname: str
+    interfaces: tuple[dict[str, Any], ...]
+    agent_version: str
+    public_key: str | None
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    agent_id: str
+    token: str
+    workload: str
+    adopted: bool
+    quarantined: bool
+
+
+def _addresses(interfaces: Sequence[Mapping[str, Any]]) -> list[str]:
+    return sorted({str(a) for i in interfaces for a in i.get("addresses", [])})
+
+
+def _owned_elsewhere(db: Session, workload: str, interfaces: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Addresses in ``interfaces`` that another workload holds: address -> owner."""
+    wanted = _addresses(interfaces)
+    if not wanted:
+        return {}
+    rows = db.execute(
+        select(ObjectAddressRow.address, ObjectRow.name).join(ObjectRow, ObjectRow.id == ObjectAddressRow.object_id)
+        .where(ObjectAddressRow.address.in_(wanted), ObjectRow.name != workload)
+    ).all()
+    return {a: n for a, n in rows}
+
+
+def _without(interfaces: Sequence[Mapping[str, Any]], taken: Mapping[str, str]) -> list[dict[str, Any]]:
+    return [{**i, "addresses": [a for a in i.get("addresses", []) if str(a) not in taken]} for i in interfaces]
+
+
+def _quarantine(db: Session, row: AgentRow, reason: str, detail: Mapping[str, Any], actor: str) -> None:
+    if row.quarantined_at is None:
+        row.quarantined_at = utcnow()
+        row.quarantine_reason = reason
+    record_event(db, actor, "agent.quarantine", "agent", row.id, None,
+                 {"workload": row.workload, "reason": reason, **detail})
+
+
+def enrol(dist: PolicyDistributor, keys: AgentKeyRing, req: EnrolRequest) -> Enrolled:
+    """Trade an activation code for an agent identity, by the rules in the module docstring."""
+    if req.public_key is not None:
+        try:
+            sig.parse_public_key(req.public_key)
+        except sig.SignatureError as exc:
+            raise ValidationError([Issue("api", 0, "public_key", str(exc))]) from None
+
+    def run(db: Session, txn: CompilerTxn) -> Enrolled:
+        code, profile = _use_code(db, req.activation_code)
+        name = code.workload or req.hostname
+        if any(a.workload == name for a in dist.agents.values()):
+            raise ConflictError(f"workload {name!r} already has an enrolled agent; revoke it first")
+        actor = f"enroll:{profile.name}"
+        try:
+            current = store.get_object(db, "workload", name)
+        except NotFoundError:
+            current = None
+        if current is not None and code.workload is None:
+            raise ConflictError(f"workload {name!r} already exists: enrolling as an existing workload needs an "
+                                "adoption code an admin issued for it")
+        taken = _owned_elsewhere(db, name, req.interfaces)
+        interfaces = _without(req.interfaces, taken)
+        if current is None:
+            data = {"name": name, "labels": dict(profile.labels), "interfaces": interfaces, "mode": profile.mode}
+            obj = store.create_object(db, "workload", data, actor)
+        else:
+            _b, obj = store.replace_object(db, "workload", name, {**current.body, "interfaces": interfaces}, actor)
+        txn.upsert_workload(obj.domain)
+        agent_id = secrets.token_hex(8)
+        secret = auth.new_secret()
+        token_hash = auth.sha256(secret)
+        row = AgentRow(id=agent_id, workload=name, token_hash=token_hash, profile=profile.name,
+                       hostname=req.hostname, created_at=utcnow(), applied_revision=0,
+                       agent_version=req.agent_version, public_key=req.public_key)
+        db.add(row)
+        record_event(db, actor, "agent.enroll", "agent", agent_id, None,
+                     {"workload": name, "profile": profile.name, "code": code.id, "adopted": current is not None,
+                      "key_bound": req.public_key is not None})
+        if taken:
+            row.held_interfaces = list(req.interfaces)
+            _quarantine(db, row, "reported addresses that belong to another workload",
+                        {"addresses": sorted(taken), "owners": sorted(set(taken.values()))}, actor)
+        dist.agents[agent_id] = AgentLive(agent_id, name, token_hash)
+        keys.set_key(agent_id, req.public_key)
+        txn.undo.append(lambda: dist.agents.pop(agent_id, None))
+        txn.undo.append(lambda: keys.forget(agent_id))
+        return Enrolled(agent_id, f"agt_{agent_id}_{secret}", name, current is not None, bool(taken))
+
+    return dist.transact(run)
+
+
+# ---- the agent's own reports ---------------------------------------------------------------
+
+
+class ReportOutcome(Enum):
+    APPLIED = "applied"
+    HELD = "held"  # a new agent process on probation changed addresses: applied when it ends
+    QUARANTINED = "quarantined"
+
+
+def report_interfaces(dist: PolicyDistributor, agent_id: str, workload: str,
+                      interfaces: Sequence[Mapping[str, Any]], actor: str, *,
+                      hold_changes: bool = False) -> ReportOutcome:
+    """Apply an agent's interface report, or hold it back (quarantine, or ``hold_changes``: the
+    sending process is on probation and the report would change the workload's addresses)."""
+    reported = [dict(i) for i in interfaces]
+
+    def run(db: Session, txn: CompilerTxn) -> ReportOutcome:
+        row = db.get(AgentRow, agent_id)
+        if row is None:
+            raise NotFoundError(f"no agent {agent_id!r}")
+        if row.quarantined_at is not None:
+            row.held_interfaces = reported
+            return ReportOutcome.QUARANTINED
+        taken = _owned_elsewhere(db, workload, interfaces)
+        if taken:
+            row.held_interfaces = reported
+            _quarantine(db, row, "reported addresses that belong to another workload",
+                        {"addresses": sorted(taken), "owners": sorted(set(taken.values()))}, actor)
+            return ReportOutcome.QUARANTINED
+        current = store.get_object(db, "workload", workload)
+        if hold_changes and _addresses(current.body.get("interfaces", [])) != _addresses(reported):
+            row.held_interfaces = reported
+            record_event(db, actor, "agent.report_held", "agent", agent_id, None,
+                         {"workload": workload, "addresses": _addresses(reported),
+                          "reason": "a new agent process changed the addresses; applied once it has "
+                                    "spoken alone for the probation period"})
+            return ReportOutcome.HELD
+        row.held_interfaces = None
+        data = {**current.body, "interfaces": reported}
+        _b, after = store.replace_object(db, "workload", workload, data, actor)
+        if after.revision != current.revision:
+            txn.upsert_workload(after.domain)
+        return ReportOutcome.APPLIED
+
+    return dist.transact(run)
+
+
+def release_held(dist: PolicyDistributor, agent_id: str) -> None:
+    """A new agent process's probation ended with no other process heard: apply its held report."""
+    with dist.sessions() as db:
+        row = db.get(AgentRow, agent_id)
+        if row is None or row.revoked_at is not None or row.quarantined_at is not None or row.held_interfaces is None:
+            return
+        workload, held = row.workload, list(row.held_interfaces)
+    if report_interfaces(dist, agent_id, workload, held, "controller") is ReportOutcome.APPLIED:
+        with dist.sessions.begin() as db:
+            record_event(db, "controller", "agent.report_released", "agent", agent_id, None,
+                         {"workload": workload, "addresses": _addresses(held)})
+
+
+def record_agent_events(db: Session, agent_id: str, workload: str, actor: str,
+                        events: Sequence[Mapping[str, Any]]) -> None:
+    for ev in events:
+        record_event(db, actor, f"agent.{ev['kind']}", "agent", workload, None, {**ev, "agent_id": agent_id})
+
+
+def record_refused_signature(dist: PolicyDistributor, agent_id: str, reason: str, client: str) -> None:
+    """The agent's token came without a valid signature (``AgentKeyRing.on_refused``)."""
+    with dist.sessions.begin() as db:
+        row = db.get(AgentRow, agent_id)
+        record_event(db, "controller", "agent.signature_refused", "agent", agent_id, None,
+                     {"workload": row.workload if row else None, "reason": reason, "client": client})
+
+
+def quarantine_clone(dist: PolicyDistributor, agent_id: str, old_instance: str, new_instance: str) -> None:
+    """Two processes speak with one credential (``AgentKeyRing.on_clone``): quarantine the agent."""
+    with dist.sessions.begin() as db:
+        row = db.get(AgentRow, agent_id)
+        if row is not None:
+            _quarantine(db, row, "two agent processes use this agent's credential",
+                        {"instances": sorted((old_instance, new_instance))}, "controller")
+
+
+def clear_quarantine(dist: PolicyDistributor, keys: AgentKeyRing, agent_id: str, actor: str) -> None:
+    """Admin: lift the quarantine and apply the last held-back interface report (409 if it still
+    claims another workload's addresses; the quarantine then stays)."""
+
+    def run(db: Session, txn: CompilerTxn) -> None:
+        row = get_agent(db, agent_id)
+        if row.quarantined_at is None:
+            return
+        held = row.held_interfaces
+        if held is not None and row.revoked_at is None:
+            taken = _owned_elsewhere(db, row.workload, held)
+            if taken:
+                owners = ", ".join(f"{a} (workload {n})" for a, n in sorted(taken.items()))
+                raise ConflictError(f"the agent's report still claims addresses of other workloads: {owners}")
+            current = store.get_object(db, "workload", row.workload)
+            _b, after = store.replace_object(db, "workload", row.workload, {**current.body, "interfaces": held},
+                                             actor)
+            if after.revision != current.revision:
+                txn.upsert_workload(after.domain)
+        record_event(db, actor, "agent.quarantine_clear", "agent", agent_id, None,
+                     {"workload": row.workload, "reason": row.quarantine_reason,
+                      "applied_held_report": held is not None})
+        row.quarantined_at, row.quarantine_reason, row.held_interfaces = None, None, None
+
+    dist.transact(run)
+    keys.clear_clone(agent_id)
+
+
+def rotate_key(dist: PolicyDistributor, keys: AgentKeyRing, agent_id: str, public_key: str, proof: str,
+               actor: str) -> bool:
+    """Replace the agent's key (the request carrying this was signed with the old one, if any).
+    Returns True if the key changed; the same key again is a no-op (a retried rotation)."""
+    try:
+        sig.verify_rotation(agent_id, public_key, proof)
+    except sig.SignatureError as exc:
+        raise ValidationError([Issue("api", 0, "proof" if "proof" in str(exc) else "public_key", str(exc))]) from None
+    with dist.sessions.begin() as db:
+        row = get_agent(db, agent_id)
+        if row.public_key == public_key:
+            return False
+        action = "agent.key_rotate" if row.public_key else "agent.key_bind"
+        record_event(db, actor, action, "agent", agent_id, None, {"workload": row.workload})
+        row.public_key = public_key
+    keys.set_key(agent_id, public_key)
+    return True
+
+
+def end_agent(dist: PolicyDistributor, keys: AgentKeyRing, agent_id: str, actor: str, action: str) -> None:
+    """Revoke (admin) or unenrol (the agent itself): the credential stops working at once."""
+    with dist.sessions.begin() as db:
+        row = get_agent(db, agent_id)
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+            record_event(db, actor, action, "agent", agent_id, None, {"workload": row.workload})
+    dist.agents.pop(agent_id, None)
+    keys.forget(agent_id)
+
+
+def attach(keys: AgentKeyRing, dist: PolicyDistributor) -> None:
+    """Let the key ring's findings act: quarantine clones, release held reports, audit refusals."""
+    keys.on_clone = lambda agent_id, old, new: quarantine_clone(dist, agent_id, old, new)
+    keys.on_release = lambda agent_id: release_held(dist, agent_id)
+    keys.on_refused = lambda agent_id, reason, client: record_refused_signature(dist, agent_id, reason, client)
+
+
+# ---- operator views -----------------------------------------------------------------------
+
+
+def list_agents(db: Session, workload: str | None) -> list[AgentRow]:
+    q = select(AgentRow).order_by(AgentRow.workload, AgentRow.created_at)
+    if workload:
+        q = q.where(AgentRow.workload == workload)
+    return list(db.scalars(q))
+
+
+def get_agent(db: Session, agent_id: str) -> AgentRow:
+    row = db.get(AgentRow, agent_id)
+    if row is None:
+        raise NotFoundError(f"no agent {agent_id!r}")
+    return row
