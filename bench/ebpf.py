@@ -1,10 +1,15 @@
-"""Benchmark: nftables sets vs iptables+ipset vs eBPF, same host policies, same namespaces.
+"""Benchmark: nftables (list and lookup layouts) vs iptables+ipset vs eBPF, on a rules axis.
 
-Run as root: ``python bench/ebpf.py`` (``--quick`` for smaller sizes and shorter runs).
-A server and a client namespace on a veth pair (``bench/nft_apply.py``'s); the server
-enforces ``nft_apply.host_policy(peers, 1000)``: 1,000 inbound allow rules over 50 peer sets
+Run as root: ``python bench/ebpf.py`` (``--quick`` for smaller sizes and shorter runs;
+``--rules 10,1000`` and ``--peers N`` to choose the axis). A server and a client namespace
+on a veth pair (``bench/nft_apply.py``'s); the server enforces
+``nft_apply.host_policy(peers, rules)``: ``rules`` inbound allow rules over 50 peer sets
 holding ``peers`` addresses, the client in the last set and allowed by the last rule (the
-worst case for a rule list), plus udp/9000 on that rule for the packet test. Tables:
+worst case for a rule list), plus udp/9000 on that rule for the packet test. nftables is
+measured in both layouts side by side (``nft-list``: the historic rule list, ``nft-lookup``:
+verdict maps, the default) and once more as ``nft-lookup-nolog`` (the same ruleset with
+every ``log`` statement and the UDP log-once lines removed: the cost of flow logging). The
+UDP sender is one-way, so every packet is a conntrack-NEW packet that walks the policy. Tables:
 
 1. **load and delta**, per backend and peer count: render (HostPolicy -> the artifact in
    its loadable form: nft/iptables text, eBPF trie keys and values), *cold*
@@ -28,6 +33,7 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -45,13 +51,17 @@ from nft_apply import CLI4, SRV4, Namespaces, connection_rate, timed
 from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.iptables.backend import IptablesBackend
 from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.nftables.render import Layout, NftablesArtifact
 from stockade.bpf.build import find_clang
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.model.addresses import Family
 from stockade.model.services import Proto, ServiceEntry
 
 UDP_PORT = 9000
-RULES = 1000
+RULE_COUNTS = (10, 100, 1_000, 5_000)
+PEERS = 1_000
+NOLOG = "nft-lookup-nolog"
+_LOG_RE = re.compile(r'log prefix "[^"]*" group \d+ ')
 
 SENDER_C = r"""
 #define _GNU_SOURCE
@@ -125,7 +135,7 @@ def build_tools(workdir: Path) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def bench_policy(peers: int, rules: int = RULES) -> HostPolicy:
+def bench_policy(peers: int, rules: int) -> HostPolicy:
     """nft_apply's policy with udp/9000 added to the client's (last) rule."""
     hp = nft_apply.host_policy(peers, rules)
     last = hp.rules[-1]
@@ -136,8 +146,19 @@ def bench_policy(peers: int, rules: int = RULES) -> HostPolicy:
 Backend = NftablesBackend | IptablesBackend | EbpfBackend
 
 
+def without_logging(artifact: NftablesArtifact) -> NftablesArtifact:
+    """``artifact`` with no flow logging: log statements and the UDP log-once lines removed."""
+    chains = tuple(
+        replace(c, rules=tuple(_LOG_RE.sub("", r) for r in c.rules if "@flowlog_" not in r)) for c in artifact.chains
+    )
+    return replace(artifact, chains=chains)
+
+
 def make_backends(ns: Namespaces, iptables: bool) -> dict[str, Backend]:
-    out: dict[str, Backend] = {"nftables": NftablesBackend(netns=ns.srv)}
+    out: dict[str, Backend] = {
+        "nft-list": NftablesBackend(netns=ns.srv, layout=Layout.LIST),
+        "nft-lookup": NftablesBackend(netns=ns.srv),
+    }
     if iptables:
         out["iptables-legacy"] = IptablesBackend("legacy", netns=ns.srv)
     out["ebpf"] = EbpfBackend(netns=ns.srv)
@@ -150,7 +171,7 @@ def make_backends(ns: Namespaces, iptables: bool) -> dict[str, Backend]:
 @dataclass(frozen=True)
 class LoadRow:
     backend: str
-    peers: int
+    rules: int
     render_ms: float
     cold_ms: float
     warm_ms: float
@@ -168,7 +189,7 @@ def loadable(backend: Backend, hp: HostPolicy) -> Any:
     return artifact
 
 
-def measure_load(name: str, backend: Backend, hp: HostPolicy, peers: int, repeats: int) -> LoadRow:
+def measure_load(name: str, backend: Backend, hp: HostPolicy, rules: int, repeats: int) -> LoadRow:
     render_s = min(timed(lambda: loadable(backend, hp)) for _ in range(2))
     artifact = loadable(backend, hp)
     colds: list[float] = []
@@ -187,7 +208,7 @@ def measure_load(name: str, backend: Backend, hp: HostPolicy, peers: int, repeat
     report = backend.verify(artifact)
     assert report.ok, f"{name}: the kernel does not hold what was applied: {report.problems[:3]}"
     backend.remove()
-    return LoadRow(name, peers, render_s * 1e3, cold * 1e3, warm * 1e3,
+    return LoadRow(name, rules, render_s * 1e3, cold * 1e3, warm * 1e3,
                    statistics.median(deltas) * 1e3, max(deltas) * 1e3)
 
 
@@ -210,28 +231,35 @@ def packet_rate(ns: Namespaces, sender: Path, receiver: Path, seconds: float) ->
 
 
 def measure_traffic(
-    ns: Namespaces, backends: dict[str, Backend], sizes: tuple[int, ...], tools: tuple[Path, Path],
-    seconds: float, rounds: int,
+    ns: Namespaces, backends: dict[str, Backend], rule_counts: tuple[int, ...], peers: int,
+    tools: tuple[Path, Path], seconds: float, rounds: int,
 ) -> dict[tuple[str, int], tuple[float, float]]:
-    """(backend, peers) -> (median conn/s, median packets/s); ("none", 0) is the bare veth."""
-    artifacts = {(n, p): b.render(bench_policy(p)) for n, b in backends.items() for p in sizes}
+    """(backend, rules) -> (median conn/s, median packets/s); ("none", 0) is the bare veth."""
+    artifacts: dict[tuple[str, int], tuple[Backend, Any]] = {}
+    for r in rule_counts:
+        hp = bench_policy(peers, r)
+        for n, b in backends.items():
+            artifacts[(n, r)] = (b, b.render(hp))
+        lookup = backends["nft-lookup"]
+        artifacts[(NOLOG, r)] = (lookup, without_logging(artifacts[("nft-lookup", r)][1]))
     server = subprocess.Popen(["ip", "netns", "exec", ns.srv, sys.executable, "-c", nft_apply.SERVER],
                               stdout=subprocess.PIPE, text=True)
-    configs: list[tuple[str, int]] = [("none", 0)] + [(n, p) for n in backends for p in sizes]
+    configs: list[tuple[str, int]] = [("none", 0), *artifacts]
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         connection_rate(ns, 0.3)  # warm up
         for _ in range(rounds):
-            for name, peers in configs:
+            for name, rules in configs:
                 for other in backends.values():
                     other.remove()
                 if name != "none":
-                    backends[name].apply(artifacts[(name, peers)])
+                    backend, artifact = artifacts[(name, rules)]
+                    backend.apply(artifact)
                 conns = connection_rate(ns, seconds)
                 pps = packet_rate(ns, tools[0], tools[1], seconds)
-                samples[(name, peers)].append((conns, pps))
-                print(f"  {name:<16} {peers:>8,} peers: {conns:>7,.0f} conn/s {pps:>10,.0f} pkt/s", file=sys.stderr)
+                samples[(name, rules)].append((conns, pps))
+                print(f"  {name:<18} {rules:>6,} rules: {conns:>7,.0f} conn/s {pps:>10,.0f} pkt/s", file=sys.stderr)
     finally:
         server.kill()
         server.wait()
@@ -246,7 +274,7 @@ def measure_traffic(
 def program_rows(ns: Namespaces) -> list[str]:
     backend = EbpfBackend(netns=ns.srv)
     backend.remove()
-    backend.apply(backend.render(bench_policy(10)))  # cold: loads (verifies) both programs
+    backend.apply(backend.render(bench_policy(10, 10)))  # cold: loads (verifies) both programs
     rows = []
     for r in backend.last_load():
         pinned = backend.loader.pin_dir / ("prog_in" if r.hook.value == "ingress" else "prog_out")
@@ -266,19 +294,22 @@ def program_rows(ns: Namespaces) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter runs")
-    parser.add_argument("--no-iptables", action="store_true", help="leave iptables+ipset out")
+    parser.add_argument("--quick", action="store_true", help="fewer rule counts, shorter runs")
+    parser.add_argument("--iptables", action="store_true", help="add iptables-legacy + ipset")
+    parser.add_argument("--rules", help="comma-separated rule counts (default 10,100,1000,5000)")
+    parser.add_argument("--peers", type=int, default=PEERS, help=f"peer addresses in total (default {PEERS})")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, nftables, tc, bpf)", file=sys.stderr)
         return 1
-    sizes = (10, 1_000, 10_000) if args.quick else (10, 10_000, 100_000)
-    rules = 100 if args.quick else RULES
+    rule_counts: tuple[int, ...] = RULE_COUNTS if not args.quick else (10, 1_000)
+    if args.rules:
+        rule_counts = tuple(int(x) for x in args.rules.split(","))
     repeats = 2 if args.quick else 3
     seconds, rounds = (0.5, 1) if args.quick else (1.5, 3)
-    iptables = not args.no_iptables and shutil.which("iptables-legacy-restore") is not None
-    print(f"# nftables vs iptables+ipset vs eBPF (kernel {os.uname().release}, {os.cpu_count()} CPUs, "
-          f"load {os.getloadavg()[0]:.1f}); {rules:,} rules, client in the last set")
+    iptables = args.iptables and shutil.which("iptables-legacy-restore") is not None
+    print(f"# nftables list/lookup vs eBPF{' vs iptables+ipset' if iptables else ''} (kernel {os.uname().release}, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}); {args.peers:,} peers, client in the last set")
     ns = Namespaces.create()
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="stk-bench-ebpf-"))
@@ -288,27 +319,30 @@ def main() -> int:
         print("\n## program")
         for row in program_rows(ns):
             print(row)
-        print(f"\n## load and delta ({rules:,} rules)")
-        header = (f"{'backend':<16} {'peers':>8} {'render ms':>9} {'cold apply ms':>13} {'warm apply ms':>13} "
+        print(f"\n## load and delta ({args.peers:,} peers)")
+        header = (f"{'backend':<18} {'rules':>6} {'render ms':>9} {'cold apply ms':>13} {'warm apply ms':>13} "
                   f"{'delta ms':>9} {'delta max':>9}")
         print(header)
         print("-" * len(header))
-        for peers in sizes:
-            hp = bench_policy(peers, rules)
+        for rules in rule_counts:
+            hp = bench_policy(args.peers, rules)
             for name, backend in backends.items():
-                r = measure_load(name, backend, hp, peers, repeats)
-                print(f"{r.backend:<16} {r.peers:>8,} {r.render_ms:>9.1f} {r.cold_ms:>13.1f} {r.warm_ms:>13.1f} "
+                r = measure_load(name, backend, hp, rules, repeats)
+                print(f"{r.backend:<18} {r.rules:>6,} {r.render_ms:>9.1f} {r.cold_ms:>13.1f} {r.warm_ms:>13.1f} "
                       f"{r.delta_ms:>9.3f} {r.delta_max_ms:>9.3f}", flush=True)
-        print(f"\n## traffic ({rules:,} rules; medians of {rounds} interleaved rounds of {seconds} s)")
-        rates = measure_traffic(ns, backends, sizes, tools, seconds, rounds)
-        header = (f"{'backend':<16} {'peers':>8} {'TCP conn/s':>11} {'UDP pkt/s':>11} "
-                  f"{'conn vs nft':>11} {'pkt vs nft':>10}")
+        print(f"\n## traffic ({args.peers:,} peers; medians of {rounds} interleaved rounds of {seconds} s)")
+        rates = measure_traffic(ns, backends, rule_counts, args.peers, tools, seconds, rounds)
+        header = (f"{'backend':<18} {'rules':>6} {'TCP conn/s':>11} {'UDP pkt/s':>11} "
+                  f"{'conn vs eBPF':>12} {'pkt vs eBPF':>11} {'conn vs own 10':>14}")
         print(header)
         print("-" * len(header))
-        for (name, peers), (conns, pps) in rates.items():
-            ref = rates.get(("nftables", peers), (conns, pps))
-            vs = f"{100 * conns / ref[0]:>10.0f}% {100 * pps / ref[1]:>9.0f}%" if name != "none" else ""
-            print(f"{name:<16} {peers:>8,} {conns:>11,.0f} {pps:>11,.0f} {vs}")
+        for (name, rules), (conns, pps) in rates.items():
+            line = f"{name:<18} {rules:>6,} {conns:>11,.0f} {pps:>11,.0f}"
+            if name != "none":
+                ebpf = rates.get(("ebpf", rules), (conns, pps))
+                own = rates.get((name, min(rule_counts)), (conns, pps))
+                line += f" {100 * conns / ebpf[0]:>11.0f}% {100 * pps / ebpf[1]:>10.0f}% {100 * conns / own[0]:>13.0f}%"
+            print(line)
     finally:
         ns.delete()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,10 +1,12 @@
 """Benchmark of the nftables backend: apply cost, delta cost, connection rate, rule savings.
 
-Run as root: ``python bench/nft_apply.py`` (``--quick`` for smaller sizes). Everything runs
-in throwaway network namespaces (a server and a client joined by a veth pair), removed at
-the end. Prints two tables:
+Run as root: ``python bench/nft_apply.py`` (``--quick`` for smaller sizes; ``--rules`` and
+``--peers`` choose the axes). Everything runs in throwaway network namespaces (a server and
+a client joined by a veth pair), removed at the end. Both nftables layouts are measured side
+by side (``list``: the historic rule list; ``lookup``: port dispatch maps, the default).
+Prints two tables:
 
-1. per host policy (peer addresses x rules): rule lines we install vs the lines a naive
+1. per host policy (peer addresses x rules x layout): rule lines we install vs the lines a naive
    per-IP ruleset needs; render time (HostPolicy to nft text); our ``apply`` vs raw
    ``nft -f`` of the same file (ratio, target <= 1.2; medians of N interleaved pairs);
    one-peer delta through the netlink path (median and max of 40; target <= 10 ms at any
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stockade.backends.nftables.backend import DeltaPath, NftablesBackend
+from stockade.backends.nftables.render import Layout
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule, SetDelta
 from stockade.model.addresses import Family, IPNetwork
 from stockade.model.policy import Failsafe
@@ -153,6 +156,7 @@ def timed(action: Callable[[], object]) -> float:
 
 @dataclass(frozen=True)
 class ApplyRow:
+    layout: str
     peers: int
     rules: int
     rule_lines: int
@@ -166,9 +170,11 @@ class ApplyRow:
     cli_delta_ms: float
 
 
-def measure_apply(ns: Namespaces, peers: int, rules: int, repeats: int) -> ApplyRow:
+def measure_apply(
+    ns: Namespaces, peers: int, rules: int, repeats: int, layout: Layout = Layout.LOOKUP
+) -> ApplyRow:
     hp = host_policy(peers, rules)
-    backend = NftablesBackend(netns=ns.srv)
+    backend = NftablesBackend(netns=ns.srv, layout=layout)
     artifact = backend.render(hp)
     render_s = timed(lambda: backend.render(hp).to_text())  # the IR to the text nft reads
     text = artifact.to_text()
@@ -196,7 +202,7 @@ def measure_apply(ns: Namespaces, peers: int, rules: int, repeats: int) -> Apply
         deltas.append(timed(lambda one=one: backend.apply_delta((SetDelta(target, Family.V4, one, ()),))))
         deltas.append(timed(lambda one=one: backend.apply_delta((SetDelta(target, Family.V4, (), one),))))
     deltas = deltas[2:]  # the first pair opens the netlink socket
-    cli = NftablesBackend(netns=ns.srv, delta_path=DeltaPath.NFT_CLI)
+    cli = NftablesBackend(netns=ns.srv, delta_path=DeltaPath.NFT_CLI, layout=layout)
     one = (ipaddress.IPv4Network("198.51.100.7/32"),)
     cli_s = [
         timed(lambda: cli.apply_delta((SetDelta(target, Family.V4, one, ()),))),
@@ -206,6 +212,7 @@ def measure_apply(ns: Namespaces, peers: int, rules: int, repeats: int) -> Apply
     backend.close()
     rule_lines = sum(len(c.rules) for c in artifact.chains)
     return ApplyRow(
+        layout.value,
         peers,
         rules,
         rule_lines,
@@ -269,12 +276,18 @@ def measure_rates(ns: Namespaces, big: int, seconds: float, rounds: int) -> list
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter runs")
+    parser.add_argument("--rules", help="comma-separated rule counts (default 10,100,1000,5000)")
+    parser.add_argument("--peers", help="comma-separated peer counts (default 100,10000,100000)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, nftables)", file=sys.stderr)
         return 1
-    peer_sizes = (100, 1_000, 10_000) if args.quick else (100, 10_000, 100_000)
-    rule_sizes = (10, 100) if args.quick else (10, 1_000)
+    peer_sizes: tuple[int, ...] = (100, 1_000, 10_000) if args.quick else (100, 10_000, 100_000)
+    rule_sizes: tuple[int, ...] = (10, 1_000) if args.quick else (10, 100, 1_000, 5_000)
+    if args.rules:
+        rule_sizes = tuple(int(x) for x in args.rules.split(","))
+    if args.peers:
+        peer_sizes = tuple(int(x) for x in args.peers.split(","))
     repeats = 3 if args.quick else 5
     seconds, rounds = (0.5, 3) if args.quick else (1.5, 5)
     nft_version = subprocess.run(["nft", "--version"], capture_output=True, text=True).stdout.strip()
@@ -283,19 +296,21 @@ def main() -> int:
     started = time.perf_counter()
     try:
         header = (
-            f"{'peers':>8} {'rules':>6} {'rule lines':>10} {'naive per-IP':>12} {'render ms':>9} "
+            f"{'layout':<7} {'peers':>8} {'rules':>6} {'rule lines':>10} {'naive per-IP':>12} {'render ms':>9} "
             f"{'apply ms':>9} {'nft -f ms':>9} {'ratio':>6} {'delta ms':>9} {'delta max':>9} {'nft-cli delta':>13}"
         )
         print(header)
         print("-" * len(header))
         for peers in peer_sizes:
             for rules in rule_sizes:
-                r = measure_apply(ns, peers, rules, repeats if peers * rules >= 1_000_000 else 3 * repeats)
-                print(
-                    f"{r.peers:>8,} {r.rules:>6,} {r.rule_lines:>10,} {r.naive_lines:>12,} {r.render_ms:>9.1f} "
-                    f"{r.apply_ms:>9.1f} {r.raw_ms:>9.1f} {r.ratio:>6.2f} {r.delta_ms:>9.2f} "
-                    f"{r.delta_max_ms:>9.2f} {r.cli_delta_ms:>10.1f} ms",
-                    flush=True,
+                for layout in Layout:
+                    reps = repeats if peers * rules >= 1_000_000 else 3 * repeats
+                    r = measure_apply(ns, peers, rules, reps, layout)
+                    print(
+                        f"{r.layout:<7} {r.peers:>8,} {r.rules:>6,} {r.rule_lines:>10,} {r.naive_lines:>12,} "
+                        f"{r.render_ms:>9.1f} {r.apply_ms:>9.1f} {r.raw_ms:>9.1f} {r.ratio:>6.2f} {r.delta_ms:>9.2f} "
+                        f"{r.delta_max_ms:>9.2f} {r.cli_delta_ms:>10.1f} ms",
+                        flush=True,
                 )
         print()
         rates = measure_rates(ns, peer_sizes[-1], seconds, rounds)

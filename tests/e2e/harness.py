@@ -10,6 +10,7 @@ carries the estate's controller address (``10.70.0.1``, ``fd70::1``, from
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,38 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
 # ---- the link from the root namespace to the lab bridge ----------------------------------------
 
 
+LOCK_DIR = Path("/run/stockade-lab")
+
+
+@contextlib.contextmanager
+def address_lock(v4: str, timeout: float = 900.0) -> Iterator[None]:
+    """Hold the estate's controller address for this process: xdist workers (and the demo test) take
+    turns, since two links carrying 10.70.0.1 in the root namespace would steal each other's replies."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOCK_DIR / f"addr-{v4.split('/')[0]}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{v4} stayed in use by another lab for {timeout:.0f} s") from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class ControllerLink:
-    """A veth pair: root-namespace end with the controller addresses, lab end on the bridge."""
+    """A veth pair: root-namespace end with the controller addresses, lab end on the bridge.
+
+    Holds :func:`address_lock` for its v4 address from creation until :meth:`remove`."""
 
     def __init__(self, lab: Lab, v4: str = "10.70.0.1/24", v6: str = "fd70::1/64") -> None:
+        self._lock = address_lock(v4)
+        self._lock.__enter__()
         self.name = f"stkc{lab.run_id}"[:15]
         run_ip(["link", "add", self.name, "type", "veth", "peer", "name", "ctl0", "netns", lab.bridge_netns])
         try:
@@ -78,6 +107,7 @@ class ControllerLink:
 
     def remove(self) -> None:
         run_ip(["link", "del", self.name], check=False)
+        self._lock.__exit__(None, None, None)
 
 
 # ---- the controller --------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.harness import REPO
+from tests.e2e.harness import REPO, address_lock
 
 pytestmark = pytest.mark.kernel
 
@@ -71,7 +71,10 @@ def lab_address_free(addr: str = "10.70.0.1", port: int = 8443) -> bool:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     data = tmp_path_factory.mktemp("demo") / "data"
-    # a concurrent e2e run holding the estate's addresses would make the demo refuse to start: wait for it
+    # other e2e tests of this run carry the estate's addresses too: take turns (the harness's lock), then
+    # wait for anything else on this machine (another checkout's run) to free the address
+    lock = address_lock("10.70.0.1")
+    lock.__enter__()
     deadline = time.monotonic() + 600
     while not lab_address_free():
         assert time.monotonic() < deadline, "10.70.0.1:8443 stayed busy (another lab on this machine)"
@@ -110,6 +113,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+        lock.__exit__(None, None, None)
     # Ctrl-C took the lab down: no agent of this demo is left running
     assert proc.returncode == 0, "".join(lines)[-3000:]
     assert not agents_of(data), agents_of(data)

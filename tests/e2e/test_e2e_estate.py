@@ -311,7 +311,9 @@ def test_controller_down_enforcement_continues_cache_restart_then_reconverge(wor
     world.controller.start()
     everyone = [*AGENT_HOSTS, "dev-new"]
     back = wait_for(lambda: world.api.converged(everyone), 30.0, 0.1)
-    assert back is not None, world.logs()
+    keys = ("converged", "applied_revision", "desired_revision", "status", "quarantined", "quarantine_reason")
+    state = {w: {k: a.get(k) for k in keys} for w, a in world.api.agents().items()}
+    assert back is not None, f"{state}\n{world.logs()[-4000:]}"
     # And they follow changes again: relabel, watch every agent acknowledge.
     _relabel(world, "app-prod-1", role="batch")
     acked = wait_for(lambda: world.api.converged(everyone), 10.0, 0.01)

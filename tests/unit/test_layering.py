@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
         "agent_signature",
     },
     "logs": set(),
+    "k8s": {"errors", "model", "compiler"},  # beside the controller: reaches it only through the REST API
 }
 
 
@@ -133,3 +134,23 @@ def test_shared_backend_modules_import_no_family() -> None:
 def test_the_registry_imports_no_family() -> None:
     """It names them as ``module:Class`` strings and imports one on lookup (tests/unit/test_backends.py)."""
     assert not _backend_modules_imported(BACKENDS_DIR / "registry.py") & set(_families())
+
+
+# Routes parse, authorise and shape answers; queries live in controller/services and controller/storage.
+QUERY_CALLS = {"select", "insert", "update", "delete", "execute", "scalar", "scalars", "get", "query", "add",
+               "merge", "text"}
+
+
+def test_controller_routes_run_no_sql() -> None:
+    bad = []
+    for f in sorted((SRC / "controller" / "api").glob("*.py")):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sqlalchemy")
+                    and (node.module != "sqlalchemy.orm" or any(a.name != "Session" for a in node.names))):
+                bad.append(f"{f.name}:{node.lineno} imports {node.module}")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "db"
+                    and node.func.attr in QUERY_CALLS):
+                bad.append(f"{f.name}:{node.lineno} runs db.{node.func.attr}()")
+    assert not bad, "\n".join(bad)

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from stockade.controller.csrf import parse_allowed_origins
 from stockade.controller.forwarded import TrustedProxies
 from stockade.controller.metrics import Metrics
-from stockade.controller.services import auth
+from stockade.controller.services import auth, scope
 from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import (
     LockoutPolicy,
@@ -126,6 +126,8 @@ def require(permission: Permission) -> Callable[[Request], Awaitable[Principal]]
 
             principal = await run_in_threadpool(lookup)
         auth.authorize(principal, permission)
+        route = request.scope.get("route")
+        scope.check_route(principal, permission, request.method, getattr(route, "path", request.url.path))
         request.state.principal = principal
         return principal
 

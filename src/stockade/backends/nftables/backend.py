@@ -36,8 +36,10 @@ from stockade.backends.base import (
     check_delta_capabilities,
 )
 from stockade.backends.common import rule_difference
+from stockade.backends.nftables.lookup import FLOWLOG_SETS, MapElement, TierMap
 from stockade.backends.nftables.netlink import ElementChange, NftNetlink
 from stockade.backends.nftables.render import (
+    Layout,
     NftablesArtifact,
     SetKind,
     net_element,
@@ -48,10 +50,12 @@ from stockade.backends.nftables.render import (
 )
 from stockade.backends.nftables.runner import (
     NftRunner,
+    map_elements,
     normalise_counters,
     parse_chains,
     set_flags,
     set_members,
+    without_elements,
 )
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, RenderError
@@ -92,6 +96,7 @@ class NftablesBackend:
         *,
         forward: bool = False,
         delta_path: DeltaPath = DeltaPath.NETLINK,
+        layout: Layout | str = Layout.LOOKUP,
     ) -> None:
         try:
             self.table = validate_table(table)
@@ -101,13 +106,17 @@ class NftablesBackend:
         self.log_group = log_group
         self.forward = forward
         self.delta_path = delta_path
+        self.layout = Layout(layout)
+        self._applied: NftablesArtifact | None = None  # what the kernel holds (maps follow deltas)
         self.runner = NftRunner(netns)
         self._netlink: NftNetlink | None = None  # opened by the first netlink delta
 
     # ---- pure ------------------------------------------------------------------------
     def render(self, host_policy: HostPolicy) -> NftablesArtifact:
         check_capabilities(self.name, self.capabilities, host_policy)
-        return render_nftables(host_policy, self.table, forward=self.forward, log_group=self.log_group)
+        return render_nftables(
+            host_policy, self.table, forward=self.forward, log_group=self.log_group, layout=self.layout
+        )
 
     # ---- kernel ----------------------------------------------------------------------
     def apply(self, artifact: NftablesArtifact) -> None:
@@ -120,7 +129,9 @@ class NftablesBackend:
         """Delete and add set members in one transaction; rules are not touched.
 
         Raises ApplyError (and changes nothing) when a set is missing or a removed member
-        is not in the kernel: the caller should then reload the full policy.
+        is not in the kernel: the caller should then reload the full policy. The lookup
+        layout's dispatch maps are keyed by port, never by peer address, so a delta is the
+        same set-element change in both layouts.
         """
         check_delta_capabilities(self.name, self.capabilities, deltas)
         changes = delta_changes(deltas)
@@ -135,7 +146,8 @@ class NftablesBackend:
 
     def read_back(self) -> str:
         listing = self.runner.list_table(self.table)
-        return "" if listing is None else normalise_counters(listing)
+        # the flow-log sets fill with traffic: their elements are not part of what is compared
+        return "" if listing is None else normalise_counters(without_elements(listing, FLOWLOG_SETS))
 
     def remove(self) -> None:
         self.runner.load(f"table inet {self.table}\ndelete table inet {self.table}\n")
@@ -162,14 +174,19 @@ class NftablesBackend:
 
     def verify(self, expected: NftablesArtifact) -> VerifyReport:
         """Compare what the kernel holds with ``expected`` (tamper and drift detection)."""
+        problems: list[str] = []
         items = self.runner.list_table_json(self.table)
         if not expected.present:
             return VerifyReport(() if items is None else (f"table inet {self.table} exists but should not",))
         if items is None:
             return VerifyReport((f"table inet {self.table} is missing",))
-        problems: list[str] = []
-        actual_sets = set_members(items)
+        problems = []
+        actual_sets = set_members(items, skip=FLOWLOG_SETS)
         flags = set_flags(items)
+        if expected.layout is Layout.LOOKUP:
+            for name in FLOWLOG_SETS:
+                if "timeout" not in flags.get(name, ("", ()))[1]:
+                    problems.append(f"flow-log set {name} is missing or has no timeout")
         for s in expected.sets:
             if s.name not in actual_sets:
                 problems.append(f"set {s.name} is missing")
@@ -187,6 +204,7 @@ class NftablesBackend:
                     problems.append(f"set {s.name}: unexpected {_ranges_text(extra)}")
         for name in sorted(set(actual_sets) - {s.name for s in expected.sets}):
             problems.append(f"unexpected set {name}")
+        problems += _map_problems(expected.maps, map_elements(items))
 
         listing = self.runner.list_table(self.table, terse=True) or ""
         actual_chains = {c.name: c for c in parse_chains(listing)}
@@ -203,6 +221,23 @@ class NftablesBackend:
         for name in sorted(actual_chains):
             problems.append(f"unexpected chain {name}")
         return VerifyReport(tuple(problems))
+
+
+def _map_problems(want: tuple[TierMap, ...], have: dict[str, set[MapElement]]) -> list[str]:
+    """What differs between the dispatch maps expected and those listed."""
+    problems: list[str] = []
+    for m in want:
+        got = have.pop(m.name, None)
+        if got is None:
+            problems.append(f"map {m.name} is missing")
+            continue
+        missing, extra = set(m.elements) - got, got - set(m.elements)
+        if missing:
+            problems.append(f"map {m.name}: missing {len(missing)} elements, e.g. {min(missing)}")
+        if extra:
+            problems.append(f"map {m.name}: {len(extra)} unexpected elements, e.g. {min(extra)}")
+    problems += [f"unexpected map {name}" for name in sorted(have)]
+    return problems
 
 
 def delta_changes(deltas: tuple[SetDelta, ...]) -> tuple[ElementChange, ...]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stockade.backends.common import CommandResult, run_command, validate_netns
+from stockade.backends.nftables.lookup import MapElement
 from stockade.errors import ApplyError, BackendError
 from stockade.model.addresses import AddressRanges, IPNetwork
 
@@ -28,6 +29,24 @@ NFT_TIMEOUT_S = 120.0
 def normalise_counters(text: str) -> str:
     """Zero every ``counter packets N bytes M`` so listings taken at different times compare equal."""
     return _COUNTER_RE.sub("counter packets 0 bytes 0", text)
+
+
+def without_elements(listing: str, sets: tuple[str, ...]) -> str:
+    """``listing`` without the elements of ``sets`` (dynamic sets the datapath fills itself, whose
+    contents and timers change with traffic and are not tampering)."""
+    out: list[str] = []
+    inside = skipping = False
+    for line in listing.splitlines(keepends=True):
+        text = line.strip()
+        if not inside:
+            inside = text.startswith("set ") and text.endswith(" {") and text[4:-2] in sets
+        elif skipping or text.startswith("elements = {"):
+            skipping = not text.endswith("}")
+            continue
+        elif text == "}":
+            inside = False
+        out.append(line)
+    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -136,12 +155,12 @@ def _element_ranges(elem: Any) -> list[IPNetwork | tuple[str, str]]:
     raise BackendError(f"unexpected set element in nft JSON: {elem!r}")
 
 
-def set_members(items: list[dict[str, Any]]) -> dict[str, AddressRanges]:
-    """Every set of a JSON table listing, by name, as merged address ranges."""
+def set_members(items: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> dict[str, AddressRanges]:
+    """Every set of a JSON table listing but ``skip``, by name, as merged address ranges."""
     out: dict[str, AddressRanges] = {}
     for item in items:
         s = item.get("set")
-        if s is None:
+        if s is None or s.get("name") in skip:
             continue
         nets: list[IPNetwork] = []
         extra: list[IPNetwork] = []
@@ -153,6 +172,51 @@ def set_members(items: list[dict[str, Any]]) -> dict[str, AddressRanges]:
                 else:
                     nets.append(part)
         out[s["name"]] = AddressRanges.of([*nets, *extra])
+    return out
+
+
+_PROTO_NUMBERS = {"tcp": 6, "udp": 17}
+
+
+def _bounds(value: Any) -> tuple[int, int]:
+    """(first, last) of one concatenation field in nft JSON: a value, a prefix or a range."""
+    if isinstance(value, dict) and "prefix" in value:
+        net = ipaddress.ip_network(f"{value['prefix']['addr']}/{value['prefix']['len']}")
+        return int(net.network_address), int(net.broadcast_address)
+    if isinstance(value, dict) and "range" in value:
+        lo, hi = value["range"]
+        return _bounds(lo)[0], _bounds(hi)[1]
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, str) and value in _PROTO_NUMBERS:
+        return _PROTO_NUMBERS[value], _PROTO_NUMBERS[value]
+    if isinstance(value, str) and value.isdigit():
+        return int(value), int(value)
+    if isinstance(value, str):
+        addr = int(ipaddress.ip_address(value))
+        return addr, addr
+    raise BackendError(f"unexpected map key field in nft JSON: {value!r}")
+
+
+def map_elements(items: list[dict[str, Any]]) -> dict[str, set[MapElement]]:
+    """Every dispatch map of a JSON table listing, by name, as :class:`MapElement` s."""
+    out: dict[str, set[MapElement]] = {}
+    for item in items:
+        m = item.get("map")
+        if m is None:
+            continue
+        elems: set[MapElement] = set()
+        for key, verdict in m.get("elem", []):
+            if isinstance(key, dict) and "elem" in key:
+                key = key["elem"]["val"]
+            fields = key.get("concat") if isinstance(key, dict) else None
+            if not fields or len(fields) != 2 or not isinstance(verdict, dict) or len(verdict) != 1:
+                raise BackendError(f"unexpected map element in nft JSON: {key!r}: {verdict!r}")
+            ((kind, target),) = verdict.items()
+            (proto, _), (plo, phi) = (_bounds(f) for f in fields)
+            chain = str(target["target"]) if kind == "jump" else f"{kind}:{target}"
+            elems.add(MapElement(proto, plo, phi, chain))
+        out[m["name"]] = elems
     return out
 
 

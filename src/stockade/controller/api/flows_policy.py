@@ -24,6 +24,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
 from stockade.controller.api.flows import (
     DEFAULT_WINDOW,
@@ -39,7 +40,7 @@ from stockade.controller.api.flows import (
     window,
 )
 from stockade.controller.context import Controller, controller_of, require
-from stockade.controller.services import codec
+from stockade.controller.services import codec, scope
 from stockade.controller.services.auth import Permission, Principal
 from stockade.controller.storage import store
 from stockade.controller.storage.flowstore import HOUR_MS, FlowFilter, FlowStore
@@ -147,12 +148,15 @@ def accept_suggestions(request: Request, body: AcceptIn,
     acc = accept(s, body.rules)
     if not acc.ruleset.rules:
         raise ConflictError("nothing to accept: no suggested rules")
-    with ctl.sessions.begin() as db:
+    def create(db: Session) -> None:
         for svc in acc.services:
             store.create_object(db, "service", codec.service_to(svc), principal.actor)
         for ipl in acc.ip_lists:
             store.create_object(db, "ip_list", codec.ip_list_to(ipl), principal.actor)
         store.create_object(db, "ruleset", codec.ruleset_to(acc.ruleset), principal.actor)
+
+    with ctl.sessions.begin() as db:  # a scoped principal's accept is refused if it reaches outside
+        scope.guard_draft_write(db, ctl.dist, principal, lambda: create(db))
     return AcceptOut(ruleset=acc.ruleset.name, services=[x.name for x in acc.services],
                      ip_lists=[x.name for x in acc.ip_lists], rules=len(acc.ruleset.rules))
 

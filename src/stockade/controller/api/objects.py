@@ -14,7 +14,9 @@ lists, services, rulesets, deny rules, failsafe) under ``/api/v1/<path>``:
 Policy kinds edit the draft. Inventory kinds (label keys, workloads) take effect at once:
 workload writes run through the compiled policy service, which bumps the revisions of the
 affected hosts. ``PUT /workloads/{name}/mode`` switches one workload's enforcement mode.
-Rulesets are writable by ruleset-managers inside their label scope; the rest needs admin.
+Rulesets are writable by ruleset-managers inside their label scope; the rest needs admin. A
+label-scoped principal's write is refused when it would change the compiled policy of a workload
+outside its scope (:mod:`stockade.controller.services.scope`).
 
 No ``from __future__ import annotations`` here: FastAPI reads the generated routes' body
 annotations at run time.
@@ -30,7 +32,8 @@ from sqlalchemy.orm import Session
 
 from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut, ObjectOut, ObjectPage
 from stockade.controller.context import Controller, controller_of, require
-from stockade.controller.services.auth import Permission, Principal, check_ruleset_scope
+from stockade.controller.services import scope
+from stockade.controller.services.auth import Permission, Principal
 from stockade.controller.services.codec import KIND_BY_NAME, KINDS, Kind, Scope
 from stockade.controller.services.distribution import CompilerTxn
 from stockade.controller.storage import store
@@ -81,12 +84,30 @@ def write(
     ctl: Controller,
     kind: str,
     fn: Any,
+    principal: Principal | None = None,
+    name: str | None = None,
 ) -> Any:
-    """Run a store write in the right kind of transaction (through the compiler for inventory)."""
+    """Run a store write in the right kind of transaction (through the compiler for inventory).
+
+    With a scoped ``principal`` the write is refused (and rolled back) when its effect reaches a
+    workload outside the scope: a draft edit by compiled effect, an inventory edit (of workload
+    ``name``) by the compiler's host deltas (see :mod:`stockade.controller.services.scope`).
+    """
     if KIND_BY_NAME[kind].scope is Scope.POLICY:
         with ctl.sessions.begin() as db:
-            return fn(db, None)
-    return ctl.dist.transact(fn)
+            if principal is None:
+                return fn(db, None)
+            return scope.guard_draft_write(db, ctl.dist, principal, lambda: fn(db, None))
+    if principal is None:
+        return ctl.dist.transact(fn)
+
+    def guarded(db: Session, txn: CompilerTxn) -> Any:
+        earlier = {name: scope.labels_now(ctl.dist, name)} if name is not None and kind == "workload" else {}
+        result = fn(db, txn)
+        scope.check_deltas(principal, txn, earlier, f"writing {kind} {name!r}")
+        return result
+
+    return ctl.dist.transact(guarded)
 
 
 def _sync_compiler(txn: CompilerTxn | None, db: Session, kind: str, name: str, after: StoredObject | None) -> None:
@@ -157,14 +178,14 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         ctl = controller_of(request)
         data = raw
         if kind.name == "ruleset":
-            check_ruleset_scope(principal, [kind.canonical(data)])
+            scope.check_ruleset_ownership(principal, [kind.canonical(data)])
 
         def run(db: Session, txn: CompilerTxn | None) -> StoredObject:
             obj = store.create_object(db, kind.name, data, principal.actor)
             _sync_compiler(txn, db, kind.name, obj.name, obj)
             return obj
 
-        obj = write(ctl, kind.name, run)
+        obj = write(ctl, kind.name, run, principal, str(data.get("name", "")))
         response.status_code = 201
         response.headers["ETag"] = obj.etag
         return object_out(obj)
@@ -184,12 +205,12 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         def run(db: Session, txn: CompilerTxn | None) -> StoredObject:
             if kind.name == "ruleset":
                 current = store.get_object(db, kind.name, name)
-                check_ruleset_scope(principal, [current.body, kind.canonical({**data, "name": name})])
+                scope.check_ruleset_ownership(principal, [current.body, kind.canonical({**data, "name": name})])
             _before, after = store.replace_object(db, kind.name, name, data, principal.actor, if_match)
             _sync_compiler(txn, db, kind.name, name, after)
             return after
 
-        obj = write(ctl, kind.name, run)
+        obj = write(ctl, kind.name, run, principal, name)
         response.headers["ETag"] = obj.etag
         return object_out(obj)
 
@@ -203,11 +224,11 @@ def _routes(r: APIRouter, kind: Kind) -> None:
 
         def run(db: Session, txn: CompilerTxn | None) -> None:
             if kind.name == "ruleset":
-                check_ruleset_scope(principal, [store.get_object(db, kind.name, name).body])
+                scope.check_ruleset_ownership(principal, [store.get_object(db, kind.name, name).body])
             store.delete_object(db, kind.name, name, principal.actor, if_match)
             _sync_compiler(txn, db, kind.name, name, None)
 
-        write(ctl, kind.name, run)
+        write(ctl, kind.name, run, principal, name)
         return Response(status_code=204)
 
     create_object.__annotations__["body"] = kind.body
@@ -247,7 +268,7 @@ def _mode_route(r: APIRouter) -> None:
             _sync_compiler(txn, db, "workload", name, after)
             return after
 
-        obj = write(ctl, "workload", run)
+        obj = write(ctl, "workload", run, principal, name)
         response.headers["ETag"] = obj.etag
         return object_out(obj)
 

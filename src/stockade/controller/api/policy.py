@@ -39,7 +39,7 @@ from stockade.controller.api.schemas import (
 )
 from stockade.controller.context import controller_of, require
 from stockade.controller.limits import nul_fields
-from stockade.controller.services import codec, versions
+from stockade.controller.services import codec, scope, versions
 from stockade.controller.services.auth import Permission, Principal
 from stockade.controller.services.codec import INVENTORY_KINDS, POLICY_KINDS
 from stockade.controller.services.distribution import CompilerTxn
@@ -47,7 +47,7 @@ from stockade.controller.services.events import query_events
 from stockade.controller.services.versions import Change, diff_content
 from stockade.controller.storage import store
 from stockade.controller.storage.db import VersionRow
-from stockade.errors import Issue, NotFoundError, ValidationError
+from stockade.errors import Issue, ValidationError
 from stockade.model.policy import Policy
 from stockade.policyfile import dump_policy, load_documents
 
@@ -160,13 +160,18 @@ async def import_policy(
         issues = store.validate_draft(db, {**policy_bodies, "label_key": wanted_inv["label_key"]})
         if issues:
             raise ValidationError(issues)
+        draft_before = scope.draft_snapshot(db) if scope.is_scoped(principal) else {}
         store.put_objects(db, "label_key", wanted_inv["label_key"], principal.actor, prune=False)
         for kind in POLICY_KINDS:
             store.put_objects(db, kind, policy_bodies[kind], principal.actor, prune=True)
         changed = store.put_objects(db, "workload", objects.get("workload", {}), principal.actor, prune=False)
+        earlier = {name: scope.labels_now(ctl.dist, name) for name in changed}
         txn.refresh_label_keys(wanted_inv["label_key"])
         for name in changed:
             txn.upsert_workload(workloads[name])
+        if scope.is_scoped(principal):  # refused inside the transaction: draft and inventory unchanged
+            scope.check_deltas(principal, txn, earlier, "importing the policy")
+            scope.check_policy_change(principal, ctl.dist, draft_before, scope.draft_snapshot(db))
         return result
 
     return await run_in_threadpool(ctl.dist.transact, run)
@@ -194,7 +199,8 @@ def provision(
                                                "newly allows them or widens a rule (otherwise 409)")] = False,
 ) -> VersionOut:
     impact = flows_policy_api.provision_guard(request, proceed)  # 409 when it blocks or widens, unconfirmed
-    row = versions.provision(controller_of(request).dist, principal.actor, body.message)
+    guard = scope.version_guard(principal, "provisioning the draft")
+    row = versions.provision(controller_of(request).dist, principal.actor, body.message, guard)
     return version_out(row).model_copy(update={"impact": impact})
 
 
@@ -204,7 +210,8 @@ def rollback(
     body: RollbackIn,
     principal: Annotated[Principal, Depends(require(Permission.WRITE))],
 ) -> VersionOut:
-    row = versions.rollback(controller_of(request).dist, principal.actor, body.version, body.message)
+    guard = scope.version_guard(principal, f"rolling back to version {body.version}")
+    row = versions.rollback(controller_of(request).dist, principal.actor, body.version, body.message, guard)
     return version_out(row)
 
 
@@ -223,10 +230,7 @@ def list_versions(
 
 
 def _version_row(db: Session, number: int) -> VersionRow:
-    row = db.get(VersionRow, number)
-    if row is None:
-        raise NotFoundError(f"no policy version {number}")
-    return row
+    return versions.get_version(db, number)
 
 
 @router.get("/policy/versions/{number}", tags=["Policy"], responses=ERRORS, operation_id="get-version")

@@ -301,21 +301,6 @@ def authorize(principal: Principal, permission: Permission) -> None:
                              f"may not {permission.value}")
 
 
-def check_ruleset_scope(principal: Principal, bodies: list[dict[str, Any]]) -> None:
-    """A ruleset-manager may only touch rulesets whose every scope requires all of its labels."""
-    if principal.role is not Role.RULESET_MANAGER:
-        return
-    need = {(lab.key, lab.value) for lab in principal.scope}
-    if not need:
-        raise ForbiddenError("ruleset-manager has an empty label scope")
-    for body in bodies:
-        scopes = body.get("scope", [])
-        unscoped = not isinstance(scopes, list) or not scopes  # "all" governs every workload
-        if unscoped or any(not need <= set(sc.get("labels", {}).items()) for sc in scopes):
-            wanted = ", ".join(str(lab) for lab in principal.scope)
-            raise ForbiddenError(f"ruleset {body.get('name')!r} is outside your scope ({wanted})")
-
-
 # ---- rate limiting -------------------------------------------------------------------
 
 

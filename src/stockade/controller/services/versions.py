@@ -11,7 +11,7 @@ and resets the draft to it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,28 +117,55 @@ def _freeze(
     return row
 
 
-def provision(dist: PolicyDistributor, author: str, message: str) -> VersionRow:
-    """Freeze the draft as the next version; raises ConflictError when nothing changed."""
+# (db, txn, draft content before the operation) -> None; may raise to refuse; runs before commit
+Guard = Callable[[Session, CompilerTxn, Mapping[str, Any]], None]
+
+
+def provision(dist: PolicyDistributor, author: str, message: str, guard: Guard | None = None) -> VersionRow:
+    """Freeze the draft as the next version; raises ConflictError when nothing changed.
+
+    ``guard`` sees the transaction's host deltas before commit and may refuse (scope checks).
+    """
 
     def run(db: Session, txn: CompilerTxn) -> VersionRow:
-        return _freeze(db, txn, draft_revisions(db), author, message, None)
+        draft = draft_revisions(db)
+        row = _freeze(db, txn, draft, author, message, None)
+        if guard is not None:
+            guard(db, txn, draft)
+        return row
 
     return dist.transact(run)
 
 
-def rollback(dist: PolicyDistributor, author: str, target: int, message: str) -> VersionRow:
-    """Provision version ``target``'s content as a new version and reset the draft to it."""
+def rollback(
+    dist: PolicyDistributor, author: str, target: int, message: str, guard: Guard | None = None
+) -> VersionRow:
+    """Provision version ``target``'s content as a new version and reset the draft to it.
+
+    ``guard`` runs before commit, after the draft reset and the compile (see :func:`provision`).
+    """
 
     def run(db: Session, txn: CompilerTxn) -> VersionRow:
         if db.get(VersionRow, target) is None:
             raise NotFoundError(f"no policy version {target}")
         content = version_content(db, target)
+        previous = draft_revisions(db) if guard is not None else {}
         for kind in POLICY_KINDS:
             put_objects(db, kind, {n: e["body"] for n, e in content.get(kind, {}).items()}, author, prune=True)
         fresh = draft_revisions(db)
-        return _freeze(db, txn, fresh, author, message or f"rollback to version {target}", target)
+        row = _freeze(db, txn, fresh, author, message or f"rollback to version {target}", target)
+        if guard is not None:
+            guard(db, txn, previous)
+        return row
 
     return dist.transact(run)
+
+
+def get_version(db: Session, number: int) -> VersionRow:
+    row = db.get(VersionRow, number)
+    if row is None:
+        raise NotFoundError(f"no policy version {number}")
+    return row
 
 
 def list_versions(db: Session, before: int | None, limit: int) -> list[VersionRow]:
