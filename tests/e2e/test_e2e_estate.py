@@ -309,7 +309,7 @@ def test_controller_down_enforcement_continues_cache_restart_then_reconverge(wor
     assert disagreements(world, matrix, policy) == []
 
     world.controller.start()
-    everyone = [*AGENT_HOSTS, "dev-new"]
+    everyone = sorted(world.agents)  # the estate's agents, plus dev-new when its test ran in this world
     back = wait_for(lambda: world.api.converged(everyone), 30.0, 0.1)
     keys = ("converged", "applied_revision", "desired_revision", "status", "quarantined", "quarantine_reason")
     state = {w: {k: a.get(k) for k in keys} for w, a in world.api.agents().items()}
