@@ -237,7 +237,11 @@ def test_one_transaction_with_several_changes_is_one_composed_delta(api: Api) ->
         f"name: web-{i}\nlabels: {{app: shop, role: web}}\ninterfaces: [{{name: eth0, addresses: [10.0.1.{i}]}}]\n"
         for i in (2, 3, 5)
     ]
-    api.ok("PUT", "/policy/draft", content="---\n".join(docs),
+    # the import replaces the draft's policy: export it and append the workloads, so the import
+    # changes only the inventory (one transaction, three workloads)
+    exported = api.req("GET", "/policy/draft")
+    assert exported.status_code == 200, exported.text
+    api.ok("PUT", "/policy/draft", content="---\n".join([exported.text.rstrip("\n") + "\n", *docs]),
            headers={**api.owner, "Content-Type": "application/yaml"})
     upd = policy_update_from_dict(api.ok("GET", f"/agents/{aid}/policy", headers=token, params={"since": rev}))
     assert upd.kind is UpdateKind.DELTA and upd.revision == rev + 1  # one import, one revision

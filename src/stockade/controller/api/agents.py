@@ -98,9 +98,9 @@ class PairingProfileIn(Strict):
     max_uses: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
     enabled: bool = True
     description: Text = ""
-    code_max_uses: Annotated[int, Field(ge=1, le=1_000_000, description="enrolments one code allows")] = 1
-    code_ttl_seconds: Annotated[int, Field(ge=60, le=enrolment.MAX_CODE_TTL,
-                                           description="lifetime of a new code")] = enrolment.DEFAULT_CODE_TTL
+    code_max_uses: Annotated[StrictInt, Field(ge=1, le=1_000_000, description="enrolments one code allows")] = 1
+    code_ttl_seconds: Annotated[StrictInt, Field(ge=60, le=enrolment.MAX_CODE_TTL,
+                                                 description="lifetime of a new code")] = enrolment.DEFAULT_CODE_TTL
 
     def settings(self) -> enrolment.ProfileSettings:
         return enrolment.ProfileSettings(self.name, self.labels, self.mode.value, self.expires_at, self.max_uses,
@@ -114,8 +114,8 @@ class PairingProfileOut(PairingProfileIn):
 
 
 class CodeIn(Strict):
-    max_uses: Annotated[int | None, Field(ge=1, le=1_000_000, description="default: the profile's")] = None
-    ttl_seconds: Annotated[int | None, Field(ge=60, le=enrolment.MAX_CODE_TTL)] = None
+    max_uses: Annotated[StrictInt | None, Field(ge=1, le=1_000_000, description="default: the profile's")] = None
+    ttl_seconds: Annotated[StrictInt | None, Field(ge=60, le=enrolment.MAX_CODE_TTL)] = None
     workload: Annotated[str | None, Field(pattern=NAME_PATTERN,
                                           description="adoption code: enrols as this workload only")] = None
 
