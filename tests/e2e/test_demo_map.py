@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.asyncutil import in_thread
 from tests.e2e.harness import REPO, address_lock
 
 pytestmark = pytest.mark.kernel
@@ -183,29 +184,32 @@ def test_a_browser_opens_the_map_and_clicks_a_blocked_edge(demo: Demo) -> None:
     cookie = demo.api.cookies.get("stockade_session")
     assert cookie
     edge = "group:app=shop,env=dev->group:app=shop,env=prod"
-    with playwright.sync_playwright() as pw:
-        browser = launch_chromium(pw)
-        try:
-            ctx = browser.new_context(viewport={"width": 1400, "height": 900}, base_url=demo.url,
-                                      ignore_https_errors=True)
-            ctx.set_default_timeout(20000)
-            ctx.add_cookies([{"name": "stockade_session", "value": cookie, "url": demo.url}])
-            page = ctx.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto("/#/map")
-            playwright.expect(page.locator('[data-node="group:app=shop,env=prod"]')).to_be_visible()
-            playwright.expect(page.locator(f'[data-edge="{edge}"]')).to_have_count(1)
-            shots = Path(os.environ.get("STOCKADE_SCREENSHOTS", REPO / "out" / "screenshots"))
-            shots.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(shots / "demo-map.png"))  # the newcomer's first map, as an artifact
-            page.locator(f'[data-edge-hit="{edge}"]').dispatch_event("click")
-            flows = page.locator("[data-role=edge-flows] table")
-            playwright.expect(flows.locator('[data-verdict="blocked"]').first).to_be_visible()
-            playwright.expect(flows).to_contain_text("deny")
-            page.screenshot(path=str(shots / "demo-map-edge.png"), full_page=True)
-            page.goto("/#/explorer")
-            playwright.expect(page.locator("main table")).to_contain_text("db-prod-1")
-            assert not errors, errors
-        finally:
-            browser.close()
+    def drive() -> None:  # a thread of its own: no asyncio loop (the browser layer's) in this one
+        with playwright.sync_playwright() as pw:
+            browser = launch_chromium(pw)
+            try:
+                ctx = browser.new_context(viewport={"width": 1400, "height": 900}, base_url=demo.url,
+                                          ignore_https_errors=True)
+                ctx.set_default_timeout(20000)
+                ctx.add_cookies([{"name": "stockade_session", "value": cookie, "url": demo.url}])
+                page = ctx.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto("/#/map")
+                playwright.expect(page.locator('[data-node="group:app=shop,env=prod"]')).to_be_visible()
+                playwright.expect(page.locator(f'[data-edge="{edge}"]')).to_have_count(1)
+                shots = Path(os.environ.get("STOCKADE_SCREENSHOTS", REPO / "out" / "screenshots"))
+                shots.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(shots / "demo-map.png"))  # the newcomer's first map, as an artifact
+                page.locator(f'[data-edge-hit="{edge}"]').dispatch_event("click")
+                flows = page.locator("[data-role=edge-flows] table")
+                playwright.expect(flows.locator('[data-verdict="blocked"]').first).to_be_visible()
+                playwright.expect(flows).to_contain_text("deny")
+                page.screenshot(path=str(shots / "demo-map-edge.png"), full_page=True)
+                page.goto("/#/explorer")
+                playwright.expect(page.locator("main table")).to_contain_text("db-prod-1")
+                assert not errors, errors
+            finally:
+                browser.close()
+
+    in_thread(drive, timeout=180, name="chromium")

@@ -13,6 +13,7 @@ blocks and reports the blocks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import pytest
@@ -21,7 +22,7 @@ from stockade.backends.common import in_netns
 from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.lab import Lab
 from tests.e2e import test_visibility_e2e as visibility
-from tests.e2e.harness import nft_table
+from tests.e2e.harness import AgentProcess, nft_table, wait_for
 from tests.e2e.test_visibility_e2e import AGENTS, World, running_world
 from tests.kernel.test_ebpf_backend import SKIP
 
@@ -51,5 +52,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def test_the_hosts_enforce_and_report_with_ebpf_only(world: World) -> None:
     for name in AGENTS:
         assert nft_table(world.lab, name) == "", f"{name} has an nftables table: not an eBPF-only host"
-        log = world.agents[name].log_tail(200_000)
-        assert "reading flows from the eBPF flow-event ring buffer" in log, world.logs()
+        # the ring buffer is pinned by the first apply; the agent looks for it again every second, so
+        # right after convergence it may not have opened it yet
+        assert wait_for(functools.partial(_reads_the_ring_buffer, world.agents[name]), 10.0, 0.1) is not None, \
+            world.logs()
+
+
+def _reads_the_ring_buffer(agent: AgentProcess) -> bool:
+    return "reading flows from the eBPF flow-event ring buffer" in agent.log_tail(200_000)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from stockade.k8s.reflector import Reflector
+from tests.asyncutil import run_async
 
 
 class FakeResponse:
@@ -82,7 +83,7 @@ def test_resume_from_bookmark_and_relist_on_410() -> None:
             await asyncio.sleep(0.01)
         task.cancel()
 
-    asyncio.run(run())
+    run_async(run())
     assert rec.log[:3] == ["replace 1", "ADDED b", "malformed: watch line is not JSON"]
     assert rec.log[3] == "replace 1"  # 410 -> re-list
     watch1, watch2 = script.calls[1], script.calls[2]
@@ -115,6 +116,6 @@ def test_an_http_410_on_opening_the_watch_relists_and_other_errors_retry_from_th
             await asyncio.sleep(0.01)
         task.cancel()
 
-    asyncio.run(run())
+    run_async(run())
     assert [bool(c.get("watch")) for c in calls[:5]] == [False, True, True, False, True]
     assert calls[2]["resource_version"] == "7"  # after a 500: same version

@@ -21,6 +21,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
 from stockade.k8s.reflector import Reflector
+from tests.asyncutil import run_async
 from tests.e2e.harness import Api, ControllerProcess, bound, load_note, wait_for
 from tests.k8s.conftest import ApiServer, Cluster
 from tests.k8s.kube import Kube, SyncThread, start_controller
@@ -215,7 +216,7 @@ def test_an_expired_resource_version_relists(k8s_cluster: Cluster, kube: Kube) -
             task.cancel()
             return rec, r
 
-    rec, r = asyncio.run(scenario())
+    rec, r = run_async(scenario())
     assert rec.replaced and rec.replaced[0] >= 1, "no re-list after 410"
     assert r.lists == 1 and r.resource_version not in (None, "2")
 

@@ -11,7 +11,7 @@ issue's attack from a page on another port against ``stockade controller`` and t
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from stockade.controller.app import create_app
 from stockade.controller.context import ControllerSettings
 from stockade.errors import ValidationError
 from tests.api.conftest import Api, make_settings
+from tests.asyncutil import in_thread
 from tests.browser.harness import chromium_skip_reason, free_port, launch_chromium, running_controller
 from tests.security.test_authz_matrix import write_routes
 
@@ -218,23 +219,4 @@ def test_chromium_page_on_another_port_cannot_use_the_console_session(attacker_s
                 finally:
                     browser.close()
 
-        in_thread(drive)
-
-
-def in_thread(fn: Callable[[], None]) -> None:
-    """Run ``fn`` in a thread of its own: playwright's sync API refuses a thread where another sync
-    playwright (the browser layer's session fixture, same xdist worker) is already running."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # handed to the test's thread
-            errors.append(exc)
-
-    t = threading.Thread(target=run, name="chromium")
-    t.start()
-    t.join(120)
-    assert not t.is_alive(), "the browser session did not finish in 120 s"
-    if errors:
-        raise errors[0]
+        in_thread(drive, timeout=120, name="chromium")
