@@ -133,3 +133,27 @@ def test_agent_start_path_does_not_import_every_backend() -> None:
     code = "import sys, stockade.agent.main; print('stockade.backends.registry' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("fmt", ["json", "logfmt"])
+def test_agent_logs_in_the_chosen_format(tmp_path: Path, fmt: str) -> None:
+    """``--log-format json|logfmt``: every line a record with time, level, logger and message."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "stockade.agent", "--log-format", fmt, "--state-dir",
+                             str(tmp_path / "state")], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert any("not enrolled" in ln for ln in lines), err
+    for ln in lines:
+        if fmt == "json":
+            rec = json.loads(ln)
+            assert {"time", "level", "logger", "msg"} <= rec.keys()
+        else:
+            assert ln.startswith("time=") and " level=" in ln and " logger=" in ln and " msg=" in ln, ln

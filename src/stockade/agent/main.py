@@ -39,6 +39,7 @@ from stockade.agent.systemd import UNIT_DIR, UNIT_NAME, UnitOptions, install_uni
 from stockade.agent.systemd import notify as notify_systemd
 from stockade.backends.nftables.backend import NftablesBackend
 from stockade.errors import StockadeError, ValidationError
+from stockade.logs import configure_logging
 
 log = logging.getLogger("stockade.agent")
 DEFAULT_BACKEND = "nftables"
@@ -112,6 +113,8 @@ CODE_FILE_HELP = (f"File holding the activation code ('-': standard input); firs
 @click.option("--tamper-interval", type=float, default=0.5, show_default=True,
               help="Seconds between read-back comparisons of the firewall.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--log-format", type=click.Choice(["text", "json", "logfmt"]), default="text", show_default=True,
+              help="log lines on stderr: plain text, JSON lines or logfmt (control characters escaped)")
 @click.pass_context
 def agent(
     ctx: click.Context,
@@ -126,6 +129,7 @@ def agent(
     long_poll: float,
     tamper_interval: float,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the agent: enforce the cached policy, enrol, follow the controller, stay enforced."""
     if ctx.invoked_subcommand is not None:
@@ -133,8 +137,11 @@ def agent(
     activation_code = read_activation_code(code_file)
     if netns:
         _or_exit(lambda: enter_netns(netns))  # first: setns only moves the calling thread
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    if log_format == "text":
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr)
+    else:
+        configure_logging(log_level, log_format, sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with contextlib.suppress(AttributeError, ValueError, OSError):  # stderr without a file descriptor
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack
