@@ -246,3 +246,14 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_lab_ranges_are_blackholed_in_the_root_namespace_while_the_lab_runs() -> None:
+    """A packet to a lab address whose namespace is not up fails here, never leaves by the default route."""
+    hosts = [HostSpec("a", (ipaddress.ip_address("10.79.3.10"), ipaddress.ip_address("fd79:3::10")), (80,))]
+    with Lab(hosts) as lab:
+        assert lab.blackholed == ["10.79.3.0/24", "fd79:3::/64"]
+        for addr in ("10.79.3.99", "fd79:3::99"):  # no namespace has these
+            route = subprocess.run(["ip", "route", "get", addr], capture_output=True, text=True, check=False)
+            assert route.returncode != 0 or route.stdout.startswith("blackhole"), route.stdout + route.stderr
+            assert "dev eth" not in route.stdout and " via " not in route.stdout, route.stdout

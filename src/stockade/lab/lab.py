@@ -145,6 +145,7 @@ class Lab:
         self.bridge_netns = f"{netns.NAME_PREFIX}{self.run_id}-br"
         self._netns = {h.name: f"{netns.NAME_PREFIX}{self.run_id}-{i}" for i, h in enumerate(hosts)}
         self._agents: dict[str, _Agent] = {}
+        self.blackholed = netns.lab_networks([a for h in hosts for a in h.addresses])
         self._started = False
         self._closed = False
 
@@ -171,6 +172,7 @@ class Lab:
         _install_sigterm_handler()
         try:
             netns.write_state(self.run_id, [self.bridge_netns, *self._netns.values()])
+            netns.blackhole(self.blackholed, add=True)
             netns.create_bridge_namespace(self.bridge_netns)
             for i, (name, ns) in enumerate(self._netns.items()):
                 netns.create_host_namespace(ns, self.bridge_netns, f"p{i}", self.hosts[name].addresses)
@@ -195,6 +197,9 @@ class Lab:
                 netns.delete_namespace(ns)
         with contextlib.suppress(Exception):
             netns.remove_state(self.run_id)
+        with contextlib.suppress(Exception):
+            if not netns.other_labs_alive(self.run_id):
+                netns.clear_blackholes()  # ours and any an earlier lab had to leave for a lab then running
         with _LIVE_LOCK:
             _LIVE_LABS.discard(self)
 

@@ -10,6 +10,7 @@ under ``/run/stockade-lab/``; ``sweep_stale()`` removes labs whose creator died
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -174,3 +175,39 @@ def sweep_stale() -> list[str]:
                 removed.append(name)
         path.unlink(missing_ok=True)
     return removed
+
+
+BLACKHOLE_METRIC = "4243"  # above any connected route (a lab link to the controller still wins); ours alone
+
+
+def lab_networks(addresses: Sequence[IPAddress]) -> list[str]:
+    """The /24 (IPv4) and /64 (IPv6) ranges around the lab's addresses."""
+    nets = set()
+    for a in addresses:
+        prefix = 24 if a.version == 4 else 64
+        nets.add(str(ipaddress.ip_network(f"{a}/{prefix}", strict=False)))
+    return sorted(nets)
+
+
+def blackhole(networks: Sequence[str], *, add: bool) -> None:
+    """Give (or take back) the lab's ranges a ``blackhole`` route in the root namespace, so a probe to a
+    lab address whose namespace is not up fails here instead of leaving through the default route."""
+    for net in networks:
+        family = "-6" if ":" in net else "-4"
+        verb = "replace" if add else "del"
+        run_ip([family, "route", verb, "blackhole", net, "metric", BLACKHOLE_METRIC], check=False)
+
+
+def other_labs_alive(run_id: str) -> bool:
+    """Whether a lab other than ``run_id`` has a state file (it may still need the blackhole routes)."""
+    return STATE_DIR.is_dir() and any(p.stem != run_id for p in STATE_DIR.glob("*.json"))
+
+
+def clear_blackholes() -> None:
+    """Remove every lab blackhole route (ours: by metric), when no lab is left that could need one."""
+    for family in ("-4", "-6"):
+        out = run_ip([family, "route", "show", "type", "blackhole"], check=False).stdout
+        for line in out.splitlines():
+            words = line.split()
+            if len(words) >= 4 and words[0] == "blackhole" and words[-2:] == ["metric", BLACKHOLE_METRIC]:
+                run_ip([family, "route", "del", "blackhole", words[1], "metric", BLACKHOLE_METRIC], check=False)
