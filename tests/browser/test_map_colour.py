@@ -71,12 +71,16 @@ def boxes(page: Any) -> dict[str, list[dict[str, float]]]:
     """Per verdict, the boxes (CSS px) of the elements painted in its colour."""
     found: dict[str, list[dict[str, float]]] = page.evaluate("""(verdicts) => {
       const box = (el) => { const r = el.getBoundingClientRect(); return { x: r.x, y: r.y, w: r.width, h: r.height }; };
+      // an edge label drawn faded (a busy map de-emphasises the ones not in focus) is not the palette's colour
+      const opaque = (el) => { for (let n = el; n && n.nodeType === 1; n = n.parentNode) {
+        if (parseFloat(getComputedStyle(n).opacity) < 1) return false; } return true; };
       const out = {};
       for (const v of verdicts) {
         out[v] = [
           ...[...document.querySelectorAll(`.map-legend .legend-line.v-${v}`)].map(box),
           ...[...document.querySelectorAll(`.map-legend .verdict.v-${v} .icon`)].map(box),
-          ...[...document.querySelectorAll(`svg.map .edge-label .mix.v-${v} .mix-icon`)].slice(0, 2).map(box),
+          ...[...document.querySelectorAll(`svg.map .edge-label .mix.v-${v} .mix-icon`)].filter(opaque)
+            .slice(0, 2).map(box),
         ];
       }
       return out;
