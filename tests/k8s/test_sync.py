@@ -209,7 +209,7 @@ def test_an_expired_resource_version_relists(k8s_cluster: Cluster, kube: Kube) -
             r = Reflector("Namespace", k8s.CoreV1Api(client).list_namespace, rec)
             r.resource_version = "2"  # long compacted out of the watch cache
             task = asyncio.create_task(r.run())
-            for _ in range(200):
+            for _ in range(1200):  # 60 s: the full suite loads both cores
                 if rec.replaced:
                     break
                 await asyncio.sleep(0.05)
