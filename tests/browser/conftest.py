@@ -78,9 +78,9 @@ class PageErrors:
         page.on("pageerror", lambda exc: self.errors.append(f"{exc}"))
 
 
-@pytest.fixture
-def page(browser: Any, console: Console, session_cookie: str) -> Iterator[Any]:
-    ctx = new_context(browser, console, session_cookie)
+def checked_page(browser: Any, console: Console, cookie: str | None) -> Iterator[Any]:
+    """A page in a fresh context with ``cookie``; fails the test on any uncaught JavaScript error."""
+    ctx = new_context(browser, console, cookie)
     errors = PageErrors()
     pg = ctx.new_page()
     errors.attach(pg)
@@ -89,6 +89,11 @@ def page(browser: Any, console: Console, session_cookie: str) -> Iterator[Any]:
     finally:
         ctx.close()
     assert not errors.errors, f"uncaught JavaScript errors: {errors.errors}"
+
+
+@pytest.fixture
+def page(browser: Any, console: Console, session_cookie: str) -> Iterator[Any]:
+    yield from checked_page(browser, console, session_cookie)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import PageErrors, new_context
+from tests.browser.conftest import checked_page, new_context
 from tests.browser.harness import Console, running_controller, seed_estate
 from tests.browser.test_console import pick
 
@@ -54,15 +54,7 @@ def _page_as(browser: Any, c: Console, username: str | None = None) -> Iterator[
         r = httpx.post(f"{c.url}/api/v1/auth/login", json={"username": username, "password": PASSWORD})
         r.raise_for_status()
         cookie = str(r.cookies["stockade_session"])
-    ctx = new_context(browser, c, cookie)
-    errors = PageErrors()
-    pg = ctx.new_page()
-    errors.attach(pg)
-    try:
-        yield pg
-    finally:
-        ctx.close()
-    assert not errors.errors, f"uncaught JavaScript errors: {errors.errors}"
+    yield from checked_page(browser, c, cookie)
 
 
 @pytest.fixture

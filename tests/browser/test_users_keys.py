@@ -18,7 +18,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import PageErrors, new_context
+from tests.browser.conftest import checked_page, new_context
 from tests.browser.harness import Console
 from tests.browser.test_a11y import fetch_axe, run_axe, settle
 
@@ -136,15 +136,7 @@ def admin_page(browser: Any, console: Console) -> Iterator[Any]:
         console.post("/users", {"username": "ada-admin", "password": "admin-password-789", "role": "admin"})
     r = httpx.post(f"{console.url}/api/v1/auth/login", json={"username": "ada-admin", "password": "admin-password-789"})
     r.raise_for_status()
-    ctx = new_context(browser, console, str(r.cookies["stockade_session"]))
-    errors = PageErrors()
-    pg = ctx.new_page()
-    errors.attach(pg)
-    try:
-        yield pg
-    finally:
-        ctx.close()
-    assert not errors.errors, errors.errors
+    yield from checked_page(browser, console, str(r.cookies["stockade_session"]))
 
 
 def test_other_roles_see_no_users_or_keys(admin_page: Any) -> None:
