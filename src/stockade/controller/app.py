@@ -40,12 +40,14 @@ from stockade.controller.csrf import OriginCheckMiddleware, parse_allowed_origin
 from stockade.controller.headers import ResponseHeaders
 from stockade.controller.limits import InputGuard
 from stockade.controller.metrics import Metrics, MetricsMiddleware
-from stockade.controller.services import auth, enrolment
+from stockade.controller.services import auth, enrolment, replicas
 from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import RateLimiter
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.events import SyslogForwarder
+from stockade.controller.services.shared_limits import SharedLoginThrottle, SharedRateLimiter
 from stockade.controller.storage.db import make_engine, migrate, session_factory
+from stockade.controller.storage.listen import ChangeListener, Leadership, libpq_url
 from stockade.controller.storage.store import StaleRevisionError
 from stockade.errors import AuthError, ConflictError, NotFoundError, StockadeError, ValidationError
 
@@ -116,13 +118,29 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _flush_loop(ctl: Controller) -> None:
+    rounds = 0
     while True:
         await asyncio.sleep(ctl.settings.flush_interval)
+        rounds += 1
         try:
             await run_in_threadpool(ctl.dist.flush)
-            await run_in_threadpool(ctl.dist.check_liveness, ctl.settings.offline_after, ctl.settings.offline_grace)
+            await run_in_threadpool(ctl.dist.refresh_agents)  # acks and heartbeats other replicas took
+            if await run_in_threadpool(ctl.leads):  # singleton jobs: one replica at a time
+                await run_in_threadpool(ctl.dist.check_liveness, ctl.settings.offline_after,
+                                        ctl.settings.offline_grace)
+                if ctl.leadership is not None and rounds % 60 == 0:
+                    await run_in_threadpool(_shared_housekeeping, ctl)
         except Exception:  # keep flushing; the next round retries
             log.exception("flushing agent state failed")
+
+
+def _shared_housekeeping(ctl: Controller) -> None:
+    """The leader forgets old change rows, login failures and rate-limit hits."""
+    with ctl.sessions.begin() as db:
+        replicas.prune(db)
+    for limiter in (ctl.login_throttle, ctl.login_limiter, ctl.enroll_limiter):
+        if isinstance(limiter, (SharedLoginThrottle, SharedRateLimiter)):
+            limiter.prune()
 
 
 def build_controller(settings: ControllerSettings) -> Controller:
@@ -132,10 +150,17 @@ def build_controller(settings: ControllerSettings) -> Controller:
     passwords = auth.Passwords(settings.argon2)
     with sessions.begin() as db:
         credential = auth.bootstrap_owner(db, passwords)
-    dist = PolicyDistributor(sessions)
+    shared = engine.dialect.name == "postgresql"  # possibly several replicas on this database
+    dist = PolicyDistributor(sessions, shared=shared)
     dist.load()
     agent_keys = AgentKeyRing(sessions)
     enrolment.attach(agent_keys, dist)  # clones quarantined, held reports released, refusals audited
+
+    def forget_keys(agent_ids: list[str]) -> None:  # changed on another replica: re-read when next used
+        for agent_id in agent_ids:
+            agent_keys.forget(agent_id)
+
+    dist.on_agents_changed = forget_keys
     metrics = Metrics()
     metrics.watch(dist, settings.offline_after)
     metrics.watch_database(engine)
@@ -144,13 +169,19 @@ def build_controller(settings: ControllerSettings) -> Controller:
     if settings.syslog is not None:
         forwarder = SyslogForwarder(settings.syslog)
         forwarder.attach(sessions)
+    limiters: tuple[RateLimiter | SharedRateLimiter, ...] = (
+        (SharedRateLimiter(sessions, "login", *settings.login_limit),
+         SharedRateLimiter(sessions, "enroll", *settings.enroll_limit)) if shared
+        else (RateLimiter(*settings.login_limit), RateLimiter(*settings.enroll_limit)))
     return Controller(
         settings=settings,
         sessions=sessions,
         dist=dist,
         metrics=metrics,
-        login_limiter=RateLimiter(*settings.login_limit),
-        enroll_limiter=RateLimiter(*settings.enroll_limit),
+        login_limiter=limiters[0],
+        enroll_limiter=limiters[1],
+        listener=ChangeListener(libpq_url(engine), dist.follow_changes) if shared else None,
+        leadership=Leadership(libpq_url(engine)) if shared else None,
         passwords=passwords,
         agent_keys=agent_keys,
         first_run_credential=credential,
@@ -166,11 +197,17 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         ctl.dist.loop = asyncio.get_running_loop()
         ctl.tasks.append(asyncio.create_task(_flush_loop(ctl)))
+        if ctl.listener is not None:
+            ctl.listener.start()
         try:
             yield
         finally:
             for t in ctl.tasks:
                 t.cancel()
+            if ctl.listener is not None:
+                await run_in_threadpool(ctl.listener.stop)
+            if ctl.leadership is not None:
+                ctl.leadership.close()
             ctl.dist.flush()
             if ctl.forwarder is not None:
                 ctl.forwarder.close()

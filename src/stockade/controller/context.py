@@ -34,6 +34,8 @@ from stockade.controller.services.auth import (
 )
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.events import SyslogForwarder, SyslogTarget
+from stockade.controller.services.shared_limits import SharedLoginThrottle, SharedRateLimiter
+from stockade.controller.storage.listen import ChangeListener, Leadership
 
 API = "/api/v1"
 
@@ -72,20 +74,29 @@ class Controller:
     sessions: Any
     dist: PolicyDistributor
     metrics: Metrics
-    login_limiter: RateLimiter
-    enroll_limiter: RateLimiter
+    login_limiter: RateLimiter | SharedRateLimiter
+    enroll_limiter: RateLimiter | SharedRateLimiter
     passwords: auth.Passwords
     agent_keys: AgentKeyRing
     first_run_credential: tuple[str, str] | None = None
     engine: Any = None
     forwarder: SyslogForwarder | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    listener: ChangeListener | None = None  # PostgreSQL: follows the other replicas' changes
+    leadership: Leadership | None = None  # PostgreSQL: who runs the singleton jobs (None: this process)
     proxies: TrustedProxies = field(init=False)
-    login_throttle: LoginThrottle = field(init=False)
+    login_throttle: LoginThrottle | SharedLoginThrottle = field(init=False)
 
     def __post_init__(self) -> None:
         self.proxies = TrustedProxies.parse(self.settings.trusted_proxies)
-        self.login_throttle = LoginThrottle(self.settings.login_lockout)
+        if self.dist.shared:  # counted in the database, so a limit hit on one replica holds on all
+            self.login_throttle = SharedLoginThrottle(self.sessions, self.settings.login_lockout)
+        else:
+            self.login_throttle = LoginThrottle(self.settings.login_lockout)
+
+    def leads(self) -> bool:
+        """Whether this replica runs the singleton jobs now (always on SQLite)."""
+        return self.leadership is None or self.leadership.holds()
 
     def client_host(self, request: Request) -> str:
         """The client's address (``X-Forwarded-For`` counts only from a trusted proxy)."""
@@ -93,6 +104,8 @@ class Controller:
 
     def agent_principal(self, agent_id: str, secret: str) -> Principal | None:
         live = self.dist.agents.get(agent_id)
+        if live is None and self.dist.shared:  # enrolled on another replica a moment ago
+            live = self.dist.load_agent(agent_id)
         if live is None or not live.token_hash or live.token_hash != auth.sha256(secret):
             return None
         return Principal(PrincipalKind.AGENT, f"agent:{agent_id}", None, agent_id=agent_id, workload=live.workload)

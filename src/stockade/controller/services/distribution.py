@@ -26,8 +26,10 @@ Acks and heartbeats are kept in memory and flushed to the ``agents`` table in ba
 At start-up, :meth:`load` recompiles every host and compares with the stored hash, so
 revisions survive restarts and only hosts whose policy differs (or was never hashed) are bumped.
 
-Single process: several controller processes sharing PostgreSQL would also need
-LISTEN/NOTIFY to learn of each other's bumps (not built yet).
+Several replicas on one PostgreSQL (``shared``): every transaction first takes the change lock and
+follows what other replicas committed, then writes a change row naming what it touched; other
+replicas follow it through LISTEN/NOTIFY from the stored state (:mod:`.replicas`).
+On SQLite the distributor is single-process and none of that runs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import hashlib
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -49,11 +52,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from stockade.compiler import Compiler, HostDelta, HostPolicy, host_policy_to_dict
 from stockade.compiler.delta import HostHistory, PolicyUpdate, merge_host_deltas
 from stockade.compiler.ir import address_set_to_dict, rules_to_list
-from stockade.controller.services import codec
+from stockade.controller.services import codec, replicas
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.events import record_event
 from stockade.controller.storage import store
-from stockade.controller.storage.db import AgentRow, HostStateRow, utcnow
+from stockade.controller.storage.db import AgentRow, DepartureRow, HostStateRow, utcnow
 from stockade.controller.storage.store import draft_objects, version_content
 from stockade.errors import NotFoundError
 from stockade.model.policy import Policy
@@ -110,6 +113,15 @@ class CompilerTxn:
     deltas: dict[str, HostDelta] = field(default_factory=dict)
     undo: list[Callable[[], object]] = field(default_factory=list)
     compile_seconds: float = 0.0
+    touched: set[str] = field(default_factory=set)  # workloads upserted or removed (for other replicas)
+    agents: set[str] = field(default_factory=set)  # agent rows created or changed
+    policy_replaced: bool = False
+    label_keys_changed: bool = False
+    departures_changed: bool = False
+
+    def note(self) -> replicas.ChangeNote:
+        return replicas.ChangeNote(tuple(sorted(self.touched)), tuple(sorted(self.agents)), self.policy_replaced,
+                                   self.label_keys_changed, self.departures_changed)
 
     def _merge(self, deltas: list[HostDelta]) -> None:
         for d in deltas:
@@ -125,6 +137,7 @@ class CompilerTxn:
         self._merge(d.compiler.upsert_workload(w))
         self.compile_seconds += time.perf_counter() - t0
         d.workloads[w.name] = w
+        self.touched.add(w.name)
         self.undo.append(lambda: d.put_back(w.name, old))
 
     def remove_workload(self, name: str) -> None:
@@ -136,6 +149,7 @@ class CompilerTxn:
         self._merge(d.compiler.remove_workload(name))
         self.compile_seconds += time.perf_counter() - t0
         del d.workloads[name]
+        self.touched.add(name)
         self.undo.append(lambda: d.put_back(name, old))
 
     def replace_policy_objects(self, objects: Mapping[str, Mapping[str, Any]]) -> None:
@@ -146,6 +160,7 @@ class CompilerTxn:
         self._merge(d.compiler.replace_policy(d.assemble(objects)))
         self.compile_seconds += time.perf_counter() - t0
         d.policy_objects = {k: dict(v) for k, v in objects.items()}
+        self.policy_replaced = True
 
         def revert() -> None:
             d.compiler.replace_policy(d.assemble(old_objects))
@@ -156,6 +171,7 @@ class CompilerTxn:
     def refresh_label_keys(self, keys: Mapping[str, Mapping[str, Any]]) -> None:
         old = self.dist.label_keys
         self.dist.label_keys = {k: dict(v) for k, v in keys.items()}
+        self.label_keys_changed = True
         self.undo.append(lambda: setattr(self.dist, "label_keys", old))
 
     def rollback(self) -> None:
@@ -165,8 +181,13 @@ class CompilerTxn:
 
 
 class PolicyDistributor:
-    def __init__(self, sessions: sessionmaker[Any]) -> None:
+    def __init__(self, sessions: sessionmaker[Any], *, shared: bool = False) -> None:
         self.sessions = sessions
+        self.shared = shared  # PostgreSQL with possibly other replicas: follow and write the change log
+        self.replica_id = uuid.uuid4().hex[:16]
+        self.seen = 0  # the last change_log row this replica's memory reflects
+        self.history_limit = HISTORY
+        self.on_agents_changed: Callable[[list[str]], None] | None = None  # another replica changed them
         self.lock = threading.RLock()
         self.policy_objects: dict[str, dict[str, Any]] = {}
         self.label_keys: dict[str, dict[str, Any]] = {}
@@ -210,6 +231,10 @@ class PolicyDistributor:
     def load(self) -> None:
         """Build the compiler from the active version and the inventory; reconcile stored revisions."""
         with self.lock, self.sessions.begin() as db:
+            if self.shared:
+                replicas.serialise(db)
+                self.seen = replicas.last_change(db)
+                self.departed = set(db.scalars(select(DepartureRow.workload)))
             content = version_content(db, "active")
             self.policy_objects = {k: {n: e["body"] for n, e in content.get(k, {}).items()} for k in POLICY_KINDS}
             inv = draft_objects(db, ("label_key", "workload"))
@@ -218,6 +243,7 @@ class PolicyDistributor:
             self.compiler = Compiler(self.assemble(self.policy_objects))
             stored = {r.workload: r for r in db.scalars(select(HostStateRow))}
             memo: Digests = {}
+            bumped: list[HostStateRow] = []
             for name in self.compiler.workload_names:
                 hp = self.compiler.host_policy(name)
                 h = policy_hash(hp, memo)
@@ -225,14 +251,21 @@ class PolicyDistributor:
                 if row is None:
                     row = HostStateRow(workload=name, revision=1, policy_hash=h, updated_at=utcnow())
                     db.add(row)
+                    bumped.append(row)
                 elif row.policy_hash != h:
                     row.revision += 1
                     row.policy_hash = h
                     row.updated_at = utcnow()
+                    bumped.append(row)
                 self.revisions[name] = row.revision
                 self.history[name] = HostHistory.begin(row.revision, hp, HISTORY)
             for row in stored.values():
                 db.delete(row)
+            if self.shared and (bumped or stored):
+                change = replicas.append(db, self.replica_id, replicas.ChangeNote(workloads=tuple(sorted(stored))))
+                for row in bumped:
+                    row.change_id = change
+                self.seen = change
             for a in db.scalars(select(AgentRow).where(AgentRow.revoked_at.is_(None))):
                 self.agents[a.id] = AgentLive(a.id, a.workload, a.token_hash, a.applied_revision, a.last_heartbeat)
 
@@ -241,21 +274,30 @@ class PolicyDistributor:
         """Run ``fn`` in one DB transaction with compiler changes; publish bumps after commit."""
         with self.lock:
             txn = CompilerTxn(self)
+            change: int | None = None
             try:
                 with self.sessions.begin() as db:
+                    if self.shared:
+                        replicas.serialise(db)  # one writer at a time across replicas...
+                        replicas.follow(self, db)  # ...whose compiler has what the others committed
                     result = fn(db, txn)
-                    bumps = self._stage_bumps(db, txn)
+                    note = txn.note()
+                    if self.shared and not note.empty:
+                        change = replicas.append(db, self.replica_id, note)
+                    bumps = self._stage_bumps(db, txn, change)
                     if self.fault_hook is not None:
                         self.fault_hook("before-commit")
             except BaseException:
                 txn.rollback()
                 raise
-            self._publish(bumps)
+            if change is not None:
+                self.seen = change
+            self.publish(bumps)
         if self.on_compile is not None:
             self.on_compile(txn.compile_seconds, len(bumps))
         return result
 
-    def _stage_bumps(self, db: Session, txn: CompilerTxn) -> dict[str, HostHistory | None]:
+    def _stage_bumps(self, db: Session, txn: CompilerTxn, change: int | None = None) -> dict[str, HostHistory | None]:
         """Bump ``host_state`` for every host the compiler's deltas changed (Core statements,
         batched); the new histories (None: the host is gone), published after the commit."""
         if not txn.deltas:
@@ -288,7 +330,7 @@ class PolicyDistributor:
                 hist = prev.after(delta, rev)
                 if hist is None:
                     continue  # the transaction's changes cancelled out for this host
-            row = {"workload": name, "revision": rev, "policy_hash": "", "updated_at": now}
+            row = {"workload": name, "revision": rev, "policy_hash": "", "updated_at": now, "change_id": change}
             (updates if old is not None else inserts).append(row)
             out[name] = hist
         if gone:
@@ -299,7 +341,9 @@ class PolicyDistributor:
             db.execute(update(HostStateRow), updates)  # executemany by primary key
         return out
 
-    def _publish(self, bumps: dict[str, HostHistory | None]) -> None:
+    def publish(self, bumps: dict[str, HostHistory | None], *, hashed: bool = False) -> None:
+        """Make new histories visible (None: the host is gone) and wake their long-polls;
+        ``hashed``: another replica wrote these revisions and fills in their hashes."""
         for name, hist in bumps.items():
             if hist is None:
                 self.revisions.pop(name, None)
@@ -308,9 +352,57 @@ class PolicyDistributor:
                 continue
             self.history[name] = hist  # before the revision, so lock-free readers find it
             self.revisions[name] = hist.revision
-            self.unhashed[name] = hist.revision
+            if not hashed:
+                self.unhashed[name] = hist.revision
         if bumps and self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._wake, tuple(bumps))
+
+    # ---- other replicas ---------------------------------------------------------
+    def new_txn(self) -> CompilerTxn:
+        return CompilerTxn(self)
+
+    def follow_changes(self) -> int:
+        """Apply what other replicas committed (the listener thread calls this); returns the
+        change rows applied. One REPEATABLE READ snapshot: the rows and the state they name agree."""
+        if not self.shared:
+            return 0
+        with self.lock, self.sessions.begin() as db:
+            db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            return replicas.follow(self, db)
+
+    def adopt_agent(self, row: AgentRow) -> None:
+        """An agent row another replica created or changed (keeps this replica's unflushed acks)."""
+        live = self.agents.get(row.id)
+        if live is None:
+            self.agents[row.id] = AgentLive(row.id, row.workload, row.token_hash, row.applied_revision,
+                                            row.last_heartbeat)
+        else:
+            live.workload, live.token_hash = row.workload, row.token_hash
+
+    def load_agent(self, agent_id: str) -> AgentLive | None:
+        """An agent this replica has not heard of yet (enrolled on another one a moment ago)."""
+        with self.sessions() as db:
+            row = db.get(AgentRow, agent_id)
+            if row is None or row.revoked_at is not None:
+                return None
+            self.adopt_agent(row)
+        return self.agents.get(agent_id)
+
+    def refresh_agents(self) -> int:
+        """Read acks and heartbeats other replicas flushed (agents not dirty here); returns rows read."""
+        if not self.shared:
+            return 0
+        with self.sessions() as db:
+            rows = db.execute(select(AgentRow.id, AgentRow.applied_revision, AgentRow.last_heartbeat)
+                              .where(AgentRow.revoked_at.is_(None))).all()
+        for agent_id, applied, beat in rows:
+            live = self.agents.get(agent_id)
+            if live is None or live.dirty:
+                continue
+            live.applied = applied
+            if beat is not None and (live.last_heartbeat is None or beat > live.last_heartbeat):
+                live.last_heartbeat = beat
+        return len(rows)
 
     def _wake(self, names: tuple[str, ...]) -> None:
         for n in names:
@@ -411,13 +503,18 @@ class PolicyDistributor:
 
     def _depart(self, name: str, leaving: bool) -> None:
         def run(db: Session, txn: CompilerTxn) -> None:
+            txn.departures_changed = True
             if leaving:
                 self.departed.add(name)
                 txn.undo.append(lambda: self.departed.discard(name))
                 txn.upsert_workload(self.workloads[name])
+                if self.shared and db.get(DepartureRow, name) is None:
+                    db.add(DepartureRow(workload=name, since=utcnow()))
             else:
                 self.departed.discard(name)
                 txn.undo.append(lambda: self.departed.add(name))
+                if self.shared:
+                    db.execute(delete(DepartureRow).where(DepartureRow.workload == name))
                 body = store.get_object(db, "workload", name).body
                 txn.upsert_workload(codec.KIND_BY_NAME["workload"].decode(body))
             action = "workload.departed" if leaving else "workload.returned"

@@ -41,7 +41,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from stockade import agent_signature as sig
-from stockade.controller.services import auth
+from stockade.controller.services import auth, replicas
 from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import ForbiddenError
 from stockade.controller.services.distribution import AgentLive, CompilerTxn, PolicyDistributor
@@ -346,6 +346,7 @@ def enrol(dist: PolicyDistributor, keys: AgentKeyRing, req: EnrolRequest) -> Enr
             _quarantine(db, row, "reported addresses that belong to another workload",
                         {"addresses": sorted(taken), "owners": sorted(set(taken.values()))}, actor)
         dist.agents[agent_id] = AgentLive(agent_id, name, token_hash)
+        txn.agents.add(agent_id)
         keys.set_key(agent_id, req.public_key)
         txn.undo.append(lambda: dist.agents.pop(agent_id, None))
         txn.undo.append(lambda: keys.forget(agent_id))
@@ -480,6 +481,7 @@ def rotate_key(dist: PolicyDistributor, keys: AgentKeyRing, agent_id: str, publi
         action = "agent.key_rotate" if row.public_key else "agent.key_bind"
         record_event(db, actor, action, "agent", agent_id, None, {"workload": row.workload})
         row.public_key = public_key
+        replicas.announce_agents(dist, db, [agent_id])
     keys.set_key(agent_id, public_key)
     return True
 
@@ -491,6 +493,7 @@ def end_agent(dist: PolicyDistributor, keys: AgentKeyRing, agent_id: str, actor:
         if row.revoked_at is None:
             row.revoked_at = utcnow()
             record_event(db, actor, action, "agent", agent_id, None, {"workload": row.workload})
+            replicas.announce_agents(dist, db, [agent_id])
     dist.agents.pop(agent_id, None)
     keys.forget(agent_id)
 

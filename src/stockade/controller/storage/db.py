@@ -24,8 +24,10 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
+    Double,
     Engine,
     ForeignKey,
     Index,
@@ -237,6 +239,54 @@ class HostStateRow(Base):
     revision: Mapped[int] = mapped_column(Integer)
     policy_hash: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+    change_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)  # change_log row of the bump
+
+
+class ChangeRow(Base):
+    """One committed change that other controller replicas must follow (PostgreSQL only): which
+    workloads, agents and whether the active policy or the label keys changed. The data itself is
+    read from the tables it names (:mod:`stockade.controller.services.replicas`)."""
+
+    __tablename__ = "change_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+    origin: Mapped[str] = mapped_column(String(64))
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class LoginFailureRow(Base):
+    """Consecutive failed logins of one account name, shared by the replicas (wall-clock seconds)."""
+
+    __tablename__ = "login_failures"
+
+    username: Mapped[str] = mapped_column(String(256), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    last_failure: Mapped[float] = mapped_column(Double)
+    locked_until: Mapped[float] = mapped_column(Double)
+
+
+class RateHitRow(Base):
+    """One rate-limited attempt (login, enrolment) by one client, shared by the replicas."""
+
+    __tablename__ = "rate_hits"
+    __table_args__ = (Index("ix_rate_hits_key", "scope", "key", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    key: Mapped[str] = mapped_column(String(128))
+    at: Mapped[float] = mapped_column(Double)
+
+
+class DepartureRow(Base):
+    """A workload whose agent was offline past the grace period: compiled without its addresses."""
+
+    __tablename__ = "workload_departures"
+
+    workload: Mapped[str] = mapped_column(String(64), primary_key=True)
+    since: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
 
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"

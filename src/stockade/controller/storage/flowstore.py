@@ -74,6 +74,7 @@ from stockade.visibility.wire import MAX_RECORDS, MAX_RULE_ID, SIDE_OF_TEXT
 
 log = logging.getLogger("stockade.controller.flows")
 HOUR_MS = 3_600_000
+RETENTION_LOCK = 0x53_74_6B_03  # pg_try_advisory_xact_lock: one replica applies retention at a time
 QUERY_HOURS = 24  # an Explorer page is read a day of buckets at a time, newest first
 VERDICT_OF_CODE = {code: v for v, code in VERDICT_SEVERITY.items()}
 SIDE_CODE = {Direction.OUTBOUND: 0, Direction.INBOUND: 1}
@@ -472,6 +473,9 @@ class FlowStore:
         cutoff = int(now * 1000) // HOUR_MS - self.settings.max_age_hours
         deleted = 0
         with self.engine.begin() as conn:
+            if self.postgres and not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"),
+                                                  {"k": RETENTION_LOCK}).scalar_one():
+                return 0  # another controller replica is applying retention right now
             deleted += conn.execute(flows.delete().where(flows.c.bucket < cutoff)).rowcount
             conn.execute(flow_links.delete().where(flow_links.c.bucket < cutoff))
             total = int(conn.execute(select(func.count()).select_from(flows)).scalar_one())
