@@ -116,8 +116,10 @@ class ControllerLink:
 class ControllerProcess:
     """``run_controller.py`` as a child: HTTPS with its own CA unless ``tls=False``."""
 
-    def __init__(self, data_dir: Path, host: str, port: int, log_path: Path, *, tls: bool = True) -> None:
+    def __init__(self, data_dir: Path, host: str, port: int, log_path: Path, *, tls: bool = True,
+                 database_url: str | None = None) -> None:
         self.data_dir, self.host, self.port, self.log_path, self.tls = data_dir, host, port, log_path, tls
+        self.database_url = database_url  # PostgreSQL shared by replicas (None: SQLite in data_dir)
         self.proc: subprocess.Popen[bytes] | None = None
         self.first_run: dict[str, str] = {}
 
@@ -137,7 +139,8 @@ class ControllerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, str(E2E_DIR / "run_controller.py"), "--data", str(self.data_dir),
              "--host", self.host, "--port", str(self.port), "--credential-file", str(info),
-             *([] if self.tls else ["--insecure-http"])],
+             *([] if self.tls else ["--insecure-http"]),
+             *(["--database-url", self.database_url] if self.database_url else [])],
             stdout=log, stderr=log,
         )
         if wait_for(lambda: info.exists() and info.stat().st_size > 0, 60.0, 0.05) is None:

@@ -1,4 +1,5 @@
-"""Start a controller for the end-to-end tests: SQLite in ``--data``, HTTPS on ``--host:--port``.
+"""Start a controller for the end-to-end tests: SQLite in ``--data`` (or ``--database-url``, e.g. one
+PostgreSQL database shared by several replicas), HTTPS on ``--host:--port``.
 
 TLS uses the controller's own CA (:func:`stockade.controller.tls.ensure_tls`, files under
 ``<data>/tls``; agents pin ``ca.pem``); ``--insecure-http`` serves plain HTTP instead.
@@ -31,10 +32,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--credential-file", required=True, type=Path)
     ap.add_argument("--insecure-http", action="store_true")
+    ap.add_argument("--database-url", default=None, help="PostgreSQL (replicas) instead of SQLite in --data")
     args = ap.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every thread's stack
-    settings = ControllerSettings.for_data_dir(
-        args.data,
+    settings = ControllerSettings.for_data_dir(args.data)  # makes the directory
+    settings = ControllerSettings(
+        database_url=args.database_url or settings.database_url,
         secure_cookies=False,
         login_limit=(1000, 60.0),
         enroll_limit=(1000, 60.0),

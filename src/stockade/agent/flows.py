@@ -32,7 +32,14 @@ import httpx
 from stockade import __version__
 from stockade.agent.backoff import Backoff, BackoffPolicy
 from stockade.agent.enforcer import Enforcer
-from stockade.agent.http_client import API_PREFIX, CONNECT_TIMEOUT, REQUEST_TIMEOUT, pinned_context, raise_for
+from stockade.agent.http_client import (
+    API_PREFIX,
+    CONNECT_TIMEOUT,
+    REQUEST_TIMEOUT,
+    controller_urls,
+    pinned_context,
+    raise_for,
+)
 from stockade.agent.nflog import VERDICTS, LoggedPacket, NflogReader
 from stockade.agent.signing import AgentAuth
 from stockade.agent.state import Credential
@@ -113,7 +120,7 @@ class HttpFlowSender:
                  transport: httpx.BaseTransport | None = None) -> None:
         self._path = f"/agents/{credential.agent_id}/flows"
         self._client = httpx.Client(
-            base_url=credential.controller.rstrip("/") + API_PREFIX,
+            base_url=controller_urls(credential.controller)[0] + API_PREFIX,
             verify=pinned_context(ca_pem) if ca_pem else True,
             timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
             transport=transport,

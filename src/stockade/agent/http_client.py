@@ -20,6 +20,12 @@ Pinning: with a CA PEM, the TLS context trusts that CA and nothing else (not the
 store), so a controller certificate from any other authority is refused. ``http://`` URLs
 (``stockade controller --insecure-http``, labs only) use no TLS at all.
 
+Several controllers: ``base_url`` may name several replicas (a list, or one string with the URLs
+separated by commas), or one name behind a load balancer. A request that finds its replica
+unreachable (connection refused or reset, timeout, 429/5xx) is sent to the next one at once; the
+client stays with whichever answered. Replicas share one database, so the agent's credential,
+acknowledged revision and the delta from it are the same on every replica.
+
 HTTP status codes map to the agent's exceptions here and nowhere else: 401/403 ->
 AuthError, 404 -> NotFoundError, 409 -> ConflictError, 400/422 -> ValidationError,
 429/5xx/network errors -> ControllerUnreachableError (retry with backoff).
@@ -71,6 +77,15 @@ KEEPALIVE: list[tuple[int, int, int]] = [
 ]
 
 
+def controller_urls(text: str | Sequence[str]) -> list[str]:
+    """The controller URLs in ``text`` (comma-separated) or a list, without trailing slashes."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    urls = [u.strip().rstrip("/") for u in items if u.strip()]
+    if not urls:
+        raise ValidationError([Issue("agent", 0, "controller", "no controller URL given")])
+    return urls
+
+
 def pinned_context(ca_pem: str) -> ssl.SSLContext:
     """A client TLS context trusting exactly ``ca_pem`` (hostname checked against the cert)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca_pem)
@@ -112,23 +127,39 @@ class HttpControllerClient:
     """``ControllerClient`` over httpx. Thread-safe (one connection pool)."""
 
     def __init__(
-        self, base_url: str, ca_pem: str | None = None, *, transport: httpx.BaseTransport | None = None
+        self, base_url: str | Sequence[str], ca_pem: str | None = None, *,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.urls = controller_urls(base_url)
+        self._current = 0  # the replica that answered last
         self._transport = transport
         self._ca_pem = ca_pem
         self._credential: Credential | None = None
         self._auth: AgentAuth | None = None
-        self._client = self._build(ca_pem)
+        self._clients = [self._build(ca_pem, u) for u in self.urls]
         self._missing: set[str] = set()  # endpoints the controller does not have (logged once)
 
-    def _build(self, ca_pem: str | None) -> httpx.Client:
+    @property
+    def base_url(self) -> str:
+        """The controller URL in use (the replica that answered last)."""
+        return self.urls[self._current]
+
+    @property
+    def _client(self) -> httpx.Client:
+        return self._clients[self._current]
+
+    def _rebuild(self) -> None:
+        old, self._clients = self._clients, [self._build(self._ca_pem, u) for u in self.urls]
+        for c in old:
+            c.close()
+
+    def _build(self, ca_pem: str | None, url: str) -> httpx.Client:
         verify: ssl.SSLContext | bool = pinned_context(ca_pem) if ca_pem else True
-        if self.base_url.startswith("https://") and not ca_pem:
-            log.warning("no controller CA given: trusting the system store for %s", self.base_url)
+        if url.startswith("https://") and not ca_pem:
+            log.warning("no controller CA given: trusting the system store for %s", url)
         transport = self._transport or httpx.HTTPTransport(verify=verify, socket_options=KEEPALIVE)
         return httpx.Client(
-            base_url=self.base_url + API_PREFIX,
+            base_url=url + API_PREFIX,
             verify=verify,
             timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
             transport=transport,
@@ -157,14 +188,23 @@ class HttpControllerClient:
             kwargs["json"] = json
         if timeout is not None:
             kwargs["timeout"] = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT)
-        try:
-            resp = self._client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ControllerUnreachableError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
-        except RuntimeError as exc:  # the client was closed under us (shutdown)
-            raise ControllerUnreachableError(f"{method} {path}: {exc}") from exc
-        raise_for(resp)
-        return resp
+        last: ControllerUnreachableError | None = None
+        for _attempt in range(len(self.urls)):  # each replica once, starting with the one in use
+            try:
+                resp = self._client.request(method, path, **kwargs)
+                raise_for(resp)
+                return resp
+            except httpx.HTTPError as exc:
+                last = ControllerUnreachableError(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}")
+            except RuntimeError as exc:  # the client was closed under us (shutdown)
+                raise ControllerUnreachableError(f"{method} {path}: {exc}") from exc
+            except ControllerUnreachableError as exc:  # 429 / 5xx
+                last = exc
+            if len(self.urls) > 1:
+                log.warning("%s; trying the next controller", last)
+                self._current = (self._current + 1) % len(self.urls)
+        assert last is not None
+        raise last
 
     def _json(self, resp: httpx.Response) -> Any:
         try:
@@ -208,8 +248,8 @@ class HttpControllerClient:
         self._credential = credential
         self._auth = AgentAuth(credential)
         if ca_pem != self._ca_pem:
-            old, self._client, self._ca_pem = self._client, self._build(ca_pem), ca_pem
-            old.close()
+            self._ca_pem = ca_pem
+            self._rebuild()
 
     def report_host(self, host: HostReport) -> None:
         self._request("PUT", self._agent_path("interfaces"), json={"interfaces": host.to_dict()["interfaces"]})
@@ -260,8 +300,8 @@ class HttpControllerClient:
     def reconnect(self) -> None:
         """Drop every pooled connection: the host's addresses changed, and a connection bound
         to a removed address would hang. Later calls open new connections."""
-        old, self._client = self._client, self._build(self._ca_pem)
-        old.close()
+        self._rebuild()
 
     def close(self) -> None:
-        self._client.close()
+        for c in self._clients:
+            c.close()

@@ -99,7 +99,8 @@ CODE_FILE_HELP = (f"File holding the activation code ('-': standard input); firs
 
 
 @click.group(invoke_without_command=True)
-@click.option("--controller", default=None, help="Controller URL, e.g. https://10.0.0.1:8443 (first run).")
+@click.option("--controller", default=None,
+              help="Controller URL, e.g. https://10.0.0.1:8443 (first run); replicas: URLs separated by commas.")
 @click.option("--activation-code-file", "code_file", default=None, help=CODE_FILE_HELP)
 @click.option("--backend", "backend_name", default=DEFAULT_BACKEND, show_default=True,
               help="Enforcement backend (see `stockade backends`).")

@@ -148,8 +148,11 @@ def build_controller(settings: ControllerSettings) -> Controller:
     migrate(engine)
     sessions = session_factory(engine)
     passwords = auth.Passwords(settings.argon2)
-    with sessions.begin() as db:
-        credential = auth.bootstrap_owner(db, passwords)
+    try:
+        with sessions.begin() as db:
+            credential = auth.bootstrap_owner(db, passwords)
+    except IntegrityError:  # another replica starting at the same moment made the first owner
+        credential = None
     shared = engine.dialect.name == "postgresql"  # possibly several replicas on this database
     dist = PolicyDistributor(sessions, shared=shared)
     dist.load()

@@ -38,9 +38,8 @@ from stockade.compiler.delta import HostHistory, Step
 from stockade.controller.services import codec
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.storage import store
-from stockade.controller.storage.db import AgentRow, ChangeRow, DepartureRow, HostStateRow, utcnow
+from stockade.controller.storage.db import AgentRow, ChangeRow, DepartureRow, HostStateRow, ObjectRow, utcnow
 from stockade.controller.storage.listen import CHANGE_LOCK, CHANNEL
-from stockade.errors import NotFoundError
 
 if TYPE_CHECKING:
     from stockade.controller.services.distribution import PolicyDistributor
@@ -153,10 +152,16 @@ def follow(dist: PolicyDistributor, db: Session) -> int:
             txn.undo.append(lambda: setattr(dist, "departed", old))
         if note.label_keys:
             txn.refresh_label_keys(store.draft_objects(db, ("label_key",))["label_key"])
+        bodies: dict[str, dict[str, Any]] = {}
+        for chunk in range(0, len(note.workloads), 900):
+            q = select(ObjectRow.name, ObjectRow.body).where(ObjectRow.kind == "workload",
+                                                             ObjectRow.name.in_(note.workloads[chunk : chunk + 900]))
+            bodies.update({n: b for n, b in db.execute(q)})
+        decoded = {w.name: w for w in codec.domain_objects("workload", bodies)}
         for name in note.workloads:
-            try:
-                txn.upsert_workload(store.get_object(db, "workload", name).domain)
-            except NotFoundError:
+            if name in decoded:
+                txn.upsert_workload(decoded[name])
+            else:
                 txn.remove_workload(name)
         if note.policy:
             content = store.version_content(db, "active")
