@@ -9,17 +9,22 @@ acknowledging on the long-poll. What is proved:
   through A or B, with deltas only (no full policy), to exactly what a full fetch gives;
   C started again catches up (same revisions as the others) and follows later changes;
 * a login lock hit on A holds on B; a session made on A works on B and ends on B when it logs
-  out on A.
+  out on A;
+* agents that know one name only, Debian's HAProxy balancing the three replicas: replica B killed
+  after a change, every agent converges with deltas only; B started again follows.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import shutil
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -252,3 +257,67 @@ def test_login_lock_and_sessions_hold_across_replicas(replicas: Replicas) -> Non
     assert "too many failed logins" in locked.json()["message"]
     assert _login(replicas.procs[2].url, user, "wrong").status_code == 429
 
+
+
+HAPROXY_CFG = """global
+    maxconn 2000
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+    retries 3
+    option redispatch
+frontend stockade
+    bind 127.0.0.1:{port}
+    default_backend replicas
+backend replicas
+    balance roundrobin
+{servers}
+"""
+
+
+@pytest.fixture
+def balancer(replicas: Replicas, tmp_path: Path) -> Iterator[str]:
+    """Debian's HAProxy in front of the three replicas (TCP health checks every 200 ms)."""
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed (.ci/run installs it)")
+    port = _free_port()
+    servers = "\n".join(f"    server r{i} {p.host}:{p.port} check inter 200ms fall 1 rise 2"
+                        for i, p in enumerate(replicas.procs))
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CFG.format(port=port, servers=servers))
+    log = (tmp_path / "haproxy.log").open("w")
+    proc = subprocess.Popen(["haproxy", "-f", str(cfg), "-db"], stdout=log, stderr=log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: ControllerProcess(tmp_path, "127.0.0.1", port, cfg)._accepting(), 10.0)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()
+
+
+def test_agents_behind_haproxy_fail_over(replicas: Replicas, balancer: str) -> None:
+    code = replicas.api.ok("POST", "/pairing-profiles/shop-db/codes", 201)["code"]
+    for i in range(3):
+        client = HttpControllerClient(balancer)  # one name; the balancer picks the replica per request
+        addr = ipaddress.ip_address(f"10.98.1.{i + 1}")
+        got = client.enroll(code, HostReport(f"lb-{i}", "linux", (InterfaceReport("eth0", (addr,)),)))
+        client.use_credential(Credential(balancer, got.agent_id, got.token, got.workload), None)
+        agent = SimAgent(client, got.workload)
+        replicas.agents.append(agent)  # stopped by the fixture
+        agent.start()
+    assert wait_for(lambda: replicas.converged(0), 20.0)
+    fulls0 = [a.counts()[0] for a in replicas.agents]
+    _readdress(replicas.api, "mon-1")
+    replicas.procs[1].kill()
+    t0 = time.monotonic()
+    assert wait_for(lambda: replicas.converged(0), 10.0), "agents behind the balancer did not converge"
+    failover = time.monotonic() - t0
+    assert [a.counts()[0] for a in replicas.agents] == fulls0, "an agent re-applied a full policy"
+    replicas.procs[1].start()
+    _readdress(replicas.api, "extra-web")
+    assert wait_for(lambda: replicas.converged(1), 10.0)
+    print(f"behind HAProxy, replica killed -> every agent converged in {failover * 1000:.0f} ms")

@@ -390,6 +390,9 @@ async def wait_for_policy(
 
 
 async def _fetch(ctl: Controller, workload: str, since: int | None) -> dict[str, Any]:
+    if since is not None and since > ctl.dist.revisions.get(workload, 0) and ctl.dist.shared:
+        # the agent heard of a revision on another replica that this one has not followed yet
+        await run_in_threadpool(ctl.dist.follow_changes)
     got = ctl.dist.fetch_nowait(workload, since)
     if got is None:
         got = await run_in_threadpool(ctl.dist.fetch, workload, since)
