@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from sqlalchemy import Engine
 
 log = logging.getLogger("stockade.controller")
@@ -30,8 +31,10 @@ LEADER_LOCK = 0x53_74_6B_02  # pg_try_advisory_lock: the replica that runs the s
 
 
 def libpq_url(engine: Engine) -> str:
-    """The engine's URL in the form libpq takes (no SQLAlchemy driver suffix)."""
-    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    """The engine's connection as a libpq conninfo string (what the engine's driver is given,
+    so a multi-host URL with ``target_session_attrs`` keeps every host)."""
+    _args, kwargs = engine.dialect.create_connect_args(engine.url)
+    return make_conninfo("", **{k: v for k, v in kwargs.items() if isinstance(v, (str, int))})
 
 
 class ChangeListener:
