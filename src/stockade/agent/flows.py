@@ -114,31 +114,41 @@ class FlowSender(Protocol):
 
 
 class HttpFlowSender:
-    """Uploads batches to the controller over HTTPS (CA pinned) with the agent's token."""
+    """Uploads batches to the controller over HTTPS (CA pinned) with the agent's token; with
+    several controller replicas, a batch one could not take goes to the next at once."""
 
     def __init__(self, credential: Credential, ca_pem: str | None = None, *,
                  transport: httpx.BaseTransport | None = None) -> None:
         self._path = f"/agents/{credential.agent_id}/flows"
-        self._client = httpx.Client(
-            base_url=controller_urls(credential.controller)[0] + API_PREFIX,
+        self._clients = [httpx.Client(
+            base_url=url + API_PREFIX,
             verify=pinned_context(ca_pem) if ca_pem else True,
             timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
             transport=transport,
             headers={"User-Agent": f"stockade-agent/{__version__}"},
             auth=AgentAuth(credential),  # bearer token + the host key's signature
-        )
+        ) for url in controller_urls(credential.controller)]
+        self._current = 0
 
     def send(self, batch: FlowBatch) -> None:
-        try:
-            resp = self._client.post(self._path, json=batch_to_wire(batch))
-        except httpx.HTTPError as exc:
-            raise ControllerUnreachableError(f"POST {self._path}: {type(exc).__name__}: {exc}") from exc
-        except RuntimeError as exc:  # closed during shutdown
-            raise ControllerUnreachableError(str(exc)) from exc
-        raise_for(resp)
+        body = batch_to_wire(batch)
+        for _attempt in range(len(self._clients)):
+            try:
+                resp = self._clients[self._current].post(self._path, json=body)
+                raise_for(resp)
+                return
+            except httpx.HTTPError as exc:
+                last = ControllerUnreachableError(f"POST {self._path}: {type(exc).__name__}: {exc}")
+            except RuntimeError as exc:  # closed during shutdown
+                raise ControllerUnreachableError(str(exc)) from exc
+            except ControllerUnreachableError as exc:  # 429 / 5xx
+                last = exc
+            self._current = (self._current + 1) % len(self._clients)
+        raise last
 
     def close(self) -> None:
-        self._client.close()
+        for c in self._clients:
+            c.close()
 
 
 class FlowReader(Protocol):
