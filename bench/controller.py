@@ -20,7 +20,14 @@ Also measured under the full long-poll + heartbeat load: API latency of ``GET /w
 ``GET /convergence``. Runs on SQLite and on a throwaway PostgreSQL cluster (Debian binaries
 under /usr/lib/postgresql/*/bin; skipped with a note if absent) and prints rows side by side.
 
+Replicas (``--replicas 1 3``, PostgreSQL only): that many controller processes on one database;
+agent ``i`` enrols on and long-polls replica ``i mod N`` while every change is made through the
+first, so a change reaches two thirds of the agents through the change log (LISTEN/NOTIFY). Also
+reported: controller CPU-seconds (all replicas, user + system) per 1,000 agents per global
+change, and each replica's RSS at the end.
+
     python bench/controller.py --agents 1000 5000 --backends sqlite postgresql
+    python bench/controller.py --agents 5000 --backends postgresql --replicas 1 3
 
 Measured on the 2-core machine (shared with other work; ms from the API call until each
 affected agent acknowledged; app = relabel inside one app, glob = relabel of the global role)::
@@ -84,11 +91,12 @@ def serve(database_url: str, port: int) -> None:
         login_limit=(10_000, 60.0),
         enroll_limit=(1_000_000, 60.0),
         long_poll_max=300.0,
+        flush_interval=0.5,  # acks reach the database (and so every replica's /convergence) sooner
         argon2=Argon2Params(time_cost=1, memory_kib=8192, parallelism=1),
     )
     app = create_app(settings)
-    user, password = app.state.controller.first_run_credential
-    print(json.dumps({"user": user, "password": password}), flush=True)
+    cred = app.state.controller.first_run_credential  # None on a replica joining an existing database
+    print(json.dumps({"user": cred[0], "password": cred[1]} if cred else {}), flush=True)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", backlog=8192, timeout_keep_alive=600,
                 loop="uvloop", http="httptools")
 
@@ -225,20 +233,39 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-async def run_bench(port: int, password: str, n_agents: int, repeats: int, heartbeat: float) -> dict[str, Any]:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the given processes (from /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int, heartbeat: float,
+                    pids: list[int]) -> dict[str, Any]:
+    port = ports[0]  # every change is made through the first replica
     admin = Conn(port)
     key = await _owner_key(port, password)
     await _setup_policy(admin, key, n_agents)
     t_enrol = time.perf_counter()
-    agents = await _enrol(port, key, n_agents)
+    agents = await _enrol(ports, key, n_agents)
     enrol_s = time.perf_counter() - t_enrol
 
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(agent_loop(a, port, heartbeat, stop)) for a in agents]
+    tasks = [asyncio.create_task(agent_loop(a, ports[a.index % len(ports)], heartbeat, stop)) for a in agents]
     await _converged(admin, key, n_agents, 600)
 
-    results: dict[str, Any] = {"agents": n_agents, "enrol_s": enrol_s}
+    results: dict[str, Any] = {"agents": n_agents, "enrol_s": enrol_s, "replicas": len(ports)}
     for scenario in ("relabel-app", "relabel-global"):
+        cpu0, changes = cpu_seconds(pids), 0
         latencies: list[float] = []
         fanouts: list[int] = []
         per_repeat_max: list[float] = []
@@ -255,6 +282,7 @@ async def run_bench(port: int, password: str, n_agents: int, repeats: int, heart
             status, _ = await admin.request("PUT", f"/api/v1/workloads/{target.workload}", key,
                                             {**wl["body"], "labels": labels})
             assert status == 200, status
+            changes += 1
             await _converged(admin, key, n_agents, 120)
             moved = [a for a in agents if a.applied != before[a.workload]]
             fanouts.append(len(moved))
@@ -264,8 +292,11 @@ async def run_bench(port: int, password: str, n_agents: int, repeats: int, heart
             if scenario == "relabel-global":  # put it back so the next repeat flips again
                 status, _ = await admin.request("PUT", f"/api/v1/workloads/{target.workload}", key,
                                                 {**wl["body"]})
+                changes += 1
                 await _converged(admin, key, n_agents, 120)
+        cpu = cpu_seconds(pids) - cpu0  # includes the idle load (heartbeats, long-poll renewals)
         results[scenario] = {
+            "cpu_s_per_1k_agents_per_change": cpu / max(1, changes) / (n_agents / 1000),
             "p50_ms": 1000 * pct(latencies, 50),
             "p90_ms": 1000 * pct(latencies, 90),
             "p99_ms": 1000 * pct(latencies, 99),
@@ -283,6 +314,7 @@ async def run_bench(port: int, password: str, n_agents: int, repeats: int, heart
         api_lat.append(time.perf_counter() - t)
     results["api_p50_ms"] = 1000 * pct(api_lat, 50)
     results["api_p99_ms"] = 1000 * pct(api_lat, 99)
+    results["rss_mib"] = [round(rss_mib(pid)) for pid in pids]
     stop.set()
     await asyncio.sleep(0)
     for t in tasks:
@@ -313,7 +345,9 @@ async def _owner_key(port: int, password: str) -> str:
             length = int(value)
     await reader.readexactly(length)
     body = json.dumps({"name": "bench", "role": "owner"}).encode()
-    writer.write(b"POST /api/v1/api-keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    origin = f"http://127.0.0.1:{port}"  # a cookie-authenticated write names its origin (CSRF check)
+    writer.write(f"POST /api/v1/api-keys HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {origin}\r\n".encode()
+                 + b"Content-Type: application/json\r\n"
                  + f"Cookie: {cookie}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     await reader.readuntil(b"\r\n")
     while True:
@@ -325,6 +359,7 @@ async def _owner_key(port: int, password: str) -> str:
             length = int(value)
     data = json.loads(await reader.readexactly(length))
     writer.close()
+    assert "key" in data, data
     return str(data["key"])
 
 
@@ -341,7 +376,7 @@ async def _setup_policy(c: Conn, key: str, n: int) -> None:
         await ok("POST", "/rulesets", {"name": f"app-{k}", "scope": [{"labels": {"app": f"app-{k}"}}], "rules": [
             {"consumers": [{"labels": {"role": "web"}}], "providers": [{"labels": {"role": "db"}}],
              "services": ["pg"]}]})
-    await ok("POST", "/rulesets", {"name": "monitoring", "rules": [
+    await ok("POST", "/rulesets", {"name": "monitoring", "scope": "all", "rules": [
         {"consumers": [{"labels": {"role": "monitor"}}], "providers": [{"all": True}], "services": ["ssh"],
          "consumers_scope": "global"}]})
     await ok("POST", "/policy/provision", {"message": "bench"})
@@ -352,8 +387,8 @@ async def _setup_policy(c: Conn, key: str, n: int) -> None:
                                                    "code_max_uses": 1_000_000})  # one code per profile
 
 
-async def _enrol(port: int, key: str, n: int) -> list[Agent]:
-    admin = Conn(port)
+async def _enrol(ports: list[int], key: str, n: int) -> list[Agent]:
+    admin = Conn(ports[0])
     codes: dict[str, str] = {}
     agents: list[Agent | None] = [None] * n
     for i in range(n):
@@ -367,9 +402,10 @@ async def _enrol(port: int, key: str, n: int) -> list[Agent]:
         queue.put_nowait(i)
 
     async def worker() -> None:
-        c = Conn(port)
+        conns = {p: Conn(p) for p in ports}  # one keep-alive connection per replica per worker
         while not queue.empty():
             i = queue.get_nowait()
+            c = conns[ports[i % len(ports)]]  # agent i enrols on (and later polls) replica i mod N
             prof = f"app-{(i // APP_SIZE) % max(1, n // APP_SIZE)}-{'web' if i % 2 else 'db'}"
             addr = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
             status, got = await c.request("POST", "/api/v1/agents/enroll", body={
@@ -377,7 +413,8 @@ async def _enrol(port: int, key: str, n: int) -> list[Agent]:
                 "interfaces": [{"name": "eth0", "addresses": [addr]}]})
             assert status == 201, got
             agents[i] = Agent(i, got["agent_id"], got["token"], got["workload"])
-        c.close()
+        for conn in conns.values():
+            conn.close()
 
     await asyncio.gather(*(worker() for _ in range(16)))
     admin.close()
@@ -394,37 +431,48 @@ async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
     raise TimeoutError(f"agents did not converge in {limit} s")
 
 
-def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float) -> dict[str, Any]:
+def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replicas: int = 1) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
     pg: PgCluster | None = None
     if backend == "sqlite":
+        if replicas != 1:
+            raise RuntimeError("SQLite runs one controller process")
         url = f"sqlite:///{tmp / 'stockade.db'}"
     else:
         pg = PgCluster()
         url = pg.url()
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, __file__, "--serve", url, str(port)], stdout=subprocess.PIPE,
-                              text=True)
+    ports = [_free_port() for _ in range(replicas)]
+    servers: list[subprocess.Popen[str]] = []
     try:
-        assert server.stdout is not None
-        cred = json.loads(server.stdout.readline())
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        cred: dict[str, str] = {}
+        for port in ports:  # the first migrates and makes the owner, the others join
+            server = subprocess.Popen([sys.executable, __file__, "--serve", url, str(port)],
+                                      stdout=subprocess.PIPE, text=True)
+            servers.append(server)
+            assert server.stdout is not None
+            cred = cred or json.loads(server.stdout.readline())
+            if server is not servers[0]:
+                server.stdout.readline()
+            for _ in range(200):
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
         import uvloop
 
-        result = uvloop.run(run_bench(port, cred["password"], n_agents, repeats, heartbeat))
+        result = uvloop.run(run_bench(ports, cred["password"], n_agents, repeats, heartbeat,
+                                      [s.pid for s in servers]))
         result["backend"] = backend
         return result
     finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            try:
+                server.wait(20)
+            except subprocess.TimeoutExpired:
+                server.kill()
         if pg is not None:
             pg.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -439,27 +487,36 @@ def main() -> None:
     p.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--heartbeat", type=float, default=15.0)
+    p.add_argument("--replicas", type=int, nargs="+", default=[1],
+                   help="controller processes on one PostgreSQL database (SQLite: 1 only)")
     args = p.parse_args()
     _raise_nofile()
     rows = []
     for n in args.agents:
         for backend in args.backends:
-            try:
-                r = run_one(backend, n, args.repeats, args.heartbeat)
-            except RuntimeError as exc:
-                print(f"{backend} {n}: skipped ({exc})", flush=True)
-                continue
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+            for replicas in args.replicas:
+                if backend == "sqlite" and replicas != 1:
+                    continue
+                try:
+                    r = run_one(backend, n, args.repeats, args.heartbeat, replicas)
+                except RuntimeError as exc:
+                    print(f"{backend} {n}: skipped ({exc})", flush=True)
+                    continue
+                rows.append(r)
+                print(json.dumps(r), flush=True)
     print()
-    print(f"{'backend':<11}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
-          f"{'glob p50':>10}{'glob p99':>10}{'fan':>6}{'api p50':>9}{'api p99':>9}{'errs':>6}")
+    print(f"{'backend':<11}{'repl':>5}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
+          f"{'glob p50':>10}{'glob p99':>10}{'fan':>6}{'api p50':>9}{'api p99':>9}{'cpu/1k':>8}{'rss MiB':>14}"
+          f"{'errs':>6}")
     for r in rows:
         a, g = r["relabel-app"], r["relabel-global"]
-        print(f"{r['backend']:<11}{r['agents']:>7}{r['enrol_s']:>9.1f}{a['p50_ms']:>9.0f}{a['p99_ms']:>9.0f}"
-              f"{a['fanout']:>6.0f}{g['p50_ms']:>10.0f}{g['p99_ms']:>10.0f}{g['fanout']:>6.0f}"
-              f"{r['api_p50_ms']:>9.1f}{r['api_p99_ms']:>9.1f}{r['agent_errors']:>6}")
-    print("(latencies in ms from the API call until each affected agent acknowledged; fan = hosts affected)")
+        rss = "/".join(str(x) for x in r["rss_mib"])
+        print(f"{r['backend']:<11}{r['replicas']:>5}{r['agents']:>7}{r['enrol_s']:>9.1f}{a['p50_ms']:>9.0f}"
+              f"{a['p99_ms']:>9.0f}{a['fanout']:>6.0f}{g['p50_ms']:>10.0f}{g['p99_ms']:>10.0f}{g['fanout']:>6.0f}"
+              f"{r['api_p50_ms']:>9.1f}{r['api_p99_ms']:>9.1f}{g['cpu_s_per_1k_agents_per_change']:>8.2f}"
+              f"{rss:>14}{r['agent_errors']:>6}")
+    print("(latencies in ms from the API call until each affected agent acknowledged; fan = hosts affected;\n"
+          " cpu/1k = controller CPU-seconds, all replicas, per 1,000 agents per global change; rss per replica)")
 
 
 if __name__ == "__main__":

@@ -232,8 +232,7 @@ class PolicyDistributor:
         """Build the compiler from the active version and the inventory; reconcile stored revisions."""
         with self.lock, self.sessions.begin() as db:
             if self.shared:
-                replicas.serialise(db)
-                self.seen = replicas.last_change(db)
+                self.seen = replicas.serialise(db)
                 self.departed = set(db.scalars(select(DepartureRow.workload)))
             content = version_content(db, "active")
             self.policy_objects = {k: {n: e["body"] for n, e in content.get(k, {}).items()} for k in POLICY_KINDS}
@@ -277,8 +276,7 @@ class PolicyDistributor:
             change: int | None = None
             try:
                 with self.sessions.begin() as db:
-                    if self.shared:
-                        replicas.serialise(db)  # one writer at a time across replicas...
+                    if self.shared and replicas.serialise(db) != self.seen:  # one writer at a time...
                         replicas.follow(self, db)  # ...whose compiler has what the others committed
                     result = fn(db, txn)
                     note = txn.note()
@@ -361,11 +359,12 @@ class PolicyDistributor:
     def new_txn(self) -> CompilerTxn:
         return CompilerTxn(self)
 
-    def follow_changes(self) -> int:
-        """Apply what other replicas committed (the listener thread calls this); returns the
-        change rows applied. One REPEATABLE READ snapshot: the rows and the state they name agree."""
-        if not self.shared:
-            return 0
+    def follow_changes(self, announced: int | None = None) -> int:
+        """Apply what other replicas committed (the listener thread calls this; ``announced``: the
+        newest change id notified, None to look); returns the change rows applied. One
+        REPEATABLE READ snapshot: the rows and the state they name agree."""
+        if not self.shared or (announced is not None and announced <= self.seen):
+            return 0  # our own change, or one already followed
         with self.lock, self.sessions.begin() as db:
             db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             return replicas.follow(self, db)

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import Text, cast, delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from stockade.compiler import Compiler
@@ -86,9 +86,12 @@ class ChangeNote:
 # ---- writers ---------------------------------------------------------------------------------
 
 
-def serialise(db: Session) -> None:
-    """Take the change lock for the rest of this transaction (released by commit or rollback)."""
-    db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHANGE_LOCK})
+def serialise(db: Session) -> int:
+    """Take the change lock for the rest of this transaction (released by commit or rollback);
+    returns the newest change id, read once the lock is held (one round trip)."""
+    row = db.execute(text("SELECT pg_advisory_xact_lock(:k)::text, (SELECT max(id) FROM change_log)"),
+                     {"k": CHANGE_LOCK}).one()
+    return int(row[1] or 0)
 
 
 def last_change(db: Session) -> int:
@@ -97,11 +100,10 @@ def last_change(db: Session) -> int:
 
 def append(db: Session, origin: str, note: ChangeNote) -> int:
     """Write the change row (under :func:`serialise`) and announce it at commit; returns its id."""
-    row = ChangeRow(created_at=utcnow(), origin=origin, body=note.to_dict())
-    db.add(row)
-    db.flush()
-    db.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": str(row.id)})
-    return int(row.id)
+    new = insert(ChangeRow).values(created_at=utcnow(), origin=origin, body=note.to_dict()).returning(ChangeRow.id)
+    change = new.cte("change")
+    stmt = select(change.c.id, func.pg_notify(CHANNEL, cast(change.c.id, Text)))
+    return int(db.execute(stmt).one()[0])
 
 
 def announce_agents(dist: PolicyDistributor, db: Session, agent_ids: Iterable[str]) -> None:

@@ -38,10 +38,11 @@ def libpq_url(engine: Engine) -> str:
 
 
 class ChangeListener:
-    """Calls ``on_change`` on every notification on :data:`CHANNEL`, on (re)connection and every
-    ``poll`` seconds, from one daemon thread, until :meth:`stop`."""
+    """Calls ``on_change(newest)`` on notifications on :data:`CHANNEL` (``newest``: the highest
+    change id announced), and ``on_change(None)`` on (re)connection and every ``poll`` seconds,
+    from one daemon thread, until :meth:`stop`."""
 
-    def __init__(self, url: str, on_change: Callable[[], object], *, poll: float = 1.0,
+    def __init__(self, url: str, on_change: Callable[[int | None], object], *, poll: float = 1.0,
                  retry: float = 0.5) -> None:
         self.url = url
         self.on_change = on_change
@@ -58,9 +59,9 @@ class ChangeListener:
         self._stop.set()
         self._thread.join(timeout=self.poll + 2)
 
-    def _call(self) -> None:
+    def _call(self, newest: int | None = None) -> None:
         try:
-            self.on_change()
+            self.on_change(newest)
         except Exception:  # the database may be away; the next round tries again
             log.exception("following changes failed")
 
@@ -72,9 +73,10 @@ class ChangeListener:
                     self.connected.set()
                     self._call()
                     while not self._stop.is_set():
-                        for _n in conn.notifies(timeout=self.poll, stop_after=1):
-                            pass
-                        self._call()
+                        newest: int | None = None
+                        for n in conn.notifies(timeout=self.poll, stop_after=1):
+                            newest = max(newest or 0, int(n.payload) if n.payload.isdigit() else 0)
+                        self._call(newest)
             except psycopg.Error as exc:
                 self.connected.clear()
                 log.warning("change listener lost the database (%s); reconnecting", exc)
