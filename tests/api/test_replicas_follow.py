@@ -31,8 +31,8 @@ from stockade.controller.storage.db import ChangeRow
 @pytest.fixture
 def pair(pg_cluster: PgCluster) -> Iterator[tuple[Api, Api]]:
     url = pg_cluster.create_database()
-    app_a = create_app(make_settings(url, login_limit=(6, 60.0)))
-    app_b = create_app(make_settings(url, login_limit=(6, 60.0)))
+    app_a = create_app(make_settings(url, login_limit=(6, 60.0), flush_interval=3600.0))  # no background jobs
+    app_b = create_app(make_settings(url, login_limit=(6, 60.0), flush_interval=3600.0))
     with TestClient(app_a) as ca, TestClient(app_b) as cb:
         app_b.state.controller.listener.stop()  # B follows when the test says so
         api_a = Api(ca, app_a.state.controller)
@@ -133,3 +133,16 @@ def test_sqlite_writes_no_change_log(tmp_path: Path) -> None:
         assert not app.state.controller.dist.shared and app.state.controller.listener is None
         with app.state.controller.sessions() as s:
             assert s.scalar(select(func.count()).select_from(ChangeRow)) == 0
+
+
+def test_one_replica_leads_and_another_takes_over(pair: tuple[Api, Api]) -> None:
+    a, b = pair
+    la, lb = a.ctl.leadership, b.ctl.leadership
+    assert la is not None and lb is not None
+    first = [la.holds(), lb.holds()]
+    assert sorted(first) == [False, True], first  # exactly one leader
+    leader, other = (la, lb) if first[0] else (lb, la)
+    assert leader.holds() and not other.holds()  # stable while the leader lives
+    leader.close()  # its connection ends (a killed replica): PostgreSQL releases the lock
+    assert other.holds()
+    assert not leader.holds()  # and the old leader, reconnecting, follows
