@@ -56,6 +56,7 @@ from sqlalchemy.engine import Connection as DbConnection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
+from stockade.controller.storage import flowparts
 from stockade.controller.storage.flowschema import (
     _KEYS,
     _MASK63,
@@ -129,6 +130,8 @@ class FlowStore:
         self._appends = 1  # uploads appended by this process (1: whatever an earlier run left behind)
         self._compacted = 0  # ... of which compaction has moved everything
         self._last_prune = time.monotonic()
+        self._days: set[int] = set()  # PostgreSQL: days with their own partition (flowparts)
+        self._days_known = False
         self._ips: dict[str, str] = {}  # address text -> canonical text
         self._keys: dict[tuple[Any, ...], tuple[int, str, str, int, int, int, int]] = {}  # record key -> validated
         self._keys_policy: Policy | None = None
@@ -336,6 +339,8 @@ class FlowStore:
         try:
             pending = self._appends
             moved = 0
+            if self.postgres:
+                self._ensure_partitions()
             while True:
                 step = self._compact_step()
                 moved += step
@@ -348,6 +353,23 @@ class FlowStore:
         if time.monotonic() - self._last_prune >= self.settings.prune_interval:
             self.prune(time.time())
         return moved
+
+    def _ensure_partitions(self) -> None:
+        """PostgreSQL: the day partitions of what the log holds (within retention, at most tomorrow)."""
+        with self.engine.begin() as conn:
+            if self._days_known is False:
+                self._days = flowparts.partition_days(conn)
+                self._days_known = True
+            lo, hi = conn.execute(text("SELECT min(bucket), max(bucket) FROM flow_ingest")).one()
+            if lo is None:
+                return
+            per = flowparts.HOURS_PER_DAY
+            today = int(time.time() * 1000) // HOUR_MS // per
+            first = max(int(lo) // per, today - self.settings.max_age_hours // per - 1)
+            wanted = set(range(first, min(int(hi) // per, today + 1) + 1)) - self._days
+            if wanted:
+                flowparts.ensure_days(conn, wanted)
+        self._days |= wanted
 
     def _compact_step(self) -> int:
         batch = self.settings.compact_batch
@@ -395,6 +417,9 @@ class FlowStore:
             if self.postgres and not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"),
                                                   {"k": RETENTION_LOCK}).scalar_one():
                 return 0  # another controller replica is applying retention right now
+            if self.postgres:  # whole days: one DROP per partition
+                deleted += flowparts.drop_days_before(conn, cutoff)
+                self._days = {d for d in self._days if (d + 1) * flowparts.HOURS_PER_DAY > cutoff}
             deleted += conn.execute(flows.delete().where(flows.c.bucket < cutoff)).rowcount
             conn.execute(flow_links.delete().where(flow_links.c.bucket < cutoff))
             total = int(conn.execute(select(func.count()).select_from(flows)).scalar_one())
