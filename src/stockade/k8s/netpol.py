@@ -391,6 +391,11 @@ class NetpolResolver:
                 self._dirty.add(key)
 
     # -- reading --
+    @property
+    def dirty_count(self) -> int:
+        """How many policies the next :meth:`resolved` re-resolves."""
+        return len(self._dirty)
+
     def resolved(self) -> tuple[KubeNetworkPolicy, ...]:
         """Every policy, resolved (only the dirty ones are recomputed), sorted by namespace/name."""
         for key in sorted(self._dirty):
