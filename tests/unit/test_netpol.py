@@ -252,3 +252,10 @@ def test_long_names_give_rule_ids_that_fit_nflog_prefixes() -> None:
     for d in NetpolDirection:
         assert len(pol.rule_id(d, 999)) <= 100 and len(pol.isolation_id(d)) <= 100
     assert pol.ref != KubeNetworkPolicy("n" * 63, "p" * 252, frozenset(), True, True).ref
+
+
+def test_people_read_networkpolicy_rules_counted_from_one() -> None:
+    from stockade.model.rule_ids import rule_title
+
+    assert rule_title("netpol/x/a-from-b/ingress/0") == "NetworkPolicy x/a-from-b ingress rule 1"
+    assert rule_title("netpol/x/deny/egress") == "NetworkPolicy x/deny (egress isolated, no NetworkPolicy rule allows)"
