@@ -97,6 +97,7 @@ def build(args: argparse.Namespace) -> tuple[NetpolResolver, dict[str, Workload]
     resolver = NetpolResolver()
     workloads: dict[str, Workload] = {}
     names: list[str] = []
+    pending: list[dict[str, Any]] = []
     for i in range(args.namespaces):
         ns = f"ns-{i}"
         resolver.set_namespace(ns, {"team": TEAMS[i % len(TEAMS)], "env": "prod" if i % 2 else "dev",
@@ -110,8 +111,9 @@ def build(args: argparse.Namespace) -> tuple[NetpolResolver, dict[str, Workload]
             workloads[info.workload] = Workload(info.workload, frozenset({Label("app", labels["app"])}),
                                                 (Interface("eth0", (addr,)),), EnforcementMode.SELECTIVE)
             names.append(ns)
-        for obj in policies_for(ns, rnd)[: args.policies_per_namespace]:
-            resolver.set_policy(obj)
+        pending += policies_for(ns, rnd)[: args.policies_per_namespace]
+    for obj in pending:  # as after the sync's first list: every policy dirty once
+        resolver.set_policy(obj)
     return resolver, workloads, names
 
 

@@ -422,7 +422,7 @@ class Compiler:
         hosts = sorted({h for p in changed for h in p.selected if h in self._workloads})
         before = {h: self.host_policy(h) for h in hosts}
         self._policy = replace(self.policy, network_policies=tuple(sorted(policies)))
-        self._np = NetpolLayer(self._policy.network_policies)
+        self._np = NetpolLayer(self._policy.network_policies, previous=self._np)
         deltas: list[HostDelta] = []
         for h in hosts:
             hp = self.host_policy(h)

@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule
-from stockade.model.addresses import AddressRanges, Family, IPAddress
+from stockade.model.addresses import AddressRanges, Family, IPAddress, merge_ranges
 from stockade.model.netpol import KubeNetworkPolicy, NetpolDirection, NetpolRule
 from stockade.model.rules import Action
 from stockade.model.services import ANY_SERVICE_ENTRY
@@ -55,7 +55,7 @@ class _PeerSet:
 class NetpolLayer:
     """The NetworkPolicy part of every host's policy, indexed by host and by peer workload."""
 
-    def __init__(self, policies: Iterable[KubeNetworkPolicy]) -> None:
+    def __init__(self, policies: Iterable[KubeNetworkPolicy], previous: NetpolLayer | None = None) -> None:
         self.isolation: dict[str, dict[Direction, str]] = defaultdict(dict)
         self.allows: dict[str, list[HostRule]] = defaultdict(list)
         self.peer_sets: dict[str, _PeerSet] = {}
@@ -87,6 +87,12 @@ class NetpolLayer:
                 for host in r.targets & np.selected:
                     self.allows[host].append(rule)
                     self.hosts_of_set[peer].add(host)
+        if previous is not None:  # peer sets that did not change keep their computed members
+            for name, ps in self.peer_sets.items():
+                old = previous.peer_sets.get(name)
+                cached = previous._cache.get(name)
+                if cached is not None and old is not None and old.workloads == ps.workloads and old.cidrs == ps.cidrs:
+                    self._cache[name] = cached
 
     def affects(self, host: str) -> bool:
         return host in self.isolation
@@ -112,7 +118,13 @@ class NetpolLayer:
         found = self._cache.get(name)
         if found is None:
             ps = self.peer_sets[name]
-            ranges = AddressRanges.of(a for w in sorted(ps.workloads) for a in addresses(w)).union(ps.cidrs)
+            v4: list[tuple[int, int]] = list(ps.cidrs.v4)
+            v6: list[tuple[int, int]] = list(ps.cidrs.v6)
+            for w in ps.workloads:
+                for a in addresses(w):
+                    value = int(a)
+                    (v4 if a.version == 4 else v6).append((value, value))
+            ranges = AddressRanges(merge_ranges(v4), merge_ranges(v6))
             found = (
                 AddressSet(name, Family.V4, ranges.networks(Family.V4), ps.canonical),
                 AddressSet(name, Family.V6, ranges.networks(Family.V6), ps.canonical),

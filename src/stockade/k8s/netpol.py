@@ -31,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from stockade.k8s.mapping import PodKey, workload_name
@@ -114,7 +115,7 @@ class PodInfo:
     labels: Mapping[str, str]
     ports: tuple[tuple[str, Proto, int], ...] = ()  # (name, protocol, number)
 
-    @property
+    @cached_property
     def workload(self) -> str:
         return workload_name(PodKey(self.namespace, self.name))
 
