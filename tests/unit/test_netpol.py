@@ -259,3 +259,38 @@ def test_people_read_networkpolicy_rules_counted_from_one() -> None:
 
     assert rule_title("netpol/x/a-from-b/ingress/0") == "NetworkPolicy x/a-from-b ingress rule 1"
     assert rule_title("netpol/x/deny/egress") == "NetworkPolicy x/deny (egress isolated, no NetworkPolicy rule allows)"
+
+
+def test_incremental_resolution_equals_a_fresh_one_under_random_churn() -> None:
+    import random
+
+    rnd = random.Random(16)
+    world = World()
+    for case in CASES:
+        for step in case.steps:
+            for obj in step.policies:
+                name = f"{case.name}-{obj['metadata']['name']}"[:60]
+                world.resolver.set_policy({**obj, "metadata": {**obj["metadata"], "name": name}})
+    for _ in range(300):
+        what = rnd.random()
+        pod = rnd.choice(ALL_PODS)
+        if what < 0.5:
+            world.set_pod_labels(pod, {"pod": rnd.choice("abc"), **({"x": "1"} if rnd.random() < 0.3 else {})})
+        elif what < 0.7:
+            n = rnd.choice(NAMESPACES)
+            world.resolver.set_namespace(n, {"ns": rnd.choice(["x", "y", "z", "q"]), "kubernetes.io/metadata.name": n})
+        elif what < 0.85:
+            world.resolver.remove_pod(*pod.split("/"))
+        else:
+            n, name = pod.split("/")
+            port = (rnd.choice(["serve-81-tcp", "other"]), Proto.TCP, 81)
+            world.resolver.set_pod(PodInfo(n, name, {"pod": name}, (port,)))
+        got = world.resolver.resolved()
+        fresh = NetpolResolver()  # the same picture, every policy resolved from scratch
+        for n, labels in world.resolver.namespaces.items():
+            fresh.set_namespace(n, labels)
+        for p in world.resolver.pods.values():
+            fresh.set_pod(p)
+        fresh.policies = dict(world.resolver.policies)
+        fresh.mark_all_dirty()
+        assert got == fresh.resolved()

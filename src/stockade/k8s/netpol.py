@@ -186,15 +186,21 @@ class PolicySpec:
     rules: tuple[RuleSpec, ...]
     problems: tuple[str, ...] = ()
 
-    def mentions(self, ns_labels: Labels | None, pod: PodInfo) -> bool:
-        """Could ``pod`` (in a namespace with ``ns_labels``) be selected or a peer of this policy?"""
-        if pod.namespace == self.namespace and (self.selector is None or self.selector.matches(pod.labels)):
-            return True
+    def signature(self, ns_labels: Labels | None, pod: PodInfo | None) -> tuple[object, ...] | None:
+        """What this policy's resolution reads of ``pod`` (in a namespace with ``ns_labels``): whether
+        it is selected, which peers it matches, and its named ports when those matter; None when the
+        pod is irrelevant. A pod change that keeps the signature cannot change the resolution."""
+        if pod is None:
+            return None
+        flags: list[bool] = [pod.namespace == self.namespace
+                             and (self.selector is None or self.selector.matches(pod.labels))]
+        named = False
         for r in self.rules:
+            has_named = r.ports is not None and any(p.name for p in r.ports)
+            named = named or has_named
             if not r.peers:
-                if r.ports and any(p.name for p in r.ports):
-                    return True
-                continue
+                # an egress rule to every peer on a named port resolves it on every pod
+                flags.append(has_named and r.direction is NetpolDirection.EGRESS)
             for p in r.peers:
                 if p.block is not None:
                     continue
@@ -202,9 +208,19 @@ class PolicySpec:
                     in_ns = pod.namespace == self.namespace
                 else:
                     in_ns = ns_labels is not None and p.namespaces.matches(ns_labels)
-                if in_ns and (p.pods is None or p.pods.matches(pod.labels)):
-                    return True
-        return False
+                flags.append(in_ns and (p.pods is None or p.pods.matches(pod.labels)))
+        if not any(flags):
+            return None
+        return (*flags, pod.ports if named else ())
+
+    def namespace_signature(self, ns_labels: Labels | None) -> tuple[bool, ...]:
+        """Which of this policy's namespace selectors match a namespace with ``ns_labels``."""
+        return tuple(
+            ns_labels is not None and p.namespaces.matches(ns_labels)
+            for r in self.rules
+            for p in r.peers
+            if p.namespaces is not None
+        )
 
 
 def _parse_cidr(raw: object, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -366,30 +382,33 @@ class NetpolResolver:
             return
         self.pods[(pod.namespace, pod.name)] = pod
         self._by_ns.setdefault(pod.namespace, {})[pod.name] = pod
-        self._touch_pod(pod.namespace, [p for p in (old, pod) if p is not None])
+        self._touch_pod(pod.namespace, old, pod)
 
     def remove_pod(self, namespace: str, name: str) -> None:
         old = self.pods.pop((namespace, name), None)
         if old is not None:
             self._by_ns.get(namespace, {}).pop(name, None)
-            self._touch_pod(namespace, [old])
+            self._touch_pod(namespace, old, None)
 
-    def _touch_pod(self, namespace: str, versions: list[PodInfo]) -> None:
+    def _touch_pod(self, namespace: str, old: PodInfo | None, new: PodInfo | None) -> None:
+        """Mark dirty the policies whose view of the pod differs between its two versions (None:
+        the pod did not exist before / does not any more)."""
         labels = self.namespaces.get(namespace)
         for key, spec in self.policies.items():
-            if key not in self._dirty and any(spec.mentions(labels, p) for p in versions):
+            if key not in self._dirty and spec.signature(labels, old) != spec.signature(labels, new):
                 self._dirty.add(key)
 
     def _touch_namespace(self, name: str, old: Mapping[str, str] | None) -> None:
         new = self.namespaces.get(name)
-        pods = list(self._by_ns.get(name, {}).values())
-        if not pods:
+        if not self._by_ns.get(name):
             return
         for key, spec in self.policies.items():
-            if key in self._dirty:
-                continue
-            if any(spec.mentions(labels, p) for labels in (old, new) for p in pods):
+            if key not in self._dirty and spec.namespace_signature(old) != spec.namespace_signature(new):
                 self._dirty.add(key)
+
+    def mark_all_dirty(self) -> None:
+        """Re-resolve every policy on the next :meth:`resolved` (tests compare with this)."""
+        self._dirty.update(self.policies)
 
     # -- reading --
     @property
