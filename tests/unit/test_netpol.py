@@ -294,3 +294,30 @@ def test_incremental_resolution_equals_a_fresh_one_under_random_churn() -> None:
         fresh.policies = dict(world.resolver.policies)
         fresh.mark_all_dirty()
         assert got == fresh.resolved()
+
+
+def test_egress_named_and_numbered_ports_to_pods_and_blocks_share_no_set_name() -> None:
+    """Pods without the named port and an ipBlock both get the numbered ports: one rule, one set."""
+    world = World()
+    world.set_pod_labels("z/b", {"pod": "b"})
+    world.resolver.set_pod(PodInfo("z", "c", {"pod": "c"}, ()))  # z/c has no named ports
+    world.step(Step(lambda s, d, p: True, (np("x", "out", {
+        "podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}, {"ipBlock": {"cidr": "192.0.2.0/24"}}],
+                    "ports": [{"port": "serve-81-tcp"}, {"port": 80}]}]}),)))
+    policy = world.policy()
+    ev = Evaluator(policy)
+    xa = ipaddress.ip_address(ip_of("x/a"))
+    for dst, port, ok in (("z/b", 81, True), ("z/b", 80, True), ("z/c", 80, True), ("z/c", 81, False),
+                          ("y/a", 80, False)):
+        verdict = ev.evaluate(xa, ipaddress.ip_address(ip_of(dst)), Proto.TCP, port).verdict
+        assert (verdict is Verdict.ALLOWED) is ok, (dst, port, verdict)
+    for port, ok in ((80, True), (81, False)):
+        verdict = ev.evaluate(xa, ipaddress.ip_address("192.0.2.7"), Proto.TCP, port).verdict
+        assert (verdict is Verdict.ALLOWED) is ok
+    compiled = compile_policy(policy)
+    for dst in ("z/b", "z/c", "y/a"):
+        for port in (80, 81):
+            d = ipaddress.ip_address(ip_of(dst))
+            assert interpret(compiled, policy, xa, d, Proto.TCP, port) == ev.evaluate(xa, d, Proto.TCP, port).verdict
+    assert interpret(compiled, policy, xa, ipaddress.ip_address("192.0.2.7"), Proto.TCP, 80) is Verdict.ALLOWED

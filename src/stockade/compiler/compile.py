@@ -387,7 +387,7 @@ class Compiler:
             if batch:
                 self._policy_dirty = True
             out = self._deltas(builder.by_set(), before)
-            return self._netpol_deltas(out, np_old) if self._np.isolation else out
+            return self._netpol_deltas(out, np_old) if self._np.active else out
 
     def _netpol_deltas(
         self, out: list[HostDelta], np_old: dict[str, tuple[AddressSet, ...]]
@@ -419,10 +419,14 @@ class Compiler:
         new = {(p.namespace, p.name): p for p in policies}
         changed = [p for k in set(old) | set(new) if old.get(k) != new.get(k) for p in (old.get(k), new.get(k))
                    if p is not None]
+        if not changed:
+            return []
         hosts = sorted({h for p in changed for h in p.selected if h in self._workloads})
         before = {h: self.host_policy(h) for h in hosts}
         self._policy = replace(self.policy, network_policies=tuple(sorted(policies)))
-        self._np = NetpolLayer(self._policy.network_policies, previous=self._np)
+        for k in set(old) | set(new):
+            if old.get(k) != new.get(k):
+                self._np.replace(old.get(k), new.get(k))
         deltas: list[HostDelta] = []
         for h in hosts:
             hp = self.host_policy(h)

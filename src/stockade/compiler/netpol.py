@@ -55,47 +55,93 @@ class _PeerSet:
 class NetpolLayer:
     """The NetworkPolicy part of every host's policy, indexed by host and by peer workload."""
 
-    def __init__(self, policies: Iterable[KubeNetworkPolicy], previous: NetpolLayer | None = None) -> None:
-        self.isolation: dict[str, dict[Direction, str]] = defaultdict(dict)
-        self.allows: dict[str, list[HostRule]] = defaultdict(list)
+    def __init__(self, policies: Iterable[KubeNetworkPolicy]) -> None:
+        self._iso: dict[str, dict[Direction, set[str]]] = {}  # host -> direction -> isolating ids
+        self.allows: dict[str, set[HostRule]] = defaultdict(set)
         self.peer_sets: dict[str, _PeerSet] = {}
         self.sets_of_workload: dict[str, set[str]] = defaultdict(set)
         self.hosts_of_set: dict[str, set[str]] = defaultdict(set)
         self._cache: dict[str, tuple[AddressSet, AddressSet]] = {}
         for np in policies:
-            for d in NetpolDirection:
-                if np.isolates(d):
-                    rid = np.isolation_id(d)
-                    for host in np.selected:
-                        have = self.isolation[host].get(_DIRECTION[d])
-                        if have is None or rid < have:
-                            self.isolation[host][_DIRECTION[d]] = rid
-            for r in np.rules:
-                if not r.services or not np.isolates(r.direction):
-                    continue
-                if r.any_peer:
-                    peer = ALL_ADDRESSES
-                else:
-                    peer = netpol_set_name(np, r)
-                    if peer not in self.peer_sets:
-                        canonical = f"netpol({np.namespace}/{np.name} {r.direction.value}[{r.index}])"
-                        self.peer_sets[peer] = _PeerSet(r.peer_workloads, r.peer_cidrs, canonical)
-                        for w in r.peer_workloads:
-                            self.sets_of_workload[w].add(peer)
-                rule = HostRule(Action.ALLOW, _DIRECTION[r.direction], np.rule_id(r.direction, r.index), peer,
-                                r.services)
-                for host in r.targets & np.selected:
-                    self.allows[host].append(rule)
-                    self.hosts_of_set[peer].add(host)
-        if previous is not None:  # peer sets that did not change keep their computed members
-            for name, ps in self.peer_sets.items():
-                old = previous.peer_sets.get(name)
-                cached = previous._cache.get(name)
-                if cached is not None and old is not None and old.workloads == ps.workloads and old.cidrs == ps.cidrs:
-                    self._cache[name] = cached
+            self.add(np)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._iso)
+
+    def isolation(self, host: str) -> dict[Direction, str]:
+        """The isolated directions of ``host`` and the id of the first isolating policy of each."""
+        return {d: min(ids) for d, ids in self._iso.get(host, {}).items() if ids}
+
+    def _contributions(self, np: KubeNetworkPolicy) -> Iterable[tuple[NetpolRule, str, HostRule]]:
+        for r in np.rules:
+            if not r.services or not np.isolates(r.direction):
+                continue
+            peer = ALL_ADDRESSES if r.any_peer else netpol_set_name(np, r)
+            yield r, peer, HostRule(Action.ALLOW, _DIRECTION[r.direction], np.rule_id(r.direction, r.index), peer,
+                                    r.services)
+
+    def add(self, np: KubeNetworkPolicy) -> None:
+        """Add one policy's isolation, allow rules and peer sets (incremental: O(its size))."""
+        for d in NetpolDirection:
+            if np.isolates(d):
+                rid = np.isolation_id(d)
+                for host in np.selected:
+                    self._iso.setdefault(host, {}).setdefault(_DIRECTION[d], set()).add(rid)
+        for r, peer, rule in self._contributions(np):
+            if peer != ALL_ADDRESSES and peer not in self.peer_sets:
+                canonical = f"netpol({np.namespace}/{np.name} {r.direction.value}[{r.index}])"
+                self.peer_sets[peer] = _PeerSet(r.peer_workloads, r.peer_cidrs, canonical)
+                for w in r.peer_workloads:
+                    self.sets_of_workload[w].add(peer)
+            for host in r.targets & np.selected:
+                self.allows[host].add(rule)
+                self.hosts_of_set[peer].add(host)
+
+    def remove(self, np: KubeNetworkPolicy) -> None:
+        """Undo :meth:`add` of the same policy value."""
+        for d in NetpolDirection:
+            if np.isolates(d):
+                rid = np.isolation_id(d)
+                for host in np.selected:
+                    by_dir = self._iso.get(host, {})
+                    ids = by_dir.get(_DIRECTION[d], set())
+                    ids.discard(rid)
+                    if not ids:
+                        by_dir.pop(_DIRECTION[d], None)
+                    if not by_dir:
+                        self._iso.pop(host, None)
+        for r, peer, rule in self._contributions(np):
+            for host in r.targets & np.selected:
+                self.allows[host].discard(rule)
+                if not self.allows[host]:
+                    del self.allows[host]
+                self.hosts_of_set[peer].discard(host)
+            if peer != ALL_ADDRESSES and peer in self.peer_sets:
+                ps = self.peer_sets.pop(peer)
+                self._cache.pop(peer, None)
+                self.hosts_of_set.pop(peer, None)
+                for w in ps.workloads:
+                    self.sets_of_workload[w].discard(peer)
+
+    def replace(self, old: KubeNetworkPolicy | None, new: KubeNetworkPolicy | None) -> None:
+        """Swap one policy; a peer set whose members did not change keeps its computed addresses."""
+        kept: dict[str, tuple[_PeerSet, tuple[AddressSet, AddressSet]]] = {}
+        if old is not None:
+            for _, peer, _ in self._contributions(old):
+                cached = self._cache.get(peer)
+                if cached is not None and peer in self.peer_sets:
+                    kept[peer] = (self.peer_sets[peer], cached)
+            self.remove(old)
+        if new is not None:
+            self.add(new)
+            for peer, (ps, cached) in kept.items():
+                now = self.peer_sets.get(peer)
+                if now is not None and now.workloads == ps.workloads and now.cidrs == ps.cidrs:
+                    self._cache[peer] = cached
 
     def affects(self, host: str) -> bool:
-        return host in self.isolation
+        return host in self._iso
 
     def hosts_referencing(self, workloads: Iterable[str]) -> set[str]:
         """Hosts whose peer sets contain any of ``workloads`` (their addresses are members)."""
@@ -134,7 +180,7 @@ class NetpolLayer:
 
     def apply(self, hp: HostPolicy, addresses: Callable[[str], tuple[IPAddress, ...]]) -> HostPolicy:
         """``hp`` (label rules only) with this layer added for its workload."""
-        isolated = self.isolation.get(hp.workload)
+        isolated = self.isolation(hp.workload)
         if not isolated:
             return hp
         rules = [r for r in hp.rules if r.action is Action.OVERRIDE_DENY or r.direction not in isolated]

@@ -487,12 +487,20 @@ class NetpolResolver:
         by_services: dict[tuple[ServiceEntry, ...], set[str]] = {}
         for name, pod in peer_pods.items():
             by_services.setdefault(_with_named(fixed, named, pod), set()).add(name)
+        # addresses that are no pod get the numbered ports only: with the group of pods that has
+        # exactly those (one rule per distinct port set: its peer set's name derives from the ports)
+        others = fixed and (any_peer or not cidrs.is_empty())
+        if others:
+            by_services.setdefault(fixed, set())
         for services, names in by_services.items():
-            if services:
+            if not services:
+                continue
+            if others and services == fixed:
+                out.append(NetpolRule(r.direction, r.index, target_names, any_peer,
+                                      frozenset() if any_peer else frozenset(names), cidrs, services))
+            else:
                 out.append(NetpolRule(r.direction, r.index, target_names, False, frozenset(names), AddressRanges(),
                                       services))
-        if fixed and (any_peer or not cidrs.is_empty()):  # addresses that are no pod: numbered ports only
-            out.append(NetpolRule(r.direction, r.index, target_names, any_peer, frozenset(), cidrs, fixed))
         return out
 
 
