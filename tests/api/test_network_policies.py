@@ -79,3 +79,39 @@ def test_a_principal_scoped_elsewhere_cannot_isolate_pods_outside_its_scope(sqli
     assert r.status_code == 403, r.text
     assert sqlite_api.ok("GET", "/network-policies")["items"] == []
     assert _inbound(sqlite_api, "k8s.x.a") == []
+
+
+class _InProcess:
+    """What ``stockade.cli`` gets from ``_client``: the in-process API under /api/v1."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def get(self, path: str, params: dict[str, str] | None = None) -> Any:
+        return self.api.req("GET", path, params=params)
+
+
+def test_explain_remote_names_the_network_policy(sqlite_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from stockade.cli import main, policy_cmds
+
+    _setup(sqlite_api)
+    sqlite_api.ok("POST", "/network-policies", 201, json=_netpol(["k8s.x.b"]))
+    monkeypatch.setattr(policy_cmds, "_client", lambda *a: _InProcess(sqlite_api))
+    runner = CliRunner()
+    allowed = runner.invoke(main, ["explain", "--remote", "draft", "--from", "k8s.x.b", "--to", "k8s.x.a",
+                                   "--port", "80/tcp", "--api-key", "unused"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "verdict: allowed" in allowed.output
+    assert "NetworkPolicy x/a-from-b ingress rule 1" in allowed.output
+    blocked = runner.invoke(main, ["explain", "--remote", "draft", "--from", "k8s.x.c", "--to", "k8s.x.a",
+                                   "--port", "80/tcp", "--api-key", "unused"])
+    assert "verdict: blocked" in blocked.output
+    assert "NetworkPolicy x/a-from-b (ingress isolated, no NetworkPolicy rule allows)" in blocked.output
