@@ -321,3 +321,20 @@ def test_egress_named_and_numbered_ports_to_pods_and_blocks_share_no_set_name() 
             d = ipaddress.ip_address(ip_of(dst))
             assert interpret(compiled, policy, xa, d, Proto.TCP, port) == ev.evaluate(xa, d, Proto.TCP, port).verdict
     assert interpret(compiled, policy, xa, ipaddress.ip_address("192.0.2.7"), Proto.TCP, 80) is Verdict.ALLOWED
+
+
+def test_pods_that_become_workloads_after_the_policy_compile_as_a_full_compile() -> None:
+    world = _isolating_world()
+    full = world.policy()
+    held = {w.name: w for w in full.workloads}
+    compiler = Compiler(replace(full, workloads=tuple(w for w in full.workloads if w.name not in (
+        "k8s.x.a", "k8s.x.b"))))
+    states = compiler.all_host_policies()
+    for name in ("k8s.x.b", "k8s.x.a"):  # the peer first: the selected pod's set already holds it
+        for d in compiler.upsert_workload(held[name]):
+            assert d.policy is not None
+            states[d.workload] = d.policy if d.rules_changed else apply_set_deltas(states[d.workload], d.set_deltas)
+    assert states == compile_policy(full)
+    for d in compiler.remove_workload("k8s.x.b"):  # the peer leaves: a set delta for x/a
+        if d.workload == "k8s.x.a":
+            assert not d.rules_changed and d.set_deltas
