@@ -21,9 +21,10 @@ the narrower of the two (:func:`narrower_scope`: the union of required labels, s
 reaches only workloads both scopes reach). A disabled or deleted user's keys stop working.
 
 Failed logins back off per account (:class:`LoginThrottle`): after a few failures in a row the
-account refuses every attempt for a while, doubling up to a cap. The counters live in the
-controller process's memory (several controllers sharing one PostgreSQL each count their own;
-a restart forgets them); the per-client rate limit is in memory too.
+account refuses every attempt for a while, doubling up to a cap. On SQLite the counters and the
+per-client rate limit live in the controller process's memory (a restart forgets them); on
+PostgreSQL, where several replicas may share the database, the same policy counts in tables
+(:mod:`stockade.controller.services.shared_limits`).
 """
 
 from __future__ import annotations
@@ -354,8 +355,8 @@ class LoginThrottle:
     """Counts consecutive failed logins per username (existing or not, so the answer reveals
     nothing about which accounts exist) and refuses attempts while an account is locked.
 
-    In memory, per controller process: enough to turn an online password guess into hours per
-    handful of tries; not shared between controllers (documented limitation of this round).
+    In memory, per controller process (SQLite, one process): enough to turn an online password
+    guess into hours per handful of tries. Replicas on PostgreSQL use ``SharedLoginThrottle``.
     """
 
     def __init__(self, policy: LockoutPolicy = LockoutPolicy(), clock: Callable[[], float] = time.monotonic) -> None:
