@@ -423,12 +423,13 @@ async def _enrol(ports: list[int], key: str, n: int) -> list[Agent]:
 
 async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
     deadline = time.monotonic() + limit
+    got: Any = None
     while time.monotonic() < deadline:
-        status, got = await c.request("GET", "/api/v1/convergence?limit=0", key)
+        status, got = await c.request("GET", "/api/v1/convergence?limit=5", key)
         if status == 200 and got["agents"] == n and got["lagging_count"] == 0:
             return
         await asyncio.sleep(0.02)
-    raise TimeoutError(f"agents did not converge in {limit} s")
+    raise TimeoutError(f"agents did not converge in {limit} s: {got}")
 
 
 def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replicas: int = 1) -> dict[str, Any]:
