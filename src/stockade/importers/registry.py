@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 
-from stockade.errors import Issue, UnsupportedFeatureError, ValidationError
+from stockade.errors import Issue, ValidationError
 from stockade.importers.report import ImportResult
 from stockade.importers.source import ImportOptions, Source
 
@@ -32,7 +32,8 @@ def get_importer(kind: str) -> Importer:
         raise ValidationError([Issue("", 0, "kind", f"unknown import kind {kind!r} (known: {known})")])
     target = IMPORTERS[kind]
     if not target:
-        raise UnsupportedFeatureError(f"the {kind} importer is not available yet in this version of Stockade")
+        raise ValidationError([Issue("", 0, "kind", f"the {kind} importer is not available yet in this version of "
+                                                   "Stockade")])
     module, _, attr = target.partition(":")
     fn: Importer = getattr(importlib.import_module(module), attr)
     return fn

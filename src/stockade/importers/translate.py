@@ -89,9 +89,9 @@ def _emit_chain(host: _Host, chain: BaseChain) -> None:
     everything = Match(chain.family)
     full = host.mode is EnforcementMode.FULL
     if not full and chain.default is Verdict.DROP:
-        rules.append(OrderedRule(Verdict.DROP, everything, chain.origin, f"{chain.direction.value} default DROP"))
+        rules.append(OrderedRule(Verdict.DROP, everything, chain.origin, f"IPv{chain.family.value} {chain.direction.value} default DROP"))
     if full and chain.default is Verdict.ACCEPT:
-        rules.append(OrderedRule(Verdict.ACCEPT, everything, chain.origin, f"{chain.direction.value} default ACCEPT"))
+        rules.append(OrderedRule(Verdict.ACCEPT, everything, chain.origin, f"IPv{chain.family.value} {chain.direction.value} default ACCEPT"))
     n = len(rules)
     allow = [False] * n
     for i, r in enumerate(rules):
@@ -252,7 +252,7 @@ def translate(hosts: Sequence[HostRules], addresses: Mapping[str, tuple[IPAddres
         rulesets=tuple(sorted(rulesets)),
         deny_rules=tuple(sorted(denies)),
     )
-    return ImportResult(policy, tuple(sorted(findings, key=_finding_key)), proposal.proposed)
+    return ImportResult(policy, tuple(sorted(set(findings), key=_finding_key)), proposal.proposed)
 
 
 def _finding_key(f: Finding) -> tuple[int, str, int, str, str]:
