@@ -336,7 +336,7 @@ def _host_rules(host: str, tables: Sequence[Table], sets: dict[str, IPSet], find
         names = set(table.policies) | {ln.chain for ln in table.lines}
         for base, direction in BASE.items():
             builder = _RuleBuilder(direction, table.family, sets, names)
-            raw: dict[str, list[RawRule]] = defaultdict(list)
+            raw: dict[str, list[RawRule]] = {name: [] for name in names}
             for line in table.lines:
                 try:
                     rule = builder.build(line)

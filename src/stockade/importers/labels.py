@@ -91,9 +91,12 @@ def propose_labels(peers: Sequence[tuple[Emitted, str]], host_addresses: Mapping
     for key in sorted(groups, key=lambda k: (k[0].value, k[1])):
         family, ranges = key
         nets = ranges.networks(family)
-        if len(nets) > MAX_GROUP or any(n.prefixlen != family.bits for n in nets):
+        # single addresses (adjacent ones merge into small blocks: /31, /30); larger blocks are networks
+        if len(nets) > MAX_GROUP or any(n.prefixlen < family.bits - 2 for n in nets):
             continue
-        addrs = [n.network_address for n in nets]
+        addrs = [a for n in nets for a in (n if n.prefixlen < family.bits else [n.network_address])]
+        if len(addrs) > MAX_GROUP:
+            continue
         if any(non_host_address(a) for a in addrs):
             continue
         owners: set[str] = set()
