@@ -29,7 +29,7 @@ from stockade.importers.labels import propose_labels, safe_name
 from stockade.importers.report import VISIBILITY_NOTE, Finding, ImportResult, Origin, Outcome
 from stockade.model.addresses import AddressRanges, Family, IPAddress, IPList
 from stockade.model.labels import DEFAULT_LABEL_KEYS, Label, LabelKey
-from stockade.model.policy import Policy
+from stockade.model.policy import Failsafe, Policy
 from stockade.model.rules import AllowRule, ConsumerScope, DenyRule, Ruleset
 from stockade.model.selectors import IPListSelector, LabelSelector, Selector
 from stockade.model.services import Service, ServiceEntry
@@ -251,7 +251,13 @@ def translate(hosts: Sequence[HostRules], addresses: Mapping[str, tuple[IPAddres
         services=tuple(sorted(names.services.values())),
         rulesets=tuple(sorted(rulesets)),
         deny_rules=tuple(sorted(denies)),
+        failsafe=Failsafe(management=()),
     )
+    if hosts:
+        findings.append(Finding(Outcome.APPROXIMATED, Origin(hosts[0].host), "", "Settings.management",
+                                "Stockade's failsafe always allows inbound management ports (default 22/tcp); the "
+                                "import sets them to [] so the imported rules alone decide (SSH stays open exactly "
+                                "where the original allowed it)"))
     return ImportResult(policy, tuple(sorted(set(findings), key=_finding_key)), proposal.proposed)
 
 
