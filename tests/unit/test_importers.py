@@ -69,7 +69,8 @@ def test_import_is_never_wider_and_exact_when_nothing_is_approximated(
 
 
 def test_a_bad_line_is_reported_with_file_and_line_and_the_rest_is_imported() -> None:
-    text = "*filter\n:INPUT DROP [0:0]\n-A INPUT -s 10.0.0.300 -j ACCEPT\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n"
+    text = ("*filter\n:INPUT DROP [0:0]\n-A INPUT -s 10.0.0.300 -j ACCEPT\n-A INPUT -p tcp --dport 22 -j ACCEPT\n"
+            "COMMIT\n")
     result = run_import("iptables", [Source("web.rules", text)], ImportOptions())
     bad = [f for f in result.findings if f.outcome is Outcome.BAD_INPUT]
     assert [str(f.origin) for f in bad] == ["web.rules:3"]

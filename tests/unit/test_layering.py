@@ -27,8 +27,9 @@ ALLOWED: dict[str, set[str]] = {
     "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs", "agent_signature"},
     "controller": {
         "errors", "model", "compiler", "evaluator", "codec", "policyfile", "visibility", "backends", "web", "logs",
-        "agent_signature",
+        "agent_signature", "importers",
     },
+    "importers": {"errors", "model", "codec"},  # existing firewall rules -> policy: pure, below the controller
     "logs": set(),
     "k8s": {"errors", "model", "compiler"},  # beside the controller: reaches it only through the REST API
 }

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from ipaddress import ip_network
 
+from stockade.importers.report import Finding, Origin, Outcome
 from stockade.model.addresses import AddressRanges, Family
 from stockade.model.services import ANY_SERVICE_ENTRY, Proto, ServiceEntry
-from stockade.importers.report import Finding, Origin, Outcome
 
 ANY_ENTRIES: tuple[ServiceEntry, ...] = (ANY_SERVICE_ENTRY,)
 MAX_DEPTH = 32
@@ -109,7 +109,7 @@ class Match:
         names = self.peer_names if other.peer is None else other.peer_names if self.peer is None else ()
         return Match(self.family, peer, local, entries, names)
 
-    def without_peers_of(self, skip: Match) -> Match | None | bool:
+    def without_peers_of(self, skip: Match) -> Match | bool | None:
         """This minus ``skip`` when ``skip`` differs only in its peers (exact); False when not exact.
 
         None: nothing is left.

@@ -97,7 +97,7 @@ def _label_groups(st: _State, items: list[Any]) -> None:
             st.note(Outcome.BAD_INPUT, f"/label_groups/{i}", "label group", str(exc))
 
     def values(href: str, seen: frozenset[str]) -> set[str]:
-        i, obj = raw[href]
+        _, obj = raw[href]
         out = {st.labels[_href(lab)].value for lab in obj.get("labels", []) if _href(lab) in st.labels}
         for sub in obj.get("sub_groups", []):
             if _href(sub) in raw and _href(sub) not in seen:
@@ -115,7 +115,7 @@ def _label_groups(st: _State, items: list[Any]) -> None:
 def _nets(text: str, to: str | None) -> list[IPNetwork]:
     if to:
         lo, hi = ipaddress.ip_address(text), ipaddress.ip_address(to)
-        return list(ipaddress.summarize_address_range(lo, hi))  # type: ignore[arg-type]
+        return list(ipaddress.summarize_address_range(lo, hi))
     return [ipaddress.ip_network(text, strict=False)]
 
 
@@ -138,7 +138,7 @@ def _ip_lists(st: _State, items: list[Any]) -> None:
 
 def _entries(ports: list[Any], where: str, st: _State) -> tuple[ServiceEntry, ...]:
     out: list[ServiceEntry] = []
-    for j, p in enumerate(ports):
+    for p in ports:
         proto = PROTOS.get(int(p.get("proto", -1)))
         if proto is None:
             raise Skip(f"protocol {p.get('proto')} (Stockade knows TCP, UDP, ICMP, ICMPv6)")
@@ -193,7 +193,7 @@ def _actors(st: _State, actors: list[Any], path: str) -> tuple[Selector, ...]:
     """PCE actors -> Stockade selectors (label keys AND, values of one key OR)."""
     by_key: dict[str, list[tuple[str, str]]] = {}
     out: list[Selector] = []
-    for j, a in enumerate(actors):
+    for a in actors:
         if a.get("actors") == "ams":
             out.append(ALL_WORKLOADS)
         elif "label" in a:
@@ -256,7 +256,9 @@ def _rule_sets(st: _State, items: list[Any]) -> tuple[list[Ruleset], list[DenyRu
         try:
             scopes: list[LabelSelector] = []
             for scope in rs.get("scopes", [[]]):
-                req, groups, excl = [], [], []
+                req: list[Label] = []
+                groups: list[str] = []
+                excl: list[Label] = []
                 for a in scope:
                     if "label" in a:
                         (excl if a.get("exclusion") else req).append(st.labels[_href(a["label"])])
@@ -359,7 +361,7 @@ def import_illumio(sources: Sequence[Source], options: ImportOptions) -> ImportR
     groups = {g.name: g for g in st.groups.values()}
     workloads = []
     for w in st.workloads.values():
-        hit = any(isinstance(sel, LabelSelector) and sel.matches(w.labels, groups) or sel == ALL_WORKLOADS
+        hit = any((isinstance(sel, LabelSelector) and sel.matches(w.labels, groups)) or sel == ALL_WORKLOADS
                   for sels in st.tainted for sel in sels)
         if hit and w.mode in (EnforcementMode.SELECTIVE, EnforcementMode.FULL):
             w = replace(w, mode=EnforcementMode.VISIBILITY, description=f"{VISIBILITY_NOTE} (was {w.mode.value})")

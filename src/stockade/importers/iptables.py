@@ -127,7 +127,8 @@ def parse_save(source: Source, host: str, findings: list[Finding]) -> Table:
                 first, count = skipped.get(current, (origin, 0))
                 skipped[current] = (first, count + 1)
             elif not current:
-                findings.append(Finding(Outcome.BAD_INPUT, origin, host, text[:80], "outside a *table ... COMMIT block"))
+                findings.append(Finding(Outcome.BAD_INPUT, origin, host, text[:80],
+                                        "outside a *table ... COMMIT block"))
             continue
         if text.startswith(":"):
             parts = text[1:].split()

@@ -113,8 +113,8 @@ def propose_labels(peers: Sequence[tuple[Emitted, str]], host_addresses: Mapping
             continue
         owners_of_group[key] = frozenset(owners)
     signature: dict[str, frozenset[GroupKey]] = defaultdict(frozenset)
-    for key, owners in owners_of_group.items():
-        for o in owners:
+    for key, group_owners in owners_of_group.items():
+        for o in group_owners:
             signature[o] = signature[o] | {key}
     atoms: dict[frozenset[GroupKey], list[str]] = defaultdict(list)
     for owner, sig in signature.items():
@@ -122,22 +122,22 @@ def propose_labels(peers: Sequence[tuple[Emitted, str]], host_addresses: Mapping
     value_of: dict[str, str] = {}
     used: set[str] = set()
     proposed: list[tuple[str, tuple[str, ...]]] = []
-    for sig, owners in sorted(atoms.items(), key=lambda kv: sorted(kv[1])):
-        owners.sort()
-        exact = [k for k in sig if owners_of_group[k] == frozenset(owners) and len(groups[k]) == 1]
+    for sig, atom in sorted(atoms.items(), key=lambda kv: sorted(kv[1])):
+        atom.sort()
+        exact = [k for k in sig if owners_of_group[k] == frozenset(atom) and len(groups[k]) == 1]
         if exact:
             base = groups[exact[0]][0]
-        elif len(owners) == 1:
-            base = owners[0].removeprefix("peer-")
+        elif len(atom) == 1:
+            base = atom[0].removeprefix("peer-")
         else:
-            base = "g-" + hashlib.sha256(",".join(owners).encode()).hexdigest()[:8]
+            base = "g-" + hashlib.sha256(",".join(atom).encode()).hexdigest()[:8]
         value = safe_name(base, "g")
         while value in used:
             value = safe_name(value + "-x", "g")
         used.add(value)
-        for o in owners:
+        for o in atom:
             value_of[o] = value
-        shown = tuple(str(a) for o in owners for a in sorted(owner_addresses[o], key=lambda a: (a.version, int(a))))
+        shown = tuple(str(a) for o in atom for a in sorted(owner_addresses[o], key=lambda a: (a.version, int(a))))
         proposed.append((f"group={value}", shown))
     prop.proposed = tuple(proposed)
     for owner, value in sorted(value_of.items()):
@@ -145,14 +145,14 @@ def propose_labels(peers: Sequence[tuple[Emitted, str]], host_addresses: Mapping
         if owner in host_addresses:
             prop.host_labels.setdefault(owner, set()).add(label)
         else:
-            addrs = tuple(sorted(owner_addresses[owner], key=lambda a: (a.version, int(a))))
-            prop.peer_workloads.append(Workload(owner, frozenset({label}), (Interface("imported", addrs),),
+            own = tuple(sorted(owner_addresses[owner], key=lambda a: (a.version, int(a))))
+            prop.peer_workloads.append(Workload(owner, frozenset({label}), (Interface("imported", own),),
                                                 EnforcementMode.IDLE, "nftables",
                                                 "imported peer address (no agent: idle)"))
     lg_used: set[str] = set()
-    for key, owners in sorted(owners_of_group.items(), key=lambda kv: (kv[0][0].value, kv[0][1])):
-        values = frozenset(value_of[o] for o in owners)
-        prop.members[key] = owners
+    for key, members in sorted(owners_of_group.items(), key=lambda kv: (kv[0][0].value, kv[0][1])):
+        values = frozenset(value_of[o] for o in members)
+        prop.members[key] = members
         if len(values) == 1:
             prop.selectors[key] = LabelSelector((Label("group", next(iter(values))),))
             continue

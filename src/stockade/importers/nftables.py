@@ -23,8 +23,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stockade.codec.syntax import ICMP_TYPE_NAMES
-from stockade.importers.chains import ANY_ENTRIES, BaseChain, Direction, Flattener, HostRules, Kind, Match, \
-    RawRule, Verdict
+from stockade.importers.chains import (
+    ANY_ENTRIES,
+    BaseChain,
+    Direction,
+    Flattener,
+    HostRules,
+    Kind,
+    Match,
+    RawRule,
+    Verdict,
+)
 from stockade.importers.report import Finding, ImportResult, Origin, Outcome
 from stockade.importers.source import ImportOptions, Source
 from stockade.importers.translate import translate
@@ -235,7 +244,8 @@ class _Builder:
             self._match({"op": "==", "left": body["key"], "right": key}, sub, sub_inexp, sub_flags)
             kind, target = self._verdict(vop, vbody)
             out.append(self._rule(kind, target, sub, sub_inexp, notes, sub_flags,
-                                  Origin(origin.file, path=f"{origin.path}/vmap/{k}"), f"{text} vmap {json.dumps(key)}"))
+                                  Origin(origin.file, path=f"{origin.path}/vmap/{k}"),
+                                  f"{text} vmap {json.dumps(key)}"))
         return out
 
     def _match(self, body: dict[str, Any], conds: dict[str, Any], inexpressible: list[str],
@@ -378,7 +388,7 @@ def _host_rules(host: str, rs: _Ruleset, findings: list[Finding]) -> HostRules:
     visibility = False
     families: set[Family] = set()
     all_findings = list(findings)
-    for (fam, table, name), chain in sorted(rs.chains.items()):
+    for (_, table, name), chain in sorted(rs.chains.items()):
         if chain.hook and chain.hook not in HOOKS and chain.ctype == "filter":
             all_findings.append(Finding(Outcome.OUT_OF_SCOPE, chain.origin, host, f"chain {table}/{name} "
                                         f"(hook {chain.hook}, {len(chain.rules)} rules)",

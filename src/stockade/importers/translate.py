@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from ipaddress import ip_network
 
 from stockade.codec.syntax import format_service_entry
 from stockade.importers.chains import ANY_ENTRIES, BaseChain, Direction, HostRules, Match, OrderedRule, Verdict
@@ -88,10 +89,11 @@ def _emit_chain(host: _Host, chain: BaseChain) -> None:
     rules = _localise(host, chain)
     everything = Match(chain.family)
     full = host.mode is EnforcementMode.FULL
+    what = f"IPv{chain.family.value} {chain.direction.value}"
     if not full and chain.default is Verdict.DROP:
-        rules.append(OrderedRule(Verdict.DROP, everything, chain.origin, f"IPv{chain.family.value} {chain.direction.value} default DROP"))
+        rules.append(OrderedRule(Verdict.DROP, everything, chain.origin, f"{what} default DROP"))
     if full and chain.default is Verdict.ACCEPT:
-        rules.append(OrderedRule(Verdict.ACCEPT, everything, chain.origin, f"IPv{chain.family.value} {chain.direction.value} default ACCEPT"))
+        rules.append(OrderedRule(Verdict.ACCEPT, everything, chain.origin, f"{what} default ACCEPT"))
     n = len(rules)
     allow = [False] * n
     for i, r in enumerate(rules):
@@ -158,14 +160,14 @@ def _plan_host(rules: HostRules, addresses: tuple[IPAddress, ...]) -> _Host:
 class _Names:
     services: dict[tuple[ServiceEntry, ...], Service] = field(default_factory=dict)
     ip_lists: dict[tuple[Family, AddressRanges], IPList] = field(default_factory=dict)
-    used: set[str] = field(default_factory=set)
+    used: set[tuple[str, str]] = field(default_factory=set)
 
     def unique(self, base: str, kind: str) -> str:
         name, i = base, 2
         while (kind, name) in self.used:
             suffix = f"-{i}"
             name, i = base[: 63 - len(suffix)] + suffix, i + 1
-        self.used.add((kind, name))  # type: ignore[arg-type]
+        self.used.add((kind, name))
         return name
 
     def service(self, entries: tuple[ServiceEntry, ...]) -> str:
@@ -177,8 +179,8 @@ class _Names:
         return self.services[entries].name
 
     def ip_list(self, family: Family, ranges: AddressRanges | None, names: tuple[str, ...]) -> str:
-        key = (family, ranges if ranges is not None else AddressRanges.of(["0.0.0.0/0" if family is Family.V4
-                                                                           else "::/0"]))
+        key = (family, ranges if ranges is not None else AddressRanges.of([ip_network("0.0.0.0/0" if family is Family.V4
+                                                                                       else "::/0")]))
         if key not in self.ip_lists:
             nets = key[1].networks(family)
             if ranges is None:

@@ -22,7 +22,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from stockade.codec.syntax import ICMP_TYPE_NAMES
 from stockade.importers.chains import ANY_ENTRIES, BaseChain, Direction, HostRules, Match, OrderedRule, Verdict
 from stockade.importers.report import Finding, ImportResult, Origin, Outcome
 from stockade.importers.source import ImportOptions, Source
@@ -67,7 +66,7 @@ def _addresses(values: list[str], family: Family) -> AddressRanges | None:
         if "-" in v:
             lo, hi = (ipaddress.ip_address(x.strip()) for x in v.split("-", 1))
             if lo.version == family.value:
-                nets += list(ipaddress.summarize_address_range(lo, hi))  # type: ignore[arg-type]
+                nets += list(ipaddress.summarize_address_range(lo, hi))
             continue
         try:
             net = ipaddress.ip_network(v, strict=False)
@@ -174,7 +173,8 @@ def _host(source: Source, options: ImportOptions, doc: dict[str, Any]) -> HostRu
                 if (remote is not None and remote.is_empty()) or (local is not None and local.is_empty()) \
                         or not entries:
                     continue
-                built.append((family, Match(family, remote, local, entries, (str(rule.get("Name") or name),) if remote else ())))
+                names = (str(rule.get("Name") or name),) if remote else ()
+                built.append((family, Match(family, remote, local, entries, names)))
         except Inexpressible as exc:
             visibility = True
             if verdict is Verdict.ACCEPT:
