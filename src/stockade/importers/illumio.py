@@ -379,4 +379,4 @@ def import_illumio(sources: Sequence[Source], options: ImportOptions) -> ImportR
         deny_rules=tuple(sorted(denies)),
     )
     findings += st.findings
-    return ImportResult(policy, tuple(sorted(set(findings), key=lambda f: (f.outcome, f.origin, f.construct))))
+    return ImportResult(policy, tuple(sorted(set(findings), key=lambda f: (f.outcome, f.origin, f.construct, f.note))))

@@ -376,6 +376,11 @@ def _dedupe(findings: list[Finding]) -> list[Finding]:
 
 def import_iptables(sources: Sequence[Source], options: ImportOptions) -> ImportResult:
     """Every host's files (iptables-save, ip6tables-save, ipset save) as one Stockade policy."""
+    return translate(iptables_host_rules(sources, options), options.addresses, backend=options.backend)
+
+
+def iptables_host_rules(sources: Sequence[Source], options: ImportOptions) -> list[HostRules]:
+    """Each host's flattened first-match chains (what the import translates and verify samples)."""
     by_host: dict[str, list[Source]] = defaultdict(list)
     for s in sources:
         by_host[options.host_of(s)].append(s)
@@ -393,4 +398,4 @@ def import_iptables(sources: Sequence[Source], options: ImportOptions) -> Import
             if not looks_like_ipset(s.text):
                 tables.append(parse_save(s, host, findings))
         hosts.append(_host_rules(host, tables, sets, findings))
-    return translate(hosts, options.addresses, backend=options.backend)
+    return hosts

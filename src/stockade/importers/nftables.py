@@ -438,6 +438,11 @@ def _host_rules(host: str, rs: _Ruleset, findings: list[Finding]) -> HostRules:
 
 def import_nftables(sources: Sequence[Source], options: ImportOptions) -> ImportResult:
     """Each file is one host's ``nft -j list ruleset``."""
+    return translate(nftables_host_rules(sources, options), options.addresses, backend=options.backend)
+
+
+def nftables_host_rules(sources: Sequence[Source], options: ImportOptions) -> list[HostRules]:
+    """Each host's flattened first-match chains (what the import translates and verify samples)."""
     by_host: dict[str, list[Source]] = defaultdict(list)
     for s in sources:
         by_host[options.host_of(s)].append(s)
@@ -450,4 +455,4 @@ def import_nftables(sources: Sequence[Source], options: ImportOptions) -> Import
             merged.chains.update(rs.chains)
             merged.sets.update(rs.sets)
         hosts.append(_host_rules(host, merged, findings))
-    return translate(hosts, options.addresses, backend=options.backend)
+    return hosts

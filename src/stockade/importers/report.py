@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from stockade.model.policy import Policy
+from stockade.model.workloads import EnforcementMode
 
 
 class Outcome(Enum):
@@ -68,6 +69,7 @@ class ImportResult:
     policy: Policy
     findings: tuple[Finding, ...]
     proposed_labels: tuple[tuple[str, tuple[str, ...]], ...] = ()  # label -> the addresses it stands for
+    enforce_modes: tuple[tuple[str, EnforcementMode], ...] = ()  # host -> the mode its rules were written for
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for f in self.findings if f.outcome is outcome)

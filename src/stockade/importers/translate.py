@@ -260,11 +260,12 @@ def translate(hosts: Sequence[HostRules], addresses: Mapping[str, tuple[IPAddres
                                 "Stockade's failsafe always allows inbound management ports (default 22/tcp); the "
                                 "import sets them to [] so the imported rules alone decide (SSH stays open exactly "
                                 "where the original allowed it)"))
-    return ImportResult(policy, tuple(sorted(set(findings), key=_finding_key)), proposal.proposed)
+    return ImportResult(policy, tuple(sorted(set(findings), key=_finding_key)), proposal.proposed,
+                        tuple((h.rules.host, h.enforce) for h in planned))
 
 
-def _finding_key(f: Finding) -> tuple[int, str, int, str, str]:
-    return (list(Outcome).index(f.outcome), f.origin.file, f.origin.line, f.origin.path, f.construct)
+def _finding_key(f: Finding) -> tuple[int, str, int, str, str, str, str]:
+    return (list(Outcome).index(f.outcome), f.origin.file, f.origin.line, f.origin.path, f.construct, f.note, f.host)
 
 
 def planned_peers(planned: Sequence[_Host]) -> list[tuple[Emitted, str]]:
