@@ -7,12 +7,14 @@ expressible, out of scope, bad input; each with its file and line or JSON path).
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
 
 from stockade.cli import main
-from stockade.cli.errors import EXIT_USAGE, CliError
+from stockade.cli.errors import EXIT_FINDING, EXIT_USAGE, CliError
 from stockade.cli.policy_cmds import run_or_exit
 from stockade.codec.syntax import BadValue, parse_workload_address
 from stockade.importers import IMPORTERS, ImportOptions, Outcome, Source, report_json, report_text, run_import
@@ -47,8 +49,13 @@ def parse_address_options(values: tuple[str, ...], host: str | None) -> dict[str
               help="a host's own addresses (repeatable); its workload gets them, peers naming them become labels")
 @click.option("--backend", default="nftables", show_default=True, help="backend of the imported hosts' workloads")
 @click.option("--force", is_flag=True, help="overwrite an existing policy.yaml")
+@click.option("--verify", is_flag=True,
+              help="root: load the original ruleset and Stockade's policy in two lab namespaces, probe both "
+                   "(TCP/UDP/ICMP, v4/v6, across every rule), report equal/different per probe; exit 1 if any differ")
+@click.option("--verify-backend", default="nftables", show_default=True,
+              help="the Linux backend that enforces Stockade's side in --verify")
 def import_cmd(kind: str, files: tuple[Path, ...], out_dir: Path, host: str | None, addresses: tuple[str, ...],
-               backend: str, force: bool) -> None:
+               backend: str, force: bool, verify: bool, verify_backend: str) -> None:
     """Import existing rules (iptables-save + ipset save, nft -j list ruleset, a Windows Firewall export, an
     Illumio PCE export) as Stockade policy YAML plus a report. Nothing is imported wider than the original;
     hosts with constructs Stockade cannot express are left in visibility mode."""
@@ -75,3 +82,23 @@ def import_cmd(kind: str, files: tuple[Path, ...], out_dir: Path, host: str | No
     for finding in result.findings:
         if finding.outcome in (Outcome.NOT_EXPRESSIBLE, Outcome.BAD_INPUT):
             click.echo(str(finding), err=True)
+    if verify:
+        _verify(kind, sources, options, host, verify_backend, out_dir)
+
+
+def _verify(kind: str, sources: list[Source], options: ImportOptions, host: str | None, backend: str,
+            out_dir: Path) -> None:
+    if os.geteuid() != 0:
+        raise CliError("--verify needs root (it builds network namespaces)", EXIT_USAGE)
+    from stockade.lab.importverify import verify_import
+
+    report = run_or_exit(lambda: verify_import(kind, sources, options, host, backend))
+    (out_dir / "verify-report.txt").write_text(report.text())
+    wider = sum(r.wider for r in report.rows)
+    click.echo(f"verify: {len(report.rows)} probes, {len(report.rows) - len(report.different)} equal, "
+               f"{len(report.different)} different ({wider} wider); per probe in {out_dir / 'verify-report.txt'}")
+    for row in report.different:
+        click.echo(f"verify: different: {row.probe}: original {row.original.value}, stockade {row.stockade.value} "
+                   f"[{row.rule}]", err=True)
+    if report.different:
+        sys.exit(EXIT_FINDING)

@@ -173,6 +173,7 @@ class BaseChain:
     default: Verdict
     rules: tuple[OrderedRule, ...]
     origin: Origin
+    left_out: tuple[tuple[Match, Origin], ...] = ()  # accepts not carried: still worth probing
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ class Flattener:
     host: str
     findings: list[Finding] = field(default_factory=list)
     visibility: bool = False
+    left_out: list[tuple[Match, Origin]] = field(default_factory=list)
 
     def report(self, outcome: Outcome, origin: Origin, construct: str, note: str) -> None:
         self.findings.append(Finding(outcome, origin, self.host, construct, note))
@@ -236,6 +238,7 @@ class Flattener:
             skipped = any(here.overlaps(s) for s in skips)
             if rule.kind is Kind.ACCEPT:
                 if wide or skipped:
+                    self.left_out.append((here, rule.origin))
                     if skipped and not wide:
                         self.report(Outcome.APPROXIMATED, rule.origin, rule.text,
                                     "an earlier conditional RETURN skips part of this chain: accept left out "

@@ -40,6 +40,7 @@ BASE = {"INPUT": Direction.INBOUND, "OUTPUT": Direction.OUTBOUND}
 NON_TERMINATING = {"MARK", "CONNMARK", "CLASSIFY", "TCPMSS", "CT", "NOTRACK", "SET", "AUDIT", "TRACE", "DSCP",
                    "TOS", "SECMARK", "CONNSECMARK", "NFQUEUE", "CHECKSUM"}
 LOGGING = {"LOG", "NFLOG", "ULOG"}
+TERMINATING = {"TARPIT", "SYNPROXY", "DELUDE", "CHAOS", "QUEUE"}  # block or divert: kept as drops (narrower)
 IGNORED_MODULES = {"tcp", "udp", "icmp", "icmp6", "icmpv6", "ipv6-icmp", "comment", "multiport", "conntrack",
                    "state", "set"}
 LOOPBACK = "loopback is always allowed by the failsafe"
@@ -325,8 +326,10 @@ class _RuleBuilder:
         if name in NON_TERMINATING:
             inexpressible.append(f"target {name}")
             return Kind.NOOP, "", ""
-        inexpressible.append(f"target {name}")
-        return Kind.DROP, "", ""
+        if name in TERMINATING:
+            inexpressible.append(f"target {name}")
+            return Kind.DROP, "", ""
+        raise BadValue(f"no chain or target named {name!r}")
 
 
 def _host_rules(host: str, tables: Sequence[Table], sets: dict[str, IPSet], findings: list[Finding]) -> HostRules:
@@ -334,11 +337,16 @@ def _host_rules(host: str, tables: Sequence[Table], sets: dict[str, IPSet], find
     visibility = False
     all_findings = list(findings)
     for table in tables:
-        names = set(table.policies) | {ln.chain for ln in table.lines}
+        names = set(table.policies)
         for base, direction in BASE.items():
             builder = _RuleBuilder(direction, table.family, sets, names)
             raw: dict[str, list[RawRule]] = {name: [] for name in names}
             for line in table.lines:
+                if line.chain not in names:
+                    if direction is Direction.INBOUND:
+                        all_findings.append(Finding(Outcome.BAD_INPUT, line.origin, host, line.text[:80],
+                                                    f"chain {line.chain!r} is not declared (`:{line.chain} - [0:0]`)"))
+                    continue
                 try:
                     rule = builder.build(line)
                 except (BadValue, ValueError) as exc:
@@ -359,7 +367,7 @@ def _host_rules(host: str, tables: Sequence[Table], sets: dict[str, IPSet], find
                                             "read as DROP"))
             default = Verdict.ACCEPT if policy == "ACCEPT" else Verdict.DROP
             chains_out.append(BaseChain(direction, table.family, default, tuple(rules),
-                                        table.chain_origin.get(base, Origin(""))))
+                                        table.chain_origin.get(base, Origin("")), tuple(flat.left_out)))
     families = tuple(sorted({t.family for t in tables}))
     return HostRules(host, tuple(chains_out), tuple(_dedupe(all_findings)), visibility, families)
 

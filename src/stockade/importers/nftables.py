@@ -430,7 +430,8 @@ def _host_rules(host: str, rs: _Ruleset, findings: list[Finding]) -> HostRules:
             rules = flat.flatten("@hook", Match(family))
             all_findings.extend(flat.findings)
             visibility = visibility or flat.visibility
-            out_chains.append(BaseChain(direction, family, default, tuple(rules), bases[-1].origin))
+            out_chains.append(BaseChain(direction, family, default, tuple(rules), bases[-1].origin,
+                                        tuple(flat.left_out)))
     seen: set[Finding] = set()
     unique = [f for f in all_findings if not (f in seen or seen.add(f))]  # type: ignore[func-returns-value]
     return HostRules(host, tuple(out_chains), tuple(unique), visibility, tuple(sorted(families)))
