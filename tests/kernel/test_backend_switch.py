@@ -6,6 +6,7 @@ the switch only the new backend's rules are in force."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
 import json
@@ -114,7 +115,5 @@ def test_switch_keeps_connections_and_blocks(old: str, new: str, record_property
 def with_suppressed_remove(ns: str) -> None:
     """Remove whatever any backend left (the namespace goes away with the lab anyway)."""
     for name in LINUX:
-        try:
+        with contextlib.suppress(Exception):  # cleanup: the namespace is deleted next
             get_backend(name, netns=ns).remove()
-        except Exception:  # noqa: BLE001 - cleanup: the namespace is deleted next
-            pass
