@@ -59,6 +59,7 @@ class _State:
     services: dict[str, Service] = field(default_factory=dict)
     workloads: dict[str, Workload] = field(default_factory=dict)
     tainted: list[tuple[Selector, ...]] = field(default_factory=list)  # providers of rules with a gap
+    fqdn_lists: set[str] = field(default_factory=set)
 
     def note(self, outcome: Outcome, path: str, construct: str, text: str) -> None:
         self.findings.append(Finding(outcome, Origin(self.file, path=path), "", construct, text))
@@ -130,7 +131,7 @@ def _ip_lists(st: _State, items: list[Any]) -> None:
             if obj.get("fqdns"):
                 st.note(Outcome.NOT_EXPRESSIBLE, f"/ip_lists/{i}/fqdns", f"IP list {name}",
                         "FQDNs are not supported yet: only the address ranges are imported")
-                st.tainted.append((IPListSelector(name),))
+                st.fqdn_lists.add(name)
             st.ip_lists[_href(obj)] = IPList(name, tuple(include), tuple(exclude), str(obj.get("description") or ""))
         except (ValueError, KeyError, AttributeError, TypeError) as exc:
             st.note(Outcome.BAD_INPUT, f"/ip_lists/{i}", "IP list", str(exc))
@@ -248,62 +249,74 @@ def _rule_sets(st: _State, items: list[Any]) -> tuple[list[Ruleset], list[DenyRu
     rulesets: list[Ruleset] = []
     denies: list[DenyRule] = []
     for i, rs in enumerate(items):
-        path = f"/rule_sets/{i}"
-        name = safe_name(str(rs.get("name") or f"ruleset-{i}"), "rs")
-        if rs.get("enabled") is False:
-            st.note(Outcome.CARRIED, path, f"rule set {name}", "disabled: not imported")
-            continue
         try:
-            scopes: list[LabelSelector] = []
-            for scope in rs.get("scopes", [[]]):
-                req: list[Label] = []
-                groups: list[str] = []
-                excl: list[Label] = []
-                for a in scope:
-                    if "label" in a:
-                        (excl if a.get("exclusion") else req).append(st.labels[_href(a["label"])])
-                    elif "label_group" in a:
-                        groups.append(st.groups[_href(a["label_group"])].name)
-                if req or groups or excl:
-                    scopes.append(LabelSelector(tuple(sorted(req)), tuple(sorted(groups)), tuple(sorted(excl))))
-                else:
-                    scopes = []
-                    break
-        except (KeyError, ValueError, TypeError) as exc:
-            st.note(Outcome.BAD_INPUT, f"{path}/scopes", f"rule set {name}", f"unknown reference {exc}")
-            continue
-        rules: list[AllowRule] = []
-        for j, rule in enumerate(rs.get("rules", [])):
-            rp = f"{path}/rules/{j}"
-            if rule.get("enabled") is False:
-                st.note(Outcome.CARRIED, rp, f"rule set {name} rule {j + 1}", "disabled: not imported")
-                continue
-            try:
-                gaps = _gaps(rule)
-                providers = _actors(st, rule.get("providers", []), rp)
-                if gaps:
-                    st.tainted.append(providers)
-                    raise Skip(", ".join(gaps))
-                rules.append(AllowRule(
-                    _actors(st, rule.get("consumers", []), rp), providers,
-                    _rule_services(st, rule.get("ingress_services", []), name),
-                    ConsumerScope.GLOBAL if rule.get("unscoped_consumers") else ConsumerScope.INTRA,
-                    str(rule.get("description") or "")))
-                st.note(Outcome.CARRIED, rp, f"rule set {name} rule {j + 1}", "allow rule")
-            except Skip as exc:
-                st.note(Outcome.NOT_EXPRESSIBLE, rp, f"rule set {name} rule {j + 1}",
-                        f"cannot express {exc}: left out (narrower); its providers stay in visibility mode")
-            except (KeyError, ValueError, TypeError, AttributeError) as exc:
-                st.note(Outcome.BAD_INPUT, rp, f"rule set {name} rule {j + 1}", f"unknown reference or field {exc}")
-        if rules:
-            rulesets.append(Ruleset(name, tuple(scopes), tuple(rules), str(rs.get("description") or "")))
-        for j, rule in enumerate(rs.get("deny_rules", [])):
-            denies += _deny(st, rule, f"{path}/deny_rules/{j}", f"{name}-deny-{j + 1}", scopes)
+            if not isinstance(rs, dict):
+                raise TypeError("expected an object")
+            _rule_set(st, i, rs, rulesets, denies)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            st.note(Outcome.BAD_INPUT, f"/rule_sets/{i}", "rule set", f"cannot read it: {exc!r}")
     return rulesets, denies
 
 
-def _deny(st: _State, rule: dict[str, Any], path: str, name: str,
-          scopes: list[LabelSelector]) -> list[DenyRule]:
+def _rule_set(st: _State, i: int, rs: dict[str, Any], rulesets: list[Ruleset], denies: list[DenyRule]) -> None:
+    path = f"/rule_sets/{i}"
+    name = safe_name(str(rs.get("name") or f"ruleset-{i}"), "rs")
+    if rs.get("enabled") is False:
+        st.note(Outcome.CARRIED, path, f"rule set {name}", "disabled: not imported")
+        return
+    try:
+        scopes: list[LabelSelector] = []
+        for scope in rs.get("scopes", [[]]):
+            req: list[Label] = []
+            groups: list[str] = []
+            excl: list[Label] = []
+            for a in scope:
+                if "label" in a:
+                    (excl if a.get("exclusion") else req).append(st.labels[_href(a["label"])])
+                elif "label_group" in a:
+                    groups.append(st.groups[_href(a["label_group"])].name)
+            if req or groups or excl:
+                scopes.append(LabelSelector(tuple(sorted(req)), tuple(sorted(groups)), tuple(sorted(excl))))
+            else:
+                scopes = []
+                break
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        st.note(Outcome.BAD_INPUT, f"{path}/scopes", f"rule set {name}", f"unknown reference {exc}")
+        return
+    rules: list[AllowRule] = []
+    for j, rule in enumerate(rs.get("rules", [])):
+        rp = f"{path}/rules/{j}"
+        if rule.get("enabled") is False:
+            st.note(Outcome.CARRIED, rp, f"rule set {name} rule {j + 1}", "disabled: not imported")
+            continue
+        try:
+            gaps = _gaps(rule)
+            providers = _actors(st, rule.get("providers", []), rp)
+            if gaps:
+                st.tainted.append(providers)
+                raise Skip(", ".join(gaps))
+            rules.append(AllowRule(
+                _actors(st, rule.get("consumers", []), rp), providers,
+                _rule_services(st, rule.get("ingress_services", []), name),
+                ConsumerScope.GLOBAL if rule.get("unscoped_consumers") else ConsumerScope.INTRA,
+                str(rule.get("description") or "")))
+            st.note(Outcome.CARRIED, rp, f"rule set {name} rule {j + 1}", "allow rule")
+        except Skip as exc:
+            st.note(Outcome.NOT_EXPRESSIBLE, rp, f"rule set {name} rule {j + 1}",
+                    f"cannot express {exc}: left out (narrower); its providers stay in visibility mode")
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            st.note(Outcome.BAD_INPUT, rp, f"rule set {name} rule {j + 1}", f"unknown reference or field {exc}")
+    if rules:
+        rulesets.append(Ruleset(name, tuple(scopes), tuple(rules), str(rs.get("description") or "")))
+    for j, rule in enumerate(rs.get("deny_rules", [])):
+        denies += _deny(st, rule, f"{path}/deny_rules/{j}", f"{name}-deny-{j + 1}", scopes)
+
+
+def _deny(st: _State, rule: Any, path: str, name: str, scopes: list[LabelSelector]) -> list[DenyRule]:
+    if not isinstance(rule, dict):
+        st.note(Outcome.BAD_INPUT, path, name, "expected an object")
+        return []
+    name = safe_name(str(rule.get("name") or name), "deny")
     try:
         providers = _actors(st, rule.get("providers", []), path)
         consumers = _actors(st, rule.get("consumers", []), path)
@@ -315,6 +328,10 @@ def _deny(st: _State, rule: dict[str, Any], path: str, name: str,
         st.note(Outcome.BAD_INPUT, path, name, f"unknown reference or field {exc}")
         return []
     override = bool(rule.get("override")) or rule.get("action") == "override_deny"
+    if any(isinstance(sel, IPListSelector) and sel.ip_list in st.fqdn_lists for sel in consumers + providers):
+        st.tainted.append(providers)
+        st.note(Outcome.NOT_EXPRESSIBLE, path, name, "uses an IP list with FQDNs: the deny covers only its "
+                "addresses; its providers stay in visibility mode")
     if scopes:
         providers = tuple(c for s in scopes for p in providers if (c := confine(p, s)) is not None)
         if not rule.get("unscoped_consumers"):
@@ -352,10 +369,9 @@ def import_illumio(sources: Sequence[Source], options: ImportOptions) -> ImportR
     _workloads(st, docs.get("workloads", []))
     rulesets, denies = _rule_sets(st, docs.get("rule_sets", []))
     for i, b in enumerate(docs.get("enforcement_boundaries", [])):
-        denies += _deny(st, b, f"/enforcement_boundaries/{i}", safe_name(str(b.get("name") or f"boundary-{i}"), "eb"),
-                        [])
+        denies += _deny(st, b, f"/enforcement_boundaries/{i}", f"boundary-{i}", [])
     for i, d in enumerate(docs.get("deny_rules", [])):
-        denies += _deny(st, d, f"/deny_rules/{i}", safe_name(str(d.get("name") or f"deny-{i}"), "deny"), [])
+        denies += _deny(st, d, f"/deny_rules/{i}", f"deny-{i}", [])
     st.note(Outcome.APPROXIMATED, "/rule_sets", "rule actors", "label actors: values of one key are alternatives, "
             "different keys must all match (the PCE's rule semantics), written as one selector per combination")
     groups = {g.name: g for g in st.groups.values()}
