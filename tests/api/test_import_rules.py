@@ -65,3 +65,13 @@ def test_bad_input_is_a_422_naming_the_field(api: Api) -> None:
     assert r.status_code == 422 and "addresses.web1[0]" in r.text
     r = api.req("POST", "/policy/draft/import", json=_body(files=[]))
     assert r.status_code == 422
+
+
+def test_a_scoped_admin_cannot_import_rules_for_hosts_outside_its_scope(api: Api) -> None:
+    scoped = api.key("admin", ["app=ops"])
+    before = api.req("GET", "/policy/draft").text
+    r = api.req("POST", "/policy/draft/import", json=_body(), headers=scoped)
+    assert r.status_code == 403, r.text
+    assert "not available to a label-scoped principal" in r.json()["message"]  # fail closed
+    assert api.req("GET", "/policy/draft").text == before
+    assert api.req("GET", "/workloads/web1").status_code == 404
