@@ -109,3 +109,18 @@ def _nft_json() -> str:
 def test_nftables_ruleset_listed_by_nft() -> None:
     text = _nft_json()
     _check("nftables", [Source("nft-ruleset.json", text)], "nfthost", "nftables", True)
+
+
+def test_cli_verify_writes_the_per_probe_report(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from stockade.cli import main
+
+    files = [str(CORPUS / f) for f in CASES["every-construct"]]
+    out = tmp_path / "imported"
+    r = CliRunner().invoke(main, ["import", "iptables", *files, "-o", str(out), "--verify",
+                                  "--address", "every-construct=10.70.253.1,fd70:253::1"])
+    assert r.exit_code == 1, r.output  # one narrowing: the rate-limited accept (line 26) is left out
+    assert "0 wider" in r.output
+    report = (out / "verify-report.txt").read_text()
+    assert "different (narrower)" in report and "every-construct.iptables:26" in report
