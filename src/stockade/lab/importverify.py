@@ -201,7 +201,9 @@ def verify_import(kind: str, sources: Sequence[Source], options: ImportOptions, 
                         tuple(sorted({p.port for p in served if p.kind is ProbeKind.UDP and p.port})))
 
     hosts = [spec("client", peers, outbound_ports), spec("subject", addresses, inbound_ports)]
-    with Lab(hosts) as original, Lab(hosts) as imported:
+    # probes run only between the lab's namespaces (no path out), and the sampled peers are real
+    # addresses of the estate: no blackhole routes for them in this machine's root namespace
+    with Lab(hosts, blackhole=False) as original, Lab(hosts, blackhole=False) as imported:
         load_original(original, "subject", kind, sources, bad)
         b = get_backend(backend, netns=imported.netns("subject"))
         b.apply(b.render(host_policy))
