@@ -41,7 +41,7 @@ PEERS_PER_RULE = 4
 
 
 @dataclass(frozen=True)
-class VerifyRow:
+class ImportProbeRow:
     """One probe and how it fared against the original and against Stockade."""
 
     probe: Probe
@@ -59,13 +59,13 @@ class VerifyRow:
 
 
 @dataclass(frozen=True)
-class VerifyReport:
+class ImportProof:
     host: str
     backend: str
-    rows: tuple[VerifyRow, ...]
+    rows: tuple[ImportProbeRow, ...]
 
     @property
-    def different(self) -> tuple[VerifyRow, ...]:
+    def different(self) -> tuple[ImportProbeRow, ...]:
         return tuple(r for r in self.rows if not r.equal)
 
     def text(self) -> str:
@@ -173,7 +173,7 @@ def load_original(lab: Lab, host: str, kind: str, sources: Sequence[Source], bad
 
 
 def verify_import(kind: str, sources: Sequence[Source], options: ImportOptions, host: str | None = None,
-                  backend: str = "nftables", timeout: float = 0.4) -> VerifyReport:
+                  backend: str = "nftables", timeout: float = 0.4) -> ImportProof:
     """Load the original and Stockade's policy in two labs, probe both, compare probe by probe."""
     if kind not in ("iptables", "nftables"):
         raise LabError(f"--verify proves Linux rulesets (iptables, nftables), not {kind}")
@@ -209,6 +209,6 @@ def verify_import(kind: str, sources: Sequence[Source], options: ImportOptions, 
         b.apply(b.render(host_policy))
         before = original.probe(probes, timeout=timeout)
         after = imported.probe(probes, timeout=timeout)
-    rows = tuple(VerifyRow(p, origin, o.outcome, s.outcome)
+    rows = tuple(ImportProbeRow(p, origin, o.outcome, s.outcome)
                  for (p, origin), o, s in zip(sampled, before, after, strict=True))
-    return VerifyReport(name, backend, rows)
+    return ImportProof(name, backend, rows)
