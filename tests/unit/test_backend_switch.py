@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from stockade.agent.enforcer import Enforcer
 from stockade.agent.fake import MemoryBackend
+from stockade.agent.main import previous_backend
+from stockade.agent.state import StateDir
 from stockade.errors import ApplyError
 from tests.unit.test_agent_core import host_policy
 
@@ -65,3 +69,14 @@ def test_switching_with_nothing_in_force_only_removes_the_old() -> None:
     enforcer = Enforcer(old)
     enforcer.switch_backend(new)
     assert log == ["iptables:remove"] and enforcer.backend is new
+
+
+def test_a_restart_with_another_backend_switches_from_the_recorded_one(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    assert previous_backend(state, "nftables", None) is None  # first start: nothing to switch from
+    state.save_backend("iptables")
+    assert previous_backend(state, "nftables", None) == "iptables"
+    assert previous_backend(state, "iptables", None) is None  # same backend: no switch
+    assert previous_backend(state, "ebpf", "nftables") == "nftables"  # --switch-from wins
+    (tmp_path / "state" / "backend").write_text("../../etc\n")
+    assert state.load_backend() is None  # a mangled file is ignored, never used as a name

@@ -154,12 +154,25 @@ def agent(
         pem = ca_cert.read_text()
         _or_exit(lambda: state.save_ca(pem))
     backend = _or_exit(lambda: make_backend(backend_name, table))
-    if switch_from and switch_from != backend_name:
-        enforcer = Enforcer(_or_exit(lambda: make_backend(switch_from, table)))
-        _run(state, enforcer, controller, activation_code, hostname, long_poll, tamper_interval, switch_to=backend)
-        return
+    previous = previous_backend(state, backend_name, switch_from)
+    if previous is not None:
+        try:
+            old = make_backend(previous, table)
+        except StockadeError as exc:
+            log.error("cannot switch from backend %s (%s): starting on %s", previous, exc, backend_name)
+        else:
+            _run(state, Enforcer(old), controller, activation_code, hostname, long_poll, tamper_interval,
+                 switch_to=backend)
+            return
     enforcer = Enforcer(backend)
     _run(state, enforcer, controller, activation_code, hostname, long_poll, tamper_interval)
+
+
+def previous_backend(state: StateDir, backend_name: str, switch_from: str | None) -> str | None:
+    """The backend to switch away from at start: ``--switch-from``, else the one the state dir says is
+    in force when it differs from ``--backend`` (changing --backend and restarting switches with no gap)."""
+    previous = switch_from or state.load_backend()
+    return previous if previous and previous != backend_name else None
 
 
 def _run(
@@ -180,6 +193,7 @@ def _run(
             log.info("switched enforcement from %s to %s (make-before-break)", old, switch_to.name)
         except StockadeError as exc:
             log.error("backend switch failed, %s stays in force: %s", old, exc)
+    state.save_backend(enforcer.backend.name)
     notify_systemd("READY=1")  # Type=notify: network-pre.target may proceed, the cache is in force
     from stockade.agent.agent import Agent, AgentOptions
     from stockade.agent.hostinfo import HostReport, read_host
