@@ -12,15 +12,14 @@ a scoped principal may only import what stays inside its scope.
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from stockade.controller.api.dto.imports import ImportIn, ImportOut
 from stockade.controller.api.policy import ERRORS, _change_out, _refuse_nul, _wrap
-from stockade.controller.api.schemas import ChangeOut
 from stockade.controller.context import controller_of, require
 from stockade.controller.services import codec, scope
 from stockade.controller.services.auth import Permission, Principal
@@ -33,26 +32,6 @@ from stockade.importers import ImportOptions, Source, report_data, run_import
 from stockade.model.addresses import IPAddress
 
 router = APIRouter()
-
-
-class ImportFile(BaseModel):
-    name: str = Field(min_length=1, max_length=255)
-    content: str = Field(max_length=4 * 1024 * 1024)
-
-
-class ImportIn(BaseModel):
-    kind: str = Field(min_length=1, max_length=32, description="iptables, nftables, windows, illumio")
-    files: list[ImportFile] = Field(min_length=1, max_length=64)
-    host: str | None = Field(default=None, max_length=63)
-    addresses: dict[str, list[str]] = Field(default_factory=dict, description="host -> its own addresses")
-    backend: str = Field(default="nftables", max_length=32)
-    dry_run: bool = False
-
-
-class ImportOut(BaseModel):
-    report: dict[str, Any]
-    draft_changes: list[ChangeOut]
-    inventory_changes: list[ChangeOut]
 
 
 def _addresses(body: ImportIn) -> dict[str, tuple[IPAddress, ...]]:
