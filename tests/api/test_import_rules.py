@@ -14,7 +14,7 @@ SAVE = "*filter\n:INPUT DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -s 10.70.5.0/
 
 def _body(**kw: object) -> dict[str, object]:
     body: dict[str, object] = {"kind": "iptables", "files": [{"name": "web1.rules", "content": SAVE}],
-                               "addresses": {"web1": ["10.70.5.10"]}}
+                               "addresses": {"web1": "10.70.5.10"}}
     body.update(kw)
     return body
 
@@ -61,7 +61,7 @@ def test_bad_input_is_a_422_naming_the_field(api: Api) -> None:
     assert r.status_code == 422 and "kind" in r.text
     r = api.req("POST", "/policy/draft/import", json=_body(kind="networkpolicy"))
     assert r.status_code == 422 and "not available" in r.text
-    r = api.req("POST", "/policy/draft/import", json=_body(addresses={"web1": ["10.70.5.999"]}))
+    r = api.req("POST", "/policy/draft/import", json=_body(addresses={"web1": "10.70.5.999"}))
     assert r.status_code == 422 and "addresses.web1[0]" in r.text
     r = api.req("POST", "/policy/draft/import", json=_body(files=[]))
     assert r.status_code == 422

@@ -37,9 +37,9 @@ router = APIRouter()
 def _addresses(body: ImportIn) -> dict[str, tuple[IPAddress, ...]]:
     out: dict[str, tuple[IPAddress, ...]] = {}
     issues = []
-    for host, values in body.addresses.items():
+    for host, text in body.addresses.items():
         parsed: list[IPAddress] = []
-        for i, v in enumerate(values):
+        for i, v in enumerate(a.strip() for a in text.split(",") if a.strip()):
             try:
                 parsed.append(ipaddress.ip_address(v))
             except ValueError:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -19,7 +19,8 @@ class ImportIn(Strict):
     kind: str = Field(min_length=1, max_length=32, description="iptables, nftables, windows, illumio")
     files: list[ImportFile] = Field(min_length=1, max_length=64)
     host: str | None = Field(default=None, max_length=63)
-    addresses: dict[str, list[str]] = Field(default_factory=dict, description="host -> its own addresses")
+    addresses: dict[str, Annotated[str, Field(max_length=2000)]] = Field(
+        default_factory=dict, max_length=1024, description="host -> its own addresses, comma-separated")
     backend: str = Field(default="nftables", max_length=32)
     dry_run: bool = False
 
