@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from stockade.backends.portgroups import PROTO_NAMES, PortGroup
-from stockade.backends.portgroups import port_parts as port_parts  # re-exported for the renderer
 from stockade.backends.portgroups import port_groups as shared_port_groups
+from stockade.backends.portgroups import port_parts as port_parts  # re-exported for the renderer
 from stockade.compiler.ir import Direction, HostRule
 from stockade.errors import RenderError
 from stockade.model.addresses import Family
