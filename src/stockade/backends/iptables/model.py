@@ -7,6 +7,7 @@ imports another for its types.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ TEMP_SUFFIX = "-t"  # a set's new members are loaded under <name>-t, then swappe
 SET_MAXELEM = 1 << 22  # one constant for every set: ``create -exist`` then never conflicts
 
 
+_LOOKUP_CHAIN_RE = re.compile(r"-(?:(?:IN|OUT)-(?:end|[oad](?:-[tu][0-9]{1,6})?)|[IO]-[0-9a-f]{12})")
+
+
 class IptablesVariant(Enum):
     """Which iptables: the legacy x_tables kernel API or the nf_tables one (``iptables-nft``)."""
 
@@ -29,6 +33,13 @@ class IptablesVariant(Enum):
         """Binary name, e.g. ``ip6tables-nft-restore`` for (V6, "restore")."""
         base = "iptables" if family is Family.V4 else "ip6tables"
         return f"{base}-{self.value}-{action}"
+
+
+class Layout(Enum):
+    """How the host rules are evaluated: a tree of chains by port per tier (default), or the historic list."""
+
+    LOOKUP = "lookup"
+    LIST = "list"
 
 
 class Hook(Enum):
@@ -59,6 +70,14 @@ class ChainNames:
     @property
     def all(self) -> tuple[str, ...]:
         return (*(self.entry(h) for h in Hook), self.inbound, self.outbound)
+
+    def owns(self, name: str) -> bool:
+        """Whether ``name`` is a chain Stockade writes: the five above or one of the lookup
+        layout's (``-IN-a``, ``-IN-a-t3``, ``-IN-end``, ``-I-<12 hex>``; see ``lookup.py``).
+        Anything else, even ``<prefix>-SOMETHING``, is someone else's and never touched."""
+        if name in self.all:
+            return True
+        return name.startswith(self.prefix + "-") and _LOOKUP_CHAIN_RE.fullmatch(name[len(self.prefix) :]) is not None
 
 
 @dataclass(frozen=True)

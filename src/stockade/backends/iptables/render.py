@@ -39,7 +39,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 
 from stockade.backends import flowlog
 from stockade.backends.common import (
@@ -52,6 +52,17 @@ from stockade.backends.common import (
     service_groups,
 )
 from stockade.backends.flowlog import FlowAction, validate_log_group
+from stockade.backends.iptables.lookup import (
+    TIER_LETTERS,
+    Tier,
+    check_unique_chains,
+    checked_id,
+    default_chain,
+    drop_once,
+    flow_log_lines,
+    rule_chain,
+    tier_chains,
+)
 from stockade.backends.iptables.model import (
     IPSET_NAME_MAX,
     SET_MAXELEM,
@@ -62,6 +73,7 @@ from stockade.backends.iptables.model import (
     IpSet,
     IptablesVariant,
     IptChain,
+    Layout,
     cidr_text,
     ipset_members,
 )
@@ -72,6 +84,7 @@ from stockade.backends.iptables.scripts import (
     ipset_load_script,
     rules_script,
 )
+from stockade.backends.portgroups import port_parts
 from stockade.compiler.ir import Direction, HostPolicy, HostRule
 from stockade.errors import RenderError
 from stockade.model.addresses import AddressRanges, Family
@@ -186,13 +199,13 @@ def _rule_id(rule_id: str) -> str:
     return checked_rule_id(rule_id, "embedded in an iptables comment")
 
 
-def log_prefix(rule_id: str) -> str:
-    """NFLOG prefix of a would-be drop: ``stk:pb:<rule id>``.
+def log_prefix(rule_id: str, action: FlowAction = FlowAction.WOULD_BLOCK) -> str:
+    """NFLOG prefix of a verdict: ``stk:pb:<rule id>`` (would-be drop), ``stk:a:``, ``stk:d:``.
 
     xt_NFLOG keeps at most 63 characters; a longer rule id keeps its first characters and
     ends with ``~`` and 8 hex digits of its SHA-256, so distinct rules keep distinct prefixes.
     """
-    text = flowlog.log_prefix(FlowAction.WOULD_BLOCK, _rule_id(rule_id))
+    text = flowlog.log_prefix(action, _rule_id(rule_id))
     if len(text) <= NFLOG_PREFIX_MAX:
         return text
     digest = hashlib.sha256(rule_id.encode()).hexdigest()[:8]
@@ -298,11 +311,12 @@ class _Options:
     prefix: str
     mode: EnforcementMode
     log_group: int
+    flow_log: bool = True
 
 
-def _nflog(rule_id: str, opts: _Options) -> str:
+def _nflog(rule_id: str, opts: _Options, action: FlowAction = FlowAction.WOULD_BLOCK) -> str:
     group = f" --nflog-group {opts.log_group}" if opts.log_group else ""  # iptables-save omits group 0
-    return f"-j NFLOG --nflog-prefix {save_string(log_prefix(rule_id))}{group}"
+    return f"-j NFLOG --nflog-prefix {save_string(log_prefix(rule_id, action))}{group}"
 
 
 def _verdict_rules(rule_id: str, action: Action, opts: _Options, match: Match, peer: str = "") -> list[str]:
@@ -375,7 +389,79 @@ def _controller_reply_lines(hp: HostPolicy, family: Family) -> list[str]:
     ]
 
 
-def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: bool) -> FamilyRuleset:
+def _lookup_peer(rule: HostRule, family: Family, opts: _Options) -> str:
+    direction = "src" if rule.direction is Direction.INBOUND else "dst"
+    return f"-m set --match-set {ipset_name(opts.prefix, rule.peer, family)} {direction}"
+
+
+def _flow_log(rule_id: str, action: FlowAction, opts: _Options, udp: bool) -> list[str]:
+    """Log lines of one verdict: would-be drops always, accepts and drops when flow logging is on."""
+    if action is not FlowAction.WOULD_BLOCK and not opts.flow_log:
+        return []
+    comment = f"-m comment --comment {save_string(rule_id)}"
+    memory = drop_once(opts.prefix) if action is FlowAction.BLOCK else ""
+    return flow_log_lines(comment, _nflog(rule_id, opts, action), udp, memory)
+
+
+def _rule_chain_lines(rule: HostRule, family: Family, opts: _Options) -> tuple[str, ...]:
+    rule_id = checked_id(rule.rule_id)
+    udp = 17 in port_parts(rule, family)
+    if rule.action is Action.ALLOW:
+        action, target = FlowAction.ALLOW, "-j RETURN"
+    elif opts.mode is EnforcementMode.VISIBILITY:
+        action, target = FlowAction.WOULD_BLOCK, "-j RETURN"
+    else:
+        action, target = FlowAction.BLOCK, "-j DROP"
+    return (*_flow_log(rule_id, action, opts, udp), spec(comment=rule_id, target=target))
+
+
+def _lookup_default(opts: _Options) -> tuple[str, ...]:
+    if opts.mode is EnforcementMode.FULL:
+        drop = spec(comment=DEFAULT_RULE_ID, target="-j DROP")
+        return (*_flow_log(DEFAULT_RULE_ID, FlowAction.BLOCK, opts, True), drop)
+    action = FlowAction.ALLOW if opts.mode is EnforcementMode.SELECTIVE else FlowAction.WOULD_BLOCK
+    return tuple(_flow_log(DEFAULT_RULE_ID, action, opts, True))  # then falls off: allowed
+
+
+def _list_part(rule: HostRule) -> tuple[ServiceEntry, ...] | None:
+    """What of ``rule`` stays a list line: None all of it (``any`` protocol), else its ICMP entries."""
+    if any(e.proto is Proto.ANY for e in rule.services):
+        return None
+    return tuple(e for e in rule.services if not e.proto.has_ports)
+
+
+def _lookup_chains(hp: HostPolicy, family: Family, direction: Direction, opts: _Options) -> tuple[str, list[IptChain]]:
+    """The target the head chain ends with (``-g`` it) and every chain below the head."""
+    rules = tuple(r for r in hp.rules if r.direction is direction)
+    check_unique_chains(opts.prefix, rules)
+    miss = default_chain(opts.prefix, direction)
+    tiers: list[IptChain] = []
+    used: dict[str, HostRule] = {}
+    for action in reversed(TIER_LETTERS):
+        tier_rules = tuple(r for r in rules if r.action is action)
+        list_lines: list[str] = []
+        for rule in tier_rules:
+            part = _list_part(rule)
+            try:
+                matches = [Match("")] if part is None else service_matches(part, family)
+            except RenderError as exc:
+                raise RenderError(f"rule {rule.rule_id!r}: {exc}") from exc
+            chain = rule_chain(opts.prefix, rule)
+            peer = _lookup_peer(rule, family, opts)
+            list_lines += [spec(match=m, peer=peer, target=f"-g {chain}") for m in matches]
+            if matches or port_parts(rule, family):
+                used[chain] = rule
+        peer_of = partial(_lookup_peer, family=family, opts=opts)
+        chains = tier_chains(opts.prefix, direction, Tier(action, tier_rules, tuple(list_lines)), family, peer_of, miss)
+        if chains:
+            tiers = chains + tiers
+            miss = chains[0].name
+    verdicts = [IptChain(name, _rule_chain_lines(rule, family, opts)) for name, rule in sorted(used.items())]
+    end = IptChain(default_chain(opts.prefix, direction), _lookup_default(opts))
+    return miss, [*tiers, *verdicts, end]
+
+
+def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: bool, layout: Layout) -> FamilyRuleset:
     names = ChainNames(opts.prefix)
     inbound = [
         line
@@ -384,10 +470,17 @@ def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: boo
     ]
     inbound += _controller_reply_lines(hp, family)
     outbound = _controller_lines(hp, family)
-    for rule in hp.rules:
-        (inbound if rule.direction is Direction.INBOUND else outbound).extend(_host_rule_lines(rule, family, opts))
-    inbound += _default_rules(opts)
-    outbound += _default_rules(opts)
+    below: list[IptChain] = []
+    if layout is Layout.LIST:
+        for rule in hp.rules:
+            (inbound if rule.direction is Direction.INBOUND else outbound).extend(_host_rule_lines(rule, family, opts))
+        inbound += _default_rules(opts)
+        outbound += _default_rules(opts)
+    else:
+        for direction, head in ((Direction.INBOUND, inbound), (Direction.OUTBOUND, outbound)):
+            first, chains = _lookup_chains(hp, family, direction, opts)
+            head.append(f"-g {first}")
+            below += chains
     chains = [
         IptChain(names.entry(Hook.INPUT), (*_failsafe(family, "-i lo"), f"-j {names.inbound}")),
         IptChain(names.entry(Hook.OUTPUT), (*_failsafe(family, "-o lo"), f"-j {names.outbound}")),
@@ -406,7 +499,7 @@ def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: boo
             )
         )
         hooks.append(Hook.FORWARD)
-    chains += [IptChain(names.inbound, tuple(inbound)), IptChain(names.outbound, tuple(outbound))]
+    chains += [IptChain(names.inbound, tuple(inbound)), IptChain(names.outbound, tuple(outbound)), *below]
     return FamilyRuleset(family, tuple(chains), tuple(hooks))
 
 
@@ -417,13 +510,15 @@ def render_iptables(
     *,
     forward: bool = False,
     log_group: int = 100,
+    layout: Layout = Layout.LOOKUP,
+    flow_log: bool = True,
 ) -> IptablesArtifact:
     """Render ``hp`` (pure). Capabilities are checked by the backend before this runs."""
     validate_prefix(prefix)
     validate_log_group(log_group)
     if hp.mode is EnforcementMode.IDLE:
         return IptablesArtifact(prefix, variant, hp.workload, hp.mode, False, (), ())
-    opts = _Options(prefix, hp.mode, log_group)
+    opts = _Options(prefix, hp.mode, log_group, flow_log and layout is Layout.LOOKUP)
 
     present = {(s.name, s.family) for s in hp.sets}
     for rule in hp.rules:
@@ -442,5 +537,5 @@ def render_iptables(
             sets.append(IpSet(local_set_name(prefix, family), family, ipset_members(local.networks(family))))
     if len({s.name for s in sets}) != len(sets):
         raise RenderError("duplicate ipset names")
-    rulesets = tuple(_family_ruleset(hp, family, opts, forward) for family in (Family.V4, Family.V6))
+    rulesets = tuple(_family_ruleset(hp, family, opts, forward, layout) for family in (Family.V4, Family.V6))
     return IptablesArtifact(prefix, variant, hp.workload, hp.mode, True, tuple(sets), rulesets)

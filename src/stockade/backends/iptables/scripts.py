@@ -86,9 +86,9 @@ def rule_target(spec: str) -> str | None:
 
 
 def parse_filter_save(text: str, prefix: str, family: Family) -> FilterState:
-    """Our chains and the built-in chains' jumps to them, from ``iptables-save -t filter``."""
+    """Our chains (:meth:`ChainNames.owns`) and the built-in chains' jumps to them, from
+    ``iptables-save -t filter``."""
     names = ChainNames(prefix)
-    ours = set(names.all)
     hooks = {h.value: h for h in Hook}
     declared: list[str] = []
     rules: dict[str, list[str]] = {}
@@ -105,14 +105,15 @@ def parse_filter_save(text: str, prefix: str, family: Family) -> FilterState:
         elif line.startswith("-A "):
             chain, _, rest = line[3:].partition(" ")
             rules.setdefault(chain, []).append(rest)
-    chains = tuple(IptChain(n, tuple(rules[n])) for n in declared if n in ours)
+    chains = tuple(IptChain(n, tuple(rules[n])) for n in declared if names.owns(n))
     jumps: list[Jump] = []
     for chain, specs in rules.items():
         hook = hooks.get(chain)
         if hook is None:
             continue
         for pos, s in enumerate(specs, start=1):
-            if rule_target(s) in ours:
+            target = rule_target(s)
+            if target is not None and names.owns(target):
                 jumps.append(Jump(hook, pos, s))
     return FilterState(family, chains, tuple(jumps))
 
