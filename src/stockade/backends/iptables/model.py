@@ -12,6 +12,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 
 from stockade.model.addresses import Family, IPNetwork
 
@@ -69,13 +70,17 @@ class ChainNames:
 
     @property
     def all(self) -> tuple[str, ...]:
+        return self._fixed
+
+    @cached_property
+    def _fixed(self) -> tuple[str, ...]:
         return (*(self.entry(h) for h in Hook), self.inbound, self.outbound)
 
     def owns(self, name: str) -> bool:
         """Whether ``name`` is a chain Stockade writes: the five above or one of the lookup
         layout's (``-IN-a``, ``-IN-a-t3``, ``-IN-end``, ``-I-<12 hex>``; see ``lookup.py``).
         Anything else, even ``<prefix>-SOMETHING``, is someone else's and never touched."""
-        if name in self.all:
+        if name in self._fixed:
             return True
         return name.startswith(self.prefix + "-") and _LOOKUP_CHAIN_RE.fullmatch(name[len(self.prefix) :]) is not None
 

@@ -125,7 +125,8 @@ def rules_script(ruleset: FamilyRuleset, state: FilterState, prefix: str) -> str
     """Bring our part of the filter table from ``state`` to ``ruleset`` (empty: remove it all)."""
     names = ChainNames(prefix)
     wanted = [c.name for c in ruleset.chains]
-    stale = [c.name for c in state.chains if c.name not in wanted]
+    keep = frozenset(wanted)  # thousands of chains in the lookup layout: no list scans
+    stale = [c.name for c in state.chains if c.name not in keep]
     lines = ["*filter"]
     lines += [f":{n} - [0:0]" for n in (*wanted, *stale)]  # creates, or flushes an existing chain
     for chain in ruleset.chains:
@@ -156,7 +157,8 @@ def rollback_script(old: FilterState, applied: FamilyRuleset, prefix: str) -> st
     """Undo a successful :func:`rules_script` of ``applied``: our chains and jumps as in ``old``."""
     names = ChainNames(prefix)
     old_names = [c.name for c in old.chains]
-    created = [c.name for c in applied.chains if c.name not in old_names]
+    had = frozenset(old_names)
+    created = [c.name for c in applied.chains if c.name not in had]
     lines = ["*filter"]
     lines += [f":{n} - [0:0]" for n in (*old_names, *created)]
     for chain in old.chains:
