@@ -1,38 +1,49 @@
-"""The iptables lookup layout: each precedence tier a binary search on the port, not a rule list.
+"""The iptables lookup layout: each precedence tier an index on the port, not a rule list.
 
-iptables has no verdict map, so a tier is entered through a small tree of chains that
-halves the tier's port groups (:mod:`stockade.backends.portgroups`) at every level. For one
-family and direction (``<D>`` is ``IN`` or ``OUT``, ``<d>`` is ``I`` or ``O``, ``<t>`` is the
-tier letter ``o`` override-deny, ``a`` allow, ``d`` deny), the chains are::
+iptables has no verdict map, so a tier is entered through a small index of chains over the
+tier's port groups (:mod:`stockade.backends.portgroups`: the port axis cut into intervals, each
+with the rules covering it in precedence order). For one family and direction (``<D>`` is ``IN``
+or ``OUT``, ``<d>`` is ``I`` or ``O``, ``<t>`` the tier letter: ``o`` override-deny, ``a``
+allow, ``d`` deny) the chains and their lines, as ``iptables-save`` prints them, are::
 
-    <prefix>-<D>              head: management / controller lines, then -g <first tier>
-    <prefix>-<D>-<t>          tier: -p tcp -g <prefix>-<D>-<t>-t0, -p udp -g <prefix>-<D>-<t>-u0,
+    <prefix>-<D>            head: management / controller lines, then  -g <first tier chain>
+    <prefix>-<D>-<t>        tier chain, in this order:
+                              TCP index lines, then UDP index lines (see below),
                               the tier's ICMP / any-protocol rules as list lines
-                              (... -m set --match-set <peer> src|dst -g <rule chain>),
-                              then -g <next tier, or <prefix>-<D>-end>
-    <prefix>-<D>-<t>-t<n>     TCP tree node n (u<n>: UDP). Inner node:
-                                -p tcp -m tcp --dport LO:HI -g <left child>   (ports of its left half)
-                                -g <right child>
-                              leaf: one line per (port group, rule of the group), in precedence
-                                -p tcp -m tcp --dport LO:HI -m set --match-set <peer> src -g <rule chain>
-                              then -g <next tier, or <prefix>-<D>-end>
-    <prefix>-<d>-<hash>       rule chain: 12 hex digits of SHA-256 of the rule id; every line
-                              carries -m comment --comment <rule id>: the flow log, then the
-                              verdict (-j RETURN allow, -j DROP deny, NFLOG stk:pb + RETURN in
-                              visibility)
-    <prefix>-<D>-end          the mode default (always present, may be empty)
+                                [-p icmp -m icmp --icmp-type N] -m set --match-set <peer set> src|dst -g <rule chain>
+                              -g <next tier chain, or <prefix>-<D>-end>
+    <prefix>-<D>-<t>-t<n>   TCP index chain n of the tier (u<n>: UDP); numbered depth first
+                              index lines, then  -g <next tier chain, or <prefix>-<D>-end>
+    <prefix>-<d>-<hash>     rule chain (12 hex digits of SHA-256 of the rule id), every line
+                            with -m comment --comment <rule id>:
+                              flow log line(s) (-j NFLOG --nflog-prefix stk:a:|stk:d:|stk:pb:<rule id>)
+                              -j RETURN (allow, or visibility's would-be drop) | -j DROP (deny)
+    <prefix>-<D>-end        the mode default (always present, may be empty)
 
-Node ``t0``/``u0`` is the root; children are numbered depth first. Every chain below the
-head is reached by ``-g`` (goto), so a ``RETURN`` in a rule chain, or falling off the end of
-a chain, returns to ``<prefix>-INPUT``/``-OUTPUT``/``-FORWARD`` after its jump to the head:
-the allow verdict of the list layout, back to the built-in chain. Nothing falls through a
-tier by accident: a miss anywhere in a tier ends with ``-g`` to the next one.
+An index line is one of (``LO:HI`` printed as ``N`` when LO == HI; no ``-m tcp --dport`` part
+for 0:65535)::
 
-A TCP packet allowed by the 1,000th rule walks the head, the tier line, ~log2(groups / 8)
-tree levels (one or two lines each), at most ~8 leaf lines and its rule chain: ~25 rule
-evaluations, against ~1,000 in the list layout. Peer sets are the same ``hash:net`` sets as
-in the list layout (deltas stay ``ipset`` element changes). Rules piling on one port are
-still walked in their leaf; an any-port TCP/UDP rule is repeated in every leaf of its tier.
+    -p tcp -m tcp --dport LO:HI -m set --match-set <peer set> src|dst -g <rule chain>   (a rule)
+    -p tcp -m tcp --dport LO:HI -g <prefix>-<D>-<t>-t<n>                              (a chunk)
+
+Index lines are sorted by port and their port intervals are disjoint (several rule lines of one
+group share an interval and keep precedence order). A part of the axis with at most
+:data:`LEAF_LINES` rule lines is written inline; a larger one is cut into ``fan`` chunks, each
+its own index chain, at most :data:`INDEX_LEVELS` levels below the tier chain, the fan-out
+chosen so the last level holds ~8 lines (1,000 rules on distinct ports: ~12 x ~11 x 8). Why
+two levels and not a binary tree: nf_tables (the iptables-nft variant) refuses rulesets whose
+chains nest more than 16 deep (jumps and gotos alike, EMLINK), and the tiers follow one
+another by goto. Depth here: built-in chain, entry, head, then per tier its chain and two
+index levels, then the default: at most 12.
+
+Every chain below the head is reached by ``-g`` (goto), so a ``RETURN`` in a rule chain, or
+falling off the end of a chain, returns to ``<prefix>-INPUT``/``-OUTPUT``/``-FORWARD`` after its
+jump to the head: the allow verdict of the list layout, back to the built-in chain. A miss
+anywhere in a tier ends with ``-g`` to the next tier. A TCP packet allowed by the 1,000th rule
+walks ~33 lines (head, index levels, leaf, rule chain) instead of ~1,000. Peer sets are the
+same ``hash:net`` sets as in the list layout, so a peer delta stays ``ipset`` element changes.
+Rules piling on one port are still walked in their leaf; an any-port TCP/UDP rule is repeated
+in every leaf of its tier.
 
 Flow logging (:func:`flow_log_lines`): a packet reaching a rule chain or the default is the
 first packet of a new connection (the failsafe returned established and related ones), except

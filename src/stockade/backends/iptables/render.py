@@ -16,8 +16,22 @@ Chains (``<prefix>`` is the backend's chain prefix, ``STOCKADE`` by default), th
 * ``<prefix>-FORWARD`` (only when asked, for router/bridge hosts): established, ND, then
   traffic to / from the host's own addresses (set ``<prefix>-local-v4``/``-v6``) goes through
   ``<prefix>-IN`` / ``<prefix>-OUT``;
-* ``<prefix>-IN`` / ``<prefix>-OUT``: management ports resp. controller path, the host rules
-  in precedence order (override-deny, allow, deny; first match wins), the mode default.
+* ``<prefix>-IN`` / ``<prefix>-OUT``: management ports resp. controller path, then the host
+  rules in precedence order (override-deny, allow, deny; first match wins), then the mode
+  default. How the host rules are laid out (:class:`~.model.Layout`):
+
+  - **lookup** (default): the head ends with ``-g <prefix>-IN-<tier>``; each tier chain
+    indexes its TCP/UDP port groups (``--dport LO:HI -g <index chain>``, at most two index
+    levels, leaves of ~8 lines ``--dport LO:HI -m set --match-set <peer> src -g <rule chain>``),
+    then its ICMP / any-protocol rules as list lines, then ``-g`` the next tier or
+    ``<prefix>-IN-end`` (the default). The rule chain ``<prefix>-I-<12 hex of SHA-256 of the rule
+    id>`` (``-O-`` outbound) logs with the rule id (comment and NFLOG prefix) and decides. The
+    exact chain names and line shapes, for a parser of ``iptables-save``, are in
+    :mod:`stockade.backends.iptables.lookup`'s docstring; everything below the head is reached
+    by ``-g``, so RETURN goes back to the built-in chain as in the list;
+  - **list**: the historic layout, kept for the benchmark's side by side: each rule is one
+    line per service match in the head chain itself, service test first, peer set second, then
+    the default lines (no flow logging: only visibility's would-be drops are logged).
 
 Verdicts: an allow is ``-j RETURN``, back to the built-in chain, so whatever others keep
 after our jump (and the chain policy) still has its say: the same meaning as ``accept`` in
@@ -26,6 +40,12 @@ policies are never changed; *full* mode ends both ``-IN`` and ``-OUT`` with a co
 ``-j DROP``; *selective* falls off the end (allowed); *visibility* drops nothing: every
 would-be drop is a ``-j NFLOG`` rule (prefix ``stk:pb:<rule id>``, group ``log_group``)
 followed by a ``-j RETURN`` with the same matches; *idle* installs nothing.
+
+Flow logging (lookup layout, ``flow_log=True``): every rule chain and the default log the
+first packet of each new connection to NFLOG ``log_group`` with ``stk:a:<rule id>`` (accepted)
+or ``stk:d:<rule id>`` (dropped) before deciding, a one-way UDP flow once (accepted: conntrack
+packet count, ``-m connbytes``; dropped: a ``hashlimit`` on the 4-tuple), see
+:func:`.lookup.flow_log_lines`. Management and controller failsafe lines are not logged.
 
 Each rule matches the service first (``-p``/port, a header compare) and the peer ipset
 second, so a packet does set lookups only in rules whose port it matches. Everything
