@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from stockade.backends.iptables.lookup import rule_chain
 from stockade.backends.iptables.model import ChainNames, Layout
 from stockade.backends.iptables.render import IptablesVariant, ipset_name, render_iptables
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule
@@ -198,7 +197,6 @@ def test_lookup_walk_decides_by_the_same_rule_as_the_list(mode: EnforcementMode)
         assert all(len(n) <= 28 for n in chains)
         deep += sum(1 for n in chains if re.search(r"-[tu][1-9]\d*$", n) is not None)
         walker = Walker(chains, members)
-        rule_of = {rule_chain(PREFIX, r): r for r in hp.rules}
         for _ in range(100):
             pkt = Packet(rng.randrange(8), rng.choice(("tcp", "tcp", "udp", "icmp")), rng.randint(0, 210))
             if pkt.proto == "icmp":
@@ -212,14 +210,13 @@ def test_lookup_walk_decides_by_the_same_rule_as_the_list(mode: EnforcementMode)
                     assert verdict == ("DROP" if full else "RETURN"), (pkt, direction)
                 else:
                     rule = next(r for r in hp.rules if r.rule_id == want)
-                    assert rule_of[rule_chain(PREFIX, rule)] is rule
                     blocked = rule.action is not Action.ALLOW and mode is not EnforcementMode.VISIBILITY
                     assert verdict == ("DROP" if blocked else "RETURN"), (pkt, direction, want)
     assert deep > 50  # the trees were several levels deep, not single leaves
 
 
 def test_a_packet_walks_a_few_lines_whatever_the_rule_count() -> None:
-    """1,000 allow rules on distinct ports: the last one is reached in ~33 lines (index of ~12, ~11, 8)."""
+    """1,000 allow rules on distinct ports: the last one is reached in ~40 lines (index of ~12, ~11, 8 x 2)."""
     rules = tuple(
         HostRule(Action.ALLOW, Direction.INBOUND, f"ruleset/b/{i}", "p0", (ServiceEntry(Proto.TCP, 1000 + i),))
         for i in range(1000)
@@ -229,7 +226,7 @@ def test_a_packet_walks_a_few_lines_whatever_the_rule_count() -> None:
     chains = _chains(hp)
     walker = Walker(chains, {"p0": frozenset({1})})
     assert walker.run(ChainNames(PREFIX).inbound, Packet(1, "tcp", 1999)) == ("RETURN", "ruleset/b/999")
-    assert walker.steps <= 40, walker.steps  # the list layout: 1,000+ lines
+    assert walker.steps <= 48, walker.steps  # the list layout: 1,000+ lines
     listed = render_iptables(hp, PREFIX, IptablesVariant.LEGACY, layout=Layout.LIST)
     assert len(listed.ruleset(Family.V4).chain(ChainNames(PREFIX).inbound).rules) > 1000  # what it replaces
 

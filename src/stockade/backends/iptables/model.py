@@ -21,7 +21,7 @@ TEMP_SUFFIX = "-t"  # a set's new members are loaded under <name>-t, then swappe
 SET_MAXELEM = 1 << 22  # one constant for every set: ``create -exist`` then never conflicts
 
 
-_LOOKUP_CHAIN_RE = re.compile(r"-(?:(?:IN|OUT)-(?:end|[oad](?:-[tu][0-9]{1,6})?)|[IO]-[0-9a-f]{12})")
+_LOOKUP_CHAIN_RE = re.compile(r"-(?:IN|OUT)-(?:end|[oad](?:-[tu][0-9]{1,6})?)")
 
 
 class IptablesVariant(Enum):
@@ -53,7 +53,7 @@ class Hook(Enum):
 
 @dataclass(frozen=True)
 class ChainNames:
-    """Every chain name of one prefix: the three entry chains and the two rule chains."""
+    """Every chain name of one prefix: the three entry chains and the two heads (``-IN``/``-OUT``)."""
 
     prefix: str
 
@@ -78,7 +78,7 @@ class ChainNames:
 
     def owns(self, name: str) -> bool:
         """Whether ``name`` is a chain Stockade writes: the five above or one of the lookup
-        layout's (``-IN-a``, ``-IN-a-t3``, ``-IN-end``, ``-I-<12 hex>``; see ``lookup.py``).
+        layout's (``-IN-a``, ``-IN-a-t3``, ``-IN-end``; see ``lookup.py``).
         Anything else, even ``<prefix>-SOMETHING``, is someone else's and never touched."""
         if name in self._fixed:
             return True

@@ -22,13 +22,12 @@ Chains (``<prefix>`` is the backend's chain prefix, ``STOCKADE`` by default), th
 
   - **lookup** (default): the head ends with ``-g <prefix>-IN-<tier>``; each tier chain
     indexes its TCP/UDP port groups (``--dport LO:HI -g <index chain>``, at most two index
-    levels, leaves of ~8 lines ``--dport LO:HI -m set --match-set <peer> src -g <rule chain>``),
-    then its ICMP / any-protocol rules as list lines, then ``-g`` the next tier or
-    ``<prefix>-IN-end`` (the default). The rule chain ``<prefix>-I-<12 hex of SHA-256 of the rule
-    id>`` (``-O-`` outbound) logs with the rule id (comment and NFLOG prefix) and decides. The
-    exact chain names and line shapes, for a parser of ``iptables-save``, are in
-    :mod:`stockade.backends.iptables.lookup`'s docstring; everything below the head is reached
-    by ``-g``, so RETURN goes back to the built-in chain as in the list;
+    levels), whose leaves hold ~8 rule entries: per rule a flow-log line and a verdict line,
+    ``--dport LO:HI -m set --match-set <peer> src -m comment --comment <rule id> -j ...``;
+    then the tier's ICMP / any-protocol rules as entries, then ``-g`` the next tier or
+    ``<prefix>-IN-end`` (the default). The exact chain names and line shapes, for a parser of
+    ``iptables-save``, are in :mod:`stockade.backends.iptables.lookup`'s docstring; everything
+    below the head is reached by ``-g``, so RETURN goes back to the built-in chain as in the list;
   - **list**: the historic layout, kept for the benchmark's side by side: each rule is one
     line per service match in the head chain itself, service test first, peer set second, then
     the default lines (no flow logging: only visibility's would-be drops are logged).
@@ -41,7 +40,7 @@ policies are never changed; *full* mode ends both ``-IN`` and ``-OUT`` with a co
 would-be drop is a ``-j NFLOG`` rule (prefix ``stk:pb:<rule id>``, group ``log_group``)
 followed by a ``-j RETURN`` with the same matches; *idle* installs nothing.
 
-Flow logging (lookup layout, ``flow_log=True``): every rule chain and the default log the
+Flow logging (lookup layout, ``flow_log=True``): every rule entry and the default log the
 first packet of each new connection to NFLOG ``log_group`` with ``stk:a:<rule id>`` (accepted)
 or ``stk:d:<rule id>`` (dropped) before deciding, a one-way UDP flow once (accepted: conntrack
 packet count, ``-m connbytes``; dropped: a ``hashlimit`` on the 4-tuple), see
@@ -59,7 +58,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 
 from stockade.backends import flowlog
 from stockade.backends.common import (
@@ -74,13 +73,12 @@ from stockade.backends.common import (
 from stockade.backends.flowlog import FlowAction, validate_log_group
 from stockade.backends.iptables.lookup import (
     TIER_LETTERS,
+    UDP_ONCE,
     Tier,
-    check_unique_chains,
     checked_id,
     default_chain,
     drop_once,
     flow_log_lines,
-    rule_chain,
     tier_chains,
 )
 from stockade.backends.iptables.model import (
@@ -104,7 +102,6 @@ from stockade.backends.iptables.scripts import (
     ipset_load_script,
     rules_script,
 )
-from stockade.backends.portgroups import port_parts
 from stockade.compiler.ir import Direction, HostPolicy, HostRule
 from stockade.errors import RenderError
 from stockade.model.addresses import AddressRanges, Family
@@ -423,16 +420,29 @@ def _flow_log(rule_id: str, action: FlowAction, opts: _Options, udp: bool) -> li
     return flow_log_lines(comment, _nflog(rule_id, opts, action), udp, memory)
 
 
-def _rule_chain_lines(rule: HostRule, family: Family, opts: _Options) -> tuple[str, ...]:
+def _entry_lines(match: str, rule: HostRule, family: Family, opts: _Options) -> list[str]:
+    """One rule at one service match (``-p tcp -m tcp --dport 80``, ``""`` for any protocol):
+    its flow-log line, then its verdict line, both with the peer set and the rule id."""
     rule_id = checked_id(rule.rule_id)
-    udp = 17 in port_parts(rule, family)
     if rule.action is Action.ALLOW:
         action, target = FlowAction.ALLOW, "-j RETURN"
     elif opts.mode is EnforcementMode.VISIBILITY:
         action, target = FlowAction.WOULD_BLOCK, "-j RETURN"
     else:
         action, target = FlowAction.BLOCK, "-j DROP"
-    return (*_flow_log(rule_id, action, opts, udp), spec(comment=rule_id, target=target))
+    head = " ".join(x for x in (match, _lookup_peer(rule, family, opts)) if x)
+    comment = f"-m comment --comment {save_string(rule_id)}"
+    lines: list[str] = []
+    if action is FlowAction.WOULD_BLOCK or opts.flow_log:
+        once = ""
+        if match.startswith("-p udp"):  # one log per flow, not per packet
+            once = (drop_once(opts.prefix) if action is FlowAction.BLOCK else UDP_ONCE) + " "
+        lines.append(f"{head} {once}{comment} {_nflog(rule_id, opts, action)}")
+    return [*lines, f"{head} {comment} {target}"]
+
+
+def _match_text(m: Match) -> str:
+    return " ".join(x for x in (f"-p {m.proto}" if m.proto else "", m.extra) if x)
 
 
 def _lookup_default(opts: _Options) -> tuple[str, ...]:
@@ -453,10 +463,12 @@ def _list_part(rule: HostRule) -> tuple[ServiceEntry, ...] | None:
 def _lookup_chains(hp: HostPolicy, family: Family, direction: Direction, opts: _Options) -> tuple[str, list[IptChain]]:
     """The target the head chain ends with (``-g`` it) and every chain below the head."""
     rules = tuple(r for r in hp.rules if r.direction is direction)
-    check_unique_chains(opts.prefix, rules)
     miss = default_chain(opts.prefix, direction)
     tiers: list[IptChain] = []
-    used: dict[str, HostRule] = {}
+
+    def rule_lines(match: str, rule: HostRule) -> list[str]:
+        return _entry_lines(match, rule, family, opts)
+
     for action in reversed(TIER_LETTERS):
         tier_rules = tuple(r for r in rules if r.action is action)
         list_lines: list[str] = []
@@ -466,19 +478,14 @@ def _lookup_chains(hp: HostPolicy, family: Family, direction: Direction, opts: _
                 matches = [Match("")] if part is None else service_matches(part, family)
             except RenderError as exc:
                 raise RenderError(f"rule {rule.rule_id!r}: {exc}") from exc
-            chain = rule_chain(opts.prefix, rule)
-            peer = _lookup_peer(rule, family, opts)
-            list_lines += [spec(match=m, peer=peer, target=f"-g {chain}") for m in matches]
-            if matches or port_parts(rule, family):
-                used[chain] = rule
-        peer_of = partial(_lookup_peer, family=family, opts=opts)
-        chains = tier_chains(opts.prefix, direction, Tier(action, tier_rules, tuple(list_lines)), family, peer_of, miss)
+            list_lines += [line for m in matches for line in rule_lines(_match_text(m), rule)]
+        tier = Tier(action, tier_rules, tuple(list_lines))
+        chains = tier_chains(opts.prefix, direction, tier, family, rule_lines, miss)
         if chains:
             tiers = chains + tiers
             miss = chains[0].name
-    verdicts = [IptChain(name, _rule_chain_lines(rule, family, opts)) for name, rule in sorted(used.items())]
     end = IptChain(default_chain(opts.prefix, direction), _lookup_default(opts))
-    return miss, [*tiers, *verdicts, end]
+    return miss, [*tiers, end]
 
 
 def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: bool, layout: Layout) -> FamilyRuleset:
