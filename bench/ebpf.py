@@ -413,6 +413,8 @@ def main() -> int:
     parser.add_argument("--no-iptables", action="store_true", help="leave the iptables configurations out")
     parser.add_argument("--rules", help="comma-separated rule counts (default 10,100,1000,5000)")
     parser.add_argument("--peers", type=int, default=PEERS, help=f"peer addresses in total (default {PEERS})")
+    parser.add_argument("--rounds", type=int, help="interleaved traffic rounds (default 3)")
+    parser.add_argument("--seconds", type=float, help="seconds per traffic test (default 1.5)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, nftables, tc, bpf)", file=sys.stderr)
@@ -422,6 +424,7 @@ def main() -> int:
         rule_counts = tuple(int(x) for x in args.rules.split(","))
     repeats = 2 if args.quick else 3
     seconds, rounds = (0.5, 1) if args.quick else (1.5, 3)
+    seconds, rounds = args.seconds or seconds, args.rounds or rounds
     iptables = not args.no_iptables and shutil.which("iptables-legacy-restore") is not None
     print(f"# nftables list/lookup vs eBPF{' vs iptables+ipset' if iptables else ''} (kernel {os.uname().release}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}); {args.peers:,} peers, client in the last set")
