@@ -237,3 +237,22 @@ def test_set_names_in_lookup_lines_are_the_peer_sets() -> None:
     sets = {ipset_name(PREFIX, s.name, s.family) for s in hp.sets}
     text = "\n".join(line for lines in _chains(hp).values() for line in lines)
     assert set(re.findall(r"--match-set (\S+) ", text)) <= sets
+
+
+def test_only_chains_of_our_layout_are_ours() -> None:
+    """A foreign chain that merely starts with our prefix is never parsed, flushed or deleted."""
+    names = ChainNames("STOCKADE")
+    for name in ("STOCKADE-IN", "STOCKADE-INPUT", "STOCKADE-IN-a", "STOCKADE-OUT-d-u12", "STOCKADE-IN-end"):
+        assert names.owns(name), name
+    foreign = ("STOCKADE-LOOKALIKE", "STOCKADE-IN-x", "STOCKADE-IN-a-t", "STOCKADEX-IN-a", "DOCKER", "STOCKADE-IN-a-t1x")
+    for name in foreign:
+        assert not names.owns(name), name
+
+
+def test_hashlimit_table_name_fits_the_kernel() -> None:
+    """xt_hashlimit keeps 15 characters of a table name; the longest prefix still fits."""
+    hp, _ = random_policy(random.Random(3), EnforcementMode.FULL)
+    art = render_iptables(hp, "ABCDEFGHIJKL", IptablesVariant.LEGACY)
+    text = "\n".join(r for c in art.ruleset(Family.V4).chains for r in c.rules)
+    names = set(re.findall(r"--hashlimit-name (\S+)", text))
+    assert names and all(len(n) <= 15 for n in names), names
