@@ -29,12 +29,12 @@ def test_import_writes_policy_and_report_that_check_accepts(tmp_path: Path) -> N
     assert CliRunner().invoke(main, ["check", str(out)]).exit_code == 0
 
 
-def test_import_refuses_a_bad_address_and_networkpolicy(tmp_path: Path) -> None:
+def test_import_refuses_a_bad_address_and_an_unknown_kind(tmp_path: Path) -> None:
     f = str(CORPUS / "docker-host.iptables")
     r = CliRunner().invoke(main, ["import", "iptables", f, "-o", str(tmp_path / "a"), "--address", "h=10.0.0.999"])
     assert r.exit_code == 2 and "10.0.0.999" in r.output
-    r = CliRunner().invoke(main, ["import", "networkpolicy", f, "-o", str(tmp_path / "b")])
-    assert r.exit_code == 1 and "not available" in r.output
+    r = CliRunner().invoke(main, ["import", "pf", f, "-o", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "pf" in r.output
 
 
 def test_render_all_writes_every_workload(tmp_path: Path) -> None:

@@ -92,9 +92,30 @@ def test_broken_json_names_its_line() -> None:
     assert [str(f.origin) for f in result.findings] == ["w.json:3"]
 
 
-def test_networkpolicy_is_not_available_yet() -> None:
-    with pytest.raises(ValidationError, match="not available"):
-        run_import("networkpolicy", [Source("np.yaml", "")], ImportOptions())
+NETPOL = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-front, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: front}}}], ports: [{port: 8080}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: named, namespace: shop}
+spec:
+  podSelector: {}
+  ingress: [{ports: [{port: http}]}]
+"""
+
+
+def test_networkpolicy_goes_through_the_kubernetes_translation() -> None:
+    result = run_import("networkpolicy", [Source("np.yaml", NETPOL), Source("bad.yaml", "a: [\n")], ImportOptions())
+    assert [r.name for r in result.policy.rulesets] == ["np.shop.web-from-front"]
+    by = {(f.outcome, f.construct) for f in result.findings}
+    assert (Outcome.CARRIED, "NetworkPolicy shop/web-from-front") in by
+    assert (Outcome.NOT_EXPRESSIBLE, "NetworkPolicy shop/named") in by  # a named port: skipped whole
+    assert any(f.outcome is Outcome.BAD_INPUT and f.origin.file == "bad.yaml" for f in result.findings)
 
 
 def test_unknown_kind_names_the_known_ones() -> None:

@@ -29,7 +29,8 @@ ALLOWED: dict[str, set[str]] = {
         "errors", "model", "compiler", "evaluator", "codec", "policyfile", "visibility", "backends", "web", "logs",
         "agent_signature", "importers",
     },
-    "importers": {"errors", "model", "codec"},  # existing firewall rules -> policy: pure, below the controller
+    # existing firewall rules -> policy, pure, below the controller (k8s: its NetworkPolicy translation)
+    "importers": {"errors", "model", "codec", "policyfile", "k8s"},
     "logs": set(),
     # beside the controller: reaches it only through the REST API; writes REST bodies with the one codec
     # (codec) and the NetworkPolicy import writes policy documents with the one dumper (policyfile)

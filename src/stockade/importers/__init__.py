@@ -1,6 +1,6 @@
 """Importers: the rules people already have -> Stockade policy as code, with a report.
 
-One module per source format (``iptables``, ``nftables``, ``windows``, ``illumio``) behind the
+One module per source format (``iptables``, ``nftables``, ``windows``, ``illumio``, ``networkpolicy``) behind the
 table in :mod:`stockade.importers.registry`; Linux rulesets share the chain flattener
 (:mod:`~stockade.importers.chains`) and the first-match -> precedence translation
 (:mod:`~stockade.importers.translate`), whose peers become proposed labels

@@ -2,7 +2,7 @@
 
 Each importer is ``(sources, options) -> ImportResult``. A kind whose translation lives
 elsewhere and is not wired yet (``networkpolicy``: the Kubernetes work provides it) is listed
-with an empty target and fails with a clear "not available" error.
+with an empty target and fails with a clear "not available" error (none is, now).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ IMPORTERS: dict[str, str] = {
     "nftables": "stockade.importers.nftables:import_nftables",  # nft -j list ruleset
     "windows": "stockade.importers.windows:import_windows",  # Get-NetFirewallRule export (docs/migration.md)
     "illumio": "stockade.importers.illumio:import_illumio",  # PCE REST API objects
-    "networkpolicy": "",  # TODO(netpol): wire the Kubernetes NetworkPolicy translation here when it lands
+    "networkpolicy": "stockade.importers.networkpolicy:import_networkpolicy",  # k8s.netpol_import's translation
 }
 
 
