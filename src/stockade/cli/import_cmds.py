@@ -57,8 +57,9 @@ def parse_address_options(values: tuple[str, ...], host: str | None) -> dict[str
 def import_cmd(kind: str, files: tuple[Path, ...], out_dir: Path, host: str | None, addresses: tuple[str, ...],
                backend: str, force: bool, verify: bool, verify_backend: str) -> None:
     """Import existing rules (iptables-save + ipset save, nft -j list ruleset, a Windows Firewall export, an
-    Illumio PCE export, Kubernetes NetworkPolicy YAML) as Stockade policy YAML plus a report. Nothing is imported wider than the original;
-    hosts with constructs Stockade cannot express are left in visibility mode."""
+    Illumio PCE export, Kubernetes NetworkPolicy YAML) as Stockade policy YAML plus a report. Nothing is
+    imported wider than the original; hosts with constructs Stockade cannot express are left in visibility
+    mode."""
     target = out_dir / "policy.yaml"
     if target.exists() and not force:
         raise CliError(f"{target} exists", EXIT_USAGE, "pass --force to overwrite it")
