@@ -1,0 +1,218 @@
+"""Prove that what is loaded equals the policy, per direction and family, or find a packet that differs.
+
+:func:`prove` takes a HostPolicy (what the compiler says the host enforces) and a
+:class:`~stockade.verify.loaded.LoadedRuleset` (what the kernel holds, read back) and decides,
+for every packet of the modelled header space (:mod:`.space`), whether the kernel's verdict at
+the input hook (inbound) and output hook (outbound) equals the policy's (:mod:`.spec`). When
+not, it returns a concrete :class:`Packet` with both verdicts: chosen, where the difference
+allows, as a NEW, non-loopback TCP SYN (else UDP, else ICMP) from/to a hint address, so the
+lab can send it for real.
+
+Pure: no I/O (the read-back adapters live in :mod:`.readback`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from stockade.compiler.ir import Direction, HostPolicy
+from stockade.model.addresses import Family, IPAddress, Range, merge_ranges, network_range
+from stockade.verify.interpret import Interpreter, peer_field, referenced_sets
+from stockade.verify.loaded import CT_STATES, Field, HookName, LoadedRuleset
+from stockade.verify.space import SYN, AddressClass, BDDNode, HeaderSpace, address_classes
+from stockade.verify.spec import CONTROLLER_PRED, PolicySpec
+
+PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+
+
+@dataclass(frozen=True)
+class Packet:
+    """One packet of the header space, as the lab can send it."""
+
+    family: Family
+    direction: Direction
+    src: IPAddress
+    dst: IPAddress
+    l4proto: int
+    sport: int
+    dport: int
+    icmp_type: int
+    tcp_flags: int
+    ct_state: str
+    loopback: bool
+
+    def __str__(self) -> str:
+        proto = PROTO_NAMES.get(self.l4proto, f"proto {self.l4proto}")
+        if self.l4proto in (6, 17):
+            what = f"{proto} {self.src}:{self.sport} -> {self.dst}:{self.dport}"
+            if self.l4proto == 6:
+                what += f" flags 0x{self.tcp_flags:02x}"
+        elif self.l4proto in (1, 58):
+            what = f"{proto} type {self.icmp_type} {self.src} -> {self.dst}"
+        else:
+            what = f"{proto} {self.src} -> {self.dst}"
+        lo = " on lo" if self.loopback else ""
+        return f"{self.direction.name.lower()} {what} ct {self.ct_state}{lo}"
+
+
+@dataclass(frozen=True)
+class Difference:
+    packet: Packet
+    policy_accepts: bool
+    kernel_accepts: bool
+
+    def __str__(self) -> str:
+        def word(b: bool) -> str:
+            return "accept" if b else "drop"
+
+        return f"{self.packet}: policy says {word(self.policy_accepts)}, kernel does {word(self.kernel_accepts)}"
+
+
+@dataclass(frozen=True)
+class Proof:
+    """The outcome: ``proven`` when no packet differs in any direction and family."""
+
+    backend: str
+    workload: str
+    differences: tuple[Difference, ...]
+    classes: int  # address classes checked, over every direction and family
+    seconds: float
+    notes: tuple[str, ...] = ()
+
+    @property
+    def proven(self) -> bool:
+        return not self.differences
+
+    def summary(self) -> str:
+        if self.proven:
+            return f"proven: {self.backend} on {self.workload} equals its policy ({self.classes} address classes)"
+        return "differs: " + "; ".join(str(d) for d in self.differences)
+
+
+def _ranges(nets: Iterable[object]) -> tuple[Range, ...]:
+    return merge_ranges(network_range(n) for n in nets)  # type: ignore[arg-type]
+
+
+_PREFERENCES: tuple[tuple[str, object], ...] = (
+    ("ct", "new"),
+    ("lo", False),
+    ("proto", 6),
+    ("proto", 17),
+    ("proto", 1),
+    ("proto", 58),
+    ("flags", SYN),
+    ("sport", (32768, 60999)),
+    ("dport", (1, 65535)),
+)
+
+
+def _prefer(space: HeaderSpace, diff: BDDNode) -> BDDNode:
+    for what, value in _PREFERENCES:
+        if what == "ct":
+            extra = space.ct_in((str(value),))
+        elif what == "lo":
+            extra = ~space.loopback
+        elif what == "proto":
+            extra = space.proto(int(value))  # type: ignore[call-overload]
+        elif what == "flags":
+            extra = space.tcp_flags(0xFF, int(value))  # type: ignore[call-overload]
+        else:
+            lo, hi = value  # type: ignore[misc]
+            extra = space.field_in(Field.SPORT if what == "sport" else Field.DPORT, ((lo, hi),))
+        narrowed = diff & extra
+        if narrowed != space.false:
+            diff = narrowed
+    return diff
+
+
+def _address(family: Family, value: int) -> IPAddress:
+    return ipaddress.IPv4Address(value) if family is Family.V4 else ipaddress.IPv6Address(value)
+
+
+def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] = ()) -> Proof:
+    """Decide whether ``loaded`` gives ``hp``'s verdict to every packet (see the module doc)."""
+    start = time.perf_counter()
+    hints = tuple(hints)
+    dynamic = {name for fr in loaded.families for name in fr.dynamic_sets}
+    space = HeaderSpace(dynamic)
+    differences: list[Difference] = []
+    n_classes = 0
+    for family in (Family.V4, Family.V6):
+        fam_rules = loaded.family(family) if loaded.present else None
+        locals_ = [int(a) for a in hp.local_addresses if a.version == family.value] or [None]
+        domain = space.domain(family)
+        for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT)):
+            preds: list[tuple[Range, ...]] = []
+            spec_pred: dict[str, int] = {}
+            for s in hp.sets:
+                if s.family is family:
+                    spec_pred[s.name] = len(preds)
+                    preds.append(_ranges(s.members))
+            controller = _ranges(n for n in hp.failsafe.controller if n.version == family.value)
+            if controller:
+                spec_pred[CONTROLLER_PRED] = len(preds)
+                preds.append(controller)
+            kernel_pred: dict[str, int] = {}
+            if fam_rules is not None:
+                for name in referenced_sets(fam_rules, peer_field(hook)):
+                    kernel_pred[name] = len(preds)
+                    preds.append(fam_rules.sets[name].ranges)
+            classes = address_classes(preds, family, (int(h) for h in hints if h.version == family.value))
+            n_classes += len(classes)
+            spec = PolicySpec(space, hp, family, direction, spec_pred)
+            spec_keys = frozenset(spec_pred.values())
+            interps = [
+                Interpreter(space, fam_rules, hook, kernel_pred, local) if fam_rules is not None else None
+                for local in locals_
+            ]
+            found = _check(space, spec, spec_keys, interps, classes, domain)
+            if found is not None:
+                cls, local, assignment, policy_accepts = found
+                differences.append(_difference(space, family, direction, cls, local, assignment, policy_accepts))
+    return Proof(
+        loaded.backend, hp.workload, tuple(differences), n_classes, time.perf_counter() - start, loaded.notes
+    )
+
+
+def _check(
+    space: HeaderSpace,
+    spec: PolicySpec,
+    spec_keys: frozenset[int],
+    interps: list[Interpreter | None],
+    classes: list[AddressClass],
+    domain: BDDNode,
+) -> tuple[AddressClass, int | None, dict[str, bool], bool] | None:
+    for cls in classes:
+        want = spec.accept(cls.members & spec_keys) & domain
+        for interp in interps:
+            have = (interp.hook_accept(cls.members) if interp is not None else space.true) & domain
+            if have != want:
+                diff = _prefer(space, space.bdd.apply("xor", have, want))
+                assignment = space.pick(diff)
+                policy_accepts = bool(space.bdd.let(assignment, want) == space.true)
+                return cls, interp.local if interp is not None else None, assignment, policy_accepts
+    return None
+
+
+def _difference(
+    space: HeaderSpace,
+    family: Family,
+    direction: Direction,
+    cls: AddressClass,
+    local: int | None,
+    assignment: dict[str, bool],
+    policy_accepts: bool,
+) -> Difference:
+    v = space.decode(assignment)
+    peer = _address(family, cls.example)
+    me = _address(family, local if local is not None else 0)
+    src, dst = (peer, me) if direction is Direction.INBOUND else (me, peer)
+    ct = CT_STATES[v["ct"]] if v["ct"] < len(CT_STATES) else "invalid"
+    packet = Packet(
+        family, direction, src, dst, v[Field.L4PROTO.value], v[Field.SPORT.value], v[Field.DPORT.value],
+        v[Field.ICMP_TYPE.value], v["tcp-flags"], ct, bool(v["lo"]),
+    )  # fmt: skip
+    return Difference(packet, policy_accepts, not policy_accepts)
