@@ -171,6 +171,7 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
             found = _check(space, spec, spec_keys, interps, classes, domain)
             if found is not None:
                 cls, local, assignment, policy_accepts = found
+                local = local if local is not None else locals_[0]
                 differences.append(_difference(space, family, direction, cls, local, assignment, policy_accepts))
     return Proof(
         loaded.backend, hp.workload, tuple(differences), n_classes, time.perf_counter() - start, loaded.notes
