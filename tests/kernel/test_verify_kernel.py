@@ -324,7 +324,8 @@ def test_mutants_yield_counterexamples_the_probe_confirms(
     pair: Pair, backend_name: str, record_property: Callable[[str, object], None]
 ) -> None:
     backend = _backend(backend_name, pair.srv)
-    semantic, equivalent = (NFT_SEMANTIC, NFT_EQUIVALENT) if backend_name == "nftables" else (IPT_SEMANTIC, IPT_EQUIVALENT)
+    nft_backend = backend_name == "nftables"
+    semantic, equivalent = (NFT_SEMANTIC, NFT_EQUIVALENT) if nft_backend else (IPT_SEMANTIC, IPT_EQUIVALENT)
     hp = base_policy()
     found = confirmed = 0
     try:

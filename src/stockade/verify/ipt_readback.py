@@ -147,7 +147,7 @@ class _RuleParser:
                 neg = True
                 continue
             if tok in ("-s", "-d"):
-                matches.append(AddrIn(Addr.SADDR if tok == "-s" else Addr.DADDR, self.family, self.literal(take()), neg))
+                matches.append(AddrIn(Addr.SADDR if tok == "-s" else Addr.DADDR, self.family, self.literal(take()), neg))  # noqa: E501
             elif tok == "-p":
                 p = take()
                 if p == "all" and not neg:
@@ -216,7 +216,7 @@ class _RuleParser:
             while i < len(tokens):
                 if tokens[i] not in allowed:
                     raise self.refuse(f"{name} option {tokens[i]!r}")
-                i += 1 if tokens[i] in ("--log-tcp-sequence", "--log-tcp-options", "--log-ip-options", "--log-uid") else 2
+                i += 1 if tokens[i] in ("--log-tcp-sequence", "--log-tcp-options", "--log-ip-options", "--log-uid") else 2  # noqa: E501
             return Verdict(Kind.CONTINUE), i
         if name == "REJECT":
             if i < len(tokens) and tokens[i] == "--reject-with":
@@ -272,7 +272,7 @@ def parse_filter(save_text: str, family: Family, ipsets: dict[str, AddressSet]) 
     if chains.get("FORWARD"):
         notes.append(f"{family.name} FORWARD has rules: not part of the host proof")
     built = {n: Chain(n, tuple(rs), policies.get(n)) for n, rs in chains.items()}
-    hooks = {h: (n,) for n, h in _BUILTIN.items() if n in built}
+    hooks: dict[HookName, tuple[str, ...]] = {h: (n,) for n, h in _BUILTIN.items() if n in built}
     return FamilyRules(family, built, hooks, sets), sorted(set(notes))
 
 

@@ -59,7 +59,7 @@ L4_NUMBERS = {
 }  # fmt: skip
 _ICMP_BY_NAME = {v: k for k, v in ICMP_TYPE_NAMES.items()}
 _ICMPV6_BY_NAME = {v: k for k, v in ICMPV6_TYPE_NAMES.items()}
-_HOOKS = {"input": HookName.INPUT, "prerouting": HookName.INPUT, "output": HookName.OUTPUT, "postrouting": HookName.OUTPUT}
+_HOOKS = {"input": HookName.INPUT, "prerouting": HookName.INPUT, "output": HookName.OUTPUT, "postrouting": HookName.OUTPUT}  # noqa: E501
 _NO_VERDICT = ("counter", "log")
 _VERDICTS = {"accept": Kind.ACCEPT, "drop": Kind.DROP, "reject": Kind.DROP, "return": Kind.RETURN}
 
@@ -126,7 +126,7 @@ class _Parser:
                 raise UnmodelledConstructError(where, f"map key {key!r}")
             proto = _l4(parts[0], where)
             if proto not in (6, 17):
-                raise UnmodelledConstructError(where, f"dispatch on protocol {proto} (th dport is modelled for tcp/udp)")
+                raise UnmodelledConstructError(where, f"dispatch on protocol {proto} (th dport is modelled for tcp/udp)")  # noqa: E501
             lo, hi = _int_range(parts[1], where)
             elems.append(MapElement(proto, lo, hi, _verdict_of(value, where)))
         self.maps[name] = tuple(elems)
@@ -380,7 +380,10 @@ def _int_ranges(right: Any, op: str, where: str, conv: Any) -> tuple[Range, ...]
         v = conv(right, where)
         lo, hi = {"<": (0, v - 1), "<=": (0, v), ">": (v + 1, limit), ">=": (v, limit)}[op]
         return ((lo, hi),) if lo <= hi else ()
-    elems = right["set"] if isinstance(right, dict) and "set" in right else right if isinstance(right, list) else [right]
+    if isinstance(right, dict) and "set" in right:
+        elems = right["set"]
+    else:
+        elems = right if isinstance(right, list) else [right]
     out: list[Range] = []
     for e in elems:
         if isinstance(e, dict) and "range" in e:

@@ -120,7 +120,8 @@ def _prefer(space: HeaderSpace, diff: BDDNode) -> BDDNode:
         elif what == "flags":
             extra = space.tcp_flags(0xFF, int(value))  # type: ignore[call-overload]
         else:
-            lo, hi = value  # type: ignore[misc]
+            bounds: tuple[int, int] = value  # type: ignore[assignment]
+            lo, hi = bounds
             extra = space.field_in(Field.SPORT if what == "sport" else Field.DPORT, ((lo, hi),))
         narrowed = diff & extra
         if narrowed != space.false:
@@ -142,7 +143,7 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
     n_classes = 0
     for family in (Family.V4, Family.V6):
         fam_rules = loaded.family(family) if loaded.present else None
-        locals_ = [int(a) for a in hp.local_addresses if a.version == family.value] or [None]
+        locals_: list[int | None] = [int(a) for a in hp.local_addresses if a.version == family.value] or [None]
         domain = space.domain(family)
         for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT)):
             preds: list[tuple[Range, ...]] = []

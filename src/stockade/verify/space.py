@@ -24,9 +24,9 @@ from stockade.model.addresses import Family, Range
 from stockade.verify.loaded import CT_STATES, TCP_FLAG_BITS, Field
 
 try:  # CUDD through Cython when the wheel has it, else the pure-Python implementation
-    from dd.cudd import BDD
+    from dd.cudd import BDD  # type: ignore[import-not-found,unused-ignore]
 except ImportError:  # pragma: no cover - depends on the installed wheel
-    from dd.autoref import BDD
+    from dd.autoref import BDD  # type: ignore[import-not-found,unused-ignore,no-redef]
 
 BDDNode = Any  # dd's Function: untyped
 WIDTHS = {Field.L4PROTO: 8, Field.DPORT: 16, Field.SPORT: 16, Field.ICMP_TYPE: 8}
@@ -160,7 +160,9 @@ class AddressClass:
     example: int
 
 
-def address_classes(preds: Sequence[tuple[Range, ...]], family: Family, hints: Iterable[int] = ()) -> list[AddressClass]:
+def address_classes(
+    preds: Sequence[tuple[Range, ...]], family: Family, hints: Iterable[int] = ()
+) -> list[AddressClass]:
     """The classes of the address axis under ``preds`` (each a tuple of disjoint ranges).
 
     Exact: every address of the family lies in exactly one class, and two addresses of one
