@@ -83,6 +83,8 @@ class Interpreter:
         self._deps: dict[str, frozenset[int]] = {}
         self._memo: dict[tuple[str, frozenset[int]], tuple[BDDNode, BDDNode]] = {}
         self._map_keys: dict[tuple[int, int, int], BDDNode] = {}
+        self._rule_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
+        self._map_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
 
     # ---- dependencies ------------------------------------------------------------------
     def _targets(self, rule: Rule) -> list[str]:
@@ -173,20 +175,80 @@ class Interpreter:
         stack = (*stack, name)
         sp = self.space
         acc, drop, rest = sp.false, sp.false, sp.true
-        for rule in self._chain(name).rules:
+        rules = self._chain(name).rules
+        for index in self._relevant(name, sig):
+            rule = rules[index]
             if rest == sp.false:
                 break
             m = self._rule_match(rule, sig)
             if m is None:
                 continue
             if rule.verdict.kind is Kind.VMAP:
-                for e in self.rules.maps[rule.verdict.target]:
+                elements = self.rules.maps[rule.verdict.target]
+                for j in self._relevant_elements(rule.verdict.target, sig, stack):
+                    e = elements[j]
                     em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
                     acc, drop, rest = self._apply(e.verdict, em, acc, drop, rest, sig, stack)
             else:
                 acc, drop, rest = self._apply(rule.verdict, m, acc, drop, rest, sig, stack)
         self._memo[key] = (acc, drop)
         return acc, drop
+
+    # ---- which rules can matter for an address class --------------------------------------
+    def _relevant(self, name: str, sig: frozenset[int]) -> list[int]:
+        """Indices of the rules of ``name`` that can match a peer in ``sig``, in order: a rule
+        testing the peer against a set (not negated) matters only when the class is in it."""
+        index = self._rule_index.get(name)
+        if index is None:
+            uncond: list[int] = []
+            by_pred: dict[int, list[int]] = {}
+            for i, rule in enumerate(self._chain(name).rules):
+                pred = next(
+                    (self.pred_of[m.set_name] for m in rule.matches
+                     if isinstance(m, AddrIn) and m.addr is self.peer and not m.negate
+                     and m.family is self.family and m.set_name in self.pred_of),
+                    None,
+                )  # fmt: skip
+                if pred is None:
+                    uncond.append(i)
+                else:
+                    by_pred.setdefault(pred, []).append(i)
+            index = (uncond, by_pred)
+            self._rule_index[name] = index
+        uncond, by_pred = index
+        if not by_pred:
+            return uncond
+        picked = set(uncond)
+        for p in sig:
+            picked.update(by_pred.get(p, ()))
+        return sorted(picked)
+
+    def _relevant_elements(self, map_name: str, sig: frozenset[int], stack: tuple[str, ...]) -> list[int]:
+        """Indices of the elements of a verdict map that can decide something for ``sig``: a
+        ``jump`` to a chain that decides nothing without the class's sets is skipped."""
+        index = self._map_index.get(map_name)
+        if index is None:
+            uncond: list[int] = []
+            by_pred: dict[int, list[int]] = {}
+            sp = self.space
+            for i, e in enumerate(self.rules.maps[map_name]):
+                if e.verdict.kind is not Kind.JUMP:
+                    uncond.append(i)
+                    continue
+                a, d = self.chain(e.verdict.target, frozenset(), stack)
+                deps = self.deps(e.verdict.target)
+                if a != sp.false or d != sp.false or not deps:
+                    uncond.append(i)
+                else:
+                    for p in deps:
+                        by_pred.setdefault(p, []).append(i)
+            index = (uncond, by_pred)
+            self._map_index[map_name] = index
+        uncond, by_pred = index
+        picked = set(uncond)
+        for p in sig:
+            picked.update(by_pred.get(p, ()))
+        return sorted(picked)
 
     def _map_key(self, proto: int, lo: int, hi: int) -> BDDNode:
         k = (proto, lo, hi)

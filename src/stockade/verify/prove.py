@@ -17,9 +17,11 @@ import ipaddress
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import compress, islice, repeat
+from operator import add, attrgetter, le, lshift, ne, sub
 
 from stockade.compiler.ir import Direction, HostPolicy
-from stockade.model.addresses import Family, IPAddress, Range, merge_ranges, network_range
+from stockade.model.addresses import Family, IPAddress, IPNetwork, Range, merge_ranges
 from stockade.verify.interpret import Interpreter, peer_field, referenced_sets
 from stockade.verify.loaded import CT_STATES, Field, HookName, LoadedRuleset
 from stockade.verify.space import SYN, AddressClass, BDDNode, HeaderSpace, address_classes
@@ -92,8 +94,39 @@ class Proof:
         return "differs: " + "; ".join(str(d) for d in self.differences)
 
 
-def _ranges(nets: Iterable[object]) -> tuple[Range, ...]:
-    return merge_ranges(network_range(n) for n in nets)  # type: ignore[arg-type]
+def _ranges(nets: Iterable[IPNetwork]) -> tuple[Range, ...]:
+    """Merged integer ranges of ``nets``; C-level iterators when they are already canonical
+    (sorted, disjoint, not adjacent: what the compiler emits), which matters at 100k members."""
+    nets = list(nets)
+    if not nets:
+        return ()
+    los = list(map(int, map(attrgetter("network_address"), nets)))
+    top = nets[0].max_prefixlen
+    sizes = map(lshift, repeat(1), map(sub, repeat(top), map(attrgetter("prefixlen"), nets)))
+    his = list(map(sub, map(add, los, sizes), repeat(1)))
+    ends = list(map(add, his, repeat(1)))  # first address after each range
+    if not all(map(le, ends, islice(los, 1, None))):  # unsorted or overlapping
+        return merge_ranges(zip(los, his, strict=True))
+    # sorted and disjoint: fuse adjacent ranges where the next one starts at this one's end
+    breaks = list(compress(range(len(los) - 1), map(ne, ends, islice(los, 1, None))))
+    starts = [los[0], *map(los.__getitem__, map(add, breaks, repeat(1)))]
+    lasts = [*map(his.__getitem__, breaks), his[-1]]
+    return tuple(zip(starts, lasts, strict=True))
+
+
+class _Preds:
+    """Address predicates of one family; equal member ranges share one predicate."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[Range, ...]] = []
+        self._ids: dict[tuple[Range, ...], int] = {}
+
+    def add(self, ranges: tuple[Range, ...]) -> int:
+        found = self._ids.get(ranges)
+        if found is None:
+            found = self._ids[ranges] = len(self.ranges)
+            self.ranges.append(ranges)
+        return found
 
 
 _PREFERENCES: tuple[tuple[str, object], ...] = (
@@ -145,24 +178,20 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
         fam_rules = loaded.family(family) if loaded.present else None
         locals_: list[int | None] = [int(a) for a in hp.local_addresses if a.version == family.value] or [None]
         domain = space.domain(family)
-        for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT)):
-            preds: list[tuple[Range, ...]] = []
-            spec_pred: dict[str, int] = {}
-            for s in hp.sets:
-                if s.family is family:
-                    spec_pred[s.name] = len(preds)
-                    preds.append(_ranges(s.members))
-            controller = _ranges(n for n in hp.failsafe.controller if n.version == family.value)
-            if controller:
-                spec_pred[CONTROLLER_PRED] = len(preds)
-                preds.append(controller)
-            kernel_pred: dict[str, int] = {}
-            if fam_rules is not None:
+        # one set of address classes per family, for both directions (finer than either needs)
+        preds = _Preds()
+        spec_pred: dict[str, int] = {s.name: preds.add(_ranges(s.members)) for s in hp.sets if s.family is family}
+        controller = _ranges(n for n in hp.failsafe.controller if n.version == family.value)
+        if controller:
+            spec_pred[CONTROLLER_PRED] = preds.add(controller)
+        kernel_pred: dict[str, int] = {}
+        if fam_rules is not None:
+            for hook in (HookName.INPUT, HookName.OUTPUT):
                 for name in referenced_sets(fam_rules, peer_field(hook)):
-                    kernel_pred[name] = len(preds)
-                    preds.append(fam_rules.sets[name].ranges)
-            classes = address_classes(preds, family, (int(h) for h in hints if h.version == family.value))
-            n_classes += len(classes)
+                    kernel_pred[name] = preds.add(fam_rules.sets[name].ranges)
+        classes = address_classes(preds.ranges, family, (int(h) for h in hints if h.version == family.value))
+        n_classes += len(classes)
+        for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT)):
             spec = PolicySpec(space, hp, family, direction, spec_pred)
             spec_keys = frozenset(spec_pred.values())
             interps = [

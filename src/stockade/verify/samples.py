@@ -65,8 +65,14 @@ def random_host_policy(
     local_v6: str = "fd78::1",
     extra_peers: tuple[str, ...] = (),
     mode: EnforcementMode | None = None,
+    identities: int | None = None,
 ) -> HostPolicy:
-    """A random HostPolicy with ``rules`` rules over ``sets`` peer sets holding ~``peers`` members."""
+    """A random HostPolicy with ``rules`` rules over ``sets`` peer sets holding ~``peers`` members.
+
+    ``identities``: the peers are split into that many groups (workloads sharing labels, as
+    the compiler's label index sees them) and each set is the union of one to three groups, as
+    selectors make them; without it every set draws its members from all peers at random
+    (the worst case for the prover: almost every address in its own combination of sets)."""
     v4_base = int(ipaddress.IPv4Address("10.0.0.0"))
     v6_base = int(ipaddress.IPv6Address("fd00::"))
     pool4 = [v4_base + rng.randrange(1 << 24) for _ in range(max(4, peers))]
@@ -78,7 +84,18 @@ def random_host_policy(
     names = [f"p{i:04d}" for i in range(sets)]
     per_set = max(1, peers // max(1, sets))
     address_sets: list[AddressSet] = []
-    for name in names:
+    if identities:
+        groups4 = [pool4[i::identities] for i in range(identities)]
+        groups6 = [pool6[i::identities] for i in range(identities)]
+        for name in names:
+            picks = rng.sample(range(identities), min(identities, rng.randint(1, 3)))
+            for fam, groups in ((Family.V4, groups4), (Family.V6, groups6)):
+                ranges = [(a, a) for g in picks for a in groups[g]]
+                address_sets.append(AddressSet(name, fam, ranges_to_networks(merge_ranges(ranges), fam)))
+        names_iter: list[str] = []
+    else:
+        names_iter = names
+    for name in names_iter:
         n4 = rng.randint(0, 2 * per_set)
         n6 = rng.randint(0, 2 * per_set)
         address_sets.append(AddressSet(name, Family.V4, _members(rng, Family.V4, n4, pool4)))

@@ -18,6 +18,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import groupby, islice, repeat
+from operator import add, itemgetter, mul
 from typing import Any
 
 from stockade.model.addresses import Family, Range
@@ -167,31 +169,41 @@ def address_classes(
 
     Exact: every address of the family lies in exactly one class, and two addresses of one
     class lie in the same predicates. A hint that falls in a class becomes its example (so a
-    counterexample can use an address that exists in a lab)."""
+    counterexample can use an address that exists in a lab).
+
+    One sweep over the sorted boundaries (``boundary * M + predicate`` as plain ints, built,
+    sorted and grouped by C-level iterators: the Python loop runs once per distinct boundary).
+    """
     top = (1 << (32 if family is Family.V4 else 128)) - 1
-    events: dict[int, list[int]] = {0: []}
+    m = max(2, len(preds))
+    events: list[int] = []
     for i, ranges in enumerate(preds):
-        for lo, hi in ranges:
-            events.setdefault(lo, []).append(i)
-            if hi < top:
-                events.setdefault(hi + 1, []).append(i)
-    points = sorted(events)
-    active: set[int] = set()
-    seg_sig: list[frozenset[int]] = []
+        if not ranges:
+            continue
+        events.extend(map(add, map(mul, map(itemgetter(0), ranges), repeat(m)), repeat(i)))
+        ends = map(add, map(itemgetter(1), ranges), repeat(1))
+        if ranges[-1][1] == top:  # the last range reaches the top: it never ends
+            ends = islice(ends, len(ranges) - 1)
+        events.extend(map(add, map(mul, ends, repeat(m)), repeat(i)))
+    events.sort()
     examples: dict[frozenset[int], int] = {}
-    for p in points:
-        for i in events[p]:
-            if i in active:
-                active.remove(i)
-            else:
-                active.add(i)
-        sig = frozenset(active)
-        seg_sig.append(sig)
-        examples.setdefault(sig, p)
-    hinted: set[frozenset[int]] = set()
+    if not events or events[0] // m != 0:
+        examples[frozenset()] = 0
+    active: set[int] = set()
+    for point, group in groupby(events, key=m.__rfloordiv__):
+        active ^= set(map(m.__rmod__, group))
+        examples.setdefault(frozenset(active), point)
     for h in hints:
-        sig = seg_sig[bisect.bisect_right(points, h) - 1]
-        if sig not in hinted:
-            hinted.add(sig)
+        sig = _members_at(preds, h)
+        if sig in examples:
             examples[sig] = h
     return [AddressClass(sig, ex) for sig, ex in examples.items()]
+
+
+def _members_at(preds: Sequence[tuple[Range, ...]], point: int) -> frozenset[int]:
+    out = []
+    for i, ranges in enumerate(preds):
+        j = bisect.bisect_right(ranges, (point, 1 << 130)) - 1
+        if j >= 0 and ranges[j][0] <= point <= ranges[j][1]:
+            out.append(i)
+    return frozenset(out)

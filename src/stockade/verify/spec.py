@@ -73,11 +73,13 @@ class PolicySpec:
         else:
             self.controller = tcp_ctl & sp.field_in(Field.DPORT, ((fs.controller_port,) * 2,))
         visibility = hp.mode is EnforcementMode.VISIBILITY
-        self.rules: list[tuple[str, BDDNode, bool]] = []  # (peer, services, accepts)
+        self.rules: list[tuple[BDDNode, bool]] = []  # (services, accepts), in precedence order
+        self.by_pred: dict[int, list[int]] = {}  # predicate -> indices of the rules on that set
         for r in hp.rules:
-            if r.direction is direction:
+            if r.direction is direction and r.peer in pred_of:
                 accepts = r.action is Action.ALLOW or visibility
-                self.rules.append((r.peer, services_bdd(sp, r.services, family), accepts))
+                self.by_pred.setdefault(pred_of[r.peer], []).append(len(self.rules))
+                self.rules.append((services_bdd(sp, r.services, family), accepts))
         self.default_accepts = hp.mode is not EnforcementMode.FULL
         self._memo: dict[frozenset[int], BDDNode] = {}
 
@@ -93,9 +95,11 @@ class PolicySpec:
         if self.pred_of.get(CONTROLLER_PRED, -1) in sig:
             acc = acc | self.controller
         rest = ~acc
-        for peer, svc, accepts in self.rules:
-            if self.pred_of.get(peer, -1) not in sig:
-                continue
+        picked: set[int] = set()
+        for p in sig:
+            picked.update(self.by_pred.get(p, ()))
+        for i in sorted(picked):
+            svc, accepts = self.rules[i]
             if accepts:
                 acc = acc | (rest & svc)
             rest = rest & ~svc
