@@ -16,7 +16,7 @@ loopback (1) and one bit per dynamic set (the unknown "already logged" membershi
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import groupby, islice, repeat
 from operator import add, itemgetter, mul
@@ -181,9 +181,9 @@ def address_classes(
         if not ranges:
             continue
         events.extend(map(add, map(mul, map(itemgetter(0), ranges), repeat(m)), repeat(i)))
-        ends = map(add, map(itemgetter(1), ranges), repeat(1))
-        if ranges[-1][1] == top:  # the last range reaches the top: it never ends
-            ends = islice(ends, len(ranges) - 1)
+        # the first address after each range; a last range reaching the top never ends
+        count = len(ranges) - 1 if ranges[-1][1] == top else len(ranges)
+        ends: Iterator[int] = islice(map(add, map(itemgetter(1), ranges), repeat(1)), count)
         events.extend(map(add, map(mul, ends, repeat(m)), repeat(i)))
     events.sort()
     examples: dict[frozenset[int], int] = {}
