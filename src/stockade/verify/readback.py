@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from stockade.backends.iptables.backend import IptablesBackend
 from stockade.backends.iptables.model import IptablesVariant
 from stockade.backends.iptables.runner import Command, IptablesRunner
+from stockade.backends.nftables.backend import NftablesBackend
 from stockade.backends.nftables.runner import NftRunner
 from stockade.compiler.ir import HostPolicy
 from stockade.errors import BackendError, ProofError
@@ -55,6 +57,17 @@ def read_loaded(backend: str, *, netns: str | None = None, table: str = "stockad
     if backend == "iptables-legacy":
         return read_iptables(IptablesVariant.LEGACY, netns)
     raise ProofError(f"no read-back for backend {backend!r} (provable: {', '.join(BACKENDS)})")
+
+
+def prove_backend(hp: HostPolicy, backend: object, *, hints: Iterable[IPAddress] = ()) -> Proof | None:
+    """Prove ``hp`` against what ``backend`` (a backend object, as the agent holds it) has loaded;
+    None for a backend the prover cannot read back (eBPF, Windows, devices)."""
+    netns = getattr(backend, "netns", None)
+    if isinstance(backend, NftablesBackend):
+        return prove(hp, read_nftables(backend.table, netns), hints=hints)
+    if isinstance(backend, IptablesBackend):
+        return prove(hp, read_iptables(backend.variant, netns), hints=hints)
+    return None
 
 
 def prove_loaded(
