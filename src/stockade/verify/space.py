@@ -52,6 +52,7 @@ class HeaderSpace:
         self.dynamic = {name: f"y{i}" for i, name in enumerate(sorted(set(dynamic_sets)))}
         order = [*self.names[Field.L4PROTO], *self.names[Field.DPORT], *self.names[Field.SPORT]]
         order += [*self.names[Field.ICMP_TYPE], *self.flag_names, *self.ct_names, "lo", *self.dynamic.values()]
+        self.bdd.configure(reordering=False)  # our order is chosen; reordering costs more than it saves here
         self.bdd.declare(*order)
         self.all_vars = order
         self.true = self.bdd.true
