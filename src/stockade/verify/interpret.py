@@ -72,6 +72,7 @@ class Interpreter:
         hook: HookName,
         pred_of: dict[str, int],
         local: int | None,
+        members: dict[int, BDDNode] | None = None,
     ) -> None:
         self.space = space
         self.rules = rules
@@ -80,6 +81,9 @@ class Interpreter:
         self.peer = peer_field(hook)
         self.pred_of = pred_of  # peer-side set name -> predicate id of the address classes
         self.local = local
+        # symbolic membership (see prove._symbolic_members): predicate -> BDD over membership
+        # variables, instead of the constant membership of one address class
+        self.members = members
         self._deps: dict[str, frozenset[int]] = {}
         self._memo: dict[tuple[str, frozenset[int]], tuple[BDDNode, BDDNode]] = {}
         self._map_keys: dict[tuple[int, int, int], BDDNode] = {}
@@ -126,6 +130,9 @@ class Interpreter:
         if isinstance(m, AddrIn):
             if m.family is not self.family:
                 return False
+            if m.addr is self.peer and self.members is not None:
+                u = self.members[self.pred_of[m.set_name]]
+                return ~u if m.negate else u
             if m.addr is self.peer:
                 inside = self.pred_of[m.set_name] in sig
             else:
@@ -198,6 +205,8 @@ class Interpreter:
     def _relevant(self, name: str, sig: frozenset[int]) -> list[int]:
         """Indices of the rules of ``name`` that can match a peer in ``sig``, in order: a rule
         testing the peer against a set (not negated) matters only when the class is in it."""
+        if self.members is not None:
+            return list(range(len(self._chain(name).rules)))
         index = self._rule_index.get(name)
         if index is None:
             uncond: list[int] = []
@@ -226,6 +235,8 @@ class Interpreter:
     def _relevant_elements(self, map_name: str, sig: frozenset[int], stack: tuple[str, ...]) -> list[int]:
         """Indices of the elements of a verdict map that can decide something for ``sig``: a
         ``jump`` to a chain that decides nothing without the class's sets is skipped."""
+        if self.members is not None:
+            return list(range(len(self.rules.maps[map_name])))
         index = self._map_index.get(map_name)
         if index is None:
             uncond: list[int] = []

@@ -74,12 +74,14 @@ class PolicySpec:
             self.controller = tcp_ctl & sp.field_in(Field.DPORT, ((fs.controller_port,) * 2,))
         visibility = hp.mode is EnforcementMode.VISIBILITY
         self.rules: list[tuple[BDDNode, bool]] = []  # (services, accepts), in precedence order
+        self.rule_preds: list[int] = []
         self.by_pred: dict[int, list[int]] = {}  # predicate -> indices of the rules on that set
         for r in hp.rules:
             if r.direction is direction and r.peer in pred_of:
                 accepts = r.action is Action.ALLOW or visibility
                 self.by_pred.setdefault(pred_of[r.peer], []).append(len(self.rules))
                 self.rules.append((services_bdd(sp, r.services, family), accepts))
+                self.rule_preds.append(pred_of[r.peer])
         self.default_accepts = hp.mode is not EnforcementMode.FULL
         self._memo: dict[frozenset[int], BDDNode] = {}
 
@@ -106,4 +108,23 @@ class PolicySpec:
         if self.default_accepts:
             acc = acc | rest
         self._memo[sig] = acc
+        return acc
+
+    def accept_symbolic(self, members: dict[int, BDDNode]) -> BDDNode:
+        """What the policy accepts with each set's membership a BDD (``members``: predicate ->
+        BDD over membership variables) instead of one address class's constants."""
+        sp = self.space
+        if self.hp.mode is EnforcementMode.IDLE:
+            return sp.true
+        acc = self.base
+        if CONTROLLER_PRED in self.pred_of:
+            acc = acc | (members[self.pred_of[CONTROLLER_PRED]] & self.controller)
+        rest = ~acc
+        for (svc, accepts), pred in zip(self.rules, self.rule_preds, strict=True):
+            m = members[pred] & svc
+            if accepts:
+                acc = acc | (rest & m)
+            rest = rest & ~m
+        if self.default_accepts:
+            acc = acc | rest
         return acc
