@@ -260,26 +260,35 @@ NFT_EQUIVALENT = {
 # iptables mutations (legacy): each edits the loaded chains / ipsets ------------------------------
 
 
-def _ipt_index(ns: str, chain: str, needle: str) -> int:
-    lines = [ln for ln in sh(ns, "iptables-legacy", "-S", chain).splitlines() if ln.startswith("-A")]
-    for i, line in enumerate(lines, 1):
-        if needle in line:
-            return i
-    raise AssertionError(f"{needle} not in {chain}: {lines}")
+def _ipt_find(ns: str, needle: str, target: str) -> tuple[str, int, str]:
+    """(chain, 1-based index, rule spec) of the rule of ours holding ``needle`` and ``target``."""
+    counts: dict[str, int] = {}
+    for line in sh(ns, "iptables-legacy-save", "-t", "filter").splitlines():
+        if not line.startswith("-A "):
+            continue
+        _, chain, spec = line.split(" ", 2)
+        counts[chain] = counts.get(chain, 0) + 1
+        if chain.startswith("STOCKADE-") and needle in spec and spec.endswith(target):
+            return chain, counts[chain], spec
+    raise AssertionError(f"no rule with {needle} and {target}")
 
 
 def ipt(ns: str, *args: str) -> None:
     sh(ns, "iptables-legacy", "-w", *args)
 
 
+def _replace(ns: str, needle: str, old: str, new: str) -> None:
+    chain, i, spec = _ipt_find(ns, needle, "-j RETURN")
+    sh(ns, "sh", "-c", f"iptables-legacy -w -R {chain} {i} {spec.replace(old, new)}")
+
+
 def ipt_delete_rule(ns: str) -> None:
-    ipt(ns, "-D", "STOCKADE-IN", str(_ipt_index(ns, "STOCKADE-IN", "ruleset/web/0")))
+    chain, i, _ = _ipt_find(ns, "ruleset/web/0", "-j RETURN")
+    ipt(ns, "-D", chain, str(i))
 
 
 def ipt_change_port(ns: str) -> None:
-    i = _ipt_index(ns, "STOCKADE-IN", "ruleset/web/0")
-    ipt(ns, "-R", "STOCKADE-IN", str(i), "-p", "tcp", "--dport", "8080",
-        "-m", "set", "--match-set", "STOCKADE-pclients-v4", "src", "-j", "RETURN")  # fmt: skip
+    _replace(ns, "ruleset/web/0", "--dport 80 ", "--dport 8080 ")
 
 
 def ipt_remove_element(ns: str) -> None:
@@ -291,17 +300,15 @@ def ipt_add_element(ns: str) -> None:
 
 
 def ipt_swap_verdict(ns: str) -> None:
-    i = _ipt_index(ns, "STOCKADE-IN", "ruleset/web/0")
-    ipt(ns, "-R", "STOCKADE-IN", str(i), "-p", "tcp", "--dport", "80",
-        "-m", "set", "--match-set", "STOCKADE-pclients-v4", "src", "-j", "DROP")  # fmt: skip
+    _replace(ns, "ruleset/web/0", "-j RETURN", "-j DROP")
 
 
 def ipt_move_rule(ns: str) -> None:
-    deny = _ipt_index(ns, "STOCKADE-IN", "deny/no-web")
-    allow = _ipt_index(ns, "STOCKADE-IN", "ruleset/web/0")
-    ipt(ns, "-D", "STOCKADE-IN", str(deny))
-    ipt(ns, "-I", "STOCKADE-IN", str(allow), "-p", "tcp", "--dport", "80:81",
-        "-m", "set", "--match-set", "STOCKADE-pclients-v4", "src", "-j", "DROP")  # fmt: skip
+    """The deny of ports 80-81 moved from its tier to the top of the allow tier."""
+    chain, i, spec = _ipt_find(ns, "deny/no-web", "-j DROP")
+    allow_chain, _, _ = _ipt_find(ns, "ruleset/web/0", "-j RETURN")
+    ipt(ns, "-D", chain, str(i))
+    sh(ns, "sh", "-c", f"iptables-legacy -w -I {allow_chain} 1 {spec}")
 
 
 def ipt_equiv_add_blocked(ns: str) -> None:

@@ -66,7 +66,8 @@ def _mutants(text: str) -> list[str]:
     lines = text.splitlines()
     out = []
     for i, line in enumerate(lines):
-        if not line.startswith("-A STOCKADE-IN ") and not line.startswith("-A STOCKADE-OUT "):
+        ours = line.startswith(("-A STOCKADE-IN", "-A STOCKADE-OUT"))
+        if not ours or line.startswith(("-A STOCKADE-INPUT", "-A STOCKADE-OUTPUT")):
             continue
         if "-j RETURN" in line and "failsafe" not in line:
             out.append("\n".join([*lines[:i], line.replace("-j RETURN", "-j DROP"), *lines[i + 1:]]))

@@ -45,6 +45,16 @@ from stockade.verify.loaded import (
 )
 
 _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "icmpv6": 58, "sctp": 132, "gre": 47, "esp": 50, "ah": 51}
+# matches on per-connection counts or rates: the flow-log rules use them to log once; accepted
+# only on rules without a verdict (NFLOG), where what they match cannot change any verdict
+_STATEFUL = {
+    "connbytes": {"--connbytes", "--connbytes-dir", "--connbytes-mode"},
+    "hashlimit": {
+        "--hashlimit-upto", "--hashlimit-above", "--hashlimit-burst", "--hashlimit-mode", "--hashlimit-srcmask",
+        "--hashlimit-dstmask", "--hashlimit-name", "--hashlimit-htable-size", "--hashlimit-htable-max",
+        "--hashlimit-htable-expire", "--hashlimit-htable-gcinterval",
+    },
+}
 _BUILTIN = {"INPUT": HookName.INPUT, "OUTPUT": HookName.OUTPUT}
 _NO_VERDICT_TARGETS = {
     "NFLOG": {"--nflog-prefix", "--nflog-group", "--nflog-range", "--nflog-size", "--nflog-threshold"},
@@ -147,6 +157,7 @@ class _RuleParser:
         matches: list[Match] = []
         verdict = Verdict(Kind.CONTINUE)
         module = ""
+        stateful = ""
         i = 0
         neg = False
 
@@ -180,8 +191,12 @@ class _RuleParser:
                 matches.append(Loopback(HookName.INPUT if tok == "-i" else HookName.OUTPUT, neg))
             elif tok == "-m":
                 module = take()
-                if module not in ("tcp", "udp", "multiport", "icmp", "icmp6", "set", "conntrack", "state", "comment"):
+                if module in _STATEFUL:
+                    stateful = module
+                elif module not in ("tcp", "udp", "multiport", "icmp", "icmp6", "set", "conntrack", "state", "comment"):
                     raise self.refuse(f"match module {module!r}")
+            elif module in _STATEFUL and tok in _STATEFUL[module]:
+                take()  # a packet/byte count or rate: only allowed on rules without a verdict (below)
             elif tok in ("--dport", "--sport") and module in ("tcp", "udp"):
                 field = Field.DPORT if tok == "--dport" else Field.SPORT
                 matches.append(IntIn(field, self.ports(take(), False), neg))
@@ -218,6 +233,10 @@ class _RuleParser:
             else:
                 raise self.refuse(f"option {tok!r}")
             neg = False
+        if stateful:
+            if verdict.kind is not Kind.CONTINUE:
+                raise self.refuse(f"match module {stateful!r} deciding a verdict (counts and rates are not modelled)")
+            return [], verdict  # a log-only rule: whatever it matches, it decides nothing
         return matches, verdict
 
     def target(self, flag: str, tokens: list[str], i: int) -> tuple[Verdict, int]:
