@@ -12,7 +12,8 @@ Understood options: ``-s``/``-d`` (a CIDR), ``-p``, ``-i``/``-o lo``, ``-m tcp|u
 src|dst`` (one dimension; ``hash:net`` / ``hash:ip`` sets), ``-m conntrack --ctstate``,
 ``-m state --state``, ``-m comment``, each negatable with ``!`` where iptables allows; targets
 ``ACCEPT``, ``DROP``, ``REJECT`` (a drop), ``RETURN``, ``NFLOG`` / ``LOG`` (no verdict), a
-user chain (``-j``), ``-g``. Anything else raises
+user chain (``-j``), ``-g``; ``-m connbytes`` / ``-m hashlimit`` only on rules without a verdict
+(the log-once rules: whatever they match decides nothing). Anything else raises
 :class:`~stockade.errors.UnmodelledConstructError`.
 """
 
