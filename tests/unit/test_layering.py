@@ -22,9 +22,12 @@ ALLOWED: dict[str, set[str]] = {
     "evaluator": {"errors", "model"},
     "backends": {"errors", "model", "compiler", "bpf"},  # bpf: the eBPF C sources and their build
     "visibility": {"errors", "model", "compiler", "evaluator"},
+    "verify": {"errors", "model", "compiler", "backends"},  # read-back parsers use the backends' runners
     "lab": {"errors", "model", "compiler", "evaluator", "backends", "codec", "policyfile", "paths", "importers"},
     "agent_signature": {"errors"},  # the agent request signature, shared by agent and controller
-    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs", "agent_signature"},
+    "agent": {
+        "errors", "model", "compiler", "evaluator", "backends", "visibility", "logs", "agent_signature", "verify",
+    },
     "controller": {
         "errors", "model", "compiler", "evaluator", "codec", "policyfile", "visibility", "backends", "web", "logs",
         "agent_signature", "importers",

@@ -39,6 +39,8 @@ from stockade.backends.base import (
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, BackendError, StockadeError, ValidationError
 from stockade.model.workloads import EnforcementMode
+from stockade.verify.prove import Proof
+from stockade.verify.readback import prove_backend
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,15 @@ class Enforcer:
             except BackendError as exc:
                 return TamperReport(summary, restored=False, error=str(exc), seconds=time.monotonic() - started)
             return TamperReport(summary, restored=True, seconds=time.monotonic() - started)
+
+    def prove(self) -> Proof | None:
+        """Prove the policy in force against what the kernel holds, every packet (under the lock,
+        so no apply lands mid-proof); None when nothing is in force or the backend has no
+        read-back the prover models. ProofError when the proof cannot be carried out."""
+        with self._lock:
+            if self._policy is None:
+                return None
+            return prove_backend(self._policy, self.backend)
 
     def remove(self) -> None:
         with self._lock:
