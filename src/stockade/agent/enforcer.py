@@ -39,8 +39,8 @@ from stockade.backends.base import (
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, BackendError, StockadeError, ValidationError
 from stockade.model.workloads import EnforcementMode
-from stockade.verify.prove import Proof
-from stockade.verify.readback import prove_backend
+from stockade.verify.prove import Proof, prove
+from stockade.verify.readback import read_backend
 
 
 @dataclass(frozen=True)
@@ -232,13 +232,16 @@ class Enforcer:
             return TamperReport(summary, restored=True, seconds=time.monotonic() - started)
 
     def prove(self) -> Proof | None:
-        """Prove the policy in force against what the kernel holds, every packet (under the lock,
-        so no apply lands mid-proof); None when nothing is in force or the backend has no
-        read-back the prover models. ProofError when the proof cannot be carried out."""
+        """Prove the policy in force against what the kernel holds, every packet; None when nothing
+        is in force or the backend has no read-back the prover models. ProofError when the proof
+        cannot be carried out. The read-back is taken under the lock (no apply lands mid-read, so
+        policy and ruleset belong together); the proof itself runs outside it, so a long proof
+        never delays the next apply."""
         with self._lock:
             if self._policy is None:
                 return None
-            return prove_backend(self._policy, self.backend)
+            policy, loaded = self._policy, read_backend(self.backend)
+        return None if loaded is None else prove(policy, loaded)
 
     def remove(self) -> None:
         with self._lock:

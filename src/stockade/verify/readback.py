@@ -59,15 +59,21 @@ def read_loaded(backend: str, *, netns: str | None = None, table: str = "stockad
     raise ProofError(f"no read-back for backend {backend!r} (provable: {', '.join(BACKENDS)})")
 
 
-def prove_backend(hp: HostPolicy, backend: object, *, hints: Iterable[IPAddress] = ()) -> Proof | None:
-    """Prove ``hp`` against what ``backend`` (a backend object, as the agent holds it) has loaded;
-    None for a backend the prover cannot read back (eBPF, Windows, devices)."""
+def read_backend(backend: object) -> LoadedRuleset | None:
+    """What ``backend`` (a backend object, as the agent holds it) has loaded; None for a backend the
+    prover cannot read back (eBPF, Windows, devices)."""
     netns = getattr(backend, "netns", None)
     if isinstance(backend, NftablesBackend):
-        return prove(hp, read_nftables(backend.table, netns), hints=hints)
+        return read_nftables(backend.table, netns)
     if isinstance(backend, IptablesBackend):
-        return prove(hp, read_iptables(backend.variant, netns), hints=hints)
+        return read_iptables(backend.variant, netns)
     return None
+
+
+def prove_backend(hp: HostPolicy, backend: object, *, hints: Iterable[IPAddress] = ()) -> Proof | None:
+    """Prove ``hp`` against what ``backend`` has loaded; None when it cannot be read back."""
+    loaded = read_backend(backend)
+    return None if loaded is None else prove(hp, loaded, hints=hints)
 
 
 def prove_loaded(
