@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from stockade.compiler import Compiler, HostDelta
+from stockade.compiler.changes import SetChanges
 from stockade.model import (
     ALL_WORKLOADS,
     AllowRule,
@@ -79,25 +80,28 @@ class GcMeter:
 
 @dataclass(frozen=True)
 class OpResult:
-    kind: str  # relabel / readdress / create / delete
+    """One kind of one-workload change. ``median``/``max``: the compiler's set-keyed change
+    (``apply_set_changes``); ``fanout_*``: expanding it to per-host ``HostDelta``s afterwards
+    (``host_deltas``; ``apply_changes`` is the two together)."""
+
+    kind: str  # readdress / create / delete
     n: int
     median: Timing
     max: Timing
-    hosts_median: float
+    hosts_median: float  # hosts in the per-host fan-out
     hosts_max: int
     full_gcs: int
+    fanout_median: Timing | None = None
+    fanout_max: Timing | None = None
+    sets_median: float = 0.0  # set deltas (set x family) in the set-keyed change
 
 
-def _summary(kind: str, times: list[Timing], hosts: list[int], gcs: int) -> OpResult:
-    return OpResult(
-        kind,
-        len(times),
-        Timing(statistics.median(t.wall for t in times), statistics.median(t.cpu for t in times)),
-        Timing(max(t.wall for t in times), max(t.cpu for t in times)),
-        statistics.median(hosts),
-        max(hosts),
-        gcs,
-    )
+def _med(times: list[Timing]) -> Timing:
+    return Timing(statistics.median(t.wall for t in times), statistics.median(t.cpu for t in times))
+
+
+def _max(times: list[Timing]) -> Timing:
+    return Timing(max(t.wall for t in times), max(t.cpu for t in times))
 
 
 def _fresh_addresses(i: int) -> tuple[Interface, ...]:
@@ -114,24 +118,31 @@ def measure_ops(
     rng = random.Random(seed)
     out: list[OpResult] = []
 
-    def run(kind: str, calls: list[Callable[[], list[HostDelta]]]) -> None:
+    def run(kind: str, calls: list[Callable[[], SetChanges]]) -> None:
         times: list[Timing] = []
+        fanouts: list[Timing] = []
         hosts: list[int] = []
+        sets: list[int] = []
         meter.reset()
         meter.active = True
         for call in calls:
-            deltas, t = timed(call)
+            changes, t = timed(call)
+            deltas, f = timed(lambda changes=changes: compiler.host_deltas(changes))
             times.append(t)
+            fanouts.append(f)
             hosts.append(len(deltas))
+            sets.append(len(changes.set_deltas))
+            del deltas, changes
         meter.active = False
-        out.append(_summary(kind, times, hosts, meter.count))
+        out.append(OpResult(kind, len(times), _med(times), _max(times), statistics.median(hosts), max(hosts),
+                            meter.count, _med(fanouts), _max(fanouts), statistics.median(sets)))
 
     picks = rng.sample(list(workloads), n + 2 * n_slow)
     readdress, to_delete, templates = picks[:n], picks[n : n + n_slow], picks[n + n_slow :]
     run(
         "readdress",
         [
-            (lambda w=w, i=i: compiler.upsert_workload(dataclasses.replace(w, interfaces=_fresh_addresses(i))))
+            (lambda w=w, i=i: compiler.apply_set_changes([dataclasses.replace(w, interfaces=_fresh_addresses(i))]))
             for i, w in enumerate(readdress)
         ],
     )
@@ -139,8 +150,8 @@ def measure_ops(
         dataclasses.replace(w, name=f"new-{i}", interfaces=_fresh_addresses(100_000 + i))
         for i, w in enumerate(templates)
     ]
-    run("create", [(lambda w=w: compiler.upsert_workload(w)) for w in created])
-    run("delete", [(lambda name=w.name: compiler.remove_workload(name)) for w in to_delete])
+    run("create", [(lambda w=w: compiler.apply_set_changes([w])) for w in created])
+    run("delete", [(lambda name=w.name: compiler.apply_set_changes([name])) for w in to_delete])
     return out
 
 
@@ -359,6 +370,8 @@ def side_by_side(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
         rows.append((f"{kind} median, CPU ms", _op(kind, lambda o: f"{o['median']['cpu'] * 1000:.2f}")))
         rows.append((f"{kind} max, CPU ms", _op(kind, lambda o: f"{o['max']['cpu'] * 1000:.2f}")))
         rows.append((f"{kind} hosts in delta (med)", _op(kind, lambda o: f"{o['hosts_median']:g}")))
+        rows.append(("  + fan-out to hosts, median CPU ms",
+                     _op(kind, lambda o: f"{o['fanout_median']['cpu'] * 1000:.2f}" if o.get("fanout_median") else "-")))
     rows.append(("full GCs in all one-workload ops", _gcs))
     rows.append(("incremental == full recompile", lambda r: {None: "-", True: "yes", False: "NO"}[r.get("verified")]))
     old_by = {r["size"]: r for r in old}

@@ -207,18 +207,12 @@ class Compiler:
     def _compile_labelset(self, labels: LabelSet) -> _LabelSetRules:
         table = self._table
         matched = self._sel_index.matching(labels)
-        ids: set[int] = set()
-        for sid in matched:
-            for group in table.inbound.get(sid, ()):
-                ids.update(group)
-            for group in table.outbound.get(sid, ()):
-                ids.update(group)
-        ordered = sorted(ids, key=table.rank.__getitem__)
-        host_rules, peers = table.host_rules, table.peers
+        rules_of = table.rules_of
+        ordered = sorted(frozenset().union(*[rules_of[sid] for sid in matched if sid in rules_of]))
         return _LabelSetRules(
-            tuple(host_rules[k] for k in ordered),
-            tuple(sorted({peers[k] for k in ordered})),
-            frozenset(table.names[sid] for sid in matched),
+            tuple(map(table.ranked_rules.__getitem__, ordered)),
+            tuple(sorted(set(map(table.ranked_peers.__getitem__, ordered)))),
+            frozenset(map(table.names.__getitem__, matched)),
         )
 
     # ---- address sets ----------------------------------------------------------

@@ -164,6 +164,10 @@ class RuleTable:
     rank: list[int] = field(default_factory=list)  # position of host_rules[id] in HostRule order
     inbound: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # provider id -> host-rule ids
     outbound: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # consumer id -> host-rule ids
+    # the per-label-set compile's view: host rules numbered by rank, and each selector's rules
+    ranked_rules: list[HostRule] = field(default_factory=list)  # host rules in HostRule order
+    ranked_peers: list[str] = field(default_factory=list)  # peer set name of ranked_rules[rank]
+    rules_of: dict[int, frozenset[int]] = field(default_factory=dict)  # selector id -> ranks it brings in
 
     def intern(self, sel: Selector) -> int:
         text = sel.canonical()
@@ -226,4 +230,26 @@ def build_rule_table(rules: tuple[EffectiveRule, ...]) -> RuleTable:
     directions = {d.value: d for d in Direction}
     table.host_rules = [HostRule(a, directions[t], rid, peer, svc) for a, t, rid, peer, svc in specs]
     table.peers = [spec[3] for spec in specs]
+    _rank_view(table)
     return table
+
+
+def _rank_view(table: RuleTable) -> None:
+    """Fill ``ranked_rules``, ``ranked_peers`` and ``rules_of``: a label set's rules are then the
+    union of its selectors' rank sets and a plain integer sort (done once per selector here
+    rather than once per label set: 79,000 selectors vs 95,000 label sets at 125,000 workloads)."""
+    rank = table.rank
+    by_rank = [0] * len(rank)
+    for k, r in enumerate(rank):
+        by_rank[r] = k
+    table.ranked_rules = list(map(table.host_rules.__getitem__, by_rank))
+    table.ranked_peers = list(map(table.peers.__getitem__, by_rank))
+    rules_of: dict[int, frozenset[int]] = {}
+    for sid in set(table.inbound) | set(table.outbound):
+        ids: set[int] = set()
+        for group in table.inbound.get(sid, ()):
+            ids.update(group)
+        for group in table.outbound.get(sid, ()):
+            ids.update(group)
+        rules_of[sid] = frozenset(map(rank.__getitem__, ids))
+    table.rules_of = rules_of
