@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 
 from stockade.compiler.ir import Direction, HostRule
 from stockade.errors import CompileError
@@ -224,32 +225,24 @@ def build_rule_table(rules: tuple[EffectiveRule, ...]) -> RuleTable:
             table_in.setdefault(p, []).append(in_ids)
         for c in cons:
             table_out.setdefault(c, []).append(out_ids)
-    table.rank = [0] * len(specs)
-    for rank, key in enumerate(sorted(keys)):  # tuples of primitives: compared in C, in HostRule order
-        table.rank[keys[key]] = rank
+    # tuples of primitives: compared in C, in HostRule order; rank[id] = position (inverse permutation)
+    by_rank = list(map(keys.__getitem__, sorted(keys)))
+    table.rank = sorted(range(len(by_rank)), key=by_rank.__getitem__)
     directions = {d.value: d for d in Direction}
     table.host_rules = [HostRule(a, directions[t], rid, peer, svc) for a, t, rid, peer, svc in specs]
     table.peers = [spec[3] for spec in specs]
-    _rank_view(table)
+    _rank_view(table, by_rank)
     return table
 
 
-def _rank_view(table: RuleTable) -> None:
+def _rank_view(table: RuleTable, by_rank: list[int]) -> None:
     """Fill ``ranked_rules``, ``ranked_peers`` and ``rules_of``: a label set's rules are then the
     union of its selectors' rank sets and a plain integer sort (done once per selector here
     rather than once per label set: 79,000 selectors vs 95,000 label sets at 125,000 workloads)."""
-    rank = table.rank
-    by_rank = [0] * len(rank)
-    for k, r in enumerate(rank):
-        by_rank[r] = k
+    rank, inbound, outbound = table.rank, table.inbound, table.outbound
     table.ranked_rules = list(map(table.host_rules.__getitem__, by_rank))
     table.ranked_peers = list(map(table.peers.__getitem__, by_rank))
-    rules_of: dict[int, frozenset[int]] = {}
-    for sid in set(table.inbound) | set(table.outbound):
-        ids: set[int] = set()
-        for group in table.inbound.get(sid, ()):
-            ids.update(group)
-        for group in table.outbound.get(sid, ()):
-            ids.update(group)
-        rules_of[sid] = frozenset(map(rank.__getitem__, ids))
-    table.rules_of = rules_of
+    table.rules_of = {
+        sid: frozenset(map(rank.__getitem__, chain.from_iterable(chain(inbound.get(sid, ()), outbound.get(sid, ())))))
+        for sid in inbound.keys() | outbound.keys()
+    }

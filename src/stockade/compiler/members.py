@@ -22,6 +22,10 @@ from operator import ne, sub
 from stockade.model.addresses import Family, IPNetwork, Range
 
 
+def host_network(family: Family, a: int) -> IPNetwork:
+    return IPv4Network((a, 32)) if family is Family.V4 else IPv6Network((a, 128))
+
+
 class NetworkCache:
     """One shared network object per (first address, prefix length) and family."""
 
@@ -35,10 +39,8 @@ class NetworkCache:
         try:
             return list(map(found.__getitem__, addresses))
         except KeyError:
-            cls: type[IPv4Network] | type[IPv6Network] = IPv4Network if family is Family.V4 else IPv6Network
-            bits = family.bits
             for a in set(addresses).difference(found):
-                found[a] = cls((a, bits))
+                found[a] = host_network(family, a)
             return list(map(found.__getitem__, addresses))
 
     def networks(
@@ -56,7 +58,7 @@ class NetworkCache:
             if lo == hi:  # the common case: one workload address
                 net = singles.get(lo)
                 if net is None:
-                    net = singles[lo] = cls((lo, bits))
+                    net = singles[lo] = host_network(family, lo)
                 out.append(net)
                 if starts is not None:
                     starts.append(lo)
