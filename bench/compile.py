@@ -385,7 +385,7 @@ def run_child(size: str, relabels: int, aerleon_reps: int, verify: bool) -> Size
 
 def run_k8s_child(namespaces: int, per_batch: int) -> ChurnResult:
     d = _child([f"k8s:{namespaces}:{per_batch}"])
-    timings = ("build", "batch", "singles")
+    timings = ("build", "batch", "singles", "batch_fanout")
     return ChurnResult(**{k: Timing(**v) if k in timings else v for k, v in d.items()})
 
 

@@ -8,7 +8,8 @@ Used by ``bench/compile.py`` (run that). Three things live here so ``compile.py`
 * ``k8s_estate`` / ``measure_churn``: a Kubernetes-shaped estate (10,000 namespaces of
   pods, three deployments each, so many pods share few label sets; pod addresses come from
   a pool and are recycled) and a churn of 1,000 pod deletions + 1,000 creations applied as
-  ONE ``Compiler.apply_changes`` batch, against the same churn applied one change at a time;
+  ONE ``Compiler.apply_set_changes`` batch (then fanned out per host), against the same churn
+  applied one change at a time;
 * ``side_by_side``: the old (main's) and new results of the same sizes in one table.
 """
 
@@ -278,6 +279,9 @@ class ChurnResult:
     batch_deltas: int
     batch_hosts: int  # distinct hosts in the batch's deltas
     batch_full_gcs: int
+    batch_sets: int  # set deltas (set x family) in the batch's SetChanges
+    batch_reloads: int  # hosts reloaded (the created and deleted pods themselves)
+    batch_fanout: Timing  # host_deltas(): the per-host fan-out after the set-keyed batch
     singles_changes: int
     singles: Timing
     singles_deltas: int
@@ -302,7 +306,8 @@ def measure_churn(meter: GcMeter, namespaces: int, per_batch: int) -> ChurnResul
     changes = churn(estate, live, per_batch, rng)
     meter.reset()
     meter.active = True
-    deltas, batch_t = timed(lambda: compiler.apply_changes(changes))
+    set_changes, batch_t = timed(lambda: compiler.apply_set_changes(changes))
+    deltas, fanout_t = timed(lambda: compiler.host_deltas(set_changes))
     meter.active = False
     batch_gcs = meter.count
     batch_hosts = len({d.workload for d in deltas})
@@ -327,6 +332,9 @@ def measure_churn(meter: GcMeter, namespaces: int, per_batch: int) -> ChurnResul
         batch_deltas=len(deltas),
         batch_hosts=batch_hosts,
         batch_full_gcs=batch_gcs,
+        batch_sets=len(set_changes.set_deltas),
+        batch_reloads=len(set_changes.reloads),
+        batch_fanout=fanout_t,
         singles_changes=len(singles),
         singles=singles_t,
         singles_deltas=len(single_deltas),
@@ -345,8 +353,9 @@ def churn_report(r: ChurnResult) -> str:
             f"Kubernetes-shaped estate: {r.pods:,} pods in {r.namespaces:,} namespaces, "
             f"{r.label_sets:,} distinct label sets; full compile {r.build.cpu:.2f} s CPU "
             f"({r.build.wall:.1f} s wall), full GCs in it: {r.full_gcs_build}",
-            f"  one batch of {r.batch_changes:,} changes (deletes + creates, addresses recycled): {ms(r.batch)}, "
-            f"{r.batch_deltas:,} HostDeltas for {r.batch_hosts:,} hosts (max 1 per host: "
+            f"  one batch of {r.batch_changes:,} changes (deletes + creates, addresses recycled), set-keyed: "
+            f"{ms(r.batch)}, {r.batch_sets:,} set deltas + {r.batch_reloads:,} reloads; fanned out per host: "
+            f"{ms(r.batch_fanout)} more, {r.batch_deltas:,} HostDeltas for {r.batch_hosts:,} hosts (max 1 per host: "
             f"{'yes' if r.batch_deltas == r.batch_hosts else 'NO'}), full GCs: {r.batch_full_gcs}",
             f"  the same kind of churn one change at a time ({r.singles_changes:,} calls): {ms(r.singles)}, "
             f"{r.singles_deltas:,} HostDeltas for {r.singles_hosts:,} hosts, full GCs: {r.singles_full_gcs}",
