@@ -207,12 +207,18 @@ class Compiler:
     def _compile_labelset(self, labels: LabelSet) -> _LabelSetRules:
         table = self._table
         matched = self._sel_index.matching(labels)
-        rules_of = table.rules_of
-        ordered = sorted(frozenset().union(*[rules_of[sid] for sid in matched if sid in rules_of]))
+        ids: set[int] = set()
+        for sid in matched:
+            for group in table.inbound.get(sid, ()):
+                ids.update(group)
+            for group in table.outbound.get(sid, ()):
+                ids.update(group)
+        ordered = sorted(ids, key=table.rank.__getitem__)
+        host_rules, peers = table.host_rules, table.peers
         return _LabelSetRules(
-            tuple(map(table.ranked_rules.__getitem__, ordered)),
-            tuple(sorted(set(map(table.ranked_peers.__getitem__, ordered)))),
-            frozenset(map(table.names.__getitem__, matched)),
+            tuple(host_rules[k] for k in ordered),
+            tuple(sorted({peers[k] for k in ordered})),
+            frozenset(table.names[sid] for sid in matched),
         )
 
     # ---- address sets ----------------------------------------------------------

@@ -16,14 +16,8 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
-from itertools import compress, repeat
-from operator import ne, sub
 
 from stockade.model.addresses import Family, IPNetwork, Range
-
-
-def host_network(family: Family, a: int) -> IPNetwork:
-    return IPv4Network((a, 32)) if family is Family.V4 else IPv6Network((a, 128))
 
 
 class NetworkCache:
@@ -31,17 +25,6 @@ class NetworkCache:
 
     def __init__(self) -> None:
         self._nets: dict[Family, dict[int, IPNetwork]] = {Family.V4: {}, Family.V6: {}}
-        self._singles: dict[Family, dict[int, IPNetwork]] = {Family.V4: {}, Family.V6: {}}  # address -> /32, /128
-
-    def singles(self, addresses: list[int], family: Family) -> list[IPNetwork]:
-        """The host network of each address, in order (the fast path of ``networks``)."""
-        found = self._singles[family]
-        try:
-            return list(map(found.__getitem__, addresses))
-        except KeyError:
-            for a in set(addresses).difference(found):
-                found[a] = host_network(family, a)
-            return list(map(found.__getitem__, addresses))
 
     def networks(
         self, ranges: Iterable[Range], family: Family, starts: list[int] | None = None
@@ -52,13 +35,14 @@ class NetworkCache:
         """
         bits = family.bits
         cls: type[IPv4Network] | type[IPv6Network] = IPv4Network if family is Family.V4 else IPv6Network
-        nets, singles = self._nets[family], self._singles[family]
+        nets = self._nets[family]
         out: list[IPNetwork] = []
         for lo, hi in ranges:
             if lo == hi:  # the common case: one workload address
-                net = singles.get(lo)
+                key = lo << 8 | bits
+                net = nets.get(key)
                 if net is None:
-                    net = singles[lo] = host_network(family, lo)
+                    net = nets[key] = cls((lo, bits))
                 out.append(net)
                 if starts is not None:
                     starts.append(lo)
@@ -85,26 +69,18 @@ class MemberSet:
     def __init__(self, family: Family, addresses: Iterable[int] = (), cache: NetworkCache | None = None) -> None:
         self.family = family
         self._cache = cache if cache is not None else NetworkCache()
-        addrs = addresses if isinstance(addresses, list) else list(addresses)
-        count: dict[int, int] = dict.fromkeys(addrs, 1)
-        if len(count) != len(addrs):  # an address shared by two workloads: count it twice
-            count = dict(Counter(addrs))
-        self._count = count
-        ordered = sorted(count)
-        # ranges of consecutive addresses, found by C-level passes (no Python loop per address)
-        gaps = list(map(sub, ordered[1:], ordered))
-        self._starts: list[int]
-        if 1 not in gaps:  # the common case: no two members adjacent, every range one address
-            los, his = ordered, ordered.copy()
-            self._starts = ordered.copy()
-            self._nets: list[IPNetwork] = self._cache.singles(ordered, family)
-        else:
-            breaks = list(compress(range(1, len(ordered)), map(ne, gaps, repeat(1))))
-            los = [ordered[0], *map(ordered.__getitem__, breaks)]
-            his = [*map(ordered.__getitem__, map(sub, breaks, repeat(1))), ordered[-1]]
-            self._starts = []
-            self._nets = list(self._cache.networks(zip(los, his, strict=True), family, self._starts))
+        self._count: dict[int, int] = Counter(addresses)
+        los: list[int] = []
+        his: list[int] = []
+        for a in sorted(self._count):
+            if his and a == his[-1] + 1:
+                his[-1] = a
+            else:
+                los.append(a)
+                his.append(a)
         self._los, self._his = los, his
+        self._starts: list[int] = []
+        self._nets: list[IPNetwork] = list(self._cache.networks(zip(los, his, strict=True), family, self._starts))
         self._frozen: tuple[IPNetwork, ...] | None = None
 
     def networks(self) -> tuple[IPNetwork, ...]:
