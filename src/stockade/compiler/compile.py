@@ -27,8 +27,10 @@ from stockade.compiler.expand import build_rule_table, expand_rules, set_name
 from stockade.compiler.index import LabelIndex, SelectorIndex, label_keys
 from stockade.compiler.ir import AddressSet, Direction, HostDelta, HostPolicy, HostRule
 from stockade.compiler.members import MemberSet, NetworkCache
+from stockade.compiler.netpol import NetpolLayer, addresses_from
 from stockade.errors import NotFoundError
 from stockade.model.addresses import Family, IPAddress
+from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.policy import Policy
 from stockade.model.selectors import AllWorkloads, IPListSelector, LabelSelector, Selector
 from stockade.model.workloads import EnforcementMode, Workload
@@ -107,6 +109,7 @@ class Compiler:
         self._policy_dirty = False
         self._groups = policy.group_map()
         self._table = build_rule_table(expand_rules(policy))
+        self._np = NetpolLayer(policy.network_policies)
         table = self._table
         self._sel_index = SelectorIndex(self._groups)
         for sid, sel in enumerate(table.selectors):
@@ -263,7 +266,7 @@ class Compiler:
                 found += cache.get(s) or self.address_sets(s)
             sets = tuple(found)
             self._ls_sets[lsid] = (self._generation, sets)
-        return HostPolicy(
+        hp = HostPolicy(
             workload=w.name,
             mode=w.mode,
             local_addresses=w.addresses,
@@ -271,6 +274,13 @@ class Compiler:
             sets=sets,
             failsafe=self._policy.failsafe,
         )
+        if self._np.affects(name):
+            hp = self._np.apply(hp, self._addresses)
+        return hp
+
+    def _addresses(self, name: str) -> tuple[IPAddress, ...]:
+        w = self._workloads.get(name)
+        return w.addresses if w is not None else ()
 
     def all_host_policies(self) -> dict[str, HostPolicy]:
         with _bulk_allocation():
@@ -347,6 +357,8 @@ class Compiler:
                 present[c.name] = True
         if not batch:
             return SetChanges(self._generation, (), ())
+        np_sets = self._np.sets_of(present)  # NetworkPolicy peer sets naming a changed workload
+        np_old = {n: self._np.address_sets(n, self._addresses) for n in np_sets}
         self._generation += 1
         before: dict[str, _Header | None] = {}
         builder = DeltaBuilder()
@@ -363,6 +375,12 @@ class Compiler:
             set_deltas = builder.set_deltas()
             for d in set_deltas:
                 self._invalidate_set(d.name)
+            if np_old:  # NetworkPolicy peer sets naming a changed workload: their deltas too
+                self._np.forget(np_old)
+                np_deltas = [
+                    d for n, old in np_old.items() for d in diff_sets(old, self._np.address_sets(n, self._addresses))
+                ]
+                set_deltas = tuple(sorted((*set_deltas, *np_deltas), key=lambda d: (d.name, d.family.value)))
             reloads: list[HostDelta] = []
             for name in sorted(before):
                 header = before[name]
@@ -383,9 +401,14 @@ class Compiler:
 
     def subscribers(self, set_name: str) -> Iterator[str]:
         """Hosts whose policy references the address set ``set_name`` (in no particular order)."""
-        hosts = self._ls_hosts
+        hosts, np = self._ls_hosts, self._np
         for lsid in self._set_labelsets.get(set_name, ()):
-            yield from hosts[lsid]
+            for h in hosts[lsid]:
+                # a direction isolated by a NetworkPolicy drops the label rules (and their sets)
+                if not np.active or not np.affects(h) or any(s.name == set_name for s in self.host_policy(h).sets):
+                    yield h
+        if np.active:
+            yield from (h for h in np.hosts_of_set.get(set_name, ()) if h in self._workloads)
 
     def host_deltas(self, changes: SetChanges) -> list[HostDelta]:
         """``changes`` fanned out to one ``HostDelta`` per affected host, sorted by name.
@@ -409,8 +432,29 @@ class Compiler:
                 for h in self._ls_hosts[lsid]:
                     if h not in reloaded:
                         out.append(HostDelta(h, self.host_policy(h), False, deltas))
+            if self._np.active:
+                out = self._netpol_fanout(out, changes)
         out.sort(key=lambda d: d.workload)
         return out
+
+    def _netpol_fanout(self, out: list[HostDelta], changes: SetChanges) -> list[HostDelta]:
+        """``out`` corrected for hosts under NetworkPolicy: the deltas of exactly the sets their
+        layered policy holds (peer sets added, sets of an isolated direction left out)."""
+        by_host = {d.workload: d for d in out}
+        hosts = {h for d in changes.set_deltas for h in self._np.hosts_of_set.get(d.name, ()) if h in self._workloads}
+        hosts |= {h for h in by_host if self._np.affects(h)}
+        for h in sorted(hosts):
+            d = by_host.get(h)
+            if d is not None and (d.policy is None or d.rules_changed):
+                continue
+            hp = self.host_policy(h)
+            names = {s.name for s in hp.sets}
+            deltas = tuple(x for x in changes.set_deltas if x.name in names)
+            if deltas:
+                by_host[h] = HostDelta(h, hp, False, deltas)
+            else:
+                by_host.pop(h, None)
+        return list(by_host.values())
 
     def apply_changes(self, changes: Iterable[Workload | str]) -> list[HostDelta]:
         """``apply_set_changes`` fanned out per host (``host_deltas``).
@@ -422,6 +466,29 @@ class Compiler:
         An unknown name to remove raises ``NotFoundError`` before anything changes.
         """
         return self.host_deltas(self.apply_set_changes(changes))
+
+    def replace_network_policies(self, policies: tuple[KubeNetworkPolicy, ...]) -> list[HostDelta]:
+        """Swap the resolved NetworkPolicies; diff only the hosts the changed ones govern."""
+        old = {(p.namespace, p.name): p for p in self._policy.network_policies}
+        new = {(p.namespace, p.name): p for p in policies}
+        changed = [p for k in set(old) | set(new) if old.get(k) != new.get(k) for p in (old.get(k), new.get(k))
+                   if p is not None]
+        if not changed:
+            return []
+        hosts = sorted({h for p in changed for h in p.selected if h in self._workloads})
+        before = {h: self.host_policy(h) for h in hosts}
+        self._policy = replace(self.policy, network_policies=tuple(sorted(policies)))
+        for k in set(old) | set(new):
+            if old.get(k) != new.get(k):
+                self._np.replace(old.get(k), new.get(k))
+        deltas: list[HostDelta] = []
+        for h in hosts:
+            hp = self.host_policy(h)
+            if hp.rules_key() != before[h].rules_key():
+                deltas.append(HostDelta(h, hp, True, ()))
+            elif hp != before[h]:
+                deltas.append(HostDelta(h, hp, False, diff_sets(before[h].sets, hp.sets)))
+        return deltas
 
     def upsert_workload(self, w: Workload) -> list[HostDelta]:
         """Add or replace one workload; returns the delta of every affected host."""
@@ -517,7 +584,7 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
                 v6n = MemberSet(Family.V6, (a for m in members for a in _ints(m, 6))).networks()
             canonical = sel.canonical()
             sets += [AddressSet(name, Family.V4, v4n, canonical), AddressSet(name, Family.V6, v6n, canonical)]
-    return HostPolicy(
+    hp = HostPolicy(
         workload=w.name,
         mode=w.mode,
         local_addresses=w.addresses,
@@ -525,3 +592,6 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
         sets=tuple(sorted(sets, key=_set_key)),
         failsafe=policy.failsafe,
     )
+    if policy.network_policies:
+        hp = NetpolLayer(policy.network_policies).apply(hp, addresses_from(by_name))
+    return hp
