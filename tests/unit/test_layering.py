@@ -22,13 +22,18 @@ ALLOWED: dict[str, set[str]] = {
     "evaluator": {"errors", "model"},
     "backends": {"errors", "model", "compiler", "bpf"},  # bpf: the eBPF C sources and their build
     "visibility": {"errors", "model", "compiler", "evaluator"},
-    "lab": {"errors", "model", "compiler", "evaluator", "backends", "codec", "policyfile", "paths"},
+    "verify": {"errors", "model", "compiler", "backends"},  # read-back parsers use the backends' runners
+    "lab": {"errors", "model", "compiler", "evaluator", "backends", "codec", "policyfile", "paths", "importers"},
     "agent_signature": {"errors"},  # the agent request signature, shared by agent and controller
-    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs", "agent_signature"},
+    "agent": {
+        "errors", "model", "compiler", "evaluator", "backends", "visibility", "logs", "agent_signature", "verify",
+    },
     "controller": {
         "errors", "model", "compiler", "evaluator", "codec", "policyfile", "visibility", "backends", "web", "logs",
-        "agent_signature",
+        "agent_signature", "importers",
     },
+    # existing firewall rules -> policy, pure, below the controller (k8s: its NetworkPolicy translation)
+    "importers": {"errors", "model", "codec", "policyfile", "k8s"},
     "logs": set(),
     # beside the controller: reaches it only through the REST API; writes REST bodies with the one codec
     # (codec) and the NetworkPolicy import writes policy documents with the one dumper (policyfile)

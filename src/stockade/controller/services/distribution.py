@@ -101,6 +101,9 @@ class AgentLive:
     last_heartbeat: dt.datetime | None = None
     dirty: bool = False
     online: bool = False
+    proof: str = ""  # last proof the agent reported: "proven" / "differs" / "failed" ("": none yet)
+    proof_revision: int = 0
+    proof_detail: str = ""
 
 
 @dataclass
