@@ -24,8 +24,9 @@ from ipaddress import IPv4Network, IPv6Network
 from stockade.compiler.delta import diff_sets
 from stockade.compiler.expand import build_rule_table, expand_rules, set_name
 from stockade.compiler.index import LabelIndex, SelectorIndex, label_keys
-from stockade.compiler.ir import AddressSet, Direction, HostDelta, HostPolicy, HostRule, SetDelta
+from stockade.compiler.ir import AddressSet, Direction, HostDelta, HostPolicy, HostRule, SetDelta, WireGuardConfig
 from stockade.compiler.members import MemberSet, NetworkCache
+from stockade.compiler.wireguard import PeerIndex, config_for
 from stockade.errors import NotFoundError
 from stockade.model.addresses import Family, IPAddress, IPNetwork
 from stockade.model.policy import Policy
@@ -106,6 +107,7 @@ class _LabelSetRules:
     rules: tuple[HostRule, ...]
     sets: tuple[str, ...]  # sorted names of the sets the rules reference
     member_of: frozenset[str]  # names of the workload sets a host with these labels is in
+    encrypted_sets: tuple[str, ...] = ()  # peer sets of its encrypted rules (WireGuard peers)
 
 
 _Header = tuple[EnforcementMode, tuple[IPAddress, ...], _LabelSetRules]  # a HostPolicy minus set members
@@ -154,9 +156,17 @@ class Compiler:
         self._ls_hosts: list[set[str]] = []
         self._ls_sets: dict[int, tuple[AddressSet, ...]] = {}
         self._set_labelsets: dict[str, set[int]] = defaultdict(set)
+        self._peer_index = PeerIndex()
+        self._touched: set[str] = set()  # sets whose WireGuard-capable members may have changed
         for w in policy.workloads:
             self._workloads[w.name] = w
             self._attach_host(w)
+        # the tunnel configuration last handed out, per host with encrypted rules
+        self._wg_state: dict[str, WireGuardConfig] = {}
+        for w in policy.workloads:
+            wg = self._wireguard(w.name)
+            if wg is not None:
+                self._wg_state[w.name] = wg
 
         # address sets: IP lists are static, workload sets are MemberSets filled per label set
         iplists = policy.ip_list_map()
@@ -220,11 +230,21 @@ class Compiler:
         lsid = self._labelset(w)
         self._key_of[w.name] = lsid
         self._ls_hosts[lsid].add(w.name)
+        self._peer_index.add(w, self._ls_rules[lsid].member_of)
 
     def _detach_host(self, name: str) -> None:
         lsid = self._key_of.pop(name)
         self._ls_hosts[lsid].discard(name)
         self._addr_ints.pop(name, None)
+        self._peer_index.remove(name, self._ls_rules[lsid].member_of)
+
+    def _wireguard(self, name: str) -> WireGuardConfig | None:
+        """The host's tunnel configuration: None unless an encrypted rule applies to it."""
+        compiled = self._ls_rules[self._key_of[name]]
+        if not compiled.encrypted_sets:
+            return None
+        peers = self._peer_index.members(compiled.encrypted_sets)
+        return config_for(self._workloads[name], (self._workloads[p] for p in peers))
 
     # ---- per label set -------------------------------------------------------
     def _compile_labelset(self, labels: LabelSet) -> _LabelSetRules:
@@ -242,6 +262,7 @@ class Compiler:
             tuple(host_rules[k] for k in ordered),
             tuple(sorted({peers[k] for k in ordered})),
             frozenset(table.names[sid] for sid in matched),
+            tuple(sorted({peers[k] for k in ordered if host_rules[k].encrypt})),
         )
 
     # ---- address sets ----------------------------------------------------------
@@ -285,6 +306,7 @@ class Compiler:
             rules=compiled.rules,
             sets=sets,
             failsafe=self._policy.failsafe,
+            wireguard=self._wireguard(name),
         )
 
     def all_host_policies(self) -> dict[str, HostPolicy]:
@@ -325,6 +347,9 @@ class Compiler:
         self._attach_host(w)
         new_ints = self._ints(w.name)
         now_in = self._ls_rules[self._key_of[w.name]].member_of
+        if old is None or old.wireguard != w.wireguard or old.mode != w.mode or was_in != now_in \
+                or old_ints != new_ints:
+            self._touched |= was_in | now_in
         for s in was_in - now_in:
             self._change_members(builder, s, old_ints, add=False)
         for s in now_in - was_in:
@@ -338,6 +363,7 @@ class Compiler:
 
     def _remove(self, builder: _DeltaBuilder, name: str) -> None:
         ints = self._ints(name)
+        self._touched |= self._ls_rules[self._key_of[name]].member_of
         for s in self._ls_rules[self._key_of[name]].member_of:
             self._change_members(builder, s, ints, add=False)
         self._detach_host(name)
@@ -419,6 +445,9 @@ class Compiler:
         labelsets: set[int] = set()
         for s in set_deltas:
             labelsets.update(self._set_labelsets.get(s, ()))
+        for s in self._touched:  # hosts whose tunnel peers may have changed
+            labelsets.update(lsid for lsid in self._set_labelsets.get(s, ()) if self._ls_rules[lsid].encrypted_sets)
+        self._touched = set()
         hosts: dict[str, int] = {h: lsid for lsid in labelsets for h in self._ls_hosts[lsid]}
         for name in before:
             if name in self._workloads:
@@ -428,8 +457,17 @@ class Compiler:
         for name in before:
             if name not in self._workloads and before[name] is not None:
                 out.append(HostDelta(name, None, True, ()))
+                self._wg_state.pop(name, None)
         for h, lsid in hosts.items():
             hp = self.host_policy(h)
+            if hp.wireguard is None:
+                old_wg = self._wg_state.pop(h, None)
+            else:
+                old_wg = self._wg_state.get(h)
+                self._wg_state[h] = hp.wireguard
+            if old_wg != hp.wireguard:  # a peer came, went, rotated or moved: HostPolicy.rules_key differs
+                out.append(HostDelta(h, hp, True, ()))
+                continue
             header = before.get(h, ...)
             if header is not ...:
                 if header is None:
@@ -484,6 +522,7 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
     with _bulk_allocation():
         rules: set[HostRule] = set()
         peers: dict[str, Selector] = {}
+        encrypted: set[str] = set()
         for r in expand_rules(policy):
             for direction, mine, theirs in (
                 (Direction.INBOUND, r.providers, r.consumers),
@@ -493,7 +532,9 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
                     for peer in theirs:
                         name = set_name(peer)
                         peers[name] = peer
-                        rules.add(HostRule(r.action, direction, r.rule_id, name, r.services))
+                        rules.add(HostRule(r.action, direction, r.rule_id, name, r.services, r.encrypt))
+                        if r.encrypt:
+                            encrypted.add(name)
         index = LabelIndex()
         by_name = {x.name: x for x in policy.workloads}
         for x in policy.workloads:
@@ -513,6 +554,10 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
                 v6n = MemberSet(Family.V6, (a for m in members for a in _ints(m, 6))).networks()
             canonical = sel.canonical()
             sets += [AddressSet(name, Family.V4, v4n, canonical), AddressSet(name, Family.V6, v6n, canonical)]
+        wireguard = None
+        if encrypted:
+            tunnel_peers = {m for name in encrypted for m in index.members(peers[name], groups)}
+            wireguard = config_for(w, (by_name[m] for m in tunnel_peers))
     return HostPolicy(
         workload=w.name,
         mode=w.mode,
@@ -520,4 +565,5 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
         rules=tuple(sorted(rules)),
         sets=tuple(sorted(sets, key=_set_key)),
         failsafe=policy.failsafe,
+        wireguard=wireguard,
     )

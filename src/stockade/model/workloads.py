@@ -32,6 +32,19 @@ class Interface:
 
 
 @dataclass(frozen=True, order=True)
+class WireGuardIdentity:
+    """A workload's registered WireGuard public key and the endpoint its peers send to.
+
+    The private key never leaves the host; the controller only ever sees this.
+    ``endpoint`` is one of the workload's own addresses (None: its first address).
+    """
+
+    public_key: str  # base64 of 32 bytes (Curve25519)
+    endpoint: IPAddress | None = None
+    port: int = 51820
+
+
+@dataclass(frozen=True, order=True)
 class Workload:
     name: str
     labels: frozenset[Label] = field(default_factory=frozenset)
@@ -39,6 +52,16 @@ class Workload:
     mode: EnforcementMode = EnforcementMode.VISIBILITY
     backend: str = "nftables"
     description: str = ""
+    wireguard: WireGuardIdentity | None = None
+
+    def wireguard_endpoint(self) -> IPAddress | None:
+        """The address peers send WireGuard packets to, or None when the workload cannot encrypt."""
+        if self.wireguard is None or self.mode is EnforcementMode.IDLE or not self.addresses:
+            return None
+        ep = self.wireguard.endpoint
+        if ep is not None and ep in self.addresses:
+            return ep
+        return self.addresses[0]
 
     @cached_property
     def addresses(self) -> tuple[IPAddress, ...]:

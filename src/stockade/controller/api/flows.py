@@ -342,6 +342,7 @@ class DecisionOut(BaseModel):
     workload: str
     action: str
     rule_id: str
+    encrypted: bool = Field(False, description="the deciding rule says encrypt (WireGuard)")
 
 
 class ExplainOut(BaseModel):
@@ -353,17 +354,20 @@ class ExplainOut(BaseModel):
     reported_outbound_rule: str | None = None
     reported_inbound_rule: str | None = None
     count: int = 0
+    encrypted: bool = Field(False, description="allowed through WireGuard between the two workloads")
+    encrypted_by: str | None = Field(None, description="the rule that says encrypt")
 
 
 def _decision(d: SideDecision | None) -> DecisionOut | None:
-    return DecisionOut(workload=d.workload, action=d.action, rule_id=d.rule_id) if d else None
+    return DecisionOut(workload=d.workload, action=d.action, rule_id=d.rule_id, encrypted=d.encrypted) if d else None
 
 
 def _explain_out(key_out: FlowKeyOut, ev: Evaluation, c: Connection | None) -> ExplainOut:
     return ExplainOut(flow=key_out, verdict=ev.verdict, reported=c.verdict if c else None,
                       outbound=_decision(ev.outbound), inbound=_decision(ev.inbound),
                       reported_outbound_rule=c.outbound_rule if c else None,
-                      reported_inbound_rule=c.inbound_rule if c else None, count=c.count if c else 0)
+                      reported_inbound_rule=c.inbound_rule if c else None, count=c.count if c else 0,
+                      encrypted=ev.encrypted, encrypted_by=ev.encrypted_by or None)
 
 
 @router.get("/flows/{flow_id}/explain", tags=["Flows"], responses=ERRORS, operation_id="explain-flow")
