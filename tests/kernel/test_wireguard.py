@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from stockade.backends.wireguard import SOCKET_MARK, STEER_MARK
+from stockade.backends.wireguard import SOCKET_MARK
 from stockade.evaluator import Evaluator, Verdict
 from stockade.model.labels import Label
 from stockade.model.policy import Policy
