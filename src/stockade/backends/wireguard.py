@@ -36,7 +36,10 @@ from pathlib import Path
 
 from stockade.backends.common import in_netns, nsenter_argv, run_command
 from stockade.compiler.ir import WireGuardConfig, WireGuardPeer
-from stockade.errors import ApplyError, Issue, ValidationError
+from stockade.errors import ApplyError
+from stockade.model.workloads import validate_public_key
+
+__all__ = ["WireGuardDevice", "validate_public_key"]
 
 STEER_MARK = 0x5745  # packets of encrypted rules: routed into the tunnel
 SOCKET_MARK = 0x5747  # wireguard-go's own UDP packets (its fwmark): never steered
@@ -46,17 +49,6 @@ UAPI_DIR = Path("/var/run/wireguard")
 MTU = 1420
 _IFNAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
 TIMEOUT_S = 10.0
-
-
-def validate_public_key(text: str, field: str = "public_key") -> str:
-    """A WireGuard public key: base64 of exactly 32 bytes, canonical spelling (else ValidationError)."""
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != 32 or base64.b64encode(raw).decode() != text or raw == bytes(32):
-        raise ValidationError([Issue("", 0, field, "not a WireGuard public key (base64 of 32 bytes)")])
-    return text
 
 
 def key_hex(b64: str) -> str:

@@ -18,7 +18,7 @@ from stockade.model.addresses import Family, IPAddress, IPNetwork
 from stockade.model.policy import Failsafe
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
-from stockade.model.workloads import EnforcementMode
+from stockade.model.workloads import EnforcementMode, validate_public_key
 
 
 class Direction(Enum):
@@ -198,7 +198,7 @@ def wireguard_from_dict(d: dict[str, Any]) -> WireGuardConfig:
         tuple(
             WireGuardPeer(
                 str(p["workload"]),
-                str(p["public_key"]),
+                validate_public_key(str(p["public_key"]), "wireguard.peers.public_key"),
                 ipaddress.ip_address(p["endpoint"]),
                 int(p["port"]),
                 tuple(ipaddress.ip_network(n) for n in p["allowed"]),

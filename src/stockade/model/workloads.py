@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 
+from stockade.errors import Issue, ValidationError
 from stockade.model.addresses import IPAddress
 from stockade.model.labels import Label
 
@@ -29,6 +32,17 @@ _MODE_ORDER = {m: i for i, m in enumerate(EnforcementMode)}
 class Interface:
     name: str
     addresses: tuple[IPAddress, ...]
+
+
+def validate_public_key(text: str, field: str = "public_key") -> str:
+    """A WireGuard public key: canonical base64 of 32 bytes, not all zero (else ValidationError)."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32 or base64.b64encode(raw).decode() != text or raw == bytes(32):
+        raise ValidationError([Issue("", 0, field, "not a WireGuard public key (base64 of 32 bytes)")])
+    return text
 
 
 @dataclass(frozen=True, order=True)

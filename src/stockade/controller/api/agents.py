@@ -73,9 +73,10 @@ from stockade.controller.api.schemas import (
     Text,
 )
 from stockade.controller.context import Controller, controller_of, require
-from stockade.controller.services import enrolment
+from stockade.controller.services import enrolment, wireguard_keys
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
 from stockade.controller.storage.db import AgentRow, PairingProfileRow, utcnow
+from stockade.errors import NotFoundError
 from stockade.model.workloads import EnforcementMode
 
 router = APIRouter()
@@ -172,6 +173,13 @@ class KeyIn(Strict):
     public_key: PublicKey
     proof: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{86}$", description="the new key's signature over "
                                 "stockade.agent_signature.rotation_message")]
+
+
+class WireGuardKeyIn(Strict):
+    public_key: Annotated[str, Field(max_length=64, description="base64 of the 32-byte Curve25519 public key")]
+    endpoint: Annotated[str | None, Field(None, max_length=45,
+                                          description="the address peers send to: one of the workload's own")]
+    port: Annotated[int, Field(51820, description="the UDP port WireGuard listens on")]
 
 
 class RevisionOut(BaseModel):
@@ -449,6 +457,27 @@ def rotate_key(request: Request, agent_id: str, body: KeyIn,
     _self(principal, agent_id)
     ctl = controller_of(request)
     enrolment.rotate_key(ctl.dist, ctl.agent_keys, agent_id, body.public_key, body.proof, principal.actor)
+    return Response(status_code=204)
+
+
+@router.put("/agents/{agent_id}/wireguard-key", tags=["Agent protocol"], responses=ERRORS, status_code=204,
+            operation_id="register-wireguard-key")
+def register_wireguard_key(request: Request, agent_id: str, body: WireGuardKeyIn,
+                           principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> Response:
+    """Register (or rotate) the workload's WireGuard public key; the private key stays on the host."""
+    name = _self(principal, agent_id)
+    wireguard_keys.register_key(controller_of(request).dist, agent_id, name, body.public_key, body.endpoint,
+                                body.port, principal.actor)
+    return Response(status_code=204)
+
+
+@router.delete("/workloads/{name}/wireguard-key", tags=["Agents"], responses=ERRORS, status_code=204,
+               operation_id="revoke-wireguard-key")
+def revoke_wireguard_key(request: Request, name: str,
+                         principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> Response:
+    """Revoke a workload's WireGuard key: every peer drops it with its next revision."""
+    if not wireguard_keys.revoke_key(controller_of(request).dist, name, principal.actor):
+        raise NotFoundError(f"workload {name!r} has no WireGuard key")
     return Response(status_code=204)
 
 
