@@ -32,12 +32,14 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from stockade.agent import wireguard_key
 from stockade.agent.enforcer import Enforcer, enforce_cache
 from stockade.agent.netns import enter_netns
 from stockade.agent.state import DEFAULT_STATE_DIR, StateDir
 from stockade.agent.systemd import UNIT_DIR, UNIT_NAME, UnitOptions, install_unit, remove_unit
 from stockade.agent.systemd import notify as notify_systemd
 from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.wireguard import WireGuardDevice
 from stockade.errors import StockadeError, ValidationError
 from stockade.logs import configure_logging
 
@@ -62,7 +64,7 @@ def _or_exit(action: Callable[[], T]) -> T:
         _fail(str(exc))
 
 
-def make_backend(name: str, table: str | None) -> Any:
+def make_backend(name: str, table: str | None, state_dir: Path | None = None) -> Any:
     """The configured backend, from the registry; the default one without importing it.
 
     ``stockade.backends.registry`` imports every backend (eBPF, iptables, F5, Windows...):
@@ -72,6 +74,9 @@ def make_backend(name: str, table: str | None) -> Any:
     """
     options: dict[str, Any] = {"table": table} if table else {}
     if name == DEFAULT_BACKEND:
+        if state_dir is not None:  # encrypted rules: the host's own WireGuard interface and key
+            options["wireguard"] = WireGuardDevice(wireguard_key.interface_name(state_dir), None,
+                                                   wireguard_key.key_path(state_dir))
         return NftablesBackend(**options)
     from stockade.backends.registry import get_backend
 
@@ -149,7 +154,7 @@ def agent(
     if ca_cert is not None:
         pem = ca_cert.read_text()
         _or_exit(lambda: state.save_ca(pem))
-    backend = _or_exit(lambda: make_backend(backend_name, table))
+    backend = _or_exit(lambda: make_backend(backend_name, table, state_dir))
     enforcer = Enforcer(backend)
     _run(state, enforcer, controller, activation_code, hostname, long_poll, tamper_interval)
 

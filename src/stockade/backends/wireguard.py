@@ -41,6 +41,7 @@ from stockade.model.workloads import validate_public_key
 
 __all__ = ["WireGuardDevice", "validate_public_key"]
 
+DEFAULT_PORT = 51820
 STEER_MARK = 0x5745  # packets of encrypted rules: routed into the tunnel
 SOCKET_MARK = 0x5747  # wireguard-go's own UDP packets (its fwmark): never steered
 ROUTE_TABLE = 0x5745
@@ -268,6 +269,11 @@ class WireGuardDevice:
         except ApplyError:
             return [f"WireGuard interface {self.name}: wireguard-go is not answering"]
         out: list[str] = []
+        try:
+            if iface.get("private_key") != self._private_key_hex():
+                out.append(f"WireGuard interface {self.name}: private key differs from {self.private_key_file}")
+        except ApplyError as exc:
+            out.append(str(exc))
         if iface.get("listen_port") != str(config.listen_port):
             out.append(f"WireGuard interface {self.name}: listen port {iface.get('listen_port')}")
         want = {p.public_key: p for p in config.peers}
