@@ -241,8 +241,8 @@ class Compiler:
     def _wireguard(self, name: str) -> WireGuardConfig | None:
         """The host's tunnel configuration: None unless an encrypted rule applies to it."""
         compiled = self._ls_rules[self._key_of[name]]
-        if not compiled.encrypted_sets:
-            return None
+        if not compiled.encrypted_sets or self._workloads[name].mode is EnforcementMode.IDLE:
+            return None  # idle: the agent touches nothing, so it runs no tunnel either
         peers = self._peer_index.members(compiled.encrypted_sets)
         return config_for(self._workloads[name], (self._workloads[p] for p in peers))
 
@@ -555,7 +555,7 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
             canonical = sel.canonical()
             sets += [AddressSet(name, Family.V4, v4n, canonical), AddressSet(name, Family.V6, v6n, canonical)]
         wireguard = None
-        if encrypted:
+        if encrypted and w.mode is not EnforcementMode.IDLE:
             tunnel_peers = {m for name in encrypted for m in index.members(peers[name], groups)}
             wireguard = config_for(w, (by_name[m] for m in tunnel_peers))
     return HostPolicy(
