@@ -22,12 +22,12 @@ import pytest
 
 from stockade.backends.wireguard import SOCKET_MARK
 from stockade.evaluator import Evaluator, Verdict
+from stockade.lab.wglab import WgLab, kill_wireguard_go, marker, probe, send_udp, wg_lab
 from stockade.model.labels import Label
 from stockade.model.policy import Policy
 from stockade.model.rules import AllowRule, Ruleset
 from stockade.model.selectors import LabelSelector
 from stockade.model.services import Proto, Service, ServiceEntry
-from tests.kernel.wglab import WgLab, kill_wireguard_go, marker, probe, send_udp, wg_lab
 
 pytestmark = [
     pytest.mark.kernel,
@@ -49,11 +49,11 @@ UDP_SERVICES = (Service("pg-udp", (ServiceEntry(Proto.UDP, 5432, 5432),)),
                 Service("u7000", (ServiceEntry(Proto.UDP, 7000, 7000),)))
 
 
-def labels(**apps: str) -> dict[str, frozenset[object]]:
+def labels(**apps: str) -> dict[str, frozenset[Label]]:
     return {name: frozenset({Label("app", value)}) for name, value in apps.items()}
 
 
-def base_policy(lab: WgLab, apps: dict[str, frozenset[object]], keyed: set[str] | None = None) -> Policy:
+def base_policy(lab: WgLab, apps: dict[str, frozenset[Label]], keyed: set[str] | None = None) -> Policy:
     """web -> db: 5432 encrypted, 80 in the clear; other -> db: tcp/6000 and udp/5432 encrypted (its own
     tunnel, so a datagram it forges with web's address reaches db's WireGuard)."""
     rs = Ruleset("enc", (LabelSelector(),), (
@@ -196,7 +196,7 @@ def test_tamper_revoke_relabel_readdress_rotate_follow_within_1s(tmp_path: Path)
         send_udp(other.netns, web.v4, db.v4, 5432, stale)
 
         # rotate web's key: a new private key on the host, the public key re-registered
-        from tests.kernel.wglab import genkey
+        from stockade.lab.wglab import genkey
         key_file, pub = genkey(tmp_path, "h0-rotated")
         web.device.private_key_file = key_file
         started = time.monotonic()

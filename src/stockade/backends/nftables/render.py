@@ -103,7 +103,7 @@ from stockade.backends.nftables.lookup import (
     rule_chain,
     udp_log_once,
 )
-from stockade.backends.wireguard import SOCKET_MARK, STEER_MARK
+from stockade.backends.wireguard import MTU, SOCKET_MARK, STEER_MARK
 from stockade.compiler.ir import Direction, HostPolicy, HostRule, WireGuardConfig
 from stockade.errors import RenderError
 from stockade.model.addresses import AddressRanges, Family, IPAddress, IPNetwork, ranges_to_networks
@@ -113,6 +113,7 @@ from stockade.model.workloads import EnforcementMode
 
 DEFAULT_RULE_ID = "default"
 _IFNAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
+TUNNEL_MSS = MTU - 60  # IPv6 header (40) + TCP header (20): fits both families
 LOCAL_SET = "local"  # forward chain only: the host's own addresses
 
 _TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
@@ -644,7 +645,9 @@ def _tunnel_lines(hp: HostPolicy, opts: _Options) -> tuple[list[str], list[str],
       never sent in the clear.
     * steer (``type route``, so the kernel re-routes after the mark): packets of encrypted
       connections and the first packets the encrypted outbound rules match get the steering mark,
-      which the policy-routing rule sends into the tunnel.
+      which the policy-routing rule sends into the tunnel; their SYNs get the tunnel's MSS (the
+      socket sized its segments for the device it was first routed to: without the clamp a bulk
+      transfer stalls on segments larger than the tunnel's MTU).
     """
     wg = f'"{opts.wg_interface}"'
     enc = _comment("failsafe:encrypted")
@@ -662,7 +665,7 @@ def _tunnel_lines(hp: HostPolicy, opts: _Options) -> tuple[list[str], list[str],
             if eps:
                 elems = _braced([str(e) for e in eps])
                 in_guard.append(f"{proto} saddr {elems} udp dport {port} accept {wgc}")
-    route = [f"meta mark {sock} accept", f"ct mark {steer} meta mark set {steer} accept"]
+    route = [f"meta mark {sock} accept", f"ct mark {steer} meta mark set {steer}"]
     for rule in hp.rules:
         if not (rule.encrypt and rule.action is Action.ALLOW and rule.direction is Direction.OUTBOUND):
             continue
@@ -670,5 +673,7 @@ def _tunnel_lines(hp: HostPolicy, opts: _Options) -> tuple[list[str], list[str],
             for match in service_matches(rule.services, family):
                 for kind in (SetKind.HOST, SetKind.NET):
                     peer = f"{proto} daddr @{nft_set_name(rule.peer, family, kind)}"
-                    route.append(_join(match, peer, f"meta mark set {steer} ct mark set {steer} accept"))
+                    route.append(_join(match, peer, f"meta mark set {steer} ct mark set {steer}"))
+    # the socket chose its MSS for the device it was routed to first: clamp to the tunnel's MTU
+    route.append(f"meta mark {steer} tcp flags & syn == syn tcp option maxseg size set {TUNNEL_MSS}")
     return in_guard, out_guard, route, post

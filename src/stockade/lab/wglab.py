@@ -1,4 +1,4 @@
-"""A small WireGuard lab for the kernel tests: host namespaces on a bridge, each with the nftables
+"""A small WireGuard lab (kernel tests and bench/wireguard.py): host namespaces on a bridge, each with the nftables
 backend and its own wireguard-go interface, echo servers, in-process probes and an underlay capture.
 
 Everything runs in namespaces of its own (random names, a private address range that is never
@@ -17,7 +17,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +28,9 @@ from stockade.compiler.compile import Compiler
 from stockade.compiler.ir import HostDelta
 from stockade.lab.netns import create_bridge_namespace, create_host_namespace, delete_namespace
 from stockade.model.addresses import IPAddress
+from stockade.model.labels import Label
 from stockade.model.policy import Policy
-from stockade.model.workloads import WireGuardIdentity, Workload
+from stockade.model.workloads import EnforcementMode, Interface, WireGuardIdentity, Workload
 
 PORTS = (80, 5432, 6000, 7000)
 SO_MARK = 36
@@ -219,12 +220,11 @@ class WgLab:
     capture: Capture | None = None
     servers: list[Servers] = field(default_factory=list)
 
-    def workloads(self, labels: dict[str, frozenset[object]], keyed: set[str] | None = None) -> tuple[Workload, ...]:
-        from stockade.model.workloads import EnforcementMode, Interface
+    def workloads(self, labels: Mapping[str, frozenset[Label]], keyed: set[str] | None = None) -> tuple[Workload, ...]:
         out = []
         for name, h in self.hosts.items():
             ident = h.identity() if keyed is None or name in keyed else None
-            out.append(Workload(name, labels[name], (Interface("eth0", (h.v4, h.v6)),),  # type: ignore[arg-type]
+            out.append(Workload(name, labels[name], (Interface("eth0", (h.v4, h.v6)),),
                                 EnforcementMode.FULL, "nftables", "", ident))
         return tuple(out)
 
