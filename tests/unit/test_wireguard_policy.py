@@ -154,6 +154,22 @@ def test_evaluator_encrypted_allow_wins_and_explain_says_so() -> None:
     assert Evaluator(nokey).evaluate(web, db, Proto.TCP, 5432).verdict is Verdict.BLOCKED
 
 
+def test_impact_preview_shows_what_an_encrypt_change_drops() -> None:
+    from stockade.visibility.flows import Connection, FlowKey
+    from stockade.visibility.impact import ChangeKind, preview
+
+    def seen(src: str, dst: str, port: int) -> Connection:
+        key = FlowKey(ipaddress.ip_address(src), ipaddress.ip_address(dst), Proto.TCP, port)
+        return Connection(key, Verdict.ALLOWED, 3, 0.0, 1.0)
+
+    p = shop()
+    active = replace(p, rulesets=tuple(replace(rs, encrypt=False) for rs in p.rulesets))
+    # vault becomes encrypted; app-1 is idle
+    impact = preview(active, p, [seen("10.0.0.3", "10.0.0.2", 5432), seen("10.0.0.1", "10.0.0.2", 5432)])
+    assert [i.change for i in impact.items] == [ChangeKind.NEWLY_BLOCKED]
+    assert "cannot run WireGuard" in impact.items[0].sentence and "vault rule 1" in impact.items[0].sentence
+
+
 def test_compiler_peers_only_where_needed_and_json_round_trip() -> None:
     comp = Compiler(shop())
     web, db, app = (comp.host_policy(n) for n in ("web-1", "db-1", "app-1"))
