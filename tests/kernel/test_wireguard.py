@@ -28,6 +28,7 @@ from stockade.model.policy import Policy
 from stockade.model.rules import AllowRule, Ruleset
 from stockade.model.selectors import LabelSelector
 from stockade.model.services import Proto, Service, ServiceEntry
+from stockade.model.workloads import WireGuardIdentity
 
 pytestmark = [
     pytest.mark.kernel,
@@ -102,6 +103,17 @@ def test_encrypted_rule_on_the_wire_plaintext_and_spoofing_dropped(tmp_path: Pat
             assert cap.seen(m)
             # plaintext for the encrypted flow (the socket skips the steering): dropped by the provider
             assert not probe(web.netns, src, dst, 5432, marker(), mark=SOCKET_MARK, timeout=0.4)
+        # IPv6 outside too: web and db register IPv6 endpoints; both inner families still go through
+        assert lab.compiler is not None
+        by_name = {w.name: w for w in lab.compiler.policy.workloads}
+        lab.change([replace(by_name[h.name], wireguard=WireGuardIdentity(h.public_key, h.v6, 51820))
+                    for h in (web, db)])
+        for src, dst in ((web.v4, db.v4), (web.v6, db.v6)):
+            cap.clear()
+            m = marker()
+            assert until(lambda: probe(web.netns, src, dst, 5432, m, timeout=0.3)) < 1.0  # noqa: B023
+            time.sleep(0.05)
+            assert not cap.seen(m) and cap.wireguard_packets(version=6) > 0
         # blocked stays blocked: nothing allows other -> db on 5432
         assert not probe(other.netns, other.v4, db.v4, 5432, marker(), timeout=0.4)
         assert probe(other.netns, other.v4, db.v4, 6000, marker())  # its own encrypted rule works
@@ -185,7 +197,7 @@ def test_tamper_revoke_relabel_readdress_rotate_follow_within_1s(tmp_path: Path)
         from stockade.lab.netns import run_ip
         run_ip(["-n", web.netns, "addr", "add", f"{new_v4}/32", "dev", "eth0"])
         run_ip(["-n", web.netns, "addr", "del", f"{web.v4}/32", "dev", "eth0"])
-        from stockade.model.workloads import Interface, WireGuardIdentity
+        from stockade.model.workloads import Interface
         w = by_name["h0"]
         readdressed = replace(w, interfaces=(Interface("eth0", (new_v4, web.v6)),),
                               wireguard=WireGuardIdentity(web.public_key, new_v4, 51820))

@@ -291,6 +291,7 @@ class WireGuardDevice:
         """Delete the interface (wireguard-go exits with it) and the steering rule and routes."""
         if self.exists():
             self._run(["ip", "link", "del", self.name], "ip link del")
-        for fam in ("-4", "-6"):
-            run_command(nsenter_argv(self.netns, ["ip", fam, "rule", "del", "priority", str(RULE_PRIORITY)]),
+        for fam in ("-4", "-6"):  # exactly our rule: another rule at the same priority is not ours
+            run_command(nsenter_argv(self.netns, ["ip", fam, "rule", "del", "priority", str(RULE_PRIORITY),
+                                                  "fwmark", hex(STEER_MARK), "lookup", str(ROUTE_TABLE)]),
                         TIMEOUT_S)  # absent already: nothing to do

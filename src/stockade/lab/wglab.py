@@ -87,11 +87,13 @@ class Capture:
     def seen(self, marker: bytes) -> bool:
         return any(marker in f for f in list(self.frames))
 
-    def wireguard_packets(self) -> int:
-        """UDP frames to or from port 51820 (IPv4 and IPv6)."""
+    def wireguard_packets(self, version: int | None = None) -> int:
+        """UDP frames to or from port 51820 (IPv4 and IPv6, or only ``version``)."""
         n = 0
         for f in list(self.frames):
             ethertype = int.from_bytes(f[12:14], "big")
+            if version is not None and ethertype != (0x0800 if version == 4 else 0x86DD):
+                continue
             if ethertype == 0x0800 and f[23] == 17:
                 ihl = (f[14] & 0x0F) * 4
                 ports = f[14 + ihl:18 + ihl]
