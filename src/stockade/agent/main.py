@@ -258,7 +258,7 @@ def uninstall(backend_name: str, table: str | None, state_dir: Path, netns: str 
     if netns:
         _or_exit(lambda: enter_netns(netns))
     state = StateDir(state_dir)
-    backend = _or_exit(lambda: make_backend(backend_name, table))
+    backend = _or_exit(lambda: make_backend(backend_name, table, state_dir))  # its WireGuard interface too
     _or_exit(backend.remove)
     click.echo("removed the firewall rules")
     try:

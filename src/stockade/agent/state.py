@@ -43,6 +43,7 @@ CODE_FILE = "activation-code"  # written by `stockade agent install`, deleted on
 KEY_FILE = "agent-key.pem"
 NEXT_KEY_FILE = "agent-key.next.pem"
 INSTANCE_FILE = "instance"
+WIREGUARD_KEY_FILE = "wireguard.key"  # the host's WireGuard private key (stockade.agent.wireguard_key)
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
@@ -258,7 +259,8 @@ class StateDir:
     # ---- unenrolment ---------------------------------------------------------------------
     def wipe(self) -> None:
         """Delete the credential, key, CA and cache (``stockade agent uninstall``)."""
-        for name in (CREDENTIAL_FILE, CA_FILE, POLICY_FILE, CODE_FILE, KEY_FILE, NEXT_KEY_FILE, INSTANCE_FILE):
+        for name in (CREDENTIAL_FILE, CA_FILE, POLICY_FILE, CODE_FILE, KEY_FILE, NEXT_KEY_FILE, INSTANCE_FILE,
+                     WIREGUARD_KEY_FILE):
             (self.path / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.rmdir()

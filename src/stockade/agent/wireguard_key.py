@@ -18,7 +18,7 @@ import hashlib
 import os
 from pathlib import Path
 
-WIREGUARD_KEY_FILE = "wireguard.key"
+from stockade.agent.state import WIREGUARD_KEY_FILE
 
 
 def _public_of(private_b64: str) -> str:
