@@ -39,6 +39,7 @@ from stockade.agent.state import DEFAULT_STATE_DIR, StateDir
 from stockade.agent.systemd import UNIT_DIR, UNIT_NAME, UnitOptions, install_unit, remove_unit
 from stockade.agent.systemd import notify as notify_systemd
 from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.wireguard import DEFAULT_PORT as WIREGUARD_PORT
 from stockade.backends.wireguard import WireGuardDevice
 from stockade.errors import StockadeError, ValidationError
 from stockade.logs import configure_logging
@@ -319,6 +320,32 @@ def rotate_key(state_dir: Path) -> None:
         client.close()
     state.promote_next_key()
     click.echo(f"agent {cred.agent_id}: new host key in {state.key_path}; the old key no longer works")
+
+
+@agent.command("rotate-wireguard-key")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True)
+def rotate_wireguard_key(state_dir: Path) -> None:
+    """Make a new WireGuard key on this host and register its public half. The running agent's
+    read-back sees the key file change and loads it (sessions re-handshake once); run it on a
+    schedule (a systemd timer or cron) or on demand."""
+    from stockade.agent.http_client import HttpControllerClient
+    from stockade.agent.signing import adopt_instance
+
+    state = StateDir(state_dir)
+    cred = _or_exit(state.load_credential)
+    if cred is None:
+        _fail(f"not enrolled: no credential in {state_dir}")
+    adopt_instance(state.load_instance())
+    public = _or_exit(lambda: wireguard_key.rotate(state_dir))
+    client = HttpControllerClient(cred.controller, state.load_ca())
+    client.use_credential(cred, state.load_ca())
+    try:
+        client.register_wireguard_key(public, None, WIREGUARD_PORT)
+    except StockadeError as exc:
+        _fail(f"{exc}; the new key is in place locally: run `stockade agent rotate-wireguard-key` again")
+    finally:
+        client.close()
+    click.echo(f"agent {cred.agent_id}: new WireGuard key {public} registered")
 
 
 def _systemctl(*args: str) -> None:
