@@ -212,7 +212,10 @@ def test_tamper_revoke_relabel_readdress_rotate_follow_within_1s(tmp_path: Path)
         key_file, pub = genkey(tmp_path, "h0-rotated")
         web.device.private_key_file = key_file
         started = time.monotonic()
-        web.backend.apply(web.backend.render(lab.compiler.host_policy("h0")))  # the agent loads its new key
+        expected = web.backend.render(lab.compiler.host_policy("h0"))
+        report = web.backend.verify(expected)  # the agent's read-back notices the new key file ...
+        assert any("private key differs" in p for p in report.problems), report
+        web.backend.apply(expected)  # ... and restores: the device loads it
         lab.change([replace(readdressed, wireguard=WireGuardIdentity(pub, new_v4, 51820))])  # and registers it
         assert until(lambda: probe(web.netns, new_v4, db.v4, 5432, marker(), timeout=0.3)) < 1.0
         assert time.monotonic() - started < 1.5
