@@ -30,7 +30,9 @@ ALLOWED: dict[str, set[str]] = {
         "agent_signature",
     },
     "logs": set(),
-    "k8s": {"errors", "model", "compiler"},  # beside the controller: reaches it only through the REST API
+    # beside the controller: reaches it only through the REST API; writes REST bodies with the one codec
+    # (codec) and the NetworkPolicy import writes policy documents with the one dumper (policyfile)
+    "k8s": {"errors", "model", "compiler", "codec", "policyfile"},
 }
 
 

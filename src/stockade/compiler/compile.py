@@ -26,9 +26,11 @@ from stockade.compiler.expand import build_rule_table, expand_rules, set_name
 from stockade.compiler.index import LabelIndex, SelectorIndex, label_keys
 from stockade.compiler.ir import AddressSet, Direction, HostDelta, HostPolicy, HostRule, SetDelta, WireGuardConfig
 from stockade.compiler.members import MemberSet, NetworkCache
+from stockade.compiler.netpol import NetpolLayer, addresses_from
 from stockade.compiler.wireguard import PeerIndex, config_for
 from stockade.errors import NotFoundError
 from stockade.model.addresses import Family, IPAddress, IPNetwork
+from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.policy import Policy
 from stockade.model.selectors import AllWorkloads, IPListSelector, LabelSelector, Selector
 from stockade.model.workloads import EnforcementMode, Workload
@@ -137,6 +139,7 @@ class Compiler:
         self._policy_dirty = False
         self._groups = policy.group_map()
         self._table = build_rule_table(expand_rules(policy))
+        self._np = NetpolLayer(policy.network_policies)
         table = self._table
         self._sel_index = SelectorIndex(self._groups)
         for sid, sel in enumerate(table.selectors):
@@ -299,7 +302,7 @@ class Compiler:
             for s in compiled.sets:  # sorted names, each (v4, v6): already in (name, family) order
                 found += cache.get(s) or self.address_sets(s)
             sets = self._ls_sets[lsid] = tuple(found)
-        return HostPolicy(
+        hp = HostPolicy(
             workload=w.name,
             mode=w.mode,
             local_addresses=w.addresses,
@@ -308,6 +311,13 @@ class Compiler:
             failsafe=self._policy.failsafe,
             wireguard=self._wireguard(name),
         )
+        if self._np.affects(name):
+            hp = self._np.apply(hp, self._addresses)
+        return hp
+
+    def _addresses(self, name: str) -> tuple[IPAddress, ...]:
+        w = self._workloads.get(name)
+        return w.addresses if w is not None else ()
 
     def all_host_policies(self) -> dict[str, HostPolicy]:
         with _bulk_allocation():
@@ -387,6 +397,8 @@ class Compiler:
                 present[c] = False
             else:
                 present[c.name] = True
+        np_sets = self._np.sets_of(present)  # NetworkPolicy peer sets naming a changed workload
+        np_old = {n: self._np.address_sets(n, self._addresses) for n in np_sets}
         before: dict[str, _Header | None] = {}
         builder = _DeltaBuilder()
         with _bulk_allocation(freeze=False):  # a create can touch every host: no GC pass midway
@@ -400,7 +412,55 @@ class Compiler:
                     self._upsert(builder, c)
             if batch:
                 self._policy_dirty = True
-            return self._deltas(builder.by_set(), before)
+            out = self._deltas(builder.by_set(), before)
+            return self._netpol_deltas(out, np_old) if self._np.active else out
+
+    def _netpol_deltas(
+        self, out: list[HostDelta], np_old: dict[str, tuple[AddressSet, ...]]
+    ) -> list[HostDelta]:
+        """``out`` corrected for hosts under NetworkPolicy: their peer sets' deltas added, and set
+        deltas for label sets the layer dropped (an isolated direction) left out."""
+        self._np.forget(np_old)
+        np_deltas = {n: diff_sets(old, self._np.address_sets(n, self._addresses)) for n, old in np_old.items()}
+        by_host = {d.workload: d for d in out}
+        hosts = {h for n in np_old for h in self._np.hosts_of_set.get(n, ()) if h in self._workloads}
+        hosts |= {h for h in by_host if self._np.affects(h)}
+        for h in sorted(hosts):
+            d = by_host.get(h)
+            if d is not None and (d.policy is None or d.rules_changed):
+                continue
+            hp = self.host_policy(h)
+            names = {s.name for s in hp.sets}
+            deltas = [x for x in (d.set_deltas if d is not None else ()) if x.name in names]
+            deltas += [x for n, xs in np_deltas.items() if n in names for x in xs]
+            if deltas:
+                by_host[h] = HostDelta(h, hp, False, tuple(sorted(deltas)))
+            else:
+                by_host.pop(h, None)
+        return sorted(by_host.values(), key=lambda d: d.workload)
+
+    def replace_network_policies(self, policies: tuple[KubeNetworkPolicy, ...]) -> list[HostDelta]:
+        """Swap the resolved NetworkPolicies; diff only the hosts the changed ones govern."""
+        old = {(p.namespace, p.name): p for p in self._policy.network_policies}
+        new = {(p.namespace, p.name): p for p in policies}
+        changed = [p for k in set(old) | set(new) if old.get(k) != new.get(k) for p in (old.get(k), new.get(k))
+                   if p is not None]
+        if not changed:
+            return []
+        hosts = sorted({h for p in changed for h in p.selected if h in self._workloads})
+        before = {h: self.host_policy(h) for h in hosts}
+        self._policy = replace(self.policy, network_policies=tuple(sorted(policies)))
+        for k in set(old) | set(new):
+            if old.get(k) != new.get(k):
+                self._np.replace(old.get(k), new.get(k))
+        deltas: list[HostDelta] = []
+        for h in hosts:
+            hp = self.host_policy(h)
+            if hp.rules_key() != before[h].rules_key():
+                deltas.append(HostDelta(h, hp, True, ()))
+            elif hp != before[h]:
+                deltas.append(HostDelta(h, hp, False, diff_sets(before[h].sets, hp.sets)))
+        return deltas
 
     def upsert_workload(self, w: Workload) -> list[HostDelta]:
         """Add or replace one workload; returns the delta of every affected host."""
@@ -558,7 +618,7 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
         if encrypted and w.mode is not EnforcementMode.IDLE:
             tunnel_peers = {m for name in encrypted for m in index.members(peers[name], groups)}
             wireguard = config_for(w, (by_name[m] for m in tunnel_peers))
-    return HostPolicy(
+    hp = HostPolicy(
         workload=w.name,
         mode=w.mode,
         local_addresses=w.addresses,
@@ -567,3 +627,6 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
         failsafe=policy.failsafe,
         wireguard=wireguard,
     )
+    if policy.network_policies:
+        hp = NetpolLayer(policy.network_policies).apply(hp, addresses_from(by_name))
+    return hp

@@ -57,6 +57,7 @@ from stockade.controller.storage import store
 from stockade.controller.storage.db import AgentRow, HostStateRow, WireGuardKeyRow, utcnow
 from stockade.controller.storage.store import draft_objects, version_content
 from stockade.errors import NotFoundError
+from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.policy import Policy
 from stockade.model.workloads import WireGuardIdentity, Workload
 
@@ -180,6 +181,25 @@ class CompilerTxn:
 
         self.undo.append(revert)
 
+    def set_network_policy(self, name: str, np: KubeNetworkPolicy | None) -> None:
+        """Add, replace (``np``) or remove (None) one stored NetworkPolicy; diff only the pods it governs."""
+        d = self.dist
+        old = d.network_policies.get(name)
+        if old == np:
+            return
+
+        def swap(value: KubeNetworkPolicy | None) -> list[HostDelta]:
+            if value is None:
+                d.network_policies.pop(name, None)
+            else:
+                d.network_policies[name] = value
+            return d.compiler.replace_network_policies(tuple(sorted(d.network_policies.values())))
+
+        t0 = time.perf_counter()
+        self._merge(swap(np))
+        self.compile_seconds += time.perf_counter() - t0
+        self.undo.append(lambda: swap(old))
+
     def refresh_label_keys(self, keys: Mapping[str, Mapping[str, Any]]) -> None:
         old = self.dist.label_keys
         self.dist.label_keys = {k: dict(v) for k, v in keys.items()}
@@ -199,6 +219,7 @@ class PolicyDistributor:
         self.label_keys: dict[str, dict[str, Any]] = {}
         self.workloads: dict[str, Workload] = {}
         self.wg_keys: dict[str, WireGuardIdentity] = {}  # registered WireGuard keys by workload
+        self.network_policies: dict[str, KubeNetworkPolicy] = {}  # by stored name (inventory)
         self.compiler = Compiler(Policy())
         self.revisions: dict[str, int] = {}
         self.history: dict[str, HostHistory] = {}  # replaced whole on publish: lock-free reads
@@ -233,6 +254,7 @@ class PolicyDistributor:
             rulesets=base.rulesets,
             deny_rules=base.deny_rules,
             failsafe=base.failsafe,
+            network_policies=tuple(sorted(self.network_policies.values())),
         )
 
     def load(self) -> None:
@@ -240,11 +262,14 @@ class PolicyDistributor:
         with self.lock, self.sessions.begin() as db:
             content = version_content(db, "active")
             self.policy_objects = {k: {n: e["body"] for n, e in content.get(k, {}).items()} for k in POLICY_KINDS}
-            inv = draft_objects(db, ("label_key", "workload"))
+            inv = draft_objects(db, ("label_key", "workload", "network_policy"))
             self.label_keys = inv["label_key"]
             self.wg_keys = {r.workload: wireguard_identity(r) for r in db.scalars(select(WireGuardKeyRow))}
             self.workloads = {w.name: replace(w, wireguard=self.wg_keys.get(w.name))
                               for w in codec.domain_objects("workload", inv["workload"])}
+            self.network_policies = {
+                n: codec.KIND_BY_NAME["network_policy"].decode(b) for n, b in inv["network_policy"].items()
+            }
             self.compiler = Compiler(self.assemble(self.policy_objects))
             stored = {r.workload: r for r in db.scalars(select(HostStateRow))}
             memo: Digests = {}
