@@ -24,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
+from stockade.agent import wireguard_key
 from stockade.agent.backoff import Backoff, BackoffPolicy
 from stockade.agent.enforcer import CacheStart, Enforcer, enforce_cache
 from stockade.agent.flows import FlowCollector, collector_for
@@ -44,6 +45,7 @@ from stockade.agent.transport import (
 )
 from stockade.agent.watch import ChangeFeed, feed_for
 from stockade.agent_signature import new_private_key, public_key_text
+from stockade.backends.wireguard import DEFAULT_PORT as WIREGUARD_PORT
 from stockade.compiler.delta import apply_update
 from stockade.compiler.ir import HostPolicy
 from stockade.errors import (
@@ -283,6 +285,7 @@ class Agent:
             if cred.key_file is None:
                 cred = self._bind_key(client, cred)
             self.credential = cred
+            self._register_wireguard(client)
             return client
         url = self.options.controller
         code = self.options.activation_code or self.state.load_activation_code()
@@ -316,9 +319,20 @@ class Agent:
             client.use_credential(cred, enrollment.ca_pem or self.state.load_ca())
             self.credential = cred
             log.info("enrolled as agent %s for workload %s", cred.agent_id, cred.workload)
+            self._register_wireguard(client)
             return client
         client.close()
         return None
+
+    def _register_wireguard(self, client: ControllerClient) -> None:
+        """Make (first time) and register this host's WireGuard key, so the peers of encrypted
+        rules can reach it. Best effort: until it is registered, encrypted rules with this host
+        drop their traffic (never in the clear); the next start retries."""
+        try:
+            public = wireguard_key.load_or_create(self.state.path)
+            client.register_wireguard_key(public, None, WIREGUARD_PORT)
+        except (StockadeError, OSError, ValueError) as exc:
+            log.warning("could not register this host's WireGuard key (%s); will retry at next start", exc)
 
     def _bind_key(self, client: ControllerClient, cred: Credential) -> Credential:
         """Enrolled before agent keys: bind one now, so a copied token stops being enough.

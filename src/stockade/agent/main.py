@@ -32,12 +32,15 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from stockade.agent import wireguard_key
 from stockade.agent.enforcer import Enforcer, enforce_cache
 from stockade.agent.netns import enter_netns
 from stockade.agent.state import DEFAULT_STATE_DIR, StateDir
 from stockade.agent.systemd import UNIT_DIR, UNIT_NAME, UnitOptions, install_unit, remove_unit
 from stockade.agent.systemd import notify as notify_systemd
 from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.wireguard import DEFAULT_PORT as WIREGUARD_PORT
+from stockade.backends.wireguard import WireGuardDevice
 from stockade.errors import StockadeError, ValidationError
 from stockade.logs import configure_logging
 
@@ -62,7 +65,7 @@ def _or_exit(action: Callable[[], T]) -> T:
         _fail(str(exc))
 
 
-def make_backend(name: str, table: str | None) -> Any:
+def make_backend(name: str, table: str | None, state_dir: Path | None = None) -> Any:
     """The configured backend, from the registry; the default one without importing it.
 
     ``stockade.backends.registry`` imports every backend (eBPF, iptables, F5, Windows...):
@@ -72,6 +75,9 @@ def make_backend(name: str, table: str | None) -> Any:
     """
     options: dict[str, Any] = {"table": table} if table else {}
     if name == DEFAULT_BACKEND:
+        if state_dir is not None:  # encrypted rules: the host's own WireGuard interface and key
+            options["wireguard"] = WireGuardDevice(wireguard_key.interface_name(state_dir), None,
+                                                   wireguard_key.key_path(state_dir))
         return NftablesBackend(**options)
     from stockade.backends.registry import get_backend
 
@@ -153,11 +159,11 @@ def agent(
     if ca_cert is not None:
         pem = ca_cert.read_text()
         _or_exit(lambda: state.save_ca(pem))
-    backend = _or_exit(lambda: make_backend(backend_name, table))
+    backend = _or_exit(lambda: make_backend(backend_name, table, state_dir))
     previous = previous_backend(state, backend_name, switch_from)
     if previous is not None:
         try:
-            old = make_backend(previous, table)
+            old = make_backend(previous, table, state_dir)
         except StockadeError as exc:
             log.error("cannot switch from backend %s (%s): starting on %s", previous, exc, backend_name)
         else:
@@ -283,7 +289,7 @@ def uninstall(backend_name: str, table: str | None, state_dir: Path, netns: str 
     if netns:
         _or_exit(lambda: enter_netns(netns))
     state = StateDir(state_dir)
-    backend = _or_exit(lambda: make_backend(backend_name, table))
+    backend = _or_exit(lambda: make_backend(backend_name, table, state_dir))  # its WireGuard interface too
     _or_exit(backend.remove)
     click.echo("removed the firewall rules")
     try:
@@ -344,6 +350,32 @@ def rotate_key(state_dir: Path) -> None:
         client.close()
     state.promote_next_key()
     click.echo(f"agent {cred.agent_id}: new host key in {state.key_path}; the old key no longer works")
+
+
+@agent.command("rotate-wireguard-key")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True)
+def rotate_wireguard_key(state_dir: Path) -> None:
+    """Make a new WireGuard key on this host and register its public half. The running agent's
+    read-back sees the key file change and loads it (sessions re-handshake once); run it on a
+    schedule (a systemd timer or cron) or on demand."""
+    from stockade.agent.http_client import HttpControllerClient
+    from stockade.agent.signing import adopt_instance
+
+    state = StateDir(state_dir)
+    cred = _or_exit(state.load_credential)
+    if cred is None:
+        _fail(f"not enrolled: no credential in {state_dir}")
+    adopt_instance(state.load_instance())
+    public = _or_exit(lambda: wireguard_key.rotate(state_dir))
+    client = HttpControllerClient(cred.controller, state.load_ca())
+    client.use_credential(cred, state.load_ca())
+    try:
+        client.register_wireguard_key(public, None, WIREGUARD_PORT)
+    except StockadeError as exc:
+        _fail(f"{exc}; the new key is in place locally: run `stockade agent rotate-wireguard-key` again")
+    finally:
+        client.close()
+    click.echo(f"agent {cred.agent_id}: new WireGuard key {public} registered")
 
 
 def _systemctl(*args: str) -> None:

@@ -46,6 +46,7 @@ NEXT_KEY_FILE = "agent-key.next.pem"
 INSTANCE_FILE = "instance"
 BACKEND_FILE = "backend"
 _BACKEND_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+WIREGUARD_KEY_FILE = "wireguard.key"  # the host's WireGuard private key (stockade.agent.wireguard_key)
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
@@ -272,7 +273,8 @@ class StateDir:
     # ---- unenrolment ---------------------------------------------------------------------
     def wipe(self) -> None:
         """Delete the credential, key, CA and cache (``stockade agent uninstall``)."""
-        for name in (CREDENTIAL_FILE, CA_FILE, POLICY_FILE, CODE_FILE, KEY_FILE, NEXT_KEY_FILE, INSTANCE_FILE):
+        for name in (CREDENTIAL_FILE, CA_FILE, POLICY_FILE, CODE_FILE, KEY_FILE, NEXT_KEY_FILE, INSTANCE_FILE,
+                     WIREGUARD_KEY_FILE):
             (self.path / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.rmdir()

@@ -128,6 +128,10 @@ class ControllerClient(Protocol):
         current key; the new key signs a proof). Enrolled before keys: binds the first key."""
         ...
 
+    def register_wireguard_key(self, public_key: str, endpoint: str | None, port: int) -> None:
+        """Register this workload's WireGuard public key (the private key stays on the host)."""
+        ...
+
     def reconnect(self) -> None:
         """Drop pooled connections (the host's addresses changed); later calls reconnect."""
         ...

@@ -25,9 +25,10 @@ from stockade.compiler.changes import DeltaBuilder, SetChanges
 from stockade.compiler.delta import diff_sets
 from stockade.compiler.expand import build_rule_table, expand_rules, set_name
 from stockade.compiler.index import LabelIndex, SelectorIndex, label_keys
-from stockade.compiler.ir import AddressSet, Direction, HostDelta, HostPolicy, HostRule
+from stockade.compiler.ir import AddressSet, Direction, HostDelta, HostPolicy, HostRule, WireGuardConfig
 from stockade.compiler.members import MemberSet, NetworkCache
 from stockade.compiler.netpol import NetpolLayer, addresses_from
+from stockade.compiler.wireguard import PeerIndex, config_for
 from stockade.errors import NotFoundError
 from stockade.model.addresses import Family, IPAddress
 from stockade.model.netpol import KubeNetworkPolicy
@@ -79,6 +80,7 @@ class _LabelSetRules:
     rules: tuple[HostRule, ...]
     sets: tuple[str, ...]  # sorted names of the sets the rules reference
     member_of: frozenset[str]  # names of the workload sets a host with these labels is in
+    encrypted_sets: tuple[str, ...] = ()  # peer sets of its encrypted rules (WireGuard peers)
 
 
 _Header = tuple[EnforcementMode, tuple[IPAddress, ...], _LabelSetRules]  # a HostPolicy minus set members
@@ -134,9 +136,17 @@ class Compiler:
         self._generation += 1  # also bumped by every batch of workload changes
         self._set_changed: dict[str, int] = {}  # set name -> generation of its last member change
         self._set_labelsets: dict[str, set[int]] = defaultdict(set)
+        self._peer_index = PeerIndex()
+        self._touched: set[str] = set()  # sets whose WireGuard-capable members may have changed
         for w in policy.workloads:
             self._workloads[w.name] = w
             self._attach_host(w)
+        # the tunnel configuration last handed out, per host with encrypted rules
+        self._wg_state: dict[str, WireGuardConfig] = {}
+        for w in policy.workloads:
+            wg = self._wireguard(w.name)
+            if wg is not None:
+                self._wg_state[w.name] = wg
 
         # address sets: IP lists are static, workload sets are MemberSets filled per label set
         iplists = policy.ip_list_map()
@@ -200,11 +210,21 @@ class Compiler:
         lsid = self._labelset(w)
         self._key_of[w.name] = lsid
         self._ls_hosts[lsid].add(w.name)
+        self._peer_index.add(w, self._ls_rules[lsid].member_of)
 
     def _detach_host(self, name: str) -> None:
         lsid = self._key_of.pop(name)
         self._ls_hosts[lsid].discard(name)
         self._addr_ints.pop(name, None)
+        self._peer_index.remove(name, self._ls_rules[lsid].member_of)
+
+    def _wireguard(self, name: str) -> WireGuardConfig | None:
+        """The host's tunnel configuration: None unless an encrypted rule applies to it."""
+        compiled = self._ls_rules[self._key_of[name]]
+        if not compiled.encrypted_sets or self._workloads[name].mode is EnforcementMode.IDLE:
+            return None  # idle: the agent touches nothing, so it runs no tunnel either
+        peers = self._peer_index.members(compiled.encrypted_sets)
+        return config_for(self._workloads[name], (self._workloads[p] for p in peers))
 
     # ---- per label set -------------------------------------------------------
     def _compile_labelset(self, labels: LabelSet) -> _LabelSetRules:
@@ -222,6 +242,7 @@ class Compiler:
             tuple(host_rules[k] for k in ordered),
             tuple(sorted({peers[k] for k in ordered})),
             frozenset(table.names[sid] for sid in matched),
+            tuple(sorted({peers[k] for k in ordered if host_rules[k].encrypt})),
         )
 
     # ---- address sets ----------------------------------------------------------
@@ -273,6 +294,7 @@ class Compiler:
             rules=compiled.rules,
             sets=sets,
             failsafe=self._policy.failsafe,
+            wireguard=self._wireguard(name),
         )
         if self._np.affects(name):
             hp = self._np.apply(hp, self._addresses)
@@ -319,6 +341,9 @@ class Compiler:
         self._attach_host(w)
         new_ints = self._ints(w.name)
         now_in = self._ls_rules[self._key_of[w.name]].member_of
+        if old is None or old.wireguard != w.wireguard or old.mode != w.mode or was_in != now_in \
+                or old_ints != new_ints:
+            self._touched |= was_in | now_in
         for s in was_in - now_in:
             self._change_members(builder, s, old_ints, add=False)
         for s in now_in - was_in:
@@ -332,6 +357,7 @@ class Compiler:
 
     def _remove(self, builder: DeltaBuilder, name: str) -> None:
         ints = self._ints(name)
+        self._touched |= self._ls_rules[self._key_of[name]].member_of
         for s in self._ls_rules[self._key_of[name]].member_of:
             self._change_members(builder, s, ints, add=False)
         self._detach_host(name)
@@ -394,10 +420,41 @@ class Compiler:
                     now = self._ls_rules[self._key_of[name]]
                     same_rules = was is now or (was.rules == now.rules and was.sets == now.sets)
                     # HostPolicy.rules_key: a re-addressed host reloads (renderers use its addresses)
-                    if mode == hp.mode and addresses == hp.local_addresses and same_rules:
+                    if mode == hp.mode and addresses == hp.local_addresses and same_rules \
+                            and self._wg_state.get(name) == hp.wireguard:
                         continue  # only set members can differ: a subscriber like any other
                 reloads.append(HostDelta(name, hp, True, ()))
-        return SetChanges(self._generation, set_deltas, tuple(reloads))
+            reloads.extend(self._tunnel_reloads(before))
+        return SetChanges(self._generation, set_deltas, tuple(sorted(reloads, key=lambda d: d.workload)))
+
+    def _tunnel_reloads(self, before: dict[str, _Header | None]) -> list[HostDelta]:
+        """Hosts with encrypted rules whose tunnel peers came, went, rotated or moved in this batch
+        (``HostPolicy.rules_key`` covers the tunnel: a full policy each). Also keeps the tunnel
+        state of the batch's own workloads current (their reloads were decided by the caller)."""
+        out: list[HostDelta] = []
+        for name in before:
+            if name not in self._workloads:
+                self._wg_state.pop(name, None)
+            else:
+                self._remember_tunnel(name, self.host_policy(name).wireguard)
+        labelsets = {lsid for s in self._touched for lsid in self._set_labelsets.get(s, ())
+                     if self._ls_rules[lsid].encrypted_sets}
+        self._touched = set()
+        for lsid in labelsets:
+            for h in self._ls_hosts[lsid]:
+                if h in before:
+                    continue
+                hp = self.host_policy(h)
+                if self._remember_tunnel(h, hp.wireguard):
+                    out.append(HostDelta(h, hp, True, ()))
+        return out
+
+    def _remember_tunnel(self, name: str, wg: WireGuardConfig | None) -> bool:
+        """Record the tunnel configuration handed to ``name``; True when it changed."""
+        old = self._wg_state.pop(name, None)
+        if wg is not None:
+            self._wg_state[name] = wg
+        return old != wg
 
     def subscribers(self, set_name: str) -> Iterator[str]:
         """Hosts whose policy references the address set ``set_name`` (in no particular order)."""
@@ -555,6 +612,7 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
     with _bulk_allocation():
         rules: set[HostRule] = set()
         peers: dict[str, Selector] = {}
+        encrypted: set[str] = set()
         for r in expand_rules(policy):
             for direction, mine, theirs in (
                 (Direction.INBOUND, r.providers, r.consumers),
@@ -564,7 +622,9 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
                     for peer in theirs:
                         name = set_name(peer)
                         peers[name] = peer
-                        rules.add(HostRule(r.action, direction, r.rule_id, name, r.services))
+                        rules.add(HostRule(r.action, direction, r.rule_id, name, r.services, r.encrypt))
+                        if r.encrypt:
+                            encrypted.add(name)
         index = LabelIndex()
         by_name = {x.name: x for x in policy.workloads}
         for x in policy.workloads:
@@ -584,6 +644,10 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
                 v6n = MemberSet(Family.V6, (a for m in members for a in _ints(m, 6))).networks()
             canonical = sel.canonical()
             sets += [AddressSet(name, Family.V4, v4n, canonical), AddressSet(name, Family.V6, v6n, canonical)]
+        wireguard = None
+        if encrypted and w.mode is not EnforcementMode.IDLE:
+            tunnel_peers = {m for name in encrypted for m in index.members(peers[name], groups)}
+            wireguard = config_for(w, (by_name[m] for m in tunnel_peers))
     hp = HostPolicy(
         workload=w.name,
         mode=w.mode,
@@ -591,6 +655,7 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
         rules=tuple(sorted(rules)),
         sets=tuple(sorted(sets, key=_set_key)),
         failsafe=policy.failsafe,
+        wireguard=wireguard,
     )
     if policy.network_policies:
         hp = NetpolLayer(policy.network_policies).apply(hp, addresses_from(by_name))

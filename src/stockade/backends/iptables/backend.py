@@ -64,7 +64,7 @@ from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, BackendError, RenderError
 from stockade.model.addresses import Family
 
-IPTABLES_CAPABILITIES = frozenset(Capability)
+IPTABLES_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
 FAMILIES = (Family.V4, Family.V6)
 
 

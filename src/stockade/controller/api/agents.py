@@ -80,15 +80,17 @@ from stockade.controller.api.dto.agents import (
     ReportOut,
     RevisionOut,
     WaitOut,
+    WireGuardKeyIn,
 )
 from stockade.controller.api.schemas import (
     ErrorOut,
 )
 from stockade.controller.context import Controller, controller_of, require
-from stockade.controller.services import enrolment
+from stockade.controller.services import enrolment, wireguard_keys
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
 from stockade.controller.services.distribution import AgentLive
 from stockade.controller.storage.db import AgentRow, PairingProfileRow, utcnow
+from stockade.errors import NotFoundError
 from stockade.model.workloads import EnforcementMode
 
 router = APIRouter()
@@ -332,6 +334,27 @@ def rotate_key(request: Request, agent_id: str, body: KeyIn,
     _self(principal, agent_id)
     ctl = controller_of(request)
     enrolment.rotate_key(ctl.dist, ctl.agent_keys, agent_id, body.public_key, body.proof, principal.actor)
+    return Response(status_code=204)
+
+
+@router.put("/agents/{agent_id}/wireguard-key", tags=["Agent protocol"], responses=ERRORS, status_code=204,
+            operation_id="register-wireguard-key")
+def register_wireguard_key(request: Request, agent_id: str, body: WireGuardKeyIn,
+                           principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> Response:
+    """Register (or rotate) the workload's WireGuard public key; the private key stays on the host."""
+    name = _self(principal, agent_id)
+    wireguard_keys.register_key(controller_of(request).dist, agent_id, name, body.public_key, body.endpoint,
+                                body.port, principal.actor)
+    return Response(status_code=204)
+
+
+@router.delete("/workloads/{name}/wireguard-key", tags=["Agents"], responses=ERRORS, status_code=204,
+               operation_id="revoke-wireguard-key")
+def revoke_wireguard_key(request: Request, name: str,
+                         principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> Response:
+    """Revoke a workload's WireGuard key: every peer drops it with its next revision."""
+    if not wireguard_keys.revoke_key(controller_of(request).dist, name, principal.actor):
+        raise NotFoundError(f"workload {name!r} has no WireGuard key")
     return Response(status_code=204)
 
 

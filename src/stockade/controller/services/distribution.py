@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import threading
 import time
@@ -53,18 +54,23 @@ from stockade.controller.services import codec
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.events import record_event
 from stockade.controller.storage import store
-from stockade.controller.storage.db import AgentRow, HostStateRow, utcnow
+from stockade.controller.storage.db import AgentRow, HostStateRow, WireGuardKeyRow, utcnow
 from stockade.controller.storage.store import draft_objects, version_content
 from stockade.errors import NotFoundError
 from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.policy import Policy
-from stockade.model.workloads import Workload
+from stockade.model.workloads import WireGuardIdentity, Workload
 
 T = TypeVar("T")
 HISTORY = 8  # steps (revision -> next) of set deltas kept per host
 
 
 Digests = dict[int, tuple[object, bytes]]  # id(part) -> (part, its SHA-256), parts kept alive
+
+
+def wireguard_identity(row: WireGuardKeyRow) -> WireGuardIdentity:
+    endpoint = ipaddress.ip_address(row.endpoint) if row.endpoint else None
+    return WireGuardIdentity(row.public_key, endpoint, row.port)
 
 
 def _digest(part: object, encoded: Callable[[], object], memo: Digests) -> bytes:
@@ -171,9 +177,30 @@ class CompilerTxn:
 
     def upsert_workload(self, w: Workload) -> None:
         d = self.dist
+        w = replace(w, wireguard=d.wg_keys.get(w.name))  # keys come from agents, never from bodies
         if w.name in d.departed:
             w = replace(w, interfaces=())  # offline past the grace period: out of peers' sets
         self._queue(w.name, w, d.workloads.get(w.name))
+
+    def set_wireguard_key(self, name: str, identity: WireGuardIdentity | None) -> None:
+        """Register (or, None, revoke) ``name``'s WireGuard key: peers follow through the deltas."""
+        d = self.dist
+        before = d.wg_keys.get(name)
+        if identity is None:
+            d.wg_keys.pop(name, None)
+        else:
+            d.wg_keys[name] = identity
+
+        def restore() -> None:
+            if before is None:
+                d.wg_keys.pop(name, None)
+            else:
+                d.wg_keys[name] = before
+
+        self.undo.append(restore)
+        current = d.workloads.get(name)
+        if current is not None:
+            self.upsert_workload(current)
 
     def remove_workload(self, name: str) -> None:
         old = self.dist.workloads.get(name)
@@ -235,6 +262,7 @@ class PolicyDistributor:
         self.policy_objects: dict[str, dict[str, Any]] = {}
         self.label_keys: dict[str, dict[str, Any]] = {}
         self.workloads: dict[str, Workload] = {}
+        self.wg_keys: dict[str, WireGuardIdentity] = {}  # registered WireGuard keys by workload
         self.network_policies: dict[str, KubeNetworkPolicy] = {}  # by stored name (inventory)
         self.compiler = Compiler(Policy())
         self.revisions: dict[str, int] = {}
@@ -270,7 +298,9 @@ class PolicyDistributor:
             self.policy_objects = {k: {n: e["body"] for n, e in content.get(k, {}).items()} for k in POLICY_KINDS}
             inv = draft_objects(db, ("label_key", "workload", "network_policy"))
             self.label_keys = inv["label_key"]
-            self.workloads = {w.name: w for w in codec.domain_objects("workload", inv["workload"])}
+            self.wg_keys = {r.workload: wireguard_identity(r) for r in db.scalars(select(WireGuardKeyRow))}
+            self.workloads = {w.name: replace(w, wireguard=self.wg_keys.get(w.name))
+                              for w in codec.domain_objects("workload", inv["workload"])}
             self.network_policies = {
                 n: codec.KIND_BY_NAME["network_policy"].decode(b) for n, b in inv["network_policy"].items()
             }
