@@ -30,8 +30,8 @@ from stockade.backends.windows.backend import WINDOWS_CAPABILITIES
 from stockade.cli.policy_cmds import describe
 from stockade.codec.bodies import ruleset_body
 from stockade.compiler import Compiler
-from stockade.compiler.compile import compile_host
 from stockade.compiler.ir import host_policy_from_json, host_policy_to_json
+from stockade.compiler.single import compile_host
 from stockade.errors import RenderError, UnsupportedFeatureError, ValidationError
 from stockade.evaluator import Evaluator, Verdict
 from stockade.model import IPListSelector, Policy, Workload
