@@ -76,6 +76,8 @@ class AgentOptions:
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     watch_addresses: bool = True
     proof_interval: float = 300.0  # prove the kernel == policy this often, and after every apply (0: never)
+    wireguard_rotate_interval: float = 0.0  # make and register a new WireGuard key this often (0: never)
+    wireguard_retry_seconds: float = 30.0  # a key the controller did not take yet: try again this often
 
 
 class Refused(Exception):
@@ -122,6 +124,7 @@ class Agent:
         self._feed: ChangeFeed | None = feed_for(enforcer.change_monitor) if options.change_feed else None
         self._tamper_poke = threading.Event()
         self._prove_poke = threading.Event()
+        self._wireguard_registered = True  # until an attempt fails (enrolment makes the first)
         self._last_proof: tuple[str, int, str] | None = None  # (state, revision, detail) last reported
         self._cache = cache  # the caller may have enforced the cache already (fast start-up)
         if cache is not None:
@@ -137,6 +140,7 @@ class Agent:
         self._spawn(self._main, "stockade-enforce")
         if self.options.proof_interval > 0:
             self._spawn(self._prove_loop, "stockade-prove")
+        self._spawn(self._wireguard_loop, "stockade-wireguard-key")
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the threads; the rules in force stay in force."""
@@ -324,15 +328,42 @@ class Agent:
         client.close()
         return None
 
-    def _register_wireguard(self, client: ControllerClient) -> None:
-        """Make (first time) and register this host's WireGuard key, so the peers of encrypted
-        rules can reach it. Best effort: until it is registered, encrypted rules with this host
-        drop their traffic (never in the clear); the next start retries."""
+    def _register_wireguard(self, client: ControllerClient, *, rotate: bool = False) -> bool:
+        """Make (first time; a new one with ``rotate``) and register this host's WireGuard key, so the
+        peers of encrypted rules can reach it. Until it is registered, encrypted rules with this host
+        drop their traffic (never in the clear); ``_wireguard_loop`` retries. True when registered."""
         try:
-            public = wireguard_key.load_or_create(self.state.path)
+            public = wireguard_key.rotate(self.state.path) if rotate else wireguard_key.load_or_create(self.state.path)
             client.register_wireguard_key(public, None, WIREGUARD_PORT)
         except (StockadeError, OSError, ValueError) as exc:
-            log.warning("could not register this host's WireGuard key (%s); will retry at next start", exc)
+            log.warning("could not register this host's WireGuard key (%s); retrying in %.0fs", exc,
+                        self.options.wireguard_retry_seconds)
+            self._wireguard_registered = False
+            return False
+        self._wireguard_registered = True
+        if rotate:
+            log.info("WireGuard key rotated; new public key %s registered", public)
+        return True
+
+    def _wireguard_loop(self) -> None:
+        """Retry a registration that failed, and rotate the key every ``wireguard_rotate_interval``
+        (the peers re-handshake once with the new key; the old one stops working at once)."""
+        every = self.options.wireguard_rotate_interval
+        next_rotation = time.monotonic() + every if every > 0 else None
+        while True:
+            wait = self.options.wireguard_retry_seconds  # also how soon a failed registration is noticed
+            if next_rotation is not None:
+                wait = min(wait, max(0.0, next_rotation - time.monotonic()))
+            if self._stop.wait(wait):
+                return
+            client = self.client
+            if client is None:
+                continue  # not enrolled yet: enrolment registers the key
+            if next_rotation is not None and time.monotonic() >= next_rotation:
+                if self._register_wireguard(client, rotate=True):
+                    next_rotation = time.monotonic() + every
+            elif not self._wireguard_registered:
+                self._register_wireguard(client)
 
     def _bind_key(self, client: ControllerClient, cred: Credential) -> Credential:
         """Enrolled before agent keys: bind one now, so a copied token stops being enough.

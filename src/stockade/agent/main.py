@@ -121,6 +121,8 @@ CODE_FILE_HELP = (f"File holding the activation code ('-': standard input); firs
 @click.option("--long-poll", type=float, default=20.0, show_default=True, help="Long-poll timeout, seconds.")
 @click.option("--tamper-interval", type=float, default=0.5, show_default=True,
               help="Seconds between read-back comparisons of the firewall.")
+@click.option("--wireguard-rotate-hours", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Make and register a new WireGuard key this often (0: only on `rotate-wireguard-key`).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @click.option("--log-format", type=click.Choice(["text", "json", "logfmt"]), default="text", show_default=True,
               help="log lines on stderr: plain text, JSON lines or logfmt (control characters escaped)")
@@ -138,6 +140,7 @@ def agent(
     hostname: str | None,
     long_poll: float,
     tamper_interval: float,
+    wireguard_rotate_hours: float,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -168,10 +171,12 @@ def agent(
             log.error("cannot switch from backend %s (%s): starting on %s", previous, exc, backend_name)
         else:
             _run(state, Enforcer(old), controller, activation_code, hostname, long_poll, tamper_interval,
+                 rotate_seconds=wireguard_rotate_hours * 3600,
                  switch_to=backend)
             return
     enforcer = Enforcer(backend)
-    _run(state, enforcer, controller, activation_code, hostname, long_poll, tamper_interval)
+    _run(state, enforcer, controller, activation_code, hostname, long_poll, tamper_interval,
+         rotate_seconds=wireguard_rotate_hours * 3600)
 
 
 def previous_backend(state: StateDir, backend_name: str, switch_from: str | None) -> str | None:
@@ -190,6 +195,7 @@ def _run(
     long_poll: float,
     tamper_interval: float,
     switch_to: Any | None = None,
+    rotate_seconds: float = 0.0,
 ) -> None:
     cached = enforce_cache(state, enforcer)  # before the slow imports below
     if switch_to is not None:
@@ -217,6 +223,7 @@ def _run(
         activation_code=activation_code,
         long_poll_seconds=long_poll,
         tamper_interval=tamper_interval,
+        wireguard_rotate_interval=rotate_seconds,
     )
     runtime = Agent(options, state, enforcer, HttpControllerClient, host_reader=host_reader, cache=cached)
 
