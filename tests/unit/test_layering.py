@@ -30,7 +30,9 @@ ALLOWED: dict[str, set[str]] = {
         "agent_signature",
     },
     "logs": set(),
-    "k8s": {"errors", "model", "compiler"},  # beside the controller: reaches it only through the REST API
+    # the sync (beside the controller: reaches it only through the REST API) and the node agent (an agent
+    # per pod on the node: the agent runtime and its backends); never the controller
+    "k8s": {"errors", "model", "compiler", "agent", "agent_signature", "backends"},
 }
 
 
