@@ -58,9 +58,10 @@ def check_uid(uid: str) -> str:
 def _cgroup_matches(text: str, uid: str) -> bool:
     markers = (f"pod{uid}", f"pod{uid.replace('-', '_')}")
     for line in text.splitlines():
-        path = line.split(":", 2)[-1]
-        for part in re.split(r"[/-]", path.replace(".slice", "")):
-            if part in markers:
+        for segment in line.split(":", 2)[-1].split("/"):
+            segment = segment.removesuffix(".slice")
+            # cgroupfs: pod<uid>; systemd: kubepods-<qos>-pod<uid with _>.slice
+            if segment in markers or any(segment.endswith("-" + m) for m in markers):
                 return True
     return False
 
