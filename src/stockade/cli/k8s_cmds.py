@@ -93,6 +93,29 @@ async def _run_node(agent: object, kubeconfig: Path | None) -> None:
     await asyncio.to_thread(agent.stop)
 
 
+@k8s_group.command("manifests")
+@click.option("--controller", required=True, help="Controller URL the agents and the sync use.")
+@click.option("--image", required=True, help="The Stockade image (deploy/image/build.sh).")
+@click.option("--namespace", default="stockade", show_default=True)
+@click.option("--pull-policy", type=click.Choice(["Always", "IfNotPresent", "Never"]), default="IfNotPresent",
+              show_default=True)
+@click.option("--host-policy/--no-host-policy", default=True, show_default=True)
+@click.option("--ca/--no-ca", "with_ca", default=True, show_default=True,
+              help="Pin the controller's CA from ConfigMap stockade-ca (key ca.pem).")
+@click.option("--sync/--no-sync", default=True, show_default=True, help="Include the cluster sync Deployment.")
+@click.option("--cni-bin-dir", default="/opt/cni/bin", show_default=True)
+def manifests_cmd(controller: str, image: str, namespace: str, pull_policy: str, host_policy: bool, with_ca: bool,
+                  sync: bool, cni_bin_dir: str) -> None:
+    """Print the DaemonSet, the sync Deployment and their least-privilege RBAC (YAML)."""
+    from stockade.k8s.manifests import ManifestValues, render
+
+    try:
+        values = ManifestValues(controller, image, namespace, pull_policy, host_policy, with_ca, sync, cni_bin_dir)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(render(values), nl=False)
+
+
 @k8s_group.command("cni", context_settings={"ignore_unknown_options": True})
 def cni() -> None:
     """Run as the chained CNI plugin (reads CNI_COMMAND etc. from the environment)."""
