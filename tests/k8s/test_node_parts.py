@@ -86,6 +86,8 @@ def test_the_sync_binds_a_pod_to_its_node_through_the_declared_node_label() -> N
     assert not hasattr(got, "reason") and dict(got.labels) == {"app": "web", "k8s-node": "node-1"}  # type: ignore[union-attr]
     undeclared = desired_workload(pod, {}, LabelMapping(), {"app": LabelKey("app")})
     assert dict(undeclared.labels) == {"app": "web"}  # type: ignore[union-attr]
+    with_ns = desired_workload(pod, {}, LabelMapping(), {**keys, "k8s-namespace": LabelKey("k8s-namespace")})
+    assert dict(with_ns.labels)["k8s-namespace"] == "shop"  # type: ignore[union-attr]  # map: keys=app,k8s-namespace
     bad = desired_workload({**pod, "spec": {"nodeName": "x" * 200}}, {}, LabelMapping(), keys)
     assert "spec.nodeName" in bad.reason  # type: ignore[union-attr]
 

@@ -43,16 +43,21 @@ class LabelMapping:
     # the Stockade key that carries pod.spec.nodeName: node agents may enrol only their own pods
     # (stockade.controller.services.pod_enrolment); omitted while the key is not declared
     node: str | None = "k8s-node"
+    # the Stockade key that carries the pod's namespace name (the map groups pods per app and namespace
+    # with ``keys=app,k8s-namespace``); omitted while the key is not declared
+    namespace_name: str | None = "k8s-namespace"
 
     @staticmethod
-    def parse(pod: Mapping[str, str], namespace: Mapping[str, str], node: str | None = "k8s-node") -> LabelMapping:
+    def parse(pod: Mapping[str, str], namespace: Mapping[str, str], node: str | None = "k8s-node",
+              namespace_name: str | None = "k8s-namespace") -> LabelMapping:
         for source in (pod, namespace):
             for target in source.values():
                 if not is_valid_name(target):
                     raise ValueError(f"label mapping target {target!r} is not a valid Stockade key")
-        if node is not None and not is_valid_name(node):
-            raise ValueError(f"node label {node!r} is not a valid Stockade key")
-        return LabelMapping(tuple(pod.items()), tuple(namespace.items()), node)
+        for target in (node, namespace_name):
+            if target is not None and not is_valid_name(target):
+                raise ValueError(f"label {target!r} is not a valid Stockade key")
+        return LabelMapping(tuple(pod.items()), tuple(namespace.items()), node, namespace_name)
 
 
 @dataclass(frozen=True)
@@ -214,6 +219,11 @@ def desired_workload(
         return Skip(key, node.reason)
     if node is not None:
         labels[node[0]] = node[1]
+    ns_key = mapping.namespace_name
+    if ns_key is not None and ns_key in keys:
+        if not is_valid_name(key.namespace) or not keys[ns_key].accepts(key.namespace):
+            return Skip(key, f"namespace {key.namespace!r} is not an allowed value of Stockade key {ns_key!r}")
+        labels[ns_key] = key.namespace
     return DesiredWorkload(key, workload_name(key), tuple(sorted(labels.items())), addrs, mode)
 
 

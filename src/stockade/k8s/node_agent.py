@@ -302,7 +302,9 @@ class NodeAgent:
 
     def _time_first_apply(self, uid: str, agent: Agent, t0: float) -> None:
         if agent.converged.wait(120):
-            self.stats.programmed[uid] = time.monotonic() - t0
+            took = time.monotonic() - t0
+            self.stats.programmed[uid] = took
+            log.info("pod %s: first policy applied %.1f ms after the node agent took it up", uid, took * 1000)
 
     def _stop_pod(self, uid: str, forget: bool) -> None:
         with self._lock:
