@@ -54,9 +54,9 @@ class LabelMapping:
             for target in source.values():
                 if not is_valid_name(target):
                     raise ValueError(f"label mapping target {target!r} is not a valid Stockade key")
-        for target in (node, namespace_name):
-            if target is not None and not is_valid_name(target):
-                raise ValueError(f"label {target!r} is not a valid Stockade key")
+        for extra in (node, namespace_name):
+            if extra is not None and not is_valid_name(extra):
+                raise ValueError(f"label {extra!r} is not a valid Stockade key")
         return LabelMapping(tuple(pod.items()), tuple(namespace.items()), node, namespace_name)
 
 
