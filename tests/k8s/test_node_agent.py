@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from stockade.backends.common import in_netns
+from stockade.k8s.podns import pin_name, pin_prefix
 from tests.e2e.harness import Api, bound, load_note, wait_for
 from tests.k8s.conftest import Cluster, _free_port
 from tests.k8s.kube import Kube, SyncThread, start_controller
@@ -117,7 +118,7 @@ def world(k8s_cluster: Cluster, k8s_node: Node, tmp_path_factory: pytest.TempPat
 
 
 def _pin(w: World, pod: str) -> str:
-    return f"stk-{w.pod(pod)['metadata']['uid']}"
+    return pin_name(w.pod(pod)["metadata"]["uid"], pin_prefix(w.node.name))
 
 
 def _connects(w: World, family: int) -> bool:

@@ -9,7 +9,7 @@ SYS_ADMIN) runs:
 * **one agent identity per local pod**: the node agent watches the pods bound to its node
   (``fieldSelector=spec.nodeName=NAME``, the sync's :class:`~stockade.k8s.reflector.Reflector`),
   finds each pod's network namespace from its UID (:mod:`stockade.k8s.podns`: cgroup + procfs),
-  pins it as ``stk-<uid>``, obtains the pod's credential from the controller with its own node
+  pins it as ``stk-<node hash>-<uid>``, obtains the pod's credential from the controller with its own node
   credential (``POST /agents/{id}/pods/enroll``: allowed only for pods the sync bound to this
   node, see :mod:`stockade.controller.services.pod_enrolment`) and runs an ordinary
   :class:`~stockade.agent.agent.Agent` for the pod whose backend programs *that* namespace.
@@ -47,10 +47,11 @@ from stockade.agent.transport import ControllerUnreachableError, Enrollment
 from stockade.agent_signature import public_key_text
 from stockade.backends.nftables.backend import NftablesBackend
 from stockade.errors import AuthError, NotFoundError, StockadeError, ValidationError
-from stockade.k8s.podns import PodNetns, find_pod_netns, pin, stale_pins, unpin
+from stockade.k8s.podns import PodNetns, find_pod_netns, pin, pin_prefix, stale_pins, unpin
 
 log = logging.getLogger("stockade.k8s.node")
-RETRY_SECONDS = 0.1  # a pod whose workload or namespace is not there yet is tried again this soon
+RETRY_SECONDS = 0.1  # a pod whose workload or namespace is not there yet is tried again this soon ...
+RETRY_MAX = 5.0  # ... doubling up to this while it keeps failing
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ class NodeAgent:
         self._desired: dict[str, LocalPod] = {}
         self._running: dict[str, _Running] = {}
         self._host_network: set[str] = set()
+        self._retry: dict[str, tuple[float, float]] = {}  # uid -> (next attempt, delay) of a failing pod
+        self.pin_prefix = pin_prefix(options.node)
         self._lock = threading.Lock()
         self._poke = threading.Event()
         self._stop = threading.Event()
@@ -157,7 +160,7 @@ class NodeAgent:
             self._desired = dict(pods)
         self._poke.set()
 
-    def running(self) -> dict[str, str]:
+    def enforced(self) -> dict[str, str]:
         """uid -> pinned netns of the pods being enforced."""
         with self._lock:
             return {uid: r.netns for uid, r in self._running.items()}
@@ -244,19 +247,32 @@ class NodeAgent:
         pending = False
         for uid in sorted(running - set(desired)):
             self._stop_pod(uid, forget=True)
-        for uid in stale_pins(set(desired)):
-            unpin(uid)  # pinned by an earlier run for a pod that is gone
+        for uid in stale_pins(set(desired), self.pin_prefix):
+            unpin(uid, self.pin_prefix)  # pinned by an earlier run for a pod that is gone
+        now = time.monotonic()
+        for uid in set(self._retry) - set(desired):
+            del self._retry[uid]
         for uid, pod in sorted(desired.items()):
             if self._stop.is_set():
                 break
             if uid in running or uid in self._host_network:
                 continue
-            try:
-                if not self._start_pod(pod):
-                    pending = True
-            except StockadeError as exc:
-                log.warning("pod %s/%s: %s; retrying", pod.namespace, pod.name, exc)
+            if self._retry.get(uid, (0.0, 0.0))[0] > now:
                 pending = True
+                continue
+            try:
+                done = self._start_pod(pod)
+                error = ""
+            except StockadeError as exc:
+                done, error = False, str(exc)
+            if done:
+                self._retry.pop(uid, None)
+                continue
+            pending = True
+            delay = min(RETRY_MAX, self._retry.get(uid, (0.0, RETRY_SECONDS / 2))[1] * 2)
+            self._retry[uid] = (time.monotonic() + delay, delay)
+            if error:
+                log.warning("pod %s/%s: %s; retrying in %.1f s", pod.namespace, pod.name, error, delay)
         return pending
 
     def _start_pod(self, pod: LocalPod) -> bool:
@@ -268,7 +284,7 @@ class NodeAgent:
             self._host_network.add(pod.uid)  # the node's own namespace: the host policy covers it
             log.info("pod %s/%s uses the node's network: host policy applies", pod.namespace, pod.name)
             return True
-        netns = pin(ns)
+        netns = pin(ns, self.pin_prefix)
         state = StateDir(self.options.state_dir / "pods" / pod.uid)
         cred = state.load_credential()
         if cred is not None and cred.workload != pod.workload:
@@ -315,6 +331,6 @@ class NodeAgent:
         r.agent.stop(timeout=1.0)
         r.backend.close()
         if forget:
-            unpin(uid)
+            unpin(uid, self.pin_prefix)
             shutil.rmtree(self.options.state_dir / "pods" / uid, ignore_errors=True)
         log.info("pod %s/%s: stopped", r.pod.namespace, r.pod.name)

@@ -12,14 +12,15 @@ and the UID can't be confused with another pod's the way a sandbox *name* can (a
 of the same name is a new UID). A pod whose processes all share the node's namespace is a
 ``hostNetwork`` pod: it has no namespace of its own and the node's host policy covers it.
 
-The namespace is then pinned as ``/run/netns/stk-<uid>`` (``ip netns attach``), a name the node
-agent owns, so the nftables backend (``ip netns exec`` / a netlink socket opened in it) programs
+The namespace is then pinned as ``/run/netns/stk-<node hash>-<uid>`` (``ip netns attach``), a name the
+node agent owns, so the nftables backend (``ip netns exec`` / a netlink socket opened in it) programs
 it like any named namespace; the pin is checked to be the same inode as the pod's namespace, and
 removed when the pod goes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -45,8 +46,14 @@ class PodNetns:
     host_network: bool  # the pod runs in the node's own namespace (hostNetwork)
 
 
-def pin_name(uid: str) -> str:
-    return PIN_PREFIX + uid
+def pin_prefix(node: str) -> str:
+    """``stk-<8 hex of the node name>-``: pins of one node agent, so two on one machine (tests, a
+    simulated node beside a real one) never remove each other's."""
+    return f"{PIN_PREFIX}{hashlib.sha256(node.encode()).hexdigest()[:8]}-"
+
+
+def pin_name(uid: str, prefix: str = PIN_PREFIX) -> str:
+    return prefix + uid
 
 
 def check_uid(uid: str) -> str:
@@ -88,41 +95,41 @@ def find_pod_netns(uid: str, proc: Path = Path("/proc")) -> PodNetns | None:
     return found
 
 
-def pinned_inode(uid: str) -> int | None:
+def pinned_inode(uid: str, prefix: str = PIN_PREFIX) -> int | None:
     try:
-        return os.stat(NETNS_DIR / pin_name(uid)).st_ino
+        return os.stat(NETNS_DIR / pin_name(uid, prefix)).st_ino
     except OSError:
         return None
 
 
-def pin(ns: PodNetns) -> str:
-    """Pin the pod's namespace as ``stk-<uid>`` and return that name (a stale pin is replaced)."""
-    name = pin_name(check_uid(ns.uid))
-    current = pinned_inode(ns.uid)
+def pin(ns: PodNetns, prefix: str = PIN_PREFIX) -> str:
+    """Pin the pod's namespace as ``<prefix><uid>`` and return that name (a stale pin is replaced)."""
+    name = pin_name(check_uid(ns.uid), prefix)
+    current = pinned_inode(ns.uid, prefix)
     if current == ns.inode:
         return name
     if current is not None:
-        unpin(ns.uid)
+        unpin(ns.uid, prefix)
     r = subprocess.run(["ip", "netns", "attach", name, str(ns.pid)], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise PodNetnsError(f"ip netns attach {name} {ns.pid}: {r.stderr.strip()[:200]}")
-    if pinned_inode(ns.uid) != ns.inode:  # the process was replaced between the scan and the attach
-        unpin(ns.uid)
+    if pinned_inode(ns.uid, prefix) != ns.inode:  # the process was replaced between the scan and the attach
+        unpin(ns.uid, prefix)
         raise PodNetnsError(f"pod {ns.uid}: namespace changed while pinning it")
     return name
 
 
-def unpin(uid: str) -> None:
-    name = pin_name(check_uid(uid))
+def unpin(uid: str, prefix: str = PIN_PREFIX) -> None:
+    name = pin_name(check_uid(uid), prefix)
     if (NETNS_DIR / name).exists():
         subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
 
 
-def stale_pins(keep: set[str]) -> list[str]:
-    """UIDs of ``stk-*`` pins whose pod is not in ``keep`` (left by an earlier run)."""
+def stale_pins(keep: set[str], prefix: str = PIN_PREFIX) -> list[str]:
+    """UIDs of ``<prefix>*`` pins whose pod is not in ``keep`` (left by an earlier run)."""
     try:
         names = os.listdir(NETNS_DIR)
     except OSError:
         return []
-    return [n[len(PIN_PREFIX):] for n in names
-            if n.startswith(PIN_PREFIX) and _UID_RE.match(n[len(PIN_PREFIX):]) and n[len(PIN_PREFIX):] not in keep]
+    uids = (n[len(prefix):] for n in names if n.startswith(prefix))
+    return [u for u in uids if _UID_RE.match(u) and u not in keep]
