@@ -40,6 +40,8 @@ sys.path.insert(0, str(REPO))
 from tests.k8s.conftest import SCRIPT, Cluster, _ports_env  # noqa: E402
 from tests.k8s.kube import Kube, SyncThread, start_controller  # noqa: E402
 
+from stockade.k8s.podns import pin_prefix  # noqa: E402
+
 CGROUP_ROOT = Path("/sys/fs/cgroup/pids")
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -190,6 +192,10 @@ def main() -> None:
     finally:
         for p in pods:
             p.delete()
+        prefix = pin_prefix("bench-node")
+        deadline = time.monotonic() + 30  # the node agent unpins deleted pods' namespaces itself
+        while time.monotonic() < deadline and any(n.startswith(prefix) for n in os.listdir("/run/netns")):
+            time.sleep(0.1)
         if agent is not None:
             agent.terminate()
             agent.wait(20)
