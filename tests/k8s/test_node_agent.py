@@ -19,6 +19,7 @@ pod's namespace*, v4 and v6.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def world(k8s_cluster: Cluster, k8s_node: Node, tmp_path_factory: pytest.TempPat
         yield w
     finally:
         if agent is not None:
+            _delete_pods_and_pins(Kube(k8s_cluster), k8s_node)
             agent.terminate()
             try:
                 agent.wait(15)
@@ -115,6 +117,15 @@ def world(k8s_cluster: Cluster, k8s_node: Node, tmp_path_factory: pytest.TempPat
         if sync is not None:
             sync.stop()
         ctl.kill()
+
+
+def _delete_pods_and_pins(kube: Kube, node: Node) -> None:
+    """The node's pods deleted while the node agent runs, so it removes its namespace pins itself."""
+    for p in kube.ok("GET", "/api/v1/pods", params={"fieldSelector": f"spec.nodeName={node.name}"})["items"]:
+        kube.http.delete(f"/api/v1/namespaces/{p['metadata']['namespace']}/pods/{p['metadata']['name']}",
+                         params={"gracePeriodSeconds": "0"})
+    prefix = pin_prefix(node.name)
+    wait_for(lambda: not any(n.startswith(prefix) for n in os.listdir("/run/netns")), 30)
 
 
 def _pin(w: World, pod: str) -> str:
