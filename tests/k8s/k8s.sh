@@ -13,6 +13,7 @@
 #   K8S_ETCD_PORT K8S_ETCD_PEER_PORT K8S_API_PORT   loopback ports (defaults 23791 23801 26444)
 #   STOCKADE_K8S_GOCACHE_KEEP=1   keep the Go build/module caches after a build (default: deleted, ~4 GB)
 #
+# --allow-privileged: the DaemonSet of `stockade k8s manifests` is privileged (as real clusters allow).
 # The cluster has no kubelet, scheduler or controller-manager: tests play the kubelet by patching pods/NAME/status.
 # Hence: no 'default' ServiceAccount (the ServiceAccount admission plugin is disabled) and, because the apiserver
 # advertises 127.0.0.1, the endpoint reconciler is off. etcd runs with --unsafe-no-fsync: test data only.
@@ -142,7 +143,7 @@ run_apiserver() {  # run_apiserver RUN_DIR: start it and wait for /readyz (60 s)
     --client-ca-file "$pki/ca.crt" --token-auth-file "$pki/tokens.csv" --authorization-mode RBAC \
     --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$pki/sa.pub" \
     --service-account-signing-key-file "$pki/sa.key" --disable-admission-plugins ServiceAccount \
-    --kubelet-preferred-address-types InternalIP,Hostname --profiling=false \
+    --kubelet-preferred-address-types InternalIP,Hostname --profiling=false --allow-privileged=true \
     >>"$run/apiserver.log" 2>&1 &
   echo $! > "$run/apiserver.pid"
   local i
