@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from playwright.sync_api import expect
 
 CHROMIUM = Path(os.environ.get("STOCKADE_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -241,3 +242,17 @@ def flow(src: str, dst: str, port: int, verdict: str, rule: str, count: int = 1,
     """One record of the upload format (stockade.visibility.wire)."""
     now = time.time() - ago
     return [src, dst, proto, port, side, verdict, rule, count, round(now - 1, 3), round(now, 3)]
+
+
+def pick(page: Any, combobox: Any, text: str, key: str) -> None:
+    """Type ``text`` in a picker and choose the suggestion whose data-key is ``key`` with Enter."""
+    combobox.click()
+    combobox.fill(text)
+    listbox = page.locator(f"#{combobox.get_attribute('aria-controls')}")
+    option = listbox.locator(f'[role=option][data-key="{key}"]')
+    expect(option).to_be_visible()
+    for _ in range(60):  # move the active option onto it with the keyboard
+        if option.get_attribute("aria-selected") == "true":
+            break
+        combobox.press("ArrowDown")
+    combobox.press("Enter")

@@ -15,23 +15,9 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.harness import Console
+from tests.browser.harness import Console, pick
 
 pytestmark = pytest.mark.browser
-
-
-def pick(page: Any, combobox: Any, text: str, key: str) -> None:
-    """Type ``text`` in a picker and choose the suggestion whose data-key is ``key`` with Enter."""
-    combobox.click()
-    combobox.fill(text)
-    listbox = page.locator(f"#{combobox.get_attribute('aria-controls')}")
-    option = listbox.locator(f'[role=option][data-key="{key}"]')
-    expect(option).to_be_visible()
-    for _ in range(60):  # move the active option onto it with the keyboard
-        if option.get_attribute("aria-selected") == "true":
-            break
-        combobox.press("ArrowDown")
-    combobox.press("Enter")
 
 
 def provision_in_console(page: Any) -> None:

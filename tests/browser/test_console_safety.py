@@ -25,8 +25,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.conftest import checked_page, new_context
-from tests.browser.harness import Console, running_controller, seed_estate
-from tests.browser.test_console import pick
+from tests.browser.harness import Console, pick, running_controller, seed_estate
 
 pytestmark = pytest.mark.browser
 

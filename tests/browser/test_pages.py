@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.harness import Console
-from tests.browser.test_console import pick
+from tests.browser.harness import Console, pick
 
 pytestmark = pytest.mark.browser
 

@@ -30,8 +30,8 @@ from stockade.evaluator import Evaluator, Verdict
 from stockade.lab import HostSpec, Lab, Probe, ProbeKind, probe_matrix
 from stockade.lab.estate import evaluate_probe
 from stockade.policyfile import load_documents
-from tests.browser.harness import free_port
-from tests.browser.test_console import pick, provision_in_console
+from tests.browser.harness import free_port, pick
+from tests.browser.test_console import provision_in_console
 from tests.e2e.harness import AgentProcess, Api, ControllerLink, ControllerProcess, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.kernel]
