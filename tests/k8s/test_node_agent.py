@@ -220,26 +220,24 @@ def test_pod_churn_never_lets_a_blocked_pod_connect(world: World) -> None:
     print(f"churn: 12 intruder pods, {tries} refused attempts, 0 connections; 6 client pods allowed")
 
 
-def test_a_node_cannot_enrol_a_pod_of_another_node(world: World) -> None:
-    from stockade.agent.state import StateDir
+def test_another_node_cannot_enrol_this_nodes_pods(world: World, tmp_path: Path) -> None:
+    from stockade.agent.host import HostReport
+    from stockade.agent.state import Credential, StateDir
     from stockade.agent_signature import new_private_key, public_key_text
+    from stockade.errors import AuthError
     from stockade.k8s.node_agent import NodeControllerClient
 
-    state_dir = Path(world.log).parent / "state" / "node"
-    cred = StateDir(state_dir).load_credential()
-    assert cred is not None
-    other = "intruder-elsewhere"
-    world.kube.ok("POST", f"/api/v1/namespaces/{world.ns}/pods", json=pod_body(other, "node-elsewhere", {}, "true"))
-    world.kube.play_kubelet(world.ns, other, ["10.245.255.250"])
-    assert wait_for(lambda: world.api.http.get(f"/workloads/k8s.{world.ns}.{other}").status_code == 200, 30)
-    client = NodeControllerClient(cred.controller)
-    client.use_credential(cred, None)
+    url = world.api.http.base_url
+    controller = f"{url.scheme}://{url.host}:{url.port}"
+    code = str(world.api.ok("POST", "/pairing-profiles/k8s-nodes/codes", 201)["code"])
+    state = StateDir(tmp_path / "other-node")
+    client = NodeControllerClient(controller)
     try:
-        with pytest.raises(Exception, match="403") as err:
-            client.enroll_pod(f"k8s.{world.ns}.{other}", public_key_text(new_private_key()))
-        assert "not bound to node" in str(err.value)
-        with pytest.raises(Exception, match="403"):
-            client.enroll_pod(cred.workload, public_key_text(new_private_key()))  # not a pod workload
+        e = client.enroll(code, HostReport("node-other", "linux", ()), public_key_text(state.load_or_create_key()))
+        client.use_credential(Credential(controller, e.agent_id, e.token, e.workload, state.key_path), None)
+        for pod in ("server", "client"):  # bound to the real node, not to node-other
+            with pytest.raises(AuthError, match="not bound to node 'node-other'"):
+                client.enroll_pod(f"k8s.{world.ns}.{pod}", public_key_text(new_private_key()))
     finally:
         client.close()
-        world.kube.delete_pod(world.ns, other)
+    assert _connects(world, 4)  # the real node's pods are untouched
