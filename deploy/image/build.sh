@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # deploy/image/build.sh - the Stockade container image (node agent, CNI plugin, sync), assembled locally:
 # a Debian root filesystem from Debian packages (mmdebstrap: python3, nftables, iproute2, util-linux), Stockade's
-# wheel installed into /opt/stockade (a venv; its Python dependencies from the package index by pip), written as a
+# wheel and its dependencies' wheels (built on this host by pip) installed offline into /opt/stockade (a venv), as a
 # docker-archive tar that `ctr -n k8s.io images import` (or `docker load`) takes. No registry, no Dockerfile.
 #
 #   deploy/image/build.sh OUT.tar [TAG]        TAG default stockade.local/stockade:<version>
@@ -24,19 +24,19 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 command -v mmdebstrap >/dev/null || { say "mmdebstrap is needed (apt-get install mmdebstrap)"; exit 1; }
 
-say "wheel"
-"$PY" -m pip wheel -q --no-deps -w "$work/dist" "$REPO"
-wheel=$(ls "$work"/dist/stockade-*.whl)
+say "wheels: Stockade's and its dependencies' (on this host, with its package index settings)"
+"$PY" -m pip wheel -q -w "$work/dist" "$REPO"
+ls "$work"/dist/stockade-*.whl >/dev/null
 
 say "Debian $SUITE root filesystem"
 mmdebstrap --quiet --variant=apt --include=python3,python3-venv,nftables,iproute2,util-linux,ca-certificates \
   --dpkgopt='path-exclude=/usr/share/{doc,man,info,locale}/*' "$SUITE" "$work/rootfs" "$MIRROR"
 
 say "Stockade into /opt/stockade"
-cp "$wheel" "$work/rootfs/tmp/"
+cp -r "$work/dist" "$work/rootfs/tmp/wheels"
 chroot "$work/rootfs" /usr/bin/python3 -m venv /opt/stockade
-chroot "$work/rootfs" /opt/stockade/bin/pip install -q --no-cache-dir "/tmp/$(basename "$wheel")"
-rm -f "$work/rootfs/tmp/"*.whl
+env -u PIP_FIND_LINKS chroot "$work/rootfs" /opt/stockade/bin/pip install -q --no-cache-dir --no-index --find-links /tmp/wheels stockade
+rm -rf "$work/rootfs/tmp/wheels"
 rm -rf "$work/rootfs/var/cache/apt/"* "$work/rootfs/var/lib/apt/lists/"*
 chroot "$work/rootfs" /opt/stockade/bin/stockade --version
 
