@@ -46,7 +46,7 @@ from stockade.agent.state import Credential, StateDir
 from stockade.agent.transport import ControllerUnreachableError, Enrollment
 from stockade.agent_signature import public_key_text
 from stockade.backends.nftables.backend import NftablesBackend
-from stockade.errors import AuthError, NotFoundError, StockadeError, ValidationError
+from stockade.errors import AuthError, Issue, NotFoundError, StockadeError, ValidationError
 from stockade.k8s.podns import PodNetns, find_pod_netns, pin, pin_prefix, stale_pins, unpin
 
 log = logging.getLogger("stockade.k8s.node")
@@ -93,7 +93,7 @@ class NodeControllerClient(HttpControllerClient):
         try:
             return Enrollment(str(data["agent_id"]), str(data["token"]), str(data["workload"]))
         except (KeyError, TypeError) as exc:
-            raise ValidationError([]) from exc
+            raise ValidationError([Issue("controller", 0, "enroll-pod", f"unexpected answer: {exc!r}")]) from exc
 
 
 BackendFactory = Callable[[str | None], NftablesBackend]  # pinned netns name (None: the node's) -> backend
