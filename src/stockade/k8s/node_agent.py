@@ -34,6 +34,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from stockade.k8s.podns import PodNetns, find_pod_netns, pin, pin_prefix, stale_
 log = logging.getLogger("stockade.k8s.node")
 RETRY_SECONDS = 0.1  # a pod whose workload or namespace is not there yet is tried again this soon ...
 RETRY_MAX = 5.0  # ... doubling up to this while it keeps failing
+START_WORKERS = 8  # pods started (and stopped) at once
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,9 @@ class NodeAgent:
         self._running: dict[str, _Running] = {}
         self._host_network: set[str] = set()
         self._retry: dict[str, tuple[float, float]] = {}  # uid -> (next attempt, delay) of a failing pod
+        self._pool = ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="stockade-pod")
+        self._starting: dict[str, Future[bool]] = {}  # uid -> its start under way
+        self._stopping: dict[str, Future[None]] = {}
         self.pin_prefix = pin_prefix(options.node)
         self._lock = threading.Lock()
         self._poke = threading.Event()
@@ -148,7 +153,12 @@ class NodeAgent:
         with self._lock:
             running = list(self._running)
         for uid in running:
-            self._stop_pod(uid, forget=remove_pod_rules)
+            self._stop_pod(uid, forget=remove_pod_rules, wait=True)
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            late = list(self._running)  # started while we were stopping
+        for uid in late:
+            self._stop_pod(uid, forget=remove_pod_rules, wait=True)
         if self.host_agent is not None:
             self.host_agent.stop()
         if self.client is not None:
@@ -240,40 +250,52 @@ class NodeAgent:
             self._poke.wait(RETRY_SECONDS if pending else 5.0)
 
     def _reconcile(self) -> bool:
-        """One pass: start what is wanted, stop what is not; True when something must be retried."""
+        """One pass: start what is wanted, stop what is not; True when something is still under way.
+
+        Starting a pod (find and pin its namespace, enrol it, start its agent) and stopping one
+        (the agent's threads wind down) run on a small pool, so a slow pod never holds up the rest:
+        at 2 deletes + 2 creates per second a sequential loop fell seconds behind.
+        """
         with self._lock:
             desired = {uid: p for uid, p in self._desired.items() if p.ready}
             running = set(self._running)
-        pending = False
         for uid in sorted(running - set(desired)):
             self._stop_pod(uid, forget=True)
-        for uid in stale_pins(set(desired), self.pin_prefix):
+        for uid in stale_pins(set(desired) | set(self._stopping), self.pin_prefix):
             unpin(uid, self.pin_prefix)  # pinned by an earlier run for a pod that is gone
         now = time.monotonic()
         for uid in set(self._retry) - set(desired):
             del self._retry[uid]
-        for uid, pod in sorted(desired.items()):
-            if self._stop.is_set():
-                break
-            if uid in running or uid in self._host_network:
+        for uid, fut in list(self._starting.items()):
+            if not fut.done():
                 continue
-            if self._retry.get(uid, (0.0, 0.0))[0] > now:
-                pending = True
-                continue
+            del self._starting[uid]
             try:
-                done = self._start_pod(pod)
-                error = ""
+                done, error = fut.result(), ""
             except StockadeError as exc:
                 done, error = False, str(exc)
             if done:
                 self._retry.pop(uid, None)
                 continue
-            pending = True
             delay = min(RETRY_MAX, self._retry.get(uid, (0.0, RETRY_SECONDS / 2))[1] * 2)
             self._retry[uid] = (time.monotonic() + delay, delay)
             if error:
-                log.warning("pod %s/%s: %s; retrying in %.1f s", pod.namespace, pod.name, error, delay)
-        return pending
+                pod = desired.get(uid)
+                log.warning("pod %s: %s; retrying in %.1f s", f"{pod.namespace}/{pod.name}" if pod else uid, error,
+                            delay)
+        with self._lock:
+            host_network = set(self._host_network)
+        for uid, pod in sorted(desired.items()):
+            if self._stop.is_set():
+                break
+            if uid in running or uid in host_network or uid in self._starting:
+                continue
+            if self._retry.get(uid, (0.0, 0.0))[0] > now:
+                continue
+            fut = self._pool.submit(self._start_pod, pod)
+            fut.add_done_callback(lambda _f: self._poke.set())
+            self._starting[uid] = fut
+        return bool(self._starting) or any(uid not in running and uid not in host_network for uid in desired)
 
     def _start_pod(self, pod: LocalPod) -> bool:
         t0 = time.monotonic()
@@ -281,7 +303,8 @@ class NodeAgent:
         if ns is None:
             return False  # no process of it yet (or already gone)
         if ns.host_network:
-            self._host_network.add(pod.uid)  # the node's own namespace: the host policy covers it
+            with self._lock:
+                self._host_network.add(pod.uid)  # the node's own namespace: the host policy covers it
             log.info("pod %s/%s uses the node's network: host policy applies", pod.namespace, pod.name)
             return True
         netns = pin(ns, self.pin_prefix)
@@ -322,15 +345,23 @@ class NodeAgent:
             self.stats.programmed[uid] = took
             log.info("pod %s: first policy applied %.1f ms after the node agent took it up", uid, took * 1000)
 
-    def _stop_pod(self, uid: str, forget: bool) -> None:
+    def _stop_pod(self, uid: str, forget: bool, wait: bool = False) -> None:
         with self._lock:
             r = self._running.pop(uid, None)
-        self._host_network.discard(uid)
+            self._host_network.discard(uid)
         if r is None:
             return
-        r.agent.stop(timeout=1.0)
-        r.backend.close()
-        if forget:
-            unpin(uid, self.pin_prefix)
-            shutil.rmtree(self.options.state_dir / "pods" / uid, ignore_errors=True)
-        log.info("pod %s/%s: stopped", r.pod.namespace, r.pod.name)
+
+        def wind_down() -> None:
+            r.agent.stop(timeout=1.0)
+            r.backend.close()
+            if forget:
+                unpin(uid, self.pin_prefix)
+                shutil.rmtree(self.options.state_dir / "pods" / uid, ignore_errors=True)
+            self._stopping.pop(uid, None)
+            log.info("pod %s/%s: stopped", r.pod.namespace, r.pod.name)
+
+        if wait:
+            wind_down()
+            return
+        self._stopping[uid] = self._pool.submit(wind_down)
