@@ -16,7 +16,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${STOCKADE_K8S_CACHE:-/var/cache/stockade/k8s}
-BIN_DIR=$("$HERE/../k8s.sh" bin-dir)
+BIN_DIR=${KUBE_BIN_DIR:-$("$HERE/../k8s.sh" bin-dir)}
 IMAGES=$CACHE/images
 PAUSE_IMAGE=stockade.local/pause:1
 BUSYBOX_IMAGE=stockade.local/busybox:1
@@ -151,7 +151,8 @@ cmd_start() {
   ip link set "$BRIDGE" up
   containerd --config "$d/containerd.toml" > "$d/containerd.log" 2>&1 &
   echo $! > "$d/containerd.pid"
-  local sock; sock=$(cat "$d/sock") i
+  local sock i
+  sock=$(cat "$d/sock")
   for i in $(seq 1 100); do ctr --address "$sock" version >/dev/null 2>&1 && break; sleep 0.1; done
   ctr --address "$sock" version >/dev/null 2>&1 || { tail -20 "$d/containerd.log" >&2; die "containerd did not start"; }
   for img in pause busybox; do ctr --address "$sock" -n k8s.io images import "$IMAGES/$img.tar" >/dev/null; done
@@ -165,7 +166,7 @@ cmd_start() {
   token=$(cat "$K8S_RUN/pki/token"); url=$(sed -n 's/^K8S_API=//p' "$K8S_RUN/env")
   for i in $(seq 1 240); do
     if curl -fsS --cacert "$K8S_RUN/pki/ca.crt" -H "Authorization: Bearer $token" "$url/api/v1/nodes/$NODE_NAME" 2>/dev/null \
-        | grep -q '"type": "Ready",[[:space:]]*"status": "True"'; then
+        | tr -d ' \n' | grep -q '"type":"Ready","status":"True"'; then
       say "node $NODE_NAME Ready"; printf 'NODE_DIR=%s\nBRIDGE=%s\n' "$d" "$BRIDGE" > "$d/env"; return 0
     fi
     kill -0 "$(cat "$d/kubelet.pid")" 2>/dev/null || break
