@@ -23,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -186,24 +187,72 @@ def _prober(server_v4: str) -> str:
             "else echo TRY; fi; sleep 0.1; done")
 
 
-def _churn_round(world: World, round_: int, server_v4: str) -> int:
-    """Four intruders and two clients created together; returns the intruders' refused attempts."""
+def _probe_from_node(addr: str) -> bool:
+    """A TCP connection from the node's own namespace (no policy there) to a pod."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        try:
+            s.connect((addr, PORT))
+            return True
+        except OSError:
+            return False
+
+
+def _watch_victims(world: World, victims: list[str], until: threading.Event, hits: list[str],
+                   probes: list[int]) -> None:
+    """Probe each victim pod from the node from the moment its IP is in the API until ``until``."""
+    ips: dict[str, str] = {}
+    while not until.is_set():
+        for v in victims:
+            if v not in ips:
+                r = world.kube.http.get(f"/api/v1/namespaces/{world.ns}/pods/{v}")
+                status = r.json().get("status", {}) if r.status_code == 200 else {}
+                got = [p["ip"] for p in status.get("podIPs", []) if "." in p["ip"]]
+                if not got:
+                    continue
+                ips[v] = got[0]
+            probes[0] += 1
+            if _probe_from_node(ips[v]):
+                hits.append(v)
+
+
+def _churn_round(world: World, round_: int, server_v4: str) -> tuple[int, int]:
+    """Four intruders, two victims and two clients created together.
+
+    Intruders (app=intruder) try the server every 0.1 s from their first instant; victims
+    (app=victim, a server on 8080 that no rule opens) are probed from the node from the moment their
+    IP appears in the API, i.e. while their containers start and before their own policy is applied:
+    only the sandbox's default-deny stands then. Clients (app=client) must get through once their
+    policy is in force. Returns (intruder attempts refused, victim probes refused)."""
     intruders = [f"intruder-{round_}-{i}" for i in range(4)]
+    victims = [f"victim-{round_}-{i}" for i in range(2)]
     friends = [f"friend-{round_}-{i}" for i in range(2)]
-    for name in intruders:
-        world.create(name, {"app": "intruder"}, _prober(server_v4))
-    for name in friends:
-        world.create(name, {"app": "client"}, _prober(server_v4))
-    pods = intruders + friends
-    assert wait_for(lambda: all(world.running(p) for p in pods), 60), world.log_tail()
-    uids = {p: world.pod(p)["metadata"]["uid"] for p in pods}
+    until, hits, probes = threading.Event(), [], [0]
+    watcher = threading.Thread(target=_watch_victims, args=(world, victims, until, hits, probes), daemon=True)
+    watcher.start()
+    try:
+        for name in victims:
+            world.create(name, {"app": "victim"}, SERVER)
+        for name in intruders:
+            world.create(name, {"app": "intruder"}, _prober(server_v4))
+        for name in friends:
+            world.create(name, {"app": "client"}, _prober(server_v4))
+        pods = intruders + victims + friends
+        assert wait_for(lambda: all(world.running(p) for p in pods), 60), world.log_tail()
+        uids = {p: world.pod(p)["metadata"]["uid"] for p in pods}
 
-    def logs(p: str) -> str:
-        return world.node.pod_log(world.ns, p, uids[p])
+        def logs(p: str) -> str:
+            return world.node.pod_log(world.ns, p, uids[p])
 
-    # the clients get through once their policy is in force (so the probers really probe) ...
-    assert wait_for(lambda: all("CONNECTED" in logs(p) for p in friends), bound(10)), world.log_tail()
-    assert wait_for(lambda: all(logs(p).count("TRY") >= 3 for p in intruders), 30), world.log_tail()
+        # the clients get through once their policy is in force (so the probers really probe) ...
+        assert wait_for(lambda: all("CONNECTED" in logs(p) for p in friends), bound(10)), world.log_tail()
+        assert wait_for(lambda: all(logs(p).count("TRY") >= 3 for p in intruders), 30), world.log_tail()
+        wls = [f"k8s.{world.ns}.{v}" for v in victims]
+        assert wait_for(lambda: world.api.converged(wls), 30) is not None, world.log_tail()  # victims protected
+    finally:
+        until.set()
+        watcher.join(10)
+    assert not hits, f"victim pods reached from the node before/while protected: {sorted(set(hits))}"
     tries = 0
     for p in intruders:  # ... the intruders never did, from their first instant
         text = logs(p)
@@ -211,13 +260,16 @@ def _churn_round(world: World, round_: int, server_v4: str) -> int:
         tries += text.count("TRY")
     for p in pods:
         world.kube.delete_pod(world.ns, p)
-    return tries
+    return tries, probes[0]
 
 
 def test_pod_churn_never_lets_a_blocked_pod_connect(world: World) -> None:
     server_v4 = world.ips("server")[0]
-    tries = sum(_churn_round(world, r, server_v4) for r in range(3))
-    print(f"churn: 12 intruder pods, {tries} refused attempts, 0 connections; 6 client pods allowed")
+    rounds = [_churn_round(world, r, server_v4) for r in range(3)]
+    tries, probes = sum(r[0] for r in rounds), sum(r[1] for r in rounds)
+    assert probes > 20  # the victims were really probed while they started
+    print(f"churn: 12 intruder pods, {tries} refused attempts; 6 victim pods probed {probes} times from their IP's "
+          "first appearance, 0 connections; 6 client pods allowed")
 
 
 def test_another_node_cannot_enrol_this_nodes_pods(world: World, tmp_path: Path) -> None:

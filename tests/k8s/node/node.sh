@@ -10,7 +10,7 @@
 #
 # Environment (start): K8S_RUN (the apiserver's run dir: kubeconfig, pki), NODE_NAME, NODE_V4 (a /24: .1 is the
 # bridge = node IP), NODE_V6 (a /64), KUBELET_PORT, KUBELET_HEALTHZ_PORT, STOCKADE_PYTHON (runs the CNI plugin),
-# STOCKADE_SRC (its PYTHONPATH). Only one node per machine (kubelet has hard-coded host paths): the caller holds a
+# STOCKADE_SRC (its PYTHONPATH); STOCKADE_CNI_DEFAULT_DENY=0 leaves the default-deny plugin out of the chain. Only one node per machine (kubelet has hard-coded host paths): the caller holds a
 # lock. Facts behind the two settings marked 'required': ../shared/design.md (restrict_oom_score_adj, failCgroupV1).
 set -euo pipefail
 
@@ -65,13 +65,15 @@ write_configs() {  # write_configs NODE_DIR
   printf '#!/bin/sh\nPYTHONPATH=%q exec %q -m stockade.k8s.cni\n' "${STOCKADE_SRC:-}" "${STOCKADE_PYTHON:-python3}" \
     > "$d/cni-bin/stockade-default-deny"
   chmod 755 "$d/cni-bin/stockade-default-deny"
+  local DEFAULT_DENY=',
+  {"type": "stockade-default-deny", "table": "stockade"}'
+  [[ ${STOCKADE_CNI_DEFAULT_DENY:-1} == 0 ]] && DEFAULT_DENY=""  # only to show the tests fail without it
   cat > "$d/net.d/10-stockade-test.conflist" <<JSON
 {"cniVersion": "1.0.0", "name": "stockade-test-$NODE_NAME", "plugins": [
   {"type": "bridge", "bridge": "$BRIDGE", "isGateway": false, "ipMasq": false, "hairpinMode": true,
    "ipam": {"type": "host-local", "dataDir": "$d/ipam", "routes": [],
             "ranges": [[{"subnet": "$NODE_V4", "rangeStart": "${NODE_V4%.*/*}.10", "gateway": "$gw4"}],
-                       [{"subnet": "$NODE_V6", "rangeStart": "${v6net}a", "gateway": "$gw6"}]]}},
-  {"type": "stockade-default-deny", "table": "stockade"}
+                       [{"subnet": "$NODE_V6", "rangeStart": "${v6net}a", "gateway": "$gw6"}]]}}$DEFAULT_DENY
 ]}
 JSON
   cat > "$d/containerd.toml" <<TOML
