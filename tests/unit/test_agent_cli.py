@@ -146,10 +146,18 @@ def test_agent_logs_in_the_chosen_format(tmp_path: Path, fmt: str) -> None:
 
     proc = subprocess.Popen([sys.executable, "-m", "stockade.agent", "--log-format", fmt, "--state-dir",
                              str(tmp_path / "state")], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    time.sleep(3)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 60  # a loaded machine may take seconds to import the agent
+    for ln in proc.stderr:  # until the line this test is about (or the agent exits)
+        if ln.strip():
+            lines.append(ln.rstrip("\n"))
+        if "not enrolled" in ln or time.monotonic() > deadline:
+            break
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    _, rest = proc.communicate(timeout=30)
+    lines += [ln for ln in (rest or "").splitlines() if ln.strip()]
+    err = "\n".join(lines)
     assert any("not enrolled" in ln for ln in lines), err
     for ln in lines:
         if fmt == "json":

@@ -17,17 +17,24 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
 
-from stockade.controller.api.schemas import MAX_LABELS, NAME_PATTERN, ErrorOut
+from stockade.controller.api.dto.admin import (
+    ApiKeyIn,
+    ApiKeyOut,
+    LoginIn,
+    UserIn,
+    UserOut,
+    UserUpdate,
+    WhoAmI,
+)
+from stockade.controller.api.schemas import ErrorOut
 from stockade.controller.context import controller_of, require
 from stockade.controller.services import accounts, auth
-from stockade.controller.services.auth import Permission, Principal, PrincipalKind, Role
+from stockade.controller.services.auth import Permission, Principal, PrincipalKind
 from stockade.controller.services.events import record_event
 from stockade.controller.storage.db import ApiKeyRow, UserRow
 
@@ -36,64 +43,6 @@ metrics_router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 429)}
 EDIT_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 412: {"model": ErrorOut}}
 IfMatch = Annotated[str | None, Header(max_length=200, description="ETag of the user as last read")]
-ScopeLabel = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}=[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LoginIn(Strict):
-    username: Annotated[str, Field(min_length=1, max_length=64)]
-    password: Annotated[str, Field(min_length=1, max_length=1024)]
-
-
-class WhoAmI(BaseModel):
-    name: str
-    kind: str
-    role: str | None
-    scope: list[str]
-
-
-class UserIn(Strict):
-    username: Annotated[str, Field(pattern=NAME_PATTERN)]
-    password: Annotated[str, Field(min_length=12, max_length=1024)]
-    role: Role
-    scope: list[ScopeLabel] = Field(default_factory=list, max_length=MAX_LABELS, description="labels (ruleset-manager)")
-
-
-class UserUpdate(Strict):
-    password: Annotated[str, Field(min_length=12, max_length=1024)] | None = None
-    role: Role | None = None
-    scope: Annotated[list[ScopeLabel], Field(max_length=MAX_LABELS)] | None = None
-    disabled: bool | None = None
-
-
-class UserOut(BaseModel):
-    username: str
-    role: str
-    scope: list[str]
-    disabled: bool
-    created_at: dt.datetime
-    revision: int
-    etag: str
-
-
-class ApiKeyIn(Strict):
-    name: Annotated[str, Field(pattern=NAME_PATTERN)]
-    role: Role
-    scope: list[ScopeLabel] = Field(default_factory=list, max_length=MAX_LABELS)
-
-
-class ApiKeyOut(BaseModel):
-    id: str
-    name: str
-    owner: str
-    role: str
-    scope: list[str]
-    created_at: dt.datetime
-    revoked_at: dt.datetime | None = None
-    key: str | None = Field(None, description="the secret, present only in the creation answer")
 
 
 def _user_out(u: UserRow, response: Response | None = None) -> UserOut:

@@ -41,6 +41,19 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from stockade.compiler.ir import Direction
+from stockade.controller.api.dto.flows import (
+    AgentFlowStats,
+    DecisionOut,
+    EdgeOut,
+    EndpointOut,
+    ExplainOut,
+    FlowKeyOut,
+    FlowOut,
+    FlowPage,
+    MapOut,
+    NodeOut,
+    UploadOut,
+)
 from stockade.controller.api.schemas import ErrorOut
 from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
@@ -145,6 +158,32 @@ def _ip(text: str | None, field: str) -> str | None:
         raise ValidationError([Issue("api", 0, field, f"not an IP address: {text!r}")]) from None
 
 
+def _query(
+    src_labels: Annotated[str | None, Query(max_length=512)] = None,
+    dst_labels: Annotated[str | None, Query(max_length=512)] = None,
+    labels: Annotated[str | None, Query(max_length=512, description="either end")] = None,
+    src_workload: Annotated[str | None, Query(max_length=64)] = None,
+    dst_workload: Annotated[str | None, Query(max_length=64)] = None,
+    workload: Annotated[str | None, Query(max_length=64, description="either end")] = None,
+    src_ip: Annotated[str | None, Query(max_length=64)] = None,
+    dst_ip: Annotated[str | None, Query(max_length=64)] = None,
+    ip: Annotated[str | None, Query(max_length=64, description="either end")] = None,
+    port: Annotated[int | None, Query(ge=0, le=65535)] = None,
+    proto: Proto | None = None,
+    verdict: Annotated[list[Verdict] | None, Query()] = None,
+    side: Direction | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> FlowQuery:
+    return FlowQuery(src_labels=src_labels, dst_labels=dst_labels, labels=labels, src_workload=src_workload,
+                     dst_workload=dst_workload, workload=workload, src_ip=src_ip, dst_ip=dst_ip, ip=ip, port=port,
+                     proto=proto, verdict=verdict, side=side, since=since, until=until)
+
+
+# ---- ingestion ---------------------------------------------------------------------------------
+
+
+
 class FlowQuery(BaseModel):
     src_labels: str | None = None
     dst_labels: str | None = None
@@ -174,36 +213,6 @@ class FlowQuery(BaseModel):
             sides=frozenset({SIDE_CODE[self.side]}) if self.side else None,
         )
 
-
-def _query(
-    src_labels: Annotated[str | None, Query(max_length=512)] = None,
-    dst_labels: Annotated[str | None, Query(max_length=512)] = None,
-    labels: Annotated[str | None, Query(max_length=512, description="either end")] = None,
-    src_workload: Annotated[str | None, Query(max_length=64)] = None,
-    dst_workload: Annotated[str | None, Query(max_length=64)] = None,
-    workload: Annotated[str | None, Query(max_length=64, description="either end")] = None,
-    src_ip: Annotated[str | None, Query(max_length=64)] = None,
-    dst_ip: Annotated[str | None, Query(max_length=64)] = None,
-    ip: Annotated[str | None, Query(max_length=64, description="either end")] = None,
-    port: Annotated[int | None, Query(ge=0, le=65535)] = None,
-    proto: Proto | None = None,
-    verdict: Annotated[list[Verdict] | None, Query()] = None,
-    side: Direction | None = None,
-    since: dt.datetime | None = None,
-    until: dt.datetime | None = None,
-) -> FlowQuery:
-    return FlowQuery(src_labels=src_labels, dst_labels=dst_labels, labels=labels, src_workload=src_workload,
-                     dst_workload=dst_workload, workload=workload, src_ip=src_ip, dst_ip=dst_ip, ip=ip, port=port,
-                     proto=proto, verdict=verdict, side=side, since=since, until=until)
-
-
-# ---- ingestion ---------------------------------------------------------------------------------
-
-
-class UploadOut(BaseModel):
-    accepted: int
-
-
 @router.post("/agents/{agent_id}/flows", tags=["Agent protocol"], responses=ERRORS, status_code=202,
              operation_id="upload-flows", openapi_extra=UPLOAD_BODY)
 async def upload_flows(request: Request, agent_id: str,
@@ -228,34 +237,6 @@ async def upload_flows(request: Request, agent_id: str,
 
 
 # ---- the Explorer --------------------------------------------------------------------------------
-
-
-class EndpointOut(BaseModel):
-    ip: str
-    workload: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    ip_list: str | None = Field(None, description="unmanaged: the most specific IP list holding the address")
-
-
-class FlowOut(BaseModel):
-    id: str
-    first_seen: dt.datetime
-    last_seen: dt.datetime
-    src: EndpointOut
-    dst: EndpointOut
-    proto: Proto
-    port: int | None
-    service: str
-    side: Direction = Field(description="out: reported by the source host; in: by the destination host")
-    reporter: str
-    verdict: Verdict
-    rule_id: str
-    count: int
-
-
-class FlowPage(BaseModel):
-    items: list[FlowOut]
-    next_cursor: str | None = None
 
 
 def _endpoint_out(fs: FlowStore, res: Resolver, addr: Any, ep: int) -> EndpointOut:
@@ -330,31 +311,6 @@ def _csv_end(e: EndpointOut) -> list[str]:
     return [e.ip, e.workload or "", ",".join(f"{k}={v}" for k, v in sorted(e.labels.items())), e.ip_list or ""]
 
 
-class FlowKeyOut(BaseModel):
-    src: EndpointOut
-    dst: EndpointOut
-    proto: Proto
-    port: int | None
-    service: str
-
-
-class DecisionOut(BaseModel):
-    workload: str
-    action: str
-    rule_id: str
-
-
-class ExplainOut(BaseModel):
-    flow: FlowKeyOut
-    verdict: Verdict = Field(description="the active policy's verdict now (reference evaluator)")
-    reported: Verdict | None = Field(None, description="the worst verdict the hosts reported")
-    outbound: DecisionOut | None = None
-    inbound: DecisionOut | None = None
-    reported_outbound_rule: str | None = None
-    reported_inbound_rule: str | None = None
-    count: int = 0
-
-
 def _decision(d: SideDecision | None) -> DecisionOut | None:
     return DecisionOut(workload=d.workload, action=d.action, rule_id=d.rule_id) if d else None
 
@@ -388,15 +344,6 @@ def explain_flow(request: Request, flow_id: Annotated[str, Path(max_length=40)],
     c = Connection(k, row.verdict, row.count, row.first_seen, row.last_seen,
                    rule if row.side is Direction.OUTBOUND else None, rule if row.side is Direction.INBOUND else None)
     return _explain_out(key_out, ev, c)
-
-
-class AgentFlowStats(BaseModel):
-    agent_id: str
-    workload: str
-    records: int
-    batches: int
-    dropped: int = Field(description="summaries the agent reports it had to drop (bounded buffer)")
-    last_upload: dt.datetime
 
 
 @router.get("/flows/stats", tags=["Flows"], responses=ERRORS, operation_id="flow-upload-stats")
@@ -464,33 +411,6 @@ def node_endpoints(fs: FlowStore, node: str, keys: tuple[str, ...]) -> frozenset
 
 
 # ---- the application map ----------------------------------------------------------------------------
-
-
-class NodeOut(BaseModel):
-    id: str
-    kind: str
-    name: str
-    labels: dict[str, str]
-    workloads: list[str]
-
-
-class EdgeOut(BaseModel):
-    src: str
-    dst: str
-    connections: int
-    count: int
-    allowed: int
-    potentially_blocked: int
-    blocked: int
-    services: list[str]
-
-
-class MapOut(BaseModel):
-    group_keys: list[str]
-    since: dt.datetime
-    until: dt.datetime | None
-    nodes: list[NodeOut]
-    edges: list[EdgeOut]
 
 
 def group_keys(text: str) -> tuple[str, ...]:

@@ -23,9 +23,17 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
+from stockade.controller.api.dto.flows import (
+    AcceptIn,
+    AcceptOut,
+    ImpactItemOut,
+    ImpactOut,
+    SuggestedRuleOut,
+    SuggestionsOut,
+    WideningOut,
+)
 from stockade.controller.api.flows import (
     DEFAULT_WINDOW,
     ERRORS,
@@ -45,10 +53,9 @@ from stockade.controller.services.auth import Permission, Principal
 from stockade.controller.storage import store
 from stockade.controller.storage.flowstore import HOUR_MS, FlowFilter, FlowStore
 from stockade.errors import ConflictError
-from stockade.evaluator import Evaluation, Verdict
+from stockade.evaluator import Evaluation
 from stockade.model.labels import Label
 from stockade.model.rules import Ruleset
-from stockade.model.services import Proto
 from stockade.visibility import ChangeKind, Impact, Suggestions, accept, preview, suggest
 from stockade.visibility.impact import RuleWidening, widenings
 
@@ -56,47 +63,6 @@ router = APIRouter()
 
 
 # ---- suggestions ------------------------------------------------------------------------------------
-
-
-class SuggestedRuleOut(BaseModel):
-    id: str
-    consumers: list[dict[str, Any]]
-    providers: list[dict[str, Any]]
-    consumers_scope: str
-    service: str
-    ports: list[str]
-    connections: int
-    count: int
-
-
-class SuggestionsOut(BaseModel):
-    group: str
-    ruleset: str
-    scope: dict[str, Any]
-    rules: list[SuggestedRuleOut]
-    new_services: list[dict[str, Any]]
-    new_ip_lists: list[dict[str, Any]]
-    considered: int
-    already_allowed: int
-    elsewhere: dict[str, int] = Field(description="connections to other groups: their suggestions cover them")
-
-
-class AcceptIn(BaseModel):
-    group: Annotated[str, Field(max_length=512)]
-    keys: Annotated[str, Field(max_length=200)] = "app,env"
-    role_key: Annotated[str, Field(max_length=63)] = "role"
-    since: dt.datetime | None = None
-    until: dt.datetime | None = None
-    include_allowed: bool = False
-    rules: list[Annotated[str, Field(max_length=32)]] | None = Field(None, max_length=1000,
-                                                                     description="rule ids; null: all")
-
-
-class AcceptOut(BaseModel):
-    ruleset: str
-    services: list[str]
-    ip_lists: list[str]
-    rules: int
 
 
 def _group(text: str) -> tuple[Label, ...]:
@@ -162,48 +128,6 @@ def accept_suggestions(request: Request, body: AcceptIn,
 
 
 # ---- impact ------------------------------------------------------------------------------------------
-
-
-class ImpactItemOut(BaseModel):
-    change: str
-    src: str
-    dst: str
-    proto: Proto
-    port: int | None
-    service: str
-    count: int
-    reported: Verdict
-    before: Verdict
-    after: Verdict
-    before_rules: list[str]
-    after_rules: list[str]
-    sentence: str = Field(description='in words: "web-1 -> db-1 5432/tcp becomes allowed by ruleset shop rule 1"')
-
-
-class WideningOut(BaseModel):
-    ruleset: str
-    rule: int = Field(description="the rule's position, counted from 1")
-    rule_id: str
-    added: list[str] = Field(description="workloads the rule reaches that it did not")
-    reaches: int
-    new_rule: bool
-    every_workload: bool
-    needs_confirmation: bool
-    sentence: str
-
-
-class ImpactOut(BaseModel):
-    since: dt.datetime
-    until: dt.datetime | None
-    evaluated: int
-    newly_blocked: int
-    newly_potentially_blocked: int
-    newly_allowed: int
-    no_longer_blocked: int
-    items: list[ImpactItemOut]
-    widened: list[WideningOut] = Field(default_factory=list, description="allow rules reaching more workloads")
-    confirm: list[str] = Field(default_factory=list,
-                               description="what provisioning needs a confirmation for, in words (empty: nothing)")
 
 
 def _rules(ev: Evaluation) -> list[str]:

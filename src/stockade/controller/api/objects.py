@@ -27,9 +27,11 @@ from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
+from stockade.controller.api.dto.objects import (
+    ModeIn,
+)
 from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut, ObjectOut, ObjectPage
 from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services import scope
@@ -39,7 +41,6 @@ from stockade.controller.services.distribution import CompilerTxn
 from stockade.controller.storage import store
 from stockade.controller.storage.store import StoredObject
 from stockade.errors import Issue, ValidationError
-from stockade.model.workloads import EnforcementMode
 
 # Filters are strict: a value that no stored object could match is refused (422), never dropped
 _NAME_CHARS = r"[A-Za-z0-9_.\-]"
@@ -243,10 +244,6 @@ def _routes(r: APIRouter, kind: Kind) -> None:
                     operation_id=f"replace-{singular}", summary=f"Replace a {singular}")
     r.add_api_route(f"{path}/{{name}}", delete_object, methods=["DELETE"], tags=tag, responses=ERRORS,
                     status_code=204, operation_id=f"delete-{singular}", summary=f"Delete a {singular}")
-
-
-class ModeIn(BaseModel):
-    mode: EnforcementMode
 
 
 def _mode_route(r: APIRouter) -> None:

@@ -1,0 +1,166 @@
+"""Request and response bodies of :mod:`stockade.controller.api.agents`."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field
+
+from stockade.controller.api.dto import Strict
+from stockade.controller.api.schemas import (
+    MAX_INTERFACES,
+    MAX_LABELS,
+    NAME_PATTERN,
+    InterfaceBody,
+    StrictInt,
+    Text,
+)
+from stockade.controller.services import enrolment
+from stockade.model.workloads import EnforcementMode
+
+PublicKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}$", description="Ed25519, base64url, no padding")]
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class PairingProfileIn(Strict):
+    name: Name
+    labels: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_LABELS)
+    mode: EnforcementMode = EnforcementMode.VISIBILITY
+    expires_at: dt.datetime | None = None
+    max_uses: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
+    enabled: bool = True
+    description: Text = ""
+    code_max_uses: Annotated[StrictInt, Field(ge=1, le=1_000_000, description="enrolments one code allows")] = 1
+    code_ttl_seconds: Annotated[StrictInt, Field(ge=60, le=enrolment.MAX_CODE_TTL,
+                                                 description="lifetime of a new code")] = enrolment.DEFAULT_CODE_TTL
+
+    def settings(self) -> enrolment.ProfileSettings:
+        return enrolment.ProfileSettings(self.name, self.labels, self.mode.value, self.expires_at, self.max_uses,
+                                         self.enabled, self.description, self.code_max_uses, self.code_ttl_seconds)
+
+
+class PairingProfileOut(PairingProfileIn):
+    uses: int
+    revision: int
+    etag: str
+
+
+class CodeIn(Strict):
+    max_uses: Annotated[StrictInt | None, Field(ge=1, le=1_000_000, description="default: the profile's")] = None
+    ttl_seconds: Annotated[StrictInt | None, Field(ge=60, le=enrolment.MAX_CODE_TTL)] = None
+    workload: Annotated[str | None, Field(pattern=NAME_PATTERN,
+                                          description="adoption code: enrols as this workload only")] = None
+
+
+class CodeOut(BaseModel):
+    id: str
+    profile: str
+    code: str = Field(description="shown once")
+    max_uses: int
+    expires_at: dt.datetime
+    workload: str | None
+
+
+class CodeInfoOut(BaseModel):
+    id: str
+    profile: str
+    created_at: dt.datetime
+    max_uses: int | None
+    uses: int
+    expires_at: dt.datetime | None
+    workload: str | None
+    revoked: bool
+
+
+class EnrollIn(Strict):
+    activation_code: Annotated[str, Field(min_length=8, max_length=128)]
+    hostname: Name
+    interfaces: list[InterfaceBody] = Field(default_factory=list, max_length=MAX_INTERFACES)
+    agent_version: Annotated[str, Field(max_length=64)] = ""
+    public_key: PublicKey | None = Field(None, description="the agent's Ed25519 key: every later request is "
+                                                           "signed with it (stockade.agent_signature)")
+
+
+class EnrollOut(BaseModel):
+    agent_id: str
+    token: str
+    workload: str
+    revision: int
+    key_bound: bool
+    quarantined: bool
+
+
+class InterfacesIn(Strict):
+    interfaces: Annotated[list[InterfaceBody], Field(max_length=MAX_INTERFACES)]
+
+
+class ReportOut(BaseModel):
+    revision: int
+    held: bool = Field(False, description="a new agent process's address change, applied after its probation")
+    quarantined: bool = False
+
+
+class KeyIn(Strict):
+    public_key: PublicKey
+    proof: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{86}$", description="the new key's signature over "
+                                "stockade.agent_signature.rotation_message")]
+
+
+class RevisionOut(BaseModel):
+    revision: int
+
+
+class PolicyOut(BaseModel):
+    revision: int
+    full: dict[str, Any] | None
+    base: int | None = None
+    set_deltas: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class WaitOut(BaseModel):
+    revision: int
+    changed: bool
+    policy: PolicyOut | None = Field(None, description="with include_policy=true and changed: the fetch answer")
+
+
+class AckIn(Strict):
+    revision: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+
+
+class AgentOut(BaseModel):
+    id: str
+    workload: str
+    hostname: str
+    profile: str
+    created_at: dt.datetime
+    revoked: bool
+    desired_revision: int
+    applied_revision: int
+    converged: bool
+    last_heartbeat: dt.datetime | None
+    status: str  # online / offline / revoked
+    key_bound: bool = Field(description="requests must be signed with the agent's host key")
+    quarantined: bool
+    quarantine_reason: str | None
+
+
+class ConvergenceOut(BaseModel):
+    agents: int
+    online: int
+    offline: int
+    converged: int
+    lagging_count: int
+    lagging: list[str] = Field(description="workloads behind their desired revision (first `limit`)")
+
+
+class AgentEventIn(Strict):
+    kind: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
+    detail: Annotated[str, Field(max_length=2048)] = ""
+    revision: StrictInt | None = None
+    time: float | None = None
+
+
+class AgentEventsIn(Strict):
+    events: Annotated[list[AgentEventIn], Field(max_length=500)]
