@@ -11,29 +11,15 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
 
-from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut
+from stockade.controller.api.dto.k8s_nodes import PodEnrollIn, PodEnrollOut
+from stockade.controller.api.schemas import ErrorOut
 from stockade.controller.context import controller_of, require
 from stockade.controller.services import pod_enrolment
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 429)}
-
-
-class PodEnrollIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    workload: Annotated[str, Field(pattern=NAME_PATTERN, description="the pod's workload, k8s.<ns>.<pod>")]
-    public_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}$", description="the pod identity's Ed25519 key")]
-    agent_version: Annotated[str, Field(max_length=64)] = ""
-
-
-class PodEnrollOut(BaseModel):
-    agent_id: str
-    token: str
-    workload: str
-    revision: int
 
 
 @router.post("/agents/{agent_id}/pods/enroll", tags=["Agent protocol"], responses=ERRORS, status_code=201,
