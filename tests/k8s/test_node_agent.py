@@ -83,7 +83,8 @@ def world(k8s_cluster: Cluster, k8s_node: Node, tmp_path_factory: pytest.TempPat
     agent: subprocess.Popen[bytes] | None = None
     log = tmp / "node-agent.log"
     try:
-        api.ok("POST", "/label-keys", 201, json={"name": "k8s-node", "values": []})
+        for label_key in ("k8s-node", "k8s-namespace"):
+            api.ok("POST", "/label-keys", 201, json={"name": label_key, "values": []})
         api.ok("POST", "/services", 201, json={"name": "web-8080", "ports": [f"{PORT}/tcp"]})
         api.ok("POST", "/rulesets", 201, json={"name": "pods", "scope": "all", "rules": [
             {"consumers": [{"labels": {"app": "client"}}], "providers": [{"labels": {"app": "server"}}],
@@ -118,6 +119,23 @@ def world(k8s_cluster: Cluster, k8s_node: Node, tmp_path_factory: pytest.TempPat
         if sync is not None:
             sync.stop()
         ctl.kill()
+
+
+def test_pod_flows_reach_the_map_per_app_and_namespace(world: World) -> None:
+    """Pod agents report their flows (NFLOG inside the pod's namespace) like hosts; with ``k8s-namespace``
+    declared, the map groups pods per app and namespace."""
+    assert _connects(world, 4)
+    client = f"group:app=client,k8s-namespace={world.ns}"
+    server = f"group:app=server,k8s-namespace={world.ns}"
+
+    def edge() -> bool:
+        m = world.api.ok("GET", "/flows/map", params={"keys": "app,k8s-namespace"})
+        return any(e["src"] == client and e["dst"] == server and f"{PORT}/tcp" in e["services"] for e in m["edges"])
+
+    assert wait_for(edge, bound(30), interval=0.5) is not None, world.log_tail()
+    m = world.api.ok("GET", "/flows/map", params={"keys": "app,k8s-namespace"})
+    groups = {n["id"]: n["workloads"] for n in m["nodes"]}
+    assert groups[server] == [f"k8s.{world.ns}.server"]
 
 
 def _delete_pods_and_pins(kube: Kube, node: Node) -> None:
