@@ -127,7 +127,7 @@ class NodeAgent:
         self._retry: dict[str, tuple[float, float]] = {}  # uid -> (next attempt, delay) of a failing pod
         self._pool = ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="stockade-pod")
         self._starting: dict[str, Future[bool]] = {}  # uid -> its start under way
-        self._stopping: dict[str, Future[None]] = {}
+        self._stopping: dict[str, threading.Thread] = {}
         self.pin_prefix = pin_prefix(options.node)
         self._lock = threading.Lock()
         self._poke = threading.Event()
@@ -159,6 +159,8 @@ class NodeAgent:
             late = list(self._running)  # started while we were stopping
         for uid in late:
             self._stop_pod(uid, forget=remove_pod_rules, wait=True)
+        for t in list(self._stopping.values()):
+            t.join(5)
         if self.host_agent is not None:
             self.host_agent.stop()
         if self.client is not None:
@@ -252,9 +254,9 @@ class NodeAgent:
     def _reconcile(self) -> bool:
         """One pass: start what is wanted, stop what is not; True when something is still under way.
 
-        Starting a pod (find and pin its namespace, enrol it, start its agent) and stopping one
-        (the agent's threads wind down) run on a small pool, so a slow pod never holds up the rest:
-        at 2 deletes + 2 creates per second a sequential loop fell seconds behind.
+        Starting a pod (find and pin its namespace, enrol it, start its agent) runs on a small pool
+        and stopping one (its agent's threads wind down) on a thread of its own, so a slow pod never
+        holds up the rest: at 2 deletes + 2 creates per second a sequential loop fell seconds behind.
         """
         with self._lock:
             desired = {uid: p for uid, p in self._desired.items() if p.ready}
@@ -364,4 +366,8 @@ class NodeAgent:
         if wait:
             wind_down()
             return
-        self._stopping[uid] = self._pool.submit(wind_down)
+        # its own thread, not the start pool: an agent's threads take up to a second each to wind down
+        # (its long-poll is abandoned), and a new pod must never wait behind a deleted one
+        t = threading.Thread(target=wind_down, name="stockade-pod-stop", daemon=True)
+        self._stopping[uid] = t
+        t.start()
