@@ -15,6 +15,11 @@ Semantics:
   ICMPv6 neighbour discovery, a workload talking to itself.
 * Then precedence: override-deny > allow > deny > the mode's default
   (full: block; selective: allow; visibility: evaluated as full, but "would-block").
+* Kubernetes NetworkPolicy (``stockade.model.netpol``) sits between override-deny and the rest,
+  as upstream's AdminNetworkPolicy tiers do: a direction some NetworkPolicy isolates on this
+  workload is allowed exactly by the union of the NetworkPolicy rules that match
+  (``netpol/<ns>/<name>/<direction>/<i>``) and blocked otherwise (``netpol/<ns>/<name>/<direction>``);
+  Stockade's allow and deny rules only decide directions no NetworkPolicy isolates.
 * IP lists match by address; label selectors and ``all`` match workloads. A provider
   IP list never puts a rule on a workload's inbound side (and a consumer IP list
   never on its outbound side): IP lists are peers, not hosts.
@@ -32,6 +37,7 @@ from enum import Enum
 from stockade.errors import Issue, ValidationError
 from stockade.model.addresses import AddressRanges, IPAddress
 from stockade.model.labels import LabelGroup
+from stockade.model.netpol import KubeNetworkPolicy, NetpolDirection, NetpolRule
 from stockade.model.policy import Policy
 from stockade.model.rules import Action, ConsumerScope
 from stockade.model.selectors import AllWorkloads, IPListSelector, LabelSelector, Selector
@@ -99,6 +105,19 @@ class Evaluator:
             for a in w.addresses:
                 self._owner[a] = w
         self._candidates: list[_Candidate] = []
+        # NetworkPolicy: (workload, direction) -> isolating policies / (rule id, rule) that apply to it
+        self._np_isolating: dict[tuple[str, NetpolDirection], list[KubeNetworkPolicy]] = {}
+        self._np_rules: dict[tuple[str, NetpolDirection], list[tuple[str, NetpolRule]]] = {}
+        for np in policy.network_policies:
+            for nd in NetpolDirection:
+                if np.isolates(nd):
+                    for pod in np.selected:
+                        self._np_isolating.setdefault((pod, nd), []).append(np)
+            for r in np.rules:
+                if not np.isolates(r.direction):
+                    continue
+                for pod in r.targets & np.selected:
+                    self._np_rules.setdefault((pod, r.direction), []).append((np.rule_id(r.direction, r.index), r))
 
         def entries(names: tuple[str, ...]) -> tuple[ServiceEntry, ...]:
             found: list[ServiceEntry] = []
@@ -199,8 +218,12 @@ class Evaluator:
             if c.action not in found or c.rule_id < found[c.action]:
                 found[c.action] = c.rule_id
 
+        direction = NetpolDirection.INGRESS if inbound else NetpolDirection.EGRESS
+        isolating = self._np_isolating.get((host.name, direction))
         if Action.OVERRIDE_DENY in found:
             decided = ("block", found[Action.OVERRIDE_DENY])
+        elif isolating:
+            decided = self._netpol_side(host, direction, isolating, peer_addr, peer, proto, port)
         elif Action.ALLOW in found:
             decided = ("allow", found[Action.ALLOW])
         elif Action.DENY in found:
@@ -213,6 +236,29 @@ class Evaluator:
         if action == "block" and mode is EnforcementMode.VISIBILITY:
             action = "would-block"
         return SideDecision(host.name, mode, action, rule_id)
+
+    def _netpol_side(
+        self,
+        host: Workload,
+        direction: NetpolDirection,
+        isolating: list[KubeNetworkPolicy],
+        peer_addr: IPAddress,
+        peer: Workload | None,
+        proto: Proto,
+        port: int | None,
+    ) -> tuple[str, str]:
+        """A direction isolated by NetworkPolicy: allowed by the union of their rules, else blocked."""
+        allowed: str | None = None
+        for rule_id, r in self._np_rules.get((host.name, direction), ()):
+            if allowed is not None and rule_id >= allowed:
+                continue
+            if not any(e.matches(proto, port) for e in r.services):
+                continue
+            if r.matches_peer(peer.name if peer is not None else None, r.peer_cidrs.contains(peer_addr)):
+                allowed = rule_id
+        if allowed is not None:
+            return "allow", allowed
+        return "block", min(np.isolation_id(direction) for np in isolating)
 
     def _consumer_peer(self, sel: Selector, c: _Candidate, addr: IPAddress, peer: Workload | None) -> bool:
         if isinstance(sel, IPListSelector):

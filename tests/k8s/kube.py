@@ -20,6 +20,7 @@ from kubernetes_asyncio import config as k8s_config
 from stockade.k8s.controller_client import ControllerClient
 from stockade.k8s.mapping import LabelMapping
 from stockade.k8s.sync import ClusterSync
+from stockade.model.workloads import EnforcementMode
 from tests.e2e.harness import Api, ControllerProcess
 from tests.k8s.conftest import Cluster
 
@@ -93,9 +94,11 @@ class SyncThread:
     of the sync process: all its state is in memory)."""
 
     def __init__(self, cluster: Cluster, controller_url: str, api_key: str, mapping: LabelMapping | None = None,
-                 watch_seconds: int = 240, ca_cert: Path | None = None) -> None:
+                 watch_seconds: int = 240, ca_cert: Path | None = None, network_policies: bool = False,
+                 mode: EnforcementMode = EnforcementMode.FULL) -> None:
         self.cluster, self.controller_url, self.api_key, self.ca_cert = cluster, controller_url, api_key, ca_cert
         self.mapping, self.watch_seconds = mapping, watch_seconds
+        self.network_policies, self.mode = network_policies, mode
         self.sync: ClusterSync | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -113,7 +116,9 @@ class SyncThread:
         await k8s_config.load_kube_config(config_file=str(self.cluster.kubeconfig), client_configuration=cfg)
         controller = ControllerClient(self.controller_url, self.api_key, self.ca_cert)
         async with k8s.ApiClient(cfg) as api:
-            self.sync = ClusterSync(k8s.CoreV1Api(api), controller, self.mapping, watch_seconds=self.watch_seconds)
+            networking = k8s.NetworkingV1Api(api) if self.network_policies else None
+            self.sync = ClusterSync(k8s.CoreV1Api(api), controller, self.mapping, watch_seconds=self.watch_seconds,
+                                    networking=networking, mode=self.mode)
             self._loop = asyncio.get_running_loop()
             self._task = asyncio.create_task(self.sync.run())
             self._ready.set()

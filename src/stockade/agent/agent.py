@@ -73,6 +73,7 @@ class AgentOptions:
     heartbeat_seconds: float = 15.0
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     watch_addresses: bool = True
+    proof_interval: float = 300.0  # prove the kernel == policy this often, and after every apply (0: never)
 
 
 class Refused(Exception):
@@ -118,6 +119,8 @@ class Agent:
         self.converged = threading.Event()  # set after every successful apply (tests wait on it)
         self._feed: ChangeFeed | None = feed_for(enforcer.change_monitor) if options.change_feed else None
         self._tamper_poke = threading.Event()
+        self._prove_poke = threading.Event()
+        self._last_proof: tuple[str, int, str] | None = None  # (state, revision, detail) last reported
         self._cache = cache  # the caller may have enforced the cache already (fast start-up)
         if cache is not None:
             self._adopt_cache(cache)
@@ -130,6 +133,8 @@ class Agent:
             notify_systemd("READY=1")  # the cache is in force (the CLI says so itself, earlier)
         self._spawn(self._tamper_loop, "stockade-tamper")
         self._spawn(self._main, "stockade-enforce")
+        if self.options.proof_interval > 0:
+            self._spawn(self._prove_loop, "stockade-prove")
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the threads; the rules in force stay in force."""
@@ -232,6 +237,42 @@ class Agent:
             via = "change feed" if poked else "periodic read-back"
             self._event(EventKind.TAMPER, f"{report.summary}; found by {via}; {state}", self.applied_revision)
             self.outbox.heartbeat_now()
+
+    # ---- proof: the kernel gives every packet the policy's verdict ------------------------------
+    def _prove_loop(self) -> None:
+        while not self._stop.is_set():
+            self._prove_poke.wait(self.options.proof_interval)
+            self._prove_poke.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.prove_now()
+            except Exception as exc:  # never let the prover thread die
+                log.exception("proof failed: %s", exc)
+
+    def prove_now(self) -> str | None:
+        """Prove once; report "proven at revision N" or the counterexample when it changed.
+        Returns the state (proven / differs / failed), None when there is nothing to prove."""
+        revision = self.applied_revision
+        try:
+            proof = self.enforcer.prove()
+        except StockadeError as exc:
+            self._report_proof("failed", revision, str(exc), EventKind.PROOF_FAILED)
+            return "failed"
+        if proof is None:
+            return None
+        if proof.proven:
+            detail = f"proven at revision {revision}: {proof.classes} address classes in {proof.seconds * 1000:.0f} ms"
+            self._report_proof("proven", revision, detail, EventKind.PROVEN)
+            return "proven"
+        self._report_proof("differs", revision, "; ".join(str(d) for d in proof.differences), EventKind.PROOF_DIFFERS)
+        return "differs"
+
+    def _report_proof(self, state: str, revision: int, detail: str, kind: EventKind) -> None:
+        key = (state, revision, detail if state != "proven" else "")
+        if key != self._last_proof:
+            self._last_proof = key
+            self._event(kind, detail[:2000], revision)
 
     # ---- 3. enrolment ------------------------------------------------------------------------------
     def _enrol(self) -> ControllerClient | None:
@@ -427,6 +468,7 @@ class Agent:
             return
         self.state.save_policy(CachedPolicy(upd.revision, hp))
         self.applied_revision = upd.revision
+        self._prove_poke.set()
         self.converged.set()
         if self._inline_acks:
             return  # the next long-poll, sent at once, carries the ack

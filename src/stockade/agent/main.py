@@ -104,6 +104,9 @@ CODE_FILE_HELP = (f"File holding the activation code ('-': standard input); firs
 @click.option("--backend", "backend_name", default=DEFAULT_BACKEND, show_default=True,
               help="Enforcement backend (see `stockade backends`).")
 @click.option("--table", default=None, help="Table the backend owns (default: the backend's own).")
+@click.option("--switch-from", "switch_from", default=None,
+              help="Backend enforcing now (e.g. iptables): at start the cached policy is put in force with "
+                   "--backend first, verified, and only then the old backend's rules are removed (no gap).")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True)
 @click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The controller's CA certificate (PEM), pinned for every connection.")
@@ -122,6 +125,7 @@ def agent(
     code_file: str | None,
     backend_name: str,
     table: str | None,
+    switch_from: str | None,
     state_dir: Path,
     ca_cert: Path | None,
     netns: str | None,
@@ -150,8 +154,25 @@ def agent(
         pem = ca_cert.read_text()
         _or_exit(lambda: state.save_ca(pem))
     backend = _or_exit(lambda: make_backend(backend_name, table))
+    previous = previous_backend(state, backend_name, switch_from)
+    if previous is not None:
+        try:
+            old = make_backend(previous, table)
+        except StockadeError as exc:
+            log.error("cannot switch from backend %s (%s): starting on %s", previous, exc, backend_name)
+        else:
+            _run(state, Enforcer(old), controller, activation_code, hostname, long_poll, tamper_interval,
+                 switch_to=backend)
+            return
     enforcer = Enforcer(backend)
     _run(state, enforcer, controller, activation_code, hostname, long_poll, tamper_interval)
+
+
+def previous_backend(state: StateDir, backend_name: str, switch_from: str | None) -> str | None:
+    """The backend to switch away from at start: ``--switch-from``, else the one the state dir says is
+    in force when it differs from ``--backend`` (changing --backend and restarting switches with no gap)."""
+    previous = switch_from or state.load_backend()
+    return previous if previous and previous != backend_name else None
 
 
 def _run(
@@ -162,8 +183,17 @@ def _run(
     hostname: str | None,
     long_poll: float,
     tamper_interval: float,
+    switch_to: Any | None = None,
 ) -> None:
     cached = enforce_cache(state, enforcer)  # before the slow imports below
+    if switch_to is not None:
+        old = enforcer.backend.name
+        try:
+            enforcer.switch_backend(switch_to)  # make-before-break, before any watcher binds
+            log.info("switched enforcement from %s to %s (make-before-break)", old, switch_to.name)
+        except StockadeError as exc:
+            log.error("backend switch failed, %s stays in force: %s", old, exc)
+    state.save_backend(enforcer.backend.name)
     notify_systemd("READY=1")  # Type=notify: network-pre.target may proceed, the cache is in force
     from stockade.agent.agent import Agent, AgentOptions
     from stockade.agent.hostinfo import HostReport, read_host

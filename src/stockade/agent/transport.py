@@ -63,6 +63,9 @@ class EventKind(Enum):
     POLICY_REFUSED = "policy-refused"  # malformed, unsupported, backwards, wrong workload
     APPLY_FAILED = "apply-failed"  # the kernel refused; previous policy stays in force
     CACHE_UNUSABLE = "cache-unusable"  # the on-disk cache could not be read
+    PROVEN = "proven"  # the kernel gives every packet the policy's verdict (stockade.verify)
+    PROOF_DIFFERS = "proof-differs"  # a packet the kernel treats otherwise than the policy
+    PROOF_FAILED = "proof-failed"  # the read-back could not be proven (unmodelled construct, read error)
 
 
 @dataclass(frozen=True)

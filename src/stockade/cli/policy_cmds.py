@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,11 +18,13 @@ import click
 from stockade.cli import main
 from stockade.cli.controller_cmds import _client, _fail, client_options
 from stockade.cli.errors import EXIT_FINDING
+from stockade.codec import bodies
 from stockade.codec.syntax import ICMP_TYPE_NAMES, BadValue, parse_service_entry
 from stockade.compiler import Compiler, HostPolicy, host_policy_to_json
 from stockade.errors import StockadeError, ValidationError
 from stockade.evaluator import Evaluation, Evaluator, SideDecision, Verdict
 from stockade.model import IPAddress, Policy, Proto
+from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.rule_ids import rule_title
 
 T = TypeVar("T")
@@ -135,15 +138,34 @@ def compile_cmd(path: str, workload: str, fmt: str) -> None:
     click.echo(host_policy_to_json(hp) if fmt == "json" else render_text(hp), nl=fmt == "text")
 
 
+def _decode_netpol(body: object) -> KubeNetworkPolicy:
+    decoded: KubeNetworkPolicy = run_or_exit(lambda: bodies.decode("network_policy", body))
+    return decoded
+
+
 def _remote_policy(version: str, controller_url: str | None, api_key: str | None, ca_cert: Path | None) -> Policy:
     """The controller's policy (``draft``, ``active`` or a version number) with its inventory."""
     from stockade.policyfile import load_documents
 
     with _client(controller_url, api_key, ca_cert) as client:
         r = client.get("/policy/draft", params={"version": version})
-    if r.status_code != 200:
-        _fail(r)
-    return run_or_exit(lambda: load_documents(r.text, f"controller:{version}"))
+        if r.status_code != 200:
+            _fail(r)
+        policy = run_or_exit(lambda: load_documents(r.text, f"controller:{version}"))
+        # Kubernetes NetworkPolicies are live inventory (the cluster sync writes them), not documents
+        found: list[KubeNetworkPolicy] = []
+        cursor: str | None = None
+        while True:
+            page = client.get("/network-policies", params={"limit": "500", **({"cursor": cursor} if cursor else {})})
+            if page.status_code != 200:
+                _fail(page)
+            body = page.json()
+            for item in body["items"]:
+                found.append(_decode_netpol(item["body"]))
+            cursor = body.get("next_cursor")
+            if not cursor:
+                break
+    return replace(policy, network_policies=tuple(sorted(found)))
 
 
 @main.command()

@@ -21,13 +21,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 
+from stockade.compiler.changes import DeltaBuilder, SetChanges
 from stockade.compiler.delta import diff_sets
 from stockade.compiler.expand import build_rule_table, expand_rules, set_name
 from stockade.compiler.index import LabelIndex, SelectorIndex, label_keys
-from stockade.compiler.ir import AddressSet, Direction, HostDelta, HostPolicy, HostRule, SetDelta
+from stockade.compiler.ir import AddressSet, Direction, HostDelta, HostPolicy, HostRule
 from stockade.compiler.members import MemberSet, NetworkCache
+from stockade.compiler.netpol import NetpolLayer, addresses_from
 from stockade.errors import NotFoundError
-from stockade.model.addresses import Family, IPAddress, IPNetwork
+from stockade.model.addresses import Family, IPAddress
+from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.policy import Policy
 from stockade.model.selectors import AllWorkloads, IPListSelector, LabelSelector, Selector
 from stockade.model.workloads import EnforcementMode, Workload
@@ -71,36 +74,6 @@ def _ints(w: Workload, version: int) -> list[int]:
     return [int(a) for a in w.addresses if a.version == version]
 
 
-class _DeltaBuilder:
-    """Accumulates CIDR additions/removals per set and family, cancelling opposites."""
-
-    def __init__(self) -> None:
-        self.added: dict[tuple[str, Family], set[IPNetwork]] = defaultdict(set)
-        self.removed: dict[tuple[str, Family], set[IPNetwork]] = defaultdict(set)
-
-    def record(self, key: tuple[str, Family], added: set[IPNetwork], removed: set[IPNetwork]) -> None:
-        for n in removed:
-            if n in self.added[key]:
-                self.added[key].discard(n)
-            else:
-                self.removed[key].add(n)
-        for n in added:
-            if n in self.removed[key]:
-                self.removed[key].discard(n)
-            else:
-                self.added[key].add(n)
-
-    def by_set(self) -> dict[str, tuple[SetDelta, ...]]:
-        out: dict[str, list[SetDelta]] = defaultdict(list)
-        for key in sorted(set(self.added) | set(self.removed), key=lambda k: (k[0], k[1].value)):
-            add, rem = self.added.get(key, set()), self.removed.get(key, set())
-            if add or rem:
-                out[key[0]].append(
-                    SetDelta(key[0], key[1], tuple(sorted(add, key=_net_key)), tuple(sorted(rem, key=_net_key)))
-                )
-        return {k: tuple(v) for k, v in out.items()}
-
-
 @dataclass(frozen=True)
 class _LabelSetRules:
     rules: tuple[HostRule, ...]
@@ -117,6 +90,7 @@ class Compiler:
     def __init__(self, policy: Policy) -> None:
         self._policy: Policy = policy
         self._policy_dirty: bool = False
+        self._generation = 0
         with _bulk_allocation():
             self._load(policy)
 
@@ -135,6 +109,7 @@ class Compiler:
         self._policy_dirty = False
         self._groups = policy.group_map()
         self._table = build_rule_table(expand_rules(policy))
+        self._np = NetpolLayer(policy.network_policies)
         table = self._table
         self._sel_index = SelectorIndex(self._groups)
         for sid, sel in enumerate(table.selectors):
@@ -152,7 +127,12 @@ class Compiler:
         self._ls_ids: dict[LabelSet, int] = {}
         self._ls_rules: list[_LabelSetRules] = []
         self._ls_hosts: list[set[str]] = []
-        self._ls_sets: dict[int, tuple[AddressSet, ...]] = {}
+        # label set -> (change number when built, its AddressSets); stale once a set it references
+        # changed later (``_set_changed``): checked on read, so a change to a set referenced by
+        # every label set costs O(1), not a pass over 100,000 label sets
+        self._ls_sets: dict[int, tuple[int, tuple[AddressSet, ...]]] = {}
+        self._generation += 1  # also bumped by every batch of workload changes
+        self._set_changed: dict[str, int] = {}  # set name -> generation of its last member change
         self._set_labelsets: dict[str, set[int]] = defaultdict(set)
         for w in policy.workloads:
             self._workloads[w.name] = w
@@ -271,14 +251,22 @@ class Compiler:
             raise NotFoundError(f"no workload named {name!r}")
         lsid = self._key_of[name]
         compiled = self._ls_rules[lsid]
-        sets = self._ls_sets.get(lsid)
+        entry = self._ls_sets.get(lsid)
+        sets: tuple[AddressSet, ...] | None = None
+        if entry is not None:
+            built, sets = entry
+            if built != self._generation:
+                changed = self._set_changed
+                if any(changed.get(s, 0) > built for s in compiled.sets):
+                    sets = None
         if sets is None:
             found: list[AddressSet] = []
             cache = self._set_cache
             for s in compiled.sets:  # sorted names, each (v4, v6): already in (name, family) order
                 found += cache.get(s) or self.address_sets(s)
-            sets = self._ls_sets[lsid] = tuple(found)
-        return HostPolicy(
+            sets = tuple(found)
+            self._ls_sets[lsid] = (self._generation, sets)
+        hp = HostPolicy(
             workload=w.name,
             mode=w.mode,
             local_addresses=w.addresses,
@@ -286,6 +274,13 @@ class Compiler:
             sets=sets,
             failsafe=self._policy.failsafe,
         )
+        if self._np.affects(name):
+            hp = self._np.apply(hp, self._addresses)
+        return hp
+
+    def _addresses(self, name: str) -> tuple[IPAddress, ...]:
+        w = self._workloads.get(name)
+        return w.addresses if w is not None else ()
 
     def all_host_policies(self) -> dict[str, HostPolicy]:
         with _bulk_allocation():
@@ -296,7 +291,7 @@ class Compiler:
 
     # ---- incremental changes ---------------------------------------------------
     def _change_members(
-        self, builder: _DeltaBuilder, s: str, ints: tuple[tuple[int, ...], tuple[int, ...]], add: bool
+        self, builder: DeltaBuilder, s: str, ints: tuple[tuple[int, ...], tuple[int, ...]], add: bool
     ) -> None:
         for ms, addrs in zip(self._member_sets[s], ints, strict=True):
             for a in addrs:
@@ -306,14 +301,13 @@ class Compiler:
 
     def _invalidate_set(self, name: str) -> None:
         self._set_cache.pop(name, None)
-        for lsid in self._set_labelsets.get(name, ()):
-            self._ls_sets.pop(lsid, None)
+        self._set_changed[name] = self._generation
 
     def _header(self, name: str) -> _Header:
         w = self._workloads[name]
         return w.mode, w.addresses, self._ls_rules[self._key_of[name]]
 
-    def _upsert(self, builder: _DeltaBuilder, w: Workload) -> None:
+    def _upsert(self, builder: DeltaBuilder, w: Workload) -> None:
         old = self._workloads.get(w.name)
         if old is not None:
             old_ints = self._ints(w.name)
@@ -336,21 +330,21 @@ class Compiler:
                 self._change_members(builder, s, (gone[0], gone[1]), add=False)
                 self._change_members(builder, s, (came[0], came[1]), add=True)
 
-    def _remove(self, builder: _DeltaBuilder, name: str) -> None:
+    def _remove(self, builder: DeltaBuilder, name: str) -> None:
         ints = self._ints(name)
         for s in self._ls_rules[self._key_of[name]].member_of:
             self._change_members(builder, s, ints, add=False)
         self._detach_host(name)
         del self._workloads[name]
 
-    def apply_changes(self, changes: Iterable[Workload | str]) -> list[HostDelta]:
+    def apply_set_changes(self, changes: Iterable[Workload | str]) -> SetChanges:
         """Apply upserts (a ``Workload``) and removals (a name), in order, as one batch.
 
-        Returns at most one ``HostDelta`` per affected host, sorted by name: the change from
-        the state before the batch to the state after it, exactly what applying the changes
-        one by one and merging their deltas gives (a property test checks it). A pod churn
-        of 1,000 creates touching one host's peer set is one set delta for that host.
-        An unknown name to remove raises ``NotFoundError`` before anything changes.
+        Returns the batch's effect keyed by address set (``compiler.changes``): each changed
+        set's member delta once, and a full policy for the changed workloads whose own policy
+        changed beyond set members. Costs O(sets the changed workloads are members of),
+        whatever the number of hosts subscribing to those sets. An unknown name to remove
+        raises ``NotFoundError`` before anything changes.
         """
         batch = list(changes)
         present: dict[str, bool] = {}
@@ -361,9 +355,14 @@ class Compiler:
                 present[c] = False
             else:
                 present[c.name] = True
+        if not batch:
+            return SetChanges(self._generation, (), ())
+        np_sets = self._np.sets_of(present)  # NetworkPolicy peer sets naming a changed workload
+        np_old = {n: self._np.address_sets(n, self._addresses) for n in np_sets}
+        self._generation += 1
         before: dict[str, _Header | None] = {}
-        builder = _DeltaBuilder()
-        with _bulk_allocation(freeze=False):  # a create can touch every host: no GC pass midway
+        builder = DeltaBuilder()
+        with _bulk_allocation(freeze=False):  # a batch can allocate a lot: no GC pass midway
             for c in batch:
                 name = c if isinstance(c, str) else c.name
                 if name not in before:
@@ -372,9 +371,124 @@ class Compiler:
                     self._remove(builder, c)
                 else:
                     self._upsert(builder, c)
-            if batch:
-                self._policy_dirty = True
-            return self._deltas(builder.by_set(), before)
+            self._policy_dirty = True
+            set_deltas = builder.set_deltas()
+            for d in set_deltas:
+                self._invalidate_set(d.name)
+            if np_old:  # NetworkPolicy peer sets naming a changed workload: their deltas too
+                self._np.forget(np_old)
+                np_deltas = [
+                    d for n, old in np_old.items() for d in diff_sets(old, self._np.address_sets(n, self._addresses))
+                ]
+                set_deltas = tuple(sorted((*set_deltas, *np_deltas), key=lambda d: (d.name, d.family.value)))
+            reloads: list[HostDelta] = []
+            for name in sorted(before):
+                header = before[name]
+                if name not in self._workloads:
+                    if header is not None:
+                        reloads.append(HostDelta(name, None, True, ()))
+                    continue
+                hp = self.host_policy(name)
+                if header is not None:
+                    mode, addresses, was = header
+                    now = self._ls_rules[self._key_of[name]]
+                    same_rules = was is now or (was.rules == now.rules and was.sets == now.sets)
+                    # HostPolicy.rules_key: a re-addressed host reloads (renderers use its addresses)
+                    if mode == hp.mode and addresses == hp.local_addresses and same_rules:
+                        continue  # only set members can differ: a subscriber like any other
+                reloads.append(HostDelta(name, hp, True, ()))
+        return SetChanges(self._generation, set_deltas, tuple(reloads))
+
+    def subscribers(self, set_name: str) -> Iterator[str]:
+        """Hosts whose policy references the address set ``set_name`` (in no particular order)."""
+        hosts, np = self._ls_hosts, self._np
+        for lsid in self._set_labelsets.get(set_name, ()):
+            for h in hosts[lsid]:
+                # a direction isolated by a NetworkPolicy drops the label rules (and their sets)
+                if not np.active or not np.affects(h) or any(s.name == set_name for s in self.host_policy(h).sets):
+                    yield h
+        if np.active:
+            yield from (h for h in np.hosts_of_set.get(set_name, ()) if h in self._workloads)
+
+    def host_deltas(self, changes: SetChanges) -> list[HostDelta]:
+        """``changes`` fanned out to one ``HostDelta`` per affected host, sorted by name.
+
+        Only valid right after the ``apply_set_changes`` that returned ``changes`` (the
+        subscribers are read from the current state): a later call raises ``ValueError``.
+        """
+        if changes.generation != self._generation:
+            raise ValueError("SetChanges is stale: the compiler changed since (expand it right away)")
+        by_set = changes.by_set()
+        reloaded = {d.workload for d in changes.reloads}
+        labelsets: set[int] = set()
+        for s in by_set:
+            labelsets.update(self._set_labelsets.get(s, ()))
+        out = list(changes.reloads)
+        with _bulk_allocation(freeze=False):
+            for lsid in labelsets:
+                deltas = tuple(d for s in self._ls_rules[lsid].sets for d in by_set.get(s, ()))
+                if not deltas:
+                    continue
+                for h in self._ls_hosts[lsid]:
+                    if h not in reloaded:
+                        out.append(HostDelta(h, self.host_policy(h), False, deltas))
+            if self._np.active:
+                out = self._netpol_fanout(out, changes)
+        out.sort(key=lambda d: d.workload)
+        return out
+
+    def _netpol_fanout(self, out: list[HostDelta], changes: SetChanges) -> list[HostDelta]:
+        """``out`` corrected for hosts under NetworkPolicy: the deltas of exactly the sets their
+        layered policy holds (peer sets added, sets of an isolated direction left out)."""
+        by_host = {d.workload: d for d in out}
+        hosts = {h for d in changes.set_deltas for h in self._np.hosts_of_set.get(d.name, ()) if h in self._workloads}
+        hosts |= {h for h in by_host if self._np.affects(h)}
+        for h in sorted(hosts):
+            d = by_host.get(h)
+            if d is not None and (d.policy is None or d.rules_changed):
+                continue
+            hp = self.host_policy(h)
+            names = {s.name for s in hp.sets}
+            deltas = tuple(x for x in changes.set_deltas if x.name in names)
+            if deltas:
+                by_host[h] = HostDelta(h, hp, False, deltas)
+            else:
+                by_host.pop(h, None)
+        return list(by_host.values())
+
+    def apply_changes(self, changes: Iterable[Workload | str]) -> list[HostDelta]:
+        """``apply_set_changes`` fanned out per host (``host_deltas``).
+
+        Returns at most one ``HostDelta`` per affected host, sorted by name: the change from
+        the state before the batch to the state after it, exactly what applying the changes
+        one by one and merging their deltas gives (a property test checks it). A pod churn
+        of 1,000 creates touching one host's peer set is one set delta for that host.
+        An unknown name to remove raises ``NotFoundError`` before anything changes.
+        """
+        return self.host_deltas(self.apply_set_changes(changes))
+
+    def replace_network_policies(self, policies: tuple[KubeNetworkPolicy, ...]) -> list[HostDelta]:
+        """Swap the resolved NetworkPolicies; diff only the hosts the changed ones govern."""
+        old = {(p.namespace, p.name): p for p in self._policy.network_policies}
+        new = {(p.namespace, p.name): p for p in policies}
+        changed = [p for k in set(old) | set(new) if old.get(k) != new.get(k) for p in (old.get(k), new.get(k))
+                   if p is not None]
+        if not changed:
+            return []
+        hosts = sorted({h for p in changed for h in p.selected if h in self._workloads})
+        before = {h: self.host_policy(h) for h in hosts}
+        self._policy = replace(self.policy, network_policies=tuple(sorted(policies)))
+        for k in set(old) | set(new):
+            if old.get(k) != new.get(k):
+                self._np.replace(old.get(k), new.get(k))
+        deltas: list[HostDelta] = []
+        for h in hosts:
+            hp = self.host_policy(h)
+            if hp.rules_key() != before[h].rules_key():
+                deltas.append(HostDelta(h, hp, True, ()))
+            elif hp != before[h]:
+                deltas.append(HostDelta(h, hp, False, diff_sets(before[h].sets, hp.sets)))
+        return deltas
 
     def upsert_workload(self, w: Workload) -> list[HostDelta]:
         """Add or replace one workload; returns the delta of every affected host."""
@@ -408,49 +522,6 @@ class Compiler:
             elif old_hp != new_hp:
                 deltas.append(HostDelta(name, new_hp, False, diff_sets(old_hp.sets, new_hp.sets)))
         return deltas
-
-    # ---- helpers -------------------------------------------------------------------
-    def _deltas(
-        self, set_deltas: dict[str, tuple[SetDelta, ...]], before: dict[str, _Header | None]
-    ) -> list[HostDelta]:
-        """One delta per host whose policy differs from before the batch."""
-        for s in set_deltas:
-            self._invalidate_set(s)
-        labelsets: set[int] = set()
-        for s in set_deltas:
-            labelsets.update(self._set_labelsets.get(s, ()))
-        hosts: dict[str, int] = {h: lsid for lsid in labelsets for h in self._ls_hosts[lsid]}
-        for name in before:
-            if name in self._workloads:
-                hosts[name] = self._key_of[name]
-        per_labelset: dict[int, tuple[SetDelta, ...]] = {}
-        out: list[HostDelta] = []
-        for name in before:
-            if name not in self._workloads and before[name] is not None:
-                out.append(HostDelta(name, None, True, ()))
-        for h, lsid in hosts.items():
-            hp = self.host_policy(h)
-            header = before.get(h, ...)
-            if header is not ...:
-                if header is None:
-                    out.append(HostDelta(h, hp, True, ()))
-                    continue
-                mode, addresses, was = header
-                now = self._ls_rules[lsid]
-                same_rules = was is now or (was.rules == now.rules and was.sets == now.sets)
-                # HostPolicy.rules_key: a re-addressed host reloads (renderers use its addresses)
-                if mode != hp.mode or addresses != hp.local_addresses or not same_rules:
-                    out.append(HostDelta(h, hp, True, ()))
-                    continue
-            deltas = per_labelset.get(lsid)
-            if deltas is None:
-                deltas = per_labelset[lsid] = tuple(
-                    d for s in self._ls_rules[lsid].sets for d in set_deltas.get(s, ())
-                )
-            if deltas:
-                out.append(HostDelta(h, hp, False, deltas))
-        out.sort(key=lambda d: d.workload)
-        return out
 
 
 def _set_key(s: AddressSet) -> tuple[str, int]:
@@ -513,7 +584,7 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
                 v6n = MemberSet(Family.V6, (a for m in members for a in _ints(m, 6))).networks()
             canonical = sel.canonical()
             sets += [AddressSet(name, Family.V4, v4n, canonical), AddressSet(name, Family.V6, v6n, canonical)]
-    return HostPolicy(
+    hp = HostPolicy(
         workload=w.name,
         mode=w.mode,
         local_addresses=w.addresses,
@@ -521,3 +592,6 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
         sets=tuple(sorted(sets, key=_set_key)),
         failsafe=policy.failsafe,
     )
+    if policy.network_policies:
+        hp = NetpolLayer(policy.network_policies).apply(hp, addresses_from(by_name))
+    return hp

@@ -43,7 +43,9 @@ async def _main(args: argparse.Namespace) -> None:
     )
     controller = ControllerClient(args.controller, args.api_key_file.read_text().strip(), args.ca_cert)
     async with k8s.ApiClient() as api:
-        sync = ClusterSync(k8s.CoreV1Api(api), controller, mapping, mode=EnforcementMode(args.mode))
+        networking = k8s.NetworkingV1Api(api) if args.network_policies else None
+        sync = ClusterSync(k8s.CoreV1Api(api), controller, mapping, mode=EnforcementMode(args.mode),
+                           networking=networking)
         try:
             await sync.run()
         finally:
@@ -59,6 +61,8 @@ def main() -> None:
     ap.add_argument("--pod-label", action="append", default=[], metavar="K8S_KEY=STOCKADE_KEY")
     ap.add_argument("--namespace-label", action="append", default=[], metavar="K8S_KEY=STOCKADE_KEY")
     ap.add_argument("--mode", default="full", choices=[m.value for m in EnforcementMode])
+    ap.add_argument("--network-policies", action="store_true",
+                    help="also enforce Kubernetes NetworkPolicies (docs/kubernetes.md; pods usually --mode selective)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(_main(args))

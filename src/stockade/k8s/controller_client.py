@@ -68,6 +68,22 @@ class ControllerClient:
         if r.status_code != 404:
             self._check(r, f"DELETE workload {name}")
 
+    async def network_policies(self) -> dict[str, dict[str, Any]]:
+        """Bodies of the stored NetworkPolicies (the sync owns them all)."""
+        return {i["name"]: i["body"] for i in await self._pages("/network-policies")}
+
+    async def put_network_policy(self, body: dict[str, Any]) -> None:
+        name = body["name"]
+        r = await self._http.put(f"/network-policies/{name}", json=body)
+        if r.status_code == 404:
+            r = await self._http.post("/network-policies", json=body)
+        self._check(r, f"write network policy {name}")
+
+    async def delete_network_policy(self, name: str) -> None:
+        r = await self._http.delete(f"/network-policies/{name}")
+        if r.status_code != 404:
+            self._check(r, f"DELETE network policy {name}")
+
     @staticmethod
     def _check(r: httpx.Response, what: str) -> None:
         if r.status_code >= 400:

@@ -35,6 +35,7 @@ from stockade.k8s.mapping import (
     pod_key,
     workload_name,
 )
+from stockade.k8s.netpol_sync import NETWORK_POLICY, NetpolSync
 from stockade.k8s.reflector import Backoff, Reflector
 from stockade.model.labels import LabelKey
 from stockade.model.workloads import EnforcementMode
@@ -54,6 +55,7 @@ class ClusterSync:
         mode: EnforcementMode = EnforcementMode.FULL,
         post_events: bool = True,
         watch_seconds: int = 240,
+        networking: k8s.NetworkingV1Api | None = None,
     ) -> None:
         self._core, self._ctl, self._mapping, self._mode = core, controller, mapping or LabelMapping(), mode
         self._post_events = post_events
@@ -68,14 +70,24 @@ class ClusterSync:
         self._listed: set[str] = set()
         self._wake = asyncio.Event()
         self.synced = asyncio.Event()  # set after the first complete sweep
-        self.reflectors = (
+        self.reflectors: tuple[Reflector, ...] = (
             Reflector(NAMESPACE, core.list_namespace, self, watch_seconds=watch_seconds),
             Reflector(POD, core.list_pod_for_all_namespaces, self, watch_seconds=watch_seconds),
         )
+        # NetworkPolicies (issue 16): watched and resolved when a networking API is given
+        self.netpol: NetpolSync | None = None
+        self._kinds = {NAMESPACE, POD}
+        if networking is not None:
+            self.netpol = NetpolSync(networking, core, controller, self._wake, post_events=post_events)
+            self.reflectors = (*self.reflectors,
+                               Reflector(NETWORK_POLICY, self.netpol.list_fn, self, watch_seconds=watch_seconds))
+            self._kinds.add(NETWORK_POLICY)
 
     async def run(self) -> None:
         self.keys = await self._ctl.label_keys()
         self.pushed = await self._ctl.owned_workloads(PREFIX)
+        if self.netpol is not None:
+            await self.netpol.load()
         async with asyncio.TaskGroup() as tg:
             for r in self.reflectors:
                 tg.create_task(r.run(), name=f"reflect-{r.kind}")
@@ -84,6 +96,10 @@ class ClusterSync:
     # ---- reflector handler --------------------------------------------------------------------
 
     async def replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
+        if kind == NETWORK_POLICY and self.netpol is not None:
+            await self.netpol.replace(kind, objects)
+            self._listed.add(kind)
+            return
         if kind == NAMESPACE:
             fresh: dict[str, dict[str, str]] = {}
             for obj in objects:
@@ -93,6 +109,8 @@ class ClusterSync:
                 else:
                     fresh[got[0]] = got[1]
             self.namespaces = fresh
+            if self.netpol is not None:
+                self.netpol.namespaces(fresh)
             self._dirty.update(self.pods)
         else:
             pods: dict[PodKey, dict[str, Any]] = {}
@@ -105,20 +123,28 @@ class ClusterSync:
             self._dirty.update(self.pods)
             self._dirty.update(pods)
             self.pods = pods
+            if self.netpol is not None:
+                self.netpol.pods(list(pods.values()))
         self._listed.add(kind)
         self._sweep = True
         self._wake.set()
 
     async def event(self, kind: str, type_: str, obj: dict[str, Any]) -> None:
+        if kind == NETWORK_POLICY and self.netpol is not None:
+            await self.netpol.event(kind, type_, obj)
+            return
         if kind == NAMESPACE:
             got = namespace_labels(obj)
             if isinstance(got, Skip):
                 self._skip(got)
                 return
             name, labels = got
+            if self.netpol is not None:
+                self.netpol.namespace(name, None if type_ == "DELETED" else labels)
             if type_ == "DELETED":
                 self.namespaces.pop(name, None)
             elif self.namespaces.get(name) == labels:
+                self._wake.set()  # labels the mapping ignores may still matter to a NetworkPolicy
                 return
             else:
                 self.namespaces[name] = labels
@@ -128,6 +154,8 @@ class ClusterSync:
             if key is None:
                 self._skip(Skip(None, "pod without metadata.name/namespace"))
                 return
+            if self.netpol is not None:
+                self.netpol.pod(obj, type_ == "DELETED")
             if type_ == "DELETED":
                 self.pods.pop(key, None)
                 self._reported.pop(key, None)
@@ -146,12 +174,14 @@ class ClusterSync:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._listed != {NAMESPACE, POD}:
+            if self._listed != self._kinds:
                 continue  # until both are listed a pod's namespace may be missing: don't flap its workload
             dirty, self._dirty = self._dirty, set()
             sweep, self._sweep = self._sweep, False
             try:
                 await self._apply(dirty, sweep)
+                if self.netpol is not None:
+                    await self.netpol.flush()
                 backoff.reset()
                 if sweep:
                     self.synced.set()

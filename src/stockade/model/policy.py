@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from stockade.errors import Issue
 from stockade.model.addresses import IPList, IPNetwork
 from stockade.model.labels import DEFAULT_LABEL_KEYS, LabelGroup, LabelKey
+from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.rules import DenyRule, Ruleset
 from stockade.model.selectors import IPListSelector, LabelSelector, Selector
 from stockade.model.services import Proto, Service, ServiceEntry
@@ -45,6 +46,7 @@ class Policy:
     rulesets: tuple[Ruleset, ...] = ()
     deny_rules: tuple[DenyRule, ...] = ()
     failsafe: Failsafe = field(default_factory=Failsafe)
+    network_policies: tuple[KubeNetworkPolicy, ...] = ()  # resolved Kubernetes NetworkPolicies
 
     # ---- lookups -------------------------------------------------------
     def group_map(self) -> dict[str, LabelGroup]:

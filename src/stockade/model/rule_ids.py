@@ -1,6 +1,7 @@
 """Rule ids and the words a human reads for them: one numbering, 1-based, everywhere.
 
-A rule's id (``ruleset/<name>/<j>``, ``deny/<name>``, ``default``, ``failsafe:<what>``) is stored
+A rule's id (``ruleset/<name>/<j>``, ``deny/<name>``, ``default``, ``failsafe:<what>``,
+``netpol/<ns>/<name>/<ingress|egress>/<j>`` and ``netpol/<ns>/<name>/<ingress|egress>``) is stored
 (flow records, NFLOG prefixes in the rendered rulesets, golden files), so it keeps its 0-based
 index ``j``. Whatever a person reads (CLI, console, explain output, impact texts, suggestions)
 shows the rule's position counted from 1: ``ruleset/shop-prod/0`` is "ruleset shop-prod rule 1",
@@ -27,4 +28,10 @@ def rule_title(rule_id: str) -> str:
         return "default (no rule matched: the mode's default)"
     if rule_id.startswith("failsafe:"):
         return f"the failsafe ({rule_id[len('failsafe:'):]})"
+    if rule_id.startswith("netpol/"):  # netpol/<ns>/<name>/<ingress|egress>[/<i>]
+        parts = rule_id[len("netpol/"):].split("/")
+        if len(parts) == 4 and parts[3].isdigit():
+            return f"NetworkPolicy {parts[0]}/{parts[1]} {parts[2]} rule {int(parts[3]) + 1}"
+        if len(parts) == 3:
+            return f"NetworkPolicy {parts[0]}/{parts[1]} ({parts[2]} isolated, no NetworkPolicy rule allows)"
     return rule_id

@@ -121,6 +121,10 @@ def _sync_compiler(txn: CompilerTxn | None, db: Session, kind: str, name: str, a
             txn.upsert_workload(_workload_domain(after))
     elif kind == "label_key":
         txn.refresh_label_keys(store.draft_objects(db, ("label_key",))["label_key"])
+    elif kind == "network_policy":
+        np = None if after is None else (after.domain if after.domain is not None else KIND_BY_NAME[kind].decode(
+            after.body))
+        txn.set_network_policy(name, np)
 
 
 def _routes(r: APIRouter, kind: Kind) -> None:

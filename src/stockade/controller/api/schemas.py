@@ -143,6 +143,28 @@ class FailsafeBody(Body):
     management: list[PortText] = Field(default_factory=lambda: ["22/tcp"], max_length=MAX_PORTS)
 
 
+class NetworkPolicyRuleBody(Body):
+    direction: Literal["ingress", "egress"]
+    index: Annotated[StrictInt, Field(ge=0, le=9999)]
+    targets: list[Name] = Field(max_length=100_000)
+    any_peer: bool
+    peer_workloads: list[Name] = Field(max_length=100_000)
+    peer_cidrs: list[Address] = Field(max_length=100_000)
+    ports: list[PortText] = Field(max_length=MAX_PORTS)
+
+
+class NetworkPolicyBody(Body):
+    """A Kubernetes NetworkPolicy as the cluster sync resolved it (``stockade.codec.netpol_body``)."""
+
+    name: Name
+    namespace: Annotated[str, Field(min_length=1, max_length=63)]
+    policy: Annotated[str, Field(min_length=1, max_length=253)]
+    selected: list[Name] = Field(max_length=100_000)
+    isolates: list[Literal["ingress", "egress"]] = Field(max_length=2)
+    rules: list[NetworkPolicyRuleBody] = Field(max_length=10_000)
+    problems: list[Text] = Field(default_factory=list, max_length=100)
+
+
 # ---- responses and other requests -------------------------------------------
 
 

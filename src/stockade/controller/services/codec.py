@@ -74,6 +74,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("ruleset", "rulesets", "Rulesets", Scope.POLICY, s.RulesetBody),
     Kind("deny_rule", "deny-rules", "Deny rules", Scope.POLICY, s.DenyRuleBody),
     Kind("failsafe", "failsafe", "Failsafe", Scope.POLICY, s.FailsafeBody),
+    Kind("network_policy", "network-policies", "Kubernetes NetworkPolicies", Scope.INVENTORY, s.NetworkPolicyBody),
 )
 KIND_BY_NAME: dict[str, Kind] = {k.name: k for k in KINDS}
 POLICY_KINDS = tuple(k.name for k in KINDS if k.scope is Scope.POLICY)
@@ -112,6 +113,7 @@ def build_policy(objects: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Poli
         rulesets=tuple(get("ruleset")),
         deny_rules=tuple(get("deny_rule")),
         failsafe=failsafe[0] if failsafe else Failsafe(),
+        network_policies=tuple(get("network_policy")),
     )
 
 

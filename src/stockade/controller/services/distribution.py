@@ -56,6 +56,7 @@ from stockade.controller.storage import store
 from stockade.controller.storage.db import AgentRow, HostStateRow, utcnow
 from stockade.controller.storage.store import draft_objects, version_content
 from stockade.errors import NotFoundError
+from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.policy import Policy
 from stockade.model.workloads import Workload
 
@@ -100,46 +101,88 @@ class AgentLive:
     last_heartbeat: dt.datetime | None = None
     dirty: bool = False
     online: bool = False
+    proof: str = ""  # last proof the agent reported: "proven" / "differs" / "failed" ("": none yet)
+    proof_revision: int = 0
+    proof_detail: str = ""
 
 
 @dataclass
 class CompilerTxn:
-    """Compiler mutations of one transaction, with their undo steps."""
+    """Compiler mutations of one transaction, with their undo steps.
+
+    Workload writes are queued and reach the compiler as ONE ``Compiler.apply_changes`` batch
+    when the transaction's deltas are read (:attr:`deltas`: by ``transact`` before it bumps
+    revisions, or by a scope check) or a policy swap must follow them: an import of 1,000
+    workloads is one pass over the affected sets and one delta per host, not 1,000. The
+    inventory map (``dist.workloads``) is updated at once, so later steps of the transaction
+    read it as written.
+    """
 
     dist: PolicyDistributor
-    deltas: dict[str, HostDelta] = field(default_factory=dict)
+    _deltas: dict[str, HostDelta] = field(default_factory=dict)
     undo: list[Callable[[], object]] = field(default_factory=list)
     compile_seconds: float = 0.0
+    _pending: list[Workload | str] = field(default_factory=list)
+    _before: dict[str, Workload | None] = field(default_factory=dict)  # compiler's view before the batch
+
+    @property
+    def deltas(self) -> dict[str, HostDelta]:
+        """One delta per host changed so far in this transaction (applies queued writes first)."""
+        self.flush()
+        return self._deltas
 
     def _merge(self, deltas: list[HostDelta]) -> None:
         for d in deltas:
-            prev = self.deltas.get(d.workload)
-            self.deltas[d.workload] = d if prev is None else merge_host_deltas(prev, d)
+            prev = self._deltas.get(d.workload)
+            self._deltas[d.workload] = d if prev is None else merge_host_deltas(prev, d)
+
+    def flush(self) -> None:
+        """Hand the queued workload writes to the compiler as one batch."""
+        if not self._pending:
+            return
+        pending, before = self._pending, self._before
+        self._pending, self._before = [], {}
+        compiler = self.dist.compiler
+        t0 = time.perf_counter()
+        self._merge(compiler.apply_changes(pending))
+        self.compile_seconds += time.perf_counter() - t0
+        now = self.dist.workloads  # the inventory as the batch left it
+        revert: list[Workload | str] = [
+            old if old is not None else name for name, old in before.items() if old is not None or name in now
+        ]
+        self.undo.append(lambda: compiler.apply_changes(revert))
+
+    def _queue(self, name: str, change: Workload | str, old: Workload | None) -> None:
+        d = self.dist
+        self._before.setdefault(name, old)
+        self._pending.append(change)
+        if isinstance(change, str):
+            del d.workloads[name]
+        else:
+            d.workloads[name] = change
+
+        def restore() -> None:
+            if old is None:
+                d.workloads.pop(name, None)
+            else:
+                d.workloads[name] = old
+
+        self.undo.append(restore)
 
     def upsert_workload(self, w: Workload) -> None:
         d = self.dist
-        old = d.workloads.get(w.name)
         if w.name in d.departed:
             w = replace(w, interfaces=())  # offline past the grace period: out of peers' sets
-        t0 = time.perf_counter()
-        self._merge(d.compiler.upsert_workload(w))
-        self.compile_seconds += time.perf_counter() - t0
-        d.workloads[w.name] = w
-        self.undo.append(lambda: d.put_back(w.name, old))
+        self._queue(w.name, w, d.workloads.get(w.name))
 
     def remove_workload(self, name: str) -> None:
-        d = self.dist
-        old = d.workloads.get(name)
-        if old is None:
-            return
-        t0 = time.perf_counter()
-        self._merge(d.compiler.remove_workload(name))
-        self.compile_seconds += time.perf_counter() - t0
-        del d.workloads[name]
-        self.undo.append(lambda: d.put_back(name, old))
+        old = self.dist.workloads.get(name)
+        if old is not None:
+            self._queue(name, name, old)
 
     def replace_policy_objects(self, objects: Mapping[str, Mapping[str, Any]]) -> None:
         """Swap in new policy-kind bodies (a provisioned version's content), keeping inventory."""
+        self.flush()  # the policy swap recompiles against the inventory as written so far
         d = self.dist
         old_objects = d.policy_objects
         t0 = time.perf_counter()
@@ -153,12 +196,33 @@ class CompilerTxn:
 
         self.undo.append(revert)
 
+    def set_network_policy(self, name: str, np: KubeNetworkPolicy | None) -> None:
+        """Add, replace (``np``) or remove (None) one stored NetworkPolicy; diff only the pods it governs."""
+        d = self.dist
+        old = d.network_policies.get(name)
+        if old == np:
+            return
+
+        def swap(value: KubeNetworkPolicy | None) -> list[HostDelta]:
+            if value is None:
+                d.network_policies.pop(name, None)
+            else:
+                d.network_policies[name] = value
+            return d.compiler.replace_network_policies(tuple(sorted(d.network_policies.values())))
+
+        t0 = time.perf_counter()
+        self._merge(swap(np))
+        self.compile_seconds += time.perf_counter() - t0
+        self.undo.append(lambda: swap(old))
+
     def refresh_label_keys(self, keys: Mapping[str, Mapping[str, Any]]) -> None:
         old = self.dist.label_keys
         self.dist.label_keys = {k: dict(v) for k, v in keys.items()}
         self.undo.append(lambda: setattr(self.dist, "label_keys", old))
 
     def rollback(self) -> None:
+        self._pending.clear()  # never reached the compiler
+        self._before.clear()
         for step in reversed(self.undo):
             step()
         self.undo.clear()
@@ -171,6 +235,7 @@ class PolicyDistributor:
         self.policy_objects: dict[str, dict[str, Any]] = {}
         self.label_keys: dict[str, dict[str, Any]] = {}
         self.workloads: dict[str, Workload] = {}
+        self.network_policies: dict[str, KubeNetworkPolicy] = {}  # by stored name (inventory)
         self.compiler = Compiler(Policy())
         self.revisions: dict[str, int] = {}
         self.history: dict[str, HostHistory] = {}  # replaced whole on publish: lock-free reads
@@ -181,16 +246,6 @@ class PolicyDistributor:
         self._events: dict[str, asyncio.Event] = {}
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
         self.on_compile: Callable[[float, int], None] | None = None  # (seconds, hosts bumped)
-
-    def put_back(self, name: str, old: Workload | None) -> None:
-        """Undo step: restore workload ``name`` to ``old`` (None: absent) in compiler and map."""
-        if old is None:
-            if name in self.workloads:
-                self.compiler.remove_workload(name)
-                del self.workloads[name]
-        else:
-            self.compiler.upsert_workload(old)
-            self.workloads[name] = old
 
     # ---- assembly ---------------------------------------------------------------
     def assemble(self, policy_objects: Mapping[str, Mapping[str, Any]]) -> Policy:
@@ -205,6 +260,7 @@ class PolicyDistributor:
             rulesets=base.rulesets,
             deny_rules=base.deny_rules,
             failsafe=base.failsafe,
+            network_policies=tuple(sorted(self.network_policies.values())),
         )
 
     def load(self) -> None:
@@ -212,9 +268,12 @@ class PolicyDistributor:
         with self.lock, self.sessions.begin() as db:
             content = version_content(db, "active")
             self.policy_objects = {k: {n: e["body"] for n, e in content.get(k, {}).items()} for k in POLICY_KINDS}
-            inv = draft_objects(db, ("label_key", "workload"))
+            inv = draft_objects(db, ("label_key", "workload", "network_policy"))
             self.label_keys = inv["label_key"]
             self.workloads = {w.name: w for w in codec.domain_objects("workload", inv["workload"])}
+            self.network_policies = {
+                n: codec.KIND_BY_NAME["network_policy"].decode(b) for n, b in inv["network_policy"].items()
+            }
             self.compiler = Compiler(self.assemble(self.policy_objects))
             stored = {r.workload: r for r in db.scalars(select(HostStateRow))}
             memo: Digests = {}

@@ -144,6 +144,13 @@ class AgentOut(BaseModel):
     key_bound: bool = Field(description="requests must be signed with the agent's host key")
     quarantined: bool
     quarantine_reason: str | None
+    enforcement: str = Field(
+        "pending",
+        description="proven: the kernel was proven to give every packet the applied revision's verdict; "
+        "differs: a proof found a packet it treats otherwise (see proof_detail); applied: applied, not "
+        "(yet) proven at that revision; pending: nothing applied",
+    )
+    proof_detail: str | None = None
 
 
 class ConvergenceOut(BaseModel):
