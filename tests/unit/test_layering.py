@@ -35,9 +35,10 @@ ALLOWED: dict[str, set[str]] = {
     # existing firewall rules -> policy, pure, below the controller (k8s: its NetworkPolicy translation)
     "importers": {"errors", "model", "codec", "policyfile", "k8s"},
     "logs": set(),
-    # beside the controller: reaches it only through the REST API; writes REST bodies with the one codec
-    # (codec) and the NetworkPolicy import writes policy documents with the one dumper (policyfile)
-    "k8s": {"errors", "model", "compiler", "codec", "policyfile"},
+    # the sync (beside the controller: reaches it only through the REST API; writes REST bodies with the one
+    # codec; the NetworkPolicy import writes policy documents with the one dumper, policyfile) and the node
+    # agent (an agent runtime per pod on the node, with its backends); never the controller
+    "k8s": {"errors", "model", "compiler", "codec", "policyfile", "agent", "agent_signature", "backends"},
 }
 
 
