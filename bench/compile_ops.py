@@ -8,7 +8,8 @@ Used by ``bench/compile.py`` (run that). Three things live here so ``compile.py`
 * ``k8s_estate`` / ``measure_churn``: a Kubernetes-shaped estate (10,000 namespaces of
   pods, three deployments each, so many pods share few label sets; pod addresses come from
   a pool and are recycled) and a churn of 1,000 pod deletions + 1,000 creations applied as
-  ONE ``Compiler.apply_changes`` batch, against the same churn applied one change at a time;
+  ONE ``Compiler.apply_set_changes`` batch (then fanned out per host), against the same churn
+  applied one change at a time;
 * ``side_by_side``: the old (main's) and new results of the same sizes in one table.
 """
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from stockade.compiler import Compiler, HostDelta
+from stockade.compiler.changes import SetChanges
 from stockade.model import (
     ALL_WORKLOADS,
     AllowRule,
@@ -79,25 +81,28 @@ class GcMeter:
 
 @dataclass(frozen=True)
 class OpResult:
-    kind: str  # relabel / readdress / create / delete
+    """One kind of one-workload change. ``median``/``max``: the compiler's set-keyed change
+    (``apply_set_changes``); ``fanout_*``: expanding it to per-host ``HostDelta``s afterwards
+    (``host_deltas``; ``apply_changes`` is the two together)."""
+
+    kind: str  # readdress / create / delete
     n: int
     median: Timing
     max: Timing
-    hosts_median: float
+    hosts_median: float  # hosts in the per-host fan-out
     hosts_max: int
     full_gcs: int
+    fanout_median: Timing | None = None
+    fanout_max: Timing | None = None
+    sets_median: float = 0.0  # set deltas (set x family) in the set-keyed change
 
 
-def _summary(kind: str, times: list[Timing], hosts: list[int], gcs: int) -> OpResult:
-    return OpResult(
-        kind,
-        len(times),
-        Timing(statistics.median(t.wall for t in times), statistics.median(t.cpu for t in times)),
-        Timing(max(t.wall for t in times), max(t.cpu for t in times)),
-        statistics.median(hosts),
-        max(hosts),
-        gcs,
-    )
+def _med(times: list[Timing]) -> Timing:
+    return Timing(statistics.median(t.wall for t in times), statistics.median(t.cpu for t in times))
+
+
+def _max(times: list[Timing]) -> Timing:
+    return Timing(max(t.wall for t in times), max(t.cpu for t in times))
 
 
 def _fresh_addresses(i: int) -> tuple[Interface, ...]:
@@ -114,24 +119,31 @@ def measure_ops(
     rng = random.Random(seed)
     out: list[OpResult] = []
 
-    def run(kind: str, calls: list[Callable[[], list[HostDelta]]]) -> None:
+    def run(kind: str, calls: list[Callable[[], SetChanges]]) -> None:
         times: list[Timing] = []
+        fanouts: list[Timing] = []
         hosts: list[int] = []
+        sets: list[int] = []
         meter.reset()
         meter.active = True
         for call in calls:
-            deltas, t = timed(call)
+            changes, t = timed(call)
+            deltas, f = timed(lambda changes=changes: compiler.host_deltas(changes))
             times.append(t)
+            fanouts.append(f)
             hosts.append(len(deltas))
+            sets.append(len(changes.set_deltas))
+            del deltas, changes
         meter.active = False
-        out.append(_summary(kind, times, hosts, meter.count))
+        out.append(OpResult(kind, len(times), _med(times), _max(times), statistics.median(hosts), max(hosts),
+                            meter.count, _med(fanouts), _max(fanouts), statistics.median(sets)))
 
     picks = rng.sample(list(workloads), n + 2 * n_slow)
     readdress, to_delete, templates = picks[:n], picks[n : n + n_slow], picks[n + n_slow :]
     run(
         "readdress",
         [
-            (lambda w=w, i=i: compiler.upsert_workload(dataclasses.replace(w, interfaces=_fresh_addresses(i))))
+            (lambda w=w, i=i: compiler.apply_set_changes([dataclasses.replace(w, interfaces=_fresh_addresses(i))]))
             for i, w in enumerate(readdress)
         ],
     )
@@ -139,8 +151,8 @@ def measure_ops(
         dataclasses.replace(w, name=f"new-{i}", interfaces=_fresh_addresses(100_000 + i))
         for i, w in enumerate(templates)
     ]
-    run("create", [(lambda w=w: compiler.upsert_workload(w)) for w in created])
-    run("delete", [(lambda name=w.name: compiler.remove_workload(name)) for w in to_delete])
+    run("create", [(lambda w=w: compiler.apply_set_changes([w])) for w in created])
+    run("delete", [(lambda name=w.name: compiler.apply_set_changes([name])) for w in to_delete])
     return out
 
 
@@ -267,6 +279,9 @@ class ChurnResult:
     batch_deltas: int
     batch_hosts: int  # distinct hosts in the batch's deltas
     batch_full_gcs: int
+    batch_sets: int  # set deltas (set x family) in the batch's SetChanges
+    batch_reloads: int  # hosts reloaded (the created and deleted pods themselves)
+    batch_fanout: Timing  # host_deltas(): the per-host fan-out after the set-keyed batch
     singles_changes: int
     singles: Timing
     singles_deltas: int
@@ -291,7 +306,8 @@ def measure_churn(meter: GcMeter, namespaces: int, per_batch: int) -> ChurnResul
     changes = churn(estate, live, per_batch, rng)
     meter.reset()
     meter.active = True
-    deltas, batch_t = timed(lambda: compiler.apply_changes(changes))
+    set_changes, batch_t = timed(lambda: compiler.apply_set_changes(changes))
+    deltas, fanout_t = timed(lambda: compiler.host_deltas(set_changes))
     meter.active = False
     batch_gcs = meter.count
     batch_hosts = len({d.workload for d in deltas})
@@ -316,6 +332,9 @@ def measure_churn(meter: GcMeter, namespaces: int, per_batch: int) -> ChurnResul
         batch_deltas=len(deltas),
         batch_hosts=batch_hosts,
         batch_full_gcs=batch_gcs,
+        batch_sets=len(set_changes.set_deltas),
+        batch_reloads=len(set_changes.reloads),
+        batch_fanout=fanout_t,
         singles_changes=len(singles),
         singles=singles_t,
         singles_deltas=len(single_deltas),
@@ -334,8 +353,9 @@ def churn_report(r: ChurnResult) -> str:
             f"Kubernetes-shaped estate: {r.pods:,} pods in {r.namespaces:,} namespaces, "
             f"{r.label_sets:,} distinct label sets; full compile {r.build.cpu:.2f} s CPU "
             f"({r.build.wall:.1f} s wall), full GCs in it: {r.full_gcs_build}",
-            f"  one batch of {r.batch_changes:,} changes (deletes + creates, addresses recycled): {ms(r.batch)}, "
-            f"{r.batch_deltas:,} HostDeltas for {r.batch_hosts:,} hosts (max 1 per host: "
+            f"  one batch of {r.batch_changes:,} changes (deletes + creates, addresses recycled), set-keyed: "
+            f"{ms(r.batch)}, {r.batch_sets:,} set deltas + {r.batch_reloads:,} reloads; fanned out per host: "
+            f"{ms(r.batch_fanout)} more, {r.batch_deltas:,} HostDeltas for {r.batch_hosts:,} hosts (max 1 per host: "
             f"{'yes' if r.batch_deltas == r.batch_hosts else 'NO'}), full GCs: {r.batch_full_gcs}",
             f"  the same kind of churn one change at a time ({r.singles_changes:,} calls): {ms(r.singles)}, "
             f"{r.singles_deltas:,} HostDeltas for {r.singles_hosts:,} hosts, full GCs: {r.singles_full_gcs}",
@@ -359,6 +379,8 @@ def side_by_side(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
         rows.append((f"{kind} median, CPU ms", _op(kind, lambda o: f"{o['median']['cpu'] * 1000:.2f}")))
         rows.append((f"{kind} max, CPU ms", _op(kind, lambda o: f"{o['max']['cpu'] * 1000:.2f}")))
         rows.append((f"{kind} hosts in delta (med)", _op(kind, lambda o: f"{o['hosts_median']:g}")))
+        rows.append(("  + fan-out to hosts, median CPU ms",
+                     _op(kind, lambda o: f"{o['fanout_median']['cpu'] * 1000:.2f}" if o.get("fanout_median") else "-")))
     rows.append(("full GCs in all one-workload ops", _gcs))
     rows.append(("incremental == full recompile", lambda r: {None: "-", True: "yes", False: "NO"}[r.get("verified")]))
     old_by = {r["size"]: r for r in old}

@@ -1,30 +1,39 @@
-"""Benchmark: nftables (list and lookup layouts) vs iptables+ipset vs eBPF, on a rules axis.
+"""Benchmark: nftables and iptables (list and lookup layouts) vs eBPF, on a rules axis.
 
 Run as root: ``python bench/ebpf.py`` (``--quick`` for smaller sizes and shorter runs;
-``--rules 10,1000`` and ``--peers N`` to choose the axis). A server and a client namespace
-on a veth pair (``bench/nft_apply.py``'s); the server enforces
-``nft_apply.host_policy(peers, rules)``: ``rules`` inbound allow rules over 50 peer sets
-holding ``peers`` addresses, the client in the last set and allowed by the last rule (the
-worst case for a rule list), plus udp/9000 on that rule for the packet test. nftables is
-measured in both layouts side by side (``nft-list``: the historic rule list, ``nft-lookup``:
-verdict maps, the default) and once more as ``nft-lookup-nolog`` (the same ruleset with
-every ``log`` statement and the UDP log-once lines removed: the cost of flow logging). The
+``--rules 10,1000`` and ``--peers N`` to choose the axis; ``--no-iptables`` to leave iptables
+out). A server and a client namespace on a veth pair (``bench/nft_apply.py``'s); the server
+enforces ``nft_apply.host_policy(peers, rules)``: ``rules`` inbound allow rules over 50 peer
+sets holding ``peers`` addresses, the client in the last set and allowed by the last rule (the
+worst case for a rule list), plus udp/9000 on that rule for the packet test. Configurations:
+
+* ``nft-list`` / ``nft-lookup`` (verdict maps, the default) and ``nft-lookup-nolog`` (the same
+  ruleset with every ``log`` statement and the UDP log-once lines removed);
+* ``ipt-list`` / ``ipt-lookup`` (iptables-legacy + ipset, the historic rule list and the
+  default port index of chains), ``ipt-lookup-nolog`` (``flow_log=False``) and
+  ``iptnft-lookup`` (the same through iptables-nft);
+* ``ipt-ipset-tier``: the other iptables option the issue names, measured as a prototype: ONE
+  ``hash:net,port`` set per tier holding every (peer address, proto:port) of its rules and one
+  ``-m set --match-set tier src,dst -j RETURN`` line (no rule id, see the README);
+* ``ebpf`` and ``none`` (the bare veth).
+
+An NFLOG listener (group 100, counting messages) runs in the server namespace during the
+traffic tests, as the agent's reader would, so logging costs what it costs with a reader. The
 UDP sender is one-way, so every packet is a conntrack-NEW packet that walks the policy. Tables:
 
-1. **load and delta**, per backend and peer count: render (HostPolicy -> the artifact in
-   its loadable form: nft/iptables text, eBPF trie keys and values), *cold*
-   apply (nothing installed before: nft table / ipsets and chains / eBPF maps, programs
-   and tc filters) and *warm* re-apply of the same policy (each best of N), one-peer delta
-   (median and max of 40 add/remove; target <= 1 ms for eBPF);
-2. **traffic**, per backend and peer count: TCP connection setup rate of one Python
-   client (every connect is a new flow: rule evaluation), and UDP packets/s received by
-   the server from a C sender (``sendmmsg`` of 64-byte datagrams on one flow: the
-   established path). Medians of interleaved rounds; "none" is the bare veth;
+1. **load and delta**, per backend and rule count: render, *cold* apply (nothing installed
+   before) and *warm* re-apply of the same policy (each best of N), one-peer delta (median and
+   max of 40 add/remove);
+2. **traffic**, per configuration and rule count: TCP connection setup rate of one Python
+   client (every connect is a new flow: rule evaluation), and UDP packets/s received by the
+   server from a C sender (``sendmmsg`` of 64-byte datagrams on one one-way flow: every packet
+   NEW), with % of eBPF's rate at the same rule count and % of the configuration's own 10-rule
+   rate; then the cost of logging (lookup vs lookup-nolog). Medians of interleaved rounds;
 3. **eBPF programs**: instruction count (translated), JIT size, instructions the verifier
    processed and the load (verification) time, from ``bpf_prog_info`` and ``bpftool``.
 
-The goal is eBPF >= nftables on every row. Numbers on a shared 2-CPU machine are noisy:
-rounds are interleaved so background load hits every configuration alike.
+Numbers on a shared 2-CPU machine are noisy: rounds are interleaved so background load hits
+every configuration alike.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from nft_apply import CLI4, SRV4, Namespaces, connection_rate, timed
 
 from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.iptables.backend import IptablesBackend
+from stockade.backends.iptables.model import Layout as IptLayout
 from stockade.backends.nftables.backend import NftablesBackend
 from stockade.backends.nftables.render import Layout, NftablesArtifact
 from stockade.bpf.build import find_clang
@@ -61,6 +71,7 @@ UDP_PORT = 9000
 RULE_COUNTS = (10, 100, 1_000, 5_000)
 PEERS = 1_000
 NOLOG = "nft-lookup-nolog"
+LOG_GROUP = 100
 _LOG_RE = re.compile(r'log prefix "[^"]*" group \d+ ')
 
 SENDER_C = r"""
@@ -160,9 +171,102 @@ def make_backends(ns: Namespaces, iptables: bool) -> dict[str, Backend]:
         "nft-lookup": NftablesBackend(netns=ns.srv),
     }
     if iptables:
-        out["iptables-legacy"] = IptablesBackend("legacy", netns=ns.srv)
+        out["ipt-list"] = IptablesBackend("legacy", netns=ns.srv, layout=IptLayout.LIST)
+        out["ipt-lookup"] = IptablesBackend("legacy", netns=ns.srv)
+        out["iptnft-lookup"] = IptablesBackend("nft", netns=ns.srv)
     out["ebpf"] = EbpfBackend(netns=ns.srv)
     return out
+
+
+class IpsetTier:
+    """The ``hash:net,port`` option as a prototype (IPv4, allow tier only, no rule ids, no deltas
+    through the backend API): one set per tier keyed on (peer address, proto:port), one line."""
+
+    SET, CHAIN = "STKB-tier", "STKB-INPUT"
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+
+    def _run(self, argv: list[str], stdin: str | None = None, check: bool = True) -> None:
+        subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", *argv], input=stdin, text=True,
+                       capture_output=True, check=check)
+
+    def render(self, hp: HostPolicy) -> tuple[str, str, int]:
+        members = {(s.name, s.family): s.members for s in hp.sets}
+        elements: list[str] = []
+        for rule in hp.rules:
+            for net in members[(rule.peer, Family.V4)]:
+                for e in rule.services:
+                    for port in range(e.first or 0, (e.last or e.first or 0) + 1):
+                        elements.append(f"add {self.SET} {net},{e.proto.value}:{port}")
+        sets = f"create {self.SET} hash:net,port family inet maxelem 4194304 -exist\nflush {self.SET}\n"
+        sets += "\n".join(elements) + "\n"
+        rules = (f"*filter\n:{self.CHAIN} - [0:0]\n"
+                 f"-A {self.CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n"
+                 f"-A {self.CHAIN} -i lo -j RETURN\n"
+                 f"-A {self.CHAIN} -m set --match-set {self.SET} src,dst -j RETURN\n"
+                 f"-A {self.CHAIN} -j DROP\n-I INPUT 1 -j {self.CHAIN}\nCOMMIT\n")
+        return sets, rules, len(elements)
+
+    def apply(self, artifact: tuple[str, str, int]) -> None:
+        self.remove()
+        self._run(["ipset", "restore"], artifact[0])
+        self._run(["iptables-legacy-restore", "--noflush"], artifact[1])
+
+    def apply_delta(self, elements: list[str]) -> None:
+        self._run(["ipset", "-exist", "restore"], "".join(e + "\n" for e in elements))
+
+    def remove(self) -> None:
+        self._run(["iptables-legacy", "-D", "INPUT", "-j", self.CHAIN], check=False)
+        self._run(["iptables-legacy", "-F", self.CHAIN], check=False)
+        self._run(["iptables-legacy", "-X", self.CHAIN], check=False)
+        self._run(["ipset", "destroy", self.SET], check=False)
+
+
+def measure_ipset_tier(ns: Namespaces, hp: HostPolicy, rules: int) -> str:
+    """Load time, element count and a one-peer delta of the ``hash:net,port`` prototype."""
+    proto = IpsetTier(ns.srv)
+    artifact = proto.render(hp)
+    cold = min(timed(lambda: proto.apply(artifact)) for _ in range(2))
+    # a peer joining the last set: one element per (rule using that set, port)
+    last = hp.sets[-1].name
+    ports = [(e.proto.value, e.first) for r in hp.rules if r.peer == last for e in r.services]
+    deltas = []
+    for i in range(10):
+        one = str(ipaddress.IPv4Address("203.0.113.0") + i)
+        for op in ("add", "del"):
+            lines = [f"{op} {IpsetTier.SET} {one},{p}:{n}" for p, n in ports]
+            deltas.append(timed(lambda lines=lines: proto.apply_delta(lines)))
+    proto.remove()
+    return (f"{'ipt-ipset-tier':<18} {rules:>6,} {'':>9} {cold * 1e3:>13.1f} {'':>13} "
+            f"{statistics.median(deltas) * 1e3:>9.3f} {max(deltas) * 1e3:>9.3f}   ({artifact[2]:,} set elements, "
+            f"{len(ports)} per peer of the last set)")
+
+
+LISTENER = r"""
+import socket, struct, sys, time
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+s.bind((0, 0))
+body = struct.pack("!BBH", socket.AF_UNSPEC, 0, int(sys.argv[1])) + struct.pack("=HHB3x", 5, 1, 1)
+s.send(struct.pack("=IHHII", 16 + len(body), (4 << 8) | 1, 0x1 | 0x4, 1, 0) + body)
+print("ready", flush=True)
+count = 0
+s.settimeout(0.5)
+while True:
+    try:
+        data = s.recv(1 << 16)
+    except TimeoutError:
+        continue
+    except OSError:  # ENOBUFS: the reader fell behind; the kernel dropped some
+        continue
+    off = 0
+    while off + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, off)
+        if kind == (4 << 8):
+            count += 1
+        off += max(16, (length + 3) & ~3)
+"""
 
 
 # ---- load and delta -----------------------------------------------------------------------
@@ -234,36 +338,47 @@ def measure_traffic(
     ns: Namespaces, backends: dict[str, Backend], rule_counts: tuple[int, ...], peers: int,
     tools: tuple[Path, Path], seconds: float, rounds: int,
 ) -> dict[tuple[str, int], tuple[float, float]]:
-    """(backend, rules) -> (median conn/s, median packets/s); ("none", 0) is the bare veth."""
-    artifacts: dict[tuple[str, int], tuple[Backend, Any]] = {}
+    """(configuration, rules) -> (median conn/s, median packets/s); ("none", 0) is the bare veth."""
+    artifacts: dict[tuple[str, int], tuple[Any, Any]] = {}
+    tier = IpsetTier(ns.srv)
+    quiet = {n: IptablesBackend("legacy", netns=ns.srv, flow_log=False) for n in ("ipt-lookup-nolog",)}
     for r in rule_counts:
         hp = bench_policy(peers, r)
         for n, b in backends.items():
             artifacts[(n, r)] = (b, b.render(hp))
         lookup = backends["nft-lookup"]
         artifacts[(NOLOG, r)] = (lookup, without_logging(artifacts[("nft-lookup", r)][1]))
+        if "ipt-lookup" in backends:
+            artifacts[("ipt-lookup-nolog", r)] = (quiet["ipt-lookup-nolog"], quiet["ipt-lookup-nolog"].render(hp))
+            artifacts[("ipt-ipset-tier", r)] = (tier, tier.render(hp))
+    everyone: list[Any] = [*backends.values(), tier]
     server = subprocess.Popen(["ip", "netns", "exec", ns.srv, sys.executable, "-c", nft_apply.SERVER],
                               stdout=subprocess.PIPE, text=True)
+    listener = subprocess.Popen(["ip", "netns", "exec", ns.srv, sys.executable, "-c", LISTENER, str(LOG_GROUP)],
+                                stdout=subprocess.PIPE, text=True)
     configs: list[tuple[str, int]] = [("none", 0), *artifacts]
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
         connection_rate(ns, 0.3)  # warm up
         for _ in range(rounds):
             for name, rules in configs:
-                for other in backends.values():
+                for other in everyone:
                     other.remove()
                 if name != "none":
                     backend, artifact = artifacts[(name, rules)]
                     backend.apply(artifact)
+                subprocess.run(["ip", "netns", "exec", ns.srv, "conntrack", "-F"], capture_output=True, check=False)
                 conns = connection_rate(ns, seconds)
                 pps = packet_rate(ns, tools[0], tools[1], seconds)
                 samples[(name, rules)].append((conns, pps))
                 print(f"  {name:<18} {rules:>6,} rules: {conns:>7,.0f} conn/s {pps:>10,.0f} pkt/s", file=sys.stderr)
     finally:
-        server.kill()
-        server.wait()
-        for b in backends.values():
+        for proc in (server, listener):
+            proc.kill()
+            proc.wait()
+        for b in everyone:
             b.remove()
     return {c: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for c, v in samples.items()}
 
@@ -295,9 +410,11 @@ def program_rows(ns: Namespaces) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rule counts, shorter runs")
-    parser.add_argument("--iptables", action="store_true", help="add iptables-legacy + ipset")
+    parser.add_argument("--no-iptables", action="store_true", help="leave the iptables configurations out")
     parser.add_argument("--rules", help="comma-separated rule counts (default 10,100,1000,5000)")
     parser.add_argument("--peers", type=int, default=PEERS, help=f"peer addresses in total (default {PEERS})")
+    parser.add_argument("--rounds", type=int, help="interleaved traffic rounds (default 3)")
+    parser.add_argument("--seconds", type=float, help="seconds per traffic test (default 1.5)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, nftables, tc, bpf)", file=sys.stderr)
@@ -307,7 +424,8 @@ def main() -> int:
         rule_counts = tuple(int(x) for x in args.rules.split(","))
     repeats = 2 if args.quick else 3
     seconds, rounds = (0.5, 1) if args.quick else (1.5, 3)
-    iptables = args.iptables and shutil.which("iptables-legacy-restore") is not None
+    seconds, rounds = args.seconds or seconds, args.rounds or rounds
+    iptables = not args.no_iptables and shutil.which("iptables-legacy-restore") is not None
     print(f"# nftables list/lookup vs eBPF{' vs iptables+ipset' if iptables else ''} (kernel {os.uname().release}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}); {args.peers:,} peers, client in the last set")
     ns = Namespaces.create()
@@ -330,10 +448,12 @@ def main() -> int:
                 r = measure_load(name, backend, hp, rules, repeats)
                 print(f"{r.backend:<18} {r.rules:>6,} {r.render_ms:>9.1f} {r.cold_ms:>13.1f} {r.warm_ms:>13.1f} "
                       f"{r.delta_ms:>9.3f} {r.delta_max_ms:>9.3f}", flush=True)
+            if iptables:
+                print(measure_ipset_tier(ns, hp, rules), flush=True)
         print(f"\n## traffic ({args.peers:,} peers; medians of {rounds} interleaved rounds of {seconds} s)")
         rates = measure_traffic(ns, backends, rule_counts, args.peers, tools, seconds, rounds)
         header = (f"{'backend':<18} {'rules':>6} {'TCP conn/s':>11} {'UDP pkt/s':>11} "
-                  f"{'conn vs eBPF':>12} {'pkt vs eBPF':>11} {'conn vs own 10':>14}")
+                  f"{'conn % eBPF':>11} {'pkt % eBPF':>10} {'conn % own 10':>13} {'pkt % own 10':>12}")
         print(header)
         print("-" * len(header))
         for (name, rules), (conns, pps) in rates.items():
@@ -341,8 +461,16 @@ def main() -> int:
             if name != "none":
                 ebpf = rates.get(("ebpf", rules), (conns, pps))
                 own = rates.get((name, min(rule_counts)), (conns, pps))
-                line += f" {100 * conns / ebpf[0]:>11.0f}% {100 * pps / ebpf[1]:>10.0f}% {100 * conns / own[0]:>13.0f}%"
+                line += (f" {100 * conns / ebpf[0]:>10.0f}% {100 * pps / ebpf[1]:>9.0f}% "
+                         f"{100 * conns / own[0]:>12.0f}% {100 * pps / own[1]:>11.0f}%")
             print(line)
+        print("\n## cost of flow logging (lookup with logging vs without; > 0 % = logging is slower)")
+        for on, off in (("nft-lookup", NOLOG), ("ipt-lookup", "ipt-lookup-nolog")):
+            for rules in rule_counts:
+                if (on, rules) in rates and (off, rules) in rates:
+                    (c1, p1), (c0, p0) = rates[(on, rules)], rates[(off, rules)]
+                    print(f"{on:<18} {rules:>6,} rules: TCP {100 * (1 - c1 / c0):>5.1f} %   "
+                          f"UDP {100 * (1 - p1 / p0):>5.1f} %")
     finally:
         ns.delete()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -4,7 +4,9 @@ Run as root: ``python bench/iptables_apply.py`` (``--quick`` for smaller sizes).
 same host policies, namespaces (a server and a client on a veth pair) and client as
 ``bench/nft_apply.py``, whose nftables measurements it calls, and prints one table:
 
-1. per backend and host policy (peer addresses x rules): rule lines installed vs a naive
+1. per backend (iptables in both layouts: ``lookup``, the default port index of chains, and
+   the historic ``list``) and host policy (a rules axis 10/100/1,000/5,000 at 1,000 peers,
+   then 100,000 peers at 10 and 1,000 rules): rule lines installed vs a naive
    per-IP ruleset, render time, our ``apply`` vs the raw binaries loading the same files
    (ratio, target <= 1.2; best of N interleaved runs), and a one-peer delta (target <= 10 ms).
    For iptables "raw" is, run one after the other, exactly what an apply loads: ``ipset
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stockade.backends.iptables.backend import IptablesBackend
+from stockade.backends.iptables.model import Layout
 from stockade.backends.iptables.render import IptablesVariant
 from stockade.backends.iptables.scripts import ipset_destroy_script, ipset_load_script, rules_script
 from stockade.backends.nftables.backend import NftablesBackend
@@ -56,9 +59,11 @@ class Row:
     delta_max_ms: float
 
 
-def measure_iptables(ns: Namespaces, variant: IptablesVariant, peers: int, rules: int, repeats: int) -> Row:
+def measure_iptables(
+    ns: Namespaces, variant: IptablesVariant, peers: int, rules: int, repeats: int, layout: Layout = Layout.LOOKUP
+) -> Row:
     hp = host_policy(peers, rules)
-    backend = IptablesBackend(variant, netns=ns.srv)
+    backend = IptablesBackend(variant, netns=ns.srv, layout=layout)
     render_s = timed(lambda: backend.render(hp).to_text())
     artifact = backend.render(hp)
     backend.apply(artifact)  # warm up: the first load creates the chains and sets
@@ -95,7 +100,7 @@ def measure_iptables(ns: Namespaces, variant: IptablesVariant, peers: int, rules
     backend.remove()
     lines = sum(len(c.rules) for rs in artifact.rulesets for c in rs.chains)
     return Row(
-        f"iptables-{variant.value}",
+        f"ipt-{variant.value}-{layout.value}",
         peers,
         rules,
         lines,
@@ -168,12 +173,19 @@ def measure_rates(
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter runs")
+    parser.add_argument("--rules", help="comma-separated rule counts (with --peers; default: the built-in axis)")
+    parser.add_argument("--peers", type=int, default=1_000, help="peer addresses with --rules (default 1000)")
+    parser.add_argument("--no-rates", action="store_true", help="skip the connection-rate table")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, iptables, ipset)", file=sys.stderr)
         return 1
-    peer_sizes = (100, 1_000, 10_000) if args.quick else (100, 10_000, 100_000)
-    rule_sizes = (10, 100) if args.quick else (10, 1_000)
+    # the rules axis at 1,000 peers, then large peer sets at 10 and 1,000 rules
+    sizes = [(1_000, r) for r in ((10, 1_000) if args.quick else (10, 100, 1_000, 5_000))]
+    sizes += [(10_000, 10)] if args.quick else [(100_000, 10), (100_000, 1_000)]
+    if args.rules:
+        sizes = [(args.peers, int(r)) for r in args.rules.split(",")]
+    peer_sizes = (10_000,) if args.quick else (100_000,)
     repeats = 3 if args.quick else 5
     seconds, rounds = (0.5, 3) if args.quick else (1.5, 5)
     variants = tuple(IptablesVariant)
@@ -193,18 +205,19 @@ def main() -> int:
         )
         print(header)
         print("-" * len(header))
-        for peers in peer_sizes:
-            for rules in rule_sizes:
-                n = repeats if peers * rules >= 1_000_000 else 3 * repeats
-                rows = [measure_nftables(ns, peers, rules, n)]
-                rows += [measure_iptables(ns, v, peers, rules, n) for v in variants]
-                for r in rows:
-                    print(
-                        f"{r.backend:<16} {r.peers:>8,} {r.rules:>6,} {r.rule_lines:>10,} {r.naive_lines:>12,} "
-                        f"{r.render_ms:>9.1f} {r.apply_ms:>9.1f} {r.raw_ms:>9.1f} {r.apply_ms / r.raw_ms:>6.2f} "
-                        f"{r.delta_ms:>9.2f} {r.delta_max_ms:>9.2f}",
-                        flush=True,
-                    )
+        for peers, rules in sizes:
+            n = repeats if peers * rules >= 1_000_000 or rules >= 1_000 else 3 * repeats
+            rows = [measure_nftables(ns, peers, rules, n)]
+            rows += [measure_iptables(ns, v, peers, rules, n, layout) for v in variants for layout in Layout]
+            for r in rows:
+                print(
+                    f"{r.backend:<16} {r.peers:>8,} {r.rules:>6,} {r.rule_lines:>10,} {r.naive_lines:>12,} "
+                    f"{r.render_ms:>9.1f} {r.apply_ms:>9.1f} {r.raw_ms:>9.1f} {r.apply_ms / r.raw_ms:>6.2f} "
+                    f"{r.delta_ms:>9.2f} {r.delta_max_ms:>9.2f}",
+                    flush=True,
+                )
+        if args.no_rates:
+            return 0
         print()
         rates = measure_rates(ns, variants, peer_sizes[-1], seconds, rounds)
         print(f"{'backend':<16} {'TCP connects/s (median of ' + str(rounds) + ' runs)':<34} {'conn/s':>9} "

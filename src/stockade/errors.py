@@ -9,6 +9,8 @@
      ├── BackendError
      │    ├── RenderError         a renderer cannot express the policy
      │    └── ApplyError          the kernel/device refused; previous ruleset stays in force
+     ├── ProofError               verification could not prove kernel == policy
+     │    └── UnmodelledConstructError  the read-back holds something the prover does not model
      ├── NotFoundError
      ├── ConflictError            stale revision / duplicate name
      └── AuthError                authentication or authorisation failed
@@ -77,6 +79,21 @@ class RenderError(BackendError):
 
 class ApplyError(BackendError):
     """Applying an artifact failed; the previous ruleset is still in force."""
+
+
+class ProofError(StockadeError):
+    """A proof could not be carried out (read-back failed, or it holds what is not modelled).
+
+    A proof that ran and found a difference is not an error: it returns a counterexample."""
+
+
+class UnmodelledConstructError(ProofError):
+    """The loaded ruleset holds a construct the prover does not model: the proof fails closed."""
+
+    def __init__(self, where: str, construct: str) -> None:
+        self.where = where
+        self.construct = construct
+        super().__init__(f"{where}: unmodelled construct {construct}")
 
 
 class NotFoundError(StockadeError):

@@ -23,6 +23,13 @@ Semantics:
 * IP lists match by address; label selectors and ``all`` match workloads. A provider
   IP list never puts a rule on a workload's inbound side (and a consumer IP list
   never on its outbound side): IP lists are peers, not hosts.
+* Encryption (``encrypt: true`` on a rule or its ruleset): among the allow rules that match a
+  side, an encrypted one wins (the lowest-numbered encrypted rule decides), so a plain allow can
+  never carry in the clear what another rule says to encrypt. Both sides of an allowed encrypted
+  connection are workloads that can run WireGuard (not idle, with a registered key); when the other
+  end cannot, the side that requires encryption blocks (in every mode: the traffic is never sent
+  or accepted in the clear). ``Evaluation.encrypted`` says whether the allowed traffic goes through
+  the tunnel and ``encrypted_by`` names the rule.
 * A connection that cannot exist is refused with a ValidationError, never answered:
   source and destination of different families, ICMP between IPv6 addresses or ICMPv6
   between IPv4 addresses (an answer about ICMPv4 echo between IPv6 hosts would describe
@@ -72,6 +79,7 @@ class SideDecision:
     mode: EnforcementMode
     action: str  # "allow" | "block" | "would-block"
     rule_id: str  # deciding rule, "default", or "failsafe:<what>"
+    encrypted: bool = False  # the deciding allow rule says encrypt (or the block is for want of a peer key)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,8 @@ class Evaluation:
     verdict: Verdict
     outbound: SideDecision | None
     inbound: SideDecision | None
+    encrypted: bool = False  # allowed through WireGuard between the two workloads
+    encrypted_by: str = ""  # the rule that says so ("ruleset/<name>/<j>")
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,7 @@ class _Candidate:
     providers: tuple[Selector, ...]
     intra: bool
     services: tuple[ServiceEntry, ...]
+    encrypt: bool = False
 
 
 class Evaluator:
@@ -141,6 +152,7 @@ class Evaluator:
                             rule.providers,
                             rule.consumers_scope is ConsumerScope.INTRA,
                             entries(rule.services),
+                            rs.encrypts(j),
                         )
                     )
         for d in policy.deny_rules:
@@ -196,6 +208,7 @@ class Evaluator:
             return SideDecision(host.name, mode, "allow", "failsafe:controller")
 
         found: dict[Action, str] = {}
+        encrypted_by = ""
         for c in self._candidates:
             if not any(e.matches(proto, port) for e in c.services):
                 continue
@@ -217,6 +230,8 @@ class Evaluator:
                     continue
             if c.action not in found or c.rule_id < found[c.action]:
                 found[c.action] = c.rule_id
+            if c.encrypt and (not encrypted_by or c.rule_id < encrypted_by):
+                encrypted_by = c.rule_id
 
         direction = NetpolDirection.INGRESS if inbound else NetpolDirection.EGRESS
         isolating = self._np_isolating.get((host.name, direction))
@@ -224,6 +239,11 @@ class Evaluator:
             decided = ("block", found[Action.OVERRIDE_DENY])
         elif isolating:
             decided = self._netpol_side(host, direction, isolating, peer_addr, peer, proto, port)
+        elif encrypted_by:
+            if peer is None or not _can_encrypt(peer):
+                # nobody to run the tunnel with: never in the clear, whatever the mode
+                return SideDecision(host.name, mode, "block", encrypted_by, encrypted=True)
+            return SideDecision(host.name, mode, "allow", encrypted_by, encrypted=True)
         elif Action.ALLOW in found:
             decided = ("allow", found[Action.ALLOW])
         elif Action.DENY in found:
@@ -291,7 +311,17 @@ class Evaluator:
             verdict = Verdict.POTENTIALLY_BLOCKED
         else:
             verdict = Verdict.ALLOWED
-        return Evaluation(verdict, outbound, inbound)
+        by = ""
+        if verdict is not Verdict.BLOCKED:
+            for d in (outbound, inbound):
+                if d is not None and d.encrypted and (not by or d.rule_id < by):
+                    by = d.rule_id
+        return Evaluation(verdict, outbound, inbound, bool(by), by)
+
+
+def _can_encrypt(w: Workload) -> bool:
+    """A workload that can be a WireGuard peer: enforcing in some mode and holding a registered key."""
+    return w.mode is not EnforcementMode.IDLE and w.wireguard is not None
 
 
 def evaluate(policy: Policy, src: IPAddress, dst: IPAddress, proto: Proto, port: int | None) -> Evaluation:

@@ -2,7 +2,8 @@
 # tests/k8s/k8s.sh - Stockade's own Kubernetes control-plane harness: a real etcd and kube-apiserver on loopback.
 #
 # Usage:
-#   tests/k8s/k8s.sh build            build etcd + kube-apiserver from Go modules into the cache (skips binaries present)
+#   tests/k8s/k8s.sh build [node]     build etcd + kube-apiserver (+ kubelet with 'node') from Go modules into the
+#                                     cache (skips binaries present)
 #   tests/k8s/k8s.sh start RUN_DIR    fresh etcd data + PKI in RUN_DIR, start both, wait for /readyz, write RUN_DIR/env
 #   tests/k8s/k8s.sh stop RUN_DIR     stop the processes whose PIDs 'start' saved in RUN_DIR (and nothing else)
 #   tests/k8s/k8s.sh restart-apiserver RUN_DIR   stop and start the apiserver only (etcd keeps running)
@@ -12,6 +13,7 @@
 #   K8S_ETCD_PORT K8S_ETCD_PEER_PORT K8S_API_PORT   loopback ports (defaults 23791 23801 26444)
 #   STOCKADE_K8S_GOCACHE_KEEP=1   keep the Go build/module caches after a build (default: deleted, ~4 GB)
 #
+# --allow-privileged: the DaemonSet of `stockade k8s manifests` is privileged (as real clusters allow).
 # The cluster has no kubelet, scheduler or controller-manager: tests play the kubelet by patching pods/NAME/status.
 # Hence: no 'default' ServiceAccount (the ServiceAccount admission plugin is disabled) and, because the apiserver
 # advertises 127.0.0.1, the endpoint reconciler is off. etcd runs with --unsafe-no-fsync: test data only.
@@ -47,9 +49,9 @@ build_etcd() {
   mv "$BIN_DIR/etcd.part" "$BIN_DIR/etcd"
 }
 
-build_apiserver() {
-  [[ -x $BIN_DIR/kube-apiserver ]] && { say "kube-apiserver present"; return 0; }
-  local w=$CACHE/work/kube minor=${KUBE_V#1.}; minor=${minor%%.*}
+kube_wrapper() {  # one wrapper module for every k8s.io/kubernetes command (one go.sum, one build cache)
+  local w=$CACHE/work/kube
+  [[ -f $w/go.mod && -f $w/.ok ]] && return 0
   rm -rf "$w"; mkdir -p "$w" "$BIN_DIR"
   # k8s.io/kubernetes points each staging module (k8s.io/api, k8s.io/apimachinery, ...) at ./staging/...;
   # read that list from its own go.mod and point each one at the published v0.<minor>.<patch> release.
@@ -65,21 +67,32 @@ build_apiserver() {
     ' "$upstream"
   } > "$w/go.mod"
   grep -q '^replace k8s.io/api ' "$w/go.mod" || die "no staging replaces found in $upstream"
-  local ld="-s -w" pkg
+  touch "$w/.ok"
+}
+
+build_kube_cmd() {  # build_kube_cmd NAME: k8s.io/kubernetes/cmd/NAME -> $BIN_DIR/NAME (skipped when present)
+  local name=$1 minor=${KUBE_V#1.}; minor=${minor%%.*}
+  [[ -x $BIN_DIR/$name ]] && { say "$name present"; return 0; }
+  kube_wrapper
+  local w=$CACHE/work/kube ld="-s -w" pkg
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld+=" -X $pkg.gitVersion=v$KUBE_V -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
   done
-  say "building kube-apiserver v$KUBE_V"
-  (cd "$w" && go get "k8s.io/kubernetes/cmd/kube-apiserver@v$KUBE_V" && nice -n 15 go build -trimpath -ldflags "$ld" -o "$BIN_DIR/kube-apiserver.part" k8s.io/kubernetes/cmd/kube-apiserver)
-  mv "$BIN_DIR/kube-apiserver.part" "$BIN_DIR/kube-apiserver"
+  say "building $name v$KUBE_V"
+  (cd "$w" && go get "k8s.io/kubernetes/cmd/$name@v$KUBE_V" && nice -n 15 go build -trimpath -ldflags "$ld" -o "$BIN_DIR/$name.part" "k8s.io/kubernetes/cmd/$name")
+  mv "$BIN_DIR/$name.part" "$BIN_DIR/$name"
 }
 
-cmd_build() {
+build_apiserver() { build_kube_cmd kube-apiserver; }
+
+cmd_build() {  # cmd_build [node]: etcd + kube-apiserver; 'node' adds kubelet (a real node for the node tests)
   mkdir -p "$CACHE"
-  if [[ -x $BIN_DIR/etcd && -x $BIN_DIR/kube-apiserver ]]; then say "cached in $BIN_DIR"; return 0; fi
+  local want="etcd kube-apiserver" b missing=""
+  [[ ${1:-} == node ]] && want+=" kubelet"
+  for b in $want; do [[ -x $BIN_DIR/$b ]] || missing+=" $b"; done
+  if [[ -z $missing ]]; then say "cached in $BIN_DIR"; return 0; fi
   go_env
-  build_etcd
-  build_apiserver
+  for b in $missing; do if [[ $b == etcd ]]; then build_etcd; else build_kube_cmd "$b"; fi; done
   [[ ${STOCKADE_K8S_GOCACHE_KEEP:-} ]] || { chmod -R u+w "$CACHE/go" 2>/dev/null || true; rm -rf "$CACHE/go" "$CACHE/work"; }
   say "built into $BIN_DIR"
 }
@@ -130,7 +143,7 @@ run_apiserver() {  # run_apiserver RUN_DIR: start it and wait for /readyz (60 s)
     --client-ca-file "$pki/ca.crt" --token-auth-file "$pki/tokens.csv" --authorization-mode RBAC \
     --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$pki/sa.pub" \
     --service-account-signing-key-file "$pki/sa.key" --disable-admission-plugins ServiceAccount \
-    --kubelet-preferred-address-types InternalIP,Hostname --profiling=false \
+    --kubelet-preferred-address-types InternalIP,Hostname --profiling=false --allow-privileged=true \
     >>"$run/apiserver.log" 2>&1 &
   echo $! > "$run/apiserver.pid"
   local i
@@ -198,7 +211,7 @@ cmd_stop() {
 }
 
 case ${1:-} in
-  build) cmd_build ;;
+  build) shift; cmd_build "$@" ;;
   start) shift; cmd_start "$@" ;;
   stop) shift; cmd_stop "$@" ;;
   restart-apiserver) shift; cmd_restart_apiserver "$@" ;;

@@ -150,6 +150,8 @@ def test_the_real_client_signs_and_the_key_stays_on_the_host(live: Live, tmp_pat
     ("POST", "events", {"events": [{"kind": "tamper", "detail": "x"}]}),
     ("POST", "flows", {"sent_at": 0, "dropped": 0, "records": []}),
     ("POST", "unenroll", {}),
+    # a copied credential cannot present (register) a WireGuard key of its own either
+    ("PUT", "wireguard-key", {"public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="}),
 ])
 def test_a_copied_token_without_the_key_gets_401_on_every_agent_route(
         live: Live, tmp_path: Path, method: str, suffix: str, body: Any) -> None:

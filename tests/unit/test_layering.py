@@ -22,17 +22,23 @@ ALLOWED: dict[str, set[str]] = {
     "evaluator": {"errors", "model"},
     "backends": {"errors", "model", "compiler", "bpf"},  # bpf: the eBPF C sources and their build
     "visibility": {"errors", "model", "compiler", "evaluator"},
-    "lab": {"errors", "model", "compiler", "evaluator", "backends", "codec", "policyfile", "paths"},
+    "verify": {"errors", "model", "compiler", "backends"},  # read-back parsers use the backends' runners
+    "lab": {"errors", "model", "compiler", "evaluator", "backends", "codec", "policyfile", "paths", "importers"},
     "agent_signature": {"errors"},  # the agent request signature, shared by agent and controller
-    "agent": {"errors", "model", "compiler", "evaluator", "backends", "visibility", "logs", "agent_signature"},
+    "agent": {
+        "errors", "model", "compiler", "evaluator", "backends", "visibility", "logs", "agent_signature", "verify",
+    },
     "controller": {
         "errors", "model", "compiler", "evaluator", "codec", "policyfile", "visibility", "backends", "web", "logs",
-        "agent_signature",
+        "agent_signature", "importers",
     },
+    # existing firewall rules -> policy, pure, below the controller (k8s: its NetworkPolicy translation)
+    "importers": {"errors", "model", "codec", "policyfile", "k8s"},
     "logs": set(),
-    # beside the controller: reaches it only through the REST API; writes REST bodies with the one codec
-    # (codec) and the NetworkPolicy import writes policy documents with the one dumper (policyfile)
-    "k8s": {"errors", "model", "compiler", "codec", "policyfile"},
+    # the sync (beside the controller: reaches it only through the REST API; writes REST bodies with the one
+    # codec; the NetworkPolicy import writes policy documents with the one dumper, policyfile) and the node
+    # agent (an agent runtime per pod on the node, with its backends); never the controller
+    "k8s": {"errors", "model", "compiler", "codec", "policyfile", "agent", "agent_signature", "backends"},
 }
 
 
@@ -81,7 +87,7 @@ def test_only_the_cli_imports_the_controller() -> None:
 
 BACKENDS_DIR = SRC / "backends"
 # What every family may use. Not the registry: through it a family could reach any other family.
-SHARED_BACKEND_MODULES = {"base", "common", "flowlog", "setalgebra"}
+SHARED_BACKEND_MODULES = {"base", "common", "flowlog", "portgroups", "setalgebra", "wireguard"}
 
 
 def _families() -> list[str]:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
+from stockade.agent import wireguard_key
 from stockade.agent.backoff import Backoff, BackoffPolicy
 from stockade.agent.enforcer import CacheStart, Enforcer, enforce_cache
 from stockade.agent.flows import FlowCollector, collector_for
@@ -44,6 +45,7 @@ from stockade.agent.transport import (
 )
 from stockade.agent.watch import ChangeFeed, feed_for
 from stockade.agent_signature import new_private_key, public_key_text
+from stockade.backends.wireguard import DEFAULT_PORT as WIREGUARD_PORT
 from stockade.compiler.delta import apply_update
 from stockade.compiler.ir import HostPolicy
 from stockade.errors import (
@@ -73,6 +75,9 @@ class AgentOptions:
     heartbeat_seconds: float = 15.0
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     watch_addresses: bool = True
+    proof_interval: float = 300.0  # prove the kernel == policy this often, and after every apply (0: never)
+    wireguard_rotate_interval: float = 0.0  # make and register a new WireGuard key this often (0: never)
+    wireguard_retry_seconds: float = 30.0  # a key the controller did not take yet: try again this often
 
 
 class Refused(Exception):
@@ -118,6 +123,9 @@ class Agent:
         self.converged = threading.Event()  # set after every successful apply (tests wait on it)
         self._feed: ChangeFeed | None = feed_for(enforcer.change_monitor) if options.change_feed else None
         self._tamper_poke = threading.Event()
+        self._prove_poke = threading.Event()
+        self._wireguard_registered = True  # until an attempt fails (enrolment makes the first)
+        self._last_proof: tuple[str, int, str] | None = None  # (state, revision, detail) last reported
         self._cache = cache  # the caller may have enforced the cache already (fast start-up)
         if cache is not None:
             self._adopt_cache(cache)
@@ -130,6 +138,9 @@ class Agent:
             notify_systemd("READY=1")  # the cache is in force (the CLI says so itself, earlier)
         self._spawn(self._tamper_loop, "stockade-tamper")
         self._spawn(self._main, "stockade-enforce")
+        if self.options.proof_interval > 0:
+            self._spawn(self._prove_loop, "stockade-prove")
+        self._spawn(self._wireguard_loop, "stockade-wireguard-key")
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the threads; the rules in force stay in force."""
@@ -233,6 +244,42 @@ class Agent:
             self._event(EventKind.TAMPER, f"{report.summary}; found by {via}; {state}", self.applied_revision)
             self.outbox.heartbeat_now()
 
+    # ---- proof: the kernel gives every packet the policy's verdict ------------------------------
+    def _prove_loop(self) -> None:
+        while not self._stop.is_set():
+            self._prove_poke.wait(self.options.proof_interval)
+            self._prove_poke.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.prove_now()
+            except Exception as exc:  # never let the prover thread die
+                log.exception("proof failed: %s", exc)
+
+    def prove_now(self) -> str | None:
+        """Prove once; report "proven at revision N" or the counterexample when it changed.
+        Returns the state (proven / differs / failed), None when there is nothing to prove."""
+        revision = self.applied_revision
+        try:
+            proof = self.enforcer.prove()
+        except StockadeError as exc:
+            self._report_proof("failed", revision, str(exc), EventKind.PROOF_FAILED)
+            return "failed"
+        if proof is None:
+            return None
+        if proof.proven:
+            detail = f"proven at revision {revision}: {proof.classes} address classes in {proof.seconds * 1000:.0f} ms"
+            self._report_proof("proven", revision, detail, EventKind.PROVEN)
+            return "proven"
+        self._report_proof("differs", revision, "; ".join(str(d) for d in proof.differences), EventKind.PROOF_DIFFERS)
+        return "differs"
+
+    def _report_proof(self, state: str, revision: int, detail: str, kind: EventKind) -> None:
+        key = (state, revision, detail if state != "proven" else "")
+        if key != self._last_proof:
+            self._last_proof = key
+            self._event(kind, detail[:2000], revision)
+
     # ---- 3. enrolment ------------------------------------------------------------------------------
     def _enrol(self) -> ControllerClient | None:
         cred = self.state.load_credential()
@@ -242,6 +289,7 @@ class Agent:
             if cred.key_file is None:
                 cred = self._bind_key(client, cred)
             self.credential = cred
+            self._register_wireguard(client)
             return client
         url = self.options.controller
         code = self.options.activation_code or self.state.load_activation_code()
@@ -275,9 +323,47 @@ class Agent:
             client.use_credential(cred, enrollment.ca_pem or self.state.load_ca())
             self.credential = cred
             log.info("enrolled as agent %s for workload %s", cred.agent_id, cred.workload)
+            self._register_wireguard(client)
             return client
         client.close()
         return None
+
+    def _register_wireguard(self, client: ControllerClient, *, rotate: bool = False) -> bool:
+        """Make (first time; a new one with ``rotate``) and register this host's WireGuard key, so the
+        peers of encrypted rules can reach it. Until it is registered, encrypted rules with this host
+        drop their traffic (never in the clear); ``_wireguard_loop`` retries. True when registered."""
+        try:
+            public = wireguard_key.rotate(self.state.path) if rotate else wireguard_key.load_or_create(self.state.path)
+            client.register_wireguard_key(public, None, WIREGUARD_PORT)
+        except (StockadeError, OSError, ValueError) as exc:
+            log.warning("could not register this host's WireGuard key (%s); retrying in %.0fs", exc,
+                        self.options.wireguard_retry_seconds)
+            self._wireguard_registered = False
+            return False
+        self._wireguard_registered = True
+        if rotate:
+            log.info("WireGuard key rotated; new public key %s registered", public)
+        return True
+
+    def _wireguard_loop(self) -> None:
+        """Retry a registration that failed, and rotate the key every ``wireguard_rotate_interval``
+        (the peers re-handshake once with the new key; the old one stops working at once)."""
+        every = self.options.wireguard_rotate_interval
+        next_rotation = time.monotonic() + every if every > 0 else None
+        while True:
+            wait = self.options.wireguard_retry_seconds  # also how soon a failed registration is noticed
+            if next_rotation is not None:
+                wait = min(wait, max(0.0, next_rotation - time.monotonic()))
+            if self._stop.wait(wait):
+                return
+            client = self.client
+            if client is None:
+                continue  # not enrolled yet: enrolment registers the key
+            if next_rotation is not None and time.monotonic() >= next_rotation:
+                if self._register_wireguard(client, rotate=True):
+                    next_rotation = time.monotonic() + every
+            elif not self._wireguard_registered:
+                self._register_wireguard(client)
 
     def _bind_key(self, client: ControllerClient, cred: Credential) -> Credential:
         """Enrolled before agent keys: bind one now, so a copied token stops being enough.
@@ -427,6 +513,7 @@ class Agent:
             return
         self.state.save_policy(CachedPolicy(upd.revision, hp))
         self.applied_revision = upd.revision
+        self._prove_poke.set()
         self.converged.set()
         if self._inline_acks:
             return  # the next long-poll, sent at once, carries the ack

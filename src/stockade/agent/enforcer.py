@@ -39,6 +39,8 @@ from stockade.backends.base import (
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, BackendError, StockadeError, ValidationError
 from stockade.model.workloads import EnforcementMode
+from stockade.verify.prove import Proof, prove
+from stockade.verify.readback import read_backend
 
 
 @dataclass(frozen=True)
@@ -98,14 +100,17 @@ class Enforcer:
     """
 
     def __init__(self, backend: Backend[ArtifactT]) -> None:
+        self._bind(backend)
+        self._lock = threading.Lock()
+        self._policy: HostPolicy | None = None
+        self._artifact: Rendered | None = None
+        self._baseline: str | None = None  # None: nothing to guard (idle, or nothing applied)
+
+    def _bind(self, backend: Backend[ArtifactT]) -> None:
+        """Look the backend's optional capabilities up, once."""
         self.backend: BackendControl = backend
-        verifier: Verifying[ArtifactT] | None = backend if isinstance(backend, Verifying) else None
-
-        def render(hp: HostPolicy) -> Rendered:
-            return _Bound(backend, verifier, backend.render(hp))
-
-        self._render = render
-        self.verifying = verifier is not None
+        self._render = _renderer(backend)
+        self.verifying = isinstance(backend, Verifying)
         self.flows: NflogFlows | EventFlows | None = (
             backend.flow_source() if isinstance(backend, FlowSource) else None
         )
@@ -113,25 +118,55 @@ class Enforcer:
             backend.change_monitor() if isinstance(backend, ChangeFeedSource) else None
         )
         self.netns: str | None = backend.netns if isinstance(backend, NetnsBound) else None
-        self._lock = threading.Lock()
-        self._policy: HostPolicy | None = None
-        self._artifact: Rendered | None = None
-        self._baseline: str | None = None  # None: nothing to guard (idle, or nothing applied)
 
     @property
     def policy(self) -> HostPolicy | None:
         return self._policy
 
+    def switch_backend(self, new: Backend[ArtifactT]) -> None:
+        """Move the policy in force to ``new``, make-before-break.
+
+        The new backend's rules are applied and verified (read back) while the old ones still
+        hold; only then are the old ones removed. Both enforce the same policy, so during the
+        overlap a connection passes exactly when it passes either alone: nothing the policy
+        blocks gets through, and established connections keep their state (conntrack, or the
+        eBPF flow map for flows it has not seen: their next packet is judged as new and the
+        policy allows it). If the new backend fails, its partial state is removed and the old
+        backend stays in force (ApplyError). Call it before the watchers bind to the backend
+        (the agent switches at start, before following the controller).
+        """
+        with self._lock:
+            old = self.backend
+            render = _renderer(new)
+            artifact: Rendered | None = None
+            baseline: str | None = None
+            if self._policy is not None and self._policy.mode is not EnforcementMode.IDLE:
+                try:
+                    artifact = render(self._policy)
+                    artifact.apply()
+                    baseline = self._verify(artifact, new)
+                except BackendError as exc:
+                    with contextlib.suppress(BackendError):
+                        new.remove()
+                    raise ApplyError(f"switching to {new.name}: {exc}; {old.name} stays in force") from exc
+            policy = self._policy
+            self._bind(new)
+            self._policy, self._artifact, self._baseline = policy, artifact, baseline
+            try:
+                old.remove()  # break only after make
+            except BackendError as exc:
+                raise ApplyError(f"{new.name} is in force, but removing {old.name}'s rules failed: {exc}") from exc
+
     @property
     def mode(self) -> EnforcementMode | None:
         return self._policy.mode if self._policy is not None else None
 
-    def _verify(self, artifact: Rendered) -> str:
+    def _verify(self, artifact: Rendered, backend: BackendControl | None = None) -> str:
         """Read back after an apply; raise ApplyError if the kernel does not hold ``artifact``."""
         report = artifact.verify()
         if report is not None and not report.ok:
             raise ApplyError(f"read-back differs from what was applied: {'; '.join(report.problems)}")
-        text = self.backend.read_back()
+        text = (backend or self.backend).read_back()
         if not text.strip():
             raise ApplyError("read-back is empty right after apply")
         return text
@@ -196,10 +231,31 @@ class Enforcer:
                 return TamperReport(summary, restored=False, error=str(exc), seconds=time.monotonic() - started)
             return TamperReport(summary, restored=True, seconds=time.monotonic() - started)
 
+    def prove(self) -> Proof | None:
+        """Prove the policy in force against what the kernel holds, every packet; None when nothing
+        is in force or the backend has no read-back the prover models. ProofError when the proof
+        cannot be carried out. The read-back is taken under the lock (no apply lands mid-read, so
+        policy and ruleset belong together); the proof itself runs outside it, so a long proof
+        never delays the next apply."""
+        with self._lock:
+            if self._policy is None:
+                return None
+            policy, loaded = self._policy, read_backend(self.backend)
+        return None if loaded is None else prove(policy, loaded)
+
     def remove(self) -> None:
         with self._lock:
             self.backend.remove()
             self._policy, self._artifact, self._baseline = None, None, None
+
+
+def _renderer(backend: Backend[ArtifactT]) -> Callable[[HostPolicy], Rendered]:
+    verifier: Verifying[ArtifactT] | None = backend if isinstance(backend, Verifying) else None
+
+    def render(hp: HostPolicy) -> Rendered:
+        return _Bound(backend, verifier, backend.render(hp))
+
+    return render
 
 
 @dataclass(frozen=True)

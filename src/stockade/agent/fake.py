@@ -55,6 +55,7 @@ class FakeAgent:
     events: list[AgentEvent] = field(default_factory=list)
     unenrolled: bool = False
     public_key: str | None = None
+    wireguard_key: str | None = None  # the registered WireGuard public key
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -218,6 +219,9 @@ class FakeControllerClient:
 
     def rotate_key(self, new_key: Ed25519PrivateKey) -> None:
         self.controller.agent(self.token).public_key = public_key_text(new_key)
+
+    def register_wireguard_key(self, public_key: str, endpoint: str | None, port: int) -> None:
+        self.controller.agent(self.token).wireguard_key = public_key
 
     def reconnect(self) -> None:
         self.reconnects += 1

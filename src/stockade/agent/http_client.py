@@ -297,6 +297,10 @@ class HttpControllerClient:
         proof = sig.b64encode(new_key.sign(sig.rotation_message(self._credential.agent_id, public)))
         self._request("POST", self._agent_path("key"), json={"public_key": public, "proof": proof})
 
+    def register_wireguard_key(self, public_key: str, endpoint: str | None, port: int) -> None:
+        self._request("PUT", self._agent_path("wireguard-key"),
+                      json={"public_key": public_key, "endpoint": endpoint, "port": port})
+
     def reconnect(self) -> None:
         """Drop every pooled connection: the host's addresses changed, and a connection bound
         to a removed address would hang. Later calls open new connections."""

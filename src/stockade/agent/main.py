@@ -32,12 +32,15 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from stockade.agent import wireguard_key
 from stockade.agent.enforcer import Enforcer, enforce_cache
 from stockade.agent.netns import enter_netns
 from stockade.agent.state import DEFAULT_STATE_DIR, StateDir
 from stockade.agent.systemd import UNIT_DIR, UNIT_NAME, UnitOptions, install_unit, remove_unit
 from stockade.agent.systemd import notify as notify_systemd
 from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.wireguard import DEFAULT_PORT as WIREGUARD_PORT
+from stockade.backends.wireguard import WireGuardDevice
 from stockade.errors import StockadeError, ValidationError
 from stockade.logs import configure_logging
 
@@ -62,7 +65,7 @@ def _or_exit(action: Callable[[], T]) -> T:
         _fail(str(exc))
 
 
-def make_backend(name: str, table: str | None) -> Any:
+def make_backend(name: str, table: str | None, state_dir: Path | None = None) -> Any:
     """The configured backend, from the registry; the default one without importing it.
 
     ``stockade.backends.registry`` imports every backend (eBPF, iptables, F5, Windows...):
@@ -72,6 +75,9 @@ def make_backend(name: str, table: str | None) -> Any:
     """
     options: dict[str, Any] = {"table": table} if table else {}
     if name == DEFAULT_BACKEND:
+        if state_dir is not None:  # encrypted rules: the host's own WireGuard interface and key
+            options["wireguard"] = WireGuardDevice(wireguard_key.interface_name(state_dir), None,
+                                                   wireguard_key.key_path(state_dir))
         return NftablesBackend(**options)
     from stockade.backends.registry import get_backend
 
@@ -105,6 +111,9 @@ CODE_FILE_HELP = (f"File holding the activation code ('-': standard input); firs
 @click.option("--backend", "backend_name", default=DEFAULT_BACKEND, show_default=True,
               help="Enforcement backend (see `stockade backends`).")
 @click.option("--table", default=None, help="Table the backend owns (default: the backend's own).")
+@click.option("--switch-from", "switch_from", default=None,
+              help="Backend enforcing now (e.g. iptables): at start the cached policy is put in force with "
+                   "--backend first, verified, and only then the old backend's rules are removed (no gap).")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True)
 @click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The controller's CA certificate (PEM), pinned for every connection.")
@@ -113,6 +122,8 @@ CODE_FILE_HELP = (f"File holding the activation code ('-': standard input); firs
 @click.option("--long-poll", type=float, default=20.0, show_default=True, help="Long-poll timeout, seconds.")
 @click.option("--tamper-interval", type=float, default=0.5, show_default=True,
               help="Seconds between read-back comparisons of the firewall.")
+@click.option("--wireguard-rotate-hours", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Make and register a new WireGuard key this often (0: only on `rotate-wireguard-key`).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @click.option("--log-format", type=click.Choice(["text", "json", "logfmt"]), default="text", show_default=True,
               help="log lines on stderr: plain text, JSON lines or logfmt (control characters escaped)")
@@ -123,12 +134,14 @@ def agent(
     code_file: str | None,
     backend_name: str,
     table: str | None,
+    switch_from: str | None,
     state_dir: Path,
     ca_cert: Path | None,
     netns: str | None,
     hostname: str | None,
     long_poll: float,
     tamper_interval: float,
+    wireguard_rotate_hours: float,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -150,9 +163,28 @@ def agent(
     if ca_cert is not None:
         pem = ca_cert.read_text()
         _or_exit(lambda: state.save_ca(pem))
-    backend = _or_exit(lambda: make_backend(backend_name, table))
+    backend = _or_exit(lambda: make_backend(backend_name, table, state_dir))
+    previous = previous_backend(state, backend_name, switch_from)
+    if previous is not None:
+        try:
+            old = make_backend(previous, table, state_dir)
+        except StockadeError as exc:
+            log.error("cannot switch from backend %s (%s): starting on %s", previous, exc, backend_name)
+        else:
+            _run(state, Enforcer(old), controller, activation_code, hostname, long_poll, tamper_interval,
+                 rotate_seconds=wireguard_rotate_hours * 3600,
+                 switch_to=backend)
+            return
     enforcer = Enforcer(backend)
-    _run(state, enforcer, controller, activation_code, hostname, long_poll, tamper_interval)
+    _run(state, enforcer, controller, activation_code, hostname, long_poll, tamper_interval,
+         rotate_seconds=wireguard_rotate_hours * 3600)
+
+
+def previous_backend(state: StateDir, backend_name: str, switch_from: str | None) -> str | None:
+    """The backend to switch away from at start: ``--switch-from``, else the one the state dir says is
+    in force when it differs from ``--backend`` (changing --backend and restarting switches with no gap)."""
+    previous = switch_from or state.load_backend()
+    return previous if previous and previous != backend_name else None
 
 
 def _run(
@@ -163,8 +195,18 @@ def _run(
     hostname: str | None,
     long_poll: float,
     tamper_interval: float,
+    switch_to: Any | None = None,
+    rotate_seconds: float = 0.0,
 ) -> None:
     cached = enforce_cache(state, enforcer)  # before the slow imports below
+    if switch_to is not None:
+        old = enforcer.backend.name
+        try:
+            enforcer.switch_backend(switch_to)  # make-before-break, before any watcher binds
+            log.info("switched enforcement from %s to %s (make-before-break)", old, switch_to.name)
+        except StockadeError as exc:
+            log.error("backend switch failed, %s stays in force: %s", old, exc)
+    state.save_backend(enforcer.backend.name)
     notify_systemd("READY=1")  # Type=notify: network-pre.target may proceed, the cache is in force
     from stockade.agent.agent import Agent, AgentOptions
     from stockade.agent.hostinfo import HostReport, read_host
@@ -182,6 +224,7 @@ def _run(
         activation_code=activation_code,
         long_poll_seconds=long_poll,
         tamper_interval=tamper_interval,
+        wireguard_rotate_interval=rotate_seconds,
     )
     runtime = Agent(options, state, enforcer, HttpControllerClient, host_reader=host_reader, cache=cached)
 
@@ -254,7 +297,7 @@ def uninstall(backend_name: str, table: str | None, state_dir: Path, netns: str 
     if netns:
         _or_exit(lambda: enter_netns(netns))
     state = StateDir(state_dir)
-    backend = _or_exit(lambda: make_backend(backend_name, table))
+    backend = _or_exit(lambda: make_backend(backend_name, table, state_dir))  # its WireGuard interface too
     _or_exit(backend.remove)
     click.echo("removed the firewall rules")
     try:
@@ -315,6 +358,32 @@ def rotate_key(state_dir: Path) -> None:
         client.close()
     state.promote_next_key()
     click.echo(f"agent {cred.agent_id}: new host key in {state.key_path}; the old key no longer works")
+
+
+@agent.command("rotate-wireguard-key")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True)
+def rotate_wireguard_key(state_dir: Path) -> None:
+    """Make a new WireGuard key on this host and register its public half. The running agent's
+    read-back sees the key file change and loads it (sessions re-handshake once); run it on a
+    schedule (a systemd timer or cron) or on demand."""
+    from stockade.agent.http_client import HttpControllerClient
+    from stockade.agent.signing import adopt_instance
+
+    state = StateDir(state_dir)
+    cred = _or_exit(state.load_credential)
+    if cred is None:
+        _fail(f"not enrolled: no credential in {state_dir}")
+    adopt_instance(state.load_instance())
+    public = _or_exit(lambda: wireguard_key.rotate(state_dir))
+    client = HttpControllerClient(cred.controller, state.load_ca())
+    client.use_credential(cred, state.load_ca())
+    try:
+        client.register_wireguard_key(public, None, WIREGUARD_PORT)
+    except StockadeError as exc:
+        _fail(f"{exc}; the new key is in place locally: run `stockade agent rotate-wireguard-key` again")
+    finally:
+        client.close()
+    click.echo(f"agent {cred.agent_id}: new WireGuard key {public} registered")
 
 
 def _systemctl(*args: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ CODE_FILE = "activation-code"  # written by `stockade agent install`, deleted on
 KEY_FILE = "agent-key.pem"
 NEXT_KEY_FILE = "agent-key.next.pem"
 INSTANCE_FILE = "instance"
+BACKEND_FILE = "backend"
+_BACKEND_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+WIREGUARD_KEY_FILE = "wireguard.key"  # the host's WireGuard private key (stockade.agent.wireguard_key)
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
@@ -215,6 +219,17 @@ class StateDir:
         raw = self._read(INSTANCE_FILE)
         return raw.decode().strip() or None if raw is not None else None
 
+    # ---- the backend enforcing ------------------------------------------------------------
+    def save_backend(self, name: str) -> None:
+        """The backend whose rules are in force (a later start with another --backend switches from it)."""
+        if self.load_backend() != name:
+            self._write(BACKEND_FILE, name.encode())
+
+    def load_backend(self) -> str | None:
+        raw = self._read(BACKEND_FILE)
+        text = raw.decode(errors="replace").strip() if raw is not None else ""
+        return text if _BACKEND_NAME.fullmatch(text) else None
+
     # ---- CA ----------------------------------------------------------------------------
     @property
     def ca_path(self) -> Path:
@@ -258,7 +273,8 @@ class StateDir:
     # ---- unenrolment ---------------------------------------------------------------------
     def wipe(self) -> None:
         """Delete the credential, key, CA and cache (``stockade agent uninstall``)."""
-        for name in (CREDENTIAL_FILE, CA_FILE, POLICY_FILE, CODE_FILE, KEY_FILE, NEXT_KEY_FILE, INSTANCE_FILE):
+        for name in (CREDENTIAL_FILE, CA_FILE, POLICY_FILE, CODE_FILE, KEY_FILE, NEXT_KEY_FILE, INSTANCE_FILE,
+                     WIREGUARD_KEY_FILE):
             (self.path / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.rmdir()

@@ -63,6 +63,9 @@ class EventKind(Enum):
     POLICY_REFUSED = "policy-refused"  # malformed, unsupported, backwards, wrong workload
     APPLY_FAILED = "apply-failed"  # the kernel refused; previous policy stays in force
     CACHE_UNUSABLE = "cache-unusable"  # the on-disk cache could not be read
+    PROVEN = "proven"  # the kernel gives every packet the policy's verdict (stockade.verify)
+    PROOF_DIFFERS = "proof-differs"  # a packet the kernel treats otherwise than the policy
+    PROOF_FAILED = "proof-failed"  # the read-back could not be proven (unmodelled construct, read error)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,10 @@ class ControllerClient(Protocol):
     def rotate_key(self, new_key: Ed25519PrivateKey) -> None:
         """Have the controller accept ``new_key`` for this agent (this call is signed with the
         current key; the new key signs a proof). Enrolled before keys: binds the first key."""
+        ...
+
+    def register_wireguard_key(self, public_key: str, endpoint: str | None, port: int) -> None:
+        """Register this workload's WireGuard public key (the private key stays on the host)."""
         ...
 
     def reconnect(self) -> None:

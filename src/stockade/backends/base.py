@@ -69,6 +69,7 @@ class Capability(Enum):
     VISIBILITY_LOG = "logging of would-be drops"
     CONTROLLER_FAILSAFE = "controller failsafe"
     SET_DELTAS = "incremental address-set deltas"  # not needed by a policy; the agent asks
+    ENCRYPT = "WireGuard encryption (encrypt: true)"  # never sent in the clear where it is missing
 
 
 class Artifact(Protocol):
@@ -249,6 +250,8 @@ def required_capabilities(host_policy: HostPolicy) -> Iterator[tuple[Capability,
             yield Capability.OVERRIDE_DENY, rid
         for entry in rule.services:
             yield from ((cap, rid) for cap in _entry_needs(entry))
+        if rule.encrypt:
+            yield Capability.ENCRYPT, rid
         if families.get((rule.peer, Family.V4)):
             yield Capability.IPV4, rid
         if families.get((rule.peer, Family.V6)):

@@ -32,7 +32,7 @@ def _register() -> None:
     from stockade.cli import demo_cmds, policy_cmds  # noqa: F401
 
     for optional in ("backend_cmds", "lab_cmds", "controller_cmds", "agent_cmds", "backends_matrix_cmds",
-                     "flows_cmds", "session_cmds"):
+                     "flows_cmds", "session_cmds", "import_cmds", "verify_cmds", "k8s_cmds"):
         try:
             __import__(f"stockade.cli.{optional}")
         except ModuleNotFoundError as exc:

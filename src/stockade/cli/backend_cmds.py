@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -23,8 +24,8 @@ from stockade.backends.f5.render import render_f5, without_controller_failsafe
 from stockade.backends.registry import BACKENDS, get_backend
 from stockade.cli import main
 from stockade.cli.policy_cmds import load, run_or_exit
-from stockade.compiler import HostPolicy, compile_host
-from stockade.errors import Issue, ValidationError
+from stockade.compiler import Compiler, HostPolicy, compile_host
+from stockade.errors import Issue, StockadeError, ValidationError
 
 
 def _backend_options(table: str | None, netns: str | None, forward: bool, log_group: int | None) -> dict[str, Any]:
@@ -75,24 +76,46 @@ def _prepare(
 _backend_choice = click.Choice(sorted(BACKENDS))
 
 
+ARTIFACT_SUFFIX = {"nftables": "nft", "iptables": "rules", "ebpf": "json", "windows": "ps1", "ipfilter": "conf",
+                   "f5": "json"}
+
+
 @main.command()
 @click.argument("path", type=click.Path(exists=True))
-@click.option("--workload", "-w", required=True, help="Workload whose host policy to render.")
-@click.option("--backend", "backend_name", default="nftables", show_default=True, type=_backend_choice)
+@click.option("--workload", "-w", default=None, help="Workload whose host policy to render.")
+@click.option("--all", "all_workloads", is_flag=True,
+              help="Render every workload with its own backend (or --backend) into -o DIR: a native fallback.")
+@click.option("-o", "--output", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="with --all: the directory to write WORKLOAD.<suffix> files into")
+@click.option("--backend", "backend_name", default=None, type=_backend_choice,
+              help="Backend to render with [default: nftables; with --all each workload's own]")
 @click.option("--table", default=None, help="Name of the table the backend owns (default: stockade).")
 @click.option("--forward", is_flag=True, help="Also filter forwarded traffic (router/bridge hosts).")
 @click.option("--log-group", type=int, default=None, help="NFLOG group for would-be drops (visibility).")
 @click.option("--virtual", default=None, help="F5: full path of the virtual server (default: /Common/WORKLOAD).")
 def render(
     path: str,
-    workload: str,
-    backend_name: str,
+    workload: str | None,
+    all_workloads: bool,
+    out_dir: str | None,
+    backend_name: str | None,
     table: str | None,
     forward: bool,
     log_group: int | None,
     virtual: str | None,
 ) -> None:
-    """Print the native artifact enforcing WORKLOAD's policy from PATH (no changes made)."""
+    """Print the native artifact enforcing WORKLOAD's policy from PATH (no changes made), or with
+    ``--all -o DIR`` write every workload's artifact into DIR."""
+    if all_workloads:
+        if workload is not None or out_dir is None or virtual is not None:
+            click.echo("error: --all takes -o DIR and no --workload/--virtual", err=True)
+            sys.exit(2)
+        _render_all(path, Path(out_dir), backend_name, _backend_options(table, None, forward, log_group))
+        return
+    if workload is None:
+        click.echo("error: give --workload NAME (or --all -o DIR)", err=True)
+        sys.exit(2)
+    backend_name = backend_name or "nftables"
     options = _backend_options(table, None, forward, log_group)
     if backend_name == F5_NAME:
         if options:
@@ -106,6 +129,34 @@ def render(
         run_or_exit(lambda: _unsupported_options(backend_name, {"virtual": virtual}))
     _, _, artifact = _prepare(path, workload, backend_name, options)
     click.echo(artifact.to_text(), nl=False)
+
+
+def _render_all(path: str, out_dir: Path, backend_name: str | None, options: dict[str, Any]) -> None:
+    """Every workload's artifact into ``out_dir`` (each with its own backend unless one is given)."""
+    policy = load(path)
+    compiler = run_or_exit(lambda: Compiler(policy))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for w in sorted(policy.workloads, key=lambda w: w.name):
+        name = backend_name or w.backend
+        try:
+            host_policy = compiler.host_policy(w.name)
+            device = _render_for_device(name, host_policy, {})
+            if device is not None:
+                text = device.to_text()
+            else:
+                _check_constructible(name, options)
+                text = get_backend(name, **options).render(host_policy).to_text()
+        except StockadeError as exc:
+            failed += 1
+            click.echo(f"{w.name}: {exc}", err=True)
+            continue
+        target = out_dir / f"{w.name}.{name}.{ARTIFACT_SUFFIX.get(name, 'txt')}"
+        target.write_text(text)
+    click.echo(f"wrote {len(policy.workloads) - failed} artifact(s) to {out_dir}"
+               + (f"; {failed} failed" if failed else ""))
+    if failed:
+        sys.exit(1)
 
 
 def _unsupported_options(backend_name: str, options: dict[str, Any]) -> None:

@@ -106,13 +106,19 @@ def render_text(hp: HostPolicy) -> str:
 def describe_side(side: SideDecision | None, where: str) -> str:
     if side is None:
         return f"  {where}: unmanaged or idle, no decision"
+    if side.encrypted and side.action == "allow":
+        return f"  {where} ({side.workload}, {side.mode.value}): allow, encrypted by {rule_title(side.rule_id)}"
+    if side.encrypted:
+        return (f"  {where} ({side.workload}, {side.mode.value}): {side.action}: {rule_title(side.rule_id)} "
+                "says encrypt and the other end cannot run WireGuard (idle, unmanaged or no key)")
     return f"  {where} ({side.workload}, {side.mode.value}): {side.action} by {rule_title(side.rule_id)}"
 
 
 def describe(ev: Evaluation) -> str:
-    return "\n".join(
-        [f"verdict: {ev.verdict.value}", describe_side(ev.outbound, "outbound"), describe_side(ev.inbound, "inbound")]
-    )
+    verdict = f"verdict: {ev.verdict.value}"
+    if ev.encrypted:
+        verdict += f", encrypted by {rule_title(ev.encrypted_by)} (WireGuard)"
+    return "\n".join([verdict, describe_side(ev.outbound, "outbound"), describe_side(ev.inbound, "inbound")])
 
 
 @main.command()

@@ -132,21 +132,27 @@ def service_body(x: Service) -> dict[str, Any]:
 
 
 def ruleset_body(x: Ruleset) -> dict[str, Any]:
-    return {
+    rules: list[dict[str, Any]] = []
+    for r in x.rules:
+        rule: dict[str, Any] = {
+            "consumers": [selector_body(c) for c in r.consumers],
+            "providers": [selector_body(p) for p in r.providers],
+            "services": list(r.services),
+            "consumers_scope": r.consumers_scope.value,
+            "description": r.description,
+        }
+        if r.encrypt:  # written only when set: bodies stored before encryption existed stay canonical
+            rule["encrypt"] = True
+        rules.append(rule)
+    body: dict[str, Any] = {
         "name": x.name,
         "scope": [selector_body(sc) for sc in x.scopes] if x.scopes else "all",
-        "rules": [
-            {
-                "consumers": [selector_body(c) for c in r.consumers],
-                "providers": [selector_body(p) for p in r.providers],
-                "services": list(r.services),
-                "consumers_scope": r.consumers_scope.value,
-                "description": r.description,
-            }
-            for r in x.rules
-        ],
+        "rules": rules,
         "description": x.description,
     }
+    if x.encrypt:
+        body["encrypt"] = True
+    return body
 
 
 def deny_rule_body(x: DenyRule) -> dict[str, Any]:

@@ -490,7 +490,7 @@ def _rule(r: Reader, node: Node, path: str, acc: Collected) -> AllowRule | None:
         node,
         path,
         required=("consumers", "providers", "services"),
-        optional=("consumers_scope", "description"),
+        optional=("consumers_scope", "description", "encrypt"),
         what="a rule (a mapping with consumers, providers and services)",
     )
     if e is None:
@@ -507,7 +507,13 @@ def _rule(r: Reader, node: Node, path: str, acc: Collected) -> AllowRule | None:
         _service_refs(r, services_node, sub(path, "services"), acc) if services_node is not None else (),
         consumers_scope or ConsumerScope.INTRA,
         _description(r, e, path),
+        _flag(r, e, "encrypt", sub(path, "encrypt")),
     )
+
+
+def _flag(r: Reader, e: Entries, key: str, field_path: str) -> bool:
+    node = _value(e, key)
+    return bool(r.boolean(node, field_path)) if node is not None else False
 
 
 def _ruleset(r: Reader, e: Entries, acc: Collected) -> None:
@@ -521,7 +527,9 @@ def _ruleset(r: Reader, e: Entries, acc: Collected) -> None:
             rule = _rule(r, item, index("rules", i), acc)
             if rule is not None:
                 rules.append(rule)
-    acc.rulesets.append(Ruleset(name, scopes, tuple(rules), _description(r, e)))
+    acc.rulesets.append(
+        Ruleset(name, scopes, tuple(rules), _description(r, e), _flag(r, e, "encrypt", "encrypt"))
+    )
 
 
 def _deny_rule(r: Reader, e: Entries, acc: Collected) -> None:
@@ -555,7 +563,7 @@ _SPECS: dict[Kind, _Spec] = {
     Kind.SERVICE: _Spec(("name", "ports"), ("description",), _service),
     Kind.IP_LIST: _Spec(("name", "include"), ("exclude", "description"), _ip_list),
     Kind.WORKLOAD: _Spec(("name",), ("labels", "interfaces", "mode", "backend", "description"), _workload),
-    Kind.RULESET: _Spec(("name", "scope"), ("rules", "description"), _ruleset, (("scope", ALL_SCOPE_HINT),)),
+    Kind.RULESET: _Spec(("name", "scope"), ("rules", "description", "encrypt"), _ruleset, (("scope", ALL_SCOPE_HINT),)),
     Kind.DENY_RULE: _Spec(("name", "consumers", "providers", "services"), ("override", "description"), _deny_rule),
 }
 _KIND_LIST = ", ".join(k.value for k in Kind)

@@ -1,6 +1,6 @@
 """The compiler: policy + inventory -> per-host HostPolicy IR, incrementally."""
 
-from stockade.compiler.compile import Compiler, compile_host, compile_policy, set_name
+from stockade.compiler.compile import Compiler, compile_policy, set_name
 from stockade.compiler.delta import diff_sets
 from stockade.compiler.ir import (
     AddressSet,
@@ -14,6 +14,7 @@ from stockade.compiler.ir import (
     host_policy_to_dict,
     host_policy_to_json,
 )
+from stockade.compiler.single import compile_host
 
 __all__ = [
     "AddressSet",

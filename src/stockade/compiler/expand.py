@@ -34,6 +34,7 @@ class EffectiveRule:
     consumers: tuple[Selector, ...]
     providers: tuple[Selector, ...]
     services: tuple[ServiceEntry, ...]
+    encrypt: bool = False
 
 
 def set_name(sel: Selector) -> str:
@@ -141,7 +142,9 @@ def expand_rules(policy: Policy) -> tuple[EffectiveRule, ...]:
                     consumers = list(rule.consumers)
                 if providers and consumers:
                     out.append(
-                        EffectiveRule(Action.ALLOW, rule_id, _dedupe(consumers), _dedupe(providers), services)
+                        EffectiveRule(
+                            Action.ALLOW, rule_id, _dedupe(consumers), _dedupe(providers), services, rs.encrypts(j)
+                        )
                     )
     for d in policy.deny_rules:
         rule_id = f"deny/{d.name}"
@@ -195,27 +198,27 @@ def build_rule_table(rules: tuple[EffectiveRule, ...]) -> RuleTable:
     svc_rank = _ranks([r.services for r in rules])
     names, intern = table.names, table.intern
     in_text, out_text = Direction.INBOUND.value, Direction.OUTBOUND.value  # Direction orders by value
-    # a HostRule as a tuple of primitives ordered exactly like the dataclass's fields -> its id
-    keys: dict[tuple[int, str, str, str, int], int] = {}
-    specs: list[tuple[Action, str, str, str, tuple[ServiceEntry, ...]]] = []
+    # a HostRule as a tuple of primitives ordered exactly like HostRule.sort_key -> its id
+    keys: dict[tuple[int, str, bool, str, str, int], int] = {}
+    specs: list[tuple[Action, str, str, str, tuple[ServiceEntry, ...], bool]] = []
     table_in, table_out = table.inbound, table.outbound
 
     def host_rule(ar: int, text: str, rule_id: str, peer: str, sr: int, spec_action: Action,
-                  services: tuple[ServiceEntry, ...]) -> int:
-        key = (ar, text, rule_id, peer, sr)
+                  services: tuple[ServiceEntry, ...], encrypt: bool) -> int:
+        key = (ar, text, not encrypt, rule_id, peer, sr)
         k = keys.get(key)
         if k is None:
             k = keys[key] = len(specs)
-            specs.append((spec_action, text, rule_id, peer, services))
+            specs.append((spec_action, text, rule_id, peer, services, encrypt))
         return k
 
     for r in rules:
         cons = [intern(s) for s in r.consumers]
         prov = [intern(s) for s in r.providers]
-        action, rule_id, services = r.action, r.rule_id, r.services
+        action, rule_id, services, enc = r.action, r.rule_id, r.services, r.encrypt
         ar, sr = action_rank[action], svc_rank[id(services)]
-        in_ids = tuple([host_rule(ar, in_text, rule_id, names[c], sr, action, services) for c in cons])
-        out_ids = tuple([host_rule(ar, out_text, rule_id, names[p], sr, action, services) for p in prov])
+        in_ids = tuple([host_rule(ar, in_text, rule_id, names[c], sr, action, services, enc) for c in cons])
+        out_ids = tuple([host_rule(ar, out_text, rule_id, names[p], sr, action, services, enc) for p in prov])
         for p in prov:
             table_in.setdefault(p, []).append(in_ids)
         for c in cons:
@@ -224,6 +227,6 @@ def build_rule_table(rules: tuple[EffectiveRule, ...]) -> RuleTable:
     for rank, key in enumerate(sorted(keys)):  # tuples of primitives: compared in C, in HostRule order
         table.rank[keys[key]] = rank
     directions = {d.value: d for d in Direction}
-    table.host_rules = [HostRule(a, directions[t], rid, peer, svc) for a, t, rid, peer, svc in specs]
+    table.host_rules = [HostRule(a, directions[t], rid, peer, svc, enc) for a, t, rid, peer, svc, enc in specs]
     table.peers = [spec[3] for spec in specs]
     return table

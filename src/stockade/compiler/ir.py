@@ -18,7 +18,7 @@ from stockade.model.addresses import Family, IPAddress, IPNetwork
 from stockade.model.policy import Failsafe
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
-from stockade.model.workloads import EnforcementMode
+from stockade.model.workloads import EnforcementMode, validate_public_key
 
 
 class Direction(Enum):
@@ -39,13 +39,52 @@ class AddressSet:
     selector: str = ""  # canonical selector text, for humans
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class HostRule:
+    """One rule on one host. Ordered by action, direction, encrypted allows first, then rule id:
+    first-match over that order is the evaluator's precedence, where an encrypted allow wins over
+    a plain one (a plain allow never carries in the clear what another rule says to encrypt)."""
+
     action: Action
     direction: Direction
     rule_id: str  # "ruleset/<name>/<index>" or "deny/<name>"
     peer: str  # AddressSet name
     services: tuple[ServiceEntry, ...]
+    encrypt: bool = False  # allow only through the WireGuard tunnel with the peer
+
+    def sort_key(self) -> tuple[Action, Direction, bool, str, str, tuple[ServiceEntry, ...]]:
+        return self.action, self.direction, not self.encrypt, self.rule_id, self.peer, self.services
+
+    def __lt__(self, other: HostRule) -> bool:
+        return self.sort_key() < other.sort_key()
+
+    def __le__(self, other: HostRule) -> bool:
+        return self.sort_key() <= other.sort_key()
+
+    def __gt__(self, other: HostRule) -> bool:
+        return self.sort_key() > other.sort_key()
+
+    def __ge__(self, other: HostRule) -> bool:
+        return self.sort_key() >= other.sort_key()
+
+
+@dataclass(frozen=True)
+class WireGuardPeer:
+    """A workload this host runs a tunnel with: who holds the key, where to send, what it may source."""
+
+    workload: str
+    public_key: str  # base64, 32 bytes
+    endpoint: IPAddress
+    port: int
+    allowed: tuple[IPNetwork, ...]  # the peer's own addresses as /32 and /128 (cryptokey routing)
+
+
+@dataclass(frozen=True)
+class WireGuardConfig:
+    """The tunnel side of a HostPolicy: present only on hosts with encrypted rules."""
+
+    listen_port: int
+    peers: tuple[WireGuardPeer, ...]  # sorted by workload name
 
 
 @dataclass(frozen=True)
@@ -56,6 +95,7 @@ class HostPolicy:
     rules: tuple[HostRule, ...]
     sets: tuple[AddressSet, ...]
     failsafe: Failsafe
+    wireguard: WireGuardConfig | None = None  # None: no encrypted rule applies to this host
 
     def set(self, name: str, family: Family) -> AddressSet:
         for s in self.sets:
@@ -73,6 +113,7 @@ class HostPolicy:
             self.rules,
             self.failsafe,
             tuple((s.name, s.family) for s in self.sets),
+            self.wireguard,  # a peer change reloads (peers are applied one at a time by the backend)
         )
 
 
@@ -109,6 +150,7 @@ def rules_to_list(rules: tuple[HostRule, ...]) -> list[dict[str, Any]]:
             "rule_id": r.rule_id,
             "peer": r.peer,
             "services": [_entry_dict(e) for e in r.services],
+            **({"encrypt": True} if r.encrypt else {}),
         }
         for r in rules
     ]
@@ -130,7 +172,40 @@ def host_policy_to_dict(hp: HostPolicy) -> dict[str, Any]:
         },
         "rules": rules_to_list(hp.rules),
         "sets": [address_set_to_dict(s) for s in hp.sets],
+        **({"wireguard": wireguard_to_dict(hp.wireguard)} if hp.wireguard is not None else {}),
     }
+
+
+def wireguard_to_dict(wg: WireGuardConfig) -> dict[str, Any]:
+    return {
+        "listen_port": wg.listen_port,
+        "peers": [
+            {
+                "workload": p.workload,
+                "public_key": p.public_key,
+                "endpoint": str(p.endpoint),
+                "port": p.port,
+                "allowed": [str(n) for n in p.allowed],
+            }
+            for p in wg.peers
+        ],
+    }
+
+
+def wireguard_from_dict(d: dict[str, Any]) -> WireGuardConfig:
+    return WireGuardConfig(
+        int(d["listen_port"]),
+        tuple(
+            WireGuardPeer(
+                str(p["workload"]),
+                validate_public_key(str(p["public_key"]), "wireguard.peers.public_key"),
+                ipaddress.ip_address(p["endpoint"]),
+                int(p["port"]),
+                tuple(ipaddress.ip_network(n) for n in p["allowed"]),
+            )
+            for p in d["peers"]
+        ),
+    )
 
 
 def host_policy_to_json(hp: HostPolicy) -> str:
@@ -159,6 +234,7 @@ def host_policy_from_dict(d: dict[str, Any]) -> HostPolicy:
                 r["rule_id"],
                 r["peer"],
                 tuple(_entry(e) for e in r["services"]),
+                bool(r.get("encrypt", False)),
             )
             for r in d["rules"]
         ),
@@ -171,6 +247,7 @@ def host_policy_from_dict(d: dict[str, Any]) -> HostPolicy:
             )
             for s in d["sets"]
         ),
+        wireguard=wireguard_from_dict(d["wireguard"]) if d.get("wireguard") is not None else None,
     )
 
 

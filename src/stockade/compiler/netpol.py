@@ -197,6 +197,9 @@ class NetpolLayer:
             rules=tuple(sorted(set(rules))),
             sets=tuple(sorted(sets, key=lambda s: (s.name, s.family.value))),
             failsafe=hp.failsafe,
+            # the tunnel stays: a peer whose own side still encrypts sends through it, and the
+            # NetworkPolicy then decides on what arrives (as the evaluator does)
+            wireguard=hp.wireguard,
         )
 
 

@@ -32,6 +32,8 @@ from stockade.controller.api import admin as admin_api
 from stockade.controller.api import agents as agents_api
 from stockade.controller.api import flows as flows_api
 from stockade.controller.api import flows_policy as flows_policy_api
+from stockade.controller.api import imports as imports_api
+from stockade.controller.api import k8s_nodes as k8s_nodes_api
 from stockade.controller.api import objects as objects_api
 from stockade.controller.api import policy as policy_api
 from stockade.controller.api.web_mount import mount_console
@@ -239,8 +241,10 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     included: list[tuple[str, APIRouter]] = [
         (API, objects_api.router()),
         (API, policy_api.router),
+        (API, imports_api.router),
         (API, admin_api.router),
         (API, agents_api.router),
+        (API, k8s_nodes_api.router),
         (API, flows_api.router),
         (API, flows_policy_api.router),
         ("", admin_api.metrics_router),

@@ -40,14 +40,24 @@ class LabelMapping:
 
     pod: tuple[tuple[str, str], ...] = (("app.kubernetes.io/name", "app"), ("app", "app"))
     namespace: tuple[tuple[str, str], ...] = (("env", "env"),)
+    # the Stockade key that carries pod.spec.nodeName: node agents may enrol only their own pods
+    # (stockade.controller.services.pod_enrolment); omitted while the key is not declared
+    node: str | None = "k8s-node"
+    # the Stockade key that carries the pod's namespace name (the map groups pods per app and namespace
+    # with ``keys=app,k8s-namespace``); omitted while the key is not declared
+    namespace_name: str | None = "k8s-namespace"
 
     @staticmethod
-    def parse(pod: Mapping[str, str], namespace: Mapping[str, str]) -> LabelMapping:
+    def parse(pod: Mapping[str, str], namespace: Mapping[str, str], node: str | None = "k8s-node",
+              namespace_name: str | None = "k8s-namespace") -> LabelMapping:
         for source in (pod, namespace):
             for target in source.values():
                 if not is_valid_name(target):
                     raise ValueError(f"label mapping target {target!r} is not a valid Stockade key")
-        return LabelMapping(tuple(pod.items()), tuple(namespace.items()))
+        for extra in (node, namespace_name):
+            if extra is not None and not is_valid_name(extra):
+                raise ValueError(f"label {extra!r} is not a valid Stockade key")
+        return LabelMapping(tuple(pod.items()), tuple(namespace.items()), node, namespace_name)
 
 
 @dataclass(frozen=True)
@@ -204,4 +214,29 @@ def desired_workload(
             if not is_valid_name(value) or not declared.accepts(value):
                 return Skip(key, f"label {k8s_key}={value!r}: not an allowed value of Stockade key {target!r}")
             labels[target] = value
+    node = _node_label(pod, mapping, keys)
+    if isinstance(node, Skip):
+        return Skip(key, node.reason)
+    if node is not None:
+        labels[node[0]] = node[1]
+    ns_key = mapping.namespace_name
+    if ns_key is not None and ns_key in keys:
+        if not is_valid_name(key.namespace) or not keys[ns_key].accepts(key.namespace):
+            return Skip(key, f"namespace {key.namespace!r} is not an allowed value of Stockade key {ns_key!r}")
+        labels[ns_key] = key.namespace
     return DesiredWorkload(key, workload_name(key), tuple(sorted(labels.items())), addrs, mode)
+
+
+def _node_label(pod: Mapping[str, Any], mapping: LabelMapping,
+                keys: Mapping[str, LabelKey]) -> tuple[str, str] | Skip | None:
+    """(key, pod.spec.nodeName) for the node label; None when no node label is declared or the pod
+    is not bound yet; a Skip when the node name can't be a label value (no node could enrol it)."""
+    if mapping.node is None or mapping.node not in keys:
+        return None
+    spec = pod.get("spec")
+    node = spec.get("nodeName") if isinstance(spec, dict) else None
+    if node is None or node == "":
+        return None
+    if not isinstance(node, str) or not is_valid_name(node) or not keys[mapping.node].accepts(node):
+        return Skip(None, f"spec.nodeName {str(node)[:64]!r} is not an allowed value of Stockade key {mapping.node!r}")
+    return mapping.node, node

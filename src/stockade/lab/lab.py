@@ -130,7 +130,11 @@ atexit.register(_close_all_labs)
 class Lab:
     """Network namespaces joined by a bridge, with servers on chosen ports and a prober."""
 
-    def __init__(self, hosts: Sequence[HostSpec], *, run_id: str | None = None) -> None:
+    def __init__(self, hosts: Sequence[HostSpec], *, run_id: str | None = None, blackhole: bool = True) -> None:
+        """``blackhole=False``: the lab's ranges get no blackhole route in the root namespace. Only for labs
+        whose probes all run between lab namespaces (they have no path out) and whose addresses may be
+        anybody's (``import --verify`` samples the real peers of a ruleset: blackholing their /24s would cut
+        this machine off from them while the lab runs)."""
         names = [h.name for h in hosts]
         if len(set(names)) != len(names):
             raise LabError(f"duplicate lab host names: {names}")
@@ -145,7 +149,7 @@ class Lab:
         self.bridge_netns = f"{netns.NAME_PREFIX}{self.run_id}-br"
         self._netns = {h.name: f"{netns.NAME_PREFIX}{self.run_id}-{i}" for i, h in enumerate(hosts)}
         self._agents: dict[str, _Agent] = {}
-        self.blackholed = netns.lab_networks([a for h in hosts for a in h.addresses])
+        self.blackholed = netns.lab_networks([a for h in hosts for a in h.addresses]) if blackhole else []
         self._started = False
         self._closed = False
 

@@ -131,6 +131,8 @@ class Policy:
                 check_selectors(f"{base}.consumers", r.consumers)
                 check_selectors(f"{base}.providers", r.providers)
                 check_services(f"{base}.services", r.services)
+                if rs.encrypts(j):
+                    issues += _check_encrypted(source, base, r.consumers, r.providers)
         for d in self.deny_rules:
             check_selectors(f"DenyRule {d.name}.consumers", d.consumers)
             check_selectors(f"DenyRule {d.name}.providers", d.providers)
@@ -146,6 +148,25 @@ class Policy:
         for d in self.deny_rules:
             yield from d.consumers
             yield from d.providers
+
+
+def _check_encrypted(
+    source: str, base: str, consumers: tuple[Selector, ...], providers: tuple[Selector, ...]
+) -> list[Issue]:
+    """An encrypted rule runs WireGuard between two workloads: an IP list peer has no key."""
+    out: list[Issue] = []
+    for side, sels in (("consumers", consumers), ("providers", providers)):
+        for i, sel in enumerate(sels):
+            if isinstance(sel, IPListSelector):
+                out.append(
+                    Issue(
+                        source,
+                        0,
+                        f"{base}.{side}[{i}]",
+                        f"encrypt: true needs workloads on both sides; IP list {sel.ip_list!r} has no WireGuard key",
+                    )
+                )
+    return out
 
 
 def _check_label(keys: dict[str, LabelKey], key: str, value: str, source: str, where: str) -> list[Issue]:

@@ -39,6 +39,7 @@ class AllowRule:
     services: tuple[str, ...]
     consumers_scope: ConsumerScope = ConsumerScope.INTRA
     description: str = ""
+    encrypt: bool = False  # the traffic flows only through WireGuard between the two workloads
 
 
 @dataclass(frozen=True, order=True)
@@ -52,6 +53,11 @@ class Ruleset:
     scopes: tuple[LabelSelector, ...]
     rules: tuple[AllowRule, ...]
     description: str = ""
+    encrypt: bool = False  # every rule of the ruleset is encrypted
+
+    def encrypts(self, index: int) -> bool:
+        """Whether rule ``index`` (0-based) must be encrypted: its own flag or the ruleset's."""
+        return self.encrypt or self.rules[index].encrypt
 
 
 @dataclass(frozen=True, order=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 
+from stockade.errors import Issue, ValidationError
 from stockade.model.addresses import IPAddress
 from stockade.model.labels import Label
 
@@ -31,6 +34,30 @@ class Interface:
     addresses: tuple[IPAddress, ...]
 
 
+def validate_public_key(text: str, field: str = "public_key") -> str:
+    """A WireGuard public key: canonical base64 of 32 bytes, not all zero (else ValidationError)."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32 or base64.b64encode(raw).decode() != text or raw == bytes(32):
+        raise ValidationError([Issue("", 0, field, "not a WireGuard public key (base64 of 32 bytes)")])
+    return text
+
+
+@dataclass(frozen=True, order=True)
+class WireGuardIdentity:
+    """A workload's registered WireGuard public key and the endpoint its peers send to.
+
+    The private key never leaves the host; the controller only ever sees this.
+    ``endpoint`` is one of the workload's own addresses (None: its first address).
+    """
+
+    public_key: str  # base64 of 32 bytes (Curve25519)
+    endpoint: IPAddress | None = None
+    port: int = 51820
+
+
 @dataclass(frozen=True, order=True)
 class Workload:
     name: str
@@ -39,6 +66,16 @@ class Workload:
     mode: EnforcementMode = EnforcementMode.VISIBILITY
     backend: str = "nftables"
     description: str = ""
+    wireguard: WireGuardIdentity | None = None
+
+    def wireguard_endpoint(self) -> IPAddress | None:
+        """The address peers send WireGuard packets to, or None when the workload cannot encrypt."""
+        if self.wireguard is None or self.mode is EnforcementMode.IDLE or not self.addresses:
+            return None
+        ep = self.wireguard.endpoint
+        if ep is not None and ep in self.addresses:
+            return ep
+        return self.addresses[0]
 
     @cached_property
     def addresses(self) -> tuple[IPAddress, ...]:

@@ -80,6 +80,8 @@ def _rule(rule: AllowRule) -> Doc:
     }
     if rule.consumers_scope is not ConsumerScope.INTRA:
         out["consumers_scope"] = rule.consumers_scope.value
+    if rule.encrypt:
+        out["encrypt"] = True
     return _describe(out, rule.description)
 
 
@@ -132,6 +134,8 @@ def policy_documents(policy: Policy) -> list[Doc]:
     for ruleset in sorted(policy.rulesets, key=lambda r: r.name):
         doc = _describe(_doc(Kind.RULESET, ruleset.name), ruleset.description)
         doc["scope"] = _scope(ruleset.scopes)
+        if ruleset.encrypt:
+            doc["encrypt"] = True
         doc["rules"] = [_rule(r) for r in ruleset.rules]
         docs.append(doc)
     for deny in sorted(policy.deny_rules, key=lambda d: d.name):

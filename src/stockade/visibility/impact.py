@@ -92,6 +92,9 @@ def _by(ev: Evaluation) -> str:
     if not deciding:
         return "(no managed side)"
     titles = {rule_title(d.rule_id) for d in deciding}
+    if ev.verdict is not Verdict.ALLOWED and any(d.encrypted for d in deciding):
+        # an encrypt change: the other end cannot run WireGuard (idle, unmanaged, no key)
+        return "by " + " and ".join(sorted(titles)) + " (encrypt: true, and the other end cannot run WireGuard)"
     if len(titles) == 1 and deciding[0].rule_id.startswith(("ruleset/", "deny/")):
         return f"by {titles.pop()}"  # the same rule on both sides
     return "by " + " and ".join(f"{rule_title(d.rule_id)} at {d.workload}" for d in deciding)

@@ -101,7 +101,7 @@ from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family
 
-EBPF_CAPABILITIES = frozenset(Capability)
+EBPF_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
 DEFAULT_PREF = 1000
 DEFAULT_FLOW_CAPACITY = 65536
 HOST_DIR = "_host"

@@ -47,6 +47,7 @@ F5_CAPABILITIES = frozenset(Capability) - {
     Capability.OUTBOUND,  # a virtual server only receives connections
     Capability.CONTROLLER_FAILSAFE,  # no agent on the device
     Capability.SET_DELTAS,  # the controller re-applies the desired state (idempotent)
+    Capability.ENCRYPT,  # a virtual server has no WireGuard key: encrypted rules fail closed
 }
 FIREWALL = "/mgmt/tm/security/firewall"
 COORDINATION_HEADER = "X-F5-REST-Coordination-Id"

@@ -36,7 +36,7 @@ from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family
 
-IPFILTER_CAPABILITIES = frozenset(Capability)
+IPFILTER_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
 IPF_TIMEOUT_S = 120.0
 _POOL_NUMBER_RE = re.compile(r"(?:number|name)\s*=\s*(\d+)")
 

@@ -44,6 +44,7 @@ from stockade.backends.iptables.model import (
     Hook,
     IpSet,
     IptablesVariant,
+    Layout,
     address_text,
     ipset_members,
 )
@@ -63,7 +64,7 @@ from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, BackendError, RenderError
 from stockade.model.addresses import Family
 
-IPTABLES_CAPABILITIES = frozenset(Capability)
+IPTABLES_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
 FAMILIES = (Family.V4, Family.V6)
 
 
@@ -89,15 +90,19 @@ class IptablesBackend:
         log_group: int = 100,
         *,
         forward: bool = False,
+        layout: Layout | str = Layout.LOOKUP,
+        flow_log: bool = True,
     ) -> None:
         try:
             self.variant = IptablesVariant(variant)
             self.prefix = validate_prefix(chain_prefix)
+            self.layout = Layout(layout)
         except (ValueError, RenderError) as exc:
             raise ApplyError(str(exc)) from exc
         self.netns = netns
         self.log_group = log_group
         self.forward = forward
+        self.flow_log = flow_log
         self.runner = IptablesRunner(self.variant, netns)
         self._names = ChainNames(self.prefix)
 
@@ -110,7 +115,13 @@ class IptablesBackend:
     def render(self, host_policy: HostPolicy) -> IptablesArtifact:
         check_capabilities(self.name, self.capabilities, host_policy)
         return render_iptables(
-            host_policy, self.prefix, self.variant, forward=self.forward, log_group=self.log_group
+            host_policy,
+            self.prefix,
+            self.variant,
+            forward=self.forward,
+            log_group=self.log_group,
+            layout=self.layout,
+            flow_log=self.flow_log,
         )
 
     # ---- kernel ----------------------------------------------------------------------
@@ -263,7 +274,7 @@ class IptablesBackend:
         """Nothing is kept open between calls."""
 
     def flow_source(self) -> NflogFlows:
-        """Would-be drops are logged to NFLOG ``log_group`` (in ``netns``)."""
+        """New connections (lookup layout) and would-be drops are logged to NFLOG ``log_group`` (in ``netns``)."""
         return NflogFlows(self.log_group)
 
     def verify(self, expected: IptablesArtifact) -> VerifyReport:

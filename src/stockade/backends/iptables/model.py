@@ -7,16 +7,21 @@ imports another for its types.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 
 from stockade.model.addresses import Family, IPNetwork
 
 IPSET_NAME_MAX = 31  # IPSET_MAXNAMELEN is 32 including the NUL
 TEMP_SUFFIX = "-t"  # a set's new members are loaded under <name>-t, then swapped in
 SET_MAXELEM = 1 << 22  # one constant for every set: ``create -exist`` then never conflicts
+
+
+_LOOKUP_CHAIN_RE = re.compile(r"-(?:IN|OUT)-(?:end|[oad](?:-[tu][0-9]{1,6})?)")
 
 
 class IptablesVariant(Enum):
@@ -31,6 +36,13 @@ class IptablesVariant(Enum):
         return f"{base}-{self.value}-{action}"
 
 
+class Layout(Enum):
+    """How the host rules are evaluated: a tree of chains by port per tier (default), or the historic list."""
+
+    LOOKUP = "lookup"
+    LIST = "list"
+
+
 class Hook(Enum):
     """The built-in filter chains Stockade jumps from."""
 
@@ -41,7 +53,7 @@ class Hook(Enum):
 
 @dataclass(frozen=True)
 class ChainNames:
-    """Every chain name of one prefix: the three entry chains and the two rule chains."""
+    """Every chain name of one prefix: the three entry chains and the two heads (``-IN``/``-OUT``)."""
 
     prefix: str
 
@@ -58,7 +70,19 @@ class ChainNames:
 
     @property
     def all(self) -> tuple[str, ...]:
+        return self._fixed
+
+    @cached_property
+    def _fixed(self) -> tuple[str, ...]:
         return (*(self.entry(h) for h in Hook), self.inbound, self.outbound)
+
+    def owns(self, name: str) -> bool:
+        """Whether ``name`` is a chain Stockade writes: the five above or one of the lookup
+        layout's (``-IN-a``, ``-IN-a-t3``, ``-IN-end``; see ``lookup.py``).
+        Anything else, even ``<prefix>-SOMETHING``, is someone else's and never touched."""
+        if name in self._fixed:
+            return True
+        return name.startswith(self.prefix + "-") and _LOOKUP_CHAIN_RE.fullmatch(name[len(self.prefix) :]) is not None
 
 
 @dataclass(frozen=True)

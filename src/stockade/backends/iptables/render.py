@@ -16,8 +16,21 @@ Chains (``<prefix>`` is the backend's chain prefix, ``STOCKADE`` by default), th
 * ``<prefix>-FORWARD`` (only when asked, for router/bridge hosts): established, ND, then
   traffic to / from the host's own addresses (set ``<prefix>-local-v4``/``-v6``) goes through
   ``<prefix>-IN`` / ``<prefix>-OUT``;
-* ``<prefix>-IN`` / ``<prefix>-OUT``: management ports resp. controller path, the host rules
-  in precedence order (override-deny, allow, deny; first match wins), the mode default.
+* ``<prefix>-IN`` / ``<prefix>-OUT``: management ports resp. controller path, then the host
+  rules in precedence order (override-deny, allow, deny; first match wins), then the mode
+  default. How the host rules are laid out (:class:`~.model.Layout`):
+
+  - **lookup** (default): the head ends with ``-g <prefix>-IN-<tier>``; each tier chain
+    indexes its TCP/UDP port groups (``--dport LO:HI -g <index chain>``, at most two index
+    levels), whose leaves hold ~8 rule entries: per rule a flow-log line and a verdict line,
+    ``--dport LO:HI -m set --match-set <peer> src -m comment --comment <rule id> -j ...``;
+    then the tier's ICMP / any-protocol rules as entries, then ``-g`` the next tier or
+    ``<prefix>-IN-end`` (the default). The exact chain names and line shapes, for a parser of
+    ``iptables-save``, are in :mod:`stockade.backends.iptables.lookup`'s docstring; everything
+    below the head is reached by ``-g``, so RETURN goes back to the built-in chain as in the list;
+  - **list**: the historic layout, kept for the benchmark's side by side: each rule is one
+    line per service match in the head chain itself, service test first, peer set second, then
+    the default lines (no flow logging: only visibility's would-be drops are logged).
 
 Verdicts: an allow is ``-j RETURN``, back to the built-in chain, so whatever others keep
 after our jump (and the chain policy) still has its say: the same meaning as ``accept`` in
@@ -26,6 +39,12 @@ policies are never changed; *full* mode ends both ``-IN`` and ``-OUT`` with a co
 ``-j DROP``; *selective* falls off the end (allowed); *visibility* drops nothing: every
 would-be drop is a ``-j NFLOG`` rule (prefix ``stk:pb:<rule id>``, group ``log_group``)
 followed by a ``-j RETURN`` with the same matches; *idle* installs nothing.
+
+Flow logging (lookup layout, ``flow_log=True``): every rule entry and the default log the
+first packet of each new connection to NFLOG ``log_group`` with ``stk:a:<rule id>`` (accepted)
+or ``stk:d:<rule id>`` (dropped) before deciding, a one-way UDP flow once (accepted: conntrack
+packet count, ``-m connbytes``; dropped: a ``hashlimit`` on the 4-tuple), see
+:func:`.lookup.flow_log_lines`. Management and controller failsafe lines are not logged.
 
 Each rule matches the service first (``-p``/port, a header compare) and the peer ipset
 second, so a packet does set lookups only in rules whose port it matches. Everything
@@ -52,6 +71,16 @@ from stockade.backends.common import (
     service_groups,
 )
 from stockade.backends.flowlog import FlowAction, validate_log_group
+from stockade.backends.iptables.lookup import (
+    TIER_LETTERS,
+    UDP_ONCE,
+    Tier,
+    checked_id,
+    default_chain,
+    drop_once,
+    flow_log_lines,
+    tier_chains,
+)
 from stockade.backends.iptables.model import (
     IPSET_NAME_MAX,
     SET_MAXELEM,
@@ -62,6 +91,7 @@ from stockade.backends.iptables.model import (
     IpSet,
     IptablesVariant,
     IptChain,
+    Layout,
     cidr_text,
     ipset_members,
 )
@@ -186,13 +216,13 @@ def _rule_id(rule_id: str) -> str:
     return checked_rule_id(rule_id, "embedded in an iptables comment")
 
 
-def log_prefix(rule_id: str) -> str:
-    """NFLOG prefix of a would-be drop: ``stk:pb:<rule id>``.
+def log_prefix(rule_id: str, action: FlowAction = FlowAction.WOULD_BLOCK) -> str:
+    """NFLOG prefix of a verdict: ``stk:pb:<rule id>`` (would-be drop), ``stk:a:``, ``stk:d:``.
 
     xt_NFLOG keeps at most 63 characters; a longer rule id keeps its first characters and
     ends with ``~`` and 8 hex digits of its SHA-256, so distinct rules keep distinct prefixes.
     """
-    text = flowlog.log_prefix(FlowAction.WOULD_BLOCK, _rule_id(rule_id))
+    text = flowlog.log_prefix(action, _rule_id(rule_id))
     if len(text) <= NFLOG_PREFIX_MAX:
         return text
     digest = hashlib.sha256(rule_id.encode()).hexdigest()[:8]
@@ -298,11 +328,12 @@ class _Options:
     prefix: str
     mode: EnforcementMode
     log_group: int
+    flow_log: bool = True
 
 
-def _nflog(rule_id: str, opts: _Options) -> str:
+def _nflog(rule_id: str, opts: _Options, action: FlowAction = FlowAction.WOULD_BLOCK) -> str:
     group = f" --nflog-group {opts.log_group}" if opts.log_group else ""  # iptables-save omits group 0
-    return f"-j NFLOG --nflog-prefix {save_string(log_prefix(rule_id))}{group}"
+    return f"-j NFLOG --nflog-prefix {save_string(log_prefix(rule_id, action))}{group}"
 
 
 def _verdict_rules(rule_id: str, action: Action, opts: _Options, match: Match, peer: str = "") -> list[str]:
@@ -375,7 +406,89 @@ def _controller_reply_lines(hp: HostPolicy, family: Family) -> list[str]:
     ]
 
 
-def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: bool) -> FamilyRuleset:
+def _lookup_peer(rule: HostRule, family: Family, opts: _Options) -> str:
+    direction = "src" if rule.direction is Direction.INBOUND else "dst"
+    return f"-m set --match-set {ipset_name(opts.prefix, rule.peer, family)} {direction}"
+
+
+def _flow_log(rule_id: str, action: FlowAction, opts: _Options, udp: bool) -> list[str]:
+    """Log lines of one verdict: would-be drops always, accepts and drops when flow logging is on."""
+    if action is not FlowAction.WOULD_BLOCK and not opts.flow_log:
+        return []
+    comment = f"-m comment --comment {save_string(rule_id)}"
+    memory = drop_once(opts.prefix) if action is FlowAction.BLOCK else ""
+    return flow_log_lines(comment, _nflog(rule_id, opts, action), udp, memory)
+
+
+def _entry_lines(match: str, rule: HostRule, family: Family, opts: _Options) -> list[str]:
+    """One rule at one service match (``-p tcp -m tcp --dport 80``, ``""`` for any protocol):
+    its flow-log line, then its verdict line, both with the peer set and the rule id."""
+    rule_id = checked_id(rule.rule_id)
+    if rule.action is Action.ALLOW:
+        action, target = FlowAction.ALLOW, "-j RETURN"
+    elif opts.mode is EnforcementMode.VISIBILITY:
+        action, target = FlowAction.WOULD_BLOCK, "-j RETURN"
+    else:
+        action, target = FlowAction.BLOCK, "-j DROP"
+    head = " ".join(x for x in (match, _lookup_peer(rule, family, opts)) if x)
+    comment = f"-m comment --comment {save_string(rule_id)}"
+    lines: list[str] = []
+    if action is FlowAction.WOULD_BLOCK or opts.flow_log:
+        once = ""
+        if match.startswith("-p udp"):  # one log per flow, not per packet
+            once = (drop_once(opts.prefix) if action is FlowAction.BLOCK else UDP_ONCE) + " "
+        lines.append(f"{head} {once}{comment} {_nflog(rule_id, opts, action)}")
+    return [*lines, f"{head} {comment} {target}"]
+
+
+def _match_text(m: Match) -> str:
+    return " ".join(x for x in (f"-p {m.proto}" if m.proto else "", m.extra) if x)
+
+
+def _lookup_default(opts: _Options) -> tuple[str, ...]:
+    if opts.mode is EnforcementMode.FULL:
+        drop = spec(comment=DEFAULT_RULE_ID, target="-j DROP")
+        return (*_flow_log(DEFAULT_RULE_ID, FlowAction.BLOCK, opts, True), drop)
+    action = FlowAction.ALLOW if opts.mode is EnforcementMode.SELECTIVE else FlowAction.WOULD_BLOCK
+    return tuple(_flow_log(DEFAULT_RULE_ID, action, opts, True))  # then falls off: allowed
+
+
+def _list_part(rule: HostRule) -> tuple[ServiceEntry, ...] | None:
+    """What of ``rule`` stays a list line: None all of it (``any`` protocol), else its ICMP entries."""
+    if any(e.proto is Proto.ANY for e in rule.services):
+        return None
+    return tuple(e for e in rule.services if not e.proto.has_ports)
+
+
+def _lookup_chains(hp: HostPolicy, family: Family, direction: Direction, opts: _Options) -> tuple[str, list[IptChain]]:
+    """The target the head chain ends with (``-g`` it) and every chain below the head."""
+    rules = tuple(r for r in hp.rules if r.direction is direction)
+    miss = default_chain(opts.prefix, direction)
+    tiers: list[IptChain] = []
+
+    def rule_lines(match: str, rule: HostRule) -> list[str]:
+        return _entry_lines(match, rule, family, opts)
+
+    for action in reversed(TIER_LETTERS):
+        tier_rules = tuple(r for r in rules if r.action is action)
+        list_lines: list[str] = []
+        for rule in tier_rules:
+            part = _list_part(rule)
+            try:
+                matches = [Match("")] if part is None else service_matches(part, family)
+            except RenderError as exc:
+                raise RenderError(f"rule {rule.rule_id!r}: {exc}") from exc
+            list_lines += [line for m in matches for line in rule_lines(_match_text(m), rule)]
+        tier = Tier(action, tier_rules, tuple(list_lines))
+        chains = tier_chains(opts.prefix, direction, tier, family, rule_lines, miss)
+        if chains:
+            tiers = chains + tiers
+            miss = chains[0].name
+    end = IptChain(default_chain(opts.prefix, direction), _lookup_default(opts))
+    return miss, [*tiers, end]
+
+
+def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: bool, layout: Layout) -> FamilyRuleset:
     names = ChainNames(opts.prefix)
     inbound = [
         line
@@ -384,10 +497,17 @@ def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: boo
     ]
     inbound += _controller_reply_lines(hp, family)
     outbound = _controller_lines(hp, family)
-    for rule in hp.rules:
-        (inbound if rule.direction is Direction.INBOUND else outbound).extend(_host_rule_lines(rule, family, opts))
-    inbound += _default_rules(opts)
-    outbound += _default_rules(opts)
+    below: list[IptChain] = []
+    if layout is Layout.LIST:
+        for rule in hp.rules:
+            (inbound if rule.direction is Direction.INBOUND else outbound).extend(_host_rule_lines(rule, family, opts))
+        inbound += _default_rules(opts)
+        outbound += _default_rules(opts)
+    else:
+        for direction, head in ((Direction.INBOUND, inbound), (Direction.OUTBOUND, outbound)):
+            first, chains = _lookup_chains(hp, family, direction, opts)
+            head.append(f"-g {first}")
+            below += chains
     chains = [
         IptChain(names.entry(Hook.INPUT), (*_failsafe(family, "-i lo"), f"-j {names.inbound}")),
         IptChain(names.entry(Hook.OUTPUT), (*_failsafe(family, "-o lo"), f"-j {names.outbound}")),
@@ -406,7 +526,7 @@ def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: boo
             )
         )
         hooks.append(Hook.FORWARD)
-    chains += [IptChain(names.inbound, tuple(inbound)), IptChain(names.outbound, tuple(outbound))]
+    chains += [IptChain(names.inbound, tuple(inbound)), IptChain(names.outbound, tuple(outbound)), *below]
     return FamilyRuleset(family, tuple(chains), tuple(hooks))
 
 
@@ -417,13 +537,15 @@ def render_iptables(
     *,
     forward: bool = False,
     log_group: int = 100,
+    layout: Layout = Layout.LOOKUP,
+    flow_log: bool = True,
 ) -> IptablesArtifact:
     """Render ``hp`` (pure). Capabilities are checked by the backend before this runs."""
     validate_prefix(prefix)
     validate_log_group(log_group)
     if hp.mode is EnforcementMode.IDLE:
         return IptablesArtifact(prefix, variant, hp.workload, hp.mode, False, (), ())
-    opts = _Options(prefix, hp.mode, log_group)
+    opts = _Options(prefix, hp.mode, log_group, flow_log and layout is Layout.LOOKUP)
 
     present = {(s.name, s.family) for s in hp.sets}
     for rule in hp.rules:
@@ -442,5 +564,5 @@ def render_iptables(
             sets.append(IpSet(local_set_name(prefix, family), family, ipset_members(local.networks(family))))
     if len({s.name for s in sets}) != len(sets):
         raise RenderError("duplicate ipset names")
-    rulesets = tuple(_family_ruleset(hp, family, opts, forward) for family in (Family.V4, Family.V6))
+    rulesets = tuple(_family_ruleset(hp, family, opts, forward, layout) for family in (Family.V4, Family.V6))
     return IptablesArtifact(prefix, variant, hp.workload, hp.mode, True, tuple(sets), rulesets)

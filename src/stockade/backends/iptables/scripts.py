@@ -86,9 +86,9 @@ def rule_target(spec: str) -> str | None:
 
 
 def parse_filter_save(text: str, prefix: str, family: Family) -> FilterState:
-    """Our chains and the built-in chains' jumps to them, from ``iptables-save -t filter``."""
+    """Our chains (:meth:`ChainNames.owns`) and the built-in chains' jumps to them, from
+    ``iptables-save -t filter``."""
     names = ChainNames(prefix)
-    ours = set(names.all)
     hooks = {h.value: h for h in Hook}
     declared: list[str] = []
     rules: dict[str, list[str]] = {}
@@ -105,14 +105,15 @@ def parse_filter_save(text: str, prefix: str, family: Family) -> FilterState:
         elif line.startswith("-A "):
             chain, _, rest = line[3:].partition(" ")
             rules.setdefault(chain, []).append(rest)
-    chains = tuple(IptChain(n, tuple(rules[n])) for n in declared if n in ours)
+    chains = tuple(IptChain(n, tuple(rules[n])) for n in declared if names.owns(n))
     jumps: list[Jump] = []
     for chain, specs in rules.items():
         hook = hooks.get(chain)
         if hook is None:
             continue
         for pos, s in enumerate(specs, start=1):
-            if rule_target(s) in ours:
+            target = rule_target(s)
+            if target is not None and names.owns(target):
                 jumps.append(Jump(hook, pos, s))
     return FilterState(family, chains, tuple(jumps))
 
@@ -124,7 +125,8 @@ def rules_script(ruleset: FamilyRuleset, state: FilterState, prefix: str) -> str
     """Bring our part of the filter table from ``state`` to ``ruleset`` (empty: remove it all)."""
     names = ChainNames(prefix)
     wanted = [c.name for c in ruleset.chains]
-    stale = [c.name for c in state.chains if c.name not in wanted]
+    keep = frozenset(wanted)  # thousands of chains in the lookup layout: no list scans
+    stale = [c.name for c in state.chains if c.name not in keep]
     lines = ["*filter"]
     lines += [f":{n} - [0:0]" for n in (*wanted, *stale)]  # creates, or flushes an existing chain
     for chain in ruleset.chains:
@@ -155,7 +157,8 @@ def rollback_script(old: FilterState, applied: FamilyRuleset, prefix: str) -> st
     """Undo a successful :func:`rules_script` of ``applied``: our chains and jumps as in ``old``."""
     names = ChainNames(prefix)
     old_names = [c.name for c in old.chains]
-    created = [c.name for c in applied.chains if c.name not in old_names]
+    had = frozenset(old_names)
+    created = [c.name for c in applied.chains if c.name not in had]
     lines = ["*filter"]
     lines += [f":{n} - [0:0]" for n in (*old_names, *created)]
     for chain in old.chains:

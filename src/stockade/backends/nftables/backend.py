@@ -57,9 +57,10 @@ from stockade.backends.nftables.runner import (
     set_members,
     without_elements,
 )
+from stockade.backends.wireguard import WireGuardDevice
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, RenderError
-from stockade.model.addresses import AddressRanges, Family
+from stockade.model.addresses import AddressRanges, Family, IPAddress
 
 NFTABLES_CAPABILITIES = frozenset(Capability)
 
@@ -97,6 +98,7 @@ class NftablesBackend:
         forward: bool = False,
         delta_path: DeltaPath = DeltaPath.NETLINK,
         layout: Layout | str = Layout.LOOKUP,
+        wireguard: WireGuardDevice | None = None,
     ) -> None:
         try:
             self.table = validate_table(table)
@@ -110,12 +112,15 @@ class NftablesBackend:
         self._applied: NftablesArtifact | None = None  # what the kernel holds (maps follow deltas)
         self.runner = NftRunner(netns)
         self._netlink: NftNetlink | None = None  # opened by the first netlink delta
+        self.wireguard = wireguard  # the tunnel of encrypted rules (None: they fail to render)
+        self._wg_local: tuple[IPAddress, ...] | None = None  # own addresses when the tunnel was last set
 
     # ---- pure ------------------------------------------------------------------------
     def render(self, host_policy: HostPolicy) -> NftablesArtifact:
         check_capabilities(self.name, self.capabilities, host_policy)
         return render_nftables(
-            host_policy, self.table, forward=self.forward, log_group=self.log_group, layout=self.layout
+            host_policy, self.table, forward=self.forward, log_group=self.log_group, layout=self.layout,
+            wg_interface=self.wireguard.name if self.wireguard is not None else None,
         )
 
     # ---- kernel ----------------------------------------------------------------------
@@ -123,7 +128,17 @@ class NftablesBackend:
         """Replace the table by ``artifact`` in one transaction (idle: delete it)."""
         if artifact.table != self.table:
             raise ApplyError(f"artifact is for table {artifact.table!r}, backend owns {self.table!r}")
+        # the table first: its guards drop encrypted traffic outside the tunnel while it comes up
         self.runner.load(artifact.to_text())
+        if self.wireguard is not None:
+            if artifact.wireguard is not None:
+                created = self.wireguard.ensure(artifact.wireguard)
+                if not created and self._wg_local not in (None, artifact.local_addresses):
+                    # re-addressed: wireguard-go keeps sending from the source address it last used
+                    self.wireguard.refresh_endpoints(artifact.wireguard)
+                self._wg_local = artifact.local_addresses
+            elif self.wireguard.exists():
+                self.wireguard.remove()
 
     def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
         """Delete and add set members in one transaction; rules are not touched.
@@ -151,6 +166,8 @@ class NftablesBackend:
 
     def remove(self) -> None:
         self.runner.load(f"table inet {self.table}\ndelete table inet {self.table}\n")
+        if self.wireguard is not None:
+            self.wireguard.remove()
 
     def flow_source(self) -> NflogFlows:
         """New connections are logged to NFLOG ``log_group`` (in ``netns``)."""
@@ -220,6 +237,8 @@ class NftablesBackend:
                 problems.append(rule_difference(chain.name, want_rules, have_chain.rules))
         for name in sorted(actual_chains):
             problems.append(f"unexpected chain {name}")
+        if expected.wireguard is not None and self.wireguard is not None:
+            problems += self.wireguard.problems(expected.wireguard)
         return VerifyReport(tuple(problems))
 
 

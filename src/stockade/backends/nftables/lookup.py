@@ -29,20 +29,18 @@ rules keep list lines after their tier's lookup. The UDP log-once lines of the v
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from stockade.backends.common import service_groups
+from stockade.backends.portgroups import PROTO_NAMES, PortGroup
+from stockade.backends.portgroups import port_groups as shared_port_groups
+from stockade.backends.portgroups import port_parts as port_parts  # re-exported for the renderer
 from stockade.compiler.ir import Direction, HostRule
 from stockade.errors import RenderError
-from stockade.model.addresses import Family, Range
+from stockade.model.addresses import Family
 from stockade.model.rules import Action
-from stockade.model.services import Proto
 
-PORT_PROTOS: dict[Proto, int] = {Proto.TCP: 6, Proto.UDP: 17}
-PROTO_NAMES = {6: "tcp", 17: "udp"}
 TIER_NAMES = {Action.OVERRIDE_DENY: "override", Action.ALLOW: "allow", Action.DENY: "deny"}
 
 
@@ -56,22 +54,12 @@ class MapElement(NamedTuple):
 
 
 @dataclass(frozen=True)
-class PortGroup:
-    """A port interval of one protocol and the tier's rules covering all of it, in order."""
-
-    proto: int
-    port_lo: int
-    port_hi: int
-    rules: tuple[tuple[str, str], ...]  # (peer set name, verdict chain), first match first
-
-
-@dataclass(frozen=True)
 class TierMap:
     """The dispatch map of one direction and tier; group ``i`` has the chain ``<name>_<i>``."""
 
     name: str
     direction: Direction
-    groups: tuple[PortGroup, ...]
+    groups: tuple[PortGroup[tuple[str, str]], ...]
 
     def group_chain(self, i: int) -> str:
         return f"{self.name}_{i}"
@@ -91,42 +79,9 @@ def map_name(direction: Direction, action: Action) -> str:
     return f"{'in' if direction is Direction.INBOUND else 'out'}_{TIER_NAMES[action]}"
 
 
-def port_parts(rule: HostRule, family: Family) -> dict[int, tuple[Range, ...]]:
-    """The TCP/UDP ports ``rule`` matches, per protocol number (``any``: every port of both)."""
-    groups = service_groups(rule.services, family)
-    if groups is None:
-        return {n: ((0, 65535),) for n in PORT_PROTOS.values()}
-    return {PORT_PROTOS[g.proto]: g.ranges or ((0, 65535),) for g in groups if g.proto.has_ports}
-
-
-def port_groups(rules: Iterable[HostRule], family: Family) -> tuple[PortGroup, ...]:
-    """Cut each protocol's port axis by the bounds of ``rules`` (in precedence order)."""
-    per_rule = [((r.peer, rule_chain(r)), port_parts(r, family)) for r in rules]
-    out: list[PortGroup] = []
-    for proto in sorted(PORT_PROTOS.values()):
-        starts: dict[int, list[int]] = {}
-        ends: dict[int, list[int]] = {}
-        for i, (_, parts) in enumerate(per_rule):
-            for lo, hi in parts.get(proto, ()):
-                starts.setdefault(lo, []).append(i)
-                ends.setdefault(hi + 1, []).append(i)
-        active: dict[int, int] = {}
-        edges = sorted(set(starts) | set(ends))
-        for lo, nxt in itertools.pairwise(edges):
-            for i in ends.get(lo, ()):
-                active[i] -= 1
-                if not active[i]:
-                    del active[i]
-            for i in starts.get(lo, ()):
-                active[i] = active.get(i, 0) + 1
-            if not active:
-                continue
-            covering = tuple(per_rule[i][0] for i in sorted(active))
-            if out and out[-1].proto == proto and out[-1].rules == covering and out[-1].port_hi == lo - 1:
-                out[-1] = PortGroup(proto, out[-1].port_lo, nxt - 1, covering)
-            else:
-                out.append(PortGroup(proto, lo, nxt - 1, covering))
-    return tuple(out)
+def port_groups(rules: Iterable[HostRule], family: Family) -> tuple[PortGroup[tuple[str, str]], ...]:
+    """The tier's port groups, each rule keyed by (peer set, verdict chain)."""
+    return shared_port_groups(rules, family, lambda r: (r.peer, rule_chain(r)))
 
 
 def map_text(tmap: TierMap) -> str:

@@ -103,14 +103,17 @@ from stockade.backends.nftables.lookup import (
     rule_chain,
     udp_log_once,
 )
-from stockade.compiler.ir import Direction, HostPolicy, HostRule
+from stockade.backends.wireguard import MTU, SOCKET_MARK, STEER_MARK
+from stockade.compiler.ir import Direction, HostPolicy, HostRule, WireGuardConfig
 from stockade.errors import RenderError
-from stockade.model.addresses import AddressRanges, Family, IPNetwork, ranges_to_networks
+from stockade.model.addresses import AddressRanges, Family, IPAddress, IPNetwork, ranges_to_networks
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
 from stockade.model.workloads import EnforcementMode
 
 DEFAULT_RULE_ID = "default"
+_IFNAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
+TUNNEL_MSS = MTU - 60  # IPv6 header (40) + TCP header (20): fits both families
 LOCAL_SET = "local"  # forward chain only: the host's own addresses
 
 _TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
@@ -137,6 +140,7 @@ class Hook(Enum):
     INPUT = "input"
     OUTPUT = "output"
     FORWARD = "forward"
+    POSTROUTING = "postrouting"
 
 
 class ChainPolicy(Enum):
@@ -184,13 +188,15 @@ class NftChain:
     hook: Hook | None
     policy: ChainPolicy | None
     rules: tuple[str, ...]
+    chain_type: str = "filter"  # "route": the output chain that steers encrypted rules' packets
+    priority: str = "filter"
 
     def header(self) -> str | None:
         """The base-chain line exactly as ``nft list`` prints it."""
         if self.hook is None:
             return None
         policy = self.policy or ChainPolicy.ACCEPT
-        return f"type filter hook {self.hook.value} priority filter; policy {policy.value};"
+        return f"type {self.chain_type} hook {self.hook.value} priority {self.priority}; policy {policy.value};"
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,8 @@ class NftablesArtifact:
     chains: tuple[NftChain, ...]
     maps: tuple[TierMap, ...] = ()
     layout: Layout = Layout.LOOKUP
+    wireguard: WireGuardConfig | None = None  # the tunnel the backend brings up beside the table
+    local_addresses: tuple[IPAddress, ...] = ()  # with ``wireguard``: a change re-sets peer endpoints
 
     def to_text(self) -> str:
         """The complete ``nft -f`` transaction (replace the table, or only delete it)."""
@@ -368,9 +376,26 @@ def _join(*parts: str) -> str:
 class _Options:
     mode: EnforcementMode
     log_group: int
+    wg_interface: str = ""  # the WireGuard interface, when encrypted rules apply
 
 
-def _verdict(action: Action, rule_id: str, opts: _Options) -> str:
+def _tunnel_check(rule: HostRule, opts: _Options) -> str:
+    """An encrypted rule's plaintext guard: the packet did not come in by the tunnel (inbound), or
+    was not steered into it (outbound: the output hook still shows the device routed to before the
+    ``steer`` chain re-routed, so the mark is what is tested; ``postrouting`` checks the device)."""
+    if rule.direction is Direction.INBOUND:
+        return f'iifname != "{opts.wg_interface}"'
+    return f"meta mark != {_mark(STEER_MARK)}"
+
+
+def _encrypted_drop(rule: HostRule, opts: _Options) -> str:
+    """Traffic an encrypted rule matches but that is not in the tunnel: dropped in every mode."""
+    return f"{_tunnel_check(rule, opts)} counter {flow_log(FlowAction.BLOCK, rule.rule_id, opts.log_group)} drop"
+
+
+def _verdict(action: Action, rule_id: str, opts: _Options, encrypt: bool = False) -> str:
+    if action is Action.ALLOW and encrypt:  # the connection is marked: its replies take the tunnel too
+        return f"ct mark set {_mark(STEER_MARK)} {flow_log(FlowAction.ALLOW, rule_id, opts.log_group)} accept"
     if action is Action.ALLOW:
         return f"{flow_log(FlowAction.ALLOW, rule_id, opts.log_group)} accept"
     if opts.mode is EnforcementMode.VISIBILITY:
@@ -396,7 +421,10 @@ def _default_rules(opts: _Options, once: bool = False) -> tuple[str, ...]:
 
 def _host_rule_lines(rule: HostRule, opts: _Options, services: tuple[ServiceEntry, ...] | None = None) -> list[str]:
     lines: list[str] = []
-    verdict = _verdict(rule.action, rule.rule_id, opts)
+    verdict = _verdict(rule.action, rule.rule_id, opts, rule.encrypt)
+    if rule.encrypt:  # plaintext first: dropped; then what came through the tunnel is accepted
+        verdict = f"{_tunnel_check(rule, opts)} counter {flow_log(FlowAction.BLOCK, rule.rule_id, opts.log_group)}" \
+            f" drop {_comment(rule.rule_id)}\0{verdict}"
     comment = _comment(rule.rule_id)
     for family in (Family.V4, Family.V6):
         proto = "ip" if family is Family.V4 else "ip6"
@@ -406,7 +434,8 @@ def _host_rule_lines(rule: HostRule, opts: _Options, services: tuple[ServiceEntr
             matches = []
         for kind in (SetKind.HOST, SetKind.NET):
             peer = f"{proto} {field} @{nft_set_name(rule.peer, family, kind)}"
-            lines.extend(_join(match, peer, verdict, comment) for match in matches)
+            for match in matches:
+                lines.extend(_join(match, peer, v, comment) for v in verdict.split("\0"))
     return lines
 
 
@@ -507,8 +536,10 @@ def _lookup_rules(
             parts = port_parts(rule, Family.V4)
             if parts:
                 comment = _comment(rule.rule_id)
-                verdict = f"{_verdict(rule.action, rule.rule_id, opts)} {comment}"
+                verdict = f"{_verdict(rule.action, rule.rule_id, opts, rule.encrypt)} {comment}"
                 head = udp_log_once(_silent(rule.action, opts), comment) if 17 in parts else []
+                if rule.encrypt:
+                    head = [f"{_encrypted_drop(rule, opts)} {comment}", *head]
                 chains[rule_chain(rule)] = NftChain(rule_chain(rule), None, None, (*head, verdict))
             part = _list_part(rule)
             if part is None or part:
@@ -523,13 +554,18 @@ def render_nftables(
     forward: bool = False,
     log_group: int = 100,
     layout: Layout = Layout.LOOKUP,
+    wg_interface: str | None = None,
 ) -> NftablesArtifact:
-    """Render ``hp`` (pure). Capabilities are checked by the backend before this runs."""
+    """Render ``hp`` (pure). Capabilities are checked by the backend before this runs.
+    ``wg_interface``: the WireGuard interface encrypted rules use (required when there are any)."""
     validate_table(table)
     validate_log_group(log_group)
     if hp.mode is EnforcementMode.IDLE:
         return NftablesArtifact(table, hp.workload, hp.mode, False, (), ())
-    opts = _Options(hp.mode, log_group)
+    encrypted = hp.wireguard is not None or any(r.encrypt for r in hp.rules)
+    if encrypted and (wg_interface is None or not _IFNAME_RE.match(wg_interface)):
+        raise RenderError(f"encrypted rules need a valid WireGuard interface name, got {wg_interface!r}")
+    opts = _Options(hp.mode, log_group, wg_interface or "")
 
     sets: list[NftSet] = []
     for aset in sorted(hp.sets):
@@ -567,10 +603,14 @@ def render_nftables(
     outbound.extend(_default_rules(opts, once))
 
     policy = ChainPolicy.DROP if hp.mode is EnforcementMode.FULL else ChainPolicy.ACCEPT
+    in_guard, out_guard, route, post = _tunnel_lines(hp, opts) if encrypted else ([], [], [], [])
     chains = [
-        NftChain("input", Hook.INPUT, policy, (*_failsafe_base("iif"), "jump inbound")),
-        NftChain("output", Hook.OUTPUT, policy, (*_failsafe_base("oif"), "jump outbound")),
+        NftChain("input", Hook.INPUT, policy, (*in_guard, *_failsafe_base("iif"), "jump inbound")),
+        NftChain("output", Hook.OUTPUT, policy, (*out_guard, *_failsafe_base("oif"), "jump outbound")),
     ]
+    if encrypted:
+        chains.append(NftChain("steer", Hook.OUTPUT, ChainPolicy.ACCEPT, tuple(route), "route", "mangle"))
+        chains.append(NftChain("postrouting", Hook.POSTROUTING, ChainPolicy.ACCEPT, tuple(post)))
     if forward:
         local = AddressRanges.of(hp.local_addresses)
         for family in (Family.V4, Family.V6):
@@ -582,4 +622,58 @@ def render_nftables(
         NftChain("outbound", None, None, tuple(outbound)),
         *verdict_chains,
     ]
-    return NftablesArtifact(table, hp.workload, hp.mode, True, tuple(sets), tuple(chains), tuple(maps), layout)
+    return NftablesArtifact(table, hp.workload, hp.mode, True, tuple(sets), tuple(chains), tuple(maps), layout,
+                            hp.wireguard if encrypted else None, hp.local_addresses if encrypted else ())
+
+
+# ---- encryption (WireGuard) ------------------------------------------------------------
+
+
+def _mark(value: int) -> str:
+    return f"0x{value:08x}"
+
+
+def _tunnel_lines(hp: HostPolicy, opts: _Options) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(input guard, output guard, ``steer`` route chain, postrouting guard) of a host with encrypted rules.
+
+    * input: a packet of an encrypted connection (``ct mark``) that did not come through the
+      tunnel is dropped before the established/related failsafe could accept it (a forged
+      plaintext packet into an encrypted connection); the peers' WireGuard packets are accepted.
+    * output: wireguard-go's own packets (its fwmark) pass.
+    * postrouting (where the device is the one re-routed to): a marked packet that is not leaving
+      through the tunnel (wireguard-go dead, the interface deleted, the route gone) is dropped:
+      never sent in the clear.
+    * steer (``type route``, so the kernel re-routes after the mark): packets of encrypted
+      connections and the first packets the encrypted outbound rules match get the steering mark,
+      which the policy-routing rule sends into the tunnel; their SYNs get the tunnel's MSS (the
+      socket sized its segments for the device it was first routed to: without the clamp a bulk
+      transfer stalls on segments larger than the tunnel's MTU).
+    """
+    wg = f'"{opts.wg_interface}"'
+    enc = _comment("failsafe:encrypted")
+    wgc = _comment("failsafe:wireguard")
+    steer, sock = _mark(STEER_MARK), _mark(SOCKET_MARK)
+    in_guard = [f"ct mark {steer} iifname != {wg} counter drop {enc}"]
+    out_guard = [f"meta mark {sock} accept {wgc}"]
+    post = [f"meta mark {steer} oifname != {wg} counter drop {enc}"]
+    if hp.wireguard is not None:
+        port = hp.wireguard.listen_port
+        for proto, version in (("ip", 4), ("ip6", 6)):
+            # from any of a peer's own addresses: a multi-homed peer's packets may leave by another one
+            eps = sorted({n.network_address for p in hp.wireguard.peers for n in p.allowed
+                          if n.version == version}, key=int)
+            if eps:
+                elems = _braced([str(e) for e in eps])
+                in_guard.append(f"{proto} saddr {elems} udp dport {port} accept {wgc}")
+    route = [f"meta mark {sock} accept", f"ct mark {steer} meta mark set {steer}"]
+    for rule in hp.rules:
+        if not (rule.encrypt and rule.action is Action.ALLOW and rule.direction is Direction.OUTBOUND):
+            continue
+        for family, proto in ((Family.V4, "ip"), (Family.V6, "ip6")):
+            for match in service_matches(rule.services, family):
+                for kind in (SetKind.HOST, SetKind.NET):
+                    peer = f"{proto} daddr @{nft_set_name(rule.peer, family, kind)}"
+                    route.append(_join(match, peer, f"meta mark set {steer} ct mark set {steer}"))
+    # the socket chose its MSS for the device it was routed to first: clamp to the tunnel's MTU
+    route.append(f"meta mark {steer} tcp flags & syn == syn tcp option maxseg size set {TUNNEL_MSS}")
+    return in_guard, out_guard, route, post

@@ -33,7 +33,7 @@ from stockade.backends.windows.script import apply_script, delta_script, read_ba
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 
-WINDOWS_CAPABILITIES = frozenset(Capability)
+WINDOWS_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
 POWERSHELL_TIMEOUT_S = 600.0
 
 

@@ -80,20 +80,37 @@ from stockade.controller.api.dto.agents import (
     ReportOut,
     RevisionOut,
     WaitOut,
+    WireGuardKeyIn,
 )
 from stockade.controller.api.schemas import (
     ErrorOut,
 )
 from stockade.controller.context import Controller, controller_of, require
-from stockade.controller.services import enrolment
+from stockade.controller.services import enrolment, wireguard_keys
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
+from stockade.controller.services.distribution import AgentLive
 from stockade.controller.storage.db import AgentRow, PairingProfileRow, utcnow
+from stockade.errors import NotFoundError
 from stockade.model.workloads import EnforcementMode
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 429)}
 EDIT_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 412: {"model": ErrorOut}}
 IfMatch = Annotated[str | None, Header(max_length=200, description="ETag of the profile as last read")]
+PROOF_EVENTS = {"proven": "proven", "proof-differs": "differs", "proof-failed": "failed"}
+
+
+def _enforcement(live: AgentLive | None, applied: int) -> tuple[str, str | None]:
+    """Per-host state from the last proof event the agent reported (this controller process)."""
+    if applied == 0:
+        return "pending", None
+    if live is None or not live.proof or live.proof_revision != applied:
+        return "applied", None
+    if live.proof == "proven":
+        return "proven", live.proof_detail
+    if live.proof == "differs":
+        return "differs", live.proof_detail
+    return "applied", live.proof_detail
 
 
 # ---- pairing profiles --------------------------------------------------------------------
@@ -305,6 +322,10 @@ def report_agent_events(request: Request, agent_id: str, body: AgentEventsIn,
     with controller_of(request).sessions.begin() as db:
         enrolment.record_agent_events(db, agent_id, name, principal.actor,
                                       [ev.model_dump(mode="json") for ev in body.events])
+    live = controller_of(request).dist.agents.get(agent_id)
+    for ev in body.events:
+        if live is not None and ev.kind in PROOF_EVENTS and ev.revision is not None:
+            live.proof, live.proof_revision, live.proof_detail = PROOF_EVENTS[ev.kind], ev.revision, ev.detail
     return Response(status_code=204)
 
 
@@ -316,6 +337,27 @@ def rotate_key(request: Request, agent_id: str, body: KeyIn,
     _self(principal, agent_id)
     ctl = controller_of(request)
     enrolment.rotate_key(ctl.dist, ctl.agent_keys, agent_id, body.public_key, body.proof, principal.actor)
+    return Response(status_code=204)
+
+
+@router.put("/agents/{agent_id}/wireguard-key", tags=["Agent protocol"], responses=ERRORS, status_code=204,
+            operation_id="register-wireguard-key")
+def register_wireguard_key(request: Request, agent_id: str, body: WireGuardKeyIn,
+                           principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> Response:
+    """Register (or rotate) the workload's WireGuard public key; the private key stays on the host."""
+    name = _self(principal, agent_id)
+    wireguard_keys.register_key(controller_of(request).dist, agent_id, name, body.public_key, body.endpoint,
+                                body.port, principal.actor)
+    return Response(status_code=204)
+
+
+@router.delete("/workloads/{name}/wireguard-key", tags=["Agents"], responses=ERRORS, status_code=204,
+               operation_id="revoke-wireguard-key")
+def revoke_wireguard_key(request: Request, name: str,
+                         principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> Response:
+    """Revoke a workload's WireGuard key: every peer drops it with its next revision."""
+    if not wireguard_keys.revoke_key(controller_of(request).dist, name, principal.actor):
+        raise NotFoundError(f"workload {name!r} has no WireGuard key")
     return Response(status_code=204)
 
 
@@ -344,11 +386,12 @@ def _agent_out(ctl: Controller, row: AgentRow, now: dt.datetime) -> AgentOut:
         status = "online"
     else:
         status = "offline"
+    enforcement, proof_detail = _enforcement(live, applied)
     return AgentOut(id=row.id, workload=row.workload, hostname=row.hostname, profile=row.profile,
                     created_at=row.created_at, revoked=row.revoked_at is not None, desired_revision=desired,
                     applied_revision=applied, converged=applied == desired, last_heartbeat=beat, status=status,
                     key_bound=row.public_key is not None, quarantined=row.quarantined_at is not None,
-                    quarantine_reason=row.quarantine_reason)
+                    quarantine_reason=row.quarantine_reason, enforcement=enforcement, proof_detail=proof_detail)
 
 
 @router.get("/agents", tags=["Agents"], responses=ERRORS, operation_id="list-agents")

@@ -312,14 +312,15 @@ def _csv_end(e: EndpointOut) -> list[str]:
 
 
 def _decision(d: SideDecision | None) -> DecisionOut | None:
-    return DecisionOut(workload=d.workload, action=d.action, rule_id=d.rule_id) if d else None
+    return DecisionOut(workload=d.workload, action=d.action, rule_id=d.rule_id, encrypted=d.encrypted) if d else None
 
 
 def _explain_out(key_out: FlowKeyOut, ev: Evaluation, c: Connection | None) -> ExplainOut:
     return ExplainOut(flow=key_out, verdict=ev.verdict, reported=c.verdict if c else None,
                       outbound=_decision(ev.outbound), inbound=_decision(ev.inbound),
                       reported_outbound_rule=c.outbound_rule if c else None,
-                      reported_inbound_rule=c.inbound_rule if c else None, count=c.count if c else 0)
+                      reported_inbound_rule=c.inbound_rule if c else None, count=c.count if c else 0,
+                      encrypted=ev.encrypted, encrypted_by=ev.encrypted_by or None)
 
 
 @router.get("/flows/{flow_id}/explain", tags=["Flows"], responses=ERRORS, operation_id="explain-flow")

@@ -48,8 +48,8 @@ NAME_FILTER = rf"^{_NAME_CHARS}*$"
 LABELS_FILTER = rf"^{_NAME_CHARS}+={_NAME_CHARS}+(,{_NAME_CHARS}+={_NAME_CHARS}+)*$"
 VERSION_FILTER = r"^(draft|active|[1-9][0-9]{0,9})$"
 CURSOR_PATTERN = r"^[A-Za-z0-9_\-]+={0,2}$"
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (401, 403, 404, 409, 412, 422, 429)
+ERRORS: dict[int | str, dict[str, Any]] = {  # 413: a body over the route's limit (stockade.controller.limits)
+    code: {"model": ErrorOut} for code in (401, 403, 404, 409, 412, 413, 422, 429)
 }
 
 

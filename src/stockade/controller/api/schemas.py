@@ -117,6 +117,7 @@ class AllowRuleBody(Body):
     services: list[Name] = Field(min_length=1, max_length=MAX_RULE_SERVICES)
     consumers_scope: ConsumerScope = ConsumerScope.INTRA
     description: Text = ""
+    encrypt: bool = Field(False, description="traffic flows only through WireGuard between the two workloads")
 
 
 class RulesetBody(Body):
@@ -125,6 +126,7 @@ class RulesetBody(Body):
         None, description='label selectors, or "all" to govern every workload (required; an empty list is refused)')
     rules: list[AllowRuleBody] = Field(default_factory=list, max_length=MAX_RULES)
     description: Text = ""
+    encrypt: bool = Field(False, description="every rule of the ruleset is encrypted (WireGuard)")
 
 
 class DenyRuleBody(Body):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import threading
 import time
@@ -56,18 +57,23 @@ from stockade.controller.services import codec, replicas
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.events import record_event
 from stockade.controller.storage import store
-from stockade.controller.storage.db import AgentRow, DepartureRow, HostStateRow, utcnow
+from stockade.controller.storage.db import AgentRow, DepartureRow, HostStateRow, WireGuardKeyRow, utcnow
 from stockade.controller.storage.store import draft_objects, version_content
 from stockade.errors import NotFoundError
 from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.policy import Policy
-from stockade.model.workloads import Workload
+from stockade.model.workloads import WireGuardIdentity, Workload
 
 T = TypeVar("T")
 HISTORY = 8  # steps (revision -> next) of set deltas kept per host
 
 
 Digests = dict[int, tuple[object, bytes]]  # id(part) -> (part, its SHA-256), parts kept alive
+
+
+def wireguard_identity(row: WireGuardKeyRow) -> WireGuardIdentity:
+    endpoint = ipaddress.ip_address(row.endpoint) if row.endpoint else None
+    return WireGuardIdentity(row.public_key, endpoint, row.port)
 
 
 def _digest(part: object, encoded: Callable[[], object], memo: Digests) -> bytes:
@@ -104,14 +110,25 @@ class AgentLive:
     last_heartbeat: dt.datetime | None = None
     dirty: bool = False
     online: bool = False
+    proof: str = ""  # last proof the agent reported: "proven" / "differs" / "failed" ("": none yet)
+    proof_revision: int = 0
+    proof_detail: str = ""
 
 
 @dataclass
 class CompilerTxn:
-    """Compiler mutations of one transaction, with their undo steps."""
+    """Compiler mutations of one transaction, with their undo steps.
+
+    Workload writes are queued and reach the compiler as ONE ``Compiler.apply_changes`` batch
+    when the transaction's deltas are read (:attr:`deltas`: by ``transact`` before it bumps
+    revisions, or by a scope check) or a policy swap must follow them: an import of 1,000
+    workloads is one pass over the affected sets and one delta per host, not 1,000. The
+    inventory map (``dist.workloads``) is updated at once, so later steps of the transaction
+    read it as written.
+    """
 
     dist: PolicyDistributor
-    deltas: dict[str, HostDelta] = field(default_factory=dict)
+    _deltas: dict[str, HostDelta] = field(default_factory=dict)
     undo: list[Callable[[], object]] = field(default_factory=list)
     compile_seconds: float = 0.0
     touched: set[str] = field(default_factory=set)  # workloads upserted or removed (for other replicas)
@@ -124,37 +141,90 @@ class CompilerTxn:
         return replicas.ChangeNote(tuple(sorted(self.touched)), tuple(sorted(self.agents)), self.policy_replaced,
                                    self.label_keys_changed, self.departures_changed)
 
+    _pending: list[Workload | str] = field(default_factory=list)
+    _before: dict[str, Workload | None] = field(default_factory=dict)  # compiler's view before the batch
+
+    @property
+    def deltas(self) -> dict[str, HostDelta]:
+        """One delta per host changed so far in this transaction (applies queued writes first)."""
+        self.flush()
+        return self._deltas
+
     def _merge(self, deltas: list[HostDelta]) -> None:
         for d in deltas:
-            prev = self.deltas.get(d.workload)
-            self.deltas[d.workload] = d if prev is None else merge_host_deltas(prev, d)
+            prev = self._deltas.get(d.workload)
+            self._deltas[d.workload] = d if prev is None else merge_host_deltas(prev, d)
+
+    def flush(self) -> None:
+        """Hand the queued workload writes to the compiler as one batch."""
+        if not self._pending:
+            return
+        pending, before = self._pending, self._before
+        self._pending, self._before = [], {}
+        compiler = self.dist.compiler
+        t0 = time.perf_counter()
+        self._merge(compiler.apply_changes(pending))
+        self.compile_seconds += time.perf_counter() - t0
+        now = self.dist.workloads  # the inventory as the batch left it
+        revert: list[Workload | str] = [
+            old if old is not None else name for name, old in before.items() if old is not None or name in now
+        ]
+        self.undo.append(lambda: compiler.apply_changes(revert))
+
+    def _queue(self, name: str, change: Workload | str, old: Workload | None) -> None:
+        d = self.dist
+        self._before.setdefault(name, old)
+        self._pending.append(change)
+        if isinstance(change, str):
+            del d.workloads[name]
+        else:
+            d.workloads[name] = change
+
+        def restore() -> None:
+            if old is None:
+                d.workloads.pop(name, None)
+            else:
+                d.workloads[name] = old
+
+        self.undo.append(restore)
 
     def upsert_workload(self, w: Workload) -> None:
         d = self.dist
-        old = d.workloads.get(w.name)
+        w = replace(w, wireguard=d.wg_keys.get(w.name))  # keys come from agents, never from bodies
         if w.name in d.departed:
             w = replace(w, interfaces=())  # offline past the grace period: out of peers' sets
-        t0 = time.perf_counter()
-        self._merge(d.compiler.upsert_workload(w))
-        self.compile_seconds += time.perf_counter() - t0
-        d.workloads[w.name] = w
+        self._queue(w.name, w, d.workloads.get(w.name))
         self.touched.add(w.name)
-        self.undo.append(lambda: d.put_back(w.name, old))
+
+    def set_wireguard_key(self, name: str, identity: WireGuardIdentity | None) -> None:
+        """Register (or, None, revoke) ``name``'s WireGuard key: peers follow through the deltas."""
+        d = self.dist
+        before = d.wg_keys.get(name)
+        if identity is None:
+            d.wg_keys.pop(name, None)
+        else:
+            d.wg_keys[name] = identity
+
+        def restore() -> None:
+            if before is None:
+                d.wg_keys.pop(name, None)
+            else:
+                d.wg_keys[name] = before
+
+        self.undo.append(restore)
+        current = d.workloads.get(name)
+        if current is not None:
+            self.upsert_workload(current)
 
     def remove_workload(self, name: str) -> None:
-        d = self.dist
-        old = d.workloads.get(name)
-        if old is None:
-            return
-        t0 = time.perf_counter()
-        self._merge(d.compiler.remove_workload(name))
-        self.compile_seconds += time.perf_counter() - t0
-        del d.workloads[name]
-        self.touched.add(name)
-        self.undo.append(lambda: d.put_back(name, old))
+        old = self.dist.workloads.get(name)
+        if old is not None:
+            self._queue(name, name, old)
+            self.touched.add(name)
 
     def replace_policy_objects(self, objects: Mapping[str, Mapping[str, Any]]) -> None:
         """Swap in new policy-kind bodies (a provisioned version's content), keeping inventory."""
+        self.flush()  # the policy swap recompiles against the inventory as written so far
         d = self.dist
         old_objects = d.policy_objects
         t0 = time.perf_counter()
@@ -195,6 +265,8 @@ class CompilerTxn:
         self.undo.append(lambda: setattr(self.dist, "label_keys", old))
 
     def rollback(self) -> None:
+        self._pending.clear()  # never reached the compiler
+        self._before.clear()
         for step in reversed(self.undo):
             step()
         self.undo.clear()
@@ -212,6 +284,7 @@ class PolicyDistributor:
         self.policy_objects: dict[str, dict[str, Any]] = {}
         self.label_keys: dict[str, dict[str, Any]] = {}
         self.workloads: dict[str, Workload] = {}
+        self.wg_keys: dict[str, WireGuardIdentity] = {}  # registered WireGuard keys by workload
         self.network_policies: dict[str, KubeNetworkPolicy] = {}  # by stored name (inventory)
         self.compiler = Compiler(Policy())
         self.revisions: dict[str, int] = {}
@@ -223,16 +296,6 @@ class PolicyDistributor:
         self._events: dict[str, asyncio.Event] = {}
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
         self.on_compile: Callable[[float, int], None] | None = None  # (seconds, hosts bumped)
-
-    def put_back(self, name: str, old: Workload | None) -> None:
-        """Undo step: restore workload ``name`` to ``old`` (None: absent) in compiler and map."""
-        if old is None:
-            if name in self.workloads:
-                self.compiler.remove_workload(name)
-                del self.workloads[name]
-        else:
-            self.compiler.upsert_workload(old)
-            self.workloads[name] = old
 
     # ---- assembly ---------------------------------------------------------------
     def assemble(self, policy_objects: Mapping[str, Mapping[str, Any]]) -> Policy:
@@ -260,7 +323,9 @@ class PolicyDistributor:
             self.policy_objects = {k: {n: e["body"] for n, e in content.get(k, {}).items()} for k in POLICY_KINDS}
             inv = draft_objects(db, ("label_key", "workload", "network_policy"))
             self.label_keys = inv["label_key"]
-            self.workloads = {w.name: w for w in codec.domain_objects("workload", inv["workload"])}
+            self.wg_keys = {r.workload: wireguard_identity(r) for r in db.scalars(select(WireGuardKeyRow))}
+            self.workloads = {w.name: replace(w, wireguard=self.wg_keys.get(w.name))
+                              for w in codec.domain_objects("workload", inv["workload"])}
             self.network_policies = {
                 n: codec.KIND_BY_NAME["network_policy"].decode(b) for n, b in inv["network_policy"].items()
             }
@@ -393,6 +458,21 @@ class PolicyDistributor:
         with self.lock, self.sessions.begin() as db:
             db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             return replicas.follow(self, db)
+
+    def reload_wg_keys(self, db: Session, names: tuple[str, ...] | None = None) -> None:
+        """Re-read registered WireGuard keys (of ``names``; None: all), as another replica stored them."""
+        q = select(WireGuardKeyRow)
+        if names is None:
+            self.wg_keys = {r.workload: wireguard_identity(r) for r in db.scalars(q)}
+            return
+        for chunk in range(0, len(names), 900):
+            part = names[chunk : chunk + 900]
+            found = {r.workload: wireguard_identity(r) for r in db.scalars(q.where(WireGuardKeyRow.workload.in_(part)))}
+            for name in part:
+                if name in found:
+                    self.wg_keys[name] = found[name]
+                else:
+                    self.wg_keys.pop(name, None)
 
     def adopt_agent(self, row: AgentRow) -> None:
         """An agent row another replica created or changed (keeps this replica's unflushed acks)."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Text, cast, delete, func, insert, select, text
@@ -154,6 +154,9 @@ def follow(dist: PolicyDistributor, db: Session) -> int:
             txn.undo.append(lambda: setattr(dist, "departed", old))
         if note.label_keys:
             txn.refresh_label_keys(store.draft_objects(db, ("label_key",))["label_key"])
+        old_keys = dict(dist.wg_keys)
+        dist.reload_wg_keys(db, note.workloads)  # a key registered elsewhere reaches peers' policies here too
+        txn.undo.append(lambda: setattr(dist, "wg_keys", old_keys))
         bodies: dict[str, dict[str, Any]] = {}
         for chunk in range(0, len(note.workloads), 900):
             q = select(ObjectRow.name, ObjectRow.body).where(ObjectRow.kind == "workload",
@@ -225,7 +228,9 @@ def resync(dist: PolicyDistributor, db: Session) -> None:
     inv = store.draft_objects(db, ("label_key", "workload"))
     dist.label_keys = inv["label_key"]
     dist.departed = set(db.scalars(select(DepartureRow.workload)))
-    workloads = {w.name: w for w in codec.domain_objects("workload", inv["workload"])}
+    dist.reload_wg_keys(db)
+    workloads = {w.name: replace(w, wireguard=dist.wg_keys.get(w.name))
+                 for w in codec.domain_objects("workload", inv["workload"])}
     dist.workloads = workloads
     dist.policy_objects = policy_objects
     dist.compiler = Compiler(dist.assemble(policy_objects))

@@ -207,7 +207,7 @@ def contribution(
             (Direction.OUTBOUND, r.consumers, r.providers),
         ):
             if any(_selects(sel, labels, groups) for sel in mine):
-                out.update(HostRule(r.action, direction, r.rule_id, set_name(p), r.services) for p in theirs)
+                out.update(HostRule(r.action, direction, r.rule_id, set_name(p), r.services, r.encrypt) for p in theirs)
     return frozenset(out)
 
 

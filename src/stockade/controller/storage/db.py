@@ -231,6 +231,19 @@ class AgentRow(Base):
     held_interfaces: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # reported while quarantined
 
 
+class WireGuardKeyRow(Base):
+    """A workload's registered WireGuard public key (the private key never leaves its host)."""
+
+    __tablename__ = "wireguard_keys"
+
+    workload: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(44), unique=True)  # base64 of 32 bytes
+    endpoint: Mapped[str | None] = mapped_column(String(45), nullable=True)  # one of its addresses
+    port: Mapped[int] = mapped_column(Integer, default=51820)
+    agent_id: Mapped[str] = mapped_column(String(32))
+    registered_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
+
+
 class HostStateRow(Base):
     """Desired per-host revision and the hash of the HostPolicy it names."""
 

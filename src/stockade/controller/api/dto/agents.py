@@ -108,6 +108,13 @@ class KeyIn(Strict):
                                 "stockade.agent_signature.rotation_message")]
 
 
+class WireGuardKeyIn(Strict):
+    public_key: Annotated[str, Field(max_length=64, description="base64 of the 32-byte Curve25519 public key")]
+    endpoint: Annotated[str | None, Field(None, max_length=45,
+                                          description="the address peers send to: one of the workload's own")]
+    port: Annotated[StrictInt, Field(ge=1, le=65535, description="the UDP port WireGuard listens on")] = 51820
+
+
 class RevisionOut(BaseModel):
     revision: int
 
@@ -144,6 +151,13 @@ class AgentOut(BaseModel):
     key_bound: bool = Field(description="requests must be signed with the agent's host key")
     quarantined: bool
     quarantine_reason: str | None
+    enforcement: str = Field(
+        "pending",
+        description="proven: the kernel was proven to give every packet the applied revision's verdict; "
+        "differs: a proof found a packet it treats otherwise (see proof_detail); applied: applied, not "
+        "(yet) proven at that revision; pending: nothing applied",
+    )
+    proof_detail: str | None = None
 
 
 class ConvergenceOut(BaseModel):

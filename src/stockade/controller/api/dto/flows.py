@@ -56,6 +56,7 @@ class DecisionOut(BaseModel):
     workload: str
     action: str
     rule_id: str
+    encrypted: bool = Field(False, description="the deciding rule says encrypt (WireGuard)")
 
 
 class ExplainOut(BaseModel):
@@ -67,6 +68,8 @@ class ExplainOut(BaseModel):
     reported_outbound_rule: str | None = None
     reported_inbound_rule: str | None = None
     count: int = 0
+    encrypted: bool = Field(False, description="allowed through WireGuard between the two workloads")
+    encrypted_by: str | None = Field(None, description="the rule that says encrypt")
 
 
 class AgentFlowStats(BaseModel):

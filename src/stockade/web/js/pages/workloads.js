@@ -25,8 +25,15 @@ export function convergence(agent) {
   if (!agent) return h("span", { class: "muted" }, "—");
   if (agent.revoked) return h("span", { class: "muted" }, "revoked");
   return agent.converged
-    ? h("span", {}, "✓ converged ", h("span", { class: "muted" }, `(rev ${agent.applied_revision})`))
+    ? h("span", {}, "✓ converged ", h("span", { class: "muted" }, `(rev ${agent.applied_revision})`), proof(agent))
     : h("span", {}, "… applying ", h("span", { class: "muted" }, `(${agent.applied_revision} of ${agent.desired_revision})`));
+}
+
+// The last proof the agent reported: kernel == policy for every packet (stockade verify).
+function proof(agent) {
+  if (agent.enforcement === "proven") return h("span", { title: agent.proof_detail || "" }, " · ∀ proven");
+  if (agent.enforcement === "differs") return h("strong", { title: agent.proof_detail || "" }, " · ⚠ differs: ", agent.proof_detail || "");
+  return h("span", { class: "muted" }, " · not proven");
 }
 
 function addresses(body) {

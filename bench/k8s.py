@@ -1,0 +1,221 @@
+"""Kubernetes node agent benchmark (issue 15): one node agent enforcing 110 pods (Kubernetes' default maximum).
+
+A real kube-apiserver + etcd (tests/k8s/k8s.sh), a real controller and the cluster sync; the node
+is simulated the way the harness plays further kubelets: each pod is a network namespace with a
+process in a cgroup named ``pod<uid>`` (so the node agent finds it exactly as on a real node:
+cgroup + procfs, see stockade.k8s.podns), its IP patched into ``status.podIPs`` through the API.
+The node agent is the real ``stockade k8s node-agent`` process (no host policy: this machine's own
+firewall is not the bench's). Measured:
+
+* RSS and CPU of the node agent at rest (110 pods enforced) and during churn (pods deleted and
+  created through the API, ``--churn-rate`` of each per second);
+* time to program a new pod's namespace: from the node agent taking the pod up (its namespace
+  found) to the pod's first policy applied inside it (the agent's own log line; goal <= 50 ms), and
+  from the pod's IP appearing in the API to the table being in the namespace (seen from outside).
+
+    python bench/k8s.py                     # 110 pods, 10 s at rest, 10 s of churn at 2+2 pods/s
+    python bench/k8s.py --pods 30 --churn-seconds 5
+
+Needs root, Go-built binaries in the harness cache (tests/k8s/k8s.sh build), ``ip`` and ``nft``.
+The pod-churn fan-out benchmark of the issue (10,000 pods on 100 nodes) is not built yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.k8s.conftest import SCRIPT, Cluster, _ports_env  # noqa: E402
+from tests.k8s.kube import Kube, SyncThread, start_controller  # noqa: E402
+
+from stockade.k8s.podns import pin_prefix  # noqa: E402
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/pids")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+class SimPod:
+    """A pod of the simulated node: netns + a sleeping process in cgroup pod<uid>."""
+
+    def __init__(self, kube: Kube, ns: str, name: str, node: str, ip: str, app: str, cgroup: Path) -> None:
+        self.kube, self.ns, self.name, self.ip = kube, ns, name, ip
+        kube.ok("POST", f"/api/v1/namespaces/{ns}/pods", json={
+            "metadata": {"name": name, "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "none", "imagePullPolicy": "Never"}]}})
+        self.uid = kube.ok("GET", f"/api/v1/namespaces/{ns}/pods/{name}")["metadata"]["uid"]
+        self.netns = f"bk-{secrets.token_hex(4)}"
+        subprocess.run(["ip", "netns", "add", self.netns], check=True)
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, "sleep", "100000"])
+        self.cgroup = cgroup / f"pod{self.uid}"
+        self.cgroup.mkdir()
+        (self.cgroup / "cgroup.procs").write_text(str(self.proc.pid))
+
+    def start(self) -> float:
+        self.kube.play_kubelet(self.ns, self.name, [self.ip])
+        return time.monotonic()
+
+    def programmed(self) -> bool:
+        r = subprocess.run(["ip", "netns", "exec", self.netns, "nft", "list", "chain", "inet", "stockade", "inbound"],
+                           capture_output=True, check=False)
+        return r.returncode == 0
+
+    def delete(self) -> None:
+        self.kube.delete_pod(self.ns, self.name)
+        self.proc.kill()
+        self.proc.wait()
+        subprocess.run(["ip", "netns", "del", self.netns], check=False)
+        for _ in range(50):
+            try:
+                self.cgroup.rmdir()
+                return
+            except OSError:
+                time.sleep(0.02)
+
+
+def usage(pid: int) -> tuple[float, int]:
+    """(CPU seconds, RSS bytes) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / TICK
+    rss = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)) * 1024  # type: ignore[union-attr]
+    return cpu, rss
+
+
+def window(pid: int, seconds: float) -> tuple[float, int]:
+    c0, _ = usage(pid)
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    c1, rss = usage(pid)
+    return (c1 - c0) / (time.monotonic() - t0) * 100, rss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pods", type=int, default=110)
+    ap.add_argument("--rest-seconds", type=float, default=10)
+    ap.add_argument("--churn-seconds", type=float, default=10)
+    ap.add_argument("--churn-rate", type=float, default=2.0, help="pods deleted and created per second, each")
+    args = ap.parse_args()
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-k8s-"))
+    env = _ports_env()
+    subprocess.run([str(SCRIPT), "start", str(tmp / "k8s")], env=env, check=True)
+    values = dict(line.split("=", 1) for line in (tmp / "k8s" / "env").read_text().split())
+    net = ipaddress.IPv4Network(f"10.246.{secrets.randbelow(64) * 4}.0/22")
+    cluster = Cluster(values["K8S_API"], Path(values["K8S_TOKEN_FILE"]).read_text().strip(), Path(values["K8S_CA"]),
+                      tmp / "k8s" / "kubeconfig", tmp / "k8s", net, ipaddress.IPv6Network("fd46::/64"))
+    cgroup = CGROUP_ROOT / f"stockade-bench-{secrets.token_hex(3)}"
+    cgroup.mkdir()
+    ctl = agent = sync = None
+    pods: list[SimPod] = []
+    try:
+        ctl, api, key = start_controller(tmp, _free())
+        api.ok("POST", "/label-keys", 201, json={"name": "k8s-node", "values": []})
+        api.ok("POST", "/services", 201, json={"name": "web", "ports": ["8080/tcp"]})
+        api.ok("POST", "/rulesets", 201, json={"name": "pods", "scope": "all", "rules": [
+            {"consumers": [{"labels": {"app": "client"}}], "providers": [{"labels": {"app": "server"}}],
+             "services": ["web"]}]})
+        api.ok("POST", "/policy/provision", 201, json={"message": "bench"})
+        sync = SyncThread(cluster, ctl.url, key).start()
+        (tmp / "code").write_text(api.activation_code("k8s-nodes", mode="idle"))
+        log = tmp / "node-agent.log"
+        with log.open("wb") as out:
+            agent = subprocess.Popen([sys.executable, "-m", "stockade.cli", "k8s", "node-agent", "--node", "bench-node",
+                                      "--controller", ctl.url, "--activation-code-file", str(tmp / "code"),
+                                      "--kubeconfig", str(cluster.kubeconfig), "--state-dir", str(tmp / "state"),
+                                      "--no-host-policy", "--log-level", "info"], stdout=out, stderr=subprocess.STDOUT)
+        kube = Kube(cluster)
+        ns = kube.namespace(prefix="bench")
+        hosts = iter(net.hosts())
+        t0 = time.monotonic()
+        for i in range(args.pods):
+            p = SimPod(kube, ns, f"p{i}", "bench-node", str(next(hosts)), ("client", "server")[i % 2], cgroup)
+            p.start()
+            pods.append(p)
+        while not all(p.programmed() for p in pods):
+            time.sleep(0.2)
+            if time.monotonic() - t0 > 600:
+                raise SystemExit("pods not programmed in 600 s: " + log.read_text()[-2000:])
+        print(f"{args.pods} pods programmed in {time.monotonic() - t0:.1f} s")
+        time.sleep(2)
+        rest_cpu, rest_rss = window(agent.pid, args.rest_seconds)
+        # churn: delete the oldest and create a new pod, churn-rate of each per second; time each new pod
+        seen: list[float] = []
+        c0, _ = usage(agent.pid)
+        tc = time.monotonic()
+        n = args.pods
+        pending: list[tuple[SimPod, float]] = []
+        peak_rss = 0
+        while time.monotonic() - tc < args.churn_seconds:
+            step = time.monotonic()
+            pods.pop(0).delete()
+            p = SimPod(kube, ns, f"p{n}", "bench-node", str(next(hosts)), ("client", "server")[n % 2], cgroup)
+            n += 1
+            pending.append((p, p.start()))
+            pods.append(p)
+            for q, started in list(pending):
+                if q.programmed():
+                    seen.append(time.monotonic() - started)
+                    pending.remove((q, started))
+            peak_rss = max(peak_rss, usage(agent.pid)[1])
+            time.sleep(max(0.0, 1 / args.churn_rate - (time.monotonic() - step)))
+        for q, started in pending:
+            while not q.programmed():
+                time.sleep(0.005)
+            seen.append(time.monotonic() - started)
+        c1, _ = usage(agent.pid)
+        churn_cpu = (c1 - c0) / (time.monotonic() - tc) * 100
+        inside = [float(m) for m in re.findall(r"first policy applied ([0-9.]+) ms", log.read_text())]
+        q = statistics.quantiles
+        print()
+        print(f"| node agent, {args.pods} pods | value |")
+        print("|---|---|")
+        print(f"| RSS at rest | {rest_rss / 2**20:.0f} MiB |")
+        print(f"| CPU at rest | {rest_cpu:.1f} % of one core |")
+        print(f"| RSS during churn (peak) | {peak_rss / 2**20:.0f} MiB |")
+        print(f"| CPU during churn ({args.churn_rate:g} deletes + {args.churn_rate:g} creates/s) | {churn_cpu:.1f} % |")
+        print(f"| program a new pod's namespace: taken up -> first apply, p50 / p99 (n={len(inside)}) | "
+              f"{statistics.median(inside):.1f} / {q(inside, n=100)[98]:.1f} ms |")
+        print(f"| new pod: IP in the API -> table in its namespace, p50 / max (n={len(seen)}) | "
+              f"{statistics.median(seen) * 1000:.0f} / {max(seen) * 1000:.0f} ms |")
+    finally:
+        for p in pods:
+            p.delete()
+        prefix = pin_prefix("bench-node")
+        deadline = time.monotonic() + 30  # the node agent unpins deleted pods' namespaces itself
+        while time.monotonic() < deadline and any(n.startswith(prefix) for n in os.listdir("/run/netns")):
+            time.sleep(0.1)
+        if agent is not None:
+            agent.terminate()
+            agent.wait(20)
+        if sync is not None:
+            sync.stop()
+        if ctl is not None:
+            ctl.kill()
+        subprocess.run([str(SCRIPT), "stop", str(tmp / "k8s")], env=env, check=False)
+        for d in cgroup.glob("pod*"):
+            d.rmdir()
+        cgroup.rmdir()
+
+
+def _free() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Bodies of :mod:`stockade.controller.api.k8s_nodes` (a node agent enrolling a pod of its node)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+
+from stockade.controller.api.dto import Strict
+from stockade.controller.api.schemas import NAME_PATTERN
+
+
+class PodEnrollIn(Strict):
+    workload: Annotated[str, Field(pattern=NAME_PATTERN, description="the pod's workload, k8s.<ns>.<pod>")]
+    public_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}$", description="the pod identity's Ed25519 key")]
+    agent_version: Annotated[str, Field(max_length=64)] = ""
+
+
+class PodEnrollOut(BaseModel):
+    agent_id: str
+    token: str
+    workload: str
+    revision: int

@@ -1,0 +1,91 @@
+"""Kubernetes node agents enrol the pods bound to their node (issue 15): the node delegation rule.
+
+A node agent is an ordinary agent, enrolled with a pairing profile or an adoption code as the
+workload named after its Kubernetes node. It runs one agent identity per local pod (so every
+pod has its own credential, key, policy revision, acknowledgement and events, exactly like a
+host), and gets those identities here instead of from an activation code:
+
+* the target must be a workload the cluster sync owns (name ``k8s.*``), and
+* its ``k8s-node`` label - written by the sync from ``pod.spec.nodeName`` - must equal the
+  enrolling agent's own workload name.
+
+So a node can never obtain the credential (or the policy) of a pod on another node, nor of any
+non-pod workload. A pod that already has an agent from the *same* node is re-enrolled (the old
+credential is revoked: a restarted node agent that lost its state dir recovers); an agent from
+anywhere else is a conflict (409). Every enrolment is audited (``agent.enroll``, profile
+``k8s-node``, with the node's agent id).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from stockade import agent_signature as sig
+from stockade.controller.services import auth
+from stockade.controller.services.agent_keys import AgentKeyRing
+from stockade.controller.services.auth import ForbiddenError
+from stockade.controller.services.distribution import AgentLive, CompilerTxn, PolicyDistributor
+from stockade.controller.services.events import record_event
+from stockade.controller.storage import store
+from stockade.controller.storage.db import AgentRow, utcnow
+from stockade.errors import ConflictError, Issue, NotFoundError, ValidationError
+
+POD_PREFIX = "k8s."
+NODE_LABEL = "k8s-node"
+PROFILE = "k8s-node"  # AgentRow.profile of pod identities; AgentRow.hostname holds the node
+
+
+@dataclass(frozen=True)
+class PodEnrolled:
+    agent_id: str
+    token: str
+    workload: str
+
+
+def enrol_pod(dist: PolicyDistributor, keys: AgentKeyRing, node_agent_id: str, node: str, pod: str,
+              public_key: str, agent_version: str) -> PodEnrolled:
+    """An agent identity for pod workload ``pod`` on behalf of the node agent (workload ``node``)."""
+    try:
+        sig.parse_public_key(public_key)
+    except sig.SignatureError as exc:
+        raise ValidationError([Issue("api", 0, "public_key", str(exc))]) from None
+    if not pod.startswith(POD_PREFIX):
+        raise ForbiddenError(f"{pod!r} is not a Kubernetes pod workload")
+
+    def run(db: Session, txn: CompilerTxn) -> PodEnrolled:
+        try:
+            current = store.get_object(db, "workload", pod)
+        except NotFoundError:
+            raise NotFoundError(f"no pod workload {pod!r} (yet)") from None
+        bound = dict(current.body.get("labels") or {}).get(NODE_LABEL)
+        if bound != node:
+            # the same answer whether the pod is elsewhere or unbound: nothing about other nodes leaks
+            raise ForbiddenError(f"pod {pod!r} is not bound to node {node!r}")
+        actor = f"agent:{node_agent_id}"
+        for other in db.scalars(select(AgentRow).where(AgentRow.workload == pod, AgentRow.revoked_at.is_(None))):
+            if other.profile != PROFILE or other.hostname != node:
+                raise ConflictError(f"workload {pod!r} already has an enrolled agent; revoke it first")
+            other.revoked_at = utcnow()
+            record_event(db, actor, "agent.revoke", "agent", other.id, None, {"workload": pod, "reason": "re-enrolled"})
+            old = other.id
+            dist.agents.pop(old, None)
+            keys.forget(old)
+        agent_id = secrets.token_hex(8)
+        secret = auth.new_secret()
+        token_hash = auth.sha256(secret)
+        db.add(AgentRow(id=agent_id, workload=pod, token_hash=token_hash, profile=PROFILE, hostname=node,
+                        created_at=utcnow(), applied_revision=0, agent_version=agent_version, public_key=public_key))
+        record_event(db, actor, "agent.enroll", "agent", agent_id, None,
+                     {"workload": pod, "profile": PROFILE, "node": node, "node_agent": node_agent_id,
+                      "adopted": True, "key_bound": True})
+        dist.agents[agent_id] = AgentLive(agent_id, pod, token_hash)
+        keys.set_key(agent_id, public_key)
+        txn.undo.append(lambda: dist.agents.pop(agent_id, None))
+        txn.undo.append(lambda: keys.forget(agent_id))
+        return PodEnrolled(agent_id, f"agt_{agent_id}_{secret}", pod)
+
+    return dist.transact(run)

@@ -1,0 +1,307 @@
+"""The loaded ruleset as a function over the header space: which packets a hook accepts.
+
+For one family, hook and address class, :meth:`Interpreter.hook_accept` walks the base chains
+of the hook symbolically (every rule is a BDD of the packets it matches; ``rest`` is what no
+earlier rule decided) with netfilter's semantics:
+
+* ``accept`` / ``drop`` decide for this base chain; ``return`` and falling off the end go back
+  to the caller (in a base chain: its policy);
+* ``jump X``: packets X decides are decided, those X returns go on with the next rule;
+  ``goto X``: the same, but those X returns leave this chain too;
+* a verdict map applies the verdict of the element holding ``l4proto . dport``; no element:
+  the next rule;
+* rules without a verdict (log, counter, set add) decide nothing;
+* several base chains at one hook (priorities): a packet passes only if every one accepts
+  (a drop anywhere is final; an accept only ends that chain).
+
+A chain's result depends on the address class only through the sets it (transitively) tests,
+so results are memoised per (chain, those sets' membership): a verdict chain is computed once,
+a port-group chain once per combination of its peers.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from stockade.errors import UnmodelledConstructError
+from stockade.model.addresses import Family
+from stockade.verify.loaded import (
+    Addr,
+    AddrIn,
+    Chain,
+    CtState,
+    FamilyIs,
+    FamilyRules,
+    Field,
+    HookName,
+    InDynamicSet,
+    IntIn,
+    Kind,
+    Loopback,
+    Match,
+    Rule,
+    TcpFlags,
+    Verdict,
+)
+from stockade.verify.space import BDDNode, HeaderSpace
+
+
+def peer_field(hook: HookName) -> Addr:
+    return Addr.SADDR if hook is HookName.INPUT else Addr.DADDR
+
+
+def referenced_sets(rules: FamilyRules, addr: Addr) -> list[str]:
+    """The address sets some rule of ``rules`` tests ``addr`` against (sorted, no repeats)."""
+    names = {
+        m.set_name
+        for chain in rules.chains.values()
+        for r in chain.rules
+        for m in r.matches
+        if isinstance(m, AddrIn) and m.addr is addr and m.family is rules.family
+    }
+    return sorted(names)
+
+
+class Interpreter:
+    """Symbolic evaluation of one family's loaded rules at one hook, for one local address."""
+
+    def __init__(
+        self,
+        space: HeaderSpace,
+        rules: FamilyRules,
+        hook: HookName,
+        pred_of: dict[str, int],
+        local: int | None,
+        members: dict[int, BDDNode] | None = None,
+    ) -> None:
+        self.space = space
+        self.rules = rules
+        self.family: Family = rules.family
+        self.hook = hook
+        self.peer = peer_field(hook)
+        self.pred_of = pred_of  # peer-side set name -> predicate id of the address classes
+        self.local = local
+        # symbolic membership (see prove._symbolic_members): predicate -> BDD over membership
+        # variables, instead of the constant membership of one address class
+        self.members = members
+        self._deps: dict[str, frozenset[int]] = {}
+        self._memo: dict[tuple[str, frozenset[int]], tuple[BDDNode, BDDNode]] = {}
+        self._map_keys: dict[tuple[int, int, int], BDDNode] = {}
+        self._rule_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
+        self._map_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
+
+    # ---- dependencies ------------------------------------------------------------------
+    def _targets(self, rule: Rule) -> list[str]:
+        v = rule.verdict
+        if v.kind in (Kind.JUMP, Kind.GOTO):
+            return [v.target]
+        if v.kind is Kind.VMAP:
+            return [e.verdict.target for e in self.rules.maps[v.target] if e.verdict.kind in (Kind.JUMP, Kind.GOTO)]
+        return []
+
+    def deps(self, name: str, stack: tuple[str, ...] = ()) -> frozenset[int]:
+        found = self._deps.get(name)
+        if found is not None:
+            return found
+        if name in stack:
+            raise UnmodelledConstructError(f"chain {name}", "a loop of jumps")
+        chain = self._chain(name)
+        out: set[int] = set()
+        for r in chain.rules:
+            for m in r.matches:
+                if isinstance(m, AddrIn) and m.addr is self.peer and m.set_name in self.pred_of:
+                    out.add(self.pred_of[m.set_name])
+            for t in self._targets(r):
+                out |= self.deps(t, (*stack, name))
+        self._deps[name] = frozenset(out)
+        return self._deps[name]
+
+    def _chain(self, name: str) -> Chain:
+        chain = self.rules.chains.get(name)
+        if chain is None:
+            raise UnmodelledConstructError(f"chain {name}", "missing")
+        return chain
+
+    # ---- matches -------------------------------------------------------------------------
+    def _match(self, m: Match, sig: frozenset[int]) -> BDDNode | bool:
+        sp = self.space
+        if isinstance(m, FamilyIs):
+            return m.family is self.family
+        if isinstance(m, AddrIn):
+            if m.family is not self.family:
+                return False
+            if m.addr is self.peer and self.members is not None:
+                u = self.members[self.pred_of[m.set_name]]
+                return ~u if m.negate else u
+            if m.addr is self.peer:
+                inside = self.pred_of[m.set_name] in sig
+            else:
+                if self.local is None:
+                    raise UnmodelledConstructError(f"set {m.set_name}", "a test of the host's own address (none known)")
+                ranges = self.rules.sets[m.set_name].ranges
+                i = bisect.bisect_right(ranges, (self.local, 1 << 129)) - 1
+                inside = i >= 0 and ranges[i][0] <= self.local <= ranges[i][1]
+            return inside != m.negate
+        if isinstance(m, IntIn):
+            u = sp.field_in(m.field, m.ranges)
+            return ~u if m.negate else u
+        if isinstance(m, TcpFlags):
+            u = sp.tcp_flags(m.mask, m.value)
+            return ~u if m.negate else u
+        if isinstance(m, CtState):
+            u = sp.ct_in(m.states)
+            return ~u if m.negate else u
+        if isinstance(m, Loopback):
+            if m.side is not self.hook:  # no such interface at this hook: never "lo"
+                return m.negate
+            return ~sp.loopback if m.negate else sp.loopback
+        if isinstance(m, InDynamicSet):
+            return sp.in_dynamic(m.set_name)
+        raise UnmodelledConstructError("rule", f"match {m!r}")  # pragma: no cover - Match is closed
+
+    def _rule_match(self, rule: Rule, sig: frozenset[int]) -> BDDNode | None:
+        u = self.space.true
+        for m in rule.matches:
+            r = self._match(m, sig)
+            if r is False:
+                return None
+            if r is True:
+                continue
+            u = u & r
+        return None if u == self.space.false else u
+
+    # ---- chains ----------------------------------------------------------------------------
+    def chain(self, name: str, sig: frozenset[int], stack: tuple[str, ...] = ()) -> tuple[BDDNode, BDDNode]:
+        """(accepted, dropped) among the packets entering chain ``name``; the rest returns."""
+        key = (name, sig & self.deps(name))
+        found = self._memo.get(key)
+        if found is not None:
+            return found
+        if name in stack:
+            raise UnmodelledConstructError(f"chain {name}", "a loop of jumps")
+        stack = (*stack, name)
+        sp = self.space
+        acc, drop, rest = sp.false, sp.false, sp.true
+        rules = self._chain(name).rules
+        for index in self._relevant(name, sig):
+            rule = rules[index]
+            if rest == sp.false:
+                break
+            m = self._rule_match(rule, sig)
+            if m is None:
+                continue
+            if rule.verdict.kind is Kind.VMAP:
+                elements = self.rules.maps[rule.verdict.target]
+                for j in self._relevant_elements(rule.verdict.target, sig, stack):
+                    e = elements[j]
+                    em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
+                    acc, drop, rest = self._apply(e.verdict, em, acc, drop, rest, sig, stack)
+            else:
+                acc, drop, rest = self._apply(rule.verdict, m, acc, drop, rest, sig, stack)
+        self._memo[key] = (acc, drop)
+        return acc, drop
+
+    # ---- which rules can matter for an address class --------------------------------------
+    def _relevant(self, name: str, sig: frozenset[int]) -> list[int]:
+        """Indices of the rules of ``name`` that can match a peer in ``sig``, in order: a rule
+        testing the peer against a set (not negated) matters only when the class is in it."""
+        if self.members is not None:
+            return list(range(len(self._chain(name).rules)))
+        index = self._rule_index.get(name)
+        if index is None:
+            uncond: list[int] = []
+            by_pred: dict[int, list[int]] = {}
+            for i, rule in enumerate(self._chain(name).rules):
+                pred = next(
+                    (self.pred_of[m.set_name] for m in rule.matches
+                     if isinstance(m, AddrIn) and m.addr is self.peer and not m.negate
+                     and m.family is self.family and m.set_name in self.pred_of),
+                    None,
+                )  # fmt: skip
+                if pred is None:
+                    uncond.append(i)
+                else:
+                    by_pred.setdefault(pred, []).append(i)
+            index = (uncond, by_pred)
+            self._rule_index[name] = index
+        uncond, by_pred = index
+        if not by_pred:
+            return uncond
+        picked = set(uncond)
+        for p in sig:
+            picked.update(by_pred.get(p, ()))
+        return sorted(picked)
+
+    def _relevant_elements(self, map_name: str, sig: frozenset[int], stack: tuple[str, ...]) -> list[int]:
+        """Indices of the elements of a verdict map that can decide something for ``sig``: a
+        ``jump`` to a chain that decides nothing without the class's sets is skipped."""
+        if self.members is not None:
+            return list(range(len(self.rules.maps[map_name])))
+        index = self._map_index.get(map_name)
+        if index is None:
+            uncond: list[int] = []
+            by_pred: dict[int, list[int]] = {}
+            sp = self.space
+            for i, e in enumerate(self.rules.maps[map_name]):
+                if e.verdict.kind is not Kind.JUMP:
+                    uncond.append(i)
+                    continue
+                a, d = self.chain(e.verdict.target, frozenset(), stack)
+                deps = self.deps(e.verdict.target)
+                if a != sp.false or d != sp.false or not deps:
+                    uncond.append(i)
+                else:
+                    for p in deps:
+                        by_pred.setdefault(p, []).append(i)
+            index = (uncond, by_pred)
+            self._map_index[map_name] = index
+        uncond, by_pred = index
+        picked = set(uncond)
+        for p in sig:
+            picked.update(by_pred.get(p, ()))
+        return sorted(picked)
+
+    def _map_key(self, proto: int, lo: int, hi: int) -> BDDNode:
+        k = (proto, lo, hi)
+        u = self._map_keys.get(k)
+        if u is None:
+            u = self.space.proto(proto) & self.space.field_in(Field.DPORT, ((lo, hi),))
+            self._map_keys[k] = u
+        return u
+
+    def _apply(
+        self,
+        v: Verdict,
+        m: BDDNode,
+        acc: BDDNode,
+        drop: BDDNode,
+        rest: BDDNode,
+        sig: frozenset[int],
+        stack: tuple[str, ...],
+    ) -> tuple[BDDNode, BDDNode, BDDNode]:
+        here = rest & m
+        if here == self.space.false or v.kind is Kind.CONTINUE:
+            return acc, drop, rest
+        if v.kind is Kind.ACCEPT:
+            return acc | here, drop, rest & ~m
+        if v.kind is Kind.DROP:
+            return acc, drop | here, rest & ~m
+        if v.kind is Kind.RETURN:
+            return acc, drop, rest & ~m
+        if v.kind in (Kind.JUMP, Kind.GOTO):
+            a, d = self.chain(v.target, sig, stack)
+            acc, drop = acc | (here & a), drop | (here & d)
+            gone = m if v.kind is Kind.GOTO else m & (a | d)
+            return acc, drop, rest & ~gone
+        raise UnmodelledConstructError("rule", f"verdict {v.kind.value} here")
+
+    def hook_accept(self, sig: frozenset[int]) -> BDDNode:
+        """The packets every base chain of the hook accepts (policy included)."""
+        sp = self.space
+        out = sp.true
+        for name in self.rules.hooks.get(self.hook, ()):
+            acc, drop = self.chain(name, sig)
+            policy = self._chain(name).policy
+            passed = acc | (~(acc | drop) if policy is Kind.ACCEPT else sp.false)
+            out = out & passed
+        return out

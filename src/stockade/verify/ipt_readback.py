@@ -1,0 +1,321 @@
+"""Parse ``iptables-save`` / ``ip6tables-save`` and ``ipset save`` into the prover's IR, strictly.
+
+Pure. The whole ``filter`` table is read, not only Stockade's chains: an allow in Stockade's
+chains is a ``RETURN`` to the built-in ``INPUT`` / ``OUTPUT`` chain, whose other rules and
+policy still decide, so the proof covers every rule of those chains (foreign ones included).
+``FORWARD`` is outside the host proof; rules in the other tables (raw, mangle, nat, security)
+are listed in the notes as an assumption (the proof says nothing about them).
+
+Understood options: ``-s``/``-d`` (a CIDR), ``-p``, ``-i``/``-o lo``, ``-m tcp|udp``
+``--sport``/``--dport``/``--tcp-flags``, ``-m multiport --sports|--dports``, ``-m icmp
+--icmp-type``, ``-m icmp6 --icmpv6-type`` (type only, no code), ``-m set --match-set NAME
+src|dst`` (one dimension; ``hash:net`` / ``hash:ip`` sets), ``-m conntrack --ctstate``,
+``-m state --state``, ``-m comment``, each negatable with ``!`` where iptables allows; targets
+``ACCEPT``, ``DROP``, ``REJECT`` (a drop), ``RETURN``, ``NFLOG`` / ``LOG`` (no verdict), a
+user chain (``-j``), ``-g``; ``-m connbytes`` / ``-m hashlimit`` only on rules without a verdict
+(the log-once rules: whatever they match decides nothing). Anything else raises
+:class:`~stockade.errors.UnmodelledConstructError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+import socket
+
+from stockade.errors import UnmodelledConstructError
+from stockade.model.addresses import Family, Range, merge_ranges
+from stockade.verify.loaded import (
+    TCP_FLAG_BITS,
+    Addr,
+    AddressSet,
+    AddrIn,
+    Chain,
+    CtState,
+    FamilyRules,
+    Field,
+    HookName,
+    IntIn,
+    Kind,
+    LoadedRuleset,
+    Loopback,
+    Match,
+    Rule,
+    TcpFlags,
+    Verdict,
+)
+
+_PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "icmpv6": 58, "sctp": 132, "gre": 47, "esp": 50, "ah": 51}
+# matches on per-connection counts or rates: the flow-log rules use them to log once; accepted
+# only on rules without a verdict (NFLOG), where what they match cannot change any verdict
+_STATEFUL = {
+    "connbytes": {"--connbytes", "--connbytes-dir", "--connbytes-mode"},
+    "hashlimit": {
+        "--hashlimit-upto", "--hashlimit-above", "--hashlimit-burst", "--hashlimit-mode", "--hashlimit-srcmask",
+        "--hashlimit-dstmask", "--hashlimit-name", "--hashlimit-htable-size", "--hashlimit-htable-max",
+        "--hashlimit-htable-expire", "--hashlimit-htable-gcinterval",
+    },
+}
+_BUILTIN = {"INPUT": HookName.INPUT, "OUTPUT": HookName.OUTPUT}
+_NO_VERDICT_TARGETS = {
+    "NFLOG": {"--nflog-prefix", "--nflog-group", "--nflog-range", "--nflog-size", "--nflog-threshold"},
+    "LOG": {"--log-prefix", "--log-level", "--log-tcp-sequence", "--log-tcp-options", "--log-ip-options", "--log-uid"},
+}
+
+
+def parse_ipset_save(text: str) -> dict[str, AddressSet]:
+    """Sets of ``ipset save``: ``hash:net`` / ``hash:ip`` of inet/inet6; other types are refused
+    when a rule uses them (kept out of the result). Members through ``inet_pton`` (100k lines
+    through ``ipaddress`` cost seconds)."""
+    kinds: dict[str, Family | None] = {}
+    members: dict[str, list[Range]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if parts[0] == "add" and len(parts) >= 3:
+            name = parts[1]
+            family = kinds.get(name)
+            if family is None:
+                continue  # a set of a type we do not model (refused if a rule uses it)
+            if len(parts) > 3:  # element options (nomatch, timeout ...): not modelled
+                kinds[name] = None
+                continue
+            members[name].append(_element(parts[2], family, name))
+        elif parts[0] == "create" and len(parts) >= 3:
+            name, typ = parts[1], parts[2]
+            fam = parts[parts.index("family") + 1] if "family" in parts else "inet"
+            ok = typ in ("hash:net", "hash:ip") and fam in ("inet", "inet6") and "nomatch" not in parts
+            kinds[name] = (Family.V4 if fam == "inet" else Family.V6) if ok else None
+            members[name] = []
+        else:
+            raise UnmodelledConstructError("ipset save", f"line {line!r}")
+    return {n: AddressSet(f, merge_ranges(members[n])) for n, f in kinds.items() if f is not None}
+
+
+def _element(text: str, family: Family, name: str) -> Range:
+    addr, slash, plen = text.partition("/")
+    bits = 32 if family is Family.V4 else 128
+    try:
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET if bits == 32 else socket.AF_INET6, addr), "big")
+        prefix = int(plen) if slash else bits
+    except (OSError, ValueError) as exc:
+        raise UnmodelledConstructError(f"ipset {name}", f"element {text!r}") from exc
+    if not 0 <= prefix <= bits:
+        raise UnmodelledConstructError(f"ipset {name}", f"element {text!r}")
+    host = (1 << (bits - prefix)) - 1
+    lo = value & ~host
+    return lo, lo | host
+
+
+class _RuleParser:
+    def __init__(self, family: Family, ipsets: dict[str, AddressSet], sets: dict[str, AddressSet], where: str) -> None:
+        self.family = family
+        self.ipsets = ipsets
+        self.sets = sets
+        self.where = where
+
+    def refuse(self, what: str) -> UnmodelledConstructError:
+        return UnmodelledConstructError(self.where, what)
+
+    def literal(self, text: str) -> str:
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError as exc:
+            raise self.refuse(f"address {text!r}") from exc
+        if net.version != self.family.value:
+            raise self.refuse(f"address {text!r} of the other family")
+        name = f"literal:{net}"
+        self.sets[name] = AddressSet(self.family, ((int(net.network_address), int(net.broadcast_address)),))
+        return name
+
+    def ports(self, text: str, multi: bool) -> tuple[Range, ...]:
+        out: list[Range] = []
+        for part in text.split(",") if multi else [text]:
+            lo_s, _, hi_s = part.partition(":")
+            if not lo_s.isdigit() or (hi_s and not hi_s.isdigit()):
+                raise self.refuse(f"port {part!r}")
+            lo, hi = int(lo_s), int(hi_s or lo_s)
+            if not 0 <= lo <= hi <= 65535:
+                raise self.refuse(f"port {part!r}")
+            out.append((lo, hi))
+        return merge_ranges(out)
+
+    def flags(self, text: str) -> int:
+        bits = 0
+        for name in text.lower().split(","):
+            if name == "all":
+                bits |= 0xFF
+            elif name == "none":
+                continue
+            elif name in TCP_FLAG_BITS:
+                bits |= TCP_FLAG_BITS[name]
+            else:
+                raise self.refuse(f"tcp flag {name!r}")
+        return bits
+
+    def parse(self, tokens: list[str]) -> tuple[list[Match], Verdict]:
+        matches: list[Match] = []
+        verdict = Verdict(Kind.CONTINUE)
+        module = ""
+        stateful = ""
+        i = 0
+        neg = False
+
+        def take() -> str:
+            nonlocal i
+            if i >= len(tokens):
+                raise self.refuse("option without value")
+            i += 1
+            return tokens[i - 1]
+
+        while i < len(tokens):
+            tok = take()
+            if tok == "!":
+                neg = True
+                continue
+            if tok in ("-s", "-d"):
+                matches.append(AddrIn(Addr.SADDR if tok == "-s" else Addr.DADDR, self.family, self.literal(take()), neg))  # noqa: E501
+            elif tok == "-p":
+                p = take()
+                if p == "all" and not neg:
+                    pass
+                else:
+                    number = _PROTOS.get(p, int(p) if p.isdigit() and int(p) < 256 else -1)
+                    if number < 0:
+                        raise self.refuse(f"protocol {p!r}")
+                    matches.append(IntIn(Field.L4PROTO, ((number, number),), neg))
+            elif tok in ("-i", "-o"):
+                iface = take()
+                if iface != "lo":
+                    raise self.refuse(f"interface {iface!r} (only lo is modelled)")
+                matches.append(Loopback(HookName.INPUT if tok == "-i" else HookName.OUTPUT, neg))
+            elif tok == "-m":
+                module = take()
+                if module in _STATEFUL:
+                    stateful = module
+                elif module not in ("tcp", "udp", "multiport", "icmp", "icmp6", "set", "conntrack", "state", "comment"):
+                    raise self.refuse(f"match module {module!r}")
+            elif module in _STATEFUL and tok in _STATEFUL[module]:
+                take()  # a packet/byte count or rate: only allowed on rules without a verdict (below)
+            elif tok in ("--dport", "--sport") and module in ("tcp", "udp"):
+                field = Field.DPORT if tok == "--dport" else Field.SPORT
+                matches.append(IntIn(field, self.ports(take(), False), neg))
+            elif tok in ("--dports", "--sports") and module == "multiport":
+                field = Field.DPORT if tok == "--dports" else Field.SPORT
+                matches.append(IntIn(field, self.ports(take(), True), neg))
+            elif tok == "--tcp-flags" and module == "tcp":
+                mask = self.flags(take())
+                matches.append(TcpFlags(mask, self.flags(take()), neg))
+            elif tok in ("--icmp-type", "--icmpv6-type") and module in ("icmp", "icmp6"):
+                t = take()
+                if not t.isdigit() or int(t) > 255:
+                    raise self.refuse(f"icmp type {t!r} (a type number without code is modelled)")
+                matches.append(IntIn(Field.ICMP_TYPE, ((int(t), int(t)),), neg))
+            elif tok == "--match-set" and module == "set":
+                name, dims = take(), take()
+                if dims not in ("src", "dst"):
+                    raise self.refuse(f"set dimensions {dims!r}")
+                if name not in self.ipsets:
+                    raise self.refuse(f"ipset {name!r} (missing or of an unmodelled type)")
+                if self.ipsets[name].family is not self.family:
+                    raise self.refuse(f"ipset {name!r} of the other family")
+                self.sets[name] = self.ipsets[name]
+                matches.append(AddrIn(Addr.SADDR if dims == "src" else Addr.DADDR, self.family, name, neg))
+            elif tok in ("--ctstate", "--state") and module in ("conntrack", "state"):
+                states = frozenset(s.lower() for s in take().split(","))
+                if not states <= {"new", "established", "related", "invalid", "untracked"}:
+                    raise self.refuse(f"ct state {sorted(states)}")
+                matches.append(CtState(states, neg))
+            elif tok == "--comment" and module == "comment":
+                take()
+            elif tok in ("-j", "-g"):
+                verdict, i = self.target(tok, tokens, i)
+            else:
+                raise self.refuse(f"option {tok!r}")
+            neg = False
+        if stateful:
+            if verdict.kind is not Kind.CONTINUE:
+                raise self.refuse(f"match module {stateful!r} deciding a verdict (counts and rates are not modelled)")
+            return [], verdict  # a log-only rule: whatever it matches, it decides nothing
+        return matches, verdict
+
+    def target(self, flag: str, tokens: list[str], i: int) -> tuple[Verdict, int]:
+        if i >= len(tokens):
+            raise self.refuse("target missing")
+        name = tokens[i]
+        i += 1
+        if flag == "-g":
+            return Verdict(Kind.GOTO, name), i
+        if name in _NO_VERDICT_TARGETS:
+            allowed = _NO_VERDICT_TARGETS[name]
+            while i < len(tokens):
+                if tokens[i] not in allowed:
+                    raise self.refuse(f"{name} option {tokens[i]!r}")
+                i += 1 if tokens[i] in ("--log-tcp-sequence", "--log-tcp-options", "--log-ip-options", "--log-uid") else 2  # noqa: E501
+            return Verdict(Kind.CONTINUE), i
+        if name == "REJECT":
+            if i < len(tokens) and tokens[i] == "--reject-with":
+                i += 2
+            return Verdict(Kind.DROP), i
+        simple = {"ACCEPT": Kind.ACCEPT, "DROP": Kind.DROP, "RETURN": Kind.RETURN}
+        if name in simple:
+            return Verdict(simple[name]), i
+        return Verdict(Kind.JUMP, name), i  # a user chain, or refused below as an unknown target
+
+
+def parse_filter(save_text: str, family: Family, ipsets: dict[str, AddressSet]) -> tuple[FamilyRules, list[str]]:
+    """The filter table of one ``iptables-save`` output as the IR, and notes on the rest."""
+    chains: dict[str, list[Rule]] = {}
+    policies: dict[str, Kind | None] = {}
+    sets: dict[str, AddressSet] = {}
+    notes: list[str] = []
+    table = ""
+    for lineno, raw in enumerate(save_text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            table = line[1:]
+            continue
+        if line == "COMMIT":
+            continue
+        if table != "filter":
+            if line.startswith("-A"):
+                notes.append(f"{family.name} table {table} has rules (not modelled: assumed not to drop or rewrite)")
+            continue
+        where = f"{family.name} filter line {lineno}"
+        if line.startswith(":"):
+            name, policy = line[1:].split()[:2]
+            chains.setdefault(name, [])
+            policies[name] = {"ACCEPT": Kind.ACCEPT, "DROP": Kind.DROP}.get(policy)
+            if policy != "-" and policies[name] is None:
+                raise UnmodelledConstructError(where, f"chain policy {policy!r}")
+            continue
+        try:
+            tokens = shlex.split(line)
+        except ValueError as exc:
+            raise UnmodelledConstructError(where, f"unparsable line {line!r}") from exc
+        if len(tokens) < 2 or tokens[0] != "-A":
+            raise UnmodelledConstructError(where, f"line {line!r}")
+        chain = tokens[1]
+        matches, verdict = _RuleParser(family, ipsets, sets, f"{where} ({chain})").parse(tokens[2:])
+        chains.setdefault(chain, []).append(Rule(tuple(matches), verdict))
+    for name, rules in chains.items():
+        for r in rules:
+            if r.verdict.kind in (Kind.JUMP, Kind.GOTO) and r.verdict.target not in chains:
+                raise UnmodelledConstructError(f"chain {name}", f"target {r.verdict.target!r} (no such chain)")
+    if chains.get("FORWARD"):
+        notes.append(f"{family.name} FORWARD has rules: not part of the host proof")
+    built = {n: Chain(n, tuple(rs), policies.get(n)) for n, rs in chains.items()}
+    hooks: dict[HookName, tuple[str, ...]] = {h: (n,) for n, h in _BUILTIN.items() if n in built}
+    return FamilyRules(family, built, hooks, sets), sorted(set(notes))
+
+
+def parse_iptables(save_v4: str, save_v6: str, ipset_save: str, *, variant: str = "") -> LoadedRuleset:
+    """Both families' filter tables and the ipsets as one read-back."""
+    ipsets = parse_ipset_save(ipset_save)
+    v4, n4 = parse_filter(save_v4, Family.V4, ipsets)
+    v6, n6 = parse_filter(save_v6, Family.V6, ipsets)
+    name = f"iptables-{variant}" if variant else "iptables"
+    return LoadedRuleset(name, True, (v4, v6), tuple(n4 + n6))

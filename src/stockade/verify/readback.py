@@ -1,0 +1,88 @@
+"""Read back what a Linux backend has LOADED (not what it rendered) and prove it against a HostPolicy.
+
+The thin I/O edge of :mod:`stockade.verify`: it runs the listing tools through the backends'
+own runners (argv lists, names validated, in a network namespace when given) and hands their
+output to the pure parsers. Any failure to read is a :class:`~stockade.errors.ProofError`:
+a proof that could not look at the kernel is not a proof.
+
+* nftables: ``nft -j list table inet <table>``;
+* iptables (legacy or nft): ``iptables-save``, ``ip6tables-save`` (every table: the filter
+  table is modelled, the others are listed in the proof's notes) and ``ipset save``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from stockade.backends.iptables.backend import IptablesBackend
+from stockade.backends.iptables.model import IptablesVariant
+from stockade.backends.iptables.runner import Command, IptablesRunner
+from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.nftables.runner import NftRunner
+from stockade.compiler.ir import HostPolicy
+from stockade.errors import BackendError, ProofError
+from stockade.model.addresses import Family, IPAddress
+from stockade.verify.ipt_readback import parse_iptables
+from stockade.verify.loaded import LoadedRuleset
+from stockade.verify.nft_readback import parse_nft_table
+from stockade.verify.prove import Proof, prove
+
+BACKENDS = ("nftables", "iptables-legacy", "iptables-nft")
+
+
+def read_nftables(table: str = "stockade", netns: str | None = None) -> LoadedRuleset:
+    try:
+        items = NftRunner(netns).list_table_json(table)
+    except BackendError as exc:
+        raise ProofError(f"cannot read back nftables table {table}: {exc}") from exc
+    return parse_nft_table(items, table)
+
+
+def read_iptables(variant: IptablesVariant, netns: str | None = None) -> LoadedRuleset:
+    runner = IptablesRunner(variant, netns)
+    try:
+        saves = [runner.checked(Command((variant.tool(f, "save"),))) for f in (Family.V4, Family.V6)]
+        ipsets = runner.ipset_save()
+    except BackendError as exc:
+        raise ProofError(f"cannot read back iptables-{variant.value}: {exc}") from exc
+    return parse_iptables(saves[0], saves[1], ipsets, variant=variant.value)
+
+
+def read_loaded(backend: str, *, netns: str | None = None, table: str = "stockade") -> LoadedRuleset:
+    """The read-back of ``backend`` (one of :data:`BACKENDS`; ``iptables`` means the nft variant)."""
+    if backend == "nftables":
+        return read_nftables(table, netns)
+    if backend in ("iptables", "iptables-nft"):
+        return read_iptables(IptablesVariant.NFT, netns)
+    if backend == "iptables-legacy":
+        return read_iptables(IptablesVariant.LEGACY, netns)
+    raise ProofError(f"no read-back for backend {backend!r} (provable: {', '.join(BACKENDS)})")
+
+
+def read_backend(backend: object) -> LoadedRuleset | None:
+    """What ``backend`` (a backend object, as the agent holds it) has loaded; None for a backend the
+    prover cannot read back (eBPF, Windows, devices)."""
+    netns = getattr(backend, "netns", None)
+    if isinstance(backend, NftablesBackend):
+        return read_nftables(backend.table, netns)
+    if isinstance(backend, IptablesBackend):
+        return read_iptables(backend.variant, netns)
+    return None
+
+
+def prove_backend(hp: HostPolicy, backend: object, *, hints: Iterable[IPAddress] = ()) -> Proof | None:
+    """Prove ``hp`` against what ``backend`` has loaded; None when it cannot be read back."""
+    loaded = read_backend(backend)
+    return None if loaded is None else prove(hp, loaded, hints=hints)
+
+
+def prove_loaded(
+    hp: HostPolicy,
+    backend: str,
+    *,
+    netns: str | None = None,
+    table: str = "stockade",
+    hints: Iterable[IPAddress] = (),
+) -> Proof:
+    """Read back ``backend`` and prove it against ``hp``."""
+    return prove(hp, read_loaded(backend, netns=netns, table=table), hints=hints)

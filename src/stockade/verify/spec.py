@@ -1,0 +1,130 @@
+"""The policy side of the proof: which packets a HostPolicy lets through, as a BDD per address class.
+
+This follows the reference evaluator (:mod:`stockade.evaluator`, ``_side``) for one host and
+one direction, on the compiled HostPolicy, and adds the two things that exist only below the
+level of a connection attempt (both part of Stockade's failsafe, see ``docs/verification.md``):
+
+1. conntrack ``established`` / ``related`` packets are accepted (they belong to a connection
+   the policy already admitted);
+2. the loopback interface is accepted (the evaluator's "a workload talking to itself");
+3. ICMPv6 neighbour discovery (types 133-137) is accepted;
+4. inbound: the management services; replies from the controller (TCP from a controller
+   address and port that is not a bare SYN: a reply the policy's controller path admitted);
+   outbound: TCP to a controller address and port;
+5. the host rules of the direction in their order (override-deny, allow, deny: first match
+   wins); a rule matches when the peer address is in its set (this family) and the packet in
+   one of its services (ICMP only in IPv4, ICMPv6 only in IPv6, ``any`` every protocol);
+6. the mode's default: full drops, selective accepts; visibility accepts everything (its
+   blocks are only "would-block").
+
+An idle host's policy accepts everything (Stockade installs nothing).
+"""
+
+from __future__ import annotations
+
+from stockade.backends.common import ND_TYPES, entry_bounds
+from stockade.compiler.ir import Direction, HostPolicy
+from stockade.model.addresses import Family
+from stockade.model.rules import Action
+from stockade.model.services import Proto, ServiceEntry
+from stockade.model.workloads import EnforcementMode
+from stockade.verify.loaded import Field
+from stockade.verify.space import ACK, SYN, BDDNode, HeaderSpace
+
+CONTROLLER_PRED = "controller"
+
+
+def services_bdd(space: HeaderSpace, entries: tuple[ServiceEntry, ...], family: Family | None) -> BDDNode:
+    u = space.false
+    for e in entries:
+        if e.proto is Proto.ANY:
+            return space.true
+        if (e.proto is Proto.ICMP and family is Family.V6) or (e.proto is Proto.ICMPV6 and family is Family.V4):
+            continue
+        number = {Proto.TCP: 6, Proto.UDP: 17, Proto.ICMP: 1, Proto.ICMPV6: 58}[e.proto]
+        part = space.proto(number)
+        if e.first is not None:
+            field = Field.DPORT if e.proto.has_ports else Field.ICMP_TYPE
+            part = part & space.field_in(field, (entry_bounds(e),))
+        u = u | part
+    return u
+
+
+class PolicySpec:
+    """What ``hp`` accepts in one family and direction; address sets are predicates."""
+
+    def __init__(
+        self, space: HeaderSpace, hp: HostPolicy, family: Family, direction: Direction, pred_of: dict[str, int]
+    ) -> None:
+        self.space = space
+        self.hp = hp
+        self.pred_of = pred_of  # HostPolicy set name (and CONTROLLER_PRED) -> predicate id
+        sp = space
+        fs = hp.failsafe
+        base = sp.ct_in(("established", "related")) | sp.loopback
+        if family is Family.V6:
+            base = base | (sp.proto(58) & sp.field_in(Field.ICMP_TYPE, tuple((t, t) for t in ND_TYPES)))
+        self.base = base
+        tcp_ctl = sp.proto(6)
+        if direction is Direction.INBOUND:
+            self.base = self.base | services_bdd(sp, fs.management, None)
+            not_bare_syn = ~sp.tcp_flags(SYN | ACK, SYN)
+            self.controller = tcp_ctl & sp.field_in(Field.SPORT, ((fs.controller_port,) * 2,)) & not_bare_syn
+        else:
+            self.controller = tcp_ctl & sp.field_in(Field.DPORT, ((fs.controller_port,) * 2,))
+        visibility = hp.mode is EnforcementMode.VISIBILITY
+        self.rules: list[tuple[BDDNode, bool]] = []  # (services, accepts), in precedence order
+        self.rule_preds: list[int] = []
+        self.by_pred: dict[int, list[int]] = {}  # predicate -> indices of the rules on that set
+        for r in hp.rules:
+            if r.direction is direction and r.peer in pred_of:
+                accepts = r.action is Action.ALLOW or visibility
+                self.by_pred.setdefault(pred_of[r.peer], []).append(len(self.rules))
+                self.rules.append((services_bdd(sp, r.services, family), accepts))
+                self.rule_preds.append(pred_of[r.peer])
+        self.default_accepts = hp.mode is not EnforcementMode.FULL
+        self._memo: dict[frozenset[int], BDDNode] = {}
+
+    def accept(self, sig: frozenset[int]) -> BDDNode:
+        """Packets from/to a peer address in exactly the predicates ``sig`` that the policy accepts."""
+        sp = self.space
+        if self.hp.mode is EnforcementMode.IDLE:
+            return sp.true
+        found = self._memo.get(sig)
+        if found is not None:
+            return found
+        acc = self.base
+        if self.pred_of.get(CONTROLLER_PRED, -1) in sig:
+            acc = acc | self.controller
+        rest = ~acc
+        picked: set[int] = set()
+        for p in sig:
+            picked.update(self.by_pred.get(p, ()))
+        for i in sorted(picked):
+            svc, accepts = self.rules[i]
+            if accepts:
+                acc = acc | (rest & svc)
+            rest = rest & ~svc
+        if self.default_accepts:
+            acc = acc | rest
+        self._memo[sig] = acc
+        return acc
+
+    def accept_symbolic(self, members: dict[int, BDDNode]) -> BDDNode:
+        """What the policy accepts with each set's membership a BDD (``members``: predicate ->
+        BDD over membership variables) instead of one address class's constants."""
+        sp = self.space
+        if self.hp.mode is EnforcementMode.IDLE:
+            return sp.true
+        acc = self.base
+        if CONTROLLER_PRED in self.pred_of:
+            acc = acc | (members[self.pred_of[CONTROLLER_PRED]] & self.controller)
+        rest = ~acc
+        for (svc, accepts), pred in zip(self.rules, self.rule_preds, strict=True):
+            m = members[pred] & svc
+            if accepts:
+                acc = acc | (rest & m)
+            rest = rest & ~m
+        if self.default_accepts:
+            acc = acc | rest
+        return acc

@@ -1,0 +1,127 @@
+"""The node agent's parts on their own: pod netns discovery by UID (a fake /proc), the chained
+default-deny CNI plugin (in a real network namespace), the node's pod view, the node label."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from stockade.errors import StockadeError
+from stockade.k8s import cni
+from stockade.k8s.mapping import LabelMapping, desired_workload
+from stockade.k8s.node_watch import local_pod
+from stockade.k8s.podns import PodNetnsError, find_pod_netns
+from stockade.model.labels import LabelKey
+
+UID = "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
+
+
+def _proc(tmp: Path, procs: dict[int, tuple[str, str]]) -> Path:
+    """A /proc with ``pid -> (cgroup text, netns id)``; one file per netns id (hard links share an inode)."""
+    proc = tmp / "proc"
+    (proc / "self" / "ns").mkdir(parents=True)
+    (proc / "self" / "ns" / "net").write_text("host")
+    spaces: dict[str, Path] = {"host": proc / "self" / "ns" / "net"}
+    for pid, (cgroup, netns) in procs.items():
+        d = proc / str(pid)
+        (d / "ns").mkdir(parents=True)
+        (d / "cgroup").write_text(cgroup)
+        if netns not in spaces:
+            spaces[netns] = tmp / f"netns-{netns}"
+            spaces[netns].write_text(netns)
+        os.link(spaces[netns], d / "ns" / "net")
+    return proc
+
+
+def test_a_pods_namespace_is_found_from_its_uid_in_the_cgroup_paths(tmp_path: Path) -> None:
+    other = str(uuid.uuid4())
+    proc = _proc(tmp_path, {
+        10: ("12:pids:/system.slice/containerd.service\n", "host"),
+        20: (f"11:memory:/kubepods/besteffort/pod{other}/aaa\n", "other"),
+        30: (f"11:memory:/kubepods/besteffort/pod{UID}x/bbb\n", "lookalike"),  # not our pod
+        40: (f"11:memory:/kubepods/besteffort/pod{UID}/ccc\n0::/\n", "ours"),
+    })
+    found = find_pod_netns(UID, proc)
+    assert found is not None and (found.pid, found.host_network) == (40, False)
+    assert found.inode == os.stat(tmp_path / "netns-ours").st_ino
+    assert find_pod_netns(str(uuid.uuid4()), proc) is None
+
+
+def test_the_systemd_cgroup_driver_and_host_network_pods(tmp_path: Path) -> None:
+    slice_ = f"kubepods-burstable-pod{UID.replace('-', '_')}.slice"
+    proc = _proc(tmp_path, {7: (f"0::/kubepods.slice/kubepods-burstable.slice/{slice_}/cri-containerd-1.scope\n",
+                                "host")})
+    found = find_pod_netns(UID, proc)
+    assert found is not None and found.host_network  # shares the node's namespace: the host policy covers it
+
+
+def test_a_malformed_uid_is_refused() -> None:
+    with pytest.raises(PodNetnsError):
+        find_pod_netns("../../etc", Path("/proc"))
+
+
+def test_the_node_view_of_a_pod() -> None:
+    obj = {"metadata": {"name": "web", "namespace": "shop", "uid": UID},
+           "spec": {"nodeName": "n1", "hostNetwork": False},
+           "status": {"phase": "Running", "podIPs": [{"ip": "10.1.0.5"}, {"ip": "fd00::5"}]}}
+    pod = local_pod(obj)
+    assert not isinstance(pod, str)
+    assert (pod.workload, pod.addresses, pod.ready) == ("k8s.shop.web", ("10.1.0.5", "fd00::5"), True)
+    done = local_pod({**obj, "status": {"phase": "Succeeded", "podIPs": [{"ip": "10.1.0.5"}]}})
+    assert not isinstance(done, str) and not done.ready
+    assert isinstance(local_pod({**obj, "metadata": {"name": "web", "namespace": "shop", "uid": "x"}}), str)
+
+
+def test_the_sync_binds_a_pod_to_its_node_through_the_declared_node_label() -> None:
+    pod = {"metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
+           "spec": {"nodeName": "node-1"}, "status": {"podIPs": [{"ip": "10.1.0.5"}]}}
+    keys = {"app": LabelKey("app"), "k8s-node": LabelKey("k8s-node")}
+    got = desired_workload(pod, {}, LabelMapping(), keys)
+    assert not hasattr(got, "reason") and dict(got.labels) == {"app": "web", "k8s-node": "node-1"}  # type: ignore[union-attr]
+    undeclared = desired_workload(pod, {}, LabelMapping(), {"app": LabelKey("app")})
+    assert dict(undeclared.labels) == {"app": "web"}  # type: ignore[union-attr]
+    with_ns = desired_workload(pod, {}, LabelMapping(), {**keys, "k8s-namespace": LabelKey("k8s-namespace")})
+    assert dict(with_ns.labels)["k8s-namespace"] == "shop"  # type: ignore[union-attr]  # map: keys=app,k8s-namespace
+    bad = desired_workload({**pod, "spec": {"nodeName": "x" * 200}}, {}, LabelMapping(), keys)
+    assert "spec.nodeName" in bad.reason  # type: ignore[union-attr]
+
+
+def test_the_cni_plugin_answers_version_and_refuses_nonsense() -> None:
+    assert "1.0.0" in json.loads(cni.run({"CNI_COMMAND": "VERSION"}, ""))["supportedVersions"]
+    assert cni.run({"CNI_COMMAND": "DEL"}, "{}") == ""
+    with pytest.raises(cni.CniError, match="CNI_NETNS"):
+        cni.run({"CNI_COMMAND": "ADD", "CNI_NETNS": "relative"}, "{}")
+    with pytest.raises(cni.CniError, match="not JSON"):
+        cni.run({"CNI_COMMAND": "ADD", "CNI_NETNS": "/x"}, "{")
+    with pytest.raises(StockadeError, match="table name"):  # nothing unvalidated reaches the ruleset
+        cni.run({"CNI_COMMAND": "ADD", "CNI_NETNS": "/x"}, json.dumps({"table": "bad table;"}))
+
+
+@pytest.mark.kernel
+def test_the_cni_plugin_closes_a_new_sandbox_and_passes_the_result_on() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    ns = f"cni-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        prev = {"cniVersion": "1.0.0", "ips": [{"address": "10.9.9.9/24"}]}
+        conf = {"cniVersion": "1.0.0", "name": "t", "type": "stockade-default-deny", "prevResult": prev}
+        env = {"CNI_COMMAND": "ADD", "CNI_NETNS": f"/run/netns/{ns}", "CNI_ARGS": "K8S_POD_NAMESPACE=shop"}
+        assert json.loads(cni.run(env, json.dumps(conf))) == prev
+        listing = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "inet", "stockade"],
+                                 capture_output=True, text=True, check=True).stdout
+        assert listing.count("policy drop;") == 3 and "ct state established,related accept" in listing
+        # a namespace that opts out is left open
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "stockade"], check=True)
+        cni.run(env, json.dumps({**conf, "exceptNamespaces": ["shop"]}))
+        r = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "inet", "stockade"],
+                           capture_output=True, text=True, check=False)
+        assert r.returncode != 0
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
