@@ -14,7 +14,7 @@ from tests.api.conftest import Api, make_settings
 
 from stockade.compiler import Compiler, HostDelta, compile_policy, host_policy_to_dict
 from stockade.controller.app import create_app
-from stockade.controller.services.distribution import CompilerTxn
+from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.events import record_event
 from stockade.model import Workload
 from stockade.paths import example_estate

@@ -24,7 +24,7 @@ from stockade.controller.context import controller_of, require
 from stockade.controller.services import codec, scope
 from stockade.controller.services.auth import Permission, Principal
 from stockade.controller.services.codec import INVENTORY_KINDS, POLICY_KINDS
-from stockade.controller.services.distribution import CompilerTxn
+from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.versions import diff_content
 from stockade.controller.storage import store
 from stockade.errors import Issue, ValidationError

@@ -37,7 +37,7 @@ from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services import scope
 from stockade.controller.services.auth import Permission, Principal
 from stockade.controller.services.codec import KIND_BY_NAME, KINDS, Kind, Scope
-from stockade.controller.services.distribution import CompilerTxn
+from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.storage import store
 from stockade.controller.storage.store import StoredObject
 from stockade.errors import Issue, ValidationError

@@ -42,7 +42,7 @@ from stockade.controller.limits import nul_fields
 from stockade.controller.services import codec, scope, versions
 from stockade.controller.services.auth import Permission, Principal
 from stockade.controller.services.codec import INVENTORY_KINDS, POLICY_KINDS
-from stockade.controller.services.distribution import CompilerTxn
+from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.events import query_events
 from stockade.controller.services.versions import Change, diff_content
 from stockade.controller.storage import store

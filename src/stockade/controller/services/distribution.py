@@ -40,21 +40,21 @@ import hashlib
 import ipaddress
 import json
 import threading
-import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from stockade.compiler import Compiler, HostDelta, HostPolicy, host_policy_to_dict
-from stockade.compiler.delta import HostHistory, PolicyUpdate, merge_host_deltas
+from stockade.compiler import Compiler, HostPolicy, host_policy_to_dict
+from stockade.compiler.delta import HostHistory, PolicyUpdate
 from stockade.compiler.ir import address_set_to_dict, rules_to_list
 from stockade.controller.services import codec, replicas
 from stockade.controller.services.codec import POLICY_KINDS
+from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.events import record_event
 from stockade.controller.storage import store
 from stockade.controller.storage.db import AgentRow, DepartureRow, HostStateRow, WireGuardKeyRow, utcnow
@@ -113,163 +113,6 @@ class AgentLive:
     proof: str = ""  # last proof the agent reported: "proven" / "differs" / "failed" ("": none yet)
     proof_revision: int = 0
     proof_detail: str = ""
-
-
-@dataclass
-class CompilerTxn:
-    """Compiler mutations of one transaction, with their undo steps.
-
-    Workload writes are queued and reach the compiler as ONE ``Compiler.apply_changes`` batch
-    when the transaction's deltas are read (:attr:`deltas`: by ``transact`` before it bumps
-    revisions, or by a scope check) or a policy swap must follow them: an import of 1,000
-    workloads is one pass over the affected sets and one delta per host, not 1,000. The
-    inventory map (``dist.workloads``) is updated at once, so later steps of the transaction
-    read it as written.
-    """
-
-    dist: PolicyDistributor
-    _deltas: dict[str, HostDelta] = field(default_factory=dict)
-    undo: list[Callable[[], object]] = field(default_factory=list)
-    compile_seconds: float = 0.0
-    touched: set[str] = field(default_factory=set)  # workloads upserted or removed (for other replicas)
-    agents: set[str] = field(default_factory=set)  # agent rows created or changed
-    policy_replaced: bool = False
-    label_keys_changed: bool = False
-    departures_changed: bool = False
-
-    def note(self) -> replicas.ChangeNote:
-        return replicas.ChangeNote(tuple(sorted(self.touched)), tuple(sorted(self.agents)), self.policy_replaced,
-                                   self.label_keys_changed, self.departures_changed)
-
-    _pending: list[Workload | str] = field(default_factory=list)
-    _before: dict[str, Workload | None] = field(default_factory=dict)  # compiler's view before the batch
-
-    @property
-    def deltas(self) -> dict[str, HostDelta]:
-        """One delta per host changed so far in this transaction (applies queued writes first)."""
-        self.flush()
-        return self._deltas
-
-    def _merge(self, deltas: list[HostDelta]) -> None:
-        for d in deltas:
-            prev = self._deltas.get(d.workload)
-            self._deltas[d.workload] = d if prev is None else merge_host_deltas(prev, d)
-
-    def flush(self) -> None:
-        """Hand the queued workload writes to the compiler as one batch."""
-        if not self._pending:
-            return
-        pending, before = self._pending, self._before
-        self._pending, self._before = [], {}
-        compiler = self.dist.compiler
-        t0 = time.perf_counter()
-        self._merge(compiler.apply_changes(pending))
-        self.compile_seconds += time.perf_counter() - t0
-        now = self.dist.workloads  # the inventory as the batch left it
-        revert: list[Workload | str] = [
-            old if old is not None else name for name, old in before.items() if old is not None or name in now
-        ]
-        self.undo.append(lambda: compiler.apply_changes(revert))
-
-    def _queue(self, name: str, change: Workload | str, old: Workload | None) -> None:
-        d = self.dist
-        self._before.setdefault(name, old)
-        self._pending.append(change)
-        if isinstance(change, str):
-            del d.workloads[name]
-        else:
-            d.workloads[name] = change
-
-        def restore() -> None:
-            if old is None:
-                d.workloads.pop(name, None)
-            else:
-                d.workloads[name] = old
-
-        self.undo.append(restore)
-
-    def upsert_workload(self, w: Workload) -> None:
-        d = self.dist
-        w = replace(w, wireguard=d.wg_keys.get(w.name))  # keys come from agents, never from bodies
-        if w.name in d.departed:
-            w = replace(w, interfaces=())  # offline past the grace period: out of peers' sets
-        self._queue(w.name, w, d.workloads.get(w.name))
-        self.touched.add(w.name)
-
-    def set_wireguard_key(self, name: str, identity: WireGuardIdentity | None) -> None:
-        """Register (or, None, revoke) ``name``'s WireGuard key: peers follow through the deltas."""
-        d = self.dist
-        before = d.wg_keys.get(name)
-        if identity is None:
-            d.wg_keys.pop(name, None)
-        else:
-            d.wg_keys[name] = identity
-
-        def restore() -> None:
-            if before is None:
-                d.wg_keys.pop(name, None)
-            else:
-                d.wg_keys[name] = before
-
-        self.undo.append(restore)
-        current = d.workloads.get(name)
-        if current is not None:
-            self.upsert_workload(current)
-
-    def remove_workload(self, name: str) -> None:
-        old = self.dist.workloads.get(name)
-        if old is not None:
-            self._queue(name, name, old)
-            self.touched.add(name)
-
-    def replace_policy_objects(self, objects: Mapping[str, Mapping[str, Any]]) -> None:
-        """Swap in new policy-kind bodies (a provisioned version's content), keeping inventory."""
-        self.flush()  # the policy swap recompiles against the inventory as written so far
-        d = self.dist
-        old_objects = d.policy_objects
-        t0 = time.perf_counter()
-        self._merge(d.compiler.replace_policy(d.assemble(objects)))
-        self.compile_seconds += time.perf_counter() - t0
-        d.policy_objects = {k: dict(v) for k, v in objects.items()}
-        self.policy_replaced = True
-
-        def revert() -> None:
-            d.compiler.replace_policy(d.assemble(old_objects))
-            d.policy_objects = old_objects
-
-        self.undo.append(revert)
-
-    def set_network_policy(self, name: str, np: KubeNetworkPolicy | None) -> None:
-        """Add, replace (``np``) or remove (None) one stored NetworkPolicy; diff only the pods it governs."""
-        d = self.dist
-        old = d.network_policies.get(name)
-        if old == np:
-            return
-
-        def swap(value: KubeNetworkPolicy | None) -> list[HostDelta]:
-            if value is None:
-                d.network_policies.pop(name, None)
-            else:
-                d.network_policies[name] = value
-            return d.compiler.replace_network_policies(tuple(sorted(d.network_policies.values())))
-
-        t0 = time.perf_counter()
-        self._merge(swap(np))
-        self.compile_seconds += time.perf_counter() - t0
-        self.undo.append(lambda: swap(old))
-
-    def refresh_label_keys(self, keys: Mapping[str, Mapping[str, Any]]) -> None:
-        old = self.dist.label_keys
-        self.dist.label_keys = {k: dict(v) for k, v in keys.items()}
-        self.label_keys_changed = True
-        self.undo.append(lambda: setattr(self.dist, "label_keys", old))
-
-    def rollback(self) -> None:
-        self._pending.clear()  # never reached the compiler
-        self._before.clear()
-        for step in reversed(self.undo):
-            step()
-        self.undo.clear()
 
 
 class PolicyDistributor:

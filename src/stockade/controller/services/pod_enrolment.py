@@ -28,7 +28,8 @@ from stockade import agent_signature as sig
 from stockade.controller.services import auth
 from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import ForbiddenError
-from stockade.controller.services.distribution import AgentLive, CompilerTxn, PolicyDistributor
+from stockade.controller.services.compiler_txn import CompilerTxn
+from stockade.controller.services.distribution import AgentLive, PolicyDistributor
 from stockade.controller.services.events import record_event
 from stockade.controller.storage import store
 from stockade.controller.storage.db import AgentRow, utcnow

@@ -45,7 +45,8 @@ from stockade.compiler.ir import AddressSet, Direction
 from stockade.controller.services import codec
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal, Role
 from stockade.controller.services.codec import KINDS, POLICY_KINDS
-from stockade.controller.services.distribution import CompilerTxn, PolicyDistributor
+from stockade.controller.services.compiler_txn import CompilerTxn
+from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.storage import store
 from stockade.model.labels import Label, LabelGroup
 from stockade.model.selectors import AllWorkloads, LabelSelector, Selector

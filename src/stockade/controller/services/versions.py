@@ -19,7 +19,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from stockade.controller.services.codec import POLICY_KINDS
-from stockade.controller.services.distribution import CompilerTxn, PolicyDistributor
+from stockade.controller.services.compiler_txn import CompilerTxn
+from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.events import record_event
 from stockade.controller.storage.db import VersionRow, utcnow
 from stockade.controller.storage.store import (

@@ -20,7 +20,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from stockade.controller.services.distribution import CompilerTxn, PolicyDistributor, wireguard_identity
+from stockade.controller.services.compiler_txn import CompilerTxn
+from stockade.controller.services.distribution import PolicyDistributor, wireguard_identity
 from stockade.controller.services.events import record_event
 from stockade.controller.storage.db import WireGuardKeyRow, utcnow
 from stockade.errors import ConflictError, Issue, NotFoundError, ValidationError
