@@ -7,10 +7,12 @@ import threading
 import time
 from typing import Any
 
-from tests.api.conftest import Api
+from fastapi.testclient import TestClient
+from tests.api.conftest import Api, make_settings
 
 from stockade.compiler import HostPolicy
 from stockade.compiler.delta import UpdateKind, apply_update, policy_update_from_dict
+from stockade.controller.app import create_app
 from stockade.controller.services.distribution import HISTORY, PolicyDistributor, policy_hash
 from stockade.controller.storage.db import HostStateRow
 
@@ -251,7 +253,15 @@ def test_one_transaction_with_several_changes_is_one_composed_delta(api: Api) ->
     assert apply_update(old, rev, upd) == _held(api, aid, token)[1]
 
 
-def test_policy_hashes_are_written_by_flush_and_survive_a_restart(api: Api) -> None:
+def test_policy_hashes_are_written_by_flush_and_survive_a_restart(database_url: str) -> None:
+    # no background flush during the test (every 2 s by default: under load it hashed the bump
+    # before the first check); the test calls flush() itself
+    app = create_app(make_settings(database_url, flush_interval=3600.0))
+    with TestClient(app) as client:
+        _hashes_follow_flush(Api(client, app.state.controller))
+
+
+def _hashes_follow_flush(api: Api) -> None:
     _enrolled_db(api)
     _web(api, 1)
     dist = api.ctl.dist
