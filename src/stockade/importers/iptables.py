@@ -13,7 +13,6 @@ visibility mode. A line that cannot be read is reported with its file and line; 
 from __future__ import annotations
 
 import shlex
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -389,11 +388,8 @@ def import_iptables(sources: Sequence[Source], options: ImportOptions) -> Import
 
 def iptables_host_rules(sources: Sequence[Source], options: ImportOptions) -> list[HostRules]:
     """Each host's flattened first-match chains (what the import translates and verify samples)."""
-    by_host: dict[str, list[Source]] = defaultdict(list)
-    for s in sources:
-        by_host[options.host_of(s)].append(s)
     hosts: list[HostRules] = []
-    for host, files in sorted(by_host.items()):
+    for host, files in options.by_host(sources):
         findings: list[Finding] = []
         sets: dict[str, IPSet] = {}
         tables: list[Table] = []

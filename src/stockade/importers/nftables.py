@@ -444,11 +444,8 @@ def import_nftables(sources: Sequence[Source], options: ImportOptions) -> Import
 
 def nftables_host_rules(sources: Sequence[Source], options: ImportOptions) -> list[HostRules]:
     """Each host's flattened first-match chains (what the import translates and verify samples)."""
-    by_host: dict[str, list[Source]] = defaultdict(list)
-    for s in sources:
-        by_host[options.host_of(s)].append(s)
     hosts = []
-    for host, files in sorted(by_host.items()):
+    for host, files in options.by_host(sources):
         findings: list[Finding] = []
         merged = _Ruleset()
         for s in files:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
@@ -28,6 +28,13 @@ class ImportOptions:
     host: str | None = None
     addresses: Mapping[str, tuple[IPAddress, ...]] = field(default_factory=dict)
     backend: str = "nftables"
+
+    def by_host(self, sources: Sequence[Source]) -> list[tuple[str, list[Source]]]:
+        """``sources`` grouped per host (``host_of``), hosts in name order, files in given order."""
+        grouped: dict[str, list[Source]] = {}
+        for s in sources:
+            grouped.setdefault(self.host_of(s), []).append(s)
+        return sorted(grouped.items())
 
     def host_of(self, source: Source) -> str:
         from stockade.importers.labels import safe_name
