@@ -63,14 +63,18 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
 
 
 LOCK_DIR = Path("/run/stockade-lab")
+_HELD: set[str] = set()  # addresses this process holds
 
 
 @contextlib.contextmanager
 def address_lock(v4: str, timeout: float = 900.0) -> Iterator[None]:
     """Hold the estate's controller address for this process: xdist workers (and the demo test) take
     turns, since two links carrying 10.70.0.1 in the root namespace would steal each other's replies."""
+    key = v4.split("/")[0]
+    if key in _HELD:  # flock on a second descriptor would wait for this very process until the timeout
+        raise RuntimeError(f"{key} is already held by this process (a lab fixture that did not release it)")
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    fd = os.open(LOCK_DIR / f"addr-{v4.split('/')[0]}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(LOCK_DIR / f"addr-{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -81,8 +85,10 @@ def address_lock(v4: str, timeout: float = 900.0) -> Iterator[None]:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{v4} stayed in use by another lab for {timeout:.0f} s") from None
                 time.sleep(0.2)
+        _HELD.add(key)
         yield
     finally:
+        _HELD.discard(key)
         os.close(fd)  # releases the lock
 
 
@@ -95,7 +101,11 @@ class ControllerLink:
         self._lock = address_lock(v4)
         self._lock.__enter__()
         self.name = f"stkc{lab.run_id}"[:15]
-        run_ip(["link", "add", self.name, "type", "veth", "peer", "name", "ctl0", "netns", lab.bridge_netns])
+        try:
+            run_ip(["link", "add", self.name, "type", "veth", "peer", "name", "ctl0", "netns", lab.bridge_netns])
+        except BaseException:
+            self._lock.__exit__(None, None, None)  # a link that never came up must not keep the address
+            raise
         try:
             run_ip(["-n", lab.bridge_netns, "link", "set", "ctl0", "master", "br0", "up"])
             run_ip(["addr", "add", v4, "dev", self.name])
