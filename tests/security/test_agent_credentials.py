@@ -141,7 +141,7 @@ def test_the_real_client_signs_and_the_key_stays_on_the_host(live: Live, tmp_pat
     assert collector.upload_pending() == 0 and collector.uploaded == 1
 
 
-@pytest.mark.parametrize(("method", "suffix", "body"), [
+AGENT_ROUTE_CASES = [
     ("POST", "heartbeat", {}),
     ("GET", "policy", None),
     ("GET", "policy/wait?after=0&timeout=0", None),
@@ -152,7 +152,36 @@ def test_the_real_client_signs_and_the_key_stays_on_the_host(live: Live, tmp_pat
     ("POST", "unenroll", {}),
     # a copied credential cannot present (register) a WireGuard key of its own either
     ("PUT", "wireguard-key", {"public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="}),
-])
+    # nor enrol pods as if it were their node
+    ("POST", "pods/enroll", {"workload": "k8s.default.web-0", "public_key": "A" * 43}),
+]
+
+
+def test_the_copied_token_cases_cover_every_agent_credential_route() -> None:
+    """A new agent-credential route must join the cases below (the class, not the case)."""
+    from fastapi.routing import APIRoute
+
+    from stockade.controller.app import create_app
+    from stockade.controller.services.auth import Permission
+    from tests.api.conftest import make_settings
+
+    app = create_app(make_settings("sqlite://"))
+    prefix = "/api/v1/agents/{agent_id}/"
+    agent_routes = set()
+    for mount, router in app.state.routers:
+        for route in router.routes:
+            assert isinstance(route, APIRoute)
+            perms = {getattr(d.call, "permission", None) for d in route.dependant.dependencies}
+            path = mount + route.path
+            if Permission.AGENT in perms and path.startswith(prefix):
+                agent_routes |= {(m, path[len(prefix):]) for m in route.methods}
+    agent_routes.discard(("POST", "key"))  # rotation: test_key_rotation_old_key_stops_working
+    assert len(agent_routes) >= 9, agent_routes  # the walk finds them
+    covered = {(m, suffix.split("?")[0]) for m, suffix, _ in AGENT_ROUTE_CASES}
+    assert agent_routes <= covered, sorted(agent_routes - covered)
+
+
+@pytest.mark.parametrize(("method", "suffix", "body"), AGENT_ROUTE_CASES)
 def test_a_copied_token_without_the_key_gets_401_on_every_agent_route(
         live: Live, tmp_path: Path, method: str, suffix: str, body: Any) -> None:
     _client, cred = enrol(live, StateDir(tmp_path / "s"), "web-1", "10.50.0.1")
