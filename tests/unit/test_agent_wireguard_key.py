@@ -74,3 +74,19 @@ def test_no_rotation_unless_asked(tmp_path: Path) -> None:
         assert not wait_until(lambda: registered(h) != first, 0.5)
     finally:
         h.stop()
+
+
+def test_wipe_removes_every_state_file_the_agent_names(tmp_path: Path) -> None:
+    """``stockade agent uninstall`` leaves no state directory behind, whichever files exist: every
+    ``*_FILE`` the state module names (a new one that wipe() forgets fails here)."""
+    from stockade.agent import state as state_module
+    from stockade.agent.state import StateDir
+
+    names = [v for k, v in vars(state_module).items() if k.endswith("_FILE") and isinstance(v, str)]
+    assert len(names) >= 8, names
+    sd = StateDir(tmp_path / "state")
+    sd.path.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (sd.path / n).write_text("x")
+    sd.wipe()
+    assert not sd.path.exists(), sorted(p.name for p in sd.path.iterdir())

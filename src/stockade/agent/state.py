@@ -274,7 +274,7 @@ class StateDir:
     def wipe(self) -> None:
         """Delete the credential, key, CA and cache (``stockade agent uninstall``)."""
         for name in (CREDENTIAL_FILE, CA_FILE, POLICY_FILE, CODE_FILE, KEY_FILE, NEXT_KEY_FILE, INSTANCE_FILE,
-                     WIREGUARD_KEY_FILE):
+                     WIREGUARD_KEY_FILE, BACKEND_FILE):
             (self.path / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.rmdir()
