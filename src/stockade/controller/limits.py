@@ -67,6 +67,8 @@ BODY_LIMITS: tuple[BodyLimit, ...] = (
     BodyLimit("PUT", "/workloads/{name}", 1 * MiB, "up to 64 interfaces of up to 256 addresses"),
     BodyLimit("POST", "/label-keys", 256 * KiB, "up to 1,024 allowed values"),
     BodyLimit("PUT", "/label-keys/{name}", 256 * KiB, "up to 1,024 allowed values"),
+    BodyLimit("POST", "/network-policies", 8 * MiB, "a NetworkPolicy: up to 100,000 pods and peers"),
+    BodyLimit("PUT", "/network-policies/{name}", 8 * MiB, "a NetworkPolicy: up to 100,000 pods and peers"),
 )
 
 
