@@ -50,9 +50,11 @@ class World:
 @pytest.fixture(scope="module")
 def world(k8s_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("netpol-e2e")
+    # addresses no other test of the session cluster uses (deleted namespaces never finish terminating
+    # here, so a pod of another module keeps its address: test_sync uses 5-51, pod_enforcement 10-11)
     v4, v6 = k8s_cluster.pod_v4, k8s_cluster.pod_v6
-    server: tuple[IPAddress, IPAddress] = (v4[30], v6[0x30])
-    client: tuple[IPAddress, IPAddress] = (v4[31], v6[0x31])
+    server: tuple[IPAddress, IPAddress] = (v4[130], v6[0x130])
+    client: tuple[IPAddress, IPAddress] = (v4[131], v6[0x131])
     with Lab([HostSpec("server", server, (PORT,)), HostSpec("client", client)]) as lab:
         link = ControllerLink(lab, f"{v4[2]}/24", f"{v6[2]}/64")
         ctl = ControllerProcess(tmp / "controller", str(v4[2]), _free_port("127.0.0.1"), tmp / "controller.log")

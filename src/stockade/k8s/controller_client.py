@@ -20,6 +20,10 @@ from stockade.model.labels import LabelKey
 class ControllerApiError(StockadeError):
     """The controller refused or failed a call (status and body are in the message)."""
 
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 class ControllerClient:
     def __init__(self, base_url: str, api_key: str, ca_cert: Path | None = None, timeout: float = 10.0) -> None:
@@ -87,4 +91,4 @@ class ControllerClient:
     @staticmethod
     def _check(r: httpx.Response, what: str) -> None:
         if r.status_code >= 400:
-            raise ControllerApiError(f"{what}: HTTP {r.status_code} {r.text[:500]}")
+            raise ControllerApiError(f"{what}: HTTP {r.status_code} {r.text[:500]}", r.status_code)

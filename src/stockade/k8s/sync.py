@@ -23,7 +23,7 @@ from typing import Any
 
 from kubernetes_asyncio import client as k8s
 
-from stockade.k8s.controller_client import ControllerClient
+from stockade.k8s.controller_client import ControllerApiError, ControllerClient
 from stockade.k8s.mapping import (
     PREFIX,
     DesiredWorkload,
@@ -202,11 +202,13 @@ class ClusterSync:
 
     async def _apply(self, dirty: set[PodKey], sweep: bool) -> None:
         wanted: dict[str, dict[str, Any]] = {}
+        keys: dict[str, PodKey] = {}
         gone: set[str] = set()
         for key in sorted(dirty, key=str):
             want = self._desired(key)
             if isinstance(want, DesiredWorkload):
                 wanted[want.name] = want.body()
+                keys[want.name] = key
                 self._reported.pop(key, None)
             else:
                 if isinstance(want, Skip):
@@ -218,7 +220,16 @@ class ClusterSync:
         gone -= set(wanted)
         for name, body in wanted.items():
             if self.pushed.get(name) != body:
-                await self._ctl.put_workload(body)
+                try:
+                    await self._ctl.put_workload(body)
+                except ControllerApiError as exc:
+                    if exc.status != 409:
+                        raise
+                    # refused for this pod alone (e.g. an address another workload holds): skip it with
+                    # an event and go on, so one pod never holds up every other pod's change; it is
+                    # tried again at the next re-list or change of the pod
+                    self._skip(Skip(keys[name], f"the controller refused it: {exc}"))
+                    continue
                 self.pushed[name] = body
         for name in sorted(gone):
             if name in self.pushed:
