@@ -27,6 +27,10 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reason = chromium_skip_reason()
     for item in items:
+        if "tests/browser" in str(item.fspath):
+            # a module's tests share the worker's estate and build on each other in file order:
+            # keep each module on one worker (modules still spread over the workers)
+            item.add_marker(pytest.mark.xdist_group(f"browser-{Path(str(item.fspath)).stem}"))
         if "tests/browser" in str(item.fspath) and item.get_closest_marker("browser") is not None and reason:
             item.add_marker(pytest.mark.skip(reason=reason))
 

@@ -78,13 +78,15 @@ def boxes(page: Any) -> dict[str, list[dict[str, float]]]:
       const onTop = (el) => { const r = el.getBoundingClientRect();
         const hit = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
         return hit !== null && (hit === el || el.contains(hit)); };
+      // a map zoomed out to fit many groups draws icons a few pixels wide: all edge, no colour to read
+      const big = (el) => { const r = el.getBoundingClientRect(); return r.width >= 9 && r.height >= 9; };
       const out = {};
       for (const v of verdicts) {
         out[v] = [
           ...[...document.querySelectorAll(`.map-legend .legend-line.v-${v}`)].map(box),
           ...[...document.querySelectorAll(`.map-legend .verdict.v-${v} .icon`)].map(box),
           ...[...document.querySelectorAll(`svg.map [data-edge-label^="${ours}"] .mix.v-${v} .mix-icon`)]
-            .filter(opaque).filter(onTop).slice(0, 2).map(box),
+            .filter(opaque).filter(onTop).filter(big).slice(0, 2).map(box),
         ];
       }
       return out;
@@ -99,6 +101,19 @@ def measured(shot: Image, b: dict[str, float]) -> tuple[int, int, int]:
     inner = shot.region(x0, y0, x1, y1)
     beside = shot.region(x0 - 5, y0 - 5, x0 - 1, y1 + 5) + shot.region(x1 + 1, y0 - 5, x1 + 5, y1 + 5)
     return dominant_colour(inner, beside or inner)
+
+
+def steady_shot(page: Any) -> tuple[Image, dict[str, list[dict[str, float]]]]:
+    """A screenshot and the boxes it shows: the map follows the event feed and may lay itself out
+    again at any time (the worker's estate is shared), so the boxes are read before and after the
+    screenshot and a shot taken while anything moved is taken again."""
+    for _ in range(10):
+        before = boxes(page)
+        shot = decode_png(page.screenshot())
+        if boxes(page) == before:
+            return shot, before
+        page.wait_for_timeout(300)
+    raise AssertionError("the map kept moving: no steady screenshot in 10 tries")
 
 
 def emulate(page: Any, cdp: Any, view: str) -> None:
@@ -124,7 +139,8 @@ def test_verdicts_stay_apart_under_every_emulation(browser: Any, console: Consol
         for view in EMULATIONS:
             emulate(page, cdp, view)
             page.screenshot(path=str(screenshots / f"map-{scheme}-{view}.png"))
-            shot = decode_png(page.screenshot())
+            shot, where = steady_shot(page)
+            assert all(len(where[v]) >= 2 for v in VERDICTS), where
             colours = {v: [measured(shot, b) for b in where[v]] for v in VERDICTS}
             if view == "none":
                 typical = {v: colours[v][0] for v in VERDICTS}
