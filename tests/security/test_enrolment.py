@@ -17,7 +17,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import update
 
-from stockade.controller.storage.db import MIGRATIONS_DIR, ActivationCodeRow, make_engine, migrate, session_factory
+from stockade.controller.storage.db import MIGRATIONS_DIR, ActivationCodeRow, UTCDateTime, make_engine, migrate
 from tests.api.conftest import Api
 
 DB_ADDR = "10.9.0.5"
@@ -257,12 +257,15 @@ def test_migration_0008_on_an_existing_database(database_url: str) -> None:
             conn.execute(sa.text("INSERT INTO agents (id, workload, token_hash, profile, hostname, created_at, "
                                  "applied_revision, agent_version) VALUES ('a1', 'w', 't', 'old', 'w', :t, 0, '')"),
                          {"t": now})
-        migrate(engine)
+        with engine.begin() as conn:  # 0011 moves the profiles into objects: test_pairing_profile_migration.py
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0010_wireguard")
         with engine.connect() as conn:
             code_row = conn.execute(sa.text("SELECT max_uses, uses, expires_at, workload FROM activation_codes")).one()
             assert code_row[0] is None and code_row[1] == 0 and code_row[3] is None
-        with session_factory(engine)() as db:  # read as the app reads it (UTC on both databases)
-            expires = db.get(ActivationCodeRow, "c1").expires_at
+            # read as the app reads it (UTC on both databases)
+            expires = conn.execute(sa.select(sa.column("expires_at", UTCDateTime())).select_from(
+                sa.table("activation_codes"))).scalar_one()
             assert expires is not None and dt.timedelta(days=6) < expires - now <= dt.timedelta(days=7, minutes=5)
         with engine.connect() as conn:
             prof = conn.execute(sa.text("SELECT code_max_uses, code_ttl_seconds FROM pairing_profiles")).one()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from stockade.codec import netpol_body
+from stockade.codec import netpol_body, pairing_body
 from stockade.codec.documents import BUILTIN_ANY, Collected, Kind, parse_body
 from stockade.codec.syntax import format_service_entry
 from stockade.codec.tree import NotADocument, Reader, node_of
@@ -59,6 +59,8 @@ def decode(kind: str, data: Any, source: str = SOURCE) -> Any:
     """The domain object of a REST body of stored kind ``kind``; ValidationError lists every issue."""
     if kind == "network_policy":  # no policy document: the cluster sync writes it (netpol_body)
         return netpol_body.decode(data, source)
+    if kind == "pairing_profile":  # no policy document either: written through the REST API only
+        return pairing_body.decode(data, source)
     doc_kind = DOCUMENT_KIND[kind]
     issues: list[Issue] = []
     if doc_kind is Kind.SETTINGS and isinstance(data, Mapping) and "name" in data:
@@ -185,6 +187,7 @@ ENCODERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "deny_rule": deny_rule_body,
     "failsafe": failsafe_body,
     "network_policy": netpol_body.encode,
+    "pairing_profile": pairing_body.encode,
 }
 
 

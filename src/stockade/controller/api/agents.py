@@ -1,13 +1,14 @@
-"""Pairing profiles, activation codes, agent enrolment and the agent protocol (routes only).
+"""Activation codes, agent enrolment and the agent protocol (routes only).
 
 The rules and the SQL live in :mod:`stockade.controller.services.enrolment`; the request-signature
 check in :mod:`stockade.controller.services.agent_keys`. Here: parsing, authorisation, answers.
 
 Operator side (admin): ``/pairing-profiles`` CRUD (preset labels, enforcement mode, expiry,
 maximum uses, enabled, and what each code allows: ``code_max_uses`` default 1,
-``code_ttl_seconds`` default one day), versioned like every object: a revision bumped by each
-effective edit and an ``ETag`` on GET/POST/PUT answers; ``PUT``/``DELETE`` with a stale
-``If-Match`` answer 412 and change nothing. The ETag covers the operator's settings, not the use
+``code_ttl_seconds`` default one day) is the generic object skeleton of
+:mod:`stockade.controller.api.objects` (kind ``pairing_profile``: revision, ``ETag``,
+``If-Match``, cursor pages, audit, role and scope), answering in the profiles' own flat shape
+with the use counter beside the body. The ETag covers the operator's settings, not the use
 counter, so an enrolment does not make an operator's pending edit stale.
 ``POST /pairing-profiles/{name}/codes`` ``{max_uses?, ttl_seconds?, workload?}`` returns a code
 once (only its SHA-256 is kept); with ``workload`` it is an *adoption code*, the only kind that
@@ -56,7 +57,7 @@ import asyncio
 import datetime as dt
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -74,8 +75,6 @@ from stockade.controller.api.dto.agents import (
     EnrollOut,
     InterfacesIn,
     KeyIn,
-    PairingProfileIn,
-    PairingProfileOut,
     PolicyOut,
     ReportOut,
     RevisionOut,
@@ -89,14 +88,11 @@ from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services import enrolment, wireguard_keys
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
 from stockade.controller.services.distribution import AgentLive
-from stockade.controller.storage.db import AgentRow, PairingProfileRow, utcnow
+from stockade.controller.storage.db import AgentRow, utcnow
 from stockade.errors import NotFoundError
-from stockade.model.workloads import EnforcementMode
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 429)}
-EDIT_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 412: {"model": ErrorOut}}
-IfMatch = Annotated[str | None, Header(max_length=200, description="ETag of the profile as last read")]
 PROOF_EVENTS = {"proven": "proven", "proof-differs": "differs", "proof-failed": "failed"}
 
 
@@ -113,61 +109,7 @@ def _enforcement(live: AgentLive | None, applied: int) -> tuple[str, str | None]
     return "applied", live.proof_detail
 
 
-# ---- pairing profiles --------------------------------------------------------------------
-
-
-def _profile_out(p: PairingProfileRow, response: Response | None = None) -> PairingProfileOut:
-    etag = enrolment.profile_etag(p)
-    if response is not None:
-        response.headers["ETag"] = etag
-    s = enrolment.profile_settings(p)
-    return PairingProfileOut(name=s.name, labels=dict(s.labels), mode=EnforcementMode(s.mode),
-                             expires_at=s.expires_at, max_uses=s.max_uses, enabled=s.enabled,
-                             description=s.description, code_max_uses=s.code_max_uses,
-                             code_ttl_seconds=s.code_ttl_seconds, uses=p.uses, revision=p.revision, etag=etag)
-
-
-@router.get("/pairing-profiles", tags=["Pairing profiles"], responses=ERRORS, operation_id="list-pairing-profiles")
-def list_profiles(request: Request,
-                  principal: Annotated[Principal, Depends(require(Permission.READ))]) -> list[PairingProfileOut]:
-    with controller_of(request).session() as db:
-        return [_profile_out(p) for p in enrolment.list_profiles(db)]
-
-
-@router.post("/pairing-profiles", tags=["Pairing profiles"], responses=ERRORS, status_code=201,
-             operation_id="create-pairing-profile")
-def create_profile(request: Request, response: Response, body: PairingProfileIn,
-                   principal: Annotated[Principal, Depends(require(Permission.WRITE))]) -> PairingProfileOut:
-    with controller_of(request).sessions.begin() as db:
-        return _profile_out(enrolment.create_profile(db, body.settings(), principal.actor), response)
-
-
-@router.get("/pairing-profiles/{name}", tags=["Pairing profiles"], responses=ERRORS,
-            operation_id="get-pairing-profile")
-def get_profile(request: Request, response: Response, name: str,
-                principal: Annotated[Principal, Depends(require(Permission.READ))]) -> PairingProfileOut:
-    with controller_of(request).session() as db:
-        return _profile_out(enrolment.get_profile(db, name), response)
-
-
-@router.put("/pairing-profiles/{name}", tags=["Pairing profiles"], responses=EDIT_ERRORS,
-            operation_id="replace-pairing-profile")
-def replace_profile(request: Request, response: Response, name: str, body: PairingProfileIn,
-                    principal: Annotated[Principal, Depends(require(Permission.WRITE))],
-                    if_match: IfMatch = None) -> PairingProfileOut:
-    with controller_of(request).sessions.begin() as db:
-        row = enrolment.replace_profile(db, name, body.settings(), if_match, principal.actor)
-        return _profile_out(row, response)
-
-
-@router.delete("/pairing-profiles/{name}", tags=["Pairing profiles"], responses=EDIT_ERRORS, status_code=204,
-               operation_id="delete-pairing-profile")
-def delete_profile(request: Request, name: str,
-                   principal: Annotated[Principal, Depends(require(Permission.WRITE))],
-                   if_match: IfMatch = None) -> Response:
-    with controller_of(request).sessions.begin() as db:
-        enrolment.delete_profile(db, name, if_match, principal.actor)
-    return Response(status_code=204)
+# ---- activation codes (the pairing profiles themselves are generic objects: api/objects.py) ---------------
 
 
 @router.post("/pairing-profiles/{name}/codes", tags=["Pairing profiles"], responses=ERRORS, status_code=201,
@@ -188,7 +130,7 @@ def create_code(request: Request, name: str,
 def list_codes(request: Request, name: str,
                principal: Annotated[Principal, Depends(require(Permission.READ))]) -> list[CodeInfoOut]:
     with controller_of(request).session() as db:
-        return [CodeInfoOut(id=c.id, profile=c.profile, created_at=c.created_at, max_uses=c.max_uses, uses=c.uses,
+        return [CodeInfoOut(id=c.id, profile=name, created_at=c.created_at, max_uses=c.max_uses, uses=c.uses,
                             expires_at=c.expires_at, workload=c.workload, revoked=c.revoked)
                 for c in enrolment.list_codes(db, name)]
 

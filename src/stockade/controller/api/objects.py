@@ -1,7 +1,8 @@
 """CRUD routes for every stored kind, generated from one skeleton (NetBox style).
 
 For each :class:`~stockade.controller.services.codec.Kind` (label keys, workloads, label groups, IP
-lists, services, rulesets, deny rules, failsafe) under ``/api/v1/<path>``:
+lists, services, rulesets, deny rules, failsafe, NetworkPolicies, pairing profiles) under
+``/api/v1/<path>``:
 
 * ``GET /<path>?limit=&cursor=&name=&labels=app=shop,env=prod&version=draft|active|N`` - a page
   ordered by name; ``next_cursor`` continues it; ``labels`` filters workloads;
@@ -16,26 +17,31 @@ workload writes run through the compiled policy service, which bumps the revisio
 affected hosts. ``PUT /workloads/{name}/mode`` switches one workload's enforcement mode.
 Rulesets are writable by ruleset-managers inside their label scope; the rest needs admin. A
 label-scoped principal's write is refused when it would change the compiled policy of a workload
-outside its scope (:mod:`stockade.controller.services.scope`).
+outside its scope (:mod:`stockade.controller.services.scope`); kinds whose effect comes later
+(pairing profiles: their labels reach a workload at enrolment) refuse it outright. Pairing
+profiles answer in their own flat shape (:class:`FlatView`).
 
 No ``from __future__ import annotations`` here: FastAPI reads the generated routes' body
 annotations at run time.
 """
 
 import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from stockade.controller.api.dto.objects import (
     ModeIn,
 )
-from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut, ObjectOut, ObjectPage
+from stockade.controller.api.schemas import NAME_PATTERN, ErrorOut, ObjectOut, ObjectPage, PairingProfileOut
 from stockade.controller.context import Controller, controller_of, require
-from stockade.controller.services import scope
-from stockade.controller.services.auth import Permission, Principal
+from stockade.controller.services import enrolment, scope
+from stockade.controller.services.auth import ForbiddenError, Permission, Principal
 from stockade.controller.services.codec import KIND_BY_NAME, KINDS, Kind, Scope
 from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.storage import store
@@ -57,6 +63,37 @@ def object_out(obj: StoredObject) -> ObjectOut:
     return ObjectOut(
         kind=obj.kind, name=obj.name, revision=obj.revision, etag=obj.etag, updated_at=obj.updated_at, body=obj.body
     )
+
+
+@dataclass(frozen=True)
+class FlatView:
+    """How a kind's routes answer when they kept the shape they had before joining the skeleton:
+    one object is its body's fields at the top level with ``revision``, ``etag`` and read-only
+    ``state`` (per name, e.g. a use counter) beside them; a list is a bare JSON array, paged by
+    ``limit``/``cursor`` like every list, its next page named by a ``Link: <...>; rel="next"``
+    header. Everything else (bodies, ETags, If-Match, audit, role and scope) is the skeleton's."""
+
+    model: type[BaseModel]
+    state: Callable[[Session, Sequence[str]], Mapping[str, Mapping[str, Any]]]
+    default_limit: int = store.MAX_PAGE  # a client that never read the Link header still sees every page-full
+
+
+def _profile_state(db: Session, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    uses = enrolment.profile_uses(db, names)
+    return {n: {"uses": uses.get(n, 0)} for n in names}
+
+
+FLAT_VIEWS: dict[str, FlatView] = {"pairing_profile": FlatView(PairingProfileOut, _profile_state)}
+
+
+def present(db: Session, kind: Kind, objs: Sequence[StoredObject]) -> list[Any]:
+    """The answers for ``objs`` in the kind's shape (:class:`ObjectOut`, or its :class:`FlatView`)."""
+    view = FLAT_VIEWS.get(kind.name)
+    if view is None:
+        return [object_out(o) for o in objs]
+    state = view.state(db, [o.name for o in objs])
+    return [view.model.model_validate({**o.body, **state.get(o.name, {}), "revision": o.revision, "etag": o.etag})
+            for o in objs]
 
 
 async def raw_body(request: Request) -> Any:
@@ -94,6 +131,12 @@ def write(
     workload outside the scope: a draft edit by compiled effect, an inventory edit (of workload
     ``name``) by the compiler's host deltas (see :mod:`stockade.controller.services.scope`).
     """
+    if not KIND_BY_NAME[kind].scope_checked:
+        if principal is not None and scope.is_scoped(principal):  # also refused by scope.check_route
+            raise ForbiddenError(f"writing a {kind} is not available to a label-scoped principal "
+                                 f"(scope {scope.scope_text(principal)}): its effect cannot be confined to the scope")
+        with ctl.sessions.begin() as db:
+            return fn(db, None)
     if KIND_BY_NAME[kind].scope is Scope.POLICY:
         with ctl.sessions.begin() as db:
             if principal is None:
@@ -127,16 +170,34 @@ def _sync_compiler(txn: CompilerTxn | None, db: Session, kind: str, name: str, a
         txn.set_network_policy(name, np)
 
 
+def _answer(ctl: Controller, kind: Kind, obj: StoredObject, response: Response) -> Any:
+    response.headers["ETag"] = obj.etag
+    if kind.name not in FLAT_VIEWS:
+        return object_out(obj)
+    with ctl.session() as db:
+        return present(db, kind, [obj])[0]
+
+
+def _next_link(request: Request, limit: int, cursor: str) -> str:
+    url = request.url.include_query_params(limit=limit, cursor=cursor)
+    return f'<{url.path}?{url.query}>; rel="next"'
+
+
 def _routes(r: APIRouter, kind: Kind) -> None:
     path = f"/{kind.path}"
     tag: list[str | Enum] = [kind.title]
     write_perm = _write_permission(kind)
     singular = kind.name.replace("_", "-")
+    view = FLAT_VIEWS.get(kind.name)
+    one_model: Any = view.model if view is not None else ObjectOut
+    list_model: Any = list[view.model] if view is not None else ObjectPage  # type: ignore[name-defined]
+    default_limit = view.default_limit if view is not None else 100
 
     def list_objects(
         request: Request,
+        response: Response,
         principal: Annotated[Principal, Depends(require(Permission.READ))],
-        limit: Annotated[int, Query(ge=1, le=store.MAX_PAGE)] = 100,
+        limit: Annotated[int, Query(ge=1, le=store.MAX_PAGE)] = default_limit,
         cursor: Annotated[str | None, Query(max_length=200, pattern=CURSOR_PATTERN)] = None,
         name: Annotated[str | None, Query(max_length=63, pattern=NAME_FILTER, description="substring of the name")]
         = None,
@@ -144,7 +205,7 @@ def _routes(r: APIRouter, kind: Kind) -> None:
                                             description="key=value,... (workloads)")] = None,
         version: Annotated[str | None, Query(max_length=20, pattern=VERSION_FILTER,
                                              description="draft (default), active or N")] = None,
-    ) -> ObjectPage:
+    ) -> Any:
         ctl = controller_of(request)
         if cursor is not None and not re.fullmatch(NAME_PATTERN, store.decode_cursor(cursor)):
             raise ValidationError([Issue("api", 0, "cursor", "malformed cursor")])
@@ -158,7 +219,12 @@ def _routes(r: APIRouter, kind: Kind) -> None:
                 cursor=cursor,
                 limit=limit,
             )
-        return ObjectPage(items=[object_out(o) for o in page.items], next_cursor=page.next_cursor)
+            items = present(db, kind, page.items)
+        if view is None:
+            return ObjectPage(items=items, next_cursor=page.next_cursor)
+        if page.next_cursor is not None:
+            response.headers["Link"] = _next_link(request, limit, page.next_cursor)
+        return items
 
     def get_object(
         request: Request,
@@ -166,12 +232,12 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         name: str,
         principal: Annotated[Principal, Depends(require(Permission.READ))],
         version: Annotated[str | None, Query(max_length=20, pattern=VERSION_FILTER)] = None,
-    ) -> ObjectOut:
+    ) -> Any:
         ctl = controller_of(request)
         with ctl.session() as db:
             obj = store.get_object(db, kind.name, name, version)
-        response.headers["ETag"] = obj.etag
-        return object_out(obj)
+            response.headers["ETag"] = obj.etag
+            return present(db, kind, [obj])[0]
 
     def create_object(
         request: Request,
@@ -179,7 +245,7 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         body: Any,
         raw: Annotated[Any, Depends(raw_body)],
         principal: Annotated[Principal, Depends(require(write_perm))],
-    ) -> ObjectOut:
+    ) -> Any:
         ctl = controller_of(request)
         data = raw
         if kind.name == "ruleset":
@@ -192,8 +258,7 @@ def _routes(r: APIRouter, kind: Kind) -> None:
 
         obj = write(ctl, kind.name, run, principal, str(data.get("name", "")))
         response.status_code = 201
-        response.headers["ETag"] = obj.etag
-        return object_out(obj)
+        return _answer(ctl, kind, obj, response)
 
     def replace_object(
         request: Request,
@@ -203,7 +268,7 @@ def _routes(r: APIRouter, kind: Kind) -> None:
         raw: Annotated[Any, Depends(raw_body)],
         principal: Annotated[Principal, Depends(require(write_perm))],
         if_match: Annotated[str | None, Header(max_length=200)] = None,
-    ) -> ObjectOut:
+    ) -> Any:
         ctl = controller_of(request)
         data = raw
 
@@ -216,8 +281,7 @@ def _routes(r: APIRouter, kind: Kind) -> None:
             return after
 
         obj = write(ctl, kind.name, run, principal, name)
-        response.headers["ETag"] = obj.etag
-        return object_out(obj)
+        return _answer(ctl, kind, obj, response)
 
     def delete_object(
         request: Request,
@@ -238,14 +302,14 @@ def _routes(r: APIRouter, kind: Kind) -> None:
 
     create_object.__annotations__["body"] = kind.body
     replace_object.__annotations__["body"] = kind.body
-    r.add_api_route(path, list_objects, methods=["GET"], tags=tag, responses=ERRORS,
+    r.add_api_route(path, list_objects, methods=["GET"], tags=tag, responses=ERRORS, response_model=list_model,
                     operation_id=f"list-{kind.path}", summary=f"List {kind.title.lower()}")
     r.add_api_route(path, create_object, methods=["POST"], tags=tag, responses=ERRORS, status_code=201,
-                    operation_id=f"create-{singular}", summary=f"Create a {singular}")
+                    response_model=one_model, operation_id=f"create-{singular}", summary=f"Create a {singular}")
     r.add_api_route(f"{path}/{{name}}", get_object, methods=["GET"], tags=tag, responses=ERRORS,
-                    operation_id=f"get-{singular}", summary=f"Get a {singular}")
+                    response_model=one_model, operation_id=f"get-{singular}", summary=f"Get a {singular}")
     r.add_api_route(f"{path}/{{name}}", replace_object, methods=["PUT"], tags=tag, responses=ERRORS,
-                    operation_id=f"replace-{singular}", summary=f"Replace a {singular}")
+                    response_model=one_model, operation_id=f"replace-{singular}", summary=f"Replace a {singular}")
     r.add_api_route(f"{path}/{{name}}", delete_object, methods=["DELETE"], tags=tag, responses=ERRORS,
                     status_code=204, operation_id=f"delete-{singular}", summary=f"Delete a {singular}")
 

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
+from stockade.model.pairing import DEFAULT_CODE_TTL, MAX_CODE_TTL, MAX_USES, MIN_CODE_TTL
 from stockade.model.rules import ConsumerScope
 from stockade.model.workloads import EnforcementMode
 
@@ -167,6 +168,23 @@ class NetworkPolicyBody(Body):
     problems: list[Text] = Field(default_factory=list, max_length=100)
 
 
+class PairingProfileBody(Body):
+    """What an enrolled host becomes (preset labels and mode) and how far its codes reach
+    (``stockade.codec.pairing_body``)."""
+
+    name: Name
+    labels: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_LABELS,
+                                     description="labels of every workload its codes create")
+    mode: EnforcementMode = EnforcementMode.VISIBILITY
+    expires_at: dt.datetime | None = None
+    max_uses: Annotated[StrictInt, Field(ge=1, le=MAX_USES)] | None = None
+    enabled: bool = True
+    description: Text = ""
+    code_max_uses: Annotated[StrictInt, Field(ge=1, le=MAX_USES, description="enrolments one code allows")] = 1
+    code_ttl_seconds: Annotated[StrictInt, Field(ge=MIN_CODE_TTL, le=MAX_CODE_TTL,
+                                                 description="lifetime of a new code")] = DEFAULT_CODE_TTL
+
+
 # ---- responses and other requests -------------------------------------------
 
 
@@ -184,6 +202,15 @@ class ObjectOut(BaseModel):
 class ObjectPage(BaseModel):
     items: list[ObjectOut]
     next_cursor: str | None = None
+
+
+class PairingProfileOut(PairingProfileBody):
+    """A pairing profile as its routes have always answered: the body's fields at the top, with
+    the use counter (counted by enrolment, outside the ETag), the revision and the ETag."""
+
+    uses: int
+    revision: int
+    etag: str
 
 
 class FieldIssue(BaseModel):

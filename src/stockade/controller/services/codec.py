@@ -3,7 +3,8 @@
 Each :class:`Kind` names a stored object kind, its URL path, its Pydantic body (the
 OpenAPI schema and the wire gate), whether it is part of the provisioned policy
 (``POLICY``: edited in the draft, frozen in versions) or of the live inventory
-(``INVENTORY``: label keys and workloads take effect at once, as in Illumio), and the two
+(``INVENTORY``: label keys and workloads take effect at once, as in Illumio) or of enrolment
+(``ENROLMENT``: pairing profiles, live but outside the policy), and the two
 conversions. Both are the one document codec shared with the YAML loader
 (:mod:`stockade.codec.bodies`): ``decode`` performs every check about one object and raises
 :class:`~stockade.errors.ValidationError` with one :class:`~stockade.errors.Issue` per bad
@@ -38,6 +39,10 @@ ip_list_to = bodies.ip_list_body
 class Scope(Enum):
     POLICY = "policy"  # draft + provisioned versions
     INVENTORY = "inventory"  # live
+    # live, outside the policy document and the compiled policy: its effect comes later (a pairing
+    # profile's labels reach a workload only when an agent enrols), so a label scope cannot judge
+    # it by compiled effect and a label-scoped principal may not write it
+    ENROLMENT = "enrolment"
 
 
 # ---- registry -------------------------------------------------------------------
@@ -64,6 +69,12 @@ class Kind:
     def canonical(self, data: Any) -> dict[str, Any]:
         return self.encode(self.decode(data))
 
+    @property
+    def scope_checked(self) -> bool:
+        """Whether a label-scoped principal's write is judged by its compiled effect
+        (:mod:`stockade.controller.services.scope`); writes of other kinds refuse it."""
+        return self.scope is not Scope.ENROLMENT
+
 
 KINDS: tuple[Kind, ...] = (
     Kind("label_key", "label-keys", "Label keys", Scope.INVENTORY, s.LabelKeyBody),
@@ -75,6 +86,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("deny_rule", "deny-rules", "Deny rules", Scope.POLICY, s.DenyRuleBody),
     Kind("failsafe", "failsafe", "Failsafe", Scope.POLICY, s.FailsafeBody),
     Kind("network_policy", "network-policies", "Kubernetes NetworkPolicies", Scope.INVENTORY, s.NetworkPolicyBody),
+    Kind("pairing_profile", "pairing-profiles", "Pairing profiles", Scope.ENROLMENT, s.PairingProfileBody),
 )
 KIND_BY_NAME: dict[str, Kind] = {k.name: k for k in KINDS}
 POLICY_KINDS = tuple(k.name for k in KINDS if k.scope is Scope.POLICY)

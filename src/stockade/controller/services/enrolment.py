@@ -41,7 +41,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from stockade import agent_signature as sig
-from stockade.controller.services import auth, replicas
+from stockade.controller.services import auth, codec, replicas
 from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import ForbiddenError
 from stockade.controller.services.compiler_txn import CompilerTxn
@@ -53,120 +53,39 @@ from stockade.controller.storage.db import (
     AgentRow,
     ObjectAddressRow,
     ObjectRow,
-    PairingProfileRow,
+    PairingProfileUsesRow,
     utcnow,
 )
 from stockade.errors import ConflictError, Issue, NotFoundError, ValidationError
+from stockade.model.pairing import DEFAULT_CODE_TTL, MAX_CODE_TTL, PairingProfile
 
-DEFAULT_CODE_TTL = 86400
-MAX_CODE_TTL = 365 * 86400
+__all__ = ["DEFAULT_CODE_TTL", "MAX_CODE_TTL"]  # the bounds of a code, re-exported for the request bodies
 
 
 # ---- pairing profiles --------------------------------------------------------------------
+# A pairing profile is an object of kind ``pairing_profile`` (created, edited, listed and audited
+# through the generic object skeleton, :mod:`stockade.controller.api.objects`); enrolment keeps
+# its use counter (``pairing_profile_uses``) and its activation codes, which go with the object.
+
+PROFILE_KIND = codec.KIND_BY_NAME["pairing_profile"]
 
 
-@dataclass(frozen=True)
-class ProfileSettings:
-    """What an admin sets on a pairing profile (everything but the use counter)."""
-
-    name: str
-    labels: Mapping[str, str]
-    mode: str
-    expires_at: dt.datetime | None
-    max_uses: int | None
-    enabled: bool
-    description: str
-    code_max_uses: int = 1
-    code_ttl_seconds: int = DEFAULT_CODE_TTL
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "labels": dict(self.labels), "mode": self.mode,
-                "expires_at": self.expires_at.isoformat() if self.expires_at else None,
-                "max_uses": self.max_uses, "enabled": self.enabled, "description": self.description,
-                "code_max_uses": self.code_max_uses, "code_ttl_seconds": self.code_ttl_seconds}
-
-
-def as_utc(value: dt.datetime | None) -> dt.datetime | None:
-    """As stored (and read back) on every backend, so an ETag is the same before and after a reload."""
-    if value is None:
-        return None
-    return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
-def profile_settings(p: PairingProfileRow) -> ProfileSettings:
-    return ProfileSettings(p.name, dict(p.labels), p.mode, as_utc(p.expires_at), p.max_uses, p.enabled,
-                           p.description, p.code_max_uses, p.code_ttl_seconds)
-
-
-def profile_etag(p: PairingProfileRow) -> str:
-    """Revision + digest of the settings and creation time (not ``uses``, which enrolment counts)."""
-    state = {**profile_settings(p).to_json(), "created_at": p.created_at.astimezone(dt.UTC).isoformat()}
-    return store.etag_of(p.revision, state)
-
-
-def _check_profile_labels(db: Session, labels: Mapping[str, str]) -> None:
-    keys = store.draft_objects(db, ("label_key",))["label_key"]
-    issues = []
-    for k, v in sorted(labels.items()):
-        if k not in keys:
-            issues.append(Issue("api", 0, f"labels.{k}", f"unknown label key {k!r}"))
-        elif keys[k]["values"] and v not in keys[k]["values"]:
-            issues.append(Issue("api", 0, f"labels.{k}", f"value {v!r} not allowed"))
-    if issues:
-        raise ValidationError(issues)
-
-
-def list_profiles(db: Session) -> list[PairingProfileRow]:
-    return list(db.scalars(select(PairingProfileRow).order_by(PairingProfileRow.name)))
-
-
-def get_profile(db: Session, name: str) -> PairingProfileRow:
-    row = db.get(PairingProfileRow, name)
+def _profile(db: Session, name: str) -> tuple[ObjectRow, PairingProfile]:
+    row = db.scalars(select(ObjectRow).where(ObjectRow.kind == PROFILE_KIND.name, ObjectRow.name == name)
+                     ).one_or_none()
     if row is None:
         raise NotFoundError(f"no pairing profile {name!r}")
-    return row
+    return row, PROFILE_KIND.decode(row.body)
 
 
-def create_profile(db: Session, s: ProfileSettings, actor: str) -> PairingProfileRow:
-    if db.get(PairingProfileRow, s.name) is not None:
-        raise ConflictError(f"pairing profile {s.name!r} exists")
-    _check_profile_labels(db, s.labels)
-    row = PairingProfileRow(name=s.name, labels=dict(s.labels), mode=s.mode, expires_at=as_utc(s.expires_at),
-                            max_uses=s.max_uses, uses=0, enabled=s.enabled, description=s.description,
-                            code_max_uses=s.code_max_uses, code_ttl_seconds=s.code_ttl_seconds,
-                            revision=1, created_at=utcnow())
-    db.add(row)
-    db.flush()
-    record_event(db, actor, "pairing_profile.create", "pairing_profile", s.name, None, s.to_json())
-    return row
-
-
-def replace_profile(db: Session, name: str, s: ProfileSettings, if_match: str | None, actor: str) -> PairingProfileRow:
-    if s.name != name:
-        raise ValidationError([Issue("api", 0, "name", "body name differs from the URL")])
-    row = get_profile(db, name)
-    store.check_if_match(if_match, profile_etag(row))
-    before = profile_settings(row).to_json()
-    wanted = ProfileSettings(**{**s.__dict__, "expires_at": as_utc(s.expires_at), "labels": dict(s.labels)})
-    after = wanted.to_json()
-    if after == before:
-        return row
-    _check_profile_labels(db, s.labels)
-    row.labels, row.mode, row.expires_at = dict(s.labels), s.mode, wanted.expires_at
-    row.max_uses, row.enabled, row.description = s.max_uses, s.enabled, s.description
-    row.code_max_uses, row.code_ttl_seconds = s.code_max_uses, s.code_ttl_seconds
-    row.revision += 1
-    record_event(db, actor, "pairing_profile.update", "pairing_profile", name, before, after)
-    return row
-
-
-def delete_profile(db: Session, name: str, if_match: str | None, actor: str) -> None:
-    row = get_profile(db, name)
-    store.check_if_match(if_match, profile_etag(row))
-    for code in db.scalars(select(ActivationCodeRow).where(ActivationCodeRow.profile == name)):
-        db.delete(code)
-    db.delete(row)
-    record_event(db, actor, "pairing_profile.delete", "pairing_profile", name, None, None)
+def profile_uses(db: Session, names: Sequence[str]) -> dict[str, int]:
+    """Enrolments counted so far, per pairing profile name (for the profiles' answers)."""
+    if not names:
+        return {}
+    q = (select(ObjectRow.name, PairingProfileUsesRow.uses)
+         .join(PairingProfileUsesRow, PairingProfileUsesRow.object_id == ObjectRow.id)
+         .where(ObjectRow.kind == PROFILE_KIND.name, ObjectRow.name.in_(sorted(set(names)))))
+    return {str(n): int(u) for n, u in db.execute(q)}
 
 
 # ---- activation codes --------------------------------------------------------------------
@@ -185,7 +104,7 @@ class IssuedCode:
 def issue_code(db: Session, profile: str, actor: str, *, max_uses: int | None = None,
                ttl_seconds: int | None = None, workload: str | None = None) -> IssuedCode:
     """A new code of ``profile``; ``workload`` makes it an adoption code for that one workload."""
-    p = get_profile(db, profile)
+    row, p = _profile(db, profile)
     uses = p.code_max_uses if max_uses is None else max_uses
     ttl = p.code_ttl_seconds if ttl_seconds is None else ttl_seconds
     issues = []
@@ -202,7 +121,7 @@ def issue_code(db: Session, profile: str, actor: str, *, max_uses: int | None = 
     code_id = secrets.token_hex(6)
     code = f"act_{secrets.token_urlsafe(24)}"
     expires = utcnow() + dt.timedelta(seconds=ttl)
-    db.add(ActivationCodeRow(id=code_id, code_hash=auth.sha256(code), profile=profile, created_at=utcnow(),
+    db.add(ActivationCodeRow(id=code_id, code_hash=auth.sha256(code), profile_id=row.id, created_at=utcnow(),
                              revoked=False, max_uses=uses, uses=0, expires_at=expires, workload=workload))
     record_event(db, actor, "activation_code.create", "pairing_profile", profile, None,
                  {"id": code_id, "max_uses": uses, "expires_at": expires.isoformat(), "workload": workload})
@@ -210,20 +129,21 @@ def issue_code(db: Session, profile: str, actor: str, *, max_uses: int | None = 
 
 
 def list_codes(db: Session, profile: str) -> list[ActivationCodeRow]:
-    get_profile(db, profile)
-    q = select(ActivationCodeRow).where(ActivationCodeRow.profile == profile).order_by(ActivationCodeRow.created_at)
+    row, _p = _profile(db, profile)
+    q = select(ActivationCodeRow).where(ActivationCodeRow.profile_id == row.id).order_by(ActivationCodeRow.created_at)
     return list(db.scalars(q))
 
 
 def revoke_code(db: Session, profile: str, code_id: str, actor: str) -> None:
+    owner, _p = _profile(db, profile)
     row = db.get(ActivationCodeRow, code_id)
-    if row is None or row.profile != profile:
+    if row is None or row.profile_id != owner.id:
         raise NotFoundError(f"no activation code {code_id!r} in profile {profile!r}")
     row.revoked = True
     record_event(db, actor, "activation_code.revoke", "pairing_profile", profile, None, {"id": code_id})
 
 
-def _use_code(db: Session, code_text: str) -> tuple[ActivationCodeRow, PairingProfileRow]:
+def _use_code(db: Session, code_text: str) -> tuple[ActivationCodeRow, PairingProfile]:
     """Count one use of a code and of its profile, or refuse (403) saying why."""
     code = db.scalars(select(ActivationCodeRow).where(ActivationCodeRow.code_hash == auth.sha256(code_text))
                       ).one_or_none()
@@ -232,10 +152,13 @@ def _use_code(db: Session, code_text: str) -> tuple[ActivationCodeRow, PairingPr
     now = utcnow()
     if code.expires_at is not None and code.expires_at <= now:
         raise ForbiddenError("the activation code has expired")
-    profile = db.get(PairingProfileRow, code.profile)
-    if profile is None or not profile.enabled:
+    row = db.get(ObjectRow, code.profile_id)
+    if row is None or row.kind != PROFILE_KIND.name:
         raise ForbiddenError("the pairing profile is disabled")
-    if profile.expires_at is not None and profile.expires_at <= now:
+    profile: PairingProfile = PROFILE_KIND.decode(row.body)
+    if not profile.enabled:
+        raise ForbiddenError("the pairing profile is disabled")
+    if profile.expired(now):
         raise ForbiddenError("the pairing profile has expired")
     used = db.execute(
         update(ActivationCodeRow).where(ActivationCodeRow.id == code.id)
@@ -244,11 +167,10 @@ def _use_code(db: Session, code_text: str) -> tuple[ActivationCodeRow, PairingPr
     )
     if getattr(used, "rowcount", 0) != 1:
         raise ForbiddenError("the activation code is used up")
-    used = db.execute(
-        update(PairingProfileRow).where(PairingProfileRow.name == profile.name)
-        .where(PairingProfileRow.max_uses.is_(None) | (PairingProfileRow.uses < PairingProfileRow.max_uses))
-        .values(uses=PairingProfileRow.uses + 1)
-    )
+    counted = update(PairingProfileUsesRow).where(PairingProfileUsesRow.object_id == row.id)
+    if profile.max_uses is not None:
+        counted = counted.where(PairingProfileUsesRow.uses < profile.max_uses)
+    used = db.execute(counted.values(uses=PairingProfileUsesRow.uses + 1))
     if getattr(used, "rowcount", 0) != 1:
         raise ForbiddenError("the pairing profile is used up")
     return code, profile
@@ -327,7 +249,7 @@ def enrol(dist: PolicyDistributor, keys: AgentKeyRing, req: EnrolRequest) -> Enr
         taken = _owned_elsewhere(db, name, req.interfaces)
         interfaces = _without(req.interfaces, taken)
         if current is None:
-            data = {"name": name, "labels": dict(profile.labels), "interfaces": interfaces, "mode": profile.mode}
+            data = {"name": name, "labels": profile.label_map(), "interfaces": interfaces, "mode": profile.mode.value}
             obj = store.create_object(db, "workload", data, actor)
         else:
             _b, obj = store.replace_object(db, "workload", name, {**current.body, "interfaces": interfaces}, actor)

@@ -99,7 +99,9 @@ def _checked_routes() -> frozenset[tuple[str, str]]:
     out = {("PUT", "/workloads/{name}/mode"), ("PUT", "/policy/draft"), ("POST", "/flows/suggestions/accept"),
            ("POST", "/policy/provision"), ("POST", "/policy/rollback")}
     for kind in KINDS:
-        out |= {("POST", f"/{kind.path}"), ("PUT", f"/{kind.path}/{{name}}"), ("DELETE", f"/{kind.path}/{{name}}")}
+        if kind.scope_checked:
+            out |= {("POST", f"/{kind.path}"), ("PUT", f"/{kind.path}/{{name}}"),
+                    ("DELETE", f"/{kind.path}/{{name}}")}
     return frozenset(out)
 
 

@@ -1,16 +1,18 @@
 """Relational storage of the controller: SQLAlchemy 2 tables, engine set-up and migrations.
 
 Storage layout (why a generic object table):
-every policy and inventory kind (label keys, label groups, workloads, IP lists, services,
-rulesets, deny rules, the failsafe settings) shares one lifecycle: a name, a JSON body
+every policy, inventory and enrolment kind (label keys, label groups, workloads, IP lists,
+services, rulesets, deny rules, the failsafe settings, NetworkPolicies, pairing profiles) shares
+one lifecycle: a name, a JSON body
 validated by the domain codec (:mod:`stockade.controller.services.codec`), a revision + ETag for
 optimistic concurrency, an audit event per change, and (for policy kinds) a copy frozen in
 each provisioned version. One ``objects`` table with ``(kind, name)`` unique keeps that
 lifecycle in one code path (NetBox's "every resource has the same skeleton") and makes a
 version snapshot a plain ``{kind: {name: body}}`` document. The one query that needs to look
 inside bodies, filtering workloads by label, is served by the indexed side table
-``object_labels``. Kinds with their own life (agents, pairing profiles, users, keys,
-sessions, events, versions, per-host revisions) have their own tables.
+``object_labels``. Kinds with their own life (agents, activation codes, users, keys,
+sessions, events, versions, per-host revisions) have their own tables; so has enrolment's use
+counter of each pairing profile (``pairing_profile_uses``).
 
 SQLite (the embedded default) runs in WAL mode with foreign keys on; PostgreSQL is selected
 by URL. The schema is created and upgraded by Alembic (:func:`migrate`) at start-up.
@@ -178,32 +180,28 @@ class SessionRow(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(_ts())
 
 
-class PairingProfileRow(Base):
-    __tablename__ = "pairing_profiles"
+class PairingProfileUsesRow(Base):
+    """How many enrolments a pairing profile (an ``objects`` row of kind ``pairing_profile``) has
+    counted: enrolment's state, kept outside the profile's body so that it never makes an
+    operator's ETag stale."""
 
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    mode: Mapped[str] = mapped_column(String(16))
-    expires_at: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
-    max_uses: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    __tablename__ = "pairing_profile_uses"
+
+    object_id: Mapped[int] = mapped_column(ForeignKey("objects.id", ondelete="CASCADE"), primary_key=True)
     uses: Mapped[int] = mapped_column(Integer, default=0)
-    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    description: Mapped[str] = mapped_column(Text, default="")
-    revision: Mapped[int] = mapped_column(Integer, default=1)
-    created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
-    code_max_uses: Mapped[int] = mapped_column(Integer, default=1)  # enrolments per activation code
-    code_ttl_seconds: Mapped[int] = mapped_column(Integer, default=86400)  # lifetime of a new code
 
 
 class ActivationCodeRow(Base):
-    """An activation code: only its SHA-256 is kept. ``workload`` binds it to one workload name
-    (an adoption code: the only way an enrolment may take over an existing workload)."""
+    """An activation code: only its SHA-256 is kept. It belongs to one pairing profile object (and
+    goes with it: a profile deleted and created again under its name has none of the old codes).
+    ``workload`` binds it to one workload name (an adoption code: the only way an enrolment may
+    take over an existing workload)."""
 
     __tablename__ = "activation_codes"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     code_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    profile: Mapped[str] = mapped_column(ForeignKey("pairing_profiles.name", ondelete="CASCADE"))
+    profile_id: Mapped[int] = mapped_column(ForeignKey("objects.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     max_uses: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: codes made before 0008

@@ -3,7 +3,8 @@
 Every write runs in the caller's transaction (a SQLAlchemy ``Session``), checks ``If-Match``
 against the current ETag (:class:`StaleRevisionError` -> HTTP 412), validates the body through
 the codec and the cross-references of the whole draft (``Policy.validate``), keeps the label and
-address side tables of workloads in step, and records an audit event with before/after bodies.
+address side tables of workloads (and the use counter of pairing profiles) in step, and records
+an audit event with before/after bodies.
 
 Policy kinds are edited in the draft (the ``objects`` table); reads may also name a provisioned
 version (``version=active`` or a number), which are served from the version's frozen content.
@@ -28,6 +29,7 @@ from stockade.controller.storage.db import (
     ObjectAddressRow,
     ObjectLabelRow,
     ObjectRow,
+    PairingProfileUsesRow,
     VersionRow,
     utcnow,
 )
@@ -226,7 +228,8 @@ def validate_draft(db: Session, override: Mapping[str, Mapping[str, Any]] | None
     return codec.build_policy(objects).validate("api")
 
 
-def _check_workload_labels(db: Session, body: Mapping[str, Any]) -> None:
+def _check_labels(db: Session, body: Mapping[str, Any]) -> None:
+    """Labels of a workload, or of the workloads a pairing profile creates: declared keys and values."""
     keys = draft_objects(db, ("label_key",))["label_key"]
     issues = []
     for key, value in sorted(body.get("labels", {}).items()):
@@ -274,6 +277,8 @@ def _check_draft(db: Session, kind: str, name: str, body: Mapping[str, Any] | No
 
 
 def _sync_side_tables(db: Session, row: ObjectRow) -> None:
+    if row.kind == "pairing_profile" and db.get(PairingProfileUsesRow, row.id) is None:
+        db.add(PairingProfileUsesRow(object_id=row.id, uses=0))  # enrolment counts here
     if row.kind != "workload":
         return
     db.execute(delete(ObjectLabelRow).where(ObjectLabelRow.object_id == row.id))
@@ -298,8 +303,8 @@ def _sync_side_tables(db: Session, row: ObjectRow) -> None:
 
 
 def _validate_write(db: Session, kind: str, name: str, body: dict[str, Any]) -> None:
-    if kind == "workload":
-        _check_workload_labels(db, body)
+    if kind in ("workload", "pairing_profile"):
+        _check_labels(db, body)
     elif kind == "label_key":
         if _row(db, kind, name) is not None:
             _check_label_key_change(db, name, body)

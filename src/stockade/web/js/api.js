@@ -64,14 +64,21 @@ export const post = async (path, body) => (await request("POST", path, { body })
 export const put = async (path, body, etag) => (await request("PUT", path, { body, etag })).data;
 export const del = async (path, etag) => (await request("DELETE", path, { etag })).data;
 
-/** Every item of a cursor-paginated list (ObjectPage / EventPage shapes). */
+/** Every item of a cursor-paginated list: ObjectPage / EventPage shapes, or a bare array whose
+ * next page a `Link: <...?cursor=C>; rel="next"` header names (pairing profiles). */
 export async function listAll(path, params = {}, max = 100000) {
   const out = [];
   let cursor = null;
   do {
-    const page = await get(path, { ...params, limit: 500, cursor });
-    out.push(...page.items);
-    cursor = page.next_cursor;
+    const { data, response } = await request("GET", path, { params: { ...params, limit: 500, cursor } });
+    if (Array.isArray(data)) {
+      out.push(...data);
+      const next = /<[^>]*[?&]cursor=([^&>]+)[^>]*>;\s*rel="next"/.exec(response.headers.get("Link") || "");
+      cursor = next ? decodeURIComponent(next[1]) : null;
+    } else {
+      out.push(...data.items);
+      cursor = data.next_cursor;
+    }
   } while (cursor && out.length < max);
   return out;
 }

@@ -10,41 +10,15 @@ from pydantic import BaseModel, Field
 from stockade.controller.api.dto import Strict
 from stockade.controller.api.schemas import (
     MAX_INTERFACES,
-    MAX_LABELS,
     NAME_PATTERN,
     InterfaceBody,
     StrictInt,
-    Text,
 )
 from stockade.controller.services import enrolment
-from stockade.model.workloads import EnforcementMode
 
 PublicKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}$", description="Ed25519, base64url, no padding")]
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-
-
-class PairingProfileIn(Strict):
-    name: Name
-    labels: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_LABELS)
-    mode: EnforcementMode = EnforcementMode.VISIBILITY
-    expires_at: dt.datetime | None = None
-    max_uses: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
-    enabled: bool = True
-    description: Text = ""
-    code_max_uses: Annotated[StrictInt, Field(ge=1, le=1_000_000, description="enrolments one code allows")] = 1
-    code_ttl_seconds: Annotated[StrictInt, Field(ge=60, le=enrolment.MAX_CODE_TTL,
-                                                 description="lifetime of a new code")] = enrolment.DEFAULT_CODE_TTL
-
-    def settings(self) -> enrolment.ProfileSettings:
-        return enrolment.ProfileSettings(self.name, self.labels, self.mode.value, self.expires_at, self.max_uses,
-                                         self.enabled, self.description, self.code_max_uses, self.code_ttl_seconds)
-
-
-class PairingProfileOut(PairingProfileIn):
-    uses: int
-    revision: int
-    etag: str
 
 
 class CodeIn(Strict):

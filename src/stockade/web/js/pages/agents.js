@@ -67,7 +67,7 @@ function codeDialog(profile, code) {
 }
 
 async function renderProfiles(box, ctx) {
-  const profiles = await api.get("/pairing-profiles");
+  const profiles = await api.listAll("/pairing-profiles");
   replace(box, h("h2", { id: "profiles-h" }, "Pairing profiles"),
     h("p", { class: "muted" }, "A profile presets the labels and mode of the workloads its activation codes enrol."),
     table([
