@@ -22,6 +22,7 @@ Create Date: 2026-12-05
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -48,9 +49,9 @@ CODE_COLUMNS = ("id", "code_hash", "created_at", "revoked", "max_uses", "uses", 
 def _utc(value: Any) -> dt.datetime | None:
     if value is None:
         return None
-    if isinstance(value, str):  # SQLite without a type hint
-        value = dt.datetime.fromisoformat(value)
-    return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    when = dt.datetime.fromisoformat(value) if isinstance(value, str) else value  # str: SQLite, untyped
+    assert isinstance(when, dt.datetime)
+    return when.astimezone(dt.UTC) if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def _body(row: Any) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def _code_columns(profile: sa.Column) -> list[Any]:  # type: ignore[type-arg]
     ]
 
 
-def _copy_codes(new_table: str, profile_column: str, profile_value: dict[str, Any]) -> None:
+def _copy_codes(new_table: str, profile_column: str, profile_value: Mapping[Any, Any]) -> None:
     """Copy ``activation_codes`` into ``new_table`` (mapping each code's profile), then swap them."""
     conn = op.get_bind()
     old_key = "profile_id" if profile_column == "profile" else "profile"
