@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from stockade.backends.base import Capability, check_delta_capabilities
 from stockade.backends.common import PORT_MAX, TYPE_MAX, entry_bounds, limit_of
 from stockade.compiler.delta import apply_set_deltas as strict_apply_set_deltas
 from stockade.compiler.ir import HostPolicy, SetDelta
@@ -253,3 +254,17 @@ def apply_set_deltas(hp: HostPolicy, deltas: Sequence[SetDelta]) -> HostPolicy:
         return strict_apply_set_deltas(hp, deltas)
     except ConflictError as exc:
         raise ApplyError(str(exc)) from exc
+
+
+def policy_after_deltas(backend: str, capabilities: frozenset[Capability], applied: HostPolicy | None,
+                        deltas: tuple[SetDelta, ...]) -> HostPolicy | None:
+    """The start of ``apply_delta`` for a backend that recomputes from the host policy (no native
+    sets): ``deltas`` checked against its capabilities (fail closed), then the policy it last
+    applied (``applied``) with them applied; None when there is nothing to do. Refused
+    (:class:`ApplyError`) before a full policy was applied."""
+    check_delta_capabilities(backend, capabilities, deltas)
+    if not deltas:
+        return None
+    if applied is None:
+        raise ApplyError("no policy applied by this backend yet: apply a full policy first")
+    return apply_set_deltas(applied, deltas)

@@ -28,10 +28,10 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
+from stockade.backends.base import Capability, check_capabilities
 from stockade.backends.common import CommandResult, Executor, executor_with_timeout
 from stockade.backends.ipfilter.render import BACKEND_NAME, MAX_POOLS, IpfilterArtifact, Slot, render_ipfilter
-from stockade.backends.setalgebra import apply_set_deltas
+from stockade.backends.setalgebra import policy_after_deltas
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family
@@ -149,13 +149,11 @@ class IpfilterBackend:
         self._applied = (artifact, slot) if artifact.present else None
 
     def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
-        check_delta_capabilities(self.name, self.capabilities, deltas)
-        if not deltas:
+        new_hp = policy_after_deltas(self.name, self.capabilities,
+                                     self._applied[0].host_policy if self._applied else None, deltas)
+        if new_hp is None or self._applied is None:
             return
-        if self._applied is None:
-            raise ApplyError("no policy applied by this backend yet: apply a full policy first")
         artifact, slot = self._applied
-        new_hp = apply_set_deltas(artifact.host_policy, deltas)
         if self.inline_v6 and any(d.family is Family.V6 for d in deltas):
             self.apply(render_ipfilter(new_hp, self.loopback, inline_v6=True))
             return

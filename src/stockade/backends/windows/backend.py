@@ -19,9 +19,9 @@ import json
 import os
 import tempfile
 
-from stockade.backends.base import Capability, check_capabilities, check_delta_capabilities
+from stockade.backends.base import Capability, check_capabilities
 from stockade.backends.common import CommandResult, Executor, executor_with_timeout
-from stockade.backends.setalgebra import apply_set_deltas
+from stockade.backends.setalgebra import policy_after_deltas
 from stockade.backends.windows.model import (
     BACKEND_NAME,
     OtherProtocols,
@@ -95,13 +95,10 @@ class WindowsFirewallBackend:
         self._applied = artifact if artifact.plan.present else None
 
     def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
-        check_delta_capabilities(self.name, self.capabilities, deltas)
-        if not deltas:
-            return
-        if self._applied is None:
-            raise ApplyError("no policy applied by this backend yet: apply a full policy first")
         artifact = self._applied
-        new_hp = apply_set_deltas(artifact.host_policy, deltas)
+        new_hp = policy_after_deltas(self.name, self.capabilities, artifact.host_policy if artifact else None, deltas)
+        if new_hp is None or artifact is None:
+            return
         if artifact.plan.peer_mode is PeerMode.ADDRESS_LISTS:
             new = render_windows(new_hp, artifact.plan.peer_mode, self.other_protocols)
             self.runner.run(new.to_text())
