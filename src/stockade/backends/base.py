@@ -72,6 +72,10 @@ class Capability(Enum):
     ENCRYPT = "WireGuard encryption (encrypt: true)"  # never sent in the clear where it is missing
 
 
+WITHOUT_ENCRYPTION: frozenset[Capability] = frozenset(Capability) - {Capability.ENCRYPT}
+"""Every feature but ``encrypt: true``: the backends with no WireGuard datapath (encrypted rules fail closed)."""
+
+
 class Artifact(Protocol):
     """What a renderer produces: a value that can be printed and applied."""
 

@@ -63,6 +63,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stockade.backends.base import (
+    WITHOUT_ENCRYPTION,
     Capability,
     EventFlows,
     VerifyReport,
@@ -101,7 +102,7 @@ from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family
 
-EBPF_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
+EBPF_CAPABILITIES = WITHOUT_ENCRYPTION
 DEFAULT_PREF = 1000
 DEFAULT_FLOW_CAPACITY = 65536
 HOST_DIR = "_host"

@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from stockade.backends.base import Capability, check_capabilities
+from stockade.backends.base import WITHOUT_ENCRYPTION, Capability, check_capabilities
 from stockade.backends.common import CommandResult, Executor, executor_with_timeout
 from stockade.backends.ipfilter.render import BACKEND_NAME, MAX_POOLS, IpfilterArtifact, Slot, render_ipfilter
 from stockade.backends.setalgebra import policy_after_deltas
@@ -36,7 +36,7 @@ from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family
 
-IPFILTER_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
+IPFILTER_CAPABILITIES = WITHOUT_ENCRYPTION
 IPF_TIMEOUT_S = 120.0
 _POOL_NUMBER_RE = re.compile(r"(?:number|name)\s*=\s*(\d+)")
 

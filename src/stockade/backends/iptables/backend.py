@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stockade.backends.base import (
+    WITHOUT_ENCRYPTION,
     Capability,
     NflogFlows,
     VerifyReport,
@@ -64,7 +65,7 @@ from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, BackendError, RenderError
 from stockade.model.addresses import Family
 
-IPTABLES_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
+IPTABLES_CAPABILITIES = WITHOUT_ENCRYPTION
 FAMILIES = (Family.V4, Family.V6)
 
 

@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 
-from stockade.backends.base import Capability, check_capabilities
+from stockade.backends.base import WITHOUT_ENCRYPTION, Capability, check_capabilities
 from stockade.backends.common import CommandResult, Executor, executor_with_timeout
 from stockade.backends.setalgebra import policy_after_deltas
 from stockade.backends.windows.model import (
@@ -33,7 +33,7 @@ from stockade.backends.windows.script import apply_script, delta_script, read_ba
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 
-WINDOWS_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
+WINDOWS_CAPABILITIES = WITHOUT_ENCRYPTION
 POWERSHELL_TIMEOUT_S = 600.0
 
 
