@@ -41,6 +41,7 @@ def test_canonical_labels_and_expiry_in_utc() -> None:
     ({"name": "x", "mode": "enforce"}, "mode"),
     ({"name": "x", "expires_at": "tomorrow"}, "expires_at"),
     ({"name": "x", "expires_at": 1700000000}, "expires_at"),
+    ({"name": "x", "expires_at": "9999-12-31T23:00:00-05:00"}, "expires_at"),
     ({"name": "x", "max_uses": 0}, "max_uses"),
     ({"name": "x", "max_uses": True}, "max_uses"),
     ({"name": "x", "code_max_uses": None}, "code_max_uses"),

@@ -59,14 +59,16 @@ def _int(issues: list[Issue], source: str, data: Mapping[str, Any], key: str, de
 
 
 def _expiry(issues: list[Issue], source: str, value: Any) -> dt.datetime | None:
-    if value is None or isinstance(value, dt.datetime):
-        return None if value is None else as_utc(value)
-    if isinstance(value, str) and len(value) <= 64:
-        try:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, dt.datetime):
+            return as_utc(value)
+        if isinstance(value, str) and len(value) <= 64:
             return as_utc(dt.datetime.fromisoformat(value))
-        except ValueError:
-            pass
-    issues.append(Issue(source, 0, "expires_at", "must be an ISO 8601 date and time, or null"))
+    except (ValueError, OverflowError):  # not a date, or beyond year 9999 once in UTC
+        pass
+    issues.append(Issue(source, 0, "expires_at", "must be an ISO 8601 date and time (in years 1-9999 UTC), or null"))
     return None
 
 
