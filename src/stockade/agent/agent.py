@@ -159,8 +159,9 @@ class Agent:
             self._flows.stop(timeout)
         if self.client is not None:
             self.client.close()
+        deadline = time.monotonic() + timeout  # one budget for all threads, not ``timeout`` each
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def request_stop(self) -> None:
         """Ask the agent to stop (safe from a signal handler); ``wait()`` then returns."""
