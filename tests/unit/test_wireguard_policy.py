@@ -15,6 +15,7 @@ import base64
 import hashlib
 import ipaddress
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,7 @@ from stockade.backends.base import Capability, check_capabilities
 from stockade.backends.f5.backend import F5_CAPABILITIES
 from stockade.backends.ipfilter.backend import IPFILTER_CAPABILITIES
 from stockade.backends.iptables.backend import IPTABLES_CAPABILITIES
+from stockade.backends.iptables.render import render_iptables
 from stockade.backends.nftables.backend import NFTABLES_CAPABILITIES
 from stockade.backends.nftables.render import render_nftables
 from stockade.backends.windows.backend import WINDOWS_CAPABILITIES
@@ -189,9 +191,9 @@ def test_compiler_peers_only_where_needed_and_json_round_trip() -> None:
 
 def test_backends_without_wireguard_fail_closed() -> None:
     hp = Compiler(shop()).host_policy("db-1")
-    assert Capability.ENCRYPT in NFTABLES_CAPABILITIES
+    assert Capability.ENCRYPT in NFTABLES_CAPABILITIES and Capability.ENCRYPT in IPTABLES_CAPABILITIES
     for name, caps in (("windows", WINDOWS_CAPABILITIES), ("ipfilter", IPFILTER_CAPABILITIES),
-                       ("f5", F5_CAPABILITIES), ("iptables", IPTABLES_CAPABILITIES)):
+                       ("f5", F5_CAPABILITIES)):
         with pytest.raises(UnsupportedFeatureError) as err:
             check_capabilities(name, caps, hp)
         assert "WireGuard" in str(err.value)
@@ -199,6 +201,10 @@ def test_backends_without_wireguard_fail_closed() -> None:
         render_nftables(hp)
     text = render_nftables(hp, wg_interface="stkwg0").to_text()
     assert 'iifname != "stkwg0"' in text and "type route hook output" in text
+    with pytest.raises(RenderError):  # iptables likewise: no interface, no rendering in the clear
+        render_iptables(hp)
+    text = render_iptables(hp, wg_interface="stkwg0").to_text()
+    assert "! -i stkwg0" in text and "*mangle" in text and "-j MARK --set-xmark 0x5745/0xffffffff" in text
 
 
 def test_malformed_public_keys_are_refused() -> None:
@@ -301,3 +307,14 @@ def test_incremental_with_keys_equals_full_recompile(policy: Policy, steps: list
                 assert before.get(name) == after.get(name), f"{name} changed without a delta"
             elif name in before and name in after and before[name].wireguard != after[name].wireguard:
                 assert touched[name].rules_changed  # a peer change reaches the host as a reload
+
+
+def test_agent_gives_every_encrypting_backend_its_wireguard_device(tmp_path: Path) -> None:
+    """A backend declaring ENCRYPT without a device would refuse every encrypted policy: the agent's
+    list must be exactly the registry's encrypting backends (iptables joined nftables)."""
+    from stockade.agent.main import ENCRYPTING_BACKENDS, make_backend
+    from stockade.backends.registry import BACKENDS
+
+    assert {n for n in BACKENDS if Capability.ENCRYPT in BACKENDS[n].capabilities} == ENCRYPTING_BACKENDS
+    for name in sorted(ENCRYPTING_BACKENDS):
+        assert make_backend(name, None, tmp_path).wireguard is not None

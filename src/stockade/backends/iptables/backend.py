@@ -60,11 +60,13 @@ from stockade.backends.iptables.scripts import (
     rollback_script,
     rules_script,
 )
+from stockade.backends.iptables.tunnel import MangleState, mangle_problems, mangle_script, parse_mangle_save
+from stockade.backends.wireguard import Tunnel, WireGuardDevice
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError, BackendError, RenderError
 from stockade.model.addresses import Family
 
-IPTABLES_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
+IPTABLES_CAPABILITIES = frozenset(Capability)  # encrypt: with a WireGuard device (else rendering refuses it)
 FAMILIES = (Family.V4, Family.V6)
 
 
@@ -74,6 +76,7 @@ class Snapshot:
 
     states: dict[Family, FilterState]
     sets: dict[str, IpsetHeader]
+    mangle: dict[Family, MangleState]
 
 
 class IptablesBackend:
@@ -92,6 +95,7 @@ class IptablesBackend:
         forward: bool = False,
         layout: Layout | str = Layout.LOOKUP,
         flow_log: bool = True,
+        wireguard: WireGuardDevice | None = None,
     ) -> None:
         try:
             self.variant = IptablesVariant(variant)
@@ -105,6 +109,9 @@ class IptablesBackend:
         self.flow_log = flow_log
         self.runner = IptablesRunner(self.variant, netns)
         self._names = ChainNames(self.prefix)
+        self.wireguard = wireguard  # the tunnel of encrypted rules (None: they fail to render)
+        self._tunnel = Tunnel(wireguard) if wireguard is not None else None
+        self._steering_maybe = True  # our mangle chains may exist (unknown until an apply looked)
 
     @property
     def set_prefix(self) -> str:
@@ -122,6 +129,7 @@ class IptablesBackend:
             log_group=self.log_group,
             layout=self.layout,
             flow_log=self.flow_log,
+            wg_interface=self.wireguard.name if self.wireguard is not None else None,
         )
 
     # ---- kernel ----------------------------------------------------------------------
@@ -137,8 +145,12 @@ class IptablesBackend:
             return
         r = self.runner
         load = artifact.ipset_load
-        save4, save6, loaded = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6), r.ipset_cmd(load.text)])
+        steering = bool(artifact.mangle) or self._steering_maybe  # read the mangle table only then
+        mangle_saves = [r.save_cmd(f, "mangle") for f in FAMILIES] if steering else []
+        save4, save6, loaded, *msaves = r.run_all(
+            [r.save_cmd(Family.V4), r.save_cmd(Family.V6), r.ipset_cmd(load.text), *mangle_saves])
         saves = {Family.V4: save4, Family.V6: save6}
+        mangle = {f: parse_mangle_save(res.stdout, self.prefix) for f, res in zip(FAMILIES, msaves, strict=False)}
         states = {f: parse_filter_save(res.stdout, self.prefix, f) for f, res in saves.items() if res.ok}
         before = frozenset(loaded.stdout.split())  # what ``list -n`` printed before any change
         if not loaded.ok:
@@ -146,12 +158,17 @@ class IptablesBackend:
             done = load.swapped[: max(0, line - load.swap_line)]
             self._undo_sets(done, artifact.sets, before)
             raise ApplyError(f"ipset refused the new sets (nothing changed): {loaded.message()}")
-        failed_save = [res for res in saves.values() if not res.ok]
+        failed_save = [res for res in (*saves.values(), *msaves) if not res.ok]
         if failed_save:
             self._undo_sets(artifact.sets, artifact.sets, before)
             raise ApplyError(f"cannot read the current rules (nothing changed): {failed_save[0].message()}")
 
-        scripts = {f: rules_script(artifact.ruleset(f), states[f], self.prefix) for f in FAMILIES}
+        # the filter table and the steering in one restore per family: the guards and the marks together
+        scripts = {
+            f: rules_script(artifact.ruleset(f), states[f], self.prefix)
+            + mangle_script(artifact.mangle_ruleset(f), mangle.get(f, MangleState({}, ())), self.prefix)
+            for f in FAMILIES
+        }
         results = self._restore(scripts)
         failed = [f for f, res in results.items() if not res.ok]
         if failed:
@@ -167,6 +184,10 @@ class IptablesBackend:
         keep = {s.name for s in artifact.sets}
         stale = sorted(n for n in before if n.startswith(self.set_prefix) and n not in keep)
         self._destroy_sets([*(s.temp_name for s in artifact.sets), *stale])
+        self._steering_maybe = bool(artifact.mangle)
+        # the rules first: their guards drop encrypted traffic outside the tunnel while it comes up
+        if self._tunnel is not None:
+            self._tunnel.apply(artifact.wireguard, artifact.local_addresses)
 
     def _restore(self, scripts: dict[Family, str]) -> dict[Family, Result]:
         """Load each family's rules script; the results of those that ran.
@@ -220,15 +241,19 @@ class IptablesBackend:
     def snapshot(self) -> Snapshot:
         """Our chains and jumps in both families, and our sets with their members."""
         r = self.runner
-        save4, save6, sets = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6), Command(("ipset", "save"))])
-        for res in (save4, save6, sets):
+        save4, save6, sets, mangle4, mangle6 = r.run_all([
+            r.save_cmd(Family.V4), r.save_cmd(Family.V6), Command(("ipset", "save")),
+            r.save_cmd(Family.V4, "mangle"), r.save_cmd(Family.V6, "mangle")])
+        for res in (save4, save6, sets, mangle4, mangle6):
             if not res.ok:
                 raise BackendError(res.message())
         states = {
             Family.V4: parse_filter_save(save4.stdout, self.prefix, Family.V4),
             Family.V6: parse_filter_save(save6.stdout, self.prefix, Family.V6),
         }
-        return Snapshot(states, parse_ipset_save(sets.stdout, self.set_prefix))
+        mangle = {Family.V4: parse_mangle_save(mangle4.stdout, self.prefix),
+                  Family.V6: parse_mangle_save(mangle6.stdout, self.prefix)}
+        return Snapshot(states, parse_ipset_save(sets.stdout, self.set_prefix), mangle)
 
     def read_back(self) -> str:
         """Our sets, chains and jumps as text (counter-free, sorted sets); "" when none exist."""
@@ -247,19 +272,30 @@ class IptablesBackend:
             for chain in state.chains:
                 lines.append(f":{chain.name}")
                 lines += [f"-A {chain.name} {rule}" for rule in chain.rules]
+        for family in FAMILIES:
+            mstate = snap.mangle[family]
+            if mstate.empty:
+                continue
+            lines.append(f"*mangle IPv{family.value}")
+            lines += [f"-A {hook} {spec}" for hook, spec in mstate.jumps]
+            for name, rules in mstate.chains.items():
+                lines.append(f":{name}")
+                lines += [f"-A {name} {rule}" for rule in rules]
         return "\n".join(lines) + "\n" if lines else ""
 
     def remove(self) -> None:
         """Delete our chains, every jump to them and our sets; touch nothing else. Idempotent."""
         r = self.runner
-        save4, save6 = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6)])
-        for res in (save4, save6):
+        save4, save6, mangle4, mangle6 = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6),
+                                                    r.save_cmd(Family.V4, "mangle"), r.save_cmd(Family.V6, "mangle")])
+        for res in (save4, save6, mangle4, mangle6):
             if not res.ok:
                 raise ApplyError(f"cannot read the current rules: {res.message()}")
         cmds = []
-        for family, res in ((Family.V4, save4), (Family.V6, save6)):
-            script = removal_script(parse_filter_save(res.stdout, self.prefix, family), self.prefix)
-            if script is not None:
+        for family, res, mres in ((Family.V4, save4, mangle4), (Family.V6, save6, mangle6)):
+            script = removal_script(parse_filter_save(res.stdout, self.prefix, family), self.prefix) or ""
+            script += mangle_script(None, parse_mangle_save(mres.stdout, self.prefix), self.prefix)
+            if script:
                 cmds.append(r.restore_cmd(family, script))
         failed = [res for res in (r.run_all(cmds) if cmds else []) if not res.ok]
         if failed:
@@ -269,6 +305,9 @@ class IptablesBackend:
         except BackendError as exc:
             raise ApplyError(str(exc)) from exc
         self._destroy_sets(sorted(names))
+        self._steering_maybe = False
+        if self._tunnel is not None:
+            self._tunnel.remove()
 
     def close(self) -> None:
         """Nothing is kept open between calls."""
@@ -287,10 +326,14 @@ class IptablesBackend:
                 state = snap.states[family]
                 problems += [f"IPv{family.value} chain {c.name} exists but should not" for c in state.chains]
                 problems += [f"IPv{family.value} {j.hook.value} jumps to {j.spec} but should not" for j in state.jumps]
+                problems += mangle_problems(None, snap.mangle[family], self.prefix)
             return VerifyReport(tuple(problems))
         problems += _set_problems(expected.sets, snap.sets)
         for family in FAMILIES:
             problems += self._chain_problems(expected, snap.states[family])
+            problems += mangle_problems(expected.mangle_ruleset(family), snap.mangle[family], self.prefix)
+        if self._tunnel is not None:
+            problems += self._tunnel.problems(expected.wireguard)
         return VerifyReport(tuple(problems))
 
     def _chain_problems(self, expected: IptablesArtifact, state: FilterState) -> list[str]:

@@ -102,9 +102,20 @@ from stockade.backends.iptables.scripts import (
     ipset_load_script,
     rules_script,
 )
-from stockade.compiler.ir import Direction, HostPolicy, HostRule
+from stockade.backends.iptables.tunnel import (
+    MangleRuleset,
+    MangleState,
+    encrypted_entry,
+    encrypted_outbound,
+    input_guard,
+    mangle_ruleset,
+    mangle_script,
+    output_guard,
+    validate_interface,
+)
+from stockade.compiler.ir import Direction, HostPolicy, HostRule, WireGuardConfig
 from stockade.errors import RenderError
-from stockade.model.addresses import AddressRanges, Family
+from stockade.model.addresses import AddressRanges, Family, IPAddress
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
 from stockade.model.workloads import EnforcementMode
@@ -130,6 +141,12 @@ class IptablesArtifact:
     present: bool
     sets: tuple[IpSet, ...]
     rulesets: tuple[FamilyRuleset, ...]  # (V4, V6) when present, else ()
+    mangle: tuple[MangleRuleset, ...] = ()  # (V4, V6) steering chains when a rule encrypts
+    wireguard: WireGuardConfig | None = None  # the tunnel the backend brings up beside the rules
+    local_addresses: tuple[IPAddress, ...] = ()  # with ``wireguard``: a change re-sets peer endpoints
+
+    def mangle_ruleset(self, family: Family) -> MangleRuleset | None:
+        return next((m for m in self.mangle if m.family is family), None)
 
     def ruleset(self, family: Family) -> FamilyRuleset:
         for r in self.rulesets:
@@ -168,6 +185,9 @@ def artifact_text(artifact: IptablesArtifact) -> str:
         empty = FilterState(ruleset.family, (), ())
         out.append(f"# {v.tool(ruleset.family, 'restore')} --noflush (shown for a host without our chains)")
         out.append(rules_script(ruleset, empty, artifact.prefix).rstrip("\n"))
+        steering = artifact.mangle_ruleset(ruleset.family)
+        if steering is not None:
+            out.append(mangle_script(steering, MangleState({}, ()), artifact.prefix).rstrip("\n"))
     out.append("# ipset -exist restore: drop the previous members")
     out.append(ipset_destroy_script(s.temp_name for s in artifact.sets).rstrip("\n"))
     return "\n".join(out) + "\n"
@@ -329,6 +349,7 @@ class _Options:
     mode: EnforcementMode
     log_group: int
     flow_log: bool = True
+    wg_interface: str = ""  # the WireGuard interface, when encrypted rules apply
 
 
 def _nflog(rule_id: str, opts: _Options, action: FlowAction = FlowAction.WOULD_BLOCK) -> str:
@@ -364,8 +385,21 @@ def _host_rule_lines(rule: HostRule, family: Family, opts: _Options) -> list[str
         raise RenderError(f"rule {rule.rule_id!r}: {exc}") from exc
     lines: list[str] = []
     for match in matches:
+        if rule.encrypt:
+            lines += _encrypted_lines(_match_text(match), peer, rule, opts)
+            continue
         lines += _verdict_rules(_rule_id(rule.rule_id), rule.action, opts, match=match, peer=peer)
     return lines
+
+
+def _encrypted_lines(match: str, peer: str, rule: HostRule, opts: _Options) -> list[str]:
+    rule_id = checked_id(rule.rule_id)
+    udp = match.startswith("-p udp")
+    logs = None
+    if opts.flow_log:  # one log per flow, not per packet, as for every rule entry
+        logs = (f"{drop_once(opts.prefix) + ' ' if udp else ''}{_nflog(rule_id, opts, FlowAction.BLOCK)}",
+                f"{UDP_ONCE + ' ' if udp else ''}{_nflog(rule_id, opts, FlowAction.ALLOW)}")
+    return encrypted_entry(match, peer, rule, f"-m comment --comment {save_string(rule_id)}", opts.wg_interface, logs)
 
 
 def _controller_lines(hp: HostPolicy, family: Family) -> list[str]:
@@ -423,6 +457,8 @@ def _flow_log(rule_id: str, action: FlowAction, opts: _Options, udp: bool) -> li
 def _entry_lines(match: str, rule: HostRule, family: Family, opts: _Options) -> list[str]:
     """One rule at one service match (``-p tcp -m tcp --dport 80``, ``""`` for any protocol):
     its flow-log line, then its verdict line, both with the peer set and the rule id."""
+    if rule.encrypt:
+        return _encrypted_lines(match, _lookup_peer(rule, family, opts), rule, opts)
     rule_id = checked_id(rule.rule_id)
     if rule.action is Action.ALLOW:
         action, target = FlowAction.ALLOW, "-j RETURN"
@@ -508,9 +544,11 @@ def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: boo
             first, chains = _lookup_chains(hp, family, direction, opts)
             head.append(f"-g {first}")
             below += chains
+    in_guard = input_guard(hp, family, opts.wg_interface) if opts.wg_interface else []
+    out_guard = output_guard() if opts.wg_interface else []
     chains = [
-        IptChain(names.entry(Hook.INPUT), (*_failsafe(family, "-i lo"), f"-j {names.inbound}")),
-        IptChain(names.entry(Hook.OUTPUT), (*_failsafe(family, "-o lo"), f"-j {names.outbound}")),
+        IptChain(names.entry(Hook.INPUT), (*in_guard, *_failsafe(family, "-i lo"), f"-j {names.inbound}")),
+        IptChain(names.entry(Hook.OUTPUT), (*out_guard, *_failsafe(family, "-o lo"), f"-j {names.outbound}")),
     ]
     hooks = [Hook.INPUT, Hook.OUTPUT]
     if forward:
@@ -539,13 +577,17 @@ def render_iptables(
     log_group: int = 100,
     layout: Layout = Layout.LOOKUP,
     flow_log: bool = True,
+    wg_interface: str | None = None,
 ) -> IptablesArtifact:
-    """Render ``hp`` (pure). Capabilities are checked by the backend before this runs."""
+    """Render ``hp`` (pure). Capabilities are checked by the backend before this runs.
+    ``wg_interface``: the WireGuard interface encrypted rules use (required when there are any)."""
     validate_prefix(prefix)
     validate_log_group(log_group)
     if hp.mode is EnforcementMode.IDLE:
         return IptablesArtifact(prefix, variant, hp.workload, hp.mode, False, (), ())
-    opts = _Options(prefix, hp.mode, log_group, flow_log and layout is Layout.LOOKUP)
+    encrypted = hp.wireguard is not None or any(r.encrypt for r in hp.rules)
+    wg = validate_interface(wg_interface) if encrypted else ""
+    opts = _Options(prefix, hp.mode, log_group, flow_log and layout is Layout.LOOKUP, wg)
 
     present = {(s.name, s.family) for s in hp.sets}
     for rule in hp.rules:
@@ -565,4 +607,18 @@ def render_iptables(
     if len({s.name for s in sets}) != len(sets):
         raise RenderError("duplicate ipset names")
     rulesets = tuple(_family_ruleset(hp, family, opts, forward, layout) for family in (Family.V4, Family.V6))
-    return IptablesArtifact(prefix, variant, hp.workload, hp.mode, True, tuple(sets), rulesets)
+    if not encrypted:
+        return IptablesArtifact(prefix, variant, hp.workload, hp.mode, True, tuple(sets), rulesets)
+    mangle = tuple(mangle_ruleset(hp, family, prefix, wg, _steer_matches(hp, family, opts))
+                   for family in (Family.V4, Family.V6))
+    return IptablesArtifact(prefix, variant, hp.workload, hp.mode, True, tuple(sets), rulesets, mangle,
+                            hp.wireguard, hp.local_addresses)
+
+
+def _steer_matches(hp: HostPolicy, family: Family, opts: _Options) -> list[tuple[str, str]]:
+    """(service match, peer match) of every encrypted outbound allow: the packets steered."""
+    out: list[tuple[str, str]] = []
+    for rule in encrypted_outbound(hp):
+        peer = _lookup_peer(rule, family, opts)
+        out += [(_match_text(m), peer) for m in service_matches(rule.services, family)]
+    return out
