@@ -221,8 +221,11 @@ def test_tamper_revoke_relabel_readdress_rotate_follow_within_1s(tmp_path: Path,
         report = web.backend.verify(expected)  # the agent's read-back notices the new key file ...
         assert any("private key differs" in p for p in report.problems), report
         web.backend.apply(expected)  # ... and restores: the device loads it
+        reloads, peer_deltas = lab.reloads, lab.peer_deltas
         lab.change([replace(readdressed, wireguard=WireGuardIdentity(pub, new_v4, 51820))])  # and registers it
         assert until(lambda: probe(web.netns, new_v4, db.v4, 5432, marker(), timeout=0.3)) < 1.0
+        # the peers took the rotation as a peer delta over the control socket, no ruleset reload
+        assert lab.reloads == reloads and lab.peer_deltas > peer_deltas
         assert time.monotonic() - started < 1.5
         assert stale not in lab.servers[1].datagrams
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stockade.backends.common import in_netns, nsenter_argv, run_command
-from stockade.compiler.ir import WireGuardConfig, WireGuardPeer
+from stockade.compiler.ir import PeerDelta, WireGuardConfig, WireGuardPeer
 from stockade.errors import ApplyError
 from stockade.model.addresses import IPAddress
 from stockade.model.workloads import validate_public_key
@@ -326,6 +326,20 @@ class Tunnel:
             # re-addressed: wireguard-go keeps sending from the source address it last used
             self.device.refresh_endpoints(config)
         self._local = local_addresses
+
+    def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
+        """One UAPI request per peer removed, replaced or added (a rotated key: the old key's peer
+        removed, the new one added); every other session is untouched, the ruleset too."""
+        have = {p.workload: p for p in old.peers}
+        for name in delta.removed:
+            gone = have.get(name)
+            if gone is not None:
+                self.device.remove_peer(gone.public_key)
+        for peer in delta.upserted:
+            was = have.get(peer.workload)
+            if was is not None and was.public_key != peer.public_key:
+                self.device.remove_peer(was.public_key)
+            self.device.add_peer(peer)
 
     def problems(self, config: WireGuardConfig | None) -> list[str]:
         if config is None:

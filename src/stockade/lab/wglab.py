@@ -27,7 +27,8 @@ from stockade.backends.iptables.backend import IptablesBackend
 from stockade.backends.nftables.backend import NftablesBackend
 from stockade.backends.wireguard import STEER_MARK, WireGuardDevice
 from stockade.compiler.compile import Compiler
-from stockade.compiler.ir import HostDelta, HostPolicy
+from stockade.compiler.delta import peer_delta
+from stockade.compiler.ir import HostDelta, HostPolicy, SetDelta
 from stockade.lab.netns import create_bridge_namespace, create_host_namespace, delete_namespace
 from stockade.model.addresses import IPAddress
 from stockade.model.labels import Label
@@ -73,6 +74,16 @@ class Host:
             self.backend.apply(self.backend.render(hp))
         else:
             self.backend.apply(self.backend.render(hp))
+
+    def apply_delta(self, old: HostPolicy, new: HostPolicy, set_deltas: tuple[SetDelta, ...]) -> bool:
+        """What the agent does with a delta: set members, then peers over the control socket, the
+        ruleset never reloaded. True when peers changed."""
+        if set_deltas:
+            self.backend.apply_delta(set_deltas)
+        peers = peer_delta(old.wireguard, new.wireguard)
+        if peers and old.wireguard is not None:
+            self.backend.apply_peer_delta(old.wireguard, peers)
+        return bool(peers)
 
 
 class Capture:
@@ -232,6 +243,9 @@ class WgLab:
     capture: Capture | None = None
     servers: list[Servers] = field(default_factory=list)
     backend: str = "nftables"  # one of WG_BACKENDS
+    policies: dict[str, HostPolicy] = field(default_factory=dict)  # what each host has in force
+    reloads: int = 0  # full applies by ``change``
+    peer_deltas: int = 0  # peer deltas applied over the control socket by ``change``
 
     def workloads(self, labels: Mapping[str, frozenset[Label]], keyed: set[str] | None = None) -> tuple[Workload, ...]:
         out = []
@@ -244,17 +258,25 @@ class WgLab:
     def apply(self, policy: Policy) -> None:
         self.compiler = Compiler(policy)
         for name, h in self.hosts.items():
-            h.enforce(self.compiler.host_policy(name))
+            self.policies[name] = self.compiler.host_policy(name)
+            h.enforce(self.policies[name])
 
     def change(self, workloads: list[Workload | str]) -> list[HostDelta]:
-        """An inventory change through the incremental compiler; affected hosts reload."""
+        """An inventory change through the incremental compiler; affected hosts take it as the
+        agent does: a full reload when rules changed, else set and peer deltas (counted)."""
         assert self.compiler is not None
         deltas = self.compiler.apply_changes(workloads)
         for d in deltas:
             h = self.hosts.get(d.workload)
             if h is None or d.policy is None:
                 continue
-            h.enforce(d.policy)
+            old = self.policies.get(d.workload)
+            if d.rules_changed or old is None or old.rules_key() != d.policy.rules_key():
+                h.enforce(d.policy)
+                self.reloads += 1
+            elif h.apply_delta(old, d.policy, d.set_deltas):
+                self.peer_deltas += 1
+            self.policies[d.workload] = d.policy
         return deltas
 
 

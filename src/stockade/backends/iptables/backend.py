@@ -30,6 +30,7 @@ never flushed and their policies never set, other chains and sets never named.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from stockade.backends.base import (
     Capability,
@@ -38,7 +39,7 @@ from stockade.backends.base import (
     check_capabilities,
     check_delta_capabilities,
 )
-from stockade.backends.common import rule_difference
+from stockade.backends.common import in_netns, rule_difference
 from stockade.backends.iptables.model import (
     ChainNames,
     Hook,
@@ -60,9 +61,9 @@ from stockade.backends.iptables.scripts import (
     rollback_script,
     rules_script,
 )
-from stockade.backends.iptables.tunnel import MangleState, mangle_problems, mangle_script, parse_mangle_save
+from stockade.backends.iptables.tunnel import NO_MANGLE, MangleState, mangle_problems, mangle_script, parse_mangle_save
 from stockade.backends.wireguard import Tunnel, WireGuardDevice
-from stockade.compiler.ir import HostPolicy, SetDelta
+from stockade.compiler.ir import HostPolicy, PeerDelta, SetDelta, WireGuardConfig
 from stockade.errors import ApplyError, BackendError, RenderError
 from stockade.model.addresses import Family
 
@@ -146,11 +147,11 @@ class IptablesBackend:
         r = self.runner
         load = artifact.ipset_load
         steering = bool(artifact.mangle) or self._steering_maybe  # read the mangle table only then
-        mangle_saves = [r.save_cmd(f, "mangle") for f in FAMILIES] if steering else []
-        save4, save6, loaded, *msaves = r.run_all(
-            [r.save_cmd(Family.V4), r.save_cmd(Family.V6), r.ipset_cmd(load.text), *mangle_saves])
+        mangle_families = self._mangle_families() if steering else ()
+        save4, save6, loaded, *msaves = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6), r.ipset_cmd(load.text),
+                                                   *(r.save_cmd(f, "mangle") for f in mangle_families)])
         saves = {Family.V4: save4, Family.V6: save6}
-        mangle = {f: parse_mangle_save(res.stdout, self.prefix) for f, res in zip(FAMILIES, msaves, strict=False)}
+        mangle = {f: parse_mangle_save(res.stdout, self.prefix) for f, res in zip(mangle_families, msaves, strict=True)}
         states = {f: parse_filter_save(res.stdout, self.prefix, f) for f, res in saves.items() if res.ok}
         before = frozenset(loaded.stdout.split())  # what ``list -n`` printed before any change
         if not loaded.ok:
@@ -166,7 +167,7 @@ class IptablesBackend:
         # the filter table and the steering in one restore per family: the guards and the marks together
         scripts = {
             f: rules_script(artifact.ruleset(f), states[f], self.prefix)
-            + mangle_script(artifact.mangle_ruleset(f), mangle.get(f, MangleState({}, ())), self.prefix)
+            + mangle_script(artifact.mangle_ruleset(f), mangle.get(f, NO_MANGLE), self.prefix)
             for f in FAMILIES
         }
         results = self._restore(scripts)
@@ -188,6 +189,26 @@ class IptablesBackend:
         # the rules first: their guards drop encrypted traffic outside the tunnel while it comes up
         if self._tunnel is not None:
             self._tunnel.apply(artifact.wireguard, artifact.local_addresses)
+
+    def _mangle_families(self) -> tuple[Family, ...]:
+        """Families whose ``mangle`` table may hold our steering. ``iptables-legacy-save -t mangle``
+        would create the table in a namespace without one (a trace on a host we never encrypted
+        on), so legacy reads only tables the kernel lists as loaded in the namespace."""
+        if self.variant is IptablesVariant.NFT:
+            return FAMILIES
+
+        def loaded() -> tuple[Family, ...]:
+            out = []
+            for family, names in ((Family.V4, "ip_tables_names"), (Family.V6, "ip6_tables_names")):
+                try:
+                    text = Path(f"/proc/thread-self/net/{names}").read_text()
+                except OSError:
+                    text = ""
+                if "mangle" in text.split():
+                    out.append(family)
+            return tuple(out)
+
+        return in_netns(self.netns, loaded)
 
     def _restore(self, scripts: dict[Family, str]) -> dict[Family, Result]:
         """Load each family's rules script; the results of those that ran.
@@ -241,19 +262,26 @@ class IptablesBackend:
     def snapshot(self) -> Snapshot:
         """Our chains and jumps in both families, and our sets with their members."""
         r = self.runner
-        save4, save6, sets, mangle4, mangle6 = r.run_all([
+        families = self._mangle_families()
+        save4, save6, sets, *msaves = r.run_all([
             r.save_cmd(Family.V4), r.save_cmd(Family.V6), Command(("ipset", "save")),
-            r.save_cmd(Family.V4, "mangle"), r.save_cmd(Family.V6, "mangle")])
-        for res in (save4, save6, sets, mangle4, mangle6):
+            *(r.save_cmd(f, "mangle") for f in families)])
+        for res in (save4, save6, sets, *msaves):
             if not res.ok:
                 raise BackendError(res.message())
         states = {
             Family.V4: parse_filter_save(save4.stdout, self.prefix, Family.V4),
             Family.V6: parse_filter_save(save6.stdout, self.prefix, Family.V6),
         }
-        mangle = {Family.V4: parse_mangle_save(mangle4.stdout, self.prefix),
-                  Family.V6: parse_mangle_save(mangle6.stdout, self.prefix)}
+        mangle = {f: NO_MANGLE for f in FAMILIES}
+        mangle.update({f: parse_mangle_save(res.stdout, self.prefix) for f, res in zip(families, msaves, strict=True)})
         return Snapshot(states, parse_ipset_save(sets.stdout, self.set_prefix), mangle)
+
+    def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
+        """WireGuard peers set / removed over the control socket; the ruleset is not touched."""
+        if self._tunnel is None:
+            raise ApplyError("a peer delta, but this backend has no WireGuard device")
+        self._tunnel.apply_peer_delta(old, delta)
 
     def read_back(self) -> str:
         """Our sets, chains and jumps as text (counter-free, sorted sets); "" when none exist."""
@@ -286,15 +314,17 @@ class IptablesBackend:
     def remove(self) -> None:
         """Delete our chains, every jump to them and our sets; touch nothing else. Idempotent."""
         r = self.runner
-        save4, save6, mangle4, mangle6 = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6),
-                                                    r.save_cmd(Family.V4, "mangle"), r.save_cmd(Family.V6, "mangle")])
-        for res in (save4, save6, mangle4, mangle6):
+        families = self._mangle_families()
+        save4, save6, *msaves = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6),
+                                           *(r.save_cmd(f, "mangle") for f in families)])
+        for res in (save4, save6, *msaves):
             if not res.ok:
                 raise ApplyError(f"cannot read the current rules: {res.message()}")
+        mangle = {f: parse_mangle_save(res.stdout, self.prefix) for f, res in zip(families, msaves, strict=True)}
         cmds = []
-        for family, res, mres in ((Family.V4, save4, mangle4), (Family.V6, save6, mangle6)):
+        for family, res in ((Family.V4, save4), (Family.V6, save6)):
             script = removal_script(parse_filter_save(res.stdout, self.prefix, family), self.prefix) or ""
-            script += mangle_script(None, parse_mangle_save(mres.stdout, self.prefix), self.prefix)
+            script += mangle_script(None, mangle.get(family, NO_MANGLE), self.prefix)
             if script:
                 cmds.append(r.restore_cmd(family, script))
         failed = [res for res in (r.run_all(cmds) if cmds else []) if not res.ok]

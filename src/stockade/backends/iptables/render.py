@@ -544,7 +544,8 @@ def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: boo
             first, chains = _lookup_chains(hp, family, direction, opts)
             head.append(f"-g {first}")
             below += chains
-    in_guard = input_guard(hp, family, opts.wg_interface) if opts.wg_interface else []
+    peer_sets = [ipset_name(opts.prefix, n, family) for n in sorted({r.peer for r in hp.rules if r.encrypt})]
+    in_guard = input_guard(hp, opts.wg_interface, peer_sets) if opts.wg_interface else []
     out_guard = output_guard() if opts.wg_interface else []
     chains = [
         IptChain(names.entry(Hook.INPUT), (*in_guard, *_failsafe(family, "-i lo"), f"-j {names.inbound}")),

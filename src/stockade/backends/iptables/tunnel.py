@@ -38,7 +38,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from stockade.backends.iptables.model import cidr_text
 from stockade.backends.wireguard import MTU, SOCKET_MARK, STEER_MARK
 from stockade.compiler.ir import Direction, HostPolicy, HostRule, WireGuardConfig
 from stockade.errors import RenderError
@@ -104,15 +103,15 @@ def encrypted_entry(match: str, peer: str, rule: HostRule, comment: str, wg_inte
     return [*lines, f"{head} {comment} -j CONNMARK {SET_STEER}", f"{head} {comment} -j RETURN"]
 
 
-def input_guard(hp: HostPolicy, family: Family, wg_interface: str) -> list[str]:
-    """The head of ``<prefix>-INPUT``: encrypted connections only from the tunnel; peers' WireGuard UDP in."""
-    lines = [f"! -i {wg_interface} -m connmark --mark {STEER} -m comment --comment \"failsafe:encrypted\" -j DROP"]
+def input_guard(hp: HostPolicy, wg_interface: str, peer_ipsets: list[str]) -> list[str]:
+    """The head of ``<prefix>-INPUT``: encrypted connections only from the tunnel; WireGuard UDP
+    from the encrypted rules' peer sets (``peer_ipsets``, one family's; never a list of peers, so
+    a peer change is a peer delta and the rules stay as they are)."""
+    lines = [f'! -i {wg_interface} -m connmark --mark {STEER} -m comment --comment "failsafe:encrypted" -j DROP']
     if hp.wireguard is not None:
-        eps = sorted({n for p in hp.wireguard.peers for n in p.allowed if n.version == family.value},
-                     key=lambda n: int(n.network_address))
         port = hp.wireguard.listen_port
         accept = '-m comment --comment "failsafe:wireguard" -j RETURN'
-        lines += [f"-s {cidr_text(n)} -p udp -m udp --dport {port} {accept}" for n in eps]
+        lines += [f"-p udp -m udp --dport {port} -m set --match-set {name} src {accept}" for name in peer_ipsets]
     return lines
 
 
@@ -161,6 +160,9 @@ class MangleState:
     @property
     def empty(self) -> bool:
         return not self.chains and not self.jumps
+
+
+NO_MANGLE = MangleState({}, ())
 
 
 def parse_mangle_save(text: str, prefix: str) -> MangleState:

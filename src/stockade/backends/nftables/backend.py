@@ -58,7 +58,7 @@ from stockade.backends.nftables.runner import (
     without_elements,
 )
 from stockade.backends.wireguard import Tunnel, WireGuardDevice
-from stockade.compiler.ir import HostPolicy, SetDelta
+from stockade.compiler.ir import HostPolicy, PeerDelta, SetDelta, WireGuardConfig
 from stockade.errors import ApplyError, RenderError
 from stockade.model.addresses import AddressRanges, Family
 
@@ -151,6 +151,12 @@ class NftablesBackend:
             self._netlink.change_elements(self.table, changes)
         else:
             self.runner.load(delta_script(self.table, changes))
+
+    def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
+        """WireGuard peers set / removed over the control socket; the ruleset is not touched."""
+        if self._tunnel is None:
+            raise ApplyError("a peer delta, but this backend has no WireGuard device")
+        self._tunnel.apply_peer_delta(old, delta)
 
     def read_back(self) -> str:
         listing = self.runner.list_table(self.table)
