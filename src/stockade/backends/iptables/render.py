@@ -54,18 +54,14 @@ interpolated is an int, an IP object or a validated identifier; strings are quot
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
-from stockade.backends import flowlog
 from stockade.backends.common import (
     ND_TYPES,
     PORT_MAX,
     ProtoGroup,
-    checked_rule_id,
     controller_port,
     safe_text,
     service_groups,
@@ -81,10 +77,9 @@ from stockade.backends.iptables.lookup import (
     flow_log_lines,
     tier_chains,
 )
+from stockade.backends.iptables.model import IPSET_NAME_MAX as IPSET_NAME_MAX  # re-exported names
 from stockade.backends.iptables.model import (
-    IPSET_NAME_MAX,
     SET_MAXELEM,
-    TEMP_SUFFIX,
     ChainNames,
     FamilyRuleset,
     Hook,
@@ -95,6 +90,13 @@ from stockade.backends.iptables.model import (
     cidr_text,
     ipset_members,
 )
+from stockade.backends.iptables.names import NFLOG_PREFIX_MAX as NFLOG_PREFIX_MAX
+from stockade.backends.iptables.names import comment_id as _rule_id
+from stockade.backends.iptables.names import ipset_name as ipset_name
+from stockade.backends.iptables.names import local_set_name as local_set_name
+from stockade.backends.iptables.names import log_prefix as log_prefix
+from stockade.backends.iptables.names import save_string as save_string
+from stockade.backends.iptables.names import validate_prefix as validate_prefix
 from stockade.backends.iptables.scripts import (
     FilterState,
     IpsetLoad,
@@ -120,14 +122,8 @@ from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
 from stockade.model.workloads import EnforcementMode
 
-NFLOG_PREFIX_MAX = 63  # xt_NFLOG keeps 64 bytes including the terminating NUL
 MULTIPORT_SLOTS = 15  # xt_multiport: at most 15 ports, a range taking two
 DEFAULT_RULE_ID = "default"
-LOCAL_SET = "local"
-
-_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,11}$")
-_PEER_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-_UNQUOTED = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 @dataclass(frozen=True)
@@ -193,60 +189,6 @@ def artifact_text(artifact: IptablesArtifact) -> str:
     return "\n".join(out) + "\n"
 
 
-
-
-# ---- names and strings ------------------------------------------------------------------
-
-
-def validate_prefix(prefix: str) -> str:
-    if not _PREFIX_RE.match(prefix):
-        raise RenderError(f"invalid iptables chain prefix {prefix!r} (want [A-Za-z][A-Za-z0-9_]{{0,11}})")
-    return prefix
-
-
-def ipset_name(prefix: str, peer: str, family: Family) -> str:
-    """``<prefix>-<peer>-v4``; a peer too long for ipset's 31 characters becomes ``h<sha256[:12]>``.
-
-    Room is kept for the temporary suffix, so ``<name>-t`` fits too.
-    """
-    if not _PEER_RE.match(peer) or peer == LOCAL_SET:
-        raise RenderError(f"address set name {peer!r} is not a valid ipset name part")
-    name = f"{prefix}-{peer}-v{family.value}"
-    if len(name) + len(TEMP_SUFFIX) > IPSET_NAME_MAX:
-        short = "h" + hashlib.sha256(peer.encode()).hexdigest()[:12]
-        name = f"{prefix}-{short}-v{family.value}"
-    if len(name) + len(TEMP_SUFFIX) > IPSET_NAME_MAX:
-        raise RenderError(f"ipset name {name!r} is longer than {IPSET_NAME_MAX - len(TEMP_SUFFIX)} characters")
-    return name
-
-
-def local_set_name(prefix: str, family: Family) -> str:
-    return f"{prefix}-{LOCAL_SET}-v{family.value}"
-
-
-def save_string(value: str) -> str:
-    """A string argument as ``iptables-save`` prints it: bare when [A-Za-z0-9_-]+, else quoted."""
-    if value and all(c in _UNQUOTED for c in value):
-        return value
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'")
-    return f'"{escaped}"'
-
-
-def _rule_id(rule_id: str) -> str:
-    return checked_rule_id(rule_id, "embedded in an iptables comment")
-
-
-def log_prefix(rule_id: str, action: FlowAction = FlowAction.WOULD_BLOCK) -> str:
-    """NFLOG prefix of a verdict: ``stk:pb:<rule id>`` (would-be drop), ``stk:a:``, ``stk:d:``.
-
-    xt_NFLOG keeps at most 63 characters; a longer rule id keeps its first characters and
-    ends with ``~`` and 8 hex digits of its SHA-256, so distinct rules keep distinct prefixes.
-    """
-    text = flowlog.log_prefix(action, _rule_id(rule_id))
-    if len(text) <= NFLOG_PREFIX_MAX:
-        return text
-    digest = hashlib.sha256(rule_id.encode()).hexdigest()[:8]
-    return text[: NFLOG_PREFIX_MAX - 9] + "~" + digest
 
 
 # ---- rule specs -------------------------------------------------------------------------
