@@ -544,7 +544,7 @@ class Agent:
                 return self._resolve(client, client.fetch_policy(None))
             assert new_hp is not None
             try:
-                self.enforcer.apply_delta(new_hp, upd.set_deltas)
+                self.enforcer.apply_delta(new_hp, upd.set_deltas, upd.peer_delta)
             except StockadeError as exc:
                 log.info("delta not applied (%s); reloading in full", exc)
                 self._enforce_full(new_hp, upd.revision)
