@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 from stockade.agent import wireguard_key
+from stockade.agent.apply_gate import ApplyGate, Priority
 from stockade.agent.backoff import Backoff, BackoffPolicy
 from stockade.agent.enforcer import CacheStart, Enforcer, enforce_cache
 from stockade.agent.flows import FlowCollector, collector_for
@@ -96,6 +97,7 @@ class Agent:
         host_reader: Callable[[], HostReport] = read_host,
         clock: Callable[[], float] = time.time,
         cache: CacheStart | None = None,
+        gate: ApplyGate | None = None,
     ) -> None:
         self.options = options
         self.state = state
@@ -128,6 +130,7 @@ class Agent:
         self._wireguard_registered = True  # until an attempt fails (enrolment makes the first)
         self._last_proof: tuple[str, int, str] | None = None  # (state, revision, detail) last reported
         self._cache = cache  # the caller may have enforced the cache already (fast start-up)
+        self.gate = gate  # shared with the other runtimes of a node agent: first applies go first
         if cache is not None:
             self._adopt_cache(cache)
 
@@ -253,7 +256,12 @@ class Agent:
             if self._stop.is_set():
                 return
             try:
-                self.prove_now()
+                if self.gate is None:
+                    self.prove_now()
+                else:
+                    with self.gate.admit(Priority.PROOF, self._stop) as admitted:
+                        if admitted is not None:
+                            self.prove_now()
             except Exception as exc:  # never let the prover thread die
                 log.exception("proof failed: %s", exc)
             finally:
@@ -493,8 +501,21 @@ class Agent:
         """Fetch (unless the long-poll brought it) and apply the controller's policy, then ack.
 
         ``announced`` is the revision the long-poll announced (named in events when the
-        answer is too malformed to carry its own).
+        answer is too malformed to carry its own). With a gate (node agents) the work waits for
+        its turn: a first policy ahead of every other runtime's delta; a runtime that queued drops
+        the update its long-poll brought and fetches from what it has in force, so the revisions
+        published while it waited arrive as one delta.
         """
+        if self.gate is None:
+            self._update(client, announced, prefetched)
+            return
+        first = self.enforcer.policy is None
+        with self.gate.admit(Priority.FIRST if first else Priority.DELTA, self._stop) as admitted:
+            if admitted is None:
+                return  # stopping
+            self._update(client, announced, None if admitted.queued else prefetched)
+
+    def _update(self, client: ControllerClient, announced: int, prefetched: PolicyUpdate | None) -> None:
         since = self.applied_revision if self.enforcer.policy is not None and self.applied_revision else None
         upd = prefetched
         if upd is None:

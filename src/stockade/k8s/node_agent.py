@@ -22,6 +22,10 @@ created (before any container starts); the pod agent's first apply replaces it a
 the pod's policy. kube-proxy's and the CNI's tables are never touched: the backend owns only its
 ``inet stockade`` table, in the pod's namespace (and the node's, for the host policy).
 
+The pod agents share one :class:`~stockade.agent.apply_gate.ApplyGate`: a new pod's first apply
+goes ahead of every peer-set delta of the pods already protected, and a pod whose deltas queued
+applies every revision published meanwhile as one step.
+
 The pod agents' tamper read-back runs every ``pod_tamper_interval`` seconds (default 10: 110 pods
 at the host agent's 0.5 s would be 220 ``nft list`` per second).
 """
@@ -40,6 +44,7 @@ from pathlib import Path
 
 from stockade import __version__
 from stockade.agent.agent import Agent, AgentOptions
+from stockade.agent.apply_gate import ApplyGate
 from stockade.agent.enforcer import Enforcer
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
@@ -84,6 +89,7 @@ class NodeOptions:
     long_poll_seconds: float = 20.0
     pod_tamper_interval: float = 10.0
     host_tamper_interval: float = 0.5
+    apply_slots: int = 2  # pods' deltas and proofs applied at once (first applies: START_WORKERS)
 
 
 class NodeControllerClient(HttpControllerClient):
@@ -137,6 +143,7 @@ class NodeAgent:
         self.client: NodeControllerClient | None = None
         self.credential: Credential | None = None
         self.stats = NodeStats()
+        self.gate = ApplyGate(slots=options.apply_slots, first_slots=START_WORKERS)  # shared by the pod agents
         self.state = StateDir(options.state_dir / "node")
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -333,7 +340,7 @@ class NodeAgent:
         agent = Agent(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
                                    watch_addresses=False, tamper_interval=self.options.pod_tamper_interval,
                                    tamper_safety_interval=self.options.pod_tamper_interval),
-                      state, Enforcer(backend), HttpControllerClient, host_reader=lambda: report)
+                      state, Enforcer(backend), HttpControllerClient, host_reader=lambda: report, gate=self.gate)
         with self._lock:
             self._running[pod.uid] = _Running(pod, netns, agent, backend, t0)
         agent.start()
