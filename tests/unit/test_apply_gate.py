@@ -39,7 +39,7 @@ def _enter(gate: ApplyGate, priority: Priority, entered: list[Priority], release
 
 
 def test_first_applies_go_ahead_of_queued_deltas_and_proofs() -> None:
-    gate = ApplyGate(slots=1, first_slots=2)
+    gate = ApplyGate(slots=1, first_slots=2, max_defer=30)
     entered: list[Priority] = []
     hold, release = threading.Event(), threading.Event()
     busy = _enter(gate, Priority.DELTA, entered, hold)  # the one background slot is taken
@@ -72,6 +72,22 @@ def test_first_applies_are_bounded_by_their_own_slots() -> None:
     for t in threads:
         t.join(5)
     assert len(entered) == 3
+
+
+def test_a_starting_pod_holds_deltas_back_but_never_longer_than_max_defer() -> None:
+    gate = ApplyGate(slots=2, max_defer=0.3)
+    entered: list[Priority] = []
+    release = threading.Event()
+    gate.begin_hold()  # a pod is being started
+    t = _enter(gate, Priority.DELTA, entered, release)
+    assert not wait_until(lambda: bool(entered), 0.15)
+    assert wait_until(lambda: entered == [Priority.DELTA], 5)  # aged past max_defer: it goes
+    gate.end_hold()
+    entered.clear()
+    _enter(gate, Priority.PROOF, entered, release)  # no hold, a free slot: at once
+    assert wait_until(lambda: entered == [Priority.PROOF], 0.25)
+    release.set()
+    t.join(5)
 
 
 def test_a_stopping_waiter_leaves_the_queue() -> None:

@@ -78,6 +78,7 @@ class AgentOptions:
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     watch_addresses: bool = True
     proof_interval: float = 300.0  # prove the kernel == policy this often, and after every apply (0: never)
+    proof_min_gap: float = 0.0  # at least this long between proofs: applies meanwhile are proven as one
     wireguard_rotate_interval: float = 0.0  # make and register a new WireGuard key this often (0: never)
     wireguard_retry_seconds: float = 30.0  # a key the controller did not take yet: try again this often
 
@@ -269,6 +270,8 @@ class Agent:
                 # can sit in reference cycles until a full collection: collect now, not at some later
                 # threshold (an agent proving after every apply otherwise grew by hundreds of MiB)
                 gc.collect()
+            if self.options.proof_min_gap > 0 and self._stop.wait(self.options.proof_min_gap):
+                return  # applies during the gap left the poke set: the newest revision is proven next
 
     def prove_now(self) -> str | None:
         """Prove once; report "proven at revision N" or the counterexample when it changed.

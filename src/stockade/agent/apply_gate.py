@@ -15,6 +15,11 @@ So the gate gives the work three classes and admits them in this order:
   is waiting or running, at most ``slots`` at once, oldest first;
 * ``PROOF``  a background proof (kernel == policy): after every waiting delta.
 
+A node agent also *holds* the gate while it starts a pod (finds and pins its namespace, obtains its
+credential, starts its runtime, until the first apply): deltas and proofs wait then too, so the new
+pod has the node's cores. No work starves: a delta or proof that has waited ``max_defer`` seconds
+enters despite first applies and holds (still within ``slots``).
+
 A runtime that had to queue drops the update its long-poll brought and fetches from what it has in
 force when admitted, so every revision published while it waited is applied as one step (one
 netlink batch, one read-back, one acknowledgement): deltas coalesce per runtime instead of queueing
@@ -61,11 +66,14 @@ class ApplyGate:
 
     ORDER_KEPT = 1000
 
-    def __init__(self, slots: int = 2, first_slots: int = 8) -> None:
+    def __init__(self, slots: int = 2, first_slots: int = 8, max_defer: float = 1.0) -> None:
         if slots < 1 or first_slots < 1:
             raise ValueError("an apply gate needs at least one slot of each kind")
         self.slots = slots
         self.first_slots = first_slots
+        self.max_defer = max_defer
+        self._holds = 0  # pods being started (see hold())
+        self._since: dict[tuple[int, int], float] = {}  # ticket -> when it began to wait
         self._cond = threading.Condition()
         self._waiting: list[tuple[int, int]] = []  # heap of (priority, arrival)
         self._seq = itertools.count()
@@ -83,7 +91,20 @@ class ApplyGate:
             return False  # a higher class, or an older ticket of the same one, goes first
         if ticket[0] == Priority.FIRST:
             return self._firsts < self.first_slots
-        return self._firsts == 0 and self._background < self.slots
+        if self._background >= self.slots:
+            return False
+        return (self._firsts == 0 and self._holds == 0) or time.monotonic() - self._since[ticket] >= self.max_defer
+
+    def begin_hold(self) -> None:
+        """Keep deltas and proofs back (each up to ``max_defer``) until :meth:`end_hold`: a pod is
+        starting. Begin and end may be called from different threads."""
+        with self._cond:
+            self._holds += 1
+
+    def end_hold(self) -> None:
+        with self._cond:
+            self._holds -= 1
+            self._cond.notify_all()
 
     @contextmanager
     def admit(self, priority: Priority, stop: threading.Event | None = None) -> Iterator[Admission | None]:
@@ -94,16 +115,20 @@ class ApplyGate:
         queued = admitted = False
         with self._cond:
             heapq.heappush(self._waiting, ticket)
+            self._since[ticket] = started
             while not self._may_enter(ticket):
                 queued = True
                 if stop is not None and stop.is_set():
                     self._waiting.remove(ticket)
                     heapq.heapify(self._waiting)
+                    del self._since[ticket]
                     self._cond.notify_all()
                     break
-                self._cond.wait(0.1 if stop is not None else None)
+                # wake to re-check: a stop, and a deferred delta's max_defer running out
+                self._cond.wait(0.05 if stop is not None or ticket[0] != Priority.FIRST else None)
             else:
                 heapq.heappop(self._waiting)
+                del self._since[ticket]
                 if priority is Priority.FIRST:
                     self._firsts += 1
                 else:

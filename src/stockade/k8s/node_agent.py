@@ -59,6 +59,7 @@ log = logging.getLogger("stockade.k8s.node")
 RETRY_SECONDS = 0.1  # a pod whose workload or namespace is not there yet is tried again this soon ...
 RETRY_MAX = 5.0  # ... doubling up to this while it keeps failing
 START_WORKERS = 8  # pods started (and stopped) at once
+HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class NodeOptions:
     pod_tamper_interval: float = 10.0
     host_tamper_interval: float = 0.5
     apply_slots: int = 2  # pods' deltas and proofs applied at once (first applies: START_WORKERS)
+    pod_proof_min_gap: float = 30.0  # a pod's proofs at most this often (each apply is read back regardless)
 
 
 class NodeControllerClient(HttpControllerClient):
@@ -307,7 +309,19 @@ class NodeAgent:
         return bool(self._starting) or any(uid not in running and uid not in host_network for uid in desired)
 
     def _start_pod(self, pod: LocalPod) -> bool:
+        """Start enforcing ``pod``; deltas and proofs of the other pods wait meanwhile (the gate's
+        hold, ended by the first apply or HOLD_SECONDS, whichever comes first)."""
         t0 = time.monotonic()
+        self.gate.begin_hold()
+        started = False
+        try:
+            started = self._start_pod_held(pod, t0)  # True: the hold is ended by _time_first_apply (or above)
+        finally:
+            if not started:
+                self.gate.end_hold()
+        return started
+
+    def _start_pod_held(self, pod: LocalPod, t0: float) -> bool:
         ns = self._finder(pod.uid)
         if ns is None:
             return False  # no process of it yet (or already gone)
@@ -315,6 +329,7 @@ class NodeAgent:
             with self._lock:
                 self._host_network.add(pod.uid)  # the node's own namespace: the host policy covers it
             log.info("pod %s/%s uses the node's network: host policy applies", pod.namespace, pod.name)
+            self.gate.end_hold()  # nothing of ours to apply there
             return True
         netns = pin(ns, self.pin_prefix)
         state = StateDir(self.options.state_dir / "pods" / pod.uid)
@@ -339,6 +354,7 @@ class NodeAgent:
         backend = self._backend_factory(netns)
         agent = Agent(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
                                    watch_addresses=False, tamper_interval=self.options.pod_tamper_interval,
+                                   proof_min_gap=self.options.pod_proof_min_gap,
                                    tamper_safety_interval=self.options.pod_tamper_interval),
                       state, Enforcer(backend), HttpControllerClient, host_reader=lambda: report, gate=self.gate)
         with self._lock:
@@ -349,6 +365,10 @@ class NodeAgent:
         return True
 
     def _time_first_apply(self, uid: str, agent: Agent, t0: float) -> None:
+        try:
+            agent.converged.wait(HOLD_SECONDS)
+        finally:
+            self.gate.end_hold()
         if agent.converged.wait(120):
             took = time.monotonic() - t0
             self.stats.programmed[uid] = took
