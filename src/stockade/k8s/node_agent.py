@@ -294,7 +294,8 @@ class NodeAgent:
                 pod = desired.get(uid)
                 log.warning("pod %s: %s; retrying in %.1f s", f"{pod.namespace}/{pod.name}" if pod else uid, error,
                             delay)
-        with self._lock:
+        with self._lock:  # afresh: a start that finished above is running now (a stale view started it twice)
+            running = set(self._running)
             host_network = set(self._host_network)
         for uid, pod in sorted(desired.items()):
             if self._stop.is_set():
@@ -322,6 +323,10 @@ class NodeAgent:
         return started
 
     def _start_pod_held(self, pod: LocalPod, t0: float) -> bool:
+        with self._lock:
+            if pod.uid in self._running:
+                self.gate.end_hold()
+                return True  # already enforced: never a second runtime for one pod
         ns = self._finder(pod.uid)
         if ns is None:
             return False  # no process of it yet (or already gone)
