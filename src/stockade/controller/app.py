@@ -33,6 +33,7 @@ from stockade.controller.api import agents as agents_api
 from stockade.controller.api import flows as flows_api
 from stockade.controller.api import flows_policy as flows_policy_api
 from stockade.controller.api import imports as imports_api
+from stockade.controller.api import workload_batch as workload_batch_api
 from stockade.controller.api import k8s_nodes as k8s_nodes_api
 from stockade.controller.api import objects as objects_api
 from stockade.controller.api import policy as policy_api
@@ -252,6 +253,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         (API, objects_api.router()),
         (API, policy_api.router),
         (API, imports_api.router),
+        (API, workload_batch_api.router),
         (API, admin_api.router),
         (API, agents_api.router),
         (API, k8s_nodes_api.router),
