@@ -33,10 +33,10 @@ from stockade.controller.api import agents as agents_api
 from stockade.controller.api import flows as flows_api
 from stockade.controller.api import flows_policy as flows_policy_api
 from stockade.controller.api import imports as imports_api
-from stockade.controller.api import workload_batch as workload_batch_api
 from stockade.controller.api import k8s_nodes as k8s_nodes_api
 from stockade.controller.api import objects as objects_api
 from stockade.controller.api import policy as policy_api
+from stockade.controller.api import workload_batch as workload_batch_api
 from stockade.controller.api.web_mount import mount_console
 from stockade.controller.context import API, Controller, ControllerSettings
 from stockade.controller.csrf import OriginCheckMiddleware, parse_allowed_origins
