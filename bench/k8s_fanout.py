@@ -128,7 +128,7 @@ class Event:
 
 
 async def run(port: int, password: str, pods: int, nodes: int, rate: float, seconds: float,
-              pid: int) -> dict[str, Any]:
+              pid: int, batched: bool) -> dict[str, Any]:
     admin = Conn(port)
     key = await _owner_key(port, password)
     t = time.perf_counter()
@@ -144,57 +144,78 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
     for a in agents:
         by_app_role.setdefault(((a.index // APP_SIZE) % apps, "web" if a.index % 2 else "db"), []).append(a.index)
     rng = random.Random(15)
-    conns = [Conn(port) for _ in range(8)]
-    free = list(range(len(conns)))
     events: list[Event] = []
-    live: list[tuple[str, str, int, str]] = []  # (name, addr, app, role) of churn pods
+    live: list[tuple[str, str, int, str]] = []  # (name, addr, app, role) of churn pods the controller has
+    queued: list[tuple[str, dict[str, Any] | None, str, int, str, float]] = []  # name, body, addr, app, role, t0
     api_ms: list[float] = []
+    calls = 0
     counter = 0
     cpu0 = cpu_seconds([pid])
 
-    async def one(i: int) -> None:
+    def make_event(i: int) -> None:
+        """The pod event of step ``i`` (the API server's): a create, or a delete of a created pod."""
         nonlocal counter
-        c = free.pop() if free else None
-        conn = conns[c] if c is not None else Conn(port)
-        try:
-            if i % 2 == 0 or not live:
-                counter += 1
-                app, role = rng.randrange(apps), rng.choice(("web", "db"))
-                name = f"churn-{counter}"
-                addr = f"10.{200 + (counter >> 16) % 50}.{(counter >> 8) & 255}.{counter & 255}"
-                body = {"name": name, "labels": {"app": f"app-{app}", "role": role},
-                        "interfaces": [{"name": "eth0", "addresses": [addr]}], "mode": "full",
-                        "description": "bench pod"}
-                kind, method, path = "add", "POST", "/api/v1/workloads"
-            else:
-                name, addr, app, role = live.pop(0)
-                body, kind, method, path = None, "del", "DELETE", f"/api/v1/workloads/{name}"
-            other = "db" if role == "web" else "web"
-            (pending.adds if kind == "add" else pending.dels).add(addr)
-            t0 = time.perf_counter()
-            status, got = await conn.request(method, path, key, body)
-            api_ms.append((time.perf_counter() - t0) * 1000)
-            assert status in (200, 201, 204), (method, path, status, got)
-            events.append(Event(addr, kind, t0, tuple(by_app_role.get((app, other), ()))))
-            if kind == "add":
-                live.append((name, addr, app, role))  # deletable once created
-        finally:
-            if c is not None:
-                free.append(c)
-            else:
-                conn.close()
+        if i % 2 == 0 or not live:
+            counter += 1
+            app, role = rng.randrange(apps), rng.choice(("web", "db"))
+            name = f"churn-{counter}"
+            addr = f"10.{200 + (counter >> 16) % 50}.{(counter >> 8) & 255}.{counter & 255}"
+            body: dict[str, Any] | None = {"name": name, "labels": {"app": f"app-{app}", "role": role},
+                                           "interfaces": [{"name": "eth0", "addresses": [addr]}], "mode": "full",
+                                           "description": "bench pod"}
+            pending.adds.add(addr)
+        else:
+            name, addr, app, role = live.pop(0)
+            body = None
+            pending.dels.add(addr)
+        queued.append((name, body, addr, app, role, time.perf_counter()))
 
+    def done(batch: list[tuple[str, dict[str, Any] | None, str, int, str, float]]) -> None:
+        for name, body, addr, app, role, t0 in batch:
+            other = "db" if role == "web" else "web"
+            events.append(Event(addr, "add" if body else "del", t0, tuple(by_app_role.get((app, other), ()))))
+            if body is not None:
+                live.append((name, addr, app, role))  # deletable once the controller has it
+
+    async def write(conn: Conn, batch: list[tuple[str, dict[str, Any] | None, str, int, str, float]]) -> None:
+        nonlocal calls
+        t = time.perf_counter()
+        if len(batch) == 1 or not batched:
+            name, body, *_ = batch[0]
+            method, path = ("POST", "/api/v1/workloads") if body else ("DELETE", f"/api/v1/workloads/{name}")
+            status, got = await conn.request(method, path, key, body)
+        else:
+            status, got = await conn.request("POST", "/api/v1/workloads/batch", key, {
+                "upsert": [b for _n, b, *_ in batch if b], "delete": [n for n, b, *_ in batch if not b]})
+        assert status in (200, 201, 204), (status, got)
+        calls += 1
+        api_ms.append((time.perf_counter() - t) * 1000)
+        done(batch)
+
+    async def sync_worker(conn: Conn, stop_when_empty: asyncio.Event) -> None:
+        """As the cluster sync does: take every change gathered so far, write it, repeat."""
+        while not (stop_when_empty.is_set() and not queued):
+            if not queued:
+                await asyncio.sleep(0.002)
+                continue
+            if batched:
+                batch = queued[:1000]
+                del queued[:1000]
+            else:
+                batch = [queued.pop(0)]
+            await write(conn, batch)
+
+    produced = asyncio.Event()
+    workers = [asyncio.create_task(sync_worker(Conn(port), produced)) for _ in range(1 if batched else 8)]
     started = time.perf_counter()
-    running: set[asyncio.Task[None]] = set()
     i = 0
     while time.perf_counter() - started < seconds:
         due = started + i / rate
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        task = asyncio.create_task(one(i))
-        running.add(task)
-        task.add_done_callback(running.discard)
+        make_event(i)
         i += 1
-    await asyncio.gather(*running)
+    produced.set()
+    await asyncio.gather(*workers)
     churn_s = time.perf_counter() - started
     deadline = time.monotonic() + 60
     node_lat: list[float] = []
@@ -226,15 +247,14 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    for conn in conns:
-        conn.close()
     admin.close()
     return {
         "pods": pods, "nodes": nodes, "setup_s": setup_s, "events": len(events), "rate": len(events) / churn_s,
         "event_p50_ms": 1000 * pct(event_lat, 50), "event_p99_ms": 1000 * pct(event_lat, 99),
         "event_max_ms": 1000 * max(event_lat, default=float("nan")),
         "node_p50_ms": 1000 * pct(node_lat, 50), "node_p99_ms": 1000 * pct(node_lat, 99),
-        "api_p50_ms": pct(api_ms, 50), "api_p99_ms": pct(api_ms, 99),
+        "api_p50_ms": pct(api_ms, 50), "api_p99_ms": pct(api_ms, 99), "calls": calls,
+        "writes": "batch" if batched else "single",
         "fanout_nodes": sum(fan) / max(1, len(fan)), "missing": missing,
         "controller_cpu_pct": 100 * cpu / churn_s, "controller_rss_mib": rss_mib(pid),
         "agent_errors": sum(a.errors for a in agents), "load": os.getloadavg()[0],
@@ -247,6 +267,9 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=100)
     ap.add_argument("--rate", type=float, default=100.0, help="pod events per second (creates and deletes alternate)")
     ap.add_argument("--seconds", type=float, default=30.0, help="how long the churn runs")
+    ap.add_argument("--writes", choices=("batch", "single"), default="batch",
+                    help="batch: one POST /workloads/batch of every event gathered meanwhile (the sync's way); "
+                         "single: one call per event, 8 in flight")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     _raise_nofile()
@@ -266,7 +289,8 @@ def main() -> None:
                 time.sleep(0.05)
         import uvloop
 
-        r = uvloop.run(run(port, cred["password"], args.pods, args.nodes, args.rate, args.seconds, server.pid))
+        r = uvloop.run(run(port, cred["password"], args.pods, args.nodes, args.rate, args.seconds, server.pid,
+                               args.writes == "batch"))
     finally:
         server.terminate()
         try:
@@ -286,7 +310,8 @@ def main() -> None:
     print(f"| API event -> one affected node acknowledged, p50 / p99 | "
           f"{r['node_p50_ms']:.0f} / {r['node_p99_ms']:.0f} ms |")
     print(f"| affected nodes per event (mean) | {r['fanout_nodes']:.1f} |")
-    print(f"| API call, p50 / p99 | {r['api_p50_ms']:.0f} / {r['api_p99_ms']:.0f} ms |")
+    print(f"| controller writes ({r['writes']}): calls, API call p50 / p99 | {r['calls']}, "
+          f"{r['api_p50_ms']:.0f} / {r['api_p99_ms']:.0f} ms |")
     print(f"| controller CPU during churn / RSS | {r['controller_cpu_pct']:.0f} % / "
           f"{r['controller_rss_mib']:.0f} MiB |")
     print(f"| events not acknowledged by every affected pod within 60 s / agent errors | "

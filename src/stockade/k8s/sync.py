@@ -40,6 +40,7 @@ from stockade.k8s.reflector import Backoff, Reflector
 from stockade.model.labels import LabelKey
 from stockade.model.workloads import EnforcementMode
 
+BATCH_MAX = 1000  # workload writes per POST /workloads/batch (the controller's limit)
 log = logging.getLogger(__name__)
 
 NAMESPACE, POD = "Namespace", "Pod"
@@ -218,6 +219,8 @@ class ClusterSync:
             keep = {w.name for k in self.pods if isinstance(w := self._desired(k), DesiredWorkload)}
             gone |= {name for name in self.pushed if name not in keep}
         gone -= set(wanted)
+        if await self._apply_batch(wanted, gone):
+            return
         for name, body in wanted.items():
             if self.pushed.get(name) != body:
                 try:
@@ -235,6 +238,31 @@ class ClusterSync:
             if name in self.pushed:
                 await self._ctl.delete_workload(name)
                 del self.pushed[name]
+
+    async def _apply_batch(self, wanted: dict[str, dict[str, Any]], gone: set[str]) -> bool:
+        """Every pod change of this pass as ONE controller transaction (one revision per affected
+        host, however many of its peers changed); False when it must go one write at a time: a
+        single change, or the batch was refused (one pod's conflict, or a controller without the
+        batch route), so the single writes skip only the refused pod."""
+        put = [body for name, body in wanted.items() if self.pushed.get(name) != body]
+        delete = sorted(name for name in gone if name in self.pushed)
+        if len(put) + len(delete) < 2:
+            return False
+        try:
+            for start in range(0, len(put) + len(delete), BATCH_MAX):
+                part_put = put[start : start + BATCH_MAX]
+                part_delete = delete[max(0, start - len(put)) : max(0, start + BATCH_MAX - len(put))]
+                await self._ctl.batch_workloads(part_put, part_delete)
+                for body in part_put:
+                    self.pushed[body["name"]] = body
+                for name in part_delete:
+                    del self.pushed[name]
+        except ControllerApiError as exc:
+            if exc.status not in (404, 405, 409, 422):
+                raise
+            log.info("k8s sync: batch refused (%s); writing one pod at a time", exc)
+            return False
+        return True
 
     # ---- skips --------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from stockade.controller.services import scope
 from stockade.controller.services.auth import Permission, Principal
 from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.storage import store
-from stockade.errors import Issue, NotFoundError, ValidationError
+from stockade.errors import Issue, ValidationError
 
 MAX_ITEMS = 1000
 router = APIRouter()
@@ -88,13 +88,14 @@ def batch_workloads(
 
     def run(db: Session, txn: CompilerTxn) -> None:
         earlier = {name: scope.labels_now(ctl.dist, name) for name in names}
+        present = store.names_present(db, "workload", [str(item["name"]) for item in body.upsert])
         for i, item in enumerate(body.upsert):
             name = str(item["name"])
             try:
-                try:
+                if name in present:
                     _before, after = store.replace_object(db, "workload", name, item, principal.actor)
                     out.replaced.append(name)
-                except NotFoundError:
+                else:
                     after = store.create_object(db, "workload", item, principal.actor)
                     out.created.append(name)
             except ValidationError as exc:
