@@ -44,7 +44,8 @@ def _run(stub: Stub, wanted: dict[str, dict[str, Any]], gone: set[str]) -> bool:
 def test_a_pass_of_changes_is_one_batch_and_unchanged_pods_are_left_out() -> None:
     ctl = FakeCtl()
     stub = Stub(ctl, {"same": {"name": "same", "v": 1}, "old": {"name": "old"}, "gone2": {"name": "gone2"}})
-    wanted: dict[str, dict[str, Any]] = {"same": {"name": "same", "v": 1}, "new": {"name": "new"}, "changed": {"name": "changed", "v": 2}}
+    wanted: dict[str, dict[str, Any]] = {
+        "same": {"name": "same", "v": 1}, "new": {"name": "new"}, "changed": {"name": "changed", "v": 2}}
     assert _run(stub, wanted, {"old", "never-pushed"})
     assert ctl.batches == [(["new", "changed"], ["old"])]
     assert set(stub.pushed) == {"same", "new", "changed", "gone2"}
