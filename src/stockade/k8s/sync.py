@@ -3,7 +3,9 @@
 Two :class:`~stockade.k8s.reflector.Reflector` s (Namespaces, Pods) feed one in-memory picture;
 every change marks the pods it affects dirty and wakes one worker, which computes each dirty
 pod's :func:`~stockade.k8s.mapping.desired_workload` and writes only the differences through the
-REST API (PUT/POST a changed workload, DELETE a gone one). After a (re-)list of both kinds the
+REST API: the changes of one pass (every pod changed while the previous write was under way) as
+ONE ``POST /workloads/batch`` transaction, so a burst of pod churn is one revision per affected host;
+a single change, or a batch the controller refuses, goes one PUT/POST/DELETE per pod. After a (re-)list of both kinds the
 worker also deletes every ``k8s.*`` workload that no pod wants: deletions that happened while the
 sync was down or while a watch was expired are not lost. A failed write is retried with backoff;
 the pods stay dirty until it lands.
