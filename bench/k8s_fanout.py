@@ -11,13 +11,13 @@ Estate (Kubernetes-shaped): namespaces ("apps") of 10 pods, 5 ``role=web`` and 5
 ruleset per namespace (web -> db 5432/tcp, intra-namespace), plus one cluster-wide ruleset
 (``role=monitor`` -> every pod, 22/tcp; no monitor pod, so it adds rules but no fan-out).
 
-Churn: ``--rate`` pod events per second (creates and deletes alternate, each in a random
-namespace) written through the controller API the way the cluster sync writes them: every event
-gathered while the previous write was under way as one ``POST /workloads/batch`` (``--writes
-single``: one ``POST /workloads`` / ``DELETE /workloads/NAME`` per pod, 8 in flight). One event's fan-out is the pods of the other role in its
-namespace; an affected pod has acknowledged the event when its long-poll brings a policy with the
-address added (create) or gone (delete). A node has acknowledged when all its affected pods have;
-timed from just before the API call:
+Churn: ``--rate`` pod events per second (creates and deletes alternate, each in a random namespace)
+written through the controller API the way the cluster sync writes them: every event gathered while
+the previous write was under way as one ``POST /workloads/batch`` (``--writes single``: one ``POST
+/workloads`` / ``DELETE /workloads/NAME`` per pod, 8 in flight). One event's fan-out is the pods of
+the other role in its namespace; an affected pod has acknowledged the event when its long-poll
+brings a policy with the address added (create) or gone (delete). A node has acknowledged when all
+its affected pods have; timed from just before the API call:
 
 * per event: until every affected node acknowledged (p50 / p99; goal p99 <= 1 s);
 * per (event, node): until that node acknowledged.

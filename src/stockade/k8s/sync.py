@@ -1,14 +1,14 @@
 """The cluster sync: keeps the controller's ``k8s.*`` workloads equal to the cluster's pods.
 
 Two :class:`~stockade.k8s.reflector.Reflector` s (Namespaces, Pods) feed one in-memory picture;
-every change marks the pods it affects dirty and wakes one worker, which computes each dirty
-pod's :func:`~stockade.k8s.mapping.desired_workload` and writes only the differences through the
-REST API: the changes of one pass (every pod changed while the previous write was under way) as
-ONE ``POST /workloads/batch`` transaction, so a burst of pod churn is one revision per affected host;
-a single change, or a batch the controller refuses, goes one PUT/POST/DELETE per pod. After a (re-)list of both kinds the
-worker also deletes every ``k8s.*`` workload that no pod wants: deletions that happened while the
-sync was down or while a watch was expired are not lost. A failed write is retried with backoff;
-the pods stay dirty until it lands.
+every change marks the pods it affects dirty and wakes one worker, which computes each dirty pod's
+:func:`~stockade.k8s.mapping.desired_workload` and writes only the differences through the REST API:
+the changes of one pass (every pod changed while the previous write was under way) as ONE ``POST
+/workloads/batch`` transaction, so a burst of pod churn is one revision per affected host; a single
+change, or a batch the controller refuses, goes one PUT/POST/DELETE per pod. After a (re-)list of
+both kinds the worker also deletes every ``k8s.*`` workload that no pod wants: deletions that
+happened while the sync was down or while a watch was expired are not lost. A failed write is
+retried with backoff; the pods stay dirty until it lands.
 
 Skips (malformed objects, values a Stockade key does not allow, a namespace not seen yet) are
 kept in :attr:`ClusterSync.skips`, logged, and - for pods - posted once per reason as a Warning
