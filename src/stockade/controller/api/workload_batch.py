@@ -18,14 +18,13 @@ policy of a workload outside its scope, exactly as its single writes would be.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
+from stockade.controller.api.dto.workload_batch import MAX_ITEMS, WorkloadBatchIn, WorkloadBatchOut
 from stockade.controller.api.objects import ERRORS, _sync_compiler
-from stockade.controller.api.schemas import NAME_PATTERN
 from stockade.controller.context import controller_of, require
 from stockade.controller.services import scope
 from stockade.controller.services.auth import Permission, Principal
@@ -33,23 +32,7 @@ from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.storage import store
 from stockade.errors import Issue, ValidationError
 
-MAX_ITEMS = 1000
 router = APIRouter()
-
-
-class WorkloadBatchIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    upsert: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_ITEMS,
-                                         description="workloads to create or replace (the PUT body)")
-    delete: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(default_factory=list, max_length=MAX_ITEMS,
-                                                                     description="workloads to delete")
-
-
-class WorkloadBatchOut(BaseModel):
-    created: list[str]
-    replaced: list[str]
-    deleted: list[str]
 
 
 def _names(body: WorkloadBatchIn) -> list[str]:
