@@ -19,7 +19,7 @@ firewall is not the bench's). Measured:
     python bench/k8s.py --baseline old.json                             # side by side: old | this tree
 
 Needs root, Go-built binaries in the harness cache (tests/k8s/k8s.sh build), ``ip`` and ``nft``.
-The pod-churn fan-out benchmark of the issue (10,000 pods on 100 nodes) is not built yet.
+The pod-churn fan-out benchmark of the issue (10,000 pods on 100 nodes) is bench/k8s_fanout.py.
 """
 
 from __future__ import annotations
