@@ -13,7 +13,7 @@ ruleset per namespace (web -> db 5432/tcp, intra-namespace), plus one cluster-wi
 
 Churn: ``--rate`` pod events per second (creates and deletes alternate, each in a random namespace)
 written through the controller API the way the cluster sync writes them: every event gathered while
-the previous write was under way as one ``POST /workloads/batch`` (``--writes single``: one ``POST
+the previous write was under way as one ``POST /workload-batches`` (``--writes single``: one ``POST
 /workloads`` / ``DELETE /workloads/NAME`` per pod, 8 in flight). One event's fan-out is the pods of
 the other role in its namespace; an affected pod has acknowledged the event when its long-poll
 brings a policy with the address added (create) or gone (delete). A node has acknowledged when all
@@ -186,7 +186,7 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
             method, path = ("POST", "/api/v1/workloads") if body else ("DELETE", f"/api/v1/workloads/{name}")
             status, got = await conn.request(method, path, key, body)
         else:
-            status, got = await conn.request("POST", "/api/v1/workloads/batch", key, {
+            status, got = await conn.request("POST", "/api/v1/workload-batches", key, {
                 "upsert": [b for _n, b, *_ in batch if b], "delete": [n for n, b, *_ in batch if not b]})
         assert status in (200, 201, 204), (status, got)
         calls += 1
@@ -269,7 +269,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=100.0, help="pod events per second (creates and deletes alternate)")
     ap.add_argument("--seconds", type=float, default=30.0, help="how long the churn runs")
     ap.add_argument("--writes", choices=("batch", "single"), default="batch",
-                    help="batch: one POST /workloads/batch of every event gathered meanwhile (the sync's way); "
+                    help="batch: one POST /workload-batches of every event gathered meanwhile (the sync's way); "
                          "single: one call per event, 8 in flight")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

@@ -1,4 +1,4 @@
-"""``POST /workloads/batch`` (issue 15, pod churn): many workload writes as one transaction.
+"""``POST /workload-batches`` (issue 15, pod churn): many workload writes as one transaction.
 
 One revision per affected host for the whole batch (the point of it), all-or-nothing on any bad
 item with the field named, every write audited, and the same permission and scope rules as the
@@ -33,7 +33,7 @@ def _revision(api: Api, name: str) -> int:
 def test_a_batch_is_one_revision_per_affected_host_and_audited(api: Api) -> None:
     _setup(api)
     before = _revision(api, "db")
-    got = api.ok("POST", "/workloads/batch", json={
+    got = api.ok("POST", "/workload-batches", json={
         "upsert": [_pod(f"web-{i}", "web", f"10.5.0.{10 + 10 * i}") for i in range(3)] + [_pod("db", "db", "10.5.0.2")],
         "delete": ["web-old"]})
     assert got == {"created": ["web-0", "web-1", "web-2"], "replaced": ["db"], "deleted": ["web-old"]}
@@ -50,17 +50,17 @@ def test_a_bad_item_refuses_the_whole_batch_naming_it(api: Api) -> None:
     _setup(api)
     before = _revision(api, "db")
     bad = _pod("web-x", "web", "not-an-address")
-    r = api.req("POST", "/workloads/batch", json={"upsert": [_pod("web-ok", "web", "10.5.0.20"), bad]})
+    r = api.req("POST", "/workload-batches", json={"upsert": [_pod("web-ok", "web", "10.5.0.20"), bad]})
     assert r.status_code == 422 and "upsert[1]" in r.text
-    r = api.req("POST", "/workloads/batch", json={"upsert": [_pod("web-y", "web", "10.5.0.21")], "delete": ["nosuch"]})
+    r = api.req("POST", "/workload-batches", json={"upsert": [_pod("web-y", "web", "10.5.0.21")], "delete": ["nosuch"]})
     assert r.status_code == 404
-    r = api.req("POST", "/workloads/batch", json={"upsert": [_pod("web-z", "web", "10.5.0.1")]})  # db's address
+    r = api.req("POST", "/workload-batches", json={"upsert": [_pod("web-z", "web", "10.5.0.1")]})  # db's address
     assert r.status_code == 409
-    r = api.req("POST", "/workloads/batch", json={"upsert": [_pod("w", "web", "10.5.0.30")], "delete": ["w"]})
+    r = api.req("POST", "/workload-batches", json={"upsert": [_pod("w", "web", "10.5.0.30")], "delete": ["w"]})
     assert r.status_code == 422 and "more than once" in r.text
-    r = api.req("POST", "/workloads/batch", json={"upsert": [], "delete": ["bad name!"]})
+    r = api.req("POST", "/workload-batches", json={"upsert": [], "delete": ["bad name!"]})
     assert r.status_code == 422
-    r = api.req("POST", "/workloads/batch", json={"upsert": [], "nonsense": 1})
+    r = api.req("POST", "/workload-batches", json={"upsert": [], "nonsense": 1})
     assert r.status_code == 422
     for name in ("web-ok", "web-x", "web-y", "web-z", "w"):
         assert api.req("GET", f"/workloads/{name}").status_code == 404  # nothing half-written
@@ -70,11 +70,11 @@ def test_a_bad_item_refuses_the_whole_batch_naming_it(api: Api) -> None:
 def test_batch_permissions_and_scope(api: Api) -> None:
     _setup(api)
     body = {"upsert": [_pod("web-5", "web", "10.5.0.50")]}
-    assert api.req("POST", "/workloads/batch", json=body, headers=api.key("read-only")).status_code == 403
-    assert api.client.post("/api/v1/workloads/batch", json=body,
+    assert api.req("POST", "/workload-batches", json=body, headers=api.key("read-only")).status_code == 403
+    assert api.client.post("/api/v1/workload-batches", json=body,
                            headers={"Authorization": "Bearer nope"}).status_code == 401
     # a principal scoped to another app may not change the shop's policy through a batch
     other = api.key("admin", ["app=other"])
-    r = api.req("POST", "/workloads/batch", json={"upsert": [_pod("web-6", "web", "10.5.0.51")]}, headers=other)
+    r = api.req("POST", "/workload-batches", json={"upsert": [_pod("web-6", "web", "10.5.0.51")]}, headers=other)
     assert r.status_code == 403
     assert api.req("GET", "/workloads/web-6").status_code == 404

@@ -68,8 +68,8 @@ class ControllerClient:
         self._check(r, f"write workload {name}")
 
     async def batch_workloads(self, upsert: list[dict[str, Any]], delete: list[str]) -> None:
-        """Every write in ONE transaction (``POST /workloads/batch``); any refusal writes nothing."""
-        r = await self._http.post("/workloads/batch", json={"upsert": upsert, "delete": delete})
+        """Every write in ONE transaction (``POST /workload-batches``); any refusal writes nothing."""
+        r = await self._http.post("/workload-batches", json={"upsert": upsert, "delete": delete})
         self._check(r, f"batch of {len(upsert)} workload writes and {len(delete)} deletes")
 
     async def delete_workload(self, name: str) -> None:

@@ -4,7 +4,7 @@ Two :class:`~stockade.k8s.reflector.Reflector` s (Namespaces, Pods) feed one in-
 every change marks the pods it affects dirty and wakes one worker, which computes each dirty pod's
 :func:`~stockade.k8s.mapping.desired_workload` and writes only the differences through the REST API:
 the changes of one pass (every pod changed while the previous write was under way) as ONE ``POST
-/workloads/batch`` transaction, so a burst of pod churn is one revision per affected host; a single
+/workload-batches`` transaction, so a burst of pod churn is one revision per affected host; a single
 change, or a batch the controller refuses, goes one PUT/POST/DELETE per pod. After a (re-)list of
 both kinds the worker also deletes every ``k8s.*`` workload that no pod wants: deletions that
 happened while the sync was down or while a watch was expired are not lost. A failed write is
@@ -42,7 +42,7 @@ from stockade.k8s.reflector import Backoff, Reflector
 from stockade.model.labels import LabelKey
 from stockade.model.workloads import EnforcementMode
 
-BATCH_MAX = 1000  # workload writes per POST /workloads/batch (the controller's limit)
+BATCH_MAX = 1000  # workload writes per POST /workload-batches (the controller's limit)
 log = logging.getLogger(__name__)
 
 NAMESPACE, POD = "Namespace", "Pod"

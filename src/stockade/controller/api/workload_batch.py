@@ -1,4 +1,4 @@
-"""``POST /workloads/batch``: many workload upserts and deletes in ONE transaction (the cluster sync's write).
+"""``POST /workload-batches``: many workload upserts and deletes in ONE transaction (the cluster sync's write).
 
 Pod churn reaches the controller as workload writes. One ``PUT``/``DELETE`` per pod is one
 transaction each: auth, audit, a compiler pass, a revision bump and a long-poll answer per affected
@@ -58,7 +58,7 @@ def _names(body: WorkloadBatchIn) -> list[str]:
     return names
 
 
-@router.post("/workloads/batch", tags=["Workloads"], responses=ERRORS, operation_id="batch-workloads",
+@router.post("/workload-batches", tags=["Workloads"], responses=ERRORS, operation_id="batch-workloads",
              summary="Create, replace and delete workloads in one transaction")
 def batch_workloads(
     request: Request,

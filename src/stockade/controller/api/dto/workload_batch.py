@@ -1,4 +1,4 @@
-"""Bodies of ``POST /workloads/batch`` (:mod:`stockade.controller.api.workload_batch`)."""
+"""Bodies of ``POST /workload-batches`` (:mod:`stockade.controller.api.workload_batch`)."""
 
 from __future__ import annotations
 
