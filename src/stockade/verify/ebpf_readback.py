@@ -37,7 +37,7 @@ from stockade.backends.ebpf import syscall as bpf
 from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.ebpf.identity import L4, Verdict
 from stockade.backends.ebpf.loader import PROGRAMS, Current, TcHook, load_object
-from stockade.backends.ebpf.render import FAMILY_OF_KIND, KIND_POLICY, KEY_SIZE, POLICY_FIXED_BITS
+from stockade.backends.ebpf.render import FAMILY_OF_KIND, KEY_SIZE, KIND_POLICY, POLICY_FIXED_BITS
 from stockade.bpf.build import object_path
 from stockade.errors import ApplyError, ProofError, UnmodelledConstructError
 from stockade.model.addresses import Family, Range
@@ -57,8 +57,8 @@ from stockade.verify.loaded import (
     Loopback,
     Match,
     Rule,
-    Verdict as RuleVerdict,
 )
+from stockade.verify.loaded import Verdict as RuleVerdict
 
 _KEY = struct.Struct("=IB16s3x")
 _VALUE = struct.Struct("=II")
@@ -127,13 +127,13 @@ def check_programs(backend: EbpfBackend, our_map_ids: frozenset[int]) -> tuple[s
             notes.append(f"{where}: tc filter {f.kind} pref {f.pref} runs after ours (assumed not to widen)")
     for link in links:
         for hook in TcHook:
-            f = ours.get((link.name, hook))
+            attached = ours.get((link.name, hook))
             where = f"{link.name} {hook.value}"
-            if f is None:
+            if attached is None:
                 raise UnmodelledConstructError(where, "no Stockade program attached (packets unfiltered)")
-            if f.tag not in tags[hook]:
-                raise UnmodelledConstructError(where, f"program tag {f.tag} is not the one Stockade built")
-            fd = bpf.prog_fd_by_id(f.prog_id)
+            if attached.tag not in tags[hook]:
+                raise UnmodelledConstructError(where, f"program tag {attached.tag} is not the one Stockade built")
+            fd = bpf.prog_fd_by_id(attached.prog_id)
             try:
                 used = frozenset(bpf.prog_info(fd).map_ids)
             finally:
@@ -187,7 +187,10 @@ def _prefix(data: bytes, width: int, plen: int) -> tuple[int, int]:
 PolicyKey = tuple[int, int, int]  # identity, direction, protocol byte
 
 
-def decode_trie(raw: dict[bytes, bytes]) -> tuple[dict[Family, list[tuple[int, int, int]]], dict[PolicyKey, list[tuple[int, int, int]]]]:
+Prefixes = list[tuple[int, int, int]]
+
+
+def decode_trie(raw: dict[bytes, bytes]) -> tuple[dict[Family, Prefixes], dict[PolicyKey, Prefixes]]:
     """Peer prefixes per family (first, last, identity) and policy port prefixes per
     (identity, direction, protocol) (first, last, verdict); refuses what no lookup reads as such."""
     peers: dict[Family, list[tuple[int, int, int]]] = {Family.V4: [], Family.V6: []}
@@ -197,7 +200,7 @@ def decode_trie(raw: dict[bytes, bytes]) -> tuple[dict[Family, list[tuple[int, i
         if len(key) != KEY_SIZE or len(value) != _VALUE.size:
             raise UnmodelledConstructError("eBPF trie", f"entry of {len(key)}/{len(value)} bytes")
         plen, kind, data = _KEY.unpack(key)
-        a, b = _VALUE.unpack(value)
+        a, _rule = _VALUE.unpack(value)
         if plen < 8:
             raise UnmodelledConstructError("eBPF trie", f"an entry of prefix length {plen} (matches every kind)")
         family = FAMILY_OF_KIND.get(kind)
