@@ -196,11 +196,13 @@ def decode_trie(raw: dict[bytes, bytes]) -> tuple[dict[Family, Prefixes], dict[P
     peers: dict[Family, list[tuple[int, int, int]]] = {Family.V4: [], Family.V6: []}
     policy: dict[PolicyKey, list[tuple[int, int, int]]] = {}
     protos = {p.value for p in L4}
+    verdicts = (Verdict.ALLOW.value, Verdict.BLOCK.value)
+    unpack_key, unpack_value = _KEY.unpack, _VALUE.unpack
     for key, value in raw.items():
         if len(key) != KEY_SIZE or len(value) != _VALUE.size:
             raise UnmodelledConstructError("eBPF trie", f"entry of {len(key)}/{len(value)} bytes")
-        plen, kind, data = _KEY.unpack(key)
-        a, _rule = _VALUE.unpack(value)
+        plen, kind, data = unpack_key(key)
+        a, _rule = unpack_value(value)
         if plen < 8:
             raise UnmodelledConstructError("eBPF trie", f"an entry of prefix length {plen} (matches every kind)")
         family = FAMILY_OF_KIND.get(kind)
@@ -219,7 +221,7 @@ def decode_trie(raw: dict[bytes, bytes]) -> tuple[dict[Family, Prefixes], dict[P
         identity, direction, proto, port = struct.unpack_from(">IBBH", data, 0)
         if direction not in _DIRECTION or proto not in protos:
             raise UnmodelledConstructError("eBPF trie", f"policy entry for direction {direction} protocol {proto}")
-        if a not in (Verdict.ALLOW.value, Verdict.BLOCK.value):
+        if a not in verdicts:
             raise UnmodelledConstructError("eBPF trie", f"policy verdict {a}")
         first, last = _prefix(port.to_bytes(2, "big"), 16, bits)
         policy.setdefault((identity, direction, proto), []).append((first, last, a))
@@ -263,6 +265,9 @@ def datapath_rules(
     chains: dict[str, Chain] = {}
     hooks: dict[HookName, tuple[str, ...]] = {}
     accept = RuleVerdict(Kind.ACCEPT)
+    grouped: dict[tuple[int, int], list[tuple[int, Prefixes]]] = {}
+    for (ident, direction, proto), entries in sorted(policy.items()):
+        grouped.setdefault((ident, direction), []).append((proto, entries))
     for direction, hook in _DIRECTION.items():
         rules: list[Rule] = []
         if family is Family.V6:
@@ -273,7 +278,7 @@ def datapath_rules(
         peer = Addr.SADDR if hook is HookName.INPUT else Addr.DADDR
         for ident in sorted(by_ident):
             chain = f"{hook.value}_identity_{ident}"
-            chains[chain] = Chain(chain, _policy_rules(family, mode, policy, ident, direction))
+            chains[chain] = Chain(chain, _policy_rules(family, mode, grouped.get((ident, direction), [])))
             rules.append(Rule((AddrIn(peer, family, _ident_set(ident)),), RuleVerdict(Kind.JUMP, chain)))
         chains[hook.value] = Chain(hook.value, tuple(rules), policy=default)
         hooks[hook] = (hook.value,)
@@ -283,15 +288,13 @@ def datapath_rules(
 def _policy_rules(
     family: Family,
     mode: EnforcementMode,
-    policy: dict[PolicyKey, list[tuple[int, int, int]]],
-    ident: int,
-    direction: int,
+    groups: list[tuple[int, Prefixes]],
 ) -> tuple[Rule, ...]:
+    """One identity's policy entries of one direction, ``groups`` (protocol byte, port
+    prefixes) in protocol order, resolved by longest prefix into disjoint rules."""
     rules: list[Rule] = []
-    for (i, d, proto), entries in sorted(policy.items()):
-        if (i, d) != (ident, direction):
-            continue
-        miss = -1
+    miss = -1
+    for proto, entries in groups:
         for first, last, verdict in _lpm_ranges(entries, 65535, miss):
             if verdict == miss:
                 continue
