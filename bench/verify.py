@@ -78,6 +78,7 @@ def main() -> None:
     for backend_name in args.backends.split(","):
         ns = f"stk-bv-{uuid.uuid4().hex[:8]}"
         subprocess.run(["ip", "netns", "add", ns], check=True)
+        backend = None
         try:
             backend = _backend(backend_name, ns)
             for shape in args.shapes.split(","):
@@ -103,8 +104,9 @@ def main() -> None:
                         print(f"{backend_name:16} {shape:10} {n_rules:5} {n_peers:7} {proof.classes:7} "
                               f"{t1 - t0:7.3f} {t2 - t1:8.3f} {cpu:7.3f} {peak:8.1f} {probes:>16} {proof.proven!s:>6}",
                               flush=True)
-            backend.remove()
         finally:
+            if backend is not None:
+                backend.remove()  # eBPF pins live in bpffs, not in the namespace
             subprocess.run(["ip", "netns", "delete", ns], check=False)
 
 
