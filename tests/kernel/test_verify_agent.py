@@ -23,6 +23,8 @@ from stockade.agent.fake import FakeController, FakeControllerClient, wait_until
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.state import StateDir
 from stockade.agent.transport import EventKind
+from stockade.backends.ebpf.backend import EbpfBackend
+from stockade.backends.ebpf.render import peer_key
 from stockade.backends.nftables.backend import NftablesBackend
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule
 from stockade.model.addresses import Family
@@ -92,3 +94,51 @@ def test_agent_reports_proven_then_the_counterexample(tmp_path: Path, netns: str
         agent.stop()
         subprocess.run(["ip", "netns", "exec", netns, "nft", "delete", "table", "inet", table], check=False,
                        capture_output=True)  # fmt: skip
+
+
+def test_agent_proves_ebpf_after_apply_then_reports_the_counterexample(tmp_path: Path, netns: str) -> None:
+    table = f"stk{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "-n", netns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "up"], check=True)
+    controller = FakeController()
+    controller.add_code("code-web1", "web1")
+    options = AgentOptions(
+        controller="fake://c", activation_code="code-web1", long_poll_seconds=0.3, tamper_interval=60.0,
+        change_feed=False, heartbeat_seconds=0.2, backoff=BackoffPolicy(initial=0.02, maximum=0.1),
+        watch_addresses=False, proof_interval=60.0,
+    )  # fmt: skip
+
+    def factory(url: str, ca: str | None) -> FakeControllerClient:
+        return FakeControllerClient(controller, url, ca)
+
+    backend = EbpfBackend(netns=netns, table=table)
+    agent = Agent(options, StateDir(tmp_path / "state"), Enforcer(backend), factory, host_reader=lambda: HOST)
+
+    def events(kind: EventKind) -> list[str]:
+        return [e.detail for a in controller.agents.values() for e in a.events if e.kind is kind]
+
+    agent.start()
+    try:
+        rev = controller.publish(_policy())
+        assert wait_until(lambda: bool(events(EventKind.PROVEN)), timeout=15), events(EventKind.PROOF_FAILED)
+        assert events(EventKind.PROVEN)[0].startswith(f"proven at revision {rev}:")
+        loader = EbpfBackend(netns=netns, table=table).loader
+        cur = loader.current()
+        assert cur is not None
+        trie = loader.trie(cur.generation)
+        assert trie is not None
+        with trie:  # the peer's element removed from the trie in force
+            assert trie.delete(peer_key(Family.V4, int(ipaddress.ip_address("10.0.0.2")), 32))
+        loader.close()
+        assert agent.prove_now() == "differs"
+        assert wait_until(lambda: bool(events(EventKind.PROOF_DIFFERS)), timeout=5)
+        detail = events(EventKind.PROOF_DIFFERS)[0]
+        assert "10.0.0.2" in detail and ":80" in detail and "policy says accept, kernel does drop" in detail
+        subprocess.run(["ip", "netns", "exec", netns, "tc", "filter", "del", "dev", "eth0", "ingress", "pref",
+                        str(backend.loader.pref), "handle", "1", "bpf"], check=True)  # fmt: skip
+        assert agent.prove_now() == "failed"
+        assert wait_until(lambda: any("no Stockade program" in d for d in events(EventKind.PROOF_FAILED)), timeout=5)
+    finally:
+        agent.stop()
+        backend.remove()
+        backend.close()

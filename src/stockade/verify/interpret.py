@@ -87,6 +87,7 @@ class Interpreter:
         self._deps: dict[str, frozenset[int]] = {}
         self._memo: dict[tuple[str, frozenset[int]], tuple[BDDNode, BDDNode]] = {}
         self._map_keys: dict[tuple[int, int, int], BDDNode] = {}
+        self._static: dict[int, tuple[BDDNode | None, tuple[tuple[int, bool], ...]]] = {}
         self._rule_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
         self._map_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
 
@@ -160,9 +161,40 @@ class Interpreter:
         raise UnmodelledConstructError("rule", f"match {m!r}")  # pragma: no cover - Match is closed
 
     def _rule_match(self, rule: Rule, sig: frozenset[int]) -> BDDNode | None:
+        if self.members is not None:
+            return self._rule_match_symbolic(rule)
+        entry = self._static.get(id(rule))
+        if entry is None:
+            entry = self._static[id(rule)] = self._split(rule)
+        static, tests = entry
+        if static is None:
+            return None
+        for pred, negate in tests:
+            if (pred in sig) == negate:
+                return None
+        return static
+
+    def _split(self, rule: Rule) -> tuple[BDDNode | None, tuple[tuple[int, bool], ...]]:
+        """A rule's matches as (the BDD of every match but the peer's set tests, those tests as
+        (predicate, negated)): computed once per rule, the per-class part is a few lookups."""
+        u = self.space.true
+        tests: list[tuple[int, bool]] = []
+        for m in rule.matches:
+            if isinstance(m, AddrIn) and m.addr is self.peer and m.family is self.family:
+                tests.append((self.pred_of[m.set_name], m.negate))
+                continue
+            r = self._match(m, frozenset())
+            if r is False:
+                return None, ()
+            if r is True:
+                continue
+            u = u & r
+        return (None if u == self.space.false else u), tuple(tests)
+
+    def _rule_match_symbolic(self, rule: Rule) -> BDDNode | None:
         u = self.space.true
         for m in rule.matches:
-            r = self._match(m, sig)
+            r = self._match(m, frozenset())
             if r is False:
                 return None
             if r is True:
@@ -204,7 +236,8 @@ class Interpreter:
     # ---- which rules can matter for an address class --------------------------------------
     def _relevant(self, name: str, sig: frozenset[int]) -> list[int]:
         """Indices of the rules of ``name`` that can match a peer in ``sig``, in order: a rule
-        testing the peer against a set (not negated) matters only when the class is in it."""
+        testing the peer against a set (not negated) matters only when the class is in it, a
+        rule that matches no packet of this family and hook never."""
         if self.members is not None:
             return list(range(len(self._chain(name).rules)))
         index = self._rule_index.get(name)
@@ -212,12 +245,13 @@ class Interpreter:
             uncond: list[int] = []
             by_pred: dict[int, list[int]] = {}
             for i, rule in enumerate(self._chain(name).rules):
-                pred = next(
-                    (self.pred_of[m.set_name] for m in rule.matches
-                     if isinstance(m, AddrIn) and m.addr is self.peer and not m.negate
-                     and m.family is self.family and m.set_name in self.pred_of),
-                    None,
-                )  # fmt: skip
+                entry = self._static.get(id(rule))
+                if entry is None:
+                    entry = self._static[id(rule)] = self._split(rule)
+                static, tests = entry
+                if static is None:  # never matches here (another family's set, ...): skipped
+                    continue
+                pred = next((p for p, negate in tests if not negate), None)
                 if pred is None:
                     uncond.append(i)
                 else:

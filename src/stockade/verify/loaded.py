@@ -175,6 +175,12 @@ class LoadedRuleset:
     present: bool
     families: tuple[FamilyRules, ...]
     notes: tuple[str, ...] = ()  # assumptions the read-back could not check (other tables ...)
+    # The connection state is a flow table of the datapath's own (eBPF), not conntrack: a packet
+    # is "new" (no flow), "established" (a flow of the policy in force; never a bare TCP SYN,
+    # which always opens a connection, nor an ICMP message other than echo request/reply) or
+    # "related" (an ICMP error quoting such a flow); controller replies pass only as part of
+    # the connection the outbound failsafe let the host open (see docs/verification.md).
+    flow_states: bool = False
 
     def family(self, family: Family) -> FamilyRules | None:
         for f in self.families:

@@ -182,6 +182,9 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
         fam_rules = loaded.family(family) if loaded.present else None
         locals_: list[int | None] = [int(a) for a in hp.local_addresses if a.version == family.value] or [None]
         domain = space.domain(family)
+        if loaded.flow_states:
+            domain = domain & space.flow_domain(family)
+        flows = loaded.flow_states
         # one set of address classes per family, for both directions (finer than either needs)
         preds = _Preds()
         spec_pred: dict[str, int] = {s.name: preds.add(_ranges(s.members)) for s in hp.sets if s.family is family}
@@ -201,7 +204,7 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
             symbolic, constraint = members
             if all(
                 _symbolic_equal(space, hp, family, direction, spec_pred, fam_rules, hook, kernel_pred, local,
-                                symbolic, domain & constraint)
+                                symbolic, domain & constraint, flows)
                 for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT))
                 for local in locals_
             ):  # fmt: skip
@@ -209,7 +212,7 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
         classes = address_classes(preds.ranges, family, (int(h) for h in hints if h.version == family.value))
         n_classes += len(classes)
         for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT)):
-            spec = PolicySpec(space, hp, family, direction, spec_pred)
+            spec = PolicySpec(space, hp, family, direction, spec_pred, flow_states=flows)
             spec_keys = frozenset(spec_pred.values())
             interps = [
                 Interpreter(space, fam_rules, hook, kernel_pred, local) if fam_rules is not None else None
@@ -285,8 +288,10 @@ def _symbolic_equal(
     local: int | None,
     members: dict[int, BDDNode],
     domain: BDDNode,
+    flow_states: bool = False,
 ) -> bool:
-    want = PolicySpec(space, hp, family, direction, spec_pred).accept_symbolic(members) & domain
+    spec = PolicySpec(space, hp, family, direction, spec_pred, flow_states=flow_states)
+    want = spec.accept_symbolic(members) & domain
     have = Interpreter(space, fam_rules, hook, kernel_pred, local, members).hook_accept(frozenset()) & domain
     return bool(want == have)
 

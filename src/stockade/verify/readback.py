@@ -7,13 +7,16 @@ a proof that could not look at the kernel is not a proof.
 
 * nftables: ``nft -j list table inet <table>``;
 * iptables (legacy or nft): ``iptables-save``, ``ip6tables-save`` (every table: the filter
-  table is modelled, the others are listed in the proof's notes) and ``ipset save``.
+  table is modelled, the others are listed in the proof's notes) and ``ipset save``;
+* eBPF: the tc programs attached (by tag) and the maps in force, over the bpf syscall
+  (:mod:`.ebpf_readback`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.iptables.backend import IptablesBackend
 from stockade.backends.iptables.model import IptablesVariant
 from stockade.backends.iptables.runner import Command, IptablesRunner
@@ -22,12 +25,13 @@ from stockade.backends.nftables.runner import NftRunner
 from stockade.compiler.ir import HostPolicy
 from stockade.errors import BackendError, ProofError
 from stockade.model.addresses import Family, IPAddress
+from stockade.verify.ebpf_readback import read_ebpf
 from stockade.verify.ipt_readback import parse_iptables
 from stockade.verify.loaded import LoadedRuleset
 from stockade.verify.nft_readback import parse_nft_table
 from stockade.verify.prove import Proof, prove
 
-BACKENDS = ("nftables", "iptables-legacy", "iptables-nft")
+BACKENDS = ("nftables", "iptables-legacy", "iptables-nft", "ebpf")
 
 
 def read_nftables(table: str = "stockade", netns: str | None = None) -> LoadedRuleset:
@@ -56,17 +60,21 @@ def read_loaded(backend: str, *, netns: str | None = None, table: str = "stockad
         return read_iptables(IptablesVariant.NFT, netns)
     if backend == "iptables-legacy":
         return read_iptables(IptablesVariant.LEGACY, netns)
+    if backend == "ebpf":
+        return read_ebpf(table, netns)
     raise ProofError(f"no read-back for backend {backend!r} (provable: {', '.join(BACKENDS)})")
 
 
 def read_backend(backend: object) -> LoadedRuleset | None:
     """What ``backend`` (a backend object, as the agent holds it) has loaded; None for a backend the
-    prover cannot read back (eBPF, Windows, devices)."""
+    prover cannot read back (Windows, devices)."""
     netns = getattr(backend, "netns", None)
     if isinstance(backend, NftablesBackend):
         return read_nftables(backend.table, netns)
     if isinstance(backend, IptablesBackend):
         return read_iptables(backend.variant, netns)
+    if isinstance(backend, EbpfBackend):
+        return read_ebpf(backend.table, netns)
     return None
 
 

@@ -131,6 +131,22 @@ class HeaderSpace:
         other = 58 if family is Family.V4 else 1
         return self.ct_in(CT_STATES) & ~self.proto(other)
 
+    def flow_domain(self, family: Family) -> BDDNode:
+        """The states a datapath flow table gives (see ``LoadedRuleset.flow_states``): new;
+        established, never for a bare TCP SYN nor an ICMP message but echo request/reply;
+        related, only for an ICMP error."""
+        icmp = self.proto(1 if family is Family.V4 else 58)
+        echo = ((0, 0), (8, 8)) if family is Family.V4 else ((128, 129),)
+        errors = ((3, 5), (11, 12)) if family is Family.V4 else ((1, 4),)
+        bare_syn = self.proto(6) & self.tcp_flags(SYN | ACK, SYN)
+        established = ~bare_syn & ~(icmp & ~self.field_in(Field.ICMP_TYPE, echo))
+        related = icmp & self.field_in(Field.ICMP_TYPE, errors)
+        return (
+            self.ct_in(("new",))
+            | (self.ct_in(("established",)) & established)
+            | (self.ct_in(("related",)) & related)
+        )
+
     # ---- reading an assignment back -----------------------------------------------------
     def decode(self, assignment: dict[str, bool]) -> dict[str, int]:
         def num(names: Sequence[str]) -> int:

@@ -10,7 +10,9 @@ level of a connection attempt (both part of Stockade's failsafe, see ``docs/veri
 3. ICMPv6 neighbour discovery (types 133-137) is accepted;
 4. inbound: the management services; replies from the controller (TCP from a controller
    address and port that is not a bare SYN: a reply the policy's controller path admitted);
-   outbound: TCP to a controller address and port;
+   outbound: TCP to a controller address and port (with ``flow_states``, a datapath that
+   tracks connections in its own flow table, eBPF: no inbound clause, the replies are
+   ``established`` packets of the connection the outbound clause admitted);
 5. the host rules of the direction in their order (override-deny, allow, deny: first match
    wins); a rule matches when the peer address is in its set (this family) and the packet in
    one of its services (ICMP only in IPv4, ICMPv6 only in IPv6, ``any`` every protocol);
@@ -54,7 +56,14 @@ class PolicySpec:
     """What ``hp`` accepts in one family and direction; address sets are predicates."""
 
     def __init__(
-        self, space: HeaderSpace, hp: HostPolicy, family: Family, direction: Direction, pred_of: dict[str, int]
+        self,
+        space: HeaderSpace,
+        hp: HostPolicy,
+        family: Family,
+        direction: Direction,
+        pred_of: dict[str, int],
+        *,
+        flow_states: bool = False,
     ) -> None:
         self.space = space
         self.hp = hp
@@ -70,6 +79,8 @@ class PolicySpec:
             self.base = self.base | services_bdd(sp, fs.management, None)
             not_bare_syn = ~sp.tcp_flags(SYN | ACK, SYN)
             self.controller = tcp_ctl & sp.field_in(Field.SPORT, ((fs.controller_port,) * 2,)) & not_bare_syn
+            if flow_states:  # a flow-table datapath admits replies only within the tracked connection
+                self.controller = sp.false
         else:
             self.controller = tcp_ctl & sp.field_in(Field.DPORT, ((fs.controller_port,) * 2,))
         visibility = hp.mode is EnforcementMode.VISIBILITY
