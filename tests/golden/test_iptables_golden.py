@@ -31,6 +31,7 @@ from tests.golden.nft_cases import (
     ALLOW,
     ANY,
     CASES,
+    SCTP_CASES,
     DENY,
     FULL,
     IN,
@@ -96,7 +97,7 @@ IPTABLES_CASES: tuple[Case, ...] = (
         log_group=0,
     ),
 )
-ALL_CASES = CASES + IPTABLES_CASES
+ALL_CASES = CASES + IPTABLES_CASES + SCTP_CASES
 VARIANTS = tuple(IptablesVariant)
 
 

@@ -101,7 +101,10 @@ from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family
 
-EBPF_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
+EBPF_CAPABILITIES = frozenset(Capability) - {
+    Capability.ENCRYPT,  # no WireGuard datapath: fail closed
+    Capability.SCTP,  # the datapath parses TCP/UDP ports only (SCTP is an "other" protocol, port 0)
+}
 DEFAULT_PREF = 1000
 DEFAULT_FLOW_CAPACITY = 65536
 HOST_DIR = "_host"

@@ -36,7 +36,10 @@ from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family
 
-IPFILTER_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
+IPFILTER_CAPABILITIES = frozenset(Capability) - {
+    Capability.ENCRYPT,  # no WireGuard datapath: fail closed
+    Capability.SCTP,  # ipf's port keyword takes tcp/udp only; an SCTP rule would lose its ports
+}
 IPF_TIMEOUT_S = 120.0
 _POOL_NUMBER_RE = re.compile(r"(?:number|name)\s*=\s*(\d+)")
 

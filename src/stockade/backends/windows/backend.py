@@ -33,7 +33,10 @@ from stockade.backends.windows.script import apply_script, delta_script, read_ba
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 
-WINDOWS_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
+WINDOWS_CAPABILITIES = frozenset(Capability) - {
+    Capability.ENCRYPT,  # no WireGuard datapath: fail closed
+    Capability.SCTP,  # NetSecurity port filters take TCP/UDP only; an SCTP rule would lose its ports
+}
 POWERSHELL_TIMEOUT_S = 600.0
 
 
