@@ -33,7 +33,7 @@ from stockade.model.netpol import KubeNetworkPolicy, NetpolDirection
 from tests.k8s.netpol_cases import ALL_PODS, CONTAINER_PORTS, NAMESPACES, PORTS, Case, Step, a_from, cases, np
 from tests.unit.test_compiler_vs_evaluator import interpret
 
-PROTO = {"TCP": Proto.TCP, "UDP": Proto.UDP}
+PROTO = {"TCP": Proto.TCP, "UDP": Proto.UDP, "SCTP": Proto.SCTP}
 
 
 def ip_of(pod: str) -> str:

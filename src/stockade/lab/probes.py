@@ -1,9 +1,10 @@
 """Probes the kernel lab sends, and the frozen records of what happened.
 
 A ``Probe`` is one connection attempt from a lab host to another: a TCP connect
-(answered by a banner naming the server's host), a UDP request/response (echoed)
-or an ICMP/ICMPv6 echo. Probes travel to the in-namespace agent as JSON and come
-back as ``ProbeResult`` records; this module owns both encodings.
+(answered by a banner naming the server's host), a UDP request/response (echoed),
+an SCTP INIT answered by an INIT-ACK, or an ICMP/ICMPv6 echo. Probes travel to the
+in-namespace agent as JSON and come back as ``ProbeResult`` records; this module owns both
+encodings.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class ProbeKind(Enum):
 
     TCP = "tcp"
     UDP = "udp"
+    SCTP = "sctp"  # an INIT answered by an INIT-ACK (raw sockets: the lab kernel has no SCTP stack)
     ICMP_ECHO = "icmp-echo"
 
     def proto(self, family: Family) -> Proto:
@@ -31,6 +33,8 @@ class ProbeKind(Enum):
             return Proto.TCP
         if self is ProbeKind.UDP:
             return Proto.UDP
+        if self is ProbeKind.SCTP:
+            return Proto.SCTP
         return Proto.ICMP if family is Family.V4 else Proto.ICMPV6
 
 
