@@ -132,7 +132,8 @@ def cases(pod_cidr_v4: str, ip_of: Callable[[str], str]) -> tuple[Case, ...]:
                  (a_from("a-81", ports=[{"port": 80, "protocol": "SCTP"}]),))), ports=all_ports),
         Case("sctp-range-and-named", (
             Step(lambda s, d, p: not into_xa(d) or (p == "sctp80" and ns_of(s) == "y"),
-                 (a_from("a-sctp", {"namespaceSelector": NS_Y}, ports=[{"port": 79, "endPort": 81, "protocol": "SCTP"}]),)),
+                 (a_from("a-sctp", {"namespaceSelector": NS_Y},
+                         ports=[{"port": 79, "endPort": 81, "protocol": "SCTP"}]),)),
             Step(lambda s, d, p: not into_xa(d) or p in ("sctp80", "tcp80"),
                  (a_from("a-sctp", ports=[{"port": "serve-80-sctp", "protocol": "SCTP"}, {"port": 80}]),))),
              ports=("tcp80", "sctp80")),
