@@ -111,6 +111,7 @@ async def run(port: int, password: str, nodes: int, pods: int, trials: int) -> d
     t = time.perf_counter()
     agents = await _enrol(port, key, nodes, pods)
     enrol_s = time.perf_counter() - t
+    print(f"enrolled {len(agents)} pod agents in {enrol_s:.1f} s", file=sys.stderr, flush=True)
     node_of = {a.workload: int(a.workload.split(".")[2][1:4]) for a in agents}
     web = sorted(a.workload for a in agents if int(a.workload[-2:]) % 2 == 0)
     db = sorted(a.workload for a in agents if int(a.workload[-2:]) % 2 == 1)
@@ -148,6 +149,8 @@ async def run(port: int, password: str, nodes: int, pods: int, trials: int) -> d
                 n = node_of[a.workload]
                 done[n] = max(done.get(n, 0.0), acked)
             per_node += list(done.values())
+            print(f"{kind}: trial done, slowest node {1000 * max(done.values(), default=0):.0f} ms",
+                  file=sys.stderr, flush=True)
         out[kind] = {"p50_ms": 1000 * cb.pct(per_node, 50), "p99_ms": 1000 * cb.pct(per_node, 99),
                      "max_ms": 1000 * max(per_node, default=float("nan")),
                      "pods_changed": sum(fan) / max(1, len(fan)), "node_samples": len(per_node)}
