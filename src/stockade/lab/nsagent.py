@@ -10,7 +10,8 @@ without importing the ``stockade`` package, so it starts fast).
   SCTP sockets (no ``CONFIG_IP_SCTP``), so SCTP travels over raw IP sockets (protocol 132). A
   probe sends an INIT chunk (random initiate tag, CRC32c) to the destination port; the server
   answers an INIT to a served port with an INIT-ACK carrying that tag as its verification tag,
-  exactly as a stack's first reply would (conntrack tracks the pair as an SCTP association).
+  exactly as a stack's first reply would (conntrack tracks the pair as an SCTP association); an
+  INIT to a port not served gets an ABORT (refused).
   Without a socket for the protocol the kernel would answer ICMP protocol-unreachable; the raw
   socket suppresses that, so a dropped INIT is silence (timeout).
 * Control protocol on stdin/stdout, one JSON object per line:
@@ -79,7 +80,7 @@ def _serve(sel: selectors.DefaultSelector, banner: bytes) -> None:
 # ---- SCTP over raw sockets ----------------------------------------------------
 
 IPPROTO_SCTP = 132
-SCTP_INIT, SCTP_INIT_ACK = 1, 2
+SCTP_INIT, SCTP_INIT_ACK, SCTP_ABORT = 1, 2, 6
 
 
 def _crc32c_table() -> list[int]:
@@ -134,8 +135,13 @@ def _serve_sctp(sock: socket.socket, family: int, ports: frozenset[int]) -> None
         sport, dport = struct.unpack_from("!HH", pkt)
         (their_tag,) = struct.unpack_from("!I", pkt, 16)
         if dport in ports:
-            with contextlib.suppress(OSError):
-                sock.sendto(sctp_packet(dport, sport, their_tag, SCTP_INIT_ACK, 0x5170CADE), (peer[0], 0))
+            reply = sctp_packet(dport, sport, their_tag, SCTP_INIT_ACK, 0x5170CADE)
+        else:  # a closed port: ABORT with the T bit (the tag reflected), as an SCTP stack answers
+            head = struct.pack("!HHI", dport, sport, their_tag)
+            chunk = struct.pack("!BBH", SCTP_ABORT, 1, 4)
+            reply = head + sctp_checksum(head + b"\0\0\0\0" + chunk) + chunk
+        with contextlib.suppress(OSError):
+            sock.sendto(reply, (peer[0], 0))
 
 
 def probe_sctp(p: dict[str, Any]) -> tuple[str, str]:
@@ -155,10 +161,12 @@ def probe_sctp(p: dict[str, Any]) -> tuple[str, str]:
             src, dst, vtag = struct.unpack_from("!HHI", pkt)
             if (src, dst, vtag) == (p["port"], sport, tag) and pkt[12] == SCTP_INIT_ACK:
                 return "ok", "INIT-ACK"
+            if (src, dst, vtag) == (p["port"], sport, tag) and pkt[12] == SCTP_ABORT:
+                return "refused", "ABORT"
 
 
 def start_servers(name: str, tcp_ports: list[int], udp_ports: list[int], sctp_ports: list[int] | None = None) -> None:
-    if sctp_ports:
+    if sctp_ports is not None:  # [] still answers every INIT with an ABORT (closed port)
         for family in (socket.AF_INET, socket.AF_INET6):
             sock = _sctp_socket(family)
             threading.Thread(target=_serve_sctp, args=(sock, family, frozenset(sctp_ports)), daemon=True).start()
@@ -316,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _enable_ping_sockets()
-        start_servers(args.name, _ports(args.tcp), _ports(args.udp), _ports(args.sctp))
+        start_servers(args.name, _ports(args.tcp), _ports(args.udp), _ports(args.sctp) if args.sctp else None)
     except OSError as exc:
         _write({"error": f"agent {args.name}: {exc}"})
         return 1

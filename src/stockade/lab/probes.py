@@ -133,6 +133,7 @@ def probe_matrix(
     *,
     tcp_ports: Iterable[int] = (),
     udp_ports: Iterable[int] = (),
+    sctp_ports: Iterable[int] = (),
     icmp: bool = True,
     families: Iterable[Family] = (Family.V4, Family.V6),
 ) -> tuple[Probe, ...]:
@@ -142,6 +143,7 @@ def probe_matrix(
     """
     tcp = sorted(set(tcp_ports))
     udp = sorted(set(udp_ports))
+    sctp = sorted(set(sctp_ports))
     fams = sorted(set(families))
     out: list[Probe] = []
     for src_name, src_addrs in hosts:
@@ -155,6 +157,7 @@ def probe_matrix(
                     continue
                 out += [Probe(src_name, dst_name, ProbeKind.TCP, src, dst, p) for p in tcp]
                 out += [Probe(src_name, dst_name, ProbeKind.UDP, src, dst, p) for p in udp]
+                out += [Probe(src_name, dst_name, ProbeKind.SCTP, src, dst, p) for p in sctp]
                 if icmp:
                     out.append(Probe(src_name, dst_name, ProbeKind.ICMP_ECHO, src, dst))
     return tuple(out)
