@@ -125,7 +125,7 @@ def test_upload_validation_and_identity(estate: Api) -> None:
         rec("10.70.0.11", "10.70.0.21", 80, "out", "maybe"),
         rec("10.70.0.11", "10.70.0.21", 80, "out", "allowed", count=0),
         rec("nope", "10.70.0.21", 80, "out", "allowed"),
-        rec("10.70.0.11", "10.70.0.21", 80, "out", "allowed", proto="sctp"),
+        rec("10.70.0.11", "10.70.0.21", 80, "out", "allowed", proto="dccp"),
         rec("10.70.0.11", "10.70.0.21", 80.0, "out", "allowed"),  # type: ignore[arg-type]
         rec("10.70.0.11", "10.70.0.21", True, "out", "allowed"),
         ["10.70.0.11"],

@@ -63,7 +63,7 @@ def test_a_network_policy_takes_effect_at_once_and_leaves_with_its_delete(api: A
     ({"rules": [{"direction": "ingress", "index": 0, "targets": [], "any_peer": False, "peer_workloads": [],
                  "peer_cidrs": ["10.0.0.300/32"], "ports": []}]}, "rules[0].peer_cidrs[0]"),
     ({"rules": [{"direction": "ingress", "index": 0, "targets": [], "any_peer": False, "peer_workloads": [],
-                 "peer_cidrs": [], "ports": ["80/sctp"]}]}, "rules[0].ports[0]"),
+                 "peer_cidrs": [], "ports": ["80/dccp"]}]}, "rules[0].ports[0]"),
     ({"selected": ["no/slash"]}, "selected"),
 ])
 def test_bad_bodies_are_422_naming_the_field(sqlite_api: Api, change: dict[str, Any], field: str) -> None:

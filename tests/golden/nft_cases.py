@@ -288,3 +288,28 @@ CASES: tuple[Case, ...] = (
         log_group=7,
     ),
 )
+
+
+def sctp(first: int | None = None, last: int | None = None) -> ServiceEntry:
+    return ServiceEntry(Proto.SCTP, first, last if last is not None else first)
+
+
+# SCTP (NetworkPolicy's third protocol): the netfilter backends and F5 express it; eBPF,
+# Windows Firewall and ipfilter refuse it (fail closed), so these cases are kept apart.
+SCTP_CASES: tuple[Case, ...] = (
+    Case(
+        "sctp_ports",
+        host(
+            FULL,
+            [
+                HostRule(OVERRIDE, IN, "deny/bad-sctp", BAD[0].name, (sctp(),)),
+                HostRule(ALLOW, IN, "netpol/x/diameter/ingress/0", WEB[0].name, (sctp(3868), tcp(3868))),
+                HostRule(ALLOW, IN, "netpol/x/m3ua/ingress/0", DB[0].name, (sctp(2905, 2910), sctp(9900), udp(53))),
+                HostRule(ALLOW, IN, "ruleset/any/0", CORP[0].name, (ANY,)),
+                HostRule(DENY, IN, "deny/sctp-range", CORP[0].name, (sctp(1, 1023),)),
+                HostRule(ALLOW, OUT, "netpol/x/diameter/egress/0", DB[0].name, (sctp(3868),)),
+            ],
+            [WEB, DB, BAD, CORP],
+        ),
+    ),
+)

@@ -19,13 +19,13 @@ import pytest
 from stockade.backends.f5.render import render_f5, without_controller_failsafe
 from stockade.compiler.ir import Direction
 from tests.fakes.f5_icontrol import Config, execute
-from tests.golden.nft_cases import CASES, Case
+from tests.golden.nft_cases import CASES, SCTP_CASES, Case
 
 GOLDEN_DIR = Path(__file__).parent / "f5"
 UPDATE = os.environ.get("STOCKADE_UPDATE_GOLDEN") == "1"
 NFT_ONLY = {"forward", "custom_table_log_group"}
 VIRTUAL = "/Common/vs_web"
-F5_CASES = [c for c in CASES if c.name not in NFT_ONLY]
+F5_CASES = [c for c in CASES + SCTP_CASES if c.name not in NFT_ONLY]
 
 
 def render(case: Case) -> str:

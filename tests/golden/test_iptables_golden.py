@@ -36,6 +36,7 @@ from tests.golden.nft_cases import (
     IN,
     OUT,
     OVERRIDE,
+    SCTP_CASES,
     SELECTIVE,
     VISIBILITY,
     Case,
@@ -96,7 +97,7 @@ IPTABLES_CASES: tuple[Case, ...] = (
         log_group=0,
     ),
 )
-ALL_CASES = CASES + IPTABLES_CASES
+ALL_CASES = CASES + IPTABLES_CASES + SCTP_CASES
 VARIANTS = tuple(IptablesVariant)
 
 

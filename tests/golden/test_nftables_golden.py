@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 
 from stockade.backends.nftables.backend import NftablesBackend
-from tests.golden.nft_cases import CASES, Case
+from tests.golden.nft_cases import CASES as BASE_CASES
+from tests.golden.nft_cases import SCTP_CASES, Case
 
 GOLDEN_DIR = Path(__file__).parent / "nftables"
 UPDATE = os.environ.get("STOCKADE_UPDATE_GOLDEN") == "1"
+CASES = BASE_CASES + SCTP_CASES
 
 
 def render(case: Case) -> str:

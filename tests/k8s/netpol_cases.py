@@ -19,8 +19,9 @@ from typing import Any
 NAMESPACES = ("x", "y", "z")
 PODS = ("a", "b", "c")
 ALL_PODS = tuple(f"{n}/{p}" for n in NAMESPACES for p in PODS)
-PORTS = {"tcp80": ("TCP", 80), "tcp81": ("TCP", 81), "udp80": ("UDP", 80)}
-CONTAINER_PORTS = (("serve-80-tcp", "TCP", 80), ("serve-81-tcp", "TCP", 81), ("serve-80-udp", "UDP", 80))
+PORTS = {"tcp80": ("TCP", 80), "tcp81": ("TCP", 81), "udp80": ("UDP", 80), "sctp80": ("SCTP", 80)}
+CONTAINER_PORTS = (("serve-80-tcp", "TCP", 80), ("serve-81-tcp", "TCP", 81), ("serve-80-udp", "UDP", 80),
+                   ("serve-80-sctp", "SCTP", 80))
 
 Expect = Callable[[str, str, str], bool]  # (src "x/a", dst "y/b", port key) -> reachable
 
@@ -97,7 +98,7 @@ def cases(pod_cidr_v4: str, ip_of: Callable[[str], str]) -> tuple[Case, ...]:
         "podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "b"]}]},
     }
     tcp_ports = ("tcp80", "tcp81")
-    all_ports = ("tcp80", "tcp81", "udp80")
+    all_ports = ("tcp80", "tcp81", "udp80", "sctp80")
     return (
         Case("default-deny-ingress", (Step(lambda s, d, p: ns_of(d) != "x", (np("x", "deny", deny_in),)),)),
         Case("default-deny-egress", (Step(lambda s, d, p: ns_of(s) != "x", (np("x", "deny", deny_out),)),)),
@@ -126,7 +127,16 @@ def cases(pod_cidr_v4: str, ip_of: Callable[[str], str]) -> tuple[Case, ...]:
         Case("ports-protocols", (
             Step(lambda s, d, p: not into_xa(d) or p == "tcp81", (a_from("a-81", ports=[{"port": 81}]),)),
             Step(lambda s, d, p: not into_xa(d) or p == "udp80",
-                 (a_from("a-81", ports=[{"port": 80, "protocol": "UDP"}]),))), ports=all_ports),
+                 (a_from("a-81", ports=[{"port": 80, "protocol": "UDP"}]),)),
+            Step(lambda s, d, p: not into_xa(d) or p == "sctp80",
+                 (a_from("a-81", ports=[{"port": 80, "protocol": "SCTP"}]),))), ports=all_ports),
+        Case("sctp-range-and-named", (
+            Step(lambda s, d, p: not into_xa(d) or (p == "sctp80" and ns_of(s) == "y"),
+                 (a_from("a-sctp", {"namespaceSelector": NS_Y},
+                         ports=[{"port": 79, "endPort": 81, "protocol": "SCTP"}]),)),
+            Step(lambda s, d, p: not into_xa(d) or p in ("sctp80", "tcp80"),
+                 (a_from("a-sctp", ports=[{"port": "serve-80-sctp", "protocol": "SCTP"}, {"port": 80}]),))),
+             ports=("tcp80", "sctp80")),
         Case("named-ports", (Step(lambda s, d, p: not into_xa(d) or p in ("tcp81", "udp80"), (
             a_from("a-named", ports=[{"port": "serve-81-tcp"}, {"port": "serve-80-udp", "protocol": "UDP"}]),)),),
              ports=all_ports),

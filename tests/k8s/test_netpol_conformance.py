@@ -1,13 +1,15 @@
 """NetworkPolicy conformance on a real apiserver and real kernel firewalls (issue 16).
 
 The upstream e2e suite's design: namespaces x, y, z (``ns=<name>``), pods a, b, c in each
-(``pod=<name>``, container ports ``serve-80-tcp``, ``serve-81-tcp``, ``serve-80-udp``). The pods
-are nine lab network namespaces on one bridge serving TCP 80, 81 and UDP 80; the harness plays
+(``pod=<name>``, container ports ``serve-80-tcp``, ``serve-81-tcp``, ``serve-80-udp``,
+``serve-80-sctp``). The pods are nine lab network namespaces on one bridge serving TCP 80, 81,
+UDP 80 and SCTP 80 (INIT -> INIT-ACK over raw sockets: this kernel has netfilter's SCTP support
+but no SCTP sockets, see stockade/lab/nsagent.py); the harness plays
 their kubelet (pod IPs patched into ``status.podIPs``). Each case (tests/k8s/netpol_cases.py)
 creates, replaces or deletes NetworkPolicies and relabels pods or namespaces *through the
 apiserver*; the state is read back from the apiserver, translated (``stockade.k8s.netpol``),
 compiled and enforced with the nftables backend inside every pod's namespace; then the full 9x9
-matrix is probed (TCP and UDP, IPv4 and IPv6) and compared with the case's expected matrix AND
+matrix is probed (TCP, UDP and SCTP, IPv4 and IPv6) and compared with the case's expected matrix AND
 with the reference evaluator.
 
 The first step of a case is a full apply; later steps go through the incremental compiler
@@ -38,7 +40,7 @@ from tests.k8s.netpol_cases import ALL, ALL_PODS, CONTAINER_PORTS, NAMESPACES, P
 
 pytestmark = pytest.mark.kernel
 NETPOL = "/apis/networking.k8s.io/v1"
-KIND = {"TCP": ProbeKind.TCP, "UDP": ProbeKind.UDP}
+KIND = {"TCP": ProbeKind.TCP, "UDP": ProbeKind.UDP, "SCTP": ProbeKind.SCTP}
 
 
 @dataclass
@@ -77,8 +79,9 @@ def world(k8s_cluster: Cluster) -> Iterator[World]:
         kube.play_kubelet(real_ns[n], name, [str(v4[pod]), str(v6[pod])])
     tcp = tuple(sorted({p for proto, p in PORTS.values() if proto == "TCP"}))
     udp = tuple(sorted({p for proto, p in PORTS.values() if proto == "UDP"}))
+    sctp = tuple(sorted({p for proto, p in PORTS.values() if proto == "SCTP"}))
     w = World(kube, None, real_ns, v4, v6, str(v4n))  # type: ignore[arg-type]
-    hosts = [HostSpec(w.workload(p), (v4[p], v6[p]), tcp, udp) for p in ALL_PODS]
+    hosts = [HostSpec(w.workload(p), (v4[p], v6[p]), tcp, udp, sctp) for p in ALL_PODS]
     with EstateLab(hosts) as estate:
         w.estate = estate
         yield w

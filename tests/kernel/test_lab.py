@@ -29,6 +29,8 @@ TCP_PORTS = (80, 443, 8080)
 UDP_PORTS = (53,)
 CLOSED_TCP = 81
 CLOSED_UDP = 54
+SCTP_PORTS = (3868,)  # raw-socket SCTP (INIT -> INIT-ACK; closed port -> ABORT)
+CLOSED_SCTP = 3869
 
 
 def _hosts(n: int) -> list[HostSpec]:
@@ -38,6 +40,7 @@ def _hosts(n: int) -> list[HostSpec]:
             (ipaddress.ip_address(f"10.70.0.{10 + i}"), ipaddress.ip_address(f"fd70::{10 + i:x}")),
             TCP_PORTS,
             UDP_PORTS,
+            SCTP_PORTS,
         )
         for i in range(n)
     ]
@@ -51,10 +54,11 @@ def test_without_firewall_every_probe_succeeds_and_closed_ports_fail() -> None:
     hosts = _hosts(4)
     with Lab(hosts) as lab:
         probes = probe_matrix(
-            _pairs(hosts), tcp_ports=(*TCP_PORTS, CLOSED_TCP), udp_ports=(*UDP_PORTS, CLOSED_UDP)
+            _pairs(hosts), tcp_ports=(*TCP_PORTS, CLOSED_TCP), udp_ports=(*UDP_PORTS, CLOSED_UDP),
+            sctp_ports=(*SCTP_PORTS, CLOSED_SCTP),
         )
-        # 4*3 ordered pairs x (4 tcp + 2 udp + icmp) x 2 families
-        assert len(probes) == 12 * 7 * 2
+        # 4*3 ordered pairs x (4 tcp + 2 udp + 2 sctp + icmp) x 2 families
+        assert len(probes) == 12 * 9 * 2
         # generous: successes return in milliseconds, only a loaded machine gets near it
         results = lab.probe(probes, timeout=2.0)
     assert [r.probe for r in results] == list(probes)
@@ -63,7 +67,7 @@ def test_without_firewall_every_probe_succeeds_and_closed_ports_fail() -> None:
         for fam in Family:
             assert kinds[(kind, fam)] > 0, (kind, fam)
     for r in results:
-        closed = r.probe.port in (CLOSED_TCP, CLOSED_UDP)
+        closed = r.probe.port in (CLOSED_TCP, CLOSED_UDP, CLOSED_SCTP)
         if closed:
             assert r.outcome is Outcome.REFUSED, str(r)
         else:

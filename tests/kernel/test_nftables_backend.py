@@ -27,9 +27,11 @@ from stockade.model.workloads import EnforcementMode
 # tests/kernel has no __init__.py (pytest puts only this directory on sys.path): make the
 # repository root importable for the shared golden cases.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.golden.nft_cases import CASES, Case
+from tests.golden.nft_cases import CASES as BASE_CASES
+from tests.golden.nft_cases import SCTP_CASES, Case
 
 pytestmark = pytest.mark.kernel
+CASES = BASE_CASES + SCTP_CASES
 
 CASE = {c.name: c for c in CASES}
 

@@ -33,7 +33,7 @@ from stockade.model.netpol import KubeNetworkPolicy, NetpolDirection
 from tests.k8s.netpol_cases import ALL_PODS, CONTAINER_PORTS, NAMESPACES, PORTS, Case, Step, a_from, cases, np
 from tests.unit.test_compiler_vs_evaluator import interpret
 
-PROTO = {"TCP": Proto.TCP, "UDP": Proto.UDP}
+PROTO = {"TCP": Proto.TCP, "UDP": Proto.UDP, "SCTP": Proto.SCTP}
 
 
 def ip_of(pod: str) -> str:
@@ -159,13 +159,13 @@ def test_a_peer_pod_changing_address_is_a_set_delta() -> None:
 WEB = Service("web", (ServiceEntry(Proto.TCP, 80, 80),))
 
 
-def _verdict(policy: Policy, src: str, dst: str) -> tuple[Verdict, str]:
-    e = Evaluator(policy).evaluate(ipaddress.ip_address(ip_of(src)), ipaddress.ip_address(ip_of(dst)), Proto.TCP, 80)
+def _verdict(policy: Policy, src: str, dst: str, proto: Proto = Proto.TCP, port: int = 80) -> tuple[Verdict, str]:
+    e = Evaluator(policy).evaluate(ipaddress.ip_address(ip_of(src)), ipaddress.ip_address(ip_of(dst)), proto, port)
     side = e.inbound if e.inbound is not None and e.inbound.action != "allow" else e.outbound
     side = side if side is not None and side.action != "allow" else e.inbound
     assert side is not None
     compiled = compile_policy(policy)
-    got = interpret(compiled, policy, ipaddress.ip_address(ip_of(src)), ipaddress.ip_address(ip_of(dst)), Proto.TCP, 80)
+    got = interpret(compiled, policy, ipaddress.ip_address(ip_of(src)), ipaddress.ip_address(ip_of(dst)), proto, port)
     assert got == e.verdict
     return e.verdict, side.rule_id
 
@@ -216,14 +216,30 @@ def test_a_stockade_allow_does_not_open_a_direction_networkpolicy_isolates() -> 
 # ---- what cannot be expressed never widens ------------------------------------------------------
 
 
-def test_sctp_is_reported_and_the_policy_isolates_without_allowing() -> None:
-    obj = np("x", "sctp", {"podSelector": {"matchLabels": {"pod": "a"}},
-                           "ingress": [{"ports": [{"port": 80, "protocol": "SCTP"}]}, {}]})
+def test_an_unknown_protocol_is_reported_and_the_policy_isolates_without_allowing() -> None:
+    obj = np("x", "dccp", {"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [{"ports": [{"port": 80, "protocol": "DCCP"}]}, {}]})
     spec = parse_policy(obj)
-    assert spec.problems and "SCTP" in spec.problems[0] and spec.rules == ()
+    assert spec.problems and "DCCP" in spec.problems[0] and spec.rules == ()
     world = World()
     world.resolver.set_policy(obj)
-    assert _verdict(world.policy(), "x/b", "x/a") == (Verdict.BLOCKED, "netpol/x/sctp/ingress")
+    assert _verdict(world.policy(), "x/b", "x/a") == (Verdict.BLOCKED, "netpol/x/dccp/ingress")
+
+
+def test_sctp_ports_and_ranges_are_real_rules_decided_per_protocol() -> None:
+    obj = np("x", "sctp", {"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [{"ports": [{"port": 3868, "protocol": "SCTP"},
+                                                  {"port": 2905, "endPort": 2910, "protocol": "SCTP"}]}]})
+    spec = parse_policy(obj)
+    assert spec.problems == ()
+    world = World()
+    world.resolver.set_policy(obj)
+    policy = world.policy()
+    for port in (3868, 2905, 2910):
+        assert _verdict(policy, "x/b", "x/a", Proto.SCTP, port) == (Verdict.ALLOWED, "netpol/x/sctp/ingress/0")
+    assert _verdict(policy, "x/b", "x/a", Proto.SCTP, 2911) == (Verdict.BLOCKED, "netpol/x/sctp/ingress")
+    assert _verdict(policy, "x/b", "x/a", Proto.TCP, 3868) == (Verdict.BLOCKED, "netpol/x/sctp/ingress")
+    assert _verdict(policy, "x/b", "x/a", Proto.UDP, 3868) == (Verdict.BLOCKED, "netpol/x/sctp/ingress")
 
 
 def test_an_unreadable_pod_selector_isolates_the_whole_namespace() -> None:

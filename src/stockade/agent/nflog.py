@@ -69,7 +69,7 @@ VERDICTS: dict[FlowAction, Verdict] = {
     FlowAction.BLOCK: Verdict.BLOCKED,
     FlowAction.WOULD_BLOCK: Verdict.POTENTIALLY_BLOCKED,
 }
-_PROTO_NUMBERS = {6: Proto.TCP, 17: Proto.UDP, 1: Proto.ICMP, 58: Proto.ICMPV6}
+_PROTO_NUMBERS = {6: Proto.TCP, 17: Proto.UDP, 132: Proto.SCTP, 1: Proto.ICMP, 58: Proto.ICMPV6}
 _V6_EXTENSIONS = frozenset({0, 43, 60, 51})  # hop-by-hop, routing, destination options, AH
 
 

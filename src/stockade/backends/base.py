@@ -56,6 +56,7 @@ class Capability(Enum):
     ANY_PROTOCOL = "any-protocol services"
     TCP = "TCP services"
     UDP = "UDP services"
+    SCTP = "SCTP services"
     PORT_RANGES = "port ranges"
     ICMP = "ICMP services"
     ICMP_TYPES = "ICMP type matches"
@@ -209,12 +210,15 @@ class NetnsBound(Protocol):
 # ---- the central capability check --------------------------------------------------
 
 
+_PORTED = {Proto.TCP: Capability.TCP, Proto.UDP: Capability.UDP, Proto.SCTP: Capability.SCTP}
+
+
 def _entry_needs(entry: ServiceEntry) -> Iterator[Capability]:
     proto = entry.proto
     if proto is Proto.ANY:
         yield Capability.ANY_PROTOCOL
-    elif proto is Proto.TCP or proto is Proto.UDP:
-        yield Capability.TCP if proto is Proto.TCP else Capability.UDP
+    elif proto.has_ports:
+        yield _PORTED[proto]
         if entry.first is not None and entry.last is not None and entry.last != entry.first:
             yield Capability.PORT_RANGES
     elif proto is Proto.ICMP:

@@ -80,11 +80,11 @@ class ProtoGroup:
         return tuple(v for lo, hi in self.ranges or () for v in range(lo, hi + 1))
 
 
-LAYER4_ORDER = (Proto.TCP, Proto.UDP, Proto.ICMP, Proto.ICMPV6)
+LAYER4_ORDER = (Proto.TCP, Proto.UDP, Proto.SCTP, Proto.ICMP, Proto.ICMPV6)
 
 
 def service_groups(entries: Iterable[ServiceEntry], family: Family | None = None) -> tuple[ProtoGroup, ...] | None:
-    """``entries`` grouped per protocol (TCP, UDP, ICMP, ICMPv6 order); None for any protocol.
+    """``entries`` grouped per protocol (TCP, UDP, SCTP, ICMP, ICMPv6 order); None for any protocol.
 
     ``family`` keeps ICMP for IPv4 only and ICMPv6 for IPv6 only (None keeps both). A
     protocol with an entry naming no port/type gets ``ranges=None``; protocols without

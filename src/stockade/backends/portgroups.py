@@ -1,12 +1,13 @@
-"""Port groups: the TCP/UDP port axis of one precedence tier cut into intervals of equal rules.
+"""Port groups: the TCP/UDP/SCTP port axis of one precedence tier cut into intervals of equal rules.
 
 The netfilter backends evaluate a tier by the packet's destination port first (nftables:
 one verdict-map lookup; iptables: a binary search over port-range chains) and then test only
 the peer sets of the rules covering that port. :func:`port_groups` computes those intervals:
 each protocol's port axis is cut by the bounds of every TCP/UDP rule of the tier, and each
 interval keeps the rules covering all of it, in precedence order. Neighbouring intervals with
-the same rules are merged. ``any`` protocol contributes its TCP and UDP part (every port);
-ICMP and other protocols are not dispatched by port and stay list lines in each backend.
+the same rules are merged. ``any`` protocol contributes its TCP and UDP part (every port; its
+SCTP part stays in its list line, which matches every protocol, so policies without SCTP render
+as before); ICMP and other protocols are not dispatched by port and stay list lines.
 
 Shared by the nftables and iptables families (pure, no I/O); what a group's rules are keyed
 by (a chain name, a peer set) is the caller's ``key``.
@@ -24,8 +25,9 @@ from stockade.compiler.ir import HostRule
 from stockade.model.addresses import Family, Range
 from stockade.model.services import Proto
 
-PORT_PROTOS: dict[Proto, int] = {Proto.TCP: 6, Proto.UDP: 17}
-PROTO_NAMES = {6: "tcp", 17: "udp"}
+PORT_PROTOS: dict[Proto, int] = {Proto.TCP: 6, Proto.UDP: 17, Proto.SCTP: 132}
+PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp"}
+ANY_PORT_PROTOS = (6, 17)  # what ``any`` adds to the dispatch; its SCTP part stays in its list line
 
 K = TypeVar("K")
 
@@ -41,10 +43,10 @@ class PortGroup(Generic[K]):
 
 
 def port_parts(rule: HostRule, family: Family) -> dict[int, tuple[Range, ...]]:
-    """The TCP/UDP ports ``rule`` matches, per protocol number (``any``: every port of both)."""
+    """The TCP/UDP/SCTP ports ``rule`` matches, per protocol number (``any``: every TCP and UDP port)."""
     groups = service_groups(rule.services, family)
     if groups is None:
-        return {n: ((0, 65535),) for n in PORT_PROTOS.values()}
+        return {n: ((0, 65535),) for n in ANY_PORT_PROTOS}
     return {PORT_PROTOS[g.proto]: g.ranges or ((0, 65535),) for g in groups if g.proto.has_ports}
 
 

@@ -29,11 +29,12 @@ from stockade.codec.tree import quote as _q
 from stockade.model.addresses import IPAddress, IPNetwork
 from stockade.model.services import Proto, ServiceEntry
 
-PORT_FORMS = '"443/tcp", "8000-8080/tcp", "53/udp", "tcp", "icmp", "icmp:8", "icmpv6:128" or "any"'
+PORT_FORMS = '"443/tcp", "8000-8080/tcp", "53/udp", "3868/sctp", "tcp", "icmp", "icmp:8", "icmpv6:128" or "any"'
 
 _PORTS_RE = re.compile(r"^([0-9]+)(?:-([0-9]+))?/([a-z0-9]+)$")
 _ICMP_RE = re.compile(r"^(icmp|icmpv6):([0-9]+|[a-z][a-z0-9-]*)$")
-_WHOLE = {"any": Proto.ANY, "tcp": Proto.TCP, "udp": Proto.UDP, "icmp": Proto.ICMP, "icmpv6": Proto.ICMPV6}
+_WHOLE = {"any": Proto.ANY, "tcp": Proto.TCP, "udp": Proto.UDP, "icmp": Proto.ICMP, "icmpv6": Proto.ICMPV6,
+          "sctp": Proto.SCTP}
 
 
 # The type names nftables uses (``nft describe icmp_type`` / ``icmpv6_type``).
@@ -94,8 +95,8 @@ def parse_service_entry(text: str) -> ServiceEntry:
     if not ports:
         raise BadValue(f"cannot read {_q(text)} as a service port; expected {PORT_FORMS}")
     proto_text = ports.group(3)
-    if proto_text not in ("tcp", "udp"):
-        raise BadValue(f"unknown protocol {_q(proto_text)} in {_q(text)} (ports need tcp or udp)")
+    if proto_text not in ("tcp", "udp", "sctp"):
+        raise BadValue(f"unknown protocol {_q(proto_text)} in {_q(text)} (ports need tcp, udp or sctp)")
     first, last = (
         _number(digits, f"port {_short(digits)} is out of range (1-65535)", 1, 65535)
         for digits in (ports.group(1), ports.group(2) or ports.group(1))

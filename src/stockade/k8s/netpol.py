@@ -16,7 +16,7 @@ and resolves each policy into a :class:`~stockade.model.netpol.KubeNetworkPolicy
 * ``policyTypes`` (default: Ingress, plus Egress when the policy has egress rules); an empty rule
   list isolates without allowing (default deny); a rule without peers or ports matches all.
 
-Anything the translation cannot express (SCTP, a malformed field, an unknown selector operator)
+Anything the translation cannot express (an unknown protocol, a malformed field, an unknown selector operator)
 never widens: the policy keeps isolating what it would isolate (every pod of its namespace when
 its ``podSelector`` itself is unreadable; both directions when ``policyTypes`` is) and contributes
 no allow rule; the reasons are in ``problems`` for the sync to report as a Warning Event.
@@ -40,7 +40,7 @@ from stockade.model.netpol import KubeNetworkPolicy, NetpolDirection, NetpolRule
 from stockade.model.services import ANY_SERVICE_ENTRY, Proto, ServiceEntry
 
 Labels = Mapping[str, str]
-_PROTOS = {"TCP": Proto.TCP, "UDP": Proto.UDP}
+_PROTOS = {"TCP": Proto.TCP, "UDP": Proto.UDP, "SCTP": Proto.SCTP}
 
 
 class Unsupported(Exception):
@@ -269,7 +269,7 @@ def _parse_port(raw: object, where: str) -> PortSpec:
     proto_name = raw.get("protocol") or "TCP"
     proto = _PROTOS.get(proto_name) if isinstance(proto_name, str) else None
     if proto is None:
-        raise Unsupported(f"{where}.protocol {proto_name!r} is not supported (TCP and UDP are)")
+        raise Unsupported(f"{where}.protocol {proto_name!r} is not supported (TCP, UDP and SCTP are)")
     port, end = raw.get("port"), raw.get("endPort")
     if port is None:
         if end is not None:

@@ -104,8 +104,8 @@ def _services(match: Match) -> list[tuple[ProbeKind, int | None]]:
         if e.proto is Proto.ANY:
             out += [(ProbeKind.TCP, 80), (ProbeKind.UDP, 53), (ProbeKind.ICMP_ECHO, None)]
         elif e.proto.has_ports:
-            kind = ProbeKind.TCP if e.proto is Proto.TCP else ProbeKind.UDP
-            first = e.first if e.first is not None else (80 if kind is ProbeKind.TCP else 53)
+            kind = {Proto.TCP: ProbeKind.TCP, Proto.UDP: ProbeKind.UDP}.get(e.proto, ProbeKind.SCTP)
+            first = e.first if e.first is not None else {ProbeKind.TCP: 80, ProbeKind.UDP: 53}.get(kind, 3868)
             last = e.last if e.last is not None and e.first is not None else first
             out += [(kind, first), (kind, last)]
         elif e.first is None or e.first in (8, 128):
@@ -198,7 +198,8 @@ def verify_import(kind: str, sources: Sequence[Source], options: ImportOptions, 
 
     def spec(name: str, addrs: tuple[IPAddress, ...], served: list[Probe]) -> HostSpec:
         return HostSpec(name, addrs, tuple(sorted({p.port for p in served if p.kind is ProbeKind.TCP and p.port})),
-                        tuple(sorted({p.port for p in served if p.kind is ProbeKind.UDP and p.port})))
+                        tuple(sorted({p.port for p in served if p.kind is ProbeKind.UDP and p.port})),
+                        tuple(sorted({p.port for p in served if p.kind is ProbeKind.SCTP and p.port})))
 
     hosts = [spec("client", peers, outbound_ports), spec("subject", addresses, inbound_ports)]
     # probes run only between the lab's namespaces (no path out), and the sampled peers are real

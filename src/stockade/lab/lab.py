@@ -44,6 +44,7 @@ class HostSpec:
     addresses: tuple[IPAddress, ...]
     tcp_ports: tuple[int, ...] = ()
     udp_ports: tuple[int, ...] = ()
+    sctp_ports: tuple[int, ...] = ()  # INIT -> INIT-ACK over raw sockets (nsagent.py)
 
 
 class _Agent:
@@ -58,6 +59,7 @@ class _Agent:
                 "--name", host.name,
                 "--tcp", ",".join(str(p) for p in host.tcp_ports),
                 "--udp", ",".join(str(p) for p in host.udp_ports),
+                "--sctp", ",".join(str(p) for p in host.sctp_ports),
             ],
         )
         self.proc = subprocess.Popen(

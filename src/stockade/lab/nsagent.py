@@ -6,6 +6,14 @@ without importing the ``stockade`` package, so it starts fast).
 
 * Servers: every TCP port answers each connection with ``HOST\\n`` and closes; every
   UDP port echoes each datagram back. Both on IPv4 and IPv6.
+* SCTP without an SCTP stack: the lab kernel has netfilter's SCTP match and conntrack but no
+  SCTP sockets (no ``CONFIG_IP_SCTP``), so SCTP travels over raw IP sockets (protocol 132). A
+  probe sends an INIT chunk (random initiate tag, CRC32c) to the destination port; the server
+  answers an INIT to a served port with an INIT-ACK carrying that tag as its verification tag,
+  exactly as a stack's first reply would (conntrack tracks the pair as an SCTP association); an
+  INIT to a port not served gets an ABORT (refused).
+  Without a socket for the protocol the kernel would answer ICMP protocol-unreachable; the raw
+  socket suppresses that, so a dropped INIT is silence (timeout).
 * Control protocol on stdin/stdout, one JSON object per line:
   ``{"op": "probe", "probes": [...]}`` -> ``{"results": [...]}``,
   ``{"op": "flush_conntrack"}`` -> ``{"ok": true}`` (or ``{"error": ...}``),
@@ -69,7 +77,99 @@ def _serve(sel: selectors.DefaultSelector, banner: bytes) -> None:
                     continue
 
 
-def start_servers(name: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
+# ---- SCTP over raw sockets ----------------------------------------------------
+
+IPPROTO_SCTP = 132
+SCTP_INIT, SCTP_INIT_ACK, SCTP_ABORT = 1, 2, 6
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def sctp_checksum(packet: bytes) -> bytes:
+    """CRC32c of an SCTP packet whose checksum field is zero, as it goes on the wire (RFC 9260)."""
+    c = 0xFFFFFFFF
+    for b in packet:
+        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
+    return struct.pack("<I", c ^ 0xFFFFFFFF)
+
+
+def sctp_packet(sport: int, dport: int, vtag: int, chunk_type: int, tag: int) -> bytes:
+    """An SCTP packet with one INIT or INIT-ACK chunk (``tag``: its initiate tag)."""
+    body = struct.pack("!IIHHI", tag, 65535, 1, 1, tag)  # initiate tag, a_rwnd, OS, MIS, initial TSN
+    if chunk_type == SCTP_INIT_ACK:
+        body += struct.pack("!HH", 7, 8) + b"stk!"  # state cookie parameter (mandatory in an INIT-ACK)
+    chunk = struct.pack("!BBH", chunk_type, 0, 4 + len(body)) + body
+    head = struct.pack("!HHI", sport, dport, vtag)
+    return head + sctp_checksum(head + b"\0\0\0\0" + chunk) + chunk
+
+
+def _sctp_payload(family: int, data: bytes) -> bytes:
+    """The SCTP packet of a raw read: IPv4 raw sockets include the IP header, IPv6 ones do not."""
+    return data[(data[0] & 0x0F) * 4:] if family == socket.AF_INET else data
+
+
+def _sctp_socket(family: int) -> socket.socket:
+    return socket.socket(family, socket.SOCK_RAW, IPPROTO_SCTP)
+
+
+def _serve_sctp(sock: socket.socket, family: int, ports: frozenset[int]) -> None:
+    while True:
+        try:
+            data, peer = sock.recvfrom(65535)
+        except OSError:
+            continue
+        pkt = _sctp_payload(family, data)
+        if len(pkt) < 32 or pkt[12] != SCTP_INIT:
+            continue
+        sport, dport = struct.unpack_from("!HH", pkt)
+        (their_tag,) = struct.unpack_from("!I", pkt, 16)
+        if dport in ports:
+            reply = sctp_packet(dport, sport, their_tag, SCTP_INIT_ACK, 0x5170CADE)
+        else:  # a closed port: ABORT with the T bit (the tag reflected), as an SCTP stack answers
+            head = struct.pack("!HHI", dport, sport, their_tag)
+            chunk = struct.pack("!BBH", SCTP_ABORT, 1, 4)
+            reply = head + sctp_checksum(head + b"\0\0\0\0" + chunk) + chunk
+        with contextlib.suppress(OSError):
+            sock.sendto(reply, (peer[0], 0))
+
+
+def probe_sctp(p: dict[str, Any]) -> tuple[str, str]:
+    family = _family(p["dst"])
+    tag = int.from_bytes(os.urandom(4), "big") | 1
+    sport = 32768 + int.from_bytes(os.urandom(2), "big") % 28000
+    with _sctp_socket(family) as s:
+        s.bind((p["src"], 0))
+        s.sendto(sctp_packet(sport, p["port"], 0, SCTP_INIT, tag), (p["dst"], 0))
+        deadline = time.monotonic() + p["timeout"]
+        while True:
+            s.settimeout(max(deadline - time.monotonic(), 0.001))
+            data, peer = s.recvfrom(65535)
+            pkt = _sctp_payload(family, data)
+            if peer[0] != p["dst"] or len(pkt) < 16:
+                continue
+            src, dst, vtag = struct.unpack_from("!HHI", pkt)
+            if (src, dst, vtag) == (p["port"], sport, tag) and pkt[12] == SCTP_INIT_ACK:
+                return "ok", "INIT-ACK"
+            if (src, dst, vtag) == (p["port"], sport, tag) and pkt[12] == SCTP_ABORT:
+                return "refused", "ABORT"
+
+
+def start_servers(name: str, tcp_ports: list[int], udp_ports: list[int], sctp_ports: list[int] | None = None) -> None:
+    if sctp_ports is not None:  # [] still answers every INIT with an ABORT (closed port)
+        for family in (socket.AF_INET, socket.AF_INET6):
+            sock = _sctp_socket(family)
+            threading.Thread(target=_serve_sctp, args=(sock, family, frozenset(sctp_ports)), daemon=True).start()
     sel = selectors.DefaultSelector()
     for family in (socket.AF_INET, socket.AF_INET6):
         for port in tcp_ports:
@@ -154,7 +254,7 @@ def probe_icmp(p: dict[str, Any]) -> tuple[str, str]:
                 return "ok", "echo reply"
 
 
-PROBERS = {"tcp": probe_tcp, "udp": probe_udp, "icmp-echo": probe_icmp}
+PROBERS = {"tcp": probe_tcp, "udp": probe_udp, "sctp": probe_sctp, "icmp-echo": probe_icmp}
 
 
 def run_probe(p: dict[str, Any]) -> dict[str, Any]:
@@ -219,11 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--tcp", default="")
     parser.add_argument("--udp", default="")
+    parser.add_argument("--sctp", default="")
     parser.add_argument("--workers", type=int, default=128)
     args = parser.parse_args(argv)
     try:
         _enable_ping_sockets()
-        start_servers(args.name, _ports(args.tcp), _ports(args.udp))
+        start_servers(args.name, _ports(args.tcp), _ports(args.udp), _ports(args.sctp) if args.sctp else None)
     except OSError as exc:
         _write({"error": f"agent {args.name}: {exc}"})
         return 1

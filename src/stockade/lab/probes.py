@@ -1,9 +1,10 @@
 """Probes the kernel lab sends, and the frozen records of what happened.
 
 A ``Probe`` is one connection attempt from a lab host to another: a TCP connect
-(answered by a banner naming the server's host), a UDP request/response (echoed)
-or an ICMP/ICMPv6 echo. Probes travel to the in-namespace agent as JSON and come
-back as ``ProbeResult`` records; this module owns both encodings.
+(answered by a banner naming the server's host), a UDP request/response (echoed),
+an SCTP INIT answered by an INIT-ACK, or an ICMP/ICMPv6 echo. Probes travel to the
+in-namespace agent as JSON and come back as ``ProbeResult`` records; this module owns both
+encodings.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class ProbeKind(Enum):
 
     TCP = "tcp"
     UDP = "udp"
+    SCTP = "sctp"  # an INIT answered by an INIT-ACK (raw sockets: the lab kernel has no SCTP stack)
     ICMP_ECHO = "icmp-echo"
 
     def proto(self, family: Family) -> Proto:
@@ -31,6 +33,8 @@ class ProbeKind(Enum):
             return Proto.TCP
         if self is ProbeKind.UDP:
             return Proto.UDP
+        if self is ProbeKind.SCTP:
+            return Proto.SCTP
         return Proto.ICMP if family is Family.V4 else Proto.ICMPV6
 
 
@@ -129,6 +133,7 @@ def probe_matrix(
     *,
     tcp_ports: Iterable[int] = (),
     udp_ports: Iterable[int] = (),
+    sctp_ports: Iterable[int] = (),
     icmp: bool = True,
     families: Iterable[Family] = (Family.V4, Family.V6),
 ) -> tuple[Probe, ...]:
@@ -138,6 +143,7 @@ def probe_matrix(
     """
     tcp = sorted(set(tcp_ports))
     udp = sorted(set(udp_ports))
+    sctp = sorted(set(sctp_ports))
     fams = sorted(set(families))
     out: list[Probe] = []
     for src_name, src_addrs in hosts:
@@ -151,6 +157,7 @@ def probe_matrix(
                     continue
                 out += [Probe(src_name, dst_name, ProbeKind.TCP, src, dst, p) for p in tcp]
                 out += [Probe(src_name, dst_name, ProbeKind.UDP, src, dst, p) for p in udp]
+                out += [Probe(src_name, dst_name, ProbeKind.SCTP, src, dst, p) for p in sctp]
                 if icmp:
                     out.append(Probe(src_name, dst_name, ProbeKind.ICMP_ECHO, src, dst))
     return tuple(out)

@@ -14,13 +14,14 @@ class Proto(Enum):
     UDP = "udp"
     ICMP = "icmp"
     ICMPV6 = "icmpv6"
+    SCTP = "sctp"  # last: adding it left the order (and every hash) of the others unchanged
 
     def __lt__(self, other: Proto) -> bool:
         return _PROTO_ORDER[self] < _PROTO_ORDER[other]
 
     @property
     def has_ports(self) -> bool:
-        return self in (Proto.TCP, Proto.UDP)
+        return self in (Proto.TCP, Proto.UDP, Proto.SCTP)
 
     @property
     def is_icmp(self) -> bool:
@@ -32,7 +33,7 @@ _PROTO_ORDER = {p: i for i, p in enumerate(Proto)}
 
 @dataclass(frozen=True)
 class ServiceEntry:
-    """One match. For TCP/UDP, ``first..last`` is a port range (None: every port).
+    """One match. For TCP/UDP/SCTP, ``first..last`` is a port range (None: every port).
 
     For ICMP/ICMPv6, ``first`` is the type (None: every type) and ``last`` equals it.
     For ANY, both are None.

@@ -43,7 +43,7 @@ def services_bdd(space: HeaderSpace, entries: tuple[ServiceEntry, ...], family: 
             return space.true
         if (e.proto is Proto.ICMP and family is Family.V6) or (e.proto is Proto.ICMPV6 and family is Family.V4):
             continue
-        number = {Proto.TCP: 6, Proto.UDP: 17, Proto.ICMP: 1, Proto.ICMPV6: 58}[e.proto]
+        number = {Proto.TCP: 6, Proto.UDP: 17, Proto.SCTP: 132, Proto.ICMP: 1, Proto.ICMPV6: 58}[e.proto]
         part = space.proto(number)
         if e.first is not None:
             field = Field.DPORT if e.proto.has_ports else Field.ICMP_TYPE

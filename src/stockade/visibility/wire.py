@@ -7,7 +7,7 @@
      "records": [[src, dst, proto, port, side, verdict, rule_id, count, first_seen, last_seen], ...]}
 
 Records are arrays rather than objects: a batch of thousands is a third of the size and parses
-without per-record schema work. ``proto`` is ``tcp|udp|icmp|icmpv6|any``, ``port`` the
+without per-record schema work. ``proto`` is ``tcp|udp|sctp|icmp|icmpv6|any``, ``port`` the
 destination port or ICMP type (null for none), ``side`` ``out`` (reported by the source host)
 or ``in`` (by the destination host), ``verdict`` ``allowed|potentially-blocked|blocked``,
 times are unix seconds.

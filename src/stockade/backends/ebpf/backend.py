@@ -102,7 +102,8 @@ from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family
 
-EBPF_CAPABILITIES = WITHOUT_ENCRYPTION
+# SCTP: the datapath parses TCP/UDP ports only (SCTP is an "other" protocol, port 0)
+EBPF_CAPABILITIES = WITHOUT_ENCRYPTION - {Capability.SCTP}
 DEFAULT_PREF = 1000
 DEFAULT_FLOW_CAPACITY = 65536
 HOST_DIR = "_host"

@@ -36,7 +36,8 @@ from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family
 
-IPFILTER_CAPABILITIES = WITHOUT_ENCRYPTION
+# SCTP: ipf's port keyword takes tcp/udp only; an SCTP rule would lose its ports
+IPFILTER_CAPABILITIES = WITHOUT_ENCRYPTION - {Capability.SCTP}
 IPF_TIMEOUT_S = 120.0
 _POOL_NUMBER_RE = re.compile(r"(?:number|name)\s*=\s*(\d+)")
 

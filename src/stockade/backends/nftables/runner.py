@@ -175,7 +175,7 @@ def set_members(items: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> dict
     return out
 
 
-_PROTO_NUMBERS = {"tcp": 6, "udp": 17}
+_PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 
 
 def _bounds(value: Any) -> tuple[int, int]:

@@ -33,7 +33,8 @@ from stockade.backends.windows.script import apply_script, delta_script, read_ba
 from stockade.compiler.ir import HostPolicy, SetDelta
 from stockade.errors import ApplyError
 
-WINDOWS_CAPABILITIES = WITHOUT_ENCRYPTION
+# SCTP: NetSecurity port filters take TCP/UDP only; an SCTP rule would lose its ports
+WINDOWS_CAPABILITIES = WITHOUT_ENCRYPTION - {Capability.SCTP}
 POWERSHELL_TIMEOUT_S = 600.0
 
 
