@@ -365,24 +365,26 @@ def churn_report(r: ChurnResult) -> str:
 
 
 def side_by_side(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
-    """Key rows of main's results (``old``) and this tree's, size by size, in one table."""
-    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-        ("full compile, CPU s", lambda r: f"{r['full']['cpu']:.2f}"),
-        ("full compile, wall s", lambda r: f"{r['full']['wall']:.1f}"),
-        ("  of which Compiler(), CPU s", lambda r: f"{r['build']['cpu']:.2f}"),
-        ("  full GCs in it", lambda r: f"{r['full_gc'][0]}"),
-        ("peak RSS MB", lambda r: f"{r['rss_peak_mb']:.0f}"),
-        ("relabel median, CPU ms", lambda r: f"{r['relabel_median']['cpu'] * 1000:.2f}"),
-        ("relabel max, CPU ms", lambda r: f"{r['relabel_max']['cpu'] * 1000:.2f}"),
+    """Key rows of main's results (``old``) and this tree's, size by size, in one table, with the goal."""
+    rows: list[tuple[str, Callable[[dict[str, Any]], str], str]] = [
+        ("full compile, CPU s", lambda r: f"{r['full']['cpu']:.2f}", "xlarge <= 10, xxlarge <= 25"),
+        ("full compile, wall s", lambda r: f"{r['full']['wall']:.1f}", ""),
+        ("  of which Compiler(), CPU s", lambda r: f"{r['build']['cpu']:.2f}", ""),
+        ("  full GCs in it", lambda r: f"{r['full_gc'][0]}", "0"),
+        ("peak RSS MB", lambda r: f"{r['rss_peak_mb']:.0f}", "xlarge <= 2048"),
+        ("relabel median, CPU ms", lambda r: f"{r['relabel_median']['cpu'] * 1000:.2f}", "<= 2"),
+        ("relabel max, CPU ms", lambda r: f"{r['relabel_max']['cpu'] * 1000:.2f}", "<= 10"),
     ]
     for kind in ("readdress", "create", "delete"):
-        rows.append((f"{kind} median, CPU ms", _op(kind, lambda o: f"{o['median']['cpu'] * 1000:.2f}")))
-        rows.append((f"{kind} max, CPU ms", _op(kind, lambda o: f"{o['max']['cpu'] * 1000:.2f}")))
-        rows.append((f"{kind} hosts in delta (med)", _op(kind, lambda o: f"{o['hosts_median']:g}")))
+        rows.append((f"{kind} median, CPU ms", _op(kind, lambda o: f"{o['median']['cpu'] * 1000:.2f}"), "<= 2"))
+        rows.append((f"{kind} max, CPU ms", _op(kind, lambda o: f"{o['max']['cpu'] * 1000:.2f}"), "<= 10"))
+        rows.append((f"{kind} hosts in delta (med)", _op(kind, lambda o: f"{o['hosts_median']:g}"), ""))
         rows.append(("  + fan-out to hosts, median CPU ms",
-                     _op(kind, lambda o: f"{o['fanout_median']['cpu'] * 1000:.2f}" if o.get("fanout_median") else "-")))
-    rows.append(("full GCs in all one-workload ops", _gcs))
-    rows.append(("incremental == full recompile", lambda r: {None: "-", True: "yes", False: "NO"}[r.get("verified")]))
+                     _op(kind, lambda o: f"{o['fanout_median']['cpu'] * 1000:.2f}" if o.get("fanout_median") else "-"),
+                     ""))
+    rows.append(("full GCs in all one-workload ops", _gcs, "0"))
+    rows.append(("incremental == full recompile",
+                 lambda r: {None: "-", True: "yes", False: "NO"}[r.get("verified")], "yes"))
     old_by = {r["size"]: r for r in old}
     header = ["size"]
     columns: list[dict[str, Any] | None] = []
@@ -392,9 +394,10 @@ def side_by_side(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
             columns.append(old_by[r["size"]])
         header.append(f"{r['size']} new" if r["size"] in old_by else r["size"])
         columns.append(r)
+    header.append("goal (issue 19)")
     table = [header]
-    for label, fmt in rows:
-        table.append([label] + ["-" if c is None else _safe(fmt, c) for c in columns])
+    for label, fmt, goal in rows:
+        table.append([label] + ["-" if c is None else _safe(fmt, c) for c in columns] + [goal or "-"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = []
     for k, row in enumerate(table):

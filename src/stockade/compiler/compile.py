@@ -19,13 +19,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from stockade.compiler.changes import DeltaBuilder, SetChanges
 from stockade.compiler.delta import diff_sets
 from stockade.compiler.expand import build_rule_table, expand_rules, set_name
-from stockade.compiler.index import SelectorIndex, label_keys
-from stockade.compiler.ir import AddressSet, HostDelta, HostPolicy, HostRule, WireGuardConfig
+from stockade.compiler.index import SelectorIndex
+from stockade.compiler.ir import AddressSet, HostDelta, HostPolicy, HostRule, WireGuardConfig, unchecked
 from stockade.compiler.members import MemberSet, NetworkCache
 from stockade.compiler.netpol import NetpolLayer
 from stockade.compiler.wireguard import PeerIndex, config_for, merge_peer_only, same_port
@@ -128,6 +128,7 @@ class Compiler:
         self._key_of: dict[str, int] = {}
         self._ls_ids: dict[LabelSet, int] = {}
         self._ls_rules: list[_LabelSetRules] = []
+        self._by_matched: dict[frozenset[int], _LabelSetRules] = {}  # matched selector ids -> compiled
         self._ls_hosts: list[set[str]] = []
         # label set -> (change number when built, its AddressSets); stale once a set it references
         # changed later (``_set_changed``): checked on read, so a change to a set referenced by
@@ -136,6 +137,8 @@ class Compiler:
         self._generation += 1  # also bumped by every batch of workload changes
         self._set_changed: dict[str, int] = {}  # set name -> generation of its last member change
         self._set_labelsets: dict[str, set[int]] = defaultdict(set)
+        # set name -> label sets with encrypted rules towards it (their tunnel peers are its members)
+        self._enc_labelsets: dict[str, set[int]] = defaultdict(set)
         self._peer_index = PeerIndex()
         self._touched: set[str] = set()  # sets whose WireGuard-capable members may have changed
         for w in policy.workloads:
@@ -165,14 +168,20 @@ class Compiler:
                 )
             else:
                 members[name] = ([], [])
+        # the addresses of every host, grouped by the sets they are members of (label sets that
+        # match the same selectors share one compiled object, so one group per object)
+        grouped: dict[int, tuple[frozenset[str], list[int], list[int]]] = {}
         for lsid, compiled in enumerate(self._ls_rules):
-            v4: list[int] = []
-            v6: list[int] = []
+            group = grouped.get(id(compiled))
+            if group is None:
+                group = grouped[id(compiled)] = (compiled.member_of, [], [])
+            _, v4, v6 = group
             for h in self._ls_hosts[lsid]:
                 a4, a6 = self._ints(h)
                 v4 += a4
                 v6 += a6
-            for s in compiled.member_of:
+        for member_of, v4, v6 in grouped.values():
+            for s in member_of:
                 m4, m6 = members[s]
                 m4 += v4
                 m6 += v6
@@ -186,16 +195,15 @@ class Compiler:
         """The integer v4 and v6 addresses of a workload (one int object each, shared by its sets)."""
         found = self._addr_ints.get(name)
         if found is None:
-            addrs = self._workloads[name].addresses
-            found = (
-                tuple(int(a) for a in addrs if a.version == 4),
-                tuple(int(a) for a in addrs if a.version == 6),
-            )
-            self._addr_ints[name] = found
+            addrs = self._workloads[name].addresses  # sorted, v4 first
+            n4 = sum(1 for a in addrs if isinstance(a, IPv4Address))
+            ints = tuple(map(int, addrs))
+            found = self._addr_ints[name] = (ints[:n4], ints[n4:])
         return found
 
     def _labelset(self, w: Workload) -> int:
-        ls = label_keys(w.labels) & self._relevant
+        relevant = self._relevant
+        ls = frozenset([k for lab in w.labels if (k := lab.key + "\0" + lab.value) in relevant])  # as label_keys
         lsid = self._ls_ids.get(ls)
         if lsid is None:
             lsid = self._ls_ids[ls] = len(self._ls_rules)
@@ -204,6 +212,8 @@ class Compiler:
             self._ls_hosts.append(set())
             for s in compiled.sets:
                 self._set_labelsets[s].add(lsid)
+            for s in compiled.encrypted_sets:
+                self._enc_labelsets[s].add(lsid)
         return lsid
 
     def _attach_host(self, w: Workload) -> None:
@@ -228,21 +238,28 @@ class Compiler:
 
     # ---- per label set -------------------------------------------------------
     def _compile_labelset(self, labels: LabelSet) -> _LabelSetRules:
+        # label sets matching the same selectors share one compiled object (a quarter of them)
+        matched = frozenset(self._sel_index.matching(labels))
+        found = self._by_matched.get(matched)
+        if found is None:
+            found = self._by_matched[matched] = self._compile_matched(matched)
+        return found
+
+    def _compile_matched(self, matched: frozenset[int]) -> _LabelSetRules:
         table = self._table
-        matched = self._sel_index.matching(labels)
-        ids: set[int] = set()
-        for sid in matched:
-            for group in table.inbound.get(sid, ()):
-                ids.update(group)
-            for group in table.outbound.get(sid, ()):
-                ids.update(group)
-        ordered = sorted(ids, key=table.rank.__getitem__)
-        host_rules, peers = table.host_rules, table.peers
+        rules_of = table.rules_of
+        ids: set[int] = set().union(*[rules_of[sid] for sid in matched if sid in rules_of])
+        if not ids:
+            ordered: list[int] = []
+        else:
+            ordered = sorted(ids, key=table.rank.__getitem__)
+        get_rule, get_peer = table.host_rules.__getitem__, table.peers.__getitem__
+        encrypted = ids & table.encrypted if table.encrypted else ()
         return _LabelSetRules(
-            tuple(host_rules[k] for k in ordered),
-            tuple(sorted({peers[k] for k in ordered})),
-            frozenset(table.names[sid] for sid in matched),
-            tuple(sorted({peers[k] for k in ordered if host_rules[k].encrypt})),
+            tuple(map(get_rule, ordered)),
+            tuple(sorted(set(map(get_peer, ordered)))),
+            frozenset(map(table.names.__getitem__, matched)),
+            tuple(sorted(set(map(get_peer, encrypted)))),
         )
 
     # ---- address sets ----------------------------------------------------------
@@ -255,8 +272,10 @@ class Compiler:
             v4, v6 = self._member_sets[name]
             canonical = self._peers[name].canonical()
             cached = (
-                AddressSet(name, Family.V4, v4.networks(), canonical),
-                AddressSet(name, Family.V6, v6.networks(), canonical),
+                unchecked(AddressSet, {"name": name, "family": Family.V4, "members": v4.networks(),
+                                       "selector": canonical}),
+                unchecked(AddressSet, {"name": name, "family": Family.V6, "members": v6.networks(),
+                                       "selector": canonical}),
             )
             self._set_cache[name] = cached
         return cached
@@ -287,15 +306,15 @@ class Compiler:
                 found += cache.get(s) or self.address_sets(s)
             sets = tuple(found)
             self._ls_sets[lsid] = (self._generation, sets)
-        hp = HostPolicy(
-            workload=w.name,
-            mode=w.mode,
-            local_addresses=w.addresses,
-            rules=compiled.rules,
-            sets=sets,
-            failsafe=self._policy.failsafe,
-            wireguard=self._wireguard(name),
-        )
+        hp = unchecked(HostPolicy, {
+            "workload": w.name,
+            "mode": w.mode,
+            "local_addresses": w.addresses,
+            "rules": compiled.rules,
+            "sets": sets,
+            "failsafe": self._policy.failsafe,
+            "wireguard": self._wireguard(name) if compiled.encrypted_sets else None,
+        })
         if self._np.affects(name):
             hp = self._np.apply(hp, self._addresses)
         return hp
@@ -441,8 +460,9 @@ class Compiler:
                 self._wg_state.pop(name, None)
             else:
                 self._remember_tunnel(name, self.host_policy(name).wireguard)
-        labelsets = {lsid for s in self._touched for lsid in self._set_labelsets.get(s, ())
-                     if self._ls_rules[lsid].encrypted_sets}
+        # a host's peers are the members of its encrypted rules' sets: only those sets matter (the
+        # all-workloads set is in every label set's sets, so this used to walk all of them)
+        labelsets = {lsid for s in self._touched for lsid in self._enc_labelsets.get(s, ())}
         self._touched = set()
         for lsid in labelsets:
             for h in self._ls_hosts[lsid]:

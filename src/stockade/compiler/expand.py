@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from stockade.compiler.ir import Direction, HostRule
+from stockade.compiler.ir import Direction, HostRule, unchecked
 from stockade.errors import CompileError
 from stockade.model.labels import Label
 from stockade.model.policy import Policy
@@ -88,14 +88,14 @@ class _Confiner:
     """``selectors.confine`` with the same results, memoised per (selector, scope) text."""
 
     def __init__(self) -> None:
-        self._memo: dict[tuple[str, str], Selector | None] = {}
+        self.memo: dict[tuple[str, str], Selector | None] = {}  # (selector, scope) text -> result
 
     def __call__(self, sel: Selector, scope: LabelSelector) -> Selector | None:
         if isinstance(sel, IPListSelector):
             return sel
         key = (sel.canonical(), scope.canonical())
-        if key in self._memo:
-            return self._memo[key]
+        if key in self.memo:
+            return self.memo[key]
         if isinstance(sel, AllWorkloads):
             merged = scope
         else:
@@ -113,7 +113,7 @@ class _Confiner:
             excluded = {(lab.key, lab.value) for lab in merged.exclude}
             ok = len(keys) == len(set(keys)) and not required & excluded
             out = merged if ok else None
-        self._memo[key] = out
+        self.memo[key] = out
         return out
 
 
@@ -129,29 +129,40 @@ def expand_rules(policy: Policy) -> tuple[EffectiveRule, ...]:
             found = resolved[names] = resolve_services(service_map, names, rule_id)
         return found
 
+    memo = confine.memo
+
+    def confined(sels: tuple[Selector, ...], scope: LabelSelector, scope_text: str) -> list[Selector]:
+        found: list[Selector] = []
+        for sel in sels:
+            c = memo.get((sel.canonical(), scope_text), sel)
+            if c is sel:  # not memoised yet, an IP list, or memoised as itself: ``confine`` answers
+                c = confine(sel, scope)
+            if c is not None:
+                found.append(c)
+        return found
+
+    def effective(action: Action, rule_id: str, consumers: list[Selector], providers: list[Selector],
+                  services: tuple[ServiceEntry, ...], encrypt: bool) -> EffectiveRule:
+        return unchecked(EffectiveRule, {"action": action, "rule_id": rule_id, "consumers": _dedupe(consumers),
+                                         "providers": _dedupe(providers), "services": services, "encrypt": encrypt})
+
     for rs in policy.rulesets:
         scopes: tuple[LabelSelector, ...] = rs.scopes or (LabelSelector(),)
+        scope_texts = [(scope, scope.canonical()) for scope in scopes]
         for j, rule in enumerate(rs.rules):
             rule_id = f"ruleset/{rs.name}/{j}"
             services = services_of(rule.services, rule_id)
-            for scope in scopes:
-                providers = [p for p in (confine(s, scope) for s in rule.providers) if p is not None]
-                if rule.consumers_scope is ConsumerScope.INTRA:
-                    consumers = [c for c in (confine(s, scope) for s in rule.consumers) if c is not None]
-                else:
-                    consumers = list(rule.consumers)
+            intra = rule.consumers_scope is ConsumerScope.INTRA
+            encrypt = rs.encrypts(j)
+            for scope, scope_text in scope_texts:
+                providers = confined(rule.providers, scope, scope_text)
+                consumers = confined(rule.consumers, scope, scope_text) if intra else list(rule.consumers)
                 if providers and consumers:
-                    out.append(
-                        EffectiveRule(
-                            Action.ALLOW, rule_id, _dedupe(consumers), _dedupe(providers), services, rs.encrypts(j)
-                        )
-                    )
+                    out.append(effective(Action.ALLOW, rule_id, consumers, providers, services, encrypt))
     for d in policy.deny_rules:
         rule_id = f"deny/{d.name}"
         services = services_of(d.services, rule_id)
-        out.append(
-            EffectiveRule(d.action, rule_id, _dedupe(list(d.consumers)), _dedupe(list(d.providers)), services)
-        )
+        out.append(effective(d.action, rule_id, list(d.consumers), list(d.providers), services, False))
     return tuple(out)
 
 
@@ -167,6 +178,10 @@ class RuleTable:
     rank: list[int] = field(default_factory=list)  # position of host_rules[id] in HostRule order
     inbound: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # provider id -> host-rule ids
     outbound: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # consumer id -> host-rule ids
+    # selector id -> every host-rule id it brings in (inbound and outbound), unioned once here
+    # instead of once per label set matching it
+    rules_of: dict[int, frozenset[int]] = field(default_factory=dict)
+    encrypted: frozenset[int] = frozenset()  # ids of the host rules with ``encrypt``
 
     def intern(self, sel: Selector) -> int:
         text = sel.canonical()
@@ -194,39 +209,72 @@ def _ranks(values: list[tuple[ServiceEntry, ...]]) -> dict[int, int]:
 
 def build_rule_table(rules: tuple[EffectiveRule, ...]) -> RuleTable:
     table = RuleTable()
-    action_rank = {a: i for i, a in enumerate(sorted(Action))}
+    action_rank = {id(a): i for i, a in enumerate(sorted(Action))}  # by identity: Enum hashes in Python
     svc_rank = _ranks([r.services for r in rules])
-    names, intern = table.names, table.intern
+    names, selectors, ids = table.names, table.selectors, table.ids
     in_text, out_text = Direction.INBOUND.value, Direction.OUTBOUND.value  # Direction orders by value
     # a HostRule as a tuple of primitives ordered exactly like HostRule.sort_key -> its id
     keys: dict[tuple[int, str, bool, str, str, int], int] = {}
     specs: list[tuple[Action, str, str, str, tuple[ServiceEntry, ...], bool]] = []
     table_in, table_out = table.inbound, table.outbound
 
-    def host_rule(ar: int, text: str, rule_id: str, peer: str, sr: int, spec_action: Action,
-                  services: tuple[ServiceEntry, ...], encrypt: bool) -> int:
-        key = (ar, text, not encrypt, rule_id, peer, sr)
-        k = keys.get(key)
-        if k is None:
-            k = keys[key] = len(specs)
-            specs.append((spec_action, text, rule_id, peer, services, encrypt))
-        return k
+    def intern(sels: tuple[Selector, ...]) -> list[int]:
+        out: list[int] = []
+        for sel in sels:
+            text = sel.canonical()
+            sid = ids.get(text)
+            if sid is None:
+                sid = ids[text] = len(selectors)
+                selectors.append(sel)
+                names.append(set_name(sel))
+            out.append(sid)
+        return out
 
     for r in rules:
-        cons = [intern(s) for s in r.consumers]
-        prov = [intern(s) for s in r.providers]
+        cons = intern(r.consumers)
+        prov = intern(r.providers)
         action, rule_id, services, enc = r.action, r.rule_id, r.services, r.encrypt
-        ar, sr = action_rank[action], svc_rank[id(services)]
-        in_ids = tuple([host_rule(ar, in_text, rule_id, names[c], sr, action, services, enc) for c in cons])
-        out_ids = tuple([host_rule(ar, out_text, rule_id, names[p], sr, action, services, enc) for p in prov])
-        for p in prov:
-            table_in.setdefault(p, []).append(in_ids)
+        ar, sr, plain = action_rank[id(action)], svc_rank[id(services)], not enc
+        in_ids: list[int] = []
         for c in cons:
-            table_out.setdefault(c, []).append(out_ids)
+            key = (ar, in_text, plain, rule_id, names[c], sr)
+            k = keys.get(key)
+            if k is None:
+                k = keys[key] = len(specs)
+                specs.append((action, in_text, rule_id, names[c], services, enc))
+            in_ids.append(k)
+        out_ids: list[int] = []
+        for p in prov:
+            key = (ar, out_text, plain, rule_id, names[p], sr)
+            k = keys.get(key)
+            if k is None:
+                k = keys[key] = len(specs)
+                specs.append((action, out_text, rule_id, names[p], services, enc))
+            out_ids.append(k)
+        in_group, out_group = tuple(in_ids), tuple(out_ids)
+        for p in prov:
+            found = table_in.get(p)
+            if found is None:
+                table_in[p] = [in_group]
+            else:
+                found.append(in_group)
+        for c in cons:
+            found = table_out.get(c)
+            if found is None:
+                table_out[c] = [out_group]
+            else:
+                found.append(out_group)
     table.rank = [0] * len(specs)
     for rank, key in enumerate(sorted(keys)):  # tuples of primitives: compared in C, in HostRule order
         table.rank[keys[key]] = rank
     directions = {d.value: d for d in Direction}
-    table.host_rules = [HostRule(a, directions[t], rid, peer, svc, enc) for a, t, rid, peer, svc, enc in specs]
+    new, host_rules = object.__new__, table.host_rules
+    for a, t, rid, peer, svc, enc in specs:  # ``ir.unchecked``, inlined: one per distinct host rule
+        hr = new(HostRule)
+        hr.__dict__.update(action=a, direction=directions[t], rule_id=rid, peer=peer, services=svc, encrypt=enc)
+        host_rules.append(hr)
     table.peers = [spec[3] for spec in specs]
+    for sid in set(table_in) | set(table_out):
+        table.rules_of[sid] = frozenset().union(*table_in.get(sid, ()), *table_out.get(sid, ()))
+    table.encrypted = frozenset(k for k, spec in enumerate(specs) if spec[5])
     return table

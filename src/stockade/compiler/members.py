@@ -24,7 +24,7 @@ class NetworkCache:
     """One shared network object per (first address, prefix length) and family."""
 
     def __init__(self) -> None:
-        self._nets: dict[Family, dict[int, IPNetwork]] = {Family.V4: {}, Family.V6: {}}
+        self._nets: dict[bool, dict[int, IPNetwork]] = {True: {}, False: {}}  # keyed by "is IPv4"
 
     def networks(
         self, ranges: Iterable[Range], family: Family, starts: list[int] | None = None
@@ -33,9 +33,10 @@ class NetworkCache:
 
         ``starts``, when given, receives the first address of each network as an int.
         """
-        bits = family.bits
-        cls: type[IPv4Network] | type[IPv6Network] = IPv4Network if family is Family.V4 else IPv6Network
-        nets = self._nets[family]
+        v4 = family is Family.V4
+        bits = 32 if v4 else 128
+        cls: type[IPv4Network] | type[IPv6Network] = IPv4Network if v4 else IPv6Network
+        nets = self._nets[v4]
         out: list[IPNetwork] = []
         for lo, hi in ranges:
             if lo == hi:  # the common case: one workload address
@@ -69,15 +70,26 @@ class MemberSet:
     def __init__(self, family: Family, addresses: Iterable[int] = (), cache: NetworkCache | None = None) -> None:
         self.family = family
         self._cache = cache if cache is not None else NetworkCache()
-        self._count: dict[int, int] = Counter(addresses)
-        los: list[int] = []
-        his: list[int] = []
-        for a in sorted(self._count):
-            if his and a == his[-1] + 1:
-                his[-1] = a
-            else:
-                los.append(a)
-                his.append(a)
+        addrs = addresses if isinstance(addresses, list) else list(addresses)
+        # a plain dict of ones (an address is usually in a set once); Counter only for repeats
+        count: dict[int, int] = dict.fromkeys(addrs, 1)
+        if len(count) != len(addrs):
+            count = dict(Counter(addrs))
+        self._count = count
+        ordered = sorted(count)
+        if not ordered or ordered[-1] - ordered[0] == len(ordered) - 1:  # empty, or one run
+            los = ordered[:1]
+            his = ordered[-1:]
+        else:
+            los, his = [], []
+            prev = -2
+            for a in ordered:
+                if a == prev + 1:
+                    his[-1] = a
+                else:
+                    los.append(a)
+                    his.append(a)
+                prev = a
         self._los, self._his = los, his
         self._starts: list[int] = []
         self._nets: list[IPNetwork] = list(self._cache.networks(zip(los, his, strict=True), family, self._starts))

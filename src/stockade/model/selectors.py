@@ -24,13 +24,16 @@ class LabelSelector:
     exclude: tuple[Label, ...] = ()
 
     def canonical(self) -> str:
-        cached: str | None = self.__dict__.get("_canonical")
+        memo = self.__dict__
+        cached: str | None = memo.get("_canonical")
         if cached is None:
-            parts = [str(lab) for lab in self.require]
-            parts += [f"group:{g}" for g in self.groups]
-            parts += [f"!{lab}" for lab in self.exclude]
-            cached = "labels(" + ",".join(parts) + ")"
-            object.__setattr__(self, "_canonical", cached)  # memo; not a field, so eq/hash/order ignore it
+            parts = [lab.key + "=" + lab.value for lab in self.require]  # str(lab), without the call
+            if self.groups:
+                parts += ["group:" + g for g in self.groups]
+            if self.exclude:
+                parts += ["!" + lab.key + "=" + lab.value for lab in self.exclude]
+            # memo; not a field, so eq/hash/order ignore it (the instance dict, as object.__setattr__)
+            cached = memo["_canonical"] = "labels(" + ",".join(parts) + ")"
         return cached
 
     def matches(self, labels: frozenset[Label], groups: dict[str, LabelGroup]) -> bool:
