@@ -36,6 +36,7 @@ def test_canonical_labels_and_expiry_in_utc() -> None:
 
 @pytest.mark.parametrize(("body", "field"), [
     ({"name": "-x"}, "name"),
+    ({"name": "k8s-node"}, "name"),  # reserved: the profile recorded on pod identities
     ({"name": "x", "labels": {"app": "bad value"}}, "labels.app"),
     ({"name": "x", "labels": ["app"]}, "labels"),
     ({"name": "x", "mode": "enforce"}, "mode"),

@@ -25,6 +25,9 @@ from stockade.model.workloads import EnforcementMode
 
 MAX_LABELS = 64
 MAX_DESCRIPTION = 1024
+POD_IDENTITY_PROFILE = "k8s-node"
+"""The profile name recorded on pod identities (controller/services/pod_enrolment.py): no real profile may take it."""
+RESERVED_NAMES = frozenset({POD_IDENTITY_PROFILE})
 FIELDS = ("name", "labels", "mode", "expires_at", "max_uses", "enabled", "description", "code_max_uses",
           "code_ttl_seconds")
 
@@ -80,6 +83,8 @@ def decode(data: Any, source: str = "api") -> PairingProfile:
     name = data.get("name")
     if not isinstance(name, str) or not is_valid_name(name):
         issues.append(Issue(source, 0, "name", "must be a name: 1-63 of A-Z a-z 0-9 _ . -, not starting with a symbol"))
+    elif name in RESERVED_NAMES:
+        issues.append(Issue(source, 0, "name", f"{name!r} is reserved: it marks the pod identities node agents enrol"))
     raw_labels = data.get("labels", {})
     labels: list[Label] = []
     if not isinstance(raw_labels, Mapping) or len(raw_labels) > MAX_LABELS:

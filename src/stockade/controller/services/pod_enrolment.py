@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from stockade import agent_signature as sig
+from stockade.codec.pairing_body import POD_IDENTITY_PROFILE
 from stockade.controller.services import auth
 from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import ForbiddenError
@@ -37,7 +38,7 @@ from stockade.errors import ConflictError, Issue, NotFoundError, ValidationError
 
 POD_PREFIX = "k8s."
 NODE_LABEL = "k8s-node"
-PROFILE = "k8s-node"  # AgentRow.profile of pod identities; AgentRow.hostname holds the node
+PROFILE = POD_IDENTITY_PROFILE  # AgentRow.profile of pod identities (a name no pairing profile may take)
 
 
 @dataclass(frozen=True)
