@@ -82,8 +82,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
             lock.__exit__(None, None, None)  # never keep the address after failing to get it
             pytest.fail("10.70.0.1:8443 stayed busy (another lab on this machine)")
         time.sleep(2)
+    # started as a shell starts a background job without job control: SIGINT ignored. The demo must still
+    # stop on Ctrl-C (a demo that ignored it was killed after 60 s, leaving its lab to break later tests)
     proc = subprocess.Popen([sys.executable, "-m", "stockade.cli", "demo", "--port", "0", "--data-dir", str(data)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines: list[str] = []
     serving = threading.Event()
 

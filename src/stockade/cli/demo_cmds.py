@@ -18,6 +18,7 @@ import contextlib
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import ssl
 import sys
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
@@ -273,6 +275,18 @@ def _ipv(host: str) -> bool:
     return False
 
 
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM take the lab down and stop the controller. Set explicitly: a shell starting the
+    demo in the background without job control hands it SIGINT *ignored*, and Python then keeps ignoring
+    it, so "press Ctrl-C to stop" would not (and a plain ``kill`` would leave the lab up)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_stop_signal)
+
+
 @main.command()
 @click.option("--policy", "path", type=click.Path(exists=True, path_type=Path), default=None,
               help="Policy dir (default: the bundled example estate).")
@@ -293,6 +307,7 @@ def demo(path: Path | None, data_dir: Path | None, host: str, port: int, insecur
     from stockade.controller.tls import ensure_tls
 
     started = time.monotonic()
+    _stop_on_signals()
     policy_dir = path if path is not None else run_or_exit(example_estate)
     click.echo("== 1. the policy, compiled and explained offline ==")
     click.echo(run_or_exit(lambda: run_demo(policy_dir)))
