@@ -88,10 +88,14 @@ class ChangeNote:
 
 def serialise(db: Session) -> int:
     """Take the change lock for the rest of this transaction (released by commit or rollback);
-    returns the newest change id, read once the lock is held (one round trip)."""
-    row = db.execute(text("SELECT pg_advisory_xact_lock(:k)::text, (SELECT max(id) FROM change_log)"),
-                     {"k": CHANGE_LOCK}).one()
-    return int(row[1] or 0)
+    returns the newest change id, read once the lock is held.
+
+    Two statements, not one: under READ COMMITTED a statement's snapshot is taken when it starts,
+    so a ``max(id)`` in the statement that waited for the lock would not see the change the lock's
+    holder committed meanwhile; the writer would skip following it, write its own change after it
+    and never learn it (enrolments and bumps lost on other replicas under contention)."""
+    db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHANGE_LOCK})
+    return last_change(db)  # a new statement, a new snapshot: sees every change committed before the lock
 
 
 def last_change(db: Session) -> int:
