@@ -190,8 +190,27 @@ def rules_to_list(rules: tuple[HostRule, ...]) -> list[dict[str, Any]]:
     ]
 
 
+# The compiler shares one AddressSet object between every host that references it, so when a change
+# wakes N hosts their answers encode the same sets N times. The members' text (the cost: one
+# ``str`` per network) is kept per object, by identity, for the most recent sets; each answer still
+# gets its own list. The entry holds the set itself, so an id is never reused while it is cached.
+_MEMBERS_MEMO: dict[int, tuple[AddressSet, tuple[str, ...]]] = {}
+_MEMBERS_MEMO_MAX = 4096
+
+
+def _member_texts(s: AddressSet) -> tuple[str, ...]:
+    hit = _MEMBERS_MEMO.get(id(s))
+    if hit is not None and hit[0] is s:
+        return hit[1]
+    texts = tuple(str(m) for m in s.members)
+    if len(_MEMBERS_MEMO) >= _MEMBERS_MEMO_MAX:
+        _MEMBERS_MEMO.clear()  # the sets of the current revisions come back at once
+    _MEMBERS_MEMO[id(s)] = (s, texts)
+    return texts
+
+
 def address_set_to_dict(s: AddressSet) -> dict[str, Any]:
-    return {"name": s.name, "family": s.family.value, "selector": s.selector, "members": [str(m) for m in s.members]}
+    return {"name": s.name, "family": s.family.value, "selector": s.selector, "members": list(_member_texts(s))}
 
 
 def host_policy_to_dict(hp: HostPolicy) -> dict[str, Any]:
