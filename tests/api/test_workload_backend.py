@@ -1,16 +1,23 @@
 """A workload's ``backend`` setting through the REST API (SQLite and PostgreSQL): validated by the
 one codec (422 naming the field), refused when the workload's agent reported it lacks that
 backend, authorised by role and scope, audited, delivered with the host's compiled policy, and
-the backend in force shown per agent from its heartbeat."""
+the backend in force shown per agent from its heartbeat; migration 0012 turns the stored old
+default into null."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 from typing import Any
 
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 from tests.api.conftest import Api
 from tests.api.test_agents import POLICY, enroll, profile
 
 from stockade.compiler.delta import policy_update_from_dict
+from stockade.controller.storage.db import MIGRATIONS_DIR, make_engine, migrate
 
 
 def _setup(api: Api) -> tuple[str, dict[str, str]]:
@@ -103,3 +110,36 @@ def test_authorised_by_role_and_scope(api: Api) -> None:
     assert api.ok("GET", "/workloads/bill-1")["body"]["backend"] is None
     assert _put_backend(api, "db-1", "iptables", scoped).status_code == 200
     assert api.ok("GET", "/workloads/db-1")["body"]["backend"] == "iptables"
+
+
+# ---- 0012_workload_backend: the stored old default becomes null ----------------------------------
+
+
+def test_the_migration_turns_the_stored_old_default_into_the_agent_s_choice(database_url: str) -> None:
+    """Every workload stored before carries "backend": "nftables" (the old schema default, never acted
+    on); upgraded, it is null (the agent's own --backend), so no agent is switched by the upgrade.
+    A backend set to something else is kept."""
+    engine = make_engine(database_url)
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0010_wireguard")
+        now = dt.datetime.now(dt.UTC)
+        bodies = {"old": {"name": "old", "mode": "full", "backend": "nftables"},
+                  "chosen": {"name": "chosen", "mode": "full", "backend": "iptables"}}
+        with engine.begin() as conn:
+            for name, body in bodies.items():
+                conn.execute(sa.text("INSERT INTO objects (kind, name, body, revision, created_at, updated_at) "
+                                     "VALUES ('workload', :n, :b, 3, :t, :t)"),
+                             {"n": name, "b": json.dumps(body), "t": now})
+        migrate(engine)
+        migrate(engine)  # idempotent
+        with engine.connect() as conn:
+            rows = {n: (json.loads(b) if isinstance(b, str) else b, r) for n, b, r in conn.execute(
+                sa.text("SELECT name, body, revision FROM objects WHERE kind = 'workload'"))}
+        assert rows["old"] == ({**bodies["old"], "backend": None}, 4)
+        assert rows["chosen"] == (bodies["chosen"], 3)
+    finally:
+        engine.dispose()
