@@ -224,3 +224,13 @@ def test_a_restart_starts_on_the_controller_setting_not_the_cli_default(tmp_path
     assert start_backend(state, "nftables") == "nftables"  # the setting is null: --backend
     state.save_policy(CachedPolicy(4, dataclasses.replace(host_policy(), backend="iptables")))
     assert start_backend(state, "nftables") == "iptables"  # the controller's setting wins
+
+
+def test_the_agent_reports_the_backends_whose_tools_the_host_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stockade.backends import registry
+
+    have = {"nft", "tc"}
+    monkeypatch.setattr(registry.shutil, "which", lambda tool: f"/usr/sbin/{tool}" if tool in have else None)
+    assert registry.available_backends() == ("nftables",)  # tc without clang: no eBPF
+    have |= {"clang-16", "iptables-legacy-restore", "ipset"}
+    assert registry.available_backends() == ("nftables", "iptables", "ebpf")

@@ -10,7 +10,6 @@ of changes, so a re-addressed host is reported at once, without polling.
 from __future__ import annotations
 
 import select
-import shutil
 import socket
 import threading
 from collections.abc import Callable
@@ -23,7 +22,6 @@ from pyroute2.netlink.rtnl import (  # type: ignore[import-untyped]
 )
 
 from stockade.agent.host import HostReport, host_report_from_netlink, os_description
-from stockade.bpf.build import CLANG_CANDIDATES
 
 __all__ = ["AddressWatcher", "HostReport", "read_host"]
 
@@ -91,16 +89,3 @@ class AddressWatcher:
             self._ready.set()
             ipr.close()
 
-
-def available_backends() -> tuple[str, ...]:
-    """The Linux backends whose tools this host has, reported to the controller (which refuses a
-    workload ``backend`` setting naming another; the agent refuses it too, if it comes anyway)."""
-    have = shutil.which
-    found = []
-    if have("nft"):
-        found.append("nftables")
-    if (have("iptables-restore") or have("iptables-legacy-restore")) and have("ipset"):
-        found.append("iptables")
-    if have("tc") and any(have(c) for c in CLANG_CANDIDATES):
-        found.append("ebpf")
-    return tuple(found)

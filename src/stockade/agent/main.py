@@ -228,9 +228,10 @@ def _run(
     state.save_backend(enforcer.backend.name)
     notify_systemd("READY=1")  # Type=notify: network-pre.target may proceed, the cache is in force
     from stockade.agent.agent import Agent, AgentOptions
-    from stockade.agent.hostinfo import HostReport, available_backends, read_host
+    from stockade.agent.hostinfo import HostReport, read_host
     from stockade.agent.http_client import HttpControllerClient
     from stockade.agent.signing import process_instance
+    from stockade.backends.registry import available_backends
 
     state.save_instance(process_instance())  # CLI commands on this host sign as this process
 
