@@ -15,15 +15,18 @@ firewall is not the bench's). Measured:
 
     python bench/k8s.py                     # 110 pods, 10 s at rest, 10 s of churn at 2+2 pods/s
     python bench/k8s.py --pods 30 --churn-seconds 5
+    python bench/k8s.py --agent-src /work/wt/OLD/src --json old.json   # the node agent of another tree
+    python bench/k8s.py --baseline old.json                             # side by side: old | this tree
 
 Needs root, Go-built binaries in the harness cache (tests/k8s/k8s.sh build), ``ip`` and ``nft``.
-The pod-churn fan-out benchmark of the issue (10,000 pods on 100 nodes) is not built yet.
+The pod-churn fan-out benchmark of the issue (10,000 pods on 100 nodes) is bench/k8s_fanout.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -106,8 +109,14 @@ def main() -> None:
     ap.add_argument("--rest-seconds", type=float, default=10)
     ap.add_argument("--churn-seconds", type=float, default=10)
     ap.add_argument("--churn-rate", type=float, default=2.0, help="pods deleted and created per second, each")
+    ap.add_argument("--agent-src", type=Path, help="run the node agent from this source tree (e.g. main's)")
+    ap.add_argument("--json", type=Path, help="write the rows here (for a later --baseline)")
+    ap.add_argument("--baseline", type=Path, help="rows of an earlier --json run, printed beside these")
     args = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    agent_env = dict(os.environ)
+    if args.agent_src is not None:
+        agent_env["PYTHONPATH"] = str(args.agent_src.resolve())
     tmp = Path(tempfile.mkdtemp(prefix="bench-k8s-"))
     env = _ports_env()
     subprocess.run([str(SCRIPT), "start", str(tmp / "k8s")], env=env, check=True)
@@ -134,7 +143,8 @@ def main() -> None:
             agent = subprocess.Popen([sys.executable, "-m", "stockade.cli", "k8s", "node-agent", "--node", "bench-node",
                                       "--controller", ctl.url, "--activation-code-file", str(tmp / "code"),
                                       "--kubeconfig", str(cluster.kubeconfig), "--state-dir", str(tmp / "state"),
-                                      "--no-host-policy", "--log-level", "info"], stdout=out, stderr=subprocess.STDOUT)
+                                      "--no-host-policy", "--log-level", "info"], stdout=out, stderr=subprocess.STDOUT,
+                                     env=agent_env)
         kube = Kube(cluster)
         ns = kube.namespace(prefix="bench")
         hosts = iter(net.hosts())
@@ -176,19 +186,38 @@ def main() -> None:
             seen.append(time.monotonic() - started)
         c1, _ = usage(agent.pid)
         churn_cpu = (c1 - c0) / (time.monotonic() - tc) * 100
-        inside = [float(m) for m in re.findall(r"first policy applied ([0-9.]+) ms", log.read_text())]
+        applied = dict(re.findall(r"pod ([0-9a-f-]+): first policy applied ([0-9.]+) ms", log.read_text()))
+        inside = [float(v) for v in applied.values()]
+        in_churn = [float(applied[p.uid]) for p in pods[args.pods - len(seen):] if p.uid in applied] or [float("nan")]
         q = statistics.quantiles
+        load = os.getloadavg()[0]
+        rows = {
+            "RSS at rest": f"{rest_rss / 2**20:.0f} MiB",
+            "CPU at rest": f"{rest_cpu:.1f} % of one core",
+            "RSS during churn (peak)": f"{peak_rss / 2**20:.0f} MiB",
+            f"CPU during churn ({args.churn_rate:g} deletes + {args.churn_rate:g} creates/s)": f"{churn_cpu:.1f} %",
+            "program a new pod's namespace: taken up -> first apply, p50 / p99":
+                f"{statistics.median(inside):.1f} / {q(inside, n=100)[98]:.1f} ms (n={len(inside)})",
+            "new pod during churn: taken up -> first apply, p50 / max":
+                f"{statistics.median(in_churn):.1f} / {max(in_churn):.1f} ms (n={len(in_churn)})",
+            "new pod: IP in the API -> table in its namespace, p50 / max":
+                f"{statistics.median(seen) * 1000:.0f} / {max(seen) * 1000:.0f} ms (n={len(seen)})",
+            "load average at the end": f"{load:.1f}",
+        }
         print()
-        print(f"| node agent, {args.pods} pods | value |")
-        print("|---|---|")
-        print(f"| RSS at rest | {rest_rss / 2**20:.0f} MiB |")
-        print(f"| CPU at rest | {rest_cpu:.1f} % of one core |")
-        print(f"| RSS during churn (peak) | {peak_rss / 2**20:.0f} MiB |")
-        print(f"| CPU during churn ({args.churn_rate:g} deletes + {args.churn_rate:g} creates/s) | {churn_cpu:.1f} % |")
-        print(f"| program a new pod's namespace: taken up -> first apply, p50 / p99 (n={len(inside)}) | "
-              f"{statistics.median(inside):.1f} / {q(inside, n=100)[98]:.1f} ms |")
-        print(f"| new pod: IP in the API -> table in its namespace, p50 / max (n={len(seen)}) | "
-              f"{statistics.median(seen) * 1000:.0f} / {max(seen) * 1000:.0f} ms |")
+        if args.baseline is not None:
+            old = json.loads(args.baseline.read_text())
+            print(f"| node agent, {args.pods} pods | before | after |")
+            print("|---|---|---|")
+            for k, v in rows.items():
+                print(f"| {k} | {old.get(k, '-')} | {v} |")
+        else:
+            print(f"| node agent, {args.pods} pods | value |")
+            print("|---|---|")
+            for k, v in rows.items():
+                print(f"| {k} | {v} |")
+        if args.json is not None:
+            args.json.write_text(json.dumps(rows, indent=1))
     finally:
         for p in pods:
             p.delete()

@@ -1,10 +1,13 @@
 """WireGuard (``encrypt: true``) cost, side by side in one run, on this machine's wireguard-go.
 
-Two namespaces on a bridge with the nftables backend and the real policy: tcp/80 allowed in the
-clear, tcp/5432 encrypted. Measures
+Two namespaces on a bridge with the real policy: tcp/80 allowed in the clear, tcp/5432
+encrypted, steered by each backend of ``--backends`` (nftables; iptables+ipset in its nft and
+legacy variants). Measures
 
-* TCP throughput (one stream, 64 KiB writes, ``--seconds`` each) plain vs encrypted;
-* TCP connection setup rate (connect + 1 byte echo + close, sequential) plain vs encrypted;
+* per backend: TCP throughput (one stream, 64 KiB writes, ``--seconds`` each) plain vs
+  encrypted, and TCP connection setup rate (connect + 1 byte echo + close, sequential);
+* a peer change at a peer (a key rotation): the peer delta over UAPI vs a full apply of the
+  host's policy (what a peer change cost before peer deltas);
 * handshake time of a new peer: both sides get the peer (one UAPI call each), time until the
   first connection through the tunnel completes (includes WireGuard's 1-RTT handshake);
 * cost of one peer add and one peer remove through the UAPI socket with 10 and 1,000 peers.
@@ -31,8 +34,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from stockade.backends.common import in_netns
+from stockade.compiler.delta import peer_delta
 from stockade.compiler.ir import WireGuardPeer
-from stockade.lab.wglab import marker, probe, wg_lab
+from stockade.lab.wglab import WG_BACKENDS, marker, probe, wg_lab
 from stockade.model.labels import Label
 from stockade.model.policy import Policy
 from stockade.model.rules import AllowRule, Ruleset
@@ -108,12 +112,10 @@ def _fake_peer(i: int) -> WireGuardPeer:
                          (ipaddress.ip_network(f"{addr}/32"),))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=3.0)
-    args = ap.parse_args()
+def backend_rows(backend: str, seconds: float, uapi_rows: bool) -> list[tuple[str, str, str]]:
+    """Throughput and connection rate through ``backend``'s steering; with ``uapi_rows`` the UAPI rows too."""
     rows: list[tuple[str, str, str]] = []
-    with tempfile.TemporaryDirectory() as tmp, wg_lab(2, Path(tmp)) as lab:
+    with tempfile.TemporaryDirectory() as tmp, wg_lab(2, Path(tmp), backend) as lab:
         c, s = lab.hosts["h0"], lab.hosts["h1"]
         labels = {"h0": frozenset({Label("app", "c")}), "h1": frozenset({Label("app", "s")})}
         lab.apply(_policy(lab.workloads(labels)))
@@ -129,18 +131,39 @@ def main() -> None:
                  AllowRule(rs.rules[2].consumers, rs.rules[2].providers, ("bulk-plain",)),
                  AllowRule(rs.rules[2].consumers, rs.rules[2].providers, ("bulk-enc",), encrypt=True))
         lab.apply(replace(enc_policy, services=enc_services, rulesets=(replace(rs, rules=rules),)))
-        plain_tp = throughput(c.netns, str(s.v4), 9000, args.seconds)
-        enc_tp = throughput(c.netns, str(s.v4), 9001, args.seconds)
-        rows.append(("TCP throughput, one stream", f"{plain_tp:.0f} MB/s", f"{enc_tp:.0f} MB/s"))
-        plain_cr = conn_rate(c.netns, c.v4, s.v4, 80, args.seconds)
-        enc_cr = conn_rate(c.netns, c.v4, s.v4, 5432, args.seconds)
-        rows.append(("TCP connections/s (sequential)", f"{plain_cr:.0f}", f"{enc_cr:.0f}"))
+        plain_tp = throughput(c.netns, str(s.v4), 9000, seconds)
+        enc_tp = throughput(c.netns, str(s.v4), 9001, seconds)
+        rows.append((f"[{backend}] TCP throughput, one stream", f"{plain_tp:.0f} MB/s", f"{enc_tp:.0f} MB/s"))
+        plain_cr = conn_rate(c.netns, c.v4, s.v4, 80, seconds)
+        enc_cr = conn_rate(c.netns, c.v4, s.v4, 5432, seconds)
+        rows.append((f"[{backend}] TCP connections/s (sequential)", f"{plain_cr:.0f}", f"{enc_cr:.0f}"))
+        assert lab.compiler is not None
+        # a peer's key rotates: what h1 does, as a peer delta (UAPI) and as a full apply (before)
+        old_hp = lab.compiler.host_policy("h1")
+        by_name = {w.name: w for w in lab.compiler.policy.workloads}
+        ident = c.identity()
+        rotated = replace(by_name["h0"], wireguard=replace(ident, public_key=_fake_peer(99999).public_key))
+        lab.compiler.apply_changes([rotated])
+        new_hp = lab.compiler.host_policy("h1")
+        assert old_hp.wireguard is not None and new_hp.wireguard is not None
+        delta = peer_delta(old_hp.wireguard, new_hp.wireguard)
+        t0 = time.perf_counter()
+        s.backend.apply_peer_delta(old_hp.wireguard, delta)
+        t1 = time.perf_counter()
+        s.enforce(new_hp)
+        t2 = time.perf_counter()
+        rows.append((f"[{backend}] a peer's key rotates, at the peer: peer delta / full apply", "-",
+                     f"{(t1 - t0) * 1000:.2f} / {(t2 - t1) * 1000:.1f} ms"))
+        lab.compiler.apply_changes([by_name["h0"]])
+        s.enforce(lab.compiler.host_policy("h1"))
+        if not uapi_rows:
+            return rows
 
         # a new peer's handshake: drop and re-add the peer on both sides, time the first connection
         times = []
         for _ in range(5):
-            cfg_c = lab.compiler.host_policy("h0").wireguard  # type: ignore[union-attr]
-            cfg_s = lab.compiler.host_policy("h1").wireguard  # type: ignore[union-attr]
+            cfg_c = lab.compiler.host_policy("h0").wireguard
+            cfg_s = lab.compiler.host_policy("h1").wireguard
             assert cfg_c is not None and cfg_s is not None
             c.device.remove_peer(cfg_c.peers[0].public_key)
             s.device.remove_peer(cfg_s.peers[0].public_key)
@@ -171,6 +194,17 @@ def main() -> None:
                          f"{statistics.median(adds):.2f} / {statistics.median(removes):.2f} ms"))
             for p in peers:
                 c.device.remove_peer(p.public_key)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--backends", default=",".join(WG_BACKENDS), help=f"comma-separated, of {', '.join(WG_BACKENDS)}")
+    args = ap.parse_args()
+    rows: list[tuple[str, str, str]] = []
+    for i, backend in enumerate(args.backends.split(",")):
+        rows += backend_rows(backend, args.seconds, uapi_rows=i == 0)
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'plain':>12}  {'encrypted (wireguard-go)':>26}")
     for name, plain, enc in rows:

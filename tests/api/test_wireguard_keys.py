@@ -85,9 +85,14 @@ def test_register_distribute_refuse_revoke(api: Api) -> None:
     assert api.req("PUT", f"/agents/{web}/wireguard-key", headers=lb_h,
                    json={"public_key": new_key()}).status_code == 403
 
-    # rotation: the peer sees the new key
+    # rotation: the peer sees the new key, as a peer delta from the revision it holds (not a full update)
+    held = api.ok("GET", f"/agents/{db}/policy", headers=db_h)["revision"]
     rotated = new_key()
     api.ok("PUT", f"/agents/{web}/wireguard-key", 204, headers=web_h, json={"public_key": rotated})
+    update = api.ok("GET", f"/agents/{db}/policy", headers=db_h, params={"since": held})
+    assert update["full"] is None and update["base"] == held and update["revision"] > held
+    assert update["set_deltas"] == [] and update["peers"]["removed"] == []
+    assert [(p["workload"], p["public_key"]) for p in update["peers"]["set"]] == [("web-1", rotated)]
     assert [p["public_key"] for p in full_policy(api, db, db_h)["wireguard"]["peers"]] == [rotated]
 
     # revocation: operators only; the peer loses the key

@@ -1,7 +1,9 @@
-"""``encrypt: true`` in the kernel: wireguard-go tunnels between namespaces, nftables steering.
+"""``encrypt: true`` in the kernel: wireguard-go tunnels between namespaces, steered by every
+Linux backend that encrypts (nftables; iptables+ipset, whose steering is the mangle table).
 
-Three (or four) hosts on one bridge, each with the nftables backend and its own wireguard-go
-interface, the policy compiled by the real compiler. A capture on the bridge (the underlay)
+Three hosts on one bridge, each with the backend under test (the tests are parametrised over
+``WG_BACKENDS``, never copied) and its own wireguard-go interface, the policy compiled by
+the real compiler. A capture on the bridge (the underlay)
 shows what crosses the wire: an encrypted rule's payload never appears there (only UDP to the
 WireGuard port does), another allowed rule's payload does; plaintext for the encrypted flow,
 a forged source address (in the clear, or through another peer's tunnel) and blocked traffic
@@ -22,7 +24,7 @@ import pytest
 
 from stockade.backends.wireguard import SOCKET_MARK
 from stockade.evaluator import Evaluator, Verdict
-from stockade.lab.wglab import WgLab, kill_wireguard_go, marker, probe, send_udp, wg_lab
+from stockade.lab.wglab import WG_BACKENDS, WgLab, kill_wireguard_go, marker, probe, send_udp, wg_lab
 from stockade.model.labels import Label
 from stockade.model.policy import Policy
 from stockade.model.rules import AllowRule, Ruleset
@@ -35,6 +37,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("wireguard-go") is None or shutil.which("wg") is None,
                        reason="needs wireguard-go and wireguard-tools"),
 ]
+backends = pytest.mark.parametrize("backend", WG_BACKENDS)
 
 
 def app(value: str) -> LabelSelector:
@@ -76,8 +79,9 @@ def until(predicate: object, limit: float = 1.0) -> float:
             raise AssertionError(f"not within {limit} s")
 
 
-def test_encrypted_rule_on_the_wire_plaintext_and_spoofing_dropped(tmp_path: Path) -> None:
-    with wg_lab(3, tmp_path) as lab:
+@backends
+def test_encrypted_rule_on_the_wire_plaintext_and_spoofing_dropped(tmp_path: Path, backend: str) -> None:
+    with wg_lab(3, tmp_path, backend) as lab:
         apps = labels(h0="web", h1="db", h2="other")
         lab.apply(base_policy(lab, apps))
         web, db, other = lab.hosts["h0"], lab.hosts["h1"], lab.hosts["h2"]
@@ -146,8 +150,9 @@ def test_encrypted_rule_on_the_wire_plaintext_and_spoofing_dropped(tmp_path: Pat
         assert not cap.seen(own) and not cap.seen(forged[2])  # those two went encrypted
 
 
-def test_tamper_revoke_relabel_readdress_rotate_follow_within_1s(tmp_path: Path) -> None:
-    with wg_lab(3, tmp_path) as lab:
+@backends
+def test_tamper_revoke_relabel_readdress_rotate_follow_within_1s(tmp_path: Path, backend: str) -> None:
+    with wg_lab(3, tmp_path, backend) as lab:
         apps = labels(h0="web", h1="db", h2="other")
         policy = base_policy(lab, apps)
         lab.apply(policy)
@@ -216,18 +221,22 @@ def test_tamper_revoke_relabel_readdress_rotate_follow_within_1s(tmp_path: Path)
         report = web.backend.verify(expected)  # the agent's read-back notices the new key file ...
         assert any("private key differs" in p for p in report.problems), report
         web.backend.apply(expected)  # ... and restores: the device loads it
+        reloads, peer_deltas = lab.reloads, lab.peer_deltas
         lab.change([replace(readdressed, wireguard=WireGuardIdentity(pub, new_v4, 51820))])  # and registers it
         assert until(lambda: probe(web.netns, new_v4, db.v4, 5432, marker(), timeout=0.3)) < 1.0
+        # the peers took the rotation as a peer delta over the control socket, no ruleset reload
+        assert lab.reloads == reloads and lab.peer_deltas > peer_deltas
         assert time.monotonic() - started < 1.5
         assert stale not in lab.servers[1].datagrams
 
 
-def test_differential_random_encrypt_flags(tmp_path: Path) -> None:
+@backends
+def test_differential_random_encrypt_flags(tmp_path: Path, backend: str) -> None:
     """Random rules over four ports with random encrypt flags: verdict and 'in the clear or not'
     of every probe equal the evaluator's."""
     rng = random.Random(20)
     probes = disagreements = 0
-    with wg_lab(3, tmp_path) as lab:
+    with wg_lab(3, tmp_path, backend) as lab:
         names = ["h0", "h1", "h2"]
         cap = lab.capture
         assert cap is not None
@@ -262,5 +271,5 @@ def test_differential_random_encrypt_flags(tmp_path: Path) -> None:
                         if ok != allowed or (ok and clear == want.encrypted):
                             disagreements += 1
                             print(f"DISAGREE {s}->{d}:{port} want {want} got ok={ok} clear={clear}")
-    print(f"wireguard differential: {probes} probes, {disagreements} disagreements")
+    print(f"wireguard differential ({backend}): {probes} probes, {disagreements} disagreements")
     assert disagreements == 0

@@ -6,9 +6,11 @@ unsupported, backwards, foreign), controller outages with backoff, tamper restor
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from stockade.agent.state import CachedPolicy, StateDir
 from stockade.agent.transport import EventKind
 from stockade.backends.base import Capability
 from stockade.compiler import host_policy_to_dict
+from stockade.compiler.ir import HostPolicy, WireGuardConfig, WireGuardPeer
 from stockade.model.workloads import EnforcementMode
 from tests.unit.test_agent_core import host_policy
 
@@ -137,6 +140,27 @@ def test_set_only_change_arrives_as_delta_without_reload(h: Harness) -> None:
     assert h.backend.installed == new
     assert h.backend.applies == 1 and h.backend.deltas_applied == 1
     assert h.controller.fetches[-1] == ("web1", 1)
+    cached = h.state.load_policy()
+    assert cached is not None and cached.policy == new and cached.revision == 2
+
+
+def test_peer_rotation_arrives_as_a_peer_delta_without_reload(h: Harness) -> None:
+    """A peer's key rotates (rules, sets unchanged): the agent gets a peer delta, applies it through
+    the backend's PeerUpdating capability, never reloads its ruleset, and caches the new policy."""
+    def with_peer(key: str) -> HostPolicy:
+        peer = WireGuardPeer("db1", key, ipaddress.ip_address("10.0.0.2"), 51820,
+                             (ipaddress.ip_network("10.0.0.2/32"),))
+        return replace(host_policy(), wireguard=WireGuardConfig(51820, (peer,)))
+
+    old, new = with_peer(base64.b64encode(b"a" * 32).decode()), with_peer(base64.b64encode(b"b" * 32).decode())
+    h.controller.publish(old)
+    a = h.agent()
+    a.start()
+    assert wait(lambda: h.acked() == [1])
+    h.controller.publish(new)
+    assert wait(lambda: h.acked() == [1, 2])
+    assert h.backend.installed == new
+    assert (h.backend.applies, h.backend.deltas_applied, h.backend.peer_deltas_applied) == (1, 0, 1)
     cached = h.state.load_policy()
     assert cached is not None and cached.policy == new and cached.revision == 2
 

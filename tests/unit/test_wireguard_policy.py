@@ -15,6 +15,7 @@ import base64
 import hashlib
 import ipaddress
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,12 +25,20 @@ from stockade.backends.base import Capability, check_capabilities
 from stockade.backends.f5.backend import F5_CAPABILITIES
 from stockade.backends.ipfilter.backend import IPFILTER_CAPABILITIES
 from stockade.backends.iptables.backend import IPTABLES_CAPABILITIES
+from stockade.backends.iptables.render import render_iptables
 from stockade.backends.nftables.backend import NFTABLES_CAPABILITIES
 from stockade.backends.nftables.render import render_nftables
 from stockade.backends.windows.backend import WINDOWS_CAPABILITIES
 from stockade.cli.policy_cmds import describe
 from stockade.codec.bodies import ruleset_body
 from stockade.compiler import Compiler
+from stockade.compiler.delta import (
+    HostHistory,
+    UpdateKind,
+    apply_update,
+    policy_update_from_dict,
+    policy_update_to_dict,
+)
 from stockade.compiler.ir import host_policy_from_json, host_policy_to_json
 from stockade.compiler.single import compile_host
 from stockade.errors import RenderError, UnsupportedFeatureError, ValidationError
@@ -189,9 +198,9 @@ def test_compiler_peers_only_where_needed_and_json_round_trip() -> None:
 
 def test_backends_without_wireguard_fail_closed() -> None:
     hp = Compiler(shop()).host_policy("db-1")
-    assert Capability.ENCRYPT in NFTABLES_CAPABILITIES
+    assert Capability.ENCRYPT in NFTABLES_CAPABILITIES and Capability.ENCRYPT in IPTABLES_CAPABILITIES
     for name, caps in (("windows", WINDOWS_CAPABILITIES), ("ipfilter", IPFILTER_CAPABILITIES),
-                       ("f5", F5_CAPABILITIES), ("iptables", IPTABLES_CAPABILITIES)):
+                       ("f5", F5_CAPABILITIES)):
         with pytest.raises(UnsupportedFeatureError) as err:
             check_capabilities(name, caps, hp)
         assert "WireGuard" in str(err.value)
@@ -199,6 +208,10 @@ def test_backends_without_wireguard_fail_closed() -> None:
         render_nftables(hp)
     text = render_nftables(hp, wg_interface="stkwg0").to_text()
     assert 'iifname != "stkwg0"' in text and "type route hook output" in text
+    with pytest.raises(RenderError):  # iptables likewise: no interface, no rendering in the clear
+        render_iptables(hp)
+    text = render_iptables(hp, wg_interface="stkwg0").to_text()
+    assert "! -i stkwg0" in text and "*mangle" in text and "-j MARK --set-xmark 0x5745/0xffffffff" in text
 
 
 def test_malformed_public_keys_are_refused() -> None:
@@ -279,7 +292,13 @@ def test_peers_are_the_other_side_of_encrypted_rules(policy: Policy) -> None:
                                               st.tuples(st.just("remove"), st.sampled_from(ps.NAMES))),
                                     min_size=1, max_size=8))
 def test_incremental_with_keys_equals_full_recompile(policy: Policy, steps: list[tuple[str, object]]) -> None:
+    """Incremental == full recompile, and what reaches each host equals it too: every host's
+    history of deltas (set deltas and peer deltas, through the wire codec), applied step by step
+    and composed from the first revision, gives exactly the recompiled policy; a change of peers
+    alone (rotation, re-address, a peer coming or going) travels as a peer delta, never in full."""
     comp = Compiler(policy)
+    start = comp.all_host_policies()
+    histories = {name: HostHistory.begin(1, hp, limit=100) for name, hp in start.items()}
     for kind, arg in steps:
         before = comp.all_host_policies()
         if kind == "upsert":
@@ -299,5 +318,33 @@ def test_incremental_with_keys_equals_full_recompile(policy: Policy, steps: list
         for name in set(before) | set(after):
             if name not in touched:
                 assert before.get(name) == after.get(name), f"{name} changed without a delta"
-            elif name in before and name in after and before[name].wireguard != after[name].wireguard:
-                assert touched[name].rules_changed  # a peer change reaches the host as a reload
+                continue
+            if name not in before or name not in after:
+                histories.pop(name, None)
+                continue
+            hist = histories.get(name)
+            if hist is None:
+                continue
+            nxt = hist.after(touched[name], hist.revision + 1)
+            if nxt is None:
+                assert before[name] == after[name]
+                continue
+            histories[name] = nxt
+            update = policy_update_from_dict(policy_update_to_dict(nxt.update_since(hist.revision)))
+            assert apply_update(before[name], hist.revision, update) == after[name]
+            if before[name].wireguard != after[name].wireguard and before[name].rules_key() == after[name].rules_key():
+                assert update.kind is UpdateKind.DELTA and update.peer_delta, f"{name}: peers sent in full"
+    for name, hist in histories.items():  # composed from the first revision: the same policy
+        update = policy_update_from_dict(policy_update_to_dict(hist.update_since(1)))
+        assert (apply_update(start[name], 1, update) or start[name]) == comp.host_policy(name)
+
+
+def test_agent_gives_every_encrypting_backend_its_wireguard_device(tmp_path: Path) -> None:
+    """A backend declaring ENCRYPT without a device would refuse every encrypted policy: the agent's
+    list must be exactly the registry's encrypting backends (iptables joined nftables)."""
+    from stockade.agent.main import ENCRYPTING_BACKENDS, make_backend
+    from stockade.backends.registry import BACKENDS
+
+    assert {n for n in BACKENDS if Capability.ENCRYPT in BACKENDS[n].capabilities} == ENCRYPTING_BACKENDS
+    for name in sorted(ENCRYPTING_BACKENDS):
+        assert make_backend(name, None, tmp_path).wireguard is not None

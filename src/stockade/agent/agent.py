@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from stockade.agent import wireguard_key
+from stockade.agent.apply_gate import ApplyGate, Priority
 from stockade.agent.backoff import Backoff, BackoffPolicy
 from stockade.agent.enforcer import CacheStart, Enforcer, enforce_cache
 from stockade.agent.flows import FlowCollector, collector_for
@@ -82,6 +83,7 @@ class AgentOptions:
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     watch_addresses: bool = True
     proof_interval: float = 300.0  # prove the kernel == policy this often, and after every apply (0: never)
+    proof_min_gap: float = 0.0  # at least this long between proofs: applies meanwhile are proven as one
     wireguard_rotate_interval: float = 0.0  # make and register a new WireGuard key this often (0: never)
     wireguard_retry_seconds: float = 30.0  # a key the controller did not take yet: try again this often
     # The backend enforcing when the controller's setting is null (``--backend``); "": the one the
@@ -105,6 +107,7 @@ class Agent:
         host_reader: Callable[[], HostReport] = read_host,
         clock: Callable[[], float] = time.time,
         cache: CacheStart | None = None,
+        gate: ApplyGate | None = None,
         backend_factory: BackendFactory | None = None,
     ) -> None:
         self.options = options
@@ -140,6 +143,7 @@ class Agent:
         self._wireguard_registered = True  # until an attempt fails (enrolment makes the first)
         self._last_proof: tuple[str, int, str] | None = None  # (state, revision, detail) last reported
         self._cache = cache  # the caller may have enforced the cache already (fast start-up)
+        self.gate = gate  # shared with the other runtimes of a node agent: first applies go first
         if cache is not None:
             self._adopt_cache(cache)
 
@@ -171,8 +175,9 @@ class Agent:
             self._flows.stop(timeout)
         if self.client is not None:
             self.client.close()
+        deadline = time.monotonic() + timeout  # one budget for all threads, not ``timeout`` each
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def request_stop(self) -> None:
         """Ask the agent to stop (safe from a signal handler); ``wait()`` then returns."""
@@ -266,7 +271,12 @@ class Agent:
             if self._stop.is_set():
                 return
             try:
-                self.prove_now()
+                if self.gate is None:
+                    self.prove_now()
+                else:
+                    with self.gate.admit(Priority.PROOF, self._stop) as admitted:
+                        if admitted is not None:
+                            self.prove_now()
             except Exception as exc:  # never let the prover thread die
                 log.exception("proof failed: %s", exc)
             finally:
@@ -274,6 +284,8 @@ class Agent:
                 # can sit in reference cycles until a full collection: collect now, not at some later
                 # threshold (an agent proving after every apply otherwise grew by hundreds of MiB)
                 gc.collect()
+            if self.options.proof_min_gap > 0 and self._stop.wait(self.options.proof_min_gap):
+                return  # applies during the gap left the poke set: the newest revision is proven next
 
     def prove_now(self) -> str | None:
         """Prove once; report "proven at revision N" or the counterexample when it changed.
@@ -506,8 +518,21 @@ class Agent:
         """Fetch (unless the long-poll brought it) and apply the controller's policy, then ack.
 
         ``announced`` is the revision the long-poll announced (named in events when the
-        answer is too malformed to carry its own).
+        answer is too malformed to carry its own). With a gate (node agents) the work waits for
+        its turn: a first policy ahead of every other runtime's delta; a runtime that queued drops
+        the update its long-poll brought and fetches from what it has in force, so the revisions
+        published while it waited arrive as one delta.
         """
+        if self.gate is None:
+            self._update(client, announced, prefetched)
+            return
+        first = self.enforcer.policy is None
+        with self.gate.admit(Priority.FIRST if first else Priority.DELTA, self._stop) as admitted:
+            if admitted is None:
+                return  # stopping
+            self._update(client, announced, None if admitted.queued else prefetched)
+
+    def _update(self, client: ControllerClient, announced: int, prefetched: PolicyUpdate | None) -> None:
         since = self.applied_revision if self.enforcer.policy is not None and self.applied_revision else None
         upd = prefetched
         if upd is None:
@@ -556,7 +581,7 @@ class Agent:
                 return self._resolve(client, client.fetch_policy(None))
             assert new_hp is not None
             try:
-                self.enforcer.apply_delta(new_hp, upd.set_deltas)
+                self.enforcer.apply_delta(new_hp, upd.set_deltas, upd.peer_delta)
             except StockadeError as exc:
                 log.info("delta not applied (%s); reloading in full", exc)
                 self._enforce_full(new_hp, upd.revision)

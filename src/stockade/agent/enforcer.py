@@ -32,11 +32,13 @@ from stockade.backends.base import (
     FlowSource,
     NetnsBound,
     NflogFlows,
+    PeerUpdating,
     Verifying,
     VerifyReport,
     check_delta_capabilities,
 )
-from stockade.compiler.ir import HostPolicy, SetDelta
+from stockade.compiler.delta import NO_PEERS
+from stockade.compiler.ir import HostPolicy, PeerDelta, SetDelta
 from stockade.errors import ApplyError, BackendError, StockadeError, ValidationError
 from stockade.model.workloads import EnforcementMode
 from stockade.verify.prove import Proof, prove
@@ -194,8 +196,9 @@ class Enforcer:
             with contextlib.suppress(BackendError):
                 self._artifact.apply()
 
-    def apply_delta(self, new_hp: HostPolicy, deltas: tuple[SetDelta, ...]) -> None:
-        """Change set members only (no reload). ``new_hp`` is the policy the deltas lead to."""
+    def apply_delta(self, new_hp: HostPolicy, deltas: tuple[SetDelta, ...], peers: PeerDelta = NO_PEERS) -> None:
+        """Change set members and WireGuard peers only (no reload). ``new_hp`` is the policy the
+        deltas lead to; its artifact is rendered (pure) only as the new verify reference."""
         with self._lock:
             if self._policy is None or self._policy.rules_key() != new_hp.rules_key():
                 raise ApplyError("set delta does not match the policy in force")
@@ -203,8 +206,14 @@ class Enforcer:
                 self._policy = new_hp
                 return
             check_delta_capabilities(self.backend.name, self.backend.capabilities, deltas)
+            old_wg = self._policy.wireguard
+            if peers and (old_wg is None or not isinstance(self.backend, PeerUpdating)):
+                raise ApplyError("a peer delta, but no WireGuard tunnel is in force here")
             artifact = self._render(new_hp)
-            self.backend.apply_delta(deltas)
+            if deltas:
+                self.backend.apply_delta(deltas)
+            if peers and old_wg is not None and isinstance(self.backend, PeerUpdating):
+                self.backend.apply_peer_delta(old_wg, peers)
             # The backend confirmed each element change (netlink acks); one read-back gives the
             # new tamper baseline. The structural verify is for full applies (it costs 2 listings).
             baseline = self.backend.read_back()

@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -36,11 +36,12 @@ from stockade.compiler import host_policy_to_json
 from stockade.compiler.delta import (
     HostHistory,
     Step,
+    apply_peer_delta,
     delta_between,
     policy_update_from_dict,
     policy_update_to_dict,
 )
-from stockade.compiler.ir import HostDelta, HostPolicy, SetDelta
+from stockade.compiler.ir import HostDelta, HostPolicy, PeerDelta, SetDelta, WireGuardConfig
 from stockade.errors import ApplyError, AuthError, NotFoundError
 
 
@@ -257,6 +258,7 @@ class MemoryBackend:
         self.fail_apply = 0
         self.applies = 0
         self.deltas_applied = 0
+        self.peer_deltas_applied = 0
         self.removes = 0
         self.lose_applies = False  # apply "succeeds" but the kernel keeps nothing: verify must notice
 
@@ -279,6 +281,13 @@ class MemoryBackend:
             raise ApplyError("no table to apply a delta to")
         self.deltas_applied += 1
         self.installed = apply_set_deltas(self.installed, deltas)
+
+    def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
+        """WireGuard peers only (the optional ``PeerUpdating`` capability); rules untouched."""
+        if self.installed is None or self.installed.wireguard != old:
+            raise ApplyError("peer delta for a tunnel that is not the one in force")
+        self.peer_deltas_applied += 1
+        self.installed = replace(self.installed, wireguard=apply_peer_delta(old, delta))
 
     def read_back(self) -> str:
         if self.tampered_text is not None:

@@ -38,7 +38,7 @@ from enum import Enum
 from typing import Protocol, TypeVar, runtime_checkable
 
 from stockade.backends.flowlog import FlowEvent
-from stockade.compiler.ir import Direction, HostPolicy, SetDelta
+from stockade.compiler.ir import Direction, HostPolicy, PeerDelta, SetDelta, WireGuardConfig
 from stockade.errors import UnsupportedFeatureError
 from stockade.model.addresses import Family
 from stockade.model.rules import Action
@@ -183,6 +183,15 @@ class ChangeFeedSource(Protocol):
     def change_monitor(self) -> tuple[str, ...]:
         """Argv (no shell) of a command printing one line per change, running until stopped."""
         ...
+
+
+@runtime_checkable
+class PeerUpdating(Protocol):
+    """A backend with a WireGuard tunnel (``Capability.ENCRYPT``) applies a peer delta over the
+    tunnel's control socket, one peer at a time, without touching its ruleset. ``old``: the
+    tunnel configuration in force (it names the keys of peers to remove or replace)."""
+
+    def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None: ...
 
 
 @runtime_checkable

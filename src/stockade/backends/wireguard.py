@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stockade.backends.common import in_netns, nsenter_argv, run_command
-from stockade.compiler.ir import WireGuardConfig, WireGuardPeer
+from stockade.compiler.ir import PeerDelta, WireGuardConfig, WireGuardPeer
 from stockade.errors import ApplyError
+from stockade.model.addresses import IPAddress
 from stockade.model.workloads import validate_public_key
 
-__all__ = ["WireGuardDevice", "validate_public_key"]
+__all__ = ["Tunnel", "WireGuardDevice", "validate_public_key"]
 
 DEFAULT_PORT = 51820
 STEER_MARK = 0x5745  # packets of encrypted rules: routed into the tunnel
@@ -295,3 +296,57 @@ class WireGuardDevice:
             run_command(nsenter_argv(self.netns, ["ip", fam, "rule", "del", "priority", str(RULE_PRIORITY),
                                                   "fwmark", hex(STEER_MARK), "lookup", str(ROUTE_TABLE)]),
                         TIMEOUT_S)  # absent already: nothing to do
+
+
+class Tunnel:
+    """What every Linux backend with ``Capability.ENCRYPT`` does beside its own ruleset, in one
+    place: after the ruleset (whose guards drop encrypted traffic outside the tunnel) is loaded,
+    bring the device to the HostPolicy's ``WireGuardConfig`` (one peer at a time), re-set peer
+    endpoints when this host was re-addressed, remove the device when no encrypted rule is left;
+    and report the device's drift for the backend's ``verify``. Backends differ only in how they
+    render the steering and guard rules (nftables: ``route`` chain + ``ct mark``; iptables: the
+    mangle table's ``MARK``/``CONNMARK``)."""
+
+    def __init__(self, device: WireGuardDevice) -> None:
+        self.device = device
+        self._local: tuple[IPAddress, ...] | None = None  # own addresses when the tunnel was last set
+
+    @property
+    def interface(self) -> str:
+        return self.device.name
+
+    def apply(self, config: WireGuardConfig | None, local_addresses: tuple[IPAddress, ...]) -> None:
+        if config is None:
+            if self.device.exists():
+                self.device.remove()
+            self._local = None
+            return
+        created = self.device.ensure(config)
+        if not created and self._local not in (None, local_addresses):
+            # re-addressed: wireguard-go keeps sending from the source address it last used
+            self.device.refresh_endpoints(config)
+        self._local = local_addresses
+
+    def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
+        """One UAPI request per peer removed, replaced or added (a rotated key: the old key's peer
+        removed, the new one added); every other session is untouched, the ruleset too."""
+        have = {p.workload: p for p in old.peers}
+        for name in delta.removed:
+            gone = have.get(name)
+            if gone is not None:
+                self.device.remove_peer(gone.public_key)
+        for peer in delta.upserted:
+            was = have.get(peer.workload)
+            if was is not None and was.public_key != peer.public_key:
+                self.device.remove_peer(was.public_key)
+            self.device.add_peer(peer)
+
+    def problems(self, config: WireGuardConfig | None) -> list[str]:
+        if config is None:
+            exists = self.device.exists()
+            return [f"WireGuard interface {self.device.name} exists but no rule encrypts"] if exists else []
+        return self.device.problems(config)
+
+    def remove(self) -> None:
+        self.device.remove()
+        self._local = None

@@ -31,6 +31,10 @@ from stockade.cli.config import read_login
 from stockade.cli.errors import EXIT_FINDING, EXIT_REFUSED, EXIT_USAGE, CliError, fail_response
 from stockade.errors import ValidationError
 
+# On SIGTERM/Ctrl-C requests in flight get this long to finish; a long-poll (held up to a minute) is cut
+# and its agent polls again (the rules in force stay in force)
+GRACEFUL_SHUTDOWN_S = 3
+
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", str(Path.home() / ".local" / "share"))) / "stockade"
 
 
@@ -145,7 +149,7 @@ def controller(
     # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 (anyone on
     # this host); the app itself decides, from --trusted-proxy (stockade.controller.forwarded).
     uvicorn.run(app, host=host, port=port, log_config=None, log_level=log_level, timeout_keep_alive=75,
-                backlog=4096, proxy_headers=False, **ssl)
+                backlog=4096, proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **ssl)
 
 
 CONTROLLER_UNIT = """[Unit]

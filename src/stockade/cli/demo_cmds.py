@@ -32,6 +32,7 @@ from typing import Any
 import click
 
 from stockade.cli import main
+from stockade.cli.controller_cmds import GRACEFUL_SHUTDOWN_S
 from stockade.cli.policy_cmds import load, run_demo, run_or_exit
 from stockade.model.policy import Policy
 from stockade.paths import example_estate
@@ -72,7 +73,8 @@ class _ServerThread(threading.Thread):
         if ssl_files is not None:
             kwargs = {"ssl_certfile": ssl_files[0], "ssl_keyfile": ssl_files[1]}
         self.sockets = sockets
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", proxy_headers=False, **kwargs))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", proxy_headers=False,
+                                                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **kwargs))
 
     def run(self) -> None:
         self.server.run(sockets=self.sockets)

@@ -28,7 +28,7 @@ from stockade.compiler.index import SelectorIndex, label_keys
 from stockade.compiler.ir import AddressSet, HostDelta, HostPolicy, HostRule, WireGuardConfig
 from stockade.compiler.members import MemberSet, NetworkCache
 from stockade.compiler.netpol import NetpolLayer
-from stockade.compiler.wireguard import PeerIndex, config_for
+from stockade.compiler.wireguard import PeerIndex, config_for, merge_peer_only, same_port
 from stockade.errors import NotFoundError
 from stockade.model.addresses import Family, IPAddress
 from stockade.model.netpol import KubeNetworkPolicy
@@ -422,16 +422,20 @@ class Compiler:
                     now = self._ls_rules[self._key_of[name]]
                     same_rules = was is now or (was.rules == now.rules and was.sets == now.sets)
                     # HostPolicy.rules_key: a re-addressed host reloads (renderers use its addresses)
-                    if mode == hp.mode and addresses == hp.local_addresses and same_rules \
-                            and backend == hp.backend and self._wg_state.get(name) == hp.wireguard:
-                        continue  # only set members can differ: a subscriber like any other
+                    if mode == hp.mode and addresses == hp.local_addresses and same_rules and backend == hp.backend:
+                        old_wg = self._wg_state.get(name)
+                        if old_wg == hp.wireguard:
+                            continue  # only set members can differ: a subscriber like any other
+                        if same_port(old_wg, hp.wireguard):  # only its peers moved: a peer delta
+                            reloads.append(HostDelta(name, hp, False, (), True))
+                            continue
                 reloads.append(HostDelta(name, hp, True, ()))
             reloads.extend(self._tunnel_reloads(before))
         return SetChanges(self._generation, set_deltas, tuple(sorted(reloads, key=lambda d: d.workload)))
 
     def _tunnel_reloads(self, before: dict[str, _Header | None]) -> list[HostDelta]:
-        """Hosts with encrypted rules whose tunnel peers came, went, rotated or moved in this batch
-        (``HostPolicy.rules_key`` covers the tunnel: a full policy each). Also keeps the tunnel
+        """Hosts with encrypted rules whose tunnel peers came, went, rotated or moved in this batch:
+        a peer delta each (``peers_changed``; rendered rules never name a peer). Also keeps the tunnel
         state of the batch's own workloads current (their reloads were decided by the caller)."""
         out: list[HostDelta] = []
         for name in before:
@@ -447,8 +451,10 @@ class Compiler:
                 if h in before:
                     continue
                 hp = self.host_policy(h)
-                if self._remember_tunnel(h, hp.wireguard):
-                    out.append(HostDelta(h, hp, True, ()))
+                old_wg = self._wg_state.get(h)
+                if self._remember_tunnel(h, hp.wireguard):  # its rules did not change: peers only
+                    same = same_port(old_wg, hp.wireguard)
+                    out.append(HostDelta(h, hp, not same, (), same))
         return out
 
     def _remember_tunnel(self, name: str, wg: WireGuardConfig | None) -> bool:
@@ -478,7 +484,7 @@ class Compiler:
         if changes.generation != self._generation:
             raise ValueError("SetChanges is stale: the compiler changed since (expand it right away)")
         by_set = changes.by_set()
-        reloaded = {d.workload for d in changes.reloads}
+        reloaded = {d.workload for d in changes.reloads if d.rules_changed or d.policy is None}
         labelsets: set[int] = set()
         for s in by_set:
             labelsets.update(self._set_labelsets.get(s, ()))
@@ -491,6 +497,7 @@ class Compiler:
                 for h in self._ls_hosts[lsid]:
                     if h not in reloaded:
                         out.append(HostDelta(h, self.host_policy(h), False, deltas))
+            out = merge_peer_only(out)
             if self._np.active:
                 out = self._netpol_fanout(out, changes)
         out.sort(key=lambda d: d.workload)
@@ -509,8 +516,9 @@ class Compiler:
             hp = self.host_policy(h)
             names = {s.name for s in hp.sets}
             deltas = tuple(x for x in changes.set_deltas if x.name in names)
-            if deltas:
-                by_host[h] = HostDelta(h, hp, False, deltas)
+            peers = d is not None and d.peers_changed
+            if deltas or peers:
+                by_host[h] = HostDelta(h, hp, False, deltas, peers)
             else:
                 by_host.pop(h, None)
         return list(by_host.values())
@@ -594,3 +602,4 @@ def _net_key(n: IPv4Network | IPv6Network) -> tuple[int, int]:
 def compile_policy(policy: Policy) -> dict[str, HostPolicy]:
     """HostPolicy of every workload, by name."""
     return Compiler(policy).all_host_policies()
+

@@ -14,7 +14,15 @@ ones absent). Everything that produces, carries or consumes those deltas uses th
 * :class:`PolicyUpdate` is that answer, and :func:`policy_update_to_dict` /
   :func:`policy_update_from_dict` its one wire codec
   (``{revision, full: HostPolicy | null, base: N | null, set_deltas: [{name, family, added,
-  removed}]}``); the decoder names the bad field in a :class:`~stockade.errors.ValidationError`;
+  removed}], peers?: {set: [peer], removed: [workload]}}``); the decoder names the bad field in
+  a :class:`~stockade.errors.ValidationError`;
+* **peer deltas** (:class:`~stockade.compiler.ir.PeerDelta`): a host's WireGuard peers changed
+  (a key rotated, a peer re-addressed, came or went) while its rules did not - rendered rules
+  never name a peer, so :meth:`HostPolicy.rules_key` leaves peers out. The history diffs the
+  two policies' peers (:func:`peer_delta`, O(peers)); the agent applies it over the WireGuard
+  control socket, one peer at a time, without re-rendering or reloading its ruleset. A peer
+  delta carries whole peers keyed by workload (set / remove), so composition is "last one
+  wins" and applying is exact; its order is guarded by the base revision like set deltas;
 * :func:`apply_set_deltas` / :func:`apply_update` are the one *strict* apply: a delta for an
   unknown set, removing an absent member, adding a present one, or a delta whose base is not
   the revision in force raises :class:`~stockade.errors.ConflictError` (the agent then fetches
@@ -37,14 +45,20 @@ from stockade.compiler.ir import (
     AddressSet,
     HostDelta,
     HostPolicy,
+    PeerDelta,
     SetDelta,
+    WireGuardConfig,
+    WireGuardPeer,
     host_policy_from_dict,
     host_policy_to_dict,
+    peer_from_dict,
+    peer_to_dict,
 )
 from stockade.errors import ConflictError, Issue, ValidationError
 from stockade.model.addresses import Family, IPNetwork
 
 SetKey = tuple[str, Family]
+NO_PEERS = PeerDelta()  # frozen: one shared empty peer delta
 
 
 def _net_key(n: IPNetwork) -> tuple[int, int]:
@@ -96,7 +110,8 @@ def merge_host_deltas(earlier: HostDelta, later: HostDelta) -> HostDelta:
         return later
     rules_changed = earlier.rules_changed or later.rules_changed or earlier.policy is None
     deltas = () if rules_changed else compose_set_deltas(earlier.set_deltas, later.set_deltas)
-    return HostDelta(later.workload, later.policy, rules_changed, deltas)
+    peers = not rules_changed and (earlier.peers_changed or later.peers_changed)
+    return HostDelta(later.workload, later.policy, rules_changed, deltas, peers)
 
 
 def diff_sets(old: tuple[AddressSet, ...], new: tuple[AddressSet, ...]) -> tuple[SetDelta, ...]:
@@ -121,6 +136,39 @@ def delta_between(old: HostPolicy, new: HostPolicy) -> tuple[SetDelta, ...] | No
     the deltas the compiler computed.
     """
     return diff_sets(old.sets, new.sets) if old.rules_key() == new.rules_key() else None
+
+
+def peer_delta(old: WireGuardConfig | None, new: WireGuardConfig | None) -> PeerDelta:
+    """The peers set or removed from ``old`` to ``new`` (empty when they are the same)."""
+    if old is new:
+        return PeerDelta()
+    old_by = {p.workload: p for p in old.peers} if old is not None else {}
+    new_by = {p.workload: p for p in new.peers} if new is not None else {}
+    return PeerDelta(tuple(p for w, p in sorted(new_by.items()) if old_by.get(w) != p),
+                     tuple(sorted(set(old_by) - set(new_by))))
+
+
+def compose_peer_deltas(first: PeerDelta, then: PeerDelta) -> PeerDelta:
+    """One peer delta with the effect of ``first`` followed by ``then`` (the later entry wins)."""
+    state: dict[str, WireGuardPeer | None] = {}
+    for d in (first, then):
+        state.update({w: None for w in d.removed})
+        state.update({p.workload: p for p in d.upserted})
+    return PeerDelta(tuple(p for _, p in sorted(state.items()) if p is not None),
+                     tuple(sorted(w for w, p in state.items() if p is None)))
+
+
+def apply_peer_delta(wg: WireGuardConfig | None, delta: PeerDelta) -> WireGuardConfig | None:
+    """``wg`` with ``delta``'s peers set and removed; ConflictError when this host has no tunnel."""
+    if not delta:
+        return wg
+    if wg is None:
+        raise ConflictError("peer delta for a host without a WireGuard tunnel")
+    by = {p.workload: p for p in wg.peers}
+    for w in delta.removed:
+        by.pop(w, None)
+    by.update({p.workload: p for p in delta.upserted})
+    return replace(wg, peers=tuple(by[w] for w in sorted(by)))
 
 
 # ---- applying -----------------------------------------------------------------------------------
@@ -158,7 +206,7 @@ def apply_set_deltas(hp: HostPolicy, deltas: Iterable[SetDelta]) -> HostPolicy:
 
 class UpdateKind(Enum):
     FULL = "full"  # a complete HostPolicy
-    DELTA = "delta"  # address-set member changes relative to ``base``
+    DELTA = "delta"  # address-set member and tunnel peer changes relative to ``base``
     UNCHANGED = "unchanged"  # the agent already holds this revision
 
 
@@ -171,14 +219,16 @@ class PolicyUpdate:
     policy: HostPolicy | None = None  # FULL only
     base: int | None = None  # DELTA only: the revision the deltas start from
     set_deltas: tuple[SetDelta, ...] = ()  # DELTA only
+    peer_delta: PeerDelta = NO_PEERS  # DELTA only: WireGuard peers set / removed
 
     @staticmethod
     def full(revision: int, policy: HostPolicy) -> PolicyUpdate:
         return PolicyUpdate(revision, UpdateKind.FULL, policy=policy)
 
     @staticmethod
-    def delta(base: int, revision: int, set_deltas: tuple[SetDelta, ...]) -> PolicyUpdate:
-        return PolicyUpdate(revision, UpdateKind.DELTA, base=base, set_deltas=set_deltas)
+    def delta(base: int, revision: int, set_deltas: tuple[SetDelta, ...],
+              peers: PeerDelta = NO_PEERS) -> PolicyUpdate:
+        return PolicyUpdate(revision, UpdateKind.DELTA, base=base, set_deltas=set_deltas, peer_delta=peers)
 
     @staticmethod
     def unchanged(revision: int) -> PolicyUpdate:
@@ -200,7 +250,10 @@ def apply_update(current: HostPolicy | None, applied: int, update: PolicyUpdate)
         raise ConflictError(f"delta from revision {update.base}, but no policy is in force")
     if update.base != applied:
         raise ConflictError(f"delta from revision {update.base}, but revision {applied} is in force")
-    return apply_set_deltas(current, update.set_deltas)
+    hp = apply_set_deltas(current, update.set_deltas)
+    if update.peer_delta:
+        hp = replace(hp, wireguard=apply_peer_delta(hp.wireguard, update.peer_delta))
+    return hp
 
 
 # ---- history ------------------------------------------------------------------------------------
@@ -208,11 +261,12 @@ def apply_update(current: HostPolicy | None, applied: int, update: PolicyUpdate)
 
 @dataclass(frozen=True)
 class Step:
-    """Revision ``base`` -> ``revision``: set deltas, or None when rules changed (full only)."""
+    """Revision ``base`` -> ``revision``: set deltas (None when rules changed: full only) and peers."""
 
     base: int
     revision: int
     set_deltas: tuple[SetDelta, ...] | None
+    peer_delta: PeerDelta = NO_PEERS
 
 
 @dataclass(frozen=True)
@@ -237,13 +291,20 @@ class HostHistory:
         if delta.policy is None:
             raise ValueError(f"workload {delta.workload!r} is gone: no history after it")
         step_deltas: tuple[SetDelta, ...] | None = None if delta.rules_changed else delta.set_deltas
-        if step_deltas == ():
+        peers = PeerDelta()
+        if step_deltas is not None:
+            old_wg, new_wg = self.policy.wireguard, delta.policy.wireguard
+            if (old_wg is None) != (new_wg is None) or (old_wg and new_wg and old_wg.listen_port != new_wg.listen_port):
+                step_deltas = None  # a tunnel came, went or moved port: the rules differ
+            else:
+                peers = peer_delta(old_wg, new_wg)
+        if step_deltas == () and not peers:
             if delta.policy == self.policy:
                 return None  # the changes of one transaction cancelled out
-            step_deltas = None  # something beyond set members moved: only a full policy is safe
+            step_deltas = None  # something beyond set members and peers moved: only a full policy is safe
         if revision != self.revision + 1:
             return HostHistory(revision, delta.policy, (), self.limit)
-        steps = (*self.steps, Step(self.revision, revision, step_deltas))[-self.limit :]
+        steps = (*self.steps, Step(self.revision, revision, step_deltas, peers))[-self.limit :]
         return HostHistory(revision, delta.policy, steps, self.limit)
 
     def update_since(self, since: int | None) -> PolicyUpdate:
@@ -254,11 +315,13 @@ class HostHistory:
             return PolicyUpdate.full(self.revision, self.policy)
         chain = [s for s in self.steps if s.base >= since]
         composed: tuple[SetDelta, ...] = ()
+        peers = PeerDelta()
         for i, step in enumerate(chain):
             if step.set_deltas is None:
                 return PolicyUpdate.full(self.revision, self.policy)
             composed = step.set_deltas if i == 0 else compose_set_deltas(composed, step.set_deltas)
-        return PolicyUpdate.delta(since, self.revision, composed)
+            peers = compose_peer_deltas(peers, step.peer_delta)
+        return PolicyUpdate.delta(since, self.revision, composed, peers)
 
 
 # ---- wire codec ---------------------------------------------------------------------------------
@@ -281,11 +344,15 @@ def policy_update_to_dict(update: PolicyUpdate) -> dict[str, Any]:
                 "set_deltas": []}
     if update.kind is UpdateKind.UNCHANGED:
         return {"revision": update.revision, "full": None, "base": update.revision, "set_deltas": []}
-    return {"revision": update.revision, "full": None, "base": update.base,
-            "set_deltas": [set_delta_to_dict(d) for d in update.set_deltas]}
+    out: dict[str, Any] = {"revision": update.revision, "full": None, "base": update.base,
+                           "set_deltas": [set_delta_to_dict(d) for d in update.set_deltas]}
+    if update.peer_delta:  # only when peers changed: agents before peer deltas never see the field
+        out["peers"] = {"set": [peer_to_dict(p) for p in update.peer_delta.upserted],
+                        "removed": list(update.peer_delta.removed)}
+    return out
 
 
-WIRE_FIELDS = ("revision", "full", "base", "set_deltas")
+WIRE_FIELDS = ("revision", "full", "base", "set_deltas", "peers")
 
 
 def _malformed(source: str, field: str, message: str) -> ValidationError:
@@ -357,9 +424,38 @@ def policy_update_from_dict(d: Any, source: str = "controller") -> PolicyUpdate:
         raise _malformed(source, "set_deltas", "expected a list")
     if base > revision:
         raise _malformed(source, "base", f"base {base} is after revision {revision}")
+    peers = peer_delta_from_dict(d.get("peers"), source)
     if base == revision:
-        if raw:
+        if raw or peers:
             raise _malformed(source, "set_deltas", "a delta from a revision to itself must be empty")
         return PolicyUpdate.unchanged(revision)
     deltas = tuple(set_delta_from_dict(x, f"set_deltas[{i}]", source) for i, x in enumerate(raw))
-    return PolicyUpdate.delta(base, revision, deltas)
+    return PolicyUpdate.delta(base, revision, deltas, peers)
+
+
+def peer_delta_from_dict(d: Any, source: str = "controller") -> PeerDelta:
+    """``{set: [peer], removed: [workload]}`` (absent: no peer change); ValidationError naming the field."""
+    if d is None:
+        return PeerDelta()
+    if not isinstance(d, dict) or set(d) - {"set", "removed"}:
+        raise _malformed(source, "peers", "expected an object with 'set' and 'removed'")
+    raw_set, raw_removed = d.get("set", []), d.get("removed", [])
+    if not isinstance(raw_set, list) or not isinstance(raw_removed, list):
+        raise _malformed(source, "peers", "'set' and 'removed' must be lists")
+    upserted: list[WireGuardPeer] = []
+    for i, p in enumerate(raw_set):
+        field = f"peers.set[{i}]"
+        if not isinstance(p, dict):
+            raise _malformed(source, field, "expected a peer object")
+        try:
+            upserted.append(peer_from_dict(p, field))
+        except ValidationError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _malformed(source, field, f"not a WireGuard peer: {exc!r}") from exc
+    if not all(isinstance(w, str) and w for w in raw_removed):
+        raise _malformed(source, "peers.removed", "expected workload names")
+    names = [p.workload for p in upserted] + list(raw_removed)
+    if len(set(names)) != len(names):
+        raise _malformed(source, "peers", "a workload appears twice")
+    return PeerDelta(tuple(sorted(upserted, key=lambda p: p.workload)), tuple(sorted(raw_removed)))

@@ -89,6 +89,20 @@ class WireGuardConfig:
 
 
 @dataclass(frozen=True)
+class PeerDelta:
+    """Tunnel peers changed between two revisions of one host (rules unchanged): ``upserted``
+    peers are set (added, or replaced: rotated key, new endpoint or addresses), ``removed``
+    workloads' peers are deleted. Keyed by workload, each entry the whole peer, so applying it
+    is exact whatever the order of deltas composed into it (see ``compiler.delta``)."""
+
+    upserted: tuple[WireGuardPeer, ...] = ()  # sorted by workload
+    removed: tuple[str, ...] = ()  # workload names, sorted
+
+    def __bool__(self) -> bool:
+        return bool(self.upserted or self.removed)
+
+
+@dataclass(frozen=True)
 class HostPolicy:
     workload: str
     mode: EnforcementMode
@@ -117,7 +131,9 @@ class HostPolicy:
             self.rules,
             self.failsafe,
             tuple((s.name, s.family) for s in self.sets),
-            self.wireguard,  # a peer change reloads (peers are applied one at a time by the backend)
+            # the tunnel's port, not its peers: rendered rules never name a peer (the WireGuard UDP
+            # guard matches the encrypted rules' peer sets), so a peer change is a peer delta
+            None if self.wireguard is None else self.wireguard.listen_port,
             self.backend,  # a backend change is a full policy: the agent switches make-before-break
         )
 
@@ -133,12 +149,14 @@ class SetDelta:
 @dataclass(frozen=True)
 class HostDelta:
     """What changed for one host. ``rules_changed`` means a full reload is needed; otherwise
-    ``set_deltas`` lead from the previous policy to ``policy`` exactly (see ``compiler.delta``)."""
+    ``set_deltas`` and, when ``peers_changed``, the peer difference lead from the previous policy
+    to ``policy`` exactly (see ``compiler.delta``)."""
 
     workload: str
     policy: HostPolicy | None  # None: the workload is gone
     rules_changed: bool
     set_deltas: tuple[SetDelta, ...]
+    peers_changed: bool = False  # WireGuard peers differ too (a peer delta; rules unchanged)
 
 
 # ---- JSON ------------------------------------------------------------------
@@ -182,36 +200,32 @@ def host_policy_to_dict(hp: HostPolicy) -> dict[str, Any]:
     }
 
 
-def wireguard_to_dict(wg: WireGuardConfig) -> dict[str, Any]:
+def peer_to_dict(p: WireGuardPeer) -> dict[str, Any]:
     return {
-        "listen_port": wg.listen_port,
-        "peers": [
-            {
-                "workload": p.workload,
-                "public_key": p.public_key,
-                "endpoint": str(p.endpoint),
-                "port": p.port,
-                "allowed": [str(n) for n in p.allowed],
-            }
-            for p in wg.peers
-        ],
+        "workload": p.workload,
+        "public_key": p.public_key,
+        "endpoint": str(p.endpoint),
+        "port": p.port,
+        "allowed": [str(n) for n in p.allowed],
     }
 
 
-def wireguard_from_dict(d: dict[str, Any]) -> WireGuardConfig:
-    return WireGuardConfig(
-        int(d["listen_port"]),
-        tuple(
-            WireGuardPeer(
-                str(p["workload"]),
-                validate_public_key(str(p["public_key"]), "wireguard.peers.public_key"),
-                ipaddress.ip_address(p["endpoint"]),
-                int(p["port"]),
-                tuple(ipaddress.ip_network(n) for n in p["allowed"]),
-            )
-            for p in d["peers"]
-        ),
+def peer_from_dict(p: dict[str, Any], field: str = "wireguard.peers") -> WireGuardPeer:
+    return WireGuardPeer(
+        str(p["workload"]),
+        validate_public_key(str(p["public_key"]), f"{field}.public_key"),
+        ipaddress.ip_address(p["endpoint"]),
+        int(p["port"]),
+        tuple(ipaddress.ip_network(n) for n in p["allowed"]),
     )
+
+
+def wireguard_to_dict(wg: WireGuardConfig) -> dict[str, Any]:
+    return {"listen_port": wg.listen_port, "peers": [peer_to_dict(p) for p in wg.peers]}
+
+
+def wireguard_from_dict(d: dict[str, Any]) -> WireGuardConfig:
+    return WireGuardConfig(int(d["listen_port"]), tuple(peer_from_dict(p) for p in d["peers"]))
 
 
 def host_policy_to_json(hp: HostPolicy) -> str:

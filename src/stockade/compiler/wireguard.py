@@ -17,7 +17,7 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
 
-from stockade.compiler.ir import WireGuardConfig, WireGuardPeer
+from stockade.compiler.ir import HostDelta, WireGuardConfig, WireGuardPeer
 from stockade.model.workloads import Workload
 
 DEFAULT_PORT = 51820
@@ -65,3 +65,21 @@ class PeerIndex:
         for s in sets:
             out |= self._by_set.get(s, set())
         return out
+
+
+def same_port(old: WireGuardConfig | None, new: WireGuardConfig | None) -> bool:
+    """Both tunnels exist on the same port: what differs between them is peers only."""
+    return old is not None and new is not None and old.listen_port == new.listen_port
+
+
+def merge_peer_only(out: list[HostDelta]) -> list[HostDelta]:
+    """A host with a peer-only delta and a set delta in one batch gets one delta holding both."""
+    by: dict[str, HostDelta] = {}
+    for d in out:
+        prev = by.get(d.workload)
+        if prev is None:
+            by[d.workload] = d
+        else:  # neither changed rules (a reload excludes the host from set fan-out)
+            by[d.workload] = HostDelta(d.workload, d.policy, False, (*prev.set_deltas, *d.set_deltas),
+                                       prev.peers_changed or d.peers_changed)
+    return list(by.values())

@@ -36,6 +36,7 @@ from stockade.controller.api import imports as imports_api
 from stockade.controller.api import k8s_nodes as k8s_nodes_api
 from stockade.controller.api import objects as objects_api
 from stockade.controller.api import policy as policy_api
+from stockade.controller.api import workload_batch as workload_batch_api
 from stockade.controller.api.web_mount import mount_console
 from stockade.controller.context import API, Controller, ControllerSettings
 from stockade.controller.csrf import OriginCheckMiddleware, parse_allowed_origins
@@ -252,6 +253,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         (API, objects_api.router()),
         (API, policy_api.router),
         (API, imports_api.router),
+        (API, workload_batch_api.router),
         (API, admin_api.router),
         (API, agents_api.router),
         (API, k8s_nodes_api.router),

@@ -56,6 +56,7 @@ BODY_LIMITS: tuple[BodyLimit, ...] = (
     BodyLimit("POST", "/auth/login", PUBLIC_LIMIT, "unauthenticated: a username and a password"),
     BodyLimit("POST", "/agents/enroll", 32 * KiB, "unauthenticated: a code, a hostname and its interfaces"),
     BodyLimit("PUT", "/policy/draft", 8 * MiB, "the whole policy and inventory as YAML"),
+    BodyLimit("POST", "/workloads/batch", 2 * MiB, "up to 1,000 workloads (the cluster sync's pod churn)"),
     BodyLimit("POST", "/agents/{agent_id}/flows", 4 * MiB, "10,000 flow records per upload"),
     BodyLimit("PUT", "/agents/{agent_id}/interfaces", 1 * MiB, "up to 64 interfaces of up to 256 addresses"),
     BodyLimit("POST", "/agents/{agent_id}/events", 2 * MiB, "up to 500 events of up to 2 KiB each"),

@@ -67,6 +67,11 @@ class ControllerClient:
             r = await self._http.post("/workloads", json=body)
         self._check(r, f"write workload {name}")
 
+    async def batch_workloads(self, upsert: list[dict[str, Any]], delete: list[str]) -> None:
+        """Every write in ONE transaction (``POST /workloads/batch``); any refusal writes nothing."""
+        r = await self._http.post("/workloads/batch", json={"upsert": upsert, "delete": delete})
+        self._check(r, f"batch of {len(upsert)} workload writes and {len(delete)} deletes")
+
     async def delete_workload(self, name: str) -> None:
         r = await self._http.delete(f"/workloads/{name}")
         if r.status_code != 404:

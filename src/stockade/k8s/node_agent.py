@@ -22,6 +22,10 @@ created (before any container starts); the pod agent's first apply replaces it a
 the pod's policy. kube-proxy's and the CNI's tables are never touched: the backend owns only its
 ``inet stockade`` table, in the pod's namespace (and the node's, for the host policy).
 
+The pod agents share one :class:`~stockade.agent.apply_gate.ApplyGate`: a new pod's first apply
+goes ahead of every peer-set delta of the pods already protected, and a pod whose deltas queued
+applies every revision published meanwhile as one step.
+
 The pod agents' tamper read-back runs every ``pod_tamper_interval`` seconds (default 10: 110 pods
 at the host agent's 0.5 s would be 220 ``nft list`` per second).
 """
@@ -40,6 +44,7 @@ from pathlib import Path
 
 from stockade import __version__
 from stockade.agent.agent import Agent, AgentOptions
+from stockade.agent.apply_gate import ApplyGate
 from stockade.agent.enforcer import Enforcer
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
@@ -54,6 +59,7 @@ log = logging.getLogger("stockade.k8s.node")
 RETRY_SECONDS = 0.1  # a pod whose workload or namespace is not there yet is tried again this soon ...
 RETRY_MAX = 5.0  # ... doubling up to this while it keeps failing
 START_WORKERS = 8  # pods started (and stopped) at once
+HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ class NodeOptions:
     long_poll_seconds: float = 20.0
     pod_tamper_interval: float = 10.0
     host_tamper_interval: float = 0.5
+    apply_slots: int = 2  # pods' deltas and proofs applied at once (first applies: START_WORKERS)
+    pod_proof_min_gap: float = 30.0  # a pod's proofs at most this often (each apply is read back regardless)
 
 
 class NodeControllerClient(HttpControllerClient):
@@ -137,6 +145,7 @@ class NodeAgent:
         self.client: NodeControllerClient | None = None
         self.credential: Credential | None = None
         self.stats = NodeStats()
+        self.gate = ApplyGate(slots=options.apply_slots, first_slots=START_WORKERS)  # shared by the pod agents
         self.state = StateDir(options.state_dir / "node")
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -285,7 +294,8 @@ class NodeAgent:
                 pod = desired.get(uid)
                 log.warning("pod %s: %s; retrying in %.1f s", f"{pod.namespace}/{pod.name}" if pod else uid, error,
                             delay)
-        with self._lock:
+        with self._lock:  # afresh: a start that finished above is running now (a stale view started it twice)
+            running = set(self._running)
             host_network = set(self._host_network)
         for uid, pod in sorted(desired.items()):
             if self._stop.is_set():
@@ -300,7 +310,23 @@ class NodeAgent:
         return bool(self._starting) or any(uid not in running and uid not in host_network for uid in desired)
 
     def _start_pod(self, pod: LocalPod) -> bool:
+        """Start enforcing ``pod``; deltas and proofs of the other pods wait meanwhile (the gate's
+        hold, ended by the first apply or HOLD_SECONDS, whichever comes first)."""
         t0 = time.monotonic()
+        self.gate.begin_hold()
+        started = False
+        try:
+            started = self._start_pod_held(pod, t0)  # True: the hold is ended by _time_first_apply (or above)
+        finally:
+            if not started:
+                self.gate.end_hold()
+        return started
+
+    def _start_pod_held(self, pod: LocalPod, t0: float) -> bool:
+        with self._lock:
+            if pod.uid in self._running:
+                self.gate.end_hold()
+                return True  # already enforced: never a second runtime for one pod
         ns = self._finder(pod.uid)
         if ns is None:
             return False  # no process of it yet (or already gone)
@@ -308,6 +334,7 @@ class NodeAgent:
             with self._lock:
                 self._host_network.add(pod.uid)  # the node's own namespace: the host policy covers it
             log.info("pod %s/%s uses the node's network: host policy applies", pod.namespace, pod.name)
+            self.gate.end_hold()  # nothing of ours to apply there
             return True
         netns = pin(ns, self.pin_prefix)
         state = StateDir(self.options.state_dir / "pods" / pod.uid)
@@ -332,8 +359,9 @@ class NodeAgent:
         backend = self._backend_factory(netns)
         agent = Agent(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
                                    watch_addresses=False, tamper_interval=self.options.pod_tamper_interval,
+                                   proof_min_gap=self.options.pod_proof_min_gap,
                                    tamper_safety_interval=self.options.pod_tamper_interval),
-                      state, Enforcer(backend), HttpControllerClient, host_reader=lambda: report)
+                      state, Enforcer(backend), HttpControllerClient, host_reader=lambda: report, gate=self.gate)
         with self._lock:
             self._running[pod.uid] = _Running(pod, netns, agent, backend, t0)
         agent.start()
@@ -342,6 +370,10 @@ class NodeAgent:
         return True
 
     def _time_first_apply(self, uid: str, agent: Agent, t0: float) -> None:
+        try:
+            agent.converged.wait(HOLD_SECONDS)
+        finally:
+            self.gate.end_hold()
         if agent.converged.wait(120):
             took = time.monotonic() - t0
             self.stats.programmed[uid] = took

@@ -1,12 +1,14 @@
 """The cluster sync: keeps the controller's ``k8s.*`` workloads equal to the cluster's pods.
 
 Two :class:`~stockade.k8s.reflector.Reflector` s (Namespaces, Pods) feed one in-memory picture;
-every change marks the pods it affects dirty and wakes one worker, which computes each dirty
-pod's :func:`~stockade.k8s.mapping.desired_workload` and writes only the differences through the
-REST API (PUT/POST a changed workload, DELETE a gone one). After a (re-)list of both kinds the
-worker also deletes every ``k8s.*`` workload that no pod wants: deletions that happened while the
-sync was down or while a watch was expired are not lost. A failed write is retried with backoff;
-the pods stay dirty until it lands.
+every change marks the pods it affects dirty and wakes one worker, which computes each dirty pod's
+:func:`~stockade.k8s.mapping.desired_workload` and writes only the differences through the REST API:
+the changes of one pass (every pod changed while the previous write was under way) as ONE ``POST
+/workloads/batch`` transaction, so a burst of pod churn is one revision per affected host; a single
+change, or a batch the controller refuses, goes one PUT/POST/DELETE per pod. After a (re-)list of
+both kinds the worker also deletes every ``k8s.*`` workload that no pod wants: deletions that
+happened while the sync was down or while a watch was expired are not lost. A failed write is
+retried with backoff; the pods stay dirty until it lands.
 
 Skips (malformed objects, values a Stockade key does not allow, a namespace not seen yet) are
 kept in :attr:`ClusterSync.skips`, logged, and - for pods - posted once per reason as a Warning
@@ -40,6 +42,7 @@ from stockade.k8s.reflector import Backoff, Reflector
 from stockade.model.labels import LabelKey
 from stockade.model.workloads import EnforcementMode
 
+BATCH_MAX = 1000  # workload writes per POST /workloads/batch (the controller's limit)
 log = logging.getLogger(__name__)
 
 NAMESPACE, POD = "Namespace", "Pod"
@@ -218,6 +221,8 @@ class ClusterSync:
             keep = {w.name for k in self.pods if isinstance(w := self._desired(k), DesiredWorkload)}
             gone |= {name for name in self.pushed if name not in keep}
         gone -= set(wanted)
+        if await self._apply_batch(wanted, gone):
+            return
         for name, body in wanted.items():
             if self.pushed.get(name) != body:
                 try:
@@ -235,6 +240,31 @@ class ClusterSync:
             if name in self.pushed:
                 await self._ctl.delete_workload(name)
                 del self.pushed[name]
+
+    async def _apply_batch(self, wanted: dict[str, dict[str, Any]], gone: set[str]) -> bool:
+        """Every pod change of this pass as ONE controller transaction (one revision per affected
+        host, however many of its peers changed); False when it must go one write at a time: a
+        single change, or the batch was refused (one pod's conflict, or a controller without the
+        batch route), so the single writes skip only the refused pod."""
+        put = [body for name, body in wanted.items() if self.pushed.get(name) != body]
+        delete = sorted(name for name in gone if name in self.pushed)
+        if len(put) + len(delete) < 2:
+            return False
+        try:
+            for start in range(0, len(put) + len(delete), BATCH_MAX):
+                part_put = put[start : start + BATCH_MAX]
+                part_delete = delete[max(0, start - len(put)) : max(0, start + BATCH_MAX - len(put))]
+                await self._ctl.batch_workloads(part_put, part_delete)
+                for body in part_put:
+                    self.pushed[body["name"]] = body
+                for name in part_delete:
+                    del self.pushed[name]
+        except ControllerApiError as exc:
+            if exc.status not in (404, 405, 409, 422):
+                raise
+            log.info("k8s sync: batch refused (%s); writing one pod at a time", exc)
+            return False
+        return True
 
     # ---- skips --------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""A small WireGuard lab (kernel tests and bench/wireguard.py): host namespaces on a bridge, each with the nftables
-backend and its own wireguard-go interface, echo servers, in-process probes and an underlay capture.
+"""A small WireGuard lab (kernel tests and bench/wireguard.py): host namespaces on a bridge, each with a Linux
+backend that encrypts (nftables, or iptables+ipset in either variant: ``WG_BACKENDS``) and its own wireguard-go
+interface, echo servers, in-process probes and an underlay capture.
 
 Everything runs in namespaces of its own (random names, a private address range that is never
 routed from the root namespace), so nothing leaves the machine and parallel runs do not collide.
@@ -22,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stockade.backends.common import in_netns
+from stockade.backends.iptables.backend import IptablesBackend
 from stockade.backends.nftables.backend import NftablesBackend
 from stockade.backends.wireguard import STEER_MARK, WireGuardDevice
 from stockade.compiler.compile import Compiler
-from stockade.compiler.ir import HostDelta
+from stockade.compiler.delta import peer_delta
+from stockade.compiler.ir import HostDelta, HostPolicy, SetDelta
 from stockade.lab.netns import create_bridge_namespace, create_host_namespace, delete_namespace
 from stockade.model.addresses import IPAddress
 from stockade.model.labels import Label
@@ -33,6 +36,7 @@ from stockade.model.policy import Policy
 from stockade.model.workloads import EnforcementMode, Interface, WireGuardIdentity, Workload
 
 PORTS = (80, 5432, 6000, 7000)
+WG_BACKENDS = ("nftables", "iptables-nft", "iptables-legacy")  # the Linux backends that encrypt, as the lab names them
 SO_MARK = 36
 IP_TRANSPARENT = 19  # a source address the host does not own (FREEBIND binds, but sendto then refuses)
 IPV6_TRANSPARENT = 75
@@ -58,11 +62,28 @@ class Host:
     v6: IPAddress
     key_file: Path
     public_key: str
-    backend: NftablesBackend
+    backend: NftablesBackend | IptablesBackend
     device: WireGuardDevice
 
     def identity(self) -> WireGuardIdentity:
         return WireGuardIdentity(self.public_key, self.v4, 51820)
+
+    def enforce(self, hp: HostPolicy) -> None:
+        """Render and apply ``hp`` with this host's backend."""
+        if isinstance(self.backend, NftablesBackend):
+            self.backend.apply(self.backend.render(hp))
+        else:
+            self.backend.apply(self.backend.render(hp))
+
+    def apply_delta(self, old: HostPolicy, new: HostPolicy, set_deltas: tuple[SetDelta, ...]) -> bool:
+        """What the agent does with a delta: set members, then peers over the control socket, the
+        ruleset never reloaded. True when peers changed."""
+        if set_deltas:
+            self.backend.apply_delta(set_deltas)
+        peers = peer_delta(old.wireguard, new.wireguard)
+        if peers and old.wireguard is not None:
+            self.backend.apply_peer_delta(old.wireguard, peers)
+        return bool(peers)
 
 
 class Capture:
@@ -221,37 +242,58 @@ class WgLab:
     compiler: Compiler | None = None
     capture: Capture | None = None
     servers: list[Servers] = field(default_factory=list)
+    backend: str = "nftables"  # one of WG_BACKENDS
+    policies: dict[str, HostPolicy] = field(default_factory=dict)  # what each host has in force
+    reloads: int = 0  # full applies by ``change``
+    peer_deltas: int = 0  # peer deltas applied over the control socket by ``change``
 
     def workloads(self, labels: Mapping[str, frozenset[Label]], keyed: set[str] | None = None) -> tuple[Workload, ...]:
         out = []
         for name, h in self.hosts.items():
             ident = h.identity() if keyed is None or name in keyed else None
             out.append(Workload(name, labels[name], (Interface("eth0", (h.v4, h.v6)),),
-                                EnforcementMode.FULL, "nftables", "", ident))
+                                EnforcementMode.FULL, self.backend.split("-")[0], "", ident))
         return tuple(out)
 
     def apply(self, policy: Policy) -> None:
         self.compiler = Compiler(policy)
         for name, h in self.hosts.items():
-            h.backend.apply(h.backend.render(self.compiler.host_policy(name)))
+            self.policies[name] = self.compiler.host_policy(name)
+            h.enforce(self.policies[name])
 
     def change(self, workloads: list[Workload | str]) -> list[HostDelta]:
-        """An inventory change through the incremental compiler; affected hosts reload."""
+        """An inventory change through the incremental compiler; affected hosts take it as the
+        agent does: a full reload when rules changed, else set and peer deltas (counted)."""
         assert self.compiler is not None
         deltas = self.compiler.apply_changes(workloads)
         for d in deltas:
             h = self.hosts.get(d.workload)
             if h is None or d.policy is None:
                 continue
-            h.backend.apply(h.backend.render(d.policy))
+            old = self.policies.get(d.workload)
+            if d.rules_changed or old is None or old.rules_key() != d.policy.rules_key():
+                h.enforce(d.policy)
+                self.reloads += 1
+            elif h.apply_delta(old, d.policy, d.set_deltas):
+                self.peer_deltas += 1
+            self.policies[d.workload] = d.policy
         return deltas
 
 
+def make_backend(name: str, netns: str, device: WireGuardDevice) -> NftablesBackend | IptablesBackend:
+    """``name`` from :data:`WG_BACKENDS`, enforcing in ``netns`` with ``device`` as its tunnel."""
+    if name == "nftables":
+        return NftablesBackend(table="stockade", netns=netns, wireguard=device)
+    if name.startswith("iptables-"):
+        return IptablesBackend(name.removeprefix("iptables-"), netns=netns, wireguard=device)
+    raise ValueError(f"no WireGuard lab backend {name!r} (one of {', '.join(WG_BACKENDS)})")
+
+
 @contextlib.contextmanager
-def wg_lab(count: int, tmp: Path) -> Iterator[WgLab]:
+def wg_lab(count: int, tmp: Path, backend: str = "nftables") -> Iterator[WgLab]:
     run = secrets.token_hex(3)
     third = secrets.randbelow(200) + 20
-    lab = WgLab(bridge=f"stkwgbr-{run}")
+    lab = WgLab(bridge=f"stkwgbr-{run}", backend=backend)
     made: list[str] = []
     try:
         create_bridge_namespace(lab.bridge)
@@ -266,8 +308,8 @@ def wg_lab(count: int, tmp: Path) -> Iterator[WgLab]:
             made.append(netns)
             key_file, pub = genkey(tmp, name)
             device = WireGuardDevice(f"wg{run}{i}", netns, key_file)
-            backend = NftablesBackend(table="stockade", netns=netns, wireguard=device)
-            lab.hosts[name] = Host(name, netns, port, v4, v6, key_file, pub, backend, device)
+            lab.hosts[name] = Host(name, netns, port, v4, v6, key_file, pub, make_backend(backend, netns, device),
+                                   device)
             lab.servers.append(Servers(netns))
         lab.capture = Capture(lab.bridge)
         yield lab
@@ -296,4 +338,6 @@ def kill_wireguard_go(netns: str) -> None:
         time.sleep(0.01)
 
 
-__all__ = ["STEER_MARK", "WgLab", "kill_wireguard_go", "marker", "probe", "send_udp", "wg_lab"]
+__all__ = [
+    "STEER_MARK", "WG_BACKENDS", "WgLab", "kill_wireguard_go", "make_backend", "marker", "probe", "send_udp", "wg_lab",
+]

@@ -30,6 +30,7 @@ never flushed and their policies never set, other chains and sets never named.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from stockade.backends.base import (
     Capability,
@@ -38,7 +39,7 @@ from stockade.backends.base import (
     check_capabilities,
     check_delta_capabilities,
 )
-from stockade.backends.common import rule_difference
+from stockade.backends.common import in_netns, rule_difference
 from stockade.backends.iptables.model import (
     ChainNames,
     Hook,
@@ -60,11 +61,13 @@ from stockade.backends.iptables.scripts import (
     rollback_script,
     rules_script,
 )
-from stockade.compiler.ir import HostPolicy, SetDelta
+from stockade.backends.iptables.tunnel import NO_MANGLE, MangleState, mangle_problems, mangle_script, parse_mangle_save
+from stockade.backends.wireguard import Tunnel, WireGuardDevice
+from stockade.compiler.ir import HostPolicy, PeerDelta, SetDelta, WireGuardConfig
 from stockade.errors import ApplyError, BackendError, RenderError
 from stockade.model.addresses import Family
 
-IPTABLES_CAPABILITIES = frozenset(Capability) - {Capability.ENCRYPT}  # no WireGuard datapath: fail closed
+IPTABLES_CAPABILITIES = frozenset(Capability)  # encrypt: with a WireGuard device (else rendering refuses it)
 FAMILIES = (Family.V4, Family.V6)
 
 
@@ -74,6 +77,7 @@ class Snapshot:
 
     states: dict[Family, FilterState]
     sets: dict[str, IpsetHeader]
+    mangle: dict[Family, MangleState]
 
 
 class IptablesBackend:
@@ -92,6 +96,7 @@ class IptablesBackend:
         forward: bool = False,
         layout: Layout | str = Layout.LOOKUP,
         flow_log: bool = True,
+        wireguard: WireGuardDevice | None = None,
     ) -> None:
         try:
             self.variant = IptablesVariant(variant)
@@ -105,6 +110,9 @@ class IptablesBackend:
         self.flow_log = flow_log
         self.runner = IptablesRunner(self.variant, netns)
         self._names = ChainNames(self.prefix)
+        self.wireguard = wireguard  # the tunnel of encrypted rules (None: they fail to render)
+        self._tunnel = Tunnel(wireguard) if wireguard is not None else None
+        self._steering_maybe = True  # our mangle chains may exist (unknown until an apply looked)
 
     @property
     def set_prefix(self) -> str:
@@ -122,6 +130,7 @@ class IptablesBackend:
             log_group=self.log_group,
             layout=self.layout,
             flow_log=self.flow_log,
+            wg_interface=self.wireguard.name if self.wireguard is not None else None,
         )
 
     # ---- kernel ----------------------------------------------------------------------
@@ -137,8 +146,12 @@ class IptablesBackend:
             return
         r = self.runner
         load = artifact.ipset_load
-        save4, save6, loaded = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6), r.ipset_cmd(load.text)])
+        steering = bool(artifact.mangle) or self._steering_maybe  # read the mangle table only then
+        mangle_families = self._mangle_families() if steering else ()
+        save4, save6, loaded, *msaves = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6), r.ipset_cmd(load.text),
+                                                   *(r.save_cmd(f, "mangle") for f in mangle_families)])
         saves = {Family.V4: save4, Family.V6: save6}
+        mangle = {f: parse_mangle_save(res.stdout, self.prefix) for f, res in zip(mangle_families, msaves, strict=True)}
         states = {f: parse_filter_save(res.stdout, self.prefix, f) for f, res in saves.items() if res.ok}
         before = frozenset(loaded.stdout.split())  # what ``list -n`` printed before any change
         if not loaded.ok:
@@ -146,12 +159,17 @@ class IptablesBackend:
             done = load.swapped[: max(0, line - load.swap_line)]
             self._undo_sets(done, artifact.sets, before)
             raise ApplyError(f"ipset refused the new sets (nothing changed): {loaded.message()}")
-        failed_save = [res for res in saves.values() if not res.ok]
+        failed_save = [res for res in (*saves.values(), *msaves) if not res.ok]
         if failed_save:
             self._undo_sets(artifact.sets, artifact.sets, before)
             raise ApplyError(f"cannot read the current rules (nothing changed): {failed_save[0].message()}")
 
-        scripts = {f: rules_script(artifact.ruleset(f), states[f], self.prefix) for f in FAMILIES}
+        # the filter table and the steering in one restore per family: the guards and the marks together
+        scripts = {
+            f: rules_script(artifact.ruleset(f), states[f], self.prefix)
+            + mangle_script(artifact.mangle_ruleset(f), mangle.get(f, NO_MANGLE), self.prefix)
+            for f in FAMILIES
+        }
         results = self._restore(scripts)
         failed = [f for f, res in results.items() if not res.ok]
         if failed:
@@ -167,6 +185,30 @@ class IptablesBackend:
         keep = {s.name for s in artifact.sets}
         stale = sorted(n for n in before if n.startswith(self.set_prefix) and n not in keep)
         self._destroy_sets([*(s.temp_name for s in artifact.sets), *stale])
+        self._steering_maybe = bool(artifact.mangle)
+        # the rules first: their guards drop encrypted traffic outside the tunnel while it comes up
+        if self._tunnel is not None:
+            self._tunnel.apply(artifact.wireguard, artifact.local_addresses)
+
+    def _mangle_families(self) -> tuple[Family, ...]:
+        """Families whose ``mangle`` table may hold our steering. ``iptables-legacy-save -t mangle``
+        would create the table in a namespace without one (a trace on a host we never encrypted
+        on), so legacy reads only tables the kernel lists as loaded in the namespace."""
+        if self.variant is IptablesVariant.NFT:
+            return FAMILIES
+
+        def loaded() -> tuple[Family, ...]:
+            out = []
+            for family, names in ((Family.V4, "ip_tables_names"), (Family.V6, "ip6_tables_names")):
+                try:
+                    text = Path(f"/proc/thread-self/net/{names}").read_text()
+                except OSError:
+                    text = ""
+                if "mangle" in text.split():
+                    out.append(family)
+            return tuple(out)
+
+        return in_netns(self.netns, loaded)
 
     def _restore(self, scripts: dict[Family, str]) -> dict[Family, Result]:
         """Load each family's rules script; the results of those that ran.
@@ -220,15 +262,26 @@ class IptablesBackend:
     def snapshot(self) -> Snapshot:
         """Our chains and jumps in both families, and our sets with their members."""
         r = self.runner
-        save4, save6, sets = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6), Command(("ipset", "save"))])
-        for res in (save4, save6, sets):
+        families = self._mangle_families()
+        save4, save6, sets, *msaves = r.run_all([
+            r.save_cmd(Family.V4), r.save_cmd(Family.V6), Command(("ipset", "save")),
+            *(r.save_cmd(f, "mangle") for f in families)])
+        for res in (save4, save6, sets, *msaves):
             if not res.ok:
                 raise BackendError(res.message())
         states = {
             Family.V4: parse_filter_save(save4.stdout, self.prefix, Family.V4),
             Family.V6: parse_filter_save(save6.stdout, self.prefix, Family.V6),
         }
-        return Snapshot(states, parse_ipset_save(sets.stdout, self.set_prefix))
+        mangle = {f: NO_MANGLE for f in FAMILIES}
+        mangle.update({f: parse_mangle_save(res.stdout, self.prefix) for f, res in zip(families, msaves, strict=True)})
+        return Snapshot(states, parse_ipset_save(sets.stdout, self.set_prefix), mangle)
+
+    def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
+        """WireGuard peers set / removed over the control socket; the ruleset is not touched."""
+        if self._tunnel is None:
+            raise ApplyError("a peer delta, but this backend has no WireGuard device")
+        self._tunnel.apply_peer_delta(old, delta)
 
     def read_back(self) -> str:
         """Our sets, chains and jumps as text (counter-free, sorted sets); "" when none exist."""
@@ -247,19 +300,32 @@ class IptablesBackend:
             for chain in state.chains:
                 lines.append(f":{chain.name}")
                 lines += [f"-A {chain.name} {rule}" for rule in chain.rules]
+        for family in FAMILIES:
+            mstate = snap.mangle[family]
+            if mstate.empty:
+                continue
+            lines.append(f"*mangle IPv{family.value}")
+            lines += [f"-A {hook} {spec}" for hook, spec in mstate.jumps]
+            for name, rules in mstate.chains.items():
+                lines.append(f":{name}")
+                lines += [f"-A {name} {rule}" for rule in rules]
         return "\n".join(lines) + "\n" if lines else ""
 
     def remove(self) -> None:
         """Delete our chains, every jump to them and our sets; touch nothing else. Idempotent."""
         r = self.runner
-        save4, save6 = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6)])
-        for res in (save4, save6):
+        families = self._mangle_families()
+        save4, save6, *msaves = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6),
+                                           *(r.save_cmd(f, "mangle") for f in families)])
+        for res in (save4, save6, *msaves):
             if not res.ok:
                 raise ApplyError(f"cannot read the current rules: {res.message()}")
+        mangle = {f: parse_mangle_save(res.stdout, self.prefix) for f, res in zip(families, msaves, strict=True)}
         cmds = []
         for family, res in ((Family.V4, save4), (Family.V6, save6)):
-            script = removal_script(parse_filter_save(res.stdout, self.prefix, family), self.prefix)
-            if script is not None:
+            script = removal_script(parse_filter_save(res.stdout, self.prefix, family), self.prefix) or ""
+            script += mangle_script(None, mangle.get(family, NO_MANGLE), self.prefix)
+            if script:
                 cmds.append(r.restore_cmd(family, script))
         failed = [res for res in (r.run_all(cmds) if cmds else []) if not res.ok]
         if failed:
@@ -269,6 +335,9 @@ class IptablesBackend:
         except BackendError as exc:
             raise ApplyError(str(exc)) from exc
         self._destroy_sets(sorted(names))
+        self._steering_maybe = False
+        if self._tunnel is not None:
+            self._tunnel.remove()
 
     def close(self) -> None:
         """Nothing is kept open between calls."""
@@ -287,10 +356,14 @@ class IptablesBackend:
                 state = snap.states[family]
                 problems += [f"IPv{family.value} chain {c.name} exists but should not" for c in state.chains]
                 problems += [f"IPv{family.value} {j.hook.value} jumps to {j.spec} but should not" for j in state.jumps]
+                problems += mangle_problems(None, snap.mangle[family], self.prefix)
             return VerifyReport(tuple(problems))
         problems += _set_problems(expected.sets, snap.sets)
         for family in FAMILIES:
             problems += self._chain_problems(expected, snap.states[family])
+            problems += mangle_problems(expected.mangle_ruleset(family), snap.mangle[family], self.prefix)
+        if self._tunnel is not None:
+            problems += self._tunnel.problems(expected.wireguard)
         return VerifyReport(tuple(problems))
 
     def _chain_problems(self, expected: IptablesArtifact, state: FilterState) -> list[str]:

@@ -54,18 +54,14 @@ interpolated is an int, an IP object or a validated identifier; strings are quot
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
-from stockade.backends import flowlog
 from stockade.backends.common import (
     ND_TYPES,
     PORT_MAX,
     ProtoGroup,
-    checked_rule_id,
     controller_port,
     safe_text,
     service_groups,
@@ -81,10 +77,9 @@ from stockade.backends.iptables.lookup import (
     flow_log_lines,
     tier_chains,
 )
+from stockade.backends.iptables.model import IPSET_NAME_MAX as IPSET_NAME_MAX  # re-exported names
 from stockade.backends.iptables.model import (
-    IPSET_NAME_MAX,
     SET_MAXELEM,
-    TEMP_SUFFIX,
     ChainNames,
     FamilyRuleset,
     Hook,
@@ -95,6 +90,13 @@ from stockade.backends.iptables.model import (
     cidr_text,
     ipset_members,
 )
+from stockade.backends.iptables.names import NFLOG_PREFIX_MAX as NFLOG_PREFIX_MAX
+from stockade.backends.iptables.names import comment_id as _rule_id
+from stockade.backends.iptables.names import ipset_name as ipset_name
+from stockade.backends.iptables.names import local_set_name as local_set_name
+from stockade.backends.iptables.names import log_prefix as log_prefix
+from stockade.backends.iptables.names import save_string as save_string
+from stockade.backends.iptables.names import validate_prefix as validate_prefix
 from stockade.backends.iptables.scripts import (
     FilterState,
     IpsetLoad,
@@ -102,21 +104,26 @@ from stockade.backends.iptables.scripts import (
     ipset_load_script,
     rules_script,
 )
-from stockade.compiler.ir import Direction, HostPolicy, HostRule
+from stockade.backends.iptables.tunnel import (
+    MangleRuleset,
+    MangleState,
+    encrypted_entry,
+    encrypted_outbound,
+    input_guard,
+    mangle_ruleset,
+    mangle_script,
+    output_guard,
+    validate_interface,
+)
+from stockade.compiler.ir import Direction, HostPolicy, HostRule, WireGuardConfig
 from stockade.errors import RenderError
-from stockade.model.addresses import AddressRanges, Family
+from stockade.model.addresses import AddressRanges, Family, IPAddress
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
 from stockade.model.workloads import EnforcementMode
 
-NFLOG_PREFIX_MAX = 63  # xt_NFLOG keeps 64 bytes including the terminating NUL
 MULTIPORT_SLOTS = 15  # xt_multiport: at most 15 ports, a range taking two
 DEFAULT_RULE_ID = "default"
-LOCAL_SET = "local"
-
-_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,11}$")
-_PEER_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-_UNQUOTED = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,12 @@ class IptablesArtifact:
     present: bool
     sets: tuple[IpSet, ...]
     rulesets: tuple[FamilyRuleset, ...]  # (V4, V6) when present, else ()
+    mangle: tuple[MangleRuleset, ...] = ()  # (V4, V6) steering chains when a rule encrypts
+    wireguard: WireGuardConfig | None = None  # the tunnel the backend brings up beside the rules
+    local_addresses: tuple[IPAddress, ...] = ()  # with ``wireguard``: a change re-sets peer endpoints
+
+    def mangle_ruleset(self, family: Family) -> MangleRuleset | None:
+        return next((m for m in self.mangle if m.family is family), None)
 
     def ruleset(self, family: Family) -> FamilyRuleset:
         for r in self.rulesets:
@@ -168,65 +181,14 @@ def artifact_text(artifact: IptablesArtifact) -> str:
         empty = FilterState(ruleset.family, (), ())
         out.append(f"# {v.tool(ruleset.family, 'restore')} --noflush (shown for a host without our chains)")
         out.append(rules_script(ruleset, empty, artifact.prefix).rstrip("\n"))
+        steering = artifact.mangle_ruleset(ruleset.family)
+        if steering is not None:
+            out.append(mangle_script(steering, MangleState({}, ()), artifact.prefix).rstrip("\n"))
     out.append("# ipset -exist restore: drop the previous members")
     out.append(ipset_destroy_script(s.temp_name for s in artifact.sets).rstrip("\n"))
     return "\n".join(out) + "\n"
 
 
-
-
-# ---- names and strings ------------------------------------------------------------------
-
-
-def validate_prefix(prefix: str) -> str:
-    if not _PREFIX_RE.match(prefix):
-        raise RenderError(f"invalid iptables chain prefix {prefix!r} (want [A-Za-z][A-Za-z0-9_]{{0,11}})")
-    return prefix
-
-
-def ipset_name(prefix: str, peer: str, family: Family) -> str:
-    """``<prefix>-<peer>-v4``; a peer too long for ipset's 31 characters becomes ``h<sha256[:12]>``.
-
-    Room is kept for the temporary suffix, so ``<name>-t`` fits too.
-    """
-    if not _PEER_RE.match(peer) or peer == LOCAL_SET:
-        raise RenderError(f"address set name {peer!r} is not a valid ipset name part")
-    name = f"{prefix}-{peer}-v{family.value}"
-    if len(name) + len(TEMP_SUFFIX) > IPSET_NAME_MAX:
-        short = "h" + hashlib.sha256(peer.encode()).hexdigest()[:12]
-        name = f"{prefix}-{short}-v{family.value}"
-    if len(name) + len(TEMP_SUFFIX) > IPSET_NAME_MAX:
-        raise RenderError(f"ipset name {name!r} is longer than {IPSET_NAME_MAX - len(TEMP_SUFFIX)} characters")
-    return name
-
-
-def local_set_name(prefix: str, family: Family) -> str:
-    return f"{prefix}-{LOCAL_SET}-v{family.value}"
-
-
-def save_string(value: str) -> str:
-    """A string argument as ``iptables-save`` prints it: bare when [A-Za-z0-9_-]+, else quoted."""
-    if value and all(c in _UNQUOTED for c in value):
-        return value
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'")
-    return f'"{escaped}"'
-
-
-def _rule_id(rule_id: str) -> str:
-    return checked_rule_id(rule_id, "embedded in an iptables comment")
-
-
-def log_prefix(rule_id: str, action: FlowAction = FlowAction.WOULD_BLOCK) -> str:
-    """NFLOG prefix of a verdict: ``stk:pb:<rule id>`` (would-be drop), ``stk:a:``, ``stk:d:``.
-
-    xt_NFLOG keeps at most 63 characters; a longer rule id keeps its first characters and
-    ends with ``~`` and 8 hex digits of its SHA-256, so distinct rules keep distinct prefixes.
-    """
-    text = flowlog.log_prefix(action, _rule_id(rule_id))
-    if len(text) <= NFLOG_PREFIX_MAX:
-        return text
-    digest = hashlib.sha256(rule_id.encode()).hexdigest()[:8]
-    return text[: NFLOG_PREFIX_MAX - 9] + "~" + digest
 
 
 # ---- rule specs -------------------------------------------------------------------------
@@ -329,6 +291,7 @@ class _Options:
     mode: EnforcementMode
     log_group: int
     flow_log: bool = True
+    wg_interface: str = ""  # the WireGuard interface, when encrypted rules apply
 
 
 def _nflog(rule_id: str, opts: _Options, action: FlowAction = FlowAction.WOULD_BLOCK) -> str:
@@ -364,8 +327,21 @@ def _host_rule_lines(rule: HostRule, family: Family, opts: _Options) -> list[str
         raise RenderError(f"rule {rule.rule_id!r}: {exc}") from exc
     lines: list[str] = []
     for match in matches:
+        if rule.encrypt:
+            lines += _encrypted_lines(_match_text(match), peer, rule, opts)
+            continue
         lines += _verdict_rules(_rule_id(rule.rule_id), rule.action, opts, match=match, peer=peer)
     return lines
+
+
+def _encrypted_lines(match: str, peer: str, rule: HostRule, opts: _Options) -> list[str]:
+    rule_id = checked_id(rule.rule_id)
+    udp = match.startswith("-p udp")
+    logs = None
+    if opts.flow_log:  # one log per flow, not per packet, as for every rule entry
+        logs = (f"{drop_once(opts.prefix) + ' ' if udp else ''}{_nflog(rule_id, opts, FlowAction.BLOCK)}",
+                f"{UDP_ONCE + ' ' if udp else ''}{_nflog(rule_id, opts, FlowAction.ALLOW)}")
+    return encrypted_entry(match, peer, rule, f"-m comment --comment {save_string(rule_id)}", opts.wg_interface, logs)
 
 
 def _controller_lines(hp: HostPolicy, family: Family) -> list[str]:
@@ -423,6 +399,8 @@ def _flow_log(rule_id: str, action: FlowAction, opts: _Options, udp: bool) -> li
 def _entry_lines(match: str, rule: HostRule, family: Family, opts: _Options) -> list[str]:
     """One rule at one service match (``-p tcp -m tcp --dport 80``, ``""`` for any protocol):
     its flow-log line, then its verdict line, both with the peer set and the rule id."""
+    if rule.encrypt:
+        return _encrypted_lines(match, _lookup_peer(rule, family, opts), rule, opts)
     rule_id = checked_id(rule.rule_id)
     if rule.action is Action.ALLOW:
         action, target = FlowAction.ALLOW, "-j RETURN"
@@ -508,9 +486,12 @@ def _family_ruleset(hp: HostPolicy, family: Family, opts: _Options, forward: boo
             first, chains = _lookup_chains(hp, family, direction, opts)
             head.append(f"-g {first}")
             below += chains
+    peer_sets = [ipset_name(opts.prefix, n, family) for n in sorted({r.peer for r in hp.rules if r.encrypt})]
+    in_guard = input_guard(hp, opts.wg_interface, peer_sets) if opts.wg_interface else []
+    out_guard = output_guard() if opts.wg_interface else []
     chains = [
-        IptChain(names.entry(Hook.INPUT), (*_failsafe(family, "-i lo"), f"-j {names.inbound}")),
-        IptChain(names.entry(Hook.OUTPUT), (*_failsafe(family, "-o lo"), f"-j {names.outbound}")),
+        IptChain(names.entry(Hook.INPUT), (*in_guard, *_failsafe(family, "-i lo"), f"-j {names.inbound}")),
+        IptChain(names.entry(Hook.OUTPUT), (*out_guard, *_failsafe(family, "-o lo"), f"-j {names.outbound}")),
     ]
     hooks = [Hook.INPUT, Hook.OUTPUT]
     if forward:
@@ -539,13 +520,17 @@ def render_iptables(
     log_group: int = 100,
     layout: Layout = Layout.LOOKUP,
     flow_log: bool = True,
+    wg_interface: str | None = None,
 ) -> IptablesArtifact:
-    """Render ``hp`` (pure). Capabilities are checked by the backend before this runs."""
+    """Render ``hp`` (pure). Capabilities are checked by the backend before this runs.
+    ``wg_interface``: the WireGuard interface encrypted rules use (required when there are any)."""
     validate_prefix(prefix)
     validate_log_group(log_group)
     if hp.mode is EnforcementMode.IDLE:
         return IptablesArtifact(prefix, variant, hp.workload, hp.mode, False, (), ())
-    opts = _Options(prefix, hp.mode, log_group, flow_log and layout is Layout.LOOKUP)
+    encrypted = hp.wireguard is not None or any(r.encrypt for r in hp.rules)
+    wg = validate_interface(wg_interface) if encrypted else ""
+    opts = _Options(prefix, hp.mode, log_group, flow_log and layout is Layout.LOOKUP, wg)
 
     present = {(s.name, s.family) for s in hp.sets}
     for rule in hp.rules:
@@ -565,4 +550,18 @@ def render_iptables(
     if len({s.name for s in sets}) != len(sets):
         raise RenderError("duplicate ipset names")
     rulesets = tuple(_family_ruleset(hp, family, opts, forward, layout) for family in (Family.V4, Family.V6))
-    return IptablesArtifact(prefix, variant, hp.workload, hp.mode, True, tuple(sets), rulesets)
+    if not encrypted:
+        return IptablesArtifact(prefix, variant, hp.workload, hp.mode, True, tuple(sets), rulesets)
+    mangle = tuple(mangle_ruleset(hp, family, prefix, wg, _steer_matches(hp, family, opts))
+                   for family in (Family.V4, Family.V6))
+    return IptablesArtifact(prefix, variant, hp.workload, hp.mode, True, tuple(sets), rulesets, mangle,
+                            hp.wireguard, hp.local_addresses)
+
+
+def _steer_matches(hp: HostPolicy, family: Family, opts: _Options) -> list[tuple[str, str]]:
+    """(service match, peer match) of every encrypted outbound allow: the packets steered."""
+    out: list[tuple[str, str]] = []
+    for rule in encrypted_outbound(hp):
+        peer = _lookup_peer(rule, family, opts)
+        out += [(_match_text(m), peer) for m in service_matches(rule.services, family)]
+    return out

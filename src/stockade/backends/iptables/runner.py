@@ -78,8 +78,8 @@ class IptablesRunner:
         self.netns = validate_netns(netns)
 
     # ---- commands -------------------------------------------------------------------
-    def save_cmd(self, family: Family) -> Command:
-        return Command((self.variant.tool(family, "save"), "-t", "filter"))
+    def save_cmd(self, family: Family, table: str = "filter") -> Command:
+        return Command((self.variant.tool(family, "save"), "-t", table))
 
     def restore_cmd(self, family: Family, script: str) -> Command:
         # legacy: wait for the xtables lock, polling every 10 ms (the default interval is 1 s)

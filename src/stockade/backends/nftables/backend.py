@@ -57,10 +57,10 @@ from stockade.backends.nftables.runner import (
     set_members,
     without_elements,
 )
-from stockade.backends.wireguard import WireGuardDevice
-from stockade.compiler.ir import HostPolicy, SetDelta
+from stockade.backends.wireguard import Tunnel, WireGuardDevice
+from stockade.compiler.ir import HostPolicy, PeerDelta, SetDelta, WireGuardConfig
 from stockade.errors import ApplyError, RenderError
-from stockade.model.addresses import AddressRanges, Family, IPAddress
+from stockade.model.addresses import AddressRanges, Family
 
 NFTABLES_CAPABILITIES = frozenset(Capability)
 
@@ -113,7 +113,7 @@ class NftablesBackend:
         self.runner = NftRunner(netns)
         self._netlink: NftNetlink | None = None  # opened by the first netlink delta
         self.wireguard = wireguard  # the tunnel of encrypted rules (None: they fail to render)
-        self._wg_local: tuple[IPAddress, ...] | None = None  # own addresses when the tunnel was last set
+        self._tunnel = Tunnel(wireguard) if wireguard is not None else None
 
     # ---- pure ------------------------------------------------------------------------
     def render(self, host_policy: HostPolicy) -> NftablesArtifact:
@@ -130,15 +130,8 @@ class NftablesBackend:
             raise ApplyError(f"artifact is for table {artifact.table!r}, backend owns {self.table!r}")
         # the table first: its guards drop encrypted traffic outside the tunnel while it comes up
         self.runner.load(artifact.to_text())
-        if self.wireguard is not None:
-            if artifact.wireguard is not None:
-                created = self.wireguard.ensure(artifact.wireguard)
-                if not created and self._wg_local not in (None, artifact.local_addresses):
-                    # re-addressed: wireguard-go keeps sending from the source address it last used
-                    self.wireguard.refresh_endpoints(artifact.wireguard)
-                self._wg_local = artifact.local_addresses
-            elif self.wireguard.exists():
-                self.wireguard.remove()
+        if self._tunnel is not None:
+            self._tunnel.apply(artifact.wireguard, artifact.local_addresses)
 
     def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
         """Delete and add set members in one transaction; rules are not touched.
@@ -159,6 +152,12 @@ class NftablesBackend:
         else:
             self.runner.load(delta_script(self.table, changes))
 
+    def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
+        """WireGuard peers set / removed over the control socket; the ruleset is not touched."""
+        if self._tunnel is None:
+            raise ApplyError("a peer delta, but this backend has no WireGuard device")
+        self._tunnel.apply_peer_delta(old, delta)
+
     def read_back(self) -> str:
         listing = self.runner.list_table(self.table)
         # the flow-log sets fill with traffic: their elements are not part of what is compared
@@ -166,8 +165,8 @@ class NftablesBackend:
 
     def remove(self) -> None:
         self.runner.load(f"table inet {self.table}\ndelete table inet {self.table}\n")
-        if self.wireguard is not None:
-            self.wireguard.remove()
+        if self._tunnel is not None:
+            self._tunnel.remove()
 
     def flow_source(self) -> NflogFlows:
         """New connections are logged to NFLOG ``log_group`` (in ``netns``)."""
@@ -237,8 +236,8 @@ class NftablesBackend:
                 problems.append(rule_difference(chain.name, want_rules, have_chain.rules))
         for name in sorted(actual_chains):
             problems.append(f"unexpected chain {name}")
-        if expected.wireguard is not None and self.wireguard is not None:
-            problems += self.wireguard.problems(expected.wireguard)
+        if expected.wireguard is not None and self._tunnel is not None:
+            problems += self._tunnel.problems(expected.wireguard)
         return VerifyReport(tuple(problems))
 
 

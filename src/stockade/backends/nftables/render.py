@@ -526,14 +526,14 @@ def _tunnel_lines(hp: HostPolicy, opts: _Options) -> tuple[list[str], list[str],
     out_guard = [f"meta mark {sock} accept {wgc}"]
     post = [f"meta mark {steer} oifname != {wg} counter drop {enc}"]
     if hp.wireguard is not None:
+        # from the encrypted rules' peer sets (every peer is in one, by any of its addresses: a
+        # multi-homed peer's packets may leave by another one), never from a list of peers: the
+        # rules do not change when a peer does (a peer delta), and set deltas keep them current
         port = hp.wireguard.listen_port
-        for proto, version in (("ip", 4), ("ip6", 6)):
-            # from any of a peer's own addresses: a multi-homed peer's packets may leave by another one
-            eps = sorted({n.network_address for p in hp.wireguard.peers for n in p.allowed
-                          if n.version == version}, key=int)
-            if eps:
-                elems = _braced([str(e) for e in eps])
-                in_guard.append(f"{proto} saddr {elems} udp dport {port} accept {wgc}")
+        for family, proto in ((Family.V4, "ip"), (Family.V6, "ip6")):
+            for name in sorted({r.peer for r in hp.rules if r.encrypt}):
+                for kind in (SetKind.HOST, SetKind.NET):
+                    in_guard.append(f"{proto} saddr @{nft_set_name(name, family, kind)} udp dport {port} accept {wgc}")
     route = [f"meta mark {sock} accept", f"ct mark {steer} meta mark set {steer}"]
     for rule in hp.rules:
         if not (rule.encrypt and rule.action is Action.ALLOW and rule.direction is Direction.OUTBOUND):

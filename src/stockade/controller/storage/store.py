@@ -115,6 +115,15 @@ def _row(db: Session, kind: str, name: str) -> ObjectRow | None:
     return db.scalars(select(ObjectRow).where(ObjectRow.kind == kind, ObjectRow.name == name)).one_or_none()
 
 
+def names_present(db: Session, kind: str, names: list[str]) -> set[str]:
+    """Which of ``names`` exist as ``kind`` (chunked under SQLite's bound-parameter limit)."""
+    found: set[str] = set()
+    for start in range(0, len(names), 900):
+        q = select(ObjectRow.name).where(ObjectRow.kind == kind, ObjectRow.name.in_(names[start : start + 900]))
+        found.update(db.scalars(q))
+    return found
+
+
 def _stored(row: ObjectRow) -> StoredObject:
     return StoredObject(row.kind, row.name, row.revision, row.body, row.updated_at)
 

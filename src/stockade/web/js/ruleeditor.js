@@ -1,5 +1,6 @@
 // The rule editor shared by rulesets (allow rules) and deny rules: consumers and providers
-// as label pickers, a services picker, and a plain-language summary of what the rule allows.
+// as label pickers, a services picker, the allow's encryption (WireGuard), and a
+// plain-language summary of what the rule allows.
 
 import { h, icon, uid, replace } from "./dom.js";
 import { SelectorListEditor, servicesPicker } from "./selectors.js";
@@ -17,7 +18,7 @@ export function reindex(el, prefix, index) {
  * One rule. ``base`` is its API path ("rules.0" for a ruleset's rule, "" for a deny rule).
  * Returns {el, value(), setIndex(i), focus()}.
  */
-export function ruleEditor({ data, rule = {}, base, title, kind = "allow", onRemove }) {
+export function ruleEditor({ data, rule = {}, base, title, kind = "allow", onRemove, rulesetEncrypts = () => false }) {
   const p = (f) => (base ? `${base}.${f}` : f);
   const sentence = h("p", { class: "rule-sentence", "aria-live": "polite" });
   const update = () => {
@@ -28,7 +29,10 @@ export function ruleEditor({ data, rule = {}, base, title, kind = "allow", onRem
     replace(sentence, h("span", { class: "muted" }, "In words: "), selectorList(c, "(no consumer yet)"),
       kind === "allow" && scopeSel.value === "intra" && c.length ? h("span", { class: "muted" }, " within the scope") : null,
       ` ${verb} `, selectorList(pr, "(no provider yet)"), " on ",
-      s.length ? h("span", { class: "chips" }, s.map((n) => serviceChip(n))) : h("span", { class: "muted" }, "(no service yet)"));
+      s.length ? h("span", { class: "chips" }, s.map((n) => serviceChip(n))) : h("span", { class: "muted" }, "(no service yet)"),
+      kind === "allow" && (encrypt.checked || rulesetEncrypts())
+        ? h("span", { class: "encrypted", "data-role": "rule-encrypted" }, ", ", icon("lock"), " encrypted (WireGuard): the same traffic in the clear is dropped")
+        : null);
   };
   const consumersId = uid("lbl");
   const providersId = uid("lbl");
@@ -40,6 +44,8 @@ export function ruleEditor({ data, rule = {}, base, title, kind = "allow", onRem
     h("option", { value: "intra", selected: (rule.consumers_scope || "intra") === "intra" }, "inside the ruleset's scope"),
     h("option", { value: "global", selected: rule.consumers_scope === "global" }, "anywhere (extra-scope)"));
   scopeSel.addEventListener("change", update);
+  const encrypt = h("input", { type: "checkbox", checked: Boolean(rule.encrypt), "data-field": p("encrypt") });
+  encrypt.addEventListener("change", update);
   const override = h("input", { type: "checkbox", checked: Boolean(rule.override), "data-field": p("override") });
   override.addEventListener("change", update);
   const descId = uid("f");
@@ -49,6 +55,9 @@ export function ruleEditor({ data, rule = {}, base, title, kind = "allow", onRem
     h("div", {}, consumers.el, kind === "allow" ? h("div", { class: "inline" }, h("span", { class: "muted" }, "Consumers are"), scopeSel) : null),
     h("div", { class: "rg-label", id: providersId }, "Providers"), h("div", {}, providers.el),
     h("div", { class: "rg-label", id: servicesId }, "Services"), h("div", { "data-field": p("services") }, services.el),
+    kind === "allow" ? h("div", { class: "rg-label" }, "Encryption") : null,
+    kind === "allow" ? h("div", {}, h("label", { class: "check" }, encrypt,
+      "Encrypt: only through WireGuard between the two workloads (both need a registered key); the same traffic in the clear is dropped")) : null,
     kind === "deny" ? h("div", { class: "rg-label" }, "Override") : null,
     kind === "deny" ? h("div", {}, h("label", { class: "check" }, override, "Override deny: absolute, no allow rule can cross it")) : null,
     h("label", { class: "rg-label", for: descId }, "Note"), h("div", {}, desc));
@@ -63,7 +72,7 @@ export function ruleEditor({ data, rule = {}, base, title, kind = "allow", onRem
     el,
     value() {
       const out = { consumers: consumers.value(), providers: providers.value(), services: [...services.values], description: desc.value };
-      if (kind === "allow") out.consumers_scope = scopeSel.value;
+      if (kind === "allow") { out.consumers_scope = scopeSel.value; if (encrypt.checked) out.encrypt = true; }
       else out.override = override.checked;
       return out;
     },
@@ -76,5 +85,6 @@ export function ruleEditor({ data, rule = {}, base, title, kind = "allow", onRem
       if (newTitle) { el.setAttribute("aria-label", newTitle); const t = el.querySelector("h3"); if (t) t.textContent = newTitle; }
     },
     focus() { consumers.focus(); },
+    refresh: update,
   };
 }

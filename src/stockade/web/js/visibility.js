@@ -6,7 +6,7 @@
 //   map:  {nodes: [{id, kind, name, labels, workloads, clusterKey}], edges: [{src, dst, connections, count, mix, services}]}
 //   flow: {id, src, dst, srcName, dstName, service, verdict, active, draft, count, rules, firstSeen, lastSeen}
 
-import { h, table, formatTime } from "./dom.js";
+import { h, icon, table, formatTime } from "./dom.js";
 import * as api from "./api.js";
 import { normVerdict, verdictBadge } from "./verdicts.js";
 import { ipListChip } from "./labels.js";
@@ -110,8 +110,8 @@ async function inventoryMap(view) {
 // ---- flows ----------------------------------------------------------------------------------------
 function rulesOf(x) {
   const out = [];
-  if (x.outbound) out.push({ side: "out", workload: x.outbound.workload, action: x.outbound.action, rule: x.outbound.rule_id });
-  if (x.inbound) out.push({ side: "in", workload: x.inbound.workload, action: x.inbound.action, rule: x.inbound.rule_id });
+  if (x.outbound) out.push({ side: "out", workload: x.outbound.workload, action: x.outbound.action, rule: x.outbound.rule_id, encrypted: Boolean(x.outbound.encrypted) });
+  if (x.inbound) out.push({ side: "in", workload: x.inbound.workload, action: x.inbound.action, rule: x.inbound.rule_id, encrypted: Boolean(x.inbound.encrypted) });
   return out;
 }
 
@@ -121,8 +121,14 @@ function explainedFlow(x) {
     id: "", src: x.flow.src.ip, dst: x.flow.dst.ip, srcName: x.flow.src.workload || "", dstName: x.flow.dst.workload || "",
     srcList: x.flow.src.ip_list || "", dstList: x.flow.dst.ip_list || "", service: x.flow.service,
     verdict: normVerdict(x.reported || x.verdict), active: normVerdict(x.verdict), draft: null,
-    count: x.count, rules: rulesOf(x),
+    count: x.count, rules: rulesOf(x), encrypted: Boolean(x.encrypted), encryptedBy: x.encrypted_by || "",
   };
+}
+
+/** "Encrypted (WireGuard) by <rule>": what the policy says about an allowed connection. */
+export function encryptedBadge(by = "") {
+  return h("span", { class: "encrypted", "data-role": "encrypted" }, icon("lock"), " encrypted (WireGuard)",
+    by ? h("span", { class: "muted" }, " by ") : null, by ? ruleLink(by) : null);
 }
 
 /** A recorded flow summary (Explorer) -> flow. */
@@ -203,7 +209,7 @@ export function ruleLink(ruleId) {
 function rulesCell(f) {
   if (!f.rules || !f.rules.length) return h("span", { class: "muted" }, "—");
   return h("ul", { class: "plain" }, f.rules.map((r) => h("li", {}, h("span", { class: "muted" }, r.side === "out" ? "at source: " : "at destination: "),
-    ruleLink(r.rule), r.action ? h("span", { class: "muted" }, ` (${r.action})`) : null)));
+    ruleLink(r.rule), r.action ? h("span", { class: "muted" }, ` (${r.action}${r.encrypted ? ", encrypted" : ""})`) : null)));
 }
 
 /** A workload (linked), or the IP list an unmanaged address falls in, then the address. */
@@ -220,7 +226,7 @@ export function flowsTable(flows, { draft = false, explorer = false, onExplain }
     { title: "To", cell: (f) => endpointCell(f.dstName, f.dst, f.dstList) },
     { title: "Service", cell: (f) => h("span", { class: "mono" }, f.service) },
     { title: "Reported", cell: (f) => verdictBadge(f.verdict) },
-    explorer ? null : { title: "Active policy", cell: (f) => (f.active ? verdictBadge(f.active) : "—") },
+    explorer ? null : { title: "Active policy", cell: (f) => (f.active ? h("span", {}, verdictBadge(f.active), f.encrypted ? " " : null, f.encrypted ? encryptedBadge() : null) : "—") },
     draft ? { title: "Draft", cell: (f) => (f.draft ? verdictBadge(f.draft) : "—") } : null,
     { title: explorer ? "Rule (as reported)" : "Deciding rules (active policy)", cell: rulesCell },
     { title: "Seen", class: "num", cell: (f) => String(f.count) },

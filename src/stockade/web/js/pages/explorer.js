@@ -5,7 +5,7 @@
 import { h, add, replace, uid, toast, table } from "../dom.js";
 import { refdata } from "../refdata.js";
 import { labelFilterPicker } from "../selectors.js";
-import { queryFlows, flowsTable, route, exportHref, explainFlow, ruleLink, windowParams } from "../visibility.js";
+import { queryFlows, flowsTable, route, exportHref, explainFlow, ruleLink, windowParams, encryptedBadge } from "../visibility.js";
 import { VERDICTS, verdictBadge } from "../verdicts.js";
 
 const WINDOWS = [["1h", "Last hour"], ["24h", "Last 24 hours"], ["version", "Since the active version"], ["all", "Everything stored"]];
@@ -65,11 +65,12 @@ export async function render(view, ctx) {
       const x = await explainFlow(f.id);
       replace(why, h("section", { class: "panel", "aria-labelledby": "why-h" },
         h("h2", { id: "why-h" }, `Why: ${f.srcName || f.src} → ${f.dstName || f.dst} on ${f.service}`),
-        h("p", {}, "Reported: ", verdictBadge(x.verdict), " · the active policy now: ", verdictBadge(x.active)),
+        h("p", {}, "Reported: ", verdictBadge(x.verdict), " · the active policy now: ", verdictBadge(x.active),
+          x.encrypted ? " · " : null, x.encrypted ? encryptedBadge(x.encryptedBy) : null),
         table([
           { title: "Side", cell: (r) => (r.side === "out" ? "at the source" : "at the destination") },
           { title: "Workload", cell: (r) => r.workload },
-          { title: "Action", cell: (r) => r.action },
+          { title: "Action", cell: (r) => r.action + (r.encrypted ? ", encrypted (WireGuard)" : "") },
           { title: "Deciding rule", cell: (r) => ruleLink(r.rule) },
         ], x.rules, { caption: "Deciding rules", empty: "Neither end is a managed workload." })));
       why.querySelector("h2").setAttribute("tabindex", "-1");

@@ -12,7 +12,7 @@ import { h, add, icon, replace, announce, table, uid, toast } from "../dom.js";
 import * as api from "../api.js";
 import { labelChips, selectorList, serviceChip } from "../labels.js";
 import { MapView } from "../mapview.js";
-import { loadMap, edgeFlows, flowsTable, route, loadSuggestions, acceptSuggestions } from "../visibility.js";
+import { loadMap, edgeFlows, flowsTable, route, loadSuggestions, acceptSuggestions, encryptedBadge } from "../visibility.js";
 import { VERDICTS, verdictBadge, mixBadges, mixWorst } from "../verdicts.js";
 import { invalidate } from "../refdata.js";
 
@@ -135,6 +135,9 @@ export async function render(view, ctx) {
     try {
       const flows = await edgeFlows(e, current, windowName);
       replace(flowsBox, flows ? flowsTable(flows, { draft: current === "draft" }) : h("p", { class: "muted" }, "Flow drill-down needs the visibility API."));
+      const enc = (flows || []).filter((f) => f.encrypted).length;
+      if (enc) side.append(h("p", { "data-role": "edge-encrypted" }, encryptedBadge(),
+        h("span", { class: "muted" }, ` ${enc} of ${flows.length} connection${flows.length === 1 ? "" : "s"}: the policy says encrypt`)));
     } catch (err) { replace(flowsBox, h("p", { class: "notice error" }, err.message)); }
   };
 

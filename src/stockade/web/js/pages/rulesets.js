@@ -20,8 +20,18 @@ export async function render(view, ctx) {
       { title: "Ruleset", cell: (r) => h("a", { href: `#/rulesets/${encodeURIComponent(r.name)}` }, r.name) },
       { title: "Scope", cell: (r) => selectorList(r.body.scope, "(no scope)") },
       { title: "Rules", class: "num", cell: (r) => String(r.body.rules.length) },
+      { title: "Encryption", cell: encryptionCell },
       { title: "Description", cell: (r) => r.body.description || "" },
     ], items, { caption: "Rulesets", empty: "No ruleset in the draft yet." }));
+}
+
+/** Which rules of a ruleset say encrypt: "every rule", "rules 1, 3", or nothing. */
+function encryptionCell(r) {
+  const rules = r.body.rules || [];
+  const which = rules.map((x, i) => (r.body.encrypt || x.encrypt ? i + 1 : 0)).filter(Boolean);
+  if (!which.length) return h("span", { class: "muted" }, "—");
+  const text = r.body.encrypt ? "every rule" : `rule${which.length === 1 ? "" : "s"} ${which.join(", ")}`;
+  return h("span", { class: "encrypted", "data-role": "ruleset-encrypted" }, icon("lock"), ` WireGuard: ${text}`);
 }
 
 async function renderEditor(view, ctx, name) {
@@ -42,25 +52,29 @@ async function renderEditor(view, ctx, name) {
     allWarning: "All workloads: this ruleset governs every workload, including workloads enrolled later, in every app and environment." });
   scope.el.setAttribute("aria-labelledby", scopeLabel);
 
+  const encryptAll = h("input", { type: "checkbox", checked: Boolean(body.encrypt), "data-field": "encrypt" });
   const rulesBox = h("div", {});
   const rules = [];
   const title = (i) => `Rule ${i + 1}`;
   const renumber = () => rules.forEach((r, i) => r.setIndex(i, title(i)));
   const addRule = (rule) => {
     const i = rules.length;
-    const ed = ruleEditor({ data, rule, base: `rules.${i}`, title: title(i), kind: "allow",
+    const ed = ruleEditor({ data, rule, base: `rules.${i}`, title: title(i), kind: "allow", rulesetEncrypts: () => encryptAll.checked,
       onRemove: () => { rules.splice(rules.indexOf(ed), 1); ed.el.remove(); renumber(); } });
     rules.push(ed);
     rulesBox.append(ed.el);
     return ed;
   };
   body.rules.forEach(addRule);
+  encryptAll.addEventListener("change", () => rules.forEach((r) => r.refresh()));
 
   const save = h("button", { type: "submit", class: "primary" }, name ? "Save to draft" : "Create in draft");
   const after = h("span", { class: "muted", role: "status" });
   const form = h("form", { novalidate: true, "aria-label": "Ruleset" },
     h("div", { class: "panel" }, nameF.el, descF.el,
-      h("div", { class: "field" }, h("span", { id: scopeLabel, class: "label" }, h("strong", {}, "Scope")), scope.el)),
+      h("div", { class: "field" }, h("span", { id: scopeLabel, class: "label" }, h("strong", {}, "Scope")), scope.el),
+      h("div", { class: "field" }, h("label", { class: "check" }, encryptAll,
+        "Encrypt every rule of this ruleset (WireGuard between the two workloads; the same traffic in the clear is dropped)"))),
     h("h2", {}, "Allow rules"),
     rulesBox,
     h("button", { type: "button", onclick: () => addRule({}).focus() }, icon("plus"), "Add a rule"),
@@ -72,6 +86,7 @@ async function renderEditor(view, ctx, name) {
       scope: scope.value(),
       rules: rules.map((r) => r.value()),
       description: descF.input.value,
+      ...(encryptAll.checked ? { encrypt: true } : {}),
     };
     const res = await submitWith(form, save, () => (name
       ? api.request("PUT", `/rulesets/${api.enc(name)}`, { body: out, etag })

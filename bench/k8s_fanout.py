@@ -1,0 +1,325 @@
+"""Kubernetes pod-churn fan-out (issue 15): pods on simulated nodes, creates/deletes -> every affected node acked.
+
+The real controller (one uvicorn process, SQLite, as in bench/controller.py) and one client
+process simulating the node agents: every pod has its own agent identity and long-poll, exactly as
+a real node agent runs one agent runtime per pod (``stockade k8s node-agent``); pod ``i`` lives on
+node ``i mod --nodes``. Each simulated pod agent long-polls ``/policy/wait?include_policy=true``
+and acknowledges every revision on its next long-poll, as the real agent does (no kernel: the
+per-namespace cost is bench/k8s.py's).
+
+Estate (Kubernetes-shaped): namespaces ("apps") of 10 pods, 5 ``role=web`` and 5 ``role=db``, a
+ruleset per namespace (web -> db 5432/tcp, intra-namespace), plus one cluster-wide ruleset
+(``role=monitor`` -> every pod, 22/tcp; no monitor pod, so it adds rules but no fan-out).
+
+Churn: ``--rate`` pod events per second (creates and deletes alternate, each in a random namespace)
+written through the controller API the way the cluster sync writes them: every event gathered while
+the previous write was under way as one ``POST /workloads/batch`` (``--writes single``: one ``POST
+/workloads`` / ``DELETE /workloads/NAME`` per pod, 8 in flight). One event's fan-out is the pods of
+the other role in its namespace; an affected pod has acknowledged the event when its long-poll
+brings a policy with the address added (create) or gone (delete). A node has acknowledged when all
+its affected pods have; timed from just before the API call:
+
+* per event: until every affected node acknowledged (p50 / p99; goal p99 <= 1 s);
+* per (event, node): until that node acknowledged.
+
+    python bench/k8s_fanout.py --pods 1000 --nodes 10 --seconds 20     # quick (~1-2 min)
+    python bench/k8s_fanout.py                                          # 10,000 pods, 100 nodes, 100 events/s
+
+Prints the load average: on a shared 2-core machine both processes wait for a core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from controller import (
+    APP_SIZE,
+    Agent,
+    Conn,
+    _converged,
+    _enrol,
+    _free_port,
+    _owner_key,
+    _raise_nofile,
+    _setup_policy,
+    cpu_seconds,
+    pct,
+    rss_mib,
+)
+
+CONTROLLER = Path(__file__).resolve().parent / "controller.py"
+
+
+@dataclass
+class Pending:
+    """Churn addresses whose arrival (create) or removal (delete) the pod agents are watching for."""
+
+    adds: set[str] = field(default_factory=set)
+    dels: set[str] = field(default_factory=set)
+    seen: dict[tuple[str, str, int], float] = field(default_factory=dict)  # (addr, kind, pod) -> first seen
+
+
+def _record(pending: Pending, pod: int, pol: dict[str, Any], now: float) -> None:
+    if pol["full"] is not None:
+        text = json.dumps(pol["full"])
+        for addr in pending.adds:
+            if addr + "/32" in text:
+                pending.seen.setdefault((addr, "add", pod), now)
+        for addr in pending.dels:
+            if addr + "/32" not in text:
+                pending.seen.setdefault((addr, "del", pod), now)
+        return
+    for d in pol["set_deltas"]:
+        for net in d["added"]:
+            pending.seen.setdefault((net.split("/")[0], "add", pod), now)
+        for net in d["removed"]:
+            pending.seen.setdefault((net.split("/")[0], "del", pod), now)
+
+
+async def pod_agent(a: Agent, port: int, pending: Pending, stop: asyncio.Event) -> None:
+    """One simulated pod agent: long-poll with the policy, acknowledge on the next long-poll."""
+    poll = Conn(port)
+    base = f"/api/v1/agents/{a.agent_id}"
+    next_beat = time.monotonic() + 15.0 * (a.index % 100) / 100
+    while not stop.is_set():
+        try:
+            timeout = max(0.5, min(20.0, next_beat - time.monotonic()))
+            query = f"after={a.applied}&applied={a.applied}&timeout={timeout:.1f}&include_policy=true"
+            status, got = await poll.request("GET", f"{base}/policy/wait?{query}", a.token)
+            if status != 200:
+                a.errors += 1
+                await asyncio.sleep(1)
+                continue
+            if got["changed"]:
+                pol = got["policy"]
+                if pol["full"] is None and pol["base"] != a.applied:
+                    a.errors += 1
+                a.applied = pol["revision"]
+                _record(pending, a.index, pol, time.perf_counter())
+            if time.monotonic() >= next_beat:
+                await poll.request("POST", f"{base}/heartbeat", a.token, {})
+                next_beat = time.monotonic() + 15.0
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            a.errors += 1
+            await asyncio.sleep(0.5)
+    poll.close()
+
+
+@dataclass(frozen=True)
+class Event:
+    addr: str
+    kind: str  # "add" | "del"
+    t0: float
+    affected: tuple[int, ...]  # pod indexes
+
+
+async def run(port: int, password: str, pods: int, nodes: int, rate: float, seconds: float,
+              pid: int, batched: bool) -> dict[str, Any]:
+    admin = Conn(port)
+    key = await _owner_key(port, password)
+    t = time.perf_counter()
+    await _setup_policy(admin, key, pods)
+    agents = await _enrol([port], key, pods)
+    setup_s = time.perf_counter() - t
+    pending, stop = Pending(), asyncio.Event()
+    tasks = [asyncio.create_task(pod_agent(a, port, pending, stop)) for a in agents]
+    await _converged(admin, key, pods, 900)
+    apps = max(1, pods // APP_SIZE)
+    # pod i: app (i // APP_SIZE) % apps, role web when i is odd (bench/controller.py's _enrol)
+    by_app_role: dict[tuple[int, str], list[int]] = {}
+    for a in agents:
+        by_app_role.setdefault(((a.index // APP_SIZE) % apps, "web" if a.index % 2 else "db"), []).append(a.index)
+    rng = random.Random(15)
+    events: list[Event] = []
+    live: list[tuple[str, str, int, str]] = []  # (name, addr, app, role) of churn pods the controller has
+    queued: list[tuple[str, dict[str, Any] | None, str, int, str, float]] = []  # name, body, addr, app, role, t0
+    api_ms: list[float] = []
+    calls = 0
+    counter = 0
+    cpu0 = cpu_seconds([pid])
+
+    def make_event(i: int) -> None:
+        """The pod event of step ``i`` (the API server's): a create, or a delete of a created pod."""
+        nonlocal counter
+        if i % 2 == 0 or not live:
+            counter += 1
+            app, role = rng.randrange(apps), rng.choice(("web", "db"))
+            name = f"churn-{counter}"
+            addr = f"10.{200 + (counter >> 16) % 50}.{(counter >> 8) & 255}.{counter & 255}"
+            body: dict[str, Any] | None = {"name": name, "labels": {"app": f"app-{app}", "role": role},
+                                           "interfaces": [{"name": "eth0", "addresses": [addr]}], "mode": "full",
+                                           "description": "bench pod"}
+            pending.adds.add(addr)
+        else:
+            name, addr, app, role = live.pop(0)
+            body = None
+            pending.dels.add(addr)
+        queued.append((name, body, addr, app, role, time.perf_counter()))
+
+    def done(batch: list[tuple[str, dict[str, Any] | None, str, int, str, float]]) -> None:
+        for name, body, addr, app, role, t0 in batch:
+            other = "db" if role == "web" else "web"
+            events.append(Event(addr, "add" if body else "del", t0, tuple(by_app_role.get((app, other), ()))))
+            if body is not None:
+                live.append((name, addr, app, role))  # deletable once the controller has it
+
+    async def write(conn: Conn, batch: list[tuple[str, dict[str, Any] | None, str, int, str, float]]) -> None:
+        nonlocal calls
+        t = time.perf_counter()
+        if len(batch) == 1 or not batched:
+            name, body, *_ = batch[0]
+            method, path = ("POST", "/api/v1/workloads") if body else ("DELETE", f"/api/v1/workloads/{name}")
+            status, got = await conn.request(method, path, key, body)
+        else:
+            status, got = await conn.request("POST", "/api/v1/workloads/batch", key, {
+                "upsert": [b for _n, b, *_ in batch if b], "delete": [n for n, b, *_ in batch if not b]})
+        assert status in (200, 201, 204), (status, got)
+        calls += 1
+        api_ms.append((time.perf_counter() - t) * 1000)
+        done(batch)
+
+    async def sync_worker(conn: Conn, stop_when_empty: asyncio.Event) -> None:
+        """As the cluster sync does: take every change gathered so far, write it, repeat."""
+        while not (stop_when_empty.is_set() and not queued):
+            if not queued:
+                await asyncio.sleep(0.002)
+                continue
+            if batched:
+                batch = queued[:1000]
+                del queued[:1000]
+            else:
+                batch = [queued.pop(0)]
+            await write(conn, batch)
+
+    produced = asyncio.Event()
+    workers = [asyncio.create_task(sync_worker(Conn(port), produced)) for _ in range(1 if batched else 8)]
+    started = time.perf_counter()
+    i = 0
+    while time.perf_counter() - started < seconds:
+        due = started + i / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        make_event(i)
+        i += 1
+    produced.set()
+    await asyncio.gather(*workers)
+    churn_s = time.perf_counter() - started
+    deadline = time.monotonic() + 60
+    node_lat: list[float] = []
+    event_lat: list[float] = []
+    missing = 0
+    while time.monotonic() < deadline:
+        if all((e.addr, e.kind, p) in pending.seen for e in events for p in e.affected):
+            break
+        await asyncio.sleep(0.2)
+    fan: list[int] = []
+    for e in events:
+        per_node: dict[int, float] = {}
+        ok = True
+        for p in e.affected:
+            seen = pending.seen.get((e.addr, e.kind, p))
+            if seen is None:
+                ok = False
+                continue
+            per_node[p % nodes] = max(per_node.get(p % nodes, 0.0), seen - e.t0)
+        if not ok:
+            missing += 1
+            continue
+        fan.append(len(per_node))
+        node_lat += per_node.values()
+        if per_node:
+            event_lat.append(max(per_node.values()))
+    cpu = cpu_seconds([pid]) - cpu0
+    stop.set()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    admin.close()
+    return {
+        "pods": pods, "nodes": nodes, "setup_s": setup_s, "events": len(events), "rate": len(events) / churn_s,
+        "event_p50_ms": 1000 * pct(event_lat, 50), "event_p99_ms": 1000 * pct(event_lat, 99),
+        "event_max_ms": 1000 * max(event_lat, default=float("nan")),
+        "node_p50_ms": 1000 * pct(node_lat, 50), "node_p99_ms": 1000 * pct(node_lat, 99),
+        "api_p50_ms": pct(api_ms, 50), "api_p99_ms": pct(api_ms, 99), "calls": calls,
+        "writes": "batch" if batched else "single",
+        "fanout_nodes": sum(fan) / max(1, len(fan)), "missing": missing,
+        "controller_cpu_pct": 100 * cpu / churn_s, "controller_rss_mib": rss_mib(pid),
+        "agent_errors": sum(a.errors for a in agents), "load": os.getloadavg()[0],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pods", type=int, default=10_000)
+    ap.add_argument("--nodes", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=100.0, help="pod events per second (creates and deletes alternate)")
+    ap.add_argument("--seconds", type=float, default=30.0, help="how long the churn runs")
+    ap.add_argument("--writes", choices=("batch", "single"), default="batch",
+                    help="batch: one POST /workloads/batch of every event gathered meanwhile (the sync's way); "
+                         "single: one call per event, 8 in flight")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    _raise_nofile()
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="stockade-fanout-"))
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, str(CONTROLLER), "--serve", f"sqlite:///{tmp / 'stockade.db'}",
+                               str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        cred = json.loads(server.stdout.readline())
+        for _ in range(400):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        import uvloop
+
+        r = uvloop.run(run(port, cred["password"], args.pods, args.nodes, args.rate, args.seconds, server.pid,
+                               args.writes == "batch"))
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(r), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(r, indent=1))
+    print()
+    print(f"| pod churn, {r['pods']:,} pods on {r['nodes']} simulated nodes | value |")
+    print("|---|---|")
+    print(f"| events (creates + deletes) / achieved rate | {r['events']} / {r['rate']:.0f} per s |")
+    print(f"| API event -> every affected node acknowledged, p50 / p99 / max | "
+          f"{r['event_p50_ms']:.0f} / {r['event_p99_ms']:.0f} / {r['event_max_ms']:.0f} ms |")
+    print(f"| API event -> one affected node acknowledged, p50 / p99 | "
+          f"{r['node_p50_ms']:.0f} / {r['node_p99_ms']:.0f} ms |")
+    print(f"| affected nodes per event (mean) | {r['fanout_nodes']:.1f} |")
+    print(f"| controller writes ({r['writes']}): calls, API call p50 / p99 | {r['calls']}, "
+          f"{r['api_p50_ms']:.0f} / {r['api_p99_ms']:.0f} ms |")
+    print(f"| controller CPU during churn / RSS | {r['controller_cpu_pct']:.0f} % / "
+          f"{r['controller_rss_mib']:.0f} MiB |")
+    print(f"| events not acknowledged by every affected pod within 60 s / agent errors | "
+          f"{r['missing']} / {r['agent_errors']} |")
+    print(f"| setup (policy + {r['pods']:,} pod agents enrolled) | {r['setup_s']:.0f} s |")
+    print(f"| load average at the end | {r['load']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

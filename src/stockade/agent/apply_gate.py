@@ -1,0 +1,153 @@
+"""One admission gate for the applies of many agent runtimes sharing a process (the Kubernetes node agent).
+
+A node agent runs one agent runtime per pod (issue 15). When a pod comes or goes, about half the
+other pods' peer sets change, and at 110 pods every churn second asked for a few hundred set-delta
+applies, read-backs and proofs at once, all in one process on one node's cores. A new pod's first
+apply queued behind them (6.5 s p50 from its IP in the API to its table in force). Those pods were
+already protected by the sets in force: a late delta only delays a new peer's *allow* (or keeps a
+gone peer's address a little longer, which the address's new owner, a pod, cannot use before its
+own first apply either); a new pod waits at default-deny (the CNI's table) until its first apply.
+So the gate gives the work three classes and admits them in this order:
+
+* ``FIRST``  a runtime's first policy (nothing of its own in force yet): admitted whenever fewer
+  than ``first_slots`` first applies are running, never behind a delta or a proof;
+* ``DELTA``  any later update of a runtime already enforcing: admitted only while no first apply
+  is waiting or running, at most ``slots`` at once, oldest first;
+* ``PROOF``  a background proof (kernel == policy): after every waiting delta.
+
+A node agent also *holds* the gate while it starts a pod (finds and pins its namespace, obtains its
+credential, starts its runtime, until the first apply): deltas and proofs wait then too, so the new
+pod has the node's cores. No work starves: a delta or proof that has waited ``max_defer`` seconds
+enters despite first applies and holds (still within ``slots``).
+
+A runtime that had to queue drops the update its long-poll brought and fetches from what it has in
+force when admitted, so every revision published while it waited is applied as one step (one
+netlink batch, one read-back, one acknowledgement): deltas coalesce per runtime instead of queueing
+one apply per revision. Nothing here changes what is enforced, only when; the tamper read-back is
+not gated (restoring a tampered table is never delayed).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class Priority(IntEnum):
+    FIRST = 0
+    DELTA = 1
+    PROOF = 2
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a caller learns when admitted: whether it had to queue, and for how long."""
+
+    priority: Priority
+    queued: bool
+    waited: float
+
+
+@dataclass
+class GateStats:
+    admitted: dict[Priority, int] = field(default_factory=lambda: dict.fromkeys(Priority, 0))
+    queued: dict[Priority, int] = field(default_factory=lambda: dict.fromkeys(Priority, 0))
+    order: list[Priority] = field(default_factory=list)  # the last admissions, oldest first (tests)
+
+
+class ApplyGate:
+    """Priority admission of applies and proofs across agent runtimes (see the module docstring)."""
+
+    ORDER_KEPT = 1000
+
+    def __init__(self, slots: int = 2, first_slots: int = 8, max_defer: float = 1.0) -> None:
+        if slots < 1 or first_slots < 1:
+            raise ValueError("an apply gate needs at least one slot of each kind")
+        self.slots = slots
+        self.first_slots = first_slots
+        self.max_defer = max_defer
+        self._holds = 0  # pods being started (see hold())
+        self._since: dict[tuple[int, int], float] = {}  # ticket -> when it began to wait
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[int, int]] = []  # heap of (priority, arrival)
+        self._seq = itertools.count()
+        self._firsts = 0  # first applies running
+        self._background = 0  # deltas and proofs running
+        self.stats = GateStats()
+
+    def waiting(self) -> int:
+        """How many are queued now."""
+        with self._cond:
+            return len(self._waiting)
+
+    def _may_enter(self, ticket: tuple[int, int]) -> bool:
+        if self._waiting[0] != ticket:
+            return False  # a higher class, or an older ticket of the same one, goes first
+        if ticket[0] == Priority.FIRST:
+            return self._firsts < self.first_slots
+        if self._background >= self.slots:
+            return False
+        return (self._firsts == 0 and self._holds == 0) or time.monotonic() - self._since[ticket] >= self.max_defer
+
+    def begin_hold(self) -> None:
+        """Keep deltas and proofs back (each up to ``max_defer``) until :meth:`end_hold`: a pod is
+        starting. Begin and end may be called from different threads."""
+        with self._cond:
+            self._holds += 1
+
+    def end_hold(self) -> None:
+        with self._cond:
+            self._holds -= 1
+            self._cond.notify_all()
+
+    @contextmanager
+    def admit(self, priority: Priority, stop: threading.Event | None = None) -> Iterator[Admission | None]:
+        """Hold a place of ``priority`` for the ``with`` block; None (nothing held) when ``stop`` is set
+        while waiting, so a stopping runtime never blocks in the queue."""
+        started = time.monotonic()
+        ticket = (int(priority), next(self._seq))
+        queued = admitted = False
+        with self._cond:
+            heapq.heappush(self._waiting, ticket)
+            self._since[ticket] = started
+            while not self._may_enter(ticket):
+                queued = True
+                if stop is not None and stop.is_set():
+                    self._waiting.remove(ticket)
+                    heapq.heapify(self._waiting)
+                    del self._since[ticket]
+                    self._cond.notify_all()
+                    break
+                # wake to re-check: a stop, and a deferred delta's max_defer running out
+                self._cond.wait(0.05 if stop is not None or ticket[0] != Priority.FIRST else None)
+            else:
+                heapq.heappop(self._waiting)
+                del self._since[ticket]
+                if priority is Priority.FIRST:
+                    self._firsts += 1
+                else:
+                    self._background += 1
+                self.stats.admitted[priority] += 1
+                self.stats.queued[priority] += queued
+                self.stats.order.append(priority)
+                del self.stats.order[: -self.ORDER_KEPT]
+                self._cond.notify_all()  # the next ticket may enter too (another free slot)
+                admitted = True
+        if not admitted:
+            yield None
+            return
+        try:
+            yield Admission(priority, queued, time.monotonic() - started)
+        finally:
+            with self._cond:
+                if priority is Priority.FIRST:
+                    self._firsts -= 1
+                else:
+                    self._background -= 1
+                self._cond.notify_all()

@@ -1,0 +1,171 @@
+"""The node-wide apply gate (issue 15): first applies go ahead of deltas, queued deltas coalesce.
+
+The gate on its own (admission order, slots, stop while waiting), then agent runtimes sharing one
+over the in-memory controller and firewall: a pod's first policy is applied while other pods'
+deltas wait, and a pod whose delta queued applies every revision published meanwhile as ONE delta
+(one fetch from what it has in force, one apply, one acknowledgement of the newest revision).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from stockade.agent.agent import Agent
+from stockade.agent.apply_gate import ApplyGate, Priority
+from stockade.agent.enforcer import Enforcer
+from stockade.agent.fake import FakeController, FakeControllerClient, MemoryBackend, wait_until
+from stockade.agent.state import StateDir
+from tests.unit.test_agent_core import host_policy
+from tests.unit.test_agent_loop import HOST, OPTIONS
+
+
+def _enter(gate: ApplyGate, priority: Priority, entered: list[Priority], release: threading.Event,
+           stop: threading.Event | None = None) -> threading.Thread:
+    def run() -> None:
+        with gate.admit(priority, stop) as adm:
+            if adm is None:
+                return
+            entered.append(priority)
+            release.wait(5)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_first_applies_go_ahead_of_queued_deltas_and_proofs() -> None:
+    gate = ApplyGate(slots=1, first_slots=2, max_defer=30)
+    entered: list[Priority] = []
+    hold, release = threading.Event(), threading.Event()
+    busy = _enter(gate, Priority.DELTA, entered, hold)  # the one background slot is taken
+    assert wait_until(lambda: entered == [Priority.DELTA])
+    waiters = [_enter(gate, Priority.PROOF, entered, release)]
+    assert wait_until(lambda: gate.waiting() == 1)
+    waiters.append(_enter(gate, Priority.DELTA, entered, release))
+    assert wait_until(lambda: gate.waiting() == 2)
+    # a first apply does not wait for the busy delta slot nor behind the queued delta and proof
+    waiters.append(_enter(gate, Priority.FIRST, entered, release))
+    assert wait_until(lambda: entered == [Priority.DELTA, Priority.FIRST])
+    hold.set()  # the running delta ends; the queued delta may not start while the first apply runs
+    busy.join(5)
+    assert not wait_until(lambda: len(entered) > 2, 0.2)
+    release.set()  # the first apply ends: the delta, then the proof
+    for t in waiters:
+        t.join(5)
+    assert entered == [Priority.DELTA, Priority.FIRST, Priority.DELTA, Priority.PROOF]
+    assert gate.stats.queued[Priority.DELTA] == 1 and gate.stats.queued[Priority.FIRST] == 0
+
+
+def test_first_applies_are_bounded_by_their_own_slots() -> None:
+    gate = ApplyGate(slots=1, first_slots=2)
+    entered: list[Priority] = []
+    release = threading.Event()
+    threads = [_enter(gate, Priority.FIRST, entered, release) for _ in range(3)]
+    assert wait_until(lambda: len(entered) == 2)
+    assert not wait_until(lambda: len(entered) > 2, 0.2)
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert len(entered) == 3
+
+
+def test_a_starting_pod_holds_deltas_back_but_never_longer_than_max_defer() -> None:
+    gate = ApplyGate(slots=2, max_defer=0.3)
+    entered: list[Priority] = []
+    release = threading.Event()
+    gate.begin_hold()  # a pod is being started
+    t = _enter(gate, Priority.DELTA, entered, release)
+    assert not wait_until(lambda: bool(entered), 0.15)
+    assert wait_until(lambda: entered == [Priority.DELTA], 5)  # aged past max_defer: it goes
+    gate.end_hold()
+    entered.clear()
+    _enter(gate, Priority.PROOF, entered, release)  # no hold, a free slot: at once
+    assert wait_until(lambda: entered == [Priority.PROOF], 0.25)
+    release.set()
+    t.join(5)
+
+
+def test_a_stopping_waiter_leaves_the_queue() -> None:
+    gate = ApplyGate(slots=1)
+    entered: list[Priority] = []
+    hold, stop = threading.Event(), threading.Event()
+    _enter(gate, Priority.DELTA, entered, hold)
+    assert wait_until(lambda: entered == [Priority.DELTA])
+    waiter = _enter(gate, Priority.DELTA, entered, hold, stop)
+    assert wait_until(lambda: gate.waiting() == 1)
+    stop.set()
+    waiter.join(5)
+    assert not waiter.is_alive() and gate.waiting() == 0
+    hold.set()
+
+
+class Node:
+    """Agent runtimes of one node (one per pod) sharing a gate, over one fake controller."""
+
+    def __init__(self, tmp: Path, gate: ApplyGate) -> None:
+        self.controller = FakeController(inline=True)
+        self.gate = gate
+        self.tmp = tmp
+        self.agents: list[Agent] = []
+
+    def pod(self, workload: str) -> tuple[Agent, MemoryBackend]:
+        self.controller.add_code(f"code-{workload}", workload)
+        backend = MemoryBackend()
+        options = OPTIONS.__class__(**{**OPTIONS.__dict__, "activation_code": f"code-{workload}",
+                                       "proof_interval": 0.0})
+        agent = Agent(options, StateDir(self.tmp / workload), Enforcer(backend),
+                      lambda url, ca: FakeControllerClient(self.controller, url, ca), host_reader=lambda: HOST,
+                      gate=self.gate)
+        self.agents.append(agent)
+        return agent, backend
+
+    def acked(self, workload: str) -> list[int]:
+        try:
+            return self.controller.agent_for(workload).acked
+        except KeyError:
+            return []  # not enrolled yet
+
+    def stop(self) -> None:
+        for a in self.agents:
+            a.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path, ApplyGate(slots=1))
+    yield n
+    n.stop()
+
+
+def test_queued_deltas_coalesce_and_a_new_pod_is_programmed_meanwhile(node: Node) -> None:
+    ctl = node.controller
+    old, old_backend = node.pod("server")
+    ctl.publish(host_policy("server", peers=("10.0.0.2/32",)))
+    old.start()
+    assert wait_until(lambda: node.acked("server")[-1:] == [1])
+    assert old_backend.applies == 1 and old_backend.deltas_applied == 0
+    with ExitStack() as held:
+        # every background slot is busy (another pod's long delta): the server pod's deltas queue
+        held.enter_context(node.gate.admit(Priority.DELTA))
+        ctl.publish(host_policy("server", peers=("10.0.0.2/32", "10.0.0.3/32")))
+        # its long-poll brought revision 2 and it waits at the gate; two more revisions come meanwhile
+        assert wait_until(lambda: node.gate.waiting() == 1)
+        ctl.publish(host_policy("server", peers=("10.0.0.2/32", "10.0.0.3/32", "10.0.0.4/32")))
+        ctl.publish(host_policy("server", peers=("10.0.0.3/32", "10.0.0.4/32", "10.0.0.5/32")))
+        # a new pod arrives meanwhile: its first policy does not wait behind the queued delta
+        new, new_backend = node.pod("client")
+        ctl.publish(host_policy("client", peers=("10.0.0.1/32",)))
+        new.start()
+        assert wait_until(lambda: new_backend.installed == host_policy("client", peers=("10.0.0.1/32",)))
+        assert old_backend.installed == host_policy("server", peers=("10.0.0.2/32",)), "delta jumped the gate"
+    # released: the three revisions arrive as one delta from revision 1, acknowledged as 4
+    want = host_policy("server", peers=("10.0.0.3/32", "10.0.0.4/32", "10.0.0.5/32"))
+    assert wait_until(lambda: old_backend.installed == want and node.acked("server")[-1:] == [4])
+    assert old_backend.deltas_applied == 1 and old_backend.applies == 1
+    assert ("server", 1) in ctl.fetches  # fetched from what it had in force
+    assert 2 not in node.acked("server") and 3 not in node.acked("server")
