@@ -88,4 +88,3 @@ class AddressWatcher:
         finally:
             self._ready.set()
             ipr.close()
-
