@@ -151,9 +151,9 @@ BackendName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 class HeartbeatIn(Strict):
     """What an agent says with its heartbeat (every field optional: older agents send less)."""
 
-    applied_revision: StrictInt | None = None
+    applied_revision: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
     mode: Annotated[str, Field(max_length=16)] = ""
-    tamper_count: StrictInt = 0
+    tamper_count: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] = 0
     backend: Annotated[str, Field(pattern=r"^([a-z][a-z0-9_-]{0,31})?$")] = ""
     backends: Annotated[list[BackendName], Field(max_length=16)] = Field(default_factory=list)
 
