@@ -326,6 +326,16 @@ def test_controller_down_enforcement_continues_cache_restart_then_reconverge(wor
 
 def test_agent_memory_and_idle_cpu(world: World) -> None:
     agents = [a for a in world.agents.values() if a.alive()]
+    # idle means after the work the earlier tests caused: every agent has applied AND proven its revision
+    # (a proof after an apply is seconds of CPU and a BDD's memory: not idle)
+    names = [a.name for a in agents]
+
+    def proven() -> bool:
+        state = world.api.agents()
+        return all(n in state and state[n]["converged"] and state[n]["enforcement"] == "proven" for n in names)
+
+    assert wait_for(proven, 120.0, 0.5) is not None, \
+        {n: (a.get("enforcement"), a.get("proof_detail")) for n, a in world.api.agents().items()}
     cpu0 = {a.name: a.cpu_seconds() for a in agents}
     time.sleep(5.0)
     rows = []

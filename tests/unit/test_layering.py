@@ -22,7 +22,8 @@ ALLOWED: dict[str, set[str]] = {
     "evaluator": {"errors", "model"},
     "backends": {"errors", "model", "compiler", "bpf"},  # bpf: the eBPF C sources and their build
     "visibility": {"errors", "model", "compiler", "evaluator"},
-    "verify": {"errors", "model", "compiler", "backends"},  # read-back parsers use the backends' runners
+    # read-back parsers use the backends' runners; bpf: the eBPF object whose tag the proof checks
+    "verify": {"errors", "model", "compiler", "backends", "bpf"},
     "lab": {"errors", "model", "compiler", "evaluator", "backends", "codec", "policyfile", "paths", "importers"},
     "agent_signature": {"errors"},  # the agent request signature, shared by agent and controller
     "agent": {

@@ -90,7 +90,7 @@ def test_example_modes_and_labels(estate: Policy) -> None:
             assert w.mode is EnforcementMode.FULL
         else:
             assert (w.label("env"), w.mode) == ("dev", EnforcementMode.SELECTIVE)
-        assert w.backend == "nftables"
+        assert w.backend is None  # unset: the agent's own --backend
     assert wl["db-prod-1"].labels == frozenset(
         {Label("role", "db"), Label("app", "shop"), Label("env", "prod"), Label("loc", "lab")}
     )
@@ -198,7 +198,7 @@ def test_load_documents_reads_in_memory_text() -> None:
     policy = load_documents(text, "import")
     assert policy.service_map()["dns"].matches(Proto.UDP, 53)
     (ns,) = policy.workloads
-    assert ns.mode is EnforcementMode.VISIBILITY and ns.backend == "nftables"
+    assert ns.mode is EnforcementMode.VISIBILITY and ns.backend is None
     with pytest.raises(ValidationError) as info:
         load_documents(text.replace("53/udp", "53/udpp"), "import")
     assert str(info.value).startswith("import:4: ports[0]: ")

@@ -8,7 +8,6 @@ skips only the refused pod; any other error propagates (the worker retries the w
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from stockade.k8s import sync as sync_mod
 from stockade.k8s.controller_client import ControllerApiError
 from stockade.k8s.sync import ClusterSync
+from tests.asyncutil import run_async
 
 
 class FakeCtl:
@@ -38,7 +38,8 @@ class Stub:
 
 
 def _run(stub: Stub, wanted: dict[str, dict[str, Any]], gone: set[str]) -> bool:
-    return asyncio.run(ClusterSync._apply_batch(stub, wanted, gone))  # type: ignore[arg-type]
+    # in a thread of its own: a browser test earlier in this worker may leave a loop running here (tests/asyncutil)
+    return run_async(ClusterSync._apply_batch(stub, wanted, gone))  # type: ignore[arg-type]
 
 
 def test_a_pass_of_changes_is_one_batch_and_unchanged_pods_are_left_out() -> None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from stockade.agent import wireguard_key
 from stockade.agent.apply_gate import ApplyGate, Priority
@@ -61,9 +62,13 @@ from stockade.errors import (
     ValidationError,
 )
 
+if TYPE_CHECKING:
+    from stockade.backends.base import Backend
+
 log = logging.getLogger("stockade.agent")
 
 ClientFactory = Callable[[str, "str | None"], ControllerClient]  # (controller URL, CA PEM) -> client
+BackendFactory = Callable[[str], "Backend[Any]"]  # backend name -> a fresh backend (StockadeError: unavailable)
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,10 @@ class AgentOptions:
     proof_min_gap: float = 0.0  # at least this long between proofs: applies meanwhile are proven as one
     wireguard_rotate_interval: float = 0.0  # make and register a new WireGuard key this often (0: never)
     wireguard_retry_seconds: float = 30.0  # a key the controller did not take yet: try again this often
+    # The backend enforcing when the controller's setting is null (``--backend``); "": the one the
+    # enforcer starts with. A workload's ``backend`` setting, when set, wins (docs/migration.md).
+    default_backend: str = ""
+    available_backends: tuple[str, ...] = ()  # reported in heartbeats: the controller refuses others
 
 
 class Refused(Exception):
@@ -99,8 +108,11 @@ class Agent:
         clock: Callable[[], float] = time.time,
         cache: CacheStart | None = None,
         gate: ApplyGate | None = None,
+        backend_factory: BackendFactory | None = None,
     ) -> None:
         self.options = options
+        self.backend_factory = backend_factory
+        self.default_backend = options.default_backend or enforcer.backend.name
         self.state = state
         self.enforcer = enforcer
         self.client_factory = client_factory
@@ -192,7 +204,8 @@ class Agent:
 
     def _heartbeat(self) -> Heartbeat:
         mode = self.enforcer.mode
-        return Heartbeat(self.applied_revision, mode.value if mode is not None else "", self.tamper_count)
+        return Heartbeat(self.applied_revision, mode.value if mode is not None else "", self.tamper_count,
+                         self.enforcer.backend.name, self.options.available_backends)
 
     # ---- 1. the cache --------------------------------------------------------------------------
     def enforce_cache(self) -> None:
@@ -577,8 +590,53 @@ class Agent:
         hp = upd.policy
         if self.credential is not None and hp.workload != self.credential.workload:
             raise Refused(f"policy is for workload {hp.workload!r}, this agent is {self.credential.workload!r}")
+        self.follow_backend(hp.backend, upd.revision)
         self._enforce_full(hp, upd.revision)
         return hp
+
+    # ---- the controller's backend setting ------------------------------------------------------
+    def follow_backend(self, wanted: str | None, revision: int | None = None) -> bool:
+        """Move what is in force to the backend the controller names (None: ``default_backend``),
+        make-before-break; True when a switch happened.
+
+        Precedence: the workload's setting wins when set; the agent's ``--backend`` is the default
+        it falls back to. A backend this agent cannot make, or whose apply fails, is refused with a
+        ``backend-switch-failed`` event and the old backend stays in force (the policy is the same
+        either way: nothing is widened); the next policy with the setting tries again.
+        """
+        target = wanted or self.default_backend
+        current = self.enforcer.backend.name
+        if target == current:
+            return False
+        try:
+            if self.backend_factory is None:
+                raise BackendError(f"this agent cannot switch backends at run time (wanted {target})")
+            new = self.backend_factory(target)
+            self.enforcer.switch_backend(new)
+        except StockadeError as exc:
+            self._event(EventKind.BACKEND_SWITCH_FAILED,
+                        f"switch {current} -> {target} refused: {exc}; {current} stays in force", revision)
+            self.outbox.heartbeat_now()
+            return False
+        self.state.save_backend(target)
+        self._rebind_watchers()
+        self._event(EventKind.BACKEND_SWITCHED, f"{current} -> {target} (make-before-break)", revision)
+        self.outbox.heartbeat_now()
+        return True
+
+    def _rebind_watchers(self) -> None:
+        """The change feed and the flow reader follow the backend now in force."""
+        if self._feed is not None:
+            self._feed.stop()
+        self._feed = feed_for(self.enforcer.change_monitor) if self.options.change_feed else None
+        self._start_feed()
+        self._tamper_poke.set()
+        if self._flows is not None:
+            self._flows.stop(1.0)
+            self._flows = None
+        if self.credential is not None and self.client is not None:
+            self._flows = collector_for(self.credential, self.state.load_ca(), self.enforcer,
+                                        lambda: self.enforcer.policy.local_addresses if self.enforcer.policy else ())
 
     def _enforce_full(self, hp: HostPolicy, revision: int) -> None:
         try:

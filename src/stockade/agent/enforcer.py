@@ -134,8 +134,9 @@ class Enforcer:
         blocks gets through, and established connections keep their state (conntrack, or the
         eBPF flow map for flows it has not seen: their next packet is judged as new and the
         policy allows it). If the new backend fails, its partial state is removed and the old
-        backend stays in force (ApplyError). Call it before the watchers bind to the backend
-        (the agent switches at start, before following the controller).
+        backend stays in force (ApplyError). The agent switches at start (``--backend``), before its
+        watchers bind, and at run time when the controller's setting changes
+        (``Agent.follow_backend``, which rebinds the change feed and the flow reader after).
         """
         with self._lock:
             old = self.backend

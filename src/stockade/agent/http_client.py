@@ -255,7 +255,8 @@ class HttpControllerClient:
         self._request("PUT", self._agent_path("interfaces"), json={"interfaces": host.to_dict()["interfaces"]})
 
     def heartbeat(self, beat: Heartbeat) -> None:
-        body = {"applied_revision": beat.applied_revision, "mode": beat.mode, "tamper_count": beat.tamper_count}
+        body = {"applied_revision": beat.applied_revision, "mode": beat.mode, "tamper_count": beat.tamper_count,
+                "backend": beat.backend, "backends": list(beat.backends)}
         self._request("POST", self._agent_path("heartbeat"), json=body)
 
     def wait_revision(self, after: int, timeout: float, applied: int | None = None) -> LongPollAnswer:

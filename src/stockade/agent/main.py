@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TypeVar
@@ -166,21 +166,40 @@ def agent(
     if ca_cert is not None:
         pem = ca_cert.read_text()
         _or_exit(lambda: state.save_ca(pem))
-    backend = _or_exit(lambda: make_backend(backend_name, table, state_dir))
-    previous = previous_backend(state, backend_name, switch_from)
+    wanted = start_backend(state, backend_name)  # the controller's setting, cached, wins over --backend
+    backend = _or_exit(lambda: make_backend(wanted, table, state_dir))
+    run = RunOptions(backend_name, lambda name: make_backend(name, table, state_dir), wireguard_rotate_hours * 3600)
+    previous = previous_backend(state, wanted, switch_from)
     if previous is not None:
         try:
             old = make_backend(previous, table, state_dir)
         except StockadeError as exc:
-            log.error("cannot switch from backend %s (%s): starting on %s", previous, exc, backend_name)
+            log.error("cannot switch from backend %s (%s): starting on %s", previous, exc, wanted)
         else:
             _run(state, Enforcer(old), controller, activation_code, hostname, long_poll, tamper_interval,
-                 rotate_seconds=wireguard_rotate_hours * 3600,
-                 switch_to=backend)
+                 run, switch_to=backend)
             return
     enforcer = Enforcer(backend)
-    _run(state, enforcer, controller, activation_code, hostname, long_poll, tamper_interval,
-         rotate_seconds=wireguard_rotate_hours * 3600)
+    _run(state, enforcer, controller, activation_code, hostname, long_poll, tamper_interval, run)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the running agent follows the controller's backend setting."""
+
+    default_backend: str  # --backend: what enforces when the workload's setting is null
+    backend_factory: Callable[[str], Any]  # name -> a fresh backend (StockadeError: unavailable here)
+    rotate_seconds: float = 0.0
+
+
+def start_backend(state: StateDir, backend_name: str) -> str:
+    """The backend to start on: the controller's setting in the cached policy when it names one
+    (so a restart does not switch away from it and back), else ``--backend``."""
+    try:
+        cached = state.load_policy()
+    except StockadeError:
+        return backend_name
+    return cached.policy.backend if cached is not None and cached.policy.backend else backend_name
 
 
 def previous_backend(state: StateDir, backend_name: str, switch_from: str | None) -> str | None:
@@ -198,8 +217,8 @@ def _run(
     hostname: str | None,
     long_poll: float,
     tamper_interval: float,
+    run: RunOptions,
     switch_to: Any | None = None,
-    rotate_seconds: float = 0.0,
 ) -> None:
     cached = enforce_cache(state, enforcer)  # before the slow imports below
     if switch_to is not None:
@@ -215,6 +234,7 @@ def _run(
     from stockade.agent.hostinfo import HostReport, read_host
     from stockade.agent.http_client import HttpControllerClient
     from stockade.agent.signing import process_instance
+    from stockade.backends.registry import available_backends
 
     state.save_instance(process_instance())  # CLI commands on this host sign as this process
 
@@ -227,9 +247,12 @@ def _run(
         activation_code=activation_code,
         long_poll_seconds=long_poll,
         tamper_interval=tamper_interval,
-        wireguard_rotate_interval=rotate_seconds,
+        wireguard_rotate_interval=run.rotate_seconds,
+        default_backend=run.default_backend,
+        available_backends=available_backends(),
     )
-    runtime = Agent(options, state, enforcer, HttpControllerClient, host_reader=host_reader, cache=cached)
+    runtime = Agent(options, state, enforcer, HttpControllerClient, host_reader=host_reader, cache=cached,
+                    backend_factory=run.backend_factory)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping (rules stay in force)", signum)

@@ -66,6 +66,8 @@ class EventKind(Enum):
     PROVEN = "proven"  # the kernel gives every packet the policy's verdict (stockade.verify)
     PROOF_DIFFERS = "proof-differs"  # a packet the kernel treats otherwise than the policy
     PROOF_FAILED = "proof-failed"  # the read-back could not be proven (unmodelled construct, read error)
+    BACKEND_SWITCHED = "backend-switched"  # the controller's backend setting is in force (make-before-break)
+    BACKEND_SWITCH_FAILED = "backend-switch-failed"  # it could not be: the old backend stays in force
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class Heartbeat:
     applied_revision: int
     mode: str  # enforcement mode in force ("" before any policy)
     tamper_count: int = 0
+    backend: str = ""  # the backend in force
+    backends: tuple[str, ...] = ()  # the backends this agent can enforce with (the controller refuses others)
 
 
 class ControllerClient(Protocol):

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from stockade.backends.base import Backend
+from stockade.bpf.build import CLANG_CANDIDATES
 from stockade.errors import Issue, NotFoundError, ValidationError
 
 BACKEND_CLASSES: dict[str, str] = {
@@ -66,3 +68,18 @@ def get_backend(name: str, **options: Any) -> Backend[Any]:
             [Issue("", 0, f"backend {name}", f"does not take option {opt!r} (options: {takes})") for opt in unknown]
         )
     return cls(**options)
+
+
+# The commands each Linux backend needs on the host (any one of a tuple will do).
+HOST_TOOLS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "nftables": (("nft",),),
+    "iptables": (("iptables-restore", "iptables-legacy-restore", "iptables-nft-restore"), ("ipset",)),
+    "ebpf": (("tc",), CLANG_CANDIDATES),
+}
+
+
+def available_backends() -> tuple[str, ...]:
+    """The Linux backends whose tools this host has. The agent reports them to the controller,
+    which refuses a workload ``backend`` setting naming another (the agent refuses it as well)."""
+    return tuple(name for name, needs in HOST_TOOLS.items()
+                 if all(any(shutil.which(tool) for tool in options) for options in needs))

@@ -26,6 +26,7 @@ from stockade.cli import main
 from stockade.cli.policy_cmds import load, run_or_exit
 from stockade.compiler import Compiler, HostPolicy, compile_host
 from stockade.errors import Issue, StockadeError, ValidationError
+from stockade.model.workloads import DEFAULT_RENDER_BACKEND
 
 
 def _backend_options(table: str | None, netns: str | None, forward: bool, log_group: int | None) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def _render_all(path: str, out_dir: Path, backend_name: str | None, options: dic
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     for w in sorted(policy.workloads, key=lambda w: w.name):
-        name = backend_name or w.backend
+        name = backend_name or w.backend or DEFAULT_RENDER_BACKEND
         try:
             host_policy = compiler.host_policy(w.name)
             device = _render_for_device(name, host_policy, {})

@@ -47,7 +47,8 @@ def parse_address_options(values: tuple[str, ...], host: str | None) -> dict[str
 @click.option("--host", default=None, help="host name for every file (default: each file's name up to its first dot)")
 @click.option("--address", "addresses", multiple=True, metavar="HOST=ADDR[,ADDR]",
               help="a host's own addresses (repeatable); its workload gets them, peers naming them become labels")
-@click.option("--backend", default="nftables", show_default=True, help="backend of the imported hosts' workloads")
+@click.option("--backend", default=None,
+              help="backend setting of the imported hosts' workloads (default: none, each agent's own --backend)")
 @click.option("--force", is_flag=True, help="overwrite an existing policy.yaml")
 @click.option("--verify", is_flag=True,
               help="root: load the original ruleset and Stockade's policy in two lab namespaces, probe both "
@@ -55,7 +56,7 @@ def parse_address_options(values: tuple[str, ...], host: str | None) -> dict[str
 @click.option("--verify-backend", default="nftables", show_default=True,
               help="the Linux backend that enforces Stockade's side in --verify")
 def import_cmd(kind: str, files: tuple[Path, ...], out_dir: Path, host: str | None, addresses: tuple[str, ...],
-               backend: str, force: bool, verify: bool, verify_backend: str) -> None:
+               backend: str | None, force: bool, verify: bool, verify_backend: str) -> None:
     """Import existing rules (iptables-save + ipset save, nft -j list ruleset, a Windows Firewall export, an
     Illumio PCE export, Kubernetes NetworkPolicy YAML) as Stockade policy YAML plus a report. Nothing is
     imported wider than the original; hosts with constructs Stockade cannot express are left in visibility

@@ -43,7 +43,7 @@ from stockade.model.policy import Failsafe
 from stockade.model.rules import AllowRule, ConsumerScope, DenyRule, Ruleset
 from stockade.model.selectors import ALL_WORKLOADS, IPListSelector, LabelSelector, Selector
 from stockade.model.services import ANY_SERVICE_ENTRY, Service, ServiceEntry
-from stockade.model.workloads import EnforcementMode, Interface, Workload
+from stockade.model.workloads import BACKEND_NAMES, EnforcementMode, Interface, Workload
 
 API_VERSION = "stockade.io/v1"
 BUILTIN_ANY = Service("any", (ANY_SERVICE_ENTRY,), "every protocol and port")  # always present
@@ -472,17 +472,30 @@ def _workload(r: Reader, e: Entries, acc: Collected) -> None:
     mode_node = _value(e, "mode")
     mode = _enum_value(r, mode_node, "mode", EnforcementMode) if mode_node is not None else None
     backend_node = _value(e, "backend")
-    backend = r.name(backend_node, "backend", "backend name") if backend_node is not None else None
+    backend = _backend(r, backend_node) if backend_node is not None and not is_null(backend_node) else None
     acc.workloads.append(
         Workload(
             name,
             frozenset(labels),
             tuple(sorted(interfaces, key=lambda i: i.name)),
             mode or EnforcementMode.VISIBILITY,
-            backend or "nftables",
+            backend,
             _description(r, e),
         )
     )
+
+
+def _backend(r: Reader, node: Node) -> str | None:
+    """A workload's backend: one the registry knows (null: the agent's own choice). An unknown
+    name is an error, never ignored: the agent would otherwise enforce with something else."""
+    name = r.string(node, "backend")
+    if name is None:
+        return None
+    if name not in BACKEND_NAMES:
+        r.error(node, "backend", f"unknown backend {quote(name)}: one of {', '.join(BACKEND_NAMES)}, "
+                "or null for the agent's own choice")
+        return None
+    return name
 
 
 def _rule(r: Reader, node: Node, path: str, acc: Collected) -> AllowRule | None:

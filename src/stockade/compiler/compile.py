@@ -83,7 +83,8 @@ class _LabelSetRules:
     encrypted_sets: tuple[str, ...] = ()  # peer sets of its encrypted rules (WireGuard peers)
 
 
-_Header = tuple[EnforcementMode, tuple[IPAddress, ...], _LabelSetRules]  # a HostPolicy minus set members
+# a HostPolicy minus set members: mode, addresses, label-set rules, backend
+_Header = tuple[EnforcementMode, tuple[IPAddress, ...], _LabelSetRules, str | None]
 
 
 class Compiler:
@@ -314,6 +315,7 @@ class Compiler:
             "sets": sets,
             "failsafe": self._policy.failsafe,
             "wireguard": self._wireguard(name) if compiled.encrypted_sets else None,
+            "backend": w.backend,
         })
         if self._np.affects(name):
             hp = self._np.apply(hp, self._addresses)
@@ -346,7 +348,7 @@ class Compiler:
 
     def _header(self, name: str) -> _Header:
         w = self._workloads[name]
-        return w.mode, w.addresses, self._ls_rules[self._key_of[name]]
+        return w.mode, w.addresses, self._ls_rules[self._key_of[name]], w.backend
 
     def _upsert(self, builder: DeltaBuilder, w: Workload) -> None:
         old = self._workloads.get(w.name)
@@ -435,11 +437,11 @@ class Compiler:
                     continue
                 hp = self.host_policy(name)
                 if header is not None:
-                    mode, addresses, was = header
+                    mode, addresses, was, backend = header
                     now = self._ls_rules[self._key_of[name]]
                     same_rules = was is now or (was.rules == now.rules and was.sets == now.sets)
                     # HostPolicy.rules_key: a re-addressed host reloads (renderers use its addresses)
-                    if mode == hp.mode and addresses == hp.local_addresses and same_rules:
+                    if mode == hp.mode and addresses == hp.local_addresses and same_rules and backend == hp.backend:
                         old_wg = self._wg_state.get(name)
                         if old_wg == hp.wireguard:
                             continue  # only set members can differ: a subscriber like any other

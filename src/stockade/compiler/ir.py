@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
+from stockade.errors import Issue, ValidationError
 from stockade.model.addresses import Family, IPAddress, IPNetwork
 from stockade.model.policy import Failsafe
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
-from stockade.model.workloads import EnforcementMode, validate_public_key
+from stockade.model.workloads import BACKEND_NAMES, EnforcementMode, validate_public_key
 
 _T = TypeVar("_T")
 
@@ -126,6 +127,9 @@ class HostPolicy:
     sets: tuple[AddressSet, ...]
     failsafe: Failsafe
     wireguard: WireGuardConfig | None = None  # None: no encrypted rule applies to this host
+    # The backend the controller wants this host's agent to enforce with (the workload's setting;
+    # None: the agent's own --backend). It selects the renderer only: the same rules, whichever.
+    backend: str | None = None
 
     def set(self, name: str, family: Family) -> AddressSet:
         for s in self.sets:
@@ -146,6 +150,7 @@ class HostPolicy:
             # the tunnel's port, not its peers: rendered rules never name a peer (the WireGuard UDP
             # guard matches the encrypted rules' peer sets), so a peer change is a peer delta
             None if self.wireguard is None else self.wireguard.listen_port,
+            self.backend,  # a backend change is a full policy: the agent switches make-before-break
         )
 
 
@@ -226,6 +231,7 @@ def host_policy_to_dict(hp: HostPolicy) -> dict[str, Any]:
         "rules": rules_to_list(hp.rules),
         "sets": [address_set_to_dict(s) for s in hp.sets],
         **({"wireguard": wireguard_to_dict(hp.wireguard)} if hp.wireguard is not None else {}),
+        **({"backend": hp.backend} if hp.backend is not None else {}),
     }
 
 
@@ -297,7 +303,16 @@ def host_policy_from_dict(d: dict[str, Any]) -> HostPolicy:
             for s in d["sets"]
         ),
         wireguard=wireguard_from_dict(d["wireguard"]) if d.get("wireguard") is not None else None,
+        backend=_backend_from(d.get("backend")),
     )
+
+
+def _backend_from(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in BACKEND_NAMES:
+        raise ValidationError([Issue("policy", 0, "backend", f"unknown backend {str(value)[:40]!r}")])
+    return value
 
 
 def host_policy_from_json(text: str) -> HostPolicy:

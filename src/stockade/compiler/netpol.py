@@ -200,6 +200,7 @@ class NetpolLayer:
             # the tunnel stays: a peer whose own side still encrypts sends through it, and the
             # NetworkPolicy then decides on what arrives (as the evaluator does)
             wireguard=hp.wireguard,
+            backend=hp.backend,
         )
 
 

@@ -82,6 +82,7 @@ def compile_host(policy: Policy, workload: str) -> HostPolicy:
         sets=tuple(sorted(sets, key=_set_key)),
         failsafe=policy.failsafe,
         wireguard=wireguard,
+        backend=w.backend,
     )
     if policy.network_policies:
         hp = NetpolLayer(policy.network_policies).apply(hp, addresses_from(by_name))

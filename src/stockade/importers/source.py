@@ -23,11 +23,11 @@ class Source:
 class ImportOptions:
     """``host``: the host name for every file (default: from each file's name, up to its first dot);
     ``addresses``: each host's own addresses (used for its workload and to judge rules naming them);
-    ``backend``: the backend written into the imported hosts' workloads."""
+    ``backend``: the backend setting written into the imported hosts' workloads (None: each agent's own)."""
 
     host: str | None = None
     addresses: Mapping[str, tuple[IPAddress, ...]] = field(default_factory=dict)
-    backend: str = "nftables"
+    backend: str | None = None
 
     def by_host(self, sources: Sequence[Source]) -> list[tuple[str, list[Source]]]:
         """``sources`` grouped per host (``host_of``), hosts in name order, files in given order."""

@@ -205,7 +205,7 @@ def _entry_name(e: ServiceEntry) -> str:
 
 
 def translate(hosts: Sequence[HostRules], addresses: Mapping[str, tuple[IPAddress, ...]],
-              extra_findings: Sequence[Finding] = (), backend: str = "nftables") -> ImportResult:
+              extra_findings: Sequence[Finding] = (), backend: str | None = None) -> ImportResult:
     """Every host's rules as one label-based Stockade policy plus the report."""
     planned = [_plan_host(h, tuple(addresses.get(h.host, ()))) for h in hosts]
     proposal = propose_labels(planned_peers(planned), {h.rules.host: h.addresses for h in planned},

@@ -58,13 +58,23 @@ class WireGuardIdentity:
     port: int = 51820
 
 
+# Backend names a workload may ask its agent to enforce with (``stockade.backends.registry``'s
+# table; a unit test keeps the two equal). Which of them a given host can run is the agent's
+# to say: it reports the backends it has, and refuses a switch to one it lacks.
+BACKEND_NAMES = ("ebpf", "f5", "ipfilter", "iptables", "nftables", "windows")
+DEFAULT_RENDER_BACKEND = "nftables"  # what offline rendering uses for a workload with no backend set
+
+
 @dataclass(frozen=True, order=True)
 class Workload:
+    """One enforcement point. ``backend``: the firewall backend its agent must enforce with
+    (the controller setting, which wins over the agent's ``--backend``); None: the agent's own choice."""
+
     name: str
     labels: frozenset[Label] = field(default_factory=frozenset)
     interfaces: tuple[Interface, ...] = ()
     mode: EnforcementMode = EnforcementMode.VISIBILITY
-    backend: str = "nftables"
+    backend: str | None = None
     description: str = ""
     wireguard: WireGuardIdentity | None = None
 

@@ -129,7 +129,8 @@ def policy_documents(policy: Policy) -> list[Doc]:
             {"name": i.name, "addresses": [str(a) for a in i.addresses]} for i in workload.interfaces
         ]
         doc["mode"] = workload.mode.value
-        doc["backend"] = workload.backend
+        if workload.backend is not None:
+            doc["backend"] = workload.backend
         docs.append(doc)
     for ruleset in sorted(policy.rulesets, key=lambda r: r.name):
         doc = _describe(_doc(Kind.RULESET, ruleset.name), ruleset.description)

@@ -73,6 +73,7 @@ from stockade.controller.api.dto.agents import (
     ConvergenceOut,
     EnrollIn,
     EnrollOut,
+    HeartbeatIn,
     InterfacesIn,
     KeyIn,
     PolicyOut,
@@ -186,10 +187,14 @@ def report_interfaces(request: Request, agent_id: str, body: InterfacesIn,
 
 @router.post("/agents/{agent_id}/heartbeat", tags=["Agent protocol"], responses=ERRORS, operation_id="heartbeat")
 async def heartbeat(request: Request, agent_id: str,
-                    principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> RevisionOut:
+                    principal: Annotated[Principal, Depends(require(Permission.AGENT))],
+                    body: HeartbeatIn | None = None) -> RevisionOut:
     name = _self(principal, agent_id)
     ctl = controller_of(request)
     ctl.dist.agent_heartbeat(agent_id)
+    live = ctl.dist.agents.get(agent_id)
+    if live is not None and body is not None and body.backend:
+        live.backend, live.backends = body.backend, tuple(sorted(set(body.backends)))
     return RevisionOut(revision=ctl.dist.revisions.get(name, 0))
 
 
@@ -333,7 +338,8 @@ def _agent_out(ctl: Controller, row: AgentRow, now: dt.datetime) -> AgentOut:
                     created_at=row.created_at, revoked=row.revoked_at is not None, desired_revision=desired,
                     applied_revision=applied, converged=applied == desired, last_heartbeat=beat, status=status,
                     key_bound=row.public_key is not None, quarantined=row.quarantined_at is not None,
-                    quarantine_reason=row.quarantine_reason, enforcement=enforcement, proof_detail=proof_detail)
+                    quarantine_reason=row.quarantine_reason, enforcement=enforcement, proof_detail=proof_detail,
+                    backend=live.backend or None if live else None, backends=list(live.backends) if live else [])
 
 
 @router.get("/agents", tags=["Agents"], responses=ERRORS, operation_id="list-agents")

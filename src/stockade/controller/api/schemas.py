@@ -73,7 +73,8 @@ class WorkloadBody(Body):
                                      description="one value per declared key")
     interfaces: list[InterfaceBody] = Field(default_factory=list, max_length=MAX_INTERFACES)
     mode: EnforcementMode = EnforcementMode.VISIBILITY
-    backend: Name = "nftables"
+    backend: Name | None = Field(None, description="firewall backend the agent must enforce with "
+                                 "(nftables, iptables, ebpf...); null: the agent's own --backend")
     description: Text = ""
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from stockade.compiler import HostDelta
 from stockade.compiler.delta import merge_host_deltas
 from stockade.controller.services import replicas
+from stockade.errors import Issue, ValidationError
 from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.workloads import WireGuardIdentity, Workload
 
@@ -98,6 +99,9 @@ class CompilerTxn:
 
     def upsert_workload(self, w: Workload) -> None:
         d = self.dist
+        old = d.workloads.get(w.name)
+        if w.backend is not None and (old is None or old.backend != w.backend):
+            check_backend_available(d, w)
         w = replace(w, wireguard=d.wg_keys.get(w.name))  # keys come from agents, never from bodies
         if w.name in d.departed:
             w = replace(w, interfaces=())  # offline past the grace period: out of peers' sets
@@ -178,3 +182,14 @@ class CompilerTxn:
         for step in reversed(self.undo):
             step()
         self.undo.clear()
+
+
+def check_backend_available(dist: PolicyDistributor, w: Workload) -> None:
+    """Refuse (ValidationError on ``backend``) a backend setting the workload's agent said it
+    cannot enforce with. Fail closed at the controller; the agent refuses it again if it comes
+    anyway (an agent that has not reported yet is checked there)."""
+    for live in dist.agents.values():
+        if live.workload == w.name and live.backends and w.backend not in live.backends:
+            have = ", ".join(live.backends)
+            raise ValidationError([Issue("", 0, "backend", f"the agent of workload {w.name!r} cannot enforce "
+                                         f"with {w.backend!r} (it has: {have})")])

@@ -113,6 +113,8 @@ class AgentLive:
     proof: str = ""  # last proof the agent reported: "proven" / "differs" / "failed" ("": none yet)
     proof_revision: int = 0
     proof_detail: str = ""
+    backend: str = ""  # the firewall backend in force, from the agent's last heartbeat ("": not reported)
+    backends: tuple[str, ...] = ()  # the backends the agent said it can enforce with
 
 
 class PolicyDistributor:

@@ -132,6 +132,8 @@ class AgentOut(BaseModel):
         "(yet) proven at that revision; pending: nothing applied",
     )
     proof_detail: str | None = None
+    backend: str | None = Field(None, description="the firewall backend in force, as the agent last reported it")
+    backends: list[str] = Field(default_factory=list, description="the backends the agent can enforce with")
 
 
 class ConvergenceOut(BaseModel):
@@ -141,6 +143,19 @@ class ConvergenceOut(BaseModel):
     converged: int
     lagging_count: int
     lagging: list[str] = Field(description="workloads behind their desired revision (first `limit`)")
+
+
+BackendName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+
+
+class HeartbeatIn(Strict):
+    """What an agent says with its heartbeat (every field optional: older agents send less)."""
+
+    applied_revision: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+    mode: Annotated[str, Field(max_length=16)] = ""
+    tamper_count: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] = 0
+    backend: Annotated[str, Field(pattern=r"^([a-z][a-z0-9_-]{0,31})?$")] = ""
+    backends: Annotated[list[BackendName], Field(max_length=16)] = Field(default_factory=list)
 
 
 class AgentEventIn(Strict):

@@ -21,7 +21,7 @@ class ImportIn(Strict):
     host: str | None = Field(default=None, max_length=63)
     addresses: dict[str, Annotated[str, Field(max_length=2000)]] = Field(
         default_factory=dict, max_length=1024, description="host -> its own addresses, comma-separated")
-    backend: str = Field(default="nftables", max_length=32)
+    backend: str | None = Field(default=None, max_length=32)
     dry_run: bool = False
 
 

@@ -183,7 +183,8 @@ async function renderDetail(view, ctx, name) {
             h("dt", {}, "Last heartbeat"), h("dd", {}, formatTime(agent.last_heartbeat)),
             h("dt", {}, "Agent id"), h("dd", { class: "mono" }, agent.id),
             h("dt", {}, "Pairing profile"), h("dd", {}, agent.profile),
-            h("dt", {}, "Backend"), h("dd", {}, body.backend))
+            h("dt", {}, "Backend setting"), h("dd", {}, body.backend || "the agent's own (--backend)"),
+            h("dt", {}, "Backend in force"), h("dd", {}, agent.backend || "not reported yet"))
             : h("p", { class: "muted" }, "No agent: this workload is unmanaged (its addresses still count in peers' rules).")),
         h("section", { class: "panel", "aria-labelledby": "if-h" }, h("h2", { id: "if-h" }, "Interfaces"),
           table([
