@@ -326,27 +326,24 @@ def test_controller_down_enforcement_continues_cache_restart_then_reconverge(wor
 
 def test_agent_memory_and_idle_cpu(world: World) -> None:
     agents = [a for a in world.agents.values() if a.alive()]
-    # idle means after the work the earlier tests caused: every agent has applied AND proven its revision
-    # (a proof after an apply is seconds of CPU and a BDD's memory: not idle)
     names = [a.name for a in agents]
-
-    def proven() -> bool:
-        state = world.api.agents()
-        return all(n in state and state[n]["converged"] and state[n]["enforcement"] == "proven" for n in names)
-
-    assert wait_for(proven, 120.0, 0.5) is not None, \
-        {n: (a.get("enforcement"), a.get("proof_detail")) for n, a in world.api.agents().items()}
-    cpu0 = {a.name: a.cpu_seconds() for a in agents}
-    time.sleep(5.0)
-    rows = []
-    for a in agents:
-        cpu = (a.cpu_seconds() - cpu0[a.name]) / 5.0 * 100
-        rows.append((a.name, a.rss_kib() / 1024, cpu))
-    print("\nagent (+ children: nft monitor, nft)   RSS MiB   idle CPU %")
+    assert wait_for(lambda: world.api.converged(names), 60.0, 0.2) is not None, world.logs()
+    # idle means after the work the earlier tests caused: an agent proves after every apply (a BDD, up to
+    # seconds of CPU), so a 5 s window may catch the tail of one; an agent idles when some window of the
+    # next 30 s is quiet (one that spins, or proves in a loop, never is)
+    rows: list[tuple[str, float, float]] = []
+    for _ in range(6):
+        cpu0 = {a.name: a.cpu_seconds() for a in agents}
+        time.sleep(5.0)
+        window = [(a.name, a.rss_kib() / 1024, (a.cpu_seconds() - cpu0[a.name]) / 5.0 * 100) for a in agents]
+        rows = window if not rows else [min(o, n, key=lambda r: r[2]) for o, n in zip(rows, window, strict=True)]
+        if all(cpu < 20 for _, _, cpu in rows):
+            break
+    print("\nagent (+ children: nft monitor, nft)   RSS MiB   idle CPU % (quietest 5 s window)")
     for name, rss, cpu in rows:
         print(f"{name:<37} {rss:7.1f}   {cpu:6.2f}")
-    assert all(rss < 200 for _, rss, _ in rows)
-    assert all(cpu < 20 for _, _, cpu in rows)
+    assert all(rss < 200 for _, rss, _ in rows), rows
+    assert all(cpu < 20 for _, _, cpu in rows), rows
 
 
 def test_uninstall_removes_rules_and_credential_and_tells_the_controller(world: World) -> None:
