@@ -205,3 +205,16 @@ def test_a_writer_that_waited_for_the_change_lock_follows_what_the_holder_commit
     b.ctl.dist.follow_changes()
     assert {"wa", "wb"} <= set(b.ctl.dist.revisions)
     assert b.ctl.dist.revisions == a.ctl.dist.revisions
+
+
+def test_a_workload_enrolled_through_one_replica_cannot_be_enrolled_again_through_another(
+        pair: tuple[Api, Api]) -> None:
+    a, b = pair
+    agent = _setup(a)  # db-1 enrolled through A
+    b.ctl.dist.agents.pop(agent["agent_id"], None)  # as if B had not followed that enrolment yet
+    code = b.ok("POST", "/pairing-profiles/p/codes", 201, json={"workload": agent["workload"], "max_uses": 1})["code"]
+    r = b.req("POST", "/agents/enroll", headers={}, json={
+        "activation_code": code, "hostname": agent["workload"],
+        "interfaces": [{"name": "eth0", "addresses": ["10.5.1.9"]}]})
+    assert r.status_code == 409, r.text
+    assert "already has an enrolled agent" in r.text

@@ -236,7 +236,11 @@ def enrol(dist: PolicyDistributor, keys: AgentKeyRing, req: EnrolRequest) -> Enr
     def run(db: Session, txn: CompilerTxn) -> Enrolled:
         code, profile = _use_code(db, req.activation_code)
         name = code.workload or req.hostname
-        if any(a.workload == name for a in dist.agents.values()):
+        # the database, not this process's map: an agent enrolled through another replica counts too
+        # (writes are serialised by the change lock, so two replicas cannot both pass this check)
+        enrolled = db.scalar(select(AgentRow.id).where(AgentRow.workload == name, AgentRow.revoked_at.is_(None))
+                             .limit(1))
+        if enrolled is not None or any(a.workload == name for a in dist.agents.values()):
             raise ConflictError(f"workload {name!r} already has an enrolled agent; revoke it first")
         actor = f"enroll:{profile.name}"
         try:
