@@ -219,7 +219,9 @@ def test_changed_ip_address_is_reported_and_peers_sets_follow(world: World) -> N
             t = nft_table(lab, "db-prod-1")
             return "10.70.0.22" in t and "10.70.0.21" not in t
 
-        took = wait_for(db_follows, 10.0)
+        # correctness, not speed (bench/convergence.py measures that): a request the agent had in flight on
+        # a connection from the removed address can hold its report up to the request timeout (10 s)
+        took = wait_for(db_follows, 30.0)
         assert took is not None, world.logs()
         print(f"\napp-prod-1 re-addressed: db-prod-1's sets followed after {time.monotonic() - start:.2f}s")
         assert world.api.workload(host)["interfaces"][0]["addresses"] == ["10.70.0.22", "fd70::21"]
@@ -231,15 +233,15 @@ def test_changed_ip_address_is_reported_and_peers_sets_follow(world: World) -> N
             Probe("web-dev-1", host, ProbeKind.TCP, A("10.70.0.111"), new_app, 8080),
             Probe("office", host, ProbeKind.TCP, A("10.70.0.200"), new_app, 8080),
         ]
-        assert wait_for(lambda: world.api.converged(list(AGENT_HOSTS)), 10.0) is not None
+        assert wait_for(lambda: world.api.converged(list(AGENT_HOSTS)), 30.0) is not None
         assert disagreements(world, probes) == []
         results = probe(world, probes)
         assert [r.succeeded for r in results] == [True, True, False, False]
     finally:
         lab.run_in(host, ["ip", "addr", "add", "10.70.0.21/32", "dev", "eth0"], check=False)
         lab.run_in(host, ["ip", "addr", "del", "10.70.0.22/32", "dev", "eth0"], check=False)
-    assert wait_for(lambda: "10.70.0.21" in nft_table(lab, "db-prod-1"), 10.0) is not None
-    assert wait_for(lambda: world.api.converged(list(AGENT_HOSTS)), 10.0) is not None
+    assert wait_for(lambda: "10.70.0.21" in nft_table(lab, "db-prod-1"), 30.0) is not None
+    assert wait_for(lambda: world.api.converged(list(AGENT_HOSTS)), 30.0) is not None
 
 
 def test_copied_credentials_on_a_dev_host_cannot_reach_the_prod_database(world: World) -> None:
