@@ -246,11 +246,20 @@ def flow(src: str, dst: str, port: int, verdict: str, rule: str, count: int = 1,
 
 def pick(page: Any, combobox: Any, text: str, key: str) -> None:
     """Type ``text`` in a picker and choose the suggestion whose data-key is ``key`` with Enter."""
-    combobox.click()
-    combobox.fill(text)
-    listbox = page.locator(f"#{combobox.get_attribute('aria-controls')}")
-    option = listbox.locator(f'[role=option][data-key="{key}"]')
-    expect(option).to_be_visible()
+    for attempt in range(3):
+        combobox.click()
+        combobox.fill(text)
+        listbox = page.locator(f"#{combobox.get_attribute('aria-controls')}")
+        option = listbox.locator(f'[role=option][data-key="{key}"]')
+        try:
+            # a form that re-renders after the previous action (a chip removed, an error shown) may close
+            # the suggestions just opened: type again rather than fail on the page's timing
+            expect(option).to_be_visible(timeout=3000 if attempt < 2 else 5000)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
+            combobox.fill("")
     for _ in range(60):  # move the active option onto it with the keyboard
         if option.get_attribute("aria-selected") == "true":
             break
