@@ -85,18 +85,16 @@ def rule_target(spec: str) -> str | None:
     return None
 
 
-def parse_filter_save(text: str, prefix: str, family: Family) -> FilterState:
-    """Our chains (:meth:`ChainNames.owns`) and the built-in chains' jumps to them, from
-    ``iptables-save -t filter``."""
-    names = ChainNames(prefix)
-    hooks = {h.value: h for h in Hook}
+def save_table(text: str, table: str) -> tuple[list[str], dict[str, list[str]]]:
+    """One table of ``iptables-save`` output: its chains in declaration order, and each chain's rule
+    specs (after ``-A CHAIN``) in order."""
     declared: list[str] = []
     rules: dict[str, list[str]] = {}
-    in_filter = False
+    inside = False
     for line in text.splitlines():
         if line.startswith("*"):
-            in_filter = line == "*filter"
-        elif not in_filter:
+            inside = line == f"*{table}"
+        elif not inside:
             continue
         elif line.startswith(":"):
             name = line[1:].split(" ", 1)[0]
@@ -105,6 +103,15 @@ def parse_filter_save(text: str, prefix: str, family: Family) -> FilterState:
         elif line.startswith("-A "):
             chain, _, rest = line[3:].partition(" ")
             rules.setdefault(chain, []).append(rest)
+    return declared, rules
+
+
+def parse_filter_save(text: str, prefix: str, family: Family) -> FilterState:
+    """Our chains (:meth:`ChainNames.owns`) and the built-in chains' jumps to them, from
+    ``iptables-save -t filter``."""
+    names = ChainNames(prefix)
+    hooks = {h.value: h for h in Hook}
+    declared, rules = save_table(text, "filter")
     chains = tuple(IptChain(n, tuple(rules[n])) for n in declared if names.owns(n))
     jumps: list[Jump] = []
     for chain, specs in rules.items():

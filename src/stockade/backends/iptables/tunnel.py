@@ -38,6 +38,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from stockade.backends.iptables.scripts import save_table
 from stockade.backends.wireguard import MTU, SOCKET_MARK, STEER_MARK
 from stockade.compiler.ir import Direction, HostPolicy, HostRule, WireGuardConfig
 from stockade.errors import RenderError
@@ -168,21 +169,7 @@ NO_MANGLE = MangleState({}, ())
 def parse_mangle_save(text: str, prefix: str) -> MangleState:
     """Our chains and the jumps to them, from ``iptables-save -t mangle``."""
     ours = frozenset(mangle_chain_names(prefix))
-    rules: dict[str, list[str]] = {}
-    declared: list[str] = []
-    in_mangle = False
-    for line in text.splitlines():
-        if line.startswith("*"):
-            in_mangle = line == "*mangle"
-        elif not in_mangle:
-            continue
-        elif line.startswith(":"):
-            name = line[1:].split(" ", 1)[0]
-            declared.append(name)
-            rules.setdefault(name, [])
-        elif line.startswith("-A "):
-            chain, _, rest = line[3:].partition(" ")
-            rules.setdefault(chain, []).append(rest)
+    declared, rules = save_table(text, "mangle")
     chains = {n: tuple(rules[n]) for n in declared if n in ours}
     jumps = tuple((hook, s) for hook in MANGLE_HOOKS for s in rules.get(hook, ())
                   if s.split()[-1] in ours and s.split()[-2] in ("-j", "-g"))
