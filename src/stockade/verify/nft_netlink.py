@@ -243,8 +243,10 @@ class _Rules:
             if name in ("counter", "log"):
                 continue
             if name == "immediate":
-                if _u32(a.get(1, b"\0\0\0\0")) != 0:
-                    raise UnmodelledConstructError(where, "immediate data into a register")
+                dreg = _u32(a.get(1, b"\0\0\0\0"))
+                if dreg != 0:  # data for a statement: refused by the statement that uses it
+                    regs[_slot(dreg, where)] = ("immediate",)
+                    continue
                 verdict = _verdict(a.get(2, b""), where)
             elif name == "reject":
                 verdict = Verdict(Kind.DROP)
