@@ -299,11 +299,11 @@ class _Rules:
                 lo, hi = _value(a[3]), _value(a[4])
                 matches += self.in_ranges(load, ((_int(lo), _int(hi)),), _u32(a[2]) == 1, ctx, where, None)
             elif name == "lookup":
-                found = self.lookup(a, regs, ctx, where)
-                if isinstance(found, Verdict):
-                    verdict = found
+                looked = self.lookup(a, regs, ctx, where)
+                if isinstance(looked, Verdict):
+                    verdict = looked
                 else:
-                    matches += found
+                    matches += looked
             elif name == "dynset":
                 target = _str(a.get(1, b""))
                 if _u32(a.get(3, b"\0\0\0\0")) not in (0, 1) or target not in self.parser.dynamic:
