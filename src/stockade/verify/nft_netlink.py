@@ -81,6 +81,9 @@ _ADDR_FIELDS = {
 }  # fmt: skip
 
 
+_HEAD = struct.Struct("=HH").unpack_from
+
+
 def _u32(b: bytes) -> int:
     return int.from_bytes(b[:4], "big")
 
@@ -213,20 +216,32 @@ class _Rules:
         self.sets = sets
         self.parser = sets.parser
         self.cache: dict[bytes, tuple[tuple[Match, ...], Verdict]] = {}
+        self.rule_cache: dict[bytes, Rule] = {}
 
-    def rule(self, r: Attrs) -> None:
-        chain = _str(r.get(2, b""))
-        blob = r.get(4, b"")
-        comment = _comment(r.get(7, b""))
-        decoded = self.cache.get(blob)
-        if decoded is None:
-            handle = int.from_bytes(r.get(3, b""), "big")
-            where = f"chain {chain} rule {handle} ({comment})"
+    def rule(self, chain: str, msg: bytes) -> Rule:
+        """One rule message of ``chain``. Its attributes are table, chain, handle, position,
+        then expressions and user data: the bytes from the expressions on are the rule's
+        content (equal content, one decode and one shared :class:`Rule`)."""
+        off, end = 0, len(msg)
+        while off + 4 <= end:
+            length, kind = _HEAD(msg, off)
+            if length < 4 or kind & 0x3FFF in (4, 5, 7):
+                break
+            off += (length + 3) & ~3
+        content = msg[off:]
+        rule = self.rule_cache.get(content)
+        if rule is None:  # equal rules share one Rule: the interpreter's per-rule work is done once
+            r = attrs(msg)
+            where = f"chain {chain} rule {int.from_bytes(r.get(3, b''), 'big')}"
             if 5 in r:
                 raise UnmodelledConstructError(where, "xtables compat expression")
-            decoded = self.cache[blob] = self.decode(blob, where)
-        matches, verdict = decoded
-        self.parser.chains.setdefault(chain, []).append(Rule(matches, verdict, comment))
+            comment = _comment(r.get(7, b""))
+            blob = r.get(4, b"")
+            decoded = self.cache.get(blob)
+            if decoded is None:
+                decoded = self.cache[blob] = self.decode(blob, f"{where} ({comment})")
+            rule = self.rule_cache[content] = Rule(decoded[0], decoded[1], comment)
+        return rule
 
     def decode(self, blob: bytes, where: str) -> tuple[tuple[Match, ...], Verdict]:
         regs: dict[int, Load] = {}
@@ -532,6 +547,6 @@ def parse_nft_dump(dump: TableDump | None, table: str) -> LoadedRuleset:
     for c in dump.chains:
         _chain(parser, c)
     rules = _Rules(sets)
-    for r in dump.rules:
-        rules.rule(r)
+    for chain, msgs in dump.rules:
+        parser.chains.setdefault(chain, []).extend(rules.rule(chain, m) for m in msgs)
     return parser.result()

@@ -89,7 +89,7 @@ class TableDump:
 
     table: Attrs
     chains: tuple[Attrs, ...]
-    rules: tuple[Attrs, ...]  # chain by chain, each chain's rules in order
+    rules: tuple[tuple[str, tuple[bytes, ...]], ...]  # per chain: its name, its rule messages in order
     sets: tuple[Attrs, ...]
     elements: dict[str, tuple[bytes, ...]]  # set name -> its NFTA_SET_ELEM_LIST_ELEMENTS payloads
     objects: int  # stateful objects (counters, quotas, limits ...) in the table
@@ -152,10 +152,11 @@ def dump_table(table: str, netns: str | None = None) -> TableDump | None:
             return None
         chains = d.request(NFT_MSG_GETCHAIN, name) or []
         chain_attrs = tuple(attrs(c) for c in chains)
-        rules: list[Attrs] = []
+        rules: list[tuple[str, tuple[bytes, ...]]] = []
         for c in chain_attrs:  # one dump per chain: see the module docstring
             chain = c.get(NFTA_CHAIN_NAME, b"")
-            rules += map(attrs, d.request(NFT_MSG_GETRULE, name + _attr(NFTA_RULE_CHAIN, chain)) or ())
+            msgs = d.request(NFT_MSG_GETRULE, name + _attr(NFTA_RULE_CHAIN, chain)) or []
+            rules.append((chain.rstrip(b"\0").decode(), tuple(msgs)))
         set_attrs = tuple(attrs(s) for s in d.request(NFT_MSG_GETSET, name) or ())
         elements: dict[str, tuple[bytes, ...]] = {}
         for s in set_attrs:
