@@ -45,9 +45,15 @@ def test_address_classes_are_exact() -> None:
                 else:
                     merged.append((lo, hi))
             preds.append(tuple(merged))
+        for _ in range(rng.randint(0, 3)):  # single addresses (peers), adjacent ones included
+            ones = sorted({rng.randint(0, 60) for _ in range(rng.randint(1, 12))})
+            preds.append(tuple((x, x) for x in ones))
+        rng.shuffle(preds)
         classes = address_classes(preds, Family.V4, hints=[rng.randint(0, 250)])
         sig_of = {c.members: c for c in classes}
         assert len(sig_of) == len(classes)
+        every = {frozenset(i for i, p in enumerate(preds) if any(lo <= a <= hi for lo, hi in p)) for a in range(260)}
+        assert set(sig_of) == every  # no class without an address, none missing
         for a in range(0, 260):
             sig = frozenset(i for i, p in enumerate(preds) if any(lo <= a <= hi for lo, hi in p))
             assert sig in sig_of
