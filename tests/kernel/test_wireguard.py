@@ -1,5 +1,6 @@
 """``encrypt: true`` in the kernel: wireguard-go tunnels between namespaces, steered by every
-Linux backend that encrypts (nftables; iptables+ipset, whose steering is the mangle table).
+Linux backend that encrypts (nftables; iptables+ipset, whose steering is the mangle table; eBPF,
+whose tc programs redirect encrypted connections into the WireGuard interface).
 
 Three hosts on one bridge, each with the backend under test (the tests are parametrised over
 ``WG_BACKENDS``, never copied) and its own wireguard-go interface, the policy compiled by
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.wireguard import SOCKET_MARK
 from stockade.evaluator import Evaluator, Verdict
 from stockade.lab.wglab import WG_BACKENDS, WgLab, kill_wireguard_go, marker, probe, send_udp, wg_lab
@@ -148,6 +150,10 @@ def test_encrypted_rule_on_the_wire_plaintext_and_spoofing_dropped(tmp_path: Pat
         time.sleep(0.2)
         assert not any(m in received for m in forged)
         assert not cap.seen(own) and not cap.seen(forged[2])  # those two went encrypted
+        if isinstance(web.backend, EbpfBackend) and isinstance(db.backend, EbpfBackend):
+            # eBPF: its programs carried it (redirected into the tunnel at web; the plaintext dropped at db)
+            assert web.backend.stats()["tunneled"] > 0
+            assert db.backend.stats()["plain_drop"] > 0
 
 
 @backends

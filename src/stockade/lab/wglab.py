@@ -37,7 +37,8 @@ from stockade.model.policy import Policy
 from stockade.model.workloads import EnforcementMode, Interface, WireGuardIdentity, Workload
 
 PORTS = (80, 5432, 6000, 7000)
-WG_BACKENDS = ("nftables", "iptables-nft", "iptables-legacy", "ebpf")  # the Linux backends that encrypt, as the lab names them
+# the Linux backends that encrypt, as the lab names them
+WG_BACKENDS = ("nftables", "iptables-nft", "iptables-legacy", "ebpf")
 SO_MARK = 36
 IP_TRANSPARENT = 19  # a source address the host does not own (FREEBIND binds, but sendto then refuses)
 IPV6_TRANSPARENT = 75
@@ -71,9 +72,10 @@ class Host:
 
     def enforce(self, hp: HostPolicy) -> None:
         """Render and apply ``hp`` with this host's backend."""
-        if isinstance(self.backend, NftablesBackend):
+        if isinstance(self.backend, EbpfBackend):  # each backend takes its own artifact type
             self.backend.apply(self.backend.render(hp))
-        elif isinstance(self.backend, EbpfBackend):
+            return
+        if isinstance(self.backend, NftablesBackend):
             self.backend.apply(self.backend.render(hp))
         else:
             self.backend.apply(self.backend.render(hp))
