@@ -212,6 +212,19 @@ def test_backends_without_wireguard_fail_closed() -> None:
         render_iptables(hp)
     text = render_iptables(hp, wg_interface="stkwg0").to_text()
     assert "! -i stkwg0" in text and "*mangle" in text and "-j MARK --set-xmark 0x5745/0xffffffff" in text
+    # eBPF likewise: without a WireGuard device the backend refuses; rendered, the encrypted allows are
+    # allow-encrypted (tunnel only), never plain allows
+    from stockade.backends.ebpf.backend import EBPF_CAPABILITIES, EbpfBackend
+    from stockade.backends.ebpf.identity import Verdict as EbpfVerdict
+    from stockade.backends.ebpf.render import render_ebpf
+
+    assert Capability.ENCRYPT in EBPF_CAPABILITIES
+    with pytest.raises(RenderError, match="WireGuard interface"):
+        EbpfBackend().render(hp)
+    verdicts = {(r.rule, r.verdict) for r in render_ebpf(hp).policy}
+    encrypted = {i for i, name in enumerate(render_ebpf(hp).rules)
+                 if any(r.encrypt and r.rule_id == name for r in hp.rules)}
+    assert encrypted and all(v is EbpfVerdict.ALLOW_ENCRYPTED for i, v in verdicts if i in encrypted)
 
 
 def test_malformed_public_keys_are_refused() -> None:
