@@ -303,7 +303,8 @@ class EbpfBackend:
         lines = [
             f"# Stockade eBPF state{f' in netns {self.netns}' if self.netns else ''}",
             f"current serial {cur.serial} generation {cur.generation} epoch {cur.epoch} "
-            f"mode {cur.mode.value} layout {cur.layout}",
+            f"mode {cur.mode.value} layout {cur.layout}"
+            + (f" tunnel ifindex {cur.wg_ifindex} fwmark 0x{cur.wg_mark:x}" if cur.wg_ifindex or cur.wg_mark else ""),
             "attachments (interface hook -> program)",
         ]
         for a in self.loader.attachments():
