@@ -2,7 +2,8 @@
 // Nodes are app groups (and unmanaged peers), edges aggregate connections. An edge's line says
 // its worst verdict by colour AND dash pattern (solid: allowed, dashed: potentially blocked,
 // dotted: blocked); its label says every verdict with a count, each by icon shape, colour and
-// number (3 allowed + 1 blocked shows both), and the services. Positions are remembered in this
+// number (3 allowed + 1 blocked shows both), and the services; a connection the policy encrypts
+// (WireGuard) gets a lock in its label and a heavier line. Positions are remembered in this
 // browser, so a group that appears never moves the others (not even after a reload).
 // Keyboard: Tab reaches every group, then every connection label; on a group or a connection
 // the arrow keys move to the previous/next one and Enter opens it; on the map itself arrows pan,
