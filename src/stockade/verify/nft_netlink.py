@@ -175,11 +175,34 @@ class _Sets:
         self.parser.maps[name] = tuple(out)
 
 
+def _plain_keys(payload: bytes, key_len: int) -> list[int] | None:
+    """The keys of a list of elements that are each nothing but a key (a hash set's host
+    addresses: most of a large table's elements), read at a fixed stride; None when some
+    element has anything else (flags, timeouts ...): the general decoder then reads it."""
+    size = 12 + key_len  # LIST_ELEM { KEY { DATA_VALUE <key> } }
+    if not payload or len(payload) % size:
+        return None
+    head = payload[:12]
+    lens = struct.unpack_from("=HHHHHH", head)
+    if lens[0] != size or lens[1] & 0x3FFF != 1 or lens[2] != 8 + key_len or lens[3] & 0x3FFF != 1:
+        return None
+    if lens[4] != 4 + key_len or lens[5] & 0x3FFF != 1:
+        return None
+    if any(payload[i : i + 12] != head for i in range(size, len(payload), size)):
+        return None
+    return [int.from_bytes(payload[i + 12 : i + size], "big") for i in range(0, len(payload), size)]
+
+
 def _ranges(elems: tuple[bytes, ...], key_len: int, flags: int, where: str) -> tuple[Range, ...]:
     """The members of a set's dumped elements as merged integer ranges."""
     points: list[tuple[int, int]] = []  # (value, 0 = interval end | 1 = start)
     spans: list[Range] = []
     for payload in elems:
+        if not flags & SET_INTERVAL and key_len in (4, 16):
+            keys = _plain_keys(payload, key_len)
+            if keys is not None:
+                spans += zip(keys, keys, strict=True)
+                continue
         for _, elem in attr_list(payload):
             e = attrs(elem)
             key = _value(e.get(1, b""))
