@@ -191,3 +191,28 @@ def test_symbolic_memberships_and_the_class_sweep_agree(monkeypatch: pytest.Monk
             monkeypatch.undo()
             assert fast.proven == slow.proven, (seed, fast.summary(), slow.summary())
             assert [str(d) for d in fast.differences] == [str(d) for d in slow.differences]
+
+
+def test_iptables_save_tokens_equal_shlex() -> None:
+    """The read-back's fast tokenizer splits every line as shlex does (it falls back to shlex
+    wherever quoting could make them differ)."""
+    import shlex
+
+    from stockade.verify.ipt_readback import _tokens
+
+    rng = random.Random(3)
+    lines = [
+        '-A STOCKADE-IN -m set --match-set S src -m comment --comment "ruleset/r1/0" -j NFLOG --nflog-prefix "stk:a"',
+        'a""b', 'a "" b', 'a"b c"d', '-A X --comment "a\\"b"', "a 'b c'", 'a "b', '"a b" "c d"', "x\ty", "é",
+    ]  # fmt: skip
+    lines += ["".join(rng.choice(' ab"\'\\\t') for _ in range(rng.randint(0, 12))) for _ in range(20_000)]
+    for line in lines:
+        try:
+            want: object = shlex.split(line)
+        except ValueError:
+            want = ValueError
+        try:
+            got: object = _tokens(line)
+        except ValueError:
+            got = ValueError
+        assert got == want, repr(line)
