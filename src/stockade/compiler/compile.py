@@ -124,12 +124,12 @@ class Compiler:
         self._nets = NetworkCache()
         self._addr_ints: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
-        # label sets: interned to small ints, compiled once each
+        # label sets: interned to small ints (one per distinct set of matched selectors), compiled once each
         self._workloads: dict[str, Workload] = {}
         self._key_of: dict[str, int] = {}
         self._ls_ids: dict[LabelSet, int] = {}
         self._ls_rules: list[_LabelSetRules] = []
-        self._by_matched: dict[frozenset[int], _LabelSetRules] = {}  # matched selector ids -> compiled
+        self._by_matched: dict[frozenset[int], int] = {}  # matched selector ids -> label set id
         self._ls_hosts: list[set[str]] = []
         # label set -> (change number when built, its AddressSets); stale once a set it references
         # changed later (``_set_changed``): checked on read, so a change to a set referenced by
@@ -169,19 +169,16 @@ class Compiler:
                 )
             else:
                 members[name] = ([], [])
-        # the addresses of every host, grouped by the sets they are members of (label sets that
-        # match the same selectors share one compiled object, so one group per object)
-        grouped: dict[int, tuple[frozenset[str], list[int], list[int]]] = {}
-        for lsid, compiled in enumerate(self._ls_rules):
-            group = grouped.get(id(compiled))
-            if group is None:
-                group = grouped[id(compiled)] = (compiled.member_of, [], [])
-            _, v4, v6 = group
-            for h in self._ls_hosts[lsid]:
+        # the addresses of every host, grouped by the sets they are members of (one group per
+        # label set id: label sets matching the same selectors share one)
+        for compiled, hosts in zip(self._ls_rules, self._ls_hosts, strict=True):
+            v4: list[int] = []
+            v6: list[int] = []
+            for h in hosts:
                 a4, a6 = self._ints(h)
                 v4 += a4
                 v6 += a6
-        for member_of, v4, v6 in grouped.values():
+            member_of = compiled.member_of
             for s in member_of:
                 m4, m6 = members[s]
                 m4 += v4
@@ -203,18 +200,24 @@ class Compiler:
         return found
 
     def _labelset(self, w: Workload) -> int:
+        """The id of the compiled rules of ``w``'s label set: label sets matching the same
+        selectors (a quarter of them) share one id, one compiled object and one host list."""
         relevant = self._relevant
         ls = frozenset([k for lab in w.labels if (k := lab.key + "\0" + lab.value) in relevant])  # as label_keys
         lsid = self._ls_ids.get(ls)
         if lsid is None:
-            lsid = self._ls_ids[ls] = len(self._ls_rules)
-            compiled = self._compile_labelset(ls)
-            self._ls_rules.append(compiled)
-            self._ls_hosts.append(set())
-            for s in compiled.sets:
-                self._set_labelsets[s].add(lsid)
-            for s in compiled.encrypted_sets:
-                self._enc_labelsets[s].add(lsid)
+            matched = frozenset(self._sel_index.matching(ls))
+            lsid = self._by_matched.get(matched)
+            if lsid is None:
+                lsid = self._by_matched[matched] = len(self._ls_rules)
+                compiled = self._compile_matched(matched)
+                self._ls_rules.append(compiled)
+                self._ls_hosts.append(set())
+                for s in compiled.sets:
+                    self._set_labelsets[s].add(lsid)
+                for s in compiled.encrypted_sets:
+                    self._enc_labelsets[s].add(lsid)
+            self._ls_ids[ls] = lsid
         return lsid
 
     def _attach_host(self, w: Workload) -> None:
@@ -238,14 +241,6 @@ class Compiler:
         return config_for(self._workloads[name], (self._workloads[p] for p in peers))
 
     # ---- per label set -------------------------------------------------------
-    def _compile_labelset(self, labels: LabelSet) -> _LabelSetRules:
-        # label sets matching the same selectors share one compiled object (a quarter of them)
-        matched = frozenset(self._sel_index.matching(labels))
-        found = self._by_matched.get(matched)
-        if found is None:
-            found = self._by_matched[matched] = self._compile_matched(matched)
-        return found
-
     def _compile_matched(self, matched: frozenset[int]) -> _LabelSetRules:
         table = self._table
         rules_of = table.rules_of
