@@ -48,6 +48,7 @@ from stockade.agent.transport import (
 )
 from stockade.agent.watch import ChangeFeed, feed_for
 from stockade.agent_signature import new_private_key, public_key_text
+from stockade.backends.base import TunnelReporting
 from stockade.backends.wireguard import DEFAULT_PORT as WIREGUARD_PORT
 from stockade.compiler.delta import apply_update
 from stockade.compiler.ir import HostPolicy
@@ -130,6 +131,7 @@ class Agent:
         self._flows: FlowCollector | None = None  # flow reporting (backends that are flow sources)
         self._pending_ack: int | None = None
         self._last_failure: tuple[int, str] | None = None
+        self._datapath = ""  # the WireGuard datapath last reported ("": no tunnel)
         self._last_refusal: int | None = None
         self._inline_acks = False  # the controller takes acks on the long-poll (learnt from its answers)
         self._poke = threading.Event()  # wakes the enforce loop: long-poll answered, stop, address change
@@ -252,6 +254,7 @@ class Agent:
             except Exception as exc:  # never let the watcher die
                 log.exception("tamper check failed: %s", exc)
                 continue
+            self._report_datapath(self.applied_revision)  # a cache start or a restore made the tunnel
             if report is None:
                 failing = None
                 continue
@@ -570,6 +573,16 @@ class Agent:
                 self._last_failure = (revision, str(exc))
                 self._event(EventKind.APPLY_FAILED, str(exc), revision)
             raise
+        self._report_datapath(revision)
+
+    def _report_datapath(self, revision: int | None) -> None:
+        """One event when the WireGuard tunnel comes up on (or moves to) a datapath:
+        "WireGuard datapath: kernel" or "... wireguard-go"."""
+        backend = self.enforcer.backend
+        datapath = backend.wireguard_datapath() if isinstance(backend, TunnelReporting) else ""
+        if datapath and datapath != self._datapath:
+            self._event(EventKind.WIREGUARD_DATAPATH, f"WireGuard datapath: {datapath}", revision)
+        self._datapath = datapath
 
     def _refuse(self, revision: int, detail: str) -> None:
         """Report once per revision; long-poll past it so it is not fetched again."""

@@ -200,6 +200,14 @@ class PeerUpdating(Protocol):
 
 
 @runtime_checkable
+class TunnelReporting(Protocol):
+    """A backend with a WireGuard tunnel says which implementation runs it: ``"kernel"`` (the
+    module) or ``"wireguard-go"``; ``""`` while no tunnel is up. The agent reports changes."""
+
+    def wireguard_datapath(self) -> str: ...
+
+
+@runtime_checkable
 class NetnsBound(Protocol):
     """A backend that programs a named network namespace (None: the caller's own)."""
 

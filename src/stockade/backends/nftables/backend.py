@@ -152,6 +152,11 @@ class NftablesBackend:
         else:
             self.runner.load(delta_script(self.table, changes))
 
+    def wireguard_datapath(self) -> str:
+        """The tunnel's WireGuard implementation ("kernel", "wireguard-go"; "": none up)."""
+        dp = self._tunnel.datapath if self._tunnel is not None else None
+        return dp.value if dp is not None else ""
+
     def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
         """WireGuard peers set / removed over the control socket; the ruleset is not touched."""
         if self._tunnel is None:
