@@ -33,8 +33,8 @@ from stockade.backends.wireguard import SOCKET_MARK, Datapath, DatapathChoice, T
 from stockade.compiler.compile import Compiler
 from stockade.compiler.ir import PeerDelta, WireGuardConfig, WireGuardPeer
 from stockade.errors import ApplyError
-from stockade.lab.wglab import WG_TOOL, marker, probe, wg_lab
 from stockade.lab.netns import create_bridge_namespace, delete_namespace
+from stockade.lab.wglab import WG_TOOL, marker, probe, wg_lab
 from tests.kernel.test_wireguard import base_policy, labels, until
 
 pytestmark = [
