@@ -28,7 +28,14 @@ from pathlib import Path
 
 import pytest
 
-from stockade.backends.wgconf import UapiConfigurator, WgToolConfigurator, create_kernel_link, key_b64, no_module
+from stockade.backends.wgconf import (
+    WG_BATCH,
+    UapiConfigurator,
+    WgToolConfigurator,
+    create_kernel_link,
+    key_b64,
+    no_module,
+)
 from stockade.backends.wireguard import SOCKET_MARK, Datapath, DatapathChoice, Tunnel
 from stockade.compiler.compile import Compiler
 from stockade.compiler.ir import PeerDelta, WireGuardConfig, WireGuardPeer
@@ -176,6 +183,16 @@ def test_wg_tool_changes_one_peer_at_a_time_and_leaves_the_other_sessions_alone(
             db.device.remove_peer(key)
         _, peers = conf.dump()
         assert set(peers) == live
+        # many at once (a first start, a reconcile): batched `wg set` calls, still peer by peer
+        bulk = [_fake(i) for i in range(1000, 1000 + 2 * WG_BATCH + 50)]
+        conf.change_peers(bulk, [])
+        _, peers = conf.dump()
+        assert set(peers) == live | {p.public_key for p in bulk}
+        assert peers[bulk[-1].public_key].allowed == frozenset(str(n) for n in bulk[-1].allowed)
+        hp = lab.compiler.host_policy("h1") if lab.compiler else None
+        assert hp is not None and hp.wireguard is not None
+        assert db.device.reconcile(hp.wireguard) == (0, len(bulk))  # the extras removed, the live kept
+        assert set(conf.dump()[1]) == live
         # the live peers' sessions were never reset: same handshake, and they still carry traffic
         assert probe(web.netns, web.v4, db.v4, 5432, marker(), timeout=0.6)
         assert probe(other.netns, other.v4, db.v4, 6000, marker(), timeout=0.6)
@@ -184,7 +201,5 @@ def test_wg_tool_changes_one_peer_at_a_time_and_leaves_the_other_sessions_alone(
             assert after[key][:2] == before[key][:2], "a live peer's session was reset"
             assert after[key][2] > before[key][2]
         # and the full reconcile through the same configurator finds nothing to do
-        hp = lab.compiler.host_policy("h1") if lab.compiler else None
-        assert hp is not None and hp.wireguard is not None
         assert db.device.reconcile(hp.wireguard) == (0, 0)
         assert db.backend.verify(db.backend.render(hp)).ok

@@ -33,7 +33,7 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -47,6 +47,7 @@ from stockade.model.workloads import validate_public_key
 UAPI_DIR = Path("/var/run/wireguard")
 TIMEOUT_S = 10.0
 ENV = "STOCKADE_WIREGUARD"
+WG_BATCH = 200  # peers per `wg set` when many change at once (~130 bytes of argv each)
 _IFNAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
 # what `ip link add NAME type wireguard` prints when the kernel has no WireGuard module
 _NO_MODULE = re.compile(r"unknown device type|not supported|EOPNOTSUPP", re.I)
@@ -142,6 +143,11 @@ class Configurator(Protocol):
 
     def remove_peer(self, public_key: str) -> None: ...
 
+    def change_peers(self, upsert: Sequence[WireGuardPeer], remove: Sequence[str]) -> None:
+        """Many peers' changes in one call, each peer's as :meth:`set_peer` / :meth:`remove_peer`
+        (never a configuration replace: the other peers' sessions stay)."""
+        ...
+
 
 class UapiConfigurator:
     """wireguard-go's control socket, ``/var/run/wireguard/<name>.sock`` (shared by all namespaces)."""
@@ -195,6 +201,14 @@ class UapiConfigurator:
 
     def remove_peer(self, public_key: str) -> None:
         self._set([f"public_key={key_hex(public_key)}", "remove=true"])
+
+    def change_peers(self, upsert: Sequence[WireGuardPeer], remove: Sequence[str]) -> None:
+        lines = [line for key in remove for line in (f"public_key={key_hex(key)}", "remove=true")]
+        for peer in upsert:
+            lines += [f"public_key={key_hex(peer.public_key)}", "replace_allowed_ips=true",
+                      f"endpoint={endpoint_text(peer)}", *(f"allowed_ip={n}" for n in peer.allowed)]
+        if lines:
+            self._set(lines)
 
 
 def parse_uapi(text: str) -> tuple[InterfaceState, dict[str, PeerState]]:
@@ -260,6 +274,12 @@ class WgToolConfigurator:
 
     def remove_peer(self, public_key: str) -> None:
         self._wg(["set", self.name, "peer", validate_public_key(public_key), "remove"])
+
+    def change_peers(self, upsert: Sequence[WireGuardPeer], remove: Sequence[str]) -> None:
+        groups = [["peer", validate_public_key(key), "remove"] for key in remove]
+        groups += [wg_peer_args(peer) for peer in upsert]
+        for i in range(0, len(groups), WG_BATCH):  # argv stays far below the kernel's limit
+            self._wg(["set", self.name, *(arg for group in groups[i:i + WG_BATCH] for arg in group)])
 
 
 def wg_interface_args(private_key_file: Path | None, listen_port: int | None, fwmark: int | None) -> list[str]:

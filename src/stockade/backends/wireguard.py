@@ -110,18 +110,15 @@ class WireGuardDevice:
         conf = self.config
         _, have = conf.dump()
         want = {p.public_key: p for p in config.peers}
-        removed = 0
-        for key in sorted(set(have) - set(want)):
-            conf.remove_peer(key)
-            removed += 1
-        changed = 0
+        removed = sorted(set(have) - set(want))
+        changed = []
         for key, peer in sorted(want.items()):
             state = have.get(key)
             allowed = frozenset(str(n) for n in peer.allowed)
             if state is None or state.allowed != allowed or state.endpoint != endpoint_text(peer):
-                conf.set_peer(peer)
-                changed += 1
-        return changed, removed
+                changed.append(peer)
+        conf.change_peers(changed, removed)  # one request (per batch), each peer changed on its own
+        return len(changed), len(removed)
 
     # ---- the interface ------------------------------------------------------------------------
     def _run(self, argv: list[str], what: str) -> str:
