@@ -185,8 +185,15 @@ def backend_rows(backend: str, seconds: float, uapi_rows: bool) -> list[tuple[st
         tool = WgToolConfigurator(c.device.name, c.netns)
         for count in (10, 1000):
             peers = [_fake_peer(i) for i in range(count)]
-            for p in peers:
-                uapi.set_peer(p)
+            bulk: dict[str, float] = {}
+            for name, conf in (("wg tool", tool), ("UAPI", uapi)):  # a first start: all peers at once
+                t0 = time.perf_counter()
+                conf.change_peers(peers, [])
+                bulk[name] = (time.perf_counter() - t0) * 1000
+                if name == "wg tool":
+                    conf.change_peers([], [p.public_key for p in peers])
+            rows.append((f"{count} peers into the device at once (batched): UAPI / wg tool", "-",
+                         f"{bulk['UAPI']:.1f} / {bulk['wg tool']:.1f} ms"))
             cost: dict[str, tuple[list[float], list[float]]] = {"UAPI": ([], []), "wg tool": ([], [])}
             for i in range(40):
                 name, conf = (("UAPI", uapi), ("wg tool", tool))[i % 2]
