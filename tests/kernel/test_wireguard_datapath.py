@@ -36,7 +36,7 @@ from stockade.backends.wgconf import (
     key_b64,
     no_module,
 )
-from stockade.backends.wireguard import SOCKET_MARK, Datapath, DatapathChoice, Tunnel
+from stockade.backends.wireguard import SOCKET_MARK, Datapath, DatapathChoice, Tunnel, WireGuardDevice
 from stockade.compiler.compile import Compiler
 from stockade.compiler.ir import PeerDelta, WireGuardConfig, WireGuardPeer
 from stockade.errors import ApplyError
@@ -203,3 +203,6 @@ def test_wg_tool_changes_one_peer_at_a_time_and_leaves_the_other_sessions_alone(
         # and the full reconcile through the same configurator finds nothing to do
         assert db.device.reconcile(hp.wireguard) == (0, 0)
         assert db.backend.verify(db.backend.render(hp)).ok
+        # an agent restarted finds the interface and what it runs on (`ip -d link`: a tun)
+        again = WireGuardDevice(db.device.name, db.netns, db.key_file, DatapathChoice.AUTO)
+        assert again.alive() and again.datapath is Datapath.USERSPACE and again.problems(hp.wireguard) == []

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from stockade.agent.fake import FakeController
+from stockade.agent.main import make_backend
 from stockade.agent.transport import EventKind
 from stockade.backends import wireguard
 from stockade.backends.wgconf import (
@@ -30,6 +31,7 @@ from stockade.backends.wgconf import (
     PeerState,
     UapiConfigurator,
     WgToolConfigurator,
+    datapath_of,
     no_module,
     parse_uapi,
     parse_wg_dump,
@@ -156,6 +158,27 @@ def test_the_device_reads_its_choice_from_the_environment(tmp_path: Path, monkey
     monkeypatch.setenv(ENV, "bogus")
     with pytest.raises(ValidationError):
         WireGuardDevice("wgtest0", None, tmp_path / "k")
+
+
+TUN = ("2: wgx: <POINTOPOINT,MULTICAST,NOARP> mtu 1420 qdisc noop state DOWN mode DEFAULT group default qlen 500"
+       "\\    link/none  promiscuity 0  allmulti 0 minmtu 68 maxmtu 65535 \\    tun type tun pi on vnet_hdr off "
+       "persist off addrgenmode eui64 numtxqueues 1")  # measured here (wireguard-go)
+KERNEL = ("5: wg0: <POINTOPOINT,NOARP,UP,LOWER_UP> mtu 1420 qdisc noqueue state UNKNOWN mode DEFAULT group default "
+          "qlen 1000\\    link/none  promiscuity 0 minmtu 0 maxmtu 2147483552 \\    wireguard addrgenmode none "
+          "numtxqueues 1")  # iproute2's layout for a kernel WireGuard link
+
+
+def test_an_existing_interface_s_datapath_is_read_from_ip_link() -> None:
+    assert datapath_of(TUN) is Datapath.USERSPACE
+    assert datapath_of(KERNEL) is Datapath.KERNEL
+    assert datapath_of(TUN.replace("wgx:", "wireguard0:")) is Datapath.USERSPACE  # the name is not the kind
+
+
+def test_a_bad_choice_stops_the_agent_before_it_touches_anything(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV, "modprobe")
+    with pytest.raises(ValidationError, match=ENV):
+        make_backend("nftables", None, tmp_path)
 
 
 # ---- the wg tool's arguments -----------------------------------------------------------------

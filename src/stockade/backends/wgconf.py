@@ -318,6 +318,12 @@ def parse_wg_dump(text: str) -> tuple[InterfaceState, dict[str, PeerState]]:
     return iface, peers
 
 
+def datapath_of(ip_detail: str) -> Datapath:
+    """What ``ip -d -o link show dev NAME`` says the interface is: its kind ``wireguard`` (the
+    module) or anything else (wireguard-go's ``tun``)."""
+    return Datapath.KERNEL if re.search(r"(^|[\s\\])wireguard\s", ip_detail) else Datapath.USERSPACE
+
+
 def no_module(stderr: str) -> bool:
     """Whether ``ip link add ... type wireguard`` failed because the kernel lacks the module."""
     return bool(_NO_MODULE.search(stderr))
@@ -332,7 +338,8 @@ def create_kernel_link(name: str, netns: str | None) -> str | None:
 
 
 __all__ = [
-    "ENV", "Configurator", "Datapath", "DatapathChoice", "InterfaceState", "PeerState", "UapiConfigurator",
-    "WgToolConfigurator", "create_kernel_link", "endpoint_text", "key_b64", "key_hex", "no_module", "parse_uapi",
-    "parse_wg_dump", "read_private_key", "validate_ifname", "wg_interface_args", "wg_peer_args",
+    "ENV", "WG_BATCH", "Configurator", "Datapath", "DatapathChoice", "InterfaceState", "PeerState",
+    "UapiConfigurator", "WgToolConfigurator", "create_kernel_link", "datapath_of", "endpoint_text", "key_b64",
+    "key_hex", "no_module", "parse_uapi", "parse_wg_dump", "read_private_key", "validate_ifname",
+    "wg_interface_args", "wg_peer_args",
 ]

@@ -41,6 +41,7 @@ from stockade.backends.wgconf import (
     UapiConfigurator,
     WgToolConfigurator,
     create_kernel_link,
+    datapath_of,
     endpoint_text,
     no_module,
     read_private_key,
@@ -139,8 +140,7 @@ class WireGuardDevice:
 
     def _found_datapath(self) -> Datapath:
         """What the existing interface runs on: ``ip -d link`` says ``wireguard`` for the module."""
-        detail = self._run(["ip", "-d", "-o", "link", "show", "dev", self.name], "ip link show")
-        return Datapath.KERNEL if " wireguard " in detail else Datapath.USERSPACE
+        return datapath_of(self._run(["ip", "-d", "-o", "link", "show", "dev", self.name], "ip link show"))
 
     def _allowed(self, datapath: Datapath) -> bool:
         return self.choice is DatapathChoice.AUTO or (self.choice is DatapathChoice.KERNEL) == (
