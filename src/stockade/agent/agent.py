@@ -137,6 +137,9 @@ class Agent:
         self._backoff = Backoff(options.backoff)
         self.enrolled = threading.Event()
         self.converged = threading.Event()  # set after every successful apply (tests wait on it)
+        # wall-clock time of the first enrolled / long-poll answered / admitted / policy in hand /
+        # applied (the node agent logs them per pod: bench/k8s.py splits a new pod's latency)
+        self.milestones: dict[str, float] = {}
         self._feed: ChangeFeed | None = feed_for(enforcer.change_monitor) if options.change_feed else None
         self._tamper_poke = threading.Event()
         self._prove_poke = threading.Event()
@@ -424,6 +427,7 @@ class Agent:
         if client is None:
             return
         self.client = client
+        self.milestones.setdefault("enrolled", time.time())
         self.enrolled.set()
         if self.applied_revision:
             self._pending_ack = self.applied_revision  # what the cache put in force
@@ -479,6 +483,7 @@ class Agent:
         if answer is None:
             return
         self._inline_acks = answer.inline
+        self.milestones.setdefault("answered", time.time())
         rev = answer.revision
         if rev == self.applied_revision or rev == self.refused_revision:
             return
@@ -530,6 +535,7 @@ class Agent:
         with self.gate.admit(Priority.FIRST if first else Priority.DELTA, self._stop) as admitted:
             if admitted is None:
                 return  # stopping
+            self.milestones.setdefault("admitted", time.time())
             self._update(client, announced, None if admitted.queued else prefetched)
 
     def _update(self, client: ControllerClient, announced: int, prefetched: PolicyUpdate | None) -> None:
@@ -543,6 +549,7 @@ class Agent:
                 return
             except NotFoundError:
                 return  # nothing compiled for us yet
+        self.milestones.setdefault("fetched", time.time())
         try:
             hp = self._resolve(client, upd)
         except Refused as exc:
@@ -555,6 +562,7 @@ class Agent:
             return
         if hp is None:
             return
+        self.milestones.setdefault("applied", time.time())
         self.state.save_policy(CachedPolicy(upd.revision, hp))
         self.applied_revision = upd.revision
         self._prove_poke.set()

@@ -33,6 +33,7 @@ at the host agent's 0.5 s would be 220 ``nft list`` per second).
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import shutil
 import threading
@@ -121,6 +122,9 @@ class _Running:
 @dataclass
 class NodeStats:
     programmed: dict[str, float] = field(default_factory=dict)  # uid -> seconds from start to first apply
+    # uid -> stage -> wall-clock time: seen (IP in the node's watch), taken (a start began), found
+    # (namespace), pinned, enrolled (credential), runtime (started), then the runtime's milestones
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class NodeAgent:
@@ -177,8 +181,14 @@ class NodeAgent:
 
     def set_pods(self, pods: Mapping[str, LocalPod]) -> None:
         """The complete set of pods bound to this node, as the API says now."""
+        now = time.time()
         with self._lock:
             self._desired = dict(pods)
+            for uid in [u for u in self.stats.stages if u not in pods]:
+                del self.stats.stages[uid]
+            for uid, p in pods.items():
+                if p.ready:
+                    self.stats.stages.setdefault(uid, {}).setdefault("seen", now)
         self._poke.set()
 
     def enforced(self) -> dict[str, str]:
@@ -322,14 +332,24 @@ class NodeAgent:
                 self.gate.end_hold()
         return started
 
+    def _stage(self, uid: str, name: str, first: bool = False) -> None:
+        with self._lock:
+            stages = self.stats.stages.setdefault(uid, {})
+            if first:
+                stages.setdefault(name, time.time())
+            else:
+                stages[name] = time.time()  # the attempt that succeeded
+
     def _start_pod_held(self, pod: LocalPod, t0: float) -> bool:
         with self._lock:
             if pod.uid in self._running:
                 self.gate.end_hold()
                 return True  # already enforced: never a second runtime for one pod
+        self._stage(pod.uid, "taken", first=True)
         ns = self._finder(pod.uid)
         if ns is None:
             return False  # no process of it yet (or already gone)
+        self._stage(pod.uid, "found")
         if ns.host_network:
             with self._lock:
                 self._host_network.add(pod.uid)  # the node's own namespace: the host policy covers it
@@ -337,6 +357,7 @@ class NodeAgent:
             self.gate.end_hold()  # nothing of ours to apply there
             return True
         netns = pin(ns, self.pin_prefix)
+        self._stage(pod.uid, "pinned")
         state = StateDir(self.options.state_dir / "pods" / pod.uid)
         cred = state.load_credential()
         if cred is not None and cred.workload != pod.workload:
@@ -354,6 +375,7 @@ class NodeAgent:
                 state.save_ca(ca)
             state.save_credential(Credential(self.credential.controller, e.agent_id, e.token, e.workload,
                                              state.key_path))
+        self._stage(pod.uid, "enrolled")
         addresses = tuple(ipaddress.ip_address(a) for a in pod.addresses)
         report = HostReport(pod.workload, "kubernetes pod", (InterfaceReport("eth0", addresses),))
         backend = self._backend_factory(netns)
@@ -365,6 +387,7 @@ class NodeAgent:
         with self._lock:
             self._running[pod.uid] = _Running(pod, netns, agent, backend, t0)
         agent.start()
+        self._stage(pod.uid, "runtime")
         threading.Thread(target=self._time_first_apply, args=(pod.uid, agent, t0), daemon=True).start()
         log.info("pod %s/%s: enforcing in %s (%s)", pod.namespace, pod.name, netns, pod.workload)
         return True
@@ -378,6 +401,10 @@ class NodeAgent:
             took = time.monotonic() - t0
             self.stats.programmed[uid] = took
             log.info("pod %s: first policy applied %.1f ms after the node agent took it up", uid, took * 1000)
+            with self._lock:
+                stages = dict(self.stats.stages.get(uid, {}))
+            stages.update({f"agent-{k}": v for k, v in agent.milestones.items()})
+            log.info("pod %s: stages %s", uid, json.dumps(stages, sort_keys=True))
 
     def _stop_pod(self, uid: str, forget: bool, wait: bool = False) -> None:
         with self._lock:
