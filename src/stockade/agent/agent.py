@@ -214,6 +214,8 @@ class Agent:
     def enforce_cache(self) -> None:
         """Enforce the on-disk cache now (``start()`` does it unless it was done already)."""
         self._cache = enforce_cache(self.state, self.enforcer, self.clock)
+        if self._cache.revision:
+            self.milestones.setdefault("applied", time.time())
         self._adopt_cache(self._cache)
 
     def _adopt_cache(self, cache: CacheStart) -> None:
@@ -289,6 +291,10 @@ class Agent:
                 gc.collect()
             if self.options.proof_min_gap > 0 and self._stop.wait(self.options.proof_min_gap):
                 return  # applies during the gap left the poke set: the newest revision is proven next
+
+    def request_proof(self) -> None:
+        """Prove the policy in force soon (the prover's next turn; at most every ``proof_min_gap``)."""
+        self._prove_poke.set()
 
     def prove_now(self) -> str | None:
         """Prove once; report "proven at revision N" or the counterexample when it changed.

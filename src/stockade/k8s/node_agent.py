@@ -46,13 +46,14 @@ from pathlib import Path
 from stockade import __version__
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
-from stockade.agent.enforcer import Enforcer
+from stockade.agent.enforcer import CacheStart, Enforcer
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
-from stockade.agent.state import Credential, StateDir
-from stockade.agent.transport import ControllerUnreachableError, Enrollment
+from stockade.agent.state import CachedPolicy, Credential, StateDir
+from stockade.agent.transport import AgentEvent, ControllerUnreachableError, Enrollment, EventKind
 from stockade.agent_signature import public_key_text
 from stockade.backends.nftables.backend import NftablesBackend
+from stockade.compiler.delta import PolicyUpdate, UpdateKind, policy_update_from_dict
 from stockade.errors import AuthError, Issue, NotFoundError, StockadeError, ValidationError
 from stockade.k8s.podns import PodNetns, find_pod_netns, pin, pin_prefix, stale_pins, unpin
 
@@ -98,13 +99,17 @@ class NodeOptions:
 class NodeControllerClient(HttpControllerClient):
     """The agent protocol plus the node agent's one extra call."""
 
-    def enroll_pod(self, workload: str, public_key: str) -> Enrollment:
+    def enroll_pod(self, workload: str, public_key: str) -> tuple[Enrollment, PolicyUpdate | None]:
+        """The pod's identity and, from a controller that sends it, its first policy (the answer of
+        ``GET /agents/{id}/policy`` for the new identity: no further round trip before its first apply)."""
         data = self._json(self._request("POST", self._agent_path("pods/enroll"), json={
-            "workload": workload, "public_key": public_key, "agent_version": __version__}))
+            "workload": workload, "public_key": public_key, "agent_version": __version__, "include_policy": True}))
         try:
-            return Enrollment(str(data["agent_id"]), str(data["token"]), str(data["workload"]))
+            enrollment = Enrollment(str(data["agent_id"]), str(data["token"]), str(data["workload"]))
         except (KeyError, TypeError) as exc:
             raise ValidationError([Issue("controller", 0, "enroll-pod", f"unexpected answer: {exc!r}")]) from exc
+        policy = data.get("policy")
+        return enrollment, None if policy is None else policy_update_from_dict(policy)
 
 
 BackendFactory = Callable[[str | None], NftablesBackend]  # pinned netns name (None: the node's) -> backend
@@ -358,16 +363,17 @@ class NodeAgent:
             return True
         netns = pin(ns, self.pin_prefix)
         self._stage(pod.uid, "pinned")
-        state = StateDir(self.options.state_dir / "pods" / pod.uid)
+        state = StateDir(self.options.state_dir / "pods" / pod.uid, durable=False)  # dies with the machine
         cred = state.load_credential()
         if cred is not None and cred.workload != pod.workload:
             state.wipe()
             cred = None
+        first: PolicyUpdate | None = None
         if cred is None:
             assert self.client is not None and self.credential is not None
             key = public_key_text(state.load_or_create_key())
             try:
-                e = self.client.enroll_pod(pod.workload, key)
+                e, first = self.client.enroll_pod(pod.workload, key)
             except NotFoundError:
                 return False  # the sync has not made it a workload yet
             ca = self.state.load_ca()
@@ -376,19 +382,28 @@ class NodeAgent:
             state.save_credential(Credential(self.credential.controller, e.agent_id, e.token, e.workload,
                                              state.key_path))
         self._stage(pod.uid, "enrolled")
+        backend = self._backend_factory(netns)
+        enforcer = Enforcer(backend)
+        cache = self._enforce_first(pod, enforcer, state, first)
         addresses = tuple(ipaddress.ip_address(a) for a in pod.addresses)
         report = HostReport(pod.workload, "kubernetes pod", (InterfaceReport("eth0", addresses),))
-        backend = self._backend_factory(netns)
         agent = Agent(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
                                    watch_addresses=False, tamper_interval=self.options.pod_tamper_interval,
                                    proof_min_gap=self.options.pod_proof_min_gap,
                                    tamper_safety_interval=self.options.pod_tamper_interval),
-                      state, Enforcer(backend), HttpControllerClient, host_reader=lambda: report, gate=self.gate)
+                      state, enforcer, HttpControllerClient, host_reader=lambda: report, gate=self.gate, cache=cache)
+        if cache is not None:
+            agent.milestones["applied"] = self.stats.stages.get(pod.uid, {}).get("applied", time.time())
         with self._lock:
             self._running[pod.uid] = _Running(pod, netns, agent, backend, t0)
-        agent.start()
+        agent.start()  # without the enrolment's policy in force: enforces the pod's cache, if any
         self._stage(pod.uid, "runtime")
-        threading.Thread(target=self._time_first_apply, args=(pod.uid, agent, t0), daemon=True).start()
+        if agent.applied_revision:
+            agent.request_proof()  # the first policy is proven like any apply
+            self.gate.end_hold()
+            self._first_applied(pod.uid, agent, t0)
+        else:
+            threading.Thread(target=self._time_first_apply, args=(pod.uid, agent, t0), daemon=True).start()
         log.info("pod %s/%s: enforcing in %s (%s)", pod.namespace, pod.name, netns, pod.workload)
         return True
 
@@ -398,13 +413,39 @@ class NodeAgent:
         finally:
             self.gate.end_hold()
         if agent.converged.wait(120):
-            took = time.monotonic() - t0
-            self.stats.programmed[uid] = took
-            log.info("pod %s: first policy applied %.1f ms after the node agent took it up", uid, took * 1000)
-            with self._lock:
-                stages = dict(self.stats.stages.get(uid, {}))
-            stages.update({f"agent-{k}": v for k, v in agent.milestones.items()})
-            log.info("pod %s: stages %s", uid, json.dumps(stages, sort_keys=True))
+            self._first_applied(uid, agent, t0)
+
+    def _enforce_first(self, pod: LocalPod, enforcer: Enforcer, state: StateDir,
+                       first: PolicyUpdate | None) -> CacheStart | None:
+        """Put the first policy the enrolment brought in force now, in this start thread (no runtime,
+        long-poll or fetch first), and keep it as the pod's cache; its runtime then follows the
+        controller from that revision. Only a full policy for this very workload; None (the runtime's
+        long-poll brings the policy) for anything else or when the apply fails."""
+        if first is None or first.kind is not UpdateKind.FULL or first.policy is None:
+            return None
+        if first.policy.workload != pod.workload:
+            log.warning("pod %s/%s: enrolment brought a policy for %r; ignored", pod.namespace, pod.name,
+                        first.policy.workload)
+            return None
+        try:
+            enforcer.enforce(first.policy)
+        except StockadeError as exc:
+            log.warning("pod %s/%s: first policy not applied (%s); its runtime retries", pod.namespace, pod.name,
+                        exc)
+            return None
+        self._stage(pod.uid, "applied")
+        state.save_policy(CachedPolicy(first.revision, first.policy))
+        detail = f"enforcing revision {first.revision} (brought by the pod's enrolment)"
+        return CacheStart(first.revision, AgentEvent(EventKind.STARTED, detail, first.revision, time.time()))
+
+    def _first_applied(self, uid: str, agent: Agent, t0: float) -> None:
+        took = time.monotonic() - t0
+        self.stats.programmed[uid] = took
+        log.info("pod %s: first policy applied %.1f ms after the node agent took it up", uid, took * 1000)
+        with self._lock:
+            stages = dict(self.stats.stages.get(uid, {}))
+        stages.update({f"agent-{k}": v for k, v in agent.milestones.items()})
+        log.info("pod %s: stages %s", uid, json.dumps(stages, sort_keys=True))
 
     def _stop_pod(self, uid: str, forget: bool, wait: bool = False) -> None:
         with self._lock:
