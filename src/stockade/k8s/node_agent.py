@@ -60,6 +60,7 @@ from stockade.k8s.podns import PodNetns, find_pod_netns, pin, pin_prefix, stale_
 log = logging.getLogger("stockade.k8s.node")
 RETRY_SECONDS = 0.1  # a pod whose workload or namespace is not there yet is tried again this soon ...
 RETRY_MAX = 5.0  # ... doubling up to this while it keeps failing
+FAST_RETRY, FAST_RETRY_FOR = 0.05, 5.0  # but a pod seen less than FAST_RETRY_FOR ago: every FAST_RETRY
 START_WORKERS = 8  # pods started (and stopped) at once
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
 
@@ -144,6 +145,7 @@ class NodeAgent:
         self._retry: dict[str, tuple[float, float]] = {}  # uid -> (next attempt, delay) of a failing pod
         self._pool = ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="stockade-pod")
         self._starting: dict[str, Future[bool]] = {}  # uid -> its start under way
+        self._first: dict[str, PolicyUpdate] = {}  # uid -> policy its enrolment brought, namespace not found yet
         self._stopping: dict[str, threading.Thread] = {}
         self.pin_prefix = pin_prefix(options.node)
         self._lock = threading.Lock()
@@ -273,7 +275,7 @@ class NodeAgent:
         while not self._stop.is_set():
             self._poke.clear()
             pending = self._reconcile()
-            self._poke.wait(RETRY_SECONDS if pending else 5.0)
+            self._poke.wait(FAST_RETRY if pending else 5.0)
 
     def _reconcile(self) -> bool:
         """One pass: start what is wanted, stop what is not; True when something is still under way.
@@ -292,6 +294,8 @@ class NodeAgent:
         now = time.monotonic()
         for uid in set(self._retry) - set(desired):
             del self._retry[uid]
+        for uid in set(self._first) - set(desired):
+            del self._first[uid]
         for uid, fut in list(self._starting.items()):
             if not fut.done():
                 continue
@@ -304,6 +308,8 @@ class NodeAgent:
                 self._retry.pop(uid, None)
                 continue
             delay = min(RETRY_MAX, self._retry.get(uid, (0.0, RETRY_SECONDS / 2))[1] * 2)
+            if not error and time.time() - self.stats.stages.get(uid, {}).get("seen", 0.0) < FAST_RETRY_FOR:
+                delay = FAST_RETRY  # a new pod: its workload is being committed, its sandbox started
             self._retry[uid] = (time.monotonic() + delay, delay)
             if error:
                 pod = desired.get(uid)
@@ -351,24 +357,16 @@ class NodeAgent:
                 self.gate.end_hold()
                 return True  # already enforced: never a second runtime for one pod
         self._stage(pod.uid, "taken", first=True)
-        ns = self._finder(pod.uid)
-        if ns is None:
-            return False  # no process of it yet (or already gone)
-        self._stage(pod.uid, "found")
-        if ns.host_network:
-            with self._lock:
-                self._host_network.add(pod.uid)  # the node's own namespace: the host policy covers it
-            log.info("pod %s/%s uses the node's network: host policy applies", pod.namespace, pod.name)
-            self.gate.end_hold()  # nothing of ours to apply there
+        if pod.host_network and self._in_node_namespace(pod):
             return True
-        netns = pin(ns, self.pin_prefix)
-        self._stage(pod.uid, "pinned")
+        # enrol first: until the sync's write commits the workload this is a cheap 404, retried soon
+        # (FAST_RETRY); the namespace is looked for once, after it
         state = StateDir(self.options.state_dir / "pods" / pod.uid, durable=False)  # dies with the machine
         cred = state.load_credential()
         if cred is not None and cred.workload != pod.workload:
             state.wipe()
             cred = None
-        first: PolicyUpdate | None = None
+        first = self._first.pop(pod.uid, None)
         if cred is None:
             assert self.client is not None and self.credential is not None
             key = public_key_text(state.load_or_create_key())
@@ -382,6 +380,17 @@ class NodeAgent:
             state.save_credential(Credential(self.credential.controller, e.agent_id, e.token, e.workload,
                                              state.key_path))
         self._stage(pod.uid, "enrolled")
+        ns = self._finder(pod.uid)
+        if ns is None:
+            if first is not None:
+                self._first[pod.uid] = first  # for the next attempt (the credential is kept on disk)
+            return False  # no process of it yet (or already gone)
+        self._stage(pod.uid, "found")
+        if ns.host_network:
+            self._host_network_pod(pod)
+            return True
+        netns = pin(ns, self.pin_prefix)
+        self._stage(pod.uid, "pinned")
         backend = self._backend_factory(netns)
         enforcer = Enforcer(backend)
         cache = self._enforce_first(pod, enforcer, state, first)
@@ -406,6 +415,21 @@ class NodeAgent:
             threading.Thread(target=self._time_first_apply, args=(pod.uid, agent, t0), daemon=True).start()
         log.info("pod %s/%s: enforcing in %s (%s)", pod.namespace, pod.name, netns, pod.workload)
         return True
+
+    def _in_node_namespace(self, pod: LocalPod) -> bool:
+        """A ``hostNetwork`` pod (its spec says so) found running in the node's namespace: marked as
+        covered by the host policy, nothing enrolled or applied for it."""
+        ns = self._finder(pod.uid)
+        if ns is None or not ns.host_network:
+            return False
+        self._host_network_pod(pod)
+        return True
+
+    def _host_network_pod(self, pod: LocalPod) -> None:
+        with self._lock:
+            self._host_network.add(pod.uid)  # the node's own namespace: the host policy covers it
+        log.info("pod %s/%s uses the node's network: host policy applies", pod.namespace, pod.name)
+        self.gate.end_hold()  # nothing of ours to apply there
 
     def _time_first_apply(self, uid: str, agent: Agent, t0: float) -> None:
         try:
