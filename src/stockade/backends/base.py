@@ -143,6 +143,16 @@ class Verifying(Protocol[ArtifactT_contra]):
         ...
 
 
+@runtime_checkable
+class VerifyingReadBack(Protocol[ArtifactT_contra]):
+    """A verifying backend that can also give its read-back from the listing it verified (one
+    kernel listing fewer after a full apply)."""
+
+    def verify_read_back(self, expected: ArtifactT_contra) -> tuple[VerifyReport, str]:
+        """``(verify(expected), read_back())`` from the same listings."""
+        ...
+
+
 @dataclass(frozen=True)
 class NflogFlows:
     """The first packet of every new connection is logged to NFLOG ``group`` with a verdict
