@@ -26,6 +26,7 @@ from stockade.backends.base import (
     FlowSource,
     NetnsBound,
     NflogFlows,
+    TunnelReporting,
     Verifying,
     check_capabilities,
     check_delta_capabilities,
@@ -340,9 +341,9 @@ def _instance(name: str) -> object:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("nftables", {"verify", "flows", "changes", "netns"}),
-        ("iptables", {"verify", "flows", "netns"}),
-        ("ebpf", {"verify", "flows", "netns"}),
+        ("nftables", {"verify", "flows", "changes", "netns", "tunnel"}),
+        ("iptables", {"verify", "flows", "netns", "tunnel"}),
+        ("ebpf", {"verify", "flows", "netns", "tunnel"}),
         ("windows", set()),
         ("ipfilter", set()),
         ("f5", set()),
@@ -353,7 +354,7 @@ def test_optional_capabilities_are_typed_protocols(name: str, expected: set[str]
     found = {
         tag
         for tag, proto in (("verify", Verifying), ("flows", FlowSource), ("changes", ChangeFeedSource),
-                           ("netns", NetnsBound))
+                           ("netns", NetnsBound), ("tunnel", TunnelReporting))
         if isinstance(backend, proto)
     }
     assert found == expected

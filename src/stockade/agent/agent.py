@@ -17,7 +17,6 @@ previous policy stays in force; the refused revision is not asked for again.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ from stockade.agent.flows import FlowCollector, collector_for
 from stockade.agent.host import HostReport
 from stockade.agent.hostinfo import AddressWatcher, read_host
 from stockade.agent.outbox import Outbox
+from stockade.agent.proving import ProofLoop
 from stockade.agent.state import CachedPolicy, Credential, StateDir
 from stockade.agent.systemd import notify as notify_systemd
 from stockade.agent.transport import (
@@ -48,6 +48,7 @@ from stockade.agent.transport import (
 )
 from stockade.agent.watch import ChangeFeed, feed_for
 from stockade.agent_signature import new_private_key, public_key_text
+from stockade.backends.base import TunnelReporting
 from stockade.backends.wireguard import DEFAULT_PORT as WIREGUARD_PORT
 from stockade.compiler.delta import apply_update
 from stockade.compiler.ir import HostPolicy
@@ -130,6 +131,7 @@ class Agent:
         self._flows: FlowCollector | None = None  # flow reporting (backends that are flow sources)
         self._pending_ack: int | None = None
         self._last_failure: tuple[int, str] | None = None
+        self._datapath = ""  # the WireGuard datapath last reported ("": no tunnel)
         self._last_refusal: int | None = None
         self._inline_acks = False  # the controller takes acks on the long-poll (learnt from its answers)
         self._poke = threading.Event()  # wakes the enforce loop: long-poll answered, stop, address change
@@ -137,11 +139,16 @@ class Agent:
         self._backoff = Backoff(options.backoff)
         self.enrolled = threading.Event()
         self.converged = threading.Event()  # set after every successful apply (tests wait on it)
+        # wall-clock time of the first enrolled / long-poll answered / admitted / policy in hand /
+        # applied (the node agent logs them per pod: bench/k8s.py splits a new pod's latency)
+        self.milestones: dict[str, float] = {}
         self._feed: ChangeFeed | None = feed_for(enforcer.change_monitor) if options.change_feed else None
         self._tamper_poke = threading.Event()
-        self._prove_poke = threading.Event()
-        self._wireguard_registered = True  # until an attempt fails (enrolment makes the first)
-        self._last_proof: tuple[str, int, str] | None = None  # (state, revision, detail) last reported
+        self.proofs = ProofLoop(enforcer, self._event, lambda: self.applied_revision, self._stop,
+                                interval=options.proof_interval, min_gap=options.proof_min_gap, gate=gate)
+        self.keys = wireguard_key.KeyRegistration(
+            state.path, self._stop, lambda: self.client, retry_seconds=options.wireguard_retry_seconds,
+            rotate_every=options.wireguard_rotate_interval, port=WIREGUARD_PORT)
         self._cache = cache  # the caller may have enforced the cache already (fast start-up)
         self.gate = gate  # shared with the other runtimes of a node agent: first applies go first
         if cache is not None:
@@ -156,8 +163,8 @@ class Agent:
         self._spawn(self._tamper_loop, "stockade-tamper")
         self._spawn(self._main, "stockade-enforce")
         if self.options.proof_interval > 0:
-            self._spawn(self._prove_loop, "stockade-prove")
-        self._spawn(self._wireguard_loop, "stockade-wireguard-key")
+            self._spawn(self.proofs.run, "stockade-prove")
+        self._spawn(self.keys.run, "stockade-wireguard-key")
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the threads; the rules in force stay in force."""
@@ -211,6 +218,8 @@ class Agent:
     def enforce_cache(self) -> None:
         """Enforce the on-disk cache now (``start()`` does it unless it was done already)."""
         self._cache = enforce_cache(self.state, self.enforcer, self.clock)
+        if self._cache.revision:
+            self.milestones.setdefault("applied", time.time())
         self._adopt_cache(self._cache)
 
     def _adopt_cache(self, cache: CacheStart) -> None:
@@ -250,6 +259,7 @@ class Agent:
             except Exception as exc:  # never let the watcher die
                 log.exception("tamper check failed: %s", exc)
                 continue
+            self._report_datapath(self.applied_revision)  # a cache start or a restore made the tunnel
             if report is None:
                 failing = None
                 continue
@@ -263,53 +273,13 @@ class Agent:
             self._event(EventKind.TAMPER, f"{report.summary}; found by {via}; {state}", self.applied_revision)
             self.outbox.heartbeat_now()
 
-    # ---- proof: the kernel gives every packet the policy's verdict ------------------------------
-    def _prove_loop(self) -> None:
-        while not self._stop.is_set():
-            self._prove_poke.wait(self.options.proof_interval)
-            self._prove_poke.clear()
-            if self._stop.is_set():
-                return
-            try:
-                if self.gate is None:
-                    self.prove_now()
-                else:
-                    with self.gate.admit(Priority.PROOF, self._stop) as admitted:
-                        if admitted is not None:
-                            self.prove_now()
-            except Exception as exc:  # never let the prover thread die
-                log.exception("proof failed: %s", exc)
-            finally:
-                # a proof's BDD manager (CUDD, C memory) is freed only with its last node, and nodes
-                # can sit in reference cycles until a full collection: collect now, not at some later
-                # threshold (an agent proving after every apply otherwise grew by hundreds of MiB)
-                gc.collect()
-            if self.options.proof_min_gap > 0 and self._stop.wait(self.options.proof_min_gap):
-                return  # applies during the gap left the poke set: the newest revision is proven next
+    def request_proof(self) -> None:
+        """Prove the policy in force soon (the prover's next turn; at most every ``proof_min_gap``)."""
+        self.proofs.poke.set()
 
     def prove_now(self) -> str | None:
-        """Prove once; report "proven at revision N" or the counterexample when it changed.
-        Returns the state (proven / differs / failed), None when there is nothing to prove."""
-        revision = self.applied_revision
-        try:
-            proof = self.enforcer.prove()
-        except StockadeError as exc:
-            self._report_proof("failed", revision, str(exc), EventKind.PROOF_FAILED)
-            return "failed"
-        if proof is None:
-            return None
-        if proof.proven:
-            detail = f"proven at revision {revision}: {proof.classes} address classes in {proof.seconds * 1000:.0f} ms"
-            self._report_proof("proven", revision, detail, EventKind.PROVEN)
-            return "proven"
-        self._report_proof("differs", revision, "; ".join(str(d) for d in proof.differences), EventKind.PROOF_DIFFERS)
-        return "differs"
-
-    def _report_proof(self, state: str, revision: int, detail: str, kind: EventKind) -> None:
-        key = (state, revision, detail if state != "proven" else "")
-        if key != self._last_proof:
-            self._last_proof = key
-            self._event(kind, detail[:2000], revision)
+        """Prove once and report the outcome when it changed (``ProofLoop.prove_now``)."""
+        return self.proofs.prove_now()
 
     # ---- 3. enrolment ------------------------------------------------------------------------------
     def _enrol(self) -> ControllerClient | None:
@@ -320,7 +290,7 @@ class Agent:
             if cred.key_file is None:
                 cred = self._bind_key(client, cred)
             self.credential = cred
-            self._register_wireguard(client)
+            self.keys.register(client)
             return client
         url = self.options.controller
         code = self.options.activation_code or self.state.load_activation_code()
@@ -354,47 +324,10 @@ class Agent:
             client.use_credential(cred, enrollment.ca_pem or self.state.load_ca())
             self.credential = cred
             log.info("enrolled as agent %s for workload %s", cred.agent_id, cred.workload)
-            self._register_wireguard(client)
+            self.keys.register(client)
             return client
         client.close()
         return None
-
-    def _register_wireguard(self, client: ControllerClient, *, rotate: bool = False) -> bool:
-        """Make (first time; a new one with ``rotate``) and register this host's WireGuard key, so the
-        peers of encrypted rules can reach it. Until it is registered, encrypted rules with this host
-        drop their traffic (never in the clear); ``_wireguard_loop`` retries. True when registered."""
-        try:
-            public = wireguard_key.rotate(self.state.path) if rotate else wireguard_key.load_or_create(self.state.path)
-            client.register_wireguard_key(public, None, WIREGUARD_PORT)
-        except (StockadeError, OSError, ValueError) as exc:
-            log.warning("could not register this host's WireGuard key (%s); retrying in %.0fs", exc,
-                        self.options.wireguard_retry_seconds)
-            self._wireguard_registered = False
-            return False
-        self._wireguard_registered = True
-        if rotate:
-            log.info("WireGuard key rotated; new public key %s registered", public)
-        return True
-
-    def _wireguard_loop(self) -> None:
-        """Retry a registration that failed, and rotate the key every ``wireguard_rotate_interval``
-        (the peers re-handshake once with the new key; the old one stops working at once)."""
-        every = self.options.wireguard_rotate_interval
-        next_rotation = time.monotonic() + every if every > 0 else None
-        while True:
-            wait = self.options.wireguard_retry_seconds  # also how soon a failed registration is noticed
-            if next_rotation is not None:
-                wait = min(wait, max(0.0, next_rotation - time.monotonic()))
-            if self._stop.wait(wait):
-                return
-            client = self.client
-            if client is None:
-                continue  # not enrolled yet: enrolment registers the key
-            if next_rotation is not None and time.monotonic() >= next_rotation:
-                if self._register_wireguard(client, rotate=True):
-                    next_rotation = time.monotonic() + every
-            elif not self._wireguard_registered:
-                self._register_wireguard(client)
 
     def _bind_key(self, client: ControllerClient, cred: Credential) -> Credential:
         """Enrolled before agent keys: bind one now, so a copied token stops being enough.
@@ -424,6 +357,7 @@ class Agent:
         if client is None:
             return
         self.client = client
+        self.milestones.setdefault("enrolled", time.time())
         self.enrolled.set()
         if self.applied_revision:
             self._pending_ack = self.applied_revision  # what the cache put in force
@@ -479,6 +413,7 @@ class Agent:
         if answer is None:
             return
         self._inline_acks = answer.inline
+        self.milestones.setdefault("answered", time.time())
         rev = answer.revision
         if rev == self.applied_revision or rev == self.refused_revision:
             return
@@ -530,6 +465,7 @@ class Agent:
         with self.gate.admit(Priority.FIRST if first else Priority.DELTA, self._stop) as admitted:
             if admitted is None:
                 return  # stopping
+            self.milestones.setdefault("admitted", time.time())
             self._update(client, announced, None if admitted.queued else prefetched)
 
     def _update(self, client: ControllerClient, announced: int, prefetched: PolicyUpdate | None) -> None:
@@ -543,6 +479,7 @@ class Agent:
                 return
             except NotFoundError:
                 return  # nothing compiled for us yet
+        self.milestones.setdefault("fetched", time.time())
         try:
             hp = self._resolve(client, upd)
         except Refused as exc:
@@ -555,9 +492,10 @@ class Agent:
             return
         if hp is None:
             return
+        self.milestones.setdefault("applied", time.time())
         self.state.save_policy(CachedPolicy(upd.revision, hp))
         self.applied_revision = upd.revision
-        self._prove_poke.set()
+        self.proofs.poke.set()
         self.converged.set()
         if self._inline_acks:
             return  # the next long-poll, sent at once, carries the ack
@@ -649,6 +587,16 @@ class Agent:
                 self._last_failure = (revision, str(exc))
                 self._event(EventKind.APPLY_FAILED, str(exc), revision)
             raise
+        self._report_datapath(revision)
+
+    def _report_datapath(self, revision: int | None) -> None:
+        """One event when the WireGuard tunnel comes up on (or moves to) a datapath:
+        "WireGuard datapath: kernel" or "... wireguard-go"."""
+        backend = self.enforcer.backend
+        datapath = backend.wireguard_datapath() if isinstance(backend, TunnelReporting) else ""
+        if datapath and datapath != self._datapath:
+            self._event(EventKind.WIREGUARD_DATAPATH, f"WireGuard datapath: {datapath}", revision)
+        self._datapath = datapath
 
     def _refuse(self, revision: int, detail: str) -> None:
         """Report once per revision; long-poll past it so it is not fetched again."""

@@ -1,5 +1,5 @@
 """A small WireGuard lab (kernel tests and bench/wireguard.py): host namespaces on a bridge, each with a Linux
-backend that encrypts (nftables, or iptables+ipset in either variant: ``WG_BACKENDS``) and its own wireguard-go
+backend that encrypts (nftables, iptables+ipset in either variant, or eBPF: ``WG_BACKENDS``) and its own wireguard-go
 interface, echo servers, in-process probes and an underlay capture.
 
 Everything runs in namespaces of its own (random names, a private address range that is never
@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stockade.backends.common import in_netns
+from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.iptables.backend import IptablesBackend
 from stockade.backends.nftables.backend import NftablesBackend
-from stockade.backends.wireguard import STEER_MARK, WireGuardDevice
+from stockade.backends.wireguard import STEER_MARK, DatapathChoice, WireGuardDevice
 from stockade.compiler.compile import Compiler
 from stockade.compiler.delta import peer_delta
 from stockade.compiler.ir import HostDelta, HostPolicy, SetDelta
@@ -36,7 +37,11 @@ from stockade.model.policy import Policy
 from stockade.model.workloads import EnforcementMode, Interface, WireGuardIdentity, Workload
 
 PORTS = (80, 5432, 6000, 7000)
-WG_BACKENDS = ("nftables", "iptables-nft", "iptables-legacy")  # the Linux backends that encrypt, as the lab names them
+# the Linux backends that encrypt, as the lab names them
+WG_BACKENDS = ("nftables", "iptables-nft", "iptables-legacy", "ebpf")
+# "<backend>/wg": the devices configured with the `wg` tool (the kernel module's configurator) instead
+# of wireguard-go's UAPI socket, so the kernel path's peer handling runs here without the module
+WG_TOOL = "/wg"
 SO_MARK = 36
 IP_TRANSPARENT = 19  # a source address the host does not own (FREEBIND binds, but sendto then refuses)
 IPV6_TRANSPARENT = 75
@@ -62,7 +67,7 @@ class Host:
     v6: IPAddress
     key_file: Path
     public_key: str
-    backend: NftablesBackend | IptablesBackend
+    backend: NftablesBackend | IptablesBackend | EbpfBackend
     device: WireGuardDevice
 
     def identity(self) -> WireGuardIdentity:
@@ -70,6 +75,9 @@ class Host:
 
     def enforce(self, hp: HostPolicy) -> None:
         """Render and apply ``hp`` with this host's backend."""
+        if isinstance(self.backend, EbpfBackend):  # each backend takes its own artifact type
+            self.backend.apply(self.backend.render(hp))
+            return
         if isinstance(self.backend, NftablesBackend):
             self.backend.apply(self.backend.render(hp))
         else:
@@ -280,19 +288,27 @@ class WgLab:
         return deltas
 
 
-def make_backend(name: str, netns: str, device: WireGuardDevice) -> NftablesBackend | IptablesBackend:
+def make_backend(name: str, netns: str, device: WireGuardDevice) -> NftablesBackend | IptablesBackend | EbpfBackend:
     """``name`` from :data:`WG_BACKENDS`, enforcing in ``netns`` with ``device`` as its tunnel."""
     if name == "nftables":
         return NftablesBackend(table="stockade", netns=netns, wireguard=device)
     if name.startswith("iptables-"):
         return IptablesBackend(name.removeprefix("iptables-"), netns=netns, wireguard=device)
+    if name == "ebpf":
+        return EbpfBackend(netns=netns, wireguard=device)
     raise ValueError(f"no WireGuard lab backend {name!r} (one of {', '.join(WG_BACKENDS)})")
 
 
 @contextlib.contextmanager
-def wg_lab(count: int, tmp: Path, backend: str = "nftables") -> Iterator[WgLab]:
+def wg_lab(count: int, tmp: Path, backend: str = "nftables", *,
+           choice: DatapathChoice | None = None) -> Iterator[WgLab]:
+    """``backend`` from :data:`WG_BACKENDS`, optionally with :data:`WG_TOOL`; ``choice``: the
+    devices' datapath (default: ``STOCKADE_WIREGUARD``, else auto)."""
     run = secrets.token_hex(3)
     third = secrets.randbelow(200) + 20
+    backend, _, configurator = backend.partition("/")
+    if configurator not in ("", WG_TOOL[1:]):
+        raise ValueError(f"no WireGuard configurator {configurator!r} (only {WG_TOOL!r})")
     lab = WgLab(bridge=f"stkwgbr-{run}", backend=backend)
     made: list[str] = []
     try:
@@ -307,7 +323,7 @@ def wg_lab(count: int, tmp: Path, backend: str = "nftables") -> Iterator[WgLab]:
             create_host_namespace(netns, lab.bridge, port, [v4, v6])
             made.append(netns)
             key_file, pub = genkey(tmp, name)
-            device = WireGuardDevice(f"wg{run}{i}", netns, key_file)
+            device = WireGuardDevice(f"wg{run}{i}", netns, key_file, choice, wg_tool=bool(configurator))
             lab.hosts[name] = Host(name, netns, port, v4, v6, key_file, pub, make_backend(backend, netns, device),
                                    device)
             lab.servers.append(Servers(netns))
@@ -319,6 +335,9 @@ def wg_lab(count: int, tmp: Path, backend: str = "nftables") -> Iterator[WgLab]:
         for s in lab.servers:
             s.close()
         for h in lab.hosts.values():
+            if isinstance(h.backend, EbpfBackend):  # its pins outlive the namespace otherwise
+                with contextlib.suppress(Exception):
+                    h.backend.remove()
             h.backend.close()
             with contextlib.suppress(Exception):
                 h.device.remove()
@@ -339,5 +358,6 @@ def kill_wireguard_go(netns: str) -> None:
 
 
 __all__ = [
-    "STEER_MARK", "WG_BACKENDS", "WgLab", "kill_wireguard_go", "make_backend", "marker", "probe", "send_udp", "wg_lab",
+    "STEER_MARK", "WG_BACKENDS", "WG_TOOL", "WgLab", "kill_wireguard_go", "make_backend", "marker", "probe", "send_udp",
+    "wg_lab",
 ]
