@@ -35,6 +35,7 @@ never flushed and their policies never set, other chains and sets never named.
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from stockade.backends.base import (
     check_delta_capabilities,
 )
 from stockade.backends.common import in_netns, rule_difference
+from stockade.backends.iptables.generation import table_token
 from stockade.backends.iptables.ipset_netlink import IpsetNetlink, SetChange
 from stockade.backends.iptables.model import (
     ChainNames,
@@ -61,6 +63,7 @@ from stockade.backends.iptables.render import IptablesArtifact, ipset_name, rend
 from stockade.backends.iptables.runner import Command, IpsetHeader, IptablesRunner, Result, parse_ipset_save
 from stockade.backends.iptables.scripts import (
     FilterState,
+    Jump,
     ipset_delta_script,
     ipset_destroy_script,
     ipset_swap_script,
@@ -126,6 +129,10 @@ class IptablesBackend:
         self.delta_path = delta_path  # asked for
         self._delta_path_used: DeltaPath | None = None if delta_path is DeltaPath.NETLINK else delta_path
         self._netlink: IpsetNetlink | None = None  # opened by the first netlink delta
+        # our part of the filter tables as last written or read, valid while the tables' token is
+        # unchanged (:mod:`stockade.backends.iptables.generation`): an apply then skips iptables-save
+        self._known: dict[Family, FilterState] | None = None
+        self._known_token: Hashable | None = None
 
     @property
     def delta_path_used(self) -> DeltaPath | None:
@@ -162,21 +169,39 @@ class IptablesBackend:
         if not artifact.present:
             self.remove()
             return
+        steering = bool(artifact.mangle) or self._steering_maybe  # read the mangle table only then
+        token = self._token()
+        known = self._known if token is not None and token == self._known_token and not steering else None
+        self._forget()  # re-learnt by a successful apply
+        try:
+            self._apply(artifact, known, token, steering)
+        except ApplyError:
+            if known is None:
+                raise
+            # what we remembered may not be what the kernel holds after all: read it, try once more
+            self._apply(artifact, None, self._token(), steering)
+
+    def _forget(self) -> None:
+        self._known, self._known_token = None, None
+
+    def _token(self) -> Hashable | None:
+        return table_token(self.variant, self.netns)
+
+    def _apply(
+        self, artifact: IptablesArtifact, known: dict[Family, FilterState] | None, token: Hashable | None,
+        steering: bool,
+    ) -> None:
+        """One attempt: ``known`` is our part of the filter tables as last written or read, still
+        in force (the token says so); None: read it with ``iptables-save`` (the rollback point)."""
         r = self.runner
         load = artifact.ipset_load
-        steering = bool(artifact.mangle) or self._steering_maybe  # read the mangle table only then
         mangle_families = self._mangle_families() if steering else ()
-        save4, save6, loaded, *msaves = r.run_all(
-            [
-                r.save_cmd(Family.V4),
-                r.save_cmd(Family.V6),
-                r.ipset_cmd(load.text),
-                *(r.save_cmd(f, "mangle") for f in mangle_families),
-            ]
-        )
-        saves = {Family.V4: save4, Family.V6: save6}
+        reads = [] if known is not None else [r.save_cmd(Family.V4), r.save_cmd(Family.V6)]
+        loaded, *rest = r.run_all([r.ipset_cmd(load.text), *reads, *(r.save_cmd(f, "mangle") for f in mangle_families)])
+        saves = dict(zip(FAMILIES, rest[: len(reads)], strict=True)) if reads else {}
+        msaves = rest[len(reads) :]
         mangle = {f: parse_mangle_save(res.stdout, self.prefix) for f, res in zip(mangle_families, msaves, strict=True)}
-        states = {f: parse_filter_save(res.stdout, self.prefix, f) for f, res in saves.items() if res.ok}
+        states = known or {f: parse_filter_save(res.stdout, self.prefix, f) for f, res in saves.items() if res.ok}
         before = frozenset(loaded.stdout.split())  # what ``list -n`` printed before any change
         if not loaded.ok:
             line = loaded.error_line() or 0
@@ -206,6 +231,7 @@ class IptablesBackend:
             self._undo_sets(artifact.sets, artifact.sets, before)
             raise ApplyError("iptables refused the new rules (previous rules and sets kept): " + "; ".join(problems))
 
+        self._remember(artifact, states, token)
         keep = {s.name for s in artifact.sets}
         stale = sorted(n for n in before if n.startswith(self.set_prefix) and n not in keep)
         self._destroy_sets([*(s.temp_name for s in artifact.sets), *stale])
@@ -213,6 +239,33 @@ class IptablesBackend:
         # the rules first: their guards drop encrypted traffic outside the tunnel while it comes up
         if self._tunnel is not None:
             self._tunnel.apply(artifact.wireguard, artifact.local_addresses)
+
+    def _remember(self, artifact: IptablesArtifact, states: dict[Family, FilterState], token: Hashable | None) -> None:
+        """After our restores: our part of the filter tables is what ``artifact`` wrote over ``states``.
+
+        Kept only when the new token proves (iptables-nft: the generation moved by exactly our two
+        commits) or suggests (legacy) that nothing else changed the tables meanwhile, and only for
+        the plain shape (no steering, at most our one jump per hook), whose result is certain.
+        """
+        if token is None or artifact.mangle:
+            return
+        after = self._token()
+        if after is None:
+            return
+        if self.variant is IptablesVariant.NFT and not (isinstance(token, int) and after == token + len(FAMILIES)):
+            return  # someone else committed in between
+        known: dict[Family, FilterState] = {}
+        for f in FAMILIES:
+            ruleset, state = artifact.ruleset(f), states[f]
+            jumps: list[Jump] = []
+            for hook in ruleset.hooks:
+                exact = f"-j {self._names.entry(hook)}"
+                mine = [j for j in state.jumps if j.hook is hook]
+                if any(j.spec != exact for j in mine) or len(mine) > 1:
+                    return  # odd jumps were cleaned up: where ours ended up is not certain
+                jumps.append(Jump(hook, mine[0].position if mine else 1, exact))
+            known[f] = FilterState(f, ruleset.chains, tuple(jumps))
+        self._known, self._known_token = known, after
 
     def _mangle_families(self) -> tuple[Family, ...]:
         """Families whose ``mangle`` table may hold our steering. ``iptables-legacy-save -t mangle``
@@ -373,6 +426,7 @@ class IptablesBackend:
 
     def remove(self) -> None:
         """Delete our chains, every jump to them and our sets; touch nothing else. Idempotent."""
+        self._forget()
         r = self.runner
         families = self._mangle_families()
         save4, save6, *msaves = r.run_all(
