@@ -8,20 +8,24 @@ and undoes what already happened when a step fails.
 
 Apply, and what a failure leaves:
 
-1. concurrently: ``iptables-save``/``ip6tables-save -t filter`` (what we hold now: the
-   rollback point) and one ``ipset -exist restore`` that loads every set's new members under
-   ``<name>-t`` and swaps them onto the live names. Failure: the swaps done are swapped
+1. the rollback point, what of ours the filter tables hold now: what this backend last wrote,
+   while the tables' token (:mod:`stockade.backends.iptables.generation`: the nf_tables
+   generation, or the x_tables shape) is unchanged since; otherwise ``iptables-save``/
+   ``ip6tables-save -t filter``, run concurrently with one ``ipset -exist restore`` that
+   loads every set's new members under ``<name>-t`` and swaps them onto the live names
+   (that load always runs). Failure: the swaps done are swapped
    back, the temporary sets destroyed; nothing else was touched.
 2. ``iptables-restore --noflush`` and ``ip6tables-restore --noflush`` of our chains (each
    one kernel transaction; concurrent for iptables-nft, one after the other for legacy,
    whose restores share the xtables lock). Failure of one: the other family's chains are
-   put back from its save, the sets swapped back; the previous ruleset is in force again.
+   put back from the rollback point, the sets swapped back; the previous ruleset is in force
+   again. A failure with a remembered rollback point is retried once from a fresh read.
 3. the temporary sets (now holding the previous members) and sets no rule uses any more
    are destroyed.
 
 Between steps 1 and 2 the previous rules already see the new members: the state a set-only
 delta would produce, as each set is named after its selector. Set deltas are ipset
-netlink messages (:mod:`stockade.backends.iptables.ipset_netlink`: no process, ~0.1 ms
+netlink messages (:mod:`stockade.backends.iptables.ipset_netlink`: no process, ~0.03 ms
 for one peer; any set missing fails before any change, any other refusal is undone; adding a
 present member or deleting an absent one is not an error). When the kernel refuses ipset
 over netlink (or ``delta_path=DeltaPath.IPSET_CLI``) they are one ``ipset -exist restore`` of
@@ -371,14 +375,9 @@ class IptablesBackend:
         """Our chains and jumps in both families, and our sets with their members."""
         r = self.runner
         families = self._mangle_families()
-        save4, save6, sets, *msaves = r.run_all(
-            [
-                r.save_cmd(Family.V4),
-                r.save_cmd(Family.V6),
-                Command(("ipset", "save")),
-                *(r.save_cmd(f, "mangle") for f in families),
-            ]
-        )
+        save4, save6, sets, *msaves = r.run_all([
+            r.save_cmd(Family.V4), r.save_cmd(Family.V6), Command(("ipset", "save")),
+            *(r.save_cmd(f, "mangle") for f in families)])
         for res in (save4, save6, sets, *msaves):
             if not res.ok:
                 raise BackendError(res.message())
@@ -429,9 +428,8 @@ class IptablesBackend:
         self._forget()
         r = self.runner
         families = self._mangle_families()
-        save4, save6, *msaves = r.run_all(
-            [r.save_cmd(Family.V4), r.save_cmd(Family.V6), *(r.save_cmd(f, "mangle") for f in families)]
-        )
+        save4, save6, *msaves = r.run_all([r.save_cmd(Family.V4), r.save_cmd(Family.V6),
+                                           *(r.save_cmd(f, "mangle") for f in families)])
         for res in (save4, save6, *msaves):
             if not res.ok:
                 raise ApplyError(f"cannot read the current rules: {res.message()}")
