@@ -27,6 +27,7 @@ from stockade.backends.base import (
     FlowSource,
     NetnsBound,
     NflogFlows,
+    TunnelReporting,
     Verifying,
     check_capabilities,
     check_delta_capabilities,
@@ -341,9 +342,9 @@ def _instance(name: str) -> object:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("nftables", {"verify", "flows", "changes", "netns"}),
-        ("iptables", {"verify", "flows", "netns"}),
-        ("ebpf", {"verify", "flows", "netns"}),
+        ("nftables", {"verify", "flows", "changes", "netns", "tunnel"}),
+        ("iptables", {"verify", "flows", "netns", "tunnel"}),
+        ("ebpf", {"verify", "flows", "netns", "tunnel"}),
         ("windows", set()),
         ("ipfilter", set()),
         ("f5", set()),
@@ -354,7 +355,7 @@ def test_optional_capabilities_are_typed_protocols(name: str, expected: set[str]
     found = {
         tag
         for tag, proto in (("verify", Verifying), ("flows", FlowSource), ("changes", ChangeFeedSource),
-                           ("netns", NetnsBound))
+                           ("netns", NetnsBound), ("tunnel", TunnelReporting))
         if isinstance(backend, proto)
     }
     assert found == expected

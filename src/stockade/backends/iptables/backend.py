@@ -389,6 +389,11 @@ class IptablesBackend:
         mangle.update({f: parse_mangle_save(res.stdout, self.prefix) for f, res in zip(families, msaves, strict=True)})
         return Snapshot(states, parse_ipset_save(sets.stdout, self.set_prefix), mangle)
 
+    def wireguard_datapath(self) -> str:
+        """The tunnel's WireGuard implementation ("kernel", "wireguard-go"; "": none up)."""
+        dp = self._tunnel.datapath if self._tunnel is not None else None
+        return dp.value if dp is not None else ""
+
     def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
         """WireGuard peers set / removed over the control socket; the ruleset is not touched."""
         if self._tunnel is None:
