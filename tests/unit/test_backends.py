@@ -19,6 +19,7 @@ import pytest
 from stockade.agent.enforcer import Enforcer
 from stockade.agent.flows import EventFlowReader, reader_factory_for
 from stockade.backends import flowlog
+from stockade.backends import nfnetlink as nfnl
 from stockade.backends.base import (
     Capability,
     ChangeFeedSource,
@@ -293,9 +294,9 @@ def test_netlink_ack_parsing() -> None:
     def ack(seq: int, err: int) -> bytes:
         inner = struct.pack("=IHHII", 16, 0, 0, seq, 0)
         payload = struct.pack("=i", err) + inner
-        return struct.pack("=IHHII", 16 + len(payload), nl.NLMSG_ERROR, 0, 0, 0) + payload
+        return struct.pack("=IHHII", 16 + len(payload), nfnl.NLMSG_ERROR, 0, 0, 0) + payload
 
-    assert list(nl._parse_acks(ack(5, 0) + ack(6, -2))) == [(5, 0), (6, -2)]
+    assert list(nfnl.parse_acks(ack(5, 0) + ack(6, -2))) == [(5, 0), (6, -2)]
 
 
 def test_registry_refuses_an_option_the_backend_does_not_take() -> None:
