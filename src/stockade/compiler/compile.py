@@ -9,7 +9,8 @@ Design (see docs/architecture.md):
   so a peer joining or leaving changes set members and never rule text.
 * ``upsert_workload`` / ``remove_workload`` find the sets the workload leaves or joins through
   the selector index (never a scan of all selectors), update them one address at a time
-  (``MemberSet``), and return per-host deltas: set elements added/removed, or a rules change.
+  (``MemberSet``s, held by ``sets.AddressSetStore``), and return per-host deltas: set elements
+  added/removed, or a rules change.
 """
 
 from __future__ import annotations
