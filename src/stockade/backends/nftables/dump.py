@@ -24,20 +24,18 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from stockade.backends.nftables.netlink import (
-    _NAME_RE,
-    NFNL_SUBSYS_NFTABLES,
-    NFPROTO_INET,
+from stockade.backends.nfnetlink import (
     NLM_F_REQUEST,
+    NLMSG_DONE,
     NLMSG_ERROR,
     SO_RCVBUFFORCE,
-    _attr,
-    _message,
+    attr,
+    message,
     open_socket,
 )
+from stockade.backends.nftables.netlink import _NAME_RE, NFNL_SUBSYS_NFTABLES, NFPROTO_INET
 from stockade.errors import BackendError
 
-NLMSG_DONE = 3
 NLM_F_DUMP = 0x300
 NFT_MSG_GETTABLE = 1
 NFT_MSG_GETCHAIN = 4
@@ -111,7 +109,7 @@ class _Dumper:
         self.seq += 1
         seq = self.seq
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
-        self.sock.send(_message((NFNL_SUBSYS_NFTABLES << 8) | msg, flags, seq, NFPROTO_INET, 0, body))
+        self.sock.send(message((NFNL_SUBSYS_NFTABLES << 8) | msg, flags, seq, NFPROTO_INET, 0, body))
         out: list[bytes] = []
         unpack = struct.unpack_from
         while True:
@@ -144,7 +142,7 @@ def dump_table(table: str, netns: str | None = None) -> TableDump | None:
     """Everything of ``inet <table>`` as the kernel holds it, or None when there is no such table."""
     if not _NAME_RE.match(table):
         raise BackendError(f"invalid nftables name {table!r}")
-    name = _attr(NFTA_TABLE_NAME, table.encode() + b"\0")
+    name = attr(NFTA_TABLE_NAME, table.encode() + b"\0")
     d = _Dumper(netns)
     try:
         found = d.request(NFT_MSG_GETTABLE, name, dump=False)
@@ -155,13 +153,13 @@ def dump_table(table: str, netns: str | None = None) -> TableDump | None:
         rules: list[tuple[str, tuple[bytes, ...]]] = []
         for c in chain_attrs:  # one dump per chain: see the module docstring
             chain = c.get(NFTA_CHAIN_NAME, b"")
-            msgs = d.request(NFT_MSG_GETRULE, name + _attr(NFTA_RULE_CHAIN, chain)) or []
+            msgs = d.request(NFT_MSG_GETRULE, name + attr(NFTA_RULE_CHAIN, chain)) or []
             rules.append((chain.rstrip(b"\0").decode(), tuple(msgs)))
         set_attrs = tuple(attrs(s) for s in d.request(NFT_MSG_GETSET, name) or ())
         elements: dict[str, tuple[bytes, ...]] = {}
         for s in set_attrs:
             set_name = s.get(NFTA_SET_NAME, b"")
-            msgs = d.request(NFT_MSG_GETSETELEM, name + _attr(NFTA_SET_ELEM_LIST_SET, set_name)) or []
+            msgs = d.request(NFT_MSG_GETSETELEM, name + attr(NFTA_SET_ELEM_LIST_SET, set_name)) or []
             elements[set_name.rstrip(b"\0").decode()] = tuple(attrs(m).get(3, b"") for m in msgs)
         objects = len(d.request(NFT_MSG_GETOBJ, name) or ())
         flowtables = len(d.request(NFT_MSG_GETFLOWTABLE, name) or ())
