@@ -2,7 +2,9 @@
 
 Two namespaces on a bridge with the real policy: tcp/80 allowed in the clear, tcp/5432
 encrypted, steered by each backend of ``--backends`` (nftables; iptables+ipset in its nft and
-legacy variants). Measures
+legacy variants; eBPF, whose tc programs redirect encrypted connections into the WireGuard
+interface). ``--rounds N`` interleaves the backends N times and prints medians, with the load
+average (the machine is shared). Measures
 
 * per backend: TCP throughput (one stream, 64 KiB writes, ``--seconds`` each) plain vs
   encrypted, and TCP connection setup rate (connect + 1 byte echo + close, sequential);
@@ -197,14 +199,37 @@ def backend_rows(backend: str, seconds: float, uapi_rows: bool) -> list[tuple[st
     return rows
 
 
+def _median_cell(cells: list[str]) -> str:
+    """Median of each number in cells shaped alike ("12 MB/s", "1.33 / 40.5 ms", "-")."""
+    parts = [c.split(" ") for c in cells]
+    out = []
+    for i, tok in enumerate(parts[0]):
+        try:
+            values = [float(p[i]) for p in parts]
+        except (ValueError, IndexError):
+            out.append(tok)
+            continue
+        decimals = len(tok.split(".")[1]) if "." in tok else 0
+        out.append(f"{statistics.median(values):.{decimals}f}")
+    return " ".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds over the backends; medians printed")
     ap.add_argument("--backends", default=",".join(WG_BACKENDS), help=f"comma-separated, of {', '.join(WG_BACKENDS)}")
     args = ap.parse_args()
-    rows: list[tuple[str, str, str]] = []
-    for i, backend in enumerate(args.backends.split(",")):
-        rows += backend_rows(backend, args.seconds, uapi_rows=i == 0)
+    cells: dict[str, list[tuple[str, str]]] = {}
+    loads: list[float] = []
+    for r in range(args.rounds):
+        for i, backend in enumerate(args.backends.split(",")):
+            loads.append(os.getloadavg()[0])
+            for name, plain, enc in backend_rows(backend, args.seconds, uapi_rows=i == 0 and r == 0):
+                cells.setdefault(name, []).append((plain, enc))
+    rows = [(name, _median_cell([c[0] for c in got]), _median_cell([c[1] for c in got])) for name, got in cells.items()]
+    print(f"load average (1 min) during the run: {min(loads):.2f}-{max(loads):.2f}, {args.rounds} round(s), "
+          f"{os.cpu_count()} CPUs")
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'plain':>12}  {'encrypted (wireguard-go)':>26}")
     for name, plain, enc in rows:

@@ -100,3 +100,34 @@ def test_encrypt_a_rule_see_it_listed_kept_and_explained(enc_page: Any, enc_cons
     expect(badge).to_contain_text("encrypted (WireGuard)")
     expect(badge).to_contain_text("by ruleset shop-prod rule 1")
     expect(panel.locator("table")).to_contain_text("encrypted (WireGuard)")
+
+
+def test_the_map_draws_a_lock_on_connections_the_policy_encrypts(enc_page: Any, enc_console: Console) -> None:
+    """The map's edge says "encrypted" by a lock in its label, a heavier line and its accessible name
+    (never by colour alone); an edge the policy leaves in the clear has none. Builds on the state the
+    test above leaves (rule 1 of shop-prod encrypts, shop-web-2 and shop-db-1 hold keys, a flow)."""
+    page, c = enc_page, enc_console
+    if not c.has_visibility():
+        pytest.skip("the controller has no flow store")
+    if not c.get("/rulesets/shop-prod")["body"]["rules"][0].get("encrypt"):
+        pytest.skip("needs the state test_encrypt_a_rule_see_it_listed_kept_and_explained leaves (run the module)")
+    edges = c.get("/flows/map", keys="app,env")["edges"]
+    locked = [e for e in edges if e["encrypted"]]
+    clear = [e for e in edges if not e["encrypted"] and e["connections"]]
+    assert len(locked) == 1 and clear, edges
+    # web-2 -> db:5432 encrypts; web-1 has no key, so its connection is no encrypted one
+    assert 0 < locked[0]["encrypted"] < locked[0]["connections"]
+    page.goto("/#/map")
+    expect(page.locator("svg.map")).to_have_attribute("data-ready", "true")
+    key = f'{locked[0]["src"]}->{locked[0]["dst"]}'
+    label = page.locator(f'[data-edge-label="{key}"]')
+    expect(label.locator("[data-role=edge-lock]")).to_have_count(1)
+    expect(label).to_have_attribute("aria-label", re.compile(
+        rf"encrypted \(WireGuard\): {locked[0]['encrypted']} of {locked[0]['connections']} connections"))
+    line = page.locator(f'path.edge[data-edge="{key}"]')
+    expect(line).to_have_class(re.compile(r"\bencrypted\b"))
+    expect(line).to_have_attribute("data-encrypted", str(locked[0]["encrypted"]))
+    for e in clear:
+        other = f'{e["src"]}->{e["dst"]}'
+        expect(page.locator(f'[data-edge-label="{other}"] [data-role=edge-lock]')).to_have_count(0)
+        expect(page.locator(f'path.edge[data-edge="{other}"]')).not_to_have_class(re.compile(r"\bencrypted\b"))

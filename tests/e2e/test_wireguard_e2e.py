@@ -5,7 +5,8 @@ WireGuard key on its host and registers it; the controller hands each key only t
 end; the agents bring up wireguard-go and steer the rule's traffic into it. Real connections
 match the evaluator (with the registered keys), the encrypted flow really crosses the tunnel
 (its counters move, the plain flows' do not), and revoking a key through the API stops the
-encrypted flow within about a second while the plain ones go on.
+encrypted flow within about a second while the plain ones go on. Twice: agents on nftables (the
+default backend) and on eBPF (``--backend ebpf``: tc programs redirect into the tunnel).
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ class World:
         return sum(int(x) for line in out.splitlines() for x in line.split()[1:])
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("wg-e2e")
+@pytest.fixture(scope="module", params=["nftables", "ebpf"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    backend = str(request.param)
+    tmp = tmp_path_factory.mktemp(f"wg-e2e-{backend}")
     estate = load_policy(ESTATE).workload_map()
     with Lab([HostSpec(n, estate[n].addresses, TCP_PORTS) for n in HOSTS]) as lab:
         link = ControllerLink(lab)
@@ -84,7 +86,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             for name in HOSTS:
                 code = api.adoption_code("lab", name)
                 a = AgentProcess(name, lab.netns(name), tmp / "state" / name, CONTROLLER, code,
-                                 tmp / f"agent-{name}.log", ca_cert=controller.ca_cert)
+                                 tmp / f"agent-{name}.log", ca_cert=controller.ca_cert,
+                                 extra=("--backend", backend))
                 w.agents[name] = a
                 a.start()
 

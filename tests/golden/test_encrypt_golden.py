@@ -1,5 +1,6 @@
 """Golden files of the encrypted-rule rendering (``encrypt: true``), one per Linux backend that
-encrypts: tests/golden/encrypt/<backend>.<ext>.
+encrypts: tests/golden/encrypt/<backend>.<ext> (eBPF: its maps, where the encrypted allows'
+verdict is ``allow-encrypted`` and the WireGuard port a failsafe allow from their peer sets).
 
 One host policy with an inbound and an outbound encrypted allow (TCP and UDP), a plain allow
 beside them, and two WireGuard peers (IPv4 and IPv6 endpoints), rendered by nftables and by
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from stockade.backends.ebpf.render import render_ebpf
 from stockade.backends.iptables.render import IptablesVariant, render_iptables
 from stockade.backends.nftables.render import render_nftables
 from stockade.compiler.ir import WireGuardConfig, WireGuardPeer
@@ -48,6 +50,7 @@ RENDERINGS = {
     "nftables.nft": lambda: render_nftables(POLICY, wg_interface=WG).to_text(),
     **{f"iptables-{v.value}.rules": (lambda v=v: render_iptables(POLICY, variant=v, wg_interface=WG).to_text())
        for v in IptablesVariant},
+    "ebpf.maps": lambda: render_ebpf(POLICY).to_text(),
 }
 
 

@@ -1,5 +1,6 @@
 """``encrypt: true`` in the kernel: wireguard-go tunnels between namespaces, steered by every
-Linux backend that encrypts (nftables; iptables+ipset, whose steering is the mangle table).
+Linux backend that encrypts (nftables; iptables+ipset, whose steering is the mangle table; eBPF,
+whose tc programs redirect encrypted connections into the WireGuard interface).
 
 Three hosts on one bridge, each with the backend under test (the tests are parametrised over
 ``WG_BACKENDS``, never copied) and its own wireguard-go interface, the policy compiled by
@@ -13,15 +14,21 @@ differential of random ``encrypt`` flags agrees with the evaluator on verdict an
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import random
 import shutil
+import socket
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from stockade.backends.common import in_netns
+from stockade.backends.ebpf.backend import EbpfBackend
+from stockade.backends.iptables.tunnel import TUNNEL_MSS
 from stockade.backends.wireguard import SOCKET_MARK
 from stockade.evaluator import Evaluator, Verdict
 from stockade.lab.wglab import WG_BACKENDS, WgLab, kill_wireguard_go, marker, probe, send_udp, wg_lab
@@ -148,6 +155,10 @@ def test_encrypted_rule_on_the_wire_plaintext_and_spoofing_dropped(tmp_path: Pat
         time.sleep(0.2)
         assert not any(m in received for m in forged)
         assert not cap.seen(own) and not cap.seen(forged[2])  # those two went encrypted
+        if isinstance(web.backend, EbpfBackend) and isinstance(db.backend, EbpfBackend):
+            # eBPF: its programs carried it (redirected into the tunnel at web; the plaintext dropped at db)
+            assert web.backend.stats()["tunneled"] > 0
+            assert db.backend.stats()["plain_drop"] > 0
 
 
 @backends
@@ -273,3 +284,70 @@ def test_differential_random_encrypt_flags(tmp_path: Path, backend: str) -> None
                             print(f"DISAGREE {s}->{d}:{port} want {want} got ok={ok} clear={clear}")
     print(f"wireguard differential ({backend}): {probes} probes, {disagreements} disagreements")
     assert disagreements == 0
+
+
+def _mss_sink(netns: str, port: int) -> tuple[socket.socket, list[tuple[int, int]]]:
+    """A server that reads each connection to its end and answers with the byte count; records
+    (bytes, the connection's MSS) of each."""
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", port))
+        s.listen(4)
+        return s
+
+    srv = in_netns(netns, make)
+    seen: list[tuple[int, int]] = []
+
+    def run() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                n = 0
+                with contextlib.suppress(OSError):
+                    while chunk := conn.recv(1 << 20):
+                        n += len(chunk)
+                    seen.append((n, conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)))
+                    conn.sendall(n.to_bytes(8, "big"))
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv, seen
+
+
+@backends
+def test_a_bulk_transfer_through_the_tunnel_with_the_tunnels_mss(tmp_path: Path, backend: str) -> None:
+    """4 MiB through an encrypted rule, both families: delivered whole, and the connection's SYNs
+    carried the tunnel's MSS (clamped when they were steered: the sockets sized segments for the
+    Ethernet link), never in the clear."""
+    with wg_lab(2, tmp_path, backend) as lab:
+        apps = {"h0": frozenset({Label("app", "web")}), "h1": frozenset({Label("app", "db")})}
+        bulk = Service("bulk", (ServiceEntry(Proto.TCP, 9001, 9001),))
+        rs = Ruleset("bulk", (LabelSelector(),), (AllowRule((app("web"),), (app("db"),), ("bulk",), encrypt=True),))
+        lab.apply(Policy(workloads=lab.workloads(apps), services=(bulk,), rulesets=(rs,)))
+        web, db = lab.hosts["h0"], lab.hosts["h1"]
+        srv, seen = _mss_sink(db.netns, 9001)
+        cap = lab.capture
+        assert cap is not None
+        m = marker()
+        payload = m * ((4 << 20) // len(m))
+        try:
+            for src, dst in ((web.v4, db.v4), (web.v6, db.v6)):
+                family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+                s = in_netns(web.netns, lambda f=family: socket.socket(f, socket.SOCK_STREAM))  # type: ignore[misc]
+                s.settimeout(10)
+                with s:
+                    s.bind((str(src), 0))
+                    s.connect((str(dst), 9001))
+                    s.sendall(payload)
+                    s.shutdown(socket.SHUT_WR)
+                    assert int.from_bytes(s.recv(8), "big") == len(payload)
+            assert [n for n, _ in seen] == [len(payload)] * 2
+            assert all(mss <= TUNNEL_MSS for _, mss in seen), seen
+            assert not cap.seen(m)
+        finally:
+            srv.close()

@@ -244,3 +244,69 @@ def test_other_ca_is_refused_even_if_valid(tls_server: tuple[str, str]) -> None:
     with pytest.raises(ControllerUnreachableError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
         c.wait_revision(0, 1.0)
     c.close()
+
+
+class _FirstRequestHangs(_Handler):
+    """Holds the first request (a long-poll on a connection whose address went away); answers the rest."""
+
+    arrived = threading.Event()
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        if not type(self).arrived.is_set():
+            type(self).arrived.set()
+            type(self).release.wait(30)
+            return
+        super().do_GET()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_reconnect_cuts_a_request_in_flight_and_sends_it_again(tmp_path: Path, tls: bool) -> None:
+    """After an address change, a request waiting on an old connection is cut at once and sent again
+    on a new one, instead of waiting for its read timeout (the long-poll's: 25 s here)."""
+    from http.server import ThreadingHTTPServer
+
+    class Handler(_FirstRequestHangs):
+        arrived = threading.Event()
+        release = threading.Event()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ca_pem: str | None = None
+    if tls:
+        ca_key, ca = _ca("stockade test CA")
+        cert_pem, key_pem = _server_cert(ca_key, ca)
+        (tmp_path / "cert.pem").write_bytes(cert_pem)
+        (tmp_path / "key.pem").write_bytes(key_pem)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        ca_pem = ca.public_bytes(serialization.Encoding.PEM).decode()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
+    c = HttpControllerClient(url, ca_pem)
+    c.use_credential(CRED, ca_pem)
+    result: dict[str, Any] = {}
+
+    def poll() -> None:
+        try:
+            result["revision"] = c.wait_revision(0, 20.0).revision
+        except Exception as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    import time
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        assert Handler.arrived.wait(10), "the long-poll never reached the server"
+        started = time.monotonic()
+        c.reconnect()
+        t.join(10)
+        elapsed = time.monotonic() - started
+        assert not t.is_alive(), "the request in flight was not cut by reconnect()"
+        assert result == {"revision": 9}, result
+        assert elapsed < 5.0, f"took {elapsed:.1f} s (the old connection was left to time out)"
+    finally:
+        Handler.release.set()
+        c.close()
+        server.shutdown()
+        server.server_close()

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stockade.codec import bodies
-from stockade.codec.documents import API_VERSION
+from stockade.codec.collected import API_VERSION
 from stockade.controller.services import codec
 from stockade.errors import ValidationError
 from stockade.model import Failsafe, Policy

@@ -212,6 +212,19 @@ def test_backends_without_wireguard_fail_closed() -> None:
         render_iptables(hp)
     text = render_iptables(hp, wg_interface="stkwg0").to_text()
     assert "! -i stkwg0" in text and "*mangle" in text and "-j MARK --set-xmark 0x5745/0xffffffff" in text
+    # eBPF likewise: without a WireGuard device the backend refuses; rendered, the encrypted allows are
+    # allow-encrypted (tunnel only), never plain allows
+    from stockade.backends.ebpf.backend import EBPF_CAPABILITIES, EbpfBackend
+    from stockade.backends.ebpf.identity import Verdict as EbpfVerdict
+    from stockade.backends.ebpf.render import render_ebpf
+
+    assert Capability.ENCRYPT in EBPF_CAPABILITIES
+    with pytest.raises(RenderError, match="WireGuard interface"):
+        EbpfBackend().render(hp)
+    verdicts = {(r.rule, r.verdict) for r in render_ebpf(hp).policy}
+    encrypted = {i for i, name in enumerate(render_ebpf(hp).rules)
+                 if any(r.encrypt and r.rule_id == name for r in hp.rules)}
+    assert encrypted and all(v is EbpfVerdict.ALLOW_ENCRYPTED for i, v in verdicts if i in encrypted)
 
 
 def test_malformed_public_keys_are_refused() -> None:
@@ -348,3 +361,28 @@ def test_agent_gives_every_encrypting_backend_its_wireguard_device(tmp_path: Pat
     assert {n for n in BACKENDS if Capability.ENCRYPT in BACKENDS[n].capabilities} == ENCRYPTING_BACKENDS
     for name in sorted(ENCRYPTING_BACKENDS):
         assert make_backend(name, None, tmp_path).wireguard is not None
+
+
+def test_the_map_counts_the_connections_the_policy_encrypts() -> None:
+    """The map's edges carry how many of their connections the policy encrypts (the console's lock):
+    web-1 -> db-1 on 80 is encrypted (rule 2 wins), db-1 -> web-1 is not; no rule encrypting: no
+    evaluator is built and nothing is encrypted."""
+    from stockade.visibility import EncryptionOracle, Link, map_of_links
+    from stockade.visibility.flows import Endpoint, EndpointKind
+
+    policy = shop()
+    ends = {w.name: Endpoint(None, EndpointKind.WORKLOAD, w.name, w.labels) for w in policy.workloads}
+    oracle = EncryptionOracle(policy)
+    assert oracle(ends["web-1"], ends["db-1"], Proto.TCP, 80)
+    assert not oracle(ends["db-1"], ends["web-1"], Proto.TCP, 80)
+    internet = Endpoint(None, EndpointKind.INTERNET, "internet")
+    assert not oracle(internet, ends["db-1"], Proto.TCP, 80)
+    links = [Link(ends["web-1"], ends["db-1"], "80/tcp", Verdict.ALLOWED, 5, encrypted=True),
+             Link(ends["web-1"], ends["db-1"], "22/tcp", Verdict.BLOCKED, 1)]
+    (edge,) = map_of_links(policy, links, ("role",)).edges
+    assert (edge.connections, edge.encrypted) == (2, 1)
+    plain = replace(policy, rulesets=tuple(replace(rs, encrypt=False, rules=tuple(replace(r, encrypt=False)
+                                                                                   for r in rs.rules))
+                                           for rs in policy.rulesets))
+    never = EncryptionOracle(plain)
+    assert never._ev is None and not never(ends["web-1"], ends["db-1"], Proto.TCP, 80)

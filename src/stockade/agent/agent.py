@@ -17,7 +17,6 @@ previous policy stays in force; the refused revision is not asked for again.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ from stockade.agent.flows import FlowCollector, collector_for
 from stockade.agent.host import HostReport
 from stockade.agent.hostinfo import AddressWatcher, read_host
 from stockade.agent.outbox import Outbox
+from stockade.agent.proving import ProofLoop
 from stockade.agent.state import CachedPolicy, Credential, StateDir
 from stockade.agent.systemd import notify as notify_systemd
 from stockade.agent.transport import (
@@ -139,9 +139,11 @@ class Agent:
         self.converged = threading.Event()  # set after every successful apply (tests wait on it)
         self._feed: ChangeFeed | None = feed_for(enforcer.change_monitor) if options.change_feed else None
         self._tamper_poke = threading.Event()
-        self._prove_poke = threading.Event()
-        self._wireguard_registered = True  # until an attempt fails (enrolment makes the first)
-        self._last_proof: tuple[str, int, str] | None = None  # (state, revision, detail) last reported
+        self.proofs = ProofLoop(enforcer, self._event, lambda: self.applied_revision, self._stop,
+                                interval=options.proof_interval, min_gap=options.proof_min_gap, gate=gate)
+        self.keys = wireguard_key.KeyRegistration(
+            state.path, self._stop, lambda: self.client, retry_seconds=options.wireguard_retry_seconds,
+            rotate_every=options.wireguard_rotate_interval, port=WIREGUARD_PORT)
         self._cache = cache  # the caller may have enforced the cache already (fast start-up)
         self.gate = gate  # shared with the other runtimes of a node agent: first applies go first
         if cache is not None:
@@ -156,8 +158,8 @@ class Agent:
         self._spawn(self._tamper_loop, "stockade-tamper")
         self._spawn(self._main, "stockade-enforce")
         if self.options.proof_interval > 0:
-            self._spawn(self._prove_loop, "stockade-prove")
-        self._spawn(self._wireguard_loop, "stockade-wireguard-key")
+            self._spawn(self.proofs.run, "stockade-prove")
+        self._spawn(self.keys.run, "stockade-wireguard-key")
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the threads; the rules in force stay in force."""
@@ -263,53 +265,9 @@ class Agent:
             self._event(EventKind.TAMPER, f"{report.summary}; found by {via}; {state}", self.applied_revision)
             self.outbox.heartbeat_now()
 
-    # ---- proof: the kernel gives every packet the policy's verdict ------------------------------
-    def _prove_loop(self) -> None:
-        while not self._stop.is_set():
-            self._prove_poke.wait(self.options.proof_interval)
-            self._prove_poke.clear()
-            if self._stop.is_set():
-                return
-            try:
-                if self.gate is None:
-                    self.prove_now()
-                else:
-                    with self.gate.admit(Priority.PROOF, self._stop) as admitted:
-                        if admitted is not None:
-                            self.prove_now()
-            except Exception as exc:  # never let the prover thread die
-                log.exception("proof failed: %s", exc)
-            finally:
-                # a proof's BDD manager (CUDD, C memory) is freed only with its last node, and nodes
-                # can sit in reference cycles until a full collection: collect now, not at some later
-                # threshold (an agent proving after every apply otherwise grew by hundreds of MiB)
-                gc.collect()
-            if self.options.proof_min_gap > 0 and self._stop.wait(self.options.proof_min_gap):
-                return  # applies during the gap left the poke set: the newest revision is proven next
-
     def prove_now(self) -> str | None:
-        """Prove once; report "proven at revision N" or the counterexample when it changed.
-        Returns the state (proven / differs / failed), None when there is nothing to prove."""
-        revision = self.applied_revision
-        try:
-            proof = self.enforcer.prove()
-        except StockadeError as exc:
-            self._report_proof("failed", revision, str(exc), EventKind.PROOF_FAILED)
-            return "failed"
-        if proof is None:
-            return None
-        if proof.proven:
-            detail = f"proven at revision {revision}: {proof.classes} address classes in {proof.seconds * 1000:.0f} ms"
-            self._report_proof("proven", revision, detail, EventKind.PROVEN)
-            return "proven"
-        self._report_proof("differs", revision, "; ".join(str(d) for d in proof.differences), EventKind.PROOF_DIFFERS)
-        return "differs"
-
-    def _report_proof(self, state: str, revision: int, detail: str, kind: EventKind) -> None:
-        key = (state, revision, detail if state != "proven" else "")
-        if key != self._last_proof:
-            self._last_proof = key
-            self._event(kind, detail[:2000], revision)
+        """Prove once and report the outcome when it changed (``ProofLoop.prove_now``)."""
+        return self.proofs.prove_now()
 
     # ---- 3. enrolment ------------------------------------------------------------------------------
     def _enrol(self) -> ControllerClient | None:
@@ -320,7 +278,7 @@ class Agent:
             if cred.key_file is None:
                 cred = self._bind_key(client, cred)
             self.credential = cred
-            self._register_wireguard(client)
+            self.keys.register(client)
             return client
         url = self.options.controller
         code = self.options.activation_code or self.state.load_activation_code()
@@ -354,47 +312,10 @@ class Agent:
             client.use_credential(cred, enrollment.ca_pem or self.state.load_ca())
             self.credential = cred
             log.info("enrolled as agent %s for workload %s", cred.agent_id, cred.workload)
-            self._register_wireguard(client)
+            self.keys.register(client)
             return client
         client.close()
         return None
-
-    def _register_wireguard(self, client: ControllerClient, *, rotate: bool = False) -> bool:
-        """Make (first time; a new one with ``rotate``) and register this host's WireGuard key, so the
-        peers of encrypted rules can reach it. Until it is registered, encrypted rules with this host
-        drop their traffic (never in the clear); ``_wireguard_loop`` retries. True when registered."""
-        try:
-            public = wireguard_key.rotate(self.state.path) if rotate else wireguard_key.load_or_create(self.state.path)
-            client.register_wireguard_key(public, None, WIREGUARD_PORT)
-        except (StockadeError, OSError, ValueError) as exc:
-            log.warning("could not register this host's WireGuard key (%s); retrying in %.0fs", exc,
-                        self.options.wireguard_retry_seconds)
-            self._wireguard_registered = False
-            return False
-        self._wireguard_registered = True
-        if rotate:
-            log.info("WireGuard key rotated; new public key %s registered", public)
-        return True
-
-    def _wireguard_loop(self) -> None:
-        """Retry a registration that failed, and rotate the key every ``wireguard_rotate_interval``
-        (the peers re-handshake once with the new key; the old one stops working at once)."""
-        every = self.options.wireguard_rotate_interval
-        next_rotation = time.monotonic() + every if every > 0 else None
-        while True:
-            wait = self.options.wireguard_retry_seconds  # also how soon a failed registration is noticed
-            if next_rotation is not None:
-                wait = min(wait, max(0.0, next_rotation - time.monotonic()))
-            if self._stop.wait(wait):
-                return
-            client = self.client
-            if client is None:
-                continue  # not enrolled yet: enrolment registers the key
-            if next_rotation is not None and time.monotonic() >= next_rotation:
-                if self._register_wireguard(client, rotate=True):
-                    next_rotation = time.monotonic() + every
-            elif not self._wireguard_registered:
-                self._register_wireguard(client)
 
     def _bind_key(self, client: ControllerClient, cred: Credential) -> Credential:
         """Enrolled before agent keys: bind one now, so a copied token stops being enough.
@@ -557,7 +478,7 @@ class Agent:
             return
         self.state.save_policy(CachedPolicy(upd.revision, hp))
         self.applied_revision = upd.revision
-        self._prove_poke.set()
+        self.proofs.poke.set()
         self.converged.set()
         if self._inline_acks:
             return  # the next long-poll, sent at once, carries the ack

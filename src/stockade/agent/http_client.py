@@ -33,12 +33,15 @@ AuthError, 404 -> NotFoundError, 409 -> ConflictError, 400/422 -> ValidationErro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Sequence
 from typing import Any
 
+import httpcore
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -75,6 +78,82 @@ KEEPALIVE: list[tuple[int, int, int]] = [
     (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1),
     (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),  # a dead path is noticed in ~4 s, not at the read timeout
 ]
+
+
+class _TrackedStream(httpcore.NetworkStream):
+    """A connection's stream that its ``_Streams`` registry can shut down from another thread.
+
+    Closing a socket does not wake a thread blocked reading it; ``shutdown`` does. After the
+    host's addresses change, a request in flight on a connection bound to a removed address
+    would otherwise wait for its read timeout."""
+
+    def __init__(self, inner: httpcore.NetworkStream, streams: _Streams) -> None:
+        self._inner = inner
+        self._streams = streams
+        streams.add(self)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._streams.discard(self)
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        self._streams.discard(self)  # the TLS stream takes over the socket
+        return _TrackedStream(self._inner.start_tls(ssl_context, server_hostname, timeout), self._streams)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+    def shut_down(self) -> None:
+        sock = self._inner.get_extra_info("socket")
+        if sock is not None:
+            # the base class's shutdown even on a TLS socket: the fd, not the TLS object another
+            # thread is reading through (that read then fails with an OSError httpx maps)
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _Streams(httpcore.SyncBackend):
+    """The network backend of the agent's connection pools: records every open stream."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: set[_TrackedStream] = set()
+
+    def add(self, stream: _TrackedStream) -> None:
+        with self._lock:
+            self._open.add(stream)
+
+    def discard(self, stream: _TrackedStream) -> None:
+        with self._lock:
+            self._open.discard(stream)
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Any = None) -> httpcore.NetworkStream:
+        return _TrackedStream(super().connect_tcp(host, port, timeout, local_address, socket_options), self)
+
+    def snapshot(self) -> list[_TrackedStream]:
+        with self._lock:
+            return list(self._open)
+
+
+class _Transport(httpx.HTTPTransport):
+    """httpx's transport over a connection pool whose streams ``_Streams`` records."""
+
+    def __init__(self, verify: ssl.SSLContext | bool, streams: _Streams) -> None:
+        super().__init__(verify=verify, socket_options=KEEPALIVE)
+        limits = httpx.Limits()
+        self._pool = httpcore.ConnectionPool(  # replaces the pool httpx made: same settings, our backend
+            ssl_context=verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context(),
+            max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry, socket_options=KEEPALIVE, network_backend=streams,
+        )
 
 
 def controller_urls(text: str | Sequence[str]) -> list[str]:
@@ -136,8 +215,10 @@ class HttpControllerClient:
         self._ca_pem = ca_pem
         self._credential: Credential | None = None
         self._auth: AgentAuth | None = None
+        self._streams = _Streams()
         self._clients = [self._build(ca_pem, u) for u in self.urls]
         self._missing: set[str] = set()  # endpoints the controller does not have (logged once)
+        self._generation = 0  # bumped by ``reconnect``: a request cut by it is sent again at once
 
     @property
     def base_url(self) -> str:
@@ -157,7 +238,7 @@ class HttpControllerClient:
         verify: ssl.SSLContext | bool = pinned_context(ca_pem) if ca_pem else True
         if url.startswith("https://") and not ca_pem:
             log.warning("no controller CA given: trusting the system store for %s", url)
-        transport = self._transport or httpx.HTTPTransport(verify=verify, socket_options=KEEPALIVE)
+        transport = self._transport or _Transport(verify, self._streams)
         return httpx.Client(
             base_url=url + API_PREFIX,
             verify=verify,
@@ -189,13 +270,19 @@ class HttpControllerClient:
         if timeout is not None:
             kwargs["timeout"] = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT)
         last: ControllerUnreachableError | None = None
-        for _attempt in range(len(self.urls)):  # each replica once, starting with the one in use
+        attempts = len(self.urls)  # each replica once, starting with the one in use
+        while attempts > 0:
+            attempts -= 1
+            generation = self._generation
             try:
                 resp = self._client.request(method, path, **kwargs)
                 raise_for(resp)
                 return resp
             except httpx.HTTPError as exc:
                 last = ControllerUnreachableError(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}")
+                if generation != self._generation:  # cut by ``reconnect``: the same replica, new connection
+                    attempts += 1
+                    continue
             except RuntimeError as exc:  # the client was closed under us (shutdown)
                 raise ControllerUnreachableError(f"{method} {path}: {exc}") from exc
             except ControllerUnreachableError as exc:  # 429 / 5xx
@@ -304,8 +391,17 @@ class HttpControllerClient:
 
     def reconnect(self) -> None:
         """Drop every pooled connection: the host's addresses changed, and a connection bound
-        to a removed address would hang. Later calls open new connections."""
-        self._rebuild()
+        to a removed address would hang. Requests in flight are cut at once (their sockets shut
+        down) and sent again on new connections."""
+        old = self._streams.snapshot()
+        self._generation += 1
+        old_clients, self._clients = self._clients, [self._build(self._ca_pem, u) for u in self.urls]
+        for stream in old:  # before closing: a closed socket's fd no longer reaches the blocked reader
+            stream.shut_down()
+        for c in old_clients:
+            c.close()
+        if old:
+            log.info("addresses changed: %d open controller connection(s) cut", len(old))
 
     def close(self) -> None:
         for c in self._clients:

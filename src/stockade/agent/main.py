@@ -65,7 +65,7 @@ def _or_exit(action: Callable[[], T]) -> T:
         _fail(str(exc))
 
 
-ENCRYPTING_BACKENDS = frozenset({"nftables", "iptables"})  # declare Capability.ENCRYPT; take a WireGuard device
+ENCRYPTING_BACKENDS = frozenset({"nftables", "iptables", "ebpf"})  # declare Capability.ENCRYPT; take a WireGuard device
 
 
 def make_backend(name: str, table: str | None, state_dir: Path | None = None) -> Any:

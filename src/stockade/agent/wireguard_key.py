@@ -15,10 +15,21 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stockade.agent.state import WIREGUARD_KEY_FILE
+from stockade.errors import StockadeError
+
+if TYPE_CHECKING:
+    from stockade.agent.transport import ControllerClient
+
+log = logging.getLogger("stockade.agent")
 
 
 def _public_of(private_b64: str) -> str:
@@ -72,3 +83,55 @@ def rotate(state_dir: Path) -> str:
 def interface_name(state_dir: Path) -> str:
     """``stk`` + 10 hex of the state directory's path: unique per agent on a machine, <= 15 chars."""
     return "stk" + hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+
+
+class KeyRegistration:
+    """Registers this host's WireGuard public key with the controller, retries a registration that
+    failed and rotates the key on a schedule. Until a key is registered, encrypted rules with this
+    host drop their traffic (never in the clear)."""
+
+    def __init__(self, state_dir: Path, stop: threading.Event, current_client: Callable[[], ControllerClient | None],
+                 *, retry_seconds: float, rotate_every: float, port: int) -> None:
+        self.state_dir = state_dir
+        self.stop = stop
+        self.current_client = current_client
+        self.retry_seconds = retry_seconds
+        self.rotate_every = rotate_every
+        self.port = port
+        self.registered = True  # until an attempt fails (enrolment makes the first)
+
+    def register(self, client: ControllerClient, *, new_key: bool = False) -> bool:
+        """Make (first time, or a new one with ``new_key``) and register the key. True when registered."""
+        try:
+            public = rotate(self.state_dir) if new_key else load_or_create(self.state_dir)
+            client.register_wireguard_key(public, None, self.port)
+        except (StockadeError, OSError, ValueError) as exc:
+            log.warning("could not register this host's WireGuard key (%s); retrying in %.0fs", exc,
+                        self.retry_seconds)
+            self.registered = False
+            return False
+        self.registered = True
+        if new_key:
+            log.info("WireGuard key rotated; new public key %s registered", public)
+        return True
+
+    def run(self) -> None:
+        """Retry a registration that failed, and rotate every ``rotate_every`` seconds (the peers
+        re-handshake once with the new key; the old one stops working at once)."""
+        every = self.rotate_every
+        next_rotation = time.monotonic() + every if every > 0 else None
+        while True:
+            wait = self.retry_seconds  # also how soon a failed registration is noticed
+            if next_rotation is not None:
+                wait = min(wait, max(0.0, next_rotation - time.monotonic()))
+            if self.stop.wait(wait):
+                return
+            client = self.current_client()
+            if client is None:
+                continue  # not enrolled yet: enrolment registers the key
+            if next_rotation is not None and time.monotonic() >= next_rotation:
+                if self.register(client, new_key=True):
+                    next_rotation = time.monotonic() + every
+            elif not self.registered:
+                self.register(client)
+

@@ -23,6 +23,21 @@
  * Allowed connections (and would-be drops in visibility mode) create a flow; every
  * new-connection verdict is reported on the stk_events ring buffer.
  *
+ * Encryption (encrypt: true, WireGuard): a policy entry's verdict ALLOW_ENCRYPTED marks the
+ * connection it opens as encrypted (flow_val.enc). The WireGuard interface's index is in
+ * stk_current (0: no tunnel). A packet of an encrypted connection, or one that opens it:
+ *   - at egress on any other interface is redirected into the tunnel (bpf_redirect to the
+ *     WireGuard interface's egress: wireguard-go encrypts it; a tc egress hook runs after
+ *     routing, so a mark could not re-route it), its SYN's MSS clamped to the tunnel's;
+ *     with no tunnel (index 0, or the interface gone: the redirect fails) it is dropped;
+ *   - at ingress is accepted only from the WireGuard interface, where WireGuard's
+ *     cryptokey routing guarantees the inner source address belongs to the sending key;
+ *     in the clear it is dropped, in every mode (never "would-block").
+ * The WireGuard interface runs the same programs built for a link without an Ethernet
+ * header (sections stockade/ingress_l3, stockade/egress_l3). wireguard-go's own UDP packets
+ * carry its fwmark (stk_current.wg_mark) and pass egress untouched; the peers' WireGuard
+ * UDP is accepted at ingress by failsafe policy entries rendered in user space.
+ *
  * Generations: stk_gen is an array of two LPM tries, each holding one generation's peers
  * (kind PEER4/PEER6: address -> identity) and policy (kind POLICY: identity, direction,
  * protocol, port -> verdict, rule). The single entry of stk_current (a hash map, so an
@@ -58,6 +73,7 @@
 
 #define VERDICT_ALLOW 1
 #define VERDICT_BLOCK 2
+#define VERDICT_ALLOW_ENCRYPTED 3 /* allowed only through the WireGuard tunnel */
 
 #define ACT_ALLOW 1
 #define ACT_BLOCK 2
@@ -72,6 +88,13 @@
 
 #define PASS TC_ACT_UNSPEC /* continue with the next tc filter, if any */
 #define DROP TC_ACT_SHOT
+
+/* What happens to a packet: dropped, passed, or (encrypted) through the tunnel only. */
+#define GO_DROP 0
+#define GO_PASS 1
+#define GO_TUNNEL 2
+
+#define TUNNEL_MSS 1360 /* WireGuard MTU 1420 - IPv6 (40) - TCP (20): fits both families */
 
 #define NSEC 1000000000ULL
 #define TIMEOUT_TCP (5ULL * 24 * 3600 * NSEC)
@@ -95,6 +118,8 @@ enum stat {
 	STAT_MALFORMED,
 	STAT_EVENTS_LOST,
 	STAT_OTHERHOST,
+	STAT_TUNNELED,    /* redirected into the WireGuard interface */
+	STAT_PLAIN_DROP,  /* an encrypted rule's traffic in the clear (or no tunnel): dropped */
 	STAT_MAX,
 };
 
@@ -104,6 +129,8 @@ struct stk_current {
 	__u32 mode;
 	__u32 layout;  /* map layout version (user space only) */
 	__u64 object;  /* digest of the loaded object file (user space only) */
+	__u32 wg_ifindex; /* the WireGuard interface (0: none): encrypted traffic only through it */
+	__u32 wg_mark;    /* wireguard-go's fwmark: its own UDP packets pass egress */
 };
 
 /* The generation trie holds three kinds of entries, told apart by the first key byte. */
@@ -139,7 +166,8 @@ struct flow_val {
 	__u32 rule;
 	__u8 dir; /* direction of the connection's first packet at this host */
 	__u8 action;
-	__u16 pad;
+	__u8 enc; /* encrypted: only through the WireGuard interface */
+	__u8 pad;
 	__u32 pad2;
 };
 
@@ -154,7 +182,7 @@ struct frag_key {
 
 struct frag_val {
 	__u64 last_ns;
-	__u8 pass;
+	__u8 pass; /* GO_DROP, GO_PASS or GO_TUNNEL */
 	__u8 pad[7];
 };
 
@@ -437,24 +465,63 @@ static __always_inline void report(struct __sk_buff *skb, const struct stk_curre
 		count(STAT_EVENTS_LOST);
 }
 
-static __always_inline int remember_fragment(const struct pkt *p, int pass)
+/* A SYN (or SYN-ACK) going into the tunnel: its MSS option (Linux writes it first) clamped to
+ * the tunnel's, so segments sized for the Ethernet link do not exceed the WireGuard MTU. */
+static __always_inline void clamp_mss(struct __sk_buff *skb, const struct pkt *p)
 {
-	if (p->frag != FRAG_FIRST)
-		return pass ? PASS : DROP;
-	struct frag_key fk = {};
-	fk.family = p->family;
-	fk.proto = p->proto;
-	fk.id = p->frag_id;
-	__builtin_memcpy(fk.src, p->src, 16);
-	__builtin_memcpy(fk.dst, p->dst, 16);
-	struct frag_val fv = {};
-	fv.last_ns = bpf_ktime_get_coarse_ns();
-	fv.pass = pass;
-	bpf_map_update_elem(&stk_frags, &fk, &fv, BPF_ANY);
-	return pass ? PASS : DROP;
+	if (p->proto != PROTO_TCP || !(p->tcp_flags & 0x02) || p->frag != FRAG_NONE)
+		return;
+	__u8 opt[4];
+	if (bpf_skb_load_bytes(skb, p->l4off + 20, opt, sizeof(opt)) < 0)
+		return;
+	if (opt[0] != 2 || opt[1] != 4)
+		return;
+	__u16 old = ((__u16)opt[2] << 8) | opt[3];
+	if (old <= TUNNEL_MSS)
+		return;
+	__be16 from = bpf_htons(old), to = bpf_htons(TUNNEL_MSS);
+	bpf_l4_csum_replace(skb, p->l4off + 16, from, to, sizeof(to));
+	bpf_skb_store_bytes(skb, p->l4off + 22, &to, sizeof(to), 0);
 }
 
-static __always_inline int later_fragment(const struct stk_current *cur, const struct pkt *p)
+/* The packet's fate: GO_TUNNEL passes on the WireGuard interface, is redirected into it at
+ * egress elsewhere and dropped at ingress elsewhere (in the clear). */
+static __always_inline int deliver(struct __sk_buff *skb, const struct stk_current *cur, const struct pkt *p,
+				   int go, __u8 dir, int on_wg)
+{
+	if (go == GO_DROP)
+		return DROP;
+	if (go == GO_PASS || on_wg)
+		return PASS;
+	if (dir == DIR_IN || cur->wg_ifindex == 0) {
+		count(STAT_PLAIN_DROP);
+		return DROP;
+	}
+	clamp_mss(skb, p);
+	count(STAT_TUNNELED);
+	return bpf_redirect(cur->wg_ifindex, 0);
+}
+
+static __always_inline int remember_fragment(struct __sk_buff *skb, const struct stk_current *cur,
+					     const struct pkt *p, int go, __u8 dir, int on_wg)
+{
+	if (p->frag == FRAG_FIRST) {
+		struct frag_key fk = {};
+		fk.family = p->family;
+		fk.proto = p->proto;
+		fk.id = p->frag_id;
+		__builtin_memcpy(fk.src, p->src, 16);
+		__builtin_memcpy(fk.dst, p->dst, 16);
+		struct frag_val fv = {};
+		fv.last_ns = bpf_ktime_get_coarse_ns();
+		fv.pass = go;
+		bpf_map_update_elem(&stk_frags, &fk, &fv, BPF_ANY);
+	}
+	return deliver(skb, cur, p, go, dir, on_wg);
+}
+
+static __always_inline int later_fragment(struct __sk_buff *skb, const struct stk_current *cur,
+					  const struct pkt *p, __u8 dir, int on_wg)
 {
 	struct frag_key fk = {};
 	fk.family = p->family;
@@ -463,24 +530,24 @@ static __always_inline int later_fragment(const struct stk_current *cur, const s
 	__builtin_memcpy(fk.src, p->src, 16);
 	__builtin_memcpy(fk.dst, p->dst, 16);
 	struct frag_val *fv = bpf_map_lookup_elem(&stk_frags, &fk);
-	int pass;
+	int go;
 	if (fv && bpf_ktime_get_coarse_ns() - fv->last_ns < TIMEOUT_FRAG)
-		pass = fv->pass;
+		go = fv->pass;
 	else /* first fragment never seen: the mode's default */
-		pass = cur->mode != MODE_FULL;
-	count(pass ? STAT_FRAG_PASS : STAT_FRAG_DROP);
-	return pass ? PASS : DROP;
+		go = cur->mode != MODE_FULL ? GO_PASS : GO_DROP;
+	count(go != GO_DROP ? STAT_FRAG_PASS : STAT_FRAG_DROP);
+	return deliver(skb, cur, p, go, dir, on_wg);
 }
 
-/* An ICMP error about a flow we know passes as related. */
+/* An ICMP error about a flow we know passes as related (GO_TUNNEL for an encrypted one). */
 static __always_inline int related_flow(struct __sk_buff *skb, const struct stk_current *cur, const struct pkt *p)
 {
 	struct pkt inner = {};
 	__u16 ethertype = p->family == 4 ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6);
 	if (parse_ip(skb, p->l4off + 8, ethertype, &inner, 1) != PARSE_OK)
-		return 0;
+		return GO_DROP;
 	if (inner.frag == FRAG_LATER)
-		return 0;
+		return GO_DROP;
 	struct flow_key k;
 	flow_key_of(&inner, 0, &k);
 	struct flow_val *v = bpf_map_lookup_elem(&stk_flows, &k);
@@ -488,10 +555,12 @@ static __always_inline int related_flow(struct __sk_buff *skb, const struct stk_
 		flow_key_of(&inner, 1, &k);
 		v = bpf_map_lookup_elem(&stk_flows, &k);
 	}
-	return v && v->epoch == cur->epoch;
+	if (!v || v->epoch != cur->epoch)
+		return GO_DROP;
+	return v->enc ? GO_TUNNEL : GO_PASS;
 }
 
-static __always_inline int stk_filter(struct __sk_buff *skb, const __u8 dir)
+static __always_inline int stk_filter(struct __sk_buff *skb, const __u8 dir, const __u32 l2len)
 {
 	__u32 zero = 0;
 	struct stk_current *cur = bpf_map_lookup_elem(&stk_current, &zero);
@@ -501,8 +570,11 @@ static __always_inline int stk_filter(struct __sk_buff *skb, const __u8 dir)
 		count(STAT_OTHERHOST);
 		return PASS; /* not for this host: the stack drops it */
 	}
+	if (dir == DIR_OUT && cur->wg_mark != 0 && skb->mark == cur->wg_mark)
+		return PASS; /* wireguard-go's own (encrypted) UDP packets */
+	int on_wg = cur->wg_ifindex != 0 && skb->ifindex == cur->wg_ifindex;
 	struct pkt p = {};
-	int parsed = parse_ip(skb, ETH_HLEN, (__u16)skb->protocol, &p, 0);
+	int parsed = parse_ip(skb, l2len, (__u16)skb->protocol, &p, 0);
 	if (parsed == PARSE_NOT_IP) {
 		count(STAT_NOT_IP);
 		return PASS;
@@ -517,7 +589,7 @@ static __always_inline int stk_filter(struct __sk_buff *skb, const __u8 dir)
 		return PASS;
 	}
 	if (p.frag == FRAG_LATER)
-		return later_fragment(cur, &p);
+		return later_fragment(skb, cur, &p, dir, on_wg);
 
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct flow_key k;
@@ -542,11 +614,14 @@ static __always_inline int stk_filter(struct __sk_buff *skb, const __u8 dir)
 		if (now - v->last_ns > NSEC)
 			v->last_ns = now;
 		count(STAT_PASS_FLOW);
-		return remember_fragment(&p, 1);
+		return remember_fragment(skb, cur, &p, v->enc ? GO_TUNNEL : GO_PASS, dir, on_wg);
 	}
-	if (!v && icmp && is_icmp_error(p.family, p.icmp_type) && related_flow(skb, cur, &p)) {
-		count(STAT_PASS_RELATED);
-		return remember_fragment(&p, 1);
+	if (!v && icmp && is_icmp_error(p.family, p.icmp_type)) {
+		int related = related_flow(skb, cur, &p);
+		if (related != GO_DROP) {
+			count(STAT_PASS_RELATED);
+			return remember_fragment(skb, cur, &p, related, dir, on_wg);
+		}
 	}
 
 	/* What to evaluate: the flow's first packet (re-check after a policy change) or this one. */
@@ -569,33 +644,38 @@ static __always_inline int stk_filter(struct __sk_buff *skb, const __u8 dir)
 	}
 	__u64 res = evaluate(cur, &q);
 	__u32 rule = (__u32)res;
+	__u32 verdict = (__u32)(res >> 32);
+	__u8 enc = verdict == VERDICT_ALLOW_ENCRYPTED;
 	__u8 action = ACT_ALLOW;
-	if ((res >> 32) != VERDICT_ALLOW)
+	if (verdict != VERDICT_ALLOW && !enc)
 		action = cur->mode == MODE_VISIBILITY ? ACT_WOULD_BLOCK : ACT_BLOCK;
+	else if (enc && !on_wg && (dir == DIR_IN || cur->wg_ifindex == 0))
+		action = ACT_BLOCK; /* in the clear, or no tunnel to send it through: in every mode */
 
 	if (v) {
 		if (action == ACT_BLOCK) {
 			bpf_map_delete_elem(&stk_flows, &k);
 			count(STAT_REVOKED);
 			report(skb, cur, &k, v->dir, action, rule, REASON_REVALIDATED, 0);
-			return remember_fragment(&p, 0);
+			return remember_fragment(skb, cur, &p, GO_DROP, dir, on_wg);
 		}
-		if (action != v->action)
+		if (action != v->action || enc != v->enc)
 			report(skb, cur, &k, v->dir, action, rule, REASON_REVALIDATED, 0);
 		v->epoch = cur->epoch;
 		v->rule = rule;
 		v->action = action;
+		v->enc = enc;
 		v->last_ns = now;
 		count(STAT_REVALIDATED);
-		return remember_fragment(&p, 1);
+		return remember_fragment(skb, cur, &p, enc ? GO_TUNNEL : GO_PASS, dir, on_wg);
 	}
 
 	report(skb, cur, &k, dir, action, rule, REASON_NEW, icmp ? p.icmp_type : 0);
 	if (action == ACT_BLOCK) {
-		count(STAT_BLOCK);
+		count(enc ? STAT_PLAIN_DROP : STAT_BLOCK);
 		if (syn)
 			bpf_map_delete_elem(&stk_flows, &k); /* a stale flow of a reused 5-tuple */
-		return remember_fragment(&p, 0);
+		return remember_fragment(skb, cur, &p, GO_DROP, dir, on_wg);
 	}
 	count(action == ACT_ALLOW ? STAT_ALLOW_NEW : STAT_WOULD_BLOCK);
 	if (trackable && !echo_rep) {
@@ -605,21 +685,35 @@ static __always_inline int stk_filter(struct __sk_buff *skb, const __u8 dir)
 		nv.rule = rule;
 		nv.dir = dir;
 		nv.action = action;
+		nv.enc = enc;
 		bpf_map_update_elem(&stk_flows, &k, &nv, BPF_ANY);
 	}
-	return remember_fragment(&p, 1);
+	return remember_fragment(skb, cur, &p, enc ? GO_TUNNEL : GO_PASS, dir, on_wg);
 }
 
 SEC("stockade/ingress")
 int stockade_in(struct __sk_buff *skb)
 {
-	return stk_filter(skb, DIR_IN);
+	return stk_filter(skb, DIR_IN, ETH_HLEN);
 }
 
 SEC("stockade/egress")
 int stockade_out(struct __sk_buff *skb)
 {
-	return stk_filter(skb, DIR_OUT);
+	return stk_filter(skb, DIR_OUT, ETH_HLEN);
+}
+
+/* The same, for the WireGuard interface (a tun device: no link-layer header). */
+SEC("stockade/ingress_l3")
+int stockade_in_l3(struct __sk_buff *skb)
+{
+	return stk_filter(skb, DIR_IN, 0);
+}
+
+SEC("stockade/egress_l3")
+int stockade_out_l3(struct __sk_buff *skb)
+{
+	return stk_filter(skb, DIR_OUT, 0);
 }
 
 char _license[] SEC("license") = "Apache-2.0";

@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from stockade.codec import netpol_body, pairing_body
-from stockade.codec.documents import BUILTIN_ANY, Collected, Kind, parse_body
+from stockade.codec.collected import BUILTIN_ANY, Collected, Kind
+from stockade.codec.documents import parse_body
 from stockade.codec.syntax import format_service_entry
 from stockade.codec.tree import NotADocument, Reader, node_of
 from stockade.errors import Issue, ValidationError

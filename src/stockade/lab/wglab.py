@@ -1,5 +1,5 @@
 """A small WireGuard lab (kernel tests and bench/wireguard.py): host namespaces on a bridge, each with a Linux
-backend that encrypts (nftables, or iptables+ipset in either variant: ``WG_BACKENDS``) and its own wireguard-go
+backend that encrypts (nftables, iptables+ipset in either variant, or eBPF: ``WG_BACKENDS``) and its own wireguard-go
 interface, echo servers, in-process probes and an underlay capture.
 
 Everything runs in namespaces of its own (random names, a private address range that is never
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stockade.backends.common import in_netns
+from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.iptables.backend import IptablesBackend
 from stockade.backends.nftables.backend import NftablesBackend
 from stockade.backends.wireguard import STEER_MARK, WireGuardDevice
@@ -36,7 +37,8 @@ from stockade.model.policy import Policy
 from stockade.model.workloads import EnforcementMode, Interface, WireGuardIdentity, Workload
 
 PORTS = (80, 5432, 6000, 7000)
-WG_BACKENDS = ("nftables", "iptables-nft", "iptables-legacy")  # the Linux backends that encrypt, as the lab names them
+# the Linux backends that encrypt, as the lab names them
+WG_BACKENDS = ("nftables", "iptables-nft", "iptables-legacy", "ebpf")
 SO_MARK = 36
 IP_TRANSPARENT = 19  # a source address the host does not own (FREEBIND binds, but sendto then refuses)
 IPV6_TRANSPARENT = 75
@@ -62,7 +64,7 @@ class Host:
     v6: IPAddress
     key_file: Path
     public_key: str
-    backend: NftablesBackend | IptablesBackend
+    backend: NftablesBackend | IptablesBackend | EbpfBackend
     device: WireGuardDevice
 
     def identity(self) -> WireGuardIdentity:
@@ -70,6 +72,9 @@ class Host:
 
     def enforce(self, hp: HostPolicy) -> None:
         """Render and apply ``hp`` with this host's backend."""
+        if isinstance(self.backend, EbpfBackend):  # each backend takes its own artifact type
+            self.backend.apply(self.backend.render(hp))
+            return
         if isinstance(self.backend, NftablesBackend):
             self.backend.apply(self.backend.render(hp))
         else:
@@ -280,12 +285,14 @@ class WgLab:
         return deltas
 
 
-def make_backend(name: str, netns: str, device: WireGuardDevice) -> NftablesBackend | IptablesBackend:
+def make_backend(name: str, netns: str, device: WireGuardDevice) -> NftablesBackend | IptablesBackend | EbpfBackend:
     """``name`` from :data:`WG_BACKENDS`, enforcing in ``netns`` with ``device`` as its tunnel."""
     if name == "nftables":
         return NftablesBackend(table="stockade", netns=netns, wireguard=device)
     if name.startswith("iptables-"):
         return IptablesBackend(name.removeprefix("iptables-"), netns=netns, wireguard=device)
+    if name == "ebpf":
+        return EbpfBackend(netns=netns, wireguard=device)
     raise ValueError(f"no WireGuard lab backend {name!r} (one of {', '.join(WG_BACKENDS)})")
 
 
@@ -319,6 +326,9 @@ def wg_lab(count: int, tmp: Path, backend: str = "nftables") -> Iterator[WgLab]:
         for s in lab.servers:
             s.close()
         for h in lab.hosts.values():
+            if isinstance(h.backend, EbpfBackend):  # its pins outlive the namespace otherwise
+                with contextlib.suppress(Exception):
+                    h.backend.remove()
             h.backend.close()
             with contextlib.suppress(Exception):
                 h.device.remove()

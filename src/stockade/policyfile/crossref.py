@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 
-from stockade.codec.documents import Collected, Declaration, Kind
+from stockade.codec.collected import Collected, Declaration, Kind
 from stockade.codec.tree import Where, quote
 from stockade.errors import Issue
 from stockade.model.addresses import IPAddress

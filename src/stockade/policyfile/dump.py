@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from stockade.codec.documents import API_VERSION, BUILTIN_ANY, Kind
+from stockade.codec.collected import API_VERSION, BUILTIN_ANY, Kind
 from stockade.codec.syntax import format_service_entry
 from stockade.model.labels import DEFAULT_LABEL_KEYS, Label
 from stockade.model.policy import Failsafe, Policy

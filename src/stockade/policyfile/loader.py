@@ -12,7 +12,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from stockade.codec.documents import BUILTIN_ANY, Collected, parse_document
+from stockade.codec.collected import BUILTIN_ANY, Collected
+from stockade.codec.documents import parse_document
 from stockade.codec.tree import Reader
 from stockade.errors import Issue, ValidationError
 from stockade.model.labels import DEFAULT_LABEL_KEYS, LabelKey

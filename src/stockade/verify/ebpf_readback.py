@@ -14,7 +14,10 @@ contents of the generation trie in force. So the read-back has two parts:
   the kernel's longest-prefix-match semantics applied to whatever entries are there (nested
   or overlapping entries, as a mutation could leave, are resolved as the kernel resolves
   them). Entries no lookup of the datapath can take the way the model reads them (unknown
-  kinds, partial identity prefixes, unknown verdicts or protocols) are refused.
+  kinds, partial identity prefixes, unknown verdicts or protocols) are refused. So are, for
+  now, the encryption fields: an ``allow-encrypted`` verdict and a WireGuard interface or
+  fwmark in ``stk_current`` (the redirect into the tunnel and the tunnel-only ingress have no
+  variable in the header space yet): a host with encrypted rules fails closed, unproven.
 
 The fixed code becomes one chain per hook (:func:`datapath_rules`), in the program's order:
 ICMPv6 neighbour discovery passes; a packet of a known flow (``established``) or an ICMP
@@ -221,6 +224,9 @@ def decode_trie(raw: dict[bytes, bytes]) -> tuple[dict[Family, Prefixes], dict[P
         identity, direction, proto, port = struct.unpack_from(">IBBH", data, 0)
         if direction not in _DIRECTION or proto not in protos:
             raise UnmodelledConstructError("eBPF trie", f"policy entry for direction {direction} protocol {proto}")
+        if a == Verdict.ALLOW_ENCRYPTED.value:
+            raise UnmodelledConstructError("eBPF trie", "policy verdict allow-encrypted (the WireGuard tunnel's "
+                                           "redirect and tunnel-only ingress are not modelled yet)")
         if a not in verdicts:
             raise UnmodelledConstructError("eBPF trie", f"policy verdict {a}")
         first, last = _prefix(port.to_bytes(2, "big"), 16, bits)
@@ -324,6 +330,8 @@ def _read(backend: EbpfBackend) -> LoadedRuleset:
         if loader.attachments():
             raise UnmodelledConstructError("eBPF", "programs attached without Stockade's maps")
         return LoadedRuleset("ebpf", False, (), flow_states=True)
+    if cur.wg_ifindex or cur.wg_mark:  # its redirect and fwmark pass are outside the model: fail closed
+        raise UnmodelledConstructError("stk_current", "a WireGuard tunnel (encrypt: true) is not modelled yet")
     map_ids = frozenset(bpf.map_info(m.fd).id for m in loader.maps.values())
     trie = loader.trie(cur.generation)
     if trie is None:

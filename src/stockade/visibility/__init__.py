@@ -7,6 +7,7 @@ stores flows and serves these through its API, the agent produces the flow recor
 from stockade.visibility.appmap import (
     DEFAULT_GROUP_KEYS,
     AppMap,
+    EncryptionOracle,
     ExplainedConnection,
     Link,
     MapEdge,
@@ -41,6 +42,7 @@ __all__ = [
     "ChangeKind",
     "Connection",
     "Elsewhere",
+    "EncryptionOracle",
     "Endpoint",
     "EndpointKind",
     "ExplainedConnection",

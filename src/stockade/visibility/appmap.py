@@ -20,9 +20,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from stockade.errors import ValidationError
 from stockade.evaluator import Evaluation, Evaluator, Verdict
 from stockade.model.labels import Label
 from stockade.model.policy import Policy
+from stockade.model.services import Proto
 from stockade.model.workloads import Workload
 from stockade.visibility.flows import INTERNET, Connection, Endpoint, EndpointKind, Resolver
 
@@ -68,6 +70,7 @@ class MapEdge:
     count: int  # connections seen in total
     mix: VerdictMix
     services: tuple[str, ...]  # "443/tcp", "icmp:8", sorted
+    encrypted: int = 0  # of ``connections``, those the policy in force sends through WireGuard (encrypt: true)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class Link:
     verdict: Verdict
     count: int
     connections: int = 1
+    encrypted: bool = False  # the policy in force encrypts it (see :class:`EncryptionOracle`)
 
 
 @dataclass(frozen=True)
@@ -183,20 +187,61 @@ def map_of_links(policy: Policy, links: Iterable[Link], keys: Sequence[str] = DE
         e.count += link.count
         e.mix = e.mix.plus(link.verdict, link.connections)
         e.services.add(link.service)
+        e.encrypted += link.connections if link.encrypted else 0
     edges = tuple(
-        MapEdge(s, d, e.connections, e.count, e.mix, tuple(sorted(e.services))) for (s, d), e in sorted(acc.items())
+        MapEdge(s, d, e.connections, e.count, e.mix, tuple(sorted(e.services)), e.encrypted)
+        for (s, d), e in sorted(acc.items())
     )
     return AppMap(keys, tuple(nodes[n] for n in sorted(nodes)), edges)
 
 
 class _EdgeAcc:
-    __slots__ = ("connections", "count", "mix", "services")
+    __slots__ = ("connections", "count", "encrypted", "mix", "services")
 
     def __init__(self) -> None:
         self.connections = 0
+        self.encrypted = 0
         self.count = 0
         self.mix = VerdictMix()
         self.services: set[str] = set()
+
+
+class EncryptionOracle:
+    """Whether the policy encrypts a connection between two managed workloads (``encrypt: true``):
+    the evaluator's ``encrypted`` on each workload's first address of a family both have. Costs
+    nothing when no ruleset encrypts (the common case): no evaluator is built."""
+
+    def __init__(self, policy: Policy) -> None:
+        encrypts = any(rs.encrypts(i) for rs in policy.rulesets for i in range(len(rs.rules)))
+        self._ev = Evaluator(policy) if encrypts else None
+        self._workloads = {w.name: w for w in policy.workloads} if encrypts else {}
+        self._memo: dict[tuple[str, str, Proto, int | None], bool] = {}
+
+    def __call__(self, src: Endpoint, dst: Endpoint, proto: Proto, port: int | None) -> bool:
+        if self._ev is None or src.kind is not EndpointKind.WORKLOAD or dst.kind is not EndpointKind.WORKLOAD:
+            return False
+        key = (src.name, dst.name, proto, port)
+        found = self._memo.get(key)
+        if found is None:
+            found = self._memo[key] = self._evaluate(src.name, dst.name, proto, port)
+        return found
+
+    def _evaluate(self, src: str, dst: str, proto: Proto, port: int | None) -> bool:
+        a, b = self._workloads.get(src), self._workloads.get(dst)
+        if a is None or b is None or self._ev is None:
+            return False
+        for version in (4, 6):
+            if proto is (Proto.ICMPV6 if version == 4 else Proto.ICMP):
+                continue
+            sa = next((x for x in a.addresses if x.version == version), None)
+            da = next((x for x in b.addresses if x.version == version), None)
+            if sa is not None and da is not None:
+                try:
+                    ev = self._ev.evaluate(sa, da, proto, port)
+                except ValidationError:
+                    return False
+                return ev.verdict is Verdict.ALLOWED and ev.encrypted
+        return False
 
 
 # ---- drill-down ----------------------------------------------------------------------------

@@ -44,6 +44,15 @@ Choices, and why:
   (:mod:`ebpf_elf`), ``tc`` argv for attachment; pins under ``/sys/fs/bpf/<table>/<netns>``
   (bpffs mounted if absent). The object file is compiled on first use
   (:mod:`stockade.bpf.build`).
+* **Encryption** (``encrypt: true``): the shared :class:`~stockade.backends.wireguard.Tunnel`
+  (wireguard-go device, peers one at a time over UAPI) with the programs doing the steering:
+  an encrypted allow's verdict is ``allow-encrypted``; its connection's packets are redirected
+  into the WireGuard interface at egress (``bpf_redirect``: tc egress runs after routing, so
+  a mark would not re-route them; the policy routing the Tunnel installs is unused here) and
+  accepted at ingress only from it; the interface's index is in ``stk_current`` and the
+  interface runs the same programs built for a link without Ethernet header. No tunnel, a
+  dead wireguard-go or a deleted interface: the redirect fails or is refused, the traffic is
+  dropped, never sent in the clear, until the next apply restores the device.
 * **Visibility**: would-be drops pass, are counted (``stats()["would_block"]``) and
   reported as flow events (:mod:`ebpf_events`), like every new-connection verdict.
 
@@ -63,7 +72,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stockade.backends.base import (
-    WITHOUT_ENCRYPTION,
     Capability,
     EventFlows,
     VerifyReport,
@@ -77,6 +85,7 @@ from stockade.backends.ebpf.loader import (
     EVENTS_BYTES,
     LAYOUT,
     SERIAL_KEY,
+    TUNNEL_PROGRAMS,
     Attachment,
     Current,
     EbpfLoader,
@@ -97,13 +106,15 @@ from stockade.backends.ebpf.render import (
     text_value,
 )
 from stockade.backends.ebpf.syscall import BpfMap, open_map, open_pinned
+from stockade.backends.wireguard import SOCKET_MARK, Tunnel, WireGuardDevice
 from stockade.bpf.build import object_path
-from stockade.compiler.ir import HostPolicy, SetDelta
-from stockade.errors import ApplyError
+from stockade.compiler.ir import HostPolicy, PeerDelta, SetDelta, WireGuardConfig
+from stockade.errors import ApplyError, RenderError
 from stockade.model.addresses import Family
+from stockade.model.workloads import EnforcementMode
 
 # SCTP: the datapath parses TCP/UDP ports only (SCTP is an "other" protocol, port 0)
-EBPF_CAPABILITIES = WITHOUT_ENCRYPTION - {Capability.SCTP}
+EBPF_CAPABILITIES = frozenset(Capability) - {Capability.SCTP}
 DEFAULT_PREF = 1000
 DEFAULT_FLOW_CAPACITY = 65536
 HOST_DIR = "_host"
@@ -138,6 +149,7 @@ class EbpfBackend:
         forward: bool = False,
         log_group: int | None = None,
         pin_root: str = BPFFS,
+        wireguard: WireGuardDevice | None = None,
     ) -> None:
         if forward:
             raise ApplyError("the ebpf backend filters every packet on the host's interfaces; 'forward' has no meaning")
@@ -159,10 +171,15 @@ class EbpfBackend:
         self._serial: int | None = None
         self._peers: PeerTable | None = None
         self._gen_maps: dict[str, BpfMap] = {}
+        self.wireguard = wireguard  # the tunnel of encrypted rules (None: they fail to render)
+        self._tunnel = Tunnel(wireguard) if wireguard is not None else None
 
     # ---- pure ------------------------------------------------------------------------
     def render(self, host_policy: HostPolicy) -> EbpfArtifact:
         check_capabilities(self.name, self.capabilities, host_policy)
+        encrypted = host_policy.wireguard is not None or any(r.encrypt for r in host_policy.rules)
+        if encrypted and host_policy.mode is not EnforcementMode.IDLE and self.wireguard is None:
+            raise RenderError("encrypted rules need a valid WireGuard interface name, got None")
         return render_ebpf(host_policy)
 
     # ---- kernel ----------------------------------------------------------------------
@@ -180,18 +197,24 @@ class EbpfBackend:
         cur = loader.current()
         pinned = loader.pinned_program_ids()
         reload = cur is None or cur.object != digest or cur.layout != LAYOUT or len(pinned) != len(TcHook)
+        wg = artifact.host_policy.wireguard if self._tunnel is not None else None
+        reload_tunnel = wg is not None and (reload or len(loader.pinned_program_ids(TUNNEL_PROGRAMS)) != len(TcHook))
         serial = 0 if cur is None else cur.serial + 1
-        with ThreadPoolExecutor(max_workers=1) as pool:  # the verifier runs while the trie fills
-            loading = pool.submit(loader.load_programs, obj) if reload else None
+        with ThreadPoolExecutor(max_workers=2) as pool:  # the verifier runs while the trie fills
+            loading = [pool.submit(loader.load_programs, obj)] if reload else []
+            if reload_tunnel:
+                loading.append(pool.submit(loader.load_programs, obj, TUNNEL_PROGRAMS))
             loader.write_generation(serial & 1, serial, artifact)
-            if loading is not None:
-                loading.result()
+            for job in loading:
+                job.result()
         new = Current(
             serial=serial,
             epoch=1 if cur is None else cur.epoch + 1,
             mode=artifact.mode,
             layout=LAYOUT,
             object=digest,
+            wg_ifindex=self._tunnel_index() if wg is not None else 0,
+            wg_mark=SOCKET_MARK if wg is not None else 0,
         )
         loader.set_current(new)
         try:
@@ -201,6 +224,24 @@ class EbpfBackend:
                 loader.set_current(replace(cur, epoch=new.epoch + 1))
             raise
         self._applied, self._serial, self._peers = artifact, new.serial, None
+        if self._tunnel is not None:  # after the maps: encrypted traffic is dropped while it comes up
+            self._tunnel.apply(wg, artifact.host_policy.local_addresses)
+            if wg is not None:
+                index = loader.attach_tunnel(self._tunnel.interface)
+                if index != new.wg_ifindex:
+                    loader.set_current(replace(new, wg_ifindex=index))
+
+    def _tunnel_index(self) -> int:
+        """The WireGuard interface's index now (0: absent)."""
+        assert self._tunnel is not None
+        link = self.loader.tunnel_link(self._tunnel.interface)
+        return 0 if link is None else link.index
+
+    def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
+        """WireGuard peers set / removed over the control socket; the maps are not touched."""
+        if self._tunnel is None:
+            raise ApplyError("a peer delta, but this backend has no WireGuard device")
+        self._tunnel.apply_peer_delta(old, delta)
 
     def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
         """Change set members in the generation in force; rules are not touched."""
@@ -262,7 +303,8 @@ class EbpfBackend:
         lines = [
             f"# Stockade eBPF state{f' in netns {self.netns}' if self.netns else ''}",
             f"current serial {cur.serial} generation {cur.generation} epoch {cur.epoch} "
-            f"mode {cur.mode.value} layout {cur.layout}",
+            f"mode {cur.mode.value} layout {cur.layout}"
+            + (f" tunnel ifindex {cur.wg_ifindex} fwmark 0x{cur.wg_mark:x}" if cur.wg_ifindex or cur.wg_mark else ""),
             "attachments (interface hook -> program)",
         ]
         for a in self.loader.attachments():
@@ -289,6 +331,13 @@ class EbpfBackend:
                     problems.append(f"{iface.name} {hook.value}: no Stockade program attached")
                 elif a.prog_id != pinned.get(hook):
                     problems.append(f"{iface.name} {hook.value}: program {a.prog_id} is not the pinned one")
+        wg = expected.host_policy.wireguard
+        if self._tunnel is not None and (wg is not None or cur.wg_ifindex):
+            problems += self._tunnel.problems(wg)
+            if wg is not None:
+                problems += self.loader.tunnel_problems(self._tunnel.interface, cur)
+        if wg is None and cur.wg_ifindex:
+            problems.append(f"stk_current names a WireGuard interface ({cur.wg_ifindex}) but no rule encrypts")
         contents = self.loader.trie_contents(cur.generation)
         rules = self.loader.name_texts("rules", cur.generation)
         keys, values = expected.trie_items()
@@ -302,6 +351,8 @@ class EbpfBackend:
         """Detach our filters and unpin every map and program. Idempotent."""
         self._drop_gen_maps()
         self.loader.detach()
+        if self._tunnel is not None:
+            self._tunnel.remove()
         self.loader.remove_pins()
         self._applied, self._serial, self._peers = None, None, None
         if self.root.is_dir() and not any(self.root.iterdir()):

@@ -15,6 +15,11 @@ intervals, each with the verdict and rule of the first candidate that matches it
 candidate matches are left out (the mode's default applies on a miss). Disjoint intervals
 become disjoint port prefixes, so the trie's longest match is the only match.
 
+An encrypted allow's verdict is ``ALLOW_ENCRYPTED`` (the datapath accepts its traffic only
+through the WireGuard interface and sends it only into it); the WireGuard UDP port is a
+failsafe inbound allow from every encrypted rule's peer set (:data:`WIREGUARD_RULE`), as the
+nftables and iptables backends accept it.
+
 The controller failsafe is a pseudo address set (:data:`CONTROLLER_SET`) of the controller
 CIDRs, so it rides the same machinery. :class:`PeerTable` keeps prefixes and identities
 and plans set deltas as single trie updates.
@@ -37,6 +42,7 @@ from stockade.model.services import Proto, ServiceEntry
 CONTROLLER_SET = "failsafe:controller"
 DEFAULT_RULE = "default"
 MANAGEMENT_RULE = "failsafe:management"
+WIREGUARD_RULE = "failsafe:wireguard"
 PORT_MAX = 65535
 
 
@@ -45,9 +51,14 @@ class Verdict(Enum):
 
     ALLOW = 1
     BLOCK = 2
+    ALLOW_ENCRYPTED = 3  # only through the WireGuard tunnel
 
     def __lt__(self, other: Verdict) -> bool:
         return self.value < other.value
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
 
 
 class L4(Enum):
@@ -178,9 +189,19 @@ class RuleContext:
             entry = ServiceEntry(Proto.TCP, fs.controller_port, fs.controller_port)
             controller = Candidate(Verdict.ALLOW, idx(CONTROLLER_SET), (entry,))
             failsafe[Direction.OUTBOUND].append((CONTROLLER_SET, controller))
+        if hp.wireguard is not None:  # the peers' WireGuard packets, from every encrypted rule's peer set
+            port = hp.wireguard.listen_port
+            if not 0 < port <= PORT_MAX:
+                raise RenderError(f"WireGuard listen port {port} out of range")
+            wg = Candidate(Verdict.ALLOW, idx(WIREGUARD_RULE), (ServiceEntry(Proto.UDP, port, port),))
+            for peer in sorted({r.peer for r in hp.rules if r.encrypt}):
+                failsafe[Direction.INBOUND].append((peer, wg))
         by_dir: dict[Direction, list[tuple[str, Candidate]]] = {Direction.INBOUND: [], Direction.OUTBOUND: []}
-        for rule in hp.rules:  # already in precedence order: override-deny, allow, deny
-            verdict = Verdict.ALLOW if rule.action is Action.ALLOW else Verdict.BLOCK
+        for rule in hp.rules:  # already in precedence order: override-deny, allow (encrypted first), deny
+            if rule.action is Action.ALLOW:
+                verdict = Verdict.ALLOW_ENCRYPTED if rule.encrypt else Verdict.ALLOW
+            else:
+                verdict = Verdict.BLOCK
             by_dir[rule.direction].append((rule.peer, Candidate(verdict, idx(rule.rule_id), rule.services)))
         return RuleContext(hp, tuple(names), by_dir, failsafe)
 

@@ -8,7 +8,9 @@ Everything lives under one bpffs directory (``/sys/fs/bpf/<table>/<netns or _hos
 * per generation slot, the rule and identity names (``stk_rules_0``/``_1``,
   ``stk_idents_0``/``_1``), read by user space only (read-back, flow events);
 * the two programs ``prog_in`` / ``prog_out``, loaded from the object file built by
-  :mod:`stockade.bpf.build`, reloaded only when the object changes.
+  :mod:`stockade.bpf.build`, reloaded only when the object changes; with encrypted rules
+  also ``prog_in_l3`` / ``prog_out_l3``, the same code for the WireGuard interface (a tun
+  device: no Ethernet header), attached to it alone (:meth:`EbpfLoader.attach_tunnel`).
 
 A policy apply creates a *fresh* generation trie, fills it (one batched update), puts it
 in the idle slot of ``stk_gen`` and then updates ``stk_current`` once: the programs read
@@ -64,7 +66,7 @@ from stockade.backends.ebpf.render import (
 from stockade.errors import ApplyError
 from stockade.model.workloads import EnforcementMode
 
-LAYOUT = 2  # bump when a map's key/value layout changes: pinned maps are then recreated
+LAYOUT = 3  # bump when a map's key/value layout changes: pinned maps are then recreated
 BPFFS = "/sys/fs/bpf"
 TRIE_CAPACITY = 1 << 24  # LPM tries allocate per entry; this is only a bound
 FRAG_CAPACITY = 4096
@@ -74,8 +76,9 @@ SERIAL_KEY = 0xFFFFFFFF  # in the name maps: which policy serial they belong to
 STAT_NAMES = (
     "pass_flow", "allow_new", "block", "would_block", "pass_nd", "pass_related", "revalidated",
     "revoked", "frag_pass", "frag_drop", "not_ip", "malformed", "events_lost", "otherhost",
+    "tunneled", "plain_drop",
 )  # fmt: skip  (enum stat in stockade.bpf.c)
-_CURRENT = struct.Struct("=IIIIQ")
+_CURRENT = struct.Struct("=IIIIQII")
 _M, _T = bpf.MapSpec, bpf.MapType
 GEN_TRIE = _M("stk_gen_trie", _T.LPM_TRIE, KEY_SIZE, VALUE_SIZE, TRIE_CAPACITY, bpf.F_NO_PREALLOC)
 
@@ -95,6 +98,10 @@ class TcHook(Enum):
 PROGRAMS: tuple[tuple[TcHook, str, str], ...] = (
     (TcHook.INGRESS, "stockade/ingress", "prog_in"),
     (TcHook.EGRESS, "stockade/egress", "prog_out"),
+)
+TUNNEL_PROGRAMS: tuple[tuple[TcHook, str, str], ...] = (  # for the WireGuard (tun) interface
+    (TcHook.INGRESS, "stockade/ingress_l3", "prog_in_l3"),
+    (TcHook.EGRESS, "stockade/egress_l3", "prog_out_l3"),
 )
 
 
@@ -123,18 +130,24 @@ class Current:
     mode: EnforcementMode
     layout: int
     object: int  # first 8 bytes of the object file's SHA-256
+    wg_ifindex: int = 0  # the WireGuard interface: encrypted traffic only through it (0: none)
+    wg_mark: int = 0  # wireguard-go's fwmark: its own packets pass egress (0: none)
 
     @property
     def generation(self) -> int:
         return self.serial & 1
 
     def pack(self) -> bytes:
-        return _CURRENT.pack(self.serial, self.epoch, KERNEL_MODE[self.mode], self.layout, self.object)
+        return _CURRENT.pack(self.serial, self.epoch, KERNEL_MODE[self.mode], self.layout, self.object,
+                             self.wg_ifindex, self.wg_mark)
 
     @staticmethod
     def unpack(raw: bytes) -> Current:
-        serial, epoch, mode, layout, obj = _CURRENT.unpack(raw[: _CURRENT.size])
-        return Current(serial, epoch, MODE_OF_KERNEL.get(mode, EnforcementMode.FULL), layout, obj)
+        if len(raw) < _CURRENT.size:  # an older layout: no tunnel fields
+            raw = raw.ljust(_CURRENT.size, b"\0")
+        serial, epoch, mode, layout, obj, wg_ifindex, wg_mark = _CURRENT.unpack(raw[: _CURRENT.size])
+        return Current(serial, epoch, MODE_OF_KERNEL.get(mode, EnforcementMode.FULL), layout, obj, wg_ifindex,
+                       wg_mark)
 
 
 @dataclass(frozen=True, order=True)
@@ -352,9 +365,9 @@ class EbpfLoader:
             self.maps["stk_gen"].set_inner(generation, trie.fd)
 
     # ---- programs -----------------------------------------------------------------------
-    def pinned_program_ids(self) -> dict[TcHook, int]:
+    def pinned_program_ids(self, programs: tuple[tuple[TcHook, str, str], ...] = PROGRAMS) -> dict[TcHook, int]:
         out: dict[TcHook, int] = {}
-        for hook, _, pin_name in PROGRAMS:
+        for hook, _, pin_name in programs:
             try:
                 fd = bpf.open_pinned(self._pin(pin_name))
             except bpf.BpfError:
@@ -365,8 +378,8 @@ class EbpfLoader:
                 bpf.close_fd(fd)
         return out
 
-    def load_programs(self, obj: BpfObject) -> None:
-        """Load (verify) both programs, in parallel, and pin them in place of the old ones."""
+    def load_programs(self, obj: BpfObject, programs: tuple[tuple[TcHook, str, str], ...] = PROGRAMS) -> None:
+        """Load (verify) the programs, in parallel, and pin them in place of the old ones."""
         fds = {name: m.fd for name, m in self.maps.items()}
 
         def load(section: str) -> tuple[int, float]:
@@ -375,8 +388,8 @@ class EbpfLoader:
             fd, _ = bpf.load_program(bpf.ProgType.SCHED_CLS, prog.with_maps(fds), obj.license, prog.name)
             return fd, time.perf_counter() - started
 
-        with ThreadPoolExecutor(max_workers=len(PROGRAMS)) as pool:  # the syscall releases the GIL
-            futures = [pool.submit(load, section) for _, section, _ in PROGRAMS]
+        with ThreadPoolExecutor(max_workers=len(programs)) as pool:  # the syscall releases the GIL
+            futures = [pool.submit(load, section) for _, section, _ in programs]
         failed = [f.exception() for f in futures if f.exception() is not None]
         if failed:
             for f in futures:
@@ -384,9 +397,10 @@ class EbpfLoader:
                     bpf.close_fd(f.result()[0])
             raise failed[0]  # type: ignore[misc]
         loaded = [f.result() for f in futures]
-        for (hook, _, pin_name), (fd, elapsed) in zip(PROGRAMS, loaded, strict=True):
+        for (hook, _, pin_name), (fd, elapsed) in zip(programs, loaded, strict=True):
             try:
-                self.last_load[hook] = (bpf.prog_info(fd), elapsed)
+                if programs is PROGRAMS:
+                    self.last_load[hook] = (bpf.prog_info(fd), elapsed)
                 path = self._pin(pin_name)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
@@ -432,6 +446,42 @@ class EbpfLoader:
         if commands:
             self._tc(["-batch", "-"], stdin="\n".join(commands) + "\n")
         return [link.name for link in links]
+
+    def tunnel_link(self, name: str) -> rtnl.Link | None:
+        return next((link for link in rtnl.links(self.netns) if link.name == name), None)
+
+    def attach_tunnel(self, name: str) -> int:
+        """The tunnel programs on the WireGuard interface ``name`` (replacing only ours); its index."""
+        link = self.tunnel_link(name)
+        if link is None:
+            raise ApplyError(f"WireGuard interface {name} not found")
+        want = self.pinned_program_ids(TUNNEL_PROGRAMS)
+        have = {a.hook: a.prog_id for a in self.attachments([link])}
+        missing = [(h, p) for h, _, p in TUNNEL_PROGRAMS if have.get(h) != want.get(h)]
+        commands = [f"qdisc add dev {link.name} clsact"] if missing and link.index not in rtnl.clsact_interfaces(
+            self.netns) else []
+        commands += [f"filter replace dev {link.name} {hook.value} pref {self.pref} handle 1 "
+                     f"bpf direct-action object-pinned {self._pin(pin_name)}" for hook, pin_name in missing]
+        if commands:
+            self._tc(["-batch", "-"], stdin="\n".join(commands) + "\n")
+        return link.index
+
+    def tunnel_problems(self, name: str, cur: Current) -> list[str]:
+        """The WireGuard interface runs our tunnel programs and ``stk_current`` names it."""
+        link = self.tunnel_link(name)
+        if link is None:
+            return []  # the tunnel reports a missing interface itself
+        out: list[str] = []
+        if cur.wg_ifindex != link.index:
+            out.append(f"stk_current names interface index {cur.wg_ifindex}, {name} is {link.index}")
+        want = self.pinned_program_ids(TUNNEL_PROGRAMS)
+        have = {a.hook: a.prog_id for a in self.attachments([link])}
+        for hook in TcHook:
+            if have.get(hook) is None:
+                out.append(f"{name} {hook.value}: no Stockade program attached")
+            elif have.get(hook) != want.get(hook):
+                out.append(f"{name} {hook.value}: program {have.get(hook)} is not the pinned one")
+        return out
 
     def detach(self) -> None:
         for a in self.attachments():

@@ -116,7 +116,7 @@ class EbpfTables:
             name = self.rules[i.rule] if i.rule < len(self.rules) else f"#{i.rule}"
             out.append(
                 f"  {i.direction.value:<4} {i.identity:>5}  {i.proto.label:<7} {ports:<12} "
-                f"{i.verdict.name.lower():<6} {i.rule} {name}"
+                f"{i.verdict.label:<6} {i.rule} {name}"
             )
         return "\n".join(out) + "\n"
 
@@ -217,7 +217,12 @@ class EbpfArtifact:
         if not self.present:
             return head + "# idle: the tc programs are detached and every map is removed\n"
         head += ("# tc clsact on each interface: ingress = inbound (peer is the source), "
-                 "egress = outbound (peer is the destination)\n\n")
+                 "egress = outbound (peer is the destination)\n")
+        wg = self.host_policy.wireguard
+        if wg is not None:
+            head += (f"# WireGuard: listen port {wg.listen_port}, {len(wg.peers)} peers; allow-encrypted: "
+                     "only through the WireGuard interface (egress redirected into it, ingress only from it)\n")
+        head += "\n"
         return head + self.tables.text()
 
 

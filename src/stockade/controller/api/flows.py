@@ -72,6 +72,7 @@ from stockade.model.policy import Policy
 from stockade.model.services import Proto
 from stockade.visibility import (
     Connection,
+    EncryptionOracle,
     Endpoint,
     EndpointKind,
     FlowKey,
@@ -430,9 +431,12 @@ def application_map(request: Request, principal: Annotated[Principal, Depends(re
     fs = flowstore(request)
     policy = active_policy(controller_of(request))
     lo, hi = window(since, until, DEFAULT_WINDOW)
-    links = [Link(_endpoint(fs, None, None, s), _endpoint(fs, None, None, d),
-                  FlowKey(_ANY4, _ANY4, Proto(proto), port).service_text(), VERDICT_OF_CODE[v], seen)
-             for s, d, proto, port, v, seen in fs.map_rows(lo, hi, time.time())]
+    encrypts = EncryptionOracle(policy)
+    links = []
+    for s, d, proto, port, v, seen in fs.map_rows(lo, hi, time.time()):
+        src, dst = _endpoint(fs, None, None, s), _endpoint(fs, None, None, d)
+        links.append(Link(src, dst, FlowKey(_ANY4, _ANY4, Proto(proto), port).service_text(), VERDICT_OF_CODE[v],
+                          seen, encrypted=encrypts(src, dst, Proto(proto), port)))
     m = map_of_links(policy, links, gk)
     return MapOut(
         group_keys=list(gk), since=as_time(lo / 1000), until=as_time(hi / 1000) if hi else None,
@@ -440,7 +444,7 @@ def application_map(request: Request, principal: Annotated[Principal, Depends(re
                        workloads=list(n.workloads)) for n in m.nodes],
         edges=[EdgeOut(src=e.src, dst=e.dst, connections=e.connections, count=e.count, allowed=e.mix.allowed,
                        potentially_blocked=e.mix.potentially_blocked, blocked=e.mix.blocked,
-                       services=list(e.services)) for e in m.edges],
+                       services=list(e.services), encrypted=e.encrypted) for e in m.edges],
     )
 
 

@@ -2,7 +2,8 @@
 // Nodes are app groups (and unmanaged peers), edges aggregate connections. An edge's line says
 // its worst verdict by colour AND dash pattern (solid: allowed, dashed: potentially blocked,
 // dotted: blocked); its label says every verdict with a count, each by icon shape, colour and
-// number (3 allowed + 1 blocked shows both), and the services. Positions are remembered in this
+// number (3 allowed + 1 blocked shows both), and the services; a connection the policy encrypts
+// (WireGuard) gets a lock in its label and a heavier line. Positions are remembered in this
 // browser, so a group that appears never moves the others (not even after a reload).
 // Keyboard: Tab reaches every group, then every connection label; on a group or a connection
 // the arrow keys move to the previous/next one and Enter opens it; on the map itself arrows pan,
@@ -190,6 +191,10 @@ function drawLabel(g) {
   const mix = normMix(e.mix);
   const parts = [];
   let w = 6;
+  if (e.encrypted) { // a lock first: the policy sends (some of) these connections through WireGuard
+    parts.push(svg("use", { href: "#i-lock", x: w, y: 3, width: 14, height: 14, class: "edge-lock", "data-role": "edge-lock" }));
+    w += 18;
+  }
   for (const v of VERDICTS) {
     if (!mix[v]) continue;
     const digits = String(mix[v]).length;
@@ -280,10 +285,12 @@ export class MapView {
       }
       const words = mixWords(e.mix);
       const services = (e.services || []).join(", ");
-      const title = `${this.nodeName(e.src)} → ${this.nodeName(e.dst)}: ${VERDICT_TEXT[verdict]} at worst (${words}); ${services || "no service"}`;
+      const encrypted = e.encrypted ? `; encrypted (WireGuard): ${e.encrypted} of ${e.connections} connection${e.connections === 1 ? "" : "s"}` : "";
+      const title = `${this.nodeName(e.src)} → ${this.nodeName(e.dst)}: ${VERDICT_TEXT[verdict]} at worst (${words}); ${services || "no service"}${encrypted}`;
       const key = `${e.src}->${e.dst}`;
       const hit = svg("path", { d, class: ["edge-hit", `v-${verdict}`], "data-edge-hit": key });
-      const line = svg("path", { d, class: ["edge", `v-${verdict}`], "marker-end": `url(#arrow-${verdict})`, "data-edge": key, "data-verdict": verdict },
+      const line = svg("path", { d, class: ["edge", `v-${verdict}`, ...(e.encrypted ? ["encrypted"] : [])], "marker-end": `url(#arrow-${verdict})`,
+        "data-edge": key, "data-verdict": verdict, ...(e.encrypted ? { "data-encrypted": String(e.encrypted) } : {}) },
         svg("title", {}, title));
       hit.append(svg("title", {}, title));
       hit.addEventListener("click", (ev) => { ev.stopPropagation(); this.selectEdge(e); });

@@ -37,7 +37,8 @@ function normNode(n) {
 
 function normEdge(e) {
   const mix = e.mix || { allowed: e.allowed || 0, "potentially-blocked": e.potentially_blocked || 0, blocked: e.blocked || 0 };
-  return { src: e.src, dst: e.dst, connections: e.connections ?? 0, count: e.count ?? 0, mix: { ...mix }, services: e.services || [] };
+  return { src: e.src, dst: e.dst, connections: e.connections ?? 0, count: e.count ?? 0, mix: { ...mix }, services: e.services || [],
+    encrypted: e.encrypted ?? 0 };
 }
 
 // ---- time windows -------------------------------------------------------------------------

@@ -98,6 +98,7 @@ class EdgeOut(BaseModel):
     potentially_blocked: int
     blocked: int
     services: list[str]
+    encrypted: int = Field(0, description="connections the active policy sends through WireGuard (encrypt: true)")
 
 
 class MapOut(BaseModel):
