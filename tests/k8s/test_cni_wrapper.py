@@ -21,11 +21,11 @@ def _call(wrapper: Path, command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["sh", str(wrapper)], input="{}", capture_output=True, text=True, env=env, check=False)
 
 
-@pytest.mark.parametrize("pid", [None, "", "not-a-pid", "1; rm -rf /", str(os.getpid())])
+@pytest.mark.parametrize("pid", [None, "", "not-a-pid", "1; rm -rf /", "self"])
 def test_without_a_node_agent_add_fails_closed_and_del_succeeds(tmp_path: Path, pid: str | None) -> None:
     pidfile = tmp_path / "node-agent.pid"
-    if pid is not None:
-        pidfile.write_text(pid)
+    if pid is not None:  # "self": a live process, but not an agent container (no image Python under its root)
+        pidfile.write_text(str(os.getpid()) if pid == "self" else pid)
     out = subprocess.run([sys.executable, "-m", "stockade.cli", "k8s", "cni-install", str(tmp_path),
                           "--agent-pidfile", str(pidfile)], capture_output=True, text=True, check=True)
     wrapper = tmp_path / "stockade-default-deny"
