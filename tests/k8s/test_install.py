@@ -36,11 +36,10 @@ from stockade.k8s.podns import pin_name, pin_prefix
 from tests.e2e.harness import Api, bound, wait_for
 from tests.k8s.conftest import SCRIPT, Cluster, _free_port
 from tests.k8s.kube import Kube, SyncThread, start_controller
-from tests.k8s.node_fixture import Node, k8s_node, pod_body
-from tests.k8s.test_helm import CHART, helm, run_helm
+from tests.k8s.node_fixture import Node, pod_body
+from tests.k8s.test_helm import CHART, run_helm
 
 pytestmark = [pytest.mark.kernel, pytest.mark.xdist_group("k8s-node")]
-__all__ = ["helm", "k8s_node"]  # fixtures, imported for this module
 IMAGE_SCRIPT = Path(__file__).with_name("image.sh")
 PORT = 8080
 SERVER = f"nc -ll -p {PORT} -e /bin/echo ok"
