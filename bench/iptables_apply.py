@@ -12,9 +12,15 @@ same host policies, namespaces (a server and a client on a veth pair) and client
    For iptables "raw" is, run one after the other, exactly what an apply loads: ``ipset
    -exist restore`` of the set file (new members under temporary names, then swapped in),
    ``iptables-restore --noflush`` and ``ip6tables-restore --noflush`` of the rule files, and
-   ``ipset restore`` of the destroy file. Our apply adds reading the current rules
-   (``iptables-save``, the rollback point) and runs independent steps concurrently. For
-   nftables "raw" is ``nft -f`` of the same file;
+   ``ipset restore`` of the destroy file. Our apply reads the current rules (``iptables-save``,
+   the rollback point) only when the tables' token says they changed since it last wrote or
+   read them (``src/stockade/backends/iptables/generation.py``): "apply" is an apply after our
+   own apply, "re-read" one right after the raw load changed the tables (for iptables-nft the
+   raw load bumps the nf_tables generation, so that apply reads both tables first; legacy's
+   token only sees a change of shape, and the raw load writes the same rules). Independent
+   steps run concurrently. For nftables "raw" is ``nft -f`` of the same file. The one-peer
+   delta goes the way the backend declares (``delta path``: ipset netlink messages, or the
+   ``ipset`` command on code without them);
 2. TCP connection setup rate from the client through a full-mode ruleset whose allowing
    sets hold 10 vs 100,000 peers (target >= 90 %), per backend, plus no ruleset at all.
 """
@@ -57,6 +63,8 @@ class Row:
     raw_ms: float
     delta_ms: float
     delta_max_ms: float
+    reread_ms: float = float("nan")
+    delta_path: str = "-"
 
 
 def measure_iptables(
@@ -81,13 +89,12 @@ def measure_iptables(
             assert res.ok, res.message()
 
     ours: list[float] = []
+    rereads: list[float] = []
     raws: list[float] = []
-    for i in range(repeats):  # interleaved, alternating who goes first
-        if i % 2 == 0:
-            ours.append(timed(lambda: backend.apply(artifact)))
+    for _ in range(repeats):  # interleaved: raw, then an apply right after it, then one after our own
         raws.append(timed(raw))
-        if i % 2 == 1:
-            ours.append(timed(lambda: backend.apply(artifact)))
+        rereads.append(timed(lambda: backend.apply(artifact)))
+        ours.append(timed(lambda: backend.apply(artifact)))
     backend.apply(artifact)
     deltas: list[float] = []
     target = hp.sets[0].name
@@ -97,7 +104,10 @@ def measure_iptables(
         deltas.append(timed(lambda one=one: backend.apply_delta((SetDelta(target, Family.V4, (), one),))))
     report = backend.verify(artifact)
     assert report.ok, report.problems
+    used = getattr(backend, "delta_path_used", None)  # None: code before the netlink path
     backend.remove()
+    if hasattr(backend, "close"):
+        backend.close()
     lines = sum(len(c.rules) for rs in artifact.rulesets for c in rs.chains)
     return Row(
         f"ipt-{variant.value}-{layout.value}",
@@ -110,6 +120,8 @@ def measure_iptables(
         min(raws) * 1e3,
         statistics.median(deltas) * 1e3,
         max(deltas) * 1e3,
+        min(rereads) * 1e3,
+        used.value if used is not None else "ipset-cli",
     )
 
 
@@ -118,7 +130,7 @@ def measure_nftables(ns: Namespaces, peers: int, rules: int, repeats: int) -> Ro
     NftablesBackend(netns=ns.srv).remove()
     return Row(
         "nftables", a.peers, a.rules, a.rule_lines, a.naive_lines, a.render_ms, a.apply_ms, a.raw_ms,
-        a.delta_ms, a.delta_max_ms,
+        a.delta_ms, a.delta_max_ms, a.apply_ms, "netlink",
     )  # fmt: skip
 
 
@@ -176,6 +188,10 @@ def main() -> int:
     parser.add_argument("--rules", help="comma-separated rule counts (with --peers; default: the built-in axis)")
     parser.add_argument("--peers", type=int, default=1_000, help="peer addresses with --rules (default 1000)")
     parser.add_argument("--no-rates", action="store_true", help="skip the connection-rate table")
+    parser.add_argument("--layouts", default="lookup,list", help="iptables layouts to measure (default: both)")
+    parser.add_argument("--variants", default="legacy,nft", help="iptables variants to measure (default: both)")
+    parser.add_argument("--repeats", type=int, help="interleaved runs per row (default: 5, or 15 for small rows)")
+    parser.add_argument("--tag", default="", help="a label printed in front of every row (e.g. which code ran)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, iptables, ipset)", file=sys.stderr)
@@ -188,34 +204,39 @@ def main() -> int:
     peer_sizes = (10_000,) if args.quick else (100_000,)
     repeats = 3 if args.quick else 5
     seconds, rounds = (0.5, 3) if args.quick else (1.5, 5)
-    variants = tuple(IptablesVariant)
+    variants = tuple(IptablesVariant(v) for v in args.variants.split(","))
+    layouts = tuple(Layout(v) for v in args.layouts.split(","))
     versions = [
         subprocess.run(argv, capture_output=True, text=True).stdout.strip()
         for argv in (["nft", "--version"], ["iptables-legacy", "--version"], ["iptables-nft", "--version"],
                      ["ipset", "--version"])
     ]  # fmt: skip
     print(f"# iptables+ipset vs nftables backend benchmark ({'; '.join(versions)}; kernel {os.uname().release}, "
-          f"{os.cpu_count()} CPUs)")  # fmt: skip
+          f"{os.cpu_count()} CPUs; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})")  # fmt: skip
     ns = Namespaces.create()
     started = time.perf_counter()
     try:
         header = (
-            f"{'backend':<16} {'peers':>8} {'rules':>6} {'rule lines':>10} {'naive per-IP':>12} {'render ms':>9} "
-            f"{'apply ms':>9} {'raw ms':>9} {'ratio':>6} {'delta ms':>9} {'delta max':>9}"
+            f"{'tag':<6} {'backend':<18} {'peers':>8} {'rules':>6} {'rule lines':>10} {'naive per-IP':>12} "
+            f"{'render ms':>9} {'apply ms':>9} {'re-read':>9} {'raw ms':>9} {'ratio':>6} {'ratio rr':>8} "
+            f"{'delta ms':>9} {'delta max':>9} {'delta path':>10}"
         )
         print(header)
         print("-" * len(header))
         for peers, rules in sizes:
             n = repeats if peers * rules >= 1_000_000 or rules >= 1_000 else 3 * repeats
+            n = args.repeats or n
             rows = [measure_nftables(ns, peers, rules, n)]
-            rows += [measure_iptables(ns, v, peers, rules, n, layout) for v in variants for layout in Layout]
+            rows += [measure_iptables(ns, v, peers, rules, n, layout) for v in variants for layout in layouts]
             for r in rows:
                 print(
-                    f"{r.backend:<16} {r.peers:>8,} {r.rules:>6,} {r.rule_lines:>10,} {r.naive_lines:>12,} "
-                    f"{r.render_ms:>9.1f} {r.apply_ms:>9.1f} {r.raw_ms:>9.1f} {r.apply_ms / r.raw_ms:>6.2f} "
-                    f"{r.delta_ms:>9.2f} {r.delta_max_ms:>9.2f}",
+                    f"{args.tag:<6} {r.backend:<18} {r.peers:>8,} {r.rules:>6,} {r.rule_lines:>10,} "
+                    f"{r.naive_lines:>12,} {r.render_ms:>9.1f} {r.apply_ms:>9.1f} {r.reread_ms:>9.1f} "
+                    f"{r.raw_ms:>9.1f} {r.apply_ms / r.raw_ms:>6.2f} {r.reread_ms / r.raw_ms:>8.2f} "
+                    f"{r.delta_ms:>9.2f} {r.delta_max_ms:>9.2f} {r.delta_path:>10}",
                     flush=True,
                 )
+            print(f"# load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
         if args.no_rates:
             return 0
         print()

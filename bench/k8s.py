@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -43,10 +44,121 @@ sys.path.insert(0, str(REPO))
 from tests.k8s.conftest import SCRIPT, Cluster, _ports_env  # noqa: E402
 from tests.k8s.kube import Kube, SyncThread, start_controller  # noqa: E402
 
+from stockade.k8s.mapping import PodKey, workload_name  # noqa: E402
 from stockade.k8s.podns import pin_prefix  # noqa: E402
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/pids")
 TICK = os.sysconf("SC_CLK_TCK")
+
+
+# A new pod's stages. Two chains run side by side from the IP's patch in the API: the sync's (it sees
+# the IP, its write commits the workload) and the node agent's (its own log, wall clock: its watch
+# sees the IP ... the ruleset is in force). The agent's stages are taken in the order they happened
+# (the fast path applies the policy its enrolment brought before the runtime starts), each timed
+# from the one before; the table lists every transition that occurred.
+STAGES = {
+    "api": "IP patched in the API",
+    "sync": "the sync saw the IP (its watch)",
+    "committed": "the controller committed the workload (the sync's write returned)",
+    "seen": "the node agent's watch saw the IP",
+    "taken": "a start began (start pool)",
+    "found": "namespace found (procfs)",
+    "pinned": "namespace pinned (ip netns attach)",
+    "enrolled": "pod credential (+ first policy) from POST /pods/enroll, retried until the workload is committed",
+    "runtime": "its agent runtime started",
+    "agent-enrolled": "runtime has its client",
+    "agent-answered": "first long-poll answered",
+    "agent-admitted": "admitted by the apply gate",
+    "agent-fetched": "policy in hand",
+    "agent-applied": "ruleset applied and read back",
+    "outside": "the bench sees the table (polled every churn step)",
+}
+AGENT_CHAIN = ("seen", "taken", "found", "pinned", "enrolled", "runtime", "agent-enrolled", "agent-answered",
+               "agent-admitted", "agent-fetched", "agent-applied")
+
+
+class SyncTimes:
+    """When the in-process sync saw each pod's IP (by uid) and its write returned (by workload name)."""
+
+    def __init__(self, sync: object) -> None:
+        self.saw: dict[str, float] = {}
+        self.committed: dict[str, float] = {}
+        orig_event = sync.event  # type: ignore[attr-defined]
+        ctl = sync._ctl  # type: ignore[attr-defined]
+        orig_batch, orig_put = ctl.batch_workloads, ctl.put_workload
+
+        async def event(kind: str, type_: str, obj: dict) -> None:  # type: ignore[type-arg]
+            status = obj.get("status") or {}
+            if kind == "Pod" and status.get("podIPs"):
+                self.saw.setdefault(obj["metadata"]["uid"], time.time())
+            await orig_event(kind, type_, obj)
+
+        async def batch(upsert: list, delete: list) -> None:  # type: ignore[type-arg]
+            await orig_batch(upsert, delete)
+            now = time.time()
+            for body in upsert:
+                self.committed.setdefault(body["name"], now)
+
+        async def put(body: dict) -> None:  # type: ignore[type-arg]
+            await orig_put(body)
+            self.committed.setdefault(body["name"], time.time())
+
+        sync.event = event  # type: ignore[attr-defined]
+        ctl.batch_workloads, ctl.put_workload = batch, put
+
+
+def stage_table(pods: list[tuple[SimPod, float]], agent_log: str, sync: SyncTimes) -> tuple[list[str], dict]:  # type: ignore[type-arg]
+    """Markdown rows: each stage's share of a new pod's latency (p50 / max over ``pods``), and the
+    agent's part (its watch saw the IP, or the workload committed, -> ruleset in force)."""
+    logged = {uid: json.loads(v) for uid, v in re.findall(r"pod ([0-9a-f-]+): stages (\{.*\})", agent_log)}
+    per_pod: list[dict[str, float]] = []
+    for p, outside in pods:
+        t = dict(logged.get(p.uid, {}))
+        t["api"] = p.api_time
+        if p.uid in sync.saw:
+            t["sync"] = sync.saw[p.uid]
+        if p.workload in sync.committed:
+            t["committed"] = sync.committed[p.workload]
+        t["outside"] = outside
+        per_pod.append(t)
+    rows, out = [], {}
+
+    def line(label: str, values: list[float]) -> None:
+        if values:
+            text = f"{statistics.median(values) * 1000:.0f} / {max(values) * 1000:.0f}"
+        else:
+            text = "-"
+        rows.append(f"| {label} | {text} | {len(values)} |")
+        out[label] = text
+
+    rows += ["| stage of a new pod (from the stage before it) | p50 / max ms | n |", "|---|---|---|"]
+    steps: dict[tuple[str, str], list[float]] = {}
+    order: dict[tuple[str, str], list[float]] = {}
+    for t in per_pod:
+        chain = [("api", t["api"])]
+        if "agent-applied" in t:
+            chain += sorted(((n, t[n]) for n in AGENT_CHAIN if n in t and t[n] <= t["agent-applied"]),
+                            key=lambda x: x[1])
+        chain.append(("outside", t["outside"]))
+        pairs = list(itertools.pairwise(chain))
+        if "sync" in t:
+            pairs.append((("api", t["api"]), ("sync", t["sync"])))
+            if "committed" in t:
+                pairs.append((("sync", t["sync"]), ("committed", t["committed"])))
+        for (a_name, a_t), (b_name, b_t) in pairs:
+            steps.setdefault((a_name, b_name), []).append(b_t - a_t)
+            order.setdefault((a_name, b_name), []).append(b_t - t["api"])
+    for key in sorted(steps, key=lambda k: (k[1] == "outside", k[0] != "api" or k[1] not in ("sync", "seen"),
+                                            statistics.median(order[k]))):
+        line(f"{key[0]} -> {key[1]}: {STAGES[key[1]]}", steps[key])
+    line("**agent: its watch saw the IP -> ruleset in force** (goal <= 50)",
+         [t["agent-applied"] - t["seen"] for t in per_pod if "agent-applied" in t and "seen" in t])
+    line("**agent: workload committed -> ruleset in force**",
+         [t["agent-applied"] - max(t["committed"], t["seen"]) for t in per_pod
+          if "agent-applied" in t and "committed" in t and "seen" in t])
+    line("**end to end: IP in the API -> table seen in the namespace**",
+         [t["outside"] - t["api"] for t in per_pod])
+    return rows, out
 
 
 class SimPod:
@@ -66,8 +178,13 @@ class SimPod:
         (self.cgroup / "cgroup.procs").write_text(str(self.proc.pid))
 
     def start(self) -> float:
+        self.api_time = time.time()  # wall clock: the stages are compared with the agent's log
         self.kube.play_kubelet(self.ns, self.name, [self.ip])
         return time.monotonic()
+
+    @property
+    def workload(self) -> str:
+        return workload_name(PodKey(self.ns, self.name))
 
     def programmed(self) -> bool:
         r = subprocess.run(["ip", "netns", "exec", self.netns, "nft", "list", "chain", "inet", "stockade", "inbound"],
@@ -137,6 +254,8 @@ def main() -> None:
              "services": ["web"]}]})
         api.ok("POST", "/policy/provision", 201, json={"message": "bench"})
         sync = SyncThread(cluster, ctl.url, key).start()
+        assert sync.sync is not None
+        sync_times = SyncTimes(sync.sync)
         (tmp / "code").write_text(api.activation_code("k8s-nodes", mode="idle"))
         log = tmp / "node-agent.log"
         with log.open("wb") as out:
@@ -166,6 +285,7 @@ def main() -> None:
         tc = time.monotonic()
         n = args.pods
         pending: list[tuple[SimPod, float]] = []
+        churned: list[tuple[SimPod, float]] = []  # new pods in churn, when the table was seen (wall clock)
         peak_rss = 0
         while time.monotonic() - tc < args.churn_seconds:
             step = time.monotonic()
@@ -177,6 +297,7 @@ def main() -> None:
             for q, started in list(pending):
                 if q.programmed():
                     seen.append(time.monotonic() - started)
+                    churned.append((q, time.time()))
                     pending.remove((q, started))
             peak_rss = max(peak_rss, usage(agent.pid)[1])
             time.sleep(max(0.0, 1 / args.churn_rate - (time.monotonic() - step)))
@@ -184,6 +305,7 @@ def main() -> None:
             while not q.programmed():
                 time.sleep(0.005)
             seen.append(time.monotonic() - started)
+            churned.append((q, time.time()))
         c1, _ = usage(agent.pid)
         churn_cpu = (c1 - c0) / (time.monotonic() - tc) * 100
         applied = dict(re.findall(r"pod ([0-9a-f-]+): first policy applied ([0-9.]+) ms", log.read_text()))
@@ -216,8 +338,14 @@ def main() -> None:
             print("|---|---|")
             for k, v in rows.items():
                 print(f"| {k} | {v} |")
+        time.sleep(0.5)  # the agent's stage lines follow its first-apply lines
+        stage_rows, stage_values = stage_table(churned, log.read_text(), sync_times)
+        print()
+        print(f"New pods during churn, stage by stage (wall clock; load average {os.getloadavg()[0]:.1f}):")
+        print()
+        print("\n".join(stage_rows))
         if args.json is not None:
-            args.json.write_text(json.dumps(rows, indent=1))
+            args.json.write_text(json.dumps({**rows, **{"stage " + k: v for k, v in stage_values.items()}}, indent=1))
     finally:
         for p in pods:
             p.delete()

@@ -13,10 +13,14 @@ Two shapes of peer sets: ``identities`` (peers grouped as workloads with the sam
 are unions of groups: the address classes are bounded by the groups) and ``random`` (every set
 draws from all peers: nearly every address in its own combination, the prover's worst case).
 
-Run as root:  python bench/verify.py [--backends nftables,iptables-legacy,ebpf] [--quick]
+Run as root:  python bench/verify.py [--backends nftables,iptables-legacy,iptables-nft,ebpf] [--quick]
 
-The "read s" and "prove s" columns are wall time; "cpu s" is the CPU time of read-back + proof
-(this process and its children: nft, iptables-save), which a loaded shared machine does not inflate.
+The "read s" and "prove s" columns are wall time; "read cpu" and "prove cpu" are CPU time (this
+process and its children: nft, iptables-save; the kernel's time answering dumps included), which a
+loaded shared machine does not inflate; "cpu s" is their sum. The load average is printed before
+every row. For nftables, "json cpu" is the CPU time of the old read-back (``nft -j list table`` and
+its parser) on the same loaded table, side by side with the netlink read-back the proof now uses
+(both are parsed into the same model: tests/kernel/test_verify_nft_netlink.py).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from stockade.backends.iptables.backend import IptablesBackend
 from stockade.backends.iptables.model import IptablesVariant
 from stockade.backends.nftables.backend import NftablesBackend
 from stockade.verify.prove import prove
-from stockade.verify.readback import read_loaded
+from stockade.verify.readback import read_loaded, read_nftables_json
 from stockade.verify.samples import random_host_policy
 
 ACCEPTED_S, DROPPED_S = 0.001, 0.4
@@ -58,10 +62,11 @@ def _cpu() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--backends", default="nftables,iptables-legacy")
+    ap.add_argument("--backends", default="nftables,iptables-legacy,iptables-nft,ebpf")
+    ap.add_argument("--no-json", action="store_true", help="skip the nft -j side-by-side read-back")
     ap.add_argument("--quick", action="store_true", help="only 10/100 rules and 100/10,000 peers")
     ap.add_argument("--probes", type=int, default=1000, help="size of the sampled probe run compared")
-    ap.add_argument("--shapes", default="identities,random")
+    ap.add_argument("--shapes", default="identities")
     ap.add_argument("--rules", default="", help="comma-separated rule counts (overrides the grid)")
     ap.add_argument("--peers", default="", help="comma-separated peer counts (overrides the grid)")
     args = ap.parse_args()
@@ -74,7 +79,8 @@ def main() -> None:
     low = args.probes * ACCEPTED_S
     typical = args.probes * (0.1 * ACCEPTED_S + 0.9 * DROPPED_S)
     print(f"{'backend':16} {'shape':10} {'rules':>5} {'peers':>7} {'classes':>7} {'read s':>7} {'prove s':>8} "
-          f"{'cpu s':>7} {'peak MiB':>8} {'probes s (est.)':>16} {'proven':>6}")
+          f"{'read cpu':>8} {'prove cpu':>9} {'cpu s':>7} {'json cpu':>8} {'peak MiB':>8} {'probes s (est.)':>16} "
+          f"{'proven':>6} {'load':>5}")
     for backend_name in args.backends.split(","):
         ns = f"stk-bv-{uuid.uuid4().hex[:8]}"
         subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -89,20 +95,27 @@ def main() -> None:
                             sets=max(4, n_rules // 4), identities=200 if shape == "identities" else None,
                         )
                         backend.apply(backend.render(hp))  # type: ignore[arg-type]
+                        load = os.getloadavg()[0]
                         c0 = _cpu()
                         t0 = time.perf_counter()
                         loaded = read_loaded(backend_name, netns=ns, table="stkbench")
                         t1 = time.perf_counter()
+                        c1 = _cpu()
                         proof = prove(hp, loaded)
                         t2 = time.perf_counter()
-                        cpu = _cpu() - c0
+                        c2 = _cpu()
+                        json_cpu = "-"
+                        if backend_name == "nftables" and not args.no_json:
+                            read_nftables_json("stkbench", ns)
+                            json_cpu = f"{_cpu() - c2:.2f}"
                         tracemalloc.start()
                         prove(hp, loaded)
                         peak = tracemalloc.get_traced_memory()[1] / 2**20
                         tracemalloc.stop()
                         probes = f"{low:.0f}..{typical:.0f}"
                         print(f"{backend_name:16} {shape:10} {n_rules:5} {n_peers:7} {proof.classes:7} "
-                              f"{t1 - t0:7.3f} {t2 - t1:8.3f} {cpu:7.3f} {peak:8.1f} {probes:>16} {proof.proven!s:>6}",
+                              f"{t1 - t0:7.3f} {t2 - t1:8.3f} {c1 - c0:8.2f} {c2 - c1:9.2f} {c2 - c0:7.2f} "
+                              f"{json_cpu:>8} {peak:8.1f} {probes:>16} {proof.proven!s:>6} {load:5.1f}",
                               flush=True)
         finally:
             if backend is not None:

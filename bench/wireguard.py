@@ -12,7 +12,9 @@ average (the machine is shared). Measures
   host's policy (what a peer change cost before peer deltas);
 * handshake time of a new peer: both sides get the peer (one UAPI call each), time until the
   first connection through the tunnel completes (includes WireGuard's 1-RTT handshake);
-* cost of one peer add and one peer remove through the UAPI socket with 10 and 1,000 peers.
+* cost of one peer add and one peer remove with 10 and 1,000 peers, through the UAPI socket
+  (wireguard-go's configurator) and through the ``wg`` tool (the kernel module's configurator,
+  which talks genetlink to a kernel device and the same UAPI socket to wireguard-go here), interleaved.
 
 Run as root: ``python bench/wireguard.py`` (needs wireguard-go, wireguard-tools, nftables).
 Prints one table. The kernel module is not available here; public figures (WireGuard's own
@@ -36,6 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from stockade.backends.common import in_netns
+from stockade.backends.wgconf import UapiConfigurator, WgToolConfigurator
 from stockade.compiler.delta import peer_delta
 from stockade.compiler.ir import WireGuardPeer
 from stockade.lab.wglab import WG_BACKENDS, marker, probe, wg_lab
@@ -176,26 +179,40 @@ def backend_rows(backend: str, seconds: float, uapi_rows: bool) -> list[tuple[st
             times.append((time.perf_counter() - start) * 1000)
         rows.append(("new peer: add both sides + first connection", "-", f"{statistics.median(times):.1f} ms"))
 
+        # the same per-peer change through the UAPI socket (wireguard-go's configurator) and through
+        # the `wg` tool (the kernel module's configurator: genetlink there, UAPI here), interleaved
+        uapi = c.device.config if not c.device.wg_tool else UapiConfigurator(c.device.name)
+        tool = WgToolConfigurator(c.device.name, c.netns)
         for count in (10, 1000):
             peers = [_fake_peer(i) for i in range(count)]
-            for p in peers:
-                c.device.add_peer(p)
-            adds, removes = [], []
-            for i in range(20):
+            bulk: dict[str, float] = {}
+            for name, conf in (("wg tool", tool), ("UAPI", uapi)):  # a first start: all peers at once
+                t0 = time.perf_counter()
+                conf.change_peers(peers, [])
+                bulk[name] = (time.perf_counter() - t0) * 1000
+                if name == "wg tool":
+                    conf.change_peers([], [p.public_key for p in peers])
+            rows.append((f"{count} peers into the device at once (batched): UAPI / wg tool", "-",
+                         f"{bulk['UAPI']:.1f} / {bulk['wg tool']:.1f} ms"))
+            cost: dict[str, tuple[list[float], list[float]]] = {"UAPI": ([], []), "wg tool": ([], [])}
+            for i in range(40):
+                name, conf = (("UAPI", uapi), ("wg tool", tool))[i % 2]
                 extra = _fake_peer(count + i)
                 t0 = time.perf_counter()
-                c.device.add_peer(extra)
+                conf.set_peer(extra)
                 t1 = time.perf_counter()
-                c.device.remove_peer(extra.public_key)
+                conf.remove_peer(extra.public_key)
                 t2 = time.perf_counter()
-                adds.append((t1 - t0) * 1000)
-                removes.append((t2 - t1) * 1000)
+                cost[name][0].append((t1 - t0) * 1000)
+                cost[name][1].append((t2 - t1) * 1000)
             # the tunnel with the real peer kept working throughout (no session reset)
             assert probe(c.netns, c.v4, s.v4, 5432, marker(), timeout=2.0)
-            rows.append((f"one peer add / remove at {count} peers", "-",
-                         f"{statistics.median(adds):.2f} / {statistics.median(removes):.2f} ms"))
+            for name, (adds, removes) in cost.items():
+                via = "UAPI socket" if name == "UAPI" else "wg tool (kernel path's configurator)"
+                rows.append((f"one peer add / remove at {count} peers, {via}", "-",
+                             f"{statistics.median(adds):.2f} / {statistics.median(removes):.2f} ms"))
             for p in peers:
-                c.device.remove_peer(p.public_key)
+                uapi.remove_peer(p.public_key)
     return rows
 
 

@@ -278,3 +278,38 @@ def _hashes_follow_flush(api: Api) -> None:
     again = PolicyDistributor(dist.sessions)
     again.load()
     assert again.revisions["db-1"] == rev + 2
+
+
+def test_agent_state_a_failed_flush_did_not_write_is_written_by_the_next(database_url: str) -> None:
+    """An ack whose flush failed (SQLite's "database is locked" under a burst of writes) stays
+    dirty: the next flush writes it, instead of it being lost until the agent's next ack."""
+    from sqlalchemy.exc import OperationalError
+
+    from stockade.controller.storage.db import AgentRow
+
+    app = create_app(make_settings(database_url, flush_interval=3600.0))
+    with TestClient(app) as client:
+        api = Api(client, app.state.controller)
+        aid, token = _enrolled_db(api)
+        dist = api.ctl.dist
+        dist.flush()  # the policy hashes written: the failing flush below fails on the agents' rows
+        rev = dist.revisions["db-1"]
+        api.ok("POST", f"/agents/{aid}/ack", 204, headers=token, json={"revision": rev})
+        real_begin = dist.sessions.begin
+
+        def locked() -> Any:
+            raise OperationalError("UPDATE agents", {}, Exception("database is locked"))
+
+        dist.sessions.begin = locked  # type: ignore[method-assign]
+        try:
+            try:
+                dist.flush()
+            except OperationalError:
+                pass
+            else:
+                raise AssertionError("the flush did not reach the database")
+        finally:
+            dist.sessions.begin = real_begin  # type: ignore[method-assign]
+        assert dist.flush() >= 1
+        with dist.sessions.begin() as db:
+            assert db.get(AgentRow, aid).applied_revision == rev

@@ -4,7 +4,8 @@ The example estate plus one encrypted ruleset (app -> db on postgres). Each agen
 WireGuard key on its host and registers it; the controller hands each key only to the other
 end; the agents bring up wireguard-go and steer the rule's traffic into it. Real connections
 match the evaluator (with the registered keys), the encrypted flow really crosses the tunnel
-(its counters move, the plain flows' do not), and revoking a key through the API stops the
+(its counters move, the plain flows' do not), each agent with a tunnel reports its datapath
+(``agent.wireguard-datapath``: wireguard-go on this kernel), and revoking a key through the API stops the
 encrypted flow within about a second while the plain ones go on. Twice: agents on nftables (the
 default backend) and on eBPF (``--backend ebpf``: tc programs redirect into the tunnel).
 """
@@ -130,6 +131,14 @@ def test_real_agents_encrypt_what_the_policy_says(world: World) -> None:
     before = world.transfer("app-prod-1")
     assert _probe(world, "web-prod-1", "app-prod-1", 8080)
     assert world.transfer("app-prod-1") == before
+    # each agent with a tunnel reported its datapath (this kernel has no module: wireguard-go)
+    def reported() -> dict[str, str]:
+        return {e["name"]: str((e["after"] or {}).get("detail"))
+                for e in world.api.events(action="agent.wireguard-datapath")}
+
+    assert wait_for(lambda: {"app-prod-1", "db-prod-1"} <= set(reported()), 10.0, 0.1) is not None
+    assert reported()["db-prod-1"] == "WireGuard datapath: wireguard-go"
+    assert "web-prod-1" not in reported()  # no encrypted rule: no tunnel
 
 
 def test_revoking_a_key_stops_the_encrypted_flow_within_1s(world: World) -> None:

@@ -19,7 +19,9 @@ pod's namespace*, v4 and v6.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -185,6 +187,17 @@ def test_each_pod_is_enforced_inside_its_own_namespace(world: World) -> None:
     # kubelet's own iptables chains in the node's namespace are still there and untouched
     assert ":KUBE-FIREWALL" in subprocess.run(["iptables-save", "-t", "filter"], capture_output=True, text=True,
                                              check=True).stdout
+
+
+def test_a_pods_first_policy_comes_with_its_enrolment_before_its_runtime_starts(world: World) -> None:
+    """The fast path of a new pod: the node agent applies the policy that ``POST /pods/enroll`` brought
+    (include_policy) in its start thread, before the pod's runtime exists or long-polls; the pods are
+    enforced by that policy (test above: the client connects, the table is the policy's)."""
+    logged = {uid: json.loads(v) for uid, v in re.findall(r"pod ([0-9a-f-]+): stages (\{.*\})", world.log.read_text())}
+    for pod in ("server", "client"):
+        stages = logged[world.pod(pod)["metadata"]["uid"]]
+        assert stages["seen"] <= stages["enrolled"] <= stages["found"] <= stages["applied"] <= stages["runtime"], stages
+        assert stages.get("agent-answered", float("inf")) > stages["applied"], stages
 
 
 def test_a_pod_relabel_in_the_api_flips_a_real_connection_on_a_real_node(world: World) -> None:

@@ -117,6 +117,23 @@ def test_verify_detects_tampering(netns: str) -> None:
     assert backend.verify(artifact).ok
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_verify_and_read_back_from_one_listing_equal_the_two_calls(case: Case, netns: str) -> None:
+    """The enforcer's check after a full apply (``verify_read_back``: one text listing fewer) says
+    exactly what ``verify`` and ``read_back`` say, for every golden case, intact and tampered."""
+    backend = backend_for(case, netns)
+    artifact = backend.render(case.policy)
+    backend.apply(artifact)
+    assert backend.verify_read_back(artifact) == (backend.verify(artifact), backend.read_back())
+    if case.policy.mode is EnforcementMode.IDLE:
+        return
+    nft(netns, "insert", "rule", "inet", case.table, artifact.chains[0].name, "accept")
+    report, listing = backend.verify_read_back(artifact)
+    assert not report.ok and (report, listing) == (backend.verify(artifact), backend.read_back())
+    nft(netns, "delete", "table", "inet", case.table)
+    assert backend.verify_read_back(artifact) == (backend.verify(artifact), "")
+
+
 def _inject(artifact: NftablesArtifact, chain: str, line: str) -> NftablesArtifact:
     chains = tuple(dataclasses.replace(c, rules=(*c.rules, line)) if c.name == chain else c for c in artifact.chains)
     return dataclasses.replace(artifact, chains=chains)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 
+from stockade.backends.nfnetlink import open_socket
 from stockade.backends.nftables.backend import NftablesBackend
-from stockade.backends.nftables.netlink import open_socket
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule, SetDelta
 from stockade.errors import ApplyError
 from stockade.model.addresses import Family

@@ -31,7 +31,7 @@ from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.iptables.tunnel import TUNNEL_MSS
 from stockade.backends.wireguard import SOCKET_MARK
 from stockade.evaluator import Evaluator, Verdict
-from stockade.lab.wglab import WG_BACKENDS, WgLab, kill_wireguard_go, marker, probe, send_udp, wg_lab
+from stockade.lab.wglab import WG_BACKENDS, WG_TOOL, WgLab, kill_wireguard_go, marker, probe, send_udp, wg_lab
 from stockade.model.labels import Label
 from stockade.model.policy import Policy
 from stockade.model.rules import AllowRule, Ruleset
@@ -45,6 +45,8 @@ pytestmark = [
                        reason="needs wireguard-go and wireguard-tools"),
 ]
 backends = pytest.mark.parametrize("backend", WG_BACKENDS)
+# the same scenarios once more with the kernel module's configurator (the `wg` tool) on wireguard-go
+with_wg_tool = pytest.mark.parametrize("backend", [*WG_BACKENDS, "nftables" + WG_TOOL])
 
 
 def app(value: str) -> LabelSelector:
@@ -86,7 +88,7 @@ def until(predicate: object, limit: float = 1.0) -> float:
             raise AssertionError(f"not within {limit} s")
 
 
-@backends
+@with_wg_tool
 def test_encrypted_rule_on_the_wire_plaintext_and_spoofing_dropped(tmp_path: Path, backend: str) -> None:
     with wg_lab(3, tmp_path, backend) as lab:
         apps = labels(h0="web", h1="db", h2="other")
@@ -161,7 +163,7 @@ def test_encrypted_rule_on_the_wire_plaintext_and_spoofing_dropped(tmp_path: Pat
             assert db.backend.stats()["plain_drop"] > 0
 
 
-@backends
+@with_wg_tool
 def test_tamper_revoke_relabel_readdress_rotate_follow_within_1s(tmp_path: Path, backend: str) -> None:
     with wg_lab(3, tmp_path, backend) as lab:
         apps = labels(h0="web", h1="db", h2="other")

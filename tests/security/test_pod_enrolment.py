@@ -86,3 +86,28 @@ def test_a_pod_with_an_agent_from_elsewhere_is_not_taken_over(api: Api, tmp_path
     node_a = _agent(api, tmp_path, "node-a")
     r = _enrol_pod(api, node_a, "k8s.shop.web-1", tmp_path)
     assert r.status_code == 409, r.text
+
+
+def test_the_enrolment_brings_the_pods_own_first_policy_only_when_asked(api: Api, tmp_path: Path) -> None:
+    """``include_policy``: the answer carries the pod's own full policy at the current revision (the
+    node agent applies it at once), the same as the new identity's ``GET /policy``; a refused
+    enrolment carries nothing; without the flag the answer is as before."""
+    _estate(api)
+    node_a = _agent(api, tmp_path, "node-a")
+    key = public_key_text(StateDir(tmp_path / "pod-fast").load_or_create_key())
+    r = api.client.post(f"/api/v1/agents/{node_a.agent_id}/pods/enroll", auth=AgentAuth(node_a),
+                        json={"workload": "k8s.shop.web-1", "public_key": key, "include_policy": True})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["policy"]["full"]["workload"] == "k8s.shop.web-1"
+    assert body["policy"]["full"]["mode"] == "full"
+    assert body["policy"]["revision"] == body["revision"] >= 1
+    pod = Credential("http://testserver", body["agent_id"], body["token"], body["workload"],
+                     StateDir(tmp_path / "pod-fast").key_path)
+    fetched = api.client.get(f"/api/v1/agents/{pod.agent_id}/policy", auth=AgentAuth(pod))
+    assert fetched.status_code == 200 and fetched.json() == body["policy"]
+    refused = api.client.post(f"/api/v1/agents/{node_a.agent_id}/pods/enroll", auth=AgentAuth(node_a),
+                              json={"workload": "k8s.shop.db-1", "public_key": key, "include_policy": True})
+    assert refused.status_code == 403 and "policy" not in refused.json() and "full" not in refused.text
+    plain = _enrol_pod(api, node_a, "k8s.shop.web-1", tmp_path / "plain")
+    assert plain.status_code == 201 and plain.json()["policy"] is None

@@ -99,6 +99,23 @@ def test_state_write_is_atomic_no_temp_files_left(tmp_path: Path) -> None:
     assert loaded is not None and loaded.revision == 4 and loaded.policy.rules[0].services[0].first == 1004
 
 
+def test_a_state_dir_that_need_not_survive_a_crash_skips_the_fsyncs(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod's state (node agent): atomic like any, but no fsync (its namespace dies with the machine)."""
+    import os
+
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    StateDir(tmp_path / "pod", durable=False).save_policy(CachedPolicy(3, host_policy()))
+    assert synced == []
+    loaded = StateDir(tmp_path / "pod").load_policy()
+    assert loaded is not None and loaded.revision == 3
+    assert sorted(p.name for p in (tmp_path / "pod").iterdir()) == ["policy.json"]
+    StateDir(tmp_path / "host").save_policy(CachedPolicy(3, host_policy()))
+    assert len(synced) == 2  # the file and its directory
+
+
 def test_bad_ca_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValidationError):
         StateDir(tmp_path).save_ca("hello")

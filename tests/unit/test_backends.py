@@ -19,6 +19,7 @@ import pytest
 from stockade.agent.enforcer import Enforcer
 from stockade.agent.flows import EventFlowReader, reader_factory_for
 from stockade.backends import flowlog
+from stockade.backends import nfnetlink as nfnl
 from stockade.backends.base import (
     Capability,
     ChangeFeedSource,
@@ -26,6 +27,7 @@ from stockade.backends.base import (
     FlowSource,
     NetnsBound,
     NflogFlows,
+    TunnelReporting,
     Verifying,
     check_capabilities,
     check_delta_capabilities,
@@ -292,9 +294,9 @@ def test_netlink_ack_parsing() -> None:
     def ack(seq: int, err: int) -> bytes:
         inner = struct.pack("=IHHII", 16, 0, 0, seq, 0)
         payload = struct.pack("=i", err) + inner
-        return struct.pack("=IHHII", 16 + len(payload), nl.NLMSG_ERROR, 0, 0, 0) + payload
+        return struct.pack("=IHHII", 16 + len(payload), nfnl.NLMSG_ERROR, 0, 0, 0) + payload
 
-    assert list(nl._parse_acks(ack(5, 0) + ack(6, -2))) == [(5, 0), (6, -2)]
+    assert list(nfnl.parse_acks(ack(5, 0) + ack(6, -2))) == [(5, 0), (6, -2)]
 
 
 def test_registry_refuses_an_option_the_backend_does_not_take() -> None:
@@ -340,9 +342,9 @@ def _instance(name: str) -> object:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("nftables", {"verify", "flows", "changes", "netns"}),
-        ("iptables", {"verify", "flows", "netns"}),
-        ("ebpf", {"verify", "flows", "netns"}),
+        ("nftables", {"verify", "flows", "changes", "netns", "tunnel"}),
+        ("iptables", {"verify", "flows", "netns", "tunnel"}),
+        ("ebpf", {"verify", "flows", "netns", "tunnel"}),
         ("windows", set()),
         ("ipfilter", set()),
         ("f5", set()),
@@ -353,7 +355,7 @@ def test_optional_capabilities_are_typed_protocols(name: str, expected: set[str]
     found = {
         tag
         for tag, proto in (("verify", Verifying), ("flows", FlowSource), ("changes", ChangeFeedSource),
-                           ("netns", NetnsBound))
+                           ("netns", NetnsBound), ("tunnel", TunnelReporting))
         if isinstance(backend, proto)
     }
     assert found == expected

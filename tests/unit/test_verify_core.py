@@ -19,7 +19,7 @@ import pytest
 from stockade.backends.iptables.render import render_iptables
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule
 from stockade.errors import UnmodelledConstructError
-from stockade.model.addresses import Family
+from stockade.model.addresses import Family, merge_ranges
 from stockade.model.policy import Failsafe
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
@@ -45,9 +45,14 @@ def test_address_classes_are_exact() -> None:
                 else:
                     merged.append((lo, hi))
             preds.append(tuple(merged))
+        for _ in range(rng.randint(0, 3)):  # single addresses (peers), merged as the prover merges them
+            preds.append(merge_ranges((x, x) for x in {rng.randint(0, 60) for _ in range(rng.randint(1, 12))}))
+        rng.shuffle(preds)
         classes = address_classes(preds, Family.V4, hints=[rng.randint(0, 250)])
         sig_of = {c.members: c for c in classes}
         assert len(sig_of) == len(classes)
+        every = {frozenset(i for i, p in enumerate(preds) if any(lo <= a <= hi for lo, hi in p)) for a in range(260)}
+        assert set(sig_of) == every  # no class without an address, none missing
         for a in range(0, 260):
             sig = frozenset(i for i, p in enumerate(preds) if any(lo <= a <= hi for lo, hi in p))
             assert sig in sig_of
@@ -186,3 +191,28 @@ def test_symbolic_memberships_and_the_class_sweep_agree(monkeypatch: pytest.Monk
             monkeypatch.undo()
             assert fast.proven == slow.proven, (seed, fast.summary(), slow.summary())
             assert [str(d) for d in fast.differences] == [str(d) for d in slow.differences]
+
+
+def test_iptables_save_tokens_equal_shlex() -> None:
+    """The read-back's fast tokenizer splits every line as shlex does (it falls back to shlex
+    wherever quoting could make them differ)."""
+    import shlex
+
+    from stockade.verify.ipt_readback import _tokens
+
+    rng = random.Random(3)
+    lines = [
+        '-A STOCKADE-IN -m set --match-set S src -m comment --comment "ruleset/r1/0" -j NFLOG --nflog-prefix "stk:a"',
+        'a""b', 'a "" b', 'a"b c"d', '-A X --comment "a\\"b"', "a 'b c'", 'a "b', '"a b" "c d"', "x\ty", "é",
+    ]  # fmt: skip
+    lines += ["".join(rng.choice(' ab"\'\\\t') for _ in range(rng.randint(0, 12))) for _ in range(20_000)]
+    for line in lines:
+        try:
+            want: object = shlex.split(line)
+        except ValueError:
+            want = ValueError
+        try:
+            got: object = _tokens(line)
+        except ValueError:
+            got = ValueError
+        assert got == want, repr(line)

@@ -48,6 +48,7 @@ from stockade.agent.transport import (
 )
 from stockade.agent.watch import ChangeFeed, feed_for
 from stockade.agent_signature import new_private_key, public_key_text
+from stockade.backends.base import TunnelReporting
 from stockade.backends.wireguard import DEFAULT_PORT as WIREGUARD_PORT
 from stockade.compiler.delta import apply_update
 from stockade.compiler.ir import HostPolicy
@@ -130,6 +131,7 @@ class Agent:
         self._flows: FlowCollector | None = None  # flow reporting (backends that are flow sources)
         self._pending_ack: int | None = None
         self._last_failure: tuple[int, str] | None = None
+        self._datapath = ""  # the WireGuard datapath last reported ("": no tunnel)
         self._last_refusal: int | None = None
         self._inline_acks = False  # the controller takes acks on the long-poll (learnt from its answers)
         self._poke = threading.Event()  # wakes the enforce loop: long-poll answered, stop, address change
@@ -137,6 +139,9 @@ class Agent:
         self._backoff = Backoff(options.backoff)
         self.enrolled = threading.Event()
         self.converged = threading.Event()  # set after every successful apply (tests wait on it)
+        # wall-clock time of the first enrolled / long-poll answered / admitted / policy in hand /
+        # applied (the node agent logs them per pod: bench/k8s.py splits a new pod's latency)
+        self.milestones: dict[str, float] = {}
         self._feed: ChangeFeed | None = feed_for(enforcer.change_monitor) if options.change_feed else None
         self._tamper_poke = threading.Event()
         self.proofs = ProofLoop(enforcer, self._event, lambda: self.applied_revision, self._stop,
@@ -213,6 +218,8 @@ class Agent:
     def enforce_cache(self) -> None:
         """Enforce the on-disk cache now (``start()`` does it unless it was done already)."""
         self._cache = enforce_cache(self.state, self.enforcer, self.clock)
+        if self._cache.revision:
+            self.milestones.setdefault("applied", time.time())
         self._adopt_cache(self._cache)
 
     def _adopt_cache(self, cache: CacheStart) -> None:
@@ -252,6 +259,7 @@ class Agent:
             except Exception as exc:  # never let the watcher die
                 log.exception("tamper check failed: %s", exc)
                 continue
+            self._report_datapath(self.applied_revision)  # a cache start or a restore made the tunnel
             if report is None:
                 failing = None
                 continue
@@ -264,6 +272,10 @@ class Agent:
             via = "change feed" if poked else "periodic read-back"
             self._event(EventKind.TAMPER, f"{report.summary}; found by {via}; {state}", self.applied_revision)
             self.outbox.heartbeat_now()
+
+    def request_proof(self) -> None:
+        """Prove the policy in force soon (the prover's next turn; at most every ``proof_min_gap``)."""
+        self.proofs.poke.set()
 
     def prove_now(self) -> str | None:
         """Prove once and report the outcome when it changed (``ProofLoop.prove_now``)."""
@@ -345,6 +357,7 @@ class Agent:
         if client is None:
             return
         self.client = client
+        self.milestones.setdefault("enrolled", time.time())
         self.enrolled.set()
         if self.applied_revision:
             self._pending_ack = self.applied_revision  # what the cache put in force
@@ -400,6 +413,7 @@ class Agent:
         if answer is None:
             return
         self._inline_acks = answer.inline
+        self.milestones.setdefault("answered", time.time())
         rev = answer.revision
         if rev == self.applied_revision or rev == self.refused_revision:
             return
@@ -451,6 +465,7 @@ class Agent:
         with self.gate.admit(Priority.FIRST if first else Priority.DELTA, self._stop) as admitted:
             if admitted is None:
                 return  # stopping
+            self.milestones.setdefault("admitted", time.time())
             self._update(client, announced, None if admitted.queued else prefetched)
 
     def _update(self, client: ControllerClient, announced: int, prefetched: PolicyUpdate | None) -> None:
@@ -464,6 +479,7 @@ class Agent:
                 return
             except NotFoundError:
                 return  # nothing compiled for us yet
+        self.milestones.setdefault("fetched", time.time())
         try:
             hp = self._resolve(client, upd)
         except Refused as exc:
@@ -476,6 +492,7 @@ class Agent:
             return
         if hp is None:
             return
+        self.milestones.setdefault("applied", time.time())
         self.state.save_policy(CachedPolicy(upd.revision, hp))
         self.applied_revision = upd.revision
         self.proofs.poke.set()
@@ -570,6 +587,16 @@ class Agent:
                 self._last_failure = (revision, str(exc))
                 self._event(EventKind.APPLY_FAILED, str(exc), revision)
             raise
+        self._report_datapath(revision)
+
+    def _report_datapath(self, revision: int | None) -> None:
+        """One event when the WireGuard tunnel comes up on (or moves to) a datapath:
+        "WireGuard datapath: kernel" or "... wireguard-go"."""
+        backend = self.enforcer.backend
+        datapath = backend.wireguard_datapath() if isinstance(backend, TunnelReporting) else ""
+        if datapath and datapath != self._datapath:
+            self._event(EventKind.WIREGUARD_DATAPATH, f"WireGuard datapath: {datapath}", revision)
+        self._datapath = datapath
 
     def _refuse(self, revision: int, detail: str) -> None:
         """Report once per revision; long-poll past it so it is not fetched again."""

@@ -34,6 +34,7 @@ from stockade.backends.base import (
     NflogFlows,
     PeerUpdating,
     Verifying,
+    VerifyingReadBack,
     VerifyReport,
     check_delta_capabilities,
 )
@@ -77,6 +78,10 @@ class Rendered(Protocol):
         """The backend's structural check of the kernel against this artifact; None: it has none."""
         ...
 
+    def verify_read_back(self) -> tuple[VerifyReport, str] | None:
+        """The check and the read-back from one listing; None: the backend can't (call both)."""
+        ...
+
 
 @dataclass(frozen=True)
 class _Bound(Generic[ArtifactT]):
@@ -89,6 +94,12 @@ class _Bound(Generic[ArtifactT]):
 
     def verify(self) -> VerifyReport | None:
         return None if self.verifier is None else self.verifier.verify(self.artifact)
+
+    def verify_read_back(self) -> tuple[VerifyReport, str] | None:
+        if isinstance(self.backend, VerifyingReadBack):
+            both: tuple[VerifyReport, str] = self.backend.verify_read_back(self.artifact)
+            return both
+        return None
 
 
 class Enforcer:
@@ -166,10 +177,12 @@ class Enforcer:
 
     def _verify(self, artifact: Rendered, backend: BackendControl | None = None) -> str:
         """Read back after an apply; raise ApplyError if the kernel does not hold ``artifact``."""
-        report = artifact.verify()
+        both = artifact.verify_read_back()
+        report, text = both if both is not None else (artifact.verify(), None)
         if report is not None and not report.ok:
             raise ApplyError(f"read-back differs from what was applied: {'; '.join(report.problems)}")
-        text = (backend or self.backend).read_back()
+        if text is None:
+            text = (backend or self.backend).read_back()
         if not text.strip():
             raise ApplyError("read-back is empty right after apply")
         return text

@@ -261,6 +261,7 @@ class MemoryBackend:
         self.peer_deltas_applied = 0
         self.removes = 0
         self.lose_applies = False  # apply "succeeds" but the kernel keeps nothing: verify must notice
+        self.datapath = "wireguard-go"  # what wireguard_datapath reports while a tunnel is in force
 
     def render(self, host_policy: HostPolicy) -> MemoryArtifact:
         check_capabilities(self.name, self.capabilities, host_policy)
@@ -281,6 +282,10 @@ class MemoryBackend:
             raise ApplyError("no table to apply a delta to")
         self.deltas_applied += 1
         self.installed = apply_set_deltas(self.installed, deltas)
+
+    def wireguard_datapath(self) -> str:
+        """The optional ``TunnelReporting`` capability: what a test says the tunnel runs on."""
+        return self.datapath if self.installed is not None and self.installed.wireguard is not None else ""
 
     def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
         """WireGuard peers only (the optional ``PeerUpdating`` capability); rules untouched."""

@@ -80,8 +80,12 @@ def _bad(path: Path, message: str) -> ValidationError:
 class StateDir:
     """Reads and atomically writes the agent's files under ``path``."""
 
-    def __init__(self, path: Path | str = DEFAULT_STATE_DIR) -> None:
+    def __init__(self, path: Path | str = DEFAULT_STATE_DIR, *, durable: bool = True) -> None:
+        """``durable=False`` skips the fsyncs (writes stay atomic: temp file + rename). For state that
+        cannot outlive a crash of the machine anyway: a Kubernetes pod's (its namespace dies with the
+        machine, and the node agent re-enrols a pod whose files are gone)."""
         self.path = Path(path)
+        self.durable = durable
 
     # ---- plumbing -------------------------------------------------------------------
     def ensure(self) -> None:
@@ -98,12 +102,15 @@ class StateDir:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if self.durable:
+                    os.fsync(fh.fileno())
             os.replace(tmp, self.path / name)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        if not self.durable:
+            return
         dir_fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -68,6 +68,7 @@ class EventKind(Enum):
     PROOF_FAILED = "proof-failed"  # the read-back could not be proven (unmodelled construct, read error)
     BACKEND_SWITCHED = "backend-switched"  # the controller's backend setting is in force (make-before-break)
     BACKEND_SWITCH_FAILED = "backend-switch-failed"  # it could not be: the old backend stays in force
+    WIREGUARD_DATAPATH = "wireguard-datapath"  # "WireGuard datapath: kernel | wireguard-go" (when it changes)
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,16 @@ class Verifying(Protocol[ArtifactT_contra]):
         ...
 
 
+@runtime_checkable
+class VerifyingReadBack(Protocol[ArtifactT_contra]):
+    """A verifying backend that can also give its read-back from the listing it verified (one
+    kernel listing fewer after a full apply)."""
+
+    def verify_read_back(self, expected: ArtifactT_contra) -> tuple[VerifyReport, str]:
+        """``(verify(expected), read_back())`` from the same listings."""
+        ...
+
+
 @dataclass(frozen=True)
 class NflogFlows:
     """The first packet of every new connection is logged to NFLOG ``group`` with a verdict
@@ -197,6 +207,14 @@ class PeerUpdating(Protocol):
     tunnel configuration in force (it names the keys of peers to remove or replace)."""
 
     def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None: ...
+
+
+@runtime_checkable
+class TunnelReporting(Protocol):
+    """A backend with a WireGuard tunnel says which implementation runs it: ``"kernel"`` (the
+    module) or ``"wireguard-go"``; ``""`` while no tunnel is up. The agent reports changes."""
+
+    def wireguard_datapath(self) -> str: ...
 
 
 @runtime_checkable

@@ -3,13 +3,15 @@ encrypted rules' traffic into it. Shared by the Linux backends that declare ``Ca
 
 Why this shape (measured on this machine, see bench/wireguard.py and docs/architecture.md):
 
-* **wireguard-go** when the kernel has no WireGuard module (this one has none); the kernel
-  module's netlink path is not implemented here yet. wireguard-go's control sockets live in
-  ``/var/run/wireguard/<interface>.sock``, shared by every network namespace, so interface
-  names are unique per host (the agent derives them from the workload).
-* **Peers one at a time over the UAPI socket.** Replacing the configuration (``wg setconf``)
-  resets every session; a ``set=1`` with one ``public_key=`` block touches only that peer, so
-  established tunnels with the others keep their keys and counters.
+* **The kernel module where present, wireguard-go otherwise** (``STOCKADE_WIREGUARD`` forces
+  one; see :mod:`stockade.backends.wgconf`, which also holds the two configurators): a kernel
+  device is configured with the ``wg`` tool (genetlink), wireguard-go over its UAPI socket.
+  wireguard-go's control sockets live in ``/var/run/wireguard/<interface>.sock``, shared by every
+  network namespace, so interface names are unique per host (the agent derives them from the
+  workload). :attr:`WireGuardDevice.datapath` says which one runs (the agent reports it).
+* **Peers one at a time.** Replacing the configuration (``wg setconf``) resets every session;
+  one peer's change (a UAPI ``set=1`` with one ``public_key=`` block, or one ``wg set NAME peer``)
+  touches only that peer, so established tunnels with the others keep their keys and counters.
 * **Marks + policy routing, not per-peer routes.** A per-peer route sends *all* traffic to that
   peer through the tunnel; encryption here is per rule, so the nftables ``route`` chain marks only
   packets of encrypted rules (and of connections they accepted: ``ct mark``), and an ``ip rule``
@@ -20,167 +22,104 @@ Why this shape (measured on this machine, see bench/wireguard.py and docs/archit
   deleted interface drops the traffic (never sends it in the clear) until ``ensure`` restores it.
 
 The private key is read from a file on the host (mode 0600, made by the agent) and written only
-to the UAPI socket; it never appears in an argv, a log line or the HostPolicy.
+to the UAPI socket (or named as a file to ``wg``); it never appears in an argv, a log line or
+the HostPolicy.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import ipaddress
-import re
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from stockade.backends.common import in_netns, nsenter_argv, run_command
+from stockade.backends.wgconf import (
+    Configurator,
+    Datapath,
+    DatapathChoice,
+    PeerState,
+    UapiConfigurator,
+    WgToolConfigurator,
+    create_kernel_link,
+    datapath_of,
+    endpoint_text,
+    no_module,
+    read_private_key,
+    validate_ifname,
+)
 from stockade.compiler.ir import PeerDelta, WireGuardConfig, WireGuardPeer
 from stockade.errors import ApplyError
 from stockade.model.addresses import IPAddress
 from stockade.model.workloads import validate_public_key
 
-__all__ = ["Tunnel", "WireGuardDevice", "validate_public_key"]
+__all__ = ["Datapath", "DatapathChoice", "PeerState", "Tunnel", "WireGuardDevice", "validate_public_key"]
 
 DEFAULT_PORT = 51820
 STEER_MARK = 0x5745  # packets of encrypted rules: routed into the tunnel
-SOCKET_MARK = 0x5747  # wireguard-go's own UDP packets (its fwmark): never steered
+SOCKET_MARK = 0x5747  # the WireGuard socket's own UDP packets (its fwmark): never steered
 ROUTE_TABLE = 0x5745
 RULE_PRIORITY = 1000
-UAPI_DIR = Path("/var/run/wireguard")
 MTU = 1420
-_IFNAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
 TIMEOUT_S = 10.0
 
 
-def key_hex(b64: str) -> str:
-    return base64.b64decode(b64).hex()
-
-
-def _key_b64(hexkey: str) -> str:
-    return base64.b64encode(bytes.fromhex(hexkey)).decode()
-
-
-def validate_ifname(name: str) -> str:
-    if not _IFNAME_RE.match(name):
-        raise ApplyError(f"invalid WireGuard interface name {name!r}")
-    return name
-
-
-@dataclass(frozen=True)
-class PeerState:
-    public_key: str
-    endpoint: str  # "ip:port" / "[ip6]:port", "" when unknown
-    allowed: frozenset[str]
-    last_handshake: int  # seconds since the epoch, 0: never
-
-
-def endpoint_text(peer: WireGuardPeer) -> str:
-    ep = peer.endpoint
-    return f"[{ep}]:{peer.port}" if ep.version == 6 else f"{ep}:{peer.port}"
-
-
 class WireGuardDevice:
-    """One wireguard-go interface in one network namespace (None: this one)."""
+    """One WireGuard interface (kernel module or wireguard-go) in one network namespace (None: this one).
 
-    def __init__(self, name: str, netns: str | None, private_key_file: Path) -> None:
+    ``choice`` picks the datapath (default: ``STOCKADE_WIREGUARD``, else auto). ``wg_tool``
+    configures a wireguard-go device with the ``wg`` tool too, as a kernel device always is (the
+    tests and the benchmark use it to run the kernel path's configurator here)."""
+
+    def __init__(self, name: str, netns: str | None, private_key_file: Path,
+                 choice: DatapathChoice | None = None, *, wg_tool: bool = False) -> None:
         self.name = validate_ifname(name)
         self.netns = netns
         self.private_key_file = private_key_file
+        self.choice = DatapathChoice.from_env() if choice is None else choice
+        self.wg_tool = wg_tool
+        self.datapath: Datapath | None = None  # known once the device was created or found
+        self._uapi = UapiConfigurator(self.name)
 
-    # ---- UAPI -------------------------------------------------------------------------
     @property
     def socket_path(self) -> Path:
-        return UAPI_DIR / f"{self.name}.sock"
+        return self._uapi.socket_path
 
-    def _uapi(self, request: str) -> str:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(TIMEOUT_S)
-            try:
-                s.connect(str(self.socket_path))
-                s.sendall(request.encode())
-                chunks: list[bytes] = []
-                while not b"".join(chunks).endswith(b"\n\n"):
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-            except OSError as exc:
-                raise ApplyError(f"WireGuard interface {self.name}: UAPI socket: {exc}") from exc
-        text = b"".join(chunks).decode()
-        m = re.search(r"^errno=(-?\d+)$", text, re.M)
-        if m is None or m.group(1) != "0":
-            raise ApplyError(f"WireGuard interface {self.name}: UAPI answered {text.strip()!r}")
-        return text
-
-    def _set(self, lines: list[str]) -> None:
-        self._uapi("set=1\n" + "".join(f"{line}\n" for line in lines) + "\n")
-
-    def dump(self) -> tuple[dict[str, str], dict[str, PeerState]]:
-        """(interface settings, peers by public key) as the daemon reports them."""
-        text = self._uapi("get=1\n\n")
-        iface: dict[str, str] = {}
-        peers: dict[str, PeerState] = {}
-        current: dict[str, object] | None = None
-
-        def flush() -> None:
-            if current is not None:
-                key = str(current["public_key"])
-                allowed = current.get("allowed", set())
-                assert isinstance(allowed, set)
-                peers[key] = PeerState(key, str(current.get("endpoint", "")), frozenset(allowed),
-                                       int(str(current.get("last_handshake_time_sec", "0"))))
-
-        for line in text.splitlines():
-            k, _, v = line.partition("=")
-            if k == "public_key":
-                flush()
-                current = {"public_key": _key_b64(v), "allowed": set()}
-            elif current is None:
-                iface[k] = v
-            elif k == "allowed_ip":
-                allowed = current["allowed"]
-                assert isinstance(allowed, set)
-                allowed.add(str(ipaddress.ip_network(v)))
-            elif k in ("endpoint", "last_handshake_time_sec"):
-                current[k] = v
-        flush()
-        return iface, peers
+    @property
+    def config(self) -> Configurator:
+        """The configurator for the datapath in use (a kernel device: always the ``wg`` tool)."""
+        if self.datapath is Datapath.KERNEL or self.wg_tool:
+            return WgToolConfigurator(self.name, self.netns)
+        return self._uapi
 
     # ---- peers, one at a time ---------------------------------------------------------------
     def add_peer(self, peer: WireGuardPeer) -> None:
         """Add or update one peer (its allowed addresses replaced); other sessions untouched."""
-        lines = [f"public_key={key_hex(peer.public_key)}", "replace_allowed_ips=true",
-                 f"endpoint={endpoint_text(peer)}"]
-        lines += [f"allowed_ip={n}" for n in peer.allowed]
-        self._set(lines)
+        self.config.set_peer(peer)
 
     def remove_peer(self, public_key: str) -> None:
-        self._set([f"public_key={key_hex(public_key)}", "remove=true"])
+        self.config.remove_peer(public_key)
 
     def refresh_endpoints(self, config: WireGuardConfig) -> None:
-        """Set every peer's endpoint again, one peer at a time: wireguard-go forgets the source
+        """Set every peer's endpoint again, one peer at a time: the device forgets the source
         address it stuck to (gone when this host was re-addressed); sessions are kept."""
+        conf = self.config
         for peer in config.peers:
-            self._set([f"public_key={key_hex(peer.public_key)}", "update_only=true",
-                       f"endpoint={endpoint_text(peer)}"])
+            conf.set_endpoint(peer)
 
     def reconcile(self, config: WireGuardConfig) -> tuple[int, int]:
         """Bring the peers to ``config`` one peer at a time; (added or changed, removed)."""
-        _, have = self.dump()
+        conf = self.config
+        _, have = conf.dump()
         want = {p.public_key: p for p in config.peers}
-        removed = 0
-        for key in sorted(set(have) - set(want)):
-            self.remove_peer(key)
-            removed += 1
-        changed = 0
+        removed = sorted(set(have) - set(want))
+        changed = []
         for key, peer in sorted(want.items()):
             state = have.get(key)
             allowed = frozenset(str(n) for n in peer.allowed)
             if state is None or state.allowed != allowed or state.endpoint != endpoint_text(peer):
-                self.add_peer(peer)
-                changed += 1
-        return changed, removed
+                changed.append(peer)
+        conf.change_peers(changed, removed)  # one request (per batch), each peer changed on its own
+        return len(changed), len(removed)
 
     # ---- the interface ------------------------------------------------------------------------
     def _run(self, argv: list[str], what: str) -> str:
@@ -199,52 +138,65 @@ class WireGuardDevice:
 
         return in_netns(self.netns, lookup)
 
+    def _found_datapath(self) -> Datapath:
+        """What the existing interface runs on: ``ip -d link`` says ``wireguard`` for the module."""
+        return datapath_of(self._run(["ip", "-d", "-o", "link", "show", "dev", self.name], "ip link show"))
+
+    def _allowed(self, datapath: Datapath) -> bool:
+        return self.choice is DatapathChoice.AUTO or (self.choice is DatapathChoice.KERNEL) == (
+            datapath is Datapath.KERNEL)
+
     def alive(self) -> bool:
-        """The interface exists and its daemon answers on the control socket."""
+        """The interface exists on an allowed datapath and answers its configurator."""
         if not self.exists():
             return False
         try:
-            self._uapi("get=1\n\n")
+            if self.datapath is None:  # found, not made by this process (an agent restart)
+                self.datapath = self._found_datapath()
+            self.config.dump()
         except ApplyError:
             return False
-        return True
+        return self._allowed(self.datapath)
 
-    def _private_key_hex(self) -> str:
-        try:
-            text = self.private_key_file.read_text().strip()
-            raw = base64.b64decode(text, validate=True)
-        except (OSError, binascii.Error, ValueError) as exc:
-            raise ApplyError(f"WireGuard private key {self.private_key_file}: unreadable") from exc
-        if len(raw) != 32:
-            raise ApplyError(f"WireGuard private key {self.private_key_file}: not 32 bytes")
-        return raw.hex()
+    def _create(self) -> Datapath:
+        """Make the interface: the kernel module first (unless forced to userspace), wireguard-go
+        when the kernel has no module (unless forced to the kernel: then a clear error, and the
+        ruleset, already loaded, keeps the encrypted rules' traffic dropped)."""
+        if self.choice is not DatapathChoice.USERSPACE:
+            error = create_kernel_link(self.name, self.netns)
+            if error is None:
+                return Datapath.KERNEL
+            if self.choice is DatapathChoice.KERNEL or not no_module(error):
+                forced = " (STOCKADE_WIREGUARD=kernel: no fallback to wireguard-go)" \
+                    if self.choice is DatapathChoice.KERNEL else ""
+                raise ApplyError(f"WireGuard interface {self.name}: the kernel module is not usable: "
+                                 f"ip link add type wireguard: {error}{forced}; "
+                                 "the encrypted rules' traffic stays dropped")
+        self.socket_path.unlink(missing_ok=True)
+        self._run(["wireguard-go", self.name], "wireguard-go")  # daemonises once the interface is up
+        deadline = time.monotonic() + TIMEOUT_S
+        while not self.socket_path.exists():
+            if time.monotonic() > deadline:
+                raise ApplyError(f"wireguard-go did not open {self.socket_path}")
+            time.sleep(0.01)
+        return Datapath.USERSPACE
 
     def ensure(self, config: WireGuardConfig) -> bool:
         """Make the interface, its key, port, mark and routing exist; then reconcile peers.
         True when anything had to be (re)created (tamper restored or first start)."""
         created = False
         if not self.alive():
-            if self.exists():  # a daemon-less interface (its wireguard-go died): start over
+            if self.exists():  # a daemon-less interface (its wireguard-go died), or the other datapath
                 self._run(["ip", "link", "del", self.name], "ip link del")
-            self.socket_path.unlink(missing_ok=True)
-            self._run(["wireguard-go", self.name], "wireguard-go")  # daemonises once the interface is up
-            deadline = time.monotonic() + TIMEOUT_S
-            while not self.socket_path.exists():
-                if time.monotonic() > deadline:
-                    raise ApplyError(f"wireguard-go did not open {self.socket_path}")
-                time.sleep(0.01)
+            self.datapath = None
+            self.datapath = self._create()
             created = True
-        iface, _ = self.dump()
-        want_key = self._private_key_hex()
-        settings: list[str] = []
-        if iface.get("private_key") != want_key:
-            settings.append(f"private_key={want_key}")
-        if iface.get("listen_port") != str(config.listen_port):
-            settings.append(f"listen_port={config.listen_port}")
-        if iface.get("fwmark") != str(SOCKET_MARK):
-            settings.append(f"fwmark={SOCKET_MARK}")
-        if settings:
-            self._set(settings)
+        conf = self.config
+        iface, _ = conf.dump()
+        want_key = read_private_key(self.private_key_file).hex()
+        conf.set_interface(self.private_key_file if iface.private_key_hex != want_key else None,
+                           config.listen_port if iface.listen_port != config.listen_port else None,
+                           SOCKET_MARK if iface.fwmark != SOCKET_MARK else None)
         self._ensure_link_and_routes(created)
         self.reconcile(config)
         return created
@@ -266,17 +218,23 @@ class WireGuardDevice:
         if not self.exists():
             return [f"WireGuard interface {self.name} is missing"]
         try:
-            iface, have = self.dump()
+            if self.datapath is None:
+                self.datapath = self._found_datapath()
+            iface, have = self.config.dump()
         except ApplyError:
-            return [f"WireGuard interface {self.name}: wireguard-go is not answering"]
+            runs = self.datapath.value if self.datapath else "the device"
+            return [f"WireGuard interface {self.name}: {runs} is not answering"]
+        if not self._allowed(self.datapath):
+            return [f"WireGuard interface {self.name} runs on {self.datapath.value}, "
+                    f"but STOCKADE_WIREGUARD={self.choice.value}"]
         out: list[str] = []
         try:
-            if iface.get("private_key") != self._private_key_hex():
+            if iface.private_key_hex != read_private_key(self.private_key_file).hex():
                 out.append(f"WireGuard interface {self.name}: private key differs from {self.private_key_file}")
         except ApplyError as exc:
             out.append(str(exc))
-        if iface.get("listen_port") != str(config.listen_port):
-            out.append(f"WireGuard interface {self.name}: listen port {iface.get('listen_port')}")
+        if iface.listen_port != config.listen_port:
+            out.append(f"WireGuard interface {self.name}: listen port {iface.listen_port}")
         want = {p.public_key: p for p in config.peers}
         for key in sorted(set(want) - set(have)):
             out.append(f"WireGuard peer {want[key].workload} is missing")
@@ -292,6 +250,7 @@ class WireGuardDevice:
         """Delete the interface (wireguard-go exits with it) and the steering rule and routes."""
         if self.exists():
             self._run(["ip", "link", "del", self.name], "ip link del")
+        self.datapath = None
         for fam in ("-4", "-6"):  # exactly our rule: another rule at the same priority is not ours
             run_command(nsenter_argv(self.netns, ["ip", fam, "rule", "del", "priority", str(RULE_PRIORITY),
                                                   "fwmark", hex(STEER_MARK), "lookup", str(ROUTE_TABLE)]),
@@ -314,6 +273,11 @@ class Tunnel:
     @property
     def interface(self) -> str:
         return self.device.name
+
+    @property
+    def datapath(self) -> Datapath | None:
+        """The WireGuard implementation in use (None: no tunnel is up)."""
+        return self.device.datapath
 
     def apply(self, config: WireGuardConfig | None, local_addresses: tuple[IPAddress, ...]) -> None:
         if config is None:

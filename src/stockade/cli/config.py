@@ -21,6 +21,8 @@ ENVIRONMENT = {
     "STOCKADE_PASSWORD": "password for `stockade login` (otherwise prompted)",
     "STOCKADE_ACTIVATION_CODE": "activation code for `stockade agent` (never on the command line)",
     "STOCKADE_DEBUG": "show Python tracebacks instead of one-line errors",
+    "STOCKADE_WIREGUARD": "the agent's WireGuard datapath: auto (the kernel module, else wireguard-go; default), "
+                          "kernel (no fallback: fails closed) or userspace",
 }
 
 

@@ -9,7 +9,8 @@ Design (see docs/architecture.md):
   so a peer joining or leaving changes set members and never rule text.
 * ``upsert_workload`` / ``remove_workload`` find the sets the workload leaves or joins through
   the selector index (never a scan of all selectors), update them one address at a time
-  (``MemberSet``), and return per-host deltas: set elements added/removed, or a rules change.
+  (``MemberSet``s, held by ``sets.AddressSetStore``), and return per-host deltas: set elements
+  added/removed, or a rules change.
 """
 
 from __future__ import annotations
@@ -19,21 +20,21 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address
 
 from stockade.compiler.changes import DeltaBuilder, SetChanges
 from stockade.compiler.delta import diff_sets
 from stockade.compiler.expand import build_rule_table, expand_rules, set_name
 from stockade.compiler.index import SelectorIndex
 from stockade.compiler.ir import AddressSet, HostDelta, HostPolicy, HostRule, WireGuardConfig, unchecked
-from stockade.compiler.members import MemberSet, NetworkCache
 from stockade.compiler.netpol import NetpolLayer
+from stockade.compiler.sets import AddressSetStore, Ints
 from stockade.compiler.wireguard import PeerIndex, config_for, merge_peer_only, same_port
 from stockade.errors import NotFoundError
-from stockade.model.addresses import Family, IPAddress
+from stockade.model.addresses import IPAddress
 from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.policy import Policy
-from stockade.model.selectors import AllWorkloads, IPListSelector, LabelSelector, Selector
+from stockade.model.selectors import AllWorkloads, LabelSelector, Selector
 from stockade.model.workloads import EnforcementMode, Workload
 
 __all__ = ["Compiler", "compile_policy", "diff_sets", "set_name"]
@@ -69,10 +70,6 @@ def _bulk_allocation(freeze: bool = True) -> Iterator[None]:
             gc.freeze()
         if enabled:
             gc.enable()
-
-
-def _ints(w: Workload, version: int) -> list[int]:
-    return [int(a) for a in w.addresses if a.version == version]
 
 
 @dataclass(frozen=True)
@@ -121,22 +118,20 @@ class Compiler:
         self._peers: dict[str, Selector] = dict(zip(table.names, table.selectors, strict=True))
         # only labels some selector mentions can change which rules apply
         self._relevant: frozenset[str] = frozenset(self._sel_index.mentioned)
-        self._nets = NetworkCache()
-        self._addr_ints: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._addr_ints: dict[str, Ints] = {}
 
-        # label sets: interned to small ints, compiled once each
+        # label sets: interned to small ints (one per distinct set of matched selectors), compiled once each
         self._workloads: dict[str, Workload] = {}
         self._key_of: dict[str, int] = {}
         self._ls_ids: dict[LabelSet, int] = {}
         self._ls_rules: list[_LabelSetRules] = []
-        self._by_matched: dict[frozenset[int], _LabelSetRules] = {}  # matched selector ids -> compiled
+        self._by_matched: dict[frozenset[int], int] = {}  # matched selector ids -> label set id
         self._ls_hosts: list[set[str]] = []
         # label set -> (change number when built, its AddressSets); stale once a set it references
-        # changed later (``_set_changed``): checked on read, so a change to a set referenced by
+        # changed later (``AddressSetStore.changed_after``): checked on read, so a change to a set referenced by
         # every label set costs O(1), not a pass over 100,000 label sets
         self._ls_sets: dict[int, tuple[int, tuple[AddressSet, ...]]] = {}
         self._generation += 1  # also bumped by every batch of workload changes
-        self._set_changed: dict[str, int] = {}  # set name -> generation of its last member change
         self._set_labelsets: dict[str, set[int]] = defaultdict(set)
         # set name -> label sets with encrypted rules towards it (their tunnel peers are its members)
         self._enc_labelsets: dict[str, set[int]] = defaultdict(set)
@@ -152,47 +147,14 @@ class Compiler:
             if wg is not None:
                 self._wg_state[w.name] = wg
 
-        # address sets: IP lists are static, workload sets are MemberSets filled per label set
-        iplists = policy.ip_list_map()
-        self._static: dict[str, tuple[AddressSet, AddressSet]] = {}
-        members: dict[str, tuple[list[int], list[int]]] = {}
-        for name, sel in self._peers.items():
-            if isinstance(sel, IPListSelector):
-                iplist = iplists.get(sel.ip_list)
-                if iplist is None:
-                    raise NotFoundError(f"unknown IP list {sel.ip_list!r}")
-                ranges = iplist.ranges()
-                canonical = sel.canonical()
-                self._static[name] = (
-                    AddressSet(name, Family.V4, ranges.networks(Family.V4), canonical),
-                    AddressSet(name, Family.V6, ranges.networks(Family.V6), canonical),
-                )
-            else:
-                members[name] = ([], [])
-        # the addresses of every host, grouped by the sets they are members of (label sets that
-        # match the same selectors share one compiled object, so one group per object)
-        grouped: dict[int, tuple[frozenset[str], list[int], list[int]]] = {}
-        for lsid, compiled in enumerate(self._ls_rules):
-            group = grouped.get(id(compiled))
-            if group is None:
-                group = grouped[id(compiled)] = (compiled.member_of, [], [])
-            _, v4, v6 = group
-            for h in self._ls_hosts[lsid]:
-                a4, a6 = self._ints(h)
-                v4 += a4
-                v6 += a6
-        for member_of, v4, v6 in grouped.values():
-            for s in member_of:
-                m4, m6 = members[s]
-                m4 += v4
-                m6 += v6
-        self._member_sets: dict[str, tuple[MemberSet, MemberSet]] = {
-            name: (MemberSet(Family.V4, m4, self._nets), MemberSet(Family.V6, m6, self._nets))
-            for name, (m4, m6) in members.items()
-        }
-        self._set_cache: dict[str, tuple[AddressSet, AddressSet]] = dict(self._static)  # IP lists never change
+        # address sets: IP lists are static, workload sets filled from the hosts of each label set
+        self._sets = AddressSetStore(
+            self._peers, policy.ip_list_map(),
+            ((compiled.member_of, map(self._ints, hosts)) for compiled, hosts in zip(self._ls_rules, self._ls_hosts,
+                                                                                    strict=True)),
+        )
 
-    def _ints(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _ints(self, name: str) -> Ints:
         """The integer v4 and v6 addresses of a workload (one int object each, shared by its sets)."""
         found = self._addr_ints.get(name)
         if found is None:
@@ -203,18 +165,24 @@ class Compiler:
         return found
 
     def _labelset(self, w: Workload) -> int:
+        """The id of the compiled rules of ``w``'s label set: label sets matching the same
+        selectors (a quarter of them) share one id, one compiled object and one host list."""
         relevant = self._relevant
         ls = frozenset([k for lab in w.labels if (k := lab.key + "\0" + lab.value) in relevant])  # as label_keys
         lsid = self._ls_ids.get(ls)
         if lsid is None:
-            lsid = self._ls_ids[ls] = len(self._ls_rules)
-            compiled = self._compile_labelset(ls)
-            self._ls_rules.append(compiled)
-            self._ls_hosts.append(set())
-            for s in compiled.sets:
-                self._set_labelsets[s].add(lsid)
-            for s in compiled.encrypted_sets:
-                self._enc_labelsets[s].add(lsid)
+            matched = frozenset(self._sel_index.matching(ls))
+            lsid = self._by_matched.get(matched)
+            if lsid is None:
+                lsid = self._by_matched[matched] = len(self._ls_rules)
+                compiled = self._compile_matched(matched)
+                self._ls_rules.append(compiled)
+                self._ls_hosts.append(set())
+                for s in compiled.sets:
+                    self._set_labelsets[s].add(lsid)
+                for s in compiled.encrypted_sets:
+                    self._enc_labelsets[s].add(lsid)
+            self._ls_ids[ls] = lsid
         return lsid
 
     def _attach_host(self, w: Workload) -> None:
@@ -238,14 +206,6 @@ class Compiler:
         return config_for(self._workloads[name], (self._workloads[p] for p in peers))
 
     # ---- per label set -------------------------------------------------------
-    def _compile_labelset(self, labels: LabelSet) -> _LabelSetRules:
-        # label sets matching the same selectors share one compiled object (a quarter of them)
-        matched = frozenset(self._sel_index.matching(labels))
-        found = self._by_matched.get(matched)
-        if found is None:
-            found = self._by_matched[matched] = self._compile_matched(matched)
-        return found
-
     def _compile_matched(self, matched: frozenset[int]) -> _LabelSetRules:
         table = self._table
         rules_of = table.rules_of
@@ -265,21 +225,7 @@ class Compiler:
 
     # ---- address sets ----------------------------------------------------------
     def address_sets(self, name: str) -> tuple[AddressSet, AddressSet]:
-        cached = self._set_cache.get(name)
-        if cached is None:
-            static = self._static.get(name)
-            if static is not None:
-                return static
-            v4, v6 = self._member_sets[name]
-            canonical = self._peers[name].canonical()
-            cached = (
-                unchecked(AddressSet, {"name": name, "family": Family.V4, "members": v4.networks(),
-                                       "selector": canonical}),
-                unchecked(AddressSet, {"name": name, "family": Family.V6, "members": v6.networks(),
-                                       "selector": canonical}),
-            )
-            self._set_cache[name] = cached
-        return cached
+        return self._sets.address_sets(name)
 
     # ---- reading -----------------------------------------------------------------
     @property
@@ -296,16 +242,10 @@ class Compiler:
         sets: tuple[AddressSet, ...] | None = None
         if entry is not None:
             built, sets = entry
-            if built != self._generation:
-                changed = self._set_changed
-                if any(changed.get(s, 0) > built for s in compiled.sets):
-                    sets = None
+            if built != self._generation and self._sets.changed_after(compiled.sets, built):
+                sets = None
         if sets is None:
-            found: list[AddressSet] = []
-            cache = self._set_cache
-            for s in compiled.sets:  # sorted names, each (v4, v6): already in (name, family) order
-                found += cache.get(s) or self.address_sets(s)
-            sets = tuple(found)
+            sets = self._sets.sets_of(compiled.sets)  # sorted names: already in (name, family) order
             self._ls_sets[lsid] = (self._generation, sets)
         hp = unchecked(HostPolicy, {
             "workload": w.name,
@@ -333,18 +273,8 @@ class Compiler:
         return len(self._ls_rules[self._key_of[name]].rules)
 
     # ---- incremental changes ---------------------------------------------------
-    def _change_members(
-        self, builder: DeltaBuilder, s: str, ints: tuple[tuple[int, ...], tuple[int, ...]], add: bool
-    ) -> None:
-        for ms, addrs in zip(self._member_sets[s], ints, strict=True):
-            for a in addrs:
-                added, removed = ms.add(a) if add else ms.remove(a)
-                if added or removed:
-                    builder.record((s, ms.family), added, removed)
-
-    def _invalidate_set(self, name: str) -> None:
-        self._set_cache.pop(name, None)
-        self._set_changed[name] = self._generation
+    def _change_members(self, builder: DeltaBuilder, s: str, ints: Ints, add: bool) -> None:
+        self._sets.change_members(builder, s, ints, add)
 
     def _header(self, name: str) -> _Header:
         w = self._workloads[name]
@@ -421,7 +351,7 @@ class Compiler:
             self._policy_dirty = True
             set_deltas = builder.set_deltas()
             for d in set_deltas:
-                self._invalidate_set(d.name)
+                self._sets.invalidate(d.name, self._generation)
             if np_old:  # NetworkPolicy peer sets naming a changed workload: their deltas too
                 self._np.forget(np_old)
                 np_deltas = [
@@ -609,14 +539,6 @@ class Compiler:
             elif old_hp != new_hp:
                 deltas.append(HostDelta(name, new_hp, False, diff_sets(old_hp.sets, new_hp.sets)))
         return deltas
-
-
-def _set_key(s: AddressSet) -> tuple[str, int]:
-    return s.name, s.family.value
-
-
-def _net_key(n: IPv4Network | IPv6Network) -> tuple[int, int]:
-    return int(n.network_address), n.prefixlen
 
 
 def compile_policy(policy: Policy) -> dict[str, HostPolicy]:

@@ -268,11 +268,7 @@ def build_rule_table(rules: tuple[EffectiveRule, ...]) -> RuleTable:
     for rank, key in enumerate(sorted(keys)):  # tuples of primitives: compared in C, in HostRule order
         table.rank[keys[key]] = rank
     directions = {d.value: d for d in Direction}
-    new, host_rules = object.__new__, table.host_rules
-    for a, t, rid, peer, svc, enc in specs:  # ``ir.unchecked``, inlined: one per distinct host rule
-        hr = new(HostRule)
-        hr.__dict__.update(action=a, direction=directions[t], rule_id=rid, peer=peer, services=svc, encrypt=enc)
-        host_rules.append(hr)
+    table.host_rules = [HostRule(a, directions[t], rid, peer, svc, enc) for a, t, rid, peer, svc, enc in specs]
     table.peers = [spec[3] for spec in specs]
     for sid in set(table_in) | set(table_out):
         table.rules_of[sid] = frozenset().union(*table_in.get(sid, ()), *table_out.get(sid, ()))

@@ -27,7 +27,7 @@ _T = TypeVar("_T")
 def unchecked(cls: type[_T], fields: dict[str, Any]) -> _T:
     """An instance of the frozen dataclass ``cls`` built from ``fields`` without its ``__init__``.
 
-    For the compiler's hot loops only (hundreds of thousands of ``HostRule``/``HostPolicy``
+    For the compiler's hot loops only (hundreds of thousands of ``HostPolicy``/``AddressSet``
     objects per full compile): a frozen dataclass's generated ``__init__`` sets each field with
     ``object.__setattr__``, twice the cost of filling the instance dict at once. Only for classes
     without ``__post_init__`` (nothing to validate: the inputs were validated at the edge), and
@@ -56,11 +56,15 @@ class AddressSet:
     selector: str = ""  # canonical selector text, for humans
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HostRule:
     """One rule on one host. Ordered by action, direction, encrypted allows first, then rule id:
     first-match over that order is the evaluator's precedence, where an encrypted allow wins over
-    a plain one (a plain allow never carries in the clear what another rule says to encrypt)."""
+    a plain one (a plain allow never carries in the clear what another rule says to encrypt).
+
+    Slotted: a full compile at 125,000 workloads holds half a million of them (88 bytes each
+    instead of 336 with an instance dict; the memory was a tenth of the compile's CPU in page
+    faults)."""
 
     action: Action
     direction: Direction

@@ -16,8 +16,21 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
+from operator import sub
 
 from stockade.model.addresses import Family, IPNetwork, Range
+
+
+class _Hosts(dict[int, IPNetwork]):
+    """address -> its one-address network (/32 or /128), made on first use."""
+
+    def __init__(self, cls: type[IPv4Network] | type[IPv6Network], bits: int) -> None:
+        super().__init__()
+        self._cls, self._bits = cls, bits
+
+    def __missing__(self, a: int) -> IPNetwork:
+        net = self[a] = self._cls((a, self._bits))
+        return net
 
 
 class NetworkCache:
@@ -25,6 +38,12 @@ class NetworkCache:
 
     def __init__(self) -> None:
         self._nets: dict[bool, dict[int, IPNetwork]] = {True: {}, False: {}}  # keyed by "is IPv4"
+        # one-address networks (most members) in their own map keyed by the address alone
+        self._hosts: dict[bool, _Hosts] = {True: _Hosts(IPv4Network, 32), False: _Hosts(IPv6Network, 128)}
+
+    def hosts(self, addresses: list[int], family: Family) -> list[IPNetwork]:
+        """The one-address networks of ``addresses``, in the same order."""
+        return list(map(self._hosts[family is Family.V4].__getitem__, addresses))
 
     def networks(
         self, ranges: Iterable[Range], family: Family, starts: list[int] | None = None
@@ -37,14 +56,11 @@ class NetworkCache:
         bits = 32 if v4 else 128
         cls: type[IPv4Network] | type[IPv6Network] = IPv4Network if v4 else IPv6Network
         nets = self._nets[v4]
+        hosts = self._hosts[v4]
         out: list[IPNetwork] = []
         for lo, hi in ranges:
             if lo == hi:  # the common case: one workload address
-                key = lo << 8 | bits
-                net = nets.get(key)
-                if net is None:
-                    net = nets[key] = cls((lo, bits))
-                out.append(net)
+                out.append(hosts[lo])
                 if starts is not None:
                     starts.append(lo)
                 continue
@@ -53,10 +69,13 @@ class NetworkCache:
                 size = (cur & -cur).bit_length() - 1 if cur else bits
                 span = (hi - cur + 1).bit_length() - 1
                 size = min(size, span)
-                key = cur << 8 | (bits - size)
-                net = nets.get(key)
-                if net is None:
-                    net = nets[key] = cls((cur, bits - size))
+                if size == 0:
+                    net = hosts[cur]
+                else:
+                    key = cur << 8 | (bits - size)
+                    net = nets.get(key)  # type: ignore[assignment]
+                    if net is None:
+                        net = nets[key] = cls((cur, bits - size))
                 out.append(net)
                 if starts is not None:
                     starts.append(cur)
@@ -71,15 +90,18 @@ class MemberSet:
         self.family = family
         self._cache = cache if cache is not None else NetworkCache()
         addrs = addresses if isinstance(addresses, list) else list(addresses)
-        # a plain dict of ones (an address is usually in a set once); Counter only for repeats
-        count: dict[int, int] = dict.fromkeys(addrs, 1)
-        if len(count) != len(addrs):
-            count = dict(Counter(addrs))
-        self._count = count
-        ordered = sorted(count)
+        # membership is the ranges themselves (a bisect); only an address added more than once
+        # has an entry here (its extra count), so a set costs no per-member dict
+        distinct = set(addrs)
+        self._extra: dict[int, int] = {}
+        if len(distinct) != len(addrs):
+            self._extra = {a: n - 1 for a, n in Counter(addrs).items() if n > 1}
+        ordered = sorted(distinct)
         if not ordered or ordered[-1] - ordered[0] == len(ordered) - 1:  # empty, or one run
             los = ordered[:1]
             his = ordered[-1:]
+        elif 1 not in map(sub, ordered[1:], ordered):  # no two adjacent: a run each (in C)
+            los, his = ordered[:], ordered[:]
         else:
             los, his = [], []
             prev = -2
@@ -91,8 +113,12 @@ class MemberSet:
                     his.append(a)
                 prev = a
         self._los, self._his = los, his
-        self._starts: list[int] = []
-        self._nets: list[IPNetwork] = list(self._cache.networks(zip(los, his, strict=True), family, self._starts))
+        if len(los) == len(ordered):  # no two members adjacent (the usual case): one /32 or /128 each
+            self._starts: list[int] = ordered
+            self._nets: list[IPNetwork] = self._cache.hosts(ordered, family)
+        else:
+            self._starts = []
+            self._nets = list(self._cache.networks(zip(los, his, strict=True), family, self._starts))
         self._frozen: tuple[IPNetwork, ...] | None = None
 
     def networks(self) -> tuple[IPNetwork, ...]:
@@ -118,11 +144,10 @@ class MemberSet:
 
     def add(self, a: int) -> tuple[set[IPNetwork], set[IPNetwork]]:
         """Add one address; returns (CIDRs added, CIDRs removed)."""
-        c = self._count.get(a, 0)
-        self._count[a] = c + 1
-        if c:
-            return set(), set()
         i = bisect_right(self._los, a) - 1
+        if i >= 0 and a <= self._his[i]:  # already a member: one more reference
+            self._extra[a] = self._extra.get(a, 0) + 1
+            return set(), set()
         left = i if i >= 0 and self._his[i] == a - 1 else None
         right = i + 1 if i + 1 < len(self._los) and self._los[i + 1] == a + 1 else None
         lo = self._los[left] if left is not None else a
@@ -135,14 +160,16 @@ class MemberSet:
 
     def remove(self, a: int) -> tuple[set[IPNetwork], set[IPNetwork]]:
         """Remove one address; returns (CIDRs added, CIDRs removed)."""
-        c = self._count.get(a, 0)
-        if c == 0:
-            return set(), set()
-        if c > 1:
-            self._count[a] = c - 1
-            return set(), set()
-        del self._count[a]
         k = bisect_right(self._los, a) - 1
+        if k < 0 or a > self._his[k]:  # not a member
+            return set(), set()
+        extra = self._extra.get(a)
+        if extra:  # still referenced
+            if extra == 1:
+                del self._extra[a]
+            else:
+                self._extra[a] = extra - 1
+            return set(), set()
         lo, hi = self._los[k], self._his[k]
         pieces = [r for r in ((lo, a - 1), (a + 1, hi)) if r[0] <= r[1]]
         self._los[k : k + 1] = [p[0] for p in pieces]

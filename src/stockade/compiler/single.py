@@ -6,7 +6,7 @@ Split from :mod:`stockade.compiler.compile` (the incremental ``Compiler``), whos
 
 from __future__ import annotations
 
-from stockade.compiler.compile import _bulk_allocation, _ints, _set_key
+from stockade.compiler.compile import _bulk_allocation
 from stockade.compiler.expand import expand_rules, set_name
 from stockade.compiler.index import LabelIndex
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule
@@ -17,7 +17,15 @@ from stockade.errors import NotFoundError
 from stockade.model.addresses import Family
 from stockade.model.policy import Policy
 from stockade.model.selectors import AllWorkloads, IPListSelector, LabelSelector, Selector
-from stockade.model.workloads import EnforcementMode
+from stockade.model.workloads import EnforcementMode, Workload
+
+
+def _ints(w: Workload, version: int) -> list[int]:
+    return [int(a) for a in w.addresses if a.version == version]
+
+
+def _set_key(s: AddressSet) -> tuple[str, int]:
+    return s.name, s.family.value
 
 
 def compile_host(policy: Policy, workload: str) -> HostPolicy:

@@ -33,6 +33,7 @@ at the host agent's 0.5 s would be 220 ``nft list`` per second).
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import shutil
 import threading
@@ -45,19 +46,21 @@ from pathlib import Path
 from stockade import __version__
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
-from stockade.agent.enforcer import Enforcer
+from stockade.agent.enforcer import CacheStart, Enforcer
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
-from stockade.agent.state import Credential, StateDir
-from stockade.agent.transport import ControllerUnreachableError, Enrollment
+from stockade.agent.state import CachedPolicy, Credential, StateDir
+from stockade.agent.transport import AgentEvent, ControllerUnreachableError, Enrollment, EventKind
 from stockade.agent_signature import public_key_text
 from stockade.backends.nftables.backend import NftablesBackend
+from stockade.compiler.delta import PolicyUpdate, UpdateKind, policy_update_from_dict
 from stockade.errors import AuthError, Issue, NotFoundError, StockadeError, ValidationError
 from stockade.k8s.podns import PodNetns, find_pod_netns, pin, pin_prefix, stale_pins, unpin
 
 log = logging.getLogger("stockade.k8s.node")
 RETRY_SECONDS = 0.1  # a pod whose workload or namespace is not there yet is tried again this soon ...
 RETRY_MAX = 5.0  # ... doubling up to this while it keeps failing
+FAST_RETRY, FAST_RETRY_FOR = 0.05, 5.0  # but a pod seen less than FAST_RETRY_FOR ago: every FAST_RETRY
 START_WORKERS = 8  # pods started (and stopped) at once
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
 
@@ -97,13 +100,17 @@ class NodeOptions:
 class NodeControllerClient(HttpControllerClient):
     """The agent protocol plus the node agent's one extra call."""
 
-    def enroll_pod(self, workload: str, public_key: str) -> Enrollment:
+    def enroll_pod(self, workload: str, public_key: str) -> tuple[Enrollment, PolicyUpdate | None]:
+        """The pod's identity and, from a controller that sends it, its first policy (the answer of
+        ``GET /agents/{id}/policy`` for the new identity: no further round trip before its first apply)."""
         data = self._json(self._request("POST", self._agent_path("pods/enroll"), json={
-            "workload": workload, "public_key": public_key, "agent_version": __version__}))
+            "workload": workload, "public_key": public_key, "agent_version": __version__, "include_policy": True}))
         try:
-            return Enrollment(str(data["agent_id"]), str(data["token"]), str(data["workload"]))
+            enrollment = Enrollment(str(data["agent_id"]), str(data["token"]), str(data["workload"]))
         except (KeyError, TypeError) as exc:
             raise ValidationError([Issue("controller", 0, "enroll-pod", f"unexpected answer: {exc!r}")]) from exc
+        policy = data.get("policy")
+        return enrollment, None if policy is None else policy_update_from_dict(policy)
 
 
 BackendFactory = Callable[[str | None], NftablesBackend]  # pinned netns name (None: the node's) -> backend
@@ -121,6 +128,9 @@ class _Running:
 @dataclass
 class NodeStats:
     programmed: dict[str, float] = field(default_factory=dict)  # uid -> seconds from start to first apply
+    # uid -> stage -> wall-clock time: seen (IP in the node's watch), taken (a start began), found
+    # (namespace), pinned, enrolled (credential), runtime (started), then the runtime's milestones
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class NodeAgent:
@@ -135,6 +145,7 @@ class NodeAgent:
         self._retry: dict[str, tuple[float, float]] = {}  # uid -> (next attempt, delay) of a failing pod
         self._pool = ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="stockade-pod")
         self._starting: dict[str, Future[bool]] = {}  # uid -> its start under way
+        self._first: dict[str, PolicyUpdate] = {}  # uid -> policy its enrolment brought, namespace not found yet
         self._stopping: dict[str, threading.Thread] = {}
         self.pin_prefix = pin_prefix(options.node)
         self._lock = threading.Lock()
@@ -177,8 +188,14 @@ class NodeAgent:
 
     def set_pods(self, pods: Mapping[str, LocalPod]) -> None:
         """The complete set of pods bound to this node, as the API says now."""
+        now = time.time()
         with self._lock:
             self._desired = dict(pods)
+            for uid in [u for u in self.stats.stages if u not in pods]:
+                del self.stats.stages[uid]
+            for uid, p in pods.items():
+                if p.ready:
+                    self.stats.stages.setdefault(uid, {}).setdefault("seen", now)
         self._poke.set()
 
     def enforced(self) -> dict[str, str]:
@@ -258,7 +275,7 @@ class NodeAgent:
         while not self._stop.is_set():
             self._poke.clear()
             pending = self._reconcile()
-            self._poke.wait(RETRY_SECONDS if pending else 5.0)
+            self._poke.wait(FAST_RETRY if pending else 5.0)
 
     def _reconcile(self) -> bool:
         """One pass: start what is wanted, stop what is not; True when something is still under way.
@@ -277,6 +294,8 @@ class NodeAgent:
         now = time.monotonic()
         for uid in set(self._retry) - set(desired):
             del self._retry[uid]
+        for uid in set(self._first) - set(desired):
+            del self._first[uid]
         for uid, fut in list(self._starting.items()):
             if not fut.done():
                 continue
@@ -289,6 +308,8 @@ class NodeAgent:
                 self._retry.pop(uid, None)
                 continue
             delay = min(RETRY_MAX, self._retry.get(uid, (0.0, RETRY_SECONDS / 2))[1] * 2)
+            if not error and time.time() - self.stats.stages.get(uid, {}).get("seen", 0.0) < FAST_RETRY_FOR:
+                delay = FAST_RETRY  # a new pod: its workload is being committed, its sandbox started
             self._retry[uid] = (time.monotonic() + delay, delay)
             if error:
                 pod = desired.get(uid)
@@ -322,31 +343,35 @@ class NodeAgent:
                 self.gate.end_hold()
         return started
 
+    def _stage(self, uid: str, name: str, first: bool = False) -> None:
+        with self._lock:
+            stages = self.stats.stages.setdefault(uid, {})
+            if first:
+                stages.setdefault(name, time.time())
+            else:
+                stages[name] = time.time()  # the attempt that succeeded
+
     def _start_pod_held(self, pod: LocalPod, t0: float) -> bool:
         with self._lock:
             if pod.uid in self._running:
                 self.gate.end_hold()
                 return True  # already enforced: never a second runtime for one pod
-        ns = self._finder(pod.uid)
-        if ns is None:
-            return False  # no process of it yet (or already gone)
-        if ns.host_network:
-            with self._lock:
-                self._host_network.add(pod.uid)  # the node's own namespace: the host policy covers it
-            log.info("pod %s/%s uses the node's network: host policy applies", pod.namespace, pod.name)
-            self.gate.end_hold()  # nothing of ours to apply there
+        self._stage(pod.uid, "taken", first=True)
+        if pod.host_network and self._in_node_namespace(pod):
             return True
-        netns = pin(ns, self.pin_prefix)
-        state = StateDir(self.options.state_dir / "pods" / pod.uid)
+        # enrol first: until the sync's write commits the workload this is a cheap 404, retried soon
+        # (FAST_RETRY); the namespace is looked for once, after it
+        state = StateDir(self.options.state_dir / "pods" / pod.uid, durable=False)  # dies with the machine
         cred = state.load_credential()
         if cred is not None and cred.workload != pod.workload:
             state.wipe()
             cred = None
+        first = self._first.pop(pod.uid, None)
         if cred is None:
             assert self.client is not None and self.credential is not None
             key = public_key_text(state.load_or_create_key())
             try:
-                e = self.client.enroll_pod(pod.workload, key)
+                e, first = self.client.enroll_pod(pod.workload, key)
             except NotFoundError:
                 return False  # the sync has not made it a workload yet
             ca = self.state.load_ca()
@@ -354,20 +379,57 @@ class NodeAgent:
                 state.save_ca(ca)
             state.save_credential(Credential(self.credential.controller, e.agent_id, e.token, e.workload,
                                              state.key_path))
+        self._stage(pod.uid, "enrolled")
+        ns = self._finder(pod.uid)
+        if ns is None:
+            if first is not None:
+                self._first[pod.uid] = first  # for the next attempt (the credential is kept on disk)
+            return False  # no process of it yet (or already gone)
+        self._stage(pod.uid, "found")
+        if ns.host_network:
+            self._host_network_pod(pod)
+            return True
+        netns = pin(ns, self.pin_prefix)
+        self._stage(pod.uid, "pinned")
+        backend = self._backend_factory(netns)
+        enforcer = Enforcer(backend)
+        cache = self._enforce_first(pod, enforcer, state, first)
         addresses = tuple(ipaddress.ip_address(a) for a in pod.addresses)
         report = HostReport(pod.workload, "kubernetes pod", (InterfaceReport("eth0", addresses),))
-        backend = self._backend_factory(netns)
         agent = Agent(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
                                    watch_addresses=False, tamper_interval=self.options.pod_tamper_interval,
                                    proof_min_gap=self.options.pod_proof_min_gap,
                                    tamper_safety_interval=self.options.pod_tamper_interval),
-                      state, Enforcer(backend), HttpControllerClient, host_reader=lambda: report, gate=self.gate)
+                      state, enforcer, HttpControllerClient, host_reader=lambda: report, gate=self.gate, cache=cache)
+        if cache is not None:
+            agent.milestones["applied"] = self.stats.stages.get(pod.uid, {}).get("applied", time.time())
         with self._lock:
             self._running[pod.uid] = _Running(pod, netns, agent, backend, t0)
-        agent.start()
-        threading.Thread(target=self._time_first_apply, args=(pod.uid, agent, t0), daemon=True).start()
+        agent.start()  # without the enrolment's policy in force: enforces the pod's cache, if any
+        self._stage(pod.uid, "runtime")
+        if agent.applied_revision:
+            agent.request_proof()  # the first policy is proven like any apply
+            self.gate.end_hold()
+            self._first_applied(pod.uid, agent, t0)
+        else:
+            threading.Thread(target=self._time_first_apply, args=(pod.uid, agent, t0), daemon=True).start()
         log.info("pod %s/%s: enforcing in %s (%s)", pod.namespace, pod.name, netns, pod.workload)
         return True
+
+    def _in_node_namespace(self, pod: LocalPod) -> bool:
+        """A ``hostNetwork`` pod (its spec says so) found running in the node's namespace: marked as
+        covered by the host policy, nothing enrolled or applied for it."""
+        ns = self._finder(pod.uid)
+        if ns is None or not ns.host_network:
+            return False
+        self._host_network_pod(pod)
+        return True
+
+    def _host_network_pod(self, pod: LocalPod) -> None:
+        with self._lock:
+            self._host_network.add(pod.uid)  # the node's own namespace: the host policy covers it
+        log.info("pod %s/%s uses the node's network: host policy applies", pod.namespace, pod.name)
+        self.gate.end_hold()  # nothing of ours to apply there
 
     def _time_first_apply(self, uid: str, agent: Agent, t0: float) -> None:
         try:
@@ -375,9 +437,39 @@ class NodeAgent:
         finally:
             self.gate.end_hold()
         if agent.converged.wait(120):
-            took = time.monotonic() - t0
-            self.stats.programmed[uid] = took
-            log.info("pod %s: first policy applied %.1f ms after the node agent took it up", uid, took * 1000)
+            self._first_applied(uid, agent, t0)
+
+    def _enforce_first(self, pod: LocalPod, enforcer: Enforcer, state: StateDir,
+                       first: PolicyUpdate | None) -> CacheStart | None:
+        """Put the first policy the enrolment brought in force now, in this start thread (no runtime,
+        long-poll or fetch first), and keep it as the pod's cache; its runtime then follows the
+        controller from that revision. Only a full policy for this very workload; None (the runtime's
+        long-poll brings the policy) for anything else or when the apply fails."""
+        if first is None or first.kind is not UpdateKind.FULL or first.policy is None:
+            return None
+        if first.policy.workload != pod.workload:
+            log.warning("pod %s/%s: enrolment brought a policy for %r; ignored", pod.namespace, pod.name,
+                        first.policy.workload)
+            return None
+        try:
+            enforcer.enforce(first.policy)
+        except StockadeError as exc:
+            log.warning("pod %s/%s: first policy not applied (%s); its runtime retries", pod.namespace, pod.name,
+                        exc)
+            return None
+        self._stage(pod.uid, "applied")
+        state.save_policy(CachedPolicy(first.revision, first.policy))
+        detail = f"enforcing revision {first.revision} (brought by the pod's enrolment)"
+        return CacheStart(first.revision, AgentEvent(EventKind.STARTED, detail, first.revision, time.time()))
+
+    def _first_applied(self, uid: str, agent: Agent, t0: float) -> None:
+        took = time.monotonic() - t0
+        self.stats.programmed[uid] = took
+        log.info("pod %s: first policy applied %.1f ms after the node agent took it up", uid, took * 1000)
+        with self._lock:
+            stages = dict(self.stats.stages.get(uid, {}))
+        stages.update({f"agent-{k}": v for k, v in agent.milestones.items()})
+        log.info("pod %s: stages %s", uid, json.dumps(stages, sort_keys=True))
 
     def _stop_pod(self, uid: str, forget: bool, wait: bool = False) -> None:
         with self._lock:

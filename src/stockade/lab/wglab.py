@@ -26,7 +26,7 @@ from stockade.backends.common import in_netns
 from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.iptables.backend import IptablesBackend
 from stockade.backends.nftables.backend import NftablesBackend
-from stockade.backends.wireguard import STEER_MARK, WireGuardDevice
+from stockade.backends.wireguard import STEER_MARK, DatapathChoice, WireGuardDevice
 from stockade.compiler.compile import Compiler
 from stockade.compiler.delta import peer_delta
 from stockade.compiler.ir import HostDelta, HostPolicy, SetDelta
@@ -39,6 +39,9 @@ from stockade.model.workloads import EnforcementMode, Interface, WireGuardIdenti
 PORTS = (80, 5432, 6000, 7000)
 # the Linux backends that encrypt, as the lab names them
 WG_BACKENDS = ("nftables", "iptables-nft", "iptables-legacy", "ebpf")
+# "<backend>/wg": the devices configured with the `wg` tool (the kernel module's configurator) instead
+# of wireguard-go's UAPI socket, so the kernel path's peer handling runs here without the module
+WG_TOOL = "/wg"
 SO_MARK = 36
 IP_TRANSPARENT = 19  # a source address the host does not own (FREEBIND binds, but sendto then refuses)
 IPV6_TRANSPARENT = 75
@@ -297,9 +300,15 @@ def make_backend(name: str, netns: str, device: WireGuardDevice) -> NftablesBack
 
 
 @contextlib.contextmanager
-def wg_lab(count: int, tmp: Path, backend: str = "nftables") -> Iterator[WgLab]:
+def wg_lab(count: int, tmp: Path, backend: str = "nftables", *,
+           choice: DatapathChoice | None = None) -> Iterator[WgLab]:
+    """``backend`` from :data:`WG_BACKENDS`, optionally with :data:`WG_TOOL`; ``choice``: the
+    devices' datapath (default: ``STOCKADE_WIREGUARD``, else auto)."""
     run = secrets.token_hex(3)
     third = secrets.randbelow(200) + 20
+    backend, _, configurator = backend.partition("/")
+    if configurator not in ("", WG_TOOL[1:]):
+        raise ValueError(f"no WireGuard configurator {configurator!r} (only {WG_TOOL!r})")
     lab = WgLab(bridge=f"stkwgbr-{run}", backend=backend)
     made: list[str] = []
     try:
@@ -314,7 +323,7 @@ def wg_lab(count: int, tmp: Path, backend: str = "nftables") -> Iterator[WgLab]:
             create_host_namespace(netns, lab.bridge, port, [v4, v6])
             made.append(netns)
             key_file, pub = genkey(tmp, name)
-            device = WireGuardDevice(f"wg{run}{i}", netns, key_file)
+            device = WireGuardDevice(f"wg{run}{i}", netns, key_file, choice, wg_tool=bool(configurator))
             lab.hosts[name] = Host(name, netns, port, v4, v6, key_file, pub, make_backend(backend, netns, device),
                                    device)
             lab.servers.append(Servers(netns))
@@ -349,5 +358,6 @@ def kill_wireguard_go(netns: str) -> None:
 
 
 __all__ = [
-    "STEER_MARK", "WG_BACKENDS", "WgLab", "kill_wireguard_go", "make_backend", "marker", "probe", "send_udp", "wg_lab",
+    "STEER_MARK", "WG_BACKENDS", "WG_TOOL", "WgLab", "kill_wireguard_go", "make_backend", "marker", "probe", "send_udp",
+    "wg_lab",
 ]

@@ -5,7 +5,8 @@ own runners (argv lists, names validated, in a network namespace when given) and
 output to the pure parsers. Any failure to read is a :class:`~stockade.errors.ProofError`:
 a proof that could not look at the kernel is not a proof.
 
-* nftables: ``nft -j list table inet <table>``;
+* nftables: the table's chains, rules, sets and elements dumped over netlink
+  (:mod:`stockade.backends.nftables.dump`; ``nft -j list table inet <table>`` as the reference);
 * iptables (legacy or nft): ``iptables-save``, ``ip6tables-save`` (every table: the filter
   table is modelled, the others are listed in the proof's notes) and ``ipset save``;
 * eBPF: the tc programs attached (by tag) and the maps in force, over the bpf syscall
@@ -21,6 +22,7 @@ from stockade.backends.iptables.backend import IptablesBackend
 from stockade.backends.iptables.model import IptablesVariant
 from stockade.backends.iptables.runner import Command, IptablesRunner
 from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.nftables.dump import dump_table
 from stockade.backends.nftables.runner import NftRunner
 from stockade.compiler.ir import HostPolicy
 from stockade.errors import BackendError, ProofError
@@ -28,6 +30,7 @@ from stockade.model.addresses import Family, IPAddress
 from stockade.verify.ebpf_readback import read_ebpf
 from stockade.verify.ipt_readback import parse_iptables
 from stockade.verify.loaded import LoadedRuleset
+from stockade.verify.nft_netlink import parse_nft_dump
 from stockade.verify.nft_readback import parse_nft_table
 from stockade.verify.prove import Proof, prove
 
@@ -35,6 +38,17 @@ BACKENDS = ("nftables", "iptables-legacy", "iptables-nft", "ebpf")
 
 
 def read_nftables(table: str = "stockade", netns: str | None = None) -> LoadedRuleset:
+    """The table as the kernel holds it, over netlink (:mod:`.nft_netlink`)."""
+    try:
+        dump = dump_table(table, netns)
+    except BackendError as exc:
+        raise ProofError(f"cannot read back nftables table {table}: {exc}") from exc
+    return parse_nft_dump(dump, table)
+
+
+def read_nftables_json(table: str = "stockade", netns: str | None = None) -> LoadedRuleset:
+    """The same through ``nft -j list table`` (the reference the netlink reader is tested
+    against, and the benchmark's side-by-side)."""
     try:
         items = NftRunner(netns).list_table_json(table)
     except BackendError as exc:

@@ -237,6 +237,11 @@ class EbpfBackend:
         link = self.loader.tunnel_link(self._tunnel.interface)
         return 0 if link is None else link.index
 
+    def wireguard_datapath(self) -> str:
+        """The tunnel's WireGuard implementation ("kernel", "wireguard-go"; "": none up)."""
+        dp = self._tunnel.datapath if self._tunnel is not None else None
+        return dp.value if dp is not None else ""
+
     def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
         """WireGuard peers set / removed over the control socket; the maps are not touched."""
         if self._tunnel is None:

@@ -43,6 +43,14 @@ class Layout(Enum):
     LIST = "list"
 
 
+class DeltaPath(Enum):
+    """How set deltas reach the kernel: ipset netlink messages (default; the ``ipset`` command
+    when the kernel refuses them), or always the ``ipset`` command."""
+
+    NETLINK = "netlink"
+    IPSET_CLI = "ipset-cli"
+
+
 class Hook(Enum):
     """The built-in filter chains Stockade jumps from."""
 
@@ -110,9 +118,7 @@ class IpSet:
         return size
 
     def create_line(self, name: str) -> str:
-        return (
-            f"create {name} hash:net family {self.ipset_family} hashsize {self.hashsize} maxelem {SET_MAXELEM}"
-        )
+        return f"create {name} hash:net family {self.ipset_family} hashsize {self.hashsize} maxelem {SET_MAXELEM}"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ so a CIDR replaced by an overlapping one (a merge) is legal within one batch. De
 CIDR the kernel does not hold fails with ENOENT and nothing changes: the caller should then
 reload the full ruleset.
 
-A socket is bound to the network namespace it was created in; for ``netns`` it is created by
+The wire format and the socket are :mod:`stockade.backends.nfnetlink`. A socket is bound to
+the network namespace it was created in; for ``netns`` it is created by
 a worker thread that entered ``/run/netns/<netns>`` (:func:`stockade.backends.common.in_netns`).
 """
 
@@ -30,21 +31,22 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from stockade.backends.common import in_netns
+from stockade.backends.nfnetlink import (
+    NETLINK_CAP_ACK,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_REQUEST,
+    SO_RCVBUFFORCE,
+    SO_SNDBUFFORCE,
+    SOL_NETLINK,
+    attr,
+    message,
+    nest,
+    open_socket,
+    parse_acks,
+)
 from stockade.errors import ApplyError
 from stockade.model.addresses import IPNetwork
-
-NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
-
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_CREATE = 0x400
-NLA_F_NESTED = 0x8000
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
@@ -80,22 +82,8 @@ class ElementChange:
 # ---- encoding -------------------------------------------------------------------------
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
-
-
-def _nest(kind: int, *parts: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(parts))
-
-
-def _message(msg_type: int, flags: int, seq: int, family: int, res_id: int, body: bytes) -> bytes:
-    payload = struct.pack("!BBH", family, 0, res_id) + body  # nfgenmsg: res_id is big-endian
-    return struct.pack("=IHHII", 16 + len(payload), msg_type, flags, seq, 0) + payload
-
-
 def _key_element(key: bytes) -> bytes:
-    return _nest(NFTA_LIST_ELEM, _nest(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key)))
+    return nest(NFTA_LIST_ELEM, nest(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, key)))
 
 
 def host_element(net: IPNetwork) -> list[bytes]:
@@ -111,21 +99,21 @@ def interval_elements(net: IPNetwork) -> list[bytes]:
     end = int(net.broadcast_address) + 1
     if end < 1 << net.max_prefixlen:
         key = end.to_bytes(net.max_prefixlen // 8, "big")
-        flags = _attr(NFTA_SET_ELEM_FLAGS, struct.pack("!I", NFT_SET_ELEM_INTERVAL_END))
-        out.append(_nest(NFTA_LIST_ELEM, _nest(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key)), flags))
+        flags = attr(NFTA_SET_ELEM_FLAGS, struct.pack("!I", NFT_SET_ELEM_INTERVAL_END))
+        out.append(nest(NFTA_LIST_ELEM, nest(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, key)), flags))
     return out
 
 
 def _element_messages(
     table: str, change: ElementChange, nets: tuple[IPNetwork, ...], msg: int, flags: int
 ) -> Iterator[tuple[int, int, bytes]]:
-    head = _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _attr(
+    head = attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + attr(
         NFTA_SET_ELEM_LIST_SET, change.set_name.encode() + b"\0"
     )
     encode = interval_elements if change.interval else host_element
     for i in range(0, len(nets), ELEMENTS_PER_MESSAGE):
         elems = [e for net in nets[i : i + ELEMENTS_PER_MESSAGE] for e in encode(net)]
-        body = head + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, *elems)
+        body = head + nest(NFTA_SET_ELEM_LIST_ELEMENTS, *elems)
         yield (NFNL_SUBSYS_NFTABLES << 8) | msg, flags, body
 
 
@@ -141,23 +129,18 @@ def build_batch(table: str, changes: tuple[ElementChange, ...], first_seq: int) 
         create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
         parts += _element_messages(table, c, c.add, NFT_MSG_NEWSETELEM, create)
     seq = first_seq
-    chunks = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES, b"")]
+    chunks = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES, b"")]
     seqs: list[int] = []
     for msg_type, flags, body in parts:
         seq += 1
         seqs.append(seq)
-        chunks.append(_message(msg_type, flags, seq, NFPROTO_INET, 0, body))
+        chunks.append(message(msg_type, flags, seq, NFPROTO_INET, 0, body))
     seq += 1
-    chunks.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES, b""))
+    chunks.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES, b""))
     return b"".join(chunks), seqs
 
 
 # ---- the socket ----------------------------------------------------------------------
-
-def open_socket(netns: str | None) -> socket.socket:
-    """A NETLINK_NETFILTER socket in ``netns`` (``/run/netns/<netns>``) or the current namespace."""
-    return in_netns(netns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
-
 
 class NftNetlink:
     """A reusable netlink channel to nf_tables in one network namespace."""
@@ -205,7 +188,7 @@ class NftNetlink:
         try:
             while pending:
                 data = self._sock.recv(1 << 20)
-                for seq, err in _parse_acks(data):
+                for seq, err in parse_acks(data):
                     if err:
                         errors.append(f"{errno.errorcode.get(-err, str(-err))} ({os.strerror(-err)})")
                     pending.discard(seq)
@@ -218,16 +201,3 @@ class NftNetlink:
         if errors:
             raise ApplyError("nf_tables refused the set-element batch: " + "; ".join(sorted(set(errors))))
 
-
-def _parse_acks(data: bytes) -> Iterator[tuple[int, int]]:
-    """(sequence number of the acknowledged request, -errno or 0) for each NLMSG_ERROR."""
-    off = 0
-    while off + 16 <= len(data):
-        length, msg_type, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, off)
-        if length < 16:
-            break
-        if msg_type == NLMSG_ERROR and length >= 36:
-            (err,) = struct.unpack_from("=i", data, off + 16)
-            (orig_seq,) = struct.unpack_from("=I", data, off + 20 + 8)
-            yield orig_seq, err
-        off += (length + 3) & ~3

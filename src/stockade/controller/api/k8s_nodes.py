@@ -12,11 +12,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
+from stockade.compiler.delta import policy_update_to_dict
 from stockade.controller.api.dto.k8s_nodes import PodEnrollIn, PodEnrollOut
 from stockade.controller.api.schemas import ErrorOut
 from stockade.controller.context import controller_of, require
 from stockade.controller.services import pod_enrolment
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
+from stockade.errors import StockadeError
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 429)}
@@ -31,5 +33,13 @@ def enroll_pod(request: Request, agent_id: str, body: PodEnrollIn,
     ctl = controller_of(request)
     out = pod_enrolment.enrol_pod(ctl.dist, ctl.agent_keys, agent_id, principal.workload, body.workload,
                                   body.public_key, body.agent_version)
+    policy: dict[str, Any] | None = None
+    if body.include_policy:
+        # the pod's first policy in the same answer: its node agent applies it at once (the pod waits at
+        # the CNI's default-deny meanwhile), instead of after its runtime's enrolment and first long-poll
+        try:
+            policy = policy_update_to_dict(ctl.dist.fetch(out.workload, None))
+        except StockadeError:
+            policy = None  # nothing compiled for it yet: the runtime's long-poll brings it
     return PodEnrollOut(agent_id=out.agent_id, token=out.token, workload=out.workload,
-                        revision=ctl.dist.revisions.get(out.workload, 0))
+                        revision=ctl.dist.revisions.get(out.workload, 0), policy=policy)

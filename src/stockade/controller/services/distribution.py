@@ -482,8 +482,13 @@ class PolicyDistributor:
             a.dirty = False
         params = [{"id": a.agent_id, "applied_revision": a.applied, "last_heartbeat": a.last_heartbeat}
                   for a in dirty]
-        with self.sessions.begin() as db:
-            db.execute(update(AgentRow), params)  # executemany by primary key
+        try:
+            with self.sessions.begin() as db:
+                db.execute(update(AgentRow), params)  # executemany by primary key
+        except BaseException:
+            for a in dirty:  # not written (e.g. "database is locked"): the next flush writes them
+                a.dirty = True
+            raise
         return len(dirty)
 
     def _write_hashes(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -14,6 +14,8 @@ class PodEnrollIn(Strict):
     workload: Annotated[str, Field(pattern=NAME_PATTERN, description="the pod's workload, k8s.<ns>.<pod>")]
     public_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}$", description="the pod identity's Ed25519 key")]
     agent_version: Annotated[str, Field(max_length=64)] = ""
+    include_policy: Annotated[bool, Field(description="answer with the pod's compiled policy too (its first "
+                                                      "apply needs no further round trip)")] = False
 
 
 class PodEnrollOut(BaseModel):
@@ -21,3 +23,5 @@ class PodEnrollOut(BaseModel):
     token: str
     workload: str
     revision: int
+    policy: Annotated[dict[str, Any] | None, Field(description="with include_policy: the answer of GET "
+                                                            "/agents/{id}/policy for the new identity")] = None
