@@ -124,3 +124,11 @@ def k8s_control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Clus
 @pytest.fixture(scope="session")
 def k8s_cluster(k8s_control: tuple[Cluster, ApiServer]) -> Cluster:
     return k8s_control[0]
+
+
+# The real node (tests/k8s/node_fixture.py), registered once for the directory: a session fixture imported into
+# two test modules would be two fixtures, and the second would wait forever for the first one's machine lock.
+from tests.k8s.node_fixture import k8s_node  # noqa: E402
+from tests.k8s.test_helm import helm  # noqa: E402
+
+__all__ = ["helm", "k8s_node"]

@@ -2,8 +2,11 @@
 # tests/k8s/k8s.sh - Stockade's own Kubernetes control-plane harness: a real etcd and kube-apiserver on loopback.
 #
 # Usage:
-#   tests/k8s/k8s.sh build [node]     build etcd + kube-apiserver (+ kubelet with 'node') from Go modules into the
+#   tests/k8s/k8s.sh build [node] [install]   build etcd + kube-apiserver (+ kubelet with 'node'; + kube-controller-
+#                                     manager, kube-scheduler and helm with 'install') from Go modules into the
 #                                     cache (skips binaries present)
+#   tests/k8s/k8s.sh start-controllers RUN_DIR   kube-controller-manager + kube-scheduler against the running apiserver
+#                                     (the install test: a DaemonSet needs the daemonset controller)
 #   tests/k8s/k8s.sh start RUN_DIR    fresh etcd data + PKI in RUN_DIR, start both, wait for /readyz, write RUN_DIR/env
 #   tests/k8s/k8s.sh stop RUN_DIR     stop the processes whose PIDs 'start' saved in RUN_DIR (and nothing else)
 #   tests/k8s/k8s.sh restart-apiserver RUN_DIR   stop and start the apiserver only (etcd keeps running)
@@ -21,8 +24,11 @@ set -euo pipefail
 
 readonly ETCD_V=3.7.3
 readonly KUBE_V=1.37.2
+# Helm 4: its go.mod requires k8s.io/client-go v0.37.2, the apiserver's own release (one build cache for all)
+readonly HELM_V=4.3.2
 CACHE=${STOCKADE_K8S_CACHE:-/var/cache/stockade/k8s}
 BIN_DIR=$CACHE/bin-etcd$ETCD_V-kube$KUBE_V
+HELM_DIR=$CACHE/bin-helm$HELM_V
 ETCD_PORT=${K8S_ETCD_PORT:-23791}
 ETCD_PEER_PORT=${K8S_ETCD_PEER_PORT:-23801}
 API_PORT=${K8S_API_PORT:-26444}
@@ -85,14 +91,36 @@ build_kube_cmd() {  # build_kube_cmd NAME: k8s.io/kubernetes/cmd/NAME -> $BIN_DI
 
 build_apiserver() { build_kube_cmd kube-apiserver; }
 
-cmd_build() {  # cmd_build [node]: etcd + kube-apiserver; 'node' adds kubelet (a real node for the node tests)
-  mkdir -p "$CACHE"
-  local want="etcd kube-apiserver" b missing=""
-  [[ ${1:-} == node ]] && want+=" kubelet"
-  for b in $want; do [[ -x $BIN_DIR/$b ]] || missing+=" $b"; done
-  if [[ -z $missing ]]; then say "cached in $BIN_DIR"; return 0; fi
+build_helm() {  # helm has no replace directives: 'go install module@version' builds it as released
+  [[ -x $HELM_DIR/helm ]] && { say "helm present"; return 0; }
+  mkdir -p "$HELM_DIR"
+  say "building helm v$HELM_V"
+  local x=helm.sh/helm/v4/internal/version
+  GOBIN=$HELM_DIR/part nice -n 15 go install -trimpath \
+    -ldflags "-s -w -X $x.version=v$HELM_V -X $x.gitTreeState=clean" "helm.sh/helm/v4/cmd/helm@v$HELM_V"
+  mv "$HELM_DIR/part/helm" "$HELM_DIR/helm"; rmdir "$HELM_DIR/part"
+}
+
+bin_path() {  # bin_path NAME: where the cache keeps it
+  if [[ $1 == helm ]]; then echo "$HELM_DIR/helm"; else echo "$BIN_DIR/$1"; fi
+}
+
+cmd_build() {  # cmd_build [node] [install]: etcd + kube-apiserver; 'node' adds kubelet (the node tests);
+  mkdir -p "$CACHE"  # 'install' adds kube-controller-manager, kube-scheduler and helm (the install test)
+  local want="etcd kube-apiserver" b missing="" a
+  for a in "$@"; do
+    case $a in
+      node) want+=" kubelet" ;;
+      install) want+=" kube-controller-manager kube-scheduler helm" ;;
+      *) die "build: unknown target '$a'" ;;
+    esac
+  done
+  for b in $want; do [[ -x $(bin_path "$b") ]] || missing+=" $b"; done
+  if [[ -z $missing ]]; then say "cached in $BIN_DIR and $HELM_DIR"; return 0; fi
   go_env
-  for b in $missing; do if [[ $b == etcd ]]; then build_etcd; else build_kube_cmd "$b"; fi; done
+  for b in $missing; do
+    case $b in etcd) build_etcd ;; helm) build_helm ;; *) build_kube_cmd "$b" ;; esac
+  done
   [[ ${STOCKADE_K8S_GOCACHE_KEEP:-} ]] || { chmod -R u+w "$CACHE/go" 2>/dev/null || true; rm -rf "$CACHE/go" "$CACHE/work"; }
   say "built into $BIN_DIR"
 }
@@ -203,8 +231,38 @@ stop_pid() {  # stop_pid PIDFILE: TERM, wait up to 10 s, then KILL; only the PID
   rm -f "$f"
 }
 
+# The install test's control plane on top of 'start': the daemonset controller (a DaemonSet's pods) and the
+# root-ca-cert-publisher (ConfigMap kube-root-ca.crt in every namespace: the CA of the pods' projected API
+# token volume), and the scheduler (it binds a DaemonSet's pods to their node). No serving ports (0), no leader
+# election; they use the admin kubeconfig. Other tests play these parts themselves and never start them.
+cmd_start_controllers() {
+  local run=${1:?usage: k8s.sh start-controllers RUN_DIR} b
+  for b in kube-controller-manager kube-scheduler; do
+    [[ -x $BIN_DIR/$b ]] || die "$b missing: run '$0 build install' first"
+  done
+  "$BIN_DIR/kube-controller-manager" --kubeconfig "$run/kubeconfig" --secure-port 0 --leader-elect=false \
+    --controllers daemonset,root-ca-cert-publisher --root-ca-file "$run/pki/ca.crt" \
+    --use-service-account-credentials=false --v 1 >>"$run/controller-manager.log" 2>&1 &
+  echo $! > "$run/controller-manager.pid"
+  "$BIN_DIR/kube-scheduler" --kubeconfig "$run/kubeconfig" --secure-port 0 --leader-elect=false --v 1 \
+    >>"$run/scheduler.log" 2>&1 &
+  echo $! > "$run/scheduler.pid"
+  sleep 1
+  for b in controller-manager scheduler; do
+    kill -0 "$(cat "$run/$b.pid")" 2>/dev/null || { tail -20 "$run/$b.log" >&2; cmd_stop_controllers "$run"; die "$b exited"; }
+  done
+  say "controller-manager + scheduler running"
+}
+
+cmd_stop_controllers() {
+  local run=${1:?usage: k8s.sh stop-controllers RUN_DIR}
+  stop_pid "$run/scheduler.pid"
+  stop_pid "$run/controller-manager.pid"
+}
+
 cmd_stop() {
   local run=${1:?usage: k8s.sh stop RUN_DIR}
+  cmd_stop_controllers "$run"
   stop_pid "$run/apiserver.pid"
   stop_pid "$run/etcd.pid"
   say "stopped ($run)"
@@ -215,6 +273,9 @@ case ${1:-} in
   start) shift; cmd_start "$@" ;;
   stop) shift; cmd_stop "$@" ;;
   restart-apiserver) shift; cmd_restart_apiserver "$@" ;;
+  start-controllers) shift; cmd_start_controllers "$@" ;;
+  stop-controllers) shift; cmd_stop_controllers "$@" ;;
   bin-dir) echo "$BIN_DIR" ;;
-  *) sed -n '2,15p' "$0" >&2; exit 2 ;;
+  helm-path) echo "$HELM_DIR/helm" ;;
+  *) sed -n '2,18p' "$0" >&2; exit 2 ;;
 esac

@@ -39,10 +39,9 @@ from stockade.k8s.podns import pin_name, pin_prefix
 from tests.e2e.harness import Api, bound, load_note, wait_for
 from tests.k8s.conftest import Cluster, _free_port
 from tests.k8s.kube import Kube, SyncThread, start_controller
-from tests.k8s.node_fixture import Node, k8s_node, pod_body
+from tests.k8s.node_fixture import Node, pod_body
 
 pytestmark = [pytest.mark.kernel, pytest.mark.xdist_group("k8s-node")]
-__all__ = ["k8s_node"]  # the fixture, imported for this module
 PORT = 8080
 SERVER = f"nc -ll -p {PORT} -e /bin/echo ok"
 

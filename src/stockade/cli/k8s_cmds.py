@@ -3,6 +3,7 @@
 * ``stockade k8s node-agent --node NAME ...``: :mod:`stockade.k8s.node_agent` fed by
   :mod:`stockade.k8s.node_watch` (runs in the DaemonSet's pod, or beside a kubelet);
 * ``stockade k8s cni``: the chained default-deny CNI plugin (:mod:`stockade.k8s.cni`);
+  ``stockade k8s cni-install DIR``: its host wrapper, from the DaemonSet's init container;
 * ``stockade k8s manifests``: the DaemonSet, the sync Deployment and their RBAC, for given values.
 """
 
@@ -45,10 +46,13 @@ def k8s_group() -> None:
 @click.option("--pod-tamper-interval", type=float, default=10.0, show_default=True,
               help="Seconds between read-backs of each pod's table.")
 @click.option("--long-poll", type=float, default=20.0, show_default=True)
+@click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write this process's PID here (the CNI host wrapper of `k8s cni-install` runs the plugin in "
+                   "this process's mount namespace).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def node_agent(node: str, controller: str, code_file: Path | None, ca_cert: Path | None, kubeconfig: Path | None,
                state_dir: Path, table: str, host_policy: bool, pod_tamper_interval: float, long_poll: float,
-               log_level: str) -> None:
+               pidfile: Path | None, log_level: str) -> None:
     """Enforce every pod of this node inside its own network namespace (plus the node's host policy)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -65,7 +69,16 @@ def node_agent(node: str, controller: str, code_file: Path | None, ca_cert: Path
                           host_policy=host_policy, long_poll_seconds=long_poll,
                           pod_tamper_interval=pod_tamper_interval)
     agent = NodeAgent(options)
-    asyncio.run(_run_node(agent, kubeconfig))
+    if pidfile is not None:
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        part = pidfile.with_name(pidfile.name + ".part")
+        part.write_text(f"{os.getpid()}\n")
+        part.replace(pidfile)
+    try:
+        asyncio.run(_run_node(agent, kubeconfig))
+    finally:
+        if pidfile is not None and pidfile.read_text().strip() == str(os.getpid()):
+            pidfile.unlink()
 
 
 async def _run_node(agent: object, kubeconfig: Path | None) -> None:
@@ -104,16 +117,35 @@ async def _run_node(agent: object, kubeconfig: Path | None) -> None:
               help="Pin the controller's CA from ConfigMap stockade-ca (key ca.pem).")
 @click.option("--sync/--no-sync", default=True, show_default=True, help="Include the cluster sync Deployment.")
 @click.option("--cni-bin-dir", default="/opt/cni/bin", show_default=True)
+@click.option("--create-namespace/--no-create-namespace", default=True, show_default=True,
+              help="Include the Namespace object.")
+@click.option("--api-server", default="", metavar="HOST:PORT",
+              help="The apiserver's address for the node agent (nodes without kube-proxy; default: the Service).")
 def manifests_cmd(controller: str, image: str, namespace: str, pull_policy: str, host_policy: bool, with_ca: bool,
-                  sync: bool, cni_bin_dir: str) -> None:
+                  sync: bool, cni_bin_dir: str, create_namespace: bool, api_server: str) -> None:
     """Print the DaemonSet, the sync Deployment and their least-privilege RBAC (YAML)."""
     from stockade.k8s.manifests import ManifestValues, render
 
     try:
-        values = ManifestValues(controller, image, namespace, pull_policy, host_policy, with_ca, sync, cni_bin_dir)
+        values = ManifestValues(controller, image, namespace=namespace, pull_policy=pull_policy,
+                                host_policy=host_policy, with_ca=with_ca, sync=sync, cni_bin_dir=cni_bin_dir,
+                                create_namespace=create_namespace, api_server=api_server)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(render(values), nl=False)
+
+
+@k8s_group.command("cni-install")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--agent-pidfile", required=True, help="Where the node agent writes its (host) PID.")
+def cni_install(directory: Path, agent_pidfile: str) -> None:
+    """Install the default-deny CNI plugin's host wrapper into DIRECTORY (the node's CNI bin dir)."""
+    from stockade.k8s import cni as plugin
+
+    try:
+        click.echo(f"installed {plugin.install(directory, agent_pidfile)}")
+    except plugin.CniError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @k8s_group.command("cni", context_settings={"ignore_unknown_options": True})

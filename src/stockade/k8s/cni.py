@@ -13,18 +13,26 @@ Chain it after the network plugin (e.g. ``bridge``) in the node's ``.conflist``:
 
 ``exceptNamespaces`` (from ``CNI_ARGS`` ``K8S_POD_NAMESPACE``, set by containerd and CRI-O) are
 left open until their agent applies: a namespace opts out of protection-at-birth there. The
-executable on the CNI path is a two-line wrapper running ``python -m stockade.k8s.cni``
-(``stockade k8s manifests`` installs it from the DaemonSet's init container). The ruleset
-allows loopback and replies only; nothing is parsed from the pod into it.
+executable on the CNI path is a small wrapper running ``python -m stockade.k8s.cni``. Beside a
+node agent installed from packages that is two lines; from the DaemonSet, the runtime runs the
+plugin on the host, where the image's Python does not exist, so the init container installs
+:func:`host_wrapper` (``stockade k8s cni-install DIR``): it enters the running node agent's mount
+namespace (the PID the agent writes to its pidfile; ``hostPID`` makes it a host PID) and runs the
+plugin there, with the image's Python and ``nft``. While no node agent runs, ``ADD`` fails - the
+runtime does not start the pod and retries, fail closed - and every other command succeeds (a pod
+can still be torn down). The ruleset allows loopback and replies only; nothing is parsed from the
+pod into it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from stockade.backends.nftables.render import validate_table
@@ -83,6 +91,44 @@ def run(env: Mapping[str, str], stdin: str) -> str:
             raise CniError(f"default-deny in {netns}: {r.stderr.strip()[:300]}")
     prev = conf.get("prevResult") or {}
     return json.dumps({**prev, "cniVersion": conf.get("cniVersion", SUPPORTED[-1])})
+
+
+PLUGIN_NAME = "stockade-default-deny"
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._/-]+")
+
+
+def host_wrapper(pidfile: str, python: str = "/opt/stockade/bin/python") -> str:
+    """The host-side plugin executable: run this module inside the node agent's mount namespace."""
+    for what, path in (("pidfile", pidfile), ("python", python)):
+        if not _SAFE_PATH.fullmatch(path) or ".." in path.split("/"):
+            raise CniError(f"{what}: an absolute path of [A-Za-z0-9._/-]")
+    versions = json.dumps({"cniVersion": SUPPORTED[-1], "supportedVersions": SUPPORTED})
+    error = json.dumps({"cniVersion": SUPPORTED[-1], "code": 999, "msg": PLUGIN_NAME,
+                        "details": "the Stockade node agent is not running on this node"})
+    return (
+        "#!/bin/sh\n"
+        f"# {PLUGIN_NAME}: installed by the Stockade node agent's init container (stockade.k8s.cni)\n"
+        f"pid=$(cat {pidfile} 2>/dev/null)\n"
+        'case "$pid" in ""|*[!0-9]*) pid=0 ;; esac\n'
+        f'if [ "$pid" -gt 0 ] && [ -x "/proc/$pid/root{python}" ]; then\n'
+        f'  exec nsenter "--mount=/proc/$pid/ns/mnt" -- {python} -m stockade.k8s.cni\n'
+        "fi\n"
+        'case "$CNI_COMMAND" in\n'
+        f"  ADD) echo '{error}'; exit 1 ;;\n"
+        f"  VERSION) echo '{versions}' ;;\n"
+        "esac\n"
+        "exit 0\n"
+    )
+
+
+def install(directory: Path, pidfile: str) -> Path:
+    """Write :func:`host_wrapper` into the node's CNI bin directory (atomically: a runtime may be running it)."""
+    target = directory / PLUGIN_NAME
+    part = directory / f".{PLUGIN_NAME}.part"
+    part.write_text(host_wrapper(pidfile))
+    part.chmod(0o755)
+    part.replace(target)
+    return target
 
 
 def main() -> None:

@@ -147,6 +147,11 @@ cmd_start() {
   ls /run/netns 2>/dev/null | sort > "$d/netns-before" || true
   iptables-save > "$d/iptables-before"; ip6tables-save > "$d/ip6tables-before"
   write_configs "$d"
+  # /run/netns a shared mount (as `ip netns add` makes it): the node agent's DaemonSet pod mounts it with
+  # Bidirectional propagation (its pins must reach the host), which containerd refuses on a private mount
+  mkdir -p /run/netns
+  mountpoint -q /run/netns || mount --bind /run/netns /run/netns
+  mount --make-shared /run/netns
   ip link add "$BRIDGE" type bridge
   ip addr add "${NODE_V4%.*/*}.1/24" dev "$BRIDGE"
   local v6net=${NODE_V6%/*}; ip -6 addr add "${v6net%::*}::1/64" dev "$BRIDGE" nodad
