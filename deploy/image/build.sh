@@ -15,7 +15,9 @@ OUT=${1:?usage: build.sh OUT.tar [TAG]}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 VERSION=$(cd "$REPO" && python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')
 TAG=${2:-stockade.local/stockade:$VERSION}
-SUITE=${SUITE:-bookworm}
+# The image's Debian release is the host's by default, so its python3 is the version the wheels are
+# built for (binary wheels such as pydantic-core's are per Python version).
+SUITE=${SUITE:-$( (. /etc/os-release 2>/dev/null; echo "${VERSION_CODENAME:-bookworm}") )}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 PY=${PYTHON:-python3}
 
@@ -33,6 +35,12 @@ mmdebstrap --quiet --variant=apt --include=python3,python3-venv,nftables,iproute
   --dpkgopt='path-exclude=/usr/share/{doc,man,info,locale}/*' "$SUITE" "$work/rootfs" "$MIRROR"
 
 say "Stockade into /opt/stockade"
+want=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+have=$(chroot "$work/rootfs" /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [[ $want != "$have" ]]; then
+  say "the wheels are for Python $want but Debian $SUITE has Python $have: set SUITE to a release with Python $want, or PYTHON to a python$have"
+  exit 1
+fi
 cp -r "$work/dist" "$work/rootfs/tmp/wheels"
 chroot "$work/rootfs" /usr/bin/python3 -m venv /opt/stockade
 env -u PIP_FIND_LINKS chroot "$work/rootfs" /opt/stockade/bin/pip install -q --no-cache-dir --no-index --find-links /tmp/wheels stockade
