@@ -314,3 +314,17 @@ class Tunnel:
     def remove(self) -> None:
         self.device.remove()
         self._local = None
+
+
+def tunnel_datapath(tunnel: Tunnel | None) -> str:
+    """A backend's tunnel's WireGuard implementation ("kernel", "wireguard-go"; "": none up)."""
+    dp = tunnel.datapath if tunnel is not None else None
+    return dp.value if dp is not None else ""
+
+
+def tunnel_peer_delta(tunnel: Tunnel | None, old: WireGuardConfig, delta: PeerDelta) -> None:
+    """A backend's peer delta: peers set / removed one at a time over the device's control path;
+    the ruleset is not touched. No device: an ApplyError (the caller falls back to a full apply)."""
+    if tunnel is None:
+        raise ApplyError("a peer delta, but this backend has no WireGuard device")
+    tunnel.apply_peer_delta(old, delta)

@@ -106,7 +106,7 @@ from stockade.backends.ebpf.render import (
     text_value,
 )
 from stockade.backends.ebpf.syscall import BpfMap, open_map, open_pinned
-from stockade.backends.wireguard import SOCKET_MARK, Tunnel, WireGuardDevice
+from stockade.backends.wireguard import SOCKET_MARK, Tunnel, WireGuardDevice, tunnel_datapath, tunnel_peer_delta
 from stockade.bpf.build import object_path
 from stockade.compiler.ir import HostPolicy, PeerDelta, SetDelta, WireGuardConfig
 from stockade.errors import ApplyError, RenderError
@@ -239,14 +239,11 @@ class EbpfBackend:
 
     def wireguard_datapath(self) -> str:
         """The tunnel's WireGuard implementation ("kernel", "wireguard-go"; "": none up)."""
-        dp = self._tunnel.datapath if self._tunnel is not None else None
-        return dp.value if dp is not None else ""
+        return tunnel_datapath(self._tunnel)
 
     def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
         """WireGuard peers set / removed over the control socket; the maps are not touched."""
-        if self._tunnel is None:
-            raise ApplyError("a peer delta, but this backend has no WireGuard device")
-        self._tunnel.apply_peer_delta(old, delta)
+        tunnel_peer_delta(self._tunnel, old, delta)
 
     def apply_delta(self, deltas: tuple[SetDelta, ...]) -> None:
         """Change set members in the generation in force; rules are not touched."""

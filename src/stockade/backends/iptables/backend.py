@@ -77,7 +77,7 @@ from stockade.backends.iptables.scripts import (
     rules_script,
 )
 from stockade.backends.iptables.tunnel import NO_MANGLE, MangleState, mangle_problems, mangle_script, parse_mangle_save
-from stockade.backends.wireguard import Tunnel, WireGuardDevice
+from stockade.backends.wireguard import Tunnel, WireGuardDevice, tunnel_datapath, tunnel_peer_delta
 from stockade.compiler.ir import HostPolicy, PeerDelta, SetDelta, WireGuardConfig
 from stockade.errors import ApplyError, BackendError, RenderError
 from stockade.model.addresses import Family
@@ -391,14 +391,11 @@ class IptablesBackend:
 
     def wireguard_datapath(self) -> str:
         """The tunnel's WireGuard implementation ("kernel", "wireguard-go"; "": none up)."""
-        dp = self._tunnel.datapath if self._tunnel is not None else None
-        return dp.value if dp is not None else ""
+        return tunnel_datapath(self._tunnel)
 
     def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
         """WireGuard peers set / removed over the control socket; the ruleset is not touched."""
-        if self._tunnel is None:
-            raise ApplyError("a peer delta, but this backend has no WireGuard device")
-        self._tunnel.apply_peer_delta(old, delta)
+        tunnel_peer_delta(self._tunnel, old, delta)
 
     def read_back(self) -> str:
         """Our sets, chains and jumps as text (counter-free, sorted sets); "" when none exist."""

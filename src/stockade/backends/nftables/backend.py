@@ -58,7 +58,7 @@ from stockade.backends.nftables.runner import (
     set_members,
     without_elements,
 )
-from stockade.backends.wireguard import Tunnel, WireGuardDevice
+from stockade.backends.wireguard import Tunnel, WireGuardDevice, tunnel_datapath, tunnel_peer_delta
 from stockade.compiler.ir import HostPolicy, PeerDelta, SetDelta, WireGuardConfig
 from stockade.errors import ApplyError, RenderError
 from stockade.model.addresses import AddressRanges, Family
@@ -155,14 +155,11 @@ class NftablesBackend:
 
     def wireguard_datapath(self) -> str:
         """The tunnel's WireGuard implementation ("kernel", "wireguard-go"; "": none up)."""
-        dp = self._tunnel.datapath if self._tunnel is not None else None
-        return dp.value if dp is not None else ""
+        return tunnel_datapath(self._tunnel)
 
     def apply_peer_delta(self, old: WireGuardConfig, delta: PeerDelta) -> None:
         """WireGuard peers set / removed over the control socket; the ruleset is not touched."""
-        if self._tunnel is None:
-            raise ApplyError("a peer delta, but this backend has no WireGuard device")
-        self._tunnel.apply_peer_delta(old, delta)
+        tunnel_peer_delta(self._tunnel, old, delta)
 
     def read_back(self) -> str:
         listing = self.runner.list_table(self.table)
