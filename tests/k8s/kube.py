@@ -89,6 +89,18 @@ def start_controller(tmp: Path, port: int) -> tuple[ControllerProcess, Api, str]
     return ctl, api, key
 
 
+def provision_client_server_policy(api: Api, port: int, message: str) -> None:
+    """The node tests' policy: the pod-identity label keys, and app=client may reach app=server on
+    ``port``/tcp, provisioned."""
+    for label_key in ("k8s-node", "k8s-namespace"):
+        api.ok("POST", "/label-keys", 201, json={"name": label_key, "values": []})
+    api.ok("POST", "/services", 201, json={"name": f"web-{port}", "ports": [f"{port}/tcp"]})
+    api.ok("POST", "/rulesets", 201, json={"name": "pods", "scope": "all", "rules": [
+        {"consumers": [{"labels": {"app": "client"}}], "providers": [{"labels": {"app": "server"}}],
+         "services": [f"web-{port}"]}]})
+    api.ok("POST", "/policy/provision", 201, json={"message": message})
+
+
 class SyncThread:
     """A :class:`ClusterSync` on its own event loop in a thread; ``stop`` cancels it (a restart
     of the sync process: all its state is in memory)."""

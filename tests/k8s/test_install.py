@@ -35,7 +35,7 @@ import yaml
 from stockade.k8s.podns import pin_name, pin_prefix
 from tests.e2e.harness import Api, bound, wait_for
 from tests.k8s.conftest import SCRIPT, Cluster, _free_port
-from tests.k8s.kube import Kube, SyncThread, start_controller
+from tests.k8s.kube import Kube, SyncThread, provision_client_server_policy, start_controller
 from tests.k8s.node_fixture import Node, pod_body
 from tests.k8s.test_helm import CHART, run_helm
 
@@ -108,13 +108,7 @@ def installed(k8s_cluster: Cluster, k8s_node: Node, helm: Path,
     system_ns = kube.namespace(prefix="stockade")
     release = False
     try:
-        for label_key in ("k8s-node", "k8s-namespace"):
-            api.ok("POST", "/label-keys", 201, json={"name": label_key, "values": []})
-        api.ok("POST", "/services", 201, json={"name": "web-8080", "ports": [f"{PORT}/tcp"]})
-        api.ok("POST", "/rulesets", 201, json={"name": "pods", "scope": "all", "rules": [
-            {"consumers": [{"labels": {"app": "client"}}], "providers": [{"labels": {"app": "server"}}],
-             "services": ["web-8080"]}]})
-        api.ok("POST", "/policy/provision", 201, json={"message": "install e2e"})
+        provision_client_server_policy(api, PORT, "install e2e")
         sync = SyncThread(k8s_cluster, ctl.url, key).start()
         code = api.activation_code("k8s-nodes", mode="idle")
         kube.ok("POST", f"/api/v1/namespaces/{system_ns}/secrets",

@@ -38,7 +38,7 @@ from stockade.backends.common import in_netns
 from stockade.k8s.podns import pin_name, pin_prefix
 from tests.e2e.harness import Api, bound, load_note, wait_for
 from tests.k8s.conftest import Cluster, _free_port
-from tests.k8s.kube import Kube, SyncThread, start_controller
+from tests.k8s.kube import Kube, SyncThread, provision_client_server_policy, start_controller
 from tests.k8s.node_fixture import Node, pod_body
 
 pytestmark = [pytest.mark.kernel, pytest.mark.xdist_group("k8s-node")]
@@ -84,13 +84,7 @@ def world(k8s_cluster: Cluster, k8s_node: Node, tmp_path_factory: pytest.TempPat
     agent: subprocess.Popen[bytes] | None = None
     log = tmp / "node-agent.log"
     try:
-        for label_key in ("k8s-node", "k8s-namespace"):
-            api.ok("POST", "/label-keys", 201, json={"name": label_key, "values": []})
-        api.ok("POST", "/services", 201, json={"name": "web-8080", "ports": [f"{PORT}/tcp"]})
-        api.ok("POST", "/rulesets", 201, json={"name": "pods", "scope": "all", "rules": [
-            {"consumers": [{"labels": {"app": "client"}}], "providers": [{"labels": {"app": "server"}}],
-             "services": ["web-8080"]}]})
-        api.ok("POST", "/policy/provision", 201, json={"message": "node agent e2e"})
+        provision_client_server_policy(api, PORT, "node agent e2e")
         sync = SyncThread(k8s_cluster, ctl.url, key).start()
         code = api.activation_code("k8s-nodes", mode="idle")
         (tmp / "code").write_text(code)
