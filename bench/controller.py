@@ -49,6 +49,7 @@ import os
 import pwd
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -60,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 APP_SIZE = 10
+ENROL_CONCURRENCY = 48  # enrolments in flight (a fleet rolled out at once; a replica batches what waits)
 
 
 def _raise_nofile() -> None:
@@ -242,6 +244,11 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -249,23 +256,47 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def _profilers(pids: list[int], out: str | None, scenario: str) -> list[subprocess.Popen[bytes]]:
+    """py-spy on every replica for one scenario (``--profile DIR``; collapsed stacks, stopped by SIGINT)."""
+    if out is None:
+        return []
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen([spy, "record", "-p", str(pid), "-r", "100", "-f", "raw", "-o",
+                              f"{out}/{scenario}-replica{i}.txt"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for i, pid in enumerate(pids)]
+
+
+def _stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        spy.wait(30)
+
+
 async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int, heartbeat: float,
-                    pids: list[int]) -> dict[str, Any]:
+                    pids: list[int], profile: str | None = None) -> dict[str, Any]:
     port = ports[0]  # every change is made through the first replica
     admin = Conn(port)
     key = await _owner_key(port, password)
     await _setup_policy(admin, key, n_agents)
-    t_enrol = time.perf_counter()
+    spies = _profilers(pids, profile, "enrol")
+    t_enrol, cpu_enrol, client_enrol = time.perf_counter(), cpu_seconds(pids), _own_cpu()
     agents = await _enrol(ports, key, n_agents)
     enrol_s = time.perf_counter() - t_enrol
+    _stop_profilers(spies)
+    enrol_cpu, enrol_client = cpu_seconds(pids) - cpu_enrol, _own_cpu() - client_enrol
 
     stop = asyncio.Event()
     tasks = [asyncio.create_task(agent_loop(a, ports[a.index % len(ports)], heartbeat, stop)) for a in agents]
     await _converged(admin, key, n_agents, 600)
 
-    results: dict[str, Any] = {"agents": n_agents, "enrol_s": enrol_s, "replicas": len(ports)}
+    results: dict[str, Any] = {"agents": n_agents, "enrol_s": enrol_s, "replicas": len(ports),
+                               "enrol_cpu_s": enrol_cpu, "enrol_client_cpu_s": enrol_client}
     for scenario in ("relabel-app", "relabel-global"):
-        cpu0, changes = cpu_seconds(pids), 0
+        await asyncio.sleep(1.0)  # let the previous scenario's stragglers settle before the CPU clock starts
+        spies = _profilers(pids, profile, scenario)
+        cpu0, changes, client0, wall0 = cpu_seconds(pids), 0, _own_cpu(), time.perf_counter()
         latencies: list[float] = []
         fanouts: list[int] = []
         per_repeat_max: list[float] = []
@@ -295,8 +326,15 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
                 changes += 1
                 await _converged(admin, key, n_agents, 120)
         cpu = cpu_seconds(pids) - cpu0  # includes the idle load (heartbeats, long-poll renewals)
+        client, wall = _own_cpu() - client0, time.perf_counter() - wall0
+        _stop_profilers(spies)
         results[scenario] = {
             "cpu_s_per_1k_agents_per_change": cpu / max(1, changes) / (n_agents / 1000),
+            # the simulated agents' own process on the same cores: its CPU per 1k agents per change,
+            # and its share of the CPU both used (controller replicas + this process) in the scenario
+            "client_cpu_s_per_1k_agents_per_change": client / max(1, changes) / (n_agents / 1000),
+            "client_share": client / max(1e-9, client + cpu),
+            "wall_s": wall,
             "p50_ms": 1000 * pct(latencies, 50),
             "p90_ms": 1000 * pct(latencies, 90),
             "p99_ms": 1000 * pct(latencies, 99),
@@ -416,7 +454,7 @@ async def _enrol(ports: list[int], key: str, n: int) -> list[Agent]:
         for conn in conns.values():
             conn.close()
 
-    await asyncio.gather(*(worker() for _ in range(16)))
+    await asyncio.gather(*(worker() for _ in range(ENROL_CONCURRENCY)))
     admin.close()
     return [a for a in agents if a is not None]
 
@@ -428,11 +466,14 @@ async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
         status, got = await c.request("GET", "/api/v1/convergence?limit=5", key)
         if status == 200 and got["agents"] == n and got["lagging_count"] == 0:
             return
-        await asyncio.sleep(0.02)
+        # /convergence walks every agent: polled every 20 ms at 25,000 agents it would be a load of
+        # its own on the first replica (latencies are the agents' own ack times, not this poll's)
+        await asyncio.sleep(max(0.02, n / 50_000))
     raise TimeoutError(f"agents did not converge in {limit} s: {got}")
 
 
-def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replicas: int = 1) -> dict[str, Any]:
+def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replicas: int = 1,
+            profile: str | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
     pg: PgCluster | None = None
     if backend == "sqlite":
@@ -463,7 +504,7 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
         import uvloop
 
         result = uvloop.run(run_bench(ports, cred["password"], n_agents, repeats, heartbeat,
-                                      [s.pid for s in servers]))
+                                      [s.pid for s in servers], profile))
         result["backend"] = backend
         return result
     finally:
@@ -490,6 +531,8 @@ def main() -> None:
     p.add_argument("--heartbeat", type=float, default=15.0)
     p.add_argument("--replicas", type=int, nargs="+", default=[1],
                    help="controller processes on one PostgreSQL database (SQLite: 1 only)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="py-spy every replica during each scenario; collapsed stacks written under DIR")
     args = p.parse_args()
     _raise_nofile()
     rows = []
@@ -499,7 +542,8 @@ def main() -> None:
                 if backend == "sqlite" and replicas != 1:
                     continue
                 try:
-                    r = run_one(backend, n, args.repeats, args.heartbeat, replicas)
+                    r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
+                                f"{args.profile}/{backend}-{n}-{replicas}" if args.profile else None)
                 except RuntimeError as exc:
                     print(f"{backend} {n}: skipped ({exc})", flush=True)
                     continue

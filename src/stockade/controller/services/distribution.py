@@ -44,9 +44,9 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from stockade.compiler import Compiler, HostPolicy, host_policy_to_dict
@@ -66,7 +66,22 @@ from stockade.model.workloads import WireGuardIdentity, Workload
 
 T = TypeVar("T")
 HISTORY = 8  # steps (revision -> next) of set deltas kept per host
+BUMP_CHUNK = 900  # hosts per bump / lookup statement (under SQLite's bound-parameter limit)
+FULL_REFRESH_ROUNDS = 10  # refresh_agents reads every agent row once in this many calls (heartbeats)
+BATCH_LIMIT = 64  # callbacks of transact_batched run in one transaction at most
 
+
+# PostgreSQL: a batch of per-row values as arrays, joined in one UPDATE (one statement, one plan)
+_PG_AGENT_FLUSH = text(
+    "UPDATE agents AS a SET applied_revision = v.r, last_heartbeat = v.b "
+    "FROM unnest(CAST(:i AS varchar[]), CAST(:r AS integer[]), CAST(:b AS timestamptz[])) AS v(i, r, b) "
+    "WHERE a.id = v.i"
+)
+_PG_HASHES = text(
+    "UPDATE host_state AS h SET policy_hash = v.h "
+    "FROM unnest(CAST(:w AS varchar[]), CAST(:r AS integer[]), CAST(:h AS varchar[])) AS v(w, r, h) "
+    "WHERE h.workload = v.w AND h.revision = v.r"
+)
 
 Digests = dict[int, tuple[object, bytes]]  # id(part) -> (part, its SHA-256), parts kept alive
 
@@ -97,6 +112,16 @@ def policy_hash(hp: HostPolicy, memo: Digests | None = None) -> str:
     for s in hp.sets:
         h.update(_digest(s, partial(address_set_to_dict, s), memo))
     return h.hexdigest()
+
+
+@dataclass
+class _Queued(Generic[T]):
+    """One :meth:`PolicyDistributor.transact_batched` callback and what became of it."""
+
+    fn: Callable[[Session, CompilerTxn], T]
+    result: T | None = None
+    error: Exception | None = None
+    done: bool = False
 
 
 @dataclass
@@ -141,6 +166,9 @@ class PolicyDistributor:
         self._events: dict[str, asyncio.Event] = {}
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
         self.on_compile: Callable[[float, int], None] | None = None  # (seconds, hosts bumped)
+        self._refresh_round = 0
+        self._queued: list[_Queued[Any]] = []  # transact_batched callbacks waiting for the lock
+        self._queue_lock = threading.Lock()
 
     # ---- assembly ---------------------------------------------------------------
     def assemble(self, policy_objects: Mapping[str, Mapping[str, Any]]) -> Policy:
@@ -230,6 +258,47 @@ class PolicyDistributor:
             self.on_compile(txn.compile_seconds, len(bumps))
         return result
 
+    def transact_batched(self, fn: Callable[[Session, CompilerTxn], T]) -> T:
+        """:meth:`transact` for many small independent callers (enrolments): callbacks queued by
+        concurrent threads run together in ONE transaction (one change lock, one catch-up, one
+        change row, one bump statement, one commit) by whichever caller gets the lock first.
+        Each callback is still its own audited step and sees the ones before it. If any of them
+        raises, the shared transaction is rolled back and each callback runs again alone, so one
+        refused caller gets its own error and never takes the others down with it."""
+        item: _Queued[T] = _Queued(fn)
+        with self._queue_lock:
+            self._queued.append(item)
+        while not item.done:
+            with self.lock:
+                if item.done:
+                    break
+                with self._queue_lock:
+                    batch, self._queued = self._queued[:BATCH_LIMIT], self._queued[BATCH_LIMIT:]
+                self._run_batch(batch)
+        if item.error is not None:
+            raise item.error
+        return cast(T, item.result)
+
+    def _run_batch(self, batch: list[_Queued[Any]]) -> None:
+        try:
+            if len(batch) > 1:
+                try:
+                    results = self.transact(lambda db, txn: [it.fn(db, txn) for it in batch])
+                except Exception:  # each callback is retried alone below
+                    pass
+                else:
+                    for it, result in zip(batch, results, strict=True):
+                        it.result = result
+                    return
+            for it in batch:
+                try:
+                    it.result = self.transact(it.fn)
+                except Exception as exc:  # handed to the caller that queued it
+                    it.error = exc
+        finally:
+            for it in batch:
+                it.done = True
+
     def _stage_bumps(self, db: Session, txn: CompilerTxn, change: int | None = None) -> dict[str, HostHistory | None]:
         """Bump ``host_state`` for every host the compiler's deltas changed (Core statements,
         batched); the new histories (None: the host is gone), published after the commit."""
@@ -246,7 +315,7 @@ class PolicyDistributor:
         now = utcnow()
         gone: list[str] = []
         inserts: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
+        updates: list[str] = []
         for name in names:
             delta = txn.deltas[name]
             if delta.policy is None or name not in self.workloads:
@@ -263,15 +332,22 @@ class PolicyDistributor:
                 hist = prev.after(delta, rev)
                 if hist is None:
                     continue  # the transaction's changes cancelled out for this host
-            row = {"workload": name, "revision": rev, "policy_hash": "", "updated_at": now, "change_id": change}
-            (updates if old is not None else inserts).append(row)
+            if old is None:
+                inserts.append({"workload": name, "revision": rev, "policy_hash": "", "updated_at": now,
+                                "change_id": change})
+            else:
+                updates.append(name)
             out[name] = hist
         if gone:
             db.execute(delete(HostStateRow).where(HostStateRow.workload.in_(gone)))
         if inserts:
             db.execute(insert(HostStateRow), inserts)
-        if updates:
-            db.execute(update(HostStateRow), updates)  # executemany by primary key
+        # every bumped row goes from the revision read above (under the change lock) to the next: one
+        # statement per chunk of hosts, not one per host (a global change bumps every host)
+        bump = {"revision": HostStateRow.revision + 1, "policy_hash": "", "updated_at": now, "change_id": change}
+        for chunk in range(0, len(updates), BUMP_CHUNK):
+            db.execute(update(HostStateRow).where(HostStateRow.workload.in_(updates[chunk : chunk + BUMP_CHUNK]))
+                       .values(bump).execution_options(synchronize_session=False))
         return out
 
     def publish(self, bumps: dict[str, HostHistory | None], *, hashed: bool = False) -> None:
@@ -338,12 +414,26 @@ class PolicyDistributor:
         return self.agents.get(agent_id)
 
     def refresh_agents(self) -> int:
-        """Read acks and heartbeats other replicas flushed (agents not dirty here); returns rows read."""
+        """Read acks and heartbeats other replicas flushed (agents not dirty here); returns rows read.
+
+        Every ``FULL_REFRESH_ROUNDS`` calls it reads every agent row (heartbeats: liveness counts in
+        tens of seconds); in between only the rows of agents lagging in this replica's view (an ack
+        another replica took is what ``/convergence`` waits for), so a quiet fleet costs no reads
+        and a fan-out reads each acknowledging agent about once."""
         if not self.shared:
             return 0
+        self._refresh_round = (self._refresh_round + 1) % FULL_REFRESH_ROUNDS
+        q = select(AgentRow.id, AgentRow.applied_revision, AgentRow.last_heartbeat).where(AgentRow.revoked_at.is_(None))
         with self.sessions() as db:
-            rows = db.execute(select(AgentRow.id, AgentRow.applied_revision, AgentRow.last_heartbeat)
-                              .where(AgentRow.revoked_at.is_(None))).all()
+            if self._refresh_round == 1 or FULL_REFRESH_ROUNDS == 1:
+                rows = db.execute(q).all()
+            else:
+                revs = self.revisions
+                lagging = sorted(a.agent_id for a in list(self.agents.values())
+                                 if not a.dirty and a.applied != revs.get(a.workload, 0))
+                rows = []
+                for chunk in range(0, len(lagging), BUMP_CHUNK):
+                    rows += db.execute(q.where(AgentRow.id.in_(lagging[chunk : chunk + BUMP_CHUNK]))).all()
         for agent_id, applied, beat in rows:
             live = self.agents.get(agent_id)
             if live is None or live.dirty:
@@ -484,7 +574,12 @@ class PolicyDistributor:
                   for a in dirty]
         try:
             with self.sessions.begin() as db:
-                db.execute(update(AgentRow), params)  # executemany by primary key
+                if db.get_bind().dialect.name == "postgresql":  # one statement for the whole batch
+                    db.execute(_PG_AGENT_FLUSH, {"i": [p["id"] for p in params],
+                                                 "r": [p["applied_revision"] for p in params],
+                                                 "b": [p["last_heartbeat"] for p in params]})
+                else:
+                    db.execute(update(AgentRow), params)  # executemany by primary key
         except BaseException:
             for a in dirty:  # not written (e.g. "database is locked"): the next flush writes them
                 a.dirty = True
@@ -512,7 +607,11 @@ class PolicyDistributor:
         )
         try:
             with self.sessions.begin() as db:
-                db.execute(stmt, params)
+                if db.get_bind().dialect.name == "postgresql":  # one statement, not one per host
+                    db.execute(_PG_HASHES, {"w": [p["w"] for p in params], "r": [p["r"] for p in params],
+                                            "h": [p["h"] for p in params]})
+                else:
+                    db.execute(stmt, params)
         except BaseException:
             with self.lock:  # the next flush tries again (unless the host was bumped meanwhile)
                 for p in params:
