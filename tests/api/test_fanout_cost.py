@@ -1,0 +1,209 @@
+"""What a fleet costs the controller per agent (issue 18, item 5), on SQLite and PostgreSQL.
+
+Proved here, each by counting what reaches the database or the compiler (not by timing):
+
+* concurrent enrolments share ONE compiled transaction (one change lock, catch-up, bump and
+  commit), and a refused enrolment among them gets its own 403 while the others go through;
+* a global change bumps every host's revision with one UPDATE per chunk of hosts, not one per
+  host (the revisions are still each host's previous one plus one);
+* on PostgreSQL the batched writes of acks and policy hashes are one statement each, not one per
+  agent or host;
+* on PostgreSQL, the periodic read of acks other replicas took reads only the agents lagging in
+  this replica's view between its full reads (a quiet fleet costs no rows).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import event, select, update
+from tests.api.conftest import Api, make_settings
+
+from stockade.controller.app import create_app
+from stockade.controller.services import distribution, enrolment
+from stockade.controller.services.auth import ForbiddenError
+from stockade.controller.storage.db import AgentRow, HostStateRow
+
+
+@pytest.fixture
+def quiet_api(database_url: str) -> Iterator[Api]:
+    """An app whose background flush never runs on its own (the tests call it)."""
+    app = create_app(make_settings(database_url, flush_interval=3600.0))
+    with TestClient(app) as client:
+        yield Api(client, app.state.controller)
+
+
+class Statements:
+    """Every statement the engine sends: (SQL, executemany, parameter sets)."""
+
+    def __init__(self, api: Api) -> None:
+        self.engine = api.ctl.sessions.kw["bind"]
+        self.seen: list[tuple[str, bool, int]] = []
+
+    def __enter__(self) -> Statements:
+        event.listen(self.engine, "before_cursor_execute", self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._record)
+
+    def _record(self, _conn: Any, _cursor: Any, sql: str, params: Any, _ctx: Any, many: bool) -> None:
+        self.seen.append((" ".join(sql.split()), many, len(params) if many else 1))
+
+    def updates(self, table: str) -> list[tuple[str, bool, int]]:
+        return [s for s in self.seen if s[0].upper().startswith(f"UPDATE {table.upper()} ")]
+
+
+def _estate(api: Api, hosts: int) -> None:
+    api.ok("POST", "/services", 201, json={"name": "ssh", "ports": ["22/tcp"]})
+    api.ok("POST", "/rulesets", 201, json={"name": "monitoring", "scope": "all", "rules": [
+        {"consumers": [{"labels": {"role": "monitor"}}], "providers": [{"all": True}], "services": ["ssh"],
+         "consumers_scope": "global"}]})
+    api.ok("POST", "/policy/provision", 201, json={"message": "t"})
+    for i in range(hosts):
+        api.ok("POST", "/workloads", 201, json={"name": f"h{i}", "labels": {"app": f"a{i % 3}", "role": "web"},
+                                                "interfaces": [{"name": "eth0", "addresses": [f"10.9.0.{i + 1}"]}]})
+
+
+def _request(code: str, i: int) -> enrolment.EnrolRequest:
+    return enrolment.EnrolRequest(code, f"e-{i}", ({"name": "eth0", "addresses": [f"10.9.1.{i + 1}"]},), "t", None)
+
+
+def _enrol_together(api: Api, codes: list[str]) -> tuple[list[Any], int]:
+    """Enrol with ``codes`` from as many threads, all queued before any runs; returns each
+    outcome (Enrolled or the exception) and how many compiled transactions ran."""
+    dist, keys = api.ctl.dist, api.ctl.agent_keys
+    compiled: list[int] = []
+    dist.on_compile = lambda _s, bumped: compiled.append(bumped)
+    out: list[Any] = [None] * len(codes)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = enrolment.enrol(dist, keys, _request(codes[i], i))
+        except Exception as exc:  # compared below
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(codes))]
+    with dist.lock:  # a transaction in progress: every enrolment queues behind it
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(getattr(dist, "_queued", ())) < len(codes):
+            assert time.monotonic() < deadline, "the enrolments were not queued for one transaction"
+            time.sleep(0.005)
+    for t in threads:
+        t.join(30)
+    dist.on_compile = None
+    return out, len(compiled)
+
+
+def _code(api: Api) -> str:
+    api.ok("POST", "/pairing-profiles", 201, json={"name": "p", "mode": "full", "code_max_uses": 100,
+                                                   "labels": {"app": "a0", "role": "db"}})
+    return str(api.ok("POST", "/pairing-profiles/p/codes", 201)["code"])
+
+
+def test_concurrent_enrolments_share_one_transaction(quiet_api: Api) -> None:
+    api = quiet_api
+    _estate(api, 3)
+    code = _code(api)
+    out, transactions = _enrol_together(api, [code] * 6)
+    assert all(isinstance(o, enrolment.Enrolled) for o in out), out
+    assert transactions == 1  # one lock, one catch-up, one bump, one commit for all six
+    with api.ctl.sessions() as db:
+        names = set(db.scalars(select(AgentRow.workload).where(AgentRow.revoked_at.is_(None))))
+    assert names == {f"e-{i}" for i in range(6)}
+    enrolled = [e for e in api.ok("GET", "/events", params={"limit": 500})["items"] if e["action"] == "agent.enroll"]
+    assert len(enrolled) == 6  # each enrolment is still its own audited step
+    for o in out:  # and each agent is served its policy
+        token = api.headers(o.token)
+        assert api.ok("GET", f"/agents/{o.agent_id}/policy", headers=token)["full"]["workload"] == o.workload
+
+
+def test_a_refused_enrolment_in_a_batch_fails_alone(quiet_api: Api) -> None:
+    api = quiet_api
+    _estate(api, 3)
+    code = _code(api)
+    out, _transactions = _enrol_together(api, [code, code, "act_not-a-real-code", code])
+    assert isinstance(out[2], ForbiddenError) and "unknown or revoked activation code" in str(out[2])
+    assert [type(o) for i, o in enumerate(out) if i != 2] == [enrolment.Enrolled] * 3, out
+    with api.ctl.sessions() as db:
+        names = set(db.scalars(select(AgentRow.workload)))
+    assert names == {"e-0", "e-1", "e-3"}
+    assert api.ctl.dist.revisions.keys() >= {"e-0", "e-1", "e-3"} and "e-2" not in api.ctl.dist.revisions
+
+
+def test_a_global_change_bumps_every_host_in_one_statement(quiet_api: Api) -> None:
+    api = quiet_api
+    _estate(api, 12)
+    dist = api.ctl.dist
+    before = dict(dist.revisions)
+    body = api.ok("GET", "/workloads/h0")["body"]
+    with Statements(api) as st:
+        api.ok("PUT", "/workloads/h0", json={**body, "labels": {**body["labels"], "role": "monitor"}})
+    bumps = st.updates("host_state")
+    assert bumps and all(not many for _sql, many, _n in bumps), bumps  # no executemany of one row per host
+    assert len(bumps) == 1
+    assert dist.revisions == {n: r + 1 for n, r in before.items()}  # every host, each one step on
+    with api.ctl.sessions() as db:
+        stored = {w: r for w, r in db.execute(select(HostStateRow.workload, HostStateRow.revision))}
+    assert stored == dist.revisions
+
+
+def test_postgresql_writes_acks_and_hashes_in_one_statement_each(quiet_api: Api) -> None:
+    api = quiet_api
+    if api.ctl.sessions.kw["bind"].dialect.name != "postgresql":
+        pytest.skip("SQLite keeps executemany (no arrays); one statement per batch is PostgreSQL's")
+    _estate(api, 10)
+    code = _code(api)
+    agents = [enrolment.enrol(api.ctl.dist, api.ctl.agent_keys, _request(code, i)) for i in range(5)]
+    dist = api.ctl.dist
+    dist.flush()
+    body = api.ok("GET", "/workloads/h0")["body"]
+    api.ok("PUT", "/workloads/h0", json={**body, "labels": {**body["labels"], "role": "monitor"}})
+    for a in agents:
+        dist.agent_ack(a.agent_id, dist.revisions[a.workload])
+        dist.agent_heartbeat(a.agent_id)
+    with Statements(api) as st:
+        assert dist.flush() == 5
+    assert [many for _sql, many, _n in st.updates("agents")] == [False]
+    assert [many for _sql, many, _n in st.updates("host_state")] == [False]
+    with api.ctl.sessions() as db:
+        applied = {w: r for w, r in db.execute(select(AgentRow.workload, AgentRow.applied_revision))}
+        hashes = {w: h for w, h in db.execute(select(HostStateRow.workload, HostStateRow.policy_hash))}
+    assert applied == {a.workload: dist.revisions[a.workload] for a in agents}
+    assert all(len(h) == 64 for h in hashes.values()), hashes
+    assert hashes["h3"] == distribution.policy_hash(dist.fetch("h3", None).policy)  # type: ignore[arg-type]
+
+
+def test_postgresql_refresh_reads_only_lagging_agents_between_full_reads(quiet_api: Api) -> None:
+    api = quiet_api
+    dist = api.ctl.dist
+    if not dist.shared:
+        pytest.skip("acks taken by other replicas: PostgreSQL only")
+    _estate(api, 4)
+    code = _code(api)
+    agents = [enrolment.enrol(dist, api.ctl.agent_keys, _request(code, i)) for i in range(6)]
+    dist.flush()
+    for a in agents:  # every agent acknowledged here: nobody lags
+        dist.agent_ack(a.agent_id, dist.revisions[a.workload])
+    dist.flush()
+    dist._refresh_round = 0
+    assert dist.refresh_agents() == 6  # the first read of a cycle: every agent (heartbeats)
+    assert dist.refresh_agents() == 0  # then only agents lagging here: none
+    lagging = agents[0]
+    dist.agents[lagging.agent_id].applied = 0  # as if its ack went to another replica...
+    with api.ctl.sessions.begin() as db:  # ...which flushed it
+        db.execute(update(AgentRow).where(AgentRow.id == lagging.agent_id)
+                   .values(applied_revision=dist.revisions[lagging.workload]))
+    assert dist.refresh_agents() == 1
+    assert dist.agents[lagging.agent_id].applied == dist.revisions[lagging.workload]
+    assert dist.refresh_agents() == 0
+    for _ in range(distribution.FULL_REFRESH_ROUNDS - 4):
+        dist.refresh_agents()
+    assert dist.refresh_agents() == 6  # the next cycle's full read (heartbeats taken elsewhere)
