@@ -58,7 +58,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 APP_SIZE = 10
 ENROL_CONCURRENCY = 48  # enrolments in flight (a fleet rolled out at once; a replica batches what waits)
@@ -66,6 +66,13 @@ ENROL_CONCURRENCY = 48  # enrolments in flight (a fleet rolled out at once; a re
 
 def _raise_nofile() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if os.geteuid() == 0 and hard < 100_000:  # 25,000 agents hold 25,000 sockets in this one process
+        try:
+            want = min(262_144, int(Path("/proc/sys/fs/nr_open").read_text()))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return
+        except (OSError, ValueError):
+            pass
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -256,6 +263,83 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+AGENTS_PER_RUNNER = 10_000  # one process holds one socket per agent; the hard fd limit here is 20,000
+
+
+async def _runner(heartbeat: float) -> None:
+    """The ``--agents-runner`` mode: run the agents named on stdin's first line; answer commands."""
+    _raise_nofile()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**26)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    spec = json.loads(await reader.readline())
+    agents = [Agent(i, aid, token, wl) for i, aid, token, wl in spec["agents"]]
+    ports = spec["ports"]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(agent_loop(a, ports[a.index % len(ports)], heartbeat, stop)) for a in agents]
+    while line := await reader.readline():
+        cmd = json.loads(line)
+        if cmd["cmd"] == "state":  # each agent's applied revision and its first ack at or after t0
+            t0 = cmd["t0"]
+            state = [[a.index, a.applied, next((t for t, _rev in a.acks if t >= t0), None)] for a in agents]
+            out = json.dumps({"state": state, "errors": sum(a.errors for a in agents)})
+        else:
+            break
+        sys.stdout.write(out + "\n")
+        sys.stdout.flush()
+    stop.set()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Runners:
+    """The simulated agents, in ``ceil(N / AGENTS_PER_RUNNER)`` processes of their own (their CPU
+    is the client's share; perf_counter is CLOCK_MONOTONIC, so ack times compare across them)."""
+
+    def __init__(self) -> None:
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(self, agents: list[Agent], ports: list[int], heartbeat: float) -> None:
+        k = max(1, -(-len(agents) // AGENTS_PER_RUNNER))
+        for j in range(k):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--agents-runner", str(heartbeat), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, limit=2**26)
+            mine = [[a.index, a.agent_id, a.token, a.workload] for a in agents[j::k]]
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({"agents": mine, "ports": ports}).encode() + b"\n")
+            await proc.stdin.drain()
+            self.procs.append(proc)
+
+    async def state(self, t0: float) -> tuple[dict[int, tuple[int, float | None]], int]:
+        """index -> (applied revision, first ack at or after t0), and the agents' error count."""
+        out: dict[int, tuple[int, float | None]] = {}
+        errors = 0
+        for proc in self.procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(json.dumps({"cmd": "state", "t0": t0}).encode() + b"\n")
+            await proc.stdin.drain()
+            got = json.loads(await proc.stdout.readline())
+            errors += got["errors"]
+            out.update({i: (applied, t) for i, applied, t in got["state"]})
+        return out, errors
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b'{"cmd": "stop"}\n')
+            proc.stdin.close()
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+
+
 def _profilers(pids: list[int], out: str | None, scenario: str) -> list[subprocess.Popen[bytes]]:
     """py-spy on every replica for one scenario (``--profile DIR``; collapsed stacks, stopped by SIGINT)."""
     if out is None:
@@ -287,16 +371,19 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
     _stop_profilers(spies)
     enrol_cpu, enrol_client = cpu_seconds(pids) - cpu_enrol, _own_cpu() - client_enrol
 
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(agent_loop(a, ports[a.index % len(ports)], heartbeat, stop)) for a in agents]
-    await _converged(admin, key, n_agents, 600)
+    runners = Runners()
+    await runners.start(agents, ports, heartbeat)
+    await _converged(admin, key, n_agents, max(600, n_agents / 20))
+
+    def client_cpu() -> float:  # this process and the agents' processes
+        return _own_cpu() + cpu_seconds(runners.pids())
 
     results: dict[str, Any] = {"agents": n_agents, "enrol_s": enrol_s, "replicas": len(ports),
                                "enrol_cpu_s": enrol_cpu, "enrol_client_cpu_s": enrol_client}
     for scenario in ("relabel-app", "relabel-global"):
         await asyncio.sleep(1.0)  # let the previous scenario's stragglers settle before the CPU clock starts
         spies = _profilers(pids, profile, scenario)
-        cpu0, changes, client0, wall0 = cpu_seconds(pids), 0, _own_cpu(), time.perf_counter()
+        cpu0, changes, client0, wall0 = cpu_seconds(pids), 0, client_cpu(), time.perf_counter()
         latencies: list[float] = []
         fanouts: list[int] = []
         per_repeat_max: list[float] = []
@@ -308,25 +395,26 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
                 labels["role"] = "db" if labels["role"] == "web" else "web"
             else:
                 labels["role"] = "monitor" if labels["role"] != "monitor" else "web"
-            before = {a.workload: a.applied for a in agents}
+            before, _errors = await runners.state(0.0)
             t0 = time.perf_counter()
             status, _ = await admin.request("PUT", f"/api/v1/workloads/{target.workload}", key,
                                             {**wl["body"], "labels": labels})
             assert status == 200, status
             changes += 1
-            await _converged(admin, key, n_agents, 120)
-            moved = [a for a in agents if a.applied != before[a.workload]]
+            await _converged(admin, key, n_agents, max(120, n_agents / 50))
+            after, _errors = await runners.state(t0)
+            moved = [i for i, (applied, _t) in after.items() if applied != before[i][0]]
             fanouts.append(len(moved))
-            this = [next(t for t, rev in a.acks if t >= t0) - t0 for a in moved]
+            this = [cast(float, after[i][1]) - t0 for i in moved]
             latencies += this
             per_repeat_max.append(round(1000 * max(this, default=0.0)))
             if scenario == "relabel-global":  # put it back so the next repeat flips again
                 status, _ = await admin.request("PUT", f"/api/v1/workloads/{target.workload}", key,
                                                 {**wl["body"]})
                 changes += 1
-                await _converged(admin, key, n_agents, 120)
+                await _converged(admin, key, n_agents, max(120, n_agents / 50))
         cpu = cpu_seconds(pids) - cpu0  # includes the idle load (heartbeats, long-poll renewals)
-        client, wall = _own_cpu() - client0, time.perf_counter() - wall0
+        client, wall = client_cpu() - client0, time.perf_counter() - wall0
         _stop_profilers(spies)
         results[scenario] = {
             "cpu_s_per_1k_agents_per_change": cpu / max(1, changes) / (n_agents / 1000),
@@ -353,12 +441,8 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
     results["api_p50_ms"] = 1000 * pct(api_lat, 50)
     results["api_p99_ms"] = 1000 * pct(api_lat, 99)
     results["rss_mib"] = [round(rss_mib(pid)) for pid in pids]
-    stop.set()
-    await asyncio.sleep(0)
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    results["agent_errors"] = sum(a.errors for a in agents)
+    _state, results["agent_errors"] = await runners.state(time.perf_counter())
+    await runners.stop()
     admin.close()
     return results
 
@@ -523,6 +607,11 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--serve":
         serve(sys.argv[2], int(sys.argv[3]))
+        return
+    if len(sys.argv) == 3 and sys.argv[1] == "--agents-runner":
+        import uvloop
+
+        uvloop.run(_runner(float(sys.argv[2])))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--agents", type=int, nargs="+", default=[1000, 5000])
