@@ -363,10 +363,14 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
     port = ports[0]  # every change is made through the first replica
     admin = Conn(port)
     key = await _owner_key(port, password)
+    t_setup = time.perf_counter()
     await _setup_policy(admin, key, n_agents)
+    codes = await _issue_codes(port, key, n_agents)
+    setup_s = time.perf_counter() - t_setup  # not in enrol_s (session 5's enrol_s included issuing the codes)
+    print(f"set up in {setup_s:.0f} s", file=sys.stderr, flush=True)
     spies = _profilers(pids, profile, "enrol")
     t_enrol, cpu_enrol, client_enrol = time.perf_counter(), cpu_seconds(pids), _own_cpu()
-    agents = await _enrol(ports, key, n_agents)
+    agents = await _enrol(ports, codes, n_agents)
     enrol_s = time.perf_counter() - t_enrol
     _stop_profilers(spies)
     enrol_cpu, enrol_client = cpu_seconds(pids) - cpu_enrol, _own_cpu() - client_enrol
@@ -378,9 +382,11 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
     def client_cpu() -> float:  # this process and the agents' processes
         return _own_cpu() + cpu_seconds(runners.pids())
 
-    results: dict[str, Any] = {"agents": n_agents, "enrol_s": enrol_s, "replicas": len(ports),
+    results: dict[str, Any] = {"agents": n_agents, "enrol_s": enrol_s, "replicas": len(ports), "setup_s": setup_s,
                                "enrol_cpu_s": enrol_cpu, "enrol_client_cpu_s": enrol_client}
+    print(f"enrolled in {enrol_s:.0f} s and converged", file=sys.stderr, flush=True)
     for scenario in ("relabel-app", "relabel-global"):
+        print(f"{scenario}, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
         await asyncio.sleep(1.0)  # let the previous scenario's stragglers settle before the CPU clock starts
         spies = _profilers(pids, profile, scenario)
         cpu0, changes, client0, wall0 = cpu_seconds(pids), 0, client_cpu(), time.perf_counter()
@@ -485,40 +491,67 @@ async def _owner_key(port: int, password: str) -> str:
     return str(data["key"])
 
 
+async def _parallel(port: int, items: list[Any], fn: Any, workers: int = 16) -> None:
+    """``await fn(conn, item)`` for every item, ``workers`` keep-alive connections at once (the
+    setup of 25,000 agents is ~12,500 writes: one at a time they took longer than the run)."""
+    queue = list(reversed(items))
+
+    async def worker() -> None:
+        c = Conn(port)
+        while queue:
+            await fn(c, queue.pop())
+        c.close()
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+
+
 async def _setup_policy(c: Conn, key: str, n: int) -> None:
-    async def ok(method: str, path: str, body: Any, expect: int = 201) -> None:
-        status, got = await c.request(method, "/api/v1" + path, key, body)
+    async def ok(conn: Conn, method: str, path: str, body: Any, expect: int = 201) -> None:
+        status, got = await conn.request(method, "/api/v1" + path, key, body)
         assert status == expect, (path, status, got)
 
-    await ok("POST", "/services", {"name": "pg", "ports": ["5432/tcp"]})
-    await ok("POST", "/services", {"name": "ssh", "ports": ["22/tcp"]})
-    await ok("POST", "/label-keys", {"name": "tier", "values": []})
+    await ok(c, "POST", "/services", {"name": "pg", "ports": ["5432/tcp"]})
+    await ok(c, "POST", "/services", {"name": "ssh", "ports": ["22/tcp"]})
+    await ok(c, "POST", "/label-keys", {"name": "tier", "values": []})
     apps = max(1, n // APP_SIZE)
-    for k in range(apps):
-        await ok("POST", "/rulesets", {"name": f"app-{k}", "scope": [{"labels": {"app": f"app-{k}"}}], "rules": [
-            {"consumers": [{"labels": {"role": "web"}}], "providers": [{"labels": {"role": "db"}}],
-             "services": ["pg"]}]})
-    await ok("POST", "/rulesets", {"name": "monitoring", "scope": "all", "rules": [
+
+    async def ruleset(conn: Conn, k: int) -> None:
+        await ok(conn, "POST", "/rulesets", {"name": f"app-{k}", "scope": [{"labels": {"app": f"app-{k}"}}],
+                                             "rules": [{"consumers": [{"labels": {"role": "web"}}],
+                                                        "providers": [{"labels": {"role": "db"}}],
+                                                        "services": ["pg"]}]})
+
+    await _parallel(c.port, list(range(apps)), ruleset)
+    await ok(c, "POST", "/rulesets", {"name": "monitoring", "scope": "all", "rules": [
         {"consumers": [{"labels": {"role": "monitor"}}], "providers": [{"all": True}], "services": ["ssh"],
          "consumers_scope": "global"}]})
-    await ok("POST", "/policy/provision", {"message": "bench"})
-    for k in range(apps):
-        for role in ("web", "db"):
-            await ok("POST", "/pairing-profiles", {"name": f"app-{k}-{role}", "mode": "full",
-                                                   "labels": {"app": f"app-{k}", "role": role},
-                                                   "code_max_uses": 1_000_000})  # one code per profile
+    await ok(c, "POST", "/policy/provision", {"message": "bench"})
+
+    async def profile(conn: Conn, name: tuple[int, str]) -> None:
+        k, role = name
+        await ok(conn, "POST", "/pairing-profiles", {"name": f"app-{k}-{role}", "mode": "full",
+                                                     "labels": {"app": f"app-{k}", "role": role},
+                                                     "code_max_uses": 1_000_000})  # one code per profile
+
+    await _parallel(c.port, [(k, role) for k in range(apps) for role in ("web", "db")], profile)
 
 
-async def _enrol(ports: list[int], key: str, n: int) -> list[Agent]:
-    admin = Conn(ports[0])
+async def _issue_codes(port: int, key: str, n: int) -> dict[str, str]:
+    """One activation code per pairing profile (the operator's part, before the agents enrol)."""
     codes: dict[str, str] = {}
+
+    async def code(conn: Conn, prof: str) -> None:
+        status, got = await conn.request("POST", f"/api/v1/pairing-profiles/{prof}/codes", key, {})
+        assert status == 201, got
+        codes[prof] = got["code"]
+
+    profiles = sorted({f"app-{(i // APP_SIZE) % max(1, n // APP_SIZE)}-{'web' if i % 2 else 'db'}" for i in range(n)})
+    await _parallel(port, profiles, code)
+    return codes
+
+
+async def _enrol(ports: list[int], codes: dict[str, str], n: int) -> list[Agent]:
     agents: list[Agent | None] = [None] * n
-    for i in range(n):
-        prof = f"app-{(i // APP_SIZE) % max(1, n // APP_SIZE)}-{'web' if i % 2 else 'db'}"
-        if prof not in codes:
-            status, got = await admin.request("POST", f"/api/v1/pairing-profiles/{prof}/codes", key, {})
-            assert status == 201, got
-            codes[prof] = got["code"]
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
@@ -538,8 +571,17 @@ async def _enrol(ports: list[int], key: str, n: int) -> list[Agent]:
         for conn in conns.values():
             conn.close()
 
+    async def progress() -> None:  # on stderr: a slow run shows where it is
+        t0 = time.perf_counter()
+        while True:
+            await asyncio.sleep(30)
+            done = sum(a is not None for a in agents)
+            print(f"enrolled {done}/{n} in {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}",
+                  file=sys.stderr, flush=True)
+
+    reporter = asyncio.create_task(progress())
     await asyncio.gather(*(worker() for _ in range(ENROL_CONCURRENCY)))
-    admin.close()
+    reporter.cancel()
     return [a for a in agents if a is not None]
 
 
@@ -579,11 +621,14 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
             cred = cred or json.loads(server.stdout.readline())
             if server is not servers[0]:
                 server.stdout.readline()
-            for _ in range(200):
+            up = time.monotonic() + 300  # a replica starts in seconds, or in a minute on a loaded machine
+            while True:
                 try:
                     socket.create_connection(("127.0.0.1", port), 0.2).close()
                     break
                 except OSError:
+                    if time.monotonic() > up:
+                        raise
                     time.sleep(0.05)
         import uvloop
 
