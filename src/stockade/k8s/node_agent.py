@@ -53,6 +53,7 @@ from stockade.agent.state import CachedPolicy, Credential, StateDir
 from stockade.agent.transport import AgentEvent, ControllerUnreachableError, Enrollment, EventKind
 from stockade.agent_signature import public_key_text
 from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.nftables.netlink_apply import NetlinkTableBackend, TemplateCache
 from stockade.compiler.delta import PolicyUpdate, UpdateKind, policy_update_from_dict
 from stockade.errors import AuthError, Issue, NotFoundError, StockadeError, ValidationError
 from stockade.k8s.podns import PodNetns, find_pod_netns, pin, pin_prefix, stale_pins, unpin
@@ -95,6 +96,7 @@ class NodeOptions:
     host_tamper_interval: float = 0.5
     apply_slots: int = 2  # pods' deltas and proofs applied at once (first applies: START_WORKERS)
     pod_proof_min_gap: float = 30.0  # a pod's proofs at most this often (each apply is read back regardless)
+    pod_netlink: bool = True  # pods' full applies and read-backs over netlink (False: nft processes)
 
 
 class NodeControllerClient(HttpControllerClient):
@@ -137,7 +139,8 @@ class NodeAgent:
     def __init__(self, options: NodeOptions, *, backend_factory: BackendFactory | None = None,
                  finder: Callable[[str], PodNetns | None] = find_pod_netns) -> None:
         self.options = options
-        self._backend_factory = backend_factory or (lambda ns: NftablesBackend(options.table, netns=ns))
+        self.templates = TemplateCache()  # pods' table shapes, for applies with no nft process
+        self._backend_factory = backend_factory or self._default_backend
         self._finder = finder
         self._desired: dict[str, LocalPod] = {}
         self._running: dict[str, _Running] = {}
@@ -158,6 +161,11 @@ class NodeAgent:
         self.stats = NodeStats()
         self.gate = ApplyGate(slots=options.apply_slots, first_slots=START_WORKERS)  # shared by the pod agents
         self.state = StateDir(options.state_dir / "node")
+
+    def _default_backend(self, netns: str | None) -> NftablesBackend:
+        if netns is None or not self.options.pod_netlink:
+            return NftablesBackend(self.options.table, netns=netns)
+        return NetlinkTableBackend(self.options.table, netns=netns, templates=self.templates)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -185,6 +193,7 @@ class NodeAgent:
             self.host_agent.stop()
         if self.client is not None:
             self.client.close()
+        self.templates.close()
 
     def set_pods(self, pods: Mapping[str, LocalPod]) -> None:
         """The complete set of pods bound to this node, as the API says now."""
