@@ -197,6 +197,13 @@ def table_batch(template: TableTemplate, artifact: NftablesArtifact) -> list[tup
                 nest(NFTA_LIST_ELEM, e) for e in elems[i : i + 512]))))
     for s in artifact.sets:
         change = ElementChange(s.name, s.kind is SetKind.NET, tuple(s.members), ())
+        if change.interval and s.members and min(int(m.network_address) for m in s.members) > 0:
+            # nft's first load of an interval set starts with an interval end at address 0 (the
+            # gap below the first member): sent the same, the kernel holds the same elements
+            zero = nest(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, bytes(s.members[0].max_prefixlen // 8)))
+            end = nest(NFTA_LIST_ELEM, zero, attr(NFTA_SET_ELEM_FLAGS, struct.pack("!I", NFT_SET_ELEM_INTERVAL_END)))
+            body = head + attr(NFTA_SET_ELEM_LIST_SET, s.name.encode() + b"\0")
+            parts.append((NFT_MSG_NEWSETELEM, _CREATE, body + nest(NFTA_SET_ELEM_LIST_ELEMENTS, end)))
         parts += [(t & 0xFF, f, b) for t, f, b in element_messages(template.table, change, change.add,
                                                                    NFT_MSG_NEWSETELEM, _CREATE)]
     parts += [(NFT_MSG_NEWRULE, _CREATE | NLM_F_APPEND, r) for r in template.rules]
