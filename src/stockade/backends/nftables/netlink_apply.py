@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import threading
 from collections import OrderedDict
 from typing import Any
 
 from stockade.backends.base import VerifyReport
-from stockade.backends.common import validate_netns
+from stockade.backends.common import NETNS_DIR, validate_netns
 from stockade.backends.nftables.backend import NftablesBackend, _ranges_text
 from stockade.backends.nftables.dump import TableDump, dump_table
 from stockade.backends.nftables.netlink import NftNetlink
@@ -57,6 +58,7 @@ from stockade.model.addresses import AddressRanges
 
 log = logging.getLogger(__name__)
 MAX_SHAPES = 64
+_SCRATCH_RE = re.compile(r"^stk-tpl-(\d+)-[0-9a-f]{6}$")
 
 
 def netlink_unsupported(artifact: NftablesArtifact) -> str | None:
@@ -98,6 +100,7 @@ class TemplateCache:
 
     def _learn(self, artifact: NftablesArtifact) -> TableTemplate:
         if self._scratch is None:
+            _delete_stale_scratch()
             name = validate_netns(f"stk-tpl-{os.getpid()}-{os.urandom(3).hex()}")
             assert name is not None
             proc = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, check=False)
@@ -128,6 +131,18 @@ class TemplateCache:
             if self._scratch is not None:
                 subprocess.run(["ip", "netns", "delete", self._scratch], capture_output=True, check=False)
                 self._scratch = None
+
+
+def _delete_stale_scratch() -> None:
+    """Scratch namespaces of node agents that are gone (killed before :meth:`TemplateCache.close`)."""
+    try:
+        names = os.listdir(NETNS_DIR)
+    except OSError:
+        return
+    for name in names:
+        m = _SCRATCH_RE.match(name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
 
 
 class NetlinkTableBackend(NftablesBackend):
