@@ -149,6 +149,8 @@ class NodeAgent:
         self._pool = ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="stockade-pod")
         self._starting: dict[str, Future[bool]] = {}  # uid -> its start under way
         self._first: dict[str, PolicyUpdate] = {}  # uid -> policy its enrolment brought, namespace not found yet
+        self._early: dict[str, tuple[PodNetns, str] | None] = {}  # uid -> namespace found and pinned on the
+        # pod's first attempt, while its enrolment may still wait for the controller's commit (None: not found)
         self._stopping: dict[str, threading.Thread] = {}
         self.pin_prefix = pin_prefix(options.node)
         self._lock = threading.Lock()
@@ -305,6 +307,8 @@ class NodeAgent:
             del self._retry[uid]
         for uid in set(self._first) - set(desired):
             del self._first[uid]
+        for uid in set(self._early) - set(desired):
+            self._early.pop(uid, None)
         for uid, fut in list(self._starting.items()):
             if not fut.done():
                 continue
@@ -376,6 +380,7 @@ class NodeAgent:
             state.wipe()
             cred = None
         first = self._first.pop(pod.uid, None)
+        early = self._early_namespace(pod)
         if cred is None:
             assert self.client is not None and self.credential is not None
             key = public_key_text(state.load_or_create_key())
@@ -389,17 +394,23 @@ class NodeAgent:
             state.save_credential(Credential(self.credential.controller, e.agent_id, e.token, e.workload,
                                              state.key_path))
         self._stage(pod.uid, "enrolled")
-        ns = self._finder(pod.uid)
-        if ns is None:
-            if first is not None:
-                self._first[pod.uid] = first  # for the next attempt (the credential is kept on disk)
-            return False  # no process of it yet (or already gone)
-        self._stage(pod.uid, "found")
-        if ns.host_network:
-            self._host_network_pod(pod)
-            return True
-        netns = pin(ns, self.pin_prefix)
-        self._stage(pod.uid, "pinned")
+        if early is not None:
+            ns, netns = early
+            with self._lock:
+                self._early.pop(pod.uid, None)
+        else:
+            found = self._finder(pod.uid)
+            if found is None:
+                if first is not None:
+                    self._first[pod.uid] = first  # for the next attempt (the credential is kept on disk)
+                return False  # no process of it yet (or already gone)
+            ns = found
+            self._stage(pod.uid, "found")
+            if ns.host_network:
+                self._host_network_pod(pod)
+                return True
+            netns = pin(ns, self.pin_prefix)
+            self._stage(pod.uid, "pinned")
         backend = self._backend_factory(netns)
         enforcer = Enforcer(backend)
         cache = self._enforce_first(pod, enforcer, state, first)
@@ -424,6 +435,25 @@ class NodeAgent:
             threading.Thread(target=self._time_first_apply, args=(pod.uid, agent, t0), daemon=True).start()
         log.info("pod %s/%s: enforcing in %s (%s)", pod.namespace, pod.name, netns, pod.workload)
         return True
+
+    def _early_namespace(self, pod: LocalPod) -> tuple[PodNetns, str] | None:
+        """On a pod's first attempt only, find and pin its namespace before enrolling: the procfs
+        scan and the pin then overlap the wait for the controller to commit the workload (the
+        enrolment is a 404 until then). Not found (no process yet) or the node's own namespace: None,
+        and the start looks again after its enrolment, as before."""
+        with self._lock:
+            if pod.uid in self._early:
+                return self._early[pod.uid]
+            self._early[pod.uid] = None
+        ns = self._finder(pod.uid)
+        if ns is None or ns.host_network:
+            return None
+        self._stage(pod.uid, "found")
+        netns = pin(ns, self.pin_prefix)
+        self._stage(pod.uid, "pinned")
+        with self._lock:
+            self._early[pod.uid] = (ns, netns)
+        return ns, netns
 
     def _in_node_namespace(self, pod: LocalPod) -> bool:
         """A ``hostNetwork`` pod (its spec says so) found running in the node's namespace: marked as
