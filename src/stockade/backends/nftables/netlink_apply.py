@@ -171,6 +171,7 @@ class NetlinkTableBackend(NftablesBackend):
                     self._netlink = NftNetlink(self.netns)
                 self._netlink.send_batch(table_batch(template, artifact), "table batch")
             except BackendError as exc:
+                self.close()  # a fresh socket next time: no late answer of this batch is read as another's
                 why = f"netlink apply failed ({exc})"
                 log.warning("table %s in %s: %s; applying with nft -f", self.table, self.netns, why)
             else:
@@ -183,7 +184,11 @@ class NetlinkTableBackend(NftablesBackend):
     def _dump(self) -> TableDump | None:
         if self._netlink is None:
             self._netlink = NftNetlink(self.netns)
-        return dump_table(self.table, self.netns, self._netlink.sock)
+        try:
+            return dump_table(self.table, self.netns, self._netlink.sock)
+        except BackendError:
+            self.close()  # a dump cut short leaves answers on the socket: the next one opens a fresh socket
+            raise
 
     def read_back(self) -> str:
         dump = self._dump()
