@@ -40,6 +40,7 @@ pytestmark = pytest.mark.kernel
 SERVER = (ipaddress.ip_address("10.70.245.1"), ipaddress.ip_address("fd70:245::1"))
 CLIENT = (ipaddress.ip_address("10.70.245.2"), ipaddress.ip_address("fd70:245::2"))
 INBOUND, OUTBOUND = 7100, 9100  # the server's service; the client's service
+LISTENERS: list[socket.socket] = []
 
 
 def policy(inbound: bool = True) -> HostPolicy:
@@ -74,13 +75,13 @@ def connection(lab: Lab, src: str, dst_addr: ipaddress.IPv4Address | ipaddress.I
     side, accepting side), one byte already exchanged each way."""
     family = socket.AF_INET if dst_addr.version == 4 else socket.AF_INET6
     dst = "client" if src == "server" else "server"
-    listener = _listen(lab.netns(dst), family, port)
-    with listener:
-        c = in_netns(lab.netns(src), lambda: socket.socket(family, socket.SOCK_STREAM))
-        c.settimeout(3.0)
-        c.connect((str(dst_addr), port))
-        listener.settimeout(3.0)
-        a, _ = listener.accept()
+    listener = _listen(lab.netns(dst), family, port)  # kept listening, as a service does
+    LISTENERS.append(listener)
+    c = in_netns(lab.netns(src), lambda: socket.socket(family, socket.SOCK_STREAM))
+    c.settimeout(3.0)
+    c.connect((str(dst_addr), port))
+    listener.settimeout(3.0)
+    a, _ = listener.accept()
     a.settimeout(3.0)
     c.sendall(b"1")
     assert a.recv(1) == b"1"
@@ -107,22 +108,30 @@ def lab() -> Iterator[Lab]:
         try:
             yield lab
         finally:
+            while LISTENERS:
+                LISTENERS.pop().close()
             for name in ("ebpf", "nftables", "iptables"):
                 with contextlib.suppress(Exception):  # cleanup: the namespace is deleted next
                     get_backend(name, netns=lab.netns("server")).remove()
 
 
-@pytest.mark.parametrize("old", ["nftables", "iptables"])
+@pytest.mark.parametrize("old", ["nftables", "iptables", "none"])
 def test_connections_whose_remote_side_speaks_next_survive_the_switch_to_ebpf(lab: Lab, old: str) -> None:
     """Per family: the server's banner on an inbound connection, and the remote service's push
-    on the server's outbound connection, both established under ``old``, arrive after the switch."""
+    on the server's outbound connection, both established under ``old``, arrive after the switch.
+    ``none``: no firewall at all before (conntrack not tracking): the agent's first start with
+    eBPF on a live host, where the socket table says which connections exist."""
     ns = lab.netns("server")
-    enforcer = Enforcer(get_backend(old, netns=ns))
-    enforcer.enforce(policy())
+    enforcer = Enforcer(get_backend(old, netns=ns)) if old != "none" else None
+    if enforcer is not None:
+        enforcer.enforce(policy())
     pairs = [(fam, connection(lab, "client", SERVER[fam], INBOUND), connection(lab, "server", CLIENT[fam], OUTBOUND))
              for fam in (0, 1)]
     try:
-        enforcer.switch_backend(get_backend("ebpf", netns=ns))
+        if enforcer is not None:
+            enforcer.switch_backend(get_backend("ebpf", netns=ns))
+        else:
+            Enforcer(get_backend("ebpf", netns=ns)).enforce(policy())
         for fam, (client, accepted), (local, remote) in pairs:
             assert speaks(accepted, client), f"{old} -> ebpf: the server's banner (family {fam}) was dropped"
             assert speaks(remote, local), f"{old} -> ebpf: the pushed reply (family {fam}) was dropped"

@@ -89,7 +89,7 @@ def test_only_the_cli_imports_the_controller() -> None:
 BACKENDS_DIR = SRC / "backends"
 # What every family may use. Not the registry: through it a family could reach any other family.
 SHARED_BACKEND_MODULES = {"base", "common", "conntrack", "flowlog", "nfnetlink", "portgroups", "setalgebra",
-                          "wireguard"}
+                          "sockets", "wireguard"}
 
 
 def _families() -> list[str]:

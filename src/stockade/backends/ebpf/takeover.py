@@ -10,12 +10,14 @@ dropped the same way and the connection dies, though the policy allows it.
 
 So on its first apply in a namespace, before and again right after attaching, the backend reads
 conntrack's table (:mod:`stockade.backends.conntrack`; the nftables or iptables backend it
-replaces in a make-before-break switch kept it) and records each connection of this host as a
-flow of **epoch 0**, an epoch no policy ever has: the program re-checks such a flow against the
-policy in force on its next packet (exactly as after a policy change), keeps it when the policy
-allows the connection in its original direction and revokes it otherwise. Seeding therefore
-never widens: it only spares allowed connections from being judged backwards. Entries the program
-already recorded are never overwritten (``BPF_NOEXIST``).
+replaces in a make-before-break switch kept it) and the kernel's TCP socket table
+(:mod:`stockade.backends.sockets`: the agent's first start on a host no firewall tracked), and
+records each connection of this host as a flow of **epoch 0**, an epoch no policy ever has: the
+program re-checks such a flow against the policy in force on its next packet (exactly as after a
+policy change), keeps it when the policy allows the connection in its original direction and
+revokes it otherwise. Seeding therefore never widens: it only spares allowed connections from
+being judged backwards. Entries the program already recorded are never overwritten
+(``BPF_NOEXIST``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Iterable
 
 from stockade.backends.conntrack import Tracked, tracked_connections
 from stockade.backends.ebpf.syscall import BpfError, BpfMap
+from stockade.backends.sockets import tcp_connections
 from stockade.errors import BackendError
 
 log = logging.getLogger("stockade.ebpf")
@@ -74,11 +77,13 @@ def seed(flows: BpfMap, conns: Iterable[Tracked], local: frozenset[Address]) -> 
 
 
 def seed_flows(flows: BpfMap, netns: str | None, local: Iterable[Address]) -> int:
-    """Conntrack's connections of this host in ``netns`` as stale flows; how many were added.
-    A namespace where conntrack cannot be read loses only the spared connections (logged)."""
-    try:
-        return seed(flows, tracked_connections(netns), frozenset(local))
-    except BackendError as exc:
-        log.warning("eBPF takeover: conntrack not read (%s); connections established before it are judged "
-                    "as new by their next packet", exc)
-        return 0
+    """This host's connections in ``netns`` as stale flows; how many were added. A source that
+    cannot be read loses only the connections it would have spared (logged)."""
+    mine, added = frozenset(local), 0
+    for what, source in (("conntrack", tracked_connections), ("the TCP socket table", tcp_connections)):
+        try:
+            added += seed(flows, source(netns), mine)
+        except BackendError as exc:
+            log.warning("eBPF takeover: %s not read (%s); connections established before it are judged as new "
+                        "by their next packet", what, exc)
+    return added
