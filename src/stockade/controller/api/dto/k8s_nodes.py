@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from stockade.controller.api.dto import Strict
 from stockade.controller.api.schemas import NAME_PATTERN
@@ -29,7 +29,7 @@ class PodEnrollOut(BaseModel):
 
 AGENT_ID = r"^[0-9a-f]{1,64}$"
 MAX_NODE_PODS = 1024  # pods one node request may name (Kubernetes' default maximum per node is 110)
-Revision = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Revision = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 
 
 class PodRevision(Strict):
