@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.api.conftest import Api
-from tests.security.test_pod_enrolment import _agent
-
 from stockade.agent.signing import AgentAuth
 from stockade.agent.state import Credential, StateDir
 from stockade.agent_signature import public_key_text
+from tests.api.conftest import Api
+from tests.security.test_pod_enrolment import _agent
 
 POLICY = [
     ("/services", {"name": "pg", "ports": ["5432/tcp"]}),
@@ -134,8 +133,8 @@ def test_one_node_long_poll_carries_each_pods_own_update(api: Api, tmp_path: Pat
         own = api.client.get(f"/api/v1/agents/{ids[w]}/policy", params={"since": held[ids[w]]}, auth=AgentAuth(pod))
         assert own.status_code == 200 and own.json() == pol  # the same PolicyUpdate the per-pod fetch gives
     # only db-1 acknowledges: db-2 still lags (each pod its own revision and ack)
-    r = api.client.post(f"/api/v1/agents/{node_a.agent_id}/pods/acks", auth=AgentAuth(node_a),
-                        json={"acks": [{"agent_id": ids["k8s.shop.db-1"], "revision": moved["k8s.shop.db-1"]["revision"]}]})
+    one = {"agent_id": ids["k8s.shop.db-1"], "revision": moved["k8s.shop.db-1"]["revision"]}
+    r = api.client.post(f"/api/v1/agents/{node_a.agent_id}/pods/acks", auth=AgentAuth(node_a), json={"acks": [one]})
     assert r.status_code == 200 and r.json() == {"gone": []}
     lagging = api.ok("GET", "/convergence")["lagging"]
     assert "k8s.shop.db-2" in lagging and "k8s.shop.db-1" not in lagging
