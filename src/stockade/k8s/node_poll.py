@@ -269,7 +269,9 @@ class NodePoller:
                 return
             self._repoll.clear()  # before the snapshot: a pod added after it abandons the long-poll
             with self._lock:
-                held = {a: r for a, r in self._held.items() if a not in self._busy}
+                # a busy pod is named with the revision it is applying (a newer one marks it stale);
+                # a stale one is left out until it is done (it would answer every long-poll at once)
+                held = {a: r for a, r in self._held.items() if a not in self._stale}
                 acks, self._acks = self._acks, {}
             if not held and not acks:
                 self._repoll.wait(1.0)
@@ -360,12 +362,13 @@ class NodePoller:
             if runtime.applied_revision > max(self._acked.get(agent_id, 0), self._acks.get(agent_id, 0)):
                 self._acks[agent_id] = runtime.applied_revision
                 self._ack_poke.set()
+            stale = agent_id in self._stale
+            self._stale.discard(agent_id)
             if reached < upd.revision:  # failed: from what is in force, after a pause
                 self._held[agent_id] = reached
                 self._retry_at = time.monotonic() + RETRY_SECONDS
                 self._repoll.set()
-            elif agent_id in self._stale:
-                self._stale.discard(agent_id)
+            elif stale:
                 self._repoll.set()
 
     # ---- acks ------------------------------------------------------------------------------------
