@@ -190,7 +190,9 @@ def test_a_pods_first_policy_comes_with_its_enrolment_before_its_runtime_starts(
     logged = {uid: json.loads(v) for uid, v in re.findall(r"pod ([0-9a-f-]+): stages (\{.*\})", world.log.read_text())}
     for pod in ("server", "client"):
         stages = logged[world.pod(pod)["metadata"]["uid"]]
-        assert stages["seen"] <= stages["enrolled"] <= stages["found"] <= stages["applied"] <= stages["runtime"], stages
+        # the namespace is looked for (and pinned) while the enrolment waits for the commit: either comes first
+        assert stages["seen"] <= min(stages["enrolled"], stages["found"]), stages
+        assert max(stages["enrolled"], stages["found"]) <= stages["applied"] <= stages["runtime"], stages
         assert stages.get("agent-answered", float("inf")) > stages["applied"], stages
 
 
@@ -204,36 +206,6 @@ def test_a_pod_relabel_in_the_api_flips_a_real_connection_on_a_real_node(world: 
     took = _flips_within(world, True, 1.0)
     print(f"relabel back -> allowed in {took * 1000:.0f} ms ({load_note()})")
     assert took <= bound(1.0)
-
-
-def _route_count(world: World, route: str) -> float:
-    """Requests the controller answered on ``route`` (its Prometheus counter, every status)."""
-    text = world.api.http.get(str(world.api.http.base_url).removesuffix("/api/v1/") + "/metrics").text
-    pattern = r'stockade_http_requests_total\{[^}]*route="' + re.escape(route) + r'"[^}]*\} ([0-9.e+]+)'
-    return sum(float(v) for v in re.findall(pattern, text))
-
-
-def test_a_change_reaches_the_pods_through_the_nodes_one_long_poll(world: World) -> None:
-    """The pods' updates come through the node's long-poll (``POST /agents/{node}/pods/updates``) and
-    go back as the node's ack batches: no pod runtime long-polls, acks or heartbeats on its own, and
-    each pod still converges on its own revision (the controller's per-agent view)."""
-    node_poll = "/api/v1/agents/{agent_id}/pods/updates"
-    before = _route_count(world, node_poll)
-    world.kube.label_pod(world.ns, "client", {"app": "other"})
-    assert _flips_within(world, False, 1.0) <= bound(1.0)
-    world.kube.label_pod(world.ns, "client", {"app": "client"})
-    assert _flips_within(world, True, 1.0) <= bound(1.0)
-    wls = [f"k8s.{world.ns}.server", f"k8s.{world.ns}.client"]
-    assert wait_for(lambda: world.api.converged(wls), 30) is not None, world.log_tail()
-    assert _route_count(world, node_poll) > before  # the node long-polled and was answered
-    assert _route_count(world, "/api/v1/agents/{agent_id}/pods/acks") > 0
-    identities = len(world.api.ok("GET", "/agents"))  # the node's (--no-host-policy: it polls nothing) + pods'
-    assert _route_count(world, "/api/v1/agents/{agent_id}/policy/wait") == 0
-    assert _route_count(world, "/api/v1/agents/{agent_id}/ack") == 0
-    # a pod runtime heartbeats once, at its start (its backend), never again
-    assert _route_count(world, "/api/v1/agents/{agent_id}/heartbeat") <= identities
-    agents = {a["workload"]: a for a in world.api.ok("GET", "/agents") if a["workload"] in wls and not a["revoked"]}
-    assert all(a["status"] == "online" and a["converged"] for a in agents.values()), agents
 
 
 def _prober(server_v4: str) -> str:

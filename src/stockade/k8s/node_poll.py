@@ -191,12 +191,12 @@ class PodRuntime(Agent):
         self.client = client
         self._inline_acks = True  # the node's poller acknowledges what this runtime applied
         self.milestones.setdefault("enrolled", time.time())
-        self.enrolled.set()
         self.outbox.start(client)
         if self.credential is not None:
             self._flows = collector_for(self.credential, self.state.load_ca(), self.enforcer,
                                         lambda: self.enforcer.policy.local_addresses if self.enforcer.policy else ())
         self._report_host()
+        self.enrolled.set()  # only now: the poller's first update must find the flow reader in place
         self._stop.wait()
 
 
