@@ -23,7 +23,7 @@ from operator import add, attrgetter, le, lshift, ne, sub
 from stockade.compiler.ir import Direction, HostPolicy
 from stockade.model.addresses import Family, IPAddress, IPNetwork, Range, merge_ranges
 from stockade.verify.interpret import Interpreter, peer_field, referenced_sets
-from stockade.verify.loaded import CT_STATES, FamilyRules, Field, HookName, LoadedRuleset
+from stockade.verify.loaded import CT_STATES, FamilyRules, Field, HookName, LoadedRuleset, Steering
 from stockade.verify.space import SYN, AddressClass, BDDNode, HeaderSpace, address_classes
 from stockade.verify.spec import CONTROLLER_PRED, PolicySpec
 
@@ -49,6 +49,12 @@ class Packet:
     tcp_flags: int
     ct_state: str
     loopback: bool
+    # encrypted rules (:mod:`.tunnel`): inbound, it arrived through the WireGuard interface;
+    # outbound, the verdict is about it leaving through the tunnel (else in the clear)
+    tunnel: bool = False
+    encrypted_connection: bool = False  # its connection is marked encrypted
+    socket_mark: bool = False  # it carries wireguard-go's socket mark
+    route_ok: bool = True  # the steering route / redirect target is there
 
     def __str__(self) -> str:
         proto = PROTO_NAMES.get(self.l4proto, f"proto {self.l4proto}")
@@ -61,6 +67,16 @@ class Packet:
         else:
             what = f"{proto} {self.src} -> {self.dst}"
         lo = " on lo" if self.loopback else ""
+        if self.tunnel:
+            lo += " via the WireGuard tunnel" if self.direction is Direction.INBOUND else " into the WireGuard tunnel"
+        elif self.direction is Direction.OUTBOUND:
+            lo += " (in the clear)" if (self.encrypted_connection or self.socket_mark or not self.route_ok) else ""
+        if self.encrypted_connection:
+            lo += " of an encrypted connection"
+        if self.socket_mark:
+            lo += " with wireguard-go's fwmark"
+        if not self.route_ok:
+            lo += " with the tunnel's route missing"
         return f"{self.direction.name.lower()} {what} ct {self.ct_state}{lo}"
 
 
@@ -136,6 +152,10 @@ class _Preds:
 _PREFERENCES: tuple[tuple[str, object], ...] = (
     ("ct", "new"),
     ("lo", False),
+    ("smark", False),
+    ("rt", True),
+    ("enc", False),
+    ("wg", False),
     ("proto", 6),
     ("proto", 17),
     ("proto", 1),
@@ -152,6 +172,8 @@ def _prefer(space: HeaderSpace, diff: BDDNode) -> BDDNode:
             extra = space.ct_in((str(value),))
         elif what == "lo":
             extra = ~space.loopback
+        elif what in ("smark", "rt", "enc", "wg"):
+            extra = space.var(what) if value else ~space.var(what)
         elif what == "proto":
             extra = space.proto(int(value))  # type: ignore[call-overload]
         elif what == "flags":
@@ -204,7 +226,7 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
             symbolic, constraint = members
             if all(
                 _symbolic_equal(space, hp, family, direction, spec_pred, fam_rules, hook, kernel_pred, local,
-                                symbolic, domain & constraint, flows)
+                                symbolic, domain & constraint, flows, loaded.steering)
                 for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT))
                 for local in locals_
             ):  # fmt: skip
@@ -215,7 +237,8 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
             spec = PolicySpec(space, hp, family, direction, spec_pred, flow_states=flows)
             spec_keys = frozenset(spec_pred.values())
             interps = [
-                Interpreter(space, fam_rules, hook, kernel_pred, local) if fam_rules is not None else None
+                Interpreter(space, fam_rules, hook, kernel_pred, local, steering=loaded.steering)
+                if fam_rules is not None else None
                 for local in locals_
             ]
             found = _check(space, spec, spec_keys, interps, classes, domain)
@@ -289,10 +312,12 @@ def _symbolic_equal(
     members: dict[int, BDDNode],
     domain: BDDNode,
     flow_states: bool = False,
+    steering: Steering = Steering.ROUTE,
 ) -> bool:
     spec = PolicySpec(space, hp, family, direction, spec_pred, flow_states=flow_states)
     want = spec.accept_symbolic(members) & domain
-    have = Interpreter(space, fam_rules, hook, kernel_pred, local, members).hook_accept(frozenset()) & domain
+    interp = Interpreter(space, fam_rules, hook, kernel_pred, local, members, steering=steering)
+    have = interp.hook_accept(frozenset()) & domain
     return bool(want == have)
 
 
@@ -333,5 +358,6 @@ def _difference(
     packet = Packet(
         family, direction, src, dst, v[Field.L4PROTO.value], v[Field.SPORT.value], v[Field.DPORT.value],
         v[Field.ICMP_TYPE.value], v["tcp-flags"], ct, bool(v["lo"]),
+        bool(v["wg"]), bool(v["enc"]), bool(v["smark"]), bool(v["rt"]),
     )  # fmt: skip
     return Difference(packet, policy_accepts, not policy_accepts)
