@@ -207,6 +207,8 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
         if loaded.flow_states:
             domain = domain & space.flow_domain(family)
         flows = loaded.flow_states
+        if hp.wireguard is None and not any(r.encrypt for r in hp.rules):
+            domain = domain & ~space.var("enc")  # nothing of this policy marks a connection encrypted
         # one set of address classes per family, for both directions (finer than either needs)
         preds = _Preds()
         spec_pred: dict[str, int] = {s.name: preds.add(_ranges(s.members)) for s in hp.sets if s.family is family}

@@ -88,7 +88,7 @@ def read_backend(backend: object) -> LoadedRuleset | None:
     if isinstance(backend, IptablesBackend):
         return read_iptables(backend.variant, netns)
     if isinstance(backend, EbpfBackend):
-        return read_ebpf(backend.table, netns)
+        return read_ebpf(backend.table, netns, backend.wireguard.name if backend.wireguard is not None else None)
     return None
 
 
