@@ -380,10 +380,11 @@ def tunnel_steering(backend: EbpfBackend, cur: Current, our_map_ids: frozenset[i
     tags = expected_tags(tunnel=True)
     listed = rtnl.filters(backend.loader.netns, tuple((link.index, h.parent) for h in TcHook))
     for hook in TcHook:
-        here = sorted((x for x in listed if x.parent == hook.parent), key=lambda x: x.pref)
-        f = here[0] if here else None
+        here = [x for x in listed if x.parent == hook.parent]
         where = f"{link.name} {hook.value}"
-        if f is None or f.pref != backend.loader.pref or f.kind != "bpf" or f.handle != 1:
+        first = min((x.pref for x in here), default=None)
+        f = next((x for x in here if x.pref == backend.loader.pref and x.handle == 1 and x.kind == "bpf"), None)
+        if f is None or first != backend.loader.pref:
             raise UnmodelledConstructError(where, "the WireGuard interface runs no Stockade program first "
                                            "(its packets would be unfiltered)")
         if f.tag not in tags[hook]:

@@ -331,6 +331,7 @@ def _check(
     classes: list[AddressClass],
     domain: BDDNode,
 ) -> tuple[AddressClass, int | None, dict[str, bool], bool] | None:
+    fallback = None
     for cls in classes:
         want = spec.accept(cls.members & spec_keys) & domain
         for interp in interps:
@@ -339,8 +340,13 @@ def _check(
                 diff = _prefer(space, space.bdd.apply("xor", have, want))
                 assignment = space.pick(diff)
                 policy_accepts = bool(space.bdd.let(assignment, want) == space.true)
-                return cls, interp.local if interp is not None else None, assignment, policy_accepts
-    return None
+                found = cls, interp.local if interp is not None else None, assignment, policy_accepts
+                if not (assignment.get("enc") or assignment.get("smark")):
+                    return found
+                # only a packet of an encrypted connection (or wireguard-go's) differs here: an
+                # address with a difference a new connection shows is easier to confirm for real
+                fallback = fallback or found
+    return fallback
 
 
 def _difference(
