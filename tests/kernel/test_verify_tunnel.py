@@ -145,7 +145,8 @@ def test_encrypted_rules_proven_on_ebpf_and_tunnel_mutants_confirmed(tmp_path: P
         eth = next(x.index for x in links(web.netns) if x.name == "eth0")
         _set_current(web, wg_ifindex=eth)
         d = _first(_prove(lab, "h0"), Direction.OUTBOUND)
-        assert (d.packet.dport, d.packet.tunnel, d.policy_accepts, d.kernel_accepts) == (5432, False, False, True), str(d)
+        got = (d.packet.dport, d.packet.tunnel, d.policy_accepts, d.kernel_accepts)
+        assert got == (5432, False, False, True), str(d)
         cap.clear()
         probe(web.netns, d.packet.src, d.packet.dst, d.packet.dport, marker(), timeout=0.3)
         assert _syn_seen(cap, d.packet.dst, d.packet.dport)  # confirmed: the SYN crossed the wire in the clear
