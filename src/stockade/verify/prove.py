@@ -24,8 +24,9 @@ from stockade.compiler.ir import Direction, HostPolicy
 from stockade.model.addresses import Family, IPAddress, IPNetwork, Range, merge_ranges
 from stockade.verify.interpret import Interpreter, peer_field, referenced_sets
 from stockade.verify.loaded import CT_STATES, FamilyRules, Field, HookName, LoadedRuleset, Steering
-from stockade.verify.space import SYN, AddressClass, BDDNode, HeaderSpace, address_classes
+from stockade.verify.space import SYN, AddressClass, BDDNode, HeaderSpace, _members_at, address_classes
 from stockade.verify.spec import CONTROLLER_PRED, PolicySpec
+from stockade.verify.tunnel import loopback_allowed, loopback_domain
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 # Up to this many host rules, set membership is tried as BDD variables first (no address sweep:
@@ -207,7 +208,8 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
         if loaded.flow_states:
             domain = domain & space.flow_domain(family)
         flows = loaded.flow_states
-        if hp.wireguard is None and not any(r.encrypt for r in hp.rules):
+        encrypts = hp.wireguard is not None or any(r.encrypt for r in hp.rules)
+        if not encrypts:
             domain = domain & ~space.var("enc")  # nothing of this policy marks a connection encrypted
         # one set of address classes per family, for both directions (finer than either needs)
         preds = _Preds()
@@ -223,9 +225,13 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
         members = None
         if len(hp.rules) <= SYMBOLIC_MEMBERS_MAX_RULES and fam_rules is not None:
             members = _symbolic_members(space, family, preds.ranges, spec_pred, kernel_pred)
+        # encrypted rules: a packet on lo has a local peer address (the steering marks by address)
+        local_sigs = {_members_at(preds.ranges, x) for x in locals_ if x is not None} if encrypts else set()
         if members is not None and fam_rules is not None:
             # fast path: membership as BDD variables, no address sweep (see _symbolic_members)
             symbolic, constraint = members
+            if local_sigs:
+                constraint = constraint & loopback_domain(space, local_sigs, symbolic)
             if all(
                 _symbolic_equal(space, hp, family, direction, spec_pred, fam_rules, hook, kernel_pred, local,
                                 symbolic, domain & constraint, flows, loaded.steering)
@@ -243,7 +249,7 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
                 if fam_rules is not None else None
                 for local in locals_
             ]
-            found = _check(space, spec, spec_keys, interps, classes, domain)
+            found = _check(space, spec, spec_keys, interps, classes, domain, local_sigs)
             if found is not None:
                 cls, local, assignment, policy_accepts = found
                 local = local if local is not None else locals_[0]
@@ -330,12 +336,15 @@ def _check(
     interps: list[Interpreter | None],
     classes: list[AddressClass],
     domain: BDDNode,
+    local_sigs: set[frozenset[int]] | None = None,
 ) -> tuple[AddressClass, int | None, dict[str, bool], bool] | None:
     fallback = None
+    no_lo = domain & ~space.loopback
     for cls in classes:
-        want = spec.accept(cls.members & spec_keys) & domain
+        dom = domain if loopback_allowed(local_sigs or set(), cls.members) else no_lo
+        want = spec.accept(cls.members & spec_keys) & dom
         for interp in interps:
-            have = (interp.hook_accept(cls.members) if interp is not None else space.true) & domain
+            have = (interp.hook_accept(cls.members) if interp is not None else space.true) & dom
             if have != want:
                 diff = _prefer(space, space.bdd.apply("xor", have, want))
                 assignment = space.pick(diff)

@@ -37,13 +37,14 @@ from stockade.verify.prove import Proof, prove
 BACKENDS = ("nftables", "iptables-legacy", "iptables-nft", "ebpf")
 
 
-def read_nftables(table: str = "stockade", netns: str | None = None) -> LoadedRuleset:
-    """The table as the kernel holds it, over netlink (:mod:`.nft_netlink`)."""
+def read_nftables(table: str = "stockade", netns: str | None = None, wg_interface: str | None = None) -> LoadedRuleset:
+    """The table as the kernel holds it, over netlink (:mod:`.nft_netlink`); ``wg_interface``: the
+    WireGuard interface of encrypted rules (None: tests of it are refused)."""
     try:
         dump = dump_table(table, netns)
     except BackendError as exc:
         raise ProofError(f"cannot read back nftables table {table}: {exc}") from exc
-    return parse_nft_dump(dump, table)
+    return parse_nft_dump(dump, table, wg_interface)
 
 
 def read_nftables_json(table: str = "stockade", netns: str | None = None) -> LoadedRuleset:
@@ -84,7 +85,7 @@ def read_backend(backend: object) -> LoadedRuleset | None:
     prover cannot read back (Windows, devices)."""
     netns = getattr(backend, "netns", None)
     if isinstance(backend, NftablesBackend):
-        return read_nftables(backend.table, netns)
+        return read_nftables(backend.table, netns, backend.wireguard.name if backend.wireguard is not None else None)
     if isinstance(backend, IptablesBackend):
         return read_iptables(backend.variant, netns)
     if isinstance(backend, EbpfBackend):

@@ -88,6 +88,25 @@ def bind_marks(space: HeaderSpace, accepted: BDDNode, marked: BDDNode) -> tuple[
     return bdd.let({"mk": first}, accepted), first
 
 
+def loopback_domain(space: HeaderSpace, local_sigs: set[frozenset[int]], members: dict[int, BDDNode]) -> BDDNode:
+    """With membership variables: a packet on ``lo`` has a local peer address (its membership is one
+    of the host's own addresses'). The steering marks by peer address, so on a host with encrypted
+    rules ``lo`` and the peer address are no longer independent (the class sweep uses
+    :func:`loopback_allowed` per class instead)."""
+    local = space.false
+    for sig in local_sigs:
+        cube = space.true
+        for pred, u in members.items():
+            cube = cube & (u if pred in sig else ~u)
+        local = local | cube
+    return ~space.loopback | local
+
+
+def loopback_allowed(local_sigs: set[frozenset[int]], members: frozenset[int]) -> bool:
+    """Whether a peer address class can hold a packet on ``lo`` (it holds one of the host's addresses)."""
+    return not local_sigs or members in local_sigs
+
+
 def output_exit(space: HeaderSpace, accepted: BDDNode, marked: BDDNode, steering: Steering) -> BDDNode:
     """The three-valued outbound outcome as one function of ``wg`` (see the module doc)."""
     wg, rt = space.var("wg"), space.var("rt")
