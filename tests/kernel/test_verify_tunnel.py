@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.ebpf.identity import Verdict
 from stockade.backends.ebpf.loader import Current
 from stockade.backends.ebpf.netlink import links
-from stockade.backends.wireguard import SOCKET_MARK
+from stockade.backends.wireguard import SOCKET_MARK, STEER_MARK
 from stockade.compiler.ir import Direction
 from stockade.errors import UnmodelledConstructError
 from stockade.lab.wglab import Capture, Host, WgLab, marker, probe, send_udp, wg_lab
@@ -183,4 +184,104 @@ def test_encrypted_rules_proven_on_ebpf_and_tunnel_mutants_confirmed(tmp_path: P
         loader._tc(["filter", "del", "dev", web.device.name, "ingress", "pref", str(loader.pref), "handle", "1",
                     "bpf"])
         with pytest.raises(UnmodelledConstructError, match="runs no Stockade program"):
+            _prove(lab, "h0")
+
+
+def _nft(netns: str, *args: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", netns, "nft", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _delete_rule(netns: str, chain: str, *contains: str) -> str:
+    """Delete the first rule of ``chain`` (table inet stockade) whose text has all of ``contains``."""
+    for line in _nft(netns, "-a", "list", "chain", "inet", "stockade", chain).splitlines():
+        if all(c in line for c in contains) and "# handle" in line:
+            _nft(netns, "delete", "rule", "inet", "stockade", chain, "handle", line.rsplit("# handle", 1)[1].strip())
+            return line.strip()
+    raise AssertionError(f"no rule with {contains!r} in {chain}")
+
+
+def _chain_with(netns: str, *contains: str) -> str:
+    """The chain of table inet stockade holding a rule with all of ``contains``."""
+    chain = ""
+    for line in _nft(netns, "list", "table", "inet", "stockade").splitlines():
+        if line.strip().startswith("chain "):
+            chain = line.split()[1]
+        elif all(c in line for c in contains):
+            return chain
+    raise AssertionError(f"no rule with {contains!r}")
+
+
+def test_encrypted_rules_proven_on_nftables_and_tunnel_mutants_confirmed(tmp_path: Path) -> None:
+    with wg_lab(3, tmp_path, "nftables") as lab:
+        lab.apply(base_policy(lab, labels(h0="web", h1="db", h2="other")))
+        web, db = lab.hosts["h0"], lab.hosts["h1"]
+        cap = lab.capture
+        assert cap is not None
+        for name in lab.hosts:
+            proof = _prove(lab, name)
+            assert proof.proven, f"{name}: {proof.summary()}"
+        assert probe(web.netns, web.v4, db.v4, 5432, marker())
+
+        # 1. web: the steering of tcp/5432 to db removed -> the connection is dropped, not sent in the clear
+        _delete_rule(web.netns, "steer", "tcp dport 5432 ip daddr")
+        d = _first(_prove(lab, "h0"), Direction.OUTBOUND)
+        got = (d.packet.dport, d.packet.tunnel, d.policy_accepts, d.kernel_accepts)
+        assert got == (5432, True, True, False), str(d)
+        cap.clear()
+        assert not probe(web.netns, d.packet.src, d.packet.dst, d.packet.dport, marker(), timeout=0.4)
+        assert not _syn_seen(cap, d.packet.dst, d.packet.dport)  # confirmed: dropped at web
+        _settle(lab, "h0")
+
+        # 2. web: the postrouting guard removed, and the policy route gone (as a dead tunnel leaves it)
+        _delete_rule(web.netns, "postrouting", "oifname")
+        d = _first(_prove(lab, "h0"), Direction.OUTBOUND)
+        assert not d.packet.route_ok and not d.packet.tunnel, str(d)
+        assert (d.policy_accepts, d.kernel_accepts) == (False, True), str(d)
+        subprocess.run(["ip", "netns", "exec", web.netns, "ip", "rule", "del", "fwmark", hex(STEER_MARK)],
+                       check=True)
+        cap.clear()
+        probe(web.netns, web.v4, db.v4, d.packet.dport, marker(), timeout=0.3)
+        assert _syn_seen(cap, db.v4, d.packet.dport)  # confirmed: the marked SYN left in the clear
+        web.device.remove()  # the next apply restores device, route and guard
+        _settle(lab, "h0")
+
+        # 3. db: the input guard removed -> a packet of an encrypted connection is accepted in the clear
+        # (not sent for real: that needs a forged in-window segment of a live encrypted connection)
+        _delete_rule(db.netns, "input", "ct mark", 'iifname != "')
+        d = _first(_prove(lab, "h1"), Direction.INBOUND)
+        assert d.packet.encrypted_connection and not d.packet.tunnel, str(d)
+        assert (d.policy_accepts, d.kernel_accepts) == (False, True), str(d)
+        _settle(lab, "h1")
+
+        # 4. db: the clear-text drop of the encrypted inbound rule removed -> plaintext accepted
+        chain = _chain_with(db.netns, 'iifname != "', "stk:d:ruleset")
+        before = marker()
+        send_udp(web.netns, web.v4, db.v4, 5432, before, mark=SOCKET_MARK)
+        _delete_rule(db.netns, chain, 'iifname != "', "stk:d:ruleset")
+        d = _first(_prove(lab, "h1"), Direction.INBOUND)
+        got = (d.packet.dport, d.packet.tunnel, d.policy_accepts, d.kernel_accepts)
+        assert got == (5432, False, False, True) and d.packet.src == web.v4, str(d)
+        # confirmed on the same rule's udp/5432 (its one verdict chain serves tcp and udp): a datagram
+        # from web sent past its steering (wireguard-go's mark) in the clear now reaches db's server
+        # (a TCP echo would need db's reply, which its steering sends back through the tunnel)
+        m = marker()
+        send_udp(web.netns, d.packet.src, d.packet.dst, d.packet.dport, m, mark=SOCKET_MARK)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and m not in lab.servers[1].datagrams:
+            time.sleep(0.01)
+        assert m in lab.servers[1].datagrams and before not in lab.servers[1].datagrams
+        _settle(lab, "h1")
+
+        # equivalent: the outbound clear-text drop removed while the steering is intact (every packet
+        # the rule matches was marked by the steering chain): proven equal
+        chain = _chain_with(web.netns, "meta mark != 0x00005745")
+        _delete_rule(web.netns, chain, "meta mark != 0x00005745")
+        proof = _prove(lab, "h0")
+        assert proof.proven, proof.summary()
+        _settle(lab, "h0")
+
+        # refused: a mark the model does not know
+        _nft(web.netns, "insert", "rule", "inet", "stockade", "output", "meta", "mark", "0x1234", "accept")
+        with pytest.raises(UnmodelledConstructError, match="packet mark 0x1234"):
             _prove(lab, "h0")
