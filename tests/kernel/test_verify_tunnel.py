@@ -18,6 +18,7 @@ kernel; each must give a counterexample, and the counterexample is sent for real
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import struct
 import subprocess
@@ -285,3 +286,65 @@ def test_encrypted_rules_proven_on_nftables_and_tunnel_mutants_confirmed(tmp_pat
         _nft(web.netns, "insert", "rule", "inet", "stockade", "output", "meta", "mark", "0x1234", "accept")
         with pytest.raises(UnmodelledConstructError, match="packet mark 0x1234"):
             _prove(lab, "h0")
+
+
+def _ipt_delete(netns: str, tool: str, table: str, *contains: str) -> str:
+    """Delete the first rule of ``table`` (IPv4) whose ``-S`` line has all of ``contains``."""
+    listing = subprocess.run(["ip", "netns", "exec", netns, tool, "-t", table, "-S"], capture_output=True, text=True,
+                             check=True).stdout
+    for line in listing.splitlines():
+        if line.startswith("-A ") and all(c in line for c in contains):
+            spec = shlex.split(line)
+            subprocess.run(["ip", "netns", "exec", netns, tool, "-t", table, "-D", *spec[1:]], check=True)
+            return line
+    raise AssertionError(f"no {table} rule with {contains!r}")
+
+
+@pytest.mark.parametrize("backend", ["iptables-legacy", "iptables-nft"])
+def test_encrypted_rules_proven_on_iptables_and_tunnel_mutants_confirmed(tmp_path: Path, backend: str) -> None:
+    tool = backend  # iptables-legacy / iptables-nft
+    with wg_lab(3, tmp_path, backend) as lab:
+        lab.apply(base_policy(lab, labels(h0="web", h1="db", h2="other")))
+        web, db = lab.hosts["h0"], lab.hosts["h1"]
+        cap = lab.capture
+        assert cap is not None
+        for name in lab.hosts:
+            proof = _prove(lab, name)
+            assert proof.proven, f"{name}: {proof.summary()}"
+        assert probe(web.netns, web.v4, db.v4, 5432, marker())
+
+        # 1. web: the mangle steering of tcp/5432 removed -> dropped by the filter's guard, never in the clear
+        _ipt_delete(web.netns, tool, "mangle", "--dport 5432", "-p tcp", "-j MARK")
+        d = _first(_prove(lab, "h0"), Direction.OUTBOUND)
+        got = (d.packet.dport, d.packet.tunnel, d.policy_accepts, d.kernel_accepts)
+        assert got == (5432, True, True, False), str(d)
+        cap.clear()
+        assert not probe(web.netns, d.packet.src, d.packet.dst, d.packet.dport, marker(), timeout=0.4)
+        assert not _syn_seen(cap, d.packet.dst, d.packet.dport)  # confirmed: dropped at web
+        _settle(lab, "h0")
+
+        # 2. web: the mangle POSTROUTING guard removed, and the policy route gone
+        _ipt_delete(web.netns, tool, "mangle", "failsafe:encrypted")
+        d = _first(_prove(lab, "h0"), Direction.OUTBOUND)
+        assert not d.packet.route_ok and not d.packet.tunnel, str(d)
+        assert (d.policy_accepts, d.kernel_accepts) == (False, True), str(d)
+        subprocess.run(["ip", "netns", "exec", web.netns, "ip", "rule", "del", "fwmark", hex(STEER_MARK)],
+                       check=True)
+        cap.clear()
+        probe(web.netns, web.v4, db.v4, d.packet.dport, marker(), timeout=0.3)
+        assert _syn_seen(cap, db.v4, d.packet.dport)  # confirmed: the marked SYN left in the clear
+        web.device.remove()  # the next apply restores device, route and guard
+        _settle(lab, "h0")
+
+        # 3. db: the clear-text drop of the encrypted inbound rule removed -> plaintext accepted
+        before = marker()
+        send_udp(web.netns, web.v4, db.v4, 5432, before, mark=SOCKET_MARK)
+        _ipt_delete(db.netns, tool, "filter", f"! -i {db.device.name}", "-p udp", "-j DROP")
+        d = _first(_prove(lab, "h1"), Direction.INBOUND)
+        assert (d.packet.dport, d.packet.tunnel, d.policy_accepts, d.kernel_accepts) == (5432, False, False, True)
+        m = marker()  # confirmed: a datagram from web past its steering, in the clear, reaches db's server
+        send_udp(web.netns, web.v4, db.v4, 5432, m, mark=SOCKET_MARK)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and m not in lab.servers[1].datagrams:
+            time.sleep(0.01)
+        assert m in lab.servers[1].datagrams and before not in lab.servers[1].datagrams

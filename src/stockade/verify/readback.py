@@ -57,14 +57,14 @@ def read_nftables_json(table: str = "stockade", netns: str | None = None) -> Loa
     return parse_nft_table(items, table)
 
 
-def read_iptables(variant: IptablesVariant, netns: str | None = None) -> LoadedRuleset:
+def read_iptables(variant: IptablesVariant, netns: str | None = None, wg_interface: str | None = None) -> LoadedRuleset:
     runner = IptablesRunner(variant, netns)
     try:
         saves = [runner.checked(Command((variant.tool(f, "save"),))) for f in (Family.V4, Family.V6)]
         ipsets = runner.ipset_save()
     except BackendError as exc:
         raise ProofError(f"cannot read back iptables-{variant.value}: {exc}") from exc
-    return parse_iptables(saves[0], saves[1], ipsets, variant=variant.value)
+    return parse_iptables(saves[0], saves[1], ipsets, variant=variant.value, wg_interface=wg_interface)
 
 
 def read_loaded(backend: str, *, netns: str | None = None, table: str = "stockade") -> LoadedRuleset:
@@ -87,7 +87,7 @@ def read_backend(backend: object) -> LoadedRuleset | None:
     if isinstance(backend, NftablesBackend):
         return read_nftables(backend.table, netns, backend.wireguard.name if backend.wireguard is not None else None)
     if isinstance(backend, IptablesBackend):
-        return read_iptables(backend.variant, netns)
+        return read_iptables(backend.variant, netns, backend.wireguard.name if backend.wireguard is not None else None)
     if isinstance(backend, EbpfBackend):
         return read_ebpf(backend.table, netns, backend.wireguard.name if backend.wireguard is not None else None)
     return None
