@@ -1,6 +1,7 @@
 """Encrypted rules in the proof, without a kernel: the tunnel dimension of the header space.
 
-Random HostPolicies with encrypted allows are rendered to the eBPF trie, read back as the datapath
+Random HostPolicies with encrypted allows are rendered to the eBPF trie (and to iptables text, read
+as ``iptables-save`` prints it, the mangle table's steering included), read back as the datapath
 reads it and proven equal to the policy, with the tunnel named in ``stk_current`` (the redirect
 goes into the WireGuard interface). Every mutant of the tunnel gives a counterexample that says
 which outcome differs: an ``allow-encrypted`` entry made plain ``allow`` (inbound: accepted in the
@@ -18,12 +19,14 @@ import pytest
 
 from stockade.backends.ebpf.identity import Verdict
 from stockade.backends.ebpf.render import render_ebpf
+from stockade.backends.iptables.render import render_iptables
 from stockade.backends.wireguard import SOCKET_MARK
 from stockade.compiler.ir import Direction, HostPolicy
 from stockade.errors import UnmodelledConstructError
 from stockade.model.addresses import Family
 from stockade.verify.ebpf_readback import datapath_rules, decode_trie
 from stockade.verify.interpret import Interpreter
+from stockade.verify.ipt_readback import parse_iptables
 from stockade.verify.loaded import (
     Chain,
     FamilyRules,
@@ -36,6 +39,7 @@ from stockade.verify.loaded import (
     Tunnel,
 )
 from stockade.verify.loaded import Verdict as RuleVerdict
+from stockade.verify.offline import iptables_save_texts, prove_iptables_artifact
 from stockade.verify.prove import Proof, prove
 from stockade.verify.samples import random_host_policy
 from stockade.verify.space import HeaderSpace
@@ -149,3 +153,58 @@ def test_unmodelled_tunnel_constructs_are_refused() -> None:
     rules = FamilyRules(Family.V4, {"output": flip}, {HookName.OUTPUT: ("output",)}, {})
     with pytest.raises(UnmodelledConstructError, match="depends on the marks"):
         Interpreter(space, rules, HookName.OUTPUT, {}, None).hook_accept(frozenset())
+
+
+# ---- iptables: rendered artifacts, read as iptables-save would print them -----------------------
+
+WG = "wgstk0"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_encrypted_policies_are_proven_on_the_iptables_artifact(seed: int) -> None:
+    hp = _encrypted(seed)
+    proof = prove_iptables_artifact(hp, render_iptables(hp, wg_interface=WG), WG)
+    assert proof.proven, proof.summary()
+
+
+def _save_mutant(hp: HostPolicy, *drop: str) -> Proof:
+    """The artifact's saves with the first line containing all of ``drop`` removed, proven."""
+    v4, v6, ipsets = iptables_save_texts(render_iptables(hp, wg_interface=WG))
+    lines = v4.splitlines()
+    i = next(i for i, line in enumerate(lines) if all(x in line for x in drop))
+    v4 = "\n".join(lines[:i] + lines[i + 1:]) + "\n"
+    return prove(hp, parse_iptables(v4, v6, ipsets, wg_interface=WG))
+
+
+def test_iptables_steering_removed_and_clear_text_drop_removed_are_caught() -> None:
+    out = _with_encrypted(Direction.OUTBOUND)
+    # the steering of an encrypted rule's first packets: dropped by the filter's guard
+    d = next(d for d in _save_mutant(out, "dst -j MARK --set-xmark").differences
+             if d.packet.direction is Direction.OUTBOUND)
+    assert d.packet.tunnel and (d.policy_accepts, d.kernel_accepts) == (True, False)
+    # the steering of an encrypted connection's packets: they would leave in the clear
+    d = next(d for d in _save_mutant(out, "-m connmark --mark 0x5745 -j MARK").differences
+             if d.packet.direction is Direction.OUTBOUND)
+    assert d.packet.encrypted_connection and not d.packet.tunnel
+    assert (d.policy_accepts, d.kernel_accepts) == (False, True)
+    d = _save_mutant(out, f"! -o {WG} -m mark").differences[0]  # the mangle POSTROUTING guard
+    assert not d.packet.route_ok and (d.policy_accepts, d.kernel_accepts) == (False, True)
+    d = _save_mutant(out, f"! -i {WG} -m connmark").differences[0]  # the input guard
+    assert d.packet.direction is Direction.INBOUND and d.packet.encrypted_connection and not d.packet.tunnel
+    assert (d.policy_accepts, d.kernel_accepts) == (False, True)
+    inb = _with_encrypted(Direction.INBOUND)
+    # the encrypted inbound rule's clear-text drop: plaintext accepted
+    d = next(d for d in _save_mutant(inb, f"! -i {WG} -p", "-j DROP").differences
+             if d.packet.direction is Direction.INBOUND)
+    assert not d.packet.tunnel and (d.policy_accepts, d.kernel_accepts) == (False, True)
+    # equivalent: its flow-log line (no verdict) removed
+    assert _save_mutant(inb, f"! -i {WG} -p", "-j NFLOG").proven
+
+
+def test_iptables_tunnel_options_without_a_known_interface_are_refused() -> None:
+    hp = _encrypted(1)
+    with pytest.raises(UnmodelledConstructError, match=f"interface '{WG}'"):
+        prove_iptables_artifact(hp, render_iptables(hp, wg_interface=WG))
+    v4, v6, ipsets = iptables_save_texts(render_iptables(hp, wg_interface=WG))
+    with pytest.raises(UnmodelledConstructError, match="mark"):
+        parse_iptables(v4.replace("0x5745/0xffffffff", "0x5745/0xff", 1), v6, ipsets, wg_interface=WG)
