@@ -18,11 +18,13 @@ kernel; each must give a counterexample, and the counterexample is sent for real
 
 from __future__ import annotations
 
+import random
 import shlex
 import shutil
 import struct
 import subprocess
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,13 +34,19 @@ from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.ebpf.identity import Verdict
 from stockade.backends.ebpf.loader import Current
 from stockade.backends.ebpf.netlink import links
+from stockade.backends.iptables.backend import IptablesBackend
+from stockade.backends.iptables.model import IptablesVariant
+from stockade.backends.iptables.render import render_iptables
+from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.nftables.render import render_nftables
 from stockade.backends.wireguard import SOCKET_MARK, STEER_MARK
 from stockade.compiler.ir import Direction
 from stockade.errors import UnmodelledConstructError
 from stockade.lab.wglab import Capture, Host, WgLab, marker, probe, send_udp, wg_lab
 from stockade.model.addresses import IPAddress
-from stockade.verify.prove import Difference, Proof
-from stockade.verify.readback import prove_backend
+from stockade.verify.prove import Difference, Proof, prove
+from stockade.verify.readback import prove_backend, read_iptables, read_nftables
+from stockade.verify.samples import random_host_policy
 from tests.kernel.test_wireguard import base_policy, labels
 
 pytestmark = [
@@ -348,3 +356,37 @@ def test_encrypted_rules_proven_on_iptables_and_tunnel_mutants_confirmed(tmp_pat
         while time.monotonic() < deadline and m not in lab.servers[1].datagrams:
             time.sleep(0.01)
         assert m in lab.servers[1].datagrams and before not in lab.servers[1].datagrams
+
+
+RANDOM_ENCRYPTED = 50
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables-legacy", "iptables-nft"])
+def test_random_encrypted_policies_loaded_are_proven(backend: str) -> None:
+    """Random policies with encrypted allows (their rules only: no tunnel needed to load them) in one
+    namespace, read back with the WireGuard interface's name and proven."""
+    ns = f"stk-vwg-{uuid.uuid4().hex[:8]}"
+    wg = f"wgr{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        nft_backend = NftablesBackend("stkvwg", netns=ns) if backend == "nftables" else None
+        variant = IptablesVariant.LEGACY if backend == "iptables-legacy" else IptablesVariant.NFT
+        ipt_backend = IptablesBackend(netns=ns, variant=variant) if nft_backend is None else None
+        rng = random.Random(4242)
+        proven = 0
+        while proven < RANDOM_ENCRYPTED:
+            hp = random_host_policy(rng, encrypted=0.5)
+            if hp.wireguard is None:
+                continue
+            if nft_backend is not None:
+                nft_backend.apply(render_nftables(hp, "stkvwg", wg_interface=wg))
+                loaded = read_nftables("stkvwg", ns, wg)
+            else:
+                assert ipt_backend is not None
+                ipt_backend.apply(render_iptables(hp, variant=variant, wg_interface=wg))
+                loaded = read_iptables(variant, ns, wg)
+            proof = prove(hp, loaded)
+            assert proof.proven, f"policy {proven}: {proof.summary()}"
+            proven += 1
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False, capture_output=True)

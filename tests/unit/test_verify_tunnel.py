@@ -208,3 +208,15 @@ def test_iptables_tunnel_options_without_a_known_interface_are_refused() -> None
     v4, v6, ipsets = iptables_save_texts(render_iptables(hp, wg_interface=WG))
     with pytest.raises(UnmodelledConstructError, match="mark"):
         parse_iptables(v4.replace("0x5745/0xffffffff", "0x5745/0xff", 1), v6, ipsets, wg_interface=WG)
+
+
+def test_regression_an_encrypted_rule_outside_the_port_maps_renders_one_comment_per_line() -> None:
+    """nftables refused the whole ruleset ("unexpected comment") when an encrypted rule had a service
+    the port maps do not carry (ICMP, any): its clear-text drop line had the rule's comment twice."""
+    from stockade.backends.nftables.render import render_nftables
+
+    hp = next(h for h in (_encrypted(s) for s in range(200))
+              if any(r.encrypt and any(e.proto.value in ("icmp", "icmpv6", "any") for e in r.services)
+                     for r in h.rules))
+    text = render_nftables(hp, wg_interface=WG).to_text()
+    assert not [line for line in text.splitlines() if line.count(" comment ") > 1]
