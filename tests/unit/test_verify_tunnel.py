@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -220,3 +221,15 @@ def test_regression_an_encrypted_rule_outside_the_port_maps_renders_one_comment_
                      for r in h.rules))
     text = render_nftables(hp, wg_interface=WG).to_text()
     assert not [line for line in text.splitlines() if line.count(" comment ") > 1]
+
+
+def test_cli_wg_interface_is_validated_naming_the_option(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from stockade.cli import main
+    from stockade.compiler.ir import host_policy_to_json
+
+    path = tmp_path / "hp.json"
+    path.write_text(host_policy_to_json(_encrypted(0)))
+    result = CliRunner().invoke(main, ["verify", "--host-policy", str(path), "--wg-interface", "wg0; rm -rf /"])
+    assert result.exit_code != 0 and "--wg-interface" in result.output

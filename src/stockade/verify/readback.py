@@ -67,16 +67,18 @@ def read_iptables(variant: IptablesVariant, netns: str | None = None, wg_interfa
     return parse_iptables(saves[0], saves[1], ipsets, variant=variant.value, wg_interface=wg_interface)
 
 
-def read_loaded(backend: str, *, netns: str | None = None, table: str = "stockade") -> LoadedRuleset:
-    """The read-back of ``backend`` (one of :data:`BACKENDS`; ``iptables`` means the nft variant)."""
+def read_loaded(backend: str, *, netns: str | None = None, table: str = "stockade",
+                wg_interface: str | None = None) -> LoadedRuleset:
+    """The read-back of ``backend`` (one of :data:`BACKENDS`; ``iptables`` means the nft variant);
+    ``wg_interface``: the WireGuard interface of encrypted rules (None: their steering is refused)."""
     if backend == "nftables":
-        return read_nftables(table, netns)
+        return read_nftables(table, netns, wg_interface)
     if backend in ("iptables", "iptables-nft"):
-        return read_iptables(IptablesVariant.NFT, netns)
+        return read_iptables(IptablesVariant.NFT, netns, wg_interface)
     if backend == "iptables-legacy":
-        return read_iptables(IptablesVariant.LEGACY, netns)
+        return read_iptables(IptablesVariant.LEGACY, netns, wg_interface)
     if backend == "ebpf":
-        return read_ebpf(table, netns)
+        return read_ebpf(table, netns, wg_interface)
     raise ProofError(f"no read-back for backend {backend!r} (provable: {', '.join(BACKENDS)})")
 
 
@@ -106,6 +108,7 @@ def prove_loaded(
     netns: str | None = None,
     table: str = "stockade",
     hints: Iterable[IPAddress] = (),
+    wg_interface: str | None = None,
 ) -> Proof:
     """Read back ``backend`` and prove it against ``hp``."""
-    return prove(hp, read_loaded(backend, netns=netns, table=table), hints=hints)
+    return prove(hp, read_loaded(backend, netns=netns, table=table, wg_interface=wg_interface), hints=hints)
