@@ -227,7 +227,7 @@ class Interpreter:
         stack = (*stack, name)
         sp = self.space
         acc, drop, rest = sp.false, sp.false, sp.true
-        marks = [sp.false]
+        marks = [sp.false] if self._uses_marks() else None  # packets this chain steers (MARK)
         rules = self._chain(name).rules
         for index in self._relevant(name, sig):
             rule = rules[index]
@@ -245,7 +245,8 @@ class Interpreter:
             else:
                 acc, drop, rest = self._apply(rule.verdict, m, acc, drop, rest, sig, stack, marks)
         self._memo[key] = (acc, drop)
-        self._marks[key] = marks[0]
+        if marks is not None:
+            self._marks[key] = marks[0]
         return acc, drop
 
     # ---- which rules can matter for an address class --------------------------------------
@@ -333,7 +334,7 @@ class Interpreter:
         if here == self.space.false or v.kind is Kind.CONTINUE:
             return acc, drop, rest
         if v.kind is Kind.MARK:  # steered into the tunnel; the next rule runs
-            if self.hook is not HookName.OUTPUT or marks is None:
+            if self.hook is not HookName.OUTPUT or marks is None:  # (marks: None only without MARK rules)
                 raise UnmodelledConstructError("rule", f"the steering mark set at the {self.hook.value} hook")
             marks[0] = marks[0] | here
             return acc, drop, rest
@@ -357,13 +358,25 @@ class Interpreter:
         sp = self.space
         out = sp.true
         marked = sp.false
+        uses_marks = self._uses_marks()
         for name in self.rules.hooks.get(self.hook, ()):
             acc, drop = self.chain(name, sig)
             policy = self._chain(name).policy
             passed = acc | (~(acc | drop) if policy is Kind.ACCEPT else sp.false)
-            marked = marked | (out & self._marks[(name, sig & self.deps(name))])  # reached this chain
+            if uses_marks:  # what this base chain steers, of the packets that reached it
+                marked = marked | (out & self._marks[(name, sig & self.deps(name))])
             out = out & passed
         if self.hook is not HookName.OUTPUT:
             return out
-        out, marked = bind_marks(sp, out, marked)
+        if uses_marks:
+            out, marked = bind_marks(sp, out, marked)
         return output_exit(sp, out, marked, self.steering)
+
+    def _uses_marks(self) -> bool:
+        """Whether any rule tests or sets the packet mark (else ``mk`` never appears: no binding)."""
+        found = getattr(self, "_marks_used", None)
+        if found is None:
+            found = any(r.verdict.kind is Kind.MARK or any(isinstance(m, PacketMark) for m in r.matches)
+                        for c in self.rules.chains.values() for r in c.rules)
+            self._marks_used = found
+        return found

@@ -57,8 +57,10 @@ class HeaderSpace:
         self.flag_names = _bits("f", 8)
         self.ct_names = _bits("c", CT_BITS)
         self.dynamic = {name: f"y{i}" for i, name in enumerate(sorted(set(dynamic_sets)))}
-        order = [*self.names[Field.L4PROTO], *self.names[Field.DPORT], *self.names[Field.SPORT]]
-        order += [*self.names[Field.ICMP_TYPE], *self.flag_names, *self.ct_names, "lo", *TUNNEL_VARS]
+        # "wg" first: the outbound "sent in the clear" (``f & ~wg``) is then one node on top
+        order = ["wg", *self.names[Field.L4PROTO], *self.names[Field.DPORT], *self.names[Field.SPORT]]
+        order += [*self.names[Field.ICMP_TYPE], *self.flag_names, *self.ct_names, "lo"]
+        order += [v for v in TUNNEL_VARS if v != "wg"]
         order += self.dynamic.values()
         self.bdd.configure(reordering=False)  # our order is chosen; reordering costs more than it saves here
         self.bdd.declare(*order)

@@ -79,8 +79,6 @@ def bind_marks(space: HeaderSpace, accepted: BDDNode, marked: BDDNode) -> tuple[
     packets' initial mark is never the steering mark, so the marks set are ``marked`` at ``mk=0``; this
     is checked to be a fixed point (the tests of the mark agree with the marks set), else refused."""
     bdd = space.bdd
-    if marked == space.false and "mk" not in bdd.support(accepted):
-        return accepted, marked
     first = bdd.let({"mk": False}, marked)
     if bdd.let({"mk": first}, marked) != first:
         raise UnmodelledConstructError("steering", "rules test the packet mark in a way that depends on the marks "
