@@ -14,6 +14,15 @@ kernel; each must give a counterexample, and the counterexample is sent for real
   wireguard-go's fwmark pass removed (a new connection carrying its mark is dropped at web: its
   SYN never reaches the wire; restored, it does). An fwmark other than wireguard-go's, and a
   tunnel whose programs were detached, are refused.
+* nftables: the steering rule removed (the SYN never leaves), the postrouting guard removed with
+  the policy route gone (the marked SYN crosses the bridge in the clear), the input guard removed
+  (counterexample only: a forged in-window segment would be needed), the encrypted rule's
+  clear-text drop removed (a plaintext datagram from web's address reaches db); an equivalent
+  mutant (the outbound clear-text drop, with the steering intact) proven equal; an unknown mark
+  refused.
+* iptables (legacy and nft): the mangle steering removed, the mangle POSTROUTING guard removed with
+  the route gone, the clear-text drop removed: each confirmed as above.
+* 50 random encrypted policies per netfilter backend, loaded (rules only) and proven.
 """
 
 from __future__ import annotations
