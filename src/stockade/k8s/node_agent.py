@@ -53,6 +53,7 @@ from stockade.agent.state import CachedPolicy, Credential, StateDir
 from stockade.agent.transport import AgentEvent, ControllerUnreachableError, Enrollment, EventKind
 from stockade.agent_signature import public_key_text
 from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.nftables.netlink_apply import NetlinkTableBackend, TemplateCache
 from stockade.compiler.delta import PolicyUpdate, UpdateKind, policy_update_from_dict
 from stockade.errors import AuthError, Issue, NotFoundError, StockadeError, ValidationError
 from stockade.k8s.node_poll import POD_HEARTBEAT_SECONDS, NodePoller, PodEnroller, PodRuntime
@@ -99,6 +100,7 @@ class NodeOptions:
     node_poll: bool = False  # True: one long-poll, ack batch and batch enrolment for all pods (k8s/node_poll.py);
     # False: every pod's runtime long-polls, acks and heartbeats on its own (the per-pod protocol). Off by
     # default for now: pods' flow reports (NFLOG) stay empty under the node poller (bench/README.md session 6)
+    pod_netlink: bool = True  # pods' full applies and read-backs over netlink (False: nft processes)
 
 
 class NodeControllerClient(HttpControllerClient):
@@ -141,7 +143,8 @@ class NodeAgent:
     def __init__(self, options: NodeOptions, *, backend_factory: BackendFactory | None = None,
                  finder: Callable[[str], PodNetns | None] = find_pod_netns) -> None:
         self.options = options
-        self._backend_factory = backend_factory or (lambda ns: NftablesBackend(options.table, netns=ns))
+        self.templates = TemplateCache()  # pods' table shapes, for applies with no nft process
+        self._backend_factory = backend_factory or self._default_backend
         self._finder = finder
         self._desired: dict[str, LocalPod] = {}
         self._running: dict[str, _Running] = {}
@@ -150,6 +153,8 @@ class NodeAgent:
         self._pool = ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="stockade-pod")
         self._starting: dict[str, Future[bool]] = {}  # uid -> its start under way
         self._first: dict[str, PolicyUpdate] = {}  # uid -> policy its enrolment brought, namespace not found yet
+        self._early: dict[str, tuple[PodNetns, str] | None] = {}  # uid -> namespace found and pinned on the
+        # pod's first attempt, while its enrolment may still wait for the controller's commit (None: not found)
         self._stopping: dict[str, threading.Thread] = {}
         self.pin_prefix = pin_prefix(options.node)
         self._lock = threading.Lock()
@@ -164,6 +169,11 @@ class NodeAgent:
         self.state = StateDir(options.state_dir / "node")
         self.poller: NodePoller | None = None  # with node_poll: follows every pod (after the node enrols)
         self.enroller: PodEnroller | None = None
+
+    def _default_backend(self, netns: str | None) -> NftablesBackend:
+        if netns is None or not self.options.pod_netlink:
+            return NftablesBackend(self.options.table, netns=netns)
+        return NetlinkTableBackend(self.options.table, netns=netns, templates=self.templates)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -195,6 +205,7 @@ class NodeAgent:
             self.host_agent.stop()
         if self.client is not None:
             self.client.close()
+        self.templates.close()
 
     def set_pods(self, pods: Mapping[str, LocalPod]) -> None:
         """The complete set of pods bound to this node, as the API says now."""
@@ -311,6 +322,8 @@ class NodeAgent:
             del self._retry[uid]
         for uid in set(self._first) - set(desired):
             del self._first[uid]
+        for uid in set(self._early) - set(desired):
+            self._early.pop(uid, None)
         for uid, fut in list(self._starting.items()):
             if not fut.done():
                 continue
@@ -382,6 +395,7 @@ class NodeAgent:
             state.wipe()
             cred = None
         first = self._first.pop(pod.uid, None)
+        early = self._early_namespace(pod)
         if cred is None:
             assert self.client is not None and self.credential is not None
             key = public_key_text(state.load_or_create_key())
@@ -395,17 +409,23 @@ class NodeAgent:
             cred = Credential(self.credential.controller, e.agent_id, e.token, e.workload, state.key_path)
             state.save_credential(cred)
         self._stage(pod.uid, "enrolled")
-        ns = self._finder(pod.uid)
-        if ns is None:
-            if first is not None:
-                self._first[pod.uid] = first  # for the next attempt (the credential is kept on disk)
-            return False  # no process of it yet (or already gone)
-        self._stage(pod.uid, "found")
-        if ns.host_network:
-            self._host_network_pod(pod)
-            return True
-        netns = pin(ns, self.pin_prefix)
-        self._stage(pod.uid, "pinned")
+        if early is not None:
+            ns, netns = early
+            with self._lock:
+                self._early.pop(pod.uid, None)
+        else:
+            found = self._finder(pod.uid)
+            if found is None:
+                if first is not None:
+                    self._first[pod.uid] = first  # for the next attempt (the credential is kept on disk)
+                return False  # no process of it yet (or already gone)
+            ns = found
+            self._stage(pod.uid, "found")
+            if ns.host_network:
+                self._host_network_pod(pod)
+                return True
+            netns = pin(ns, self.pin_prefix)
+            self._stage(pod.uid, "pinned")
         backend = self._backend_factory(netns)
         enforcer = Enforcer(backend)
         cache = self._enforce_first(pod, enforcer, state, first)
@@ -436,6 +456,25 @@ class NodeAgent:
             threading.Thread(target=self._time_first_apply, args=(pod.uid, agent, t0), daemon=True).start()
         log.info("pod %s/%s: enforcing in %s (%s)", pod.namespace, pod.name, netns, pod.workload)
         return True
+
+    def _early_namespace(self, pod: LocalPod) -> tuple[PodNetns, str] | None:
+        """On a pod's first attempt only, find and pin its namespace before enrolling: the procfs
+        scan and the pin then overlap the wait for the controller to commit the workload (the
+        enrolment is a 404 until then). Not found (no process yet) or the node's own namespace: None,
+        and the start looks again after its enrolment, as before."""
+        with self._lock:
+            if pod.uid in self._early:
+                return self._early[pod.uid]
+            self._early[pod.uid] = None
+        ns = self._finder(pod.uid)
+        if ns is None or ns.host_network:
+            return None
+        self._stage(pod.uid, "found")
+        netns = pin(ns, self.pin_prefix)
+        self._stage(pod.uid, "pinned")
+        with self._lock:
+            self._early[pod.uid] = (ns, netns)
+        return ns, netns
 
     def _in_node_namespace(self, pod: LocalPod) -> bool:
         """A ``hostNetwork`` pod (its spec says so) found running in the node's namespace: marked as
