@@ -28,8 +28,9 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from stockade.backends import flowlog
 from stockade.backends.common import in_netns
@@ -62,8 +63,15 @@ NLMSG_ERROR = 2
 NF_INET_LOCAL_IN, NF_INET_FORWARD, NF_INET_LOCAL_OUT = 1, 2, 3
 
 _NLMSG = struct.Struct("=IHHII")
+_NLHEAD = struct.Struct("=IH")  # length, type: all the hot path reads of a message header
 _NFGEN = struct.Struct("!BBH")
 _ATTR = struct.Struct("=HH")
+_PACKET_TYPE = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
+_RECV_SIZE = 1 << 18  # larger than any batch the kernel sends (nlbufsiz is capped at 128 KiB)
+_MAX_RECVS = 256  # datagrams per read() call at most
+_CACHE_MAX = 4096  # parsed raw flows kept (cleared when full)
+_RawFlow = tuple[int, bytes, bytes]  # (hook, prefix as logged, flow_bytes of the payload)
+_Parsed = tuple[FlowKey, Verdict, str] | None  # None: a prefix Stockade did not write, or unreadable
 VERDICTS: dict[FlowAction, Verdict] = {
     FlowAction.ALLOW: Verdict.ALLOWED,
     FlowAction.BLOCK: Verdict.BLOCKED,
@@ -86,6 +94,7 @@ class LoggedPacket:
     verdict: Verdict
     rule_id: str
     time: float
+    count: int = 1  # packets of this flow logged together (one read, one flow: one LoggedPacket)
 
 
 def parse_prefix(prefix: str) -> tuple[Verdict, str] | None:
@@ -137,19 +146,40 @@ def parse_packet(payload: bytes) -> FlowKey | None:
     return FlowKey(src, dst, proto, port)
 
 
+def flow_bytes(payload: bytes) -> bytes | None:
+    """The bytes of ``payload`` that decide its flow key, or None when that needs the full parse.
+
+    Protocol, addresses and destination port (ICMP: type) of an IPv4 packet without options
+    that is not a later fragment, or of an IPv6 packet without extension headers; everything
+    else (options, extension headers, fragments, other protocols) returns None. Two packets
+    with the same flow bytes have the same :func:`parse_packet` result (tested), so the reader
+    parses one packet per distinct value and counts the others.
+    """
+    size = len(payload)
+    if size >= 20 and payload[0] == 0x45:
+        proto = payload[9]
+        if payload[6] & 0x1F or payload[7]:  # fragment offset: a later fragment
+            return None
+        if proto == 6 or proto == 17 or proto == 132:
+            return payload[9:10] + payload[12:20] + payload[22:24]
+        return payload[9:10] + payload[12:21] if proto == 1 else None
+    if size >= 44 and payload[0] >> 4 == 6:
+        proto = payload[6]
+        if proto == 6 or proto == 17 or proto == 132:
+            return payload[6:7] + payload[8:40] + payload[42:44]
+        return payload[6:7] + payload[8:41] if proto == 58 else None
+    return None
+
+
+def _parse_logged(prefix: bytes, payload: bytes) -> _Parsed:
+    parsed = parse_prefix(prefix.rstrip(b"\0").decode("utf-8", "replace"))
+    key = parse_packet(payload) if parsed is not None else None
+    return None if parsed is None or key is None else (key, parsed[0], parsed[1])
+
+
 def _attr(kind: int, data: bytes) -> bytes:
     body = _ATTR.pack(4 + len(data), kind) + data
     return body + b"\0" * (-len(body) % 4)
-
-
-def _attributes(data: bytes, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-    off = start
-    while off + 4 <= end:
-        alen, atype = _ATTR.unpack_from(data, off)
-        if alen < 4:
-            return
-        yield atype & 0x7FFF, data[off + 4 : off + alen]
-        off += (alen + 3) & ~3
 
 
 class NflogReader:
@@ -160,8 +190,9 @@ class NflogReader:
         group: int,
         *,
         copy_range: int = 128,
-        qthresh: int = 64,
+        qthresh: int = 256,
         timeout_cs: int = 10,
+        nlbufsiz: int = 64 << 10,
         rcvbuf: int = 4 << 20,
         is_local: Callable[[IPAddress], bool] | None = None,
         clock: Callable[[], float] = time.time,
@@ -176,6 +207,7 @@ class NflogReader:
         self.received = 0  # logged packets with a Stockade prefix
         self.ignored = 0  # foreign prefixes and unreadable packets
         self._seq = 0
+        self._cache: dict[_RawFlow, _Parsed] = {}
         self._sock = in_netns(netns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
         try:
             try:
@@ -186,7 +218,8 @@ class NflogReader:
             self._config(_attr(NFULA_CFG_CMD, struct.pack("B3x", NFULNL_CFG_CMD_BIND)))
             self._config(_attr(NFULA_CFG_MODE, struct.pack("!IBx", copy_range, NFULNL_COPY_PACKET))
                          + _attr(NFULA_CFG_QTHRESH, struct.pack("!I", qthresh))
-                         + _attr(NFULA_CFG_TIMEOUT, struct.pack("!I", timeout_cs)))
+                         + _attr(NFULA_CFG_TIMEOUT, struct.pack("!I", timeout_cs))
+                         + _attr(NFULA_CFG_NLBUFSIZ, struct.pack("!I", nlbufsiz)))
         except BaseException:
             self._sock.close()
             raise
@@ -217,58 +250,102 @@ class NflogReader:
         return self._sock.fileno()
 
     def read(self, timeout: float) -> list[LoggedPacket]:
-        """Packets logged since the last call, waiting up to ``timeout`` seconds for the first."""
+        """Packets logged since the last call, waiting up to ``timeout`` seconds for the first.
+
+        Packets of one flow that arrived together come back as one :class:`LoggedPacket`
+        with their ``count``.
+        """
         ready, _, _ = select.select([self._sock], [], [], timeout)
         if not ready:
             return []
+        counts: dict[_RawFlow, list[Any]] = {}  # -> [packets, the first one's payload]
         out: list[LoggedPacket] = []
-        while True:
+        for _ in range(_MAX_RECVS):  # bounded: a flood cannot keep one read() call going forever
             try:
-                data = self._sock.recv(1 << 18, socket.MSG_DONTWAIT)
+                data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return out
+                break
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     self.overruns += 1
                     continue
                 raise
-            self._parse(data, out)
+            self._count(data, counts, out)
+        self._resolve(counts, self.clock(), out)
+        return out
 
-    def _parse(self, data: bytes, out: list[LoggedPacket]) -> None:
-        now = self.clock()
-        off = 0
-        packet_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
-        while off + _NLMSG.size <= len(data):
-            length = _NLMSG.unpack_from(data, off)[0]
+    def _count(self, data: bytes, counts: dict[_RawFlow, list[Any]], slow: list[LoggedPacket]) -> None:
+        """Count each packet message of one netlink datagram by its raw flow bytes.
+
+        The hot path: only the attribute headers are walked and a few bytes sliced; the
+        addresses, FlowKey and LoggedPacket are built once per distinct flow in :meth:`_resolve`.
+        A packet whose raw flow bytes cannot be cut cheaply (IP options, IPv6 extension
+        headers, later fragments) is parsed in full on the spot.
+        """
+        off, size = 0, len(data)
+        while off + _NLMSG.size <= size:
+            length, mtype = _NLHEAD.unpack_from(data, off)
             if length < _NLMSG.size:
                 return
-            mtype = _NLMSG.unpack_from(data, off)[1]
-            if mtype == packet_type:
-                self._one(data, off + _NLMSG.size + _NFGEN.size, off + length, now, out)
+            if mtype == _PACKET_TYPE:
+                hook, prefix, payload = -1, b"", b""
+                at, end = off + _NLMSG.size + _NFGEN.size, min(off + length, size)
+                while at + 4 <= end:
+                    alen, atype = _ATTR.unpack_from(data, at)
+                    if alen < 4:
+                        break
+                    atype &= 0x7FFF
+                    if atype == NFULA_PACKET_HDR:
+                        hook = data[at + 6] if alen >= 7 else -1
+                    elif atype == NFULA_PREFIX:
+                        prefix = data[at + 4 : at + alen]
+                    elif atype == NFULA_PAYLOAD:
+                        payload = data[at + 4 : at + alen]
+                    at += (alen + 3) & ~3
+                flow = flow_bytes(payload)
+                if flow is None:
+                    self._one(hook, prefix, payload, slow)
+                else:
+                    raw = (hook, prefix, flow)
+                    seen = counts.get(raw)
+                    if seen is None:
+                        counts[raw] = [1, payload]
+                    else:
+                        seen[0] += 1
             off += (length + 3) & ~3
 
-    def _one(self, data: bytes, start: int, end: int, now: float, out: list[LoggedPacket]) -> None:
-        hook, prefix, payload = -1, "", b""
-        for atype, value in _attributes(data, start, end):
-            if atype == NFULA_PACKET_HDR and len(value) >= 3:
-                hook = value[2]
-            elif atype == NFULA_PREFIX:
-                prefix = value.rstrip(b"\0").decode("utf-8", "replace")
-            elif atype == NFULA_PAYLOAD:
-                payload = value
-        parsed = parse_prefix(prefix)
-        key = parse_packet(payload) if parsed is not None else None
-        if parsed is None or key is None:
+    def _resolve(self, counts: dict[_RawFlow, list[Any]], now: float, out: list[LoggedPacket]) -> None:
+        """One LoggedPacket per distinct raw flow; parsed results are cached (bounded)."""
+        for raw, (n, payload) in counts.items():
+            if raw in self._cache:
+                parsed = self._cache[raw]
+            else:
+                if len(self._cache) >= _CACHE_MAX:
+                    self._cache.clear()
+                parsed = self._cache[raw] = _parse_logged(raw[1], payload)
+            if parsed is None:
+                self.ignored += n
+                continue
+            key, verdict, rule_id = parsed
+            self.received += n
+            out.append(LoggedPacket(key, self._side(raw[0], key), verdict, rule_id, now, n))
+
+    def _one(self, hook: int, prefix: bytes, payload: bytes, out: list[LoggedPacket]) -> None:
+        parsed = _parse_logged(prefix, payload)
+        if parsed is None:
             self.ignored += 1
             return
-        if hook == NF_INET_LOCAL_IN:
-            side = Direction.INBOUND
-        elif hook == NF_INET_LOCAL_OUT:
-            side = Direction.OUTBOUND
-        else:  # forward: the host's own addresses say which end is "us"
-            side = Direction.INBOUND if self.is_local is not None and self.is_local(key.dst) else Direction.OUTBOUND
+        key, verdict, rule_id = parsed
         self.received += 1
-        out.append(LoggedPacket(key, side, parsed[0], parsed[1], now))
+        out.append(LoggedPacket(key, self._side(hook, key), verdict, rule_id, self.clock()))
+
+    def _side(self, hook: int, key: FlowKey) -> Direction:
+        if hook == NF_INET_LOCAL_IN:
+            return Direction.INBOUND
+        if hook == NF_INET_LOCAL_OUT:
+            return Direction.OUTBOUND
+        # forward: the host's own addresses say which end is "us" (asked per read, never cached)
+        return Direction.INBOUND if self.is_local is not None and self.is_local(key.dst) else Direction.OUTBOUND
 
     def close(self) -> None:
         with contextlib.suppress(OSError, NflogError):
