@@ -290,7 +290,7 @@ OLD_LISTENER = r"""
 import importlib.util, sys, time
 from stockade.agent.flows import FlowBuffer
 spec = importlib.util.spec_from_file_location("old_nflog", sys.argv[2])
-old = importlib.util.module_from_spec(spec)
+old = sys.modules["old_nflog"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(old)
 reader, buffer = old.NflogReader(int(sys.argv[1])), FlowBuffer()
 print("ready", flush=True)
@@ -326,6 +326,9 @@ class Listener:
                                            str(LOG_GROUP), *extra], stdout=subprocess.PIPE, text=True)
             assert self._proc.stdout is not None and self._proc.stdout.readline().strip() == "ready"
         self.kind = kind
+
+    def pids(self) -> list[int]:
+        return [] if self._proc is None else [self._proc.pid]
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -385,17 +388,76 @@ def measure_load(name: str, backend: Backend, hp: HostPolicy, rules: int, repeat
 # ---- traffic --------------------------------------------------------------------------------
 
 
-def packet_rate(ns: Namespaces, sender: Path, receiver: Path, seconds: float) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a running process (softirq work done in its context included)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ksoftirqd_pids() -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().startswith("ksoftirqd/"):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def run_measured(argv: list[str]) -> tuple[str, float]:
+    """Run ``argv`` to the end: (stdout, its CPU seconds from wait4's rusage)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, argv, out)
+    return out, usage.ru_utime + usage.ru_stime
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One traffic test: rates, and CPU per connection / per packet of every process involved."""
+
+    conns: float  # TCP connections/s
+    pps: float  # UDP packets/s received
+    cpu_conn_us: float  # (client + server + NFLOG reader + ksoftirqd) CPU per connection, microseconds
+    cpu_pkt_us: float  # (sender + receiver + NFLOG reader + ksoftirqd) CPU per packet sent, microseconds
+
+
+def measured_connections(ns: Namespaces, seconds: float, others: list[int]) -> tuple[float, float]:
+    """(connections/s, CPU microseconds per connection) of one client against the server."""
+    before = sum(cpu_seconds(p) for p in others)
+    out, cpu = run_measured(["ip", "netns", "exec", ns.cli, sys.executable, "-c", nft_apply.CLIENT, SRV4,
+                             str(seconds)])
+    cpu += sum(cpu_seconds(p) for p in others) - before
+    rate = float(out.split()[0])
+    return rate, 1e6 * cpu / max(1.0, rate * seconds)
+
+
+def packet_rate(ns: Namespaces, sender: Path, receiver: Path, seconds: float,
+                others: list[int] | None = None) -> tuple[float, float]:
+    """(packets/s received, CPU microseconds per packet sent) of the one-way UDP flow."""
     recv = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns.srv}", str(receiver), str(UDP_PORT)],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert recv.stdout is not None and recv.stdout.readline().strip() == "ready"
-        subprocess.run(["nsenter", f"--net=/run/netns/{ns.cli}", str(sender), SRV4, str(UDP_PORT), str(seconds)],
-                       check=True, capture_output=True, text=True)
-        out, _ = recv.communicate(timeout=30)
-        return float(out.strip() or 0)
+        before = sum(cpu_seconds(p) for p in others or [])
+        sent, cpu = run_measured(["nsenter", f"--net=/run/netns/{ns.cli}", str(sender), SRV4, str(UDP_PORT),
+                                  str(seconds)])
+        out = recv.stdout.read()
+        _, _, usage = os.wait4(recv.pid, 0)
+        recv.returncode = 0
+        cpu += usage.ru_utime + usage.ru_stime + sum(cpu_seconds(p) for p in others or []) - before
+        return float(out.strip() or 0), 1e6 * cpu / max(1, int(sent.strip() or 0))
     finally:
-        if recv.poll() is None:
+        if recv.returncode is None and recv.poll() is None:
             recv.kill()
             recv.wait()
 
@@ -410,8 +472,8 @@ def measure_traffic(
     ns: Namespaces, backends: dict[str, Backend], rule_counts: tuple[int, ...], peers: int,
     tools: tuple[Path, Path], seconds: float, rounds: int, logging_only: bool = False,
     old_reader: str | None = None,
-) -> dict[tuple[str, int], tuple[float, float]]:
-    """(configuration, rules) -> (median conn/s, median packets/s); ("none", 0) is the bare veth.
+) -> dict[tuple[str, int], list[Sample]]:
+    """(configuration, rules) -> the samples of its rounds; ("none", 0) is the bare veth.
 
     ``logging_only``: only the lookup layouts with and without logging, each logging one with
     the agent's reader, the naive reader (``/naive``) and no reader (``/noreader``); with
@@ -441,7 +503,8 @@ def measure_traffic(
                               stdout=subprocess.PIPE, text=True)
     listener = Listener(ns.srv, old_reader)
     configs: list[tuple[str, int]] = [("none", 0), *sorted(artifacts, key=lambda c: (c[1], c[0]))]
-    samples: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
+    samples: dict[tuple[str, int], list[Sample]] = {c: [] for c in configs}
+    softirqd = ksoftirqd_pids()
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         connection_rate(ns, 0.3)  # warm up
@@ -454,31 +517,48 @@ def measure_traffic(
                     backend, artifact = artifacts[(name, rules)]
                     backend.apply(artifact)
                 subprocess.run(["ip", "netns", "exec", ns.srv, "conntrack", "-F"], capture_output=True, check=False)
-                conns = connection_rate(ns, seconds)
-                pps = packet_rate(ns, tools[0], tools[1], seconds)
-                samples[(name, rules)].append((conns, pps))
-                print(f"  {name:<20} {rules:>6,} rules: {conns:>7,.0f} conn/s {pps:>10,.0f} pkt/s  "
-                      f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+                others = [server.pid, *softirqd, *listener.pids()]
+                conns, cpu_conn = measured_connections(ns, seconds, others)
+                pps, cpu_pkt = packet_rate(ns, tools[0], tools[1], seconds, [*softirqd, *listener.pids()])
+                samples[(name, rules)].append(Sample(conns, pps, cpu_conn, cpu_pkt))
+                print(f"  {name:<20} {rules:>6,} rules: {conns:>7,.0f} conn/s {cpu_conn:6.1f} us/conn "
+                      f"{pps:>10,.0f} pkt/s {cpu_pkt:6.2f} us/pkt (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     finally:
         server.kill()
         server.wait()
         listener.stop()
         for b in everyone:
             b.remove()
-    return {c: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for c, v in samples.items()}
+    return samples
 
 
-def logging_cost(rates: dict[tuple[str, int], tuple[float, float]], rule_counts: tuple[int, ...]) -> list[str]:
-    """Logging on vs off per layout, rule count and reader (> 0 % = logging is slower)."""
-    out = []
+def medians(samples: dict[tuple[str, int], list[Sample]]) -> dict[tuple[str, int], tuple[float, float]]:
+    return {c: (statistics.median(s.conns for s in v), statistics.median(s.pps for s in v)) for c, v in samples.items()}
+
+
+def logging_cost(samples: dict[tuple[str, int], list[Sample]], rule_counts: tuple[int, ...]) -> list[str]:
+    """Logging on vs off per layout, rule count and reader (> 0 % = logging costs).
+
+    Rates: the median over rounds of each round's on/off ratio (the two ran seconds apart, so
+    background load hits both alike). CPU: the same for CPU per connection / per packet, which
+    other processes' load does not enter (only theirs is counted).
+    """
+    def cost(on: list[Sample], off: list[Sample], attr: str, higher_is_worse: bool) -> float:
+        ratios = [getattr(a, attr) / getattr(b, attr) for a, b in zip(on, off, strict=False) if getattr(b, attr)]
+        r = statistics.median(ratios) if ratios else 1.0
+        return 100 * (r - 1 if higher_is_worse else 1 - r)
+
+    out = [f"{'configuration':<20} {'rules':>6}   {'TCP conn/s':>10} {'UDP pkt/s':>10}   "
+           f"{'CPU/conn':>9} {'CPU/pkt':>9}"]
     for layout, off in (("nft-lookup", NOLOG), ("ipt-lookup", "ipt-lookup-nolog")):
         for reader in ("", "/oldreader", "/naive", "/noreader"):
             for rules in rule_counts:
                 on = (layout + reader, rules)
-                if on in rates and (off, rules) in rates:
-                    (c1, p1), (c0, p0) = rates[on], rates[(off, rules)]
-                    out.append(f"{layout + reader:<20} {rules:>6,} rules: TCP {100 * (1 - c1 / c0):>5.1f} %   "
-                               f"UDP {100 * (1 - p1 / p0):>5.1f} %")
+                if on in samples and (off, rules) in samples:
+                    a, b = samples[on], samples[(off, rules)]
+                    out.append(f"{layout + reader:<20} {rules:>6,}   {cost(a, b, 'conns', False):>9.1f}% "
+                               f"{cost(a, b, 'pps', False):>9.1f}%   {cost(a, b, 'cpu_conn_us', True):>8.1f}% "
+                               f"{cost(a, b, 'cpu_pkt_us', True):>8.1f}%")
     return out
 
 
@@ -539,8 +619,9 @@ def main() -> int:
         if not args.logging:
             load_tables(ns, backends, rule_counts, args.peers, repeats, iptables)
         print(f"\n## traffic ({args.peers:,} peers; medians of {rounds} interleaved rounds of {seconds} s)")
-        rates = measure_traffic(ns, backends, rule_counts, args.peers, tools, seconds, rounds, args.logging,
-                                os.path.abspath(args.old_reader) if args.old_reader else None)
+        samples = measure_traffic(ns, backends, rule_counts, args.peers, tools, seconds, rounds, args.logging,
+                                  os.path.abspath(args.old_reader) if args.old_reader else None)
+        rates = medians(samples)
         header = (f"{'backend':<20} {'rules':>6} {'TCP conn/s':>11} {'UDP pkt/s':>11} "
                   f"{'conn % eBPF':>11} {'pkt % eBPF':>10} {'conn % own 10':>13} {'pkt % own 10':>12}")
         print(header)
@@ -553,11 +634,16 @@ def main() -> int:
                 line += (f" {100 * conns / ebpf[0]:>10.0f}% {100 * pps / ebpf[1]:>9.0f}% "
                          f"{100 * conns / own[0]:>12.0f}% {100 * pps / own[1]:>11.0f}%")
             print(line)
-        print("\n## cost of flow logging (lookup with logging vs without; > 0 % = logging is slower)")
+        print("\n## cost of flow logging (lookup with logging vs without; > 0 % = logging costs; medians of the "
+              "rounds' on/off ratios)")
         print("(no suffix: the agent's NflogReader + FlowBuffer read the group; /oldreader: --old-reader's; /naive: "
               "one recv per message at the kernel's defaults; /noreader: no reader bound)")
-        for line in logging_cost(rates, rule_counts):
+        for line in logging_cost(samples, rule_counts):
             print(line)
+        print("\n## CPU per connection / per packet (medians; client+server or sender+receiver, reader, ksoftirqd)")
+        for (name, rules), v in samples.items():
+            print(f"{name:<20} {rules:>6,} {statistics.median(x.cpu_conn_us for x in v):>8.1f} us/conn "
+                  f"{statistics.median(x.cpu_pkt_us for x in v):>8.2f} us/pkt")
         print(f"(load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())})")
     finally:
         ns.delete()
