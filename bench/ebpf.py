@@ -389,12 +389,11 @@ def measure_load(name: str, backend: Backend, hp: HostPolicy, rules: int, repeat
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a running process (softirq work done in its context included)."""
+    """CPU time a running process has had (schedstat, ns; softirq work done in its context included)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ksoftirqd_pids() -> list[int]:

@@ -229,32 +229,33 @@ class NflogDecoder:
         A packet whose raw flow bytes cannot be cut cheaply (IP options, IPv6 extension
         headers, later fragments) is parsed in full on the spot.
         """
+        unpack_head, unpack_attr, get, cut = _NLHEAD.unpack_from, _ATTR.unpack_from, counts.get, flow_bytes
         off, size = 0, len(data)
-        while off + _NLMSG.size <= size:
-            length, mtype = _NLHEAD.unpack_from(data, off)
-            if length < _NLMSG.size:
+        while off + 16 <= size:  # nlmsghdr
+            length, mtype = unpack_head(data, off)
+            if length < 16:
                 return
             if mtype == _PACKET_TYPE:
                 hook, prefix, payload = -1, b"", b""
-                at, end = off + _NLMSG.size + _NFGEN.size, min(off + length, size)
+                at, end = off + 20, min(off + length, size)  # attributes after nlmsghdr + nfgenmsg
                 while at + 4 <= end:
-                    alen, atype = _ATTR.unpack_from(data, at)
+                    alen, atype = unpack_attr(data, at)
                     if alen < 4:
                         break
                     atype &= 0x7FFF
-                    if atype == NFULA_PACKET_HDR:
-                        hook = data[at + 6] if alen >= 7 else -1
+                    if atype == NFULA_PAYLOAD:
+                        payload = data[at + 4 : at + alen]
                     elif atype == NFULA_PREFIX:
                         prefix = data[at + 4 : at + alen]
-                    elif atype == NFULA_PAYLOAD:
-                        payload = data[at + 4 : at + alen]
+                    elif atype == NFULA_PACKET_HDR and alen >= 7:
+                        hook = data[at + 6]
                     at += (alen + 3) & ~3
-                flow = flow_bytes(payload)
+                flow = cut(payload)
                 if flow is None:
                     self._one(hook, prefix, payload, slow)
                 else:
                     raw = (hook, prefix, flow)
-                    seen = counts.get(raw)
+                    seen = get(raw)
                     if seen is None:
                         counts[raw] = [1, payload]
                     else:
