@@ -173,3 +173,14 @@ def test_malformed_datagrams_neither_raise_nor_loop() -> None:
     for bad in (b"", b"\0" * 7, good[:30], good[:-5], zero_length, short_attr, good + b"\xff" * 9):
         decoder.decode([bad])
     assert decoder.received <= 3
+
+
+def test_attributes_in_any_order_decode_the_same() -> None:
+    payload = syn(40000)
+    reordered = (attr(4, struct.pack("!I", 3)) + attr(NFULA_PAYLOAD, payload) + attr(NFULA_PREFIX, b"stk:a:r/x/1\0")
+                 + attr(NFULA_PACKET_HDR, struct.pack("!HBx", 0x0800, NF_INET_LOCAL_IN)))
+    body = struct.pack("!BBH", 2, 0, 100) + reordered
+    odd = struct.pack("=IHHII", 16 + len(body), 4 << 8, 0, 0, 0) + body
+    usual = message(payload, prefix=b"stk:a:r/x/1")
+    packets = NflogDecoder().decode([odd, usual])
+    assert [(p.key.port, p.rule_id, p.side, p.count) for p in packets] == [(80, "r/x/1", Direction.INBOUND, 2)]

@@ -82,6 +82,7 @@ _NLHEAD = struct.Struct("=IH")  # length, type: all the hot path reads of a mess
 _NFGEN = struct.Struct("!BBH")
 _ATTR = struct.Struct("=HH")
 _PACKET_TYPE = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
+_HDR_ATTR = _ATTR.pack(8, NFULA_PACKET_HDR)  # NFULA_PACKET_HDR: hw protocol, hook, pad
 _RECV_SIZE = 1 << 18  # larger than any batch the kernel sends (nlbufsiz is capped at 128 KiB)
 _MAX_RECVS = 256  # datagrams per read() call at most
 _CACHE_MAX = 4096  # parsed raw flows kept (cleared when full)
@@ -238,6 +239,11 @@ class NflogDecoder:
             if mtype == _PACKET_TYPE:
                 hook, prefix, payload = -1, b"", b""
                 at, end = off + 20, min(off + length, size)  # attributes after nlmsghdr + nfgenmsg
+                if at + 8 <= end and data[at : at + 4] == _HDR_ATTR:  # the kernel writes it first
+                    hook, at = data[at + 6], at + 8
+                    plen, ptype = unpack_attr(data, at) if at + 4 <= end else (0, 0)
+                    if ptype == NFULA_PREFIX and plen >= 4:  # and the prefix second
+                        prefix, at = data[at + 4 : at + plen], at + ((plen + 3) & ~3)
                 while at + 4 <= end:
                     alen, atype = unpack_attr(data, at)
                     if alen < 4:
