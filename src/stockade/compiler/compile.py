@@ -25,6 +25,7 @@ from ipaddress import IPv4Address
 from stockade.compiler.changes import DeltaBuilder, SetChanges
 from stockade.compiler.delta import diff_sets
 from stockade.compiler.expand import build_rule_table, expand_rules, set_name
+from stockade.compiler.hostnet import address_int
 from stockade.compiler.index import SelectorIndex
 from stockade.compiler.ir import AddressSet, HostDelta, HostPolicy, HostRule, WireGuardConfig, unchecked
 from stockade.compiler.netpol import NetpolLayer
@@ -162,8 +163,10 @@ class Compiler:
         found = self._addr_ints.get(name)
         if found is None:
             addrs = self._workloads[name].addresses  # sorted, v4 first
-            n4 = sum(1 for a in addrs if isinstance(a, IPv4Address))
-            ints = tuple(map(int, addrs))
+            n4 = len(addrs)
+            while n4 and not isinstance(addrs[n4 - 1], IPv4Address):
+                n4 -= 1
+            ints = tuple(map(address_int, addrs))
             found = self._addr_ints[name] = (ints[:n4], ints[n4:])
         return found
 
