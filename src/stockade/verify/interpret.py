@@ -12,7 +12,10 @@ earlier rule decided) with netfilter's semantics:
   the next rule;
 * rules without a verdict (log, counter, set add) decide nothing;
 * several base chains at one hook (priorities): a packet passes only if every one accepts
-  (a drop anywhere is final; an accept only ends that chain).
+  (a drop anywhere is final; an accept only ends that chain);
+* encrypted rules (:mod:`.tunnel`): a ``mark`` verdict steers the packets it reaches into the
+  tunnel and goes on with the next rule; at the output hook the accepted packets become the
+  three-valued outcome (drop, clear, tunnel) by the read-back's steering.
 
 A chain's result depends on the address class only through the sets it (transitively) tests,
 so results are memoised per (chain, those sets' membership): a verdict chain is computed once,
@@ -29,6 +32,7 @@ from stockade.verify.loaded import (
     Addr,
     AddrIn,
     Chain,
+    ConnEncrypted,
     CtState,
     FamilyIs,
     FamilyRules,
@@ -39,11 +43,15 @@ from stockade.verify.loaded import (
     Kind,
     Loopback,
     Match,
+    PacketMark,
     Rule,
+    Steering,
     TcpFlags,
+    Tunnel,
     Verdict,
 )
 from stockade.verify.space import BDDNode, HeaderSpace
+from stockade.verify.tunnel import bind_marks, match_bdd, output_exit
 
 
 def peer_field(hook: HookName) -> Addr:
@@ -73,6 +81,7 @@ class Interpreter:
         pred_of: dict[str, int],
         local: int | None,
         members: dict[int, BDDNode] | None = None,
+        steering: Steering = Steering.ROUTE,
     ) -> None:
         self.space = space
         self.rules = rules
@@ -84,6 +93,8 @@ class Interpreter:
         # symbolic membership (see prove._symbolic_members): predicate -> BDD over membership
         # variables, instead of the constant membership of one address class
         self.members = members
+        self.steering = steering
+        self._marks: dict[tuple[str, frozenset[int]], BDDNode] = {}  # packets a chain steers (MARK)
         self._deps: dict[str, frozenset[int]] = {}
         self._memo: dict[tuple[str, frozenset[int]], tuple[BDDNode, BDDNode]] = {}
         self._map_keys: dict[tuple[int, int, int], BDDNode] = {}
@@ -158,6 +169,8 @@ class Interpreter:
             return ~sp.loopback if m.negate else sp.loopback
         if isinstance(m, InDynamicSet):
             return sp.in_dynamic(m.set_name)
+        if isinstance(m, Tunnel | ConnEncrypted | PacketMark):
+            return match_bdd(sp, m, self.hook)
         raise UnmodelledConstructError("rule", f"match {m!r}")  # pragma: no cover - Match is closed
 
     def _rule_match(self, rule: Rule, sig: frozenset[int]) -> BDDNode | None:
@@ -214,6 +227,7 @@ class Interpreter:
         stack = (*stack, name)
         sp = self.space
         acc, drop, rest = sp.false, sp.false, sp.true
+        marks = [sp.false] if self._uses_marks() else None  # packets this chain steers (MARK)
         rules = self._chain(name).rules
         for index in self._relevant(name, sig):
             rule = rules[index]
@@ -227,10 +241,12 @@ class Interpreter:
                 for j in self._relevant_elements(rule.verdict.target, sig, stack):
                     e = elements[j]
                     em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
-                    acc, drop, rest = self._apply(e.verdict, em, acc, drop, rest, sig, stack)
+                    acc, drop, rest = self._apply(e.verdict, em, acc, drop, rest, sig, stack, marks)
             else:
-                acc, drop, rest = self._apply(rule.verdict, m, acc, drop, rest, sig, stack)
+                acc, drop, rest = self._apply(rule.verdict, m, acc, drop, rest, sig, stack, marks)
         self._memo[key] = (acc, drop)
+        if marks is not None:
+            self._marks[key] = marks[0]
         return acc, drop
 
     # ---- which rules can matter for an address class --------------------------------------
@@ -312,9 +328,15 @@ class Interpreter:
         rest: BDDNode,
         sig: frozenset[int],
         stack: tuple[str, ...],
+        marks: list[BDDNode] | None = None,
     ) -> tuple[BDDNode, BDDNode, BDDNode]:
         here = rest & m
         if here == self.space.false or v.kind is Kind.CONTINUE:
+            return acc, drop, rest
+        if v.kind is Kind.MARK:  # steered into the tunnel; the next rule runs
+            if self.hook is not HookName.OUTPUT or marks is None:  # (marks: None only without MARK rules)
+                raise UnmodelledConstructError("rule", f"the steering mark set at the {self.hook.value} hook")
+            marks[0] = marks[0] | here
             return acc, drop, rest
         if v.kind is Kind.ACCEPT:
             return acc | here, drop, rest & ~m
@@ -325,6 +347,8 @@ class Interpreter:
         if v.kind in (Kind.JUMP, Kind.GOTO):
             a, d = self.chain(v.target, sig, stack)
             acc, drop = acc | (here & a), drop | (here & d)
+            if marks is not None:
+                marks[0] = marks[0] | (here & self._marks[(v.target, sig & self.deps(v.target))])
             gone = m if v.kind is Kind.GOTO else m & (a | d)
             return acc, drop, rest & ~gone
         raise UnmodelledConstructError("rule", f"verdict {v.kind.value} here")
@@ -333,9 +357,26 @@ class Interpreter:
         """The packets every base chain of the hook accepts (policy included)."""
         sp = self.space
         out = sp.true
+        marked = sp.false
+        uses_marks = self._uses_marks()
         for name in self.rules.hooks.get(self.hook, ()):
             acc, drop = self.chain(name, sig)
             policy = self._chain(name).policy
             passed = acc | (~(acc | drop) if policy is Kind.ACCEPT else sp.false)
+            if uses_marks:  # what this base chain steers, of the packets that reached it
+                marked = marked | (out & self._marks[(name, sig & self.deps(name))])
             out = out & passed
-        return out
+        if self.hook is not HookName.OUTPUT:
+            return out
+        if uses_marks:
+            out, marked = bind_marks(sp, out, marked)
+        return output_exit(sp, out, marked, self.steering)
+
+    def _uses_marks(self) -> bool:
+        """Whether any rule tests or sets the packet mark (else ``mk`` never appears: no binding)."""
+        found = getattr(self, "_marks_used", None)
+        if found is None:
+            found = any(r.verdict.kind is Kind.MARK or any(isinstance(m, PacketMark) for m in r.matches)
+                        for c in self.rules.chains.values() for r in c.rules)
+            self._marks_used = found
+        return found
