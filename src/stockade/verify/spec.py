@@ -127,15 +127,14 @@ class PolicySpec:
         sp = self.space
         if self.hp.mode is EnforcementMode.IDLE:
             return sp.true
+        # built from the last rule to the first (see Interpreter._chain_symbolic): each rule is
+        # one if-then-else over what the rules after it decide
+        ite = sp.bdd.ite
+        after = sp.true if self.default_accepts else sp.false
+        for (svc, accepts), pred in zip(reversed(self.rules), reversed(self.rule_preds), strict=True):
+            m = members[pred] & svc
+            after = ite(m, sp.true if accepts else sp.false, after)
         acc = self.base
         if CONTROLLER_PRED in self.pred_of:
             acc = acc | (members[self.pred_of[CONTROLLER_PRED]] & self.controller)
-        rest = ~acc
-        for (svc, accepts), pred in zip(self.rules, self.rule_preds, strict=True):
-            m = members[pred] & svc
-            if accepts:
-                acc = acc | (rest & m)
-            rest = rest & ~m
-        if self.default_accepts:
-            acc = acc | rest
-        return acc
+        return acc | after
