@@ -24,7 +24,8 @@ from stockade.compiler.ir import Direction, HostPolicy
 from stockade.model.addresses import Family, IPAddress, IPNetwork, Range, merge_ranges
 from stockade.verify.interpret import Interpreter, peer_field, referenced_sets
 from stockade.verify.loaded import CT_STATES, FamilyRules, Field, HookName, LoadedRuleset
-from stockade.verify.space import SYN, AddressClass, BDDNode, HeaderSpace, address_classes
+from stockade.verify.members import symbolic_members
+from stockade.verify.space import SYN, AddressClass, BDDNode, HeaderSpace, address_classes, atom_classes
 from stockade.verify.spec import CONTROLLER_PRED, PolicySpec
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
@@ -203,9 +204,9 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
                     kernel_pred[name] = preds.add(fam_rules.sets[name].ranges)
         members = None
         if len(hp.rules) <= SYMBOLIC_MEMBERS_MAX_RULES and fam_rules is not None:
-            members = _symbolic_members(space, family, preds.ranges, spec_pred, kernel_pred)
+            members = symbolic_members(space, family, preds.ranges, spec_pred, kernel_pred)
         if members is not None and fam_rules is not None:
-            # fast path: membership as BDD variables, no address sweep (see _symbolic_members)
+            # fast path: membership as BDD variables, no address sweep (see members.symbolic_members)
             symbolic, constraint = members
             if all(
                 _symbolic_equal(space, hp, family, direction, spec_pred, fam_rules, hook, kernel_pred, local,
@@ -214,7 +215,10 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
                 for local in locals_
             ):  # fmt: skip
                 continue
-        classes = address_classes(preds.ranges, family, (int(h) for h in hints if h.version == family.value))
+        family_hints = [int(h) for h in hints if h.version == family.value]
+        # the kernel's sets as atoms when they allow it (eBPF identities), else the full sweep
+        atoms = atom_classes(preds.ranges, kernel_pred.values(), family, family_hints)
+        classes = atoms if atoms is not None else address_classes(preds.ranges, family, family_hints)
         n_classes += len(classes)
         for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT)):
             spec = PolicySpec(space, hp, family, direction, spec_pred, flow_states=flows)
@@ -231,70 +235,6 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
     return Proof(
         loaded.backend, hp.workload, tuple(differences), n_classes, time.perf_counter() - start, loaded.notes
     )
-
-
-def _symbolic_members(
-    space: HeaderSpace,
-    family: Family,
-    ranges: list[tuple[Range, ...]],
-    spec_pred: dict[str, int],
-    kernel_pred: dict[str, int],
-) -> tuple[dict[int, BDDNode], BDDNode] | None:
-    """Membership of every predicate as a BDD over fresh variables, when the kernel's sets are
-    the policy's sets: equal contents (one predicate, one variable), or a policy set split
-    into disjoint kernel sets whose union it is (nftables' ``_host`` / ``_net``: one variable
-    each, at most one true, the policy set their OR). Empty sets are false. None when some
-    kernel set is neither (the exact class sweep then decides).
-
-    Proving equality for EVERY assignment of these variables proves it for the assignments
-    real addresses have (a subset), so a proof here is a proof; a difference found here may be
-    unrealizable, so it is only a reason to run the sweep, which finds the real packet."""
-    # A kernel set named ``<policy set>_v<family>_<part>`` is a part of that policy set; parts
-    # are grouped by NAME (equal contents share one predicate, so two policy sets can share a
-    # part's predicate: the same /31 in both, say). A part equal to its owner is the owner.
-    prefix = {f"{name}_v{family.value}_": s for name, s in spec_pred.items() if name != CONTROLLER_PRED}
-    spec_ids = set(spec_pred.values())
-    groups: dict[int, list[int]] = {}
-    for kname, k in kernel_pred.items():
-        owner = _owner(kname, family, prefix)
-        if owner is None:
-            if k not in spec_ids and ranges[k]:
-                return None  # neither a policy set nor a part of one
-            continue
-        if k != owner and ranges[k]:
-            groups.setdefault(owner, [])
-            if k not in groups[owner]:
-                groups[owner].append(k)
-    parts_used = {k for parts in groups.values() for k in parts}
-    if parts_used & set(groups):
-        return None  # a composite set that is also a part of another: not modelled here
-    for owner, parts in groups.items():
-        merged = merge_ranges(r for k in parts for r in ranges[k])
-        size = sum(hi - lo + 1 for k in parts for lo, hi in ranges[k])
-        if merged != ranges[owner] or size != sum(hi - lo + 1 for lo, hi in ranges[owner]):
-            return None
-    bdd = space.bdd
-    members: dict[int, BDDNode] = {}
-    constraint = space.true
-    fresh = [f"m{family.value}_{i}" for i in range(len(ranges))]
-    bdd.declare(*fresh)  # below the header variables: a decision list over them stays linear
-    for i, r in enumerate(ranges):
-        members[i] = bdd.var(fresh[i]) if r else space.false
-    for owner, parts in groups.items():
-        members[owner] = space.false
-        for j, k in enumerate(parts):
-            members[owner] = members[owner] | members[k]
-            for k2 in parts[j + 1:]:
-                constraint = constraint & ~(members[k] & members[k2])
-    return members, constraint
-
-
-def _owner(kname: str, family: Family, prefix: dict[str, int]) -> int | None:
-    """The policy set a kernel set named ``<name>_v<family>_<part>`` is a part of, if any."""
-    cut = kname.rfind(f"_v{family.value}_")
-    if cut < 0:
-        return None
-    return prefix.get(kname[: cut + len(f"_v{family.value}_")])
 
 
 def _symbolic_equal(
