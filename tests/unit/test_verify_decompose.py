@@ -193,3 +193,14 @@ def _split(rng: random.Random, atom: tuple[Range, ...]) -> tuple[Range, ...]:
         return atom
     a = rng.randint(lo + 1, hi - 2)
     return ((lo, a - 1), (a + 1, hi))
+
+
+def test_ipset_members_merge_as_merge_ranges() -> None:
+    """The read-back's fast merge of ipset members (C-level when already apart) equals
+    merge_ranges on overlapping, adjacent, nested and apart members."""
+    from stockade.verify.ipt_readback import _merged
+
+    rng = random.Random(5)
+    for _ in range(3000):
+        rs = [(a, a + rng.choice((0, 0, 0, 1, 3))) for a in (rng.randint(0, 60) for _ in range(rng.randint(0, 12)))]
+        assert _merged(list(rs)) == merge_ranges(rs), rs
