@@ -17,6 +17,8 @@ firewall is not the bench's). Measured:
     python bench/k8s.py --pods 30 --churn-seconds 5
     python bench/k8s.py --agent-src /work/wt/OLD/src --json old.json   # the node agent of another tree
     python bench/k8s.py --baseline old.json                             # side by side: old | this tree
+    python bench/k8s.py --pod-nft --json nft.json && python bench/k8s.py --baseline nft.json
+                                         # pods' applies with nft processes | over netlink (the default)
 
 Needs root, Go-built binaries in the harness cache (tests/k8s/k8s.sh build), ``ip`` and ``nft``.
 The pod-churn fan-out benchmark of the issue (10,000 pods on 100 nodes) is bench/k8s_fanout.py.
@@ -229,8 +231,11 @@ def main() -> None:
     ap.add_argument("--agent-src", type=Path, help="run the node agent from this source tree (e.g. main's)")
     ap.add_argument("--json", type=Path, help="write the rows here (for a later --baseline)")
     ap.add_argument("--baseline", type=Path, help="rows of an earlier --json run, printed beside these")
+    ap.add_argument("--pod-nft", action="store_true",
+                    help="the node agent applies and reads pods' tables with nft processes (the path before netlink)")
     args = ap.parse_args()
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; pods' tables via "
+          f"{'nft processes' if args.pod_nft else 'netlink'}")
     agent_env = dict(os.environ)
     if args.agent_src is not None:
         agent_env["PYTHONPATH"] = str(args.agent_src.resolve())
@@ -262,7 +267,8 @@ def main() -> None:
             agent = subprocess.Popen([sys.executable, "-m", "stockade.cli", "k8s", "node-agent", "--node", "bench-node",
                                       "--controller", ctl.url, "--activation-code-file", str(tmp / "code"),
                                       "--kubeconfig", str(cluster.kubeconfig), "--state-dir", str(tmp / "state"),
-                                      "--no-host-policy", "--log-level", "info"], stdout=out, stderr=subprocess.STDOUT,
+                                      "--no-host-policy", "--log-level", "info",
+                                      *(["--pod-nft"] if args.pod_nft else [])], stdout=out, stderr=subprocess.STDOUT,
                                      env=agent_env)
         kube = Kube(cluster)
         ns = kube.namespace(prefix="bench")

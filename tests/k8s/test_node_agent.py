@@ -190,7 +190,9 @@ def test_a_pods_first_policy_comes_with_its_enrolment_before_its_runtime_starts(
     logged = {uid: json.loads(v) for uid, v in re.findall(r"pod ([0-9a-f-]+): stages (\{.*\})", world.log.read_text())}
     for pod in ("server", "client"):
         stages = logged[world.pod(pod)["metadata"]["uid"]]
-        assert stages["seen"] <= stages["enrolled"] <= stages["found"] <= stages["applied"] <= stages["runtime"], stages
+        # the namespace is looked for (and pinned) while the enrolment waits for the commit: either comes first
+        assert stages["seen"] <= min(stages["enrolled"], stages["found"]), stages
+        assert max(stages["enrolled"], stages["found"]) <= stages["applied"] <= stages["runtime"], stages
         assert stages.get("agent-answered", float("inf")) > stages["applied"], stages
 
 

@@ -88,7 +88,8 @@ def test_only_the_cli_imports_the_controller() -> None:
 
 BACKENDS_DIR = SRC / "backends"
 # What every family may use. Not the registry: through it a family could reach any other family.
-SHARED_BACKEND_MODULES = {"base", "common", "flowlog", "nfnetlink", "portgroups", "setalgebra", "wireguard"}
+SHARED_BACKEND_MODULES = {"base", "common", "conntrack", "flowlog", "nfnetlink", "portgroups", "setalgebra",
+                          "sockets", "wireguard"}
 
 
 def _families() -> list[str]:

@@ -142,11 +142,12 @@ class Enforcer:
         The new backend's rules are applied and verified (read back) while the old ones still
         hold; only then are the old ones removed. Both enforce the same policy, so during the
         overlap a connection passes exactly when it passes either alone: nothing the policy
-        blocks gets through, and established connections keep their state (conntrack, or the
-        eBPF flow map for flows it has not seen: their next packet is judged as new and the
-        policy allows it). If the new backend fails, its partial state is removed and the old
-        backend stays in force (ApplyError). The agent switches at start (``--backend``), before its
-        watchers bind, and at run time when the controller's setting changes
+        blocks gets through, and established connections keep their state (conntrack; eBPF,
+        taking over, records conntrack's connections as flows it re-checks against the policy on
+        their next packet: :mod:`stockade.backends.ebpf.takeover`). If the new backend fails, its
+        partial state is removed and the old backend stays in force (ApplyError). The agent
+        switches at start (``--backend``), before its watchers bind, and at run time when the
+        controller's setting changes
         (``Agent.follow_backend``, which rebinds the change feed and the flow reader after).
         """
         with self._lock:

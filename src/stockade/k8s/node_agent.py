@@ -53,6 +53,7 @@ from stockade.agent.state import CachedPolicy, Credential, StateDir
 from stockade.agent.transport import AgentEvent, ControllerUnreachableError, Enrollment, EventKind
 from stockade.agent_signature import public_key_text
 from stockade.backends.nftables.backend import NftablesBackend
+from stockade.backends.nftables.netlink_apply import NetlinkTableBackend, TemplateCache
 from stockade.compiler.delta import PolicyUpdate, UpdateKind, policy_update_from_dict
 from stockade.errors import AuthError, Issue, NotFoundError, StockadeError, ValidationError
 from stockade.k8s.podns import PodNetns, find_pod_netns, pin, pin_prefix, stale_pins, unpin
@@ -95,6 +96,7 @@ class NodeOptions:
     host_tamper_interval: float = 0.5
     apply_slots: int = 2  # pods' deltas and proofs applied at once (first applies: START_WORKERS)
     pod_proof_min_gap: float = 30.0  # a pod's proofs at most this often (each apply is read back regardless)
+    pod_netlink: bool = True  # pods' full applies and read-backs over netlink (False: nft processes)
 
 
 class NodeControllerClient(HttpControllerClient):
@@ -137,7 +139,8 @@ class NodeAgent:
     def __init__(self, options: NodeOptions, *, backend_factory: BackendFactory | None = None,
                  finder: Callable[[str], PodNetns | None] = find_pod_netns) -> None:
         self.options = options
-        self._backend_factory = backend_factory or (lambda ns: NftablesBackend(options.table, netns=ns))
+        self.templates = TemplateCache()  # pods' table shapes, for applies with no nft process
+        self._backend_factory = backend_factory or self._default_backend
         self._finder = finder
         self._desired: dict[str, LocalPod] = {}
         self._running: dict[str, _Running] = {}
@@ -146,6 +149,8 @@ class NodeAgent:
         self._pool = ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="stockade-pod")
         self._starting: dict[str, Future[bool]] = {}  # uid -> its start under way
         self._first: dict[str, PolicyUpdate] = {}  # uid -> policy its enrolment brought, namespace not found yet
+        self._early: dict[str, tuple[PodNetns, str] | None] = {}  # uid -> namespace found and pinned on the
+        # pod's first attempt, while its enrolment may still wait for the controller's commit (None: not found)
         self._stopping: dict[str, threading.Thread] = {}
         self.pin_prefix = pin_prefix(options.node)
         self._lock = threading.Lock()
@@ -158,6 +163,11 @@ class NodeAgent:
         self.stats = NodeStats()
         self.gate = ApplyGate(slots=options.apply_slots, first_slots=START_WORKERS)  # shared by the pod agents
         self.state = StateDir(options.state_dir / "node")
+
+    def _default_backend(self, netns: str | None) -> NftablesBackend:
+        if netns is None or not self.options.pod_netlink:
+            return NftablesBackend(self.options.table, netns=netns)
+        return NetlinkTableBackend(self.options.table, netns=netns, templates=self.templates)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -185,6 +195,7 @@ class NodeAgent:
             self.host_agent.stop()
         if self.client is not None:
             self.client.close()
+        self.templates.close()
 
     def set_pods(self, pods: Mapping[str, LocalPod]) -> None:
         """The complete set of pods bound to this node, as the API says now."""
@@ -296,6 +307,8 @@ class NodeAgent:
             del self._retry[uid]
         for uid in set(self._first) - set(desired):
             del self._first[uid]
+        for uid in set(self._early) - set(desired):
+            self._early.pop(uid, None)
         for uid, fut in list(self._starting.items()):
             if not fut.done():
                 continue
@@ -367,6 +380,7 @@ class NodeAgent:
             state.wipe()
             cred = None
         first = self._first.pop(pod.uid, None)
+        early = self._early_namespace(pod)
         if cred is None:
             assert self.client is not None and self.credential is not None
             key = public_key_text(state.load_or_create_key())
@@ -380,17 +394,23 @@ class NodeAgent:
             state.save_credential(Credential(self.credential.controller, e.agent_id, e.token, e.workload,
                                              state.key_path))
         self._stage(pod.uid, "enrolled")
-        ns = self._finder(pod.uid)
-        if ns is None:
-            if first is not None:
-                self._first[pod.uid] = first  # for the next attempt (the credential is kept on disk)
-            return False  # no process of it yet (or already gone)
-        self._stage(pod.uid, "found")
-        if ns.host_network:
-            self._host_network_pod(pod)
-            return True
-        netns = pin(ns, self.pin_prefix)
-        self._stage(pod.uid, "pinned")
+        if early is not None:
+            ns, netns = early
+            with self._lock:
+                self._early.pop(pod.uid, None)
+        else:
+            found = self._finder(pod.uid)
+            if found is None:
+                if first is not None:
+                    self._first[pod.uid] = first  # for the next attempt (the credential is kept on disk)
+                return False  # no process of it yet (or already gone)
+            ns = found
+            self._stage(pod.uid, "found")
+            if ns.host_network:
+                self._host_network_pod(pod)
+                return True
+            netns = pin(ns, self.pin_prefix)
+            self._stage(pod.uid, "pinned")
         backend = self._backend_factory(netns)
         enforcer = Enforcer(backend)
         cache = self._enforce_first(pod, enforcer, state, first)
@@ -415,6 +435,25 @@ class NodeAgent:
             threading.Thread(target=self._time_first_apply, args=(pod.uid, agent, t0), daemon=True).start()
         log.info("pod %s/%s: enforcing in %s (%s)", pod.namespace, pod.name, netns, pod.workload)
         return True
+
+    def _early_namespace(self, pod: LocalPod) -> tuple[PodNetns, str] | None:
+        """On a pod's first attempt only, find and pin its namespace before enrolling: the procfs
+        scan and the pin then overlap the wait for the controller to commit the workload (the
+        enrolment is a 404 until then). Not found (no process yet) or the node's own namespace: None,
+        and the start looks again after its enrolment, as before."""
+        with self._lock:
+            if pod.uid in self._early:
+                return self._early[pod.uid]
+            self._early[pod.uid] = None
+        ns = self._finder(pod.uid)
+        if ns is None or ns.host_network:
+            return None
+        self._stage(pod.uid, "found")
+        netns = pin(ns, self.pin_prefix)
+        self._stage(pod.uid, "pinned")
+        with self._lock:
+            self._early[pod.uid] = (ns, netns)
+        return ns, netns
 
     def _in_node_namespace(self, pod: LocalPod) -> bool:
         """A ``hostNetwork`` pod (its spec says so) found running in the node's namespace: marked as

@@ -106,6 +106,7 @@ from stockade.backends.ebpf.render import (
     text_value,
 )
 from stockade.backends.ebpf.syscall import BpfMap, open_map, open_pinned
+from stockade.backends.ebpf.takeover import seed_flows
 from stockade.backends.wireguard import SOCKET_MARK, Tunnel, WireGuardDevice, tunnel_datapath, tunnel_peer_delta
 from stockade.bpf.build import object_path
 from stockade.compiler.ir import HostPolicy, PeerDelta, SetDelta, WireGuardConfig
@@ -216,9 +217,14 @@ class EbpfBackend:
             wg_ifindex=self._tunnel_index() if wg is not None else 0,
             wg_mark=SOCKET_MARK if wg is not None else 0,
         )
+        takeover = cur is None  # a fresh flow map: spare the connections already established
+        if takeover:
+            seed_flows(loader.maps["stk_flows"], self.netns, artifact.host_policy.local_addresses)
         loader.set_current(new)
         try:
             loader.attach()
+            if takeover:  # and those established while it attached
+                seed_flows(loader.maps["stk_flows"], self.netns, artifact.host_policy.local_addresses)
         except ApplyError:
             if cur is not None and cur.object == digest:
                 loader.set_current(replace(cur, epoch=new.epoch + 1))

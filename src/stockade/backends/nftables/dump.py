@@ -95,14 +95,17 @@ class TableDump:
 
 
 class _Dumper:
-    def __init__(self, netns: str | None) -> None:
+    def __init__(self, netns: str | None, sock: socket.socket | None = None) -> None:
+        self.own = sock is None
         try:
-            self.sock = open_socket(netns)
-            self.sock.bind((0, 0))
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
+            if sock is None:
+                sock = open_socket(netns)
+                sock.bind((0, 0))
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
+            self.sock = sock
         except OSError as exc:
             raise BackendError(f"cannot open nf_tables netlink socket in {netns or 'this namespace'}: {exc}") from exc
-        self.seq = 0
+        self.seq = 1 << 30  # apart from the sequence numbers of batches on a shared socket
 
     def request(self, msg: int, body: bytes, dump: bool = True) -> list[bytes] | None:
         """The payloads (after the nfgenmsg) of the answers; None when the kernel says ENOENT."""
@@ -135,15 +138,19 @@ class _Dumper:
                 off += (length + 3) & ~3
 
     def close(self) -> None:
-        self.sock.close()
+        if self.own:
+            self.sock.close()
 
 
-def dump_table(table: str, netns: str | None = None) -> TableDump | None:
-    """Everything of ``inet <table>`` as the kernel holds it, or None when there is no such table."""
+def dump_table(table: str, netns: str | None = None, sock: socket.socket | None = None) -> TableDump | None:
+    """Everything of ``inet <table>`` as the kernel holds it, or None when there is no such table.
+    ``sock``: a NETLINK_NETFILTER socket of that namespace to use (and keep open) instead of a new one
+    (closing a socket right after a transaction that deleted a table waits for nf_tables' deferred
+    destroy work: 7-25 ms measured)."""
     if not _NAME_RE.match(table):
         raise BackendError(f"invalid nftables name {table!r}")
     name = attr(NFTA_TABLE_NAME, table.encode() + b"\0")
-    d = _Dumper(netns)
+    d = _Dumper(netns, sock)
     try:
         found = d.request(NFT_MSG_GETTABLE, name, dump=False)
         if not found:

@@ -117,6 +117,9 @@ def _element_messages(
         yield (NFNL_SUBSYS_NFTABLES << 8) | msg, flags, body
 
 
+element_messages = _element_messages  # the element messages of one change (for other batches)
+
+
 def build_batch(table: str, changes: tuple[ElementChange, ...], first_seq: int) -> tuple[bytes, list[int]]:
     """The whole batch and the sequence numbers of its element messages (each asks for an ack)."""
     for name in (table, *(c.set_name for c in changes)):
@@ -156,6 +159,11 @@ class NftNetlink:
         self._sndbuf = 0
         self._finalizer = weakref.finalize(self, self._sock.close)
 
+    @property
+    def sock(self) -> socket.socket:
+        """The socket (bound to the namespace it was opened in), e.g. for a dump between batches."""
+        return self._sock
+
     def close(self) -> None:
         self._finalizer()
 
@@ -182,7 +190,31 @@ class NftNetlink:
             raise ApplyError(f"nf_tables batch not sent: {exc}") from exc
         self._collect_acks(set(seqs), seqs[0] - 1)
 
-    def _collect_acks(self, pending: set[int], begin_seq: int) -> None:
+    def send_batch(self, parts: list[tuple[int, int, bytes]], what: str = "batch") -> None:
+        """Send ``parts`` (nf_tables message type, flags, body; each asks for an ack) as one
+        transaction between BATCH_BEGIN and BATCH_END: all of it is in force, or none (ApplyError)."""
+        seq = self._seq
+        chunks = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES, b"")]
+        seqs: list[int] = []
+        for msg, flags, body in parts:
+            seq += 1
+            seqs.append(seq)
+            chunks.append(message((NFNL_SUBSYS_NFTABLES << 8) | msg, flags | NLM_F_ACK, seq, NFPROTO_INET, 0, body))
+        seq += 1
+        chunks.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES, b""))
+        self._seq = seq + 1
+        batch = b"".join(chunks)
+        if len(batch) > self._sndbuf:
+            self._sndbuf = max(len(batch) * 2, 1 << 20)
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, self._sndbuf)
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self._sndbuf)
+        try:
+            self._sock.sendall(batch)
+        except OSError as exc:
+            raise ApplyError(f"nf_tables {what} not sent: {exc}") from exc
+        self._collect_acks(set(seqs), seqs[0] - 1 if seqs else seq - 1, what)
+
+    def _collect_acks(self, pending: set[int], begin_seq: int, what: str = "set-element batch") -> None:
         errors: list[str] = []
         self._sock.settimeout(5.0)
         try:
@@ -195,9 +227,9 @@ class NftNetlink:
                     if seq == begin_seq and err:  # whole batch refused (e.g. commit failed)
                         pending.clear()
         except TimeoutError as exc:
-            raise ApplyError("nf_tables did not acknowledge the set-element batch") from exc
+            raise ApplyError(f"nf_tables did not acknowledge the {what}") from exc
         finally:
             self._sock.settimeout(None)
         if errors:
-            raise ApplyError("nf_tables refused the set-element batch: " + "; ".join(sorted(set(errors))))
+            raise ApplyError(f"nf_tables refused the {what}: " + "; ".join(sorted(set(errors))))
 
