@@ -12,7 +12,10 @@ earlier rule decided) with netfilter's semantics:
   the next rule;
 * rules without a verdict (log, counter, set add) decide nothing;
 * several base chains at one hook (priorities): a packet passes only if every one accepts
-  (a drop anywhere is final; an accept only ends that chain).
+  (a drop anywhere is final; an accept only ends that chain);
+* encrypted rules (:mod:`.tunnel`): a ``mark`` verdict steers the packets it reaches into the
+  tunnel and goes on with the next rule; at the output hook the accepted packets become the
+  three-valued outcome (drop, clear, tunnel) by the read-back's steering.
 
 A chain's result depends on the address class only through the sets it (transitively) tests,
 so results are memoised per (chain, those sets' membership): a verdict chain is computed once,
@@ -29,6 +32,7 @@ from stockade.verify.loaded import (
     Addr,
     AddrIn,
     Chain,
+    ConnEncrypted,
     CtState,
     FamilyIs,
     FamilyRules,
@@ -39,11 +43,15 @@ from stockade.verify.loaded import (
     Kind,
     Loopback,
     Match,
+    PacketMark,
     Rule,
+    Steering,
     TcpFlags,
+    Tunnel,
     Verdict,
 )
 from stockade.verify.space import BDDNode, HeaderSpace
+from stockade.verify.tunnel import bind_marks, match_bdd, output_exit
 
 # verdicts after which a packet never comes back to the rules that follow: consecutive rules
 # with one of them (and the same target) can be merged into one rule matching their OR
@@ -77,6 +85,7 @@ class Interpreter:
         pred_of: dict[str, int],
         local: int | None,
         members: dict[int, BDDNode] | None = None,
+        steering: Steering = Steering.ROUTE,
     ) -> None:
         self.space = space
         self.rules = rules
@@ -88,6 +97,8 @@ class Interpreter:
         # symbolic membership (see prove._symbolic_members): predicate -> BDD over membership
         # variables, instead of the constant membership of one address class
         self.members = members
+        self.steering = steering
+        self._marks: dict[tuple[str, frozenset[int]], BDDNode] = {}  # packets a chain steers (MARK)
         self._deps: dict[str, frozenset[int]] = {}
         self._memo: dict[tuple[str, frozenset[int]], tuple[BDDNode, BDDNode]] = {}
         self._map_keys: dict[tuple[int, int, int], BDDNode] = {}
@@ -162,6 +173,8 @@ class Interpreter:
             return ~sp.loopback if m.negate else sp.loopback
         if isinstance(m, InDynamicSet):
             return sp.in_dynamic(m.set_name)
+        if isinstance(m, Tunnel | ConnEncrypted | PacketMark):
+            return match_bdd(sp, m, self.hook)
         raise UnmodelledConstructError("rule", f"match {m!r}")  # pragma: no cover - Match is closed
 
     def _rule_match(self, rule: Rule, sig: frozenset[int]) -> BDDNode | None:
@@ -207,6 +220,7 @@ class Interpreter:
         stack = (*stack, name)
         sp = self.space
         acc, drop, rest = sp.false, sp.false, sp.true
+        marks = [sp.false] if self._uses_marks() else None  # packets this chain steers (MARK)
         rules = self._chain(name).rules
         for index in self._relevant(name, sig):
             rule = rules[index]
@@ -220,10 +234,12 @@ class Interpreter:
                 for j in self._relevant_elements(rule.verdict.target, sig, stack):
                     e = elements[j]
                     em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
-                    acc, drop, rest = self._apply(e.verdict, em, acc, drop, rest, sig, stack)
+                    acc, drop, rest = self._apply(e.verdict, em, acc, drop, rest, sig, stack, marks)
             else:
-                acc, drop, rest = self._apply(rule.verdict, m, acc, drop, rest, sig, stack)
+                acc, drop, rest = self._apply(rule.verdict, m, acc, drop, rest, sig, stack, marks)
         self._memo[key] = (acc, drop)
+        if marks is not None:
+            self._marks[key] = marks[0]
         return acc, drop
 
     def _chain_symbolic(self, name: str, stack: tuple[str, ...]) -> tuple[BDDNode, BDDNode]:
@@ -261,7 +277,8 @@ class Interpreter:
                     parts.append(split)
                 continue
             steps.append((rule, [split]))
-        acc, drop = sp.false, sp.false  # falling off the end: return
+        marks = self._uses_marks()  # then also which packets the chain steers (MARK), as a third BDD
+        state = (sp.false, sp.false, sp.false)  # (accepted, dropped, marked); the end returns
         for rule, parts in reversed(steps):
             m = sp.false
             for static, member in parts:
@@ -269,14 +286,17 @@ class Interpreter:
             if m == sp.false:
                 continue
             if rule.verdict.kind is Kind.VMAP:
-                after = (acc, drop)  # a jump's returns go on with the next RULE, not element
+                after = state  # a jump's returns go on with the next RULE, not element
                 for e in reversed(self.rules.maps[rule.verdict.target]):
                     em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
                     if em != sp.false:
-                        acc, drop = self._ite(e.verdict, em, acc, drop, after, stack)
+                        state = self._ite(e.verdict, em, state, after, stack, marks)
             else:
-                acc, drop = self._ite(rule.verdict, m, acc, drop, (acc, drop), stack)
+                state = self._ite(rule.verdict, m, state, state, stack, marks)
+        acc, drop, marked = state
         self._memo[(name, frozenset())] = (acc, drop)
+        if marks:
+            self._marks[(name, frozenset())] = marked
         return acc, drop
 
     def _split_symbolic(self, rule: Rule) -> tuple[BDDNode, BDDNode] | None:
@@ -301,28 +321,39 @@ class Interpreter:
         self,
         v: Verdict,
         m: BDDNode,
-        acc: BDDNode,
-        drop: BDDNode,
-        after: tuple[BDDNode, BDDNode],
+        state: tuple[BDDNode, BDDNode, BDDNode],
+        after: tuple[BDDNode, BDDNode, BDDNode],
         stack: tuple[str, ...],
-    ) -> tuple[BDDNode, BDDNode]:
-        """Packets matching ``m`` get verdict ``v`` (``after``: what the rules after this one
-        decide, for those a jump returns); the others keep (``acc``, ``drop``)."""
+        marks: bool,
+    ) -> tuple[BDDNode, BDDNode, BDDNode]:
+        """Packets matching ``m`` get verdict ``v``; the others keep ``state`` (accepted, dropped,
+        marked). ``after``: what the rules after this one decide, for those a jump returns."""
         sp = self.space
         ite = sp.bdd.ite
-        if v.kind is Kind.ACCEPT:
-            return acc | m, drop & ~m
-        if v.kind is Kind.DROP:
-            return acc & ~m, drop | m
-        if v.kind is Kind.RETURN:
-            return acc & ~m, drop & ~m
+        acc, drop, marked = state
+        if v.kind is Kind.MARK:  # steered into the tunnel; the next rule runs
+            if self.hook is not HookName.OUTPUT or not marks:
+                raise UnmodelledConstructError("rule", f"the steering mark set at the {self.hook.value} hook")
+            return acc, drop, marked | m
+        if v.kind in (Kind.ACCEPT, Kind.DROP, Kind.RETURN):
+            if marks:
+                marked = marked & ~m
+            if v.kind is Kind.ACCEPT:
+                return acc | m, drop & ~m, marked
+            if v.kind is Kind.DROP:
+                return acc & ~m, drop | m, marked
+            return acc & ~m, drop & ~m, marked
         if v.kind in (Kind.JUMP, Kind.GOTO):
             a, d = self._chain_symbolic(v.target, stack)
             acc, drop = ite(m, a, acc), ite(m, d, drop)
+            if marks:
+                marked = ite(m, self._marks[(v.target, frozenset())], marked)
             if v.kind is Kind.JUMP:  # what X returns goes on with the rules after this one
                 back = m & ~(a | d)  # small: within this rule's match (``after`` is not)
                 acc, drop = acc | (back & after[0]), drop | (back & after[1])
-            return acc, drop
+                if marks:
+                    marked = marked | (back & after[2])
+            return acc, drop, marked
         raise UnmodelledConstructError("rule", f"verdict {v.kind.value} here")
 
     # ---- which rules can matter for an address class --------------------------------------
@@ -400,9 +431,15 @@ class Interpreter:
         rest: BDDNode,
         sig: frozenset[int],
         stack: tuple[str, ...],
+        marks: list[BDDNode] | None = None,
     ) -> tuple[BDDNode, BDDNode, BDDNode]:
         here = rest & m
         if here == self.space.false or v.kind is Kind.CONTINUE:
+            return acc, drop, rest
+        if v.kind is Kind.MARK:  # steered into the tunnel; the next rule runs
+            if self.hook is not HookName.OUTPUT or marks is None:  # (marks: None only without MARK rules)
+                raise UnmodelledConstructError("rule", f"the steering mark set at the {self.hook.value} hook")
+            marks[0] = marks[0] | here
             return acc, drop, rest
         if v.kind is Kind.ACCEPT:
             return acc | here, drop, rest & ~m
@@ -413,6 +450,8 @@ class Interpreter:
         if v.kind in (Kind.JUMP, Kind.GOTO):
             a, d = self.chain(v.target, sig, stack)
             acc, drop = acc | (here & a), drop | (here & d)
+            if marks is not None:
+                marks[0] = marks[0] | (here & self._marks[(v.target, sig & self.deps(v.target))])
             gone = m if v.kind is Kind.GOTO else m & (a | d)
             return acc, drop, rest & ~gone
         raise UnmodelledConstructError("rule", f"verdict {v.kind.value} here")
@@ -421,9 +460,26 @@ class Interpreter:
         """The packets every base chain of the hook accepts (policy included)."""
         sp = self.space
         out = sp.true
+        marked = sp.false
+        uses_marks = self._uses_marks()
         for name in self.rules.hooks.get(self.hook, ()):
             acc, drop = self.chain(name, sig)
             policy = self._chain(name).policy
             passed = acc | (~(acc | drop) if policy is Kind.ACCEPT else sp.false)
+            if uses_marks:  # what this base chain steers, of the packets that reached it
+                marked = marked | (out & self._marks[(name, sig & self.deps(name))])
             out = out & passed
-        return out
+        if self.hook is not HookName.OUTPUT:
+            return out
+        if uses_marks:
+            out, marked = bind_marks(sp, out, marked)
+        return output_exit(sp, out, marked, self.steering)
+
+    def _uses_marks(self) -> bool:
+        """Whether any rule tests or sets the packet mark (else ``mk`` never appears: no binding)."""
+        found = getattr(self, "_marks_used", None)
+        if found is None:
+            found = any(r.verdict.kind is Kind.MARK or any(isinstance(m, PacketMark) for m in r.matches)
+                        for c in self.rules.chains.values() for r in c.rules)
+            self._marks_used = found
+        return found

@@ -23,10 +23,19 @@ from operator import add, attrgetter, le, lshift, ne, sub
 from stockade.compiler.ir import Direction, HostPolicy
 from stockade.model.addresses import Family, IPAddress, IPNetwork, Range, merge_ranges
 from stockade.verify.interpret import Interpreter, peer_field, referenced_sets
-from stockade.verify.loaded import CT_STATES, FamilyRules, Field, HookName, LoadedRuleset
+from stockade.verify.loaded import CT_STATES, FamilyRules, Field, HookName, LoadedRuleset, Steering
 from stockade.verify.members import symbolic_members
-from stockade.verify.space import SYN, AddressClass, BDDNode, HeaderSpace, address_classes, atom_classes
+from stockade.verify.space import (
+    SYN,
+    AddressClass,
+    BDDNode,
+    HeaderSpace,
+    _members_at,
+    address_classes,
+    atom_classes,
+)
 from stockade.verify.spec import CONTROLLER_PRED, PolicySpec
+from stockade.verify.tunnel import loopback_allowed, loopback_domain
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 # Up to this many host rules, set membership is tried as BDD variables first (no address sweep:
@@ -53,6 +62,12 @@ class Packet:
     tcp_flags: int
     ct_state: str
     loopback: bool
+    # encrypted rules (:mod:`.tunnel`): inbound, it arrived through the WireGuard interface;
+    # outbound, the verdict is about it leaving through the tunnel (else in the clear)
+    tunnel: bool = False
+    encrypted_connection: bool = False  # its connection is marked encrypted
+    socket_mark: bool = False  # it carries wireguard-go's socket mark
+    route_ok: bool = True  # the steering route / redirect target is there
 
     def __str__(self) -> str:
         proto = PROTO_NAMES.get(self.l4proto, f"proto {self.l4proto}")
@@ -65,6 +80,16 @@ class Packet:
         else:
             what = f"{proto} {self.src} -> {self.dst}"
         lo = " on lo" if self.loopback else ""
+        if self.tunnel:
+            lo += " via the WireGuard tunnel" if self.direction is Direction.INBOUND else " into the WireGuard tunnel"
+        elif self.direction is Direction.OUTBOUND:
+            lo += " (in the clear)" if (self.encrypted_connection or self.socket_mark or not self.route_ok) else ""
+        if self.encrypted_connection:
+            lo += " of an encrypted connection"
+        if self.socket_mark:
+            lo += " with wireguard-go's fwmark"
+        if not self.route_ok:
+            lo += " with the tunnel's route missing"
         return f"{self.direction.name.lower()} {what} ct {self.ct_state}{lo}"
 
 
@@ -142,6 +167,10 @@ class _Preds:
 _PREFERENCES: tuple[tuple[str, object], ...] = (
     ("ct", "new"),
     ("lo", False),
+    ("smark", False),
+    ("rt", True),
+    ("enc", False),
+    ("wg", False),
     ("proto", 6),
     ("proto", 17),
     ("proto", 1),
@@ -158,6 +187,8 @@ def _prefer(space: HeaderSpace, diff: BDDNode) -> BDDNode:
             extra = space.ct_in((str(value),))
         elif what == "lo":
             extra = ~space.loopback
+        elif what in ("smark", "rt", "enc", "wg"):
+            extra = space.var(what) if value else ~space.var(what)
         elif what == "proto":
             extra = space.proto(int(value))  # type: ignore[call-overload]
         elif what == "flags":
@@ -191,6 +222,9 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
         if loaded.flow_states:
             domain = domain & space.flow_domain(family)
         flows = loaded.flow_states
+        encrypts = hp.wireguard is not None or any(r.encrypt for r in hp.rules)
+        if not encrypts:
+            domain = domain & ~space.var("enc")  # nothing of this policy marks a connection encrypted
         # one set of address classes per family, for both directions (finer than either needs)
         preds = _Preds()
         spec_pred: dict[str, int] = {s.name: preds.add(_ranges(s.members)) for s in hp.sets if s.family is family}
@@ -205,12 +239,16 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
         members = None
         if len(hp.rules) <= SYMBOLIC_MEMBERS_MAX_RULES and fam_rules is not None:
             members = symbolic_members(space, family, preds.ranges, spec_pred, kernel_pred)
+        # encrypted rules: a packet on lo has a local peer address (the steering marks by address)
+        local_sigs = {_members_at(preds.ranges, x) for x in locals_ if x is not None} if encrypts else set()
         if members is not None and fam_rules is not None:
             # fast path: membership as BDD variables, no address sweep (see members.symbolic_members)
             symbolic, constraint = members
+            if local_sigs:
+                constraint = constraint & loopback_domain(space, local_sigs, symbolic)
             if all(
                 _symbolic_equal(space, hp, family, direction, spec_pred, fam_rules, hook, kernel_pred, local,
-                                symbolic, domain & constraint, flows)
+                                symbolic, domain & constraint, flows, loaded.steering)
                 for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT))
                 for local in locals_
             ):  # fmt: skip
@@ -224,10 +262,11 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
             spec = PolicySpec(space, hp, family, direction, spec_pred, flow_states=flows)
             spec_keys = frozenset(spec_pred.values())
             interps = [
-                Interpreter(space, fam_rules, hook, kernel_pred, local) if fam_rules is not None else None
+                Interpreter(space, fam_rules, hook, kernel_pred, local, steering=loaded.steering)
+                if fam_rules is not None else None
                 for local in locals_
             ]
-            found = _check(space, spec, spec_keys, interps, classes, domain)
+            found = _check(space, spec, spec_keys, interps, classes, domain, local_sigs)
             if found is not None:
                 cls, local, assignment, policy_accepts = found
                 local = local if local is not None else locals_[0]
@@ -250,10 +289,12 @@ def _symbolic_equal(
     members: dict[int, BDDNode],
     domain: BDDNode,
     flow_states: bool = False,
+    steering: Steering = Steering.ROUTE,
 ) -> bool:
     spec = PolicySpec(space, hp, family, direction, spec_pred, flow_states=flow_states)
     want = spec.accept_symbolic(members) & domain
-    have = Interpreter(space, fam_rules, hook, kernel_pred, local, members).hook_accept(frozenset()) & domain
+    interp = Interpreter(space, fam_rules, hook, kernel_pred, local, members, steering=steering)
+    have = interp.hook_accept(frozenset()) & domain
     return bool(want == have)
 
 
@@ -264,17 +305,26 @@ def _check(
     interps: list[Interpreter | None],
     classes: list[AddressClass],
     domain: BDDNode,
+    local_sigs: set[frozenset[int]] | None = None,
 ) -> tuple[AddressClass, int | None, dict[str, bool], bool] | None:
+    fallback = None
+    no_lo = domain & ~space.loopback
     for cls in classes:
-        want = spec.accept(cls.members & spec_keys) & domain
+        dom = domain if loopback_allowed(local_sigs or set(), cls.members) else no_lo
+        want = spec.accept(cls.members & spec_keys) & dom
         for interp in interps:
-            have = (interp.hook_accept(cls.members) if interp is not None else space.true) & domain
+            have = (interp.hook_accept(cls.members) if interp is not None else space.true) & dom
             if have != want:
                 diff = _prefer(space, space.bdd.apply("xor", have, want))
                 assignment = space.pick(diff)
                 policy_accepts = bool(space.bdd.let(assignment, want) == space.true)
-                return cls, interp.local if interp is not None else None, assignment, policy_accepts
-    return None
+                found = cls, interp.local if interp is not None else None, assignment, policy_accepts
+                if not (assignment.get("enc") or assignment.get("smark")):
+                    return found
+                # only a packet of an encrypted connection (or wireguard-go's) differs here: an
+                # address with a difference a new connection shows is easier to confirm for real
+                fallback = fallback or found
+    return fallback
 
 
 def _difference(
@@ -294,5 +344,6 @@ def _difference(
     packet = Packet(
         family, direction, src, dst, v[Field.L4PROTO.value], v[Field.SPORT.value], v[Field.DPORT.value],
         v[Field.ICMP_TYPE.value], v["tcp-flags"], ct, bool(v["lo"]),
+        bool(v["wg"]), bool(v["enc"]), bool(v["smark"]), bool(v["rt"]),
     )  # fmt: skip
     return Difference(packet, policy_accepts, not policy_accepts)

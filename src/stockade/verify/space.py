@@ -10,7 +10,8 @@ Together this is exhaustive over every address and every value of every modelled
 
 BDD variables (``dd.cudd``, falling back to ``dd.autoref``): l4 protocol (8 bits), destination
 and source port (16 each), ICMP type (8), TCP flags (8), conntrack state (3 bits, 5 values),
-loopback (1) and one bit per dynamic set (the unknown "already logged" membership).
+loopback (1), the tunnel bits of encrypted rules (:data:`TUNNEL_VARS`, see :mod:`.tunnel`) and
+one bit per dynamic set (the unknown "already logged" membership).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ WIDTHS = {Field.L4PROTO: 8, Field.DPORT: 16, Field.SPORT: 16, Field.ICMP_TYPE: 8
 _PREFIX = {Field.L4PROTO: "p", Field.DPORT: "d", Field.SPORT: "s", Field.ICMP_TYPE: "t"}
 CT_BITS = 3
 SYN, ACK = TCP_FLAG_BITS["syn"], TCP_FLAG_BITS["ack"]
+# Encrypted rules (:mod:`.tunnel`): "wg" the packet arrived through the WireGuard interface
+# (inbound) / leaves through it (outbound: the verdict asked about); "enc" its connection is
+# marked encrypted; "smark" it carries wireguard-go's socket mark; "rt" the steering route (or
+# the redirect's target) is there; "mk" (internal to the interpreter) the packet's mark is the
+# steering mark when a rule tests it, replaced by what the steering rules computed.
+TUNNEL_VARS = ("wg", "enc", "smark", "rt", "mk")
 
 
 def _bits(prefix: str, width: int) -> list[str]:
@@ -50,8 +57,11 @@ class HeaderSpace:
         self.flag_names = _bits("f", 8)
         self.ct_names = _bits("c", CT_BITS)
         self.dynamic = {name: f"y{i}" for i, name in enumerate(sorted(set(dynamic_sets)))}
-        order = [*self.names[Field.L4PROTO], *self.names[Field.DPORT], *self.names[Field.SPORT]]
-        order += [*self.names[Field.ICMP_TYPE], *self.flag_names, *self.ct_names, "lo", *self.dynamic.values()]
+        # "wg" first: the outbound "sent in the clear" (``f & ~wg``) is then one node on top
+        order = ["wg", *self.names[Field.L4PROTO], *self.names[Field.DPORT], *self.names[Field.SPORT]]
+        order += [*self.names[Field.ICMP_TYPE], *self.flag_names, *self.ct_names, "lo"]
+        order += [v for v in TUNNEL_VARS if v != "wg"]
+        order += self.dynamic.values()
         self.bdd.configure(reordering=False)  # our order is chosen; reordering costs more than it saves here
         self.bdd.declare(*order)
         self.all_vars = order
@@ -120,6 +130,10 @@ class HeaderSpace:
     def loopback(self) -> BDDNode:
         return self.bdd.var("lo")
 
+    def var(self, name: str) -> BDDNode:
+        """One of :data:`TUNNEL_VARS` as a BDD."""
+        return self.bdd.var(name)
+
     def in_dynamic(self, name: str) -> BDDNode:
         return self.bdd.var(self.dynamic[name])
 
@@ -129,7 +143,12 @@ class HeaderSpace:
     def domain(self, family: Family) -> BDDNode:
         """Packets that can exist: a valid conntrack state, no ICMP of the other family."""
         other = 58 if family is Family.V4 else 1
-        return self.ct_in(CT_STATES) & ~self.proto(other)
+        wg, enc = self.var("wg"), self.var("enc")
+        # one interface: not both lo and the tunnel; an encrypted connection is a tracked one
+        # (new for a retransmitted SYN, established, related) and never on lo (the failsafe
+        # accepts lo before any rule could mark it); "mk" is bound by the interpreter
+        tunnel = ~(self.loopback & wg) & ~(enc & (self.loopback | ~self.ct_in(("new", "established", "related"))))
+        return self.ct_in(CT_STATES) & ~self.proto(other) & tunnel & ~self.var("mk")
 
     def flow_domain(self, family: Family) -> BDDNode:
         """The states a datapath flow table gives (see ``LoadedRuleset.flow_states``): new;
@@ -142,7 +161,7 @@ class HeaderSpace:
         established = ~bare_syn & ~(icmp & ~self.field_in(Field.ICMP_TYPE, echo))
         related = icmp & self.field_in(Field.ICMP_TYPE, errors)
         return (
-            self.ct_in(("new",))
+            (self.ct_in(("new",)) & ~self.var("enc"))  # a flow's "enc": only packets of a flow
             | (self.ct_in(("established",)) & established)
             | (self.ct_in(("related",)) & related)
         )
@@ -159,6 +178,8 @@ class HeaderSpace:
         out["tcp-flags"] = num(self.flag_names)
         out["ct"] = num(self.ct_names)
         out["lo"] = int(bool(assignment.get("lo", False)))
+        for name in TUNNEL_VARS:
+            out[name] = int(bool(assignment.get(name, False)))
         return out
 
     def pick(self, u: BDDNode) -> dict[str, bool]:

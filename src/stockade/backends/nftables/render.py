@@ -293,7 +293,7 @@ def _host_rule_lines(rule: HostRule, opts: _Options, services: tuple[ServiceEntr
     verdict = _verdict(rule.action, rule.rule_id, opts, rule.encrypt)
     if rule.encrypt:  # plaintext first: dropped; then what came through the tunnel is accepted
         verdict = f"{_tunnel_check(rule, opts)} counter {flow_log(FlowAction.BLOCK, rule.rule_id, opts.log_group)}" \
-            f" drop {_comment(rule.rule_id)}\0{verdict}"
+            f" drop\0{verdict}"  # each line gets the rule's comment once, below
     comment = _comment(rule.rule_id)
     for family in (Family.V4, Family.V6):
         proto = "ip" if family is Family.V4 else "ip6"
