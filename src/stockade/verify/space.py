@@ -302,6 +302,9 @@ def atom_classes(
     nowhere = _first_gap(flat, top)
     if nowhere is not None:
         examples.setdefault(frozenset(), nowhere)
+    # in address order (each example is its class's lowest address here), as the sweep gives
+    # them: the prover reports the first class that differs
+    examples = dict(sorted(examples.items(), key=lambda item: item[1]))
     for h in hints:  # a hint becomes its class's example (a lab address for the counterexample)
         i = bisect.bisect_right(starts, h) - 1
         sig: frozenset[int] = frozenset()
