@@ -12,6 +12,7 @@ does not cover are refused.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import struct
 from pathlib import Path
@@ -25,6 +26,8 @@ from stockade.backends.wireguard import SOCKET_MARK
 from stockade.compiler.ir import Direction, HostPolicy
 from stockade.errors import UnmodelledConstructError
 from stockade.model.addresses import Family
+from stockade.model.rules import Action
+from stockade.model.services import Proto, ServiceEntry
 from stockade.verify.ebpf_readback import datapath_rules, decode_trie
 from stockade.verify.interpret import Interpreter
 from stockade.verify.ipt_readback import parse_iptables
@@ -233,3 +236,32 @@ def test_cli_wg_interface_is_validated_naming_the_option(tmp_path: Path) -> None
     path.write_text(host_policy_to_json(_encrypted(0)))
     result = CliRunner().invoke(main, ["verify", "--host-policy", str(path), "--wg-interface", "wg0; rm -rf /"])
     assert result.exit_code != 0 and "--wg-interface" in result.output
+
+
+def _in_own_peer_set() -> HostPolicy:
+    """A web host whose one rule is ``app=web -> app=web`` tcp/5432 encrypted: an encrypted
+    outbound allow whose peer set holds the host's own address."""
+    for seed in range(200):
+        hp = _encrypted(seed)
+        for r in hp.rules:
+            if not (r.encrypt and r.action is Action.ALLOW and r.direction is Direction.OUTBOUND):
+                continue
+            for s in hp.sets:
+                if s.name == r.peer and s.family is Family.V4 and s.members and s.members[0].num_addresses > 2:
+                    rule = dataclasses.replace(r, services=(ServiceEntry(Proto.TCP, 5432, 5432),))
+                    own = s.members[0][1]  # a host address of the set
+                    v6 = [a for a in hp.local_addresses if a.version == 6]
+                    return dataclasses.replace(hp, rules=(rule,), local_addresses=(own, *v6))
+    raise AssertionError("no policy with an encrypted outbound allow")
+
+
+def test_regression_a_host_in_its_own_encrypted_peer_set_reaches_itself_on_lo() -> None:
+    """The steering marked the host's connection to its own address (routed to lo) and the mangle
+    POSTROUTING guard dropped it (found by the proof, confirmed in tests/kernel/test_wireguard_loopback):
+    the steering now skips ``-o lo``; the old text (without the skip) is a counterexample on lo."""
+    hp = _in_own_peer_set()
+    assert prove_iptables_artifact(hp, render_iptables(hp, wg_interface=WG), WG).proven
+    old = _save_mutant(hp, "-o lo -j RETURN")
+    found = [d for d in old.differences if d.packet.direction is Direction.OUTBOUND and d.packet.loopback]
+    assert found, old.summary()
+    assert (found[0].policy_accepts, found[0].kernel_accepts) == (True, False), str(found[0])
