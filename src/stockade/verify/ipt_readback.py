@@ -24,6 +24,8 @@ import ipaddress
 import re
 import shlex
 import socket
+from itertools import islice, repeat
+from operator import add, itemgetter, lt
 
 from stockade.errors import UnmodelledConstructError
 from stockade.model.addresses import Family, Range, merge_ranges
@@ -120,7 +122,18 @@ def parse_ipset_save(text: str) -> dict[str, AddressSet]:
             members[name] = []
         else:
             raise UnmodelledConstructError("ipset save", f"line {line!r}")
-    return {n: AddressSet(f, merge_ranges(members[n])) for n, f in kinds.items() if f is not None}
+    return {n: AddressSet(f, _merged(members[n])) for n, f in kinds.items() if f is not None}
+
+
+def _merged(ranges: list[Range]) -> tuple[Range, ...]:
+    """:func:`merge_ranges`, with C-level iterators when the sorted ranges are already apart (no
+    overlap, no adjacency: a set of single peers, the common case; 500k members at 1,000 rules
+    x 100,000 peers, where the Python merge loop cost ~0.8 s)."""
+    ranges.sort()
+    his = map(add, map(itemgetter(1), ranges), repeat(1))
+    if all(map(lt, his, map(itemgetter(0), islice(ranges, 1, None)))):
+        return tuple(ranges)
+    return merge_ranges(ranges)
 
 
 def _element(text: str, family: Family, name: str) -> Range:

@@ -24,15 +24,27 @@ from stockade.compiler.ir import Direction, HostPolicy
 from stockade.model.addresses import Family, IPAddress, IPNetwork, Range, merge_ranges
 from stockade.verify.interpret import Interpreter, peer_field, referenced_sets
 from stockade.verify.loaded import CT_STATES, FamilyRules, Field, HookName, LoadedRuleset, Steering
-from stockade.verify.space import SYN, AddressClass, BDDNode, HeaderSpace, _members_at, address_classes
+from stockade.verify.members import symbolic_members
+from stockade.verify.space import (
+    SYN,
+    AddressClass,
+    BDDNode,
+    HeaderSpace,
+    _members_at,
+    address_classes,
+    atom_classes,
+)
 from stockade.verify.spec import CONTROLLER_PRED, PolicySpec
 from stockade.verify.tunnel import loopback_allowed, loopback_domain
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 # Up to this many host rules, set membership is tried as BDD variables first (no address sweep:
-# flat in the number of peers); beyond it the BDD of the rules over memberships grows faster
-# than the sweep (measured: 100 rules 0.09 s against 0.85 s; 1,000 rules 9 s against 6 s).
-SYMBOLIC_MEMBERS_MAX_RULES = 300
+# flat in the number of peers). Session 5 stopped at 300 (its forward walk rebuilt every
+# port's decision list under each new rule: 1,000 rules 9 s against the sweep's 6 s); built
+# from the last rule up, with runs of equal verdicts merged (:mod:`.interpret`), 1,000 rules
+# take ~1.5 s and grow linearly, so the limit is only a guard (tests set it to -1 to force
+# the sweep).
+SYMBOLIC_MEMBERS_MAX_RULES = 20_000
 
 
 @dataclass(frozen=True)
@@ -121,9 +133,11 @@ def _ranges(nets: Iterable[IPNetwork]) -> tuple[Range, ...]:
     nets = list(nets)
     if not nets:
         return ()
-    los = list(map(int, map(attrgetter("network_address"), nets)))
+    # the ipaddress objects' integer and prefix length attributes read directly (``int()`` and
+    # the ``prefixlen`` property cost twice as much, and this runs once per member)
+    los = list(map(attrgetter("network_address._ip"), nets))
     top = nets[0].max_prefixlen
-    sizes = map(lshift, repeat(1), map(sub, repeat(top), map(attrgetter("prefixlen"), nets)))
+    sizes = map(lshift, repeat(1), map(sub, repeat(top), map(attrgetter("_prefixlen"), nets)))
     his = list(map(sub, map(add, los, sizes), repeat(1)))
     ends = list(map(add, his, repeat(1)))  # first address after each range
     if not all(map(le, ends, islice(los, 1, None))):  # unsorted or overlapping
@@ -224,11 +238,11 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
                     kernel_pred[name] = preds.add(fam_rules.sets[name].ranges)
         members = None
         if len(hp.rules) <= SYMBOLIC_MEMBERS_MAX_RULES and fam_rules is not None:
-            members = _symbolic_members(space, family, preds.ranges, spec_pred, kernel_pred)
+            members = symbolic_members(space, family, preds.ranges, spec_pred, kernel_pred)
         # encrypted rules: a packet on lo has a local peer address (the steering marks by address)
         local_sigs = {_members_at(preds.ranges, x) for x in locals_ if x is not None} if encrypts else set()
         if members is not None and fam_rules is not None:
-            # fast path: membership as BDD variables, no address sweep (see _symbolic_members)
+            # fast path: membership as BDD variables, no address sweep (see members.symbolic_members)
             symbolic, constraint = members
             if local_sigs:
                 constraint = constraint & loopback_domain(space, local_sigs, symbolic)
@@ -239,7 +253,10 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
                 for local in locals_
             ):  # fmt: skip
                 continue
-        classes = address_classes(preds.ranges, family, (int(h) for h in hints if h.version == family.value))
+        family_hints = [int(h) for h in hints if h.version == family.value]
+        # the kernel's sets as atoms when they allow it (eBPF identities), else the full sweep
+        atoms = atom_classes(preds.ranges, kernel_pred.values(), family, family_hints)
+        classes = atoms if atoms is not None else address_classes(preds.ranges, family, family_hints)
         n_classes += len(classes)
         for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT)):
             spec = PolicySpec(space, hp, family, direction, spec_pred, flow_states=flows)
@@ -257,54 +274,6 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
     return Proof(
         loaded.backend, hp.workload, tuple(differences), n_classes, time.perf_counter() - start, loaded.notes
     )
-
-
-def _symbolic_members(
-    space: HeaderSpace,
-    family: Family,
-    ranges: list[tuple[Range, ...]],
-    spec_pred: dict[str, int],
-    kernel_pred: dict[str, int],
-) -> tuple[dict[int, BDDNode], BDDNode] | None:
-    """Membership of every predicate as a BDD over fresh variables, when the kernel's sets are
-    the policy's sets: equal contents (one predicate, one variable), or a policy set split
-    into disjoint kernel sets whose union it is (nftables' ``_host`` / ``_net``: one variable
-    each, at most one true, the policy set their OR). Empty sets are false. None when some
-    kernel set is neither (the exact class sweep then decides).
-
-    Proving equality for EVERY assignment of these variables proves it for the assignments
-    real addresses have (a subset), so a proof here is a proof; a difference found here may be
-    unrealizable, so it is only a reason to run the sweep, which finds the real packet."""
-    spec_ids = set(spec_pred.values())
-    extra = sorted({k for k in kernel_pred.values() if k not in spec_ids and ranges[k]})
-    groups: dict[int, list[int]] = {}
-    names = {v: k for k, v in kernel_pred.items()}
-    for k in extra:
-        owner = next(
-            (s for name, s in spec_pred.items() if names[k].startswith(f"{name}_v{family.value}_")), None
-        )
-        if owner is None:
-            return None
-        groups.setdefault(owner, []).append(k)
-    for owner, parts in groups.items():
-        merged = merge_ranges(r for k in parts for r in ranges[k])
-        size = sum(hi - lo + 1 for k in parts for lo, hi in ranges[k])
-        if merged != ranges[owner] or size != sum(hi - lo + 1 for lo, hi in ranges[owner]):
-            return None
-    bdd = space.bdd
-    members: dict[int, BDDNode] = {}
-    constraint = space.true
-    fresh = [f"m{family.value}_{i}" for i in range(len(ranges))]
-    bdd.declare(*fresh)  # below the header variables: a decision list over them stays linear
-    for i, r in enumerate(ranges):
-        members[i] = bdd.var(fresh[i]) if r else space.false
-    for owner, parts in groups.items():
-        members[owner] = space.false
-        for j, k in enumerate(parts):
-            members[owner] = members[owner] | members[k]
-            for k2 in parts[j + 1:]:
-                constraint = constraint & ~(members[k] & members[k2])
-    return members, constraint
 
 
 def _symbolic_equal(

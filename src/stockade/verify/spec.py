@@ -158,6 +158,14 @@ class PolicySpec:
             acc = acc | (members[self.pred_of[CONTROLLER_PRED]] & self.controller)
         for p in self.wg_preds:
             acc = acc | (members[p] & self.wg_udp)
+        if not self.encrypted:
+            # built from the last rule to the first (see Interpreter._chain_symbolic): each rule
+            # is one if-then-else over what the rules after it decide
+            ite = sp.bdd.ite
+            after = sp.true if self.default_accepts else sp.false
+            for (svc, accepts), pred in zip(reversed(self.rules), reversed(self.rule_preds), strict=True):
+                after = ite(members[pred] & svc, sp.true if accepts else sp.false, after)
+            return self.tunnel.finish(acc | after, sp.false, sp.false)
         rest = ~acc
         matched_enc, first_enc = sp.false, sp.false
         for i, ((svc, accepts), pred) in enumerate(zip(self.rules, self.rule_preds, strict=True)):
