@@ -184,8 +184,9 @@ class IpsetTier:
 
     SET, CHAIN = "STKB-tier", "STKB-INPUT"
 
-    def __init__(self, netns: str) -> None:
+    def __init__(self, netns: str, old_reader: str | None = None) -> None:
         self.netns = netns
+        self.old_reader = old_reader
 
     def _run(self, argv: list[str], stdin: str | None = None, check: bool = True) -> None:
         subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", *argv], input=stdin, text=True,
@@ -243,7 +244,7 @@ def measure_ipset_tier(ns: Namespaces, hp: HostPolicy, rules: int) -> str:
             f"{len(ports)} per peer of the last set)")
 
 
-LISTENER = r"""
+NAIVE_LISTENER = r"""
 import socket, struct, sys, time
 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
@@ -267,6 +268,74 @@ while True:
             count += 1
         off += max(16, (length + 3) & ~3)
 """
+# The agent's own reader and buffer (FlowCollector's read loop, the upload replaced by a take()
+# every 2 s): what logging costs on a host running the agent.
+AGENT_LISTENER = r"""
+import sys, time
+from stockade.agent.flows import FlowBuffer
+from stockade.agent.nflog import NflogReader
+reader, buffer = NflogReader(int(sys.argv[1])), FlowBuffer()
+print("ready", flush=True)
+last = time.monotonic()
+while True:
+    for p in reader.read(0.5):
+        buffer.add(p)
+    if time.monotonic() - last >= 2.0:
+        buffer.take(5000)
+        last = time.monotonic()
+"""
+# The same with a reader module loaded from a file (``--old-reader``: e.g. the reader of an earlier
+# commit, ``git show <commit>:src/stockade/agent/nflog.py > /tmp/old_nflog.py``), packet by packet.
+OLD_LISTENER = r"""
+import importlib.util, sys, time
+from stockade.agent.flows import FlowBuffer
+spec = importlib.util.spec_from_file_location("old_nflog", sys.argv[2])
+old = sys.modules["old_nflog"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(old)
+reader, buffer = old.NflogReader(int(sys.argv[1])), FlowBuffer()
+print("ready", flush=True)
+last = time.monotonic()
+while True:
+    for p in reader.read(0.5):
+        buffer._merge((p.key, p.side, p.verdict, p.rule_id), getattr(p, "count", 1), p.time, p.time)
+    if time.monotonic() - last >= 2.0:
+        buffer.take(5000)
+        last = time.monotonic()
+"""
+LISTENERS = {"agent": AGENT_LISTENER, "naive": NAIVE_LISTENER, "oldreader": OLD_LISTENER}
+
+
+class Listener:
+    """The NFLOG reader running in the server namespace: ``agent`` (the agent's NflogReader and
+    FlowBuffer), ``naive`` (one recv per message, the kernel's defaults: a netlink message per
+    logged packet, whole packets) or ``none`` (no reader bound: the kernel skips the message)."""
+
+    def __init__(self, netns: str, old_reader: str | None = None) -> None:
+        self.netns = netns
+        self.old_reader = old_reader
+        self.kind = "none"
+        self._proc: subprocess.Popen[str] | None = None
+
+    def use(self, kind: str) -> None:
+        if kind == self.kind:
+            return
+        self.stop()
+        if kind != "none":
+            extra = [self.old_reader or ""] if kind == "oldreader" else []
+            self._proc = subprocess.Popen(["ip", "netns", "exec", self.netns, sys.executable, "-c", LISTENERS[kind],
+                                           str(LOG_GROUP), *extra], stdout=subprocess.PIPE, text=True)
+            assert self._proc.stdout is not None and self._proc.stdout.readline().strip() == "ready"
+        self.kind = kind
+
+    def pids(self) -> list[int]:
+        return [] if self._proc is None else [self._proc.pid]
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+        self.kind = "none"
 
 
 # ---- load and delta -----------------------------------------------------------------------
@@ -319,68 +388,177 @@ def measure_load(name: str, backend: Backend, hp: HostPolicy, rules: int, repeat
 # ---- traffic --------------------------------------------------------------------------------
 
 
-def packet_rate(ns: Namespaces, sender: Path, receiver: Path, seconds: float) -> float:
+def cpu_seconds(pid: int) -> float:
+    """CPU time a running process has had (schedstat, ns; softirq work done in its context included)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except OSError:
+        return 0.0
+
+
+def ksoftirqd_pids() -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().startswith("ksoftirqd/"):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def run_measured(argv: list[str]) -> tuple[str, float]:
+    """Run ``argv`` to the end: (stdout, its CPU seconds from wait4's rusage)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, argv, out)
+    return out, usage.ru_utime + usage.ru_stime
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One traffic test: rates, and CPU per connection / per packet of every process involved."""
+
+    conns: float  # TCP connections/s
+    pps: float  # UDP packets/s received
+    cpu_conn_us: float  # (client + server + NFLOG reader + ksoftirqd) CPU per connection, microseconds
+    cpu_pkt_us: float  # (sender + receiver + NFLOG reader + ksoftirqd) CPU per packet sent, microseconds
+
+
+def measured_connections(ns: Namespaces, seconds: float, others: list[int]) -> tuple[float, float]:
+    """(connections/s, CPU microseconds per connection) of one client against the server."""
+    before = sum(cpu_seconds(p) for p in others)
+    out, cpu = run_measured(["ip", "netns", "exec", ns.cli, sys.executable, "-c", nft_apply.CLIENT, SRV4,
+                             str(seconds)])
+    cpu += sum(cpu_seconds(p) for p in others) - before
+    rate = float(out.split()[0])
+    return rate, 1e6 * cpu / max(1.0, rate * seconds)
+
+
+def packet_rate(ns: Namespaces, sender: Path, receiver: Path, seconds: float,
+                others: list[int] | None = None) -> tuple[float, float]:
+    """(packets/s received, CPU microseconds per packet sent) of the one-way UDP flow."""
     recv = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns.srv}", str(receiver), str(UDP_PORT)],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert recv.stdout is not None and recv.stdout.readline().strip() == "ready"
-        subprocess.run(["nsenter", f"--net=/run/netns/{ns.cli}", str(sender), SRV4, str(UDP_PORT), str(seconds)],
-                       check=True, capture_output=True, text=True)
-        out, _ = recv.communicate(timeout=30)
-        return float(out.strip() or 0)
+        before = sum(cpu_seconds(p) for p in others or [])
+        sent, cpu = run_measured(["nsenter", f"--net=/run/netns/{ns.cli}", str(sender), SRV4, str(UDP_PORT),
+                                  str(seconds)])
+        out = recv.stdout.read()
+        _, _, usage = os.wait4(recv.pid, 0)
+        recv.returncode = 0
+        cpu += usage.ru_utime + usage.ru_stime + sum(cpu_seconds(p) for p in others or []) - before
+        return float(out.strip() or 0), 1e6 * cpu / max(1, int(sent.strip() or 0))
     finally:
-        if recv.poll() is None:
+        if recv.returncode is None and recv.poll() is None:
             recv.kill()
             recv.wait()
 
 
+def reader_of(config: str) -> tuple[str, str]:
+    """``nft-lookup/naive`` -> ("nft-lookup", "naive"); no suffix: the agent's reader; "/noreader": none."""
+    name, _, reader = config.partition("/")
+    return name, {"": "agent", "noreader": "none"}.get(reader, reader)
+
+
 def measure_traffic(
     ns: Namespaces, backends: dict[str, Backend], rule_counts: tuple[int, ...], peers: int,
-    tools: tuple[Path, Path], seconds: float, rounds: int,
-) -> dict[tuple[str, int], tuple[float, float]]:
-    """(configuration, rules) -> (median conn/s, median packets/s); ("none", 0) is the bare veth."""
+    tools: tuple[Path, Path], seconds: float, rounds: int, logging_only: bool = False,
+    old_reader: str | None = None,
+) -> dict[tuple[str, int], list[Sample]]:
+    """(configuration, rules) -> the samples of its rounds; ("none", 0) is the bare veth.
+
+    ``logging_only``: only the lookup layouts with and without logging, each logging one with
+    the agent's reader, the naive reader (``/naive``) and no reader (``/noreader``); with
+    ``old_reader`` (a path to another nflog.py) also ``/oldreader``.
+    """
     artifacts: dict[tuple[str, int], tuple[Any, Any]] = {}
     tier = IpsetTier(ns.srv)
     quiet = {n: IptablesBackend("legacy", netns=ns.srv, flow_log=False) for n in ("ipt-lookup-nolog",)}
     for r in rule_counts:
         hp = bench_policy(peers, r)
         for n, b in backends.items():
-            artifacts[(n, r)] = (b, b.render(hp))
+            if not logging_only or n in ("nft-lookup", "ipt-lookup"):
+                artifacts[(n, r)] = (b, b.render(hp))
         lookup = backends["nft-lookup"]
         artifacts[(NOLOG, r)] = (lookup, without_logging(artifacts[("nft-lookup", r)][1]))
         if "ipt-lookup" in backends:
             artifacts[("ipt-lookup-nolog", r)] = (quiet["ipt-lookup-nolog"], quiet["ipt-lookup-nolog"].render(hp))
-            artifacts[("ipt-ipset-tier", r)] = (tier, tier.render(hp))
+            if not logging_only:
+                artifacts[("ipt-ipset-tier", r)] = (tier, tier.render(hp))
+        if logging_only:
+            for n in ("nft-lookup", "ipt-lookup"):
+                if (n, r) in artifacts:
+                    for reader in ("naive", "noreader", *(("oldreader",) if old_reader else ())):
+                        artifacts[(f"{n}/{reader}", r)] = artifacts[(n, r)]
     everyone: list[Any] = [*backends.values(), tier]
     server = subprocess.Popen(["ip", "netns", "exec", ns.srv, sys.executable, "-c", nft_apply.SERVER],
                               stdout=subprocess.PIPE, text=True)
-    listener = subprocess.Popen(["ip", "netns", "exec", ns.srv, sys.executable, "-c", LISTENER, str(LOG_GROUP)],
-                                stdout=subprocess.PIPE, text=True)
-    configs: list[tuple[str, int]] = [("none", 0), *artifacts]
-    samples: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
+    listener = Listener(ns.srv, old_reader)
+    configs: list[tuple[str, int]] = [("none", 0), *sorted(artifacts, key=lambda c: (c[1], c[0]))]
+    samples: dict[tuple[str, int], list[Sample]] = {c: [] for c in configs}
+    softirqd = ksoftirqd_pids()
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
         connection_rate(ns, 0.3)  # warm up
         for _ in range(rounds):
             for name, rules in configs:
                 for other in everyone:
                     other.remove()
+                listener.use(reader_of(name)[1])
                 if name != "none":
                     backend, artifact = artifacts[(name, rules)]
                     backend.apply(artifact)
                 subprocess.run(["ip", "netns", "exec", ns.srv, "conntrack", "-F"], capture_output=True, check=False)
-                conns = connection_rate(ns, seconds)
-                pps = packet_rate(ns, tools[0], tools[1], seconds)
-                samples[(name, rules)].append((conns, pps))
-                print(f"  {name:<18} {rules:>6,} rules: {conns:>7,.0f} conn/s {pps:>10,.0f} pkt/s", file=sys.stderr)
+                others = [server.pid, *softirqd, *listener.pids()]
+                conns, cpu_conn = measured_connections(ns, seconds, others)
+                pps, cpu_pkt = packet_rate(ns, tools[0], tools[1], seconds, [*softirqd, *listener.pids()])
+                samples[(name, rules)].append(Sample(conns, pps, cpu_conn, cpu_pkt))
+                print(f"  {name:<20} {rules:>6,} rules: {conns:>7,.0f} conn/s {cpu_conn:6.1f} us/conn "
+                      f"{pps:>10,.0f} pkt/s {cpu_pkt:6.2f} us/pkt (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     finally:
-        for proc in (server, listener):
-            proc.kill()
-            proc.wait()
+        server.kill()
+        server.wait()
+        listener.stop()
         for b in everyone:
             b.remove()
-    return {c: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for c, v in samples.items()}
+    return samples
+
+
+def medians(samples: dict[tuple[str, int], list[Sample]]) -> dict[tuple[str, int], tuple[float, float]]:
+    return {c: (statistics.median(s.conns for s in v), statistics.median(s.pps for s in v)) for c, v in samples.items()}
+
+
+def logging_cost(samples: dict[tuple[str, int], list[Sample]], rule_counts: tuple[int, ...]) -> list[str]:
+    """Logging on vs off per layout, rule count and reader (> 0 % = logging costs).
+
+    Rates: the median over rounds of each round's on/off ratio (the two ran seconds apart, so
+    background load hits both alike). CPU: the same for CPU per connection / per packet, which
+    other processes' load does not enter (only theirs is counted).
+    """
+    def cost(on: list[Sample], off: list[Sample], attr: str, higher_is_worse: bool) -> float:
+        ratios = [getattr(a, attr) / getattr(b, attr) for a, b in zip(on, off, strict=False) if getattr(b, attr)]
+        r = statistics.median(ratios) if ratios else 1.0
+        return 100 * (r - 1 if higher_is_worse else 1 - r)
+
+    out = [f"{'configuration':<20} {'rules':>6}   {'TCP conn/s':>10} {'UDP pkt/s':>10}   "
+           f"{'CPU/conn':>9} {'CPU/pkt':>9}"]
+    for layout, off in (("nft-lookup", NOLOG), ("ipt-lookup", "ipt-lookup-nolog")):
+        for reader in ("", "/oldreader", "/naive", "/noreader"):
+            for rules in rule_counts:
+                on = (layout + reader, rules)
+                if on in samples and (off, rules) in samples:
+                    a, b = samples[on], samples[(off, rules)]
+                    out.append(f"{layout + reader:<20} {rules:>6,}   {cost(a, b, 'conns', False):>9.1f}% "
+                               f"{cost(a, b, 'pps', False):>9.1f}%   {cost(a, b, 'cpu_conn_us', True):>8.1f}% "
+                               f"{cost(a, b, 'cpu_pkt_us', True):>8.1f}%")
+    return out
 
 
 # ---- eBPF program cost -------------------------------------------------------------------------
@@ -415,6 +593,9 @@ def main() -> int:
     parser.add_argument("--peers", type=int, default=PEERS, help=f"peer addresses in total (default {PEERS})")
     parser.add_argument("--rounds", type=int, help="interleaved traffic rounds (default 3)")
     parser.add_argument("--seconds", type=float, help="seconds per traffic test (default 1.5)")
+    parser.add_argument("--logging", action="store_true",
+                        help="only the cost of flow logging: lookup layouts with/without logging, by NFLOG reader")
+    parser.add_argument("--old-reader", help="with --logging: also read with the NflogReader of this nflog.py file")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, nftables, tc, bpf)", file=sys.stderr)
@@ -434,43 +615,35 @@ def main() -> int:
     try:
         tools = build_tools(workdir)
         backends = make_backends(ns, iptables)
-        print("\n## program")
-        for row in program_rows(ns):
-            print(row)
-        print(f"\n## load and delta ({args.peers:,} peers)")
-        header = (f"{'backend':<18} {'rules':>6} {'render ms':>9} {'cold apply ms':>13} {'warm apply ms':>13} "
-                  f"{'delta ms':>9} {'delta max':>9}")
-        print(header)
-        print("-" * len(header))
-        for rules in rule_counts:
-            hp = bench_policy(args.peers, rules)
-            for name, backend in backends.items():
-                r = measure_load(name, backend, hp, rules, repeats)
-                print(f"{r.backend:<18} {r.rules:>6,} {r.render_ms:>9.1f} {r.cold_ms:>13.1f} {r.warm_ms:>13.1f} "
-                      f"{r.delta_ms:>9.3f} {r.delta_max_ms:>9.3f}", flush=True)
-            if iptables:
-                print(measure_ipset_tier(ns, hp, rules), flush=True)
+        if not args.logging:
+            load_tables(ns, backends, rule_counts, args.peers, repeats, iptables)
         print(f"\n## traffic ({args.peers:,} peers; medians of {rounds} interleaved rounds of {seconds} s)")
-        rates = measure_traffic(ns, backends, rule_counts, args.peers, tools, seconds, rounds)
-        header = (f"{'backend':<18} {'rules':>6} {'TCP conn/s':>11} {'UDP pkt/s':>11} "
+        samples = measure_traffic(ns, backends, rule_counts, args.peers, tools, seconds, rounds, args.logging,
+                                  os.path.abspath(args.old_reader) if args.old_reader else None)
+        rates = medians(samples)
+        header = (f"{'backend':<20} {'rules':>6} {'TCP conn/s':>11} {'UDP pkt/s':>11} "
                   f"{'conn % eBPF':>11} {'pkt % eBPF':>10} {'conn % own 10':>13} {'pkt % own 10':>12}")
         print(header)
         print("-" * len(header))
         for (name, rules), (conns, pps) in rates.items():
-            line = f"{name:<18} {rules:>6,} {conns:>11,.0f} {pps:>11,.0f}"
+            line = f"{name:<20} {rules:>6,} {conns:>11,.0f} {pps:>11,.0f}"
             if name != "none":
                 ebpf = rates.get(("ebpf", rules), (conns, pps))
                 own = rates.get((name, min(rule_counts)), (conns, pps))
                 line += (f" {100 * conns / ebpf[0]:>10.0f}% {100 * pps / ebpf[1]:>9.0f}% "
                          f"{100 * conns / own[0]:>12.0f}% {100 * pps / own[1]:>11.0f}%")
             print(line)
-        print("\n## cost of flow logging (lookup with logging vs without; > 0 % = logging is slower)")
-        for on, off in (("nft-lookup", NOLOG), ("ipt-lookup", "ipt-lookup-nolog")):
-            for rules in rule_counts:
-                if (on, rules) in rates and (off, rules) in rates:
-                    (c1, p1), (c0, p0) = rates[(on, rules)], rates[(off, rules)]
-                    print(f"{on:<18} {rules:>6,} rules: TCP {100 * (1 - c1 / c0):>5.1f} %   "
-                          f"UDP {100 * (1 - p1 / p0):>5.1f} %")
+        print("\n## cost of flow logging (lookup with logging vs without; > 0 % = logging costs; medians of the "
+              "rounds' on/off ratios)")
+        print("(no suffix: the agent's NflogReader + FlowBuffer read the group; /oldreader: --old-reader's; /naive: "
+              "one recv per message at the kernel's defaults; /noreader: no reader bound)")
+        for line in logging_cost(samples, rule_counts):
+            print(line)
+        print("\n## CPU per connection / per packet (medians; client+server or sender+receiver, reader, ksoftirqd)")
+        for (name, rules), v in samples.items():
+            print(f"{name:<20} {rules:>6,} {statistics.median(x.cpu_conn_us for x in v):>8.1f} us/conn "
+                  f"{statistics.median(x.cpu_pkt_us for x in v):>8.2f} us/pkt")
+        print(f"(load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())})")
     finally:
         ns.delete()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -478,5 +651,27 @@ def main() -> int:
     return 0
 
 
+def load_tables(ns: Namespaces, backends: dict[str, Backend], rule_counts: tuple[int, ...], peers: int,
+                repeats: int, iptables: bool) -> None:
+    """The program table and the load-and-delta table."""
+    print("\n## program")
+    for row in program_rows(ns):
+        print(row)
+    print(f"\n## load and delta ({peers:,} peers)")
+    header = (f"{'backend':<18} {'rules':>6} {'render ms':>9} {'cold apply ms':>13} {'warm apply ms':>13} "
+              f"{'delta ms':>9} {'delta max':>9}")
+    print(header)
+    print("-" * len(header))
+    for rules in rule_counts:
+        hp = bench_policy(peers, rules)
+        for name, backend in backends.items():
+            r = measure_load(name, backend, hp, rules, repeats)
+            print(f"{r.backend:<18} {r.rules:>6,} {r.render_ms:>9.1f} {r.cold_ms:>13.1f} {r.warm_ms:>13.1f} "
+                  f"{r.delta_ms:>9.3f} {r.delta_max_ms:>9.3f}", flush=True)
+        if iptables:
+            print(measure_ipset_tier(ns, hp, rules), flush=True)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

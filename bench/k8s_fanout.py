@@ -25,6 +25,13 @@ its affected pods have; timed from just before the API call:
     python bench/k8s_fanout.py --pods 1000 --nodes 10 --seconds 20     # quick (~1-2 min)
     python bench/k8s_fanout.py                                          # 10,000 pods, 100 nodes, 100 events/s
 
+``--protocol node`` (session 6): the node protocol instead (src/stockade/k8s/node_poll.py): pods are
+``k8s.*`` workloads bound to their node by the ``k8s-node`` label (as the cluster sync writes them),
+each node enrols as an agent and enrols its pods with ``POST /agents/{node}/pods/enroll-batch``, then
+ONE long-poll per node (``POST /agents/{node}/pods/updates``) brings every moved pod's update, the
+pods' acks go back as one ``POST .../pods/acks`` per answer, and the node heartbeats once per 15 s
+(its poll is its pods' heartbeat). ``--protocol pod`` is the per-pod protocol (main's bench).
+
 Prints the load average: on a shared 2-core machine both processes wait for a core.
 """
 
@@ -120,6 +127,130 @@ async def pod_agent(a: Agent, port: int, pending: Pending, stop: asyncio.Event) 
     poll.close()
 
 
+async def _enrol_nodes(port: int, key: str, pods: int, nodes: int) -> tuple[list[Agent], list[Agent]]:
+    """The node protocol's estate: pod workloads bound to nodes (written as the sync writes them),
+    one agent per node, the pods enrolled by their node in batches (with their first policy)."""
+    from stockade.agent_signature import new_private_key, public_key_text
+
+    admin = Conn(port)
+    apps = max(1, pods // APP_SIZE)
+
+    async def ok(method: str, path: str, body: Any, expect: tuple[int, ...] = (200, 201)) -> Any:
+        status, got = await admin.request(method, "/api/v1" + path, key, body)
+        assert status in expect, (path, status, got)
+        return got
+
+    await ok("POST", "/label-keys", {"name": "k8s-node", "values": []})
+    names: list[str] = []
+    for chunk in range(0, pods, 500):
+        upsert = []
+        for i in range(chunk, min(pods, chunk + 500)):
+            app, role = (i // APP_SIZE) % apps, "web" if i % 2 else "db"
+            names.append(f"k8s.app-{app}.pod-{i:05d}")
+            upsert.append({"name": names[-1], "labels": {"app": f"app-{app}", "role": role,
+                                                          "k8s-node": f"node-{i % nodes:03d}"},
+                           "interfaces": [{"name": "eth0", "addresses": [f"10.{(i >> 16) & 255}.{(i >> 8) & 255}."
+                                                                         f"{i & 255}"]}], "mode": "full"})
+        await ok("POST", "/workload-batches", {"upsert": upsert, "delete": []})
+    await ok("POST", "/pairing-profiles", {"name": "k8s-nodes", "mode": "idle", "code_max_uses": 1_000_000})
+    code = (await ok("POST", "/pairing-profiles/k8s-nodes/codes", {}))["code"]
+    node_agents: list[Agent | None] = [None] * nodes
+    pod_agents: list[Agent | None] = [None] * pods
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for n in range(nodes):
+        queue.put_nowait(n)
+
+    async def worker() -> None:
+        c = Conn(port)
+        while not queue.empty():
+            n = queue.get_nowait()
+            status, got = await c.request("POST", "/api/v1/agents/enroll", body={
+                "activation_code": code, "hostname": f"node-{n:03d}", "interfaces": []})
+            assert status == 201, got
+            node = node_agents[n] = Agent(n, got["agent_id"], got["token"], got["workload"])
+            base = f"/api/v1/agents/{node.agent_id}"
+            status, got = await c.request("GET", f"{base}/policy/wait?after=0&timeout=0", node.token)
+            node.applied = got["revision"]
+            await c.request("POST", f"{base}/ack", node.token, {"revision": node.applied})
+            mine = list(range(n, pods, nodes))
+            for chunk in range(0, len(mine), 64):
+                part = mine[chunk : chunk + 64]
+                status, got = await c.request("POST", f"{base}/pods/enroll-batch", node.token, {
+                    "pods": [{"workload": names[i], "public_key": public_key_text(new_private_key())} for i in part],
+                    "include_policy": True})
+                assert status == 200 and not got["refused"], got
+                by_name = {e["workload"]: e for e in got["enrolled"]}
+                for i in part:
+                    e = by_name[names[i]]
+                    pod_agents[i] = Agent(i, e["agent_id"], e["token"], e["workload"],
+                                          applied=e["policy"]["revision"] if e["policy"] else 0)
+        c.close()
+
+    await asyncio.gather(*(worker() for _ in range(16)))
+    admin.close()
+    return [a for a in node_agents if a is not None], [a for a in pod_agents if a is not None]
+
+
+async def node_poller(node: Agent, pods: list[Agent], port: int, pending: Pending, stop: asyncio.Event) -> None:
+    """One simulated node agent (k8s/node_poll.py): one long-poll for all its pods, each answer's
+    acks as one batch (sent while the next long-poll is out), a heartbeat every 15 s."""
+    poll, side = Conn(port), Conn(port)
+    base = f"/api/v1/agents/{node.agent_id}"
+    by_id = {p.agent_id: p for p in pods}
+    acked: dict[str, int] = {}
+    next_beat = time.monotonic() + 15.0 * (node.index % 100) / 100
+    side_task: asyncio.Task[Any] | None = None
+
+    async def ack(batch: list[dict[str, Any]], beat: bool) -> None:
+        if batch:
+            status, _got = await side.request("POST", f"{base}/pods/acks", node.token, {"acks": batch})
+            if status != 200:
+                node.errors += 1
+        if beat:
+            await side.request("POST", f"{base}/heartbeat", node.token, {})
+
+    while not stop.is_set():
+        try:
+            unacked = [{"agent_id": p.agent_id, "revision": p.applied} for p in pods
+                       if p.applied and acked.get(p.agent_id) != p.applied]
+            first = not acked
+            timeout = max(0.5, min(20.0, next_beat - time.monotonic()))
+            body = {"pods": [{"agent_id": p.agent_id, "revision": p.applied} for p in pods],
+                    "acks": unacked if first else [], "timeout": round(timeout, 1)}
+            if first:
+                acked.update({u["agent_id"]: u["revision"] for u in unacked})
+            status, got = await poll.request("POST", f"{base}/pods/updates", node.token, body)
+            if status != 200:
+                node.errors += 1
+                await asyncio.sleep(1)
+                continue
+            now = time.perf_counter()
+            batch = []
+            for u in got["pods"]:
+                p = by_id[u["agent_id"]]
+                pol = u["policy"]
+                if pol["full"] is None and pol["base"] != p.applied:
+                    p.errors += 1
+                p.applied = pol["revision"]
+                _record(pending, p.index, pol, now)
+                batch.append({"agent_id": p.agent_id, "revision": p.applied})
+                acked[p.agent_id] = p.applied
+            beat = time.monotonic() >= next_beat
+            if beat:
+                next_beat = time.monotonic() + 15.0
+            if batch or beat:
+                if side_task is not None:
+                    await side_task
+                side_task = asyncio.create_task(ack(batch, beat))
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            node.errors += 1
+            await asyncio.sleep(0.5)
+    if side_task is not None:
+        side_task.cancel()
+    poll.close()
+    side.close()
+
+
 @dataclass(frozen=True)
 class Event:
     addr: str
@@ -129,16 +260,25 @@ class Event:
 
 
 async def run(port: int, password: str, pods: int, nodes: int, rate: float, seconds: float,
-              pid: int, batched: bool) -> dict[str, Any]:
+              pid: int, batched: bool, protocol: str = "pod") -> dict[str, Any]:
     admin = Conn(port)
     key = await _owner_key(port, password)
     t = time.perf_counter()
     await _setup_policy(admin, key, pods)
-    agents = await _enrol([port], key, pods)
-    setup_s = time.perf_counter() - t
     pending, stop = Pending(), asyncio.Event()
-    tasks = [asyncio.create_task(pod_agent(a, port, pending, stop)) for a in agents]
-    await _converged(admin, key, pods, 900)
+    if protocol == "node":
+        node_agents, agents = await _enrol_nodes(port, key, pods, nodes)
+        tasks = [asyncio.create_task(node_poller(n, agents[n.index::nodes], port, pending, stop))
+                 for n in node_agents]
+        expected = pods + nodes
+    else:
+        agents = await _enrol([port], key, pods)
+        node_agents = []
+        tasks = [asyncio.create_task(pod_agent(a, port, pending, stop)) for a in agents]
+        expected = pods
+    setup_s = time.perf_counter() - t
+    await _converged(admin, key, expected, 900)
+    converged_s = time.perf_counter() - t
     apps = max(1, pods // APP_SIZE)
     # pod i: app (i // APP_SIZE) % apps, role web when i is odd (bench/controller.py's _enrol)
     by_app_role: dict[tuple[int, str], list[int]] = {}
@@ -250,7 +390,8 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
     await asyncio.gather(*tasks, return_exceptions=True)
     admin.close()
     return {
-        "pods": pods, "nodes": nodes, "setup_s": setup_s, "events": len(events), "rate": len(events) / churn_s,
+        "pods": pods, "nodes": nodes, "protocol": protocol, "setup_s": setup_s, "converged_s": converged_s,
+        "events": len(events), "rate": len(events) / churn_s,
         "event_p50_ms": 1000 * pct(event_lat, 50), "event_p99_ms": 1000 * pct(event_lat, 99),
         "event_max_ms": 1000 * max(event_lat, default=float("nan")),
         "node_p50_ms": 1000 * pct(node_lat, 50), "node_p99_ms": 1000 * pct(node_lat, 99),
@@ -258,7 +399,7 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
         "writes": "batch" if batched else "single",
         "fanout_nodes": sum(fan) / max(1, len(fan)), "missing": missing,
         "controller_cpu_pct": 100 * cpu / churn_s, "controller_rss_mib": rss_mib(pid),
-        "agent_errors": sum(a.errors for a in agents), "load": os.getloadavg()[0],
+        "agent_errors": sum(a.errors for a in agents + node_agents), "load": os.getloadavg()[0],
     }
 
 
@@ -271,6 +412,9 @@ def main() -> None:
     ap.add_argument("--writes", choices=("batch", "single"), default="batch",
                     help="batch: one POST /workload-batches of every event gathered meanwhile (the sync's way); "
                          "single: one call per event, 8 in flight")
+    ap.add_argument("--protocol", choices=("pod", "node"), default="pod",
+                    help="pod: one long-poll, ack and heartbeat per pod (main); node: one long-poll, ack batch and "
+                         "heartbeat per node (session 6)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     _raise_nofile()
@@ -291,7 +435,7 @@ def main() -> None:
         import uvloop
 
         r = uvloop.run(run(port, cred["password"], args.pods, args.nodes, args.rate, args.seconds, server.pid,
-                               args.writes == "batch"))
+                               args.writes == "batch", args.protocol))
     finally:
         server.terminate()
         try:
@@ -303,7 +447,7 @@ def main() -> None:
     if args.json is not None:
         args.json.write_text(json.dumps(r, indent=1))
     print()
-    print(f"| pod churn, {r['pods']:,} pods on {r['nodes']} simulated nodes | value |")
+    print(f"| pod churn, {r['pods']:,} pods on {r['nodes']} simulated nodes, {r['protocol']} protocol | value |")
     print("|---|---|")
     print(f"| events (creates + deletes) / achieved rate | {r['events']} / {r['rate']:.0f} per s |")
     print(f"| API event -> every affected node acknowledged, p50 / p99 / max | "
@@ -317,7 +461,8 @@ def main() -> None:
           f"{r['controller_rss_mib']:.0f} MiB |")
     print(f"| events not acknowledged by every affected pod within 60 s / agent errors | "
           f"{r['missing']} / {r['agent_errors']} |")
-    print(f"| setup (policy + {r['pods']:,} pod agents enrolled) | {r['setup_s']:.0f} s |")
+    print(f"| setup (policy + {r['pods']:,} pod agents enrolled) / every agent converged | {r['setup_s']:.0f} s / "
+          f"{r['converged_s']:.0f} s |")
     print(f"| load average at the end | {r['load']:.1f} |")
 
 

@@ -21,17 +21,26 @@ loaded shared machine does not inflate; "cpu s" is their sum. The load average i
 every row. For nftables, "json cpu" is the CPU time of the old read-back (``nft -j list table`` and
 its parser) on the same loaded table, side by side with the netlink read-back the proof now uses
 (both are parsed into the same model: tests/kernel/test_verify_nft_netlink.py).
+
+``--before REF`` (e.g. ``main``): side by side, the prover of git revision REF (its prove,
+interpret, space and spec modules, loaded from ``git show`` under another package name; the
+read-back and its IR are shared) proves the same read-back right after: column ``before cpu``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import random
 import subprocess
+import sys
+import tempfile
 import time
 import tracemalloc
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.iptables.backend import IptablesBackend
@@ -55,6 +64,31 @@ def _backend(name: str, ns: str) -> NftablesBackend | IptablesBackend | EbpfBack
     return IptablesBackend(netns=ns, variant=variant)
 
 
+_PROVER_MODULES = ("prove", "interpret", "space", "spec", "members")
+
+
+def _prover_at(ref: str) -> Callable[..., object]:
+    """``prove`` as it was at git revision ``ref`` (modules it lacks are skipped)."""
+    root = Path(tempfile.mkdtemp(prefix="stk-bench-before-"))
+    pkg = root / "stockade_verify_before"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    repo = Path(__file__).resolve().parent.parent
+    for name in _PROVER_MODULES:
+        shown = subprocess.run(
+            ["git", "-C", str(repo), "show", f"{ref}:src/stockade/verify/{name}.py"], capture_output=True, text=True
+        )
+        if shown.returncode != 0:
+            continue
+        text = shown.stdout
+        for other in _PROVER_MODULES:
+            text = text.replace(f"stockade.verify.{other} ", f"stockade_verify_before.{other} ")
+        (pkg / f"{name}.py").write_text(text)
+    sys.path.insert(0, str(root))
+    module = importlib.import_module("stockade_verify_before.prove")
+    return module.prove  # type: ignore[no-any-return]
+
+
 def _cpu() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
@@ -69,7 +103,9 @@ def main() -> None:
     ap.add_argument("--shapes", default="identities")
     ap.add_argument("--rules", default="", help="comma-separated rule counts (overrides the grid)")
     ap.add_argument("--peers", default="", help="comma-separated peer counts (overrides the grid)")
+    ap.add_argument("--before", default="", help="git revision whose prover runs side by side (e.g. main)")
     args = ap.parse_args()
+    prove_before = _prover_at(args.before) if args.before else None
     rules_sizes: tuple[int, ...] = (10, 100) if args.quick else (10, 100, 1000)
     peer_sizes: tuple[int, ...] = (100, 10_000) if args.quick else (100, 10_000, 100_000)
     if args.rules:
@@ -80,7 +116,7 @@ def main() -> None:
     typical = args.probes * (0.1 * ACCEPTED_S + 0.9 * DROPPED_S)
     print(f"{'backend':16} {'shape':10} {'rules':>5} {'peers':>7} {'classes':>7} {'read s':>7} {'prove s':>8} "
           f"{'read cpu':>8} {'prove cpu':>9} {'cpu s':>7} {'json cpu':>8} {'peak MiB':>8} {'probes s (est.)':>16} "
-          f"{'proven':>6} {'load':>5}")
+          f"{'proven':>6} {'before cpu':>10} {'classes':>7} {'load':>5}")
     for backend_name in args.backends.split(","):
         ns = f"stk-bv-{uuid.uuid4().hex[:8]}"
         subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -108,6 +144,13 @@ def main() -> None:
                         if backend_name == "nftables" and not args.no_json:
                             read_nftables_json("stkbench", ns)
                             json_cpu = f"{_cpu() - c2:.2f}"
+                        before_cpu, before_classes = "-", "-"
+                        if prove_before is not None:
+                            c3 = _cpu()
+                            old = prove_before(hp, loaded)
+                            before_cpu = f"{_cpu() - c3:.2f}"
+                            before_classes = f"{old.classes}"  # type: ignore[attr-defined]
+                            assert old.proven == proof.proven  # type: ignore[attr-defined]
                         tracemalloc.start()
                         prove(hp, loaded)
                         peak = tracemalloc.get_traced_memory()[1] / 2**20
@@ -115,7 +158,8 @@ def main() -> None:
                         probes = f"{low:.0f}..{typical:.0f}"
                         print(f"{backend_name:16} {shape:10} {n_rules:5} {n_peers:7} {proof.classes:7} "
                               f"{t1 - t0:7.3f} {t2 - t1:8.3f} {c1 - c0:8.2f} {c2 - c1:9.2f} {c2 - c0:7.2f} "
-                              f"{json_cpu:>8} {peak:8.1f} {probes:>16} {proof.proven!s:>6} {load:5.1f}",
+                              f"{json_cpu:>8} {peak:8.1f} {probes:>16} {proof.proven!s:>6} {before_cpu:>10} "
+                              f"{before_classes:>7} {load:5.1f}",
                               flush=True)
         finally:
             if backend is not None:

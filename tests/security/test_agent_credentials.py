@@ -154,6 +154,10 @@ AGENT_ROUTE_CASES = [
     ("PUT", "wireguard-key", {"public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="}),
     # nor enrol pods as if it were their node
     ("POST", "pods/enroll", {"workload": "k8s.default.web-0", "public_key": "A" * 43}),
+    # nor speak for a node's pods: batch enrolment, the node long-poll, its ack batch
+    ("POST", "pods/enroll-batch", {"pods": [{"workload": "k8s.default.web-0", "public_key": "A" * 43}]}),
+    ("POST", "pods/updates", {"pods": [], "timeout": 0}),
+    ("POST", "pods/acks", {"acks": []}),
 ]
 
 

@@ -15,11 +15,12 @@ import pytest
 
 from stockade.backends.ebpf.identity import L4, Verdict
 from stockade.backends.ebpf.render import policy_key, policy_value, render_ebpf
+from stockade.backends.wireguard import SOCKET_MARK
 from stockade.compiler.ir import Direction, HostPolicy
 from stockade.errors import UnmodelledConstructError
 from stockade.model.addresses import Family
 from stockade.verify.ebpf_readback import _lpm_ranges, datapath_rules, decode_trie, program_tags
-from stockade.verify.loaded import LoadedRuleset
+from stockade.verify.loaded import LoadedRuleset, Steering
 from stockade.verify.prove import Proof, prove
 from stockade.verify.samples import random_host_policy
 
@@ -86,8 +87,6 @@ def test_a_swapped_verdict_in_the_trie_is_a_difference() -> None:
         (struct.pack("=IB16s3x", 8 + 33, 4, b""), struct.pack("=II", 1, 0), "longer than an address"),
         (struct.pack("=IB16s3x", 8 + 40, 1, b""), struct.pack("=II", 1, 0), "policy entry of prefix length"),
         (policy_key(Direction.INBOUND, 1, L4.TCP, 80, 16), struct.pack("=II", 4, 0), "verdict 4"),
-        # encryption is not modelled yet: an encrypted allow fails the proof closed, never read as an allow
-        (policy_key(Direction.INBOUND, 1, L4.TCP, 80, 16), struct.pack("=II", 3, 0), "verdict allow-encrypted"),
         (struct.pack("=IB16s3x", 72, 1, struct.pack(">IBBH", 1, 2, 6, 80)), struct.pack("=II", 1, 0), "direction 2"),
         (struct.pack("=IB16s3x", 72, 1, struct.pack(">IBBH", 1, 0, 47, 0)), struct.pack("=II", 1, 0), "protocol 47"),
     ],
@@ -97,12 +96,16 @@ def test_unreadable_entries_are_refused(key: bytes, value: bytes, what: str) -> 
         decode_trie({key: value})
 
 
-def test_a_rendered_encrypted_policy_is_refused_not_proven() -> None:
+def test_the_rendered_encrypted_golden_policy_is_proven_with_its_tunnel() -> None:
     from tests.golden.test_encrypt_golden import POLICY
 
     keys, values = render_ebpf(POLICY).trie_items()
-    with pytest.raises(UnmodelledConstructError, match="allow-encrypted"):
-        decode_trie(dict(zip(keys, values, strict=True)))
+    peers, policy = decode_trie(dict(zip(keys, values, strict=True)))  # allow-encrypted entries are read
+    for steering, proven in ((Steering.TUNNEL, True), (Steering.CLEAR, False), (Steering.NONE, False)):
+        fams = tuple(datapath_rules(f, POLICY.mode, peers[f], policy, tunnel=steering, wg_mark=SOCKET_MARK)
+                     for f in (Family.V4, Family.V6))
+        proof = prove(POLICY, LoadedRuleset("ebpf", True, fams, flow_states=True, steering=steering))
+        assert proof.proven is proven, (steering, proof.summary())
 
 
 def test_program_tag_masks_map_references_as_the_kernel_does() -> None:

@@ -73,7 +73,7 @@ class FlowBuffer:
 
     def add(self, p: LoggedPacket) -> bool:
         """Record one logged packet; False (and counted as dropped) when the buffer is full."""
-        return self._merge((p.key, p.side, p.verdict, p.rule_id), 1, p.time, p.time)
+        return self._merge((p.key, p.side, p.verdict, p.rule_id), p.count, p.time, p.time)
 
     def _merge(self, slot: _Slot, count: int, first: float, last: float) -> bool:
         with self._lock:

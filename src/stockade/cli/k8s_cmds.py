@@ -46,6 +46,9 @@ def k8s_group() -> None:
 @click.option("--pod-tamper-interval", type=float, default=10.0, show_default=True,
               help="Seconds between read-backs of each pod's table.")
 @click.option("--long-poll", type=float, default=20.0, show_default=True)
+@click.option("--node-poll/--pod-poll", default=False, show_default=True,
+              help="One long-poll, ack batch and batch enrolment for all the node's pods (node protocol) instead of "
+                   "one long-poll, ack and heartbeat per pod.")
 @click.option("--pod-netlink/--pod-nft", default=True, show_default=True,
               help="Pods' full applies and read-backs as netlink batches in their namespaces (--pod-nft: "
                    "`nft -f` and listings, one process each).")
@@ -55,7 +58,7 @@ def k8s_group() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def node_agent(node: str, controller: str, code_file: Path | None, ca_cert: Path | None, kubeconfig: Path | None,
                state_dir: Path, table: str, host_policy: bool, pod_tamper_interval: float, long_poll: float,
-               pod_netlink: bool, pidfile: Path | None, log_level: str) -> None:
+               node_poll: bool, pod_netlink: bool, pidfile: Path | None, log_level: str) -> None:
     """Enforce every pod of this node inside its own network namespace (plus the node's host policy)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -70,7 +73,7 @@ def node_agent(node: str, controller: str, code_file: Path | None, ca_cert: Path
         StateDir(state_dir / "node").save_ca(ca_cert.read_text())
     options = NodeOptions(node=node, controller=controller, state_dir=state_dir, activation_code=code, table=table,
                           host_policy=host_policy, long_poll_seconds=long_poll,
-                          pod_tamper_interval=pod_tamper_interval, pod_netlink=pod_netlink)
+                          pod_tamper_interval=pod_tamper_interval, node_poll=node_poll, pod_netlink=pod_netlink)
     agent = NodeAgent(options)
     if pidfile is not None:
         pidfile.parent.mkdir(parents=True, exist_ok=True)

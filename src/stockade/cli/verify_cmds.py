@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -48,6 +49,15 @@ def _hints(values: tuple[str, ...]) -> list[IPAddress]:
     return out
 
 
+_IFNAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
+
+
+def _wg_interface(name: str | None) -> str | None:
+    if name is not None and not _IFNAME.match(name):
+        raise ValidationError([Issue("", 0, "--wg-interface", f"{name!r} is not an interface name")])
+    return name
+
+
 @main.command()
 @click.argument("path", required=False, type=click.Path(exists=True))
 @click.option("--workload", "-w", default=None, help="Workload whose policy to prove (with PATH).")
@@ -55,6 +65,8 @@ def _hints(values: tuple[str, ...]) -> list[IPAddress]:
 @click.option("--backend", "backend", default="nftables", show_default=True, type=click.Choice(BACKENDS))
 @click.option("--netns", default=None, help="Read back inside this network namespace (ip netns name).")
 @click.option("--table", default="stockade", show_default=True, help="nftables: the table Stockade owns.")
+@click.option("--wg-interface", default=None,
+              help="The WireGuard interface of encrypted rules (their steering is then modelled).")
 @click.option("--hint", multiple=True, help="Prefer this peer address in a counterexample (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the proof as JSON.")
 def verify(
@@ -64,13 +76,15 @@ def verify(
     backend: str,
     netns: str | None,
     table: str,
+    wg_interface: str | None,
     hint: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Prove the loaded ruleset gives every packet the policy's verdict, or show one that differs."""
     hp = run_or_exit(lambda: _host_policy(path, workload, host_policy))
     hints = run_or_exit(lambda: _hints(hint))
-    proof = run_or_exit(lambda: prove_loaded(hp, backend, netns=netns, table=table, hints=hints))
+    wg = run_or_exit(lambda: _wg_interface(wg_interface))
+    proof = run_or_exit(lambda: prove_loaded(hp, backend, netns=netns, table=table, hints=hints, wg_interface=wg))
     if as_json:
         click.echo(json.dumps({
             "backend": proof.backend, "workload": proof.workload, "proven": proof.proven,

@@ -25,6 +25,7 @@ from ipaddress import IPv4Address
 from stockade.compiler.changes import DeltaBuilder, SetChanges
 from stockade.compiler.delta import diff_sets
 from stockade.compiler.expand import build_rule_table, expand_rules, set_name
+from stockade.compiler.hostnet import address_int
 from stockade.compiler.index import SelectorIndex
 from stockade.compiler.ir import AddressSet, HostDelta, HostPolicy, HostRule, WireGuardConfig, unchecked
 from stockade.compiler.netpol import NetpolLayer
@@ -132,9 +133,12 @@ class Compiler:
         # every label set costs O(1), not a pass over 100,000 label sets
         self._ls_sets: dict[int, tuple[int, tuple[AddressSet, ...]]] = {}
         self._generation += 1  # also bumped by every batch of workload changes
-        self._set_labelsets: dict[str, set[int]] = defaultdict(set)
+        # set name -> label sets referencing it; append-only lists (a label set id is never reused
+        # nor dropped, and its sets are distinct): a list append is cheaper than a set add, and
+        # 970,000 of them run in a full compile at 125,000 workloads
+        self._set_labelsets: dict[str, list[int]] = defaultdict(list)
         # set name -> label sets with encrypted rules towards it (their tunnel peers are its members)
-        self._enc_labelsets: dict[str, set[int]] = defaultdict(set)
+        self._enc_labelsets: dict[str, list[int]] = defaultdict(list)
         self._peer_index = PeerIndex()
         self._touched: set[str] = set()  # sets whose WireGuard-capable members may have changed
         for w in policy.workloads:
@@ -159,8 +163,10 @@ class Compiler:
         found = self._addr_ints.get(name)
         if found is None:
             addrs = self._workloads[name].addresses  # sorted, v4 first
-            n4 = sum(1 for a in addrs if isinstance(a, IPv4Address))
-            ints = tuple(map(int, addrs))
+            n4 = len(addrs)
+            while n4 and not isinstance(addrs[n4 - 1], IPv4Address):
+                n4 -= 1
+            ints = tuple(map(address_int, addrs))
             found = self._addr_ints[name] = (ints[:n4], ints[n4:])
         return found
 
@@ -178,10 +184,11 @@ class Compiler:
                 compiled = self._compile_matched(matched)
                 self._ls_rules.append(compiled)
                 self._ls_hosts.append(set())
+                set_labelsets = self._set_labelsets
                 for s in compiled.sets:
-                    self._set_labelsets[s].add(lsid)
+                    set_labelsets[s].append(lsid)
                 for s in compiled.encrypted_sets:
-                    self._enc_labelsets[s].add(lsid)
+                    self._enc_labelsets[s].append(lsid)
             self._ls_ids[ls] = lsid
         return lsid
 

@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from stockade.compiler.ir import Direction, HostRule, unchecked
+from stockade.compiler.ir import Direction, HostRule, make_host_rule, unchecked
 from stockade.errors import CompileError
 from stockade.model.labels import Label
 from stockade.model.policy import Policy
@@ -268,7 +268,7 @@ def build_rule_table(rules: tuple[EffectiveRule, ...]) -> RuleTable:
     for rank, key in enumerate(sorted(keys)):  # tuples of primitives: compared in C, in HostRule order
         table.rank[keys[key]] = rank
     directions = {d.value: d for d in Direction}
-    table.host_rules = [HostRule(a, directions[t], rid, peer, svc, enc) for a, t, rid, peer, svc, enc in specs]
+    table.host_rules = [make_host_rule(a, directions[t], rid, peer, svc, enc) for a, t, rid, peer, svc, enc in specs]
     table.peers = [spec[3] for spec in specs]
     for sid in set(table_in) | set(table_out):
         table.rules_of[sid] = frozenset().union(*table_in.get(sid, ()), *table_out.get(sid, ()))

@@ -18,19 +18,23 @@ from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
 from operator import sub
 
+from stockade.compiler.hostnet import host_network_maker
 from stockade.model.addresses import Family, IPNetwork, Range
 
 
 class _Hosts(dict[int, IPNetwork]):
     """address -> its one-address network (/32 or /128), made on first use."""
 
-    def __init__(self, cls: type[IPv4Network] | type[IPv6Network], bits: int) -> None:
+    def __init__(self, v4: bool) -> None:
         super().__init__()
-        self._cls, self._bits = cls, bits
+        self._make = _MAKERS[v4]
 
     def __missing__(self, a: int) -> IPNetwork:
-        net = self[a] = self._cls((a, self._bits))
+        net = self[a] = self._make(a)
         return net
+
+
+_MAKERS = {v4: host_network_maker(v4) for v4 in (True, False)}
 
 
 class NetworkCache:
@@ -39,7 +43,7 @@ class NetworkCache:
     def __init__(self) -> None:
         self._nets: dict[bool, dict[int, IPNetwork]] = {True: {}, False: {}}  # keyed by "is IPv4"
         # one-address networks (most members) in their own map keyed by the address alone
-        self._hosts: dict[bool, _Hosts] = {True: _Hosts(IPv4Network, 32), False: _Hosts(IPv6Network, 128)}
+        self._hosts: dict[bool, _Hosts] = {True: _Hosts(True), False: _Hosts(False)}
 
     def hosts(self, addresses: list[int], family: Family) -> list[IPNetwork]:
         """The one-address networks of ``addresses``, in the same order."""

@@ -19,6 +19,7 @@ sets by name, and only this store knows their members.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from itertools import chain
 
 from stockade.compiler.changes import DeltaBuilder
 from stockade.compiler.ir import AddressSet, unchecked
@@ -93,11 +94,9 @@ class AddressSetStore:
 
     def sets_of(self, names: Iterable[str]) -> tuple[AddressSet, ...]:
         """The ``AddressSet``s of ``names`` (sorted), in (name, family) order."""
-        found: list[AddressSet] = []
-        cache = self._cache
-        for s in names:
-            found += cache.get(s) or self.address_sets(s)
-        return tuple(found)
+        get = self._cache.get
+        pairs = [get(s) or self.address_sets(s) for s in names]
+        return tuple(chain.from_iterable(pairs))
 
     def changed_after(self, names: Iterable[str], change: int) -> bool:
         """Whether a member of any of ``names`` changed after change number ``change``."""

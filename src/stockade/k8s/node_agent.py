@@ -56,6 +56,7 @@ from stockade.backends.nftables.backend import NftablesBackend
 from stockade.backends.nftables.netlink_apply import NetlinkTableBackend, TemplateCache
 from stockade.compiler.delta import PolicyUpdate, UpdateKind, policy_update_from_dict
 from stockade.errors import AuthError, Issue, NotFoundError, StockadeError, ValidationError
+from stockade.k8s.node_poll import POD_HEARTBEAT_SECONDS, NodePoller, PodEnroller, PodRuntime
 from stockade.k8s.podns import PodNetns, find_pod_netns, pin, pin_prefix, stale_pins, unpin
 
 log = logging.getLogger("stockade.k8s.node")
@@ -96,6 +97,9 @@ class NodeOptions:
     host_tamper_interval: float = 0.5
     apply_slots: int = 2  # pods' deltas and proofs applied at once (first applies: START_WORKERS)
     pod_proof_min_gap: float = 30.0  # a pod's proofs at most this often (each apply is read back regardless)
+    node_poll: bool = False  # True: one long-poll, ack batch and batch enrolment for all pods (k8s/node_poll.py);
+    # False: every pod's runtime long-polls, acks and heartbeats on its own (the per-pod protocol). Off by
+    # default for now: pods' flow reports (NFLOG) stay empty under the node poller (bench/README.md session 6)
     pod_netlink: bool = True  # pods' full applies and read-backs over netlink (False: nft processes)
 
 
@@ -163,6 +167,8 @@ class NodeAgent:
         self.stats = NodeStats()
         self.gate = ApplyGate(slots=options.apply_slots, first_slots=START_WORKERS)  # shared by the pod agents
         self.state = StateDir(options.state_dir / "node")
+        self.poller: NodePoller | None = None  # with node_poll: follows every pod (after the node enrols)
+        self.enroller: PodEnroller | None = None
 
     def _default_backend(self, netns: str | None) -> NftablesBackend:
         if netns is None or not self.options.pod_netlink:
@@ -191,6 +197,10 @@ class NodeAgent:
             self._stop_pod(uid, forget=remove_pod_rules, wait=True)
         for t in list(self._stopping.values()):
             t.join(5)
+        if self.poller is not None:
+            self.poller.stop()
+        if self.enroller is not None:
+            self.enroller.stop()
         if self.host_agent is not None:
             self.host_agent.stop()
         if self.client is not None:
@@ -283,6 +293,11 @@ class NodeAgent:
             return
         if self.client is None:
             return
+        if self.options.node_poll:
+            self.enroller = PodEnroller(self.client)
+            self.poller = NodePoller(self.client, long_poll_seconds=self.options.long_poll_seconds,
+                                     workers=max(2, self.options.apply_slots * 2))
+            self.poller.start()
         while not self._stop.is_set():
             self._poke.clear()
             pending = self._reconcile()
@@ -385,14 +400,14 @@ class NodeAgent:
             assert self.client is not None and self.credential is not None
             key = public_key_text(state.load_or_create_key())
             try:
-                e, first = self.client.enroll_pod(pod.workload, key)
+                e, first = (self.enroller.enroll if self.enroller else self.client.enroll_pod)(pod.workload, key)
             except NotFoundError:
                 return False  # the sync has not made it a workload yet
             ca = self.state.load_ca()
             if ca:
                 state.save_ca(ca)
-            state.save_credential(Credential(self.credential.controller, e.agent_id, e.token, e.workload,
-                                             state.key_path))
+            cred = Credential(self.credential.controller, e.agent_id, e.token, e.workload, state.key_path)
+            state.save_credential(cred)
         self._stage(pod.uid, "enrolled")
         if early is not None:
             ns, netns = early
@@ -416,16 +431,22 @@ class NodeAgent:
         cache = self._enforce_first(pod, enforcer, state, first)
         addresses = tuple(ipaddress.ip_address(a) for a in pod.addresses)
         report = HostReport(pod.workload, "kubernetes pod", (InterfaceReport("eth0", addresses),))
-        agent = Agent(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
-                                   watch_addresses=False, tamper_interval=self.options.pod_tamper_interval,
-                                   proof_min_gap=self.options.pod_proof_min_gap,
-                                   tamper_safety_interval=self.options.pod_tamper_interval),
-                      state, enforcer, HttpControllerClient, host_reader=lambda: report, gate=self.gate, cache=cache)
+        poller = self.poller
+        runtime = Agent if poller is None else PodRuntime  # PodRuntime: the node's poller brings its updates
+        agent = runtime(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
+                                     watch_addresses=False, tamper_interval=self.options.pod_tamper_interval,
+                                     proof_min_gap=self.options.pod_proof_min_gap,
+                                     tamper_safety_interval=self.options.pod_tamper_interval,
+                                     heartbeat_seconds=15.0 if poller is None else POD_HEARTBEAT_SECONDS),
+                        state, enforcer, HttpControllerClient, host_reader=lambda: report, gate=self.gate,
+                        cache=cache)
         if cache is not None:
             agent.milestones["applied"] = self.stats.stages.get(pod.uid, {}).get("applied", time.time())
         with self._lock:
             self._running[pod.uid] = _Running(pod, netns, agent, backend, t0)
         agent.start()  # without the enrolment's policy in force: enforces the pod's cache, if any
+        if poller is not None:
+            poller.add(cred.agent_id, agent)
         self._stage(pod.uid, "runtime")
         if agent.applied_revision:
             agent.request_proof()  # the first policy is proven like any apply
@@ -516,6 +537,9 @@ class NodeAgent:
             self._host_network.discard(uid)
         if r is None:
             return
+
+        if self.poller is not None:
+            self.poller.remove(r.agent)
 
         def wind_down() -> None:
             r.agent.stop(timeout=1.0)

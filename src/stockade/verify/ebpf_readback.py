@@ -14,10 +14,14 @@ contents of the generation trie in force. So the read-back has two parts:
   the kernel's longest-prefix-match semantics applied to whatever entries are there (nested
   or overlapping entries, as a mutation could leave, are resolved as the kernel resolves
   them). Entries no lookup of the datapath can take the way the model reads them (unknown
-  kinds, partial identity prefixes, unknown verdicts or protocols) are refused. So are, for
-  now, the encryption fields: an ``allow-encrypted`` verdict and a WireGuard interface or
-  fwmark in ``stk_current`` (the redirect into the tunnel and the tunnel-only ingress have no
-  variable in the header space yet): a host with encrypted rules fails closed, unproven.
+  kinds, partial identity prefixes, unknown verdicts or protocols) are refused.
+* **The tunnel** (encrypted rules, :mod:`.tunnel`): ``stk_current``'s WireGuard interface index
+  is resolved to the link it names: the WireGuard interface running Stockade's tunnel programs
+  (by tag, our maps only) is :attr:`Steering.TUNNEL`; an Ethernet interface (the redirect would
+  send encrypted traffic out in the clear, and its own packets would count as "from the
+  tunnel") is ``CLEAR``; index 0 or no such link is ``NONE`` (the redirect fails: dropped); a
+  link of another kind, or the tunnel without our programs (its packets would be unfiltered),
+  is refused. ``stk_current``'s fwmark must be wireguard-go's socket mark (or 0).
 
 The fixed code becomes one chain per hook (:func:`datapath_rules`), in the program's order:
 ICMPv6 neighbour discovery passes; a packet of a known flow (``established``) or an ICMP
@@ -25,7 +29,11 @@ error quoting one (``related``) passes; loopback is never attached (passes); oth
 peer's identity (address classes of the trie's peer entries) selects a chain of the policy
 entries for (direction, protocol, port or ICMP type); a miss is the mode's default; in
 visibility mode a block is only "would-block" and passes. The flow table's state space is
-narrower than conntrack's (:data:`~stockade.verify.loaded.LoadedRuleset.flow_states`).
+narrower than conntrack's (:data:`~stockade.verify.loaded.LoadedRuleset.flow_states`). With a
+tunnel (:func:`tunnel_rules`): egress, wireguard-go's fwmark passes first; a packet of an
+encrypted flow, or one an ``allow-encrypted`` entry admits, is steered (a ``mark`` verdict: the
+redirect) and passes; ingress, a packet of an encrypted flow not on the tunnel is dropped and an
+``allow-encrypted`` entry accepts only on the tunnel (else drops, in every mode).
 """
 
 from __future__ import annotations
@@ -39,8 +47,9 @@ from stockade.backends.ebpf import netlink as rtnl
 from stockade.backends.ebpf import syscall as bpf
 from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.ebpf.identity import L4, Verdict
-from stockade.backends.ebpf.loader import PROGRAMS, Current, TcHook, load_object
+from stockade.backends.ebpf.loader import PROGRAMS, TUNNEL_PROGRAMS, Current, TcHook, load_object
 from stockade.backends.ebpf.render import FAMILY_OF_KIND, KEY_SIZE, KIND_POLICY, POLICY_FIXED_BITS
+from stockade.backends.wireguard import SOCKET_MARK, STEER_MARK
 from stockade.bpf.build import object_path
 from stockade.errors import ApplyError, ProofError, UnmodelledConstructError
 from stockade.model.addresses import Family, Range
@@ -50,6 +59,7 @@ from stockade.verify.loaded import (
     AddressSet,
     AddrIn,
     Chain,
+    ConnEncrypted,
     CtState,
     FamilyRules,
     Field,
@@ -59,7 +69,10 @@ from stockade.verify.loaded import (
     LoadedRuleset,
     Loopback,
     Match,
+    PacketMark,
     Rule,
+    Steering,
+    Tunnel,
 )
 from stockade.verify.loaded import Verdict as RuleVerdict
 
@@ -96,16 +109,18 @@ def program_tags(insns: bytes) -> frozenset[str]:
 
 
 @lru_cache(maxsize=4)
-def _tags_of(path: str, mtime_ns: int) -> dict[TcHook, frozenset[str]]:
+def _tags_of(path: str, mtime_ns: int, tunnel: bool = False) -> dict[TcHook, frozenset[str]]:
     obj, _ = load_object(Path(path))
     fds = dict.fromkeys(obj.maps, 0)
-    return {hook: program_tags(obj.program(section).with_maps(fds)) for hook, section, _ in PROGRAMS}
+    programs = TUNNEL_PROGRAMS if tunnel else PROGRAMS
+    return {hook: program_tags(obj.program(section).with_maps(fds)) for hook, section, _ in programs}
 
 
-def expected_tags() -> dict[TcHook, frozenset[str]]:
-    """The tags of the programs Stockade builds, per hook, from its own object file."""
+def expected_tags(tunnel: bool = False) -> dict[TcHook, frozenset[str]]:
+    """The tags of the programs Stockade builds, per hook, from its own object file (``tunnel``:
+    those for the WireGuard interface, built for a link without an Ethernet header)."""
     path = object_path()
-    return _tags_of(str(path), path.stat().st_mtime_ns)
+    return _tags_of(str(path), path.stat().st_mtime_ns, tunnel)
 
 
 def check_programs(backend: EbpfBackend, our_map_ids: frozenset[int]) -> tuple[str, ...]:
@@ -199,7 +214,7 @@ def decode_trie(raw: dict[bytes, bytes]) -> tuple[dict[Family, Prefixes], dict[P
     peers: dict[Family, list[tuple[int, int, int]]] = {Family.V4: [], Family.V6: []}
     policy: dict[PolicyKey, list[tuple[int, int, int]]] = {}
     protos = {p.value for p in L4}
-    verdicts = (Verdict.ALLOW.value, Verdict.BLOCK.value)
+    verdicts = (Verdict.ALLOW.value, Verdict.BLOCK.value, Verdict.ALLOW_ENCRYPTED.value)
     unpack_key, unpack_value = _KEY.unpack, _VALUE.unpack
     for key, value in raw.items():
         if len(key) != KEY_SIZE or len(value) != _VALUE.size:
@@ -224,9 +239,6 @@ def decode_trie(raw: dict[bytes, bytes]) -> tuple[dict[Family, Prefixes], dict[P
         identity, direction, proto, port = struct.unpack_from(">IBBH", data, 0)
         if direction not in _DIRECTION or proto not in protos:
             raise UnmodelledConstructError("eBPF trie", f"policy entry for direction {direction} protocol {proto}")
-        if a == Verdict.ALLOW_ENCRYPTED.value:
-            raise UnmodelledConstructError("eBPF trie", "policy verdict allow-encrypted (the WireGuard tunnel's "
-                                           "redirect and tunnel-only ingress are not modelled yet)")
         if a not in verdicts:
             raise UnmodelledConstructError("eBPF trie", f"policy verdict {a}")
         first, last = _prefix(port.to_bytes(2, "big"), 16, bits)
@@ -260,8 +272,16 @@ def datapath_rules(
     mode: EnforcementMode,
     peers: list[tuple[int, int, int]],
     policy: dict[PolicyKey, list[tuple[int, int, int]]],
+    *,
+    tunnel: Steering | None = None,
+    wg_mark: int = 0,
 ) -> FamilyRules:
-    """The fixed program with these maps, as one base chain per hook (see the module doc)."""
+    """The fixed program with these maps, as one base chain per hook (see the module doc).
+    ``tunnel``: what ``stk_current``'s WireGuard interface index names (None: no tunnel fields
+    and no ``allow-encrypted`` entry: the encrypted-flow checks cannot fire); ``wg_mark``: its
+    fwmark (0 or wireguard-go's socket mark)."""
+    if tunnel is None and any(v == Verdict.ALLOW_ENCRYPTED.value for es in policy.values() for _, _, v in es):
+        tunnel = Steering.NONE
     top = (1 << _BITS[family]) - 1
     by_ident: dict[int, list[Range]] = {}
     for first, last, ident in _lpm_ranges(peers, top, 0):
@@ -276,15 +296,20 @@ def datapath_rules(
         grouped.setdefault((ident, direction), []).append((proto, entries))
     for direction, hook in _DIRECTION.items():
         rules: list[Rule] = []
+        if hook is HookName.OUTPUT and wg_mark:
+            rules.append(Rule((PacketMark(wg_mark),), accept, "wireguard-go's own packets"))
         if family is Family.V6:
             nd = IntIn(Field.ICMP_TYPE, (ND_TYPES,))
             rules.append(Rule((IntIn(Field.L4PROTO, ((58, 58),)), nd), accept, "neighbour discovery"))
+        if tunnel is not None:
+            rules += tunnel_rules(hook, tunnel, (ConnEncrypted(),), "encrypted flow")
         rules.append(Rule((CtState(frozenset({"established", "related"})),), accept, "known flow"))
         rules.append(Rule((Loopback(hook),), accept, "loopback: not attached"))
         peer = Addr.SADDR if hook is HookName.INPUT else Addr.DADDR
         for ident in sorted(by_ident):
             chain = f"{hook.value}_identity_{ident}"
-            chains[chain] = Chain(chain, _policy_rules(family, mode, grouped.get((ident, direction), [])))
+            chains[chain] = Chain(chain, _policy_rules(family, mode, grouped.get((ident, direction), []), hook,
+                                                       tunnel or Steering.NONE))
             rules.append(Rule((AddrIn(peer, family, _ident_set(ident)),), RuleVerdict(Kind.JUMP, chain)))
         chains[hook.value] = Chain(hook.value, tuple(rules), policy=default)
         hooks[hook] = (hook.value,)
@@ -295,6 +320,8 @@ def _policy_rules(
     family: Family,
     mode: EnforcementMode,
     groups: list[tuple[int, Prefixes]],
+    hook: HookName = HookName.INPUT,
+    tunnel: Steering = Steering.NONE,
 ) -> tuple[Rule, ...]:
     """One identity's policy entries of one direction, ``groups`` (protocol byte, port
     prefixes) in protocol order, resolved by longest prefix into disjoint rules."""
@@ -307,31 +334,90 @@ def _policy_rules(
             matches = _proto_match(family, proto, first, last)
             if matches is None:
                 continue
+            if verdict == Verdict.ALLOW_ENCRYPTED.value:
+                rules += tunnel_rules(hook, tunnel, matches, "allow-encrypted")
+                continue
             allow = verdict == Verdict.ALLOW.value or mode is EnforcementMode.VISIBILITY
             rules.append(Rule(matches, RuleVerdict(Kind.ACCEPT if allow else Kind.DROP)))
     return tuple(rules)
 
 
-def read_ebpf(table: str = "stockade", netns: str | None = None) -> LoadedRuleset:
+def tunnel_rules(hook: HookName, tunnel: Steering, matches: tuple[Match, ...], comment: str) -> list[Rule]:
+    """The datapath's ``deliver`` for packets ``matches`` selects that go through the tunnel only
+    (an encrypted flow's, or an ``allow-encrypted`` entry's): egress, steered (the redirect to
+    ``stk_current``'s interface, whose fate :func:`~stockade.verify.tunnel.output_exit` applies)
+    and passed; ingress, passed when it arrived on the interface ``stk_current`` names (the
+    tunnel; with an Ethernet interface named instead, every packet that did not come through the
+    tunnel counts as on it), else dropped, in every mode."""
+    if hook is HookName.OUTPUT:
+        return [Rule(matches, RuleVerdict(Kind.MARK), comment), Rule(matches, RuleVerdict(Kind.ACCEPT), comment)]
+    out: list[Rule] = []
+    if tunnel is not Steering.NONE:
+        on_wg = Tunnel(HookName.INPUT, negate=tunnel is Steering.CLEAR)
+        out.append(Rule((*matches, on_wg), RuleVerdict(Kind.ACCEPT), comment))
+    out.append(Rule(matches, RuleVerdict(Kind.DROP), f"{comment}: in the clear"))
+    return out
+
+
+def tunnel_steering(backend: EbpfBackend, cur: Current, our_map_ids: frozenset[int],
+                    wg_interface: str | None = None) -> tuple[Steering | None, tuple[str, ...]]:
+    """What ``stk_current``'s WireGuard interface index names (see the module doc), and notes."""
+    if cur.wg_mark not in (0, SOCKET_MARK):
+        raise UnmodelledConstructError("stk_current", f"fwmark 0x{cur.wg_mark:x} (only wireguard-go's socket mark "
+                                       f"0x{SOCKET_MARK:x} is modelled)")
+    if not cur.wg_ifindex:
+        return (Steering.NONE if cur.wg_mark else None), ()
+    link = next((x for x in rtnl.links(backend.loader.netns) if x.index == cur.wg_ifindex), None)
+    if link is None:
+        return Steering.NONE, (f"eBPF: stk_current names interface index {cur.wg_ifindex}, which does not exist",)
+    if wg_interface is not None and link.name != wg_interface and link.hw_type != rtnl.ARPHRD_ETHER:
+        raise UnmodelledConstructError("stk_current", f"interface {link.name} is not the WireGuard interface "
+                                       f"{wg_interface}")
+    if link.hw_type == rtnl.ARPHRD_ETHER:
+        return Steering.CLEAR, (f"eBPF: stk_current names {link.name}, an Ethernet interface, as the tunnel",)
+    if link.hw_type != 65534:  # ARPHRD_NONE: WireGuard (kernel or wireguard-go's tun)
+        raise UnmodelledConstructError(f"interface {link.name}", f"link type {link.link_type} as the tunnel")
+    tags = expected_tags(tunnel=True)
+    listed = rtnl.filters(backend.loader.netns, tuple((link.index, h.parent) for h in TcHook))
+    for hook in TcHook:
+        here = [x for x in listed if x.parent == hook.parent]
+        where = f"{link.name} {hook.value}"
+        first = min((x.pref for x in here), default=None)
+        f = next((x for x in here if x.pref == backend.loader.pref and x.handle == 1 and x.kind == "bpf"), None)
+        if f is None or first != backend.loader.pref:
+            raise UnmodelledConstructError(where, "the WireGuard interface runs no Stockade program first "
+                                           "(its packets would be unfiltered)")
+        if f.tag not in tags[hook]:
+            raise UnmodelledConstructError(where, f"program tag {f.tag} is not the tunnel program Stockade built")
+        fd = bpf.prog_fd_by_id(f.prog_id)
+        try:
+            used = frozenset(bpf.prog_info(fd).map_ids)
+        finally:
+            bpf.close_fd(fd)
+        if not used <= our_map_ids:
+            raise UnmodelledConstructError(where, "the program uses maps that are not Stockade's pinned maps")
+    return Steering.TUNNEL, (f"eBPF: the tunnel is {link.name} (index {link.index}), running Stockade's tunnel "
+                             f"programs; encrypted egress is redirected to it (mark 0x{STEER_MARK:x} in the model)",)
+
+
+def read_ebpf(table: str = "stockade", netns: str | None = None, wg_interface: str | None = None) -> LoadedRuleset:
     """What the eBPF backend with pins under ``table`` has loaded in ``netns``."""
     backend = EbpfBackend(netns=netns, table=table)
     try:
-        return _read(backend)
+        return _read(backend, wg_interface)
     except (ApplyError, bpf.BpfError, OSError) as exc:
         raise ProofError(f"cannot read back the eBPF maps of {table}: {exc}") from exc
     finally:
         backend.close()
 
 
-def _read(backend: EbpfBackend) -> LoadedRuleset:
+def _read(backend: EbpfBackend, wg_interface: str | None = None) -> LoadedRuleset:
     loader = backend.loader
     cur: Current | None = loader.current()
     if cur is None:
         if loader.attachments():
             raise UnmodelledConstructError("eBPF", "programs attached without Stockade's maps")
         return LoadedRuleset("ebpf", False, (), flow_states=True)
-    if cur.wg_ifindex or cur.wg_mark:  # its redirect and fwmark pass are outside the model: fail closed
-        raise UnmodelledConstructError("stk_current", "a WireGuard tunnel (encrypt: true) is not modelled yet")
     map_ids = frozenset(bpf.map_info(m.fd).id for m in loader.maps.values())
     trie = loader.trie(cur.generation)
     if trie is None:
@@ -340,10 +426,13 @@ def _read(backend: EbpfBackend) -> LoadedRuleset:
         map_ids |= {bpf.map_info(trie.fd).id}
         raw = dict(trie.items())
     notes = check_programs(backend, map_ids)
+    tunnel, tunnel_notes = tunnel_steering(backend, cur, map_ids, wg_interface)
+    notes += tunnel_notes
     peers, policy = decode_trie(raw)
-    families = tuple(datapath_rules(f, cur.mode, peers[f], policy) for f in (Family.V4, Family.V6))
+    families = tuple(datapath_rules(f, cur.mode, peers[f], policy, tunnel=tunnel, wg_mark=cur.wg_mark)
+                     for f in (Family.V4, Family.V6))
     notes += (
         "eBPF: later IP fragments, malformed and non-IP packets and packets for other hosts are outside the model",
     )
-    return LoadedRuleset("ebpf", True, families, notes, flow_states=True)
+    return LoadedRuleset("ebpf", True, families, notes, flow_states=True, steering=tunnel or Steering.NONE)
 

@@ -12,7 +12,10 @@ earlier rule decided) with netfilter's semantics:
   the next rule;
 * rules without a verdict (log, counter, set add) decide nothing;
 * several base chains at one hook (priorities): a packet passes only if every one accepts
-  (a drop anywhere is final; an accept only ends that chain).
+  (a drop anywhere is final; an accept only ends that chain);
+* encrypted rules (:mod:`.tunnel`): a ``mark`` verdict steers the packets it reaches into the
+  tunnel and goes on with the next rule; at the output hook the accepted packets become the
+  three-valued outcome (drop, clear, tunnel) by the read-back's steering.
 
 A chain's result depends on the address class only through the sets it (transitively) tests,
 so results are memoised per (chain, those sets' membership): a verdict chain is computed once,
@@ -29,6 +32,7 @@ from stockade.verify.loaded import (
     Addr,
     AddrIn,
     Chain,
+    ConnEncrypted,
     CtState,
     FamilyIs,
     FamilyRules,
@@ -39,11 +43,19 @@ from stockade.verify.loaded import (
     Kind,
     Loopback,
     Match,
+    PacketMark,
     Rule,
+    Steering,
     TcpFlags,
+    Tunnel,
     Verdict,
 )
 from stockade.verify.space import BDDNode, HeaderSpace
+from stockade.verify.tunnel import bind_marks, match_bdd, output_exit
+
+# verdicts after which a packet never comes back to the rules that follow: consecutive rules
+# with one of them (and the same target) can be merged into one rule matching their OR
+_MERGEABLE = frozenset({Kind.ACCEPT, Kind.DROP, Kind.RETURN, Kind.GOTO})
 
 
 def peer_field(hook: HookName) -> Addr:
@@ -73,6 +85,7 @@ class Interpreter:
         pred_of: dict[str, int],
         local: int | None,
         members: dict[int, BDDNode] | None = None,
+        steering: Steering = Steering.ROUTE,
     ) -> None:
         self.space = space
         self.rules = rules
@@ -84,6 +97,8 @@ class Interpreter:
         # symbolic membership (see prove._symbolic_members): predicate -> BDD over membership
         # variables, instead of the constant membership of one address class
         self.members = members
+        self.steering = steering
+        self._marks: dict[tuple[str, frozenset[int]], BDDNode] = {}  # packets a chain steers (MARK)
         self._deps: dict[str, frozenset[int]] = {}
         self._memo: dict[tuple[str, frozenset[int]], tuple[BDDNode, BDDNode]] = {}
         self._map_keys: dict[tuple[int, int, int], BDDNode] = {}
@@ -158,11 +173,11 @@ class Interpreter:
             return ~sp.loopback if m.negate else sp.loopback
         if isinstance(m, InDynamicSet):
             return sp.in_dynamic(m.set_name)
+        if isinstance(m, Tunnel | ConnEncrypted | PacketMark):
+            return match_bdd(sp, m, self.hook)
         raise UnmodelledConstructError("rule", f"match {m!r}")  # pragma: no cover - Match is closed
 
     def _rule_match(self, rule: Rule, sig: frozenset[int]) -> BDDNode | None:
-        if self.members is not None:
-            return self._rule_match_symbolic(rule)
         entry = self._static.get(id(rule))
         if entry is None:
             entry = self._static[id(rule)] = self._split(rule)
@@ -191,20 +206,11 @@ class Interpreter:
             u = u & r
         return (None if u == self.space.false else u), tuple(tests)
 
-    def _rule_match_symbolic(self, rule: Rule) -> BDDNode | None:
-        u = self.space.true
-        for m in rule.matches:
-            r = self._match(m, frozenset())
-            if r is False:
-                return None
-            if r is True:
-                continue
-            u = u & r
-        return None if u == self.space.false else u
-
     # ---- chains ----------------------------------------------------------------------------
     def chain(self, name: str, sig: frozenset[int], stack: tuple[str, ...] = ()) -> tuple[BDDNode, BDDNode]:
         """(accepted, dropped) among the packets entering chain ``name``; the rest returns."""
+        if self.members is not None:
+            return self._chain_symbolic(name, stack)
         key = (name, sig & self.deps(name))
         found = self._memo.get(key)
         if found is not None:
@@ -214,6 +220,7 @@ class Interpreter:
         stack = (*stack, name)
         sp = self.space
         acc, drop, rest = sp.false, sp.false, sp.true
+        marks = [sp.false] if self._uses_marks() else None  # packets this chain steers (MARK)
         rules = self._chain(name).rules
         for index in self._relevant(name, sig):
             rule = rules[index]
@@ -227,19 +234,133 @@ class Interpreter:
                 for j in self._relevant_elements(rule.verdict.target, sig, stack):
                     e = elements[j]
                     em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
-                    acc, drop, rest = self._apply(e.verdict, em, acc, drop, rest, sig, stack)
+                    acc, drop, rest = self._apply(e.verdict, em, acc, drop, rest, sig, stack, marks)
             else:
-                acc, drop, rest = self._apply(rule.verdict, m, acc, drop, rest, sig, stack)
+                acc, drop, rest = self._apply(rule.verdict, m, acc, drop, rest, sig, stack, marks)
         self._memo[key] = (acc, drop)
+        if marks is not None:
+            self._marks[key] = marks[0]
         return acc, drop
+
+    def _chain_symbolic(self, name: str, stack: tuple[str, ...]) -> tuple[BDDNode, BDDNode]:
+        """The same (accepted, dropped) with set membership symbolic, built from the LAST rule
+        to the first: what rule ``i`` leaves undecided is what rules ``i+1..`` decide, so each
+        rule is one if-then-else over the result of the rules after it (``ite(match, verdict,
+        after)``), not three operations on what is still undecided. Over membership variables
+        (a first-match decision list per port) this is several times cheaper.
+
+        Consecutive rules with the same final verdict (accept, drop, return, goto X; rules
+        without a verdict in between decide nothing) are one rule whose match is the OR of
+        theirs: the first of them that matches gives the verdict the others would. Equal
+        non-address matches are factored out (``ports and (in A or in B ...)``), so a run of
+        ``-p tcp --dport 80 -m set --match-set Pi src -j DROP`` costs one step, not one per set."""
+        found = self._memo.get((name, frozenset()))
+        if found is not None:
+            return found
+        if name in stack:
+            raise UnmodelledConstructError(f"chain {name}", "a loop of jumps")
+        stack = (*stack, name)
+        sp = self.space
+        steps: list[tuple[Rule, list[tuple[BDDNode, BDDNode]]]] = []  # (rule, [(static, member)])
+        for rule in self._chain(name).rules:
+            kind = rule.verdict.kind
+            if kind is Kind.CONTINUE:
+                continue
+            split = self._split_symbolic(rule)
+            if split is None:
+                continue
+            if steps and kind in _MERGEABLE and steps[-1][0].verdict == rule.verdict:
+                parts = steps[-1][1]
+                if parts[-1][0] == split[0]:
+                    parts[-1] = (split[0], parts[-1][1] | split[1])
+                else:
+                    parts.append(split)
+                continue
+            steps.append((rule, [split]))
+        marks = self._uses_marks()  # then also which packets the chain steers (MARK), as a third BDD
+        state = (sp.false, sp.false, sp.false)  # (accepted, dropped, marked); the end returns
+        for rule, parts in reversed(steps):
+            m = sp.false
+            for static, member in parts:
+                m = m | (static & member)
+            if m == sp.false:
+                continue
+            if rule.verdict.kind is Kind.VMAP:
+                after = state  # a jump's returns go on with the next RULE, not element
+                for e in reversed(self.rules.maps[rule.verdict.target]):
+                    em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
+                    if em != sp.false:
+                        state = self._ite(e.verdict, em, state, after, stack, marks)
+            else:
+                state = self._ite(rule.verdict, m, state, state, stack, marks)
+        acc, drop, marked = state
+        self._memo[(name, frozenset())] = (acc, drop)
+        if marks:
+            self._marks[(name, frozenset())] = marked
+        return acc, drop
+
+    def _split_symbolic(self, rule: Rule) -> tuple[BDDNode, BDDNode] | None:
+        """(every match but the peer's set tests, those tests) as BDDs; None: never matches."""
+        sp = self.space
+        static, member = sp.true, sp.true
+        for m in rule.matches:
+            r = self._match(m, frozenset())
+            if r is False:
+                return None
+            if r is True:
+                continue
+            if isinstance(m, AddrIn) and m.addr is self.peer:
+                member = member & r
+            else:
+                static = static & r
+        if static == sp.false or member == sp.false:
+            return None
+        return static, member
+
+    def _ite(
+        self,
+        v: Verdict,
+        m: BDDNode,
+        state: tuple[BDDNode, BDDNode, BDDNode],
+        after: tuple[BDDNode, BDDNode, BDDNode],
+        stack: tuple[str, ...],
+        marks: bool,
+    ) -> tuple[BDDNode, BDDNode, BDDNode]:
+        """Packets matching ``m`` get verdict ``v``; the others keep ``state`` (accepted, dropped,
+        marked). ``after``: what the rules after this one decide, for those a jump returns."""
+        sp = self.space
+        ite = sp.bdd.ite
+        acc, drop, marked = state
+        if v.kind is Kind.MARK:  # steered into the tunnel; the next rule runs
+            if self.hook is not HookName.OUTPUT or not marks:
+                raise UnmodelledConstructError("rule", f"the steering mark set at the {self.hook.value} hook")
+            return acc, drop, marked | m
+        if v.kind in (Kind.ACCEPT, Kind.DROP, Kind.RETURN):
+            if marks:
+                marked = marked & ~m
+            if v.kind is Kind.ACCEPT:
+                return acc | m, drop & ~m, marked
+            if v.kind is Kind.DROP:
+                return acc & ~m, drop | m, marked
+            return acc & ~m, drop & ~m, marked
+        if v.kind in (Kind.JUMP, Kind.GOTO):
+            a, d = self._chain_symbolic(v.target, stack)
+            acc, drop = ite(m, a, acc), ite(m, d, drop)
+            if marks:
+                marked = ite(m, self._marks[(v.target, frozenset())], marked)
+            if v.kind is Kind.JUMP:  # what X returns goes on with the rules after this one
+                back = m & ~(a | d)  # small: within this rule's match (``after`` is not)
+                acc, drop = acc | (back & after[0]), drop | (back & after[1])
+                if marks:
+                    marked = marked | (back & after[2])
+            return acc, drop, marked
+        raise UnmodelledConstructError("rule", f"verdict {v.kind.value} here")
 
     # ---- which rules can matter for an address class --------------------------------------
     def _relevant(self, name: str, sig: frozenset[int]) -> list[int]:
         """Indices of the rules of ``name`` that can match a peer in ``sig``, in order: a rule
         testing the peer against a set (not negated) matters only when the class is in it, a
         rule that matches no packet of this family and hook never."""
-        if self.members is not None:
-            return list(range(len(self._chain(name).rules)))
         index = self._rule_index.get(name)
         if index is None:
             uncond: list[int] = []
@@ -269,8 +390,6 @@ class Interpreter:
     def _relevant_elements(self, map_name: str, sig: frozenset[int], stack: tuple[str, ...]) -> list[int]:
         """Indices of the elements of a verdict map that can decide something for ``sig``: a
         ``jump`` to a chain that decides nothing without the class's sets is skipped."""
-        if self.members is not None:
-            return list(range(len(self.rules.maps[map_name])))
         index = self._map_index.get(map_name)
         if index is None:
             uncond: list[int] = []
@@ -312,9 +431,15 @@ class Interpreter:
         rest: BDDNode,
         sig: frozenset[int],
         stack: tuple[str, ...],
+        marks: list[BDDNode] | None = None,
     ) -> tuple[BDDNode, BDDNode, BDDNode]:
         here = rest & m
         if here == self.space.false or v.kind is Kind.CONTINUE:
+            return acc, drop, rest
+        if v.kind is Kind.MARK:  # steered into the tunnel; the next rule runs
+            if self.hook is not HookName.OUTPUT or marks is None:  # (marks: None only without MARK rules)
+                raise UnmodelledConstructError("rule", f"the steering mark set at the {self.hook.value} hook")
+            marks[0] = marks[0] | here
             return acc, drop, rest
         if v.kind is Kind.ACCEPT:
             return acc | here, drop, rest & ~m
@@ -325,6 +450,8 @@ class Interpreter:
         if v.kind in (Kind.JUMP, Kind.GOTO):
             a, d = self.chain(v.target, sig, stack)
             acc, drop = acc | (here & a), drop | (here & d)
+            if marks is not None:
+                marks[0] = marks[0] | (here & self._marks[(v.target, sig & self.deps(v.target))])
             gone = m if v.kind is Kind.GOTO else m & (a | d)
             return acc, drop, rest & ~gone
         raise UnmodelledConstructError("rule", f"verdict {v.kind.value} here")
@@ -333,9 +460,26 @@ class Interpreter:
         """The packets every base chain of the hook accepts (policy included)."""
         sp = self.space
         out = sp.true
+        marked = sp.false
+        uses_marks = self._uses_marks()
         for name in self.rules.hooks.get(self.hook, ()):
             acc, drop = self.chain(name, sig)
             policy = self._chain(name).policy
             passed = acc | (~(acc | drop) if policy is Kind.ACCEPT else sp.false)
+            if uses_marks:  # what this base chain steers, of the packets that reached it
+                marked = marked | (out & self._marks[(name, sig & self.deps(name))])
             out = out & passed
-        return out
+        if self.hook is not HookName.OUTPUT:
+            return out
+        if uses_marks:
+            out, marked = bind_marks(sp, out, marked)
+        return output_exit(sp, out, marked, self.steering)
+
+    def _uses_marks(self) -> bool:
+        """Whether any rule tests or sets the packet mark (else ``mk`` never appears: no binding)."""
+        found = getattr(self, "_marks_used", None)
+        if found is None:
+            found = any(r.verdict.kind is Kind.MARK or any(isinstance(m, PacketMark) for m in r.matches)
+                        for c in self.rules.chains.values() for r in c.rules)
+            self._marks_used = found
+        return found

@@ -13,8 +13,9 @@ src|dst`` (one dimension; ``hash:net`` / ``hash:ip`` sets), ``-m conntrack --cts
 ``-m state --state``, ``-m comment``, each negatable with ``!`` where iptables allows; targets
 ``ACCEPT``, ``DROP``, ``REJECT`` (a drop), ``RETURN``, ``NFLOG`` / ``LOG`` (no verdict), a
 user chain (``-j``), ``-g``; ``-m connbytes`` / ``-m hashlimit`` only on rules without a verdict
-(the log-once rules: whatever they match decides nothing). Anything else raises
-:class:`~stockade.errors.UnmodelledConstructError`.
+(the log-once rules: whatever they match decides nothing). Encrypted rules' steering (the
+WireGuard interface, marks, the mangle table's OUTPUT/POSTROUTING) when the interface is known:
+:mod:`.ipt_tunnel`. Anything else raises :class:`~stockade.errors.UnmodelledConstructError`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ import ipaddress
 import re
 import shlex
 import socket
+from itertools import islice, repeat
+from operator import add, itemgetter, lt
 
 from stockade.errors import UnmodelledConstructError
 from stockade.model.addresses import Family, Range, merge_ranges
+from stockade.verify import ipt_tunnel
 from stockade.verify.loaded import (
     TCP_FLAG_BITS,
     Addr,
@@ -118,7 +122,18 @@ def parse_ipset_save(text: str) -> dict[str, AddressSet]:
             members[name] = []
         else:
             raise UnmodelledConstructError("ipset save", f"line {line!r}")
-    return {n: AddressSet(f, merge_ranges(members[n])) for n, f in kinds.items() if f is not None}
+    return {n: AddressSet(f, _merged(members[n])) for n, f in kinds.items() if f is not None}
+
+
+def _merged(ranges: list[Range]) -> tuple[Range, ...]:
+    """:func:`merge_ranges`, with C-level iterators when the sorted ranges are already apart (no
+    overlap, no adjacency: a set of single peers, the common case; 500k members at 1,000 rules
+    x 100,000 peers, where the Python merge loop cost ~0.8 s)."""
+    ranges.sort()
+    his = map(add, map(itemgetter(1), ranges), repeat(1))
+    if all(map(lt, his, map(itemgetter(0), islice(ranges, 1, None)))):
+        return tuple(ranges)
+    return merge_ranges(ranges)
 
 
 def _element(text: str, family: Family, name: str) -> Range:
@@ -137,7 +152,9 @@ def _element(text: str, family: Family, name: str) -> Range:
 
 
 class _RuleParser:
-    def __init__(self, family: Family, ipsets: dict[str, AddressSet], sets: dict[str, AddressSet], where: str) -> None:
+    def __init__(self, family: Family, ipsets: dict[str, AddressSet], sets: dict[str, AddressSet], where: str,
+                 wg_interface: str | None = None) -> None:
+        self.wg_interface = wg_interface  # the tunnel of encrypted rules (None: its options are refused)
         self.family = family
         self.ipsets = ipsets
         self.sets = sets
@@ -213,6 +230,11 @@ class _RuleParser:
                     if number < 0:
                         raise self.refuse(f"protocol {p!r}")
                     matches.append(IntIn(Field.L4PROTO, ((number, number),), neg))
+            elif tok in ("-i", "-o") and self.wg_interface is not None and tokens[i:i + 1] == [self.wg_interface]:
+                take()
+                matches.append(ipt_tunnel.interface_match(tok, neg))
+            elif tok == "--mark" and module in ("mark", "connmark") and self.wg_interface is not None:
+                matches.append(ipt_tunnel.mark_match(module, take(), neg, self.where))
             elif tok in ("-i", "-o"):
                 iface = take()
                 if iface != "lo":
@@ -222,6 +244,8 @@ class _RuleParser:
                 module = take()
                 if module in _STATEFUL:
                     stateful = module
+                elif module in ("mark", "connmark") and self.wg_interface is not None:
+                    pass
                 elif module not in ("tcp", "udp", "multiport", "icmp", "icmp6", "set", "conntrack", "state", "comment"):
                     raise self.refuse(f"match module {module!r}")
             elif module in _STATEFUL and tok in _STATEFUL[module]:
@@ -282,6 +306,10 @@ class _RuleParser:
                     raise self.refuse(f"{name} option {tokens[i]!r}")
                 i += 1 if tokens[i] in ("--log-tcp-sequence", "--log-tcp-options", "--log-ip-options", "--log-uid") else 2  # noqa: E501
             return Verdict(Kind.CONTINUE), i
+        if self.wg_interface is not None:
+            steering = ipt_tunnel.tunnel_target(name, tokens, i, self.where)
+            if steering is not None:
+                return steering
         if name == "REJECT":
             if i < len(tokens) and tokens[i] == "--reject-with":
                 i += 2
@@ -292,8 +320,10 @@ class _RuleParser:
         return Verdict(Kind.JUMP, name), i  # a user chain, or refused below as an unknown target
 
 
-def parse_filter(save_text: str, family: Family, ipsets: dict[str, AddressSet]) -> tuple[FamilyRules, list[str]]:
-    """The filter table of one ``iptables-save`` output as the IR, and notes on the rest."""
+def parse_filter(save_text: str, family: Family, ipsets: dict[str, AddressSet],
+                 wg_interface: str | None = None) -> tuple[FamilyRules, list[str]]:
+    """The filter table of one ``iptables-save`` output as the IR, and notes on the rest
+    (``wg_interface``: the mangle table's steering is modelled too, see :mod:`.ipt_tunnel`)."""
     chains: dict[str, list[Rule]] = {}
     policies: dict[str, Kind | None] = {}
     sets: dict[str, AddressSet] = {}
@@ -308,13 +338,20 @@ def parse_filter(save_text: str, family: Family, ipsets: dict[str, AddressSet]) 
             continue
         if line == "COMMIT":
             continue
-        if table != "filter":
+        prefix = ""
+        if table == "mangle" and wg_interface is not None:
+            prefix = ipt_tunnel.MANGLE
+            if line.startswith("-A") and line.split()[1] in ("PREROUTING", "INPUT", "FORWARD"):
+                notes.append(f"{family.name} table mangle {line.split()[1]} has rules (not modelled)")
+                continue
+        elif table != "filter":
             if line.startswith("-A"):
                 notes.append(f"{family.name} table {table} has rules (not modelled: assumed not to drop or rewrite)")
             continue
         where = f"{family.name} filter line {lineno}"
         if line.startswith(":"):
             name, policy = line[1:].split()[:2]
+            name = prefix + name
             chains.setdefault(name, [])
             policies[name] = {"ACCEPT": Kind.ACCEPT, "DROP": Kind.DROP}.get(policy)
             if policy != "-" and policies[name] is None:
@@ -326,8 +363,10 @@ def parse_filter(save_text: str, family: Family, ipsets: dict[str, AddressSet]) 
             raise UnmodelledConstructError(where, f"unparsable line {line!r}") from exc
         if len(tokens) < 2 or tokens[0] != "-A":
             raise UnmodelledConstructError(where, f"line {line!r}")
-        chain = tokens[1]
-        matches, verdict = _RuleParser(family, ipsets, sets, f"{where} ({chain})").parse(tokens[2:])
+        chain = prefix + tokens[1]
+        matches, verdict = _RuleParser(family, ipsets, sets, f"{where} ({chain})", wg_interface).parse(tokens[2:])
+        if prefix and verdict.kind in (Kind.JUMP, Kind.GOTO):
+            verdict = Verdict(verdict.kind, prefix + verdict.target)
         chains.setdefault(chain, []).append(Rule(tuple(matches), verdict))
     for name, rules in chains.items():
         for r in rules:
@@ -337,13 +376,22 @@ def parse_filter(save_text: str, family: Family, ipsets: dict[str, AddressSet]) 
         notes.append(f"{family.name} FORWARD has rules: not part of the host proof")
     built = {n: Chain(n, tuple(rs), policies.get(n)) for n, rs in chains.items()}
     hooks: dict[HookName, tuple[str, ...]] = {h: (n,) for n, h in _BUILTIN.items() if n in built}
+    if wg_interface is not None:
+        ipt_tunnel.check_chains(built)
+        mangle = [ipt_tunnel.MANGLE + h for h in ipt_tunnel.MANGLE_HOOKS if built.get(ipt_tunnel.MANGLE + h)]
+        if mangle:  # mangle OUTPUT before the filter's OUTPUT, mangle POSTROUTING after it
+            hooks[HookName.OUTPUT] = tuple(n for n in (mangle[0] if mangle[0].endswith("OUTPUT") else "",
+                                                       *hooks.get(HookName.OUTPUT, ()),
+                                                       *(m for m in mangle if m.endswith("POSTROUTING"))) if n)
     return FamilyRules(family, built, hooks, sets), sorted(set(notes))
 
 
-def parse_iptables(save_v4: str, save_v6: str, ipset_save: str, *, variant: str = "") -> LoadedRuleset:
-    """Both families' filter tables and the ipsets as one read-back."""
+def parse_iptables(save_v4: str, save_v6: str, ipset_save: str, *, variant: str = "",
+                   wg_interface: str | None = None) -> LoadedRuleset:
+    """Both families' filter tables and the ipsets as one read-back (``wg_interface``: the
+    WireGuard interface of encrypted rules; their mangle steering is then modelled)."""
     ipsets = parse_ipset_save(ipset_save)
-    v4, n4 = parse_filter(save_v4, Family.V4, ipsets)
-    v6, n6 = parse_filter(save_v6, Family.V6, ipsets)
+    v4, n4 = parse_filter(save_v4, Family.V4, ipsets, wg_interface)
+    v6, n6 = parse_filter(save_v6, Family.V6, ipsets, wg_interface)
     name = f"iptables-{variant}" if variant else "iptables"
     return LoadedRuleset(name, True, (v4, v6), tuple(n4 + n6))

@@ -41,6 +41,7 @@ class Addr(Enum):
 class HookName(Enum):
     INPUT = "input"
     OUTPUT = "output"
+    POSTROUTING = "postrouting"  # only as a Tunnel match's side: chains at it count as OUTPUT
 
 
 CT_STATES = ("new", "established", "related", "invalid", "untracked")
@@ -106,7 +107,35 @@ class InDynamicSet:
     set_name: str
 
 
-Match = FamilyIs | AddrIn | IntIn | TcpFlags | CtState | Loopback | InDynamicSet
+@dataclass(frozen=True)
+class Tunnel:
+    """The packet's interface is the WireGuard tunnel's (or not, with ``negate``): at ``INPUT`` the
+    interface it arrived on; at ``POSTROUTING`` the one it leaves by (after steering re-routed it);
+    a test of the output interface at the output hook sees the device routed to before steering:
+    never the tunnel (see :mod:`.tunnel`)."""
+
+    side: HookName
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class ConnEncrypted:
+    """The packet's connection is marked encrypted (nftables ``ct mark``, iptables ``connmark``,
+    eBPF's flow ``enc``), or not with ``negate``."""
+
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class PacketMark:
+    """The packet's mark (``meta mark``, iptables ``-m mark``) is ``value`` (or not): only the
+    steering mark and wireguard-go's socket mark are modelled (:mod:`.tunnel`)."""
+
+    value: int
+    negate: bool = False
+
+
+Match = FamilyIs | AddrIn | IntIn | TcpFlags | CtState | Loopback | InDynamicSet | Tunnel | ConnEncrypted | PacketMark
 
 
 class Kind(Enum):
@@ -117,6 +146,7 @@ class Kind(Enum):
     JUMP = "jump"
     GOTO = "goto"
     VMAP = "vmap"  # target: the map's name
+    MARK = "mark"  # set the packet's mark to the steering mark, then the next rule (see :mod:`.tunnel`)
 
 
 @dataclass(frozen=True)
@@ -167,6 +197,22 @@ class FamilyRules:
     dynamic_sets: frozenset[str] = frozenset()
 
 
+class Steering(Enum):
+    """What the steering mark does to a packet at the output hook (see :mod:`.tunnel`).
+
+    ``ROUTE`` (nftables, iptables): policy routing sends it into the tunnel when the route is
+    there, else by the ordinary route (where a postrouting guard must drop it). The eBPF datapath
+    redirects it to ``stk_current``'s interface index: ``TUNNEL`` when that is the WireGuard
+    interface running Stockade's tunnel programs (a missing route/interface: the redirect fails,
+    dropped), ``CLEAR`` when it is another (Ethernet) interface (sent in the clear), ``NONE``
+    when there is no such interface (index 0 or gone: dropped)."""
+
+    ROUTE = "route"
+    TUNNEL = "tunnel"
+    CLEAR = "clear"
+    NONE = "none"
+
+
 @dataclass(frozen=True)
 class LoadedRuleset:
     """One backend's read-back: ``present`` False means nothing of Stockade is loaded."""
@@ -181,6 +227,8 @@ class LoadedRuleset:
     # "related" (an ICMP error quoting such a flow); controller replies pass only as part of
     # the connection the outbound failsafe let the host open (see docs/verification.md).
     flow_states: bool = False
+    # Where a packet carrying the steering mark goes (encrypted rules, :mod:`.tunnel`).
+    steering: Steering = Steering.ROUTE
 
     def family(self, family: Family) -> FamilyRules | None:
         for f in self.families:

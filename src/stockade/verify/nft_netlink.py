@@ -17,7 +17,15 @@ with :class:`~stockade.errors.UnmodelledConstructError` naming the rule. Underst
 * statements: ``counter``, ``log`` (no verdict), ``dynset`` add/update into a dynamic set,
   ``reject`` (a drop) and ``immediate`` verdicts (accept, drop, return, jump, goto).
 
-Anything else (marks, other ct keys, NAT, limits, quotas, xtables compat, stateful objects,
+Encrypted rules (:mod:`.tunnel`), when the WireGuard interface's name is given: ``iifname`` /
+``oifname`` equal to it (the input interface; the output one only in a ``postrouting`` base
+chain, where it is the device steering re-routed to), ``meta mark`` and ``ct mark`` tests of
+the steering and socket marks, ``meta mark set`` of the steering mark (only in a ``type route``
+output chain: the kernel re-routes after it), and the statements ``ct mark set`` of the steering
+mark (the connection's mark: a later packet's ``enc`` bit) and ``tcp option maxseg size set``
+(the MSS clamp), neither of which decides a verdict.
+
+Anything else (other marks, other ct keys, NAT, limits, quotas, xtables compat, stateful objects,
 flowtables, a dormant table ...) is refused. Rules whose expressions are byte-identical (in
 the lookup layout most are: 155k rules, ~6k distinct) are decoded once.
 
@@ -33,12 +41,14 @@ import struct
 from typing import Any
 
 from stockade.backends.nftables.dump import Attrs, TableDump, attr_list, attrs
+from stockade.backends.wireguard import STEER_MARK
 from stockade.errors import UnmodelledConstructError
 from stockade.model.addresses import Family, Range, merge_ranges
 from stockade.verify.loaded import (
     Addr,
     AddressSet,
     AddrIn,
+    ConnEncrypted,
     CtState,
     FamilyIs,
     Field,
@@ -50,8 +60,10 @@ from stockade.verify.loaded import (
     Loopback,
     MapElement,
     Match,
+    PacketMark,
     Rule,
     TcpFlags,
+    Tunnel,
     Verdict,
 )
 from stockade.verify.nft_readback import _Parser
@@ -75,6 +87,7 @@ _CT_NAMES = {0: "state", 1: "direction", 2: "status", 3: "mark", 4: "secmark", 5
 _CT_STATE_BITS = {1: "invalid", 2: "established", 4: "related", 8: "new", 64: "untracked"}
 _CMP_OPS = {0: "==", 1: "!=", 2: "<", 3: "<=", 4: ">", 5: ">="}
 META_NFPROTO, META_L4PROTO, META_IIF, META_OIF, META_IIFNAME, META_OIFNAME = 15, 16, 4, 5, 6, 7
+META_MARK, CT_MARK = 3, 3
 _ADDR_FIELDS = {
     (Family.V4, 12, 4): Addr.SADDR, (Family.V4, 16, 4): Addr.DADDR,
     (Family.V6, 8, 16): Addr.SADDR, (Family.V6, 24, 16): Addr.DADDR,
@@ -235,7 +248,8 @@ def _ranges(elems: tuple[bytes, ...], key_len: int, flags: int, where: str) -> t
 class _Rules:
     """Rule bytecode -> (matches, verdict), strictly; byte-identical expressions decoded once."""
 
-    def __init__(self, sets: _Sets) -> None:
+    def __init__(self, sets: _Sets, wg_interface: str | None = None) -> None:
+        self.wg_interface = wg_interface  # the WireGuard interface (None: no interface but lo is modelled)
         self.sets = sets
         self.parser = sets.parser
         self.cache: dict[bytes, tuple[tuple[Match, ...], Verdict]] = {}
@@ -272,6 +286,7 @@ class _Rules:
         matches: list[Match] = []
         ordered: dict[Field, int] = {}  # field -> index of its match from an ordering comparison
         verdict: Verdict | None = None
+        steers = False  # ``meta mark set`` of the steering mark: the rule's verdict is MARK
         for _, expr in attr_list(blob):
             e = attrs(expr)
             name = _str(e.get(1, b""))
@@ -283,11 +298,18 @@ class _Rules:
             if name == "immediate":
                 dreg = _u32(a.get(1, b"\0\0\0\0"))
                 if dreg != 0:  # data for a statement: refused by the statement that uses it
-                    regs[_slot(dreg, where)] = ("immediate",)
+                    regs[_slot(dreg, where)] = ("immediate", _value(a.get(2, b"")))
                     continue
                 verdict = _verdict(a.get(2, b""), where)
             elif name == "reject":
                 verdict = Verdict(Kind.DROP)
+            elif name == "meta" and 3 in a:
+                steers = self.mark_set(("meta", _u32(a.get(2, b"\0\0\0\0"))), regs.get(_slot(_u32(a[3]), where)),
+                                       where) or steers
+            elif name == "ct" and 4 in a:  # ``ct mark set``: marks the connection, decides nothing now
+                self.mark_set(("ct", _u32(a.get(2, b"\0\0\0\0"))), regs.get(_slot(_u32(a[4]), where)), where)
+            elif name == "exthdr" and 7 in a and _u32(a.get(6, b"\0\0\0\0")) == 1 and a.get(2, b"\0")[:1] == b"\x02":
+                pass  # ``tcp option maxseg size set``: the MSS clamp, no verdict
             elif name == "meta":
                 self.meta(a, regs, where)
             elif name == "payload":
@@ -297,9 +319,11 @@ class _Rules:
                 regs[_slot(_u32(a[1]), where)] = ("payload", base, off, length)
             elif name == "ct":
                 key = _u32(a.get(2, b"\0\0\0\0"))
-                if 3 in a or 4 in a or key != 0 or 1 not in a:
+                if 3 in a or 4 in a or key not in (0, CT_MARK) or 1 not in a:
                     raise UnmodelledConstructError(where, f"ct {_CT_NAMES.get(key, key)}")
-                regs[_slot(_u32(a[1]), where)] = ("ct", 0)
+                if key == CT_MARK and self.wg_interface is None:
+                    raise UnmodelledConstructError(where, "ct mark (no WireGuard interface known)")
+                regs[_slot(_u32(a[1]), where)] = ("ct", key)
             elif name == "bitwise":
                 if _u32(a.get(6, b"\0\0\0\0")) != 0 or int.from_bytes(_value(a.get(5, b"")), "big") != 0:
                     raise UnmodelledConstructError(where, "bitwise operation other than a mask")
@@ -348,13 +372,29 @@ class _Rules:
                     raise UnmodelledConstructError(where, f"set statement @{target}")
             else:
                 raise UnmodelledConstructError(where, f"expression {name!r}")
+        if steers:
+            if verdict is not None:
+                raise UnmodelledConstructError(where, "a verdict after the steering mark is set")
+            verdict = Verdict(Kind.MARK)
         return tuple(dict.fromkeys(matches)), verdict or Verdict(Kind.CONTINUE)
+
+    def mark_set(self, what: tuple[str, int], source: Load | None, where: str) -> bool:
+        """``meta mark set`` / ``ct mark set`` from an immediate: only the steering mark (True: the
+        packet's mark, which steers it)."""
+        key = what[1]
+        if key != (META_MARK if what[0] == "meta" else CT_MARK) or self.wg_interface is None:
+            name = (_META_NAMES if what[0] == "meta" else _CT_NAMES).get(key, key)
+            raise UnmodelledConstructError(where, f"{what[0]} {name} set")
+        if source is None or source[0] != "immediate" or int.from_bytes(source[1], "little") != STEER_MARK:
+            raise UnmodelledConstructError(where, f"{what[0]} mark set to anything but the steering mark")
+        return what[0] == "meta"
 
     def meta(self, a: Attrs, regs: dict[int, Load], where: str) -> None:
         key = _u32(a.get(2, b"\0\0\0\0"))
         if 3 in a or 1 not in a:
             raise UnmodelledConstructError(where, f"meta {_META_NAMES.get(key, key)} set")
-        if key not in (META_NFPROTO, META_L4PROTO, META_IIF, META_OIF, META_IIFNAME, META_OIFNAME):
+        wg = (META_MARK,) if self.wg_interface is not None else ()
+        if key not in (META_NFPROTO, META_L4PROTO, META_IIF, META_OIF, META_IIFNAME, META_OIFNAME, *wg):
             raise UnmodelledConstructError(where, f"meta {_META_NAMES.get(key, key)}")
         regs[_slot(_u32(a[1]), where)] = ("meta", key)
 
@@ -367,9 +407,19 @@ class _Rules:
                 raise UnmodelledConstructError(where, f"meta nfproto {op} {data.hex()}")
             ctx["family"] = family
             return [FamilyIs(family)]
+        if kind == "meta" and load[1] == META_MARK and op in ("==", "!="):
+            return [PacketMark(int.from_bytes(data[:4], "little"), op == "!=")]
+        if kind == "ct" and load[1] == CT_MARK:
+            if op not in ("==", "!=") or int.from_bytes(data[:4], "little") != STEER_MARK:
+                raise UnmodelledConstructError(where, f"ct mark {op} {data.hex()} (only the steering mark)")
+            return [ConnEncrypted(op == "!=")]
         if kind == "meta" and load[1] in (META_IIF, META_OIF, META_IIFNAME, META_OIFNAME):
             if op not in ("==", "!="):
                 raise UnmodelledConstructError(where, f"interface {op}")
+            if load[1] in (META_IIFNAME, META_OIFNAME) and b"\0" in data and self.wg_interface is not None \
+                    and _str(data) == self.wg_interface:  # the tunnel: in, or out after steering (postrouting)
+                side = HookName.INPUT if load[1] == META_IIFNAME else HookName.POSTROUTING
+                return [Tunnel(side, op == "!=")]
             if load[1] in (META_IIF, META_OIF):
                 is_lo = int.from_bytes(data[:4], "little") == 1  # lo is ifindex 1 in every namespace
                 shown = "lo" if is_lo else f"ifindex {int.from_bytes(data[:4], 'little')}"
@@ -557,8 +607,9 @@ def _chain(parser: _Parser, c: Attrs) -> None:
     parser.chain(body)
 
 
-def parse_nft_dump(dump: TableDump | None, table: str) -> LoadedRuleset:
-    """The IR of one ``inet`` table's netlink dump; ``None`` (no such table): nothing loaded."""
+def parse_nft_dump(dump: TableDump | None, table: str, wg_interface: str | None = None) -> LoadedRuleset:
+    """The IR of one ``inet`` table's netlink dump; ``None`` (no such table): nothing loaded.
+    ``wg_interface``: the WireGuard interface of encrypted rules (None: its tests are refused)."""
     if dump is None:
         return LoadedRuleset("nftables", False, ())
     if _u32(dump.table.get(2, b"\0\0\0\0")) & 1:
@@ -569,7 +620,7 @@ def parse_nft_dump(dump: TableDump | None, table: str) -> LoadedRuleset:
     sets = _Sets(dump, parser)
     for c in dump.chains:
         _chain(parser, c)
-    rules = _Rules(sets)
+    rules = _Rules(sets, wg_interface)
     for chain, msgs in dump.rules:
         parser.chains.setdefault(chain, []).extend(rules.rule(chain, m) for m in msgs)
     return parser.result()

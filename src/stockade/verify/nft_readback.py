@@ -51,6 +51,7 @@ from stockade.verify.loaded import (
     Match,
     Rule,
     TcpFlags,
+    Tunnel,
     Verdict,
 )
 
@@ -76,6 +77,8 @@ class _Parser:
         self.policies: dict[str, Kind | None] = {}
         self.hooks: dict[HookName, list[tuple[int, str]]] = {HookName.INPUT: [], HookName.OUTPUT: []}
         self.notes: list[str] = []
+        self.route_chains: set[str] = set()  # ``type route`` output chains: a mark set there re-routes
+        self.postrouting: set[str] = set()  # base chains at postrouting (the output interface is final)
 
     # ---- objects -------------------------------------------------------------------
     def item(self, obj: dict[str, Any]) -> None:
@@ -139,8 +142,12 @@ class _Parser:
         if hook is None:
             self.policies[name] = None
             return
-        if body.get("type") != "filter":
+        if body.get("type") == "route" and hook == "output":
+            self.route_chains.add(name)
+        elif body.get("type") != "filter":
             raise UnmodelledConstructError(f"chain {name}", f"base chain type {body.get('type')!r}")
+        if hook == "postrouting":
+            self.postrouting.add(name)
         policy = {"accept": Kind.ACCEPT, "drop": Kind.DROP}.get(str(body.get("policy", "accept")))
         if policy is None:
             raise UnmodelledConstructError(f"chain {name}", f"policy {body.get('policy')!r}")
@@ -291,6 +298,15 @@ class _Parser:
         for name, target in self.references():
             if target not in self.chains:
                 raise UnmodelledConstructError(f"chain {name}", f"jump to unknown chain {target}")
+        for name, rules in self.chains.items():  # where the tunnel's constructs mean what the model says
+            for r in rules:
+                if r.verdict.kind is Kind.MARK and name not in self.route_chains:
+                    raise UnmodelledConstructError(f"chain {name}", "the steering mark set outside a route chain "
+                                                   "(no re-route follows)")
+                if any(isinstance(m, Tunnel) and m.side is HookName.POSTROUTING for m in r.matches) \
+                        and name not in self.postrouting:
+                    raise UnmodelledConstructError(f"chain {name}", "a test of the tunnel as output interface "
+                                                   "before postrouting")
         chains = {n: Chain(n, tuple(rules), self.policies.get(n)) for n, rules in self.chains.items()}
         hooks = {h: tuple(n for _, n in sorted(v)) for h, v in self.hooks.items()}
         fams = tuple(

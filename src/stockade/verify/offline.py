@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from stockade.backends.iptables.model import ChainNames, address_text, ipset_members
 from stockade.backends.iptables.render import IptablesArtifact
+from stockade.backends.iptables.tunnel import mangle_chain_names
 from stockade.compiler.ir import HostPolicy
 from stockade.model.addresses import Family
 from stockade.verify.ipt_readback import parse_iptables
@@ -32,6 +33,14 @@ def iptables_save_texts(artifact: IptablesArtifact) -> tuple[str, str, str]:
             for c in ruleset.chains:
                 lines += [f"-A {c.name} {r}" for r in c.rules]
         lines.append("COMMIT")
+        steering = artifact.mangle_ruleset(family) if artifact.present else None
+        if steering is not None:  # encrypted rules: the mangle table's steering, one jump per hook
+            steer, post = mangle_chain_names(artifact.prefix)
+            lines += ["*mangle", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+                      ":OUTPUT ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]", f":{steer} - [0:0]", f":{post} - [0:0]",
+                      f"-A OUTPUT -j {steer}", f"-A POSTROUTING -j {post}"]
+            lines += [f"-A {steer} {r}" for r in steering.steer] + [f"-A {post} {r}" for r in steering.post]
+            lines.append("COMMIT")
         saves.append("\n".join(lines) + "\n")
     sets: list[str] = []
     for s in artifact.sets if artifact.present else ():
@@ -40,10 +49,11 @@ def iptables_save_texts(artifact: IptablesArtifact) -> tuple[str, str, str]:
     return saves[0], saves[1], "\n".join(sets) + "\n"
 
 
-def loaded_iptables_artifact(artifact: IptablesArtifact) -> LoadedRuleset:
+def loaded_iptables_artifact(artifact: IptablesArtifact, wg_interface: str | None = None) -> LoadedRuleset:
+    """``wg_interface``: the WireGuard interface the artifact was rendered for (encrypted rules)."""
     v4, v6, ipsets = iptables_save_texts(artifact)
-    return parse_iptables(v4, v6, ipsets, variant=artifact.variant.value)
+    return parse_iptables(v4, v6, ipsets, variant=artifact.variant.value, wg_interface=wg_interface)
 
 
-def prove_iptables_artifact(hp: HostPolicy, artifact: IptablesArtifact) -> Proof:
-    return prove(hp, loaded_iptables_artifact(artifact))
+def prove_iptables_artifact(hp: HostPolicy, artifact: IptablesArtifact, wg_interface: str | None = None) -> Proof:
+    return prove(hp, loaded_iptables_artifact(artifact, wg_interface))

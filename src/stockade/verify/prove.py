@@ -23,15 +23,28 @@ from operator import add, attrgetter, le, lshift, ne, sub
 from stockade.compiler.ir import Direction, HostPolicy
 from stockade.model.addresses import Family, IPAddress, IPNetwork, Range, merge_ranges
 from stockade.verify.interpret import Interpreter, peer_field, referenced_sets
-from stockade.verify.loaded import CT_STATES, FamilyRules, Field, HookName, LoadedRuleset
-from stockade.verify.space import SYN, AddressClass, BDDNode, HeaderSpace, address_classes
+from stockade.verify.loaded import CT_STATES, FamilyRules, Field, HookName, LoadedRuleset, Steering
+from stockade.verify.members import symbolic_members
+from stockade.verify.space import (
+    SYN,
+    AddressClass,
+    BDDNode,
+    HeaderSpace,
+    _members_at,
+    address_classes,
+    atom_classes,
+)
 from stockade.verify.spec import CONTROLLER_PRED, PolicySpec
+from stockade.verify.tunnel import loopback_allowed, loopback_domain
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 # Up to this many host rules, set membership is tried as BDD variables first (no address sweep:
-# flat in the number of peers); beyond it the BDD of the rules over memberships grows faster
-# than the sweep (measured: 100 rules 0.09 s against 0.85 s; 1,000 rules 9 s against 6 s).
-SYMBOLIC_MEMBERS_MAX_RULES = 300
+# flat in the number of peers). Session 5 stopped at 300 (its forward walk rebuilt every
+# port's decision list under each new rule: 1,000 rules 9 s against the sweep's 6 s); built
+# from the last rule up, with runs of equal verdicts merged (:mod:`.interpret`), 1,000 rules
+# take ~1.5 s and grow linearly, so the limit is only a guard (tests set it to -1 to force
+# the sweep).
+SYMBOLIC_MEMBERS_MAX_RULES = 20_000
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,12 @@ class Packet:
     tcp_flags: int
     ct_state: str
     loopback: bool
+    # encrypted rules (:mod:`.tunnel`): inbound, it arrived through the WireGuard interface;
+    # outbound, the verdict is about it leaving through the tunnel (else in the clear)
+    tunnel: bool = False
+    encrypted_connection: bool = False  # its connection is marked encrypted
+    socket_mark: bool = False  # it carries wireguard-go's socket mark
+    route_ok: bool = True  # the steering route / redirect target is there
 
     def __str__(self) -> str:
         proto = PROTO_NAMES.get(self.l4proto, f"proto {self.l4proto}")
@@ -61,6 +80,16 @@ class Packet:
         else:
             what = f"{proto} {self.src} -> {self.dst}"
         lo = " on lo" if self.loopback else ""
+        if self.tunnel:
+            lo += " via the WireGuard tunnel" if self.direction is Direction.INBOUND else " into the WireGuard tunnel"
+        elif self.direction is Direction.OUTBOUND:
+            lo += " (in the clear)" if (self.encrypted_connection or self.socket_mark or not self.route_ok) else ""
+        if self.encrypted_connection:
+            lo += " of an encrypted connection"
+        if self.socket_mark:
+            lo += " with wireguard-go's fwmark"
+        if not self.route_ok:
+            lo += " with the tunnel's route missing"
         return f"{self.direction.name.lower()} {what} ct {self.ct_state}{lo}"
 
 
@@ -104,9 +133,11 @@ def _ranges(nets: Iterable[IPNetwork]) -> tuple[Range, ...]:
     nets = list(nets)
     if not nets:
         return ()
-    los = list(map(int, map(attrgetter("network_address"), nets)))
+    # the ipaddress objects' integer and prefix length attributes read directly (``int()`` and
+    # the ``prefixlen`` property cost twice as much, and this runs once per member)
+    los = list(map(attrgetter("network_address._ip"), nets))
     top = nets[0].max_prefixlen
-    sizes = map(lshift, repeat(1), map(sub, repeat(top), map(attrgetter("prefixlen"), nets)))
+    sizes = map(lshift, repeat(1), map(sub, repeat(top), map(attrgetter("_prefixlen"), nets)))
     his = list(map(sub, map(add, los, sizes), repeat(1)))
     ends = list(map(add, his, repeat(1)))  # first address after each range
     if not all(map(le, ends, islice(los, 1, None))):  # unsorted or overlapping
@@ -136,6 +167,10 @@ class _Preds:
 _PREFERENCES: tuple[tuple[str, object], ...] = (
     ("ct", "new"),
     ("lo", False),
+    ("smark", False),
+    ("rt", True),
+    ("enc", False),
+    ("wg", False),
     ("proto", 6),
     ("proto", 17),
     ("proto", 1),
@@ -152,6 +187,8 @@ def _prefer(space: HeaderSpace, diff: BDDNode) -> BDDNode:
             extra = space.ct_in((str(value),))
         elif what == "lo":
             extra = ~space.loopback
+        elif what in ("smark", "rt", "enc", "wg"):
+            extra = space.var(what) if value else ~space.var(what)
         elif what == "proto":
             extra = space.proto(int(value))  # type: ignore[call-overload]
         elif what == "flags":
@@ -185,6 +222,9 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
         if loaded.flow_states:
             domain = domain & space.flow_domain(family)
         flows = loaded.flow_states
+        encrypts = hp.wireguard is not None or any(r.encrypt for r in hp.rules)
+        if not encrypts:
+            domain = domain & ~space.var("enc")  # nothing of this policy marks a connection encrypted
         # one set of address classes per family, for both directions (finer than either needs)
         preds = _Preds()
         spec_pred: dict[str, int] = {s.name: preds.add(_ranges(s.members)) for s in hp.sets if s.family is family}
@@ -198,27 +238,35 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
                     kernel_pred[name] = preds.add(fam_rules.sets[name].ranges)
         members = None
         if len(hp.rules) <= SYMBOLIC_MEMBERS_MAX_RULES and fam_rules is not None:
-            members = _symbolic_members(space, family, preds.ranges, spec_pred, kernel_pred)
+            members = symbolic_members(space, family, preds.ranges, spec_pred, kernel_pred)
+        # encrypted rules: a packet on lo has a local peer address (the steering marks by address)
+        local_sigs = {_members_at(preds.ranges, x) for x in locals_ if x is not None} if encrypts else set()
         if members is not None and fam_rules is not None:
-            # fast path: membership as BDD variables, no address sweep (see _symbolic_members)
+            # fast path: membership as BDD variables, no address sweep (see members.symbolic_members)
             symbolic, constraint = members
+            if local_sigs:
+                constraint = constraint & loopback_domain(space, local_sigs, symbolic)
             if all(
                 _symbolic_equal(space, hp, family, direction, spec_pred, fam_rules, hook, kernel_pred, local,
-                                symbolic, domain & constraint, flows)
+                                symbolic, domain & constraint, flows, loaded.steering)
                 for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT))
                 for local in locals_
             ):  # fmt: skip
                 continue
-        classes = address_classes(preds.ranges, family, (int(h) for h in hints if h.version == family.value))
+        family_hints = [int(h) for h in hints if h.version == family.value]
+        # the kernel's sets as atoms when they allow it (eBPF identities), else the full sweep
+        atoms = atom_classes(preds.ranges, kernel_pred.values(), family, family_hints)
+        classes = atoms if atoms is not None else address_classes(preds.ranges, family, family_hints)
         n_classes += len(classes)
         for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT)):
             spec = PolicySpec(space, hp, family, direction, spec_pred, flow_states=flows)
             spec_keys = frozenset(spec_pred.values())
             interps = [
-                Interpreter(space, fam_rules, hook, kernel_pred, local) if fam_rules is not None else None
+                Interpreter(space, fam_rules, hook, kernel_pred, local, steering=loaded.steering)
+                if fam_rules is not None else None
                 for local in locals_
             ]
-            found = _check(space, spec, spec_keys, interps, classes, domain)
+            found = _check(space, spec, spec_keys, interps, classes, domain, local_sigs)
             if found is not None:
                 cls, local, assignment, policy_accepts = found
                 local = local if local is not None else locals_[0]
@@ -226,54 +274,6 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
     return Proof(
         loaded.backend, hp.workload, tuple(differences), n_classes, time.perf_counter() - start, loaded.notes
     )
-
-
-def _symbolic_members(
-    space: HeaderSpace,
-    family: Family,
-    ranges: list[tuple[Range, ...]],
-    spec_pred: dict[str, int],
-    kernel_pred: dict[str, int],
-) -> tuple[dict[int, BDDNode], BDDNode] | None:
-    """Membership of every predicate as a BDD over fresh variables, when the kernel's sets are
-    the policy's sets: equal contents (one predicate, one variable), or a policy set split
-    into disjoint kernel sets whose union it is (nftables' ``_host`` / ``_net``: one variable
-    each, at most one true, the policy set their OR). Empty sets are false. None when some
-    kernel set is neither (the exact class sweep then decides).
-
-    Proving equality for EVERY assignment of these variables proves it for the assignments
-    real addresses have (a subset), so a proof here is a proof; a difference found here may be
-    unrealizable, so it is only a reason to run the sweep, which finds the real packet."""
-    spec_ids = set(spec_pred.values())
-    extra = sorted({k for k in kernel_pred.values() if k not in spec_ids and ranges[k]})
-    groups: dict[int, list[int]] = {}
-    names = {v: k for k, v in kernel_pred.items()}
-    for k in extra:
-        owner = next(
-            (s for name, s in spec_pred.items() if names[k].startswith(f"{name}_v{family.value}_")), None
-        )
-        if owner is None:
-            return None
-        groups.setdefault(owner, []).append(k)
-    for owner, parts in groups.items():
-        merged = merge_ranges(r for k in parts for r in ranges[k])
-        size = sum(hi - lo + 1 for k in parts for lo, hi in ranges[k])
-        if merged != ranges[owner] or size != sum(hi - lo + 1 for lo, hi in ranges[owner]):
-            return None
-    bdd = space.bdd
-    members: dict[int, BDDNode] = {}
-    constraint = space.true
-    fresh = [f"m{family.value}_{i}" for i in range(len(ranges))]
-    bdd.declare(*fresh)  # below the header variables: a decision list over them stays linear
-    for i, r in enumerate(ranges):
-        members[i] = bdd.var(fresh[i]) if r else space.false
-    for owner, parts in groups.items():
-        members[owner] = space.false
-        for j, k in enumerate(parts):
-            members[owner] = members[owner] | members[k]
-            for k2 in parts[j + 1:]:
-                constraint = constraint & ~(members[k] & members[k2])
-    return members, constraint
 
 
 def _symbolic_equal(
@@ -289,10 +289,12 @@ def _symbolic_equal(
     members: dict[int, BDDNode],
     domain: BDDNode,
     flow_states: bool = False,
+    steering: Steering = Steering.ROUTE,
 ) -> bool:
     spec = PolicySpec(space, hp, family, direction, spec_pred, flow_states=flow_states)
     want = spec.accept_symbolic(members) & domain
-    have = Interpreter(space, fam_rules, hook, kernel_pred, local, members).hook_accept(frozenset()) & domain
+    interp = Interpreter(space, fam_rules, hook, kernel_pred, local, members, steering=steering)
+    have = interp.hook_accept(frozenset()) & domain
     return bool(want == have)
 
 
@@ -303,17 +305,26 @@ def _check(
     interps: list[Interpreter | None],
     classes: list[AddressClass],
     domain: BDDNode,
+    local_sigs: set[frozenset[int]] | None = None,
 ) -> tuple[AddressClass, int | None, dict[str, bool], bool] | None:
+    fallback = None
+    no_lo = domain & ~space.loopback
     for cls in classes:
-        want = spec.accept(cls.members & spec_keys) & domain
+        dom = domain if loopback_allowed(local_sigs or set(), cls.members) else no_lo
+        want = spec.accept(cls.members & spec_keys) & dom
         for interp in interps:
-            have = (interp.hook_accept(cls.members) if interp is not None else space.true) & domain
+            have = (interp.hook_accept(cls.members) if interp is not None else space.true) & dom
             if have != want:
                 diff = _prefer(space, space.bdd.apply("xor", have, want))
                 assignment = space.pick(diff)
                 policy_accepts = bool(space.bdd.let(assignment, want) == space.true)
-                return cls, interp.local if interp is not None else None, assignment, policy_accepts
-    return None
+                found = cls, interp.local if interp is not None else None, assignment, policy_accepts
+                if not (assignment.get("enc") or assignment.get("smark")):
+                    return found
+                # only a packet of an encrypted connection (or wireguard-go's) differs here: an
+                # address with a difference a new connection shows is easier to confirm for real
+                fallback = fallback or found
+    return fallback
 
 
 def _difference(
@@ -333,5 +344,6 @@ def _difference(
     packet = Packet(
         family, direction, src, dst, v[Field.L4PROTO.value], v[Field.SPORT.value], v[Field.DPORT.value],
         v[Field.ICMP_TYPE.value], v["tcp-flags"], ct, bool(v["lo"]),
+        bool(v["wg"]), bool(v["enc"]), bool(v["smark"]), bool(v["rt"]),
     )  # fmt: skip
     return Difference(packet, policy_accepts, not policy_accepts)

@@ -37,13 +37,14 @@ from stockade.verify.prove import Proof, prove
 BACKENDS = ("nftables", "iptables-legacy", "iptables-nft", "ebpf")
 
 
-def read_nftables(table: str = "stockade", netns: str | None = None) -> LoadedRuleset:
-    """The table as the kernel holds it, over netlink (:mod:`.nft_netlink`)."""
+def read_nftables(table: str = "stockade", netns: str | None = None, wg_interface: str | None = None) -> LoadedRuleset:
+    """The table as the kernel holds it, over netlink (:mod:`.nft_netlink`); ``wg_interface``: the
+    WireGuard interface of encrypted rules (None: tests of it are refused)."""
     try:
         dump = dump_table(table, netns)
     except BackendError as exc:
         raise ProofError(f"cannot read back nftables table {table}: {exc}") from exc
-    return parse_nft_dump(dump, table)
+    return parse_nft_dump(dump, table, wg_interface)
 
 
 def read_nftables_json(table: str = "stockade", netns: str | None = None) -> LoadedRuleset:
@@ -56,26 +57,28 @@ def read_nftables_json(table: str = "stockade", netns: str | None = None) -> Loa
     return parse_nft_table(items, table)
 
 
-def read_iptables(variant: IptablesVariant, netns: str | None = None) -> LoadedRuleset:
+def read_iptables(variant: IptablesVariant, netns: str | None = None, wg_interface: str | None = None) -> LoadedRuleset:
     runner = IptablesRunner(variant, netns)
     try:
         saves = [runner.checked(Command((variant.tool(f, "save"),))) for f in (Family.V4, Family.V6)]
         ipsets = runner.ipset_save()
     except BackendError as exc:
         raise ProofError(f"cannot read back iptables-{variant.value}: {exc}") from exc
-    return parse_iptables(saves[0], saves[1], ipsets, variant=variant.value)
+    return parse_iptables(saves[0], saves[1], ipsets, variant=variant.value, wg_interface=wg_interface)
 
 
-def read_loaded(backend: str, *, netns: str | None = None, table: str = "stockade") -> LoadedRuleset:
-    """The read-back of ``backend`` (one of :data:`BACKENDS`; ``iptables`` means the nft variant)."""
+def read_loaded(backend: str, *, netns: str | None = None, table: str = "stockade",
+                wg_interface: str | None = None) -> LoadedRuleset:
+    """The read-back of ``backend`` (one of :data:`BACKENDS`; ``iptables`` means the nft variant);
+    ``wg_interface``: the WireGuard interface of encrypted rules (None: their steering is refused)."""
     if backend == "nftables":
-        return read_nftables(table, netns)
+        return read_nftables(table, netns, wg_interface)
     if backend in ("iptables", "iptables-nft"):
-        return read_iptables(IptablesVariant.NFT, netns)
+        return read_iptables(IptablesVariant.NFT, netns, wg_interface)
     if backend == "iptables-legacy":
-        return read_iptables(IptablesVariant.LEGACY, netns)
+        return read_iptables(IptablesVariant.LEGACY, netns, wg_interface)
     if backend == "ebpf":
-        return read_ebpf(table, netns)
+        return read_ebpf(table, netns, wg_interface)
     raise ProofError(f"no read-back for backend {backend!r} (provable: {', '.join(BACKENDS)})")
 
 
@@ -84,11 +87,11 @@ def read_backend(backend: object) -> LoadedRuleset | None:
     prover cannot read back (Windows, devices)."""
     netns = getattr(backend, "netns", None)
     if isinstance(backend, NftablesBackend):
-        return read_nftables(backend.table, netns)
+        return read_nftables(backend.table, netns, backend.wireguard.name if backend.wireguard is not None else None)
     if isinstance(backend, IptablesBackend):
-        return read_iptables(backend.variant, netns)
+        return read_iptables(backend.variant, netns, backend.wireguard.name if backend.wireguard is not None else None)
     if isinstance(backend, EbpfBackend):
-        return read_ebpf(backend.table, netns)
+        return read_ebpf(backend.table, netns, backend.wireguard.name if backend.wireguard is not None else None)
     return None
 
 
@@ -105,6 +108,7 @@ def prove_loaded(
     netns: str | None = None,
     table: str = "stockade",
     hints: Iterable[IPAddress] = (),
+    wg_interface: str | None = None,
 ) -> Proof:
     """Read back ``backend`` and prove it against ``hp``."""
-    return prove(hp, read_loaded(backend, netns=netns, table=table), hints=hints)
+    return prove(hp, read_loaded(backend, netns=netns, table=table, wg_interface=wg_interface), hints=hints)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import random
 
-from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule
+from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule, WireGuardConfig
 from stockade.model.addresses import Family, IPNetwork, merge_ranges, network_range, ranges_to_networks
 from stockade.model.policy import Failsafe
 from stockade.model.rules import Action
@@ -66,13 +66,15 @@ def random_host_policy(
     extra_peers: tuple[str, ...] = (),
     mode: EnforcementMode | None = None,
     identities: int | None = None,
+    encrypted: float = 0.0,
 ) -> HostPolicy:
     """A random HostPolicy with ``rules`` rules over ``sets`` peer sets holding ~``peers`` members.
 
     ``identities``: the peers are split into that many groups (workloads sharing labels, as
     the compiler's label index sees them) and each set is the union of one to three groups, as
     selectors make them; without it every set draws its members from all peers at random
-    (the worst case for the prover: almost every address in its own combination of sets)."""
+    (the worst case for the prover: almost every address in its own combination of sets).
+    ``encrypted``: the share of allow rules that encrypt (with a WireGuard config when any does)."""
     v4_base = int(ipaddress.IPv4Address("10.0.0.0"))
     v6_base = int(ipaddress.IPv6Address("fd00::"))
     pool4 = [v4_base + rng.randrange(1 << 24) for _ in range(max(4, peers))]
@@ -107,7 +109,8 @@ def random_host_policy(
         direction = Direction.INBOUND if rng.random() < 0.6 else Direction.OUTBOUND
         services = tuple(sorted({_service(rng, ports) for _ in range(rng.randint(1, 3))}))
         rule_id = f"ruleset/r{i}/0" if action is Action.ALLOW else f"deny/d{i}"
-        host_rules.append(HostRule(action, direction, rule_id, rng.choice(names), services))
+        encrypt = bool(encrypted) and action is Action.ALLOW and rng.random() < encrypted
+        host_rules.append(HostRule(action, direction, rule_id, rng.choice(names), services, encrypt))
     controller: tuple[IPNetwork, ...] = ()
     if rng.random() < 0.7:
         controller = (ipaddress.ip_network(f"10.79.{rng.randint(0, 255)}.{rng.randint(1, 254)}/32"),)
@@ -123,4 +126,5 @@ def random_host_policy(
         rules=tuple(sorted(host_rules)),
         sets=tuple(sorted(address_sets)),
         failsafe=Failsafe(controller, rng.choice((8443, 443, 9000)), management),
+        wireguard=WireGuardConfig(51820, ()) if any(r.encrypt for r in host_rules) else None,
     )

@@ -10,7 +10,8 @@ Together this is exhaustive over every address and every value of every modelled
 
 BDD variables (``dd.cudd``, falling back to ``dd.autoref``): l4 protocol (8 bits), destination
 and source port (16 each), ICMP type (8), TCP flags (8), conntrack state (3 bits, 5 values),
-loopback (1) and one bit per dynamic set (the unknown "already logged" membership).
+loopback (1), the tunnel bits of encrypted rules (:data:`TUNNEL_VARS`, see :mod:`.tunnel`) and
+one bit per dynamic set (the unknown "already logged" membership).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import groupby, islice, repeat
+from itertools import groupby, islice, pairwise, repeat
 from operator import add, itemgetter, mul
 from typing import Any
 
-from stockade.model.addresses import Family, Range
+from stockade.model.addresses import Family, Range, merge_ranges
 from stockade.verify.loaded import CT_STATES, TCP_FLAG_BITS, Field
 
 try:  # CUDD through Cython when the wheel has it, else the pure-Python implementation
@@ -35,6 +36,12 @@ WIDTHS = {Field.L4PROTO: 8, Field.DPORT: 16, Field.SPORT: 16, Field.ICMP_TYPE: 8
 _PREFIX = {Field.L4PROTO: "p", Field.DPORT: "d", Field.SPORT: "s", Field.ICMP_TYPE: "t"}
 CT_BITS = 3
 SYN, ACK = TCP_FLAG_BITS["syn"], TCP_FLAG_BITS["ack"]
+# Encrypted rules (:mod:`.tunnel`): "wg" the packet arrived through the WireGuard interface
+# (inbound) / leaves through it (outbound: the verdict asked about); "enc" its connection is
+# marked encrypted; "smark" it carries wireguard-go's socket mark; "rt" the steering route (or
+# the redirect's target) is there; "mk" (internal to the interpreter) the packet's mark is the
+# steering mark when a rule tests it, replaced by what the steering rules computed.
+TUNNEL_VARS = ("wg", "enc", "smark", "rt", "mk")
 
 
 def _bits(prefix: str, width: int) -> list[str]:
@@ -50,8 +57,11 @@ class HeaderSpace:
         self.flag_names = _bits("f", 8)
         self.ct_names = _bits("c", CT_BITS)
         self.dynamic = {name: f"y{i}" for i, name in enumerate(sorted(set(dynamic_sets)))}
-        order = [*self.names[Field.L4PROTO], *self.names[Field.DPORT], *self.names[Field.SPORT]]
-        order += [*self.names[Field.ICMP_TYPE], *self.flag_names, *self.ct_names, "lo", *self.dynamic.values()]
+        # "wg" first: the outbound "sent in the clear" (``f & ~wg``) is then one node on top
+        order = ["wg", *self.names[Field.L4PROTO], *self.names[Field.DPORT], *self.names[Field.SPORT]]
+        order += [*self.names[Field.ICMP_TYPE], *self.flag_names, *self.ct_names, "lo"]
+        order += [v for v in TUNNEL_VARS if v != "wg"]
+        order += self.dynamic.values()
         self.bdd.configure(reordering=False)  # our order is chosen; reordering costs more than it saves here
         self.bdd.declare(*order)
         self.all_vars = order
@@ -120,6 +130,10 @@ class HeaderSpace:
     def loopback(self) -> BDDNode:
         return self.bdd.var("lo")
 
+    def var(self, name: str) -> BDDNode:
+        """One of :data:`TUNNEL_VARS` as a BDD."""
+        return self.bdd.var(name)
+
     def in_dynamic(self, name: str) -> BDDNode:
         return self.bdd.var(self.dynamic[name])
 
@@ -129,7 +143,12 @@ class HeaderSpace:
     def domain(self, family: Family) -> BDDNode:
         """Packets that can exist: a valid conntrack state, no ICMP of the other family."""
         other = 58 if family is Family.V4 else 1
-        return self.ct_in(CT_STATES) & ~self.proto(other)
+        wg, enc = self.var("wg"), self.var("enc")
+        # one interface: not both lo and the tunnel; an encrypted connection is a tracked one
+        # (new for a retransmitted SYN, established, related) and never on lo (the failsafe
+        # accepts lo before any rule could mark it); "mk" is bound by the interpreter
+        tunnel = ~(self.loopback & wg) & ~(enc & (self.loopback | ~self.ct_in(("new", "established", "related"))))
+        return self.ct_in(CT_STATES) & ~self.proto(other) & tunnel & ~self.var("mk")
 
     def flow_domain(self, family: Family) -> BDDNode:
         """The states a datapath flow table gives (see ``LoadedRuleset.flow_states``): new;
@@ -142,7 +161,7 @@ class HeaderSpace:
         established = ~bare_syn & ~(icmp & ~self.field_in(Field.ICMP_TYPE, echo))
         related = icmp & self.field_in(Field.ICMP_TYPE, errors)
         return (
-            self.ct_in(("new",))
+            (self.ct_in(("new",)) & ~self.var("enc"))  # a flow's "enc": only packets of a flow
             | (self.ct_in(("established",)) & established)
             | (self.ct_in(("related",)) & related)
         )
@@ -159,6 +178,8 @@ class HeaderSpace:
         out["tcp-flags"] = num(self.flag_names)
         out["ct"] = num(self.ct_names)
         out["lo"] = int(bool(assignment.get("lo", False)))
+        for name in TUNNEL_VARS:
+            out[name] = int(bool(assignment.get(name, False)))
         return out
 
     def pick(self, u: BDDNode) -> dict[str, bool]:
@@ -224,3 +245,113 @@ def _members_at(preds: Sequence[tuple[Range, ...]], point: int) -> frozenset[int
         if j >= 0 and ranges[j][0] <= point <= ranges[j][1]:
             out.append(i)
     return frozenset(out)
+
+
+def atom_classes(
+    preds: Sequence[tuple[Range, ...]],
+    atoms: Iterable[int],
+    family: Family,
+    hints: Iterable[int] = (),
+) -> list[AddressClass] | None:
+    """The classes of :func:`address_classes` without sweeping every boundary, when the
+    predicates ``atoms`` are pairwise disjoint (the identities of the eBPF datapath's LPM trie:
+    an address has one) and every other non-empty predicate is a union of atoms or lies inside
+    one atom (at most one such predicate per atom: the controller's address in "no identity").
+
+    Then the addresses of one atom are in the same predicates (those holding the atom; with a
+    predicate inside it, the atom is two classes), and the addresses in no atom are one more
+    class. The cost is the atoms' ranges (sorted once) and a lookup per atom and predicate,
+    not a sweep over every member of every set. None when the structure does not hold (the
+    caller sweeps)."""
+    top = (1 << (32 if family is Family.V4 else 128)) - 1
+    atom_ids = sorted({k for k in atoms if preds[k]})
+    flat = sorted((r, k) for k in atom_ids for r in preds[k])
+    for ((_, hi), _k), ((lo, _), _k2) in pairwise(flat):
+        if hi >= lo:
+            return None  # two atoms overlap
+    starts = [r[0] for r, _ in flat]
+    atom_set = set(atom_ids)
+    holders: dict[int, set[int]] = {k: {k} for k in atom_ids}  # atom -> predicates holding it
+    inside: dict[int, int] = {}  # atom -> the one predicate strictly inside it
+    for p, ranges in enumerate(preds):
+        if p in atom_set or not ranges:
+            continue
+        picked = [k for k in atom_ids if _inside(preds[k][0][0], ranges)]
+        if picked and merge_ranges(r for k in picked for r in preds[k]) == ranges:
+            for k in picked:
+                holders[k].add(p)
+            continue
+        i = bisect.bisect_right(starts, ranges[0][0]) - 1
+        owner = flat[i][1] if i >= 0 else -1
+        if owner < 0 or owner in inside:
+            return None
+        covered = sum(hi - lo + 1 for a, b in ranges for lo, hi in _clip(preds[owner], a, b))
+        if covered != sum(hi - lo + 1 for lo, hi in ranges):
+            return None  # partly outside its atom, or over more than one
+        inside[owner] = p
+    examples: dict[frozenset[int], int] = {}
+    for k in atom_ids:
+        if k in inside:
+            p = inside[k]
+            examples[frozenset(holders[k] | {p})] = preds[p][0][0]
+            rest = _first_outside(preds[k], preds[p])
+            if rest is not None:
+                examples[frozenset(holders[k])] = rest
+        else:
+            examples[frozenset(holders[k])] = preds[k][0][0]
+    nowhere = _first_gap(flat, top)
+    if nowhere is not None:
+        examples.setdefault(frozenset(), nowhere)
+    # in address order (each example is its class's lowest address here), as the sweep gives
+    # them: the prover reports the first class that differs
+    examples = dict(sorted(examples.items(), key=lambda item: item[1]))
+    for h in hints:  # a hint becomes its class's example (a lab address for the counterexample)
+        i = bisect.bisect_right(starts, h) - 1
+        sig: frozenset[int] = frozenset()
+        if i >= 0 and flat[i][0][1] >= h:
+            atom = flat[i][1]
+            extra = {inside[atom]} if atom in inside and _inside(h, preds[inside[atom]]) else set()
+            sig = frozenset(holders[atom] | extra)
+        if sig in examples:
+            examples[sig] = h
+    return [AddressClass(sig, ex) for sig, ex in examples.items()]
+
+
+def _inside(point: int, ranges: Sequence[Range]) -> bool:
+    i = bisect.bisect_right(ranges, (point, 1 << 130)) - 1
+    return i >= 0 and ranges[i][0] <= point <= ranges[i][1]
+
+
+def _clip(ranges: Sequence[Range], lo: int, hi: int) -> list[Range]:
+    """The parts of ``ranges`` within ``lo..hi``."""
+    i = max(0, bisect.bisect_right(ranges, (lo, 1 << 130)) - 1)
+    out: list[Range] = []
+    while i < len(ranges) and ranges[i][0] <= hi:
+        a, b = max(ranges[i][0], lo), min(ranges[i][1], hi)
+        if a <= b:
+            out.append((a, b))
+        i += 1
+    return out
+
+
+def _first_outside(outer: Sequence[Range], inner: Sequence[Range]) -> int | None:
+    """An address of ``outer`` not in ``inner`` (both sorted, disjoint ranges)."""
+    for lo, hi in outer:
+        point = lo
+        for a, b in _clip(inner, lo, hi):
+            if a > point:
+                return point
+            point = b + 1
+        if point <= hi:
+            return point
+    return None
+
+
+def _first_gap(flat: Sequence[tuple[Range, int]], top: int) -> int | None:
+    """An address in none of ``flat``'s ranges (sorted, disjoint), None when they cover all."""
+    point = 0
+    for (lo, hi), _k in flat:
+        if lo > point:
+            return point
+        point = hi + 1
+    return point if point <= top else None

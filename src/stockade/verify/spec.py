@@ -17,7 +17,12 @@ level of a connection attempt (both part of Stockade's failsafe, see ``docs/veri
    wins); a rule matches when the peer address is in its set (this family) and the packet in
    one of its services (ICMP only in IPv4, ICMPv6 only in IPv6, ``any`` every protocol);
 6. the mode's default: full drops, selective accepts; visibility accepts everything (its
-   blocks are only "would-block").
+   blocks are only "would-block");
+7. encrypted rules (:mod:`.tunnel`): the peers' WireGuard UDP (from an encrypted rule's peer set
+   to the listen port) is accepted inbound; an encrypted allow accepts inbound only through the
+   tunnel (in the clear: dropped, in every mode) and steers outbound; packets of an encrypted
+   connection are dropped inbound outside the tunnel and steered outbound. Outbound, the
+   function tells the clear (``wg=0``) from the tunnel (``wg=1``).
 
 An idle host's policy accepts everything (Stockade installs nothing).
 """
@@ -32,6 +37,7 @@ from stockade.model.services import Proto, ServiceEntry
 from stockade.model.workloads import EnforcementMode
 from stockade.verify.loaded import Field
 from stockade.verify.space import ACK, SYN, BDDNode, HeaderSpace
+from stockade.verify.tunnel import TunnelSpec
 
 CONTROLLER_PRED = "controller"
 
@@ -84,15 +90,28 @@ class PolicySpec:
         else:
             self.controller = tcp_ctl & sp.field_in(Field.DPORT, ((fs.controller_port,) * 2,))
         visibility = hp.mode is EnforcementMode.VISIBILITY
+        encrypts = hp.wireguard is not None or any(r.encrypt for r in hp.rules)
+        self.tunnel = TunnelSpec(sp, inbound=direction is Direction.INBOUND, flow_states=flow_states,
+                                 active=encrypts)
         self.rules: list[tuple[BDDNode, bool]] = []  # (services, accepts), in precedence order
         self.rule_preds: list[int] = []
+        self.encrypted: set[int] = set()  # indices of the encrypted allows
         self.by_pred: dict[int, list[int]] = {}  # predicate -> indices of the rules on that set
         for r in hp.rules:
             if r.direction is direction and r.peer in pred_of:
                 accepts = r.action is Action.ALLOW or visibility
+                if r.encrypt and r.action is Action.ALLOW:
+                    self.encrypted.add(len(self.rules))
                 self.by_pred.setdefault(pred_of[r.peer], []).append(len(self.rules))
                 self.rules.append((services_bdd(sp, r.services, family), accepts))
                 self.rule_preds.append(pred_of[r.peer])
+        # the peers' WireGuard packets, from every encrypted rule's peer set (any direction's)
+        self.wg_preds: frozenset[int] = frozenset()
+        self.wg_udp = sp.false
+        if hp.wireguard is not None and direction is Direction.INBOUND:
+            self.wg_preds = frozenset(pred_of[r.peer] for r in hp.rules if r.encrypt and r.peer in pred_of)
+            port = hp.wireguard.listen_port
+            self.wg_udp = sp.proto(17) & sp.field_in(Field.DPORT, ((port, port),))
         self.default_accepts = hp.mode is not EnforcementMode.FULL
         self._memo: dict[frozenset[int], BDDNode] = {}
 
@@ -107,17 +126,24 @@ class PolicySpec:
         acc = self.base
         if self.pred_of.get(CONTROLLER_PRED, -1) in sig:
             acc = acc | self.controller
+        if self.wg_preds & sig:
+            acc = acc | self.wg_udp
         rest = ~acc
         picked: set[int] = set()
         for p in sig:
             picked.update(self.by_pred.get(p, ()))
+        matched_enc, first_enc = sp.false, sp.false
         for i in sorted(picked):
             svc, accepts = self.rules[i]
-            if accepts:
+            if i in self.encrypted:
+                acc = acc | (rest & self.tunnel.encrypted_allow(svc))
+                matched_enc, first_enc = matched_enc | svc, first_enc | (rest & svc)
+            elif accepts:
                 acc = acc | (rest & svc)
             rest = rest & ~svc
         if self.default_accepts:
             acc = acc | rest
+        acc = self.tunnel.finish(acc, matched_enc, first_enc)
         self._memo[sig] = acc
         return acc
 
@@ -130,12 +156,26 @@ class PolicySpec:
         acc = self.base
         if CONTROLLER_PRED in self.pred_of:
             acc = acc | (members[self.pred_of[CONTROLLER_PRED]] & self.controller)
+        for p in self.wg_preds:
+            acc = acc | (members[p] & self.wg_udp)
+        if not self.encrypted:
+            # built from the last rule to the first (see Interpreter._chain_symbolic): each rule
+            # is one if-then-else over what the rules after it decide
+            ite = sp.bdd.ite
+            after = sp.true if self.default_accepts else sp.false
+            for (svc, accepts), pred in zip(reversed(self.rules), reversed(self.rule_preds), strict=True):
+                after = ite(members[pred] & svc, sp.true if accepts else sp.false, after)
+            return self.tunnel.finish(acc | after, sp.false, sp.false)
         rest = ~acc
-        for (svc, accepts), pred in zip(self.rules, self.rule_preds, strict=True):
+        matched_enc, first_enc = sp.false, sp.false
+        for i, ((svc, accepts), pred) in enumerate(zip(self.rules, self.rule_preds, strict=True)):
             m = members[pred] & svc
-            if accepts:
+            if i in self.encrypted:
+                acc = acc | (rest & self.tunnel.encrypted_allow(m))
+                matched_enc, first_enc = matched_enc | m, first_enc | (rest & m)
+            elif accepts:
                 acc = acc | (rest & m)
             rest = rest & ~m
         if self.default_accepts:
             acc = acc | rest
-        return acc
+        return self.tunnel.finish(acc, matched_enc, first_enc)

@@ -9,7 +9,8 @@ rendering differs. The same guards, in iptables' words:
 ``mangle`` table (its ``OUTPUT`` hook re-routes a packet whose mark changed, as nftables'
 ``type route`` chain does), per family:
 
-* ``<prefix>-STEER`` (jumped to from ``OUTPUT``): wireguard-go's own packets (its fwmark
+* ``<prefix>-STEER`` (jumped to from ``OUTPUT``): a packet routed to ``lo`` (the host talking to
+  itself, e.g. in its own encrypted rule's peer set) returns untouched; wireguard-go's own packets (its fwmark
   ``0x5747``) return untouched; a packet of an encrypted connection (``-m connmark``) gets the
   steering mark; so does the first packet an encrypted outbound allow matches (service match
   and the peer ipset as in the filter table), and its connection is marked (``CONNMARK``);
@@ -137,6 +138,7 @@ def mangle_ruleset(hp: HostPolicy, family: Family, prefix: str, wg_interface: st
                    peer_matches: list[tuple[str, str]]) -> MangleRuleset:
     """``peer_matches``: (service match, peer set match) of every encrypted outbound allow, in order."""
     steer = [
+        "-o lo -j RETURN",  # to the host itself: never the tunnel (marked, the POST guard would drop it)
         f"-m mark --mark {SOCK} -j RETURN",
         f"-m connmark --mark {STEER} -j MARK {SET_STEER}",
         *(" ".join(x for x in (match, peer, f"-j MARK {SET_STEER}") if x) for match, peer in peer_matches),

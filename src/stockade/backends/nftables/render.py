@@ -293,7 +293,7 @@ def _host_rule_lines(rule: HostRule, opts: _Options, services: tuple[ServiceEntr
     verdict = _verdict(rule.action, rule.rule_id, opts, rule.encrypt)
     if rule.encrypt:  # plaintext first: dropped; then what came through the tunnel is accepted
         verdict = f"{_tunnel_check(rule, opts)} counter {flow_log(FlowAction.BLOCK, rule.rule_id, opts.log_group)}" \
-            f" drop {_comment(rule.rule_id)}\0{verdict}"
+            f" drop\0{verdict}"  # each line gets the rule's comment once, below
     comment = _comment(rule.rule_id)
     for family in (Family.V4, Family.V6):
         proto = "ip" if family is Family.V4 else "ip6"
@@ -512,9 +512,11 @@ def _tunnel_lines(hp: HostPolicy, opts: _Options) -> tuple[list[str], list[str],
     * postrouting (where the device is the one re-routed to): a marked packet that is not leaving
       through the tunnel (wireguard-go dead, the interface deleted, the route gone) is dropped:
       never sent in the clear.
-    * steer (``type route``, so the kernel re-routes after the mark): packets of encrypted
-      connections and the first packets the encrypted outbound rules match get the steering mark,
-      which the policy-routing rule sends into the tunnel; their SYNs get the tunnel's MSS (the
+    * steer (``type route``, so the kernel re-routes after the mark): a packet routed to ``lo``
+      (the host talking to itself, e.g. in its own encrypted rule's peer set) is left alone;
+      packets of encrypted connections and the first packets the encrypted outbound rules match
+      get the steering mark, which the policy-routing rule sends into the tunnel; their SYNs get
+      the tunnel's MSS (the
       socket sized its segments for the device it was first routed to: without the clamp a bulk
       transfer stalls on segments larger than the tunnel's MTU).
     """
@@ -534,7 +536,9 @@ def _tunnel_lines(hp: HostPolicy, opts: _Options) -> tuple[list[str], list[str],
             for name in sorted({r.peer for r in hp.rules if r.encrypt}):
                 for kind in (SetKind.HOST, SetKind.NET):
                     in_guard.append(f"{proto} saddr @{nft_set_name(name, family, kind)} udp dport {port} accept {wgc}")
-    route = [f"meta mark {sock} accept", f"ct mark {steer} meta mark set {steer}"]
+    # traffic to the host itself (routed to lo) never takes the tunnel: marked, the local route
+    # would keep it on lo and the postrouting guard drop it (eBPF never attaches to lo either)
+    route = ['oif "lo" accept', f"meta mark {sock} accept", f"ct mark {steer} meta mark set {steer}"]
     for rule in hp.rules:
         if not (rule.encrypt and rule.action is Action.ALLOW and rule.direction is Direction.OUTBOUND):
             continue

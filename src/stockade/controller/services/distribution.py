@@ -164,6 +164,8 @@ class PolicyDistributor:
         self.departed: set[str] = set()  # workloads offline past the grace: compiled without addresses
         self.loop: asyncio.AbstractEventLoop | None = None
         self._events: dict[str, asyncio.Event] = {}
+        # called on the event loop with the hosts whose revision moved (node long-polls: node_distribution)
+        self.wake_listeners: list[Callable[[tuple[str, ...]], None]] = []
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
         self.on_compile: Callable[[float, int], None] | None = None  # (seconds, hosts bumped)
         self._refresh_round = 0
@@ -448,6 +450,8 @@ class PolicyDistributor:
             ev = self._events.pop(n, None)
             if ev is not None:
                 ev.set()
+        for listener in self.wake_listeners:
+            listener(names)
 
     # ---- agents -----------------------------------------------------------------
     async def wait(self, workload: str, after: int, timeout: float) -> int:
