@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 import struct
 from dataclasses import dataclass
 
 from stockade.backends.nfnetlink import (
     NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
     SO_RCVBUFFORCE,
+    dump_payloads,
     message,
     open_socket,
     parse_attrs,
@@ -87,26 +85,11 @@ def tracked_connections(netns: str | None) -> list[Tracked]:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
             sock.send(message((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1,
                               socket.AF_UNSPEC, 0, b""))
-            while True:
-                data = sock.recv(1 << 20)
-                off = 0
-                while off + 16 <= len(data):
-                    length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
-                    if length < 16:
-                        raise BackendError("conntrack dump: malformed netlink message")
-                    if seq == 1:
-                        if kind == NLMSG_DONE:
-                            return out
-                        if kind == NLMSG_ERROR:
-                            (err,) = struct.unpack_from("=i", data, off + 16)
-                            if err == 0:
-                                return out
-                            if -err in (errno.ENOENT, errno.EOPNOTSUPP, errno.EPROTONOSUPPORT):
-                                return out  # nothing tracked here
-                            raise BackendError(f"conntrack dump refused: {os.strerror(-err)}")
-                        orig = parse_attrs(data[off + 20 : off + length]).get(CTA_TUPLE_ORIG)
-                        if orig is not None and (t := _tuple(orig)) is not None:
-                            out.append(t)
-                    off += (length + 3) & ~3
+            for payload in dump_payloads(sock, 1, "conntrack",
+                                         empty=(errno.ENOENT, errno.EOPNOTSUPP, errno.EPROTONOSUPPORT)):
+                orig = parse_attrs(payload[4:]).get(CTA_TUPLE_ORIG)  # after the nfgenmsg
+                if orig is not None and (t := _tuple(orig)) is not None:
+                    out.append(t)
         except OSError as exc:
             raise BackendError(f"conntrack dump in {netns or 'this namespace'}: {exc}") from exc
+    return out

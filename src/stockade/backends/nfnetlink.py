@@ -11,12 +11,14 @@ network namespace; what each subsystem puts in its messages stays with its backe
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from stockade.backends.common import in_netns
+from stockade.errors import BackendError
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -104,3 +106,28 @@ def parse_acks(data: bytes) -> Iterator[tuple[int, int]]:
     for reply in parse_replies(data):
         if reply.msg_type == NLMSG_ERROR:
             yield reply.seq, reply.error
+
+
+def dump_payloads(sock: socket.socket, seq: int, what: str,
+                  empty: tuple[int, ...] = ()) -> Iterator[bytes]:
+    """The payloads (after the 16-byte ``nlmsghdr``) of the answers to dump request ``seq`` sent on
+    ``sock``, until the kernel's NLMSG_DONE. Any netlink family's dump (ctnetlink, sock_diag) has
+    this framing. An error in ``empty`` (errno values) ends the dump as empty; any other raises
+    BackendError naming ``what``."""
+    while True:
+        data = sock.recv(1 << 20)
+        off = 0
+        while off + 16 <= len(data):
+            length, kind, _flags, got, _pid = HEADER.unpack_from(data, off)
+            if length < 16:
+                raise BackendError(f"{what} dump: malformed netlink message")
+            if got == seq:
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    (err,) = struct.unpack_from("=i", data, off + 16)
+                    if err == 0 or -err in empty:
+                        return
+                    raise BackendError(f"{what} dump refused: {os.strerror(-err)}")
+                yield data[off + 16 : off + length]
+            off += (length + 3) & ~3

@@ -15,12 +15,12 @@ import struct
 
 from stockade.backends.common import in_netns
 from stockade.backends.conntrack import Address, Tracked
+from stockade.backends.nfnetlink import dump_payloads
 from stockade.errors import BackendError
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 TCP_LISTEN = 10
 # every state of a connection that still carries packets (not LISTEN, not TIME_WAIT / CLOSE)
 CONNECTED = sum(1 << s for s in (1, 2, 3, 4, 5, 8, 9, 11))
@@ -42,26 +42,11 @@ def _dump(sock: socket.socket, family: int, states: int) -> list[tuple[Address, 
     req = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, states, zero2, zero2, zero16, zero16, 0, b"\0" * 8)
     sock.send(_HEADER.pack(16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, family, 0) + req)
     out: list[tuple[Address, int, Address, int]] = []
-    while True:
-        data = sock.recv(1 << 20)
-        off = 0
-        while off + 16 <= len(data):
-            length, kind, _flags, seq, _pid = _HEADER.unpack_from(data, off)
-            if length < 16:
-                raise BackendError("sock_diag dump: malformed netlink message")
-            if seq == family:
-                if kind == NLMSG_DONE:
-                    return out
-                if kind == NLMSG_ERROR:
-                    (err,) = struct.unpack_from("=i", data, off + 16)
-                    if err == 0:
-                        return out
-                    raise BackendError(f"sock_diag dump refused: errno {-err}")
-                fam, _state, _t, _r, sport, dport, src, dst, _if, _cookie = _MSG.unpack_from(data, off + 16)
-                out.append((_address(fam, src), int.from_bytes(sport, "big"), _address(fam, dst),
-                            int.from_bytes(dport, "big")))
-            off += (length + 3) & ~3
-
+    for payload in dump_payloads(sock, family, "sock_diag"):
+        fam, _state, _t, _r, sport, dport, src, dst, _if, _cookie = _MSG.unpack_from(payload)
+        out.append((_address(fam, src), int.from_bytes(sport, "big"), _address(fam, dst),
+                    int.from_bytes(dport, "big")))
+    return out
 
 def tcp_connections(netns: str | None) -> list[Tracked]:
     """This namespace's TCP connections, each oriented as its first packet went."""
