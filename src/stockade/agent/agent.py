@@ -22,13 +22,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from stockade.agent import wireguard_key
 from stockade.agent.apply_gate import ApplyGate, Priority
 from stockade.agent.backoff import Backoff, BackoffPolicy
 from stockade.agent.enforcer import CacheStart, Enforcer, enforce_cache
+from stockade.agent.enrolment import EnrolDeps, enrol_client
 from stockade.agent.flows import FlowCollector, collector_for
 from stockade.agent.host import HostReport
 from stockade.agent.hostinfo import AddressWatcher, read_host
@@ -47,7 +48,6 @@ from stockade.agent.transport import (
     UpdateKind,
 )
 from stockade.agent.watch import ChangeFeed, feed_for
-from stockade.agent_signature import new_private_key, public_key_text
 from stockade.backends.base import TunnelReporting
 from stockade.backends.wireguard import DEFAULT_PORT as WIREGUARD_PORT
 from stockade.compiler.delta import apply_update
@@ -283,68 +283,13 @@ class Agent:
 
     # ---- 3. enrolment ------------------------------------------------------------------------------
     def _enrol(self) -> ControllerClient | None:
-        cred = self.state.load_credential()
-        if cred is not None:
-            client = self.client_factory(cred.controller, self.state.load_ca())
-            client.use_credential(cred, self.state.load_ca())
-            if cred.key_file is None:
-                cred = self._bind_key(client, cred)
-            self.credential = cred
-            self.keys.register(client)
-            return client
-        url = self.options.controller
-        code = self.options.activation_code or self.state.load_activation_code()
-        if not url or not code:
-            raise AuthError("not enrolled: --controller and an activation code (--activation-code-file or "
-                            "STOCKADE_ACTIVATION_CODE) are needed the first time")
-        public_key = public_key_text(self.state.load_or_create_key())  # made here; only its public half leaves
-        client = self.client_factory(url, self.state.load_ca())
-        backoff = Backoff(self.options.backoff)
-        while not self._stop.is_set():
-            try:
-                enrollment = client.enroll(code, self.host_reader(), public_key)
-            except ControllerUnreachableError as exc:
-                delay = backoff.next_delay()
-                log.info("enrolment: controller unreachable (%s); retrying in %.2fs", exc, delay)
-                self._sleep(delay)
-                continue
-            except AuthError:
-                client.close()
-                raise
-            except StockadeError as exc:  # e.g. the workload already has an agent: may be revoked later
-                delay = self.options.backoff.maximum
-                log.error("enrolment refused (%s); retrying in %.1fs", exc, delay)
-                self._sleep(delay)
-                continue
-            if enrollment.ca_pem:
-                self.state.save_ca(enrollment.ca_pem)
-            cred = Credential(url, enrollment.agent_id, enrollment.token, enrollment.workload, self.state.key_path)
-            self.state.save_credential(cred)
-            self.state.clear_activation_code()
-            client.use_credential(cred, enrollment.ca_pem or self.state.load_ca())
-            self.credential = cred
-            log.info("enrolled as agent %s for workload %s", cred.agent_id, cred.workload)
-            self.keys.register(client)
-            return client
-        client.close()
-        return None
-
-    def _bind_key(self, client: ControllerClient, cred: Credential) -> Credential:
-        """Enrolled before agent keys: bind one now, so a copied token stops being enough.
-        Best effort: an unreachable controller leaves the token working alone until next start."""
-        key = new_private_key()
-        self.state.save_next_key(key)
-        try:
-            client.rotate_key(key)
-        except StockadeError as exc:
-            self.state.drop_next_key()
-            log.warning("could not bind a key to this agent's credential (%s); will retry at next start", exc)
-            return cred
-        self.state.promote_next_key()
-        bound = replace(cred, key_file=self.state.key_path)
-        client.use_credential(bound, self.state.load_ca())
-        log.info("bound a host key to agent %s: its requests are signed from now on", cred.agent_id)
-        return bound
+        deps = EnrolDeps(self.client_factory, self.host_reader, self.options.backoff, self._stop, self._sleep)
+        got = enrol_client(self.state, self.options.controller, self.options.activation_code, deps)
+        if got is None:
+            return None
+        client, self.credential = got
+        self.keys.register(client)
+        return client
 
     # ---- 4/5. the main thread ----------------------------------------------------------------------
     def _main(self) -> None:

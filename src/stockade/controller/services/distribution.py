@@ -35,27 +35,29 @@ On SQLite the distributor is single-process and none of that runs.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import hashlib
-import ipaddress
-import json
 import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import Table, bindparam, delete, insert, select, text, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from stockade.compiler import Compiler, HostPolicy, host_policy_to_dict
+from stockade.compiler import Compiler, HostPolicy
 from stockade.compiler.delta import HostHistory, PolicyUpdate
-from stockade.compiler.ir import address_set_to_dict, rules_to_list
 from stockade.controller.services import codec, replicas
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.events import record_event
+from stockade.controller.services.host_state import (
+    AgentLive,
+    Digests,
+    policy_hash,
+    wireguard_identity,
+    write_agent_rows,
+    write_hash_rows,
+)
 from stockade.controller.storage import store
 from stockade.controller.storage.db import AgentRow, DepartureRow, HostStateRow, WireGuardKeyRow, utcnow
 from stockade.controller.storage.store import draft_objects, version_content
@@ -64,54 +66,13 @@ from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.policy import Policy
 from stockade.model.workloads import WireGuardIdentity, Workload
 
+__all__ = ["HISTORY", "AgentLive", "PolicyDistributor", "policy_hash", "wireguard_identity"]
+
 T = TypeVar("T")
 HISTORY = 8  # steps (revision -> next) of set deltas kept per host
 BUMP_CHUNK = 900  # hosts per bump / lookup statement (under SQLite's bound-parameter limit)
 FULL_REFRESH_ROUNDS = 10  # refresh_agents reads every agent row once in this many calls (heartbeats)
 BATCH_LIMIT = 64  # callbacks of transact_batched run in one transaction at most
-
-
-# PostgreSQL: a batch of per-row values as arrays, joined in one UPDATE (one statement, one plan)
-_PG_AGENT_FLUSH = text(
-    "UPDATE agents AS a SET applied_revision = v.r, last_heartbeat = v.b "
-    "FROM unnest(CAST(:i AS varchar[]), CAST(:r AS integer[]), CAST(:b AS timestamptz[])) AS v(i, r, b) "
-    "WHERE a.id = v.i"
-)
-_PG_HASHES = text(
-    "UPDATE host_state AS h SET policy_hash = v.h "
-    "FROM unnest(CAST(:w AS varchar[]), CAST(:r AS integer[]), CAST(:h AS varchar[])) AS v(w, r, h) "
-    "WHERE h.workload = v.w AND h.revision = v.r"
-)
-
-Digests = dict[int, tuple[object, bytes]]  # id(part) -> (part, its SHA-256), parts kept alive
-
-
-def wireguard_identity(row: WireGuardKeyRow) -> WireGuardIdentity:
-    endpoint = ipaddress.ip_address(row.endpoint) if row.endpoint else None
-    return WireGuardIdentity(row.public_key, endpoint, row.port)
-
-
-def _digest(part: object, encoded: Callable[[], object], memo: Digests) -> bytes:
-    hit = memo.get(id(part))
-    if hit is None or hit[0] is not part:
-        hit = memo[id(part)] = (part, hashlib.sha256(json.dumps(encoded(), sort_keys=True).encode()).digest())
-    return hit[1]
-
-
-def policy_hash(hp: HostPolicy, memo: Digests | None = None) -> str:
-    """SHA-256 of a host policy, for noticing at start-up that it changed while we were down.
-
-    Built from digests of its parts: the compiler shares one rule tuple per label set and one
-    AddressSet object between every host that references it, so with a ``memo`` kept across
-    many hosts each shared part is encoded once (a 1,000-member set is not re-encoded per host).
-    """
-    memo = {} if memo is None else memo
-    head = host_policy_to_dict(replace(hp, rules=(), sets=()))
-    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
-    h.update(_digest(hp.rules, partial(rules_to_list, hp.rules), memo))
-    for s in hp.sets:
-        h.update(_digest(s, partial(address_set_to_dict, s), memo))
-    return h.hexdigest()
 
 
 @dataclass
@@ -122,24 +83,6 @@ class _Queued(Generic[T]):
     result: T | None = None
     error: Exception | None = None
     done: bool = False
-
-
-@dataclass
-class AgentLive:
-    """In-memory state of one agent, flushed to the database in batches."""
-
-    agent_id: str
-    workload: str
-    token_hash: str = ""
-    applied: int = 0
-    last_heartbeat: dt.datetime | None = None
-    dirty: bool = False
-    online: bool = False
-    proof: str = ""  # last proof the agent reported: "proven" / "differs" / "failed" ("": none yet)
-    proof_revision: int = 0
-    proof_detail: str = ""
-    backend: str = ""  # the firewall backend in force, from the agent's last heartbeat ("": not reported)
-    backends: tuple[str, ...] = ()  # the backends the agent said it can enforce with
 
 
 class PolicyDistributor:
@@ -578,12 +521,7 @@ class PolicyDistributor:
                   for a in dirty]
         try:
             with self.sessions.begin() as db:
-                if db.get_bind().dialect.name == "postgresql":  # one statement for the whole batch
-                    db.execute(_PG_AGENT_FLUSH, {"i": [p["id"] for p in params],
-                                                 "r": [p["applied_revision"] for p in params],
-                                                 "b": [p["last_heartbeat"] for p in params]})
-                else:
-                    db.execute(update(AgentRow), params)  # executemany by primary key
+                write_agent_rows(db, params)
         except BaseException:
             for a in dirty:  # not written (e.g. "database is locked"): the next flush writes them
                 a.dirty = True
@@ -603,19 +541,9 @@ class PolicyDistributor:
                 params.append({"w": name, "r": rev, "h": policy_hash(hist.policy, memo)})
         if not params:
             return
-        table = cast(Table, HostStateRow.__table__)
-        stmt = (
-            update(table)
-            .where(table.c.workload == bindparam("w"), table.c.revision == bindparam("r"))
-            .values(policy_hash=bindparam("h"))
-        )
         try:
             with self.sessions.begin() as db:
-                if db.get_bind().dialect.name == "postgresql":  # one statement, not one per host
-                    db.execute(_PG_HASHES, {"w": [p["w"] for p in params], "r": [p["r"] for p in params],
-                                            "h": [p["h"] for p in params]})
-                else:
-                    db.execute(stmt, params)
+                write_hash_rows(db, params)
         except BaseException:
             with self.lock:  # the next flush tries again (unless the host was bumped meanwhile)
                 for p in params:

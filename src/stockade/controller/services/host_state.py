@@ -1,0 +1,111 @@
+"""What the distributor keeps per host and per agent, and how it is written back in batches.
+
+:func:`policy_hash` digests a host policy from digests of its shared parts; :class:`AgentLive` is
+one agent's in-memory state (acks, heartbeats, proof and backend reports); :func:`write_agent_rows`
+and :func:`write_hash_rows` are the batched writes behind :meth:`PolicyDistributor.flush`
+(one ``UPDATE ... FROM unnest(...)`` on PostgreSQL, an executemany by key on SQLite).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, text, update
+from sqlalchemy.orm import Session
+
+from stockade.compiler import HostPolicy, host_policy_to_dict
+from stockade.compiler.ir import address_set_to_dict, rules_to_list
+from stockade.controller.storage.db import AgentRow, HostStateRow, WireGuardKeyRow
+from stockade.model.workloads import WireGuardIdentity
+
+# PostgreSQL: a batch of per-row values as arrays, joined in one UPDATE (one statement, one plan)
+_PG_AGENT_FLUSH = text(
+    "UPDATE agents AS a SET applied_revision = v.r, last_heartbeat = v.b "
+    "FROM unnest(CAST(:i AS varchar[]), CAST(:r AS integer[]), CAST(:b AS timestamptz[])) AS v(i, r, b) "
+    "WHERE a.id = v.i"
+)
+_PG_HASHES = text(
+    "UPDATE host_state AS h SET policy_hash = v.h "
+    "FROM unnest(CAST(:w AS varchar[]), CAST(:r AS integer[]), CAST(:h AS varchar[])) AS v(w, r, h) "
+    "WHERE h.workload = v.w AND h.revision = v.r"
+)
+
+Digests = dict[int, tuple[object, bytes]]  # id(part) -> (part, its SHA-256), parts kept alive
+
+
+def wireguard_identity(row: WireGuardKeyRow) -> WireGuardIdentity:
+    endpoint = ipaddress.ip_address(row.endpoint) if row.endpoint else None
+    return WireGuardIdentity(row.public_key, endpoint, row.port)
+
+
+def _digest(part: object, encoded: Callable[[], object], memo: Digests) -> bytes:
+    hit = memo.get(id(part))
+    if hit is None or hit[0] is not part:
+        hit = memo[id(part)] = (part, hashlib.sha256(json.dumps(encoded(), sort_keys=True).encode()).digest())
+    return hit[1]
+
+
+def policy_hash(hp: HostPolicy, memo: Digests | None = None) -> str:
+    """SHA-256 of a host policy, for noticing at start-up that it changed while we were down.
+
+    Built from digests of its parts: the compiler shares one rule tuple per label set and one
+    AddressSet object between every host that references it, so with a ``memo`` kept across
+    many hosts each shared part is encoded once (a 1,000-member set is not re-encoded per host).
+    """
+    memo = {} if memo is None else memo
+    head = host_policy_to_dict(replace(hp, rules=(), sets=()))
+    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    h.update(_digest(hp.rules, partial(rules_to_list, hp.rules), memo))
+    for s in hp.sets:
+        h.update(_digest(s, partial(address_set_to_dict, s), memo))
+    return h.hexdigest()
+
+
+@dataclass
+class AgentLive:
+    """In-memory state of one agent, flushed to the database in batches."""
+
+    agent_id: str
+    workload: str
+    token_hash: str = ""
+    applied: int = 0
+    last_heartbeat: dt.datetime | None = None
+    dirty: bool = False
+    online: bool = False
+    proof: str = ""  # last proof the agent reported: "proven" / "differs" / "failed" ("": none yet)
+    proof_revision: int = 0
+    proof_detail: str = ""
+    backend: str = ""  # the firewall backend in force, from the agent's last heartbeat ("": not reported)
+    backends: tuple[str, ...] = ()  # the backends the agent said it can enforce with
+
+
+def write_agent_rows(db: Session, params: list[dict[str, Any]]) -> None:
+    """Acks and heartbeats (``id``, ``applied_revision``, ``last_heartbeat``) in one statement."""
+    if db.get_bind().dialect.name == "postgresql":  # one statement for the whole batch
+        db.execute(_PG_AGENT_FLUSH, {"i": [p["id"] for p in params],
+                                     "r": [p["applied_revision"] for p in params],
+                                     "b": [p["last_heartbeat"] for p in params]})
+    else:
+        db.execute(update(AgentRow), params)  # executemany by primary key
+
+
+def write_hash_rows(db: Session, params: list[dict[str, Any]]) -> None:
+    """Policy hashes (``w`` workload, ``r`` revision, ``h`` hash) of revisions still current."""
+    if db.get_bind().dialect.name == "postgresql":  # one statement, not one per host
+        db.execute(_PG_HASHES, {"w": [p["w"] for p in params], "r": [p["r"] for p in params],
+                                "h": [p["h"] for p in params]})
+        return
+    table = cast(Table, HostStateRow.__table__)
+    db.execute(
+        update(table)
+        .where(table.c.workload == bindparam("w"), table.c.revision == bindparam("r"))
+        .values(policy_hash=bindparam("h")),
+        params,
+    )
