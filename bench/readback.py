@@ -28,6 +28,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 
 from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.iptables.backend import IptablesBackend
@@ -45,7 +46,11 @@ def _backend(name: str, ns: str) -> NftablesBackend | IptablesBackend | EbpfBack
         subprocess.run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
         return EbpfBackend(netns=ns, table="stkbench")
-    return IptablesBackend(netns=ns, variant=IptablesVariant.LEGACY if name == "iptables-legacy" else IptablesVariant.NFT)
+    return IptablesBackend(netns=ns, variant=_variant(name))
+
+
+def _variant(name: str) -> IptablesVariant:
+    return IptablesVariant.LEGACY if name == "iptables-legacy" else IptablesVariant.NFT
 
 
 def _cpu() -> float:
@@ -75,10 +80,10 @@ def main() -> None:
             backend = _backend(name, ns)
             old_read: Callable[[], LoadedRuleset] | None = None
             if name.startswith("iptables"):
-                variant = IptablesVariant.LEGACY if name == "iptables-legacy" else IptablesVariant.NFT
-                old_read = lambda: read_iptables_text(variant, ns)  # noqa: E731
+                old_read = partial(read_iptables_text, _variant(name), ns)
             elif name == "nftables":
-                old_read = lambda: read_nftables_json("stkbench", ns)  # noqa: E731
+                old_read = partial(read_nftables_json, "stkbench", ns)
+            new_read = partial(read_loaded, name, netns=ns, table="stkbench")
             for n_rules in (int(x) for x in args.rules.split(",")):
                 for n_peers in (int(x) for x in args.peers.split(",")):
                     hp = random_host_policy(random.Random(n_rules * 7 + n_peers), rules=n_rules, peers=n_peers,
@@ -90,8 +95,8 @@ def main() -> None:
                     if old_read is not None:
                         old, ow, oc = _timed(old_read)
                         old_s, old_c = f"{ow:.3f}", f"{oc:.2f}"
-                    new, nw, nc = _timed(lambda: read_loaded(name, netns=ns, table="stkbench"))
-                    again, aw, ac = _timed(lambda: read_loaded(name, netns=ns, table="stkbench"))
+                    new, nw, nc = _timed(new_read)
+                    again, aw, ac = _timed(new_read)
                     same = "-" if old is None or name == "nftables" else str(old == new == again)
                     print(f"{name:16} {n_rules:5} {n_peers:7} {old_s:>7} {old_c:>7} {nw:7.3f} {nc:7.2f} "
                           f"{aw:7.3f} {ac:9.2f} {same:>5} {load:5.1f}", flush=True)

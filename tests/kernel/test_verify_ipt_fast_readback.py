@@ -12,6 +12,7 @@ against the text read-back (``ipset save`` and every line parsed whole), on real
 from __future__ import annotations
 
 import random
+import shlex
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -114,3 +115,25 @@ def test_what_is_kept_between_proofs_is_never_stale(variant: IptablesVariant, ne
     v4 = inserted.family(Family.V4)
     assert v4 is not None and len(v4.chains["INPUT"].rules) == len(first.families[0].chains["INPUT"].rules) + 1
     assert not prove(hp, inserted).proven
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.value)
+def test_a_rule_replaced_in_place_is_seen_and_traffic_is_not_a_change(variant: IptablesVariant, netns: str) -> None:
+    """The rules' token is exact: a rule replaced by one of the same size (the same number of rules,
+    the same blob size: x_tables' table info alone cannot tell) is read again; packets counted by
+    the rules change nothing."""
+    backend = IptablesBackend(netns=netns, variant=variant)
+    backend.apply(backend.render(random_host_policy(random.Random(6), rules=10, peers=20)))
+    first = read_iptables(variant, netns)
+    run(netns, "ip", "link", "set", "lo", "up")
+    run(netns, "ping", "-c", "2", "-i", "0.2", "-W", "1", "127.0.0.1")  # counters move
+    assert read_iptables(variant, netns) is first
+    tool = "iptables-legacy" if variant is IptablesVariant.LEGACY else "iptables-nft"
+    save = run(netns, f"{tool}-save")
+    rule = next(line for line in save.splitlines() if line.startswith("-A STOCKADE-IN ") and "2222" in line)
+    argv = shlex.split(rule.replace("2222", "2223"))
+    run(netns, tool, "-R", argv[1], "1", *argv[2:])
+    assert "2223" in run(netns, f"{tool}-save")
+    replaced = read_iptables(variant, netns)
+    assert replaced != first
+    assert replaced == read_iptables_text(variant, netns)

@@ -18,8 +18,6 @@ a proof that could not look at the kernel is not a proof.
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,8 +32,9 @@ from stockade.compiler.ir import HostPolicy
 from stockade.errors import BackendError, ProofError
 from stockade.model.addresses import Family, IPAddress
 from stockade.verify.ebpf_readback import read_ebpf
-from stockade.verify.ipset_readback import IpsetReadback, RangeCache, read_ipsets
+from stockade.verify.ipset_readback import RangeCache, read_ipsets
 from stockade.verify.ipt_readback import parse_ipset_save, parse_iptables_sets
+from stockade.verify.ipt_state import RuleParseCache, rules_token
 from stockade.verify.loaded import LoadedRuleset
 from stockade.verify.nft_netlink import parse_nft_dump
 from stockade.verify.nft_readback import parse_nft_table
@@ -64,62 +63,29 @@ def read_nftables_json(table: str = "stockade", netns: str | None = None) -> Loa
     return parse_nft_table(items, table)
 
 
-class RuleParseCache:
-    """The last parse of each (namespace, variant, tunnel interface)'s saves: reused when both saves'
-    text is the same (but for ``#`` lines and chain counters, which the parser skips) and the ipsets
-    given are the same objects (:class:`~.ipset_readback.RangeCache` hands out the same object for a
-    set whose dump did not change). Only the latest parse per key is kept."""
-
-    def __init__(self) -> None:
-        self._last: dict[tuple[str | None, str, str | None], tuple[bytes, IpsetReadback, LoadedRuleset]] = {}
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def digest(*saves: str) -> bytes:
-        h = hashlib.blake2b(digest_size=20)
-        for text in saves:
-            lines = [line.partition(" [")[0] if line.startswith(":") else line
-                     for line in text.splitlines() if not line.startswith("#")]
-            h.update("\n".join(lines).encode() + b"\0")
-        return h.digest()
-
-    def parse(self, netns: str | None, variant: IptablesVariant, wg_interface: str | None,
-              saves: tuple[str, str], sets: IpsetReadback) -> LoadedRuleset:
-        key = (netns, variant.value, wg_interface)
-        digest = self.digest(*saves)
-        with self._lock:
-            last = self._last.get(key)
-        if last is not None and last[0] == digest and _same_sets(last[1], sets):
-            return last[2]
-        loaded = parse_iptables_sets(*saves, sets.sets, variant=variant.value, wg_interface=wg_interface,
-                                     unmodelled=sets.unmodelled)
-        with self._lock:
-            self._last[key] = (digest, sets, loaded)
-        return loaded
-
-
-def _same_sets(a: IpsetReadback, b: IpsetReadback) -> bool:
-    """The same names, each the same decoded object, and the same left-out sets."""
-    return (a.unmodelled == b.unmodelled and a.sets.keys() == b.sets.keys()
-            and all(v is b.sets[k] for k, v in a.sets.items()))
-
-
 SET_RANGES = RangeCache()
 RULE_PARSES = RuleParseCache()
 
 
 def read_iptables(variant: IptablesVariant, netns: str | None = None, wg_interface: str | None = None) -> LoadedRuleset:
-    """Both families' saves and the ipsets (over netlink), read at once, then parsed."""
+    """The rules' token (:mod:`.ipt_state`) and the ipsets (over netlink), read at once; when the
+    token and the sets are those of the last read-back, its parse; else both families' saves, read
+    at once, then parsed."""
     runner = IptablesRunner(variant, netns)
-    with ThreadPoolExecutor(3) as pool:
-        saves = [pool.submit(runner.checked, Command((variant.tool(f, "save"),))) for f in (Family.V4, Family.V6)]
+    key = (netns, variant.value, wg_interface)
+    with ThreadPoolExecutor(2) as pool:
+        token_read = pool.submit(rules_token, variant, netns)
         ipsets = pool.submit(read_ipsets, netns, SET_RANGES)
+        token, sets = token_read.result(), ipsets.result()
+        kept = RULE_PARSES.unchanged(key, token, sets)
+        if kept is not None:
+            return kept
+        saves = [pool.submit(runner.checked, Command((variant.tool(f, "save"),))) for f in (Family.V4, Family.V6)]
         try:
             v4, v6 = (f.result() for f in saves)
         except BackendError as exc:
             raise ProofError(f"cannot read back iptables-{variant.value}: {exc}") from exc
-        sets = ipsets.result()
-    return RULE_PARSES.parse(netns, variant, wg_interface, (v4, v6), sets)
+    return RULE_PARSES.parse(key, token, (v4, v6), sets)
 
 
 def read_iptables_text(variant: IptablesVariant, netns: str | None = None,
