@@ -187,3 +187,13 @@ def test_the_range_cache_hands_out_the_same_object_only_for_the_same_bytes() -> 
     assert changed.sets["s"].ranges == ((0x0A000000, 0x0A7FFFFF),)
     other_type = cache.decode("ns", S.parse_dump(_dump("s", b"hash:ip", 2, BENIGN, [_member("10.0.0.0/9")])))
     assert other_type.sets["s"] is not changed.sets["s"]
+
+
+def test_the_range_cache_keeps_a_bounded_number_of_namespaces() -> None:
+    cache = S.RangeCache()
+    dump = S.parse_dump(_dump("s", b"hash:net", 2, BENIGN, [_member("10.0.0.0/8")]))
+    first = cache.decode("ns-0", dump)
+    for i in range(1, S.NAMESPACES_KEPT + 1):
+        cache.decode(f"ns-{i}", dump)
+    assert cache.decode("ns-0", dump).sets["s"] is not first.sets["s"]  # ns-0 was the oldest: let go
+    assert len(cache._by_netns) == S.NAMESPACES_KEPT

@@ -86,6 +86,7 @@ _PLAIN = {
 }
 _BITS = {Family.V4: 32, Family.V6: 128}
 _MASKS = {f: [((1 << b) - 1) ^ ((1 << (b - p)) - 1) for p in range(b + 1)] for f, b in _BITS.items()}
+NAMESPACES_KEPT = 32  # a node agent's pods each have one: bound what is kept
 _HOSTS = {f: [(1 << (b - p)) - 1 for p in range(b + 1)] for f, b in _BITS.items()}
 
 
@@ -235,7 +236,8 @@ class IpsetReadback:
 
 class RangeCache:
     """Decoded sets of the last read-back per network namespace, by digest of their dump: a set
-    whose bytes did not change is not decoded again (only the latest read-back is kept)."""
+    whose bytes did not change is not decoded again (only the latest read-back is kept, for the
+    :data:`NAMESPACES_KEPT` namespaces read most recently)."""
 
     def __init__(self) -> None:
         self._by_netns: dict[str | None, dict[bytes, AddressSet]] = {}
@@ -262,7 +264,10 @@ class RangeCache:
             except Unmodelled as exc:
                 unmodelled[name] = str(exc)
         with self._lock:
+            self._by_netns.pop(netns, None)
             self._by_netns[netns] = new
+            while len(self._by_netns) > NAMESPACES_KEPT:
+                del self._by_netns[next(iter(self._by_netns))]
         return IpsetReadback(sets, unmodelled)
 
 

@@ -16,6 +16,14 @@ user chain (``-j``), ``-g``; ``-m connbytes`` / ``-m hashlimit`` only on rules w
 (the log-once rules: whatever they match decides nothing). Encrypted rules' steering (the
 WireGuard interface, marks, the mangle table's OUTPUT/POSTROUTING) when the interface is known:
 :mod:`.ipt_tunnel`. Anything else raises :class:`~stockade.errors.UnmodelledConstructError`.
+
+Speed (session 7): the lookup layout writes ~83,000 rule lines per family at 1,000 rules, but of
+few distinct parts (`` -m tcp --dport 53``, ``-m set --match-set NAME src``, a comment ...). A
+line is cut before each `` -m `` and each part parsed once per distinct text
+(:func:`_parse_memo`, 2.3 -> 0.55 s CPU per family); any line where cutting could read
+differently is parsed whole, and the whole-line parse stays as the reference
+(``whole_lines=True``) a test holds the memo equal to. The ipsets are read over netlink
+(:mod:`.ipset_readback`); :func:`parse_ipset_save` is the reference it is tested against.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from stockade.backends.common import in_netns
 from stockade.backends.iptables.generation import nft_generation
 from stockade.backends.iptables.model import IptablesVariant
 from stockade.errors import BackendError
-from stockade.verify.ipset_readback import IpsetReadback
+from stockade.verify.ipset_readback import NAMESPACES_KEPT, IpsetReadback
 from stockade.verify.ipt_readback import parse_iptables_sets
 from stockade.verify.loaded import LoadedRuleset
 
@@ -141,7 +141,8 @@ def same_sets(a: IpsetReadback, b: IpsetReadback) -> bool:
 
 
 class RuleParseCache:
-    """The last parse per (namespace, variant, tunnel interface). Reused without reading the
+    """The last parse per (namespace, variant, tunnel interface), for the :data:`NAMESPACES_KEPT`
+    read most recently. Reused without reading the
     saves when the rules' token is known and unchanged and the sets are the same
     (:meth:`unchanged`); reused after reading them when their text is the same but for ``#``
     lines and chain counters, which the parser skips (:meth:`parse`)."""
@@ -176,5 +177,8 @@ class RuleParseCache:
             loaded = parse_iptables_sets(*saves, sets.sets, variant=key[1], wg_interface=key[2],
                                          unmodelled=sets.unmodelled)
         with self._lock:
+            self._last.pop(key, None)
             self._last[key] = _Kept(token, digest, sets, loaded)
+            while len(self._last) > NAMESPACES_KEPT:
+                del self._last[next(iter(self._last))]
         return loaded
