@@ -137,3 +137,21 @@ def test_a_rule_replaced_in_place_is_seen_and_traffic_is_not_a_change(variant: I
     replaced = read_iptables(variant, netns)
     assert replaced != first
     assert replaced == read_iptables_text(variant, netns)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.value)
+def test_two_sets_swapped_under_their_rules_are_seen(variant: IptablesVariant, netns: str) -> None:
+    """``ipset swap`` exchanges two sets' members under unchanged rules (rules hold set indexes): the
+    rules' token does not move, the sets' bytes do, and the next read-back shows the swap."""
+    backend = IptablesBackend(netns=netns, variant=variant)
+    backend.apply(backend.render(random_host_policy(random.Random(8), rules=20, peers=60)))
+    first = read_iptables(variant, netns)
+    v4 = first.family(Family.V4)
+    assert v4 is not None
+    used = sorted({n for n in v4.sets if not n.startswith("literal:")})
+    a, b = next((x, y) for x in used for y in used if x < y and v4.sets[x].ranges != v4.sets[y].ranges)
+    run(netns, "ipset", "swap", a, b)
+    swapped = read_iptables(variant, netns)
+    fam = swapped.family(Family.V4)
+    assert fam is not None and fam.sets[a].ranges == v4.sets[b].ranges
+    assert swapped == read_iptables_text(variant, netns)

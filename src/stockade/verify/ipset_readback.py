@@ -228,10 +228,12 @@ def digest(dump: SetDump) -> bytes:
 
 @dataclass(frozen=True)
 class IpsetReadback:
-    """The modelled sets by name, and the left-out ones with the reason."""
+    """The modelled sets by name, the left-out ones with the reason, and every set's name in the
+    kernel's (index) order: an ``-m set`` rule holds its set's index, not its name."""
 
     sets: dict[str, AddressSet]
     unmodelled: dict[str, str]
+    order: tuple[str, ...] = ()
 
 
 class RangeCache:
@@ -268,7 +270,7 @@ class RangeCache:
             self._by_netns[netns] = new
             while len(self._by_netns) > NAMESPACES_KEPT:
                 del self._by_netns[next(iter(self._by_netns))]
-        return IpsetReadback(sets, unmodelled)
+        return IpsetReadback(sets, unmodelled, tuple(dumps))
 
 
 def dump_request(seq: int) -> bytes:

@@ -133,10 +133,10 @@ class _Kept:
 
 
 def same_sets(a: IpsetReadback, b: IpsetReadback) -> bool:
-    """The same names in the same (kernel index) order, each the same decoded object
+    """Every set's name in the same (kernel index) order, each modelled set the same decoded object
     (:class:`~.ipset_readback.RangeCache` hands out the same object while a set's dump is the
     same), and the same sets left out."""
-    return (a.unmodelled == b.unmodelled and list(a.sets) == list(b.sets)
+    return (a.order == b.order and a.unmodelled == b.unmodelled and a.sets.keys() == b.sets.keys()
             and all(v is b.sets[k] for k, v in a.sets.items()))
 
 
