@@ -25,15 +25,16 @@ from stockade.errors import UnmodelledConstructError
 from stockade.model.addresses import Family, merge_ranges
 from stockade.verify import ipset_readback as S
 from stockade.verify.ipt_readback import parse_filter, parse_ipset_save, parse_iptables_sets
+from stockade.verify.loaded import AddressSet
 from stockade.verify.offline import iptables_save_texts
 from stockade.verify.samples import random_host_policy
 
 WG = "wgstk0"
 
 
-def _both(text: str, family: Family, sets: dict[str, S.AddressSet], wg: str | None = None) -> None:
+def _both(text: str, family: Family, sets: dict[str, AddressSet], wg: str | None = None) -> None:
     """The memo and the whole-line parse agree: the same result, or the same refusal."""
-    outcomes = []
+    outcomes: list[tuple[str, object]] = []
     for whole in (False, True):
         try:
             outcomes.append(("ok", parse_filter(text, family, sets, wg, whole_lines=whole)))
