@@ -6,7 +6,8 @@ against the text read-back (``ipset save`` and every line parsed whole), on real
 * Strictness: a set holding what the model lacks (a ``nomatch`` member, a timeout, counters),
   swapped or added into a set a rule uses, makes the read-back refuse, as the text read-back does.
 * Kept between proofs: an unchanged namespace read twice gives the same objects; a member added or a
-  rule inserted is seen by the next read (nothing stale is kept).
+  rule inserted, replaced in place or two sets swapped is seen by the next read (nothing stale is
+  kept). The same for the nftables read-back, kept while the nf_tables generation is unchanged.
 """
 
 from __future__ import annotations
@@ -155,3 +156,30 @@ def test_two_sets_swapped_under_their_rules_are_seen(variant: IptablesVariant, n
     fam = swapped.family(Family.V4)
     assert fam is not None and fam.sets[a].ranges == v4.sets[b].ranges
     assert swapped == read_iptables_text(variant, netns)
+
+
+# ---- nftables: the last read-back kept while the nf_tables generation is unchanged ---------------
+
+
+def test_nftables_read_back_is_kept_while_nothing_is_committed(netns: str) -> None:
+    from stockade.backends.nftables.backend import NftablesBackend
+    from stockade.backends.nftables.dump import dump_table
+    from stockade.verify.nft_netlink import parse_nft_dump
+    from stockade.verify.readback import read_nftables
+
+    backend = NftablesBackend("stkkept", netns=netns)
+    hp = random_host_policy(random.Random(9), rules=20, peers=40)
+    backend.apply(backend.render(hp))
+    first = read_nftables("stkkept", netns)
+    run(netns, "ip", "link", "set", "lo", "up")
+    run(netns, "ping", "-c", "2", "-i", "0.2", "-W", "1", "127.0.0.1")  # counters and flow sets move
+    assert read_nftables("stkkept", netns) is first
+    v4 = first.family(Family.V4)
+    assert v4 is not None
+    name = next(n for n, s in v4.sets.items() if s.ranges)
+    run(netns, "nft", "add", "element", "inet", "stkkept", name, "{ 10.99.0.7 }")  # one commit
+    added = read_nftables("stkkept", netns)
+    fam = added.family(Family.V4)
+    assert fam is not None and any(lo <= 0x0A630007 <= hi for lo, hi in fam.sets[name].ranges)
+    assert added == parse_nft_dump(dump_table("stkkept", netns), "stkkept", None)  # a fresh read, nothing kept
+    assert not prove(hp, added).proven

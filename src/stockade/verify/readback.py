@@ -18,11 +18,13 @@ a proof that could not look at the kernel is not a proof.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.iptables.backend import IptablesBackend
+from stockade.backends.iptables.generation import nft_generation
 from stockade.backends.iptables.model import IptablesVariant
 from stockade.backends.iptables.runner import Command, IptablesRunner
 from stockade.backends.nftables.backend import NftablesBackend
@@ -32,25 +34,72 @@ from stockade.compiler.ir import HostPolicy
 from stockade.errors import BackendError, ProofError
 from stockade.model.addresses import Family, IPAddress
 from stockade.verify.ebpf_readback import read_ebpf
-from stockade.verify.ipset_readback import RangeCache, read_ipsets
+from stockade.verify.ipset_readback import NAMESPACES_KEPT, RangeCache, read_ipsets
 from stockade.verify.ipt_readback import parse_ipset_save, parse_iptables_sets
 from stockade.verify.ipt_state import RuleParseCache, rules_token
 from stockade.verify.loaded import LoadedRuleset
 from stockade.verify.nft_netlink import parse_nft_dump
 from stockade.verify.nft_readback import parse_nft_table
+from stockade.verify.nft_wire import SET_ANONYMOUS, SET_MAP, TYPE_BITS
 from stockade.verify.prove import Proof, prove
 
 BACKENDS = ("nftables", "iptables-legacy", "iptables-nft", "ebpf")
 
 
+NFT_SET_TIMEOUT = 0x10  # elements expire without a commit (an element timeout needs this flag)
+
+
+class NftGenerationCache:
+    """The last nftables read-back per (namespace, table, tunnel interface), with the nf_tables
+    generation id taken before its dump: reused while the id is unchanged (every change to a table,
+    its rules, sets or elements is a committed transaction that bumps it), unless a set of the table
+    lets elements expire (no commit) or the id cannot be read. The contents of dynamic sets, which
+    the datapath fills without commits, are not part of the read-back (:mod:`.nft_netlink`). Only
+    the :data:`NAMESPACES_KEPT` most recently read are kept."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str | None, str, str | None], tuple[int, LoadedRuleset]] = {}
+        self._lock = threading.Lock()
+
+    def read(self, table: str, netns: str | None, wg_interface: str | None) -> LoadedRuleset:
+        key = (netns, table, wg_interface)
+        gen = nft_generation(netns)
+        with self._lock:
+            last = self._last.get(key)
+        if gen is not None and last is not None and last[0] == gen:
+            return last[1]
+        try:
+            dump = dump_table(table, netns)
+        except BackendError as exc:
+            raise ProofError(f"cannot read back nftables table {table}: {exc}") from exc
+        loaded = parse_nft_dump(dump, table, wg_interface)
+        expiring = dump is not None and any(_expiring(s) for s in dump.sets)
+        with self._lock:
+            self._last.pop(key, None)
+            if gen is not None and not expiring:
+                self._last[key] = (gen, loaded)
+            while len(self._last) > NAMESPACES_KEPT:
+                del self._last[next(iter(self._last))]
+        return loaded
+
+
+def _expiring(set_attrs: dict[int, bytes]) -> bool:
+    """A set whose elements may expire and whose contents the read-back holds (every set but the
+    dynamic, concatenated ones the datapath fills: :mod:`.nft_netlink`)."""
+    flags = int.from_bytes(set_attrs.get(3, b"\0\0\0\0")[:4], "big")
+    key_type = int.from_bytes(set_attrs.get(4, b"\0\0\0\0")[:4], "big")
+    dynamic = not flags & (SET_MAP | SET_ANONYMOUS) and key_type >> TYPE_BITS
+    return bool(flags & NFT_SET_TIMEOUT) and not dynamic
+
+
+NFT_PARSES = NftGenerationCache()
+
+
 def read_nftables(table: str = "stockade", netns: str | None = None, wg_interface: str | None = None) -> LoadedRuleset:
     """The table as the kernel holds it, over netlink (:mod:`.nft_netlink`); ``wg_interface``: the
-    WireGuard interface of encrypted rules (None: tests of it are refused)."""
-    try:
-        dump = dump_table(table, netns)
-    except BackendError as exc:
-        raise ProofError(f"cannot read back nftables table {table}: {exc}") from exc
-    return parse_nft_dump(dump, table, wg_interface)
+    WireGuard interface of encrypted rules (None: tests of it are refused). Unchanged since the last
+    read-back (the same nf_tables generation): that read-back (:class:`NftGenerationCache`)."""
+    return NFT_PARSES.read(table, netns, wg_interface)
 
 
 def read_nftables_json(table: str = "stockade", netns: str | None = None) -> LoadedRuleset:
