@@ -16,7 +16,7 @@ nftables's two readers are compared by tests/kernel/test_verify_nft_netlink.py).
 is printed on every row.
 
 Run as root:  python bench/readback.py [--backends iptables-legacy,iptables-nft,nftables,ebpf]
-              [--rules 10,100,1000] [--peers 100,10000,100000]
+              [--rules 10,100,1000] [--peers 100,10000,100000] [--no-old]
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--backends", default="iptables-legacy,iptables-nft,nftables,ebpf")
     ap.add_argument("--rules", default="10,100,1000")
     ap.add_argument("--peers", default="100,10000,100000")
+    ap.add_argument("--no-old", action="store_true", help="skip the old read-back (nft -j: minutes)")
     args = ap.parse_args()
     print(f"{'backend':16} {'rules':>5} {'peers':>7} {'old s':>7} {'old cpu':>7} {'new s':>7} {'new cpu':>7} "
           f"{'again s':>7} {'again cpu':>9} {'same':>5} {'load':>5}", flush=True)
@@ -79,7 +80,9 @@ def main() -> None:
         try:
             backend = _backend(name, ns)
             old_read: Callable[[], LoadedRuleset] | None = None
-            if name.startswith("iptables"):
+            if args.no_old:
+                pass
+            elif name.startswith("iptables"):
                 old_read = partial(read_iptables_text, _variant(name), ns)
             elif name == "nftables":
                 old_read = partial(read_nftables_json, "stkbench", ns)
