@@ -183,3 +183,23 @@ def test_nftables_read_back_is_kept_while_nothing_is_committed(netns: str) -> No
     assert fam is not None and any(lo <= 0x0A630007 <= hi for lo, hi in fam.sets[name].ranges)
     assert added == parse_nft_dump(dump_table("stkkept", netns), "stkkept", None)  # a fresh read, nothing kept
     assert not prove(hp, added).proven
+
+
+def test_a_namespace_made_again_under_the_same_name_is_not_the_old_one() -> None:
+    """The nf_tables generation id starts over in a new namespace: what was kept for a deleted
+    namespace of the same name must not be taken for the new one's."""
+    from stockade.backends.nftables.backend import NftablesBackend
+    from stockade.verify.readback import read_nftables
+
+    ns = f"stk-vfr-{uuid.uuid4().hex[:8]}"
+    firsts = []
+    try:
+        for seed in (1, 2):  # same name, same number of commits, different policies
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            backend = NftablesBackend("stkkept", netns=ns)
+            backend.apply(backend.render(random_host_policy(random.Random(seed), rules=10, peers=10)))
+            firsts.append(read_nftables("stkkept", ns))
+            subprocess.run(["ip", "netns", "delete", ns], check=True)
+        assert firsts[0] is not firsts[1] and firsts[0] != firsts[1]
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False, capture_output=True)

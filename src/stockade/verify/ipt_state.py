@@ -20,13 +20,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import os
 import socket
 import struct
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from stockade.backends.common import in_netns
+from stockade.backends.common import in_netns, netns_path
 from stockade.backends.iptables.generation import nft_generation
 from stockade.backends.iptables.model import IptablesVariant
 from stockade.errors import BackendError
@@ -110,11 +111,28 @@ def legacy_token(netns: str | None) -> bytes | None:
         return None
 
 
+def netns_identity(netns: str | None) -> tuple[int, int] | None:
+    """The namespace itself (device and inode of its nsfs file), so a namespace deleted and made
+    again under the same name, whose generation id starts over, is never taken for the old one."""
+    try:
+        st = os.stat(netns_path(netns) if netns is not None else "/proc/thread-self/ns/net")
+    except (OSError, BackendError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def nft_token(netns: str | None) -> tuple[tuple[int, int], int] | None:
+    """The namespace and its nf_tables generation id; None when either cannot be read."""
+    ident = netns_identity(netns)
+    gen = nft_generation(netns)
+    return None if ident is None or gen is None or ident != netns_identity(netns) else (ident, gen)
+
+
 def rules_token(variant: IptablesVariant, netns: str | None) -> Hashable | None:
     """The token of every rule ``variant`` holds in ``netns``; None when it cannot be read."""
     if variant is IptablesVariant.NFT:
-        gen = nft_generation(netns)
-        return None if gen is None else ("nft", gen)
+        nft = nft_token(netns)
+        return None if nft is None else ("nft", nft)
     token = legacy_token(netns)
     return None if token is None else ("legacy", token)
 

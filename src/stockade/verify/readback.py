@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from stockade.backends.ebpf.backend import EbpfBackend
 from stockade.backends.iptables.backend import IptablesBackend
-from stockade.backends.iptables.generation import nft_generation
 from stockade.backends.iptables.model import IptablesVariant
 from stockade.backends.iptables.runner import Command, IptablesRunner
 from stockade.backends.nftables.backend import NftablesBackend
@@ -36,7 +35,7 @@ from stockade.model.addresses import Family, IPAddress
 from stockade.verify.ebpf_readback import read_ebpf
 from stockade.verify.ipset_readback import NAMESPACES_KEPT, RangeCache, read_ipsets
 from stockade.verify.ipt_readback import parse_ipset_save, parse_iptables_sets
-from stockade.verify.ipt_state import RuleParseCache, rules_token
+from stockade.verify.ipt_state import RuleParseCache, nft_token, rules_token
 from stockade.verify.loaded import LoadedRuleset
 from stockade.verify.nft_netlink import parse_nft_dump
 from stockade.verify.nft_readback import parse_nft_table
@@ -51,19 +50,20 @@ NFT_SET_TIMEOUT = 0x10  # elements expire without a commit (an element timeout n
 
 class NftGenerationCache:
     """The last nftables read-back per (namespace, table, tunnel interface), with the nf_tables
-    generation id taken before its dump: reused while the id is unchanged (every change to a table,
+    generation id taken before its dump (with the namespace's identity: :func:`.ipt_state.nft_token`):
+    reused while the id is unchanged (every change to a table,
     its rules, sets or elements is a committed transaction that bumps it), unless a set of the table
     lets elements expire (no commit) or the id cannot be read. The contents of dynamic sets, which
     the datapath fills without commits, are not part of the read-back (:mod:`.nft_netlink`). Only
     the :data:`NAMESPACES_KEPT` most recently read are kept."""
 
     def __init__(self) -> None:
-        self._last: dict[tuple[str | None, str, str | None], tuple[int, LoadedRuleset]] = {}
+        self._last: dict[tuple[str | None, str, str | None], tuple[object, LoadedRuleset]] = {}
         self._lock = threading.Lock()
 
     def read(self, table: str, netns: str | None, wg_interface: str | None) -> LoadedRuleset:
         key = (netns, table, wg_interface)
-        gen = nft_generation(netns)
+        gen = nft_token(netns)
         with self._lock:
             last = self._last.get(key)
         if gen is not None and last is not None and last[0] == gen:
