@@ -472,7 +472,8 @@ def report(results: list[SizeResult]) -> str:
             _op_cell(kind, lambda o: f"{_ms(o.fanout_median.cpu)} / {_ms(o.fanout_max.cpu)}" if o.fanout_median
                      and o.fanout_max else "-"))
         row(f"  {kind} hosts in fan-out (med/max)", _op_cell(kind, lambda o: f"{o.hosts_median:g} / {o.hosts_max}"))
-        row(f"  full GCs in all {kind}s", _op_cell(kind, lambda o: str(o.full_gcs)))
+        row(f"  full GCs in all {kind}s (loop / in calls)",
+            _op_cell(kind, lambda o: f"{o.full_gcs} / {o.full_gcs_in_calls}"))
     row(
         "relabel vs full recompile, CPU",
         lambda r: f"{r.full.cpu / max(r.relabel_median.cpu, 1e-6):,.0f}x less",

@@ -16,9 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stockade.compiler import Compiler, HostDelta, HostPolicy, compile_policy
+from stockade.compiler import Compiler, HostDelta, HostPolicy, compile_policy, members
 from stockade.compiler.changes import SetChanges
 from stockade.compiler.delta import apply_set_deltas
+from stockade.compiler.ir import address_set_chunks, host_policy_from_dict, host_policy_to_dict
+from stockade.model.addresses import Family
 from stockade.model import (
     ALL_WORKLOADS,
     AllowRule,
@@ -130,6 +132,25 @@ def _check_host_deltas(before: dict[str, HostPolicy], after: dict[str, HostPolic
 @PROFILE
 @given(ps.policy(), st.lists(op, min_size=1, max_size=10))
 def test_set_keyed_ops_equal_full_recompile(policy: Policy, ops: list[tuple[object, ...]]) -> None:
+    _run_ops(policy, ops)
+
+
+@PROFILE
+@given(ps.policy(), st.lists(op, min_size=1, max_size=10))
+def test_set_keyed_ops_with_one_network_chunks_equal_full_recompile(
+    policy: Policy, ops: list[tuple[object, ...]]
+) -> None:
+    """The same with every changed set cut into one-network chunks: each change splits, merges
+    or empties chunks, and the policies holding chunked sets must still equal a full recompile."""
+    saved = members.CHUNK
+    members.CHUNK = 1
+    try:
+        _run_ops(policy, ops)
+    finally:
+        members.CHUNK = saved
+
+
+def _run_ops(policy: Policy, ops: list[tuple[object, ...]]) -> None:
     comp = Compiler(policy)
     fleet = comp.all_host_policies()
     live = {w.name: w for w in policy.workloads}
@@ -225,3 +246,34 @@ def test_pod_batch_is_one_set_delta_per_set() -> None:
     db_hosts = [d for d in deltas if d.workload.startswith("db-")]
     assert len(db_hosts) == 10 and all(not d.rules_changed for d in db_hosts)
     assert comp.all_host_policies() == compile_policy(comp.policy)
+
+
+def test_a_create_shares_the_big_sets_chunks_with_the_policies_before() -> None:
+    """The created host's own policy holds the all-workloads set as chunks: all but the chunk the
+    new address lands in are the objects earlier policies hold (O(changed), not a copy of every
+    member), and it reads, compares and encodes exactly as the flat set of a full recompile."""
+    saved = members.CHUNK
+    members.CHUNK = 16
+    try:
+        def spaced(i: int) -> Workload:  # no two addresses adjacent: one /32 each, 3,000 networks
+            v4 = ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.1.0.0")) + 2 * i)
+            return replace(_host(i, "web" if i % 3 else "db"), interfaces=(Interface("eth0", (v4,)),))
+
+        comp = Compiler(replace(_estate(1), workloads=tuple(spaced(i) for i in range(3000))))
+        comp.apply_set_changes([spaced(5000)])  # the first change cuts the sets into chunks
+        all_name = next(s.name for s in comp.host_policy("web-1").sets if s.selector == "all")
+        before = address_set_chunks(comp.host_policy("web-1").set(all_name, Family.V4))
+        sc = comp.apply_set_changes([spaced(7000)])
+        (reload,) = sc.reloads
+        assert reload.policy is not None
+        new_set = reload.policy.set(all_name, Family.V4)
+        after = address_set_chunks(new_set)
+        assert len(after) > 100
+        assert len({id(c) for c in after} - {id(c) for c in before}) == 1  # one chunk copied
+        full = compile_policy(comp.policy)
+        assert reload.policy == full["web-7000"]
+        assert host_policy_to_dict(reload.policy) == host_policy_to_dict(full["web-7000"])
+        assert host_policy_from_dict(host_policy_to_dict(reload.policy)) == full["web-7000"]
+        assert len(new_set.members) == 3002 and "_chunks" not in new_set.__dict__  # joined once, on read
+    finally:
+        members.CHUNK = saved

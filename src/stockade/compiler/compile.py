@@ -43,6 +43,10 @@ __all__ = ["Compiler", "compile_policy", "diff_sets", "set_name"]
 LabelSet = frozenset[str]  # the relevant labels of a workload, as ``index.label_keys``
 
 
+def _by_workload(d: HostDelta) -> str:
+    return d.workload
+
+
 def _selects_workloads(sel: Selector) -> bool:
     return isinstance(sel, LabelSelector | AllWorkloads)
 
@@ -387,7 +391,9 @@ class Compiler:
                             continue
                 reloads.append(HostDelta(name, hp, True, ()))
             reloads.extend(self._tunnel_reloads(before))
-        return SetChanges(self._generation, set_deltas, tuple(sorted(reloads, key=lambda d: d.workload)))
+            # built while the collector is paused: an allocation after it resumes would run the
+            # collection the batch's allocations are due, inside this call, over its own output
+            return SetChanges(self._generation, set_deltas, tuple(sorted(reloads, key=_by_workload)))
 
     def _tunnel_reloads(self, before: dict[str, _Header | None]) -> list[HostDelta]:
         """Hosts with encrypted rules whose tunnel peers came, went, rotated or moved in this batch:
@@ -457,7 +463,10 @@ class Compiler:
             out = merge_peer_only(out)
             if self._np.active:
                 out = self._netpol_fanout(out, changes)
-        out.sort(key=lambda d: d.workload)
+            # sorted before the collector resumes: the first allocation after it would run a
+            # collection over the 125,000 deltas just made (the caller usually drops them first,
+            # and freeing them lowers the count that triggers it)
+            out.sort(key=_by_workload)
         return out
 
     def _netpol_fanout(self, out: list[HostDelta], changes: SetChanges) -> list[HostDelta]:

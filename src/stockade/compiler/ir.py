@@ -12,7 +12,8 @@ import ipaddress
 import json
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any, TypeVar
+from itertools import chain
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from stockade.errors import Issue, ValidationError
 from stockade.model.addresses import Family, IPAddress, IPNetwork
@@ -48,12 +49,54 @@ class Direction(Enum):
 
 @dataclass(frozen=True, order=True)
 class AddressSet:
-    """Members of one peer selector in one family, as minimal sorted CIDRs."""
+    """Members of one peer selector in one family, as minimal sorted CIDRs.
+
+    The compiler may make one with its members held as chunks (``chunked_address_set``): the
+    ``members`` tuple is then joined on first read and kept. Reading it, equality, hashing and
+    order are the same either way; only the moment the flat tuple is built differs."""
 
     name: str  # stable: hash of the canonical selector (same name in both families)
     family: Family
     members: tuple[IPNetwork, ...]
     selector: str = ""  # canonical selector text, for humans
+
+    if not TYPE_CHECKING:  # hidden from mypy: it would otherwise accept any attribute name
+
+        def __getattr__(self, attr: str) -> Any:
+            # only called for an attribute missing from the instance dict: ``members`` of a chunked set
+            if attr == "members":
+                d = self.__dict__
+                chunks = d.get("_chunks")
+                if chunks is not None:
+                    members = chunks[0] if len(chunks) == 1 else tuple(chain.from_iterable(chunks))
+                    d["members"] = members  # set before the chunks go: a concurrent reader finds one
+                    d.pop("_chunks", None)
+                    return members
+                if "members" in d:  # joined by another thread meanwhile
+                    return d["members"]
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+
+
+def chunked_address_set(
+    name: str, family: Family, chunks: tuple[tuple[IPNetwork, ...], ...], selector: str
+) -> AddressSet:
+    """An ``AddressSet`` whose members are the concatenation of ``chunks`` (each sorted, in order),
+    joined into the ``members`` tuple on first read.
+
+    For the compiler's incremental changes: a created or re-addressed host's own policy references
+    the sets that just changed (the all-workloads set among them, 125,000 networks at the largest
+    estates); holding the set's chunks costs O(chunks) where the flat tuple costs O(members), and
+    hosts share the one ``AddressSet`` object, so the tuple is joined at most once per change of
+    the set, by its first reader (a renderer or encoder, which reads every member anyway)."""
+    obj = object.__new__(AddressSet)
+    obj.__dict__.update({"name": name, "family": family, "selector": selector, "_chunks": chunks})
+    return obj
+
+
+def address_set_chunks(s: AddressSet) -> tuple[tuple[IPNetwork, ...], ...]:
+    """The members of ``s`` as consecutive chunks, without joining them (one chunk if already joined)."""
+    chunks: tuple[tuple[IPNetwork, ...], ...] | None = s.__dict__.get("_chunks")
+    return chunks if chunks is not None else (s.members,)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,11 @@ cover. Adding or removing one address touches only the range it falls in or next
 the CIDRs to delete and to add come out directly (the ``SetDelta``) without diffing the
 whole set: a relabel costs the same for a 10-member and a 25,000-member set.
 
+The networks themselves are kept as immutable chunks once a set changes (``MemberSet.chunks``):
+a change copies the one chunk it falls in, and a snapshot of the set (what a new host policy
+holds) is a tuple of chunk references shared with every earlier snapshot. Copying the flat
+tuple of the all-workloads set (125,000 networks) into each new policy was most of a create.
+
 ``NetworkCache`` hands out one ``IPv4Network``/``IPv6Network`` object per (address, prefix):
 an address is a member of a dozen sets, and at 125,000 workloads building those objects
 once instead of once per set was a third of a full compile (and of its memory).
@@ -16,6 +21,7 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
+from itertools import accumulate, chain
 from operator import sub
 
 from stockade.compiler.hostnet import host_network_maker
@@ -33,6 +39,10 @@ class _Hosts(dict[int, IPNetwork]):
         net = self[a] = self._make(a)
         return net
 
+
+# networks per chunk of a changed set: a change copies one chunk (up to twice this), a snapshot one
+# reference per chunk (~250 for a 125,000-member set)
+CHUNK = 512
 
 _MAKERS = {v4: host_network_maker(v4) for v4 in (True, False)}
 
@@ -90,7 +100,9 @@ class NetworkCache:
 class MemberSet:
     """Single addresses of one family (with reference counts) as ranges and minimal CIDRs."""
 
-    def __init__(self, family: Family, addresses: Iterable[int] = (), cache: NetworkCache | None = None) -> None:
+    def __init__(
+        self, family: Family, addresses: Iterable[int] = (), cache: NetworkCache | None = None, chunk: int | None = None
+    ) -> None:
         self.family = family
         self._cache = cache if cache is not None else NetworkCache()
         addrs = addresses if isinstance(addresses, list) else list(addresses)
@@ -119,16 +131,71 @@ class MemberSet:
         self._los, self._his = los, his
         if len(los) == len(ordered):  # no two members adjacent (the usual case): one /32 or /128 each
             self._starts: list[int] = ordered
-            self._nets: list[IPNetwork] = self._cache.hosts(ordered, family)
+            nets = tuple(self._cache.hosts(ordered, family))
         else:
             self._starts = []
-            self._nets = list(self._cache.networks(zip(los, his, strict=True), family, self._starts))
-        self._frozen: tuple[IPNetwork, ...] | None = None
+            nets = self._cache.networks(zip(los, his, strict=True), family, self._starts)
+        # the networks in address order: one flat tuple until the first change, then chunks of
+        # ``chunk`` to ``2 * chunk`` networks (see ``chunks``); the flat tuple is rebuilt on demand
+        self._chunk = chunk if chunk is not None else CHUNK  # read at run time: tests make it tiny
+        self._frozen: tuple[IPNetwork, ...] | None = nets
+        self._chunks: list[tuple[IPNetwork, ...]] | None = None
+        self._ends: list[int] = []  # cumulative end position of each chunk
+        self._snapshot: tuple[tuple[IPNetwork, ...], ...] | None = None
 
     def networks(self) -> tuple[IPNetwork, ...]:
+        """The members as one flat tuple (built from the chunks after a change: O(members))."""
         if self._frozen is None:
-            self._frozen = tuple(self._nets)
+            chunks = self._chunks
+            assert chunks is not None
+            self._frozen = chunks[0] if len(chunks) == 1 else tuple(chain.from_iterable(chunks))
         return self._frozen
+
+    def flat(self) -> tuple[IPNetwork, ...] | None:
+        """The flat tuple if it is already built (never changed, or read since), else None."""
+        return self._frozen
+
+    def chunks(self) -> tuple[tuple[IPNetwork, ...], ...]:
+        """The members as consecutive immutable chunks (their concatenation is ``networks()``).
+
+        A change replaces the one chunk it falls in (O(chunk)); every other chunk object is kept,
+        so a snapshot after a change costs O(members / chunk) and shares the rest with the
+        snapshots before it (what an ``AddressSet`` made by ``chunked_address_set`` holds)."""
+        if self._chunks is None:
+            assert self._frozen is not None
+            return (self._frozen,)
+        if self._snapshot is None:
+            self._snapshot = tuple(self._chunks)
+        return self._snapshot
+
+    def _replace(self, pos: int, end: int, nets: tuple[IPNetwork, ...]) -> None:
+        """Positions ``pos:end`` of the member order become ``nets``, copying one chunk (two when the
+        range straddles a boundary), never the whole set."""
+        chunks = self._chunks
+        size = self._chunk
+        if chunks is None:  # first change: cut the flat tuple into chunks
+            flat = self._frozen
+            assert flat is not None
+            chunks = self._chunks = [flat[i : i + size] for i in range(0, len(flat), size)] or [()]
+            self._ends = list(accumulate(map(len, chunks)))
+        ends = self._ends
+        c = min(bisect_right(ends, pos), len(chunks) - 1)  # the chunk holding ``pos`` (or the last)
+        first = ends[c - 1] if c else 0
+        d = c
+        while ends[d] < end:  # the chunk holding ``end - 1``
+            d += 1
+        merged = chunks[c] if c == d else tuple(chain.from_iterable(chunks[c : d + 1]))
+        merged = merged[: pos - first] + nets + merged[end - first :]
+        if len(merged) > 2 * size:
+            pieces = [merged[i : i + size] for i in range(0, len(merged), size)]
+        elif merged or d - c + 1 == len(chunks):  # an emptied chunk goes, unless it is the only one
+            pieces = [merged]
+        else:
+            pieces = []
+        chunks[c : d + 1] = pieces
+        self._ends = list(accumulate(map(len, chunks)))  # O(chunks), in C
+        self._frozen = None
+        self._snapshot = None
 
     def _splice(self, old: list[Range], new: list[Range]) -> tuple[set[IPNetwork], set[IPNetwork]]:
         old_starts: list[int] = []
@@ -140,9 +207,8 @@ class MemberSet:
             end = pos + len(old_nets)
         else:
             pos = end = bisect_left(self._starts, new[0][0])
-        self._nets[pos:end] = new_nets
         self._starts[pos:end] = new_starts
-        self._frozen = None
+        self._replace(pos, end, new_nets)
         old_set, new_set = set(old_nets), set(new_nets)
         return new_set - old_set, old_set - new_set
 
