@@ -9,6 +9,7 @@ compiler's subscriber index must agree with it.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 from dataclasses import replace
 
@@ -16,11 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stockade.compiler import Compiler, HostDelta, HostPolicy, compile_policy, members
+from stockade.compiler import Compiler, HostDelta, HostPolicy, compile_policy, ir, members
 from stockade.compiler.changes import SetChanges
 from stockade.compiler.delta import apply_set_deltas
-from stockade.compiler.ir import address_set_chunks, host_policy_from_dict, host_policy_to_dict
-from stockade.model.addresses import Family
+from stockade.compiler.ir import address_set_chunks, address_set_to_dict, host_policy_from_dict, host_policy_to_dict
 from stockade.model import (
     ALL_WORKLOADS,
     AllowRule,
@@ -33,6 +33,7 @@ from stockade.model import (
     Ruleset,
     Workload,
 )
+from stockade.model.addresses import Family
 from tests.unit import policy_strategies as ps
 
 PROFILE = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -263,17 +264,57 @@ def test_a_create_shares_the_big_sets_chunks_with_the_policies_before() -> None:
         comp.apply_set_changes([spaced(5000)])  # the first change cuts the sets into chunks
         all_name = next(s.name for s in comp.host_policy("web-1").sets if s.selector == "all")
         before = address_set_chunks(comp.host_policy("web-1").set(all_name, Family.V4))
+        address_set_to_dict(comp.host_policy("web-1").set(all_name, Family.V4))  # an agent's answer
         sc = comp.apply_set_changes([spaced(7000)])
         (reload,) = sc.reloads
         assert reload.policy is not None
         new_set = reload.policy.set(all_name, Family.V4)
+        assert "members" not in new_set.__dict__  # not joined into one tuple by the compiler
         after = address_set_chunks(new_set)
         assert len(after) > 100
         assert len({id(c) for c in after} - {id(c) for c in before}) == 1  # one chunk copied
+        # and the encoder spells only that chunk anew: every other chunk's text is remembered
+        assert len([c for c in after if id(c) not in ir._CHUNK_TEXTS]) == 1
         full = compile_policy(comp.policy)
         assert reload.policy == full["web-7000"]
         assert host_policy_to_dict(reload.policy) == host_policy_to_dict(full["web-7000"])
         assert host_policy_from_dict(host_policy_to_dict(reload.policy)) == full["web-7000"]
-        assert len(new_set.members) == 3002 and "_chunks" not in new_set.__dict__  # joined once, on read
+        assert len(new_set.members) == 3002 and new_set.__dict__["members"] is new_set.members  # joined once
     finally:
         members.CHUNK = saved
+
+
+def test_no_collection_runs_inside_a_change_or_its_fan_out() -> None:
+    """The compiler pauses the collector while it builds its outputs and allocates nothing after
+    it resumes: the collection those allocations are due never runs inside the call (over the
+    deltas just made) but at the caller's next allocation, or not at all if it drops them first.
+    (A ``contextlib`` context manager resumed it and then allocated its ``StopIteration``.)"""
+    comp = Compiler(_estate(600))
+    runs: list[int] = []
+    inside = [False]
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and inside[0]:
+            runs.append(info["generation"])
+
+    saved = gc.get_threshold()
+    gc.callbacks.append(count)
+    try:
+        for i in range(5):
+            batch = [_host(2000 + i, "web")]
+            gc.collect()  # the test's own allocations so far: not the compiler's to collect
+            gc.set_threshold(50, 1, 1)  # an allocation after a paused build collects at once
+            inside[0] = True
+            sc = comp.apply_set_changes(batch)
+            inside[0] = False
+            gc.collect()
+            inside[0] = True
+            deltas = comp.host_deltas(sc)
+            inside[0] = False
+            gc.set_threshold(*saved)
+            assert runs == []
+            assert len(deltas) == 601 + i
+            del deltas, sc
+    finally:
+        gc.set_threshold(*saved)
+        gc.callbacks.remove(count)

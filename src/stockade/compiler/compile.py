@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
@@ -51,8 +50,7 @@ def _selects_workloads(sel: Selector) -> bool:
     return isinstance(sel, LabelSelector | AllWorkloads)
 
 
-@contextmanager
-def _bulk_allocation(freeze: bool = True) -> Iterator[None]:
+class _BulkAllocation:
     """Pause the cyclic GC while building large acyclic structures, then freeze them.
 
     The compiler's state (a few million small objects at 125,000 workloads) is long-lived and
@@ -65,16 +63,33 @@ def _bulk_allocation(freeze: bool = True) -> Iterator[None]:
     ``freeze=False`` (a batch of workload changes): only pause the collector; the deltas it
     returns are short-lived, and freezing on every change would also freeze whatever cyclic
     garbage the rest of the process holds at that moment.
+
+    A class, not a ``contextlib.contextmanager``: resuming the collector is the last thing
+    ``__exit__`` does. The generator version allocated after it (its ``StopIteration``), which ran
+    the collection the paused build was due right there, inside the compiler's call, over the
+    125,000 deltas it had just made; now it runs at the caller's next allocation, and not at all
+    if the caller drops the deltas first (freeing them lowers the count that triggers it).
     """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if freeze:
+
+    __slots__ = ("_enabled", "_freeze")
+
+    def __init__(self, freeze: bool) -> None:
+        self._freeze = freeze
+        self._enabled = False
+
+    def __enter__(self) -> None:
+        self._enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._freeze:
             gc.freeze()
-        if enabled:
-            gc.enable()
+        if self._enabled:
+            gc.enable()  # last: nothing is allocated after it
+
+
+def _bulk_allocation(freeze: bool = True) -> _BulkAllocation:
+    return _BulkAllocation(freeze)
 
 
 @dataclass(frozen=True)

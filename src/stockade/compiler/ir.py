@@ -67,13 +67,10 @@ class AddressSet:
             if attr == "members":
                 d = self.__dict__
                 chunks = d.get("_chunks")
-                if chunks is not None:
+                if chunks is not None:  # kept after the join: the encoder memoizes text per chunk
                     members = chunks[0] if len(chunks) == 1 else tuple(chain.from_iterable(chunks))
-                    d["members"] = members  # set before the chunks go: a concurrent reader finds one
-                    d.pop("_chunks", None)
+                    d["members"] = members
                     return members
-                if "members" in d:  # joined by another thread meanwhile
-                    return d["members"]
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
 
 
@@ -275,11 +272,37 @@ _MEMBERS_MEMO: dict[int, tuple[AddressSet, tuple[str, ...]]] = {}
 _MEMBERS_MEMO_MAX = 4096
 
 
+# A set changed by a workload change holds its members as chunks (``chunked_address_set``); all but
+# the changed chunk are the objects the set's previous version held, so their text is kept per chunk
+# (by identity, holding the chunk) and a changed 125,000-member set is re-spelled one chunk at a time.
+_CHUNK_TEXTS: dict[int, tuple[tuple[IPNetwork, ...], tuple[str, ...]]] = {}
+_CHUNK_TEXTS_MAX = 1 << 20  # texts held (about 60 MB of strings), then the memo starts over
+_chunk_texts_held = 0
+
+
+def _chunk_texts(chunk: tuple[IPNetwork, ...]) -> tuple[str, ...]:
+    global _chunk_texts_held
+    hit = _CHUNK_TEXTS.get(id(chunk))
+    if hit is not None and hit[0] is chunk:
+        return hit[1]
+    texts = tuple(map(str, chunk))
+    if _chunk_texts_held + len(texts) > _CHUNK_TEXTS_MAX:
+        _CHUNK_TEXTS.clear()
+        _chunk_texts_held = 0
+    _CHUNK_TEXTS[id(chunk)] = (chunk, texts)
+    _chunk_texts_held += len(texts)
+    return texts
+
+
 def _member_texts(s: AddressSet) -> tuple[str, ...]:
     hit = _MEMBERS_MEMO.get(id(s))
     if hit is not None and hit[0] is s:
         return hit[1]
-    texts = tuple(str(m) for m in s.members)
+    chunks = address_set_chunks(s)
+    if len(chunks) > 1:
+        texts = tuple(chain.from_iterable(map(_chunk_texts, chunks)))
+    else:
+        texts = tuple(str(m) for m in s.members)
     if len(_MEMBERS_MEMO) >= _MEMBERS_MEMO_MAX:
         _MEMBERS_MEMO.clear()  # the sets of the current revisions come back at once
     _MEMBERS_MEMO[id(s)] = (s, texts)

@@ -55,9 +55,9 @@ class NetworkCache:
         # one-address networks (most members) in their own map keyed by the address alone
         self._hosts: dict[bool, _Hosts] = {True: _Hosts(True), False: _Hosts(False)}
 
-    def hosts(self, addresses: list[int], family: Family) -> list[IPNetwork]:
+    def hosts(self, addresses: list[int], family: Family) -> tuple[IPNetwork, ...]:
         """The one-address networks of ``addresses``, in the same order."""
-        return list(map(self._hosts[family is Family.V4].__getitem__, addresses))
+        return tuple(map(self._hosts[family is Family.V4].__getitem__, addresses))
 
     def networks(
         self, ranges: Iterable[Range], family: Family, starts: list[int] | None = None
@@ -117,7 +117,7 @@ class MemberSet:
             los = ordered[:1]
             his = ordered[-1:]
         elif 1 not in map(sub, ordered[1:], ordered):  # no two adjacent: a run each (in C)
-            los, his = ordered[:], ordered[:]
+            los = his = ordered  # one list for the three until the first change (``_own``)
         else:
             los, his = [], []
             prev = -2
@@ -131,7 +131,7 @@ class MemberSet:
         self._los, self._his = los, his
         if len(los) == len(ordered):  # no two members adjacent (the usual case): one /32 or /128 each
             self._starts: list[int] = ordered
-            nets = tuple(self._cache.hosts(ordered, family))
+            nets = self._cache.hosts(ordered, family)
         else:
             self._starts = []
             nets = self._cache.networks(zip(los, his, strict=True), family, self._starts)
@@ -212,12 +212,21 @@ class MemberSet:
         old_set, new_set = set(old_nets), set(new_nets)
         return new_set - old_set, old_set - new_set
 
+    def _own(self) -> None:
+        """Give the run bounds and network starts lists of their own before changing them: a set
+        with no two members adjacent (most sets) is built with one list for all three."""
+        if self._his is self._los:
+            self._his = self._los[:]
+        if self._starts is self._los:
+            self._starts = self._los[:]
+
     def add(self, a: int) -> tuple[set[IPNetwork], set[IPNetwork]]:
         """Add one address; returns (CIDRs added, CIDRs removed)."""
         i = bisect_right(self._los, a) - 1
         if i >= 0 and a <= self._his[i]:  # already a member: one more reference
             self._extra[a] = self._extra.get(a, 0) + 1
             return set(), set()
+        self._own()
         left = i if i >= 0 and self._his[i] == a - 1 else None
         right = i + 1 if i + 1 < len(self._los) and self._los[i + 1] == a + 1 else None
         lo = self._los[left] if left is not None else a
@@ -240,6 +249,7 @@ class MemberSet:
             else:
                 self._extra[a] = extra - 1
             return set(), set()
+        self._own()
         lo, hi = self._los[k], self._his[k]
         pieces = [r for r in ((lo, a - 1), (a + 1, hi)) if r[0] <= r[1]]
         self._los[k : k + 1] = [p[0] for p in pieces]
