@@ -26,6 +26,8 @@ from ``bench/estate_gen.py``. Measured per size:
   date incrementally equal a full recompile afterwards (``compile_ops.py``);
 * full (generation 2) garbage collections inside every measured section, counted with
   ``gc.callbacks``: the compiler freezes its long-lived state (``gc.freeze``) after a build.
+  For the one-workload ops two counts: over the whole loop (the benchmark's own allocations
+  between the calls included) and inside the timed compiler calls alone.
 
 PASS/FAIL uses CPU time (wall time is printed too: on a shared machine it includes waiting
 for a core). Targets (issue 19): full compile <= 10 s and peak RSS <= 2 GB at xlarge (125,000

@@ -21,10 +21,10 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
-from itertools import accumulate, chain
+from itertools import chain
 from operator import sub
 
-from stockade.compiler.hostnet import host_network_maker
+from stockade.compiler.hostnet import address_int, host_network_maker
 from stockade.model.addresses import Family, IPNetwork, Range
 
 
@@ -44,6 +44,10 @@ class _Hosts(dict[int, IPNetwork]):
 # reference per chunk (~250 for a 125,000-member set)
 CHUNK = 512
 
+def _net_start(net: IPNetwork) -> int:
+    return address_int(net.network_address)
+
+
 _MAKERS = {v4: host_network_maker(v4) for v4 in (True, False)}
 
 
@@ -59,13 +63,8 @@ class NetworkCache:
         """The one-address networks of ``addresses``, in the same order."""
         return tuple(map(self._hosts[family is Family.V4].__getitem__, addresses))
 
-    def networks(
-        self, ranges: Iterable[Range], family: Family, starts: list[int] | None = None
-    ) -> tuple[IPNetwork, ...]:
-        """Minimal CIDR cover of merged ranges, in address order (as ``ranges_to_networks``).
-
-        ``starts``, when given, receives the first address of each network as an int.
-        """
+    def networks(self, ranges: Iterable[Range], family: Family) -> tuple[IPNetwork, ...]:
+        """Minimal CIDR cover of merged ranges, in address order (as ``ranges_to_networks``)."""
         v4 = family is Family.V4
         bits = 32 if v4 else 128
         cls: type[IPv4Network] | type[IPv6Network] = IPv4Network if v4 else IPv6Network
@@ -75,8 +74,6 @@ class NetworkCache:
         for lo, hi in ranges:
             if lo == hi:  # the common case: one workload address
                 out.append(hosts[lo])
-                if starts is not None:
-                    starts.append(lo)
                 continue
             cur = lo
             while cur <= hi:
@@ -91,8 +88,6 @@ class NetworkCache:
                     if net is None:
                         net = nets[key] = cls((cur, bits - size))
                 out.append(net)
-                if starts is not None:
-                    starts.append(cur)
                 cur += 1 << size
         return tuple(out)
 
@@ -117,7 +112,7 @@ class MemberSet:
             los = ordered[:1]
             his = ordered[-1:]
         elif 1 not in map(sub, ordered[1:], ordered):  # no two adjacent: a run each (in C)
-            los = his = ordered  # one list for the three until the first change (``_own``)
+            los = his = ordered  # one list for both until the first change (``_own``)
         else:
             los, his = [], []
             prev = -2
@@ -130,17 +125,15 @@ class MemberSet:
                 prev = a
         self._los, self._his = los, his
         if len(los) == len(ordered):  # no two members adjacent (the usual case): one /32 or /128 each
-            self._starts: list[int] = ordered
             nets = self._cache.hosts(ordered, family)
         else:
-            self._starts = []
-            nets = self._cache.networks(zip(los, his, strict=True), family, self._starts)
+            nets = self._cache.networks(zip(los, his, strict=True), family)
         # the networks in address order: one flat tuple until the first change, then chunks of
         # ``chunk`` to ``2 * chunk`` networks (see ``chunks``); the flat tuple is rebuilt on demand
         self._chunk = chunk if chunk is not None else CHUNK  # read at run time: tests make it tiny
         self._frozen: tuple[IPNetwork, ...] | None = nets
         self._chunks: list[tuple[IPNetwork, ...]] | None = None
-        self._ends: list[int] = []  # cumulative end position of each chunk
+        self._heads: list[int] = []  # first address of each chunk's first network (-1 for chunk 0)
         self._snapshot: tuple[tuple[IPNetwork, ...], ...] | None = None
 
     def networks(self) -> tuple[IPNetwork, ...]:
@@ -168,24 +161,28 @@ class MemberSet:
             self._snapshot = tuple(self._chunks)
         return self._snapshot
 
-    def _replace(self, pos: int, end: int, nets: tuple[IPNetwork, ...]) -> None:
-        """Positions ``pos:end`` of the member order become ``nets``, copying one chunk (two when the
-        range straddles a boundary), never the whole set."""
+    def _replace(self, addr: int, count: int, nets: tuple[IPNetwork, ...]) -> None:
+        """The ``count`` networks from the one starting at ``addr`` (or, for ``count == 0``, the
+        place where ``addr`` goes) become ``nets``, copying the one chunk they are in (two when they
+        straddle a boundary), never the whole set. Chunks are found by their first address and
+        the place in a chunk by bisecting its networks' starts: no per-member index to keep."""
         chunks = self._chunks
         size = self._chunk
         if chunks is None:  # first change: cut the flat tuple into chunks
             flat = self._frozen
             assert flat is not None
             chunks = self._chunks = [flat[i : i + size] for i in range(0, len(flat), size)] or [()]
-            self._ends = list(accumulate(map(len, chunks)))
-        ends = self._ends
-        c = min(bisect_right(ends, pos), len(chunks) - 1)  # the chunk holding ``pos`` (or the last)
-        first = ends[c - 1] if c else 0
-        d = c
-        while ends[d] < end:  # the chunk holding ``end - 1``
+            self._heads = [-1, *(_net_start(ch[0]) for ch in chunks[1:])]
+        c = bisect_right(self._heads, addr) - 1
+        chunk = chunks[c]
+        k = bisect_left(chunk, addr, key=_net_start)
+        need = k + count
+        d, span = c, len(chunk)
+        while span < need:  # the old networks run on into the next chunk
             d += 1
-        merged = chunks[c] if c == d else tuple(chain.from_iterable(chunks[c : d + 1]))
-        merged = merged[: pos - first] + nets + merged[end - first :]
+            span += len(chunks[d])
+        merged = chunk if c == d else tuple(chain.from_iterable(chunks[c : d + 1]))
+        merged = merged[:k] + nets + merged[need:]
         if len(merged) > 2 * size:
             pieces = [merged[i : i + size] for i in range(0, len(merged), size)]
         elif merged or d - c + 1 == len(chunks):  # an emptied chunk goes, unless it is the only one
@@ -193,32 +190,24 @@ class MemberSet:
         else:
             pieces = []
         chunks[c : d + 1] = pieces
-        self._ends = list(accumulate(map(len, chunks)))  # O(chunks), in C
+        self._heads[c : d + 1] = [_net_start(p[0]) if p else -1 for p in pieces]
+        self._heads[0] = -1
         self._frozen = None
         self._snapshot = None
 
     def _splice(self, old: list[Range], new: list[Range]) -> tuple[set[IPNetwork], set[IPNetwork]]:
-        old_starts: list[int] = []
-        new_starts: list[int] = []
-        old_nets = self._cache.networks(old, self.family, old_starts)
-        new_nets = self._cache.networks(new, self.family, new_starts)
-        if old_nets:
-            pos = bisect_left(self._starts, old_starts[0])
-            end = pos + len(old_nets)
-        else:
-            pos = end = bisect_left(self._starts, new[0][0])
-        self._starts[pos:end] = new_starts
-        self._replace(pos, end, new_nets)
+        old_nets = self._cache.networks(old, self.family)
+        new_nets = self._cache.networks(new, self.family)
+        # the old networks start where the first old range does (ranges are sorted, covers in order)
+        self._replace(old[0][0] if old else new[0][0], len(old_nets), new_nets)
         old_set, new_set = set(old_nets), set(new_nets)
         return new_set - old_set, old_set - new_set
 
     def _own(self) -> None:
-        """Give the run bounds and network starts lists of their own before changing them: a set
-        with no two members adjacent (most sets) is built with one list for all three."""
+        """Give the run bounds lists their own before changing them: a set with no two members
+        adjacent (most sets) is built with one list for both."""
         if self._his is self._los:
             self._his = self._los[:]
-        if self._starts is self._los:
-            self._starts = self._los[:]
 
     def add(self, a: int) -> tuple[set[IPNetwork], set[IPNetwork]]:
         """Add one address; returns (CIDRs added, CIDRs removed)."""
