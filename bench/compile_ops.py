@@ -51,10 +51,17 @@ class Timing:
     cpu: float  # seconds of process CPU time
 
 
-def timed(fn: Callable[[], T]) -> tuple[T, Timing]:
+def timed(fn: Callable[[], T], meter: GcMeter | None = None) -> tuple[T, Timing]:
+    """``fn()`` and its wall and CPU time; with ``meter``, full GCs inside the call are counted
+    as ``meter.inside`` (the benchmark's own allocations around the call are not)."""
+    if meter is not None:
+        meter.measuring = True
     w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return out, Timing(time.perf_counter() - w0, time.process_time() - c0)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    if meter is not None:
+        meter.measuring = False
+    return out, Timing(wall, cpu)
 
 
 class GcMeter:
@@ -63,6 +70,8 @@ class GcMeter:
     def __init__(self) -> None:
         self.count = 0
         self.seconds = 0.0
+        self.inside = 0  # of ``count``: those inside a ``timed(fn, meter)`` call
+        self.measuring = False
         self._start = 0.0
         self.active = False
 
@@ -73,10 +82,11 @@ class GcMeter:
             self._start = time.perf_counter()
         else:
             self.count += 1
+            self.inside += self.measuring
             self.seconds += time.perf_counter() - self._start
 
     def reset(self) -> None:
-        self.count, self.seconds = 0, 0.0
+        self.count, self.seconds, self.inside = 0, 0.0, 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,7 @@ class OpResult:
     fanout_median: Timing | None = None
     fanout_max: Timing | None = None
     sets_median: float = 0.0  # set deltas (set x family) in the set-keyed change
+    full_gcs_in_calls: int = 0  # of ``full_gcs``: inside the timed compiler calls themselves
 
 
 def _med(times: list[Timing]) -> Timing:
@@ -127,8 +138,8 @@ def measure_ops(
         meter.reset()
         meter.active = True
         for call in calls:
-            changes, t = timed(call)
-            deltas, f = timed(lambda changes=changes: compiler.host_deltas(changes))
+            changes, t = timed(call, meter)
+            deltas, f = timed(lambda changes=changes: compiler.host_deltas(changes), meter)
             times.append(t)
             fanouts.append(f)
             hosts.append(len(deltas))
@@ -136,7 +147,7 @@ def measure_ops(
             del deltas, changes
         meter.active = False
         out.append(OpResult(kind, len(times), _med(times), _max(times), statistics.median(hosts), max(hosts),
-                            meter.count, _med(fanouts), _max(fanouts), statistics.median(sets)))
+                            meter.count, _med(fanouts), _max(fanouts), statistics.median(sets), meter.inside))
 
     picks = rng.sample(list(workloads), n + 2 * n_slow)
     readdress, to_delete, templates = picks[:n], picks[n : n + n_slow], picks[n + n_slow :]

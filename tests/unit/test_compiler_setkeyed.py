@@ -9,6 +9,7 @@ compiler's subscriber index must agree with it.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 from dataclasses import replace
 
@@ -16,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stockade.compiler import Compiler, HostDelta, HostPolicy, compile_policy
+from stockade.compiler import Compiler, HostDelta, HostPolicy, compile_policy, ir, members
 from stockade.compiler.changes import SetChanges
 from stockade.compiler.delta import apply_set_deltas
+from stockade.compiler.ir import address_set_chunks, address_set_to_dict, host_policy_from_dict, host_policy_to_dict
 from stockade.model import (
     ALL_WORKLOADS,
     AllowRule,
@@ -31,6 +33,7 @@ from stockade.model import (
     Ruleset,
     Workload,
 )
+from stockade.model.addresses import Family
 from tests.unit import policy_strategies as ps
 
 PROFILE = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -130,6 +133,25 @@ def _check_host_deltas(before: dict[str, HostPolicy], after: dict[str, HostPolic
 @PROFILE
 @given(ps.policy(), st.lists(op, min_size=1, max_size=10))
 def test_set_keyed_ops_equal_full_recompile(policy: Policy, ops: list[tuple[object, ...]]) -> None:
+    _run_ops(policy, ops)
+
+
+@PROFILE
+@given(ps.policy(), st.lists(op, min_size=1, max_size=10))
+def test_set_keyed_ops_with_one_network_chunks_equal_full_recompile(
+    policy: Policy, ops: list[tuple[object, ...]]
+) -> None:
+    """The same with every changed set cut into one-network chunks: each change splits, merges
+    or empties chunks, and the policies holding chunked sets must still equal a full recompile."""
+    saved = members.CHUNK
+    members.CHUNK = 1
+    try:
+        _run_ops(policy, ops)
+    finally:
+        members.CHUNK = saved
+
+
+def _run_ops(policy: Policy, ops: list[tuple[object, ...]]) -> None:
     comp = Compiler(policy)
     fleet = comp.all_host_policies()
     live = {w.name: w for w in policy.workloads}
@@ -225,3 +247,74 @@ def test_pod_batch_is_one_set_delta_per_set() -> None:
     db_hosts = [d for d in deltas if d.workload.startswith("db-")]
     assert len(db_hosts) == 10 and all(not d.rules_changed for d in db_hosts)
     assert comp.all_host_policies() == compile_policy(comp.policy)
+
+
+def test_a_create_shares_the_big_sets_chunks_with_the_policies_before() -> None:
+    """The created host's own policy holds the all-workloads set as chunks: all but the chunk the
+    new address lands in are the objects earlier policies hold (O(changed), not a copy of every
+    member), and it reads, compares and encodes exactly as the flat set of a full recompile."""
+    saved = members.CHUNK
+    members.CHUNK = 16
+    try:
+        def spaced(i: int) -> Workload:  # no two addresses adjacent: one /32 each, 3,000 networks
+            v4 = ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.1.0.0")) + 2 * i)
+            return replace(_host(i, "web" if i % 3 else "db"), interfaces=(Interface("eth0", (v4,)),))
+
+        comp = Compiler(replace(_estate(1), workloads=tuple(spaced(i) for i in range(3000))))
+        comp.apply_set_changes([spaced(5000)])  # the first change cuts the sets into chunks
+        all_name = next(s.name for s in comp.host_policy("web-1").sets if s.selector == "all")
+        before = address_set_chunks(comp.host_policy("web-1").set(all_name, Family.V4))
+        address_set_to_dict(comp.host_policy("web-1").set(all_name, Family.V4))  # an agent's answer
+        sc = comp.apply_set_changes([spaced(7000)])
+        (reload,) = sc.reloads
+        assert reload.policy is not None
+        new_set = reload.policy.set(all_name, Family.V4)
+        assert "members" not in new_set.__dict__  # not joined into one tuple by the compiler
+        after = address_set_chunks(new_set)
+        assert len(after) > 100
+        assert len({id(c) for c in after} - {id(c) for c in before}) == 1  # one chunk copied
+        # and the encoder spells only that chunk anew: every other chunk's text is remembered
+        assert len([c for c in after if id(c) not in ir._CHUNK_TEXTS]) == 1
+        full = compile_policy(comp.policy)
+        assert reload.policy == full["web-7000"]
+        assert host_policy_to_dict(reload.policy) == host_policy_to_dict(full["web-7000"])
+        assert host_policy_from_dict(host_policy_to_dict(reload.policy)) == full["web-7000"]
+        assert len(new_set.members) == 3002 and new_set.__dict__["members"] is new_set.members  # joined once
+    finally:
+        members.CHUNK = saved
+
+
+def test_no_collection_runs_inside_a_change_or_its_fan_out() -> None:
+    """The compiler pauses the collector while it builds its outputs and allocates nothing after
+    it resumes: the collection those allocations are due never runs inside the call (over the
+    deltas just made) but at the caller's next allocation, or not at all if it drops them first.
+    (A ``contextlib`` context manager resumed it and then allocated its ``StopIteration``.)"""
+    comp = Compiler(_estate(600))
+    runs: list[int] = []
+    inside = [False]
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and inside[0]:
+            runs.append(info["generation"])
+
+    saved = gc.get_threshold()
+    gc.callbacks.append(count)
+    try:
+        for i in range(5):
+            batch = [_host(2000 + i, "web")]
+            gc.collect()  # the test's own allocations so far: not the compiler's to collect
+            gc.set_threshold(50, 1, 1)  # an allocation after a paused build collects at once
+            inside[0] = True
+            sc = comp.apply_set_changes(batch)
+            inside[0] = False
+            gc.collect()
+            inside[0] = True
+            deltas = comp.host_deltas(sc)
+            inside[0] = False
+            gc.set_threshold(*saved)
+            assert runs == []
+            assert len(deltas) == 601 + i
+            del deltas, sc
+    finally:
+        gc.set_threshold(*saved)
+        gc.callbacks.remove(count)

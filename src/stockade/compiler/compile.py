@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
@@ -43,12 +42,15 @@ __all__ = ["Compiler", "compile_policy", "diff_sets", "set_name"]
 LabelSet = frozenset[str]  # the relevant labels of a workload, as ``index.label_keys``
 
 
+def _by_workload(d: HostDelta) -> str:
+    return d.workload
+
+
 def _selects_workloads(sel: Selector) -> bool:
     return isinstance(sel, LabelSelector | AllWorkloads)
 
 
-@contextmanager
-def _bulk_allocation(freeze: bool = True) -> Iterator[None]:
+class _BulkAllocation:
     """Pause the cyclic GC while building large acyclic structures, then freeze them.
 
     The compiler's state (a few million small objects at 125,000 workloads) is long-lived and
@@ -61,16 +63,33 @@ def _bulk_allocation(freeze: bool = True) -> Iterator[None]:
     ``freeze=False`` (a batch of workload changes): only pause the collector; the deltas it
     returns are short-lived, and freezing on every change would also freeze whatever cyclic
     garbage the rest of the process holds at that moment.
+
+    A class, not a ``contextlib.contextmanager``: resuming the collector is the last thing
+    ``__exit__`` does. The generator version allocated after it (its ``StopIteration``), which ran
+    the collection the paused build was due right there, inside the compiler's call, over the
+    125,000 deltas it had just made; now it runs at the caller's next allocation, and not at all
+    if the caller drops the deltas first (freeing them lowers the count that triggers it).
     """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if freeze:
+
+    __slots__ = ("_enabled", "_freeze")
+
+    def __init__(self, freeze: bool) -> None:
+        self._freeze = freeze
+        self._enabled = False
+
+    def __enter__(self) -> None:
+        self._enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._freeze:
             gc.freeze()
-        if enabled:
-            gc.enable()
+        if self._enabled:
+            gc.enable()  # last: nothing is allocated after it
+
+
+def _bulk_allocation(freeze: bool = True) -> _BulkAllocation:
+    return _BulkAllocation(freeze)
 
 
 @dataclass(frozen=True)
@@ -387,7 +406,9 @@ class Compiler:
                             continue
                 reloads.append(HostDelta(name, hp, True, ()))
             reloads.extend(self._tunnel_reloads(before))
-        return SetChanges(self._generation, set_deltas, tuple(sorted(reloads, key=lambda d: d.workload)))
+            # built while the collector is paused: an allocation after it resumes would run the
+            # collection the batch's allocations are due, inside this call, over its own output
+            return SetChanges(self._generation, set_deltas, tuple(sorted(reloads, key=_by_workload)))
 
     def _tunnel_reloads(self, before: dict[str, _Header | None]) -> list[HostDelta]:
         """Hosts with encrypted rules whose tunnel peers came, went, rotated or moved in this batch:
@@ -457,7 +478,10 @@ class Compiler:
             out = merge_peer_only(out)
             if self._np.active:
                 out = self._netpol_fanout(out, changes)
-        out.sort(key=lambda d: d.workload)
+            # sorted before the collector resumes: the first allocation after it would run a
+            # collection over the 125,000 deltas just made (the caller usually drops them first,
+            # and freeing them lowers the count that triggers it)
+            out.sort(key=_by_workload)
         return out
 
     def _netpol_fanout(self, out: list[HostDelta], changes: SetChanges) -> list[HostDelta]:

@@ -12,7 +12,8 @@ import ipaddress
 import json
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any, TypeVar
+from itertools import chain
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from stockade.errors import Issue, ValidationError
 from stockade.model.addresses import Family, IPAddress, IPNetwork
@@ -48,12 +49,51 @@ class Direction(Enum):
 
 @dataclass(frozen=True, order=True)
 class AddressSet:
-    """Members of one peer selector in one family, as minimal sorted CIDRs."""
+    """Members of one peer selector in one family, as minimal sorted CIDRs.
+
+    The compiler may make one with its members held as chunks (``chunked_address_set``): the
+    ``members`` tuple is then joined on first read and kept. Reading it, equality, hashing and
+    order are the same either way; only the moment the flat tuple is built differs."""
 
     name: str  # stable: hash of the canonical selector (same name in both families)
     family: Family
     members: tuple[IPNetwork, ...]
     selector: str = ""  # canonical selector text, for humans
+
+    if not TYPE_CHECKING:  # hidden from mypy: it would otherwise accept any attribute name
+
+        def __getattr__(self, attr: str) -> Any:
+            # only called for an attribute missing from the instance dict: ``members`` of a chunked set
+            if attr == "members":
+                d = self.__dict__
+                chunks = d.get("_chunks")
+                if chunks is not None:  # kept after the join: the encoder memoizes text per chunk
+                    members = chunks[0] if len(chunks) == 1 else tuple(chain.from_iterable(chunks))
+                    d["members"] = members
+                    return members
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+
+
+def chunked_address_set(
+    name: str, family: Family, chunks: tuple[tuple[IPNetwork, ...], ...], selector: str
+) -> AddressSet:
+    """An ``AddressSet`` whose members are the concatenation of ``chunks`` (each sorted, in order),
+    joined into the ``members`` tuple on first read.
+
+    For the compiler's incremental changes: a created or re-addressed host's own policy references
+    the sets that just changed (the all-workloads set among them, 125,000 networks at the largest
+    estates); holding the set's chunks costs O(chunks) where the flat tuple costs O(members), and
+    hosts share the one ``AddressSet`` object, so the tuple is joined at most once per change of
+    the set, by its first reader (a renderer or encoder, which reads every member anyway)."""
+    obj = object.__new__(AddressSet)
+    obj.__dict__.update({"name": name, "family": family, "selector": selector, "_chunks": chunks})
+    return obj
+
+
+def address_set_chunks(s: AddressSet) -> tuple[tuple[IPNetwork, ...], ...]:
+    """The members of ``s`` as consecutive chunks, without joining them (one chunk if already joined)."""
+    chunks: tuple[tuple[IPNetwork, ...], ...] | None = s.__dict__.get("_chunks")
+    return chunks if chunks is not None else (s.members,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,11 +272,37 @@ _MEMBERS_MEMO: dict[int, tuple[AddressSet, tuple[str, ...]]] = {}
 _MEMBERS_MEMO_MAX = 4096
 
 
+# A set changed by a workload change holds its members as chunks (``chunked_address_set``); all but
+# the changed chunk are the objects the set's previous version held, so their text is kept per chunk
+# (by identity, holding the chunk) and a changed 125,000-member set is re-spelled one chunk at a time.
+_CHUNK_TEXTS: dict[int, tuple[tuple[IPNetwork, ...], tuple[str, ...]]] = {}
+_CHUNK_TEXTS_MAX = 1 << 20  # texts held (about 60 MB of strings), then the memo starts over
+_chunk_texts_held = 0
+
+
+def _chunk_texts(chunk: tuple[IPNetwork, ...]) -> tuple[str, ...]:
+    global _chunk_texts_held
+    hit = _CHUNK_TEXTS.get(id(chunk))
+    if hit is not None and hit[0] is chunk:
+        return hit[1]
+    texts = tuple(map(str, chunk))
+    if _chunk_texts_held + len(texts) > _CHUNK_TEXTS_MAX:
+        _CHUNK_TEXTS.clear()
+        _chunk_texts_held = 0
+    _CHUNK_TEXTS[id(chunk)] = (chunk, texts)
+    _chunk_texts_held += len(texts)
+    return texts
+
+
 def _member_texts(s: AddressSet) -> tuple[str, ...]:
     hit = _MEMBERS_MEMO.get(id(s))
     if hit is not None and hit[0] is s:
         return hit[1]
-    texts = tuple(str(m) for m in s.members)
+    chunks = address_set_chunks(s)
+    if len(chunks) > 1:
+        texts = tuple(chain.from_iterable(map(_chunk_texts, chunks)))
+    else:
+        texts = tuple(str(m) for m in s.members)
     if len(_MEMBERS_MEMO) >= _MEMBERS_MEMO_MAX:
         _MEMBERS_MEMO.clear()  # the sets of the current revisions come back at once
     _MEMBERS_MEMO[id(s)] = (s, texts)

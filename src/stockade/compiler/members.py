@@ -5,6 +5,11 @@ cover. Adding or removing one address touches only the range it falls in or next
 the CIDRs to delete and to add come out directly (the ``SetDelta``) without diffing the
 whole set: a relabel costs the same for a 10-member and a 25,000-member set.
 
+The networks themselves are kept as immutable chunks once a set changes (``MemberSet.chunks``):
+a change copies the one chunk it falls in, and a snapshot of the set (what a new host policy
+holds) is a tuple of chunk references shared with every earlier snapshot. Copying the flat
+tuple of the all-workloads set (125,000 networks) into each new policy was most of a create.
+
 ``NetworkCache`` hands out one ``IPv4Network``/``IPv6Network`` object per (address, prefix):
 an address is a member of a dozen sets, and at 125,000 workloads building those objects
 once instead of once per set was a third of a full compile (and of its memory).
@@ -16,9 +21,10 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
+from itertools import chain
 from operator import sub
 
-from stockade.compiler.hostnet import host_network_maker
+from stockade.compiler.hostnet import address_int, host_network_maker
 from stockade.model.addresses import Family, IPNetwork, Range
 
 
@@ -34,6 +40,14 @@ class _Hosts(dict[int, IPNetwork]):
         return net
 
 
+# networks per chunk of a changed set: a change copies one chunk (up to twice this), a snapshot one
+# reference per chunk (~250 for a 125,000-member set)
+CHUNK = 512
+
+def _net_start(net: IPNetwork) -> int:
+    return address_int(net.network_address)
+
+
 _MAKERS = {v4: host_network_maker(v4) for v4 in (True, False)}
 
 
@@ -45,17 +59,12 @@ class NetworkCache:
         # one-address networks (most members) in their own map keyed by the address alone
         self._hosts: dict[bool, _Hosts] = {True: _Hosts(True), False: _Hosts(False)}
 
-    def hosts(self, addresses: list[int], family: Family) -> list[IPNetwork]:
+    def hosts(self, addresses: list[int], family: Family) -> tuple[IPNetwork, ...]:
         """The one-address networks of ``addresses``, in the same order."""
-        return list(map(self._hosts[family is Family.V4].__getitem__, addresses))
+        return tuple(map(self._hosts[family is Family.V4].__getitem__, addresses))
 
-    def networks(
-        self, ranges: Iterable[Range], family: Family, starts: list[int] | None = None
-    ) -> tuple[IPNetwork, ...]:
-        """Minimal CIDR cover of merged ranges, in address order (as ``ranges_to_networks``).
-
-        ``starts``, when given, receives the first address of each network as an int.
-        """
+    def networks(self, ranges: Iterable[Range], family: Family) -> tuple[IPNetwork, ...]:
+        """Minimal CIDR cover of merged ranges, in address order (as ``ranges_to_networks``)."""
         v4 = family is Family.V4
         bits = 32 if v4 else 128
         cls: type[IPv4Network] | type[IPv6Network] = IPv4Network if v4 else IPv6Network
@@ -65,8 +74,6 @@ class NetworkCache:
         for lo, hi in ranges:
             if lo == hi:  # the common case: one workload address
                 out.append(hosts[lo])
-                if starts is not None:
-                    starts.append(lo)
                 continue
             cur = lo
             while cur <= hi:
@@ -81,8 +88,6 @@ class NetworkCache:
                     if net is None:
                         net = nets[key] = cls((cur, bits - size))
                 out.append(net)
-                if starts is not None:
-                    starts.append(cur)
                 cur += 1 << size
         return tuple(out)
 
@@ -90,7 +95,9 @@ class NetworkCache:
 class MemberSet:
     """Single addresses of one family (with reference counts) as ranges and minimal CIDRs."""
 
-    def __init__(self, family: Family, addresses: Iterable[int] = (), cache: NetworkCache | None = None) -> None:
+    def __init__(
+        self, family: Family, addresses: Iterable[int] = (), cache: NetworkCache | None = None, chunk: int | None = None
+    ) -> None:
         self.family = family
         self._cache = cache if cache is not None else NetworkCache()
         addrs = addresses if isinstance(addresses, list) else list(addresses)
@@ -105,7 +112,7 @@ class MemberSet:
             los = ordered[:1]
             his = ordered[-1:]
         elif 1 not in map(sub, ordered[1:], ordered):  # no two adjacent: a run each (in C)
-            los, his = ordered[:], ordered[:]
+            los = his = ordered  # one list for both until the first change (``_own``)
         else:
             los, his = [], []
             prev = -2
@@ -118,33 +125,89 @@ class MemberSet:
                 prev = a
         self._los, self._his = los, his
         if len(los) == len(ordered):  # no two members adjacent (the usual case): one /32 or /128 each
-            self._starts: list[int] = ordered
-            self._nets: list[IPNetwork] = self._cache.hosts(ordered, family)
+            nets = self._cache.hosts(ordered, family)
         else:
-            self._starts = []
-            self._nets = list(self._cache.networks(zip(los, his, strict=True), family, self._starts))
-        self._frozen: tuple[IPNetwork, ...] | None = None
+            nets = self._cache.networks(zip(los, his, strict=True), family)
+        # the networks in address order: one flat tuple until the first change, then chunks of
+        # ``chunk`` to ``2 * chunk`` networks (see ``chunks``); the flat tuple is rebuilt on demand
+        self._chunk = chunk if chunk is not None else CHUNK  # read at run time: tests make it tiny
+        self._frozen: tuple[IPNetwork, ...] | None = nets
+        self._chunks: list[tuple[IPNetwork, ...]] | None = None
+        self._heads: list[int] = []  # first address of each chunk's first network (-1 for chunk 0)
+        self._snapshot: tuple[tuple[IPNetwork, ...], ...] | None = None
 
     def networks(self) -> tuple[IPNetwork, ...]:
+        """The members as one flat tuple (built from the chunks after a change: O(members))."""
         if self._frozen is None:
-            self._frozen = tuple(self._nets)
+            chunks = self._chunks
+            assert chunks is not None
+            self._frozen = chunks[0] if len(chunks) == 1 else tuple(chain.from_iterable(chunks))
         return self._frozen
 
-    def _splice(self, old: list[Range], new: list[Range]) -> tuple[set[IPNetwork], set[IPNetwork]]:
-        old_starts: list[int] = []
-        new_starts: list[int] = []
-        old_nets = self._cache.networks(old, self.family, old_starts)
-        new_nets = self._cache.networks(new, self.family, new_starts)
-        if old_nets:
-            pos = bisect_left(self._starts, old_starts[0])
-            end = pos + len(old_nets)
+    def flat(self) -> tuple[IPNetwork, ...] | None:
+        """The flat tuple if it is already built (never changed, or read since), else None."""
+        return self._frozen
+
+    def chunks(self) -> tuple[tuple[IPNetwork, ...], ...]:
+        """The members as consecutive immutable chunks (their concatenation is ``networks()``).
+
+        A change replaces the one chunk it falls in (O(chunk)); every other chunk object is kept,
+        so a snapshot after a change costs O(members / chunk) and shares the rest with the
+        snapshots before it (what an ``AddressSet`` made by ``chunked_address_set`` holds)."""
+        if self._chunks is None:
+            assert self._frozen is not None
+            return (self._frozen,)
+        if self._snapshot is None:
+            self._snapshot = tuple(self._chunks)
+        return self._snapshot
+
+    def _replace(self, addr: int, count: int, nets: tuple[IPNetwork, ...]) -> None:
+        """The ``count`` networks from the one starting at ``addr`` (or, for ``count == 0``, the
+        place where ``addr`` goes) become ``nets``, copying the one chunk they are in (two when they
+        straddle a boundary), never the whole set. Chunks are found by their first address and
+        the place in a chunk by bisecting its networks' starts: no per-member index to keep."""
+        chunks = self._chunks
+        size = self._chunk
+        if chunks is None:  # first change: cut the flat tuple into chunks
+            flat = self._frozen
+            assert flat is not None
+            chunks = self._chunks = [flat[i : i + size] for i in range(0, len(flat), size)] or [()]
+            self._heads = [-1, *(_net_start(ch[0]) for ch in chunks[1:])]
+        c = bisect_right(self._heads, addr) - 1
+        chunk = chunks[c]
+        k = bisect_left(chunk, addr, key=_net_start)
+        need = k + count
+        d, span = c, len(chunk)
+        while span < need:  # the old networks run on into the next chunk
+            d += 1
+            span += len(chunks[d])
+        merged = chunk if c == d else tuple(chain.from_iterable(chunks[c : d + 1]))
+        merged = merged[:k] + nets + merged[need:]
+        if len(merged) > 2 * size:
+            pieces = [merged[i : i + size] for i in range(0, len(merged), size)]
+        elif merged or d - c + 1 == len(chunks):  # an emptied chunk goes, unless it is the only one
+            pieces = [merged]
         else:
-            pos = end = bisect_left(self._starts, new[0][0])
-        self._nets[pos:end] = new_nets
-        self._starts[pos:end] = new_starts
+            pieces = []
+        chunks[c : d + 1] = pieces
+        self._heads[c : d + 1] = [_net_start(p[0]) if p else -1 for p in pieces]
+        self._heads[0] = -1
         self._frozen = None
+        self._snapshot = None
+
+    def _splice(self, old: list[Range], new: list[Range]) -> tuple[set[IPNetwork], set[IPNetwork]]:
+        old_nets = self._cache.networks(old, self.family)
+        new_nets = self._cache.networks(new, self.family)
+        # the old networks start where the first old range does (ranges are sorted, covers in order)
+        self._replace(old[0][0] if old else new[0][0], len(old_nets), new_nets)
         old_set, new_set = set(old_nets), set(new_nets)
         return new_set - old_set, old_set - new_set
+
+    def _own(self) -> None:
+        """Give the run bounds lists their own before changing them: a set with no two members
+        adjacent (most sets) is built with one list for both."""
+        if self._his is self._los:
+            self._his = self._los[:]
 
     def add(self, a: int) -> tuple[set[IPNetwork], set[IPNetwork]]:
         """Add one address; returns (CIDRs added, CIDRs removed)."""
@@ -152,6 +215,7 @@ class MemberSet:
         if i >= 0 and a <= self._his[i]:  # already a member: one more reference
             self._extra[a] = self._extra.get(a, 0) + 1
             return set(), set()
+        self._own()
         left = i if i >= 0 and self._his[i] == a - 1 else None
         right = i + 1 if i + 1 < len(self._los) and self._los[i + 1] == a + 1 else None
         lo = self._los[left] if left is not None else a
@@ -174,6 +238,7 @@ class MemberSet:
             else:
                 self._extra[a] = extra - 1
             return set(), set()
+        self._own()
         lo, hi = self._los[k], self._his[k]
         pieces = [r for r in ((lo, a - 1), (a + 1, hi)) if r[0] <= r[1]]
         self._los[k : k + 1] = [p[0] for p in pieces]

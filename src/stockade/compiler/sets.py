@@ -9,8 +9,10 @@ workload is a member of; this module holds *what is in them*:
   from the members grouped by label set, then changed per address (``change_members``), so a
   relabel costs O(addresses moved), never a rebuild of a 125,000-member set;
 * the frozen ``AddressSet`` pair of a set is built on first read and cached until its members
-  change (``invalidate``); each change is stamped with the compiler's change number so a label
-  set's cached tuple of sets can tell whether it went stale (``changed_after``) in O(its sets).
+  change (``invalidate``); after a change it holds the set's chunks, not a fresh flat tuple
+  (``ir.chunked_address_set``), so a create's own policy costs O(chunks) per changed set; each
+  change is stamped with the compiler's change number so a label set's cached tuple of sets can
+  tell whether it went stale (``changed_after``) in O(its sets).
 
 Pure: no I/O. The split from ``compile.py`` follows the pipeline's own seam: rules reference
 sets by name, and only this store knows their members.
@@ -22,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from itertools import chain
 
 from stockade.compiler.changes import DeltaBuilder
-from stockade.compiler.ir import AddressSet, unchecked
+from stockade.compiler.ir import AddressSet, chunked_address_set, unchecked
 from stockade.compiler.members import MemberSet, NetworkCache
 from stockade.errors import NotFoundError
 from stockade.model.addresses import Family, IPList
@@ -30,6 +32,15 @@ from stockade.model.selectors import IPListSelector, Selector
 
 # the integer v4 and v6 addresses of one workload
 Ints = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def _address_set(name: str, family: Family, ms: MemberSet, canonical: str) -> AddressSet:
+    """The ``AddressSet`` of ``ms`` now: its flat tuple while it has one (a full compile), else its
+    chunks (after a change: O(chunks), sharing every unchanged chunk with earlier policies)."""
+    flat = ms.flat()
+    if flat is not None:
+        return unchecked(AddressSet, {"name": name, "family": family, "members": flat, "selector": canonical})
+    return chunked_address_set(name, family, ms.chunks(), canonical)
 
 
 class AddressSetStore:
@@ -83,12 +94,7 @@ class AddressSetStore:
         if cached is None:
             v4, v6 = self._member_sets[name]
             canonical = self._peers[name].canonical()
-            cached = (
-                unchecked(AddressSet, {"name": name, "family": Family.V4, "members": v4.networks(),
-                                       "selector": canonical}),
-                unchecked(AddressSet, {"name": name, "family": Family.V6, "members": v6.networks(),
-                                       "selector": canonical}),
-            )
+            cached = (_address_set(name, Family.V4, v4, canonical), _address_set(name, Family.V6, v6, canonical))
             self._cache[name] = cached
         return cached
 
