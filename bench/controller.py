@@ -271,16 +271,25 @@ AGENTS_PER_RUNNER = 10_000  # one process holds one socket per agent; the hard f
 
 
 async def _runner(heartbeat: float) -> None:
-    """The ``--agents-runner`` mode: run the agents named on stdin's first line; answer commands."""
+    """The ``--agents-runner`` mode: enrol the agents named on stdin's first line, each starting its
+    long-poll as soon as it has enrolled (as a real agent does); then answer commands."""
     _raise_nofile()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2**26)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     spec = json.loads(await reader.readline())
-    agents = [Agent(i, aid, token, wl) for i, aid, token, wl in spec["agents"]]
     ports = spec["ports"]
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(agent_loop(a, ports[a.index % len(ports)], heartbeat, stop)) for a in agents]
+    agents: list[Agent] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def started(a: Agent) -> None:
+        agents.append(a)
+        tasks.append(asyncio.create_task(agent_loop(a, ports[a.index % len(ports)], heartbeat, stop)))
+
+    await _enrol(ports, spec["enrol"], spec["concurrency"], started)
+    sys.stdout.write(json.dumps({"enrolled": [[a.index, a.agent_id, a.workload] for a in agents]}) + "\n")
+    sys.stdout.flush()
     while line := await reader.readline():
         cmd = json.loads(line)
         if cmd["cmd"] == "state":  # each agent's applied revision and its first ack at or after t0
@@ -304,17 +313,28 @@ class Runners:
     def __init__(self) -> None:
         self.procs: list[asyncio.subprocess.Process] = []
 
-    async def start(self, agents: list[Agent], ports: list[int], heartbeat: float) -> None:
-        k = max(1, -(-len(agents) // AGENTS_PER_RUNNER))
+    async def enrol(self, work: list[list[Any]], ports: list[int], heartbeat: float) -> list[Agent]:
+        """Enrol ``work`` ([index, code, hostname, address] per agent) in the runners; every agent
+        long-polls from its own enrolment on. Returns the agents once all have enrolled."""
+        k = max(1, -(-len(work) // AGENTS_PER_RUNNER))
         for j in range(k):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, __file__, "--agents-runner", str(heartbeat), stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, limit=2**26)
-            mine = [[a.index, a.agent_id, a.token, a.workload] for a in agents[j::k]]
             assert proc.stdin is not None
-            proc.stdin.write(json.dumps({"agents": mine, "ports": ports}).encode() + b"\n")
+            concurrency = max(1, ENROL_CONCURRENCY // k)
+            proc.stdin.write(json.dumps({"enrol": work[j::k], "ports": ports, "concurrency": concurrency}).encode()
+                             + b"\n")
             await proc.stdin.drain()
             self.procs.append(proc)
+        agents: list[Agent] = []
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = await proc.stdout.readline()
+            if not line:
+                raise RuntimeError("an agent runner ended before its agents enrolled")
+            agents += [Agent(i, aid, "", wl) for i, aid, wl in json.loads(line)["enrolled"]]
+        return sorted(agents, key=lambda a: a.index)
 
     async def state(self, t0: float) -> tuple[dict[int, tuple[int, float | None]], int]:
         """index -> (applied revision, first ack at or after t0), and the agents' error count."""
@@ -374,20 +394,22 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
     print(f"set up in {setup_s:.0f} s", file=sys.stderr, flush=True)
     spies = _profilers(pids, profile, "enrol")
     t_enrol, cpu_enrol, client_enrol = time.perf_counter(), cpu_seconds(pids), _own_cpu()
-    agents = await _enrol(ports, codes, n_agents)
+    runners = Runners()  # each agent long-polls from its own enrolment on, as a real agent does
+    agents = await runners.enrol(_enrol_work(codes, n_agents), ports, heartbeat)
     enrol_s = time.perf_counter() - t_enrol
     _stop_profilers(spies)
     enrol_cpu, enrol_client = cpu_seconds(pids) - cpu_enrol, _own_cpu() - client_enrol
-
-    runners = Runners()
-    await runners.start(agents, ports, heartbeat)
+    enrol_client += cpu_seconds(runners.pids())
+    t_conv = time.perf_counter()
     await _converged(admin, key, n_agents, max(600, n_agents / 20))
+    first_convergence_s = time.perf_counter() - t_conv
 
     def client_cpu() -> float:  # this process and the agents' processes
         return _own_cpu() + cpu_seconds(runners.pids())
 
     results: dict[str, Any] = {"agents": n_agents, "enrol_s": enrol_s, "replicas": len(ports), "setup_s": setup_s,
-                               "enrol_cpu_s": enrol_cpu, "enrol_client_cpu_s": enrol_client}
+                               "enrol_cpu_s": enrol_cpu, "enrol_client_cpu_s": enrol_client,
+                               "first_convergence_s": first_convergence_s}
     print(f"enrolled in {enrol_s:.0f} s and converged", file=sys.stderr, flush=True)
     for scenario in ("relabel-app", "relabel-global"):
         print(f"{scenario}, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
@@ -554,24 +576,32 @@ async def _issue_codes(port: int, key: str, n: int) -> dict[str, str]:
     return codes
 
 
-async def _enrol(ports: list[int], codes: dict[str, str], n: int) -> list[Agent]:
-    agents: list[Agent | None] = [None] * n
-    queue: asyncio.Queue[int] = asyncio.Queue()
+def _enrol_work(codes: dict[str, str], n: int) -> list[list[Any]]:
+    """[index, activation code, hostname, address] of every simulated agent."""
+    work: list[list[Any]] = []
     for i in range(n):
-        queue.put_nowait(i)
+        prof = f"app-{(i // APP_SIZE) % max(1, n // APP_SIZE)}-{'web' if i % 2 else 'db'}"
+        work.append([i, codes[prof], f"h-{i:05d}", f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"])
+    return work
+
+
+async def _enrol(ports: list[int], work: list[list[Any]], concurrency: int, started: Any) -> None:
+    """Enrol every agent of ``work``, ``concurrency`` at a time; ``started(agent)`` right after each."""
+    queue = list(reversed(work))
+    done = 0
 
     async def worker() -> None:
+        nonlocal done
         conns = {p: Conn(p) for p in ports}  # one keep-alive connection per replica per worker
-        while not queue.empty():
-            i = queue.get_nowait()
+        while queue:
+            i, code, hostname, addr = queue.pop()
             c = conns[ports[i % len(ports)]]  # agent i enrols on (and later polls) replica i mod N
-            prof = f"app-{(i // APP_SIZE) % max(1, n // APP_SIZE)}-{'web' if i % 2 else 'db'}"
-            addr = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
             status, got = await c.request("POST", "/api/v1/agents/enroll", body={
-                "activation_code": codes[prof], "hostname": f"h-{i:05d}",
+                "activation_code": code, "hostname": hostname,
                 "interfaces": [{"name": "eth0", "addresses": [addr]}]})
             assert status == 201, got
-            agents[i] = Agent(i, got["agent_id"], got["token"], got["workload"])
+            done += 1
+            started(Agent(i, got["agent_id"], got["token"], got["workload"]))
         for conn in conns.values():
             conn.close()
 
@@ -579,14 +609,12 @@ async def _enrol(ports: list[int], codes: dict[str, str], n: int) -> list[Agent]
         t0 = time.perf_counter()
         while True:
             await asyncio.sleep(30)
-            done = sum(a is not None for a in agents)
-            print(f"enrolled {done}/{n} in {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}",
-                  file=sys.stderr, flush=True)
+            print(f"runner {os.getpid()}: enrolled {done}/{len(work)} in {time.perf_counter() - t0:.0f} s, "
+                  f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
 
     reporter = asyncio.create_task(progress())
-    await asyncio.gather(*(worker() for _ in range(ENROL_CONCURRENCY)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     reporter.cancel()
-    return [a for a in agents if a is not None]
 
 
 async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
