@@ -146,8 +146,9 @@ class PgCluster:
 class Conn:
     """One keep-alive connection; requests on it are sequential (as an agent's are)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, source: str | None = None) -> None:
         self.port = port
+        self.source = source  # a local address of 127.0.0.0/8 to connect from (None: the kernel's choice)
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -167,7 +168,8 @@ class Conn:
     async def _request(self, method: str, path: str, token: str, body: Any,
                        raw: tuple[str, bytes] | None = None) -> tuple[int, Any]:
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port, limit=2**24)
+            self.reader, self.writer = await asyncio.open_connection(
+                "127.0.0.1", self.port, limit=2**24, local_addr=(self.source, 0) if self.source else None)
         assert self.reader is not None
         ctype, payload = raw if raw is not None else ("application/json", b"" if body is None else
                                                       json.dumps(body).encode())
@@ -590,9 +592,13 @@ async def _enrol(ports: list[int], work: list[list[Any]], concurrency: int, star
     queue = list(reversed(work))
     done = 0
 
-    async def worker() -> None:
+    async def worker(w: int) -> None:
         nonlocal done
-        conns = {p: Conn(p) for p in ports}  # one keep-alive connection per replica per worker
+        # one keep-alive connection per replica per worker, each worker from its own loopback address:
+        # a fleet enrols from many addresses, so the per-client enrolment limit (a row lock per address,
+        # shared by the replicas) does not serialise the whole bench behind 127.0.0.1
+        source = f"127.{100 + os.getpid() % 100}.{w // 250}.{1 + w % 250}"
+        conns = {p: Conn(p, source) for p in ports}
         while queue:
             i, code, hostname, addr = queue.pop()
             c = conns[ports[i % len(ports)]]  # agent i enrols on (and later polls) replica i mod N
@@ -613,7 +619,7 @@ async def _enrol(ports: list[int], work: list[list[Any]], concurrency: int, star
                   f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
 
     reporter = asyncio.create_task(progress())
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
     reporter.cancel()
 
 
