@@ -85,9 +85,15 @@ def _free_port() -> int:
 # ---- server ------------------------------------------------------------------------------------
 
 
-def serve(database_url: str, port: int) -> None:
+def serve(database_url: str, port: int, switch_interval: float | None = None) -> None:
     """Run the controller in this process (the ``--serve`` mode of this script)."""
     _raise_nofile()
+    from stockade.controller import app as app_module
+
+    if hasattr(app_module, "tune_interpreter"):  # an older tree (A/B runs) has none
+        app_module.tune_interpreter()
+    if switch_interval is not None:  # --switch-interval: override it, for an A/B of the setting
+        sys.setswitchinterval(switch_interval)
     import uvicorn
 
     from stockade.controller.app import create_app
@@ -212,13 +218,20 @@ class Agent:
     errors: int = 0
 
 
+LONG_POLL_S = 20.0  # the real agent's default (AgentOptions.long_poll_seconds)
+STATE_REPORT_S = 300.0  # the real agent's heartbeat while its long-polls count as heartbeats (agent/outbox.py)
+
+
 async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event) -> None:
+    """One simulated agent: long-polls as the real one does; heartbeats every ``heartbeat`` s, or every
+    ``STATE_REPORT_S`` once the controller says a long-poll counts as a heartbeat (as the real one)."""
     poll = Conn(port)
     base = f"/api/v1/agents/{a.agent_id}"
     next_beat = time.monotonic() + heartbeat * (a.index % 100) / 100
+    period = heartbeat
     while not stop.is_set():
         try:
-            timeout = max(0.5, min(30.0, next_beat - time.monotonic()))
+            timeout = max(0.5, min(LONG_POLL_S, next_beat - time.monotonic()))
             # the wait carries the acknowledgement of the applied revision (applied=...)
             query = f"after={a.applied}&applied={a.applied}&timeout={timeout:.1f}&include_policy=true"
             status, got = await poll.request("GET", f"{base}/policy/wait?{query}", a.token)
@@ -226,6 +239,9 @@ async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event)
                 a.errors += 1
                 await asyncio.sleep(1)
                 continue
+            if got.get("heartbeat") is True and period != STATE_REPORT_S:
+                period = STATE_REPORT_S
+                next_beat = time.monotonic() + period * (1 + a.index % 100 / 100)
             if got["changed"]:
                 pol = got["policy"]
                 if pol["full"] is None and pol["base"] != a.applied:
@@ -234,7 +250,7 @@ async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event)
                 a.acks.append((time.perf_counter(), a.applied))  # acknowledged by the next wait, sent now
             if time.monotonic() >= next_beat:
                 await poll.request("POST", f"{base}/heartbeat", a.token, {})
-                next_beat = time.monotonic() + heartbeat
+                next_beat = time.monotonic() + period
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             a.errors += 1
             await asyncio.sleep(0.5)
@@ -637,7 +653,7 @@ async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
 
 
 def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replicas: int = 1,
-            profile: str | None = None) -> dict[str, Any]:
+            profile: str | None = None, switch_interval: float | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
     pg: PgCluster | None = None
     if backend == "sqlite":
@@ -652,7 +668,8 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
     try:
         cred: dict[str, str] = {}
         for port in ports:  # the first migrates and makes the owner, the others join
-            server = subprocess.Popen([sys.executable, __file__, "--serve", url, str(port)],
+            extra = [] if switch_interval is None else [str(switch_interval)]
+            server = subprocess.Popen([sys.executable, __file__, "--serve", url, str(port), *extra],
                                       stdout=subprocess.PIPE, text=True)
             servers.append(server)
             assert server.stdout is not None
@@ -688,8 +705,8 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--serve":
-        serve(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--serve":
+        serve(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]) if len(sys.argv) == 5 else None)
         return
     if len(sys.argv) == 3 and sys.argv[1] == "--agents-runner":
         import uvloop
@@ -703,6 +720,8 @@ def main() -> None:
     p.add_argument("--heartbeat", type=float, default=15.0)
     p.add_argument("--replicas", type=int, nargs="+", default=[1],
                    help="controller processes on one PostgreSQL database (SQLite: 1 only)")
+    p.add_argument("--switch-interval", type=float, nargs="+", default=[None], metavar="S",
+                   help="the replicas' sys.setswitchinterval (default: the controller's own); several: A/B rows")
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy every replica during each scenario; collapsed stacks written under DIR")
     args = p.parse_args()
@@ -713,14 +732,17 @@ def main() -> None:
             for replicas in args.replicas:
                 if backend == "sqlite" and replicas != 1:
                     continue
-                try:
-                    r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
-                                f"{args.profile}/{backend}-{n}-{replicas}" if args.profile else None)
-                except RuntimeError as exc:
-                    print(f"{backend} {n}: skipped ({exc})", flush=True)
-                    continue
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+                for switch in args.switch_interval:
+                    try:
+                        r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
+                                    f"{args.profile}/{backend}-{n}-{replicas}" if args.profile else None, switch)
+                    except RuntimeError as exc:
+                        print(f"{backend} {n}: skipped ({exc})", flush=True)
+                        continue
+                    r["switch_interval"] = switch
+                    r["load_avg"] = os.getloadavg()
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
     print()
     print(f"{'backend':<11}{'repl':>5}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
           f"{'glob p50':>10}{'glob p99':>10}{'fan':>6}{'api p50':>9}{'api p99':>9}{'cpu/1k':>8}{'rss MiB':>14}"
