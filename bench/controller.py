@@ -2,11 +2,13 @@
 
 One controller process (uvicorn + uvloop, plain HTTP on 127.0.0.1) and one client process with
 N simulated agents (asyncio, a minimal keep-alive HTTP/1.1 client per agent, no kernel). Each
-agent enrols with an activation code, then loops on one request per policy change: the
-long-poll ``/policy/wait?include_policy=true&applied=REV`` answers with the delta since the
-agent's applied revision, and the next long-poll acknowledges it (``applied=``); heartbeats
-every ``--heartbeat`` s. Convergence is read from the controller (``/convergence``), so a
-scenario ends only when the controller has recorded every acknowledgement.
+agent enrols with an activation code (in its runner process, long-polling right after its own
+enrolment, as a real agent does), then loops on one request per policy change: the long-poll
+``/policy/wait?include_policy=true&applied=REV`` (20 s, the real agent's default) answers with the
+delta since the agent's applied revision, and the next long-poll acknowledges it (``applied=``);
+heartbeats every ``--heartbeat`` s, or every 300 s once the controller says a long-poll counts as
+a heartbeat (as the real agent does). Convergence is read from the controller (``/convergence``),
+so a scenario ends only when the controller has recorded every acknowledgement.
 
 Estate: apps of 10 workloads (5 ``role=web``, 5 ``role=db``), one ruleset per app (web -> db on
 5432/tcp, intra-scope), and one global ruleset (``role=monitor`` -> every workload on 22/tcp).
@@ -88,11 +90,7 @@ def _free_port() -> int:
 def serve(database_url: str, port: int, switch_interval: float | None = None) -> None:
     """Run the controller in this process (the ``--serve`` mode of this script)."""
     _raise_nofile()
-    from stockade.controller import app as app_module
-
-    if hasattr(app_module, "tune_interpreter"):  # an older tree (A/B runs) has none
-        app_module.tune_interpreter()
-    if switch_interval is not None:  # --switch-interval: override it, for an A/B of the setting
+    if switch_interval is not None:  # --switch-interval: for an A/B of the GIL hand-over interval
         sys.setswitchinterval(switch_interval)
     import uvicorn
 
@@ -721,7 +719,7 @@ def main() -> None:
     p.add_argument("--replicas", type=int, nargs="+", default=[1],
                    help="controller processes on one PostgreSQL database (SQLite: 1 only)")
     p.add_argument("--switch-interval", type=float, nargs="+", default=[None], metavar="S",
-                   help="the replicas' sys.setswitchinterval (default: the controller's own); several: A/B rows")
+                   help="the replicas' sys.setswitchinterval (default: Python's 5 ms); several: A/B rows")
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy every replica during each scenario; collapsed stacks written under DIR")
     args = p.parse_args()

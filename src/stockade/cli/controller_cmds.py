@@ -109,7 +109,7 @@ def controller(
 
     configure_logging(log_level, log_format)
 
-    from stockade.controller.app import create_app, tune_interpreter
+    from stockade.controller.app import create_app
     from stockade.controller.context import ControllerSettings
     from stockade.controller.tls import ensure_tls
 
@@ -148,7 +148,6 @@ def controller(
     sys.stdout.flush()
     # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 (anyone on
     # this host); the app itself decides, from --trusted-proxy (stockade.controller.forwarded).
-    tune_interpreter()
     uvicorn.run(app, host=host, port=port, log_config=None, log_level=log_level, timeout_keep_alive=75,
                 backlog=4096, proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **ssl)
 

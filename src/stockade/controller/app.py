@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -119,17 +118,6 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 
 
 # ---- assembly ---------------------------------------------------------------------------
-
-
-# A thread back from the database waits for the GIL until the event loop (busy with agents' requests)
-# gives it up: up to the interval, 5 ms by default, per statement. A compiled change runs a few dozen
-# statements under the replicas' change lock, so every other replica waited that long too.
-GIL_SWITCH_SECONDS = 0.0005
-
-
-def tune_interpreter() -> None:
-    """Process settings for a serving controller (``stockade controller serve``; not for tests)."""
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
 
 
 async def _flush_loop(ctl: Controller) -> None:
