@@ -95,7 +95,7 @@ def test_enrol_and_receive_policy(api: Api) -> None:
     assert api.ctl.dist.revisions["db-1"] == new_rev
     # a timed-out wait says unchanged
     idle = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token, params={"after": new_rev, "timeout": 0.2})
-    assert idle == {"revision": new_rev, "changed": False, "policy": None}
+    assert idle == {"revision": new_rev, "changed": False, "policy": None, "heartbeat": True}
     # include_policy answers a wait with the fetch result (here: full, since no base revision given)
     inline = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token,
                     params={"after": 0, "timeout": 0, "include_policy": "true"})
