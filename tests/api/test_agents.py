@@ -190,6 +190,11 @@ def test_a_long_poll_counts_as_the_agents_heartbeat(api: Api) -> None:
     shown = api.ok("GET", f"/agents/{aid}")
     assert shown["status"] == "online" and shown["last_heartbeat"] is not None
     assert api.ok("GET", "/convergence")["online"] == 1
+    # a poll that may last longer than half of offline_after would let the agent look offline between
+    # two of them: no promise then (after=0 answers at once, whatever the timeout asked for)
+    too_long = api.ctl.settings.offline_after / 2 + 1
+    long_poll = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token, params={"after": 0, "timeout": too_long})
+    assert long_poll["heartbeat"] is False
     api.ctl.dist.flush()
     with api.ctl.session() as db:  # what the other replicas read
         assert db.get(AgentRow, aid).last_heartbeat is not None  # type: ignore[union-attr]
