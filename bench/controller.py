@@ -2,11 +2,13 @@
 
 One controller process (uvicorn + uvloop, plain HTTP on 127.0.0.1) and one client process with
 N simulated agents (asyncio, a minimal keep-alive HTTP/1.1 client per agent, no kernel). Each
-agent enrols with an activation code, then loops on one request per policy change: the
-long-poll ``/policy/wait?include_policy=true&applied=REV`` answers with the delta since the
-agent's applied revision, and the next long-poll acknowledges it (``applied=``); heartbeats
-every ``--heartbeat`` s. Convergence is read from the controller (``/convergence``), so a
-scenario ends only when the controller has recorded every acknowledgement.
+agent enrols with an activation code (in its runner process, long-polling right after its own
+enrolment, as a real agent does), then loops on one request per policy change: the long-poll
+``/policy/wait?include_policy=true&applied=REV`` (20 s, the real agent's default) answers with the
+delta since the agent's applied revision, and the next long-poll acknowledges it (``applied=``);
+heartbeats every ``--heartbeat`` s, or every 300 s once the controller says a long-poll counts as
+a heartbeat (as the real agent does). Convergence is read from the controller (``/convergence``),
+so a scenario ends only when the controller has recorded every acknowledgement.
 
 Estate: apps of 10 workloads (5 ``role=web``, 5 ``role=db``), one ruleset per app (web -> db on
 5432/tcp, intra-scope), and one global ruleset (``role=monitor`` -> every workload on 22/tcp).
@@ -85,9 +87,11 @@ def _free_port() -> int:
 # ---- server ------------------------------------------------------------------------------------
 
 
-def serve(database_url: str, port: int) -> None:
+def serve(database_url: str, port: int, switch_interval: float | None = None) -> None:
     """Run the controller in this process (the ``--serve`` mode of this script)."""
     _raise_nofile()
+    if switch_interval is not None:  # --switch-interval: for an A/B of the GIL hand-over interval
+        sys.setswitchinterval(switch_interval)
     import uvicorn
 
     from stockade.controller.app import create_app
@@ -146,8 +150,9 @@ class PgCluster:
 class Conn:
     """One keep-alive connection; requests on it are sequential (as an agent's are)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, source: str | None = None) -> None:
         self.port = port
+        self.source = source  # a local address of 127.0.0.0/8 to connect from (None: the kernel's choice)
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -167,7 +172,8 @@ class Conn:
     async def _request(self, method: str, path: str, token: str, body: Any,
                        raw: tuple[str, bytes] | None = None) -> tuple[int, Any]:
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port, limit=2**24)
+            self.reader, self.writer = await asyncio.open_connection(
+                "127.0.0.1", self.port, limit=2**24, local_addr=(self.source, 0) if self.source else None)
         assert self.reader is not None
         ctype, payload = raw if raw is not None else ("application/json", b"" if body is None else
                                                       json.dumps(body).encode())
@@ -210,13 +216,20 @@ class Agent:
     errors: int = 0
 
 
+LONG_POLL_S = 20.0  # the real agent's default (AgentOptions.long_poll_seconds)
+STATE_REPORT_S = 300.0  # the real agent's heartbeat while its long-polls count as heartbeats (agent/outbox.py)
+
+
 async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event) -> None:
+    """One simulated agent: long-polls as the real one does; heartbeats every ``heartbeat`` s, or every
+    ``STATE_REPORT_S`` once the controller says a long-poll counts as a heartbeat (as the real one)."""
     poll = Conn(port)
     base = f"/api/v1/agents/{a.agent_id}"
     next_beat = time.monotonic() + heartbeat * (a.index % 100) / 100
+    period = heartbeat
     while not stop.is_set():
         try:
-            timeout = max(0.5, min(30.0, next_beat - time.monotonic()))
+            timeout = max(0.5, min(LONG_POLL_S, next_beat - time.monotonic()))
             # the wait carries the acknowledgement of the applied revision (applied=...)
             query = f"after={a.applied}&applied={a.applied}&timeout={timeout:.1f}&include_policy=true"
             status, got = await poll.request("GET", f"{base}/policy/wait?{query}", a.token)
@@ -224,6 +237,9 @@ async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event)
                 a.errors += 1
                 await asyncio.sleep(1)
                 continue
+            if got.get("heartbeat") is True and period != STATE_REPORT_S:
+                period = STATE_REPORT_S
+                next_beat = time.monotonic() + period * (1 + a.index % 100 / 100)
             if got["changed"]:
                 pol = got["policy"]
                 if pol["full"] is None and pol["base"] != a.applied:
@@ -232,7 +248,7 @@ async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event)
                 a.acks.append((time.perf_counter(), a.applied))  # acknowledged by the next wait, sent now
             if time.monotonic() >= next_beat:
                 await poll.request("POST", f"{base}/heartbeat", a.token, {})
-                next_beat = time.monotonic() + heartbeat
+                next_beat = time.monotonic() + period
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             a.errors += 1
             await asyncio.sleep(0.5)
@@ -271,16 +287,25 @@ AGENTS_PER_RUNNER = 10_000  # one process holds one socket per agent; the hard f
 
 
 async def _runner(heartbeat: float) -> None:
-    """The ``--agents-runner`` mode: run the agents named on stdin's first line; answer commands."""
+    """The ``--agents-runner`` mode: enrol the agents named on stdin's first line, each starting its
+    long-poll as soon as it has enrolled (as a real agent does); then answer commands."""
     _raise_nofile()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2**26)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     spec = json.loads(await reader.readline())
-    agents = [Agent(i, aid, token, wl) for i, aid, token, wl in spec["agents"]]
     ports = spec["ports"]
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(agent_loop(a, ports[a.index % len(ports)], heartbeat, stop)) for a in agents]
+    agents: list[Agent] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def started(a: Agent) -> None:
+        agents.append(a)
+        tasks.append(asyncio.create_task(agent_loop(a, ports[a.index % len(ports)], heartbeat, stop)))
+
+    await _enrol(ports, spec["enrol"], spec["concurrency"], started)
+    sys.stdout.write(json.dumps({"enrolled": [[a.index, a.agent_id, a.workload] for a in agents]}) + "\n")
+    sys.stdout.flush()
     while line := await reader.readline():
         cmd = json.loads(line)
         if cmd["cmd"] == "state":  # each agent's applied revision and its first ack at or after t0
@@ -304,17 +329,28 @@ class Runners:
     def __init__(self) -> None:
         self.procs: list[asyncio.subprocess.Process] = []
 
-    async def start(self, agents: list[Agent], ports: list[int], heartbeat: float) -> None:
-        k = max(1, -(-len(agents) // AGENTS_PER_RUNNER))
+    async def enrol(self, work: list[list[Any]], ports: list[int], heartbeat: float) -> list[Agent]:
+        """Enrol ``work`` ([index, code, hostname, address] per agent) in the runners; every agent
+        long-polls from its own enrolment on. Returns the agents once all have enrolled."""
+        k = max(1, -(-len(work) // AGENTS_PER_RUNNER))
         for j in range(k):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, __file__, "--agents-runner", str(heartbeat), stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, limit=2**26)
-            mine = [[a.index, a.agent_id, a.token, a.workload] for a in agents[j::k]]
             assert proc.stdin is not None
-            proc.stdin.write(json.dumps({"agents": mine, "ports": ports}).encode() + b"\n")
+            concurrency = max(1, ENROL_CONCURRENCY // k)
+            proc.stdin.write(json.dumps({"enrol": work[j::k], "ports": ports, "concurrency": concurrency}).encode()
+                             + b"\n")
             await proc.stdin.drain()
             self.procs.append(proc)
+        agents: list[Agent] = []
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = await proc.stdout.readline()
+            if not line:
+                raise RuntimeError("an agent runner ended before its agents enrolled")
+            agents += [Agent(i, aid, "", wl) for i, aid, wl in json.loads(line)["enrolled"]]
+        return sorted(agents, key=lambda a: a.index)
 
     async def state(self, t0: float) -> tuple[dict[int, tuple[int, float | None]], int]:
         """index -> (applied revision, first ack at or after t0), and the agents' error count."""
@@ -374,20 +410,22 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
     print(f"set up in {setup_s:.0f} s", file=sys.stderr, flush=True)
     spies = _profilers(pids, profile, "enrol")
     t_enrol, cpu_enrol, client_enrol = time.perf_counter(), cpu_seconds(pids), _own_cpu()
-    agents = await _enrol(ports, codes, n_agents)
+    runners = Runners()  # each agent long-polls from its own enrolment on, as a real agent does
+    agents = await runners.enrol(_enrol_work(codes, n_agents), ports, heartbeat)
     enrol_s = time.perf_counter() - t_enrol
     _stop_profilers(spies)
     enrol_cpu, enrol_client = cpu_seconds(pids) - cpu_enrol, _own_cpu() - client_enrol
-
-    runners = Runners()
-    await runners.start(agents, ports, heartbeat)
+    enrol_client += cpu_seconds(runners.pids())
+    t_conv = time.perf_counter()
     await _converged(admin, key, n_agents, max(600, n_agents / 20))
+    first_convergence_s = time.perf_counter() - t_conv
 
     def client_cpu() -> float:  # this process and the agents' processes
         return _own_cpu() + cpu_seconds(runners.pids())
 
     results: dict[str, Any] = {"agents": n_agents, "enrol_s": enrol_s, "replicas": len(ports), "setup_s": setup_s,
-                               "enrol_cpu_s": enrol_cpu, "enrol_client_cpu_s": enrol_client}
+                               "enrol_cpu_s": enrol_cpu, "enrol_client_cpu_s": enrol_client,
+                               "first_convergence_s": first_convergence_s}
     print(f"enrolled in {enrol_s:.0f} s and converged", file=sys.stderr, flush=True)
     for scenario in ("relabel-app", "relabel-global"):
         print(f"{scenario}, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
@@ -554,24 +592,36 @@ async def _issue_codes(port: int, key: str, n: int) -> dict[str, str]:
     return codes
 
 
-async def _enrol(ports: list[int], codes: dict[str, str], n: int) -> list[Agent]:
-    agents: list[Agent | None] = [None] * n
-    queue: asyncio.Queue[int] = asyncio.Queue()
+def _enrol_work(codes: dict[str, str], n: int) -> list[list[Any]]:
+    """[index, activation code, hostname, address] of every simulated agent."""
+    work: list[list[Any]] = []
     for i in range(n):
-        queue.put_nowait(i)
+        prof = f"app-{(i // APP_SIZE) % max(1, n // APP_SIZE)}-{'web' if i % 2 else 'db'}"
+        work.append([i, codes[prof], f"h-{i:05d}", f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"])
+    return work
 
-    async def worker() -> None:
-        conns = {p: Conn(p) for p in ports}  # one keep-alive connection per replica per worker
-        while not queue.empty():
-            i = queue.get_nowait()
+
+async def _enrol(ports: list[int], work: list[list[Any]], concurrency: int, started: Any) -> None:
+    """Enrol every agent of ``work``, ``concurrency`` at a time; ``started(agent)`` right after each."""
+    queue = list(reversed(work))
+    done = 0
+
+    async def worker(w: int) -> None:
+        nonlocal done
+        # one keep-alive connection per replica per worker, each worker from its own loopback address:
+        # a fleet enrols from many addresses, so the per-client enrolment limit (a row lock per address,
+        # shared by the replicas) does not serialise the whole bench behind 127.0.0.1
+        source = f"127.{100 + os.getpid() % 100}.{w // 250}.{1 + w % 250}"
+        conns = {p: Conn(p, source) for p in ports}
+        while queue:
+            i, code, hostname, addr = queue.pop()
             c = conns[ports[i % len(ports)]]  # agent i enrols on (and later polls) replica i mod N
-            prof = f"app-{(i // APP_SIZE) % max(1, n // APP_SIZE)}-{'web' if i % 2 else 'db'}"
-            addr = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
             status, got = await c.request("POST", "/api/v1/agents/enroll", body={
-                "activation_code": codes[prof], "hostname": f"h-{i:05d}",
+                "activation_code": code, "hostname": hostname,
                 "interfaces": [{"name": "eth0", "addresses": [addr]}]})
             assert status == 201, got
-            agents[i] = Agent(i, got["agent_id"], got["token"], got["workload"])
+            done += 1
+            started(Agent(i, got["agent_id"], got["token"], got["workload"]))
         for conn in conns.values():
             conn.close()
 
@@ -579,14 +629,12 @@ async def _enrol(ports: list[int], codes: dict[str, str], n: int) -> list[Agent]
         t0 = time.perf_counter()
         while True:
             await asyncio.sleep(30)
-            done = sum(a is not None for a in agents)
-            print(f"enrolled {done}/{n} in {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}",
-                  file=sys.stderr, flush=True)
+            print(f"runner {os.getpid()}: enrolled {done}/{len(work)} in {time.perf_counter() - t0:.0f} s, "
+                  f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
 
     reporter = asyncio.create_task(progress())
-    await asyncio.gather(*(worker() for _ in range(ENROL_CONCURRENCY)))
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
     reporter.cancel()
-    return [a for a in agents if a is not None]
 
 
 async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
@@ -603,7 +651,7 @@ async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
 
 
 def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replicas: int = 1,
-            profile: str | None = None) -> dict[str, Any]:
+            profile: str | None = None, switch_interval: float | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
     pg: PgCluster | None = None
     if backend == "sqlite":
@@ -618,7 +666,8 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
     try:
         cred: dict[str, str] = {}
         for port in ports:  # the first migrates and makes the owner, the others join
-            server = subprocess.Popen([sys.executable, __file__, "--serve", url, str(port)],
+            extra = [] if switch_interval is None else [str(switch_interval)]
+            server = subprocess.Popen([sys.executable, __file__, "--serve", url, str(port), *extra],
                                       stdout=subprocess.PIPE, text=True)
             servers.append(server)
             assert server.stdout is not None
@@ -654,8 +703,8 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--serve":
-        serve(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--serve":
+        serve(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]) if len(sys.argv) == 5 else None)
         return
     if len(sys.argv) == 3 and sys.argv[1] == "--agents-runner":
         import uvloop
@@ -669,6 +718,8 @@ def main() -> None:
     p.add_argument("--heartbeat", type=float, default=15.0)
     p.add_argument("--replicas", type=int, nargs="+", default=[1],
                    help="controller processes on one PostgreSQL database (SQLite: 1 only)")
+    p.add_argument("--switch-interval", type=float, nargs="+", default=[None], metavar="S",
+                   help="the replicas' sys.setswitchinterval (default: Python's 5 ms); several: A/B rows")
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy every replica during each scenario; collapsed stacks written under DIR")
     args = p.parse_args()
@@ -679,14 +730,17 @@ def main() -> None:
             for replicas in args.replicas:
                 if backend == "sqlite" and replicas != 1:
                     continue
-                try:
-                    r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
-                                f"{args.profile}/{backend}-{n}-{replicas}" if args.profile else None)
-                except RuntimeError as exc:
-                    print(f"{backend} {n}: skipped ({exc})", flush=True)
-                    continue
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+                for switch in args.switch_interval:
+                    try:
+                        r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
+                                    f"{args.profile}/{backend}-{n}-{replicas}" if args.profile else None, switch)
+                    except RuntimeError as exc:
+                        print(f"{backend} {n}: skipped ({exc})", flush=True)
+                        continue
+                    r["switch_interval"] = switch
+                    r["load_avg"] = os.getloadavg()
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
     print()
     print(f"{'backend':<11}{'repl':>5}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
           f"{'glob p50':>10}{'glob p99':>10}{'fan':>6}{'api p50':>9}{'api p99':>9}{'cpu/1k':>8}{'rss MiB':>14}"

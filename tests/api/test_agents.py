@@ -14,7 +14,7 @@ from stockade.compiler import HostPolicy
 from stockade.compiler.delta import UpdateKind, apply_update, policy_update_from_dict
 from stockade.controller.app import create_app
 from stockade.controller.services.distribution import HISTORY, PolicyDistributor, policy_hash
-from stockade.controller.storage.db import HostStateRow
+from stockade.controller.storage.db import AgentRow, HostStateRow
 
 POLICY = [
     ("/services", {"name": "pg", "ports": ["5432/tcp"]}),
@@ -95,7 +95,7 @@ def test_enrol_and_receive_policy(api: Api) -> None:
     assert api.ctl.dist.revisions["db-1"] == new_rev
     # a timed-out wait says unchanged
     idle = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token, params={"after": new_rev, "timeout": 0.2})
-    assert idle == {"revision": new_rev, "changed": False, "policy": None}
+    assert idle == {"revision": new_rev, "changed": False, "policy": None, "heartbeat": True}
     # include_policy answers a wait with the fetch result (here: full, since no base revision given)
     inline = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token,
                     params={"after": 0, "timeout": 0, "include_policy": "true"})
@@ -175,6 +175,29 @@ def test_wait_can_acknowledge(sqlite_api: Api) -> None:
     api.ok("GET", f"/agents/{agent['agent_id']}/policy/wait", headers=token,
            params={"after": rev, "applied": rev, "timeout": 0})
     assert api.ok("GET", "/convergence")["lagging"] == []
+
+
+def test_a_long_poll_counts_as_the_agents_heartbeat(api: Api) -> None:
+    """One request per agent per poll, not a poll and a heartbeat: the agent is online while it
+    polls, on every replica once flushed (issue 18); the answer says so, for the agent to heartbeat less."""
+    api.ok("POST", "/pairing-profiles", 201, json={"name": "p"})
+    code = api.ok("POST", "/pairing-profiles/p/codes", 201)["code"]
+    agent = enroll(api, code, "h", "10.9.0.1").json()
+    aid, token = agent["agent_id"], api.headers(agent["token"])
+    assert api.ok("GET", f"/agents/{aid}")["status"] == "offline"  # enrolled, never heard from since
+    answer = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token, params={"after": 0, "timeout": 0})
+    assert answer["heartbeat"] is True
+    shown = api.ok("GET", f"/agents/{aid}")
+    assert shown["status"] == "online" and shown["last_heartbeat"] is not None
+    assert api.ok("GET", "/convergence")["online"] == 1
+    # a poll that may last longer than half of offline_after would let the agent look offline between
+    # two of them: no promise then (after=0 answers at once, whatever the timeout asked for)
+    too_long = api.ctl.settings.offline_after / 2 + 1
+    long_poll = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token, params={"after": 0, "timeout": too_long})
+    assert long_poll["heartbeat"] is False
+    api.ctl.dist.flush()
+    with api.ctl.session() as db:  # what the other replicas read
+        assert db.get(AgentRow, aid).last_heartbeat is not None  # type: ignore[union-attr]
 
 
 # ---- deltas: from the compiler, composed, bounded history (issue 13 item 3) ------------------------

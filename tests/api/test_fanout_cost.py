@@ -8,8 +8,9 @@ Proved here, each by counting what reaches the database or the compiler (not by 
   host (the revisions are still each host's previous one plus one);
 * on PostgreSQL the batched writes of acks and policy hashes are one statement each, not one per
   agent or host;
-* on PostgreSQL, the periodic read of acks other replicas took reads only the agents lagging in
-  this replica's view between its full reads (a quiet fleet costs no rows).
+* on PostgreSQL, the periodic read of acks other replicas took reads only the rows flushed since
+  its last read (not every agent lagging in its view: a whole fleet lags while it enrols or
+  during a global fan-out), and misses no flush that commits out of order.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, select, update
+from sqlalchemy import event, select
 from tests.api.conftest import Api, make_settings
 
 from stockade.controller.app import create_app
 from stockade.controller.services import distribution, enrolment
 from stockade.controller.services.auth import ForbiddenError
-from stockade.controller.storage.db import AgentRow, HostStateRow
+from stockade.controller.services.host_state import write_agent_rows
+from stockade.controller.storage.db import AgentRow, HostStateRow, utcnow
 
 
 @pytest.fixture
@@ -181,7 +183,15 @@ def test_postgresql_writes_acks_and_hashes_in_one_statement_each(quiet_api: Api)
     assert hashes["h3"] == distribution.policy_hash(dist.fetch("h3", None).policy)  # type: ignore[arg-type]
 
 
-def test_postgresql_refresh_reads_only_lagging_agents_between_full_reads(quiet_api: Api) -> None:
+def _flush_elsewhere(db: Any, dist: Any, agent_ids: list[str]) -> None:
+    """What another replica's flush writes for agents acknowledging there (in ``db``'s transaction)."""
+    write_agent_rows(db, [{"id": a, "applied_revision": dist.revisions[dist.agents[a].workload],
+                           "last_heartbeat": utcnow()} for a in agent_ids])
+
+
+def test_postgresql_refresh_reads_only_rows_flushed_since_its_last_read(quiet_api: Api) -> None:
+    """A fleet that has not acknowledged yet (enrolling, or in a global fan-out) lags in every
+    replica's view: re-reading every lagging agent each round was rows x rounds x replicas."""
     api = quiet_api
     dist = api.ctl.dist
     if not dist.shared:
@@ -190,20 +200,45 @@ def test_postgresql_refresh_reads_only_lagging_agents_between_full_reads(quiet_a
     code = _code(api)
     agents = [enrolment.enrol(dist, api.ctl.agent_keys, _request(code, i)) for i in range(6)]
     dist.flush()
-    for a in agents:  # every agent acknowledged here: nobody lags
-        dist.agent_ack(a.agent_id, dist.revisions[a.workload])
-    dist.flush()
+    assert all(dist.agents[a.agent_id].applied != dist.revisions[a.workload] for a in agents)  # all lag
     dist._refresh_round = 0
-    assert dist.refresh_agents() == 6  # the first read of a cycle: every agent (heartbeats)
-    assert dist.refresh_agents() == 0  # then only agents lagging here: none
-    lagging = agents[0]
-    dist.agents[lagging.agent_id].applied = 0  # as if its ack went to another replica...
-    with api.ctl.sessions.begin() as db:  # ...which flushed it
-        db.execute(update(AgentRow).where(AgentRow.id == lagging.agent_id)
-                   .values(applied_revision=dist.revisions[lagging.workload]))
+    assert dist.refresh_agents() == 6  # the first read: every agent
+    assert dist.refresh_agents() == 0  # nothing flushed since, though all six still lag here
+    acked = agents[0]
+    with api.ctl.sessions.begin() as db:  # another replica took and flushed one ack
+        _flush_elsewhere(db, dist, [acked.agent_id])
     assert dist.refresh_agents() == 1
-    assert dist.agents[lagging.agent_id].applied == dist.revisions[lagging.workload]
+    assert dist.agents[acked.agent_id].applied == dist.revisions[acked.workload]
     assert dist.refresh_agents() == 0
     for _ in range(distribution.FULL_REFRESH_ROUNDS - 4):
         dist.refresh_agents()
-    assert dist.refresh_agents() == 6  # the next cycle's full read (heartbeats taken elsewhere)
+    assert dist.refresh_agents() == 6  # the safety net: every row once in FULL_REFRESH_ROUNDS
+
+
+def test_postgresql_refresh_reads_a_flush_that_commits_after_a_younger_one(quiet_api: Api) -> None:
+    """Flushes on different replicas commit in any order: one that began before a refresh and
+    commits after it (behind a younger flush that the refresh saw) is still read next time."""
+    api = quiet_api
+    dist = api.ctl.dist
+    if not dist.shared:
+        pytest.skip("acks taken by other replicas: PostgreSQL only")
+    _estate(api, 4)
+    code = _code(api)
+    first, second = (enrolment.enrol(dist, api.ctl.agent_keys, _request(code, i)) for i in range(2))
+    dist.flush()
+    dist._refresh_round = 0
+    dist.refresh_agents()
+    slow = api.ctl.sessions()
+    slow.begin()
+    try:
+        _flush_elsewhere(slow, dist, [first.agent_id])  # the older transaction, not committed yet
+        with api.ctl.sessions.begin() as db:
+            _flush_elsewhere(db, dist, [second.agent_id])  # a younger one, committed
+        assert dist.refresh_agents() == 1
+        assert dist.agents[second.agent_id].applied == dist.revisions[second.workload]
+        assert dist.agents[first.agent_id].applied == 0
+        slow.commit()
+    finally:
+        slow.close()
+    dist.refresh_agents()
+    assert dist.agents[first.agent_id].applied == dist.revisions[first.workload]

@@ -105,6 +105,16 @@ def test_long_poll_with_the_policy_inline() -> None:
     assert answer.inline and answer.update is None  # left to the explicit fetch, which refuses it
 
 
+def test_long_poll_answer_says_whether_it_counted_as_a_heartbeat() -> None:
+    path = ("GET", "/api/v1/agents/a1b2/policy/wait")
+    for body, counted in (({"revision": 3, "changed": False, "policy": None, "heartbeat": True}, True),
+                          ({"revision": 3, "changed": False, "policy": None}, False),  # an older controller
+                          ({"revision": 3, "changed": False, "policy": None, "heartbeat": "yes"}, False)):
+        c, _ = client_with({path: httpx.Response(200, json=body)})
+        c.use_credential(CRED, None)
+        assert c.wait_revision(3, 1.0).heartbeat is counted
+
+
 def test_delta_answer_with_since() -> None:
     c, rec = client_with(
         {

@@ -358,6 +358,8 @@ class Agent:
         if answer is None:
             return
         self._inline_acks = answer.inline
+        if answer.heartbeat:
+            self.outbox.alive()  # the controller took the long-poll as our heartbeat
         self.milestones.setdefault("answered", time.time())
         rev = answer.revision
         if rev == self.applied_revision or rev == self.refused_revision:

@@ -363,7 +363,7 @@ class HttpControllerClient:
                 update = policy_update_from_dict(data["policy"])
             except ValidationError:
                 update = None  # fetched again explicitly, where a malformed answer is refused with an event
-        return LongPollAnswer(revision, update, inline)
+        return LongPollAnswer(revision, update, inline, isinstance(data, dict) and data.get("heartbeat") is True)
 
     def fetch_policy(self, since: int | None) -> PolicyUpdate:
         params = {"since": since} if since is not None else None

@@ -5,6 +5,11 @@ when the controller has been away long enough to fill it), the latest
 :class:`HostReport` (a newer report replaces an unsent one) and a periodic
 :class:`Heartbeat`. While the controller is unreachable it backs off with jitter and
 keeps everything for later; the enforce loop never waits on it.
+
+A controller that counts each long-poll as the agent's heartbeat says so in its answers; the
+enforce loop then calls :meth:`Outbox.alive` and the periodic heartbeat waits up to
+``STATE_REPORT_SECONDS`` (one request per agent per poll instead of two; a state change is
+still reported at once through :meth:`Outbox.heartbeat_now`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from stockade.errors import StockadeError
 
 log = logging.getLogger("stockade.agent")
 MAX_QUEUED_EVENTS = 1000
+STATE_REPORT_SECONDS = 300.0  # a heartbeat at least this often while long-polls keep the agent online
 
 
 class Outbox:
@@ -42,6 +48,7 @@ class Outbox:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._next_beat = 0.0
+        self._beat_due = False  # heartbeat_now() asked for one: alive() must not put it off
         self.sent_events: int = 0
 
     # ---- producers (any thread) ---------------------------------------------------
@@ -58,7 +65,15 @@ class Outbox:
     def heartbeat_now(self) -> None:
         with self._cond:
             self._next_beat = 0.0
+            self._beat_due = True
             self._cond.notify()
+
+    def alive(self) -> None:
+        """The controller counted a long-poll as our heartbeat: the periodic one can wait."""
+        with self._cond:
+            if not self._beat_due:
+                later = time.monotonic() + max(self._heartbeat_seconds, STATE_REPORT_SECONDS)
+                self._next_beat = max(self._next_beat, later)
 
     @property
     def pending(self) -> int:
@@ -117,8 +132,12 @@ class Outbox:
                         self.sent_events += len(events)
                         self._cond.notify_all()
                 if time.monotonic() >= self._next_beat:
+                    with self._cond:
+                        self._beat_due = False
                     client.heartbeat(self._heartbeat())
-                    self._next_beat = time.monotonic() + self._heartbeat_seconds
+                    with self._cond:
+                        if not self._beat_due:  # else asked for again while this one was sent
+                            self._next_beat = time.monotonic() + self._heartbeat_seconds
                 self._backoff.reset()
             except ControllerUnreachableError as exc:
                 self._pause(self._backoff.next_delay(), f"controller unreachable: {exc}")

@@ -53,6 +53,7 @@ class LongPollAnswer:
     revision: int
     update: PolicyUpdate | None = None  # the policy, sent along when it changed (inline controllers)
     inline: bool = False  # the controller sends policies with the answer and takes acks on the long-poll
+    heartbeat: bool = False  # the controller counted the long-poll as this agent's heartbeat
 
 
 class EventKind(Enum):

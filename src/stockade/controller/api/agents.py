@@ -35,7 +35,10 @@ Agent side, the protocol :mod:`stockade.agent.http_client` implements::
          long-poll: answers as soon as the host's revision exceeds REV, or at the timeout,
          with {revision, changed, policy}; with include_policy=true and changed, ``policy`` is
          the answer of GET .../policy?since=REV (one round trip fewer), else null.
-         ``applied=A`` acknowledges revision A like POST .../ack
+         ``applied=A`` acknowledges revision A like POST .../ack; every long-poll also counts as the
+         agent's heartbeat (on arrival and on answer); ``heartbeat: true`` in the answer promises
+         that polls of this length keep the agent online (twice the timeout within offline_after),
+         so an agent that long-polls needs POST .../heartbeat only to report its state
     GET  /api/v1/agents/{id}/policy[?since=REV]
          {revision, full: HostPolicy JSON | null, base, set_deltas: [{name, family, added, removed}]}
     POST /api/v1/agents/{id}/ack  {revision}  -> 204   (the revision now applied)
@@ -213,19 +216,24 @@ async def wait_for_policy(
     ctl = controller_of(request)
     if applied is not None:
         ctl.dist.agent_ack(agent_id, applied)
+    ctl.dist.agent_heartbeat(agent_id)  # a long-poll is a heartbeat: one request per agent where there were two
     if ctl.dist.loop is None:  # served without lifespan (tests on an ASGI transport)
         ctl.dist.loop = asyncio.get_running_loop()
+    held = min(timeout, ctl.settings.long_poll_max)
+    # promised only when polls this long keep the agent online (arrival and answer both count)
+    beats = 2 * held <= ctl.settings.offline_after
     ctl.metrics.waiting.inc()
     try:
-        rev = await ctl.dist.wait(name, after, min(timeout, ctl.settings.long_poll_max))
+        rev = await ctl.dist.wait(name, after, held)
     finally:
         ctl.metrics.waiting.dec()
+    ctl.dist.agent_heartbeat(agent_id)
     # hot path of every agent: plain JSON, no response-model round trip (the schema is WaitOut)
     if include_policy and rev > after:
         # the answer to GET .../policy?since=after, saving the agent a round trip
         policy = await _fetch(ctl, name, after or None)
-        return JSONResponse({"revision": policy["revision"], "changed": True, "policy": policy})
-    return JSONResponse({"revision": rev, "changed": rev > after, "policy": None})
+        return JSONResponse({"revision": policy["revision"], "changed": True, "policy": policy, "heartbeat": beats})
+    return JSONResponse({"revision": rev, "changed": rev > after, "policy": None, "heartbeat": beats})
 
 
 async def _fetch(ctl: Controller, workload: str, since: int | None) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from stockade.controller.services.host_state import (
     AgentLive,
     Digests,
     policy_hash,
+    read_flushed_agents,
     wireguard_identity,
     write_agent_rows,
     write_hash_rows,
@@ -71,7 +72,7 @@ __all__ = ["HISTORY", "AgentLive", "PolicyDistributor", "policy_hash", "wireguar
 T = TypeVar("T")
 HISTORY = 8  # steps (revision -> next) of set deltas kept per host
 BUMP_CHUNK = 900  # hosts per bump / lookup statement (under SQLite's bound-parameter limit)
-FULL_REFRESH_ROUNDS = 10  # refresh_agents reads every agent row once in this many calls (heartbeats)
+FULL_REFRESH_ROUNDS = 120  # refresh_agents reads every agent row once in this many calls (safety net)
 BATCH_LIMIT = 64  # callbacks of transact_batched run in one transaction at most
 
 
@@ -112,6 +113,7 @@ class PolicyDistributor:
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
         self.on_compile: Callable[[float, int], None] | None = None  # (seconds, hosts bumped)
         self._refresh_round = 0
+        self._flushed_bound: int | None = None  # refresh_agents reads flushes from this xid on
         self._queued: list[_Queued[Any]] = []  # transact_batched callbacks waiting for the lock
         self._queue_lock = threading.Lock()
 
@@ -361,24 +363,19 @@ class PolicyDistributor:
     def refresh_agents(self) -> int:
         """Read acks and heartbeats other replicas flushed (agents not dirty here); returns rows read.
 
-        Every ``FULL_REFRESH_ROUNDS`` calls it reads every agent row (heartbeats: liveness counts in
-        tens of seconds); in between only the rows of agents lagging in this replica's view (an ack
-        another replica took is what ``/convergence`` waits for), so a quiet fleet costs no reads
-        and a fan-out reads each acknowledging agent about once."""
+        Only the rows flushed since the previous read (each flush stamps its rows with its
+        transaction id, :func:`~.host_state.read_flushed_agents`), so a quiet fleet costs no rows and
+        a fan-out or a fleet's enrolment reads each acknowledgement about once, however long the
+        agents lag. Every ``FULL_REFRESH_ROUNDS`` calls (and the first) it reads every live agent row,
+        as a safety net that costs one read a minute at the default flush interval."""
         if not self.shared:
             return 0
+        full = self._refresh_round == 0 or self._flushed_bound is None
         self._refresh_round = (self._refresh_round + 1) % FULL_REFRESH_ROUNDS
-        q = select(AgentRow.id, AgentRow.applied_revision, AgentRow.last_heartbeat).where(AgentRow.revoked_at.is_(None))
-        with self.sessions() as db:
-            if self._refresh_round == 1 or FULL_REFRESH_ROUNDS == 1:
-                rows = db.execute(q).all()
-            else:
-                revs = self.revisions
-                lagging = sorted(a.agent_id for a in list(self.agents.values())
-                                 if not a.dirty and a.applied != revs.get(a.workload, 0))
-                rows = []
-                for chunk in range(0, len(lagging), BUMP_CHUNK):
-                    rows += db.execute(q.where(AgentRow.id.in_(lagging[chunk : chunk + BUMP_CHUNK]))).all()
+        with self.sessions.begin() as db:
+            db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            rows, bound = read_flushed_agents(db, None if full else self._flushed_bound)
+        self._flushed_bound = bound
         for agent_id, applied, beat in rows:
             live = self.agents.get(agent_id)
             if live is None or live.dirty:

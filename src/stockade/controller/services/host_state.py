@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, text, update
+from sqlalchemy import Table, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from stockade.compiler import HostPolicy, host_policy_to_dict
@@ -25,9 +25,11 @@ from stockade.compiler.ir import address_set_to_dict, rules_to_list
 from stockade.controller.storage.db import AgentRow, HostStateRow, WireGuardKeyRow
 from stockade.model.workloads import WireGuardIdentity
 
-# PostgreSQL: a batch of per-row values as arrays, joined in one UPDATE (one statement, one plan)
+# PostgreSQL: a batch of per-row values as arrays, joined in one UPDATE (one statement, one plan); each
+# row is stamped with the flushing transaction's id, so other replicas read only what is new (below)
 _PG_AGENT_FLUSH = text(
-    "UPDATE agents AS a SET applied_revision = v.r, last_heartbeat = v.b "
+    "UPDATE agents AS a SET applied_revision = v.r, last_heartbeat = v.b, "
+    "flushed_xid = CAST(CAST(pg_current_xact_id() AS text) AS bigint) "
     "FROM unnest(CAST(:i AS varchar[]), CAST(:r AS integer[]), CAST(:b AS timestamptz[])) AS v(i, r, b) "
     "WHERE a.id = v.i"
 )
@@ -84,6 +86,23 @@ class AgentLive:
     proof_detail: str = ""
     backend: str = ""  # the firewall backend in force, from the agent's last heartbeat ("": not reported)
     backends: tuple[str, ...] = ()  # the backends the agent said it can enforce with
+
+
+# PostgreSQL: the agents flushed since ``bound`` (the snapshot xmin of the previous read), and the
+# bound for the next read. One REPEATABLE READ snapshot answers both, so a flush still running at this
+# read has an id >= the new bound and is read next time, whatever order the flushes commit in.
+_PG_SNAPSHOT_XMIN = text("SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint)")
+
+
+def read_flushed_agents(db: Session, bound: int | None) -> tuple[list[tuple[str, int, dt.datetime | None]], int]:
+    """(agent id, applied revision, last heartbeat) of live agents flushed by a transaction whose id
+    is at least ``bound`` (None: every live agent), and the bound for the next call (PostgreSQL;
+    ``db`` must be a REPEATABLE READ transaction)."""
+    next_bound = int(db.execute(_PG_SNAPSHOT_XMIN).scalar_one())
+    q = select(AgentRow.id, AgentRow.applied_revision, AgentRow.last_heartbeat).where(AgentRow.revoked_at.is_(None))
+    if bound is not None:
+        q = q.where(AgentRow.flushed_xid >= bound)
+    return [(str(i), int(r), b) for i, r, b in db.execute(q)], next_bound
 
 
 def write_agent_rows(db: Session, params: list[dict[str, Any]]) -> None:

@@ -227,6 +227,8 @@ class AgentRow(Base):
     quarantined_at: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
     quarantine_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     held_interfaces: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # reported while quarantined
+    # PostgreSQL: the transaction that last flushed its ack / heartbeat (replicas read what is new)
+    flushed_xid: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
 
 
 class WireGuardKeyRow(Base):

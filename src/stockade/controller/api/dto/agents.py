@@ -104,6 +104,8 @@ class WaitOut(BaseModel):
     revision: int
     changed: bool
     policy: PolicyOut | None = Field(None, description="with include_policy=true and changed: the fetch answer")
+    heartbeat: bool = Field(True, description="the long-poll counted as the agent's heartbeat: an agent that "
+                                              "long-polls may send POST .../heartbeat only to report its state")
 
 
 class AckIn(Strict):
