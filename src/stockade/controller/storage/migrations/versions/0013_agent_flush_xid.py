@@ -8,7 +8,7 @@ oldest transaction that was still running when it last read (``pg_snapshot_xmin`
 committed since, none missed, whatever order the flushes commit in. Indexed for that read; null on
 SQLite (one process: nobody else flushes).
 
-Revision ID: 0013_h18_agent_flush_xid
+Revision ID: 0013_agent_flush_xid
 Revises: 0012_workload_backend
 Create Date: 2026-12-06
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0013_h18_agent_flush_xid"
+revision = "0013_agent_flush_xid"
 down_revision = "0012_workload_backend"
 branch_labels = None
 depends_on = None
