@@ -292,6 +292,7 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
     calls = 0
     counter = 0
     cpu0 = cpu_seconds([pid])
+    print(f"churn starts (setup {setup_s:.0f} s, converged {converged_s:.0f} s)", file=sys.stderr, flush=True)
 
     def make_event(i: int) -> None:
         """The pod event of step ``i`` (the API server's): a create, or a delete of a created pod."""
