@@ -13,7 +13,7 @@ statements whatever its size (each ``IN`` list chunked under SQLite's bound-para
    ``SELECT`` of their ids;
 4. one ``DELETE`` each of the replaced rows' labels and addresses, then one ``SELECT`` of who else
    holds any address the batch writes, one ``INSERT`` each of labels and addresses;
-5. the audit rows, added to the session together and so flushed as one batched ``INSERT``.
+5. the audit rows as one batched ``INSERT ... RETURNING`` (:func:`~stockade.controller.services.events.record_events`).
 
 Same rules as the single writes, checked for the whole batch before anything is written: the
 codec decodes every body (issues named ``upsert[i].field``), labels must use declared keys and
@@ -33,7 +33,7 @@ from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from stockade.controller.services.codec import KIND_BY_NAME
-from stockade.controller.services.events import record_event
+from stockade.controller.services.events import record_events
 from stockade.controller.storage.db import ObjectAddressRow, ObjectLabelRow, ObjectRow, utcnow
 from stockade.controller.storage.store import StoredObject, address_conflict, draft_objects, label_issues
 from stockade.errors import Issue, NotFoundError, ValidationError
@@ -114,8 +114,9 @@ def write_workloads(db: Session, upserts: Sequence[Mapping[str, Any]], deletes: 
     gone = [stored[n].id for n in deletes]
     for part in _chunks(gone):
         db.execute(delete(table).where(table.c.id.in_(part)))
+    audit: list[tuple[str, str, str, Any, Any]] = []  # (action, kind, name, before, after)
     for name in deletes:
-        record_event(db, actor, f"{KIND}.delete", KIND, name, stored[name].body, None)
+        audit.append((f"{KIND}.delete", KIND, name, stored[name].body, None))
         after.append((name, None))
 
     created: list[str] = []
@@ -130,14 +131,14 @@ def write_workloads(db: Session, upserts: Sequence[Mapping[str, Any]], deletes: 
         if old is None:
             new_rows.append({"kind": KIND, "name": name, "body": body, "revision": 1, "created_at": now,
                              "updated_at": now})
-            record_event(db, actor, f"{KIND}.create", KIND, name, None, body)
+            audit.append((f"{KIND}.create", KIND, name, None, body))
             after.append((name, StoredObject(KIND, name, 1, body, now, obj)))
         elif body == old.body:  # nothing to write, as for a PUT of the same body
             after.append((name, StoredObject(KIND, name, old.revision, old.body, old.updated_at, obj)))
             continue
         else:
             changed.append((old.id, body, old.revision + 1))
-            record_event(db, actor, f"{KIND}.update", KIND, name, old.body, body)
+            audit.append((f"{KIND}.update", KIND, name, old.body, body))
             after.append((name, StoredObject(KIND, name, old.revision + 1, body, now, obj)))
         written.append((name, body))
 
@@ -156,6 +157,7 @@ def write_workloads(db: Session, upserts: Sequence[Mapping[str, Any]], deletes: 
             ids.update({str(n): int(i) for n, i in db.execute(
                 select(table.c.name, table.c.id).where(table.c.kind == KIND, table.c.name.in_(part)))})
     _side_tables(db, ids, written)
+    record_events(db, actor, audit)
     return BatchWritten(tuple(created), tuple(replaced), tuple(deletes), tuple(after))
 
 
