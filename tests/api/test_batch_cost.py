@@ -7,12 +7,15 @@ Proved by counting what reaches the database and the compiler, not by timing:
   included; it was about nine per workload;
 * creating and deleting many pods in one batch is ONE compiler pass and one revision (one delta)
   per affected host, not one per pod;
+* a heartbeat alone rewrites an agent's row at most every few seconds (a node's long-poll marks
+  its pods alive several times a second);
 * deletes go before upserts: a new pod may take the address of a pod the same batch deletes
   (Kubernetes recycles pod IPs), which the per-workload path refused with a 409.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import socket
 from collections.abc import Iterator
@@ -26,7 +29,9 @@ from tests.api.conftest import Api, make_settings
 
 from stockade.compiler.delta import UpdateKind
 from stockade.controller.app import create_app
+from stockade.controller.services import distribution
 from stockade.controller.services.events import SyslogFormat, SyslogTarget
+from stockade.controller.storage.db import AgentRow
 
 
 @pytest.fixture
@@ -190,3 +195,33 @@ def test_a_batch_s_audit_rows_are_forwarded_with_their_stored_ids(tmp_path: Path
                       for e in api.ok("GET", "/events", params={"limit": 500, "kind": "workload"})["items"]}
     assert {k: stored[k] for k in sent} == sent
     assert ("workload.delete", "web-1") in sent and ("workload.create", "web-4") in sent
+
+
+def test_heartbeats_alone_rewrite_an_agent_row_at_most_every_few_seconds(quiet_api: Api) -> None:
+    """A node's long-poll is its pods' heartbeat, several times a second under churn: every flush
+    rewrote every pod's row (10,000 at 10,000 pods). Acks are still written at the next flush."""
+    api = quiet_api
+    _estate(api, 1)
+    api.ok("POST", "/pairing-profiles", 201, json={"name": "p", "mode": "full", "code_max_uses": 10})
+    code = api.ok("POST", "/pairing-profiles/p/codes", 201)["code"]
+    agents = [api.client.post("/api/v1/agents/enroll", json={
+        "activation_code": code, "hostname": f"n{i}", "interfaces": []}).json()["agent_id"] for i in range(3)]
+    dist = api.ctl.dist
+    dist.flush()
+    for a in agents:
+        dist.agent_heartbeat(a)
+    assert dist.flush() == 3  # the first heartbeat is written
+    for _ in range(5):
+        for a in agents:
+            dist.agent_heartbeat(a)
+        assert dist.flush() == 0  # alive in memory; the row is seconds old at most
+    dist.agent_ack(agents[0], dist.revisions[dist.agents[agents[0]].workload] + 7)
+    assert dist.flush() == 1  # an ack is not held back
+    live = dist.agents[agents[1]]
+    live.stored_heartbeat = live.stored_heartbeat - dt.timedelta(seconds=distribution.HEARTBEAT_WRITE)  # type: ignore[operator]
+    dist.agent_heartbeat(agents[1])
+    assert dist.flush() == 1  # a stored heartbeat that old is rewritten
+    with api.ctl.sessions() as db:
+        stored = db.get(AgentRow, agents[1])
+        assert stored is not None and stored.last_heartbeat is not None
+        assert abs((stored.last_heartbeat.replace(tzinfo=dt.UTC) - live.last_heartbeat).total_seconds()) < 1e-3  # type: ignore[operator]

@@ -73,6 +73,7 @@ HISTORY = 8  # steps (revision -> next) of set deltas kept per host
 BUMP_CHUNK = 900  # hosts per bump / lookup statement (under SQLite's bound-parameter limit)
 FULL_REFRESH_ROUNDS = 10  # refresh_agents reads every agent row once in this many calls (heartbeats)
 BATCH_LIMIT = 64  # callbacks of transact_batched run in one transaction at most
+HEARTBEAT_WRITE = 5.0  # seconds: a heartbeat alone rewrites an agent's row at most this often
 
 
 @dataclass
@@ -447,10 +448,16 @@ class PolicyDistributor:
             live.dirty = True
 
     def agent_heartbeat(self, agent_id: str) -> None:
+        """Alive now (in memory at once); the row is written when the one stored is HEARTBEAT_WRITE
+        old: a node's long-poll marks its 100 pods alive several times a second, and writing all of
+        them at every flush was 10,000 row updates per flush at 10,000 pods (liveness counts in
+        tens of seconds: ``offline_after``)."""
         live = self.agents.get(agent_id)
         if live is not None:
-            live.last_heartbeat = utcnow()
-            live.dirty = True
+            now = live.last_heartbeat = utcnow()
+            stored = live.stored_heartbeat
+            if stored is None or (now - stored).total_seconds() >= HEARTBEAT_WRITE:
+                live.dirty = True
 
     def check_liveness(self, offline_after: float, grace: float | None = None) -> list[tuple[str, bool]]:
         """Record ``agent.online`` / ``agent.offline`` events for agents whose state flipped.
@@ -519,6 +526,8 @@ class PolicyDistributor:
             a.dirty = False
         params = [{"id": a.agent_id, "applied_revision": a.applied, "last_heartbeat": a.last_heartbeat}
                   for a in dirty]
+        for a, p in zip(dirty, params, strict=True):
+            a.stored_heartbeat = p["last_heartbeat"]
         try:
             with self.sessions.begin() as db:
                 write_agent_rows(db, params)
