@@ -524,10 +524,9 @@ class PolicyDistributor:
             return 0
         for a in dirty:
             a.dirty = False
+            a.stored_heartbeat = a.last_heartbeat
         params = [{"id": a.agent_id, "applied_revision": a.applied, "last_heartbeat": a.last_heartbeat}
                   for a in dirty]
-        for a, p in zip(dirty, params, strict=True):
-            a.stored_heartbeat = p["last_heartbeat"]
         try:
             with self.sessions.begin() as db:
                 write_agent_rows(db, params)
