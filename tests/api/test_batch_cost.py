@@ -225,3 +225,21 @@ def test_heartbeats_alone_rewrite_an_agent_row_at_most_every_few_seconds(quiet_a
         stored = db.get(AgentRow, agents[1])
         assert stored is not None and stored.last_heartbeat is not None
         assert abs((stored.last_heartbeat.replace(tzinfo=dt.UTC) - live.last_heartbeat).total_seconds()) < 1e-3  # type: ignore[operator]
+
+
+def test_many_agents_coming_online_at_once_are_one_audit_insert(quiet_api: Api) -> None:
+    """A node's pods (or a fleet after a restart) flip together: SQLite inserted one audit row per
+    statement, a write lock held for as many statements, while the churn's batches waited."""
+    api = quiet_api
+    api.ok("POST", "/pairing-profiles", 201, json={"name": "p", "mode": "full", "code_max_uses": 10})
+    code = api.ok("POST", "/pairing-profiles/p/codes", 201)["code"]
+    agents = [api.client.post("/api/v1/agents/enroll", json={
+        "activation_code": code, "hostname": f"n{i}", "interfaces": []}).json()["agent_id"] for i in range(6)]
+    dist = api.ctl.dist
+    for a in agents:
+        dist.agent_heartbeat(a)
+    with Statements(api) as st:
+        assert sorted(dist.check_liveness(60)) == sorted((a, True) for a in agents)
+    assert len([s for s in st.seen if s.upper().startswith("INSERT INTO EVENTS")]) == 1
+    online = api.ok("GET", "/events", params={"action": "agent.online", "limit": 50})["items"]
+    assert sorted(e["name"] for e in online) == sorted(agents)
