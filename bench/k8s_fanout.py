@@ -25,6 +25,9 @@ its affected pods have; timed from just before the API call:
     python bench/k8s_fanout.py --pods 1000 --nodes 10 --seconds 20     # quick (~1-2 min)
     python bench/k8s_fanout.py                                          # 10,000 pods, 100 nodes, 100 events/s
 
+``--before-src ../main/src --protocol node`` (session 7): before/after side by side, each size run
+with both controllers in turn (``--sizes 1000/10,3000/30,10000/100``), one table with the load.
+
 ``--protocol node`` (session 6): the node protocol instead (src/stockade/k8s/node_poll.py): pods are
 ``k8s.*`` workloads bound to their node by the ``k8s-node`` label (as the cluster sync writes them),
 each node enrols as an agent and enrols its pods with ``POST /agents/{node}/pods/enroll-batch``, then
@@ -61,6 +64,7 @@ from controller import (
     _converged,
     _enrol,
     _free_port,
+    _issue_codes,
     _owner_key,
     _raise_nofile,
     _setup_policy,
@@ -211,7 +215,7 @@ async def node_poller(node: Agent, pods: list[Agent], port: int, pending: Pendin
 
     while not stop.is_set():
         try:
-            unacked = [{"agent_id": p.agent_id, "revision": p.applied} for p in pods
+            unacked: list[dict[str, Any]] = [{"agent_id": p.agent_id, "revision": p.applied} for p in pods
                        if p.applied and acked.get(p.agent_id) != p.applied]
             first = not acked
             timeout = max(0.5, min(20.0, next_beat - time.monotonic()))
@@ -272,7 +276,7 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
                  for n in node_agents]
         expected = pods + nodes
     else:
-        agents = await _enrol([port], key, pods)
+        agents = await _enrol([port], await _issue_codes(port, key, pods), pods)
         node_agents = []
         tasks = [asyncio.create_task(pod_agent(a, port, pending, stop)) for a in agents]
         expected = pods
@@ -292,6 +296,7 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
     calls = 0
     counter = 0
     cpu0 = cpu_seconds([pid])
+    print(f"churn starts (setup {setup_s:.0f} s, converged {converged_s:.0f} s)", file=sys.stderr, flush=True)
 
     def make_event(i: int) -> None:
         """The pod event of step ``i`` (the API server's): a create, or a delete of a created pod."""
@@ -403,6 +408,60 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
     }
 
 
+def _serve_and_run(args: argparse.Namespace, pods: int, nodes: int, src: str | None) -> dict[str, Any]:
+    """One controller (``src``: the ``src`` folder of another checkout to run it from, e.g. main's,
+    for a before/after comparison; None: this one) and one churn run against it."""
+    tmp = Path(tempfile.mkdtemp(prefix="stockade-fanout-"))
+    port = _free_port()
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = src
+    server = subprocess.Popen([sys.executable, str(CONTROLLER), "--serve", f"sqlite:///{tmp / 'stockade.db'}",
+                               str(port)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert server.stdout is not None
+        cred = json.loads(server.stdout.readline())
+        for _ in range(400):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        import uvloop
+
+        return uvloop.run(run(port, cred["password"], pods, nodes, args.rate, args.seconds, server.pid,
+                              args.writes == "batch", args.protocol))
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    """Before (``--before-src``) and after (this checkout) at each size, interleaved, one table."""
+    rows: list[tuple[str, str, dict[str, Any]]] = []
+    sizes = [tuple(int(x) for x in s.split("/")) for s in args.sizes.split(",")]
+    for pods, nodes in sizes:
+        for label, src in (("before", args.before_src), ("after", None)):
+            load0 = os.getloadavg()[0]
+            r = _serve_and_run(args, pods, nodes, src)
+            r["load0"] = load0
+            print(json.dumps({"variant": label, **r}), flush=True)
+            rows.append((f"{pods:,} pods / {nodes} nodes", label, r))
+    print()
+    print(f"| {args.protocol} protocol, {args.rate:.0f} events/s asked, {args.seconds:.0f} s | code | events/s | "
+          "event -> every affected node acked, p50 / p99 / max ms | batch API call p50 / p99 ms | calls | "
+          "controller CPU | load at start / end |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size, label, r in rows:
+        print(f"| {size} | {label} | {r['rate']:.0f} | {r['event_p50_ms']:,.0f} / {r['event_p99_ms']:,.0f} / "
+              f"{r['event_max_ms']:,.0f} | {r['api_p50_ms']:,.0f} / {r['api_p99_ms']:,.0f} | {r['calls']} | "
+              f"{r['controller_cpu_pct']:.0f} % | {r['load0']:.1f} / {r['load']:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pods", type=int, default=10_000)
@@ -416,33 +475,16 @@ def main() -> None:
                     help="pod: one long-poll, ack and heartbeat per pod (main); node: one long-poll, ack batch and "
                          "heartbeat per node (session 6)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--before-src", help="compare: the src folder of another checkout (e.g. main's) run as "
+                    "'before', interleaved with this one at each of --sizes")
+    ap.add_argument("--sizes", default="1000/10,3000/30,10000/100", help="with --before-src: PODS/NODES,...")
     args = ap.parse_args()
     _raise_nofile()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="stockade-fanout-"))
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, str(CONTROLLER), "--serve", f"sqlite:///{tmp / 'stockade.db'}",
-                               str(port)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        cred = json.loads(server.stdout.readline())
-        for _ in range(400):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        import uvloop
-
-        r = uvloop.run(run(port, cred["password"], args.pods, args.nodes, args.rate, args.seconds, server.pid,
-                               args.writes == "batch", args.protocol))
-    finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+    if args.before_src:
+        _compare(args)
+        return
+    r = _serve_and_run(args, args.pods, args.nodes, None)
     print(json.dumps(r), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(r, indent=1))

@@ -1,7 +1,7 @@
 """The cluster sync's batched writes (issue 15, pod churn): a pass's pod changes go as ONE batch call.
 
 With an in-memory controller client: many changes -> one ``batch_workloads`` (chunked at
-BATCH_MAX) and ``pushed`` updated; a single change -> the single write; a refused batch (409, or
+BATCH_MAX, deletes first) and ``pushed`` updated; a single change -> the single write; a refused batch (409, or
 405 from a controller without the route) -> False, so the caller writes one pod at a time and
 skips only the refused pod; any other error propagates (the worker retries the whole pass).
 """
@@ -21,7 +21,14 @@ from tests.asyncutil import run_async
 class FakeCtl:
     def __init__(self, fail: int = 0) -> None:
         self.batches: list[tuple[list[str], list[str]]] = []
+        self.singles: list[str] = []
         self.fail = fail
+
+    async def put_workload(self, body: dict[str, Any]) -> None:
+        self.singles.append(f"put {body['name']}")
+
+    async def delete_workload(self, name: str) -> None:
+        self.singles.append(f"delete {name}")
 
     async def batch_workloads(self, upsert: list[dict[str, Any]], delete: list[str]) -> None:
         if self.fail:
@@ -58,7 +65,7 @@ def test_batches_are_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
     stub = Stub(ctl, {f"d{i}": {"name": f"d{i}"} for i in range(2)})
     wanted = {f"p{i}": {"name": f"p{i}"} for i in range(5)}
     assert _run(stub, wanted, {"d0", "d1"})
-    assert ctl.batches == [(["p0", "p1", "p2"], []), (["p3", "p4"], ["d0"]), ([], ["d1"])]
+    assert ctl.batches == [(["p0"], ["d0", "d1"]), (["p1", "p2", "p3"], []), (["p4"], [])]  # deletes first
     assert set(stub.pushed) == set(wanted)
 
 
@@ -72,3 +79,14 @@ def test_one_change_or_a_refused_batch_goes_one_write_at_a_time() -> None:
         assert stub.pushed == {}
     with pytest.raises(ControllerApiError):
         _run(Stub(FakeCtl(fail=500), {}), {"a": {"name": "a"}, "b": {"name": "b"}}, set())
+
+
+def test_single_writes_delete_before_they_put() -> None:
+    """A new pod may have recycled a deleted pod's IP: written first, the controller refused it (409)
+    and the sync skipped it until the pod changed again."""
+    ctl = FakeCtl()
+    stub = Stub(ctl, {"old": {"name": "old", "ip": "10.0.0.9"}})
+    wanted = {"new": {"name": "new", "ip": "10.0.0.9"}}
+    run_async(ClusterSync._apply_singly(stub, wanted, {"old"}, {}))  # type: ignore[arg-type]
+    assert ctl.singles == ["delete old", "put new"]
+    assert stub.pushed == wanted

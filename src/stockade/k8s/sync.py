@@ -5,7 +5,8 @@ every change marks the pods it affects dirty and wakes one worker, which compute
 :func:`~stockade.k8s.mapping.desired_workload` and writes only the differences through the REST API:
 the changes of one pass (every pod changed while the previous write was under way) as ONE ``POST
 /workload-batches`` transaction, so a burst of pod churn is one revision per affected host; a single
-change, or a batch the controller refuses, goes one PUT/POST/DELETE per pod. After a (re-)list of
+change, or a batch the controller refuses, goes one PUT/POST/DELETE per pod. Deletes always go
+first, so a new pod that recycled a deleted pod's IP is not refused for holding its address. After a (re-)list of
 both kinds the worker also deletes every ``k8s.*`` workload that no pod wants: deletions that
 happened while the sync was down or while a watch was expired are not lost. A failed write is
 retried with backoff; the pods stay dirty until it lands.
@@ -223,6 +224,15 @@ class ClusterSync:
         gone -= set(wanted)
         if await self._apply_batch(wanted, gone):
             return
+        await self._apply_singly(wanted, gone, keys)
+
+    async def _apply_singly(self, wanted: dict[str, dict[str, Any]], gone: set[str], keys: dict[str, PodKey]) -> None:
+        """One write per pod, deletes first: a deleted pod's address is free before a new pod that
+        recycled it is written (Kubernetes reuses pod IPs; the other order refused the new pod)."""
+        for name in sorted(gone):
+            if name in self.pushed:
+                await self._ctl.delete_workload(name)
+                del self.pushed[name]
         for name, body in wanted.items():
             if self.pushed.get(name) != body:
                 try:
@@ -236,10 +246,6 @@ class ClusterSync:
                     self._skip(Skip(keys[name], f"the controller refused it: {exc}"))
                     continue
                 self.pushed[name] = body
-        for name in sorted(gone):
-            if name in self.pushed:
-                await self._ctl.delete_workload(name)
-                del self.pushed[name]
 
     async def _apply_batch(self, wanted: dict[str, dict[str, Any]], gone: set[str]) -> bool:
         """Every pod change of this pass as ONE controller transaction (one revision per affected
@@ -250,10 +256,10 @@ class ClusterSync:
         delete = sorted(name for name in gone if name in self.pushed)
         if len(put) + len(delete) < 2:
             return False
-        try:
+        try:  # deletes first (the controller applies a batch's deletes before its upserts, too)
             for start in range(0, len(put) + len(delete), BATCH_MAX):
-                part_put = put[start : start + BATCH_MAX]
-                part_delete = delete[max(0, start - len(put)) : max(0, start + BATCH_MAX - len(put))]
+                part_delete = delete[start : start + BATCH_MAX]
+                part_put = put[max(0, start - len(delete)) : max(0, start + BATCH_MAX - len(delete))]
                 await self._ctl.batch_workloads(part_put, part_delete)
                 for body in part_put:
                     self.pushed[body["name"]] = body

@@ -12,6 +12,9 @@ name at most once). Every workload is decoded by the same codec as ``PUT /worklo
 problem refuses the whole batch (422 naming ``upsert[i].field``, 404 for a delete of a missing
 workload, 409 for a conflict such as an address another workload holds) and nothing is written,
 so the caller can fall back to single writes. Every object is audited as its single write would be.
+The rows are written by set-based statements (:mod:`stockade.controller.storage.workload_writes`):
+a fixed number of statements per batch, not nine per workload; deletes go before upserts, so a new
+pod may take the address of a pod deleted in the same batch.
 Needs the write permission; a label-scoped principal's batch is refused when it would change the
 policy of a workload outside its scope, exactly as its single writes would be.
 """
@@ -29,7 +32,7 @@ from stockade.controller.context import controller_of, require
 from stockade.controller.services import scope
 from stockade.controller.services.auth import Permission, Principal
 from stockade.controller.services.compiler_txn import CompilerTxn
-from stockade.controller.storage import store
+from stockade.controller.storage.workload_writes import write_workloads
 from stockade.errors import Issue, ValidationError
 
 router = APIRouter()
@@ -71,24 +74,10 @@ def batch_workloads(
 
     def run(db: Session, txn: CompilerTxn) -> None:
         earlier = {name: scope.labels_now(ctl.dist, name) for name in names}
-        present = store.names_present(db, "workload", [str(item["name"]) for item in body.upsert])
-        for i, item in enumerate(body.upsert):
-            name = str(item["name"])
-            try:
-                if name in present:
-                    _before, after = store.replace_object(db, "workload", name, item, principal.actor)
-                    out.replaced.append(name)
-                else:
-                    after = store.create_object(db, "workload", item, principal.actor)
-                    out.created.append(name)
-            except ValidationError as exc:
-                raise ValidationError([Issue(e.source, e.line, f"upsert[{i}].{e.field}", e.message)
-                                       for e in exc.issues]) from None
+        done = write_workloads(db, body.upsert, body.delete, principal.actor)
+        for name, after in done.after:  # queued: ONE compiler pass for the batch (CompilerTxn)
             _sync_compiler(txn, db, "workload", name, after)
-        for name in body.delete:
-            store.delete_object(db, "workload", name, principal.actor)
-            _sync_compiler(txn, db, "workload", name, None)
-            out.deleted.append(name)
+        out.created, out.replaced, out.deleted = list(done.created), list(done.replaced), list(done.deleted)
         scope.check_deltas(principal, txn, earlier, f"a batch of {len(names)} workload writes")
 
     ctl.dist.transact(run)

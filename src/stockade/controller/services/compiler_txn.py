@@ -8,6 +8,7 @@ failed commit puts the compiler back exactly where the database is.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,14 @@ from stockade.controller.services import replicas
 from stockade.errors import Issue, ValidationError
 from stockade.model.netpol import KubeNetworkPolicy
 from stockade.model.workloads import WireGuardIdentity, Workload
+
+# A batch of this many workload changes (the cluster sync's first list of a cluster, an import)
+# grew the long-lived state by as many workloads: move it to the permanent GC generation, as the
+# Compiler's build does. Otherwise the next full collection walks all of it, and at 10,000 pods
+# that was a 0.3-3 s pause of the whole controller (bench/k8s_fanout.py, loaded machine) in the
+# middle of the churn. Smaller batches do not freeze: each freeze also keeps whatever cyclic
+# garbage the process holds at that moment (a few sessions' worth), so it must stay rare.
+FREEZE_AFTER = 500
 
 if TYPE_CHECKING:
     from stockade.controller.services.distribution import PolicyDistributor
@@ -74,6 +83,8 @@ class CompilerTxn:
         t0 = time.perf_counter()
         self._merge(compiler.apply_changes(pending))
         self.compile_seconds += time.perf_counter() - t0
+        if len(pending) >= FREEZE_AFTER:
+            gc.freeze()  # see FREEZE_AFTER
         now = self.dist.workloads  # the inventory as the batch left it
         revert: list[Workload | str] = [
             old if old is not None else name for name, old in before.items() if old is not None or name in now

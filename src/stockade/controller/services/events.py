@@ -17,10 +17,10 @@ import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import Table, insert, select
 from sqlalchemy import event as sa_event
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from stockade import __version__
@@ -33,6 +33,29 @@ def record_event(db: Session, actor: str, action: str, kind: str, name: str, bef
     row = EventRow(time=utcnow(), actor=actor, action=action, kind=kind, name=name, before=before, after=after)
     db.add(row)
     db.info.setdefault(PENDING, []).append(row)
+
+
+def record_events(db: Session, actor: str, changes: list[tuple[str, str, str, Any, Any]]) -> None:
+    """:func:`record_event` for many objects of one change (``(action, kind, name, before, after)``,
+    each (kind, name) at most once): one batched ``INSERT ... RETURNING`` (the ORM inserts one row
+    per statement on SQLite, which cannot return an executemany's ids in order; the ids are
+    matched back by (kind, name) instead). The rows are forwarded after commit like single ones."""
+    if len({(kind, name) for _a, kind, name, _b, _c in changes}) != len(changes):
+        for action, kind, name, before, after in changes:
+            record_event(db, actor, action, kind, name, before, after)
+        return
+    now = utcnow()
+    rows = [EventRow(time=now, actor=actor, action=a, kind=k, name=n, before=b, after=c) for a, k, n, b, c in changes]
+    if not rows:
+        return
+    table = cast(Table, EventRow.__table__)
+    ids = {(str(k), str(n)): int(i) for i, k, n in db.execute(
+        insert(table).returning(table.c.id, table.c.kind, table.c.name),
+        [{"time": r.time, "actor": r.actor, "action": r.action, "kind": r.kind, "name": r.name, "before": r.before,
+          "after": r.after} for r in rows])}
+    for r in rows:
+        r.id = ids[(r.kind, r.name)]  # transient rows: what the forwarder formats
+    db.info.setdefault(PENDING, []).extend(rows)
 
 
 def query_events(

@@ -80,6 +80,7 @@ class AgentLive:
     applied: int = 0
     last_heartbeat: dt.datetime | None = None
     dirty: bool = False
+    stored_heartbeat: dt.datetime | None = None  # the last heartbeat this process wrote to the row
     online: bool = False
     proof: str = ""  # last proof the agent reported: "proven" / "differs" / "failed" ("": none yet)
     proof_revision: int = 0

@@ -237,15 +237,21 @@ def validate_draft(db: Session, override: Mapping[str, Mapping[str, Any]] | None
     return codec.build_policy(objects).validate("api")
 
 
-def _check_labels(db: Session, body: Mapping[str, Any]) -> None:
-    """Labels of a workload, or of the workloads a pairing profile creates: declared keys and values."""
-    keys = draft_objects(db, ("label_key",))["label_key"]
+def label_issues(keys: Mapping[str, Mapping[str, Any]], body: Mapping[str, Any]) -> list[Issue]:
+    """Labels of a workload (or of the workloads a pairing profile creates) against the declared
+    label keys ``keys`` (the stored ``label_key`` bodies): unknown keys and values not allowed."""
     issues = []
     for key, value in sorted(body.get("labels", {}).items()):
         if key not in keys:
             issues.append(Issue("api", 0, f"labels.{key}", f"unknown label key {key!r}"))
         elif keys[key]["values"] and value not in keys[key]["values"]:
             issues.append(Issue("api", 0, f"labels.{key}", f"value {value!r} not allowed for key {key!r}"))
+    return issues
+
+
+def _check_labels(db: Session, body: Mapping[str, Any]) -> None:
+    """Labels of a workload, or of the workloads a pairing profile creates: declared keys and values."""
+    issues = label_issues(draft_objects(db, ("label_key",))["label_key"], body)
     if issues:
         raise ValidationError(issues)
 
@@ -285,6 +291,12 @@ def _check_draft(db: Session, kind: str, name: str, body: Mapping[str, Any] | No
     raise ValidationError(issues)
 
 
+def address_conflict(taken: list[tuple[str, str]]) -> ConflictError:
+    """The refusal of a workload write whose addresses (address, owner) other workloads hold."""
+    owners = ", ".join(f"{a} (workload {n})" for a, n in taken)
+    return ConflictError(f"address already belongs to another workload: {owners}")
+
+
 def _sync_side_tables(db: Session, row: ObjectRow) -> None:
     if row.kind == "pairing_profile" and db.get(PairingProfileUsesRow, row.id) is None:
         db.add(PairingProfileUsesRow(object_id=row.id, uses=0))  # enrolment counts here
@@ -302,8 +314,7 @@ def _sync_side_tables(db: Session, row: ObjectRow) -> None:
             .where(ObjectAddressRow.address.in_(addresses), ObjectAddressRow.object_id != row.id)
         ).all()
         if taken:
-            owners = ", ".join(f"{a} (workload {n})" for a, n in taken)
-            raise ConflictError(f"address already belongs to another workload: {owners}")
+            raise address_conflict([(str(a), str(n)) for a, n in taken])
     for a in addresses:
         db.add(ObjectAddressRow(object_id=row.id, address=a))
 
