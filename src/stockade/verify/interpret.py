@@ -25,7 +25,6 @@ a port-group chain once per combination of its peers.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 from itertools import pairwise
 
 from stockade.errors import UnmodelledConstructError
@@ -53,6 +52,7 @@ from stockade.verify.loaded import (
     Tunnel,
     Verdict,
 )
+from stockade.verify.rulescan import RuleScan, scan_rules
 from stockade.verify.space import BDDNode, HeaderSpace, disjoin, grouped_or
 from stockade.verify.tunnel import bind_marks, match_bdd, output_exit
 
@@ -69,50 +69,14 @@ def peer_field(hook: HookName) -> Addr:
     return Addr.SADDR if hook is HookName.INPUT else Addr.DADDR
 
 
+def _deciding(elements: tuple[MapElement, ...]) -> bool:
+    return all(e.verdict.kind in _DECIDES for e in elements)
+
+
 def _disjoint(elements: tuple[MapElement, ...]) -> bool:
     """Whether no two elements of a verdict map share a key (``l4proto . dport``)."""
     keys = sorted((e.proto, e.port_lo, e.port_hi) for e in elements)
     return all(p1 != p2 or hi1 < lo2 for (p1, _lo1, hi1), (p2, lo2, _hi2) in pairwise(keys))
-
-
-@dataclass(frozen=True)
-class RuleScan:
-    """What one pass over a family's rules finds, shared by both hooks' interpreters."""
-
-    saddr_sets: tuple[str, ...]  # sets some rule tests the source address against (sorted)
-    daddr_sets: tuple[str, ...]
-    uses_marks: bool  # some rule tests or sets the packet mark (else ``mk`` never appears)
-
-    def sets_of(self, addr: Addr) -> tuple[str, ...]:
-        return self.saddr_sets if addr is Addr.SADDR else self.daddr_sets
-
-
-def scan_rules(rules: FamilyRules) -> RuleScan:
-    """One pass over the distinct rules of ``rules`` (the nftables read-back shares one ``Rule``
-    between the chains holding equal rules: each is looked at once)."""
-    seen: set[int] = set()
-    names: dict[Addr, set[str]] = {Addr.SADDR: set(), Addr.DADDR: set()}
-    marks = False
-    family = rules.family
-    for chain in rules.chains.values():
-        for r in chain.rules:
-            if id(r) in seen:
-                continue
-            seen.add(id(r))
-            if r.verdict.kind is Kind.MARK:
-                marks = True
-            for m in r.matches:
-                if isinstance(m, AddrIn):
-                    if m.family is family:
-                        names[m.addr].add(m.set_name)
-                elif isinstance(m, PacketMark):
-                    marks = True
-    return RuleScan(tuple(sorted(names[Addr.SADDR])), tuple(sorted(names[Addr.DADDR])), marks)
-
-
-def referenced_sets(rules: FamilyRules, addr: Addr) -> list[str]:
-    """The address sets some rule of ``rules`` tests ``addr`` against (sorted, no repeats)."""
-    return list(scan_rules(rules).sets_of(addr))
 
 
 class Interpreter:
@@ -349,28 +313,15 @@ class Interpreter:
                 pending.append((m, false, false, false))
             elif v.kind is Kind.GOTO or (v.kind is Kind.JUMP and not marks):
                 pending.append(self._block(v, m, stack, marks))
-            elif v.kind is Kind.VMAP and not marks:
-                elements = self.rules.maps[v.target]
-                if all(e.verdict.kind in _DECIDES for e in elements) and _disjoint(elements):
-                    # disjoint keys: the map is one block, the ORs of its elements' blocks
-                    blocks = [self._block(e.verdict, em, stack, marks) for e in elements
-                              if (em := m & self._map_key(e.proto, e.port_lo, e.port_hi)) != false]
+            elif v.kind is Kind.VMAP and not marks and _deciding(elements := self.rules.maps[v.target]):
+                blocks = [self._block(e.verdict, em, stack, marks) for e in reversed(elements)
+                          if (em := m & self._map_key(e.proto, e.port_lo, e.port_hi)) != false]
+                if _disjoint(elements):  # the map is one block, the ORs of its elements' blocks
                     m, a, d, k = (disjoin(sp, [b[i] for b in blocks]) for i in range(4))
                     pending.append((m, a, d, k))
-                    continue
-                if all(e.verdict.kind in _DECIDES for e in elements):
-                    for e in reversed(elements):  # the first element holding the key decides
-                        em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
-                        if em != false:
-                            pending.append(self._block(e.verdict, em, stack, marks))
-                    continue
-                state = self._flush(pending, state, marks)
-                pending = []
-                for e in reversed(elements):
-                    em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
-                    if em != false:
-                        state = self._ite(e.verdict, em, state, state, stack, marks)
-            else:  # a mark, a jump or a verdict map while marks are tracked: one by one
+                else:  # the first element holding the key decides
+                    pending.extend(blocks)
+            else:  # a mark; a jump or a verdict map while marks are tracked: one by one
                 state = self._flush(pending, state, marks)
                 pending = []
                 if v.kind is Kind.VMAP:

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from itertools import compress, islice, repeat
 from operator import add, attrgetter, le, lshift, ne, sub
 
-from stockade.compiler.ir import Direction, HostPolicy
+from stockade.compiler.ir import AddressSet, Direction, HostPolicy
 from stockade.model.addresses import Family, IPAddress, IPNetwork, Range, merge_ranges
-from stockade.verify.interpret import Interpreter, RuleScan, peer_field, scan_rules
+from stockade.verify.interpret import Interpreter, peer_field
 from stockade.verify.loaded import CT_STATES, FamilyRules, Field, HookName, LoadedRuleset, Steering
 from stockade.verify.members import symbolic_members
+from stockade.verify.rulescan import RuleScan, scan_rules
 from stockade.verify.space import (
     SYN,
     AddressClass,
@@ -149,6 +150,24 @@ def _ranges(nets: Iterable[IPNetwork]) -> tuple[Range, ...]:
     return tuple(zip(starts, lasts, strict=True))
 
 
+# The agent proves the same HostPolicy after every apply and periodically: its sets' ranges (100k
+# members: ~0.3 s) are kept per AddressSet object, by identity. The entry holds the set itself, so
+# an id is never reused while cached; a frozen set's members never change, so a hit is exact.
+_SET_RANGES: dict[int, tuple[AddressSet, tuple[Range, ...]]] = {}
+_SET_RANGES_MAX = 4096
+
+
+def _set_ranges(s: AddressSet) -> tuple[Range, ...]:
+    hit = _SET_RANGES.get(id(s))
+    if hit is not None and hit[0] is s:
+        return hit[1]
+    found = _ranges(s.members)
+    if len(_SET_RANGES) >= _SET_RANGES_MAX:
+        _SET_RANGES.clear()  # the sets of the policy in force come back at its next proof
+    _SET_RANGES[id(s)] = (s, found)
+    return found
+
+
 class _Preds:
     """Address predicates of one family; equal member ranges share one predicate."""
 
@@ -233,7 +252,7 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
             domain = domain & ~space.var("enc")  # nothing of this policy marks a connection encrypted
         # one set of address classes per family, for both directions (finer than either needs)
         preds = _Preds()
-        spec_pred: dict[str, int] = {s.name: preds.add(_ranges(s.members)) for s in hp.sets if s.family is family}
+        spec_pred: dict[str, int] = {s.name: preds.add(_set_ranges(s)) for s in hp.sets if s.family is family}
         controller = _ranges(n for n in hp.failsafe.controller if n.version == family.value)
         if controller:
             spec_pred[CONTROLLER_PRED] = preds.add(controller)
