@@ -25,6 +25,7 @@ a port-group chain once per combination of its peers.
 from __future__ import annotations
 
 import bisect
+from itertools import pairwise
 
 from stockade.errors import UnmodelledConstructError
 from stockade.model.addresses import Family
@@ -42,6 +43,7 @@ from stockade.verify.loaded import (
     IntIn,
     Kind,
     Loopback,
+    MapElement,
     Match,
     PacketMark,
     Rule,
@@ -50,28 +52,31 @@ from stockade.verify.loaded import (
     Tunnel,
     Verdict,
 )
-from stockade.verify.space import BDDNode, HeaderSpace
+from stockade.verify.rulescan import RuleScan, scan_rules
+from stockade.verify.space import BDDNode, HeaderSpace, disjoin, grouped_or
 from stockade.verify.tunnel import bind_marks, match_bdd, output_exit
 
 # verdicts after which a packet never comes back to the rules that follow: consecutive rules
 # with one of them (and the same target) can be merged into one rule matching their OR
 _MERGEABLE = frozenset({Kind.ACCEPT, Kind.DROP, Kind.RETURN, Kind.GOTO})
+_DECIDES = frozenset({*_MERGEABLE, Kind.JUMP})  # blocks (a jump: only without marks)
+_NOTHING = "nothing"  # a rule that changes nothing: a jump to a chain returning every packet
+_State = tuple[BDDNode, BDDNode, BDDNode]  # (accepted, dropped, marked) of a chain so far
+_Block = tuple[BDDNode, BDDNode, BDDNode, BDDNode]  # (matched, accepted, dropped, marked) of rules
 
 
 def peer_field(hook: HookName) -> Addr:
     return Addr.SADDR if hook is HookName.INPUT else Addr.DADDR
 
 
-def referenced_sets(rules: FamilyRules, addr: Addr) -> list[str]:
-    """The address sets some rule of ``rules`` tests ``addr`` against (sorted, no repeats)."""
-    names = {
-        m.set_name
-        for chain in rules.chains.values()
-        for r in chain.rules
-        for m in r.matches
-        if isinstance(m, AddrIn) and m.addr is addr and m.family is rules.family
-    }
-    return sorted(names)
+def _deciding(elements: tuple[MapElement, ...]) -> bool:
+    return all(e.verdict.kind in _DECIDES for e in elements)
+
+
+def _disjoint(elements: tuple[MapElement, ...]) -> bool:
+    """Whether no two elements of a verdict map share a key (``l4proto . dport``)."""
+    keys = sorted((e.proto, e.port_lo, e.port_hi) for e in elements)
+    return all(p1 != p2 or hi1 < lo2 for (p1, _lo1, hi1), (p2, lo2, _hi2) in pairwise(keys))
 
 
 class Interpreter:
@@ -86,8 +91,10 @@ class Interpreter:
         local: int | None,
         members: dict[int, BDDNode] | None = None,
         steering: Steering = Steering.ROUTE,
+        scan: RuleScan | None = None,
     ) -> None:
         self.space = space
+        self._marks_used = (scan if scan is not None else scan_rules(rules)).uses_marks
         self.rules = rules
         self.family: Family = rules.family
         self.hook = hook
@@ -103,6 +110,8 @@ class Interpreter:
         self._memo: dict[tuple[str, frozenset[int]], tuple[BDDNode, BDDNode]] = {}
         self._map_keys: dict[tuple[int, int, int], BDDNode] = {}
         self._static: dict[int, tuple[BDDNode | None, tuple[tuple[int, bool], ...]]] = {}
+        self._splits: dict[int, tuple[BDDNode, BDDNode] | None] = {}  # id(rule): the rules outlive us
+        self._outcomes: dict[Verdict, object] = {}  # a goto's / jump's target as a merge key
         self._rule_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
         self._map_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
 
@@ -243,17 +252,24 @@ class Interpreter:
         return acc, drop
 
     def _chain_symbolic(self, name: str, stack: tuple[str, ...]) -> tuple[BDDNode, BDDNode]:
-        """The same (accepted, dropped) with set membership symbolic, built from the LAST rule
-        to the first: what rule ``i`` leaves undecided is what rules ``i+1..`` decide, so each
-        rule is one if-then-else over the result of the rules after it (``ite(match, verdict,
-        after)``), not three operations on what is still undecided. Over membership variables
-        (a first-match decision list per port) this is several times cheaper.
+        """The same (accepted, dropped) with set membership symbolic.
 
-        Consecutive rules with the same final verdict (accept, drop, return, goto X; rules
-        without a verdict in between decide nothing) are one rule whose match is the OR of
-        theirs: the first of them that matches gives the verdict the others would. Equal
-        non-address matches are factored out (``ports and (in A or in B ...)``), so a run of
-        ``-p tcp --dport 80 -m set --match-set Pi src -j DROP`` costs one step, not one per set."""
+        Rules that decide every packet they match (accept, drop, return, goto; a jump too, as
+        the packets its chain decides, when no rule marks packets) are *blocks* ``(matched,
+        accepted, dropped, marked)``; consecutive ones are merged pairwise in a balanced tree,
+        the first one winning where it matches (``M = M1 | M2``, each outcome ``X1 | (X2 &
+        ~M1)``), so each of the log(n) levels costs about the size of its result, where a
+        rule-by-rule build onto everything decided so far costs that much per rule (session 6:
+        ``ite(match, verdict, after)`` from the last rule up). A verdict map's elements (disjoint
+        keys) are blocks of their own. Jumps with marks and ``mark`` rules end a run of blocks
+        and are applied one by one.
+
+        Consecutive rules with the same outcome (accept, drop, return, goto X; a goto or jump to
+        a chain that accepts or drops every packet counts as that; rules without a verdict in
+        between decide nothing) are one block whose match is the OR of theirs: the first of them
+        that matches gives the outcome the others would. Equal non-address matches are factored
+        out (``ports and (in A or in B ...)``), so a run of ``-p tcp --dport 80 -m set
+        --match-set Pi src -j DROP`` costs one step, not one per set."""
         found = self._memo.get((name, frozenset()))
         if found is not None:
             return found
@@ -261,43 +277,141 @@ class Interpreter:
             raise UnmodelledConstructError(f"chain {name}", "a loop of jumps")
         stack = (*stack, name)
         sp = self.space
-        steps: list[tuple[Rule, list[tuple[BDDNode, BDDNode]]]] = []  # (rule, [(static, member)])
+        false = sp.false
+        marks = self._uses_marks()  # then also which packets the chain steers (MARK), as a third BDD
+        steps: list[tuple[object, Verdict, list[tuple[BDDNode, BDDNode]]]] = []  # (outcome, verdict, parts)
+        splits = self._splits
         for rule in self._chain(name).rules:
-            kind = rule.verdict.kind
-            if kind is Kind.CONTINUE:
+            verdict = rule.verdict
+            if verdict.kind is Kind.CONTINUE:
                 continue
-            split = self._split_symbolic(rule)
+            key = id(rule)  # equal rules of several chains are one object (nftables read-back)
+            if key in splits:
+                split = splits[key]
+            else:
+                split = splits[key] = self._split_symbolic(rule)
             if split is None:
                 continue
-            if steps and kind in _MERGEABLE and steps[-1][0].verdict == rule.verdict:
-                parts = steps[-1][1]
-                if parts[-1][0] == split[0]:
-                    parts[-1] = (split[0], parts[-1][1] | split[1])
+            outcome = self._outcome(verdict, stack, marks)
+            if outcome is _NOTHING:
+                continue
+            if outcome is not None and steps and steps[-1][0] == outcome:
+                steps[-1][2].append(split)
+                continue
+            steps.append((outcome, verdict, [split]))
+        state: _State = (false, false, false)  # (accepted, dropped, marked); the end returns
+        pending: list[_Block] = []  # blocks, the LAST rule first
+        for outcome, v, parts in reversed(steps):
+            m = grouped_or(sp, parts) if len(parts) > 1 else parts[0][0] & parts[0][1]
+            if m == false:
+                continue
+            if outcome == "accept":
+                pending.append((m, m, false, false))
+            elif outcome == "drop":
+                pending.append((m, false, m, false))
+            elif outcome == "return":
+                pending.append((m, false, false, false))
+            elif v.kind is Kind.GOTO or (v.kind is Kind.JUMP and not marks):
+                pending.append(self._block(v, m, stack, marks))
+            elif v.kind is Kind.VMAP and not marks and _deciding(elements := self.rules.maps[v.target]):
+                blocks = [self._block(e.verdict, em, stack, marks) for e in reversed(elements)
+                          if (em := m & self._map_key(e.proto, e.port_lo, e.port_hi)) != false]
+                if _disjoint(elements):  # the map is one block, the ORs of its elements' blocks
+                    m, a, d, k = (disjoin(sp, [b[i] for b in blocks]) for i in range(4))
+                    pending.append((m, a, d, k))
+                else:  # the first element holding the key decides
+                    pending.extend(blocks)
+            else:  # a mark; a jump or a verdict map while marks are tracked: one by one
+                state = self._flush(pending, state, marks)
+                pending = []
+                if v.kind is Kind.VMAP:
+                    after = state  # a jump's returns go on with the next RULE, not element
+                    for e in reversed(self.rules.maps[v.target]):
+                        em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
+                        if em != false:
+                            state = self._ite(e.verdict, em, state, after, stack, marks)
                 else:
-                    parts.append(split)
-                continue
-            steps.append((rule, [split]))
-        marks = self._uses_marks()  # then also which packets the chain steers (MARK), as a third BDD
-        state = (sp.false, sp.false, sp.false)  # (accepted, dropped, marked); the end returns
-        for rule, parts in reversed(steps):
-            m = sp.false
-            for static, member in parts:
-                m = m | (static & member)
-            if m == sp.false:
-                continue
-            if rule.verdict.kind is Kind.VMAP:
-                after = state  # a jump's returns go on with the next RULE, not element
-                for e in reversed(self.rules.maps[rule.verdict.target]):
-                    em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
-                    if em != sp.false:
-                        state = self._ite(e.verdict, em, state, after, stack, marks)
-            else:
-                state = self._ite(rule.verdict, m, state, state, stack, marks)
-        acc, drop, marked = state
+                    state = self._ite(v, m, state, state, stack, marks)
+        acc, drop, marked = self._flush(pending, state, marks)
         self._memo[(name, frozenset())] = (acc, drop)
         if marks:
             self._marks[(name, frozenset())] = marked
         return acc, drop
+
+    def _outcome(self, v: Verdict, stack: tuple[str, ...], marks: bool) -> object:
+        """What a rule with verdict ``v`` does to every packet it matches, for merging runs:
+        "accept", "drop", "return", ("goto", X); a goto or jump to a chain that accepts (drops)
+        every packet is "accept" ("drop"); a jump to one that returns every packet does nothing
+        (:data:`_NOTHING`) when no rule marks packets; None: not merged."""
+        kind = v.kind
+        if kind is Kind.ACCEPT:
+            return "accept"
+        if kind is Kind.DROP:
+            return "drop"
+        if kind is Kind.RETURN:
+            return "return"
+        if kind not in (Kind.GOTO, Kind.JUMP):
+            return None
+        if marks:
+            return ("goto", v.target) if kind is Kind.GOTO else None
+        found = self._outcomes.get(v)
+        if found is None:
+            sp = self.space
+            a, d = self._chain_symbolic(v.target, stack)
+            if a == sp.true:
+                found = "accept"
+            elif d == sp.true:
+                found = "drop"
+            elif a == sp.false and d == sp.false:
+                found = "return" if kind is Kind.GOTO else _NOTHING
+            else:
+                found = (kind.value, v.target) if kind is Kind.GOTO else ("jump", v.target, len(self._outcomes))
+            self._outcomes[v] = found
+        return found
+
+    def _block(self, v: Verdict, m: BDDNode, stack: tuple[str, ...], marks: bool) -> _Block:
+        """(matched, accepted, dropped, marked) of a rule that decides what it matches: accept,
+        drop, return, goto X; jump X (only without marks): the packets X decides."""
+        false = self.space.false
+        if v.kind is Kind.ACCEPT:
+            return m, m, false, false
+        if v.kind is Kind.DROP:
+            return m, false, m, false
+        if v.kind is Kind.RETURN:
+            return m, false, false, false
+        a, d = self._chain_symbolic(v.target, stack)
+        k = m & self._marks[(v.target, frozenset())] if marks else false
+        if v.kind is Kind.JUMP:  # what X returns goes on with the next rule: not matched here
+            return m & (a | d), m & a, m & d, k
+        return m, m & a, m & d, k
+
+    def _flush(self, pending: list[_Block], state: _State, marks: bool) -> _State:
+        """``state`` after the blocks ``pending`` (the last rule first) in front of it, merged
+        in a balanced tree (see :meth:`_chain_symbolic`)."""
+        if not pending:
+            return state
+        false = self.space.false
+        level = pending[::-1]
+        while len(level) > 1:
+            nxt = []
+            for i in range(0, len(level) - 1, 2):
+                (m1, a1, d1, k1), (m2, a2, d2, k2) = level[i], level[i + 1]
+                n1 = ~m1
+                nxt.append((
+                    m1 | m2,
+                    a1 if a2 == false else (a2 & n1) if a1 == false else a1 | (a2 & n1),
+                    d1 if d2 == false else (d2 & n1) if d1 == false else d1 | (d2 & n1),
+                    (k1 | (k2 & n1)) if marks else k1,
+                ))
+            if len(level) % 2:
+                nxt.append(level[-1])
+            level = nxt
+        m, a, d, k = level[0]
+        acc, drop, marked = state
+        if acc == false and drop == false and marked == false:
+            return a, d, k
+        keep = ~m
+        return a | (acc & keep), d | (drop & keep), (k | (marked & keep)) if marks else marked
 
     def _split_symbolic(self, rule: Rule) -> tuple[BDDNode, BDDNode] | None:
         """(every match but the peer's set tests, those tests) as BDDs; None: never matches."""
@@ -477,9 +591,4 @@ class Interpreter:
 
     def _uses_marks(self) -> bool:
         """Whether any rule tests or sets the packet mark (else ``mk`` never appears: no binding)."""
-        found = getattr(self, "_marks_used", None)
-        if found is None:
-            found = any(r.verdict.kind is Kind.MARK or any(isinstance(m, PacketMark) for m in r.matches)
-                        for c in self.rules.chains.values() for r in c.rules)
-            self._marks_used = found
-        return found
+        return self._marks_used

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from itertools import compress, islice, repeat
 from operator import add, attrgetter, le, lshift, ne, sub
 
-from stockade.compiler.ir import Direction, HostPolicy
+from stockade.compiler.ir import AddressSet, Direction, HostPolicy
 from stockade.model.addresses import Family, IPAddress, IPNetwork, Range, merge_ranges
-from stockade.verify.interpret import Interpreter, peer_field, referenced_sets
+from stockade.verify.interpret import Interpreter, peer_field
 from stockade.verify.loaded import CT_STATES, FamilyRules, Field, HookName, LoadedRuleset, Steering
 from stockade.verify.members import symbolic_members
+from stockade.verify.rulescan import RuleScan, scan_rules
 from stockade.verify.space import (
     SYN,
     AddressClass,
@@ -149,18 +150,42 @@ def _ranges(nets: Iterable[IPNetwork]) -> tuple[Range, ...]:
     return tuple(zip(starts, lasts, strict=True))
 
 
+# The agent proves the same HostPolicy after every apply and periodically: its sets' ranges (100k
+# members: ~0.3 s) are kept per AddressSet object, by identity. The entry holds the set itself, so
+# an id is never reused while cached; a frozen set's members never change, so a hit is exact.
+_SET_RANGES: dict[int, tuple[AddressSet, tuple[Range, ...]]] = {}
+_SET_RANGES_MAX = 4096
+
+
+def _set_ranges(s: AddressSet) -> tuple[Range, ...]:
+    hit = _SET_RANGES.get(id(s))
+    if hit is not None and hit[0] is s:
+        return hit[1]
+    found = _ranges(s.members)
+    if len(_SET_RANGES) >= _SET_RANGES_MAX:
+        _SET_RANGES.clear()  # the sets of the policy in force come back at its next proof
+    _SET_RANGES[id(s)] = (s, found)
+    return found
+
+
 class _Preds:
     """Address predicates of one family; equal member ranges share one predicate."""
 
     def __init__(self) -> None:
         self.ranges: list[tuple[Range, ...]] = []
-        self._ids: dict[tuple[Range, ...], int] = {}
+        # by (length, first, last), then compared: hashing 100k ranges of 128-bit integers costs
+        # more than comparing them with the one candidate that usually exists
+        self._ids: dict[tuple[int, Range | None, Range | None], list[int]] = {}
 
     def add(self, ranges: tuple[Range, ...]) -> int:
-        found = self._ids.get(ranges)
-        if found is None:
-            found = self._ids[ranges] = len(self.ranges)
-            self.ranges.append(ranges)
+        key = (len(ranges), ranges[0], ranges[-1]) if ranges else (0, None, None)
+        same = self._ids.setdefault(key, [])
+        for found in same:
+            if self.ranges[found] == ranges:
+                return found
+        found = len(self.ranges)
+        same.append(found)
+        self.ranges.append(ranges)
         return found
 
 
@@ -227,14 +252,15 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
             domain = domain & ~space.var("enc")  # nothing of this policy marks a connection encrypted
         # one set of address classes per family, for both directions (finer than either needs)
         preds = _Preds()
-        spec_pred: dict[str, int] = {s.name: preds.add(_ranges(s.members)) for s in hp.sets if s.family is family}
+        spec_pred: dict[str, int] = {s.name: preds.add(_set_ranges(s)) for s in hp.sets if s.family is family}
         controller = _ranges(n for n in hp.failsafe.controller if n.version == family.value)
         if controller:
             spec_pred[CONTROLLER_PRED] = preds.add(controller)
         kernel_pred: dict[str, int] = {}
-        if fam_rules is not None:
+        scan = scan_rules(fam_rules) if fam_rules is not None else None
+        if fam_rules is not None and scan is not None:
             for hook in (HookName.INPUT, HookName.OUTPUT):
-                for name in referenced_sets(fam_rules, peer_field(hook)):
+                for name in scan.sets_of(peer_field(hook)):
                     kernel_pred[name] = preds.add(fam_rules.sets[name].ranges)
         members = None
         if len(hp.rules) <= SYMBOLIC_MEMBERS_MAX_RULES and fam_rules is not None:
@@ -248,7 +274,7 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
                 constraint = constraint & loopback_domain(space, local_sigs, symbolic)
             if all(
                 _symbolic_equal(space, hp, family, direction, spec_pred, fam_rules, hook, kernel_pred, local,
-                                symbolic, domain & constraint, flows, loaded.steering)
+                                symbolic, domain & constraint, flows, loaded.steering, scan)
                 for direction, hook in ((Direction.INBOUND, HookName.INPUT), (Direction.OUTBOUND, HookName.OUTPUT))
                 for local in locals_
             ):  # fmt: skip
@@ -262,7 +288,7 @@ def prove(hp: HostPolicy, loaded: LoadedRuleset, *, hints: Iterable[IPAddress] =
             spec = PolicySpec(space, hp, family, direction, spec_pred, flow_states=flows)
             spec_keys = frozenset(spec_pred.values())
             interps = [
-                Interpreter(space, fam_rules, hook, kernel_pred, local, steering=loaded.steering)
+                Interpreter(space, fam_rules, hook, kernel_pred, local, steering=loaded.steering, scan=scan)
                 if fam_rules is not None else None
                 for local in locals_
             ]
@@ -290,10 +316,11 @@ def _symbolic_equal(
     domain: BDDNode,
     flow_states: bool = False,
     steering: Steering = Steering.ROUTE,
+    scan: RuleScan | None = None,
 ) -> bool:
     spec = PolicySpec(space, hp, family, direction, spec_pred, flow_states=flow_states)
     want = spec.accept_symbolic(members) & domain
-    interp = Interpreter(space, fam_rules, hook, kernel_pred, local, members, steering=steering)
+    interp = Interpreter(space, fam_rules, hook, kernel_pred, local, members, steering=steering, scan=scan)
     have = interp.hook_accept(frozenset()) & domain
     return bool(want == have)
 

@@ -189,6 +189,36 @@ class HeaderSpace:
         return dict(found)
 
 
+def disjoin(space: HeaderSpace, nodes: Iterable[BDDNode]) -> BDDNode:
+    """The OR of ``nodes``, merged pairwise in a balanced tree after sorting them by their top
+    variable's level (bottom first): OR-ing n membership variables one by one onto the growing
+    result costs O(n^2); this, O(n log n)."""
+    level = sorted(nodes, key=_level, reverse=True)
+    if not level:
+        return space.false
+    while len(level) > 1:
+        nxt = [a | b for a, b in zip(level[::2], level[1::2], strict=False)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def grouped_or(space: HeaderSpace, parts: Iterable[tuple[BDDNode, BDDNode]]) -> BDDNode:
+    """The OR of ``static & member`` over ``parts``, factored by equal ``static`` (``ports and
+    (in A or in B ...)``)."""
+    groups: dict[BDDNode, list[BDDNode]] = {}
+    for static, member in parts:
+        groups.setdefault(static, []).append(member)
+    true = space.true
+    return disjoin(space, [m if static == true else static & m
+                           for static, members in groups.items() if (m := disjoin(space, members)) != space.false])
+
+
+def _level(node: BDDNode) -> int:
+    return int(node.level)
+
+
 # ---- address classes ---------------------------------------------------------------------
 
 

@@ -58,6 +58,28 @@ def services_bdd(space: HeaderSpace, entries: tuple[ServiceEntry, ...], family: 
     return u
 
 
+def first_match(space: HeaderSpace, leaves: list[tuple[BDDNode, BDDNode]]) -> tuple[BDDNode, BDDNode]:
+    """First match over rules given as ``(matched, accepted)`` (``accepted`` within ``matched``), in
+    order: the packets some rule matches and those the first matching rule accepts.
+
+    Merged pairwise in a balanced tree (``M = M1 | M2``, ``A = A1 | (A2 & ~M1)``: the first half
+    wins where it matches) instead of rule by rule onto everything decided so far: each of the
+    log(n) levels costs about the size of the result, where the rule-by-rule build costs n times
+    it (1,000 rules over 100,000 peers: 250 us per rule, most of the policy side's time)."""
+    level = leaves
+    if not level:
+        return space.false, space.false
+    while len(level) > 1:
+        nxt = []
+        for i in range(0, len(level) - 1, 2):
+            (m1, a1), (m2, a2) = level[i], level[i + 1]
+            nxt.append((m1 | m2, a1 | (a2 & ~m1)))
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
 class PolicySpec:
     """What ``hp`` accepts in one family and direction; address sets are predicates."""
 
@@ -159,12 +181,14 @@ class PolicySpec:
         for p in self.wg_preds:
             acc = acc | (members[p] & self.wg_udp)
         if not self.encrypted:
-            # built from the last rule to the first (see Interpreter._chain_symbolic): each rule
-            # is one if-then-else over what the rules after it decide
-            ite = sp.bdd.ite
-            after = sp.true if self.default_accepts else sp.false
-            for (svc, accepts), pred in zip(reversed(self.rules), reversed(self.rule_preds), strict=True):
-                after = ite(members[pred] & svc, sp.true if accepts else sp.false, after)
+            # first match over the rules as a balanced merge of (matched, accepted) blocks (see
+            # :func:`first_match`): each step works on BDDs of its own half, not on the whole
+            # decision list built so far
+            leaves = [(m, m if accepts else sp.false)
+                      for (svc, accepts), pred in zip(self.rules, self.rule_preds, strict=True)
+                      if (m := members[pred] & svc) != sp.false]
+            matched, accepted = first_match(sp, leaves)
+            after = accepted | ~matched if self.default_accepts else accepted
             return self.tunnel.finish(acc | after, sp.false, sp.false)
         rest = ~acc
         matched_enc, first_enc = sp.false, sp.false
