@@ -119,6 +119,10 @@ def world(k8s_cluster: Cluster, k8s_node: Node, tmp_path_factory: pytest.TempPat
 def test_pod_flows_reach_the_map_per_app_and_namespace(world: World) -> None:
     """Pod agents report their flows (NFLOG inside the pod's namespace) like hosts; with ``k8s-namespace``
     declared, the map groups pods per app and namespace."""
+    flows_reach_the_map(world)
+
+
+def flows_reach_the_map(world: World) -> None:
     assert _connects(world, 4)
     client = f"group:app=client,k8s-namespace={world.ns}"
     server = f"group:app=server,k8s-namespace={world.ns}"
@@ -193,6 +197,8 @@ def test_a_pods_first_policy_comes_with_its_enrolment_before_its_runtime_starts(
         # the namespace is looked for (and pinned) while the enrolment waits for the commit: either comes first
         assert stages["seen"] <= min(stages["enrolled"], stages["found"]), stages
         assert max(stages["enrolled"], stages["found"]) <= stages["applied"] <= stages["runtime"], stages
+        # its flow reader was bound before that policy logged anything (NFLOG drops what nobody reads)
+        assert stages["enrolled"] <= stages["flows"] <= stages["applied"], stages
         assert stages.get("agent-answered", float("inf")) > stages["applied"], stages
 
 

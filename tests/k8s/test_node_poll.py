@@ -22,7 +22,7 @@ from tests.e2e.harness import bound, wait_for
 from tests.k8s.conftest import Cluster, _free_port
 from tests.k8s.kube import Kube, SyncThread, provision_client_server_policy, start_controller
 from tests.k8s.node_fixture import Node
-from tests.k8s.test_node_agent import PORT, SERVER, World, _delete_pods_and_pins, _flips_within
+from tests.k8s.test_node_agent import PORT, SERVER, World, _delete_pods_and_pins, _flips_within, flows_reach_the_map
 
 pytestmark = [pytest.mark.kernel, pytest.mark.xdist_group("k8s-node")]
 
@@ -93,3 +93,8 @@ def test_a_change_reaches_the_pods_through_the_nodes_one_long_poll(poll_world: W
     assert _route_count(world, "/agents/{agent_id}/heartbeat") <= identities  # one per pod runtime, at its start
     agents = [a for a in world.api.ok("GET", "/agents") if a["workload"] in wls and not a["revoked"]]
     assert len(agents) == 2 and all(a["status"] == "online" and a["converged"] for a in agents), agents
+
+
+def test_pod_flows_reach_the_map_through_the_node_protocol(poll_world: World) -> None:
+    """The pods' runtimes report their own flows (NFLOG in each pod's namespace) when the node polls for them."""
+    flows_reach_the_map(poll_world)

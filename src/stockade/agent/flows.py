@@ -236,6 +236,9 @@ class FlowCollector:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._reported_dropped = -1
+        # set once the reader's first open was tried (bound, or failed and retrying): a caller about to
+        # put a policy in force waits on it, so the first connections that policy logs are read
+        self.opened = threading.Event()
 
     @property
     def dropped(self) -> int:
@@ -283,9 +286,11 @@ class FlowCollector:
                     (log.warning if failures == 1 else log.debug)(
                         "cannot read %s (%s); flows are not reported, retrying every %.0f s",
                         self.source_name, exc, self.retry_seconds)
+                    self.opened.set()
                     self._stop.wait(self.retry_seconds)
                     continue
                 failures = 0
+                self.opened.set()
             try:
                 self.record(reader.read(0.5))
                 self.overruns = reader.overruns

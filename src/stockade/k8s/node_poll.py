@@ -192,7 +192,7 @@ class PodRuntime(Agent):
         self._inline_acks = True  # the node's poller acknowledges what this runtime applied
         self.milestones.setdefault("enrolled", time.time())
         self.outbox.start(client)
-        if self.credential is not None:
+        if self._flows is None and self.credential is not None:  # the node agent hands it in, already reading
             self._flows = collector_for(self.credential, self.state.load_ca(), self.enforcer,
                                         lambda: self.enforcer.policy.local_addresses if self.enforcer.policy else ())
         self._report_host()
