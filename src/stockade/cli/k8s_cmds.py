@@ -46,9 +46,10 @@ def k8s_group() -> None:
 @click.option("--pod-tamper-interval", type=float, default=10.0, show_default=True,
               help="Seconds between read-backs of each pod's table.")
 @click.option("--long-poll", type=float, default=20.0, show_default=True)
-@click.option("--node-poll/--pod-poll", default=False, show_default=True,
-              help="One long-poll, ack batch and batch enrolment for all the node's pods (node protocol) instead of "
-                   "one long-poll, ack and heartbeat per pod.")
+@click.option("--node-poll/--per-pod-poll", default=True, show_default=True,
+              help="The node protocol: one long-poll, ack batch and batch enrolment for all the node's pods. "
+                   "--per-pod-poll: every pod's runtime long-polls, acknowledges and heartbeats on its own (the "
+                   "protocol before session 7; for controllers without the node routes).")
 @click.option("--pod-netlink/--pod-nft", default=True, show_default=True,
               help="Pods' full applies and read-backs as netlink batches in their namespaces (--pod-nft: "
                    "`nft -f` and listings, one process each).")

@@ -99,9 +99,8 @@ class NodeOptions:
     host_tamper_interval: float = 0.5
     apply_slots: int = 2  # pods' deltas and proofs applied at once (first applies: START_WORKERS)
     pod_proof_min_gap: float = 30.0  # a pod's proofs at most this often (each apply is read back regardless)
-    node_poll: bool = False  # True: one long-poll, ack batch and batch enrolment for all pods (k8s/node_poll.py);
-    # False: every pod's runtime long-polls, acks and heartbeats on its own (the per-pod protocol). Off by
-    # default for now: pods' flow reports (NFLOG) stay empty under the node poller (bench/README.md session 6)
+    node_poll: bool = True  # one long-poll, ack batch and batch enrolment for all pods (k8s/node_poll.py);
+    # False (--per-pod-poll): every pod's runtime long-polls, acks and heartbeats on its own (the per-pod protocol)
     pod_netlink: bool = True  # pods' full applies and read-backs over netlink (False: nft processes)
 
 
