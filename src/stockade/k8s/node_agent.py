@@ -47,7 +47,7 @@ from stockade import __version__
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
 from stockade.agent.enforcer import CacheStart, Enforcer
-from stockade.agent.flows import FlowCollector, collector_for
+from stockade.agent.flows import FlowCollector, FlowReader, collector_for, open_reader_now
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
 from stockade.agent.state import CachedPolicy, Credential, StateDir
@@ -65,7 +65,6 @@ RETRY_SECONDS = 0.1  # a pod whose workload or namespace is not there yet is tri
 RETRY_MAX = 5.0  # ... doubling up to this while it keeps failing
 FAST_RETRY, FAST_RETRY_FOR = 0.05, 5.0  # but a pod seen less than FAST_RETRY_FOR ago: every FAST_RETRY
 START_WORKERS = 8  # pods started (and stopped) at once
-FLOWS_OPEN_SECONDS = 1.0  # a new pod's first apply waits at most this long for its flow reader to bind
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
 
 
@@ -431,9 +430,13 @@ class NodeAgent:
         report = HostReport(pod.workload, "kubernetes pod", (InterfaceReport("eth0", addresses),))
         backend = self._backend_factory(netns)
         enforcer = Enforcer(backend)
-        flows = self._start_flows(pod.uid, cred, state, enforcer)
+        reader = self._open_flows(pod.uid, enforcer)
+        flows: FlowCollector | None = None
         try:
             cache = self._enforce_first(pod, enforcer, state, first)
+            flows = collector_for(cred, state.load_ca(), enforcer,
+                                  lambda: enforcer.policy.local_addresses if enforcer.policy else (), reader=reader)
+            reader = None  # the collector's now
             poller = self.poller
             runtime = Agent if poller is None else PodRuntime  # PodRuntime: the node's poller brings its updates
             agent = runtime(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
@@ -444,6 +447,8 @@ class NodeAgent:
                             state, enforcer, HttpControllerClient, host_reader=lambda: report, gate=self.gate,
                             cache=cache, flows=flows)
         except BaseException:
+            if reader is not None:
+                reader.close()
             if flows is not None:
                 flows.stop(0.5)
             raise
@@ -464,22 +469,22 @@ class NodeAgent:
         log.info("pod %s/%s: enforcing in %s (%s)", pod.namespace, pod.name, netns, pod.workload)
         return True
 
-    def _start_flows(self, uid: str, cred: Credential, state: StateDir, enforcer: Enforcer) -> FlowCollector | None:
-        """The pod's flow collector, started with its NFLOG group bound in the pod's namespace BEFORE the
-        pod's first policy goes in force, and handed to the pod's runtime.
+    def _open_flows(self, uid: str, enforcer: Enforcer) -> FlowReader | None:
+        """The pod's NFLOG reader, bound in the pod's namespace BEFORE its first policy goes in force
+        (its collector, made after the apply, reads it first and hands it to the pod's runtime).
 
         NFLOG discards what no socket is bound to. A reader opened by the runtime once it had enrolled
         (after the first apply) missed the pod's first connections; under the node protocol the node
         even acknowledged the pod's revision (converged) before that reader existed, so a connection
-        made at convergence was never reported. Waiting here (at most ``FLOWS_OPEN_SECONDS``, normally
-        a few ms) only keeps the pod under the CNI's default-deny a little longer: never wider."""
-        flows = collector_for(cred, state.load_ca(), enforcer,
-                              lambda: enforcer.policy.local_addresses if enforcer.policy else ())
-        if flows is not None and not flows.opened.wait(FLOWS_OPEN_SECONDS):
-            log.warning("pod %s: flow reader not open after %.1f s; its first flows may go unreported", uid,
-                        FLOWS_OPEN_SECONDS)
+        made at convergence was never reported. Binding costs a socket and two netlink round trips;
+        a failure is logged and the collector keeps trying (as a host agent's does)."""
+        try:
+            reader = open_reader_now(enforcer, lambda: enforcer.policy.local_addresses if enforcer.policy else ())
+        except (OSError, StockadeError) as exc:
+            log.warning("pod %s: flow reader not bound before the first apply (%s); its collector retries", uid, exc)
+            return None
         self._stage(uid, "flows")
-        return flows
+        return reader
 
     def _early_namespace(self, pod: LocalPod) -> tuple[PodNetns, str] | None:
         """On a pod's first attempt only, find and pin its namespace before enrolling: the procfs
