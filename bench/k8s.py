@@ -67,6 +67,7 @@ STAGES = {
     "found": "namespace found (procfs)",
     "pinned": "namespace pinned (ip netns attach)",
     "enrolled": "pod credential (+ first policy) from POST /pods/enroll, retried until the workload is committed",
+    "flows": "its flow reader bound (NFLOG in its namespace), before the first apply",
     "runtime": "its agent runtime started",
     "agent-enrolled": "runtime has its client",
     "agent-answered": "first long-poll answered",
@@ -75,7 +76,7 @@ STAGES = {
     "agent-applied": "ruleset applied and read back",
     "outside": "the bench sees the table (polled every churn step)",
 }
-AGENT_CHAIN = ("seen", "taken", "found", "pinned", "enrolled", "runtime", "agent-enrolled", "agent-answered",
+AGENT_CHAIN = ("seen", "taken", "found", "pinned", "enrolled", "flows", "runtime", "agent-enrolled", "agent-answered",
                "agent-admitted", "agent-fetched", "agent-applied")
 
 
@@ -231,11 +232,14 @@ def main() -> None:
     ap.add_argument("--agent-src", type=Path, help="run the node agent from this source tree (e.g. main's)")
     ap.add_argument("--json", type=Path, help="write the rows here (for a later --baseline)")
     ap.add_argument("--baseline", type=Path, help="rows of an earlier --json run, printed beside these")
+    ap.add_argument("--per-pod-poll", action="store_true",
+                    help="the node agent's per-pod protocol (a long-poll per pod; the default is one per node)")
     ap.add_argument("--pod-nft", action="store_true",
                     help="the node agent applies and reads pods' tables with nft processes (the path before netlink)")
     args = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; pods' tables via "
-          f"{'nft processes' if args.pod_nft else 'netlink'}")
+          f"{'nft processes' if args.pod_nft else 'netlink'}; "
+          f"{'per-pod protocol' if args.per_pod_poll else 'node agent default protocol'}")
     agent_env = dict(os.environ)
     if args.agent_src is not None:
         agent_env["PYTHONPATH"] = str(args.agent_src.resolve())
@@ -268,8 +272,9 @@ def main() -> None:
                                       "--controller", ctl.url, "--activation-code-file", str(tmp / "code"),
                                       "--kubeconfig", str(cluster.kubeconfig), "--state-dir", str(tmp / "state"),
                                       "--no-host-policy", "--log-level", "info",
-                                      *(["--pod-nft"] if args.pod_nft else [])], stdout=out, stderr=subprocess.STDOUT,
-                                     env=agent_env)
+                                      *(["--pod-nft"] if args.pod_nft else []),
+                                      *(["--per-pod-poll"] if args.per_pod_poll else [])],
+                                     stdout=out, stderr=subprocess.STDOUT, env=agent_env)
         kube = Kube(cluster)
         ns = kube.namespace(prefix="bench")
         hosts = iter(net.hosts())

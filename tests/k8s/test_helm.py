@@ -26,7 +26,7 @@ CHART = Path(__file__).parents[2] / "deploy" / "helm" / "stockade"
 CASES = {
     "defaults": ManifestValues("https://10.0.0.1:8443", "stockade.local/stockade:1"),
     "lean": ManifestValues("http://127.0.0.1:8080", "stockade.local/stockade:0.1.0", namespace="sec-tools",
-                           pull_policy="Never", host_policy=False, with_ca=False, sync=False,
+                           pull_policy="Never", host_policy=False, node_poll=False, with_ca=False, sync=False,
                            cni_bin_dir="/var/lib/cni-test/bin", create_namespace=False, api_server="127.0.0.1:6443"),
     "v6-api": ManifestValues("https://ctl.example.test", "reg.example.test/stockade@sha256:" + "ab" * 32,
                              pull_policy="Always", api_server="[fd00::1]:6443"),
@@ -37,7 +37,8 @@ def helm_values(v: ManifestValues) -> dict[str, Any]:
     """The chart's values for ``v`` (deploy/helm/stockade/values.yaml names them)."""
     return {"controller": v.controller, "image": v.image, "imagePullPolicy": v.pull_policy,
             "namespace": v.namespace, "createNamespace": v.create_namespace, "hostPolicy": v.host_policy,
-            "ca": v.with_ca, "sync": v.sync, "cniBinDir": v.cni_bin_dir, "apiServer": v.api_server}
+            "nodePoll": v.node_poll, "ca": v.with_ca, "sync": v.sync, "cniBinDir": v.cni_bin_dir,
+            "apiServer": v.api_server}
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,13 @@ def test_the_cli_prints_what_the_module_renders() -> None:
     assert docs == manifests(ManifestValues("https://10.0.0.1:8443", "stockade.local/stockade:1", host_policy=False))
     ds = next(d for d in docs if d["kind"] == "DaemonSet")
     assert "--no-host-policy" in ds["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--per-pod-poll" not in ds["spec"]["template"]["spec"]["containers"][0]["args"]  # the node protocol
     assert all(d["kind"] != "Secret" and "data" not in d for d in docs)  # secrets are referenced, never inlined
+    per_pod = subprocess.run([sys.executable, "-m", "stockade.cli", "k8s", "manifests", "--controller",
+                              "https://10.0.0.1:8443", "--image", "stockade.local/stockade:1", "--per-pod-poll"],
+                             capture_output=True, text=True, check=True).stdout
+    ds = next(d for d in yaml.safe_load_all(per_pod) if d["kind"] == "DaemonSet")
+    assert "--per-pod-poll" in ds["spec"]["template"]["spec"]["containers"][0]["args"]
     bad = subprocess.run([sys.executable, "-m", "stockade.cli", "k8s", "manifests", "--controller", "ftp://x",
                           "--image", "i"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "controller" in bad.stderr

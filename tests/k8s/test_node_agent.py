@@ -5,8 +5,11 @@ A kubelet (built from Go modules) with Debian's containerd/runc/CNI bridge runs 
 as the DaemonSet runs it) finds each pod's namespace from its UID (cgroup + procfs), enrols the pod
 with its node credential and programs the pod's policy inside that namespace. The policy allows
 app=client -> app=server on 8080/tcp. Probes are real TCP connections made *inside the client
-pod's namespace*, v4 and v6.
+pod's namespace*, v4 and v6. The node agent runs with its defaults: the node protocol (one long-poll,
+ack batch and batch enrolment for all its pods; ``test_node_per_pod.py`` runs ``--per-pod-poll``).
 
+* a change reaches the pods through the node's one long-poll (the controller's request counters);
+* the pods' flows (NFLOG in each pod's namespace) reach the map;
 * a pod relabel through the API flips a real connection within 1 s (both ways);
 * pod churn: pods labelled ``intruder`` try the server every 0.1 s from their first instant while
   pods are created and deleted; not one connection succeeds (the sandbox starts default-deny via
@@ -28,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,15 +80,16 @@ class World:
         return bool(status.get("phase") == "Running" and status.get("podIPs"))
 
 
-@pytest.fixture(scope="module")
-def world(k8s_cluster: Cluster, k8s_node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("nodeagent")
+@contextmanager
+def node_world(k8s_cluster: Cluster, k8s_node: Node, tmp: Path, prefix: str, flags: tuple[str, ...]) -> Iterator[World]:
+    """A controller, the sync and ``stockade k8s node-agent`` (with ``flags``) enforcing a server and a
+    client pod of a fresh namespace, both converged."""
     ctl, api, key = start_controller(tmp, _free_port())
     sync: SyncThread | None = None
     agent: subprocess.Popen[bytes] | None = None
     log = tmp / "node-agent.log"
     try:
-        provision_client_server_policy(api, PORT, "node agent e2e")
+        provision_client_server_policy(api, PORT, f"node agent e2e ({prefix})")
         sync = SyncThread(k8s_cluster, ctl.url, key).start()
         code = api.activation_code("k8s-nodes", mode="idle")
         (tmp / "code").write_text(code)
@@ -93,9 +98,9 @@ def world(k8s_cluster: Cluster, k8s_node: Node, tmp_path_factory: pytest.TempPat
                 [sys.executable, "-m", "stockade.cli", "k8s", "node-agent", "--node", k8s_node.name,
                  "--controller", ctl.url, "--activation-code-file", str(tmp / "code"),
                  "--kubeconfig", str(k8s_cluster.kubeconfig), "--state-dir", str(tmp / "state"),
-                 "--no-host-policy"], stdout=out, stderr=subprocess.STDOUT)
+                 "--no-host-policy", *flags], stdout=out, stderr=subprocess.STDOUT)
         kube = Kube(k8s_cluster)
-        ns = kube.namespace({"env": "dev"}, prefix="node")
+        ns = kube.namespace({"env": "dev"}, prefix=prefix)
         w = World(k8s_node, kube, api, ns, agent, log)
         w.create("server", {"app": "server"}, SERVER)
         w.create("client", {"app": "client"}, "sleep 3600")
@@ -116,9 +121,20 @@ def world(k8s_cluster: Cluster, k8s_node: Node, tmp_path_factory: pytest.TempPat
         ctl.kill()
 
 
+@pytest.fixture(scope="module")
+def world(k8s_cluster: Cluster, k8s_node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """The node agent as deployed: its defaults (the node protocol)."""
+    with node_world(k8s_cluster, k8s_node, tmp_path_factory.mktemp("nodeagent"), "node", ()) as w:
+        yield w
+
+
 def test_pod_flows_reach_the_map_per_app_and_namespace(world: World) -> None:
     """Pod agents report their flows (NFLOG inside the pod's namespace) like hosts; with ``k8s-namespace``
     declared, the map groups pods per app and namespace."""
+    flows_reach_the_map(world)
+
+
+def flows_reach_the_map(world: World) -> None:
     assert _connects(world, 4)
     client = f"group:app=client,k8s-namespace={world.ns}"
     server = f"group:app=server,k8s-namespace={world.ns}"
@@ -140,6 +156,13 @@ def _delete_pods_and_pins(kube: Kube, node: Node) -> None:
                          params={"gracePeriodSeconds": "0"})
     prefix = pin_prefix(node.name)
     wait_for(lambda: not any(n.startswith(prefix) for n in os.listdir("/run/netns")), 30)
+
+
+def route_count(world: World, route: str) -> float:
+    """Requests the controller answered on ``route`` (its Prometheus counter, every status)."""
+    text = world.api.http.get(str(world.api.http.base_url).removesuffix("/api/v1/") + "/metrics").text
+    pattern = r'stockade_http_requests_total\{[^}]*route="' + re.escape(route) + r'"[^}]*\} ([0-9.e+]+)'
+    return sum(float(v) for v in re.findall(pattern, text))
 
 
 def _pin(w: World, pod: str) -> str:
@@ -193,7 +216,33 @@ def test_a_pods_first_policy_comes_with_its_enrolment_before_its_runtime_starts(
         # the namespace is looked for (and pinned) while the enrolment waits for the commit: either comes first
         assert stages["seen"] <= min(stages["enrolled"], stages["found"]), stages
         assert max(stages["enrolled"], stages["found"]) <= stages["applied"] <= stages["runtime"], stages
+        # its flow reader was bound before that policy logged anything (NFLOG drops what nobody reads)
+        assert stages["enrolled"] <= stages["flows"] <= stages["applied"], stages
         assert stages.get("agent-answered", float("inf")) > stages["applied"], stages
+
+
+def test_a_change_reaches_the_pods_through_the_nodes_one_long_poll(world: World) -> None:
+    """The default protocol: batch enrolment, ONE long-poll for all the node's pods, ack batches. No pod
+    runtime long-polled, acknowledged or heartbeated on its own (one heartbeat at its start), and every
+    pod still converged on its own revision."""
+    node_poll = "/agents/{agent_id}/pods/updates"
+    assert route_count(world, "/agents/{agent_id}/pods/enroll-batch") >= 1  # the pods came in a batch
+    before = route_count(world, node_poll)
+    world.kube.label_pod(world.ns, "client", {"app": "other"})
+    assert _flips_within(world, False, 1.0) <= bound(1.0)
+    world.kube.label_pod(world.ns, "client", {"app": "client"})
+    assert _flips_within(world, True, 1.0) <= bound(1.0)
+    wls = [f"k8s.{world.ns}.server", f"k8s.{world.ns}.client"]
+    assert wait_for(lambda: world.api.converged(wls), 30) is not None, world.log_tail()
+    assert route_count(world, node_poll) >= before + 2  # the node long-polled and was answered, per change
+    assert route_count(world, "/agents/{agent_id}/pods/acks") >= 1
+    assert route_count(world, "/agents/{agent_id}/pods/enroll") == 0
+    assert route_count(world, "/agents/{agent_id}/policy/wait") == 0  # --no-host-policy: nobody long-polls alone
+    assert route_count(world, "/agents/{agent_id}/ack") == 0
+    identities = len(world.api.ok("GET", "/agents"))
+    assert route_count(world, "/agents/{agent_id}/heartbeat") <= identities  # one per pod runtime, at its start
+    agents = [a for a in world.api.ok("GET", "/agents") if a["workload"] in wls and not a["revoked"]]
+    assert len(agents) == 2 and all(a["status"] == "online" and a["converged"] for a in agents), agents
 
 
 def test_a_pod_relabel_in_the_api_flips_a_real_connection_on_a_real_node(world: World) -> None:

@@ -1,95 +1,133 @@
-"""Kernel e2e on a real node, the node protocol (issue 15): ``stockade k8s node-agent --node-poll``.
-
-The same real kubelet, pods and policy as ``test_node_agent.py`` (app=client -> app=server on
-8080/tcp), with the node agent speaking for its pods with one request per node
-(:mod:`stockade.k8s.node_poll`): batch enrolment, ONE long-poll for all pods, ack batches. A pod
-relabel through the API flips a real connection inside the client pod's namespace within 1 s, and
-the controller's own request counters show it came through the node's long-poll: no pod runtime
-long-polled, acknowledged or heartbeated on its own, and every pod still converged on its own
-revision.
-"""
+"""The node poller's long-poll (k8s/node_poll.py): what a pod's arrival does to the long-poll out."""
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-from collections.abc import Iterator
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
-from tests.e2e.harness import bound, wait_for
-from tests.k8s.conftest import Cluster, _free_port
-from tests.k8s.kube import Kube, SyncThread, provision_client_server_policy, start_controller
-from tests.k8s.node_fixture import Node
-from tests.k8s.test_node_agent import PORT, SERVER, World, _delete_pods_and_pins, _flips_within
-
-pytestmark = [pytest.mark.kernel, pytest.mark.xdist_group("k8s-node")]
+from stockade.agent.agent import Agent
+from stockade.agent.http_client import HttpControllerClient
+from stockade.agent.state import Credential
+from stockade.k8s import node_poll
+from stockade.k8s.node_poll import NodeAnswer, NodePoller
 
 
-@pytest.fixture(scope="module")
-def poll_world(k8s_cluster: Cluster, k8s_node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("nodepoll")
-    ctl, api, key = start_controller(tmp, _free_port())
-    sync: SyncThread | None = None
-    agent: subprocess.Popen[bytes] | None = None
-    log = tmp / "node-agent.log"
+def _runtime() -> Agent:
+    return cast(Agent, SimpleNamespace(applied_revision=0, refused_revision=0))
+
+
+def _client(url: str) -> HttpControllerClient:
+    client = HttpControllerClient(url)
+    client.use_credential(Credential(url, "node-1", "token", "node-1"), None)
+    return client
+
+
+def _until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def test_an_abandoned_long_poll_answering_later_leaves_the_one_out_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: every abandoned long-poll's end woke the poller, which abandoned the long-poll then
+    out and sent another (naming every pod): a re-poll storm while pods came."""
+    calls: list[threading.Event] = []
+
+    def fake_poll(_client: HttpControllerClient, held: dict[str, int], _acks: dict[str, int],
+                  _timeout: float) -> NodeAnswer:
+        answer = threading.Event()
+        calls.append(answer)
+        answer.wait(10)
+        return NodeAnswer((), ())
+
+    monkeypatch.setattr(node_poll, "poll_pods", fake_poll)
+    poller = NodePoller(_client("http://127.0.0.1:9"))
+    poller.start()
     try:
-        provision_client_server_policy(api, PORT, "node poll e2e")
-        sync = SyncThread(k8s_cluster, ctl.url, key).start()
-        (tmp / "code").write_text(api.activation_code("k8s-nodes", mode="idle"))
-        with log.open("wb") as out:
-            agent = subprocess.Popen(
-                [sys.executable, "-m", "stockade.cli", "k8s", "node-agent", "--node", k8s_node.name,
-                 "--controller", ctl.url, "--activation-code-file", str(tmp / "code"),
-                 "--kubeconfig", str(k8s_cluster.kubeconfig), "--state-dir", str(tmp / "state"),
-                 "--no-host-policy", "--node-poll"], stdout=out, stderr=subprocess.STDOUT)
-        kube = Kube(k8s_cluster)
-        ns = kube.namespace({"env": "dev"}, prefix="npoll")
-        w = World(k8s_node, kube, api, ns, agent, log)
-        w.create("server", {"app": "server"}, SERVER)
-        w.create("client", {"app": "client"}, "sleep 3600")
-        assert wait_for(lambda: w.running("server") and w.running("client"), 60), w.log_tail()
-        wls = [f"k8s.{ns}.server", f"k8s.{ns}.client"]
-        assert wait_for(lambda: api.converged(wls), 60) is not None, w.log_tail()
-        yield w
+        poller.add("pod-a", _runtime())
+        assert _until(lambda: len(calls) == 1)
+        poller.add("pod-b", _runtime())  # abandons the first: the second names pod-b
+        assert _until(lambda: len(calls) == 2)
+        calls[0].set()  # the abandoned one answers late
+        time.sleep(0.3)
+        assert len(calls) == 2, "the late answer of an abandoned long-poll abandoned the one out"
+        calls[1].set()  # the one out answers: the poller long-polls again
+        assert _until(lambda: len(calls) == 3)
+        assert poller.polls == 1  # only the answer of the long-poll out counts
     finally:
-        if agent is not None:
-            _delete_pods_and_pins(Kube(k8s_cluster), k8s_node)
-            agent.terminate()
+        for c in calls:
+            c.set()
+        poller.stop()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[tuple[str, Callable[[], int]]]:
+    """A controller that reads requests and never answers; yields its URL and how many
+    connections are open."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    open_conns: set[socket.socket] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with lock:
+            open_conns.add(conn)
+        try:
+            while not stop.is_set() and conn.recv(65536):
+                pass
+        except OSError:
+            pass
+        with lock:
+            open_conns.discard(conn)
+        conn.close()
+
+    def accept() -> None:
+        while not stop.is_set():
             try:
-                agent.wait(15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-        if sync is not None:
-            sync.stop()
-        ctl.kill()
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+    def count() -> int:
+        with lock:
+            return len(open_conns)
+
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}", count
+    stop.set()
+    srv.close()
+    with lock:
+        for c in open_conns:
+            c.close()
 
 
-def _route_count(world: World, route: str) -> float:
-    """Requests the controller answered on ``route`` (its Prometheus counter, every status)."""
-    text = world.api.http.get(str(world.api.http.base_url).removesuffix("/api/v1/") + "/metrics").text
-    pattern = r'stockade_http_requests_total\{[^}]*route="' + re.escape(route) + r'"[^}]*\} ([0-9.e+]+)'
-    return sum(float(v) for v in re.findall(pattern, text))
-
-
-def test_a_change_reaches_the_pods_through_the_nodes_one_long_poll(poll_world: World) -> None:
-    world = poll_world
-    node_poll = "/agents/{agent_id}/pods/updates"
-    assert _route_count(world, "/agents/{agent_id}/pods/enroll-batch") >= 1  # the pods came in a batch
-    before = _route_count(world, node_poll)
-    world.kube.label_pod(world.ns, "client", {"app": "other"})
-    assert _flips_within(world, False, 1.0) <= bound(1.0)
-    world.kube.label_pod(world.ns, "client", {"app": "client"})
-    assert _flips_within(world, True, 1.0) <= bound(1.0)
-    wls = [f"k8s.{world.ns}.server", f"k8s.{world.ns}.client"]
-    assert wait_for(lambda: world.api.converged(wls), 30) is not None, world.log_tail()
-    assert _route_count(world, node_poll) >= before + 2  # the node long-polled and was answered, per change
-    assert _route_count(world, "/agents/{agent_id}/pods/acks") >= 1
-    assert _route_count(world, "/agents/{agent_id}/pods/enroll") == 0
-    assert _route_count(world, "/agents/{agent_id}/policy/wait") == 0  # --no-host-policy: nobody long-polls alone
-    assert _route_count(world, "/agents/{agent_id}/ack") == 0
-    identities = len(world.api.ok("GET", "/agents"))
-    assert _route_count(world, "/agents/{agent_id}/heartbeat") <= identities  # one per pod runtime, at its start
-    agents = [a for a in world.api.ok("GET", "/agents") if a["workload"] in wls and not a["revoked"]]
-    assert len(agents) == 2 and all(a["status"] == "online" and a["converged"] for a in agents), agents
+def test_an_abandoned_long_poll_is_cut_not_left_holding_a_connection(
+        silent_server: tuple[str, Callable[[], int]]) -> None:
+    """Before: each pod that came left the long-poll out running to its timeout on its own
+    connection; 110 pods at start exceeded the connection pool, and the enrolments sharing the
+    node's client queued for a connection (seconds per new pod)."""
+    url, open_connections = silent_server
+    client = _client(url)
+    poller = NodePoller(client, long_poll_seconds=30.0)
+    poller.start()
+    try:
+        for i in range(6):
+            poller.add(f"pod-{i}", _runtime())
+            time.sleep(0.15)
+        assert _until(lambda: open_connections() <= 1, 3.0), \
+            f"{open_connections()} long-polls still out for one node"
+        assert open_connections() == 1  # the one naming every pod
+    finally:
+        poller.stop()
+        client.close()

@@ -106,6 +106,12 @@ def test_one_node_long_poll_carries_each_pods_own_update(api: Api, tmp_path: Pat
     assert _poll(api, node_a, held, acks=held).json() == {"pods": [], "gone": []}
     agents = {a["workload"]: a for a in api.ok("GET", "/agents") if a["workload"].startswith("k8s.shop.db-")}
     assert all(agents[w]["converged"] and agents[w]["status"] == "online" for w in ids), agents
+    # the node polls again after every answer, naming all its pods: a pod's heartbeat is recorded at most
+    # every HEARTBEAT_EVERY seconds (each recorded one is a row for the agent-state flush to write)
+    time.sleep(0.05)
+    assert _poll(api, node_a, held).status_code == 200
+    beats = {a["workload"]: a["last_heartbeat"] for a in api.ok("GET", "/agents") if a["workload"] in ids}
+    assert beats == {w: agents[w]["last_heartbeat"] for w in ids}
 
     # the node waits; a web peer arrives: the one answer brings both pods' set deltas, as their own fetch
     result: dict[str, Any] = {}

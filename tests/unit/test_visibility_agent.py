@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from stockade.agent.flows import FlowBuffer, FlowCollector
+from stockade.agent.flows import FlowBuffer, FlowCollector, _handing_over, collector_for
 from stockade.agent.nflog import LoggedPacket, parse_packet, parse_prefix
 from stockade.agent.transport import ControllerUnreachableError
 from stockade.compiler.ir import Direction
@@ -178,6 +178,33 @@ def test_collector_threads_read_and_upload() -> None:
         assert sender.batches[-1].dropped == 3  # kernel overruns are reported too
     finally:
         c.stop()
+    assert reader.closed
+
+
+def test_a_reader_bound_early_is_read_first_and_reopens_come_from_the_factory() -> None:
+    """A node agent binds a new pod's NFLOG reader before its first apply and hands it over: the
+    collector reads that one (not a second socket on a group only one may bind), and a reopen after
+    a failure is the ordinary factory's."""
+    early, later = ListReader([pkt(1)]), ListReader([])
+    made: list[int] = []
+
+    def factory(group: int, is_local: Any) -> ListReader:
+        made.append(group)
+        return later
+
+    handed = _handing_over(early, factory)
+    assert handed(7, None) is early and made == []
+    assert handed(7, None) is later and made == [7]
+
+
+def test_a_reader_handed_to_no_collector_is_closed(tmp_path: Any) -> None:
+    from stockade.agent.enforcer import Enforcer
+    from stockade.agent.fake import MemoryBackend
+    from stockade.agent.state import Credential
+
+    reader = ListReader([])
+    cred = Credential("local://controller", "a1", "t", "w", None)  # not HTTP: no flow uploads
+    assert collector_for(cred, None, Enforcer(MemoryBackend()), lambda: (), reader=reader) is None
     assert reader.closed
 
 

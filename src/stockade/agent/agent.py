@@ -110,6 +110,7 @@ class Agent:
         cache: CacheStart | None = None,
         gate: ApplyGate | None = None,
         backend_factory: BackendFactory | None = None,
+        flows: FlowCollector | None = None,
     ) -> None:
         self.options = options
         self.backend_factory = backend_factory
@@ -128,7 +129,9 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._watcher: AddressWatcher | None = None
-        self._flows: FlowCollector | None = None  # flow reporting (backends that are flow sources)
+        # flow reporting (backends that are flow sources); a node agent hands its pods' in, started and
+        # bound before their first policy went in force (else: made once enrolled)
+        self._flows: FlowCollector | None = flows
         self._pending_ack: int | None = None
         self._last_failure: tuple[int, str] | None = None
         self._datapath = ""  # the WireGuard datapath last reported ("": no tunnel)
@@ -307,7 +310,7 @@ class Agent:
         if self.applied_revision:
             self._pending_ack = self.applied_revision  # what the cache put in force
         self.outbox.start(client)
-        if self.credential is not None:
+        if self._flows is None and self.credential is not None:
             self._flows = collector_for(self.credential, self.state.load_ca(), self.enforcer,
                                         lambda: self.enforcer.policy.local_addresses if self.enforcer.policy else ())
         self._report_host()

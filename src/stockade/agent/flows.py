@@ -346,21 +346,54 @@ def reader_factory_for(flows: NflogFlows | EventFlows, netns: str | None) -> tup
     return events, "the eBPF flow-event ring buffer"
 
 
-def collector_for(credential: Credential, ca_pem: str | None, enforcer: Enforcer,
-                  local_addresses: Callable[[], Iterable[IPAddress]]) -> FlowCollector | None:
-    """A started collector for an agent whose backend is a flow source (None for any other)."""
-    flows = enforcer.flows
-    if flows is None or not credential.controller.startswith(("http://", "https://")):
-        return None
-
+def _is_local(local_addresses: Callable[[], Iterable[IPAddress]]) -> IsLocal:
     def is_local(addr: IPAddress) -> bool:
         return addr in set(local_addresses())
 
+    return is_local
+
+
+def open_reader_now(enforcer: Enforcer, local_addresses: Callable[[], Iterable[IPAddress]]) -> FlowReader | None:
+    """The enforcer's NFLOG reader, bound now in the calling thread (None: no NFLOG source).
+
+    For a caller about to put a first policy in force where nothing reads yet (a new pod's
+    namespace): NFLOG discards what no socket is bound to, so a reader opened after the apply misses
+    the first connections. Hand it to :func:`collector_for` (``reader=``). Raises OSError /
+    StockadeError when it cannot be bound."""
+    flows = enforcer.flows
+    if not isinstance(flows, NflogFlows):
+        return None
+    factory, _name = reader_factory_for(flows, enforcer.netns)
+    return factory(flows.group, _is_local(local_addresses))
+
+
+def _handing_over(opened: FlowReader, then: ReaderFactory) -> ReaderFactory:
+    """``opened`` at the first call (a reader the caller bound earlier), ``then``'s after (reopens)."""
+    pending = [opened]
+
+    def factory(group: int, is_local: IsLocal | None) -> FlowReader:
+        return pending.pop() if pending else then(group, is_local)
+
+    return factory
+
+
+def collector_for(credential: Credential, ca_pem: str | None, enforcer: Enforcer,
+                  local_addresses: Callable[[], Iterable[IPAddress]], *,
+                  reader: FlowReader | None = None) -> FlowCollector | None:
+    """A started collector for an agent whose backend is a flow source (None for any other);
+    ``reader``: one already bound (:func:`open_reader_now`), read first."""
+    flows = enforcer.flows
+    if flows is None or not credential.controller.startswith(("http://", "https://")):
+        if reader is not None:
+            reader.close()
+        return None
     factory, name = reader_factory_for(flows, enforcer.netns)
+    if reader is not None:
+        factory = _handing_over(reader, factory)
     group = flows.group if isinstance(flows, NflogFlows) else 0
     # a ring buffer exists from the first apply on: look again soon rather than in 30 s
     retry = 30.0 if isinstance(flows, NflogFlows) else 1.0
-    collector = FlowCollector(HttpFlowSender(credential, ca_pem), group=group, is_local=is_local,
+    collector = FlowCollector(HttpFlowSender(credential, ca_pem), group=group, is_local=_is_local(local_addresses),
                               reader_factory=factory, source_name=name, retry_seconds=retry)
     collector.start()
     return collector

@@ -46,9 +46,10 @@ def k8s_group() -> None:
 @click.option("--pod-tamper-interval", type=float, default=10.0, show_default=True,
               help="Seconds between read-backs of each pod's table.")
 @click.option("--long-poll", type=float, default=20.0, show_default=True)
-@click.option("--node-poll/--pod-poll", default=False, show_default=True,
-              help="One long-poll, ack batch and batch enrolment for all the node's pods (node protocol) instead of "
-                   "one long-poll, ack and heartbeat per pod.")
+@click.option("--node-poll/--per-pod-poll", default=True, show_default=True,
+              help="The node protocol: one long-poll, ack batch and batch enrolment for all the node's pods. "
+                   "--per-pod-poll: every pod's runtime long-polls, acknowledges and heartbeats on its own (the "
+                   "protocol before session 7; for controllers without the node routes).")
 @click.option("--pod-netlink/--pod-nft", default=True, show_default=True,
               help="Pods' full applies and read-backs as netlink batches in their namespaces (--pod-nft: "
                    "`nft -f` and listings, one process each).")
@@ -119,6 +120,8 @@ async def _run_node(agent: object, kubeconfig: Path | None) -> None:
 @click.option("--pull-policy", type=click.Choice(["Always", "IfNotPresent", "Never"]), default="IfNotPresent",
               show_default=True)
 @click.option("--host-policy/--no-host-policy", default=True, show_default=True)
+@click.option("--node-poll/--per-pod-poll", default=True, show_default=True,
+              help="The node agents' protocol: one long-poll per node (default) or one per pod.")
 @click.option("--ca/--no-ca", "with_ca", default=True, show_default=True,
               help="Pin the controller's CA from ConfigMap stockade-ca (key ca.pem).")
 @click.option("--sync/--no-sync", default=True, show_default=True, help="Include the cluster sync Deployment.")
@@ -127,15 +130,15 @@ async def _run_node(agent: object, kubeconfig: Path | None) -> None:
               help="Include the Namespace object.")
 @click.option("--api-server", default="", metavar="HOST:PORT",
               help="The apiserver's address for the node agent (nodes without kube-proxy; default: the Service).")
-def manifests_cmd(controller: str, image: str, namespace: str, pull_policy: str, host_policy: bool, with_ca: bool,
-                  sync: bool, cni_bin_dir: str, create_namespace: bool, api_server: str) -> None:
+def manifests_cmd(controller: str, image: str, namespace: str, pull_policy: str, host_policy: bool, node_poll: bool,
+                  with_ca: bool, sync: bool, cni_bin_dir: str, create_namespace: bool, api_server: str) -> None:
     """Print the DaemonSet, the sync Deployment and their least-privilege RBAC (YAML)."""
     from stockade.k8s.manifests import ManifestValues, render
 
     try:
         values = ManifestValues(controller, image, namespace=namespace, pull_policy=pull_policy,
-                                host_policy=host_policy, with_ca=with_ca, sync=sync, cni_bin_dir=cni_bin_dir,
-                                create_namespace=create_namespace, api_server=api_server)
+                                host_policy=host_policy, node_poll=node_poll, with_ca=with_ca, sync=sync,
+                                cni_bin_dir=cni_bin_dir, create_namespace=create_namespace, api_server=api_server)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(render(values), nl=False)

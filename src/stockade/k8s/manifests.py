@@ -52,6 +52,7 @@ class ManifestValues:
     namespace: str = "stockade"
     pull_policy: str = "IfNotPresent"
     host_policy: bool = True
+    node_poll: bool = True  # False: the node agent runs --per-pod-poll (one long-poll per pod, as before session 7)
     with_ca: bool = True
     sync: bool = True
     cni_bin_dir: str = "/opt/cni/bin"
@@ -126,6 +127,8 @@ def node_daemonset(v: ManifestValues) -> dict[str, Any]:
             "--state-dir", f"{STATE_DIR}/node", "--pidfile", PIDFILE, *ca_args]
     if not v.host_policy:
         args.append("--no-host-policy")
+    if not v.node_poll:
+        args.append("--per-pod-poll")
     env: list[dict[str, Any]] = [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
     if v.api_server:
         host, _, port = v.api_server.rpartition(":")

@@ -47,6 +47,7 @@ from stockade import __version__
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
 from stockade.agent.enforcer import CacheStart, Enforcer
+from stockade.agent.flows import FlowCollector, FlowReader, collector_for, open_reader_now
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
 from stockade.agent.state import CachedPolicy, Credential, StateDir
@@ -97,9 +98,8 @@ class NodeOptions:
     host_tamper_interval: float = 0.5
     apply_slots: int = 2  # pods' deltas and proofs applied at once (first applies: START_WORKERS)
     pod_proof_min_gap: float = 30.0  # a pod's proofs at most this often (each apply is read back regardless)
-    node_poll: bool = False  # True: one long-poll, ack batch and batch enrolment for all pods (k8s/node_poll.py);
-    # False: every pod's runtime long-polls, acks and heartbeats on its own (the per-pod protocol). Off by
-    # default for now: pods' flow reports (NFLOG) stay empty under the node poller (bench/README.md session 6)
+    node_poll: bool = True  # one long-poll, ack batch and batch enrolment for all pods (k8s/node_poll.py);
+    # False (--per-pod-poll): every pod's runtime long-polls, acks and heartbeats on its own (the per-pod protocol)
     pod_netlink: bool = True  # pods' full applies and read-backs over netlink (False: nft processes)
 
 
@@ -426,20 +426,32 @@ class NodeAgent:
                 return True
             netns = pin(ns, self.pin_prefix)
             self._stage(pod.uid, "pinned")
-        backend = self._backend_factory(netns)
-        enforcer = Enforcer(backend)
-        cache = self._enforce_first(pod, enforcer, state, first)
         addresses = tuple(ipaddress.ip_address(a) for a in pod.addresses)
         report = HostReport(pod.workload, "kubernetes pod", (InterfaceReport("eth0", addresses),))
-        poller = self.poller
-        runtime = Agent if poller is None else PodRuntime  # PodRuntime: the node's poller brings its updates
-        agent = runtime(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
-                                     watch_addresses=False, tamper_interval=self.options.pod_tamper_interval,
-                                     proof_min_gap=self.options.pod_proof_min_gap,
-                                     tamper_safety_interval=self.options.pod_tamper_interval,
-                                     heartbeat_seconds=15.0 if poller is None else POD_HEARTBEAT_SECONDS),
-                        state, enforcer, HttpControllerClient, host_reader=lambda: report, gate=self.gate,
-                        cache=cache)
+        backend = self._backend_factory(netns)
+        enforcer = Enforcer(backend)
+        reader = self._open_flows(pod.uid, enforcer)
+        flows: FlowCollector | None = None
+        try:
+            cache = self._enforce_first(pod, enforcer, state, first)
+            flows = collector_for(cred, state.load_ca(), enforcer,
+                                  lambda: enforcer.policy.local_addresses if enforcer.policy else (), reader=reader)
+            reader = None  # the collector's now
+            poller = self.poller
+            runtime = Agent if poller is None else PodRuntime  # PodRuntime: the node's poller brings its updates
+            agent = runtime(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
+                                         watch_addresses=False, tamper_interval=self.options.pod_tamper_interval,
+                                         proof_min_gap=self.options.pod_proof_min_gap,
+                                         tamper_safety_interval=self.options.pod_tamper_interval,
+                                         heartbeat_seconds=15.0 if poller is None else POD_HEARTBEAT_SECONDS),
+                            state, enforcer, HttpControllerClient, host_reader=lambda: report, gate=self.gate,
+                            cache=cache, flows=flows)
+        except BaseException:
+            if reader is not None:
+                reader.close()
+            if flows is not None:
+                flows.stop(0.5)
+            raise
         if cache is not None:
             agent.milestones["applied"] = self.stats.stages.get(pod.uid, {}).get("applied", time.time())
         with self._lock:
@@ -456,6 +468,23 @@ class NodeAgent:
             threading.Thread(target=self._time_first_apply, args=(pod.uid, agent, t0), daemon=True).start()
         log.info("pod %s/%s: enforcing in %s (%s)", pod.namespace, pod.name, netns, pod.workload)
         return True
+
+    def _open_flows(self, uid: str, enforcer: Enforcer) -> FlowReader | None:
+        """The pod's NFLOG reader, bound in the pod's namespace BEFORE its first policy goes in force
+        (its collector, made after the apply, reads it first and hands it to the pod's runtime).
+
+        NFLOG discards what no socket is bound to. A reader opened by the runtime once it had enrolled
+        (after the first apply) missed the pod's first connections; under the node protocol the node
+        even acknowledged the pod's revision (converged) before that reader existed, so a connection
+        made at convergence was never reported. Binding costs a socket and two netlink round trips;
+        a failure is logged and the collector keeps trying (as a host agent's does)."""
+        try:
+            reader = open_reader_now(enforcer, lambda: enforcer.policy.local_addresses if enforcer.policy else ())
+        except (OSError, StockadeError) as exc:
+            log.warning("pod %s: flow reader not bound before the first apply (%s); its collector retries", uid, exc)
+            return None
+        self._stage(uid, "flows")
+        return reader
 
     def _early_namespace(self, pod: LocalPod) -> tuple[PodNetns, str] | None:
         """On a pod's first attempt only, find and pin its namespace before enrolling: the procfs

@@ -173,6 +173,21 @@ class PodEnroller:
                     fut.set_result(r)
 
 
+def _poll_client(client: HttpControllerClient) -> HttpControllerClient:
+    """A client like ``client`` (same controllers, CA, credential) with connections of its own."""
+    twin = type(client)(client.urls, client._ca_pem, transport=client._transport)
+    if client._credential is not None:
+        twin.use_credential(client._credential, client._ca_pem)
+    return twin
+
+
+def _cut(client: HttpControllerClient) -> None:
+    """Shut down ``client``'s open connections: a request blocked on one fails at once. (A client
+    over a transport of its own, e.g. a test's, has none recorded: its request runs out.)"""
+    for stream in client._streams.snapshot():
+        stream.shut_down()
+
+
 # ---- a pod's runtime without its own long-poll --------------------------------------------------
 class PodRuntime(Agent):
     """An :class:`~stockade.agent.agent.Agent` whose updates come from the node's :class:`NodePoller`:
@@ -192,7 +207,7 @@ class PodRuntime(Agent):
         self._inline_acks = True  # the node's poller acknowledges what this runtime applied
         self.milestones.setdefault("enrolled", time.time())
         self.outbox.start(client)
-        if self.credential is not None:
+        if self._flows is None and self.credential is not None:  # the node agent hands it in, already reading
             self._flows = collector_for(self.credential, self.state.load_ca(), self.enforcer,
                                         lambda: self.enforcer.policy.local_addresses if self.enforcer.policy else ())
         self._report_host()
@@ -207,6 +222,8 @@ class NodePoller:
     def __init__(self, client: HttpControllerClient, *, long_poll_seconds: float = 20.0, workers: int = 4,
                  backoff: BackoffPolicy | None = None) -> None:
         self.client = client
+        self._poll_client = _poll_client(client)  # the long-poll's own connections (cut when abandoned)
+        self._polling: Future[NodeAnswer] | None = None  # the long-poll out (an abandoned one is not)
         self.long_poll_seconds = long_poll_seconds
         self._pods: dict[str, Agent] = {}  # pod agent id -> its runtime
         self._held: dict[str, int] = {}  # pod agent id -> revision asked beyond (applied, or being applied)
@@ -238,6 +255,8 @@ class NodePoller:
         for t in self._threads:
             t.join(2)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        _cut(self._poll_client)
+        self._poll_client.close()
 
     def add(self, agent_id: str, runtime: Agent) -> None:
         """Follow ``runtime``'s pod from the revision it has in force (acknowledged first)."""
@@ -301,25 +320,34 @@ class NodePoller:
             self._dispatch(answer)
 
     def _long_poll(self, held: dict[str, int], acks: dict[str, int]) -> NodeAnswer | None:
-        """:func:`poll_pods` in its own thread, abandoned (None) when a pod comes or one must be retried."""
+        """:func:`poll_pods` in its own thread, abandoned (None) when a pod comes or one must be retried.
+
+        An abandoned long-poll is cut (its connection shut down): left out, each one held a
+        connection and a controller waiter for up to ``long_poll_seconds``, and while pods came
+        (110 at start, 2 a second in churn) they piled up past the connection pool's limit, so
+        the enrolments queued for a connection; and each one answering later woke the poller and
+        abandoned the long-poll then out (a storm of re-polls naming every pod)."""
         result: Future[NodeAnswer] = Future()
 
         def run() -> None:
             try:
-                result.set_result(poll_pods(self.client, held, acks, self.long_poll_seconds))
+                result.set_result(poll_pods(self._poll_client, held, acks, self.long_poll_seconds))
             except BaseException as exc:
                 result.set_exception(exc)
             finally:
-                self._repoll.set()
+                if self._polling is result:  # an abandoned one's end must not abandon the one out now
+                    self._repoll.set()
 
+        self._polling = result
         threading.Thread(target=run, name="stockade-node-long-poll", daemon=True).start()
         while not result.done():
             self._repoll.wait()
             self._repoll.clear()
-            if self._stop.is_set():
+            if self._stop.is_set() or not result.done():  # stopping, or a pod came (or must be retried)
+                self._polling = None
+                _cut(self._poll_client)  # the next long-poll names it; nothing else uses these connections
                 return None
-            if not result.done():
-                return None  # a pod came (or must be retried): a new long-poll names it
+        self._polling = None
         return result.result()
 
     def _requeue(self, acks: dict[str, int]) -> None:

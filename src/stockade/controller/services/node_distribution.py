@@ -36,8 +36,10 @@ from stockade.compiler.delta import PolicyUpdate
 from stockade.controller.services.auth import ForbiddenError
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.pod_enrolment import NODE_LABEL, PROFILE
-from stockade.controller.storage.db import AgentRow
+from stockade.controller.storage.db import AgentRow, utcnow
 from stockade.errors import NotFoundError
+
+HEARTBEAT_EVERY = 10.0  # seconds: a pod's heartbeat through its node is recorded at most this often (offline: 90 s)
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,21 @@ class NodeDistribution:
     # ---- acks and heartbeats ---------------------------------------------------------------------
     def ack(self, pods: tuple[HeldPod, ...], acks: dict[str, int]) -> None:
         """Acknowledge ``acks`` (agent id -> revision applied) of the resolved pods, and mark every
-        resolved pod alive (the node's request is its pods' heartbeat)."""
+        resolved pod alive (the node's request is its pods' heartbeat).
+
+        A pod's heartbeat is recorded at most every ``HEARTBEAT_EVERY`` seconds: the node long-polls
+        again after every answer (several times a second during churn) naming all its pods, and each
+        recorded heartbeat is a row the agent-state flush writes (110 per poll and per node, where a
+        pod's own runtime heartbeated every 15 s)."""
+        now = utcnow()
         for p in pods:
             rev = acks.get(p.agent_id)
             if rev is not None:
                 self.dist.agent_ack(p.agent_id, rev)
-            self.dist.agent_heartbeat(p.agent_id)
+            live = self.dist.agents.get(p.agent_id)
+            if live is not None and (live.last_heartbeat is None
+                                     or (now - live.last_heartbeat).total_seconds() >= HEARTBEAT_EVERY):
+                self.dist.agent_heartbeat(p.agent_id)
 
     # ---- the long-poll -----------------------------------------------------------------------------
     def moved(self, pods: tuple[HeldPod, ...]) -> list[HeldPod]:
