@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -323,6 +324,49 @@ class AgentProcess:
             self.proc.send_signal(signal.SIGUSR1)
             time.sleep(0.3)
         return "\n".join([*children, self.log_tail(8000)])
+
+    def diagnose(self, seconds: float = 2.0) -> str:
+        """Who is busy and who is big: per process of the tree (RSS, CPU over ``seconds``) and per
+        thread of the agent (CPU over ``seconds``, the kernel's thread id), then a py-spy dump of the
+        agent when py-spy is installed (its thread ids are the same kernel ids) or the faulthandler's."""
+
+        def ticks(stat: Path) -> tuple[int, int]:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+        def tasks() -> dict[str, int]:
+            out = {}
+            for task in Path(f"/proc/{self.pid}/task").glob("*"):
+                with contextlib.suppress(OSError):
+                    out[task.name] = ticks(task / "stat")[0]
+            return out
+
+        tree = self._tree()
+        before = {pid: ticks(Path(f"/proc/{pid}/stat")) for pid in tree if Path(f"/proc/{pid}").exists()}
+        threads0 = tasks()
+        time.sleep(seconds)
+        hz = os.sysconf("SC_CLK_TCK")
+        lines = [f"{self.name}: CPU % over {seconds:.0f} s (own / reaped children), RSS"]
+        for pid, (own, reaped) in before.items():
+            with contextlib.suppress(OSError):
+                own1, reaped1 = ticks(Path(f"/proc/{pid}/stat"))
+                rss = next(ln.split()[1] for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if ln.startswith("VmRSS:"))
+                cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:80]
+                lines.append(f"  pid {pid}: {(own1 - own) / hz / seconds * 100:5.1f} / "
+                             f"{(reaped1 - reaped) / hz / seconds * 100:5.1f} %  {int(rss) // 1024} MiB  {cmd}")
+        for tid, t1 in sorted(tasks().items()):
+            busy = (t1 - threads0.get(tid, t1)) / hz / seconds * 100
+            if busy >= 1.0:
+                lines.append(f"  thread {tid}: {busy:5.1f} %")
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if Path(spy).exists():
+            dumped = subprocess.run([spy, "dump", "--pid", str(self.pid)], capture_output=True, text=True,
+                                    timeout=30, check=False)
+            lines.append(dumped.stdout + dumped.stderr)
+        else:
+            lines.append(self.dump_stacks())
+        return "\n".join(lines)
 
     def rss_kib(self) -> int:
         """Resident memory of the agent and its live children."""

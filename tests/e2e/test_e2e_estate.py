@@ -344,8 +344,8 @@ def test_agent_memory_and_idle_cpu(world: World) -> None:
     print("\nagent (+ children: nft monitor, nft)   RSS MiB   idle CPU % (quietest 5 s window)")
     for name, rss, cpu in rows:
         print(f"{name:<37} {rss:7.1f}   {cpu:6.2f}")
-    assert all(rss < 200 for _, rss, _ in rows), rows
-    assert all(cpu < 20 for _, _, cpu in rows), rows
+    offenders = [a for a, (_, rss, cpu) in zip(agents, rows, strict=True) if rss >= 200 or cpu >= 20]
+    assert not offenders, f"{rows}\n" + "\n".join(a.diagnose() for a in offenders)
 
 
 def test_uninstall_removes_rules_and_credential_and_tells_the_controller(world: World) -> None:

@@ -25,6 +25,7 @@ from stockade.backends.base import (
     ChangeFeedSource,
     EventFlows,
     FlowSource,
+    NetlinkGroup,
     NetnsBound,
     NflogFlows,
     TunnelReporting,
@@ -365,7 +366,7 @@ def test_the_enforcer_reads_the_seams_once() -> None:
     nft = Enforcer(NftablesBackend(netns="lab-1", log_group=7))
     assert nft.verifying and nft.netns == "lab-1"
     assert nft.flows == NflogFlows(7)
-    assert nft.change_monitor == ("ip", "netns", "exec", "lab-1", "nft", "monitor")
+    assert nft.change_monitor == NetlinkGroup(12, 7, "lab-1")  # NETLINK_NETFILTER, NFNLGRP_NFTABLES
     ebpf = Enforcer(get_backend("ebpf", netns="lab-1"))
     assert isinstance(ebpf.flows, EventFlows) and ebpf.change_monitor is None and ebpf.verifying
     windows = Enforcer(get_backend("windows"))

@@ -79,7 +79,7 @@ class AgentOptions:
     long_poll_seconds: float = 20.0
     tamper_interval: float = 0.5  # read-back period without a live change feed
     tamper_safety_interval: float = 1.0  # read-back period with one (it pokes on every change)
-    change_feed: bool = True  # use the backend's change feed (nft monitor) when there is one
+    change_feed: bool = True  # use the backend's change feed (nf_tables' netlink group) when there is one
     heartbeat_seconds: float = 15.0
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     watch_addresses: bool = True

@@ -30,6 +30,7 @@ from stockade.backends.base import (
     ChangeFeedSource,
     EventFlows,
     FlowSource,
+    NetlinkGroup,
     NetnsBound,
     NflogFlows,
     PeerUpdating,
@@ -107,8 +108,8 @@ class Enforcer:
 
     The backend's optional capabilities (:mod:`stockade.backends.base`) are looked up here,
     once: a :class:`~stockade.backends.base.Verifying` backend checks every full apply,
-    :attr:`flows` says where the agent reads flows, :attr:`change_monitor` is the command
-    the tamper watcher follows, :attr:`netns` the namespace the backend programs (None: the
+    :attr:`flows` says where the agent reads flows, :attr:`change_monitor` is where
+    the tamper watcher hears of changes, :attr:`netns` the namespace the backend programs (None: the
     agent's own). The artifact type stays with the backend (:class:`Rendered`).
     """
 
@@ -127,7 +128,7 @@ class Enforcer:
         self.flows: NflogFlows | EventFlows | None = (
             backend.flow_source() if isinstance(backend, FlowSource) else None
         )
-        self.change_monitor: tuple[str, ...] | None = (
+        self.change_monitor: tuple[str, ...] | NetlinkGroup | None = (
             backend.change_monitor() if isinstance(backend, ChangeFeedSource) else None
         )
         self.netns: str | None = backend.netns if isinstance(backend, NetnsBound) else None

@@ -19,8 +19,9 @@ uses them, never discovered by ``getattr``:
   an NFLOG group (:class:`NflogFlows`, prefixes of :mod:`stockade.backends.flowlog`) or as
   :class:`~stockade.backends.flowlog.FlowEvent` records (:class:`EventFlows`, the eBPF ring
   buffer); the agent turns either into flow reports;
-* :class:`ChangeFeedSource` - a command that prints a line whenever what the backend owns
-  changes (``nft monitor``), so tamper is noticed without fast polling;
+* :class:`ChangeFeedSource` - where the kernel announces a change to what the backend owns (a
+  netlink group, :class:`NetlinkGroup`: nf_tables' ``NFNLGRP_NFTABLES``; or a command printing a
+  line per change), so tamper is noticed without fast polling;
 * :class:`NetnsBound` - the backend programs a named network namespace, not the caller's.
 
 A backend *declares* the policy features it supports (``capabilities``).
@@ -191,12 +192,24 @@ class FlowSource(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class NetlinkGroup:
+    """A netlink multicast group on which the kernel announces every change (nf_tables:
+    ``NETLINK_NETFILTER`` / ``NFNLGRP_NFTABLES``, what ``nft monitor`` listens to), joined in
+    network namespace ``netns`` (None: the agent's own)."""
+
+    protocol: int
+    group: int
+    netns: str | None
+
+
 @runtime_checkable
 class ChangeFeedSource(Protocol):
     """A backend whose kernel announces changes to what it owns."""
 
-    def change_monitor(self) -> tuple[str, ...]:
-        """Argv (no shell) of a command printing one line per change, running until stopped."""
+    def change_monitor(self) -> tuple[str, ...] | NetlinkGroup:
+        """Where changes are announced: a netlink group to join, or the argv (no shell) of a command
+        printing one line per change, running until stopped."""
         ...
 
 

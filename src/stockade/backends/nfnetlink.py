@@ -21,7 +21,9 @@ from stockade.backends.common import in_netns
 from stockade.errors import BackendError
 
 NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7  # nf_tables' multicast group: every change, as nft monitor hears it
 SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
 NETLINK_CAP_ACK = 10
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33

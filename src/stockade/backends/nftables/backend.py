@@ -31,12 +31,14 @@ from enum import Enum
 
 from stockade.backends.base import (
     Capability,
+    NetlinkGroup,
     NflogFlows,
     VerifyReport,
     check_capabilities,
     check_delta_capabilities,
 )
 from stockade.backends.common import rule_difference
+from stockade.backends.nfnetlink import NETLINK_NETFILTER, NFNLGRP_NFTABLES
 from stockade.backends.nftables.lookup import FLOWLOG_SETS, MapElement, TierMap
 from stockade.backends.nftables.netlink import ElementChange, NftNetlink
 from stockade.backends.nftables.render import (
@@ -175,9 +177,16 @@ class NftablesBackend:
         """New connections are logged to NFLOG ``log_group`` (in ``netns``)."""
         return NflogFlows(self.log_group)
 
-    def change_monitor(self) -> tuple[str, ...]:
-        """``nft monitor``: one line per change to any table (rule, set element, chain, flush)."""
-        return tuple(self.runner.argv("monitor"))
+    def change_monitor(self) -> NetlinkGroup:
+        """nf_tables' multicast group in ``netns``: one message per change to any table (rule, set
+        element, chain, flush, and a new generation per transaction), as ``nft monitor`` hears it.
+
+        Joined directly, not through ``nft monitor``: nftables 1.0.6's monitor prints an element of a
+        concatenated interval map (``inet_proto . inet_service`` ranges, the lookup tiers) as an
+        endless number in text mode and dies of a segfault in JSON mode (both measured here); the
+        feed needs only *that* something changed, the read-back says what.
+        """
+        return NetlinkGroup(NETLINK_NETFILTER, NFNLGRP_NFTABLES, self.netns)
 
     def close(self) -> None:
         """Release the netlink socket kept for deltas (it pins its network namespace)."""
