@@ -19,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -253,6 +254,26 @@ class Api:
 
 
 # ---- agents ------------------------------------------------------------------------------------------
+
+
+def start_all(procs: list[ControllerProcess]) -> None:
+    """Start controller replicas at once (one migrates, one makes the owner); a replica that fails to
+    start raises here with its reason and log, not later as a missing owner."""
+    errors: dict[int, BaseException] = {}
+
+    def start(i: int, proc: ControllerProcess) -> None:
+        try:
+            proc.start()
+        except BaseException as exc:  # re-raised below, naming the replica
+            errors[i] = exc
+
+    threads = [threading.Thread(target=start, args=(i, p)) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError("; ".join(f"replica {i} did not start: {exc}" for i, exc in sorted(errors.items())))
 
 
 class AgentProcess:

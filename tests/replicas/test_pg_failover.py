@@ -28,7 +28,7 @@ import psycopg
 import pytest
 
 from tests.api.conftest import _free_port, _pg_bindir
-from tests.e2e.harness import Api, ControllerProcess, wait_for
+from tests.e2e.harness import Api, ControllerProcess, start_all, wait_for
 
 FAILOVER_BOUND = 15.0  # seconds from the primary's crash to the first provision served again
 PG_OPTS = ("-c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=100 "
@@ -133,11 +133,7 @@ def test_primary_crash_mid_provision_loses_nothing_acknowledged(pg_pair: PgPair,
     url = pg_pair.url("stockade")
     procs = [ControllerProcess(tmp_path / f"c{i}" / "data", "127.0.0.1", _free_port(), tmp_path / f"c{i}.log",
                                tls=False, database_url=url) for i in range(2)]
-    starters = [threading.Thread(target=p.start) for p in procs]
-    for t in starters:
-        t.start()
-    for t in starters:
-        t.join()
+    start_all(procs)  # at once: one migrates, one makes the owner
     try:
         owner = next(p.first_run for p in procs if p.first_run)
         api = Api(procs[0].url, owner["user"], owner["password"])

@@ -37,7 +37,7 @@ from stockade.compiler import HostPolicy
 from stockade.compiler.delta import UpdateKind, apply_update
 from stockade.errors import StockadeError
 from tests.api.conftest import PgCluster, _free_port
-from tests.e2e.harness import Api, ControllerProcess, wait_for
+from tests.e2e.harness import Api, ControllerProcess, start_all, wait_for
 
 pytestmark = pytest.mark.xdist_group("replicas")
 
@@ -143,11 +143,7 @@ def replicas(pg_cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) ->
     root = tmp_path_factory.mktemp("replicas")
     procs = [ControllerProcess(root / f"r{i}" / "data", "127.0.0.1", _free_port(), root / f"r{i}.log", tls=False,
                                database_url=url) for i in range(3)]
-    starters = [threading.Thread(target=p.start) for p in procs]  # at once: one migrates, one makes the owner
-    for t in starters:
-        t.start()
-    for t in starters:
-        t.join()
+    start_all(procs)  # at once: one migrates, one makes the owner
     agents: list[SimAgent] = []
     try:
         assert all(p.proc is not None for p in procs), "a replica did not start"
