@@ -323,7 +323,7 @@ class AgentProcess:
                 self.proc.wait(10)
 
     def _tree(self) -> list[int]:
-        """The agent and its live descendants (``nft monitor``, a running ``nft``)."""
+        """The agent and its live descendants (a running ``nft``, a command feed)."""
         pids, todo = [], [self.pid]
         while todo:
             pid = todo.pop()

@@ -341,7 +341,7 @@ def test_agent_memory_and_idle_cpu(world: World) -> None:
         rows = window if not rows else [min(o, n, key=lambda r: r[2]) for o, n in zip(rows, window, strict=True)]
         if all(cpu < 20 for _, _, cpu in rows):
             break
-    print("\nagent (+ children: nft monitor, nft)   RSS MiB   idle CPU % (quietest 5 s window)")
+    print("\nagent (+ children: a running nft)      RSS MiB   idle CPU % (quietest 5 s window)")
     for name, rss, cpu in rows:
         print(f"{name:<37} {rss:7.1f}   {cpu:6.2f}")
     offenders = [a for a, (_, rss, cpu) in zip(agents, rows, strict=True) if rss >= 200 or cpu >= 20]
