@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -57,3 +59,14 @@ def slot_lab() -> Iterator[EstateLab]:
     """One long-lived lab with every workload slot of ``tests.strategies`` and the office client."""
     with EstateLab(strategies.LAB_HOSTS) as estate:
         yield estate
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh, empty network namespace for one test (a module may define its own ``netns``)."""
+    name = f"stk-t-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)

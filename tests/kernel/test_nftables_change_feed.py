@@ -13,9 +13,6 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-
-import pytest
 
 from stockade.agent.watch import NetlinkFeed, feed_for
 from stockade.backends.nftables.backend import NftablesBackend
@@ -42,16 +39,6 @@ CHANGES = [
     "add table ip other\n",  # another table: heard too (the read-back says whether it matters)
     "delete table ip other\n",
 ]
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"stkfeed-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def _nft(netns: str, text: str) -> None:
