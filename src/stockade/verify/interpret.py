@@ -111,7 +111,13 @@ class Interpreter:
         self._map_keys: dict[tuple[int, int, int], BDDNode] = {}
         self._static: dict[int, tuple[BDDNode | None, tuple[tuple[int, bool], ...]]] = {}
         self._splits: dict[int, tuple[BDDNode, BDDNode] | None] = {}  # id(rule): the rules outlive us
-        self._outcomes: dict[Verdict, object] = {}  # a goto's / jump's target as a merge key
+        # a goto's / jump's target as a merge key, by (id(kind), target): a Verdict's own hash
+        # goes through the Enum's Python-level __hash__, once per rule (160k rules)
+        self._outcomes: dict[tuple[int, str], object] = {}
+        # a match's BDD (or constant) by id: the read-backs share equal match objects between
+        # rules (iptables: ~2,400 objects behind 200k matches), which outlive the interpreter;
+        # the value depends only on this interpreter (family, hook, local address, members)
+        self._match_memo: dict[int, BDDNode | bool] = {}
         self._rule_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
         self._map_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
 
@@ -186,6 +192,14 @@ class Interpreter:
             return match_bdd(sp, m, self.hook)
         raise UnmodelledConstructError("rule", f"match {m!r}")  # pragma: no cover - Match is closed
 
+    def _static_match(self, m: Match) -> BDDNode | bool:
+        """:meth:`_match` of ``m`` outside an address class (every match but a class's peer set
+        test, and that one too over membership variables), memoised by the match object."""
+        found = self._match_memo.get(id(m))
+        if found is None:
+            found = self._match_memo[id(m)] = self._match(m, frozenset())
+        return found
+
     def _rule_match(self, rule: Rule, sig: frozenset[int]) -> BDDNode | None:
         entry = self._static.get(id(rule))
         if entry is None:
@@ -207,7 +221,7 @@ class Interpreter:
             if isinstance(m, AddrIn) and m.addr is self.peer and m.family is self.family:
                 tests.append((self.pred_of[m.set_name], m.negate))
                 continue
-            r = self._match(m, frozenset())
+            r = self._static_match(m)
             if r is False:
                 return None, ()
             if r is True:
@@ -354,7 +368,8 @@ class Interpreter:
             return None
         if marks:
             return ("goto", v.target) if kind is Kind.GOTO else None
-        found = self._outcomes.get(v)
+        key = (id(kind), v.target)
+        found = self._outcomes.get(key)
         if found is None:
             sp = self.space
             a, d = self._chain_symbolic(v.target, stack)
@@ -366,7 +381,7 @@ class Interpreter:
                 found = "return" if kind is Kind.GOTO else _NOTHING
             else:
                 found = (kind.value, v.target) if kind is Kind.GOTO else ("jump", v.target, len(self._outcomes))
-            self._outcomes[v] = found
+            self._outcomes[key] = found
         return found
 
     def _block(self, v: Verdict, m: BDDNode, stack: tuple[str, ...], marks: bool) -> _Block:
@@ -417,8 +432,11 @@ class Interpreter:
         """(every match but the peer's set tests, those tests) as BDDs; None: never matches."""
         sp = self.space
         static, member = sp.true, sp.true
+        memo = self._match_memo
         for m in rule.matches:
-            r = self._match(m, frozenset())
+            r = memo.get(id(m))
+            if r is None:
+                r = self._static_match(m)
             if r is False:
                 return None
             if r is True:

@@ -25,24 +25,20 @@ class RuleScan:
 
 def scan_rules(rules: FamilyRules) -> RuleScan:
     """One pass over the distinct rules of ``rules`` (the nftables read-back shares one ``Rule``
-    between the chains holding equal rules: each is looked at once)."""
-    seen: set[int] = set()
+    between the chains holding equal rules: each is looked at once), then over their distinct
+    match objects (both read-backs share equal matches between rules: iptables' ~200k matches
+    at 1,000 rules are ~2,400 objects), so the per-rule work is two C-level passes."""
+    distinct = {id(r): r for chain in rules.chains.values() for r in chain.rules}.values()
+    marks = any(r.verdict.kind is Kind.MARK for r in distinct)
+    matches = {id(m): m for r in distinct for m in r.matches}.values()
     names: dict[Addr, set[str]] = {Addr.SADDR: set(), Addr.DADDR: set()}
-    marks = False
     family = rules.family
-    for chain in rules.chains.values():
-        for r in chain.rules:
-            if id(r) in seen:
-                continue
-            seen.add(id(r))
-            if r.verdict.kind is Kind.MARK:
-                marks = True
-            for m in r.matches:
-                if isinstance(m, AddrIn):
-                    if m.family is family:
-                        names[m.addr].add(m.set_name)
-                elif isinstance(m, PacketMark):
-                    marks = True
+    for m in matches:
+        if isinstance(m, AddrIn):
+            if m.family is family:
+                names[m.addr].add(m.set_name)
+        elif isinstance(m, PacketMark):
+            marks = True
     return RuleScan(tuple(sorted(names[Addr.SADDR])), tuple(sorted(names[Addr.DADDR])), marks)
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import groupby, islice, pairwise, repeat
-from operator import add, itemgetter, mul
+from itertools import chain, compress, groupby, islice, repeat
+from operator import add, ge, itemgetter, le, lt, mul, ne, sub
 from typing import Any
 
 from stockade.model.addresses import Family, Range, merge_ranges
@@ -295,19 +295,29 @@ def atom_classes(
     caller sweeps)."""
     top = (1 << (32 if family is Family.V4 else 128)) - 1
     atom_ids = sorted({k for k in atoms if preds[k]})
-    flat = sorted((r, k) for k in atom_ids for r in preds[k])
-    for ((_, hi), _k), ((lo, _), _k2) in pairwise(flat):
-        if hi >= lo:
-            return None  # two atoms overlap
-    starts = [r[0] for r, _ in flat]
+    flat: list[tuple[Range, int]] = []
+    for k in atom_ids:
+        flat.extend(zip(preds[k], repeat(k)))
+    flat.sort()
+    starts = list(map(itemgetter(0), map(itemgetter(0), flat)))
+    if not all(map(lt, map(itemgetter(1), map(itemgetter(0), flat)), islice(starts, 1, None))):
+        return None  # two atoms overlap
     atom_set = set(atom_ids)
+    firsts = [preds[k][0][0] for k in atom_ids]  # each atom's lowest address
+    sizes = {k: _size(preds[k]) for k in atom_ids}
     holders: dict[int, set[int]] = {k: {k} for k in atom_ids}  # atom -> predicates holding it
     inside: dict[int, int] = {}  # atom -> the one predicate strictly inside it
     for p, ranges in enumerate(preds):
         if p in atom_set or not ranges:
             continue
-        picked = [k for k in atom_ids if _inside(preds[k][0][0], ranges)]
-        if picked and merge_ranges(r for k in picked for r in preds[k]) == ranges:
+        # the atoms whose lowest address lies in ``ranges`` (one C-level bisect per atom)
+        picked = list(compress(atom_ids, _contains(ranges, firsts)))
+        # a union of atoms: the picked atoms hold as many addresses as ``ranges`` and, merged,
+        # are ``ranges`` (the atoms are disjoint, so equal sizes and equal merged ranges are
+        # the same set); the merge runs only when the sizes agree
+        if picked and sum(map(sizes.__getitem__, picked)) == _size(ranges) and _fuse(
+            sorted(chain.from_iterable(map(preds.__getitem__, picked)))
+        ) == tuple(ranges):
             for k in picked:
                 holders[k].add(p)
             continue
@@ -316,7 +326,7 @@ def atom_classes(
         if owner < 0 or owner in inside:
             return None
         covered = sum(hi - lo + 1 for a, b in ranges for lo, hi in _clip(preds[owner], a, b))
-        if covered != sum(hi - lo + 1 for lo, hi in ranges):
+        if covered != _size(ranges):
             return None  # partly outside its atom, or over more than one
         inside[owner] = p
     examples: dict[frozenset[int], int] = {}
@@ -345,6 +355,37 @@ def atom_classes(
         if sig in examples:
             examples[sig] = h
     return [AddressClass(sig, ex) for sig, ex in examples.items()]
+
+
+def _size(ranges: Sequence[Range]) -> int:
+    """How many addresses ``ranges`` (disjoint) hold."""
+    total: int = sum(map(sub, map(itemgetter(1), ranges), map(itemgetter(0), ranges)))
+    return total + len(ranges)
+
+
+def _contains(ranges: Sequence[Range], points: Sequence[int]) -> list[bool]:
+    """For each of ``points``, whether it lies in ``ranges`` (sorted, disjoint); C-level
+    bisects (a sentinel range below every address keeps the index in bounds)."""
+    los = [-2, *map(itemgetter(0), ranges)]
+    his = [-2, *map(itemgetter(1), ranges)]
+    where = map(sub, map(bisect.bisect_right, repeat(los), points), repeat(1))
+    return list(map(ge, map(his.__getitem__, where), points))
+
+
+def _fuse(ranges: Sequence[Range]) -> tuple[Range, ...]:
+    """Sorted, disjoint ``ranges`` with adjacent ones joined (C-level: the Python loop of
+    ``merge_ranges`` is a generator step per range). Overlapping input: ``merge_ranges``."""
+    if not ranges:
+        return ()
+    los = list(map(itemgetter(0), ranges))
+    his = list(map(itemgetter(1), ranges))
+    ends = list(map(add, his, repeat(1)))
+    if not all(map(le, ends, islice(los, 1, None))):
+        return merge_ranges(ranges)
+    breaks = list(compress(range(len(los) - 1), map(ne, ends, islice(los, 1, None))))
+    first = [los[0], *map(los.__getitem__, map(add, breaks, repeat(1)))]
+    last = [*map(his.__getitem__, breaks), his[-1]]
+    return tuple(zip(first, last, strict=True))
 
 
 def _inside(point: int, ranges: Sequence[Range]) -> bool:
