@@ -295,12 +295,21 @@ def atom_classes(
     caller sweeps)."""
     top = (1 << (32 if family is Family.V4 else 128)) - 1
     atom_ids = sorted({k for k in atoms if preds[k]})
-    flat: list[tuple[Range, int]] = []
+    # every atom's ranges in address order: starts[i]..ends[i] of atom owners[i], sorted by
+    # the first address (ints, not nested tuples: equal first addresses are an overlap,
+    # refused below, so the order between them does not matter)
+    firsts_all: list[int] = []
+    lasts_all: list[int] = []
+    owners_all: list[int] = []
     for k in atom_ids:
-        flat.extend(zip(preds[k], repeat(k)))
-    flat.sort()
-    starts = list(map(itemgetter(0), map(itemgetter(0), flat)))
-    if not all(map(lt, map(itemgetter(1), map(itemgetter(0), flat)), islice(starts, 1, None))):
+        firsts_all.extend(map(itemgetter(0), preds[k]))
+        lasts_all.extend(map(itemgetter(1), preds[k]))
+        owners_all.extend(repeat(k, len(preds[k])))
+    order = sorted(range(len(firsts_all)), key=firsts_all.__getitem__)
+    starts = list(map(firsts_all.__getitem__, order))
+    ends = list(map(lasts_all.__getitem__, order))
+    owners = list(map(owners_all.__getitem__, order))
+    if not all(map(lt, ends, islice(starts, 1, None))):
         return None  # two atoms overlap
     atom_set = set(atom_ids)
     firsts = [preds[k][0][0] for k in atom_ids]  # each atom's lowest address
@@ -322,7 +331,7 @@ def atom_classes(
                 holders[k].add(p)
             continue
         i = bisect.bisect_right(starts, ranges[0][0]) - 1
-        owner = flat[i][1] if i >= 0 else -1
+        owner = owners[i] if i >= 0 else -1
         if owner < 0 or owner in inside:
             return None
         covered = sum(hi - lo + 1 for a, b in ranges for lo, hi in _clip(preds[owner], a, b))
@@ -339,7 +348,7 @@ def atom_classes(
                 examples[frozenset(holders[k])] = rest
         else:
             examples[frozenset(holders[k])] = preds[k][0][0]
-    nowhere = _first_gap(flat, top)
+    nowhere = _first_gap(starts, ends, top)
     if nowhere is not None:
         examples.setdefault(frozenset(), nowhere)
     # in address order (each example is its class's lowest address here), as the sweep gives
@@ -348,8 +357,8 @@ def atom_classes(
     for h in hints:  # a hint becomes its class's example (a lab address for the counterexample)
         i = bisect.bisect_right(starts, h) - 1
         sig: frozenset[int] = frozenset()
-        if i >= 0 and flat[i][0][1] >= h:
-            atom = flat[i][1]
+        if i >= 0 and ends[i] >= h:
+            atom = owners[i]
             extra = {inside[atom]} if atom in inside and _inside(h, preds[inside[atom]]) else set()
             sig = frozenset(holders[atom] | extra)
         if sig in examples:
@@ -418,11 +427,13 @@ def _first_outside(outer: Sequence[Range], inner: Sequence[Range]) -> int | None
     return None
 
 
-def _first_gap(flat: Sequence[tuple[Range, int]], top: int) -> int | None:
-    """An address in none of ``flat``'s ranges (sorted, disjoint), None when they cover all."""
-    point = 0
-    for (lo, hi), _k in flat:
-        if lo > point:
-            return point
-        point = hi + 1
-    return point if point <= top else None
+def _first_gap(starts: Sequence[int], ends: Sequence[int], top: int) -> int | None:
+    """An address in none of the ranges ``starts[i]..ends[i]`` (sorted, disjoint), None when
+    they cover all (C-level: the first range not starting right after the previous one)."""
+    if not starts or starts[0] > 0:
+        return 0
+    after: list[int] = list(map(add, ends, repeat(1)))
+    gap: int | None = next(compress(after, map(lt, after, islice(starts, 1, None))), None)
+    if gap is not None:
+        return gap
+    return after[-1] if after[-1] <= top else None
