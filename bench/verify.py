@@ -25,6 +25,11 @@ its parser) on the same loaded table, side by side with the netlink read-back th
 ``--before REF`` (e.g. ``main``): side by side, the prover of git revision REF (its prove,
 interpret, space and spec modules, loaded from ``git show`` under another package name; the
 read-back and its IR are shared) proves the same read-back right after: column ``before cpu``.
+
+``--save DIR`` pickles each size's (HostPolicy, read-back) into DIR; ``--saved DIR`` proves those
+pickles again without a kernel (no root), ``--rounds`` times, this tree's prover (``first``: the
+HostPolicy freshly unpickled, nothing cached; ``repeat``: the same objects proven again, what the
+agent does periodically) interleaved with ``--before``'s, so both see the same load.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -64,7 +70,7 @@ def _backend(name: str, ns: str) -> NftablesBackend | IptablesBackend | EbpfBack
     return IptablesBackend(netns=ns, variant=variant)
 
 
-_PROVER_MODULES = ("prove", "interpret", "space", "spec", "members")
+_PROVER_MODULES = ("prove", "interpret", "space", "spec", "members", "rulescan")
 
 
 def _prover_at(ref: str) -> Callable[..., object]:
@@ -104,7 +110,13 @@ def main() -> None:
     ap.add_argument("--rules", default="", help="comma-separated rule counts (overrides the grid)")
     ap.add_argument("--peers", default="", help="comma-separated peer counts (overrides the grid)")
     ap.add_argument("--before", default="", help="git revision whose prover runs side by side (e.g. main)")
+    ap.add_argument("--save", default="", help="directory to pickle (HostPolicy, read-back) per size into")
+    ap.add_argument("--saved", default="", help="prove the pickles of this directory (no kernel), see the doc")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --saved")
     args = ap.parse_args()
+    if args.saved:
+        _prove_saved(Path(args.saved), args.rounds, _prover_at(args.before) if args.before else None)
+        return
     prove_before = _prover_at(args.before) if args.before else None
     rules_sizes: tuple[int, ...] = (10, 100) if args.quick else (10, 100, 1000)
     peer_sizes: tuple[int, ...] = (100, 10_000) if args.quick else (100, 10_000, 100_000)
@@ -137,6 +149,10 @@ def main() -> None:
                         loaded = read_loaded(backend_name, netns=ns, table="stkbench")
                         t1 = time.perf_counter()
                         c1 = _cpu()
+                        if args.save:
+                            Path(args.save).mkdir(parents=True, exist_ok=True)
+                            out = Path(args.save) / f"{backend_name}-{shape}-{n_rules}-{n_peers}.pickle"
+                            out.write_bytes(pickle.dumps((hp, loaded)))
                         proof = prove(hp, loaded)
                         t2 = time.perf_counter()
                         c2 = _cpu()
@@ -165,6 +181,37 @@ def main() -> None:
             if backend is not None:
                 backend.remove()  # eBPF pins live in bpffs, not in the namespace
             subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+def _prove_saved(where: Path, rounds: int, prove_before: Callable[..., object] | None) -> None:
+    """Prove each pickled (HostPolicy, read-back) of ``where``: ``rounds`` rounds of (before,
+    first, repeat), interleaved; CPU seconds of this process, medians printed last."""
+    print(f"{'read-back':44} {'round':>5} {'before':>7} {'first':>7} {'repeat':>7} {'proven':>6} {'load':>5}")
+    for path in sorted(where.glob("*.pickle")):
+        blob = path.read_bytes()
+        cols: dict[str, list[float]] = {"before": [], "first": [], "repeat": []}
+        for i in range(rounds):
+            load = os.getloadavg()[0]
+            before = "-"
+            if prove_before is not None:
+                hp, loaded = pickle.loads(blob)
+                c0 = _cpu()
+                prove_before(hp, loaded)
+                cols["before"].append(_cpu() - c0)
+                before = f"{cols['before'][-1]:.2f}"
+            hp, loaded = pickle.loads(blob)  # fresh objects: no cache keyed by identity hits
+            c0 = _cpu()
+            proof = prove(hp, loaded)
+            c1 = _cpu()
+            again = prove(hp, loaded)
+            c2 = _cpu()
+            assert proof.proven == again.proven
+            cols["first"].append(c1 - c0)
+            cols["repeat"].append(c2 - c1)
+            print(f"{path.stem:44} {i:5} {before:>7} {c1 - c0:7.2f} {c2 - c1:7.2f} {proof.proven!s:>6} {load:5.1f}",
+                  flush=True)
+        med = {k: (f"{sorted(v)[len(v) // 2]:.2f}" if v else "-") for k, v in cols.items()}
+        print(f"{path.stem:44} {'med':>5} {med['before']:>7} {med['first']:>7} {med['repeat']:>7}", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import pytest
 
 from stockade.backends.iptables.render import render_iptables
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy, HostRule
-from stockade.model.addresses import Family, Range, merge_ranges
+from stockade.model.addresses import Family, Range, merge_ranges, subtract_ranges
 from stockade.model.policy import Failsafe
 from stockade.model.rules import Action
 from stockade.model.services import Proto, ServiceEntry
@@ -185,6 +185,51 @@ def test_atom_classes_equal_the_sweep() -> None:
     assert atom_classes(overlapping, range(2), Family.V4) is None
     straddling = [((1, 5),), ((6, 9),), ((5, 6),)]  # neither a union of atoms nor inside one
     assert atom_classes(straddling, range(2), Family.V4) is None
+
+
+def test_atom_classes_refuse_near_unions() -> None:
+    """Predicates that are ALMOST a union of atoms (one address more or less, an atom's first
+    address kept but one of its other ranges dropped, one atom swapped for a same-size range
+    elsewhere) are never taken for the union: atom_classes either says None or gives the
+    sweep's classes. (Its union check compares sizes first, then the merged ranges.)"""
+    rng = random.Random(23)
+    refused = 0
+    for _ in range(300):
+        n_atoms = rng.randint(2, 6)
+        cuts = sorted(rng.sample(range(1, 2000), n_atoms * 2))
+        atoms = [_split(rng, merge_ranges([(cuts[2 * i], cuts[2 * i + 1])])) for i in range(n_atoms)]
+        picks = rng.sample(range(n_atoms), rng.randint(1, n_atoms))
+        union = merge_ranges(r for k in picks for r in atoms[k])
+        how = rng.randrange(5)
+        if how == 0:  # one address more, just past a range
+            lo, hi = rng.choice(union)
+            near = merge_ranges([*union, (hi + 1, hi + 1)])
+        elif how == 1:  # one address less
+            lo, hi = rng.choice(union)
+            near = subtract_ranges(union, ((lo, lo),))
+        elif how == 2:  # an atom's later range dropped (its lowest address still in)
+            k = rng.choice(picks)
+            last = atoms[k][0][1]
+            near = subtract_ranges(union, atoms[k][1:] if len(atoms[k]) > 1 else ((last, last),))
+        elif how == 3:  # as many addresses, shifted off the atoms' edges
+            near = tuple((lo + 1, hi + 1) for lo, hi in union)
+        else:  # as many addresses, every atom's lowest still in: an atom's last one swapped for a free one
+            k = rng.choice(picks)
+            last = atoms[k][-1][1]
+            free = next(a for a in range(2001, 2100) if all(not lo <= a <= hi for at in atoms for lo, hi in at))
+            if last == atoms[k][0][0]:
+                continue
+            near = merge_ranges([*subtract_ranges(union, ((last, last),)), (free, free)])
+        if not near or near == union:
+            continue
+        preds: list[tuple[Range, ...]] = [*atoms, near]
+        got = atom_classes(preds, range(n_atoms), Family.V4)
+        want = address_classes(preds, Family.V4)
+        if got is None:
+            refused += 1
+            continue
+        assert [c.members for c in got] == [c.members for c in want]
+    assert refused > 100
 
 
 def _split(rng: random.Random, atom: tuple[Range, ...]) -> tuple[Range, ...]:

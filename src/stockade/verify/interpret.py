@@ -61,6 +61,8 @@ from stockade.verify.tunnel import bind_marks, match_bdd, output_exit
 _MERGEABLE = frozenset({Kind.ACCEPT, Kind.DROP, Kind.RETURN, Kind.GOTO})
 _DECIDES = frozenset({*_MERGEABLE, Kind.JUMP})  # blocks (a jump: only without marks)
 _NOTHING = "nothing"  # a rule that changes nothing: a jump to a chain returning every packet
+_UNSEEN = object()  # not looked at yet (a memo miss)
+_UNSEEN_SPLIT: tuple[BDDNode, BDDNode] = (_UNSEEN, _UNSEEN)
 _State = tuple[BDDNode, BDDNode, BDDNode]  # (accepted, dropped, marked) of a chain so far
 _Block = tuple[BDDNode, BDDNode, BDDNode, BDDNode]  # (matched, accepted, dropped, marked) of rules
 
@@ -111,7 +113,17 @@ class Interpreter:
         self._map_keys: dict[tuple[int, int, int], BDDNode] = {}
         self._static: dict[int, tuple[BDDNode | None, tuple[tuple[int, bool], ...]]] = {}
         self._splits: dict[int, tuple[BDDNode, BDDNode] | None] = {}  # id(rule): the rules outlive us
-        self._outcomes: dict[Verdict, object] = {}  # a goto's / jump's target as a merge key
+        # a goto's / jump's target as a merge key, by (id(kind), target): a Verdict's own hash
+        # goes through the Enum's Python-level __hash__, once per rule (160k rules)
+        self._outcomes: dict[tuple[int, str], object] = {}
+        # a match's BDD (or constant) by id: the read-backs share equal match objects between
+        # rules (iptables: ~2,400 objects behind 200k matches), which outlive the interpreter;
+        # the value depends only on this interpreter (family, hook, local address, members)
+        self._match_memo: dict[int, BDDNode | bool] = {}
+        # a verdict's outcome by id (the read-backs share verdict objects; the rules holding
+        # them outlive us): :meth:`_outcome` is the same for every rule holding the verdict
+        self._outcome_of: dict[int, object] = {}
+        self._split_of: dict[tuple[int, ...], tuple[BDDNode, BDDNode] | None] = {}  # by match ids
         self._rule_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
         self._map_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
 
@@ -186,6 +198,14 @@ class Interpreter:
             return match_bdd(sp, m, self.hook)
         raise UnmodelledConstructError("rule", f"match {m!r}")  # pragma: no cover - Match is closed
 
+    def _static_match(self, m: Match) -> BDDNode | bool:
+        """:meth:`_match` of ``m`` outside an address class (every match but a class's peer set
+        test, and that one too over membership variables), memoised by the match object."""
+        found = self._match_memo.get(id(m))
+        if found is None:
+            found = self._match_memo[id(m)] = self._match(m, frozenset())
+        return found
+
     def _rule_match(self, rule: Rule, sig: frozenset[int]) -> BDDNode | None:
         entry = self._static.get(id(rule))
         if entry is None:
@@ -207,7 +227,7 @@ class Interpreter:
             if isinstance(m, AddrIn) and m.addr is self.peer and m.family is self.family:
                 tests.append((self.pred_of[m.set_name], m.negate))
                 continue
-            r = self._match(m, frozenset())
+            r = self._static_match(m)
             if r is False:
                 return None, ()
             if r is True:
@@ -281,18 +301,20 @@ class Interpreter:
         marks = self._uses_marks()  # then also which packets the chain steers (MARK), as a third BDD
         steps: list[tuple[object, Verdict, list[tuple[BDDNode, BDDNode]]]] = []  # (outcome, verdict, parts)
         splits = self._splits
+        outcomes = self._outcome_of
+        # the loop runs once per rule (160k per family for nftables at 1,000 policy rules):
+        # a rule's split and a verdict's outcome are found by object, one lookup each
         for rule in self._chain(name).rules:
-            verdict = rule.verdict
-            if verdict.kind is Kind.CONTINUE:
-                continue
             key = id(rule)  # equal rules of several chains are one object (nftables read-back)
-            if key in splits:
-                split = splits[key]
-            else:
-                split = splits[key] = self._split_symbolic(rule)
+            split = splits.get(key, _UNSEEN_SPLIT)
+            if split is _UNSEEN_SPLIT:  # a rule without a verdict decides nothing: never split
+                split = splits[key] = None if rule.verdict.kind is Kind.CONTINUE else self._split_symbolic(rule)
             if split is None:
                 continue
-            outcome = self._outcome(verdict, stack, marks)
+            verdict = rule.verdict
+            outcome = outcomes.get(id(verdict), _UNSEEN)
+            if outcome is _UNSEEN:
+                outcome = outcomes[id(verdict)] = self._outcome(verdict, stack, marks)
             if outcome is _NOTHING:
                 continue
             if outcome is not None and steps and steps[-1][0] == outcome:
@@ -354,7 +376,8 @@ class Interpreter:
             return None
         if marks:
             return ("goto", v.target) if kind is Kind.GOTO else None
-        found = self._outcomes.get(v)
+        key = (id(kind), v.target)
+        found = self._outcomes.get(key)
         if found is None:
             sp = self.space
             a, d = self._chain_symbolic(v.target, stack)
@@ -366,7 +389,7 @@ class Interpreter:
                 found = "return" if kind is Kind.GOTO else _NOTHING
             else:
                 found = (kind.value, v.target) if kind is Kind.GOTO else ("jump", v.target, len(self._outcomes))
-            self._outcomes[v] = found
+            self._outcomes[key] = found
         return found
 
     def _block(self, v: Verdict, m: BDDNode, stack: tuple[str, ...], marks: bool) -> _Block:
@@ -414,11 +437,24 @@ class Interpreter:
         return a | (acc & keep), d | (drop & keep), (k | (marked & keep)) if marks else marked
 
     def _split_symbolic(self, rule: Rule) -> tuple[BDDNode, BDDNode] | None:
-        """(every match but the peer's set tests, those tests) as BDDs; None: never matches."""
+        """(every match but the peer's set tests, those tests) as BDDs; None: never matches.
+
+        Memoised by the match objects (their ids, in order): iptables' rules are distinct
+        objects, but half of them repeat another's matches with another verdict or comment."""
+        key = tuple(map(id, rule.matches))
+        found = self._split_of.get(key, _UNSEEN_SPLIT)
+        if found is _UNSEEN_SPLIT:
+            found = self._split_of[key] = self._split_matches(rule.matches)
+        return found
+
+    def _split_matches(self, matches: tuple[Match, ...]) -> tuple[BDDNode, BDDNode] | None:
         sp = self.space
         static, member = sp.true, sp.true
-        for m in rule.matches:
-            r = self._match(m, frozenset())
+        memo = self._match_memo
+        for m in matches:
+            r = memo.get(id(m))
+            if r is None:
+                r = self._static_match(m)
             if r is False:
                 return None
             if r is True:

@@ -7,6 +7,8 @@ per interpreter: four passes over 160k rules at 1,000 policy rules, ~15 % of the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
 
 from stockade.verify.loaded import Addr, AddrIn, FamilyRules, Kind, PacketMark
 
@@ -23,26 +25,28 @@ class RuleScan:
         return self.saddr_sets if addr is Addr.SADDR else self.daddr_sets
 
 
+_KIND = attrgetter("verdict.kind")
+_MATCHES = attrgetter("matches")
+
+
 def scan_rules(rules: FamilyRules) -> RuleScan:
     """One pass over the distinct rules of ``rules`` (the nftables read-back shares one ``Rule``
-    between the chains holding equal rules: each is looked at once)."""
-    seen: set[int] = set()
+    between the chains holding equal rules: each is looked at once), then over their distinct
+    match objects (both read-backs share equal matches between rules: iptables' ~200k matches
+    at 1,000 rules are ~2,400 objects), so the per-rule work is two C-level passes."""
+    every = list(chain.from_iterable(c.rules for c in rules.chains.values()))
+    distinct = dict(zip(map(id, every), every, strict=True)).values()
+    marks = Kind.MARK in map(_KIND, distinct)  # identity first: no Enum __eq__/__hash__ call
+    every_match = list(chain.from_iterable(map(_MATCHES, distinct)))
+    matches = dict(zip(map(id, every_match), every_match, strict=True)).values()
     names: dict[Addr, set[str]] = {Addr.SADDR: set(), Addr.DADDR: set()}
-    marks = False
     family = rules.family
-    for chain in rules.chains.values():
-        for r in chain.rules:
-            if id(r) in seen:
-                continue
-            seen.add(id(r))
-            if r.verdict.kind is Kind.MARK:
-                marks = True
-            for m in r.matches:
-                if isinstance(m, AddrIn):
-                    if m.family is family:
-                        names[m.addr].add(m.set_name)
-                elif isinstance(m, PacketMark):
-                    marks = True
+    for m in matches:
+        if isinstance(m, AddrIn):
+            if m.family is family:
+                names[m.addr].add(m.set_name)
+        elif isinstance(m, PacketMark):
+            marks = True
     return RuleScan(tuple(sorted(names[Addr.SADDR])), tuple(sorted(names[Addr.DADDR])), marks)
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import groupby, islice, pairwise, repeat
-from operator import add, itemgetter, mul
+from itertools import chain, compress, groupby, islice, repeat
+from operator import add, ge, itemgetter, le, lt, mul, ne, sub
 from typing import Any
 
 from stockade.model.addresses import Family, Range, merge_ranges
@@ -295,28 +295,47 @@ def atom_classes(
     caller sweeps)."""
     top = (1 << (32 if family is Family.V4 else 128)) - 1
     atom_ids = sorted({k for k in atoms if preds[k]})
-    flat = sorted((r, k) for k in atom_ids for r in preds[k])
-    for ((_, hi), _k), ((lo, _), _k2) in pairwise(flat):
-        if hi >= lo:
-            return None  # two atoms overlap
-    starts = [r[0] for r, _ in flat]
+    # every atom's ranges in address order: starts[i]..ends[i] of atom owners[i], sorted by
+    # the first address (ints, not nested tuples: equal first addresses are an overlap,
+    # refused below, so the order between them does not matter)
+    firsts_all: list[int] = []
+    lasts_all: list[int] = []
+    owners_all: list[int] = []
+    for k in atom_ids:
+        firsts_all.extend(map(itemgetter(0), preds[k]))
+        lasts_all.extend(map(itemgetter(1), preds[k]))
+        owners_all.extend(repeat(k, len(preds[k])))
+    order = sorted(range(len(firsts_all)), key=firsts_all.__getitem__)
+    starts = list(map(firsts_all.__getitem__, order))
+    ends = list(map(lasts_all.__getitem__, order))
+    owners = list(map(owners_all.__getitem__, order))
+    if not all(map(lt, ends, islice(starts, 1, None))):
+        return None  # two atoms overlap
     atom_set = set(atom_ids)
+    firsts = [preds[k][0][0] for k in atom_ids]  # each atom's lowest address
+    sizes = {k: _size(preds[k]) for k in atom_ids}
     holders: dict[int, set[int]] = {k: {k} for k in atom_ids}  # atom -> predicates holding it
     inside: dict[int, int] = {}  # atom -> the one predicate strictly inside it
     for p, ranges in enumerate(preds):
         if p in atom_set or not ranges:
             continue
-        picked = [k for k in atom_ids if _inside(preds[k][0][0], ranges)]
-        if picked and merge_ranges(r for k in picked for r in preds[k]) == ranges:
+        # the atoms whose lowest address lies in ``ranges`` (one C-level bisect per atom)
+        picked = list(compress(atom_ids, _contains(ranges, firsts)))
+        # a union of atoms: the picked atoms hold as many addresses as ``ranges`` and, merged,
+        # are ``ranges`` (the atoms are disjoint, so equal sizes and equal merged ranges are
+        # the same set); the merge runs only when the sizes agree
+        if picked and sum(map(sizes.__getitem__, picked)) == _size(ranges) and _fuse(
+            sorted(chain.from_iterable(map(preds.__getitem__, picked)))
+        ) == tuple(ranges):
             for k in picked:
                 holders[k].add(p)
             continue
         i = bisect.bisect_right(starts, ranges[0][0]) - 1
-        owner = flat[i][1] if i >= 0 else -1
+        owner = owners[i] if i >= 0 else -1
         if owner < 0 or owner in inside:
             return None
         covered = sum(hi - lo + 1 for a, b in ranges for lo, hi in _clip(preds[owner], a, b))
-        if covered != sum(hi - lo + 1 for lo, hi in ranges):
+        if covered != _size(ranges):
             return None  # partly outside its atom, or over more than one
         inside[owner] = p
     examples: dict[frozenset[int], int] = {}
@@ -329,7 +348,7 @@ def atom_classes(
                 examples[frozenset(holders[k])] = rest
         else:
             examples[frozenset(holders[k])] = preds[k][0][0]
-    nowhere = _first_gap(flat, top)
+    nowhere = _first_gap(starts, ends, top)
     if nowhere is not None:
         examples.setdefault(frozenset(), nowhere)
     # in address order (each example is its class's lowest address here), as the sweep gives
@@ -338,13 +357,44 @@ def atom_classes(
     for h in hints:  # a hint becomes its class's example (a lab address for the counterexample)
         i = bisect.bisect_right(starts, h) - 1
         sig: frozenset[int] = frozenset()
-        if i >= 0 and flat[i][0][1] >= h:
-            atom = flat[i][1]
+        if i >= 0 and ends[i] >= h:
+            atom = owners[i]
             extra = {inside[atom]} if atom in inside and _inside(h, preds[inside[atom]]) else set()
             sig = frozenset(holders[atom] | extra)
         if sig in examples:
             examples[sig] = h
     return [AddressClass(sig, ex) for sig, ex in examples.items()]
+
+
+def _size(ranges: Sequence[Range]) -> int:
+    """How many addresses ``ranges`` (disjoint) hold."""
+    total: int = sum(map(sub, map(itemgetter(1), ranges), map(itemgetter(0), ranges)))
+    return total + len(ranges)
+
+
+def _contains(ranges: Sequence[Range], points: Sequence[int]) -> list[bool]:
+    """For each of ``points``, whether it lies in ``ranges`` (sorted, disjoint); C-level
+    bisects (a sentinel range below every address keeps the index in bounds)."""
+    los = [-2, *map(itemgetter(0), ranges)]
+    his = [-2, *map(itemgetter(1), ranges)]
+    where = map(sub, map(bisect.bisect_right, repeat(los), points), repeat(1))
+    return list(map(ge, map(his.__getitem__, where), points))
+
+
+def _fuse(ranges: Sequence[Range]) -> tuple[Range, ...]:
+    """Sorted, disjoint ``ranges`` with adjacent ones joined (C-level: the Python loop of
+    ``merge_ranges`` is a generator step per range). Overlapping input: ``merge_ranges``."""
+    if not ranges:
+        return ()
+    los = list(map(itemgetter(0), ranges))
+    his = list(map(itemgetter(1), ranges))
+    ends = list(map(add, his, repeat(1)))
+    if not all(map(le, ends, islice(los, 1, None))):
+        return merge_ranges(ranges)
+    breaks = list(compress(range(len(los) - 1), map(ne, ends, islice(los, 1, None))))
+    first = [los[0], *map(los.__getitem__, map(add, breaks, repeat(1)))]
+    last = [*map(his.__getitem__, breaks), his[-1]]
+    return tuple(zip(first, last, strict=True))
 
 
 def _inside(point: int, ranges: Sequence[Range]) -> bool:
@@ -377,11 +427,13 @@ def _first_outside(outer: Sequence[Range], inner: Sequence[Range]) -> int | None
     return None
 
 
-def _first_gap(flat: Sequence[tuple[Range, int]], top: int) -> int | None:
-    """An address in none of ``flat``'s ranges (sorted, disjoint), None when they cover all."""
-    point = 0
-    for (lo, hi), _k in flat:
-        if lo > point:
-            return point
-        point = hi + 1
-    return point if point <= top else None
+def _first_gap(starts: Sequence[int], ends: Sequence[int], top: int) -> int | None:
+    """An address in none of the ranges ``starts[i]..ends[i]`` (sorted, disjoint), None when
+    they cover all (C-level: the first range not starting right after the previous one)."""
+    if not starts or starts[0] > 0:
+        return 0
+    after: list[int] = list(map(add, ends, repeat(1)))
+    gap: int | None = next(compress(after, map(lt, after, islice(starts, 1, None))), None)
+    if gap is not None:
+        return gap
+    return after[-1] if after[-1] <= top else None

@@ -1,0 +1,135 @@
+"""Session 8's shortcuts in the prover, each against the slow path it replaces.
+
+* ``prove._ranges`` (C-level, a host-mask table, host routes as their own last address)
+  against ``merge_ranges`` of every member's range, on canonical, unsorted, overlapping,
+  adjacent and mixed-prefix member lists of both families;
+* ``scan_rules`` (distinct rules, then distinct match objects) against the rule-by-rule scan;
+* the interpreter's match memo (by match object: the read-backs share equal matches between
+  rules) against an interpreter computing every match afresh, over membership variables and
+  per address class, on random chains whose rules share match objects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import replace
+from itertools import combinations
+
+from stockade.model.addresses import Family, IPNetwork, merge_ranges, network_range
+from stockade.verify.interpret import Interpreter
+from stockade.verify.loaded import Addr, AddrIn, Chain, FamilyRules, HookName, Kind, Match, PacketMark, Rule
+from stockade.verify.prove import _ranges
+from stockade.verify.rulescan import RuleScan, scan_rules
+from stockade.verify.space import BDDNode, HeaderSpace
+from tests.unit.test_verify_blocks import N_SETS, _ruleset
+
+
+def _networks(rng: random.Random, family: Family) -> list[IPNetwork]:
+    bits = 32 if family is Family.V4 else 128
+    base = 0x0A000000 if family is Family.V4 else 0xFD00 << 112
+    hosts_only = rng.random() < 0.4
+    out: list[IPNetwork] = []
+    point = base
+    for _ in range(rng.randint(1, 40)):
+        plen = bits if hosts_only or rng.random() < 0.6 else rng.randint(bits - 6, bits - 1)
+        size = 1 << (bits - plen)
+        point = (point + rng.choice((0, 0, 1, size, 3 * size, 1000))) // size * size  # adjacent, apart
+        out.append(ipaddress.ip_network((point, plen)))
+        point += size
+    roll = rng.random()
+    if roll < 0.2:
+        rng.shuffle(out)
+    elif roll < 0.35:  # overlapping: a member again, or a supernet of one
+        n = rng.choice(out)
+        out.insert(rng.randrange(len(out) + 1), n.supernet() if n.prefixlen > 1 else n)
+    return out
+
+
+def test_ranges_equal_merge_ranges() -> None:
+    rng = random.Random(5)
+    for _ in range(600):
+        family = rng.choice((Family.V4, Family.V6))
+        nets = _networks(rng, family)
+        assert _ranges(nets) == merge_ranges(network_range(n) for n in nets), nets
+    assert _ranges([]) == ()
+
+
+def _scan_rule_by_rule(rules: FamilyRules) -> RuleScan:
+    """The scan as session 7 wrote it: every rule, every match."""
+    names: dict[Addr, set[str]] = {Addr.SADDR: set(), Addr.DADDR: set()}
+    marks = False
+    for chain in rules.chains.values():
+        for r in chain.rules:
+            if r.verdict.kind is Kind.MARK:
+                marks = True
+            for m in r.matches:
+                if isinstance(m, AddrIn):
+                    if m.family is rules.family:
+                        names[m.addr].add(m.set_name)
+                elif isinstance(m, PacketMark):
+                    marks = True
+    return RuleScan(tuple(sorted(names[Addr.SADDR])), tuple(sorted(names[Addr.DADDR])), marks)
+
+
+def _shared(rng: random.Random, rules: FamilyRules, extra: bool = False) -> FamilyRules:
+    """``rules`` with equal matches made one object (as the read-backs make them) and, with
+    ``extra``, daddr / other-family set tests, marks and MARK verdicts sprinkled in."""
+    pool: dict[Match, Match] = {}
+    chains: dict[str, Chain] = {}
+    for name, chain in rules.chains.items():
+        out: list[Rule] = []
+        for r in chain.rules:
+            matches = list(r.matches)
+            verdict = r.verdict
+            if extra and rng.random() < 0.2:
+                fam = rng.choice((Family.V4, Family.V6))
+                matches.append(AddrIn(rng.choice((Addr.SADDR, Addr.DADDR)), fam, f"d{rng.randrange(5)}"))
+            if extra and rng.random() < 0.03:
+                matches.append(PacketMark(rng.randrange(3)))
+            if extra and rng.random() < 0.02:
+                verdict = replace(verdict, kind=Kind.MARK)
+            out.append(Rule(tuple(pool.setdefault(m, m) for m in matches), verdict))
+        chains[name] = Chain(name, tuple(out), chain.policy)
+    return replace(rules, chains=chains)
+
+
+def test_scan_rules_equals_the_rule_by_rule_scan() -> None:
+    rng = random.Random(3)
+    marked = 0
+    for _ in range(300):
+        rules = _shared(rng, _ruleset(rng), extra=True)
+        got = scan_rules(rules)
+        assert got == _scan_rule_by_rule(rules)
+        marked += got.uses_marks
+    assert 10 < marked < 290  # both outcomes met
+
+
+class _Unmemoised(Interpreter):
+    """Every match computed afresh (the memo never filled)."""
+
+    def _static_match(self, m: Match) -> BDDNode | bool:
+        return self._match(m, frozenset())
+
+
+def test_match_memo_equals_fresh_matches() -> None:
+    rng = random.Random(17)
+    pred_of = {f"s{k}": k for k in range(N_SETS)}
+    signatures = [frozenset(c) for n in range(N_SETS + 1) for c in combinations(range(N_SETS), n)]
+    shared_seen = 0
+    for case in range(120):
+        rules = _shared(rng, _ruleset(rng))
+        all_matches = [m for c in rules.chains.values() for r in c.rules for m in r.matches]
+        shared_seen += len(all_matches) - len({id(m) for m in all_matches})
+        space = HeaderSpace()
+        names = [f"x{k}" for k in range(N_SETS)]
+        space.bdd.declare(*names)
+        members: dict[int, BDDNode] = {k: space.bdd.var(names[k]) for k in range(N_SETS)}
+        memo = Interpreter(space, rules, HookName.INPUT, pred_of, None, members)
+        fresh = _Unmemoised(space, rules, HookName.INPUT, pred_of, None, members)
+        assert memo.hook_accept(frozenset()) == fresh.hook_accept(frozenset()), case
+        assert not fresh._match_memo
+        walk, walk_fresh = (cls(space, rules, HookName.INPUT, pred_of, None) for cls in (Interpreter, _Unmemoised))
+        for sig in signatures:
+            assert walk.hook_accept(sig) == walk_fresh.hook_accept(sig), (case, sorted(sig))
+    assert shared_seen > 500  # the memo was hit
