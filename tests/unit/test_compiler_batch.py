@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +14,7 @@ from hypothesis import strategies as st
 from stockade.compiler import Compiler, HostDelta, HostPolicy, compile_policy
 from stockade.errors import NotFoundError
 from stockade.model import (
+    ALL_WORKLOADS,
     AllowRule,
     EnforcementMode,
     Interface,
@@ -136,3 +140,80 @@ def test_thousand_pod_churn_is_one_delta_per_host() -> None:
     assert sorted(d.workload for d in gone if d.policy is None) == sorted(p.name for p in pods)
     assert len([d for d in gone if d.policy is not None]) == len(dbs)
     assert comp.all_host_policies() == compile_policy(policy)
+
+
+def _k8s_pod(name: str, ns: str, app: str, address: int) -> Workload:
+    labels = frozenset({Label("ns", ns), Label("app", app)})
+    return Workload(name, labels, (Interface("eth0", (ipaddress.IPv4Address(address),)),), EnforcementMode.FULL)
+
+
+def _k8s_policy(namespaces: int) -> Policy:
+    """Pods of ``namespaces`` namespaces (4 frontend, 4 backend, 2 db each), a ruleset scoped to each
+    namespace, and cluster DNS (every pod -> coredns) and metrics (prometheus -> every pod)."""
+    addresses = itertools.count(int(ipaddress.IPv4Address("10.128.0.0")), 7)  # none adjacent
+    pods: list[Workload] = []
+    rulesets: list[Ruleset] = []
+    for i in range(namespaces):
+        ns = f"ns{i:03d}"
+        for app, replicas in (("frontend", 4), ("backend", 4), ("db", 2)):
+            pods += [_k8s_pod(f"{ns}-{app}-{r}", ns, app, next(addresses)) for r in range(replicas)]
+        app_sel = {a: LabelSelector((Label("app", a),)) for a in ("frontend", "backend", "db")}
+        rulesets.append(Ruleset(ns, (LabelSelector((Label("ns", ns),)),), (
+            AllowRule((app_sel["frontend"],), (app_sel["backend"],), ("http",)),
+            AllowRule((app_sel["backend"],), (app_sel["db"],), ("web",)),
+        )))
+    for k in range(3):
+        pods.append(_k8s_pod(f"coredns-{k}", "kube-system", "coredns", next(addresses)))
+        pods.append(_k8s_pod(f"prometheus-{k}", "monitoring", "prometheus", next(addresses)))
+    dns = LabelSelector((Label("app", "coredns"), Label("ns", "kube-system")))
+    prom = LabelSelector((Label("app", "prometheus"), Label("ns", "monitoring")))
+    rulesets.append(Ruleset("cluster", (), (
+        AllowRule((ALL_WORKLOADS,), (dns,), ("dns",)),
+        AllowRule((prom,), (ALL_WORKLOADS,), ("http",)),
+    )))
+    return Policy(workloads=tuple(sorted(pods)), services=ps.SERVICES, rulesets=tuple(rulesets))
+
+
+def test_k8s_churn_of_1000_pods_is_one_delta_per_affected_host() -> None:
+    """A Kubernetes-shaped estate: 500 pods of 100 of its 150 namespaces deleted and 500 created in
+    those namespaces re-using their addresses (a CNI's IPAM), one batch of 1,000 changes.
+
+    Every affected host gets ONE delta; the cluster-wide hosts (coredns, prometheus: their peer set
+    is every workload, whose members the batch leaves as they were) and the hosts of untouched
+    namespaces get none; applying the deltas gives a full recompile. One change at a time, the
+    cluster-wide hosts alone get a delta per pod.
+    """
+    policy = _k8s_policy(150)
+    rng = random.Random(19)
+    live = {w.name: w for w in policy.workloads}
+    victims = rng.sample(sorted(n for n in live if n.startswith("ns0")), 500)  # ns000-ns099; ns1xx untouched
+    freed = [live.pop(n).addresses[0] for n in victims]
+    rng.shuffle(freed)
+    created = []
+    for k, addr in enumerate(freed):
+        ns, app = f"ns{rng.randrange(100):03d}", rng.choice(("frontend", "backend", "db"))
+        created.append(_k8s_pod(f"{ns}-{app}-x{k}", ns, app, int(addr)))
+    batch: list[Change] = [*victims, *created]
+
+    comp = Compiler(policy)
+    state = comp.all_host_policies()
+    deltas = comp.apply_changes(batch)
+    _apply(state, deltas)  # also: never two deltas for one host
+    after = replace(policy, workloads=tuple(sorted([*live.values(), *created])))
+    assert state == comp.all_host_policies() == compile_policy(after)
+
+    hosts = {d.workload for d in deltas}
+    cluster = {f"{app}-{k}" for app in ("coredns", "prometheus") for k in range(3)}
+    assert not hosts & cluster  # the every-workload set is unchanged: no delta at all
+    touched = {w.name.split("-")[0] for w in created} | {n.split("-")[0] for n in victims}
+    untouched = {w.name for w in live.values() if w.name.split("-")[0] not in touched | {"coredns", "prometheus"}}
+    assert untouched and not hosts & untouched
+    assert {d.workload for d in deltas if d.policy is None} == set(victims)
+    assert hosts - set(victims) - {w.name for w in created} <= {w.name for w in live.values()}
+    assert len(deltas) < len(batch) + len(live)  # a bound the per-pod emission below breaks
+
+    singles = Compiler(policy)
+    per_change = [d for c in batch for d in (singles.remove_workload(c) if isinstance(c, str)
+                                             else singles.upsert_workload(c))]
+    assert sum(d.workload in cluster for d in per_change) >= len(batch) * len(cluster) // 2
+    assert singles.all_host_policies() == state

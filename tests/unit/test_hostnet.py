@@ -64,3 +64,27 @@ def test_make_host_rule_equals_the_dataclass() -> None:
         real = HostRule(Action.ALLOW, Direction.OUTBOUND, "ruleset/x/0", "pabc", svc, enc)
         assert made == real and hash(made) == hash(real) and repr(made) == repr(real)
         assert [getattr(made, f.name) for f in fields(HostRule)] == [getattr(real, f.name) for f in fields(HostRule)]
+
+
+def test_workload_addresses_is_the_models_answer() -> None:
+    """The short-cut for one interface with one address, or one v4 then one v6 address, returns
+    exactly ``Workload.addresses``; any other shape (duplicates, v6 first, two interfaces, scoped
+    v6) goes to the model. Compared with a fresh workload each time (``addresses`` is cached)."""
+    from stockade.compiler.hostnet import workload_addresses
+    from stockade.model import EnforcementMode, Interface, Workload
+
+    rng = random.Random(19)
+    pool: list[IPv4Address | IPv6Address] = [
+        IPv4Address("10.0.0.1"), IPv4Address("10.0.0.2"), IPv4Address("9.9.9.9"),
+        IPv6Address("fd00::1"), IPv6Address("fd00::2"), IPv6Address("fe80::1%eth0"), IPv6Address("fe80::1"),
+    ]
+    shortcut = 0
+    for _ in range(3000):
+        ifaces = tuple(Interface(f"eth{i}", tuple(rng.choice(pool) for _ in range(rng.randrange(0, 4))))
+                       for i in range(rng.choice((1, 1, 1, 2))))
+
+        got = workload_addresses(Workload("w", frozenset(), ifaces, EnforcementMode.FULL))
+        want = Workload("w", frozenset(), ifaces, EnforcementMode.FULL).addresses  # a fresh one: not cached
+        assert got == want and [str(a) for a in got] == [str(a) for a in want]
+        shortcut += len(ifaces) == 1 and got is ifaces[0].addresses
+    assert shortcut > 300  # the short-cut was taken

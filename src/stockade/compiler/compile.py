@@ -24,7 +24,7 @@ from ipaddress import IPv4Address
 from stockade.compiler.changes import DeltaBuilder, SetChanges
 from stockade.compiler.delta import diff_sets
 from stockade.compiler.expand import build_rule_table, expand_rules, set_name
-from stockade.compiler.hostnet import address_int
+from stockade.compiler.hostnet import address_int, workload_addresses
 from stockade.compiler.index import SelectorIndex
 from stockade.compiler.ir import AddressSet, HostDelta, HostPolicy, HostRule, WireGuardConfig, unchecked
 from stockade.compiler.netpol import NetpolLayer
@@ -165,10 +165,11 @@ class Compiler:
             self._attach_host(w)
         # the tunnel configuration last handed out, per host with encrypted rules
         self._wg_state: dict[str, WireGuardConfig] = {}
-        for w in policy.workloads:
-            wg = self._wireguard(w.name)
-            if wg is not None:
-                self._wg_state[w.name] = wg
+        for lsid in sorted({lsid for lsids in self._enc_labelsets.values() for lsid in lsids}):
+            for name in self._ls_hosts[lsid]:  # only hosts with encrypted rules can have a tunnel
+                wg = self._wireguard(name)
+                if wg is not None:
+                    self._wg_state[name] = wg
 
         # address sets: IP lists are static, workload sets filled from the hosts of each label set
         self._sets = AddressSetStore(
@@ -181,7 +182,7 @@ class Compiler:
         """The integer v4 and v6 addresses of a workload (one int object each, shared by its sets)."""
         found = self._addr_ints.get(name)
         if found is None:
-            addrs = self._workloads[name].addresses  # sorted, v4 first
+            addrs = workload_addresses(self._workloads[name])  # sorted, v4 first
             n4 = len(addrs)
             while n4 and not isinstance(addrs[n4 - 1], IPv4Address):
                 n4 -= 1
@@ -239,7 +240,7 @@ class Compiler:
         if not ids:
             ordered: list[int] = []
         else:
-            ordered = sorted(ids, key=table.rank.__getitem__)
+            ordered = sorted(ids)  # host-rule ids are their ranks
         get_rule, get_peer = table.host_rules.__getitem__, table.peers.__getitem__
         encrypted = ids & table.encrypted if table.encrypted else ()
         return _LabelSetRules(
@@ -276,7 +277,7 @@ class Compiler:
         hp = unchecked(HostPolicy, {
             "workload": w.name,
             "mode": w.mode,
-            "local_addresses": w.addresses,
+            "local_addresses": workload_addresses(w),
             "rules": compiled.rules,
             "sets": sets,
             "failsafe": self._policy.failsafe,
@@ -304,7 +305,7 @@ class Compiler:
 
     def _header(self, name: str) -> _Header:
         w = self._workloads[name]
-        return w.mode, w.addresses, self._ls_rules[self._key_of[name]], w.backend
+        return w.mode, workload_addresses(w), self._ls_rules[self._key_of[name]], w.backend
 
     def _upsert(self, builder: DeltaBuilder, w: Workload) -> None:
         old = self._workloads.get(w.name)

@@ -6,9 +6,9 @@ about rulesets, which keeps the index and the per-host compile simple.
 
 ``RuleTable`` is what the compiler works from: every distinct selector gets an integer id
 (interned by its canonical text, whose hash Python caches), every distinct ``HostRule`` is
-built once and numbered, with its rank in sort order, and each selector lists the numbered
-host rules it brings in as provider (inbound) or consumer (outbound). Compiling a label set
-is then a union of small integer tuples and one sort by rank, with no dataclass hashing or
+built once and numbered by its rank in sort order, and each selector lists the numbered host
+rules it brings in as provider (inbound) or consumer (outbound). Compiling a label set is then
+a union of small integer sets and one sort of plain ints, with no dataclass hashing or
 ordering.
 """
 
@@ -173,11 +173,9 @@ class RuleTable:
     selectors: list[Selector] = field(default_factory=list)  # by selector id
     names: list[str] = field(default_factory=list)  # address-set name by selector id
     ids: dict[str, int] = field(default_factory=dict)  # canonical text -> selector id
-    host_rules: list[HostRule] = field(default_factory=list)  # by host-rule id
+    # by host-rule id, which is the rule's position in HostRule order: ids sort like their rules
+    host_rules: list[HostRule] = field(default_factory=list)
     peers: list[str] = field(default_factory=list)  # peer set name of host_rules[id]
-    rank: list[int] = field(default_factory=list)  # position of host_rules[id] in HostRule order
-    inbound: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # provider id -> host-rule ids
-    outbound: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # consumer id -> host-rule ids
     # selector id -> every host-rule id it brings in (inbound and outbound), unioned once here
     # instead of once per label set matching it
     rules_of: dict[int, frozenset[int]] = field(default_factory=dict)
@@ -216,17 +214,28 @@ def build_rule_table(rules: tuple[EffectiveRule, ...]) -> RuleTable:
     # a HostRule as a tuple of primitives ordered exactly like HostRule.sort_key -> its id
     keys: dict[tuple[int, str, bool, str, str, int], int] = {}
     specs: list[tuple[Action, str, str, str, tuple[ServiceEntry, ...], bool]] = []
-    table_in, table_out = table.inbound, table.outbound
+    # provider (inbound) / consumer (outbound) selector id -> groups of host-rule ids, numbered
+    # in order of appearance until they are ranked at the end
+    table_in: dict[int, list[tuple[int, ...]]] = {}
+    table_out: dict[int, list[tuple[int, ...]]] = {}
+
+    # selector object -> id, by identity: the expanded rules share their selector objects (the
+    # confined ones are memoised), and an int lookup is cheaper than a ``canonical()`` call per
+    # rule; every object stays alive in ``rules`` for the whole build, so no id is reused
+    by_id: dict[int, int] = {}
 
     def intern(sels: tuple[Selector, ...]) -> list[int]:
         out: list[int] = []
         for sel in sels:
-            text = sel.canonical()
-            sid = ids.get(text)
+            sid = by_id.get(id(sel))
             if sid is None:
-                sid = ids[text] = len(selectors)
-                selectors.append(sel)
-                names.append(set_name(sel))
+                text = sel.canonical()
+                sid = ids.get(text)
+                if sid is None:
+                    sid = ids[text] = len(selectors)
+                    selectors.append(sel)
+                    names.append(set_name(sel))
+                by_id[id(sel)] = sid
             out.append(sid)
         return out
 
@@ -264,13 +273,20 @@ def build_rule_table(rules: tuple[EffectiveRule, ...]) -> RuleTable:
                 table_out[c] = [out_group]
             else:
                 found.append(out_group)
-    table.rank = [0] * len(specs)
-    for rank, key in enumerate(sorted(keys)):  # tuples of primitives: compared in C, in HostRule order
-        table.rank[keys[key]] = rank
+    # renumber the host rules by their rank (so ids sort like the rules, with no key function):
+    # (key, id) pairs sorted, the keys unique so the ids are never compared, and no key hashed
+    # again to find its id (tuples do not cache their hash)
+    order = [k for _, k in sorted(keys.items())]  # tuples of primitives: compared in C
+    rank_of = [0] * len(specs)
+    for rank, k in enumerate(order):
+        rank_of[k] = rank
+    ranked = [specs[k] for k in order]
     directions = {d.value: d for d in Direction}
-    table.host_rules = [make_host_rule(a, directions[t], rid, peer, svc, enc) for a, t, rid, peer, svc, enc in specs]
-    table.peers = [spec[3] for spec in specs]
+    table.host_rules = [make_host_rule(a, directions[t], rid, peer, svc, enc) for a, t, rid, peer, svc, enc in ranked]
+    table.peers = [spec[3] for spec in ranked]
+    renumber = rank_of.__getitem__
     for sid in set(table_in) | set(table_out):
-        table.rules_of[sid] = frozenset().union(*table_in.get(sid, ()), *table_out.get(sid, ()))
-    table.encrypted = frozenset(k for k, spec in enumerate(specs) if spec[5])
+        spec_ids = frozenset().union(*table_in.get(sid, ()), *table_out.get(sid, ()))
+        table.rules_of[sid] = frozenset(map(renumber, spec_ids))
+    table.encrypted = frozenset(k for k, spec in enumerate(ranked) if spec[5])
     return table

@@ -21,7 +21,7 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
-from itertools import chain
+from itertools import chain, compress, count
 from operator import sub
 
 from stockade.compiler.hostnet import address_int, host_network_maker
@@ -63,6 +63,21 @@ class NetworkCache:
         """The one-address networks of ``addresses``, in the same order."""
         return tuple(map(self._hosts[family is Family.V4].__getitem__, addresses))
 
+    def run_networks(self, los: list[int], his: list[int], family: Family) -> tuple[IPNetwork, ...]:
+        """``networks(zip(los, his))``, with the one-address runs (most of them, even in a set whose
+        members are often adjacent) looked up in C a slice at a time: only the wider runs take the
+        CIDR loop."""
+        get = self._hosts[family is Family.V4].__getitem__
+        out: list[IPNetwork] = []
+        start = 0
+        for i in compress(count(), map(sub, his, los)):  # the runs of more than one address
+            if i > start:
+                out += map(get, los[start:i])
+            out += self.networks(((los[i], his[i]),), family)
+            start = i + 1
+        out += map(get, los[start:])
+        return tuple(out)
+
     def networks(self, ranges: Iterable[Range], family: Family) -> tuple[IPNetwork, ...]:
         """Minimal CIDR cover of merged ranges, in address order (as ``ranges_to_networks``)."""
         v4 = family is Family.V4
@@ -95,16 +110,30 @@ class NetworkCache:
 class MemberSet:
     """Single addresses of one family (with reference counts) as ranges and minimal CIDRs."""
 
+    # a full compile at 125,000 workloads makes ~250,000 of these, most with one or two members:
+    # slots (no instance dict) and the early return below are for them
+    __slots__ = ("_cache", "_chunk", "_chunks", "_extra", "_frozen", "_heads", "_his", "_los", "_snapshot", "family")
+
     def __init__(
         self, family: Family, addresses: Iterable[int] = (), cache: NetworkCache | None = None, chunk: int | None = None
     ) -> None:
         self.family = family
-        self._cache = cache if cache is not None else NetworkCache()
-        addrs = addresses if isinstance(addresses, list) else list(addresses)
+        self._cache = cache = cache if cache is not None else NetworkCache()
+        # the networks in address order: one flat tuple until the first change, then chunks of
+        # ``chunk`` to ``2 * chunk`` networks (see ``chunks``); the flat tuple is rebuilt on demand
+        self._chunk = chunk if chunk is not None else CHUNK  # read at run time: tests make it tiny
+        self._chunks: list[tuple[IPNetwork, ...]] | None = None
+        self._heads: list[int] = []  # first address of each chunk's first network (-1 for chunk 0)
+        self._snapshot: tuple[tuple[IPNetwork, ...], ...] | None = None
         # membership is the ranges themselves (a bisect); only an address added more than once
         # has an entry here (its extra count), so a set costs no per-member dict
-        distinct = set(addrs)
         self._extra: dict[int, int] = {}
+        addrs = list(addresses)
+        if len(addrs) < 2:  # empty or one member: one run (or none), nothing to sort or merge
+            self._los = self._his = addrs  # one list for both until the first change (``_own``)
+            self._frozen: tuple[IPNetwork, ...] | None = cache.hosts(addrs, family)
+            return
+        distinct = set(addrs)
         if len(distinct) != len(addrs):
             self._extra = {a: n - 1 for a, n in Counter(addrs).items() if n > 1}
         ordered = sorted(distinct)
@@ -125,16 +154,9 @@ class MemberSet:
                 prev = a
         self._los, self._his = los, his
         if len(los) == len(ordered):  # no two members adjacent (the usual case): one /32 or /128 each
-            nets = self._cache.hosts(ordered, family)
+            self._frozen = cache.hosts(ordered, family)
         else:
-            nets = self._cache.networks(zip(los, his, strict=True), family)
-        # the networks in address order: one flat tuple until the first change, then chunks of
-        # ``chunk`` to ``2 * chunk`` networks (see ``chunks``); the flat tuple is rebuilt on demand
-        self._chunk = chunk if chunk is not None else CHUNK  # read at run time: tests make it tiny
-        self._frozen: tuple[IPNetwork, ...] | None = nets
-        self._chunks: list[tuple[IPNetwork, ...]] | None = None
-        self._heads: list[int] = []  # first address of each chunk's first network (-1 for chunk 0)
-        self._snapshot: tuple[tuple[IPNetwork, ...], ...] | None = None
+            self._frozen = cache.run_networks(los, his, family)
 
     def networks(self) -> tuple[IPNetwork, ...]:
         """The members as one flat tuple (built from the chunks after a change: O(members))."""

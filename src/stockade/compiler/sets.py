@@ -98,11 +98,12 @@ class AddressSetStore:
             self._cache[name] = cached
         return cached
 
-    def sets_of(self, names: Iterable[str]) -> tuple[AddressSet, ...]:
+    def sets_of(self, names: tuple[str, ...]) -> tuple[AddressSet, ...]:
         """The ``AddressSet``s of ``names`` (sorted), in (name, family) order."""
-        get = self._cache.get
-        pairs = [get(s) or self.address_sets(s) for s in names]
-        return tuple(chain.from_iterable(pairs))
+        pairs = list(map(self._cache.get, names))
+        if None in pairs:  # some not built yet (or changed since)
+            pairs = [p or self.address_sets(s) for p, s in zip(pairs, names, strict=True)]
+        return tuple(chain.from_iterable(pairs))  # type: ignore[arg-type]
 
     def changed_after(self, names: Iterable[str], change: int) -> bool:
         """Whether a member of any of ``names`` changed after change number ``change``."""
