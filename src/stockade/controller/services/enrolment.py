@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from stockade import agent_signature as sig
@@ -46,7 +46,7 @@ from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import ForbiddenError
 from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.distribution import AgentLive, PolicyDistributor
-from stockade.controller.services.events import record_event
+from stockade.controller.services.events import record_event, record_events
 from stockade.controller.storage import store
 from stockade.controller.storage.db import (
     ActivationCodeRow,
@@ -143,16 +143,17 @@ def revoke_code(db: Session, profile: str, code_id: str, actor: str) -> None:
     record_event(db, actor, "activation_code.revoke", "pairing_profile", profile, None, {"id": code_id})
 
 
-def _use_code(db: Session, code_text: str) -> tuple[ActivationCodeRow, PairingProfile]:
-    """Count one use of a code and of its profile, or refuse (403) saying why."""
-    code = db.scalars(select(ActivationCodeRow).where(ActivationCodeRow.code_hash == auth.sha256(code_text))
-                      ).one_or_none()
-    if code is None or code.revoked:
+def _use_code(db: Session, code_hash: str) -> tuple[ActivationCodeRow, PairingProfile]:
+    """Count one use of a code (by its hash) and of its profile, or refuse (403) saying why."""
+    found = db.execute(select(ActivationCodeRow, ObjectRow)
+                       .outerjoin(ObjectRow, ObjectRow.id == ActivationCodeRow.profile_id)
+                       .where(ActivationCodeRow.code_hash == code_hash)).one_or_none()
+    if found is None or found[0].revoked:
         raise ForbiddenError("unknown or revoked activation code")
+    code, row = found
     now = utcnow()
     if code.expires_at is not None and code.expires_at <= now:
         raise ForbiddenError("the activation code has expired")
-    row = db.get(ObjectRow, code.profile_id)
     if row is None or row.kind != PROFILE_KIND.name:
         raise ForbiddenError("the pairing profile is disabled")
     profile: PairingProfile = PROFILE_KIND.decode(row.body)
@@ -197,6 +198,9 @@ class Enrolled:
     quarantined: bool
 
 
+QUARANTINE_ADDRESSES = "reported addresses that belong to another workload"
+
+
 def _addresses(interfaces: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted({str(a) for i in interfaces for a in i.get("addresses", [])})
 
@@ -225,61 +229,81 @@ def _quarantine(db: Session, row: AgentRow, reason: str, detail: Mapping[str, An
                  {"workload": row.workload, "reason": reason, **detail})
 
 
+def _name_taken(db: Session, name: str) -> tuple[bool, bool]:
+    """(a live agent is enrolled as ``name``, a workload ``name`` exists): ONE round trip."""
+    agent = (select(AgentRow.id).where(AgentRow.workload == name, AgentRow.revoked_at.is_(None)).limit(1)
+             .scalar_subquery())
+    workload = select(ObjectRow.id).where(ObjectRow.kind == "workload", ObjectRow.name == name).scalar_subquery()
+    enrolled, existing = db.execute(select(agent, workload)).one()
+    return enrolled is not None, existing is not None
+
+
 def enrol(dist: PolicyDistributor, keys: AgentKeyRing, req: EnrolRequest) -> Enrolled:
-    """Trade an activation code for an agent identity, by the rules in the module docstring."""
+    """Trade an activation code for an agent identity, by the rules in the module docstring.
+
+    What needs no database state (the key check, the code's hash, the new credential and its
+    hash) is done before the change lock; inside it a new workload costs a fixed handful of
+    statements (the code and its profile in one read, the two use counters, one read of the
+    name, one of the addresses' owners, one of the label keys, set-based inserts, one audit
+    ``INSERT``) and no unit-of-work flush."""
     if req.public_key is not None:
         try:
             sig.parse_public_key(req.public_key)
         except sig.SignatureError as exc:
             raise ValidationError([Issue("api", 0, "public_key", str(exc))]) from None
+    code_hash = auth.sha256(req.activation_code)
+    agent_id = secrets.token_hex(8)
+    secret = auth.new_secret()
+    token_hash = auth.sha256(secret)
+    reported = [dict(i) for i in req.interfaces]
 
     def run(db: Session, txn: CompilerTxn) -> Enrolled:
-        code, profile = _use_code(db, req.activation_code)
+        code, profile = _use_code(db, code_hash)
         name = code.workload or req.hostname
         # the database, not this process's map: an agent enrolled through another replica counts too
         # (writes are serialised by the change lock, so two replicas cannot both pass this check), and
-        # one enrolled earlier in this same batched transaction (the query flushes it first); no scan
-        # of every agent in memory per enrolment (quadratic in a fleet's enrolment)
-        enrolled = db.scalar(select(AgentRow.id).where(AgentRow.workload == name, AgentRow.revoked_at.is_(None))
-                             .limit(1))
-        if enrolled is not None:
+        # one enrolled earlier in this same batched transaction (its rows are already inserted); no
+        # scan of every agent in memory per enrolment (quadratic in a fleet's enrolment)
+        enrolled, exists = _name_taken(db, name)
+        if enrolled:
             raise ConflictError(f"workload {name!r} already has an enrolled agent; revoke it first")
-        actor = f"enroll:{profile.name}"
-        try:
-            current = store.get_object(db, "workload", name)
-        except NotFoundError:
-            current = None
-        if current is not None and code.workload is None:
+        if exists and code.workload is None:
             raise ConflictError(f"workload {name!r} already exists: enrolling as an existing workload needs an "
                                 "adoption code an admin issued for it")
-        taken = _owned_elsewhere(db, name, req.interfaces)
-        interfaces = _without(req.interfaces, taken)
-        if current is None:
+        actor = f"enroll:{profile.name}"
+        taken = _owned_elsewhere(db, name, reported)
+        interfaces = _without(reported, taken)
+        audit: list[tuple[str, str, str, Any, Any]] = []
+        if not exists:
             data = {"name": name, "labels": profile.label_map(), "interfaces": interfaces, "mode": profile.mode.value}
-            obj = store.create_object(db, "workload", data, actor)
-        else:
+            obj, created = store.insert_workload(db, data)
+            audit.append(created)
+        else:  # adoption (rare): the generic replace keeps the admin's labels and mode
+            current = store.get_object(db, "workload", name)
             _b, obj = store.replace_object(db, "workload", name, {**current.body, "interfaces": interfaces}, actor)
+            db.flush()  # its audit row before the agent's
         txn.upsert_workload(obj.domain)
-        agent_id = secrets.token_hex(8)
-        secret = auth.new_secret()
-        token_hash = auth.sha256(secret)
-        row = AgentRow(id=agent_id, workload=name, token_hash=token_hash, profile=profile.name,
-                       hostname=req.hostname, created_at=utcnow(), applied_revision=0,
-                       agent_version=req.agent_version, public_key=req.public_key)
-        db.add(row)
-        record_event(db, actor, "agent.enroll", "agent", agent_id, None,
-                     {"workload": name, "profile": profile.name, "code": code.id, "adopted": current is not None,
-                      "key_bound": req.public_key is not None})
+        now = utcnow()
+        db.execute(insert(AgentRow).values(
+            id=agent_id, workload=name, token_hash=token_hash, profile=profile.name, hostname=req.hostname,
+            created_at=now, applied_revision=0, agent_version=req.agent_version, public_key=req.public_key,
+            quarantined_at=now if taken else None,
+            quarantine_reason=QUARANTINE_ADDRESSES if taken else None,
+            held_interfaces=reported if taken else None))
+        audit.append(("agent.enroll", "agent", agent_id, None,
+                      {"workload": name, "profile": profile.name, "code": code.id, "adopted": exists,
+                       "key_bound": req.public_key is not None}))
+        record_events(db, actor, audit)
         if taken:
-            row.held_interfaces = list(req.interfaces)
-            _quarantine(db, row, "reported addresses that belong to another workload",
-                        {"addresses": sorted(taken), "owners": sorted(set(taken.values()))}, actor)
+            record_event(db, actor, "agent.quarantine", "agent", agent_id, None,
+                         {"workload": name, "reason": QUARANTINE_ADDRESSES, "addresses": sorted(taken),
+                          "owners": sorted(set(taken.values()))})
         dist.agents[agent_id] = AgentLive(agent_id, name, token_hash)
         txn.agents.add(agent_id)
         keys.set_key(agent_id, req.public_key)
         txn.undo.append(lambda: dist.agents.pop(agent_id, None))
         txn.undo.append(lambda: keys.forget(agent_id))
-        return Enrolled(agent_id, f"agt_{agent_id}_{secret}", name, current is not None, bool(taken))
+        return Enrolled(agent_id, f"agt_{agent_id}_{secret}", name, exists, bool(taken))
 
     # concurrent enrolments share one transaction (one change lock and catch-up, one commit)
     return dist.transact_batched(run)
@@ -311,7 +335,7 @@ def report_interfaces(dist: PolicyDistributor, agent_id: str, workload: str,
         taken = _owned_elsewhere(db, workload, interfaces)
         if taken:
             row.held_interfaces = reported
-            _quarantine(db, row, "reported addresses that belong to another workload",
+            _quarantine(db, row, QUARANTINE_ADDRESSES,
                         {"addresses": sorted(taken), "owners": sorted(set(taken.values()))}, actor)
             return ReportOutcome.QUARANTINED
         current = store.get_object(db, "workload", workload)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from stockade.controller.services import codec
@@ -347,6 +347,30 @@ def create_object(db: Session, kind: str, data: Mapping[str, Any], actor: str) -
     _sync_side_tables(db, row)
     record_event(db, actor, f"{kind}.create", kind, name, None, body)
     return StoredObject(row.kind, row.name, row.revision, row.body, row.updated_at, obj)
+
+
+def insert_workload(db: Session, data: Mapping[str, Any]) -> tuple[StoredObject, tuple[str, str, str, Any, Any]]:
+    """Write a NEW workload with set-based Core statements (one ``INSERT ... RETURNING``, one for
+    its labels, one for its addresses; no unit-of-work flush), for a caller that has already, in
+    this transaction and under the change lock, found the name free and kept only addresses no
+    other workload holds (enrolment). The labels are checked here as :func:`create_object` does;
+    the unique ``(kind, name)`` and address keys still refuse a caller that did not. Returns the
+    stored object and its audit entry for :func:`events.record_events` (the caller's batch)."""
+    k = _kind("workload")
+    obj = k.decode(data)  # the one conversion of this body
+    body = k.encode(obj)
+    name = body["name"]
+    _check_labels(db, body)
+    now = utcnow()
+    row_id = db.execute(insert(ObjectRow).values(kind="workload", name=name, body=body, revision=1, created_at=now,
+                                                 updated_at=now).returning(ObjectRow.id)).scalar_one()
+    labels = [{"object_id": row_id, "key": key, "value": value} for key, value in body.get("labels", {}).items()]
+    if labels:
+        db.execute(insert(ObjectLabelRow), labels)
+    addresses = sorted({a for i in body.get("interfaces", []) for a in i["addresses"]})
+    if addresses:
+        db.execute(insert(ObjectAddressRow), [{"address": a, "object_id": row_id} for a in addresses])
+    return StoredObject("workload", name, 1, body, now, obj), ("workload.create", "workload", name, None, body)
 
 
 def replace_object(
