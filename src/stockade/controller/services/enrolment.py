@@ -35,9 +35,9 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from stockade import agent_signature as sig
@@ -143,38 +143,64 @@ def revoke_code(db: Session, profile: str, code_id: str, actor: str) -> None:
     record_event(db, actor, "activation_code.revoke", "pairing_profile", profile, None, {"id": code_id})
 
 
-def _use_code(db: Session, code_hash: str) -> tuple[ActivationCodeRow, PairingProfile]:
+# The statements of an enrolment, built once: inside the change lock a statement costs its round
+# trip and nothing else (no per-call construction or cache key, no ORM unit of work).
+_CODES = cast(Table, ActivationCodeRow.__table__)
+_OBJECTS = cast(Table, ObjectRow.__table__)
+_USES = cast(Table, PairingProfileUsesRow.__table__)
+_AGENTS = cast(Table, AgentRow.__table__)
+_ADDRESSES = cast(Table, ObjectAddressRow.__table__)
+_READ_CODE = (select(_CODES.c.id, _CODES.c.revoked, _CODES.c.expires_at, _CODES.c.workload, _OBJECTS.c.id,
+                     _OBJECTS.c.kind, _OBJECTS.c.body)
+              .select_from(_CODES.outerjoin(_OBJECTS, _OBJECTS.c.id == _CODES.c.profile_id))
+              .where(_CODES.c.code_hash == bindparam("b_hash")))
+_COUNT_CODE = (update(_CODES).where(_CODES.c.id == bindparam("b_id"))
+               .where(_CODES.c.max_uses.is_(None) | (_CODES.c.uses < _CODES.c.max_uses))
+               .values(uses=_CODES.c.uses + 1))
+_COUNT_PROFILE = update(_USES).where(_USES.c.object_id == bindparam("b_id")).values(uses=_USES.c.uses + 1)
+_COUNT_PROFILE_BOUNDED = _COUNT_PROFILE.where(_USES.c.uses < bindparam("b_max"))
+_NAME_TAKEN = select(
+    select(_AGENTS.c.id).where(_AGENTS.c.workload == bindparam("b_name"), _AGENTS.c.revoked_at.is_(None)).limit(1)
+    .scalar_subquery(),
+    select(_OBJECTS.c.id).where(_OBJECTS.c.kind == "workload", _OBJECTS.c.name == bindparam("b_name"))
+    .scalar_subquery())
+_OWNERS = (select(_ADDRESSES.c.address, _OBJECTS.c.name).join(_OBJECTS, _OBJECTS.c.id == _ADDRESSES.c.object_id)
+           .where(_ADDRESSES.c.address.in_(bindparam("b_addresses", expanding=True)),
+                  _OBJECTS.c.name != bindparam("b_name")))
+_INSERT_AGENT = insert(_AGENTS)
+
+
+@dataclass(frozen=True)
+class _Code:
+    id: str
+    workload: str | None  # an adoption code's workload
+
+
+def _use_code(db: Session, code_hash: str) -> tuple[_Code, PairingProfile]:
     """Count one use of a code (by its hash) and of its profile, or refuse (403) saying why."""
-    found = db.execute(select(ActivationCodeRow, ObjectRow)
-                       .outerjoin(ObjectRow, ObjectRow.id == ActivationCodeRow.profile_id)
-                       .where(ActivationCodeRow.code_hash == code_hash)).one_or_none()
-    if found is None or found[0].revoked:
+    found = db.execute(_READ_CODE, {"b_hash": code_hash}).one_or_none()
+    if found is None or found[1]:
         raise ForbiddenError("unknown or revoked activation code")
-    code, row = found
+    code_id, _revoked, expires_at, workload, profile_id, kind, body = found
     now = utcnow()
-    if code.expires_at is not None and code.expires_at <= now:
+    if expires_at is not None and expires_at <= now:
         raise ForbiddenError("the activation code has expired")
-    if row is None or row.kind != PROFILE_KIND.name:
+    if profile_id is None or kind != PROFILE_KIND.name:
         raise ForbiddenError("the pairing profile is disabled")
-    profile: PairingProfile = PROFILE_KIND.decode(row.body)
+    profile: PairingProfile = PROFILE_KIND.decode(body)
     if not profile.enabled:
         raise ForbiddenError("the pairing profile is disabled")
     if profile.expired(now):
         raise ForbiddenError("the pairing profile has expired")
-    used = db.execute(
-        update(ActivationCodeRow).where(ActivationCodeRow.id == code.id)
-        .where(ActivationCodeRow.max_uses.is_(None) | (ActivationCodeRow.uses < ActivationCodeRow.max_uses))
-        .values(uses=ActivationCodeRow.uses + 1)
-    )
-    if getattr(used, "rowcount", 0) != 1:
+    if getattr(db.execute(_COUNT_CODE, {"b_id": code_id}), "rowcount", 0) != 1:
         raise ForbiddenError("the activation code is used up")
-    counted = update(PairingProfileUsesRow).where(PairingProfileUsesRow.object_id == row.id)
-    if profile.max_uses is not None:
-        counted = counted.where(PairingProfileUsesRow.uses < profile.max_uses)
-    used = db.execute(counted.values(uses=PairingProfileUsesRow.uses + 1))
+    if profile.max_uses is None:
+        used = db.execute(_COUNT_PROFILE, {"b_id": profile_id})
+    else:
+        used = db.execute(_COUNT_PROFILE_BOUNDED, {"b_id": profile_id, "b_max": profile.max_uses})
     if getattr(used, "rowcount", 0) != 1:
         raise ForbiddenError("the pairing profile is used up")
-    return code, profile
+    return _Code(str(code_id), workload), profile
 
 
 # ---- enrolment ---------------------------------------------------------------------------
@@ -210,11 +236,7 @@ def _owned_elsewhere(db: Session, workload: str, interfaces: Sequence[Mapping[st
     wanted = _addresses(interfaces)
     if not wanted:
         return {}
-    rows = db.execute(
-        select(ObjectAddressRow.address, ObjectRow.name).join(ObjectRow, ObjectRow.id == ObjectAddressRow.object_id)
-        .where(ObjectAddressRow.address.in_(wanted), ObjectRow.name != workload)
-    ).all()
-    return {a: n for a, n in rows}
+    return {str(a): str(n) for a, n in db.execute(_OWNERS, {"b_addresses": wanted, "b_name": workload})}
 
 
 def _without(interfaces: Sequence[Mapping[str, Any]], taken: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -231,10 +253,7 @@ def _quarantine(db: Session, row: AgentRow, reason: str, detail: Mapping[str, An
 
 def _name_taken(db: Session, name: str) -> tuple[bool, bool]:
     """(a live agent is enrolled as ``name``, a workload ``name`` exists): ONE round trip."""
-    agent = (select(AgentRow.id).where(AgentRow.workload == name, AgentRow.revoked_at.is_(None)).limit(1)
-             .scalar_subquery())
-    workload = select(ObjectRow.id).where(ObjectRow.kind == "workload", ObjectRow.name == name).scalar_subquery()
-    enrolled, existing = db.execute(select(agent, workload)).one()
+    enrolled, existing = db.execute(_NAME_TAKEN, {"b_name": name}).one()
     return enrolled is not None, existing is not None
 
 
@@ -284,12 +303,13 @@ def enrol(dist: PolicyDistributor, keys: AgentKeyRing, req: EnrolRequest) -> Enr
             db.flush()  # its audit row before the agent's
         txn.upsert_workload(obj.domain)
         now = utcnow()
-        db.execute(insert(AgentRow).values(
-            id=agent_id, workload=name, token_hash=token_hash, profile=profile.name, hostname=req.hostname,
-            created_at=now, applied_revision=0, agent_version=req.agent_version, public_key=req.public_key,
-            quarantined_at=now if taken else None,
-            quarantine_reason=QUARANTINE_ADDRESSES if taken else None,
-            held_interfaces=reported if taken else None))
+        agent: dict[str, Any] = {
+            "id": agent_id, "workload": name, "token_hash": token_hash, "profile": profile.name,
+            "hostname": req.hostname, "created_at": now, "applied_revision": 0, "agent_version": req.agent_version,
+            "public_key": req.public_key}
+        if taken:  # absent otherwise: SQL NULL (a JSON column would store None as JSON null)
+            agent.update(quarantined_at=now, quarantine_reason=QUARANTINE_ADDRESSES, held_interfaces=reported)
+        db.execute(_INSERT_AGENT, agent)
         audit.append(("agent.enroll", "agent", agent_id, None,
                       {"workload": name, "profile": profile.name, "code": code.id, "adopted": exists,
                        "key_bound": req.public_key is not None}))
