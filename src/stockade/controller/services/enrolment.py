@@ -236,6 +236,7 @@ def _owned_elsewhere(db: Session, workload: str, interfaces: Sequence[Mapping[st
     wanted = _addresses(interfaces)
     if not wanted:
         return {}
+    db.flush()  # a Core read does not autoflush: ORM writes pending in this transaction count (no SQL if none)
     return {str(a): str(n) for a, n in db.execute(_OWNERS, {"b_addresses": wanted, "b_name": workload})}
 
 
@@ -253,6 +254,7 @@ def _quarantine(db: Session, row: AgentRow, reason: str, detail: Mapping[str, An
 
 def _name_taken(db: Session, name: str) -> tuple[bool, bool]:
     """(a live agent is enrolled as ``name``, a workload ``name`` exists): ONE round trip."""
+    db.flush()  # as in _owned_elsewhere
     enrolled, existing = db.execute(_NAME_TAKEN, {"b_name": name}).one()
     return enrolled is not None, existing is not None
 
