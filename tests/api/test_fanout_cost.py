@@ -72,13 +72,15 @@ def _estate(api: Api, hosts: int) -> None:
                                                 "interfaces": [{"name": "eth0", "addresses": [f"10.9.0.{i + 1}"]}]})
 
 
-def _request(code: str, i: int) -> enrolment.EnrolRequest:
-    return enrolment.EnrolRequest(code, f"e-{i}", ({"name": "eth0", "addresses": [f"10.9.1.{i + 1}"]},), "t", None)
+def _request(code: str, i: int, addr: int | None = None) -> enrolment.EnrolRequest:
+    a = i + 1 if addr is None else addr
+    return enrolment.EnrolRequest(code, f"e-{i}", ({"name": "eth0", "addresses": [f"10.9.1.{a}"]},), "t", None)
 
 
-def _enrol_together(api: Api, codes: list[str]) -> tuple[list[Any], int]:
+def _enrol_together(api: Api, codes: list[str], first: int = 0, same_address: bool = False) -> tuple[list[Any], int]:
     """Enrol with ``codes`` from as many threads, all queued before any runs; returns each
-    outcome (Enrolled or the exception) and how many compiled transactions ran."""
+    outcome (Enrolled or the exception) and how many compiled transactions ran. Host ``e-{first + k}``
+    reports address ``10.9.1.{first + k + 1}`` (all the first one's with ``same_address``)."""
     dist, keys = api.ctl.dist, api.ctl.agent_keys
     compiled: list[int] = []
     dist.on_compile = lambda _s, bumped: compiled.append(bumped)
@@ -86,7 +88,7 @@ def _enrol_together(api: Api, codes: list[str]) -> tuple[list[Any], int]:
 
     def run(i: int) -> None:
         try:
-            out[i] = enrolment.enrol(dist, keys, _request(codes[i], i))
+            out[i] = enrolment.enrol(dist, keys, _request(codes[i], first + i, first + 1 if same_address else None))
         except Exception as exc:  # compared below
             out[i] = exc
 

@@ -35,9 +35,9 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from stockade import agent_signature as sig
@@ -46,7 +46,7 @@ from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import ForbiddenError
 from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.distribution import AgentLive, PolicyDistributor
-from stockade.controller.services.events import record_event
+from stockade.controller.services.events import record_event, record_events
 from stockade.controller.storage import store
 from stockade.controller.storage.db import (
     ActivationCodeRow,
@@ -143,37 +143,64 @@ def revoke_code(db: Session, profile: str, code_id: str, actor: str) -> None:
     record_event(db, actor, "activation_code.revoke", "pairing_profile", profile, None, {"id": code_id})
 
 
-def _use_code(db: Session, code_text: str) -> tuple[ActivationCodeRow, PairingProfile]:
-    """Count one use of a code and of its profile, or refuse (403) saying why."""
-    code = db.scalars(select(ActivationCodeRow).where(ActivationCodeRow.code_hash == auth.sha256(code_text))
-                      ).one_or_none()
-    if code is None or code.revoked:
+# The statements of an enrolment, built once: inside the change lock a statement costs its round
+# trip and nothing else (no per-call construction or cache key, no ORM unit of work).
+_CODES = cast(Table, ActivationCodeRow.__table__)
+_OBJECTS = cast(Table, ObjectRow.__table__)
+_USES = cast(Table, PairingProfileUsesRow.__table__)
+_AGENTS = cast(Table, AgentRow.__table__)
+_ADDRESSES = cast(Table, ObjectAddressRow.__table__)
+_READ_CODE = (select(_CODES.c.id, _CODES.c.revoked, _CODES.c.expires_at, _CODES.c.workload, _OBJECTS.c.id,
+                     _OBJECTS.c.kind, _OBJECTS.c.body)
+              .select_from(_CODES.outerjoin(_OBJECTS, _OBJECTS.c.id == _CODES.c.profile_id))
+              .where(_CODES.c.code_hash == bindparam("b_hash")))
+_COUNT_CODE = (update(_CODES).where(_CODES.c.id == bindparam("b_id"))
+               .where(_CODES.c.max_uses.is_(None) | (_CODES.c.uses < _CODES.c.max_uses))
+               .values(uses=_CODES.c.uses + 1))
+_COUNT_PROFILE = update(_USES).where(_USES.c.object_id == bindparam("b_id")).values(uses=_USES.c.uses + 1)
+_COUNT_PROFILE_BOUNDED = _COUNT_PROFILE.where(_USES.c.uses < bindparam("b_max"))
+_NAME_TAKEN = select(
+    select(_AGENTS.c.id).where(_AGENTS.c.workload == bindparam("b_name"), _AGENTS.c.revoked_at.is_(None)).limit(1)
+    .scalar_subquery(),
+    select(_OBJECTS.c.id).where(_OBJECTS.c.kind == "workload", _OBJECTS.c.name == bindparam("b_name"))
+    .scalar_subquery())
+_OWNERS = (select(_ADDRESSES.c.address, _OBJECTS.c.name).join(_OBJECTS, _OBJECTS.c.id == _ADDRESSES.c.object_id)
+           .where(_ADDRESSES.c.address.in_(bindparam("b_addresses", expanding=True)),
+                  _OBJECTS.c.name != bindparam("b_name")))
+_INSERT_AGENT = insert(_AGENTS)
+
+
+@dataclass(frozen=True)
+class _Code:
+    id: str
+    workload: str | None  # an adoption code's workload
+
+
+def _use_code(db: Session, code_hash: str) -> tuple[_Code, PairingProfile]:
+    """Count one use of a code (by its hash) and of its profile, or refuse (403) saying why."""
+    found = db.execute(_READ_CODE, {"b_hash": code_hash}).one_or_none()
+    if found is None or found[1]:
         raise ForbiddenError("unknown or revoked activation code")
+    code_id, _revoked, expires_at, workload, profile_id, kind, body = found
     now = utcnow()
-    if code.expires_at is not None and code.expires_at <= now:
+    if expires_at is not None and expires_at <= now:
         raise ForbiddenError("the activation code has expired")
-    row = db.get(ObjectRow, code.profile_id)
-    if row is None or row.kind != PROFILE_KIND.name:
+    if profile_id is None or kind != PROFILE_KIND.name:
         raise ForbiddenError("the pairing profile is disabled")
-    profile: PairingProfile = PROFILE_KIND.decode(row.body)
+    profile: PairingProfile = PROFILE_KIND.decode(body)
     if not profile.enabled:
         raise ForbiddenError("the pairing profile is disabled")
     if profile.expired(now):
         raise ForbiddenError("the pairing profile has expired")
-    used = db.execute(
-        update(ActivationCodeRow).where(ActivationCodeRow.id == code.id)
-        .where(ActivationCodeRow.max_uses.is_(None) | (ActivationCodeRow.uses < ActivationCodeRow.max_uses))
-        .values(uses=ActivationCodeRow.uses + 1)
-    )
-    if getattr(used, "rowcount", 0) != 1:
+    if getattr(db.execute(_COUNT_CODE, {"b_id": code_id}), "rowcount", 0) != 1:
         raise ForbiddenError("the activation code is used up")
-    counted = update(PairingProfileUsesRow).where(PairingProfileUsesRow.object_id == row.id)
-    if profile.max_uses is not None:
-        counted = counted.where(PairingProfileUsesRow.uses < profile.max_uses)
-    used = db.execute(counted.values(uses=PairingProfileUsesRow.uses + 1))
+    if profile.max_uses is None:
+        used = db.execute(_COUNT_PROFILE, {"b_id": profile_id})
+    else:
+        used = db.execute(_COUNT_PROFILE_BOUNDED, {"b_id": profile_id, "b_max": profile.max_uses})
     if getattr(used, "rowcount", 0) != 1:
         raise ForbiddenError("the pairing profile is used up")
-    return code, profile
+    return _Code(str(code_id), workload), profile
 
 
 # ---- enrolment ---------------------------------------------------------------------------
@@ -197,6 +224,9 @@ class Enrolled:
     quarantined: bool
 
 
+QUARANTINE_ADDRESSES = "reported addresses that belong to another workload"
+
+
 def _addresses(interfaces: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted({str(a) for i in interfaces for a in i.get("addresses", [])})
 
@@ -206,11 +236,8 @@ def _owned_elsewhere(db: Session, workload: str, interfaces: Sequence[Mapping[st
     wanted = _addresses(interfaces)
     if not wanted:
         return {}
-    rows = db.execute(
-        select(ObjectAddressRow.address, ObjectRow.name).join(ObjectRow, ObjectRow.id == ObjectAddressRow.object_id)
-        .where(ObjectAddressRow.address.in_(wanted), ObjectRow.name != workload)
-    ).all()
-    return {a: n for a, n in rows}
+    db.flush()  # a Core read does not autoflush: ORM writes pending in this transaction count (no SQL if none)
+    return {str(a): str(n) for a, n in db.execute(_OWNERS, {"b_addresses": wanted, "b_name": workload})}
 
 
 def _without(interfaces: Sequence[Mapping[str, Any]], taken: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -225,61 +252,80 @@ def _quarantine(db: Session, row: AgentRow, reason: str, detail: Mapping[str, An
                  {"workload": row.workload, "reason": reason, **detail})
 
 
+def _name_taken(db: Session, name: str) -> tuple[bool, bool]:
+    """(a live agent is enrolled as ``name``, a workload ``name`` exists): ONE round trip."""
+    db.flush()  # as in _owned_elsewhere
+    enrolled, existing = db.execute(_NAME_TAKEN, {"b_name": name}).one()
+    return enrolled is not None, existing is not None
+
+
 def enrol(dist: PolicyDistributor, keys: AgentKeyRing, req: EnrolRequest) -> Enrolled:
-    """Trade an activation code for an agent identity, by the rules in the module docstring."""
+    """Trade an activation code for an agent identity, by the rules in the module docstring.
+
+    What needs no database state (the key check, the code's hash, the new credential and its
+    hash) is done before the change lock; inside it a new workload costs a fixed handful of
+    statements (the code and its profile in one read, the two use counters, one read of the
+    name, one of the addresses' owners, one of the label keys, set-based inserts, one audit
+    ``INSERT``) and no unit-of-work flush."""
     if req.public_key is not None:
         try:
             sig.parse_public_key(req.public_key)
         except sig.SignatureError as exc:
             raise ValidationError([Issue("api", 0, "public_key", str(exc))]) from None
+    code_hash = auth.sha256(req.activation_code)
+    agent_id = secrets.token_hex(8)
+    secret = auth.new_secret()
+    token_hash = auth.sha256(secret)
+    reported = [dict(i) for i in req.interfaces]
 
     def run(db: Session, txn: CompilerTxn) -> Enrolled:
-        code, profile = _use_code(db, req.activation_code)
+        code, profile = _use_code(db, code_hash)
         name = code.workload or req.hostname
         # the database, not this process's map: an agent enrolled through another replica counts too
         # (writes are serialised by the change lock, so two replicas cannot both pass this check), and
-        # one enrolled earlier in this same batched transaction (the query flushes it first); no scan
-        # of every agent in memory per enrolment (quadratic in a fleet's enrolment)
-        enrolled = db.scalar(select(AgentRow.id).where(AgentRow.workload == name, AgentRow.revoked_at.is_(None))
-                             .limit(1))
-        if enrolled is not None:
+        # one enrolled earlier in this same batched transaction (its rows are already inserted); no
+        # scan of every agent in memory per enrolment (quadratic in a fleet's enrolment)
+        enrolled, exists = _name_taken(db, name)
+        if enrolled:
             raise ConflictError(f"workload {name!r} already has an enrolled agent; revoke it first")
-        actor = f"enroll:{profile.name}"
-        try:
-            current = store.get_object(db, "workload", name)
-        except NotFoundError:
-            current = None
-        if current is not None and code.workload is None:
+        if exists and code.workload is None:
             raise ConflictError(f"workload {name!r} already exists: enrolling as an existing workload needs an "
                                 "adoption code an admin issued for it")
-        taken = _owned_elsewhere(db, name, req.interfaces)
-        interfaces = _without(req.interfaces, taken)
-        if current is None:
+        actor = f"enroll:{profile.name}"
+        taken = _owned_elsewhere(db, name, reported)
+        interfaces = _without(reported, taken)
+        audit: list[tuple[str, str, str, Any, Any]] = []
+        if not exists:
             data = {"name": name, "labels": profile.label_map(), "interfaces": interfaces, "mode": profile.mode.value}
-            obj = store.create_object(db, "workload", data, actor)
-        else:
+            obj, created = store.insert_workload(db, data)
+            audit.append(created)
+        else:  # adoption (rare): the generic replace keeps the admin's labels and mode
+            current = store.get_object(db, "workload", name)
             _b, obj = store.replace_object(db, "workload", name, {**current.body, "interfaces": interfaces}, actor)
+            db.flush()  # its audit row before the agent's
         txn.upsert_workload(obj.domain)
-        agent_id = secrets.token_hex(8)
-        secret = auth.new_secret()
-        token_hash = auth.sha256(secret)
-        row = AgentRow(id=agent_id, workload=name, token_hash=token_hash, profile=profile.name,
-                       hostname=req.hostname, created_at=utcnow(), applied_revision=0,
-                       agent_version=req.agent_version, public_key=req.public_key)
-        db.add(row)
-        record_event(db, actor, "agent.enroll", "agent", agent_id, None,
-                     {"workload": name, "profile": profile.name, "code": code.id, "adopted": current is not None,
-                      "key_bound": req.public_key is not None})
+        now = utcnow()
+        agent: dict[str, Any] = {
+            "id": agent_id, "workload": name, "token_hash": token_hash, "profile": profile.name,
+            "hostname": req.hostname, "created_at": now, "applied_revision": 0, "agent_version": req.agent_version,
+            "public_key": req.public_key}
+        if taken:  # absent otherwise: SQL NULL (a JSON column would store None as JSON null)
+            agent.update(quarantined_at=now, quarantine_reason=QUARANTINE_ADDRESSES, held_interfaces=reported)
+        db.execute(_INSERT_AGENT, agent)
+        audit.append(("agent.enroll", "agent", agent_id, None,
+                      {"workload": name, "profile": profile.name, "code": code.id, "adopted": exists,
+                       "key_bound": req.public_key is not None}))
+        record_events(db, actor, audit)
         if taken:
-            row.held_interfaces = list(req.interfaces)
-            _quarantine(db, row, "reported addresses that belong to another workload",
-                        {"addresses": sorted(taken), "owners": sorted(set(taken.values()))}, actor)
+            record_event(db, actor, "agent.quarantine", "agent", agent_id, None,
+                         {"workload": name, "reason": QUARANTINE_ADDRESSES, "addresses": sorted(taken),
+                          "owners": sorted(set(taken.values()))})
         dist.agents[agent_id] = AgentLive(agent_id, name, token_hash)
         txn.agents.add(agent_id)
         keys.set_key(agent_id, req.public_key)
         txn.undo.append(lambda: dist.agents.pop(agent_id, None))
         txn.undo.append(lambda: keys.forget(agent_id))
-        return Enrolled(agent_id, f"agt_{agent_id}_{secret}", name, current is not None, bool(taken))
+        return Enrolled(agent_id, f"agt_{agent_id}_{secret}", name, exists, bool(taken))
 
     # concurrent enrolments share one transaction (one change lock and catch-up, one commit)
     return dist.transact_batched(run)
@@ -311,7 +357,7 @@ def report_interfaces(dist: PolicyDistributor, agent_id: str, workload: str,
         taken = _owned_elsewhere(db, workload, interfaces)
         if taken:
             row.held_interfaces = reported
-            _quarantine(db, row, "reported addresses that belong to another workload",
+            _quarantine(db, row, QUARANTINE_ADDRESSES,
                         {"addresses": sorted(taken), "owners": sorted(set(taken.values()))}, actor)
             return ReportOutcome.QUARANTINED
         current = store.get_object(db, "workload", workload)

@@ -17,9 +17,9 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Table, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from stockade.controller.services import codec
@@ -347,6 +347,40 @@ def create_object(db: Session, kind: str, data: Mapping[str, Any], actor: str) -
     _sync_side_tables(db, row)
     record_event(db, actor, f"{kind}.create", kind, name, None, body)
     return StoredObject(row.kind, row.name, row.revision, row.body, row.updated_at, obj)
+
+
+_OBJECTS = cast(Table, ObjectRow.__table__)
+_LABEL_KEYS = select(_OBJECTS.c.name, _OBJECTS.c.body).where(_OBJECTS.c.kind == "label_key")
+_INSERT_OBJECT = insert(_OBJECTS).returning(_OBJECTS.c.id)
+_INSERT_LABELS = insert(cast(Table, ObjectLabelRow.__table__))
+_INSERT_ADDRESSES = insert(cast(Table, ObjectAddressRow.__table__))
+
+
+def insert_workload(db: Session, data: Mapping[str, Any]) -> tuple[StoredObject, tuple[str, str, str, Any, Any]]:
+    """Write a NEW workload with set-based Core statements (one ``INSERT ... RETURNING``, one for
+    its labels, one for its addresses; no unit-of-work flush), for a caller that has already, in
+    this transaction and under the change lock, found the name free and kept only addresses no
+    other workload holds (enrolment). The labels are checked here as :func:`create_object` does;
+    the unique ``(kind, name)`` and address keys still refuse a caller that did not. Returns the
+    stored object and its audit entry for :func:`events.record_events` (the caller's batch)."""
+    k = _kind("workload")
+    obj = k.decode(data)  # the one conversion of this body
+    body = k.encode(obj)
+    name = body["name"]
+    keys = {str(n): b for n, b in db.execute(_LABEL_KEYS)}
+    issues = label_issues(keys, body)
+    if issues:
+        raise ValidationError(issues)
+    now = utcnow()
+    row_id = db.execute(_INSERT_OBJECT, {"kind": "workload", "name": name, "body": body, "revision": 1,
+                                         "created_at": now, "updated_at": now}).scalar_one()
+    labels = [{"object_id": row_id, "key": key, "value": value} for key, value in body.get("labels", {}).items()]
+    if labels:
+        db.execute(_INSERT_LABELS, labels)
+    addresses = sorted({a for i in body.get("interfaces", []) for a in i["addresses"]})
+    if addresses:
+        db.execute(_INSERT_ADDRESSES, [{"address": a, "object_id": row_id} for a in addresses])
+    return StoredObject("workload", name, 1, body, now, obj), ("workload.create", "workload", name, None, body)
 
 
 def replace_object(

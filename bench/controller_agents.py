@@ -1,0 +1,294 @@
+"""The controller benchmark's simulated agents (``bench/controller.py``): the tiny keep-alive HTTP
+client, one agent's long-poll loop, enrolment, and the runner processes that hold them.
+
+Each runner process (``python bench/controller_agents.py --agents-runner HEARTBEAT``, started by
+:class:`Runners`) reads the agents to enrol from its stdin's first line, enrols them
+``concurrency`` at a time (each agent long-polls as soon as it has enrolled, as a real agent
+does), writes the enrolled agents on stdout, then answers ``state`` commands until ``stop``.
+No kernel, no Stockade import: the agents are what the controller sees on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENROL_CONCURRENCY = 48  # enrolments in flight (a fleet rolled out at once; a replica batches what waits)
+
+def _raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if os.geteuid() == 0 and hard < 100_000:  # 25,000 agents hold 25,000 sockets in this one process
+        try:
+            want = min(262_144, int(Path("/proc/sys/fs/nr_open").read_text()))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return
+        except (OSError, ValueError):
+            pass
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# ---- a minimal HTTP/1.1 keep-alive client --------------------------------------------------------
+
+
+class Conn:
+    """One keep-alive connection; requests on it are sequential (as an agent's are)."""
+
+    def __init__(self, port: int, source: str | None = None) -> None:
+        self.port = port
+        self.source = source  # a local address of 127.0.0.0/8 to connect from (None: the kernel's choice)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, token: str = "", body: Any = None,
+                      raw: tuple[str, bytes] | None = None) -> tuple[int, Any]:
+        """``raw``: (content type, bytes) instead of a JSON ``body``."""
+        for attempt in range(3):
+            try:
+                return await self._request(method, path, token, body, raw)
+            except (ConnectionError, asyncio.IncompleteReadError, OSError):
+                self.close()
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _request(self, method: str, path: str, token: str, body: Any,
+                       raw: tuple[str, bytes] | None = None) -> tuple[int, Any]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(
+                "127.0.0.1", self.port, limit=2**24, local_addr=(self.source, 0) if self.source else None)
+        assert self.reader is not None
+        ctype, payload = raw if raw is not None else ("application/json", b"" if body is None else
+                                                      json.dumps(body).encode())
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(payload)}\r\n"
+        if payload:
+            head += f"Content-Type: {ctype}\r\n"
+        if token:
+            head += f"Authorization: Bearer {token}\r\n"
+        self.writer.write(head.encode() + b"\r\n" + payload)
+        status_line = await self.reader.readuntil(b"\r\n")
+        status = int(status_line.split()[1])
+        length = 0
+        while True:
+            line = await self.reader.readuntil(b"\r\n")
+            if line == b"\r\n":
+                break
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        data = await self.reader.readexactly(length) if length else b""
+        return status, (json.loads(data) if data else None)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+# ---- simulated agents ----------------------------------------------------------------------------
+
+
+@dataclass
+class Agent:
+    index: int
+    agent_id: str
+    token: str
+    workload: str
+    applied: int = 0
+    acks: list[tuple[float, int]] = field(default_factory=list)
+    errors: int = 0
+
+
+LONG_POLL_S = 20.0  # the real agent's default (AgentOptions.long_poll_seconds)
+STATE_REPORT_S = 300.0  # the real agent's heartbeat while its long-polls count as heartbeats (agent/outbox.py)
+
+
+async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event) -> None:
+    """One simulated agent: long-polls as the real one does; heartbeats every ``heartbeat`` s, or every
+    ``STATE_REPORT_S`` once the controller says a long-poll counts as a heartbeat (as the real one)."""
+    poll = Conn(port)
+    base = f"/api/v1/agents/{a.agent_id}"
+    next_beat = time.monotonic() + heartbeat * (a.index % 100) / 100
+    period = heartbeat
+    while not stop.is_set():
+        try:
+            timeout = max(0.5, min(LONG_POLL_S, next_beat - time.monotonic()))
+            # the wait carries the acknowledgement of the applied revision (applied=...)
+            query = f"after={a.applied}&applied={a.applied}&timeout={timeout:.1f}&include_policy=true"
+            status, got = await poll.request("GET", f"{base}/policy/wait?{query}", a.token)
+            if status != 200:
+                a.errors += 1
+                await asyncio.sleep(1)
+                continue
+            if got.get("heartbeat") is True and period != STATE_REPORT_S:
+                period = STATE_REPORT_S
+                next_beat = time.monotonic() + period * (1 + a.index % 100 / 100)
+            if got["changed"]:
+                pol = got["policy"]
+                if pol["full"] is None and pol["base"] != a.applied:
+                    a.errors += 1  # a delta must start from what this agent applied
+                a.applied = pol["revision"]
+                a.acks.append((time.perf_counter(), a.applied))  # acknowledged by the next wait, sent now
+            if time.monotonic() >= next_beat:
+                await poll.request("POST", f"{base}/heartbeat", a.token, {})
+                next_beat = time.monotonic() + period
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            a.errors += 1
+            await asyncio.sleep(0.5)
+    poll.close()
+
+
+
+AGENTS_PER_RUNNER = 10_000  # one process holds one socket per agent; the hard fd limit here is 20,000
+
+
+async def _runner(heartbeat: float) -> None:
+    """The ``--agents-runner`` mode: enrol the agents named on stdin's first line, each starting its
+    long-poll as soon as it has enrolled (as a real agent does); then answer commands."""
+    _raise_nofile()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**26)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    spec = json.loads(await reader.readline())
+    ports = spec["ports"]
+    stop = asyncio.Event()
+    agents: list[Agent] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def started(a: Agent) -> None:
+        agents.append(a)
+        tasks.append(asyncio.create_task(agent_loop(a, ports[a.index % len(ports)], heartbeat, stop)))
+
+    await _enrol(ports, spec["enrol"], spec["concurrency"], started)
+    sys.stdout.write(json.dumps({"enrolled": [[a.index, a.agent_id, a.workload] for a in agents]}) + "\n")
+    sys.stdout.flush()
+    while line := await reader.readline():
+        cmd = json.loads(line)
+        if cmd["cmd"] == "state":  # each agent's applied revision and its first ack at or after t0
+            t0 = cmd["t0"]
+            state = [[a.index, a.applied, next((t for t, _rev in a.acks if t >= t0), None)] for a in agents]
+            out = json.dumps({"state": state, "errors": sum(a.errors for a in agents)})
+        else:
+            break
+        sys.stdout.write(out + "\n")
+        sys.stdout.flush()
+    stop.set()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Runners:
+    """The simulated agents, in ``ceil(N / AGENTS_PER_RUNNER)`` processes of their own (their CPU
+    is the client's share; perf_counter is CLOCK_MONOTONIC, so ack times compare across them)."""
+
+    def __init__(self) -> None:
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def enrol(self, work: list[list[Any]], ports: list[int], heartbeat: float) -> list[Agent]:
+        """Enrol ``work`` ([index, code, hostname, address] per agent) in the runners; every agent
+        long-polls from its own enrolment on. Returns the agents once all have enrolled."""
+        k = max(1, -(-len(work) // AGENTS_PER_RUNNER))
+        for j in range(k):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--agents-runner", str(heartbeat), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, limit=2**26)
+            assert proc.stdin is not None
+            concurrency = max(1, ENROL_CONCURRENCY // k)
+            proc.stdin.write(json.dumps({"enrol": work[j::k], "ports": ports, "concurrency": concurrency}).encode()
+                             + b"\n")
+            await proc.stdin.drain()
+            self.procs.append(proc)
+        agents: list[Agent] = []
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = await proc.stdout.readline()
+            if not line:
+                raise RuntimeError("an agent runner ended before its agents enrolled")
+            agents += [Agent(i, aid, "", wl) for i, aid, wl in json.loads(line)["enrolled"]]
+        return sorted(agents, key=lambda a: a.index)
+
+    async def state(self, t0: float) -> tuple[dict[int, tuple[int, float | None]], int]:
+        """index -> (applied revision, first ack at or after t0), and the agents' error count."""
+        out: dict[int, tuple[int, float | None]] = {}
+        errors = 0
+        for proc in self.procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(json.dumps({"cmd": "state", "t0": t0}).encode() + b"\n")
+            await proc.stdin.drain()
+            got = json.loads(await proc.stdout.readline())
+            errors += got["errors"]
+            out.update({i: (applied, t) for i, applied, t in got["state"]})
+        return out, errors
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b'{"cmd": "stop"}\n')
+            proc.stdin.close()
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+
+
+async def _enrol(ports: list[int], work: list[list[Any]], concurrency: int, started: Any) -> None:
+    """Enrol every agent of ``work``, ``concurrency`` at a time; ``started(agent)`` right after each."""
+    queue = list(reversed(work))
+    done = 0
+
+    async def worker(w: int) -> None:
+        nonlocal done
+        # one keep-alive connection per replica per worker, each worker from its own loopback address:
+        # a fleet enrols from many addresses, so the per-client enrolment limit (a row lock per address,
+        # shared by the replicas) does not serialise the whole bench behind 127.0.0.1
+        source = f"127.{100 + os.getpid() % 100}.{w // 250}.{1 + w % 250}"
+        conns = {p: Conn(p, source) for p in ports}
+        while queue:
+            i, code, hostname, addr = queue.pop()
+            c = conns[ports[i % len(ports)]]  # agent i enrols on (and later polls) replica i mod N
+            status, got = await c.request("POST", "/api/v1/agents/enroll", body={
+                "activation_code": code, "hostname": hostname,
+                "interfaces": [{"name": "eth0", "addresses": [addr]}]})
+            assert status == 201, got
+            done += 1
+            started(Agent(i, got["agent_id"], got["token"], got["workload"]))
+        for conn in conns.values():
+            conn.close()
+
+    async def progress() -> None:  # on stderr: a slow run shows where it is
+        t0 = time.perf_counter()
+        while True:
+            await asyncio.sleep(30)
+            print(f"runner {os.getpid()}: enrolled {done}/{len(work)} in {time.perf_counter() - t0:.0f} s, "
+                  f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+
+    reporter = asyncio.create_task(progress())
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    reporter.cancel()
+
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--agents-runner":
+        import uvloop
+
+        uvloop.run(_runner(float(sys.argv[2])))
+        return
+    raise SystemExit("usage: controller_agents.py --agents-runner HEARTBEAT (started by bench/controller.py)")
+
+
+if __name__ == "__main__":
+    main()
