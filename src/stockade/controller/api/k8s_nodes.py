@@ -114,9 +114,9 @@ def enroll_pods(request: Request, agent_id: str, body: PodEnrollBatchIn,
 
 
 async def _resolve(ctl: Controller, nodes: NodeDistribution, node: str, pods: list[PodRevision]) -> Resolved:
-    ids = [p.agent_id for p in pods]
-    if nodes.unknown(ids):
-        await run_in_threadpool(nodes.load, nodes.unknown(ids))
+    unknown = nodes.unknown([p.agent_id for p in pods])
+    if unknown:
+        await run_in_threadpool(nodes.load, unknown)
     return nodes.resolve(node, [(p.agent_id, p.revision) for p in pods])
 
 

@@ -40,6 +40,7 @@ import json
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sqlalchemy import select
 
@@ -65,9 +66,10 @@ class PodIdentity:
     pod_identity: bool  # agents.profile is the pod-identity profile
 
 
-@dataclass(frozen=True)
-class HeldPod:
-    """A pod identity of the node (resolved) and the revision the node holds for it."""
+class HeldPod(NamedTuple):
+    """A pod identity of the node (resolved) and the revision the node holds for it (a NamedTuple:
+    made for every pod of every node poll, ~10,000 per batch at 10,000 pods, at a third of the cost
+    of a frozen dataclass)."""
 
     agent_id: str
     workload: str
