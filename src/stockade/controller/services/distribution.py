@@ -491,8 +491,15 @@ class PolicyDistributor:
                 live = self.agents.get(agent_id)
                 changes.append(("agent.online" if online else "agent.offline", "agent", agent_id, None,
                                 {"workload": live.workload if live else ""}))
-            with self.sessions.begin() as db:
-                record_events(db, "controller", changes)
+            try:
+                with self.sessions.begin() as db:
+                    record_events(db, "controller", changes)
+            except BaseException:  # not recorded (e.g. "database is locked"): flipped back, the next round retries
+                for agent_id, online in flips:
+                    live = self.agents.get(agent_id)
+                    if live is not None and live.online == online:
+                        live.online = not online
+                raise
         return flips
 
     def _depart(self, name: str, leaving: bool) -> None:
