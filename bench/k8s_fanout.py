@@ -261,6 +261,8 @@ class Event:
     kind: str  # "add" | "del"
     t0: float
     affected: tuple[int, ...]  # pod indexes
+    start: float = 0.0  # its batch's API call began
+    end: float = 0.0  # ... and was answered
 
 
 async def run(port: int, password: str, pods: int, nodes: int, rate: float, seconds: float,
@@ -316,10 +318,11 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
             pending.dels.add(addr)
         queued.append((name, body, addr, app, role, time.perf_counter()))
 
-    def done(batch: list[tuple[str, dict[str, Any] | None, str, int, str, float]]) -> None:
+    def done(batch: list[tuple[str, dict[str, Any] | None, str, int, str, float]], start: float, end: float) -> None:
         for name, body, addr, app, role, t0 in batch:
             other = "db" if role == "web" else "web"
-            events.append(Event(addr, "add" if body else "del", t0, tuple(by_app_role.get((app, other), ()))))
+            events.append(Event(addr, "add" if body else "del", t0, tuple(by_app_role.get((app, other), ())),
+                                start, end))
             if body is not None:
                 live.append((name, addr, app, role))  # deletable once the controller has it
 
@@ -335,8 +338,9 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
                 "upsert": [b for _n, b, *_ in batch if b], "delete": [n for n, b, *_ in batch if not b]})
         assert status in (200, 201, 204), (status, got)
         calls += 1
-        api_ms.append((time.perf_counter() - t) * 1000)
-        done(batch)
+        end = time.perf_counter()
+        api_ms.append((end - t) * 1000)
+        done(batch, t, end)
 
     async def sync_worker(conn: Conn, stop_when_empty: asyncio.Event) -> None:
         """As the cluster sync does: take every change gathered so far, write it, repeat."""
@@ -372,6 +376,9 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
             break
         await asyncio.sleep(0.2)
     fan: list[int] = []
+    queued_lat: list[float] = []  # event -> its batch's API call began
+    call_lat: list[float] = []  # the API call
+    deliver_lat: list[float] = []  # API call answered -> every affected node acked
     for e in events:
         per_node: dict[int, float] = {}
         ok = True
@@ -388,6 +395,9 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
         node_lat += per_node.values()
         if per_node:
             event_lat.append(max(per_node.values()))
+            queued_lat.append(e.start - e.t0)
+            call_lat.append(e.end - e.start)
+            deliver_lat.append(max(per_node.values()) - (e.end - e.t0))
     cpu = cpu_seconds([pid]) - cpu0
     stop.set()
     for task in tasks:
@@ -399,6 +409,9 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
         "events": len(events), "rate": len(events) / churn_s,
         "event_p50_ms": 1000 * pct(event_lat, 50), "event_p99_ms": 1000 * pct(event_lat, 99),
         "event_max_ms": 1000 * max(event_lat, default=float("nan")),
+        "queued_p50_ms": 1000 * pct(queued_lat, 50), "queued_p99_ms": 1000 * pct(queued_lat, 99),
+        "call_p50_ms": 1000 * pct(call_lat, 50), "call_p99_ms": 1000 * pct(call_lat, 99),
+        "deliver_p50_ms": 1000 * pct(deliver_lat, 50), "deliver_p99_ms": 1000 * pct(deliver_lat, 99),
         "node_p50_ms": 1000 * pct(node_lat, 50), "node_p99_ms": 1000 * pct(node_lat, 99),
         "api_p50_ms": pct(api_ms, 50), "api_p99_ms": pct(api_ms, 99), "calls": calls,
         "writes": "batch" if batched else "single",
@@ -494,6 +507,9 @@ def main() -> None:
     print(f"| events (creates + deletes) / achieved rate | {r['events']} / {r['rate']:.0f} per s |")
     print(f"| API event -> every affected node acknowledged, p50 / p99 / max | "
           f"{r['event_p50_ms']:.0f} / {r['event_p99_ms']:.0f} / {r['event_max_ms']:.0f} ms |")
+    print(f"| of which: waiting for the write / the write call / call answered -> all acked, p50 / p99 | "
+          f"{r['queued_p50_ms']:.0f} / {r['queued_p99_ms']:.0f}, {r['call_p50_ms']:.0f} / {r['call_p99_ms']:.0f}, "
+          f"{r['deliver_p50_ms']:.0f} / {r['deliver_p99_ms']:.0f} ms |")
     print(f"| API event -> one affected node acknowledged, p50 / p99 | "
           f"{r['node_p50_ms']:.0f} / {r['node_p99_ms']:.0f} ms |")
     print(f"| affected nodes per event (mean) | {r['fanout_nodes']:.1f} |")

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 from tests.api.conftest import Api, make_settings
 
 from stockade.compiler.delta import UpdateKind
@@ -218,13 +219,14 @@ def test_heartbeats_alone_rewrite_an_agent_row_at_most_every_few_seconds(quiet_a
     dist.agent_ack(agents[0], dist.revisions[dist.agents[agents[0]].workload] + 7)
     assert dist.flush() == 1  # an ack is not held back
     live = dist.agents[agents[1]]
-    live.stored_heartbeat = live.stored_heartbeat - dt.timedelta(seconds=distribution.HEARTBEAT_WRITE)  # type: ignore[operator]
+    assert live.stored_heartbeat is not None and live.last_heartbeat is not None
+    live.stored_heartbeat = live.stored_heartbeat - dt.timedelta(seconds=distribution.HEARTBEAT_WRITE)
     dist.agent_heartbeat(agents[1])
     assert dist.flush() == 1  # a stored heartbeat that old is rewritten
     with api.ctl.sessions() as db:
         stored = db.get(AgentRow, agents[1])
         assert stored is not None and stored.last_heartbeat is not None
-        assert abs((stored.last_heartbeat.replace(tzinfo=dt.UTC) - live.last_heartbeat).total_seconds()) < 1e-3  # type: ignore[operator]
+        assert abs((stored.last_heartbeat.replace(tzinfo=dt.UTC) - live.last_heartbeat).total_seconds()) < 1e-3
 
 
 def test_many_agents_coming_online_at_once_are_one_audit_insert(quiet_api: Api) -> None:
@@ -241,5 +243,32 @@ def test_many_agents_coming_online_at_once_are_one_audit_insert(quiet_api: Api) 
     with Statements(api) as st:
         assert sorted(dist.check_liveness(60)) == sorted((a, True) for a in agents)
     assert len([s for s in st.seen if s.upper().startswith("INSERT INTO EVENTS")]) == 1
+    online = api.ok("GET", "/events", params={"action": "agent.online", "limit": 50})["items"]
+    assert sorted(e["name"] for e in online) == sorted(agents)
+
+
+def test_liveness_events_not_written_are_recorded_by_the_next_round(quiet_api: Api) -> None:
+    """The flips were kept in memory when their INSERT failed ("database is locked" under a 10,000-pod
+    set-up): the agents stayed online in memory and their ``agent.online`` events were never written."""
+    api = quiet_api
+    api.ok("POST", "/pairing-profiles", 201, json={"name": "p", "mode": "full", "code_max_uses": 10})
+    code = api.ok("POST", "/pairing-profiles/p/codes", 201)["code"]
+    agents = [api.client.post("/api/v1/agents/enroll", json={
+        "activation_code": code, "hostname": f"n{i}", "interfaces": []}).json()["agent_id"] for i in range(3)]
+    dist = api.ctl.dist
+    for a in agents:
+        dist.agent_heartbeat(a)
+    real = dist.sessions
+
+    def locked() -> Any:
+        raise OperationalError("INSERT INTO events", {}, Exception("database is locked"))
+
+    dist.sessions = type("Locked", (), {"begin": staticmethod(locked)})()
+    try:
+        with pytest.raises(OperationalError):
+            dist.check_liveness(60)
+    finally:
+        dist.sessions = real
+    assert sorted(dist.check_liveness(60)) == sorted((a, True) for a in agents)
     online = api.ok("GET", "/events", params={"action": "agent.online", "limit": 50})["items"]
     assert sorted(e["name"] for e in online) == sorted(agents)

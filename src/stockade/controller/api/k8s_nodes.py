@@ -26,10 +26,10 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from stockade.compiler.delta import policy_update_to_dict
+from stockade.compiler.delta import PolicyUpdate, policy_update_to_dict
 from stockade.controller.api.dto.k8s_nodes import (
     PodAcksIn,
     PodAcksOut,
@@ -46,7 +46,7 @@ from stockade.controller.api.schemas import ErrorOut
 from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services import node_distribution, pod_enrolment
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
-from stockade.controller.services.node_distribution import NodeDistribution, Resolved
+from stockade.controller.services.node_distribution import HeldPod, NodeDistribution, Resolved
 from stockade.errors import AuthError, ConflictError, NotFoundError, StockadeError
 
 router = APIRouter()
@@ -114,9 +114,9 @@ def enroll_pods(request: Request, agent_id: str, body: PodEnrollBatchIn,
 
 
 async def _resolve(ctl: Controller, nodes: NodeDistribution, node: str, pods: list[PodRevision]) -> Resolved:
-    ids = [p.agent_id for p in pods]
-    if nodes.unknown(ids):
-        await run_in_threadpool(nodes.load, nodes.unknown(ids))
+    unknown = nodes.unknown([p.agent_id for p in pods])
+    if unknown:
+        await run_in_threadpool(nodes.load, unknown)
     return nodes.resolve(node, [(p.agent_id, p.revision) for p in pods])
 
 
@@ -144,17 +144,16 @@ async def wait_for_pod_updates(request: Request, agent_id: str, body: PodUpdates
         moved = await nodes.wait(node, held.bound, min(body.timeout, ctl.settings.long_poll_max))
     finally:
         ctl.metrics.waiting.dec()
-    out: list[dict[str, Any]] = []
+    out: list[tuple[HeldPod, PolicyUpdate]] = []
     for p in moved:
         upd = ctl.dist.fetch_nowait(p.workload, p.after or None)
         if upd is None:
             upd = await run_in_threadpool(nodes.update_for, p)
         if upd is not None:
-            out.append({"agent_id": p.agent_id, "workload": p.workload, "revision": upd.revision,
-                        "policy": policy_update_to_dict(upd)})
+            out.append((p, upd))
     nodes.ack(held.bound, {})  # alive at the answer too: a poll held 20 s is not a silence
-    # hot path of every node: plain JSON (the schema is PodUpdatesOut)
-    return JSONResponse({"pods": out, "gone": list(held.gone)})
+    # hot path of every node: JSON written directly, shared set deltas encoded once (the schema is PodUpdatesOut)
+    return Response(node_distribution.encode_answer(out, held.gone), media_type="application/json")
 
 
 @router.post("/agents/{agent_id}/pods/acks", tags=["Agent protocol"], responses=ERRORS,

@@ -35,6 +35,7 @@ On SQLite the distributor is single-process and none of that runs.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -464,17 +465,19 @@ class PolicyDistributor:
         again (``workload.returned``); its stored addresses are kept. Off by default.
         """
         now = utcnow()
+        fresh = now - dt.timedelta(seconds=offline_after)  # online: a heartbeat after this
+        gone = now - dt.timedelta(seconds=offline_after + (grace or 0.0))  # departed: none since this
         flips: list[tuple[str, bool]] = []
         leaving: list[str] = []
         returning: list[str] = []
-        for a in list(self.agents.values()):
-            age = (now - a.last_heartbeat).total_seconds() if a.last_heartbeat is not None else None
-            online = age is not None and age < offline_after
+        for a in list(self.agents.values()):  # every agent, every round: comparisons only (10,000 pods)
+            beat = a.last_heartbeat
+            online = beat is not None and beat > fresh
             if online != a.online:
                 a.online = online
                 flips.append((a.agent_id, online))
-            if grace is not None and age is not None and a.workload in self.workloads:
-                if age >= offline_after + grace and a.workload not in self.departed:
+            if grace is not None and beat is not None and a.workload in self.workloads:
+                if beat <= gone and a.workload not in self.departed:
                     leaving.append(a.workload)
                 elif online and a.workload in self.departed:
                     returning.append(a.workload)
@@ -488,8 +491,15 @@ class PolicyDistributor:
                 live = self.agents.get(agent_id)
                 changes.append(("agent.online" if online else "agent.offline", "agent", agent_id, None,
                                 {"workload": live.workload if live else ""}))
-            with self.sessions.begin() as db:
-                record_events(db, "controller", changes)
+            try:
+                with self.sessions.begin() as db:
+                    record_events(db, "controller", changes)
+            except BaseException:  # not recorded (e.g. "database is locked"): flipped back, the next round retries
+                for agent_id, online in flips:
+                    live = self.agents.get(agent_id)
+                    if live is not None and live.online == online:
+                        live.online = not online
+                raise
         return flips
 
     def _depart(self, name: str, leaving: bool) -> None:

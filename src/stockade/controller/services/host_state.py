@@ -112,8 +112,11 @@ def write_agent_rows(db: Session, params: list[dict[str, Any]]) -> None:
         db.execute(_PG_AGENT_FLUSH, {"i": [p["id"] for p in params],
                                      "r": [p["applied_revision"] for p in params],
                                      "b": [p["last_heartbeat"] for p in params]})
-    else:
-        db.execute(update(AgentRow), params)  # executemany by primary key
+    else:  # one executemany in Core (the ORM's bulk update by primary key cost ~4x the CPU per row)
+        table = cast(Table, AgentRow.__table__)
+        db.execute(update(table).where(table.c.id == bindparam("i"))
+                   .values(applied_revision=bindparam("r"), last_heartbeat=bindparam("b")),
+                   [{"i": p["id"], "r": p["applied_revision"], "b": p["last_heartbeat"]} for p in params])
 
 
 def write_hash_rows(db: Session, params: list[dict[str, Any]]) -> None:
