@@ -6,7 +6,9 @@
 * ``scan_rules`` (distinct rules, then distinct match objects) against the rule-by-rule scan;
 * the interpreter's match memo (by match object: the read-backs share equal matches between
   rules) against an interpreter computing every match afresh, over membership variables and
-  per address class, on random chains whose rules share match objects.
+  per address class, on random chains whose rules share match objects;
+* the symbolic split's memo of a rule's non-peer matches (by their ids) against the AND of
+  the matches built afresh, on rules drawn from a pool of shared match objects in any order.
 """
 
 from __future__ import annotations
@@ -18,7 +20,21 @@ from itertools import combinations
 
 from stockade.model.addresses import Family, IPNetwork, merge_ranges, network_range
 from stockade.verify.interpret import Interpreter
-from stockade.verify.loaded import Addr, AddrIn, Chain, FamilyRules, HookName, Kind, Match, PacketMark, Rule
+from stockade.verify.loaded import (
+    Addr,
+    AddrIn,
+    Chain,
+    CtState,
+    FamilyIs,
+    FamilyRules,
+    Field,
+    HookName,
+    IntIn,
+    Kind,
+    Match,
+    PacketMark,
+    Rule,
+)
 from stockade.verify.prove import _ranges
 from stockade.verify.rulescan import RuleScan, scan_rules
 from stockade.verify.space import BDDNode, HeaderSpace
@@ -133,3 +149,66 @@ def test_match_memo_equals_fresh_matches() -> None:
         for sig in signatures:
             assert walk.hook_accept(sig) == walk_fresh.hook_accept(sig), (case, sorted(sig))
     assert shared_seen > 500  # the memo was hit
+
+
+def _split_fresh(interp: Interpreter, matches: tuple[Match, ...]) -> tuple[BDDNode, BDDNode] | None:
+    """The symbolic split rule by rule, nothing memoised (the path the memo replaces)."""
+    sp = interp.space
+    static, member = sp.true, sp.true
+    for m in matches:
+        r = interp._match(m, frozenset())
+        if r is False:
+            return None
+        if r is True:
+            continue
+        if isinstance(m, AddrIn) and m.addr is interp.peer:
+            member = member & r
+        else:
+            static = static & r
+    if static == sp.false or member == sp.false:
+        return None
+    return static, member
+
+
+class _FreshSplit(Interpreter):
+    def _split_matches(self, matches: tuple[Match, ...]) -> tuple[BDDNode, BDDNode] | None:
+        return _split_fresh(self, matches)
+
+
+def test_split_memo_equals_fresh_splits() -> None:
+    rng = random.Random(23)
+    pool: list[Match] = [
+        IntIn(Field.L4PROTO, ((6, 6),)), IntIn(Field.L4PROTO, ((17, 17),)), IntIn(Field.L4PROTO, ((6, 17),)),
+        IntIn(Field.DPORT, ((1, 5),)), IntIn(Field.DPORT, ((3, 9),)), IntIn(Field.DPORT, ((3, 9),), negate=True),
+        IntIn(Field.SPORT, ((7, 7),)), CtState(frozenset({"new"})), CtState(frozenset({"new"}), negate=True),
+        FamilyIs(Family.V4), FamilyIs(Family.V6), AddrIn(Addr.SADDR, Family.V6, "s0"),
+        *(AddrIn(Addr.SADDR, Family.V4, f"s{k}", negate=neg) for k in range(N_SETS) for neg in (False, True)),
+    ]  # fmt: skip
+    pred_of = {f"s{k}": k for k in range(N_SETS)}
+    rules = _ruleset(random.Random(0))
+    hits = 0
+    for case in range(40):
+        space = HeaderSpace()
+        names = [f"x{k}" for k in range(N_SETS)]
+        space.bdd.declare(*names)
+        members: dict[int, BDDNode] = {k: space.bdd.var(names[k]) for k in range(N_SETS)}
+        interp = Interpreter(space, rules, HookName.INPUT, pred_of, None, members)
+        for _ in range(200):
+            matches = tuple(rng.sample(pool, rng.randint(0, 5)))
+            assert interp._split_matches(matches) == _split_fresh(interp, matches), (case, matches)
+        hits += sum(len(k) > 1 for k in interp._static_of)
+    assert hits > 100  # the memo of several static matches was filled (and then hit)
+
+
+def test_split_memo_in_the_walk_equals_fresh_splits() -> None:
+    rng = random.Random(29)
+    pred_of = {f"s{k}": k for k in range(N_SETS)}
+    for case in range(120):
+        rules = _shared(rng, _ruleset(rng))
+        space = HeaderSpace()
+        names = [f"x{k}" for k in range(N_SETS)]
+        space.bdd.declare(*names)
+        members: dict[int, BDDNode] = {k: space.bdd.var(names[k]) for k in range(N_SETS)}
+        memo = Interpreter(space, rules, HookName.INPUT, pred_of, None, members)
+        fresh = _FreshSplit(space, rules, HookName.INPUT, pred_of, None, members)
+        assert memo.hook_accept(frozenset()) == fresh.hook_accept(frozenset()), case

@@ -124,6 +124,11 @@ class Interpreter:
         # them outlive us): :meth:`_outcome` is the same for every rule holding the verdict
         self._outcome_of: dict[int, object] = {}
         self._split_of: dict[tuple[int, ...], tuple[BDDNode, BDDNode] | None] = {}  # by match ids
+        # the symbolic walk's view of a match, by id: (its BDD or constant, a peer set test?)
+        self._part_of: dict[int, tuple[BDDNode | bool, bool]] = {}
+        # the AND of a rule's non-peer matches, by their ids in order: the rules of an iptables
+        # port chain repeat one protocol and port match with another peer set each
+        self._static_of: dict[tuple[int, ...], BDDNode] = {}
         self._rule_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
         self._map_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
 
@@ -448,21 +453,40 @@ class Interpreter:
         return found
 
     def _split_matches(self, matches: tuple[Match, ...]) -> tuple[BDDNode, BDDNode] | None:
-        sp = self.space
-        static, member = sp.true, sp.true
-        memo = self._match_memo
+        """(the AND of the matches but the peer's set tests, the AND of those tests); None: no
+        packet matches. The first part is memoised by the ids of the matches it is made of."""
+        parts = self._part_of
+        member: BDDNode | None = None
+        static_ids: list[int] = []
         for m in matches:
-            r = memo.get(id(m))
-            if r is None:
-                r = self._static_match(m)
+            i = id(m)
+            part = parts.get(i)
+            if part is None:
+                part = parts[i] = (self._static_match(m), isinstance(m, AddrIn) and m.addr is self.peer)
+            r, is_peer = part
             if r is False:
                 return None
             if r is True:
                 continue
-            if isinstance(m, AddrIn) and m.addr is self.peer:
-                member = member & r
+            if is_peer:
+                member = r if member is None else member & r
             else:
-                static = static & r
+                static_ids.append(i)
+        sp = self.space
+        if not static_ids:
+            static = sp.true
+        elif len(static_ids) == 1:
+            static = parts[static_ids[0]][0]
+        else:
+            key = tuple(static_ids)
+            static = self._static_of.get(key)
+            if static is None:
+                static = parts[static_ids[0]][0]
+                for i in static_ids[1:]:
+                    static = static & parts[i][0]
+                self._static_of[key] = static
+        if member is None:
+            member = sp.true
         if static == sp.false or member == sp.false:
             return None
         return static, member
