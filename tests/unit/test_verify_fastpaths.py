@@ -85,7 +85,7 @@ def test_cached_set_ranges_equal_fresh_ranges_and_hold_no_pairs() -> None:
         assert _set_ranges(s) == want, nets  # hit
         entry = _SET_RANGES[id(s)]
         assert entry[0] is s
-        assert all(type(x) is int for part in entry[1:] for x in part), entry
+        assert all(type(x) is int for part in entry[1:] for x in part), entry  # noqa: E721
 
 
 def _scan_rule_by_rule(rules: FamilyRules) -> RuleScan:
