@@ -18,7 +18,6 @@ import random
 from dataclasses import replace
 from itertools import combinations
 
-from stockade.compiler.ir import AddressSet
 from stockade.model.addresses import Family, IPNetwork, merge_ranges, network_range
 from stockade.verify.interpret import Interpreter
 from stockade.verify.loaded import (
@@ -36,7 +35,7 @@ from stockade.verify.loaded import (
     PacketMark,
     Rule,
 )
-from stockade.verify.prove import _SET_RANGES, _ranges, _set_ranges
+from stockade.verify.prove import _ranges
 from stockade.verify.rulescan import RuleScan, scan_rules
 from stockade.verify.space import BDDNode, HeaderSpace
 from tests.unit.test_verify_blocks import N_SETS, _ruleset
@@ -70,22 +69,6 @@ def test_ranges_equal_merge_ranges() -> None:
         nets = _networks(rng, family)
         assert _ranges(nets) == merge_ranges(network_range(n) for n in nets), nets
     assert _ranges([]) == ()
-
-
-def test_cached_set_ranges_equal_fresh_ranges_and_hold_no_pairs() -> None:
-    """The set-range cache against ``_ranges`` of the members, on a miss and on a hit; the cache
-    holds the ranges as integers only (no 2-tuple per range for the cyclic collector to walk)."""
-    rng = random.Random(11)
-    for k in range(200):
-        family = rng.choice((Family.V4, Family.V6))
-        nets = tuple(_networks(rng, family)) if k % 10 else ()
-        s = AddressSet(f"h17u-{k}", family, nets)
-        want = _ranges(nets)
-        assert _set_ranges(s) == want, nets  # miss
-        assert _set_ranges(s) == want, nets  # hit
-        entry = _SET_RANGES[id(s)]
-        assert entry[0] is s
-        assert all(type(x) is int for part in entry[1:] for x in part), entry  # noqa: E721
 
 
 def _scan_rule_by_rule(rules: FamilyRules) -> RuleScan:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import compress, islice, repeat
-from operator import add, attrgetter, itemgetter, le, ne
+from operator import add, attrgetter, le, ne
 
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy
 from stockade.model.addresses import Family, IPAddress, IPNetwork, Range, merge_ranges
@@ -162,22 +162,18 @@ def _ranges(nets: Iterable[IPNetwork]) -> tuple[Range, ...]:
 # The agent proves the same HostPolicy after every apply and periodically: its sets' ranges (100k
 # members: ~0.3 s) are kept per AddressSet object, by identity. The entry holds the set itself, so
 # an id is never reused while cached; a frozen set's members never change, so a hit is exact.
-# The entry keeps the ranges as two tuples of integers (first, last addresses), not one 2-tuple
-# per range: the cyclic collector traverses every container object it tracks, and 100k cached
-# pairs cost the first collection after a first proof ~0.12 s; a hit rebuilds the pairs (C-level
-# zip, a few ms), which die with the proof.
-_SET_RANGES: dict[int, tuple[AddressSet, tuple[int, ...], tuple[int, ...]]] = {}
+_SET_RANGES: dict[int, tuple[AddressSet, tuple[Range, ...]]] = {}
 _SET_RANGES_MAX = 4096
 
 
 def _set_ranges(s: AddressSet) -> tuple[Range, ...]:
     hit = _SET_RANGES.get(id(s))
     if hit is not None and hit[0] is s:
-        return tuple(zip(hit[1], hit[2], strict=True))
+        return hit[1]
     found = _ranges(s.members)
     if len(_SET_RANGES) >= _SET_RANGES_MAX:
         _SET_RANGES.clear()  # the sets of the policy in force come back at its next proof
-    _SET_RANGES[id(s)] = (s, tuple(map(itemgetter(0), found)), tuple(map(itemgetter(1), found)))
+    _SET_RANGES[id(s)] = (s, found)
     return found
 
 
