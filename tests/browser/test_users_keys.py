@@ -177,3 +177,38 @@ def test_no_serious_axe_violation_on_users_and_keys(axe_context: Any, screenshot
     failures += [("key-secret", v) for v in run_axe(page, source) if v["impact"] in ("serious", "critical")]
     assert not failures, "\n".join(f"{n}: {v['id']} ({v['impact']}): {v['help']}\n    " + "\n    ".join(v["nodes"])
                                    for n, v in failures)
+
+
+SLOW_PAGES = ("workloads", "labels", "rulesets", "deny-rules", "objects", "map", "explorer", "policy", "versions",
+              "agents", "events")  # every page that loads data (settings loads none: nothing to race)
+
+
+@pytest.mark.parametrize("left", SLOW_PAGES)
+def test_a_page_left_before_its_data_arrives_writes_nothing_into_the_next(admin_page: Any, left: str) -> None:
+    """Every page, left while its API calls are still out, must not write into the page that replaced it
+    (under load, the workloads list's table once landed under the users page's notice)."""
+    page = admin_page
+    page.goto("/#/users")
+    expect(page.locator("#view .notice")).to_contain_text("Only owners manage users")
+    held: list[Any] = []
+
+    def hold(route: Any) -> None:
+        held.append(route)
+
+    page.route("**/api/v1/**", hold)  # hold every API call of the page about to be left
+    page.evaluate(f"location.hash = '#/{left}'")
+    for _ in range(100):
+        if held:
+            break
+        page.wait_for_timeout(20)
+    assert held, f"#/{left} made no API call: nothing to race"
+    page.evaluate("location.hash = '#/keys'")
+    expect(page.locator("#view .notice")).to_contain_text("Only owners manage api keys")
+    released = len(held)
+    for route in held[:released]:  # the left page's data arrives now, after it was left
+        route.continue_()
+    page.wait_for_timeout(1000)
+    expect(page.locator("#view h1")).to_have_count(1)
+    expect(page.locator("#view h1")).to_have_text("API keys")
+    expect(page.locator("#view table")).to_have_count(0)
+    expect(page.locator("#view [role=search], #view form, #view svg")).to_have_count(0)

@@ -123,7 +123,10 @@ async function route() {
     return;
   }
   if (token !== state.renderToken) return;
-  replace(view);
+  // Each render gets its own element: a page left before its data arrived (its awaits resolve
+  // later) writes into a detached element, never into the page that replaced it.
+  const pageEl = h("div", { class: "page" });
+  replace(view, pageEl);
   setMayEditKeys(can("write"));
   const ctx = {
     parts, query, user: state.user, can, go, setUser,
@@ -131,11 +134,11 @@ async function route() {
     isCurrent: () => token === state.renderToken,
   };
   try {
-    await mod.render(view, ctx);
+    await mod.render(pageEl, ctx);
   } catch (err) {
     if (token !== state.renderToken) return;
     if (err instanceof api.ApiError && err.status === 401) return;
-    add(view, h("div", { class: "notice error", role: "alert" }, `Something went wrong: ${err.message}`));
+    add(pageEl, h("div", { class: "notice error", role: "alert" }, `Something went wrong: ${err.message}`));
   }
   if (token !== state.renderToken) return;
   view.removeAttribute("aria-busy");
