@@ -149,3 +149,11 @@ def sqlite_api(tmp_path: Path) -> Iterator[Api]:
     app = create_app(make_settings(f"sqlite:///{tmp_path / 'stockade.db'}"))
     with TestClient(app) as client:
         yield Api(client, app.state.controller)
+
+
+@pytest.fixture
+def quiet_api(database_url: str) -> Iterator[Api]:
+    """An app whose background flush never runs on its own (the tests call it)."""
+    app = create_app(make_settings(database_url, flush_interval=3600.0))
+    with TestClient(app) as client:
+        yield Api(client, app.state.controller)

@@ -18,48 +18,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 from tests.api.conftest import Api, make_settings
+from tests.api.statements import Statements
 
 from stockade.compiler.delta import UpdateKind
 from stockade.controller.app import create_app
 from stockade.controller.services import distribution
 from stockade.controller.services.events import SyslogFormat, SyslogTarget
 from stockade.controller.storage.db import AgentRow
-
-
-@pytest.fixture
-def quiet_api(database_url: str) -> Iterator[Api]:
-    app = create_app(make_settings(database_url, flush_interval=3600.0))
-    with TestClient(app) as client:
-        yield Api(client, app.state.controller)
-
-
-class Statements:
-    """SQL statements the engine sends while open (executemany counts once)."""
-
-    def __init__(self, api: Api) -> None:
-        self.engine = api.ctl.sessions.kw["bind"]
-        self.seen: list[str] = []
-
-    def __enter__(self) -> Statements:
-        event.listen(self.engine, "before_cursor_execute", self._record)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._record)
-
-    def _record(self, _conn: Any, _cursor: Any, sql: str, *_rest: Any) -> None:
-        text = " ".join(sql.split())
-        if not text.startswith("SELECT change_log.id, change_log.body"):  # PostgreSQL's listener thread
-            self.seen.append(text)
 
 
 def _pod(name: str, app: str, role: str, addr: str) -> dict[str, Any]:

@@ -17,48 +17,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
-from sqlalchemy import event, select
-from tests.api.conftest import Api, make_settings
+from sqlalchemy import select
+from tests.api.conftest import Api
+from tests.api.statements import Statements
 
-from stockade.controller.app import create_app
 from stockade.controller.services import distribution, enrolment
 from stockade.controller.services.auth import ForbiddenError
 from stockade.controller.services.host_state import write_agent_rows
 from stockade.controller.storage.db import AgentRow, HostStateRow, utcnow
-
-
-@pytest.fixture
-def quiet_api(database_url: str) -> Iterator[Api]:
-    """An app whose background flush never runs on its own (the tests call it)."""
-    app = create_app(make_settings(database_url, flush_interval=3600.0))
-    with TestClient(app) as client:
-        yield Api(client, app.state.controller)
-
-
-class Statements:
-    """Every statement the engine sends: (SQL, executemany, parameter sets)."""
-
-    def __init__(self, api: Api) -> None:
-        self.engine = api.ctl.sessions.kw["bind"]
-        self.seen: list[tuple[str, bool, int]] = []
-
-    def __enter__(self) -> Statements:
-        event.listen(self.engine, "before_cursor_execute", self._record)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._record)
-
-    def _record(self, _conn: Any, _cursor: Any, sql: str, params: Any, _ctx: Any, many: bool) -> None:
-        self.seen.append((" ".join(sql.split()), many, len(params) if many else 1))
-
-    def updates(self, table: str) -> list[tuple[str, bool, int]]:
-        return [s for s in self.seen if s[0].upper().startswith(f"UPDATE {table.upper()} ")]
 
 
 def _estate(api: Api, hosts: int) -> None:
