@@ -76,6 +76,9 @@ def test_the_node_view_of_a_pod() -> None:
     done = local_pod({**obj, "status": {"phase": "Succeeded", "podIPs": [{"ip": "10.1.0.5"}]}})
     assert not isinstance(done, str) and not done.ready
     assert isinstance(local_pod({**obj, "metadata": {"name": "web", "namespace": "shop", "uid": "x"}}), str)
+    # bound, no sandbox or IP yet: taken up (its workload is address-less until the IP comes)
+    pending = local_pod({**obj, "status": {"phase": "Pending"}})
+    assert not isinstance(pending, str) and pending.ready and pending.addresses == ()
 
 
 def test_the_sync_binds_a_pod_to_its_node_through_the_declared_node_label() -> None:

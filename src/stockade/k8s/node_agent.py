@@ -57,13 +57,14 @@ from stockade.backends.nftables.backend import NftablesBackend
 from stockade.backends.nftables.netlink_apply import NetlinkTableBackend, TemplateCache
 from stockade.compiler.delta import PolicyUpdate, UpdateKind, policy_update_from_dict
 from stockade.errors import AuthError, Issue, NotFoundError, StockadeError, ValidationError
-from stockade.k8s.node_poll import POD_HEARTBEAT_SECONDS, NodePoller, PodEnroller, PodRuntime
+from stockade.k8s.node_poll import POD_HEARTBEAT_SECONDS, NodePoller, PodAgent, PodEnroller, PodRuntime
 from stockade.k8s.podns import PodNetns, find_pod_netns, pin, pin_prefix, stale_pins, unpin
 
 log = logging.getLogger("stockade.k8s.node")
 RETRY_SECONDS = 0.1  # a pod whose workload or namespace is not there yet is tried again this soon ...
 RETRY_MAX = 5.0  # ... doubling up to this while it keeps failing
 FAST_RETRY, FAST_RETRY_FOR = 0.05, 5.0  # but a pod seen less than FAST_RETRY_FOR ago: every FAST_RETRY
+FIRST_FRESH = 5.0  # an enrolment's policy kept longer than this for a namespace not found yet is not applied
 START_WORKERS = 8  # pods started (and stopped) at once
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
 
@@ -78,11 +79,14 @@ class LocalPod:
     workload: str
     addresses: tuple[str, ...]
     host_network: bool = False
+    finished: bool = False  # phase Succeeded or Failed
 
     @property
     def ready(self) -> bool:
-        """The sync makes a workload of it once it has an IP (and is not finished)."""
-        return bool(self.addresses)
+        """Worth enrolling: the sync makes an (address-less, see :mod:`stockade.k8s.mapping`) workload
+        of a pod as soon as it is bound to a node, so its policy can be in hand before its sandbox
+        exists; a finished pod is no workload."""
+        return not self.finished
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,9 @@ class NodeAgent:
         self._retry: dict[str, tuple[float, float]] = {}  # uid -> (next attempt, delay) of a failing pod
         self._pool = ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="stockade-pod")
         self._starting: dict[str, Future[bool]] = {}  # uid -> its start under way
-        self._first: dict[str, PolicyUpdate] = {}  # uid -> policy its enrolment brought, namespace not found yet
+        self._first: dict[str, tuple[PolicyUpdate, float]] = {}  # uid -> (policy its enrolment brought,
+        # monotonic when), the namespace not found yet
+        self._addressed: set[str] = set()  # pods whose IP just appeared: their sandbox exists, look again now
         self._early: dict[str, tuple[PodNetns, str] | None] = {}  # uid -> namespace found and pinned on the
         # pod's first attempt, while its enrolment may still wait for the controller's commit (None: not found)
         self._stopping: dict[str, threading.Thread] = {}
@@ -211,12 +217,17 @@ class NodeAgent:
         """The complete set of pods bound to this node, as the API says now."""
         now = time.time()
         with self._lock:
-            self._desired = dict(pods)
+            before, self._desired = self._desired, dict(pods)
             for uid in [u for u in self.stats.stages if u not in pods]:
                 del self.stats.stages[uid]
             for uid, p in pods.items():
                 if p.ready:
                     self.stats.stages.setdefault(uid, {}).setdefault("seen", now)
+                if p.addresses:
+                    self.stats.stages.setdefault(uid, {}).setdefault("ip", now)
+                    old = before.get(uid)
+                    if old is None or not old.addresses:
+                        self._addressed.add(uid)
         self._poke.set()
 
     def enforced(self) -> dict[str, str]:
@@ -313,6 +324,9 @@ class NodeAgent:
         with self._lock:
             desired = {uid: p for uid, p in self._desired.items() if p.ready}
             running = set(self._running)
+            addressed, self._addressed = self._addressed, set()
+        for uid in addressed:
+            self._retry.pop(uid, None)  # its sandbox exists now (the CNI gave it the IP): no backoff
         for uid in sorted(running - set(desired)):
             self._stop_pod(uid, forget=True)
         for uid in stale_pins(set(desired) | set(self._stopping), self.pin_prefix):
@@ -387,20 +401,22 @@ class NodeAgent:
         self._stage(pod.uid, "taken", first=True)
         if pod.host_network and self._in_node_namespace(pod):
             return True
-        # enrol first: until the sync's write commits the workload this is a cheap 404, retried soon
-        # (FAST_RETRY); the namespace is looked for once, after it
+        # enrol first: the sync writes a pod as soon as it is bound (before its IP and usually before
+        # its sandbox); until that write commits this is a cheap 404, retried soon (FAST_RETRY). The
+        # namespace is then looked for at every attempt until found (its policy kept meanwhile)
         state = StateDir(self.options.state_dir / "pods" / pod.uid, durable=False)  # dies with the machine
         cred = state.load_credential()
         if cred is not None and cred.workload != pod.workload:
             state.wipe()
             cred = None
-        first = self._first.pop(pod.uid, None)
+        first, brought = self._kept_first(pod.uid)
         early = self._early_namespace(pod)
         if cred is None:
             assert self.client is not None and self.credential is not None
             key = public_key_text(state.load_or_create_key())
             try:
                 e, first = (self.enroller.enroll if self.enroller else self.client.enroll_pod)(pod.workload, key)
+                brought = time.monotonic()
             except NotFoundError:
                 return False  # the sync has not made it a workload yet
             ca = self.state.load_ca()
@@ -417,7 +433,7 @@ class NodeAgent:
             found = self._finder(pod.uid)
             if found is None:
                 if first is not None:
-                    self._first[pod.uid] = first  # for the next attempt (the credential is kept on disk)
+                    self._first[pod.uid] = (first, brought)  # for the next attempt (the credential is kept on disk)
                 return False  # no process of it yet (or already gone)
             ns = found
             self._stage(pod.uid, "found")
@@ -438,7 +454,7 @@ class NodeAgent:
                                   lambda: enforcer.policy.local_addresses if enforcer.policy else (), reader=reader)
             reader = None  # the collector's now
             poller = self.poller
-            runtime = Agent if poller is None else PodRuntime  # PodRuntime: the node's poller brings its updates
+            runtime = PodAgent if poller is None else PodRuntime  # PodRuntime: the node's poller brings its updates
             agent = runtime(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
                                          watch_addresses=False, tamper_interval=self.options.pod_tamper_interval,
                                          proof_min_gap=self.options.pod_proof_min_gap,
@@ -468,6 +484,16 @@ class NodeAgent:
             threading.Thread(target=self._time_first_apply, args=(pod.uid, agent, t0), daemon=True).start()
         log.info("pod %s/%s: enforcing in %s (%s)", pod.namespace, pod.name, netns, pod.workload)
         return True
+
+    def _kept_first(self, uid: str) -> tuple[PolicyUpdate | None, float]:
+        """The policy an earlier attempt's enrolment brought (and when), while fresh. An address-less
+        pod is enrolled before its sandbox exists, so that policy may wait; past ``FIRST_FRESH`` it
+        is dropped and the pod's runtime asks the controller for the current one instead of
+        applying an old revision first."""
+        kept = self._first.pop(uid, None)
+        if kept is None or time.monotonic() - kept[1] > FIRST_FRESH:
+            return None, 0.0
+        return kept
 
     def _open_flows(self, uid: str, enforcer: Enforcer) -> FlowReader | None:
         """The pod's NFLOG reader, bound in the pod's namespace BEFORE its first policy goes in force

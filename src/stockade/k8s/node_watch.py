@@ -38,9 +38,10 @@ def local_pod(obj: dict[str, Any]) -> LocalPod | str:
         return f"pod {key}: {addrs}"
     spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
     host_net = bool(spec.get("hostNetwork")) if isinstance(spec, dict) else False
-    if phase in ("Succeeded", "Failed"):
+    finished = phase in ("Succeeded", "Failed")
+    if finished:
         addrs = ()
-    return LocalPod(uid, key.namespace, key.name, workload_name(key), addrs, host_net)
+    return LocalPod(uid, key.namespace, key.name, workload_name(key), addrs, host_net, finished)
 
 
 class PodWatch:
