@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -59,6 +60,28 @@ def test_the_systemd_cgroup_driver_and_host_network_pods(tmp_path: Path) -> None
                                 "host")})
     found = find_pod_netns(UID, proc)
     assert found is not None and found.host_network  # shares the node's namespace: the host policy covers it
+
+
+def test_the_incremental_index_finds_what_the_full_scan_finds_and_a_late_join(tmp_path: Path) -> None:
+    """NamespaceIndex (the node agent's finder) against find_pod_netns on the same fake /proc: the
+    same answers, a process that joins its pod's cgroup after it was first seen is found, an
+    ended one is forgotten, and only new or young processes are read again."""
+    from stockade.k8s.podns import NamespaceIndex, cgroup_pod_uid
+
+    other = str(uuid.uuid4())
+    proc = _proc(tmp_path, {
+        10: ("12:pids:/system.slice/containerd.service\n", "host"),
+        20: (f"11:memory:/kubepods/besteffort/pod{other}/aaa\n", "other"),
+        30: (f"11:memory:/kubepods/besteffort/pod{UID}x/bbb\n", "lookalike"),
+    })
+    index = NamespaceIndex(proc, min_gap=0.0, young=60.0, full_every=3600.0)
+    assert index.find(UID) is None and find_pod_netns(UID, proc) is None
+    assert index.find(other) == find_pod_netns(other, proc)
+    (proc / "10" / "cgroup").write_text(f"0::/kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice/c\n")  # joined
+    assert index.find(UID) == find_pod_netns(UID, proc) and index.find(UID) is not None
+    assert cgroup_pod_uid(f"1:pids:/kubepods/pod{UID}x/b\n") is None  # a lookalike is no pod
+    shutil.rmtree(proc / "20")
+    assert index.find(other) is None
 
 
 def test_a_malformed_uid_is_refused() -> None:

@@ -43,7 +43,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stockade import __version__
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
 from stockade.agent.enforcer import CacheStart, Enforcer
@@ -51,19 +50,27 @@ from stockade.agent.flows import FlowCollector, FlowReader, collector_for, open_
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
 from stockade.agent.state import CachedPolicy, Credential, StateDir
-from stockade.agent.transport import AgentEvent, ControllerUnreachableError, Enrollment, EventKind
+from stockade.agent.transport import AgentEvent, ControllerUnreachableError, EventKind
 from stockade.agent_signature import public_key_text
 from stockade.backends.nftables.backend import NftablesBackend
 from stockade.backends.nftables.netlink_apply import NetlinkTableBackend, TemplateCache
-from stockade.compiler.delta import PolicyUpdate, UpdateKind, policy_update_from_dict
-from stockade.errors import AuthError, Issue, NotFoundError, StockadeError, ValidationError
-from stockade.k8s.node_poll import POD_HEARTBEAT_SECONDS, NodePoller, PodAgent, PodEnroller, PodRuntime
-from stockade.k8s.podns import PodNetns, find_pod_netns, pin, pin_prefix, stale_pins, unpin
+from stockade.compiler.delta import PolicyUpdate, UpdateKind
+from stockade.errors import AuthError, NotFoundError, StockadeError
+from stockade.k8s.node_poll import (
+    POD_HEARTBEAT_SECONDS,
+    NodeControllerClient,
+    NodePoller,
+    PodAgent,
+    PodEnroller,
+    PodRuntime,
+)
+from stockade.k8s.podns import NamespaceIndex, PodNetns, pin, pin_prefix, stale_pins, unpin
 
 log = logging.getLogger("stockade.k8s.node")
 RETRY_SECONDS = 0.1  # a pod whose workload or namespace is not there yet is tried again this soon ...
 RETRY_MAX = 5.0  # ... doubling up to this while it keeps failing
 FAST_RETRY, FAST_RETRY_FOR = 0.05, 5.0  # but a pod seen less than FAST_RETRY_FOR ago: every FAST_RETRY
+NS_POLL, NS_POLL_LATE = 0.01, 0.25  # an enrolled pod's namespace is looked for this often (after FAST_RETRY_FOR: late)
 FIRST_FRESH = 5.0  # an enrolment's policy kept longer than this for a namespace not found yet is not applied
 START_WORKERS = 8  # pods started (and stopped) at once
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
@@ -107,22 +114,6 @@ class NodeOptions:
     pod_netlink: bool = True  # pods' full applies and read-backs over netlink (False: nft processes)
 
 
-class NodeControllerClient(HttpControllerClient):
-    """The agent protocol plus the node agent's one extra call."""
-
-    def enroll_pod(self, workload: str, public_key: str) -> tuple[Enrollment, PolicyUpdate | None]:
-        """The pod's identity and, from a controller that sends it, its first policy (the answer of
-        ``GET /agents/{id}/policy`` for the new identity: no further round trip before its first apply)."""
-        data = self._json(self._request("POST", self._agent_path("pods/enroll"), json={
-            "workload": workload, "public_key": public_key, "agent_version": __version__, "include_policy": True}))
-        try:
-            enrollment = Enrollment(str(data["agent_id"]), str(data["token"]), str(data["workload"]))
-        except (KeyError, TypeError) as exc:
-            raise ValidationError([Issue("controller", 0, "enroll-pod", f"unexpected answer: {exc!r}")]) from exc
-        policy = data.get("policy")
-        return enrollment, None if policy is None else policy_update_from_dict(policy)
-
-
 BackendFactory = Callable[[str | None], NftablesBackend]  # pinned netns name (None: the node's) -> backend
 
 
@@ -145,11 +136,11 @@ class NodeStats:
 
 class NodeAgent:
     def __init__(self, options: NodeOptions, *, backend_factory: BackendFactory | None = None,
-                 finder: Callable[[str], PodNetns | None] = find_pod_netns) -> None:
+                 finder: Callable[[str], PodNetns | None] | None = None) -> None:
         self.options = options
         self.templates = TemplateCache()  # pods' table shapes, for applies with no nft process
         self._backend_factory = backend_factory or self._default_backend
-        self._finder = finder
+        self._finder = finder or NamespaceIndex().find
         self._desired: dict[str, LocalPod] = {}
         self._running: dict[str, _Running] = {}
         self._host_network: set[str] = set()
@@ -158,6 +149,8 @@ class NodeAgent:
         self._starting: dict[str, Future[bool]] = {}  # uid -> its start under way
         self._first: dict[str, tuple[PolicyUpdate, float]] = {}  # uid -> (policy its enrolment brought,
         # monotonic when), the namespace not found yet
+        self._awaiting: set[str] = set()  # enrolled, policy in hand, namespace not found yet: looked for
+        # by the reconcile loop every NS_POLL (a cheap incremental scan), started the moment it is found
         self._addressed: set[str] = set()  # pods whose IP just appeared: their sandbox exists, look again now
         self._early: dict[str, tuple[PodNetns, str] | None] = {}  # uid -> namespace found and pinned on the
         # pod's first attempt, while its enrolment may still wait for the controller's commit (None: not found)
@@ -312,7 +305,7 @@ class NodeAgent:
         while not self._stop.is_set():
             self._poke.clear()
             pending = self._reconcile()
-            self._poke.wait(FAST_RETRY if pending else 5.0)
+            self._poke.wait(self._wait_seconds(pending))
 
     def _reconcile(self) -> bool:
         """One pass: start what is wanted, stop what is not; True when something is still under way.
@@ -336,6 +329,8 @@ class NodeAgent:
             del self._retry[uid]
         for uid in set(self._first) - set(desired):
             del self._first[uid]
+        with self._lock:
+            self._awaiting &= set(desired)
         for uid in set(self._early) - set(desired):
             self._early.pop(uid, None)
         for uid, fut in list(self._starting.items()):
@@ -365,12 +360,27 @@ class NodeAgent:
                 break
             if uid in running or uid in host_network or uid in self._starting:
                 continue
-            if self._retry.get(uid, (0.0, 0.0))[0] > now:
+            if uid in self._awaiting:
+                if self._finder(uid) is None:
+                    continue  # its sandbox is not there yet
+                with self._lock:
+                    self._awaiting.discard(uid)
+            elif self._retry.get(uid, (0.0, 0.0))[0] > now:
                 continue
             fut = self._pool.submit(self._start_pod, pod)
             fut.add_done_callback(lambda _f: self._poke.set())
             self._starting[uid] = fut
         return bool(self._starting) or any(uid not in running and uid not in host_network for uid in desired)
+
+    def _wait_seconds(self, pending: bool) -> float:
+        """How long the reconcile loop sleeps (a poke wakes it sooner)."""
+        if not pending:
+            return 5.0
+        with self._lock:
+            seen = [self.stats.stages.get(uid, {}).get("seen", 0.0) for uid in self._awaiting]
+        if not seen:
+            return FAST_RETRY
+        return NS_POLL if time.time() - max(seen) < FAST_RETRY_FOR else NS_POLL_LATE
 
     def _start_pod(self, pod: LocalPod) -> bool:
         """Start enforcing ``pod``; deltas and proofs of the other pods wait meanwhile (the gate's
@@ -424,7 +434,7 @@ class NodeAgent:
                 state.save_ca(ca)
             cred = Credential(self.credential.controller, e.agent_id, e.token, e.workload, state.key_path)
             state.save_credential(cred)
-        self._stage(pod.uid, "enrolled")
+        self._stage(pod.uid, "enrolled", first=True)
         if early is not None:
             ns, netns = early
             with self._lock:
@@ -434,6 +444,8 @@ class NodeAgent:
             if found is None:
                 if first is not None:
                     self._first[pod.uid] = (first, brought)  # for the next attempt (the credential is kept on disk)
+                with self._lock:
+                    self._awaiting.add(pod.uid)
                 return False  # no process of it yet (or already gone)
             ns = found
             self._stage(pod.uid, "found")

@@ -188,6 +188,22 @@ def _cut(client: HttpControllerClient) -> None:
         stream.shut_down()
 
 
+class NodeControllerClient(HttpControllerClient):
+    """The agent protocol plus the node agent's one extra call."""
+
+    def enroll_pod(self, workload: str, public_key: str) -> tuple[Enrollment, PolicyUpdate | None]:
+        """The pod's identity and, from a controller that sends it, its first policy (the answer of
+        ``GET /agents/{id}/policy`` for the new identity: no further round trip before its first apply)."""
+        data = self._json(self._request("POST", self._agent_path("pods/enroll"), json={
+            "workload": workload, "public_key": public_key, "agent_version": __version__, "include_policy": True}))
+        try:
+            enrollment = Enrollment(str(data["agent_id"]), str(data["token"]), str(data["workload"]))
+        except (KeyError, TypeError) as exc:
+            raise ValidationError([Issue("controller", 0, "enroll-pod", f"unexpected answer: {exc!r}")]) from exc
+        policy = data.get("policy")
+        return enrollment, None if policy is None else policy_update_from_dict(policy)
+
+
 # ---- a pod's runtime ----------------------------------------------------------------------------
 class PodAgent(Agent):
     """A pod's agent runtime under the per-pod protocol: an ordinary agent that never reports the

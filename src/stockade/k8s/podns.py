@@ -24,6 +24,8 @@ import hashlib
 import os
 import re
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +95,86 @@ def find_pod_netns(uid: str, proc: Path = Path("/proc")) -> PodNetns | None:
             return PodNetns(uid, pid, inode, False)
         found = PodNetns(uid, pid, inode, True)
     return found
+
+
+_POD_SEGMENT = re.compile(r"(?:^|-)pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})$")
+
+
+def cgroup_pod_uid(text: str) -> str | None:
+    """The pod UID a ``/proc/<pid>/cgroup`` names (the same segments :func:`find_pod_netns` matches), or None."""
+    for line in text.splitlines():
+        for segment in line.split(":", 2)[-1].split("/"):
+            m = _POD_SEGMENT.search(segment.removesuffix(".slice"))
+            if m:
+                return m.group(1).replace("_", "-")
+    return None
+
+
+class NamespaceIndex:
+    """:func:`find_pod_netns` for a node agent that looks often: procfs read incrementally.
+
+    A new pod's namespace is looked for every few milliseconds until its sandbox appears, and a
+    full scan reads every process's cgroup file (~2 ms at 100 processes, ~7 at 330 on this
+    machine's 2 cores). A process's pod cgroup is set once, as it starts, so a scan here lists
+    ``/proc`` and reads the cgroup file only of processes not seen before, and again of those
+    seen without a pod less than ``young`` seconds ago (a process may be moved into its pod's
+    cgroup just after it is created); every ``full_every`` seconds all are read again (a pid
+    reused between two scans). Scans are at most ``min_gap`` apart: the start threads share them."""
+
+    def __init__(self, proc: Path = Path("/proc"), *, min_gap: float = 0.004, young: float = 2.0,
+                 full_every: float = 1.0) -> None:
+        self.proc, self.min_gap, self.young, self.full_every = proc, min_gap, young, full_every
+        self._seen: dict[int, tuple[float, str | None]] = {}  # pid -> (first seen, monotonic; its pod uid)
+        self._by_uid: dict[str, list[int]] = {}
+        self._scanned = self._full = float("-inf")
+        self._lock = threading.Lock()
+        self.scans = 0
+
+    def _scan(self, now: float) -> None:
+        full = now - self._full >= self.full_every
+        seen: dict[int, tuple[float, str | None]] = {}
+        for name in os.listdir(self.proc):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            old = self._seen.get(pid)
+            if old is not None and not full and (old[1] is not None or now - old[0] > self.young):
+                seen[pid] = old
+                continue
+            try:
+                uid = cgroup_pod_uid(Path(self.proc, name, "cgroup").read_text())
+            except OSError:  # ended meanwhile
+                continue
+            seen[pid] = (old[0] if old is not None else now, uid)
+        self._seen = seen
+        by_uid: dict[str, list[int]] = {}
+        for pid, (_t, uid) in seen.items():
+            if uid is not None:
+                by_uid.setdefault(uid, []).append(pid)
+        self._by_uid = by_uid
+        self._scanned = now
+        if full:
+            self._full = now
+        self.scans += 1
+
+    def find(self, uid: str) -> PodNetns | None:
+        check_uid(uid)
+        with self._lock:
+            now = time.monotonic()
+            if now - self._scanned >= self.min_gap:
+                self._scan(now)
+            pids = sorted(self._by_uid.get(uid, ()))
+        own = os.stat(self.proc / "self" / "ns" / "net").st_ino
+        found: PodNetns | None = None
+        for pid in pids:
+            try:
+                inode = os.stat(Path(self.proc, str(pid), "ns", "net")).st_ino
+            except OSError:
+                continue
+            if inode != own:
+                return PodNetns(uid, pid, inode, False)
+            found = PodNetns(uid, pid, inode, True)
+        return found
 
 
 def pinned_inode(uid: str, prefix: str = PIN_PREFIX) -> int | None:
