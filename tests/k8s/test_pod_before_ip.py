@@ -10,7 +10,7 @@ choose: here the IP comes only after the test has checked the pod is programmed.
   address), and its node agent enrols it, so the pod's namespace is programmed with its own policy
   as soon as the namespace exists - while the API still shows no IP;
 * meanwhile it is in no peer set: the server's table (whose inbound set selects app=client) is not
-  touched, not even re-applied (same table handle);
+  touched, not even re-applied (same table handle), and the server's revision does not move;
 * the IP then makes it a peer by a set delta: the server's set gains the address, its table handle
   unchanged (a full apply replaces the table: a new handle).
 
@@ -173,6 +173,7 @@ def test_a_bound_pod_is_programmed_before_its_ip_and_becomes_a_peer_by_a_set_del
     assert wait_for(lambda: w.api.converged([f"k8s.{w.ns}.server"]), 30) is not None, w.tail()
     handle = server.table_handle()
     assert handle is not None
+    server_rev = w.api.agents()[f"k8s.{w.ns}.server"]["applied_revision"]
 
     client = w.pod("client", "client")
     name = f"k8s.{w.ns}.client"
@@ -185,8 +186,10 @@ def test_a_bound_pod_is_programmed_before_its_ip_and_becomes_a_peer_by_a_set_del
     print(f"sandbox -> the pod's policy in its namespace: {took * 1000:.0f} ms, no IP yet ({load_note()})")
     assert client.api_ips() == [] and _addresses(w.api, name) == []
     assert wait_for(lambda: w.api.converged([name]), 10) is not None, w.tail()
-    # the server's table was not touched: no re-apply, no member (its app=client set is still empty)
+    # the server's table was not touched: no re-apply, no member (its app=client set is still empty),
+    # not even a new revision
     assert server.table_handle() == handle
+    assert w.api.agents()[f"k8s.{w.ns}.server"]["applied_revision"] == server_rev
     assert client_ip not in server.nft("list", "table", "inet", "stockade")
 
     w.kube.play_kubelet(w.ns, "client", [client_ip])
