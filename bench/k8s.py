@@ -281,12 +281,15 @@ def main() -> None:
                     help="a new pod in churn: seconds from its creation in the API to its sandbox (the kubelet's part)")
     ap.add_argument("--ip-delay", type=float, default=0.2,
                     help="a new pod in churn: seconds from its sandbox to its IP in the API (the kubelet's status)")
+    ap.add_argument("--no-pod-change-feed", action="store_true",
+                    help="pods' tamper watch without a change feed (read back every 10 s only; before session 9)")
     ap.add_argument("--pod-nft", action="store_true",
                     help="the node agent applies and reads pods' tables with nft processes (the path before netlink)")
     args = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; pods' tables via "
           f"{'nft processes' if args.pod_nft else 'netlink'}; "
-          f"{'per-pod protocol' if args.per_pod_poll else 'node agent default protocol'}")
+          f"{'per-pod protocol' if args.per_pod_poll else 'node agent default protocol'}; pods' change feed "
+          f"{'off' if args.no_pod_change_feed else 'on'}")
     agent_env = dict(os.environ)
     if args.agent_src is not None:
         agent_env["PYTHONPATH"] = str(args.agent_src.resolve())
@@ -320,6 +323,7 @@ def main() -> None:
                                       "--kubeconfig", str(cluster.kubeconfig), "--state-dir", str(tmp / "state"),
                                       "--no-host-policy", "--log-level", "info",
                                       *(["--pod-nft"] if args.pod_nft else []),
+                                      *(["--no-pod-change-feed"] if args.no_pod_change_feed else []),
                                       *(["--per-pod-poll"] if args.per_pod_poll else [])],
                                      stdout=out, stderr=subprocess.STDOUT, env=agent_env)
         kube = Kube(cluster)

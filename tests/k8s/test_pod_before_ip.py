@@ -15,6 +15,10 @@ choose: here the IP comes only after the test has checked the pod is programmed.
   unchanged (a full apply replaces the table: a new handle).
 
 On the code before address-less workloads the client's namespace stays unprogrammed until its IP.
+
+And a change made inside a pod's namespace (its table flushed) is restored within a second or two by
+the pod's change feed (nf_tables' netlink group in the pod's namespace), though the node agent here
+reads a pod's table back only every 60 s: before the feed was on for pods, it stayed changed until then.
 """
 
 from __future__ import annotations
@@ -129,7 +133,8 @@ def world(k8s_cluster: Cluster, tmp_path: Path) -> Iterator[World]:
             agent = subprocess.Popen(
                 [sys.executable, "-m", "stockade.cli", "k8s", "node-agent", "--node", node, "--controller", ctl.url,
                  "--activation-code-file", str(tmp_path / "code"), "--kubeconfig", str(k8s_cluster.kubeconfig),
-                 "--state-dir", str(tmp_path / "state"), "--no-host-policy", "--log-level", "info"],
+                 "--state-dir", str(tmp_path / "state"), "--no-host-policy", "--log-level", "info",
+                 "--pod-tamper-interval", "60"],  # a restore within seconds can only be the change feed's
                 stdout=out, stderr=subprocess.STDOUT)
         yield w
     finally:
@@ -199,3 +204,20 @@ def test_a_bound_pod_is_programmed_before_its_ip_and_becomes_a_peer_by_a_set_del
     # the client's runtime never reported its (empty, at its start) interfaces over the sync's addresses
     time.sleep(1.0)
     assert _addresses(w.api, name) == [client_ip]
+
+
+def test_tampering_inside_a_pods_namespace_is_restored_by_its_change_feed(world: World, k8s_cluster: Cluster) -> None:
+    w = world
+    pod = w.pod("target", "server")
+    pod.sandbox()
+    w.kube.play_kubelet(w.ns, "target", [str(k8s_cluster.pod_v4[63])])
+    assert wait_for(lambda: "8080" in pod.nft("list", "table", "inet", "stockade"), 30) is not None, w.tail()
+    assert wait_for(lambda: w.api.converged([f"k8s.{w.ns}.target"]), 30) is not None, w.tail()
+    before = pod.nft("list", "chain", "inet", "stockade", "inbound")
+    assert before
+    for tamper in (["flush", "chain", "inet", "stockade", "inbound"], ["delete", "table", "inet", "stockade"]):
+        subprocess.run(["ip", "netns", "exec", pod.netns, "nft", *tamper], check=True)
+        took = wait_for(lambda: pod.nft("list", "chain", "inet", "stockade", "inbound") == before, 10, 0.01)
+        assert took is not None, f"{tamper}: not restored within 10 s ({load_note()}):\n{w.tail()}"
+        assert took < 3.0, f"{tamper}: restored after {took:.1f} s, not by the change feed ({load_note()})"
+        print(f"{' '.join(tamper)} inside the pod: restored in {took * 1000:.0f} ms ({load_note()})")

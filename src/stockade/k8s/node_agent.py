@@ -26,8 +26,11 @@ The pod agents share one :class:`~stockade.agent.apply_gate.ApplyGate`: a new po
 goes ahead of every peer-set delta of the pods already protected, and a pod whose deltas queued
 applies every revision published meanwhile as one step.
 
-The pod agents' tamper read-back runs every ``pod_tamper_interval`` seconds (default 10: 110 pods
-at the host agent's 0.5 s would be 220 ``nft list`` per second).
+Each pod agent's tamper watch is woken by a change feed in the pod's namespace (nf_tables'
+netlink group: one socket per pod, :class:`~stockade.agent.watch.NetlinkFeed`), so a change made
+inside a pod is restored within milliseconds; its safety read-back runs every
+``pod_tamper_interval`` seconds (default 10: 110 pods at the host agent's 0.5 s would be 220
+read-backs per second).
 """
 
 from __future__ import annotations
@@ -112,6 +115,8 @@ class NodeOptions:
     node_poll: bool = True  # one long-poll, ack batch and batch enrolment for all pods (k8s/node_poll.py);
     # False (--per-pod-poll): every pod's runtime long-polls, acks and heartbeats on its own (the per-pod protocol)
     pod_netlink: bool = True  # pods' full applies and read-backs over netlink (False: nft processes)
+    pod_change_feed: bool = True  # each pod's tamper watch woken by nf_tables' netlink group in its namespace
+    # (one socket and thread per pod; the read-back every pod_tamper_interval stays as the safety net)
 
 
 BackendFactory = Callable[[str | None], NftablesBackend]  # pinned netns name (None: the node's) -> backend
@@ -467,8 +472,9 @@ class NodeAgent:
             reader = None  # the collector's now
             poller = self.poller
             runtime = PodAgent if poller is None else PodRuntime  # PodRuntime: the node's poller brings its updates
-            agent = runtime(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
-                                         watch_addresses=False, tamper_interval=self.options.pod_tamper_interval,
+            agent = runtime(AgentOptions(long_poll_seconds=self.options.long_poll_seconds,
+                                         change_feed=self.options.pod_change_feed, watch_addresses=False,
+                                         tamper_interval=self.options.pod_tamper_interval,
                                          proof_min_gap=self.options.pod_proof_min_gap,
                                          tamper_safety_interval=self.options.pod_tamper_interval,
                                          heartbeat_seconds=15.0 if poller is None else POD_HEARTBEAT_SECONDS),
