@@ -3,6 +3,7 @@ default-deny CNI plugin (in a real network namespace), the node's pod view, the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -13,11 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from stockade.agent.state import Credential
+from stockade.agent.transport import Enrollment
 from stockade.errors import StockadeError
 from stockade.k8s import cni
 from stockade.k8s.mapping import LabelMapping, desired_workload
+from stockade.k8s.node_agent import NodeAgent
+from stockade.k8s.node_types import LocalPod, NodeOptions
 from stockade.k8s.node_watch import local_pod
-from stockade.k8s.podns import PodNetnsError, find_pod_netns
+from stockade.k8s.podns import PodNetns, PodNetnsError, find_pod_netns
 from stockade.model.labels import LabelKey
 
 UID = "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
@@ -151,3 +156,38 @@ def test_the_cni_plugin_closes_a_new_sandbox_and_passes_the_result_on() -> None:
         assert r.returncode != 0
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+class _Enroller:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def enroll(self, workload: str, public_key: str) -> tuple[Enrollment, None]:
+        self.calls.append(workload)
+        return Enrollment("a1", "agt_a1_x", workload), None
+
+    def stop(self) -> None:
+        return
+
+
+def test_a_pod_seen_mid_sandbox_in_the_nodes_namespace_is_not_left_to_the_host_policy(tmp_path: Path) -> None:
+    """Looked for from its binding on, a pod is seen while its sandbox is made: a process in the pod's
+    cgroup still in the node's namespace. A pod whose spec is not hostNetwork is then not found yet
+    (looked for again), never marked host-network (unenforced, left to the host policy)."""
+    in_node = PodNetns(UID, 4242, 1, host_network=True)
+    agent = NodeAgent(NodeOptions("n1", "http://127.0.0.1:9", tmp_path), finder=lambda uid: in_node)
+    enroller = _Enroller()
+    agent.enroller = enroller  # type: ignore[assignment]
+    agent.client = object()  # type: ignore[assignment]
+    agent.credential = Credential("http://127.0.0.1:9", "node", "t", "n1")
+    try:
+        pod = LocalPod(UID, "shop", "web", "k8s.shop.web", ())
+        assert agent._start_pod_held(pod, 0.0) is False
+        assert enroller.calls == ["k8s.shop.web"] and agent.enforced() == {}
+        assert UID not in agent._host_network and UID in agent._awaiting  # looked for again, soon
+        # a pod whose spec says hostNetwork and that runs in the node's namespace: the host policy's
+        assert agent._start_pod_held(dataclasses.replace(pod, host_network=True), 0.0) is True
+        assert UID in agent._host_network
+    finally:
+        agent.client = None
+        agent.stop()

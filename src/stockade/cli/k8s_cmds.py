@@ -72,7 +72,8 @@ def node_agent(node: str, controller: str, code_file: Path | None, ca_cert: Path
     if code_file is not None:
         code = code_file.read_text().strip()
     from stockade.agent.state import StateDir
-    from stockade.k8s.node_agent import NodeAgent, NodeOptions
+    from stockade.k8s.node_agent import NodeAgent
+    from stockade.k8s.node_types import NodeOptions
 
     if ca_cert is not None:
         StateDir(state_dir / "node").save_ca(ca_cert.read_text())

@@ -43,8 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
@@ -67,6 +66,7 @@ from stockade.k8s.node_poll import (
     PodEnroller,
     PodRuntime,
 )
+from stockade.k8s.node_types import LocalPod, NodeOptions, NodeStats
 from stockade.k8s.podns import NamespaceIndex, PodNetns, pin, pin_prefix, stale_pins, unpin
 
 log = logging.getLogger("stockade.k8s.node")
@@ -79,46 +79,6 @@ START_WORKERS = 8  # pods started (and stopped) at once
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
 
 
-@dataclass(frozen=True)
-class LocalPod:
-    """What the node agent needs of a pod bound to its node (from the API)."""
-
-    uid: str
-    namespace: str
-    name: str
-    workload: str
-    addresses: tuple[str, ...]
-    host_network: bool = False
-    finished: bool = False  # phase Succeeded or Failed
-
-    @property
-    def ready(self) -> bool:
-        """Worth enrolling: the sync makes an (address-less, see :mod:`stockade.k8s.mapping`) workload
-        of a pod as soon as it is bound to a node, so its policy can be in hand before its sandbox
-        exists; a finished pod is no workload."""
-        return not self.finished
-
-
-@dataclass(frozen=True)
-class NodeOptions:
-    node: str
-    controller: str
-    state_dir: Path
-    activation_code: str | None = None
-    table: str = "stockade"
-    host_policy: bool = True
-    long_poll_seconds: float = 20.0
-    pod_tamper_interval: float = 10.0
-    host_tamper_interval: float = 0.5
-    apply_slots: int = 2  # pods' deltas and proofs applied at once (first applies: START_WORKERS)
-    pod_proof_min_gap: float = 30.0  # a pod's proofs at most this often (each apply is read back regardless)
-    node_poll: bool = True  # one long-poll, ack batch and batch enrolment for all pods (k8s/node_poll.py);
-    # False (--per-pod-poll): every pod's runtime long-polls, acks and heartbeats on its own (the per-pod protocol)
-    pod_netlink: bool = True  # pods' full applies and read-backs over netlink (False: nft processes)
-    pod_change_feed: bool = True  # each pod's tamper watch woken by nf_tables' netlink group in its namespace
-    # (one socket and thread per pod; the read-back every pod_tamper_interval stays as the safety net)
-
-
 BackendFactory = Callable[[str | None], NftablesBackend]  # pinned netns name (None: the node's) -> backend
 
 
@@ -129,14 +89,6 @@ class _Running:
     agent: Agent
     backend: NftablesBackend
     started: float  # monotonic: when the node agent started on it (for timing)
-
-
-@dataclass
-class NodeStats:
-    programmed: dict[str, float] = field(default_factory=dict)  # uid -> seconds from start to first apply
-    # uid -> stage -> wall-clock time: seen (IP in the node's watch), taken (a start began), found
-    # (namespace), pinned, enrolled (credential), runtime (started), then the runtime's milestones
-    stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class NodeAgent:
@@ -366,7 +318,7 @@ class NodeAgent:
             if uid in running or uid in host_network or uid in self._starting:
                 continue
             if uid in self._awaiting:
-                if self._finder(uid) is None:
+                if self._find(pod) is None:
                     continue  # its sandbox is not there yet
                 with self._lock:
                     self._awaiting.discard(uid)
@@ -445,7 +397,7 @@ class NodeAgent:
             with self._lock:
                 self._early.pop(pod.uid, None)
         else:
-            found = self._finder(pod.uid)
+            found = self._find(pod)
             if found is None:
                 if first is not None:
                     self._first[pod.uid] = (first, brought)  # for the next attempt (the credential is kept on disk)
@@ -539,7 +491,7 @@ class NodeAgent:
             if pod.uid in self._early:
                 return self._early[pod.uid]
             self._early[pod.uid] = None
-        ns = self._finder(pod.uid)
+        ns = self._find(pod)
         if ns is None or ns.host_network:
             return None
         self._stage(pod.uid, "found")
@@ -548,6 +500,16 @@ class NodeAgent:
         with self._lock:
             self._early[pod.uid] = (ns, netns)
         return ns, netns
+
+    def _find(self, pod: LocalPod) -> PodNetns | None:
+        """The pod's namespace; None while it has none of its own and its spec is not ``hostNetwork``.
+        Looked for from the pod's binding on, a pod is seen while its sandbox is being made: a process
+        already in the pod's cgroup but not yet in its namespace (runc joins the cgroup first) is in
+        the node's. Taken for a host-network pod, it was left to the host policy, unenforced."""
+        ns = self._finder(pod.uid)
+        if ns is not None and ns.host_network and not pod.host_network:
+            return None
+        return ns
 
     def _in_node_namespace(self, pod: LocalPod) -> bool:
         """A ``hostNetwork`` pod (its spec says so) found running in the node's namespace: marked as

@@ -16,7 +16,8 @@ from typing import Any
 from kubernetes_asyncio import client as k8s
 
 from stockade.k8s.mapping import _pod_addresses, pod_key, workload_name
-from stockade.k8s.node_agent import LocalPod, NodeAgent
+from stockade.k8s.node_agent import NodeAgent
+from stockade.k8s.node_types import LocalPod
 from stockade.k8s.podns import _UID_RE
 from stockade.k8s.reflector import WATCH_SECONDS, Reflector
 
