@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -191,3 +192,49 @@ def test_a_pod_seen_mid_sandbox_in_the_nodes_namespace_is_not_left_to_the_host_p
     finally:
         agent.client = None
         agent.stop()
+
+
+@pytest.mark.kernel
+def test_a_pods_namespace_is_pinned_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pin() bind-mounts the namespace itself (no ``ip netns attach`` process) once ``ip netns`` has set
+    up /run/netns, and the pin is that very namespace; unpin removes it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    from stockade.k8s import podns
+
+    ns = f"h15g-pin-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)  # also makes /run/netns ip's shared mount
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "60"])
+    uid = str(uuid.uuid4())
+    try:
+        time.sleep(0.2)
+        inode = os.stat(f"/run/netns/{ns}").st_ino
+        assert wait_for_inode(proc.pid, inode)
+        real_run = subprocess.run
+
+        def no_attach(argv: list[str], *a: object, **kw: object) -> object:
+            assert argv[:3] != ["ip", "netns", "attach"], "pinned by a process"
+            return real_run(argv, *a, **kw)  # type: ignore[call-overload]
+
+        monkeypatch.setattr(podns.subprocess, "run", no_attach)
+        name = podns.pin(podns.PodNetns(uid, proc.pid, inode, False), "h15g-")
+        assert name == f"h15g-{uid}" and podns.pinned_inode(uid, "h15g-") == inode
+        monkeypatch.undo()
+        podns.unpin(uid, "h15g-")
+        assert podns.pinned_inode(uid, "h15g-") is None
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        subprocess.run(["ip", "netns", "del", f"h15g-{uid}"], capture_output=True, check=False)
+
+
+def wait_for_inode(pid: int, inode: int) -> bool:
+    for _ in range(100):
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino == inode:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.02)
+    return False

@@ -20,6 +20,7 @@ removed when the pod goes.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
@@ -192,13 +193,46 @@ def pin(ns: PodNetns, prefix: str = PIN_PREFIX) -> str:
         return name
     if current is not None:
         unpin(ns.uid, prefix)
-    r = subprocess.run(["ip", "netns", "attach", name, str(ns.pid)], capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise PodNetnsError(f"ip netns attach {name} {ns.pid}: {r.stderr.strip()[:200]}")
+    if not _bind(ns.pid, name):
+        r = subprocess.run(["ip", "netns", "attach", name, str(ns.pid)], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise PodNetnsError(f"ip netns attach {name} {ns.pid}: {r.stderr.strip()[:200]}")
     if pinned_inode(ns.uid, prefix) != ns.inode:  # the process was replaced between the scan and the attach
         unpin(ns.uid, prefix)
         raise PodNetnsError(f"pod {ns.uid}: namespace changed while pinning it")
     return name
+
+
+_MS_BIND = 4096
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _shared_netns_dir() -> bool:
+    """``/run/netns`` is a mount point of its own (a bind mount of itself: ``os.path.ismount`` can't tell)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.split(" ", 5)[4:5] == [str(NETNS_DIR)] for line in lines)
+
+
+def _bind(pid: int, name: str) -> bool:
+    """``ip netns attach`` in this process: bind-mount ``/proc/<pid>/ns/net`` on ``/run/netns/<name>``
+    (no fork and exec on a new pod's path: 5-150 ms under load). Only where ``ip netns`` has already
+    made ``/run/netns`` its shared mount (the first pin leaves that to ``ip``); False: let ``ip`` do it."""
+    if not _shared_netns_dir():
+        return False
+    target = NETNS_DIR / name
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    except OSError:
+        return False
+    os.close(fd)
+    source = f"/proc/{pid}/ns/net"
+    if _libc.mount(source.encode(), str(target).encode(), None, _MS_BIND, None) != 0:
+        target.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def unpin(uid: str, prefix: str = PIN_PREFIX) -> None:
