@@ -68,6 +68,30 @@ def test_skips(obj: dict[str, Any], ns: dict[str, str] | None, event: bool) -> N
         assert got.pod == PodKey("shop", "web-1")  # keyed even when malformed: its workload can be removed
 
 
+def test_a_bound_pod_is_an_address_less_workload_before_its_ip() -> None:
+    """Bound to a node (the node label declared): a workload at once, with no address (in no peer set);
+    its IP later only adds the address. Unbound and without an IP: not a workload."""
+    keys = {**KEYS, "k8s-node": LabelKey("k8s-node")}
+    bound = pod({"app": "web"}, ips=(), spec={"nodeName": "node-1"})
+    bound["status"] = {"phase": "Pending"}
+    early = desired_workload(bound, NS, LabelMapping(), keys)
+    assert isinstance(early, DesiredWorkload), early
+    assert early.addresses == () and early.body()["interfaces"] == [{"name": "eth0", "addresses": []}]
+    assert dict(early.labels) == {"app": "web", "env": "dev", "k8s-node": "node-1"}
+    later = desired_workload({**bound, "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.5"}]}}, NS,
+                             LabelMapping(), keys)
+    assert isinstance(later, DesiredWorkload)
+    assert (later.labels, later.addresses) == (early.labels, ("10.244.1.5",))
+    unbound = desired_workload(pod({"app": "web"}, ips=()), NS, LabelMapping(), keys)
+    assert isinstance(unbound, Skip) and not unbound.event
+    # bound but the node key not declared: no node could enrol it, so it waits for its IP as before
+    assert isinstance(desired_workload(bound, NS, LabelMapping(), KEYS), Skip)
+    # bound with a label Stockade refuses: skipped (with an event), never an address-less workload either
+    bad = desired_workload({**bound, "metadata": {**bound["metadata"], "labels": {"app": "bad value!"}}}, NS,
+                           LabelMapping(), keys)
+    assert isinstance(bad, Skip) and bad.event
+
+
 def test_an_undeclared_target_key_skips() -> None:
     mapping = LabelMapping(pod=(("team", "team"),), namespace=())
     assert isinstance(desired_workload(pod({"team": "a"}), NS, mapping, KEYS), Skip)

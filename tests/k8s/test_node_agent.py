@@ -352,7 +352,7 @@ def test_another_node_cannot_enrol_this_nodes_pods(world: World, tmp_path: Path)
     from stockade.agent.state import Credential, StateDir
     from stockade.agent_signature import new_private_key, public_key_text
     from stockade.errors import AuthError
-    from stockade.k8s.node_agent import NodeControllerClient
+    from stockade.k8s.node_poll import NodeControllerClient
 
     url = world.api.http.base_url
     controller = f"{url.scheme}://{url.host}:{url.port}"

@@ -3,20 +3,27 @@ default-deny CNI plugin (in a real network namespace), the node's pod view, the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
+import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from stockade.agent.state import Credential
+from stockade.agent.transport import Enrollment
 from stockade.errors import StockadeError
 from stockade.k8s import cni
 from stockade.k8s.mapping import LabelMapping, desired_workload
+from stockade.k8s.node_agent import NodeAgent
+from stockade.k8s.node_types import LocalPod, NodeOptions
 from stockade.k8s.node_watch import local_pod
-from stockade.k8s.podns import PodNetnsError, find_pod_netns
+from stockade.k8s.podns import PodNetns, PodNetnsError, find_pod_netns
 from stockade.model.labels import LabelKey
 
 UID = "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
@@ -61,6 +68,28 @@ def test_the_systemd_cgroup_driver_and_host_network_pods(tmp_path: Path) -> None
     assert found is not None and found.host_network  # shares the node's namespace: the host policy covers it
 
 
+def test_the_incremental_index_finds_what_the_full_scan_finds_and_a_late_join(tmp_path: Path) -> None:
+    """NamespaceIndex (the node agent's finder) against find_pod_netns on the same fake /proc: the
+    same answers, a process that joins its pod's cgroup after it was first seen is found, an
+    ended one is forgotten, and only new or young processes are read again."""
+    from stockade.k8s.podns import NamespaceIndex, cgroup_pod_uid
+
+    other = str(uuid.uuid4())
+    proc = _proc(tmp_path, {
+        10: ("12:pids:/system.slice/containerd.service\n", "host"),
+        20: (f"11:memory:/kubepods/besteffort/pod{other}/aaa\n", "other"),
+        30: (f"11:memory:/kubepods/besteffort/pod{UID}x/bbb\n", "lookalike"),
+    })
+    index = NamespaceIndex(proc, min_gap=0.0, young=60.0, full_every=3600.0)
+    assert index.find(UID) is None and find_pod_netns(UID, proc) is None
+    assert index.find(other) == find_pod_netns(other, proc)
+    (proc / "10" / "cgroup").write_text(f"0::/kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice/c\n")  # joined
+    assert index.find(UID) == find_pod_netns(UID, proc) and index.find(UID) is not None
+    assert cgroup_pod_uid(f"1:pids:/kubepods/pod{UID}x/b\n") is None  # a lookalike is no pod
+    shutil.rmtree(proc / "20")
+    assert index.find(other) is None
+
+
 def test_a_malformed_uid_is_refused() -> None:
     with pytest.raises(PodNetnsError):
         find_pod_netns("../../etc", Path("/proc"))
@@ -76,6 +105,9 @@ def test_the_node_view_of_a_pod() -> None:
     done = local_pod({**obj, "status": {"phase": "Succeeded", "podIPs": [{"ip": "10.1.0.5"}]}})
     assert not isinstance(done, str) and not done.ready
     assert isinstance(local_pod({**obj, "metadata": {"name": "web", "namespace": "shop", "uid": "x"}}), str)
+    # bound, no sandbox or IP yet: taken up (its workload is address-less until the IP comes)
+    pending = local_pod({**obj, "status": {"phase": "Pending"}})
+    assert not isinstance(pending, str) and pending.ready and pending.addresses == ()
 
 
 def test_the_sync_binds_a_pod_to_its_node_through_the_declared_node_label() -> None:
@@ -125,3 +157,84 @@ def test_the_cni_plugin_closes_a_new_sandbox_and_passes_the_result_on() -> None:
         assert r.returncode != 0
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+class _Enroller:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def enroll(self, workload: str, public_key: str) -> tuple[Enrollment, None]:
+        self.calls.append(workload)
+        return Enrollment("a1", "agt_a1_x", workload), None
+
+    def stop(self) -> None:
+        return
+
+
+def test_a_pod_seen_mid_sandbox_in_the_nodes_namespace_is_not_left_to_the_host_policy(tmp_path: Path) -> None:
+    """Looked for from its binding on, a pod is seen while its sandbox is made: a process in the pod's
+    cgroup still in the node's namespace. A pod whose spec is not hostNetwork is then not found yet
+    (looked for again), never marked host-network (unenforced, left to the host policy)."""
+    in_node = PodNetns(UID, 4242, 1, host_network=True)
+    agent = NodeAgent(NodeOptions("n1", "http://127.0.0.1:9", tmp_path), finder=lambda uid: in_node)
+    enroller = _Enroller()
+    agent.enroller = enroller  # type: ignore[assignment]
+    agent.client = object()  # type: ignore[assignment]
+    agent.credential = Credential("http://127.0.0.1:9", "node", "t", "n1")
+    try:
+        pod = LocalPod(UID, "shop", "web", "k8s.shop.web", ())
+        assert agent._start_pod_held(pod, 0.0) is False
+        assert enroller.calls == ["k8s.shop.web"] and agent.enforced() == {}
+        assert UID not in agent._host_network and UID in agent._awaiting  # looked for again, soon
+        # a pod whose spec says hostNetwork and that runs in the node's namespace: the host policy's
+        assert agent._start_pod_held(dataclasses.replace(pod, host_network=True), 0.0) is True
+        assert UID in agent._host_network
+    finally:
+        agent.client = None
+        agent.stop()
+
+
+@pytest.mark.kernel
+def test_a_pods_namespace_is_pinned_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pin() bind-mounts the namespace itself (no ``ip netns attach`` process) once ``ip netns`` has set
+    up /run/netns, and the pin is that very namespace; unpin removes it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    from stockade.k8s import podns
+
+    ns = f"h15g-pin-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)  # also makes /run/netns ip's shared mount
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "60"])
+    uid = str(uuid.uuid4())
+    try:
+        time.sleep(0.2)
+        inode = os.stat(f"/run/netns/{ns}").st_ino
+        assert wait_for_inode(proc.pid, inode)
+        real_run = subprocess.run
+
+        def no_attach(argv: list[str], *a: object, **kw: object) -> object:
+            assert argv[:3] != ["ip", "netns", "attach"], "pinned by a process"
+            return real_run(argv, *a, **kw)  # type: ignore[call-overload]
+
+        monkeypatch.setattr(podns.subprocess, "run", no_attach)
+        name = podns.pin(podns.PodNetns(uid, proc.pid, inode, False), "h15g-")
+        assert name == f"h15g-{uid}" and podns.pinned_inode(uid, "h15g-") == inode
+        monkeypatch.undo()
+        podns.unpin(uid, "h15g-")
+        assert podns.pinned_inode(uid, "h15g-") is None
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        subprocess.run(["ip", "netns", "del", f"h15g-{uid}"], capture_output=True, check=False)
+
+
+def wait_for_inode(pid: int, inode: int) -> bool:
+    for _ in range(100):
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino == inode:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.02)
+    return False

@@ -79,7 +79,7 @@ def test_pods_become_workloads_follow_changes_and_leave(
         assert wait_for(sync.synced, 30) is not None, sync.error
         kube.pod(ns, "web-1", {"app.kubernetes.io/name": "web"})
         time.sleep(0.3)
-        assert workload(api, name) is None  # Pending, no IP: not a peer
+        assert workload(api, name) is None  # Pending, no IP, no node label declared here: not a workload yet
 
         kube.play_kubelet(ns, "web-1", [v4, v6])
         took = within(lambda: addresses(workload(api, name)) == [v4, v6], 1.0, "pod IPs -> workload")

@@ -53,13 +53,17 @@ def k8s_group() -> None:
 @click.option("--pod-netlink/--pod-nft", default=True, show_default=True,
               help="Pods' full applies and read-backs as netlink batches in their namespaces (--pod-nft: "
                    "`nft -f` and listings, one process each).")
+@click.option("--pod-change-feed/--no-pod-change-feed", default=True, show_default=True,
+              help="Wake each pod's tamper watch by nf_tables' netlink group in its namespace (one socket per pod); "
+                   "without it a pod's table is read back every --pod-tamper-interval only.")
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write this process's PID here (the CNI host wrapper of `k8s cni-install` runs the plugin in "
                    "this process's mount namespace).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def node_agent(node: str, controller: str, code_file: Path | None, ca_cert: Path | None, kubeconfig: Path | None,
                state_dir: Path, table: str, host_policy: bool, pod_tamper_interval: float, long_poll: float,
-               node_poll: bool, pod_netlink: bool, pidfile: Path | None, log_level: str) -> None:
+               node_poll: bool, pod_netlink: bool, pod_change_feed: bool, pidfile: Path | None,
+               log_level: str) -> None:
     """Enforce every pod of this node inside its own network namespace (plus the node's host policy)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -68,13 +72,15 @@ def node_agent(node: str, controller: str, code_file: Path | None, ca_cert: Path
     if code_file is not None:
         code = code_file.read_text().strip()
     from stockade.agent.state import StateDir
-    from stockade.k8s.node_agent import NodeAgent, NodeOptions
+    from stockade.k8s.node_agent import NodeAgent
+    from stockade.k8s.node_types import NodeOptions
 
     if ca_cert is not None:
         StateDir(state_dir / "node").save_ca(ca_cert.read_text())
     options = NodeOptions(node=node, controller=controller, state_dir=state_dir, activation_code=code, table=table,
                           host_policy=host_policy, long_poll_seconds=long_poll,
-                          pod_tamper_interval=pod_tamper_interval, node_poll=node_poll, pod_netlink=pod_netlink)
+                          pod_tamper_interval=pod_tamper_interval, node_poll=node_poll, pod_netlink=pod_netlink,
+                          pod_change_feed=pod_change_feed)
     agent = NodeAgent(options)
     if pidfile is not None:
         pidfile.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,14 @@ by whoever administers the cluster, pod labels by whoever deploys into it, so a 
 ``env=prod`` inside a ``dev`` namespace. A mapped value that is not a valid Stockade name, or not
 allowed by the declared Stockade key, skips the pod (it is not a peer) - dropping only that label
 could take the pod out of a deny rule's scope, which would be a widening.
+
+A pod bound to a node (``spec.nodeName``, carried by the node label) is a workload from that
+moment, before it has an IP: an **address-less** workload. It is in no address set (a set's
+members are workloads' addresses), so no rule anywhere admits anything more because of it; but
+its node agent can enrol it and hold its compiled policy before the sandbox exists, and program
+the pod's namespace the moment it finds it instead of waiting for the IP's round trip through
+the API, this sync and the controller. ``status.podIPs`` later make it a peer (a set delta to
+the hosts whose sets select it). A pod with neither IP nor node label is not a workload yet.
 """
 
 from __future__ import annotations
@@ -200,8 +208,6 @@ def desired_workload(
     addrs = _pod_addresses(status)
     if isinstance(addrs, str):
         return Skip(key, addrs)
-    if not addrs:
-        return Skip(key, "no pod IP yet", event=False)
     labels: dict[str, str] = {}
     for source, table in ((m[2], mapping.pod), (ns_labels, mapping.namespace)):  # namespace last: it wins
         for k8s_key, target in table:
@@ -219,6 +225,8 @@ def desired_workload(
         return Skip(key, node.reason)
     if node is not None:
         labels[node[0]] = node[1]
+    elif not addrs:
+        return Skip(key, "no pod IP yet and not bound to a node", event=False)
     ns_key = mapping.namespace_name
     if ns_key is not None and ns_key in keys:
         if not is_valid_name(key.namespace) or not keys[ns_key].accepts(key.namespace):

@@ -26,8 +26,11 @@ The pod agents share one :class:`~stockade.agent.apply_gate.ApplyGate`: a new po
 goes ahead of every peer-set delta of the pods already protected, and a pod whose deltas queued
 applies every revision published meanwhile as one step.
 
-The pod agents' tamper read-back runs every ``pod_tamper_interval`` seconds (default 10: 110 pods
-at the host agent's 0.5 s would be 220 ``nft list`` per second).
+Each pod agent's tamper watch is woken by a change feed in the pod's namespace (nf_tables'
+netlink group: one socket per pod, :class:`~stockade.agent.watch.NetlinkFeed`), so a change made
+inside a pod is restored within milliseconds; its safety read-back runs every
+``pod_tamper_interval`` seconds (default 10: 110 pods at the host agent's 0.5 s would be 220
+read-backs per second).
 """
 
 from __future__ import annotations
@@ -40,10 +43,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-from stockade import __version__
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
 from stockade.agent.enforcer import CacheStart, Enforcer
@@ -51,72 +52,31 @@ from stockade.agent.flows import FlowCollector, FlowReader, collector_for, open_
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
 from stockade.agent.state import CachedPolicy, Credential, StateDir
-from stockade.agent.transport import AgentEvent, ControllerUnreachableError, Enrollment, EventKind
+from stockade.agent.transport import AgentEvent, ControllerUnreachableError, EventKind
 from stockade.agent_signature import public_key_text
 from stockade.backends.nftables.backend import NftablesBackend
 from stockade.backends.nftables.netlink_apply import NetlinkTableBackend, TemplateCache
-from stockade.compiler.delta import PolicyUpdate, UpdateKind, policy_update_from_dict
-from stockade.errors import AuthError, Issue, NotFoundError, StockadeError, ValidationError
-from stockade.k8s.node_poll import POD_HEARTBEAT_SECONDS, NodePoller, PodEnroller, PodRuntime
-from stockade.k8s.podns import PodNetns, find_pod_netns, pin, pin_prefix, stale_pins, unpin
+from stockade.compiler.delta import PolicyUpdate, UpdateKind
+from stockade.errors import AuthError, NotFoundError, StockadeError
+from stockade.k8s.node_poll import (
+    POD_HEARTBEAT_SECONDS,
+    NodeControllerClient,
+    NodePoller,
+    PodAgent,
+    PodEnroller,
+    PodRuntime,
+)
+from stockade.k8s.node_types import LocalPod, NodeOptions, NodeStats
+from stockade.k8s.podns import NamespaceIndex, PodNetns, pin, pin_prefix, stale_pins, unpin
 
 log = logging.getLogger("stockade.k8s.node")
 RETRY_SECONDS = 0.1  # a pod whose workload or namespace is not there yet is tried again this soon ...
 RETRY_MAX = 5.0  # ... doubling up to this while it keeps failing
 FAST_RETRY, FAST_RETRY_FOR = 0.05, 5.0  # but a pod seen less than FAST_RETRY_FOR ago: every FAST_RETRY
+NS_POLL, NS_POLL_LATE = 0.01, 0.25  # an enrolled pod's namespace is looked for this often (after FAST_RETRY_FOR: late)
+FIRST_FRESH = 5.0  # an enrolment's policy kept longer than this for a namespace not found yet is not applied
 START_WORKERS = 8  # pods started (and stopped) at once
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
-
-
-@dataclass(frozen=True)
-class LocalPod:
-    """What the node agent needs of a pod bound to its node (from the API)."""
-
-    uid: str
-    namespace: str
-    name: str
-    workload: str
-    addresses: tuple[str, ...]
-    host_network: bool = False
-
-    @property
-    def ready(self) -> bool:
-        """The sync makes a workload of it once it has an IP (and is not finished)."""
-        return bool(self.addresses)
-
-
-@dataclass(frozen=True)
-class NodeOptions:
-    node: str
-    controller: str
-    state_dir: Path
-    activation_code: str | None = None
-    table: str = "stockade"
-    host_policy: bool = True
-    long_poll_seconds: float = 20.0
-    pod_tamper_interval: float = 10.0
-    host_tamper_interval: float = 0.5
-    apply_slots: int = 2  # pods' deltas and proofs applied at once (first applies: START_WORKERS)
-    pod_proof_min_gap: float = 30.0  # a pod's proofs at most this often (each apply is read back regardless)
-    node_poll: bool = True  # one long-poll, ack batch and batch enrolment for all pods (k8s/node_poll.py);
-    # False (--per-pod-poll): every pod's runtime long-polls, acks and heartbeats on its own (the per-pod protocol)
-    pod_netlink: bool = True  # pods' full applies and read-backs over netlink (False: nft processes)
-
-
-class NodeControllerClient(HttpControllerClient):
-    """The agent protocol plus the node agent's one extra call."""
-
-    def enroll_pod(self, workload: str, public_key: str) -> tuple[Enrollment, PolicyUpdate | None]:
-        """The pod's identity and, from a controller that sends it, its first policy (the answer of
-        ``GET /agents/{id}/policy`` for the new identity: no further round trip before its first apply)."""
-        data = self._json(self._request("POST", self._agent_path("pods/enroll"), json={
-            "workload": workload, "public_key": public_key, "agent_version": __version__, "include_policy": True}))
-        try:
-            enrollment = Enrollment(str(data["agent_id"]), str(data["token"]), str(data["workload"]))
-        except (KeyError, TypeError) as exc:
-            raise ValidationError([Issue("controller", 0, "enroll-pod", f"unexpected answer: {exc!r}")]) from exc
-        policy = data.get("policy")
-        return enrollment, None if policy is None else policy_update_from_dict(policy)
 
 
 BackendFactory = Callable[[str | None], NftablesBackend]  # pinned netns name (None: the node's) -> backend
@@ -131,28 +91,24 @@ class _Running:
     started: float  # monotonic: when the node agent started on it (for timing)
 
 
-@dataclass
-class NodeStats:
-    programmed: dict[str, float] = field(default_factory=dict)  # uid -> seconds from start to first apply
-    # uid -> stage -> wall-clock time: seen (IP in the node's watch), taken (a start began), found
-    # (namespace), pinned, enrolled (credential), runtime (started), then the runtime's milestones
-    stages: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
 class NodeAgent:
     def __init__(self, options: NodeOptions, *, backend_factory: BackendFactory | None = None,
-                 finder: Callable[[str], PodNetns | None] = find_pod_netns) -> None:
+                 finder: Callable[[str], PodNetns | None] | None = None) -> None:
         self.options = options
         self.templates = TemplateCache()  # pods' table shapes, for applies with no nft process
         self._backend_factory = backend_factory or self._default_backend
-        self._finder = finder
+        self._finder = finder or NamespaceIndex().find
         self._desired: dict[str, LocalPod] = {}
         self._running: dict[str, _Running] = {}
         self._host_network: set[str] = set()
         self._retry: dict[str, tuple[float, float]] = {}  # uid -> (next attempt, delay) of a failing pod
         self._pool = ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="stockade-pod")
         self._starting: dict[str, Future[bool]] = {}  # uid -> its start under way
-        self._first: dict[str, PolicyUpdate] = {}  # uid -> policy its enrolment brought, namespace not found yet
+        self._first: dict[str, tuple[PolicyUpdate, float]] = {}  # uid -> (policy its enrolment brought,
+        # monotonic when), the namespace not found yet
+        self._awaiting: set[str] = set()  # enrolled, policy in hand, namespace not found yet: looked for
+        # by the reconcile loop every NS_POLL (a cheap incremental scan), started the moment it is found
+        self._addressed: set[str] = set()  # pods whose IP just appeared: their sandbox exists, look again now
         self._early: dict[str, tuple[PodNetns, str] | None] = {}  # uid -> namespace found and pinned on the
         # pod's first attempt, while its enrolment may still wait for the controller's commit (None: not found)
         self._stopping: dict[str, threading.Thread] = {}
@@ -211,12 +167,17 @@ class NodeAgent:
         """The complete set of pods bound to this node, as the API says now."""
         now = time.time()
         with self._lock:
-            self._desired = dict(pods)
+            before, self._desired = self._desired, dict(pods)
             for uid in [u for u in self.stats.stages if u not in pods]:
                 del self.stats.stages[uid]
             for uid, p in pods.items():
                 if p.ready:
                     self.stats.stages.setdefault(uid, {}).setdefault("seen", now)
+                if p.addresses:
+                    self.stats.stages.setdefault(uid, {}).setdefault("ip", now)
+                    old = before.get(uid)
+                    if old is None or not old.addresses:
+                        self._addressed.add(uid)
         self._poke.set()
 
     def enforced(self) -> dict[str, str]:
@@ -301,7 +262,7 @@ class NodeAgent:
         while not self._stop.is_set():
             self._poke.clear()
             pending = self._reconcile()
-            self._poke.wait(FAST_RETRY if pending else 5.0)
+            self._poke.wait(self._wait_seconds(pending))
 
     def _reconcile(self) -> bool:
         """One pass: start what is wanted, stop what is not; True when something is still under way.
@@ -313,6 +274,9 @@ class NodeAgent:
         with self._lock:
             desired = {uid: p for uid, p in self._desired.items() if p.ready}
             running = set(self._running)
+            addressed, self._addressed = self._addressed, set()
+        for uid in addressed:
+            self._retry.pop(uid, None)  # its sandbox exists now (the CNI gave it the IP): no backoff
         for uid in sorted(running - set(desired)):
             self._stop_pod(uid, forget=True)
         for uid in stale_pins(set(desired) | set(self._stopping), self.pin_prefix):
@@ -322,6 +286,8 @@ class NodeAgent:
             del self._retry[uid]
         for uid in set(self._first) - set(desired):
             del self._first[uid]
+        with self._lock:
+            self._awaiting &= set(desired)
         for uid in set(self._early) - set(desired):
             self._early.pop(uid, None)
         for uid, fut in list(self._starting.items()):
@@ -351,12 +317,27 @@ class NodeAgent:
                 break
             if uid in running or uid in host_network or uid in self._starting:
                 continue
-            if self._retry.get(uid, (0.0, 0.0))[0] > now:
+            if uid in self._awaiting:
+                if self._find(pod) is None:
+                    continue  # its sandbox is not there yet
+                with self._lock:
+                    self._awaiting.discard(uid)
+            elif self._retry.get(uid, (0.0, 0.0))[0] > now:
                 continue
             fut = self._pool.submit(self._start_pod, pod)
             fut.add_done_callback(lambda _f: self._poke.set())
             self._starting[uid] = fut
         return bool(self._starting) or any(uid not in running and uid not in host_network for uid in desired)
+
+    def _wait_seconds(self, pending: bool) -> float:
+        """How long the reconcile loop sleeps (a poke wakes it sooner)."""
+        if not pending:
+            return 5.0
+        with self._lock:
+            seen = [self.stats.stages.get(uid, {}).get("seen", 0.0) for uid in self._awaiting]
+        if not seen:
+            return FAST_RETRY
+        return NS_POLL if time.time() - max(seen) < FAST_RETRY_FOR else NS_POLL_LATE
 
     def _start_pod(self, pod: LocalPod) -> bool:
         """Start enforcing ``pod``; deltas and proofs of the other pods wait meanwhile (the gate's
@@ -387,20 +368,22 @@ class NodeAgent:
         self._stage(pod.uid, "taken", first=True)
         if pod.host_network and self._in_node_namespace(pod):
             return True
-        # enrol first: until the sync's write commits the workload this is a cheap 404, retried soon
-        # (FAST_RETRY); the namespace is looked for once, after it
+        # enrol first: the sync writes a pod as soon as it is bound (before its IP and usually before
+        # its sandbox); until that write commits this is a cheap 404, retried soon (FAST_RETRY). The
+        # namespace is then looked for at every attempt until found (its policy kept meanwhile)
         state = StateDir(self.options.state_dir / "pods" / pod.uid, durable=False)  # dies with the machine
         cred = state.load_credential()
         if cred is not None and cred.workload != pod.workload:
             state.wipe()
             cred = None
-        first = self._first.pop(pod.uid, None)
+        first, brought = self._kept_first(pod.uid)
         early = self._early_namespace(pod)
         if cred is None:
             assert self.client is not None and self.credential is not None
             key = public_key_text(state.load_or_create_key())
             try:
                 e, first = (self.enroller.enroll if self.enroller else self.client.enroll_pod)(pod.workload, key)
+                brought = time.monotonic()
             except NotFoundError:
                 return False  # the sync has not made it a workload yet
             ca = self.state.load_ca()
@@ -408,16 +391,18 @@ class NodeAgent:
                 state.save_ca(ca)
             cred = Credential(self.credential.controller, e.agent_id, e.token, e.workload, state.key_path)
             state.save_credential(cred)
-        self._stage(pod.uid, "enrolled")
+        self._stage(pod.uid, "enrolled", first=True)
         if early is not None:
             ns, netns = early
             with self._lock:
                 self._early.pop(pod.uid, None)
         else:
-            found = self._finder(pod.uid)
+            found = self._find(pod)
             if found is None:
                 if first is not None:
-                    self._first[pod.uid] = first  # for the next attempt (the credential is kept on disk)
+                    self._first[pod.uid] = (first, brought)  # for the next attempt (the credential is kept on disk)
+                with self._lock:
+                    self._awaiting.add(pod.uid)
                 return False  # no process of it yet (or already gone)
             ns = found
             self._stage(pod.uid, "found")
@@ -438,9 +423,10 @@ class NodeAgent:
                                   lambda: enforcer.policy.local_addresses if enforcer.policy else (), reader=reader)
             reader = None  # the collector's now
             poller = self.poller
-            runtime = Agent if poller is None else PodRuntime  # PodRuntime: the node's poller brings its updates
-            agent = runtime(AgentOptions(long_poll_seconds=self.options.long_poll_seconds, change_feed=False,
-                                         watch_addresses=False, tamper_interval=self.options.pod_tamper_interval,
+            runtime = PodAgent if poller is None else PodRuntime  # PodRuntime: the node's poller brings its updates
+            agent = runtime(AgentOptions(long_poll_seconds=self.options.long_poll_seconds,
+                                         change_feed=self.options.pod_change_feed, watch_addresses=False,
+                                         tamper_interval=self.options.pod_tamper_interval,
                                          proof_min_gap=self.options.pod_proof_min_gap,
                                          tamper_safety_interval=self.options.pod_tamper_interval,
                                          heartbeat_seconds=15.0 if poller is None else POD_HEARTBEAT_SECONDS),
@@ -469,6 +455,16 @@ class NodeAgent:
         log.info("pod %s/%s: enforcing in %s (%s)", pod.namespace, pod.name, netns, pod.workload)
         return True
 
+    def _kept_first(self, uid: str) -> tuple[PolicyUpdate | None, float]:
+        """The policy an earlier attempt's enrolment brought (and when), while fresh. An address-less
+        pod is enrolled before its sandbox exists, so that policy may wait; past ``FIRST_FRESH`` it
+        is dropped and the pod's runtime asks the controller for the current one instead of
+        applying an old revision first."""
+        kept = self._first.pop(uid, None)
+        if kept is None or time.monotonic() - kept[1] > FIRST_FRESH:
+            return None, 0.0
+        return kept
+
     def _open_flows(self, uid: str, enforcer: Enforcer) -> FlowReader | None:
         """The pod's NFLOG reader, bound in the pod's namespace BEFORE its first policy goes in force
         (its collector, made after the apply, reads it first and hands it to the pod's runtime).
@@ -495,7 +491,7 @@ class NodeAgent:
             if pod.uid in self._early:
                 return self._early[pod.uid]
             self._early[pod.uid] = None
-        ns = self._finder(pod.uid)
+        ns = self._find(pod)
         if ns is None or ns.host_network:
             return None
         self._stage(pod.uid, "found")
@@ -504,6 +500,16 @@ class NodeAgent:
         with self._lock:
             self._early[pod.uid] = (ns, netns)
         return ns, netns
+
+    def _find(self, pod: LocalPod) -> PodNetns | None:
+        """The pod's namespace; None while it has none of its own and its spec is not ``hostNetwork``.
+        Looked for from the pod's binding on, a pod is seen while its sandbox is being made: a process
+        already in the pod's cgroup but not yet in its namespace (runc joins the cgroup first) is in
+        the node's. Taken for a host-network pod, it was left to the host policy, unenforced."""
+        ns = self._finder(pod.uid)
+        if ns is not None and ns.host_network and not pod.host_network:
+            return None
+        return ns
 
     def _in_node_namespace(self, pod: LocalPod) -> bool:
         """A ``hostNetwork`` pod (its spec says so) found running in the node's namespace: marked as

@@ -188,8 +188,35 @@ def _cut(client: HttpControllerClient) -> None:
         stream.shut_down()
 
 
-# ---- a pod's runtime without its own long-poll --------------------------------------------------
-class PodRuntime(Agent):
+class NodeControllerClient(HttpControllerClient):
+    """The agent protocol plus the node agent's one extra call."""
+
+    def enroll_pod(self, workload: str, public_key: str) -> tuple[Enrollment, PolicyUpdate | None]:
+        """The pod's identity and, from a controller that sends it, its first policy (the answer of
+        ``GET /agents/{id}/policy`` for the new identity: no further round trip before its first apply)."""
+        data = self._json(self._request("POST", self._agent_path("pods/enroll"), json={
+            "workload": workload, "public_key": public_key, "agent_version": __version__, "include_policy": True}))
+        try:
+            enrollment = Enrollment(str(data["agent_id"]), str(data["token"]), str(data["workload"]))
+        except (KeyError, TypeError) as exc:
+            raise ValidationError([Issue("controller", 0, "enroll-pod", f"unexpected answer: {exc!r}")]) from exc
+        policy = data.get("policy")
+        return enrollment, None if policy is None else policy_update_from_dict(policy)
+
+
+# ---- a pod's runtime ----------------------------------------------------------------------------
+class PodAgent(Agent):
+    """A pod's agent runtime under the per-pod protocol: an ordinary agent that never reports the
+    pod's interfaces. The cluster sync owns a pod workload's addresses (``status.podIPs``); a pod's
+    runtime starts before its IP may exist (address-less workloads, :mod:`stockade.k8s.mapping`), so
+    a report of what the node agent knew at its start could land after the sync's write and erase
+    the address (``PUT .../interfaces`` replaces the workload's interfaces)."""
+
+    def _report_host(self) -> None:
+        return
+
+
+class PodRuntime(PodAgent):
     """An :class:`~stockade.agent.agent.Agent` whose updates come from the node's :class:`NodePoller`:
     it enforces, watches for tampering, proves, reports events and flows, but never long-polls,
     acknowledges or heartbeats on its own (one heartbeat at start carries its backend)."""
@@ -210,7 +237,6 @@ class PodRuntime(Agent):
         if self._flows is None and self.credential is not None:  # the node agent hands it in, already reading
             self._flows = collector_for(self.credential, self.state.load_ca(), self.enforcer,
                                         lambda: self.enforcer.policy.local_addresses if self.enforcer.policy else ())
-        self._report_host()
         self.enrolled.set()  # only now: the poller's first update must find the flow reader in place
         self._stop.wait()
 

@@ -16,7 +16,8 @@ from typing import Any
 from kubernetes_asyncio import client as k8s
 
 from stockade.k8s.mapping import _pod_addresses, pod_key, workload_name
-from stockade.k8s.node_agent import LocalPod, NodeAgent
+from stockade.k8s.node_agent import NodeAgent
+from stockade.k8s.node_types import LocalPod
 from stockade.k8s.podns import _UID_RE
 from stockade.k8s.reflector import WATCH_SECONDS, Reflector
 
@@ -38,9 +39,10 @@ def local_pod(obj: dict[str, Any]) -> LocalPod | str:
         return f"pod {key}: {addrs}"
     spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
     host_net = bool(spec.get("hostNetwork")) if isinstance(spec, dict) else False
-    if phase in ("Succeeded", "Failed"):
+    finished = phase in ("Succeeded", "Failed")
+    if finished:
         addrs = ()
-    return LocalPod(uid, key.namespace, key.name, workload_name(key), addrs, host_net)
+    return LocalPod(uid, key.namespace, key.name, workload_name(key), addrs, host_net, finished)
 
 
 class PodWatch:

@@ -20,10 +20,13 @@ removed when the pod goes.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +98,86 @@ def find_pod_netns(uid: str, proc: Path = Path("/proc")) -> PodNetns | None:
     return found
 
 
+_POD_SEGMENT = re.compile(r"(?:^|-)pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})$")
+
+
+def cgroup_pod_uid(text: str) -> str | None:
+    """The pod UID a ``/proc/<pid>/cgroup`` names (the same segments :func:`find_pod_netns` matches), or None."""
+    for line in text.splitlines():
+        for segment in line.split(":", 2)[-1].split("/"):
+            m = _POD_SEGMENT.search(segment.removesuffix(".slice"))
+            if m:
+                return m.group(1).replace("_", "-")
+    return None
+
+
+class NamespaceIndex:
+    """:func:`find_pod_netns` for a node agent that looks often: procfs read incrementally.
+
+    A new pod's namespace is looked for every few milliseconds until its sandbox appears, and a
+    full scan reads every process's cgroup file (~2 ms at 100 processes, ~7 at 330 on this
+    machine's 2 cores). A process's pod cgroup is set once, as it starts, so a scan here lists
+    ``/proc`` and reads the cgroup file only of processes not seen before, and again of those
+    seen without a pod less than ``young`` seconds ago (a process may be moved into its pod's
+    cgroup just after it is created); every ``full_every`` seconds all are read again (a pid
+    reused between two scans). Scans are at most ``min_gap`` apart: the start threads share them."""
+
+    def __init__(self, proc: Path = Path("/proc"), *, min_gap: float = 0.004, young: float = 2.0,
+                 full_every: float = 1.0) -> None:
+        self.proc, self.min_gap, self.young, self.full_every = proc, min_gap, young, full_every
+        self._seen: dict[int, tuple[float, str | None]] = {}  # pid -> (first seen, monotonic; its pod uid)
+        self._by_uid: dict[str, list[int]] = {}
+        self._scanned = self._full = float("-inf")
+        self._lock = threading.Lock()
+        self.scans = 0
+
+    def _scan(self, now: float) -> None:
+        full = now - self._full >= self.full_every
+        seen: dict[int, tuple[float, str | None]] = {}
+        for name in os.listdir(self.proc):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            old = self._seen.get(pid)
+            if old is not None and not full and (old[1] is not None or now - old[0] > self.young):
+                seen[pid] = old
+                continue
+            try:
+                uid = cgroup_pod_uid(Path(self.proc, name, "cgroup").read_text())
+            except OSError:  # ended meanwhile
+                continue
+            seen[pid] = (old[0] if old is not None else now, uid)
+        self._seen = seen
+        by_uid: dict[str, list[int]] = {}
+        for pid, (_t, uid) in seen.items():
+            if uid is not None:
+                by_uid.setdefault(uid, []).append(pid)
+        self._by_uid = by_uid
+        self._scanned = now
+        if full:
+            self._full = now
+        self.scans += 1
+
+    def find(self, uid: str) -> PodNetns | None:
+        check_uid(uid)
+        with self._lock:
+            now = time.monotonic()
+            if now - self._scanned >= self.min_gap:
+                self._scan(now)
+            pids = sorted(self._by_uid.get(uid, ()))
+        own = os.stat(self.proc / "self" / "ns" / "net").st_ino
+        found: PodNetns | None = None
+        for pid in pids:
+            try:
+                inode = os.stat(Path(self.proc, str(pid), "ns", "net")).st_ino
+            except OSError:
+                continue
+            if inode != own:
+                return PodNetns(uid, pid, inode, False)
+            found = PodNetns(uid, pid, inode, True)
+        return found
+
+
 def pinned_inode(uid: str, prefix: str = PIN_PREFIX) -> int | None:
     try:
         return os.stat(NETNS_DIR / pin_name(uid, prefix)).st_ino
@@ -110,13 +193,46 @@ def pin(ns: PodNetns, prefix: str = PIN_PREFIX) -> str:
         return name
     if current is not None:
         unpin(ns.uid, prefix)
-    r = subprocess.run(["ip", "netns", "attach", name, str(ns.pid)], capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise PodNetnsError(f"ip netns attach {name} {ns.pid}: {r.stderr.strip()[:200]}")
+    if not _bind(ns.pid, name):
+        r = subprocess.run(["ip", "netns", "attach", name, str(ns.pid)], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise PodNetnsError(f"ip netns attach {name} {ns.pid}: {r.stderr.strip()[:200]}")
     if pinned_inode(ns.uid, prefix) != ns.inode:  # the process was replaced between the scan and the attach
         unpin(ns.uid, prefix)
         raise PodNetnsError(f"pod {ns.uid}: namespace changed while pinning it")
     return name
+
+
+_MS_BIND = 4096
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _shared_netns_dir() -> bool:
+    """``/run/netns`` is a mount point of its own (a bind mount of itself: ``os.path.ismount`` can't tell)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.split(" ", 5)[4:5] == [str(NETNS_DIR)] for line in lines)
+
+
+def _bind(pid: int, name: str) -> bool:
+    """``ip netns attach`` in this process: bind-mount ``/proc/<pid>/ns/net`` on ``/run/netns/<name>``
+    (no fork and exec on a new pod's path: 5-150 ms under load). Only where ``ip netns`` has already
+    made ``/run/netns`` its shared mount (the first pin leaves that to ``ip``); False: let ``ip`` do it."""
+    if not _shared_netns_dir():
+        return False
+    target = NETNS_DIR / name
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    except OSError:
+        return False
+    os.close(fd)
+    source = f"/proc/{pid}/ns/net"
+    if _libc.mount(source.encode(), str(target).encode(), None, _MS_BIND, None) != 0:
+        target.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def unpin(uid: str, prefix: str = PIN_PREFIX) -> None:
