@@ -36,6 +36,7 @@ from stockade.verify.loaded import (
     Rule,
 )
 from stockade.verify.prove import _ranges
+from stockade.verify.rulematch import RuleMatcher
 from stockade.verify.rulescan import RuleScan, scan_rules
 from stockade.verify.space import BDDNode, HeaderSpace
 from tests.unit.test_verify_blocks import N_SETS, _ruleset
@@ -121,11 +122,15 @@ def test_scan_rules_equals_the_rule_by_rule_scan() -> None:
     assert 10 < marked < 290  # both outcomes met
 
 
-class _Unmemoised(Interpreter):
+class _UnmemoisedMatcher(RuleMatcher):
     """Every match computed afresh (the memo never filled)."""
 
     def _static_match(self, m: Match) -> BDDNode | bool:
         return self._match(m, frozenset())
+
+
+class _Unmemoised(Interpreter):
+    matcher_type = _UnmemoisedMatcher
 
 
 def test_match_memo_equals_fresh_matches() -> None:
@@ -144,14 +149,14 @@ def test_match_memo_equals_fresh_matches() -> None:
         memo = Interpreter(space, rules, HookName.INPUT, pred_of, None, members)
         fresh = _Unmemoised(space, rules, HookName.INPUT, pred_of, None, members)
         assert memo.hook_accept(frozenset()) == fresh.hook_accept(frozenset()), case
-        assert not fresh._match_memo
+        assert not fresh.matcher._match_memo
         walk, walk_fresh = (cls(space, rules, HookName.INPUT, pred_of, None) for cls in (Interpreter, _Unmemoised))
         for sig in signatures:
             assert walk.hook_accept(sig) == walk_fresh.hook_accept(sig), (case, sorted(sig))
     assert shared_seen > 500  # the memo was hit
 
 
-def _split_fresh(interp: Interpreter, matches: tuple[Match, ...]) -> tuple[BDDNode, BDDNode] | None:
+def _split_fresh(interp: RuleMatcher, matches: tuple[Match, ...]) -> tuple[BDDNode, BDDNode] | None:
     """The symbolic split rule by rule, nothing memoised (the path the memo replaces)."""
     sp = interp.space
     static, member = sp.true, sp.true
@@ -170,9 +175,13 @@ def _split_fresh(interp: Interpreter, matches: tuple[Match, ...]) -> tuple[BDDNo
     return static, member
 
 
-class _FreshSplit(Interpreter):
+class _FreshSplitMatcher(RuleMatcher):
     def _split_matches(self, matches: tuple[Match, ...]) -> tuple[BDDNode, BDDNode] | None:
         return _split_fresh(self, matches)
+
+
+class _FreshSplit(Interpreter):
+    matcher_type = _FreshSplitMatcher
 
 
 def test_split_memo_equals_fresh_splits() -> None:
@@ -192,7 +201,7 @@ def test_split_memo_equals_fresh_splits() -> None:
         names = [f"x{k}" for k in range(N_SETS)]
         space.bdd.declare(*names)
         members: dict[int, BDDNode] = {k: space.bdd.var(names[k]) for k in range(N_SETS)}
-        interp = Interpreter(space, rules, HookName.INPUT, pred_of, None, members)
+        interp = RuleMatcher(space, rules, HookName.INPUT, pred_of, None, members)
         for _ in range(200):
             matches = tuple(rng.sample(pool, rng.randint(0, 5)))
             assert interp._split_matches(matches) == _split_fresh(interp, matches), (case, matches)

@@ -24,9 +24,10 @@ from operator import add, attrgetter, le, ne
 
 from stockade.compiler.ir import AddressSet, Direction, HostPolicy
 from stockade.model.addresses import Family, IPAddress, IPNetwork, Range, merge_ranges
-from stockade.verify.interpret import Interpreter, peer_field
+from stockade.verify.interpret import Interpreter
 from stockade.verify.loaded import CT_STATES, FamilyRules, Field, HookName, LoadedRuleset, Steering
 from stockade.verify.members import symbolic_members
+from stockade.verify.rulematch import peer_field
 from stockade.verify.rulescan import RuleScan, scan_rules
 from stockade.verify.space import (
     SYN,
