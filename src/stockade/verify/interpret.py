@@ -207,13 +207,15 @@ class Interpreter:
         # the loop runs once per rule (160k per family for nftables at 1,000 policy rules):
         # a rule's split and a verdict's outcome are found by object, one lookup each
         for rule in self._chain(name).rules:
+            verdict = rule.verdict
+            if verdict.kind is Kind.CONTINUE:  # a rule without a verdict decides nothing: never split
+                continue
             key = id(rule)  # equal rules of several chains are one object (nftables read-back)
             split = splits.get(key, UNSEEN_SPLIT)
-            if split is UNSEEN_SPLIT:  # a rule without a verdict decides nothing: never split
-                split = splits[key] = None if rule.verdict.kind is Kind.CONTINUE else self.matcher.split_symbolic(rule)
+            if split is UNSEEN_SPLIT:
+                split = splits[key] = self.matcher.split_symbolic(rule)
             if split is None:
                 continue
-            verdict = rule.verdict
             outcome = outcomes.get(id(verdict), UNSEEN)
             if outcome is UNSEEN:
                 outcome = outcomes[id(verdict)] = self._outcome(verdict, stack, marks)
@@ -316,17 +318,17 @@ class Interpreter:
         if not pending:
             return state
         false = self.space.false
+        ite = self.space.bdd.ite  # ``X1 | (X2 & ~M1)`` is ``ite(M1, X1, X2)``: a block's outcomes lie within its match
         level = pending[::-1]
         while len(level) > 1:
             nxt = []
             for i in range(0, len(level) - 1, 2):
                 (m1, a1, d1, k1), (m2, a2, d2, k2) = level[i], level[i + 1]
-                n1 = ~m1
                 nxt.append((
                     m1 | m2,
-                    a1 if a2 == false else (a2 & n1) if a1 == false else a1 | (a2 & n1),
-                    d1 if d2 == false else (d2 & n1) if d1 == false else d1 | (d2 & n1),
-                    (k1 | (k2 & n1)) if marks else k1,
+                    a1 if a2 == false else ite(m1, a1, a2),
+                    d1 if d2 == false else ite(m1, d1, d2),
+                    ite(m1, k1, k2) if marks else k1,
                 ))
             if len(level) % 2:
                 nxt.append(level[-1])
