@@ -23,7 +23,7 @@ its parser) on the same loaded table, side by side with the netlink read-back th
 (both are parsed into the same model: tests/kernel/test_verify_nft_netlink.py).
 
 ``--before REF`` (e.g. ``main``): side by side, the prover of git revision REF (its prove,
-interpret, space and spec modules, loaded from ``git show`` under another package name; the
+interpret, rulematch, space and spec modules, loaded from ``git show`` under another package name; the
 read-back and its IR are shared) proves the same read-back right after: column ``before cpu``.
 
 ``--save DIR`` pickles each size's (HostPolicy, read-back) into DIR; ``--saved DIR`` proves those
@@ -70,7 +70,7 @@ def _backend(name: str, ns: str) -> NftablesBackend | IptablesBackend | EbpfBack
     return IptablesBackend(netns=ns, variant=variant)
 
 
-_PROVER_MODULES = ("prove", "interpret", "space", "spec", "members", "rulescan")
+_PROVER_MODULES = ("prove", "interpret", "rulematch", "space", "spec", "members", "rulescan")
 
 
 def _prover_at(ref: str) -> Callable[..., object]:

@@ -14,6 +14,7 @@ The policy side's balanced first match is checked against the rule-by-rule if-th
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from itertools import combinations
 
 from stockade.model.addresses import Family
@@ -133,3 +134,37 @@ def test_balanced_first_match_equals_rule_by_rule() -> None:
             want_m = m | want_m
         assert (matched, accepted) == (want_m, want_a)
         assert disjoin(space, [m for m, _ in leaves]) == want_m
+
+
+def test_symbolic_chains_with_marks_equal_the_class_walk() -> None:
+    """The same at the output hook with ``mark`` rules (steering into the tunnel) in every
+    chain: runs of gotos are then blocks carrying the packets their target marks, merged with
+    the first block winning (session 9: as ``ite(M1, K1, K2)``)."""
+    rng = random.Random(37)
+    pred_of = {f"s{k}": k for k in range(N_SETS)}
+    signatures = [frozenset(c) for n in range(N_SETS + 1) for c in combinations(range(N_SETS), n)]
+    marked = 0
+    for case in range(150):
+        base = _ruleset(rng)
+        chains: dict[str, Chain] = {}
+        for name, chain in base.chains.items():
+            rules = []
+            for r in chain.rules:
+                matches = tuple(replace(m, addr=Addr.DADDR) if isinstance(m, AddrIn) else m for m in r.matches)
+                verdict = r.verdict
+                if verdict.kind in (Kind.ACCEPT, Kind.DROP, Kind.RETURN, Kind.CONTINUE) and rng.random() < 0.3:
+                    verdict = Verdict(Kind.MARK)
+                    marked += 1
+                rules.append(Rule(matches, verdict))
+            chains[name] = Chain(name, tuple(rules), chain.policy)
+        rules_out = replace(base, chains=chains, hooks={HookName.OUTPUT: ("input",)})
+        space = HeaderSpace()
+        names = [f"x{k}" for k in range(N_SETS)]
+        space.bdd.declare(*names)
+        members: dict[int, BDDNode] = {k: space.bdd.var(names[k]) for k in range(N_SETS)}
+        symbolic = Interpreter(space, rules_out, HookName.OUTPUT, pred_of, None, members).hook_accept(frozenset())
+        walk = Interpreter(space, rules_out, HookName.OUTPUT, pred_of, None)
+        for sig in signatures:
+            assignment = {names[k]: k in sig for k in range(N_SETS)}
+            assert space.bdd.let(assignment, symbolic) == walk.hook_accept(sig), (case, sorted(sig), rules_out)
+    assert marked > 200

@@ -9,6 +9,12 @@
   per address class, on random chains whose rules share match objects;
 * the symbolic split's memo of a rule's non-peer matches (by their ids) against the AND of
   the matches built afresh, on rules drawn from a pool of shared match objects in any order.
+
+Session 9:
+
+* ``prove._set_ranges`` (cached (firsts, lasts) per set; the read-back's equal tuple shared
+  instead of a new pair per member) against ``merge_ranges``, with exact, near-miss (same
+  length and ends, one bound off inside) and absent kernel copies.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import random
 from dataclasses import replace
 from itertools import combinations
 
-from stockade.model.addresses import Family, IPNetwork, merge_ranges, network_range
+from stockade.compiler.ir import AddressSet
+from stockade.model.addresses import Family, IPNetwork, Range, merge_ranges, network_range
 from stockade.verify.interpret import Interpreter
 from stockade.verify.loaded import (
     Addr,
@@ -35,7 +42,8 @@ from stockade.verify.loaded import (
     PacketMark,
     Rule,
 )
-from stockade.verify.prove import _ranges
+from stockade.verify.prove import _known_ranges, _ranges, _set_ranges
+from stockade.verify.rulematch import RuleMatcher
 from stockade.verify.rulescan import RuleScan, scan_rules
 from stockade.verify.space import BDDNode, HeaderSpace
 from tests.unit.test_verify_blocks import N_SETS, _ruleset
@@ -69,6 +77,45 @@ def test_ranges_equal_merge_ranges() -> None:
         nets = _networks(rng, family)
         assert _ranges(nets) == merge_ranges(network_range(n) for n in nets), nets
     assert _ranges([]) == ()
+
+
+def _near_miss(rng: random.Random, ranges: tuple[Range, ...]) -> tuple[Range, ...] | None:
+    """``ranges`` with one bound moved but its length, first and last address kept (None when
+    there is no such bound: a single host range)."""
+    cands = [(i, side) for i in range(len(ranges)) for side in (0, 1)
+             if (i, side) not in ((0, 0), (len(ranges) - 1, 1)) and ranges[i][0] < ranges[i][1]]
+    if not cands:
+        return None
+    i, side = rng.choice(cands)
+    lo, hi = ranges[i]
+    moved = (lo + 1, hi) if side == 0 else (lo, hi - 1)
+    return (*ranges[:i], moved, *ranges[i + 1:])
+
+
+def test_set_ranges_equal_merge_ranges_and_share_the_kernel_copy() -> None:
+    rng = random.Random(31)
+    shared = near = 0
+    for case in range(600):
+        family = rng.choice((Family.V4, Family.V6))
+        nets = _networks(rng, family)
+        want = merge_ranges(network_range(n) for n in nets)
+        s = AddressSet(f"s{case}", family, tuple(nets))
+        roll = rng.random()
+        if roll < 0.35:  # the kernel holds an equal copy (a distinct tuple object)
+            copy = tuple((lo, hi) for lo, hi in want)
+            known = _known_ranges([copy])
+            for _ in range(2):  # computed, then from the cache
+                got = _set_ranges(s, known)
+                assert got == want and got is copy, case
+            shared += 1
+            continue
+        other = _near_miss(rng, want) if roll < 0.8 else None
+        known = _known_ranges([other] if other is not None else [((0, 0),)])
+        near += other is not None
+        for _ in range(2):
+            got = _set_ranges(s, known)
+            assert got == want and got is not other, (case, nets)
+    assert shared > 100 and near > 100
 
 
 def _scan_rule_by_rule(rules: FamilyRules) -> RuleScan:
@@ -121,11 +168,15 @@ def test_scan_rules_equals_the_rule_by_rule_scan() -> None:
     assert 10 < marked < 290  # both outcomes met
 
 
-class _Unmemoised(Interpreter):
+class _UnmemoisedMatcher(RuleMatcher):
     """Every match computed afresh (the memo never filled)."""
 
     def _static_match(self, m: Match) -> BDDNode | bool:
         return self._match(m, frozenset())
+
+
+class _Unmemoised(Interpreter):
+    matcher_type = _UnmemoisedMatcher
 
 
 def test_match_memo_equals_fresh_matches() -> None:
@@ -144,14 +195,14 @@ def test_match_memo_equals_fresh_matches() -> None:
         memo = Interpreter(space, rules, HookName.INPUT, pred_of, None, members)
         fresh = _Unmemoised(space, rules, HookName.INPUT, pred_of, None, members)
         assert memo.hook_accept(frozenset()) == fresh.hook_accept(frozenset()), case
-        assert not fresh._match_memo
+        assert not fresh.matcher._match_memo
         walk, walk_fresh = (cls(space, rules, HookName.INPUT, pred_of, None) for cls in (Interpreter, _Unmemoised))
         for sig in signatures:
             assert walk.hook_accept(sig) == walk_fresh.hook_accept(sig), (case, sorted(sig))
     assert shared_seen > 500  # the memo was hit
 
 
-def _split_fresh(interp: Interpreter, matches: tuple[Match, ...]) -> tuple[BDDNode, BDDNode] | None:
+def _split_fresh(interp: RuleMatcher, matches: tuple[Match, ...]) -> tuple[BDDNode, BDDNode] | None:
     """The symbolic split rule by rule, nothing memoised (the path the memo replaces)."""
     sp = interp.space
     static, member = sp.true, sp.true
@@ -170,9 +221,13 @@ def _split_fresh(interp: Interpreter, matches: tuple[Match, ...]) -> tuple[BDDNo
     return static, member
 
 
-class _FreshSplit(Interpreter):
+class _FreshSplitMatcher(RuleMatcher):
     def _split_matches(self, matches: tuple[Match, ...]) -> tuple[BDDNode, BDDNode] | None:
         return _split_fresh(self, matches)
+
+
+class _FreshSplit(Interpreter):
+    matcher_type = _FreshSplitMatcher
 
 
 def test_split_memo_equals_fresh_splits() -> None:
@@ -192,7 +247,7 @@ def test_split_memo_equals_fresh_splits() -> None:
         names = [f"x{k}" for k in range(N_SETS)]
         space.bdd.declare(*names)
         members: dict[int, BDDNode] = {k: space.bdd.var(names[k]) for k in range(N_SETS)}
-        interp = Interpreter(space, rules, HookName.INPUT, pred_of, None, members)
+        interp = RuleMatcher(space, rules, HookName.INPUT, pred_of, None, members)
         for _ in range(200):
             matches = tuple(rng.sample(pool, rng.randint(0, 5)))
             assert interp._split_matches(matches) == _split_fresh(interp, matches), (case, matches)

@@ -20,55 +20,39 @@ earlier rule decided) with netfilter's semantics:
 A chain's result depends on the address class only through the sets it (transitively) tests,
 so results are memoised per (chain, those sets' membership): a verdict chain is computed once,
 a port-group chain once per combination of its peers.
+
+What a single rule matches (its BDDs, split into the peer's set tests and the rest, memoised
+by the read objects) is :mod:`.rulematch`'s; this module is the walk over chains and verdicts.
 """
 
 from __future__ import annotations
 
-import bisect
 from itertools import pairwise
 
 from stockade.errors import UnmodelledConstructError
-from stockade.model.addresses import Family
 from stockade.verify.loaded import (
-    Addr,
     AddrIn,
     Chain,
-    ConnEncrypted,
-    CtState,
-    FamilyIs,
     FamilyRules,
-    Field,
     HookName,
-    InDynamicSet,
-    IntIn,
     Kind,
-    Loopback,
     MapElement,
-    Match,
-    PacketMark,
     Rule,
     Steering,
-    TcpFlags,
-    Tunnel,
     Verdict,
 )
+from stockade.verify.rulematch import UNSEEN, UNSEEN_SPLIT, RuleMatcher, peer_field
 from stockade.verify.rulescan import RuleScan, scan_rules
 from stockade.verify.space import BDDNode, HeaderSpace, disjoin, grouped_or
-from stockade.verify.tunnel import bind_marks, match_bdd, output_exit
+from stockade.verify.tunnel import bind_marks, output_exit
 
 # verdicts after which a packet never comes back to the rules that follow: consecutive rules
 # with one of them (and the same target) can be merged into one rule matching their OR
 _MERGEABLE = frozenset({Kind.ACCEPT, Kind.DROP, Kind.RETURN, Kind.GOTO})
 _DECIDES = frozenset({*_MERGEABLE, Kind.JUMP})  # blocks (a jump: only without marks)
 _NOTHING = "nothing"  # a rule that changes nothing: a jump to a chain returning every packet
-_UNSEEN = object()  # not looked at yet (a memo miss)
-_UNSEEN_SPLIT: tuple[BDDNode, BDDNode] = (_UNSEEN, _UNSEEN)
 _State = tuple[BDDNode, BDDNode, BDDNode]  # (accepted, dropped, marked) of a chain so far
 _Block = tuple[BDDNode, BDDNode, BDDNode, BDDNode]  # (matched, accepted, dropped, marked) of rules
-
-
-def peer_field(hook: HookName) -> Addr:
-    return Addr.SADDR if hook is HookName.INPUT else Addr.DADDR
 
 
 def _deciding(elements: tuple[MapElement, ...]) -> bool:
@@ -84,6 +68,8 @@ def _disjoint(elements: tuple[MapElement, ...]) -> bool:
 class Interpreter:
     """Symbolic evaluation of one family's loaded rules at one hook, for one local address."""
 
+    matcher_type: type[RuleMatcher] = RuleMatcher  # what rules match (tests swap in unmemoised ones)
+
     def __init__(
         self,
         space: HeaderSpace,
@@ -98,37 +84,23 @@ class Interpreter:
         self.space = space
         self._marks_used = (scan if scan is not None else scan_rules(rules)).uses_marks
         self.rules = rules
-        self.family: Family = rules.family
         self.hook = hook
         self.peer = peer_field(hook)
         self.pred_of = pred_of  # peer-side set name -> predicate id of the address classes
         self.local = local
-        # symbolic membership (see prove._symbolic_members): predicate -> BDD over membership
-        # variables, instead of the constant membership of one address class
-        self.members = members
+        self.members = members  # symbolic membership (:mod:`.members`), else None: per class
+        self.matcher = self.matcher_type(space, rules, hook, pred_of, local, members)
         self.steering = steering
         self._marks: dict[tuple[str, frozenset[int]], BDDNode] = {}  # packets a chain steers (MARK)
         self._deps: dict[str, frozenset[int]] = {}
         self._memo: dict[tuple[str, frozenset[int]], tuple[BDDNode, BDDNode]] = {}
-        self._map_keys: dict[tuple[int, int, int], BDDNode] = {}
-        self._static: dict[int, tuple[BDDNode | None, tuple[tuple[int, bool], ...]]] = {}
         self._splits: dict[int, tuple[BDDNode, BDDNode] | None] = {}  # id(rule): the rules outlive us
         # a goto's / jump's target as a merge key, by (id(kind), target): a Verdict's own hash
         # goes through the Enum's Python-level __hash__, once per rule (160k rules)
         self._outcomes: dict[tuple[int, str], object] = {}
-        # a match's BDD (or constant) by id: the read-backs share equal match objects between
-        # rules (iptables: ~2,400 objects behind 200k matches), which outlive the interpreter;
-        # the value depends only on this interpreter (family, hook, local address, members)
-        self._match_memo: dict[int, BDDNode | bool] = {}
         # a verdict's outcome by id (the read-backs share verdict objects; the rules holding
         # them outlive us): :meth:`_outcome` is the same for every rule holding the verdict
         self._outcome_of: dict[int, object] = {}
-        self._split_of: dict[tuple[int, ...], tuple[BDDNode, BDDNode] | None] = {}  # by match ids
-        # the symbolic walk's view of a match, by id: (its BDD or constant, a peer set test?)
-        self._part_of: dict[int, tuple[BDDNode | bool, bool]] = {}
-        # the AND of a rule's non-peer matches, by their ids in order: the rules of an iptables
-        # port chain repeat one protocol and port match with another peer set each
-        self._static_of: dict[tuple[int, ...], BDDNode] = {}
         self._rule_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
         self._map_index: dict[str, tuple[list[int], dict[int, list[int]]]] = {}
 
@@ -165,81 +137,6 @@ class Interpreter:
         return chain
 
     # ---- matches -------------------------------------------------------------------------
-    def _match(self, m: Match, sig: frozenset[int]) -> BDDNode | bool:
-        sp = self.space
-        if isinstance(m, FamilyIs):
-            return m.family is self.family
-        if isinstance(m, AddrIn):
-            if m.family is not self.family:
-                return False
-            if m.addr is self.peer and self.members is not None:
-                u = self.members[self.pred_of[m.set_name]]
-                return ~u if m.negate else u
-            if m.addr is self.peer:
-                inside = self.pred_of[m.set_name] in sig
-            else:
-                if self.local is None:
-                    raise UnmodelledConstructError(f"set {m.set_name}", "a test of the host's own address (none known)")
-                ranges = self.rules.sets[m.set_name].ranges
-                i = bisect.bisect_right(ranges, (self.local, 1 << 129)) - 1
-                inside = i >= 0 and ranges[i][0] <= self.local <= ranges[i][1]
-            return inside != m.negate
-        if isinstance(m, IntIn):
-            u = sp.field_in(m.field, m.ranges)
-            return ~u if m.negate else u
-        if isinstance(m, TcpFlags):
-            u = sp.tcp_flags(m.mask, m.value)
-            return ~u if m.negate else u
-        if isinstance(m, CtState):
-            u = sp.ct_in(m.states)
-            return ~u if m.negate else u
-        if isinstance(m, Loopback):
-            if m.side is not self.hook:  # no such interface at this hook: never "lo"
-                return m.negate
-            return ~sp.loopback if m.negate else sp.loopback
-        if isinstance(m, InDynamicSet):
-            return sp.in_dynamic(m.set_name)
-        if isinstance(m, Tunnel | ConnEncrypted | PacketMark):
-            return match_bdd(sp, m, self.hook)
-        raise UnmodelledConstructError("rule", f"match {m!r}")  # pragma: no cover - Match is closed
-
-    def _static_match(self, m: Match) -> BDDNode | bool:
-        """:meth:`_match` of ``m`` outside an address class (every match but a class's peer set
-        test, and that one too over membership variables), memoised by the match object."""
-        found = self._match_memo.get(id(m))
-        if found is None:
-            found = self._match_memo[id(m)] = self._match(m, frozenset())
-        return found
-
-    def _rule_match(self, rule: Rule, sig: frozenset[int]) -> BDDNode | None:
-        entry = self._static.get(id(rule))
-        if entry is None:
-            entry = self._static[id(rule)] = self._split(rule)
-        static, tests = entry
-        if static is None:
-            return None
-        for pred, negate in tests:
-            if (pred in sig) == negate:
-                return None
-        return static
-
-    def _split(self, rule: Rule) -> tuple[BDDNode | None, tuple[tuple[int, bool], ...]]:
-        """A rule's matches as (the BDD of every match but the peer's set tests, those tests as
-        (predicate, negated)): computed once per rule, the per-class part is a few lookups."""
-        u = self.space.true
-        tests: list[tuple[int, bool]] = []
-        for m in rule.matches:
-            if isinstance(m, AddrIn) and m.addr is self.peer and m.family is self.family:
-                tests.append((self.pred_of[m.set_name], m.negate))
-                continue
-            r = self._static_match(m)
-            if r is False:
-                return None, ()
-            if r is True:
-                continue
-            u = u & r
-        return (None if u == self.space.false else u), tuple(tests)
-
     # ---- chains ----------------------------------------------------------------------------
     def chain(self, name: str, sig: frozenset[int], stack: tuple[str, ...] = ()) -> tuple[BDDNode, BDDNode]:
         """(accepted, dropped) among the packets entering chain ``name``; the rest returns."""
@@ -260,14 +157,14 @@ class Interpreter:
             rule = rules[index]
             if rest == sp.false:
                 break
-            m = self._rule_match(rule, sig)
+            m = self.matcher.class_match(rule, sig)
             if m is None:
                 continue
             if rule.verdict.kind is Kind.VMAP:
                 elements = self.rules.maps[rule.verdict.target]
                 for j in self._relevant_elements(rule.verdict.target, sig, stack):
                     e = elements[j]
-                    em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
+                    em = m & self.matcher.map_key(e.proto, e.port_lo, e.port_hi)
                     acc, drop, rest = self._apply(e.verdict, em, acc, drop, rest, sig, stack, marks)
             else:
                 acc, drop, rest = self._apply(rule.verdict, m, acc, drop, rest, sig, stack, marks)
@@ -310,15 +207,17 @@ class Interpreter:
         # the loop runs once per rule (160k per family for nftables at 1,000 policy rules):
         # a rule's split and a verdict's outcome are found by object, one lookup each
         for rule in self._chain(name).rules:
+            verdict = rule.verdict
+            if verdict.kind is Kind.CONTINUE:  # a rule without a verdict decides nothing: never split
+                continue
             key = id(rule)  # equal rules of several chains are one object (nftables read-back)
-            split = splits.get(key, _UNSEEN_SPLIT)
-            if split is _UNSEEN_SPLIT:  # a rule without a verdict decides nothing: never split
-                split = splits[key] = None if rule.verdict.kind is Kind.CONTINUE else self._split_symbolic(rule)
+            split = splits.get(key, UNSEEN_SPLIT)
+            if split is UNSEEN_SPLIT:
+                split = splits[key] = self.matcher.split_symbolic(rule)
             if split is None:
                 continue
-            verdict = rule.verdict
-            outcome = outcomes.get(id(verdict), _UNSEEN)
-            if outcome is _UNSEEN:
+            outcome = outcomes.get(id(verdict), UNSEEN)
+            if outcome is UNSEEN:
                 outcome = outcomes[id(verdict)] = self._outcome(verdict, stack, marks)
             if outcome is _NOTHING:
                 continue
@@ -342,7 +241,7 @@ class Interpreter:
                 pending.append(self._block(v, m, stack, marks))
             elif v.kind is Kind.VMAP and not marks and _deciding(elements := self.rules.maps[v.target]):
                 blocks = [self._block(e.verdict, em, stack, marks) for e in reversed(elements)
-                          if (em := m & self._map_key(e.proto, e.port_lo, e.port_hi)) != false]
+                          if (em := m & self.matcher.map_key(e.proto, e.port_lo, e.port_hi)) != false]
                 if _disjoint(elements):  # the map is one block, the ORs of its elements' blocks
                     m, a, d, k = (disjoin(sp, [b[i] for b in blocks]) for i in range(4))
                     pending.append((m, a, d, k))
@@ -354,7 +253,7 @@ class Interpreter:
                 if v.kind is Kind.VMAP:
                     after = state  # a jump's returns go on with the next RULE, not element
                     for e in reversed(self.rules.maps[v.target]):
-                        em = m & self._map_key(e.proto, e.port_lo, e.port_hi)
+                        em = m & self.matcher.map_key(e.proto, e.port_lo, e.port_hi)
                         if em != false:
                             state = self._ite(e.verdict, em, state, after, stack, marks)
                 else:
@@ -419,17 +318,17 @@ class Interpreter:
         if not pending:
             return state
         false = self.space.false
+        ite = self.space.bdd.ite  # ``X1 | (X2 & ~M1)`` is ``ite(M1, X1, X2)``: a block's outcomes lie within its match
         level = pending[::-1]
         while len(level) > 1:
             nxt = []
             for i in range(0, len(level) - 1, 2):
                 (m1, a1, d1, k1), (m2, a2, d2, k2) = level[i], level[i + 1]
-                n1 = ~m1
                 nxt.append((
                     m1 | m2,
-                    a1 if a2 == false else (a2 & n1) if a1 == false else a1 | (a2 & n1),
-                    d1 if d2 == false else (d2 & n1) if d1 == false else d1 | (d2 & n1),
-                    (k1 | (k2 & n1)) if marks else k1,
+                    a1 if a2 == false else ite(m1, a1, a2),
+                    d1 if d2 == false else ite(m1, d1, d2),
+                    ite(m1, k1, k2) if marks else k1,
                 ))
             if len(level) % 2:
                 nxt.append(level[-1])
@@ -440,56 +339,6 @@ class Interpreter:
             return a, d, k
         keep = ~m
         return a | (acc & keep), d | (drop & keep), (k | (marked & keep)) if marks else marked
-
-    def _split_symbolic(self, rule: Rule) -> tuple[BDDNode, BDDNode] | None:
-        """(every match but the peer's set tests, those tests) as BDDs; None: never matches.
-
-        Memoised by the match objects (their ids, in order): iptables' rules are distinct
-        objects, but half of them repeat another's matches with another verdict or comment."""
-        key = tuple(map(id, rule.matches))
-        found = self._split_of.get(key, _UNSEEN_SPLIT)
-        if found is _UNSEEN_SPLIT:
-            found = self._split_of[key] = self._split_matches(rule.matches)
-        return found
-
-    def _split_matches(self, matches: tuple[Match, ...]) -> tuple[BDDNode, BDDNode] | None:
-        """(the AND of the matches but the peer's set tests, the AND of those tests); None: no
-        packet matches. The first part is memoised by the ids of the matches it is made of."""
-        parts = self._part_of
-        member: BDDNode | None = None
-        static_ids: list[int] = []
-        for m in matches:
-            i = id(m)
-            part = parts.get(i)
-            if part is None:
-                part = parts[i] = (self._static_match(m), isinstance(m, AddrIn) and m.addr is self.peer)
-            r, is_peer = part
-            if r is False:
-                return None
-            if r is True:
-                continue
-            if is_peer:
-                member = r if member is None else member & r
-            else:
-                static_ids.append(i)
-        sp = self.space
-        if not static_ids:
-            static = sp.true
-        elif len(static_ids) == 1:
-            static = parts[static_ids[0]][0]
-        else:
-            key = tuple(static_ids)
-            static = self._static_of.get(key)
-            if static is None:
-                static = parts[static_ids[0]][0]
-                for i in static_ids[1:]:
-                    static = static & parts[i][0]
-                self._static_of[key] = static
-        if member is None:
-            member = sp.true
-        if static == sp.false or member == sp.false:
-            return None
-        return static, member
 
     def _ite(
         self,
@@ -540,10 +389,7 @@ class Interpreter:
             uncond: list[int] = []
             by_pred: dict[int, list[int]] = {}
             for i, rule in enumerate(self._chain(name).rules):
-                entry = self._static.get(id(rule))
-                if entry is None:
-                    entry = self._static[id(rule)] = self._split(rule)
-                static, tests = entry
+                static, tests = self.matcher.class_split(rule)
                 if static is None:  # never matches here (another family's set, ...): skipped
                     continue
                 pred = next((p for p, negate in tests if not negate), None)
@@ -587,14 +433,6 @@ class Interpreter:
         for p in sig:
             picked.update(by_pred.get(p, ()))
         return sorted(picked)
-
-    def _map_key(self, proto: int, lo: int, hi: int) -> BDDNode:
-        k = (proto, lo, hi)
-        u = self._map_keys.get(k)
-        if u is None:
-            u = self.space.proto(proto) & self.space.field_in(Field.DPORT, ((lo, hi),))
-            self._map_keys[k] = u
-        return u
 
     def _apply(
         self,

@@ -20,7 +20,7 @@ import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, compress, groupby, islice, repeat
-from operator import add, ge, itemgetter, le, lt, mul, ne, sub
+from operator import add, attrgetter, ge, itemgetter, le, lt, mul, ne, sub
 from typing import Any
 
 from stockade.model.addresses import Family, Range, merge_ranges
@@ -193,7 +193,7 @@ def disjoin(space: HeaderSpace, nodes: Iterable[BDDNode]) -> BDDNode:
     """The OR of ``nodes``, merged pairwise in a balanced tree after sorting them by their top
     variable's level (bottom first): OR-ing n membership variables one by one onto the growing
     result costs O(n^2); this, O(n log n)."""
-    level = sorted(nodes, key=_level, reverse=True)
+    level = sorted(nodes, key=_LEVEL, reverse=True)  # dd's ``level``: an int, read C-level
     if not level:
         return space.false
     while len(level) > 1:
@@ -215,8 +215,7 @@ def grouped_or(space: HeaderSpace, parts: Iterable[tuple[BDDNode, BDDNode]]) -> 
                            for static, members in groups.items() if (m := disjoin(space, members)) != space.false])
 
 
-def _level(node: BDDNode) -> int:
-    return int(node.level)
+_LEVEL = attrgetter("level")
 
 
 # ---- address classes ---------------------------------------------------------------------

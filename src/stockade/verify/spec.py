@@ -69,11 +69,12 @@ def first_match(space: HeaderSpace, leaves: list[tuple[BDDNode, BDDNode]]) -> tu
     level = leaves
     if not level:
         return space.false, space.false
+    ite = space.bdd.ite  # ``A1 | (A2 & ~M1)`` is ``ite(M1, A1, A2)`` as A1 lies within M1: one CUDD call
     while len(level) > 1:
         nxt = []
         for i in range(0, len(level) - 1, 2):
             (m1, a1), (m2, a2) = level[i], level[i + 1]
-            nxt.append((m1 | m2, a1 | (a2 & ~m1)))
+            nxt.append((m1 | m2, ite(m1, a1, a2)))
         if len(level) % 2:
             nxt.append(level[-1])
         level = nxt
