@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from stockade.compiler import Compiler, HostPolicy
@@ -54,8 +54,10 @@ from stockade.controller.services.events import record_event, record_events
 from stockade.controller.services.host_state import (
     AgentLive,
     Digests,
+    bump_revisions,
     policy_hash,
     read_flushed_agents,
+    read_revisions,
     wireguard_identity,
     write_agent_rows,
     write_hash_rows,
@@ -72,7 +74,6 @@ __all__ = ["HISTORY", "AgentLive", "PolicyDistributor", "policy_hash", "wireguar
 
 T = TypeVar("T")
 HISTORY = 8  # steps (revision -> next) of set deltas kept per host
-BUMP_CHUNK = 900  # hosts per bump / lookup statement (under SQLite's bound-parameter limit)
 FULL_REFRESH_ROUNDS = 120  # refresh_agents reads every agent row once in this many calls (safety net)
 BATCH_LIMIT = 64  # callbacks of transact_batched run in one transaction at most
 HEARTBEAT_WRITE = 5.0  # seconds: a heartbeat alone rewrites an agent's row at most this often
@@ -254,12 +255,7 @@ class PolicyDistributor:
         if not txn.deltas:
             return {}
         names = sorted(txn.deltas)
-        stored: dict[str, int] = {}
-        for chunk in range(0, len(names), 900):  # stay under SQLite's bound-parameter limit
-            q = select(HostStateRow.workload, HostStateRow.revision).where(
-                HostStateRow.workload.in_(names[chunk : chunk + 900])
-            )
-            stored.update({w: r for w, r in db.execute(q)})
+        stored = read_revisions(db, names)
         out: dict[str, HostHistory | None] = {}
         now = utcnow()
         gone: list[str] = []
@@ -292,11 +288,8 @@ class PolicyDistributor:
         if inserts:
             db.execute(insert(HostStateRow), inserts)
         # every bumped row goes from the revision read above (under the change lock) to the next: one
-        # statement per chunk of hosts, not one per host (a global change bumps every host)
-        bump = {"revision": HostStateRow.revision + 1, "policy_hash": "", "updated_at": now, "change_id": change}
-        for chunk in range(0, len(updates), BUMP_CHUNK):
-            db.execute(update(HostStateRow).where(HostStateRow.workload.in_(updates[chunk : chunk + BUMP_CHUNK]))
-                       .values(bump).execution_options(synchronize_session=False))
+        # statement, not one per host (a global change bumps every host) nor one per chunk of hosts
+        bump_revisions(db, updates, now, change)
         return out
 
     def publish(self, bumps: dict[str, HostHistory | None], *, hashed: bool = False) -> None:

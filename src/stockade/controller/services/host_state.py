@@ -4,6 +4,8 @@
 one agent's in-memory state (acks, heartbeats, proof and backend reports); :func:`write_agent_rows`
 and :func:`write_hash_rows` are the batched writes behind :meth:`PolicyDistributor.flush`
 (one ``UPDATE ... FROM unnest(...)`` on PostgreSQL, an executemany by key on SQLite).
+:func:`read_revisions` and :func:`bump_revisions` are the revision bump of every host a change
+reached (:meth:`PolicyDistributor.transact`), before any agent is woken.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, text, update
+from sqlalchemy import Select, String, Table, any_, bindparam, column, func, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from stockade.compiler import HostPolicy, host_policy_to_dict
@@ -132,3 +135,48 @@ def write_hash_rows(db: Session, params: list[dict[str, Any]]) -> None:
         .values(policy_hash=bindparam("h")),
         params,
     )
+
+
+# ---- the revision bump of the hosts a change reached ---------------------------------------------
+# The host names travel as ONE bound parameter (a PostgreSQL array, a JSON array SQLite's json_each
+# reads), whatever their number. An IN list of one parameter per host (900 a statement, so two
+# statements of each kind at 1,000 hosts) cost ~20 ms of the controller's CPU per global change at
+# 1,000 hosts, before a single agent was woken: building and rendering the expanded parameters and
+# the driver's parse of the long statement (neither is cached at that length).
+_HOSTS = cast(Table, HostStateRow.__table__)
+_PG_HOSTS = bindparam("w", type_=ARRAY(String))
+_SQLITE_HOSTS: Select[tuple[Any]] = select(column("value")).select_from(func.json_each(bindparam("w", type_=String)))
+_READ = {
+    "postgresql": select(_HOSTS.c.workload, _HOSTS.c.revision).where(_HOSTS.c.workload == any_(_PG_HOSTS)),
+    "sqlite": select(_HOSTS.c.workload, _HOSTS.c.revision).where(_HOSTS.c.workload.in_(_SQLITE_HOSTS)),
+}
+_BUMP_VALUES = {"revision": _HOSTS.c.revision + 1, "policy_hash": "", "updated_at": bindparam("now"),
+                "change_id": bindparam("change")}
+_BUMP = {
+    "postgresql": update(_HOSTS).where(_HOSTS.c.workload == any_(_PG_HOSTS)).values(_BUMP_VALUES),
+    "sqlite": update(_HOSTS).where(_HOSTS.c.workload.in_(_SQLITE_HOSTS)).values(_BUMP_VALUES),
+}
+
+
+def _hosts_param(db: Session, names: list[str]) -> tuple[str, list[str] | str]:
+    dialect = db.get_bind().dialect.name
+    if dialect not in _READ:
+        raise NotImplementedError(f"no revision bump for database dialect {dialect!r}")
+    return dialect, names if dialect == "postgresql" else json.dumps(names)
+
+
+def read_revisions(db: Session, names: list[str]) -> dict[str, int]:
+    """The stored revision of each of ``names`` that has a row (one statement, one parameter)."""
+    if not names:
+        return {}
+    dialect, hosts = _hosts_param(db, names)
+    return {str(w): int(r) for w, r in db.execute(_READ[dialect], {"w": hosts})}
+
+
+def bump_revisions(db: Session, names: list[str], now: dt.datetime, change: int | None) -> None:
+    """Every row of ``names`` one revision on, its hash emptied (:meth:`PolicyDistributor.flush`
+    fills it in), stamped ``now`` and with the change that bumped it (one statement)."""
+    if not names:
+        return
+    dialect, hosts = _hosts_param(db, names)
+    db.execute(_BUMP[dialect].execution_options(synchronize_session=False), {"w": hosts, "now": now, "change": change})
