@@ -75,3 +75,14 @@ def test_every_proof_loop_shares_the_process_collections() -> None:
     """The default: an agent's proof loop uses the process's Collections, so a node agent's pods share one."""
     loop = ProofLoop(_Enforcer(), lambda *a: None, lambda: 1, threading.Event(), interval=300.0)  # type: ignore[arg-type]
     assert loop.collections is proving.COLLECTIONS
+
+
+def test_the_malloc_knobs_leave_an_operators_arena_setting_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stockade.agent import libc_malloc
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert libc_malloc.limit_arenas(2) is False  # the operator's choice stands
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    glibc = libc_malloc._LIBC is not None
+    assert libc_malloc.limit_arenas(8) is glibc  # glibc's default for 1 core+; elsewhere nothing is done
+    libc_malloc.trim()  # never raises, glibc or not

@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from stockade.agent import libc_malloc
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
 from stockade.agent.enforcer import CacheStart, Enforcer
@@ -78,6 +79,7 @@ NS_POLL, NS_POLL_LATE = 0.01, 0.25  # an enrolled pod's namespace is looked for 
 FIRST_FRESH = 5.0  # an enrolment's policy kept longer than this for a namespace not found yet is not applied
 START_WORKERS = 8  # pods started (and stopped) at once
 SETTLE_CHECK = 1.0  # with nothing to start but proofs or applies under way: look whether settled this often
+MALLOC_ARENAS = 2  # glibc malloc arenas shared by the node agent's ~8 threads per pod
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
 
 
@@ -136,6 +138,7 @@ class NodeAgent:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        libc_malloc.limit_arenas(MALLOC_ARENAS)  # before the pods' threads (see stockade.agent.libc_malloc)
         self._thread = threading.Thread(target=self._run, name="stockade-node", daemon=True)
         self._thread.start()
 
