@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -238,3 +239,35 @@ def wait_for_inode(pid: int, inode: int) -> bool:
             pass
         time.sleep(0.02)
     return False
+
+
+def test_the_node_agent_is_settled_only_when_no_start_apply_or_proof_is_pending(tmp_path: Path) -> None:
+    """"At rest" (bench/k8s.py) starts when the node agent says it is settled: a pod's proof asked for
+    (an apply since its last proof) or running, anything in the apply gate, or a collection due after
+    proofs is start-up work still under way, not rest."""
+    from types import SimpleNamespace
+
+    from stockade.agent import proving
+    from stockade.agent.apply_gate import Priority
+    from stockade.k8s.node_agent import _Running
+
+    agent = NodeAgent(NodeOptions("n1", "http://127.0.0.1:9", tmp_path), finder=lambda uid: None)
+    proofs = proving.ProofLoop(object(), lambda *a: None, lambda: 1, threading.Event(),  # type: ignore[arg-type]
+                               interval=300.0, collections=proving.Collections(background=False))
+    pod = LocalPod(UID, "shop", "web", "k8s.shop.web", ())
+    try:
+        assert agent.settled()  # nothing wanted, nothing running
+        agent._running[UID] = _Running(pod, "stk-x", SimpleNamespace(proofs=proofs), None, 0.0)  # type: ignore[arg-type]
+        assert agent.settled()
+        proofs.poke.set()  # applied since its last proof: a proof is due
+        assert not agent.settled()
+        proofs.poke.clear()
+        agent.gate.begin_hold()  # a pod starting
+        assert not agent.settled()
+        agent.gate.end_hold()
+        with agent.gate.admit(Priority.DELTA):  # an apply running
+            assert not agent.settled()
+        assert agent.settled()
+    finally:
+        agent._running.clear()
+        agent.stop()

@@ -38,6 +38,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+STOP_RECHECK = 0.25  # a queued runtime notices its stop this soon
+
 
 class Priority(IntEnum):
     FIRST = 0
@@ -86,6 +88,11 @@ class ApplyGate:
         with self._cond:
             return len(self._waiting)
 
+    def idle(self) -> bool:
+        """Nothing queued, running or held."""
+        with self._cond:
+            return not self._waiting and not self._firsts and not self._background and not self._holds
+
     def _may_enter(self, ticket: tuple[int, int]) -> bool:
         if self._waiting[0] != ticket:
             return False  # a higher class, or an older ticket of the same one, goes first
@@ -94,6 +101,18 @@ class ApplyGate:
         if self._background >= self.slots:
             return False
         return (self._firsts == 0 and self._holds == 0) or time.monotonic() - self._since[ticket] >= self.max_defer
+
+    def _recheck(self, ticket: tuple[int, int], stop: threading.Event | None) -> float | None:
+        """How long a waiting ticket sleeps before it looks again without being notified (every
+        exit, admission and end of a hold notifies): the head delta or proof until its ``max_defer``
+        runs out; any other only to notice ``stop`` (a quarter second). It was 50 ms for all: 110
+        pods' proofs queued after a node agent's start-up woke 2,200 times a second."""
+        after = STOP_RECHECK if stop is not None else None
+        if ticket[0] != Priority.FIRST and self._waiting[0] == ticket:
+            left = self._since[ticket] + self.max_defer - time.monotonic()
+            if left > 0:  # past it, only a busy slot keeps it out: its exit notifies
+                return left if after is None else min(left, after)
+        return after
 
     def begin_hold(self) -> None:
         """Keep deltas and proofs back (each up to ``max_defer``) until :meth:`end_hold`: a pod is
@@ -124,8 +143,7 @@ class ApplyGate:
                     del self._since[ticket]
                     self._cond.notify_all()
                     break
-                # wake to re-check: a stop, and a deferred delta's max_defer running out
-                self._cond.wait(0.05 if stop is not None or ticket[0] != Priority.FIRST else None)
+                self._cond.wait(self._recheck(ticket, stop))
             else:
                 heapq.heappop(self._waiting)
                 del self._since[ticket]

@@ -45,12 +45,14 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from stockade.agent import libc_malloc
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
 from stockade.agent.enforcer import CacheStart, Enforcer
 from stockade.agent.flows import FlowCollector, FlowReader, collector_for, open_reader_now
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
+from stockade.agent.proving import COLLECTIONS
 from stockade.agent.state import CachedPolicy, Credential, StateDir
 from stockade.agent.transport import AgentEvent, ControllerUnreachableError, EventKind
 from stockade.agent_signature import public_key_text
@@ -76,6 +78,8 @@ FAST_RETRY, FAST_RETRY_FOR = 0.05, 5.0  # but a pod seen less than FAST_RETRY_FO
 NS_POLL, NS_POLL_LATE = 0.01, 0.25  # an enrolled pod's namespace is looked for this often (after FAST_RETRY_FOR: late)
 FIRST_FRESH = 5.0  # an enrolment's policy kept longer than this for a namespace not found yet is not applied
 START_WORKERS = 8  # pods started (and stopped) at once
+SETTLE_CHECK = 1.0  # with nothing to start but proofs or applies under way: look whether settled this often
+MALLOC_ARENAS = 2  # glibc malloc arenas shared by the node agent's ~8 threads per pod
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
 
 
@@ -117,6 +121,7 @@ class NodeAgent:
         self._poke = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._born = time.monotonic()
         self.host_agent: Agent | None = None
         self.client: NodeControllerClient | None = None
         self.credential: Credential | None = None
@@ -133,6 +138,7 @@ class NodeAgent:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        libc_malloc.limit_arenas(MALLOC_ARENAS)  # before the pods' threads (see stockade.agent.libc_malloc)
         self._thread = threading.Thread(target=self._run, name="stockade-node", daemon=True)
         self._thread.start()
 
@@ -259,10 +265,24 @@ class NodeAgent:
             self.poller = NodePoller(self.client, long_poll_seconds=self.options.long_poll_seconds,
                                      workers=max(2, self.options.apply_slots * 2))
             self.poller.start()
+        settled = False
         while not self._stop.is_set():
             self._poke.clear()
             pending = self._reconcile()
-            self._poke.wait(self._wait_seconds(pending))
+            was, settled = settled, not pending and self.settled()
+            if settled and not was:
+                log.info("node agent settled: %d pods enforced, no start, apply or proof pending (%.1f s after "
+                         "start)", len(self.enforced()), time.monotonic() - self._born)
+            self._poke.wait(self._wait_seconds(pending) if settled or pending else SETTLE_CHECK)
+
+    def settled(self) -> bool:
+        """Every wanted pod started and nothing of theirs under way: no start, nothing queued, running or
+        held in the apply gate, no pod's proof asked for or running, no collection due (bench/k8s.py
+        measures "at rest" from here: until then the start-up's proofs are still running)."""
+        with self._lock:
+            agents = [r.agent for r in self._running.values()]
+        return (not self._starting and self.gate.idle() and not COLLECTIONS.due
+                and not any(a.proofs.pending for a in agents))
 
     def _reconcile(self) -> bool:
         """One pass: start what is wanted, stop what is not; True when something is still under way.
