@@ -54,12 +54,12 @@ from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
 from stockade.agent.proving import COLLECTIONS
 from stockade.agent.state import CachedPolicy, Credential, StateDir
-from stockade.agent.transport import AgentEvent, ControllerUnreachableError, EventKind
+from stockade.agent.transport import AgentEvent, EventKind
 from stockade.agent_signature import public_key_text
 from stockade.backends.nftables.backend import NftablesBackend
 from stockade.backends.nftables.netlink_apply import NetlinkTableBackend, TemplateCache
 from stockade.compiler.delta import PolicyUpdate, UpdateKind
-from stockade.errors import AuthError, NotFoundError, StockadeError
+from stockade.errors import NotFoundError, StockadeError
 from stockade.k8s.node_poll import (
     POD_HEARTBEAT_SECONDS,
     NodeControllerClient,
@@ -67,6 +67,7 @@ from stockade.k8s.node_poll import (
     PodAgent,
     PodEnroller,
     PodRuntime,
+    enrol_node_bare,
 )
 from stockade.k8s.node_types import LocalPod, NodeOptions, NodeStats
 from stockade.k8s.podns import NamespaceIndex, PodNetns, pin, pin_prefix, stale_pins, unpin
@@ -219,7 +220,7 @@ class NodeAgent:
         else:
             cred = self.state.load_credential()
             if cred is None:
-                cred = self._enrol_bare(report)
+                cred = enrol_node_bare(o, self.state, report, self._stop)
         if cred is None:
             return None
         client = NodeControllerClient(cred.controller, self.state.load_ca())
@@ -227,29 +228,6 @@ class NodeAgent:
         self.credential = cred
         log.info("node %s: agent %s (workload %s)", o.node, cred.agent_id, cred.workload)
         return client
-
-    def _enrol_bare(self, report: HostReport) -> Credential | None:
-        o = self.options
-        if not o.activation_code:
-            raise AuthError("node agent not enrolled: an activation code is needed the first time")
-        key = public_key_text(self.state.load_or_create_key())
-        client = NodeControllerClient(o.controller, self.state.load_ca())
-        try:
-            while not self._stop.is_set():
-                try:
-                    e = client.enroll(o.activation_code, report, key)
-                except ControllerUnreachableError as exc:
-                    log.info("node enrolment: %s; retrying", exc)
-                    self._stop.wait(1.0)
-                    continue
-                if e.ca_pem:
-                    self.state.save_ca(e.ca_pem)
-                cred = Credential(o.controller, e.agent_id, e.token, e.workload, self.state.key_path)
-                self.state.save_credential(cred)
-                return cred
-        finally:
-            client.close()
-        return None
 
     # ---- reconcile ----------------------------------------------------------------------------------
     def _run(self) -> None:

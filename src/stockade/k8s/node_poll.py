@@ -34,10 +34,14 @@ from stockade import __version__
 from stockade.agent.agent import Agent
 from stockade.agent.backoff import Backoff, BackoffPolicy
 from stockade.agent.flows import collector_for
+from stockade.agent.host import HostReport
 from stockade.agent.http_client import LONG_POLL_MARGIN, HttpControllerClient
+from stockade.agent.state import Credential, StateDir
 from stockade.agent.transport import ControllerUnreachableError, Enrollment, EventKind
+from stockade.agent_signature import public_key_text
 from stockade.compiler.delta import PolicyUpdate, policy_update_from_dict
 from stockade.errors import AuthError, ConflictError, Issue, NotFoundError, StockadeError, ValidationError
+from stockade.k8s.node_types import NodeOptions
 
 log = logging.getLogger("stockade.k8s.node")
 POD_HEARTBEAT_SECONDS = 1e9  # a pod runtime heartbeats once, at start: the node's requests keep it alive
@@ -454,3 +458,29 @@ class NodePoller:
                     self._acked[a] = max(r, self._acked.get(a, 0))
                 for a in gone:
                     self._forget(a)
+
+
+def enrol_node_bare(o: NodeOptions, state: StateDir, report: HostReport, stop: threading.Event) -> Credential | None:
+    """The node's credential from its activation code, for a node agent that leaves the node's own
+    firewall alone (``--no-host-policy``: no host agent enrols it). Retried while the controller is
+    unreachable; None when stopped first."""
+    if not o.activation_code:
+        raise AuthError("node agent not enrolled: an activation code is needed the first time")
+    key = public_key_text(state.load_or_create_key())
+    client = NodeControllerClient(o.controller, state.load_ca())
+    try:
+        while not stop.is_set():
+            try:
+                e = client.enroll(o.activation_code, report, key)
+            except ControllerUnreachableError as exc:
+                log.info("node enrolment: %s; retrying", exc)
+                stop.wait(1.0)
+                continue
+            if e.ca_pem:
+                state.save_ca(e.ca_pem)
+            cred = Credential(o.controller, e.agent_id, e.token, e.workload, state.key_path)
+            state.save_credential(cred)
+            return cred
+    finally:
+        client.close()
+    return None
