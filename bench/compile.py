@@ -54,6 +54,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from compile_aerleon import AerleonResult, run_aerleon
 from compile_ops import (
     ChurnResult,
     GcMeter,
@@ -68,25 +69,13 @@ from compile_ops import (
 )
 from estate_gen import _ROLE_ORDER, SIZES, Estate, generate
 
-from stockade.compiler import Compiler, Direction, HostPolicy, compile_host
-from stockade.model import Action, Label, Proto, ServiceEntry, Workload
+from stockade.compiler import Compiler, HostPolicy, compile_host
+from stockade.model import Label, Workload
 
 FULL_COMPILE_TARGET_S = {"xlarge": 10.0, "xxlarge": 25.0}
 RSS_TARGET_MB = {"xlarge": 2048.0}
 RELABEL_TARGET_MS = 2.0
 RELABEL_MAX_TARGET_MS = 10.0
-
-
-@dataclass(frozen=True)
-class AerleonResult:
-    host: str
-    host_rules: int
-    terms: int
-    skipped_empty: int  # rules whose peer set is empty in both families (match nothing)
-    addresses: int  # addresses/CIDRs written into the network definitions
-    time: Timing  # best of the repetitions
-    output_bytes: int
-    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,123 +131,6 @@ def _relabel_candidates(estate: Estate) -> list[tuple[Workload, tuple[str, ...]]
         if app in archetype:
             out.append((w, _ROLE_ORDER[archetype[app]]))
     return out
-
-
-# ---- Aerleon -----------------------------------------------------------------
-
-
-def _aerleon_port(e: ServiceEntry) -> str:
-    return str(e.first) if e.first == e.last else f"{e.first}-{e.last}"
-
-
-def _aerleon_icmp_names() -> dict[Proto, dict[int, str]]:
-    from aerleon.lib.policy import Term
-
-    return {
-        Proto.ICMP: {v: k for k, v in Term.ICMP_TYPE[4].items()},
-        Proto.ICMPV6: {v: k for k, v in Term.ICMP_TYPE[6].items()},
-    }
-
-
-def aerleon_policy(hp: HostPolicy) -> tuple[dict[str, Any], dict[str, Any], int, int, int]:
-    """The host's effective policy as an Aerleon policy + definitions (resolved addresses).
-
-    Returns (policy, definitions, terms, rules skipped because their peer is empty, addresses).
-    One term per (rule, protocol), in the HostPolicy's precedence order; inbound rules go to a
-    ``mixed input`` filter (peer = source), outbound ones to ``mixed output`` (peer = destination).
-    Failsafe management ports are the first input term, as in our own rendering.
-    """
-    icmp_names = _aerleon_icmp_names()
-    members: dict[str, list[str]] = {}
-    for s in hp.sets:
-        members.setdefault(s.name, []).extend(str(m) for m in s.members)
-    networks = {name: {"values": [{"address": a} for a in addrs]} for name, addrs in members.items() if addrs}
-    services: dict[str, list[dict[str, str]]] = {}
-
-    def service_name(proto: Proto, entries: list[ServiceEntry]) -> str:
-        name = proto.value + "_" + "_".join(_aerleon_port(e) for e in entries)
-        services[name] = [{"port": _aerleon_port(e), "protocol": proto.value} for e in entries]
-        return name
-
-    terms: dict[Direction, list[dict[str, Any]]] = {Direction.INBOUND: [], Direction.OUTBOUND: []}
-    for e in hp.failsafe.management:
-        if e.proto.has_ports and e.first is not None:
-            terms[Direction.INBOUND].append(
-                {
-                    "name": "failsafe-mgmt",
-                    "protocol": e.proto.value,
-                    "destination-port": service_name(e.proto, [e]),
-                    "action": "accept",
-                }
-            )
-    skipped = 0
-    for i, rule in enumerate(hp.rules):
-        if rule.peer not in networks:
-            skipped += 1
-            continue
-        by_proto: dict[Proto, list[ServiceEntry]] = {}
-        for e in rule.services:
-            by_proto.setdefault(e.proto, []).append(e)
-        for proto, entries in sorted(by_proto.items()):
-            term: dict[str, Any] = {
-                "name": f"r{i}-{proto.value}",
-                "action": "accept" if rule.action is Action.ALLOW else "deny",
-                "comment": rule.rule_id,
-            }
-            peer_key = "source-address" if rule.direction is Direction.INBOUND else "destination-address"
-            term[peer_key] = rule.peer
-            if proto is not Proto.ANY:
-                term["protocol"] = proto.value
-            ported = [e for e in entries if e.first is not None]
-            if proto.has_ports and len(ported) == len(entries):
-                term["destination-port"] = service_name(proto, entries)
-            if proto.is_icmp and len(ported) == len(entries):
-                types = [icmp_names[proto][e.first] for e in entries if e.first is not None]
-                # aerleon 1.x renders a single icmp type as a Python list (TypeError);
-                # naming it twice takes its set path and yields the same match.
-                term["icmp-type"] = types * 2 if len(types) == 1 else types
-            terms[rule.direction].append(term)
-    policy = {
-        "filename": hp.workload,
-        "filters": [
-            {"header": {"targets": {"nftables": "mixed input"}}, "terms": terms[Direction.INBOUND]},
-            {"header": {"targets": {"nftables": "mixed output"}}, "terms": terms[Direction.OUTBOUND]},
-        ],
-    }
-    definitions = {"networks": networks, "services": services}
-    n_terms = len(terms[Direction.INBOUND]) + len(terms[Direction.OUTBOUND])
-    return policy, definitions, n_terms, skipped, sum(len(v) for v in members.values())
-
-
-def run_aerleon(hp: HostPolicy, reps: int) -> AerleonResult:
-    try:
-        from absl import logging as absl_logging
-        from aerleon import api
-        from aerleon.lib import naming
-    except ImportError as exc:
-        return AerleonResult(hp.workload, len(hp.rules), 0, 0, 0, Timing(0, 0), 0, f"aerleon missing: {exc}")
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    policy, definitions, n_terms, skipped, n_addr = aerleon_policy(hp)
-
-    def generate_once() -> str:
-        defs = naming.Naming()
-        defs.ParseDefinitionsObject(definitions, "bench")
-        out = api.Generate([policy], defs)  # type: ignore[list-item]
-        if not out:
-            raise RuntimeError("aerleon produced no output")
-        return next(iter(out.values()))
-
-    best: Timing | None = None
-    text = ""
-    try:
-        for _ in range(reps):
-            text, t = timed(generate_once)
-            if best is None or t.cpu < best.cpu:
-                best = t
-    except Exception as exc:  # report Aerleon's failure in the table instead of dying
-        return AerleonResult(hp.workload, len(hp.rules), n_terms, skipped, n_addr, Timing(0, 0), 0, repr(exc)[:80])
-    assert best is not None
-    return AerleonResult(hp.workload, len(hp.rules), n_terms, skipped, n_addr, best, len(text.encode()))
 
 
 def _render(hp: HostPolicy) -> tuple[Timing | None, int]:
@@ -460,22 +332,35 @@ def report(results: list[SizeResult]) -> str:
         ),
     )
     for kind in ("readdress", "create", "delete"):
-        row(f"{kind} set-keyed med / max, CPU ms",
-            _op_cell(kind, lambda o: f"{_ms(o.median.cpu)} / {_ms(o.max.cpu)}"))
-        row(f"{kind} set-keyed med / max, wall ms",
-            _op_cell(kind, lambda o: f"{_ms(o.median.wall)} / {_ms(o.max.wall)}"))
+        row(f"{kind} set-keyed med / max, CPU ms", _op_cell(kind, lambda o: f"{_ms(o.median.cpu)} / {_ms(o.max.cpu)}"))
+        row(
+            f"{kind} set-keyed med / max, wall ms",
+            _op_cell(kind, lambda o: f"{_ms(o.median.wall)} / {_ms(o.max.wall)}"),
+        )
         row(f"  {kind} set deltas (median)", _op_cell(kind, lambda o: f"{o.sets_median:g}"))
         row(
             f"  target {kind} <= {RELABEL_TARGET_MS:g} ms median, <= {RELABEL_MAX_TARGET_MS:g} ms max",
-            _op_cell(kind, lambda o: _verdict(o.median.cpu * 1000 <= RELABEL_TARGET_MS
-                                              and o.max.cpu * 1000 <= RELABEL_MAX_TARGET_MS)),
+            _op_cell(
+                kind,
+                lambda o: _verdict(
+                    o.median.cpu * 1000 <= RELABEL_TARGET_MS and o.max.cpu * 1000 <= RELABEL_MAX_TARGET_MS
+                ),
+            ),
         )
-        row("  + per-host fan-out med / max, CPU ms",
-            _op_cell(kind, lambda o: f"{_ms(o.fanout_median.cpu)} / {_ms(o.fanout_max.cpu)}" if o.fanout_median
-                     and o.fanout_max else "-"))
+        row(
+            "  + per-host fan-out med / max, CPU ms",
+            _op_cell(
+                kind,
+                lambda o: (
+                    f"{_ms(o.fanout_median.cpu)} / {_ms(o.fanout_max.cpu)}" if o.fanout_median and o.fanout_max else "-"
+                ),
+            ),
+        )
         row(f"  {kind} hosts in fan-out (med/max)", _op_cell(kind, lambda o: f"{o.hosts_median:g} / {o.hosts_max}"))
-        row(f"  full GCs in all {kind}s (loop / in calls)",
-            _op_cell(kind, lambda o: f"{o.full_gcs} / {o.full_gcs_in_calls}"))
+        row(
+            f"  full GCs in all {kind}s (loop / in calls)",
+            _op_cell(kind, lambda o: f"{o.full_gcs} / {o.full_gcs_in_calls}"),
+        )
     row(
         "relabel vs full recompile, CPU",
         lambda r: f"{r.full.cpu / max(r.relabel_median.cpu, 1e-6):,.0f}x less",
