@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from stockade.agent import libc_malloc
+from stockade.agent import heap, libc_malloc
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
 from stockade.agent.enforcer import CacheStart, Enforcer
@@ -123,6 +123,7 @@ class NodeAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._born = time.monotonic()
+        self._pending = True  # the last reconcile pass left a wanted pod not started (or a start under way)
         self.host_agent: Agent | None = None
         self.client: NodeControllerClient | None = None
         self.credential: Credential | None = None
@@ -139,7 +140,10 @@ class NodeAgent:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        libc_malloc.limit_arenas(MALLOC_ARENAS)  # before the pods' threads (see stockade.agent.libc_malloc)
+        libc_malloc.limit_arenas(MALLOC_ARENAS)
+        if self.options.frozen_heap:  # the deep collections wait while a new pod waits (stockade.agent.heap)
+            heap.install(heap.FrozenHeap(quiet=lambda: not self._pending))
+            heap.log_long_pauses()  # before the pods' threads (see stockade.agent.libc_malloc)
         self._thread = threading.Thread(target=self._run, name="stockade-node", daemon=True)
         self._thread.start()
 
@@ -246,7 +250,7 @@ class NodeAgent:
         settled = False
         while not self._stop.is_set():
             self._poke.clear()
-            pending = self._reconcile()
+            pending = self._pending = self._reconcile()
             was, settled = settled, not pending and self.settled()
             if settled and not was:
                 log.info("node agent settled: %d pods enforced, no start, apply or proof pending (%.1f s after "
@@ -318,6 +322,7 @@ class NodeAgent:
             if uid in self._awaiting:
                 if self._find(pod) is None:
                     continue  # its sandbox is not there yet
+                self._stage(uid, "spotted")
                 with self._lock:
                     self._awaiting.discard(uid)
             elif self._retry.get(uid, (0.0, 0.0))[0] > now:
@@ -364,6 +369,7 @@ class NodeAgent:
                 self.gate.end_hold()
                 return True  # already enforced: never a second runtime for one pod
         self._stage(pod.uid, "taken", first=True)
+        self._stage(pod.uid, "started")
         if pod.host_network and self._in_node_namespace(pod):
             return True
         # enrol first: the sync writes a pod as soon as it is bound (before its IP and usually before
