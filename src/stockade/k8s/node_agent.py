@@ -319,15 +319,17 @@ class NodeAgent:
                 break
             if uid in running or uid in host_network or uid in self._starting:
                 continue
+            spotted: PodNetns | None = None
             if uid in self._awaiting:
-                if self._find(pod) is None:
+                spotted = self._find(pod)
+                if spotted is None:
                     continue  # its sandbox is not there yet
                 self._stage(uid, "spotted")
                 with self._lock:
                     self._awaiting.discard(uid)
             elif self._retry.get(uid, (0.0, 0.0))[0] > now:
                 continue
-            fut = self._pool.submit(self._start_pod, pod)
+            fut = self._pool.submit(self._start_pod, pod, spotted)
             fut.add_done_callback(lambda _f: self._poke.set())
             self._starting[uid] = fut
         return bool(self._starting) or any(uid not in running and uid not in host_network for uid in desired)
@@ -342,14 +344,14 @@ class NodeAgent:
             return FAST_RETRY
         return NS_POLL if time.time() - max(seen) < FAST_RETRY_FOR else NS_POLL_LATE
 
-    def _start_pod(self, pod: LocalPod) -> bool:
+    def _start_pod(self, pod: LocalPod, spotted: PodNetns | None = None) -> bool:
         """Start enforcing ``pod``; deltas and proofs of the other pods wait meanwhile (the gate's
         hold, ended by the first apply or HOLD_SECONDS, whichever comes first)."""
         t0 = time.monotonic()
         self.gate.begin_hold()
         started = False
         try:
-            started = self._start_pod_held(pod, t0)  # True: the hold is ended by _time_first_apply (or above)
+            started = self._start_pod_held(pod, t0, spotted)  # True: the hold is ended by _time_first_apply (or above)
         finally:
             if not started:
                 self.gate.end_hold()
@@ -363,7 +365,11 @@ class NodeAgent:
             else:
                 stages[name] = time.time()  # the attempt that succeeded
 
-    def _start_pod_held(self, pod: LocalPod, t0: float) -> bool:
+    def _start_pod_held(self, pod: LocalPod, t0: float, spotted: PodNetns | None = None) -> bool:
+        """``spotted``: the namespace the reconcile loop just found for this enrolled pod (by
+        :meth:`_find`, so never the node's for a pod that is not ``hostNetwork``), used as found
+        instead of a second scan; :func:`~stockade.k8s.podns.pin` still checks it is the pod
+        process's namespace now."""
         with self._lock:
             if pod.uid in self._running:
                 self.gate.end_hold()
@@ -401,7 +407,7 @@ class NodeAgent:
             with self._lock:
                 self._early.pop(pod.uid, None)
         else:
-            found = self._find(pod)
+            found = spotted if spotted is not None and spotted.uid == pod.uid else self._find(pod)
             if found is None:
                 if first is not None:
                     self._first[pod.uid] = (first, brought)  # for the next attempt (the credential is kept on disk)
