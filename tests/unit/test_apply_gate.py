@@ -8,6 +8,7 @@ deltas wait, and a pod whose delta queued applies every revision published meanw
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -104,6 +105,10 @@ def test_a_stopping_waiter_leaves_the_queue() -> None:
     hold.set()
 
 
+def _waiting(gate: ApplyGate, n: int) -> bool:
+    return gate.waiting() == n
+
+
 class _CountingGate(ApplyGate):
     """Counts how often a waiter woke and looked whether it may enter."""
 
@@ -140,7 +145,7 @@ def test_an_admission_wakes_the_next_waiter_not_every_waiter() -> None:
     threads = []
     for i in range(n):
         threads.append(queued(i))
-        assert wait_until(lambda: gate.waiting() == i + 1)  # queued in this order
+        assert wait_until(functools.partial(_waiting, gate, i + 1))  # queued in this order
     gate.looks = 0
     first.set()
     holder.join(5)

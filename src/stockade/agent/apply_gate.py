@@ -76,7 +76,8 @@ class ApplyGate:
         self.max_defer = max_defer
         self._holds = 0  # pods being started (see hold())
         self._since: dict[tuple[int, int], float] = {}  # ticket -> when it began to wait
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._wakers: dict[tuple[int, int], threading.Condition] = {}  # ticket -> its waiter's (on _cond's lock)
         self._waiting: list[tuple[int, int]] = []  # heap of (priority, arrival)
         self._seq = itertools.count()
@@ -147,7 +148,7 @@ class ApplyGate:
         with self._cond:
             heapq.heappush(self._waiting, ticket)
             self._since[ticket] = started
-            waker = self._wakers[ticket] = threading.Condition(self._cond)  # same lock: woken alone
+            waker = self._wakers[ticket] = threading.Condition(self._lock)  # same lock: woken alone
             while not self._may_enter(ticket):
                 queued = True
                 if stop is not None and stop.is_set():
