@@ -81,6 +81,7 @@ FIRST_FRESH = 5.0  # an enrolment's policy kept longer than this for a namespace
 START_WORKERS = 8  # pods started (and stopped) at once
 SETTLE_CHECK = 1.0  # with nothing to start but proofs or applies under way: look whether settled this often
 MALLOC_ARENAS = 2  # glibc malloc arenas shared by the node agent's ~8 threads per pod
+PINS_CHECK = 1.0  # pins left by an earlier run looked for at most this often (not at every 10 ms pass)
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
 
 
@@ -123,6 +124,7 @@ class NodeAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._born = time.monotonic()
+        self._pins_checked = float("-inf")  # monotonic: the last look for pins of pods that are gone
         self._pending = True  # the last reconcile pass left a wanted pod not started (or a start under way)
         self.host_agent: Agent | None = None
         self.client: NodeControllerClient | None = None
@@ -281,9 +283,11 @@ class NodeAgent:
             self._retry.pop(uid, None)  # its sandbox exists now (the CNI gave it the IP): no backoff
         for uid in sorted(running - set(desired)):
             self._stop_pod(uid, forget=True)
-        for uid in stale_pins(set(desired) | set(self._stopping), self.pin_prefix):
-            unpin(uid, self.pin_prefix)  # pinned by an earlier run for a pod that is gone
         now = time.monotonic()
+        if now - self._pins_checked >= PINS_CHECK:
+            self._pins_checked = now
+            for uid in stale_pins(set(desired) | set(self._stopping), self.pin_prefix):
+                unpin(uid, self.pin_prefix)  # pinned by an earlier run for a pod that is gone
         for uid in set(self._retry) - set(desired):
             del self._retry[uid]
         for uid in set(self._first) - set(desired):
@@ -366,10 +370,8 @@ class NodeAgent:
                 stages[name] = time.time()  # the attempt that succeeded
 
     def _start_pod_held(self, pod: LocalPod, t0: float, spotted: PodNetns | None = None) -> bool:
-        """``spotted``: the namespace the reconcile loop just found for this enrolled pod (by
-        :meth:`_find`, so never the node's for a pod that is not ``hostNetwork``), used as found
-        instead of a second scan; :func:`~stockade.k8s.podns.pin` still checks it is the pod
-        process's namespace now."""
+        """``spotted``: the namespace the reconcile loop just found (by :meth:`_find`) for this enrolled
+        pod, used instead of a second scan; :func:`~.podns.pin` checks it is still the pod's."""
         with self._lock:
             if pod.uid in self._running:
                 self.gate.end_hold()
