@@ -1,27 +1,27 @@
 """The node agent's long-lived heap kept out of the collections that follow proofs (``gc.freeze``).
 
 Why: every proof is followed by a full garbage collection (a proof's BDD manager is freed only with
-its last node, and nodes sit in reference cycles; :class:`~stockade.agent.proving.Collections`
+its last node, and nodes may sit in reference cycles; :class:`~stockade.agent.proving.Collections`
 coalesces them to one per 2 s). A full collection walks every tracked object of the process, and a
-node agent at 110 pods holds ~400 MiB of them (110 pod runtimes, their clients, policies and
-templates): each collection held the GIL for **92-581 ms** (bench/k8s.py, churn at 2 + 2 pods/s,
-one every ~2 s). A new pod whose sandbox appeared during one waited for it before its namespace
-was even seen: that was the tail of a new pod's time to protection (p99 366-706 ms for a p50 of
-~45 ms).
+node agent at 110 pods holds ~400 MiB of heap (110 pod runtimes, their clients, policies and
+templates): in churn at 2 + 2 pods/s each collection held the GIL for 92-581 ms, one every ~2 s
+(bench/k8s.py). A new pod whose sandbox appeared meanwhile waited before its namespace was even
+seen: with the apply gate's wake-ups (:mod:`~stockade.agent.apply_gate`), the tail of a new pod's
+time to protection (p99 252-706 ms for a p50 of ~45-68 ms).
 
-How: after a collection, the survivors are moved to the permanent generation (``gc.freeze()``), so
-the next collection walks only what was allocated since (a proof's garbage, a new pod's runtime),
-not the 110 runtimes again. What is frozen is never freed by a collection (reference counting
-still frees it): a frozen object that becomes *cyclic* garbage later (a deleted pod's runtime, a
-proof that was still running beside the collection) waits for a **deep** collection, which thaws
-everything first (``gc.unfreeze()``), walks the whole heap as before and freezes again. A deep collection is due
-``deep_every`` seconds after the last one and waits for a quiet moment (``quiet()``: for the node
-agent, no pod waiting for its namespace or being started) at most ``defer_max`` seconds longer.
-So memory is returned as before, only up to ``deep_every + defer_max`` later, and the long pauses
-come once a minute, when no new pod is waiting, instead of every 2 s.
+How: after a collection the survivors are moved to the permanent generation (``gc.freeze()``), so the
+next collection walks only what was allocated since (a proof's garbage, a new pod's runtime): 10-35
+ms in churn. A frozen object is still freed by reference counting, never by a collection: one that
+becomes *cyclic* garbage later (a deleted pod's runtime, a proof that ran beside the collection)
+waits for a **deep** collection, which thaws everything (``gc.unfreeze()``), walks the whole heap as
+before and freezes again. A deep collection is due ``deep_every`` seconds after the last one and
+waits for a quiet moment (``quiet()``: for the node agent, no pod waiting for its namespace or being
+started) at most ``defer_max`` seconds longer. So cyclic garbage is freed as before, only up to
+``deep_every + defer_max`` later (RSS peak in churn +38-57 MiB, at rest unchanged), and the long
+pauses come once a minute, when no new pod is waiting, instead of every 2 s.
 
-A process that never calls :meth:`FrozenHeap.install` (a host agent: one runtime, a small heap)
-collects as before.
+The CLI's node agent installs one (:func:`install`); any other process (a host agent: one runtime,
+a small heap) collects as before.
 """
 
 from __future__ import annotations
