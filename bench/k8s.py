@@ -76,6 +76,8 @@ STAGES = {
     "seen": "the node agent's watch saw the pod (before address-less workloads: its IP)",
     "ip": "the node agent's watch saw the IP",
     "taken": "a start began (start pool)",
+    "spotted": "the reconcile loop saw the namespace (procfs; an enrolled pod awaiting its sandbox)",
+    "started": "the start attempt that succeeded began (start pool)",
     "found": "namespace found (procfs)",
     "pinned": "namespace pinned (ip netns attach)",
     "enrolled": "pod credential (+ first policy) from POST /pods/enroll, retried until the workload is committed",
@@ -88,8 +90,8 @@ STAGES = {
     "agent-fetched": "policy in hand",
     "agent-applied": "ruleset applied and read back",
 }
-AGENT_STAGES = ("seen", "ip", "taken", "found", "pinned", "enrolled", "flows", "applied", "runtime", "agent-enrolled",
-                "agent-answered", "agent-admitted", "agent-fetched", "agent-applied")
+AGENT_STAGES = ("seen", "ip", "taken", "spotted", "started", "found", "pinned", "enrolled", "flows", "applied",
+                "runtime", "agent-enrolled", "agent-answered", "agent-admitted", "agent-fetched", "agent-applied")
 
 
 class SyncTimes:
@@ -287,6 +289,8 @@ def main() -> None:
                     help="a new pod in churn: seconds from its sandbox to its IP in the API (the kubelet's status)")
     ap.add_argument("--no-pod-change-feed", action="store_true",
                     help="pods' tamper watch without a change feed (read back every 10 s only; before session 9)")
+    ap.add_argument("--no-frozen-heap", action="store_true",
+                    help="the node agent's collections after proofs walk the whole heap (before session 10)")
     ap.add_argument("--pod-nft", action="store_true",
                     help="the node agent applies and reads pods' tables with nft processes (the path before netlink)")
     args = ap.parse_args()
@@ -328,6 +332,7 @@ def main() -> None:
                                       "--no-host-policy", "--log-level", "info",
                                       *(["--pod-nft"] if args.pod_nft else []),
                                       *(["--no-pod-change-feed"] if args.no_pod_change_feed else []),
+                                      *(["--no-frozen-heap"] if args.no_frozen_heap else []),
                                       *(["--per-pod-poll"] if args.per_pod_poll else [])],
                                      stdout=out, stderr=subprocess.STDOUT, env=agent_env)
         kube = Kube(cluster)
@@ -367,7 +372,7 @@ def main() -> None:
         # churn: delete the oldest and create a new pod, churn-rate of each per second; each new pod gets its
         # sandbox --sandbox-delay after its creation and its IP --ip-delay after that (a thread plays its kubelet)
         c0, _ = usage(agent.pid)
-        tc = time.monotonic()
+        tc, tc_wall = time.monotonic(), time.time()
         n = args.pods
         churned: list[SimPod] = []
         kubelets: list[threading.Thread] = []
@@ -397,6 +402,10 @@ def main() -> None:
         done = [(t, f) for t in times if (f := in_force(t)) is not None]
         q = statistics.quantiles
         load = os.getloadavg()[0]
+        pauses = [(float(at), float(ms) / 1000)
+                  for ms, at in re.findall(r"gc pause ([0-9.]+) ms at ([0-9.]+)", agent_log) if float(at) >= tc_wall]
+        # (logged by a node agent of session 10 on, >= 10 ms)
+        hit = sum(any(at < f and at + ms > t["sandbox"] for at, ms in pauses) for t, f in done)
         rows = {
             "start-up: all pods programmed (first apply in each namespace), s": f"{programmed:.1f}",
             "start-up: programmed -> settled (no apply or proof pending), s":
@@ -415,6 +424,9 @@ def main() -> None:
             "new pod: created in the API -> its policy in force, p50 / p99 / max ms":
                 f"{_p([f - t['created'] for t, f in done])}",
             "new pods in force before their IP was in the API": f"{sum(f < t['api'] for t, f in done)} of {len(done)}",
+            "full collections >= 10 ms in churn: n, p50 / max ms (new pods waiting through one)":
+                (f"{len(pauses)}, {statistics.median(p for _a, p in pauses) * 1000:.0f} / "
+                 f"{max(p for _a, p in pauses) * 1000:.0f} ({hit} of {len(done)})") if pauses else "0 (or not logged)",
             "any pod: taken up -> first apply (the agent's own timer), p50 / p99":
                 f"{statistics.median(inside):.1f} / {q(inside, n=100)[98]:.1f} ms (n={len(inside)})",
             "load average at the end": f"{load:.1f}",

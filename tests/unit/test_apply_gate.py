@@ -8,6 +8,7 @@ deltas wait, and a pod whose delta queued applies every revision published meanw
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -102,6 +103,57 @@ def test_a_stopping_waiter_leaves_the_queue() -> None:
     waiter.join(5)
     assert not waiter.is_alive() and gate.waiting() == 0
     hold.set()
+
+
+def _waiting(gate: ApplyGate, n: int) -> bool:
+    return gate.waiting() == n
+
+
+class _CountingGate(ApplyGate):
+    """Counts how often a waiter woke and looked whether it may enter."""
+
+    looks = 0
+
+    def _may_enter(self, ticket: tuple[int, int]) -> bool:
+        self.looks += 1
+        return super()._may_enter(ticket)
+
+
+def test_an_admission_wakes_the_next_waiter_not_every_waiter() -> None:
+    """Under churn ~100 pods' deltas and proofs queue at once; every admission and exit woke all of
+    them (notify_all) and each went back to sleep (only the head may enter): ~n^2 wake-ups, each a
+    GIL hand-off, enough to make a new pod's namespace noticed 100-200 ms late. Now only the head's
+    waiter is woken: a few looks per ticket, every ticket still admitted, oldest first."""
+    n = 60
+    gate = _CountingGate(slots=1)
+    first, release = threading.Event(), threading.Event()
+    entered: list[Priority] = []
+    holder = _enter(gate, Priority.DELTA, entered, first)
+    assert wait_until(lambda: entered == [Priority.DELTA])
+    order: list[int] = []
+
+    def queued(i: int) -> threading.Thread:
+        def run() -> None:
+            with gate.admit(Priority.DELTA) as adm:
+                assert adm is not None and adm.queued
+                order.append(i)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
+
+    threads = []
+    for i in range(n):
+        threads.append(queued(i))
+        assert wait_until(functools.partial(_waiting, gate, i + 1))  # queued in this order
+    gate.looks = 0
+    first.set()
+    holder.join(5)
+    for t in threads:
+        t.join(10)
+    release.set()
+    assert order == list(range(n)) and gate.idle()
+    assert gate.looks <= 4 * n, f"{gate.looks} looks for {n} tickets (every waiter woken at every admission)"
 
 
 class Node:

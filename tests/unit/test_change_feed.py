@@ -7,6 +7,7 @@ read: the agent grew by hundreds of MiB and burned a core at rest (the e2e idle 
 
 from __future__ import annotations
 
+import struct
 import sys
 import threading
 import time
@@ -15,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stockade.agent.fake import wait_until
-from stockade.agent.watch import CommandFeed, LineScan
+from stockade.agent.watch import CommandFeed, LineScan, NetlinkFeed
+from stockade.backends.base import NetlinkGroup
+from stockade.backends.nfnetlink import NFT_NEWGEN, NFTA_GEN_PROC_PID
 
 
 def _whole(lines: list[bytes]) -> tuple[bool, list[bytes]]:
@@ -98,3 +101,27 @@ def test_a_monitor_that_keeps_running_away_is_left_stopped(tmp_path: object) -> 
         assert feed.runaways == 2 and not feed.alive  # no restart loop: the watcher polls and retries later
     finally:
         feed.stop()
+
+
+def _msg(msg_type: int, attrs: bytes = b"") -> bytes:
+    body = b"\x00\x00\x00\x03" + attrs  # nfgenmsg, then the attributes
+    return struct.pack("=IHHII", 16 + len(body), msg_type, 0, 0, 0) + body
+
+
+def _tid(tid: int) -> bytes:
+    return struct.pack("=HH", 8, NFTA_GEN_PROC_PID) + struct.pack("!I", tid)
+
+
+def test_only_a_transaction_committed_by_one_of_our_threads_is_no_change() -> None:
+    """nf_tables' NEWGEN ends each transaction and names the committing thread: our own (an apply,
+    a delta, a restore: each read back by itself) wakes nobody; anything unsure is a change."""
+    feed = NetlinkFeed(NetlinkGroup(12, 7, None, commit_type=NFT_NEWGEN, commit_tid_attr=NFTA_GEN_PROC_PID))
+    elem = _msg((10 << 8) | 12)  # NEWSETELEM
+    own, other = threading.get_native_id(), 2**31 - 5  # no thread of ours has that id
+    assert feed._sort(elem, False) == (False, True)  # a change, its commit not read yet
+    assert feed._sort(_msg(NFT_NEWGEN, _tid(own)), True) == (False, False) and feed.own_commits == 1
+    assert feed._sort(elem + _msg(NFT_NEWGEN, _tid(own)), False) == (False, False)
+    assert feed._sort(elem + _msg(NFT_NEWGEN, _tid(other)), False) == (True, False)  # another process
+    assert feed._sort(_msg(NFT_NEWGEN), True) == (True, False)  # no thread id: can't tell whose
+    assert feed._sort((elem + _msg(NFT_NEWGEN, _tid(own)))[:-3], False) == (True, False)  # cut short
+    assert feed._sort(_msg(NFT_NEWGEN, _tid(own)) + elem, False) == (False, True)  # the next one began

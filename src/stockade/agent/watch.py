@@ -26,6 +26,7 @@ import os
 import pty
 import select
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -201,12 +202,25 @@ class NetlinkFeed:
     A full receive buffer (``ENOBUFS``: the kernel dropped announcements) is a poke too: something
     changed. Any other socket error ends the feed (poked once more, ``alive`` turns False) and the
     watcher polls until it starts a new one.
+
+    With ``spec.commit_type`` (nf_tables: NEWGEN, which ends every transaction and names the thread
+    that committed it), a transaction committed by one of this process's own threads is no poke:
+    the agent's applies, deltas and restores each read back what they wrote (their own baseline).
+    Before, every set delta the node agent applied in a pod (~55 pods per pod created or deleted)
+    woke that pod's watch into one more read-back and comparison. Anything else pokes as before: a
+    commit by another process or thread id (``/proc/self/task/<id>`` absent, so an agent that does
+    not see the host's thread ids pokes for every change), a commit message without the id, a
+    message that can't be parsed, and changes whose commit message did not follow within
+    ``COMMIT_WAIT``.
     """
+
+    COMMIT_WAIT = 0.1
 
     def __init__(self, spec: NetlinkGroup, *, rcvbuf: int = 1 << 20) -> None:
         self.spec = spec
         self.rcvbuf = rcvbuf
         self.overruns = 0  # ENOBUFS seen
+        self.own_commits = 0  # transactions of this process's threads (no poke)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -232,26 +246,57 @@ class NetlinkFeed:
         self._thread.start()
 
     def _read(self, sock: socket.socket, on_change: Callable[[], None]) -> None:
+        pending = False  # changes heard whose commit message has not been read yet
         try:
             while not self._stop.is_set():
-                ready, _, _ = select.select([sock], [], [], 0.5)
+                ready, _, _ = select.select([sock], [], [], self.COMMIT_WAIT if pending else 0.5)
                 if not ready:
+                    if pending:  # no commit message followed: a change all the same
+                        pending = False
+                        on_change()
                     continue
+                poke = self.spec.commit_type is None
                 try:
-                    while sock.recv(1 << 16, socket.MSG_DONTWAIT):
-                        pass  # drain: a burst of announcements is one change
+                    while data := sock.recv(1 << 16, socket.MSG_DONTWAIT):  # a burst is one change
+                        if self.spec.commit_type is not None:
+                            foreign, pending = self._sort(data, pending)
+                            poke = poke or foreign
                 except BlockingIOError:
                     pass
                 except OSError as exc:
                     if exc.errno != errno.ENOBUFS:
                         raise
                     self.overruns += 1
-                on_change()
+                    poke, pending = True, False
+                if poke:
+                    on_change()
         except OSError as exc:
             log.warning("change feed (netlink group %d) ended: %s", self.spec.group, exc)
         finally:
             sock.close()
             on_change()  # the feed ended: let the watcher notice (and poll fast)
+
+    def _sort(self, data: bytes, pending: bool) -> tuple[bool, bool]:
+        """(a foreign change was committed, changes still wait for their commit message) after the
+        messages of one read."""
+        foreign, off = False, 0
+        while off < len(data):
+            if off + 16 > len(data):
+                return True, False  # cut short: can't tell whose
+            length, msg_type = struct.unpack_from("=IH", data, off)
+            if length < 16 or off + length > len(data):
+                return True, False
+            if msg_type == self.spec.commit_type:
+                tid = _commit_tid(data[off + 20 : off + length], self.spec.commit_tid_attr)  # after nfgenmsg
+                if tid is not None and os.path.exists(f"/proc/self/task/{tid}"):
+                    self.own_commits += 1
+                else:
+                    foreign = True
+                pending = False
+            else:
+                pending = True
+            off += (length + 3) & ~3
+        return foreign, pending
 
     @property
     def alive(self) -> bool:
@@ -261,6 +306,19 @@ class NetlinkFeed:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2.0)
+
+
+def _commit_tid(attrs: bytes, kind: int) -> int | None:
+    """The big-endian u32 attribute ``kind`` of a commit message's attributes (None: absent)."""
+    off = 0
+    while off + 4 <= len(attrs):
+        length, got = struct.unpack_from("=HH", attrs, off)
+        if length < 4:
+            return None
+        if got & 0x3FFF == kind and length == 8:
+            return int(struct.unpack_from("!I", attrs, off + 4)[0])
+        off += (length + 3) & ~3
+    return None
 
 
 def feed_for(change_monitor: Sequence[str] | NetlinkGroup | None) -> ChangeFeed | None:

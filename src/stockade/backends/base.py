@@ -201,6 +201,11 @@ class NetlinkGroup:
     protocol: int
     group: int
     netns: str | None
+    # the message that ends each transaction and names the thread that committed it (nf_tables:
+    # NEWGEN, attribute NFTA_GEN_PROC_PID): a transaction of one of the agent's own threads (an
+    # apply, a delta, a restore, each with its own read-back) then wakes nobody; None: every change does
+    commit_type: int | None = None
+    commit_tid_attr: int = 0
 
 
 @runtime_checkable

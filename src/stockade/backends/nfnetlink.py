@@ -22,6 +22,8 @@ from stockade.errors import BackendError
 
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7  # nf_tables' multicast group: every change, as nft monitor hears it
+NFT_NEWGEN = (10 << 8) | 15  # NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWGEN: the end of each transaction
+NFTA_GEN_PROC_PID = 2  # its attribute: the id of the thread that committed (big-endian u32)
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 NETLINK_CAP_ACK = 10

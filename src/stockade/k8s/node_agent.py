@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from stockade.agent import libc_malloc
+from stockade.agent import heap, libc_malloc
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
 from stockade.agent.enforcer import CacheStart, Enforcer
@@ -81,6 +81,7 @@ FIRST_FRESH = 5.0  # an enrolment's policy kept longer than this for a namespace
 START_WORKERS = 8  # pods started (and stopped) at once
 SETTLE_CHECK = 1.0  # with nothing to start but proofs or applies under way: look whether settled this often
 MALLOC_ARENAS = 2  # glibc malloc arenas shared by the node agent's ~8 threads per pod
+PINS_CHECK = 1.0  # pins left by an earlier run looked for at most this often (not at every 10 ms pass)
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
 
 
@@ -123,6 +124,8 @@ class NodeAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._born = time.monotonic()
+        self._pins_checked = float("-inf")  # monotonic: the last look for pins of pods that are gone
+        self._pending = True  # the last reconcile pass left a wanted pod not started (or a start under way)
         self.host_agent: Agent | None = None
         self.client: NodeControllerClient | None = None
         self.credential: Credential | None = None
@@ -139,7 +142,10 @@ class NodeAgent:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        libc_malloc.limit_arenas(MALLOC_ARENAS)  # before the pods' threads (see stockade.agent.libc_malloc)
+        libc_malloc.limit_arenas(MALLOC_ARENAS)
+        if self.options.frozen_heap:  # the deep collections wait while a new pod waits (stockade.agent.heap)
+            heap.install(heap.FrozenHeap(quiet=lambda: not self._pending))
+            heap.log_long_pauses()  # before the pods' threads (see stockade.agent.libc_malloc)
         self._thread = threading.Thread(target=self._run, name="stockade-node", daemon=True)
         self._thread.start()
 
@@ -246,7 +252,7 @@ class NodeAgent:
         settled = False
         while not self._stop.is_set():
             self._poke.clear()
-            pending = self._reconcile()
+            pending = self._pending = self._reconcile()
             was, settled = settled, not pending and self.settled()
             if settled and not was:
                 log.info("node agent settled: %d pods enforced, no start, apply or proof pending (%.1f s after "
@@ -277,9 +283,11 @@ class NodeAgent:
             self._retry.pop(uid, None)  # its sandbox exists now (the CNI gave it the IP): no backoff
         for uid in sorted(running - set(desired)):
             self._stop_pod(uid, forget=True)
-        for uid in stale_pins(set(desired) | set(self._stopping), self.pin_prefix):
-            unpin(uid, self.pin_prefix)  # pinned by an earlier run for a pod that is gone
         now = time.monotonic()
+        if now - self._pins_checked >= PINS_CHECK:
+            self._pins_checked = now
+            for uid in stale_pins(set(desired) | set(self._stopping), self.pin_prefix):
+                unpin(uid, self.pin_prefix)  # pinned by an earlier run for a pod that is gone
         for uid in set(self._retry) - set(desired):
             del self._retry[uid]
         for uid in set(self._first) - set(desired):
@@ -315,14 +323,17 @@ class NodeAgent:
                 break
             if uid in running or uid in host_network or uid in self._starting:
                 continue
+            spotted: PodNetns | None = None
             if uid in self._awaiting:
-                if self._find(pod) is None:
+                spotted = self._find(pod)
+                if spotted is None:
                     continue  # its sandbox is not there yet
+                self._stage(uid, "spotted")
                 with self._lock:
                     self._awaiting.discard(uid)
             elif self._retry.get(uid, (0.0, 0.0))[0] > now:
                 continue
-            fut = self._pool.submit(self._start_pod, pod)
+            fut = self._pool.submit(self._start_pod, pod, spotted)
             fut.add_done_callback(lambda _f: self._poke.set())
             self._starting[uid] = fut
         return bool(self._starting) or any(uid not in running and uid not in host_network for uid in desired)
@@ -337,14 +348,14 @@ class NodeAgent:
             return FAST_RETRY
         return NS_POLL if time.time() - max(seen) < FAST_RETRY_FOR else NS_POLL_LATE
 
-    def _start_pod(self, pod: LocalPod) -> bool:
+    def _start_pod(self, pod: LocalPod, spotted: PodNetns | None = None) -> bool:
         """Start enforcing ``pod``; deltas and proofs of the other pods wait meanwhile (the gate's
         hold, ended by the first apply or HOLD_SECONDS, whichever comes first)."""
         t0 = time.monotonic()
         self.gate.begin_hold()
         started = False
         try:
-            started = self._start_pod_held(pod, t0)  # True: the hold is ended by _time_first_apply (or above)
+            started = self._start_pod_held(pod, t0, spotted)  # True: the hold is ended by _time_first_apply (or above)
         finally:
             if not started:
                 self.gate.end_hold()
@@ -358,12 +369,15 @@ class NodeAgent:
             else:
                 stages[name] = time.time()  # the attempt that succeeded
 
-    def _start_pod_held(self, pod: LocalPod, t0: float) -> bool:
+    def _start_pod_held(self, pod: LocalPod, t0: float, spotted: PodNetns | None = None) -> bool:
+        """``spotted``: the namespace the reconcile loop just found (by :meth:`_find`) for this enrolled
+        pod, used instead of a second scan; :func:`~.podns.pin` checks it is still the pod's."""
         with self._lock:
             if pod.uid in self._running:
                 self.gate.end_hold()
                 return True  # already enforced: never a second runtime for one pod
         self._stage(pod.uid, "taken", first=True)
+        self._stage(pod.uid, "started")
         if pod.host_network and self._in_node_namespace(pod):
             return True
         # enrol first: the sync writes a pod as soon as it is bound (before its IP and usually before
@@ -395,7 +409,7 @@ class NodeAgent:
             with self._lock:
                 self._early.pop(pod.uid, None)
         else:
-            found = self._find(pod)
+            found = spotted if spotted is not None and spotted.uid == pod.uid else self._find(pod)
             if found is None:
                 if first is not None:
                     self._first[pod.uid] = (first, brought)  # for the next attempt (the credential is kept on disk)

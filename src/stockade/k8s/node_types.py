@@ -48,6 +48,8 @@ class NodeOptions:
     pod_netlink: bool = True  # pods' full applies and read-backs over netlink (False: nft processes)
     pod_change_feed: bool = True  # each pod's tamper watch woken by nf_tables' netlink group in its namespace
     # (one socket and thread per pod; the read-back every pod_tamper_interval stays as the safety net)
+    frozen_heap: bool = False  # the process's long-lived heap frozen between collections, deep ones when no pod
+    # is starting (stockade.agent.heap; the CLI's node agent: on; off here so an in-process test's heap is its own)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from stockade.backends.base import (
     check_delta_capabilities,
 )
 from stockade.backends.common import rule_difference
-from stockade.backends.nfnetlink import NETLINK_NETFILTER, NFNLGRP_NFTABLES
+from stockade.backends.nfnetlink import NETLINK_NETFILTER, NFNLGRP_NFTABLES, NFT_NEWGEN, NFTA_GEN_PROC_PID
 from stockade.backends.nftables.lookup import FLOWLOG_SETS, MapElement, TierMap
 from stockade.backends.nftables.netlink import ElementChange, NftNetlink
 from stockade.backends.nftables.render import (
@@ -184,9 +184,12 @@ class NftablesBackend:
         Joined directly, not through ``nft monitor``: nftables 1.0.6's monitor prints an element of a
         concatenated interval map (``inet_proto . inet_service`` ranges, the lookup tiers) as an
         endless number in text mode and dies of a segfault in JSON mode (both measured here); the
-        feed needs only *that* something changed, the read-back says what.
+        feed needs only *that* something changed, the read-back says what. Each transaction ends
+        with a NEWGEN naming the committing thread: the agent's own (its applies and deltas, read
+        back by themselves) wake nobody (see :class:`~stockade.agent.watch.NetlinkFeed`).
         """
-        return NetlinkGroup(NETLINK_NETFILTER, NFNLGRP_NFTABLES, self.netns)
+        return NetlinkGroup(NETLINK_NETFILTER, NFNLGRP_NFTABLES, self.netns,
+                            commit_type=NFT_NEWGEN, commit_tid_attr=NFTA_GEN_PROC_PID)
 
     def close(self) -> None:
         """Release the netlink socket kept for deltas (it pins its network namespace)."""
