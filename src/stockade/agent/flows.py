@@ -367,6 +367,20 @@ def open_reader_now(enforcer: Enforcer, local_addresses: Callable[[], Iterable[I
     return factory(flows.group, _is_local(local_addresses))
 
 
+def open_reader_early(enforcer: Enforcer, what: str) -> tuple[FlowReader | None, bool]:
+    """:func:`open_reader_now` for a new pod's namespace, BEFORE its first policy goes in force
+    (its collector, made after the apply, reads it first): (the reader or None, whether binding
+    succeeded). A reader opened once the runtime had enrolled missed the pod's first connections;
+    under the node protocol the node even acknowledged the pod's revision before that reader
+    existed, so a connection made at convergence was never reported. A failure is logged and the
+    collector keeps trying (as a host agent's does)."""
+    try:
+        return open_reader_now(enforcer, lambda: enforcer.policy.local_addresses if enforcer.policy else ()), True
+    except (OSError, StockadeError) as exc:
+        log.warning("%s: flow reader not bound before the first apply (%s); its collector retries", what, exc)
+        return None, False
+
+
 def _handing_over(opened: FlowReader, then: ReaderFactory) -> ReaderFactory:
     """``opened`` at the first call (a reader the caller bound earlier), ``then``'s after (reopens)."""
     pending = [opened]

@@ -49,7 +49,7 @@ from stockade.agent import heap, libc_malloc
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
 from stockade.agent.enforcer import CacheStart, Enforcer
-from stockade.agent.flows import FlowCollector, FlowReader, collector_for, open_reader_now
+from stockade.agent.flows import FlowCollector, collector_for, open_reader_early
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
 from stockade.agent.proving import COLLECTIONS
@@ -427,7 +427,9 @@ class NodeAgent:
         report = HostReport(pod.workload, "kubernetes pod", (InterfaceReport("eth0", addresses),))
         backend = self._backend_factory(netns)
         enforcer = Enforcer(backend)
-        reader = self._open_flows(pod.uid, enforcer)
+        reader, bound = open_reader_early(enforcer, f"pod {pod.uid}")
+        if bound:
+            self._stage(pod.uid, "flows")
         flows: FlowCollector | None = None
         try:
             cache = self._enforce_first(pod, enforcer, state, first)
@@ -476,23 +478,6 @@ class NodeAgent:
         if kept is None or time.monotonic() - kept[1] > FIRST_FRESH:
             return None, 0.0
         return kept
-
-    def _open_flows(self, uid: str, enforcer: Enforcer) -> FlowReader | None:
-        """The pod's NFLOG reader, bound in the pod's namespace BEFORE its first policy goes in force
-        (its collector, made after the apply, reads it first and hands it to the pod's runtime).
-
-        NFLOG discards what no socket is bound to. A reader opened by the runtime once it had enrolled
-        (after the first apply) missed the pod's first connections; under the node protocol the node
-        even acknowledged the pod's revision (converged) before that reader existed, so a connection
-        made at convergence was never reported. Binding costs a socket and two netlink round trips;
-        a failure is logged and the collector keeps trying (as a host agent's does)."""
-        try:
-            reader = open_reader_now(enforcer, lambda: enforcer.policy.local_addresses if enforcer.policy else ())
-        except (OSError, StockadeError) as exc:
-            log.warning("pod %s: flow reader not bound before the first apply (%s); its collector retries", uid, exc)
-            return None
-        self._stage(uid, "flows")
-        return reader
 
     def _early_namespace(self, pod: LocalPod) -> tuple[PodNetns, str] | None:
         """On a pod's first attempt only, find and pin its namespace before enrolling: the procfs
