@@ -131,3 +131,120 @@ def test_an_abandoned_long_poll_is_cut_not_left_holding_a_connection(
     finally:
         poller.stop()
         client.close()
+
+
+def test_a_set_delta_shared_by_the_nodes_pods_is_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller encodes a set delta many pods share once (``encode_answer``); before, the
+    node decoded and checked it once per pod: 55 pods' deltas per pod event in churn, each CIDR
+    through ``ip_network`` 55 times. Now once per answer, every pod holding the same frozen delta,
+    equal to what its own decode gives; a pod's own (different) delta stays its own."""
+    import ipaddress
+
+    import httpx
+
+    from stockade.compiler.delta import PolicyUpdate, policy_update_from_dict, policy_update_to_dict
+    from stockade.compiler.ir import SetDelta
+    from stockade.controller.services.node_distribution import HeldPod, encode_answer
+    from stockade.model.addresses import Family
+
+    added = tuple(ipaddress.ip_network(f"10.9.{i}.0/24") for i in range(20))
+    shared = SetDelta("web", Family.V4, added, (ipaddress.ip_network("10.8.0.1/32"),))
+    own = SetDelta("db", Family.V4, (ipaddress.ip_network("10.7.0.1/32"),), ())
+    moved = [(HeldPod(f"pod-{i}", f"w{i}", 4), PolicyUpdate.delta(4, 5, (shared,) if i else (shared, own)))
+             for i in range(50)]
+    body = encode_answer(moved, ["pod-gone"])
+    client = HttpControllerClient("http://ctl.invalid", transport=httpx.MockTransport(
+        lambda _req: httpx.Response(200, content=body, headers={"content-type": "application/json"})))
+    client.use_credential(Credential("http://ctl.invalid", "node-1", "token", "node-1"), None)
+
+    parsed = 0
+    real = ipaddress.ip_network
+
+    def counting(text: object, strict: bool = True) -> object:
+        nonlocal parsed
+        parsed += 1
+        return real(text, strict)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ipaddress, "ip_network", counting)
+    answer = node_poll.poll_pods(client, {f"pod-{i}": 4 for i in range(50)}, {}, 1.0)
+    monkeypatch.undo()
+    assert parsed == 22, f"{parsed} CIDRs parsed for 50 pods sharing a 21-CIDR delta (+1 of their own)"
+    assert answer.gone == ("pod-gone",) and len(answer.updates) == 50
+    first = answer.updates[0].update
+    assert first.set_deltas[1] == own
+    by_id = {p.agent_id: upd for p, upd in moved}
+    for u in answer.updates:
+        assert u.update.set_deltas[0] is first.set_deltas[0]
+        # each pod's update is what its own decode of its own entry gives
+        alone = policy_update_from_dict(policy_update_to_dict(by_id[u.agent_id]))
+        assert u.update == alone
+    client.close()
+
+
+def test_a_shared_decode_never_answers_for_content_that_decodes_differently() -> None:
+    """The memo is keyed on plain wire text only: each entry decodes (or is refused) exactly as on
+    its own, even after an equal-comparing one (``1 == 1.0``; ``ip_network(1)`` is valid, ``1.0``
+    is not), and a refusal names the entry's own field."""
+    from stockade.compiler.delta import SharedDecode, policy_update_from_dict
+    from stockade.errors import ValidationError
+
+    def update(*deltas: dict[str, object]) -> dict[str, object]:
+        return {"revision": 2, "base": 1, "full": None, "set_deltas": list(deltas)}
+
+    def outcome(d: dict[str, object], memo: SharedDecode | None) -> object:
+        try:
+            return policy_update_from_dict(d, shared=memo)
+        except ValidationError as exc:
+            return str(exc)
+
+    memo = SharedDecode()
+    entries = [{"name": "s", "family": 4, "added": [1], "removed": []},
+               {"name": "s", "family": 4, "added": [1.0], "removed": []},
+               {"name": "s", "family": 4, "added": ["10.0.0.0/8"], "removed": []},
+               {"name": "s", "family": 4.0, "added": ["10.0.0.0/8"], "removed": []},
+               {"name": "s", "family": True, "added": ["10.0.0.0/8"], "removed": []},
+               {"name": "s", "family": 4, "added": ["10.0.0.0/8", "fd00::/8"], "removed": []},
+               {"name": "s", "family": 4, "added": ["10.0.0.0/8"], "removed": []}]
+    for e in entries:
+        assert outcome(update(e), memo) == outcome(update(e), None), e
+    assert "expected 4 or 6" in str(outcome(update(entries[4]), memo))
+    assert "not a CIDR" in str(outcome(update(entries[1]), memo))
+    with pytest.raises(ValidationError, match=r"set_deltas\[1\]"):
+        policy_update_from_dict(update(entries[2], {"name": ""}), shared=memo)
+
+
+def test_a_pod_that_refetched_past_its_update_is_asked_beyond_what_is_in_force() -> None:
+    """A pod queued at the gate refetches only when an answer brought it a newer revision meanwhile
+    (else the delta in hand is applied: no GET per pod per event); after a refetch that went past
+    the dispatched revision, the next long-poll names what is in force. Before, it named the
+    dispatched one, the controller answered at once with a delta from a revision no longer in force,
+    and the runtime refused it into a full fetch and reload."""
+    from stockade.compiler.delta import PolicyUpdate
+
+    asked: list[bool] = []
+
+    class Runtime:
+        applied_revision, refused_revision = 3, 0
+        enrolled = threading.Event()
+        client = object()
+
+        def update(self, _client: object, announced: int, upd: PolicyUpdate,
+                   newer_known: Callable[[], bool]) -> None:
+            asked.append(newer_known())
+            self.applied_revision = 7 if asked[-1] else upd.revision  # refetched to the newest
+
+    rt = Runtime()
+    rt.enrolled.set()
+    poller = NodePoller(_client("http://127.0.0.1:9"))
+    poller._pods["pod-a"] = cast(Agent, rt)
+    poller._held["pod-a"] = 5
+    poller._busy.add("pod-a")
+    poller._apply("pod-a", cast(Agent, rt), PolicyUpdate.delta(3, 5, ()))
+    assert asked == [False] and poller._held["pod-a"] == 5 and poller._acks == {"pod-a": 5}
+    poller._busy.add("pod-a")
+    poller._stale.add("pod-a")  # an answer named it at 7 while it was busy
+    poller._apply("pod-a", cast(Agent, rt), PolicyUpdate.delta(5, 6, ()))
+    assert asked == [False, True]
+    assert poller._held["pod-a"] == 7, "the next long-poll would ask from 6 while 7 is in force"
+    assert poller._acks == {"pod-a": 7} and not poller._stale and not poller._busy
+    poller.stop()

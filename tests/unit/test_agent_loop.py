@@ -321,3 +321,35 @@ def test_a_restore_that_keeps_failing_is_reported_once(h: Harness) -> None:
     h.backend.fail_apply = 0
     assert wait(lambda: h.backend.installed == host_policy() and h.backend.tampered_text is None)
     assert wait(lambda: any("; restored in " in d for d in h.events(EventKind.TAMPER)))
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_a_full_policy_that_only_moves_set_members_is_applied_as_a_delta(tmp_path: Path, inline: bool) -> None:
+    """The controller sends a full policy when an agent's revision fell out of its history (a node's
+    pods under churn: ~8 revisions behind). Before, every one was a full render, reload and verify
+    in the pod's namespace; when only set members differ from the policy in force, the agent now
+    applies the difference as a checked delta. More than members (a port) is still a full reload,
+    and so is a delta the backend refuses."""
+    h = Harness(tmp_path, FakeController(deltas=False, inline=inline))
+    try:
+        h.controller.publish(host_policy())
+        h.agent().start()
+        assert wait(lambda: h.acked() == [1])
+        members = host_policy(peers=("10.0.0.2/32", "10.0.0.5/32"))
+        h.controller.publish(members)
+        assert wait(lambda: h.acked() == [1, 2])
+        assert h.backend.installed == members
+        assert (h.backend.applies, h.backend.deltas_applied) == (1, 1), "a full reload for set members only"
+        cached = h.state.load_policy()
+        assert cached is not None and cached.policy == members and cached.revision == 2
+        port = host_policy(port=443, peers=("10.0.0.2/32", "10.0.0.5/32"))
+        h.controller.publish(port)
+        assert wait(lambda: h.acked() == [1, 2, 3])
+        assert h.backend.installed == port and (h.backend.applies, h.backend.deltas_applied) == (2, 1)
+        h.backend.installed = None  # the table vanished: the delta fails, the full reload puts it back
+        again = host_policy(port=443, peers=("10.0.0.2/32",))
+        h.controller.publish(again)
+        assert wait(lambda: h.acked() == [1, 2, 3, 4])
+        assert h.backend.installed == again and (h.backend.applies, h.backend.deltas_applied) == (3, 1)
+    finally:
+        h.stop()

@@ -399,14 +399,16 @@ class Agent:
                 return None
         return result.result()
 
-    def update(self, client: ControllerClient, announced: int, prefetched: PolicyUpdate | None = None) -> None:
+    def update(self, client: ControllerClient, announced: int, prefetched: PolicyUpdate | None = None,
+               newer_known: Callable[[], bool] | None = None) -> None:
         """Fetch (unless the long-poll brought it) and apply the controller's policy, then ack.
 
         ``announced`` is the revision the long-poll announced (named in events when the
         answer is too malformed to carry its own). With a gate (node agents) the work waits for
         its turn: a first policy ahead of every other runtime's delta; a runtime that queued drops
         the update its long-poll brought and fetches from what it has in force, so the revisions
-        published while it waited arrive as one delta.
+        published while it waited arrive as one delta. ``newer_known`` (a node's poller, which sees
+        every revision published for the pod): refetch only when it says one came after ``prefetched``.
         """
         if self.gate is None:
             self._update(client, announced, prefetched)
@@ -416,7 +418,8 @@ class Agent:
             if admitted is None:
                 return  # stopping
             self.milestones.setdefault("admitted", time.time())
-            self._update(client, announced, None if admitted.queued else prefetched)
+            refetch = admitted.queued and (newer_known is None or newer_known())
+            self._update(client, announced, None if refetch else prefetched)
 
     def _update(self, client: ControllerClient, announced: int, prefetched: PolicyUpdate | None) -> None:
         since = self.applied_revision if self.enforcer.policy is not None and self.applied_revision else None
@@ -479,7 +482,8 @@ class Agent:
         if self.credential is not None and hp.workload != self.credential.workload:
             raise Refused(f"policy is for workload {hp.workload!r}, this agent is {self.credential.workload!r}")
         self.follow_backend(hp.backend, upd.revision)
-        self._enforce_full(hp, upd.revision)
+        if not self.enforcer.enforce_as_delta(hp):  # only set members and peers moved: no reload
+            self._enforce_full(hp, upd.revision)
         return hp
 
     # ---- the controller's backend setting ------------------------------------------------------

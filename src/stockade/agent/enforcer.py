@@ -39,7 +39,7 @@ from stockade.backends.base import (
     VerifyReport,
     check_delta_capabilities,
 )
-from stockade.compiler.delta import NO_PEERS
+from stockade.compiler.delta import NO_PEERS, delta_between, peer_delta
 from stockade.compiler.ir import HostPolicy, PeerDelta, SetDelta
 from stockade.errors import ApplyError, BackendError, StockadeError, ValidationError
 from stockade.model.workloads import EnforcementMode
@@ -215,26 +215,46 @@ class Enforcer:
         """Change set members and WireGuard peers only (no reload). ``new_hp`` is the policy the
         deltas lead to; its artifact is rendered (pure) only as the new verify reference."""
         with self._lock:
-            if self._policy is None or self._policy.rules_key() != new_hp.rules_key():
-                raise ApplyError("set delta does not match the policy in force")
-            if new_hp.mode is EnforcementMode.IDLE:
-                self._policy = new_hp
-                return
-            check_delta_capabilities(self.backend.name, self.backend.capabilities, deltas)
-            old_wg = self._policy.wireguard
-            if peers and (old_wg is None or not isinstance(self.backend, PeerUpdating)):
-                raise ApplyError("a peer delta, but no WireGuard tunnel is in force here")
-            artifact = self._render(new_hp)
-            if deltas:
-                self.backend.apply_delta(deltas)
-            if peers and old_wg is not None and isinstance(self.backend, PeerUpdating):
-                self.backend.apply_peer_delta(old_wg, peers)
-            # The backend confirmed each element change (netlink acks); one read-back gives the
-            # new tamper baseline. The structural verify is for full applies (it costs 2 listings).
-            baseline = self.backend.read_back()
-            if not baseline.strip():
-                raise ApplyError("read-back is empty right after a set delta")
-            self._policy, self._artifact, self._baseline = new_hp, artifact, baseline
+            self._apply_delta(new_hp, deltas, peers)
+
+    def enforce_as_delta(self, hp: HostPolicy) -> bool:
+        """Put the full policy ``hp`` in force as the set and peer deltas from the policy in force,
+        when nothing else differs (what the controller sends a pod whose revision fell behind its
+        history: ~8 revisions, under churn). False, with the ruleset as it was, when more differs or
+        the delta fails: enforce ``hp`` in full. The same checked delta apply a controller's delta
+        gets (netlink acks, read-back as the new baseline)."""
+        with self._lock:
+            current = self._policy
+            deltas = None if current is None else delta_between(current, hp)
+            if current is None or deltas is None:
+                return False
+            try:
+                self._apply_delta(hp, deltas, peer_delta(current.wireguard, hp.wireguard))
+            except StockadeError:
+                return False
+            return True
+
+    def _apply_delta(self, new_hp: HostPolicy, deltas: tuple[SetDelta, ...], peers: PeerDelta) -> None:
+        if self._policy is None or self._policy.rules_key() != new_hp.rules_key():
+            raise ApplyError("set delta does not match the policy in force")
+        if new_hp.mode is EnforcementMode.IDLE:
+            self._policy = new_hp
+            return
+        check_delta_capabilities(self.backend.name, self.backend.capabilities, deltas)
+        old_wg = self._policy.wireguard
+        if peers and (old_wg is None or not isinstance(self.backend, PeerUpdating)):
+            raise ApplyError("a peer delta, but no WireGuard tunnel is in force here")
+        artifact = self._render(new_hp)
+        if deltas:
+            self.backend.apply_delta(deltas)
+        if peers and old_wg is not None and isinstance(self.backend, PeerUpdating):
+            self.backend.apply_peer_delta(old_wg, peers)
+        # The backend confirmed each element change (netlink acks); one read-back gives the
+        # new tamper baseline. The structural verify is for full applies (it costs 2 listings).
+        baseline = self.backend.read_back()
+        if not baseline.strip():
+            raise ApplyError("read-back is empty right after a set delta")
+        self._policy, self._artifact, self._baseline = new_hp, artifact, baseline
 
     def check(self) -> TamperReport | None:
         """Compare the firewall with the baseline; restore and report if it differs."""

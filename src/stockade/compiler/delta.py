@@ -53,6 +53,7 @@ from stockade.compiler.ir import (
     host_policy_to_dict,
     peer_from_dict,
     peer_to_dict,
+    wire_key,
 )
 from stockade.errors import ConflictError, Issue, ValidationError
 from stockade.model.addresses import Family, IPNetwork
@@ -396,7 +397,30 @@ def set_delta_from_dict(d: Any, field: str = "set_deltas", source: str = "contro
     return SetDelta(name, family, added, removed)
 
 
-def policy_update_from_dict(d: Any, source: str = "controller") -> PolicyUpdate:
+class SharedDecode:
+    """What one answer's decoding has made so far, by wire content: a node's answer carries the
+    same set delta (and, in full policies, the same address sets) for many pods, encoded once by
+    the controller; decoded through one of these they are parsed and checked once and every pod
+    gets the same frozen object (equal to what its own decode would give). Per answer, not kept."""
+
+    __slots__ = ("address_sets", "set_deltas")
+
+    def __init__(self) -> None:
+        self.set_deltas: dict[object, SetDelta] = {}
+        self.address_sets: dict[object, AddressSet] = {}
+
+    def set_delta(self, d: Any, field: str, source: str) -> SetDelta:
+        key = wire_key(d.get("name"), d.get("family"), d.get("added", []), d.get("removed", [])) \
+            if isinstance(d, dict) else None
+        if key is None:  # malformed or not plain text: decoded (and refused) on its own
+            return set_delta_from_dict(d, field, source)
+        hit = self.set_deltas.get(key)
+        if hit is None:
+            hit = self.set_deltas[key] = set_delta_from_dict(d, field, source)
+        return hit
+
+
+def policy_update_from_dict(d: Any, source: str = "controller", shared: SharedDecode | None = None) -> PolicyUpdate:
     """Decode the wire form; :class:`ValidationError` naming the field if it is malformed.
 
     ``full`` set: FULL. Else ``base`` set: DELTA from ``base`` (UNCHANGED when ``base`` is the
@@ -413,7 +437,8 @@ def policy_update_from_dict(d: Any, source: str = "controller") -> PolicyUpdate:
         if not isinstance(full, dict):
             raise _malformed(source, "full", "expected a HostPolicy object")
         try:
-            return PolicyUpdate.full(revision, host_policy_from_dict(full))
+            return PolicyUpdate.full(revision, host_policy_from_dict(
+                full, None if shared is None else shared.address_sets))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _malformed(source, "full", f"not a HostPolicy: {exc!r}") from exc
     if d.get("base") is None:
@@ -429,7 +454,10 @@ def policy_update_from_dict(d: Any, source: str = "controller") -> PolicyUpdate:
         if raw or peers:
             raise _malformed(source, "set_deltas", "a delta from a revision to itself must be empty")
         return PolicyUpdate.unchanged(revision)
-    deltas = tuple(set_delta_from_dict(x, f"set_deltas[{i}]", source) for i, x in enumerate(raw))
+    if shared is None:
+        deltas = tuple(set_delta_from_dict(x, f"set_deltas[{i}]", source) for i, x in enumerate(raw))
+    else:
+        deltas = tuple(shared.set_delta(x, f"set_deltas[{i}]", source) for i, x in enumerate(raw))
     return PolicyUpdate.delta(base, revision, deltas, peers)
 
 

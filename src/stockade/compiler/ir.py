@@ -366,7 +366,43 @@ def _entry(d: dict[str, Any]) -> ServiceEntry:
     return ServiceEntry(Proto(d["proto"]), d["first"], d["last"])
 
 
-def host_policy_from_dict(d: dict[str, Any]) -> HostPolicy:
+def wire_key(name: object, family: object, *texts: object) -> tuple[object, ...] | None:
+    """A memo key for a set's wire content, or None unless it is plain JSON text: a name, an int
+    family, then strings or lists of strings (keys equal only when the texts are, so an entry
+    never answers for content that would decode differently, e.g. ``1`` for ``1.0``)."""
+    if type(name) is not str or type(family) is not int:
+        return None
+    key: list[object] = [name, family]
+    for t in texts:
+        if type(t) is str:
+            key.append(t)
+        elif type(t) is list and all(type(x) is str for x in t):
+            key.append(tuple(t))
+        else:
+            return None
+    return tuple(key)
+
+
+def _address_set_from_dict(s: dict[str, Any]) -> AddressSet:
+    return AddressSet(s["name"], Family(s["family"]), tuple(ipaddress.ip_network(m) for m in s["members"]),
+                      s.get("selector", ""))
+
+
+def _shared_address_set(s: dict[str, Any], shared: dict[object, AddressSet]) -> AddressSet:
+    """``_address_set_from_dict(s)``, decoded once per distinct wire content in ``shared``."""
+    key = wire_key(s.get("name"), s.get("family"), s.get("members"), s.get("selector", ""))
+    if key is None:  # not plain wire text: decoded (and refused, if malformed) on its own
+        return _address_set_from_dict(s)
+    hit = shared.get(key)
+    if hit is None:
+        hit = shared[key] = _address_set_from_dict(s)
+    return hit
+
+
+def host_policy_from_dict(d: dict[str, Any], shared: dict[object, AddressSet] | None = None) -> HostPolicy:
+    """Decode a HostPolicy. ``shared``: address sets already decoded from other policies of the same
+    answer, by their wire content (the pods of a node share most of their sets; a set equal on the
+    wire decodes to one frozen :class:`AddressSet`, not one per pod)."""
     fs = d["failsafe"]
     return HostPolicy(
         workload=d["workload"],
@@ -388,15 +424,8 @@ def host_policy_from_dict(d: dict[str, Any]) -> HostPolicy:
             )
             for r in d["rules"]
         ),
-        sets=tuple(
-            AddressSet(
-                s["name"],
-                Family(s["family"]),
-                tuple(ipaddress.ip_network(m) for m in s["members"]),
-                s.get("selector", ""),
-            )
-            for s in d["sets"]
-        ),
+        sets=tuple(_address_set_from_dict(s) if shared is None else _shared_address_set(s, shared)
+                   for s in d["sets"]),
         wireguard=wireguard_from_dict(d["wireguard"]) if d.get("wireguard") is not None else None,
         backend=_backend_from(d.get("backend")),
     )

@@ -39,7 +39,7 @@ from stockade.agent.http_client import LONG_POLL_MARGIN, HttpControllerClient
 from stockade.agent.state import Credential, StateDir
 from stockade.agent.transport import ControllerUnreachableError, Enrollment, EventKind
 from stockade.agent_signature import public_key_text
-from stockade.compiler.delta import PolicyUpdate, policy_update_from_dict
+from stockade.compiler.delta import PolicyUpdate, SharedDecode, policy_update_from_dict
 from stockade.errors import AuthError, ConflictError, Issue, NotFoundError, StockadeError, ValidationError
 from stockade.k8s.node_types import NodeOptions
 
@@ -79,7 +79,9 @@ def poll_pods(client: HttpControllerClient, held: dict[str, int], acks: dict[str
                            json={"pods": _revisions(held), "acks": _revisions(acks), "timeout": timeout})
     data = client._json(resp)
     try:
-        updates = tuple(PodUpdate(str(p["agent_id"]), policy_update_from_dict(p["policy"])) for p in data["pods"])
+        shared = SharedDecode()  # the pods' common set deltas and sets: parsed once per answer
+        updates = tuple(PodUpdate(str(p["agent_id"]), policy_update_from_dict(p["policy"], shared=shared))
+                        for p in data["pods"])
         return NodeAnswer(updates, tuple(str(g) for g in data["gone"]))
     except (KeyError, TypeError) as exc:
         raise _malformed("pods/updates", exc) from exc
@@ -104,11 +106,12 @@ def enroll_pods(client: HttpControllerClient, pods: list[tuple[str, str]]) -> di
         "pods": [{"workload": w, "public_key": k} for w, k in pods], "agent_version": __version__,
         "include_policy": True}))
     out: dict[str, EnrolResult | StockadeError] = {}
+    shared = SharedDecode()
     try:
         for e in data["enrolled"]:
             policy = e.get("policy")
             out[str(e["workload"])] = (Enrollment(str(e["agent_id"]), str(e["token"]), str(e["workload"])),
-                                       None if policy is None else policy_update_from_dict(policy))
+                                       None if policy is None else policy_update_from_dict(policy, shared=shared))
         for r in data["refused"]:
             err = _REFUSAL.get(int(r["status"]))
             msg = str(r["message"])
@@ -406,7 +409,9 @@ class NodePoller:
     def _apply(self, agent_id: str, runtime: Agent, upd: PolicyUpdate) -> None:
         try:
             if runtime.enrolled.wait(10) and runtime.client is not None:
-                runtime.update(runtime.client, upd.revision, upd)
+                # queued at the gate: fetched afresh only when an answer brought a newer revision
+                # meanwhile (one delta for both); else the delta in hand is still the one to apply
+                runtime.update(runtime.client, upd.revision, upd, newer_known=lambda: self._is_stale(agent_id))
         except StockadeError as exc:  # the runtime reported it (apply-failed event) where it applies
             log.info("pod %s: revision %d not applied (%s); asked again in %.1f s", agent_id, upd.revision, exc,
                      RETRY_SECONDS)
@@ -426,8 +431,17 @@ class NodePoller:
                 self._held[agent_id] = reached
                 self._retry_at = time.monotonic() + RETRY_SECONDS
                 self._repoll.set()
-            elif stale:
+                return
+            # a refetch may have gone past ``upd``: ask beyond what is in force (asked from ``upd``,
+            # the controller would answer at once with a delta from a revision no longer in force,
+            # which the runtime refuses into a full fetch and reload)
+            self._held[agent_id] = max(self._held.get(agent_id, 0), reached)
+            if stale:
                 self._repoll.set()
+
+    def _is_stale(self, agent_id: str) -> bool:
+        with self._lock:
+            return agent_id in self._stale
 
     # ---- acks ------------------------------------------------------------------------------------
     def _ack_loop(self) -> None:
