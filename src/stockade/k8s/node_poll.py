@@ -7,7 +7,8 @@ for all of them with the node's credential (:mod:`stockade.controller.api.k8s_no
 
 * ``POST /agents/{node}/pods/updates`` names every pod identity with the revision the node holds
   for it; the answer brings, for each pod whose revision moved, the same PolicyUpdate the pod's
-  own fetch would (set deltas stay set deltas). The poller dispatches each to its pod's runtime on
+  own fetch would (set deltas stay set deltas; one shared by many pods is decoded once per answer,
+  :class:`~stockade.compiler.delta.SharedDecode`). The poller dispatches each to its pod's runtime on
   a small pool (:meth:`~stockade.agent.agent.Agent.update`: through the node's apply gate, verified,
   cached, refused like any agent's), and long-polls again at once;
 * the revisions applied go back as one ``POST .../pods/acks`` batch (what finished within a few
