@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -21,6 +22,7 @@ from stockade.agent.apply_gate import ApplyGate, Priority
 from stockade.agent.enforcer import Enforcer
 from stockade.agent.fake import FakeController, FakeControllerClient, MemoryBackend, wait_until
 from stockade.agent.state import StateDir
+from stockade.compiler.delta import PolicyUpdate
 from tests.unit.test_agent_core import host_policy
 from tests.unit.test_agent_loop import HOST, OPTIONS
 
@@ -221,3 +223,34 @@ def test_queued_deltas_coalesce_and_a_new_pod_is_programmed_meanwhile(node: Node
     assert old_backend.deltas_applied == 1 and old_backend.applies == 1
     assert ("server", 1) in ctl.fetches  # fetched from what it had in force
     assert 2 not in node.acked("server") and 3 not in node.acked("server")
+
+
+def test_a_node_pods_update_is_refetched_exactly_when_its_poller_knows_a_newer_revision(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, a pod that queued at the gate always dropped the update its node's answer brought and
+    fetched again (one GET per pod per event), and one that waited in the poller's pool while a newer
+    revision came applied the old update, then the newer one (two applies). With ``newer_known`` (the
+    node's poller) the refetch happens exactly when a newer revision is known; a host agent's update
+    (no ``newer_known``) still refetches when queued."""
+    agent, _backend = node.pod("server")
+    agent.enforcer.enforce(host_policy("server"))  # a delta, not a first policy (those never queue)
+    seen: list[PolicyUpdate | None] = []
+    monkeypatch.setattr(agent, "_update", lambda _c, _a, prefetched: seen.append(prefetched))
+    upd = PolicyUpdate.delta(1, 2, ())
+    client = cast(FakeControllerClient, object())
+
+    def queued(newer: Callable[[], bool] | None) -> None:
+        with ExitStack() as held:
+            held.enter_context(node.gate.admit(Priority.DELTA))  # the one slot busy: the update queues
+            t = threading.Thread(target=agent.update, args=(client, 2, upd, newer))
+            t.start()
+            assert wait_until(lambda: node.gate.waiting() == 1)
+        t.join(5)
+
+    agent.update(client, 2, upd, newer_known=lambda: False)
+    agent.update(client, 2, upd, newer_known=lambda: True)
+    queued(lambda: False)
+    queued(lambda: True)
+    queued(None)
+    agent.update(client, 2, upd)
+    assert seen == [upd, None, upd, None, None, upd]

@@ -408,7 +408,8 @@ class Agent:
         its turn: a first policy ahead of every other runtime's delta; a runtime that queued drops
         the update its long-poll brought and fetches from what it has in force, so the revisions
         published while it waited arrive as one delta. ``newer_known`` (a node's poller, which sees
-        every revision published for the pod): refetch only when it says one came after ``prefetched``.
+        every revision published for the pod) decides instead: refetch exactly when it says one came
+        after ``prefetched`` (queued at the gate or in the poller's pool), else apply ``prefetched``.
         """
         if self.gate is None:
             self._update(client, announced, prefetched)
@@ -418,7 +419,7 @@ class Agent:
             if admitted is None:
                 return  # stopping
             self.milestones.setdefault("admitted", time.time())
-            refetch = admitted.queued and (newer_known is None or newer_known())
+            refetch = admitted.queued if newer_known is None else newer_known()
             self._update(client, announced, None if refetch else prefetched)
 
     def _update(self, client: ControllerClient, announced: int, prefetched: PolicyUpdate | None) -> None:

@@ -410,8 +410,8 @@ class NodePoller:
     def _apply(self, agent_id: str, runtime: Agent, upd: PolicyUpdate) -> None:
         try:
             if runtime.enrolled.wait(10) and runtime.client is not None:
-                # queued at the gate: fetched afresh only when an answer brought a newer revision
-                # meanwhile (one delta for both); else the delta in hand is still the one to apply
+                # fetched afresh when an answer brought a newer revision while this waited (in the
+                # pool or at the gate): one delta for both; else the delta in hand is the one to apply
                 runtime.update(runtime.client, upd.revision, upd, newer_known=lambda: self._is_stale(agent_id))
         except StockadeError as exc:  # the runtime reported it (apply-failed event) where it applies
             log.info("pod %s: revision %d not applied (%s); asked again in %.1f s", agent_id, upd.revision, exc,
