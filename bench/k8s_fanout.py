@@ -83,6 +83,7 @@ class Pending:
     adds: set[str] = field(default_factory=set)
     dels: set[str] = field(default_factory=set)
     seen: dict[tuple[str, str, int], float] = field(default_factory=dict)  # (addr, kind, pod) -> first seen
+    answers: int = 0  # long-polls answered with an update (node protocol: a node's; pod protocol: a pod's)
 
 
 def _record(pending: Pending, pod: int, pol: dict[str, Any], now: float) -> None:
@@ -117,6 +118,7 @@ async def pod_agent(a: Agent, port: int, pending: Pending, stop: asyncio.Event) 
                 await asyncio.sleep(1)
                 continue
             if got["changed"]:
+                pending.answers += 1
                 pol = got["policy"]
                 if pol["full"] is None and pol["base"] != a.applied:
                     a.errors += 1
@@ -230,6 +232,7 @@ async def node_poller(node: Agent, pods: list[Agent], port: int, pending: Pendin
                 continue
             now = time.perf_counter()
             batch = []
+            pending.answers += bool(got["pods"])
             for u in got["pods"]:
                 p = by_id[u["agent_id"]]
                 pol = u["policy"]
@@ -298,6 +301,7 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
     calls = 0
     counter = 0
     cpu0 = cpu_seconds([pid])
+    answers0 = pending.answers
     print(f"churn starts (setup {setup_s:.0f} s, converged {converged_s:.0f} s)", file=sys.stderr, flush=True)
 
     def make_event(i: int) -> None:
@@ -399,6 +403,7 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
             call_lat.append(e.end - e.start)
             deliver_lat.append(max(per_node.values()) - (e.end - e.t0))
     cpu = cpu_seconds([pid]) - cpu0
+    answers = pending.answers - answers0
     stop.set()
     for task in tasks:
         task.cancel()
@@ -417,6 +422,7 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
         "writes": "batch" if batched else "single",
         "fanout_nodes": sum(fan) / max(1, len(fan)), "missing": missing,
         "controller_cpu_pct": 100 * cpu / churn_s, "controller_rss_mib": rss_mib(pid),
+        "node_answers": answers, "cpu_ms_per_answer": 1000 * cpu / max(1, answers),
         "agent_errors": sum(a.errors for a in agents + node_agents), "load": os.getloadavg()[0],
     }
 
@@ -466,13 +472,16 @@ def _compare(args: argparse.Namespace) -> None:
             rows.append((f"{pods:,} pods / {nodes} nodes", label, r))
     print()
     print(f"| {args.protocol} protocol, {args.rate:.0f} events/s asked, {args.seconds:.0f} s | code | events/s | "
-          "event -> every affected node acked, p50 / p99 / max ms | batch API call p50 / p99 ms | calls | "
-          "controller CPU | load at start / end |")
-    print("|---|---|---|---|---|---|---|---|")
+          "event -> every affected node acked, p50 / p99 / max ms | waiting for the write / the write call / "
+          "call answered -> all acked, p50 ms | batch API call p50 / p99 ms | calls | node answers | controller CPU, "
+          "ms CPU per node answer | load at start / end |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for size, label, r in rows:
         print(f"| {size} | {label} | {r['rate']:.0f} | {r['event_p50_ms']:,.0f} / {r['event_p99_ms']:,.0f} / "
-              f"{r['event_max_ms']:,.0f} | {r['api_p50_ms']:,.0f} / {r['api_p99_ms']:,.0f} | {r['calls']} | "
-              f"{r['controller_cpu_pct']:.0f} % | {r['load0']:.1f} / {r['load']:.1f} |")
+              f"{r['event_max_ms']:,.0f} | {r['queued_p50_ms']:,.0f} / {r['call_p50_ms']:,.0f} / "
+              f"{r['deliver_p50_ms']:,.0f} | {r['api_p50_ms']:,.0f} / {r['api_p99_ms']:,.0f} | {r['calls']} | "
+              f"{r['node_answers']:,} | {r['controller_cpu_pct']:.0f} %, {r['cpu_ms_per_answer']:.2f} | "
+              f"{r['load0']:.1f} / {r['load']:.1f} |")
 
 
 def main() -> None:
@@ -517,6 +526,8 @@ def main() -> None:
           f"{r['api_p50_ms']:.0f} / {r['api_p99_ms']:.0f} ms |")
     print(f"| controller CPU during churn / RSS | {r['controller_cpu_pct']:.0f} % / "
           f"{r['controller_rss_mib']:.0f} MiB |")
+    print(f"| node long-polls answered / controller CPU per answer (its batch writes included) | "
+          f"{r['node_answers']:,} / {r['cpu_ms_per_answer']:.2f} ms |")
     print(f"| events not acknowledged by every affected pod within 60 s / agent errors | "
           f"{r['missing']} / {r['agent_errors']} |")
     print(f"| setup (policy + {r['pods']:,} pod agents enrolled) / every agent converged | {r['setup_s']:.0f} s / "
