@@ -35,10 +35,12 @@ Agent side, the protocol :mod:`stockade.agent.http_client` implements::
          long-poll: answers as soon as the host's revision exceeds REV, or at the timeout,
          with {revision, changed, policy}; with include_policy=true and changed, ``policy`` is
          the answer of GET .../policy?since=REV (one round trip fewer), else null.
-         ``applied=A`` acknowledges revision A like POST .../ack; every long-poll also counts as the
-         agent's heartbeat (on arrival and on answer); ``heartbeat: true`` in the answer promises
-         that polls of this length keep the agent online (twice the timeout within offline_after),
-         so an agent that long-polls needs POST .../heartbeat only to report its state
+         ``applied=A`` acknowledges revision A like POST .../ack; a long-poll counts as the agent's
+         heartbeat on arrival and on answer, and while it is held the agent is present (online,
+         however long the hold: services/presence.py), so ``heartbeat: true`` in the answer says an
+         agent that long-polls needs POST .../heartbeat only to report its state. ``hold`` (seconds)
+         is the hold the controller advertises: the agent's next poll asks for it (jittered, up to
+         the agent's own cap). A poll whose agent closes the connection ends at once (no answer).
     GET  /api/v1/agents/{id}/policy[?since=REV]
          {revision, full: HostPolicy JSON | null, base, set_deltas: [{name, family, added, removed}]}
     POST /api/v1/agents/{id}/ack  {revision}  -> 204   (the revision now applied)
@@ -220,20 +222,56 @@ async def wait_for_policy(
     if ctl.dist.loop is None:  # served without lifespan (tests on an ASGI transport)
         ctl.dist.loop = asyncio.get_running_loop()
     held = min(timeout, ctl.settings.long_poll_max)
-    # promised only when polls this long keep the agent online (arrival and answer both count)
-    beats = 2 * held <= ctl.settings.offline_after
     ctl.metrics.waiting.inc()
+    ctl.presence.enter(agent_id)  # held: present (services/presence.py), whatever the hold's length
     try:
-        rev = await ctl.dist.wait(name, after, held)
+        rev = await _hold(request, ctl, name, after, held)
     finally:
+        ctl.presence.leave(agent_id)
         ctl.metrics.waiting.dec()
+    if rev is None:
+        return Response(status_code=204)  # the agent went away: nobody reads this
     ctl.dist.agent_heartbeat(agent_id)
-    # hot path of every agent: plain JSON, no response-model round trip (the schema is WaitOut)
+    # hot path of every agent: plain JSON, no response-model round trip (the schema is WaitOut);
+    # ``hold``: how long the agent's next poll should ask to be held (it adds jitter, up to its cap)
+    hold = ctl.settings.long_poll_hold
     if include_policy and rev > after:
         # the answer to GET .../policy?since=after, saving the agent a round trip
         policy = await _fetch(ctl, name, after or None)
-        return JSONResponse({"revision": policy["revision"], "changed": True, "policy": policy, "heartbeat": beats})
-    return JSONResponse({"revision": rev, "changed": rev > after, "policy": None, "heartbeat": beats})
+        return JSONResponse({"revision": policy["revision"], "changed": True, "policy": policy, "heartbeat": True,
+                             "hold": hold})
+    return JSONResponse({"revision": rev, "changed": rev > after, "policy": None, "heartbeat": True, "hold": hold})
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the route's body was read, or there is none)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _hold(request: Request, ctl: Controller, workload: str, after: int, held: float) -> int | None:
+    """:meth:`PolicyDistributor.wait`, or None as soon as the agent closes its connection (so a
+    stopped agent is not present for the rest of a long hold). One task beside the wait, which
+    cancels the wait when the connection ends (no ``asyncio.wait``: a fan-out renews every poll)."""
+    me = asyncio.current_task()
+    assert me is not None
+    gone = asyncio.ensure_future(_disconnected(request))
+    waiting = [True]
+
+    def cancel_wait(_: object) -> None:  # scheduled with call_soon: the wait may be over by then
+        if waiting[0] and not gone.cancelled():
+            me.cancel()
+
+    gone.add_done_callback(cancel_wait)
+    try:
+        return await ctl.dist.wait(workload, after, held)
+    except asyncio.CancelledError:
+        if gone.done() and not gone.cancelled() and me.uncancel() == 0:
+            return None  # cancelled by cancel_wait only: the agent went away
+        raise
+    finally:
+        waiting[0] = False
+        gone.cancel()
 
 
 async def _fetch(ctl: Controller, workload: str, since: int | None) -> dict[str, Any]:
