@@ -14,11 +14,11 @@ import time
 from typing import Any
 
 from fastapi.testclient import TestClient
+from tests.api.conftest import Api, make_settings
+from tests.api.test_agents import enroll
 
 from stockade.controller.app import create_app
 from stockade.controller.services.presence import HeldPolls
-from tests.api.conftest import Api, make_settings
-from tests.api.test_agents import enroll
 
 OFFLINE_AFTER = 1.5
 
