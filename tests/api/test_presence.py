@@ -9,6 +9,7 @@ The cross-replica bound (a replica killed while it holds polls) is in
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
@@ -80,19 +81,28 @@ def test_the_hold_must_fit_the_longest_poll() -> None:
         make_settings("sqlite://", long_poll_hold=0.0)
 
 
-def test_held_polls_count_overlapping_polls_and_beat_each_interval() -> None:
+def test_held_polls_beat_each_interval_and_drop_polls_whose_client_left() -> None:
     now = [100.0]
     held = HeldPolls(30.0, clock=lambda: now[0])
     beats: list[str] = []
-    held.enter("a")
-    held.enter("a")  # a reconnecting agent's new poll before its old one ended
-    held.enter("b")
-    held.leave("a")
-    assert held.holds("a") and len(held) == 2
-    assert held.beat(beats.append) == 0 and beats == []  # not due yet
+    gone: set[str] = set()
+
+    def probe(name: str) -> Any:
+        async def disconnected() -> bool:
+            return name in gone
+        return disconnected
+
+    a1, a2, b1 = probe("a1"), probe("a2"), probe("b1")
+    held.enter("a", a1)
+    held.enter("a", a2)  # a reconnecting agent's new poll before its old one ended
+    held.enter("b", b1)
+    assert held.leave("a", a1) and held.holds("a") and len(held) == 2
+    assert asyncio.run(held.beat(beats.append)) == 0 and beats == []  # not due yet
     now[0] += 30.0
-    assert held.beat(beats.append) == 2 and sorted(beats) == ["a", "b"]
-    held.leave("a")
-    held.leave("b")
-    assert not held.holds("a") and len(held) == 0
-    assert held.beat(beats.append, force=True) == 0
+    assert asyncio.run(held.beat(beats.append)) == 2 and sorted(beats) == ["a", "b"]
+    gone.add("b1")  # b's client closed its connection: not present from the next beat on
+    now[0] += 30.0
+    assert asyncio.run(held.beat(beats.append)) == 1 and beats[-1] == "a" and not held.holds("b")
+    assert held.leave("b", b1) is False  # its route learns it was dropped: no heartbeat on the answer
+    assert held.leave("a", a2) and len(held) == 0
+    assert asyncio.run(held.beat(beats.append, force=True)) == 0

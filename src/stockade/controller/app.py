@@ -128,7 +128,7 @@ async def _flush_loop(ctl: Controller) -> None:
         try:
             # every third of offline_after: the agents whose polls this replica holds are heard from
             # now, and this flush writes it (one statement) for every replica's liveness check
-            ctl.presence.beat(ctl.dist.agent_heartbeat)
+            await ctl.presence.beat(ctl.dist.agent_heartbeat)
             await run_in_threadpool(ctl.dist.flush)
             await run_in_threadpool(ctl.dist.refresh_agents)  # acks and heartbeats other replicas took
             if await run_in_threadpool(ctl.leads):  # singleton jobs: one replica at a time

@@ -40,7 +40,8 @@ Agent side, the protocol :mod:`stockade.agent.http_client` implements::
          however long the hold: services/presence.py), so ``heartbeat: true`` in the answer says an
          agent that long-polls needs POST .../heartbeat only to report its state. ``hold`` (seconds)
          is the hold the controller advertises: the agent's next poll asks for it (jittered, up to
-         the agent's own cap). A poll whose agent closes the connection ends at once (no answer).
+         the agent's own cap). A poll whose agent closed the connection stops counting as presence
+         at the next presence heartbeat (its last heartbeat is no newer than its leaving).
     GET  /api/v1/agents/{id}/policy[?since=REV]
          {revision, full: HostPolicy JSON | null, base, set_deltas: [{name, family, added, removed}]}
     POST /api/v1/agents/{id}/ack  {revision}  -> 204   (the revision now applied)
@@ -223,14 +224,15 @@ async def wait_for_policy(
         ctl.dist.loop = asyncio.get_running_loop()
     held = min(timeout, ctl.settings.long_poll_max)
     ctl.metrics.waiting.inc()
-    ctl.presence.enter(agent_id)  # held: present (services/presence.py), whatever the hold's length
+    probe = request.is_disconnected  # asked at each presence heartbeat (services/presence.py)
+    ctl.presence.enter(agent_id, probe)  # held: present, whatever the hold's length
     try:
-        rev = await _hold(request, ctl, name, after, held)
+        rev = await ctl.dist.wait(name, after, held)
     finally:
-        ctl.presence.leave(agent_id)
+        connected = ctl.presence.leave(agent_id, probe)
         ctl.metrics.waiting.dec()
-    if rev is None:
-        return Response(status_code=204)  # the agent went away: nobody reads this
+    if not connected:  # found gone by a presence heartbeat: no heartbeat now, and nobody reads an answer
+        return Response(status_code=204)
     ctl.dist.agent_heartbeat(agent_id)
     # hot path of every agent: plain JSON, no response-model round trip (the schema is WaitOut);
     # ``hold``: how long the agent's next poll should ask to be held (it adds jitter, up to its cap)
@@ -241,37 +243,6 @@ async def wait_for_policy(
         return JSONResponse({"revision": policy["revision"], "changed": True, "policy": policy, "heartbeat": True,
                              "hold": hold})
     return JSONResponse({"revision": rev, "changed": rev > after, "policy": None, "heartbeat": True, "hold": hold})
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the route's body was read, or there is none)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _hold(request: Request, ctl: Controller, workload: str, after: int, held: float) -> int | None:
-    """:meth:`PolicyDistributor.wait`, or None as soon as the agent closes its connection (so a
-    stopped agent is not present for the rest of a long hold). One task beside the wait, which
-    cancels the wait when the connection ends (no ``asyncio.wait``: a fan-out renews every poll)."""
-    me = asyncio.current_task()
-    assert me is not None
-    gone = asyncio.ensure_future(_disconnected(request))
-    waiting = [True]
-
-    def cancel_wait(_: object) -> None:  # scheduled with call_soon: the wait may be over by then
-        if waiting[0] and not gone.cancelled():
-            me.cancel()
-
-    gone.add_done_callback(cancel_wait)
-    try:
-        return await ctl.dist.wait(workload, after, held)
-    except asyncio.CancelledError:
-        if gone.done() and not gone.cancelled() and me.uncancel() == 0:
-            return None  # cancelled by cancel_wait only: the agent went away
-        raise
-    finally:
-        waiting[0] = False
-        gone.cancel()
 
 
 async def _fetch(ctl: Controller, workload: str, since: int | None) -> dict[str, Any]:
