@@ -127,6 +127,9 @@ async def _flush_loop(ctl: Controller) -> None:
         await asyncio.sleep(ctl.settings.flush_interval)
         rounds += 1
         try:
+            # every third of offline_after: the agents whose polls this replica holds are heard from
+            # now, and this flush writes it (one statement) for every replica's liveness check
+            await ctl.presence.beat(ctl.dist.agent_heartbeat)
             await run_in_threadpool(ctl.dist.flush)
             await run_in_threadpool(ctl.dist.refresh_agents)  # acks and heartbeats other replicas took
             if await run_in_threadpool(ctl.leads):  # singleton jobs: one replica at a time
