@@ -352,13 +352,19 @@ class NodePoller:
                 for a, r in acks.items():
                     self._acked[a] = max(r, self._acked.get(a, 0))
             self.polls += 1
+            self._carried.clear()  # the ack thread leaves the acks to the next long-poll
             self._dispatch(answer)
-            self._carry()
+            self._carry(answer)
 
-    def _carry(self) -> None:
-        """Wait (at most ``ACK_CARRY``) for the pods the last answer dispatched: their acks then go
-        on the next long-poll, not in a request of their own. Meanwhile the ack thread leaves them
-        to the long-poll; what is still applying after the wait is acknowledged by the ack thread."""
+    def _carry(self, answer: NodeAnswer) -> None:
+        """Wait (at most ``ACK_CARRY``) for the pods ``answer`` dispatched: their acks then go on
+        the next long-poll, not in a request of their own. Meanwhile the ack thread leaves them to
+        the long-poll; what is still applying after the wait is acknowledged by the ack thread."""
+        with self._lock:  # those still applying (a busy one the answer found stale was not dispatched)
+            self._carrying = {u.agent_id for u in answer.updates
+                              if u.agent_id in self._busy and u.agent_id not in self._stale}
+            if not self._carrying:
+                self._carried.set()
         self._carried.wait(ACK_CARRY)
         with self._lock:
             self._carrying.clear()
@@ -405,7 +411,6 @@ class NodePoller:
 
     def _dispatch(self, answer: NodeAnswer) -> None:
         with self._lock:
-            self._carried.clear()
             for agent_id in answer.gone:
                 if agent_id in self._pods:
                     log.warning("node poll: pod identity %s is gone at the controller; no longer followed", agent_id)
@@ -419,10 +424,7 @@ class NodePoller:
                     continue
                 self._busy.add(u.agent_id)
                 self._held[u.agent_id] = max(self._held.get(u.agent_id, 0), u.update.revision)
-                self._carrying.add(u.agent_id)
                 self._pool.submit(self._apply, u.agent_id, runtime, u.update)
-            if not self._carrying:
-                self._carried.set()
 
     def _apply(self, agent_id: str, runtime: Agent, upd: PolicyUpdate) -> None:
         try:
