@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -107,20 +108,24 @@ class Agent:
     errors: int = 0
 
 
-LONG_POLL_S = 20.0  # the real agent's default (AgentOptions.long_poll_seconds)
+LONG_POLL_S = 20.0  # the real agent's first poll (agent/transport.FIRST_POLL_SECONDS), until the controller
+POLL_JITTER = 0.25  # advertises a hold; then that hold, shortened at random by up to this (POLL_JITTER there)
 STATE_REPORT_S = 300.0  # the real agent's heartbeat while its long-polls count as heartbeats (agent/outbox.py)
 
 
 async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event) -> None:
-    """One simulated agent: long-polls as the real one does; heartbeats every ``heartbeat`` s, or every
-    ``STATE_REPORT_S`` once the controller says a long-poll counts as a heartbeat (as the real one)."""
+    """One simulated agent: long-polls as the real one does (20 s, then the hold the controller
+    advertises, jittered); heartbeats every ``heartbeat`` s, or every ``STATE_REPORT_S`` once the
+    controller says a long-poll counts as a heartbeat (as the real one)."""
     poll = Conn(port)
     base = f"/api/v1/agents/{a.agent_id}"
     next_beat = time.monotonic() + heartbeat * (a.index % 100) / 100
     period = heartbeat
+    hold: float | None = None
     while not stop.is_set():
         try:
-            timeout = max(0.5, min(LONG_POLL_S, next_beat - time.monotonic()))
+            wanted = LONG_POLL_S if hold is None else hold * (1.0 - POLL_JITTER * random.random())
+            timeout = max(0.5, min(wanted, next_beat - time.monotonic()))
             # the wait carries the acknowledgement of the applied revision (applied=...)
             query = f"after={a.applied}&applied={a.applied}&timeout={timeout:.1f}&include_policy=true"
             status, got = await poll.request("GET", f"{base}/policy/wait?{query}", a.token)
@@ -128,6 +133,8 @@ async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event)
                 a.errors += 1
                 await asyncio.sleep(1)
                 continue
+            advertised = got.get("hold")
+            hold = float(advertised) if isinstance(advertised, (int, float)) and advertised > 0 else None
             if got.get("heartbeat") is True and period != STATE_REPORT_S:
                 period = STATE_REPORT_S
                 next_beat = time.monotonic() + period * (1 + a.index % 100 / 100)

@@ -32,8 +32,13 @@ with both controllers in turn (``--sizes 1000/10,3000/30,10000/100``), one table
 ``k8s.*`` workloads bound to their node by the ``k8s-node`` label (as the cluster sync writes them),
 each node enrols as an agent and enrols its pods with ``POST /agents/{node}/pods/enroll-batch``, then
 ONE long-poll per node (``POST /agents/{node}/pods/updates``) brings every moved pod's update, the
-pods' acks go back as one ``POST .../pods/acks`` per answer, and the node heartbeats once per 15 s
-(its poll is its pods' heartbeat). ``--protocol pod`` is the per-pod protocol (main's bench).
+pods' acks ride on the node's next long-poll (one request per round), and the node heartbeats once
+per 15 s (its poll is its pods' heartbeat). ``--protocol pod`` is the per-pod protocol (main's bench).
+The simulated node mirrors src/stockade/k8s/node_poll.py's NodePoller (session 10: the next
+long-poll waits for the answer's applies and carries their acks; here applies are instant, so it
+goes at once with them); ``--node-acks separate`` is the poller before that (the next long-poll at
+once, the answer's acks as one ``POST .../pods/acks`` beside it); ``--before-node-acks`` sets the
+"before" side's nodes in a comparison (default: the same as ``--node-acks``).
 
 Prints the load average: on a shared 2-core machine both processes wait for a core.
 """
@@ -83,6 +88,9 @@ class Pending:
     adds: set[str] = field(default_factory=set)
     dels: set[str] = field(default_factory=set)
     seen: dict[tuple[str, str, int], float] = field(default_factory=dict)  # (addr, kind, pod) -> first seen
+    answers: int = 0  # long-polls answered with an update (node protocol: a node's; pod protocol: a pod's)
+    polls: int = 0  # node protocol: pods/updates requests answered (with an update or not)
+    ack_requests: int = 0  # node protocol: pods/acks requests
 
 
 def _record(pending: Pending, pod: int, pol: dict[str, Any], now: float) -> None:
@@ -117,6 +125,7 @@ async def pod_agent(a: Agent, port: int, pending: Pending, stop: asyncio.Event) 
                 await asyncio.sleep(1)
                 continue
             if got["changed"]:
+                pending.answers += 1
                 pol = got["policy"]
                 if pol["full"] is None and pol["base"] != a.applied:
                     a.errors += 1
@@ -195,18 +204,22 @@ async def _enrol_nodes(port: int, key: str, pods: int, nodes: int) -> tuple[list
     return [a for a in node_agents if a is not None], [a for a in pod_agents if a is not None]
 
 
-async def node_poller(node: Agent, pods: list[Agent], port: int, pending: Pending, stop: asyncio.Event) -> None:
+async def node_poller(node: Agent, pods: list[Agent], port: int, pending: Pending, stop: asyncio.Event,
+                      acks_on_poll: bool = True) -> None:
     """One simulated node agent (k8s/node_poll.py): one long-poll for all its pods, each answer's
-    acks as one batch (sent while the next long-poll is out), a heartbeat every 15 s."""
+    acks on the next long-poll (``acks_on_poll``; else as one batch sent while the next long-poll is
+    out), a heartbeat every 15 s."""
     poll, side = Conn(port), Conn(port)
     base = f"/api/v1/agents/{node.agent_id}"
     by_id = {p.agent_id: p for p in pods}
     acked: dict[str, int] = {}
     next_beat = time.monotonic() + 15.0 * (node.index % 100) / 100
     side_task: asyncio.Task[Any] | None = None
+    carry: list[dict[str, Any]] = []  # the last answer's acks, for the next long-poll
 
     async def ack(batch: list[dict[str, Any]], beat: bool) -> None:
         if batch:
+            pending.ack_requests += 1
             status, _got = await side.request("POST", f"{base}/pods/acks", node.token, {"acks": batch})
             if status != 200:
                 node.errors += 1
@@ -220,16 +233,19 @@ async def node_poller(node: Agent, pods: list[Agent], port: int, pending: Pendin
             first = not acked
             timeout = max(0.5, min(20.0, next_beat - time.monotonic()))
             body = {"pods": [{"agent_id": p.agent_id, "revision": p.applied} for p in pods],
-                    "acks": unacked if first else [], "timeout": round(timeout, 1)}
+                    "acks": unacked if first else carry, "timeout": round(timeout, 1)}
             if first:
                 acked.update({u["agent_id"]: u["revision"] for u in unacked})
             status, got = await poll.request("POST", f"{base}/pods/updates", node.token, body)
+            pending.polls += 1
             if status != 200:
                 node.errors += 1
                 await asyncio.sleep(1)
                 continue
+            carry = []
             now = time.perf_counter()
             batch = []
+            pending.answers += bool(got["pods"])
             for u in got["pods"]:
                 p = by_id[u["agent_id"]]
                 pol = u["policy"]
@@ -242,6 +258,8 @@ async def node_poller(node: Agent, pods: list[Agent], port: int, pending: Pendin
             beat = time.monotonic() >= next_beat
             if beat:
                 next_beat = time.monotonic() + 15.0
+            if acks_on_poll:
+                carry, batch = batch, []
             if batch or beat:
                 if side_task is not None:
                     await side_task
@@ -266,7 +284,7 @@ class Event:
 
 
 async def run(port: int, password: str, pods: int, nodes: int, rate: float, seconds: float,
-              pid: int, batched: bool, protocol: str = "pod") -> dict[str, Any]:
+              pid: int, batched: bool, protocol: str = "pod", acks_on_poll: bool = True) -> dict[str, Any]:
     admin = Conn(port)
     key = await _owner_key(port, password)
     t = time.perf_counter()
@@ -274,7 +292,7 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
     pending, stop = Pending(), asyncio.Event()
     if protocol == "node":
         node_agents, agents = await _enrol_nodes(port, key, pods, nodes)
-        tasks = [asyncio.create_task(node_poller(n, agents[n.index::nodes], port, pending, stop))
+        tasks = [asyncio.create_task(node_poller(n, agents[n.index::nodes], port, pending, stop, acks_on_poll))
                  for n in node_agents]
         expected = pods + nodes
     else:
@@ -298,6 +316,7 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
     calls = 0
     counter = 0
     cpu0 = cpu_seconds([pid])
+    answers0, polls0, ack_requests0 = pending.answers, pending.polls, pending.ack_requests
     print(f"churn starts (setup {setup_s:.0f} s, converged {converged_s:.0f} s)", file=sys.stderr, flush=True)
 
     def make_event(i: int) -> None:
@@ -399,6 +418,8 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
             call_lat.append(e.end - e.start)
             deliver_lat.append(max(per_node.values()) - (e.end - e.t0))
     cpu = cpu_seconds([pid]) - cpu0
+    answers = pending.answers - answers0
+    polls, ack_requests = pending.polls - polls0, pending.ack_requests - ack_requests0
     stop.set()
     for task in tasks:
         task.cancel()
@@ -417,11 +438,15 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
         "writes": "batch" if batched else "single",
         "fanout_nodes": sum(fan) / max(1, len(fan)), "missing": missing,
         "controller_cpu_pct": 100 * cpu / churn_s, "controller_rss_mib": rss_mib(pid),
+        "node_answers": answers, "cpu_ms_per_answer": 1000 * cpu / max(1, answers),
+        "node_polls": polls, "node_ack_requests": ack_requests,
+        "requests_per_answer": (polls + ack_requests) / max(1, answers),
         "agent_errors": sum(a.errors for a in agents + node_agents), "load": os.getloadavg()[0],
     }
 
 
-def _serve_and_run(args: argparse.Namespace, pods: int, nodes: int, src: str | None) -> dict[str, Any]:
+def _serve_and_run(args: argparse.Namespace, pods: int, nodes: int, src: str | None,
+                   node_acks: str | None = None) -> dict[str, Any]:
     """One controller (``src``: the ``src`` folder of another checkout to run it from, e.g. main's,
     for a before/after comparison; None: this one) and one churn run against it."""
     tmp = Path(tempfile.mkdtemp(prefix="stockade-fanout-"))
@@ -443,7 +468,7 @@ def _serve_and_run(args: argparse.Namespace, pods: int, nodes: int, src: str | N
         import uvloop
 
         return uvloop.run(run(port, cred["password"], pods, nodes, args.rate, args.seconds, server.pid,
-                              args.writes == "batch", args.protocol))
+                              args.writes == "batch", args.protocol, (node_acks or args.node_acks) == "poll"))
     finally:
         server.terminate()
         try:
@@ -458,21 +483,28 @@ def _compare(args: argparse.Namespace) -> None:
     rows: list[tuple[str, str, dict[str, Any]]] = []
     sizes = [tuple(int(x) for x in s.split("/")) for s in args.sizes.split(",")]
     for pods, nodes in sizes:
-        for label, src in (("before", args.before_src), ("after", None)):
+        for label, src, acks in (("before", args.before_src, args.before_node_acks or args.node_acks),
+                                 ("after", None, args.node_acks)):
             load0 = os.getloadavg()[0]
-            r = _serve_and_run(args, pods, nodes, src)
+            r = _serve_and_run(args, pods, nodes, src, acks)
+            r["node_acks"] = acks
             r["load0"] = load0
             print(json.dumps({"variant": label, **r}), flush=True)
             rows.append((f"{pods:,} pods / {nodes} nodes", label, r))
     print()
     print(f"| {args.protocol} protocol, {args.rate:.0f} events/s asked, {args.seconds:.0f} s | code | events/s | "
-          "event -> every affected node acked, p50 / p99 / max ms | batch API call p50 / p99 ms | calls | "
-          "controller CPU | load at start / end |")
-    print("|---|---|---|---|---|---|---|---|")
+          "event -> every affected node acked, p50 / p99 / max ms | waiting for the write / the write call / "
+          "call answered -> all acked, p50 ms | batch API call p50 / p99 ms | calls | node answers | node polls + "
+          "ack requests, per answer | controller CPU, ms CPU per node answer | load at start / end |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size, label, r in rows:
-        print(f"| {size} | {label} | {r['rate']:.0f} | {r['event_p50_ms']:,.0f} / {r['event_p99_ms']:,.0f} / "
-              f"{r['event_max_ms']:,.0f} | {r['api_p50_ms']:,.0f} / {r['api_p99_ms']:,.0f} | {r['calls']} | "
-              f"{r['controller_cpu_pct']:.0f} % | {r['load0']:.1f} / {r['load']:.1f} |")
+        print(f"| {size} | {label} ({r['node_acks']} acks) | {r['rate']:.0f} | "
+              f"{r['event_p50_ms']:,.0f} / {r['event_p99_ms']:,.0f} / "
+              f"{r['event_max_ms']:,.0f} | {r['queued_p50_ms']:,.0f} / {r['call_p50_ms']:,.0f} / "
+              f"{r['deliver_p50_ms']:,.0f} | {r['api_p50_ms']:,.0f} / {r['api_p99_ms']:,.0f} | {r['calls']} | "
+              f"{r['node_answers']:,} | {r['node_polls']:,} + {r['node_ack_requests']:,}, "
+              f"{r['requests_per_answer']:.2f} | {r['controller_cpu_pct']:.0f} %, {r['cpu_ms_per_answer']:.2f} | "
+              f"{r['load0']:.1f} / {r['load']:.1f} |")
 
 
 def main() -> None:
@@ -487,6 +519,11 @@ def main() -> None:
     ap.add_argument("--protocol", choices=("pod", "node"), default="pod",
                     help="pod: one long-poll, ack and heartbeat per pod (main); node: one long-poll, ack batch and "
                          "heartbeat per node (session 6)")
+    ap.add_argument("--node-acks", choices=("poll", "separate"), default="poll",
+                    help="node protocol: a simulated node's acks ride on its next long-poll (node_poll.py since "
+                         "session 10) or go as a pods/acks request beside it (before)")
+    ap.add_argument("--before-node-acks", choices=("poll", "separate"),
+                    help="compare: --node-acks of the 'before' side (default: the same as --node-acks)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--before-src", help="compare: the src folder of another checkout (e.g. main's) run as "
                     "'before', interleaved with this one at each of --sizes")
@@ -517,6 +554,10 @@ def main() -> None:
           f"{r['api_p50_ms']:.0f} / {r['api_p99_ms']:.0f} ms |")
     print(f"| controller CPU during churn / RSS | {r['controller_cpu_pct']:.0f} % / "
           f"{r['controller_rss_mib']:.0f} MiB |")
+    print(f"| node long-polls answered / controller CPU per answer (its batch writes included) | "
+          f"{r['node_answers']:,} / {r['cpu_ms_per_answer']:.2f} ms |")
+    print(f"| node requests ({args.node_acks} acks): polls + ack requests, per answer | {r['node_polls']:,} + "
+          f"{r['node_ack_requests']:,}, {r['requests_per_answer']:.2f} |")
     print(f"| events not acknowledged by every affected pod within 60 s / agent errors | "
           f"{r['missing']} / {r['agent_errors']} |")
     print(f"| setup (policy + {r['pods']:,} pod agents enrolled) / every agent converged | {r['setup_s']:.0f} s / "

@@ -95,7 +95,7 @@ def test_enrol_and_receive_policy(api: Api) -> None:
     assert api.ctl.dist.revisions["db-1"] == new_rev
     # a timed-out wait says unchanged
     idle = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token, params={"after": new_rev, "timeout": 0.2})
-    assert idle == {"revision": new_rev, "changed": False, "policy": None, "heartbeat": True}
+    assert idle == {"revision": new_rev, "changed": False, "policy": None, "heartbeat": True, "hold": 120.0}
     # include_policy answers a wait with the fetch result (here: full, since no base revision given)
     inline = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token,
                     params={"after": 0, "timeout": 0, "include_policy": "true"})
@@ -190,11 +190,11 @@ def test_a_long_poll_counts_as_the_agents_heartbeat(api: Api) -> None:
     shown = api.ok("GET", f"/agents/{aid}")
     assert shown["status"] == "online" and shown["last_heartbeat"] is not None
     assert api.ok("GET", "/convergence")["online"] == 1
-    # a poll that may last longer than half of offline_after would let the agent look offline between
-    # two of them: no promise then (after=0 answers at once, whatever the timeout asked for)
+    # a poll longer than half of offline_after keeps the promise too: a held poll is presence (test_presence.py);
+    # the answer advertises the hold the agent's next poll asks for
     too_long = api.ctl.settings.offline_after / 2 + 1
     long_poll = api.ok("GET", f"/agents/{aid}/policy/wait", headers=token, params={"after": 0, "timeout": too_long})
-    assert long_poll["heartbeat"] is False
+    assert long_poll["heartbeat"] is True and long_poll["hold"] == api.ctl.settings.long_poll_hold
     api.ctl.dist.flush()
     with api.ctl.session() as db:  # what the other replicas read
         assert db.get(AgentRow, aid).last_heartbeat is not None  # type: ignore[union-attr]

@@ -222,7 +222,7 @@ def test_a_pods_first_policy_comes_with_its_enrolment_before_its_runtime_starts(
 
 
 def test_a_change_reaches_the_pods_through_the_nodes_one_long_poll(world: World) -> None:
-    """The default protocol: batch enrolment, ONE long-poll for all the node's pods, ack batches. No pod
+    """The default protocol: batch enrolment, ONE long-poll for all the node's pods carrying their acks. No pod
     runtime long-polled, acknowledged or heartbeated on its own (one heartbeat at its start), and every
     pod still converged on its own revision."""
     node_poll = "/agents/{agent_id}/pods/updates"
@@ -235,7 +235,8 @@ def test_a_change_reaches_the_pods_through_the_nodes_one_long_poll(world: World)
     wls = [f"k8s.{world.ns}.server", f"k8s.{world.ns}.client"]
     assert wait_for(lambda: world.api.converged(wls), 30) is not None, world.log_tail()
     assert route_count(world, node_poll) >= before + 2  # the node long-polled and was answered, per change
-    assert route_count(world, "/agents/{agent_id}/pods/acks") >= 1
+    # the acks ride on the node's next long-poll (pods/acks only for an apply finishing while one is
+    # out, session 10): no count of pods/acks to expect; `converged` above shows they all arrived
     assert route_count(world, "/agents/{agent_id}/pods/enroll") == 0
     assert route_count(world, "/agents/{agent_id}/policy/wait") == 0  # --no-host-policy: nobody long-polls alone
     assert route_count(world, "/agents/{agent_id}/ack") == 0

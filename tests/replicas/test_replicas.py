@@ -260,8 +260,8 @@ HAPROXY_CFG = """global
 defaults
     mode http
     timeout connect 1s
-    timeout client 60s
-    timeout server 60s
+    timeout client 180s
+    timeout server 180s
     retries 3
     option redispatch
 frontend stockade

@@ -22,7 +22,15 @@ from cryptography.x509.oid import NameOID
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
 from stockade.agent.state import Credential
-from stockade.agent.transport import AgentEvent, ControllerUnreachableError, EventKind, Heartbeat, UpdateKind
+from stockade.agent.transport import (
+    FIRST_POLL_SECONDS,
+    AgentEvent,
+    ControllerUnreachableError,
+    EventKind,
+    Heartbeat,
+    UpdateKind,
+    poll_timeout,
+)
 from stockade.compiler import host_policy_to_dict
 from stockade.errors import AuthError, ConflictError, NotFoundError, ValidationError
 from tests.unit.test_agent_core import host_policy
@@ -113,6 +121,23 @@ def test_long_poll_answer_says_whether_it_counted_as_a_heartbeat() -> None:
         c, _ = client_with({path: httpx.Response(200, json=body)})
         c.use_credential(CRED, None)
         assert c.wait_revision(3, 1.0).heartbeat is counted
+
+
+def test_long_poll_answer_carries_the_advertised_hold_and_the_agent_follows_it() -> None:
+    path = ("GET", "/api/v1/agents/a1b2/policy/wait")
+    for hold, read in ((120.0, 120.0), (90, 90.0), (None, None), ("120", None), (-5, None), (True, None), (0, None)):
+        body = {"revision": 3, "changed": False, "policy": None, "heartbeat": True, "hold": hold}
+        c, _ = client_with({path: httpx.Response(200, json=body)})
+        c.use_credential(CRED, None)
+        assert c.wait_revision(3, 1.0).hold == read
+    # the next poll's timeout: 20 s until the controller advertises a hold (or the operator's own),
+    # then the hold capped by the operator's, shortened by up to a quarter at random
+    assert poll_timeout(None, None, 0.5) == FIRST_POLL_SECONDS == 20.0
+    assert poll_timeout(30.0, None, 0.5) == 30.0
+    assert poll_timeout(None, 120.0, 0.0) == 120.0
+    assert poll_timeout(None, 120.0, 0.999) == pytest.approx(90.03)
+    assert poll_timeout(60.0, 120.0, 0.0) == 60.0  # the agent's cap wins
+    assert poll_timeout(300.0, 120.0, 0.5) == 105.0
 
 
 def test_delta_answer_with_since() -> None:

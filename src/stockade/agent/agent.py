@@ -18,6 +18,7 @@ previous policy stays in force; the refused revision is not asked for again.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from stockade.agent.transport import (
     LongPollAnswer,
     PolicyUpdate,
     UpdateKind,
+    poll_timeout,
 )
 from stockade.agent.watch import ChangeFeed, feed_for
 from stockade.backends.base import TunnelReporting
@@ -76,7 +78,8 @@ BackendFactory = Callable[[str], "Backend[Any]"]  # backend name -> a fresh back
 class AgentOptions:
     controller: str | None = None  # needed for the first enrolment; then the credential's URL
     activation_code: str | None = None
-    long_poll_seconds: float = 20.0
+    # the long-poll timeout's cap; None: the hold the controller advertises (20 s until it does)
+    long_poll_seconds: float | None = None
     tamper_interval: float = 0.5  # read-back period without a live change feed
     tamper_safety_interval: float = 1.0  # read-back period with one (it pokes on every change)
     change_feed: bool = True  # use the backend's change feed (nf_tables' netlink group) when there is one
@@ -137,6 +140,7 @@ class Agent:
         self._datapath = ""  # the WireGuard datapath last reported ("": no tunnel)
         self._last_refusal: int | None = None
         self._inline_acks = False  # the controller takes acks on the long-poll (learnt from its answers)
+        self._advertised_hold: float | None = None  # the controller's advertised long-poll hold (seconds)
         self._poke = threading.Event()  # wakes the enforce loop: long-poll answered, stop, address change
         self._interrupted = threading.Event()
         self._backoff = Backoff(options.backoff)
@@ -361,6 +365,7 @@ class Agent:
         if answer is None:
             return
         self._inline_acks = answer.inline
+        self._advertised_hold = answer.hold
         if answer.heartbeat:
             self.outbox.alive()  # the controller took the long-poll as our heartbeat
         self.milestones.setdefault("answered", time.time())
@@ -381,10 +386,11 @@ class Agent:
         result: Future[LongPollAnswer] = Future()
         self._poke.clear()
         applied = self.applied_revision or None  # acknowledged on the way (inline controllers)
+        timeout = poll_timeout(self.options.long_poll_seconds, self._advertised_hold, random.random())
 
         def run() -> None:
             try:
-                result.set_result(client.wait_revision(after, self.options.long_poll_seconds, applied))
+                result.set_result(client.wait_revision(after, timeout, applied))
             except BaseException as exc:
                 result.set_exception(exc)
             finally:

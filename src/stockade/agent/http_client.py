@@ -363,7 +363,11 @@ class HttpControllerClient:
                 update = policy_update_from_dict(data["policy"])
             except ValidationError:
                 update = None  # fetched again explicitly, where a malformed answer is refused with an event
-        return LongPollAnswer(revision, update, inline, isinstance(data, dict) and data.get("heartbeat") is True)
+        hold = data.get("hold") if isinstance(data, dict) else None
+        # a number of seconds, else ignored (the agent keeps its own): never a reason to refuse an answer
+        advertised = float(hold) if isinstance(hold, (int, float)) and not isinstance(hold, bool) and hold > 0 else None
+        return LongPollAnswer(revision, update, inline, isinstance(data, dict) and data.get("heartbeat") is True,
+                              advertised)
 
     def fetch_policy(self, since: int | None) -> PolicyUpdate:
         params = {"since": since} if since is not None else None

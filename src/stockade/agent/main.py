@@ -122,7 +122,9 @@ CODE_FILE_HELP = (f"File holding the activation code ('-': standard input); firs
               help="The controller's CA certificate (PEM), pinned for every connection.")
 @click.option("--netns", default=None, help="Run inside this named network namespace (/run/netns/NAME).")
 @click.option("--hostname", default=None, help="Report this hostname (default: the system's).")
-@click.option("--long-poll", type=float, default=20.0, show_default=True, help="Long-poll timeout, seconds.")
+@click.option("--long-poll", type=float, default=None,
+              help="Long-poll timeout cap, seconds (default: the hold the controller advertises, 20 s until it "
+                   "does).")
 @click.option("--tamper-interval", type=float, default=0.5, show_default=True,
               help="Seconds between read-back comparisons of the firewall.")
 @click.option("--wireguard-rotate-hours", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -142,7 +144,7 @@ def agent(
     ca_cert: Path | None,
     netns: str | None,
     hostname: str | None,
-    long_poll: float,
+    long_poll: float | None,
     tamper_interval: float,
     wireguard_rotate_hours: float,
     log_level: str,
@@ -215,7 +217,7 @@ def _run(
     controller: str | None,
     activation_code: str | None,
     hostname: str | None,
-    long_poll: float,
+    long_poll: float | None,
     tamper_interval: float,
     run: RunOptions,
     switch_to: Any | None = None,

@@ -54,6 +54,7 @@ class LongPollAnswer:
     update: PolicyUpdate | None = None  # the policy, sent along when it changed (inline controllers)
     inline: bool = False  # the controller sends policies with the answer and takes acks on the long-poll
     heartbeat: bool = False  # the controller counted the long-poll as this agent's heartbeat
+    hold: float | None = None  # the hold the controller advertises for the next long-poll (seconds)
 
 
 class EventKind(Enum):
@@ -143,3 +144,18 @@ class ControllerClient(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+FIRST_POLL_SECONDS = 20.0  # the long-poll timeout until the controller advertises a hold
+POLL_JITTER = 0.25  # a followed hold is shortened by up to this fraction, at random
+
+
+def poll_timeout(own: float | None, advertised: float | None, draw: float) -> float:
+    """The next long-poll's timeout: the controller's advertised hold, capped at ``own`` (the
+    operator's ``--long-poll``; None: no cap of its own), shortened by ``draw * POLL_JITTER`` of
+    itself (``draw`` uniform in [0, 1)) so a fleet answered at once by a change does not renew all
+    at once again a hold later. Before any advertisement: ``own``, else :data:`FIRST_POLL_SECONDS`."""
+    if advertised is None:
+        return own if own is not None else FIRST_POLL_SECONDS
+    hold = advertised if own is None else min(own, advertised)
+    return hold * (1.0 - POLL_JITTER * draw)

@@ -31,7 +31,7 @@ from stockade.cli.config import read_login
 from stockade.cli.errors import EXIT_FINDING, EXIT_REFUSED, EXIT_USAGE, CliError, fail_response
 from stockade.errors import ValidationError
 
-# On SIGTERM/Ctrl-C requests in flight get this long to finish; a long-poll (held up to a minute) is cut
+# On SIGTERM/Ctrl-C requests in flight get this long to finish; a long-poll (held ~2 minutes) is cut
 # and its agent polls again (the rules in force stay in force)
 GRACEFUL_SHUTDOWN_S = 3
 

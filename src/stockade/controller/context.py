@@ -34,8 +34,10 @@ from stockade.controller.services.auth import (
 )
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.events import SyslogForwarder, SyslogTarget
+from stockade.controller.services.presence import HeldPolls
 from stockade.controller.services.shared_limits import SharedLoginThrottle, SharedRateLimiter
 from stockade.controller.storage.listen import ChangeListener, Leadership
+from stockade.errors import Issue, ValidationError
 
 API = "/api/v1"
 
@@ -46,7 +48,10 @@ class ControllerSettings:
     offline_after: float = 90.0  # seconds without heartbeat before an agent counts as offline
     offline_grace: float | None = None  # then seconds before its addresses leave peers' sets (None: never)
     flush_interval: float = 2.0  # seconds between batched writes of acks and heartbeats
-    long_poll_max: float = 60.0
+    long_poll_max: float = 300.0  # the longest hold an agent may ask for
+    # the hold advertised in every long-poll answer (the agent follows it, up to its own cap, with
+    # jitter); a held poll is presence (services/presence.py), so it is not bound by offline_after
+    long_poll_hold: float = 120.0
     secure_cookies: bool = True
     syslog: SyslogTarget | None = None
     login_limit: tuple[int, float] = (10, 60.0)  # attempts per window (seconds) per client
@@ -58,6 +63,9 @@ class ControllerSettings:
 
     def __post_init__(self) -> None:
         TrustedProxies.parse(self.trusted_proxies)  # a bad entry fails here, naming the field
+        if not 0 < self.long_poll_hold <= self.long_poll_max:
+            raise ValidationError([Issue("settings", 0, "long_poll_hold",
+                                         f"must be > 0 and <= long_poll_max ({self.long_poll_max:g})")])
         parse_allowed_origins(self.allowed_origins)
 
     @staticmethod
@@ -86,9 +94,11 @@ class Controller:
     leadership: Leadership | None = None  # PostgreSQL: who runs the singleton jobs (None: this process)
     proxies: TrustedProxies = field(init=False)
     login_throttle: LoginThrottle | SharedLoginThrottle = field(init=False)
+    presence: HeldPolls = field(init=False)  # the long-polls this replica holds (presence)
 
     def __post_init__(self) -> None:
         self.proxies = TrustedProxies.parse(self.settings.trusted_proxies)
+        self.presence = HeldPolls(self.settings.offline_after / 3)
         if self.dist.shared:  # counted in the database, so a limit hit on one replica holds on all
             self.login_throttle = SharedLoginThrottle(self.sessions, self.settings.login_lockout)
         else:

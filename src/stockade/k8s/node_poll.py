@@ -10,9 +10,10 @@ for all of them with the node's credential (:mod:`stockade.controller.api.k8s_no
   own fetch would (set deltas stay set deltas; one shared by many pods is decoded once per answer,
   :class:`~stockade.compiler.delta.SharedDecode`). The poller dispatches each to its pod's runtime on
   a small pool (:meth:`~stockade.agent.agent.Agent.update`: through the node's apply gate, verified,
-  cached, refused like any agent's), and long-polls again at once;
-* the revisions applied go back as one ``POST .../pods/acks`` batch (what finished within a few
-  milliseconds of each other), or on the next long-poll;
+  cached, refused like any agent's), and long-polls again once they are applied (at most
+  ``ACK_CARRY`` later), the revisions applied riding on that long-poll: one request per round;
+* the revisions applied while a long-poll is out go back as one ``POST .../pods/acks`` batch (what
+  finished within a few milliseconds of each other);
 * the long-poll and the acks are the pods' heartbeats (the runtimes send one at start only);
 * new pods are enrolled in batches (:class:`PodEnroller`: ``POST .../pods/enroll-batch``, each pod
   still authorised and audited on its own).
@@ -48,6 +49,7 @@ log = logging.getLogger("stockade.k8s.node")
 POD_HEARTBEAT_SECONDS = 1e9  # a pod runtime heartbeats once, at start: the node's requests keep it alive
 RETRY_SECONDS = 1.0  # a pod whose update failed is asked for again this soon
 ACK_LINGER = 0.02  # acks finishing within this long of each other go as one batch
+ACK_CARRY = 0.05  # after an answer, the next long-poll waits this long at most for its applies' acks
 ENROL_LINGER = 0.01  # pod enrolments gathered this long go as one batch
 ENROL_BATCH = 64
 
@@ -266,6 +268,9 @@ class NodePoller:
         self._busy: set[str] = set()
         self._stale: set[str] = set()  # moved again while busy: long-poll again when done
         self._retry_at = 0.0
+        self._carrying: set[str] = set()  # dispatched by the last answer: the next long-poll carries their acks
+        self._carried = threading.Event()  # ... all applied (or failed)
+        self._carried.set()
         self._lock = threading.Lock()
         self._repoll = threading.Event()  # abandon the long-poll out: a pod came, or failed
         self._ack_poke = threading.Event()
@@ -351,7 +356,25 @@ class NodePoller:
                 for a, r in acks.items():
                     self._acked[a] = max(r, self._acked.get(a, 0))
             self.polls += 1
+            self._carried.clear()  # the ack thread leaves the acks to the next long-poll
             self._dispatch(answer)
+            self._carry(answer)
+
+    def _carry(self, answer: NodeAnswer) -> None:
+        """Wait (at most ``ACK_CARRY``) for the pods ``answer`` dispatched: their acks then go on
+        the next long-poll, not in a request of their own. Meanwhile the ack thread leaves them to
+        the long-poll; what is still applying after the wait is acknowledged by the ack thread."""
+        with self._lock:  # those still applying (a busy one the answer found stale was not dispatched)
+            self._carrying = {u.agent_id for u in answer.updates
+                              if u.agent_id in self._busy and u.agent_id not in self._stale}
+            if not self._carrying:
+                self._carried.set()
+        self._carried.wait(ACK_CARRY)
+        with self._lock:
+            self._carrying.clear()
+            self._carried.set()
+            if self._acks and self._retry_at > time.monotonic():  # the long-poll waits: don't hold them
+                self._ack_poke.set()
 
     def _long_poll(self, held: dict[str, int], acks: dict[str, int]) -> NodeAnswer | None:
         """:func:`poll_pods` in its own thread, abandoned (None) when a pod comes or one must be retried.
@@ -420,6 +443,10 @@ class NodePoller:
             log.exception("pod %s: update failed: %s", agent_id, exc)
         with self._lock:
             self._busy.discard(agent_id)
+            if agent_id in self._carrying:
+                self._carrying.discard(agent_id)
+                if not self._carrying:
+                    self._carried.set()
             if agent_id not in self._pods:
                 return
             reached = max(runtime.applied_revision, runtime.refused_revision)
@@ -458,6 +485,8 @@ class NodePoller:
                     if not self._busy:
                         break
             with self._lock:
+                if not self._carried.is_set():  # the next long-poll takes them (it is poked by them)
+                    continue
                 acks, self._acks = self._acks, {}
             if not acks:
                 continue

@@ -35,10 +35,13 @@ Agent side, the protocol :mod:`stockade.agent.http_client` implements::
          long-poll: answers as soon as the host's revision exceeds REV, or at the timeout,
          with {revision, changed, policy}; with include_policy=true and changed, ``policy`` is
          the answer of GET .../policy?since=REV (one round trip fewer), else null.
-         ``applied=A`` acknowledges revision A like POST .../ack; every long-poll also counts as the
-         agent's heartbeat (on arrival and on answer); ``heartbeat: true`` in the answer promises
-         that polls of this length keep the agent online (twice the timeout within offline_after),
-         so an agent that long-polls needs POST .../heartbeat only to report its state
+         ``applied=A`` acknowledges revision A like POST .../ack; a long-poll counts as the agent's
+         heartbeat on arrival and on answer, and while it is held the agent is present (online,
+         however long the hold: services/presence.py), so ``heartbeat: true`` in the answer says an
+         agent that long-polls needs POST .../heartbeat only to report its state. ``hold`` (seconds)
+         is the hold the controller advertises: the agent's next poll asks for it (jittered, up to
+         the agent's own cap). A poll whose agent closed the connection stops counting as presence
+         at the next presence heartbeat (its last heartbeat is no newer than its leaving).
     GET  /api/v1/agents/{id}/policy[?since=REV]
          {revision, full: HostPolicy JSON | null, base, set_deltas: [{name, family, added, removed}]}
     POST /api/v1/agents/{id}/ack  {revision}  -> 204   (the revision now applied)
@@ -220,20 +223,26 @@ async def wait_for_policy(
     if ctl.dist.loop is None:  # served without lifespan (tests on an ASGI transport)
         ctl.dist.loop = asyncio.get_running_loop()
     held = min(timeout, ctl.settings.long_poll_max)
-    # promised only when polls this long keep the agent online (arrival and answer both count)
-    beats = 2 * held <= ctl.settings.offline_after
     ctl.metrics.waiting.inc()
+    probe = request.is_disconnected  # asked at each presence heartbeat (services/presence.py)
+    ctl.presence.enter(agent_id, probe)  # held: present, whatever the hold's length
     try:
         rev = await ctl.dist.wait(name, after, held)
     finally:
+        connected = ctl.presence.leave(agent_id, probe)
         ctl.metrics.waiting.dec()
+    if not connected:  # found gone by a presence heartbeat: no heartbeat now, and nobody reads an answer
+        return Response(status_code=204)
     ctl.dist.agent_heartbeat(agent_id)
-    # hot path of every agent: plain JSON, no response-model round trip (the schema is WaitOut)
+    # hot path of every agent: plain JSON, no response-model round trip (the schema is WaitOut);
+    # ``hold``: how long the agent's next poll should ask to be held (it adds jitter, up to its cap)
+    hold = ctl.settings.long_poll_hold
     if include_policy and rev > after:
         # the answer to GET .../policy?since=after, saving the agent a round trip
         policy = await _fetch(ctl, name, after or None)
-        return JSONResponse({"revision": policy["revision"], "changed": True, "policy": policy, "heartbeat": beats})
-    return JSONResponse({"revision": rev, "changed": rev > after, "policy": None, "heartbeat": beats})
+        return JSONResponse({"revision": policy["revision"], "changed": True, "policy": policy, "heartbeat": True,
+                             "hold": hold})
+    return JSONResponse({"revision": rev, "changed": rev > after, "policy": None, "heartbeat": True, "hold": hold})
 
 
 async def _fetch(ctl: Controller, workload: str, since: int | None) -> dict[str, Any]:

@@ -88,7 +88,7 @@ class NodeDistribution:
     def __init__(self, dist: PolicyDistributor) -> None:
         self.dist = dist
         self._identities: dict[str, PodIdentity] = {}  # agent id -> its row's fixed facts (cache)
-        self._waiters: dict[str, asyncio.Event] = {}  # node -> woken when one of its pods' revision moves
+        self._waiters: dict[str, list[asyncio.Future[bool]]] = {}  # node -> its polls waiting for a pod to move
         self._nodes: dict[str, tuple[Workload, str | None]] = {}  # workload -> (the object read, its node)
         dist.wake_listeners.append(self.on_wake)
 
@@ -168,7 +168,12 @@ class NodeDistribution:
 
     async def wait(self, node: str, pods: tuple[HeldPod, ...], timeout: float) -> list[HeldPod]:
         """The pods whose revision exceeds what the node holds, as soon as there is one, or [] at
-        ``timeout``."""
+        ``timeout``.
+
+        Each waiter awaits its own future, which :meth:`on_wake` resolves: the woken poll runs on the
+        very next turn of the event loop. (An ``asyncio.Event`` under ``wait_for`` took three turns, on
+        Python 3.11 through a task of its own, and during pod churn each turn queues behind the acks
+        and next polls of every node the previous batch woke.)"""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -178,13 +183,20 @@ class NodeDistribution:
                 if not moved and not pods and remaining > 0:
                     await asyncio.sleep(remaining)  # a node with nothing to follow yet: still a long-poll
                 return moved
-            ev = self._waiters.get(node)
-            if ev is None:
-                ev = self._waiters[node] = asyncio.Event()
+            woken: asyncio.Future[bool] = loop.create_future()
+            waiters = self._waiters.setdefault(node, [])
+            waiters.append(woken)
+            timer = loop.call_later(remaining, _resolve_once, woken, False)
             try:
-                await asyncio.wait_for(ev.wait(), remaining)
-            except TimeoutError:
-                return self.moved(pods)
+                if not await woken:
+                    return self.moved(pods)  # the timeout
+            finally:
+                timer.cancel()
+                left = self._waiters.get(node)
+                if left is not None and woken in left:  # timed out or cancelled: not woken
+                    left.remove(woken)
+                    if not left:
+                        del self._waiters[node]
 
     def on_wake(self, names: tuple[str, ...]) -> None:
         """On the event loop: wake the long-polls of the nodes whose pods ``names`` name."""
@@ -193,9 +205,8 @@ class NodeDistribution:
         for name in names:
             node = self.node_of(name)
             if node is not None:
-                ev = self._waiters.pop(node, None)
-                if ev is not None:
-                    ev.set()
+                for woken in self._waiters.pop(node, ()):
+                    _resolve_once(woken, True)
 
     def update_for(self, pod: HeldPod) -> PolicyUpdate | None:
         """The PolicyUpdate for ``pod`` from the revision the node holds (None: nothing compiled)."""
@@ -206,6 +217,11 @@ class NodeDistribution:
             return self.dist.fetch(pod.workload, pod.after or None)
         except NotFoundError:
             return None
+
+
+def _resolve_once(waiter: asyncio.Future[bool], woken: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(woken)
 
 
 SHARED_DELTAS = 8192  # set deltas whose JSON is kept (a batch's distinct deltas; the oldest go first)

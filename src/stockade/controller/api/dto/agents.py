@@ -106,6 +106,9 @@ class WaitOut(BaseModel):
     policy: PolicyOut | None = Field(None, description="with include_policy=true and changed: the fetch answer")
     heartbeat: bool = Field(True, description="the long-poll counted as the agent's heartbeat: an agent that "
                                               "long-polls may send POST .../heartbeat only to report its state")
+    hold: float | None = Field(None, description="seconds the controller advertises for the next long-poll's "
+                                                 "timeout (the agent jitters it and caps it at its own limit); "
+                                                 "a held long-poll keeps the agent online however long")
 
 
 class AckIn(Strict):
