@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from tests.api.conftest import Api
+from tests.asyncutil import run_async
 from tests.security.test_node_poll import _estate
 
 from stockade.controller.services import node_distribution
@@ -55,7 +56,7 @@ def test_a_woken_poll_answers_on_the_next_turn(nodes: tuple[NodeDistribution, in
         await asyncio.wait_for(second, 5)
         return turns, first.result(), second.result()
 
-    turns, first, second = asyncio.run(main())
+    turns, first, second = run_async(main())
     assert first == second == list(held)
     assert turns == 1  # an Event under wait_for took 3 on Python 3.11
     assert "node-a" not in nd._waiters
@@ -86,4 +87,4 @@ def test_a_poll_not_woken_times_out_empty_and_a_cancelled_one_leaves_no_waiter(
         assert await other == []
         return got
 
-    assert asyncio.run(main()) == []
+    assert run_async(main()) == []

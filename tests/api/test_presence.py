@@ -9,7 +9,6 @@ The cross-replica bound (a replica killed while it holds polls) is in
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 from tests.api.conftest import Api, make_settings
 from tests.api.test_agents import enroll
+from tests.asyncutil import run_async
 
 from stockade.controller.app import create_app
 from stockade.controller.services.presence import HeldPolls
@@ -97,12 +97,12 @@ def test_held_polls_beat_each_interval_and_drop_polls_whose_client_left() -> Non
     held.enter("a", a2)  # a reconnecting agent's new poll before its old one ended
     held.enter("b", b1)
     assert held.leave("a", a1) and held.holds("a") and len(held) == 2
-    assert asyncio.run(held.beat(beats.append)) == 0 and beats == []  # not due yet
+    assert run_async(held.beat(beats.append)) == 0 and beats == []  # not due yet
     now[0] += 30.0
-    assert asyncio.run(held.beat(beats.append)) == 2 and sorted(beats) == ["a", "b"]
+    assert run_async(held.beat(beats.append)) == 2 and sorted(beats) == ["a", "b"]
     gone.add("b1")  # b's client closed its connection: not present from the next beat on
     now[0] += 30.0
-    assert asyncio.run(held.beat(beats.append)) == 1 and beats[-1] == "a" and not held.holds("b")
+    assert run_async(held.beat(beats.append)) == 1 and beats[-1] == "a" and not held.holds("b")
     assert held.leave("b", b1) is False  # its route learns it was dropped: no heartbeat on the answer
     assert held.leave("a", a2) and len(held) == 0
-    assert asyncio.run(held.beat(beats.append, force=True)) == 0
+    assert run_async(held.beat(beats.append, force=True)) == 0

@@ -366,7 +366,9 @@ def test_the_enforcer_reads_the_seams_once() -> None:
     nft = Enforcer(NftablesBackend(netns="lab-1", log_group=7))
     assert nft.verifying and nft.netns == "lab-1"
     assert nft.flows == NflogFlows(7)
-    assert nft.change_monitor == NetlinkGroup(12, 7, "lab-1")  # NETLINK_NETFILTER, NFNLGRP_NFTABLES
+    # NETLINK_NETFILTER, NFNLGRP_NFTABLES; each transaction ends with NEWGEN ((NFNL_SUBSYS_NFTABLES 10) << 8 |
+    # NFT_MSG_NEWGEN 15) naming the committing thread in NFTA_GEN_PROC_PID (2)
+    assert nft.change_monitor == NetlinkGroup(12, 7, "lab-1", commit_type=(10 << 8) | 15, commit_tid_attr=2)
     ebpf = Enforcer(get_backend("ebpf", netns="lab-1"))
     assert isinstance(ebpf.flows, EventFlows) and ebpf.change_monitor is None and ebpf.verifying
     windows = Enforcer(get_backend("windows"))

@@ -96,8 +96,9 @@ def test_the_deep_collection_waits_for_a_quiet_moment_but_not_forever() -> None:
 
 def test_a_process_without_a_frozen_heap_collects_everything_as_before() -> None:
     heap.install(None)
+    frozen_before = gc.get_freeze_count()  # others may have frozen (the compiler does after a build)
     pod = _Node()
     gone = weakref.ref(pod)
     del pod
     collect_and_trim()
-    assert gone() is None and gc.get_freeze_count() == 0
+    assert gone() is None and gc.get_freeze_count() == frozen_before  # nothing frozen by the collection
