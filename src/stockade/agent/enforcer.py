@@ -220,9 +220,10 @@ class Enforcer:
     def enforce_as_delta(self, hp: HostPolicy) -> bool:
         """Put the full policy ``hp`` in force as the set and peer deltas from the policy in force,
         when nothing else differs (what the controller sends a pod whose revision fell behind its
-        history: ~8 revisions, under churn). False, with the ruleset as it was, when more differs or
-        the delta fails: enforce ``hp`` in full. The same checked delta apply a controller's delta
-        gets (netlink acks, read-back as the new baseline)."""
+        history: ~8 revisions, under churn). False when more differs (nothing touched) or the delta
+        fails (element changes toward ``hp`` may already be in; the baseline and the policy in force
+        are not updated): the caller then enforces ``hp`` in full. The same checked delta apply a
+        controller's delta gets (netlink acks, read-back as the new baseline)."""
         with self._lock:
             current = self._policy
             deltas = None if current is None else delta_between(current, hp)
