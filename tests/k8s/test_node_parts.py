@@ -195,6 +195,42 @@ def test_a_pod_seen_mid_sandbox_in_the_nodes_namespace_is_not_left_to_the_host_p
         agent.stop()
 
 
+def test_a_pod_awaiting_its_sandbox_holds_other_pods_deltas_back(tmp_path: Path) -> None:
+    """A pod enrolled (its policy in hand) whose sandbox is not there yet may start any moment: other
+    pods' deltas wait meanwhile (bounded by AWAIT_HOLD and the gate's max_defer), so its start does
+    not find deltas admitted just before it under way. Its start takes the hold over; a pod no longer
+    wanted releases it."""
+    from stockade.agent.apply_gate import Priority
+
+    agent = NodeAgent(NodeOptions("n1", "http://127.0.0.1:9", tmp_path), finder=lambda uid: None)
+    agent.gate.max_defer = 30
+    agent.enroller = _Enroller()  # type: ignore[assignment]
+    agent.client = object()  # type: ignore[assignment]
+    agent.credential = Credential("http://127.0.0.1:9", "node", "t", "n1")
+    entered: list[int] = []
+
+    def delta() -> None:
+        with agent.gate.admit(Priority.DELTA):
+            entered.append(1)
+
+    try:
+        pod = LocalPod(UID, "shop", "web", "k8s.shop.web", ())
+        assert agent._start_pod(pod) is False and UID in agent._awaiting  # no sandbox yet
+        t = threading.Thread(target=delta, daemon=True)
+        t.start()
+        t.join(0.2)
+        assert not entered and not agent.gate.idle()  # held while the pod awaits its sandbox
+        assert agent._start_pod(pod) is False  # a start (still no sandbox) ends its hold and takes it up again
+        t.join(0.2)
+        assert not entered
+        agent._reconcile()  # the pod is not wanted (never set): its hold ends
+        t.join(5)
+        assert entered == [1] and UID not in agent._awaiting and agent.gate.idle()
+    finally:
+        agent.client = None
+        agent.stop()
+
+
 @pytest.mark.kernel
 def test_a_pods_namespace_is_pinned_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """pin() bind-mounts the namespace itself (no ``ip netns attach`` process) once ``ip netns`` has set

@@ -93,6 +93,40 @@ def test_a_starting_pod_holds_deltas_back_but_never_longer_than_max_defer() -> N
     t.join(5)
 
 
+def test_a_timed_hold_keeps_deltas_back_until_released_or_run_out() -> None:
+    """A pod awaiting its sandbox (policy in hand) holds the gate for a bounded time: a delta queued
+    meanwhile waits for its release, or for the hold to run out on its own (no notification: the
+    queued delta looks again then), never longer than max_defer; a second hold_for of the same key
+    does not extend it."""
+    gate = ApplyGate(slots=2, max_defer=30)
+    entered: list[Priority] = []
+    release = threading.Event()
+    gate.hold_for("pod-a", 30)
+    assert not gate.idle()
+    t = _enter(gate, Priority.DELTA, entered, release)
+    assert not wait_until(lambda: bool(entered), 0.2)  # held
+    gate.release("pod-a")
+    assert wait_until(lambda: entered == [Priority.DELTA], 1)
+    release.set()
+    t.join(5)
+    assert gate.idle()
+    entered.clear()
+    gate.hold_for("pod-b", 0.3)
+    gate.hold_for("pod-b", 30)  # not extended
+    t = _enter(gate, Priority.PROOF, entered, release)
+    assert not wait_until(lambda: bool(entered), 0.15)
+    assert wait_until(lambda: entered == [Priority.PROOF], 1)  # ran out after 0.3 s
+    t.join(5)
+    assert gate.idle()
+    gate.release("pod-b")  # ran out already: nothing happens
+    gate.hold_for("pod-c", 30)  # never released: max_defer still bounds every wait
+    gate.max_defer = 0.2
+    entered.clear()
+    t = _enter(gate, Priority.DELTA, entered, release)
+    assert wait_until(lambda: entered == [Priority.DELTA], 2)
+    t.join(5)
+
+
 def test_a_stopping_waiter_leaves_the_queue() -> None:
     gate = ApplyGate(slots=1)
     entered: list[Priority] = []

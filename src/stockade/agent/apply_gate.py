@@ -17,8 +17,12 @@ So the gate gives the work three classes and admits them in this order:
 
 A node agent also *holds* the gate while it starts a pod (finds and pins its namespace, obtains its
 credential, starts its runtime, until the first apply): deltas and proofs wait then too, so the new
-pod has the node's cores. No work starves: a delta or proof that has waited ``max_defer`` seconds
-enters despite first applies and holds (still within ``slots``).
+pod has the node's cores. A pod whose policy is in hand but whose sandbox is not there yet holds the
+gate too, for a bounded time (:meth:`ApplyGate.hold_for`): its sandbox may appear at any moment, and
+the start must not find the node busy with deltas admitted just before (the start's own hold keeps
+only *new* admissions back). No work starves: a delta or proof that has waited ``max_defer`` seconds
+enters despite first applies and holds (still within ``slots``), so no hold lengthens the longest
+wait of a delta, only how often one waits.
 
 A runtime that had to queue drops the update its long-poll brought and fetches from what it has in
 force when admitted, so every revision published while it waited is applied as one step (one
@@ -74,7 +78,8 @@ class ApplyGate:
         self.slots = slots
         self.first_slots = first_slots
         self.max_defer = max_defer
-        self._holds = 0  # pods being started (see hold())
+        self._holds = 0  # pods being started (see begin_hold())
+        self._timed: dict[str, float] = {}  # key -> monotonic end of its hold (see hold_for())
         self._since: dict[tuple[int, int], float] = {}  # ticket -> when it began to wait
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -93,7 +98,14 @@ class ApplyGate:
     def idle(self) -> bool:
         """Nothing queued, running or held."""
         with self._cond:
-            return not self._waiting and not self._firsts and not self._background and not self._holds
+            return (not self._waiting and not self._firsts and not self._background and not self._holds
+                    and not self._timed_held(time.monotonic()))
+
+    def _timed_held(self, now: float) -> bool:
+        """Any timed hold still running (expired ones forgotten); called with the lock held."""
+        for key in [k for k, end in self._timed.items() if end <= now]:
+            del self._timed[key]
+        return bool(self._timed)
 
     def _may_enter(self, ticket: tuple[int, int]) -> bool:
         if self._waiting[0] != ticket:
@@ -102,7 +114,9 @@ class ApplyGate:
             return self._firsts < self.first_slots
         if self._background >= self.slots:
             return False
-        return (self._firsts == 0 and self._holds == 0) or time.monotonic() - self._since[ticket] >= self.max_defer
+        now = time.monotonic()
+        held = self._firsts > 0 or self._holds > 0 or self._timed_held(now)
+        return not held or now - self._since[ticket] >= self.max_defer
 
     def _wake_head(self) -> None:
         """Wake the head ticket's waiter, the only one that may enter (``_may_enter``); called with the
@@ -122,7 +136,10 @@ class ApplyGate:
         pods' proofs queued after a node agent's start-up woke 2,200 times a second."""
         after = STOP_RECHECK if stop is not None else None
         if ticket[0] != Priority.FIRST and self._waiting[0] == ticket:
-            left = self._since[ticket] + self.max_defer - time.monotonic()
+            now = time.monotonic()
+            left = self._since[ticket] + self.max_defer - now
+            if self._timed_held(now):  # a timed hold ends without a notification: look again then
+                left = min(left, max(0.0, min(self._timed.values()) - now) + 0.001)
             if left > 0:  # past it, only a busy slot keeps it out: its exit notifies
                 return left if after is None else min(left, after)
         return after
@@ -137,6 +154,19 @@ class ApplyGate:
         with self._cond:
             self._holds -= 1
             self._wake_head()
+
+    def hold_for(self, key: str, seconds: float) -> None:
+        """Keep deltas and proofs back (each up to ``max_defer``) while ``key`` (a pod awaiting its
+        sandbox) may start, until :meth:`release` of ``key`` or ``seconds`` from now, whichever comes
+        first. A second call for a key held already does not extend its hold."""
+        with self._cond:
+            self._timed.setdefault(key, time.monotonic() + seconds)
+
+    def release(self, key: str) -> None:
+        """End ``key``'s timed hold (nothing when it has none or it ran out)."""
+        with self._cond:
+            if self._timed.pop(key, None) is not None:
+                self._wake_head()
 
     @contextmanager
     def admit(self, priority: Priority, stop: threading.Event | None = None) -> Iterator[Admission | None]:

@@ -49,7 +49,7 @@ from stockade.agent import heap, libc_malloc
 from stockade.agent.agent import Agent, AgentOptions
 from stockade.agent.apply_gate import ApplyGate
 from stockade.agent.enforcer import CacheStart, Enforcer
-from stockade.agent.flows import FlowCollector, collector_for, open_reader_early
+from stockade.agent.flows import FlowCollector, FlowReader, collector_for, open_reader_early
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
 from stockade.agent.proving import COLLECTIONS
@@ -83,6 +83,7 @@ SETTLE_CHECK = 1.0  # with nothing to start but proofs or applies under way: loo
 MALLOC_ARENAS = 2  # glibc malloc arenas shared by the node agent's ~8 threads per pod
 PINS_CHECK = 1.0  # pins left by an earlier run looked for at most this often (not at every 10 ms pass)
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
+AWAIT_HOLD = 1.0  # a pod awaiting its sandbox (policy in hand) keeps them back too, at most this long
 
 
 BackendFactory = Callable[[str | None], NftablesBackend]  # pinned netns name (None: the node's) -> backend
@@ -293,7 +294,9 @@ class NodeAgent:
         for uid in set(self._first) - set(desired):
             del self._first[uid]
         with self._lock:
-            self._awaiting &= set(desired)
+            gone, self._awaiting = self._awaiting - set(desired), self._awaiting & set(desired)
+        for uid in gone:
+            self.gate.release(uid)
         for uid in set(self._early) - set(desired):
             self._early.pop(uid, None)
         for uid, fut in list(self._starting.items()):
@@ -353,6 +356,7 @@ class NodeAgent:
         hold, ended by the first apply or HOLD_SECONDS, whichever comes first)."""
         t0 = time.monotonic()
         self.gate.begin_hold()
+        self.gate.release(pod.uid)  # its wait for a sandbox ends: this hold follows on without a gap
         started = False
         try:
             started = self._start_pod_held(pod, t0, spotted)  # True: the hold is ended by _time_first_apply (or above)
@@ -415,6 +419,9 @@ class NodeAgent:
                     self._first[pod.uid] = (first, brought)  # for the next attempt (the credential is kept on disk)
                 with self._lock:
                     self._awaiting.add(pod.uid)
+                # its sandbox may come any moment: other pods' deltas wait meanwhile (AWAIT_HOLD at most),
+                # so that its start does not find deltas admitted just before it under way
+                self.gate.hold_for(pod.uid, AWAIT_HOLD)
                 return False  # no process of it yet (or already gone)
             ns = found
             self._stage(pod.uid, "found")
@@ -427,12 +434,16 @@ class NodeAgent:
         report = HostReport(pod.workload, "kubernetes pod", (InterfaceReport("eth0", addresses),))
         backend = self._backend_factory(netns)
         enforcer = Enforcer(backend)
-        reader, bound = open_reader_early(enforcer, f"pod {pod.uid}")
-        if bound:
-            self._stage(pod.uid, "flows")
         flows: FlowCollector | None = None
+        reader: FlowReader | None = None
         try:
-            cache = self._enforce_first(pod, enforcer, state, first)
+            cache = self._enforce_first(pod, enforcer, state, first)  # protection first ...
+            # ... then visibility: its flow reader is bound right after the first apply, before its runtime
+            # exists (so before the node acknowledges the pod's revision: a connection made once the
+            # controller sees it converged is reported), off the path to "in force"
+            reader, bound = open_reader_early(enforcer, f"pod {pod.uid}")
+            if bound:
+                self._stage(pod.uid, "flows")
             flows = collector_for(cred, state.load_ca(), enforcer,
                                   lambda: enforcer.policy.local_addresses if enforcer.policy else (), reader=reader)
             reader = None  # the collector's now
