@@ -406,6 +406,11 @@ def main() -> None:
                   for ms, at in re.findall(r"gc pause ([0-9.]+) ms at ([0-9.]+)", agent_log) if float(at) >= tc_wall]
         # (logged by a node agent of session 10 on, >= 10 ms)
         hit = sum(any(at < f and at + ms > t["sandbox"] for at, ms in pauses) for t, f in done)
+        # other pods' peer-set deltas: their waits in the apply gate (behind starts and holds), per 5 s window
+        # of the node agent's log (a node agent of session 11 on)
+        gates = [(int(n), float(p50), float(p99), float(mx)) for at, n, p50, p99, mx in re.findall(
+            r"gate waits at ([0-9.]+): ([0-9]+) deltas, p50 ([0-9.]+) / p99 ([0-9.]+) / max ([0-9.]+) ms", agent_log)
+            if float(at) >= tc_wall + 5]
         rows = {
             "start-up: all pods programmed (first apply in each namespace), s": f"{programmed:.1f}",
             "start-up: programmed -> settled (no apply or proof pending), s":
@@ -427,6 +432,9 @@ def main() -> None:
             "full collections >= 10 ms in churn: n, p50 / max ms (new pods waiting through one)":
                 (f"{len(pauses)}, {statistics.median(p for _a, p in pauses) * 1000:.0f} / "
                  f"{max(p for _a, p in pauses) * 1000:.0f} ({hit} of {len(done)})") if pauses else "0 (or not logged)",
+            "other pods' deltas in churn: their wait in the apply gate, n; worst window's p50 / p99; max ms":
+                (f"{sum(g[0] for g in gates)}; {max(g[1] for g in gates):.0f} / {max(g[2] for g in gates):.0f}; "
+                 f"{max(g[3] for g in gates):.0f}") if gates else "- (not logged)",
             "any pod: taken up -> first apply (the agent's own timer), p50 / p99":
                 f"{statistics.median(inside):.1f} / {q(inside, n=100)[98]:.1f} ms (n={len(inside)})",
             "load average at the end": f"{load:.1f}",

@@ -91,6 +91,35 @@ def test_the_incremental_index_finds_what_the_full_scan_finds_and_a_late_join(tm
     assert index.find(other) is None
 
 
+def test_the_index_reads_young_processes_less_and_less_and_spreads_the_full_reread(tmp_path: Path) -> None:
+    """A burst of new processes on a busy node was read again at every 10 ms scan for 2 s, and every
+    process again all at once every second: the scans a new pod's sandbox waited behind. A young
+    process without a pod is now read again once an eighth of its age has passed (every scan at
+    first: a late join is still seen at once), and the full re-read of every process within
+    ``full_every`` is spread over the scans; a pid reused by a pod's process is still found in time."""
+    from stockade.k8s.podns import NamespaceIndex
+
+    proc = _proc(tmp_path, {pid: ("12:pids:/system.slice/x.service\n", "host") for pid in range(100, 140)})
+    young = NamespaceIndex(proc, min_gap=0.0, young=2.0, full_every=3600.0)
+    full = NamespaceIndex(proc, min_gap=0.0, young=0.0, full_every=1.0)
+    for i in range(200):  # 2 s of scans 10 ms apart
+        young._scan(i * 0.01)
+        if i == 30:  # a young process (0.3 s) joins its pod's cgroup: seen within an eighth of its age
+            (proc / "101" / "cgroup").write_text(f"11:memory:/kubepods/besteffort/pod{UID}/a\n")
+        if i == 35:
+            assert young._by_uid.get(UID) == [101]
+    assert young.reads <= 40 * 40, young.reads  # was 40 * 200 (every young process at every scan)
+    full._scan(0.0)
+    (proc / "100" / "cgroup").write_text(f"11:memory:/kubepods/besteffort/pod{UID}/a\n")  # a pid reused
+    per_scan = []
+    for i in range(1, 101):
+        before = full.reads
+        full._scan(i * 0.01)
+        per_scan.append(full.reads - before)
+    assert sum(per_scan) >= 40 and max(per_scan) <= 6, per_scan  # all read again within 1 s, never all at once
+    assert full._by_uid.get(UID) == [100, 101]
+
+
 def test_a_malformed_uid_is_refused() -> None:
     with pytest.raises(PodNetnsError):
         find_pod_netns("../../etc", Path("/proc"))

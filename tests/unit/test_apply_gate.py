@@ -119,6 +119,7 @@ def test_a_timed_hold_keeps_deltas_back_until_released_or_run_out() -> None:
     t.join(5)
     assert gate.idle()
     gate.release("pod-b")  # ran out already: nothing happens
+    assert gate.take_delta_waits().startswith("1 deltas, p50 ") and gate.take_delta_waits() == ""  # drained
     gate.hold_for("pod-c", 30)  # never released: max_defer still bounds every wait
     gate.max_defer = 0.2
     entered.clear()

@@ -65,6 +65,7 @@ class GateStats:
     admitted: dict[Priority, int] = field(default_factory=lambda: dict.fromkeys(Priority, 0))
     queued: dict[Priority, int] = field(default_factory=lambda: dict.fromkeys(Priority, 0))
     order: list[Priority] = field(default_factory=list)  # the last admissions, oldest first (tests)
+    delta_waits: list[float] = field(default_factory=list)  # seconds each delta waited (take_delta_waits)
 
 
 class ApplyGate:
@@ -144,6 +145,17 @@ class ApplyGate:
                 return left if after is None else min(left, after)
         return after
 
+    def take_delta_waits(self) -> str:
+        """How long the deltas admitted since the last call waited: ``<n> deltas, p50 <ms> / p99 <ms> /
+        max <ms> ms`` ("" for none). A node agent logs it: what starts and holds cost the other pods'
+        peer-set deltas."""
+        with self._cond:
+            waits, self.stats.delta_waits = sorted(self.stats.delta_waits), []
+        if not waits:
+            return ""
+        p50, p99 = (waits[min(len(waits) - 1, len(waits) * q // 100)] * 1000 for q in (50, 99))
+        return f"{len(waits)} deltas, p50 {p50:.1f} / p99 {p99:.1f} / max {waits[-1] * 1000:.1f} ms"
+
     def begin_hold(self) -> None:
         """Keep deltas and proofs back (each up to ``max_defer``) until :meth:`end_hold`: a pod is
         starting. Begin and end may be called from different threads."""
@@ -199,6 +211,8 @@ class ApplyGate:
                 self.stats.queued[priority] += queued
                 self.stats.order.append(priority)
                 del self.stats.order[: -self.ORDER_KEPT]
+                if priority is Priority.DELTA and len(self.stats.delta_waits) < self.ORDER_KEPT * 10:
+                    self.stats.delta_waits.append(time.monotonic() - started)
                 self._wake_head()  # the next ticket may enter too (another free slot)
                 admitted = True
         if not admitted:

@@ -23,14 +23,10 @@ the pod's policy. kube-proxy's and the CNI's tables are never touched: the backe
 ``inet stockade`` table, in the pod's namespace (and the node's, for the host policy).
 
 The pod agents share one :class:`~stockade.agent.apply_gate.ApplyGate`: a new pod's first apply
-goes ahead of every peer-set delta of the pods already protected, and a pod whose deltas queued
-applies every revision published meanwhile as one step.
-
-Each pod agent's tamper watch is woken by a change feed in the pod's namespace (nf_tables'
-netlink group: one socket per pod, :class:`~stockade.agent.watch.NetlinkFeed`), so a change made
-inside a pod is restored within milliseconds; its safety read-back runs every
-``pod_tamper_interval`` seconds (default 10: 110 pods at the host agent's 0.5 s would be 220
-read-backs per second).
+(and its start, and its wait for its sandbox) goes ahead of the pods' peer-set deltas, and a pod
+whose deltas queued applies every revision published meanwhile as one step. Each pod's tamper
+watch is woken by a change feed in its namespace (:class:`~stockade.agent.watch.NetlinkFeed`);
+its safety read-back runs every ``pod_tamper_interval`` seconds (default 10).
 """
 
 from __future__ import annotations
@@ -84,6 +80,7 @@ MALLOC_ARENAS = 2  # glibc malloc arenas shared by the node agent's ~8 threads p
 PINS_CHECK = 1.0  # pins left by an earlier run looked for at most this often (not at every 10 ms pass)
 HOLD_SECONDS = 10.0  # a starting pod keeps other pods' deltas back (each at most the gate's max_defer) this long
 AWAIT_HOLD = 1.0  # a pod awaiting its sandbox (policy in hand) keeps them back too, at most this long
+GATE_LOG = 5.0  # the pods' deltas' waits in the apply gate are logged this often (when there were any)
 
 
 BackendFactory = Callable[[str | None], NftablesBackend]  # pinned netns name (None: the node's) -> backend
@@ -251,9 +248,14 @@ class NodeAgent:
                                      workers=max(2, self.options.apply_slots * 2))
             self.poller.start()
         settled = False
+        logged = time.monotonic()
         while not self._stop.is_set():
             self._poke.clear()
             pending = self._pending = self._reconcile()
+            if time.monotonic() - logged >= GATE_LOG:  # what starts and holds cost other pods' deltas (bench/k8s.py)
+                logged, waits = time.monotonic(), self.gate.take_delta_waits()
+                if waits:
+                    log.info("gate waits at %.3f: %s", time.time(), waits)
             was, settled = settled, not pending and self.settled()
             if settled and not was:
                 log.info("node agent settled: %d pods enforced, no start, apply or proof pending (%.1f s after "
