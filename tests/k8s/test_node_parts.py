@@ -85,6 +85,7 @@ def test_the_incremental_index_finds_what_the_full_scan_finds_and_a_late_join(tm
     assert index.find(UID) is None and find_pod_netns(UID, proc) is None
     assert index.find(other) == find_pod_netns(other, proc)
     (proc / "10" / "cgroup").write_text(f"0::/kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice/c\n")  # joined
+    time.sleep(0.01)  # a young process is read again once an eighth of its age has passed since its last read
     assert index.find(UID) == find_pod_netns(UID, proc) and index.find(UID) is not None
     assert cgroup_pod_uid(f"1:pids:/kubepods/pod{UID}x/b\n") is None  # a lookalike is no pod
     shutil.rmtree(proc / "20")
@@ -232,7 +233,7 @@ def test_a_pod_awaiting_its_sandbox_holds_other_pods_deltas_back(tmp_path: Path)
     from stockade.agent.apply_gate import Priority
 
     agent = NodeAgent(NodeOptions("n1", "http://127.0.0.1:9", tmp_path), finder=lambda uid: None)
-    agent.gate.max_defer = 30
+    agent.gate.max_defer = agent.gate.timed_defer = 30
     agent.enroller = _Enroller()  # type: ignore[assignment]
     agent.client = object()  # type: ignore[assignment]
     agent.credential = Credential("http://127.0.0.1:9", "node", "t", "n1")

@@ -98,7 +98,7 @@ def test_a_timed_hold_keeps_deltas_back_until_released_or_run_out() -> None:
     meanwhile waits for its release, or for the hold to run out on its own (no notification: the
     queued delta looks again then), never longer than max_defer; a second hold_for of the same key
     does not extend it."""
-    gate = ApplyGate(slots=2, max_defer=30)
+    gate = ApplyGate(slots=2, max_defer=30, timed_defer=30)
     entered: list[Priority] = []
     release = threading.Event()
     gate.hold_for("pod-a", 30)
@@ -120,11 +120,18 @@ def test_a_timed_hold_keeps_deltas_back_until_released_or_run_out() -> None:
     assert gate.idle()
     gate.release("pod-b")  # ran out already: nothing happens
     assert gate.take_delta_waits().startswith("1 deltas, p50 ") and gate.take_delta_waits() == ""  # drained
-    gate.hold_for("pod-c", 30)  # never released: max_defer still bounds every wait
-    gate.max_defer = 0.2
+    gate.hold_for("pod-c", 30)  # never released: timed_defer bounds every wait for it
+    gate.timed_defer = 0.2
     entered.clear()
     t = _enter(gate, Priority.DELTA, entered, release)
     assert wait_until(lambda: entered == [Priority.DELTA], 2)
+    t.join(5)
+    gate.begin_hold()  # a start under way as well: max_defer (30 s) applies, not timed_defer
+    entered.clear()
+    t = _enter(gate, Priority.DELTA, entered, release)
+    assert not wait_until(lambda: bool(entered), 0.4)
+    gate.end_hold()
+    assert wait_until(lambda: entered == [Priority.DELTA], 1)  # timed_defer again: it has waited past it
     t.join(5)
 
 

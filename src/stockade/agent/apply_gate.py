@@ -20,9 +20,10 @@ credential, starts its runtime, until the first apply): deltas and proofs wait t
 pod has the node's cores. A pod whose policy is in hand but whose sandbox is not there yet holds the
 gate too, for a bounded time (:meth:`ApplyGate.hold_for`): its sandbox may appear at any moment, and
 the start must not find the node busy with deltas admitted just before (the start's own hold keeps
-only *new* admissions back). No work starves: a delta or proof that has waited ``max_defer`` seconds
-enters despite first applies and holds (still within ``slots``), so no hold lengthens the longest
-wait of a delta, only how often one waits.
+only *new* admissions back); a delta waits for such holds at most ``timed_defer`` (0.25 s: under
+heavy load pods' waits for their sandboxes overlap, and deltas then waited the whole ``max_defer``).
+No work starves: a delta or proof that has waited ``max_defer`` seconds enters despite first applies
+and holds (still within ``slots``), so no hold lengthens the longest wait of a delta.
 
 A runtime that had to queue drops the update its long-poll brought and fetches from what it has in
 force when admitted, so every revision published while it waited is applied as one step (one
@@ -73,12 +74,13 @@ class ApplyGate:
 
     ORDER_KEPT = 1000
 
-    def __init__(self, slots: int = 2, first_slots: int = 8, max_defer: float = 1.0) -> None:
+    def __init__(self, slots: int = 2, first_slots: int = 8, max_defer: float = 1.0, timed_defer: float = 0.25) -> None:
         if slots < 1 or first_slots < 1:
             raise ValueError("an apply gate needs at least one slot of each kind")
         self.slots = slots
         self.first_slots = first_slots
         self.max_defer = max_defer
+        self.timed_defer = min(timed_defer, max_defer)  # the longest a delta waits for timed holds alone
         self._holds = 0  # pods being started (see begin_hold())
         self._timed: dict[str, float] = {}  # key -> monotonic end of its hold (see hold_for())
         self._since: dict[tuple[int, int], float] = {}  # ticket -> when it began to wait
@@ -116,8 +118,15 @@ class ApplyGate:
         if self._background >= self.slots:
             return False
         now = time.monotonic()
-        held = self._firsts > 0 or self._holds > 0 or self._timed_held(now)
-        return not held or now - self._since[ticket] >= self.max_defer
+        defer = self._defer(now)
+        return defer is None or now - self._since[ticket] >= defer
+
+    def _defer(self, now: float) -> float | None:
+        """How long a delta or proof may be kept back now: ``max_defer`` while a first apply runs or a
+        start holds the gate, ``timed_defer`` while only timed holds do (None: nothing holds it back)."""
+        if self._firsts > 0 or self._holds > 0:
+            return self.max_defer
+        return self.timed_defer if self._timed_held(now) else None
 
     def _wake_head(self) -> None:
         """Wake the head ticket's waiter, the only one that may enter (``_may_enter``); called with the
@@ -138,8 +147,8 @@ class ApplyGate:
         after = STOP_RECHECK if stop is not None else None
         if ticket[0] != Priority.FIRST and self._waiting[0] == ticket:
             now = time.monotonic()
-            left = self._since[ticket] + self.max_defer - now
-            if self._timed_held(now):  # a timed hold ends without a notification: look again then
+            left = self._since[ticket] + (self._defer(now) or self.max_defer) - now
+            if self._timed:  # a timed hold ends without a notification: look again then
                 left = min(left, max(0.0, min(self._timed.values()) - now) + 0.001)
             if left > 0:  # past it, only a busy slot keeps it out: its exit notifies
                 return left if after is None else min(left, after)
@@ -168,9 +177,9 @@ class ApplyGate:
             self._wake_head()
 
     def hold_for(self, key: str, seconds: float) -> None:
-        """Keep deltas and proofs back (each up to ``max_defer``) while ``key`` (a pod awaiting its
-        sandbox) may start, until :meth:`release` of ``key`` or ``seconds`` from now, whichever comes
-        first. A second call for a key held already does not extend its hold."""
+        """Keep deltas and proofs back (each up to ``timed_defer``: 0.25 s) while ``key`` (a pod
+        awaiting its sandbox) may start, until :meth:`release` of ``key`` or ``seconds`` from now,
+        whichever comes first. A second call for a key held already does not extend its hold."""
         with self._cond:
             self._timed.setdefault(key, time.monotonic() + seconds)
 

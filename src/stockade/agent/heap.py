@@ -60,6 +60,12 @@ class FrozenHeap:
         self.deep = 0  # deep collections run (stats, tests)
         self.frozen = 0  # freezes
 
+    def due(self) -> bool:
+        """A deep collection is due (``deep_every`` since the last): the node agent runs it itself at the
+        next moment no pod is starting (:func:`~stockade.agent.proving.deep_collection_when_quiet`)."""
+        with self._lock:
+            return self._clock() - self._last_deep >= self.deep_every
+
     def begin(self) -> bool:
         """Before a full collection: thaw the heap when a deep collection is due (and quiet, or
         overdue); True when it did."""

@@ -48,7 +48,7 @@ from stockade.agent.enforcer import CacheStart, Enforcer
 from stockade.agent.flows import FlowCollector, FlowReader, collector_for, open_reader_early
 from stockade.agent.host import HostReport, InterfaceReport
 from stockade.agent.http_client import HttpControllerClient
-from stockade.agent.proving import COLLECTIONS
+from stockade.agent.proving import COLLECTIONS, deep_collection_when_quiet
 from stockade.agent.state import CachedPolicy, Credential, StateDir
 from stockade.agent.transport import AgentEvent, EventKind
 from stockade.agent_signature import public_key_text
@@ -108,8 +108,7 @@ class NodeAgent:
         self._retry: dict[str, tuple[float, float]] = {}  # uid -> (next attempt, delay) of a failing pod
         self._pool = ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="stockade-pod")
         self._starting: dict[str, Future[bool]] = {}  # uid -> its start under way
-        self._first: dict[str, tuple[PolicyUpdate, float]] = {}  # uid -> (policy its enrolment brought,
-        # monotonic when), the namespace not found yet
+        self._first: dict[str, tuple[PolicyUpdate, float]] = {}  # uid -> (policy, monotonic when) its enrolment
         self._awaiting: set[str] = set()  # enrolled, policy in hand, namespace not found yet: looked for
         # by the reconcile loop every NS_POLL (a cheap incremental scan), started the moment it is found
         self._addressed: set[str] = set()  # pods whose IP just appeared: their sandbox exists, look again now
@@ -252,6 +251,7 @@ class NodeAgent:
         while not self._stop.is_set():
             self._poke.clear()
             pending = self._pending = self._reconcile()
+            deep_collection_when_quiet(pending)  # not left to a proof's collection, which may find a pod starting
             if time.monotonic() - logged >= GATE_LOG:  # what starts and holds cost other pods' deltas (bench/k8s.py)
                 logged, waits = time.monotonic(), self.gate.take_delta_waits()
                 if waits:
@@ -421,9 +421,7 @@ class NodeAgent:
                     self._first[pod.uid] = (first, brought)  # for the next attempt (the credential is kept on disk)
                 with self._lock:
                     self._awaiting.add(pod.uid)
-                # its sandbox may come any moment: other pods' deltas wait meanwhile (AWAIT_HOLD at most),
-                # so that its start does not find deltas admitted just before it under way
-                self.gate.hold_for(pod.uid, AWAIT_HOLD)
+                self.gate.hold_for(pod.uid, AWAIT_HOLD)  # its sandbox may come any moment: deltas wait
                 return False  # no process of it yet (or already gone)
             ns = found
             self._stage(pod.uid, "found")
@@ -439,10 +437,8 @@ class NodeAgent:
         flows: FlowCollector | None = None
         reader: FlowReader | None = None
         try:
-            cache = self._enforce_first(pod, enforcer, state, first)  # protection first ...
-            # ... then visibility: its flow reader is bound right after the first apply, before its runtime
-            # exists (so before the node acknowledges the pod's revision: a connection made once the
-            # controller sees it converged is reported), off the path to "in force"
+            cache = self._enforce_first(pod, enforcer, state, first)  # protection first, then visibility: its
+            # flow reader is bound before its runtime exists, so before the node acknowledges the pod
             reader, bound = open_reader_early(enforcer, f"pod {pod.uid}")
             if bound:
                 self._stage(pod.uid, "flows")
