@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -296,3 +297,21 @@ def test_a_node_pods_update_is_refetched_exactly_when_its_poller_knows_a_newer_r
     queued(None)
     agent.update(client, 2, upd)
     assert seen == [upd, None, upd, None, None, upd]
+
+
+def test_a_timed_hold_that_ran_out_under_a_starts_hold_does_not_spin_the_head() -> None:
+    """A sandbox hold that ran out while a start holds the gate is forgotten, not used as the head's
+    next wake-up (it would wake every millisecond, in the very moment a new pod starts)."""
+    gate = _CountingGate(slots=2, max_defer=30)
+    gate.hold_for("pod-a", 0.01)
+    gate.begin_hold()
+    time.sleep(0.05)  # pod-a's hold has run out
+    entered: list[Priority] = []
+    release = threading.Event()
+    t = _enter(gate, Priority.DELTA, entered, release)
+    time.sleep(0.3)
+    assert not entered and gate.looks < 20, gate.looks
+    gate.end_hold()
+    assert wait_until(lambda: entered == [Priority.DELTA], 1)
+    release.set()
+    t.join(5)

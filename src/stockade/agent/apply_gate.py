@@ -148,7 +148,8 @@ class ApplyGate:
         if ticket[0] != Priority.FIRST and self._waiting[0] == ticket:
             now = time.monotonic()
             left = self._since[ticket] + (self._defer(now) or self.max_defer) - now
-            if self._timed:  # a timed hold ends without a notification: look again then
+            if self._timed_held(now):  # a timed hold ends without a notification: look again then (expired
+                # ones forgotten first: one left behind would wake the head every millisecond)
                 left = min(left, max(0.0, min(self._timed.values()) - now) + 0.001)
             if left > 0:  # past it, only a busy slot keeps it out: its exit notifies
                 return left if after is None else min(left, after)
