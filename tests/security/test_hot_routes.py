@@ -24,14 +24,15 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.api.conftest import Api
-from tests.security.test_node_poll import _batch, _estate
-from tests.security.test_pod_enrolment import _agent
+from fastapi.testclient import TestClient
 
 from stockade.agent.signing import AgentAuth
 from stockade.agent.state import Credential
 from stockade.controller.api.hot import HotRoutes
 from stockade.logs import request_id
+from tests.api.conftest import Api
+from tests.security.test_node_poll import _batch, _estate
+from tests.security.test_pod_enrolment import _agent
 
 # (method, path after /agents/{id}/, a body; "{pod}": the node's pod) for every route of the fast table
 CASES: dict[str, tuple[str, str, Any]] = {
@@ -255,3 +256,25 @@ def test_the_table_names_the_route_the_router_picks(node: tuple[Api, Credential,
     assert HotRoutes.match(hot, {"type": "http", "method": "GET", "path": "/api/v1/agents/x/policy"}) is None
     assert HotRoutes.match(hot, {"type": "http", "method": "GET", "path": "/api/v1/agents/x/policy/wait",
                                  "root_path": "/proxy"}) is None
+
+
+def test_an_unexpected_error_on_a_hot_route_is_the_frameworks_500(
+        node: tuple[Api, Credential, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    api, cred, pod = node
+
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(api.ctl.dist, "agent_ack", broken)
+    client = TestClient(api.client.app, raise_server_exceptions=False)
+    served = _hot(api).served
+
+    def ack() -> tuple[int, Any]:
+        r = client.post(f"/api/v1/agents/{cred.agent_id}/ack", json={"revision": 0}, auth=AgentAuth(cred))
+        return r.status_code, r.json()
+
+    fast = ack()
+    assert _hot(api).served == served + 1
+    assert fast == (500, {"error": "InternalError", "message": "internal error", "issues": []})
+    _framework_only(api, monkeypatch)
+    assert ack() == fast
