@@ -260,7 +260,7 @@ def test_the_table_names_the_route_the_router_picks(node: tuple[Api, Credential,
 
 def test_an_unexpected_error_on_a_hot_route_is_the_frameworks_500(
         node: tuple[Api, Credential, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    api, cred, pod = node
+    api, cred, _pod = node
 
     def broken(*_args: Any) -> None:
         raise RuntimeError("boom")
