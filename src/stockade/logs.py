@@ -2,8 +2,8 @@
 
 Every record carries time, level, logger and message, plus whatever the caller put in ``extra=``
 (for example the access log's ``method``, ``path``, ``status``, ``ms``) and the id of the request
-being served (:data:`request_id`, set by the controller's access-log middleware), so one request's
-lines can be found together. Values are escaped for their format: a JSON string, or a logfmt value
+being served (:data:`request_id`, set by the controller's HTTP edge, ``controller/edge.py``), so
+one request's lines can be found together. Values are escaped for their format: a JSON string, or a logfmt value
 quoted when it holds a space, a quote or ``=``; control characters never reach the log raw, so a
 hostile path cannot forge a log line.
 """

@@ -247,6 +247,9 @@ def test_agents_1_3_and_history_plus_1_behind_converge(api: Api) -> None:
                     params={"after": current - 3, "timeout": 0, "include_policy": "true"})
     upd = policy_update_from_dict(inline["policy"])
     assert upd.kind is UpdateKind.DELTA and apply_update(held[current - 3], current - 3, upd) == held[current]
+    assert inline["policy"] == api.ok("GET", f"/agents/{aid}/policy", headers=token, params={"since": current - 3})
+    assert inline["revision"] == current and inline["changed"] is True and inline["heartbeat"] is True
+    assert inline["hold"] == api.ctl.settings.long_poll_hold
     # a rules change (db-1 relabelled) cannot be a delta: every older revision gets the full policy
     body = api.ok("GET", "/workloads/db-1")["body"]
     api.ok("PUT", "/workloads/db-1", json={**body, "labels": {"app": "shop", "role": "web"}})

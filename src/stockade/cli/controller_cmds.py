@@ -148,8 +148,11 @@ def controller(
     sys.stdout.flush()
     # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 (anyone on
     # this host); the app itself decides, from --trusted-proxy (stockade.controller.forwarded).
+    # access_log=False: stockade.access logs every request (edge.py); uvicorn's own line, though disabled
+    # in logging, was still formatted per request (client address, path) before being dropped
     uvicorn.run(app, host=host, port=port, log_config=None, log_level=log_level, timeout_keep_alive=75,
-                backlog=4096, proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **ssl)
+                backlog=4096, proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False,
+                **ssl)
 
 
 CONTROLLER_UNIT = """[Unit]

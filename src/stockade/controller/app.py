@@ -28,11 +28,11 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from stockade import __version__
-from stockade.controller.access_log import AccessLogMiddleware
 from stockade.controller.api import admin as admin_api
 from stockade.controller.api import agents as agents_api
 from stockade.controller.api import flows as flows_api
 from stockade.controller.api import flows_policy as flows_policy_api
+from stockade.controller.api import hot as hot_api
 from stockade.controller.api import imports as imports_api
 from stockade.controller.api import k8s_nodes as k8s_nodes_api
 from stockade.controller.api import objects as objects_api
@@ -40,10 +40,9 @@ from stockade.controller.api import policy as policy_api
 from stockade.controller.api import workload_batch as workload_batch_api
 from stockade.controller.api.web_mount import mount_console
 from stockade.controller.context import API, Controller, ControllerSettings
-from stockade.controller.csrf import OriginCheckMiddleware, parse_allowed_origins
-from stockade.controller.headers import ResponseHeaders
-from stockade.controller.limits import InputGuard
-from stockade.controller.metrics import Metrics, MetricsMiddleware
+from stockade.controller.csrf import OriginCheck, parse_allowed_origins
+from stockade.controller.edge import Edge
+from stockade.controller.metrics import Metrics
 from stockade.controller.services import auth, enrolment, replicas
 from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import RateLimiter
@@ -258,12 +257,14 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     app.add_exception_handler(IntegrityError, _integrity)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)
-    app.add_middleware(OriginCheckMiddleware, proxies=ctl.proxies,  # inside metrics: its 403s are counted
-                       allowed_origins=parse_allowed_origins(settings.allowed_origins))
-    app.add_middleware(MetricsMiddleware, metrics=ctl.metrics)
-    app.add_middleware(InputGuard)  # body limits, NUL, UTF-8: before any route parses
-    app.add_middleware(ResponseHeaders)  # CSP, HSTS, complete Allow on every answer, refusals included
-    app.add_middleware(AccessLogMiddleware)  # outermost: request ids for every line below
+    # one layer, in this order: request id + access log, security headers (refusals included), body
+    # limits / NUL / UTF-8 before any route parses, metrics, the CSRF origin check (its 403s counted);
+    # then the agent protocol's hot routes (api/hot.py: the same auth and handlers, no framework
+    # routing), everything else and every doubt to the framework
+    hot = hot_api.HotRoutes(app.exception_handlers)
+    app.state.hot_routes = hot
+    app.add_middleware(Edge, metrics=ctl.metrics, fast=hot,
+                       origins=OriginCheck(ctl.proxies, parse_allowed_origins(settings.allowed_origins)))
     included: list[tuple[str, APIRouter]] = [
         # the agent protocol first: routes are matched one by one in this order, and every agent's
         # long-poll, ack and heartbeat would otherwise be tried against the ~100 operator routes

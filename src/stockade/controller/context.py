@@ -149,8 +149,8 @@ def require(permission: Permission) -> Callable[[Request], Awaitable[Principal]]
 
             principal = await run_in_threadpool(lookup)
         auth.authorize(principal, permission)
-        route = request.scope.get("route")
-        scope.check_route(principal, permission, request.method, getattr(route, "path", request.url.path))
+        route_path = getattr(request.scope.get("route"), "path", None)  # (the URL only when unrouted)
+        scope.check_route(principal, permission, request.method, route_path or request.url.path)
         request.state.principal = principal
         return principal
 

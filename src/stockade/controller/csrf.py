@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Send
 
 from stockade.controller.forwarded import TrustedProxies
 from stockade.controller.services.auth import SESSION_COOKIE
@@ -72,11 +72,11 @@ def show(origin: Origin) -> str:
     return f"{scheme}://{shown}" if DEFAULT_PORTS[scheme] == port else f"{scheme}://{shown}:{port}"
 
 
-class OriginCheckMiddleware:
-    """Refuses state-changing cookie requests whose Origin/Referer is not the controller's own."""
+class OriginCheck:
+    """Refuses state-changing cookie requests whose Origin/Referer is not the controller's own
+    (run for every request by :class:`stockade.controller.edge.Edge`)."""
 
-    def __init__(self, app: ASGIApp, proxies: TrustedProxies, allowed_origins: frozenset[Origin]) -> None:
-        self.app = app
+    def __init__(self, proxies: TrustedProxies, allowed_origins: frozenset[Origin]) -> None:
         self.proxies = proxies
         self.allowed = allowed_origins
 
@@ -107,14 +107,9 @@ class OriginCheckMiddleware:
         return (f"cross-origin request refused: {source} {claimed[:200]!r} is not {expected} "
                 f"(nor a configured allowed origin)")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        reason = self.refusal(HTTPConnection(scope))
-        if reason is None:
-            await self.app(scope, receive, send)
-            return
+    @staticmethod
+    async def refuse(send: Send, reason: str) -> None:
+        """The 403 answer (the usual error body) of a refused request."""
         body = json.dumps({"error": "CsrfError", "message": reason, "issues": []}).encode()
         await send({"type": "http.response.start", "status": 403,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

@@ -1,7 +1,7 @@
 """Response headers every controller answer carries, and a complete ``Allow`` on every 405.
 
-:class:`ResponseHeaders` is the outermost middleware, so it also covers answers made by other
-middleware (413, 422 from :mod:`stockade.controller.limits`):
+:class:`stockade.controller.edge.Edge` adds them to every answer, its own refusals included
+(413, 422 from :mod:`stockade.controller.limits`, 403 from :mod:`stockade.controller.csrf`):
 
 * on every response, unless the route set its own: ``Content-Security-Policy`` (the API's is
   ``default-src 'none'``: a JSON answer never runs or loads anything; the console sets a
@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Scope
 
 API_CSP = b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 HSTS = b"max-age=63072000"
@@ -46,34 +46,24 @@ def allowed_methods(app: Any, scope: Scope) -> list[str]:
     return sorted(methods)
 
 
-class ResponseHeaders:
-    """ASGI middleware adding the headers above to every HTTP response."""
+def extra_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The headers every answer to ``scope`` carries unless the route set its own."""
+    extra = list(ALWAYS)
+    if str(scope.get("path", "")).startswith(API_PREFIXES):
+        extra.append((b"cache-control", b"no-store"))
+    if scope.get("scheme") == "https":
+        extra.append((b"strict-transport-security", HSTS))
+    return extra
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = str(scope.get("path", ""))
-        extra = list(ALWAYS)
-        if path.startswith(API_PREFIXES):
-            extra.append((b"cache-control", b"no-store"))
-        if scope.get("scheme") == "https":
-            extra.append((b"strict-transport-security", HSTS))
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                present = {k.lower() for k, _ in headers}
-                headers += [(k, v) for k, v in extra if k not in present]
-                if message["status"] == 405:
-                    methods = allowed_methods(scope.get("app"), scope)
-                    if methods:
-                        headers = [(k, v) for k, v in headers if k.lower() != b"allow"]
-                        headers.append((b"allow", ", ".join(methods).encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+def complete(scope: Scope, start: Message, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers of the ``http.response.start`` message ``start``, completed as above."""
+    out = list(start.get("headers", []))
+    present = {k.lower() for k, _ in out}
+    out += [(k, v) for k, v in extra if k not in present]
+    if start["status"] == 405:
+        methods = allowed_methods(scope.get("app"), scope)
+        if methods:
+            out = [(k, v) for k, v in out if k.lower() != b"allow"]
+            out.append((b"allow", ", ".join(methods).encode()))
+    return out

@@ -1,8 +1,9 @@
 """Input limits every request meets before a route parses anything: body size, NUL bytes, UTF-8.
 
-Why a middleware and not the routes: a route (or FastAPI's body parsing) reads and decodes the
+Why in front of the routes: a route (or FastAPI's body parsing) reads and decodes the
 whole body before the auth dependency runs, so one unauthenticated 60 MB JSON document used to
-cost the controller half a gigabyte. :class:`InputGuard` sits in front of every route and:
+cost the controller half a gigabyte. :class:`stockade.controller.edge.Edge` runs these checks in
+front of every route and:
 
 1. **limits the body per route** (:data:`BODY_LIMITS`, one table; everything else gets
    :data:`DEFAULT_LIMIT`, 64 KiB). ``Content-Length`` is checked first (413 before a byte is
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 API = "/api/v1"
 KiB = 1024
@@ -169,10 +170,11 @@ def has_credential(headers: dict[bytes, bytes]) -> bool:
     return any(part.strip().startswith(SESSION_COOKIE + b"=") for part in headers.get(b"cookie", b"").split(b";"))
 
 
-# ---- the middleware ------------------------------------------------------------------------
+# ---- the edge's steps (stockade.controller.edge.Edge) ----------------------------------------
 
 
-async def _refuse(send: Send, refused: Refused) -> None:
+async def refuse(send: Send, refused: Refused) -> None:
+    """Answer a refused request (the API's error shape; 401 and 413 close the connection)."""
     body = json.dumps({
         "error": "PayloadTooLarge" if refused.status == 413 else
                  "NotAuthenticatedError" if refused.status == 401 else "ValidationError",
@@ -187,62 +189,46 @@ async def _refuse(send: Send, refused: Refused) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class InputGuard:
-    """ASGI middleware enforcing the limits above before the app sees a request."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+async def read_body(scope: Scope, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+    """The whole body, read within the route's limit (``headers``: names in lower case)."""
+    limit = body_limit(scope.get("method", ""), scope.get("path", ""))
+    allowed = limit if limit <= DEFAULT_LIMIT or has_credential(headers) else DEFAULT_LIMIT
+    declared = headers.get(b"content-length")
+    if declared is not None:
         try:
-            check_target(scope)
-            headers = _headers(scope)
-            body = await self._read_body(scope, headers, receive)
-            check_json_body(body, headers.get(b"content-type", b"").decode("latin-1"))
-        except Refused as refused:
-            await _refuse(send, refused)
-            return
+            size = int(declared)
+        except ValueError:
+            raise Refused(400, "invalid Content-Length", "Content-Length") from None
+        if size > allowed:
+            raise _too_large(limit, allowed)
+    chunks: list[bytes] = []
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Refused(400, "the client went away", "")
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > allowed:
+            raise _too_large(limit, allowed)
+        if chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
-        delivered = False
 
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the accepted body over as one message, then asks the server."""
+    delivered = False
 
-        await self.app(scope, replay, send)
+    async def replayed() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
 
-    @staticmethod
-    async def _read_body(scope: Scope, headers: dict[bytes, bytes], receive: Receive) -> bytes:
-        limit = body_limit(scope.get("method", ""), scope.get("path", ""))
-        allowed = limit if limit <= DEFAULT_LIMIT or has_credential(headers) else DEFAULT_LIMIT
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
-                raise Refused(400, "invalid Content-Length", "Content-Length") from None
-            if size > allowed:
-                raise _too_large(limit, allowed)
-        chunks: list[bytes] = []
-        received = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise Refused(400, "the client went away", "")
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > allowed:
-                raise _too_large(limit, allowed)
-            if chunk:
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+    return replayed
 
 
 def _too_large(limit: int, allowed: int) -> Refused:

@@ -1,9 +1,10 @@
 """Prometheus metrics of one controller process (its own registry, served at ``/metrics``).
 
-Request counts and latency per route template come from :class:`MetricsMiddleware` (a plain
-ASGI middleware, cheap enough for thousands of long-polls). Agent and convergence gauges are
-computed at scrape time from the :class:`~stockade.controller.services.distribution.PolicyDistributor`;
-policy-version and database gauges from a query at scrape time; flow ingestion is counted per upload.
+Request counts and latency per route template: :meth:`Metrics.count_request`, called by
+:class:`stockade.controller.edge.Edge` for every request (cheap enough for thousands of long-polls).
+Agent and convergence gauges are computed at scrape time from the
+:class:`~stockade.controller.services.distribution.PolicyDistributor`; policy-version and database
+gauges from a query at scrape time; flow ingestion is counted per upload.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from stockade.controller.services.distribution import PolicyDistributor
 
@@ -41,6 +42,14 @@ class Metrics:
         self.waiting = Gauge("stockade_agents_waiting", "agents holding a policy long-poll", registry=self.registry)
         self.flow_records = Counter("stockade_flow_records_ingested", "flow summaries accepted from agents",
                                     registry=self.registry)
+
+    def count_request(self, scope: Scope, status: int, seconds: float) -> None:
+        """Count a finished request by method, route template and status; time it unless a long-poll."""
+        template = getattr(scope.get("route"), "path", "unmatched")
+        method = scope.get("method", "")
+        self.requests.labels(method, template, str(status)).inc()
+        if not template.endswith("/wait"):
+            self.latency.labels(method, template).observe(seconds)
 
     def observe_compile(self, seconds: float, bumped: int) -> None:
         self.compile_seconds.observe(seconds)
@@ -99,34 +108,3 @@ class _ConvergenceCollector(Collector):
             "stockade_agents_lagging", "agents whose applied revision is behind the desired one", value=lagging
         )
         yield GaugeMetricFamily("stockade_hosts", "hosts with compiled policy", value=len(self.dist.revisions))
-
-
-class MetricsMiddleware:
-    """Counts requests by method, route template and status; times the non-long-poll ones."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def capture(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            method = scope.get("method", "")
-            self.metrics.requests.labels(method, template, str(status)).inc()
-            if not template.endswith("/wait"):
-                self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)

@@ -1,0 +1,210 @@
+"""Controller CPU per agent request on the hot routes (issue 18): the HTTP path, in process.
+
+One controller app on SQLite, called through raw ASGI (no server, no client in the timed loop),
+so the figure is the controller's own CPU per request: its HTTP stack (middleware, routing,
+parameter and body parsing, authentication with the request signature, answer encoding) plus
+the route's work. Requests are signed as a real agent signs them (``AgentAuth``), each with its
+own nonce, all signed before the clock starts.
+
+Routes timed (``--requests`` each, after a warm-up):
+
+* ``wait``: ``GET /agents/{id}/policy/wait?after=R&applied=R&timeout=0&include_policy=true``
+  (the long-poll's answer when nothing moved, with its ack);
+* ``ack``: ``POST /agents/{id}/ack``; ``heartbeat``: ``POST /agents/{id}/heartbeat``;
+* ``node poll``: ``POST /agents/{node}/pods/updates`` naming ``--pods`` pods, nothing moved
+  (the node round's HTTP part); ``node acks``: ``POST /agents/{node}/pods/acks``.
+
+``--before-src DIR`` runs the same in a subprocess with ``PYTHONPATH=DIR`` (e.g. a worktree of
+main) and this checkout, interleaved ``--rounds`` times; the table shows the best round of each
+(least disturbed by the other processes on the machine) and the load average.
+
+    python bench/http_path.py --before-src /tmp/base/src --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROUTES = ("wait", "ack", "heartbeat", "node poll", "node acks")
+
+
+def _measure(requests: int, pods: int) -> dict[str, float]:
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from stockade.agent.signing import AgentAuth
+    from stockade.agent.state import Credential, StateDir
+    from stockade.agent_signature import public_key_text
+    from stockade.controller.app import create_app
+    from stockade.controller.context import ControllerSettings
+    from stockade.controller.services.auth import Argon2Params
+
+    tmp = Path(tempfile.mkdtemp(prefix="stockade-h18g-bench-"))
+    logging_off()
+    settings = ControllerSettings(database_url=f"sqlite:///{tmp / 'db'}", secure_cookies=False,
+                                  argon2=Argon2Params(time_cost=1, memory_kib=8192, parallelism=1),
+                                  flush_interval=3600.0)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        ctl = app.state.controller
+        user, password = ctl.first_run_credential
+        client.headers["Origin"] = "http://testserver"
+        assert client.post("/api/v1/auth/login", json={"username": user, "password": password}).status_code == 200
+        key = client.post("/api/v1/api-keys", json={"name": "bench", "role": "owner"}).json()["key"]
+        client.cookies.clear()
+        owner = {"Authorization": f"Bearer {key}"}
+
+        def ok(method: str, path: str, body: Any) -> Any:
+            r = client.request(method, "/api/v1" + path, json=body, headers=owner)
+            assert r.status_code < 300, r.text
+            return r.json() if r.content else None
+
+        ok("POST", "/label-keys", {"name": "k8s-node", "values": []})
+        ok("POST", "/pairing-profiles", {"name": "nodes", "mode": "idle", "code_max_uses": 5})
+        ok("POST", "/services", {"name": "ssh", "ports": ["22/tcp"]})
+        ok("POST", "/rulesets", {"name": "shop", "scope": [{"labels": {"app": "shop"}}], "rules": [
+            {"consumers": [{"labels": {"role": "web"}}], "providers": [{"labels": {"role": "db"}}],
+             "services": ["ssh"]}]})
+        ok("POST", "/policy/provision", {"message": "v1"})
+        batch = [{"name": f"k8s.shop.p{i}", "labels": {"app": "shop", "role": "db" if i % 2 else "web",
+                                                         "k8s-node": "node-a"}, "mode": "full",
+                  "interfaces": [{"name": "eth0", "addresses": [f"10.61.{i // 250}.{i % 250 + 1}"]}]}
+                 for i in range(pods)]
+        ok("POST", "/workload-batches", {"upsert": batch})
+
+        def agent(host: str) -> Credential:
+            state = StateDir(tmp / host)
+            pub = public_key_text(state.load_or_create_key())
+            code = ok("POST", "/pairing-profiles/nodes/codes", None)["code"]
+            r = client.post("/api/v1/agents/enroll", json={"activation_code": code, "hostname": host,
+                                                           "public_key": pub})
+            assert r.status_code == 201, r.text
+            j = r.json()
+            return Credential("http://testserver", j["agent_id"], j["token"], j["workload"], state.key_path)
+
+        node = agent("node-a")
+        items = [{"workload": f"k8s.shop.p{i}", "public_key": public_key_text(
+            StateDir(tmp / f"pod{i}").load_or_create_key())} for i in range(pods)]
+        r = client.post(f"/api/v1/agents/{node.agent_id}/pods/enroll-batch", auth=AgentAuth(node),
+                        json={"pods": items})
+        assert r.status_code == 200, r.text
+        held = [{"agent_id": e["agent_id"], "revision": e["revision"]} for e in r.json()["enrolled"]]
+        a = agent("host-1")
+        rev = ctl.dist.revisions.get(a.workload, 0)
+        base = f"/api/v1/agents/{a.agent_id}"
+        nbase = f"/api/v1/agents/{node.agent_id}"
+        specs: dict[str, tuple[Credential, str, str, Any]] = {
+            "wait": (a, "GET", f"{base}/policy/wait?after={rev}&applied={rev}&timeout=0&include_policy=true", None),
+            "ack": (a, "POST", f"{base}/ack", {"revision": rev}),
+            "heartbeat": (a, "POST", f"{base}/heartbeat", {}),
+            "node poll": (node, "POST", f"{nbase}/pods/updates", {"pods": held, "acks": [], "timeout": 0}),
+            "node acks": (node, "POST", f"{nbase}/pods/acks", {"acks": held}),
+        }
+
+        def signed(cred: Credential, method: str, target: str, body: Any) -> dict[str, Any]:
+            content = json.dumps(body).encode() if body is not None else b""
+            req = httpx.Request(method, "http://testserver" + target, content=content,
+                                headers={"content-type": "application/json"} if body is not None else {})
+            AgentAuth(cred)._sign(req)
+            path, _, query = target.partition("?")
+            headers = [(b"host", b"testserver"), *((k.lower().encode(), v.encode()) for k, v in req.headers.items()
+                                                  if k.lower() != "host")]
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                     "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query.encode(),
+                     "root_path": "", "headers": headers, "client": ("127.0.0.1", 40000),
+                     "server": ("testserver", 80)}
+            return {"scope": scope, "body": content}
+
+        async def one(prepared: dict[str, Any]) -> int:
+            sent = False
+            status = 0
+
+            async def receive() -> dict[str, Any]:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": prepared["body"], "more_body": False}
+                await asyncio.sleep(3600)
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+
+            await app(prepared["scope"], receive, send)
+            return status
+
+        async def timed(name: str) -> float:
+            cred, method, target, body = specs[name]
+            warm = [signed(cred, method, target, body) for _ in range(50)]
+            for p in warm:
+                assert await one(p) in (200, 204), name
+            batch_ = [signed(cred, method, target, body) for _ in range(requests)]
+            start = time.process_time()
+            for p in batch_:
+                await one(p)
+            return (time.process_time() - start) / requests * 1e6
+
+        assert client.portal is not None
+        out = {name: client.portal.call(timed, name) for name in ROUTES}
+    return out
+
+
+def logging_off() -> None:
+    import logging
+
+    logging.getLogger("stockade").setLevel(logging.WARNING)
+
+
+def _child(src: str | None, requests: int, pods: int) -> dict[str, float]:
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = src
+    got = subprocess.run([sys.executable, __file__, "--child", "--requests", str(requests), "--pods", str(pods)],
+                         env=env, check=True, capture_output=True, text=True)
+    return dict(json.loads(got.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--pods", type=int, default=100, help="pods the node's poll names")
+    ap.add_argument("--before-src", help="the src folder of another checkout, run beside this one")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_measure(args.requests, args.pods)))
+        return
+    here = str(Path(__file__).resolve().parent.parent / "src")
+    sides = [("before", args.before_src), ("after", here)] if args.before_src else [("this", here)]
+    best: dict[str, dict[str, float]] = {label: {} for label, _ in sides}
+    for _ in range(args.rounds):
+        for label, src in sides:
+            got = _child(src, args.requests, args.pods)
+            for name, us in got.items():
+                best[label][name] = min(us, best[label].get(name, float("inf")))
+    load = os.getloadavg()
+    print(f"controller CPU per request, microseconds (best of {args.rounds}; {args.requests} requests each; "
+          f"node poll names {args.pods} pods); load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    head = "| route | " + " | ".join(label for label, _ in sides) + (" | after/before |" if len(sides) == 2 else " |")
+    print(head)
+    print("|" + "---|" * (len(sides) + 1 + (len(sides) == 2)))
+    for name in ROUTES:
+        cells = [f"{best[label][name]:,.0f}" for label, _ in sides]
+        ratio = f" | {best['after'][name] / best['before'][name]:.2f} |" if len(sides) == 2 else " |"
+        print(f"| {name} | " + " | ".join(cells) + ratio)
+
+
+if __name__ == "__main__":
+    main()
