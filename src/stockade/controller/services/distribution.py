@@ -46,7 +46,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from stockade.compiler import Compiler, HostPolicy
-from stockade.compiler.delta import HostHistory, PolicyUpdate
+from stockade.compiler.delta import HostHistory, PendingSteps, PolicyUpdate
 from stockade.controller.services import codec, replicas
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.compiler_txn import CompilerTxn
@@ -106,6 +106,9 @@ class PolicyDistributor:
         self.compiler = Compiler(Policy())
         self.revisions: dict[str, int] = {}
         self.history: dict[str, HostHistory] = {}  # replaced whole on publish: lock-free reads
+        # a follower's set-only steps of hosts no poll here held, built into history when asked (history_of)
+        self.pending: dict[str, PendingSteps] = {}
+        self.wanted: list[Callable[[str], bool]] = []  # more hosts whose history a follower builds at once
         self.unhashed: dict[str, int] = {}  # host -> revision whose policy_hash flush() writes
         self.agents: dict[str, AgentLive] = {}
         self.departed: set[str] = set()  # workloads offline past the grace: compiled without addresses
@@ -271,8 +274,11 @@ class PolicyDistributor:
             old = stored.get(name)
             rev = (old or 0) + 1
             prev = self.history.get(name)
-            if prev is None or old is None:
-                hist: HostHistory | None = HostHistory.begin(rev, delta.policy, HISTORY)
+            steps = self.pending.get(name)  # a follower's steps not built yet (the compiler has moved on)
+            if steps is not None and old is not None:
+                hist: HostHistory | None = steps.after(prev, delta, rev, HISTORY)
+            elif prev is None or old is None:
+                hist = HostHistory.begin(rev, delta.policy, HISTORY)
             else:
                 hist = prev.after(delta, rev)
                 if hist is None:
@@ -292,10 +298,13 @@ class PolicyDistributor:
         bump_revisions(db, updates, now, change)
         return out
 
-    def publish(self, bumps: dict[str, HostHistory | None], *, hashed: bool = False) -> None:
+    def publish(self, bumps: dict[str, HostHistory | None], *, hashed: bool = False,
+                pending: dict[str, PendingSteps] | None = None) -> None:
         """Make new histories visible (None: the host is gone) and wake their long-polls;
-        ``hashed``: another replica wrote these revisions and fills in their hashes."""
+        ``hashed``: another replica wrote these revisions and fills in their hashes;
+        ``pending``: revisions whose history is built when asked (:meth:`history_of`)."""
         for name, hist in bumps.items():
+            self.pending.pop(name, None)
             if hist is None:
                 self.revisions.pop(name, None)
                 self.history.pop(name, None)
@@ -305,8 +314,29 @@ class PolicyDistributor:
             self.revisions[name] = hist.revision
             if not hashed:
                 self.unhashed[name] = hist.revision
-        if bumps and self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._wake, tuple(bumps))
+        for name, steps in (pending or {}).items():
+            self.pending[name] = steps  # the history stays older: lock-free readers go to fetch()
+            self.revisions[name] = steps.revision
+        names = (*bumps, *(pending or ()))
+        if names and self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._wake, names)
+
+    def wants(self, name: str) -> bool:
+        """A poll here waits for ``name`` (or a listener says one will): build its history at once."""
+        return name in self._events or any(want(name) for want in self.wanted)
+
+    def history_of(self, name: str) -> HostHistory | None:
+        """The host's history as published, its pending steps built first (caller holds the lock:
+        the compiler then holds exactly the policy of the newest published revision)."""
+        steps = self.pending.pop(name, None)
+        if steps is None:
+            return self.history.get(name)
+        if self.revisions.get(name) != steps.revision or name not in self.workloads:
+            self.history.pop(name, None)  # never expected; current() starts a new history
+            return None
+        hist = self.history[name] = steps.onto(self.history.get(name), self.compiler.host_policy(name),
+                                               self.history_limit)
+        return hist
 
     # ---- other replicas ---------------------------------------------------------
     def new_txn(self) -> CompilerTxn:
@@ -412,7 +442,7 @@ class PolicyDistributor:
             rev = self.revisions.get(workload)
             if rev is None or workload not in self.workloads:
                 raise NotFoundError(f"no compiled policy for workload {workload!r}")
-            hist = self.history.get(workload)
+            hist = self.history_of(workload)
             if hist is None or hist.revision != rev:
                 hist = self.history[workload] = HostHistory.begin(rev, self.compiler.host_policy(workload), HISTORY)
             return rev, hist.policy
