@@ -54,6 +54,7 @@ from stockade.controller.services.events import record_event, record_events
 from stockade.controller.services.host_state import (
     AgentLive,
     Digests,
+    Heads,
     bump_revisions,
     policy_hash,
     read_flushed_agents,
@@ -76,6 +77,7 @@ T = TypeVar("T")
 HISTORY = 8  # steps (revision -> next) of set deltas kept per host
 FULL_REFRESH_ROUNDS = 120  # refresh_agents reads every agent row once in this many calls (safety net)
 BATCH_LIMIT = 64  # callbacks of transact_batched run in one transaction at most
+KEEP_DIGESTS = 100_000  # hash parts kept between flushes at most (then forgotten at once)
 HEARTBEAT_WRITE = 5.0  # seconds: a heartbeat alone rewrites an agent's row at most this often
 
 
@@ -110,6 +112,8 @@ class PolicyDistributor:
         self.pending: dict[str, PendingSteps] = {}
         self.wanted: list[Callable[[str], bool]] = []  # more hosts whose history a follower builds at once
         self.unhashed: dict[str, int] = {}  # host -> revision whose policy_hash flush() writes
+        self._digests: Digests = {}  # flush()'s hash parts, kept across flushes (a global change: 25,000
+        self._heads: Heads = {}  # hashes, each part and host head encoded once, not once per flush)
         self.agents: dict[str, AgentLive] = {}
         self.departed: set[str] = set()  # workloads offline past the grace: compiled without addresses
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -573,11 +577,13 @@ class PolicyDistributor:
         with self.lock:
             pending, self.unhashed = self.unhashed, {}
         params: list[dict[str, Any]] = []
-        memo: Digests = {}
+        if len(self._digests) > KEEP_DIGESTS or len(self._heads) > 2 * len(self.revisions) + KEEP_DIGESTS:
+            self._digests, self._heads = {}, {}  # parts no policy holds any more, hosts gone
+        memo, heads = self._digests, self._heads
         for name, rev in sorted(pending.items()):
             hist = self.history.get(name)
             if hist is not None and hist.revision == rev:
-                params.append({"w": name, "r": rev, "h": policy_hash(hist.policy, memo)})
+                params.append({"w": name, "r": rev, "h": policy_hash(hist.policy, memo, heads)})
         if not params:
             return
         try:

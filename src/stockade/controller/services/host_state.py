@@ -43,6 +43,9 @@ _PG_HASHES = text(
 )
 
 Digests = dict[int, tuple[object, bytes]]  # id(part) -> (part, its SHA-256), parts kept alive
+# workload -> (its policy's own fields, the SHA-256 state after them): a host whose own fields did not
+# change since the last hash (a peer set moved) costs a copy of that state, not a JSON encoding
+Heads = dict[str, tuple[tuple[object, ...], Any]]
 
 
 def wireguard_identity(row: WireGuardKeyRow) -> WireGuardIdentity:
@@ -57,20 +60,30 @@ def _digest(part: object, encoded: Callable[[], object], memo: Digests) -> bytes
     return hit[1]
 
 
-def policy_hash(hp: HostPolicy, memo: Digests | None = None) -> str:
+def policy_hash(hp: HostPolicy, memo: Digests | None = None, heads: Heads | None = None) -> str:
     """SHA-256 of a host policy, for noticing at start-up that it changed while we were down.
 
     Built from digests of its parts: the compiler shares one rule tuple per label set and one
     AddressSet object between every host that references it, so with a ``memo`` kept across
     many hosts each shared part is encoded once (a 1,000-member set is not re-encoded per host).
+    With ``heads`` kept across calls, a host whose own fields (mode, addresses, failsafe,
+    tunnel, backend: everything but rules and sets) are equal to last time's starts from the
+    hash state those fields left (the same bytes hashed: the same digest).
     """
     memo = {} if memo is None else memo
-    head = host_policy_to_dict(replace(hp, rules=(), sets=()))
-    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    own = (hp.mode, hp.local_addresses, hp.failsafe, hp.wireguard, hp.backend)
+    known = heads.get(hp.workload) if heads is not None else None
+    if known is not None and known[0] == own:
+        h = known[1].copy()
+    else:
+        head = host_policy_to_dict(replace(hp, rules=(), sets=()))
+        h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+        if heads is not None:
+            heads[hp.workload] = (own, h.copy())
     h.update(_digest(hp.rules, partial(rules_to_list, hp.rules), memo))
     for s in hp.sets:
         h.update(_digest(s, partial(address_set_to_dict, s), memo))
-    return h.hexdigest()
+    return str(h.hexdigest())
 
 
 @dataclass
