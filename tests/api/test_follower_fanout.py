@@ -19,12 +19,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import delete, func, select
 from tests.api.conftest import Api
 from tests.api.test_replicas_follow import pair  # noqa: F401 (fixture)
 
 from stockade.compiler import Compiler
-from stockade.compiler.delta import PolicyUpdate
+from stockade.compiler.delta import PolicyUpdate, UpdateKind
 from stockade.controller.services.distribution import PolicyDistributor
+from stockade.controller.storage.db import ChangeRow
 
 HOSTS = 24
 
@@ -115,3 +117,24 @@ def test_every_answer_of_the_follower_equals_the_writers(pair: tuple[Api, Api]) 
         assert _answers(b.ctl.dist) == _answers(a.ctl.dist), step
     deltas = [u for (_n, since), u in _answers(b.ctl.dist).items() if since and u.set_deltas]
     assert deltas  # agents several revisions behind still get deltas, not only full policies
+
+
+def test_a_follower_rebuilding_from_a_pruned_log_drops_its_pending_steps(
+        pair: tuple[Api, Api]) -> None:  # noqa: F811 (fixture)
+    a, b = pair
+    _estate(a)
+    b.ctl.dist.follow_changes()
+    _put(a, 3, "monitor")
+    b.ctl.dist.follow_changes()
+    assert b.ctl.dist.pending  # steps nobody asked for yet
+    _put(a, 3, "web")
+    _put(a, 4, "db", "10.6.2.4")
+    with a.ctl.sessions.begin() as s:  # the log forgot everything up to the newest row
+        newest = s.scalar(select(func.max(ChangeRow.id)))
+        s.execute(delete(ChangeRow).where(ChangeRow.id < newest))
+    assert b.ctl.dist.follow_changes() == 1  # resync: from the stored state, not from memory
+    assert not b.ctl.dist.pending
+    assert b.ctl.dist.revisions == a.ctl.dist.revisions
+    for name in a.ctl.dist.revisions:
+        assert b.ctl.dist.fetch(name, None) == a.ctl.dist.fetch(name, None)
+        assert b.ctl.dist.fetch(name, b.ctl.dist.revisions[name]).kind is UpdateKind.UNCHANGED

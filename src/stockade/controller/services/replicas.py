@@ -271,14 +271,15 @@ def resync(dist: PolicyDistributor, db: Session) -> None:
     dist.compiler = Compiler(dist.assemble(policy_objects))
     stored = {w: r for w, r in db.execute(select(HostStateRow.workload, HostStateRow.revision))}
     out: dict[str, HostHistory | None] = {}
-    for name in (set(dist.history) | set(dist.pending)) - set(stored):
+    unbuilt, dist.pending = dist.pending, {}  # rebuilt below from the stored revisions
+    for name in (set(dist.history) | set(unbuilt)) - set(stored):
         out[name] = None
     for name in dist.compiler.workload_names:
         rev = stored.get(name)
         if rev is None:
             continue
         hp = dist.compiler.host_policy(name)
-        prev = dist.history.get(name) if name not in dist.pending else None  # pending: begins anew
+        prev = dist.history.get(name) if name not in unbuilt else None  # pending: begins anew
         if prev is not None and prev.revision == rev and prev.policy == hp:
             continue
         out[name] = HostHistory.begin(rev, hp, dist.history_limit)
