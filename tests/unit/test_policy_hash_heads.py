@@ -46,3 +46,11 @@ def test_kept_heads_give_the_same_digest_and_encode_a_host_once(monkeypatch: pyt
     for hp in (moved, moved, replace(moved, sets=base.sets)):  # only sets move: no head encoded again
         assert policy_hash(hp, memo, heads) == policy_hash(hp)
     assert encoded == ["web1"] * 3  # the three reference hashes only
+
+
+def test_pg_lines_joins_only_what_splits_back() -> None:
+    assert host_state.pg_lines(["a", "b.c", "k8s.ns.pod-1"]) == "a\nb.c\nk8s.ns.pod-1"
+    assert host_state.pg_lines(["one"]) == "one"
+    assert host_state.pg_lines(["a\nb", "c"]) is None  # would split into three: the array is bound instead
+    assert host_state.pg_lines([""]) is None  # string_to_array('') is empty, not one empty value
+    assert host_state.pg_lines(["", "x"]) == "\nx"  # two values: splits back to ['', 'x']
