@@ -63,6 +63,7 @@ from stockade.controller.services.host_state import (
     write_agent_rows,
     write_hash_rows,
 )
+from stockade.controller.services.waiters import Waiters
 from stockade.controller.storage import store
 from stockade.controller.storage.db import AgentRow, DepartureRow, HostStateRow, WireGuardKeyRow, utcnow
 from stockade.controller.storage.store import draft_objects, version_content
@@ -117,7 +118,7 @@ class PolicyDistributor:
         self.agents: dict[str, AgentLive] = {}
         self.departed: set[str] = set()  # workloads offline past the grace: compiled without addresses
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._events: dict[str, asyncio.Event] = {}
+        self._waiters = Waiters()  # the held long-polls per host (wait)
         # called on the event loop with the hosts whose revision moved (node long-polls: node_distribution)
         self.wake_listeners: list[Callable[[tuple[str, ...]], None]] = []
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
@@ -327,7 +328,7 @@ class PolicyDistributor:
 
     def wants(self, name: str) -> bool:
         """A poll here waits for ``name`` (or a listener says one will): build its history at once."""
-        return name in self._events or any(want(name) for want in self.wanted)
+        return name in self._waiters or any(want(name) for want in self.wanted)
 
     def history_of(self, name: str) -> HostHistory | None:
         """The host's history as published, its pending steps built first (caller holds the lock:
@@ -416,29 +417,24 @@ class PolicyDistributor:
 
     def _wake(self, names: tuple[str, ...]) -> None:
         for n in names:
-            ev = self._events.pop(n, None)
-            if ev is not None:
-                ev.set()
+            self._waiters.wake(n)
         for listener in self.wake_listeners:
             listener(names)
 
     # ---- agents -----------------------------------------------------------------
     async def wait(self, workload: str, after: int, timeout: float) -> int:
-        """The host's revision as soon as it exceeds ``after``, or the current one at ``timeout``."""
-        deadline = asyncio.get_running_loop().time() + timeout
+        """The host's revision as soon as it exceeds ``after``, or the current one at ``timeout``
+        (a woken poll answers on the next turn of the loop: :class:`.waiters.Waiters`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
             rev = self.revisions.get(workload, 0)
             if rev > after:
                 return rev
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 return rev
-            ev = self._events.get(workload)
-            if ev is None:
-                ev = self._events[workload] = asyncio.Event()
-            try:
-                await asyncio.wait_for(ev.wait(), remaining)
-            except TimeoutError:
+            if not await self._waiters.wait(workload, remaining):
                 return self.revisions.get(workload, 0)
 
     def current(self, workload: str) -> tuple[int, HostPolicy]:
