@@ -183,7 +183,7 @@ def _profilers(pids: list[int], out: str | None, scenario: str) -> list[subproce
         return []
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     Path(out).mkdir(parents=True, exist_ok=True)
-    return [subprocess.Popen([spy, "record", "-p", str(pid), "-r", "100", "-f", "raw", "-o",
+    return [subprocess.Popen([spy, "record", "--nonblocking", "-p", str(pid), "-r", "100", "-f", "raw", "-o",
                               f"{out}/{scenario}-replica{i}.txt"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for i, pid in enumerate(pids)]
 

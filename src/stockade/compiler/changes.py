@@ -32,7 +32,7 @@ from ipaddress import IPv4Network, IPv6Network
 from stockade.compiler.ir import HostDelta, SetDelta
 from stockade.model.addresses import Family, IPNetwork
 
-__all__ = ["DeltaBuilder", "SetChanges"]
+__all__ = ["DeltaBuilder", "SetChanges", "SetOnly"]
 
 
 def _net_key(n: IPv4Network | IPv6Network) -> tuple[int, int]:
@@ -57,6 +57,16 @@ class SetChanges:
     @property
     def changed_sets(self) -> tuple[str, ...]:
         return tuple(sorted({d.name for d in self.set_deltas}))
+
+
+@dataclass(frozen=True)
+class SetOnly:
+    """Hosts of one label set whose whole change is ``set_deltas`` (their rules, own addresses,
+    mode and peers unchanged): what ``Compiler.host_deltas`` leaves grouped when asked to, so a
+    caller builds a HostDelta only for the hosts it needs now."""
+
+    hosts: tuple[str, ...]
+    set_deltas: tuple[SetDelta, ...]
 
 
 class DeltaBuilder:

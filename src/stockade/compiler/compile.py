@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
-from stockade.compiler.changes import DeltaBuilder, SetChanges
+from stockade.compiler.changes import DeltaBuilder, SetChanges, SetOnly
 from stockade.compiler.delta import diff_sets
 from stockade.compiler.expand import build_rule_table, expand_rules, set_name
 from stockade.compiler.hostnet import address_int, workload_addresses
@@ -454,16 +454,20 @@ class Compiler:
         if np.active:
             yield from (h for h in np.hosts_of_set.get(set_name, ()) if h in self._workloads)
 
-    def host_deltas(self, changes: SetChanges) -> list[HostDelta]:
+    def host_deltas(self, changes: SetChanges, grouped: list[SetOnly] | None = None) -> list[HostDelta]:
         """``changes`` fanned out to one ``HostDelta`` per affected host, sorted by name.
 
         Only valid right after the ``apply_set_changes`` that returned ``changes`` (the
         subscribers are read from the current state): a later call raises ``ValueError``.
+        With ``grouped``, the hosts of a label set whose change is set members only (no
+        NetworkPolicy in force, no WireGuard peers, no other change of theirs in the batch) are
+        appended there, per label set, instead of getting a HostDelta (and a HostPolicy) each.
         """
         if changes.generation != self._generation:
             raise ValueError("SetChanges is stale: the compiler changed since (expand it right away)")
         by_set = changes.by_set()
         reloaded = {d.workload for d in changes.reloads if d.rules_changed or d.policy is None}
+        touched = {d.workload for d in changes.reloads}
         labelsets: set[int] = set()
         for s in by_set:
             labelsets.update(self._set_labelsets.get(s, ()))
@@ -473,7 +477,11 @@ class Compiler:
                 deltas = tuple(d for s in self._ls_rules[lsid].sets for d in by_set.get(s, ()))
                 if not deltas:
                     continue
-                for h in self._ls_hosts[lsid]:
+                hosts = self._ls_hosts[lsid]
+                if grouped is not None and not self._np.active and not self._ls_rules[lsid].encrypted_sets:
+                    grouped.append(SetOnly(tuple(h for h in hosts if h not in touched), deltas))
+                    hosts = hosts & touched
+                for h in hosts:
                     if h not in reloaded:
                         out.append(HostDelta(h, self.host_policy(h), False, deltas))
             out = merge_peer_only(out)

@@ -53,6 +53,7 @@ from stockade.compiler.ir import (
     host_policy_to_dict,
     peer_from_dict,
     peer_to_dict,
+    unchecked,
     wire_key,
 )
 from stockade.errors import ConflictError, Issue, ValidationError
@@ -323,6 +324,73 @@ class HostHistory:
             composed = step.set_deltas if i == 0 else compose_set_deltas(composed, step.set_deltas)
             peers = compose_peer_deltas(peers, step.peer_delta)
         return PolicyUpdate.delta(since, self.revision, composed, peers)
+
+
+
+@dataclass(frozen=True)
+class PendingSteps:
+    """Set-member steps published after a host's last built :class:`HostHistory`, not built yet.
+
+    A replica following a fan-out that another replica computed need not build a history for
+    every host at once: for a host none of its polls holds, it keeps the steps (the set deltas
+    the label set shares) and builds the history when someone asks (:meth:`onto`), from the
+    policy the compiler holds then. Only for plain set-member steps (never a rules change and
+    never a host with WireGuard peers: those are built at once), so the result is exactly what
+    :meth:`HostHistory.after` would have given step by step. ``base``: the revision of the
+    history these steps start from (None: none); ``restart``: a revision was skipped, so older
+    agents get the full policy, as :meth:`HostHistory.after` does.
+    """
+
+    base: int | None
+    revision: int
+    steps: tuple[Step, ...]
+    restart: bool
+
+    @staticmethod
+    def start(base: int | None, revision: int, set_deltas: tuple[SetDelta, ...], limit: int) -> PendingSteps:
+        """The first step after the history at ``base`` (None: no history: the step starts one)."""
+        if base is None:
+            return PendingSteps(None, revision, (), True)
+        return PendingSteps._of(base, base, (), False, set_deltas, limit, revision)
+
+    def then(self, revision: int, set_deltas: tuple[SetDelta, ...], limit: int) -> PendingSteps:
+        """These steps and one more, published as ``revision``."""
+        return PendingSteps._of(self.base, self.revision, self.steps, self.restart, set_deltas, limit, revision)
+
+    @staticmethod
+    def _of(base: int | None, last: int, steps: tuple[Step, ...], restart: bool, set_deltas: tuple[SetDelta, ...],
+            limit: int, revision: int | None = None) -> PendingSteps:
+        """``steps`` (ending at ``last``) and one more to ``revision`` (default ``last + 1``); one
+        per host a follower does not build, so made without the dataclasses' ``__init__``."""
+        if not set_deltas:
+            raise ValueError("a pending step moves set members")
+        revision = last + 1 if revision is None else revision
+        if revision != last + 1:  # a revision skipped: nothing older leads here
+            return PendingSteps(base, revision, (), True)
+        step = unchecked(Step, {"base": last, "revision": revision, "set_deltas": set_deltas, "peer_delta": NO_PEERS})
+        return unchecked(PendingSteps, {"base": base, "revision": revision, "restart": restart,
+                                        "steps": (*steps, step)[-limit:] if steps else (step,)})
+
+    def after(self, history: HostHistory | None, delta: HostDelta, revision: int, limit: int) -> HostHistory:
+        """These steps, then ``delta`` published as ``revision``, built onto ``history`` (the one
+        at ``base``): for a host whose pending steps were not built when its policy changed
+        again (the policy of :attr:`revision` is gone from the compiler by then). Anything but
+        set members moving answers older agents with the full policy."""
+        if delta.policy is None:
+            raise ValueError(f"workload {delta.workload!r} is gone: no history after it")
+        if delta.rules_changed or delta.peers_changed or not delta.set_deltas or delta.policy.wireguard is not None:
+            return HostHistory(revision, delta.policy, (), limit)
+        return self.then(revision, delta.set_deltas, limit).onto(history, delta.policy, limit)
+
+    def onto(self, history: HostHistory | None, policy: HostPolicy, limit: int) -> HostHistory:
+        """The history these steps lead to from ``history`` (the one at ``base``), ending at
+        ``policy`` (the host's policy at :attr:`revision`). Steps are kept only where they are
+        known to chain; anything else answers older agents with the full policy."""
+        if policy.wireguard is not None or (history is not None and history.policy.wireguard is not None):
+            return HostHistory(self.revision, policy, (), limit)  # peers are diffed by HostHistory.after only
+        if self.restart or history is None or history.revision != self.base:
+            return HostHistory(self.revision, policy, self.steps[-limit:], limit)
+        return HostHistory(self.revision, policy, (*history.steps, *self.steps)[-limit:], limit)
 
 
 # ---- wire codec ---------------------------------------------------------------------------------

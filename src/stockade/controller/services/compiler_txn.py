@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from stockade.compiler import HostDelta
+from stockade.compiler.changes import SetOnly
 from stockade.compiler.delta import merge_host_deltas
 from stockade.controller.services import replicas
 from stockade.errors import Issue, ValidationError
@@ -73,15 +74,19 @@ class CompilerTxn:
             prev = self._deltas.get(d.workload)
             self._deltas[d.workload] = d if prev is None else merge_host_deltas(prev, d)
 
-    def flush(self) -> None:
-        """Hand the queued workload writes to the compiler as one batch."""
+    def flush(self, grouped: list[SetOnly] | None = None) -> None:
+        """Hand the queued workload writes to the compiler as one batch. With ``grouped`` (a
+        follower, :func:`.replicas.follow`), the hosts whose change is one label set's set
+        deltas are left there instead of in :attr:`deltas` (only when no earlier step of this
+        transaction changed any host, so no host can be in both)."""
         if not self._pending:
             return
         pending, before = self._pending, self._before
         self._pending, self._before = [], {}
         compiler = self.dist.compiler
         t0 = time.perf_counter()
-        self._merge(compiler.apply_changes(pending))
+        changes = compiler.apply_set_changes(pending)
+        self._merge(compiler.host_deltas(changes, grouped if not self._deltas else None))
         self.compile_seconds += time.perf_counter() - t0
         if len(pending) >= FREEZE_AFTER:
             gc.freeze()  # see FREEZE_AFTER

@@ -46,7 +46,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from stockade.compiler import Compiler, HostPolicy
-from stockade.compiler.delta import HostHistory, PolicyUpdate
+from stockade.compiler.delta import HostHistory, PendingSteps, PolicyUpdate
 from stockade.controller.services import codec, replicas
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.compiler_txn import CompilerTxn
@@ -54,6 +54,7 @@ from stockade.controller.services.events import record_event, record_events
 from stockade.controller.services.host_state import (
     AgentLive,
     Digests,
+    Heads,
     bump_revisions,
     policy_hash,
     read_flushed_agents,
@@ -62,6 +63,7 @@ from stockade.controller.services.host_state import (
     write_agent_rows,
     write_hash_rows,
 )
+from stockade.controller.services.waiters import Waiters
 from stockade.controller.storage import store
 from stockade.controller.storage.db import AgentRow, DepartureRow, HostStateRow, WireGuardKeyRow, utcnow
 from stockade.controller.storage.store import draft_objects, version_content
@@ -76,6 +78,7 @@ T = TypeVar("T")
 HISTORY = 8  # steps (revision -> next) of set deltas kept per host
 FULL_REFRESH_ROUNDS = 120  # refresh_agents reads every agent row once in this many calls (safety net)
 BATCH_LIMIT = 64  # callbacks of transact_batched run in one transaction at most
+KEEP_DIGESTS = 100_000  # hash parts kept between flushes at most (then forgotten at once)
 HEARTBEAT_WRITE = 5.0  # seconds: a heartbeat alone rewrites an agent's row at most this often
 
 
@@ -106,11 +109,16 @@ class PolicyDistributor:
         self.compiler = Compiler(Policy())
         self.revisions: dict[str, int] = {}
         self.history: dict[str, HostHistory] = {}  # replaced whole on publish: lock-free reads
+        # a follower's set-only steps of hosts no poll here held, built into history when asked (history_of)
+        self.pending: dict[str, PendingSteps] = {}
+        self.wanted: list[Callable[[str], bool]] = []  # more hosts whose history a follower builds at once
         self.unhashed: dict[str, int] = {}  # host -> revision whose policy_hash flush() writes
+        self._digests: Digests = {}  # flush()'s hash parts, kept across flushes (a global change: 25,000
+        self._heads: Heads = {}  # hashes, each part and host head encoded once, not once per flush)
         self.agents: dict[str, AgentLive] = {}
         self.departed: set[str] = set()  # workloads offline past the grace: compiled without addresses
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._events: dict[str, asyncio.Event] = {}
+        self._waiters = Waiters()  # the held long-polls per host (wait)
         # called on the event loop with the hosts whose revision moved (node long-polls: node_distribution)
         self.wake_listeners: list[Callable[[tuple[str, ...]], None]] = []
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
@@ -271,8 +279,11 @@ class PolicyDistributor:
             old = stored.get(name)
             rev = (old or 0) + 1
             prev = self.history.get(name)
-            if prev is None or old is None:
-                hist: HostHistory | None = HostHistory.begin(rev, delta.policy, HISTORY)
+            steps = self.pending.get(name)  # a follower's steps not built yet (the compiler has moved on)
+            if steps is not None and old is not None:
+                hist: HostHistory | None = steps.after(prev, delta, rev, HISTORY)
+            elif prev is None or old is None:
+                hist = HostHistory.begin(rev, delta.policy, HISTORY)
             else:
                 hist = prev.after(delta, rev)
                 if hist is None:
@@ -292,10 +303,13 @@ class PolicyDistributor:
         bump_revisions(db, updates, now, change)
         return out
 
-    def publish(self, bumps: dict[str, HostHistory | None], *, hashed: bool = False) -> None:
+    def publish(self, bumps: dict[str, HostHistory | None], *, hashed: bool = False,
+                pending: dict[str, PendingSteps] | None = None) -> None:
         """Make new histories visible (None: the host is gone) and wake their long-polls;
-        ``hashed``: another replica wrote these revisions and fills in their hashes."""
+        ``hashed``: another replica wrote these revisions and fills in their hashes;
+        ``pending``: revisions whose history is built when asked (:meth:`history_of`)."""
         for name, hist in bumps.items():
+            self.pending.pop(name, None)
             if hist is None:
                 self.revisions.pop(name, None)
                 self.history.pop(name, None)
@@ -305,8 +319,29 @@ class PolicyDistributor:
             self.revisions[name] = hist.revision
             if not hashed:
                 self.unhashed[name] = hist.revision
-        if bumps and self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._wake, tuple(bumps))
+        for name, steps in (pending or {}).items():
+            self.pending[name] = steps  # the history stays older: lock-free readers go to fetch()
+            self.revisions[name] = steps.revision
+        names = (*bumps, *(pending or ()))
+        if names and self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._wake, names)
+
+    def wants(self, name: str) -> bool:
+        """A poll here waits for ``name`` (or a listener says one will): build its history at once."""
+        return name in self._waiters or any(want(name) for want in self.wanted)
+
+    def history_of(self, name: str) -> HostHistory | None:
+        """The host's history as published, its pending steps built first (caller holds the lock:
+        the compiler then holds exactly the policy of the newest published revision)."""
+        steps = self.pending.pop(name, None)
+        if steps is None:
+            return self.history.get(name)
+        if self.revisions.get(name) != steps.revision or name not in self.workloads:
+            self.history.pop(name, None)  # never expected; current() starts a new history
+            return None
+        hist = self.history[name] = steps.onto(self.history.get(name), self.compiler.host_policy(name),
+                                               self.history_limit)
+        return hist
 
     # ---- other replicas ---------------------------------------------------------
     def new_txn(self) -> CompilerTxn:
@@ -382,29 +417,24 @@ class PolicyDistributor:
 
     def _wake(self, names: tuple[str, ...]) -> None:
         for n in names:
-            ev = self._events.pop(n, None)
-            if ev is not None:
-                ev.set()
+            self._waiters.wake(n)
         for listener in self.wake_listeners:
             listener(names)
 
     # ---- agents -----------------------------------------------------------------
     async def wait(self, workload: str, after: int, timeout: float) -> int:
-        """The host's revision as soon as it exceeds ``after``, or the current one at ``timeout``."""
-        deadline = asyncio.get_running_loop().time() + timeout
+        """The host's revision as soon as it exceeds ``after``, or the current one at ``timeout``
+        (a woken poll answers on the next turn of the loop: :class:`.waiters.Waiters`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
             rev = self.revisions.get(workload, 0)
             if rev > after:
                 return rev
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 return rev
-            ev = self._events.get(workload)
-            if ev is None:
-                ev = self._events[workload] = asyncio.Event()
-            try:
-                await asyncio.wait_for(ev.wait(), remaining)
-            except TimeoutError:
+            if not await self._waiters.wait(workload, remaining):
                 return self.revisions.get(workload, 0)
 
     def current(self, workload: str) -> tuple[int, HostPolicy]:
@@ -412,7 +442,7 @@ class PolicyDistributor:
             rev = self.revisions.get(workload)
             if rev is None or workload not in self.workloads:
                 raise NotFoundError(f"no compiled policy for workload {workload!r}")
-            hist = self.history.get(workload)
+            hist = self.history_of(workload)
             if hist is None or hist.revision != rev:
                 hist = self.history[workload] = HostHistory.begin(rev, self.compiler.host_policy(workload), HISTORY)
             return rev, hist.policy
@@ -543,11 +573,13 @@ class PolicyDistributor:
         with self.lock:
             pending, self.unhashed = self.unhashed, {}
         params: list[dict[str, Any]] = []
-        memo: Digests = {}
+        if len(self._digests) > KEEP_DIGESTS or len(self._heads) > 2 * len(self.revisions) + KEEP_DIGESTS:
+            self._digests, self._heads = {}, {}  # parts no policy holds any more, hosts gone
+        memo, heads = self._digests, self._heads
         for name, rev in sorted(pending.items()):
             hist = self.history.get(name)
             if hist is not None and hist.revision == rev:
-                params.append({"w": name, "r": rev, "h": policy_hash(hist.policy, memo)})
+                params.append({"w": name, "r": rev, "h": policy_hash(hist.policy, memo, heads)})
         if not params:
             return
         try:

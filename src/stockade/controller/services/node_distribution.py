@@ -91,6 +91,7 @@ class NodeDistribution:
         self._waiters: dict[str, list[asyncio.Future[bool]]] = {}  # node -> its polls waiting for a pod to move
         self._nodes: dict[str, tuple[Workload, str | None]] = {}  # workload -> (the object read, its node)
         dist.wake_listeners.append(self.on_wake)
+        dist.wanted.append(self.is_pod)  # update_for must not wait for the lock on the loop
 
     # ---- authorisation -------------------------------------------------------------------------
     def unknown(self, agent_ids: list[str]) -> list[str]:
@@ -125,6 +126,9 @@ class NodeDistribution:
                 continue
             bound.append(HeldPod(agent_id, ident.workload, after))
         return Resolved(tuple(bound), tuple(gone))
+
+    def is_pod(self, workload: str) -> bool:
+        return self.node_of(workload) is not None
 
     def node_of(self, workload: str) -> str | None:
         """The node ``workload`` is bound to (its ``k8s-node`` label), None when unbound or gone.

@@ -34,7 +34,9 @@ from sqlalchemy import Text, cast, delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from stockade.compiler import Compiler
-from stockade.compiler.delta import HostHistory, Step
+from stockade.compiler.changes import SetOnly
+from stockade.compiler.delta import HostHistory, PendingSteps, Step
+from stockade.compiler.ir import HostDelta, SetDelta
 from stockade.controller.services import codec
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.storage import store
@@ -172,27 +174,56 @@ def follow(dist: PolicyDistributor, db: Session) -> int:
                 txn.upsert_workload(decoded[name])
             else:
                 txn.remove_workload(name)
+        grouped: list[SetOnly] = []  # label sets whose change is set members only: one step each, not a
+        txn.flush(None if note.policy else grouped)  # HostDelta per host (a policy swap diffs every host)
         if note.policy:
             content = store.version_content(db, "active")
             txn.replace_policy_objects({k: {n: e["body"] for n, e in content.get(k, {}).items()}
                                         for k in POLICY_KINDS})
-        bumped = {w: r for w, r in db.execute(select(HostStateRow.workload, HostStateRow.revision)
-                                               .where(HostStateRow.change_id > dist.seen))}
-        missing = sorted(set(txn.deltas) - set(bumped))
+        # two arrays in one row, not a row per host (a global change: 25,000 rows through the ORM's rows)
+        names, revs = db.execute(select(func.array_agg(HostStateRow.workload), func.array_agg(HostStateRow.revision))
+                                 .where(HostStateRow.change_id > dist.seen)).one()
+        bumped: dict[str, int] = dict(zip(names or (), revs or (), strict=True))
+        deltas = txn.deltas
+        later: dict[str, tuple[SetDelta, ...]] = {}  # hosts no poll here waits for: steps built when asked
+        for group in grouped:
+            for name in group.hosts:
+                if dist.wants(name):  # (never a host in deltas: host_deltas leaves those out)
+                    deltas[name] = HostDelta(name, dist.compiler.host_policy(name), False, group.set_deltas)
+                else:
+                    later[name] = group.set_deltas
+        missing = sorted((set(deltas) | set(later)) - set(bumped))
         for chunk in range(0, len(missing), 900):
             q = select(HostStateRow.workload, HostStateRow.revision).where(
                 HostStateRow.workload.in_(missing[chunk : chunk + 900]))
             bumped.update({w: r for w, r in db.execute(q)})
         out: dict[str, HostHistory | None] = {}
-        for name in sorted(set(txn.deltas) | set(bumped)):
-            delta = txn.deltas.get(name)
+        pending: dict[str, PendingSteps] = {}
+        for name, set_deltas in later.items():
+            rev = bumped.get(name)
+            if name not in dist.workloads or rev is None:
+                deltas[name] = HostDelta(name, dist.compiler.host_policy(name), False, set_deltas)
+                continue  # as below
+            was = dist.pending.get(name)
+            if was is not None:
+                pending[name] = was.then(rev, set_deltas, dist.history_limit)
+            else:
+                prev = dist.history.get(name)
+                pending[name] = PendingSteps.start(prev.revision if prev else None, rev, set_deltas,
+                                                   dist.history_limit)
+        for name in sorted((set(deltas) | set(bumped)) - set(pending)):
+            delta = deltas.get(name)
             if name not in dist.workloads or (delta is not None and delta.policy is None):
                 out[name] = None
                 continue
             rev = bumped.get(name)
             if rev is None:
                 continue  # no stored revision (yet): nothing an agent can ask for
-            prev = dist.history.get(name)
+            steps = dist.pending.get(name)
+            if steps is not None and delta is not None:  # built from the delta's policy: the compiler moved on
+                out[name] = steps.after(dist.history.get(name), delta, rev, dist.history_limit)
+                continue
+            prev = dist.history_of(name)  # (no delta: its policy is still the one of its pending revision)
             if prev is None:
                 out[name] = HostHistory.begin(rev, dist.compiler.host_policy(name), dist.history_limit)
             elif delta is None and rev == prev.revision:
@@ -203,7 +234,7 @@ def follow(dist: PolicyDistributor, db: Session) -> int:
     except BaseException:
         txn.rollback()
         raise
-    dist.publish(out, hashed=True)
+    dist.publish(out, hashed=True, pending=pending)
     dist.seen = rows[-1].id
     if note.agents:
         reload_agents(dist, db, note.agents)
@@ -240,14 +271,15 @@ def resync(dist: PolicyDistributor, db: Session) -> None:
     dist.compiler = Compiler(dist.assemble(policy_objects))
     stored = {w: r for w, r in db.execute(select(HostStateRow.workload, HostStateRow.revision))}
     out: dict[str, HostHistory | None] = {}
-    for name in set(dist.history) - set(stored):
+    unbuilt, dist.pending = dist.pending, {}  # rebuilt below from the stored revisions
+    for name in (set(dist.history) | set(unbuilt)) - set(stored):
         out[name] = None
     for name in dist.compiler.workload_names:
         rev = stored.get(name)
         if rev is None:
             continue
         hp = dist.compiler.host_policy(name)
-        prev = dist.history.get(name)
+        prev = dist.history.get(name) if name not in unbuilt else None  # pending: begins anew
         if prev is not None and prev.revision == rev and prev.policy == hp:
             continue
         out[name] = HostHistory.begin(rev, hp, dist.history_limit)
