@@ -92,18 +92,18 @@ def test_many_pods_in_one_batch_are_one_compiler_pass_and_one_revision_per_host(
     dist = api.ctl.dist
     before = dict(dist.revisions)
     passes: list[int] = []
-    real = dist.compiler.apply_changes
+    real = dist.compiler.apply_set_changes  # the compiler pass (host_deltas fans it out)
 
     def counted(changes: Any) -> Any:
         passes.append(len(changes))
         return real(changes)
 
-    dist.compiler.apply_changes = counted  # type: ignore[method-assign]
+    dist.compiler.apply_set_changes = counted  # type: ignore[method-assign]
     try:  # 500 creates and 500 deletes of web pods: each db pod gains 50 peers and loses 50
         api.ok("POST", "/workload-batches", json={"upsert": _churn(500, 500, apps),
                                                   "delete": [f"web-{i}" for i in range(500)]})
     finally:
-        del dist.compiler.apply_changes
+        del dist.compiler.apply_set_changes
     assert passes == [1000]
     dbs = [f"db-{a}-{k}" for a in range(apps) for k in range(2)]
     assert {n: dist.revisions[n] for n in dbs} == {n: before[n] + 1 for n in dbs}  # one revision each

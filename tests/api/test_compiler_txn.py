@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 from tests.api.conftest import Api, make_settings
 
-from stockade.compiler import Compiler, HostDelta, compile_policy, host_policy_to_dict
+from stockade.compiler import Compiler, compile_policy, host_policy_to_dict
+from stockade.compiler.changes import SetChanges
 from stockade.controller.app import create_app
 from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.events import record_event
@@ -62,14 +63,14 @@ def _policies(api: Api) -> dict[str, dict[str, Any]]:
 
 def _count_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
-    real = Compiler.apply_changes
+    real = Compiler.apply_set_changes  # the compiler pass (host_deltas fans it out)
 
-    def spy(self: Compiler, changes: Iterable[Workload | str]) -> list[HostDelta]:
+    def spy(self: Compiler, changes: Iterable[Workload | str]) -> SetChanges:
         batch = list(changes)
         sizes.append(len(batch))
         return real(self, batch)
 
-    monkeypatch.setattr(Compiler, "apply_changes", spy)
+    monkeypatch.setattr(Compiler, "apply_set_changes", spy)
     return sizes
 
 
