@@ -72,7 +72,7 @@ def test_a_poll_not_woken_times_out_empty_and_a_cancelled_one_leaves_no_waiter(
         assert "node-a" not in nd._waiters
         poll = asyncio.ensure_future(nd.wait("node-a", held, 30))
         await asyncio.sleep(0.02)
-        assert len(nd._waiters["node-a"]) == 1
+        assert nd._waiters.held("node-a") == 1
         poll.cancel()
         with pytest.raises(asyncio.CancelledError):
             await poll

@@ -49,6 +49,7 @@ from stockade.compiler.ir import SetDelta
 from stockade.controller.services.auth import ForbiddenError
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.pod_enrolment import NODE_LABEL, PROFILE
+from stockade.controller.services.waiters import Waiters
 from stockade.controller.storage.db import AgentRow, utcnow
 from stockade.errors import NotFoundError
 from stockade.model.workloads import Workload
@@ -88,7 +89,7 @@ class NodeDistribution:
     def __init__(self, dist: PolicyDistributor) -> None:
         self.dist = dist
         self._identities: dict[str, PodIdentity] = {}  # agent id -> its row's fixed facts (cache)
-        self._waiters: dict[str, list[asyncio.Future[bool]]] = {}  # node -> its polls waiting for a pod to move
+        self._waiters = Waiters()  # node -> its polls waiting for a pod to move
         self._nodes: dict[str, tuple[Workload, str | None]] = {}  # workload -> (the object read, its node)
         dist.wake_listeners.append(self.on_wake)
         dist.wanted.append(self.is_pod)  # update_for must not wait for the lock on the loop
@@ -187,20 +188,8 @@ class NodeDistribution:
                 if not moved and not pods and remaining > 0:
                     await asyncio.sleep(remaining)  # a node with nothing to follow yet: still a long-poll
                 return moved
-            woken: asyncio.Future[bool] = loop.create_future()
-            waiters = self._waiters.setdefault(node, [])
-            waiters.append(woken)
-            timer = loop.call_later(remaining, _resolve_once, woken, False)
-            try:
-                if not await woken:
-                    return self.moved(pods)  # the timeout
-            finally:
-                timer.cancel()
-                left = self._waiters.get(node)
-                if left is not None and woken in left:  # timed out or cancelled: not woken
-                    left.remove(woken)
-                    if not left:
-                        del self._waiters[node]
+            if not await self._waiters.wait(node, remaining):
+                return self.moved(pods)  # the timeout
 
     def on_wake(self, names: tuple[str, ...]) -> None:
         """On the event loop: wake the long-polls of the nodes whose pods ``names`` name."""
@@ -209,8 +198,7 @@ class NodeDistribution:
         for name in names:
             node = self.node_of(name)
             if node is not None:
-                for woken in self._waiters.pop(node, ()):
-                    _resolve_once(woken, True)
+                self._waiters.wake(node)
 
     def update_for(self, pod: HeldPod) -> PolicyUpdate | None:
         """The PolicyUpdate for ``pod`` from the revision the node holds (None: nothing compiled)."""
@@ -221,11 +209,6 @@ class NodeDistribution:
             return self.dist.fetch(pod.workload, pod.after or None)
         except NotFoundError:
             return None
-
-
-def _resolve_once(waiter: asyncio.Future[bool], woken: bool) -> None:
-    if not waiter.done():
-        waiter.set_result(woken)
 
 
 SHARED_DELTAS = 8192  # set deltas whose JSON is kept (a batch's distinct deltas; the oldest go first)

@@ -20,6 +20,13 @@ class Waiters:
     def __contains__(self, key: str) -> bool:
         return key in self._held
 
+    def __bool__(self) -> bool:
+        return bool(self._held)
+
+    def held(self, key: str) -> int:
+        """How many polls ``key`` holds now."""
+        return len(self._held.get(key, ()))
+
     def wake(self, key: str) -> None:
         for woken in self._held.pop(key, ()):
             _resolve_once(woken, True)
