@@ -190,14 +190,15 @@ class SimPod:
     """A pod of the simulated node: created (bound) in the API at once; then, as a kubelet does it,
     its sandbox (netns + a sleeping process in cgroup pod<uid>) and later its IP in the API."""
 
-    def __init__(self, kube: Kube, ns: str, name: str, node: str, ip: str, app: str, cgroup: Path) -> None:
+    def __init__(self, kube: Kube, ns: str, name: str, node: str, ip: str, app: str, cgroup: Path,
+                 labels: dict[str, str] | None = None, netns_prefix: str = "bk") -> None:
         self.kube, self.ns, self.name, self.ip, self.cgroup_root = kube, ns, name, ip, cgroup
         self.created_time = time.time()
         kube.ok("POST", f"/api/v1/namespaces/{ns}/pods", json={
-            "metadata": {"name": name, "labels": {"app": app}},
+            "metadata": {"name": name, "labels": {"app": app, **(labels or {})}},
             "spec": {"nodeName": node, "containers": [{"name": "c", "image": "none", "imagePullPolicy": "Never"}]}})
         self.uid = kube.ok("GET", f"/api/v1/namespaces/{ns}/pods/{name}")["metadata"]["uid"]
-        self.netns = f"bk-{secrets.token_hex(4)}"
+        self.netns = f"{netns_prefix}-{secrets.token_hex(4)}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.cgroup = cgroup / f"pod{self.uid}"
         self.sandbox_time = self.api_time = float("nan")
