@@ -10,14 +10,17 @@ a ``pod<uid>`` cgroup, its IP patched into the API), the others simulated (k8s_f
 
 Counting: ``--pods`` pods on ``--nodes`` nodes, real nodes included. A real node enforces its first
 ``--real-pods`` pods (``i mod nodes == r``, ``i // nodes < real-pods``); its other pods go to the
-simulated nodes (so the estate stays ``--pods`` pods, each real pod in its own app). The real pods'
+simulated nodes (so the estate stays ``--pods`` pods; at 10,000 / 100 with 3 x 30 real pods, the real
+pods sit in 30 apps, 3 real pods of each, on 3 nodes, the app's other 7 pods simulated). The real pods'
 workloads are written by the bench in the sync's shape (``k8s.<ns>.<pod>``, labels app / role /
 k8s-node, the pod's IP), not by the cluster sync: the sync would delete the simulated pods (it owns
 every ``k8s.*`` workload no pod of its cluster wants).
 
 Churn: ``--rate`` events/s for ``--seconds``, creates and deletes alternating; a share
-``--real-share`` of the creates go to an app holding a real pod (else any app), role at random, so
-about half of those fan out to a real node (a delete takes the oldest churn pod: the same share). Per event, timed from just before its API write:
+``--real-share`` of the creates go to an app holding a real pod (else any app), role at random (a
+delete takes the oldest churn pod: the same share); such an event fans out to a real node when the
+app has a real pod of the other role (at the default sizes every such app has both). Per event, timed
+from just before its API write:
 
 * every affected simulated node acknowledged (k8s_fanout's measure: the pods' long-polls brought the
   address added / gone, the acks ride on the node's next long-poll);
