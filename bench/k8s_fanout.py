@@ -47,9 +47,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -95,19 +97,34 @@ class Pending:
 
 def _record(pending: Pending, pod: int, pol: dict[str, Any], now: float) -> None:
     if pol["full"] is not None:
-        text = json.dumps(pol["full"])
-        for addr in pending.adds:
-            if addr + "/32" in text:
-                pending.seen.setdefault((addr, "add", pod), now)
-        for addr in pending.dels:
-            if addr + "/32" not in text:
-                pending.seen.setdefault((addr, "del", pod), now)
+        churn = pending.adds | pending.dels  # (a broad network in the policy is not a churn pod's set member)
+        held = {a for net in _NET.findall(json.dumps(pol["full"])) if int(net.rsplit("/", 1)[1]) >= 24
+                for a in _covered(net, churn)}
+        for addr in pending.adds & held:
+            pending.seen.setdefault((addr, "add", pod), now)
+        for addr in pending.dels - held:
+            pending.seen.setdefault((addr, "del", pod), now)
         return
     for d in pol["set_deltas"]:
         for net in d["added"]:
-            pending.seen.setdefault((net.split("/")[0], "add", pod), now)
+            for addr in _covered(net, pending.adds):
+                pending.seen.setdefault((addr, "add", pod), now)
         for net in d["removed"]:
-            pending.seen.setdefault((net.split("/")[0], "del", pod), now)
+            for addr in _covered(net, pending.dels):
+                pending.seen.setdefault((addr, "del", pod), now)
+
+
+_NET = re.compile(r'"([0-9]{1,3}(?:\.[0-9]{1,3}){3}/[0-9]{1,2})"')
+
+
+def _covered(net: str, addrs: set[str]) -> list[str]:
+    """The churn addresses ``net`` holds: a set delta may carry two neighbours as one prefix
+    (10.200.0.10/31 for .10 and .11), so the network address alone misses the upper one."""
+    host, _, length = net.partition("/")
+    if length in ("", "32", "128"):
+        return [host] if host in addrs else []
+    network = ipaddress.ip_network(net, strict=False)
+    return [a for a in addrs if ipaddress.ip_address(a) in network]
 
 
 async def pod_agent(a: Agent, port: int, pending: Pending, stop: asyncio.Event) -> None:

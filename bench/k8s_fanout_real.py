@@ -352,7 +352,7 @@ async def run(args: argparse.Namespace, port: int, password: str, kube: Kube, cg
                 else:
                     sim[lay.node[p]] = max(sim.get(lay.node[p], 0.0), seen - e.t0)
         missing_sim += not ok_sim
-        if not ok_sim:  # never seen by some affected simulated pod: say which (session 11 left these unexplained)
+        if not ok_sim:  # never seen by some affected simulated pod: say which
             lost = [p for p in e.affected if p not in lay.real and (e.addr, e.kind, p) not in pending.seen]
             print(f"missing: event {ei} {e.kind} {e.addr}, pods {lost} on nodes {[lay.node[p] for p in lost]}",
                   file=sys.stderr, flush=True)
