@@ -92,6 +92,7 @@ class ApplyGate:
         self._firsts = 0  # first applies running
         self._background = 0  # deltas and proofs running
         self.stats = GateStats()
+        self._waits_taken = time.monotonic()  # the last take_delta_waits that took
 
     def waiting(self) -> int:
         """How many are queued now."""
@@ -155,11 +156,15 @@ class ApplyGate:
                 return left if after is None else min(left, after)
         return after
 
-    def take_delta_waits(self) -> str:
-        """How long the deltas admitted since the last call waited: ``<n> deltas, p50 <ms> / p99 <ms> /
-        max <ms> ms`` ("" for none). A node agent logs it: what starts and holds cost the other pods'
-        peer-set deltas."""
+    def take_delta_waits(self, every: float = 0.0) -> str:
+        """How long the deltas admitted since the last take waited: ``<n> deltas, p50 <ms> / p99 <ms> /
+        max <ms> ms`` ("" for none, or when the last take is less than ``every`` seconds old). A node
+        agent logs it: what starts and holds cost the other pods' peer-set deltas."""
+        now = time.monotonic()
         with self._cond:
+            if now - self._waits_taken < every:
+                return ""
+            self._waits_taken = now
             waits, self.stats.delta_waits = sorted(self.stats.delta_waits), []
         if not waits:
             return ""

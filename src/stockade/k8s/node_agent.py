@@ -247,15 +247,12 @@ class NodeAgent:
                                      workers=max(2, self.options.apply_slots * 2))
             self.poller.start()
         settled = False
-        logged = time.monotonic()
         while not self._stop.is_set():
             self._poke.clear()
             pending = self._pending = self._reconcile()
             deep_collection_when_quiet(pending)  # not left to a proof's collection, which may find a pod starting
-            if time.monotonic() - logged >= GATE_LOG:  # what starts and holds cost other pods' deltas (bench/k8s.py)
-                logged, waits = time.monotonic(), self.gate.take_delta_waits()
-                if waits:
-                    log.info("gate waits at %.3f: %s", time.time(), waits)
+            if waits := self.gate.take_delta_waits(every=GATE_LOG):  # what starts and holds cost (bench/k8s.py)
+                log.info("gate waits at %.3f: %s", time.time(), waits)
             was, settled = settled, not pending and self.settled()
             if settled and not was:
                 log.info("node agent settled: %d pods enforced, no start, apply or proof pending (%.1f s after "
