@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,6 @@ async def pod_agent(a: Agent, port: int, pending: Pending, stop: asyncio.Event) 
 async def _enrol_nodes(port: int, key: str, pods: int, nodes: int) -> tuple[list[Agent], list[Agent]]:
     """The node protocol's estate: pod workloads bound to nodes (written as the sync writes them),
     one agent per node, the pods enrolled by their node in batches (with their first policy)."""
-    from stockade.agent_signature import new_private_key, public_key_text
 
     admin = Conn(port)
     apps = max(1, pods // APP_SIZE)
@@ -184,10 +184,23 @@ async def _enrol_nodes(port: int, key: str, pods: int, nodes: int) -> tuple[list
         await ok("POST", "/workload-batches", {"upsert": upsert, "delete": []})
     await ok("POST", "/pairing-profiles", {"name": "k8s-nodes", "mode": "idle", "code_max_uses": 1_000_000})
     code = (await ok("POST", "/pairing-profiles/k8s-nodes/codes", {}))["code"]
-    node_agents: list[Agent | None] = [None] * nodes
-    pod_agents: list[Agent | None] = [None] * pods
+    node_agents, pod_agents = await enrol_simulated_nodes(
+        port, code, names, range(nodes), lambda n: f"node-{n:03d}", lambda n: list(range(n, pods, nodes)))
+    admin.close()
+    return [node_agents[n] for n in range(nodes)], [pod_agents[i] for i in range(pods)]
+
+
+async def enrol_simulated_nodes(port: int, code: str, names: list[str], node_ids: Iterable[int],
+                                hostname: Callable[[int], str], pods_of: Callable[[int], list[int]],
+                                ) -> tuple[dict[int, Agent], dict[int, Agent]]:
+    """Enrol each node (``hostname(n)``) with ``code``, then its pods ``pods_of(n)`` (by ``names``)
+    through the node's ``pods/enroll-batch``, 16 at a time: node agents and pod agents by index."""
+    from stockade.agent_signature import new_private_key, public_key_text
+
+    node_agents: dict[int, Agent] = {}
+    pod_agents: dict[int, Agent] = {}
     queue: asyncio.Queue[int] = asyncio.Queue()
-    for n in range(nodes):
+    for n in node_ids:
         queue.put_nowait(n)
 
     async def worker() -> None:
@@ -195,14 +208,14 @@ async def _enrol_nodes(port: int, key: str, pods: int, nodes: int) -> tuple[list
         while not queue.empty():
             n = queue.get_nowait()
             status, got = await c.request("POST", "/api/v1/agents/enroll", body={
-                "activation_code": code, "hostname": f"node-{n:03d}", "interfaces": []})
+                "activation_code": code, "hostname": hostname(n), "interfaces": []})
             assert status == 201, got
             node = node_agents[n] = Agent(n, got["agent_id"], got["token"], got["workload"])
             base = f"/api/v1/agents/{node.agent_id}"
             status, got = await c.request("GET", f"{base}/policy/wait?after=0&timeout=0", node.token)
             node.applied = got["revision"]
             await c.request("POST", f"{base}/ack", node.token, {"revision": node.applied})
-            mine = list(range(n, pods, nodes))
+            mine = pods_of(n)
             for chunk in range(0, len(mine), 64):
                 part = mine[chunk : chunk + 64]
                 status, got = await c.request("POST", f"{base}/pods/enroll-batch", node.token, {
@@ -217,8 +230,7 @@ async def _enrol_nodes(port: int, key: str, pods: int, nodes: int) -> tuple[list
         c.close()
 
     await asyncio.gather(*(worker() for _ in range(16)))
-    admin.close()
-    return [a for a in node_agents if a is not None], [a for a in pod_agents if a is not None]
+    return node_agents, pod_agents
 
 
 async def node_poller(node: Agent, pods: list[Agent], port: int, pending: Pending, stop: asyncio.Event,

@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from controller import APP_SIZE, _free_port, _owner_key, _setup_policy, pct
 from controller_agents import Agent, Conn, _raise_nofile
-from k8s_fanout import CONTROLLER, Event, Pending, node_poller
+from k8s_fanout import CONTROLLER, Event, Pending, enrol_simulated_nodes, node_poller
 from tests.k8s.conftest import SCRIPT, Cluster, _ports_env
 from tests.k8s.kube import Kube
 
@@ -106,7 +106,6 @@ async def setup_estate(port: int, key: str, lay: Layout) -> tuple[list[Agent], d
     """Every pod's workload (as the sync writes it), the simulated nodes enrolled with their pods
     (k8s_fanout's way); returns the simulated node agents, the simulated pod agents by index and the
     node activation code (for the real node agents)."""
-    from stockade.agent_signature import new_private_key, public_key_text
 
     admin = Conn(port)
 
@@ -125,42 +124,14 @@ async def setup_estate(port: int, key: str, lay: Layout) -> tuple[list[Agent], d
             for i in range(chunk, min(lay.pods, chunk + 500))]})
     await ok("POST", "/pairing-profiles", {"name": "k8s-nodes", "mode": "idle", "code_max_uses": 1_000_000})
     code = str((await ok("POST", "/pairing-profiles/k8s-nodes/codes", {}))["code"])
-    nodes: list[Agent] = []
-    pods: dict[int, Agent] = {}
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for n in range(lay.real_nodes, lay.nodes):
-        queue.put_nowait(n)
-
-    async def worker() -> None:
-        c = Conn(port)
-        while not queue.empty():
-            n = queue.get_nowait()
-            status, got = await c.request("POST", "/api/v1/agents/enroll", body={
-                "activation_code": code, "hostname": lay.node_name(n), "interfaces": []})
-            assert status == 201, got
-            node = Agent(n, got["agent_id"], got["token"], got["workload"])
-            nodes.append(node)
-            base = f"/api/v1/agents/{node.agent_id}"
-            status, got = await c.request("GET", f"{base}/policy/wait?after=0&timeout=0", node.token)
-            node.applied = got["revision"]
-            await c.request("POST", f"{base}/ack", node.token, {"revision": node.applied})
-            mine = [i for i in range(lay.pods) if lay.node[i] == n]
-            for at in range(0, len(mine), 64):
-                part = mine[at : at + 64]
-                status, got = await c.request("POST", f"{base}/pods/enroll-batch", node.token, {
-                    "pods": [{"workload": names[i], "public_key": public_key_text(new_private_key())} for i in part],
-                    "include_policy": True})
-                assert status == 200 and not got["refused"], got
-                by_name = {e["workload"]: e for e in got["enrolled"]}
-                for i in part:
-                    e = by_name[names[i]]
-                    pods[i] = Agent(i, e["agent_id"], e["token"], e["workload"],
-                                    applied=e["policy"]["revision"] if e["policy"] else 0)
-        c.close()
-
-    await asyncio.gather(*(worker() for _ in range(16)))
+    sim = range(lay.real_nodes, lay.nodes)
+    by_node: dict[int, list[int]] = {n: [] for n in sim}
+    for i in range(lay.pods):
+        if lay.node[i] in by_node:  # (a real node's pods are the real ones)
+            by_node[lay.node[i]].append(i)
+    node_agents, pods = await enrol_simulated_nodes(port, code, names, sim, lay.node_name, by_node.__getitem__)
     admin.close()
-    return nodes, pods, code
+    return list(node_agents.values()), pods, code
 
 
 def start_real(kube: Kube, lay: Layout, cgroup: Path) -> list[SimPod]:
