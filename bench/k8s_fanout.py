@@ -190,6 +190,14 @@ async def _enrol_nodes(port: int, key: str, pods: int, nodes: int) -> tuple[list
     return [node_agents[n] for n in range(nodes)], [pod_agents[i] for i in range(pods)]
 
 
+def churn_pod(counter: int, app: int, role: str) -> tuple[str, str, dict[str, Any] | None]:
+    """The churn's ``counter``-th new pod: its name, address (10.200.0.0 up) and workload body."""
+    name, addr = f"churn-{counter}", f"10.{200 + (counter >> 16) % 50}.{(counter >> 8) & 255}.{counter & 255}"
+    return name, addr, {"name": name, "labels": {"app": f"app-{app}", "role": role},
+                        "interfaces": [{"name": "eth0", "addresses": [addr]}], "mode": "full",
+                        "description": "bench pod"}
+
+
 async def enrol_simulated_nodes(port: int, code: str, names: list[str], node_ids: Iterable[int],
                                 hostname: Callable[[int], str], pods_of: Callable[[int], list[int]],
                                 ) -> tuple[dict[int, Agent], dict[int, Agent]]:
@@ -354,11 +362,7 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
         if i % 2 == 0 or not live:
             counter += 1
             app, role = rng.randrange(apps), rng.choice(("web", "db"))
-            name = f"churn-{counter}"
-            addr = f"10.{200 + (counter >> 16) % 50}.{(counter >> 8) & 255}.{counter & 255}"
-            body: dict[str, Any] | None = {"name": name, "labels": {"app": f"app-{app}", "role": role},
-                                           "interfaces": [{"name": "eth0", "addresses": [addr]}], "mode": "full",
-                                           "description": "bench pod"}
+            name, addr, body = churn_pod(counter, app, role)
             pending.adds.add(addr)
         else:
             name, addr, app, role = live.pop(0)

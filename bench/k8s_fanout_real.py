@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from controller import APP_SIZE, _free_port, _owner_key, _setup_policy, pct
 from controller_agents import Agent, Conn, _raise_nofile
-from k8s_fanout import CONTROLLER, Event, Pending, enrol_simulated_nodes, node_poller
+from k8s_fanout import CONTROLLER, Event, Pending, churn_pod, enrol_simulated_nodes, node_poller
 from tests.k8s.conftest import SCRIPT, Cluster, _ports_env
 from tests.k8s.kube import Kube
 
@@ -247,10 +247,7 @@ async def run(args: argparse.Namespace, port: int, password: str, kube: Kube, cg
             counter += 1
             app = rng.choice(real_apps) if real_apps and rng.random() < args.real_share else rng.randrange(apps)
             role = rng.choice(("web", "db"))
-            name, addr = f"churn-{counter}", f"10.{200 + (counter >> 16) % 50}.{(counter >> 8) & 255}.{counter & 255}"
-            body: dict[str, Any] | None = {"name": name, "labels": {"app": f"app-{app}", "role": role},
-                                           "interfaces": [{"name": "eth0", "addresses": [addr]}], "mode": "full",
-                                           "description": "bench pod"}
+            name, addr, body = churn_pod(counter, app, role)
             pending.adds.add(addr)
         else:
             name, addr, app, role = live.pop(0)
