@@ -478,6 +478,19 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
     }
 
 
+def controller_ready(server: subprocess.Popen[str], port: int) -> dict[str, Any]:
+    """The credential the bench controller prints first, once its port accepts connections."""
+    assert server.stdout is not None
+    cred: dict[str, Any] = json.loads(server.stdout.readline())
+    for _ in range(400):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return cred
+
+
 def _serve_and_run(args: argparse.Namespace, pods: int, nodes: int, src: str | None,
                    node_acks: str | None = None) -> dict[str, Any]:
     """One controller (``src``: the ``src`` folder of another checkout to run it from, e.g. main's,
@@ -490,14 +503,7 @@ def _serve_and_run(args: argparse.Namespace, pods: int, nodes: int, src: str | N
     server = subprocess.Popen([sys.executable, str(CONTROLLER), "--serve", f"sqlite:///{tmp / 'stockade.db'}",
                                str(port)], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        assert server.stdout is not None
-        cred = json.loads(server.stdout.readline())
-        for _ in range(400):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        cred = controller_ready(server, port)
         import uvloop
 
         return uvloop.run(run(port, cred["password"], pods, nodes, args.rate, args.seconds, server.pid,

@@ -48,7 +48,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from controller import APP_SIZE, _free_port, _owner_key, _setup_policy, pct
 from controller_agents import Agent, Conn, _raise_nofile
-from k8s_fanout import CONTROLLER, Event, Pending, churn_pod, enrol_simulated_nodes, node_poller
+from k8s_fanout import CONTROLLER, Event, Pending, churn_pod, controller_ready, enrol_simulated_nodes, node_poller
 from tests.k8s.conftest import SCRIPT, Cluster, _ports_env
 from tests.k8s.kube import Kube
 
@@ -382,14 +381,7 @@ def main() -> None:
     agents: list[subprocess.Popen[bytes]] = []
     real_pods: list[SimPod] = []
     try:
-        assert server.stdout is not None
-        cred = json.loads(server.stdout.readline())
-        for _ in range(400):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        cred = controller_ready(server, port)
         import uvloop
 
         r = uvloop.run(run(args, port, cred["password"], Kube(cluster), cgroup, tmp, agents, real_pods))
