@@ -60,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -143,6 +144,12 @@ class PgCluster:
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
+    def pids(self) -> list[int]:
+        """The postmaster and its children now (the connection pools keep their backends)."""
+        main = int((self.data / "postmaster.pid").read_text().split()[0])
+        kids = subprocess.run(["pgrep", "-P", str(main)], capture_output=True, text=True).stdout.split()
+        return [main, *map(int, kids)]
+
     def stop(self) -> None:
         subprocess.run([*self.run, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"],
                        capture_output=True, check=False)
@@ -157,10 +164,13 @@ def pct(values: list[float], q: float) -> float:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of the given processes (from /proc)."""
+    """User + system CPU time of the given processes (from /proc; one that has exited counts 0)."""
     total = 0
     for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
     return total / os.sysconf("SC_CLK_TCK")
 
@@ -196,7 +206,8 @@ def _stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
 
 
 async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int, heartbeat: float,
-                    pids: list[int], profile: str | None = None) -> dict[str, Any]:
+                    pids: list[int], profile: str | None = None,
+                    db_pids: Callable[[], list[int]] = list) -> dict[str, Any]:
     port = ports[0]  # every change is made through the first replica
     admin = Conn(port)
     key = await _owner_key(port, password)
@@ -232,6 +243,11 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
         latencies: list[float] = []
         fanouts: list[int] = []
         per_repeat_max: list[float] = []
+        # where the time goes: the write call, and each replica's agents (agent i polls replica i mod N)
+        put_ms: list[float] = []
+        by_replica: list[list[float]] = [[] for _ in ports]
+        firsts: list[list[float]] = [[] for _ in ports]
+        db_cpu = 0.0
         for r in range(repeats):
             target = agents[(7 * r + 3) % n_agents]
             status, wl = await admin.request("GET", f"/api/v1/workloads/{target.workload}", key)
@@ -241,10 +257,12 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
             else:
                 labels["role"] = "monitor" if labels["role"] != "monitor" else "web"
             before, _errors = await runners.state(0.0)
+            db0, dbp = cpu_seconds(db_pids()), db_pids()
             t0 = time.perf_counter()
             status, _ = await admin.request("PUT", f"/api/v1/workloads/{target.workload}", key,
                                             {**wl["body"], "labels": labels})
             assert status == 200, status
+            put_ms.append(1000 * (time.perf_counter() - t0))
             changes += 1
             await _converged(admin, key, n_agents, max(120, n_agents / 50))
             after, _errors = await runners.state(t0)
@@ -253,6 +271,12 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
             this = [cast(float, after[i][1]) - t0 for i in moved]
             latencies += this
             per_repeat_max.append(round(1000 * max(this, default=0.0)))
+            db_cpu += cpu_seconds(dbp) - db0
+            for k in range(len(ports)):
+                mine = [cast(float, after[i][1]) - t0 for i in moved if i % len(ports) == k]
+                by_replica[k] += mine
+                if mine:
+                    firsts[k].append(min(mine))
             if scenario == "relabel-global":  # put it back so the next repeat flips again
                 status, _ = await admin.request("PUT", f"/api/v1/workloads/{target.workload}", key,
                                                 {**wl["body"]})
@@ -274,6 +298,12 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
             "max_per_repeat_ms": per_repeat_max,
             "max_ms": 1000 * max(latencies) if latencies else float("nan"),
             "fanout": statistics.mean(fanouts) if fanouts else 0,
+            "put_p50_ms": pct(put_ms, 50),
+            # per replica (the first makes every change): its agents' first ack p50, and their p50 / p99
+            "replica_ms": [[round(1000 * pct(f, 50)), round(1000 * pct(b, 50)), round(1000 * pct(b, 99))]
+                           for f, b in zip(firsts, by_replica, strict=True)],
+            # PostgreSQL's CPU from the write call until every agent acked (not in cpu/1k), per change
+            "db_cpu_s_per_change": db_cpu / max(1, len(put_ms)),
         }
     # API latency under load (agents keep polling and heartbeating)
     api_lat: list[float] = []
@@ -447,7 +477,7 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
         import uvloop
 
         result = uvloop.run(run_bench(ports, cred["password"], n_agents, repeats, heartbeat,
-                                      [s.pid for s in servers], profile))
+                                      [s.pid for s in servers], profile, pg.pids if pg else list))
         result["backend"] = backend
         return result
     finally:
@@ -515,6 +545,14 @@ def main() -> None:
               f"{rss:>14}{r['agent_errors']:>6}")
     print("(latencies in ms from the API call until each affected agent acknowledged; fan = hosts affected;\n"
           " cpu/1k = controller CPU-seconds, all replicas, per 1,000 agents per global change; rss per replica)")
+    print()
+    print("global relabel, where the time goes (ms from the API call; agent i polls replica i mod N,"
+          " every change is made through the first):")
+    for r in rows:
+        g = r["relabel-global"]
+        per = "  ".join(f"r{k}: first {f} p50 {m} p99 {n}" for k, (f, m, n) in enumerate(g["replica_ms"]))
+        print(f"  {r['backend']} x{r['replicas']} {r['agents']}: write call {g['put_p50_ms']:.0f}  {per}"
+              f"  PostgreSQL CPU-s per change {g['db_cpu_s_per_change']:.2f}")
 
 
 if __name__ == "__main__":
