@@ -54,8 +54,10 @@ from stockade.controller.services.events import record_event, record_events
 from stockade.controller.services.host_state import (
     AgentLive,
     Digests,
+    FlushBound,
     Heads,
     bump_revisions,
+    current_xid,
     policy_hash,
     read_flushed_agents,
     read_revisions,
@@ -124,7 +126,9 @@ class PolicyDistributor:
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
         self.on_compile: Callable[[float, int], None] | None = None  # (seconds, hosts bumped)
         self._refresh_round = 0
-        self._flushed_bound: int | None = None  # refresh_agents reads flushes from this xid on
+        self._flushed_bound: FlushBound | None = None  # refresh_agents reads the flushes its last read could not see
+        self._own_flushes: set[int] = set()  # ids of this replica's flush transactions not read past yet
+        self._flush_lock = threading.Lock()  # a flush's write and a refresh's read, one at a time (below)
         self._queued: list[_Queued[Any]] = []  # transact_batched callbacks waiting for the lock
         self._queue_lock = threading.Lock()
 
@@ -393,26 +397,33 @@ class PolicyDistributor:
     def refresh_agents(self) -> int:
         """Read acks and heartbeats other replicas flushed (agents not dirty here); returns rows read.
 
-        Only the rows flushed since the previous read (each flush stamps its rows with its
-        transaction id, :func:`~.host_state.read_flushed_agents`), so a quiet fleet costs no rows and
-        a fan-out or a fleet's enrolment reads each acknowledgement about once, however long the
-        agents lag. Every ``FULL_REFRESH_ROUNDS`` calls (and the first) it reads every live agent row,
-        as a safety net that costs one read a minute at the default flush interval."""
+        Only the rows flushed by transactions its previous read could not see (each flush stamps
+        its rows with its transaction id, :func:`~.host_state.read_flushed_agents`), so a quiet fleet
+        costs no rows and a fan-out or a fleet's enrolment reads each acknowledgement once, however
+        long the agents lag. Rows this replica's own flushes wrote are not read back: under
+        ``_flush_lock`` a flush commits before a read starts, so such a row holds what this
+        replica's memory has (an agent acknowledging again since is dirty, and skipped anyway).
+        Every ``FULL_REFRESH_ROUNDS`` calls (and the first) it reads every live agent row, its own
+        flushes' included, as a safety net that costs one read a minute at the default flush interval."""
         if not self.shared:
             return 0
         full = self._refresh_round == 0 or self._flushed_bound is None
         self._refresh_round = (self._refresh_round + 1) % FULL_REFRESH_ROUNDS
-        with self.sessions.begin() as db:
-            db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-            rows, bound = read_flushed_agents(db, None if full else self._flushed_bound)
-        self._flushed_bound = bound
-        for agent_id, applied, beat in rows:
-            live = self.agents.get(agent_id)
-            if live is None or live.dirty:
-                continue
-            live.applied = applied
-            if beat is not None and (live.last_heartbeat is None or beat > live.last_heartbeat):
-                live.last_heartbeat = beat
+        with self._flush_lock:
+            with self.sessions.begin() as db:
+                db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+                rows, bound = read_flushed_agents(db, None if full else self._flushed_bound,
+                                                  frozenset(self._own_flushes))
+            self._flushed_bound = bound
+            self._own_flushes = {x for x in self._own_flushes if bound.unseen(x)}  # a later read may meet them
+            agents = self.agents
+            for agent_id, applied, beat in rows:
+                live = agents.get(agent_id)
+                if live is None or live.dirty:
+                    continue
+                live.applied = applied
+                if beat is not None and (live.last_heartbeat is None or beat > live.last_heartbeat):
+                    live.last_heartbeat = beat
         return len(rows)
 
     def _wake(self, names: tuple[str, ...]) -> None:
@@ -550,21 +561,25 @@ class PolicyDistributor:
         """Write dirty agent state (acks, heartbeats) in one transaction, and the policy hashes of
         hosts bumped since the last flush; returns the agent rows written."""
         self._write_hashes()
-        dirty = [a for a in list(self.agents.values()) if a.dirty]
-        if not dirty:
-            return 0
-        for a in dirty:
-            a.dirty = False
-            a.stored_heartbeat = a.last_heartbeat
-        params = [{"id": a.agent_id, "applied_revision": a.applied, "last_heartbeat": a.last_heartbeat}
-                  for a in dirty]
-        try:
-            with self.sessions.begin() as db:
-                write_agent_rows(db, params)
-        except BaseException:
-            for a in dirty:  # not written (e.g. "database is locked"): the next flush writes them
-                a.dirty = True
-            raise
+        with self._flush_lock:  # committed before refresh_agents reads (it skips this flush's rows)
+            dirty = [a for a in list(self.agents.values()) if a.dirty]
+            if not dirty:
+                return 0
+            for a in dirty:
+                a.dirty = False
+                a.stored_heartbeat = a.last_heartbeat
+            params = [{"id": a.agent_id, "applied_revision": a.applied, "last_heartbeat": a.last_heartbeat}
+                      for a in dirty]
+            try:
+                with self.sessions.begin() as db:
+                    write_agent_rows(db, params)
+                    xid = current_xid(db) if self.shared else None
+            except BaseException:
+                for a in dirty:  # not written (e.g. "database is locked"): the next flush writes them
+                    a.dirty = True
+                raise
+            if xid is not None:  # committed: refresh_agents need not read these rows back
+                self._own_flushes.add(xid)
         return len(dirty)
 
     def _write_hashes(self) -> None:
