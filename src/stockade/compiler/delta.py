@@ -143,7 +143,7 @@ def delta_between(old: HostPolicy, new: HostPolicy) -> tuple[SetDelta, ...] | No
 def peer_delta(old: WireGuardConfig | None, new: WireGuardConfig | None) -> PeerDelta:
     """The peers set or removed from ``old`` to ``new`` (empty when they are the same)."""
     if old is new:
-        return PeerDelta()
+        return NO_PEERS  # (frozen: one shared empty delta, not one per host of a fan-out)
     old_by = {p.workload: p for p in old.peers} if old is not None else {}
     new_by = {p.workload: p for p in new.peers} if new is not None else {}
     return PeerDelta(tuple(p for w, p in sorted(new_by.items()) if old_by.get(w) != p),
@@ -293,7 +293,7 @@ class HostHistory:
         if delta.policy is None:
             raise ValueError(f"workload {delta.workload!r} is gone: no history after it")
         step_deltas: tuple[SetDelta, ...] | None = None if delta.rules_changed else delta.set_deltas
-        peers = PeerDelta()
+        peers = NO_PEERS
         if step_deltas is not None:
             old_wg, new_wg = self.policy.wireguard, delta.policy.wireguard
             if (old_wg is None) != (new_wg is None) or (old_wg and new_wg and old_wg.listen_port != new_wg.listen_port):

@@ -70,6 +70,11 @@ class CompilerTxn:
         return self._deltas
 
     def _merge(self, deltas: list[HostDelta]) -> None:
+        if not self._deltas:  # the usual case: one batch, one delta per host (a global change: 25,000)
+            merged = {d.workload: d for d in deltas}
+            if len(merged) == len(deltas):  # (else a host twice: merged one by one below)
+                self._deltas.update(merged)
+                return
         for d in deltas:
             prev = self._deltas.get(d.workload)
             self._deltas[d.workload] = d if prev is None else merge_host_deltas(prev, d)
