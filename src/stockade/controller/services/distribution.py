@@ -38,7 +38,7 @@ import asyncio
 import datetime as dt
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar, cast
 
@@ -264,9 +264,10 @@ class PolicyDistributor:
     def _stage_bumps(self, db: Session, txn: CompilerTxn, change: int | None = None) -> dict[str, HostHistory | None]:
         """Bump ``host_state`` for every host the compiler's deltas changed (Core statements,
         batched); the new histories (None: the host is gone), published after the commit."""
-        if not txn.deltas:
+        deltas = txn.deltas  # (once: a property that first hands queued writes to the compiler)
+        if not deltas:
             return {}
-        names = sorted(txn.deltas)
+        names = sorted(deltas)
         stored = read_revisions(db, names)
         out: dict[str, HostHistory | None] = {}
         now = utcnow()
@@ -274,7 +275,7 @@ class PolicyDistributor:
         inserts: list[dict[str, Any]] = []
         updates: list[str] = []
         for name in names:
-            delta = txn.deltas[name]
+            delta = deltas[name]
             if delta.policy is None or name not in self.workloads:
                 if name in stored:
                     gone.append(name)
@@ -333,6 +334,14 @@ class PolicyDistributor:
     def wants(self, name: str) -> bool:
         """A poll here waits for ``name`` (or a listener says one will): build its history at once."""
         return name in self._waiters or any(want(name) for want in self.wanted)
+
+    def wanted_among(self, names: Collection[str]) -> set[str]:
+        """Those of ``names`` that :meth:`wants` (one pass per kind of want, not a call per host:
+        a follower asks it of every host of a fan-out)."""
+        found = self._waiters.among(names)
+        for want in self.wanted:
+            found.update(n for n in names if want(n))
+        return found
 
     def history_of(self, name: str) -> HostHistory | None:
         """The host's history as published, its pending steps built first (caller holds the lock:

@@ -253,9 +253,12 @@ _HOSTS = cast(Table, HostStateRow.__table__)
 _PG_HOSTS = bindparam("w", type_=ARRAY(String))
 _PG_HOST_LINES = func.string_to_array(bindparam("w", type_=String), literal_column("E'\\n'"))
 _SQLITE_HOSTS: Select[tuple[Any]] = select(column("value")).select_from(func.json_each(bindparam("w", type_=String)))
+# PostgreSQL: one row of two arrays, not a row per host (a global change: 25,000 rows, each fetched and
+# made a Row by the driver and SQLAlchemy, was ~40 ms of the writer's CPU inside its transaction)
+_PG_READ_AGG = (func.array_agg(_HOSTS.c.workload), func.array_agg(_HOSTS.c.revision))
 _READ = {
-    "postgresql": select(_HOSTS.c.workload, _HOSTS.c.revision).where(_HOSTS.c.workload == any_(_PG_HOSTS)),
-    "postgresql-lines": select(_HOSTS.c.workload, _HOSTS.c.revision).where(_HOSTS.c.workload == any_(_PG_HOST_LINES)),
+    "postgresql": select(*_PG_READ_AGG).where(_HOSTS.c.workload == any_(_PG_HOSTS)),
+    "postgresql-lines": select(*_PG_READ_AGG).where(_HOSTS.c.workload == any_(_PG_HOST_LINES)),
     "sqlite": select(_HOSTS.c.workload, _HOSTS.c.revision).where(_HOSTS.c.workload.in_(_SQLITE_HOSTS)),
 }
 _BUMP_VALUES = {"revision": _HOSTS.c.revision + 1, "policy_hash": "", "updated_at": bindparam("now"),
@@ -282,7 +285,10 @@ def read_revisions(db: Session, names: list[str]) -> dict[str, int]:
     if not names:
         return {}
     dialect, hosts = _hosts_param(db, names)
-    return {str(w): int(r) for w, r in db.execute(_READ[dialect], {"w": hosts})}
+    if dialect == "sqlite":
+        return {str(w): int(r) for w, r in db.execute(_READ[dialect], {"w": hosts})}
+    found, revisions = db.execute(_READ[dialect], {"w": hosts}).one()
+    return dict(zip(found or (), revisions or (), strict=True))
 
 
 def bump_revisions(db: Session, names: list[str], now: dt.datetime, change: int | None) -> None:

@@ -186,9 +186,10 @@ def follow(dist: PolicyDistributor, db: Session) -> int:
         bumped: dict[str, int] = dict(zip(names or (), revs or (), strict=True))
         deltas = txn.deltas
         later: dict[str, tuple[SetDelta, ...]] = {}  # hosts no poll here waits for: steps built when asked
+        wanted = dist.wanted_among([name for group in grouped for name in group.hosts])
         for group in grouped:
             for name in group.hosts:
-                if dist.wants(name):  # (never a host in deltas: host_deltas leaves those out)
+                if name in wanted:  # (never a host in deltas: host_deltas leaves those out)
                     deltas[name] = HostDelta(name, dist.compiler.host_policy(name), False, group.set_deltas)
                 else:
                     later[name] = group.set_deltas

@@ -9,6 +9,7 @@ under ``wait_for`` cost a task and three turns per poll on Python 3.11, and a gl
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 
 class Waiters:
@@ -22,6 +23,12 @@ class Waiters:
 
     def __bool__(self) -> bool:
         return bool(self._held)
+
+    def among(self, keys: Iterable[str]) -> set[str]:
+        """Those of ``keys`` some poll is held for now (one pass, no call per key; membership
+        reads only, as :meth:`__contains__`)."""
+        held = self._held
+        return {k for k in keys if k in held}
 
     def held(self, key: str) -> int:
         """How many polls ``key`` holds now."""

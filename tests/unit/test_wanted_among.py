@@ -1,0 +1,30 @@
+"""``PolicyDistributor.wanted_among``: the hosts whose history a follower builds at once, found in
+one pass per kind of want, exactly those :meth:`wants` names one by one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from stockade.controller.services.distribution import PolicyDistributor
+
+
+def test_wanted_among_is_wants_host_by_host() -> None:
+    dist = PolicyDistributor(sessions=None)  # type: ignore[arg-type]  # (nothing here reads the database)
+    names = [f"h{i}" for i in range(40)]
+    dist.wanted.append(lambda n: n.endswith("7"))
+    dist.wanted.append({"h3", "h30", "nowhere"}.__contains__)
+
+    async def run() -> tuple[set[str], list[str]]:
+        polls: list[Any] = [asyncio.ensure_future(dist._waiters.wait(n, 5.0)) for n in ("h1", "h3", "h11", "x")]
+        await asyncio.sleep(0)  # the polls are held now
+        try:
+            return dist.wanted_among(names), [n for n in names if dist.wants(n)]
+        finally:
+            for poll in polls:
+                poll.cancel()
+            await asyncio.gather(*polls, return_exceptions=True)
+
+    found, one_by_one = asyncio.run(run())
+    assert found == set(one_by_one) == {"h1", "h3", "h11", "h7", "h17", "h27", "h37", "h30"}
+    assert dist.wanted_among([]) == set()
