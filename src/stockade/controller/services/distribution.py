@@ -38,7 +38,7 @@ import asyncio
 import datetime as dt
 import threading
 import uuid
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar, cast
 
@@ -56,8 +56,8 @@ from stockade.controller.services.host_state import (
     Digests,
     FlushBound,
     Heads,
+    apply_flushed,
     bump_revisions,
-    current_xid,
     policy_hash,
     read_flushed_agents,
     read_revisions,
@@ -126,9 +126,9 @@ class PolicyDistributor:
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
         self.on_compile: Callable[[float, int], None] | None = None  # (seconds, hosts bumped)
         self._refresh_round = 0
-        self._flushed_bound: FlushBound | None = None  # refresh_agents reads the flushes its last read could not see
-        self._own_flushes: set[int] = set()  # ids of this replica's flush transactions not read past yet
-        self._flush_lock = threading.Lock()  # a flush's write and a refresh's read, one at a time (below)
+        self._flushed_bound: FlushBound | None = None  # refresh_agents: what its last read could not see,
+        self._own_flushes: set[int] = set()  # and our flushes since; a flush's write and a refresh's read:
+        self._flush_lock = threading.Lock()  # one at a time
         self._queued: list[_Queued[Any]] = []  # transact_batched callbacks waiting for the lock
         self._queue_lock = threading.Lock()
 
@@ -335,13 +335,9 @@ class PolicyDistributor:
         """A poll here waits for ``name`` (or a listener says one will): build its history at once."""
         return name in self._waiters or any(want(name) for want in self.wanted)
 
-    def wanted_among(self, names: Collection[str]) -> set[str]:
-        """Those of ``names`` that :meth:`wants` (one pass per kind of want, not a call per host:
-        a follower asks it of every host of a fan-out)."""
-        found = self._waiters.among(names)
-        for want in self.wanted:
-            found.update(n for n in names if want(n))
-        return found
+    def wanted_among(self, names: list[str]) -> set[str]:
+        """Those of ``names`` that :meth:`wants`, in one pass per kind of want (not a call per host)."""
+        return self._waiters.among(names).union(*({n for n in names if want(n)} for want in self.wanted))
 
     def history_of(self, name: str) -> HostHistory | None:
         """The host's history as published, its pending steps built first (caller holds the lock:
@@ -406,14 +402,9 @@ class PolicyDistributor:
     def refresh_agents(self) -> int:
         """Read acks and heartbeats other replicas flushed (agents not dirty here); returns rows read.
 
-        Only the rows flushed by transactions its previous read could not see (each flush stamps
-        its rows with its transaction id, :func:`~.host_state.read_flushed_agents`), so a quiet fleet
-        costs no rows and a fan-out or a fleet's enrolment reads each acknowledgement once, however
-        long the agents lag. Rows this replica's own flushes wrote are not read back: under
-        ``_flush_lock`` a flush commits before a read starts, so such a row holds what this
-        replica's memory has (an agent acknowledging again since is dirty, and skipped anyway).
-        Every ``FULL_REFRESH_ROUNDS`` calls (and the first) it reads every live agent row, its own
-        flushes' included, as a safety net that costs one read a minute at the default flush interval."""
+        Only rows flushed by transactions its last read could not see, not by us (under ``_flush_lock``
+        our flush commits before a read starts: its rows hold what memory has; an agent acking since is
+        dirty). Every ``FULL_REFRESH_ROUNDS`` calls (and the first): every live row, a minute's safety net."""
         if not self.shared:
             return 0
         full = self._refresh_round == 0 or self._flushed_bound is None
@@ -425,14 +416,7 @@ class PolicyDistributor:
                                                   frozenset(self._own_flushes))
             self._flushed_bound = bound
             self._own_flushes = {x for x in self._own_flushes if bound.unseen(x)}  # a later read may meet them
-            agents = self.agents
-            for agent_id, applied, beat in rows:
-                live = agents.get(agent_id)
-                if live is None or live.dirty:
-                    continue
-                live.applied = applied
-                if beat is not None and (live.last_heartbeat is None or beat > live.last_heartbeat):
-                    live.last_heartbeat = beat
+            apply_flushed(self.agents, rows)
         return len(rows)
 
     def _wake(self, names: tuple[str, ...]) -> None:
@@ -581,8 +565,7 @@ class PolicyDistributor:
                       for a in dirty]
             try:
                 with self.sessions.begin() as db:
-                    write_agent_rows(db, params)
-                    xid = current_xid(db) if self.shared else None
+                    xid = write_agent_rows(db, params)
             except BaseException:
                 for a in dirty:  # not written (e.g. "database is locked"): the next flush writes them
                     a.dirty = True

@@ -204,24 +204,32 @@ def read_flushed_agents(db: Session, since: FlushBound | None,
     return rows, FlushBound(int(xmax), tuple(sorted(int(x) for x in running or ())))
 
 
-def current_xid(db: Session) -> int | None:
-    """The id of ``db``'s transaction (PostgreSQL; None elsewhere): what its flush stamps rows with."""
-    if db.get_bind().dialect.name != "postgresql":
-        return None
-    return int(db.execute(text(_PG_CURRENT_XID)).scalar_one())
+def apply_flushed(agents: dict[str, AgentLive], rows: list[FlushedAgent]) -> None:
+    """Acks and heartbeats read from the table into the agents not dirty here (whose own state
+    is newer); a heartbeat only moves forward."""
+    for agent_id, applied, beat in rows:
+        live = agents.get(agent_id)
+        if live is None or live.dirty:
+            continue
+        live.applied = applied
+        if beat is not None and (live.last_heartbeat is None or beat > live.last_heartbeat):
+            live.last_heartbeat = beat
 
 
-def write_agent_rows(db: Session, params: list[dict[str, Any]]) -> None:
-    """Acks and heartbeats (``id``, ``applied_revision``, ``last_heartbeat``) in one statement."""
+def write_agent_rows(db: Session, params: list[dict[str, Any]]) -> int | None:
+    """Acks and heartbeats (``id``, ``applied_revision``, ``last_heartbeat``) in one statement;
+    on PostgreSQL, returns the id of ``db``'s transaction, which the rows are stamped with."""
     if db.get_bind().dialect.name == "postgresql":  # one statement for the whole batch
         db.execute(_PG_AGENT_FLUSH, {"i": [p["id"] for p in params],
                                      "r": [p["applied_revision"] for p in params],
                                      "b": [p["last_heartbeat"] for p in params]})
-    else:  # one executemany in Core (the ORM's bulk update by primary key cost ~4x the CPU per row)
-        table = cast(Table, AgentRow.__table__)
-        db.execute(update(table).where(table.c.id == bindparam("i"))
-                   .values(applied_revision=bindparam("r"), last_heartbeat=bindparam("b")),
-                   [{"i": p["id"], "r": p["applied_revision"], "b": p["last_heartbeat"]} for p in params])
+        return int(db.execute(text(_PG_CURRENT_XID)).scalar_one())
+    # one executemany in Core (the ORM's bulk update by primary key cost ~4x the CPU per row)
+    table = cast(Table, AgentRow.__table__)
+    db.execute(update(table).where(table.c.id == bindparam("i"))
+               .values(applied_revision=bindparam("r"), last_heartbeat=bindparam("b")),
+               [{"i": p["id"], "r": p["applied_revision"], "b": p["last_heartbeat"]} for p in params])
+    return None
 
 
 def write_hash_rows(db: Session, params: list[dict[str, Any]]) -> None:

@@ -9,7 +9,6 @@ under ``wait_for`` cost a task and three turns per poll on Python 3.11, and a gl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
 
 
 class Waiters:
@@ -24,7 +23,7 @@ class Waiters:
     def __bool__(self) -> bool:
         return bool(self._held)
 
-    def among(self, keys: Iterable[str]) -> set[str]:
+    def among(self, keys: list[str]) -> set[str]:
         """Those of ``keys`` some poll is held for now (one pass, no call per key; membership
         reads only, as :meth:`__contains__`)."""
         held = self._held
