@@ -14,21 +14,22 @@ still open (the bound was the snapshot's xmin). Proved here, each by counting ro
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import event, select, text
 from tests.api.conftest import Api, PgCluster, make_settings
 from tests.api.test_fanout_cost import _code, _estate, _flush_elsewhere, _request
 
 from stockade.controller.app import create_app
-from stockade.controller.services import enrolment
+from stockade.controller.services import enrolment, host_state
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.host_state import write_agent_rows
-from stockade.controller.storage.db import utcnow
+from stockade.controller.storage.db import AgentRow, utcnow
 
 
 @pytest.fixture
@@ -134,3 +135,53 @@ def test_incremental_reads_leave_memory_as_a_full_read_does(pg_api: Api, seed: i
     dist._refresh_round = 0
     dist.refresh_agents()
     assert _state(dist) == incremental
+
+
+
+def test_a_flush_as_joined_texts_stores_what_the_arrays_store(pg_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The acks and heartbeats of a flush go as three texts the server splits (not three arrays the
+    driver quotes element by element); what is stored is the same, NULL heartbeats and microseconds
+    included, and anything the texts could not carry goes as arrays."""
+    agents = _fleet(pg_api, 6)
+    ids = [a.agent_id for a in agents]
+    beat = dt.datetime(2026, 12, 6, 17, 31, 15, 123457, tzinfo=dt.UTC)
+    rows = [{"id": a, "applied_revision": 40 + i,
+             "last_heartbeat": None if i % 3 == 0 else beat + dt.timedelta(microseconds=i)} for i, a in enumerate(ids)]
+    sent: list[str] = []
+
+    def spy(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
+        if statement.startswith("UPDATE agents"):
+            sent.append("lines" if "string_to_array" in statement else "arrays")
+
+    def stored() -> dict[str, tuple[int, Any]]:
+        with pg_api.ctl.sessions() as db:
+            return {i: (r, b) for i, r, b in db.execute(
+                select(AgentRow.id, AgentRow.applied_revision, AgentRow.last_heartbeat).where(AgentRow.id.in_(ids)))}
+
+    engine = pg_api.ctl.sessions.kw["bind"]
+    event.listen(engine, "before_cursor_execute", spy)
+    try:
+        with pg_api.ctl.sessions.begin() as db:
+            write_agent_rows(db, rows)
+        assert sent == ["lines"]
+        assert stored() == {r["id"]: (r["applied_revision"], r["last_heartbeat"]) for r in rows}
+        with pg_api.ctl.sessions.begin() as db:  # the same through the arrays: the same rows
+            write_agent_rows(db, [{**r, "applied_revision": 0} for r in rows[:1]])  # one row alone: arrays
+            write_agent_rows(db, [{**r, "applied_revision": 1} for r in rows[1:]])
+        assert sent == ["lines", "arrays", "lines"]
+        naive = [{**r, "last_heartbeat": beat.replace(tzinfo=None)} for r in rows[:2]]  # no zone: the driver's reading
+        with pg_api.ctl.sessions.begin() as db:
+            write_agent_rows(db, naive)
+        assert sent == ["lines", "arrays", "lines", "arrays"]
+        with pg_api.ctl.sessions.begin() as db:
+            write_agent_rows(db, rows)
+        by_lines = stored()
+        with pg_api.ctl.sessions.begin() as db:
+            write_agent_rows(db, [{**r, "applied_revision": 0, "last_heartbeat": utcnow()} for r in rows])
+        monkeypatch.setattr(host_state, "pg_lines", lambda _values: None)  # as if an id held a line break
+        with pg_api.ctl.sessions.begin() as db:
+            write_agent_rows(db, rows)
+        assert sent[-1] == "arrays"
+        assert stored() == by_lines
+    finally:
+        event.remove(engine, "before_cursor_execute", spy)
