@@ -54,33 +54,3 @@ def test_pg_lines_joins_only_what_splits_back() -> None:
     assert host_state.pg_lines(["a\nb", "c"]) is None  # would split into three: the array is bound instead
     assert host_state.pg_lines([""]) is None  # string_to_array('') is empty, not one empty value
     assert host_state.pg_lines(["", "x"]) == "\nx"  # two values: splits back to ['', 'x']
-
-
-def test_hosts_sharing_rules_and_sets_join_their_digests_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every host of a label set holds the same rules and sets tuples: their digests are looked up
-    and joined once for all of them (the writer hashed 25,000 hosts per global change, one memo
-    look-up per set per host), and every digest is the reference one."""
-    looked_up: list[object] = []
-    real = host_state._digest
-
-    def counting(part: Any, encoded: Any, memo: Any) -> Any:
-        looked_up.append(part)
-        return real(part, encoded, memo)
-
-    monkeypatch.setattr(host_state, "_digest", counting)
-    memo: Digests = {}
-    heads: Heads = {}
-    base = host_policy("web1", peers=("10.0.0.2/32",))
-    hosts = [replace(base, workload=f"web{i}", local_addresses=(ipaddress.ip_address(f"10.0.1.{i}"),))
-             for i in range(1, 30)]
-    got = [policy_hash(hp, memo, heads) for hp in hosts]
-    assert len(looked_up) == 1 + len(base.sets)  # the rules and each set, once for the 29 hosts
-    looked_up.clear()
-    assert got == [policy_hash(hp) for hp in hosts]
-    moved_sets = (AddressSet("peer1", Family.V4, (ipaddress.ip_network("10.0.0.3/32"),)), *base.sets[1:])
-    moved = [replace(hp, sets=moved_sets) for hp in hosts]  # a peer set moved: a new sets tuple
-    got = [policy_hash(hp, memo, heads) for hp in moved]
-    assert got == [policy_hash(hp) for hp in moved]
-    assert got[0] != policy_hash(hosts[0])
-    equal_copy = [replace(hp, sets=tuple(list(moved_sets))) for hp in moved[:3]]  # equal parts, other objects
-    assert [policy_hash(hp, memo, heads) for hp in equal_copy] == got[:3]

@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from stockade.compiler import HostPolicy, host_policy_to_dict
-from stockade.compiler.ir import AddressSet, HostRule, address_set_to_dict, rules_to_list
+from stockade.compiler.ir import address_set_to_dict, rules_to_list
 from stockade.controller.storage.db import AgentRow, HostStateRow, WireGuardKeyRow
 from stockade.model.workloads import WireGuardIdentity
 
@@ -69,8 +69,7 @@ def pg_lines(values: list[str]) -> str | None:
         return None
     return joined
 
-# id(part) -> (part, its SHA-256); (id(rules), id(sets)) -> ((rules, sets), their digests joined): parts kept alive
-Digests = dict[int | tuple[int, int], tuple[object, bytes]]
+Digests = dict[int, tuple[object, bytes]]  # id(part) -> (part, its SHA-256), parts kept alive
 # workload -> (its policy's own fields, the SHA-256 state after them): a host whose own fields did not
 # change since the last hash (a peer set moved) costs a copy of that state, not a JSON encoding
 Heads = dict[str, tuple[tuple[object, ...], Any]]
@@ -93,12 +92,10 @@ def policy_hash(hp: HostPolicy, memo: Digests | None = None, heads: Heads | None
 
     Built from digests of its parts: the compiler shares one rule tuple per label set and one
     AddressSet object between every host that references it, so with a ``memo`` kept across
-    many hosts each shared part is encoded once (a 1,000-member set is not re-encoded per host),
-    and the digests of a (rules, sets) pair that many hosts share (every host of a label set holds
-    the same two tuples) are joined once: those hosts' hashes go on from the same bytes. With
-    ``heads`` kept across calls, a host whose own fields (mode, addresses, failsafe, tunnel,
-    backend: everything but rules and sets) are equal to last time's starts from the hash state
-    those fields left (the same bytes hashed: the same digest).
+    many hosts each shared part is encoded once (a 1,000-member set is not re-encoded per host).
+    With ``heads`` kept across calls, a host whose own fields (mode, addresses, failsafe,
+    tunnel, backend: everything but rules and sets) are equal to last time's starts from the
+    hash state those fields left (the same bytes hashed: the same digest).
     """
     memo = {} if memo is None else memo
     own = (hp.mode, hp.local_addresses, hp.failsafe, hp.wireguard, hp.backend)
@@ -110,23 +107,10 @@ def policy_hash(hp: HostPolicy, memo: Digests | None = None, heads: Heads | None
         h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
         if heads is not None:
             heads[hp.workload] = (own, h.copy())
-    h.update(_tail(hp.rules, hp.sets, memo))
+    h.update(_digest(hp.rules, partial(rules_to_list, hp.rules), memo))
+    for s in hp.sets:
+        h.update(_digest(s, partial(address_set_to_dict, s), memo))
     return str(h.hexdigest())
-
-
-def _tail(rules: tuple[HostRule, ...], sets: tuple[AddressSet, ...], memo: Digests) -> bytes:
-    """The digests of ``rules`` then of each of ``sets``, joined (what :func:`policy_hash` hashes
-    after a host's own fields), memoised by the pair's identity."""
-    key = (id(rules), id(sets))
-    hit = memo.get(key)
-    if hit is not None:
-        parts = hit[0]
-        if isinstance(parts, tuple) and parts[0] is rules and parts[1] is sets:
-            return hit[1]
-    tail = _digest(rules, partial(rules_to_list, rules), memo) + b"".join(
-        _digest(s, partial(address_set_to_dict, s), memo) for s in sets)
-    memo[key] = ((rules, sets), tail)
-    return tail
 
 
 @dataclass
