@@ -82,6 +82,8 @@ def test_this_replicas_own_flushes_are_not_read_back(pg_api: Api) -> None:
     assert dist.refresh_agents() == 0
     dist._refresh_round = 0
     assert dist.refresh_agents() == 6  # the safety net still reads every row, ours included
+    beats = [a.last_heartbeat for a in dist.agents.values() if a.last_heartbeat is not None]
+    assert beats and all(b.tzinfo is dt.UTC for b in beats)  # as the ORM's UTCDateTime reads them
 
 
 def _state(dist: PolicyDistributor) -> dict[str, tuple[int, Any]]:

@@ -181,6 +181,9 @@ def read_flushed_agents(db: Session, since: FlushBound | None,
     READ transaction that has run nothing yet (its snapshot is the one these rows are read in)."""
     cursor = cast(Any, db.connection().connection.dbapi_connection).cursor()
     try:
+        # heartbeats in UTC for this transaction only, so the driver gives them in UTC (a session in
+        # another zone, even 'Etc/UTC', cost a conversion per row below: half of a read's CPU)
+        cursor.execute("SET LOCAL TimeZone = 'UTC'")
         cursor.execute(_PG_SNAPSHOT)
         xmax, running = cursor.fetchone()
         if since is None:
