@@ -116,8 +116,10 @@ def serve(database_url: str, port: int, switch_interval: float | None = None) ->
     app = create_app(settings)
     cred = app.state.controller.first_run_credential  # None on a replica joining an existing database
     print(json.dumps({"user": cred[0], "password": cred[1]} if cred else {}), flush=True)
+    # as `stockade controller serve` runs it (cli/controller_cmds.py): no uvicorn proxy-header layer
+    # (the app's --trusted-proxy decides) and no uvicorn access line formatted per request
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", backlog=8192, timeout_keep_alive=600,
-                loop="uvloop", http="httptools")
+                loop="uvloop", http="httptools", proxy_headers=False, access_log=False)
 
 
 class PgCluster:

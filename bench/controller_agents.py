@@ -39,14 +39,49 @@ def _raise_nofile() -> None:
 # ---- a minimal HTTP/1.1 keep-alive client --------------------------------------------------------
 
 
+class _Response(asyncio.Protocol):
+    """A keep-alive connection's bytes: one whole answer at a time (status line, headers with a
+    Content-Length, body), parsed once it has all arrived, not line by line through a stream."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or ConnectionResetError("the controller closed the connection")
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(self.lost)
+
+    def _complete(self) -> None:
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None or self.waiter.done():
+            return
+        head = bytes(self.buf[:end]).lower() + b"\r\n"
+        at = head.find(b"\r\ncontent-length:")
+        length = int(head[at + 17:head.index(b"\r\n", at + 2)]) if at >= 0 else 0
+        if len(self.buf) < end + 4 + length:
+            return
+        body = bytes(self.buf[end + 4:end + 4 + length])
+        del self.buf[:end + 4 + length]
+        self.waiter.set_result((int(head[9:12]), body))
+
+
 class Conn:
     """One keep-alive connection; requests on it are sequential (as an agent's are)."""
 
     def __init__(self, port: int, source: str | None = None) -> None:
         self.port = port
         self.source = source  # a local address of 127.0.0.0/8 to connect from (None: the kernel's choice)
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.proto: _Response | None = None
 
     async def request(self, method: str, path: str, token: str = "", body: Any = None,
                       raw: tuple[str, bytes] | None = None) -> tuple[int, Any]:
@@ -54,7 +89,7 @@ class Conn:
         for attempt in range(3):
             try:
                 return await self._request(method, path, token, body, raw)
-            except (ConnectionError, asyncio.IncompleteReadError, OSError):
+            except (ConnectionError, OSError):
                 self.close()
                 if attempt == 2:
                     raise
@@ -63,10 +98,11 @@ class Conn:
 
     async def _request(self, method: str, path: str, token: str, body: Any,
                        raw: tuple[str, bytes] | None = None) -> tuple[int, Any]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(
-                "127.0.0.1", self.port, limit=2**24, local_addr=(self.source, 0) if self.source else None)
-        assert self.reader is not None
+        loop = asyncio.get_running_loop()
+        if self.proto is None or self.proto.lost is not None:
+            _t, self.proto = await loop.create_connection(
+                _Response, "127.0.0.1", self.port, local_addr=(self.source, 0) if self.source else None)
+        proto = self.proto
         ctype, payload = raw if raw is not None else ("application/json", b"" if body is None else
                                                       json.dumps(body).encode())
         head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(payload)}\r\n"
@@ -74,24 +110,17 @@ class Conn:
             head += f"Content-Type: {ctype}\r\n"
         if token:
             head += f"Authorization: Bearer {token}\r\n"
-        self.writer.write(head.encode() + b"\r\n" + payload)
-        status_line = await self.reader.readuntil(b"\r\n")
-        status = int(status_line.split()[1])
-        length = 0
-        while True:
-            line = await self.reader.readuntil(b"\r\n")
-            if line == b"\r\n":
-                break
-            name, _, value = line.decode().partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        data = await self.reader.readexactly(length) if length else b""
+        proto.waiter = loop.create_future()
+        assert proto.transport is not None
+        proto.transport.write(head.encode() + b"\r\n" + payload)
+        proto._complete()  # (nothing is buffered between sequential requests; kept for safety)
+        status, data = await proto.waiter
         return status, (json.loads(data) if data else None)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
+        if self.proto is not None and self.proto.transport is not None:
+            self.proto.transport.close()
+        self.proto = None
 
 
 # ---- simulated agents ----------------------------------------------------------------------------
@@ -147,7 +176,7 @@ async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event)
             if time.monotonic() >= next_beat:
                 await poll.request("POST", f"{base}/heartbeat", a.token, {})
                 next_beat = time.monotonic() + period
-        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+        except (ConnectionError, OSError):
             a.errors += 1
             await asyncio.sleep(0.5)
     poll.close()
