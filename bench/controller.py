@@ -31,6 +31,11 @@ first, so a change reaches two thirds of the agents through the change log (LIST
 reported: controller CPU-seconds (all replicas, user + system) per 1,000 agents per global
 change, and each replica's RSS at the end.
 
+``--sign``: the simulated agents enrol with an Ed25519 key each and sign every request as the real
+agent does (``stockade.agent_signature``), so the replicas verify a signature per request; without
+it they authenticate with their token alone (the controller still accepts agents enrolled without a
+key), as in every row before session 12.
+
     python bench/controller.py --agents 1000 5000 --backends sqlite postgresql
     python bench/controller.py --agents 5000 --backends postgresql --replicas 1 3
 
@@ -209,7 +214,7 @@ def _stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
 
 async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int, heartbeat: float,
                     pids: list[int], profile: str | None = None,
-                    db_pids: Callable[[], list[int]] = list) -> dict[str, Any]:
+                    db_pids: Callable[[], list[int]] = list, sign: bool = False) -> dict[str, Any]:
     port = ports[0]  # every change is made through the first replica
     admin = Conn(port)
     key = await _owner_key(port, password)
@@ -221,7 +226,7 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
     spies = _profilers(pids, profile, "enrol")
     t_enrol, cpu_enrol, client_enrol = time.perf_counter(), cpu_seconds(pids), _own_cpu()
     runners = Runners()  # each agent long-polls from its own enrolment on, as a real agent does
-    agents = await runners.enrol(_enrol_work(codes, n_agents), ports, heartbeat)
+    agents = await runners.enrol(_enrol_work(codes, n_agents), ports, heartbeat, sign)
     enrol_s = time.perf_counter() - t_enrol
     _stop_profilers(spies)
     enrol_cpu, enrol_client = cpu_seconds(pids) - cpu_enrol, _own_cpu() - client_enrol
@@ -444,7 +449,7 @@ async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
 
 
 def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replicas: int = 1,
-            profile: str | None = None, switch_interval: float | None = None) -> dict[str, Any]:
+            profile: str | None = None, switch_interval: float | None = None, sign: bool = False) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
     pg: PgCluster | None = None
     if backend == "sqlite":
@@ -479,7 +484,7 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
         import uvloop
 
         result = uvloop.run(run_bench(ports, cred["password"], n_agents, repeats, heartbeat,
-                                      [s.pid for s in servers], profile, pg.pids if pg else list))
+                                      [s.pid for s in servers], profile, pg.pids if pg else list, sign))
         result["backend"] = backend
         return result
     finally:
@@ -515,6 +520,9 @@ def main() -> None:
                    help="the replicas' sys.setswitchinterval (default: Python's 5 ms); several: A/B rows")
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy every replica during each scenario; collapsed stacks written under DIR")
+    p.add_argument("--sign", action="store_true",
+                   help="agents enrol with an Ed25519 key and sign every request, as the real agent does "
+                        "(the controller verifies each signature; without it they use the token alone)")
     args = p.parse_args()
     _raise_nofile()
     rows = []
@@ -526,15 +534,18 @@ def main() -> None:
                 for switch in args.switch_interval:
                     try:
                         r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
-                                    f"{args.profile}/{backend}-{n}-{replicas}" if args.profile else None, switch)
+                                    f"{args.profile}/{backend}-{n}-{replicas}" if args.profile else None, switch,
+                                    args.sign)
                     except RuntimeError as exc:
                         print(f"{backend} {n}: skipped ({exc})", flush=True)
                         continue
                     r["switch_interval"] = switch
+                    r["signed"] = args.sign
                     r["load_avg"] = os.getloadavg()
                     rows.append(r)
                     print(json.dumps(r), flush=True)
     print()
+    print(f"agents sign their requests: {'yes (--sign)' if args.sign else 'no (token only; --sign to sign)'}")
     print(f"{'backend':<11}{'repl':>5}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
           f"{'glob p50':>10}{'glob p99':>10}{'fan':>6}{'api p50':>9}{'api p99':>9}{'cpu/1k':>8}{'rss MiB':>14}"
           f"{'errs':>6}")
