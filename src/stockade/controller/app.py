@@ -129,7 +129,7 @@ async def _flush_loop(ctl: Controller) -> None:
             # every third of offline_after: the agents whose polls this replica holds are heard from
             # now, and this flush writes it (one statement) for every replica's liveness check
             await ctl.presence.beat(ctl.dist.agent_heartbeat)
-            await run_in_threadpool(ctl.dist.flush)
+            await run_in_threadpool(ctl.dist.flush, ctl.settings.hash_delay)
             await run_in_threadpool(ctl.dist.refresh_agents)  # acks and heartbeats other replicas took
             if await run_in_threadpool(ctl.leads):  # singleton jobs: one replica at a time
                 await run_in_threadpool(ctl.dist.check_liveness, ctl.settings.offline_after,

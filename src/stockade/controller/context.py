@@ -48,6 +48,9 @@ class ControllerSettings:
     offline_after: float = 90.0  # seconds without heartbeat before an agent counts as offline
     offline_grace: float | None = None  # then seconds before its addresses leave peers' sets (None: never)
     flush_interval: float = 2.0  # seconds between batched writes of acks and heartbeats
+    # seconds after its bump a host's policy hash is written (services/policy_hashes.py): after
+    # the fan-out, not in it; read only at start-up, so a crash before costs one more revision
+    hash_delay: float = 5.0
     long_poll_max: float = 300.0  # the longest hold an agent may ask for
     # the hold advertised in every long-poll answer (the agent follows it, up to its own cap, with
     # jitter); a held poll is presence (services/presence.py), so it is not bound by offline_after
