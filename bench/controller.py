@@ -449,7 +449,9 @@ async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
 
 
 def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replicas: int = 1,
-            profile: str | None = None, switch_interval: float | None = None, sign: bool = False) -> dict[str, Any]:
+            profile: str | None = None, switch_interval: float | None = None, sign: bool = False,
+            src: str | None = None) -> dict[str, Any]:
+    """One configuration; ``src``: the controllers run this tree's ``src`` (a before-tree), else ours."""
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
     pg: PgCluster | None = None
     if backend == "sqlite":
@@ -465,8 +467,9 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
         cred: dict[str, str] = {}
         for port in ports:  # the first migrates and makes the owner, the others join
             extra = [] if switch_interval is None else [str(switch_interval)]
+            env = {**os.environ, "PYTHONPATH": src} if src else None
             server = subprocess.Popen([sys.executable, __file__, "--serve", url, str(port), *extra],
-                                      stdout=subprocess.PIPE, text=True)
+                                      stdout=subprocess.PIPE, text=True, env=env)
             servers.append(server)
             assert server.stdout is not None
             cred = cred or json.loads(server.stdout.readline())
@@ -520,39 +523,40 @@ def main() -> None:
                    help="the replicas' sys.setswitchinterval (default: Python's 5 ms); several: A/B rows")
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy every replica during each scenario; collapsed stacks written under DIR")
+    p.add_argument("--before-src", metavar="DIR",
+                   help="also run every configuration with the controllers on this tree's src (e.g. a "
+                        "worktree of main), first, for a side-by-side table (the agents are this bench's)")
     p.add_argument("--sign", action="store_true",
                    help="agents enrol with an Ed25519 key and sign every request, as the real agent does "
                         "(the controller verifies each signature; without it they use the token alone)")
     args = p.parse_args()
     _raise_nofile()
+    trees = [("before", args.before_src), ("this", None)] if args.before_src else [("this", None)]
     rows = []
-    for n in args.agents:
-        for backend in args.backends:
-            for replicas in args.replicas:
-                if backend == "sqlite" and replicas != 1:
-                    continue
-                for switch in args.switch_interval:
-                    try:
-                        r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
-                                    f"{args.profile}/{backend}-{n}-{replicas}" if args.profile else None, switch,
-                                    args.sign)
-                    except RuntimeError as exc:
-                        print(f"{backend} {n}: skipped ({exc})", flush=True)
-                        continue
-                    r["switch_interval"] = switch
-                    r["signed"] = args.sign
-                    r["load_avg"] = os.getloadavg()
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
+    configs = [(n, backend, replicas, switch) for n in args.agents for backend in args.backends
+               for replicas in args.replicas for switch in args.switch_interval
+               if backend != "sqlite" or replicas == 1]
+    for n, backend, replicas, switch in configs:
+        for tree, src in trees:  # the before-tree first, then this one: side by side
+            try:
+                r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
+                            f"{args.profile}/{backend}-{n}-{replicas}-{tree}" if args.profile else None,
+                            switch, args.sign, src)
+            except RuntimeError as exc:
+                print(f"{backend} {n}: skipped ({exc})", flush=True)
+                continue
+            r.update(switch_interval=switch, signed=args.sign, tree=tree, load_avg=os.getloadavg())
+            rows.append(r)
+            print(json.dumps(r), flush=True)
     print()
     print(f"agents sign their requests: {'yes (--sign)' if args.sign else 'no (token only; --sign to sign)'}")
-    print(f"{'backend':<11}{'repl':>5}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
+    print(f"{'tree':<7}{'backend':<11}{'repl':>5}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
           f"{'glob p50':>10}{'glob p99':>10}{'fan':>6}{'api p50':>9}{'api p99':>9}{'cpu/1k':>8}{'rss MiB':>14}"
           f"{'errs':>6}")
     for r in rows:
         a, g = r["relabel-app"], r["relabel-global"]
         rss = "/".join(str(x) for x in r["rss_mib"])
-        print(f"{r['backend']:<11}{r['replicas']:>5}{r['agents']:>7}{r['enrol_s']:>9.1f}{a['p50_ms']:>9.0f}"
+        print(f"{r['tree']:<7}{r['backend']:<11}{r['replicas']:>5}{r['agents']:>7}{r['enrol_s']:>9.1f}{a['p50_ms']:>9.0f}"
               f"{a['p99_ms']:>9.0f}{a['fanout']:>6.0f}{g['p50_ms']:>10.0f}{g['p99_ms']:>10.0f}{g['fanout']:>6.0f}"
               f"{r['api_p50_ms']:>9.1f}{r['api_p99_ms']:>9.1f}{g['cpu_s_per_1k_agents_per_change']:>8.2f}"
               f"{rss:>14}{r['agent_errors']:>6}")
@@ -564,7 +568,7 @@ def main() -> None:
     for r in rows:
         g = r["relabel-global"]
         per = "  ".join(f"r{k}: first {f} p50 {m} p99 {n}" for k, (f, m, n) in enumerate(g["replica_ms"]))
-        print(f"  {r['backend']} x{r['replicas']} {r['agents']}: write call {g['put_p50_ms']:.0f}  {per}"
+        print(f"  {r['tree']} {r['backend']} x{r['replicas']} {r['agents']}: write call {g['put_p50_ms']:.0f}  {per}"
               f"  PostgreSQL CPU-s per change {g['db_cpu_s_per_change']:.2f}")
 
 
