@@ -17,6 +17,8 @@ building the pending histories then. Proved here, on SQLite and PostgreSQL:
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy import select
 from tests.api.conftest import Api
@@ -24,7 +26,7 @@ from tests.api.test_follower_fanout import HOSTS, _estate, _put, counted  # noqa
 
 from stockade.compiler import Compiler
 from stockade.compiler.delta import UpdateKind, apply_update
-from stockade.controller.services import distribution, policy_hashes
+from stockade.controller.services import policy_hashes
 from stockade.controller.services.distribution import PolicyDistributor, policy_hash
 from stockade.controller.storage.db import HostStateRow
 
@@ -92,8 +94,8 @@ def test_hashes_wait_for_the_delay_then_cover_pending_hosts(
     dist.flush(hash_after=60.0)
     assert {h for _rev, h in _stored(dist).values()} == {""}  # a global bump, not hashed yet
     _put(api, 4, "monitor")  # bumped again: keeps its first time, hashed at its newest revision
-    now = policy_hashes.time.monotonic()
-    monkeypatch.setattr(policy_hashes.time, "monotonic", lambda: now + 61.0)
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + 61.0)
     dist.flush(hash_after=60.0)
     stored = _stored(dist)
     assert not dist.pending and not dist.unhashed  # built for their hashes
@@ -104,25 +106,38 @@ def test_hashes_wait_for_the_delay_then_cover_pending_hosts(
     assert again.revisions == dist.revisions  # every hash right: a restart bumps nothing
 
 
-def test_an_early_flush_writes_only_what_is_due(quiet_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+def _all_right(dist: PolicyDistributor) -> bool:
+    stored = _stored(dist)
+    return all(stored[n] == (r, policy_hash(dist.compiler.host_policy(n))) for n, r in dist.revisions.items())
+
+
+def test_hashes_wait_for_a_quiet_moment_or_at_most_twelve_delays(
+        quiet_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     api = quiet_api
     dist = api.ctl.dist
     _estate(api)
     dist.flush()
-    t = [policy_hashes.time.monotonic()]
-    monkeypatch.setattr(policy_hashes.time, "monotonic", lambda: t[0])
-    monkeypatch.setattr(distribution.time, "monotonic", lambda: t[0])
+    t = [time.monotonic()]
+    monkeypatch.setattr(time, "monotonic", lambda: t[0])  # (the module both services read)
     _put(api, 3, "monitor")  # every host, at t
     t[0] += 30.0
     _put(api, 3, "web")  # every host again, at t + 30: each keeps its first time (t)
-    t[0] += 31.0  # t + 61: everything waiting since t is due
-    dist.flush(hash_after=60.0)
-    stored = _stored(dist)
-    assert all(stored[n] == (r, policy_hash(dist.compiler.host_policy(n))) for n, r in dist.revisions.items())
-    _put(api, 9, "monitor")  # at t + 61: nothing of it is due before t + 121
-    t[0] += 59.0
+    t[0] += 31.0  # t + 61: due since t + 60, but a change was published 31 s ago
     dist.flush(hash_after=60.0)
     assert {h for _r, h in _stored(dist).values()} == {""}
-    t[0] += 2.0
+    t[0] += 30.0  # 61 s without a change: quiet, everything is written
     dist.flush(hash_after=60.0)
-    assert "" not in {h for _r, h in _stored(dist).values()}
+    assert _all_right(dist)
+    # constant churn (a global change every 30 s): hashes wait at most MAX_WAIT_FACTOR x 60 s
+    start = t[0]
+    flips = 0
+    while True:
+        t[0] += 30.0
+        flips += 1
+        _put(api, 3, "monitor" if flips % 2 else "web")
+        dist.flush(hash_after=60.0)
+        if t[0] - start <= policy_hashes.MAX_WAIT_FACTOR * 60.0:
+            assert {h for _r, h in _stored(dist).values()} == {""}, flips
+        else:
+            assert _all_right(dist)
+            break

@@ -115,6 +115,7 @@ class PolicyDistributor:
         self.wanted: list[Callable[[str], bool]] = []  # more hosts whose history a follower builds at once
         self.unhashed: dict[str, int] = {}  # host -> revision whose policy_hash flush() writes
         self.unhashed_at: dict[str, float] = {}  # host -> when it first waited for its hash (monotonic)
+        self.published_at = 0.0  # when publish() last ran (monotonic): hashes wait for a quiet moment
         self.digests: Digests = {}  # flush()'s hash parts, kept across flushes (a global change: 25,000
         self.heads: Heads = {}  # hashes, each part and host head encoded once, not once per flush)
         self.agents: dict[str, AgentLive] = {}
@@ -317,7 +318,7 @@ class PolicyDistributor:
         """Make new histories visible (None: the host is gone) and wake their long-polls;
         ``hashed``: another replica wrote these revisions and fills in their hashes;
         ``pending``: revisions whose history is built when asked (:meth:`history_of`)."""
-        now = time.monotonic()
+        now = self.published_at = time.monotonic()
         for name, hist in bumps.items():
             self.pending.pop(name, None)
             if hist is None:

@@ -7,10 +7,11 @@ Writing it at once cost the replica that made a global change its busiest second
 policies (and building the histories of the hosts kept as pending steps, :mod:`.pending`) in the
 flush thread, competing for the process's lock and GIL with the answers to the agents' long-polls.
 
-So the flush loop writes the hashes of revisions published at least ``hash_after`` seconds ago
-(``ControllerSettings.hash_delay``); a host bumped again meanwhile keeps its first time, so under
-constant churn every host is still hashed within ``hash_after`` plus one flush interval. A host kept
-as pending steps has its history built here, under the distributor's lock, a chunk at a time.
+So the flush loop writes the hashes once nothing was published for ``hash_after`` seconds
+(``ControllerSettings.hash_delay``): not in a fan-out, nor in the next one right behind it. Under
+constant churn it still writes every hash waiting for ``MAX_WAIT_FACTOR`` times that (a host bumped
+again meanwhile keeps its first time). A host kept as pending steps has its history built here,
+under the distributor's lock, a chunk at a time.
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ if TYPE_CHECKING:
 
 KEEP_DIGESTS = 100_000  # hash parts kept between flushes at most (then forgotten at once)
 BUILD_CHUNK = 256  # pending hosts built per hold of the distributor's lock
+MAX_WAIT_FACTOR = 12  # under constant churn, hashes waiting this many hash_after are written anyway
 
 
 def take_due(dist: PolicyDistributor, hash_after: float) -> dict[str, int]:
-    """The hosts (-> revision) whose hash is due, taken out of ``dist.unhashed``. Entries are in
-    the order of their first wait, so the scan stops at the first one not due."""
+    """The hosts (-> revision) whose hash is due, taken out of ``dist.unhashed``: all of them once
+    nothing was published for ``hash_after`` s, else those waiting ``MAX_WAIT_FACTOR`` times as
+    long. Entries are in the order of their first wait, so the scan stops at the first one not due."""
     with dist.lock:
         if hash_after <= 0:
             due, dist.unhashed = dist.unhashed, {}
             dist.unhashed_at = {}
             return due
-        limit = time.monotonic() - hash_after
+        now = time.monotonic()
+        limit = now if now - dist.published_at >= hash_after else now - MAX_WAIT_FACTOR * hash_after
         due = {}
         for name, since in dist.unhashed_at.items():
             if since > limit:
