@@ -346,6 +346,10 @@ class PolicyDistributor:
         self.unhashed[name] = revision
         self.unhashed_at.setdefault(name, now)
 
+    def holds(self, name: str) -> bool:
+        """A long-poll here waits for ``name``."""
+        return name in self._waiters
+
     def wants(self, name: str) -> bool:
         """A listener needs ``name``'s history built at once (the node long-polls: a pod's answer
         is read on the event loop, which must not wait for the lock for a full policy). An agent's
