@@ -16,34 +16,48 @@ frame (profiling a replica serving 10,000 agents found the HTTP stack at 58 % of
 Then the request goes to the hot agent routes' fast dispatch (:mod:`stockade.controller.api.hot`,
 which runs the same authentication, authorisation and handlers without the framework's routing
 and dependency machinery, and hands anything it is not sure of to the framework), or to the app.
+
+The edge is the **outermost layer of every HTTP request** (:class:`stockade.controller.app.ControllerApp`
+calls it first; issue 18: FastAPI's own outer layers cost a hot request more than the edge itself).
+So it also does what the framework's outermost layer (Starlette's ``ServerErrorMiddleware``) did
+around it: an exception nobody handled is answered by the app's 500 handler (when no answer has
+started, sent as that layer sent it: around the edge, so without the edge's headers), then raised on
+to the server, which logs it. The access line and the count (a 500) come first, as before.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-from starlette.requests import HTTPConnection
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stockade.controller import access_log, headers, limits
-from stockade.controller.csrf import OriginCheck
+from stockade.controller.csrf import SAFE_METHODS, OriginCheck
 from stockade.controller.metrics import Metrics
 from stockade.logs import request_id
 
 # the hot routes' dispatch: True when it served the request (None: every request goes to the app)
 FastDispatch = Callable[[Scope, bytes, Receive, Send], Awaitable[bool]]
+# the app's answer to an exception nobody handled (its handler for ``Exception``: a 500)
+ServerError = Callable[[Request, Exception], Any]  # (a Response, or an awaitable of one)
 
 
 class Edge:
     """ASGI middleware: request id + access log, headers, input limits, metrics, origin check."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, origins: OriginCheck,
-                 fast: FastDispatch | None = None) -> None:
+                 fast: FastDispatch | None = None, server_error: ServerError | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.origins = origins
         self.fast = fast
+        self.server_error = server_error  # None: an unhandled exception just propagates (a layer outside answers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,6 +69,7 @@ class Edge:
         rid = access_log.request_id_for(given.get(b"x-request-id", b""))
         token = request_id.set(rid)
         extra = headers.extra_headers(scope)
+        rid_header = (b"x-request-id", rid.encode())
         status = 0
         counted = False
 
@@ -62,28 +77,47 @@ class Edge:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                message = {**message, "headers": [*headers.complete(scope, message, extra),
-                                                  (b"x-request-id", rid.encode())]}
+                message = {**message, "headers": [*headers.complete(scope, message, extra), rid_header]}
             await send(message)
 
         try:
             try:
-                limits.check_target(scope)
-                lowered = {k.lower(): v for k, v in raw}
-                body = await limits.read_body(scope, lowered, receive)
-                limits.check_json_body(body, lowered.get(b"content-type", b"").decode("latin-1"))
-            except limits.Refused as refused:
-                await limits.refuse(send_edge, refused)
-                return
-            counted = True
-            reason = self.origins.refusal(HTTPConnection(scope))
-            if reason is not None:
-                await self.origins.refuse(send_edge, reason)
-                return
-            if self.fast is None or not await self.fast(scope, body, receive, send_edge):
-                await self.app(scope, limits.replay(body, receive), send_edge)
-        finally:
-            if counted:
-                self.metrics.count_request(scope, status or 500, time.perf_counter() - start)
-            access_log.log_request(scope, status, start)
-            request_id.reset(token)
+                try:
+                    limits.check_target(scope)
+                    lowered = {k.lower(): v for k, v in raw}
+                    body = await limits.read_body(scope, lowered, receive)
+                    limits.check_json_body(body, lowered.get(b"content-type", b"").decode("latin-1"))
+                except limits.Refused as refused:
+                    await limits.refuse(send_edge, refused)
+                    return
+                counted = True
+                if scope.get("method", "GET") not in SAFE_METHODS:  # (the check's own first test)
+                    reason = self.origins.refusal(HTTPConnection(scope))
+                    if reason is not None:
+                        await self.origins.refuse(send_edge, reason)
+                        return
+                if self.fast is None or not await self.fast(scope, body, receive, send_edge):
+                    await self.app(scope, limits.replay(body, receive), send_edge)
+            finally:
+                if counted:
+                    self.metrics.count_request(scope, status or 500, time.perf_counter() - start)
+                access_log.log_request(scope, status, start)
+                request_id.reset(token)
+        except Exception as exc:
+            if self.server_error is None:
+                raise
+            await self._answer_error(scope, receive, send, exc, started=status != 0)
+            raise
+
+    async def _answer_error(self, scope: Scope, receive: Receive, send: Send, exc: Exception,
+                            started: bool) -> None:
+        """The app's 500 (Starlette's ``ServerErrorMiddleware``, which sat around the edge, did this)."""
+        assert self.server_error is not None
+        request = Request(scope)
+        if inspect.iscoroutinefunction(self.server_error):
+            answered = self.server_error(request, exc)
+        else:
+            answered = await run_in_threadpool(self.server_error, request, exc)
+        response: Response = await answered if inspect.isawaitable(answered) else answered
+        if not started:
+            await response(scope, receive, send)
