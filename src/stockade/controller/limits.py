@@ -79,15 +79,16 @@ def _compile(template: str) -> re.Pattern[str]:
     return re.compile("^" + "".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts) + "$")
 
 
-_COMPILED: tuple[tuple[str, re.Pattern[str], int], ...] = tuple(
-    (b.method, _compile(b.template), b.limit) for b in BODY_LIMITS
-)
+_COMPILED: dict[str, tuple[tuple[re.Pattern[str], int], ...]] = {
+    method: tuple((_compile(b.template), b.limit) for b in BODY_LIMITS if b.method == method)
+    for method in {b.method for b in BODY_LIMITS}
+}  # by method, in the table's order (the first match wins)
 
 
 def body_limit(method: str, path: str) -> int:
     """The body limit of the route ``method path`` (the default for any route not in the table)."""
-    for m, pattern, limit in _COMPILED:
-        if m == method and pattern.match(path):
+    for pattern, limit in _COMPILED.get(method, ()):
+        if pattern.match(path):
             return limit
     return DEFAULT_LIMIT
 

@@ -247,7 +247,11 @@ async def wait_for_policy(
         body = (f'{{"revision":{update.revision:d},"changed":true,"policy":{update_json(update)},'
                 f'"heartbeat":true,"hold":{json.dumps(hold)}}}')
         return Response(body.encode(), media_type="application/json")
-    return JSONResponse({"revision": rev, "changed": rev > after, "policy": None, "heartbeat": True, "hold": hold})
+    # (the bytes JSONResponse renders for {"revision", "changed", "policy": None, "heartbeat": True, "hold"},
+    # written directly: every held poll of every agent ends here; tests/api/test_wait_answer.py compares)
+    body = (f'{{"revision":{rev:d},"changed":{"true" if rev > after else "false"},"policy":null,'
+            f'"heartbeat":true,"hold":{json.dumps(hold)}}}')
+    return Response(body.encode(), media_type="application/json")
 
 
 async def _update(ctl: Controller, workload: str, since: int | None) -> PolicyUpdate:
