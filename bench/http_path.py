@@ -206,7 +206,8 @@ class _Uvicorn:
             self._start()
         self.status = 0
         self.protocol.data_received(prepared["wire"])
-        await asyncio.wait(list(self.state.tasks))
+        for task in list(self.state.tasks):  # (the request's task; a finished one may linger a turn)
+            await task
         return self.status
 
 
