@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -38,7 +39,7 @@ ROUTES = ("wait", "ack", "heartbeat", "node poll", "node acks", "wait, no key", 
 PATHS = ("asgi", "uvicorn")
 
 
-def _measure(requests: int, pods: int, routes: tuple[str, ...] = ROUTES) -> dict[str, float]:
+def _measure(requests: int, pods: int, routes: tuple[str, ...] = ROUTES, held_polls: int = 0) -> dict[str, float]:
     import httpx
     from fastapi.testclient import TestClient
 
@@ -172,8 +173,30 @@ def _measure(requests: int, pods: int, routes: tuple[str, ...] = ROUTES) -> dict
                 await call(p)
             return (time.process_time() - start) / requests * 1e6
 
+        async def held(count: int) -> float:
+            """GC-tracked objects a held long-poll keeps alive (each on its own uvicorn connection)."""
+            target = f"{ubase}/policy/wait?after={urev}&timeout=300&include_policy=true"
+            polls = [_Uvicorn(app) for _ in range(count)]
+            prepared = [signed(u, "GET", target, None) for _ in range(count)]
+            gc.collect()
+            before = len(gc.get_objects())
+            for poll, p in zip(polls, prepared, strict=True):
+                poll.start(p)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            gc.collect()
+            kept = (len(gc.get_objects()) - before) / count
+            assert len(ctl.presence) >= 1 and all(p.protocol.cycle is not None for p in polls), "held"
+            for poll in polls:
+                poll.disconnect()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            return kept
+
         assert client.portal is not None
-        out = {f"{name} | {path}": client.portal.call(timed, name, path) for name in routes for path in PATHS}
+        out = {f"{name} | {path}": client.portal.call(timed, name, path) for path in PATHS for name in routes}
+        if held_polls:
+            out["objects per held poll | uvicorn"] = client.portal.call(held, held_polls)
     return out
 
 
@@ -186,7 +209,7 @@ class _Uvicorn:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.protocol: Any = None
-        self.written = 0
+        self.closing = False
 
     def _start(self) -> None:
         from uvicorn.config import Config
@@ -200,6 +223,15 @@ class _Uvicorn:
         self.state.default_headers = [(b"date", b"Sun, 06 Dec 2026 17:00:00 GMT"), *config.encoded_headers]
         self.protocol = HttpToolsProtocol(config, self.state, {}, _loop=asyncio.get_running_loop())
         self.protocol.connection_made(_Transport(self))
+
+    def start(self, prepared: dict[str, Any]) -> None:
+        """Send a request and leave it (a long-poll, held)."""
+        self._start()
+        self.protocol.data_received(prepared["wire"])
+
+    def disconnect(self) -> None:
+        self.closing = True
+        self.protocol.connection_lost(None)
 
     async def one(self, prepared: dict[str, Any]) -> int:
         if self.protocol is None:
@@ -233,7 +265,8 @@ class _Transport(asyncio.Transport):
         pass
 
     def close(self) -> None:
-        raise RuntimeError("the server closed the bench's connection")
+        if not self.server.closing:
+            raise RuntimeError("the server closed the bench's connection")
 
 
 def logging_off() -> None:
@@ -242,12 +275,13 @@ def logging_off() -> None:
     logging.getLogger("stockade").setLevel(logging.WARNING)
 
 
-def _child(src: str | None, requests: int, pods: int) -> dict[str, float]:
+def _child(src: str | None, args: argparse.Namespace) -> dict[str, float]:
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src
-    got = subprocess.run([sys.executable, __file__, "--child", "--requests", str(requests), "--pods", str(pods)],
-                         env=env, check=True, capture_output=True, text=True)
+    argv = [sys.executable, __file__, "--child", "--requests", str(args.requests), "--pods", str(args.pods),
+            "--held", str(args.held), *(["--routes", args.routes] if args.routes else [])]
+    got = subprocess.run(argv, env=env, check=True, capture_output=True, text=True)
     return dict(json.loads(got.stdout.strip().splitlines()[-1]))
 
 
@@ -258,17 +292,19 @@ def main() -> None:
     ap.add_argument("--before-src", help="the src folder of another checkout, run beside this one")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--routes", help="'|'-separated names of the routes to time (default: all)")
+    ap.add_argument("--held", type=int, default=1000, help="long-polls held to count the objects each keeps (0: none)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_measure(args.requests, args.pods, tuple(args.routes.split("|")) if args.routes else ROUTES)))
+        routes = tuple(args.routes.split("|")) if args.routes else ROUTES
+        print(json.dumps(_measure(args.requests, args.pods, routes, args.held)))
         return
     here = str(Path(__file__).resolve().parent.parent / "src")
     sides = [("before", args.before_src), ("after", here)] if args.before_src else [("this", here)]
     best: dict[str, dict[str, float]] = {label: {} for label, _ in sides}
     for _ in range(args.rounds):
         for label, src in sides:
-            got = _child(src, args.requests, args.pods)
+            got = _child(src, args)
             for name, us in got.items():
                 best[label][name] = min(us, best[label].get(name, float("inf")))
     load = os.getloadavg()
@@ -278,12 +314,12 @@ def main() -> None:
             + (" | after/before |" if len(sides) == 2 else " |"))
     print(head)
     print("|" + "---|" * (len(sides) + 2 + (len(sides) == 2)))
-    for path in PATHS:
-        for route in ROUTES:
-            name = f"{route} | {path}"
-            cells = [f"{best[label][name]:,.0f}" for label, _ in sides]
-            ratio = f" | {best['after'][name] / best['before'][name]:.2f} |" if len(sides) == 2 else " |"
-            print(f"| {name} | " + " | ".join(cells) + ratio)
+    for name in best[sides[0][0]]:
+        if not all(name in best[label] for label, _ in sides):
+            continue
+        cells = [f"{best[label][name]:,.0f}" for label, _ in sides]
+        ratio = f" | {best['after'][name] / best['before'][name]:.2f} |" if len(sides) == 2 else " |"
+        print(f"| {name} | " + " | ".join(cells) + ratio)
 
 
 if __name__ == "__main__":
