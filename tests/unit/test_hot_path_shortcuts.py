@@ -5,11 +5,13 @@
 * request ids come from a pool of ``os.urandom`` bytes: the same shape, never repeated, and a
   forked child never hands out its parent's next ids;
 * request metrics keep each series' child: the same samples as ``labels()`` every time;
-* body limits are looked up by method: the same limit as the table's first match.
+* body limits are looked up by method: the same limit as the table's first match;
+* a revision is read without a regex, the advertised hold encoded once: the same values.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from stockade.controller import access_log, limits
+from stockade.controller.api import agents, hot
 from stockade.controller.api.hot import query_pairs
 from stockade.controller.metrics import Metrics
 
@@ -108,3 +111,16 @@ def test_body_limits_by_method_are_the_tables_first_match() -> None:
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "post"):
         for path in paths:
             assert limits.body_limit(method, path) == first_match(method, path), (method, path)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet=st.sampled_from([*"0123456789", "²", "٣", "१", "-", "+", " ", "a", "."]), max_size=12))
+def test_a_revision_is_read_as_the_decimal_pattern_reads_it(text: str) -> None:
+    by_pattern = int(text) if hot._DECIMAL.fullmatch(text) and int(text) <= hot.REVISION_MAX else None
+    assert hot._revision(text) == by_pattern
+
+
+def test_the_advertised_hold_is_written_as_json_writes_it() -> None:
+    for value in (120.0, 120, 37.25, 1e-3, 1e22, 0.1 + 0.2):
+        assert agents._json_number(value) == json.dumps(value)
+    assert agents._json_number(120) == "120" and agents._json_number(120.0) == "120.0"  # (typed: not one key)

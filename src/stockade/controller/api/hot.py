@@ -60,7 +60,7 @@ Handler = Callable[[Request, Any], Response | Awaitable[Response]]
 
 
 def _revision(text: str) -> int | None:
-    if not _DECIMAL.fullmatch(text):
+    if not (text.isascii() and text.isdigit() and len(text) <= 10):  # (_DECIMAL, without the regex)
         return None
     value = int(text)
     return value if value <= REVISION_MAX else None
