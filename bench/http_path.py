@@ -14,6 +14,12 @@ Routes timed (``--requests`` each, after a warm-up):
 * ``node poll``: ``POST /agents/{node}/pods/updates`` naming ``--pods`` pods, nothing moved
   (the node round's HTTP part); ``node acks``: ``POST /agents/{node}/pods/acks``.
 
+Each is timed two ways: ``asgi`` (the app called directly) and ``uvicorn`` (uvicorn's httptools
+protocol configured as the CLI runs it, on an in-memory transport: the server's own work around
+the app included); the agent routes also for an agent enrolled without a key (``no key``: no
+signature check, as ``bench/controller.py``'s agents). ``--held N`` counts the GC-tracked objects
+one held long-poll keeps alive (N held, each on its own connection).
+
 ``--before-src DIR`` runs the same in a subprocess with ``PYTHONPATH=DIR`` (e.g. a worktree of
 main) and this checkout, interleaved ``--rounds`` times; the table shows the best round of each
 (least disturbed by the other processes on the machine) and the load average.

@@ -152,3 +152,15 @@ def test_an_unexpected_error_is_logged_counted_and_reaches_the_server(
     count = api.ctl.metrics.registry.get_sample_value(
         "stockade_http_requests_total", {"method": "POST", "route": "/agents/{agent_id}/ack", "status": "500"})
     assert count == 1.0
+
+
+def test_an_agents_principal_is_kept_only_behind_its_token(agent: tuple[Api, Credential]) -> None:
+    api, cred = agent
+    agent_id, _, secret = cred.token[4:].partition("_")
+    first = api.ctl.agent_principal(agent_id, secret)
+    assert first is not None and first.agent_id == agent_id and first.workload == cred.workload
+    assert api.ctl.agent_principal(agent_id, secret) is first  # made once
+    assert api.ctl.agent_principal(agent_id, secret[:-1] + ("0" if secret[-1] != "0" else "1")) is None
+    assert api.ctl.agent_principal(agent_id, "") is None
+    api.ok("POST", f"/agents/{agent_id}/revoke", 204)
+    assert api.ctl.agent_principal(agent_id, secret) is None  # revoked: refused, kept or not
