@@ -119,6 +119,11 @@ def test_every_kind_of_answer_is_the_old_layerings(agent: tuple[Api, Credential]
                             headers={"content-type": "application/json"}),  # the limit
                 client.post("/api/v1/label-keys", json={"name": "k", "values": []},
                             headers={"origin": "https://evil.example", "cookie": "stockade_session=x"}),  # CSRF
+                *(client.post("/api/v1/label-keys", json={"name": "k", "values": []},  # the first Authorization
+                              headers=[("origin", "https://evil.example"), ("cookie", "stockade_session=x"),
+                                       *auth])  # header is the one that counts, empty or not
+                  for auth in ([("authorization", ""), ("authorization", "Bearer x")],
+                               [("authorization", "Bearer x"), ("authorization", "")])),
             ]
             m.setattr(api.ctl.dist, "agent_ack", broken)
             got.append(client.post(f"{base}/ack", json={"revision": 0}, auth=AgentAuth(cred)))  # hot: 500
@@ -128,7 +133,7 @@ def test_every_kind_of_answer_is_the_old_layerings(agent: tuple[Api, Credential]
 
     before = answers(old)
     after = answers(new)
-    assert [status for status, _h, _b in after] == [204, 200, 200, 404, 405, 413, 403, 500, 500]
+    assert [status for status, _h, _b in after] == [204, 200, 200, 404, 405, 413, 403, 403, 401, 500, 500]
     assert after == before
 
 

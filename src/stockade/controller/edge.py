@@ -48,6 +48,14 @@ FastDispatch = Callable[[Scope, bytes, Receive, Send], Awaitable[bool]]
 ServerError = Callable[[Request, Exception], Any]  # (a Response, or an awaitable of one)
 
 
+def _authorization(raw: list[tuple[bytes, bytes]]) -> bytes:
+    """The first ``Authorization`` header's value, as Starlette's ``Headers.get`` finds it."""
+    for name, value in raw:
+        if name == b"authorization":
+            return value
+    return b""
+
+
 class Edge:
     """ASGI middleware: request id + access log, headers, input limits, metrics, origin check."""
 
@@ -91,8 +99,8 @@ class Edge:
                     await limits.refuse(send_edge, refused)
                     return
                 counted = True
-                if scope.get("method", "GET") not in SAFE_METHODS:  # (the check's own first test)
-                    reason = self.origins.refusal(HTTPConnection(scope))
+                if scope.get("method", "GET") not in SAFE_METHODS and not _authorization(raw):  # (the check's
+                    reason = self.origins.refusal(HTTPConnection(scope))  # own first tests, without its objects)
                     if reason is not None:
                         await self.origins.refuse(send_edge, reason)
                         return
