@@ -98,9 +98,44 @@ def _free_port() -> int:
 # ---- server ------------------------------------------------------------------------------------
 
 
+def _record_collections(path: Path) -> None:
+    """The garbage collector's pauses in this process, per generation (count, seconds, longest),
+    written to ``path`` twice a second for the bench to diff around a scenario."""
+    import gc
+    import threading
+
+    stats = {g: [0, 0.0, 0.0] for g in range(3)}
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            took = time.perf_counter() - started[0]
+            s = stats[info["generation"]]
+            s[0], s[1], s[2] = s[0] + 1, s[1] + took, max(s[2], took)
+
+    def writer() -> None:
+        while True:
+            time.sleep(0.5)
+            path.write_text(json.dumps(stats))
+
+    gc.callbacks.append(callback)
+    threading.Thread(target=writer, daemon=True).start()
+
+
+def read_collections(path: Path) -> dict[int, list[float]]:
+    try:
+        return {int(g): v for g, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError):
+        return {g: [0, 0.0, 0.0] for g in range(3)}
+
+
 def serve(database_url: str, port: int, switch_interval: float | None = None) -> None:
     """Run the controller in this process (the ``--serve`` mode of this script)."""
     _raise_nofile()
+    if os.environ.get("STOCKADE_BENCH_GC_FILE"):
+        _record_collections(Path(os.environ["STOCKADE_BENCH_GC_FILE"]))
     if switch_interval is not None:  # --switch-interval: for an A/B of the GIL hand-over interval
         sys.setswitchinterval(switch_interval)
     import uvicorn
@@ -214,7 +249,8 @@ def _stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
 
 async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int, heartbeat: float,
                     pids: list[int], profile: str | None = None,
-                    db_pids: Callable[[], list[int]] = list, sign: bool = False) -> dict[str, Any]:
+                    db_pids: Callable[[], list[int]] = list, sign: bool = False,
+                    gc_files: list[Path] | None = None) -> dict[str, Any]:
     port = ports[0]  # every change is made through the first replica
     admin = Conn(port)
     key = await _owner_key(port, password)
@@ -246,6 +282,7 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
         print(f"{scenario}, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
         await asyncio.sleep(1.0)  # let the previous scenario's stragglers settle before the CPU clock starts
         spies = _profilers(pids, profile, scenario)
+        gc0 = [read_collections(f) for f in gc_files or ()]
         cpu0, changes, client0, wall0 = cpu_seconds(pids), 0, client_cpu(), time.perf_counter()
         latencies: list[float] = []
         fanouts: list[int] = []
@@ -290,6 +327,7 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
                 changes += 1
                 await _converged(admin, key, n_agents, max(120, n_agents / 50))
         cpu = cpu_seconds(pids) - cpu0  # includes the idle load (heartbeats, long-poll renewals)
+        gc1 = [read_collections(f) for f in gc_files or ()]
         client, wall = client_cpu() - client0, time.perf_counter() - wall0
         _stop_profilers(spies)
         results[scenario] = {
@@ -311,6 +349,12 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
                            for f, b in zip(firsts, by_replica, strict=True)],
             # PostgreSQL's CPU from the write call until every agent acked (not in cpu/1k), per change
             "db_cpu_s_per_change": db_cpu / max(1, len(put_ms)),
+            # each replica's full collections in the scenario: count, ms in all, longest (the end's
+            # longest is the whole run's: a scenario's own shows when it is above the start's)
+            "full_gc": [[b[2][0] - a[2][0], round(1000 * (b[2][1] - a[2][1])), round(1000 * b[2][2])]
+                        for a, b in zip(gc0, gc1, strict=True)],
+            "young_gc": [[sum(b[g][0] - a[g][0] for g in (0, 1)), round(1000 * sum(b[g][1] - a[g][1] for g in (0, 1))),
+                          round(1000 * max(b[g][2] for g in (0, 1)))] for a, b in zip(gc0, gc1, strict=True)],
         }
     # API latency under load (agents keep polling and heartbeating)
     api_lat: list[float] = []
@@ -467,7 +511,8 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
         cred: dict[str, str] = {}
         for port in ports:  # the first migrates and makes the owner, the others join
             extra = [] if switch_interval is None else [str(switch_interval)]
-            env = {**os.environ, "PYTHONPATH": src} if src else None
+            env = {**os.environ, "STOCKADE_BENCH_GC_FILE": str(tmp / f"gc-{port}.json"),
+                   **({"PYTHONPATH": src} if src else {})}
             server = subprocess.Popen([sys.executable, __file__, "--serve", url, str(port), *extra],
                                       stdout=subprocess.PIPE, text=True, env=env)
             servers.append(server)
@@ -487,7 +532,8 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
         import uvloop
 
         result = uvloop.run(run_bench(ports, cred["password"], n_agents, repeats, heartbeat,
-                                      [s.pid for s in servers], profile, pg.pids if pg else list, sign))
+                                      [s.pid for s in servers], profile, pg.pids if pg else list, sign,
+                                      [tmp / f"gc-{port}.json" for port in ports]))
         result["backend"] = backend
         return result
     finally:
@@ -570,6 +616,10 @@ def main() -> None:
         per = "  ".join(f"r{k}: first {f} p50 {m} p99 {n}" for k, (f, m, n) in enumerate(g["replica_ms"]))
         print(f"  {r['tree']} {r['backend']} x{r['replicas']} {r['agents']}: write call {g['put_p50_ms']:.0f}  {per}"
               f"  PostgreSQL CPU-s per change {g['db_cpu_s_per_change']:.2f}")
+        if g.get("full_gc"):
+            full = "  ".join(f"r{k}: {n} in {ms} ms (longest {top})" for k, (n, ms, top) in enumerate(g["full_gc"]))
+            young = "  ".join(f"r{k}: {n} in {ms} ms (longest {top})" for k, (n, ms, top) in enumerate(g["young_gc"]))
+            print(f"    collections in the scenario, full: {full}\n      young: {young}")
 
 
 if __name__ == "__main__":
