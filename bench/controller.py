@@ -134,6 +134,10 @@ def read_collections(path: Path) -> dict[int, list[float]]:
 def serve(database_url: str, port: int, switch_interval: float | None = None) -> None:
     """Run the controller in this process (the ``--serve`` mode of this script)."""
     _raise_nofile()
+    if os.environ.get("STOCKADE_BENCH_GC_GEN0"):  # --gc-gen0: an A/B of the young generation's threshold
+        import gc
+
+        gc.set_threshold(int(os.environ["STOCKADE_BENCH_GC_GEN0"]), *gc.get_threshold()[1:])
     if os.environ.get("STOCKADE_BENCH_GC_FILE"):
         _record_collections(Path(os.environ["STOCKADE_BENCH_GC_FILE"]))
     if switch_interval is not None:  # --switch-interval: for an A/B of the GIL hand-over interval
@@ -494,7 +498,7 @@ async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
 
 def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replicas: int = 1,
             profile: str | None = None, switch_interval: float | None = None, sign: bool = False,
-            src: str | None = None) -> dict[str, Any]:
+            src: str | None = None, gen0: int | None = None) -> dict[str, Any]:
     """One configuration; ``src``: the controllers run this tree's ``src`` (a before-tree), else ours."""
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
     pg: PgCluster | None = None
@@ -512,7 +516,7 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
         for port in ports:  # the first migrates and makes the owner, the others join
             extra = [] if switch_interval is None else [str(switch_interval)]
             env = {**os.environ, "STOCKADE_BENCH_GC_FILE": str(tmp / f"gc-{port}.json"),
-                   **({"PYTHONPATH": src} if src else {})}
+                   **({"PYTHONPATH": src} if src else {}), **({"STOCKADE_BENCH_GC_GEN0": str(gen0)} if gen0 else {})}
             server = subprocess.Popen([sys.executable, __file__, "--serve", url, str(port), *extra],
                                       stdout=subprocess.PIPE, text=True, env=env)
             servers.append(server)
@@ -565,6 +569,9 @@ def main() -> None:
     p.add_argument("--heartbeat", type=float, default=15.0)
     p.add_argument("--replicas", type=int, nargs="+", default=[1],
                    help="controller processes on one PostgreSQL database (SQLite: 1 only)")
+    p.add_argument("--gc-gen0", type=int, nargs="+", default=[None], metavar="N",
+                   help="the replicas' young-generation collection threshold (default: the controller's); "
+                        "several: A/B rows")
     p.add_argument("--switch-interval", type=float, nargs="+", default=[None], metavar="S",
                    help="the replicas' sys.setswitchinterval (default: Python's 5 ms); several: A/B rows")
     p.add_argument("--profile", metavar="DIR",
@@ -579,30 +586,31 @@ def main() -> None:
     _raise_nofile()
     trees = [("before", args.before_src), ("this", None)] if args.before_src else [("this", None)]
     rows = []
-    configs = [(n, backend, replicas, switch) for n in args.agents for backend in args.backends
-               for replicas in args.replicas for switch in args.switch_interval
+    configs = [(n, backend, replicas, switch, gen0) for n in args.agents for backend in args.backends
+               for replicas in args.replicas for switch in args.switch_interval for gen0 in args.gc_gen0
                if backend != "sqlite" or replicas == 1]
-    for n, backend, replicas, switch in configs:
+    for n, backend, replicas, switch, gen0 in configs:
         for tree, src in trees:  # the before-tree first, then this one: side by side
             try:
                 r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
                             f"{args.profile}/{backend}-{n}-{replicas}-{tree}" if args.profile else None,
-                            switch, args.sign, src)
+                            switch, args.sign, src, gen0)
             except RuntimeError as exc:
                 print(f"{backend} {n}: skipped ({exc})", flush=True)
                 continue
-            r.update(switch_interval=switch, signed=args.sign, tree=tree, load_avg=os.getloadavg())
+            r.update(switch_interval=switch, gc_gen0=gen0, signed=args.sign, load_avg=os.getloadavg(),
+                     tree=tree if gen0 is None else f"{tree}/g{gen0}")
             rows.append(r)
             print(json.dumps(r), flush=True)
     print()
     print(f"agents sign their requests: {'yes (--sign)' if args.sign else 'no (token only; --sign to sign)'}")
-    print(f"{'tree':<7}{'backend':<11}{'repl':>5}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
+    print(f"{'tree':<13}{'backend':<11}{'repl':>5}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
           f"{'glob p50':>10}{'glob p99':>10}{'fan':>6}{'api p50':>9}{'api p99':>9}{'cpu/1k':>8}{'rss MiB':>14}"
           f"{'errs':>6}")
     for r in rows:
         a, g = r["relabel-app"], r["relabel-global"]
         rss = "/".join(str(x) for x in r["rss_mib"])
-        print(f"{r['tree']:<7}{r['backend']:<11}{r['replicas']:>5}{r['agents']:>7}{r['enrol_s']:>9.1f}{a['p50_ms']:>9.0f}"
+        print(f"{r['tree']:<13}{r['backend']:<11}{r['replicas']:>5}{r['agents']:>7}{r['enrol_s']:>9.1f}{a['p50_ms']:>9.0f}"
               f"{a['p99_ms']:>9.0f}{a['fanout']:>6.0f}{g['p50_ms']:>10.0f}{g['p99_ms']:>10.0f}{g['fanout']:>6.0f}"
               f"{r['api_p50_ms']:>9.1f}{r['api_p99_ms']:>9.1f}{g['cpu_s_per_1k_agents_per_change']:>8.2f}"
               f"{rss:>14}{r['agent_errors']:>6}")
