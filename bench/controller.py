@@ -31,6 +31,11 @@ first, so a change reaches two thirds of the agents through the change log (LIST
 reported: controller CPU-seconds (all replicas, user + system) per 1,000 agents per global
 change, and each replica's RSS at the end.
 
+``--sign``: the simulated agents enrol with an Ed25519 key each and sign every request as the real
+agent does (``stockade.agent_signature``), so the replicas verify a signature per request; without
+it they authenticate with their token alone (the controller still accepts agents enrolled without a
+key), as in every row before session 12.
+
     python bench/controller.py --agents 1000 5000 --backends sqlite postgresql
     python bench/controller.py --agents 5000 --backends postgresql --replicas 1 3
 
@@ -93,9 +98,48 @@ def _free_port() -> int:
 # ---- server ------------------------------------------------------------------------------------
 
 
+def _record_collections(path: Path) -> None:
+    """The garbage collector's pauses in this process, per generation (count, seconds, longest),
+    written to ``path`` twice a second for the bench to diff around a scenario."""
+    import gc
+    import threading
+
+    stats = {g: [0, 0.0, 0.0] for g in range(3)}
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            took = time.perf_counter() - started[0]
+            s = stats[info["generation"]]
+            s[0], s[1], s[2] = s[0] + 1, s[1] + took, max(s[2], took)
+
+    def writer() -> None:
+        while True:
+            time.sleep(0.5)
+            path.write_text(json.dumps(stats))
+
+    gc.callbacks.append(callback)
+    threading.Thread(target=writer, daemon=True).start()
+
+
+def read_collections(path: Path) -> dict[int, list[float]]:
+    try:
+        return {int(g): v for g, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError):
+        return {g: [0, 0.0, 0.0] for g in range(3)}
+
+
 def serve(database_url: str, port: int, switch_interval: float | None = None) -> None:
     """Run the controller in this process (the ``--serve`` mode of this script)."""
     _raise_nofile()
+    if os.environ.get("STOCKADE_BENCH_GC_GEN0"):  # --gc-gen0: an A/B of the young generation's threshold
+        import gc
+
+        gc.set_threshold(int(os.environ["STOCKADE_BENCH_GC_GEN0"]), *gc.get_threshold()[1:])
+    if os.environ.get("STOCKADE_BENCH_GC_FILE"):
+        _record_collections(Path(os.environ["STOCKADE_BENCH_GC_FILE"]))
     if switch_interval is not None:  # --switch-interval: for an A/B of the GIL hand-over interval
         sys.setswitchinterval(switch_interval)
     import uvicorn
@@ -116,8 +160,10 @@ def serve(database_url: str, port: int, switch_interval: float | None = None) ->
     app = create_app(settings)
     cred = app.state.controller.first_run_credential  # None on a replica joining an existing database
     print(json.dumps({"user": cred[0], "password": cred[1]} if cred else {}), flush=True)
+    # as `stockade controller serve` runs it (cli/controller_cmds.py): no uvicorn proxy-header layer
+    # (the app's --trusted-proxy decides) and no uvicorn access line formatted per request
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", backlog=8192, timeout_keep_alive=600,
-                loop="uvloop", http="httptools")
+                loop="uvloop", http="httptools", proxy_headers=False, access_log=False)
 
 
 class PgCluster:
@@ -207,7 +253,8 @@ def _stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
 
 async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int, heartbeat: float,
                     pids: list[int], profile: str | None = None,
-                    db_pids: Callable[[], list[int]] = list) -> dict[str, Any]:
+                    db_pids: Callable[[], list[int]] = list, sign: bool = False,
+                    gc_files: list[Path] | None = None) -> dict[str, Any]:
     port = ports[0]  # every change is made through the first replica
     admin = Conn(port)
     key = await _owner_key(port, password)
@@ -219,7 +266,7 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
     spies = _profilers(pids, profile, "enrol")
     t_enrol, cpu_enrol, client_enrol = time.perf_counter(), cpu_seconds(pids), _own_cpu()
     runners = Runners()  # each agent long-polls from its own enrolment on, as a real agent does
-    agents = await runners.enrol(_enrol_work(codes, n_agents), ports, heartbeat)
+    agents = await runners.enrol(_enrol_work(codes, n_agents), ports, heartbeat, sign)
     enrol_s = time.perf_counter() - t_enrol
     _stop_profilers(spies)
     enrol_cpu, enrol_client = cpu_seconds(pids) - cpu_enrol, _own_cpu() - client_enrol
@@ -239,6 +286,7 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
         print(f"{scenario}, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
         await asyncio.sleep(1.0)  # let the previous scenario's stragglers settle before the CPU clock starts
         spies = _profilers(pids, profile, scenario)
+        gc0 = [read_collections(f) for f in gc_files or ()]
         cpu0, changes, client0, wall0 = cpu_seconds(pids), 0, client_cpu(), time.perf_counter()
         latencies: list[float] = []
         fanouts: list[int] = []
@@ -283,6 +331,7 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
                 changes += 1
                 await _converged(admin, key, n_agents, max(120, n_agents / 50))
         cpu = cpu_seconds(pids) - cpu0  # includes the idle load (heartbeats, long-poll renewals)
+        gc1 = [read_collections(f) for f in gc_files or ()]
         client, wall = client_cpu() - client0, time.perf_counter() - wall0
         _stop_profilers(spies)
         results[scenario] = {
@@ -304,6 +353,12 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
                            for f, b in zip(firsts, by_replica, strict=True)],
             # PostgreSQL's CPU from the write call until every agent acked (not in cpu/1k), per change
             "db_cpu_s_per_change": db_cpu / max(1, len(put_ms)),
+            # each replica's full collections in the scenario: count, ms in all, longest (the end's
+            # longest is the whole run's: a scenario's own shows when it is above the start's)
+            "full_gc": [[b[2][0] - a[2][0], round(1000 * (b[2][1] - a[2][1])), round(1000 * b[2][2])]
+                        for a, b in zip(gc0, gc1, strict=True)],
+            "young_gc": [[sum(b[g][0] - a[g][0] for g in (0, 1)), round(1000 * sum(b[g][1] - a[g][1] for g in (0, 1))),
+                          round(1000 * max(b[g][2] for g in (0, 1)))] for a, b in zip(gc0, gc1, strict=True)],
         }
     # API latency under load (agents keep polling and heartbeating)
     api_lat: list[float] = []
@@ -442,7 +497,9 @@ async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
 
 
 def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replicas: int = 1,
-            profile: str | None = None, switch_interval: float | None = None) -> dict[str, Any]:
+            profile: str | None = None, switch_interval: float | None = None, sign: bool = False,
+            src: str | None = None, gen0: int | None = None) -> dict[str, Any]:
+    """One configuration; ``src``: the controllers run this tree's ``src`` (a before-tree), else ours."""
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
     pg: PgCluster | None = None
     if backend == "sqlite":
@@ -458,8 +515,10 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
         cred: dict[str, str] = {}
         for port in ports:  # the first migrates and makes the owner, the others join
             extra = [] if switch_interval is None else [str(switch_interval)]
+            env = {**os.environ, "STOCKADE_BENCH_GC_FILE": str(tmp / f"gc-{port}.json"),
+                   **({"PYTHONPATH": src} if src else {}), **({"STOCKADE_BENCH_GC_GEN0": str(gen0)} if gen0 else {})}
             server = subprocess.Popen([sys.executable, __file__, "--serve", url, str(port), *extra],
-                                      stdout=subprocess.PIPE, text=True)
+                                      stdout=subprocess.PIPE, text=True, env=env)
             servers.append(server)
             assert server.stdout is not None
             cred = cred or json.loads(server.stdout.readline())
@@ -477,7 +536,8 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
         import uvloop
 
         result = uvloop.run(run_bench(ports, cred["password"], n_agents, repeats, heartbeat,
-                                      [s.pid for s in servers], profile, pg.pids if pg else list))
+                                      [s.pid for s in servers], profile, pg.pids if pg else list, sign,
+                                      [tmp / f"gc-{port}.json" for port in ports]))
         result["backend"] = backend
         return result
     finally:
@@ -509,37 +569,48 @@ def main() -> None:
     p.add_argument("--heartbeat", type=float, default=15.0)
     p.add_argument("--replicas", type=int, nargs="+", default=[1],
                    help="controller processes on one PostgreSQL database (SQLite: 1 only)")
+    p.add_argument("--gc-gen0", type=int, nargs="+", default=[None], metavar="N",
+                   help="the replicas' young-generation collection threshold (default: the controller's); "
+                        "several: A/B rows")
     p.add_argument("--switch-interval", type=float, nargs="+", default=[None], metavar="S",
                    help="the replicas' sys.setswitchinterval (default: Python's 5 ms); several: A/B rows")
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy every replica during each scenario; collapsed stacks written under DIR")
+    p.add_argument("--before-src", metavar="DIR",
+                   help="also run every configuration with the controllers on this tree's src (e.g. a "
+                        "worktree of main), first, for a side-by-side table (the agents are this bench's)")
+    p.add_argument("--sign", action="store_true",
+                   help="agents enrol with an Ed25519 key and sign every request, as the real agent does "
+                        "(the controller verifies each signature; without it they use the token alone)")
     args = p.parse_args()
     _raise_nofile()
+    trees = [("before", args.before_src), ("this", None)] if args.before_src else [("this", None)]
     rows = []
-    for n in args.agents:
-        for backend in args.backends:
-            for replicas in args.replicas:
-                if backend == "sqlite" and replicas != 1:
-                    continue
-                for switch in args.switch_interval:
-                    try:
-                        r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
-                                    f"{args.profile}/{backend}-{n}-{replicas}" if args.profile else None, switch)
-                    except RuntimeError as exc:
-                        print(f"{backend} {n}: skipped ({exc})", flush=True)
-                        continue
-                    r["switch_interval"] = switch
-                    r["load_avg"] = os.getloadavg()
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
+    configs = [(n, backend, replicas, switch, gen0) for n in args.agents for backend in args.backends
+               for replicas in args.replicas for switch in args.switch_interval for gen0 in args.gc_gen0
+               if backend != "sqlite" or replicas == 1]
+    for n, backend, replicas, switch, gen0 in configs:
+        for tree, src in trees:  # the before-tree first, then this one: side by side
+            try:
+                r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
+                            f"{args.profile}/{backend}-{n}-{replicas}-{tree}" if args.profile else None,
+                            switch, args.sign, src, gen0)
+            except RuntimeError as exc:
+                print(f"{backend} {n}: skipped ({exc})", flush=True)
+                continue
+            r.update(switch_interval=switch, gc_gen0=gen0, signed=args.sign, load_avg=os.getloadavg(),
+                     tree=tree if gen0 is None else f"{tree}/g{gen0}")
+            rows.append(r)
+            print(json.dumps(r), flush=True)
     print()
-    print(f"{'backend':<11}{'repl':>5}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
+    print(f"agents sign their requests: {'yes (--sign)' if args.sign else 'no (token only; --sign to sign)'}")
+    print(f"{'tree':<13}{'backend':<11}{'repl':>5}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
           f"{'glob p50':>10}{'glob p99':>10}{'fan':>6}{'api p50':>9}{'api p99':>9}{'cpu/1k':>8}{'rss MiB':>14}"
           f"{'errs':>6}")
     for r in rows:
         a, g = r["relabel-app"], r["relabel-global"]
         rss = "/".join(str(x) for x in r["rss_mib"])
-        print(f"{r['backend']:<11}{r['replicas']:>5}{r['agents']:>7}{r['enrol_s']:>9.1f}{a['p50_ms']:>9.0f}"
+        print(f"{r['tree']:<13}{r['backend']:<11}{r['replicas']:>5}{r['agents']:>7}{r['enrol_s']:>9.1f}{a['p50_ms']:>9.0f}"
               f"{a['p99_ms']:>9.0f}{a['fanout']:>6.0f}{g['p50_ms']:>10.0f}{g['p99_ms']:>10.0f}{g['fanout']:>6.0f}"
               f"{r['api_p50_ms']:>9.1f}{r['api_p99_ms']:>9.1f}{g['cpu_s_per_1k_agents_per_change']:>8.2f}"
               f"{rss:>14}{r['agent_errors']:>6}")
@@ -551,8 +622,12 @@ def main() -> None:
     for r in rows:
         g = r["relabel-global"]
         per = "  ".join(f"r{k}: first {f} p50 {m} p99 {n}" for k, (f, m, n) in enumerate(g["replica_ms"]))
-        print(f"  {r['backend']} x{r['replicas']} {r['agents']}: write call {g['put_p50_ms']:.0f}  {per}"
+        print(f"  {r['tree']} {r['backend']} x{r['replicas']} {r['agents']}: write call {g['put_p50_ms']:.0f}  {per}"
               f"  PostgreSQL CPU-s per change {g['db_cpu_s_per_change']:.2f}")
+        if g.get("full_gc"):
+            full = "  ".join(f"r{k}: {n} in {ms} ms (longest {top})" for k, (n, ms, top) in enumerate(g["full_gc"]))
+            young = "  ".join(f"r{k}: {n} in {ms} ms (longest {top})" for k, (n, ms, top) in enumerate(g["young_gc"]))
+            print(f"    collections in the scenario, full: {full}\n      young: {young}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Each runner process (``python bench/controller_agents.py --agents-runner HEARTBE
 :class:`Runners`) reads the agents to enrol from its stdin's first line, enrols them
 ``concurrency`` at a time (each agent long-polls as soon as it has enrolled, as a real agent
 does), writes the enrolled agents on stdout, then answers ``state`` commands until ``stop``.
-No kernel, no Stockade import: the agents are what the controller sees on the wire.
+No kernel; the agents are what the controller sees on the wire (with ``--sign``, each signs its
+requests with a key of its own through ``stockade.agent_signature``, the real agent's format).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,22 +41,61 @@ def _raise_nofile() -> None:
 # ---- a minimal HTTP/1.1 keep-alive client --------------------------------------------------------
 
 
+Signer = Callable[[str, str, bytes], dict[str, str]]
+
+
+class _Response(asyncio.Protocol):
+    """A keep-alive connection's bytes: one whole answer at a time (status line, headers with a
+    Content-Length, body), parsed once it has all arrived, not line by line through a stream."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or ConnectionResetError("the controller closed the connection")
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(self.lost)
+
+    def _complete(self) -> None:
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None or self.waiter.done():
+            return
+        head = bytes(self.buf[:end]).lower() + b"\r\n"
+        at = head.find(b"\r\ncontent-length:")
+        length = int(head[at + 17:head.index(b"\r\n", at + 2)]) if at >= 0 else 0
+        if len(self.buf) < end + 4 + length:
+            return
+        body = bytes(self.buf[end + 4:end + 4 + length])
+        del self.buf[:end + 4 + length]
+        self.waiter.set_result((int(head[9:12]), body))
+
+
 class Conn:
     """One keep-alive connection; requests on it are sequential (as an agent's are)."""
 
     def __init__(self, port: int, source: str | None = None) -> None:
         self.port = port
         self.source = source  # a local address of 127.0.0.0/8 to connect from (None: the kernel's choice)
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.proto: _Response | None = None
 
     async def request(self, method: str, path: str, token: str = "", body: Any = None,
-                      raw: tuple[str, bytes] | None = None) -> tuple[int, Any]:
-        """``raw``: (content type, bytes) instead of a JSON ``body``."""
+                      raw: tuple[str, bytes] | None = None, signer: Signer | None = None) -> tuple[int, Any]:
+        """``raw``: (content type, bytes) instead of a JSON ``body``; ``signer``: the headers that
+        sign the request (method, path, body), as the real agent's."""
         for attempt in range(3):
             try:
-                return await self._request(method, path, token, body, raw)
-            except (ConnectionError, asyncio.IncompleteReadError, OSError):
+                return await self._request(method, path, token, body, raw, signer)
+            except (ConnectionError, OSError):
                 self.close()
                 if attempt == 2:
                     raise
@@ -62,11 +103,12 @@ class Conn:
         raise AssertionError("unreachable")
 
     async def _request(self, method: str, path: str, token: str, body: Any,
-                       raw: tuple[str, bytes] | None = None) -> tuple[int, Any]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(
-                "127.0.0.1", self.port, limit=2**24, local_addr=(self.source, 0) if self.source else None)
-        assert self.reader is not None
+                       raw: tuple[str, bytes] | None = None, signer: Signer | None = None) -> tuple[int, Any]:
+        loop = asyncio.get_running_loop()
+        if self.proto is None or self.proto.lost is not None:
+            _t, self.proto = await loop.create_connection(
+                _Response, "127.0.0.1", self.port, local_addr=(self.source, 0) if self.source else None)
+        proto = self.proto
         ctype, payload = raw if raw is not None else ("application/json", b"" if body is None else
                                                       json.dumps(body).encode())
         head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(payload)}\r\n"
@@ -74,24 +116,19 @@ class Conn:
             head += f"Content-Type: {ctype}\r\n"
         if token:
             head += f"Authorization: Bearer {token}\r\n"
-        self.writer.write(head.encode() + b"\r\n" + payload)
-        status_line = await self.reader.readuntil(b"\r\n")
-        status = int(status_line.split()[1])
-        length = 0
-        while True:
-            line = await self.reader.readuntil(b"\r\n")
-            if line == b"\r\n":
-                break
-            name, _, value = line.decode().partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        data = await self.reader.readexactly(length) if length else b""
+        if signer is not None:
+            head += "".join(f"{k}: {v}\r\n" for k, v in signer(method, path, payload).items())
+        proto.waiter = loop.create_future()
+        assert proto.transport is not None
+        proto.transport.write(head.encode() + b"\r\n" + payload)
+        proto._complete()  # (nothing is buffered between sequential requests; kept for safety)
+        status, data = await proto.waiter
         return status, (json.loads(data) if data else None)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
+        if self.proto is not None and self.proto.transport is not None:
+            self.proto.transport.close()
+        self.proto = None
 
 
 # ---- simulated agents ----------------------------------------------------------------------------
@@ -106,6 +143,20 @@ class Agent:
     applied: int = 0
     acks: list[tuple[float, int]] = field(default_factory=list)
     errors: int = 0
+    signer: Signer | None = None  # --sign: the agent's Ed25519 key signs every request, as the real agent's
+
+
+def agent_signer(agent_id: str, key: Any) -> Signer:
+    """The real agent's signature headers (``stockade.agent_signature``) with this agent's key."""
+    from stockade import agent_signature as sig
+
+    instance = sig.new_nonce()  # one per simulated agent process
+
+    def sign(method: str, target: str, body: bytes) -> dict[str, str]:
+        fields = sig.SignedFields(agent_id, method, target, int(time.time()), sig.new_nonce(), instance)
+        return sig.sign_request(key, fields, body)
+
+    return sign
 
 
 LONG_POLL_S = 20.0  # the real agent's first poll (agent/transport.FIRST_POLL_SECONDS), until the controller
@@ -128,7 +179,7 @@ async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event)
             timeout = max(0.5, min(wanted, next_beat - time.monotonic()))
             # the wait carries the acknowledgement of the applied revision (applied=...)
             query = f"after={a.applied}&applied={a.applied}&timeout={timeout:.1f}&include_policy=true"
-            status, got = await poll.request("GET", f"{base}/policy/wait?{query}", a.token)
+            status, got = await poll.request("GET", f"{base}/policy/wait?{query}", a.token, signer=a.signer)
             if status != 200:
                 a.errors += 1
                 await asyncio.sleep(1)
@@ -145,9 +196,9 @@ async def agent_loop(a: Agent, port: int, heartbeat: float, stop: asyncio.Event)
                 a.applied = pol["revision"]
                 a.acks.append((time.perf_counter(), a.applied))  # acknowledged by the next wait, sent now
             if time.monotonic() >= next_beat:
-                await poll.request("POST", f"{base}/heartbeat", a.token, {})
+                await poll.request("POST", f"{base}/heartbeat", a.token, {}, signer=a.signer)
                 next_beat = time.monotonic() + period
-        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+        except (ConnectionError, OSError):
             a.errors += 1
             await asyncio.sleep(0.5)
     poll.close()
@@ -174,7 +225,7 @@ async def _runner(heartbeat: float) -> None:
         agents.append(a)
         tasks.append(asyncio.create_task(agent_loop(a, ports[a.index % len(ports)], heartbeat, stop)))
 
-    await _enrol(ports, spec["enrol"], spec["concurrency"], started)
+    await _enrol(ports, spec["enrol"], spec["concurrency"], started, spec.get("sign", False))
     sys.stdout.write(json.dumps({"enrolled": [[a.index, a.agent_id, a.workload] for a in agents]}) + "\n")
     sys.stdout.flush()
     while line := await reader.readline():
@@ -200,9 +251,11 @@ class Runners:
     def __init__(self) -> None:
         self.procs: list[asyncio.subprocess.Process] = []
 
-    async def enrol(self, work: list[list[Any]], ports: list[int], heartbeat: float) -> list[Agent]:
+    async def enrol(self, work: list[list[Any]], ports: list[int], heartbeat: float,
+                    sign: bool = False) -> list[Agent]:
         """Enrol ``work`` ([index, code, hostname, address] per agent) in the runners; every agent
-        long-polls from its own enrolment on. Returns the agents once all have enrolled."""
+        long-polls from its own enrolment on (``sign``: with a key of its own, signing every
+        request). Returns the agents once all have enrolled."""
         k = max(1, -(-len(work) // AGENTS_PER_RUNNER))
         for j in range(k):
             proc = await asyncio.create_subprocess_exec(
@@ -210,8 +263,8 @@ class Runners:
                 stdout=subprocess.PIPE, limit=2**26)
             assert proc.stdin is not None
             concurrency = max(1, ENROL_CONCURRENCY // k)
-            proc.stdin.write(json.dumps({"enrol": work[j::k], "ports": ports, "concurrency": concurrency}).encode()
-                             + b"\n")
+            proc.stdin.write(json.dumps({"enrol": work[j::k], "ports": ports, "concurrency": concurrency,
+                                         "sign": sign}).encode() + b"\n")
             await proc.stdin.drain()
             self.procs.append(proc)
         agents: list[Agent] = []
@@ -251,8 +304,9 @@ class Runners:
                 proc.kill()
 
 
-async def _enrol(ports: list[int], work: list[list[Any]], concurrency: int, started: Any) -> None:
-    """Enrol every agent of ``work``, ``concurrency`` at a time; ``started(agent)`` right after each."""
+async def _enrol(ports: list[int], work: list[list[Any]], concurrency: int, started: Any, sign: bool = False) -> None:
+    """Enrol every agent of ``work``, ``concurrency`` at a time; ``started(agent)`` right after each
+    (``sign``: each with an Ed25519 key of its own, as the real agent enrols)."""
     queue = list(reversed(work))
     done = 0
 
@@ -266,12 +320,21 @@ async def _enrol(ports: list[int], work: list[list[Any]], concurrency: int, star
         while queue:
             i, code, hostname, addr = queue.pop()
             c = conns[ports[i % len(ports)]]  # agent i enrols on (and later polls) replica i mod N
-            status, got = await c.request("POST", "/api/v1/agents/enroll", body={
-                "activation_code": code, "hostname": hostname,
-                "interfaces": [{"name": "eth0", "addresses": [addr]}]})
+            body: dict[str, Any] = {"activation_code": code, "hostname": hostname,
+                                    "interfaces": [{"name": "eth0", "addresses": [addr]}]}
+            key = None
+            if sign:
+                from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+                from stockade.agent_signature import public_key_text
+
+                key = Ed25519PrivateKey.generate()
+                body["public_key"] = public_key_text(key)
+            status, got = await c.request("POST", "/api/v1/agents/enroll", body=body)
             assert status == 201, got
             done += 1
-            started(Agent(i, got["agent_id"], got["token"], got["workload"]))
+            started(Agent(i, got["agent_id"], got["token"], got["workload"],
+                          signer=agent_signer(got["agent_id"], key) if key is not None else None))
         for conn in conns.values():
             conn.close()
 

@@ -34,7 +34,7 @@ def test_a_woken_agent_poll_answers_on_the_next_turn_and_leaves_no_waiter(api: A
         first = asyncio.ensure_future(dist.wait(name, rev, 30))
         second = asyncio.ensure_future(dist.wait(name, rev, 30))
         await asyncio.sleep(0.02)
-        assert not first.done() and not second.done() and dist.wants(name)
+        assert not first.done() and not second.done() and dist.holds(name)
         dist.revisions[name] = rev + 1  # as publish does, then it wakes the loop
         dist._wake((name,))
         turns = 0
@@ -50,7 +50,7 @@ def test_a_woken_agent_poll_answers_on_the_next_turn_and_leaves_no_waiter(api: A
         dist.revisions[name] = rev
     assert got == other == rev + 1
     assert turns == 1  # an Event under wait_for took 3 on Python 3.11
-    assert not dist.wants(name)
+    assert not dist.holds(name)
 
 
 def test_an_agent_poll_not_woken_times_out_and_a_cancelled_one_leaves_no_waiter(api: Api) -> None:
@@ -59,14 +59,14 @@ def test_an_agent_poll_not_woken_times_out_and_a_cancelled_one_leaves_no_waiter(
 
     async def main() -> int:
         got = await dist.wait(name, rev, 0.05)
-        assert not dist.wants(name)  # the Event of a timed-out poll stayed until the next change
+        assert not dist.holds(name)  # the Event of a timed-out poll stayed until the next change
         poll = asyncio.ensure_future(dist.wait(name, rev, 30))
         await asyncio.sleep(0.02)
-        assert dist.wants(name)
+        assert dist.holds(name)
         poll.cancel()
         with pytest.raises(asyncio.CancelledError):
             await poll
-        assert not dist.wants(name)
+        assert not dist.holds(name)
         dist._wake((name,))  # nobody waiting: nothing happens
         return got
 

@@ -9,9 +9,11 @@ unchanged: the same JSON fields, decoded by the agent's one wire codec.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
+from starlette.responses import JSONResponse
 from tests.api.conftest import Api
 from tests.api.test_agents import POLICY, enroll, profile
 
@@ -58,3 +60,25 @@ def test_agents_sharing_a_label_set_share_one_encoding_of_its_delta(api: Api, mo
         now = policy_update_from_dict(api.ok("GET", f"/agents/{aid}/policy", headers=token))
         assert apply_update(before.policy, before.revision, upd) == now.policy
     assert len(encoded) == 1, encoded  # three answers, one encoding of the web set's delta
+
+
+@pytest.mark.parametrize("hold", [120.0, 37.25, 1e-3])
+def test_a_poll_answer_without_policy_is_the_bytes_jsonresponse_renders(sqlite_api: Api, hold: float) -> None:
+    """The answer without an inline policy is written as text (every held poll ends with one)."""
+    api = sqlite_api
+    for path, body in POLICY:
+        api.ok("POST", path, 201, json=body)
+    api.ok("POST", "/policy/provision", 201, json={"message": "v1"})
+    r = enroll(api, profile(api), "db-1", "10.0.0.2")
+    assert r.status_code == 201, r.text
+    aid, token = r.json()["agent_id"], api.headers(r.json()["token"])
+    rev = api.ctl.dist.revisions[r.json()["workload"]]
+    api.ctl.settings = dataclasses.replace(api.ctl.settings, long_poll_hold=hold)
+    for after, include in ((rev, "false"), (rev, "true"), (rev - 1, "false"), (rev + 5, "false")):
+        got = api.client.get(f"/api/v1/agents/{aid}/policy/wait", headers=token,
+                             params={"after": after, "timeout": 0, "include_policy": include})
+        want = JSONResponse({"revision": rev, "changed": rev > after, "policy": None, "heartbeat": True,
+                             "hold": hold})
+        assert got.status_code == 200 and got.content == want.body, (after, include, got.content)
+        assert [(k, v) for k, v in got.headers.items() if k in ("content-type", "content-length")] == [
+            (k.decode(), v.decode()) for k, v in want.raw_headers]

@@ -1,5 +1,8 @@
 """``PendingSteps`` (a follower's unbuilt set-only steps) answer exactly as ``HostHistory.after``.
 
+``PendingSteps.update_since`` answers unbuilt (session 12): wherever it answers, it answers what
+the built history answers, and it answers the agent one step behind whenever the steps chain.
+
 For random runs of set-member steps, skipped revisions, rules changes and a history limit, the
 history built from pending steps (when asked, or when the policy changes again before anyone
 asked) gives every agent revision the same answer as the history built step by step.
@@ -81,6 +84,15 @@ def test_pending_steps_answer_as_the_history_built_step_by_step(run: list[tuple[
             pending = pending.then(rev, delta.set_deltas, LIMIT)
         else:
             pending = PendingSteps.start(lazy_hist.revision if lazy_hist else None, rev, delta.set_deltas, LIMIT)
+        if pending is not None:  # answered unbuilt where it can, exactly as the built history
+            built = pending.onto(lazy_hist, delta.policy, LIMIT)
+            for since in (None, *range(0, rev + 2)):
+                quick = pending.update_since(lazy_hist, since, LIMIT)
+                assert quick is None or quick == built.update_since(since), since
+                if quick is not None and since is not None and since < rev:
+                    assert quick.set_deltas is not None
+            if not skip and not pending.restart and lazy_hist is not None and lazy_hist.revision == pending.base:
+                assert pending.update_since(lazy_hist, rev - 1, LIMIT) is not None  # the common case
         if build and pending is not None:  # someone asked: the compiler holds this revision's policy
             lazy_hist = pending.onto(lazy_hist, delta.policy, LIMIT)
             pending = None

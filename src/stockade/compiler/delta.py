@@ -382,6 +382,29 @@ class PendingSteps:
             return HostHistory(revision, delta.policy, (), limit)
         return self.then(revision, delta.set_deltas, limit).onto(history, delta.policy, limit)
 
+    def update_since(self, history: HostHistory | None, since: int | None, limit: int) -> PolicyUpdate | None:
+        """The answer :meth:`onto` would give an agent holding ``since``, without building it:
+        unchanged, or the composed set deltas (the label set's shared tuples, so a fan-out's
+        answers share one delta); None when the answer needs the host's own policy (a full
+        one, or steps that do not chain onto ``history``, the one at :attr:`base`): build it."""
+        if since == self.revision:
+            return PolicyUpdate.unchanged(self.revision)
+        if since is None or self.restart or history is None or history.revision != self.base:
+            return None
+        if history.policy.wireguard is not None:
+            return None  # onto() keeps no steps for a host with a tunnel
+        steps = (*history.steps, *self.steps)[-limit:]
+        if not steps[0].base <= since < self.revision:
+            return None
+        composed: tuple[SetDelta, ...] = ()
+        peers = PeerDelta()
+        for i, step in enumerate(s for s in steps if s.base >= since):
+            if step.set_deltas is None:
+                return None
+            composed = step.set_deltas if i == 0 else compose_set_deltas(composed, step.set_deltas)
+            peers = compose_peer_deltas(peers, step.peer_delta)
+        return PolicyUpdate.delta(since, self.revision, composed, peers)
+
     def onto(self, history: HostHistory | None, policy: HostPolicy, limit: int) -> HostHistory:
         """The history these steps lead to from ``history`` (the one at ``base``), ending at
         ``policy`` (the host's policy at :attr:`revision`). Steps are kept only where they are

@@ -40,6 +40,7 @@ from stockade.controller.storage.listen import ChangeListener, Leadership
 from stockade.errors import Issue, ValidationError
 
 API = "/api/v1"
+AGENT_PRINCIPALS_KEPT = 200_000  # agents' principals kept (far above one replica's fleet; past it, made anew)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class ControllerSettings:
     offline_after: float = 90.0  # seconds without heartbeat before an agent counts as offline
     offline_grace: float | None = None  # then seconds before its addresses leave peers' sets (None: never)
     flush_interval: float = 2.0  # seconds between batched writes of acks and heartbeats
+    # seconds after its bump a host's policy hash is written (services/policy_hashes.py): after
+    # the fan-out, not in it; read only at start-up, so a crash before costs one more revision
+    hash_delay: float = 5.0
     long_poll_max: float = 300.0  # the longest hold an agent may ask for
     # the hold advertised in every long-poll answer (the agent follows it, up to its own cap, with
     # jitter); a held poll is presence (services/presence.py), so it is not bound by offline_after
@@ -95,6 +99,7 @@ class Controller:
     proxies: TrustedProxies = field(init=False)
     login_throttle: LoginThrottle | SharedLoginThrottle = field(init=False)
     presence: HeldPolls = field(init=False)  # the long-polls this replica holds (presence)
+    _agent_principals: dict[tuple[str, str], Principal] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.proxies = TrustedProxies.parse(self.settings.trusted_proxies)
@@ -118,7 +123,15 @@ class Controller:
             live = self.dist.load_agent(agent_id)
         if live is None or not live.token_hash or live.token_hash != auth.sha256(secret):
             return None
-        return Principal(PrincipalKind.AGENT, f"agent:{agent_id}", None, agent_id=agent_id, workload=live.workload)
+        # the same frozen value every time this agent acts as this workload: made once, not per request
+        key = (agent_id, live.workload)
+        principal = self._agent_principals.get(key)
+        if principal is None:
+            if len(self._agent_principals) >= AGENT_PRINCIPALS_KEPT:
+                self._agent_principals.clear()
+            principal = self._agent_principals[key] = Principal(
+                PrincipalKind.AGENT, f"agent:{agent_id}", None, agent_id=agent_id, workload=live.workload)
+        return principal
 
     def session(self) -> Session:
         s: Session = self.sessions()

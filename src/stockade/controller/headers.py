@@ -46,17 +46,23 @@ def allowed_methods(app: Any, scope: Scope) -> list[str]:
     return sorted(methods)
 
 
-def extra_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+def _extra(api: bool, tls: bool) -> Headers:
+    return (*ALWAYS, *([(b"cache-control", b"no-store")] if api else []),
+            *([(b"strict-transport-security", HSTS)] if tls else []))
+
+
+_EXTRA = {(api, tls): _extra(api, tls) for api in (False, True) for tls in (False, True)}  # made once
+
+
+def extra_headers(scope: Scope) -> Headers:
     """The headers every answer to ``scope`` carries unless the route set its own."""
-    extra = list(ALWAYS)
-    if str(scope.get("path", "")).startswith(API_PREFIXES):
-        extra.append((b"cache-control", b"no-store"))
-    if scope.get("scheme") == "https":
-        extra.append((b"strict-transport-security", HSTS))
-    return extra
+    return _EXTRA[str(scope.get("path", "")).startswith(API_PREFIXES), scope.get("scheme") == "https"]
 
 
-def complete(scope: Scope, start: Message, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def complete(scope: Scope, start: Message, extra: Headers) -> list[tuple[bytes, bytes]]:
     """The headers of the ``http.response.start`` message ``start``, completed as above."""
     out = list(start.get("headers", []))
     present = {k.lower() for k, _ in out}

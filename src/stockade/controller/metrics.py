@@ -42,14 +42,23 @@ class Metrics:
         self.waiting = Gauge("stockade_agents_waiting", "agents holding a policy long-poll", registry=self.registry)
         self.flow_records = Counter("stockade_flow_records_ingested", "flow summaries accepted from agents",
                                     registry=self.registry)
+        # each (method, template, status)'s counter and timer, found once: ``labels()`` validates and
+        # locks on every call, for every request of every agent (issue 18)
+        self._series: dict[tuple[str, str, int], tuple[Counter, Histogram | None]] = {}
 
     def count_request(self, scope: Scope, status: int, seconds: float) -> None:
         """Count a finished request by method, route template and status; time it unless a long-poll."""
         template = getattr(scope.get("route"), "path", "unmatched")
         method = scope.get("method", "")
-        self.requests.labels(method, template, str(status)).inc()
-        if not template.endswith("/wait"):
-            self.latency.labels(method, template).observe(seconds)
+        key = (method, template, status)
+        series = self._series.get(key)
+        if series is None:  # (the registry keeps every child it made: this keeps no more of them)
+            series = self._series[key] = (
+                self.requests.labels(method, template, str(status)),
+                None if template.endswith("/wait") else self.latency.labels(method, template))
+        series[0].inc()
+        if series[1] is not None:
+            series[1].observe(seconds)
 
     def observe_compile(self, seconds: float, bumped: int) -> None:
         self.compile_seconds.observe(seconds)

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import heapq
 import json
 from typing import Annotated, Any
@@ -246,9 +247,19 @@ async def wait_for_policy(
         # sharing a label set's deltas), not a dict per answer through JSONResponse
         update = await _update(ctl, name, after or None)
         body = (f'{{"revision":{update.revision:d},"changed":true,"policy":{update_json(update)},'
-                f'"heartbeat":true,"hold":{json.dumps(hold)}}}')
+                f'"heartbeat":true,"hold":{_json_number(hold)}}}')
         return Response(body.encode(), media_type="application/json")
-    return JSONResponse({"revision": rev, "changed": rev > after, "policy": None, "heartbeat": True, "hold": hold})
+    # (the bytes JSONResponse renders for {"revision", "changed", "policy": None, "heartbeat": True, "hold"},
+    # written directly: every held poll of every agent ends here; tests/api/test_wait_answer.py compares)
+    body = (f'{{"revision":{rev:d},"changed":{"true" if rev > after else "false"},"policy":null,'
+            f'"heartbeat":true,"hold":{_json_number(hold)}}}')
+    return Response(body.encode(), media_type="application/json")
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _json_number(value: float) -> str:
+    """``json.dumps(value)``, once per value (the advertised hold: the same setting in every answer)."""
+    return json.dumps(value)
 
 
 async def _update(ctl: Controller, workload: str, since: int | None) -> PolicyUpdate:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -46,8 +47,10 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from stockade.compiler import Compiler, HostPolicy
+from stockade.compiler.changes import SetOnly
 from stockade.compiler.delta import HostHistory, PendingSteps, PolicyUpdate
-from stockade.controller.services import codec, replicas
+from stockade.controller.services import codec, policy_hashes, replicas
+from stockade.controller.services import pending as pending_steps
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.events import record_event, record_events
@@ -63,7 +66,6 @@ from stockade.controller.services.host_state import (
     read_revisions,
     wireguard_identity,
     write_agent_rows,
-    write_hash_rows,
 )
 from stockade.controller.services.waiters import Waiters
 from stockade.controller.storage import store
@@ -80,7 +82,6 @@ T = TypeVar("T")
 HISTORY = 8  # steps (revision -> next) of set deltas kept per host
 FULL_REFRESH_ROUNDS = 120  # refresh_agents reads every agent row once in this many calls (safety net)
 BATCH_LIMIT = 64  # callbacks of transact_batched run in one transaction at most
-KEEP_DIGESTS = 100_000  # hash parts kept between flushes at most (then forgotten at once)
 HEARTBEAT_WRITE = 5.0  # seconds: a heartbeat alone rewrites an agent's row at most this often
 
 
@@ -115,8 +116,10 @@ class PolicyDistributor:
         self.pending: dict[str, PendingSteps] = {}
         self.wanted: list[Callable[[str], bool]] = []  # more hosts whose history a follower builds at once
         self.unhashed: dict[str, int] = {}  # host -> revision whose policy_hash flush() writes
-        self._digests: Digests = {}  # flush()'s hash parts, kept across flushes (a global change: 25,000
-        self._heads: Heads = {}  # hashes, each part and host head encoded once, not once per flush)
+        self.unhashed_at: dict[str, float] = {}  # host -> when it first waited for its hash (monotonic)
+        self.published_at = 0.0  # when publish() last ran (monotonic): hashes wait for a quiet moment
+        self.digests: Digests = {}  # flush()'s hash parts, kept across flushes (a global change: 25,000
+        self.heads: Heads = {}  # hashes, each part and host head encoded once, not once per flush)
         self.agents: dict[str, AgentLive] = {}
         self.departed: set[str] = set()  # workloads offline past the grace: compiled without addresses
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -207,7 +210,7 @@ class PolicyDistributor:
                     note = txn.note()
                     if self.shared and not note.empty:
                         change = replicas.append(db, self.replica_id, note)
-                    bumps = self._stage_bumps(db, txn, change)
+                    bumps, later = self._stage_bumps(db, txn, change)
                     if self.fault_hook is not None:
                         self.fault_hook("before-commit")
             except BaseException:
@@ -215,9 +218,9 @@ class PolicyDistributor:
                 raise
             if change is not None:
                 self.seen = change
-            self.publish(bumps)
+            self.publish(bumps, pending=later)
         if self.on_compile is not None:
-            self.on_compile(txn.compile_seconds, len(bumps))
+            self.on_compile(txn.compile_seconds, len(bumps) + len(later))
         return result
 
     def transact_batched(self, fn: Callable[[Session, CompilerTxn], T]) -> T:
@@ -261,14 +264,21 @@ class PolicyDistributor:
             for it in batch:
                 it.done = True
 
-    def _stage_bumps(self, db: Session, txn: CompilerTxn, change: int | None = None) -> dict[str, HostHistory | None]:
+    def _stage_bumps(self, db: Session, txn: CompilerTxn, change: int | None = None
+                     ) -> tuple[dict[str, HostHistory | None], dict[str, PendingSteps]]:
         """Bump ``host_state`` for every host the compiler's deltas changed (Core statements,
-        batched); the new histories (None: the host is gone), published after the commit."""
-        deltas = txn.deltas  # (once: a property that first hands queued writes to the compiler)
-        if not deltas:
-            return {}
+        batched); the new histories (None: the host is gone) and the pending steps of the hosts
+        whose change is their label set's set members and whose agents no poll here holds
+        (:mod:`.pending`: built when asked), published after the commit."""
+        grouped: list[SetOnly] = []
+        txn.flush(None if txn.policy_replaced else grouped)  # (no-op when the writes were read already)
+        deltas = txn.deltas  # (once: a property; split and steps add to this same dict)
+        later = pending_steps.split(self, grouped, deltas)
+        if not deltas and not later:
+            return {}, {}
+        stored = read_revisions(db, sorted({*deltas, *later}))
+        pending = pending_steps.steps(self, later, {n: stored[n] + 1 for n in later if n in stored}, deltas)
         names = sorted(deltas)
-        stored = read_revisions(db, names)
         out: dict[str, HostHistory | None] = {}
         now = utcnow()
         gone: list[str] = []
@@ -305,39 +315,51 @@ class PolicyDistributor:
             db.execute(insert(HostStateRow), inserts)
         # every bumped row goes from the revision read above (under the change lock) to the next: one
         # statement, not one per host (a global change bumps every host) nor one per chunk of hosts
-        bump_revisions(db, updates, now, change)
-        return out
+        bump_revisions(db, sorted([*updates, *pending]), now, change)
+        return out, pending
 
     def publish(self, bumps: dict[str, HostHistory | None], *, hashed: bool = False,
                 pending: dict[str, PendingSteps] | None = None) -> None:
         """Make new histories visible (None: the host is gone) and wake their long-polls;
         ``hashed``: another replica wrote these revisions and fills in their hashes;
         ``pending``: revisions whose history is built when asked (:meth:`history_of`)."""
+        now = self.published_at = time.monotonic()
         for name, hist in bumps.items():
             self.pending.pop(name, None)
             if hist is None:
                 self.revisions.pop(name, None)
                 self.history.pop(name, None)
                 self.unhashed.pop(name, None)
+                self.unhashed_at.pop(name, None)
                 continue
             self.history[name] = hist  # before the revision, so lock-free readers find it
             self.revisions[name] = hist.revision
             if not hashed:
-                self.unhashed[name] = hist.revision
+                self._unhash(name, hist.revision, now)
         for name, steps in (pending or {}).items():
             self.pending[name] = steps  # the history stays older: lock-free readers go to fetch()
             self.revisions[name] = steps.revision
+            if not hashed:
+                self._unhash(name, steps.revision, now)
         names = (*bumps, *(pending or ()))
         if names and self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._wake, names)
 
-    def wants(self, name: str) -> bool:
-        """A poll here waits for ``name`` (or a listener says one will): build its history at once."""
-        return name in self._waiters or any(want(name) for want in self.wanted)
+    def _unhash(self, name: str, revision: int, now: float) -> None:
+        """``revision`` is the host's hash to write; a host still waiting keeps its place and time
+        (so under constant churn every host is still hashed ``hash_after`` after its first bump)."""
+        self.unhashed[name] = revision
+        self.unhashed_at.setdefault(name, now)
 
-    def wanted_among(self, names: list[str]) -> set[str]:
-        """Those of ``names`` that :meth:`wants`, in one pass per kind of want (not a call per host)."""
-        return self._waiters.among(names).union(*({n for n in names if want(n)} for want in self.wanted))
+    def holds(self, name: str) -> bool:
+        """A long-poll here waits for ``name``."""
+        return name in self._waiters
+
+    def wants(self, name: str) -> bool:
+        """A listener needs ``name``'s history built at once (the node long-polls: a pod's answer
+        is read on the event loop, which must not wait for the lock for a full policy). An agent's
+        held long-poll does not: :meth:`fetch_nowait` answers it from the pending steps."""
+        return any(want(name) for want in self.wanted)
 
     def history_of(self, name: str) -> HostHistory | None:
         """The host's history as published, its pending steps built first (caller holds the lock:
@@ -456,9 +478,14 @@ class PolicyDistributor:
         current revision is not there (then call :meth:`fetch` in a thread)."""
         rev = self.revisions.get(workload)
         hist = self.history.get(workload)
-        if rev is None or hist is None or hist.revision != rev:
+        if rev is None or hist is None:
             return None
-        return hist.update_since(since)
+        if hist.revision == rev:
+            return hist.update_since(since)
+        steps = self.pending.get(workload)  # (published before its revision: the pair agrees)
+        if steps is not None and steps.revision == rev:  # unbuilt: the label set's shared deltas
+            return steps.update_since(hist, since, self.history_limit)
+        return None
 
     def fetch(self, workload: str, since: int | None) -> PolicyUpdate:
         """The answer for an agent holding revision ``since``: composed deltas, full, or unchanged."""
@@ -550,10 +577,10 @@ class PolicyDistributor:
 
         self.transact(run)
 
-    def flush(self) -> int:
+    def flush(self, hash_after: float = 0.0) -> int:
         """Write dirty agent state (acks, heartbeats) in one transaction, and the policy hashes of
-        hosts bumped since the last flush; returns the agent rows written."""
-        self._write_hashes()
+        hosts bumped at least ``hash_after`` seconds ago; returns the agent rows written."""
+        self._write_hashes(hash_after)
         with self._flush_lock:  # committed before refresh_agents reads (it skips this flush's rows)
             dirty = [a for a in list(self.agents.values()) if a.dirty]
             if not dirty:
@@ -574,26 +601,7 @@ class PolicyDistributor:
                 self._own_flushes.add(xid)
         return len(dirty)
 
-    def _write_hashes(self) -> None:
-        """Fill in ``host_state.policy_hash`` of the revisions published since the last call (a
-        row bumped again meanwhile keeps its empty hash until the next call)."""
-        with self.lock:
-            pending, self.unhashed = self.unhashed, {}
-        params: list[dict[str, Any]] = []
-        if len(self._digests) > KEEP_DIGESTS or len(self._heads) > 2 * len(self.revisions) + KEEP_DIGESTS:
-            self._digests, self._heads = {}, {}  # parts no policy holds any more, hosts gone
-        memo, heads = self._digests, self._heads
-        for name, rev in sorted(pending.items()):
-            hist = self.history.get(name)
-            if hist is not None and hist.revision == rev:
-                params.append({"w": name, "r": rev, "h": policy_hash(hist.policy, memo, heads)})
-        if not params:
-            return
-        try:
-            with self.sessions.begin() as db:
-                write_hash_rows(db, params)
-        except BaseException:
-            with self.lock:  # the next flush tries again (unless the host was bumped meanwhile)
-                for p in params:
-                    self.unhashed.setdefault(p["w"], p["r"])
-            raise
+    def _write_hashes(self, hash_after: float = 0.0) -> None:
+        """Fill in ``host_state.policy_hash`` of the revisions published at least ``hash_after``
+        seconds ago (:mod:`.policy_hashes`)."""
+        policy_hashes.write(self, hash_after)

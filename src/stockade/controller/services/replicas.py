@@ -35,9 +35,9 @@ from sqlalchemy.orm import Session
 
 from stockade.compiler import Compiler
 from stockade.compiler.changes import SetOnly
-from stockade.compiler.delta import HostHistory, PendingSteps, Step
-from stockade.compiler.ir import HostDelta, SetDelta
+from stockade.compiler.delta import HostHistory, Step
 from stockade.controller.services import codec
+from stockade.controller.services import pending as pending_steps
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.storage import store
 from stockade.controller.storage.db import AgentRow, ChangeRow, DepartureRow, HostStateRow, ObjectRow, utcnow
@@ -185,33 +185,14 @@ def follow(dist: PolicyDistributor, db: Session) -> int:
                                  .where(HostStateRow.change_id > dist.seen)).one()
         bumped: dict[str, int] = dict(zip(names or (), revs or (), strict=True))
         deltas = txn.deltas
-        later: dict[str, tuple[SetDelta, ...]] = {}  # hosts no poll here waits for: steps built when asked
-        wanted = dist.wanted_among([name for group in grouped for name in group.hosts])
-        for group in grouped:
-            for name in group.hosts:
-                if name in wanted:  # (never a host in deltas: host_deltas leaves those out)
-                    deltas[name] = HostDelta(name, dist.compiler.host_policy(name), False, group.set_deltas)
-                else:
-                    later[name] = group.set_deltas
+        later = pending_steps.split(dist, grouped, deltas)  # answered from shared steps, built when asked
         missing = sorted((set(deltas) | set(later)) - set(bumped))
         for chunk in range(0, len(missing), 900):
             q = select(HostStateRow.workload, HostStateRow.revision).where(
                 HostStateRow.workload.in_(missing[chunk : chunk + 900]))
             bumped.update({w: r for w, r in db.execute(q)})
         out: dict[str, HostHistory | None] = {}
-        pending: dict[str, PendingSteps] = {}
-        for name, set_deltas in later.items():
-            rev = bumped.get(name)
-            if name not in dist.workloads or rev is None:
-                deltas[name] = HostDelta(name, dist.compiler.host_policy(name), False, set_deltas)
-                continue  # as below
-            was = dist.pending.get(name)
-            if was is not None:
-                pending[name] = was.then(rev, set_deltas, dist.history_limit)
-            else:
-                prev = dist.history.get(name)
-                pending[name] = PendingSteps.start(prev.revision if prev else None, rev, set_deltas,
-                                                   dist.history_limit)
+        pending = pending_steps.steps(dist, later, bumped, deltas)
         for name in sorted((set(deltas) | set(bumped)) - set(pending)):
             delta = deltas.get(name)
             if name not in dist.workloads or (delta is not None and delta.policy is None):

@@ -23,12 +23,6 @@ class Waiters:
     def __bool__(self) -> bool:
         return bool(self._held)
 
-    def among(self, keys: list[str]) -> set[str]:
-        """Those of ``keys`` some poll is held for now (one pass, no call per key; membership
-        reads only, as :meth:`__contains__`)."""
-        held = self._held
-        return {k for k in keys if k in held}
-
     def held(self, key: str) -> int:
         """How many polls ``key`` holds now."""
         return len(self._held.get(key, ()))
