@@ -137,7 +137,11 @@ def serve(database_url: str, port: int, switch_interval: float | None = None) ->
     if os.environ.get("STOCKADE_BENCH_GC_GEN0"):  # --gc-gen0: an A/B of the young generation's threshold
         import gc
 
-        gc.set_threshold(int(os.environ["STOCKADE_BENCH_GC_GEN0"]), *gc.get_threshold()[1:])
+        from stockade.controller import app as app_module
+
+        gen0 = int(os.environ["STOCKADE_BENCH_GC_GEN0"])
+        gc.set_threshold(gen0, *gc.get_threshold()[1:])  # (a tree whose controller keeps the process's)
+        app_module.YOUNG_COLLECTION_AFTER = gen0  # (a tree that sets its own)
     if os.environ.get("STOCKADE_BENCH_GC_FILE"):
         _record_collections(Path(os.environ["STOCKADE_BENCH_GC_FILE"]))
     if switch_interval is not None:  # --switch-interval: for an A/B of the GIL hand-over interval
