@@ -20,7 +20,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -89,7 +89,7 @@ def signed_headers(agent_id: str, key: Ed25519PrivateKey, request: httpx.Request
 @dataclass(frozen=True)
 class _Session:
     id: str
-    key: bytes  # K: in this process's memory only
+    key: bytes = field(repr=False)  # K: in this process's memory only, never printed
     instance: str  # the process instance that opened it (the controller binds it)
     renew_at: float  # monotonic: open a new one from then on (before the controller's expiry)
 

@@ -95,7 +95,7 @@ class AgentKeyRing:
         self._keys: dict[str, Ed25519PublicKey | None] = {}
         self._seen: dict[str, _AgentSeen] = {}
         self._lock = threading.Lock()
-        self.sessions_table = SessionTable(clock)
+        self.sessions_table = SessionTable(lambda: self.clock())  # (a test may swap the clock)
         self._unproven: dict[str, tuple[float, str]] = {}  # agent id -> (report after, client): unknown session
         self._next_sweep = 0.0
 
@@ -166,6 +166,9 @@ class AgentKeyRing:
             await self._refused(agent_id, str(exc), request, client_host)
             raise NotAuthenticatedError(str(exc)) from None
         request.state.agent_proof = "signature" if proof.signature is not None else "session"
+        if self._unproven:
+            with self._lock:
+                self._unproven.pop(agent_id, None)  # proven now: its unknown session was a routine one
         clone = self._remember(agent_id, fields.nonce, fields.instance, now)
         if clone is not None:
             self.sessions_table.drop_agent(agent_id)  # quarantined: its next requests are signed again

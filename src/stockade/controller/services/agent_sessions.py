@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stockade import agent_session as sess
 from stockade import agent_signature as sig
@@ -41,12 +41,9 @@ assert UnknownSessionError.__name__ == sess.UNKNOWN_SESSION
 class AgentSession:
     agent_id: str
     instance: str
-    key: bytes  # K (never logged: repr hides it)
-    bound_to: object  # the agent's Ed25519 public key object it was derived under
-    expires_at: float
-
-    def __repr__(self) -> str:
-        return f"AgentSession(agent_id={self.agent_id!r}, instance={self.instance!r}, expires_at={self.expires_at})"
+    key: bytes = field(repr=False)  # K: never printed
+    bound_to: object = field(repr=False)  # the agent's Ed25519 public key object it was derived under
+    expires_at: float = 0.0
 
 
 @dataclass(frozen=True)
