@@ -164,7 +164,8 @@ def test_a_session_mac_passes_and_every_wrong_one_is_refused_and_audited(name: s
         "another path": mac(build(client, cred, method, suffix, body), cred, held, over={"target": other_path}),
         "another query": mac(build(client, cred, method, suffix, body), cred, held,
                              over={"target": f"/api/v1/agents/{cred.agent_id}/{suffix}?x=1"}),
-        "another body": mac(build(client, cred, method, suffix, body), cred, held, over_body=build(client, cred, method, suffix, body).content + b" "),
+        "another body": mac(build(client, cred, method, suffix, body), cred, held,
+                            over_body=build(client, cred, method, suffix, body).content + b" "),
         "another time": mac(build(client, cred, method, suffix, body), cred, held,
                             over={"timestamp": int(time.time()) - 60}),
         "stale": mac(build(client, cred, method, suffix, body), cred, held, skew=-180),
@@ -395,3 +396,6 @@ def test_the_table_is_bounded_per_agent_and_in_all() -> None:
     assert len(table) == 3 and a2 not in table._by_id and {a3, b1, b2} <= set(table._by_id)
     table.drop_agent("b")
     assert set(table._by_id) == {a3} and table._of_agent == {"a": [a3]}
+    now[0] += sess.SESSION_SECONDS  # expired sessions go when the next one opens
+    c1 = opened("c")
+    assert set(table._by_id) == {c1} and table._of_agent == {"c": [c1]}

@@ -143,8 +143,8 @@ class AgentAuth(httpx.Auth):
 
     def _usable(self) -> _Session | None:
         with self._lock:
-            s = self._session
-            if s is not None and (time.monotonic() >= s.renew_at or s.instance != (self.instance or process_instance())):
+            s, instance = self._session, self.instance or process_instance()
+            if s is not None and (time.monotonic() >= s.renew_at or s.instance != instance):
                 self._session = s = None
             return s
 

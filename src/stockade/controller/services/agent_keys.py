@@ -43,8 +43,8 @@ from stockade import agent_session as sess
 from stockade import agent_signature as sig
 from stockade.controller.services.agent_sessions import Opened, SessionTable, UnknownSessionError
 from stockade.controller.services.auth import NotAuthenticatedError, Principal
-from stockade.errors import AuthError, Issue, ValidationError
 from stockade.controller.storage.db import AgentRow
+from stockade.errors import AuthError, Issue, ValidationError
 
 MAX_NONCES_PER_AGENT = 20_000  # far above any real agent's request rate over the window
 RETIRED_INSTANCES = 32

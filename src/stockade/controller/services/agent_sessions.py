@@ -81,6 +81,12 @@ class SessionTable:
         del own
         entry = AgentSession(agent_id, instance, key, agent_key, self.clock() + self.lifetime)
         with self._lock:
+            while self._by_id:  # the expired first (one lifetime for all: insertion order is expiry order)
+                old_id, old = next(iter(self._by_id.items()))
+                if old.expires_at > entry.expires_at - self.lifetime:
+                    break
+                del self._by_id[old_id]
+                self._unlink(old.agent_id, old_id)
             ids = self._of_agent.setdefault(agent_id, [])
             while len(ids) >= self.max_per_agent:
                 self._by_id.pop(ids.pop(0), None)
