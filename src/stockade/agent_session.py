@@ -25,6 +25,25 @@ the agent's Ed25519 private key and to the one controller replica that opened it
    (replay), the instance (clones) exactly as for a signature; a request carrying both a
    signature and a MAC is refused (which one would count is ambiguous).
 
+Choices, and why:
+
+* K stays in the memory of the replica that opened the session (not in the database): a
+  database reader (a backup, a replica of PostgreSQL) learns nothing that proves a request. The
+  price: a request reaching another replica, or a restarted one, is answered 401
+  ``UnknownSessionError`` (:data:`UNKNOWN_SESSION`) and the agent re-sends it signed, then opens
+  a session there (at most one open per 30 s per client).
+* The agent re-sends *any* request refused on a session signed, not only the unknown-session one:
+  the signature's answer is then what its caller sees, exactly as before sessions (a revoked
+  token, a rotated key with the interrupted-rotation retry, a stale clock).
+* A session is bound to the agent process (instance) that opened it, so two processes sharing a
+  credential still take turns on the instance check (clone detection), and to the Ed25519 key it
+  was opened under (dropped when that key changes).
+* Opening a session and rotating the key are signature-only: a leaked K can never extend itself
+  or replace the key.
+* An unknown session is routine (restart, failover, expiry), so it is not audited as a refused
+  signature at once; it is audited if no proven request of that agent follows within 30 s (a
+  copied token trying session ids gets reported, an agent recovering does not).
+
 Shared by the agent (making MACs) and the controller (checking them) so the two never disagree.
 """
 

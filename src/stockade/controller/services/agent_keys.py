@@ -1,4 +1,4 @@
-"""Checks that an agent request was signed on the agent's host: keys, freshness, replays, clones.
+"""Checks that an agent request was proven on the agent's host: keys, freshness, replays, clones.
 
 Every agent enrolled with a public key (the real agent always sends one) must sign each request
 (:mod:`stockade.agent_signature`). :class:`AgentKeyRing` holds what that check needs in memory so
@@ -19,6 +19,11 @@ the hot path (a long-poll per agent) costs one Ed25519 verification and no datab
   seconds; then ``on_release`` applies them. A copy is caught before that (the original speaks
   again within its long-poll) and its report never moves the workload's addresses. The default
   (45 s) exceeds the agent's longest quiet time (20 s long-poll, 15 s heartbeat).
+
+* request sessions (:mod:`stockade.agent_session`, :class:`SessionTable`): a request may carry the
+  MAC of a session opened with a signed request instead of a signature; it goes through the same
+  freshness, nonce, instance and refusal logic. ``request.state.agent_proof`` tells the route which
+  proof it got (opening a session and rotating the key take a signature only).
 
 Agents enrolled before keys existed (``public_key`` NULL) still authenticate with their token
 alone until they bind a key (the agent does so at its first start after the upgrade).
