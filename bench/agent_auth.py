@@ -24,7 +24,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    n: int = args.requests
 
     import httpx
     from fastapi.testclient import TestClient
@@ -121,7 +122,7 @@ def main() -> None:
         async def one(p: dict[str, Any]) -> int:
             status = 0
 
-            async def send(message: dict[str, Any]) -> None:
+            async def send(message: MutableMapping[str, Any]) -> None:
                 nonlocal status
                 if message["type"] == "http.response.start":
                     status = message["status"]
@@ -131,38 +132,38 @@ def main() -> None:
 
         async def whole(kind: str, name: str) -> float:
             ctl.agent_keys._seen.clear()  # (the nonces of the last rounds: one agent's cap is 20,000)
-            ps = [prepared(kind, *specs[name]) for _ in range(args.requests + 50)]
+            ps = [prepared(kind, *specs[name]) for _ in range(n + 50)]
             for p in ps[:50]:
                 assert await one(p) in (200, 204), (kind, name)
             start = time.process_time()
             for p in ps[50:]:
                 await one(p)
-            return (time.process_time() - start) / args.requests * 1e6
+            return (time.process_time() - start) / n * 1e6
 
         principal = ctl.agent_principal(cred.agent_id, cred.token[4:].partition("_")[2])
         assert principal is not None
 
         async def check_only(kind: str) -> float:
             ctl.agent_keys._seen.clear()
-            ps = [prepared(kind, *specs["heartbeat"]) for _ in range(args.requests)]
+            ps = [prepared(kind, *specs["heartbeat"]) for _ in range(n)]
             reqs = [Request(p["scope"], receiver(p["body"])) for p in ps]
             start = time.process_time()
             for req in reqs:
                 await ctl.agent_keys.check(req, principal)
-            return (time.process_time() - start) / args.requests * 1e6
+            return (time.process_time() - start) / n * 1e6
 
         def agent_side(kind: str) -> float:
             key = signer.key_file.key() if signer.key_file else None
             req = httpx.Request("POST", "http://testserver" + base + "/heartbeat", content=b"{}")
             start = time.process_time()
-            for _ in range(args.requests):
+            for _ in range(n):
                 if kind == "signature":
                     signed_headers(cred.agent_id, key, req)  # type: ignore[arg-type]
                 else:
                     fields = SignedFields(cred.agent_id, "POST", base + "/heartbeat", int(time.time()), new_nonce(),
                                           session.instance)
                     sess.mac_request(session.key, session.id, fields, b"{}")
-            return (time.process_time() - start) / args.requests * 1e6
+            return (time.process_time() - start) / n * 1e6
 
         kinds = ("signature", "session")
         rows = [*(f"request: {n}" for n in ROUTES), "check only (AgentKeyRing.check)", "agent: make one proof"]

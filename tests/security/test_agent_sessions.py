@@ -113,8 +113,9 @@ def build(client: TestClient, cred: Credential, method: str, suffix: str, body: 
     headers = {"Authorization": f"Bearer {cred.token}"}
     if content:
         headers["Content-Type"] = "application/json"
-    return client.build_request(method, f"/api/v1/agents/{cred.agent_id}/{suffix}", content=content,
-                                headers=headers)
+    req: httpx.Request = client.build_request(method, f"/api/v1/agents/{cred.agent_id}/{suffix}",
+                                              content=content, headers=headers)
+    return req
 
 
 def mac(req: httpx.Request, cred: Credential, held: Held, *, skew: int = 0, nonce: str | None = None,
@@ -200,7 +201,8 @@ def test_sessions_not_held_another_agents_and_after_rotation_or_revocation_are_r
     held = open_session(client, cred)
 
     def send(h: Held, c: Credential = cred, **kw: Any) -> httpx.Response:
-        return client.send(mac(build(client, c, method, suffix, body), c, h, **kw))
+        r: httpx.Response = client.send(mac(build(client, c, method, suffix, body), c, h, **kw))
+        return r
 
     # unknown (another replica's, or from before a restart): a distinct answer, not audited at once
     ring._refusal_reported.clear()
@@ -252,7 +254,7 @@ def test_an_unknown_session_without_a_signed_retry_is_audited_after_the_grace(no
     api, cred = node.api, node.cred
     client, ring = api.client, api.ctl.agent_keys
     stranger = Held(sess.new_session_id(), bytes(32), INSTANCE)
-    beat = ("POST", "heartbeat", {})
+    beat: tuple[str, str, Any] = ("POST", "heartbeat", {})
     assert client.send(mac(build(client, cred, *beat), cred, stranger)).status_code == 401
     ring._refusal_reported.clear()
     before = refusals(api)
