@@ -401,3 +401,27 @@ def test_the_table_is_bounded_per_agent_and_in_all() -> None:
     now[0] += sess.SESSION_SECONDS  # expired sessions go when the next one opens
     c1 = opened("c")
     assert set(table._by_id) == {c1} and table._of_agent == {"c": [c1]}
+
+
+def test_a_quarantined_agent_loses_its_sessions(node: Node) -> None:
+    """Two processes on one credential (the clone check), or a report claiming another workload's
+    addresses: the agent is quarantined and proves its next requests with its key again."""
+    api, cred = node.api, node.cred
+    table = api.ctl.agent_keys.sessions_table
+    beat = f"/api/v1/agents/{cred.agent_id}/heartbeat"
+    first, second = AgentAuth(cred, instance="a" * 32), AgentAuth(cred, instance="b" * 32)
+    assert api.client.post(beat, json={}, auth=first).status_code == 200
+    assert api.client.post(beat, json={}, auth=second).status_code == 200
+    assert len(table._of_agent[cred.agent_id]) >= 2
+    assert api.client.post(beat, json={}, auth=first).status_code == 200  # the first is back: two processes
+    assert api.ok("GET", f"/agents/{cred.agent_id}")["quarantined"]
+    assert cred.agent_id not in table._of_agent
+    # the address check: node-b reports the address of the pod k8s.shop.db-1
+    other = _agent(api, node.tmp, "node-b")
+    auth = AgentAuth(other)
+    assert api.client.post(f"/api/v1/agents/{other.agent_id}/heartbeat", json={}, auth=auth).status_code == 200
+    assert other.agent_id in table._of_agent
+    r = api.client.put(f"/api/v1/agents/{other.agent_id}/interfaces", auth=auth,
+                       json={"interfaces": [{"name": "eth0", "addresses": ["10.60.0.1"]}]})
+    assert r.status_code == 200 and r.json()["quarantined"], r.text
+    assert other.agent_id not in table._of_agent
