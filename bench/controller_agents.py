@@ -164,11 +164,11 @@ def agent_signer(agent_id: str, key: Any, instance: str | None = None) -> Signer
 
 
 class SessionProof:
-    """What the real agent's ``AgentAuth`` (``stockade.agent.signing``) does with its key: open a
-    session (``stockade.agent_session``) with a signed request, prove later requests with the
-    session's MAC, and when a MAC'd request is refused (401: the replica restarted, or is not the
-    one that opened it) drop the session and send the request again signed; at most one open per
-    ``OPEN_INTERVAL`` seconds, a new one before the session expires."""
+    """What the real agent's ``AgentAuth`` (``stockade.agent.signing``) does with its key: once a
+    signed request was accepted, open a session (``stockade.agent_session``) with a signed request,
+    prove later requests with the session's MAC, and when a MAC'd request is refused (401: the
+    replica restarted, or is not the one that opened it) drop the session and send the request
+    again signed; at most one open per ``OPEN_INTERVAL`` seconds, a new one before it expires."""
 
     OPEN_INTERVAL = 30.0
 
@@ -181,6 +181,7 @@ class SessionProof:
         self.renew_at = 0.0
         self.next_open = 0.0
         self.opened = 0
+        self.proven = False  # a signed request was accepted (the real agent opens a session only then)
 
     def _mac(self, method: str, target: str, body: bytes) -> dict[str, str]:
         from stockade import agent_session as sess
@@ -209,7 +210,7 @@ class SessionProof:
     async def request(self, conn: Conn, method: str, path: str, token: str, body: Any,
                       raw: tuple[str, bytes] | None) -> tuple[int, Any]:
         now = time.monotonic()
-        if (self.session is None or now >= self.renew_at) and now >= self.next_open:
+        if self.proven and (self.session is None or now >= self.renew_at) and now >= self.next_open:
             self.next_open = now + self.OPEN_INTERVAL
             await self._open(conn, token)
         if self.session is not None:
@@ -217,7 +218,9 @@ class SessionProof:
             if status != 401:
                 return status, got
             self.session = None
-        return await conn.request(method, path, token, body, raw, signer=self.sign)
+        status, got = await conn.request(method, path, token, body, raw, signer=self.sign)
+        self.proven = self.proven or status != 401  # sessions from the next request on
+        return status, got
 
 
 LONG_POLL_S = 20.0  # the real agent's first poll (agent/transport.FIRST_POLL_SECONDS), until the controller

@@ -109,8 +109,9 @@ class AgentAuth(httpx.Auth):
     """Bearer token + (when the agent has a key) a proof on every request: the MAC of a session
     bound to the key (:mod:`stockade.agent_session`) when one is open, else a signature.
 
-    A session is opened (Ed25519-signed) before the first request that may use one, at most once
-    per :data:`SESSION_OPEN_INTERVAL`, and renewed before it expires. A request refused (401) on a
+    The first request is signed; once one was accepted, a session is opened (Ed25519-signed) before
+    the next request, at most once per :data:`SESSION_OPEN_INTERVAL`, and renewed before it
+    expires (so a one-shot client, a CLI command, never opens one). A request refused (401) on a
     session - the replica restarted or is another one, the key was rotated - drops the session and
     is sent again signed, so its caller sees what a signed request gets."""
 
@@ -123,6 +124,7 @@ class AgentAuth(httpx.Auth):
         self.sessions_opened = 0
         self._session: _Session | None = None
         self._next_open = 0.0  # monotonic
+        self._proven = False  # a signed request of this client was accepted (a one-shot client never opens)
         self._lock = threading.Lock()
 
     def _clear(self, request: httpx.Request) -> None:
@@ -199,7 +201,7 @@ class AgentAuth(httpx.Auth):
             base = _agent_base(request, self.agent_id)
             if base is not None and not request.url.raw_path.split(b"?", 1)[0].endswith(SIGNED_ONLY):
                 session = self._usable()
-                if session is None and self._claim_open():
+                if session is None and self._proven and self._claim_open():
                     session = yield from self._open(request, base)
         if session is not None:
             request.headers["Authorization"] = f"Bearer {self.token}"
@@ -210,7 +212,9 @@ class AgentAuth(httpx.Auth):
             self.drop_session(session)  # not held by this replica (or refused): the signature decides
         self._sign(request)
         response = yield request
-        if response.status_code == 401 and self.key_file is not None and self.key_file.promote_next():
+        if response.status_code != 401:
+            self._proven = True  # the controller knows this key: sessions from the next request on
+        elif self.key_file is not None and self.key_file.promote_next():
             self._sign(request)
             yield request
 
