@@ -255,7 +255,11 @@ def test_an_unknown_session_without_a_signed_retry_is_audited_after_the_grace(no
     client, ring = api.client, api.ctl.agent_keys
     stranger = Held(sess.new_session_id(), bytes(32), INSTANCE)
     beat: tuple[str, str, Any] = ("POST", "heartbeat", {})
+    captured = build(client, cred, *beat)
+    captured.headers.update(signed_headers(cred.agent_id, _key(cred), captured, INSTANCE))
+    assert client.send(captured).status_code == 200
     assert client.send(mac(build(client, cred, *beat), cred, stranger)).status_code == 401
+    assert client.send(captured).status_code == 401  # a replayed signed request proves nothing
     ring._refusal_reported.clear()
     before = refusals(api)
     start = time.time()

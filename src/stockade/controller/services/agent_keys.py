@@ -171,10 +171,10 @@ class AgentKeyRing:
             await self._refused(agent_id, str(exc), request, client_host)
             raise NotAuthenticatedError(str(exc)) from None
         request.state.agent_proof = "signature" if proof.signature is not None else "session"
+        clone = self._remember(agent_id, fields.nonce, fields.instance, now)  # (a replay raises here)
         if self._unproven:
             with self._lock:
                 self._unproven.pop(agent_id, None)  # proven now: its unknown session was a routine one
-        clone = self._remember(agent_id, fields.nonce, fields.instance, now)
         if clone is not None:
             self.sessions_table.drop_agent(agent_id)  # quarantined: its next requests are signed again
             if self.on_clone is not None:
