@@ -199,6 +199,8 @@ class SessionProof:
         own_text = sess.exchange_public_text(own)
         status, got = await conn.request("POST", f"/api/v1/agents/{self.agent_id}/session", token,
                                          {"public_key": own_text}, signer=self.sign)
+        if status in (404, 405):  # a controller from before sessions (--before-src): as the real agent, back off
+            self.next_open = time.monotonic() + 10 * self.OPEN_INTERVAL
         if status != 200:
             return
         key = sess.derive_session_key(own, got["public_key"], session_id=got["session"], agent_id=self.agent_id,
