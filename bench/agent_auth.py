@@ -77,7 +77,8 @@ def main() -> None:
         signer = AgentAuth(cred, sessions=False)
         macer = AgentAuth(cred)
         base = f"/api/v1/agents/{cred.agent_id}"
-        assert client.post(base + "/heartbeat", json={}, auth=macer).status_code == 200
+        for _ in range(2):  # signed, then a session opened and used
+            assert client.post(base + "/heartbeat", json={}, auth=macer).status_code == 200
         session = macer._session
         assert session is not None
         rev = ctl.dist.revisions.get(cred.workload, 0)
