@@ -31,10 +31,12 @@ first, so a change reaches two thirds of the agents through the change log (LIST
 reported: controller CPU-seconds (all replicas, user + system) per 1,000 agents per global
 change, and each replica's RSS at the end.
 
-``--sign``: the simulated agents enrol with an Ed25519 key each and sign every request as the real
-agent does (``stockade.agent_signature``), so the replicas verify a signature per request; without
-it they authenticate with their token alone (the controller still accepts agents enrolled without a
-key), as in every row before session 12.
+``--sign``: the simulated agents enrol with an Ed25519 key each and prove every request as the real
+agent does: once a signed request was accepted, a signed request opens a request session, later
+ones carry its MAC (``stockade.agent_session``), a refused one is signed again (``--no-sessions``:
+each request signed, ``stockade.agent_signature``, one Ed25519 verification per request); without
+``--sign`` they authenticate with their token alone (the controller still accepts agents enrolled
+without a key), as in every row before session 12.
 
     python bench/controller.py --agents 1000 5000 --backends sqlite postgresql
     python bench/controller.py --agents 5000 --backends postgresql --replicas 1 3
@@ -137,7 +139,11 @@ def serve(database_url: str, port: int, switch_interval: float | None = None) ->
     if os.environ.get("STOCKADE_BENCH_GC_GEN0"):  # --gc-gen0: an A/B of the young generation's threshold
         import gc
 
-        gc.set_threshold(int(os.environ["STOCKADE_BENCH_GC_GEN0"]), *gc.get_threshold()[1:])
+        from stockade.controller import app as app_module
+
+        gen0 = int(os.environ["STOCKADE_BENCH_GC_GEN0"])
+        gc.set_threshold(gen0, *gc.get_threshold()[1:])  # (a tree whose controller keeps the process's)
+        app_module.YOUNG_COLLECTION_AFTER = gen0  # (a tree that sets its own)
     if os.environ.get("STOCKADE_BENCH_GC_FILE"):
         _record_collections(Path(os.environ["STOCKADE_BENCH_GC_FILE"]))
     if switch_interval is not None:  # --switch-interval: for an A/B of the GIL hand-over interval
@@ -254,7 +260,7 @@ def _stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
 async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int, heartbeat: float,
                     pids: list[int], profile: str | None = None,
                     db_pids: Callable[[], list[int]] = list, sign: bool = False,
-                    gc_files: list[Path] | None = None) -> dict[str, Any]:
+                    gc_files: list[Path] | None = None, sessions: bool = True) -> dict[str, Any]:
     port = ports[0]  # every change is made through the first replica
     admin = Conn(port)
     key = await _owner_key(port, password)
@@ -266,7 +272,7 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
     spies = _profilers(pids, profile, "enrol")
     t_enrol, cpu_enrol, client_enrol = time.perf_counter(), cpu_seconds(pids), _own_cpu()
     runners = Runners()  # each agent long-polls from its own enrolment on, as a real agent does
-    agents = await runners.enrol(_enrol_work(codes, n_agents), ports, heartbeat, sign)
+    agents = await runners.enrol(_enrol_work(codes, n_agents), ports, heartbeat, sign, sessions)
     enrol_s = time.perf_counter() - t_enrol
     _stop_profilers(spies)
     enrol_cpu, enrol_client = cpu_seconds(pids) - cpu_enrol, _own_cpu() - client_enrol
@@ -498,7 +504,7 @@ async def _converged(c: Conn, key: str, n: int, limit: float) -> None:
 
 def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replicas: int = 1,
             profile: str | None = None, switch_interval: float | None = None, sign: bool = False,
-            src: str | None = None, gen0: int | None = None) -> dict[str, Any]:
+            src: str | None = None, gen0: int | None = None, sessions: bool = True) -> dict[str, Any]:
     """One configuration; ``src``: the controllers run this tree's ``src`` (a before-tree), else ours."""
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
     pg: PgCluster | None = None
@@ -537,7 +543,7 @@ def run_one(backend: str, n_agents: int, repeats: int, heartbeat: float, replica
 
         result = uvloop.run(run_bench(ports, cred["password"], n_agents, repeats, heartbeat,
                                       [s.pid for s in servers], profile, pg.pids if pg else list, sign,
-                                      [tmp / f"gc-{port}.json" for port in ports]))
+                                      [tmp / f"gc-{port}.json" for port in ports], sessions))
         result["backend"] = backend
         return result
     finally:
@@ -582,6 +588,8 @@ def main() -> None:
     p.add_argument("--sign", action="store_true",
                    help="agents enrol with an Ed25519 key and sign every request, as the real agent does "
                         "(the controller verifies each signature; without it they use the token alone)")
+    p.add_argument("--no-sessions", action="store_true",
+                   help="with --sign: sign every request (no request session and its MAC, which the real agent uses)")
     args = p.parse_args()
     _raise_nofile()
     trees = [("before", args.before_src), ("this", None)] if args.before_src else [("this", None)]
@@ -594,16 +602,17 @@ def main() -> None:
             try:
                 r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
                             f"{args.profile}/{backend}-{n}-{replicas}-{tree}" if args.profile else None,
-                            switch, args.sign, src, gen0)
+                            switch, args.sign, src, gen0, not args.no_sessions)
             except RuntimeError as exc:
                 print(f"{backend} {n}: skipped ({exc})", flush=True)
                 continue
             r.update(switch_interval=switch, gc_gen0=gen0, signed=args.sign, load_avg=os.getloadavg(),
-                     tree=tree if gen0 is None else f"{tree}/g{gen0}")
+                     sessions=args.sign and not args.no_sessions, tree=tree if gen0 is None else f"{tree}/g{gen0}")
             rows.append(r)
             print(json.dumps(r), flush=True)
     print()
-    print(f"agents sign their requests: {'yes (--sign)' if args.sign else 'no (token only; --sign to sign)'}")
+    print(f"agents sign their requests: {'yes (--sign)' if args.sign else 'no (token only; --sign to sign)'}"
+          + (f"; on a session (MAC): {'no (--no-sessions)' if args.no_sessions else 'yes'}" if args.sign else ""))
     print(f"{'tree':<13}{'backend':<11}{'repl':>5}{'agents':>7}{'enrol s':>9}{'app p50':>9}{'app p99':>9}{'fan':>6}"
           f"{'glob p50':>10}{'glob p99':>10}{'fan':>6}{'api p50':>9}{'api p99':>9}{'cpu/1k':>8}{'rss MiB':>14}"
           f"{'errs':>6}")

@@ -89,9 +89,13 @@ class Conn:
         self.proto: _Response | None = None
 
     async def request(self, method: str, path: str, token: str = "", body: Any = None,
-                      raw: tuple[str, bytes] | None = None, signer: Signer | None = None) -> tuple[int, Any]:
+                      raw: tuple[str, bytes] | None = None,
+                      signer: Signer | SessionProof | None = None) -> tuple[int, Any]:
         """``raw``: (content type, bytes) instead of a JSON ``body``; ``signer``: the headers that
-        sign the request (method, path, body), as the real agent's."""
+        sign the request (method, path, body), as the real agent's; a :class:`SessionProof` proves it
+        as the real agent does (a session's MAC, a signature when the session is refused)."""
+        if isinstance(signer, SessionProof):
+            return await signer.request(self, method, path, token, body, raw)
         for attempt in range(3):
             try:
                 return await self._request(method, path, token, body, raw, signer)
@@ -143,20 +147,82 @@ class Agent:
     applied: int = 0
     acks: list[tuple[float, int]] = field(default_factory=list)
     errors: int = 0
-    signer: Signer | None = None  # --sign: the agent's Ed25519 key signs every request, as the real agent's
+    signer: Signer | SessionProof | None = None  # --sign: proves every request with the agent's key, as the real one
 
 
-def agent_signer(agent_id: str, key: Any) -> Signer:
+def agent_signer(agent_id: str, key: Any, instance: str | None = None) -> Signer:
     """The real agent's signature headers (``stockade.agent_signature``) with this agent's key."""
     from stockade import agent_signature as sig
 
-    instance = sig.new_nonce()  # one per simulated agent process
+    instance = instance or sig.new_nonce()  # one per simulated agent process
 
     def sign(method: str, target: str, body: bytes) -> dict[str, str]:
         fields = sig.SignedFields(agent_id, method, target, int(time.time()), sig.new_nonce(), instance)
         return sig.sign_request(key, fields, body)
 
     return sign
+
+
+class SessionProof:
+    """What the real agent's ``AgentAuth`` (``stockade.agent.signing``) does with its key: once a
+    signed request was accepted, open a session (``stockade.agent_session``) with a signed request,
+    prove later requests with the session's MAC, and when a MAC'd request is refused (401: the
+    replica restarted, or is not the one that opened it) drop the session and send the request
+    again signed; at most one open per ``OPEN_INTERVAL`` seconds, a new one before it expires."""
+
+    OPEN_INTERVAL = 30.0
+
+    def __init__(self, agent_id: str, key: Any) -> None:
+        from stockade import agent_signature as sig
+
+        self.agent_id, self.key, self.instance = agent_id, key, sig.new_nonce()
+        self.sign = agent_signer(agent_id, key, self.instance)
+        self.session: tuple[str, bytes] | None = None
+        self.renew_at = 0.0
+        self.next_open = 0.0
+        self.opened = 0
+        self.proven = False  # a signed request was accepted (the real agent opens a session only then)
+
+    def _mac(self, method: str, target: str, body: bytes) -> dict[str, str]:
+        from stockade import agent_session as sess
+        from stockade import agent_signature as sig
+
+        assert self.session is not None
+        fields = sig.SignedFields(self.agent_id, method, target, int(time.time()), sig.new_nonce(), self.instance)
+        return sess.mac_request(self.session[1], self.session[0], fields, body)
+
+    async def _open(self, conn: Conn, token: str) -> None:
+        from stockade import agent_session as sess
+        from stockade import agent_signature as sig
+
+        own = sess.new_exchange_key()
+        own_text = sess.exchange_public_text(own)
+        status, got = await conn.request("POST", f"/api/v1/agents/{self.agent_id}/session", token,
+                                         {"public_key": own_text}, signer=self.sign)
+        if status in (404, 405):  # a controller from before sessions (--before-src): as the real agent, back off
+            self.next_open = time.monotonic() + 10 * self.OPEN_INTERVAL
+        if status != 200:
+            return
+        key = sess.derive_session_key(own, got["public_key"], session_id=got["session"], agent_id=self.agent_id,
+                                      agent_key_text=sig.public_key_text(self.key), agent_exchange_text=own_text,
+                                      controller_exchange_text=got["public_key"])
+        self.session, self.renew_at = (got["session"], key), time.monotonic() + got["expires_in"] - 120
+        self.opened += 1
+
+    async def request(self, conn: Conn, method: str, path: str, token: str, body: Any,
+                      raw: tuple[str, bytes] | None) -> tuple[int, Any]:
+        now = time.monotonic()
+        if self.proven and (self.session is None or now >= self.renew_at) and now >= self.next_open:
+            self.next_open = now + self.OPEN_INTERVAL
+            await self._open(conn, token)
+        if self.session is not None:
+            status, got = await conn.request(method, path, token, body, raw, signer=self._mac)
+            if status != 401:
+                return status, got
+            self.session = None
+        status, got = await conn.request(method, path, token, body, raw, signer=self.sign)
+        self.proven = self.proven or status != 401  # sessions from the next request on
+        return status, got
 
 
 LONG_POLL_S = 20.0  # the real agent's first poll (agent/transport.FIRST_POLL_SECONDS), until the controller
@@ -225,7 +291,8 @@ async def _runner(heartbeat: float) -> None:
         agents.append(a)
         tasks.append(asyncio.create_task(agent_loop(a, ports[a.index % len(ports)], heartbeat, stop)))
 
-    await _enrol(ports, spec["enrol"], spec["concurrency"], started, spec.get("sign", False))
+    await _enrol(ports, spec["enrol"], spec["concurrency"], started, spec.get("sign", False),
+                 spec.get("sessions", True))
     sys.stdout.write(json.dumps({"enrolled": [[a.index, a.agent_id, a.workload] for a in agents]}) + "\n")
     sys.stdout.flush()
     while line := await reader.readline():
@@ -252,7 +319,7 @@ class Runners:
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def enrol(self, work: list[list[Any]], ports: list[int], heartbeat: float,
-                    sign: bool = False) -> list[Agent]:
+                    sign: bool = False, sessions: bool = True) -> list[Agent]:
         """Enrol ``work`` ([index, code, hostname, address] per agent) in the runners; every agent
         long-polls from its own enrolment on (``sign``: with a key of its own, signing every
         request). Returns the agents once all have enrolled."""
@@ -264,7 +331,7 @@ class Runners:
             assert proc.stdin is not None
             concurrency = max(1, ENROL_CONCURRENCY // k)
             proc.stdin.write(json.dumps({"enrol": work[j::k], "ports": ports, "concurrency": concurrency,
-                                         "sign": sign}).encode() + b"\n")
+                                         "sign": sign, "sessions": sessions}).encode() + b"\n")
             await proc.stdin.drain()
             self.procs.append(proc)
         agents: list[Agent] = []
@@ -304,9 +371,11 @@ class Runners:
                 proc.kill()
 
 
-async def _enrol(ports: list[int], work: list[list[Any]], concurrency: int, started: Any, sign: bool = False) -> None:
+async def _enrol(ports: list[int], work: list[list[Any]], concurrency: int, started: Any, sign: bool = False,
+                 sessions: bool = True) -> None:
     """Enrol every agent of ``work``, ``concurrency`` at a time; ``started(agent)`` right after each
-    (``sign``: each with an Ed25519 key of its own, as the real agent enrols)."""
+    (``sign``: each with an Ed25519 key of its own, as the real agent enrols; ``sessions``: proving
+    its requests on a session as the real agent does, else signing each one)."""
     queue = list(reversed(work))
     done = 0
 
@@ -333,8 +402,9 @@ async def _enrol(ports: list[int], work: list[list[Any]], concurrency: int, star
             status, got = await c.request("POST", "/api/v1/agents/enroll", body=body)
             assert status == 201, got
             done += 1
-            started(Agent(i, got["agent_id"], got["token"], got["workload"],
-                          signer=agent_signer(got["agent_id"], key) if key is not None else None))
+            proof = None if key is None else SessionProof(got["agent_id"], key) if sessions else \
+                agent_signer(got["agent_id"], key)
+            started(Agent(i, got["agent_id"], got["token"], got["workload"], signer=proof))
         for conn in conns.values():
             conn.close()
 

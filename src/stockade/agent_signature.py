@@ -171,10 +171,9 @@ def sign_request(key: Ed25519PrivateKey, fields: SignedFields, body: bytes) -> d
             INSTANCE_HEADER: fields.instance, SIGNATURE_HEADER: b64encode(sig)}
 
 
-def read_signed_fields(agent_id: str, method: str, target: str, headers: dict[str, str]) -> tuple[SignedFields, bytes]:
-    """Parse the signature headers (lower-case names); :class:`SignatureError` names what is wrong."""
-    missing = [h for h in (TIMESTAMP_HEADER, NONCE_HEADER, INSTANCE_HEADER, SIGNATURE_HEADER)
-               if h.lower() not in headers]
+def read_fields(agent_id: str, method: str, target: str, headers: dict[str, str]) -> SignedFields:
+    """The timestamp, nonce and instance headers (lower-case names) every proof carries."""
+    missing = [h for h in (TIMESTAMP_HEADER, NONCE_HEADER, INSTANCE_HEADER) if h.lower() not in headers]
     if missing:
         raise SignatureError(f"this agent signs its requests: missing {', '.join(missing)}")
     ts_text = headers[TIMESTAMP_HEADER.lower()]
@@ -185,10 +184,20 @@ def read_signed_fields(agent_id: str, method: str, target: str, headers: dict[st
         raise SignatureError(f"{NONCE_HEADER}: expected 32 lower-case hex digits")
     if not _HEX32.match(instance):
         raise SignatureError(f"{INSTANCE_HEADER}: expected 32 lower-case hex digits")
+    return SignedFields(agent_id, method, target, int(ts_text), nonce, instance)
+
+
+def read_signed_fields(agent_id: str, method: str, target: str, headers: dict[str, str]) -> tuple[SignedFields, bytes]:
+    """Parse the signature headers (lower-case names); :class:`SignatureError` names what is wrong."""
+    missing = [h for h in (TIMESTAMP_HEADER, NONCE_HEADER, INSTANCE_HEADER, SIGNATURE_HEADER)
+               if h.lower() not in headers]
+    if missing:
+        raise SignatureError(f"this agent signs its requests: missing {', '.join(missing)}")
+    fields = read_fields(agent_id, method, target, headers)
     sig = b64decode(headers[SIGNATURE_HEADER.lower()])
     if len(sig) != 64:
         raise SignatureError(f"{SIGNATURE_HEADER}: an Ed25519 signature is 64 bytes")
-    return SignedFields(agent_id, method, target, int(ts_text), nonce, instance), sig
+    return fields, sig
 
 
 def verify(key: Ed25519PublicKey, fields: SignedFields, body: bytes, signature: bytes) -> None:

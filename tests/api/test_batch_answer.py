@@ -84,5 +84,6 @@ def test_the_controller_serves_with_rare_full_collections(tmp_path: Path) -> Non
     app = create_app(make_settings(f"sqlite:///{tmp_path / 'gc.db'}"))
     with TestClient(app):
         serving = gc.get_threshold()
-    assert serving[:2] == before[:2] and serving[2] == max(before[2], app_module.FULL_COLLECTION_AFTER) >= 100
+    assert serving[0] == max(before[0], app_module.YOUNG_COLLECTION_AFTER) >= 20_000
+    assert serving[1] == before[1] and serving[2] == max(before[2], app_module.FULL_COLLECTION_AFTER) >= 100
     assert gc.get_threshold() == before

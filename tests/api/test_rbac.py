@@ -18,7 +18,7 @@ from stockade.controller.services.auth import Permission
 
 ROLES = ("owner", "admin", "ruleset-manager", "read-only")
 AGENT_ROUTES = re.compile(
-    r"^/api/v1/agents/\{agent_id\}/(interfaces|heartbeat|policy|policy/wait|ack|events|unenroll|flows|key|wireguard-key|pods/enroll|pods/enroll-batch|pods/updates|pods/acks)$"
+    r"^/api/v1/agents/\{agent_id\}/(interfaces|heartbeat|policy|policy/wait|ack|events|unenroll|flows|key|session|wireguard-key|pods/enroll|pods/enroll-batch|pods/updates|pods/acks)$"
 )
 
 

@@ -158,6 +158,8 @@ AGENT_ROUTE_CASES = [
     ("POST", "pods/enroll-batch", {"pods": [{"workload": "k8s.default.web-0", "public_key": "A" * 43}]}),
     ("POST", "pods/updates", {"pods": [], "timeout": 0}),
     ("POST", "pods/acks", {"acks": []}),
+    # nor open a request session (stockade.agent_session): tests/security/test_agent_sessions.py
+    ("POST", "session", {"public_key": "A" * 43}),
 ]
 
 

@@ -26,12 +26,14 @@ ALLOWED: dict[str, set[str]] = {
     "verify": {"errors", "model", "compiler", "backends", "bpf"},
     "lab": {"errors", "model", "compiler", "evaluator", "backends", "codec", "policyfile", "paths", "importers"},
     "agent_signature": {"errors"},  # the agent request signature, shared by agent and controller
+    "agent_session": {"errors", "agent_signature"},  # its session MAC (the same message, keyed by a session)
     "agent": {
         "errors", "model", "compiler", "evaluator", "backends", "visibility", "logs", "agent_signature", "verify",
+        "agent_session",
     },
     "controller": {
         "errors", "model", "compiler", "evaluator", "codec", "policyfile", "visibility", "backends", "web", "logs",
-        "agent_signature", "importers",
+        "agent_signature", "agent_session", "importers",
     },
     # existing firewall rules -> policy, pure, below the controller (k8s: its NetworkPolicy translation)
     "importers": {"errors", "model", "codec", "policyfile", "k8s"},
@@ -39,7 +41,8 @@ ALLOWED: dict[str, set[str]] = {
     # the sync (beside the controller: reaches it only through the REST API; writes REST bodies with the one
     # codec; the NetworkPolicy import writes policy documents with the one dumper, policyfile) and the node
     # agent (an agent runtime per pod on the node, with its backends); never the controller
-    "k8s": {"errors", "model", "compiler", "codec", "policyfile", "agent", "agent_signature", "backends"},
+    "k8s": {"errors", "model", "compiler", "codec", "policyfile", "agent", "agent_signature", "agent_session",
+            "backends"},
 }
 
 

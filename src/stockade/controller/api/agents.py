@@ -50,6 +50,10 @@ Agent side, the protocol :mod:`stockade.agent.http_client` implements::
     POST /api/v1/agents/{id}/key  {public_key, proof}  -> 204   (rotate; the first key of an
          agent enrolled before keys existed is bound this way with the token alone)
     POST /api/v1/agents/{id}/unenroll  -> 204   (the agent revokes itself)
+    POST /api/v1/agents/{id}/session  {public_key}  -> {session, public_key, expires_in}
+         Ed25519-signed only: later requests may carry a session MAC instead of a signature
+         (:mod:`stockade.agent_session`); 401 ``UnknownSessionError`` when this replica does not
+         hold the session (the agent signs its retry and opens a new one)
 
 Credential choice: a per-agent bearer token (256 random bits, SHA-256 at rest) names the agent;
 an Ed25519 key generated on the host proves every request comes from there. Not a TLS client
@@ -88,6 +92,8 @@ from stockade.controller.api.dto.agents import (
     PolicyOut,
     ReportOut,
     RevisionOut,
+    SessionIn,
+    SessionOut,
     WaitOut,
     WireGuardKeyIn,
 )
@@ -96,6 +102,7 @@ from stockade.controller.api.schemas import (
 )
 from stockade.controller.context import Controller, controller_of, require
 from stockade.controller.services import enrolment, wireguard_keys
+from stockade.controller.services.agent_keys import SignatureRequiredError
 from stockade.controller.services.auth import ForbiddenError, Permission, Principal
 from stockade.controller.services.distribution import AgentLive
 from stockade.controller.services.node_distribution import update_json
@@ -191,6 +198,8 @@ def report_interfaces(request: Request, agent_id: str, body: InterfacesIn,
                                           hold_changes=on_probation)
     if outcome is enrolment.ReportOutcome.HELD:
         ctl.agent_keys.hold(agent_id, instance)
+    elif outcome is enrolment.ReportOutcome.QUARANTINED:
+        ctl.agent_keys.drop_sessions(agent_id)  # a quarantined agent proves each request with its key again
     return ReportOut(revision=ctl.dist.revisions.get(name, 0), held=outcome is enrolment.ReportOutcome.HELD,
                      quarantined=outcome is enrolment.ReportOutcome.QUARANTINED)
 
@@ -320,9 +329,21 @@ def rotate_key(request: Request, agent_id: str, body: KeyIn,
                principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> Response:
     """Replace the agent's key: this request is signed with the old key, ``proof`` with the new one."""
     _self(principal, agent_id)
+    if getattr(request.state, "agent_proof", None) == "session":
+        raise SignatureRequiredError("a key rotation is Ed25519-signed, not made on a session")
     ctl = controller_of(request)
     enrolment.rotate_key(ctl.dist, ctl.agent_keys, agent_id, body.public_key, body.proof, principal.actor)
     return Response(status_code=204)
+
+
+@router.post("/agents/{agent_id}/session", tags=["Agent protocol"], responses=ERRORS, operation_id="open-session")
+async def open_session(request: Request, agent_id: str, body: SessionIn,
+                       principal: Annotated[Principal, Depends(require(Permission.AGENT))]) -> SessionOut:
+    """A request session bound to the agent's key (this request is Ed25519-signed): later requests
+    carry an HMAC with the session's key instead of a signature."""
+    _self(principal, agent_id)
+    opened = await controller_of(request).agent_keys.open_session(request, agent_id, body.public_key)
+    return SessionOut(session=opened.session, public_key=opened.public_key, expires_in=opened.expires_in)
 
 
 @router.put("/agents/{agent_id}/wireguard-key", tags=["Agent protocol"], responses=ERRORS, status_code=204,

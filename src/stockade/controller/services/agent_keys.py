@@ -1,4 +1,4 @@
-"""Checks that an agent request was signed on the agent's host: keys, freshness, replays, clones.
+"""Checks that an agent request was proven on the agent's host: keys, freshness, replays, clones.
 
 Every agent enrolled with a public key (the real agent always sends one) must sign each request
 (:mod:`stockade.agent_signature`). :class:`AgentKeyRing` holds what that check needs in memory so
@@ -20,6 +20,11 @@ the hot path (a long-poll per agent) costs one Ed25519 verification and no datab
   again within its long-poll) and its report never moves the workload's addresses. The default
   (45 s) exceeds the agent's longest quiet time (20 s long-poll, 15 s heartbeat).
 
+* request sessions (:mod:`stockade.agent_session`, :class:`SessionTable`): a request may carry the
+  MAC of a session opened with a signed request instead of a signature; it goes through the same
+  freshness, nonce, instance and refusal logic. ``request.state.agent_proof`` tells the route which
+  proof it got (opening a session and rotating the key take a signature only).
+
 Agents enrolled before keys existed (``public_key`` NULL) still authenticate with their token
 alone until they bind a key (the agent does so at its first start after the upgrade).
 Single process, like the distributor: a second controller process keeps its own ring.
@@ -39,15 +44,24 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from stockade import agent_session as sess
 from stockade import agent_signature as sig
+from stockade.controller.services.agent_sessions import Opened, SessionTable, UnknownSessionError
 from stockade.controller.services.auth import NotAuthenticatedError, Principal
 from stockade.controller.storage.db import AgentRow
+from stockade.errors import AuthError, Issue, ValidationError
 
 MAX_NONCES_PER_AGENT = 20_000  # far above any real agent's request rate over the window
 RETIRED_INSTANCES = 32
 
 
 PROBATION_SECONDS = 45.0
+UNPROVEN_GRACE = 30.0  # an unknown session must be followed by a signed request within this
+MAX_UNPROVEN = 100_000
+
+
+class SignatureRequiredError(NotAuthenticatedError):
+    """A route that takes an Ed25519-signed request only (opening a session) got a session's MAC."""
 
 
 @dataclass
@@ -86,18 +100,23 @@ class AgentKeyRing:
         self._keys: dict[str, Ed25519PublicKey | None] = {}
         self._seen: dict[str, _AgentSeen] = {}
         self._lock = threading.Lock()
+        self.sessions_table = SessionTable(lambda: self.clock())  # (a test may swap the clock)
+        self._unproven: dict[str, tuple[float, str]] = {}  # agent id -> (report after, client): unknown session
+        self._next_sweep = 0.0
 
     # ---- keys -------------------------------------------------------------------------
     def set_key(self, agent_id: str, public_key: str | None) -> None:
         key = sig.parse_public_key(public_key) if public_key else None
         with self._lock:
             self._keys[agent_id] = key
+        self.sessions_table.drop_agent(agent_id)  # bound to the old key
 
     def forget(self, agent_id: str) -> None:
         with self._lock:
             self._keys.pop(agent_id, None)
             self._seen.pop(agent_id, None)
             self._held.pop(agent_id, None)
+        self.sessions_table.drop_agent(agent_id)
 
     def _load(self, agent_id: str) -> Ed25519PublicKey | None:
         with self.sessions() as db:
@@ -119,31 +138,95 @@ class AgentKeyRing:
     # ---- the check ----------------------------------------------------------------------
     async def check(self, request: Request, principal: Principal,
                     client_host: Callable[[Request], str] | None = None) -> None:
-        """Refuse (401) an agent request that is not signed by the agent's key, stale or replayed."""
+        """Refuse (401) an agent request that is not proven by the agent's key (its signature, or
+        the MAC of a session opened with a signature), stale or replayed. Sets
+        ``request.state.agent_proof`` to "signature", "session" or "token" (an agent without a key)."""
         agent_id = principal.agent_id
         key = await self.key_of(agent_id)
         if key is None:
+            request.state.agent_proof = "token"
             return  # enrolled before keys: token only, until the agent binds a key
         headers = {k.lower(): v for k, v in request.headers.items()}
+        now = self.clock()
+        if now >= self._next_sweep:
+            await self._sweep_unproven(now)
         try:
-            fields, signature = sig.read_signed_fields(agent_id, request.method, request_target(request), headers)
-            now = self.clock()
+            proof = sess.read_proof(agent_id, request.method, request_target(request), headers)
+            fields = proof.fields
             if abs(now - fields.timestamp) > self.freshness:
                 raise sig.SignatureError(f"request time {fields.timestamp} is more than {self.freshness:.0f} s "
                                          f"from the controller's clock ({now:.0f}); check the host's clock")
             body = await request.body()
-            sig.verify(key, fields, body, signature)
+            if proof.signature is not None:
+                sig.verify(key, fields, body, proof.signature)
+            else:
+                self.sessions_table.check(agent_id, key, proof, body)
+        except UnknownSessionError:
+            # routine (a restart, another replica, an expiry): the agent signs its retry at once. Only a
+            # token without a signed request following within the grace is a refusal to report
+            self._await_proof(agent_id, request, client_host, now)
+            raise
         except sig.SignatureError as exc:
-            # the right token without a valid signature: a copied token (or a broken clock) - tell the admin
-            if self._refusal_due(agent_id) and self.on_refused is not None:
-                client = client_host(request) if client_host else request.client.host if request.client else "?"
-                await run_in_threadpool(self.on_refused, agent_id, str(exc), client)
+            # the right token without a valid proof: a copied token (or a broken clock) - tell the admin
+            await self._refused(agent_id, str(exc), request, client_host)
             raise NotAuthenticatedError(str(exc)) from None
-        clone = self._remember(agent_id, fields.nonce, fields.instance, now)
-        if clone is not None and self.on_clone is not None:
-            await run_in_threadpool(self.on_clone, agent_id, clone, fields.instance)
+        request.state.agent_proof = "signature" if proof.signature is not None else "session"
+        clone = self._remember(agent_id, fields.nonce, fields.instance, now)  # (a replay raises here)
+        if self._unproven:
+            with self._lock:
+                self._unproven.pop(agent_id, None)  # proven now: its unknown session was a routine one
+        if clone is not None:
+            self.sessions_table.drop_agent(agent_id)  # quarantined: its next requests are signed again
+            if self.on_clone is not None:
+                await run_in_threadpool(self.on_clone, agent_id, clone, fields.instance)
         elif self._release_due(agent_id, fields.instance, now) and self.on_release is not None:
             await run_in_threadpool(self.on_release, agent_id)
+
+    async def _refused(self, agent_id: str, reason: str, request: Request,
+                       client_host: Callable[[Request], str] | None) -> None:
+        if self._refusal_due(agent_id) and self.on_refused is not None:
+            client = client_host(request) if client_host else request.client.host if request.client else "?"
+            await run_in_threadpool(self.on_refused, agent_id, reason, client)
+
+    def _await_proof(self, agent_id: str, request: Request, client_host: Callable[[Request], str] | None,
+                     now: float) -> None:
+        client = client_host(request) if client_host else request.client.host if request.client else "?"
+        with self._lock:
+            if agent_id not in self._unproven and len(self._unproven) < MAX_UNPROVEN:
+                self._unproven[agent_id] = (now + UNPROVEN_GRACE, client)
+
+    async def _sweep_unproven(self, now: float) -> None:
+        """Report the agents whose unknown-session refusal no signed request followed (a token
+        without the key, trying session ids)."""
+        with self._lock:
+            self._next_sweep = now + 1.0
+            due = [(a, c) for a, (deadline, c) in self._unproven.items() if deadline <= now]
+            for agent_id, _client in due:
+                del self._unproven[agent_id]
+        for agent_id, client in due:
+            if self._refusal_due(agent_id) and self.on_refused is not None:
+                reason = f"an unknown session, and no signed request within {UNPROVEN_GRACE:.0f} s"
+                await run_in_threadpool(self.on_refused, agent_id, reason, client)
+
+    # ---- sessions -----------------------------------------------------------------------
+    async def open_session(self, request: Request, agent_id: str, exchange_key: str) -> Opened:
+        """``POST .../session``: only on a request this ring verified as Ed25519-signed."""
+        proof = getattr(request.state, "agent_proof", None)
+        if proof == "token":
+            raise AuthError("this agent has no key to bind a session to; it authenticates with its token")
+        if proof != "signature":
+            raise SignatureRequiredError("a session is opened by an Ed25519-signed request, not on a session")
+        key = await self.key_of(agent_id)
+        if key is None:
+            raise AuthError("this agent has no key to bind a session to")
+        instance = request.headers.get(sig.INSTANCE_HEADER, "")
+        try:
+            return self.sessions_table.open(agent_id, instance, key, sig.public_key_text(key), exchange_key)
+        except sig.SignatureError as exc:
+            raise ValidationError([Issue("api", 0, "public_key", str(exc))]) from None
+
+    def drop_sessions(self, agent_id: str) -> None:
+        self.sessions_table.drop_agent(agent_id)
 
     def _refusal_due(self, agent_id: str) -> bool:
         now = self.clock()

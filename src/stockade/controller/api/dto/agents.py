@@ -82,6 +82,17 @@ class KeyIn(Strict):
                                 "stockade.agent_signature.rotation_message")]
 
 
+class SessionIn(Strict):
+    public_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}$",
+                                     description="the agent's fresh X25519 key, base64url, no padding")]
+
+
+class SessionOut(BaseModel):
+    session: str  # X-Stockade-Session of the requests on it
+    public_key: str  # the replica's fresh X25519 key (stockade.agent_session.derive_session_key)
+    expires_in: int  # seconds
+
+
 class WireGuardKeyIn(Strict):
     public_key: Annotated[str, Field(max_length=64, description="base64 of the 32-byte Curve25519 public key")]
     endpoint: Annotated[str | None, Field(None, max_length=45,
