@@ -40,8 +40,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any, Generic, TypeVar, cast
+from dataclasses import replace
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,6 +51,7 @@ from stockade.compiler.changes import SetOnly
 from stockade.compiler.delta import HostHistory, PendingSteps, PolicyUpdate
 from stockade.controller.services import codec, policy_hashes, replicas
 from stockade.controller.services import pending as pending_steps
+from stockade.controller.services.batched import BATCH_LIMIT, Queued, run_batch
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.events import record_event, record_events
@@ -81,18 +82,7 @@ __all__ = ["HISTORY", "AgentLive", "PolicyDistributor", "policy_hash", "wireguar
 T = TypeVar("T")
 HISTORY = 8  # steps (revision -> next) of set deltas kept per host
 FULL_REFRESH_ROUNDS = 120  # refresh_agents reads every agent row once in this many calls (safety net)
-BATCH_LIMIT = 64  # callbacks of transact_batched run in one transaction at most
 HEARTBEAT_WRITE = 5.0  # seconds: a heartbeat alone rewrites an agent's row at most this often
-
-
-@dataclass
-class _Queued(Generic[T]):
-    """One :meth:`PolicyDistributor.transact_batched` callback and what became of it."""
-
-    fn: Callable[[Session, CompilerTxn], T]
-    result: T | None = None
-    error: Exception | None = None
-    done: bool = False
 
 
 class PolicyDistributor:
@@ -132,7 +122,7 @@ class PolicyDistributor:
         self._flushed_bound: FlushBound | None = None  # refresh_agents: what its last read could not see,
         self._own_flushes: set[int] = set()  # and our flushes since; a flush's write and a refresh's read:
         self._flush_lock = threading.Lock()  # one at a time
-        self._queued: list[_Queued[Any]] = []  # transact_batched callbacks waiting for the lock
+        self._queued: list[Queued[Any]] = []  # transact_batched callbacks waiting for the lock
         self._queue_lock = threading.Lock()
 
     # ---- assembly ---------------------------------------------------------------
@@ -230,7 +220,7 @@ class PolicyDistributor:
         Each callback is still its own audited step and sees the ones before it. If any of them
         raises, the shared transaction is rolled back and each callback runs again alone, so one
         refused caller gets its own error and never takes the others down with it."""
-        item: _Queued[T] = _Queued(fn)
+        item: Queued[T] = Queued(fn)
         with self._queue_lock:
             self._queued.append(item)
         while not item.done:
@@ -239,30 +229,10 @@ class PolicyDistributor:
                     break
                 with self._queue_lock:
                     batch, self._queued = self._queued[:BATCH_LIMIT], self._queued[BATCH_LIMIT:]
-                self._run_batch(batch)
+                run_batch(self.transact, batch)
         if item.error is not None:
             raise item.error
         return cast(T, item.result)
-
-    def _run_batch(self, batch: list[_Queued[Any]]) -> None:
-        try:
-            if len(batch) > 1:
-                try:
-                    results = self.transact(lambda db, txn: [it.fn(db, txn) for it in batch])
-                except Exception:  # each callback is retried alone below
-                    pass
-                else:
-                    for it, result in zip(batch, results, strict=True):
-                        it.result = result
-                    return
-            for it in batch:
-                try:
-                    it.result = self.transact(it.fn)
-                except Exception as exc:  # handed to the caller that queued it
-                    it.error = exc
-        finally:
-            for it in batch:
-                it.done = True
 
     def _stage_bumps(self, db: Session, txn: CompilerTxn, change: int | None = None
                      ) -> tuple[dict[str, HostHistory | None], dict[str, PendingSteps]]:
