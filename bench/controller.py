@@ -208,6 +208,20 @@ class PgCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def policy_yaml(apps: int) -> bytes:
+    """The bench's estate as one policy document: web -> db on 5432/tcp inside each of ``apps``
+    apps, and the global ``role=monitor`` -> every workload on 22/tcp (shared by bench/replica_work.py)."""
+    docs = ["apiVersion: stockade.io/v1\nkind: Service\nname: pg\nports: [5432/tcp]\n",
+            "apiVersion: stockade.io/v1\nkind: Service\nname: ssh\nports: [22/tcp]\n"]
+    docs += [f"apiVersion: stockade.io/v1\nkind: Ruleset\nname: app-{k}\nscope:\n- labels: {{app: app-{k}}}\n"
+             "rules:\n- consumers:\n  - labels: {role: web}\n  providers:\n  - labels: {role: db}\n"
+             "  services: [pg]\n" for k in range(apps)]
+    docs.append("apiVersion: stockade.io/v1\nkind: Ruleset\nname: monitoring\nscope: all\nrules:\n"
+                "- consumers:\n  - labels: {role: monitor}\n  providers: all\n  services: [ssh]\n"
+                "  consumers_scope: global\n")
+    return "".join("---\n" + d for d in docs).encode()
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -444,16 +458,7 @@ async def _setup_policy(c: Conn, key: str, n: int) -> None:
     apps = max(1, n // APP_SIZE)
     # the policy in one draft import: rulesets created one by one each validate the whole draft
     # (2,500 of them took longer than the rest of a 25,000-agent run)
-    docs = ["apiVersion: stockade.io/v1\nkind: Service\nname: pg\nports: [5432/tcp]\n",
-            "apiVersion: stockade.io/v1\nkind: Service\nname: ssh\nports: [22/tcp]\n"]
-    docs += [f"apiVersion: stockade.io/v1\nkind: Ruleset\nname: app-{k}\nscope:\n- labels: {{app: app-{k}}}\n"
-             "rules:\n- consumers:\n  - labels: {role: web}\n  providers:\n  - labels: {role: db}\n"
-             "  services: [pg]\n" for k in range(apps)]
-    docs.append("apiVersion: stockade.io/v1\nkind: Ruleset\nname: monitoring\nscope: all\nrules:\n"
-                "- consumers:\n  - labels: {role: monitor}\n  providers: all\n  services: [ssh]\n"
-                "  consumers_scope: global\n")
-    status, got = await c.request("PUT", "/api/v1/policy/draft", key,
-                                  raw=("application/yaml", "".join("---\n" + d for d in docs).encode()))
+    status, got = await c.request("PUT", "/api/v1/policy/draft", key, raw=("application/yaml", policy_yaml(apps)))
     assert status == 200, (status, got)
     await ok(c, "POST", "/policy/provision", {"message": "bench"})
 

@@ -46,6 +46,9 @@ from typing import Any
 
 import psycopg
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from controller import PgCluster, policy_yaml  # bench/controller.py: its cluster and estate
+
 STEPS = ("writer: transact", "writer: hashes", "follower: follow_changes", "flush of 1/3 acks",
          "refresh: mixed", "refresh: 25,000 from another", "idle flush + liveness")
 
@@ -54,18 +57,6 @@ def _logging_off() -> None:
     import logging
 
     logging.disable(logging.CRITICAL)
-
-
-def _policy_yaml(apps: int) -> bytes:
-    docs = ["apiVersion: stockade.io/v1\nkind: Service\nname: pg\nports: [5432/tcp]\n",
-            "apiVersion: stockade.io/v1\nkind: Service\nname: ssh\nports: [22/tcp]\n"]
-    docs += [f"apiVersion: stockade.io/v1\nkind: Ruleset\nname: app-{k}\nscope:\n- labels: {{app: app-{k}}}\n"
-             "rules:\n- consumers:\n  - labels: {role: web}\n  providers:\n  - labels: {role: db}\n"
-             "  services: [pg]\n" for k in range(apps)]
-    docs.append("apiVersion: stockade.io/v1\nkind: Ruleset\nname: monitoring\nscope: all\nrules:\n"
-                "- consumers:\n  - labels: {role: monitor}\n  providers: all\n  services: [ssh]\n"
-                "  consumers_scope: global\n")
-    return "".join("---\n" + d for d in docs).encode()
 
 
 def _body(i: int, apps: int, role: str | None = None) -> dict[str, Any]:
@@ -115,7 +106,7 @@ def _measure(url: str, hosts: int, changes: int) -> dict[str, Any]:
         key = ca.post("/api/v1/api-keys", json={"name": "bench", "role": "owner"}).json()["key"]
         ca.cookies.clear()
         ca.headers["Authorization"] = f"Bearer {key}"
-        r = ca.put("/api/v1/policy/draft", content=_policy_yaml(apps), headers={"Content-Type": "application/yaml"})
+        r = ca.put("/api/v1/policy/draft", content=policy_yaml(apps), headers={"Content-Type": "application/yaml"})
         assert r.status_code == 200, r.text
         assert ca.post("/api/v1/policy/provision", json={"message": "bench"}).status_code == 201
         for start in range(0, hosts, 1000):
@@ -217,9 +208,6 @@ def main() -> None:
     if args.child:
         print(json.dumps(_measure(args.child, args.hosts, args.changes)), flush=True)
         return
-    sys.path.insert(0, str(Path(__file__).parent))
-    from controller import PgCluster  # bench/controller.py's throwaway cluster
-
     here = str(Path(__file__).resolve().parents[1] / "src")
     sides = [("before", args.before_src), ("after", here)] if args.before_src else [("this", here)]
     cluster = PgCluster()

@@ -31,17 +31,27 @@ from stockade.controller.services.distribution import PolicyDistributor, policy_
 from stockade.controller.storage.db import HostStateRow
 
 
+def _hashed_estate(api: Api) -> PolicyDistributor:
+    """The test estate, every host's hash written."""
+    _estate(api)
+    api.ctl.dist.flush()
+    return api.ctl.dist
+
+
 def _stored(dist: PolicyDistributor) -> dict[str, tuple[int, str]]:
     with dist.sessions.begin() as db:
         return {r.workload: (r.revision, r.policy_hash) for r in db.scalars(select(HostStateRow))}
 
 
+def _all_right(dist: PolicyDistributor) -> bool:
+    stored = _stored(dist)
+    return all(stored[n] == (r, policy_hash(dist.compiler.host_policy(n))) for n, r in dist.revisions.items())
+
+
 def test_the_writer_builds_the_polled_hosts_now_and_the_rest_when_asked(
         quiet_api: Api, counted: list[str], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811 (fixture)
     api = quiet_api
-    dist = api.ctl.dist
-    _estate(api)
-    dist.flush()
+    dist = _hashed_estate(api)
     before = {name: dist.current(name)[1] for name in dist.revisions}
     dist.wanted.append(lambda name: name == "h05")  # as if a poll here waited for h05
     counted.clear()
@@ -86,9 +96,7 @@ def test_an_agent_one_step_behind_is_answered_from_the_shared_steps_unbuilt(
 def test_hashes_wait_for_the_delay_then_cover_pending_hosts(
         quiet_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     api = quiet_api
-    dist = api.ctl.dist
-    _estate(api)
-    dist.flush()
+    dist = _hashed_estate(api)
     _put(api, 3, "monitor")
     assert len(dist.pending) == HOSTS - 1  # no poll here: only h03 (a rules change) is built
     dist.flush(hash_after=60.0)
@@ -97,26 +105,17 @@ def test_hashes_wait_for_the_delay_then_cover_pending_hosts(
     now = time.monotonic()
     monkeypatch.setattr(time, "monotonic", lambda: now + 61.0)
     dist.flush(hash_after=60.0)
-    stored = _stored(dist)
     assert not dist.pending and not dist.unhashed  # built for their hashes
-    for name, rev in dist.revisions.items():
-        assert stored[name] == (rev, policy_hash(dist.compiler.host_policy(name))), name
+    assert _all_right(dist)
     again = PolicyDistributor(dist.sessions)
     again.load()
     assert again.revisions == dist.revisions  # every hash right: a restart bumps nothing
 
 
-def _all_right(dist: PolicyDistributor) -> bool:
-    stored = _stored(dist)
-    return all(stored[n] == (r, policy_hash(dist.compiler.host_policy(n))) for n, r in dist.revisions.items())
-
-
 def test_hashes_wait_for_a_quiet_moment_or_at_most_twelve_delays(
         quiet_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     api = quiet_api
-    dist = api.ctl.dist
-    _estate(api)
-    dist.flush()
+    dist = _hashed_estate(api)
     t = [time.monotonic()]
     monkeypatch.setattr(time, "monotonic", lambda: t[0])  # (the module both services read)
     _put(api, 3, "monitor")  # every host, at t
