@@ -77,3 +77,19 @@ def test_a_state_change_is_reported_at_once_even_after_a_long_poll(monkeypatch: 
         assert beats.wait_for(2, 2.0)
     finally:
         box.stop()
+
+
+def test_a_long_poll_answered_before_the_first_heartbeat_does_not_put_it_off(monkeypatch: Any) -> None:
+    """The first heartbeat carries the agent's state (backend, applied revision): a long-poll the
+    controller counted as a heartbeat before the outbox's thread sent it must not postpone it by
+    STATE_REPORT_SECONDS (seen in an e2e run under load: the backend unreported for minutes)."""
+    monkeypatch.setattr(outbox_mod, "STATE_REPORT_SECONDS", 60.0)
+    beats = Beats()
+    box = Outbox(lambda: Heartbeat(1, "full", 0), heartbeat_seconds=60.0,
+                 backoff=BackoffPolicy(initial=0.01, maximum=0.05))
+    box.alive()  # the long-poll thread's answer came first
+    box.start(beats)  # type: ignore[arg-type]
+    try:
+        assert beats.wait_for(1, 2.0), "the first heartbeat was put off"
+    finally:
+        box.stop()

@@ -8,6 +8,7 @@ from typing import Any
 
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.pending import wanted_among
+from tests.asyncutil import run_async
 
 
 def test_wanted_among_is_wants_host_by_host() -> None:
@@ -26,6 +27,6 @@ def test_wanted_among_is_wants_host_by_host() -> None:
                 poll.cancel()
             await asyncio.gather(*polls, return_exceptions=True)
 
-    found, one_by_one = asyncio.run(run())
+    found, one_by_one = run_async(run())
     assert found == set(one_by_one) == {"h3", "h7", "h17", "h27", "h37", "h30"}  # a held poll alone is no want
     assert wanted_among(dist, []) == set()

@@ -48,7 +48,10 @@ class Outbox:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._next_beat = 0.0
-        self._beat_due = False  # heartbeat_now() asked for one: alive() must not put it off
+        # heartbeat_now() asked for one: alive() must not put it off. True from the start: the first
+        # heartbeat reports the agent's state (its backend, what it applied), and a long-poll answered
+        # before the sending thread got to it must not put that off for STATE_REPORT_SECONDS
+        self._beat_due = True
         self.sent_events: int = 0
 
     # ---- producers (any thread) ---------------------------------------------------
