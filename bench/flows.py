@@ -26,6 +26,12 @@ for a core.
     python bench/flows.py                         # SQLite and PostgreSQL, short run
     python bench/flows.py --full                  # 5 min ingestion, 10M-row explorer store
     python bench/flows.py --backends sqlite --duration 20 --explorer-rows 200000
+    python bench/flows.py --backends postgresql --replicas 1 3   # ingestion over 1 vs 3 replicas (issue 18)
+
+``--replicas``: that many controller processes on one PostgreSQL database; sender ``k`` uploads to
+replica ``k mod N`` (each appends and compacts its own), the map and the Explorer read through the
+first. On PostgreSQL the flow tables are partitioned by day, so the 29-day Explorer store spans 30
+partitions.
 """
 
 from __future__ import annotations
@@ -178,19 +184,24 @@ def serve(database_url: str, port: int) -> None:
                                   enroll_limit=(1_000_000, 60.0),
                                   argon2=Argon2Params(time_cost=1, memory_kib=8192, parallelism=1))
     app = create_app(settings)
-    user, password = app.state.controller.first_run_credential
-    print(json.dumps({"user": user, "password": password}), flush=True)
+    cred = app.state.controller.first_run_credential  # None on a replica joining an existing database
+    print(json.dumps({"user": cred[0], "password": cred[1]} if cred else {}), flush=True)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop", http="httptools",
                 timeout_keep_alive=600)
 
 
 class Controller:
-    def __init__(self, url: str) -> None:
+    """One controller process; ``cred``: the owner's login when this one joins a database another
+    replica created (the first prints it)."""
+
+    def __init__(self, url: str, cred: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve", url, str(self.port)],
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
-        cred = json.loads(self.proc.stdout.readline())
+        cred = json.loads(self.proc.stdout.readline()) or cred
+        assert cred, "the first controller of a database prints its owner's login"
+        self.cred = cred
         base = f"http://127.0.0.1:{self.port}/api/v1"
         for _ in range(400):
             try:
@@ -234,15 +245,16 @@ def enroll(ctl: Controller, hosts: list[Host]) -> list[tuple[Host, str, str]]:
 # ---- phases -------------------------------------------------------------------------------------
 
 
-def ingest(ctl: Controller, agents: list[tuple[Host, str, str]], hosts: list[Host], senders: int, batch: int,
-           duration: float) -> dict[str, Any]:
+def ingest(ctls: list[Controller], agents: list[tuple[Host, str, str]], hosts: list[Host], senders: int,
+           batch: int, duration: float) -> dict[str, Any]:
+    """Sender ``k`` uploads to replica ``k mod N`` (each replica appends and compacts its own)."""
     makers = [BodyMaker(h, hosts, batch, seed=i) for i, (h, _a, _t) in enumerate(agents)]
     accepted = [0] * senders
     errors: list[str] = []
     stop = time.monotonic() + duration
 
     def sender(k: int) -> None:
-        with httpx.Client(base_url=ctl.base, timeout=120) as c:
+        with httpx.Client(base_url=ctls[k % len(ctls)].base, timeout=120) as c:
             i = k
             while time.monotonic() < stop:
                 _h, agent_id, token = agents[i % len(agents)]
@@ -263,7 +275,8 @@ def ingest(ctl: Controller, agents: list[tuple[Host, str, str]], hosts: list[Hos
         t.join()
     elapsed = time.monotonic() - t0
     d0 = time.monotonic()
-    ctl.ok("GET", "/flows", params={"limit": 1})  # reads compact whatever is left
+    for ctl in ctls:
+        ctl.ok("GET", "/flows", params={"limit": 1})  # reads compact whatever is left (each replica its own)
     drain = time.monotonic() - d0
     if errors:
         raise RuntimeError(f"upload refused: {errors[0]}")
@@ -340,7 +353,7 @@ def fill_store(url: str, hosts: list[Host], rows: int) -> float:
 def explorer(ctl: Controller, hosts: list[Host]) -> dict[str, float]:
     h = hosts[137]
     hour_ago = time.time() - 3600
-    queries = {
+    queries: dict[str, dict[str, Any]] = {
         "newest page": {},
         "dst workload": {"dst_workload": h.name},
         "src labels": {"src_labels": f"app={h.app},role=web"},
@@ -351,19 +364,23 @@ def explorer(ctl: Controller, hosts: list[Host]) -> dict[str, float]:
     return {name: max(timed(ctl, "/flows", {**q, "limit": 100}, 3)) for name, q in queries.items()}
 
 
-def run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
+def run(backend: str, args: argparse.Namespace, replicas: int = 1) -> dict[str, Any]:
+    """One row: ``replicas`` controller processes on one database (PostgreSQL only above 1); the
+    uploads are spread over them, the map and the Explorer read through the first."""
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-flows-"))
     pg = PgCluster() if backend == "postgresql" else None
     url = pg.url() if pg else f"sqlite:///{tmp / 'stockade.db'}"
     ctl = Controller(url)
+    ctls = [ctl]
     try:
+        ctls += [Controller(url, ctl.cred) for _ in range(replicas - 1)]
         hosts = estate()
         ctl.ok("PUT", "/policy/draft", content=estate_yaml(hosts), headers={"Content-Type": "application/yaml"})
         ctl.ok("POST", "/policy/provision", json={"message": "bench"})
         agents = enroll(ctl, hosts[:: max(1, len(hosts) // args.agents)][: args.agents])
         print(f"[{backend}] estate: {len(hosts)} workloads, 50 groups; {len(agents)} agents", flush=True)
-        ing = ingest(ctl, agents, hosts, args.senders, args.batch, args.duration)
-        print(f"[{backend}] ingestion: {ing}", flush=True)
+        ing = ingest(ctls, agents, hosts, args.senders, args.batch, args.duration)
+        print(f"[{backend} x{replicas}] ingestion: {ing}", flush=True)
         map_ms = timed(ctl, "/flows/map", {}, 5)
         m = ctl.ok("GET", "/flows/map")
         print(f"[{backend}] map over {stored(url):,} summaries: {len(m['nodes'])} nodes, {len(m['edges'])} edges; "
@@ -373,10 +390,11 @@ def run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         exp = explorer(ctl, hosts)
         print(f"[{backend}] explorer (worst of 3, ms): " + ", ".join(f"{k} {v:.0f}" for k, v in exp.items()),
               flush=True)
-        return {"backend": backend, "ingest": ing, "map_median_ms": statistics.median(map_ms),
-                "map_worst_ms": max(map_ms), "explorer_ms": exp}
+        return {"backend": backend, "replicas": replicas, "ingest": ing, "map_median_ms": statistics.median(map_ms),
+                "map_worst_ms": max(map_ms), "explorer_ms": exp, "load": os.getloadavg()[0]}
     finally:
-        ctl.stop()
+        for c in ctls:
+            c.stop()
         if pg is not None:
             pg.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -398,22 +416,28 @@ def main() -> None:
     p.add_argument("--senders", type=int, default=4, help="concurrent uploading connections")
     p.add_argument("--batch", type=int, default=5000, help="records per upload")
     p.add_argument("--agents", type=int, default=50, help="enrolled agents the uploads rotate through")
+    p.add_argument("--replicas", type=int, nargs="+", default=[1],
+                   help="controller processes on one database (PostgreSQL only above 1), side by side: e.g. 1 3")
     args = p.parse_args()
     if args.full:
         args.duration, args.explorer_rows = 300.0, 10_000_000
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     rows = []
     for backend in args.backends:
-        try:
-            rows.append(run(backend, args))
-        except RuntimeError as exc:
-            print(f"{backend}: skipped ({exc})", flush=True)
+        for replicas in args.replicas:
+            if backend == "sqlite" and replicas != 1:
+                continue
+            try:
+                rows.append(run(backend, args, replicas))
+            except RuntimeError as exc:
+                print(f"{backend}: skipped ({exc})", flush=True)
     print()
-    print(f"{'backend':<11}{'records/s':>11}{'':>6}{'map ms':>9}{'':>6}{'explorer ms':>13}{'':>6}")
+    print(f"{'backend':<11}{'repl':>5}{'records/s':>11}{'':>6}{'map ms':>9}{'':>6}{'explorer ms':>13}{'':>6}"
+          f"{'load':>6}")
     for r in rows:
         rate, mp, ex = r["ingest"]["records_per_s"], r["map_worst_ms"], max(r["explorer_ms"].values())
-        print(f"{r['backend']:<11}{rate:>11,}{verdict(rate >= TARGET_INGEST):>6}{mp:>9.0f}"
-              f"{verdict(mp <= TARGET_MAP_MS):>6}{ex:>13.0f}{verdict(ex <= TARGET_EXPLORER_MS):>6}")
+        print(f"{r['backend']:<11}{r['replicas']:>5}{rate:>11,}{verdict(rate >= TARGET_INGEST):>6}{mp:>9.0f}"
+              f"{verdict(mp <= TARGET_MAP_MS):>6}{ex:>13.0f}{verdict(ex <= TARGET_EXPLORER_MS):>6}{r['load']:>6.1f}")
     print(f"targets: ingestion >= {TARGET_INGEST:,} records/s sustained, map <= {TARGET_MAP_MS:.0f} ms "
           f"(worst of 5), explorer <= {TARGET_EXPLORER_MS:.0f} ms (worst query, worst of 3)")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
