@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from starlette.responses import JSONResponse
 from tests.api.conftest import Api
-from tests.api.test_agents import POLICY, enroll, profile
+from tests.api.test_agents import POLICY, _enrolled_db, enroll, profile
 
 from stockade.compiler import delta as delta_module
 from stockade.compiler.delta import UpdateKind, apply_update, policy_update_from_dict
@@ -66,13 +66,8 @@ def test_agents_sharing_a_label_set_share_one_encoding_of_its_delta(api: Api, mo
 def test_a_poll_answer_without_policy_is_the_bytes_jsonresponse_renders(sqlite_api: Api, hold: float) -> None:
     """The answer without an inline policy is written as text (every held poll ends with one)."""
     api = sqlite_api
-    for path, body in POLICY:
-        api.ok("POST", path, 201, json=body)
-    api.ok("POST", "/policy/provision", 201, json={"message": "v1"})
-    r = enroll(api, profile(api), "db-1", "10.0.0.2")
-    assert r.status_code == 201, r.text
-    aid, token = r.json()["agent_id"], api.headers(r.json()["token"])
-    rev = api.ctl.dist.revisions[r.json()["workload"]]
+    aid, token = _enrolled_db(api)
+    rev = api.ctl.dist.revisions["db-1"]
     api.ctl.settings = dataclasses.replace(api.ctl.settings, long_poll_hold=hold)
     for after, include in ((rev, "false"), (rev, "true"), (rev - 1, "false"), (rev + 5, "false")):
         got = api.client.get(f"/api/v1/agents/{aid}/policy/wait", headers=token,

@@ -34,6 +34,7 @@ from stockade.controller.api.hot import HotRoutes
 from stockade.controller.app import create_app
 from stockade.controller.services.agent_sessions import SessionTable
 from tests.api.conftest import Api, make_settings
+from tests.security.test_hot_routes import _fill
 from tests.security.test_node_poll import _batch, _estate
 from tests.security.test_pod_enrolment import _agent
 
@@ -80,16 +81,6 @@ def node(sqlite_api: Api, tmp_path: Path) -> Iterator[Node]:
 def _key(cred: Credential) -> Any:
     assert cred.key_file is not None
     return sig.load_private_key_pem(cred.key_file.read_bytes())
-
-
-def _fill(value: Any, pod: str) -> Any:
-    if value == "{pod}":
-        return pod
-    if isinstance(value, dict):
-        return {k: _fill(v, pod) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_fill(v, pod) for v in value]
-    return value
 
 
 def open_session(client: TestClient, cred: Credential, instance: str = INSTANCE) -> Held:
