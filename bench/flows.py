@@ -210,6 +210,7 @@ class Controller:
             except OSError:
                 time.sleep(0.05)
         self.http = httpx.Client(base_url=base, timeout=300)
+        self.http.headers["Origin"] = f"http://127.0.0.1:{self.port}"  # a cookie-session write must name its origin
         self.http.post("/auth/login", json={"username": cred["user"], "password": cred["password"]})
         key = self.http.post("/api-keys", json={"name": "bench", "role": "owner"}).json()["key"]
         self.http.cookies.clear()
