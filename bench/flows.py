@@ -198,24 +198,28 @@ class Controller:
         self.port = _free_port()
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve", url, str(self.port)],
                                      stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        cred = json.loads(self.proc.stdout.readline()) or cred
-        assert cred, "the first controller of a database prints its owner's login"
-        self.cred = cred
-        base = f"http://127.0.0.1:{self.port}/api/v1"
-        for _ in range(400):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        self.http = httpx.Client(base_url=base, timeout=300)
-        self.http.headers["Origin"] = f"http://127.0.0.1:{self.port}"  # a cookie-session write must name its origin
-        self.http.post("/auth/login", json={"username": cred["user"], "password": cred["password"]})
-        key = self.http.post("/api-keys", json={"name": "bench", "role": "owner"}).json()["key"]
-        self.http.cookies.clear()
-        self.http.headers["Authorization"] = f"Bearer {key}"
-        self.base = base
+        try:
+            assert self.proc.stdout is not None
+            cred = json.loads(self.proc.stdout.readline()) or cred
+            assert cred, "the first controller of a database prints its owner's login"
+            self.cred = cred
+            base = f"http://127.0.0.1:{self.port}/api/v1"
+            for _ in range(400):
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            self.http = httpx.Client(base_url=base, timeout=300)
+            self.http.headers["Origin"] = f"http://127.0.0.1:{self.port}"  # a cookie-session write must name its origin
+            self.http.post("/auth/login", json={"username": cred["user"], "password": cred["password"]})
+            key = self.http.post("/api-keys", json={"name": "bench", "role": "owner"}).json()["key"]
+            self.http.cookies.clear()
+            self.http.headers["Authorization"] = f"Bearer {key}"
+            self.base = base
+        except BaseException:
+            self.proc.kill()  # (a controller that did not come up is not left running)
+            raise
 
     def ok(self, method: str, path: str, **kw: Any) -> Any:
         r = self.http.request(method, path, **kw)
@@ -371,9 +375,10 @@ def run(backend: str, args: argparse.Namespace, replicas: int = 1) -> dict[str, 
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-flows-"))
     pg = PgCluster() if backend == "postgresql" else None
     url = pg.url() if pg else f"sqlite:///{tmp / 'stockade.db'}"
-    ctl = Controller(url)
-    ctls = [ctl]
+    ctls: list[Controller] = []
     try:
+        ctl = Controller(url)  # (inside the try: a controller that fails to start still stops the cluster)
+        ctls.append(ctl)
         ctls += [Controller(url, ctl.cred) for _ in range(replicas - 1)]
         hosts = estate()
         ctl.ok("PUT", "/policy/draft", content=estate_yaml(hosts), headers={"Content-Type": "application/yaml"})
