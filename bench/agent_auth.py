@@ -22,10 +22,8 @@ import asyncio
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, MutableMapping
-from pathlib import Path
 from typing import Any
 
 ROUTES = ("wait", "ack", "heartbeat", "policy")
@@ -39,31 +37,17 @@ def main() -> None:
     n: int = args.requests
 
     import httpx
-    from fastapi.testclient import TestClient
+    from http_path import owner_client  # (this folder: the same controller set-up)
     from starlette.requests import Request
 
     from stockade import agent_session as sess
     from stockade.agent.signing import AgentAuth, signed_headers
     from stockade.agent.state import Credential, StateDir
     from stockade.agent_signature import SignedFields, new_nonce, public_key_text
-    from stockade.controller.app import create_app
-    from stockade.controller.context import ControllerSettings
-    from stockade.controller.services.auth import Argon2Params
 
     logging.getLogger("stockade").setLevel(logging.WARNING)
-    tmp = Path(tempfile.mkdtemp(prefix="stockade-h18s-bench-"))
-    settings = ControllerSettings(database_url=f"sqlite:///{tmp / 'db'}", secure_cookies=False,
-                                  argon2=Argon2Params(time_cost=1, memory_kib=8192, parallelism=1),
-                                  flush_interval=3600.0)
-    app = create_app(settings)
-    with TestClient(app) as client:
+    with owner_client("stockade-h18s-bench-") as (client, app, owner, tmp):
         ctl = app.state.controller
-        user, password = ctl.first_run_credential
-        client.headers["Origin"] = "http://testserver"
-        assert client.post("/api/v1/auth/login", json={"username": user, "password": password}).status_code == 200
-        owner = {"Authorization": "Bearer " + client.post("/api/v1/api-keys", json={"name": "b", "role": "owner"})
-                 .json()["key"]}
-        client.cookies.clear()
         client.post("/api/v1/pairing-profiles", json={"name": "hosts", "mode": "idle", "code_max_uses": 5},
                     headers=owner)
         client.post("/api/v1/policy/provision", json={"message": "v1"}, headers=owner)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,31 +47,40 @@ ROUTES = ("wait", "ack", "heartbeat", "node poll", "node acks", "wait, no key", 
 PATHS = ("asgi", "uvicorn")
 
 
-def _measure(requests: int, pods: int, routes: tuple[str, ...] = ROUTES, held_polls: int = 0) -> dict[str, float]:
-    import httpx
+@contextlib.contextmanager
+def owner_client(prefix: str) -> Iterator[tuple[Any, Any, dict[str, str], Path]]:
+    """A controller app on a fresh SQLite file (no background flush) inside a TestClient, and the
+    headers of an owner API key: (client, app, owner headers, the temp dir). Shared with agent_auth.py."""
     from fastapi.testclient import TestClient
 
-    from stockade.agent.signing import AgentAuth
-    from stockade.agent.state import Credential, StateDir
-    from stockade.agent_signature import public_key_text
     from stockade.controller.app import create_app
     from stockade.controller.context import ControllerSettings
     from stockade.controller.services.auth import Argon2Params
 
-    tmp = Path(tempfile.mkdtemp(prefix="stockade-h18g-bench-"))
-    logging_off()
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     settings = ControllerSettings(database_url=f"sqlite:///{tmp / 'db'}", secure_cookies=False,
                                   argon2=Argon2Params(time_cost=1, memory_kib=8192, parallelism=1),
                                   flush_interval=3600.0)
     app = create_app(settings)
     with TestClient(app) as client:
-        ctl = app.state.controller
-        user, password = ctl.first_run_credential
+        user, password = app.state.controller.first_run_credential
         client.headers["Origin"] = "http://testserver"
         assert client.post("/api/v1/auth/login", json={"username": user, "password": password}).status_code == 200
         key = client.post("/api/v1/api-keys", json={"name": "bench", "role": "owner"}).json()["key"]
         client.cookies.clear()
-        owner = {"Authorization": f"Bearer {key}"}
+        yield client, app, {"Authorization": f"Bearer {key}"}, tmp
+
+
+def _measure(requests: int, pods: int, routes: tuple[str, ...] = ROUTES, held_polls: int = 0) -> dict[str, float]:
+    import httpx
+
+    from stockade.agent.signing import AgentAuth
+    from stockade.agent.state import Credential, StateDir
+    from stockade.agent_signature import public_key_text
+
+    logging_off()
+    with owner_client("stockade-h18g-bench-") as (client, app, owner, tmp):
+        ctl = app.state.controller
 
         def ok(method: str, path: str, body: Any) -> Any:
             r = client.request(method, "/api/v1" + path, json=body, headers=owner)
@@ -179,7 +190,7 @@ def _measure(requests: int, pods: int, routes: tuple[str, ...] = ROUTES, held_po
                 await call(p)
             return (time.process_time() - start) / requests * 1e6
 
-        async def held(count: int) -> float:
+        async def held_objects(count: int) -> float:
             """GC-tracked objects a held long-poll keeps alive (each on its own uvicorn connection)."""
             target = f"{ubase}/policy/wait?after={urev}&timeout=300&include_policy=true"
             polls = [_Uvicorn(app) for _ in range(count)]
@@ -202,7 +213,7 @@ def _measure(requests: int, pods: int, routes: tuple[str, ...] = ROUTES, held_po
         assert client.portal is not None
         out = {f"{name} | {path}": client.portal.call(timed, name, path) for path in PATHS for name in routes}
         if held_polls:
-            out["objects per held poll | uvicorn"] = client.portal.call(held, held_polls)
+            out["objects per held poll | uvicorn"] = client.portal.call(held_objects, held_polls)
     return out
 
 
