@@ -106,16 +106,17 @@ def _record_collections(path: Path) -> None:
     import gc
     import threading
 
-    stats = {g: [0, 0.0, 0.0] for g in range(3)}
-    started = [0.0]
+    stats = {g: [0, 0.0, 0.0, 0.0] for g in range(3)}  # count, seconds, longest, CPU-seconds (its thread's)
+    started = [0.0, 0.0]
 
     def callback(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            started[0] = time.perf_counter()
+            started[0], started[1] = time.perf_counter(), time.thread_time()
         else:
             took = time.perf_counter() - started[0]
             s = stats[info["generation"]]
             s[0], s[1], s[2] = s[0] + 1, s[1] + took, max(s[2], took)
+            s[3] += time.thread_time() - started[1]
 
     def writer() -> None:
         while True:
@@ -128,9 +129,9 @@ def _record_collections(path: Path) -> None:
 
 def read_collections(path: Path) -> dict[int, list[float]]:
     try:
-        return {int(g): v for g, v in json.loads(path.read_text()).items()}
+        return {int(g): [*v, 0.0][:4] for g, v in json.loads(path.read_text()).items()}
     except (OSError, ValueError):
-        return {g: [0, 0.0, 0.0] for g in range(3)}
+        return {g: [0, 0.0, 0.0, 0.0] for g in range(3)}
 
 
 def serve(database_url: str, port: int, switch_interval: float | None = None) -> None:
@@ -375,10 +376,14 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
             "db_cpu_s_per_change": db_cpu / max(1, len(put_ms)),
             # each replica's full collections in the scenario: count, ms in all, longest (the end's
             # longest is the whole run's: a scenario's own shows when it is above the start's)
-            "full_gc": [[b[2][0] - a[2][0], round(1000 * (b[2][1] - a[2][1])), round(1000 * b[2][2])]
-                        for a, b in zip(gc0, gc1, strict=True)],
-            "young_gc": [[sum(b[g][0] - a[g][0] for g in (0, 1)), round(1000 * sum(b[g][1] - a[g][1] for g in (0, 1))),
-                          round(1000 * max(b[g][2] for g in (0, 1)))] for a, b in zip(gc0, gc1, strict=True)],
+            # (and the CPU they took: the rest of "ms in all" is the process waiting for a core)
+            "full_gc": [[b[2][0] - a[2][0], round(1000 * (b[2][1] - a[2][1])), round(1000 * b[2][2]),
+                         round(1000 * (b[2][3] - a[2][3]))] for a, b in zip(gc0, gc1, strict=True)],
+            "young_gc": [[sum(b[g][0] - a[g][0] for g in (0, 1)),
+                          round(1000 * sum(b[g][1] - a[g][1] for g in (0, 1))),
+                          round(1000 * max(b[g][2] for g in (0, 1))),
+                          round(1000 * sum(b[g][3] - a[g][3] for g in (0, 1)))]
+                         for a, b in zip(gc0, gc1, strict=True)],
         }
     # API latency under load (agents keep polling and heartbeating)
     api_lat: list[float] = []
@@ -639,8 +644,10 @@ def main() -> None:
         print(f"  {r['tree']} {r['backend']} x{r['replicas']} {r['agents']}: write call {g['put_p50_ms']:.0f}  {per}"
               f"  PostgreSQL CPU-s per change {g['db_cpu_s_per_change']:.2f}")
         if g.get("full_gc"):
-            full = "  ".join(f"r{k}: {n} in {ms} ms (longest {top})" for k, (n, ms, top) in enumerate(g["full_gc"]))
-            young = "  ".join(f"r{k}: {n} in {ms} ms (longest {top})" for k, (n, ms, top) in enumerate(g["young_gc"]))
+            full = "  ".join(f"r{k}: {n} in {ms} ms, CPU {c} (longest {top})"
+                             for k, (n, ms, top, c) in enumerate(g["full_gc"]))
+            young = "  ".join(f"r{k}: {n} in {ms} ms, CPU {c} (longest {top})"
+                              for k, (n, ms, top, c) in enumerate(g["young_gc"]))
             print(f"    collections in the scenario, full: {full}\n      young: {young}")
 
 

@@ -50,6 +50,7 @@ from stockade.controller.services.agent_keys import AgentKeyRing
 from stockade.controller.services.auth import RateLimiter
 from stockade.controller.services.distribution import PolicyDistributor
 from stockade.controller.services.events import SyslogForwarder
+from stockade.controller.services.fanout_collector import FanoutCollector
 from stockade.controller.services.shared_limits import SharedLoginThrottle, SharedRateLimiter
 from stockade.controller.storage.db import make_engine, migrate, session_factory
 from stockade.controller.storage.listen import ChangeListener, Leadership, libpq_url
@@ -283,6 +284,7 @@ def create_app(settings: ControllerSettings) -> ControllerApp:
         collector = gc.get_threshold()
         gc.set_threshold(max(collector[0], YOUNG_COLLECTION_AFTER), collector[1],
                          max(collector[2], FULL_COLLECTION_AFTER))
+        fanouts = ctl.dist.fanouts = FanoutCollector(ctl.dist.loop)
         ctl.tasks.append(asyncio.create_task(_flush_loop(ctl)))
         if ctl.listener is not None:
             ctl.listener.start()
@@ -300,6 +302,8 @@ def create_app(settings: ControllerSettings) -> ControllerApp:
             if ctl.forwarder is not None:
                 ctl.forwarder.close()
             ctl.engine.dispose()
+            fanouts.close()
+            ctl.dist.fanouts = None
             gc.set_threshold(*collector)
 
     app = ControllerApp(

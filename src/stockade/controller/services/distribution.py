@@ -55,6 +55,7 @@ from stockade.controller.services.batched import BATCH_LIMIT, Queued, run_batch
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.events import record_event, record_events
+from stockade.controller.services.fanout_collector import FanoutCollector
 from stockade.controller.services.host_state import (
     AgentLive,
     Digests,
@@ -114,6 +115,7 @@ class PolicyDistributor:
         self.departed: set[str] = set()  # workloads offline past the grace: compiled without addresses
         self.loop: asyncio.AbstractEventLoop | None = None
         self._waiters = Waiters()  # the held long-polls per host (wait)
+        self.fanouts: FanoutCollector | None = None  # paces the collector around large wakes (lifespan)
         # called on the event loop with the hosts whose revision moved (node long-polls: node_distribution)
         self.wake_listeners: list[Callable[[tuple[str, ...]], None]] = []
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
@@ -412,8 +414,11 @@ class PolicyDistributor:
         return len(rows)
 
     def _wake(self, names: tuple[str, ...]) -> None:
+        woken = 0
         for n in names:
-            self._waiters.wake(n)
+            woken += self._waiters.wake(n)
+        if self.fanouts is not None:
+            self.fanouts.woke(woken)
         for listener in self.wake_listeners:
             listener(names)
 
