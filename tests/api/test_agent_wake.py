@@ -72,39 +72,3 @@ def test_an_agent_poll_not_woken_times_out_and_a_cancelled_one_leaves_no_waiter(
 
     assert run_async(main()) == rev
 
-
-def test_a_wake_of_many_held_polls_puts_the_young_collections_off_until_they_are_answered(api: Api) -> None:
-    """The distributor tells its FanoutCollector how many polls a wake answered (issue 18)."""
-    from tests.unit.test_fanout_collector import FakeGc
-
-    from stockade.controller.services.fanout_collector import FanoutCollector
-
-    name, rev = _host(api)
-    dist = api.ctl.dist
-    fake = FakeGc()
-    saved = dist.fanouts
-
-    async def main() -> tuple[bool, bool, list[int]]:
-        dist.fanouts = FanoutCollector(asyncio.get_running_loop(), large=3, quiet=0.05, collector=fake)
-        polls = [asyncio.ensure_future(dist.wait(name, rev, 30)) for _ in range(2)]
-        await asyncio.sleep(0.02)
-        dist._wake((name,))  # nobody is behind yet: two polls is not large
-        small = dist.fanouts.open
-        polls += [asyncio.ensure_future(dist.wait(name, rev + 1, 30)) for _ in range(3)]
-        await asyncio.sleep(0.02)
-        dist.revisions[name] = rev + 2
-        dist._wake((name,))  # 2 + 3 polls woken within a second: large
-        large = dist.fanouts.open
-        got = list(await asyncio.gather(*polls))
-        while dist.fanouts.open:
-            await asyncio.sleep(0.01)
-        return small, large, got
-
-    try:
-        small, large, got = run_async(main())
-    finally:
-        dist.revisions[name] = rev
-        dist.fanouts = saved
-    assert (small, large) == (False, True)
-    assert got[2:] == [rev + 2] * 3
-    assert fake.calls == [("set", (1_000_000, 10, 100)), ("set", (20_000, 10, 100)), ("collect", 0)]

@@ -55,7 +55,7 @@ from stockade.controller.services.batched import BATCH_LIMIT, Queued, run_batch
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.events import record_event, record_events
-from stockade.controller.services.fanout_collector import FanoutCollector
+from stockade.controller.services.fanout_collector import FanoutCollector, collections_paused
 from stockade.controller.services.host_state import (
     AgentLive,
     Digests,
@@ -115,7 +115,7 @@ class PolicyDistributor:
         self.departed: set[str] = set()  # workloads offline past the grace: compiled without addresses
         self.loop: asyncio.AbstractEventLoop | None = None
         self._waiters = Waiters()  # the held long-polls per host (wait)
-        self.fanouts: FanoutCollector | None = None  # paces the collector around large wakes (lifespan)
+        self.fanouts: FanoutCollector | None = None  # paces the collector around large changes (lifespan)
         # called on the event loop with the hosts whose revision moved (node long-polls: node_distribution)
         self.wake_listeners: list[Callable[[tuple[str, ...]], None]] = []
         self.fault_hook: Callable[[str], None] | None = None  # tests inject crashes here
@@ -191,7 +191,7 @@ class PolicyDistributor:
     # ---- transactions -----------------------------------------------------------
     def transact(self, fn: Callable[[Session, CompilerTxn], T]) -> T:
         """Run ``fn`` in one DB transaction with compiler changes; publish bumps after commit."""
-        with self.lock:
+        with self.lock, collections_paused():  # bounded work: see fanout_collector
             txn = CompilerTxn(self)
             change: int | None = None
             try:
@@ -314,6 +314,8 @@ class PolicyDistributor:
             if not hashed:
                 self._unhash(name, steps.revision, now)
         names = (*bumps, *(pending or ()))
+        if self.fanouts is not None:
+            self.fanouts.begin(len(names))  # before the answers (and the caller's pause) start
         if names and self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._wake, names)
 
@@ -356,7 +358,7 @@ class PolicyDistributor:
         REPEATABLE READ snapshot: the rows and the state they name agree."""
         if not self.shared or (announced is not None and announced <= self.seen):
             return 0  # our own change, or one already followed
-        with self.lock, self.sessions.begin() as db:
+        with self.lock, collections_paused(), self.sessions.begin() as db:
             db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             return replicas.follow(self, db)
 
@@ -414,11 +416,8 @@ class PolicyDistributor:
         return len(rows)
 
     def _wake(self, names: tuple[str, ...]) -> None:
-        woken = 0
         for n in names:
-            woken += self._waiters.wake(n)
-        if self.fanouts is not None:
-            self.fanouts.woke(woken)
+            self._waiters.wake(n)
         for listener in self.wake_listeners:
             listener(names)
 

@@ -1,36 +1,43 @@
-"""Young collections put off while a replica answers a large fan-out (:class:`FanoutCollector`).
+"""The garbage collector kept out of a large change's critical path (:class:`FanoutCollector`).
 
-Why: a global change wakes every poll a replica holds at once (8,300 per replica at 25,000 agents
-over three replicas). Each answered agent comes straight back with its next poll, ~63 objects the
-garbage collector tracks, and every one of them survives each young collection that runs while the
-fan-out is being answered: at 25,000 agents a replica ran 20-25 young collections per global change,
-0.7-1 s of pauses inside the fan-out, each one walking the polls already re-held (bench/controller.py,
-session 12). A collection triggered by allocations cannot tell a fan-out from garbage piling up.
+Why: a global change at 25,000 agents allocates for a second on every replica before its agents
+have their answers: the writer's transaction, each follower's catch-up, then the fan-out, where
+each answered agent comes straight back with its next poll (~63 objects the collector tracks).
+At a young collection every 20,000 net allocations, each replica ran 6-8 young collections inside
+its catch-up alone (one every ~14 ms, about half of it) and 20-30 more inside the fan-out, each
+walking the polls already re-held (bench/controller.py with a trace, session 13). A collection
+triggered by allocations cannot tell a change being answered from garbage piling up.
 
-What: once ``large`` polls were woken within a second, the young generation's threshold is raised
-to ``during`` (what may pile up meanwhile stays bounded: past it CPython collects as usual), and
-``quiet`` seconds after the last such wake the threshold goes back and one young collection runs
-then. The fan-out's survivors are walked once, after the agents have their answers, instead of once
-per collection inside it. Reference counting frees a request's garbage either way; only cyclic
-garbage waits. Event-loop only.
+What:
+
+* A catch-up or a transaction runs with the collector paused (:func:`collections_paused`): bounded
+  work whose allocations are the change's own state. Reference counting frees what it drops.
+* A change that bumps ``large`` hosts or more opens a window (:meth:`FanoutCollector.begin`,
+  called before the pause ends): the young generation's threshold is raised to ``during`` (what
+  may pile up meanwhile stays bounded: past it CPython collects as usual), and ``quiet`` seconds
+  after the last large change it goes back and one young collection runs then. The change's
+  survivors are walked once, after the agents have their answers, instead of once per collection
+  inside it. Only cyclic garbage waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from typing import Protocol
 
-__all__ = ["FANOUT_LARGE", "FANOUT_QUIET", "FANOUT_YOUNG_AFTER", "Collector", "FanoutCollector"]
+__all__ = ["FANOUT_LARGE", "FANOUT_QUIET", "FANOUT_YOUNG_AFTER", "Collector", "FanoutCollector",
+           "collections_paused"]
 
-FANOUT_LARGE = 1_000  # polls woken within a second that make a fan-out large
-FANOUT_QUIET = 4.0  # seconds after the last large wake: the fan-out is answered and re-held (25,000: ~3 s)
-# net allocations between young collections meanwhile: 8,300 re-held polls of ~63 objects fit twice
-FANOUT_YOUNG_AFTER = 1_000_000
+FANOUT_LARGE = 1_000  # hosts bumped by one change that make it large
+FANOUT_QUIET = 4.0  # seconds after the last large change: its fan-out is answered (25,000 agents: ~3 s)
+# net allocations between young collections meanwhile (one change at 25,000 agents: ~250,000 per replica)
+FANOUT_YOUNG_AFTER = 2_000_000
 
 
 class Collector(Protocol):
-    """The garbage collector's three calls this uses (``gc``; a fake in tests)."""
+    """The garbage collector's calls this uses (``gc``; a fake in tests)."""
 
     def get_threshold(self) -> tuple[int, int, int]: ...
 
@@ -51,7 +58,8 @@ class _Gc:
 
 
 class FanoutCollector:
-    """Tell it how many polls each wake answered (:meth:`woke`); it paces the young collections."""
+    """Tell it each change's size (:meth:`begin`, any thread); it paces the young collections
+    (the window's end runs on ``loop``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, large: int = FANOUT_LARGE,
                  quiet: float = FANOUT_QUIET, during: int = FANOUT_YOUNG_AFTER,
@@ -59,42 +67,62 @@ class FanoutCollector:
         self._loop = loop
         self.large, self.quiet, self.during = large, quiet, during
         self._gc: Collector = collector if collector is not None else _Gc()
-        self._recent = 0  # polls woken since _recent_since
-        self._recent_since = float("-inf")
-        self._until = 0.0  # loop time at which the open window ends (moved on by each large wake)
+        self._lock = threading.Lock()
+        self._until = 0.0  # loop time at which the open window ends (moved on by each large change)
         self._saved: int | None = None  # the young threshold to restore: a window is open
         self._timer: asyncio.TimerHandle | None = None
-        self.windows = 0  # windows closed (each with its one collection): for tests and metrics
+        self._closed = False
+        self.windows = 0  # windows closed, each with its one collection (tests, metrics)
 
     @property
     def open(self) -> bool:
         return self._saved is not None
 
-    def woke(self, polls: int) -> None:
-        """``polls`` held polls were just woken (answered on the loop's next turns)."""
-        now = self._loop.time()
-        if now - self._recent_since > 1.0:
-            self._recent, self._recent_since = 0, now
-        self._recent += polls
-        if self._recent < self.large:
+    def begin(self, hosts: int) -> None:
+        """A change bumped ``hosts`` hosts and its answers are about to go out (any thread)."""
+        if hosts < self.large:
             return
-        self._until = now + self.quiet
-        if self._saved is None:
+        with self._lock:
+            if self._closed:
+                return
+            self._until = self._loop.time() + self.quiet
+            if self._saved is not None:
+                return
             young, middle, old = self._gc.get_threshold()
             self._saved = young
             self._gc.set_threshold(max(young, self.during), middle, old)
-            self._timer = self._loop.call_at(self._until, self._end)
+        try:
+            self._loop.call_soon_threadsafe(self._arm)
+        except RuntimeError:  # the loop is closed: stopping
+            self.close()
+
+    def _arm(self) -> None:
+        with self._lock:
+            if self._timer is None and self._saved is not None:
+                self._timer = self._loop.call_at(self._until, self._end)
 
     def _end(self) -> None:
-        if self._loop.time() < self._until:  # a later large wake moved the end
-            self._timer = self._loop.call_at(self._until, self._end)
-            return
-        self._timer = None
-        self._restore()
+        with self._lock:
+            self._timer = None
+            if self._saved is None or self._moved():
+                return
+        # the one collection, run before the threshold goes back (then no allocation in between
+        # starts another); a change begun meanwhile keeps the window open
         self._gc.collect(0)
+        with self._lock:
+            if self._saved is None or self._moved():
+                return
+            self._restore()
         self.windows += 1
 
-    def _restore(self) -> None:
+    def _moved(self) -> bool:
+        """A later large change moved the end: wait for it (caller holds the lock)."""
+        if self._loop.time() < self._until:
+            self._timer = self._loop.call_at(self._until, self._end)
+            return True
+        return False
+
+    def _restore(self) -> None:  # (caller holds the lock)
         if self._saved is None:
             return
         _young, middle, old = self._gc.get_threshold()
@@ -103,7 +131,32 @@ class FanoutCollector:
 
     def close(self) -> None:
         """Stop: the threshold goes back now, no collection is run (the lifespan ends)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._restore()
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._restore()
+
+
+class collections_paused:
+    """No collection inside: ``with collections_paused(): ...`` around bounded work (a catch-up,
+    a transaction). A pause that starts inside another (the compiler's own, or another thread's)
+    leaves the collector off; the one that turned it off turns it back on.
+
+    A class, not a ``contextlib.contextmanager``: resuming the collector is the last thing
+    ``__exit__`` does, so the collection due by then runs at the caller's next allocation (or not
+    at all, if a window opened inside raised the threshold)."""
+
+    __slots__ = ("_enabled",)
+
+    def __init__(self) -> None:
+        self._enabled = False
+
+    def __enter__(self) -> None:
+        self._enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._enabled:
+            gc.enable()

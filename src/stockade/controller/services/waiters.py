@@ -27,12 +27,9 @@ class Waiters:
         """How many polls ``key`` holds now."""
         return len(self._held.get(key, ()))
 
-    def wake(self, key: str) -> int:
-        """Wake every poll ``key`` holds; how many there were."""
-        held = self._held.pop(key, ())
-        for woken in held:
+    def wake(self, key: str) -> None:
+        for woken in self._held.pop(key, ()):
             _resolve_once(woken, True)
-        return len(held)
 
     async def wait(self, key: str, timeout: float) -> bool:
         """Until :meth:`wake` of ``key`` (True) or ``timeout`` seconds (False)."""
