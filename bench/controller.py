@@ -598,17 +598,25 @@ def main() -> None:
     p.add_argument("--sign", action="store_true",
                    help="agents enrol with an Ed25519 key and sign every request, as the real agent does "
                         "(the controller verifies each signature; without it they use the token alone)")
+    p.add_argument("--this-first", action="store_true",
+                   help="with --before-src: run this tree first (the second side of a pair tends to run on a warmer, "
+                        "busier machine: run a pair both ways)")
     p.add_argument("--no-sessions", action="store_true",
                    help="with --sign: sign every request (no request session and its MAC, which the real agent uses)")
     args = p.parse_args()
     _raise_nofile()
-    trees = [("before", args.before_src), ("this", None)] if args.before_src else [("this", None)]
+    # "this" is the tree this script is in (its own src first on the path: the venv may hold another
+    # tree as an editable install, session 13's first swapped pair ran that one twice)
+    own = str(Path(__file__).resolve().parent.parent / "src")
+    trees = [("before", args.before_src), ("this", own)] if args.before_src else [("this", own)]
+    if args.this_first:
+        trees.reverse()
     rows = []
     configs = [(n, backend, replicas, switch, gen0) for n in args.agents for backend in args.backends
                for replicas in args.replicas for switch in args.switch_interval for gen0 in args.gc_gen0
                if backend != "sqlite" or replicas == 1]
     for n, backend, replicas, switch, gen0 in configs:
-        for tree, src in trees:  # the before-tree first, then this one: side by side
+        for tree, src in trees:  # the before-tree first (unless --this-first), then this one: side by side
             try:
                 r = run_one(backend, n, args.repeats, args.heartbeat, replicas,
                             f"{args.profile}/{backend}-{n}-{replicas}-{tree}" if args.profile else None,
