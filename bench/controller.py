@@ -60,7 +60,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -87,6 +86,22 @@ from controller_agents import (  # noqa: F401
     _runner,
     agent_loop,
 )
+from controller_measure import (
+    cpu_seconds,
+    own_cpu,
+    pct,
+    profilers,
+    read_collections,
+    record_collections,
+    rss_mib,
+    stop_profilers,
+)
+
+# what the other benches use (k8s_fanout, k8s_fanout_real, k8s_netpol_convergence, flows, replica_work)
+__all__ = ["APP_SIZE", "ENROL_CONCURRENCY", "Agent", "Conn", "PgCluster", "_converged", "_enrol", "_enrol_work",
+           "_free_port", "_issue_codes",
+           "_owner_key", "_raise_nofile", "_setup_policy", "agent_loop", "cpu_seconds", "pct", "policy_yaml",
+           "rss_mib"]
 
 APP_SIZE = 10
 
@@ -98,40 +113,6 @@ def _free_port() -> int:
 
 
 # ---- server ------------------------------------------------------------------------------------
-
-
-def _record_collections(path: Path) -> None:
-    """The garbage collector's pauses in this process, per generation (count, seconds, longest),
-    written to ``path`` twice a second for the bench to diff around a scenario."""
-    import gc
-    import threading
-
-    stats = {g: [0, 0.0, 0.0, 0.0] for g in range(3)}  # count, seconds, longest, CPU-seconds (its thread's)
-    started = [0.0, 0.0]
-
-    def callback(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            started[0], started[1] = time.perf_counter(), time.thread_time()
-        else:
-            took = time.perf_counter() - started[0]
-            s = stats[info["generation"]]
-            s[0], s[1], s[2] = s[0] + 1, s[1] + took, max(s[2], took)
-            s[3] += time.thread_time() - started[1]
-
-    def writer() -> None:
-        while True:
-            time.sleep(0.5)
-            path.write_text(json.dumps(stats))
-
-    gc.callbacks.append(callback)
-    threading.Thread(target=writer, daemon=True).start()
-
-
-def read_collections(path: Path) -> dict[int, list[float]]:
-    try:
-        return {int(g): [*v, 0.0][:4] for g, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError):
-        return {g: [0, 0.0, 0.0, 0.0] for g in range(3)}
 
 
 def serve(database_url: str, port: int, switch_interval: float | None = None) -> None:
@@ -146,7 +127,7 @@ def serve(database_url: str, port: int, switch_interval: float | None = None) ->
         gc.set_threshold(gen0, *gc.get_threshold()[1:])  # (a tree whose controller keeps the process's)
         app_module.YOUNG_COLLECTION_AFTER = gen0  # (a tree that sets its own)
     if os.environ.get("STOCKADE_BENCH_GC_FILE"):
-        _record_collections(Path(os.environ["STOCKADE_BENCH_GC_FILE"]))
+        record_collections(Path(os.environ["STOCKADE_BENCH_GC_FILE"]))
     if switch_interval is not None:  # --switch-interval: for an A/B of the GIL hand-over interval
         sys.setswitchinterval(switch_interval)
     import uvicorn
@@ -223,55 +204,6 @@ def policy_yaml(apps: int) -> bytes:
     return "".join("---\n" + d for d in docs).encode()
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of the given processes (from /proc; one that has exited counts 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _profilers(pids: list[int], out: str | None, scenario: str) -> list[subprocess.Popen[bytes]]:
-    """py-spy on every replica for one scenario (``--profile DIR``; collapsed stacks, stopped by SIGINT)."""
-    if out is None:
-        return []
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    Path(out).mkdir(parents=True, exist_ok=True)
-    return [subprocess.Popen([spy, "record", "--nonblocking", "-p", str(pid), "-r", "100", "-f", "raw", "-o",
-                              f"{out}/{scenario}-replica{i}.txt"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for i, pid in enumerate(pids)]
-
-
-def _stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
-    for spy in spies:
-        spy.send_signal(signal.SIGINT)
-    for spy in spies:
-        spy.wait(30)
-
-
 async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int, heartbeat: float,
                     pids: list[int], profile: str | None = None,
                     db_pids: Callable[[], list[int]] = list, sign: bool = False,
@@ -284,20 +216,20 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
     codes = await _issue_codes(port, key, n_agents)
     setup_s = time.perf_counter() - t_setup  # not in enrol_s (session 5's enrol_s included issuing the codes)
     print(f"set up in {setup_s:.0f} s", file=sys.stderr, flush=True)
-    spies = _profilers(pids, profile, "enrol")
-    t_enrol, cpu_enrol, client_enrol = time.perf_counter(), cpu_seconds(pids), _own_cpu()
+    spies = profilers(pids, profile, "enrol")
+    t_enrol, cpu_enrol, client_enrol = time.perf_counter(), cpu_seconds(pids), own_cpu()
     runners = Runners()  # each agent long-polls from its own enrolment on, as a real agent does
     agents = await runners.enrol(_enrol_work(codes, n_agents), ports, heartbeat, sign, sessions)
     enrol_s = time.perf_counter() - t_enrol
-    _stop_profilers(spies)
-    enrol_cpu, enrol_client = cpu_seconds(pids) - cpu_enrol, _own_cpu() - client_enrol
+    stop_profilers(spies)
+    enrol_cpu, enrol_client = cpu_seconds(pids) - cpu_enrol, own_cpu() - client_enrol
     enrol_client += cpu_seconds(runners.pids())
     t_conv = time.perf_counter()
     await _converged(admin, key, n_agents, max(600, n_agents / 20))
     first_convergence_s = time.perf_counter() - t_conv
 
     def client_cpu() -> float:  # this process and the agents' processes
-        return _own_cpu() + cpu_seconds(runners.pids())
+        return own_cpu() + cpu_seconds(runners.pids())
 
     results: dict[str, Any] = {"agents": n_agents, "enrol_s": enrol_s, "replicas": len(ports), "setup_s": setup_s,
                                "enrol_cpu_s": enrol_cpu, "enrol_client_cpu_s": enrol_client,
@@ -306,7 +238,7 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
     for scenario in ("relabel-app", "relabel-global"):
         print(f"{scenario}, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
         await asyncio.sleep(1.0)  # let the previous scenario's stragglers settle before the CPU clock starts
-        spies = _profilers(pids, profile, scenario)
+        spies = profilers(pids, profile, scenario)
         gc0 = [read_collections(f) for f in gc_files or ()]
         cpu0, changes, client0, wall0 = cpu_seconds(pids), 0, client_cpu(), time.perf_counter()
         latencies: list[float] = []
@@ -354,7 +286,7 @@ async def run_bench(ports: list[int], password: str, n_agents: int, repeats: int
         cpu = cpu_seconds(pids) - cpu0  # includes the idle load (heartbeats, long-poll renewals)
         gc1 = [read_collections(f) for f in gc_files or ()]
         client, wall = client_cpu() - client0, time.perf_counter() - wall0
-        _stop_profilers(spies)
+        stop_profilers(spies)
         results[scenario] = {
             "cpu_s_per_1k_agents_per_change": cpu / max(1, changes) / (n_agents / 1000),
             # the simulated agents' own process on the same cores: its CPU per 1k agents per change,

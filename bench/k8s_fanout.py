@@ -67,10 +67,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from controller import (
     APP_SIZE,
+    ENROL_CONCURRENCY,
     Agent,
     Conn,
     _converged,
     _enrol,
+    _enrol_work,
     _free_port,
     _issue_codes,
     _owner_key,
@@ -333,7 +335,9 @@ async def run(port: int, password: str, pods: int, nodes: int, rate: float, seco
                  for n in node_agents]
         expected = pods + nodes
     else:
-        agents = await _enrol([port], await _issue_codes(port, key, pods), pods)
+        agents = []
+        await _enrol([port], _enrol_work(await _issue_codes(port, key, pods), pods), ENROL_CONCURRENCY, agents.append)
+        agents.sort(key=lambda a: a.index)
         node_agents = []
         tasks = [asyncio.create_task(pod_agent(a, port, pending, stop)) for a in agents]
         expected = pods
