@@ -1,6 +1,6 @@
 """The compiler: policy + inventory -> per-host HostPolicy IR, incrementally."""
 
-from stockade.compiler.compile import Compiler, compile_policy, set_name
+from stockade.compiler.compile import Compiler, collections_paused, compile_policy, set_name
 from stockade.compiler.delta import diff_sets
 from stockade.compiler.ir import (
     AddressSet,
@@ -24,6 +24,7 @@ __all__ = [
     "HostPolicy",
     "HostRule",
     "SetDelta",
+    "collections_paused",
     "compile_host",
     "compile_policy",
     "diff_sets",

@@ -37,7 +37,7 @@ from stockade.model.policy import Policy
 from stockade.model.selectors import AllWorkloads, LabelSelector, Selector
 from stockade.model.workloads import EnforcementMode, Workload
 
-__all__ = ["Compiler", "compile_policy", "diff_sets", "set_name"]
+__all__ = ["Compiler", "collections_paused", "compile_policy", "diff_sets", "set_name"]
 
 LabelSet = frozenset[str]  # the relevant labels of a workload, as ``index.label_keys``
 
@@ -90,6 +90,15 @@ class _BulkAllocation:
 
 def _bulk_allocation(freeze: bool = True) -> _BulkAllocation:
     return _BulkAllocation(freeze)
+
+
+def collections_paused() -> _BulkAllocation:
+    """No collection inside ``with collections_paused(): ...`` (bounded work whose allocations
+    live on, or are freed by reference counting); the collector resumes last, as
+    ``_bulk_allocation(freeze=False)`` does. A pause inside another (or begun while another
+    thread's is on) leaves the collector off: the one that turned it off turns it back on. The
+    controller's transactions and catch-ups run in one (``controller/services/fanout_collector``)."""
+    return _BulkAllocation(False)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ triggered by allocations cannot tell a change being answered from garbage piling
 
 What:
 
-* A catch-up or a transaction runs with the collector paused (:func:`collections_paused`): bounded
-  work whose allocations are the change's own state. Reference counting frees what it drops.
+* A catch-up or a transaction runs with the collector paused (:func:`collections_paused`, the
+  compiler's pause without its freeze): bounded work whose allocations are the change's own state.
+  Reference counting frees what it drops.
 * A change that bumps ``large`` hosts or more opens a window (:meth:`FanoutCollector.begin`,
   called before the pause ends): the young generation's threshold is raised to ``during`` (what
   may pile up meanwhile stays bounded: past it CPython collects as usual), and ``quiet`` seconds
@@ -26,6 +27,8 @@ import asyncio
 import gc
 import threading
 from typing import Protocol
+
+from stockade.compiler import collections_paused
 
 __all__ = ["FANOUT_LARGE", "FANOUT_QUIET", "FANOUT_YOUNG_AFTER", "Collector", "FanoutCollector",
            "collections_paused"]
@@ -137,26 +140,3 @@ class FanoutCollector:
                 self._timer.cancel()
                 self._timer = None
             self._restore()
-
-
-class collections_paused:
-    """No collection inside: ``with collections_paused(): ...`` around bounded work (a catch-up,
-    a transaction). A pause that starts inside another (the compiler's own, or another thread's)
-    leaves the collector off; the one that turned it off turns it back on.
-
-    A class, not a ``contextlib.contextmanager``: resuming the collector is the last thing
-    ``__exit__`` does, so the collection due by then runs at the caller's next allocation (or not
-    at all, if a window opened inside raised the threshold)."""
-
-    __slots__ = ("_enabled",)
-
-    def __init__(self) -> None:
-        self._enabled = False
-
-    def __enter__(self) -> None:
-        self._enabled = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._enabled:
-            gc.enable()
