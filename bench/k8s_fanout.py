@@ -65,23 +65,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from controller import (
-    APP_SIZE,
-    ENROL_CONCURRENCY,
-    Agent,
-    Conn,
-    _converged,
-    _enrol,
-    _enrol_work,
-    _free_port,
-    _issue_codes,
-    _owner_key,
-    _raise_nofile,
-    _setup_policy,
-    cpu_seconds,
-    pct,
-    rss_mib,
-)
+from controller import APP_SIZE, ENROL_CONCURRENCY, Agent, Conn, _converged, _enrol, _enrol_work, _free_port  # isort: skip
+from controller import _issue_codes, _owner_key, _raise_nofile, _setup_policy, cpu_seconds, pct, rss_mib  # isort: skip
 
 CONTROLLER = Path(__file__).resolve().parent / "controller.py"
 
