@@ -71,4 +71,3 @@ def test_an_agent_poll_not_woken_times_out_and_a_cancelled_one_leaves_no_waiter(
         return got
 
     assert run_async(main()) == rev
-

@@ -9,7 +9,8 @@ import asyncio
 import gc
 import threading
 
-from stockade.controller.services.fanout_collector import FanoutCollector, collections_paused
+from stockade.compiler import collections_paused
+from stockade.controller.services.fanout_collector import FanoutCollector
 from tests.asyncutil import run_async
 
 

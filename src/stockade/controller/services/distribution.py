@@ -46,7 +46,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from stockade.compiler import Compiler, HostPolicy
+from stockade.compiler import Compiler, HostPolicy, collections_paused
 from stockade.compiler.changes import SetOnly
 from stockade.compiler.delta import HostHistory, PendingSteps, PolicyUpdate
 from stockade.controller.services import codec, policy_hashes, replicas
@@ -55,7 +55,7 @@ from stockade.controller.services.batched import BATCH_LIMIT, Queued, run_batch
 from stockade.controller.services.codec import POLICY_KINDS
 from stockade.controller.services.compiler_txn import CompilerTxn
 from stockade.controller.services.events import record_event, record_events
-from stockade.controller.services.fanout_collector import FanoutCollector, collections_paused
+from stockade.controller.services.fanout_collector import FanoutCollector
 from stockade.controller.services.host_state import (
     AgentLive,
     Digests,

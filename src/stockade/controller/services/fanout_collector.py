@@ -10,8 +10,8 @@ triggered by allocations cannot tell a change being answered from garbage piling
 
 What:
 
-* A catch-up or a transaction runs with the collector paused (:func:`collections_paused`, the
-  compiler's pause without its freeze): bounded work whose allocations are the change's own state.
+* A catch-up or a transaction runs with the collector paused (``stockade.compiler.collections_paused``,
+  the compiler's pause without its freeze): bounded work whose allocations are the change's own state.
   Reference counting frees what it drops.
 * A change that bumps ``large`` hosts or more opens a window (:meth:`FanoutCollector.begin`,
   called before the pause ends): the young generation's threshold is raised to ``during`` (what
@@ -28,10 +28,7 @@ import gc
 import threading
 from typing import Protocol
 
-from stockade.compiler import collections_paused
-
-__all__ = ["FANOUT_LARGE", "FANOUT_QUIET", "FANOUT_YOUNG_AFTER", "Collector", "FanoutCollector",
-           "collections_paused"]
+__all__ = ["FANOUT_LARGE", "FANOUT_QUIET", "FANOUT_YOUNG_AFTER", "Collector", "FanoutCollector"]
 
 FANOUT_LARGE = 1_000  # hosts bumped by one change that make it large
 FANOUT_QUIET = 4.0  # seconds after the last large change: its fan-out is answered (25,000 agents: ~3 s)
